@@ -1,0 +1,70 @@
+#include "common/check.h"
+
+namespace nk {
+
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Bool: return "bool";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    default: return "an unsupported dtype";
+  }
+}
+
+std::string shape_str(const Tensor& t) {
+  std::ostringstream oss;
+  oss << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) oss << (i ? ", " : "") << t.size(i);
+  oss << (t.dim() == 1 ? ",)" : ")");
+  return oss.str();
+}
+
+std::string device_str(const Tensor& t) {
+  if (t.is_cpu()) return "cpu";
+  if (t.is_cuda()) return str_cat("cuda:", t.get_device_index());
+  return "another device";
+}
+
+void check_dim(const char* op, const char* arg, const Tensor& t, int64_t dim) {
+  NK_CHECK(t.dim() == dim, op, ": ", arg, " must have ", dim, " dimensions, got shape ",
+           shape_str(t));
+}
+
+void check_size(const char* op, const char* arg, const Tensor& t, int64_t d, int64_t size) {
+  NK_CHECK(t.size(d) == size, op, ": ", arg, ".shape[", d, "] must be ", size, ", got shape ",
+           shape_str(t));
+}
+
+void check_dtype(const char* op, const char* arg, const Tensor& t,
+                 std::initializer_list<ScalarType> allowed) {
+  for (auto a : allowed)
+    if (t.scalar_type() == a) return;
+  std::ostringstream oss;
+  bool first = true;
+  for (auto a : allowed) {
+    oss << (first ? "" : ", ") << dtype_name(a);
+    first = false;
+  }
+  NK_CHECK(false, op, ": ", arg, " must be one of {", oss.str(), "}, got ",
+           dtype_name(t.scalar_type()));
+}
+
+void check_same_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref,
+                       const char* ref_arg) {
+  bool same = t.is_cpu() == ref.is_cpu() && t.is_cuda() == ref.is_cuda() &&
+              (!t.is_cuda() || t.get_device_index() == ref.get_device_index());
+  NK_CHECK(same, op, ": ", arg, " is on ", device_str(t), " but ", ref_arg, " is on ",
+           device_str(ref), "; all tensors must be on one device");
+}
+
+bool is_float_type(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+}  // namespace nk

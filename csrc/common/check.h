@@ -1,0 +1,51 @@
+// Input checks shared by every op entry point. Each message names the op and the argument,
+// and says what was expected and what arrived, so a bad call fails loudly and clearly.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+namespace nk {
+
+template <typename... Args>
+std::string str_cat(const Args&... args) {
+  std::ostringstream oss;
+  ((oss << args), ...);
+  return oss.str();
+}
+
+}  // namespace nk
+
+// Throws std::runtime_error("nemokernels: <message>"); torch surfaces it as RuntimeError.
+#define NK_CHECK(cond, ...)                                                   \
+  do {                                                                        \
+    if (!(cond)) {                                                            \
+      throw std::runtime_error(::nk::str_cat("nemokernels: ", __VA_ARGS__)); \
+    }                                                                         \
+  } while (0)
+
+namespace nk {
+
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+const char* dtype_name(ScalarType t);
+std::string shape_str(const Tensor& t);
+std::string device_str(const Tensor& t);
+
+// `op` is the public op name used as the message prefix, `arg` the argument name.
+void check_dim(const char* op, const char* arg, const Tensor& t, int64_t dim);
+void check_size(const char* op, const char* arg, const Tensor& t, int64_t d, int64_t size);
+void check_dtype(const char* op, const char* arg, const Tensor& t,
+                 std::initializer_list<ScalarType> allowed);
+void check_same_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref,
+                       const char* ref_arg);
+bool is_float_type(ScalarType t);
+
+}  // namespace nk

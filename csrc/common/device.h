@@ -1,0 +1,35 @@
+// Which device a call runs on, and the CUDA stream torch has current there.
+#pragma once
+
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <memory>
+
+#include "common/check.h"
+#include "common/macros.h"
+
+namespace nk {
+
+DType to_dtype(ScalarType t);
+
+#ifdef NK_WITH_CUDA
+// torch's current CUDA stream on `device_index`, as a cudaStream_t (void* here).
+void* current_cuda_stream(int32_t device_index);
+#endif
+
+// Makes the tensor's device current for the lifetime of the guard (no-op for CPU tensors).
+class OptionalDeviceGuard {
+ public:
+  explicit OptionalDeviceGuard(const Tensor& t) {
+    if (t.is_cuda()) guard_ = std::make_unique<torch::stable::accelerator::DeviceGuard>(t.get_device_index());
+  }
+
+ private:
+  std::unique_ptr<torch::stable::accelerator::DeviceGuard> guard_;
+};
+
+// Raised when a CUDA tensor reaches an op in a build without CUDA kernels.
+[[noreturn]] void no_cuda_build(const char* op);
+
+}  // namespace nk

@@ -1,0 +1,46 @@
+// The nemokernels._C Python module. Importing it registers every op (static initialisers in
+// torch_bindings.cpp); the functions here only report how the binary was built. pybind11
+// links to Python, never to libtorch's C++ API.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#ifndef NK_CUDA_ARCHS
+#define NK_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Ops that have a CUDA kernel in this build (kept true as ops land).
+std::vector<std::string> cuda_ops() {
+#ifdef NK_WITH_CUDA
+  return {"causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update"};
+#else
+  return {};
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nemokernels compiled ops (registered under torch.ops.nemokernels)";
+  m.attr("__version__") = NK_VERSION;
+#ifdef NK_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("cuda_archs") = std::string(NK_CUDA_ARCHS);
+#ifdef NK_CUDA_VERSION
+  m.attr("cuda_version") = std::string(NK_CUDA_VERSION);
+#else
+  m.attr("cuda_version") = py::none();
+#endif
+  m.attr("torch_target_version") = static_cast<unsigned long long>(NK_TORCH_TARGET_VERSION);
+  m.attr("built_with_torch") = std::string(TORCH_BUILD_VERSION);
+  m.def("cuda_ops", &cuda_ops, "ops with a CUDA kernel in this build");
+}

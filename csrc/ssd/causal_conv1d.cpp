@@ -1,0 +1,273 @@
+// Op entry points of causal_conv1d: argument checks (the one place they live), output
+// allocation, and dispatch to the CPU or CUDA kernels. Registered in torch_bindings.cpp.
+#include "ssd/causal_conv1d.h"
+
+#include <optional>
+#include <tuple>
+
+#include "common/check.h"
+#include "common/device.h"
+#include "common/tensor_utils.h"
+
+namespace nk {
+namespace {
+
+constexpr const char* kFwd = "causal_conv1d_fn";
+constexpr const char* kUpd = "causal_conv1d_update";
+
+void check_float_input(const char* op, const char* arg, const Tensor& t) {
+  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+}
+
+// Checks shared by forward and backward; returns (batch, dim, seqlen, width).
+std::tuple<int64_t, int64_t, int64_t, int> check_conv_args(
+    const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& seq_idx, const std::optional<Tensor>& init) {
+  check_dim(op, "x", x, 3);
+  check_float_input(op, "x", x);
+  check_dim(op, "weight", weight, 2);
+  check_float_input(op, "weight", weight);
+  check_same_device(op, "weight", weight, x, "x");
+  const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.size(2);
+  check_size(op, "weight", weight, 0, dim);
+  const int64_t width = weight.size(1);
+  NK_CHECK(width >= 2 && width <= 4, op, ": weight.shape[1] (the conv width) must be 2, 3 or 4, got ",
+           width);
+  if (bias) {
+    check_dim(op, "bias", *bias, 1);
+    check_float_input(op, "bias", *bias);
+    check_same_device(op, "bias", *bias, x, "x");
+    check_size(op, "bias", *bias, 0, dim);
+  }
+  if (seq_idx) {
+    check_dim(op, "seq_idx", *seq_idx, 2);
+    check_dtype(op, "seq_idx", *seq_idx, {ScalarType::Int});
+    check_same_device(op, "seq_idx", *seq_idx, x, "x");
+    check_size(op, "seq_idx", *seq_idx, 0, batch);
+    check_size(op, "seq_idx", *seq_idx, 1, seqlen);
+    NK_CHECK(!init, op, ": initial_states must be None when seq_idx is given "
+             "(as in causal-conv1d: packed sequences start from zero state)");
+  }
+  if (init) {
+    check_dim(op, "initial_states", *init, 3);
+    NK_CHECK(init->scalar_type() == x.scalar_type(), op, ": initial_states must have x's dtype ",
+             dtype_name(x.scalar_type()), ", got ", dtype_name(init->scalar_type()));
+    check_same_device(op, "initial_states", *init, x, "x");
+    check_size(op, "initial_states", *init, 0, batch);
+    check_size(op, "initial_states", *init, 1, dim);
+    check_size(op, "initial_states", *init, 2, width - 1);
+  }
+  return {batch, dim, seqlen, static_cast<int>(width)};
+}
+
+Conv1dFwdParams make_fwd_params(const Tensor& x, const Tensor& w32, const std::optional<Tensor>& b32,
+                                const std::optional<Tensor>& seq_idx,
+                                const std::optional<Tensor>& init, bool silu) {
+  Conv1dFwdParams p{};
+  p.batch = x.size(0);
+  p.dim = x.size(1);
+  p.seqlen = x.size(2);
+  p.width = static_cast<int>(w32.size(1));
+  p.dtype = to_dtype(x.scalar_type());
+  p.silu = silu;
+  p.x = x.data_ptr();
+  p.x_sb = x.stride(0), p.x_sc = x.stride(1), p.x_st = x.stride(2);
+  p.weight = static_cast<const float*>(w32.data_ptr());
+  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  if (seq_idx) {
+    p.seq_idx = static_cast<const int32_t*>(seq_idx->data_ptr());
+    p.seq_sb = seq_idx->stride(0), p.seq_st = seq_idx->stride(1);
+  }
+  if (init) {
+    p.init = init->data_ptr();
+    p.init_sb = init->stride(0), p.init_sc = init->stride(1), p.init_sj = init->stride(2);
+  }
+  return p;
+}
+
+std::optional<Tensor> float_opt(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(contiguous_float(*t)) : std::nullopt;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> causal_conv1d_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
+                                             std::optional<Tensor> seq_idx,
+                                             std::optional<Tensor> initial_states,
+                                             bool return_final_states, bool silu) {
+  auto [batch, dim, seqlen, width] = check_conv_args(kFwd, x, weight, bias, seq_idx, initial_states);
+  NK_CHECK(!(seq_idx && return_final_states), kFwd,
+           ": return_final_states is not supported with seq_idx (the final state of a packed "
+           "row mixes sequences)");
+  OptionalDeviceGuard guard(x);
+  Tensor w32 = contiguous_float(weight);
+  auto b32 = float_opt(bias);
+  Conv1dFwdParams p = make_fwd_params(x, w32, b32, seq_idx, initial_states, silu);
+  Tensor out = empty_bcl(x, batch, dim, seqlen, x.scalar_type());
+  p.out = out.data_ptr();
+  p.out_sb = out.stride(0), p.out_sc = out.stride(1), p.out_st = out.stride(2);
+  Tensor fin = new_empty(x, {return_final_states ? batch : 0, dim, width - 1}, x.scalar_type());
+  if (return_final_states) {
+    p.final_states = fin.data_ptr();
+    p.fin_sb = fin.stride(0), p.fin_sc = fin.stride(1), p.fin_sj = fin.stride(2);
+  }
+  if (batch * dim == 0) return {out, fin};
+  if (x.is_cuda()) {
+#ifdef NK_WITH_CUDA
+    causal_conv1d_fwd_cuda(p, current_cuda_stream(x.get_device_index()));
+#else
+    no_cuda_build(kFwd);
+#endif
+  } else {
+    causal_conv1d_fwd_cpu(p);
+  }
+  return {out, fin};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
+    Tensor x, Tensor weight, std::optional<Tensor> bias, Tensor dout,
+    std::optional<Tensor> seq_idx, std::optional<Tensor> initial_states,
+    std::optional<Tensor> dfinal_states, bool return_dinitial_states, bool silu) {
+  const char* op = "causal_conv1d_fn (backward)";
+  auto [batch, dim, seqlen, width] = check_conv_args(op, x, weight, bias, seq_idx, initial_states);
+  check_dim(op, "dout", dout, 3);
+  NK_CHECK(dout.size(0) == batch && dout.size(1) == dim && dout.size(2) == seqlen, op,
+           ": dout must have x's shape ", shape_str(x), ", got ", shape_str(dout));
+  NK_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have x's dtype");
+  check_same_device(op, "dout", dout, x, "x");
+  if (dfinal_states) {
+    NK_CHECK(dfinal_states->dim() == 3 && dfinal_states->size(0) == batch &&
+                 dfinal_states->size(1) == dim && dfinal_states->size(2) == width - 1,
+             op, ": dfinal_states must have shape (", batch, ", ", dim, ", ", width - 1, "), got ",
+             shape_str(*dfinal_states));
+    NK_CHECK(dfinal_states->scalar_type() == x.scalar_type(), op, ": dfinal_states must have x's dtype");
+    check_same_device(op, "dfinal_states", *dfinal_states, x, "x");
+  }
+  OptionalDeviceGuard guard(x);
+  Tensor w32 = contiguous_float(weight);
+  auto b32 = float_opt(bias);
+  Conv1dBwdParams q{};
+  q.fwd = make_fwd_params(x, w32, b32, seq_idx, initial_states, silu);
+  q.dout = dout.data_ptr();
+  q.dout_sb = dout.stride(0), q.dout_sc = dout.stride(1), q.dout_st = dout.stride(2);
+  if (dfinal_states) {
+    q.dfinal = dfinal_states->data_ptr();
+    q.dfin_sb = dfinal_states->stride(0), q.dfin_sc = dfinal_states->stride(1),
+    q.dfin_sj = dfinal_states->stride(2);
+  }
+  Tensor dx = empty_bcl(x, batch, dim, seqlen, x.scalar_type());
+  q.dx = dx.data_ptr();
+  q.dx_sb = dx.stride(0), q.dx_sc = dx.stride(1), q.dx_st = dx.stride(2);
+  Tensor dinit = new_empty(x, {return_dinitial_states ? batch : 0, dim, width - 1}, x.scalar_type());
+  if (return_dinitial_states) {
+    q.dinit = dinit.data_ptr();
+    q.dinit_sb = dinit.stride(0), q.dinit_sc = dinit.stride(1), q.dinit_sj = dinit.stride(2);
+  }
+  Tensor dw32 = new_empty(x, {dim, width}, ScalarType::Float);
+  Tensor db32 = new_empty(x, {bias ? dim : 0}, ScalarType::Float);
+  q.dweight = static_cast<float*>(dw32.data_ptr());
+  q.dbias = bias ? static_cast<float*>(db32.data_ptr()) : nullptr;
+  if (batch * dim == 0 || seqlen == 0) {
+    // Nothing to convolve: no weight/bias gradient; the state gradient passes straight
+    // through (with no new input the final states are the initial states).
+    torch::stable::zero_(dw32);
+    torch::stable::zero_(db32);
+    if (return_dinitial_states) {
+      if (dfinal_states) torch::stable::copy_(dinit, *dfinal_states);
+      else torch::stable::zero_(dinit);
+    }
+    return {dx, torch::stable::to(dw32, weight.scalar_type()),
+            bias ? torch::stable::to(db32, bias->scalar_type()) : db32, dinit};
+  }
+  const bool cuda = x.is_cuda();
+#ifdef NK_WITH_CUDA
+  q.num_partials = cuda ? causal_conv1d_bwd_cuda_num_partials(q)
+                        : batch * ((seqlen + kConvBwdChunk - 1) / kConvBwdChunk);
+#else
+  q.num_partials = batch * ((seqlen + kConvBwdChunk - 1) / kConvBwdChunk);
+#endif
+  Tensor partials = new_empty(x, {q.num_partials, dim, width + 1}, ScalarType::Float);
+  q.partials = static_cast<float*>(partials.data_ptr());
+  if (cuda) {
+#ifdef NK_WITH_CUDA
+    causal_conv1d_bwd_cuda(q, current_cuda_stream(x.get_device_index()));
+#else
+    no_cuda_build(op);
+#endif
+  } else {
+    causal_conv1d_bwd_cpu(q);
+  }
+  Tensor dweight = weight.scalar_type() == ScalarType::Float ? dw32 : torch::stable::to(dw32, weight.scalar_type());
+  Tensor dbias = (!bias || bias->scalar_type() == ScalarType::Float) ? db32 : torch::stable::to(db32, bias->scalar_type());
+  return {dx, dweight, dbias, dinit};
+}
+
+Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::optional<Tensor> bias,
+                            bool silu, std::optional<Tensor> conv_state_indices) {
+  const char* op = kUpd;
+  NK_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be (batch, dim) or (batch, dim, seqlen), got shape ",
+           shape_str(x));
+  check_float_input(op, "x", x);
+  const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.dim() == 3 ? x.size(2) : 1;
+  check_dim(op, "weight", weight, 2);
+  check_float_input(op, "weight", weight);
+  check_same_device(op, "weight", weight, x, "x");
+  check_size(op, "weight", weight, 0, dim);
+  const int64_t width = weight.size(1);
+  NK_CHECK(width >= 2 && width <= 4, op, ": weight.shape[1] (the conv width) must be 2, 3 or 4, got ", width);
+  if (bias) {
+    check_dim(op, "bias", *bias, 1);
+    check_float_input(op, "bias", *bias);
+    check_same_device(op, "bias", *bias, x, "x");
+    check_size(op, "bias", *bias, 0, dim);
+  }
+  check_dim(op, "conv_state", conv_state, 3);
+  NK_CHECK(conv_state.scalar_type() == x.scalar_type(), op, ": conv_state must have x's dtype ",
+           dtype_name(x.scalar_type()), ", got ", dtype_name(conv_state.scalar_type()));
+  check_same_device(op, "conv_state", conv_state, x, "x");
+  check_size(op, "conv_state", conv_state, 1, dim);
+  NK_CHECK(conv_state.size(2) >= width - 1, op, ": conv_state.shape[2] must be at least width - 1 = ",
+           width - 1, ", got shape ", shape_str(conv_state));
+  if (conv_state_indices) {
+    check_dim(op, "conv_state_indices", *conv_state_indices, 1);
+    check_dtype(op, "conv_state_indices", *conv_state_indices, {ScalarType::Int});
+    check_same_device(op, "conv_state_indices", *conv_state_indices, x, "x");
+    check_size(op, "conv_state_indices", *conv_state_indices, 0, batch);
+  } else {
+    NK_CHECK(conv_state.size(0) >= batch, op, ": conv_state.shape[0] must be at least batch = ", batch,
+             " when conv_state_indices is None, got shape ", shape_str(conv_state));
+  }
+  OptionalDeviceGuard guard(x);
+  Tensor w32 = contiguous_float(weight);
+  auto b32 = float_opt(bias);
+  Tensor out = new_empty(x, x.dim() == 3 ? std::vector<int64_t>{batch, dim, seqlen}
+                                         : std::vector<int64_t>{batch, dim}, x.scalar_type());
+  Conv1dUpdateParams p{};
+  p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.state_len = conv_state.size(2);
+  p.width = static_cast<int>(width);
+  p.dtype = to_dtype(x.scalar_type());
+  p.silu = silu;
+  p.x = x.data_ptr();
+  p.x_sb = x.stride(0), p.x_sc = x.stride(1), p.x_st = x.dim() == 3 ? x.stride(2) : 0;
+  p.conv_state = conv_state.data_ptr();
+  p.st_sb = conv_state.stride(0), p.st_sc = conv_state.stride(1), p.st_sj = conv_state.stride(2);
+  p.state_batch = conv_state.size(0);
+  p.state_indices = conv_state_indices ? static_cast<const int32_t*>(conv_state_indices->data_ptr()) : nullptr;
+  p.weight = static_cast<const float*>(w32.data_ptr());
+  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  p.out = out.data_ptr();
+  p.out_sb = out.stride(0), p.out_sc = out.stride(1), p.out_st = x.dim() == 3 ? out.stride(2) : 0;
+  if (out.numel() == 0) return out;
+  if (x.is_cuda()) {
+#ifdef NK_WITH_CUDA
+    causal_conv1d_update_cuda(p, current_cuda_stream(x.get_device_index()));
+#else
+    no_cuda_build(op);
+#endif
+  } else {
+    causal_conv1d_update_cpu(p);
+  }
+  return out;
+}
+
+}  // namespace nk

@@ -1,0 +1,92 @@
+// Causal depthwise conv1d (the Mamba-2 mixer's short conv), forward, backward and the
+// decode-step update. Parameter structs shared by the op entry (causal_conv1d.cpp), the CPU
+// kernels (causal_conv1d_cpu.cpp) and the CUDA kernels (causal_conv1d_cuda.cu). No torch
+// types here, so the CUDA translation unit compiles without torch headers.
+//
+// Math, per batch b and channel c, with W = width and x extended to the left by the
+// W-1 initial-state columns (zeros when none are given):
+//   y[t]   = bias[c] + sum_{k<W} w[c,k] * x[t-(W-1)+k]      (terms from another sequence
+//            of seq_idx are dropped: seq_idx[t'] != seq_idx[t])
+//   out[t] = silu(y[t]) or y[t]
+//   final[j] = x[L-(W-1)+j], j < W-1                          (the next call's initial state)
+// Backward, with dy[t] = dout[t] * silu'(y[t]) (or dout[t]):
+//   dx[t]   = sum_k w[c,k] * dy[t+(W-1)-k]   (+ dfinal where x[t] is a final-state column)
+//   dw[c,k] = sum_{b,t} dy[t] * x[t-(W-1)+k],  dbias[c] = sum_{b,t} dy[t]
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace nk {
+
+// Time steps each CPU task / CUDA thread tile covers in the backward partial sums.
+constexpr int kConvBwdChunk = 64;
+
+struct Conv1dFwdParams {
+  int64_t batch, dim, seqlen;
+  int width;
+  DType dtype;           // of x, out, initial and final states
+  bool silu;
+  const void* x;         // (batch, dim, seqlen), any strides
+  int64_t x_sb, x_sc, x_st;
+  const float* weight;   // (dim, width) contiguous float32
+  const float* bias;     // (dim,) float32, or null
+  const int32_t* seq_idx;  // (batch, seqlen), or null
+  int64_t seq_sb, seq_st;
+  const void* init;      // (batch, dim, width-1), or null
+  int64_t init_sb, init_sc, init_sj;
+  void* out;             // (batch, dim, seqlen)
+  int64_t out_sb, out_sc, out_st;
+  void* final_states;    // (batch, dim, width-1), or null
+  int64_t fin_sb, fin_sc, fin_sj;
+};
+
+struct Conv1dBwdParams {
+  Conv1dFwdParams fwd;   // inputs as in the forward (out/final_states unused)
+  const void* dout;      // (batch, dim, seqlen), any strides
+  int64_t dout_sb, dout_sc, dout_st;
+  const void* dfinal;    // (batch, dim, width-1), or null
+  int64_t dfin_sb, dfin_sc, dfin_sj;
+  void* dx;              // (batch, dim, seqlen)
+  int64_t dx_sb, dx_sc, dx_st;
+  void* dinit;           // (batch, dim, width-1) in x's dtype, or null
+  int64_t dinit_sb, dinit_sc, dinit_sj;
+  // Deterministic weight/bias gradients: partial sums per (batch, time chunk) land in
+  // `partials` (num_partials, dim, width+1) float32, then are summed in a fixed order.
+  float* partials;
+  int64_t num_partials;
+  float* dweight;        // (dim, width) float32
+  float* dbias;          // (dim,) float32, or null
+};
+
+struct Conv1dUpdateParams {
+  int64_t batch, dim, seqlen, state_len;
+  int width;
+  DType dtype;
+  bool silu;
+  const void* x;         // (batch, dim, seqlen)
+  int64_t x_sb, x_sc, x_st;
+  void* conv_state;      // (state_batch, dim, state_len), updated in place
+  int64_t st_sb, st_sc, st_sj;
+  int64_t state_batch;
+  const int32_t* state_indices;  // (batch,), or null; negative = padded slot (skipped)
+  const float* weight;
+  const float* bias;
+  void* out;             // (batch, dim, seqlen)
+  int64_t out_sb, out_sc, out_st;
+};
+
+void causal_conv1d_fwd_cpu(const Conv1dFwdParams& p);
+void causal_conv1d_bwd_cpu(const Conv1dBwdParams& p);
+void causal_conv1d_update_cpu(const Conv1dUpdateParams& p);
+
+#ifdef NK_WITH_CUDA
+// Number of (batch, time chunk) partial-sum rows the CUDA backward writes.
+int64_t causal_conv1d_bwd_cuda_num_partials(const Conv1dBwdParams& p);
+void causal_conv1d_fwd_cuda(const Conv1dFwdParams& p, void* stream);
+void causal_conv1d_bwd_cuda(const Conv1dBwdParams& p, void* stream);
+void causal_conv1d_update_cuda(const Conv1dUpdateParams& p, void* stream);
+#endif
+
+}  // namespace nk

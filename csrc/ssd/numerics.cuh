@@ -1,0 +1,29 @@
+// Scalar numerics of the SSD family, shared by the CPU and CUDA kernels so that a CPU
+// test pins the arithmetic the GPU runs: the same operation order and explicit FMAs.
+#pragma once
+
+#include <cmath>
+
+#include "common/macros.h"
+
+namespace nk {
+
+NK_HD float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// d silu(v) / dv = s * (1 + v * (1 - s)), s = sigmoid(v)
+NK_HD float silu_grad(float v) {
+  float s = 1.0f / (1.0f + expf(-v));
+  return s * (1.0f + v * (1.0f - s));
+}
+
+// One output of the causal conv: bias + sum_k w[k] * win[k], FMAs in k order. The caller
+// zeroes window entries that belong to another packed sequence (seq_idx) or lie before t=0.
+template <int W>
+NK_HD float conv_window(const float (&w)[W], const float (&win)[W], float bias) {
+  float acc = bias;
+#pragma unroll
+  for (int k = 0; k < W; ++k) acc = fmaf(w[k], win[k], acc);
+  return acc;
+}
+
+}  // namespace nk

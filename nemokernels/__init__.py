@@ -1,0 +1,13 @@
+"""nemokernels: CUDA and CUTLASS kernels for Nemotron-3-style hybrid models.
+
+Ops are torch.library custom ops under ``torch.ops.nemokernels``; this module exposes the
+drop-in Python names (same signatures as the libraries they replace).
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._version import __version__
+from . import _C  # noqa: F401  (registers the ops)
+from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .info import build_info
+
+__all__ = ["__version__", "build_info", "causal_conv1d_fn", "causal_conv1d_update"]

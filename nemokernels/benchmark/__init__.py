@@ -1,0 +1,16 @@
+"""Benchmark harness and cases. A new op family adds a `cases_<family>.py` module with a
+`cases(quick, device) -> list[Case]` function and registers it in ALL_CASE_MODULES."""
+from . import cases_ssd
+from .harness import Case, measure_peaks, run_cases, time_fn, write_results, format_table
+
+ALL_CASE_MODULES = {"ssd": cases_ssd}
+
+
+def all_cases(quick: bool, device, ops=None) -> list:
+    """Every registered case; with `ops`, only those whose op name contains one of them."""
+    cases = [c for mod in ALL_CASE_MODULES.values() for c in mod.cases(quick, device)]
+    return [c for c in cases if not ops or any(o in c.op for o in ops)]
+
+
+__all__ = ["ALL_CASE_MODULES", "Case", "all_cases", "format_table", "measure_peaks", "run_cases",
+           "time_fn", "write_results"]

@@ -1,0 +1,100 @@
+"""SSD family cases: causal_conv1d (the Mamba-2 mixer's short depthwise conv), bf16, width 4,
+at the SHAPES.md points. Baselines are the plain PyTorch the op replaces, eager and compiled."""
+import torch
+import torch.nn.functional as F
+
+import nemokernels as nk
+
+from .harness import Case, lazy_compile
+
+WIDTH = 4
+DTYPE = torch.bfloat16
+# conv channels = d_inner + 2 * n_groups * d_state (SHAPES.md, Mamba-2 heads x head dim).
+DIMS = {"nano": 64 * 64 + 2 * 8 * 128, "super": 128 * 64 + 2 * 8 * 128}
+
+
+def conv_ref(x, weight, bias):
+    """Mamba-2's fallback without the causal-conv1d package."""
+    seqlen = x.shape[-1]
+    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[1] - 1, groups=x.shape[1])
+    return F.silu(y[..., :seqlen])
+
+
+def update_ref(x, conv_state, weight, bias):
+    """One decode step in eager PyTorch: shift the state left by one column, dot with the taps."""
+    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (batch, dim, width)
+    conv_state.copy_(window[..., 1:])
+    return F.silu((window * weight).sum(-1) + bias)
+
+
+def ours_fwd(x, weight, bias):
+    return nk.causal_conv1d_fn(x, weight, bias, activation="silu")
+
+
+def ours_update(x, conv_state, weight, bias):
+    return nk.causal_conv1d_update(x, conv_state, weight, bias, activation="silu")
+
+
+def fwd_bwd(forward):
+    """Forward then backward; autograd.grad returns fresh gradients (no .grad accumulation)."""
+    def run(x, weight, bias, dout):
+        return torch.autograd.grad(forward(x, weight, bias), (x, weight, bias), dout)
+    return run
+
+
+def _weights(dim, device, grad):
+    w = (torch.randn(dim, WIDTH, device=device, dtype=DTYPE) / WIDTH**0.5).requires_grad_(grad)
+    return w, torch.randn(dim, device=device, dtype=DTYPE).requires_grad_(grad)
+
+
+def _seq_maker(batch, seqlen, dim, device, backward):
+    def make():
+        # Channel-last x, as Mamba-2 passes it (a transpose of its (b, L, d) projection).
+        x = torch.randn(batch, seqlen, dim, device=device, dtype=DTYPE).transpose(1, 2)
+        w, b = _weights(dim, device, backward)
+        if not backward:
+            return x, w, b
+        dout = torch.randn(batch, seqlen, dim, device=device, dtype=DTYPE).transpose(1, 2)
+        return x.requires_grad_(), w, b, dout
+    return make
+
+
+def _update_maker(batch, dim, device):
+    def make():
+        x = torch.randn(batch, dim, device=device, dtype=DTYPE)
+        state = torch.randn(batch, dim, WIDTH - 1, device=device, dtype=DTYPE)
+        return (x, state) + _weights(dim, device, False)
+    return make
+
+
+def cases(quick: bool, device) -> list:
+    esize = torch.empty((), dtype=DTYPE).element_size()
+    seq_points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
+                  [(cfg, b, L) for cfg in DIMS for b in (1, 4) for L in (2048, 8192, 32768)])
+    update_points = ([("nano", 1), ("super", 64)] if quick else
+                     [(cfg, b) for cfg in DIMS for b in (1, 8, 64, 256)])
+    out = []
+    for cfg, batch, seqlen in seq_points:
+        dim = DIMS[cfg]
+        n = batch * dim * seqlen
+        params = dim * (WIDTH + 1) * esize
+        name = f"{cfg} b{batch} L{seqlen} d{dim}"
+        out.append(Case(
+            op="causal_conv1d_fn", name=name, make_inputs=_seq_maker(batch, seqlen, dim, device, False),
+            fn=ours_fwd, bytes=2 * n * esize + params, flops=2 * WIDTH * n,
+            baselines={"torch_eager": conv_ref, "torch_compile": lazy_compile(conv_ref)}))
+        # x, dout read; out, dx written; weight and bias read, their grads written.
+        out.append(Case(
+            op="causal_conv1d_fn.fwd_bwd", name=name, make_inputs=_seq_maker(batch, seqlen, dim, device, True),
+            fn=fwd_bwd(ours_fwd), bytes=4 * n * esize + 2 * params, flops=3 * 2 * WIDTH * n,
+            baselines={"torch_eager": fwd_bwd(conv_ref), "torch_compile": fwd_bwd(lazy_compile(conv_ref))},
+            backward=True))
+    for cfg, batch in update_points:
+        dim = DIMS[cfg]
+        n = batch * dim
+        # x read, out written, the (width - 1)-column state read and written in place.
+        out.append(Case(
+            op="causal_conv1d_update", name=f"{cfg} b{batch} d{dim}", make_inputs=_update_maker(batch, dim, device),
+            fn=ours_update, bytes=(2 * n + 2 * n * (WIDTH - 1) + dim * (WIDTH + 1)) * esize, flops=2 * WIDTH * n,
+            baselines={"torch_eager": update_ref, "torch_compile": lazy_compile(update_ref)}))
+    return out

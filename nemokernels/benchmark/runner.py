@@ -1,0 +1,34 @@
+"""`nemokernels bench`: measure the device's peaks, time every case, print a table, write JSON."""
+import argparse
+
+import torch
+
+from . import all_cases
+from .harness import device_name, format_peaks, format_table, measure_peaks, run_cases, write_results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--op", action="append", metavar="NAME",
+                        help="only ops whose name contains NAME (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes, fewer repetitions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="results JSON (default: bench/results/<device>-<date>.json)")
+    parser.add_argument("--no-baselines", action="store_true", help="time only nemokernels' ops")
+
+
+def run(args) -> int:
+    """0 when every case ran; 1 when one of ours failed (the JSON is written either way)."""
+    device = torch.device(args.device)
+    cases = all_cases(args.quick, device, args.op)
+    if not cases:
+        print(f"no case matches --op {args.op}")
+        return 2
+    peaks = measure_peaks(device, quick=args.quick)
+    print(f"device: {device_name(device)}\n{format_peaks(peaks)}\n{len(cases)} cases:")
+    results = run_cases(cases, device, peaks, quick=args.quick, baselines=not args.no_baselines)
+    print("\n" + format_table(results))
+    path = write_results(results, args.out)
+    print(f"\nwrote {path}")
+    return 1 if any("error" in c for c in results["cases"]) else 0

@@ -1,0 +1,128 @@
+"""causal_conv1d: drop-ins for the causal-conv1d package's `causal_conv1d_fn` and
+`causal_conv1d_update` (the Mamba-2 mixer's short depthwise convolution).
+
+Shapes: x (batch, dim, seqlen), any strides (channel-last x, i.e. x.stride(1) == 1, gives a
+channel-last output and takes the fastest CUDA path); weight (dim, width), width 2..4;
+bias (dim,); seq_idx (batch, seqlen) int32 (packed sequences: taps never cross a change of
+id); initial_states / final states (batch, dim, width - 1). float32 / float16 / bfloat16 inputs,
+float32 accumulation. Schemas: csrc/torch_bindings.cpp; kernels: csrc/ssd/causal_conv1d_*.
+"""
+from typing import Optional
+
+import torch
+
+_ops = torch.ops.nemokernels
+
+
+def _bcl_empty(like: torch.Tensor, b: int, c: int, l: int) -> torch.Tensor:
+    # Mirrors empty_bcl in csrc/common/tensor_utils.h: channel-last in, channel-last out.
+    if like.dim() == 3 and like.stride(1) == 1 and c > 1:
+        return like.new_empty((b, l, c)).transpose(1, 2)
+    return like.new_empty((b, c, l))
+
+
+@torch.library.register_fake("nemokernels::causal_conv1d_fwd")
+def _fwd_fake(x, weight, bias, seq_idx, initial_states, return_final_states, silu):
+    b, c, l = x.shape
+    w = weight.shape[1]
+    return _bcl_empty(x, b, c, l), x.new_empty((b if return_final_states else 0, c, w - 1))
+
+
+@torch.library.register_fake("nemokernels::causal_conv1d_bwd")
+def _bwd_fake(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, return_dinitial_states, silu):
+    b, c, l = x.shape
+    w = weight.shape[1]
+    dbias = bias.new_empty((c,)) if bias is not None else x.new_empty((0,), dtype=torch.float32)
+    return (
+        _bcl_empty(x, b, c, l),
+        weight.new_empty((c, w)),
+        dbias,
+        x.new_empty((b if return_dinitial_states else 0, c, w - 1)),
+    )
+
+
+@torch.library.register_fake("nemokernels::causal_conv1d_update")
+def _update_fake(x, conv_state, weight, bias, silu, conv_state_indices):
+    return x.new_empty(x.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, return_final_states, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+    ctx.silu = silu
+    ctx.has_init = initial_states is not None
+
+
+def _fwd_backward(ctx, dout, dfinal):
+    x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+    if dfinal is not None and dfinal.shape[0] != x.shape[0]:
+        dfinal = None  # final states were not returned (the output is an empty placeholder)
+    dx, dweight, dbias, dinit = _ops.causal_conv1d_bwd(
+        x, weight, bias, dout, seq_idx, initial_states, dfinal,
+        ctx.has_init and ctx.needs_input_grad[4], ctx.silu)
+    return (dx, dweight, dbias if bias is not None else None, None,
+            dinit if ctx.has_init and ctx.needs_input_grad[4] else None, None, None)
+
+
+torch.library.register_autograd("nemokernels::causal_conv1d_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+def _silu_flag(activation: Optional[str]) -> bool:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+    return activation is not None
+
+
+def causal_conv1d_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+    return_final_states: bool = False,
+    final_states_out: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+):
+    """Causal depthwise conv1d, optionally followed by SiLU.
+
+    out[b, c, t] = act(bias[c] + sum_k weight[c, k] * x[b, c, t - (width-1) + k]), where
+    positions before 0 read ``initial_states`` (zeros when None) and, with ``seq_idx``, taps
+    from another sequence of the packed row read zero.
+
+    Returns ``out`` (batch, dim, seqlen) in x's dtype, and with ``return_final_states`` also
+    the last ``width - 1`` input columns (batch, dim, width - 1), written into
+    ``final_states_out`` when given. Differentiable in x, weight, bias and initial_states.
+    """
+    silu = _silu_flag(activation)
+    if seq_idx is not None and seq_idx.dtype != torch.int32:
+        seq_idx = seq_idx.to(torch.int32)
+    out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
+                                               return_final_states, silu)
+    if not return_final_states:
+        return out
+    if final_states_out is not None:
+        final_states_out.copy_(final_states)
+        final_states = final_states_out
+    return out, final_states
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    conv_state_indices: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One decode step (or a few tokens) of the causal conv, updating ``conv_state`` in place.
+
+    x: (batch, dim) or (batch, dim, seqlen); conv_state: (state_batch, dim, state_len) with
+    state_len >= width - 1, in x's dtype; conv_state_indices: (batch,) int32 row of
+    conv_state for each batch entry (negative: padded slot, state untouched, output zero).
+    Returns the output, shaped like x. The state afterwards holds the last state_len inputs.
+    A decode step: not differentiable (torch warns if a backward reaches it).
+    """
+    silu = _silu_flag(activation)
+    if conv_state_indices is not None and conv_state_indices.dtype != torch.int32:
+        conv_state_indices = conv_state_indices.to(torch.int32)
+    return _ops.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices)

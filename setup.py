@@ -1,0 +1,147 @@
+"""pip front end: hands the build of nemokernels._C to CMake (CMakeLists.txt).
+
+Knobs (environment variables, all optional):
+  NEMOKERNELS_BUILD_CUDA   1: CUDA kernels, fail without nvcc; 0: CPU-only; unset: CUDA when nvcc is found
+  NEMOKERNELS_CUDA_ARCHS   e.g. "90a;100a"; default: the visible GPU's arch, else "90a;100a"
+  MAX_JOBS                 parallel compile jobs; default: capped by cores and by free memory
+  CUTLASS_DIR              CUTLASS root (include/, tools/util/include/); default: the nvidia-cutlass wheel
+  CUDA_HOME                CUDA toolkit root; then /usr/local/cuda, then nvcc on PATH
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "nemokernels" / "_version.py").read_text()).group(1)
+
+# One heavy translation unit (CUTLASS) takes about 5 GB of memory to compile.
+GB_PER_JOB = 5.0
+
+
+def find_nvcc():
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return Path(root) / "bin" / "nvcc"
+    found = shutil.which("nvcc")
+    return Path(found).resolve() if found else None
+
+
+def want_cuda(nvcc):
+    flag = os.environ.get("NEMOKERNELS_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return False
+    if flag == "1":
+        if nvcc is None:
+            raise RuntimeError(
+                "NEMOKERNELS_BUILD_CUDA=1 but no nvcc was found (looked in $CUDA_HOME, /usr/local/cuda, PATH)")
+        return True
+    if flag:
+        raise RuntimeError(f"NEMOKERNELS_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    return nvcc is not None
+
+
+def cuda_archs():
+    env = os.environ.get("NEMOKERNELS_CUDA_ARCHS", "").strip()
+    if env:
+        archs = [a.strip() for a in re.split(r"[;, ]+", env) if a.strip()]
+        for a in archs:
+            if not re.fullmatch(r"\d{2,3}[af]?", a):
+                raise RuntimeError(f"NEMOKERNELS_CUDA_ARCHS: bad arch {a!r} (expected e.g. 90a;100a)")
+        return archs
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch = f"{major}{minor}"
+            # Arch-specific features (wgmma, tcgen05) need the 'a' variants.
+            return [arch + "a"] if arch in ("90", "100", "103") else [arch]
+    except Exception:  # no torch CUDA runtime: fall through to the default pair
+        pass
+    return ["90a", "100a"]
+
+
+def cutlass_dir():
+    env = os.environ.get("CUTLASS_DIR")
+    if env:
+        return Path(env)
+    try:
+        import cutlass_library
+
+        return Path(cutlass_library.__file__).parent / "source"
+    except ImportError:
+        return None
+
+
+def max_jobs():
+    env = os.environ.get("MAX_JOBS")
+    if env:
+        return max(1, int(env))
+    jobs = os.cpu_count() or 1
+    try:
+        avail_kb = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemAvailable"))
+        jobs = min(jobs, max(1, int(avail_kb / 1024 / 1024 / GB_PER_JOB)))
+    except (OSError, StopIteration):
+        pass
+    return jobs
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+        import torch
+
+        nvcc = find_nvcc()
+        cuda = want_cuda(nvcc)
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        torch_root = Path(torch.__file__).parent
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DNK_TORCH_INCLUDE={torch_root / 'include'}",
+            f"-DNK_TORCH_LIB={torch_root / 'lib'}",
+            f"-DNK_VERSION={VERSION}",
+            f"-DNK_TORCH_VERSION={torch.__version__}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out.parent}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('NEMOKERNELS_BUILD_TYPE', 'Release')}",
+            f"-DNK_BUILD_CUDA={'ON' if cuda else 'OFF'}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        if cuda:
+            archs = cuda_archs()
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DNK_CUDA_ARCHS={';'.join(archs)}"]
+            cdir = cutlass_dir()
+            if cdir is not None:
+                args.append(f"-DNK_CUTLASS_DIR={cdir}")
+        jobs = max_jobs()
+        print(f"nemokernels: CUDA={'yes (' + ';'.join(cuda_archs()) + ')' if cuda else 'no'}, jobs={jobs}", flush=True)
+        t0 = time.time()
+        subprocess.check_call(["cmake", str(ROOT)] + args, cwd=build_dir)
+        subprocess.check_call(["cmake", "--build", ".", "-j", str(jobs)], cwd=build_dir)
+        print(f"nemokernels: _C built in {time.time() - t0:.0f} s", flush=True)
+        # CMake names the module with Python's extension suffix; setuptools expects it at `out`.
+        built = [p for p in out.parent.glob("_C*.so") if p != out]
+        if not out.exists() and built:
+            shutil.copy2(built[0], out)
+
+
+setup(
+    version=VERSION,
+    ext_modules=[CMakeExtension("nemokernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
