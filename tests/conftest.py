@@ -34,6 +34,13 @@ def fresh_seed(request):
     return seed
 
 
+# On torch 2.11 a C++ exception thrown by a stable-ABI kernel (our input checks) crashes the
+# process instead of raising RuntimeError (seen on the H100 machine, torch 2.11.0+cu130; torch
+# 2.13 and 2.14 raise correctly). Tests that provoke such errors are skipped there so the rest
+# of the suite runs; docs/known-issues.md tracks it.
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+raises_in_kernel = pytest.mark.skipif(_TORCH < (2, 12), reason="kernel exceptions crash torch 2.11 (docs/known-issues.md)")
+
 # Parametrise a test over devices: `@pytest.mark.parametrize("device", DEVICES)`.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

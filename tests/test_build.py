@@ -40,6 +40,8 @@ def test_needed_libraries_are_torch_and_system_only():
     assert not any("python" in n for n in needed), needed
     assert not any("cudart" in n for n in needed), f"cudart must be linked statically: {needed}"
     assert "libtorch_cpu.so" in needed
+    assert "libtorch_cuda.so" not in needed, "a CUDA build must still load under a CPU-only torch"
+    assert not re.search(r"R(UN)?PATH.*torch", out), "no RPATH to the build-time torch: resolve the loaded one"
 
 
 def test_registered_ops_match_info_list():

@@ -5,6 +5,8 @@
 #endif
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
+#include <dlfcn.h>
+
 #include "common/device.h"
 
 namespace nk {
@@ -19,9 +21,17 @@ DType to_dtype(ScalarType t) {
 }
 
 #ifdef NK_WITH_CUDA
+// aoti_torch_get_current_cuda_stream lives in libtorch_cuda, which torch has loaded whenever a
+// CUDA tensor exists; it is found there at first use instead of being a link dependency.
 void* current_cuda_stream(int32_t device_index) {
+  using Fn = decltype(&aoti_torch_get_current_cuda_stream);
+  static Fn fn = [] {
+    void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<Fn>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
+  }();
+  NK_CHECK(fn != nullptr, "libtorch_cuda is not loaded: is this a CUDA build of torch?");
   void* stream = nullptr;
-  NK_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream) == AOTI_TORCH_SUCCESS,
+  NK_CHECK(fn(device_index, &stream) == AOTI_TORCH_SUCCESS,
            "could not get the current CUDA stream of device ", device_index);
   return stream;
 }

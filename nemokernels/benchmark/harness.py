@@ -58,8 +58,10 @@ def _sync(device: torch.device) -> None:
 def time_fn(fn, make_inputs, *, device, warmup=10, reps=100, rotate=1, max_seconds=2.0) -> dict:
     """Median and percentiles (seconds) of `fn(*inputs)`, cycling over `rotate` input sets.
 
-    CUDA calls are timed with events recorded around each call: GPU time, which includes
-    launch overhead only when launching is slower than the kernels (tiny decode shapes).
+    CUDA calls are timed with events recorded around each call: GPU time. A spin kernel is
+    queued first so the host enqueues every call before the GPU reaches them; otherwise the
+    host-side cost of a call (Python, dispatcher) would show up as GPU idle time between the
+    events of small ops. (Under CUDA graphs that host cost disappears; it is not the kernel's.)
     CPU calls are timed with perf_counter. Fewer than `reps` calls are made when they would
     take longer than `max_seconds` in all.
     """
@@ -74,6 +76,7 @@ def time_fn(fn, make_inputs, *, device, warmup=10, reps=100, rotate=1, max_secon
     reps = max(5, min(reps, int(max_seconds / max(time.perf_counter() - t0, 1e-9))))
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        torch.cuda._sleep(int(reps * 4e5))  # ~200 us of GPU spin per call to be enqueued
         for i, (start, end) in enumerate(events):
             start.record()
             fn(*sets[i % rotate])
