@@ -18,11 +18,9 @@ const char* dtype_name(ScalarType t) {
 }
 
 std::string shape_str(const Tensor& t) {
-  std::ostringstream oss;
-  oss << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) oss << (i ? ", " : "") << t.size(i);
-  oss << (t.dim() == 1 ? ",)" : ")");
-  return oss.str();
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += str_cat(i ? ", " : "", t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
 }
 
 std::string device_str(const Tensor& t) {
@@ -45,13 +43,9 @@ void check_dtype(const char* op, const char* arg, const Tensor& t,
                  std::initializer_list<ScalarType> allowed) {
   for (auto a : allowed)
     if (t.scalar_type() == a) return;
-  std::ostringstream oss;
-  bool first = true;
-  for (auto a : allowed) {
-    oss << (first ? "" : ", ") << dtype_name(a);
-    first = false;
-  }
-  NK_CHECK(false, op, ": ", arg, " must be one of {", oss.str(), "}, got ",
+  std::string names;
+  for (auto a : allowed) names += str_cat(names.empty() ? "" : ", ", dtype_name(a));
+  NK_CHECK(false, op, ": ", arg, " must be one of {", names, "}, got ",
            dtype_name(t.scalar_type()));
 }
 

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
-#include <sstream>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -13,11 +13,24 @@
 
 namespace nk {
 
+// Message building without iostreams: on the H100 machine (GCC 13 headers, torch 2.11 process)
+// an ostringstream instantiated inside this library crashed while formatting an error message.
+// std::string and std::to_string have no such dependence on the runtime's locale machinery.
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+}  // namespace detail
+
 template <typename... Args>
 std::string str_cat(const Args&... args) {
-  std::ostringstream oss;
-  ((oss << args), ...);
-  return oss.str();
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
 }
 
 }  // namespace nk

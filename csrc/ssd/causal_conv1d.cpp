@@ -19,16 +19,13 @@ void check_float_input(const char* op, const char* arg, const Tensor& t) {
   check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
 }
 
-// Checks shared by forward and backward; returns (batch, dim, seqlen, width).
-std::tuple<int64_t, int64_t, int64_t, int> check_conv_args(
-    const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& seq_idx, const std::optional<Tensor>& init) {
-  check_dim(op, "x", x, 3);
-  check_float_input(op, "x", x);
+// weight (dim, width) and bias (dim,) against x (batch, dim, ...); returns the width.
+int64_t check_weight_bias(const char* op, const Tensor& x, const Tensor& weight,
+                          const std::optional<Tensor>& bias) {
+  const int64_t dim = x.size(1);
   check_dim(op, "weight", weight, 2);
   check_float_input(op, "weight", weight);
   check_same_device(op, "weight", weight, x, "x");
-  const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.size(2);
   check_size(op, "weight", weight, 0, dim);
   const int64_t width = weight.size(1);
   NK_CHECK(width >= 2 && width <= 4, op, ": weight.shape[1] (the conv width) must be 2, 3 or 4, got ",
@@ -39,6 +36,17 @@ std::tuple<int64_t, int64_t, int64_t, int> check_conv_args(
     check_same_device(op, "bias", *bias, x, "x");
     check_size(op, "bias", *bias, 0, dim);
   }
+  return width;
+}
+
+// Checks shared by forward and backward; returns (batch, dim, seqlen, width).
+std::tuple<int64_t, int64_t, int64_t, int> check_conv_args(
+    const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& seq_idx, const std::optional<Tensor>& init) {
+  check_dim(op, "x", x, 3);
+  check_float_input(op, "x", x);
+  const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.size(2);
+  const int64_t width = check_weight_bias(op, x, weight, bias);
   if (seq_idx) {
     check_dim(op, "seq_idx", *seq_idx, 2);
     check_dtype(op, "seq_idx", *seq_idx, {ScalarType::Int});
@@ -209,18 +217,7 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
            shape_str(x));
   check_float_input(op, "x", x);
   const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.dim() == 3 ? x.size(2) : 1;
-  check_dim(op, "weight", weight, 2);
-  check_float_input(op, "weight", weight);
-  check_same_device(op, "weight", weight, x, "x");
-  check_size(op, "weight", weight, 0, dim);
-  const int64_t width = weight.size(1);
-  NK_CHECK(width >= 2 && width <= 4, op, ": weight.shape[1] (the conv width) must be 2, 3 or 4, got ", width);
-  if (bias) {
-    check_dim(op, "bias", *bias, 1);
-    check_float_input(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, x, "x");
-    check_size(op, "bias", *bias, 0, dim);
-  }
+  const int64_t width = check_weight_bias(op, x, weight, bias);
   check_dim(op, "conv_state", conv_state, 3);
   NK_CHECK(conv_state.scalar_type() == x.scalar_type(), op, ": conv_state must have x's dtype ",
            dtype_name(x.scalar_type()), ", got ", dtype_name(conv_state.scalar_type()));

@@ -28,6 +28,11 @@ constexpr int kChlastThreadsY = 4;   // time tiles per block
 constexpr int kChlastNT = 16;        // time steps per thread (channel-last)
 constexpr int kTmajorThreads = 128;
 constexpr int kTmajorNT = 4;         // time steps per thread (time-major)
+// Channel-last channels per thread: 16-byte accesses in the forward; 4 channels in the
+// backward, whose per-thread state (windows of x and dy, dweight partials) is twice as
+// large, so that enough warps stay resident (8-byte accesses for 16-bit types).
+constexpr int kFwdVecBytes = 16;
+constexpr int kBwdVC = 4;
 
 template <typename T> NK_DEVICE float to_f(T v);
 template <> NK_DEVICE float to_f<float>(float v) { return v; }
@@ -38,13 +43,21 @@ template <> NK_DEVICE float from_f<float>(float v) { return v; }
 template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// The unsigned vector type of N bytes (one memory access).
+template <int N> struct VecOf;
+template <> struct VecOf<16> { using type = uint4; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<2> { using type = uint16_t; };
+
 // VC channel values of a (b, c, t) tensor starting at element offset `off` (channel c0).
-// kVec: one 16-byte access (channel stride 1, aligned, all VC channels in range).
+// kVec: one VC*sizeof(T)-byte access (channel stride 1, aligned, all VC channels in range).
 template <typename T, int VC, bool kVec>
 NK_DEVICE void load_ch(const void* base, int64_t off, int64_t sc, int64_t c0, int64_t dim, float (&v)[VC]) {
+  using V = typename VecOf<VC * sizeof(T)>::type;
   const T* ptr = static_cast<const T*>(base) + off;
   if constexpr (kVec) {
-    uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+    V raw = *reinterpret_cast<const V*>(ptr);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < VC; ++i) v[i] = to_f<T>(e[i]);
@@ -56,13 +69,14 @@ NK_DEVICE void load_ch(const void* base, int64_t off, int64_t sc, int64_t c0, in
 
 template <typename T, int VC, bool kVec>
 NK_DEVICE void store_ch(void* base, int64_t off, int64_t sc, int64_t c0, int64_t dim, const float (&v)[VC]) {
+  using V = typename VecOf<VC * sizeof(T)>::type;
   T* ptr = static_cast<T*>(base) + off;
   if constexpr (kVec) {
-    uint4 raw;
+    V raw;
     T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
     for (int i = 0; i < VC; ++i) e[i] = from_f<T>(v[i]);
-    *reinterpret_cast<uint4*>(ptr) = raw;
+    *reinterpret_cast<V*>(ptr) = raw;
   } else {
 #pragma unroll
     for (int i = 0; i < VC; ++i)
@@ -128,6 +142,16 @@ NK_DEVICE void shift(float (&xw)[W][VC], int32_t (&sw)[W]) {
 template <typename T, int W, int VC, int NT, bool kVec>
 NK_DEVICE void fwd_tile(const Conv1dFwdParams& p, int64_t b, int64_t c0, int64_t t0) {
   Row<T, W, VC, kVec> row{p, b, c0};
+  // With vector access, every load of the tile is issued before any math: NT independent
+  // loads in flight per thread instead of one.
+  using V = typename VecOf<VC * sizeof(T)>::type;
+  V raw[NT];
+  if constexpr (kVec) {
+#pragma unroll
+    for (int s = 0; s < NT; ++s)
+      if (t0 + s < p.seqlen)
+        raw[s] = *reinterpret_cast<const V*>(static_cast<const T*>(p.x) + b * p.x_sb + c0 + (t0 + s) * p.x_st);
+  }
   float w[VC][W], bias[VC], xw[W][VC];
   int32_t sw[W];
   row.weights(w, bias);
@@ -140,7 +164,13 @@ NK_DEVICE void fwd_tile(const Conv1dFwdParams& p, int64_t b, int64_t c0, int64_t
   for (int s = 0; s < NT; ++s) {
     const int64_t t = t0 + s;
     if (t >= p.seqlen) break;
-    row.x(t, xw[W - 1]);
+    if constexpr (kVec) {
+      const T* e = reinterpret_cast<const T*>(&raw[s]);
+#pragma unroll
+      for (int i = 0; i < VC; ++i) xw[W - 1][i] = to_f<T>(e[i]);
+    } else {
+      row.x(t, xw[W - 1]);
+    }
     sw[W - 1] = row.sid(t);
     float y[VC];
     conv_at<W, VC>(w, bias, xw, sw, y);
@@ -245,7 +275,7 @@ NK_DEVICE void bwd_tile(const Conv1dBwdParams& q, int64_t b, int64_t c0, int64_t
 template <typename T, int W, bool kVec>
 __global__ void __launch_bounds__(kChlastThreadsX * kChlastThreadsY)
 fwd_chlast_kernel(Conv1dFwdParams p) {
-  constexpr int VC = 16 / sizeof(T);
+  constexpr int VC = kFwdVecBytes / sizeof(T);
   const int64_t c0 = (int64_t(blockIdx.x) * kChlastThreadsX + threadIdx.x) * VC;
   const int64_t t0 = (int64_t(blockIdx.y) * kChlastThreadsY + threadIdx.y) * kChlastNT;
   if (c0 < p.dim && t0 < p.seqlen) fwd_tile<T, W, VC, kChlastNT, kVec>(p, blockIdx.z, c0, t0);
@@ -295,7 +325,7 @@ NK_DEVICE void write_partials(const Conv1dBwdParams& q, float* red, int groups, 
 template <typename T, int W, bool kVec>
 __global__ void __launch_bounds__(kChlastThreadsX * kChlastThreadsY)
 bwd_chlast_kernel(Conv1dBwdParams q) {
-  constexpr int VC = 16 / sizeof(T);
+  constexpr int VC = kBwdVC;
   __shared__ float red[kChlastThreadsX * kChlastThreadsY * VC * (W + 1)];
   const int64_t c0 = (int64_t(blockIdx.x) * kChlastThreadsX + threadIdx.x) * VC;
   const int64_t b = blockIdx.z;
@@ -390,16 +420,18 @@ void dispatch(DType dt, int width, F&& f) {
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 // Channel-last path: x and its output both have channel stride 1.
 bool use_chlast(int64_t x_sc, int64_t out_sc, int64_t dim) { return x_sc == 1 && out_sc == 1 && dim > 1; }
 
-// 16-byte accesses are legal when every row start is 16-byte aligned and channels divide.
-bool vec_ok(int vc, int64_t dim, std::initializer_list<std::pair<const void*, std::pair<int64_t, int64_t>>> ts) {
+// vc-element vector accesses are legal when every row start is aligned to the vector and
+// the channels divide into whole vectors.
+bool vec_ok(int vc, int elem_bytes, int64_t dim,
+            std::initializer_list<std::pair<const void*, std::pair<int64_t, int64_t>>> ts) {
   if (dim % vc) return false;
   for (auto& [ptr, st] : ts)
-    if (!aligned16(ptr) || st.first % vc || st.second % vc) return false;
+    if (!aligned(ptr, vc * elem_bytes) || st.first % vc || st.second % vc) return false;
   return true;
 }
 
@@ -425,7 +457,7 @@ struct BwdGrid {
 
 BwdGrid bwd_grid(const Conv1dBwdParams& q) {
   const auto& p = q.fwd;
-  const int vc = p.dtype == DType::F32 ? 4 : 8;
+  const int vc = kBwdVC;
   const bool chlast = use_chlast(p.x_sc, q.dx_sc, p.dim) && q.dout_sc == 1;
   const int64_t target = 8LL * num_sms();
   if (chlast) {
@@ -452,11 +484,11 @@ void causal_conv1d_fwd_cuda(const Conv1dFwdParams& p, void* stream_ptr) {
   check_batch(p.batch);
   dispatch(p.dtype, p.width, [&]<typename T, int W>() {
     if (p.seqlen > 0) {
-      constexpr int VC = 16 / sizeof(T);
+      constexpr int VC = kFwdVecBytes / sizeof(T);
       if (use_chlast(p.x_sc, p.out_sc, p.dim)) {
         dim3 grid(ceil_div(p.dim, kChlastThreadsX * VC), ceil_div(p.seqlen, kChlastThreadsY * kChlastNT), p.batch);
         dim3 block(kChlastThreadsX, kChlastThreadsY);
-        if (vec_ok(VC, p.dim, {{p.x, {p.x_sb, p.x_st}}, {p.out, {p.out_sb, p.out_st}}}))
+        if (vec_ok(VC, sizeof(T), p.dim, {{p.x, {p.x_sb, p.x_st}}, {p.out, {p.out_sb, p.out_st}}}))
           fwd_chlast_kernel<T, W, true><<<grid, block, 0, stream>>>(p);
         else
           fwd_chlast_kernel<T, W, false><<<grid, block, 0, stream>>>(p);
@@ -486,9 +518,9 @@ void causal_conv1d_bwd_cuda(const Conv1dBwdParams& q, void* stream_ptr) {
   if (q.num_partials != p.batch * g.time_blocks)
     throw std::runtime_error("nemokernels: internal: causal_conv1d backward partial rows mismatch");
   dispatch(p.dtype, p.width, [&]<typename T, int W>() {
-    constexpr int VC = 16 / sizeof(T);
+    constexpr int VC = kBwdVC;
     if (g.chlast) {
-      if (vec_ok(VC, p.dim, {{p.x, {p.x_sb, p.x_st}}, {q.dout, {q.dout_sb, q.dout_st}}, {q.dx, {q.dx_sb, q.dx_st}}}))
+      if (vec_ok(VC, sizeof(T), p.dim, {{p.x, {p.x_sb, p.x_st}}, {q.dout, {q.dout_sb, q.dout_st}}, {q.dx, {q.dx_sb, q.dx_st}}}))
         bwd_chlast_kernel<T, W, true><<<g.grid, g.block, 0, stream>>>(q);
       else
         bwd_chlast_kernel<T, W, false><<<g.grid, g.block, 0, stream>>>(q);
