@@ -33,3 +33,23 @@ class OptionalDeviceGuard {
 [[noreturn]] void no_cuda_build(const char* op);
 
 }  // namespace nk
+
+// Runs `cpu_call` or `cuda_call` by the device of tensor `t`; `cuda_call` may use `stream`
+// (torch's current stream on that device). In a CPU-only build the CUDA call is not compiled.
+#ifdef NK_WITH_CUDA
+#define NK_ROUTE_BY_DEVICE(t, op, cpu_call, cuda_call)                             \
+  do {                                                                             \
+    if ((t).is_cuda()) {                                                           \
+      [[maybe_unused]] void* stream = ::nk::current_cuda_stream((t).get_device_index()); \
+      cuda_call;                                                                   \
+    } else {                                                                       \
+      cpu_call;                                                                    \
+    }                                                                              \
+  } while (0)
+#else
+#define NK_ROUTE_BY_DEVICE(t, op, cpu_call, cuda_call) \
+  do {                                                 \
+    if ((t).is_cuda()) ::nk::no_cuda_build(op);        \
+    cpu_call;                                          \
+  } while (0)
+#endif

@@ -120,15 +120,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(Tensor x, Tensor weight, std::optio
     p.fin_sb = fin.stride(0), p.fin_sc = fin.stride(1), p.fin_sj = fin.stride(2);
   }
   if (batch * dim == 0) return {out, fin};
-  if (x.is_cuda()) {
-#ifdef NK_WITH_CUDA
-    causal_conv1d_fwd_cuda(p, current_cuda_stream(x.get_device_index()));
-#else
-    no_cuda_build(kFwd);
-#endif
-  } else {
-    causal_conv1d_fwd_cpu(p);
-  }
+  NK_ROUTE_BY_DEVICE(x, kFwd, causal_conv1d_fwd_cpu(p), causal_conv1d_fwd_cuda(p, stream));
   return {out, fin};
 }
 
@@ -187,24 +179,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     return {dx, torch::stable::to(dw32, weight.scalar_type()),
             bias ? torch::stable::to(db32, bias->scalar_type()) : db32, dinit};
   }
-  const bool cuda = x.is_cuda();
-#ifdef NK_WITH_CUDA
-  q.num_partials = cuda ? causal_conv1d_bwd_cuda_num_partials(q)
-                        : batch * ((seqlen + kConvBwdChunk - 1) / kConvBwdChunk);
-#else
+  // Partial-sum rows of dweight/dbias: one per (batch, time chunk) on the CPU; the CUDA
+  // launcher picks its own count from its grid.
   q.num_partials = batch * ((seqlen + kConvBwdChunk - 1) / kConvBwdChunk);
+#ifdef NK_WITH_CUDA
+  if (x.is_cuda()) q.num_partials = causal_conv1d_bwd_cuda_num_partials(q);
 #endif
   Tensor partials = new_empty(x, {q.num_partials, dim, width + 1}, ScalarType::Float);
   q.partials = static_cast<float*>(partials.data_ptr());
-  if (cuda) {
-#ifdef NK_WITH_CUDA
-    causal_conv1d_bwd_cuda(q, current_cuda_stream(x.get_device_index()));
-#else
-    no_cuda_build(op);
-#endif
-  } else {
-    causal_conv1d_bwd_cpu(q);
-  }
+  NK_ROUTE_BY_DEVICE(x, op, causal_conv1d_bwd_cpu(q), causal_conv1d_bwd_cuda(q, stream));
   Tensor dweight = weight.scalar_type() == ScalarType::Float ? dw32 : torch::stable::to(dw32, weight.scalar_type());
   Tensor dbias = (!bias || bias->scalar_type() == ScalarType::Float) ? db32 : torch::stable::to(db32, bias->scalar_type());
   return {dx, dweight, dbias, dinit};
@@ -255,15 +238,7 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   p.out = out.data_ptr();
   p.out_sb = out.stride(0), p.out_sc = out.stride(1), p.out_st = x.dim() == 3 ? out.stride(2) : 0;
   if (out.numel() == 0) return out;
-  if (x.is_cuda()) {
-#ifdef NK_WITH_CUDA
-    causal_conv1d_update_cuda(p, current_cuda_stream(x.get_device_index()));
-#else
-    no_cuda_build(op);
-#endif
-  } else {
-    causal_conv1d_update_cpu(p);
-  }
+  NK_ROUTE_BY_DEVICE(x, op, causal_conv1d_update_cpu(p), causal_conv1d_update_cuda(p, stream));
   return out;
 }
 
