@@ -26,4 +26,24 @@ NK_HD float conv_window(const float (&w)[W], const float (&win)[W], float bias) 
   return acc;
 }
 
+// softplus as torch computes it (threshold 20: above it, the input itself).
+NK_HD float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+NK_HD float softplus_grad(float v) { return v > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-v)); }
+
+// SSD dt' = clamp(softplus?(dt + bias), lo, hi); the bias is 0 when absent.
+NK_HD float ssd_dt(float dt, float bias, bool use_softplus, float lo, float hi) {
+  float v = dt + bias;
+  if (use_softplus) v = softplus(v);
+  return fminf(fmaxf(v, lo), hi);
+}
+
+// d dt' / d dt, matching torch's autograd of the same expression: clamp passes the gradient
+// where lo <= v <= hi (inclusive), softplus multiplies by sigmoid (1 above the threshold).
+NK_HD float ssd_dt_grad(float dt, float bias, bool use_softplus, float lo, float hi) {
+  float pre = dt + bias;
+  float v = use_softplus ? softplus(pre) : pre;
+  if (v < lo || v > hi) return 0.0f;
+  return use_softplus ? softplus_grad(pre) : 1.0f;
+}
+
 }  // namespace nk
