@@ -92,6 +92,8 @@ struct SsdParams {
   const int32_t* cu_seqlens;    // or null
   int64_t nseq;
   float* varlen_states;         // (nseq, H, P, N)
+  // CUDA-only scratch of ssd_fwd_cuda_workspace_bytes(p) bytes (null on the CPU path).
+  void* workspace;
 };
 
 struct SsdBwdParams {
@@ -116,6 +118,8 @@ struct SsdBwdParams {
   float* dD;                    // (H,) or (H, P), or null (no D)
   float* ddt_bias;              // (H,), or null (no dt_bias)
   float* dinit;                 // (b, H, P, N), or null (not wanted)
+  // CUDA-only scratch of ssd_bwd_cuda_workspace_bytes(p) bytes (null on the CPU path).
+  void* workspace;
 };
 
 // CUDA kernels' limits (the CPU path takes any chunk size, headdim and dstate); the entry
@@ -133,6 +137,9 @@ void ssd_fwd_cpu(const SsdParams& p);
 void ssd_bwd_cpu(const SsdBwdParams& p);
 
 #ifdef NK_WITH_CUDA
+// Bytes of p.workspace the CUDA kernels need (0 allowed); the entry allocates them.
+int64_t ssd_fwd_cuda_workspace_bytes(const SsdParams& p);     // ssd_chunk_scan_fwd_cuda.cu
+int64_t ssd_bwd_cuda_workspace_bytes(const SsdBwdParams& p);  // ssd_chunk_scan_bwd_cuda.cu
 void ssd_states_cuda(const SsdParams& p, void* stream);   // ssd_chunk_scan_fwd_cuda.cu
 void ssd_fwd_cuda(const SsdParams& p, void* stream);      // ssd_chunk_scan_fwd_cuda.cu
 void ssd_bwd_cuda(const SsdBwdParams& p, void* stream);   // ssd_chunk_scan_bwd_cuda.cu
