@@ -21,6 +21,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     std::optional<Tensor> dfinal_states, bool return_dinitial_states, bool silu);
 Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::optional<Tensor> bias,
                             bool silu, std::optional<Tensor> conv_state_indices);
+// ssd/ssd_chunk_scan.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
+    Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size, std::optional<Tensor> D,
+    std::optional<Tensor> z, std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states,
+    std::optional<Tensor> seq_idx, std::optional<Tensor> cu_seqlens, bool dt_softplus, double dt_min,
+    double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_bwd(
+    Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size,
+    std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> y_pre,
+    std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states, std::optional<Tensor> seq_idx,
+    std::optional<Tensor> dfinal_states, bool dt_softplus, double dt_min, double dt_max,
+    bool return_dinitial_states);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -34,13 +46,32 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
         "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
         "bool silu, Tensor? conv_state_indices) -> Tensor");
+
+  // ---- ssd: chunked selective scan (mamba_chunk_scan_combined) ----------------------------
+  // y_pre (the output before the z gate, kept for the backward) is (0, L, H, P) unless z is
+  // given and save_y_pre; final_states (b, H, P, N) / varlen_states (nseq, H, P, N) are
+  // float32 and have a zero leading dim unless asked for.
+  m.def("ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, "
+        "Tensor? cu_seqlens, bool dt_softplus, float dt_min, float dt_max, bool return_final_states, "
+        "bool return_varlen_states, bool save_y_pre) "
+        "-> (Tensor y, Tensor y_pre, Tensor final_states, Tensor varlen_states)");
+  // Gradients in the dtypes of their inputs; dD/dz/ddt_bias/dinitial_states are empty when
+  // the input is absent (or not asked for).
+  m.def("ssd_chunk_scan_bwd(Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "int chunk_size, Tensor? D, Tensor? z, Tensor? y_pre, Tensor? dt_bias, Tensor? initial_states, "
+        "Tensor? seq_idx, Tensor? dfinal_states, bool dt_softplus, float dt_min, float dt_max, "
+        "bool return_dinitial_states) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
+        "Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)");
 }
 
 // Same entry for both keys: the entry routes by device.
 #define NK_IMPL_ALL(m)                                                          \
   m.impl("causal_conv1d_fwd", TORCH_BOX(&nk::causal_conv1d_fwd));               \
   m.impl("causal_conv1d_bwd", TORCH_BOX(&nk::causal_conv1d_bwd));               \
-  m.impl("causal_conv1d_update", TORCH_BOX(&nk::causal_conv1d_update));
+  m.impl("causal_conv1d_update", TORCH_BOX(&nk::causal_conv1d_update));         \
+  m.impl("ssd_chunk_scan_fwd", TORCH_BOX(&nk::ssd_chunk_scan_fwd));             \
+  m.impl("ssd_chunk_scan_bwd", TORCH_BOX(&nk::ssd_chunk_scan_bwd));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

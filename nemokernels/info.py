@@ -11,6 +11,8 @@ OPS = {
     "causal_conv1d_fwd": "ssd",
     "causal_conv1d_bwd": "ssd",
     "causal_conv1d_update": "ssd",
+    "ssd_chunk_scan_fwd": "ssd",
+    "ssd_chunk_scan_bwd": "ssd",
 }
 
 

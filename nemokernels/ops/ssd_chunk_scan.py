@@ -1,0 +1,164 @@
+"""mamba_chunk_scan_combined: drop-in for mamba_ssm's Mamba-2 SSD (chunked selective scan),
+forward and backward.
+
+Shapes: x (batch, seqlen, nheads, headdim); dt (batch, seqlen, nheads); A (nheads,);
+B, C (batch, seqlen, ngroups, dstate) with nheads % ngroups == 0 (head h reads group
+h // (nheads // ngroups)); D (nheads,) or (nheads, headdim); z like x; dt_bias (nheads,);
+initial_states (batch, nheads, headdim, dstate); seq_idx (batch, seqlen) int (packed
+sequences); cu_seqlens (num_sequences + 1,) int (batch 1). x, z, B, C share one dtype
+(float32, float16 or bfloat16); states and accumulation are float32.
+
+Schemas: csrc/torch_bindings.cpp; the stages and their math: csrc/ssd/ssd_chunk_scan.h;
+kernels: csrc/ssd/ssd_chunk_scan_{cpu.cpp,fwd_cuda.cu,bwd_cuda.cu}.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+_ops = torch.ops.nemokernels
+
+
+@torch.library.register_fake("nemokernels::ssd_chunk_scan_fwd")
+def _fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+              dt_softplus, dt_min, dt_max, return_final_states, return_varlen_states, save_y_pre):
+    b, L, H, P = x.shape
+    N = B.shape[-1]
+    keep_pre = z is not None and save_y_pre
+    nseq = cu_seqlens.shape[0] - 1 if return_varlen_states else 0
+    f32 = torch.float32
+    return (x.new_empty((b, L, H, P)), x.new_empty((b if keep_pre else 0, L, H, P)),
+            x.new_empty((b if return_final_states else 0, H, P, N), dtype=f32),
+            x.new_empty((nseq, H, P, N), dtype=f32))
+
+
+@torch.library.register_fake("nemokernels::ssd_chunk_scan_bwd")
+def _bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, y_pre, dt_bias, initial_states, seq_idx,
+              dfinal_states, dt_softplus, dt_min, dt_max, return_dinitial_states):
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    dD = D.new_empty(D.shape) if D is not None else x.new_empty((0,), dtype=torch.float32)
+    dbias = dt_bias.new_empty((H,)) if dt_bias is not None else x.new_empty((0,), dtype=torch.float32)
+    if return_dinitial_states:
+        dinit = initial_states.new_empty((b, H, P, N))
+    else:
+        dinit = (initial_states if initial_states is not None else x).new_empty(
+            (0, H, P, N), dtype=initial_states.dtype if initial_states is not None else torch.float32)
+    return (x.new_empty((b, L, H, P)), dt.new_empty((b, L, H)), A.new_empty((H,)),
+            x.new_empty((b, L, G, N)), x.new_empty((b, L, G, N)), dD,
+            x.new_empty((b if z is not None else 0, L, H, P)), dbias, dinit)
+
+
+_IN = ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "initial_states", "seq_idx",
+       "cu_seqlens", "dt_softplus", "dt_min", "dt_max", "return_final_states", "return_varlen_states",
+       "save_y_pre")
+
+
+def _fwd_setup(ctx, inputs, output):
+    a = dict(zip(_IN, inputs))
+    y, y_pre, final_states, varlen_states = output
+    ctx.mark_non_differentiable(y_pre, varlen_states)
+    ctx.save_for_backward(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], y_pre, a["dt_bias"],
+                          a["initial_states"], a["seq_idx"])
+    ctx.chunk_size = a["chunk_size"]
+    ctx.dt = (a["dt_softplus"], a["dt_min"], a["dt_max"])
+    ctx.has_final = a["return_final_states"]
+    ctx.has_init = a["initial_states"] is not None
+    ctx.has_z = a["z"] is not None
+    ctx.saved_pre = a["save_y_pre"]
+
+
+def _fwd_backward(ctx, dy, dy_pre, dfinal, dvarlen):
+    x, dt, A, B, C, D, z, y_pre, dt_bias, init, seq_idx = ctx.saved_tensors
+    if ctx.has_z and not ctx.saved_pre:
+        raise RuntimeError("mamba_chunk_scan_combined: the forward ran with save_y_pre=False, so the "
+                           "backward through z is unavailable (call through the public function)")
+    if not ctx.has_final:
+        dfinal = None  # the final-states output was an empty placeholder
+    want_dinit = ctx.has_init and ctx.needs_input_grad[9]
+    softplus, dt_min, dt_max = ctx.dt
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = _ops.ssd_chunk_scan_bwd(
+        dy, x, dt, A, B, C, ctx.chunk_size, D, z, y_pre if ctx.has_z else None, dt_bias, init, seq_idx,
+        dfinal, softplus, dt_min, dt_max, want_dinit)
+    return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if ctx.has_z else None,
+            ddt_bias if dt_bias is not None else None, dinit if want_dinit else None,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("nemokernels::ssd_chunk_scan_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """seq_idx (1, seqlen) int32 from cu_seqlens, on cu_seqlens' device, with no host sync:
+    position t gets the index i of the sequence with cu_seqlens[i] <= t < cu_seqlens[i+1]."""
+    t = torch.arange(seqlen, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True).to(torch.int32).unsqueeze(0)
+
+
+def mamba_chunk_scan_combined(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    dt_limit: Tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    return_varlen_states: bool = False,
+):
+    """Mamba-2 SSD, chunked: same signature, semantics and returns as mamba_ssm's function.
+
+    Per head h (group g = h // (nheads // ngroups)):
+        dt'_t = clamp(softplus?(dt_t + dt_bias), *dt_limit)
+        h_t   = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T        (state (headdim, dstate), float32)
+        y_t   = C_t h_t + D x_t;   y_t *= silu(z_t) when z is given
+    h_{-1} = initial_states (zeros when None). With seq_idx the state restarts from zero where
+    the id changes (initial_states continue the sequence with id 0). chunk_size: any positive
+    int on the CPU; 64, 128 or 256 on CUDA (headdim % 8 == 0 <= 128, dstate % 8 == 0 <= 256).
+
+    Returns y (like x), then final_states (batch, nheads, headdim, dstate) float32 when
+    return_final_states, then when return_varlen_states (needs cu_seqlens; seq_idx is derived
+    from it when not given) the state after the last position of each sequence
+    (num_sequences, nheads, headdim, dstate) float32, zeros for an empty sequence.
+    Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_states (and through
+    final_states); varlen states are not differentiable.
+    """
+    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
+        raise ValueError(f"mamba_chunk_scan_combined: dt_limit must be a (min, max) pair, got {dt_limit!r}")
+    if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    if return_varlen_states and cu_seqlens is None:
+        raise ValueError("mamba_chunk_scan_combined: return_varlen_states needs cu_seqlens")
+    if seq_idx is None and cu_seqlens is not None and return_varlen_states:
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
+    if seq_idx is not None and seq_idx.dtype != torch.int32:
+        seq_idx = seq_idx.to(torch.int32)
+    save_y_pre = z is not None and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+    y, _, final_states, varlen_states = _ops.ssd_chunk_scan_fwd(
+        x, dt, A, B, C, int(chunk_size), D, z, dt_bias, initial_states, seq_idx,
+        cu_seqlens if return_varlen_states else None, bool(dt_softplus), float(dt_limit[0]),
+        float(dt_limit[1]), bool(return_final_states), bool(return_varlen_states), save_y_pre)
+    if not return_varlen_states:
+        return y if not return_final_states else (y, final_states)
+    return (y, varlen_states) if not return_final_states else (y, final_states, varlen_states)
+
+
+def ssd_chunk_scan_bytes_flops(batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int,
+                               dstate: int, chunk_size: int, elem_bytes: int = 2, has_z: bool = True):
+    """Minimum HBM bytes and FLOPs of one forward (the roofline of the benchmarks): read x, z,
+    B, C, dt once, write y once; FLOPs of the chunked algorithm's products."""
+    b, L, H, P, G, N, Q = batch, seqlen, nheads, headdim, ngroups, dstate, chunk_size
+    act = b * L * H * P * elem_bytes * (3 if has_z else 2) + 2 * b * L * G * N * elem_bytes + b * L * H * 4
+    nc = math.ceil(L / Q)
+    flops = 2 * b * nc * G * Q * Q * N            # CB = C B^T per group
+    flops += 2 * b * nc * H * Q * Q * P           # scores @ X (full square, as tensor cores do)
+    flops += 2 * b * nc * H * Q * P * N * 2       # chunk states and C @ state_in
+    return act, flops
