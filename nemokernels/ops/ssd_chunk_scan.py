@@ -136,6 +136,9 @@ def mamba_chunk_scan_combined(
         cu_seqlens = cu_seqlens.to(torch.int32)
     if return_varlen_states and cu_seqlens is None:
         raise ValueError("mamba_chunk_scan_combined: return_varlen_states needs cu_seqlens")
+    if return_varlen_states and x.dim() == 4 and x.shape[0] != 1:
+        raise ValueError("mamba_chunk_scan_combined: return_varlen_states needs batch 1 (packed "
+                         f"sequences), got batch {x.shape[0]}")
     if seq_idx is None and cu_seqlens is not None and return_varlen_states:
         seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
     if seq_idx is not None and seq_idx.dtype != torch.int32:

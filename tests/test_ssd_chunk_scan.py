@@ -1,0 +1,393 @@
+"""mamba_chunk_scan_combined against the float64 recurrence (ssd_scan_ref), forward and
+backward, every option, packed sequences, state hand-over, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nemokernels
+from nemokernels.ops.reference import ssd_scan_ref, varlen_from_cu_seqlens
+
+from conftest import DEVICES, raises_in_kernel
+from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+scan = nemokernels.mamba_chunk_scan_combined
+
+
+def chunk_for(device, small):
+    """A chunk size the device's path takes: small ones on the CPU keep many chunks in short
+    tests; the CUDA kernels take 64/128/256."""
+    return small if device == "cpu" else 64
+
+
+def make_inputs(b, L, H, P, G, N, dtype, device, *, D="head", z=True, dt_bias=True, init=False,
+                layout="contiguous"):
+    """Realistic Mamba-2 ranges: dt' ~ 0.01..1 after softplus, A in [-4.5, -0.5]."""
+    def act(*shape):
+        if layout == "sliced":  # a view into a wider projection output, as Mamba-2's split gives
+            wide = torch.randn(*shape[:-1], shape[-1] * 2 + 3, device=device, dtype=dtype)
+            return wide[..., 1:shape[-1] + 1]
+        if layout == "transposed":  # last dim not contiguous: the entry copies it
+            return torch.randn(*shape[:-2], shape[-1], shape[-2], device=device, dtype=dtype).transpose(-1, -2)
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    t = dict(
+        x=act(b, L, H, P),
+        dt=(torch.randn(b, L, H, device=device) * 0.5 - 1.0).to(dtype),
+        A=-(torch.rand(H, device=device) * 4 + 0.5),
+        B=act(b, L, G, N) / N**0.25,
+        C=act(b, L, G, N) / N**0.25,
+    )
+    t["D"] = {None: None, "head": torch.randn(H, device=device), "headdim": torch.randn(H, P, device=device)}[D]
+    t["z"] = act(b, L, H, P) if z else None
+    t["dt_bias"] = torch.randn(H, device=device) * 0.5 if dt_bias else None
+    t["initial_states"] = torch.randn(b, H, P, N, device=device) if init else None
+    return t
+
+
+def ref64(inp, **kw):
+    d = {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point() else v)
+         for k, v in inp.items()}
+    return d, ssd_scan_ref(d["x"], d["dt"], d["A"], d["B"], d["C"], D=d["D"], z=d["z"], dt_bias=d["dt_bias"],
+                           initial_states=d["initial_states"], **kw)
+
+
+def call(inp, Q, **kw):
+    return scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, D=inp["D"], z=inp["z"],
+                dt_bias=inp["dt_bias"], initial_states=inp["initial_states"], **kw)
+
+
+def grads_of(inp):
+    return {k: v.grad for k, v in inp.items() if torch.is_tensor(v) and v.requires_grad}
+
+
+# ---------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_recurrence(device, dtype):
+    Q = chunk_for(device, 16)
+    for (b, L, H, P, G, N) in [(2, 3 * Q + 5, 4, 8, 2, 16), (1, 1, 2, 16, 1, 8), (1, Q, 6, 8, 3, 8),
+                               (3, Q - 1, 2, 24, 2, 32)]:
+        for opts in [dict(D="head", z=True, dt_bias=True, init=True), dict(D=None, z=False, dt_bias=False),
+                     dict(D="headdim", z=True, dt_bias=False, init=False)]:
+            inp = make_inputs(b, L, H, P, G, N, dtype, device, **opts)
+            poison_allocator(device)
+            y, fin = call(inp, Q, dt_softplus=True, return_final_states=True)
+            assert y.shape == (b, L, H, P) and y.dtype == dtype and fin.dtype == torch.float32
+            _, (yr, fr) = ref64(inp, dt_softplus=True, return_final_states=True)
+            what = f"{(b, L, H, P, G, N)} {opts}"
+            assert_close(y, yr, dtype, factor=2, what="y " + what)
+            assert_close(fin, fr, dtype, factor=2, what="final " + what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Q", [1, 5, 8, 64, 128, 256])
+def test_chunk_size_does_not_change_the_result(device, Q):
+    if device == "cuda" and Q not in (64, 128, 256):
+        pytest.skip("the CUDA path takes chunk sizes 64/128/256")
+    L = 300 if device == "cuda" else 70
+    inp = make_inputs(1, L, 4, 8, 2, 8, torch.float32, device, init=True)
+    y, fin = call(inp, Q, dt_softplus=True, return_final_states=True)
+    _, (yr, fr) = ref64(inp, dt_softplus=True, return_final_states=True)
+    assert_close(y, yr, torch.float32, factor=5, what=f"y Q={Q}")
+    assert_close(fin, fr, torch.float32, factor=5, what=f"final Q={Q}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dt_transform_options(device):
+    """softplus on/off (and its threshold at 20), the clamp on both sides, dt_bias."""
+    Q = chunk_for(device, 8)
+    inp = make_inputs(2, 40, 4, 8, 2, 8, torch.float32, device)
+    inp["dt"] = torch.randn(2, 40, 4, device=device) * 12  # crosses the softplus threshold and the clamp
+    for softplus in (False, True):
+        for limit in [(0.0, float("inf")), (0.05, 0.3), (0.2, 25.0)]:
+            y = call(inp, Q, dt_softplus=softplus, dt_limit=limit)
+            _, yr = ref64(inp, dt_softplus=softplus, dt_limit=limit)
+            assert_close(y, yr, torch.float32, factor=5, what=f"softplus={softplus} limit={limit}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_strided_inputs(device, layout):
+    Q = chunk_for(device, 16)
+    inp = make_inputs(2, 50, 4, 16, 2, 16, torch.bfloat16, device, layout=layout)
+    assert not inp["x"].is_contiguous()
+    y = call(inp, Q, dt_softplus=True)
+    _, yr = ref64(inp, dt_softplus=True)
+    assert_close(y, yr, torch.bfloat16, what=layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    inp = make_inputs(2, 0, 4, 8, 2, 8, torch.float32, device, init=True)
+    y, fin = call(inp, chunk_for(device, 8), return_final_states=True)
+    assert y.shape == (2, 0, 4, 8)
+    torch.testing.assert_close(fin, inp["initial_states"])
+    inp = make_inputs(0, 10, 4, 8, 2, 8, torch.float32, device)
+    assert call(inp, chunk_for(device, 8)).shape == (0, 10, 4, 8)
+
+
+# ---------------------------------------------------------------- backward
+
+
+def check_backward(device, dtype, b, L, H, P, G, N, Q, opts, factor, seq_idx=None, **kw):
+    inp = make_inputs(b, L, H, P, G, N, dtype, device, **opts)
+    for k, v in inp.items():
+        if v is not None:
+            v.requires_grad_(True)
+    poison_allocator(device)
+    y, fin = call(inp, Q, seq_idx=seq_idx, return_final_states=True, **kw)
+    gy = torch.randn_like(y)[..., :].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous dout
+    gf = torch.randn_like(fin)
+    ((y.float() * gy.float()).sum() + (fin * gf).sum()).backward()
+    d, (yr, fr) = ref64(inp, seq_idx=seq_idx, return_final_states=True, **kw)
+    ((yr * gy.double()).sum() + (fr * gf.double()).sum()).backward()
+    got, want = grads_of(inp), grads_of(d)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == inp[k].dtype and got[k].shape == inp[k].shape, k
+        assert_close(got[k], want[k], dtype, factor=factor, what=f"grad {k} {opts}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_autograd_of_recurrence(device, dtype):
+    Q = chunk_for(device, 16)
+    factor = 10 if dtype == torch.float32 else 2
+    for shape in [(2, 2 * Q + 7, 4, 8, 2, 16), (1, 5, 3, 8, 1, 8)]:
+        for opts in [dict(D="head", z=True, dt_bias=True, init=True),
+                     dict(D="headdim", z=False, dt_bias=False, init=False)]:
+            check_backward(device, dtype, *shape, Q, opts, factor, dt_softplus=True, dt_limit=(0.0, 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_packed_sequences(device):
+    Q = chunk_for(device, 8)
+    L = 3 * Q + 3
+    cu = torch.tensor([0, 1, Q - 1, Q + 4, 2 * Q, L], dtype=torch.int32, device=device)
+    sid = varlen_from_cu_seqlens(cu, L)
+    check_backward(device, torch.float32, 1, L, 4, 8, 2, 8, Q, dict(D="head", z=True, dt_bias=True, init=True),
+                   10, seq_idx=sid, dt_softplus=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_through_final_states_only(device):
+    Q = chunk_for(device, 8)
+    inp = make_inputs(1, 2 * Q + 1, 2, 8, 1, 8, torch.float32, device, init=True)
+    for v in inp.values():
+        if v is not None:
+            v.requires_grad_(True)
+    _, fin = call(inp, Q, dt_softplus=True, return_final_states=True)
+    fin.sum().backward()
+    d, (_, fr) = ref64(inp, dt_softplus=True, return_final_states=True)
+    fr.sum().backward()
+    got = grads_of(inp)
+    for k, g in grads_of(d).items():
+        if g is None:  # the final state does not depend on it (z, D): zero gradient
+            assert got[k] is None or torch.equal(got[k], torch.zeros_like(got[k])), k
+        else:
+            assert_close(got[k], g, torch.float32, factor=10, what=k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_deep_stack_gradients_are_finite(device, dtype):
+    """mamba 352/445/672: NaN gradients in bf16 at the first step and in deeper stacks."""
+    Q = chunk_for(device, 16)
+    b, L, H, P, G, N = 2, 3 * Q + 1, 4, 16, 2, 16
+    h = torch.randn(b, L, H, P, device=device, dtype=dtype, requires_grad=True)
+    out = h
+    for _ in range(6):
+        inp = make_inputs(b, L, H, P, G, N, dtype, device, D="head", z=True)
+        inp["x"] = out
+        out = call(inp, Q, dt_softplus=True) + out
+    out.float().square().mean().backward()
+    assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    Q = chunk_for(device, 16)
+    inp = make_inputs(2, 3 * Q + 2, 8, 16, 2, 16, torch.bfloat16, device, init=True)
+    for v in inp.values():
+        if v is not None:
+            v.requires_grad_(True)
+    dout = torch.randn(2, 3 * Q + 2, 8, 16, device=device, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        ins = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")]
+        runs.append(torch.autograd.grad(call(inp, Q, dt_softplus=True), ins, dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- packed sequences and states
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_equals_separate_sequences(device, dtype):
+    """varlen with seq_idx/cu_seqlens: each sequence as if run alone; varlen states are the
+    separate runs' final states (zeros for an empty sequence)."""
+    Q = chunk_for(device, 8)
+    lens = [1, Q, 0, 2 * Q + 3, Q - 1, 3]
+    L = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    inp = make_inputs(1, L, 4, 8, 2, 16, dtype, device)
+    poison_allocator(device)
+    y, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)  # seq_idx derived
+    assert var.shape == (len(lens), 4, 8, 16)
+    for i, n in enumerate(lens):
+        s = int(cu[i])
+        if n == 0:
+            assert torch.equal(var[i], torch.zeros_like(var[i]))
+            continue
+        part = {k: (v[:, s:s + n] if torch.is_tensor(v) and v.dim() >= 3 else v) for k, v in inp.items()}
+        ys, fs = call(part, Q, dt_softplus=True, return_final_states=True)
+        assert_close(y[:, s:s + n], ys.float(), dtype, what=f"y of sequence {i}")
+        assert_close(var[i], fs[0], dtype, what=f"varlen state {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_states_match_reference(device):
+    Q = chunk_for(device, 8)
+    cu = torch.tensor([0, 5, 5, Q + 2, 3 * Q, 3 * Q + 1], dtype=torch.int32, device=device)
+    L = int(cu[-1])
+    sid = varlen_from_cu_seqlens(cu, L)
+    inp = make_inputs(1, L, 2, 8, 1, 8, torch.float32, device, init=True)
+    y, fin, var = call(inp, Q, seq_idx=sid, cu_seqlens=cu, dt_softplus=True, return_final_states=True,
+                       return_varlen_states=True)
+    _, (yr, fr, vr) = ref64(inp, seq_idx=sid, cu_seqlens=cu, dt_softplus=True, return_final_states=True,
+                            return_varlen_states=True)
+    for out, ref, what in [(y, yr, "y"), (fin, fr, "final"), (var, vr, "varlen")]:
+        assert_close(out, ref, torch.float32, factor=5, what=what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_states_out_of_a_split_equal_states_in(device):
+    """vLLM 34587: a state handed over mid-chunk, at a chunk boundary, after one token."""
+    Q = chunk_for(device, 8)
+    L = 3 * Q + 5
+    inp = make_inputs(2, L, 4, 8, 2, 8, torch.float32, device, init=True)
+    y_full, f_full = call(inp, Q, dt_softplus=True, return_final_states=True)
+    for cut in [1, Q // 2 + 1, Q, 2 * Q - 1, L - 1]:
+        a = {k: (v[:, :cut] if torch.is_tensor(v) and v.dim() >= 3 and k != "initial_states" else v)
+             for k, v in inp.items()}
+        b = {k: (v[:, cut:] if torch.is_tensor(v) and v.dim() >= 3 and k != "initial_states" else v)
+             for k, v in inp.items()}
+        ya, fa = call(a, Q, dt_softplus=True, return_final_states=True)
+        b["initial_states"] = fa
+        yb, fb = call(b, Q, dt_softplus=True, return_final_states=True)
+        assert_close(torch.cat([ya, yb], 1), y_full, torch.float32, factor=5, what=f"y cut={cut}")
+        assert_close(fb, f_full, torch.float32, factor=5, what=f"final cut={cut}")
+
+
+# ---------------------------------------------------------------- registration, compile, graphs
+
+
+def op_args(device, with_grad):
+    inp = make_inputs(1, 21, 4, 8, 2, 8, torch.float32, device, init=True)
+    if with_grad:
+        for k in ("x", "dt", "B", "C", "z", "initial_states"):
+            inp[k].requires_grad_(True)
+    return inp
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    Q = chunk_for(device, 8)
+    for with_grad in (False, True):
+        i = op_args(device, with_grad)
+        opcheck(torch.ops.nemokernels.ssd_chunk_scan_fwd,
+                (i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], i["dt_bias"], i["initial_states"],
+                 None, None, True, 0.0, float("inf"), True, False, with_grad))
+    i = op_args(device, False)
+    y, y_pre, _, _ = torch.ops.nemokernels.ssd_chunk_scan_fwd(
+        i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], i["dt_bias"], i["initial_states"],
+        None, None, True, 0.0, float("inf"), False, False, True)
+    opcheck(torch.ops.nemokernels.ssd_chunk_scan_bwd,
+            (torch.randn_like(y), i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], y_pre, i["dt_bias"],
+             i["initial_states"], None, torch.randn_like(i["initial_states"]), True, 0.0, float("inf"), True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    Q = chunk_for(device, 8)
+    i = op_args(device, True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def f(x, dt, B, C, z, h0):
+        y, fin = scan(x, dt, i["A"], B, C, Q, D=i["D"], z=z, dt_bias=i["dt_bias"], initial_states=h0,
+                      dt_softplus=True, dt_limit=(0.0, 10.0), return_final_states=True)
+        return y.sum() + fin.sum()
+
+    args = [i[k] for k in ("x", "dt", "B", "C", "z", "initial_states")]
+    out = f(*args)
+    g = torch.autograd.grad(out, args)
+    ref = scan(i["x"], i["dt"], i["A"], i["B"], i["C"], Q, D=i["D"], z=i["z"], dt_bias=i["dt_bias"],
+               initial_states=i["initial_states"], dt_softplus=True, dt_limit=(0.0, 10.0), return_final_states=True)
+    ref_out = ref[0].sum() + ref[1].sum()
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(g, torch.autograd.grad(ref_out, args)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_sees_new_inputs():
+    inp = make_inputs(1, 200, 4, 64, 1, 64, torch.bfloat16, "cuda", init=True)
+    static = {k: (v.clone() if v is not None else None) for k, v in inp.items()}
+    call(static, 64, dt_softplus=True)  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(static, 64, dt_softplus=True)
+    fresh = make_inputs(1, 200, 4, 64, 1, 64, torch.bfloat16, "cuda", init=True)
+    for k, v in fresh.items():
+        if v is not None:
+            static[k].copy_(v)
+    graph.replay()
+    torch.testing.assert_close(out, call(fresh, 64, dt_softplus=True))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@raises_in_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    Q = chunk_for(device, 8)
+    good = make_inputs(1, 20, 4, 8, 2, 8, torch.float32, device)
+
+    def bad(match, Qb=Q, **changes):
+        i = dict(good, **changes)
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            call(i, Qb)
+
+    bad(r"nheads \(4\) must be a multiple of ngroups \(3\)", B=torch.randn(1, 20, 3, 8, device=device),
+        C=torch.randn(1, 20, 3, 8, device=device))
+    bad(r"dt must have shape \(1, 20, 4\)", dt=torch.randn(1, 20, 5, device=device))
+    bad(r"C must have shape", C=torch.randn(1, 20, 2, 7, device=device))
+    bad(r"A must have shape \(4,\)", A=torch.randn(4, 8, device=device))
+    bad(r"D must have shape \(4,\) or \(4, 8\)", D=torch.randn(8, device=device))
+    bad(r"z must have shape", z=torch.randn(1, 20, 4, 9, device=device))
+    bad(r"B must have x's dtype float32, got bfloat16", B=good["B"].bfloat16())
+    bad(r"x must be float32, float16 or bfloat16, got", x=good["x"].double())
+    bad(r"x must be \(batch, seqlen, nheads, headdim\)", x=good["x"][0])
+    bad(r"initial_states must have shape", initial_states=torch.randn(1, 4, 8, 9, device=device))
+    bad(r"chunk_size must be positive", Qb=0)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="seq_idx must be non-negative and non-decreasing"):
+            call(good, Q, seq_idx=torch.tensor([[0] * 10 + [1] * 5 + [0] * 5], dtype=torch.int32))
+    else:
+        bad(r"chunk_size in \{64, 128, 256\}", Qb=32)
+        with pytest.raises(RuntimeError, match="B must be on"):
+            call(dict(good, B=good["B"].cpu()), Q)
+    with pytest.raises(ValueError, match="return_varlen_states needs cu_seqlens"):
+        call(good, Q, return_varlen_states=True)
+    with pytest.raises((RuntimeError, ValueError), match="needs batch 1"):
+        two = make_inputs(2, 20, 4, 8, 2, 8, torch.float32, device)
+        call(two, Q, cu_seqlens=torch.tensor([0, 20], device=device), return_varlen_states=True)
+    with pytest.raises(ValueError, match="dt_limit must be a"):
+        call(good, Q, dt_limit=0.5)
