@@ -52,6 +52,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# Peers' source trees carried in .peers/ (ignored by git; there is no network there):
+# mamba_ssm's Triton SSD runs from source (needs einops: carry its wheel in .whl/).
+[ -d .peers/mamba/mamba_ssm ] && export NK_MAMBA_SSM_SRC="$PWD/.peers/mamba"
+
 # (b) What we are running on.
 step "environment" 30 bash -c 'nvidia-smi; python3 --version;
     python3 -c "import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name())"'

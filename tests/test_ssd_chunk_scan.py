@@ -335,6 +335,27 @@ def test_torch_compile_fullgraph(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.racecheck
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_cuda_kernel_small(dtype):
+    """One small call through every CUDA kernel (forward with varlen states, backward with all
+    gradients), for compute-sanitizer memcheck and racecheck."""
+    for Q in (64, 128, 256):
+        L = Q + 3
+        cu = torch.tensor([0, 2, Q + 1, L], dtype=torch.int32, device="cuda")
+        inp = make_inputs(1, L, 4, 16, 2, 24, dtype, "cuda", D="headdim", init=True)
+        for v in inp.values():
+            v.requires_grad_(True)
+        y, fin, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_final_states=True,
+                           return_varlen_states=True)
+        (y.float().sum() + fin.sum()).backward()
+        _, (yr, fr, vr) = ref64(inp, seq_idx=varlen_from_cu_seqlens(cu, L), cu_seqlens=cu, dt_softplus=True,
+                                return_final_states=True, return_varlen_states=True)
+        assert_close(y, yr, dtype, factor=2, what=f"y Q={Q}")
+        assert_close(var, vr, dtype, factor=2, what=f"varlen Q={Q}")
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_sees_new_inputs():
     inp = make_inputs(1, 200, 4, 64, 1, 64, torch.bfloat16, "cuda", init=True)
     static = {k: (v.clone() if v is not None else None) for k, v in inp.items()}

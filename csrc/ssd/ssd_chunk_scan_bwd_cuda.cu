@@ -1,0 +1,914 @@
+// CUDA backward of the SSD chunk scan (mamba_chunk_scan_combined); the math of every stage
+// (B0-B3) is written out in ssd_chunk_scan.h. Kernels, in launch order:
+//
+//  ssd_states_cuda   F1-F3 recomputed (forward file): dtp, cs, states = in_c.
+//  dy_dz_kernel      B0, only with z: dy = dout silu(z) into float32 scratch (read by every
+//                    later stage instead of recomputing silu), dz = dout y_pre silu'(z).
+//                    Grid-stride over (b, L, H, P) elements.
+//  dstates_kernel    B1: dIn_c = sum_i exp(cs_i)[sid_i == sid_prev] dy_i C_i^T, one 64x64
+//                    (P x N) output tile per block, k = the chunk's positions.
+//                    Grid x = b * nc * H * ceil(P/64) * ceil(N/64).
+//  state_bwd_kernel  B2: per (b, h, slice of kSpChunk state elements), walks the chunks
+//                    backwards with g in registers: dS_c = g (overwrites dIn), partial
+//                    <g, in_c> per slice into scratch, g = dIn_c + carry_c g; dinit = g.
+//                    Grid x = b * H * ceil(P*N / kSpChunk).
+//  dcs_last_kernel   dcs_last = carry_c * (sum of the slices' partial dots, in slice order).
+//  col_kernel        B3, per (b, c, h, 64-position tile of j): everything indexed by the
+//                    "input" position j: dx_j (final), this head's dB_j (float32 scratch),
+//                    ddt'_j before the A ddA term, sum_i W_ij and U_j (scratch). Loops over
+//                    the i tiles >= the j tile, recomputing CB = C B^T and DX = dy x^T tiles
+//                    (64x64) and keeping CB*mask and DX*mask in shared memory as the A
+//                    operands of dx += (CB m)^T dy and dB += (DX m)^T C.
+//                    Grid x = b * nc * H * Q/64. Dynamic smem ~57 KB.
+//  row_kernel        B3, per (b, c, h, 64-position tile of i): this head's dC_i (scratch),
+//                    sum_j W_ij and V_i (scratch). Loops over the j tiles <= the i tile.
+//                    Grid x = b * nc * H * Q/64.
+//  chunk_fin_kernel  B3 per (b, c, h): dcs, its reverse cumsum, ddt (through ssd_dt_grad),
+//                    dA_part, dbias_part, dD_part. One thread per position.
+//  sum_bc_kernel     dB, dC = sum over the heads of each group of the per-head scratch, in
+//                    head order (deterministic), converted to the activation dtype.
+//  reduce_kernel     dA, ddt_bias, dD = sums of the per-(b, chunk) partials in (b, c[, p]) order.
+//
+// Tiles: every GEMM-shaped product runs as 64x64 output tiles on 256 threads (each thread a
+// 4x4 register tile: rows ty + 16a, cols tx + 16b, so shared reads are conflict-free), k staged
+// through shared memory 32 at a time (padded leading dimension 65 so that transposing loads
+// do not conflict). Operands are converted to float32 at staging and every product is an
+// exact float32 FMA (all dtypes): this first version uses no tensor cores (see the report /
+// TODO at the end of the file). Masked terms (j > i, other sequence) are selected to 0, never
+// multiplied by exp(-inf). Padding positions (>= L) are never read or written in global
+// memory: their tile rows are zero-filled, dt' = 0 and cs = the last real cs, so their terms
+// vanish; the [i == Q-1] term of dcs sits at index Q-1 even when that is padding, and the
+// reverse cumsum carries it to every real position. No float atomics anywhere.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "ssd/numerics.cuh"
+#include "ssd/ssd_chunk_scan.h"
+
+namespace nk {
+namespace {
+
+constexpr int kThreads = 256;        // every kernel below except the element-wise ones
+constexpr int kTile = 64;            // rows and columns of a block's output tile
+constexpr int kKC = 32;              // k staged in shared memory per step
+constexpr int kLds = kTile + 1;      // padded leading dimension of shared tiles
+constexpr int kMaxPT = 2;            // P <= 128: at most 2 column tiles of 64
+constexpr int kMaxNT = 4;            // N <= 256: at most 4 column tiles of 64
+constexpr int kSpPerThread = 4;      // state elements per thread in the state passing
+constexpr int kSpChunk = kThreads * kSpPerThread;
+constexpr int kStageFloats = kKC * kLds;
+constexpr int kTileFloats = kTile * kLds;
+
+template <typename T> NK_DEVICE float to_f(T v);
+template <> NK_DEVICE float to_f<float>(float v) { return v; }
+template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
+template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> NK_DEVICE T from_f(float v);
+template <> NK_DEVICE float from_f<float>(float v) { return v; }
+template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+using Acc = float[4][4];
+
+NK_DEVICE void zero_acc(Acc& a) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) a[r][c] = 0.f;
+}
+// Number of 64-wide tiles covering a feature dimension (P or N).
+NK_DEVICE int ceil_div_d(int64_t v) { return static_cast<int>((v + kTile - 1) / kTile); }
+NK_DEVICE int tile_ty() { return threadIdx.x / 16; }
+NK_DEVICE int tile_tx() { return threadIdx.x % 16; }
+
+// ---- scratch layout (float32, each region 256-byte aligned) ------------------------------
+struct Scratch {
+  float* fwd_ws;    // ssd_fwd_cuda_workspace_bytes(fwd) bytes for ssd_states_cuda, or null
+  float* dy;        // (b, L, H, P) dout silu(z), only with z
+  float* dBh;       // (b, nc, H, Q, N) per-head dB (valid rows only)
+  float* dCh;       // (b, nc, H, Q, N) per-head dC (valid rows only)
+  float* dot_part;  // (b, H, nc, S) partial <g, in_c> per state slice
+  float* ddtp;      // (b, H, nc, Q) ddt' without the A ddA term
+  float* wcol;      // (b, H, nc, Q) sum_i W_ij
+  float* u;         // (b, H, nc, Q) U_j
+  float* wrow;      // (b, H, nc, Q) sum_j W_ij
+  float* v;         // (b, H, nc, Q) V_i
+  int64_t nslices;  // S
+};
+
+int64_t round_up(int64_t v) { return (v + 63) / 64 * 64; }
+
+// Float offsets of the regions; returns the total in floats.
+int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
+  const SsdParams& p = q.fwd;
+  const int64_t b = p.batch, L = p.seqlen, H = p.nheads, P = p.headdim, N = p.dstate;
+  const int64_t nc = p.nchunks, Q = p.chunk_size;
+  const int64_t S = (P * N + kSpChunk - 1) / kSpChunk;
+  // Region 0: the forward's own scratch for ssd_states_cuda (the entry sizes only ours).
+  const int64_t sizes[10] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
+                             p.z != nullptr ? b * L * H * P : 0, b * nc * H * Q * N, b * nc * H * Q * N,
+                             b * H * nc * S, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
+                             b * H * nc * Q, b * H * nc * Q};
+  int64_t off[10], total = 0;
+  for (int k = 0; k < 10; ++k) {
+    off[k] = total;
+    total += round_up(sizes[k]);
+  }
+  if (s != nullptr) {
+    float* base = static_cast<float*>(q.workspace);
+    s->fwd_ws = sizes[0] > 0 ? base + off[0] : nullptr;
+    s->dy = p.z != nullptr ? base + off[1] : nullptr;
+    s->dBh = base + off[2];
+    s->dCh = base + off[3];
+    s->dot_part = base + off[4];
+    s->ddtp = base + off[5];
+    s->wcol = base + off[6];
+    s->u = base + off[7];
+    s->wrow = base + off[8];
+    s->v = base + off[9];
+    s->nslices = S;
+  }
+  return total;
+}
+
+// ---- block-level tile GEMM ----------------------------------------------------------------
+
+// S[k][m] = f(k0 + k, m) for k < kKC, m < kTile. kFastK: consecutive threads walk k (the
+// operand is contiguous along k in global memory), else m. f bounds-checks and zero-fills.
+template <bool kFastK, class F>
+NK_DEVICE void stage(float* S, int k0, const F& f) {
+  for (int e = threadIdx.x; e < kKC * kTile; e += kThreads) {
+    const int k = kFastK ? e % kKC : e / kTile;
+    const int m = kFastK ? e / kKC : e % kTile;
+    S[k * kLds + m] = f(k0 + k, m);
+  }
+}
+
+// acc[r][c] += sum_k As[k][row r] Bs[k][col c] over kn staged k.
+NK_DEVICE void mma_staged(Acc& acc, const float* As, const float* Bs, int kn) {
+  const int ty = tile_ty(), tx = tile_tx();
+#pragma unroll 8
+  for (int k = 0; k < kn; ++k) {
+    float a[4], b[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = As[k * kLds + ty + 16 * r];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) b[c] = Bs[k * kLds + tx + 16 * c];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+  }
+}
+
+// acc += A B, both operands from global: A(m, k) = fa(k, m), B(k, n) = fb(k, n), k < K.
+template <bool kFastKA, bool kFastKB, class FA, class FB>
+NK_DEVICE void gemm_gg(Acc& acc, int K, float* As, float* Bs, const FA& fa, const FB& fb) {
+  for (int k0 = 0; k0 < K; k0 += kKC) {
+    stage<kFastKA>(As, k0, fa);
+    stage<kFastKB>(Bs, k0, fb);
+    __syncthreads();
+    mma_staged(acc, As, Bs, kKC);
+    __syncthreads();
+  }
+}
+
+// acc += A B with A resident in shared memory as Ares[k][m] (k < kTile), B from global.
+template <bool kFastKB, class FB>
+NK_DEVICE void gemm_sg(Acc& acc, const float* Ares, float* Bs, const FB& fb) {
+  for (int k0 = 0; k0 < kTile; k0 += kKC) {
+    stage<kFastKB>(Bs, k0, fb);
+    __syncthreads();
+    mma_staged(acc, Ares + k0 * kLds, Bs, kKC);
+    __syncthreads();
+  }
+}
+
+// Sum over the 16 threads of a tile row (tx = 0..15, same warp half), fixed butterfly.
+NK_DEVICE float row_sum16(float v) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Block-wide sum in a fixed order (warp butterfly, then the warps in order); every thread
+// gets the same value. red: kThreads/32 floats of shared memory.
+NK_DEVICE float block_sum(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();  // red may still be read by a previous call
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+  __syncthreads();
+  float t = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+  return t;
+}
+
+// ---- per-chunk view of the inputs --------------------------------------------------------
+
+// carry_c = exp(cs_last) [sid_last == sid_prev] (cs_last read at the last real position).
+NK_DEVICE float chunk_carry(const SsdParams& p, int64_t b, int64_t h, int64_t c) {
+  const int64_t Q = p.chunk_size, L = p.seqlen;
+  const int64_t nvalid = std::min<int64_t>(Q, L - c * Q);
+  const float cs_last = p.cs[((b * p.nheads + h) * p.nchunks + c) * Q + nvalid - 1];
+  if (p.seq_idx == nullptr) return expf(cs_last);
+  const int32_t* s = p.seq_idx + b * L;
+  const int32_t last = s[c * Q + nvalid - 1];
+  const int32_t prev = c == 0 ? 0 : s[c * Q - 1];
+  return last == prev ? expf(cs_last) : 0.f;
+}
+
+// Accessors of one (b, chunk c, head h) with chunk-local positions i (0 outside [0, nvalid)
+// and outside the feature range).
+template <typename T>
+struct ChunkView {
+  const SsdBwdParams& q;
+  int64_t b, c, h, g, l0;
+  int nvalid;
+  const T* xb;
+  const T* Bb;
+  const T* Cb;
+  const T* doutb;
+  const float* dy32b;  // null without z
+
+  NK_DEVICE ChunkView(const SsdBwdParams& q_, const float* dy32, int64_t b_, int64_t c_, int64_t h_)
+      : q(q_), b(b_), c(c_), h(h_) {
+    const SsdParams& p = q.fwd;
+    g = h / (p.nheads / p.ngroups);
+    l0 = c * p.chunk_size;
+    nvalid = static_cast<int>(std::min<int64_t>(p.chunk_size, p.seqlen - l0));
+    xb = static_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh;
+    Bb = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg;
+    Cb = static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg;
+    doutb = static_cast<const T*>(q.dout) + b * q.dout_sb + h * q.dout_sh;
+    dy32b = dy32 != nullptr ? dy32 + (b * p.seqlen * p.nheads + h) * p.headdim : nullptr;
+  }
+  NK_DEVICE bool in(int i, int k, int64_t K) const { return i >= 0 && i < nvalid && k >= 0 && k < K; }
+  NK_DEVICE float x(int i, int pp) const {
+    return in(i, pp, q.fwd.headdim) ? to_f<T>(xb[(l0 + i) * q.fwd.x_sl + pp]) : 0.f;
+  }
+  NK_DEVICE float Bv(int i, int n) const {
+    return in(i, n, q.fwd.dstate) ? to_f<T>(Bb[(l0 + i) * q.fwd.B_sl + n]) : 0.f;
+  }
+  NK_DEVICE float Cv(int i, int n) const {
+    return in(i, n, q.fwd.dstate) ? to_f<T>(Cb[(l0 + i) * q.fwd.C_sl + n]) : 0.f;
+  }
+  NK_DEVICE float dy(int i, int pp) const {
+    if (!in(i, pp, q.fwd.headdim)) return 0.f;
+    if (dy32b != nullptr) return dy32b[(l0 + i) * q.fwd.nheads * q.fwd.headdim + pp];
+    return to_f<T>(doutb[(l0 + i) * q.dout_sl + pp]);
+  }
+  NK_DEVICE float Dv(int pp) const {
+    const SsdParams& p = q.fwd;
+    if (p.D == nullptr) return 0.f;
+    return p.D_per_p ? p.D[h * p.headdim + pp] : p.D[h];
+  }
+  // Offset of (b, c, h) in the (b, H, nc, Q) per-position arrays.
+  NK_DEVICE int64_t pos_base() const { return ((b * q.fwd.nheads + h) * q.fwd.nchunks + c) * q.fwd.chunk_size; }
+  // Offset of (b, c, h) in the (b, nc, H, P, N) state arrays.
+  NK_DEVICE int64_t state_base() const {
+    return ((b * q.fwd.nchunks + c) * q.fwd.nheads + h) * q.fwd.headdim * q.fwd.dstate;
+  }
+  // Offset of row 0 of (b, c, h) in the (b, nc, H, Q, N) per-head dB/dC scratch.
+  NK_DEVICE int64_t bc_base() const {
+    return ((b * q.fwd.nchunks + c) * q.fwd.nheads + h) * q.fwd.chunk_size * q.fwd.dstate;
+  }
+};
+
+// cs, dt', sid of the whole chunk into shared memory. Padding positions get dt' = 0 and the
+// last real cs and sid (whatever the forward wrote there). Ends with a barrier.
+template <int Q, typename T>
+NK_DEVICE void load_chunk_scalars(const ChunkView<T>& v, float* s_cs, float* s_dtp, int32_t* s_sid) {
+  const SsdParams& p = v.q.fwd;
+  const int64_t base = v.pos_base();
+  const float cs_end = p.cs[base + v.nvalid - 1];
+  for (int i = threadIdx.x; i < Q; i += kThreads) {
+    const bool real = i < v.nvalid;
+    s_cs[i] = real ? p.cs[base + i] : cs_end;
+    s_dtp[i] = real ? p.dtp[base + i] : 0.f;
+    s_sid[i] = p.seq_idx != nullptr ? p.seq_idx[v.b * p.seqlen + v.l0 + (real ? i : v.nvalid - 1)] : 0;
+  }
+  __syncthreads();
+}
+
+NK_DEVICE int32_t chunk_sid_prev(const SsdParams& p, int64_t b, int64_t c) {
+  return (p.seq_idx == nullptr || c == 0) ? 0 : p.seq_idx[b * p.seqlen + c * p.chunk_size - 1];
+}
+
+// exp(cs_i - cs_j) for j <= i in the same sequence, else exactly 0.
+NK_DEVICE float seg_decay(int i, int j, const float* s_cs, const int32_t* s_sid) {
+  return (j <= i && s_sid[i] == s_sid[j]) ? expf(s_cs[i] - s_cs[j]) : 0.f;
+}
+
+// ---- B0 -----------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void dy_dz_kernel(SsdBwdParams q, float* dy32) {
+  const SsdParams& p = q.fwd;
+  const int64_t P = p.headdim, H = p.nheads, L = p.seqlen;
+  const int64_t total = p.batch * L * H * P;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t pp = e % P, h = (e / P) % H, l = (e / (P * H)) % L, b = e / (P * H * L);
+    const float d = to_f<T>(static_cast<const T*>(q.dout)[b * q.dout_sb + l * q.dout_sl + h * q.dout_sh + pp]);
+    const float zv = to_f<T>(static_cast<const T*>(p.z)[b * p.z_sb + l * p.z_sl + h * p.z_sh + pp]);
+    dy32[e] = d * silu(zv);
+    if (q.dz != nullptr && p.y_pre != nullptr) {
+      const float yp = to_f<T>(static_cast<const T*>(p.y_pre)[e]);
+      static_cast<T*>(q.dz)[e] = from_f<T>(d * yp * silu_grad(zv));
+    }
+  }
+}
+
+// ---- B1 -----------------------------------------------------------------------------------
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const float* dy32) {
+  __shared__ float As[kStageFloats], Bs[kStageFloats];
+  __shared__ float s_fac[Q];
+  const SsdParams& p = q.fwd;
+  const int npt = ceil_div_d(p.headdim), nnt = ceil_div_d(p.dstate);
+  int64_t bid = blockIdx.x;
+  const int nt = bid % nnt;
+  bid /= nnt;
+  const int pt = bid % npt;
+  bid /= npt;
+  const int64_t h = bid % p.nheads;
+  bid /= p.nheads;
+  const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
+  ChunkView<T> v(q, dy32, b, c, h);
+  const int32_t sid_prev = chunk_sid_prev(p, b, c);
+  const int64_t pb = v.pos_base();
+  for (int i = threadIdx.x; i < Q; i += kThreads) {
+    const bool keep = i < v.nvalid &&
+                      (p.seq_idx == nullptr || p.seq_idx[b * p.seqlen + v.l0 + i] == sid_prev);
+    s_fac[i] = keep ? expf(p.cs[pb + i]) : 0.f;
+  }
+  __syncthreads();
+  const int p0 = pt * kTile, n0 = nt * kTile;
+  Acc acc;
+  zero_acc(acc);
+  // dIn[p][n] = sum_i (fac_i dy[i][p]) C[i][n]: A(m = p, k = i), B(k = i, n)
+  gemm_gg<false, false>(
+      acc, v.nvalid, As, Bs, [&](int k, int m) { return k < Q ? s_fac[k] * v.dy(k, p0 + m) : 0.f; },
+      [&](int k, int n) { return v.Cv(k, n0 + n); });
+  float* out = q.dstates + v.state_base();
+  const int ty = tile_ty(), tx = tile_tx();
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) {
+      const int pp = p0 + ty + 16 * r, n = n0 + tx + 16 * cc;
+      if (pp < p.headdim && n < p.dstate) out[pp * p.dstate + n] = acc[r][cc];
+    }
+}
+
+// ---- B2 -----------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) state_bwd_kernel(SsdBwdParams q, float* dot_part, int64_t S) {
+  __shared__ float red[kThreads / 32];
+  const SsdParams& p = q.fwd;
+  const int64_t PN = p.headdim * p.dstate, nc = p.nchunks;
+  const int64_t s = blockIdx.x % S, bh = blockIdx.x / S, h = bh % p.nheads, b = bh / p.nheads;
+  float g[kSpPerThread];
+  int64_t e[kSpPerThread];
+#pragma unroll
+  for (int k = 0; k < kSpPerThread; ++k) {
+    e[k] = s * kSpChunk + k * kThreads + threadIdx.x;
+    g[k] = (q.dfinal != nullptr && e[k] < PN) ? q.dfinal[bh * PN + e[k]] : 0.f;
+  }
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    const float carry = chunk_carry(p, b, h, c);
+    const int64_t base = ((b * nc + c) * p.nheads + h) * PN;
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < kSpPerThread; ++k) {
+      if (e[k] < PN) {
+        const float in = p.states[base + e[k]];
+        const float din = q.dstates[base + e[k]];
+        q.dstates[base + e[k]] = g[k];  // dS_c
+        dot = fmaf(g[k], in, dot);
+        g[k] = fmaf(carry, g[k], din);
+      }
+    }
+    dot = block_sum(dot, red);
+    if (threadIdx.x == 0) dot_part[(bh * nc + c) * S + s] = dot;
+  }
+  if (q.dinit != nullptr) {
+#pragma unroll
+    for (int k = 0; k < kSpPerThread; ++k)
+      if (e[k] < PN) q.dinit[bh * PN + e[k]] = g[k];
+  }
+}
+
+__global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part, int64_t S) {
+  const SsdParams& p = q.fwd;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over (b, h, c)
+  if (t >= p.batch * p.nheads * p.nchunks) return;
+  const int64_t c = t % p.nchunks, bh = t / p.nchunks, h = bh % p.nheads, b = bh / p.nheads;
+  float acc = 0.f;
+  for (int64_t s = 0; s < S; ++s) acc += dot_part[t * S + s];
+  q.dcs_last[t] = chunk_carry(p, b, h, c) * acc;
+}
+
+// ---- B3: column (j) kernel ----------------------------------------------------------------
+
+template <int Q>
+struct ColSmem {
+  float As[kStageFloats], Bs[kStageFloats];
+  float A1[kTileFloats];  // [i][j] CB_ij m_ij
+  float A2[kTileFloats];  // [i][j] DX_ij m_ij
+  float colred[16 * kTile];
+  float cs[Q], dtp[Q];
+  int32_t sid[Q];
+  float rx[kTile];
+};
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratch w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ColSmem<Q>& sm = *reinterpret_cast<ColSmem<Q>*>(smem_raw);
+  const SsdParams& p = q.fwd;
+  constexpr int kNT = Q / kTile;
+  int64_t bid = blockIdx.x;
+  const int jt = bid % kNT;
+  bid /= kNT;
+  const int64_t h = bid % p.nheads;
+  bid /= p.nheads;
+  const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
+  ChunkView<T> v(q, w.dy, b, c, h);
+  const int j0 = jt * kTile;
+  if (j0 >= v.nvalid) return;  // all padding: nothing to write (uniform over the block)
+  load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int npt = ceil_div_d(P), nnt = ceil_div_d(N);
+  const int ty = tile_ty(), tx = tile_tx();
+  const float cs_last = sm.cs[Q - 1];
+  const int32_t sid_last = sm.sid[Q - 1];
+  const float* dS = q.dstates + v.state_base();
+
+  Acc accx[kMaxPT], accb[kMaxNT];
+#pragma unroll
+  for (int t = 0; t < kMaxPT; ++t) zero_acc(accx[t]);
+#pragma unroll
+  for (int t = 0; t < kMaxNT; ++t) zero_acc(accb[t]);
+
+  // State terms: R = B_j dS^T (j x P) and x_j dS (j x N), both decayed to the chunk end.
+#pragma unroll
+  for (int pt = 0; pt < kMaxPT; ++pt) {
+    if (pt >= npt) break;
+    gemm_gg<true, true>(
+        accx[pt], N, sm.As, sm.Bs, [&](int k, int m) { return v.Bv(j0 + m, k); },
+        [&](int k, int n) {
+          const int pp = pt * kTile + n;
+          return (pp < P && k < N) ? dS[pp * N + k] : 0.f;
+        });
+  }
+#pragma unroll
+  for (int nt = 0; nt < kMaxNT; ++nt) {
+    if (nt >= nnt) break;
+    gemm_gg<true, false>(
+        accb[nt], P, sm.As, sm.Bs, [&](int k, int m) { return v.x(j0 + m, k); },
+        [&](int k, int n) {
+          const int nn = nt * kTile + n;
+          return (k < P && nn < N) ? dS[k * N + nn] : 0.f;
+        });
+  }
+  // Rx_j = x_j . R_j (for ddt' and U), then scale both state terms by decay_j.
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int jl = ty + 16 * r;
+    float part = 0.f;
+#pragma unroll
+    for (int pt = 0; pt < kMaxPT; ++pt) {
+      if (pt >= npt) break;
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) part = fmaf(v.x(j0 + jl, pt * kTile + tx + 16 * cc), accx[pt][r][cc], part);
+    }
+    part = row_sum16(part);
+    if (tx == 0) sm.rx[jl] = part;
+    const int j = j0 + jl;
+    const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) {
+#pragma unroll
+      for (int pt = 0; pt < kMaxPT; ++pt) accx[pt][r][cc] *= decay;
+#pragma unroll
+      for (int nt = 0; nt < kMaxNT; ++nt) accb[nt][r][cc] *= decay;
+    }
+  }
+
+  // Intra-chunk terms, i tiles from the diagonal down.
+  float colsum = 0.f;  // sum_i CB_ij m_ij DX_ij for column j0 + threadIdx.x (threads < 64)
+  for (int it = jt; it < kNT; ++it) {
+    const int i0 = it * kTile;
+    if (i0 >= v.nvalid) break;  // rows of padding only: every term is zero
+    Acc s;
+    zero_acc(s);
+    gemm_gg<true, true>(
+        s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
+        [&](int k, int n) { return v.Bv(j0 + n, k); });
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int il = ty + 16 * r, jl = tx + 16 * cc;
+        sm.A1[il * kLds + jl] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
+      }
+    zero_acc(s);
+    gemm_gg<true, true>(
+        s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+        [&](int k, int n) { return v.x(j0 + n, k); });
+    float cpart[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int il = ty + 16 * r, jl = tx + 16 * cc;
+        const float a2 = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
+        sm.A2[il * kLds + jl] = a2;
+        cpart[cc] = fmaf(sm.A1[il * kLds + jl], s[r][cc], cpart[cc]);  // CB m DX (own element)
+      }
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) sm.colred[ty * kTile + tx + 16 * cc] = cpart[cc];
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+      float t = 0.f;
+      for (int y = 0; y < 16; ++y) t += sm.colred[y * kTile + threadIdx.x];
+      colsum += t;
+    }
+    // dx_j += sum_i A1[i][j] dy_i;  dB_j += sum_i A2[i][j] C_i
+#pragma unroll
+    for (int pt = 0; pt < kMaxPT; ++pt) {
+      if (pt >= npt) break;
+      gemm_sg<false>(accx[pt], sm.A1, sm.Bs, [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
+    }
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) {
+      if (nt >= nnt) break;
+      gemm_sg<false>(accb[nt], sm.A2, sm.Bs, [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
+    }
+  }
+  __syncthreads();  // sm.rx
+
+  // Epilogue: dx (final), per-head dB (scratch), per-position scalars.
+  T* dx = static_cast<T*>(q.dx);
+  const int64_t H = p.nheads;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int j = j0 + ty + 16 * r;
+    if (j >= v.nvalid) continue;
+    const float dtj = sm.dtp[j];
+    const int64_t row = (b * p.seqlen + v.l0 + j) * H + h;
+#pragma unroll
+    for (int pt = 0; pt < kMaxPT; ++pt) {
+      if (pt >= npt) break;
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int pp = pt * kTile + tx + 16 * cc;
+        if (pp < P) dx[row * P + pp] = from_f<T>(fmaf(dtj, accx[pt][r][cc], v.Dv(pp) * v.dy(j, pp)));
+      }
+    }
+    float* dBh = w.dBh + v.bc_base() + int64_t(j) * N;
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) {
+      if (nt >= nnt) break;
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int n = nt * kTile + tx + 16 * cc;
+        if (n < N) dBh[n] = dtj * accb[nt][r][cc];
+      }
+    }
+  }
+  if (threadIdx.x < kTile) {
+    const int j = j0 + threadIdx.x;
+    if (j < v.nvalid) {
+      const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
+      const float rxd = decay * sm.rx[threadIdx.x];
+      const int64_t o = v.pos_base() + j;
+      w.ddtp[o] = colsum + rxd;
+      w.wcol[o] = sm.dtp[j] * colsum;
+      w.u[o] = sm.dtp[j] * rxd;
+    }
+  }
+}
+
+// ---- B3: row (i) kernel -------------------------------------------------------------------
+
+template <int Q>
+struct RowSmem {
+  float As[kStageFloats], Bs[kStageFloats];
+  float A3t[kTileFloats];  // [j][i] m_ij dt'_j DX_ij
+  float cs[Q], dtp[Q];
+  int32_t sid[Q];
+  float v[kTile], wrow[kTile];
+};
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratch w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RowSmem<Q>& sm = *reinterpret_cast<RowSmem<Q>*>(smem_raw);
+  const SsdParams& p = q.fwd;
+  constexpr int kNT = Q / kTile;
+  int64_t bid = blockIdx.x;
+  const int it = bid % kNT;
+  bid /= kNT;
+  const int64_t h = bid % p.nheads;
+  bid /= p.nheads;
+  const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
+  ChunkView<T> v(q, w.dy, b, c, h);
+  const int i0 = it * kTile;
+  if (i0 >= v.nvalid) return;
+  load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int npt = ceil_div_d(P), nnt = ceil_div_d(N);
+  (void)npt;
+  const int ty = tile_ty(), tx = tile_tx();
+  const int32_t sid_prev = chunk_sid_prev(p, b, c);
+  const float* in = p.states + v.state_base();
+
+  Acc accc[kMaxNT];
+#pragma unroll
+  for (int t = 0; t < kMaxNT; ++t) zero_acc(accc[t]);
+  // State term Z = dy_i in (i x N); V_i = fac_i C_i . Z_i; dC_i += fac_i Z_i.
+#pragma unroll
+  for (int nt = 0; nt < kMaxNT; ++nt) {
+    if (nt >= nnt) break;
+    gemm_gg<true, false>(
+        accc[nt], P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+        [&](int k, int n) {
+          const int nn = nt * kTile + n;
+          return (k < P && nn < N) ? in[k * N + nn] : 0.f;
+        });
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int il = ty + 16 * r, i = i0 + il;
+    float part = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) {
+      if (nt >= nnt) break;
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) part = fmaf(v.Cv(i, nt * kTile + tx + 16 * cc), accc[nt][r][cc], part);
+    }
+    part = row_sum16(part);
+    const float fac = sm.sid[i] == sid_prev ? expf(sm.cs[i]) : 0.f;
+    if (tx == 0) sm.v[il] = fac * part;
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt)
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) accc[nt][r][cc] *= fac;
+  }
+
+  float wpart[4] = {0.f, 0.f, 0.f, 0.f};  // this thread's share of sum_j W_ij, rows ty + 16r
+  for (int jt = 0; jt <= it; ++jt) {
+    const int j0 = jt * kTile;
+    Acc s;
+    zero_acc(s);
+    gemm_gg<true, true>(
+        s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+        [&](int k, int n) { return v.x(j0 + n, k); });
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int il = ty + 16 * r, jl = tx + 16 * cc;
+        sm.A3t[jl * kLds + il] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid) * sm.dtp[j0 + jl];
+      }
+    zero_acc(s);
+    gemm_gg<true, true>(
+        s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
+        [&](int k, int n) { return v.Bv(j0 + n, k); });
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int il = ty + 16 * r, jl = tx + 16 * cc;
+        wpart[r] = fmaf(s[r][cc], sm.A3t[jl * kLds + il], wpart[r]);  // own element
+      }
+    // dC_i += sum_j A3[i][j] B_j  (A3t is the A operand stored k-major: [j][i])
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) {
+      if (nt >= nnt) break;
+      gemm_sg<false>(accc[nt], sm.A3t, sm.Bs, [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const float t = row_sum16(wpart[r]);
+    if (tx == 0) sm.wrow[ty + 16 * r] = t;
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = i0 + ty + 16 * r;
+    if (i >= v.nvalid) continue;
+    float* dCh = w.dCh + v.bc_base() + int64_t(i) * N;
+#pragma unroll
+    for (int nt = 0; nt < kMaxNT; ++nt) {
+      if (nt >= nnt) break;
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) {
+        const int n = nt * kTile + tx + 16 * cc;
+        if (n < N) dCh[n] = accc[nt][r][cc];
+      }
+    }
+  }
+  if (threadIdx.x < kTile) {
+    const int i = i0 + threadIdx.x;
+    if (i < v.nvalid) {
+      const int64_t o = v.pos_base() + i;
+      w.wrow[o] = sm.wrow[threadIdx.x];
+      w.v[o] = sm.v[threadIdx.x];
+    }
+  }
+}
+
+// ---- B3: per-chunk scalars ----------------------------------------------------------------
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(kThreads) chunk_fin_kernel(SsdBwdParams q, Scratch w) {
+  static_assert(Q <= kThreads, "one thread per position");
+  __shared__ float scan[Q];
+  __shared__ float red[kThreads / 32];
+  const SsdParams& p = q.fwd;
+  int64_t bid = blockIdx.x;
+  const int64_t h = bid % p.nheads;
+  bid /= p.nheads;
+  const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
+  ChunkView<T> v(q, w.dy, b, c, h);
+  const int i = threadIdx.x;
+  const bool real = i < v.nvalid;  // false for i >= Q too (nvalid <= Q)
+  const int64_t o = v.pos_base() + i;
+  const float u = real ? w.u[o] : 0.f;
+  float dcs = real ? (w.wrow[o] - w.wcol[o]) + (w.v[o] - u) : 0.f;
+  const float sum_u = block_sum(u, red);
+  if (i == Q - 1) dcs += sum_u + q.dcs_last[(b * p.nheads + h) * p.nchunks + c];
+  // ddA_i = sum_{k >= i} dcs_k: Hillis-Steele reverse inclusive scan (fixed order).
+  if (i < Q) scan[i] = dcs;
+  __syncthreads();
+  for (int off = 1; off < Q; off *= 2) {
+    float t = 0.f;
+    if (i < Q) t = scan[i] + (i + off < Q ? scan[i + off] : 0.f);
+    __syncthreads();
+    if (i < Q) scan[i] = t;
+    __syncthreads();
+  }
+  const float dda = i < Q ? scan[i] : 0.f;
+  const float A = p.A[h];
+  const float dtp = real ? p.dtp[o] : 0.f;
+  float ddt = 0.f;
+  if (real) {
+    const float ddtp = fmaf(A, dda, w.ddtp[o]);
+    const int64_t l = v.l0 + i;
+    const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
+    ddt = ddtp * ssd_dt_grad(p.dt[(b * p.seqlen + l) * p.nheads + h], bias, p.dt_softplus, p.dt_min, p.dt_max);
+    q.ddt[(b * p.seqlen + l) * p.nheads + h] = ddt;
+  }
+  const float da = block_sum(dtp * dda, red);
+  const float db = block_sum(ddt, red);
+  const int64_t part = (b * p.nchunks + c) * p.nheads + h;
+  if (i == 0) {
+    q.dA_part[part] = da;
+    if (q.dbias_part != nullptr) q.dbias_part[part] = db;
+  }
+  if (p.D != nullptr && q.dD_part != nullptr) {
+    for (int pp = threadIdx.x; pp < p.headdim; pp += kThreads) {
+      float acc = 0.f;
+      for (int k = 0; k < v.nvalid; ++k) acc = fmaf(v.dy(k, pp), v.x(k, pp), acc);
+      q.dD_part[part * p.headdim + pp] = acc;
+    }
+  }
+}
+
+// ---- final sums -----------------------------------------------------------------------------
+
+template <typename T>
+__global__ void sum_bc_kernel(SsdBwdParams q, Scratch w) {
+  const SsdParams& p = q.fwd;
+  const int64_t N = p.dstate, G = p.ngroups, L = p.seqlen, Q = p.chunk_size, H = p.nheads;
+  const int64_t hpg = H / G, total = p.batch * L * G * N;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = e % N, g = (e / N) % G, l = (e / (N * G)) % L, b = e / (N * G * L);
+    const int64_t c = l / Q, i = l % Q;
+    float sb = 0.f, sc = 0.f;
+    for (int64_t k = 0; k < hpg; ++k) {
+      const int64_t idx = (((b * p.nchunks + c) * H + g * hpg + k) * Q + i) * N + n;
+      sb += w.dBh[idx];
+      sc += w.dCh[idx];
+    }
+    static_cast<T*>(q.dB)[e] = from_f<T>(sb);
+    static_cast<T*>(q.dC)[e] = from_f<T>(sc);
+  }
+}
+
+__global__ void reduce_kernel(SsdBwdParams q) {
+  const SsdParams& p = q.fwd;
+  const int64_t H = p.nheads, P = p.headdim, rows = p.batch * p.nchunks;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < H) {
+    float a = 0.f, bb = 0.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      a += q.dA_part[r * H + t];
+      if (q.ddt_bias != nullptr) bb += q.dbias_part[r * H + t];
+    }
+    if (q.dA != nullptr) q.dA[t] = a;
+    if (q.ddt_bias != nullptr) q.ddt_bias[t] = bb;
+  }
+  if (q.dD != nullptr && p.D != nullptr) {
+    if (p.D_per_p) {
+      if (t < H * P) {
+        float d = 0.f;
+        for (int64_t r = 0; r < rows; ++r) d += q.dD_part[r * H * P + t];
+        q.dD[t] = d;
+      }
+    } else if (t < H) {
+      float d = 0.f;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t pp = 0; pp < P; ++pp) d += q.dD_part[(r * H + t) * P + pp];
+      q.dD[t] = d;
+    }
+  }
+}
+
+// ---- launch ---------------------------------------------------------------------------------
+
+int grid_for(int64_t total, int threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 65536 * 8)));
+}
+
+template <typename T, int Q>
+void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
+  const SsdParams& p = q.fwd;
+  Scratch w{};
+  scratch_layout(q, &w);
+  const int64_t b = p.batch, H = p.nheads, nc = p.nchunks;
+  const int64_t npt = (p.headdim + kTile - 1) / kTile, nnt = (p.dstate + kTile - 1) / kTile;
+  constexpr int kNT = Q / kTile;
+
+  if (p.z != nullptr) {
+    dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim, 256), 256, 0, stream>>>(q, w.dy);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+  dstates_kernel<T, Q><<<static_cast<unsigned>(b * nc * H * npt * nnt), kThreads, 0, stream>>>(q, w.dy);
+  NK_CUDA_LAUNCH_CHECK();
+  state_bwd_kernel<<<static_cast<unsigned>(b * H * w.nslices), kThreads, 0, stream>>>(q, w.dot_part, w.nslices);
+  NK_CUDA_LAUNCH_CHECK();
+  dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
+  NK_CUDA_LAUNCH_CHECK();
+
+  const int col_smem = static_cast<int>(sizeof(ColSmem<Q>));
+  NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
+  col_kernel<T, Q><<<static_cast<unsigned>(b * nc * H * kNT), kThreads, col_smem, stream>>>(q, w);
+  NK_CUDA_LAUNCH_CHECK();
+  const int row_smem = static_cast<int>(sizeof(RowSmem<Q>));
+  NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
+  row_kernel<T, Q><<<static_cast<unsigned>(b * nc * H * kNT), kThreads, row_smem, stream>>>(q, w);
+  NK_CUDA_LAUNCH_CHECK();
+  chunk_fin_kernel<T, Q><<<static_cast<unsigned>(b * nc * H), kThreads, 0, stream>>>(q, w);
+  NK_CUDA_LAUNCH_CHECK();
+
+  sum_bc_kernel<T><<<grid_for(b * p.seqlen * p.ngroups * p.dstate, 256), 256, 0, stream>>>(q, w);
+  NK_CUDA_LAUNCH_CHECK();
+  reduce_kernel<<<grid_for(H * p.headdim, 256), 256, 0, stream>>>(q);
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_bwd_q(const SsdBwdParams& q, cudaStream_t stream) {
+  switch (q.fwd.chunk_size) {
+    case 64: return run_bwd<T, 64>(q, stream);
+    case 128: return run_bwd<T, 128>(q, stream);
+    case 256: return run_bwd<T, 256>(q, stream);
+    default: throw std::runtime_error("nemokernels: ssd_bwd_cuda: chunk_size must be 64, 128 or 256");
+  }
+}
+
+}  // namespace
+
+int64_t ssd_bwd_cuda_workspace_bytes(const SsdBwdParams& q) { return scratch_layout(q, nullptr) * 4; }
+
+void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
+  const SsdParams& p = q.fwd;
+  if (p.batch == 0 || p.seqlen == 0 || p.nheads == 0) return;  // the entry never calls this
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // F1-F3 (dtp, cs, states = in_c), with the forward's scratch carved from ours: the entry
+  // sizes the backward's workspace only, and fwd.workspace is null there.
+  Scratch w{};
+  scratch_layout(q, &w);
+  SsdParams fp = p;
+  fp.workspace = w.fwd_ws;
+  ssd_states_cuda(fp, stream);
+  switch (p.dtype) {
+    case DType::F32: return run_bwd_q<float>(q, s);
+    case DType::F16: return run_bwd_q<__half>(q, s);
+    case DType::BF16: return run_bwd_q<__nv_bfloat16>(q, s);
+  }
+}
+
+}  // namespace nk

@@ -1,0 +1,611 @@
+// CUDA forward of the Mamba-2 SSD chunk scan (mamba_chunk_scan_combined): stages F1-F5 of
+// ssd_chunk_scan.h, which spells out the math and the layouts of every tensor.
+//
+// Kernels (launched in this order on the caller's stream; each reads what the one before
+// wrote, so no other synchronisation is needed):
+//  F1 chunk_cumsum_kernel<Q>   grid (b * nc, ceil(H / 32)), 256 threads. dt' of a
+//        (Q positions x 32 heads) tile via ssd_dt (numerics.cuh), staged in shared memory,
+//        then one thread per head runs the inclusive cumsum of dt' A sequentially (fmaf in
+//        position order: cs is exactly non-increasing when A <= 0, so every decay exponent
+//        used later is <= 0 in float arithmetic too, and the order is the CPU's).
+//  F2 chunk_state_kernel<T, Q> grid (b * nc * H * ceil(P/64) * ceil(N/64)), 128 threads.
+//        S[p, n] = sum_j (w_j x_j[p]) B_j[n] for a 64(P) x 64(N) tile: a GEMM over the chunk's
+//        positions in K-slabs of 64. w_j = exp(cs_last - cs_j) [sid_j == sid_last] dt'_j is
+//        applied to x in float32 and rounded to T once while the slab is staged in shared
+//        memory; 4 warps each own 16 rows of P (WarpTile: wmma for f16/bf16, fp32 SIMT FMAs
+//        for f32).
+//  F3 state_passing_kernel     grid (b * H * ceil(P*N/256)), 256 threads; one thread per
+//        state element, a sequential loop over chunks (in place: reads S_c, writes in_c),
+//        the next chunk's S prefetched before the store.
+//  F4 chunk_scan_kernel<T, Q>  grid (b * nc * H * Q/64), 128 threads, one block per 64 rows
+//        of one chunk and one head, all of P (<= 128) at once (CB is recomputed per head: the
+//        simpler per-(b, chunk, head) mapping the brief allows; B/C tiles are shared by the
+//        heads of a group through L2). Per block:
+//          Y  = C in_c^T         (64 x P, K = N in slabs of 64; skipped for chunk 0 without
+//                                 initial states), rows scaled in float32 by
+//                                 exp(cs_i) [sid_i == sid_prev] (select, so masked rows are 0)
+//          for each 64-column block j of the causal prefix (flash-attention style):
+//            CB = C B_j^T        (64 x 64, K = N)        -> float smem
+//            S  = CB exp(cs_i - cs_j) dt'_j, masked to j <= i and same sid (select), -> T
+//            Y += S X_j          (64 x P, K = 64)
+//          epilogue (fused): + D x, y_pre = Y, y = Y silu(z), rounded to T, 16-byte stores.
+//        Shared memory (dynamic): C tile 64 x N, B tile 64 x N (reused for the state slabs),
+//        x tile 64 x P, a float tile, the score tile; about 70 KB for bf16 with N=128, P=64
+//        (3 blocks/SM), at most ~216 KB (f32, N=256, P=128; 1 block/SM).
+//  F5 varlen_states_kernel<T, Q> grid (nseq * H * ceil(P/64) * ceil(N/64)), 128 threads: the
+//        F2 tile restricted to positions i0..e of the sequence's last chunk, decayed to e,
+//        plus [sid_prev == sid_e] exp(cs_e) in_c. Empty or out-of-range sequences get zeros.
+//
+// Loads: activations have unit stride in the last dim and arbitrary int64 strides
+// elsewhere; 16-byte vector accesses are used only when the host finds the pointer and all
+// strides 16-byte aligned (Vec), else scalar loads of the same 8-element chunks. Positions
+// >= L are never read or written; shared tiles are zero-filled there. No atomics: every
+// output element is written by exactly one thread; all sums run in a fixed order.
+// ssd_fwd_cuda_workspace_bytes is 0 (every intermediate is a params tensor).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_utils.cuh"
+#include "ssd/numerics.cuh"
+#include "ssd/ssd_chunk_scan.h"
+#include "ssd/ssd_cuda_common.cuh"
+
+namespace nk {
+namespace {
+
+using ssd::kSmemPad;
+using ssd::load8;
+using ssd::load_tile;
+using ssd::round_up16;
+using ssd::store8;
+using ssd::to_f;
+using ssd::from_f;
+using ssd::WarpTile;
+
+// Which tensors may use 16-byte accesses (pointer and strides checked on the host).
+struct Vec {
+  bool x, B, C, z, y, st;
+};
+
+// Compile-time tile choices.
+struct CumsumTraits {
+  static constexpr int kThreads = 256;
+  static constexpr int kHeads = 32;  // heads per block (one scanning thread each)
+};
+struct StateTraits {  // F2 / F5
+  static constexpr int kThreads = 128;
+  static constexpr int kBP = 64;  // P rows per block (4 warps x 16)
+  static constexpr int kBN = 64;  // N columns per block (4 wmma column blocks per warp)
+  static constexpr int kBJ = 64;  // positions per K-slab
+  static constexpr int kLdF = kBN + 4;
+};
+struct ScanTraits {  // F4
+  static constexpr int kThreads = 128;
+  static constexpr int kBM = 64;  // rows (positions i) per block (4 warps x 16)
+  static constexpr int kBJ = 64;  // columns (positions j) per causal step
+  static constexpr int kNSlab = 64;  // N per slab of the incoming-state GEMM
+  static constexpr int kMaxFN = 8;   // 16-column blocks of P per warp (P <= 128)
+  // Resident blocks the register budget is sized for: 16-bit inputs with N=128, P=64 use
+  // ~70 KB of shared memory, so 3 blocks fit an SM (<= 168 registers); float tiles are twice
+  // as large, so registers are not the limit there.
+  template <typename T> static constexpr int min_blocks() { return sizeof(T) == 2 ? 3 : 1; }
+};
+static_assert(StateTraits::kBP == 16 * (StateTraits::kThreads / 32), "one 16-row strip per warp");
+static_assert(ScanTraits::kBM == 16 * (ScanTraits::kThreads / 32), "one 16-row strip per warp");
+static_assert(ScanTraits::kBM == ScanTraits::kBJ, "the diagonal j-block must be the row block");
+
+__host__ __device__ constexpr size_t align128(size_t v) { return (v + 127) / 128 * 128; }
+
+// sid of global position t of row b; padding (t >= L) continues the id of position L-1.
+NK_DEVICE int32_t sid_at(const SsdParams& p, int64_t b, int64_t t) {
+  if (p.seq_idx == nullptr) return 0;
+  if (t > p.seqlen - 1) t = p.seqlen - 1;
+  return p.seq_idx[b * p.seqlen + t];
+}
+
+// sid_prev of chunk c: the last id of chunk c-1, 0 before chunk 0 (mamba_ssm).
+NK_DEVICE int32_t sid_prev_of(const SsdParams& p, int64_t b, int64_t c, int Q) {
+  return c > 0 ? sid_at(p, b, c * Q - 1) : 0;
+}
+
+// ------------------------------------------------------------------ F1 chunk_cumsum
+template <int Q>
+__global__ void __launch_bounds__(CumsumTraits::kThreads) chunk_cumsum_kernel(const SsdParams p) {
+  constexpr int kT = CumsumTraits::kThreads, kH = CumsumTraits::kHeads;
+  __shared__ float v_s[kH][Q + 1];  // +1: the per-head scan reads column i of 32 rows
+  const int64_t nc = p.nchunks, H = p.nheads;
+  const int64_t b = blockIdx.x / nc, c = blockIdx.x % nc;
+  const int64_t h0 = static_cast<int64_t>(blockIdx.y) * kH;
+  const int tid = threadIdx.x;
+
+  // heads fastest: consecutive threads read consecutive dt entries of one position
+  for (int e = tid; e < Q * kH; e += kT) {
+    const int i = e / kH, hh = e % kH;
+    const int64_t h = h0 + hh, t = c * Q + i;
+    float v = 0.f;  // padding: dt' = 0
+    if (h < H && t < p.seqlen) {
+      const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
+      v = ssd_dt(p.dt[(b * p.seqlen + t) * H + h], bias, p.dt_softplus, p.dt_min, p.dt_max);
+    }
+    v_s[hh][i] = v;
+  }
+  __syncthreads();
+  for (int e = tid; e < kH * Q; e += kT) {
+    const int hh = e / Q, i = e % Q;
+    const int64_t h = h0 + hh;
+    if (h < H) p.dtp[((b * H + h) * nc + c) * Q + i] = v_s[hh][i];
+  }
+  __syncthreads();
+  if (tid < kH && h0 + tid < H) {
+    const float a = p.A[h0 + tid];
+    float acc = 0.f;
+#pragma unroll 16
+    for (int i = 0; i < Q; ++i) {
+      acc = fmaf(v_s[tid][i], a, acc);
+      v_s[tid][i] = acc;
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < kH * Q; e += kT) {
+    const int hh = e / Q, i = e % Q;
+    const int64_t h = h0 + hh;
+    if (h < H) p.cs[((b * H + h) * nc + c) * Q + i] = v_s[hh][i];
+  }
+}
+
+// ------------------------------------------------------------------ F2 / F5 state tile
+template <typename T>
+struct StateSmem {
+  static constexpr int kLdX = StateTraits::kBP + kSmemPad<T>;  // XW[j][p]
+  static constexpr int kLdB = StateTraits::kBN + kSmemPad<T>;  // Bs[j][n]
+  static constexpr size_t kOffX = 256;                           // after w_s[64]
+  static constexpr size_t kOffB = kOffX + align128(size_t(StateTraits::kBJ) * kLdX * sizeof(T));
+  static constexpr size_t kEndAB = kOffB + align128(size_t(StateTraits::kBJ) * kLdB * sizeof(T));
+  static constexpr size_t kEndF = kOffX + size_t(StateTraits::kBP) * StateTraits::kLdF * sizeof(float);
+  // the float result tile aliases the operand tiles once the main loop is over
+  static constexpr size_t kBytes = kEndAB > kEndF ? kEndAB : kEndF;
+};
+
+// acc[p][n] = sum_{jlo <= j <= jhi} w_j x_j[p0 + p] B_j[n0 + n] over the positions j of chunk
+// c (head h, batch row b), w_j = exp(cs_jhi - cs_j) dt'_j, times [sid_j == sid_jhi] when
+// use_sid. Returns the float result tile in shared memory (ld StateTraits::kLdF), complete
+// for rows < min(64, P - p0) and columns < min(64, N - n0) once every thread is back (the
+// function ends with __syncthreads). All threads of the block must call it.
+template <typename T, int Q>
+NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b, int64_t c, int64_t h, int jlo,
+                                  int jhi, bool use_sid, int p0, int n0, unsigned char* smem) {
+  using S = StateSmem<T>;
+  constexpr int kT = StateTraits::kThreads, kBJ = StateTraits::kBJ;
+  float* w_s = reinterpret_cast<float*>(smem);
+  T* XW = reinterpret_cast<T*>(smem + S::kOffX);
+  T* Bs = reinterpret_cast<T*>(smem + S::kOffB);
+  float* Fs = reinterpret_cast<float*>(smem + S::kOffX);
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int64_t H = p.nheads, nc = p.nchunks;
+  const int64_t g = h / (H / p.ngroups);
+  const int64_t t0 = c * Q;
+  const int valid = static_cast<int>(p.seqlen - t0 < Q ? p.seqlen - t0 : Q);
+  const int pv = P - p0 < StateTraits::kBP ? P - p0 : StateTraits::kBP;
+  const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
+  const int pv16 = round_up16(pv), nv16 = round_up16(nv);
+  const int64_t ci = ((b * H + h) * nc + c) * Q;
+  const float cs_last = p.cs[ci + jhi];
+  const int32_t sid_last = use_sid ? sid_at(p, b, t0 + jhi) : 0;
+
+  WarpTile<T, StateTraits::kBN / 16> acc;
+  acc.zero();
+  for (int j0 = 0; j0 < valid; j0 += kBJ) {
+    if (j0 + kBJ - 1 < jlo || j0 > jhi) continue;  // uniform: no position of the range here
+    if (tid < kBJ) {
+      const int j = j0 + tid;
+      float w = 0.f;
+      if (j >= jlo && j <= jhi && j < valid && (!use_sid || sid_at(p, b, t0 + j) == sid_last))
+        w = expf(cs_last - p.cs[ci + j]) * p.dtp[ci + j];
+      w_s[tid] = w;
+    }
+    __syncthreads();
+    const int rows = valid - j0 < kBJ ? valid - j0 : kBJ;
+    const T* xsrc = static_cast<const T*>(p.x) + b * p.x_sb + (t0 + j0) * p.x_sl + h * p.x_sh + p0;
+    const T* bsrc = static_cast<const T*>(p.B) + b * p.B_sb + (t0 + j0) * p.B_sl + g * p.B_sg + n0;
+    load_tile<kT>(XW, S::kLdX, xsrc, p.x_sl, rows, kBJ, pv, pv16, vec.x, w_s);
+    load_tile<kT>(Bs, S::kLdB, bsrc, p.B_sl, rows, kBJ, nv, nv16, vec.B);
+    __syncthreads();
+    // A(p, j) = XW[j][p] (column-major with the warp's 16 rows of P), B(j, n) = Bs[j][n]
+    if (warp * 16 < pv16) acc.template mma<true, false>(XW + warp * 16, S::kLdX, Bs, S::kLdB, kBJ, nv16);
+    __syncthreads();
+  }
+  if (warp * 16 < pv16) acc.store(Fs + warp * 16 * StateTraits::kLdF, StateTraits::kLdF, nv16);
+  __syncthreads();
+  return Fs;
+}
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(StateTraits::kThreads) chunk_state_kernel(const SsdParams p, const Vec vec) {
+  __shared__ __align__(128) unsigned char smem[StateSmem<T>::kBytes];
+  const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
+  const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
+  int64_t bid = blockIdx.x;
+  const int nt = static_cast<int>(bid % nnt); bid /= nnt;
+  const int pt = static_cast<int>(bid % npt); bid /= npt;
+  const int64_t h = bid % p.nheads; bid /= p.nheads;
+  const int64_t c = bid % p.nchunks;
+  const int64_t b = bid / p.nchunks;
+  const int p0 = pt * StateTraits::kBP, n0 = nt * StateTraits::kBN;
+
+  const float* Fs = chunk_state_tile<T, Q>(p, vec, b, c, h, 0, Q - 1, true, p0, n0, smem);
+
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int pv = P - p0 < StateTraits::kBP ? P - p0 : StateTraits::kBP;
+  const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
+  float* out = p.states + ((b * p.nchunks + c) * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
+  for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
+    const int r = e / StateTraits::kBN, k = e % StateTraits::kBN;
+    if (r < pv && k < nv) out[static_cast<int64_t>(r) * N + k] = Fs[r * StateTraits::kLdF + k];
+  }
+}
+
+// ------------------------------------------------------------------ F3 state_passing
+constexpr int kPassThreads = 256;
+
+__global__ void __launch_bounds__(kPassThreads) state_passing_kernel(const SsdParams p) {
+  const int64_t PN = p.headdim * p.dstate, H = p.nheads, nc = p.nchunks;
+  const int Q = static_cast<int>(p.chunk_size);
+  const int64_t nsl = (PN + kPassThreads - 1) / kPassThreads;
+  const int64_t sl = blockIdx.x % nsl, bh = blockIdx.x / nsl;
+  const int64_t h = bh % H, b = bh / H;
+  const int64_t e = sl * kPassThreads + threadIdx.x;
+  if (e >= PN) return;  // no barriers below
+
+  float hv = p.init != nullptr ? p.init[(b * H + h) * PN + e] : 0.f;
+  const int64_t cstride = H * PN;
+  float* sp = p.states + (b * nc * H + h) * PN + e;
+  const float* csp = p.cs + (b * H + h) * nc * Q + (Q - 1);
+  int32_t sid_prev = 0;
+  float s_next = sp[0];
+  for (int64_t c = 0; c < nc; ++c) {
+    const float s = s_next;
+    if (c + 1 < nc) s_next = sp[(c + 1) * cstride];  // in flight during this step's math
+    const int32_t sid_last = sid_at(p, b, (c + 1) * Q - 1);
+    const float carry = sid_last == sid_prev ? expf(csp[c * Q]) : 0.f;
+    sp[c * cstride] = hv;  // in_c: the state entering chunk c
+    hv = fmaf(carry, hv, s);
+    sid_prev = sid_last;
+  }
+  if (p.final_states != nullptr) p.final_states[(b * H + h) * PN + e] = hv;
+}
+
+// ------------------------------------------------------------------ F4 chunk_scan
+struct ScanSmem {
+  int ldC, ldX, ldS, ldSt, ldF, ldFcb;
+  size_t off_C, off_B, off_X, off_F, off_S, bytes;
+};
+
+// Shared-memory plan of chunk_scan_kernel (the host sizes the launch with the same function).
+template <typename T, int Q>
+NK_HD ScanSmem scan_smem(int Np, int Pp) {
+  constexpr int pad = kSmemPad<T>;
+  constexpr int kBM = ScanTraits::kBM, kBJ = ScanTraits::kBJ;
+  ScanSmem s;
+  s.ldC = Np + pad;  // C rows i and B rows j: [row][n]
+  s.ldX = Pp + pad;  // x rows j: [j][p]
+  s.ldS = kBJ + pad;  // scores [i][j] in T
+  s.ldSt = ScanTraits::kNSlab + pad;  // state slab [p][n]
+  s.ldF = Pp + 4;  // float Y staging [i][p]
+  s.ldFcb = kBJ + 4;  // float CB staging [i][j]
+  const size_t b_elems = size_t(kBJ) * s.ldC > size_t(Pp) * s.ldSt ? size_t(kBJ) * s.ldC : size_t(Pp) * s.ldSt;
+  const size_t f_elems = size_t(kBM) * (s.ldF > s.ldFcb ? s.ldF : s.ldFcb);
+  size_t o = align128(size_t(Q) * 3 * 4);  // cs, dt', sid of the chunk
+  s.off_C = o;
+  o += align128(size_t(kBM) * s.ldC * sizeof(T));
+  s.off_B = o;
+  o += align128(b_elems * sizeof(T));
+  s.off_X = o;
+  o += align128(size_t(kBJ) * s.ldX * sizeof(T));
+  s.off_F = o;
+  o += align128(f_elems * sizeof(float));
+  s.off_S = o;
+  o += align128(size_t(kBM) * s.ldS * sizeof(T));
+  s.bytes = o;
+  return s;
+}
+
+template <typename T, int Q>
+__global__ void __launch_bounds__(ScanTraits::kThreads, ScanTraits::min_blocks<T>()) chunk_scan_kernel(const SsdParams p, const Vec vec) {
+  constexpr int kT = ScanTraits::kThreads, kBM = ScanTraits::kBM, kBJ = ScanTraits::kBJ;
+  constexpr int kNit = Q / kBM;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  int64_t bid = blockIdx.x;
+  const int it = static_cast<int>(bid % kNit); bid /= kNit;
+  const int64_t h = bid % p.nheads; bid /= p.nheads;
+  const int64_t c = bid % p.nchunks;
+  const int64_t b = bid / p.nchunks;
+  const int64_t t0 = c * Q;
+  const int valid = static_cast<int>(p.seqlen - t0 < Q ? p.seqlen - t0 : Q);
+  const int i0 = it * kBM;
+  if (i0 >= valid) return;  // row block wholly in the padding (uniform, before any barrier)
+
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int Pp = round_up16(P), Np = round_up16(N);
+  const int64_t H = p.nheads, nc = p.nchunks;
+  const int64_t g = h / (H / p.ngroups);
+  const ScanSmem L = scan_smem<T, Q>(Np, Pp);
+  float* cs_s = reinterpret_cast<float*>(smem);
+  float* dtp_s = cs_s + Q;
+  int32_t* sid_s = reinterpret_cast<int32_t*>(dtp_s + Q);
+  T* Cs = reinterpret_cast<T*>(smem + L.off_C);
+  T* Bs = reinterpret_cast<T*>(smem + L.off_B);
+  T* St = Bs;  // the state slabs use the B tile's space before the causal loop
+  T* Xs = reinterpret_cast<T*>(smem + L.off_X);
+  float* Fs = reinterpret_cast<float*>(smem + L.off_F);
+  T* Ss = reinterpret_cast<T*>(smem + L.off_S);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wr = warp * 16;  // this warp's first row in the block
+
+  const int64_t ci = ((b * H + h) * nc + c) * Q;
+  for (int i = tid; i < Q; i += kT) {
+    cs_s[i] = p.cs[ci + i];
+    dtp_s[i] = p.dtp[ci + i];
+    sid_s[i] = sid_at(p, b, t0 + i);
+  }
+  const int32_t sid_prev = sid_prev_of(p, b, c, Q);
+  const T* csrc = static_cast<const T*>(p.C) + b * p.C_sb + (t0 + i0) * p.C_sl + g * p.C_sg;
+  load_tile<kT>(Cs, L.ldC, csrc, p.C_sl, valid - i0, kBM, N, Np, vec.C);
+  __syncthreads();
+
+  WarpTile<T, ScanTraits::kMaxFN> acc;  // this warp's 16 rows x Pp of Y
+  acc.zero();
+
+  // ---- incoming state: Y = diag(exp(cs_i) [sid_i == sid_prev]) C in_c^T
+  if (c > 0 || p.init != nullptr) {
+    const float* st = p.states + ((b * nc + c) * H + h) * static_cast<int64_t>(P) * N;
+    for (int n0 = 0; n0 < Np; n0 += ScanTraits::kNSlab) {
+      const int nsl = Np - n0 < ScanTraits::kNSlab ? Np - n0 : ScanTraits::kNSlab;
+      const int nval = N - n0 < nsl ? N - n0 : nsl;
+      load_tile<kT>(St, L.ldSt, st + n0, N, P, Pp, nval, nsl, vec.st);  // St[p][n], float -> T
+      __syncthreads();
+      // A(i, n) = Cs[i][n0 + n], B(n, p) = St[p][n] (column-major)
+      acc.template mma<false, true>(Cs + wr * L.ldC + n0, L.ldC, St, L.ldSt, nsl, Pp);
+      __syncthreads();
+    }
+    float* Fw = Fs + wr * L.ldF;  // this warp's rows only: warp-level sync suffices
+    acc.store(Fw, L.ldF, Pp);
+    __syncwarp();
+    for (int e = lane; e < 16 * Pp; e += 32) {
+      const int r = e / Pp, k = e % Pp, i = i0 + wr + r;
+      const float v = Fw[r * L.ldF + k];
+      Fw[r * L.ldF + k] = sid_s[i] == sid_prev ? v * expf(cs_s[i]) : 0.f;
+    }
+    __syncwarp();
+    acc.load(Fw, L.ldF, Pp);
+  }
+
+  // ---- causal part, 64 columns j at a time up to the diagonal block
+  for (int jb = 0; jb <= it; ++jb) {
+    const int j0 = jb * kBJ;
+    const int jv = valid - j0 < kBJ ? valid - j0 : kBJ;  // > 0 since j0 <= i0 < valid
+    const T* bsrc = static_cast<const T*>(p.B) + b * p.B_sb + (t0 + j0) * p.B_sl + g * p.B_sg;
+    const T* xsrc = static_cast<const T*>(p.x) + b * p.x_sb + (t0 + j0) * p.x_sl + h * p.x_sh;
+    load_tile<kT>(Bs, L.ldC, bsrc, p.B_sl, jv, kBJ, N, Np, vec.B);
+    load_tile<kT>(Xs, L.ldX, xsrc, p.x_sl, jv, kBJ, P, Pp, vec.x);
+    __syncthreads();
+
+    // CB (this warp's 16 rows x 64 columns): A(i, n) = Cs[i][n], B(n, j) = Bs[j][n]
+    WarpTile<T, kBJ / 16> cb;
+    cb.zero();
+    cb.template mma<false, true>(Cs + wr * L.ldC, L.ldC, Bs, L.ldC, Np, kBJ);
+    float* Fcb = Fs + wr * L.ldFcb;
+    cb.store(Fcb, L.ldFcb, kBJ);
+    __syncwarp();
+    T* Sw = Ss + wr * L.ldS;
+    for (int e = lane; e < 16 * kBJ; e += 32) {
+      const int r = e / kBJ, j = e % kBJ, i = i0 + wr + r, jj = j0 + j;
+      const bool keep = jj <= i && sid_s[jj] == sid_s[i];
+      const float v = keep ? Fcb[r * L.ldFcb + j] * expf(cs_s[i] - cs_s[jj]) * dtp_s[jj] : 0.f;
+      Sw[r * L.ldS + j] = from_f<T>(v);
+    }
+    __syncwarp();
+    // Y += S X_j: A(i, j) = Sw[i][j], B(j, p) = Xs[j][p]
+    acc.template mma<false, false>(Sw, L.ldS, Xs, L.ldX, kBJ, Pp);
+    __syncthreads();  // before the next step overwrites Bs / Xs (and before the epilogue)
+  }
+
+  // ---- epilogue: + D x, y_pre, gate, store. Xs still holds rows j0 = i0 (the diagonal).
+  acc.store(Fs + wr * L.ldF, L.ldF, Pp);
+  __syncthreads();
+  const int rows = valid - i0 < kBM ? valid - i0 : kBM;
+  const int chunks = P / 8;
+  for (int e = tid; e < rows * chunks; e += kT) {
+    const int r = e / chunks, k = (e % chunks) * 8;
+    const int64_t t = t0 + i0 + r;
+    float yv[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) yv[q] = Fs[r * L.ldF + k + q];
+    if (p.D != nullptr) {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const float d = p.D_per_p ? p.D[h * P + k + q] : p.D[h];
+        yv[q] = fmaf(d, to_f<T>(Xs[r * L.ldX + k + q]), yv[q]);
+      }
+    }
+    const int64_t yo = ((b * p.seqlen + t) * H + h) * P + k;
+    if (p.y_pre != nullptr) store8<T>(static_cast<T*>(p.y_pre) + yo, vec.y, yv);
+    if (p.z != nullptr) {
+      float zv[8];
+      load8<T>(static_cast<const T*>(p.z) + b * p.z_sb + t * p.z_sl + h * p.z_sh + k, vec.z, zv);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) yv[q] *= silu(zv[q]);
+    }
+    store8<T>(static_cast<T*>(p.y) + yo, vec.y, yv);
+  }
+}
+
+// ------------------------------------------------------------------ F5 varlen_states
+template <typename T, int Q>
+__global__ void __launch_bounds__(StateTraits::kThreads) varlen_states_kernel(const SsdParams p, const Vec vec) {
+  __shared__ __align__(128) unsigned char smem[StateSmem<T>::kBytes];
+  const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
+  const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
+  int64_t bid = blockIdx.x;
+  const int nt = static_cast<int>(bid % nnt); bid /= nnt;
+  const int pt = static_cast<int>(bid % npt); bid /= npt;
+  const int64_t h = bid % p.nheads;
+  const int64_t s = bid / p.nheads;
+  const int p0 = pt * StateTraits::kBP, n0 = nt * StateTraits::kBN;
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int pv = P - p0 < StateTraits::kBP ? P - p0 : StateTraits::kBP;
+  const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
+  float* out = p.varlen_states + (s * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
+
+  const int64_t start = p.cu_seqlens[s], end = p.cu_seqlens[s + 1];
+  if (!(start >= 0 && end <= p.seqlen && end > start)) {  // empty (or invalid): zeros
+    for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
+      const int r = e / StateTraits::kBN, k = e % StateTraits::kBN;
+      if (r < pv && k < nv) out[static_cast<int64_t>(r) * N + k] = 0.f;
+    }
+    return;
+  }
+  const int64_t last = end - 1, c = last / Q;
+  const int ie = static_cast<int>(last - c * Q);
+  const int i0 = start > c * Q ? static_cast<int>(start - c * Q) : 0;
+
+  const float* Fs = chunk_state_tile<T, Q>(p, vec, 0, c, h, i0, ie, false, p0, n0, smem);
+
+  // + [sid_prev == sid_e] exp(cs_e) in_c
+  const bool carry = sid_prev_of(p, 0, c, Q) == sid_at(p, 0, last);
+  const float decay = expf(p.cs[(h * p.nchunks + c) * Q + ie]);
+  const float* in = p.states + (c * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
+  for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
+    const int r = e / StateTraits::kBN, k = e % StateTraits::kBN;
+    if (r < pv && k < nv) {
+      const float v = Fs[r * StateTraits::kLdF + k];
+      out[static_cast<int64_t>(r) * N + k] = carry ? fmaf(decay, in[static_cast<int64_t>(r) * N + k], v) : v;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ host side
+bool aligned16(const void* ptr) { return ptr != nullptr && (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+bool vec_ok(const void* ptr, int esz, std::initializer_list<int64_t> strides) {
+  if (!aligned16(ptr)) return false;
+  for (int64_t s : strides)
+    if ((s * esz) % 16 != 0) return false;
+  return true;
+}
+
+Vec make_vec(const SsdParams& p) {
+  const int es = dtype_size(p.dtype);
+  const int64_t rowP = p.headdim, rowN = p.dstate;  // the unit-stride rows are P or N long
+  Vec v;
+  v.x = vec_ok(p.x, es, {p.x_sb, p.x_sl, p.x_sh, rowP});
+  v.B = vec_ok(p.B, es, {p.B_sb, p.B_sl, p.B_sg, rowN});
+  v.C = vec_ok(p.C, es, {p.C_sb, p.C_sl, p.C_sg, rowN});
+  v.z = p.z != nullptr && vec_ok(p.z, es, {p.z_sb, p.z_sl, p.z_sh, rowP});
+  // y and y_pre are contiguous (b, L, H, P): every row of P starts 16-byte aligned when the base is
+  v.y = aligned16(p.y) && (p.y_pre == nullptr || aligned16(p.y_pre)) && (rowP * es) % 16 == 0;
+  v.st = aligned16(p.states) && (rowN * 4) % 16 == 0;
+  return v;
+}
+
+int grid_x(int64_t blocks, const char* what) {
+  if (blocks > INT_MAX)
+    throw std::runtime_error(std::string("nemokernels: mamba_chunk_scan_combined: too many blocks for the CUDA ") +
+                             what + " kernel (" + std::to_string(blocks) + ")");
+  return static_cast<int>(blocks);
+}
+
+template <typename T, int Q>
+void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
+  const int64_t B = p.batch, H = p.nheads, nc = p.nchunks;
+  {  // F1
+    const int64_t hy = (H + CumsumTraits::kHeads - 1) / CumsumTraits::kHeads;
+    if (hy > 65535) throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: nheads too large for CUDA");
+    dim3 grid(grid_x(B * nc, "chunk_cumsum"), static_cast<unsigned>(hy));
+    chunk_cumsum_kernel<Q><<<grid, CumsumTraits::kThreads, 0, st>>>(p);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+  {  // F2
+    const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
+    const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
+    chunk_state_kernel<T, Q><<<grid_x(B * nc * H * npt * nnt, "chunk_state"), StateTraits::kThreads, 0, st>>>(p, vec);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+  {  // F3
+    const int64_t PN = p.headdim * p.dstate;
+    const int64_t nsl = (PN + kPassThreads - 1) / kPassThreads;
+    state_passing_kernel<<<grid_x(B * H * nsl, "state_passing"), kPassThreads, 0, st>>>(p);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int Q>
+void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
+  launch_states<T, Q>(p, vec, st);
+  {  // F4
+    const ScanSmem L = scan_smem<T, Q>(round_up16(static_cast<int>(p.dstate)), round_up16(static_cast<int>(p.headdim)));
+    int dev = 0, max_smem = 0;
+    NK_CUDA_CHECK(cudaGetDevice(&dev));
+    NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (L.bytes > static_cast<size_t>(max_smem))
+      throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: the CUDA chunk scan needs " +
+                               std::to_string(L.bytes) + " bytes of shared memory per block, the device allows " +
+                               std::to_string(max_smem));
+    NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_scan_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(L.bytes)));
+    const int64_t blocks = p.batch * p.nchunks * p.nheads * (Q / ScanTraits::kBM);
+    chunk_scan_kernel<T, Q><<<grid_x(blocks, "chunk_scan"), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+  if (p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0) {  // F5
+    const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
+    const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
+    varlen_states_kernel<T, Q>
+        <<<grid_x(p.nseq * p.nheads * npt * nnt, "varlen_states"), StateTraits::kThreads, 0, st>>>(p, vec);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void run_q(const SsdParams& p, const Vec& vec, cudaStream_t st, bool full) {
+  switch (p.chunk_size) {
+    case 64: full ? launch_fwd<T, 64>(p, vec, st) : launch_states<T, 64>(p, vec, st); break;
+    case 128: full ? launch_fwd<T, 128>(p, vec, st) : launch_states<T, 128>(p, vec, st); break;
+    case 256: full ? launch_fwd<T, 256>(p, vec, st) : launch_states<T, 256>(p, vec, st); break;
+    default:
+      throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: CUDA chunk_size must be 64, 128 or 256, got " +
+                               std::to_string(p.chunk_size));
+  }
+}
+
+void run(const SsdParams& p, void* stream, bool full) {
+  // L == 0 and other empty shapes are handled by the entry (no launch); be safe anyway.
+  if (p.batch <= 0 || p.seqlen <= 0 || p.nheads <= 0 || p.headdim <= 0 || p.dstate <= 0) return;
+  if (!ssd_cuda_supports(p.chunk_size, p.headdim, p.dstate) || p.ngroups <= 0 || p.nheads % p.ngroups != 0)
+    throw std::runtime_error("nemokernels: internal: mamba_chunk_scan_combined CUDA path called outside its limits");
+  const Vec vec = make_vec(p);
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::F32: run_q<float>(p, vec, st, full); break;
+    case DType::F16: run_q<__half>(p, vec, st, full); break;
+    case DType::BF16: run_q<__nv_bfloat16>(p, vec, st, full); break;
+  }
+}
+
+}  // namespace
+
+int64_t ssd_fwd_cuda_workspace_bytes(const SsdParams&) { return 0; }
+
+void ssd_states_cuda(const SsdParams& p, void* stream) { run(p, stream, false); }
+
+void ssd_fwd_cuda(const SsdParams& p, void* stream) { run(p, stream, true); }
+
+}  // namespace nk
