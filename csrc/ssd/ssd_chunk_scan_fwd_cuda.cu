@@ -22,31 +22,46 @@
 //        simpler per-(b, chunk, head) mapping the brief allows; B/C tiles are shared by the
 //        heads of a group through L2). Per block:
 //          Y  = C in_c^T         (64 x P, K = N in slabs of 64; skipped for chunk 0 without
-//                                 initial states), rows scaled in float32 by
-//                                 exp(cs_i) [sid_i == sid_prev] (select, so masked rows are 0)
+//                                 initial states; for f16/bf16 in_c is rounded to T for the
+//                                 tensor cores, as mamba_ssm does), then the rows are scaled in
+//                                 float32 by exp(cs_i) [sid_i == sid_prev] (select: masked rows
+//                                 are exactly 0)
 //          for each 64-column block j of the causal prefix (flash-attention style):
 //            CB = C B_j^T        (64 x 64, K = N)        -> float smem
 //            S  = CB exp(cs_i - cs_j) dt'_j, masked to j <= i and same sid (select), -> T
 //            Y += S X_j          (64 x P, K = 64)
-//          epilogue (fused): + D x, y_pre = Y, y = Y silu(z), rounded to T, 16-byte stores.
+//          on the diagonal block a warp stops at its last row's column (the 16-column blocks
+//          past it are all masked). Epilogue (fused): + D x, y_pre = Y, y = Y silu(z),
+//          rounded to T, 16-byte stores.
 //        Shared memory (dynamic): C tile 64 x N, B tile 64 x N (reused for the state slabs),
 //        x tile 64 x P, a float tile, the score tile; about 70 KB for bf16 with N=128, P=64
 //        (3 blocks/SM), at most ~216 KB (f32, N=256, P=128; 1 block/SM).
 //  F5 varlen_states_kernel<T, Q> grid (nseq * H * ceil(P/64) * ceil(N/64)), 128 threads: the
 //        F2 tile restricted to positions i0..e of the sequence's last chunk, decayed to e,
-//        plus [sid_prev == sid_e] exp(cs_e) in_c. Empty or out-of-range sequences get zeros.
+//        plus [sid_prev == sid_e] exp(cs_e) in_c. Empty sequences get zeros; out-of-range
+//        cu_seqlens entries are clamped to [0, L) (as on the CPU).
 //
 // Loads: activations have unit stride in the last dim and arbitrary int64 strides
 // elsewhere; 16-byte vector accesses are used only when the host finds the pointer and all
 // strides 16-byte aligned (Vec), else scalar loads of the same 8-element chunks. Positions
 // >= L are never read or written; shared tiles are zero-filled there. No atomics: every
 // output element is written by exactly one thread; all sums run in a fixed order.
-// ssd_fwd_cuda_workspace_bytes is 0 (every intermediate is a params tensor).
+// ssd_fwd_cuda_workspace_bytes is 0 (every intermediate is a params tensor). Every exp is
+// expf (full precision); the arguments are <= 0 wherever the result is used.
+// Registers (sm_90a, -Xptxas -v): chunk_scan 160 (16-bit, bounded for 3 blocks/SM) / 208
+// (f32), chunk_state 80-96, varlen 80-94, cumsum 32-40, state_passing 28; no spills except
+// 8 bytes in the bf16 chunk_state/varlen kernels.
+//
+// Not done yet (speed): one block per (b, chunk, group) sharing CB across the group's heads;
+// 128-row blocks for Q >= 128 (in_c is read once per 64 rows now); cp.async/TMA double
+// buffering of the B/x tiles; deeper prefetch in state passing for very long sequences;
+// wgmma on sm_90a.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -398,23 +413,26 @@ __global__ void __launch_bounds__(ScanTraits::kThreads, ScanTraits::min_blocks<T
     load_tile<kT>(Xs, L.ldX, xsrc, p.x_sl, jv, kBJ, P, Pp, vec.x);
     __syncthreads();
 
-    // CB (this warp's 16 rows x 64 columns): A(i, n) = Cs[i][n], B(n, j) = Bs[j][n]
+    // On the diagonal block this warp's rows wr..wr+15 see only columns j < wr + 16: the
+    // 16-column blocks past them are all masked, so neither computed nor multiplied.
+    const int jcols = jb == it ? wr + 16 : kBJ;
+    // CB (this warp's 16 rows x jcols columns): A(i, n) = Cs[i][n], B(n, j) = Bs[j][n]
     WarpTile<T, kBJ / 16> cb;
     cb.zero();
-    cb.template mma<false, true>(Cs + wr * L.ldC, L.ldC, Bs, L.ldC, Np, kBJ);
+    cb.template mma<false, true>(Cs + wr * L.ldC, L.ldC, Bs, L.ldC, Np, jcols);
     float* Fcb = Fs + wr * L.ldFcb;
-    cb.store(Fcb, L.ldFcb, kBJ);
+    cb.store(Fcb, L.ldFcb, jcols);
     __syncwarp();
     T* Sw = Ss + wr * L.ldS;
-    for (int e = lane; e < 16 * kBJ; e += 32) {
-      const int r = e / kBJ, j = e % kBJ, i = i0 + wr + r, jj = j0 + j;
+    for (int e = lane; e < 16 * jcols; e += 32) {
+      const int r = e / jcols, j = e % jcols, i = i0 + wr + r, jj = j0 + j;
       const bool keep = jj <= i && sid_s[jj] == sid_s[i];
       const float v = keep ? Fcb[r * L.ldFcb + j] * expf(cs_s[i] - cs_s[jj]) * dtp_s[jj] : 0.f;
       Sw[r * L.ldS + j] = from_f<T>(v);
     }
     __syncwarp();
-    // Y += S X_j: A(i, j) = Sw[i][j], B(j, p) = Xs[j][p]
-    acc.template mma<false, false>(Sw, L.ldS, Xs, L.ldX, kBJ, Pp);
+    // Y += S X_j over the jcols live columns: A(i, j) = Sw[i][j], B(j, p) = Xs[j][p]
+    acc.template mma<false, false>(Sw, L.ldS, Xs, L.ldX, jcols, Pp);
     __syncthreads();  // before the next step overwrites Bs / Xs (and before the epilogue)
   }
 
@@ -465,15 +483,19 @@ __global__ void __launch_bounds__(StateTraits::kThreads) varlen_states_kernel(co
   const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
   float* out = p.varlen_states + (s * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
 
-  const int64_t start = p.cu_seqlens[s], end = p.cu_seqlens[s + 1];
-  if (!(start >= 0 && end <= p.seqlen && end > start)) {  // empty (or invalid): zeros
+  // cu_seqlens is not validated on the device (that would need a host sync): out-of-range
+  // bounds are clamped to [0, L) as the CPU kernel does, so nothing outside x/B is read.
+  int64_t start = p.cu_seqlens[s], last = int64_t{p.cu_seqlens[s + 1]} - 1;
+  if (start < 0) start = 0;
+  if (last > p.seqlen - 1) last = p.seqlen - 1;
+  if (last < start) {  // empty sequence: zeros
     for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
       const int r = e / StateTraits::kBN, k = e % StateTraits::kBN;
       if (r < pv && k < nv) out[static_cast<int64_t>(r) * N + k] = 0.f;
     }
     return;
   }
-  const int64_t last = end - 1, c = last / Q;
+  const int64_t c = last / Q;
   const int ie = static_cast<int>(last - c * Q);
   const int i0 = start > c * Q ? static_cast<int>(start - c * Q) : 0;
 
