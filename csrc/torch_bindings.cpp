@@ -21,6 +21,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     std::optional<Tensor> dfinal_states, bool return_dinitial_states, bool silu);
 Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::optional<Tensor> bias,
                             bool silu, std::optional<Tensor> conv_state_indices);
+// ssd/state_update.cpp
+Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
+                              std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias,
+                              bool dt_softplus, std::optional<Tensor> state_batch_indices);
+Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
+                                    std::optional<Tensor> D, std::optional<Tensor> z,
+                                    std::optional<Tensor> dt_bias, bool dt_softplus,
+                                    std::optional<Tensor> state_batch_indices,
+                                    std::optional<Tensor> intermediate_states);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -34,13 +43,24 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
         "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
   m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
         "bool silu, Tensor? conv_state_indices) -> Tensor");
+  // ---- ssd: decode state updates ---------------------------------------------------------
+  // One token, state updated in place; returns out shaped like x.
+  m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor");
+  // T tokens from state (not modified); the state after every token goes to
+  // intermediate_states (b, T, ...) when given. Returns out (b, T, ...).
+  m.def("selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
+        "Tensor(a!)? intermediate_states) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
 #define NK_IMPL_ALL(m)                                                          \
   m.impl("causal_conv1d_fwd", TORCH_BOX(&nk::causal_conv1d_fwd));               \
   m.impl("causal_conv1d_bwd", TORCH_BOX(&nk::causal_conv1d_bwd));               \
-  m.impl("causal_conv1d_update", TORCH_BOX(&nk::causal_conv1d_update));
+  m.impl("causal_conv1d_update", TORCH_BOX(&nk::causal_conv1d_update));        \
+  m.impl("selective_state_update", TORCH_BOX(&nk::selective_state_update));    \
+  m.impl("selective_state_update_multi", TORCH_BOX(&nk::selective_state_update_multi));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }
