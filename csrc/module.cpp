@@ -19,7 +19,7 @@ namespace {
 std::vector<std::string> cuda_ops() {
 #ifdef NK_WITH_CUDA
   return {"causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update", "ssd_chunk_scan_fwd",
-          "ssd_chunk_scan_bwd"};
+          "ssd_chunk_scan_bwd", "selective_state_update", "selective_state_update_multi"};
 #else
   return {};
 #endif

@@ -33,6 +33,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states, std::optional<Tensor> seq_idx,
     std::optional<Tensor> dfinal_states, bool dt_softplus, double dt_min, double dt_max,
     bool return_dinitial_states);
+
+// ssd/state_update.cpp
+Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
+                              std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias,
+                              bool dt_softplus, std::optional<Tensor> state_batch_indices);
+Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
+                                    std::optional<Tensor> D, std::optional<Tensor> z,
+                                    std::optional<Tensor> dt_bias, bool dt_softplus,
+                                    std::optional<Tensor> state_batch_indices,
+                                    std::optional<Tensor> intermediate_states);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -63,15 +73,27 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
         "Tensor? seq_idx, Tensor? dfinal_states, bool dt_softplus, float dt_min, float dt_max, "
         "bool return_dinitial_states) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
         "Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)");
+
+  // ---- ssd: decode state updates ---------------------------------------------------------
+  // One token, state updated in place; returns out shaped like x.
+  m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor");
+  // T tokens from state (not modified); the state after every token goes to
+  // intermediate_states (b, T, ...) when given. Returns out (b, T, ...).
+  m.def("selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
+        "Tensor(a!)? intermediate_states) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
 #define NK_IMPL_ALL(m)                                                          \
   m.impl("causal_conv1d_fwd", TORCH_BOX(&nk::causal_conv1d_fwd));               \
   m.impl("causal_conv1d_bwd", TORCH_BOX(&nk::causal_conv1d_bwd));               \
-  m.impl("causal_conv1d_update", TORCH_BOX(&nk::causal_conv1d_update));         \
-  m.impl("ssd_chunk_scan_fwd", TORCH_BOX(&nk::ssd_chunk_scan_fwd));             \
-  m.impl("ssd_chunk_scan_bwd", TORCH_BOX(&nk::ssd_chunk_scan_bwd));
+  m.impl("causal_conv1d_update", TORCH_BOX(&nk::causal_conv1d_update));        \
+  m.impl("ssd_chunk_scan_fwd", TORCH_BOX(&nk::ssd_chunk_scan_fwd));            \
+  m.impl("ssd_chunk_scan_bwd", TORCH_BOX(&nk::ssd_chunk_scan_bwd));            \
+  m.impl("selective_state_update", TORCH_BOX(&nk::selective_state_update));    \
+  m.impl("selective_state_update_multi", TORCH_BOX(&nk::selective_state_update_multi));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

@@ -9,7 +9,8 @@ from ._version import __version__
 from . import _C  # noqa: F401  (registers the ops)
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.ssd_chunk_scan import mamba_chunk_scan_combined
+from .ops.state_update import commit_state, selective_state_update, selective_state_update_multi
 from .info import build_info
 
-__all__ = ["__version__", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
-           "mamba_chunk_scan_combined"]
+__all__ = ["__version__", "build_info", "causal_conv1d_fn", "causal_conv1d_update", "commit_state",
+           "mamba_chunk_scan_combined", "selective_state_update", "selective_state_update_multi"]

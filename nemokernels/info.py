@@ -13,6 +13,8 @@ OPS = {
     "causal_conv1d_update": "ssd",
     "ssd_chunk_scan_fwd": "ssd",
     "ssd_chunk_scan_bwd": "ssd",
+    "selective_state_update": "ssd",
+    "selective_state_update_multi": "ssd",
 }
 
 
@@ -74,8 +76,8 @@ def format_info(info: dict) -> str:
         f"CUDA kernels: {'compiled with nvcc ' + info['nvcc'] + ' for ' + ', '.join(info['cuda_archs']) if info['nvcc'] else 'not built (CPU-only build)'}",
         f"device: {info['device']}",
         "",
-        f"{'op':<28}{'family':<8}{'CUDA kernel':<13}path on this device",
+        f"{'op':<32}{'family':<8}{'CUDA kernel':<13}path on this device",
     ]
     for op, d in info["ops"].items():
-        lines.append(f"{op:<28}{d['family']:<8}{'yes' if d['cuda_kernel'] else 'no':<13}{d['path']}")
+        lines.append(f"{op:<32}{d['family']:<8}{'yes' if d['cuda_kernel'] else 'no':<13}{d['path']}")
     return "\n".join(lines)

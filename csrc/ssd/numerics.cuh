@@ -47,3 +47,26 @@ NK_HD float ssd_dt_grad(float dt, float bias, bool use_softplus, float lo, float
 }
 
 }  // namespace nk
+
+// ---- decode state update (state_update.h) ------------------------------------------------
+namespace nk {
+
+// dt' of selective_state_update: softplus?(dt + dt_bias). Unlike the chunked scan there is
+// no clamp (mamba_ssm's decode step has none), so a NaN dt propagates.
+NK_HD float ssu_dt(float dt, float bias, bool use_softplus) {
+  float v = dt + bias;
+  return use_softplus ? softplus(v) : v;
+}
+
+NK_HD float ssu_decay(float dtp, float a) { return expf(dtp * a); }
+
+// One state element: s * exp(dt' A) + B * (dt' x).
+NK_HD float ssu_state(float s, float dA, float b, float dtx) { return fmaf(s, dA, b * dtx); }
+
+// The output of a row from its dot product sum_n s[n] C[n]: (acc + D x) * silu(z).
+NK_HD float ssu_out(float acc, bool has_d, float d, float x, bool has_z, float z) {
+  float y = has_d ? fmaf(d, x, acc) : acc;
+  return has_z ? y * silu(z) : y;
+}
+
+}  // namespace nk

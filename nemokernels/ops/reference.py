@@ -418,3 +418,105 @@ def ssd_chunked_ref(
             varlen.append(st)
         out.append(torch.stack(varlen) if varlen else xc.new_zeros((0, nheads, headdim, dstate)))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+# ------------------------------------------------------------------ decode state updates
+#
+# mamba_ssm's `selective_state_update` (one decode step, in place there; here the new state is
+# returned and the input left alone) and the multi-token update built as a loop of it.
+
+
+def selective_state_update_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
+):
+    """One decode step. Returns (out, new_state); ``state`` is not modified.
+
+    state (slots, H, P, N) or (slots, P, N); x, dt, z (b, H, P) or (b, P); A (H, P, N) or
+    (P, N); B, C (b, G, N) or (b, N); D, dt_bias (H, P) or (P,). Per entry b with row
+    r = state_batch_indices[b] (or b), negative r = padded slot (out 0, state untouched):
+
+        dt' = softplus?(dt + dt_bias)                      (no clamp)
+        h   = state[r] * exp(dt' A) + dt' x B              (B of head h's group)
+        out = (sum_n h C + D x) * silu(z)
+
+    The math runs in float64 when any input is float64, else float32; out has x's dtype and
+    new_state state's dtype (the updated rows rounded to it).
+    """
+    if state.dim() == 3:  # Mamba-1 form: one head, one group
+        out, new = selective_state_update_ref(
+            state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0), B.unsqueeze(1), C.unsqueeze(1),
+            None if D is None else D.unsqueeze(0), None if z is None else z.unsqueeze(1),
+            None if dt_bias is None else dt_bias.unsqueeze(0), dt_softplus, state_batch_indices)
+        return out.squeeze(1), new.squeeze(1)
+    batch, nheads, dim = x.shape
+    ngroups = B.shape[1]
+    if nheads % ngroups != 0:
+        raise ValueError(f"nheads={nheads} must be a multiple of ngroups={ngroups}")
+    cdt = _ssd_compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    rows = torch.arange(batch) if state_batch_indices is None else state_batch_indices.long().cpu()
+    valid = rows >= 0
+    r = rows.clamp(min=0).to(state.device)
+    dtp = dt.to(cdt)
+    if dt_bias is not None:
+        dtp = dtp + dt_bias.to(cdt)
+    if dt_softplus:
+        dtp = F.softplus(dtp)
+    Bh = B.to(cdt).repeat_interleave(nheads // ngroups, dim=1)  # (b, H, N)
+    Ch = C.to(cdt).repeat_interleave(nheads // ngroups, dim=1)
+    h = state[r].to(cdt)  # (b, H, P, N)
+    h = h * torch.exp(dtp[..., None] * A.to(cdt)) + (dtp * x.to(cdt))[..., None] * Bh[:, :, None, :]
+    out = torch.einsum("bhpn,bhn->bhp", h, Ch)
+    if D is not None:
+        out = out + D.to(cdt) * x.to(cdt)
+    if z is not None:
+        out = out * F.silu(z.to(cdt))
+    out = out * valid.to(device=out.device, dtype=cdt)[:, None, None]
+    new_state = state.clone()
+    vr = torch.nonzero(valid).flatten()
+    new_state[r[vr.to(r.device)]] = h[vr.to(h.device)].to(state.dtype)
+    return out.to(x.dtype), new_state
+
+
+def selective_state_update_multi_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
+):
+    """T decode steps (x, dt, z (b, T, ...); B, C (b, T, ...)) as a loop of
+    `selective_state_update_ref`. Returns (out (b, T, ...), intermediate_states
+    (b, T) + state.shape[1:]): the state of each entry's row after every position, zeros for a
+    padded entry. ``state`` is not modified."""
+    batch, T = x.shape[0], x.shape[1]
+    rows = torch.arange(batch) if state_batch_indices is None else state_batch_indices.long().cpu()
+    valid = rows >= 0
+    r = rows.clamp(min=0)
+    cur = state.clone()
+    outs, snaps = [], []
+    for t in range(T):
+        o, cur = selective_state_update_ref(cur, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
+                                            None if z is None else z[:, t], dt_bias, dt_softplus,
+                                            state_batch_indices)
+        outs.append(o)
+        snap = cur[r.to(cur.device)] * valid.to(device=cur.device, dtype=cur.dtype).view((batch,) + (1,) * (cur.dim() - 1))
+        snaps.append(snap)
+    out = torch.stack(outs, 1) if T else x.new_zeros(x.shape)
+    inter = torch.stack(snaps, 1) if T else state.new_zeros((batch, 0) + tuple(state.shape[1:]))
+    return out, inter

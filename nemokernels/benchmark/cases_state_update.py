@@ -1,0 +1,100 @@
+"""Decode state-update cases: `selective_state_update` (one token, state in place) and the
+multi-token update of speculative decoding (T = 4), at Nemotron-3 Nano (64 heads) and Super
+(128 heads) Mamba-2 shapes: head dim 64, dstate 128, 8 groups; bf16 activations, float32
+state, per-head dt / A / D / dt_bias expanded with stride 0 as Mamba-2 passes them.
+Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi).
+Baselines: the same math in plain PyTorch (float32, as mamba_ssm's reference), eager and
+compiled."""
+import torch
+import torch.nn.functional as F
+
+import nemokernels as nk
+
+from .harness import Case, lazy_compile
+
+CONFIGS = {"nano": 64, "super": 128}  # heads
+HEADDIM, DSTATE, NGROUPS, T_MULTI = 64, 128, 8, 4
+DTYPE, STATE_DTYPE = torch.bfloat16, torch.float32
+
+
+def _step_torch(state, x, dt, A, B, C, D, z, dt_bias):
+    """One decode step in float32 PyTorch; returns (out, new_state)."""
+    heads = state.shape[1]
+    dtp = F.softplus(dt.float() + dt_bias)                          # (b, H, P)
+    dA = torch.exp(dtp[..., None] * A)                              # (b, H, P, N)
+    Bh = B.float().repeat_interleave(heads // B.shape[1], dim=1)    # (b, H, N)
+    Ch = C.float().repeat_interleave(heads // C.shape[1], dim=1)
+    new = state.float() * dA + (dtp * x.float())[..., None] * Bh[:, :, None, :]
+    out = torch.einsum("bhpn,bhn->bhp", new, Ch) + D * x.float()
+    return (out * F.silu(z.float())).to(x.dtype), new
+
+
+def update_torch(state, x, dt, A, B, C, D, z, dt_bias):
+    out, new = _step_torch(state, x, dt, A, B, C, D, z, dt_bias)
+    state.copy_(new)
+    return out
+
+
+def multi_torch(state, x, dt, A, B, C, D, z, dt_bias, inter):
+    cur, outs = state, []
+    for t in range(x.shape[1]):
+        o, cur = _step_torch(cur, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, z[:, t], dt_bias)
+        inter[:, t] = cur
+        outs.append(o)
+    return torch.stack(outs, 1), inter
+
+
+def update_ours(state, x, dt, A, B, C, D, z, dt_bias):
+    return nk.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+
+
+def multi_ours(state, x, dt, A, B, C, D, z, dt_bias, inter):
+    return nk.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True,
+                                           intermediate_states=inter)
+
+
+def _maker(batch, heads, device, T=None):
+    lead = (batch,) if T is None else (batch, T)
+
+    def make():
+        d = dict(device=device)
+        state = torch.randn(batch, heads, HEADDIM, DSTATE, dtype=STATE_DTYPE, **d) * 0.1
+        x = torch.randn(*lead, heads, HEADDIM, dtype=DTYPE, **d)
+        z = torch.randn(*lead, heads, HEADDIM, dtype=DTYPE, **d)
+        dt = torch.randn(*lead, heads, dtype=DTYPE, **d)[..., None].expand(*lead, heads, HEADDIM)
+        A = (-torch.rand(heads, **d) - 0.5)[:, None, None].expand(heads, HEADDIM, DSTATE)
+        B = torch.randn(*lead, NGROUPS, DSTATE, dtype=DTYPE, **d)
+        C = torch.randn(*lead, NGROUPS, DSTATE, dtype=DTYPE, **d)
+        D = torch.randn(heads, **d)[:, None].expand(heads, HEADDIM)
+        dt_bias = torch.randn(heads, **d)[:, None].expand(heads, HEADDIM)
+        args = (state, x, dt, A, B, C, D, z, dt_bias)
+        if T is not None:
+            args += (torch.empty((batch, T, heads, HEADDIM, DSTATE), dtype=STATE_DTYPE, **d),)
+        return args
+    return make
+
+
+def cases(quick: bool, device) -> list:
+    ssz, esz = torch.empty((), dtype=STATE_DTYPE).element_size(), torch.empty((), dtype=DTYPE).element_size()
+    single = [("nano", 1), ("nano", 64), ("super", 256)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
+    multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
+    out = []
+    for cfg, batch in single:
+        heads = CONFIGS[cfg]
+        st = batch * heads * HEADDIM * DSTATE
+        io = batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE  # x, z, out, dt, B, C
+        out.append(Case(
+            op="selective_state_update", name=f"{cfg} b{batch} h{heads} p{HEADDIM} n{DSTATE}",
+            make_inputs=_maker(batch, heads, device), fn=update_ours,
+            bytes=2 * st * ssz + io * esz, flops=5 * st,
+            baselines={"torch_eager": update_torch, "torch_compile": lazy_compile(update_torch)}))
+    for cfg, batch in multi:
+        heads = CONFIGS[cfg]
+        st = batch * heads * HEADDIM * DSTATE
+        io = T_MULTI * (batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE)
+        out.append(Case(
+            op="selective_state_update_multi", name=f"{cfg} b{batch} T{T_MULTI} h{heads} p{HEADDIM} n{DSTATE}",
+            make_inputs=_maker(batch, heads, device, T_MULTI), fn=multi_ours,
+            bytes=(1 + T_MULTI) * st * ssz + io * esz, flops=5 * T_MULTI * st,
+            baselines={"torch_eager": multi_torch, "torch_compile": lazy_compile(multi_torch)}))
+    return out

@@ -1,0 +1,143 @@
+"""Mamba decode-time state updates: a drop-in for mamba_ssm's `selective_state_update`
+(one token, state updated in place), a multi-token update for speculative decoding that
+keeps the state after every draft position, and `commit_state`, which rolls the cache
+forward to the accepted prefix.
+
+Shapes (b batch, T tokens, H heads, P head dim, N dstate, G groups with H % G == 0):
+  state (slots, H, P, N) float32 / float16 / bfloat16, or (slots, P, N) (Mamba-1 form)
+  x, dt, z (b, H, P) [multi: (b, T, H, P)], or without H
+  A (H, P, N), D and dt_bias (H, P), or without H
+  B, C (b, G, N) [multi: (b, T, G, N)], or (b, N) [multi: (b, T, N)]
+Every tensor may have any strides, 0 included: Mamba-2 passes dt as (b, H) expanded over P,
+and A, D, dt_bias as (H,) expanded (A to (H, P, N)); that case takes a fast path (one decay
+per head). Inputs may be float32, float16 or bfloat16 independently; the math runs in
+float32; out has x's dtype. Schemas: csrc/torch_bindings.cpp; math and kernels:
+csrc/ssd/state_update*.
+"""
+from typing import Optional
+
+import torch
+
+_ops = torch.ops.nemokernels
+
+
+@torch.library.register_fake("nemokernels::selective_state_update")
+def _single_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("nemokernels::selective_state_update_multi")
+def _multi_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states):
+    return x.new_empty(x.shape)
+
+
+def _indices(state_batch_indices: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if state_batch_indices is not None and state_batch_indices.dtype != torch.int32:
+        state_batch_indices = state_batch_indices.to(torch.int32)
+    return state_batch_indices
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One Mamba decode step; updates ``state`` in place and returns ``out`` shaped like x.
+
+    Per batch entry b, head h, row p (s = state[row, h, p, :], row = state_batch_indices[b]
+    or b)::
+
+        dt' = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias      (no clamp)
+        s   = s * exp(dt' * A[h, p, :]) + B[b, h // (H // G), :] * dt' * x[b, h, p]
+        out = (sum(s * C[b, group, :]) + D[h, p] * x[b, h, p]) * silu(z[b, h, p])
+
+    ``state_batch_indices`` (b,) int32 (int64 is converted): the state row of each entry;
+    a negative index is a padded slot (state untouched, out = 0). Non-negative indices must
+    be distinct. An index >= state.shape[0] raises on the CPU; on CUDA (no host sync) it
+    gives NaN outputs and leaves the state untouched. Without indices, entry b uses row b.
+    Not differentiable (a decode-time op).
+    """
+    return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                       _indices(state_batch_indices))
+
+
+def selective_state_update_multi(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
+    intermediate_states: Optional[torch.Tensor] = None,
+):
+    """T decode steps for speculative decoding, without modifying ``state``.
+
+    x, dt, z: (b, T, H, P); B, C: (b, T, G, N); the rest as in `selective_state_update`.
+    Runs the T positions from ``state[row(b)]`` and returns ``(out, intermediate_states)``:
+    out (b, T, H, P) in x's dtype, and the state after every position, (b, T, H, P, N) in
+    state's dtype, written into ``intermediate_states`` when given (else newly allocated).
+    ``intermediate_states[:, t]`` equals the state that t + 1 calls of
+    `selective_state_update` would leave, bit for bit. Padded entries (negative index) get
+    zero outputs and zero snapshots. Pass the snapshots and the number of accepted tokens
+    to `commit_state` to advance the cache.
+    """
+    if intermediate_states is None:
+        intermediate_states = state.new_empty((x.shape[0], x.shape[1]) + tuple(state.shape[1:]))
+    out = _ops.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                            _indices(state_batch_indices), intermediate_states)
+    return out, intermediate_states
+
+
+def commit_state(
+    state: torch.Tensor,
+    intermediate_states: torch.Tensor,
+    num_accepted: torch.Tensor,
+    state_batch_indices: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Advances ``state`` in place to the accepted prefix of a multi-token update.
+
+    For each batch entry b with row r = state_batch_indices[b] (or b) and
+    k = num_accepted[b] (clamped to [0, T]): state[r] = intermediate_states[b, k - 1] when
+    k > 0; k == 0 keeps the old state; padded entries (r < 0) are skipped. Pure PyTorch, no
+    host sync and no data-dependent shapes, so it is safe under CUDA graphs and
+    torch.compile(fullgraph=True). Non-negative rows must be distinct. Returns ``state``.
+    """
+    batch, T = intermediate_states.shape[0], intermediate_states.shape[1]
+    if num_accepted.shape != (batch,):
+        raise ValueError(f"commit_state: num_accepted must have shape ({batch},), got {tuple(num_accepted.shape)}")
+    if tuple(intermediate_states.shape[2:]) != tuple(state.shape[1:]):
+        raise ValueError(f"commit_state: intermediate_states must be (batch, T) + state.shape[1:] = "
+                         f"({batch}, {T}) + {tuple(state.shape[1:])}, got {tuple(intermediate_states.shape)}")
+    if batch == 0 or T == 0:
+        return state
+    dev = state.device
+    ar = torch.arange(batch, device=dev)
+    rows = ar if state_batch_indices is None else state_batch_indices.to(device=dev, dtype=torch.long)
+    acc = num_accepted.to(device=dev, dtype=torch.long)
+    # Every entry writes one row (index_copy_ needs a fixed count). A padded entry repeats the
+    # write of the first non-padded entry: the same row and the same value, so the duplicate
+    # is harmless. When all entries are padded, row 0 is rewritten with its own value.
+    is_pad = rows < 0
+    first = torch.argmax((~is_pad).to(torch.int32))
+    src = torch.where(is_pad, first, ar)
+    src_rows = rows[src]
+    target = src_rows.clamp(min=0)
+    k = acc[src]
+    picked = intermediate_states[src, (k - 1).clamp(0, T - 1)].to(state.dtype)
+    take_new = ((k > 0) & (src_rows >= 0)).view((batch,) + (1,) * (state.dim() - 1))
+    value = torch.where(take_new, picked, state[target])
+    state.index_copy_(0, target, value)
+    return state

@@ -1,0 +1,504 @@
+"""selective_state_update / selective_state_update_multi / commit_state against the float64
+reference (ops/reference.py), the SSD scan, and each other."""
+import pytest
+import torch
+
+import nemokernels as nk
+from nemokernels.ops.reference import (selective_state_update_multi_ref, selective_state_update_ref,
+                                       ssd_scan_ref)
+
+from conftest import DEVICES, raises_in_kernel
+from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (state dtype, input dtype): float32 states with every input dtype, and 16-bit states.
+DTYPE_PAIRS = [(F32, F32), (F32, BF16), (F32, F16), (BF16, BF16), (F16, F16)]
+
+
+def worst(*dts):
+    return max(dts, key=lambda d: TOL[d])
+
+
+def make_inputs(batch, H, P, N, G, state_dtype, dtype, device, *, params="expanded", heads=True, T=None,
+                slots=None, D=True, z=True, dt_bias=True, softplus=True):
+    """Random decode-step inputs. params='expanded': Mamba-2's per-head dt, A, D, dt_bias
+    expanded with stride 0; 'general': a value per (h, p[, n]). heads=False: the Mamba-1 form
+    (H = G = 1, no head dim). T: multi-token shapes (b, T, ...). dt + dt_bias is a realistic
+    pre-softplus value, or a positive step when softplus=False (else the state would grow)."""
+    if not heads:
+        H = G = 1
+    lead = (batch,) if T is None else (batch, T)
+    slots = batch if slots is None else slots
+    d = dict(device=device)
+    state = torch.randn(slots, H, P, N, dtype=state_dtype, **d)
+    x = torch.randn(*lead, H, P, dtype=dtype, **d)
+    zz = torch.randn(*lead, H, P, dtype=dtype, **d) if z else None
+    B = torch.randn(*lead, G, N, dtype=dtype, **d)
+    C = torch.randn(*lead, G, N, dtype=dtype, **d)
+    def dt_like(*shape, dtype=torch.float32):
+        if softplus:
+            return (torch.randn(*shape, **d) * 0.5 - 1.0).to(dtype)
+        return (torch.rand(*shape, **d) * 0.3 + 0.01).to(dtype)
+
+    def bias_like(*shape):
+        return torch.randn(*shape, **d) * 0.5 if softplus else torch.rand(*shape, **d) * 0.1
+
+    if params == "expanded":
+        dt = dt_like(*lead, H, dtype=dtype)[..., None].expand(*lead, H, P)
+        A = (-torch.exp(torch.randn(H, **d) * 0.5))[:, None, None].expand(H, P, N)
+        DD = torch.randn(H, **d)[:, None].expand(H, P) if D else None
+        bias = bias_like(H)[:, None].expand(H, P) if dt_bias else None
+    else:
+        dt = dt_like(*lead, H, P, dtype=dtype)
+        A = -torch.exp(torch.randn(H, P, N, **d) * 0.5)
+        DD = torch.randn(H, P, **d) if D else None
+        bias = bias_like(H, P) if dt_bias else None
+    out = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=DD, z=zz, dt_bias=bias)
+    if not heads:  # drop the head / group dims
+        k = len(lead)
+        out.update(state=state[:, 0], x=x.select(k, 0), dt=dt.select(k, 0), A=A[0], B=B.select(k, 0),
+                   C=C.select(k, 0), D=None if DD is None else DD[0], z=None if zz is None else zz.select(k, 0),
+                   dt_bias=None if bias is None else bias[0])
+    return out
+
+
+def d64(t):
+    return None if t is None else t.double()
+
+
+def ref_single(inp, softplus, idx=None):
+    out, new = selective_state_update_ref(*(d64(inp[k]) for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")),
+                                          softplus, idx)
+    return out, new
+
+
+def run_single(inp, softplus, idx=None):
+    return nk.selective_state_update(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"],
+                                     inp["z"], inp["dt_bias"], softplus, idx)
+
+
+def run_multi(inp, softplus, idx=None, inter=None):
+    return nk.selective_state_update_multi(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
+                                           inp["D"], inp["z"], inp["dt_bias"], softplus, idx, inter)
+
+
+def check_single(inp, softplus, idx=None, state_dtype=F32, dtype=F32):
+    ref_out, ref_state = ref_single(inp, softplus, idx)
+    before = inp["state"].clone()
+    poison_allocator(inp["x"].device)
+    out = run_single(inp, softplus, idx)
+    assert out.shape == inp["x"].shape and out.dtype == inp["x"].dtype
+    # out sums N rounded state terms against random-signed C: cancellation roughly doubles the
+    # relative error of the 16-bit cases (observed up to 0.6x the dtype tolerance), hence 2x.
+    assert_close(out, ref_out, worst(state_dtype, dtype), factor=2, what="out")
+    assert_close(inp["state"], ref_state, worst(state_dtype, dtype), what="state")
+    if idx is not None:  # rows nobody indexes: bit for bit untouched
+        used = set(int(i) for i in idx.cpu() if i >= 0)
+        for r in range(before.shape[0]):
+            if r not in used:
+                assert torch.equal(inp["state"][r], before[r]), f"state row {r} was touched"
+        for b, i in enumerate(idx.cpu().tolist()):
+            if i < 0:
+                assert torch.equal(out[b], torch.zeros_like(out[b])), "padded entry must output zeros"
+
+
+# Shapes (batch, H, P, N, G): lanes per row from 2 to 32, 1-4 vectors per lane, P not a
+# multiple of a block's rows, N not a multiple of the 16-byte vector.
+SHAPES = [(3, 4, 5, 16, 2), (2, 6, 70, 128, 3), (1, 2, 3, 200, 1), (2, 2, 4, 512, 2), (2, 4, 8, 7, 4)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,dtype", DTYPE_PAIRS)
+@pytest.mark.parametrize("params", ["expanded", "general"])
+def test_single_matches_reference(device, state_dtype, dtype, params):
+    for i, (batch, H, P, N, G) in enumerate(SHAPES):
+        # Options on for the first shapes, then each off in turn.
+        opts = [dict(), dict(D=False), dict(z=False), dict(dt_bias=False), dict(D=False, z=False, dt_bias=False)][i]
+        for softplus in (True, False):
+            inp = make_inputs(batch, H, P, N, G, state_dtype, dtype, device, params=params, softplus=softplus, **opts)
+            check_single(inp, softplus, state_dtype=state_dtype, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,dtype", [(F32, F32), (BF16, BF16), (F32, BF16)])
+def test_mamba1_shapes_without_head_dim(device, state_dtype, dtype):
+    for params in ("expanded", "general"):
+        inp = make_inputs(3, 1, 24, 16, 1, state_dtype, dtype, device, params=params, heads=False)
+        assert inp["state"].dim() == 3 and inp["x"].dim() == 2 and inp["B"].dim() == 2
+        check_single(inp, True, state_dtype=state_dtype, dtype=dtype)
+        minp = make_inputs(2, 1, 24, 16, 1, state_dtype, dtype, device, params=params, heads=False, T=3)
+        out, inter = run_multi(minp, True)
+        ref_out, ref_inter = selective_state_update_multi_ref(*(d64(minp[k]) for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")), True)
+        assert out.shape == minp["x"].shape and inter.shape == (2, 3, 24, 16)
+        assert_close(out, ref_out, worst(state_dtype, dtype), factor=2)
+        assert_close(inter, ref_inter, worst(state_dtype, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("G", [1, 2, 8])
+def test_ngroups(device, G):
+    inp = make_inputs(2, 8, 16, 32, G, F32, F32, device)
+    check_single(inp, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,dtype", [(F32, BF16), (BF16, BF16)])
+def test_state_batch_indices_permutation_and_pads(device, state_dtype, dtype):
+    slots = 9
+    for idx in ([4, 0, 8, 2], [-1, 3, -1, 7], [-1, -1, -1, -1]):
+        inp = make_inputs(4, 4, 16, 64, 2, state_dtype, dtype, device, slots=slots)
+        check_single(inp, True, torch.tensor(idx, dtype=torch.int32, device=device), state_dtype, dtype)
+    # int64 indices are converted by the Python wrapper
+    inp = make_inputs(2, 2, 4, 16, 1, F32, F32, device, slots=3)
+    check_single(inp, True, torch.tensor([2, 0], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    """A state that is a slice of a wider buffer and one whose N stride is not 1, and inputs
+    that are slices: every operand goes by its strides."""
+    batch, H, P, N, G = 3, 4, 8, 32, 2
+    for layout in ("padded", "transposed"):
+        inp = make_inputs(batch, H, P, N, G, F32, BF16, device, params="general")
+        if layout == "padded":
+            buf = torch.randn(batch + 2, H, P, N + 3, device=device)
+            state = buf[1:batch + 1, :, :, 1:N + 1]
+            outside = buf.clone()
+        else:
+            state = torch.randn(batch, H, N, P, device=device).transpose(-1, -2)
+        state.copy_(inp["state"])
+        inp["state"] = state
+        inp["x"] = torch.randn(batch, H, 2 * P, device=device, dtype=BF16)[..., ::2]
+        inp["B"] = torch.randn(batch, N, G, device=device, dtype=BF16).transpose(1, 2)
+        inp["A"] = inp["A"].transpose(0, 1).contiguous().transpose(0, 1)
+        inp["D"] = torch.randn(P, H, device=device).t()
+        check_single(inp, True, state_dtype=F32, dtype=BF16)
+        if layout == "padded":  # what lies around the state view stays intact
+            for sl in ((0,), (batch + 1,), (slice(None), slice(None), slice(None), 0),
+                       (slice(None), slice(None), slice(None), slice(N + 1, None))):
+                assert torch.equal(buf[sl], outside[sl]), f"buffer outside the state view changed at {sl}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_equals_general_path(device):
+    """The stride-0 head-decay fast path and the general path give the same bits."""
+    inp = make_inputs(2, 4, 16, 128, 2, F32, BF16, device)
+    gen = {k: (v.contiguous() if torch.is_tensor(v) else v) for k, v in inp.items()}
+    gen["state"] = inp["state"].clone()
+    out_fast = run_single(inp, True)
+    out_gen = run_single(gen, True)
+    assert torch.equal(out_fast, out_gen) and torch.equal(inp["state"], gen["state"])
+
+
+# ---------------------------------------------------------------- multi-token
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,dtype", DTYPE_PAIRS)
+def test_multi_equals_single_steps(device, state_dtype, dtype):
+    """T multi-token positions give bit for bit the outputs and states of T single steps, and
+    the state itself is not modified."""
+    T, slots = 4, 5
+    for params in ("expanded", "general"):
+        inp = make_inputs(3, 4, 10, 48, 2, state_dtype, dtype, device, params=params, T=T, slots=slots)
+        idx = torch.tensor([3, -1, 0], dtype=torch.int32, device=device)
+        before = inp["state"].clone()
+        inter = torch.full((3, T, 4, 10, 48), float("nan"), dtype=state_dtype, device=device)
+        poison_allocator(device)
+        out, got = run_multi(inp, True, idx, inter)
+        assert got is inter and torch.equal(inp["state"], before), "multi must not modify state"
+        st = before.clone()
+        for t in range(T):
+            step = {k: (v[:, t] if k in ("x", "dt", "z", "B", "C") else v) for k, v in inp.items()}
+            step["state"] = st
+            o = run_single(step, True, idx)
+            assert torch.equal(out[:, t], o), f"out differs at position {t}"
+            for b, r in enumerate(idx.tolist()):
+                if r >= 0:
+                    assert torch.equal(inter[b, t], st[r]), f"snapshot {t} of entry {b} differs"
+        assert torch.equal(inter[1], torch.zeros_like(inter[1])) and torch.equal(out[1], torch.zeros_like(out[1]))
+        ref_out, ref_inter = selective_state_update_multi_ref(
+            *(d64(inp[k]) for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")), True, idx)
+        assert_close(out, ref_out, worst(state_dtype, dtype), factor=2)
+        assert_close(inter, ref_inter, worst(state_dtype, dtype), factor=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_without_snapshot_buffer_argument(device):
+    inp = make_inputs(2, 2, 8, 16, 1, F32, F32, device, T=3)
+    out, inter = nk.selective_state_update_multi(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
+                                                 inp["D"], inp["z"], inp["dt_bias"], True)
+    assert inter.shape == (2, 3, 2, 8, 16) and inter.dtype == inp["state"].dtype
+    # The raw op without a buffer computes the outputs only.
+    out2 = torch.ops.nemokernels.selective_state_update_multi(
+        inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"], True,
+        None, None)
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", [F32, BF16])
+def test_commit_state_every_accepted_length(device, state_dtype):
+    T, slots, batch = 4, 7, 4
+    inp = make_inputs(batch, 4, 8, 32, 2, state_dtype, BF16, device, T=T, slots=slots)
+    idx = torch.tensor([5, -1, 0, 2], dtype=torch.int32, device=device)
+    out, inter = run_multi(inp, True, idx)
+    # state after k single steps, per k
+    after = [inp["state"].clone()]
+    for t in range(T):
+        step = {k: (v[:, t] if k in ("x", "dt", "z", "B", "C") else v) for k, v in inp.items()}
+        step["state"] = after[-1].clone()
+        run_single(step, True, idx)
+        after.append(step["state"])
+    cases = [[k] * batch for k in range(T + 1)] + [[2, 3, 0, 4], [4, 0, 1, 0], [7, 2, -1, 1]]
+    for acc in cases:
+        state = inp["state"].clone()
+        nk.commit_state(state, inter, torch.tensor(acc, device=device), idx)
+        want = inp["state"].clone()
+        for b, r in enumerate(idx.tolist()):
+            if r >= 0:
+                want[r] = after[min(max(acc[b], 0), T)][r]
+        assert torch.equal(state, want), f"commit_state wrong for num_accepted={acc}"
+    # without indices: entry b is row b
+    inp2 = make_inputs(2, 2, 4, 16, 1, state_dtype, BF16, device, T=T, softplus=False)
+    _, inter2 = run_multi(inp2, False)
+    state = inp2["state"].clone()
+    nk.commit_state(state, inter2, torch.tensor([0, 3], device=device))
+    assert torch.equal(state[0], inp2["state"][0]) and torch.equal(state[1], inter2[1, 2])
+
+
+# ---------------------------------------------------------------- the decode step is the scan
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("multi", [False, True])
+def test_decode_steps_equal_ssd_scan(device, multi):
+    """T decode steps from h0 equal the SSD recurrence (ssd_scan_ref) on the same T tokens
+    with initial_states = h0: outputs and final state."""
+    b, L, H, P, N, G = 2, 6, 4, 8, 32, 2
+    dev = dict(device=device)
+    x = torch.randn(b, L, H, P, **dev)
+    dt = torch.randn(b, L, H, **dev) * 0.5 - 1.0
+    A = -torch.exp(torch.randn(H, **dev) * 0.5)
+    B = torch.randn(b, L, G, N, **dev)
+    C = torch.randn(b, L, G, N, **dev)
+    D = torch.randn(H, **dev)
+    z = torch.randn(b, L, H, P, **dev)
+    dt_bias = torch.randn(H, **dev) * 0.5
+    h0 = torch.randn(b, H, P, N, **dev)
+    y_ref, h_ref = ssd_scan_ref(x.double(), dt.double(), A.double(), B.double(), C.double(), D=D.double(),
+                                z=z.double(), dt_bias=dt_bias.double(), initial_states=h0.double(),
+                                dt_softplus=True, return_final_states=True)
+    Ae, De, be = A[:, None, None].expand(H, P, N), D[:, None].expand(H, P), dt_bias[:, None].expand(H, P)
+    state = h0.clone()
+    if multi:
+        y, inter = nk.selective_state_update_multi(state, x, dt[..., None].expand(b, L, H, P), Ae, B, C, De, z, be,
+                                                   dt_softplus=True)
+        h = inter[:, -1]
+        assert torch.equal(state, h0)
+    else:
+        ys = [nk.selective_state_update(state, x[:, t], dt[:, t, :, None].expand(b, H, P), Ae, B[:, t], C[:, t], De,
+                                        z[:, t], be, dt_softplus=True) for t in range(L)]
+        y, h = torch.stack(ys, 1), state
+    assert_close(y, y_ref, F32, factor=5, what="y")
+    assert_close(h, h_ref, F32, factor=5, what="final state")
+
+
+# ---------------------------------------------------------------- errors, empty inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    inp = make_inputs(0, 4, 8, 16, 2, F32, F32, device, slots=2)
+    assert run_single(inp, True).shape == (0, 4, 8)
+    inp = make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=0)
+    out, inter = run_multi(inp, True)
+    assert out.shape == (2, 0, 4, 8) and inter.shape == (2, 0, 4, 8, 16)
+    state = inp["state"].clone()
+    nk.commit_state(state, inter, torch.zeros(2, dtype=torch.long, device=device))
+    assert torch.equal(state, inp["state"])
+
+
+@raises_in_kernel
+def test_index_out_of_range_and_duplicates_raise_on_cpu():
+    inp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cpu", slots=3)
+    before = inp["state"].clone()
+    with pytest.raises(RuntimeError, match=r"state_batch_indices\[1\] = 3 is out of range for state with 3 rows"):
+        run_single(inp, True, torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="holds row 1 twice"):
+        run_single(inp, True, torch.tensor([1, 1], dtype=torch.int32))
+    assert torch.equal(inp["state"], before)
+    minp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cpu", slots=3, T=2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        run_multi(minp, True, torch.tensor([5, 0], dtype=torch.int32))
+    run_multi(minp, True, torch.tensor([1, 1], dtype=torch.int32))  # read-only state: duplicates are fine
+
+
+@pytest.mark.gpu
+def test_index_out_of_range_gives_nan_on_cuda():
+    inp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cuda", slots=3)
+    before = inp["state"].clone()
+    out = run_single(inp, True, torch.tensor([7, 0], dtype=torch.int32, device="cuda"))
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+    assert torch.equal(inp["state"][1:], before[1:])
+    minp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cuda", slots=3, T=2)
+    out, inter = run_multi(minp, True, torch.tensor([0, 9], dtype=torch.int32, device="cuda"))
+    assert torch.isnan(out[1]).all() and torch.isnan(inter[1]).all() and torch.isfinite(inter[0]).all()
+
+
+@raises_in_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    inp = make_inputs(2, 4, 8, 16, 2, F32, F32, device, slots=3)
+    ops = torch.ops.nemokernels
+
+    def call(**kw):
+        a = dict(inp, **kw)
+        return run_single(a, True, a.pop("idx", None))
+
+    dev = dict(device=device)
+    cases = [
+        (lambda: call(state=torch.randn(2, 8, **dev)), "state must be"),
+        (lambda: call(x=torch.randn(2, 4, 9, **dev)), r"x must have shape \(2, 4, 8\)"),
+        (lambda: call(x=torch.randn(2, 4, 8, **dev).long()), "x must be one of"),
+        (lambda: call(dt=torch.randn(2, 4, **dev)), "dt must have shape"),
+        (lambda: call(A=torch.randn(4, 8, **dev)), r"A must have shape \(4, 8, 16\)"),
+        (lambda: call(B=torch.randn(2, 3, 16, **dev), C=torch.randn(2, 3, 16, **dev)), r"nheads \(4\) must be a multiple of ngroups"),
+        (lambda: call(C=torch.randn(2, 2, 15, **dev)), "C must have shape"),
+        (lambda: call(D=torch.randn(4, **dev)), r"D must have shape \(4, 8\)"),
+        (lambda: call(z=torch.randn(2, 4, 7, **dev)), "z must have shape"),
+        (lambda: call(dt_bias=torch.randn(3, 8, **dev)), "dt_bias must have shape"),
+        (lambda: call(idx=torch.tensor([0, 1, 2], dtype=torch.int32, **dev)), r"state_batch_indices.shape\[0\] must be 2"),
+        (lambda: call(state=torch.randn(1, 4, 8, 16, **dev)), r"state.shape\[0\] must be at least batch = 2"),
+        (lambda: call(state=torch.randn(1, 4, 8, 1, **dev).expand(3, 4, 8, 16)), "expanded view"),
+        (lambda: ops.selective_state_update(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], None, None,
+                                            None, True, torch.tensor([0, 1], **dev)), "state_batch_indices must be one of"),
+        (lambda: run_multi(make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=2), True,
+                           inter=torch.empty(2, 2, 4, 8, 16, dtype=BF16, **dev)), "intermediate_states must have state's dtype"),
+        (lambda: run_multi(make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=2), True,
+                           inter=torch.empty(2, 3, 4, 8, 16, **dev)), "intermediate_states must have shape"),
+        (lambda: run_multi(inp, True), "x must have 4 dimensions"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    with pytest.raises(ValueError, match="num_accepted must have shape"):
+        nk.commit_state(inp["state"], torch.zeros(2, 3, 4, 8, 16, **dev), torch.zeros(3, dtype=torch.long, **dev))
+
+
+# ---------------------------------------------------------------- opcheck, compile, graphs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params", ["expanded", "general"])
+def test_opcheck(device, params):
+    ops = torch.ops.nemokernels
+    keys = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    idx = torch.tensor([2, -1], dtype=torch.int32, device=device)
+    inp = make_inputs(2, 4, 8, 16, 2, F32, BF16, device, params=params, slots=3)
+    opcheck(ops.selective_state_update, tuple(inp[k] for k in keys) + (True, idx))
+    minp = make_inputs(2, 4, 8, 16, 2, F32, BF16, device, params=params, T=3, slots=3)
+    margs = tuple(minp[k] for k in keys)
+    if params == "expanded":
+        opcheck(ops.selective_state_update_multi, margs + (True, idx, torch.empty(2, 3, 4, 8, 16, device=device)))
+    else:
+        opcheck(ops.selective_state_update_multi, margs + (False, None, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    """A decode step, a speculative multi-token step and the commit, in one compiled graph."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    T = 3
+    one = make_inputs(3, 4, 8, 16, 2, F32, BF16, device, slots=5)
+    multi = make_inputs(3, 4, 8, 16, 2, F32, BF16, device, T=T, slots=5)
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32, device=device)
+    acc = torch.tensor([2, 1, 0], device=device)
+
+    def f(state, one, multi, idx, acc):
+        y = nk.selective_state_update(state, one["x"], one["dt"], one["A"], one["B"], one["C"], one["D"], one["z"],
+                                      one["dt_bias"], True, idx)
+        out, inter = nk.selective_state_update_multi(state, multi["x"], multi["dt"], multi["A"], multi["B"],
+                                                     multi["C"], multi["D"], multi["z"], multi["dt_bias"], True, idx)
+        nk.commit_state(state, inter, acc, idx)
+        return y, out
+
+    s1 = one["state"].clone()
+    s2 = one["state"].clone()
+    y1, o1 = f(s1, one, multi, idx, acc)
+    y2, o2 = torch.compile(f, fullgraph=True, backend=backend)(s2, one, multi, idx, acc)
+    assert torch.equal(y1, y2) and torch.equal(o1, o2)
+    assert torch.equal(s1, s2), "the in-place updates must survive compilation"
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_cuda_matches_cpu_kernel():
+    for state_dtype, dtype in [(F32, BF16), (BF16, BF16)]:
+        for params in ("expanded", "general"):
+            inp = make_inputs(3, 8, 64, 128, 2, state_dtype, dtype, "cuda", params=params, T=4)
+            cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in inp.items()}
+            out, inter = run_multi(inp, True)
+            outc, interc = run_multi(cpu, True)
+            # Same decomposition and order; expf may differ by an ulp, which can flip the
+            # rounding of a few 16-bit state elements.
+            tol = 1e-6 if state_dtype == F32 else 2e-4
+            assert rel_err(out, outc) < tol and rel_err(inter, interc) < tol
+            one = {k: (v[:, 0] if k in ("x", "dt", "z", "B", "C") else v) for k, v in inp.items()}
+            onec = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in one.items()}
+            onec["state"] = one["state"].cpu()  # a copy: the CUDA state is updated in place too
+            o, oc = run_single(one, True), run_single(onec, True)
+            assert rel_err(o, oc) < tol and rel_err(one["state"], onec["state"]) < tol
+
+
+@raises_in_kernel
+@pytest.mark.gpu
+def test_dstate_limit_on_cuda():
+    inp = make_inputs(1, 2, 4, 1024, 1, F32, F32, "cuda")
+    with pytest.raises(RuntimeError, match="dstate = 1024 is too large for the CUDA kernel"):
+        run_single(inp, True)
+    check_single(make_inputs(1, 2, 4, 1024, 1, BF16, BF16, "cuda"), True, state_dtype=BF16, dtype=BF16)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_inputs():
+    """Capture decode step + multi-token + commit, change the inputs in place, replay."""
+    one = make_inputs(4, 8, 64, 128, 2, F32, BF16, "cuda", slots=6)
+    multi = make_inputs(4, 8, 64, 128, 2, F32, BF16, "cuda", T=4, slots=6)
+    idx = torch.tensor([5, -1, 0, 2], dtype=torch.int32, device="cuda")
+    acc = torch.tensor([2, 0, 4, 1], device="cuda")
+    state = one["state"]
+
+    def step():
+        y = run_single(one, True, idx)
+        out, inter = run_multi(dict(multi, state=state), True, idx)
+        nk.commit_state(state, inter, acc, idx)
+        return y, out
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y, out = step()
+    for d in (one, multi):
+        for k in ("x", "z", "B", "C"):
+            d[k].copy_(torch.randn_like(d[k]))
+    start = torch.randn_like(state)
+    state.copy_(start)
+    acc.copy_(torch.tensor([4, 3, 0, 2]))
+    g.replay()
+    got = state.clone()
+    state.copy_(start)
+    y2, out2 = step()
+    assert torch.equal(y, y2) and torch.equal(out, out2) and torch.equal(got, state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [F32, BF16])
+def test_nano_shape_gpu(state_dtype, sanitizer):
+    """Nemotron-3 Nano decode (64 heads x 64 x dstate 128, 8 groups) at batch 64."""
+    inp = make_inputs(4 if sanitizer else 64, 64, 64, 128, 8, state_dtype, BF16, "cuda")
+    check_single(inp, True, state_dtype=state_dtype, dtype=BF16)
