@@ -13,20 +13,25 @@
 //                    <g, in_c> per slice into scratch, g = dIn_c + carry_c g; dinit = g.
 //                    Grid x = b * H * ceil(P*N / kSpChunk).
 //  dcs_last_kernel   dcs_last = carry_c * (sum of the slices' partial dots, in slice order).
-//  col_kernel        B3, per (b, c, h, 64-position tile of j): everything indexed by the
-//                    "input" position j: dx_j (final), this head's dB_j (float32 scratch),
-//                    ddt'_j before the A ddA term, sum_i W_ij and U_j (scratch). Loops over
-//                    the i tiles >= the j tile, recomputing CB = C B^T and DX = dy x^T tiles
-//                    (64x64) and keeping CB*mask and DX*mask in shared memory as the A
-//                    operands of dx += (CB m)^T dy and dB += (DX m)^T C.
-//                    Grid x = b * nc * H * Q/64. Dynamic smem ~57 KB.
-//  row_kernel        B3, per (b, c, h, 64-position tile of i): this head's dC_i (scratch),
-//                    sum_j W_ij and V_i (scratch). Loops over the j tiles <= the i tile.
-//                    Grid x = b * nc * H * Q/64.
+//  col_kernel        B3, per (b, c, split of hs heads of one group, 64-position tile of j):
+//                    everything indexed by the "input" position j. Per head: dx_j (final),
+//                    ddt'_j before the A ddA term, sum_i W_ij and U_j (scratch); over the
+//                    block's heads: dB_j summed in registers (dt'_j of each head folded into
+//                    its terms), written once to scratch. Loops over the i tiles >= the j
+//                    tile, recomputing CB = C B^T and DX = dy x^T tiles (64x64) and keeping
+//                    CB*mask and DX*mask*dt' in shared memory as the A operands of
+//                    dx += (CB m)^T dy and dB += (DX m dt')^T C.
+//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 57 KB (Q = 256).
+//  row_kernel        B3, per (b, c, split of hs heads, 64-position tile of i): per head
+//                    sum_j W_ij and V_i (scratch); dC_i summed over the block's heads in
+//                    registers, written once to scratch. Loops over the j tiles <= the i tile.
+//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 37 KB (Q = 256).
+//                    hs (heads_per_block) is the largest divisor of H/G that keeps at least
+//                    kTargetBlocks blocks; the dB/dC scratch is (b, nc, H/hs, Q, N) float32.
 //  chunk_fin_kernel  B3 per (b, c, h): dcs, its reverse cumsum, ddt (through ssd_dt_grad),
 //                    dA_part, dbias_part, dD_part. One thread per position.
-//  sum_bc_kernel     dB, dC = sum over the heads of each group of the per-head scratch, in
-//                    head order (deterministic), converted to the activation dtype.
+//  sum_bc_kernel     dB, dC = sum over the head splits of each group of the scratch, in
+//                    split order (deterministic), converted to the activation dtype.
 //  reduce_kernel     dA, ddt_bias, dD = sums of the per-(b, chunk) partials in (b, c[, p]) order.
 //
 // Tiles: every GEMM-shaped product runs as 64x64 output tiles on 256 threads (each thread a
@@ -89,8 +94,8 @@ NK_DEVICE int tile_tx() { return threadIdx.x % 16; }
 struct Scratch {
   float* fwd_ws;    // ssd_fwd_cuda_workspace_bytes(fwd) bytes for ssd_states_cuda, or null
   float* dy;        // (b, L, H, P) dout silu(z), only with z
-  float* dBh;       // (b, nc, H, Q, N) per-head dB (valid rows only)
-  float* dCh;       // (b, nc, H, Q, N) per-head dC (valid rows only)
+  float* dBs;       // (b, nc, H/hs, Q, N) dB summed over each split's hs heads (valid rows)
+  float* dCs;       // (b, nc, H/hs, Q, N) dC likewise
   float* dot_part;  // (b, H, nc, S) partial <g, in_c> per state slice
   float* ddtp;      // (b, H, nc, Q) ddt' without the A ddA term
   float* wcol;      // (b, H, nc, Q) sum_i W_ij
@@ -98,9 +103,25 @@ struct Scratch {
   float* wrow;      // (b, H, nc, Q) sum_j W_ij
   float* v;         // (b, H, nc, Q) V_i
   int64_t nslices;  // S
+  int64_t hs;       // heads per B3 block (divides H / G)
 };
 
 int64_t round_up(int64_t v) { return (v + 63) / 64 * 64; }
+
+// Heads per B3 block: the largest divisor of H / G that still leaves kTargetBlocks blocks
+// (dB and dC are summed over a block's heads in registers, so a larger hs means a smaller
+// scratch: (b, nc, H/hs, Q, N) float32 twice; hs = H / G is mamba_ssm's footprint).
+#ifndef NK_SSD_BWD_TARGET_BLOCKS
+#define NK_SSD_BWD_TARGET_BLOCKS 1024  // overridable for host-emulation tests of hs > 1
+#endif
+const int64_t kTargetBlocks = NK_SSD_BWD_TARGET_BLOCKS;
+int64_t heads_per_block(const SsdParams& p) {
+  const int64_t hpg = p.nheads / p.ngroups, ntile = p.chunk_size / kTile;
+  int64_t best = 1;
+  for (int64_t d = 2; d <= hpg; ++d)
+    if (hpg % d == 0 && p.batch * p.nchunks * (p.nheads / d) * ntile >= kTargetBlocks) best = d;
+  return best;
+}
 
 // Float offsets of the regions; returns the total in floats.
 int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
@@ -108,9 +129,10 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   const int64_t b = p.batch, L = p.seqlen, H = p.nheads, P = p.headdim, N = p.dstate;
   const int64_t nc = p.nchunks, Q = p.chunk_size;
   const int64_t S = (P * N + kSpChunk - 1) / kSpChunk;
+  const int64_t hs = heads_per_block(p);
   // Region 0: the forward's own scratch for ssd_states_cuda (the entry sizes only ours).
   const int64_t sizes[10] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
-                             p.z != nullptr ? b * L * H * P : 0, b * nc * H * Q * N, b * nc * H * Q * N,
+                             p.z != nullptr ? b * L * H * P : 0, b * nc * (H / hs) * Q * N, b * nc * (H / hs) * Q * N,
                              b * H * nc * S, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
                              b * H * nc * Q, b * H * nc * Q};
   int64_t off[10], total = 0;
@@ -122,8 +144,8 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
     float* base = static_cast<float*>(q.workspace);
     s->fwd_ws = sizes[0] > 0 ? base + off[0] : nullptr;
     s->dy = p.z != nullptr ? base + off[1] : nullptr;
-    s->dBh = base + off[2];
-    s->dCh = base + off[3];
+    s->dBs = base + off[2];
+    s->dCs = base + off[3];
     s->dot_part = base + off[4];
     s->ddtp = base + off[5];
     s->wcol = base + off[6];
@@ -131,6 +153,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
     s->wrow = base + off[8];
     s->v = base + off[9];
     s->nslices = S;
+    s->hs = hs;
   }
   return total;
 }
@@ -273,10 +296,6 @@ struct ChunkView {
   // Offset of (b, c, h) in the (b, nc, H, P, N) state arrays.
   NK_DEVICE int64_t state_base() const {
     return ((b * q.fwd.nchunks + c) * q.fwd.nheads + h) * q.fwd.headdim * q.fwd.dstate;
-  }
-  // Offset of row 0 of (b, c, h) in the (b, nc, H, Q, N) per-head dB/dC scratch.
-  NK_DEVICE int64_t bc_base() const {
-    return ((b * q.fwd.nchunks + c) * q.fwd.nheads + h) * q.fwd.chunk_size * q.fwd.dstate;
   }
 };
 
@@ -434,165 +453,186 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
   ColSmem<Q>& sm = *reinterpret_cast<ColSmem<Q>*>(smem_raw);
   const SsdParams& p = q.fwd;
   constexpr int kNT = Q / kTile;
+  const int64_t nsplit = p.nheads / w.hs;
   int64_t bid = blockIdx.x;
   const int jt = bid % kNT;
   bid /= kNT;
-  const int64_t h = bid % p.nheads;
-  bid /= p.nheads;
+  const int64_t sp = bid % nsplit;
+  bid /= nsplit;
   const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
-  ChunkView<T> v(q, w.dy, b, c, h);
   const int j0 = jt * kTile;
-  if (j0 >= v.nvalid) return;  // all padding: nothing to write (uniform over the block)
-  load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
+  const int nvalid = static_cast<int>(std::min<int64_t>(Q, p.seqlen - c * Q));
+  if (j0 >= nvalid) return;  // all padding: nothing to write (uniform over the block)
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
   const int npt = ceil_div_d(P), nnt = ceil_div_d(N);
   const int ty = tile_ty(), tx = tile_tx();
-  const float cs_last = sm.cs[Q - 1];
-  const int32_t sid_last = sm.sid[Q - 1];
-  const float* dS = q.dstates + v.state_base();
+  T* dx = static_cast<T*>(q.dx);
 
-  Acc accx[kMaxPT], accb[kMaxNT];
-#pragma unroll
-  for (int t = 0; t < kMaxPT; ++t) zero_acc(accx[t]);
+  // dB_j summed over this block's heads (all of one group), dt'_j of each head folded in.
+  Acc accb[kMaxNT];
 #pragma unroll
   for (int t = 0; t < kMaxNT; ++t) zero_acc(accb[t]);
 
-  // State terms: R = B_j dS^T (j x P) and x_j dS (j x N), both decayed to the chunk end.
-#pragma unroll
-  for (int pt = 0; pt < kMaxPT; ++pt) {
-    if (pt >= npt) break;
-    gemm_gg<true, true>(
-        accx[pt], N, sm.As, sm.Bs, [&](int k, int m) { return v.Bv(j0 + m, k); },
-        [&](int k, int n) {
-          const int pp = pt * kTile + n;
-          return (pp < P && k < N) ? dS[pp * N + k] : 0.f;
-        });
-  }
-#pragma unroll
-  for (int nt = 0; nt < kMaxNT; ++nt) {
-    if (nt >= nnt) break;
-    gemm_gg<true, false>(
-        accb[nt], P, sm.As, sm.Bs, [&](int k, int m) { return v.x(j0 + m, k); },
-        [&](int k, int n) {
-          const int nn = nt * kTile + n;
-          return (k < P && nn < N) ? dS[k * N + nn] : 0.f;
-        });
-  }
-  // Rx_j = x_j . R_j (for ddt' and U), then scale both state terms by decay_j.
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int jl = ty + 16 * r;
-    float part = 0.f;
-#pragma unroll
-    for (int pt = 0; pt < kMaxPT; ++pt) {
-      if (pt >= npt) break;
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) part = fmaf(v.x(j0 + jl, pt * kTile + tx + 16 * cc), accx[pt][r][cc], part);
-    }
-    part = row_sum16(part);
-    if (tx == 0) sm.rx[jl] = part;
-    const int j = j0 + jl;
-    const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
-#pragma unroll
-    for (int cc = 0; cc < 4; ++cc) {
-#pragma unroll
-      for (int pt = 0; pt < kMaxPT; ++pt) accx[pt][r][cc] *= decay;
-#pragma unroll
-      for (int nt = 0; nt < kMaxNT; ++nt) accb[nt][r][cc] *= decay;
-    }
-  }
+  for (int64_t hh = 0; hh < w.hs; ++hh) {
+    const int64_t h = sp * w.hs + hh;
+    ChunkView<T> v(q, w.dy, b, c, h);
+    __syncthreads();  // the previous head's epilogue still reads the chunk scalars and rx
+    load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
+    const float cs_last = sm.cs[Q - 1];
+    const int32_t sid_last = sm.sid[Q - 1];
+    const float* dS = q.dstates + v.state_base();
 
-  // Intra-chunk terms, i tiles from the diagonal down.
-  float colsum = 0.f;  // sum_i CB_ij m_ij DX_ij for column j0 + threadIdx.x (threads < 64)
-  for (int it = jt; it < kNT; ++it) {
-    const int i0 = it * kTile;
-    if (i0 >= v.nvalid) break;  // rows of padding only: every term is zero
-    Acc s;
-    zero_acc(s);
-    gemm_gg<true, true>(
-        s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
-        [&](int k, int n) { return v.Bv(j0 + n, k); });
+    Acc accx[kMaxPT];
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int il = ty + 16 * r, jl = tx + 16 * cc;
-        sm.A1[il * kLds + jl] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
-      }
-    zero_acc(s);
-    gemm_gg<true, true>(
-        s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
-        [&](int k, int n) { return v.x(j0 + n, k); });
-    float cpart[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int il = ty + 16 * r, jl = tx + 16 * cc;
-        const float a2 = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
-        sm.A2[il * kLds + jl] = a2;
-        cpart[cc] = fmaf(sm.A1[il * kLds + jl], s[r][cc], cpart[cc]);  // CB m DX (own element)
-      }
-#pragma unroll
-    for (int cc = 0; cc < 4; ++cc) sm.colred[ty * kTile + tx + 16 * cc] = cpart[cc];
-    __syncthreads();
-    if (threadIdx.x < kTile) {
-      float t = 0.f;
-      for (int y = 0; y < 16; ++y) t += sm.colred[y * kTile + threadIdx.x];
-      colsum += t;
-    }
-    // dx_j += sum_i A1[i][j] dy_i;  dB_j += sum_i A2[i][j] C_i
+    for (int t = 0; t < kMaxPT; ++t) zero_acc(accx[t]);
+    // State terms: R = B_j dS^T (j x P) for dx, and (x_j dS) decay_j dt'_j (j x N) for dB.
 #pragma unroll
     for (int pt = 0; pt < kMaxPT; ++pt) {
       if (pt >= npt) break;
-      gemm_sg<false>(accx[pt], sm.A1, sm.Bs, [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
+      gemm_gg<true, true>(
+          accx[pt], N, sm.As, sm.Bs, [&](int k, int m) { return v.Bv(j0 + m, k); },
+          [&](int k, int n) {
+            const int pp = pt * kTile + n;
+            return (pp < P && k < N) ? dS[pp * N + k] : 0.f;
+          });
     }
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt) {
       if (nt >= nnt) break;
-      gemm_sg<false>(accb[nt], sm.A2, sm.Bs, [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
+      Acc t;
+      zero_acc(t);
+      gemm_gg<true, false>(
+          t, P, sm.As, sm.Bs, [&](int k, int m) { return v.x(j0 + m, k); },
+          [&](int k, int n) {
+            const int nn = nt * kTile + n;
+            return (k < P && nn < N) ? dS[k * N + nn] : 0.f;
+          });
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int j = j0 + ty + 16 * r;
+        const float wj = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) * sm.dtp[j] : 0.f;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) accb[nt][r][cc] = fmaf(wj, t[r][cc], accb[nt][r][cc]);
+      }
+    }
+    // Rx_j = x_j . R_j (for ddt' and U), then R scaled by decay_j.
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int jl = ty + 16 * r;
+      float part = 0.f;
+#pragma unroll
+      for (int pt = 0; pt < kMaxPT; ++pt) {
+        if (pt >= npt) break;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) part = fmaf(v.x(j0 + jl, pt * kTile + tx + 16 * cc), accx[pt][r][cc], part);
+      }
+      part = row_sum16(part);
+      if (tx == 0) sm.rx[jl] = part;
+      const int j = j0 + jl;
+      const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
+#pragma unroll
+      for (int pt = 0; pt < kMaxPT; ++pt)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) accx[pt][r][cc] *= decay;
+    }
+
+    // Intra-chunk terms, i tiles from the diagonal down.
+    float colsum = 0.f;  // sum_i CB_ij m_ij DX_ij for column j0 + threadIdx.x (threads < 64)
+    for (int it = jt; it < kNT; ++it) {
+      const int i0 = it * kTile;
+      if (i0 >= nvalid) break;  // rows of padding only: every term is zero
+      Acc s;
+      zero_acc(s);
+      gemm_gg<true, true>(
+          s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
+          [&](int k, int n) { return v.Bv(j0 + n, k); });
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int il = ty + 16 * r, jl = tx + 16 * cc;
+          sm.A1[il * kLds + jl] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
+        }
+      zero_acc(s);
+      gemm_gg<true, true>(
+          s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+          [&](int k, int n) { return v.x(j0 + n, k); });
+      float cpart[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int il = ty + 16 * r, jl = tx + 16 * cc;
+          const float sdx = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);  // DX m
+          sm.A2[il * kLds + jl] = sdx * sm.dtp[j0 + jl];
+          cpart[cc] = fmaf(sm.A1[il * kLds + jl], s[r][cc], cpart[cc]);  // CB m DX (own element)
+        }
+#pragma unroll
+      for (int cc = 0; cc < 4; ++cc) sm.colred[ty * kTile + tx + 16 * cc] = cpart[cc];
+      __syncthreads();
+      if (threadIdx.x < kTile) {
+        float t = 0.f;
+        for (int y = 0; y < 16; ++y) t += sm.colred[y * kTile + threadIdx.x];
+        colsum += t;
+      }
+      // dx_j += sum_i A1[i][j] dy_i;  dB_j += sum_i A2[i][j] C_i
+#pragma unroll
+      for (int pt = 0; pt < kMaxPT; ++pt) {
+        if (pt >= npt) break;
+        gemm_sg<false>(accx[pt], sm.A1, sm.Bs, [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
+      }
+#pragma unroll
+      for (int nt = 0; nt < kMaxNT; ++nt) {
+        if (nt >= nnt) break;
+        gemm_sg<false>(accb[nt], sm.A2, sm.Bs, [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
+      }
+    }
+    __syncthreads();  // sm.rx
+
+    // Epilogue of head h: dx (final) and the per-position scalars.
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int j = j0 + ty + 16 * r;
+      if (j >= nvalid) continue;
+      const float dtj = sm.dtp[j];
+      const int64_t row = (b * p.seqlen + v.l0 + j) * p.nheads + h;
+#pragma unroll
+      for (int pt = 0; pt < kMaxPT; ++pt) {
+        if (pt >= npt) break;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int pp = pt * kTile + tx + 16 * cc;
+          if (pp < P) dx[row * P + pp] = from_f<T>(fmaf(dtj, accx[pt][r][cc], v.Dv(pp) * v.dy(j, pp)));
+        }
+      }
+    }
+    if (threadIdx.x < kTile) {
+      const int j = j0 + threadIdx.x;
+      if (j < nvalid) {
+        const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
+        const float rxd = decay * sm.rx[threadIdx.x];
+        const int64_t o = v.pos_base() + j;
+        w.ddtp[o] = colsum + rxd;
+        w.wcol[o] = sm.dtp[j] * colsum;
+        w.u[o] = sm.dtp[j] * rxd;
+      }
     }
   }
-  __syncthreads();  // sm.rx
 
-  // Epilogue: dx (final), per-head dB (scratch), per-position scalars.
-  T* dx = static_cast<T*>(q.dx);
-  const int64_t H = p.nheads;
+  // dB of this block's heads into the (b, nc, H/hs, Q, N) scratch.
+  float* dBs = w.dBs + ((b * p.nchunks + c) * nsplit + sp) * Q * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int j = j0 + ty + 16 * r;
-    if (j >= v.nvalid) continue;
-    const float dtj = sm.dtp[j];
-    const int64_t row = (b * p.seqlen + v.l0 + j) * H + h;
-#pragma unroll
-    for (int pt = 0; pt < kMaxPT; ++pt) {
-      if (pt >= npt) break;
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int pp = pt * kTile + tx + 16 * cc;
-        if (pp < P) dx[row * P + pp] = from_f<T>(fmaf(dtj, accx[pt][r][cc], v.Dv(pp) * v.dy(j, pp)));
-      }
-    }
-    float* dBh = w.dBh + v.bc_base() + int64_t(j) * N;
+    if (j >= nvalid) continue;
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt) {
       if (nt >= nnt) break;
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dBh[n] = dtj * accb[nt][r][cc];
+        if (n < N) dBs[int64_t(j) * N + n] = accb[nt][r][cc];
       }
-    }
-  }
-  if (threadIdx.x < kTile) {
-    const int j = j0 + threadIdx.x;
-    if (j < v.nvalid) {
-      const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
-      const float rxd = decay * sm.rx[threadIdx.x];
-      const int64_t o = v.pos_base() + j;
-      w.ddtp[o] = colsum + rxd;
-      w.wcol[o] = sm.dtp[j] * colsum;
-      w.u[o] = sm.dtp[j] * rxd;
     }
   }
 }
@@ -614,117 +654,128 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
   RowSmem<Q>& sm = *reinterpret_cast<RowSmem<Q>*>(smem_raw);
   const SsdParams& p = q.fwd;
   constexpr int kNT = Q / kTile;
+  const int64_t nsplit = p.nheads / w.hs;
   int64_t bid = blockIdx.x;
   const int it = bid % kNT;
   bid /= kNT;
-  const int64_t h = bid % p.nheads;
-  bid /= p.nheads;
+  const int64_t sp = bid % nsplit;
+  bid /= nsplit;
   const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
-  ChunkView<T> v(q, w.dy, b, c, h);
   const int i0 = it * kTile;
-  if (i0 >= v.nvalid) return;
-  load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
+  const int nvalid = static_cast<int>(std::min<int64_t>(Q, p.seqlen - c * Q));
+  if (i0 >= nvalid) return;
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
-  const int npt = ceil_div_d(P), nnt = ceil_div_d(N);
-  (void)npt;
+  const int nnt = ceil_div_d(N);
   const int ty = tile_ty(), tx = tile_tx();
   const int32_t sid_prev = chunk_sid_prev(p, b, c);
-  const float* in = p.states + v.state_base();
 
+  // dC_i summed over this block's heads (all of one group).
   Acc accc[kMaxNT];
 #pragma unroll
   for (int t = 0; t < kMaxNT; ++t) zero_acc(accc[t]);
-  // State term Z = dy_i in (i x N); V_i = fac_i C_i . Z_i; dC_i += fac_i Z_i.
-#pragma unroll
-  for (int nt = 0; nt < kMaxNT; ++nt) {
-    if (nt >= nnt) break;
-    gemm_gg<true, false>(
-        accc[nt], P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
-        [&](int k, int n) {
-          const int nn = nt * kTile + n;
-          return (k < P && nn < N) ? in[k * N + nn] : 0.f;
-        });
-  }
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int il = ty + 16 * r, i = i0 + il;
-    float part = 0.f;
+
+  for (int64_t hh = 0; hh < w.hs; ++hh) {
+    const int64_t h = sp * w.hs + hh;
+    ChunkView<T> v(q, w.dy, b, c, h);
+    __syncthreads();  // the previous head's epilogue still reads v/wrow
+    load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
+    const float* in = p.states + v.state_base();
+
+    // State term Z = dy_i in (i x N), one n tile at a time: V_i = fac_i C_i . Z_i and
+    // dC_i += fac_i Z_i.
+    float vpart[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt) {
       if (nt >= nnt) break;
+      Acc t;
+      zero_acc(t);
+      gemm_gg<true, false>(
+          t, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+          [&](int k, int n) {
+            const int nn = nt * kTile + n;
+            return (k < P && nn < N) ? in[k * N + nn] : 0.f;
+          });
 #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) part = fmaf(v.Cv(i, nt * kTile + tx + 16 * cc), accc[nt][r][cc], part);
+      for (int r = 0; r < 4; ++r) {
+        const int i = i0 + ty + 16 * r;
+        const float fac = sm.sid[i] == sid_prev ? expf(sm.cs[i]) : 0.f;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          vpart[r] = fmaf(v.Cv(i, nt * kTile + tx + 16 * cc), t[r][cc], vpart[r]);
+          accc[nt][r][cc] = fmaf(fac, t[r][cc], accc[nt][r][cc]);
+        }
+      }
     }
-    part = row_sum16(part);
-    const float fac = sm.sid[i] == sid_prev ? expf(sm.cs[i]) : 0.f;
-    if (tx == 0) sm.v[il] = fac * part;
 #pragma unroll
-    for (int nt = 0; nt < kMaxNT; ++nt)
+    for (int r = 0; r < 4; ++r) {
+      const int il = ty + 16 * r, i = i0 + il;
+      const float part = row_sum16(vpart[r]);
+      const float fac = sm.sid[i] == sid_prev ? expf(sm.cs[i]) : 0.f;
+      if (tx == 0) sm.v[il] = fac * part;
+    }
+
+    float wpart[4] = {0.f, 0.f, 0.f, 0.f};  // this thread's share of sum_j W_ij, rows ty + 16r
+    for (int jt = 0; jt <= it; ++jt) {
+      const int j0 = jt * kTile;
+      Acc s;
+      zero_acc(s);
+      gemm_gg<true, true>(
+          s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+          [&](int k, int n) { return v.x(j0 + n, k); });
 #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) accc[nt][r][cc] *= fac;
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int il = ty + 16 * r, jl = tx + 16 * cc;
+          sm.A3t[jl * kLds + il] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid) * sm.dtp[j0 + jl];
+        }
+      zero_acc(s);
+      gemm_gg<true, true>(
+          s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
+          [&](int k, int n) { return v.Bv(j0 + n, k); });
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int il = ty + 16 * r, jl = tx + 16 * cc;
+          wpart[r] = fmaf(s[r][cc], sm.A3t[jl * kLds + il], wpart[r]);  // own element
+        }
+      // dC_i += sum_j A3[i][j] B_j  (A3t is the A operand stored k-major: [j][i])
+#pragma unroll
+      for (int nt = 0; nt < kMaxNT; ++nt) {
+        if (nt >= nnt) break;
+        gemm_sg<false>(accc[nt], sm.A3t, sm.Bs, [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float t = row_sum16(wpart[r]);
+      if (tx == 0) sm.wrow[ty + 16 * r] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+      const int i = i0 + threadIdx.x;
+      if (i < nvalid) {
+        const int64_t o = v.pos_base() + i;
+        w.wrow[o] = sm.wrow[threadIdx.x];
+        w.v[o] = sm.v[threadIdx.x];
+      }
+    }
   }
 
-  float wpart[4] = {0.f, 0.f, 0.f, 0.f};  // this thread's share of sum_j W_ij, rows ty + 16r
-  for (int jt = 0; jt <= it; ++jt) {
-    const int j0 = jt * kTile;
-    Acc s;
-    zero_acc(s);
-    gemm_gg<true, true>(
-        s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
-        [&](int k, int n) { return v.x(j0 + n, k); });
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int il = ty + 16 * r, jl = tx + 16 * cc;
-        sm.A3t[jl * kLds + il] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid) * sm.dtp[j0 + jl];
-      }
-    zero_acc(s);
-    gemm_gg<true, true>(
-        s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
-        [&](int k, int n) { return v.Bv(j0 + n, k); });
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int il = ty + 16 * r, jl = tx + 16 * cc;
-        wpart[r] = fmaf(s[r][cc], sm.A3t[jl * kLds + il], wpart[r]);  // own element
-      }
-    // dC_i += sum_j A3[i][j] B_j  (A3t is the A operand stored k-major: [j][i])
-#pragma unroll
-    for (int nt = 0; nt < kMaxNT; ++nt) {
-      if (nt >= nnt) break;
-      gemm_sg<false>(accc[nt], sm.A3t, sm.Bs, [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const float t = row_sum16(wpart[r]);
-    if (tx == 0) sm.wrow[ty + 16 * r] = t;
-  }
-  __syncthreads();
-
+  float* dCs = w.dCs + ((b * p.nchunks + c) * nsplit + sp) * Q * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = i0 + ty + 16 * r;
-    if (i >= v.nvalid) continue;
-    float* dCh = w.dCh + v.bc_base() + int64_t(i) * N;
+    if (i >= nvalid) continue;
 #pragma unroll
     for (int nt = 0; nt < kMaxNT; ++nt) {
       if (nt >= nnt) break;
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dCh[n] = accc[nt][r][cc];
+        if (n < N) dCs[int64_t(i) * N + n] = accc[nt][r][cc];
       }
-    }
-  }
-  if (threadIdx.x < kTile) {
-    const int i = i0 + threadIdx.x;
-    if (i < v.nvalid) {
-      const int64_t o = v.pos_base() + i;
-      w.wrow[o] = sm.wrow[threadIdx.x];
-      w.v[o] = sm.v[threadIdx.x];
     }
   }
 }
@@ -796,11 +847,13 @@ __global__ void sum_bc_kernel(SsdBwdParams q, Scratch w) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = e % N, g = (e / N) % G, l = (e / (N * G)) % L, b = e / (N * G * L);
     const int64_t c = l / Q, i = l % Q;
+    // The group's head splits are consecutive (hs divides H / G): sum them in order.
+    const int64_t nsplit = H / w.hs, spg = hpg / w.hs;
     float sb = 0.f, sc = 0.f;
-    for (int64_t k = 0; k < hpg; ++k) {
-      const int64_t idx = (((b * p.nchunks + c) * H + g * hpg + k) * Q + i) * N + n;
-      sb += w.dBh[idx];
-      sc += w.dCh[idx];
+    for (int64_t k = 0; k < spg; ++k) {
+      const int64_t idx = (((b * p.nchunks + c) * nsplit + g * spg + k) * Q + i) * N + n;
+      sb += w.dBs[idx];
+      sc += w.dCs[idx];
     }
     static_cast<T*>(q.dB)[e] = from_f<T>(sb);
     static_cast<T*>(q.dC)[e] = from_f<T>(sc);
@@ -864,11 +917,11 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
 
   const int col_smem = static_cast<int>(sizeof(ColSmem<Q>));
   NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
-  col_kernel<T, Q><<<static_cast<unsigned>(b * nc * H * kNT), kThreads, col_smem, stream>>>(q, w);
+  col_kernel<T, Q><<<static_cast<unsigned>(b * nc * (H / w.hs) * kNT), kThreads, col_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
   const int row_smem = static_cast<int>(sizeof(RowSmem<Q>));
   NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
-  row_kernel<T, Q><<<static_cast<unsigned>(b * nc * H * kNT), kThreads, row_smem, stream>>>(q, w);
+  row_kernel<T, Q><<<static_cast<unsigned>(b * nc * (H / w.hs) * kNT), kThreads, row_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
   chunk_fin_kernel<T, Q><<<static_cast<unsigned>(b * nc * H), kThreads, 0, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
@@ -912,3 +965,16 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
 }
 
 }  // namespace nk
+
+// Speed ideas not done yet (correctness first; the layout above already allows them):
+//  - Tensor cores for f16/bf16: the staged tiles are float32 today; staging them in T and
+//    running the 64x64 products as wmma 16x16x16 (ssd_cuda_common.cuh's WarpTile) would give
+//    the bulk of the speed-up. The operands scaled by exp/dt' (A1, A2, A3) would be scaled in
+//    float32 and rounded to T once, as the forward does.
+//  - col_kernel holds dx (64 x P) and dB (64 x N) accumulators for the maximum P = 128 and
+//    N = 256 (~200-250 registers, 1 block/SM); templating the tile counts on the actual P and
+//    N (e.g. P = 64, N = 128) would halve that and double occupancy.
+//  - CB and DX tiles are computed twice (column and row kernels); one kernel per (i, j) tile
+//    pair with float32 partials of the row quantities would compute them once.
+//  - Double-buffered (cp.async) staging and 16-byte loads where strides allow.
+//  - dy (with z) could be kept in T instead of float32 scratch to halve its traffic.
