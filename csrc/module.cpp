@@ -18,7 +18,8 @@ namespace {
 // Ops that have a CUDA kernel in this build (kept true as ops land).
 std::vector<std::string> cuda_ops() {
 #ifdef NK_WITH_CUDA
-  return {"causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update"};
+  return {"causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update",
+          "rmsnorm_gated_fwd", "rmsnorm_gated_bwd"};
 #else
   return {};
 #endif

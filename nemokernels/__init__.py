@@ -8,6 +8,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from ._version import __version__
 from . import _C  # noqa: F401  (registers the ops)
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from .info import build_info
 
-__all__ = ["__version__", "build_info", "causal_conv1d_fn", "causal_conv1d_update"]
+__all__ = ["__version__", "RMSNormGated", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
+           "rmsnorm_fn"]

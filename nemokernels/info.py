@@ -11,6 +11,8 @@ OPS = {
     "causal_conv1d_fwd": "ssd",
     "causal_conv1d_bwd": "ssd",
     "causal_conv1d_update": "ssd",
+    "rmsnorm_gated_fwd": "ssd",
+    "rmsnorm_gated_bwd": "ssd",
 }
 
 

@@ -1,9 +1,9 @@
 """Benchmark harness and cases. A new op family adds a `cases_<family>.py` module with a
 `cases(quick, device) -> list[Case]` function and registers it in ALL_CASE_MODULES."""
-from . import cases_ssd
+from . import cases_rmsnorm, cases_ssd
 from .harness import Case, measure_peaks, run_cases, time_fn, write_results, format_table
 
-ALL_CASE_MODULES = {"ssd": cases_ssd}
+ALL_CASE_MODULES = {"ssd": cases_ssd, "ssd_rmsnorm": cases_rmsnorm}
 
 
 def all_cases(quick: bool, device, ops=None) -> list:
