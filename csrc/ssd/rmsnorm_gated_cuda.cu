@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <initializer_list>
 #include <stdexcept>
@@ -452,6 +453,36 @@ UnitPlan fwd_plan(const RmsNormFwdParams& p) {
   return unit_plan(p.group_size, vec ? VV : 1, kFwdMaxThreads, {1, 4});
 }
 
+// Resident blocks per SM of bwd_kernel<T, V, NV> at `threads` threads per block (registers
+// bound it), asked of the runtime once per instantiation and block size.
+template <typename T, int V, int NV>
+int bwd_blocks_per_sm(int threads) {
+  static std::atomic<int> cache[kBwdMaxThreads / 32 + 1];
+  std::atomic<int>& slot = cache[threads / 32];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    NK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, bwd_kernel<T, V, NV>, threads, 0));
+    n = std::max(n, 1);
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+template <typename T>
+int bwd_occupancy(const UnitPlan& u) {
+  constexpr int VV = 16 / sizeof(T);
+  const int threads = u.tpu * u.upb;
+  auto by_v = [&]<int V>() {
+    switch (u.NV) {
+      case 0: return bwd_blocks_per_sm<T, V, 0>(threads);
+      case 1: return bwd_blocks_per_sm<T, V, 1>(threads);
+      case 2: return bwd_blocks_per_sm<T, V, 2>(threads);
+      default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward plan");
+    }
+  };
+  return u.V == VV ? by_v.template operator()<VV>() : by_v.template operator()<1>();
+}
+
 struct BwdPlan {
   UnitPlan unit;
   dim3 grid, block;
@@ -471,13 +502,13 @@ BwdPlan bwd_plan(const RmsNormBwdParams& q) {
   BwdPlan b;
   b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxThreads, {1, 2});
   const int64_t ngroups = p.dim / p.group_size;
-  const int threads = b.unit.tpu * b.unit.upb;
-  // About half a wave of resident threads (registers allow no more than that per SM for the
-  // cached kernels); more row blocks would only add partial rows.
-  const int64_t target = int64_t(num_sms()) * std::max(1, 1024 / threads);
-  const int64_t rblocks = std::clamp<int64_t>(cdiv(target, ngroups), 1,
-                                              std::min<int64_t>(cdiv(p.rows, b.unit.upb), 65535));
   if (ngroups > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: too many groups for one CUDA grid");
+  // One wave: as many blocks as are resident at once (the row loop balances the work, so a
+  // second, partial wave would only idle SMs), and no more row blocks than needed, since each
+  // row lane adds a partial row.
+  const int64_t resident = int64_t(num_sms()) * bwd_occupancy<T>(b.unit);
+  const int64_t rblocks = std::clamp<int64_t>(resident / ngroups, 1,
+                                              std::min<int64_t>(cdiv(p.rows, b.unit.upb), 65535));
   b.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
   b.block = dim3(b.unit.tpu, b.unit.upb);
   if (b.unit.NV > 0) {
