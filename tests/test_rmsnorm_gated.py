@@ -194,6 +194,20 @@ def test_backward_many_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_of_sum_expanded_grad(device, dtype):
+    """out.sum().backward() hands the backward an expanded gradient (all strides 0)."""
+    x = torch.randn(3, 7, 256, device=device, dtype=dtype, requires_grad=True)
+    z = torch.randn(3, 7, 256, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(256, device=device, dtype=dtype, requires_grad=True)
+    nemokernels.rmsnorm_fn(x, w, z=z, group_size=64).sum().backward()
+    x64, z64, w64 = [t.detach().double().requires_grad_() for t in (x, z, w)]
+    rmsnorm_gated_ref(x64, w64, z=z64, group_size=64).sum().backward()
+    for got, want in [(x.grad, x64.grad), (z.grad, z64.grad), (w.grad, w64.grad)]:
+        assert_close(got, want, dtype, factor=2.0 if dtype != torch.float32 else 10.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_backward_deterministic(device):
     x = torch.randn(257, 512, device=device, requires_grad=True)
     z = torch.randn(257, 512, device=device, requires_grad=True)
