@@ -18,8 +18,9 @@ namespace {
 // Ops that have a CUDA kernel in this build (kept true as ops land).
 std::vector<std::string> cuda_ops() {
 #ifdef NK_WITH_CUDA
-  return {"causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update", "ssd_chunk_scan_fwd",
-          "ssd_chunk_scan_bwd", "selective_state_update", "selective_state_update_multi"};
+  return {"causal_conv1d_fwd",  "causal_conv1d_bwd",      "causal_conv1d_update",
+          "ssd_chunk_scan_fwd", "ssd_chunk_scan_bwd",     "selective_state_update",
+          "selective_state_update_multi", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd"};
 #else
   return {};
 #endif

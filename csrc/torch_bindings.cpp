@@ -43,6 +43,14 @@ Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A,
                                     std::optional<Tensor> dt_bias, bool dt_softplus,
                                     std::optional<Tensor> state_batch_indices,
                                     std::optional<Tensor> intermediate_states);
+
+// ssd/rmsnorm_gated.cpp
+std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
+                                             std::optional<Tensor> z, double eps, int64_t group_size,
+                                             bool norm_before_gate);
+std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
+    Tensor dout, Tensor x, Tensor weight, std::optional<Tensor> bias, std::optional<Tensor> z,
+    Tensor rstd, int64_t group_size, bool norm_before_gate);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -83,6 +91,16 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.def("selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
         "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
         "Tensor(a!)? intermediate_states) -> Tensor");
+
+  // ---- ssd: gated RMSNorm -----------------------------------------------------------------
+  // x (..., D); group_size divides D; rstd (x.shape[:-1] + (D / group_size,)) float32 is saved
+  // for the backward.
+  m.def("rmsnorm_gated_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, "
+        "int group_size, bool norm_before_gate) -> (Tensor out, Tensor rstd)");
+  // dbias is (0,) float32 without bias; dz is (0,) without z.
+  m.def("rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, "
+        "Tensor rstd, int group_size, bool norm_before_gate) "
+        "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -93,7 +111,9 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("ssd_chunk_scan_fwd", TORCH_BOX(&nk::ssd_chunk_scan_fwd));            \
   m.impl("ssd_chunk_scan_bwd", TORCH_BOX(&nk::ssd_chunk_scan_bwd));            \
   m.impl("selective_state_update", TORCH_BOX(&nk::selective_state_update));    \
-  m.impl("selective_state_update_multi", TORCH_BOX(&nk::selective_state_update_multi));
+  m.impl("selective_state_update_multi", TORCH_BOX(&nk::selective_state_update_multi)); \
+  m.impl("rmsnorm_gated_fwd", TORCH_BOX(&nk::rmsnorm_gated_fwd));              \
+  m.impl("rmsnorm_gated_bwd", TORCH_BOX(&nk::rmsnorm_gated_bwd));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

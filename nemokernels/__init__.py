@@ -10,7 +10,9 @@ from . import _C  # noqa: F401  (registers the ops)
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.ssd_chunk_scan import mamba_chunk_scan_combined
 from .ops.state_update import commit_state, selective_state_update, selective_state_update_multi
+from .ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from .info import build_info
 
-__all__ = ["__version__", "build_info", "causal_conv1d_fn", "causal_conv1d_update", "commit_state",
-           "mamba_chunk_scan_combined", "selective_state_update", "selective_state_update_multi"]
+__all__ = ["__version__", "RMSNormGated", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
+           "commit_state", "mamba_chunk_scan_combined", "rmsnorm_fn", "selective_state_update",
+           "selective_state_update_multi"]

@@ -15,6 +15,8 @@ OPS = {
     "ssd_chunk_scan_bwd": "ssd",
     "selective_state_update": "ssd",
     "selective_state_update_multi": "ssd",
+    "rmsnorm_gated_fwd": "ssd",
+    "rmsnorm_gated_bwd": "ssd",
 }
 
 

@@ -46,6 +46,61 @@ NK_HD float ssd_dt_grad(float dt, float bias, bool use_softplus, float lo, float
   return use_softplus ? softplus_grad(pre) : 1.0f;
 }
 
+// ---- gated RMSNorm (rmsnorm_gated.h) ----------------------------------------------------
+// One exponential per element: the gate's silu(z) and silu'(z) share s = sigmoid(z).
+
+struct SiluPair {
+  float f, df;  // silu(z) = z s, silu'(z) = s (1 + z (1 - s))
+};
+NK_HD SiluPair silu_pair(float z) {
+  const float s = 1.0f / (1.0f + expf(-z));
+  return {z * s, s * (1.0f + z * (1.0f - s))};
+}
+
+// rstd of one group from the sum of squares of its n inputs.
+NK_HD float rmsnorm_rstd(float sumsq, float n, float eps) { return 1.0f / sqrtf(sumsq / n + eps); }
+
+// y = xhat * w + b (b = 0 without bias).
+NK_HD float rmsnorm_affine(float xhat, float w, float b) { return fmaf(xhat, w, b); }
+
+// Norm input of one element: x * silu(z) when the gate comes first, else x.
+NK_HD float rmsnorm_input(float x, float z, bool gate_first) { return gate_first ? x * silu_pair(z).f : x; }
+
+// Output gate of one element: silu(z) when the gate comes last, else 1.
+NK_HD float rmsnorm_out_gate(float z, bool gate_last) { return gate_last ? silu_pair(z).f : 1.0f; }
+
+// Forward output of one element from its norm input u and output gate.
+NK_HD float rmsnorm_output(float u, float rstd, float w, float b, float gate) {
+  return rmsnorm_affine(u * rstd, w, b) * gate;
+}
+
+// Backward, first pass over a group, one element with upstream gradient g: xhat; dy, the
+// gradient reaching y = xhat * w + b (dweight += dy * xhat, dbias += dy); dz when the gate
+// comes last (final here: it needs no group mean); and the coefficients of the second pass,
+// dx = du * ca and (gate first) dz = du * cb, du = d(norm input) = rmsnorm_du(...).
+struct RmsNormBwdElem {
+  float xhat, dy, dz, ca, cb;
+};
+NK_HD RmsNormBwdElem rmsnorm_bwd_elem(float x, float z, float g, float rstd, float w, float b,
+                                      bool gate_first, bool gate_last) {
+  RmsNormBwdElem e{x * rstd, g, 0.0f, 1.0f, 0.0f};
+  if (gate_first) {
+    const SiluPair s = silu_pair(z);
+    e.xhat = x * s.f * rstd;  // the forward's rmsnorm_input(x, z, true) * rstd
+    e.ca = s.f;
+    e.cb = x * s.df;
+  } else if (gate_last) {
+    const SiluPair s = silu_pair(z);
+    e.dy = g * s.f;
+    e.dz = g * rmsnorm_affine(e.xhat, w, b) * s.df;
+  }
+  return e;
+}
+
+// du = d(norm input) = rstd * (dxhat - xhat * m), dxhat = dy * w, m = mean over the group of
+// dxhat * xhat.
+NK_HD float rmsnorm_du(float dxhat, float xhat, float m, float rstd) { return rstd * fmaf(-xhat, m, dxhat); }
+
 }  // namespace nk
 
 // ---- decode state update (state_update.h) ------------------------------------------------

@@ -520,3 +520,37 @@ def selective_state_update_multi_ref(
     out = torch.stack(outs, 1) if T else x.new_zeros(x.shape)
     inter = torch.stack(snaps, 1) if T else state.new_zeros((batch, 0) + tuple(state.shape[1:]))
     return out, inter
+
+
+# ------------------------------------------------------------------ gated RMSNorm (DESIGN 4.1)
+
+
+def rmsnorm_gated_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    group_size: Optional[int] = None,
+    norm_before_gate: bool = False,
+) -> torch.Tensor:
+    """mamba_ssm's rms_norm_ref in x's dtype (float64 in tests): per group of group_size
+    channels, out = u / sqrt(mean(u^2) + eps) * weight + bias with u = x * silu(z) when the gate
+    comes first (z given, not norm_before_gate), else u = x and the result times silu(z) when
+    norm_before_gate and z is given."""
+    dtype = x.dtype
+    dim = x.shape[-1]
+    group_size = dim if group_size is None else group_size
+    w = weight.to(dtype)
+    if z is not None:
+        z = z.to(dtype)
+        if not norm_before_gate:
+            x = x * F.silu(z)
+    xg = x.reshape(*x.shape[:-1], dim // group_size, group_size)
+    rstd = 1.0 / torch.sqrt(xg.square().mean(dim=-1, keepdim=True) + eps)
+    out = (xg * rstd).reshape(x.shape) * w
+    if bias is not None:
+        out = out + bias.to(dtype)
+    if z is not None and norm_before_gate:
+        out = out * F.silu(z)
+    return out

@@ -1,0 +1,216 @@
+// Op entry points of the gated RMSNorm: argument checks (the one place they live), output
+// allocation, and dispatch to the CPU or CUDA kernels. Registered in torch_bindings.cpp.
+#include "ssd/rmsnorm_gated.h"
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/check.h"
+#include "common/device.h"
+#include "common/tensor_utils.h"
+
+namespace nk {
+namespace {
+
+constexpr const char* kFwd = "rmsnorm_fn";
+constexpr const char* kBwd = "rmsnorm_fn (backward)";
+
+// A (..., D) tensor seen as (rows, D): element (r, c) at r * sr + c * sc. The leading dims
+// must fold into one stride; when they do not (e.g. a permuted batch), a contiguous copy is
+// taken. `t` is replaced by the tensor the strides describe.
+struct RowView {
+  int64_t sr = 0, sc = 1;
+};
+
+RowView row_view(Tensor& t) {
+  const int64_t nd = t.dim();
+  RowView v;
+  v.sc = t.stride(nd - 1);
+  bool have = false, ok = true;
+  int64_t expect = 0;
+  for (int64_t i = nd - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (!have) {
+      v.sr = t.stride(i);
+      have = true;
+    } else if (t.stride(i) != expect) {
+      ok = false;
+      break;
+    }
+    expect = t.stride(i) * t.size(i);
+  }
+  if (!ok) {
+    t = torch::stable::contiguous(t);
+    v.sr = t.size(nd - 1);
+    v.sc = 1;
+  }
+  return v;
+}
+
+std::vector<int64_t> sizes_of(const Tensor& t) {
+  std::vector<int64_t> s;
+  for (int64_t i = 0; i < t.dim(); ++i) s.push_back(t.size(i));
+  return s;
+}
+
+void check_float_input(const char* op, const char* arg, const Tensor& t) {
+  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+}
+
+// A tensor that must match x's shape, dtype and device (z, dout).
+void check_like_x(const char* op, const char* arg, const Tensor& t, const Tensor& x) {
+  NK_CHECK(t.dim() == x.dim() && sizes_of(t) == sizes_of(x), op, ": ", arg, " must have x's shape ",
+           shape_str(x), ", got ", shape_str(t));
+  NK_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", arg, " must have x's dtype ",
+           dtype_name(x.scalar_type()), ", got ", dtype_name(t.scalar_type()));
+  check_same_device(op, arg, t, x, "x");
+}
+
+// Checks shared by forward and backward; returns (rows, D).
+std::tuple<int64_t, int64_t> check_args(const char* op, const Tensor& x, const Tensor& weight,
+                                        const std::optional<Tensor>& bias,
+                                        const std::optional<Tensor>& z, int64_t group_size) {
+  NK_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., D), got a 0-d tensor");
+  check_float_input(op, "x", x);
+  const int64_t D = x.size(x.dim() - 1);
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  check_dim(op, "weight", weight, 1);
+  check_float_input(op, "weight", weight);
+  check_same_device(op, "weight", weight, x, "x");
+  NK_CHECK(weight.size(0) == D, op, ": weight must have shape (D,) = (", D,
+           ",) where D = x.shape[-1], got ", shape_str(weight));
+  if (bias) {
+    check_dim(op, "bias", *bias, 1);
+    check_float_input(op, "bias", *bias);
+    check_same_device(op, "bias", *bias, x, "x");
+    NK_CHECK(bias->size(0) == D, op, ": bias must have shape (D,) = (", D,
+             ",) where D = x.shape[-1], got ", shape_str(*bias));
+  }
+  if (z) check_like_x(op, "z", *z, x);
+  if (D > 0) {
+    NK_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
+    NK_CHECK(D % group_size == 0, op, ": group_size (", group_size,
+             ") must divide D = x.shape[-1] (", D, ")");
+  }
+  return {rows, D};
+}
+
+// Contiguous float32 parameter on a 16-byte boundary (the CUDA kernels load it in float4s).
+Tensor param_float(const Tensor& t) {
+  Tensor f = contiguous_float(t);
+  if (reinterpret_cast<uintptr_t>(f.data_ptr()) % 16 != 0) f = torch::stable::clone(f);
+  return f;
+}
+
+std::optional<Tensor> param_float_opt(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(param_float(*t)) : std::nullopt;
+}
+
+// Leading dims of x followed by `last`.
+std::vector<int64_t> leading_then(const Tensor& x, int64_t last) {
+  std::vector<int64_t> s = sizes_of(x);
+  s.back() = last;
+  return s;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
+                                             std::optional<Tensor> z, double eps, int64_t group_size,
+                                             bool norm_before_gate) {
+  auto [rows, D] = check_args(kFwd, x, weight, bias, z, group_size);
+  NK_CHECK(std::isfinite(eps) && eps >= 0, kFwd, ": eps must be finite and >= 0, got ", eps);
+  OptionalDeviceGuard guard(x);
+  const int64_t ngroups = D > 0 ? D / group_size : 0;
+  Tensor out = new_empty(x, sizes_of(x), x.scalar_type());
+  Tensor rstd = new_empty(x, leading_then(x, ngroups), ScalarType::Float);
+  if (rows * D == 0) return {out, rstd};
+  Tensor w32 = param_float(weight);
+  auto b32 = param_float_opt(bias);
+  RmsNormFwdParams p{};
+  p.rows = rows, p.dim = D, p.group_size = group_size;
+  p.dtype = to_dtype(x.scalar_type());
+  p.eps = static_cast<float>(eps);
+  p.norm_before_gate = norm_before_gate;
+  RowView xv = row_view(x);
+  p.x = x.data_ptr(), p.x_sr = xv.sr, p.x_sc = xv.sc;
+  if (z) {
+    RowView zv = row_view(*z);
+    p.z = z->data_ptr(), p.z_sr = zv.sr, p.z_sc = zv.sc;
+  }
+  p.weight = static_cast<const float*>(w32.data_ptr());
+  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  p.out = out.data_ptr();
+  p.rstd = static_cast<float*>(rstd.data_ptr());
+  NK_ROUTE_BY_DEVICE(x, kFwd, rmsnorm_gated_fwd_cpu(p), rmsnorm_gated_fwd_cuda(p, stream));
+  return {out, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
+    Tensor dout, Tensor x, Tensor weight, std::optional<Tensor> bias, std::optional<Tensor> z,
+    Tensor rstd, int64_t group_size, bool norm_before_gate) {
+  const char* op = kBwd;
+  auto [rows, D] = check_args(op, x, weight, bias, z, group_size);
+  check_like_x(op, "dout", dout, x);
+  const int64_t ngroups = D > 0 ? D / group_size : 0;
+  NK_CHECK(rstd.scalar_type() == ScalarType::Float, op, ": rstd must be float32, got ",
+           dtype_name(rstd.scalar_type()));
+  check_same_device(op, "rstd", rstd, x, "x");
+  NK_CHECK(rstd.dim() == x.dim() && sizes_of(rstd) == leading_then(x, ngroups), op,
+           ": rstd must have shape x.shape[:-1] + (D / group_size,) = x.shape[:-1] + (", ngroups,
+           ",), got ", shape_str(rstd));
+  OptionalDeviceGuard guard(x);
+  Tensor dx = new_empty(x, sizes_of(x), x.scalar_type());
+  Tensor dz = z ? new_empty(x, sizes_of(x), x.scalar_type()) : new_empty(x, {0}, x.scalar_type());
+  Tensor dw32 = new_empty(x, {D}, ScalarType::Float);
+  Tensor db32 = new_empty(x, {bias ? D : 0}, ScalarType::Float);
+  auto finish = [&]() -> std::tuple<Tensor, Tensor, Tensor, Tensor> {
+    Tensor dweight = weight.scalar_type() == ScalarType::Float ? dw32 : torch::stable::to(dw32, weight.scalar_type());
+    Tensor dbias = (!bias || bias->scalar_type() == ScalarType::Float) ? db32 : torch::stable::to(db32, bias->scalar_type());
+    return {dx, dweight, dbias, dz};
+  };
+  if (rows * D == 0) {
+    torch::stable::zero_(dw32);  // no rows: nothing to sum
+    torch::stable::zero_(db32);
+    return finish();
+  }
+  Tensor w32 = param_float(weight);
+  auto b32 = param_float_opt(bias);
+  Tensor rstd_c = torch::stable::contiguous(rstd);
+  RmsNormBwdParams q{};
+  RmsNormFwdParams& p = q.fwd;
+  p.rows = rows, p.dim = D, p.group_size = group_size;
+  p.dtype = to_dtype(x.scalar_type());
+  p.norm_before_gate = norm_before_gate;
+  RowView xv = row_view(x);
+  p.x = x.data_ptr(), p.x_sr = xv.sr, p.x_sc = xv.sc;
+  if (z) {
+    RowView zv = row_view(*z);
+    p.z = z->data_ptr(), p.z_sr = zv.sr, p.z_sc = zv.sc;
+  }
+  p.weight = static_cast<const float*>(w32.data_ptr());
+  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  p.rstd = static_cast<float*>(rstd_c.data_ptr());
+  RowView gv = row_view(dout);
+  q.dout = dout.data_ptr(), q.dout_sr = gv.sr, q.dout_sc = gv.sc;
+  q.dx = dx.data_ptr();
+  q.dz = z ? dz.data_ptr() : nullptr;
+  q.dweight = static_cast<float*>(dw32.data_ptr());
+  q.dbias = bias ? static_cast<float*>(db32.data_ptr()) : nullptr;
+  // Partial-sum rows of dweight/dbias: one per chunk of rows on the CPU; the CUDA launcher
+  // picks its own count from its grid.
+  q.num_partials = (rows + kRmsNormCpuRowChunk - 1) / kRmsNormCpuRowChunk;
+#ifdef NK_WITH_CUDA
+  if (x.is_cuda()) q.num_partials = rmsnorm_gated_bwd_cuda_num_partials(q);
+#endif
+  Tensor partials = new_empty(x, {q.num_partials, 2, D}, ScalarType::Float);
+  q.partials = static_cast<float*>(partials.data_ptr());
+  NK_ROUTE_BY_DEVICE(x, op, rmsnorm_gated_bwd_cpu(q), rmsnorm_gated_bwd_cuda(q, stream));
+  return finish();
+}
+
+}  // namespace nk

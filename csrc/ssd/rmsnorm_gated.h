@@ -1,0 +1,71 @@
+// Gated RMSNorm of the Mamba-2 mixer (mamba_ssm's layernorm_gated.rmsnorm_fn), forward and
+// backward. Parameter structs shared by the op entry (rmsnorm_gated.cpp), the CPU kernels
+// (rmsnorm_gated_cpu.cpp) and the CUDA kernels (rmsnorm_gated_cuda.cu). No torch types here.
+//
+// x is viewed as (rows, D); each row splits into ngroups = D / G groups of G = group_size
+// consecutive columns; a "unit" is one (row, group). All math in float32.
+// Forward, per unit (c runs over the group's columns):
+//   gate first (z given, norm_before_gate = false):  u[c] = x[c] * silu(z[c])
+//   otherwise:                                       u[c] = x[c]
+//   rstd    = 1 / sqrt(sum_c u[c]^2 / G + eps)       (saved, float32, (rows, ngroups))
+//   xhat[c] = u[c] * rstd
+//   y[c]    = xhat[c] * w[c] + b[c]                   (b = 0 without bias)
+//   out[c]  = y[c] * silu(z[c])  if norm_before_gate and z given, else y[c]
+// Backward, with g = dout:
+//   gate last (norm_before_gate and z): dy = g * silu(z), dz = g * y * silu'(z)
+//   otherwise:                          dy = g
+//   dw[c] += dy * xhat,  db[c] += dy                   (summed over rows)
+//   dxhat  = dy * w,  m = sum_c dxhat[c] * xhat[c] / G
+//   du     = rstd * (dxhat - xhat * m)
+//   gate first: dx = du * silu(z), dz = du * x * silu'(z); otherwise dx = du
+// dweight/dbias are deterministic: per-block partial sums over a fixed set of rows land in
+// `partials` (num_partials, 2, D) float32 (dw then db), summed in a fixed order afterwards.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace nk {
+
+// Rows per CPU task of the backward (one partial-sum row per task).
+constexpr int64_t kRmsNormCpuRowChunk = 32;
+
+struct RmsNormFwdParams {
+  int64_t rows, dim, group_size;   // dim % group_size == 0
+  DType dtype;                     // of x, z and out
+  float eps;
+  bool norm_before_gate;
+  const void* x;                   // (rows, dim): element (r, c) at r * x_sr + c * x_sc
+  int64_t x_sr, x_sc;
+  const void* z;                   // like x, or null
+  int64_t z_sr, z_sc;
+  const float* weight;             // (dim,) contiguous float32, 16-byte aligned
+  const float* bias;               // (dim,) contiguous float32, 16-byte aligned, or null
+  void* out;                       // (rows, dim) contiguous
+  float* rstd;                     // (rows, ngroups) contiguous float32
+};
+
+struct RmsNormBwdParams {
+  RmsNormFwdParams fwd;            // inputs as in the forward (out unused; rstd read)
+  const void* dout;                // (rows, dim), any strides
+  int64_t dout_sr, dout_sc;
+  void* dx;                        // (rows, dim) contiguous, x's dtype
+  void* dz;                        // (rows, dim) contiguous, x's dtype, or null (no z)
+  float* partials;                 // (num_partials, 2, dim) float32
+  int64_t num_partials;
+  float* dweight;                  // (dim,) float32
+  float* dbias;                    // (dim,) float32, or null
+};
+
+void rmsnorm_gated_fwd_cpu(const RmsNormFwdParams& p);
+void rmsnorm_gated_bwd_cpu(const RmsNormBwdParams& q);
+
+#ifdef NK_WITH_CUDA
+// Number of partial-sum rows the CUDA backward writes for this problem.
+int64_t rmsnorm_gated_bwd_cuda_num_partials(const RmsNormBwdParams& q);
+void rmsnorm_gated_fwd_cuda(const RmsNormFwdParams& p, void* stream);
+void rmsnorm_gated_bwd_cuda(const RmsNormBwdParams& q, void* stream);
+#endif
+
+}  // namespace nk

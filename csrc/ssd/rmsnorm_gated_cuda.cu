@@ -1,0 +1,589 @@
+// CUDA kernels of the gated RMSNorm (math in rmsnorm_gated.h).
+//
+// A unit is one (row, group of G channels). `tpu` threads (a multiple of 32) work on a unit,
+// and a block holds `upb` units side by side: blockDim = (tpu, upb), so no warp spans two
+// units. A thread owns the vectors j = threadIdx.x + k * tpu (k < NV) of V channels each:
+// V = 16 bytes / sizeof(T) (one 16-byte access) when every row start of every tensor is
+// 16-byte aligned, the channel stride is 1 and V divides G; otherwise V = 1 (any strides).
+//
+// Forward: pass 1 loads x (and z) into registers and reduces sum(u^2) over the unit (a
+// butterfly in each warp, then the warps' partials in index order: deterministic); pass 2
+// writes out from the registers.
+// Backward: grid (ngroups, row blocks); the (block row, threadIdx.y) "row lanes" walk rows
+// r = lane, lane + lanes, ... of the block's group. Per row: pass 1 loads x, z, dout,
+// keeps xhat, dxhat and the gate coefficients in registers and reduces sum(dxhat * xhat);
+// pass 2 writes dx (and dz). Each thread accumulates dweight/dbias of its channels over its
+// rows in registers; at the end every row lane writes one partial row, and a second kernel
+// sums the partial rows in a fixed order (no atomics).
+// Groups longer than the registers hold (more than NV x max threads vectors) take the
+// uncached variant (NV = 0): the same two passes re-read global memory (the unit is small
+// enough to stay in L1/L2), and in the backward dweight/dbias come from a column kernel
+// (one thread per channel over a chunk of rows) writing the same partial rows.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <initializer_list>
+#include <stdexcept>
+#include <utility>
+
+#include "common/cuda_utils.cuh"
+#include "ssd/numerics.cuh"
+#include "ssd/rmsnorm_gated.h"
+
+namespace nk {
+namespace {
+
+constexpr int kFwdMaxThreads = 512;   // per block; the forward keeps 2 floats per element cached
+constexpr int kBwdMaxThreads = 256;   // the backward keeps 4 floats per element and dw/db sums
+constexpr int kBlockThreads = 128;    // block size aimed at when units are small (upb > 1)
+constexpr int kColThreads = 128;      // column kernel (uncached backward's dweight/dbias)
+constexpr int kRedCols = 32, kRedSlices = 8;  // final partial-row reduction
+
+template <typename T> NK_DEVICE float to_f(T v);
+template <> NK_DEVICE float to_f<float>(float v) { return v; }
+template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
+template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> NK_DEVICE T from_f(float v);
+template <> NK_DEVICE float from_f<float>(float v) { return v; }
+template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// V elements starting at element offset `off`: one 16-byte access when V > 1 (the caller
+// guarantees alignment and unit channel stride), one element when V == 1.
+template <typename T, int V>
+NK_DEVICE void load_v(const void* base, int64_t off, float (&v)[V]) {
+  const T* ptr = static_cast<const T*>(base) + off;
+  if constexpr (V == 1) {
+    v[0] = to_f<T>(*ptr);
+  } else {
+    static_assert(V * sizeof(T) == 16, "vector accesses are 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = to_f<T>(e[i]);
+  }
+}
+
+template <typename T, int V>
+NK_DEVICE void store_v(void* base, int64_t off, const float (&v)[V]) {
+  T* ptr = static_cast<T*>(base) + off;
+  if constexpr (V == 1) {
+    *ptr = from_f<T>(v[0]);
+  } else {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = from_f<T>(v[i]);
+    *reinterpret_cast<uint4*>(ptr) = raw;
+  }
+}
+
+// V float32 parameters (weight or bias) of channels c..c+V-1: 16-byte loads when V > 1 (the
+// launcher checks that the parameter is 16-byte aligned; c is a multiple of V >= 4), else one.
+template <int V>
+NK_DEVICE void load_param(const float* base, int64_t c, float (&v)[V]) {
+  if constexpr (V == 1) {
+    v[0] = base[c];
+  } else {
+    static_assert(V % 4 == 0, "parameter vectors are whole float4s");
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(base + c + i);
+      v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
+    }
+  }
+}
+
+// Sum of v over the blockDim.x threads of this unit (same threadIdx.y). Every thread of the
+// block must call it (it may synchronise the block). Fixed order: a butterfly within each warp
+// (every lane ends with the same bits), then the warps' sums in index order. `red` holds at
+// least blockDim.x * blockDim.y / 32 floats.
+NK_DEVICE float unit_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int nw = blockDim.x >> 5;
+  if (nw == 1) return v;
+  float* mine = red + threadIdx.y * nw;
+  __syncthreads();  // the previous call's readers are done with `red`
+  if ((threadIdx.x & 31) == 0) mine[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < nw; ++i) s += mine[i];
+  return s;
+}
+
+struct Gates {
+  bool first, last;
+};
+NK_DEVICE Gates gates_of(const RmsNormFwdParams& p) {
+  return {p.z != nullptr && !p.norm_before_gate, p.z != nullptr && p.norm_before_gate};
+}
+
+// ---- forward --------------------------------------------------------------------------------
+
+// Pass 1 of one vector: norm inputs u and output gates of channels c..c+V-1 of row r.
+template <typename T, int V>
+NK_DEVICE void fwd_load(const RmsNormFwdParams& p, Gates gt, int64_t r, int64_t c, float (&u)[V],
+                        float (&gate)[V]) {
+  float xv[V], zv[V];
+  load_v<T, V>(p.x, r * p.x_sr + c * p.x_sc, xv);
+  if (p.z != nullptr) {
+    load_v<T, V>(p.z, r * p.z_sr + c * p.z_sc, zv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) zv[i] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    u[i] = rmsnorm_input(xv[i], zv[i], gt.first);
+    gate[i] = rmsnorm_out_gate(zv[i], gt.last);
+  }
+}
+
+template <typename T, int V>
+NK_DEVICE void fwd_store(const RmsNormFwdParams& p, int64_t r, int64_t c, const float (&u)[V],
+                         const float (&gate)[V], float rstd) {
+  float o[V], w[V], b[V];
+  load_param<V>(p.weight, c, w);
+  if (p.bias != nullptr) {
+    load_param<V>(p.bias, c, b);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) b[i] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) o[i] = rmsnorm_output(u[i], rstd, w[i], b[i], gate[i]);
+  store_v<T, V>(p.out, r * p.dim + c, o);
+}
+
+// NV > 0: the unit's vectors are cached in registers (NV per thread); NV == 0: re-read.
+template <typename T, int V, int NV>
+__global__ void __launch_bounds__(kFwdMaxThreads) fwd_kernel(RmsNormFwdParams p, int64_t nunits) {
+  __shared__ float red[kFwdMaxThreads / 32];
+  const Gates gt = gates_of(p);
+  const int64_t G = p.group_size, ngroups = p.dim / G, nvec = G / V;
+  const int64_t unit = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = unit < nunits;
+  const int64_t r = active ? unit / ngroups : 0;
+  const int64_t c0 = active ? (unit % ngroups) * G : 0;
+  float acc = 0.f;
+  if constexpr (NV > 0) {
+    float u[NV][V], gate[NV][V];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+      if (active && j < nvec) {
+        fwd_load<T, V>(p, gt, r, c0 + j * V, u[k], gate[k]);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc = fmaf(u[k][i], u[k][i], acc);
+      }
+    }
+    const float rstd = rmsnorm_rstd(unit_sum(acc, red), static_cast<float>(G), p.eps);
+    if (!active) return;  // after the last block-wide synchronisation
+    if (threadIdx.x == 0) p.rstd[unit] = rstd;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+      if (j < nvec) fwd_store<T, V>(p, r, c0 + j * V, u[k], gate[k], rstd);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
+      float u[V], gate[V];
+      fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc = fmaf(u[i], u[i], acc);
+    }
+    const float rstd = rmsnorm_rstd(unit_sum(acc, red), static_cast<float>(G), p.eps);
+    if (!active) return;
+    if (threadIdx.x == 0) p.rstd[unit] = rstd;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      float u[V], gate[V];
+      fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
+      fwd_store<T, V>(p, r, c0 + j * V, u, gate, rstd);
+    }
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+// Pass 1 of one vector (channels c..c+V-1 of row r): per channel xhat, dxhat, the pass-2
+// coefficients ca, cb and dy (for dweight/dbias); writes dz when the gate comes last. Returns
+// this vector's part of sum(dxhat * xhat).
+template <typename T, int V>
+NK_DEVICE float bwd_pass1(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_t c, float rstd,
+                          float (&xh)[V], float (&dxh)[V], float (&ca)[V], float (&cb)[V], float (&dy)[V]) {
+  const RmsNormFwdParams& p = q.fwd;
+  float xv[V], zv[V], gv[V], dz[V];
+  load_v<T, V>(p.x, r * p.x_sr + c * p.x_sc, xv);
+  if (p.z != nullptr) {
+    load_v<T, V>(p.z, r * p.z_sr + c * p.z_sc, zv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) zv[i] = 0.f;
+  }
+  load_v<T, V>(q.dout, r * q.dout_sr + c * q.dout_sc, gv);
+  float w[V], b[V];
+  load_param<V>(p.weight, c, w);
+  if (gt.last && p.bias != nullptr) {  // the bias enters the gradient only through a last gate
+    load_param<V>(p.bias, c, b);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) b[i] = 0.f;
+  }
+  float dot = 0.f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const RmsNormBwdElem e = rmsnorm_bwd_elem(xv[i], zv[i], gv[i], rstd, w[i], b[i], gt.first, gt.last);
+    xh[i] = e.xhat;
+    dxh[i] = e.dy * w[i];
+    ca[i] = e.ca;
+    cb[i] = e.cb;
+    dy[i] = e.dy;
+    dz[i] = e.dz;
+    dot = fmaf(dxh[i], e.xhat, dot);
+  }
+  if (gt.last) store_v<T, V>(q.dz, r * p.dim + c, dz);
+  return dot;
+}
+
+template <typename T, int V>
+NK_DEVICE void bwd_pass2(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_t c, float rstd, float m,
+                         const float (&xh)[V], const float (&dxh)[V], const float (&ca)[V], const float (&cb)[V]) {
+  float dx[V], dz[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float du = rmsnorm_du(dxh[i], xh[i], m, rstd);
+    dx[i] = du * ca[i];
+    dz[i] = du * cb[i];
+  }
+  store_v<T, V>(q.dx, r * q.fwd.dim + c, dx);
+  if (gt.first) store_v<T, V>(q.dz, r * q.fwd.dim + c, dz);
+}
+
+// grid (ngroups, row blocks), block (tpu, upb). NV > 0: cached, with fused dweight/dbias
+// partial rows (one per row lane); NV == 0: re-read, dweight/dbias left to the column kernel.
+template <typename T, int V, int NV>
+__global__ void __launch_bounds__(kBwdMaxThreads) bwd_kernel(RmsNormBwdParams q) {
+  __shared__ float red[kBwdMaxThreads / 32];
+  const RmsNormFwdParams& p = q.fwd;
+  const Gates gt = gates_of(p);
+  const int64_t G = p.group_size, ngroups = p.dim / G, nvec = G / V, D = p.dim;
+  const int64_t g = blockIdx.x, c0 = g * G;
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  constexpr int NA = NV > 0 ? NV : 1;
+  float dw[NA][V], db[NA][V];
+#pragma unroll
+  for (int k = 0; k < NA; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
+  // The trip count depends on the block only: unit_sum synchronises the whole block.
+  for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y; r0 < p.rows; r0 += step) {
+    const int64_t r = r0 + threadIdx.y;
+    const bool active = r < p.rows;
+    const float rstd = active ? p.rstd[r * ngroups + g] : 0.f;
+    if constexpr (NV > 0) {
+      float xh[NV][V], dxh[NV][V], ca[NV][V], cb[NV][V], dot = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+        if (active && j < nvec) {
+          float dy[V];
+          dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, xh[k], dxh[k], ca[k], cb[k], dy);
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            dw[k][i] = fmaf(dy[i], xh[k][i], dw[k][i]);
+            db[k][i] += dy[i];
+          }
+        }
+      }
+      const float m = unit_sum(dot, red) / static_cast<float>(G);
+      if (active) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+          const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+          if (j < nvec) bwd_pass2<T, V>(q, gt, r, c0 + j * V, rstd, m, xh[k], dxh[k], ca[k], cb[k]);
+        }
+      }
+    } else {
+      float dot = 0.f;
+      for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
+        float xh[V], dxh[V], ca[V], cb[V], dy[V];
+        dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, xh, dxh, ca, cb, dy);
+      }
+      const float m = unit_sum(dot, red) / static_cast<float>(G);
+      for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
+        // Re-reads the inputs; dz of a last gate is rewritten with the same value.
+        float xh[V], dxh[V], ca[V], cb[V], dy[V];
+        bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, xh, dxh, ca, cb, dy);
+        bwd_pass2<T, V>(q, gt, r, c0 + j * V, rstd, m, xh, dxh, ca, cb);
+      }
+    }
+  }
+  if constexpr (NV > 0) {
+    // This row lane's partial row, over every channel of the group.
+    float* prow = q.partials + (int64_t(blockIdx.y) * blockDim.y + threadIdx.y) * 2 * D;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+      if (j < nvec) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          prow[c0 + j * V + i] = dw[k][i];
+          prow[D + c0 + j * V + i] = db[k][i];
+        }
+      }
+    }
+  }
+}
+
+// Uncached backward's dweight/dbias: a thread per channel walks rows [r0, r0 + rows_per_chunk)
+// and writes partial row blockIdx.y.
+template <typename T>
+__global__ void __launch_bounds__(kColThreads) dwdb_columns_kernel(RmsNormBwdParams q, int64_t rows_per_chunk) {
+  const RmsNormFwdParams& p = q.fwd;
+  const Gates gt = gates_of(p);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.dim) return;
+  const int64_t ngroups = p.dim / p.group_size, g = c / p.group_size;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < p.rows ? r0 + rows_per_chunk : p.rows;
+  const float w = p.weight[c], b = (gt.last && p.bias != nullptr) ? p.bias[c] : 0.f;
+  float dw = 0.f, db = 0.f;
+  for (int64_t r = r0; r < r1; ++r) {
+    float xv[1], zv[1] = {0.f}, gv[1];
+    load_v<T, 1>(p.x, r * p.x_sr + c * p.x_sc, xv);
+    if (p.z != nullptr) load_v<T, 1>(p.z, r * p.z_sr + c * p.z_sc, zv);
+    load_v<T, 1>(q.dout, r * q.dout_sr + c * q.dout_sc, gv);
+    const RmsNormBwdElem e = rmsnorm_bwd_elem(xv[0], zv[0], gv[0], p.rstd[r * ngroups + g], w, b, gt.first, gt.last);
+    dw = fmaf(e.dy, e.xhat, dw);
+    db += e.dy;
+  }
+  q.partials[int64_t(blockIdx.y) * 2 * p.dim + c] = dw;
+  q.partials[int64_t(blockIdx.y) * 2 * p.dim + p.dim + c] = db;
+}
+
+// dweight/dbias = sums of the partial rows over (2 * dim) columns: block (32 columns, 8
+// slices); slice s adds rows s, s + 8, ... in order, then slice sums are added in order.
+__global__ void __launch_bounds__(kRedCols * kRedSlices) reduce_partials_kernel(RmsNormBwdParams q) {
+  __shared__ float red[kRedSlices][kRedCols];
+  const int64_t D = q.fwd.dim;
+  const int64_t col = int64_t(blockIdx.x) * kRedCols + threadIdx.x;
+  float acc = 0.f;
+  if (col < 2 * D)
+    for (int64_t pr = threadIdx.y; pr < q.num_partials; pr += kRedSlices) acc += q.partials[pr * 2 * D + col];
+  red[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < 2 * D) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < kRedSlices; ++i) s += red[i][threadIdx.x];
+    if (col < D) q.dweight[col] = s;
+    else if (q.dbias != nullptr) q.dbias[col - D] = s;
+  }
+}
+
+// ---- launch helpers -------------------------------------------------------------------------
+
+template <typename F>
+void dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f.template operator()<float>(); break;
+    case DType::F16: f.template operator()<__half>(); break;
+    case DType::BF16: f.template operator()<__nv_bfloat16>(); break;
+  }
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int num_sms() {
+  static int sms = [] {
+    int dev = 0, n = 0;
+    NK_CUDA_CHECK(cudaGetDevice(&dev));
+    NK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }();
+  return sms;
+}
+
+// 16-byte accesses are legal when V divides the group, every tensor's rows start on a
+// 16-byte boundary with unit channel stride, and the float32 weight and bias are 16-byte
+// aligned (the entry aligns them). Entries with a null pointer are skipped.
+bool vec_ok(int V, int esize, int64_t G, const float* weight, const float* bias,
+            std::initializer_list<std::pair<const void*, std::pair<int64_t, int64_t>>> ts) {
+  if (G % V != 0) return false;
+  for (const float* w : {weight, bias})
+    if (w != nullptr && reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
+  for (const auto& [ptr, st] : ts) {
+    if (ptr == nullptr) continue;
+    if (reinterpret_cast<uintptr_t>(ptr) % (V * esize) != 0 || st.second != 1 || st.first % V != 0) return false;
+  }
+  return true;
+}
+
+// How a unit maps onto threads.
+struct UnitPlan {
+  int V;         // channels per access
+  int NV;        // cached vectors per thread; 0: uncached
+  int tpu, upb;  // threads per unit (multiple of 32), units per block
+};
+
+UnitPlan unit_plan(int64_t G, int V, int max_threads, std::initializer_list<int> nvs) {
+  const int64_t nvec = G / V;
+  UnitPlan u{V, 0, max_threads, 1};
+  for (int nv : nvs) {
+    const int64_t t = cdiv(cdiv(nvec, nv), 32) * 32;
+    if (t <= max_threads) {
+      u.NV = nv;
+      u.tpu = static_cast<int>(t);
+      break;
+    }
+  }
+  u.upb = std::max(1, kBlockThreads / u.tpu);
+  return u;
+}
+
+template <typename T>
+UnitPlan fwd_plan(const RmsNormFwdParams& p) {
+  constexpr int VV = 16 / sizeof(T);
+  const bool vec = vec_ok(VV, sizeof(T), p.group_size, p.weight, p.bias,
+                          {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {p.out, {p.dim, 1}}});
+  return unit_plan(p.group_size, vec ? VV : 1, kFwdMaxThreads, {1, 4});
+}
+
+// Resident blocks per SM of bwd_kernel<T, V, NV> at `threads` threads per block (registers
+// bound it), asked of the runtime once per instantiation and block size.
+template <typename T, int V, int NV>
+int bwd_blocks_per_sm(int threads) {
+  static std::atomic<int> cache[kBwdMaxThreads / 32 + 1];
+  std::atomic<int>& slot = cache[threads / 32];
+  int n = slot.load(std::memory_order_relaxed);
+  if (n == 0) {
+    NK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, bwd_kernel<T, V, NV>, threads, 0));
+    n = std::max(n, 1);
+    slot.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+template <typename T>
+int bwd_occupancy(const UnitPlan& u) {
+  constexpr int VV = 16 / sizeof(T);
+  const int threads = u.tpu * u.upb;
+  auto by_v = [&]<int V>() {
+    switch (u.NV) {
+      case 0: return bwd_blocks_per_sm<T, V, 0>(threads);
+      case 1: return bwd_blocks_per_sm<T, V, 1>(threads);
+      case 2: return bwd_blocks_per_sm<T, V, 2>(threads);
+      default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward plan");
+    }
+  };
+  return u.V == VV ? by_v.template operator()<VV>() : by_v.template operator()<1>();
+}
+
+struct BwdPlan {
+  UnitPlan unit;
+  dim3 grid, block;
+  // Column kernel (uncached only).
+  dim3 col_grid;
+  int64_t rows_per_chunk = 0;
+  int64_t num_partials = 0;
+};
+
+template <typename T>
+BwdPlan bwd_plan(const RmsNormBwdParams& q) {
+  const RmsNormFwdParams& p = q.fwd;
+  constexpr int VV = 16 / sizeof(T);
+  const bool vec = vec_ok(VV, sizeof(T), p.group_size, p.weight, p.bias,
+                          {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {q.dout, {q.dout_sr, q.dout_sc}},
+                           {q.dx, {p.dim, 1}}, {q.dz, {p.dim, 1}}});
+  BwdPlan b;
+  b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxThreads, {1, 2});
+  const int64_t ngroups = p.dim / p.group_size;
+  if (ngroups > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: too many groups for one CUDA grid");
+  // One wave: as many blocks as are resident at once (the row loop balances the work, so a
+  // second, partial wave would only idle SMs), and no more row blocks than needed, since each
+  // row lane adds a partial row.
+  const int64_t resident = int64_t(num_sms()) * bwd_occupancy<T>(b.unit);
+  const int64_t rblocks = std::clamp<int64_t>(resident / ngroups, 1,
+                                              std::min<int64_t>(cdiv(p.rows, b.unit.upb), 65535));
+  b.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
+  b.block = dim3(b.unit.tpu, b.unit.upb);
+  if (b.unit.NV > 0) {
+    b.num_partials = rblocks * b.unit.upb;
+  } else {
+    const int64_t cblocks = cdiv(p.dim, kColThreads);
+    if (cblocks > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: D too large for one CUDA grid");
+    const int64_t target_cols = int64_t(num_sms()) * (2048 / kColThreads);
+    int64_t chunks = std::clamp<int64_t>(cdiv(target_cols, cblocks), 1, std::min<int64_t>(p.rows, 65535));
+    b.rows_per_chunk = cdiv(p.rows, chunks);
+    chunks = cdiv(p.rows, b.rows_per_chunk);
+    b.col_grid = dim3(static_cast<unsigned>(cblocks), static_cast<unsigned>(chunks));
+    b.num_partials = chunks;
+  }
+  return b;
+}
+
+}  // namespace
+
+void rmsnorm_gated_fwd_cuda(const RmsNormFwdParams& p, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  dispatch(p.dtype, [&]<typename T>() {
+    constexpr int VV = 16 / sizeof(T);
+    const UnitPlan u = fwd_plan<T>(p);
+    const int64_t nunits = p.rows * (p.dim / p.group_size);
+    const int64_t blocks = cdiv(nunits, u.upb);
+    if (blocks > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: too many rows for one CUDA grid");
+    const dim3 grid(static_cast<unsigned>(blocks)), block(u.tpu, u.upb);
+    auto launch = [&]<int V>() {
+      switch (u.NV) {
+        case 0: fwd_kernel<T, V, 0><<<grid, block, 0, stream>>>(p, nunits); break;
+        case 1: fwd_kernel<T, V, 1><<<grid, block, 0, stream>>>(p, nunits); break;
+        case 4: fwd_kernel<T, V, 4><<<grid, block, 0, stream>>>(p, nunits); break;
+        default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn forward plan");
+      }
+    };
+    if (u.V == VV) launch.template operator()<VV>();
+    else launch.template operator()<1>();
+    NK_CUDA_LAUNCH_CHECK();
+  });
+}
+
+int64_t rmsnorm_gated_bwd_cuda_num_partials(const RmsNormBwdParams& q) {
+  int64_t n = 0;
+  dispatch(q.fwd.dtype, [&]<typename T>() { n = bwd_plan<T>(q).num_partials; });
+  return n;
+}
+
+void rmsnorm_gated_bwd_cuda(const RmsNormBwdParams& q, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  dispatch(q.fwd.dtype, [&]<typename T>() {
+    constexpr int VV = 16 / sizeof(T);
+    const BwdPlan b = bwd_plan<T>(q);
+    if (b.num_partials != q.num_partials)
+      throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward partial rows mismatch");
+    auto launch = [&]<int V>() {
+      switch (b.unit.NV) {
+        case 0: bwd_kernel<T, V, 0><<<b.grid, b.block, 0, stream>>>(q); break;
+        case 1: bwd_kernel<T, V, 1><<<b.grid, b.block, 0, stream>>>(q); break;
+        case 2: bwd_kernel<T, V, 2><<<b.grid, b.block, 0, stream>>>(q); break;
+        default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward plan");
+      }
+    };
+    if (b.unit.V == VV) launch.template operator()<VV>();
+    else launch.template operator()<1>();
+    NK_CUDA_LAUNCH_CHECK();
+    if (b.unit.NV == 0) {
+      dwdb_columns_kernel<T><<<b.col_grid, kColThreads, 0, stream>>>(q, b.rows_per_chunk);
+      NK_CUDA_LAUNCH_CHECK();
+    }
+    const int64_t rblocks = cdiv(2 * q.fwd.dim, kRedCols);
+    if (rblocks > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: D too large for one CUDA grid");
+    reduce_partials_kernel<<<static_cast<unsigned>(rblocks), dim3(kRedCols, kRedSlices), 0, stream>>>(q);
+    NK_CUDA_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace nk

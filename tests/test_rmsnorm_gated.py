@@ -1,0 +1,427 @@
+"""rmsnorm_fn / RMSNormGated (gated RMSNorm of the Mamba-2 mixer) against the float64 reference
+(ops/reference.py): forward, gradients of x, weight, bias and z, every option, odd shapes and
+strides, bad inputs, opcheck, torch.compile."""
+import pytest
+import torch
+
+import nemokernels
+from nemokernels.ops.reference import rmsnorm_gated_ref
+
+from conftest import DEVICES, raises_in_kernel
+from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# gate mode: no z / z with norm_before_gate=False (gate first, the default) / True (gate last)
+MODES = ["none", "first", "last"]
+
+# (leading dims, D, group_size): 1-D x, D = 1, 3 leading dims, odd D with groups, D = 4100,
+# group sizes that take every CUDA path (vectorised or scalar; cached with 1, 2 or 4 vectors
+# per thread; uncached for long groups).
+SHAPES = [
+    ((), 7, None),
+    ((5,), 1, None),
+    ((2, 3, 4), 136, 8),
+    ((3,), 4100, 1025),
+    ((2, 2), 4100, None),
+    ((4,), 2048, 256),
+    ((3,), 4096, None),
+    ((2,), 20000, None),
+    ((17,), 96, 32),
+]
+LAYOUTS = ["contiguous", "strided", "row_padded", "permuted"]
+
+
+def make(lead, dim, dtype, device, layout, scale=1.0):
+    """A (*lead, dim) tensor in one of several memory layouts (values ~ N(0, scale^2))."""
+    shape = (*lead, dim)
+    if layout == "strided":  # channel stride 2
+        t = torch.randn(*lead, 2 * dim, device=device, dtype=dtype)[..., ::2]
+    elif layout == "row_padded":  # rows further apart than dim (a slice of a wider buffer)
+        t = torch.randn(*lead, dim + 8, device=device, dtype=dtype)[..., :dim]
+    elif layout == "permuted" and len(lead) >= 2:  # leading dims that do not fold into one stride
+        t = torch.randn(lead[1], lead[0], *lead[2:], dim, device=device, dtype=dtype).transpose(0, 1)
+    else:
+        t = torch.randn(shape, device=device, dtype=dtype)
+    assert t.shape == shape
+    return t * scale if scale != 1.0 else t
+
+
+def make_case(lead, dim, dtype, device, mode, bias, layout, param_dtype=None):
+    param_dtype = param_dtype or dtype
+    x = make(lead, dim, dtype, device, layout)
+    z = make(lead, dim, dtype, device, LAYOUTS[(LAYOUTS.index(layout) + 1) % 4]) if mode != "none" else None
+    w = 1.0 + 0.5 * torch.randn(dim, device=device, dtype=param_dtype)
+    b = 0.5 * torch.randn(dim, device=device, dtype=param_dtype) if bias else None
+    return x, z, w, b
+
+
+def eps_for(dim, gs):
+    """A group of one channel normalises to +-1 (up to eps): its input gradient is ~eps / x^2, a
+    cancellation that no float32 kernel resolves; a larger eps makes such groups well-posed."""
+    return 0.5 if (gs or dim) < 4 else 1e-5
+
+
+def ref64(x, w, b, z, **kw):
+    d = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    return rmsnorm_gated_ref(d(x), d(w), d(b), z=d(z), **kw)
+
+
+# ---------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_reference(device, dtype, mode, bias, sanitizer):
+    for i, (lead, dim, gs) in enumerate(SHAPES):
+        if sanitizer and i % 2:
+            continue
+        layout = LAYOUTS[i % len(LAYOUTS)]
+        x, z, w, b = make_case(lead, dim, dtype, device, mode, bias, layout)
+        kw = dict(eps=eps_for(dim, gs), group_size=gs, norm_before_gate=mode == "last")
+        poison_allocator(device)
+        out = nemokernels.rmsnorm_fn(x, w, b, z=z, **kw)
+        assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+        assert_close(out, ref64(x, w, b, z, **kw), dtype, what=f"out {lead} D={dim} G={gs} {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_is_gate_first(device):
+    """Our default is norm_before_gate=False (Nemotron-H / Mamba-2 usage), eps 1e-6, one group."""
+    x, z = torch.randn(4, 64, device=device), torch.randn(4, 64, device=device)
+    w = torch.randn(64, device=device)
+    out = nemokernels.rmsnorm_fn(x, w, z=z)
+    assert_close(out, ref64(x, w, None, z, eps=1e-6, group_size=None, norm_before_gate=False), torch.float32)
+    assert rel_err(out, ref64(x, w, None, z, norm_before_gate=True)) > 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rstd_output(device, dtype):
+    x, z = torch.randn(3, 5, 96, device=device, dtype=dtype), torch.randn(3, 5, 96, device=device, dtype=dtype)
+    w = torch.randn(96, device=device, dtype=dtype)
+    out, rstd = torch.ops.nemokernels.rmsnorm_gated_fwd(x, w, None, z, 1e-6, 32, False)
+    assert rstd.shape == (3, 5, 3) and rstd.dtype == torch.float32
+    u = (x.double() * torch.nn.functional.silu(z.double())).reshape(3, 5, 3, 32)
+    ref = 1.0 / torch.sqrt(u.square().mean(-1) + 1e-6)
+    assert_close(rstd, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_and_tiny_values(device):
+    """Rows of very different scales (rstd spans orders of magnitude); eps dominates tiny rows."""
+    x = torch.randn(6, 256, device=device) * torch.tensor([1e-4, 1e-2, 1.0, 1e2, 1e4, 0.0], device=device)[:, None]
+    z = torch.randn(6, 256, device=device)
+    w = torch.randn(256, device=device)
+    for nbg in (False, True):
+        out = nemokernels.rmsnorm_fn(x, w, z=z, eps=1e-6, group_size=64, norm_before_gate=nbg)
+        assert torch.isfinite(out).all()
+        assert_close(out, ref64(x, w, None, z, eps=1e-6, group_size=64, norm_before_gate=nbg), torch.float32)
+
+
+# ---------------------------------------------------------------- backward
+
+
+def _grads_check(device, dtype, mode, bias, lead, dim, gs, layout, param_dtype=None):
+    x, z, w, b = make_case(lead, dim, dtype, device, mode, bias, layout, param_dtype)
+    leaves = [t.requires_grad_() for t in (x, z, w, b) if t is not None]
+    kw = dict(eps=eps_for(dim, gs), group_size=gs, norm_before_gate=mode == "last")
+    out = nemokernels.rmsnorm_fn(x, w, b, z=z, **kw)
+    # Non-contiguous upstream gradient (channel stride 2).
+    g = make(lead, dim, dtype, device, "strided")
+    poison_allocator(device)
+    grads = torch.autograd.grad(out, leaves, g)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(l64)
+    x64, z64, w64, b64 = next(it), (next(it) if z is not None else None), next(it), (next(it) if bias else None)
+    r = rmsnorm_gated_ref(x64, w64, b64, z=z64, **kw)
+    want = torch.autograd.grad(r, l64, g.double())
+    names = ["dx"] + (["dz"] if z is not None else []) + ["dweight"] + (["dbias"] if bias else [])
+    f = 2.0 if dtype != torch.float32 else 10.0
+    for name, t, got, ref in zip(names, leaves, grads, want):
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert torch.isfinite(got).all(), f"{name} not finite"
+        assert_close(got, ref, dtype if name in ("dx", "dz") else (param_dtype or dtype), factor=f,
+                     what=f"{name} {lead} D={dim} G={gs} {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_matches_reference(device, dtype, mode, bias, sanitizer):
+    for i, (lead, dim, gs) in enumerate(SHAPES):
+        if sanitizer and i % 2:
+            continue
+        _grads_check(device, dtype, mode, bias, lead, dim, gs, LAYOUTS[(i + 1) % len(LAYOUTS)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_contiguous_vectorised(device, mode):
+    """Everything contiguous and aligned (the vectorised CUDA path, also for the gradient)."""
+    for dtype in DTYPES:
+        x, z, w, b = make_case((8, 16), 512, dtype, device, mode, True, "contiguous")
+        for t in (x, z, w, b):
+            if t is not None:
+                t.requires_grad_()
+        kw = dict(group_size=128, norm_before_gate=mode == "last")
+        out = nemokernels.rmsnorm_fn(x, w, b, z=z, **kw)
+        g = torch.randn_like(out)
+        leaves = [t for t in (x, z, w, b) if t is not None]
+        got = torch.autograd.grad(out, leaves, g)
+        l64 = [t.detach().double().requires_grad_() for t in leaves]
+        zz = l64[1] if z is not None else None
+        r = rmsnorm_gated_ref(l64[0], l64[-2], l64[-1], z=zz, **kw)
+        want = torch.autograd.grad(r, l64, g.double())
+        for a, e in zip(got, want):
+            assert_close(a, e, dtype, factor=2.0 if dtype != torch.float32 else 10.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_mixed_param_dtype(device):
+    """bf16 activations with float32 weight and bias (how mixed-precision training holds them)."""
+    for mode in MODES:
+        _grads_check(device, torch.bfloat16, mode, True, (6, 5), 256, 64, "contiguous", param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_many_rows(device):
+    """More rows than one partial-sum chunk or row lane (dweight/dbias summed across them)."""
+    _grads_check(device, torch.float32, "first", True, (300,), 64, 16, "contiguous")
+    _grads_check(device, torch.bfloat16, "last", True, (2, 150), 128, None, "row_padded")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_of_sum_expanded_grad(device, dtype):
+    """out.sum().backward() hands the backward an expanded gradient (all strides 0)."""
+    x = torch.randn(3, 7, 256, device=device, dtype=dtype, requires_grad=True)
+    z = torch.randn(3, 7, 256, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(256, device=device, dtype=dtype, requires_grad=True)
+    nemokernels.rmsnorm_fn(x, w, z=z, group_size=64).sum().backward()
+    x64, z64, w64 = [t.detach().double().requires_grad_() for t in (x, z, w)]
+    rmsnorm_gated_ref(x64, w64, z=z64, group_size=64).sum().backward()
+    for got, want in [(x.grad, x64.grad), (z.grad, z64.grad), (w.grad, w64.grad)]:
+        assert_close(got, want, dtype, factor=2.0 if dtype != torch.float32 else 10.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_deterministic(device):
+    x = torch.randn(257, 512, device=device, requires_grad=True)
+    z = torch.randn(257, 512, device=device, requires_grad=True)
+    w = torch.randn(512, device=device, requires_grad=True)
+    b = torch.randn(512, device=device, requires_grad=True)
+    g = torch.randn(257, 512, device=device)
+    runs = [torch.autograd.grad(nemokernels.rmsnorm_fn(x, w, b, z=z, group_size=64), (x, z, w, b), g)
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c), "gradients must be bitwise reproducible"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_gradients_finite_in_a_stack(device):
+    """Several gated norms in a row (with the gate recomputed from the output), bf16."""
+    dim = 256
+    norms = [nemokernels.RMSNormGated(dim, group_size=64, device=device, dtype=torch.bfloat16) for _ in range(6)]
+    x = torch.randn(4, 33, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    h = x
+    for n in norms:
+        h = n(h, z=h * 0.5) + h
+    h.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(n.weight.grad).all() for n in norms)
+
+
+# ---------------------------------------------------------------- module
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module(device):
+    m = nemokernels.RMSNormGated(128, eps=1e-5, group_size=32, device=device)
+    assert m.norm_before_gate is False and m.bias is None and torch.equal(m.weight, torch.ones(128, device=device))
+    assert list(m.state_dict()) == ["weight"]
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(128, device=device))
+    x, z = torch.randn(2, 3, 128, device=device), torch.randn(2, 3, 128, device=device)
+    assert_close(m(x, z), ref64(x, m.weight, None, z, eps=1e-5, group_size=32), torch.float32)
+    assert_close(m(x), ref64(x, m.weight, None, None, eps=1e-5, group_size=32), torch.float32)
+    m2 = nemokernels.RMSNormGated(128, norm_before_gate=True, device=device)
+    assert_close(m2(x, z), ref64(x, m2.weight, None, z, eps=1e-5, norm_before_gate=True), torch.float32)
+    assert "group_size=32" in repr(m)
+
+
+# ---------------------------------------------------------------- empty inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    x = torch.randn(0, 3, 64, device=device, requires_grad=True)
+    z = torch.randn(0, 3, 64, device=device, requires_grad=True)
+    out = nemokernels.rmsnorm_fn(x, w, b, z=z, group_size=16)
+    assert out.shape == (0, 3, 64)
+    _, rstd = torch.ops.nemokernels.rmsnorm_gated_fwd(x, w, b, z, 1e-6, 16, False)
+    assert rstd.shape == (0, 3, 4)
+    gx, gz, gw, gb = torch.autograd.grad(out, (x, z, w, b), torch.randn_like(out))
+    assert gx.shape == x.shape and gz.shape == z.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+    # D = 0: nothing to normalise.
+    e = nemokernels.rmsnorm_fn(torch.randn(3, 0, device=device), torch.randn(0, device=device))
+    assert e.shape == (3, 0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@raises_in_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    x = torch.randn(2, 3, 64, device=device)
+    z = torch.randn(2, 3, 64, device=device)
+    w = torch.randn(64, device=device)
+    f = nemokernels.rmsnorm_fn
+    cases = [
+        (lambda: f(x, w, z=z, group_size=48), r"group_size \(48\) must divide D = x.shape\[-1\] \(64\)"),
+        (lambda: f(x, w, z=z, group_size=0), "group_size must be positive"),
+        (lambda: f(x, torch.randn(63, device=device), z=z), r"weight must have shape \(D,\) = \(64,\)"),
+        (lambda: f(x, torch.randn(64, 1, device=device), z=z), "weight must have 1 dimensions"),
+        (lambda: f(x, w, torch.randn(32, device=device), z=z), r"bias must have shape \(D,\) = \(64,\)"),
+        (lambda: f(x, w, z=z[:, :2]), r"z must have x's shape \(2, 3, 64\), got \(2, 2, 64\)"),
+        (lambda: f(x, w, z=z.half()), "z must have x's dtype float32, got float16"),
+        (lambda: f(x.double(), w.double()), "x must be one of {float32, float16, bfloat16}, got float64"),
+        (lambda: f(x.long(), w), "x must be one of"),
+        (lambda: f(x, w.long()), "weight must be one of"),
+        (lambda: f(x, w, eps=-1.0), "eps must be finite and >= 0"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    # The message names the public op.
+    with pytest.raises(RuntimeError, match="rmsnorm_fn: group_size"):
+        f(x, w, group_size=5)
+    ops = torch.ops.nemokernels
+    _, rstd = ops.rmsnorm_gated_fwd(x, w, None, z, 1e-6, 64, False)
+    with pytest.raises(RuntimeError, match=r"rmsnorm_fn \(backward\): rstd must have shape"):
+        ops.rmsnorm_gated_bwd(x, x, w, None, z, rstd[..., :0], 64, False)
+    with pytest.raises(RuntimeError, match=r"dout must have x's shape"):
+        ops.rmsnorm_gated_bwd(x[:1], x, w, None, z, rstd, 64, False)
+
+
+@raises_in_kernel
+@pytest.mark.gpu
+def test_mixed_devices_raise():
+    x = torch.randn(2, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
+        nemokernels.rmsnorm_fn(x, torch.randn(64))
+    with pytest.raises(RuntimeError, match="z is on cpu but x is on cuda"):
+        nemokernels.rmsnorm_fn(x, torch.randn(64, device="cuda"), z=torch.randn(2, 64))
+
+
+# ---------------------------------------------------------------- GPU agrees with CPU kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lead,dim,gs", [
+    ((37,), 1024, 128),     # one warp per unit, 4 units per block
+    ((33,), 2048, 512),     # 4 warps per unit (cached forward and backward)
+    ((9,), 1536, None),     # backward with 2 cached vectors per thread
+    ((5, 7), 4100, 1025),   # scalar accesses; forward 4 cached vectors, backward uncached
+    ((9,), 4096, None),     # forward 4 cached vectors per thread, backward uncached
+    ((3,), 40000, None),    # uncached forward and backward
+])
+def test_cuda_matches_cpu_kernel(mode, lead, dim, gs):
+    x, z, w, b = make_case(lead, dim, torch.float32, "cuda", mode, True, "contiguous")
+    leaves = [t.requires_grad_() for t in (x, z, w, b) if t is not None]
+    kw = dict(group_size=gs, norm_before_gate=mode == "last")
+    g = torch.randn(*lead, dim, device="cuda")
+    out = nemokernels.rmsnorm_fn(x, w, b, z=z, **kw)
+    grads = torch.autograd.grad(out, leaves, g)
+    cpu = [t.detach().cpu().requires_grad_() for t in leaves]
+    zc = cpu[1] if z is not None else None
+    outc = nemokernels.rmsnorm_fn(cpu[0], cpu[-2], cpu[-1], z=zc, **kw)
+    gradsc = torch.autograd.grad(outc, cpu, g.cpu())
+    assert rel_err(out, outc) < 1e-6
+    for a, c in zip(grads, gradsc):
+        assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nemotron_shapes_gpu(dtype, sanitizer):
+    """Super (D = 8192, 8 groups) and Nano (D = 4096) shapes, z given, gate first."""
+    rows = 64 if sanitizer else 2048
+    for dim in (8192, 4096):
+        x, z, w, _ = make_case((rows,), dim, dtype, "cuda", "first", False, "contiguous")
+        for t in (x, z, w):
+            t.requires_grad_()
+        out = nemokernels.rmsnorm_fn(x, w, z=z, group_size=dim // 8)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, z, w), g)
+        l64 = [t.detach().double().requires_grad_() for t in (x, z, w)]
+        r = rmsnorm_gated_ref(l64[0], l64[2], z=l64[1], group_size=dim // 8)
+        want = torch.autograd.grad(r, l64, g.double())
+        assert_close(out, r, dtype)
+        for a, e in zip(got, want):
+            assert_close(a, e, dtype, factor=2.0 if dtype != torch.float32 else 10.0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_inputs():
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    z = torch.randn_like(x)
+    w = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        nemokernels.rmsnorm_fn(x, w, z=z, group_size=64)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = nemokernels.rmsnorm_fn(x, w, z=z, group_size=64)
+    x.copy_(torch.randn_like(x))
+    z.copy_(torch.randn_like(z))
+    g.replay()
+    assert torch.equal(y, nemokernels.rmsnorm_fn(x, w, z=z, group_size=64))
+
+
+# ---------------------------------------------------------------- opcheck, compile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    ops = torch.ops.nemokernels
+    x = torch.randn(2, 3, 48, device=device, requires_grad=True)
+    z = torch.randn(2, 3, 48, device=device, requires_grad=True)
+    w = torch.randn(48, device=device, requires_grad=True)
+    b = torch.randn(48, device=device, requires_grad=True)
+    opcheck(ops.rmsnorm_gated_fwd, (x, w, b, z, 1e-6, 16, False))
+    opcheck(ops.rmsnorm_gated_fwd, (x, w, None, z, 1e-5, 48, True))
+    opcheck(ops.rmsnorm_gated_fwd, (x.detach().bfloat16(), w.detach().bfloat16(), None, None, 1e-6, 8, False))
+    rstd = ops.rmsnorm_gated_fwd(x, w, b, z, 1e-6, 16, False)[1].detach()
+    dout = torch.randn(2, 3, 48, device=device)
+    opcheck(ops.rmsnorm_gated_bwd, (dout, x.detach(), w.detach(), b.detach(), z.detach(), rstd, 16, False))
+    opcheck(ops.rmsnorm_gated_bwd, (dout, x.detach(), w.detach(), None, None, rstd, 16, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    norm = nemokernels.RMSNormGated(64, group_size=16, device=device)
+    x = torch.randn(3, 5, 64, device=device, requires_grad=True)
+    z = torch.randn(3, 5, 64, device=device, requires_grad=True)
+
+    def f(x, z):
+        y = norm(x, z)
+        return nemokernels.rmsnorm_fn(y, norm.weight, z=None, norm_before_gate=True).square().sum()
+
+    eager = f(x, z)
+    compiled = torch.compile(f, fullgraph=True, backend=backend)(x, z)
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-5)
+    ge = torch.autograd.grad(eager, (x, z, norm.weight))
+    gc = torch.autograd.grad(compiled, (x, z, norm.weight))
+    for a, c in zip(ge, gc):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-5)
