@@ -10,6 +10,7 @@ from . import _C  # noqa: F401  (registers the ops)
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.ssd_chunk_scan import mamba_chunk_scan_combined
 from .info import build_info
+from . import spec  # noqa: F401  (verification API: nemokernels.spec.*)
 
 __all__ = ["__version__", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
-           "mamba_chunk_scan_combined"]
+           "mamba_chunk_scan_combined", "spec"]

@@ -13,6 +13,11 @@ OPS = {
     "causal_conv1d_update": "ssd",
     "ssd_chunk_scan_fwd": "ssd",
     "ssd_chunk_scan_bwd": "ssd",
+    "verify_greedy": "spec",
+    "rejection_sample": "spec",
+    "verify_tree_greedy": "spec",
+    "verify_tree_rejection": "spec",
+    "sampling_probs": "spec",
 }
 
 

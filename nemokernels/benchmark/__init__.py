@@ -1,9 +1,9 @@
 """Benchmark harness and cases. A new op family adds a `cases_<family>.py` module with a
 `cases(quick, device) -> list[Case]` function and registers it in ALL_CASE_MODULES."""
-from . import cases_ssd, cases_ssd_scan
+from . import cases_spec, cases_ssd, cases_ssd_scan
 from .harness import Case, measure_peaks, run_cases, time_fn, write_results, format_table
 
-ALL_CASE_MODULES = {"ssd": cases_ssd, "ssd_scan": cases_ssd_scan}
+ALL_CASE_MODULES = {"ssd": cases_ssd, "ssd_scan": cases_ssd_scan, "spec": cases_spec}
 
 
 def all_cases(quick: bool, device, ops=None) -> list:
