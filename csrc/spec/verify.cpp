@@ -32,6 +32,20 @@ Tensor last_dim_contiguous(const Tensor& t) {
   return (t.dim() > 0 && t.stride(t.dim() - 1) != 1 && t.size(t.dim() - 1) > 1) ? torch::stable::contiguous(t) : t;
 }
 
+// A contiguous copy of an optional tensor (emplace, not a conditional expression: GCC 12
+// reports a false maybe-uninitialized on std::optional<Tensor> built by `c ? x : nullopt`).
+std::optional<Tensor> contiguous_opt(const std::optional<Tensor>& t) {
+  std::optional<Tensor> r;
+  if (t) r.emplace(torch::stable::contiguous(*t));
+  return r;
+}
+
+std::optional<Tensor> last_dim_contiguous_opt(const std::optional<Tensor>& t) {
+  std::optional<Tensor> r;
+  if (t) r.emplace(last_dim_contiguous(*t));
+  return r;
+}
+
 template <typename T>
 const T* ptr(const Tensor& t) {
   return static_cast<const T*>(t.data_ptr());
@@ -75,7 +89,7 @@ void check_id_values(const char* op, const char* arg, const Tensor& ids, const s
                      int64_t first, int64_t vocab) {
   if (!ids.is_cpu()) return;
   const int64_t batch = ids.size(0), len = ids.size(1);
-  std::optional<Tensor> ndc = nd ? std::optional<Tensor>(torch::stable::contiguous(*nd)) : std::nullopt;
+  std::optional<Tensor> ndc = contiguous_opt(nd);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = ndc ? ptr<int64_t>(*ndc)[b] : len;
     for (int64_t j = first; j < n; ++j) {
@@ -92,7 +106,7 @@ void check_distributions(const char* op, const char* arg, const Tensor& t, const
                          int64_t first, int64_t extra) {
   if (!t.is_cpu()) return;
   const int64_t batch = t.size(0), rows = t.size(1), vocab = t.size(2);
-  std::optional<Tensor> ndc = nd ? std::optional<Tensor>(torch::stable::contiguous(*nd)) : std::nullopt;
+  std::optional<Tensor> ndc = contiguous_opt(nd);
   const float* base = ptr<float>(t);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t last = ndc ? ptr<int64_t>(*ndc)[b] + extra : rows;  // exclusive
@@ -193,7 +207,7 @@ std::tuple<Tensor, Tensor> spec_verify_greedy(Tensor draft_token_ids, Tensor tar
   Tensor logits = last_dim_contiguous(target_logits);
   SpecGreedyParams p{};
   set_logits(p.am, logits);
-  std::optional<Tensor> ndc = num_draft_tokens ? std::optional<Tensor>(torch::stable::contiguous(*num_draft_tokens)) : std::nullopt;
+  std::optional<Tensor> ndc = contiguous_opt(num_draft_tokens);
   p.am.num_draft = ndc ? ptr<int64_t>(*ndc) : nullptr;
   auto ws = argmax_workspace(p.am, logits);
   p.k = k;
@@ -230,8 +244,8 @@ std::tuple<Tensor, Tensor> spec_rejection_sample(Tensor draft_token_ids, std::op
   Tensor num_acc = new_empty(draft_token_ids, {batch}, ScalarType::Long);
   if (batch == 0) return {out, num_acc};
   Tensor pt = last_dim_contiguous(target_probs);
-  std::optional<Tensor> qt = draft_probs ? std::optional<Tensor>(last_dim_contiguous(*draft_probs)) : std::nullopt;
-  std::optional<Tensor> ndc = num_draft_tokens ? std::optional<Tensor>(torch::stable::contiguous(*num_draft_tokens)) : std::nullopt;
+  std::optional<Tensor> qt = last_dim_contiguous_opt(draft_probs);
+  std::optional<Tensor> ndc = contiguous_opt(num_draft_tokens);
   SpecRejectionParams p{};
   p.batch = batch, p.k = k, p.vocab = vocab;
   p.draft = ptr<int64_t>(draft_token_ids);
@@ -358,11 +372,8 @@ Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, dou
   check_param("top_k", top_k, ScalarType::Long);
   check_param("top_p", top_p, ScalarType::Float);
   check_param("min_p", min_p, ScalarType::Float);
-  std::optional<Tensor> tc, kc, pc, mc;
-  auto contig = [](const std::optional<Tensor>& t) {
-    return t ? std::optional<Tensor>(torch::stable::contiguous(*t)) : std::nullopt;
-  };
-  tc = contig(temperature), kc = contig(top_k), pc = contig(top_p), mc = contig(min_p);
+  std::optional<Tensor> tc = contiguous_opt(temperature), kc = contiguous_opt(top_k), pc = contiguous_opt(top_p),
+                        mc = contiguous_opt(min_p);
   if (logits.is_cpu()) {
     for (int64_t b = 0; b < batch; ++b) {
       if (tc) {
