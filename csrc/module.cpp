@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "common/philox.h"
+
 #ifndef NK_CUDA_ARCHS
 #define NK_CUDA_ARCHS ""
 #endif
@@ -20,7 +22,9 @@ std::vector<std::string> cuda_ops() {
 #ifdef NK_WITH_CUDA
   return {"causal_conv1d_fwd",  "causal_conv1d_bwd",      "causal_conv1d_update",
           "ssd_chunk_scan_fwd", "ssd_chunk_scan_bwd",     "selective_state_update",
-          "selective_state_update_multi", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd"};
+          "selective_state_update_multi", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd",
+          "verify_greedy", "rejection_sample", "verify_tree_greedy", "verify_tree_rejection",
+          "sampling_probs"};
 #else
   return {};
 #endif
@@ -45,4 +49,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("torch_target_version") = static_cast<unsigned long long>(NK_TORCH_TARGET_VERSION);
   m.attr("built_with_torch") = std::string(TORCH_BUILD_VERSION);
   m.def("cuda_ops", &cuda_ops, "ops with a CUDA kernel in this build");
+  // The Philox4x32-10 the kernels share (csrc/common/philox.h), for known-answer tests.
+  m.def(
+      "philox4x32_10",
+      [](std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
+        if (ctr.size() != 4 || key.size() != 2) throw std::invalid_argument("philox4x32_10: counter has 4 words, key 2");
+        nk::Philox4 r = nk::philox4x32_10(ctr[0], ctr[1], ctr[2], ctr[3], key[0], key[1]);
+        return std::vector<uint32_t>{r.v[0], r.v[1], r.v[2], r.v[3]};
+      },
+      "Philox4x32-10 of a 4-word counter and a 2-word key (csrc/common/philox.h)");
 }

@@ -51,6 +51,22 @@ std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optio
 std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
     Tensor dout, Tensor x, Tensor weight, std::optional<Tensor> bias, std::optional<Tensor> z,
     Tensor rstd, int64_t group_size, bool norm_before_gate);
+
+// spec/verify.cpp
+std::tuple<Tensor, Tensor> spec_verify_greedy(Tensor draft_token_ids, Tensor target_logits,
+                                              std::optional<Tensor> num_draft_tokens);
+std::tuple<Tensor, Tensor> spec_rejection_sample(Tensor draft_token_ids, std::optional<Tensor> draft_probs,
+                                                 Tensor target_probs, std::optional<Tensor> num_draft_tokens,
+                                                 std::optional<Tensor> seed_tensor, int64_t seed);
+std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_greedy(Tensor candidate_ids, Tensor parents,
+                                                           Tensor target_logits, int64_t max_depth);
+std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_ids, Tensor parents,
+                                                              Tensor draft_probs, Tensor target_probs,
+                                                              int64_t max_depth, std::optional<Tensor> seed_tensor,
+                                                              int64_t seed);
+Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, double temperature_value,
+                           std::optional<Tensor> top_k, int64_t top_k_value, std::optional<Tensor> top_p,
+                           double top_p_value, std::optional<Tensor> min_p, double min_p_value);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -101,6 +117,25 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.def("rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, "
         "Tensor rstd, int group_size, bool norm_before_gate) "
         "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)");
+
+  // ---- spec: MTP verification and the fused sampling transform ---------------------------
+  // Outputs: output_token_ids (B, k+1) int64 padded with -1, num_accepted (B,) int64 (accepted
+  // drafts; num_accepted + 1 tokens are emitted). Random numbers: Philox keyed by the int64 in
+  // seed_tensor (read on the device, no host sync) or by `seed` when seed_tensor is None.
+  m.def("verify_greedy(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens) "
+        "-> (Tensor output_token_ids, Tensor num_accepted)");
+  m.def("rejection_sample(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, "
+        "Tensor? num_draft_tokens, Tensor? seed_tensor, int seed) "
+        "-> (Tensor output_token_ids, Tensor num_accepted)");
+  // Trees: node 0 is the root; outputs (B, max_depth+1) padded with -1.
+  m.def("verify_tree_greedy(Tensor candidate_ids, Tensor parents, Tensor target_logits, int max_depth) "
+        "-> (Tensor output_token_ids, Tensor accepted_node_indices, Tensor num_accepted)");
+  m.def("verify_tree_rejection(Tensor candidate_ids, Tensor parents, Tensor draft_probs, Tensor target_probs, "
+        "int max_depth, Tensor? seed_tensor, int seed) "
+        "-> (Tensor output_token_ids, Tensor accepted_node_indices, Tensor num_accepted)");
+  // Per-request tensors (B,) override the scalar values; probs float32 shaped like logits.
+  m.def("sampling_probs(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
+        "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -113,7 +148,12 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("selective_state_update", TORCH_BOX(&nk::selective_state_update));    \
   m.impl("selective_state_update_multi", TORCH_BOX(&nk::selective_state_update_multi)); \
   m.impl("rmsnorm_gated_fwd", TORCH_BOX(&nk::rmsnorm_gated_fwd));              \
-  m.impl("rmsnorm_gated_bwd", TORCH_BOX(&nk::rmsnorm_gated_bwd));
+  m.impl("rmsnorm_gated_bwd", TORCH_BOX(&nk::rmsnorm_gated_bwd));             \
+  m.impl("verify_greedy", TORCH_BOX(&nk::spec_verify_greedy));                  \
+  m.impl("rejection_sample", TORCH_BOX(&nk::spec_rejection_sample));            \
+  m.impl("verify_tree_greedy", TORCH_BOX(&nk::spec_verify_tree_greedy));        \
+  m.impl("verify_tree_rejection", TORCH_BOX(&nk::spec_verify_tree_rejection));  \
+  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

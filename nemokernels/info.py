@@ -17,6 +17,11 @@ OPS = {
     "selective_state_update_multi": "ssd",
     "rmsnorm_gated_fwd": "ssd",
     "rmsnorm_gated_bwd": "ssd",
+    "verify_greedy": "spec",
+    "rejection_sample": "spec",
+    "verify_tree_greedy": "spec",
+    "verify_tree_rejection": "spec",
+    "sampling_probs": "spec",
 }
 
 

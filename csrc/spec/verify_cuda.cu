@@ -1,0 +1,466 @@
+// CUDA kernels of speculative verification and the fused sampling transform (semantics in
+// spec/verify.h; the CPU kernels in verify_cpu.cpp make the same decisions).
+//
+//  - Row partials (greedy argmax, rejection race): grid (rows, nsplit), 256 threads; a block
+//    streams one vocab chunk of one row with 16-byte loads and reduces (value, index) with a
+//    total order (ties -> lowest index), so the winner does not depend on the split. The
+//    rejection block first recomputes its request's first rejected position m (k scalar
+//    loads, one Philox draw each), then races over the residual max(0, p_m - q_m) (or p_n for
+//    the bonus token): one Philox call gives the exponentials of 4 adjacent vocab entries,
+//    matching one float4 load of p and of q. Probabilities are read once: one pass.
+//  - Walks: one thread per request reduces its partials in split order and walks the drafts
+//    (spec/walk.cuh, the same code the CPU runs).
+//  - Tree rejection: one block per request walks the tree; the normaliser of each residual is
+//    a fixed-order block sum (the CPU kernel sums in the same order), the final race as above.
+//  - Sampling transform: one block per row: max (and argmax), exp written once into the
+//    output, radix select of the top-k threshold (4 passes, shared-memory integer
+//    histograms), bisection on the probability value for top-p (fixed-order block sums), then
+//    the normaliser and the write. The passes after the first re-read the row from the output
+//    each thread wrote itself (L2-resident), not the logits.
+// No host synchronisation anywhere (the seed is read on the device), no float atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "spec/numerics.cuh"
+#include "spec/verify.h"
+#include "spec/walk.cuh"
+
+namespace nk {
+namespace {
+
+using namespace spec;
+
+constexpr int kRowThreads = 256;       // row-partial kernels
+constexpr int kWalkThreads = 128;      // one thread per request
+constexpr int kSampleThreads = 512;    // sampling transform, one block per row
+constexpr int64_t kMinChunk = 2048;    // smallest vocab chunk worth a block
+
+template <typename T> NK_DEVICE float to_f(T v);
+template <> NK_DEVICE float to_f<float>(float v) { return v; }
+template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
+template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <bool kArgmax>
+NK_DEVICE bool better(float v1, int64_t i1, float v2, int64_t i2) {
+  return kArgmax ? argmax_better(v1, i1, v2, i2) : race_better(v1, i1, v2, i2);
+}
+
+template <bool kArgmax>
+NK_DEVICE void warp_reduce_best(float& v, int64_t& i) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_down_sync(0xffffffffu, v, off);
+    const long long oi = __shfl_down_sync(0xffffffffu, static_cast<long long>(i), off);
+    if (better<kArgmax>(ov, oi, v, i)) v = ov, i = oi;
+  }
+}
+
+// Best (value, index) of the block, valid in thread 0. blockDim.x is a multiple of 32 (<= 1024).
+// Ends with a barrier so the scratch can be reused by the next call.
+template <bool kArgmax>
+__device__ void block_reduce_best(float& v, int64_t& i) {
+  __shared__ float sv[32];
+  __shared__ long long si[32];
+  warp_reduce_best<kArgmax>(v, i);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  if (lane == 0) sv[warp] = v, si[warp] = i;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? sv[lane] : 0.f;
+    i = lane < nwarps ? si[lane] : -1;
+    warp_reduce_best<kArgmax>(v, i);
+  }
+  __syncthreads();
+}
+
+// Fixed-order block sum (pairwise tree over the threads), returned to every thread.
+// `red` holds blockDim.x floats; blockDim.x is a power of two.
+__device__ float block_sum(float v, float* red) {
+  const int t = threadIdx.x;
+  red[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) red[t] += red[t + s];
+    __syncthreads();
+  }
+  const float r = red[0];
+  __syncthreads();
+  return r;
+}
+
+// ---- greedy / tree greedy: partial argmax per (row, chunk) --------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmaxParams a) {
+  const int64_t r = blockIdx.x, s = blockIdx.y;
+  const int64_t b = r / a.npos, j = r % a.npos;
+  const int64_t o = r * a.nsplit + s;
+  if (a.num_draft != nullptr && j > num_drafts_of(a.num_draft, b, a.npos - 1)) {
+    if (threadIdx.x == 0) a.part_val[o] = 0.f, a.part_idx[o] = -1;  // never read by the walk
+    return;
+  }
+  const T* row = static_cast<const T*>(a.logits) + b * a.l_sb + j * a.l_st;
+  const int64_t lo = s * a.chunk, hi = lo + a.chunk < a.vocab ? lo + a.chunk : a.vocab;
+  float bv = 0.f;
+  int64_t bi = -1;
+  constexpr int kVec = 16 / sizeof(T);
+  int64_t scalar_from = lo;
+  if ((reinterpret_cast<uintptr_t>(row + lo) & 15) == 0) {
+    const int64_t nvec = (hi - lo) / kVec;
+    const uint4* vrow = reinterpret_cast<const uint4*>(row + lo);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const uint4 raw = vrow[v];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int u = 0; u < kVec; ++u) {
+        const int64_t i = lo + v * kVec + u;
+        const float x = to_f<T>(e[u]);
+        if (argmax_better(x, i, bv, bi)) bv = x, bi = i;
+      }
+    }
+    scalar_from = lo + nvec * kVec;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < hi; i += blockDim.x) {
+    const float x = to_f<T>(row[i]);
+    if (argmax_better(x, i, bv, bi)) bv = x, bi = i;
+  }
+  block_reduce_best<true>(bv, bi);
+  if (threadIdx.x == 0) a.part_val[o] = bv, a.part_idx[o] = bi;
+}
+
+void launch_argmax_partials(const SpecArgmaxParams& a, cudaStream_t st) {
+  const dim3 grid(static_cast<unsigned>(a.batch * a.npos), static_cast<unsigned>(a.nsplit));
+  switch (a.dtype) {
+    case DType::F32: argmax_partials_kernel<float><<<grid, kRowThreads, 0, st>>>(a); break;
+    case DType::F16: argmax_partials_kernel<__half><<<grid, kRowThreads, 0, st>>>(a); break;
+    case DType::BF16: argmax_partials_kernel<__nv_bfloat16><<<grid, kRowThreads, 0, st>>>(a); break;
+  }
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+__global__ void greedy_walk_kernel(SpecGreedyParams p) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < p.am.batch) greedy_walk(p, b);
+}
+
+__global__ void tree_greedy_walk_kernel(SpecTreeGreedyParams p) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < p.am.batch) tree_greedy_walk(p, b);
+}
+
+// ---- rejection sampling -------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRejectionParams p) {
+  const int64_t b = blockIdx.x, s = blockIdx.y;
+  const uint64_t seed = seed_of(p.seed_ptr, p.seed);
+  __shared__ long long s_m;
+  const int64_t n = num_drafts_of(p.num_draft, b, p.k);
+  if (threadIdx.x == 0) s_m = first_rejection(p, b, n, seed);
+  __syncthreads();
+  const int64_t m = s_m;
+  const bool residual = m < n;
+  const bool fallback = residual && p.q != nullptr;
+  const float* prow = p.p + b * p.p_sb + m * p.p_st;
+  const float* qrow = (residual && p.q) ? p.q + b * p.q_sb + m * p.q_st : nullptr;
+  const int64_t x = residual ? clamp_id(p.draft[b * p.d_sb + m * p.d_st], p.vocab) : -1;
+  const int64_t lo = s * p.chunk, hi = lo + p.chunk < p.vocab ? lo + p.chunk : p.vocab;
+  float k1 = 0.f, k2 = 0.f;
+  int64_t i1 = -1, i2 = -1;
+  // q of entry i: the draft distribution, or one-hot at the drafted token (greedy draft).
+  auto q_at = [&](int64_t i, float qv) { return !residual ? 0.f : (qrow ? qv : (i == x ? 1.f : 0.f)); };
+  int64_t scalar_from = lo;
+  const bool aligned = (reinterpret_cast<uintptr_t>(prow + lo) & 15) == 0 &&
+                       (qrow == nullptr || (reinterpret_cast<uintptr_t>(qrow + lo) & 15) == 0);
+  if (aligned) {  // lo is a multiple of 8, so vector v covers the Philox group lo/4 + v
+    const int64_t nvec = (hi - lo) / 4;
+    const float4* pv = reinterpret_cast<const float4*>(prow + lo);
+    const float4* qv = qrow ? reinterpret_cast<const float4*>(qrow + lo) : nullptr;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const float4 pp = pv[v];
+      const float4 qq = qv ? qv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
+      const int64_t g = lo / 4 + v;
+      float e[4];
+      race_exponentials(seed, kTagResidual, b, m, g, e);
+      const float pa[4] = {pp.x, pp.y, pp.z, pp.w}, qa[4] = {qq.x, qq.y, qq.z, qq.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t i = g * 4 + u;
+        rejection_race_entry(i, pa[u], q_at(i, qa[u]), residual, fallback, e[u], k1, i1, k2, i2);
+      }
+    }
+    scalar_from = lo + nvec * 4;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < hi; i += blockDim.x) {
+    float e[4];
+    race_exponentials(seed, kTagResidual, b, m, i / 4, e);
+    rejection_race_entry(i, prow[i], q_at(i, qrow ? qrow[i] : 0.f), residual, fallback, e[i % 4], k1, i1, k2, i2);
+  }
+  block_reduce_best<false>(k1, i1);
+  block_reduce_best<false>(k2, i2);
+  if (threadIdx.x == 0) {
+    const int64_t o = b * p.nsplit + s;
+    p.part_key[o] = k1, p.part_idx[o] = i1, p.part_key2[o] = k2, p.part_idx2[o] = i2;
+  }
+}
+
+__global__ void rejection_finalize_kernel(SpecRejectionParams p) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < p.batch) rejection_finalize(p, b);
+}
+
+// ---- tree rejection -----------------------------------------------------------------------
+
+struct TreeChain {
+  const float* prow;  // target row of the current node
+  const float* qb;    // draft_probs of this request (node i at qb + i * q_sn)
+  int64_t q_sn;
+  const int* rej;
+  const float* z;
+  // The residual after the first r rejected children: p_{j+1} = max(0, p_j - q_{c_j}) / Z_j
+  // (the same operations, in the same order, as the CPU kernel).
+  NK_DEVICE float at(int64_t i, int r) const {
+    float v = prow[i];
+    for (int j = 0; j < r; ++j) {
+      const float d = v - qb[rej[j] * q_sn + i];
+      v = (d > 0.f ? d : 0.f) / z[j];
+    }
+    return v;
+  }
+};
+
+__global__ void __launch_bounds__(kTreeThreads, 1) tree_rejection_kernel(SpecTreeRejectionParams p) {
+  __shared__ int s_rej[kMaxTreeNodes];
+  __shared__ float s_z[kMaxTreeNodes];
+  __shared__ float s_red[kTreeThreads];
+  __shared__ long long s_child;
+  __shared__ int s_accept;
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const uint64_t seed = seed_of(p.seed_ptr, p.seed);
+  const int64_t w = p.max_depth + 1;
+  int64_t* out = p.out + b * w;
+  int64_t* nodes = p.nodes + b * w;
+  for (int64_t j = tid; j < w; j += blockDim.x) out[j] = -1, nodes[j] = -1;
+  __syncthreads();
+  int64_t cur = 0, depth = 0;  // uniform over the block: every decision comes from shared memory
+  while (true) {
+    if (tid == 0) nodes[depth] = cur;
+    const TreeChain chain{p.p + b * p.p_sb + cur * p.p_sn, p.q + b * p.q_sb, p.q_sn, s_rej, s_z};
+    int r = 0;
+    int64_t scan = cur + 1, accepted = -1;
+    while (depth < p.max_depth) {
+      if (tid == 0) {
+        int64_t c = scan;
+        while (c < p.n_nodes && p.parents[b * p.par_sb + c * p.par_sn] != cur) ++c;
+        s_child = c < p.n_nodes ? c : -1;
+        s_accept = 0;
+        if (c < p.n_nodes) {
+          const int64_t xx = clamp_id(p.cand[b * p.c_sb + c * p.c_sn], p.vocab);
+          const float qx = p.q[b * p.q_sb + c * p.q_sn + xx];
+          s_accept = accept_draft(accept_uniform(seed, kTagTreeAccept, b, c), chain.at(xx, r), qx) ? 1 : 0;
+        }
+      }
+      __syncthreads();
+      const int64_t c = s_child;
+      const int acc = s_accept;
+      __syncthreads();
+      if (c < 0) break;
+      if (acc) {
+        accepted = c;
+        break;
+      }
+      const float* qrow = p.q + b * p.q_sb + c * p.q_sn;
+      float part = 0.f;
+      for (int64_t i = tid; i < p.vocab; i += blockDim.x) {
+        const float d = chain.at(i, r) - qrow[i];
+        part += d > 0.f ? d : 0.f;
+      }
+      const float z = block_sum(part, s_red);
+      if (!(z > 0.f)) break;  // all-zero residual: sample from the current one
+      if (tid == 0) s_rej[r] = static_cast<int>(c), s_z[r] = z;
+      __syncthreads();
+      ++r;
+      scan = c + 1;
+    }
+    if (accepted >= 0) {
+      if (tid == 0) out[depth] = p.cand[b * p.c_sb + accepted * p.c_sn];
+      cur = accepted;
+      ++depth;
+      continue;
+    }
+    float k1 = 0.f, k2 = 0.f;
+    int64_t i1 = -1, i2 = -1;
+    for (int64_t g = tid; g * 4 < p.vocab; g += blockDim.x) {
+      float e[4];
+      race_exponentials(seed, kTagTreeResidual, b, cur, g, e);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t i = g * 4 + u;
+        if (i < p.vocab) tree_race_entry(i, chain.at(i, r), chain.prow[i], r > 0, e[u], k1, i1, k2, i2);
+      }
+    }
+    block_reduce_best<false>(k1, i1);
+    block_reduce_best<false>(k2, i2);
+    if (tid == 0) {
+      out[depth] = i1 >= 0 ? i1 : (i2 >= 0 ? i2 : 0);
+      p.num_accepted[b] = depth;
+    }
+    break;
+  }
+}
+
+// ---- sampling transform -------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplingParams p) {
+  __shared__ float s_red[kSampleThreads];
+  __shared__ int s_hist[256];
+  __shared__ float s_mx;
+  __shared__ long long s_am;
+  __shared__ unsigned s_prefix;
+  __shared__ long long s_kk;
+  const int tid = threadIdx.x;
+  const int64_t r = blockIdx.x, req = r / p.per_req, t = r % p.per_req;
+  const int64_t V = p.vocab;
+  const T* l = static_cast<const T*>(p.logits) + req * p.l_sb + t * p.l_st;
+  float* out = p.out + r * V;
+  const float temp = p.temperature ? p.temperature[req] : p.temperature_value;
+  const int64_t top_k = p.top_k ? p.top_k[req] : p.top_k_value;
+  const float top_p = p.top_p ? p.top_p[req] : p.top_p_value;
+  const float min_p = p.min_p ? p.min_p[req] : p.min_p_value;
+
+  float mx = 0.f;
+  int64_t am = -1;
+  for (int64_t i = tid; i < V; i += blockDim.x) {
+    const float v = to_f<T>(l[i]);
+    if (argmax_better(v, i, mx, am)) mx = v, am = i;
+  }
+  block_reduce_best<true>(mx, am);
+  if (tid == 0) s_mx = mx, s_am = am;
+  __syncthreads();
+  mx = s_mx;
+  am = s_am;
+  if (!(temp > 0.f)) {
+    for (int64_t i = tid; i < V; i += blockDim.x) out[i] = i == am ? 1.f : 0.f;
+    return;
+  }
+  // Each thread touches the entries tid, tid + T, ... in every pass below: it re-reads only
+  // what it wrote itself, so no barrier is needed between the passes over `out`.
+  for (int64_t i = tid; i < V; i += blockDim.x) out[i] = expf((to_f<T>(l[i]) - mx) / temp);
+  float thr = 0.f;
+  if (top_k > 0 && top_k < V) {
+    if (tid == 0) s_prefix = 0u, s_kk = top_k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int j = tid; j < 256; j += blockDim.x) s_hist[j] = 0;
+      __syncthreads();
+      const uint32_t prefix = s_prefix;
+      const uint32_t mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+      for (int64_t i = tid; i < V; i += blockDim.x) {
+        const uint32_t bits = float_bits(out[i]);
+        if ((bits & mask) == prefix) atomicAdd(&s_hist[(bits >> shift) & 0xFFu], 1);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        long long cum = 0, kk = s_kk;
+        for (int bin = 255; bin >= 0; --bin) {
+          if (cum + s_hist[bin] >= kk) {
+            s_kk = kk - cum;
+            s_prefix = prefix | (static_cast<uint32_t>(bin) << shift);
+            break;
+          }
+          cum += s_hist[bin];
+        }
+      }
+      __syncthreads();
+    }
+    thr = bits_float(s_prefix);
+  }
+  auto mass_above = [&](float th) {
+    float part = 0.f;
+    for (int64_t i = tid; i < V; i += blockDim.x) part += out[i] >= th ? out[i] : 0.f;
+    return block_sum(part, s_red);
+  };
+  if (top_p < 1.f) {
+    const float target = top_p * mass_above(thr);
+    uint32_t lo = float_bits(thr), hi = float_bits(1.0f);
+    while (lo < hi) {  // uniform: every thread sees the same block sums
+      const uint32_t mid = lo + (hi - lo + 1) / 2;
+      if (mass_above(bits_float(mid)) >= target) lo = mid;
+      else hi = mid - 1;
+    }
+    thr = bits_float(lo);
+  }
+  if (min_p > 0.f) thr = fmaxf(thr, min_p);
+  const float z = mass_above(thr);
+  for (int64_t i = tid; i < V; i += blockDim.x) out[i] = out[i] >= thr ? out[i] / z : 0.f;
+}
+
+int num_sms() {
+  static int cached[64] = {};
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cached[dev] == 0) {
+    int n = 0;
+    NK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cached[dev] = n > 0 ? n : 1;
+  }
+  return cached[dev];
+}
+
+unsigned walk_blocks(int64_t batch) { return static_cast<unsigned>((batch + kWalkThreads - 1) / kWalkThreads); }
+
+}  // namespace
+
+int64_t spec_cuda_num_splits(int64_t rows, int64_t vocab) {
+  const int64_t target_blocks = 4LL * num_sms();  // a few resident 256-thread blocks per SM
+  int64_t nsplit = (target_blocks + rows - 1) / (rows > 0 ? rows : 1);
+  const int64_t max_split = (vocab + kMinChunk - 1) / kMinChunk;
+  if (nsplit > max_split) nsplit = max_split;
+  return nsplit < 1 ? 1 : nsplit;
+}
+
+void spec_verify_greedy_cuda(const SpecGreedyParams& p, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  launch_argmax_partials(p.am, st);
+  greedy_walk_kernel<<<walk_blocks(p.am.batch), kWalkThreads, 0, st>>>(p);
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+void spec_verify_tree_greedy_cuda(const SpecTreeGreedyParams& p, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  launch_argmax_partials(p.am, st);
+  tree_greedy_walk_kernel<<<walk_blocks(p.am.batch), kWalkThreads, 0, st>>>(p);
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+void spec_rejection_sample_cuda(const SpecRejectionParams& p, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(p.nsplit));
+  rejection_partials_kernel<<<grid, kRowThreads, 0, st>>>(p);
+  NK_CUDA_LAUNCH_CHECK();
+  rejection_finalize_kernel<<<walk_blocks(p.batch), kWalkThreads, 0, st>>>(p);
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+void spec_verify_tree_rejection_cuda(const SpecTreeRejectionParams& p, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  tree_rejection_kernel<<<static_cast<unsigned>(p.batch), kTreeThreads, 0, st>>>(p);
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+void spec_sampling_probs_cuda(const SpecSamplingParams& p, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(p.rows);
+  switch (p.dtype) {
+    case DType::F32: sampling_kernel<float><<<grid, kSampleThreads, 0, st>>>(p); break;
+    case DType::F16: sampling_kernel<__half><<<grid, kSampleThreads, 0, st>>>(p); break;
+    case DType::BF16: sampling_kernel<__nv_bfloat16><<<grid, kSampleThreads, 0, st>>>(p); break;
+  }
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace nk

@@ -1,0 +1,680 @@
+"""MTP verification (nemokernels.spec): greedy, rejection sampling, trees, the fused sampling
+transform. Exact cases against the PyTorch references (nemokernels/spec/reference.py),
+chi-square tests that emitted tokens follow the target at every position, acceptance rates,
+at most k + 1 tokens always, reproducibility, bad input, opcheck, compile, CUDA graphs."""
+import pytest
+import torch
+
+from nemokernels import _C, spec
+from nemokernels.spec import reference as R
+
+from conftest import DEVICES, raises_in_kernel
+from helpers import TOL, opcheck, poison_allocator, rel_err
+
+ops = torch.ops.nemokernels
+LOGIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of `counts` against `probs` (bins with expected
+    count < 5 are merged into one)."""
+    counts, probs = counts.double().cpu(), probs.double().cpu()
+    total = counts.sum()
+    exp = probs * total
+    big = exp >= 5
+    obs_b = torch.cat([counts[big], counts[~big].sum().reshape(1)])
+    exp_b = torch.cat([exp[big], exp[~big].sum().reshape(1)])
+    keep = exp_b > 0
+    assert (obs_b[~keep] == 0).all(), "a token with zero target probability was emitted"
+    obs_b, exp_b = obs_b[keep], exp_b[keep]
+    stat = ((obs_b - exp_b) ** 2 / exp_b).sum()
+    df = max(int(keep.sum()) - 1, 1)
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
+
+
+def rand_dist(*shape, device="cpu", sharp=1.5):
+    return torch.softmax(torch.randn(*shape, device=device) * sharp, -1)
+
+
+def check_padding(out, num, k1):
+    """Exactly num + 1 tokens, then -1: never more than k + 1 (flashinfer 879)."""
+    assert out.shape[1] == k1
+    assert ((num >= 0) & (num < k1)).all()
+    emitted = (out >= 0).sum(1)
+    assert torch.equal(emitted.cpu(), (num + 1).cpu()), "emitted count must be num_accepted + 1"
+    pos = torch.arange(k1, device=out.device).expand_as(out)
+    assert torch.equal((out >= 0), pos <= num[:, None]), "tokens must be a prefix, -1 after"
+
+
+# ---------------------------------------------------------------- Philox
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for philox4x32-10."""
+    assert _C.philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _C.philox4x32_10([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert _C.philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+# ---------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_greedy_crafted(device):
+    V = 10
+    logits = torch.full((4, 4, V), -1.0, device=device)
+    best = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [1, 1, 1, 1], [9, 0, 9, 0]], device=device)
+    logits.scatter_(2, best[..., None], 5.0)
+    logits[3, 0, 2] = 5.0  # a tie with index 9: argmax is the lower index 2
+    drafts = torch.tensor([[1, 2, 3], [5, 0, 7], [2, 1, 1], [9, 0, 9]], device=device)
+    out, num = spec.verify_greedy(drafts, logits)
+    assert num.tolist() == [3, 1, 0, 0]
+    assert out.tolist() == [[1, 2, 3, 4], [5, 6, -1, -1], [1, -1, -1, -1], [2, -1, -1, -1]]
+    # ragged: row 0 drafts only 1 token, its bonus comes from position 1
+    out, num = spec.verify_greedy(drafts, logits, num_draft_tokens=torch.tensor([1, 3, 0, 3], device=device))
+    assert num.tolist() == [1, 1, 0, 0]
+    assert out.tolist() == [[1, 2, -1, -1], [5, 6, -1, -1], [1, -1, -1, -1], [2, -1, -1, -1]]
+    # k = 0: only the bonus token
+    out, num = spec.verify_greedy(drafts[:, :0], logits[:, :1])
+    assert out[:, 0].tolist() == [1, 5, 1, 2] and num.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+def test_verify_greedy_matches_reference(device, dtype):
+    for B, k, V, layout in [(7, 4, 1000, "contiguous"), (3, 1, 33, "strided"), (5, 8, 20011, "transposed"),
+                            (1, 3, 1, "contiguous")]:
+        if layout == "strided":
+            logits = torch.randn(B, k + 1, 2 * V, device=device, dtype=dtype)[..., ::2]
+        elif layout == "transposed":
+            logits = torch.randn(k + 1, B, V, device=device, dtype=dtype).transpose(0, 1)
+        else:
+            logits = torch.randn(B, k + 1, V, device=device, dtype=dtype)
+        am = logits.float().argmax(-1)
+        drafts = am[:, :k].clone()
+        flip = torch.rand(B, k, device=device) < 0.25
+        drafts[flip] = (drafts[flip] + 1) % V
+        nd = torch.randint(0, k + 1, (B,), device=device)
+        for num_draft in (None, nd):
+            poison_allocator(device)
+            out, num = spec.verify_greedy(drafts, logits, num_draft)
+            ref_out, ref_num = R.verify_greedy_ref(drafts, logits.float(), num_draft)
+            assert torch.equal(out, ref_out) and torch.equal(num, ref_num), (B, k, V, layout)
+            check_padding(out, num, k + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_greedy_nan_and_inf_like_torch_argmax(device):
+    logits = torch.randn(3, 2, 50, device=device)
+    logits[0, 0, 7] = float("nan")
+    logits[1, 0] = float("-inf")
+    logits[2, 0, 3] = float("inf")
+    logits[2, 0, 40] = float("inf")
+    am = logits.argmax(-1)
+    out, num = spec.verify_greedy(am[:, :1], logits)
+    assert out[:, 0].tolist() == am[:, 0].tolist() == [7, 0, 3]
+    assert num.tolist() == [1, 1, 1]
+
+
+# ---------------------------------------------------------------- rejection sampling
+
+
+def _draw(q, generator=None):
+    B, k, V = q.shape
+    return torch.multinomial(q.reshape(-1, V), 1, generator=generator).reshape(B, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("greedy_draft", [False, True])
+def test_rejection_sample_follows_target_at_every_position(device, greedy_draft):
+    """Chi-square: the token emitted at position j (given the walk reached j) follows p_j, and
+    the acceptance rate at position 0 is sum(min(p_0, q_0)) (p_0(x_0) for a greedy draft)."""
+    N, k, V = 24000, 3, 7
+    p1 = rand_dist(k + 1, V, device=device)
+    q1 = rand_dist(k, V, device=device)
+    p = p1.expand(N, -1, -1)
+    if greedy_draft:
+        drafts = q1.argmax(-1).expand(N, -1).contiguous()
+        q = None
+        acc_rate = float(p1[0, drafts[0, 0]])
+    else:
+        q = q1.expand(N, -1, -1)
+        drafts = _draw(q.contiguous())
+        acc_rate = float(torch.minimum(p1[0], q1[0]).sum())
+    gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, ())))
+    out, num = spec.rejection_sample(drafts, q, p, generator=gen)
+    check_padding(out, num, k + 1)
+    assert torch.equal(out[num > 0][:, 0], drafts[num > 0][:, 0]), "accepted tokens are the drafts"
+    for j in range(k + 1):
+        reached = num >= j
+        counts = torch.bincount(out[reached, j], minlength=V)
+        pval = chi2_pvalue(counts, p1[j])
+        assert pval > 1e-5, f"position {j}: tokens do not follow the target (p={pval:.2e}, counts {counts.tolist()})"
+    rate = float((num >= 1).double().mean())
+    sigma = (acc_rate * (1 - acc_rate) / N) ** 0.5
+    assert abs(rate - acc_rate) < 5 * sigma + 1e-9, f"acceptance rate {rate:.4f}, expected sum(min(p,q)) = {acc_rate:.4f}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rejection_sample_ragged_bonus_position(device):
+    """Rows with n drafts take the bonus token from p_n (chi-square), never from later rows."""
+    N, k, V = 12000, 3, 5
+    p1 = rand_dist(k + 1, V, device=device)
+    p = p1.expand(N, -1, -1)
+    drafts = torch.full((N, k), -1, dtype=torch.int64, device=device)  # padded ids are ignored
+    nd = torch.zeros(N, dtype=torch.int64, device=device)
+    out, num = spec.rejection_sample(drafts, None, p, num_draft_tokens=nd, seed=123)
+    assert (num == 0).all()
+    assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), p1[0]) > 1e-5
+    # n = 2 with drafts the target is certain about: always accepted, bonus from p_2
+    pc = p1.clone()
+    pc[0] = torch.nn.functional.one_hot(torch.tensor(1), V).float()
+    pc[1] = torch.nn.functional.one_hot(torch.tensor(3), V).float()
+    drafts[:, 0], drafts[:, 1] = 1, 3
+    nd.fill_(2)
+    out, num = spec.rejection_sample(drafts, None, pc.expand(N, -1, -1), num_draft_tokens=nd, seed=7)
+    assert (num == 2).all() and (out[:, 3] == -1).all()
+    assert chi2_pvalue(torch.bincount(out[:, 2], minlength=V), pc[2]) > 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rejection_sample_crafted(device):
+    V = 6
+    p = rand_dist(2, 3, V, device=device)
+    q = rand_dist(2, 2, V, device=device)
+    drafts = torch.tensor([[0, 1], [2, 3]], device=device)
+    # p == q everywhere: every draft accepted, bonus from p_2
+    pe = p.clone()
+    pe[:, :2] = q
+    out, num = spec.rejection_sample(drafts, q, pe, seed=1)
+    assert num.tolist() == [2, 2] and out[:, :2].tolist() == drafts.tolist()
+    # p(x) = 0 < q(x) at position 0: always rejected, the residual excludes x
+    pz = p.clone()
+    pz[:, 0] = torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0, 0.0], device=device)
+    qz = q.clone()
+    qz[:, 0] = torch.tensor([0.5, 0.1, 0.4, 0.0, 0.0, 0.0], device=device)
+    for s in range(20):
+        out, num = spec.rejection_sample(drafts, qz, pz, seed=s)
+        assert num.tolist() == [0, 0]
+        # residual max(0, p - q) = [0, .4, 0, .5, 0, 0]
+        assert set(out[:, 0].tolist()) <= {1, 3} and (out[:, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rejection_sample_matches_reference_cases(device):
+    """Deterministic outcomes agree with the reference: certain acceptances and rejections."""
+    B, k, V = 9, 4, 40
+    p = rand_dist(B, k + 1, V, device=device)
+    q = rand_dist(B, k, V, device=device)
+    drafts = _draw(q)
+    # make acceptance certain (p >= q at the draft) or impossible (p = 0) per position
+    certain = torch.rand(B, k, device=device) < 0.7
+    px = p.gather(2, drafts[..., None])[..., 0]
+    qx = q.gather(2, drafts[..., None])[..., 0]
+    newp = torch.where(certain, torch.maximum(px, qx), torch.zeros_like(px))
+    p[:, :k].scatter_(2, drafts[..., None], newp[..., None])
+    p = p / p.sum(-1, keepdim=True)
+    px = p[:, :k].gather(2, drafts[..., None])[..., 0]
+    certain = px >= qx
+    impossible = px == 0
+    out, num = spec.rejection_sample(drafts, q, p, seed=99)
+    for b in range(B):
+        m = 0
+        while m < k and bool(certain[b, m]):
+            m += 1
+        if m == k or bool(impossible[b, m]):
+            assert int(num[b]) == m
+            assert out[b, :m].tolist() == drafts[b, :m].tolist()
+    check_padding(out, num, k + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rejection_sample_reproducible(device):
+    B, k, V = 16, 4, 3001
+    p = rand_dist(B, k + 1, V, device=device, sharp=3)
+    q = rand_dist(B, k, V, device=device, sharp=3)
+    drafts = _draw(q)
+    a = spec.rejection_sample(drafts, q, p, seed=2024)
+    b = spec.rejection_sample(drafts, q, p, seed=2024)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    g1 = torch.Generator(device=device).manual_seed(5)
+    g2 = torch.Generator(device=device).manual_seed(5)
+    c = spec.rejection_sample(drafts, q, p, generator=g1)
+    d = spec.rejection_sample(drafts, q, p, generator=g2)
+    assert torch.equal(c[0], d[0])
+    # a seed tensor and the same int seed key the same stream
+    e = ops.rejection_sample(drafts, q, p, None, torch.tensor([2024], device=device), 0)
+    assert torch.equal(e[0], a[0])
+    outs = {tuple(spec.rejection_sample(drafts, q, p, seed=s)[0].flatten().tolist()) for s in range(6)}
+    assert len(outs) > 1, "different seeds must give different samples"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_emitted_never_exceeds_k_plus_1_property(device):
+    """Random logits, drafts, counts and degenerate distributions: always a -1-padded prefix
+    of num_accepted + 1 <= k + 1 tokens, for every verifier."""
+    for trial in range(8):
+        B = int(torch.randint(1, 20, ()))
+        k = int(torch.randint(0, 6, ()))
+        V = int(torch.randint(1, 300, ()))
+        logits = torch.randn(B, k + 1, V, device=device) * 4
+        if trial % 3 == 0:
+            logits = logits.round()  # many ties
+        p = torch.softmax(logits, -1)
+        if trial % 4 == 1:
+            p = torch.nn.functional.one_hot(p.argmax(-1), V).float()  # one-hot targets
+        q = rand_dist(B, k, V, device=device)
+        drafts = _draw(q) if k > 0 else torch.zeros(B, 0, dtype=torch.int64, device=device)
+        nd = torch.randint(0, k + 1, (B,), device=device)
+        for num_draft in (None, nd):
+            check_padding(*spec.verify_greedy(drafts, logits, num_draft), k + 1)
+            check_padding(*spec.rejection_sample(drafts, q, p, num_draft_tokens=num_draft), k + 1)
+            check_padding(*spec.rejection_sample(drafts, None, p, num_draft_tokens=num_draft), k + 1)
+
+
+# ---------------------------------------------------------------- trees
+
+
+def _chain_tree(depth, fan, B, V, device):
+    """A random tree: each level has `fan` children of one node of the previous level."""
+    parents = [-1]
+    frontier = [0]
+    for _ in range(depth):
+        nxt = []
+        for f in range(fan):
+            parents.append(frontier[f % len(frontier)])
+            nxt.append(len(parents) - 1)
+        frontier = nxt
+    n = len(parents)
+    par = torch.tensor(parents, device=device).expand(B, n).contiguous()
+    cand = torch.randint(0, V, (B, n), device=device)
+    return cand, par
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_tree_greedy_known_answer(device):
+    V = 8
+    #        0
+    #      / | \
+    #     1  2  3        tokens 5, 6, 6
+    #    /   |
+    #   4    5           tokens 2, 7
+    #        |
+    #        6           token 1
+    parents = torch.tensor([[-1, 0, 0, 0, 1, 2, 5]], device=device)
+    cand = torch.tensor([[0, 5, 6, 6, 2, 7, 1]], device=device)
+    logits = torch.zeros(1, 7, V, device=device)
+    for node, best in {0: 6, 1: 2, 2: 7, 3: 0, 4: 0, 5: 1, 6: 4}.items():
+        logits[0, node, best] = 1.0
+    out, nodes, num = spec.verify_tree_greedy(cand, parents, logits)
+    # root argmax 6 -> children 2 and 3 carry it: the lower index 2; then 5 (7), then 6 (1), bonus 4
+    assert num.tolist() == [3]
+    assert out.tolist() == [[6, 7, 1, 4, -1, -1, -1]]
+    assert nodes.tolist() == [[0, 2, 5, 6, -1, -1, -1]]
+    out, nodes, num = spec.verify_tree_greedy(cand, parents, logits, max_depth=2)
+    assert out.tolist() == [[6, 7, 1]] and nodes.tolist() == [[0, 2, 5]] and num.tolist() == [2]
+    logits[0, 0] = 0
+    logits[0, 0, 3] = 1.0  # no child carries 3: nothing accepted, emit 3
+    out, nodes, num = spec.verify_tree_greedy(cand, parents, logits, max_depth=3)
+    assert out.tolist() == [[3, -1, -1, -1]] and nodes.tolist() == [[0, -1, -1, -1]] and num.tolist() == [0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_tree_greedy_matches_reference(device, dtype):
+    B, V = 6, 37
+    cand, par = _chain_tree(4, 3, B, V, device)
+    n = cand.shape[1]
+    logits = torch.randn(B, n, V, device=device, dtype=dtype)
+    am = logits.float().argmax(-1)
+    # make many children match their parent's argmax
+    hit = torch.rand(B, n, device=device) < 0.6
+    cand = torch.where(hit, am.gather(1, par.clamp_min(0)), cand)
+    out, nodes, num = spec.verify_tree_greedy(cand, par, logits)
+    r_out, r_nodes, r_num = R.verify_tree_greedy_ref(cand.cpu(), par.cpu(), logits.float().cpu())
+    assert torch.equal(out.cpu(), r_out) and torch.equal(nodes.cpu(), r_nodes) and torch.equal(num.cpu(), r_num)
+    check_padding(out, num, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_tree_rejection_first_token_follows_target(device):
+    """Root with 3 children drafted independently from q: the first emitted token follows p_root;
+    along an accepted child the next token follows that child's target distribution."""
+    N, V = 15000, 6
+    parents = torch.tensor([-1, 0, 0, 0, 1], device=device)
+    n = 5
+    p1 = rand_dist(n, V, device=device)
+    q1 = rand_dist(n, V, device=device)
+    cand = torch.multinomial(q1[1:], N, replacement=True).T  # (N, 4), children of root from q
+    cand = torch.cat([torch.zeros(N, 1, dtype=torch.int64, device=device), cand], 1)
+    out, nodes, num = spec.verify_tree_rejection(cand, parents.expand(N, n), q1.expand(N, n, V),
+                                                 p1.expand(N, n, V), seed=int(torch.randint(2**40, ())))
+    check_padding(out, num, n)
+    assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), p1[0]) > 1e-5
+    via1 = nodes[:, 1] == 1
+    assert via1.sum() > 500
+    assert chi2_pvalue(torch.bincount(out[via1, 1], minlength=V), p1[1]) > 1e-5
+    # accepted nodes are children of the previous node and carry the emitted token
+    for d in range(1, 3):
+        sel = num >= d
+        assert torch.equal(parents[nodes[sel, d]], nodes[sel, d - 1])
+        assert torch.equal(cand[sel].gather(1, nodes[sel, d:d + 1])[:, 0], out[sel, d - 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_tree_rejection_reference_in_distribution(device):
+    """First-token histogram of the kernel and of the PyTorch reference agree (two-sample)."""
+    N, V = 2000, 4
+    parents = torch.tensor([-1, 0, 0], device=device)
+    p1 = rand_dist(3, V, device=device)
+    q1 = rand_dist(3, V, device=device)
+    cand = torch.cat([torch.zeros(N, 1, dtype=torch.int64, device=device),
+                      torch.multinomial(q1[1:], N, replacement=True).T], 1)
+    args = (cand, parents.expand(N, 3), q1.expand(N, 3, V), p1.expand(N, 3, V))
+    out, _, num = spec.verify_tree_rejection(*args, seed=11)
+    r_out, _, r_num = R.verify_tree_rejection_ref(*[a.cpu() for a in args])
+    c1 = torch.bincount(out[:, 0].cpu(), minlength=V).double()
+    c2 = torch.bincount(r_out[:, 0], minlength=V).double()
+    pooled = (c1 + c2) / (2 * N)
+    assert chi2_pvalue(c1, pooled) > 1e-5 and chi2_pvalue(c2, pooled) > 1e-5
+    assert abs(float(num.double().mean()) - float(r_num.double().mean())) < 0.1
+
+
+# ---------------------------------------------------------------- sampling transform
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+def test_sampling_probs_matches_reference(device, dtype):
+    B, T, V = 5, 3, 1003
+    logits = (torch.randn(B, T, V, device=device) * 3).to(dtype)
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.3, 0.5], device=device)
+    top_k = torch.tensor([0, 50, 3, 1, 1003], device=device)
+    top_p = torch.tensor([1.0, 0.9, 0.5, 0.3, 0.8], device=device)
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.05, 0.02], device=device)
+    cases = [dict(), dict(temperature=0.8), dict(temperature=temp), dict(temperature=temp, top_k=top_k),
+             dict(temperature=0.9, top_p=top_p), dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p),
+             dict(top_k=17, top_p=0.95, min_p=0.01), dict(temperature=0.0)]
+    for kw in cases:
+        poison_allocator(device)
+        out = spec.sampling_probs(logits, **kw)
+        ref = R.sampling_probs_ref(logits.float(), **kw)
+        assert out.dtype == torch.float32 and out.shape == logits.shape
+        assert rel_err(out, ref) < 1e-5, kw
+        assert torch.equal(out > 0, ref > 0), f"kept sets differ for {kw}"
+    out2 = spec.sampling_probs(logits[:, 0], temperature=temp, top_k=top_k)
+    assert rel_err(out2, R.sampling_probs_ref(logits[:, 0].float(), temperature=temp, top_k=top_k)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_probs_then_verify_pipeline(device):
+    """Sampling transform feeding rejection sampling: tokens outside top-k are never emitted."""
+    B, k, V = 4000, 2, 30
+    tl = torch.randn(1, k + 1, V, device=device).expand(B, -1, -1)
+    dl = torch.randn(1, k, V, device=device).expand(B, -1, -1)
+    p = spec.sampling_probs(tl, temperature=0.8, top_k=5)
+    q = spec.sampling_probs(dl, temperature=1.0)
+    drafts = _draw(q.contiguous())
+    out, num = spec.rejection_sample(drafts, q, p, seed=3)
+    allowed = p[0] > 0
+    for j in range(k + 1):
+        toks = out[num >= j, j]
+        assert allowed[j][toks].all()
+        assert chi2_pvalue(torch.bincount(toks, minlength=V), p[0, j]) > 1e-5
+
+
+# ---------------------------------------------------------------- empty and bad input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    out, num = spec.verify_greedy(torch.zeros(0, 3, dtype=torch.int64, device=device), torch.randn(0, 4, 9, device=device))
+    assert out.shape == (0, 4) and num.shape == (0,)
+    out, num = spec.rejection_sample(torch.zeros(0, 3, dtype=torch.int64, device=device), None,
+                                     torch.rand(0, 4, 9, device=device), seed=0)
+    assert out.shape == (0, 4)
+    assert spec.sampling_probs(torch.randn(0, 9, device=device)).shape == (0, 9)
+    o, nodes, n = spec.verify_tree_greedy(torch.zeros(0, 3, dtype=torch.int64, device=device),
+                                          torch.zeros(0, 3, dtype=torch.int64, device=device), torch.randn(0, 3, 9, device=device))
+    assert o.shape == (0, 3) and nodes.shape == (0, 3) and n.shape == (0,)
+
+
+@raises_in_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_shapes_and_dtypes_raise(device):
+    d = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    lg = torch.randn(2, 4, 10, device=device)
+    p = rand_dist(2, 4, 10, device=device)
+    q = rand_dist(2, 3, 10, device=device)
+    par = torch.tensor([[-1, 0, 1], [-1, 0, 0]], device=device)
+    cases = [
+        (lambda: spec.verify_greedy(d, lg[:, :3]), r"target_logits.shape\[1\] must be 4"),
+        (lambda: spec.verify_greedy(d, lg[:1]), r"target_logits.shape\[0\] must be 2"),
+        (lambda: spec.verify_greedy(d[0], lg), "draft_token_ids must have 2 dimensions"),
+        (lambda: spec.verify_greedy(d, lg.long()), "target_logits must be one of"),
+        (lambda: spec.verify_greedy(d, lg, torch.zeros(3, device=device)), r"num_draft_tokens.shape\[0\] must be 2"),
+        (lambda: spec.rejection_sample(d, q[..., :9], p, seed=0), r"draft_probs.shape\[2\] must be 10"),
+        (lambda: spec.rejection_sample(d, q, p[:, :3], seed=0), r"target_probs.shape\[1\] must be 4"),
+        (lambda: ops.rejection_sample(d, q, p, None, torch.zeros(2, dtype=torch.int64, device=device), 0),
+         "seed_tensor must hold exactly one element"),
+        (lambda: spec.verify_tree_greedy(d, par[:, :2], lg[:, :3]), r"parents.shape\[1\] must be 3"),
+        (lambda: spec.verify_tree_greedy(d, par, lg[:, :3], max_depth=3), "max_depth must be in"),
+        (lambda: spec.verify_tree_rejection(d, par, q[:, :2], p[:, :3], seed=0), r"draft_probs.shape\[1\] must be 3"),
+        (lambda: spec.sampling_probs(lg[0, 0]), "logits must be"),
+        (lambda: spec.sampling_probs(lg, top_p=1.5), "top_p must be in"),
+        (lambda: spec.sampling_probs(lg, temperature=-1.0), "temperature must be finite"),
+        (lambda: spec.sampling_probs(lg, min_p=2.0), "min_p must be in"),
+        (lambda: spec.sampling_probs(lg, top_k=torch.zeros(3, device=device)), r"top_k.shape\[0\] must be 2"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    with pytest.raises(ValueError, match="either seed or generator"):
+        spec.rejection_sample(d, q, p, seed=1, generator=torch.Generator(device=device))
+
+
+@raises_in_kernel
+def test_bad_values_raise_on_cpu():
+    d = torch.tensor([[1, 2, 3], [0, 9, 4]])
+    lg = torch.randn(2, 4, 10)
+    p = rand_dist(2, 4, 10)
+    q = rand_dist(2, 3, 10)
+    bad_id = d.clone()
+    bad_id[1, 2] = 10
+    neg = p.clone()
+    neg[0, 1, 0] = -0.1
+    nan = q.clone()
+    nan[1, 0, 3] = float("nan")
+    notone = p.clone()
+    notone[1, 3] *= 1.01
+    cases = [
+        (lambda: spec.verify_greedy(bad_id, lg), r"draft_token_ids\[1, 2\] = 10 is outside the vocabulary"),
+        (lambda: spec.verify_greedy(d - 3, lg), "outside the vocabulary"),
+        (lambda: spec.verify_greedy(d, lg, torch.tensor([1, 4])), r"num_draft_tokens\[1\] must be in \[0, k=3\]"),
+        (lambda: spec.rejection_sample(bad_id, q, p, seed=0), "outside the vocabulary"),
+        (lambda: spec.rejection_sample(d, q, neg, seed=0), r"target_probs\[0, 1\] is not a probability distribution"),
+        (lambda: spec.rejection_sample(d, nan, p, seed=0), r"draft_probs\[1, 0\] is not a probability distribution"),
+        (lambda: spec.rejection_sample(d, q, notone, seed=0), "sums to"),
+        (lambda: spec.verify_tree_greedy(d, torch.tensor([[-1, 0, 2], [-1, 0, 0]]), lg[:, :3]),
+         r"parents\[0, 2\] = 2 must be in \[0, 2\)"),
+        (lambda: spec.verify_tree_greedy(d, torch.tensor([[0, 0, 1], [-1, 0, 0]]), lg[:, :3]), "must be -1"),
+        (lambda: spec.verify_tree_greedy(bad_id, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), lg[:, :3]),
+         "candidate_ids.*outside the vocabulary"),
+        (lambda: spec.verify_tree_rejection(d, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), neg[:, :3], p[:, :3], seed=0),
+         "draft_probs.*not a probability distribution"),
+        (lambda: spec.sampling_probs(lg[:, 0], temperature=torch.tensor([1.0, -2.0])), r"temperature\[1\]"),
+        (lambda: spec.sampling_probs(lg[:, 0], top_p=torch.tensor([0.0, 0.5])), r"top_p\[0\]"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    # padded draft ids beyond num_draft_tokens are ignored, not rejected
+    pad = d.clone()
+    pad[0, 2] = -1
+    spec.rejection_sample(pad, q, p, num_draft_tokens=torch.tensor([2, 3]), seed=0)
+    spec.verify_greedy(pad, lg, torch.tensor([2, 3]))
+
+
+@pytest.mark.gpu
+def test_cuda_is_memory_safe_for_bad_values():
+    """No value checks on CUDA (they would sync): out-of-range ids and counts are clamped."""
+    d = torch.tensor([[1, 200, -5], [0, 9, 4]], device="cuda")
+    p = rand_dist(2, 4, 10, device="cuda")
+    q = rand_dist(2, 3, 10, device="cuda")
+    for out, num in (spec.verify_greedy(d, torch.randn(2, 4, 10, device="cuda"), torch.tensor([7, -2], device="cuda")),
+                     spec.rejection_sample(d, q, p, num_draft_tokens=torch.tensor([7, -2], device="cuda"), seed=0),
+                     spec.rejection_sample(d, None, p * -1, seed=0)):
+        torch.cuda.synchronize()
+        assert (num >= 0).all() and (num <= 3).all()
+    par = torch.tensor([[5, 9, -3], [-1, 0, 0]], device="cuda")
+    spec.verify_tree_greedy(d, par, torch.randn(2, 3, 10, device="cuda"))
+    spec.verify_tree_rejection(d, par, q[:, :3].contiguous() if q.shape[1] >= 3 else rand_dist(2, 3, 10, device="cuda"),
+                               p[:, :3], seed=0)
+    torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- GPU agrees with CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_cuda_matches_cpu_exactly():
+    """Same inputs and seed: identical tokens on CPU and CUDA (same Philox counters, race keys,
+    and for the tree rejection the same summation order)."""
+    B, k, V = 64, 4, 131072 // 8 + 5
+    p = rand_dist(B, k + 1, V, device="cuda", sharp=4)
+    q = rand_dist(B, k, V, device="cuda", sharp=4)
+    drafts = _draw(q)
+    nd = torch.randint(0, k + 1, (B,), device="cuda")
+    lg = torch.randn(B, k + 1, V, device="cuda", dtype=torch.bfloat16)
+    for args in ((drafts, lg), (drafts, lg, nd)):
+        g = spec.verify_greedy(*args)
+        c = spec.verify_greedy(*[a.cpu() for a in args])
+        assert torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
+    for qq in (q, None):
+        g = spec.rejection_sample(drafts, qq, p, num_draft_tokens=nd, seed=77)
+        c = spec.rejection_sample(drafts.cpu(), None if qq is None else qq.cpu(), p.cpu(), num_draft_tokens=nd.cpu(), seed=77)
+        assert torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
+    cand, par = _chain_tree(3, 3, 8, V, "cuda")
+    n = cand.shape[1]
+    tp = rand_dist(8, n, V, device="cuda", sharp=4)
+    tq = rand_dist(8, n, V, device="cuda", sharp=4)
+    cand = torch.cat([cand[:, :1], torch.multinomial(tq[:, 1:].reshape(-1, V), 1).reshape(8, n - 1)], 1)
+    g = spec.verify_tree_rejection(cand, par, tq, tp, seed=5)
+    c = spec.verify_tree_rejection(cand.cpu(), par.cpu(), tq.cpu(), tp.cpu(), seed=5)
+    assert all(torch.equal(x.cpu(), y) for x, y in zip(g, c))
+    tl = torch.randn(8, n, V, device="cuda")
+    g = spec.verify_tree_greedy(cand, par, tl)
+    c = spec.verify_tree_greedy(cand.cpu(), par.cpu(), tl.cpu())
+    assert all(torch.equal(x.cpu(), y) for x, y in zip(g, c))
+    lg2 = torch.randn(6, 2, V, device="cuda") * 3
+    for kw in (dict(temperature=0.7, top_k=100, top_p=0.9, min_p=0.01), dict(temperature=0.0)):
+        assert rel_err(spec.sampling_probs(lg2, **kw), spec.sampling_probs(lg2.cpu(), **kw)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_large_vocab_distribution():
+    """V = 131072 on the GPU path (split vocab chunks): chi-square of bonus tokens over a
+    sparse target, and verify_greedy against torch.argmax at batch 64, k 4."""
+    V, N = 131072, 4096
+    p1 = torch.zeros(V, device="cuda")
+    support = torch.randperm(V, device="cuda")[:8]
+    p1[support] = rand_dist(8, device="cuda")
+    p = p1.expand(N, 1, V)
+    out, num = spec.rejection_sample(torch.zeros(N, 0, dtype=torch.int64, device="cuda"), None, p, seed=9)
+    counts = torch.bincount(out[:, 0], minlength=V)
+    assert chi2_pvalue(counts[support], p1[support]) > 1e-5 and counts.sum() == counts[support].sum()
+    lg = torch.randn(64, 5, V, device="cuda", dtype=torch.bfloat16)
+    am = lg.argmax(-1)
+    o, n = spec.verify_greedy(am[:, :4], lg)
+    assert (n == 4).all() and torch.equal(o, am)
+
+
+# ---------------------------------------------------------------- opcheck, compile, graphs
+
+
+def _opcheck_args(op, device):
+    B, k, V = 3, 2, 17
+    d = torch.randint(0, V, (B, k), device=device)
+    lg = torch.randn(B, k + 1, V, device=device)
+    p = rand_dist(B, k + 1, V, device=device)
+    q = rand_dist(B, k, V, device=device)
+    nd = torch.tensor([2, 0, 1], device=device)
+    seed_t = torch.tensor([42], device=device)
+    par = torch.tensor([[-1, 0, 0]] * B, device=device)
+    cand = d.new_zeros(B, 3) + d[:, :1]
+    return {
+        "verify_greedy": [(d, lg, nd), (d, lg, None)],
+        "rejection_sample": [(d, q, p, nd, seed_t, 0), (d, None, p, None, None, 7)],
+        "verify_tree_greedy": [(cand, par, lg, 2)],
+        "verify_tree_rejection": [(cand, par, rand_dist(B, 3, V, device=device), p, 1, seed_t, 0)],
+        "sampling_probs": [(lg, None, 0.8, torch.tensor([0, 3, 5], device=device), 0, None, 0.9, None, 0.0)],
+    }[op]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["verify_greedy", "rejection_sample", "verify_tree_greedy", "verify_tree_rejection",
+                                "sampling_probs"])
+def test_opcheck(device, op):
+    for args in _opcheck_args(op, device):
+        opcheck(getattr(ops, op), args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    B, k, V = 4, 3, 50
+    lg = torch.randn(B, k + 1, V, device=device)
+    d = lg.argmax(-1)[:, :k].contiguous()
+    par = torch.tensor([[-1, 0, 0, 1]] * B, device=device)
+
+    def f(d, lg, par):
+        p = spec.sampling_probs(lg, temperature=0.9, top_k=10, top_p=0.95)
+        a = spec.verify_greedy(d, lg)
+        b = spec.rejection_sample(d, None, p, seed=3)
+        c = spec.verify_tree_greedy(d[:, :1].expand(B, 4).contiguous(), par, lg)
+        e = spec.verify_tree_rejection(d[:, :1].expand(B, 4).contiguous(), par, p, p, seed=3)
+        return p, a, b, c, e
+
+    eager = f(d, lg, par)
+    compiled = torch.compile(f, fullgraph=True, backend=backend)(d, lg, par)
+    flat_e = [eager[0], *eager[1], *eager[2], *eager[3], *eager[4]]
+    flat_c = [compiled[0], *compiled[1], *compiled[2], *compiled[3], *compiled[4]]
+    assert rel_err(flat_c[0], flat_e[0]) < TOL[torch.float32]
+    for x, y in zip(flat_e[1:], flat_c[1:]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_inputs():
+    """Capture with a generator-drawn seed tensor, change inputs in place, replay: results
+    follow the new inputs, and the seed advances with the generator at each replay."""
+    B, k, V = 8, 4, 5000
+    lg = torch.randn(B, k + 1, V, device="cuda")
+    d = torch.randint(0, V, (B, k), device="cuda")
+    p = rand_dist(B, k + 1, V, device="cuda")
+    q = rand_dist(B, k, V, device="cuda")
+    seed_t = torch.tensor([1234], device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        spec.verify_greedy(d, lg)
+        ops.rejection_sample(d, q, p, None, seed_t, 0)
+        spec.sampling_probs(lg, temperature=0.7, top_k=20)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        go, gn = spec.verify_greedy(d, lg)
+        ro, rn = ops.rejection_sample(d, q, p, None, seed_t, 0)
+        sp = spec.sampling_probs(lg, temperature=0.7, top_k=20)
+    lg.copy_(torch.randn_like(lg))
+    d.copy_(lg.argmax(-1)[:, :k])
+    p.copy_(rand_dist(B, k + 1, V, device="cuda"))
+    seed_t.fill_(99)
+    g.replay()
+    eo, en = spec.verify_greedy(d, lg)
+    assert torch.equal(go, eo) and torch.equal(gn, en) and (gn == k).all()
+    xo, xn = ops.rejection_sample(d, q, p, None, seed_t, 0)
+    assert torch.equal(ro, xo) and torch.equal(rn, xn)
+    assert torch.equal(sp, spec.sampling_probs(lg, temperature=0.7, top_k=20))
