@@ -1,0 +1,502 @@
+"""The SSD CUDA kernels (csrc/ssd/ssd_chunk_scan_{fwd,bwd}_cuda.cu) run on the CPU through the
+emulator in tools/cuda_emu: the .cu files are rewritten by tools/cuda_emu/transform.py, compiled
+with g++ against mock CUDA headers (no nvcc, no torch headers), loaded with ctypes, and their
+outputs compared with the float64 recurrence (ssd_scan_ref, gradients by autograd). This checks
+indexing, masking, barriers, tile logic and alignment of the real kernel code on machines and CI
+runners without a GPU; see tools/cuda_emu/README.md for what it cannot check.
+
+The library is built once per content hash of its sources into $NK_CUDA_EMU_BUILD_DIR (default
+<tmp>/nk_cuda_emu); later runs reuse it. Cases marked `slow` are skipped unless NK_CUDA_EMU_SLOW=1.
+"""
+import ctypes
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TOL, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tools" / "cuda_emu"
+CSRC = ROOT / "csrc"
+KERNELS = {"fwd": CSRC / "ssd" / "ssd_chunk_scan_fwd_cuda.cu", "bwd": CSRC / "ssd" / "ssd_chunk_scan_bwd_cuda.cu"}
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+emu_params = _load("_nk_cuda_emu_params", EMU / "params.py")
+emu_transform = _load("_nk_cuda_emu_transform", EMU / "transform.py")
+# nemokernels/ops/reference.py by path (it needs torch only): this test needs neither the
+# built extension nor the package import.
+ssd_scan_ref = _load("_nk_reference", ROOT / "nemokernels" / "ops" / "reference.py").ssd_scan_ref
+
+CXX = os.environ.get("CXX", "g++")
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-fvisibility=hidden", "-DNK_WITH_CUDA", "-w"]
+SLOW = os.environ.get("NK_CUDA_EMU_SLOW") == "1"
+slow = pytest.mark.skipif(not SLOW, reason="slow emulation case (set NK_CUDA_EMU_SLOW=1)")
+DT_ENUM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _headers():
+    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py"]
+    for d in (CSRC / "ssd", CSRC / "common"):
+        files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
+    return files
+
+
+def _compiler_id():
+    try:
+        return subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def build_library(target_blocks=None):
+    """Path of the emulator .so (fwd + bwd + mock self-tests); target_blocks sets
+    NK_SSD_BWD_TARGET_BLOCKS. Objects and the library are cached by content hash."""
+    cid = _compiler_id()
+    if cid is None or not sys.platform.startswith("linux"):
+        pytest.skip(f"CUDA emulation needs {CXX} on Linux (ucontext fibers)")
+    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+    base.mkdir(parents=True, exist_ok=True)
+    common = hashlib.sha256((cid + " ".join(FLAGS)).encode())
+    for f in _headers():
+        common.update(f.name.encode())
+        common.update(f.read_bytes())
+    header = (CSRC / "ssd" / "ssd_chunk_scan.h").read_text()
+    gen = {  # generated sources of each unit: name -> text
+        "params_layout.inc": emu_params.layout_table_cpp(header),
+        "ssd_chunk_scan_fwd_cuda.emu.cpp": emu_transform.transform(KERNELS["fwd"].read_text(), str(KERNELS["fwd"]))[0],
+        "ssd_chunk_scan_bwd_cuda.emu.cpp": emu_transform.transform(KERNELS["bwd"].read_text(), str(KERNELS["bwd"]))[0],
+        "selftest.emu.cpp": emu_transform.transform((EMU / "selftest.cpp").read_text(), str(EMU / "selftest.cpp"))[0],
+    }
+    defines_bwd = [] if target_blocks is None else [f"-DNK_SSD_BWD_TARGET_BLOCKS={int(target_blocks)}"]
+    units = {  # object: (main source, generated files it includes, extra flags); biggest first
+        "bwd": (EMU / "driver_bwd.cpp", ["ssd_chunk_scan_bwd_cuda.emu.cpp"], defines_bwd),
+        "fwd": (EMU / "driver_fwd.cpp", ["ssd_chunk_scan_fwd_cuda.emu.cpp", "params_layout.inc"], []),
+        "selftest": (None, ["selftest.emu.cpp"], []),
+    }
+    objs, todo = {}, []
+    for name, (main, deps, extra) in units.items():
+        h = common.copy()
+        h.update(" ".join(extra).encode())
+        if main is not None:
+            h.update(main.read_bytes())
+        for d in deps:
+            h.update(gen[d].encode())
+        obj = base / f"{name}_{h.hexdigest()[:20]}.o"
+        objs[name] = obj
+        if not obj.exists():
+            todo.append((name, main, deps, extra, obj))
+    lib = base / ("libssd_emu_" + hashlib.sha256("".join(o.name for o in objs.values()).encode()).hexdigest()[:20] + ".so")
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build_", dir=base))
+    try:
+        for fname, text in gen.items():
+            (work / fname).write_text(text)
+        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
+        jobs = max(1, int(os.environ.get("NK_CUDA_EMU_JOBS", "2")))
+        running = []
+
+        def finish(entry):
+            name, p, tmp_obj, obj = entry
+            out, _ = p.communicate()
+            assert p.returncode == 0, f"emulator build of {name} failed:\n{out[-8000:]}"
+            os.replace(tmp_obj, obj)  # atomic: concurrent builders race harmlessly
+
+        for name, main, deps, extra, obj in todo:  # at most `jobs` compilers at once
+            if len(running) >= jobs:
+                finish(running.pop(0))
+            src = main if main is not None else work / deps[0]
+            tmp_obj = work / f"{name}.o"
+            cmd = [CXX, *FLAGS, *extra, *inc, "-c", str(src), "-o", str(tmp_obj)]
+            running.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), tmp_obj, obj))
+        while running:
+            finish(running.pop(0))
+        tmp = work / "lib.so"
+        r = subprocess.run([CXX, "-shared", "-pthread", *(str(o) for o in objs.values()), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        os.replace(tmp, lib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+class Emu:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(str(path))
+        header = (CSRC / "ssd" / "ssd_chunk_scan.h").read_text()
+        self.structs, self.fields = emu_params.ctypes_structs(header)
+        L = self.lib
+        for fn in ("emu_ssd_fwd_cuda", "emu_ssd_states_cuda", "emu_ssd_bwd_cuda"):
+            getattr(L, fn).restype = ctypes.c_int
+            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        for fn in ("emu_ssd_bwd_cuda_workspace_bytes", "emu_ssd_fwd_cuda_workspace_bytes", "emu_blocks_run",
+                   "emu_ssd_bwd_target_blocks"):
+            getattr(L, fn).restype = ctypes.c_longlong
+        L.emu_ssd_bwd_cuda_workspace_bytes.argtypes = [ctypes.c_void_p]
+        L.emu_ssd_fwd_cuda_workspace_bytes.argtypes = [ctypes.c_void_p]
+        L.emu_params_offset.restype = ctypes.c_longlong
+        L.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        L.emu_params_sizeof.restype = ctypes.c_longlong
+        L.emu_params_sizeof.argtypes = [ctypes.c_char_p]
+
+    def call(self, fn, params):
+        err = ctypes.create_string_buffer(4096)
+        rc = getattr(self.lib, fn)(ctypes.addressof(params), err, len(err))
+        if rc != 0:
+            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
+
+
+_LIBS = {}
+# The backward's B3 blocks take hs heads of a group, hs the largest divisor of H/G that keeps
+# NK_SSD_BWD_TARGET_BLOCKS blocks (1024 in production: hs = 1 for every shape small enough to
+# emulate). Target 1 gives hs = H/G, so cases with H > G cover hs > 1 and cases with H == G
+# cover hs = 1, in one build; the production value is built in the slow tier.
+DEFAULT_TARGET_BLOCKS = 1
+
+
+def emu(target_blocks=DEFAULT_TARGET_BLOCKS):
+    if target_blocks not in _LIBS:
+        _LIBS[target_blocks] = Emu(build_library(target_blocks))
+    return _LIBS[target_blocks]
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def act(shape, dtype, layout):
+    """An activation with unit-stride last dim: contiguous, padded rows (16-byte aligned
+    strides: the kernels' vector path), or sliced from a wider row (misaligned: scalar path)."""
+    if layout == "contig":
+        return torch.randn(*shape).to(dtype)
+    if layout == "padded":
+        return torch.randn(*shape[:-1], shape[-1] + 8).to(dtype)[..., : shape[-1]]
+    if layout == "sliced":
+        return torch.randn(*shape[:-1], 2 * shape[-1] + 3).to(dtype)[..., 1 : shape[-1] + 1]
+    raise ValueError(layout)
+
+
+def nan(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def make_case(b, L, H, P, G, N, Q, dtype, *, z=True, D="head", bias=True, softplus=True, limit=(0.0, float("inf")),
+              init=True, dfinal=True, seq=True, layout="contig", varlen=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    t = dict(
+        x=act((b, L, H, P), dtype, layout),
+        # scaled in place: the views keep their strides
+        B=act((b, L, G, N), dtype, "padded" if layout == "sliced" else layout).mul_(N**-0.25),
+        C=act((b, L, G, N), dtype, "sliced" if layout == "padded" else layout).mul_(N**-0.25),
+        dt=torch.randn(b, L, H) * 0.5 - 1.0,
+        # even heads decay slowly (exp(dt' A) ~ 0.98 a step: chunk-distant terms, hence the
+        # off-diagonal tiles and the state hand-over, matter), odd heads fast (Mamba-2 range)
+        A=torch.where(torch.arange(H) % 2 == 0, -(torch.rand(H) * 0.1 + 0.02), -(torch.rand(H) * 4 + 0.5)),
+    )
+    assert layout == "contig" or not (t["x"].is_contiguous() or t["B"].is_contiguous() or t["C"].is_contiguous())
+    t["D"] = {None: None, "head": torch.randn(H), "headdim": torch.randn(H, P)}[D]
+    t["z"] = act((b, L, H, P), dtype, layout) if z else None
+    t["dt_bias"] = torch.randn(H) * 0.5 if bias else None
+    t["init"] = torch.randn(b, H, P, N) if init else None
+    t["seq"] = None
+    t["cu"] = None
+    if seq:
+        cuts = torch.sort(torch.randint(1, L, (b, 2), generator=g), dim=1)[0]
+        s = torch.zeros(b, L, dtype=torch.int32)
+        for i in range(b):
+            for c in cuts[i]:
+                s[i, int(c):] += 1
+        t["seq"] = s
+        if varlen:
+            assert b == 1
+            ends = [0] + [int(c) for c in torch.unique(cuts[0])] + [L]
+            t["cu"] = torch.tensor(ends, dtype=torch.int32)
+            s = torch.zeros(1, L, dtype=torch.int32)
+            for k in range(len(ends) - 1):
+                s[0, ends[k]:ends[k + 1]] = k
+            t["seq"] = s
+    t["dout"] = act((b, L, H, P), dtype, "sliced" if layout == "contig" else "contig")
+    t["dfinal"] = torch.randn(b, H, P, N) if dfinal else None
+    t.update(b=b, L=L, H=H, P=P, G=G, N=N, Q=Q, dtype=dtype, softplus=softplus, limit=limit)
+    return t
+
+
+def fill_params(S, t, keep):
+    """SsdParams from the case's CPU tensors; keep holds every buffer alive."""
+    b, L, H, P, G, N, Q = (t[k] for k in "b L H P G N Q".split())
+    nc = max(1, -(-L // Q))
+    p = S()
+    p.batch, p.seqlen, p.nheads, p.headdim, p.ngroups, p.dstate, p.chunk_size, p.nchunks = b, L, H, P, G, N, Q, nc
+    p.dtype = DT_ENUM[t["dtype"]]
+    for name, (s0, s1, s2) in (("x", ("x_sb", "x_sl", "x_sh")), ("B", ("B_sb", "B_sl", "B_sg")),
+                               ("C", ("C_sb", "C_sl", "C_sg")), ("z", ("z_sb", "z_sl", "z_sh"))):
+        v = t[name]
+        if v is None:
+            continue
+        assert v.stride(-1) == 1
+        setattr(p, name, v.data_ptr())
+        setattr(p, s0, v.stride(0)); setattr(p, s1, v.stride(1)); setattr(p, s2, v.stride(2))
+    small = dict(dt=t["dt"].float().contiguous(), A=t["A"].float().contiguous(),
+                 D=None if t["D"] is None else t["D"].float().contiguous(),
+                 dt_bias=None if t["dt_bias"] is None else t["dt_bias"].float().contiguous(),
+                 init=None if t["init"] is None else t["init"].float().contiguous())
+    keep.extend(v for v in small.values() if v is not None)
+    p.dt, p.A, p.D, p.dt_bias, p.init = (ptr(small[k]) for k in ("dt", "A", "D", "dt_bias", "init"))
+    p.D_per_p = t["D"] is not None and t["D"].dim() == 2
+    p.dt_softplus = t["softplus"]
+    p.dt_min, p.dt_max = t["limit"]
+    p.seq_idx = ptr(t["seq"])
+    inter = dict(dtp=nan(b, H, nc, Q), cs=nan(b, H, nc, Q), states=nan(b, nc, H, P, N))
+    keep.extend(inter.values())
+    p.dtp, p.cs, p.states = (ptr(inter[k]) for k in ("dtp", "cs", "states"))
+    return p, inter
+
+
+def reference(t, want_grads):
+    """float64 recurrence: y_pre (no z) and final states in one pass, y = y_pre silu(z)."""
+    dd = torch.float64
+    leaves = dict(x=t["x"], dt=t["dt"], A=t["A"], B=t["B"], C=t["C"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"], init=t["init"])
+    leaves = {k: (None if v is None else v.detach().to(dd).requires_grad_(want_grads)) for k, v in leaves.items()}
+    kw = dict(D=leaves["D"], dt_bias=leaves["dt_bias"], initial_states=leaves["init"], seq_idx=t["seq"],
+              dt_softplus=t["softplus"], dt_limit=t["limit"])
+    args = [leaves[k] for k in ("x", "dt", "A", "B", "C")]
+    y_pre, fin = ssd_scan_ref(*args, **kw, return_final_states=True)
+    y = y_pre if t["z"] is None else y_pre * torch.nn.functional.silu(leaves["z"])
+    out = dict(y=y.detach(), y_pre=y_pre.detach(), final=fin.detach())
+    if t["cu"] is not None:
+        with torch.no_grad():
+            out["varlen"] = ssd_scan_ref(*args, **kw, cu_seqlens=t["cu"], return_varlen_states=True)[-1]
+    if want_grads:
+        loss = (y * t["dout"].to(dd)).sum()
+        if t["dfinal"] is not None:
+            loss = loss + (fin * t["dfinal"].to(dd)).sum()
+        names = [k for k, v in leaves.items() if v is not None]
+        out["grads"] = dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+    return out
+
+
+def check(got, want, dtype, factor, what):
+    tol = TOL[dtype] * factor
+    err = rel_err(got, want)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def run_case(t, lib=None, backward=True):
+    e = lib or emu()
+    keep = []
+    b, L, H, P, G, N, Q, dtype = (t[k] for k in "b L H P G N Q dtype".split())
+    ref = reference(t, backward)
+    f32 = dtype == torch.float32
+    # ---- forward (F1-F5)
+    p, inter = fill_params(e.structs["SsdParams"], t, keep)
+    y = nan(b, L, H, P, dtype=dtype)
+    y_pre = nan(b, L, H, P, dtype=dtype) if t["z"] is not None else None
+    fin = nan(b, H, P, N)
+    keep += [y, fin] + ([y_pre] if y_pre is not None else [])
+    p.y, p.y_pre, p.final_states = y.data_ptr(), ptr(y_pre), fin.data_ptr()
+    if t["cu"] is not None:
+        nseq = t["cu"].numel() - 1
+        var = nan(nseq, H, P, N)
+        keep.append(var)
+        p.cu_seqlens, p.nseq, p.varlen_states = t["cu"].data_ptr(), nseq, var.data_ptr()
+    assert e.lib.emu_ssd_fwd_cuda_workspace_bytes(ctypes.addressof(p)) == 0  # the forward takes no workspace
+    e.call("emu_ssd_fwd_cuda", p)
+    fwd_factor = 5 if f32 else 2
+    check(y, ref["y"], dtype, fwd_factor, "y")
+    check(fin, ref["final"], torch.float32 if f32 else dtype, fwd_factor, "final_states")
+    if y_pre is not None:
+        check(y_pre, ref["y_pre"], dtype, fwd_factor, "y_pre")
+    if t["cu"] is not None:
+        check(var, ref["varlen"], torch.float32 if f32 else dtype, fwd_factor, "varlen_states")
+    # F1 intermediates: dt' and its in-chunk cumsum, padding positions included (dt' = 0 there)
+    dtv = t["dt"].double() + (0 if t["dt_bias"] is None else t["dt_bias"].double())
+    if t["softplus"]:
+        dtv = torch.nn.functional.softplus(dtv)
+    dtv = dtv.clamp(*t["limit"])
+    nc = p.nchunks
+    dtpad = torch.nn.functional.pad(dtv, (0, 0, 0, nc * Q - L)).reshape(b, nc, Q, H).permute(0, 3, 1, 2)
+    check(inter["dtp"], dtpad, torch.float32, 2, "dtp")
+    check(inter["cs"], torch.cumsum(dtpad * t["A"].double()[None, :, None, None], -1), torch.float32, 5, "cs")
+    assert torch.isfinite(inter["states"]).all(), "states (F3 output) not fully written"
+    if not backward:
+        return
+    # ---- backward (F1-F3 recomputed, B0-B3, reductions)
+    Sb = e.structs["SsdBwdParams"]
+    q = Sb()
+    pf, inter = fill_params(e.structs["SsdParams"], t, keep)  # fresh NaN intermediates
+    pf.y_pre = ptr(y_pre)
+    q.fwd = pf
+    dout = t["dout"]
+    q.dout, q.dout_sb, q.dout_sl, q.dout_sh = dout.data_ptr(), dout.stride(0), dout.stride(1), dout.stride(2)
+    dfin = None if t["dfinal"] is None else t["dfinal"].float().contiguous()
+    q.dfinal = ptr(dfin)
+    nc = pf.nchunks
+    bufs = dict(dstates=nan(b, nc, H, P, N), dcs_last=nan(b, H, nc), dA_part=nan(b, nc, H), dbias_part=nan(b, nc, H),
+                dD_part=nan(b, nc, H, P), dx=nan(b, L, H, P, dtype=dtype), dB=nan(b, L, G, N, dtype=dtype),
+                dC=nan(b, L, G, N, dtype=dtype), ddt=nan(b, L, H), dA=nan(H))
+    bufs["dz"] = nan(b, L, H, P, dtype=dtype) if t["z"] is not None else None
+    bufs["dD"] = None if t["D"] is None else nan(*t["D"].shape)
+    bufs["ddt_bias"] = None if t["dt_bias"] is None else nan(H)
+    bufs["dinit"] = None if t["init"] is None else nan(b, H, P, N)
+    for k, v in bufs.items():
+        setattr(q, k, ptr(v))
+    ws_bytes = e.lib.emu_ssd_bwd_cuda_workspace_bytes(ctypes.addressof(q))
+    ws = torch.full((max(1, ws_bytes) // 4 + 1,), float("nan"))
+    q.workspace = ws.data_ptr()
+    keep += [dfin, ws, dout] + [v for v in bufs.values() if v is not None]
+    e.call("emu_ssd_bwd_cuda", q)
+    gref = ref["grads"]
+    bwd_factor = 10 if f32 else 2
+    act_tol = dtype
+    got = dict(x=bufs["dx"], B=bufs["dB"], C=bufs["dC"], z=bufs["dz"], dt=bufs["ddt"], A=bufs["dA"], D=bufs["dD"],
+               dt_bias=bufs["ddt_bias"], init=bufs["dinit"])
+    for k, want in gref.items():
+        check(got[k], want, act_tol, bwd_factor, f"grad {k}")
+
+
+# ---- the tests -------------------------------------------------------------------------------
+
+def test_params_layout_matches_ctypes():
+    """The ctypes mirrors parsed from ssd_chunk_scan.h have the compiler's offsets and sizes."""
+    e = emu()
+    for sname, S in e.structs.items():
+        assert e.lib.emu_params_sizeof(sname.encode()) == ctypes.sizeof(S), sname
+        for fname, _ in e.fields[sname]:
+            assert e.lib.emu_params_offset(sname.encode(), fname.encode()) == getattr(S, fname).offset, f"{sname}.{fname}"
+
+
+def test_transform_rewrites_everything():
+    for cu in KERNELS.values():
+        out, stats = emu_transform.transform(cu.read_text(), str(cu))
+        assert stats["launches"] >= 5, stats
+
+
+# name: (b, L, H, P, G, N, Q, dtype, options)
+CASES = {
+    # partial last chunk, seq_idx, init, dfinal, z, D per head, bias + softplus, ngroups > 1,
+    # 2 heads per group (backward head split hs = 2)
+    "q64_f32_all": (2, 100, 4, 16, 2, 16, 64, torch.float32, dict()),
+    # D per headdim, padded (16-byte aligned, non-contiguous) activations: the vector path
+    "q64_bf16_headdim_padded": (1, 90, 4, 32, 1, 32, 64, torch.bfloat16, dict(D="headdim", layout="padded", seed=1)),
+    # misaligned sliced activations (scalar path), no z/D/bias, dt limit
+    "q64_f16_sliced_plain": (1, 70, 2, 16, 2, 24, 64, torch.float16,
+                             dict(z=False, D=None, bias=False, softplus=False, limit=(0.0, 2.0), init=False, seq=False, layout="sliced", seed=2)),
+    # Q 128 with a full first chunk (two row blocks, two causal steps), packed sequences with
+    # cu_seqlens (F5 varlen states); float32, whose tolerance sees a corrupted distant tile
+    "q128_f32_varlen": (1, 150, 2, 16, 1, 32, 128, torch.float32, dict(varlen=True, seed=3)),
+    # L < Q, groups of one head each
+    "q128_bf16_short": (2, 40, 2, 8, 2, 8, 128, torch.bfloat16, dict(D="headdim", dfinal=False, seed=4)),
+}
+SLOW_CASES = {
+    "q256_f32": (1, 300, 2, 32, 1, 32, 256, torch.float32, dict(seed=5)),
+    "q64_bf16_p128_n128": (1, 130, 2, 128, 1, 128, 64, torch.bfloat16, dict(seed=6)),
+    "q128_f16_long": (2, 300, 4, 24, 2, 40, 128, torch.float16, dict(D="headdim", layout="padded", seed=7)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ssd_emulated(name):
+    b, L, H, P, G, N, Q, dtype, opts = CASES[name]
+    run_case(make_case(b, L, H, P, G, N, Q, dtype, **opts))
+
+
+def test_ssd_emulated_q256():
+    """Q = 256 once (4 row tiles per chunk), small shapes."""
+    run_case(make_case(1, 70, 2, 8, 1, 8, 256, torch.float32, seed=8))
+
+
+@slow
+@pytest.mark.parametrize("name", list(SLOW_CASES))
+def test_ssd_emulated_slow(name):
+    b, L, H, P, G, N, Q, dtype, opts = SLOW_CASES[name]
+    run_case(make_case(b, L, H, P, G, N, Q, dtype, **opts))
+
+
+def test_bwd_head_split_build():
+    assert emu().lib.emu_ssd_bwd_target_blocks() == DEFAULT_TARGET_BLOCKS
+
+
+@slow
+def test_ssd_emulated_production_target_blocks():
+    """The kernel file's own NK_SSD_BWD_TARGET_BLOCKS (hs = 1 at these sizes)."""
+    lib = emu(target_blocks=None)
+    assert lib.lib.emu_ssd_bwd_target_blocks() == 1024
+    run_case(make_case(1, 100, 4, 16, 2, 16, 64, torch.bfloat16, seed=9), lib=lib)
+
+
+def test_forward_misaligned_base_takes_scalar_path():
+    """x's base only 4-byte aligned while its strides are 16-byte multiples: the host must pick
+    scalar loads for x (a 16-byte access would throw in the emulator)."""
+    t = make_case(1, 20, 2, 8, 1, 8, 64, torch.float32, z=False, D=None, init=False, seq=False, dfinal=False, seed=10)
+    base = torch.randn(1 + 20 * 2 * 8 + 4)
+    t["x"] = base[1 : 1 + 20 * 2 * 8].view(1, 20, 2, 8)
+    run_case(t, backward=False)
+
+
+SELFTEST_ERRORS = {
+    2: "barrier deadlock",
+    3: "misaligned 16-byte vector access",
+    4: "not 32-byte aligned",
+    6: "write past the end of dynamic shared memory",
+    7: "dynamic shared memory",
+    8: "invalid launch configuration",
+}
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 4, 5, 6, 7, 8])
+def test_emulator_catches_defects(case):
+    """The mocks report what the GPU would (or poison what it would leave undefined)."""
+    lib = emu().lib
+    lib.emu_selftest.restype = ctypes.c_int
+    lib.emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    out = torch.full((4096,), -1.0)
+    inp = torch.arange(64, dtype=torch.float32)
+    err = ctypes.create_string_buffer(1024)
+    rc = lib.emu_selftest(case, out.data_ptr(), inp.data_ptr(), err, len(err))
+    msg = err.value.decode()
+    if case in SELFTEST_ERRORS:
+        assert rc == 1 and SELFTEST_ERRORS[case] in msg, (rc, msg)
+    elif case == 0:
+        assert rc == 0, msg
+        s = torch.arange(64, dtype=torch.float32).flip(0)
+        want = s + s.view(32, 2).flip(1).reshape(64)  # lane ^ 1 partner
+        torch.testing.assert_close(out[:128], torch.cat([want, want]))
+    else:  # 1: read before the barrier, 5: wmma tile read before __syncwarp: poison seen
+        assert rc == 0, msg
+        assert torch.isnan(out[0]), out[:4]
+
+
+def test_emulated_conversions_round_to_nearest_even():
+    lib = emu().lib
+    v = torch.cat([torch.randn(20000) * 10.0 ** torch.randint(-9, 6, (20000,)),
+                   torch.tensor([0.0, -0.0, 65504.0, 65520.0, 65519.0, 1e-8, 5.96e-8, 2.98e-8, 6.1e-5, float("inf"), -float("inf")])])
+    v = v.float().contiguous()
+    n = v.numel()
+    h = torch.empty(n, dtype=torch.int16)
+    bf = torch.empty(n, dtype=torch.int16)
+    lib.emu_float2half(ctypes.c_void_p(v.data_ptr()), ctypes.c_void_p(h.data_ptr()), n)
+    lib.emu_float2bf16(ctypes.c_void_p(v.data_ptr()), ctypes.c_void_p(bf.data_ptr()), n)
+    assert torch.equal(h.view(torch.float16), v.to(torch.float16))
+    assert torch.equal(bf.view(torch.bfloat16), v.to(torch.bfloat16))
+    back = torch.empty(n)
+    lib.emu_half2float(ctypes.c_void_p(h.data_ptr()), ctypes.c_void_p(back.data_ptr()), n)
+    assert torch.equal(back, v.to(torch.float16).float())

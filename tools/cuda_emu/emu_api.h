@@ -1,0 +1,31 @@
+// C ABI helpers of the emulator libraries (tools/cuda_emu/driver_*.cpp).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <exception>
+
+#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace emu {
+// Runs f; returns 0, or 1 with the exception's message in err (a launch error reported
+// through cudaGetLastError surfaces here as the kernels' NK_CUDA_CHECK exception).
+template <class F>
+int guarded(F&& f, char* err, int errlen) {
+  last_error = cudaSuccess;
+  last_error_msg.clear();
+  try {
+    f();
+    if (last_error != cudaSuccess) {
+      std::snprintf(err, errlen, "unchecked CUDA error: %s", last_error_msg.c_str());
+      return 1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, errlen, "%s", e.what());
+  } catch (...) {
+    std::snprintf(err, errlen, "unknown exception");
+  }
+  return 1;
+}
+}  // namespace emu
