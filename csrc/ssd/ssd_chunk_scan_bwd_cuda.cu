@@ -21,11 +21,13 @@
 //                    tile, recomputing CB = C B^T and DX = dy x^T tiles (64x64) and keeping
 //                    CB*mask and DX*mask*dt' in shared memory as the A operands of
 //                    dx += (CB m)^T dy and dB += (DX m dt')^T C.
-//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 57 KB (Q = 256).
+//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 77 KB float32 /
+//                    52 KB f16/bf16 (Q = 256).
 //  row_kernel        B3, per (b, c, split of hs heads, 64-position tile of i): per head
 //                    sum_j W_ij and V_i (scratch); dC_i summed over the block's heads in
 //                    registers, written once to scratch. Loops over the j tiles <= the i tile.
-//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 37 KB (Q = 256).
+//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 56 KB float32 /
+//                    39 KB f16/bf16 (Q = 256).
 //                    hs (heads_per_block) is the largest divisor of H/G that keeps at least
 //                    kTargetBlocks blocks; the dB/dC scratch is (b, nc, H/hs, Q, N) float32.
 //  chunk_fin_kernel  B3 per (b, c, h): dcs, its reverse cumsum, ddt (through ssd_dt_grad),
@@ -34,12 +36,18 @@
 //                    split order (deterministic), converted to the activation dtype.
 //  reduce_kernel     dA, ddt_bias, dD = sums of the per-(b, chunk) partials in (b, c[, p]) order.
 //
-// Tiles: every GEMM-shaped product runs as 64x64 output tiles on 256 threads (each thread a
-// 4x4 register tile: rows ty + 16a, cols tx + 16b, so shared reads are conflict-free), k staged
-// through shared memory 32 at a time (padded leading dimension 65 so that transposing loads
-// do not conflict). Operands are converted to float32 at staging and every product is an
-// exact float32 FMA (all dtypes): this first version uses no tensor cores (see the report /
-// TODO at the end of the file). Masked terms (j > i, other sequence) are selected to 0, never
+// Tiles: every GEMM-shaped product runs as a 64x64 output tile on 256 threads = 8 warps, warp
+// w computing rows 16 (w / 2) and columns 32 (w % 2) with ssd_cuda_common.cuh's WarpTile<T, 2>:
+// tensor cores (wmma 16x16x16, float32 accumulators) for f16/bf16, exact float32 FMAs (no
+// TF32) for float32. Operands are staged in shared memory in T, k 32 at a time (leading
+// dimension 64 + 16 bytes); operands scaled by exp/dt' factors (fac dy in B1, CB m and
+// DX m dt' in B3) are scaled in float32 and rounded to T once when written to shared memory.
+// The float32 states dS / in_c are split into hi + lo halves in T for the f16/bf16 products,
+// both on the tensor cores (gemm_gg_split), so they keep ~16 / 22 bits. Each product goes
+// through a float32 shared tile into the kernels' per-thread 4x4 register tiles (rows
+// ty + 16a, cols tx + 16b), which hold every accumulation (float32) and the element-wise
+// epilogues; the W row/column sums use the float32 CB m and DX m dt' values, not their
+// rounded copies. Masked terms (j > i, other sequence) are selected to 0, never
 // multiplied by exp(-inf). Padding positions (>= L) are never read or written in global
 // memory: their tile rows are zero-filled, dt' = 0 and cs = the last real cs, so their terms
 // vanish; the [i == Q-1] term of dcs sits at index Q-1 even when that is padding, and the
@@ -49,10 +57,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda_utils.cuh"
 #include "ssd/numerics.cuh"
 #include "ssd/ssd_chunk_scan.h"
+#include "ssd/ssd_cuda_common.cuh"
 
 namespace nk {
 namespace {
@@ -60,22 +70,25 @@ namespace {
 constexpr int kThreads = 256;        // every kernel below except the element-wise ones
 constexpr int kTile = 64;            // rows and columns of a block's output tile
 constexpr int kKC = 32;              // k staged in shared memory per step
-constexpr int kLds = kTile + 1;      // padded leading dimension of shared tiles
 constexpr int kMaxPT = 2;            // P <= 128: at most 2 column tiles of 64
 constexpr int kMaxNT = 4;            // N <= 256: at most 4 column tiles of 64
 constexpr int kSpPerThread = 4;      // state elements per thread in the state passing
 constexpr int kSpChunk = kThreads * kSpPerThread;
-constexpr int kStageFloats = kKC * kLds;
-constexpr int kTileFloats = kTile * kLds;
+// Operand tiles in shared memory hold T (the activation dtype): leading dimension
+// kTile + 16 bytes (kSmemPad), a multiple of 8 elements for 16-bit types and of 4 for float,
+// as WarpTile (wmma) needs. Products land in a float32 tile with leading dimension kLdo.
+template <typename T> constexpr int kLdT = kTile + ssd::kSmemPad<T>;
+template <typename T> constexpr int kStageElems = kKC * kLdT<T>;   // one staged k-slice
+template <typename T> constexpr int kTileElems = kTile * kLdT<T>;  // a resident 64x64 operand
+constexpr int kLdo = kTile + 4;
+constexpr int kOutFloats = kTile * kLdo;
+// Warp w of a block owns rows 16 * (w / 2) and columns 32 * (w % 2) of each 64x64 product.
+constexpr int kWarpFN = 2;
+static_assert(kThreads / 32 == (kTile / 16) * (kTile / (16 * kWarpFN)), "8 warps cover the 64x64 tile");
 
-template <typename T> NK_DEVICE float to_f(T v);
-template <> NK_DEVICE float to_f<float>(float v) { return v; }
-template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
-template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> NK_DEVICE T from_f(float v);
-template <> NK_DEVICE float from_f<float>(float v) { return v; }
-template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using ssd::from_f;
+using ssd::to_f;
+using ssd::WarpTile;
 
 using Acc = float[4][4];
 
@@ -160,55 +173,100 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
 
 // ---- block-level tile GEMM ----------------------------------------------------------------
 
-// S[k][m] = f(k0 + k, m) for k < kKC, m < kTile. kFastK: consecutive threads walk k (the
-// operand is contiguous along k in global memory), else m. f bounds-checks and zero-fills.
-template <bool kFastK, class F>
-NK_DEVICE void stage(float* S, int k0, const F& f) {
+// S[k][m] = f(k0 + k, m) for k < kKC, m < kTile, rounded once to T. kFastK: consecutive
+// threads walk k (the operand is contiguous along k in global memory), else m. f
+// bounds-checks and zero-fills (and applies any float32 scale before the rounding).
+template <bool kFastK, typename T, class F>
+NK_DEVICE void stage(T* S, int k0, const F& f) {
   for (int e = threadIdx.x; e < kKC * kTile; e += kThreads) {
     const int k = kFastK ? e % kKC : e / kTile;
     const int m = kFastK ? e / kKC : e % kTile;
-    S[k * kLds + m] = f(k0 + k, m);
+    S[k * kLdT<T> + m] = from_f<T>(f(k0 + k, m));
   }
 }
 
-// acc[r][c] += sum_k As[k][row r] Bs[k][col c] over kn staged k.
-NK_DEVICE void mma_staged(Acc& acc, const float* As, const float* Bs, int kn) {
+// This warp's 16x32 share of the block's 64x64 product, += A B over kn (a multiple of 16)
+// staged k: A(m, k) = As[k][m], B(k, n) = Bs[k][n]. wmma for f16/bf16, exact float32 FMAs
+// for float (WarpTile).
+template <typename T>
+NK_DEVICE void warp_mma(WarpTile<T, kWarpFN>& wt, const T* As, const T* Bs, int kn) {
+  const int w = threadIdx.x / 32;
+  wt.template mma<true, false>(As + 16 * (w / 2), kLdT<T>, Bs + 32 * (w % 2), kLdT<T>, kn, 16 * kWarpFN);
+}
+
+// acc (the thread's 4x4 register tile: rows ty + 16r, cols tx + 16c) += the block's product,
+// moved through the float32 tile `out`. Starts and ends with every thread past a barrier.
+template <typename T>
+NK_DEVICE void add_product(Acc& acc, const WarpTile<T, kWarpFN>& wt, float* out) {
+  const int w = threadIdx.x / 32;
+  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);
+  __syncthreads();
   const int ty = tile_ty(), tx = tile_tx();
-#pragma unroll 8
-  for (int k = 0; k < kn; ++k) {
-    float a[4], b[4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) a[r] = As[k * kLds + ty + 16 * r];
+  for (int r = 0; r < 4; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) b[c] = Bs[k * kLds + tx + 16 * c];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
-  }
+    for (int c = 0; c < 4; ++c) acc[r][c] += out[(ty + 16 * r) * kLdo + tx + 16 * c];
+  __syncthreads();  // out is rewritten by the next product
 }
 
 // acc += A B, both operands from global: A(m, k) = fa(k, m), B(k, n) = fb(k, n), k < K.
-template <bool kFastKA, bool kFastKB, class FA, class FB>
-NK_DEVICE void gemm_gg(Acc& acc, int K, float* As, float* Bs, const FA& fa, const FB& fb) {
+template <bool kFastKA, bool kFastKB, typename T, class FA, class FB>
+NK_DEVICE void gemm_gg(Acc& acc, int K, T* As, T* Bs, float* out, const FA& fa, const FB& fb) {
+  WarpTile<T, kWarpFN> wt;
+  wt.zero();
   for (int k0 = 0; k0 < K; k0 += kKC) {
     stage<kFastKA>(As, k0, fa);
     stage<kFastKB>(Bs, k0, fb);
     __syncthreads();
-    mma_staged(acc, As, Bs, kKC);
+    warp_mma(wt, As, Bs, kKC);
     __syncthreads();
+  }
+  add_product(acc, wt, out);
+}
+
+// acc += A B like gemm_gg, B being float32 data (a state, dS or in_c): for f16/bf16 it is
+// staged as hi = T(B) in Bs and lo = T(B - hi) in Blo and both halves run on the tensor cores,
+// so B keeps ~16 (bf16) / 22 (f16) significant bits instead of 8 / 11 (the per-position
+// U and V terms feed dcs, whose reverse cumsum into dA cancels strongly). Blo: a T buffer of
+// at least kStageElems<T> that is free during the call. float32: plain gemm_gg.
+template <bool kFastKA, bool kFastKB, typename T, class FA, class FB>
+NK_DEVICE void gemm_gg_split(Acc& acc, int K, T* As, T* Bs, T* Blo, float* out, const FA& fa, const FB& fb) {
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_gg<kFastKA, kFastKB>(acc, K, As, Bs, out, fa, fb);
+  } else {
+    WarpTile<T, kWarpFN> wt;
+    wt.zero();
+    for (int k0 = 0; k0 < K; k0 += kKC) {
+      stage<kFastKA>(As, k0, fa);
+      for (int e = threadIdx.x; e < kKC * kTile; e += kThreads) {
+        const int k = kFastKB ? e % kKC : e / kTile;
+        const int m = kFastKB ? e / kKC : e % kTile;
+        const float v = fb(k0 + k, m);
+        const T hi = from_f<T>(v);
+        Bs[k * kLdT<T> + m] = hi;
+        Blo[k * kLdT<T> + m] = from_f<T>(v - to_f<T>(hi));
+      }
+      __syncthreads();
+      warp_mma(wt, As, Bs, kKC);
+      warp_mma(wt, As, Blo, kKC);
+      __syncthreads();
+    }
+    add_product(acc, wt, out);
   }
 }
 
-// acc += A B with A resident in shared memory as Ares[k][m] (k < kTile), B from global.
-template <bool kFastKB, class FB>
-NK_DEVICE void gemm_sg(Acc& acc, const float* Ares, float* Bs, const FB& fb) {
+// acc += A B with A resident in shared memory as Ares[k][m] (k < kTile, T), B from global.
+template <bool kFastKB, typename T, class FB>
+NK_DEVICE void gemm_sg(Acc& acc, const T* Ares, T* Bs, float* out, const FB& fb) {
+  WarpTile<T, kWarpFN> wt;
+  wt.zero();
   for (int k0 = 0; k0 < kTile; k0 += kKC) {
     stage<kFastKB>(Bs, k0, fb);
     __syncthreads();
-    mma_staged(acc, Ares + k0 * kLds, Bs, kKC);
+    warp_mma(wt, Ares + k0 * kLdT<T>, Bs, kKC);
     __syncthreads();
   }
+  add_product(acc, wt, out);
 }
 
 // Sum over the 16 threads of a tile row (tx = 0..15, same warp half), fixed butterfly.
@@ -347,7 +405,9 @@ __global__ void dy_dz_kernel(SsdBwdParams q, float* dy32) {
 
 template <typename T, int Q>
 __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const float* dy32) {
-  __shared__ float As[kStageFloats], Bs[kStageFloats];
+  __shared__ __align__(32) T As[kStageElems<T>];
+  __shared__ __align__(32) T Bs[kStageElems<T>];
+  __shared__ __align__(32) float out_t[kOutFloats];
   __shared__ float s_fac[Q];
   const SsdParams& p = q.fwd;
   const int npt = ceil_div_d(p.headdim), nnt = ceil_div_d(p.dstate);
@@ -371,9 +431,10 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const
   const int p0 = pt * kTile, n0 = nt * kTile;
   Acc acc;
   zero_acc(acc);
-  // dIn[p][n] = sum_i (fac_i dy[i][p]) C[i][n]: A(m = p, k = i), B(k = i, n)
+  // dIn[p][n] = sum_i (fac_i dy[i][p]) C[i][n]: A(m = p, k = i), B(k = i, n); fac_i dy is
+  // scaled in float32 and rounded to T once at staging.
   gemm_gg<false, false>(
-      acc, v.nvalid, As, Bs, [&](int k, int m) { return k < Q ? s_fac[k] * v.dy(k, p0 + m) : 0.f; },
+      acc, v.nvalid, As, Bs, out_t, [&](int k, int m) { return k < Q ? s_fac[k] * v.dy(k, p0 + m) : 0.f; },
       [&](int k, int n) { return v.Cv(k, n0 + n); });
   float* out = q.dstates + v.state_base();
   const int ty = tile_ty(), tx = tile_tx();
@@ -436,11 +497,13 @@ __global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part, int64_t S
 
 // ---- B3: column (j) kernel ----------------------------------------------------------------
 
-template <int Q>
+template <typename T, int Q>
 struct ColSmem {
-  float As[kStageFloats], Bs[kStageFloats];
-  float A1[kTileFloats];  // [i][j] CB_ij m_ij
-  float A2[kTileFloats];  // [i][j] DX_ij m_ij
+  alignas(32) T As[kStageElems<T>];
+  alignas(32) T Bs[kStageElems<T>];
+  alignas(32) T A1[kTileElems<T>];  // [i][j] CB_ij m_ij (rounded to T)
+  alignas(32) T A2[kTileElems<T>];  // [i][j] DX_ij m_ij dt'_j (rounded to T)
+  alignas(32) float out[kOutFloats];  // products on their way to the register tiles
   float colred[16 * kTile];
   float cs[Q], dtp[Q];
   int32_t sid[Q];
@@ -449,8 +512,8 @@ struct ColSmem {
 
 template <typename T, int Q>
 __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratch w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  ColSmem<Q>& sm = *reinterpret_cast<ColSmem<Q>*>(smem_raw);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  ColSmem<T, Q>& sm = *reinterpret_cast<ColSmem<T, Q>*>(smem_raw);
   const SsdParams& p = q.fwd;
   constexpr int kNT = Q / kTile;
   const int64_t nsplit = p.nheads / w.hs;
@@ -489,8 +552,8 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
 #pragma unroll
     for (int pt = 0; pt < kMaxPT; ++pt) {
       if (pt >= npt) break;
-      gemm_gg<true, true>(
-          accx[pt], N, sm.As, sm.Bs, [&](int k, int m) { return v.Bv(j0 + m, k); },
+      gemm_gg_split<true, true>(
+          accx[pt], N, sm.As, sm.Bs, sm.A1, sm.out, [&](int k, int m) { return v.Bv(j0 + m, k); },
           [&](int k, int n) {
             const int pp = pt * kTile + n;
             return (pp < P && k < N) ? dS[pp * N + k] : 0.f;
@@ -501,8 +564,8 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
       if (nt >= nnt) break;
       Acc t;
       zero_acc(t);
-      gemm_gg<true, false>(
-          t, P, sm.As, sm.Bs, [&](int k, int m) { return v.x(j0 + m, k); },
+      gemm_gg_split<true, false>(
+          t, P, sm.As, sm.Bs, sm.A1, sm.out, [&](int k, int m) { return v.x(j0 + m, k); },
           [&](int k, int n) {
             const int nn = nt * kTile + n;
             return (k < P && nn < N) ? dS[k * N + nn] : 0.f;
@@ -541,21 +604,24 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
     for (int it = jt; it < kNT; ++it) {
       const int i0 = it * kTile;
       if (i0 >= nvalid) break;  // rows of padding only: every term is zero
-      Acc s;
-      zero_acc(s);
+      // cbm = CB m in float32 (kept for the W column sums); A1 = its one rounding to T.
+      Acc cbm;
+      zero_acc(cbm);
       gemm_gg<true, true>(
-          s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
+          cbm, N, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.Cv(i0 + m, k); },
           [&](int k, int n) { return v.Bv(j0 + n, k); });
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
           const int il = ty + 16 * r, jl = tx + 16 * cc;
-          sm.A1[il * kLds + jl] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
+          cbm[r][cc] *= seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
+          sm.A1[il * kLdT<T> + jl] = from_f<T>(cbm[r][cc]);
         }
+      Acc s;
       zero_acc(s);
       gemm_gg<true, true>(
-          s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+          s, P, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
           [&](int k, int n) { return v.x(j0 + n, k); });
       float cpart[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -564,8 +630,8 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
         for (int cc = 0; cc < 4; ++cc) {
           const int il = ty + 16 * r, jl = tx + 16 * cc;
           const float sdx = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);  // DX m
-          sm.A2[il * kLds + jl] = sdx * sm.dtp[j0 + jl];
-          cpart[cc] = fmaf(sm.A1[il * kLds + jl], s[r][cc], cpart[cc]);  // CB m DX (own element)
+          sm.A2[il * kLdT<T> + jl] = from_f<T>(sdx * sm.dtp[j0 + jl]);
+          cpart[cc] = fmaf(cbm[r][cc], s[r][cc], cpart[cc]);  // CB m DX (own element)
         }
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) sm.colred[ty * kTile + tx + 16 * cc] = cpart[cc];
@@ -579,12 +645,12 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
 #pragma unroll
       for (int pt = 0; pt < kMaxPT; ++pt) {
         if (pt >= npt) break;
-        gemm_sg<false>(accx[pt], sm.A1, sm.Bs, [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
+        gemm_sg<false>(accx[pt], sm.A1, sm.Bs, sm.out, [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
       }
 #pragma unroll
       for (int nt = 0; nt < kMaxNT; ++nt) {
         if (nt >= nnt) break;
-        gemm_sg<false>(accb[nt], sm.A2, sm.Bs, [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
+        gemm_sg<false>(accb[nt], sm.A2, sm.Bs, sm.out, [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
       }
     }
     __syncthreads();  // sm.rx
@@ -639,10 +705,12 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
 
 // ---- B3: row (i) kernel -------------------------------------------------------------------
 
-template <int Q>
+template <typename T, int Q>
 struct RowSmem {
-  float As[kStageFloats], Bs[kStageFloats];
-  float A3t[kTileFloats];  // [j][i] m_ij dt'_j DX_ij
+  alignas(32) T As[kStageElems<T>];
+  alignas(32) T Bs[kStageElems<T>];
+  alignas(32) T A3t[kTileElems<T>];  // [j][i] m_ij dt'_j DX_ij (rounded to T)
+  alignas(32) float out[kOutFloats];
   float cs[Q], dtp[Q];
   int32_t sid[Q];
   float v[kTile], wrow[kTile];
@@ -650,8 +718,8 @@ struct RowSmem {
 
 template <typename T, int Q>
 __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratch w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  RowSmem<Q>& sm = *reinterpret_cast<RowSmem<Q>*>(smem_raw);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  RowSmem<T, Q>& sm = *reinterpret_cast<RowSmem<T, Q>*>(smem_raw);
   const SsdParams& p = q.fwd;
   constexpr int kNT = Q / kTile;
   const int64_t nsplit = p.nheads / w.hs;
@@ -689,8 +757,8 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
       if (nt >= nnt) break;
       Acc t;
       zero_acc(t);
-      gemm_gg<true, false>(
-          t, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+      gemm_gg_split<true, false>(
+          t, P, sm.As, sm.Bs, sm.A3t, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
           [&](int k, int n) {
             const int nn = nt * kTile + n;
             return (k < P && nn < N) ? in[k * N + nn] : 0.f;
@@ -717,34 +785,34 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
     float wpart[4] = {0.f, 0.f, 0.f, 0.f};  // this thread's share of sum_j W_ij, rows ty + 16r
     for (int jt = 0; jt <= it; ++jt) {
       const int j0 = jt * kTile;
-      Acc s;
-      zero_acc(s);
+      // a3 = m dt' DX in float32 (kept for the W row sums); A3t = its one rounding to T.
+      Acc a3;
+      zero_acc(a3);
       gemm_gg<true, true>(
-          s, P, sm.As, sm.Bs, [&](int k, int m) { return v.dy(i0 + m, k); },
+          a3, P, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
           [&](int k, int n) { return v.x(j0 + n, k); });
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
           const int il = ty + 16 * r, jl = tx + 16 * cc;
-          sm.A3t[jl * kLds + il] = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid) * sm.dtp[j0 + jl];
+          a3[r][cc] *= seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid) * sm.dtp[j0 + jl];
+          sm.A3t[jl * kLdT<T> + il] = from_f<T>(a3[r][cc]);
         }
+      Acc s;
       zero_acc(s);
       gemm_gg<true, true>(
-          s, N, sm.As, sm.Bs, [&](int k, int m) { return v.Cv(i0 + m, k); },
+          s, N, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.Cv(i0 + m, k); },
           [&](int k, int n) { return v.Bv(j0 + n, k); });
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-          const int il = ty + 16 * r, jl = tx + 16 * cc;
-          wpart[r] = fmaf(s[r][cc], sm.A3t[jl * kLds + il], wpart[r]);  // own element
-        }
+        for (int cc = 0; cc < 4; ++cc) wpart[r] = fmaf(s[r][cc], a3[r][cc], wpart[r]);  // own element
       // dC_i += sum_j A3[i][j] B_j  (A3t is the A operand stored k-major: [j][i])
 #pragma unroll
       for (int nt = 0; nt < kMaxNT; ++nt) {
         if (nt >= nnt) break;
-        gemm_sg<false>(accc[nt], sm.A3t, sm.Bs, [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
+        gemm_sg<false>(accc[nt], sm.A3t, sm.Bs, sm.out, [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
       }
     }
 #pragma unroll
@@ -915,11 +983,11 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
 
-  const int col_smem = static_cast<int>(sizeof(ColSmem<Q>));
+  const int col_smem = static_cast<int>(sizeof(ColSmem<T, Q>));
   NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
   col_kernel<T, Q><<<static_cast<unsigned>(b * nc * (H / w.hs) * kNT), kThreads, col_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
-  const int row_smem = static_cast<int>(sizeof(RowSmem<Q>));
+  const int row_smem = static_cast<int>(sizeof(RowSmem<T, Q>));
   NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
   row_kernel<T, Q><<<static_cast<unsigned>(b * nc * (H / w.hs) * kNT), kThreads, row_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
@@ -967,14 +1035,16 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
 }  // namespace nk
 
 // Speed ideas not done yet (correctness first; the layout above already allows them):
-//  - Tensor cores for f16/bf16: the staged tiles are float32 today; staging them in T and
-//    running the 64x64 products as wmma 16x16x16 (ssd_cuda_common.cuh's WarpTile) would give
-//    the bulk of the speed-up. The operands scaled by exp/dt' (A1, A2, A3) would be scaled in
-//    float32 and rounded to T once, as the forward does.
+//  - Keep the persistent accumulators (dx, dB, dC) in WarpTile fragments instead of the
+//    per-thread 4x4 register tiles: every product now makes a float32 round trip through
+//    shared memory (store, barrier, add) to reach them, which costs bandwidth and barriers.
+//    The element-wise scalings applied to them (decay_j on R, wj on x dS) can be folded
+//    into the staged operands' row scales.
 //  - col_kernel holds dx (64 x P) and dB (64 x N) accumulators for the maximum P = 128 and
 //    N = 256 (~200-250 registers, 1 block/SM); templating the tile counts on the actual P and
 //    N (e.g. P = 64, N = 128) would halve that and double occupancy.
 //  - CB and DX tiles are computed twice (column and row kernels); one kernel per (i, j) tile
 //    pair with float32 partials of the row quantities would compute them once.
-//  - Double-buffered (cp.async) staging and 16-byte loads where strides allow.
+//  - Double-buffered (cp.async) staging and 16-byte loads (ssd_cuda_common.cuh's load8 /
+//    load_tile) where strides allow; today staging is element-wise through the accessors.
 //  - dy (with z) could be kept in T instead of float32 scratch to halve its traffic.
