@@ -11,6 +11,8 @@ import re
 _SCALARS = {
     "int64_t": ctypes.c_int64,
     "int32_t": ctypes.c_int32,
+    "uint64_t": ctypes.c_uint64,
+    "uint32_t": ctypes.c_uint32,
     "int": ctypes.c_int,
     "bool": ctypes.c_bool,
     "float": ctypes.c_float,

@@ -150,6 +150,8 @@ inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __saturatef(float v) { return v < 0.f ? 0.f : v > 1.f ? 1.f : v; }
 inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
 inline float __ldg(const float* p) { return *p; }
+inline float __int_as_float(int v) { float f; __builtin_memcpy(&f, &v, sizeof f); return f; }
+inline int __float_as_int(float f) { int v; __builtin_memcpy(&v, &f, sizeof v); return v; }
 
 // ---- the block scheduler ---------------------------------------------------------------------
 namespace emu {
@@ -406,3 +408,12 @@ template <class V> V __shfl_up_sync(unsigned mask, V v, unsigned d, int width = 
   if (mask != 0xffffffffu || width != 32) throw std::runtime_error("emu: partial-mask/width shuffle not emulated");
   return emu::shuffle(v, [&](int l) { return l - static_cast<int>(d) >= 0 ? l - static_cast<int>(d) : l; });
 }
+
+// ---- atomics (integer; the fibers switch only at barriers, so a plain read-modify-write is
+// atomic here). No float atomics: the codebase forbids them for reductions. ---------------------
+#ifndef EMU_HAVE_INT_ATOMICS
+#define EMU_HAVE_INT_ATOMICS 1
+inline int atomicAdd(int* a, int v) { const int old = *a; *a = old + v; return old; }
+inline unsigned atomicAdd(unsigned* a, unsigned v) { const unsigned old = *a; *a = old + v; return old; }
+inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) { const auto old = *a; *a = old + v; return old; }
+#endif

@@ -1,0 +1,278 @@
+"""The decode state-update CUDA kernel (csrc/ssd/state_update_cuda.cu: selective_state_update and
+the multi-token update) run on the CPU through the emulator in tools/cuda_emu (see its README and
+tests/test_cuda_emulation.py, whose build helpers this reuses), compared bit for bit with the CPU
+kernel (state_update_cpu.cpp runs the same lane decomposition and summation order) through the
+public API on CPU tensors. Outputs and snapshots are NaN-poisoned before the emulated launch.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cuda_emulation as _emu_base
+
+nemokernels = pytest.importorskip("nemokernels")
+
+ROOT = _emu_base.ROOT
+EMU = _emu_base.EMU
+CSRC = _emu_base.CSRC
+KERNEL = CSRC / "ssd" / "state_update_cuda.cu"
+DT_ENUM = _emu_base.DT_ENUM
+
+
+def build_state_library():
+    """Path of the emulated state-update .so, cached by content hash like the SSD library."""
+    cid = _emu_base._compiler_id()
+    if cid is None or not sys.platform.startswith("linux"):
+        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
+    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+    base.mkdir(parents=True, exist_ok=True)
+    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
+    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
+    for f in _emu_base._headers() + [EMU / "driver_state.cpp"]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(gen.encode())
+    lib = base / f"libstate_emu_{h.hexdigest()[:20]}.so"
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build_state_", dir=base))
+    try:
+        (work / "state_update_cuda.emu.cpp").write_text(gen)
+        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
+        tmp = work / "lib.so"
+        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_state.cpp"), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"emulator build of state_update failed:\n{(r.stdout + r.stderr)[-8000:]}"
+        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+class SsuArg(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("dtype", ctypes.c_int), ("s", ctypes.c_int64 * 5)]
+
+
+_I64 = ctypes.c_int64
+_FIELDS = [
+    ("batch", _I64), ("seqlen", _I64), ("nheads", _I64), ("dim", _I64), ("dstate", _I64),
+    ("heads_per_group", _I64), ("state_rows", _I64), ("dt_softplus", ctypes.c_bool), ("state_dtype", ctypes.c_int),
+    ("state", ctypes.c_void_p), ("st_s", _I64 * 4),
+    ("x", SsuArg), ("dt", SsuArg), ("z", SsuArg), ("B", SsuArg), ("C", SsuArg), ("A", SsuArg), ("D", SsuArg),
+    ("dt_bias", SsuArg), ("state_indices", ctypes.c_void_p), ("in_place", ctypes.c_bool), ("snap", ctypes.c_void_p),
+    ("snap_s", _I64 * 5), ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int), ("out_s", _I64 * 4),
+    ("head_decay", ctypes.c_bool),
+]
+
+
+class SsuParams(ctypes.Structure):
+    _fields_ = _FIELDS
+
+
+_LIB = []
+
+
+def lib():
+    if not _LIB:
+        L = ctypes.CDLL(str(build_state_library()))
+        L.emu_ssu_cuda.restype = ctypes.c_int
+        L.emu_ssu_cuda.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        for fn in ("emu_ssu_sizeof", "emu_ssu_arg_sizeof", "emu_ssu_offset", "emu_ssu_blocks_run"):
+            getattr(L, fn).restype = ctypes.c_longlong
+        L.emu_ssu_offset.argtypes = [ctypes.c_char_p]
+        _LIB.append(L)
+    return _LIB[0]
+
+
+def test_params_layout():
+    L = lib()
+    assert L.emu_ssu_sizeof() == ctypes.sizeof(SsuParams)
+    assert L.emu_ssu_arg_sizeof() == ctypes.sizeof(SsuArg)
+    for name, _ in _FIELDS:
+        assert L.emu_ssu_offset(name.encode()) == getattr(SsuParams, name).offset, name
+
+
+def _arg(t, dims):
+    a = SsuArg()
+    a.ptr = t.data_ptr()
+    a.dtype = DT_ENUM[t.dtype]
+    for k, d in enumerate(dims):
+        a.s[k] = 0 if d < 0 else t.stride(d)
+    return a
+
+
+def _const_over(t, d):
+    return t.shape[d] <= 1 or t.stride(d) == 0
+
+
+def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi):
+    """The op entry's parameter set-up (state_update.cpp, Mamba-2 form with a head dim) and one
+    emulated launch. Mutates state (single step) / snaps; returns out (NaN-poisoned first)."""
+    b, H, P, N = x.shape[0], state.shape[1], state.shape[2], state.shape[3]
+    T = x.shape[1] if multi else 1
+    G = B.shape[-2]
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype)
+    p = SsuParams()
+    p.batch, p.seqlen, p.nheads, p.dim, p.dstate = b, T, H, P, N
+    p.heads_per_group, p.state_rows, p.dt_softplus = H // G, state.shape[0], softplus
+    p.state_dtype = DT_ENUM[state.dtype]
+    p.state = state.data_ptr()
+    for k in range(4):
+        p.st_s[k] = state.stride(k)
+    bthp = (lambda t: _arg(t, (0, 1, 2, 3))) if multi else (lambda t: _arg(t, (0, -1, 1, 2)))
+    p.x, p.dt, p.B, p.C = bthp(x), bthp(dt), bthp(B), bthp(C)
+    if z is not None:
+        p.z = bthp(z)
+    p.A = _arg(A, (0, 1, 2))
+    if D is not None:
+        p.D = _arg(D, (0, 1))
+    if dt_bias is not None:
+        p.dt_bias = _arg(dt_bias, (0, 1))
+    idx_c = None if idx is None else idx.to(torch.int32).contiguous()
+    p.state_indices = None if idx_c is None else idx_c.data_ptr()
+    if not multi:
+        p.in_place = True
+        p.snap = state.data_ptr()
+    elif snaps is not None:
+        p.snap = snaps.data_ptr()
+        for k in range(5):
+            p.snap_s[k] = snaps.stride(k)
+    p.out = out.data_ptr()
+    p.out_dtype = DT_ENUM[out.dtype]
+    a = bthp(out)
+    for k in range(4):
+        p.out_s[k] = a.s[k]
+    p.head_decay = (_const_over(dt, x.dim() - 1) and (dt_bias is None or _const_over(dt_bias, 1))
+                    and _const_over(A, 1) and _const_over(A, 2))
+    err = ctypes.create_string_buffer(4096)
+    if lib().emu_ssu_cuda(ctypes.addressof(p), err, len(err)) != 0:
+        raise RuntimeError(f"emu_ssu_cuda: {err.value.decode(errors='replace')}")
+    return out
+
+
+def make_inputs(b, T, H, P, G, N, sdtype, dtype, *, multi, head_decay, state_layout, idx, seed):
+    torch.manual_seed(seed)
+    rows = b + 2
+    if state_layout == "contig":
+        state = torch.randn(rows, H, P, N).to(sdtype)
+    elif state_layout == "padded":  # 16-byte aligned rows with a gap: vector path
+        state = torch.randn(rows, H, P, N + 16).to(sdtype)[..., :N]
+    elif state_layout == "offset":  # strides multiples of 16 bytes, base 1 element off: scalar path
+        vn = 16 // torch.empty((), dtype=sdtype).element_size()
+        state = torch.randn(rows, H, P, N + vn).to(sdtype)[..., 1:N + 1]
+    else:  # sliced: misaligned, scalar path
+        state = torch.randn(rows, H, P, N + 3).to(sdtype)[..., 1:N + 1]
+    lead = (b, T) if multi else (b,)
+    x = torch.randn(*lead, H, P).to(dtype)
+    z = torch.randn(*lead, H, P).to(dtype)
+    B = torch.randn(*lead, G, N).to(dtype)
+    C = torch.randn(*lead, G, N).to(dtype)
+    if head_decay:  # Mamba-2: dt (b, [T,] H), A (H,), D / dt_bias (H,) expanded (stride 0)
+        dt = (torch.randn(*lead, H) * 0.5 - 1.0).to(dtype).unsqueeze(-1).expand(*lead, H, P)
+        A = (-torch.rand(H) * 2 - 0.05).view(H, 1, 1).expand(H, P, N)
+        dt_bias = (torch.randn(H) * 0.5).view(H, 1).expand(H, P)
+        D = torch.randn(H).view(H, 1).expand(H, P)
+    else:
+        dt = (torch.randn(*lead, H, P) * 0.5 - 1.0).to(dtype)
+        A = -torch.rand(H, P, N) * 2 - 0.05
+        dt_bias = torch.randn(H, P) * 0.5
+        D = torch.randn(H, P)
+    if idx == "perm":
+        ind = torch.randperm(rows)[:b].to(torch.int32)
+        ind[0] = -1  # a padded slot
+    else:
+        ind = None
+    return dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, idx=ind)
+
+
+def snaps_ref_size(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _same(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    bits = torch.int16 if a.element_size() == 2 else torch.int32
+    assert torch.equal(a.contiguous().view(bits), b.contiguous().view(bits)), \
+        f"{what}: emulated CUDA differs from the CPU kernel (max abs diff {(a.float() - b.float()).abs().max().item()})"
+
+
+# (b, T, H, P, G, N, state dtype, act dtype, head_decay, state layout, indices)
+CASES = [
+    (2, 1, 4, 5, 2, 16, torch.float32, torch.float32, True, "contig", None),       # NC = 1, ln = 4
+    (3, 1, 2, 40, 1, 128, torch.float32, torch.bfloat16, False, "padded", "perm"),  # ln = 32, 2 tiles
+    (2, 1, 2, 9, 2, 36, torch.float16, torch.float16, True, "sliced", "perm"),     # partial vectors, scalar path
+    (1, 1, 2, 3, 1, 520, torch.bfloat16, torch.float32, False, "contig", None),    # NC = 4 (16-bit state)
+    (2, 1, 2, 8, 1, 32, torch.float32, torch.float32, True, "offset", None),       # misaligned base only
+]
+
+
+@pytest.mark.parametrize("b,T,H,P,G,N,sd,dt_,hdec,lay,idx", CASES)
+def test_single_step_bit_exact(b, T, H, P, G, N, sd, dt_, hdec, lay, idx):
+    t = make_inputs(b, T, H, P, G, N, sd, dt_, multi=False, head_decay=hdec, state_layout=lay, idx=idx, seed=N + P)
+    ref_state = t["state"].clone()
+    emu_state = t["state"].clone()
+    out_ref = nemokernels.selective_state_update(ref_state, t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"],
+                                                 z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True,
+                                                 state_batch_indices=t["idx"])
+    out_emu = run_emulated(emu_state, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
+                           t["idx"], None, multi=False)
+    _same(out_emu, out_ref, "out")
+    _same(emu_state, ref_state, "state")
+    assert not torch.equal(emu_state, t["state"])  # the step did something
+
+
+MULTI = [
+    (2, 3, 4, 6, 2, 16, torch.float32, torch.float32, True, "contig", "perm"),
+    (1, 4, 2, 33, 1, 64, torch.bfloat16, torch.bfloat16, False, "padded", None),   # 16-bit state, multi rows
+    (2, 2, 2, 7, 2, 200, torch.float32, torch.float16, False, "sliced", None),     # NC = 2, scalar path
+    (2, 2, 2, 5, 1, 32, torch.bfloat16, torch.float32, True, "offset", "perm"),    # misaligned base only
+]
+
+
+@pytest.mark.parametrize("b,T,H,P,G,N,sd,dt_,hdec,lay,idx", MULTI)
+@pytest.mark.parametrize("snap_layout", ["contig", "strided", "offset"])
+def test_multi_token_bit_exact(b, T, H, P, G, N, sd, dt_, hdec, lay, idx, snap_layout):
+    t = make_inputs(b, T, H, P, G, N, sd, dt_, multi=True, head_decay=hdec, state_layout=lay, idx=idx, seed=T + N)
+    state0 = t["state"].clone()
+    if snap_layout == "contig":
+        snaps_emu = torch.full((b, T, H, P, N), float("nan")).to(sd)
+    elif snap_layout == "strided":  # a slice of a wider buffer, rows misaligned: scalar snapshot stores
+        snaps_emu = torch.full((b, T, H, P, N + 1), float("nan")).to(sd)[..., 1:]
+    else:  # strides multiples of 16 bytes, base one element off: scalar snapshot stores
+        vn = 16 // snaps_ref_size(sd)
+        snaps_emu = torch.full((b, T, H, P, N + vn), float("nan")).to(sd)[..., 1:N + 1]
+    out_ref, snaps_ref = nemokernels.selective_state_update_multi(
+        t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+        dt_softplus=True, state_batch_indices=t["idx"])
+    out_emu = run_emulated(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
+                           t["idx"], snaps_emu, multi=True)
+    _same(out_emu, out_ref, "out")
+    _same(snaps_emu.contiguous(), snaps_ref, "intermediate_states")
+    assert torch.equal(t["state"], state0)  # read only
+
+    # without a snapshot buffer: outputs only
+    out2 = run_emulated(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
+                        t["idx"], None, multi=True)
+    _same(out2, out_ref, "out (no snapshots)")
+
+
+def test_out_of_range_index_gives_nan():
+    """An index >= rows (unchecked on CUDA): NaN outputs and snapshots, state untouched."""
+    t = make_inputs(2, 2, 2, 4, 1, 16, torch.float32, torch.float32, multi=True, head_decay=True,
+                    state_layout="contig", idx=None, seed=3)
+    idx = torch.tensor([1, 99], dtype=torch.int32)
+    state0 = t["state"].clone()
+    snaps = torch.zeros(2, 2, 2, 4, 16)
+    out = run_emulated(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
+                       idx, snaps, multi=True)
+    assert torch.isnan(out[1]).all() and torch.isnan(snaps[1]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(snaps[0]).any()
+    assert torch.equal(t["state"], state0)
