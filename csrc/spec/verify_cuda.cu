@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "spec/numerics.cuh"
 #include "spec/verify.h"
@@ -37,11 +38,6 @@ constexpr int kRowThreads = 256;       // row-partial kernels
 constexpr int kWalkThreads = 128;      // one thread per request
 constexpr int kSampleThreads = 512;    // sampling transform, one block per row
 constexpr int64_t kMinChunk = 2048;    // smallest vocab chunk worth a block
-
-template <typename T> NK_DEVICE float to_f(T v);
-template <> NK_DEVICE float to_f<float>(float v) { return v; }
-template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
-template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <bool kArgmax>
 NK_DEVICE bool better(float v1, int64_t i1, float v2, int64_t i2) {

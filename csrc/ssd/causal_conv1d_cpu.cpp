@@ -9,20 +9,12 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_access.h"
 #include "ssd/causal_conv1d.h"
 #include "ssd/numerics.cuh"
 
 namespace nk {
 namespace {
-
-template <typename T>
-inline float ld(const void* base, int64_t off) {
-  return static_cast<float>(static_cast<const T*>(base)[off]);
-}
-template <typename T>
-inline void st(void* base, int64_t off, float v) {
-  static_cast<T*>(base)[off] = static_cast<T>(v);
-}
 
 // Calls f.template operator()<T, W>() for the runtime dtype and width.
 template <typename F>

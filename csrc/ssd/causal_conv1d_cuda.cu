@@ -16,6 +16,7 @@
 
 #include <algorithm>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "ssd/causal_conv1d.h"
 #include "ssd/numerics.cuh"
@@ -33,15 +34,6 @@ constexpr int kTmajorNT = 4;         // time steps per thread (time-major)
 // large, so that enough warps stay resident (8-byte accesses for 16-bit types).
 constexpr int kFwdVecBytes = 16;
 constexpr int kBwdVC = 4;
-
-template <typename T> NK_DEVICE float to_f(T v);
-template <> NK_DEVICE float to_f<float>(float v) { return v; }
-template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
-template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> NK_DEVICE T from_f(float v);
-template <> NK_DEVICE float from_f<float>(float v) { return v; }
-template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // The unsigned vector type of N bytes (one memory access).
 template <int N> struct VecOf;

@@ -12,20 +12,12 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cpu_access.h"
 #include "ssd/numerics.cuh"
 #include "ssd/rmsnorm_gated.h"
 
 namespace nk {
 namespace {
-
-template <typename T>
-inline float ld(const void* base, int64_t off) {
-  return static_cast<float>(static_cast<const T*>(base)[off]);
-}
-template <typename T>
-inline void st(void* base, int64_t off, float v) {
-  static_cast<T*>(base)[off] = static_cast<T>(v);
-}
 
 template <typename F>
 void dispatch(DType dt, F&& f) {

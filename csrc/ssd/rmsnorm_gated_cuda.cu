@@ -29,6 +29,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "ssd/numerics.cuh"
 #include "ssd/rmsnorm_gated.h"
@@ -41,15 +42,6 @@ constexpr int kBwdMaxThreads = 256;   // the backward keeps 4 floats per element
 constexpr int kBlockThreads = 128;    // block size aimed at when units are small (upb > 1)
 constexpr int kColThreads = 128;      // column kernel (uncached backward's dweight/dbias)
 constexpr int kRedCols = 32, kRedSlices = 8;  // final partial-row reduction
-
-template <typename T> NK_DEVICE float to_f(T v);
-template <> NK_DEVICE float to_f<float>(float v) { return v; }
-template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
-template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> NK_DEVICE T from_f(float v);
-template <> NK_DEVICE float from_f<float>(float v) { return v; }
-template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // V elements starting at element offset `off`: one 16-byte access when V > 1 (the caller
 // guarantees alignment and unit channel stride), one element when V == 1.

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cuda_dtype.cuh"
 #include "common/macros.h"
 
 namespace nk {
@@ -33,15 +34,8 @@ template <> struct Elem<DType::F32> { using type = float; };
 template <> struct Elem<DType::F16> { using type = __half; };
 template <> struct Elem<DType::BF16> { using type = __nv_bfloat16; };
 
-template <typename T> NK_DEVICE float to_f(T v);
-template <> NK_DEVICE float to_f<float>(float v) { return v; }
-template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
-template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> NK_DEVICE T from_f(float v);
-template <> NK_DEVICE float from_f<float>(float v) { return v; }
-template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
+using ::nk::from_f;
+using ::nk::to_f;
 // Row pad of shared-memory tiles, in elements: 16 bytes.
 template <typename T> constexpr int kSmemPad = 16 / static_cast<int>(sizeof(T));
 

@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "ssd/numerics.cuh"
 #include "ssd/state_update.h"
@@ -31,15 +32,6 @@ namespace nk {
 namespace {
 
 constexpr int kThreads = 128;
-
-template <typename T> NK_DEVICE float to_f(T v);
-template <> NK_DEVICE float to_f<float>(float v) { return v; }
-template <> NK_DEVICE float to_f<__half>(__half v) { return __half2float(v); }
-template <> NK_DEVICE float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> NK_DEVICE T from_f(float v);
-template <> NK_DEVICE float from_f<float>(float v) { return v; }
-template <> NK_DEVICE __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> NK_DEVICE __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Loads and stores of the runtime-typed small operands (x, dt, z, B, C, A, D, dt_bias, out).
 // The dtype is uniform across the grid, so the switch never diverges.
