@@ -67,6 +67,12 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_i
 Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, double temperature_value,
                            std::optional<Tensor> top_k, int64_t top_k_value, std::optional<Tensor> top_p,
                            double top_p_value, std::optional<Tensor> min_p, double min_p_value);
+
+// moe/grouped_gemm.cpp
+std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, int64_t activation,
+                                             bool save_preact);
+Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::optional<Tensor> preact);
+Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::optional<Tensor> preact);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -136,6 +142,17 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   // Per-request tensors (B,) override the scalar values; probs float32 shaped like logits.
   m.def("sampling_probs(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
         "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor");
+
+  // ---- moe: grouped GEMM over experts ---------------------------------------------------
+  // a (R, K), w (E, N, K), expert_offsets (E + 1,) int32 (rows [off[e], off[e+1]) use w[e]);
+  // activation 0 = none, 1 = relu2. out (R, N) = act(a @ w[e]^T); preact (R, N) is the
+  // pre-activation when activation is relu2 and save_preact, else (0, N).
+  m.def("grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, int activation, bool save_preact) "
+        "-> (Tensor out, Tensor preact)");
+  // da (R, K) = g @ w[e]; g = dout, or dout * 2 * relu(preact) (the relu2 backward) when given.
+  m.def("grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, Tensor? preact) -> Tensor");
+  // dw (E, N, K): dw[e] = g[seg_e]^T a[seg_e], zero for empty experts; E = len(offsets) - 1.
+  m.def("grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, Tensor? preact) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -153,7 +170,10 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("rejection_sample", TORCH_BOX(&nk::spec_rejection_sample));            \
   m.impl("verify_tree_greedy", TORCH_BOX(&nk::spec_verify_tree_greedy));        \
   m.impl("verify_tree_rejection", TORCH_BOX(&nk::spec_verify_tree_rejection));  \
-  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));
+  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));              \
+  m.impl("grouped_gemm_fwd", TORCH_BOX(&nk::grouped_gemm_fwd));                 \
+  m.impl("grouped_gemm_dgrad", TORCH_BOX(&nk::grouped_gemm_dgrad));             \
+  m.impl("grouped_gemm_wgrad", TORCH_BOX(&nk::grouped_gemm_wgrad));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

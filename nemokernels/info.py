@@ -22,6 +22,9 @@ OPS = {
     "verify_tree_greedy": "spec",
     "verify_tree_rejection": "spec",
     "sampling_probs": "spec",
+    "grouped_gemm_fwd": "moe",
+    "grouped_gemm_dgrad": "moe",
+    "grouped_gemm_wgrad": "moe",
 }
 
 

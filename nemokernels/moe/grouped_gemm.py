@@ -2,7 +2,7 @@
 
 ``grouped_gemm(a, w, expert_offsets, activation="none")``
 
-- a: (R, K) rows in expert-contiguous order (fp32, fp16 or bf16).
+- a: (R, K) rows in expert-contiguous order (fp32, fp16 or bf16; float64 on the CPU).
 - w: (E, N, K) expert weights, the checkpoint's layout ((E, F, l) for up, (E, l, F) for down),
   same dtype as a.
 - expert_offsets: (E + 1,) int32, non-decreasing, offsets[0] == 0, offsets[E] <= R. Rows
@@ -11,25 +11,74 @@
 - activation: "none" or "relu2" (relu(.)^2 fused into the epilogue).
 - returns (R, N) in a's dtype: out[r] = act(a[r] @ w[e(r)].T), accumulated in float32.
 
-Differentiable in a and w. This file holds the PyTorch stand-in (loop over experts); the
-custom op with CPU and CUDA kernels replaces its body without changing the signature.
+Differentiable in a and w. The ops (schemas in csrc/torch_bindings.cpp, kernels in
+csrc/moe/grouped_gemm_*):
+
+- ``grouped_gemm_fwd(a, w, expert_offsets, activation, save_preact) -> (out, preact)``:
+  activation 0 = none, 1 = relu2; ``preact`` (R, N) is the pre-activation, written only when
+  activation is relu2 and save_preact (the public function sets it when a gradient is needed),
+  else an empty (0, N) tensor.
+- ``grouped_gemm_dgrad(dout, w, expert_offsets, preact) -> da`` (R, K) = g @ w[e]
+- ``grouped_gemm_wgrad(dout, a, expert_offsets, preact) -> dw`` (E, N, K) = g[seg]^T a[seg]
+
+where g = dout, or dout * 2 * relu(preact) (the relu^2 backward, fused into the operand load)
+when preact is given. Offsets are read on the device (no host sync); the CPU checks their
+values, CUDA clamps them (memory-safe, unspecified values for invalid offsets).
 """
 import torch
+
+_ops = torch.ops.nemokernels
 
 _ACTIVATIONS = ("none", "relu2")
 
 
+@torch.library.register_fake("nemokernels::grouped_gemm_fwd")
+def _fwd_fake(a, w, expert_offsets, activation, save_preact):
+    R, N = a.shape[0], w.shape[1]
+    keep = bool(save_preact) and activation == 1
+    return a.new_empty((R, N)), a.new_empty((R if keep else 0, N))
+
+
+@torch.library.register_fake("nemokernels::grouped_gemm_dgrad")
+def _dgrad_fake(dout, w, expert_offsets, preact):
+    return dout.new_empty((dout.shape[0], w.shape[2]))
+
+
+@torch.library.register_fake("nemokernels::grouped_gemm_wgrad")
+def _wgrad_fake(dout, a, expert_offsets, preact):
+    return dout.new_empty((expert_offsets.shape[0] - 1, dout.shape[1], a.shape[1]))
+
+
+def _fwd_setup(ctx, inputs, output):
+    a, w, expert_offsets, activation, save_preact = inputs
+    _, pre = output
+    ctx.mark_non_differentiable(pre)
+    ctx.relu2 = activation == 1
+    ctx.save_for_backward(a, w, expert_offsets, pre if ctx.relu2 else None)
+
+
+def _fwd_backward(ctx, dout, _dpre):
+    a, w, offsets, pre = ctx.saved_tensors
+    if ctx.relu2 and pre.shape[0] != a.shape[0]:
+        # Called without save_preact (e.g. through the raw op): recompute the pre-activation.
+        _, pre = _ops.grouped_gemm_fwd(a, w, offsets, 1, True)
+    if not ctx.relu2:
+        pre = None
+    da = _ops.grouped_gemm_dgrad(dout, w, offsets, pre) if ctx.needs_input_grad[0] else None
+    dw = _ops.grouped_gemm_wgrad(dout, a, offsets, pre) if ctx.needs_input_grad[1] else None
+    return da, dw, None, None, None
+
+
+torch.library.register_autograd("nemokernels::grouped_gemm_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                  activation: str = "none") -> torch.Tensor:
+    """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r (module
+    docstring for shapes); rows past expert_offsets[E] are zeros."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"grouped_gemm: activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    offsets = expert_offsets.tolist()
-    out = a.new_zeros(a.shape[0], w.shape[1])
-    for e in range(w.shape[0]):
-        lo, hi = offsets[e], offsets[e + 1]
-        if hi > lo:
-            y = (a[lo:hi].float() @ w[e].float().T)
-            if activation == "relu2":
-                y = torch.relu(y).square()
-            out = out.index_copy(0, torch.arange(lo, hi, device=a.device), y.to(a.dtype))
+    act = _ACTIVATIONS.index(activation)
+    save_preact = act == 1 and torch.is_grad_enabled() and (a.requires_grad or w.requires_grad)
+    out, _ = _ops.grouped_gemm_fwd(a, w, expert_offsets, act, save_preact)
     return out

@@ -1,0 +1,193 @@
+// Op entry points of the grouped GEMM over experts: argument checks (the one place they
+// live), contiguous copies of strided inputs, output allocation, and dispatch to the CPU or
+// CUDA kernels. Registered in torch_bindings.cpp.
+//
+// Offsets values (monotone, inside [0, R]) are checked on the CPU only: on CUDA that would
+// need a host synchronisation. The CUDA kernels clamp every segment into [0, R] instead, so
+// bad offsets there are memory-safe but give unspecified values (docs/known-issues.md).
+#include "moe/grouped_gemm.h"
+
+#include <optional>
+#include <tuple>
+
+#include "common/check.h"
+#include "common/device.h"
+#include "common/tensor_utils.h"
+
+namespace nk {
+namespace {
+
+constexpr const char* kFwd = "grouped_gemm";
+constexpr const char* kDgrad = "grouped_gemm (dgrad)";
+constexpr const char* kWgrad = "grouped_gemm (wgrad)";
+
+GgType gg_type(const char* op, const char* arg, const Tensor& t) {
+  if (t.is_cuda()) {
+    check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  } else {
+    check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16, ScalarType::Double});
+  }
+  switch (t.scalar_type()) {
+    case ScalarType::Half: return GgType::F16;
+    case ScalarType::BFloat16: return GgType::BF16;
+    case ScalarType::Double: return GgType::F64;
+    default: return GgType::F32;
+  }
+}
+
+void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  NK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have ", ref_arg, "'s dtype ",
+           dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
+}
+
+// expert_offsets (E + 1,) int32 on ref's device; on the CPU also its values. Returns E.
+int64_t check_offsets(const char* op, const Tensor& offsets, const Tensor& ref, const char* ref_arg,
+                      int64_t R, int64_t expect_e) {
+  check_dim(op, "expert_offsets", offsets, 1);
+  check_dtype(op, "expert_offsets", offsets, {ScalarType::Int});
+  check_same_device(op, "expert_offsets", offsets, ref, ref_arg);
+  NK_CHECK(offsets.size(0) >= 1, op, ": expert_offsets must have E + 1 >= 1 entries, got shape ",
+           shape_str(offsets));
+  const int64_t E = offsets.size(0) - 1;
+  NK_CHECK(expect_e < 0 || E == expect_e, op, ": expert_offsets must have E + 1 = ", expect_e + 1,
+           " entries (w has E = ", expect_e, " experts), got shape ", shape_str(offsets));
+  if (offsets.is_cpu()) {
+    Tensor c = torch::stable::contiguous(offsets);
+    const int32_t* o = static_cast<const int32_t*>(c.data_ptr());
+    NK_CHECK(o[0] >= 0, op, ": expert_offsets[0] must be >= 0, got ", o[0]);
+    for (int64_t e = 0; e < E; ++e) {
+      NK_CHECK(o[e + 1] >= o[e], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", o[e],
+               " > offsets[", e + 1, "] = ", o[e + 1]);
+    }
+    NK_CHECK(o[E] <= R, op, ": expert_offsets[E] must be <= the number of rows ", R, ", got ", o[E]);
+  }
+  return E;
+}
+
+Tensor contig(const Tensor& t) { return torch::stable::contiguous(t); }
+
+std::optional<Tensor> check_pre(const char* op, const std::optional<Tensor>& pre, const Tensor& dout) {
+  std::optional<Tensor> r;
+  if (!pre) return r;
+  check_dim(op, "preact", *pre, 2);
+  NK_CHECK(pre->size(0) == dout.size(0) && pre->size(1) == dout.size(1), op,
+           ": preact must have dout's shape ", shape_str(dout), ", got ", shape_str(*pre));
+  check_same_dtype(op, "preact", *pre, dout, "dout");
+  check_same_device(op, "preact", *pre, dout, "dout");
+  r.emplace(contig(*pre));
+  return r;
+}
+
+GroupedGemmParams base_params(GgType dt, int64_t R, int64_t N, int64_t K, int64_t E, const Tensor& offsets) {
+  GroupedGemmParams p{};
+  p.dtype = dt;
+  p.R = R, p.N = N, p.K = K, p.E = E;
+  p.offsets = static_cast<const int32_t*>(offsets.data_ptr());
+  return p;
+}
+
+// (E + 1,) int32 scratch for the CUDA tile map (unused on the CPU).
+Tensor tile_scratch(const Tensor& like, int64_t E) {
+  return new_empty(like, {like.is_cuda() ? E + 1 : 0}, ScalarType::Int);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, int64_t activation,
+                                             bool save_preact) {
+  const char* op = kFwd;
+  check_dim(op, "a", a, 2);
+  const GgType dt = gg_type(op, "a", a);
+  check_dim(op, "w", w, 3);
+  check_same_dtype(op, "w", w, a, "a");
+  check_same_device(op, "w", w, a, "a");
+  const int64_t R = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
+  NK_CHECK(w.size(2) == K, op, ": w must be (E, N, K) with K = a.shape[1] = ", K, ", got w shape ",
+           shape_str(w), " and a shape ", shape_str(a));
+  NK_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (relu2), got ",
+           activation);
+  check_offsets(op, expert_offsets, a, "a", R, E);
+  const bool keep_pre = save_preact && activation == 1;
+  OptionalDeviceGuard guard(a);
+  Tensor ac = contig(a), wc = contig(w), oc = contig(expert_offsets);
+  Tensor out = new_empty(a, {R, N}, a.scalar_type());
+  Tensor pre = new_empty(a, {keep_pre ? R : 0, N}, a.scalar_type());
+  if (out.numel() == 0) return {out, pre};
+  if (K == 0 || E == 0) {  // empty sums: act(0) = 0 everywhere
+    torch::stable::zero_(out);
+    if (keep_pre) torch::stable::zero_(pre);
+    return {out, pre};
+  }
+  Tensor scratch = tile_scratch(a, E);
+  GroupedGemmParams p = base_params(dt, R, N, K, E, oc);
+  p.a = ac.data_ptr();
+  p.w = wc.data_ptr();
+  p.out = out.data_ptr();
+  p.pre_out = keep_pre ? pre.data_ptr() : nullptr;
+  p.act = activation == 1 ? GgAct::Relu2 : GgAct::None;
+  p.tile_offsets = a.is_cuda() ? static_cast<int32_t*>(scratch.data_ptr()) : nullptr;
+  NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_fwd_cpu(p), grouped_gemm_fwd_cuda(p, stream));
+  return {out, pre};
+}
+
+Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::optional<Tensor> preact) {
+  const char* op = kDgrad;
+  check_dim(op, "dout", dout, 2);
+  const GgType dt = gg_type(op, "dout", dout);
+  check_dim(op, "w", w, 3);
+  check_same_dtype(op, "w", w, dout, "dout");
+  check_same_device(op, "w", w, dout, "dout");
+  const int64_t R = dout.size(0), N = dout.size(1), E = w.size(0), K = w.size(2);
+  NK_CHECK(w.size(1) == N, op, ": w must be (E, N, K) with N = dout.shape[1] = ", N, ", got w shape ",
+           shape_str(w), " and dout shape ", shape_str(dout));
+  check_offsets(op, expert_offsets, dout, "dout", R, E);
+  auto pre = check_pre(op, preact, dout);
+  OptionalDeviceGuard guard(dout);
+  Tensor dc = contig(dout), wc = contig(w), oc = contig(expert_offsets);
+  Tensor da = new_empty(dout, {R, K}, dout.scalar_type());
+  if (da.numel() == 0) return da;
+  if (N == 0 || E == 0) {
+    torch::stable::zero_(da);
+    return da;
+  }
+  Tensor scratch = tile_scratch(dout, E);
+  GroupedGemmParams p = base_params(dt, R, N, K, E, oc);
+  p.dout = dc.data_ptr();
+  p.w = wc.data_ptr();
+  p.pre_in = pre ? pre->data_ptr() : nullptr;
+  p.out = da.data_ptr();
+  p.tile_offsets = dout.is_cuda() ? static_cast<int32_t*>(scratch.data_ptr()) : nullptr;
+  NK_ROUTE_BY_DEVICE(dout, op, grouped_gemm_dgrad_cpu(p), grouped_gemm_dgrad_cuda(p, stream));
+  return da;
+}
+
+Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::optional<Tensor> preact) {
+  const char* op = kWgrad;
+  check_dim(op, "dout", dout, 2);
+  const GgType dt = gg_type(op, "dout", dout);
+  check_dim(op, "a", a, 2);
+  check_same_dtype(op, "a", a, dout, "dout");
+  check_same_device(op, "a", a, dout, "dout");
+  const int64_t R = dout.size(0), N = dout.size(1), K = a.size(1);
+  NK_CHECK(a.size(0) == R, op, ": a must have dout's number of rows ", R, ", got a shape ", shape_str(a),
+           " and dout shape ", shape_str(dout));
+  const int64_t E = check_offsets(op, expert_offsets, dout, "dout", R, -1);
+  auto pre = check_pre(op, preact, dout);
+  OptionalDeviceGuard guard(dout);
+  Tensor dc = contig(dout), ac = contig(a), oc = contig(expert_offsets);
+  Tensor dw = new_empty(dout, {E, N, K}, dout.scalar_type());
+  if (dw.numel() == 0) return dw;
+  if (R == 0) {
+    torch::stable::zero_(dw);
+    return dw;
+  }
+  GroupedGemmParams p = base_params(dt, R, N, K, E, oc);
+  p.dout = dc.data_ptr();
+  p.a = ac.data_ptr();
+  p.pre_in = pre ? pre->data_ptr() : nullptr;
+  p.out = dw.data_ptr();
+  NK_ROUTE_BY_DEVICE(dout, op, grouped_gemm_wgrad_cpu(p), grouped_gemm_wgrad_cuda(p, stream));
+  return dw;
+}
+
+}  // namespace nk

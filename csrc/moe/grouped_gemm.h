@@ -1,0 +1,69 @@
+// Grouped GEMM over experts (LatentMoE up/down projections), forward, dgrad and wgrad.
+// Parameter structs shared by the op entry (grouped_gemm.cpp), the CPU kernels
+// (grouped_gemm_cpu.cpp) and the CUDA kernels (grouped_gemm_cuda.cu, _sm90.cu, _sm100.cu).
+// No torch types here, so the CUDA translation units compile without torch headers.
+//
+// Rows of a (R, K) are expert-contiguous: rows [off[e], off[e+1]) belong to expert e, rows
+// outside [off[0], off[E]) to none. With w (E, N, K) (the checkpoint layout):
+//   fwd:   pre[r] = a[r] @ w[e(r)]^T (R, N);  out = pre, or relu(pre)^2 (activation relu2)
+//   dgrad: da[r]  = g[r] @ w[e(r)]     (R, K)   (NN)
+//   wgrad: dw[e]  = g[seg_e]^T a[seg_e] (E, N, K), zero for empty experts
+// where g = dout, or with the relu2 backward fused into the operand load,
+//   g = round_T(dout * 2 * relu(pre))   (pre: the saved pre-activation, in a's dtype).
+// Rows outside every segment come out zero (out, pre, da). All sums in float32 (float64 for
+// float64 inputs on the CPU).
+//
+// Offsets are read on the device. Segment bounds are clamped to [0, R] (lo = clamp(off[e]),
+// hi = clamp(off[e+1], lo, R)), so any offsets are memory-safe; non-monotone offsets give
+// unspecified values on CUDA (the CPU entry rejects them).
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace nk {
+
+// Element type of the grouped GEMM operands. F64 exists on the CPU only (gradcheck).
+enum class GgType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+enum class GgAct : int { None = 0, Relu2 = 1 };
+
+// Row tile of the fwd/dgrad schedules: each expert's segment is cut into tiles of this many
+// rows (the last one partial), so sum over experts of ceil(count_e / kGgRowTile) <=
+// ceil(R / kGgRowTile) + E bounds the number of row tiles without reading the offsets.
+constexpr int kGgRowTileCpu = 64;
+
+struct GroupedGemmParams {
+  GgType dtype;
+  int64_t R;            // rows of a / dout
+  int64_t N, K;         // w is (E, N, K)
+  int64_t E;
+  const int32_t* offsets;  // (E + 1,) on the tensors' device
+  // fwd: a (R, K), w (E, N, K) -> out (R, N), pre (R, N) or null
+  // dgrad: dout (R, N), w, pre (R, N) or null -> da (R, K)
+  // wgrad: dout (R, N), a (R, K), pre or null -> dw (E, N, K)
+  // All contiguous (the entry copies strided inputs).
+  const void* a;
+  const void* w;
+  const void* dout;
+  const void* pre_in;   // dgrad/wgrad: saved pre-activation (relu2 backward fused), or null
+  void* out;            // fwd out / dgrad da / wgrad dw
+  void* pre_out;        // fwd: pre-activation output (relu2 with grad), or null
+  GgAct act;            // fwd only
+  // CUDA scratch: (E + 1,) int32, the per-expert row-tile prefix sums.
+  int32_t* tile_offsets;
+};
+
+void grouped_gemm_fwd_cpu(const GroupedGemmParams& p);
+void grouped_gemm_dgrad_cpu(const GroupedGemmParams& p);
+void grouped_gemm_wgrad_cpu(const GroupedGemmParams& p);
+
+#ifdef NK_WITH_CUDA
+// Portable kernels (every arch): wmma tensor cores for fp16/bf16, SIMT for fp32.
+void grouped_gemm_fwd_cuda(const GroupedGemmParams& p, void* stream);
+void grouped_gemm_dgrad_cuda(const GroupedGemmParams& p, void* stream);
+void grouped_gemm_wgrad_cuda(const GroupedGemmParams& p, void* stream);
+#endif
+
+}  // namespace nk
