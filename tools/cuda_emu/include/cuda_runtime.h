@@ -48,7 +48,7 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidC
                    cudaErrorLaunchFailure = 719 };
 typedef struct emu_stream* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16,
-                      cudaDevAttrMaxSharedMemoryPerBlock = 8 };
+                      cudaDevAttrMaxSharedMemoryPerBlock = 8, cudaDevAttrComputeCapabilityMajor = 75 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
                       cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
@@ -59,6 +59,7 @@ constexpr size_t kDefaultSmem = 49152;    // without cudaFuncAttributeMaxDynamic
 inline cudaError_t last_error = cudaSuccess;
 inline std::string last_error_msg;
 inline long long blocks_run = 0, launches = 0;
+inline int compute_capability_major = 9;  // what cudaDevAttrComputeCapabilityMajor reports (drivers may change it)
 inline std::vector<std::pair<const void*, int>> func_max_smem;  // cudaFuncSetAttribute records
 inline cudaError_t set_error(cudaError_t e, std::string msg) {
   if (last_error == cudaSuccess) { last_error = e; last_error_msg = std::move(msg); }
@@ -84,6 +85,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(emu::kMaxOptinSmem); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = static_cast<int>(emu::kDefaultSmem); return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = emu::compute_capability_major; return cudaSuccess;
   }
   return emu::set_error(cudaErrorInvalidValue, "emu: cudaDeviceGetAttribute: attribute not emulated");
 }

@@ -1,0 +1,472 @@
+// Portable CUDA grouped GEMM over experts (every arch): forward with the relu^2 epilogue, dgrad
+// and wgrad, the relu^2 backward fused into the dout operand load. fp16/bf16 on tensor cores
+// through wmma (sm_80+; 16x16x16, float32 accumulators), float32 (and fp16/bf16 below sm_80) on
+// a SIMT kernel. This is the path for GPUs without an arch-specific kernel and the fallback for
+// shapes the arch kernels do not take.
+//
+// Schedule (fwd, dgrad): a tiny one-block kernel turns expert_offsets into per-expert row-tile
+// prefix sums tile_off (E + 1), read on the device, so nothing waits on the host. The grid is
+// static: ceil(R / BM) + E row tiles (an upper bound of sum_e ceil(count_e / BM)) times the
+// column tiles; a block finds its expert by binary search over tile_off and exits when its
+// tile index is past tile_off[E]. Rows outside every segment are zeroed by a grid-stride kernel.
+// wgrad: one block per (N tile, K tile, expert), reducing over the expert's rows in order
+// (no split, no atomics: deterministic); an empty expert's block writes zeros.
+//
+// Tensor-core kernel: 128 x 128 block tile, 32-deep k slices, 8 warps of 64 x 32, operands
+// staged in shared memory in their global order (k-major or m/n-major, picked per operand:
+// wmma row_major / col_major fragments), padded 8 elements per row; 16-byte vector loads
+// when the row stride is a multiple of 8 elements and the base is 16-byte aligned, element
+// loads (zero-filled past the edges) otherwise. The next slice is loaded to registers while
+// the current one is multiplied (two shared buffers, one barrier per slice).
+//
+// Operand roles per op (A is m x k, B is k x n, C is m x n; rows r of a segment):
+//   fwd:   A = a[r][k] (k-major),      B = w[e][n][k] (k-major), C = out[r][n]
+//   dgrad: A = g[r][n] (k-major),      B = w[e][n][k] (n-major), C = da[r][k]
+//   wgrad: A = g[r][n] (m-major, k=r), B = a[r][k]   (n-major), C = dw[e][n][k]
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cuda_dtype.cuh"
+#include "common/cuda_utils.cuh"
+#include "moe/grouped_gemm.h"
+
+namespace nk {
+namespace {
+
+enum Mode : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------- schedule helpers
+
+NK_DEVICE void segment(const int32_t* off, int64_t e, int64_t R, int64_t& lo, int64_t& hi) {
+  lo = min(max(static_cast<int64_t>(off[e]), int64_t(0)), R);
+  hi = min(max(static_cast<int64_t>(off[e + 1]), lo), R);
+}
+
+// tile_off[0] = 0, tile_off[e + 1] = tile_off[e] + ceil(count_e / bm). One block of 1024 threads:
+// each thread sums a run of experts, a shared-memory scan combines the runs.
+__global__ void __launch_bounds__(1024) tile_offsets_kernel(const int32_t* off, int64_t E, int64_t R, int bm,
+                                                            int32_t* tile_off) {
+  __shared__ int32_t sums[1024];
+  const int tid = threadIdx.x;
+  const int64_t per = (E + blockDim.x - 1) / blockDim.x;
+  const int64_t e0 = min(E, tid * per), e1 = min(E, e0 + per);
+  int32_t local = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    int64_t lo, hi;
+    segment(off, e, R, lo, hi);
+    local += static_cast<int32_t>((hi - lo + bm - 1) / bm);
+  }
+  sums[tid] = local;
+  __syncthreads();
+  for (int d = 1; d < static_cast<int>(blockDim.x); d <<= 1) {
+    const int32_t v = tid >= d ? sums[tid - d] : 0;
+    __syncthreads();
+    sums[tid] += v;
+    __syncthreads();
+  }
+  int32_t run = sums[tid] - local;  // exclusive prefix of this thread's run
+  if (tid == 0) tile_off[0] = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    int64_t lo, hi;
+    segment(off, e, R, lo, hi);
+    run += static_cast<int32_t>((hi - lo + bm - 1) / bm);
+    tile_off[e + 1] = run;
+  }
+}
+
+// Zeroes rows [0, lo(0)) and [hi(E-1), R) of out (and out2 when given), both (R, cols).
+template <typename T>
+__global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t cols, T* out, T* out2) {
+  int64_t lo0, hi0, loE, hiE;
+  segment(off, 0, R, lo0, hi0);
+  segment(off, E - 1, R, loE, hiE);
+  hiE = max(hiE, lo0);
+  const int64_t n_before = lo0 * cols, total = n_before + (R - hiE) * cols;
+  const T zero = from_f<T>(0.f);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = i < n_before ? i : hiE * cols + (i - n_before);
+    out[idx] = zero;
+    if (out2 != nullptr) out2[idx] = zero;
+  }
+}
+
+// Row tile t -> (expert, first row, end row); false when t is past the last tile.
+NK_DEVICE bool resolve_row_tile(const int32_t* off, const int32_t* tile_off, int64_t E, int64_t R, int bm,
+                                int64_t t, int64_t& e, int64_t& m0, int64_t& m_hi) {
+  if (t >= tile_off[E]) return false;
+  int64_t lo_e = 0, hi_e = E;  // last e with tile_off[e] <= t: invariant tile_off[lo_e] <= t < tile_off[hi_e]
+  while (hi_e - lo_e > 1) {
+    const int64_t mid = (lo_e + hi_e) / 2;
+    if (tile_off[mid] <= t) lo_e = mid;
+    else hi_e = mid;
+  }
+  e = lo_e;
+  int64_t lo, hi;
+  segment(off, e, R, lo, hi);
+  m0 = lo + (t - tile_off[e]) * static_cast<int64_t>(bm);
+  m_hi = hi;
+  return m0 < m_hi;
+}
+
+// The dgrad/wgrad operand g = dout, or round_T(dout * 2 * relu(pre)).
+template <typename T>
+NK_DEVICE T act_bwd(T d, T pre) {
+  const float p = to_f(pre);
+  return from_f<T>(p > 0.f ? to_f(d) * 2.f * p : 0.f);
+}
+
+// Everything a block needs to find its operands (one op, one block).
+struct Problem {
+  int64_t m0, m_hi;        // output rows [m0, m_hi) of this tile
+  int64_t n0, n_hi;        // output cols [n0, n_hi)
+  int64_t k_lo, k_hi;      // reduction range
+  const void* A;  const void* A_pre;  int64_t lda;  // A rows/cols in gmem order (see header)
+  const void* B;  int64_t ldb;
+  void* C;  void* C_pre;  int64_t ldc;  // C (m, n) at C + m * ldc + n
+};
+
+// Sets up block (bx, by, bz) of `mode`; false when the block has nothing to do.
+template <int MODE>
+NK_DEVICE bool make_problem(const GroupedGemmParams& p, int bm, int bn, int64_t bx, int64_t by, int64_t bz,
+                            int dsize, Problem& q) {
+  const char* w = static_cast<const char*>(p.w);
+  if (MODE == kWgrad) {
+    const int64_t e = bz;
+    segment(p.offsets, e, p.R, q.k_lo, q.k_hi);
+    q.m0 = bx * bm, q.m_hi = p.N;
+    q.n0 = by * bn, q.n_hi = p.K;
+    q.A = p.dout, q.A_pre = p.pre_in, q.lda = p.N;
+    q.B = p.a, q.ldb = p.K;
+    q.C = static_cast<char*>(p.out) + e * p.N * p.K * dsize, q.C_pre = nullptr, q.ldc = p.K;
+    return true;
+  }
+  int64_t e;
+  if (!resolve_row_tile(p.offsets, p.tile_offsets, p.E, p.R, bm, bx, e, q.m0, q.m_hi)) return false;
+  q.n0 = by * bn;
+  q.k_lo = 0;
+  if (MODE == kFwd) {
+    q.n_hi = p.N, q.k_hi = p.K;
+    q.A = p.a, q.A_pre = nullptr, q.lda = p.K;
+    q.B = w + e * p.N * p.K * dsize, q.ldb = p.K;
+    q.C = p.out, q.C_pre = p.pre_out, q.ldc = p.N;
+  } else {
+    q.n_hi = p.K, q.k_hi = p.N;
+    q.A = p.dout, q.A_pre = p.pre_in, q.lda = p.N;
+    q.B = w + e * p.N * p.K * dsize, q.ldb = p.K;
+    q.C = p.out, q.C_pre = nullptr, q.ldc = p.K;
+  }
+  return true;
+}
+
+// Epilogue of one output element (m, n) already known to be in range.
+template <typename T, int MODE>
+NK_DEVICE void store_out(const Problem& q, GgAct act, int64_t m, int64_t n, float v) {
+  const int64_t idx = m * q.ldc + n;
+  if (MODE == kFwd) {
+    if (q.C_pre != nullptr) static_cast<T*>(q.C_pre)[idx] = from_f<T>(v);
+    if (act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+  }
+  static_cast<T*>(q.C)[idx] = from_f<T>(v);
+}
+
+// ---------------------------------------------------------------- tensor-core kernel (fp16/bf16)
+
+constexpr int kTcBM = 128, kTcBN = 128, kTcBK = 32, kPad = 8;
+
+template <typename T>
+struct alignas(16) Vec8 {
+  T v[8];
+};
+
+// One operand tile of ROWS x COLS elements (COLS contiguous in global and shared memory),
+// 8-element chunks, loaded into registers then stored to shared memory.
+template <typename T, int ROWS, int COLS, bool DACT>
+struct TileLoader {
+  static constexpr int kChunksPerRow = COLS / 8;
+  static constexpr int kChunks = ROWS * COLS / 8 / kThreads;
+  static_assert(ROWS * COLS % (8 * kThreads) == 0, "tile must split evenly into 8-element chunks");
+  Vec8<T> regs[kChunks];
+
+  NK_DEVICE void load(const T* base, const T* pre, int64_t ld, int64_t row0, int64_t row_hi, int64_t col0,
+                      int64_t col_hi, bool vec_ok) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = threadIdx.x + i * kThreads;
+      const int64_t gr = row0 + c / kChunksPerRow, gc = col0 + (c % kChunksPerRow) * 8;
+      Vec8<T>& r = regs[i];
+      if (gr < row_hi && vec_ok && gc + 8 <= col_hi) {
+        *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(base + gr * ld + gc);
+        if (DACT) {
+          Vec8<T> pv;
+          *reinterpret_cast<uint4*>(&pv) = *reinterpret_cast<const uint4*>(pre + gr * ld + gc);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) r.v[j] = act_bwd<T>(r.v[j], pv.v[j]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          T x = from_f<T>(0.f);
+          if (gr < row_hi && gc + j < col_hi) {
+            x = base[gr * ld + gc + j];
+            if (DACT) x = act_bwd<T>(x, pre[gr * ld + gc + j]);
+          }
+          r.v[j] = x;
+        }
+      }
+    }
+  }
+
+  NK_DEVICE void store(T* smem) const {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = threadIdx.x + i * kThreads;
+      const int r = c / kChunksPerRow, cc = (c % kChunksPerRow) * 8;
+      *reinterpret_cast<uint4*>(smem + r * (COLS + kPad) + cc) = *reinterpret_cast<const uint4*>(&regs[i]);
+    }
+  }
+};
+
+NK_DEVICE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <typename T, int MODE, bool DACT>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(GroupedGemmParams p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr bool kAK = MODE != kWgrad;  // A k-major (else m-major)
+  constexpr bool kBK = MODE == kFwd;    // B k-major (else n-major)
+  constexpr int A_ROWS = kAK ? kTcBM : kTcBK, A_COLS = kAK ? kTcBK : kTcBM;
+  constexpr int B_ROWS = kBK ? kTcBN : kTcBK, B_COLS = kBK ? kTcBK : kTcBN;
+  constexpr int A_ELEMS = A_ROWS * (A_COLS + kPad), B_ELEMS = B_ROWS * (B_COLS + kPad);
+  constexpr int kStageBytes = 2 * (A_ELEMS + B_ELEMS) * static_cast<int>(sizeof(T));
+  constexpr int kEpiBytes = (kThreads / 32) * 16 * 16 * static_cast<int>(sizeof(float));
+  constexpr int kSmemBytes = kStageBytes > kEpiBytes ? kStageBytes : kEpiBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  T* As = reinterpret_cast<T*>(smem);     // [2][A_ELEMS]
+  T* Bs = As + 2 * A_ELEMS;               // [2][B_ELEMS]
+
+  Problem q;
+  if (!make_problem<MODE>(p, kTcBM, kTcBN, blockIdx.x, blockIdx.y, blockIdx.z, sizeof(T), q)) return;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / 4, wn = warp % 4;  // 2 x 4 warps, 64 x 32 each
+
+  const T* A = static_cast<const T*>(q.A);
+  const T* Ap = static_cast<const T*>(q.A_pre);
+  const T* B = static_cast<const T*>(q.B);
+  const bool a_vec = q.lda % 8 == 0 && aligned16(A) && (!DACT || aligned16(Ap));
+  const bool b_vec = q.ldb % 8 == 0 && aligned16(B);
+
+  TileLoader<T, A_ROWS, A_COLS, DACT> la;
+  TileLoader<T, B_ROWS, B_COLS, false> lb;
+  auto load_slice = [&](int64_t k0) {
+    if (kAK) la.load(A, Ap, q.lda, q.m0, q.m_hi, k0, q.k_hi, a_vec);
+    else la.load(A, Ap, q.lda, k0, q.k_hi, q.m0, q.m_hi, a_vec);
+    if (kBK) lb.load(B, nullptr, q.ldb, q.n0, q.n_hi, k0, q.k_hi, b_vec);
+    else lb.load(B, nullptr, q.ldb, k0, q.k_hi, q.n0, q.n_hi, b_vec);
+  };
+
+  using ALayout = typename std::conditional<kAK, wmma::row_major, wmma::col_major>::type;
+  using BLayout = typename std::conditional<kBK, wmma::col_major, wmma::row_major>::type;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  const int64_t nslices = (q.k_hi - q.k_lo + kTcBK - 1) / kTcBK;
+  if (nslices > 0) {
+    load_slice(q.k_lo);
+    la.store(As);
+    lb.store(Bs);
+  }
+  __syncthreads();
+  for (int64_t s = 0; s < nslices; ++s) {
+    const int buf = static_cast<int>(s & 1);
+    if (s + 1 < nslices) load_slice(q.k_lo + (s + 1) * kTcBK);
+    const T* as = As + buf * A_ELEMS;
+    const T* bs = Bs + buf * B_ELEMS;
+#pragma unroll
+    for (int kk = 0; kk < kTcBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = wm * 64 + i * 16;
+        if (kAK) wmma::load_matrix_sync(fa[i], as + m * (A_COLS + kPad) + kk, A_COLS + kPad);
+        else wmma::load_matrix_sync(fa[i], as + kk * (A_COLS + kPad) + m, A_COLS + kPad);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;
+        if (kBK) wmma::load_matrix_sync(fb[j], bs + n * (B_COLS + kPad) + kk, B_COLS + kPad);
+        else wmma::load_matrix_sync(fb[j], bs + kk * (B_COLS + kPad) + n, B_COLS + kPad);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    if (s + 1 < nslices) {
+      la.store(As + (buf ^ 1) * A_ELEMS);
+      lb.store(Bs + (buf ^ 1) * B_ELEMS);
+    }
+    __syncthreads();
+  }
+
+  // Epilogue: each warp stages one 16 x 16 accumulator at a time in its own shared slot
+  // (the operand buffers are free after the last barrier), then writes it with bounds checks.
+  float* stage = reinterpret_cast<float*>(smem) + warp * 256;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(stage, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int64_t mb = q.m0 + wm * 64 + i * 16, nb = q.n0 + wn * 32 + j * 16;
+#pragma unroll
+      for (int t = lane; t < 256; t += 32) {
+        const int64_t m = mb + t / 16, n = nb + t % 16;
+        if (m < q.m_hi && n < q.n_hi) store_out<T, MODE>(q, p.act, m, n, stage[t]);
+      }
+      __syncwarp();
+    }
+  }
+#else
+  __trap();  // launched only on sm_80+ (the launcher picks the SIMT kernel below that)
+#endif
+}
+
+// ---------------------------------------------------------------- SIMT kernel (fp32, pre-sm_80)
+
+constexpr int kSBM = 64, kSBN = 64, kSBK = 16;
+
+template <typename T, int MODE, bool DACT>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_simt_kernel(GroupedGemmParams p) {
+  constexpr bool kAK = MODE != kWgrad;
+  constexpr bool kBK = MODE == kFwd;
+  __shared__ float As[kSBK][kSBM + 4];
+  __shared__ float Bs[kSBK][kSBN + 4];
+  Problem q;
+  if (!make_problem<MODE>(p, kSBM, kSBN, blockIdx.x, blockIdx.y, blockIdx.z, sizeof(T), q)) return;
+  const T* A = static_cast<const T*>(q.A);
+  const T* Ap = static_cast<const T*>(q.A_pre);
+  const T* B = static_cast<const T*>(q.B);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[4][4] = {};
+  for (int64_t k0 = q.k_lo; k0 < q.k_hi; k0 += kSBK) {
+    // 4 elements of each operand per thread, consecutive threads along the contiguous dim.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      const int kk = kAK ? idx % kSBK : idx / kSBM, mm = kAK ? idx / kSBK : idx % kSBM;
+      const int64_t gm = q.m0 + mm, gk = k0 + kk;
+      float v = 0.f;
+      if (gm < q.m_hi && gk < q.k_hi) {
+        const int64_t off = kAK ? gm * q.lda + gk : gk * q.lda + gm;
+        v = DACT ? to_f(act_bwd<T>(A[off], Ap[off])) : to_f(A[off]);
+      }
+      As[kk][mm] = v;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      const int kk = kBK ? idx % kSBK : idx / kSBN, nn = kBK ? idx / kSBK : idx % kSBN;
+      const int64_t gn = q.n0 + nn, gk = k0 + kk;
+      float v = 0.f;
+      if (gn < q.n_hi && gk < q.k_hi) v = to_f(B[kBK ? gn * q.ldb + gk : gk * q.ldb + gn]);
+      Bs[kk][nn] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kSBK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t m = q.m0 + ty + 16 * i, n = q.n0 + tx + 16 * j;
+      if (m < q.m_hi && n < q.n_hi) store_out<T, MODE>(q, p.act, m, n, acc[i][j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+bool device_has_sm80() {
+  int dev = 0, major = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major >= 8;
+}
+
+template <typename T, int MODE, bool DACT>
+void launch_gemm(const GroupedGemmParams& p, cudaStream_t s, bool tc) {
+  const int bm = tc ? kTcBM : kSBM, bn = tc ? kTcBN : kSBN;
+  dim3 grid;
+  if (MODE == kWgrad) {
+    grid = dim3(ceil_div(p.N, bm), ceil_div(p.K, bn), static_cast<unsigned>(p.E));
+  } else {
+    tile_offsets_kernel<<<1, 1024, 0, s>>>(p.offsets, p.E, p.R, bm, p.tile_offsets);
+    NK_CUDA_LAUNCH_CHECK();
+    const int64_t cols = MODE == kFwd ? p.N : p.K;
+    const int zblocks = ceil_div(p.R * cols, kThreads);
+    zero_outside_kernel<T><<<zblocks < 1024 ? zblocks : 1024, kThreads, 0, s>>>(
+        p.offsets, p.E, p.R, cols, static_cast<T*>(p.out), static_cast<T*>(MODE == kFwd ? p.pre_out : nullptr));
+    NK_CUDA_LAUNCH_CHECK();
+    grid = dim3(static_cast<unsigned>(ceil_div(p.R, bm) + p.E), ceil_div(cols, bn), 1);
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tc) {
+      grouped_gemm_tc_kernel<T, MODE, DACT><<<grid, kThreads, 0, s>>>(p);
+      NK_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
+  grouped_gemm_simt_kernel<T, MODE, DACT><<<grid, kThreads, 0, s>>>(p);
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+template <int MODE>
+void dispatch(const GroupedGemmParams& p, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool dact = MODE != kFwd && p.pre_in != nullptr;
+  auto run = [&](auto tag, bool tc) {
+    using T = decltype(tag);
+    if (dact) launch_gemm<T, MODE, true>(p, s, tc);
+    else launch_gemm<T, MODE, false>(p, s, tc);
+  };
+  const bool tc = device_has_sm80();
+  switch (p.dtype) {
+    case GgType::F16: run(__half{}, tc); break;
+    case GgType::BF16: run(__nv_bfloat16{}, tc); break;
+    default: run(float{}, false); break;  // F32 (F64 never reaches CUDA: the entry rejects it)
+  }
+}
+
+}  // namespace
+
+void grouped_gemm_fwd_cuda(const GroupedGemmParams& p, void* stream) { dispatch<kFwd>(p, stream); }
+void grouped_gemm_dgrad_cuda(const GroupedGemmParams& p, void* stream) { dispatch<kDgrad>(p, stream); }
+void grouped_gemm_wgrad_cuda(const GroupedGemmParams& p, void* stream) { dispatch<kWgrad>(p, stream); }
+
+}  // namespace nk
