@@ -1,0 +1,124 @@
+"""Grouped GEMM over experts (nemokernels.moe.grouped_gemm), bf16, at the SHAPES.md MoE points:
+tokens 1, 64, 512, 4096, 16384 times top-k rows, Super (latent 1024, F 2688, 512 experts, top-22)
+and Nano (d 2688, F 1856, 128 experts, top-6), uniform and skewed routing, segments padded to
+128 rows per expert as the permutation does on CUDA.
+
+Cases per point: the up projection with relu^2 (a (R, l) x up (E, F, l)), the down projection
+((R, F) x down (E, l, F)), and forward + backward of the up projection. FLOPs count the routed
+rows only (2 * rows * N * K per GEMM; 3x that with the backward), not the padding.
+
+Baselines: a loop over experts with torch.mm (host offsets, as a naive MoE does it),
+torch._grouped_mm (cumulative int32 ends, where this torch/GPU supports it), and a dense
+torch.mm with the same FLOPs (routed rows x K @ K x N): the realistic dense bf16 ceiling, so
+its ratio reads as the fraction of dense peak. Set NEMOKERNELS_GROUPED_GEMM_PORTABLE=1 to time
+the portable kernel instead of the arch (CUTLASS) one.
+"""
+import torch
+
+from nemokernels.moe import grouped_gemm
+
+from .harness import Case
+
+DTYPE = torch.bfloat16
+PAD = 128
+# (hidden of the GEMM (latent l or d), F, experts, top-k) per SHAPES.md
+CONFIGS = {"super": (1024, 2688, 512, 22), "nano": (2688, 1856, 128, 6)}
+
+
+def expert_counts(tokens: int, E: int, k: int, routing: str, seed: int = 0) -> list:
+    """Rows per expert: each token picks k distinct experts from (biased) random scores."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, E, generator=g)
+    if routing == "skewed":  # Zipf-like popularity: expert i weighted by 1 / (i + 1)
+        scores = scores * (1.0 / torch.arange(1, E + 1, dtype=torch.float32)) ** 0.5
+        scores = scores[:, torch.randperm(E, generator=g)]
+    ids = scores.topk(k, dim=1).indices
+    return torch.bincount(ids.flatten(), minlength=E).tolist()
+
+
+def padded_offsets(counts: list, pad: int = PAD):
+    """(E + 1,) cumulative offsets with each segment padded to a multiple of `pad`; padding rows
+    belong to their expert (as the permutation lays them out)."""
+    offs = [0]
+    for c in counts:
+        offs.append(offs[-1] + (c + pad - 1) // pad * pad)
+    return offs
+
+
+def _ours(act):
+    def run(a, w, offsets, offs_host):
+        return grouped_gemm(a, w, offsets, act)
+    return run
+
+
+def _torch_loop(act):
+    def run(a, w, offsets, offs_host):
+        out = a.new_zeros(a.shape[0], w.shape[1])
+        for e in range(w.shape[0]):
+            lo, hi = offs_host[e], offs_host[e + 1]
+            if hi > lo:
+                y = torch.mm(a[lo:hi], w[e].T)
+                out[lo:hi] = torch.relu(y).square() if act == "relu2" else y
+        return out
+    return run
+
+
+def _torch_grouped_mm(act):
+    def run(a, w, offsets, offs_host):
+        y = torch._grouped_mm(a, w.transpose(1, 2), offs=offsets[1:])
+        return torch.relu(y).square() if act == "relu2" else y
+    return run
+
+
+def _dense_same_flops(rows):
+    def run(a, w, offsets, offs_host):
+        return torch.mm(a[:rows], w[0].T)
+    return run
+
+
+def _fwd_bwd(fn):
+    def run(a, w, offsets, offs_host, dout):
+        return torch.autograd.grad(fn(a, w, offsets, offs_host), (a, w), dout)
+    return run
+
+
+def _maker(offs, N, K, E, device, backward):
+    R = offs[-1]
+
+    def make():
+        a = torch.randn(R, K, device=device, dtype=DTYPE)
+        w = torch.randn(E, N, K, device=device, dtype=DTYPE) / K**0.5
+        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        if not backward:
+            return a, w, offsets, offs
+        return (a.requires_grad_(), w.requires_grad_(), offsets, offs,
+                torch.randn(R, N, device=device, dtype=DTYPE))
+    return make
+
+
+def cases(quick: bool, device) -> list:
+    points = ([("super", 4096, "uniform"), ("nano", 4096, "skewed")] if quick else
+              [(cfg, t, r) for cfg in CONFIGS for t in (1, 64, 512, 4096, 16384) for r in ("uniform", "skewed")])
+    out = []
+    for cfg, tokens, routing in points:
+        l, F, E, k = CONFIGS[cfg]
+        counts = expert_counts(tokens, E, k, routing)
+        offs = padded_offsets(counts)
+        rows = tokens * k
+        for gemm, N, K, act in (("up_relu2", F, l, "relu2"), ("down", l, F, "none")):
+            name = f"{cfg} T{tokens} {routing} {gemm} R{offs[-1]} N{N} K{K} E{E}"
+            w_bytes = sum(1 for c in counts if c) * N * K * 2  # weights of experts with rows
+            nbytes = offs[-1] * (K + N) * 2 + w_bytes
+            flops = 2 * rows * N * K
+            base = {"torch_mm_loop": _torch_loop(act), "torch_grouped_mm": _torch_grouped_mm(act),
+                    "dense_mm_same_flops": _dense_same_flops(rows)}
+            out.append(Case(op=f"grouped_gemm.{gemm}", name=name, make_inputs=_maker(offs, N, K, E, device, False),
+                            fn=_ours(act), bytes=nbytes, flops=flops, baselines=base))
+            if gemm == "up_relu2":
+                out.append(Case(op=f"grouped_gemm.{gemm}.fwd_bwd", name=name,
+                                make_inputs=_maker(offs, N, K, E, device, True), fn=_fwd_bwd(_ours(act)),
+                                bytes=3 * nbytes, flops=3 * flops,
+                                baselines={"torch_mm_loop": _fwd_bwd(_torch_loop(act)),
+                                           "torch_grouped_mm": _fwd_bwd(_torch_grouped_mm(act))},
+                                backward=True))
+    return out
