@@ -62,7 +62,7 @@ def build_moe_library():
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 _FIELDS = [("dtype", ctypes.c_int), ("R", _I64), ("N", _I64), ("K", _I64), ("E", _I64), ("offsets", _P),
            ("a", _P), ("w", _P), ("dout", _P), ("pre_in", _P), ("out", _P), ("pre_out", _P), ("act", ctypes.c_int),
-           ("tile_offsets", _P)]
+           ("tile_offsets", _P), ("arch", ctypes.c_int), ("workspace", _P)]
 
 
 class GgParams(ctypes.Structure):

@@ -91,6 +91,24 @@ Tensor tile_scratch(const Tensor& like, int64_t E) {
   return new_empty(like, {like.is_cuda() ? E + 1 : 0}, ScalarType::Int);
 }
 
+// On CUDA: picks the kernel path of the call and allocates the workspace it needs (through
+// torch's caching allocator, so graph capture and streams work as for any tensor).
+std::optional<Tensor> arch_workspace(const Tensor& like, GroupedGemmParams& p, GgOp op) {
+  std::optional<Tensor> ws;
+#ifdef NK_WITH_CUDA
+  if (like.is_cuda()) {
+    const int64_t bytes = grouped_gemm_cuda_prepare(p, op);
+    if (bytes > 0) {
+      ws.emplace(new_empty(like, {bytes}, ScalarType::Byte));
+      p.workspace = ws->data_ptr();
+    }
+  }
+#else
+  (void)like, (void)p, (void)op;
+#endif
+  return ws;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, int64_t activation,
@@ -126,6 +144,7 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
   p.pre_out = keep_pre ? pre.data_ptr() : nullptr;
   p.act = activation == 1 ? GgAct::Relu2 : GgAct::None;
   p.tile_offsets = a.is_cuda() ? static_cast<int32_t*>(scratch.data_ptr()) : nullptr;
+  auto ws = arch_workspace(a, p, kGgFwd);
   NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_fwd_cpu(p), grouped_gemm_fwd_cuda(p, stream));
   return {out, pre};
 }
@@ -157,6 +176,7 @@ Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::opt
   p.pre_in = pre ? pre->data_ptr() : nullptr;
   p.out = da.data_ptr();
   p.tile_offsets = dout.is_cuda() ? static_cast<int32_t*>(scratch.data_ptr()) : nullptr;
+  auto ws = arch_workspace(dout, p, kGgDgrad);
   NK_ROUTE_BY_DEVICE(dout, op, grouped_gemm_dgrad_cpu(p), grouped_gemm_dgrad_cuda(p, stream));
   return da;
 }
@@ -186,6 +206,7 @@ Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::opt
   p.a = ac.data_ptr();
   p.pre_in = pre ? pre->data_ptr() : nullptr;
   p.out = dw.data_ptr();
+  auto ws = arch_workspace(dout, p, kGgWgrad);
   NK_ROUTE_BY_DEVICE(dout, op, grouped_gemm_wgrad_cpu(p), grouped_gemm_wgrad_cuda(p, stream));
   return dw;
 }

@@ -51,19 +51,49 @@ struct GroupedGemmParams {
   void* out;            // fwd out / dgrad da / wgrad dw
   void* pre_out;        // fwd: pre-activation output (relu2 with grad), or null
   GgAct act;            // fwd only
-  // CUDA scratch: (E + 1,) int32, the per-expert row-tile prefix sums.
+  // CUDA scratch: (E + 1,) int32, the per-expert row-tile prefix sums (portable kernels).
   int32_t* tile_offsets;
+  // CUDA path of this call, set by grouped_gemm_cuda_prepare: 0 portable, 90 / 100 the CUTLASS
+  // kernels of grouped_gemm_*sm90.cu / *sm100.cu, which use `workspace` (torch-allocated).
+  int arch;
+  void* workspace;
 };
 
 void grouped_gemm_fwd_cpu(const GroupedGemmParams& p);
 void grouped_gemm_dgrad_cpu(const GroupedGemmParams& p);
 void grouped_gemm_wgrad_cpu(const GroupedGemmParams& p);
 
+enum GgOp : int { kGgFwd = 0, kGgDgrad = 1, kGgWgrad = 2 };
+
 #ifdef NK_WITH_CUDA
-// Portable kernels (every arch): wmma tensor cores for fp16/bf16, SIMT for fp32.
+// Picks the CUDA path of one call (sets p.arch) from the current device, the dtype and the
+// alignment of the operands, and returns the workspace bytes that path needs (0: portable).
+// Call it with every pointer of p set; then allocate the workspace and set p.workspace.
+int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op);
+// Portable kernels (every arch): wmma tensor cores for fp16/bf16, SIMT for fp32; they hand
+// over to the arch kernels when p.arch says so.
 void grouped_gemm_fwd_cuda(const GroupedGemmParams& p, void* stream);
 void grouped_gemm_dgrad_cuda(const GroupedGemmParams& p, void* stream);
 void grouped_gemm_wgrad_cuda(const GroupedGemmParams& p, void* stream);
+#endif
+
+// CUTLASS pointer-array grouped GEMMs, bf16 only; A / B / D are the operand bases of each kind
+// (grouped_gemm_cutlass.cuh), the relu^2 passes and zero fills run in grouped_gemm_cuda.cu.
+#ifdef NK_HAS_SM90
+int64_t grouped_gemm_sm90_workspace(int64_t E, int kind);  // kind: kGgFwd or kGgDgrad
+void grouped_gemm_sm90_run(const GroupedGemmParams& p, int kind, const void* A, const void* B, void* D,
+                           void* workspace, void* stream);
+int64_t grouped_gemm_wgrad_sm90_workspace(int64_t E);
+void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void* workspace,
+                                 void* stream);
+#endif
+#ifdef NK_HAS_SM100
+int64_t grouped_gemm_sm100_workspace(int64_t E, int kind);
+void grouped_gemm_sm100_run(const GroupedGemmParams& p, int kind, const void* A, const void* B, void* D,
+                            void* workspace, void* stream);
+int64_t grouped_gemm_wgrad_sm100_workspace(int64_t E);
+void grouped_gemm_wgrad_sm100_run(const GroupedGemmParams& p, const void* G, const void* A, void* D,
+                                  void* workspace, void* stream);
 #endif
 
 }  // namespace nk

@@ -2,7 +2,9 @@
 // and wgrad, the relu^2 backward fused into the dout operand load. fp16/bf16 on tensor cores
 // through wmma (sm_80+; 16x16x16, float32 accumulators), float32 (and fp16/bf16 below sm_80) on
 // a SIMT kernel. This is the path for GPUs without an arch-specific kernel and the fallback for
-// shapes the arch kernels do not take.
+// shapes the arch kernels do not take. This file also picks the path of each call
+// (grouped_gemm_cuda_prepare) and runs the passes around the CUTLASS kernels of
+// grouped_gemm_*sm90.cu / *sm100.cu (zero fills, relu^2, the relu^2 backward operand).
 //
 // Schedule (fwd, dgrad): a tiny one-block kernel turns expert_offsets into per-expert row-tile
 // prefix sums tile_off (E + 1), read on the device, so nothing waits on the host. The grid is
@@ -29,6 +31,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/cuda_dtype.cuh"
@@ -410,6 +413,48 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_simt_kernel(GroupedGemm
   }
 }
 
+// ---------------------------------------------------------------- passes of the arch (CUTLASS) path
+
+// out[i] = relu(pre[i])^2 (pre may alias out).
+template <typename T>
+__global__ void relu2_kernel(const T* pre, T* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = to_f(pre[i]);
+    out[i] = from_f<T>(v > 0.f ? v * v : 0.f);
+  }
+}
+
+// g[i] = round_T(dout[i] * 2 * relu(pre[i])), the operand of dgrad and wgrad.
+template <typename T>
+__global__ void act_bwd_kernel(const T* dout, const T* pre, T* g, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    g[i] = act_bwd<T>(dout[i], pre[i]);
+  }
+}
+
+// dw[e] = 0 for experts without rows (the grouped GEMM gives them no tiles). Grid (x, E).
+template <typename T>
+__global__ void zero_empty_experts_kernel(const int32_t* off, int64_t R, int64_t NK, T* dw) {
+  const int64_t e = blockIdx.y;
+  int64_t lo, hi;
+  segment(off, e, R, lo, hi);
+  if (hi > lo) return;
+  const T zero = from_f<T>(0.f);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < NK;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dw[e * NK + i] = zero;
+  }
+}
+
+int elementwise_blocks(int64_t n) {
+  const int b = ceil_div(n, kThreads);
+  return b < 1 ? 1 : (b > 4096 ? 4096 : b);
+}
+
+int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
 // ---------------------------------------------------------------- launchers
 
 bool device_has_sm80() {
@@ -446,9 +491,86 @@ void launch_gemm(const GroupedGemmParams& p, cudaStream_t s, bool tc) {
   NK_CUDA_LAUNCH_CHECK();
 }
 
+#if defined(NK_HAS_SM90) || defined(NK_HAS_SM100)
+int64_t arch_workspace(int arch, int64_t E, int mode) {
+#ifdef NK_HAS_SM90
+  if (arch == 90) return mode == kWgrad ? grouped_gemm_wgrad_sm90_workspace(E) : grouped_gemm_sm90_workspace(E, mode);
+#endif
+#ifdef NK_HAS_SM100
+  if (arch == 100) return mode == kWgrad ? grouped_gemm_wgrad_sm100_workspace(E) : grouped_gemm_sm100_workspace(E, mode);
+#endif
+  return 0;
+}
+
+void arch_gemm(const GroupedGemmParams& p, int mode, const void* A, const void* B, void* D, void* ws, void* stream) {
+#ifdef NK_HAS_SM90
+  if (p.arch == 90) {
+    if (mode == kWgrad) grouped_gemm_wgrad_sm90_run(p, A, B, D, ws, stream);
+    else grouped_gemm_sm90_run(p, mode, A, B, D, ws, stream);
+    return;
+  }
+#endif
+#ifdef NK_HAS_SM100
+  if (p.arch == 100) {
+    if (mode == kWgrad) grouped_gemm_wgrad_sm100_run(p, A, B, D, ws, stream);
+    else grouped_gemm_sm100_run(p, mode, A, B, D, ws, stream);
+    return;
+  }
+#endif
+}
+
+// The CUTLASS path (bf16): zero fills, the relu^2 backward operand, the grouped GEMM, the
+// relu^2 forward pass. Workspace: [g (R x N) when the relu^2 backward is fused][CUTLASS's].
+template <int MODE>
+void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
+  using T = __nv_bfloat16;
+  char* ws = static_cast<char*>(p.workspace);
+  const int64_t RN = p.R * p.N;
+  const void* G = p.dout;
+  if (MODE != kFwd && p.pre_in != nullptr) {
+    T* g = reinterpret_cast<T*>(ws);
+    act_bwd_kernel<T><<<elementwise_blocks(RN), kThreads, 0, s>>>(static_cast<const T*>(p.dout),
+                                                                   static_cast<const T*>(p.pre_in), g, RN);
+    NK_CUDA_LAUNCH_CHECK();
+    ws += align256(RN * static_cast<int64_t>(sizeof(T)));
+    G = g;
+  }
+  if (MODE == kWgrad) {
+    const int64_t NK = p.N * p.K;
+    zero_empty_experts_kernel<T><<<dim3(ceil_div(NK, 4 * kThreads) < 64 ? ceil_div(NK, 4 * kThreads) : 64,
+                                        static_cast<unsigned>(p.E)), kThreads, 0, s>>>(p.offsets, p.R, NK,
+                                                                                       static_cast<T*>(p.out));
+    NK_CUDA_LAUNCH_CHECK();
+    arch_gemm(p, MODE, G, p.a, p.out, ws, s);
+    return;
+  }
+  const int64_t cols = MODE == kFwd ? p.N : p.K;
+  const int zblocks = elementwise_blocks(p.R * cols);
+  zero_outside_kernel<T><<<zblocks < 1024 ? zblocks : 1024, kThreads, 0, s>>>(
+      p.offsets, p.E, p.R, cols, static_cast<T*>(p.out), static_cast<T*>(MODE == kFwd ? p.pre_out : nullptr));
+  NK_CUDA_LAUNCH_CHECK();
+  if (MODE == kDgrad) {
+    arch_gemm(p, MODE, G, p.w, p.out, ws, s);
+    return;
+  }
+  void* D = p.pre_out != nullptr ? p.pre_out : p.out;
+  arch_gemm(p, MODE, p.a, p.w, D, ws, s);
+  if (p.act == GgAct::Relu2) {
+    relu2_kernel<T><<<elementwise_blocks(RN), kThreads, 0, s>>>(static_cast<const T*>(D), static_cast<T*>(p.out), RN);
+    NK_CUDA_LAUNCH_CHECK();
+  }
+}
+#endif
+
 template <int MODE>
 void dispatch(const GroupedGemmParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+#if defined(NK_HAS_SM90) || defined(NK_HAS_SM100)
+  if (p.arch != 0) {
+    run_arch<MODE>(p, s);
+    return;
+  }
+#endif
   const bool dact = MODE != kFwd && p.pre_in != nullptr;
   auto run = [&](auto tag, bool tc) {
     using T = decltype(tag);
@@ -463,7 +585,44 @@ void dispatch(const GroupedGemmParams& p, void* stream) {
   }
 }
 
+bool aligned16_host(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
 }  // namespace
+
+int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
+  p.arch = 0;
+  p.workspace = nullptr;
+#if defined(NK_HAS_SM90) || defined(NK_HAS_SM100)
+  // NEMOKERNELS_GROUPED_GEMM_PORTABLE=1 forces the portable kernels (benchmarks, A/B tests).
+  const char* force = std::getenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE");
+  if (force != nullptr && force[0] == '1') return 0;
+  // TMA needs 16-byte aligned bases and row strides: bf16 with N, K multiples of 8.
+  if (p.dtype != GgType::BF16 || p.N % 8 != 0 || p.K % 8 != 0) return 0;
+  for (const void* ptr : {p.a, p.w, p.dout, p.pre_in, static_cast<const void*>(p.out),
+                          static_cast<const void*>(p.pre_out)}) {
+    if (!aligned16_host(ptr)) return 0;
+  }
+  int dev = 0, major = 0, minor = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  int arch = 0;
+#ifdef NK_HAS_SM90
+  if (major == 9 && minor == 0) arch = 90;
+#endif
+#ifdef NK_HAS_SM100
+  if (major == 10 && minor == 0) arch = 100;
+#endif
+  if (arch == 0) return 0;
+  const bool fused_bwd = op != kGgFwd && p.pre_in != nullptr;
+  const int64_t g_bytes = fused_bwd ? align256(p.R * p.N * 2) : 0;
+  p.arch = arch;
+  return g_bytes + arch_workspace(arch, p.E, op);
+#else
+  (void)op;
+  return 0;
+#endif
+}
 
 void grouped_gemm_fwd_cuda(const GroupedGemmParams& p, void* stream) { dispatch<kFwd>(p, stream); }
 void grouped_gemm_dgrad_cuda(const GroupedGemmParams& p, void* stream) { dispatch<kDgrad>(p, stream); }

@@ -23,7 +23,7 @@ EMU_EXPORT long long emu_gg_sizeof() { return (long long)sizeof(nk::GroupedGemmP
 EMU_EXPORT long long emu_gg_offset(const char* f) {
 #define EMU_F(name) if (!std::strcmp(f, #name)) return (long long)offsetof(nk::GroupedGemmParams, name);
   EMU_F(dtype) EMU_F(R) EMU_F(N) EMU_F(K) EMU_F(E) EMU_F(offsets) EMU_F(a) EMU_F(w) EMU_F(dout) EMU_F(pre_in)
-  EMU_F(out) EMU_F(pre_out) EMU_F(act) EMU_F(tile_offsets)
+  EMU_F(out) EMU_F(pre_out) EMU_F(act) EMU_F(tile_offsets) EMU_F(arch) EMU_F(workspace)
 #undef EMU_F
   return -1;
 }

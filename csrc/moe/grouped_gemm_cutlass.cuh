@@ -1,0 +1,180 @@
+// The CUTLASS 3.x pointer-array grouped GEMM runner shared by grouped_gemm_sm90.cu (wgmma/TMA)
+// and grouped_gemm_sm100.cu (tcgen05): per-expert problem shapes, operand pointers and strides
+// are built ON THE DEVICE by a tiny kernel from expert_offsets (host problem shapes are null),
+// the CUTLASS workspace and those arrays live in one torch-allocated buffer, and everything
+// runs on the caller's stream, so the call never waits on the host and can be graph-captured.
+//
+// One op = one GEMM kind (A/B/D layouts fixed per kind, see kinds below); per expert e with
+// segment rows [lo, hi) (clamped as in grouped_gemm.h) and m = hi - lo:
+//   fwd   (TN): D[lo:hi] (m x N)  = A[lo:hi] (m x K, row-major) * w[e]^T (w[e] N x K row-major)
+//   dgrad (NN): D[lo:hi] (m x K)  = G[lo:hi] (m x N, row-major) * w[e]   (N x K row-major)
+//   wgrad (NT): D[e]     (N x K)  = G[lo:hi]^T (N x m: column-major A) * a[lo:hi] (m x K row-major)
+// A group with nothing to do gets M = 0 (no tiles). Strides are packed for every group.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_utils.cuh"
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/kernel_hardware_info.h"
+#include "cutlass/util/packed_stride.hpp"
+#include "moe/grouped_gemm.h"
+
+#define NK_CHECK_CUTLASS(status, what)                                                            \
+  do {                                                                                            \
+    if ((status) != cutlass::Status::kSuccess) {                                                  \
+      throw std::runtime_error(std::string("nemokernels: grouped_gemm: CUTLASS ") + (what) + ": " + \
+                               cutlassGetStatusString(status));                                   \
+    }                                                                                             \
+  } while (0)
+
+namespace nk {
+namespace gg_cutlass {
+
+enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
+
+inline int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
+// Device arrays of one call, carved from the workspace in this order.
+template <class Gemm>
+struct Arrays {
+  using ProblemShape = typename Gemm::GemmKernel::ProblemShape;
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+  using StrideA = typename Gemm::GemmKernel::InternalStrideA;
+  using StrideB = typename Gemm::GemmKernel::InternalStrideB;
+  using StrideD = typename Gemm::GemmKernel::InternalStrideD;
+  using EA = typename Gemm::GemmKernel::ElementA;
+  using EB = typename Gemm::GemmKernel::ElementB;
+  using ED = typename Gemm::GemmKernel::ElementD;
+
+  Shape3* shapes;
+  const EA** ptr_a;
+  const EB** ptr_b;
+  ED** ptr_d;
+  StrideA* stride_a;
+  StrideB* stride_b;
+  StrideD* stride_d;
+
+  static int64_t bytes(int64_t E) {
+    return align256(E * sizeof(Shape3)) + 3 * align256(E * sizeof(void*)) + align256(E * sizeof(StrideA)) +
+           align256(E * sizeof(StrideB)) + align256(E * sizeof(StrideD));
+  }
+  static Arrays carve(char* ws, int64_t E) {
+    Arrays r;
+    r.shapes = reinterpret_cast<Shape3*>(ws);
+    ws += align256(E * sizeof(Shape3));
+    r.ptr_a = reinterpret_cast<const EA**>(ws);
+    ws += align256(E * sizeof(void*));
+    r.ptr_b = reinterpret_cast<const EB**>(ws);
+    ws += align256(E * sizeof(void*));
+    r.ptr_d = reinterpret_cast<ED**>(ws);
+    ws += align256(E * sizeof(void*));
+    r.stride_a = reinterpret_cast<StrideA*>(ws);
+    ws += align256(E * sizeof(StrideA));
+    r.stride_b = reinterpret_cast<StrideB*>(ws);
+    ws += align256(E * sizeof(StrideB));
+    r.stride_d = reinterpret_cast<StrideD*>(ws);
+    return r;
+  }
+};
+
+// One thread per expert: shape, pointers and strides of its GEMM. A / B / D are the operand
+// bases of the kind (see the file comment); offsets are clamped like the portable kernels'.
+template <class Gemm, int KIND>
+__global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_t E, int64_t R, int64_t N,
+                                    int64_t K, const void* A, const void* B, void* D) {
+  using AR = Arrays<Gemm>;
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= E) return;
+  const int64_t lo = min(max(static_cast<int64_t>(off[e]), int64_t(0)), R);
+  const int64_t hi = min(max(static_cast<int64_t>(off[e + 1]), lo), R);
+  const int m = static_cast<int>(hi - lo);
+  const auto* a = static_cast<const typename AR::EA*>(A);
+  const auto* b = static_cast<const typename AR::EB*>(B);
+  auto* d = static_cast<typename AR::ED*>(D);
+  int gm, gn, gk;
+  if (KIND == kFwd) {
+    gm = m, gn = static_cast<int>(N), gk = static_cast<int>(K);
+    arr.ptr_a[e] = a + lo * K;
+    arr.ptr_b[e] = b + e * N * K;
+    arr.ptr_d[e] = d + lo * N;
+  } else if (KIND == kDgrad) {
+    gm = m, gn = static_cast<int>(K), gk = static_cast<int>(N);
+    arr.ptr_a[e] = a + lo * N;
+    arr.ptr_b[e] = b + e * N * K;
+    arr.ptr_d[e] = d + lo * K;
+  } else {
+    gm = m > 0 ? static_cast<int>(N) : 0, gn = static_cast<int>(K), gk = m;  // empty: no tiles
+    arr.ptr_a[e] = a + lo * N;
+    arr.ptr_b[e] = b + lo * K;
+    arr.ptr_d[e] = d + e * N * K;
+  }
+  arr.shapes[e] = cute::make_shape(gm, gn, gk);
+  // Strides from the full extents (an empty wgrad group has gm = 0, its strides stay sane).
+  const int sm = KIND == kWgrad ? static_cast<int>(N) : gm;
+  arr.stride_a[e] = cutlass::make_cute_packed_stride(typename AR::StrideA{}, cute::make_shape(sm, gk, 1));
+  arr.stride_b[e] = cutlass::make_cute_packed_stride(typename AR::StrideB{}, cute::make_shape(gn, gk, 1));
+  arr.stride_d[e] = cutlass::make_cute_packed_stride(typename AR::StrideD{}, cute::make_shape(sm, gn, 1));
+}
+
+inline int sm_count(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  if (cached[device] == 0) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return cached[device];
+}
+
+template <class Gemm>
+typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E) {
+  int device = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&device));
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = sm_count(device);
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      {static_cast<int>(E), arr.shapes, nullptr},
+      {arr.ptr_a, arr.stride_a, arr.ptr_b, arr.stride_b},
+      {{}, nullptr, arr.stride_d, arr.ptr_d, arr.stride_d},  // no C (beta = 0): ElementC is void
+      hw};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  return args;
+}
+
+// Workspace bytes of one call: the per-group arrays plus CUTLASS's own workspace.
+template <class Gemm>
+int64_t workspace_bytes(int64_t E) {
+  Arrays<Gemm> arr{};
+  typename Gemm::Arguments args = make_args<Gemm>(arr, E);
+  return Arrays<Gemm>::bytes(E) + align256(static_cast<int64_t>(Gemm::get_workspace_size(args)));
+}
+
+// Builds the groups on the device and runs the grouped GEMM on `stream`.
+template <class Gemm, int KIND>
+void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, cudaStream_t stream) {
+  char* ws = static_cast<char*>(workspace);
+  Arrays<Gemm> arr = Arrays<Gemm>::carve(ws, p.E);
+  setup_groups_kernel<Gemm, KIND><<<ceil_div(p.E, 128), 128, 0, stream>>>(arr, p.offsets, p.E, p.R, p.N, p.K, A,
+                                                                             B, D);
+  NK_CUDA_LAUNCH_CHECK();
+  typename Gemm::Arguments args = make_args<Gemm>(arr, p.E);
+  Gemm gemm;
+  cutlass::Status st = gemm.can_implement(args);
+  NK_CHECK_CUTLASS(st, "can_implement");
+  st = gemm.initialize(args, ws + Arrays<Gemm>::bytes(p.E), stream);
+  NK_CHECK_CUTLASS(st, "initialize");
+  st = gemm.run(stream);
+  NK_CHECK_CUTLASS(st, "run");
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace gg_cutlass
+}  // namespace nk
