@@ -22,6 +22,13 @@ OPS = {
     "verify_tree_greedy": "spec",
     "verify_tree_rejection": "spec",
     "sampling_probs": "spec",
+    "moe_router": "moe",
+    "moe_router_bwd": "moe",
+    "moe_permute_plan": "moe",
+    "moe_gather": "moe",
+    "moe_gather_bwd": "moe",
+    "moe_combine": "moe",
+    "moe_combine_bwd": "moe",
 }
 
 
