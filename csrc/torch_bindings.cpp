@@ -154,10 +154,11 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
         "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor");
 
   // ---- moe: LatentMoE dispatch (router, permutation plan, gather, combine) ---------------
-  // logits (T, E) float32 -> topk_ids (T, k) int32 (descending choice score, ties to the lower
-  // index), topk_weights (T, k) float32. The backward's dlogits is (T, E) float32.
+  // logits (T, E) float32 -> topk_weights (T, k) float32, topk_ids (T, k) int32 (descending
+  // choice score, ties to the lower index); weights first, as transformers' router returns them
+  // (and opcheck's gradient check sums the outputs in order). dlogits is (T, E) float32.
   m.def("moe_router(Tensor logits, Tensor? e_score_correction_bias, int top_k, int n_group, int topk_group, "
-        "bool norm_topk_prob, float routed_scaling_factor) -> (Tensor topk_ids, Tensor topk_weights)");
+        "bool norm_topk_prob, float routed_scaling_factor) -> (Tensor topk_weights, Tensor topk_ids)");
   m.def("moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob, "
         "float routed_scaling_factor) -> Tensor");
   // Plan of topk_ids (T, k) int32: expert_counts (E,), expert_offsets (E+1,), row_of_slot (T*k,),

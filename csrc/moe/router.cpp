@@ -54,7 +54,7 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   OptionalDeviceGuard guard(logits);
   Tensor ids = new_empty(logits, {T, top_k}, ScalarType::Int);
   Tensor weights = new_empty(logits, {T, top_k}, ScalarType::Float);
-  if (T == 0) return {ids, weights};
+  if (T == 0) return {weights, ids};
   Tensor l = unit_cols(logits);
   std::optional<Tensor> bias;
   if (e_score_correction_bias) bias = torch::stable::contiguous(*e_score_correction_bias);
@@ -72,7 +72,7 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   p.ids = static_cast<int32_t*>(ids.data_ptr());
   p.weights = static_cast<float*>(weights.data_ptr());
   NK_ROUTE_BY_DEVICE(logits, op, moe_router_cpu(p), moe_router_cuda(p, stream));
-  return {ids, weights};
+  return {weights, ids};
 }
 
 Tensor moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob,
