@@ -172,7 +172,7 @@ def run_plan(ids, E, pad_to):
     e = emu("permute")
     N = ids.numel()
     R = N + E * (pad_to - 1)
-    chunks = (N + 2047) // 2048
+    chunks = (N + 511) // 512  # kPermChunk
     scratch = ipoison(max(chunks, 1), E)
     counts, offsets, ros, sor = ipoison(E), ipoison(E + 1), ipoison(N), ipoison(R)
     p = e.S["PermutePlanParams"]()

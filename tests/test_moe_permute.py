@@ -141,8 +141,10 @@ def test_bad_input(device):
         moe_permute_plan(ids.flatten(), 8, 1)
     with pytest.raises(RuntimeError, match=r"pad_to must be in \[1, 4096\]"):
         moe_permute_plan(ids, 8, 0)
-    with pytest.raises(RuntimeError, match="num_experts must be >= 1"):
+    with pytest.raises(RuntimeError, match=r"num_experts must be in \[1, 2048\], got 0"):
         moe_permute_plan(ids, 0, 1)
+    with pytest.raises(RuntimeError, match=r"num_experts must be in \[1, 2048\], got 4096"):
+        moe_permute_plan(ids, 4096, 1)
     x = torch.randn(4, 16, device=device)
     with pytest.raises(RuntimeError, match="moe_gather: x must be one of"):
         moe_gather(x.long(), plan)

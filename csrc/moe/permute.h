@@ -29,7 +29,11 @@
 
 namespace nk {
 
-constexpr int kPermChunk = 2048;  // slots per counting chunk (one CUDA warp walks a chunk)
+// Slots per counting chunk: one CUDA warp walks a chunk, 32 slots a step, so the chunk bounds the
+// serial latency of the count and rank passes (16 steps); more chunks only lengthen the scan.
+constexpr int kPermChunk = 512;
+// Experts the plan handles: a CUDA block's four per-warp histograms live in 32 KB of shared memory.
+constexpr int kPermMaxExperts = 2048;
 
 struct PermutePlanParams {
   int64_t slots;          // N = T * k

@@ -51,8 +51,10 @@ __global__ void __launch_bounds__(kPlanWarps * 32) count_kernel(PermutePlanParam
   for (int e = lane; e < p.experts; e += 32) cnt[e] = 0;
   __syncwarp();
   const int64_t s0 = c * kPermChunk;
+  int e_next = slot_expert(p, s0 + lane);  // the next step's id is loaded one step ahead
   for (int i = 0; i < kPermChunk && s0 + i < p.slots; i += 32) {
-    const int e = slot_expert(p, s0 + i + lane);
+    const int e = e_next;
+    if (i + 32 < kPermChunk) e_next = slot_expert(p, s0 + i + 32 + lane);
     const unsigned peers = __match_any_sync(kFull, e);
     if (e >= 0 && lane == __ffs(peers) - 1) cnt[e] += __popc(peers);
     __syncwarp();
@@ -123,9 +125,11 @@ __global__ void __launch_bounds__(kPlanWarps * 32) rank_kernel(PermutePlanParams
   __syncwarp();
   const unsigned below = (1u << lane) - 1u;
   const int64_t s0 = c * kPermChunk;
+  int e_next = slot_expert(p, s0 + lane);
   for (int i = 0; i < kPermChunk && s0 + i < p.slots; i += 32) {
     const int64_t s = s0 + i + lane;
-    const int e = slot_expert(p, s);
+    const int e = e_next;
+    if (i + 32 < kPermChunk) e_next = slot_expert(p, s + 32);
     const unsigned peers = __match_any_sync(kFull, e);
     if (e >= 0) {
       const int32_t r = next[e] + __popc(peers & below);
