@@ -183,8 +183,8 @@ def run_plan(ids, E, pad_to):
     return counts, offsets, ros, sor
 
 
-@pytest.mark.parametrize("T,E,k,pad_to", [(1, 8, 2, 1), (37, 16, 4, 16), (300, 64, 8, 128), (1000, 512, 22, 128),
-                                          (5, 2048, 3, 4)])
+@pytest.mark.parametrize("T,E,k,pad_to", [(1, 8, 2, 1), (37, 16, 4, 16), (128, 64, 4, 1), (171, 64, 3, 16),
+                                          (300, 64, 8, 128), (1000, 512, 22, 128), (5, 2048, 3, 4)])
 def test_plan(T, E, k, pad_to):
     moe = moe_api()
     g = torch.Generator().manual_seed(T + E)
@@ -199,12 +199,14 @@ def test_plan(T, E, k, pad_to):
         assert torch.equal(a, b), name
 
 
-def test_plan_drops_out_of_range_ids():
-    ids = torch.tensor([[0, 8], [1, -3], [0, 2]], dtype=torch.int32)
+@pytest.mark.parametrize("repeat", [1, 100])  # one launch (6 slots) and the multi-kernel path (600 slots)
+def test_plan_drops_out_of_range_ids(repeat):
+    ids = torch.tensor([[0, 8], [1, -3], [0, 2]] * repeat, dtype=torch.int32)
     counts, offsets, ros, sor = run_plan(ids, 8, 1)
-    assert ros.tolist() == [0, -1, 2, -1, 1, 3]
-    assert counts.sum().item() == 4 and offsets[-1].item() == 4
-    assert sor.tolist()[:4] == [0, 4, 2, 5] and (sor[4:] == -1).all()
+    assert ros[:6].tolist() == [0, -1, 2 * repeat, -1, 1, 3 * repeat]
+    assert counts.sum().item() == 4 * repeat and offsets[-1].item() == 4 * repeat
+    assert sor.tolist()[:2] == [0, 4] and (sor[4 * repeat:] == -1).all()
+    assert (ros.view(-1, 2)[:, 1][1::3] == -1).all() and (ros.view(-1, 2)[:, 1][0::3] == -1).all()
 
 
 def _sliced(t):

@@ -12,6 +12,7 @@
 //                  group = popcount(peers below it), row = base + rank, then the group's
 //                  lowest lane advances the base. Stable: rows follow slot order per expert.
 //   slot_of_row is memset to -1 first (padding rows keep it).
+//   small_plan_kernel does all of it in one launch when the slots fit one chunk (decode).
 // Gather:  one block per permuted row, 16-byte vector copies when rows are aligned.
 // Combine and the gather backward: one block per token, each thread owns a few columns and
 //   accumulates the token's k rows in float32 in j order.
@@ -140,6 +141,64 @@ __global__ void __launch_bounds__(kPlanWarps * 32) rank_kernel(PermutePlanParams
     }
     __syncwarp();
     if (e >= 0 && lane == __ffs(peers) - 1) next[e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// The whole plan in one launch when the slots fit one chunk (decode-size batches: T*k <= 512):
+// the block fills slot_of_row with -1, then warp 0 counts, scans the experts and ranks, with the
+// same steps as the multi-kernel path (so the same plan). Saves four launches where latency rules.
+constexpr int kSmallPlanThreads = 256;
+
+__global__ void __launch_bounds__(kSmallPlanThreads) small_plan_kernel(PermutePlanParams p) {
+  extern __shared__ int32_t cnt[];  // (E,): counts, then the next free row per expert
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = threadIdx.x; r < p.rows; r += kSmallPlanThreads) p.slot_of_row[r] = -1;
+  for (int e = threadIdx.x; e < p.experts; e += kSmallPlanThreads) cnt[e] = 0;
+  __syncthreads();
+  if (threadIdx.x >= 32) return;  // one warp from here on (no block barriers below)
+  for (int i = 0; i < p.slots; i += 32) {
+    const int e = slot_expert(p, i + lane);
+    const unsigned peers = __match_any_sync(kFull, e);
+    if (e >= 0 && lane == __ffs(peers) - 1) cnt[e] += __popc(peers);
+    __syncwarp();
+  }
+  // counts and offsets (lane i scans a contiguous range of experts), next row = offset
+  const int per = (p.experts + 31) / 32;
+  const int e0 = lane * per, e1 = e0 + per < p.experts ? e0 + per : p.experts;
+  auto padded = [&](int32_t c) { return (c + p.pad_to - 1) / p.pad_to * p.pad_to; };
+  int32_t local = 0;
+  for (int e = e0; e < e1; ++e) local += padded(cnt[e]);
+  int32_t incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t v = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += v;
+  }
+  int32_t run = incl - local;
+  for (int e = e0; e < e1; ++e) {
+    const int32_t c = cnt[e];
+    p.counts[e] = c;
+    p.offsets[e] = run;
+    cnt[e] = run;  // this lane's own experts: no other lane reads them before the __syncwarp
+    run += padded(c);
+  }
+  if (lane == 31) p.offsets[p.experts] = incl;
+  __syncwarp();
+  const unsigned below = (1u << lane) - 1u;
+  for (int i = 0; i < p.slots; i += 32) {
+    const int64_t s = i + lane;
+    const int e = slot_expert(p, s);
+    const unsigned peers = __match_any_sync(kFull, e);
+    if (e >= 0) {
+      const int32_t r = cnt[e] + __popc(peers & below);
+      p.row_of_slot[s] = r;
+      p.slot_of_row[r] = static_cast<int32_t>(s);
+    } else if (s < p.slots) {
+      p.row_of_slot[s] = -1;
+    }
+    __syncwarp();
+    if (e >= 0 && lane == __ffs(peers) - 1) cnt[e] += __popc(peers);
     __syncwarp();
   }
 }
@@ -310,6 +369,11 @@ bool vec_ok(int elem_bytes, int64_t width, std::initializer_list<std::pair<const
 
 void moe_permute_plan_cuda(const PermutePlanParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.num_chunks == 1) {
+    small_plan_kernel<<<1, kSmallPlanThreads, size_t(p.experts) * sizeof(int32_t), stream>>>(p);
+    NK_CUDA_LAUNCH_CHECK();
+    return;
+  }
   const size_t smem = size_t(kPlanWarps) * p.experts * sizeof(int32_t);  // <= 32 KB (E <= 2048)
   const unsigned chunk_blocks = static_cast<unsigned>((p.num_chunks + kPlanWarps - 1) / kPlanWarps);
   count_kernel<<<chunk_blocks, kPlanWarps * 32, smem, stream>>>(p);
