@@ -13,10 +13,10 @@
 //                  lowest lane advances the base. Stable: rows follow slot order per expert.
 //   slot_of_row is memset to -1 first (padding rows keep it).
 //   small_plan_kernel does all of it in one launch when the slots fit one chunk (decode).
-// Gather:  one block per permuted row, 16-byte vector copies when rows are aligned.
+// Gather:  one warp per permuted row, 16-byte vector copies when rows are aligned.
 // Combine and the gather backward: one block per token, each thread owns a few columns and
 //   accumulates the token's k rows in float32 in j order.
-// Combine backward: dy one block per row; dweights one warp per (token, j): lane partial dot
+// Combine backward: dy one warp per row; dweights one warp per (token, j): lane partial dot
 //   products reduced by an xor butterfly (fixed order, deterministic).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,7 +32,8 @@ namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kPlanWarps = 4;      // chunks per block in the count and rank kernels
-constexpr int kRowThreads = 128;   // threads per row / token in gather and combine
+constexpr int kRowThreads = 128;   // threads per block in gather and combine
+constexpr int kRowsPerBlock = kRowThreads / 32;  // gather / combine-backward dy: a warp per row
 
 // ---- plan ---------------------------------------------------------------------------------
 
@@ -246,12 +247,14 @@ NK_DEVICE void store_v(T* ptr, int64_t n_left, const float (&v)[V]) {
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kRowThreads) gather_kernel(GatherParams p) {
   constexpr int V = 16 / sizeof(T);
-  const int64_t r = blockIdx.x;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;  // one warp per row
+  if (r >= p.rows) return;
+  const int lane = threadIdx.x % 32;
   const int32_t s = p.slot_of_row[r];
   const bool pad = s < 0 || s >= p.tokens * p.top_k;
   const T* src = static_cast<const T*>(p.x) + (pad ? 0 : int64_t(s / p.top_k) * p.x_st);
   T* dst = static_cast<T*>(p.out) + r * p.width;
-  for (int64_t i = int64_t(threadIdx.x) * V; i < p.width; i += int64_t(kRowThreads) * V) {
+  for (int64_t i = int64_t(lane) * V; i < p.width; i += 32 * V) {
     float v[V];
     if (pad) {
 #pragma unroll
@@ -307,13 +310,15 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kRowThreads) combine_bwd_dy_kernel(CombineBwdParams q) {
   constexpr int V = 16 / sizeof(T);
   const CombineParams& p = q.fwd;
-  const int64_t r = blockIdx.x;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;  // one warp per row
+  if (r >= p.rows) return;
+  const int lane = threadIdx.x % 32;
   const int32_t s = p.slot_of_row[r];
   const bool pad = s < 0 || s >= p.tokens * p.top_k;
   const float w = !pad && p.weights != nullptr ? p.weights[s] : 1.f;
   const T* go = static_cast<const T*>(q.dout) + (pad ? 0 : int64_t(s / p.top_k) * q.dout_st);
   T* dy = static_cast<T*>(q.dy) + r * p.width;
-  for (int64_t i = int64_t(threadIdx.x) * V; i < p.width; i += int64_t(kRowThreads) * V) {
+  for (int64_t i = int64_t(lane) * V; i < p.width; i += 32 * V) {
     float v[V];
     if (pad) {
 #pragma unroll
@@ -354,6 +359,8 @@ __global__ void __launch_bounds__(kRowThreads) combine_bwd_dw_kernel(CombineBwdP
   if (lane == 0) q.dweights[s] = acc;
 }
 
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // 16-byte accesses are legal when every row start is 16-byte aligned.
@@ -391,9 +398,9 @@ void moe_gather_cuda(const GatherParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch(p.dtype, [&]<typename T>() {
     if (vec_ok(sizeof(T), p.width, {{p.x, p.x_st}, {p.out, p.width}}))
-      gather_kernel<T, true><<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(p);
+      gather_kernel<T, true><<<row_blocks(p.rows), kRowThreads, 0, stream>>>(p);
     else
-      gather_kernel<T, false><<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(p);
+      gather_kernel<T, false><<<row_blocks(p.rows), kRowThreads, 0, stream>>>(p);
     NK_CUDA_LAUNCH_CHECK();
   });
 }
@@ -426,9 +433,9 @@ void moe_combine_bwd_cuda(const CombineBwdParams& q, void* stream_ptr) {
   dispatch(p.dtype, [&]<typename T>() {
     const bool vec = vec_ok(sizeof(T), p.width, {{p.y, p.y_st}, {q.dout, q.dout_st}, {q.dy, p.width}});
     if (vec)
-      combine_bwd_dy_kernel<T, true><<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(q);
+      combine_bwd_dy_kernel<T, true><<<row_blocks(p.rows), kRowThreads, 0, stream>>>(q);
     else
-      combine_bwd_dy_kernel<T, false><<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(q);
+      combine_bwd_dy_kernel<T, false><<<row_blocks(p.rows), kRowThreads, 0, stream>>>(q);
     NK_CUDA_LAUNCH_CHECK();
     if (q.dweights != nullptr) {
       const unsigned blocks = static_cast<unsigned>((p.tokens * p.top_k + kRowThreads / 32 - 1) / (kRowThreads / 32));
