@@ -203,14 +203,20 @@ def test_router_compile_fullgraph(device):
 
 @pytest.mark.gpu
 def test_router_cuda_matches_cpu_bitwise():
-    """Same ids (order included) and weights on CUDA and CPU, Super shapes."""
-    lg = torch.randn(300, 512) * 3
+    """Same ids (order included) and weights on CUDA and CPU, Super shapes. The device's expf
+    and glibc's may differ by an ulp, so tokens with a float64 near-tie (1e-6) are left out of
+    the id comparison; exact ties (equal logits) must still go to the lower index on both."""
+    lg = torch.randn(300, 512)
+    lg[:10, 100:140] = 2.5  # exact ties among the top choices
     bias = torch.randn(512) * 0.05
     for n_group, topk_group in ((1, 1), (8, 4)):
         ids_c, w_c = moe_router(lg, bias, 22, n_group, topk_group)
         ids_g, w_g = moe_router(lg.cuda(), bias.cuda(), 22, n_group, topk_group)
-        assert torch.equal(ids_c, ids_g.cpu())
-        torch.testing.assert_close(w_g.cpu(), w_c, rtol=2e-6, atol=1e-7)
+        keep = ~near_tie_tokens(lg, bias, 22, n_group, topk_group, eps=1e-6)
+        keep[:10] = True
+        assert torch.equal(ids_c[keep], ids_g.cpu()[keep])
+        same = (ids_c == ids_g.cpu()).all(-1)
+        torch.testing.assert_close(w_g.cpu()[same], w_c[same], rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.gpu
