@@ -25,7 +25,9 @@ std::vector<std::string> cuda_ops() {
           "selective_state_update_multi", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd",
           "verify_greedy", "rejection_sample", "verify_tree_greedy", "verify_tree_rejection",
           "sampling_probs",
-          "grouped_gemm_fwd", "grouped_gemm_dgrad", "grouped_gemm_wgrad"};
+          "grouped_gemm_fwd", "grouped_gemm_dgrad", "grouped_gemm_wgrad",
+          "moe_router", "moe_router_bwd", "moe_permute_plan", "moe_gather", "moe_gather_bwd",
+          "moe_combine", "moe_combine_bwd"};
 #else
   return {};
 #endif

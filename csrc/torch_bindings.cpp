@@ -73,6 +73,21 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
                                              bool save_preact);
 Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::optional<Tensor> preact);
 Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::optional<Tensor> preact);
+// moe/router.cpp
+std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_score_correction_bias,
+                                      int64_t top_k, int64_t n_group, int64_t topk_group,
+                                      bool norm_topk_prob, double routed_scaling_factor);
+Tensor moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob,
+                      double routed_scaling_factor);
+// moe/permute.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_plan(Tensor topk_ids, int64_t num_experts, int64_t pad_to);
+Tensor moe_gather(Tensor x, Tensor slot_of_row, Tensor row_of_slot, int64_t top_k);
+Tensor moe_gather_bwd(Tensor dxs, Tensor row_of_slot, int64_t top_k);
+Tensor moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, std::optional<Tensor> topk_weights,
+                   int64_t top_k);
+std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row,
+                                           std::optional<Tensor> topk_weights, int64_t top_k,
+                                           bool return_dweights);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -153,6 +168,26 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.def("grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, Tensor? preact) -> Tensor");
   // dw (E, N, K): dw[e] = g[seg_e]^T a[seg_e], zero for empty experts; E = len(offsets) - 1.
   m.def("grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, Tensor? preact) -> Tensor");
+  // ---- moe: LatentMoE dispatch (router, permutation plan, gather, combine) ---------------
+  // logits (T, E) float32 -> topk_weights (T, k) float32, topk_ids (T, k) int32 (descending
+  // choice score, ties to the lower index); weights first, as transformers' router returns them
+  // (and opcheck's gradient check sums the outputs in order). dlogits is (T, E) float32.
+  m.def("moe_router(Tensor logits, Tensor? e_score_correction_bias, int top_k, int n_group, int topk_group, "
+        "bool norm_topk_prob, float routed_scaling_factor) -> (Tensor topk_weights, Tensor topk_ids)");
+  m.def("moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob, "
+        "float routed_scaling_factor) -> Tensor");
+  // Plan of topk_ids (T, k) int32: expert_counts (E,), expert_offsets (E+1,), row_of_slot (T*k,),
+  // slot_of_row (R,) with the static R = T*k + E*(pad_to-1), all int32.
+  m.def("moe_permute_plan(Tensor topk_ids, int num_experts, int pad_to) "
+        "-> (Tensor expert_counts, Tensor expert_offsets, Tensor row_of_slot, Tensor slot_of_row)");
+  // Both maps go in: gather reads slot_of_row, its backward row_of_slot (and the combine the
+  // other way round), so each op's autograd has what its backward op needs.
+  m.def("moe_gather(Tensor x, Tensor slot_of_row, Tensor row_of_slot, int top_k) -> Tensor");
+  m.def("moe_gather_bwd(Tensor dxs, Tensor row_of_slot, int top_k) -> Tensor");
+  m.def("moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, int top_k) -> Tensor");
+  // dweights is (0, k) unless return_dweights.
+  m.def("moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, "
+        "int top_k, bool return_dweights) -> (Tensor dy, Tensor dweights)");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -173,7 +208,14 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));              \
   m.impl("grouped_gemm_fwd", TORCH_BOX(&nk::grouped_gemm_fwd));                 \
   m.impl("grouped_gemm_dgrad", TORCH_BOX(&nk::grouped_gemm_dgrad));             \
-  m.impl("grouped_gemm_wgrad", TORCH_BOX(&nk::grouped_gemm_wgrad));
+  m.impl("grouped_gemm_wgrad", TORCH_BOX(&nk::grouped_gemm_wgrad));         \
+  m.impl("moe_router", TORCH_BOX(&nk::moe_router));                            \
+  m.impl("moe_router_bwd", TORCH_BOX(&nk::moe_router_bwd));                    \
+  m.impl("moe_permute_plan", TORCH_BOX(&nk::moe_permute_plan));                \
+  m.impl("moe_gather", TORCH_BOX(&nk::moe_gather));                            \
+  m.impl("moe_gather_bwd", TORCH_BOX(&nk::moe_gather_bwd));                    \
+  m.impl("moe_combine", TORCH_BOX(&nk::moe_combine));                          \
+  m.impl("moe_combine_bwd", TORCH_BOX(&nk::moe_combine_bwd));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

@@ -25,6 +25,13 @@ OPS = {
     "grouped_gemm_fwd": "moe",
     "grouped_gemm_dgrad": "moe",
     "grouped_gemm_wgrad": "moe",
+    "moe_router": "moe",
+    "moe_router_bwd": "moe",
+    "moe_permute_plan": "moe",
+    "moe_gather": "moe",
+    "moe_gather_bwd": "moe",
+    "moe_combine": "moe",
+    "moe_combine_bwd": "moe",
 }
 
 

@@ -1,12 +1,12 @@
-"""The portable grouped GEMM CUDA kernels (csrc/moe/grouped_gemm_cuda.cu) run on the CPU through
-the emulator in tools/cuda_emu (see its README and tests/test_cuda_emulation.py, whose build
-helpers this reuses): the wmma tensor-core kernel (fp16/bf16 on sm_80+), the SIMT kernel (fp32,
-and fp16/bf16 when the emulated device reports compute capability 7), the tile-map scan and the
-zero fill, for fwd (none / relu2, with the pre-activation), dgrad and wgrad (with and without
-the fused relu2 backward). Outputs and the tile-map scratch are NaN/garbage-poisoned before the
-launch and compared with float64 references at the dtype tolerances of tests/helpers.py.
-Shapes cover tile edges (row tiles of 128 / 64, k slices of 32 / 16), empty experts, unpadded
-segments, rows past offsets[E], and K/N not multiples of 8 (the element-load path)."""
+"""The MoE CUDA kernels (csrc/moe/router_cuda.cu, csrc/moe/permute_cuda.cu) run on the CPU through
+the emulator in tools/cuda_emu (see tests/test_cuda_emulation.py and tools/cuda_emu/README.md):
+each .cu file is rewritten by transform.py, compiled with g++ against the mock CUDA headers and
+driven through tools/cuda_emu/driver_moe_{router,permute}.cpp with the same parameter structs the
+op entries fill. Every output is poisoned first. The emulated kernels must agree with the CPU
+kernels through the public API: router ids (order included), plans, gathers, combines and the
+gather backward bit for bit (same arithmetic, same order, same libm); the router backward bit for
+bit; the combine backward's dweights (a different summation order) to float32 rounding.
+"""
 import ctypes
 import hashlib
 import os
@@ -19,177 +19,254 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_cuda_emulation as _emu_base
-from helpers import assert_close
+import test_cuda_emulation as base  # build helpers: compiler id, flags, transform, params
 
-ROOT = _emu_base.ROOT
-EMU = _emu_base.EMU
-CSRC = _emu_base.CSRC
-KERNEL = CSRC / "moe" / "grouped_gemm_cuda.cu"
-DT_ENUM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+EMU, CSRC = base.EMU, base.CSRC
+DT_ENUM = base.DT_ENUM
+UNITS = {
+    "router": (CSRC / "moe" / "router_cuda.cu", CSRC / "moe" / "router.h", ("RouterParams", "RouterBwdParams")),
+    "permute": (CSRC / "moe" / "permute_cuda.cu", CSRC / "moe" / "permute.h",
+                ("PermutePlanParams", "GatherParams", "GatherBwdParams", "CombineParams", "CombineBwdParams")),
+}
 
 
-def build_moe_library():
-    """Path of the emulated grouped GEMM .so, cached by content hash like the SSD library."""
-    cid = _emu_base._compiler_id()
+def build_library(unit):
+    cid = base._compiler_id()
     if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
-    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    base.mkdir(parents=True, exist_ok=True)
-    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
-    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
-    for f in _emu_base._headers() + sorted((CSRC / "moe").glob("*.h")) + [EMU / "driver_moe.cpp"]:
+        pytest.skip(f"CUDA emulation needs {base.CXX} on Linux (ucontext fibers)")
+    kernel, header, structs = UNITS[unit]
+    bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+    bdir.mkdir(parents=True, exist_ok=True)
+    driver = EMU / f"driver_moe_{unit}.cpp"
+    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py", driver]
+    for d in (CSRC / "moe", CSRC / "common"):
+        files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
+    gen = {
+        f"moe_{unit}_layout.inc": base.emu_params.layout_table_cpp(header.read_text(), structs),
+        f"{kernel.stem}.emu.cpp": base.emu_transform.transform(kernel.read_text(), str(kernel))[0],
+    }
+    h = hashlib.sha256((cid + " ".join(base.FLAGS)).encode())
+    for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(gen.encode())
-    lib = base / f"libmoe_emu_{h.hexdigest()[:20]}.so"
+    for name, text in gen.items():
+        h.update(name.encode())
+        h.update(text.encode())
+    lib = bdir / f"libmoe_{unit}_emu_{h.hexdigest()[:20]}.so"
     if lib.exists():
         return lib
-    work = Path(tempfile.mkdtemp(prefix="build_moe_", dir=base))
+    work = Path(tempfile.mkdtemp(prefix=f"build_moe_{unit}_", dir=bdir))
     try:
-        (work / "grouped_gemm_cuda.emu.cpp").write_text(gen)
+        for fname, text in gen.items():
+            (work / fname).write_text(text)
         inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
         tmp = work / "lib.so"
-        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_moe.cpp"), "-o", str(tmp)],
+        r = subprocess.run([base.CXX, *base.FLAGS, *inc, "-shared", str(driver), "-o", str(tmp)],
                            capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of grouped_gemm failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
+        assert r.returncode == 0, f"emulator build of {kernel.name} failed:\n{(r.stdout + r.stderr)[-8000:]}"
+        os.replace(tmp, lib)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return lib
 
 
-_I64, _P = ctypes.c_int64, ctypes.c_void_p
-_FIELDS = [("dtype", ctypes.c_int), ("R", _I64), ("N", _I64), ("K", _I64), ("E", _I64), ("offsets", _P),
-           ("a", _P), ("w", _P), ("dout", _P), ("pre_in", _P), ("out", _P), ("pre_out", _P), ("act", ctypes.c_int),
-           ("tile_offsets", _P), ("arch", ctypes.c_int), ("workspace", _P)]
+class Emu:
+    def __init__(self, unit):
+        self.lib = ctypes.CDLL(str(build_library(unit)))
+        _, header, structs = UNITS[unit]
+        self.S, self.fields = base.emu_params.ctypes_structs(header.read_text(), structs)
+        self.structs = structs
+        self.lib.emu_params_offset.restype = ctypes.c_longlong
+        self.lib.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        self.lib.emu_params_sizeof.restype = ctypes.c_longlong
+        self.lib.emu_params_sizeof.argtypes = [ctypes.c_char_p]
+
+    def call(self, fn, params):
+        f = getattr(self.lib, fn)
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        err = ctypes.create_string_buffer(4096)
+        if f(ctypes.addressof(params), err, len(err)) != 0:
+            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
 
 
-class GgParams(ctypes.Structure):
-    _fields_ = _FIELDS
+_LIBS = {}
 
 
-_LIB = []
+def emu(unit):
+    if unit not in _LIBS:
+        _LIBS[unit] = Emu(unit)
+    return _LIBS[unit]
 
 
-def lib():
-    if not _LIB:
-        L = ctypes.CDLL(str(build_moe_library()))
-        for fn in ("emu_gg_fwd_cuda", "emu_gg_dgrad_cuda", "emu_gg_wgrad_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        for fn in ("emu_gg_sizeof", "emu_gg_offset", "emu_gg_blocks_run"):
-            getattr(L, fn).restype = ctypes.c_longlong
-        L.emu_gg_offset.argtypes = [ctypes.c_char_p]
-        L.emu_gg_set_cc_major.argtypes = [ctypes.c_int]
-        _LIB.append(L)
-    return _LIB[0]
+def moe_api():
+    try:
+        import nemokernels.moe as moe
+        return moe
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"nemokernels extension not importable: {e}")
 
 
-def test_params_layout():
-    L = lib()
-    assert L.emu_gg_sizeof() == ctypes.sizeof(GgParams)
-    for name, _ in _FIELDS:
-        assert L.emu_gg_offset(name.encode()) == getattr(GgParams, name).offset, name
+def ptr(t):
+    return 0 if t is None else t.data_ptr()
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
+def ipoison(*shape):
+    return torch.full(shape, -777, dtype=torch.int32)
 
 
-def run(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, save_pre=False, dtype, cc=9):
-    """One emulated call of fwd / dgrad / wgrad as the op entry sets it up; outputs NaN-poisoned."""
-    p = GgParams()
-    p.dtype, p.R, p.N, p.K, p.E = DT_ENUM[dtype], R, N, K, E
-    offs = offsets.contiguous()
-    p.offsets = offs.data_ptr()
-    shape = {"fwd": (R, N), "dgrad": (R, K), "wgrad": (E, N, K)}[op]
-    out = torch.full(shape, float("nan"), dtype=dtype)
-    pre_out = torch.full((R, N), float("nan"), dtype=dtype) if save_pre else None
-    scratch = torch.full((E + 1,), -7, dtype=torch.int32)  # garbage: the scan must write all of it
-    p.a, p.w, p.dout, p.pre_in = _ptr(a), _ptr(w), _ptr(dout), _ptr(pre)
-    p.out, p.pre_out, p.act, p.tile_offsets = out.data_ptr(), _ptr(pre_out), act, scratch.data_ptr()
-    L = lib()
-    L.emu_gg_set_cc_major(cc)
-    err = ctypes.create_string_buffer(4096)
-    if getattr(L, f"emu_gg_{op}_cuda")(ctypes.addressof(p), err, len(err)) != 0:
-        raise RuntimeError(f"emu_gg_{op}_cuda: {err.value.decode(errors='replace')}")
-    return out, pre_out
+@pytest.mark.parametrize("unit", list(UNITS))
+def test_layouts_agree(unit):
+    e = emu(unit)
+    for name in e.structs:
+        st = e.S[name]
+        assert ctypes.sizeof(st) == e.lib.emu_params_sizeof(name.encode()), name
+        for n, _ in e.fields[name]:
+            assert getattr(st, n).offset == e.lib.emu_params_offset(name.encode(), n.encode()), (name, n)
 
 
-def offsets_of(counts):
-    o = [0]
-    for c in counts:
-        o.append(o[-1] + c)
-    return torch.tensor(o, dtype=torch.int32)
+def run_router(logits, bias, k, n_group, topk_group, norm, scale):
+    e = emu("router")
+    T, E = logits.shape
+    ids, w = ipoison(T, k), torch.full((T, k), float("nan"))
+    p = e.S["RouterParams"]()
+    p.tokens, p.experts, p.top_k, p.n_group, p.topk_group = T, E, k, n_group, topk_group
+    p.norm, p.scale = norm, scale
+    p.logits, p.logits_st, p.bias = logits.data_ptr(), logits.stride(0), ptr(bias)
+    p.ids, p.weights = ids.data_ptr(), w.data_ptr()
+    e.call("emu_moe_router_cuda", p)
+    return ids, w
 
 
-def ref_segments(counts, extra, f):
-    """Rows of each expert through f(e, lo, hi); rows past the last segment stay zero."""
-    offs = offsets_of(counts).tolist()
-    return [(e, offs[e], offs[e + 1]) for e in range(len(counts))]
+@pytest.mark.parametrize("T,E,k,n_group,topk_group", [(5, 512, 22, 1, 1), (9, 128, 6, 1, 1), (6, 64, 8, 8, 3),
+                                                      (3, 96, 32, 32, 24), (7, 40, 1, 4, 2), (1, 8, 8, 1, 1)])
+def test_router(T, E, k, n_group, topk_group):
+    moe = moe_api()
+    g = torch.Generator().manual_seed(T * 1000 + E)
+    logits = torch.randn(T, E, generator=g) * 2
+    logits[0, : E // 2] = 0.25  # exact ties
+    bias = torch.randn(E, generator=g) * 0.1
+    for b in (bias, None):
+        for norm, scale in ((True, 2.5), (False, 1.0)):
+            ids, w = run_router(logits, b, k, n_group, topk_group, norm, scale)
+            rids, rw = moe.moe_router(logits, b, k, n_group, topk_group, norm, scale)
+            assert torch.equal(ids, rids), (ids, rids)
+            assert torch.equal(w, rw)
+    # backward
+    e = emu("router")
+    dw = torch.randn(k, T, generator=g).t()  # strided rows (dw_st = 1? no: rows of a transpose)
+    dw = dw.contiguous()
+    dl = torch.full((T, E), float("nan"))
+    p = e.S["RouterBwdParams"]()
+    p.tokens, p.experts, p.top_k, p.norm, p.scale = T, E, k, True, 2.5
+    p.dweights, p.dw_st, p.logits, p.logits_st = dw.data_ptr(), dw.stride(0), logits.data_ptr(), logits.stride(0)
+    p.ids, p.dlogits = rids.data_ptr(), dl.data_ptr()
+    rids, _ = moe.moe_router(logits, bias, k, n_group, topk_group, True, 2.5)
+    p.ids = rids.data_ptr()
+    e.call("emu_moe_router_bwd_cuda", p)
+    ref = torch.ops.nemokernels.moe_router_bwd(dw, logits, rids, True, 2.5)
+    assert torch.equal(dl, ref)
 
 
-# (counts, N, K): 128-row tiles with partial tails, empty experts, K/N odd (element loads)
-CASES = [
-    ([130, 0, 7, 128], 136, 40),
-    ([1, 0, 0, 200], 17, 33),
-    ([0, 64, 65], 72, 24),
-]
+def run_plan(ids, E, pad_to):
+    e = emu("permute")
+    N = ids.numel()
+    R = N + E * (pad_to - 1)
+    chunks = (N + 511) // 512  # kPermChunk
+    scratch = ipoison(max(chunks, 1), E)
+    counts, offsets, ros, sor = ipoison(E), ipoison(E + 1), ipoison(N), ipoison(R)
+    p = e.S["PermutePlanParams"]()
+    p.slots, p.experts, p.pad_to, p.rows = N, E, pad_to, R
+    p.ids, p.num_chunks, p.chunk_counts = ids.data_ptr(), chunks, scratch.data_ptr()
+    p.counts, p.offsets, p.row_of_slot, p.slot_of_row = counts.data_ptr(), offsets.data_ptr(), ros.data_ptr(), sor.data_ptr()
+    e.call("emu_moe_permute_plan_cuda", p)
+    return counts, offsets, ros, sor
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("cc", [9, 7])
-def test_fwd_dgrad_wgrad(dtype, cc):
-    if dtype == torch.float32 and cc == 7:
-        pytest.skip("float32 always takes the SIMT kernel")
-    for counts, N, K in CASES:
-        extra = 3
-        offsets = offsets_of(counts)
-        R = int(offsets[-1]) + extra
-        E = len(counts)
-        a = torch.randn(R, K).to(dtype)
-        w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
-        dout = torch.randn(R, N).to(dtype)
-        segs = ref_segments(counts, extra, None)
-        pre_ref = torch.zeros(R, N, dtype=torch.float64)
-        for e, lo, hi in segs:
-            pre_ref[lo:hi] = a[lo:hi].double() @ w[e].double().T
-        out_ref = torch.relu(pre_ref).square()
-        kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype, cc=cc)
-        out, pre = run("fwd", a=a, w=w, act=1, save_pre=True, **kw)
-        assert_close(out, out_ref, dtype, what=f"fwd relu2 out {counts, N, K}")
-        assert_close(pre, pre_ref, dtype, what=f"fwd pre {counts, N, K}")
-        out, _ = run("fwd", a=a, w=w, act=0, **kw)
-        assert_close(out, pre_ref, dtype, what=f"fwd none {counts, N, K}")
-        for use_pre in (False, True):
-            preact = pre.clone() if use_pre else None
-            g = dout.double()
-            if use_pre:
-                g = (dout.double() * 2 * torch.relu(preact.double())).to(dtype).double()
-            da_ref = torch.zeros(R, K, dtype=torch.float64)
-            dw_ref = torch.zeros(E, N, K, dtype=torch.float64)
-            for e, lo, hi in segs:
-                da_ref[lo:hi] = g[lo:hi] @ w[e].double()
-                dw_ref[e] = g[lo:hi].T @ a[lo:hi].double()
-            da, _ = run("dgrad", dout=dout, w=w, pre=preact, **kw)
-            assert_close(da, da_ref, dtype, what=f"dgrad pre={use_pre} {counts, N, K}")
-            dw, _ = run("wgrad", dout=dout, a=a, pre=preact, **kw)
-            assert_close(dw, dw_ref, dtype, what=f"wgrad pre={use_pre} {counts, N, K}")
+@pytest.mark.parametrize("T,E,k,pad_to", [(1, 8, 2, 1), (37, 16, 4, 16), (128, 64, 4, 1), (171, 64, 3, 16),
+                                          (300, 64, 8, 128), (1000, 512, 22, 128), (5, 2048, 3, 4)])
+def test_plan(T, E, k, pad_to):
+    moe = moe_api()
+    g = torch.Generator().manual_seed(T + E)
+    if T == 1000:  # skewed: a few experts take most slots, many get none
+        ids = (torch.rand(T, E, generator=g) * torch.linspace(4, 0, E) ** 4).argsort(-1, descending=True)[:, :k]
+    else:
+        ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
+    ids = ids.to(torch.int32).contiguous()
+    got = run_plan(ids, E, pad_to)
+    ref = moe.moe_permute_plan(ids, E, pad_to)
+    for name, a, b in zip(("counts", "offsets", "row_of_slot", "slot_of_row"), got, ref[:4]):
+        assert torch.equal(a, b), name
 
 
-def test_misaligned_operands_take_the_element_path():
-    """K a multiple of 8 but the base one element off: 16-byte loads would fault in the emulator."""
-    dtype = torch.bfloat16
-    counts, N, K = [40, 0, 30], 24, 32
-    offsets = offsets_of(counts)
-    R, E = 70, 3
-    abuf = torch.randn(R * K + 1).to(dtype)
-    a = abuf[1:].view(R, K)
-    w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
-    out, _ = run("fwd", a=a, w=w, offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
-    ref = torch.zeros(R, N, dtype=torch.float64)
-    offs = offsets.tolist()
-    for e in range(E):
-        ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
-    assert_close(out, ref, dtype)
+@pytest.mark.parametrize("repeat", [1, 100])  # one launch (6 slots) and the multi-kernel path (600 slots)
+def test_plan_drops_out_of_range_ids(repeat):
+    ids = torch.tensor([[0, 8], [1, -3], [0, 2]] * repeat, dtype=torch.int32)
+    counts, offsets, ros, sor = run_plan(ids, 8, 1)
+    assert ros[:6].tolist() == [0, -1, 2 * repeat, -1, 1, 3 * repeat]
+    assert counts.sum().item() == 4 * repeat and offsets[-1].item() == 4 * repeat
+    assert sor.tolist()[:2] == [0, 4] and (sor[4 * repeat:] == -1).all()
+    assert (ros.view(-1, 2)[:, 1][1::3] == -1).all() and (ros.view(-1, 2)[:, 1][0::3] == -1).all()
+
+
+def _sliced(t):
+    """Same values with misaligned rows (the scalar path)."""
+    w = torch.zeros(t.shape[0], t.shape[1] + 1, dtype=t.dtype)
+    w[:, 1:] = t
+    return w[:, 1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["aligned", "sliced"])
+def test_gather_combine(dtype, layout):
+    moe = moe_api()
+    e = emu("permute")
+    g = torch.Generator().manual_seed(3)
+    T, E, k, L, pad_to = 23, 16, 4, 200 if dtype == torch.float32 else 264, 8
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].to(torch.int32).contiguous()
+    plan = moe.moe_permute_plan(ids, E, pad_to)
+    R = plan.num_rows
+    x = torch.randn(T, L, generator=g).to(dtype)
+    y = torch.randn(R, L, generator=g).to(dtype)
+    dout = torch.randn(T, L, generator=g).to(dtype)
+    w = torch.rand(T, k, generator=g)
+    if layout == "sliced":
+        x, y, dout = _sliced(x), _sliced(y), _sliced(dout)
+    poison = float("nan")
+    # gather
+    out = torch.full((R, L), poison, dtype=dtype)
+    p = e.S["GatherParams"]()
+    p.tokens, p.rows, p.width, p.top_k, p.dtype = T, R, L, k, DT_ENUM[dtype]
+    p.x, p.x_st, p.slot_of_row, p.out = x.data_ptr(), x.stride(0), plan.slot_of_row.data_ptr(), out.data_ptr()
+    e.call("emu_moe_gather_cuda", p)
+    assert torch.equal(out, moe.moe_gather(x, plan))
+    # gather backward
+    dx = torch.full((T, L), poison, dtype=dtype)
+    p = e.S["GatherBwdParams"]()
+    p.tokens, p.rows, p.width, p.top_k, p.dtype = T, R, L, k, DT_ENUM[dtype]
+    p.dxs, p.dxs_st, p.row_of_slot, p.dx = y.data_ptr(), y.stride(0), plan.row_of_slot.data_ptr(), dx.data_ptr()
+    e.call("emu_moe_gather_bwd_cuda", p)
+    assert torch.equal(dx, torch.ops.nemokernels.moe_gather_bwd(y, plan.row_of_slot, k))
+    # combine, with and without weights
+    for wt in (w, None):
+        o = torch.full((T, L), poison, dtype=dtype)
+        p = e.S["CombineParams"]()
+        p.tokens, p.rows, p.width, p.top_k, p.dtype = T, R, L, k, DT_ENUM[dtype]
+        p.y, p.y_st, p.row_of_slot, p.slot_of_row = y.data_ptr(), y.stride(0), plan.row_of_slot.data_ptr(), plan.slot_of_row.data_ptr()
+        p.weights, p.out = ptr(wt), o.data_ptr()
+        e.call("emu_moe_combine_cuda", p)
+        assert torch.equal(o, moe.moe_combine(y, plan, wt))
+        # combine backward
+        dy = torch.full((R, L), poison, dtype=dtype)
+        dw = torch.full((T, k), poison)
+        q = e.S["CombineBwdParams"]()
+        q.fwd = p
+        q.fwd.out = 0
+        q.dout, q.dout_st, q.dy = dout.data_ptr(), dout.stride(0), dy.data_ptr()
+        q.dweights = dw.data_ptr() if wt is not None else 0
+        e.call("emu_moe_combine_bwd_cuda", q)
+        rdy, rdw = torch.ops.nemokernels.moe_combine_bwd(dout, y, plan.row_of_slot, plan.slot_of_row, wt, k,
+                                                         wt is not None)
+        assert torch.equal(dy, rdy)
+        if wt is not None:
+            torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)

@@ -11,5 +11,10 @@ Pipeline for one MoE layer, each step an op with its own backward:
     out = moe_combine(ys, plan, topk_weights)                  (T, l)   sum_j w[t, j] * ys[row(t, j)]
 """
 from .grouped_gemm import grouped_gemm
+from .router import moe_router, router_logits
+from .permute import MoEPlan, moe_gather, moe_permute_plan
+from .combine import moe_combine
+from .layer import PAD_TO, LatentMoE, latent_moe
 
-__all__ = ["grouped_gemm"]
+__all__ = ["grouped_gemm", "moe_router", "router_logits", "MoEPlan", "moe_permute_plan", "moe_gather",
+           "moe_combine", "PAD_TO", "LatentMoE", "latent_moe"]

@@ -419,3 +419,45 @@ inline int atomicAdd(int* a, int v) { const int old = *a; *a = old + v; return o
 inline unsigned atomicAdd(unsigned* a, unsigned v) { const unsigned old = *a; *a = old + v; return old; }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) { const auto old = *a; *a = old + v; return old; }
 #endif
+
+// ---- warp vote / match and bit intrinsics (the MoE router and permutation kernels) -----------
+// Lanes that have exited take no part (as on the GPU: they are not in the returned masks).
+namespace emu {
+template <class F>
+unsigned warp_collect(unsigned long long mine, F&& mask_of) {
+  Block& b = *blk;
+  const int t = b.cur, base = t & ~31;
+  b.shfl[t] = mine;
+  sync_warp();
+  unsigned live = 0;
+  for (int l = 0; l < 32 && base + l < b.nthreads; ++l)
+    if (b.st[base + l] != St::Done) live |= 1u << l;
+  const unsigned r = mask_of(live, base);
+  sync_warp();
+  return r;
+}
+}  // namespace emu
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) throw std::runtime_error("emu: partial-mask __ballot_sync not emulated");
+  return emu::warp_collect(pred ? 1ull : 0ull, [](unsigned live, int base) {
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l)
+      if ((live >> l & 1u) && emu::blk->shfl[base + l]) r |= 1u << l;
+    return r;
+  });
+}
+template <class V>
+unsigned __match_any_sync(unsigned mask, V v) {
+  static_assert(sizeof(V) <= 8, "emu: match of a wide type");
+  if (mask != 0xffffffffu) throw std::runtime_error("emu: partial-mask __match_any_sync not emulated");
+  unsigned long long raw = 0;
+  std::memcpy(&raw, &v, sizeof(V));
+  return emu::warp_collect(raw, [raw](unsigned live, int base) {
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l)
+      if ((live >> l & 1u) && emu::blk->shfl[base + l] == raw) r |= 1u << l;
+    return r;
+  });
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }

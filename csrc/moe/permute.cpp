@@ -1,0 +1,216 @@
+// Op entry points of the MoE permutation plan, gather and combine: argument checks (the one
+// place they live), output allocation, dispatch to the CPU or CUDA kernels. Registered in
+// torch_bindings.cpp. Math and algorithms: permute.h.
+#include "moe/permute.h"
+
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "common/check.h"
+#include "common/device.h"
+#include "common/tensor_utils.h"
+
+namespace nk {
+namespace {
+
+void check_act(const char* op, const char* arg, const Tensor& t) {
+  check_dim(op, arg, t, 2);
+  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+}
+
+// (rows, width) with unit column stride (a copy when the columns are strided).
+Tensor unit_cols(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : torch::stable::contiguous(t); }
+
+void check_map(const char* op, const char* arg, const Tensor& m, const Tensor& ref, const char* ref_arg) {
+  check_dim(op, arg, m, 1);
+  check_dtype(op, arg, m, {ScalarType::Int});
+  check_same_device(op, arg, m, ref, ref_arg);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_plan(Tensor topk_ids, int64_t num_experts, int64_t pad_to) {
+  const char* op = "moe_permute_plan";
+  check_dim(op, "topk_ids", topk_ids, 2);
+  check_dtype(op, "topk_ids", topk_ids, {ScalarType::Int});
+  NK_CHECK(num_experts >= 1 && num_experts <= kPermMaxExperts, op, ": num_experts must be in [1, ", kPermMaxExperts,
+           "], got ", num_experts);
+  NK_CHECK(pad_to >= 1 && pad_to <= 4096, op, ": pad_to must be in [1, 4096], got ", pad_to);
+  const int64_t N = topk_ids.size(0) * topk_ids.size(1);
+  const int64_t R = N + num_experts * (pad_to - 1);
+  NK_CHECK(R < std::numeric_limits<int32_t>::max(), op, ": ", N, " slots + num_experts * (pad_to - 1) = ", R,
+           " rows do not fit int32 row indices");
+  OptionalDeviceGuard guard(topk_ids);
+  Tensor counts = new_empty(topk_ids, {num_experts}, ScalarType::Int);
+  Tensor offsets = new_empty(topk_ids, {num_experts + 1}, ScalarType::Int);
+  Tensor row_of_slot = new_empty(topk_ids, {N}, ScalarType::Int);
+  Tensor slot_of_row = new_empty(topk_ids, {R}, ScalarType::Int);
+  if (N == 0) {
+    torch::stable::zero_(counts);
+    torch::stable::zero_(offsets);
+    torch::stable::fill_(slot_of_row, -1.0);
+    return {counts, offsets, row_of_slot, slot_of_row};
+  }
+  Tensor ids = torch::stable::contiguous(topk_ids);
+  const int64_t chunks = (N + kPermChunk - 1) / kPermChunk;
+  Tensor scratch = new_empty(topk_ids, {chunks, num_experts}, ScalarType::Int);
+  PermutePlanParams p{};
+  p.slots = N;
+  p.experts = static_cast<int>(num_experts);
+  p.pad_to = static_cast<int>(pad_to);
+  p.rows = R;
+  p.ids = static_cast<const int32_t*>(ids.data_ptr());
+  p.num_chunks = chunks;
+  p.chunk_counts = static_cast<int32_t*>(scratch.data_ptr());
+  p.counts = static_cast<int32_t*>(counts.data_ptr());
+  p.offsets = static_cast<int32_t*>(offsets.data_ptr());
+  p.row_of_slot = static_cast<int32_t*>(row_of_slot.data_ptr());
+  p.slot_of_row = static_cast<int32_t*>(slot_of_row.data_ptr());
+  NK_ROUTE_BY_DEVICE(topk_ids, op, moe_permute_plan_cpu(p), moe_permute_plan_cuda(p, stream));
+  return {counts, offsets, row_of_slot, slot_of_row};
+}
+
+Tensor moe_gather(Tensor x, Tensor slot_of_row, Tensor row_of_slot, int64_t top_k) {
+  const char* op = "moe_gather";
+  check_act(op, "x", x);
+  check_map(op, "slot_of_row", slot_of_row, x, "x");
+  check_map(op, "row_of_slot", row_of_slot, x, "x");
+  NK_CHECK(top_k >= 1, op, ": top_k must be >= 1, got ", top_k);
+  const int64_t T = x.size(0), L = x.size(1), R = slot_of_row.size(0);
+  NK_CHECK(row_of_slot.size(0) == T * top_k, op, ": row_of_slot must have x.shape[0] * top_k = ", T * top_k,
+           " entries (the plan of x's tokens), got shape ", shape_str(row_of_slot));
+  OptionalDeviceGuard guard(x);
+  Tensor out = new_empty(x, {R, L}, x.scalar_type());
+  if (R == 0 || L == 0) return out;
+  if (T == 0) {  // only padding rows (an empty plan with pad_to > 1)
+    torch::stable::zero_(out);
+    return out;
+  }
+  Tensor xc = unit_cols(x), sor = torch::stable::contiguous(slot_of_row);
+  GatherParams p{};
+  p.tokens = T, p.rows = R, p.width = L, p.top_k = static_cast<int>(top_k);
+  p.dtype = to_dtype(x.scalar_type());
+  p.x = xc.data_ptr();
+  p.x_st = xc.stride(0);
+  p.slot_of_row = static_cast<const int32_t*>(sor.data_ptr());
+  p.out = out.data_ptr();
+  NK_ROUTE_BY_DEVICE(x, op, moe_gather_cpu(p), moe_gather_cuda(p, stream));
+  return out;
+}
+
+Tensor moe_gather_bwd(Tensor dxs, Tensor row_of_slot, int64_t top_k) {
+  const char* op = "moe_gather (backward)";
+  check_act(op, "dxs", dxs);
+  check_map(op, "row_of_slot", row_of_slot, dxs, "dxs");
+  NK_CHECK(top_k >= 1 && row_of_slot.size(0) % top_k == 0, op, ": top_k must be >= 1 and divide row_of_slot.shape[0] = ",
+           row_of_slot.size(0), ", got ", top_k);
+  const int64_t T = row_of_slot.size(0) / top_k, R = dxs.size(0), L = dxs.size(1);
+  OptionalDeviceGuard guard(dxs);
+  Tensor dx = new_empty(dxs, {T, L}, dxs.scalar_type());
+  if (T == 0 || L == 0) return dx;
+  Tensor g = unit_cols(dxs), ros = torch::stable::contiguous(row_of_slot);
+  GatherBwdParams p{};
+  p.tokens = T, p.rows = R, p.width = L, p.top_k = static_cast<int>(top_k);
+  p.dtype = to_dtype(dxs.scalar_type());
+  p.dxs = g.data_ptr();
+  p.dxs_st = g.stride(0);
+  p.row_of_slot = static_cast<const int32_t*>(ros.data_ptr());
+  p.dx = dx.data_ptr();
+  NK_ROUTE_BY_DEVICE(dxs, op, moe_gather_bwd_cpu(p), moe_gather_bwd_cuda(p, stream));
+  return dx;
+}
+
+namespace {
+
+// Shared checks of the combine and its backward; returns tokens.
+int64_t check_combine(const char* op, const Tensor& y, const Tensor& row_of_slot,
+                      const std::optional<Tensor>& topk_weights, int64_t top_k) {
+  check_act(op, "y", y);
+  check_map(op, "row_of_slot", row_of_slot, y, "y");
+  NK_CHECK(top_k >= 1 && row_of_slot.size(0) % top_k == 0, op, ": top_k must be >= 1 and divide row_of_slot.shape[0] = ",
+           row_of_slot.size(0), ", got ", top_k);
+  const int64_t T = row_of_slot.size(0) / top_k;
+  if (topk_weights) {
+    const Tensor& w = *topk_weights;
+    check_dim(op, "topk_weights", w, 2);
+    check_dtype(op, "topk_weights", w, {ScalarType::Float});
+    check_same_device(op, "topk_weights", w, y, "y");
+    NK_CHECK(w.size(0) == T && w.size(1) == top_k, op, ": topk_weights must have shape (", T, ", ", top_k,
+             ") (tokens, top_k), got ", shape_str(w));
+  }
+  return T;
+}
+
+CombineParams make_combine(const Tensor& yc, const Tensor& ros, const std::optional<Tensor>& wc, int64_t T,
+                           int64_t top_k) {
+  CombineParams p{};
+  p.tokens = T, p.rows = yc.size(0), p.width = yc.size(1), p.top_k = static_cast<int>(top_k);
+  p.dtype = to_dtype(yc.scalar_type());
+  p.y = yc.data_ptr();
+  p.y_st = yc.stride(0);
+  p.row_of_slot = static_cast<const int32_t*>(ros.data_ptr());
+  p.weights = wc ? static_cast<const float*>(wc->data_ptr()) : nullptr;
+  return p;
+}
+
+}  // namespace
+
+Tensor moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, std::optional<Tensor> topk_weights,
+                   int64_t top_k) {
+  const char* op = "moe_combine";
+  const int64_t T = check_combine(op, y, row_of_slot, topk_weights, top_k);
+  check_map(op, "slot_of_row", slot_of_row, y, "y");
+  check_size(op, "slot_of_row", slot_of_row, 0, y.size(0));
+  const int64_t L = y.size(1);
+  OptionalDeviceGuard guard(y);
+  Tensor out = new_empty(y, {T, L}, y.scalar_type());
+  if (T == 0 || L == 0) return out;
+  Tensor yc = unit_cols(y), ros = torch::stable::contiguous(row_of_slot);
+  std::optional<Tensor> wc;
+  if (topk_weights) wc = torch::stable::contiguous(*topk_weights);
+  CombineParams p = make_combine(yc, ros, wc, T, top_k);
+  p.out = out.data_ptr();
+  NK_ROUTE_BY_DEVICE(y, op, moe_combine_cpu(p), moe_combine_cuda(p, stream));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row,
+                                           std::optional<Tensor> topk_weights, int64_t top_k,
+                                           bool return_dweights) {
+  const char* op = "moe_combine (backward)";
+  const int64_t T = check_combine(op, y, row_of_slot, topk_weights, top_k);
+  const int64_t R = y.size(0), L = y.size(1);
+  check_map(op, "slot_of_row", slot_of_row, y, "y");
+  check_size(op, "slot_of_row", slot_of_row, 0, R);
+  check_act(op, "dout", dout);
+  NK_CHECK(dout.size(0) == T && dout.size(1) == L, op, ": dout must have shape (", T, ", ", L, "), got ",
+           shape_str(dout));
+  NK_CHECK(dout.scalar_type() == y.scalar_type(), op, ": dout must have y's dtype ", dtype_name(y.scalar_type()),
+           ", got ", dtype_name(dout.scalar_type()));
+  check_same_device(op, "dout", dout, y, "y");
+  OptionalDeviceGuard guard(y);
+  Tensor dy = new_empty(y, {R, L}, y.scalar_type());
+  Tensor dw = new_empty(y, {return_dweights ? T : 0, top_k}, ScalarType::Float);
+  if (R == 0) return {dy, dw};
+  if (T == 0 || L == 0) {
+    torch::stable::zero_(dy);
+    if (return_dweights) torch::stable::zero_(dw);
+    return {dy, dw};
+  }
+  Tensor yc = unit_cols(y), ros = torch::stable::contiguous(row_of_slot), go = unit_cols(dout);
+  Tensor sor = torch::stable::contiguous(slot_of_row);
+  std::optional<Tensor> wc;
+  if (topk_weights) wc = torch::stable::contiguous(*topk_weights);
+  CombineBwdParams q{};
+  q.fwd = make_combine(yc, ros, wc, T, top_k);
+  q.fwd.slot_of_row = static_cast<const int32_t*>(sor.data_ptr());
+  q.dout = go.data_ptr();
+  q.dout_st = go.stride(0);
+  q.dy = dy.data_ptr();
+  q.dweights = return_dweights ? static_cast<float*>(dw.data_ptr()) : nullptr;
+  NK_ROUTE_BY_DEVICE(y, op, moe_combine_bwd_cpu(q), moe_combine_bwd_cuda(q, stream));
+  return {dy, dw};
+}
+
+}  // namespace nk

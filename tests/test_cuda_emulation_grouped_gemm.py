@@ -1,0 +1,195 @@
+"""The portable grouped GEMM CUDA kernels (csrc/moe/grouped_gemm_cuda.cu) run on the CPU through
+the emulator in tools/cuda_emu (see its README and tests/test_cuda_emulation.py, whose build
+helpers this reuses): the wmma tensor-core kernel (fp16/bf16 on sm_80+), the SIMT kernel (fp32,
+and fp16/bf16 when the emulated device reports compute capability 7), the tile-map scan and the
+zero fill, for fwd (none / relu2, with the pre-activation), dgrad and wgrad (with and without
+the fused relu2 backward). Outputs and the tile-map scratch are NaN/garbage-poisoned before the
+launch and compared with float64 references at the dtype tolerances of tests/helpers.py.
+Shapes cover tile edges (row tiles of 128 / 64, k slices of 32 / 16), empty experts, unpadded
+segments, rows past offsets[E], and K/N not multiples of 8 (the element-load path)."""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cuda_emulation as _emu_base
+from helpers import assert_close
+
+ROOT = _emu_base.ROOT
+EMU = _emu_base.EMU
+CSRC = _emu_base.CSRC
+KERNEL = CSRC / "moe" / "grouped_gemm_cuda.cu"
+DT_ENUM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def build_moe_library():
+    """Path of the emulated grouped GEMM .so, cached by content hash like the SSD library."""
+    cid = _emu_base._compiler_id()
+    if cid is None or not sys.platform.startswith("linux"):
+        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
+    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+    base.mkdir(parents=True, exist_ok=True)
+    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
+    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
+    for f in _emu_base._headers() + sorted((CSRC / "moe").glob("*.h")) + [EMU / "driver_moe.cpp"]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(gen.encode())
+    lib = base / f"libmoe_emu_{h.hexdigest()[:20]}.so"
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build_moe_", dir=base))
+    try:
+        (work / "grouped_gemm_cuda.emu.cpp").write_text(gen)
+        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
+        tmp = work / "lib.so"
+        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_moe.cpp"), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"emulator build of grouped_gemm failed:\n{(r.stdout + r.stderr)[-8000:]}"
+        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+_I64, _P = ctypes.c_int64, ctypes.c_void_p
+_FIELDS = [("dtype", ctypes.c_int), ("R", _I64), ("N", _I64), ("K", _I64), ("E", _I64), ("offsets", _P),
+           ("a", _P), ("w", _P), ("dout", _P), ("pre_in", _P), ("out", _P), ("pre_out", _P), ("act", ctypes.c_int),
+           ("tile_offsets", _P), ("arch", ctypes.c_int), ("workspace", _P)]
+
+
+class GgParams(ctypes.Structure):
+    _fields_ = _FIELDS
+
+
+_LIB = []
+
+
+def lib():
+    if not _LIB:
+        L = ctypes.CDLL(str(build_moe_library()))
+        for fn in ("emu_gg_fwd_cuda", "emu_gg_dgrad_cuda", "emu_gg_wgrad_cuda"):
+            getattr(L, fn).restype = ctypes.c_int
+            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        for fn in ("emu_gg_sizeof", "emu_gg_offset", "emu_gg_blocks_run"):
+            getattr(L, fn).restype = ctypes.c_longlong
+        L.emu_gg_offset.argtypes = [ctypes.c_char_p]
+        L.emu_gg_set_cc_major.argtypes = [ctypes.c_int]
+        _LIB.append(L)
+    return _LIB[0]
+
+
+def test_params_layout():
+    L = lib()
+    assert L.emu_gg_sizeof() == ctypes.sizeof(GgParams)
+    for name, _ in _FIELDS:
+        assert L.emu_gg_offset(name.encode()) == getattr(GgParams, name).offset, name
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def run(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, save_pre=False, dtype, cc=9):
+    """One emulated call of fwd / dgrad / wgrad as the op entry sets it up; outputs NaN-poisoned."""
+    p = GgParams()
+    p.dtype, p.R, p.N, p.K, p.E = DT_ENUM[dtype], R, N, K, E
+    offs = offsets.contiguous()
+    p.offsets = offs.data_ptr()
+    shape = {"fwd": (R, N), "dgrad": (R, K), "wgrad": (E, N, K)}[op]
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    pre_out = torch.full((R, N), float("nan"), dtype=dtype) if save_pre else None
+    scratch = torch.full((E + 1,), -7, dtype=torch.int32)  # garbage: the scan must write all of it
+    p.a, p.w, p.dout, p.pre_in = _ptr(a), _ptr(w), _ptr(dout), _ptr(pre)
+    p.out, p.pre_out, p.act, p.tile_offsets = out.data_ptr(), _ptr(pre_out), act, scratch.data_ptr()
+    L = lib()
+    L.emu_gg_set_cc_major(cc)
+    err = ctypes.create_string_buffer(4096)
+    if getattr(L, f"emu_gg_{op}_cuda")(ctypes.addressof(p), err, len(err)) != 0:
+        raise RuntimeError(f"emu_gg_{op}_cuda: {err.value.decode(errors='replace')}")
+    return out, pre_out
+
+
+def offsets_of(counts):
+    o = [0]
+    for c in counts:
+        o.append(o[-1] + c)
+    return torch.tensor(o, dtype=torch.int32)
+
+
+def ref_segments(counts, extra, f):
+    """Rows of each expert through f(e, lo, hi); rows past the last segment stay zero."""
+    offs = offsets_of(counts).tolist()
+    return [(e, offs[e], offs[e + 1]) for e in range(len(counts))]
+
+
+# (counts, N, K): 128-row tiles with partial tails, empty experts, K/N odd (element loads)
+CASES = [
+    ([130, 0, 7, 128], 136, 40),
+    ([1, 0, 0, 200], 17, 33),
+    ([0, 64, 65], 72, 24),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cc", [9, 7])
+def test_fwd_dgrad_wgrad(dtype, cc):
+    if dtype == torch.float32 and cc == 7:
+        pytest.skip("float32 always takes the SIMT kernel")
+    for counts, N, K in CASES:
+        extra = 3
+        offsets = offsets_of(counts)
+        R = int(offsets[-1]) + extra
+        E = len(counts)
+        a = torch.randn(R, K).to(dtype)
+        w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
+        dout = torch.randn(R, N).to(dtype)
+        segs = ref_segments(counts, extra, None)
+        pre_ref = torch.zeros(R, N, dtype=torch.float64)
+        for e, lo, hi in segs:
+            pre_ref[lo:hi] = a[lo:hi].double() @ w[e].double().T
+        out_ref = torch.relu(pre_ref).square()
+        kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype, cc=cc)
+        out, pre = run("fwd", a=a, w=w, act=1, save_pre=True, **kw)
+        assert_close(out, out_ref, dtype, what=f"fwd relu2 out {counts, N, K}")
+        assert_close(pre, pre_ref, dtype, what=f"fwd pre {counts, N, K}")
+        out, _ = run("fwd", a=a, w=w, act=0, **kw)
+        assert_close(out, pre_ref, dtype, what=f"fwd none {counts, N, K}")
+        for use_pre in (False, True):
+            preact = pre.clone() if use_pre else None
+            g = dout.double()
+            if use_pre:
+                g = (dout.double() * 2 * torch.relu(preact.double())).to(dtype).double()
+            da_ref = torch.zeros(R, K, dtype=torch.float64)
+            dw_ref = torch.zeros(E, N, K, dtype=torch.float64)
+            for e, lo, hi in segs:
+                da_ref[lo:hi] = g[lo:hi] @ w[e].double()
+                dw_ref[e] = g[lo:hi].T @ a[lo:hi].double()
+            da, _ = run("dgrad", dout=dout, w=w, pre=preact, **kw)
+            assert_close(da, da_ref, dtype, what=f"dgrad pre={use_pre} {counts, N, K}")
+            dw, _ = run("wgrad", dout=dout, a=a, pre=preact, **kw)
+            assert_close(dw, dw_ref, dtype, what=f"wgrad pre={use_pre} {counts, N, K}")
+
+
+def test_misaligned_operands_take_the_element_path():
+    """K a multiple of 8 but the base one element off: 16-byte loads would fault in the emulator."""
+    dtype = torch.bfloat16
+    counts, N, K = [40, 0, 30], 24, 32
+    offsets = offsets_of(counts)
+    R, E = 70, 3
+    abuf = torch.randn(R * K + 1).to(dtype)
+    a = abuf[1:].view(R, K)
+    w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
+    out, _ = run("fwd", a=a, w=w, offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
+    ref = torch.zeros(R, N, dtype=torch.float64)
+    offs = offsets.tolist()
+    for e in range(E):
+        ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
+    assert_close(out, ref, dtype)

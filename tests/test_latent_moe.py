@@ -1,0 +1,174 @@
+"""The LatentMoE layer (nemokernels.moe.LatentMoE / latent_moe): parity with transformers'
+NemotronHMoE (its state_dict loaded strictly; same forward and the same gradients for the hidden
+states and every parameter, with and without the latent projections, grouped routing, biases),
+the float64 reference for bf16, pad_to independence, a deep stack's backward in bf16."""
+import pytest
+import torch
+
+from nemokernels.moe import LatentMoE, latent_moe
+from nemokernels.moe import reference as R
+
+from conftest import DEVICES
+from helpers import TOL, assert_close, rel_err
+
+transformers = pytest.importorskip("transformers")
+from transformers import NemotronHConfig  # noqa: E402
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE  # noqa: E402
+
+
+def tiny_config(latent, n_group=1, topk_group=1, mlp_bias=False, norm=True, E=8, k=3):
+    cfg = NemotronHConfig(hidden_size=32, moe_latent_size=latent, n_routed_experts=E, num_experts_per_tok=k,
+                          moe_intermediate_size=20, moe_shared_expert_intermediate_size=24, n_group=n_group,
+                          topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=2.5, mlp_bias=mlp_bias)
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def hf_moe(cfg):
+    hf = NemotronHMoE(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(std=0.3 if "gate" in name else 0.15)
+        hf.gate.e_score_correction_bias.normal_(std=0.05)
+    return hf
+
+
+def grads(module, x):
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    g = torch.randn_like(out)
+    names = [n for n, _ in module.named_parameters()]
+    gs = torch.autograd.grad(out, [x] + [p for _, p in module.named_parameters()], g)
+    return out, dict(zip(["hidden"] + names, gs)), g
+
+
+@pytest.mark.parametrize("latent", [None, 12])
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_parity_with_transformers(latent, n_group, topk_group, mlp_bias):
+    cfg = tiny_config(latent, n_group, topk_group, mlp_bias)
+    hf = hf_moe(cfg)
+    ours = LatentMoE.from_config(cfg)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    assert set(dict(ours.named_parameters())) == set(dict(hf.named_parameters()))
+    x = torch.randn(3, 7, 32)
+    # float32 against float32: same routing, same numbers up to summation order
+    out, g_ours, g = grads(ours, x)
+    x_ = x.clone().requires_grad_()
+    ref = hf(x_)
+    names = [n for n, _ in hf.named_parameters()]
+    ref_g = dict(zip(["hidden"] + names, torch.autograd.grad(ref, [x_] + list(hf.parameters()), g)))
+    assert_close(out, ref, torch.float32, factor=5, what="forward vs transformers fp32")
+    for n in ref_g:
+        assert_close(g_ours[n], ref_g[n], torch.float32, factor=20, what=f"d{n} vs transformers fp32")
+    # float32 against transformers in float64 (router logits stay float32 there, as in the model)
+    hf64 = hf.double()
+    x64 = x.double().requires_grad_()
+    ref64 = hf64(x64)
+    ref64_g = dict(zip(["hidden"] + names, torch.autograd.grad(ref64, [x64] + list(hf64.parameters()), g.double())))
+    assert_close(out, ref64, torch.float32, factor=5, what="forward vs transformers fp64")
+    for n in ref64_g:
+        assert_close(g_ours[n], ref64_g[n], torch.float32, factor=20, what=f"d{n} vs transformers fp64")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("latent", [None, 16])
+def test_bf16_against_float64_reference(device, latent):
+    E, k, d = 16, 4, 48
+    m = LatentMoE(d, E, k, 40, 56, latent, n_group=4, topk_group=2, routed_scaling_factor=2.0,
+                  dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        m.gate.e_score_correction_bias.normal_(std=0.05)
+    x = torch.randn(37, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out = m(x)
+    assert out.dtype == torch.bfloat16
+    g = torch.randn_like(out)
+    params = list(m.parameters())
+    got = torch.autograd.grad(out, [x] + params, g)
+    # float64 reference with the same choice of experts (computed from the same float32 logits)
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    names = [n for n, _ in m.named_parameters()]
+    P = dict(zip(names, p64))
+    x64 = x.detach().double().requires_grad_()
+    lin = (lambda w, b=None: (lambda t: torch.nn.functional.linear(t, w, b)))
+    ref = R.latent_moe_ref(
+        x64, m.gate.weight.detach().float(), m.gate.e_score_correction_bias, P["experts.up_proj"],
+        P["experts.down_proj"], lin(P["fc1_latent_proj.weight"]) if latent else None,
+        lin(P["fc2_latent_proj.weight"]) if latent else None, lin(P["shared_experts.up_proj.weight"]),
+        lin(P["shared_experts.down_proj.weight"]), top_k=k, n_group=4, topk_group=2, routed_scaling_factor=2.0)
+    assert_close(out, ref, torch.bfloat16, factor=2, what="forward")
+    ref_g = torch.autograd.grad(ref, [x64] + [p for n, p in zip(names, p64) if n != "gate.weight"], g.double())
+    got_nogate = [got[0]] + [gg for n, gg in zip(names, got[1:]) if n != "gate.weight"]
+    for name, a, b in zip(["hidden"] + [n for n in names if n != "gate.weight"], got_nogate, ref_g):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, torch.bfloat16, factor=3, what=f"d{name}")
+    assert torch.isfinite(got[names.index("gate.weight") + 1]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pad_to_does_not_change_the_result(device):
+    m = LatentMoE(24, 8, 2, 16, None, 8, device=device)
+    x = torch.randn(19, 24, device=device)
+    ref = m(x)
+    for pad in (1, 16, 128):
+        m.pad_to = pad
+        torch.testing.assert_close(m(x), ref, rtol=1e-6, atol=1e-6)
+    assert latent_moe(x, m.gate.weight, None, m.experts.up_proj, m.experts.down_proj, top_k=2,
+                      fc1_weight=m.fc1_latent_proj.weight, fc2_weight=m.fc2_latent_proj.weight,
+                      pad_to=4).shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deep_stack_backward_bf16_is_finite(device):
+    """Five residual MoE layers in bf16 (PEER-BUGS: NaN gradients in deeper stacks)."""
+    layers = torch.nn.ModuleList(LatentMoE(32, 8, 2, 24, 24, 16, dtype=torch.bfloat16, device=device)
+                                 for _ in range(5))
+    x = torch.randn(2, 9, 32, device=device, dtype=torch.bfloat16, requires_grad=True)
+    h = x
+    for layer in layers:
+        h = h + layer(h)
+    h.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    for p in layers.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.gpu
+def test_cuda_layer_matches_cpu():
+    cfg = tiny_config(12, 4, 2, True, E=16, k=4)
+    cpu = LatentMoE.from_config(cfg)
+    cpu.load_state_dict(hf_moe(cfg).state_dict())
+    gpu = LatentMoE.from_config(cfg, device="cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(37, 32)
+    out_c, g_c, g = grads(cpu, x)
+    xg = x.cuda().requires_grad_()
+    out_g = gpu(xg)
+    gg = torch.autograd.grad(out_g, [xg] + list(gpu.parameters()), g.cuda())
+    assert_close(out_g, out_c.double(), torch.float32, factor=10, what="forward")
+    for (n, a), b in zip(g_c.items(), gg):
+        assert_close(b, a.double(), torch.float32, factor=20, what=f"d{n}")
+
+
+@pytest.mark.parametrize("latent", [None, 12])
+def test_parity_unbalanced_routing(latent):
+    """Every token to the same experts (a huge correction bias): one hot expert set, the other
+    experts get no rows at all; forward and gradients still match transformers."""
+    cfg = tiny_config(latent, E=16, k=3)
+    hf = hf_moe(cfg)
+    with torch.no_grad():
+        hf.gate.e_score_correction_bias.zero_()
+        hf.gate.e_score_correction_bias[[2, 9, 15]] = 10.0
+    ours = LatentMoE.from_config(cfg)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    x = torch.randn(37, 32)
+    out, g_ours, g = grads(ours, x)
+    x_ = x.clone().requires_grad_()
+    ref = hf(x_)
+    names = ["hidden"] + [n for n, _ in hf.named_parameters()]
+    ref_g = dict(zip(names, torch.autograd.grad(ref, [x_] + list(hf.parameters()), g)))
+    assert_close(out, ref, torch.float32, factor=5, what="forward")
+    for n in ref_g:
+        assert_close(g_ours[n], ref_g[n], torch.float32, factor=20, what=f"d{n}")
+    cold = [e for e in range(16) if e not in (2, 9, 15)]
+    assert (g_ours["experts.up_proj"][cold] == 0).all()

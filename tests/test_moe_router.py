@@ -1,0 +1,233 @@
+"""Fused MoE router (nemokernels.moe.moe_router): chosen ids exactly and weights by relative
+error against the float64 reference (nemokernels/moe/reference.py), ties broken by the lower
+index, group-limited routing, top-k 1..32, odd token counts, gradients to the logits against
+autograd of the reference, opcheck, torch.compile, CUDA graphs, bad input."""
+import pytest
+import torch
+
+from nemokernels.moe import moe_router, router_logits
+from nemokernels.moe import reference as R
+
+from conftest import DEVICES, raises_in_kernel
+from helpers import assert_close, opcheck, poison_allocator
+
+ops = torch.ops.nemokernels
+
+
+def near_tie_tokens(logits, bias, k, n_group, topk_group, eps=1e-5):
+    """Tokens whose float64 choice has a near-tie that float32 rounding may flip: a gap below
+    eps at the kept-group boundary or among the first k + 1 choice scores (their order is
+    compared). Those tokens are excluded from the exact id comparison."""
+    l64 = logits.double().cpu()
+    b64 = None if bias is None else bias.double().cpu()
+    _, choice = R.router_select_ref(l64, b64, k, n_group, topk_group)
+    amb = torch.zeros(l64.shape[0], dtype=torch.bool)
+    top = choice.sort(dim=-1, descending=True).values[:, : k + 1]
+    fin = torch.isfinite(top)
+    gaps = (top[:, :-1] - top[:, 1:]).abs()
+    amb |= ((gaps < eps) & fin[:, :-1] & fin[:, 1:]).any(-1)
+    if n_group > 1:
+        scores = torch.sigmoid(l64) + (b64 if b64 is not None else 0)
+        g = scores.view(l64.shape[0], n_group, -1)
+        gs = g.topk(min(2, g.shape[-1]), dim=-1).values.sum(-1).sort(dim=-1, descending=True).values
+        if topk_group < n_group:
+            amb |= (gs[:, topk_group - 1] - gs[:, topk_group]).abs() < eps
+    return amb
+
+
+def check_router(logits, bias, k, n_group=1, topk_group=1, norm=True, scale=1.0, exact_all=False):
+    poison_allocator(logits.device)
+    ids, w = moe_router(logits, bias, k, n_group, topk_group, norm, scale)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert ids.shape == w.shape == (logits.shape[0], k)
+    l64 = logits.double().cpu()
+    ref_ids, _ = R.router_select_ref(l64, None if bias is None else bias.double().cpu(), k, n_group, topk_group)
+    keep = torch.ones(logits.shape[0], dtype=torch.bool) if exact_all else \
+        ~near_tie_tokens(logits, bias, k, n_group, topk_group)
+    assert logits.shape[0] < 8 or keep.float().mean() > 0.5, "test data has too many near-ties"
+    assert torch.equal(ids.cpu().long()[keep], ref_ids[keep]), "chosen experts differ from the reference"
+    # ids are distinct per token and in range
+    assert ((ids >= 0) & (ids < logits.shape[1])).all()
+    assert (ids.sort(-1).values[:, 1:] != ids.sort(-1).values[:, :-1]).all()
+    ref_w = R.router_weights_ref(l64, ids.cpu().long(), norm, scale)
+    assert_close(w, ref_w, torch.float32, what="topk_weights")
+    return ids, w
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 3, 37])
+@pytest.mark.parametrize("E,k", [(8, 2), (128, 6), (512, 22), (64, 1), (40, 32)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_router_matches_reference(device, T, E, k, with_bias):
+    logits = torch.randn(T, E, device=device) * 2
+    bias = torch.randn(E, device=device) * 0.1 if with_bias else None
+    check_router(logits, bias, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("E,k,n_group,topk_group", [(16, 4, 4, 2), (64, 6, 8, 3), (256, 8, 8, 4), (32, 4, 32, 4),
+                                                    (96, 7, 3, 3), (64, 2, 4, 1)])
+@pytest.mark.parametrize("norm,scale", [(True, 1.0), (False, 2.5), (True, 2.5)])
+def test_router_groups(device, E, k, n_group, topk_group, norm, scale):
+    logits = torch.randn(37, E, device=device)
+    bias = torch.randn(E, device=device) * 0.2
+    check_router(logits, bias, k, n_group, topk_group, norm, scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2), (8, 3)])
+def test_router_ties_prefer_lower_index(device, n_group, topk_group):
+    """Many exact ties (logits on a coarse grid, equal biases): ids and their order are the
+    stable descending order, the same on every device; group ties keep the lower group."""
+    E, k = 64, 8
+    logits = (torch.randint(0, 5, (37, E)) * 0.5).to(device)
+    bias = (torch.randint(0, 2, (E,)) * 0.25).to(device)
+    check_router(logits, bias, k, n_group, topk_group, exact_all=True)
+    # all equal: experts 0..k-1 in order
+    ids, _ = moe_router(torch.zeros(3, E, device=device), None, k, n_group, topk_group)
+    expect = torch.arange(k)
+    if n_group > 1:  # equal groups: the first topk_group groups, lowest indices first
+        expect = torch.arange(k)
+    assert torch.equal(ids.cpu().long(), expect.expand(3, k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_all_masked_groups_never_chosen(device):
+    """With a huge bias on group 0's experts, only experts of kept groups are chosen."""
+    E, G = 32, 4
+    logits = torch.randn(37, E, device=device)
+    bias = torch.zeros(E, device=device)
+    bias[:8] = 10.0
+    ids, _ = moe_router(logits, bias, 8, G, 1)
+    assert (ids < 8).all()
+    ids, _ = moe_router(logits, bias, 12, G, 2)
+    assert (ids < 8).sum(-1).eq(8).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm,scale", [(True, 1.0), (False, 1.0), (True, 2.5)])
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_router_backward(device, norm, scale, n_group, topk_group):
+    T, E, k = 37, 64, 6
+    logits = (torch.randn(T, E, device=device) * 2).requires_grad_()
+    bias = torch.randn(E, device=device) * 0.1
+    ids, w = moe_router(logits, bias, k, n_group, topk_group, norm, scale)
+    g = torch.randn(k, T, device=device).t()  # non-contiguous upstream gradient
+    (dl,) = torch.autograd.grad(w, logits, g)
+    l64 = logits.detach().double().cpu().requires_grad_()
+    w64 = R.router_weights_ref(l64, ids.cpu().long(), norm, scale)
+    (ref,) = torch.autograd.grad(w64, l64, g.double().cpu())
+    assert_close(dl, ref, torch.float32, what="dlogits")
+    # zero outside the chosen experts
+    mask = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids.cpu().long(), True)
+    assert (dl.cpu()[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_logits_and_empty(device):
+    h = torch.randn(2, 5, 16, device=device, dtype=torch.bfloat16)
+    wt = torch.randn(8, 16, device=device)
+    lg = router_logits(h, wt)
+    assert lg.dtype == torch.float32 and lg.shape == (10, 8)
+    assert torch.equal(lg, torch.nn.functional.linear(h.reshape(10, 16).float(), wt))
+    ids, w = moe_router(torch.empty(0, 8, device=device), None, 2)
+    assert ids.shape == (0, 2) and w.shape == (0, 2)
+    # strided logits (a column slice) work
+    big = torch.randn(5, 16, device=device)
+    check_router(big[:, ::2], None, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_bad_input(device):
+    lg = torch.randn(4, 16, device=device)
+    with pytest.raises(RuntimeError, match="moe_router: logits must be one of {float32}"):
+        moe_router(lg.half(), None, 2)
+    with pytest.raises(RuntimeError, match="top_k must be at most the number of experts 16"):
+        moe_router(lg, None, 17)
+    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 32\]"):
+        moe_router(torch.randn(4, 64, device=device), None, 33)
+    with pytest.raises(RuntimeError, match="n_group must be >= 1 and divide the number of experts 16"):
+        moe_router(lg, None, 2, n_group=3)
+    with pytest.raises(RuntimeError, match=r"topk_group must be in \[1, n_group = 4\]"):
+        moe_router(lg, None, 2, n_group=4, topk_group=5)
+    with pytest.raises(RuntimeError, match="exceeds the 4 experts of the topk_group = 1 kept groups"):
+        moe_router(lg, None, 5, n_group=4, topk_group=1)
+    with pytest.raises(RuntimeError, match=r"e_score_correction_bias.shape\[0\] must be 16"):
+        moe_router(lg, torch.zeros(15, device=device), 2)
+    with pytest.raises(RuntimeError, match="logits must have 2 dimensions"):
+        moe_router(lg[None], None, 2)
+    with pytest.raises(RuntimeError, match=r"number of experts\) must be in \[1, 2048\]"):
+        moe_router(torch.randn(1, 4096, device=device), None, 2)
+    ids, _ = moe_router(lg, None, 2)
+    with pytest.raises(RuntimeError, match="dweights must have topk_ids' shape"):
+        ops.moe_router_bwd(torch.zeros(4, 3, device=device), lg, ids, True, 1.0)
+
+
+@raises_in_kernel
+def test_router_bwd_rejects_out_of_range_ids_on_cpu():
+    lg = torch.randn(2, 8)
+    ids = torch.tensor([[0, 9], [1, 2]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"topk_ids\[0, 1\] = 9 is out of range for 8 experts"):
+        ops.moe_router_bwd(torch.ones(2, 2), lg, ids, True, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_opcheck(device):
+    lg = torch.randn(5, 32, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device)
+    opcheck(ops.moe_router, (lg, bias, 4, 4, 2, True, 2.0))
+    opcheck(ops.moe_router, (lg, None, 3, 1, 1, False, 1.0))
+    _, ids = ops.moe_router(lg.detach(), bias, 4, 4, 2, True, 2.0)
+    opcheck(ops.moe_router_bwd, (torch.randn(5, 4, device=device), lg.detach(), ids, True, 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_compile_fullgraph(device):
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    h = torch.randn(7, 16, device=device)
+    wt = torch.randn(32, 16, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device) * 0.1
+
+    def f(h, wt, bias):
+        ids, w = moe_router(router_logits(h, wt), bias, 4, 4, 2, True, 2.5)
+        return ids, (w * torch.arange(1.0, 5.0, device=h.device)).sum()
+
+    ids_e, loss_e = f(h, wt, bias)
+    (g_e,) = torch.autograd.grad(loss_e, wt)
+    ids_c, loss_c = torch.compile(f, fullgraph=True, backend=backend)(h, wt, bias)
+    (g_c,) = torch.autograd.grad(loss_c, wt)
+    assert torch.equal(ids_e, ids_c)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(g_c, g_e)
+
+
+@pytest.mark.gpu
+def test_router_cuda_matches_cpu_bitwise():
+    """Same ids (order included) and weights on CUDA and CPU, Super shapes. The device's expf
+    and glibc's may differ by an ulp, so tokens with a float64 near-tie (1e-6) are left out of
+    the id comparison; exact ties (equal logits) must still go to the lower index on both."""
+    lg = torch.randn(300, 512)
+    lg[:10, 100:140] = 2.5  # exact ties among the top choices
+    bias = torch.randn(512) * 0.05
+    for n_group, topk_group in ((1, 1), (8, 4)):
+        ids_c, w_c = moe_router(lg, bias, 22, n_group, topk_group)
+        ids_g, w_g = moe_router(lg.cuda(), bias.cuda(), 22, n_group, topk_group)
+        keep = ~near_tie_tokens(lg, bias, 22, n_group, topk_group, eps=1e-6)
+        keep[:10] = True
+        assert torch.equal(ids_c[keep], ids_g.cpu()[keep])
+        same = (ids_c == ids_g.cpu()).all(-1)
+        torch.testing.assert_close(w_g.cpu()[same], w_c[same], rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_router_cuda_graph_replay():
+    lg = torch.randn(64, 128, device="cuda")
+    bias = torch.randn(128, device="cuda") * 0.1
+    moe_router(lg, bias, 6)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ids, w = moe_router(lg, bias, 6)
+    lg.copy_(torch.randn_like(lg))
+    g.replay()
+    ids2, w2 = moe_router(lg, bias, 6)
+    assert torch.equal(ids, ids2) and torch.equal(w, w2)
