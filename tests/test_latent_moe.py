@@ -119,6 +119,26 @@ def test_pad_to_does_not_change_the_result(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_with_float32_weights(device):
+    """Mixed-precision training: float32 master weights under bf16 autocast. The router stays in
+    float32 (same expert choice as without autocast), the experts run in bf16, gradients reach
+    every float32 parameter."""
+    torch.manual_seed(0)
+    m = LatentMoE(32, 8, 2, 24, 24, 16, device=device)
+    x = torch.randn(2, 9, 32, device=device, requires_grad=True)
+    ref = m(x)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        logits = __import__("nemokernels").moe.router_logits(x, m.gate.weight)
+        y = m(x)
+    assert logits.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), ref.detach()) < 5e-2
+    y.float().square().mean().backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_deep_stack_backward_bf16_is_finite(device):
     """Five residual MoE layers in bf16 (PEER-BUGS: NaN gradients in deeper stacks)."""
     layers = torch.nn.ModuleList(LatentMoE(32, 8, 2, 24, 24, 16, dtype=torch.bfloat16, device=device)

@@ -57,6 +57,8 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
     ids, weights = moe_router(logits, e_score_correction_bias, top_k, n_group, topk_group, norm_topk_prob,
                               routed_scaling_factor)
     lat = F.linear(h, fc1_weight, fc1_bias) if fc1_weight is not None else h
+    if up_proj.dtype != lat.dtype:  # autocast (bf16 activations, float32 master weights), as F.linear
+        up_proj, down_proj = up_proj.to(lat.dtype), down_proj.to(lat.dtype)
     plan = moe_permute_plan(ids, num_experts, pad_to)
     xs = moe_gather(lat, plan)
     hs = grouped_gemm(xs, up_proj, plan.expert_offsets, "relu2")

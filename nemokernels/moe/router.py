@@ -50,7 +50,9 @@ torch.library.register_autograd("nemokernels::moe_router", _router_backward, set
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(T, d) hidden states -> (T, E) float32 logits, F.linear in float32 as transformers does
     (cuBLAS; not fused)."""
-    return F.linear(hidden.reshape(-1, hidden.shape[-1]).float(), weight.float())
+    h = hidden.reshape(-1, hidden.shape[-1])
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside a bf16 autocast region
+        return F.linear(h.float(), weight.float())
 
 
 def moe_router(logits: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor] = None, top_k: int = 1,
