@@ -138,7 +138,7 @@ class NemotronHConfig:
     eos_token_id: Optional[Union[int, List[int]]] = 2
     torch_dtype: Optional[str] = None
     # keys we do not interpret, kept so to_dict round-trips them
-    extra: Dict[str, Any] = field(default_factory=dict, repr=False)
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.layers_block_type = _parse_kinds(self.layers_block_type, "layers_block_type")
