@@ -17,7 +17,7 @@ from .model import NemotronHForCausalLM
 
 SIZES = {
     # d, pattern, mamba heads x head dim, state, attention heads / kv, MoE experts / F / latent, MLP
-    "tiny": dict(hidden_size=64, layers_block_type="M*E-", mamba_num_heads=4, mamba_head_dim=32,
+    "tiny": dict(hidden_size=64, layers_block_type="M*EME-", mamba_num_heads=4, mamba_head_dim=32,
                  ssm_state_size=16, n_groups=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  n_routed_experts=4, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
                  moe_latent_size=32, intermediate_size=128, chunk_size=32),
@@ -28,11 +28,11 @@ SIZES = {
 }
 
 
-def demo_config(size: str) -> NemotronHConfig:
+def demo_config(size: str, mtp_pattern: str = "*-") -> NemotronHConfig:
     if size not in SIZES:
         raise ValueError(f"demo: --size must be one of {sorted(SIZES)}, got {size!r}")
     return NemotronHConfig(vocab_size=256, num_experts_per_tok=2, n_group=1, topk_group=1, conv_kernel=4,
-                           num_nextn_predict_layers=1, mtp_layers_block_type="*E", mtp_loss_weight=0.3,
+                           num_nextn_predict_layers=1, mtp_layers_block_type=mtp_pattern, mtp_loss_weight=0.3,
                            initializer_range=0.02, pad_token_id=0, bos_token_id=None, eos_token_id=None,
                            **SIZES[size])
 
@@ -111,6 +111,9 @@ def main(args) -> int:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        # tiny models are op-overhead bound; a second OpenMP thread only helps on an idle machine
+        torch.set_num_threads(1)
     ckpt = args.checkpoint_dir
     if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):
         print(f"loading {ckpt}")
@@ -155,11 +158,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--nvfp4", action="store_true", help="train with NVFP4 linears (nemokernels.nvfp4)")
     p.add_argument("--checkpoint-dir", default=None, help="load from here when it holds a checkpoint; save here")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=96)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--spec-k", type=int, nargs="+", default=[2, 3], help="draft lengths to compare")
     p.add_argument("--prompt", default="import os\n\ndef ")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: 1 on the CPU, torch's default otherwise)")
