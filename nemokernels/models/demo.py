@@ -115,7 +115,8 @@ def main(args) -> int:
         # tiny models are op-overhead bound; a second OpenMP thread only helps on an idle machine
         torch.set_num_threads(1)
     ckpt = args.checkpoint_dir
-    if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):
+    loaded = bool(ckpt) and os.path.isfile(os.path.join(ckpt, "config.json"))
+    if loaded:
         print(f"loading {ckpt}")
         model = NemotronHForCausalLM.from_pretrained(ckpt).to(device)
     else:
@@ -130,12 +131,14 @@ def main(args) -> int:
     print(f"data: {data.numel() / 1e6:.1f} MB of the Python stdlib's .py files")
     if args.steps:
         train(model, data, args.steps, args.batch, args.seqlen, args.lr, device)
-    if ckpt:
+    if ckpt and (args.steps or not loaded):
         model.save_pretrained(ckpt)
         print(f"saved {ckpt}")
     prompt_text = args.prompt.encode()
     prompt = torch.tensor([list(prompt_text)], dtype=torch.long, device=device)
     model.eval()
+    model.generate(prompt, 4)  # warm-up
+    model.generate(prompt, 4, num_speculative_tokens=1)
     plain = model.generate(prompt, args.new_tokens)
     text = bytes(plain.sequences[0].tolist()).decode("utf-8", errors="replace")
     print("sample (greedy):\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
@@ -149,6 +152,18 @@ def main(args) -> int:
               f"{'identical to' if same else 'DIFFERS from'} plain greedy")
         if not same:
             return 1
+    # sampling: rejection sampling keeps the target's distribution
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    k = max(args.spec_k)
+    ps = model.generate(prompt, args.new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    ss = model.generate(prompt, args.new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        num_speculative_tokens=k, generator=g)
+    text = bytes(ss.sequences[0].tolist()).decode("utf-8", errors="replace")
+    print(f"sample (temperature {args.temperature}, top-k {args.top_k}, MTP k={k}):\n" + "-" * 60 + "\n" + text
+          + "\n" + "-" * 60)
+    st = ss.stats
+    print(f"sampling: plain {ps.stats['tokens_per_s']:.1f} tok/s, MTP k={k} {st['tokens_per_s']:.1f} tok/s, "
+          f"acceptance {st['acceptance_rate']:.0%}, speedup {st['tokens_per_s'] / ps.stats['tokens_per_s']:.2f}x")
     return 0
 
 
@@ -158,11 +173,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--nvfp4", action="store_true", help="train with NVFP4 linears (nemokernels.nvfp4)")
     p.add_argument("--checkpoint-dir", default=None, help="load from here when it holds a checkpoint; save here")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--spec-k", type=int, nargs="+", default=[2, 3], help="draft lengths to compare")
-    p.add_argument("--prompt", default="import os\n\ndef ")
+    p.add_argument("--prompt", default="import os\n\n\nclass ")
+    p.add_argument("--temperature", type=float, default=0.8, help="for the sampled generation")
+    p.add_argument("--top-k", type=int, default=40, help="for the sampled generation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: 1 on the CPU, torch's default otherwise)")
