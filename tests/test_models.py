@@ -305,6 +305,30 @@ def test_cached_decoding_equals_full_recompute(gen_model, batch):
     assert torch.equal(out.sequences[:, 7:], torch.stack([lg.argmax(-1) for lg in out.step_logits], 1))
 
 
+@pytest.mark.parametrize("prompt_len", [1, 2, 3])
+def test_short_prompts(gen_model, prompt_len):
+    """Prompts shorter than the conv width: the conv state must hold the initial zeros."""
+    ids = torch.randint(0, V, (2, prompt_len))
+    out = gen_model.generate(ids, 6, return_logits=True)
+    full = gen_model(out.sequences).logits
+    for i, lg in enumerate(out.step_logits):
+        assert rel_err(lg, full[:, prompt_len - 1 + i]) < 1e-5, i
+    assert torch.equal(gen_model.generate(ids, 6, num_speculative_tokens=3).sequences, out.sequences)
+
+
+@pytest.mark.parametrize("split", [1, 3, 8, 11])
+def test_chunked_prefill_equals_full(gen_model, split):
+    """Two forwards through one cache (conv and SSD initial states, attention over a cached
+    prefix with a causal offset) give the logits of one forward."""
+    ids = torch.randint(0, V, (2, 19))
+    caches = [b.new_cache() for b in gen_model.model.layers]
+    with torch.no_grad():
+        a = gen_model(ids[:, :split], caches=caches).logits
+        b = gen_model(ids[:, split:], caches=caches).logits
+        full = gen_model(ids).logits
+    assert rel_err(torch.cat([a, b], 1), full) < 1e-5
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_speculative_greedy_equals_plain_greedy(gen_model, batch, k):

@@ -53,6 +53,13 @@ def _init_weights(module: nn.Module, config: NemotronHConfig) -> None:
                     m.weight.div_(max(1, config.num_hidden_layers) ** 0.5)
             elif isinstance(m, nn.Embedding):
                 m.weight.normal_(0.0, std)
+        # MoE tensors by name, whichever LatentMoE implementation holds them
+        for name, p in module.named_parameters():
+            if name.endswith(("experts.up_proj", "experts.down_proj", "mixer.gate.weight")):
+                p.normal_(0.0, std)
+        for name, b in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
 
 
 class NemotronHModel(nn.Module):
@@ -161,8 +168,6 @@ class NemotronHForCausalLM(nn.Module):
         for m in self.modules():
             if hasattr(m, "reset_ssm_parameters"):
                 m.reset_ssm_parameters()
-            if hasattr(m, "reset_parameters") and m.__class__.__name__.endswith("LatentMoE"):
-                m.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embeddings.weight
 
