@@ -272,8 +272,9 @@ def test_labels_ignore_index():
 def test_bf16_autocast_training(device):
     """bf16 autocast (the GPU training mode; CPU autocast runs the same bf16 kernels): loss
     close to float32, every gradient finite (PEER-BUGS: NaN grads in bf16, deep stacks)."""
-    m = perturb_(NemotronHForCausalLM(tiny("M*EMM-M", latent=16, mtp=1))).to(device)
-    ids = torch.randint(0, V, (2, 40), device=device)
+    # chunk_size 64: the CUDA SSD kernels take 64, 128 or 256
+    m = perturb_(NemotronHForCausalLM(tiny("M*EMM-M", latent=16, mtp=1, chunk_size=64))).to(device)
+    ids = torch.randint(0, V, (2, 80), device=device)  # two chunks
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         out = m(ids, labels=ids)
     out.loss.backward()
@@ -381,8 +382,8 @@ def test_generate_errors(gen_model):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_generate_on_device(device):
-    m = NemotronHForCausalLM(GEN).to(device)
-    ids = torch.randint(0, V, (2, 5), device=device)
+    m = NemotronHForCausalLM(tiny("M*EM-", latent=16, mtp=1, initializer_range=0.2, chunk_size=64)).to(device)
+    ids = torch.randint(0, V, (2, 70), device=device)  # prefill over more than one chunk
     a = m.generate(ids, 6)
     b = m.generate(ids, 6, num_speculative_tokens=2)
     assert torch.equal(a.sequences, b.sequences)
@@ -446,3 +447,15 @@ def test_demo_nvfp4_needs_the_converter():
         pytest.skip("nemokernels.nvfp4.convert_to_nvfp4 exists in this build")
     with pytest.raises(RuntimeError, match="--nvfp4 needs nemokernels.nvfp4.convert_to_nvfp4"):
         apply_nvfp4(torch.nn.Linear(2, 2))
+
+
+def test_loads_transformers_sharded_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tiny("M*E-", latent=16).save_pretrained(tmp_path / "cfg")
+    hf = perturb_(transformers.NemotronHForCausalLM(transformers.NemotronHConfig.from_pretrained(tmp_path / "cfg")))
+    hf.save_pretrained(tmp_path / "ck", max_shard_size="30KB")
+    assert (tmp_path / "ck" / "model.safetensors.index.json").is_file()
+    ours = NemotronHForCausalLM.from_pretrained(tmp_path / "ck")
+    ids = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf(ids).logits) < 2e-5

@@ -20,11 +20,11 @@ SIZES = {
     "tiny": dict(hidden_size=64, layers_block_type="M*EME-", mamba_num_heads=4, mamba_head_dim=32,
                  ssm_state_size=16, n_groups=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  n_routed_experts=4, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
-                 moe_latent_size=32, intermediate_size=128, chunk_size=32),
+                 moe_latent_size=32, intermediate_size=128, chunk_size=64),
     "small": dict(hidden_size=128, layers_block_type="M*EM-E", mamba_num_heads=8, mamba_head_dim=32,
                   ssm_state_size=32, n_groups=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   n_routed_experts=8, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
-                  moe_latent_size=64, intermediate_size=256, chunk_size=32),
+                  moe_latent_size=64, intermediate_size=256, chunk_size=64),
 }
 
 
