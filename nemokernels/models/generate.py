@@ -146,7 +146,7 @@ def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k
     lm_head = model.lm_head
     sampling = bool(temperature)
 
-    out = model(ids, caches=caches)
+    out = model(ids, caches=caches, logits_to_keep=1)   # hidden_states cover every position
     forwards = 1
     if n_new == 0:
         return ids, {"target_forwards": forwards, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0}
