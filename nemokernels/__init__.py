@@ -18,3 +18,4 @@ from . import moe  # noqa: F401  (LatentMoE dispatch: nemokernels.moe.*)
 __all__ = ["__version__", "RMSNormGated", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
            "commit_state", "mamba_chunk_scan_combined", "rmsnorm_fn", "selective_state_update",
            "selective_state_update_multi", "spec"]
+from . import models  # noqa: E402,F401  (nemokernels.models: NemotronH on the kernels)

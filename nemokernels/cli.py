@@ -1,4 +1,4 @@
-"""`nemokernels info | bench` (also `python -m nemokernels ...`)."""
+"""`nemokernels info | bench | demo` (also `python -m nemokernels ...`)."""
 import argparse
 import json
 import sys
@@ -14,6 +14,10 @@ def main(argv=None) -> int:
     from .benchmark.runner import add_arguments
 
     add_arguments(p_bench)
+    p_demo = sub.add_parser("demo", help="train a small byte-level NemotronH on the stdlib, then MTP speculation")
+    from .models.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p_demo)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         from .info import build_info, format_info
@@ -25,6 +29,10 @@ def main(argv=None) -> int:
         from .benchmark.runner import run
 
         return run(args)
+    if args.cmd == "demo":
+        from .models.demo import main as demo_main
+
+        return demo_main(args)
     return 2
 
 

@@ -1,0 +1,1 @@
+"""Integrations with other libraries: `nemokernels.integrations.transformers.patch(model)`."""

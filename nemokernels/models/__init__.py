@@ -1,0 +1,6 @@
+"""NemotronH (hybrid Mamba-2 / attention / LatentMoE, with MTP) on the nemokernels ops
+(DESIGN.md section 5): config, layers, model, Hugging Face checkpoints, speculative generate."""
+from .config import NemotronHConfig
+from .model import CausalLMOutput, CheckpointError, NemotronHForCausalLM, NemotronHModel
+
+__all__ = ["NemotronHConfig", "NemotronHForCausalLM", "NemotronHModel", "CausalLMOutput", "CheckpointError"]

@@ -1,0 +1,335 @@
+"""NemotronH layers on the nemokernels ops: Mamba-2 mixer, GQA attention with a KV cache,
+dense relu^2 MLP, LatentMoE, and the pre-norm residual block. Parameter names are those of the
+Hugging Face checkpoints (transformers' NemotronH modules), so state dicts load unchanged.
+
+Mamba-2 mixer (per token): in_proj -> [gate z (I), xBC (I + 2 G N), dt (H)];
+xBC -> causal depthwise conv (width K) + SiLU (`causal_conv1d_fn`) -> [x (H, P), B (G, N), C (G, N)];
+y = SSD(x, dt, A = -exp(A_log), B, C, D, dt_bias, softplus, clamp >= time_step_min)
+(`mamba_chunk_scan_combined`); y = gated RMSNorm(y, z) over groups of I / G channels
+(`rmsnorm_fn`, norm_before_gate=False); out_proj(y).
+
+Three ways through the mixer, chosen by the cache argument:
+- no cache: the whole sequence (training);
+- a cache: the sequence continues from the cached conv/SSM states and leaves the new ones
+  (prefill and chunked prefill); one token takes the decode kernels
+  (`causal_conv1d_update`, `selective_state_update`);
+- ``verify=True``: T draft positions scored at once: the SSM runs
+  `selective_state_update_multi` (a state per position), the conv keeps its inputs, and
+  nothing is committed until `commit(num_kept)` rolls the caches to the accepted prefix.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ..ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
+from ..ops.ssd_chunk_scan import mamba_chunk_scan_combined
+from ..ops.state_update import commit_state, selective_state_update, selective_state_update_multi
+
+try:  # the kernel-backed LatentMoE (nemokernels.moe), once merged
+    from nemokernels.moe import LatentMoE  # type: ignore[attr-defined]
+except ImportError:
+    from ._moe_reference import ReferenceLatentMoE as LatentMoE
+
+__all__ = ["RMSNorm", "MambaMixer", "Attention", "MLP", "LatentMoE", "Block", "MambaCache", "AttentionCache"]
+
+
+class RMSNorm(nn.Module):
+    """transformers' NemotronHRMSNorm on the fused kernel: the input is cast to the weight's
+    dtype, normalised in float32, and returned in the weight's dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm_fn(x.to(self.weight.dtype), self.weight, None, z=None, eps=self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# caches
+
+
+class MambaCache:
+    """Per-layer decode state: conv_state (B, conv_dim, K - 1) in the activations' dtype (the last
+    K - 1 conv inputs), ssm_state (B, H, P, N) float32. ``pending`` holds what a verify pass
+    needs to roll back: the conv inputs (B, conv_dim, K - 1 + T) and the per-position SSM
+    states (B, T, H, P, N)."""
+
+    def __init__(self):
+        self.conv_state: Optional[torch.Tensor] = None
+        self.ssm_state: Optional[torch.Tensor] = None
+        self.pending = None
+
+    def commit(self, num_kept: torch.Tensor) -> None:
+        """Keep the first num_kept[b] (>= 1) positions of the last verify pass."""
+        xcat, inter = self.pending
+        self.pending = None
+        km1 = xcat.shape[-1] - inter.shape[1]
+        idx = (torch.arange(km1, device=xcat.device)[None, :] + num_kept.to(xcat.device)[:, None])
+        idx = idx[:, None, :].expand(xcat.shape[0], xcat.shape[1], km1)
+        self.conv_state = torch.gather(xcat, 2, idx).contiguous()
+        commit_state(self.ssm_state, inter, num_kept)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.conv_state = self.conv_state.index_select(0, rows)
+        self.ssm_state = self.ssm_state.index_select(0, rows)
+
+
+class AttentionCache:
+    """Per-layer KV cache: k, v (B, Hkv, S, Dh). ``truncate(S)`` rolls back rejected tokens."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.pending_len: Optional[int] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def truncate(self, length: int) -> None:
+        if self.k is not None and self.k.shape[2] > length:
+            self.k = self.k[:, :, :length]
+            self.v = self.v[:, :, :length]
+
+    def commit(self, num_kept: int) -> None:
+        """Keep the first num_kept positions of the last verify pass (same for every row)."""
+        start, self.pending_len = self.pending_len, None
+        self.truncate(start + int(num_kept))
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, rows)
+            self.v = self.v.index_select(0, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# mixers
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads = c.mamba_num_heads
+        self.head_dim = c.mamba_head_dim
+        self.n_groups = c.n_groups
+        self.ssm_state_size = c.ssm_state_size
+        self.conv_kernel_size = c.conv_kernel
+        self.intermediate_size = c.mamba_num_heads * c.mamba_head_dim
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        self.chunk_size = c.chunk_size
+        # transformers 5.x clamps dt' from below at time_step_min (docs/decisions.md).
+        self.dt_limit = (float(c.time_step_min), float("inf"))
+        self.in_proj = nn.Linear(c.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=c.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=c.conv_kernel, groups=self.conv_dim,
+                                padding=c.conv_kernel - 1, bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = RMSNormGated(self.intermediate_size, eps=c.layer_norm_epsilon,
+                                 group_size=self.intermediate_size // self.n_groups, norm_before_gate=False)
+        self.out_proj = nn.Linear(self.intermediate_size, c.hidden_size, bias=c.use_bias)
+        self._config = c
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        c = self._config
+        self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(c.time_step_max) - math.log(c.time_step_min))
+                       + math.log(c.time_step_min)).clamp(min=c.time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """xbc (..., conv_dim) -> x (..., H, P), B, C (..., G, N)."""
+        I, GN = self.intermediate_size, self.n_groups * self.ssm_state_size
+        x, B, C = torch.split(xbc, [I, GN, GN], dim=-1)
+        lead = xbc.shape[:-1]
+        return (x.reshape(*lead, self.num_heads, self.head_dim),
+                B.reshape(*lead, self.n_groups, self.ssm_state_size),
+                C.reshape(*lead, self.n_groups, self.ssm_state_size))
+
+    def _dt_eff(self, dt: torch.Tensor) -> torch.Tensor:
+        """softplus(dt + dt_bias) clamped to dt_limit, float32 (the decode kernels take it
+        precomputed so they apply the same clamp as the chunked scan)."""
+        return F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+
+    def forward(self, hidden: torch.Tensor, cache: Optional[MambaCache] = None, verify: bool = False) -> torch.Tensor:
+        b, L, _ = hidden.shape
+        proj = self.in_proj(hidden)
+        gate, xbc, dt = torch.split(proj, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        w = self.conv1d.weight.squeeze(1)
+        bias = self.conv1d.bias
+        if cache is not None and (verify or (L == 1 and cache.conv_state is not None)):
+            y = self._step(xbc, dt, A, w, bias, cache, verify)
+        else:
+            init_conv = cache.conv_state if cache is not None else None
+            init_ssm = cache.ssm_state if cache is not None else None
+            xt = xbc.transpose(1, 2)
+            if cache is not None:
+                if init_conv is not None:
+                    init_conv = init_conv.to(xt.dtype)
+                xc, conv_final = causal_conv1d_fn(xt, w.to(xt.dtype), None if bias is None else bias.to(xt.dtype),
+                                                  initial_states=init_conv, return_final_states=True,
+                                                  activation="silu")
+                cache.conv_state = conv_final.contiguous()
+            else:
+                xc = causal_conv1d_fn(xt, w.to(xt.dtype), None if bias is None else bias.to(xt.dtype),
+                                      activation="silu")
+            x, B, C = self._split_xbc(xc.transpose(1, 2))
+            res = mamba_chunk_scan_combined(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                                            initial_states=init_ssm, dt_softplus=True, dt_limit=self.dt_limit,
+                                            return_final_states=cache is not None)
+            if cache is not None:
+                y, cache.ssm_state = res
+            else:
+                y = res
+            y = y.reshape(b, L, self.intermediate_size)
+        y = self.norm(y, gate)
+        return self.out_proj(y.to(hidden.dtype))
+
+    @torch.no_grad()
+    def _step(self, xbc, dt, A, w, bias, cache: MambaCache, verify: bool):
+        b, T, _ = xbc.shape
+        H, P, N = self.num_heads, self.head_dim, self.ssm_state_size
+        xt = xbc.transpose(1, 2)
+        wd = w.to(xt.dtype)
+        bd = None if bias is None else bias.to(xt.dtype)
+        conv_state = cache.conv_state.to(xt.dtype)
+        if verify:
+            xcat = torch.cat([conv_state, xt], dim=-1)
+            xc = causal_conv1d_update(xt.contiguous(), conv_state.clone(), wd, bd, activation="silu")
+        else:
+            xc = causal_conv1d_update(xt[:, :, 0].contiguous(), conv_state, wd, bd, activation="silu")[:, :, None]
+            cache.conv_state = conv_state
+        x, B, C = self._split_xbc(xc.transpose(1, 2))               # (b, T, H, P), (b, T, G, N)
+        dte = self._dt_eff(dt)[..., None].expand(b, T, H, P)           # (b, T, H, P) float32
+        Ae = A[:, None, None].expand(H, P, N)
+        De = self.D.float()[:, None].expand(H, P)
+        if verify:
+            y, inter = selective_state_update_multi(cache.ssm_state, x, dte, Ae, B, C, De)
+            cache.pending = (xcat, inter)
+        else:
+            y = selective_state_update(cache.ssm_state, x[:, 0], dte[:, 0], Ae, B[:, 0], C[:, 0], De)
+            y = y[:, None]
+        return y.reshape(b, T, self.intermediate_size)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention, no positional embedding (Nemotron-H), SDPA, optional KV cache."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, hidden: torch.Tensor, cache: Optional[AttentionCache] = None, verify: bool = False):
+        b, L, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            if verify:
+                cache.pending_len = past
+            k, v = cache.append(k, v)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif L == 1:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:  # queries at positions past..past+L-1 over keys 0..past+L-1
+            S = k.shape[2]
+            mask = torch.arange(S, device=q.device)[None, :] <= (past + torch.arange(L, device=q.device))[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Dense non-gated MLP: down(relu(up(x))^2)."""
+
+    def __init__(self, config, intermediate_size: Optional[int] = None, layer_idx: int = 0):
+        super().__init__()
+        f = intermediate_size or config.intermediate_size
+        self.up_proj = nn.Linear(config.hidden_size, f, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(f, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.relu(self.up_proj(x)).square())
+
+
+def make_mixer(kind: str, config, layer_idx: int) -> nn.Module:
+    if kind == "mamba":
+        return MambaMixer(config, layer_idx)
+    if kind == "attention":
+        return Attention(config, layer_idx)
+    if kind == "mlp":
+        return MLP(config, layer_idx=layer_idx)
+    if kind == "moe":
+        return LatentMoE(config)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)) (transformers' NemotronHBlock)."""
+
+    def __init__(self, config, kind: str, layer_idx: int):
+        super().__init__()
+        self.kind = kind
+        self.layer_idx = layer_idx
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = make_mixer(kind, config, layer_idx)
+
+    def new_cache(self):
+        if self.kind == "mamba":
+            return MambaCache()
+        if self.kind == "attention":
+            return AttentionCache()
+        return None
+
+    def forward(self, x: torch.Tensor, cache=None, verify: bool = False) -> torch.Tensor:
+        h = self.norm(x)
+        if self.kind in ("mamba", "attention"):
+            h = self.mixer(h, cache=cache, verify=verify)
+        else:
+            h = self.mixer(h)
+        return x + h
+
+
+class MTPBlock(Block):
+    """A block of an MTP step (``mtp.layers.{i}``): the step's first block also holds ``enorm``,
+    ``hnorm`` and ``eh_proj`` (2d -> d), its last ``final_layernorm``."""
+
+    def __init__(self, config, kind: str, layer_idx: int, first: bool, last: bool):
+        super().__init__(config, kind, layer_idx)
+        self.first, self.last = first, last
+        if first:
+            self.enorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+            self.hnorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+            self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        if last:
+            self.final_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
