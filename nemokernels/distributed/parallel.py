@@ -5,7 +5,7 @@ its distributed form, in place:
 
 - every LatentMoE mixer becomes an ExpertParallelLatentMoE over the mesh's process group: each
   rank keeps E/W experts, tokens travel by all-to-all (docs/distributed.md);
-- each block, then the whole model, is wrapped with FSDP2 `fully_shard` over the same mesh: the
+- each backbone block, then the whole model (embeddings, lm_head, MTP), is wrapped with FSDP2 `fully_shard` over the same mesh: the
   dense parameters (embeddings, Mamba, attention, MLP, router, latent projections, shared
   experts) are sharded, gathered for compute and their gradients reduce-scattered (averaged);
 - the expert shards are left out of FSDP (`ignored_params`): they already differ per rank. Their
@@ -31,6 +31,12 @@ def _blocks(model: nn.Module):
     if getattr(model, "mtp", None) is not None:
         blocks += list(model.mtp.layers)
     return blocks
+
+
+def _sharded_units(model: nn.Module):
+    """Blocks that get their own FSDP unit: the backbone's. The MTP blocks' norms and eh_proj are
+    used outside the blocks' forward (MTP.forward), so they stay in the root unit."""
+    return list(model.model.layers)
 
 
 def parallelize(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True) -> nn.Module:
@@ -61,7 +67,7 @@ def parallelize(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
                 expert_params.add(p)
                 p.register_hook(lambda g: g / world)
 
-    for blk in _blocks(model):
+    for blk in _sharded_units(model):
         mine = {p for p in blk.parameters() if p in expert_params}
         fully_shard(blk, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=mine or None)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=expert_params or None)
