@@ -29,10 +29,7 @@ from ..ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from ..ops.ssd_chunk_scan import mamba_chunk_scan_combined
 from ..ops.state_update import commit_state, selective_state_update, selective_state_update_multi
 
-try:  # the kernel-backed LatentMoE (nemokernels.moe), once merged
-    from nemokernels.moe import LatentMoE  # type: ignore[attr-defined]
-except ImportError:
-    from ._moe_reference import ReferenceLatentMoE as LatentMoE
+from ..moe import LatentMoE
 
 __all__ = ["RMSNorm", "MambaMixer", "Attention", "MLP", "LatentMoE", "Block", "MambaCache", "AttentionCache"]
 
@@ -290,7 +287,7 @@ def make_mixer(kind: str, config, layer_idx: int) -> nn.Module:
     if kind == "mlp":
         return MLP(config, layer_idx=layer_idx)
     if kind == "moe":
-        return LatentMoE(config)
+        return LatentMoE.from_config(config)
     raise ValueError(f"unknown layer kind {kind!r}")
 
 

@@ -1,0 +1,148 @@
+"""Expert parallelism for LatentMoE over torch.distributed (docs/distributed.md).
+
+The routed experts are sharded over an expert-parallel process group of W ranks: rank r owns
+experts [r*E/W, (r+1)*E/W). Everything else (router, latent projections, shared expert) is
+replicated and runs on the rank that holds the token. Per forward:
+
+    lat  = fc1_latent_proj(h); ids, w = router(h)              local
+    plan = moe_permute_plan(ids, E)                            pairs ordered by expert = by owner rank
+    xs   = moe_gather(lat, plan)                               (T*k, l) rows to send
+    counts (E,) -> all_to_all -> recv_counts (W, E/W)          small exchange, then one host copy
+    xr   = all_to_all(xs, splits)                              rows from every rank, by (source, expert)
+    x_l  = xr[order]                                           by (local expert, source): stable
+    y_l  = grouped_gemm(relu2) -> grouped_gemm                 local experts only
+    yb   = all_to_all(y_l[inverse order], reverse splits)      back to the token's rank, xs order
+    out  = fc2_latent_proj(moe_combine(yb, plan, w)) + shared_experts(h)
+
+Rows on the wire are latent-sized (l, not d): fc1_latent_proj runs before dispatch. The
+backward is autograd through the same ops and the two all-to-alls in reverse. The split sizes
+are host integers (one device-to-host copy of the counts per layer), so the layer is not
+CUDA-graph capturable; the single-device LatentMoE is.
+
+Gradients of the replicated parameters are this rank's contribution only (its own tokens):
+a data-parallel wrapper (FSDP2 / DDP over the same ranks) sums them, as for any replicated
+parameter. Expert gradients are complete on their owner rank.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..moe.combine import moe_combine
+from ..moe.grouped_gemm import grouped_gemm
+from ..moe.layer import LatentMoE, MoEExperts, MoEGate, SharedMLP
+from ..moe.permute import moe_gather, moe_permute_plan
+from ..moe.router import moe_router, router_logits
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
+    """Differentiable variable-split all-to-all along dim 0 (backward: the reverse exchange)."""
+    y = funcol.all_to_all_single_autograd(x, out_splits, in_splits, group)
+    return funcol.wait_tensor(y)
+
+
+class ExpertParallelLatentMoE(nn.Module):
+    """LatentMoE with its routed experts sharded over `group` (default: the world).
+
+    Parameter names follow LatentMoE / the checkpoint (gate.weight, gate.e_score_correction_bias,
+    experts.up_proj, experts.down_proj, fc1_latent_proj, fc2_latent_proj, shared_experts.*), with
+    experts.* holding only this rank's E/W experts (global ids first_expert .. first_expert+E/W-1).
+    Build it with `from_dense(layer, group)` to shard a LatentMoE, or like LatentMoE from a config.
+    """
+
+    def __init__(self, hidden_size: int, n_routed_experts: int, num_experts_per_tok: int, moe_intermediate_size: int,
+                 moe_shared_expert_intermediate_size: Optional[int] = None, moe_latent_size: Optional[int] = None,
+                 n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                 routed_scaling_factor: float = 1.0, mlp_bias: bool = False, dtype=None, device=None,
+                 group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("ExpertParallelLatentMoE: torch.distributed is not initialised "
+                               "(call torch.distributed.init_process_group first)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        if n_routed_experts % self.world != 0:
+            raise ValueError(f"ExpertParallelLatentMoE: n_routed_experts ({n_routed_experts}) must be divisible by "
+                             f"the expert-parallel group size ({self.world})")
+        self.num_experts = n_routed_experts
+        self.local_experts = n_routed_experts // self.world
+        self.first_expert = self.rank * self.local_experts
+        self.top_k = num_experts_per_tok
+        self.n_group, self.topk_group = n_group, topk_group
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        in_dim = moe_latent_size if moe_latent_size is not None else hidden_size
+        self.gate = MoEGate(n_routed_experts, hidden_size, device=device)
+        self.experts = MoEExperts(self.local_experts, in_dim, moe_intermediate_size, dtype=dtype, device=device)
+        self.shared_experts = (SharedMLP(hidden_size, moe_shared_expert_intermediate_size, mlp_bias, dtype, device)
+                               if moe_shared_expert_intermediate_size else None)
+        if moe_latent_size is not None:
+            self.fc1_latent_proj = nn.Linear(hidden_size, moe_latent_size, bias=mlp_bias, dtype=dtype, device=device)
+            self.fc2_latent_proj = nn.Linear(moe_latent_size, hidden_size, bias=mlp_bias, dtype=dtype, device=device)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+        self.last_bytes_sent = 0  # rows x width x itemsize of the last forward's dispatch (stats)
+
+    @classmethod
+    def from_dense(cls, layer: LatentMoE, group: Optional[dist.ProcessGroup] = None) -> "ExpertParallelLatentMoE":
+        """Shard a LatentMoE (same weights on every rank): keep this rank's experts, copy the rest."""
+        up = layer.experts.up_proj
+        lat = layer.fc1_latent_proj.out_features if layer.fc1_latent_proj is not None else None
+        sh = layer.shared_experts
+        ep = cls(layer.hidden_size, layer.num_experts, layer.top_k, up.shape[1],
+                 sh.up_proj.out_features if sh is not None else None, lat, layer.n_group, layer.topk_group,
+                 layer.norm_topk_prob, layer.routed_scaling_factor,
+                 mlp_bias=sh.up_proj.bias is not None if sh is not None else False,
+                 dtype=up.dtype, device=up.device, group=group)
+        state = {k: v for k, v in layer.state_dict().items() if not k.startswith("experts.")}
+        lo, hi = ep.first_expert, ep.first_expert + ep.local_experts
+        state["experts.up_proj"] = layer.experts.up_proj.detach()[lo:hi]
+        state["experts.down_proj"] = layer.experts.down_proj.detach()[lo:hi]
+        ep.load_state_dict(state, strict=True)
+        return ep
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, shape[-1])
+        W, El = self.world, self.local_experts
+        logits = router_logits(h, self.gate.weight)
+        ids, weights = moe_router(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
+                                  self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        lat = self.fc1_latent_proj(h) if self.fc1_latent_proj is not None else h
+        # pad_to=1: the rows to send are exactly the T*k pairs, ordered by expert, hence by owner rank.
+        plan = moe_permute_plan(ids, self.num_experts, 1)
+        xs = moe_gather(lat, plan)
+
+        # Counts first: recv_counts[s, e] = rows rank s sends to my local expert e.
+        send_counts = plan.expert_counts.view(W, El)
+        recv_counts = funcol.wait_tensor(funcol.all_to_all_single(send_counts.contiguous(), None, None, self.group))
+        counts_host = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).cpu()  # the one host sync
+        send_splits, recv_splits = counts_host[0].tolist(), counts_host[1].tolist()
+        self.last_bytes_sent = sum(send_splits) * xs.shape[1] * xs.element_size()
+
+        xr = _all_to_all(xs, recv_splits, send_splits, self.group)
+        # Received rows come by (source rank, local expert); the GEMMs want them by local expert.
+        flat = recv_counts.reshape(-1).long()
+        expert_of_row = torch.repeat_interleave(torch.arange(El, device=xr.device).repeat(W), flat,
+                                                output_size=xr.shape[0])
+        order = torch.argsort(expert_of_row, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        offsets = torch.zeros(El + 1, dtype=torch.int32, device=xr.device)
+        offsets[1:] = torch.cumsum(recv_counts.sum(0), 0)
+
+        x_local = xr.index_select(0, order)
+        hs = grouped_gemm(x_local, self.experts.up_proj, offsets, "relu2")
+        ys = grouped_gemm(hs, self.experts.down_proj, offsets)
+        yb = _all_to_all(ys.index_select(0, inverse), send_splits, recv_splits, self.group)
+
+        y = moe_combine(yb, plan, weights)
+        out = self.fc2_latent_proj(y) if self.fc2_latent_proj is not None else y
+        out = out.reshape(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out
