@@ -89,7 +89,7 @@ def patch(model: torch.nn.Module, mamba: bool = True, norms: bool = True, moe: b
                 from ..models.config import NemotronHConfig
 
                 our_cfg = NemotronHConfig.from_dict(module.config.to_dict())
-            fast = LatentMoE(our_cfg).to(next(module.parameters()).device)
+            fast = LatentMoE.from_config(our_cfg).to(next(module.parameters()).device)
             for pname, _ in list(fast.named_parameters()):
                 owner_name, _, leaf = pname.rpartition(".")
                 owner = fast.get_submodule(owner_name) if owner_name else fast
