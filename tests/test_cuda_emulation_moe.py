@@ -139,7 +139,8 @@ def run_router(logits, bias, k, n_group, topk_group, norm, scale):
 
 
 @pytest.mark.parametrize("T,E,k,n_group,topk_group", [(5, 512, 22, 1, 1), (9, 128, 6, 1, 1), (6, 64, 8, 8, 3),
-                                                      (3, 96, 32, 32, 24), (7, 40, 1, 4, 2), (1, 8, 8, 1, 1)])
+                                                      (3, 96, 32, 32, 24), (7, 40, 1, 4, 2), (1, 8, 8, 1, 1),
+                                                      (2, 2048, 32, 32, 8)])
 def test_router(T, E, k, n_group, topk_group):
     moe = moe_api()
     g = torch.Generator().manual_seed(T * 1000 + E)
@@ -184,7 +185,8 @@ def run_plan(ids, E, pad_to):
 
 
 @pytest.mark.parametrize("T,E,k,pad_to", [(1, 8, 2, 1), (37, 16, 4, 16), (128, 64, 4, 1), (171, 64, 3, 16),
-                                          (300, 64, 8, 128), (1000, 512, 22, 128), (5, 2048, 3, 4)])
+                                          (300, 64, 8, 128), (1000, 512, 22, 128), (5, 2048, 3, 4),
+                                          (300, 2048, 4, 2)])
 def test_plan(T, E, k, pad_to):
     moe = moe_api()
     g = torch.Generator().manual_seed(T + E)

@@ -192,3 +192,13 @@ def test_parity_unbalanced_routing(latent):
         assert_close(g_ours[n], ref_g[n], torch.float32, factor=20, what=f"d{n}")
     cold = [e for e in range(16) if e not in (2, 9, 15)]
     assert (g_ours["experts.up_proj"][cold] == 0).all()
+
+
+def test_module_cast_to_bf16_still_routes():
+    """module.to(bf16) also casts the gate weight and the correction bias (float32 in the
+    checkpoint): the router reads them in float32 anyway."""
+    m = LatentMoE(32, 8, 2, 16, 16, 8).to(torch.bfloat16)
+    assert m.gate.e_score_correction_bias.dtype == torch.bfloat16
+    x = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True)
+    m(x).float().sum().backward()
+    assert torch.isfinite(x.grad).all() and m.gate.weight.grad.dtype == torch.bfloat16

@@ -60,6 +60,8 @@ def moe_router(logits: torch.Tensor, e_score_correction_bias: Optional[torch.Ten
                routed_scaling_factor: float = 1.0):
     """(topk_ids (T, k) int32, topk_weights (T, k) float32) from float32 logits (T, E).
     (The op nemokernels::moe_router returns them the other way round, weights first.)"""
+    if e_score_correction_bias is not None and e_score_correction_bias.dtype != torch.float32:
+        e_score_correction_bias = e_score_correction_bias.float()  # e.g. a module cast with .to(bf16)
     weights, ids = _ops.moe_router(logits, e_score_correction_bias, int(top_k), int(n_group), int(topk_group),
                                    bool(norm_topk_prob), float(routed_scaling_factor))
     return ids, weights
