@@ -67,6 +67,11 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_i
 Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, double temperature_value,
                            std::optional<Tensor> top_k, int64_t top_k_value, std::optional<Tensor> top_p,
                            double top_p_value, std::optional<Tensor> min_p, double min_p_value);
+
+// nvfp4/gemm.cpp
+Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales,
+                  Tensor b_global, ScalarType out_dtype, std::optional<Tensor> bias);
+Tensor nvfp4_swizzle_scales(Tensor scales);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -136,6 +141,15 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   // Per-request tensors (B,) override the scalar values; probs float32 shaped like logits.
   m.def("sampling_probs(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
         "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor");
+
+  // ---- nvfp4: block-scaled GEMM ------------------------------------------------------------
+  // out (M, N) = (a_global * b_global) * dequant(a) @ dequant(b).T + bias; a: data (M, K/2)
+  // uint8, scales (M, K/16) float8_e4m3fn, global 0-dim float32 (read on the device); b alike
+  // with N rows. out_dtype float32/float16/bfloat16.
+  m.def("nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales, "
+        "Tensor b_global, ScalarType out_dtype, Tensor? bias) -> Tensor");
+  // Row-major (rows, K/16) scales -> flat uint8 in the sm_100 tensor-core (128x4 atom) layout.
+  m.def("nvfp4_swizzle_scales(Tensor scales) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -153,7 +167,9 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("rejection_sample", TORCH_BOX(&nk::spec_rejection_sample));            \
   m.impl("verify_tree_greedy", TORCH_BOX(&nk::spec_verify_tree_greedy));        \
   m.impl("verify_tree_rejection", TORCH_BOX(&nk::spec_verify_tree_rejection));  \
-  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));
+  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));              \
+  m.impl("nvfp4_gemm", TORCH_BOX(&nk::nvfp4_gemm));                            \
+  m.impl("nvfp4_swizzle_scales", TORCH_BOX(&nk::nvfp4_swizzle_scales));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

@@ -22,6 +22,8 @@ OPS = {
     "verify_tree_greedy": "spec",
     "verify_tree_rejection": "spec",
     "sampling_probs": "spec",
+    "nvfp4_gemm": "nvfp4",
+    "nvfp4_swizzle_scales": "nvfp4",
 }
 
 
