@@ -90,7 +90,7 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
   p.out_dtype = to_dtype(out_dtype);
 
 #ifdef NK_HAS_SM100
-  if (a_data.is_cuda() && nvfp4_device_sm(a_data.get_device_index()) / 10 == 10 &&
+  if (a_data.is_cuda() && nvfp4_device_sm(a_data.get_device_index()) == 100 &&
       nvfp4_gemm_sm100_supported(p)) {
     void* stream = current_cuda_stream(a_data.get_device_index());
     // Scales in the tensor-core layout, alpha as one device float, and (unless the result is

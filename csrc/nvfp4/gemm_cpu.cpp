@@ -1,7 +1,8 @@
 // CPU kernel of nvfp4_gemm, tiled like the CUDA kernel: per (64-row, 64-column) output tile,
 // K is walked in slabs of 256; each slab of A and B is decoded once into float32 buffers
 // (e2m1(code) * e4m3(scale) is exact in float), then every output of the tile accumulates its
-// slab dot product in float32 in increasing k. Epilogue: out = alpha * acc + bias[n], rounded
+// products in float32 in increasing k (no FMA contraction is relied on: either way the error
+// is float32 accumulation only). Epilogue: out = alpha * acc + bias[n], rounded
 // once to the output dtype, alpha = a_global * b_global (float32).
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -42,7 +43,8 @@ void gemm_tiles(const Nvfp4GemmParams& p) {
   const float alpha = *p.a_global * *p.b_global;
   const int64_t tiles_m = (p.M + kTileM - 1) / kTileM, tiles_n = (p.N + kTileN - 1) / kTileN;
   torch::stable::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a_buf(kTileM * kSlabK), b_buf(kTileN * kSlabK), acc(kTileM * kTileN);
+    std::vector<float> a_buf(kTileM * kSlabK), b_buf(kTileN * kSlabK), bt_buf(kSlabK * kTileN, 0.f),
+        acc(kTileM * kTileN);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = (t / tiles_n) * kTileM, n0 = (t % tiles_n) * kTileN;
       const int64_t nm = std::min(kTileM, p.M - m0), nn = std::min(kTileN, p.N - n0);
@@ -51,13 +53,17 @@ void gemm_tiles(const Nvfp4GemmParams& p) {
         const int64_t nk = std::min(kSlabK, p.K - k0);  // a multiple of 16
         decode_slab(p.a_data, p.a_scales, p.K, m0, nm, k0, nk, a_buf.data());
         decode_slab(p.b_data, p.b_scales, p.K, n0, nn, k0, nk, b_buf.data());
+        // B slab transposed to (k, column) so the inner loop runs over columns: each output
+        // still sums its products in increasing k, and the loop vectorizes.
+        for (int64_t j = 0; j < nn; ++j)
+          for (int64_t k = 0; k < nk; ++k) bt_buf[k * kTileN + j] = b_buf[j * nk + k];
         for (int64_t i = 0; i < nm; ++i) {
           const float* a = a_buf.data() + i * nk;
-          for (int64_t j = 0; j < nn; ++j) {
-            const float* b = b_buf.data() + j * nk;
-            float s = acc[i * kTileN + j];
-            for (int64_t k = 0; k < nk; ++k) s += a[k] * b[k];
-            acc[i * kTileN + j] = s;
+          float* c = acc.data() + i * kTileN;
+          for (int64_t k = 0; k < nk; ++k) {
+            const float av = a[k];
+            const float* b = bt_buf.data() + k * kTileN;
+            for (int64_t j = 0; j < kTileN; ++j) c[j] += av * b[j];
           }
         }
       }
