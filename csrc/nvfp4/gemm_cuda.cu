@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
@@ -44,6 +45,13 @@ struct __align__(16) GemmSmem {
   uint32_t b_sf[kStages][kBN];
 };
 
+// The PTX pieces (cp.async, mma.sync, fp16x2 multiply), and C++ equivalents for the CPU
+// emulator (tools/cuda_emu; tests/test_cuda_emulation_nvfp4_gemm.py runs this file there).
+#ifdef EMU_HAVE_INT_ATOMICS
+#define NK_NVFP4_EMU 1
+#endif
+
+#ifndef NK_NVFP4_EMU
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_bytes = valid ? 8 : 0;  // 0: nothing read, 8 zero bytes written
@@ -62,16 +70,64 @@ __device__ __forceinline__ void mma_f16_16816(float (&c)[4], uint32_t a0, uint32
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t hmul2_u32(uint32_t x, __half2 s) {
-  __half2 h = *reinterpret_cast<__half2*>(&x);
-  h = __hmul2(h, s);
+// fp16x2 (as bits) times fp16x2 (as bits).
+__device__ __forceinline__ uint32_t hmul2_u32(uint32_t x, uint32_t s) {
+  __half2 h = __hmul2(*reinterpret_cast<__half2*>(&x), *reinterpret_cast<__half2*>(&s));
   return *reinterpret_cast<uint32_t*>(&h);
 }
+__device__ __forceinline__ uint32_t half2_bits(float v) {
+  __half2 h = __float2half2_rn(v);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ __forceinline__ uint8_t ld_u8(const uint8_t* p) { return __ldg(p); }
+#else
+inline void cp_async8(void* smem, const void* gmem, bool valid) {
+  if (valid) std::memcpy(smem, gmem, 8);
+  else std::memset(smem, 0, 8);
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
 
-// Scale byte j of a packed 4-byte row word, as an exact fp16x2 broadcast.
-__device__ __forceinline__ __half2 scale_h2(uint32_t word, int j) {
-  const float s = nvfp4::e4m3_decode(static_cast<uint8_t>(word >> (8 * j)));
-  return __float2half2_rn(s);  // exact: e4m3 values are fp16 values
+inline float half_lo(uint32_t x) { return __half2float(__half{static_cast<uint16_t>(x & 0xffffu)}); }
+inline float half_hi(uint32_t x) { return __half2float(__half{static_cast<uint16_t>(x >> 16)}); }
+// mma.sync m16n8k16 with the PTX fragment layout: every lane publishes its registers, then
+// computes its own four accumulators (A row r, k from lane (r%8)*4 + (k%8)/2, register
+// (r>=8) + 2(k>=8), half k%2; B column n, k from lane n*4 + (k%8)/2, register k>=8).
+inline void mma_f16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                          uint32_t b1) {
+  static uint32_t frag[32][32][6];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+  for (int i = 0; i < 6; ++i) frag[warp][lane][i] = mine[i];
+  __syncwarp();
+  const int g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = c[e];
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t ar = frag[warp][(row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)];
+      const uint32_t br = frag[warp][col * 4 + (k % 8) / 2][4 + (k >= 8)];
+      sum += ((k & 1) ? half_hi(ar) : half_lo(ar)) * ((k & 1) ? half_hi(br) : half_lo(br));
+    }
+    c[e] = sum;
+  }
+  __syncwarp();
+}
+inline uint32_t hmul2_u32(uint32_t x, uint32_t s) {  // exact here: the products fit fp16
+  const uint32_t lo = __float2half_rn(half_lo(x) * half_lo(s)).bits, hi = __float2half_rn(half_hi(x) * half_hi(s)).bits;
+  return lo | (hi << 16);
+}
+inline uint32_t half2_bits(float v) {
+  const uint32_t b = __float2half_rn(v).bits;
+  return b | (b << 16);
+}
+inline uint8_t ld_u8(const uint8_t* p) { return *p; }
+#endif
+
+// Scale byte j of a packed 4-byte row word, as an exact fp16x2 broadcast (bits).
+__device__ __forceinline__ uint32_t scale_h2(uint32_t word, int j) {
+  return half2_bits(nvfp4::e4m3_decode(static_cast<uint8_t>(word >> (8 * j))));  // e4m3 values are fp16 values
 }
 
 // The 4 scale bytes of tile kt for `row` (zero past rows / K/16).
@@ -82,7 +138,7 @@ __device__ __forceinline__ uint32_t load_sf_word(const uint8_t* sf, int64_t rows
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t c = int64_t(kt) * 4 + j;
-      if (c < nblk) v |= uint32_t(__ldg(sf + row * nblk + c)) << (8 * j);
+      if (c < nblk) v |= uint32_t(ld_u8(sf + row * nblk + c)) << (8 * j);
     }
   }
   return v;
@@ -150,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const Nvfp4GemmPar
 
     // A: this lane's 8 rows (m16 tile i, half h: row wm + 16i + g + 8h), block t's 8 bytes.
     uint2 a_words[kMT][2];
-    __half2 a_scale[kMT][2];
+    uint32_t a_scale[kMT][2];
 #pragma unroll
     for (int i = 0; i < kMT; ++i)
 #pragma unroll
@@ -174,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const Nvfp4GemmPar
       for (int n = 0; n < kNT; ++n) {
         const int r = wn + 8 * n + g;  // B row = output column
         const uint2 bw = *reinterpret_cast<const uint2*>(&sm.b[st][r * kRowBytes + 8 * t]);
-        const __half2 bs = scale_h2(sm.b_sf[st][r], t);
+        const uint32_t bs = scale_h2(sm.b_sf[st][r], t);
         uint32_t hb[4];
         nvfp4::e2m1x8_to_half2x4(w ? bw.y : bw.x, hb);
 #pragma unroll
@@ -274,20 +330,23 @@ void nvfp4_bias_convert_cuda(const float* acc, const float* bias, void* out, DTy
   auto s = static_cast<cudaStream_t>(stream);
   const int blocks = ceil_div(M * N, 256);
   switch (out_dtype) {
-    case DType::F32: bias_convert_kernel<<<blocks, 256, 0, s>>>(acc, bias, static_cast<float*>(out), M, N); break;
-    case DType::F16: bias_convert_kernel<<<blocks, 256, 0, s>>>(acc, bias, static_cast<__half*>(out), M, N); break;
+    case DType::F32: bias_convert_kernel<float><<<blocks, 256, 0, s>>>(acc, bias, static_cast<float*>(out), M, N); break;
+    case DType::F16: bias_convert_kernel<__half><<<blocks, 256, 0, s>>>(acc, bias, static_cast<__half*>(out), M, N); break;
     case DType::BF16:
-      bias_convert_kernel<<<blocks, 256, 0, s>>>(acc, bias, static_cast<__nv_bfloat16*>(out), M, N);
+      bias_convert_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(acc, bias, static_cast<__nv_bfloat16*>(out), M, N);
       break;
   }
   NK_CUDA_LAUNCH_CHECK();
 }
 
+#ifndef NK_NVFP4_EMU
 int nvfp4_device_sm(int device_index) {
   int major = 0, minor = 0;
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_index));
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_index));
   return major * 10 + minor;
 }
+
+#endif
 
 }  // namespace nk
