@@ -85,6 +85,8 @@ def test_every_code_and_special_scales(device):
     b_data = torch.flip(codes, [0]).repeat(24 * K // 2 // 256 + 1)[: 24 * K // 2].reshape(24, K // 2)
     special = torch.tensor([0x00, 0x7E, 0x01, 0x07, 0x08, 0x38, 0xB8, 0x06, 0x3F, 0xFE],
                            dtype=torch.uint8, device=device)  # 0, 448, 2^-9, 7*2^-9, 2^-6, 1, -1, ...
+    if device == "cuda" and torch.cuda.get_device_capability()[0] == 10:
+        special = special[special < 0x80]  # sm_100 reads scales as ue4m3: no negative scales (known-issues.md)
     a_sc = special[torch.randint(0, len(special), (40, K // 16), device=device)].view(torch.float8_e4m3fn)
     b_sc = special[torch.randint(0, len(special), (24, K // 16), device=device)].view(torch.float8_e4m3fn)
     # global scales 2^-12: the sums stay inside float16's range (6 * 448 squared times K overflows it)

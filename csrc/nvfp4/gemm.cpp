@@ -76,7 +76,8 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
 
   Tensor ad = contiguous_aligned(a_data), as = contiguous_aligned(a_scales);
   Tensor bd = contiguous_aligned(b_data), bs = contiguous_aligned(b_scales);
-  std::optional<Tensor> b32 = bias ? std::optional<Tensor>(contiguous_float(*bias)) : std::nullopt;
+  std::optional<Tensor> b32;
+  if (bias) b32.emplace(contiguous_float(*bias));
   Nvfp4GemmParams p{};
   p.M = M, p.N = N, p.K = K;
   p.a_data = static_cast<const uint8_t*>(ad.data_ptr());

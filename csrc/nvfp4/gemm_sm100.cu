@@ -103,7 +103,9 @@ bool nvfp4_gemm_sm100_supported(const Nvfp4GemmParams& p) {
   const bool fits_int = p.M < (int64_t(1) << 31) && p.N < (int64_t(1) << 31) && p.K < (int64_t(1) << 31);
   const bool aligned = reinterpret_cast<uintptr_t>(p.a_data) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(p.b_data) % 16 == 0;
-  return fits_int && aligned && p.K >= 32 && p.K % 32 == 0 && p.N % 4 == 0 && p.M > 0 && p.N > 0;
+  if (!(fits_int && aligned && p.K >= 32 && p.K % 32 == 0 && p.N % 4 == 0 && p.M > 0 && p.N > 0)) return false;
+  // Whatever else the kernel requires (shapes, alignment): ask it, and fall back otherwise.
+  return Gemm::can_implement(make_args(p, nullptr, nullptr, nullptr)) == cutlass::Status::kSuccess;
 }
 
 int64_t nvfp4_gemm_sm100_workspace_size(const Nvfp4GemmParams& p) {
