@@ -83,7 +83,9 @@ def lib():
         L = ctypes.CDLL(str(build_library()))
         for fn in ("emu_nvfp4_gemm_cuda", "emu_nvfp4_swizzle_scales_cuda", "emu_nvfp4_bias_convert_cuda"):
             getattr(L, fn).restype = ctypes.c_int
-        L.emu_nvfp4_gemm_cuda.argtypes = [_P, ctypes.c_char_p, ctypes.c_int]
+        L.emu_nvfp4_gemm_cuda.argtypes = [_P, ctypes.c_int, _P, ctypes.c_char_p, ctypes.c_int]
+        L.emu_nvfp4_gemm_cuda_splits.restype = ctypes.c_int
+        L.emu_nvfp4_gemm_cuda_splits.argtypes = [_P]
         L.emu_nvfp4_swizzle_scales_cuda.argtypes = [_P, _P, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_char_p,
                                                     ctypes.c_int]
         L.emu_nvfp4_bias_convert_cuda.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
@@ -99,8 +101,9 @@ def _check_rc(rc, err):
     assert rc == 0, f"emulated launch failed: {err.value.decode()}"
 
 
-def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None):
-    """The op entry's set-up (gemm.cpp: contiguous operands, float32 bias) and one emulated launch."""
+def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=None, expect_splits=None):
+    """The op entry's set-up (gemm.cpp: contiguous operands, float32 bias, split-K workspace of
+    the entry's split count unless `splits` forces one) and one emulated launch."""
     ad, asc, bd, bsc = (t.contiguous() for t in (a.data, a.scales.view(torch.uint8), b.data, b.scales.view(torch.uint8)))
     ag, bg = a.global_scale.float().reshape(()).contiguous(), b.global_scale.float().reshape(()).contiguous()
     b32 = None if bias is None else bias.float().contiguous()
@@ -109,8 +112,14 @@ def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None):
     p = Params(M=M, N=N, K=K, a_data=ad.data_ptr(), a_scales=asc.data_ptr(), b_data=bd.data_ptr(),
                b_scales=bsc.data_ptr(), a_global=ag.data_ptr(), b_global=bg.data_ptr(),
                bias=None if b32 is None else b32.data_ptr(), out=out.data_ptr(), out_dtype=DT_ENUM[out_dtype])
+    if splits is None:
+        splits = lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p))
+    if expect_splits is not None:
+        assert splits == expect_splits
+    ws = torch.full((splits * M * N if splits > 1 else 1,), float("nan"))
     err = ctypes.create_string_buffer(4096)
-    _check_rc(lib().emu_nvfp4_gemm_cuda(ctypes.byref(p), err, len(err)), err)
+    _check_rc(lib().emu_nvfp4_gemm_cuda(ctypes.byref(p), splits, ws.data_ptr() if splits > 1 else None, err,
+                                        len(err)), err)
     return out
 
 
@@ -128,6 +137,27 @@ def test_gemm_matches_reference(M, N, K):
     out = run_emulated(a, b, torch.float32)
     ref = gemm_reference(a, b, torch.float64)
     assert_close(out, ref, torch.float32, what=f"emulated gemm M={M} N={N} K={K}")
+
+
+@pytest.mark.parametrize("M,N,K,splits,expect", [(17, 36, 1040, None, 4), (130, 9, 512, None, 2),
+                                                  (40, 129, 272, 3, None), (5, 8, 48, 2, None)])
+def test_split_k(M, N, K, splits, expect):
+    """Few output tiles and a long K: the entry's split count (or a forced one, including a split
+    with no K tile), partial sums reduced in split order, bias and alpha in the reduction."""
+    a, b = rand_nvfp4(M, K, "cpu"), rand_nvfp4(N, K, "cpu")
+    bias = torch.randn(N)
+    for dt in (torch.float32, torch.bfloat16):
+        out = run_emulated(a, b, dt, bias, splits=splits, expect_splits=expect)
+        assert_close(out, gemm_reference(a, b, torch.float64, bias), dt, what=f"split-K M={M} N={N} K={K}")
+
+
+def test_no_split_when_tiles_fill_the_gpu():
+    p = Params(M=4096, N=4096, K=4096)
+    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 1
+    p = Params(M=128, N=128, K=256)  # 4 K tiles: not worth splitting
+    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 1
+    p = Params(M=128, N=1024, K=4096)  # 8 tiles on 132 SMs, 64 K tiles: 16 splits
+    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 16
 
 
 def test_out_dtypes_bias_codes_and_special_scales():

@@ -49,6 +49,15 @@ void check_operand(const char* which, const Tensor& data, const Tensor& scales, 
   check_same_device(kOp, g.c_str(), global, data, d.c_str());
 }
 
+#ifdef NK_WITH_CUDA
+// The portable kernel, with its split-K workspace when it splits (few output tiles, long K).
+void gemm_cuda_portable(const Tensor& like, const Nvfp4GemmParams& p, void* stream) {
+  const int splits = nvfp4_gemm_cuda_splits(p, like.get_device_index());
+  Tensor ws = new_empty(like, {splits > 1 ? splits * p.M * p.N : 0}, ScalarType::Float);
+  nvfp4_gemm_cuda(p, splits, splits > 1 ? static_cast<float*>(ws.data_ptr()) : nullptr, stream);
+}
+#endif
+
 }  // namespace
 
 Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales,
@@ -120,7 +129,7 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
     return out;
   }
 #endif
-  NK_ROUTE_BY_DEVICE(a_data, kOp, nvfp4_gemm_cpu(p), nvfp4_gemm_cuda(p, stream));
+  NK_ROUTE_BY_DEVICE(a_data, kOp, nvfp4_gemm_cpu(p), gemm_cuda_portable(a_data, p, stream));
   return out;
 }
 

@@ -50,7 +50,10 @@ void nvfp4_gemm_cpu(const Nvfp4GemmParams& p);
 void nvfp4_swizzle_scales_cpu(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols);
 
 #ifdef NK_WITH_CUDA
-void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, void* stream);
+// Number of K splits the portable kernel uses on `device_index` (1: none). With splits > 1 it
+// needs a float32 workspace of splits * M * N (partial sums, reduced in split order).
+int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p, int device_index);
+void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, void* stream);
 void nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols,
                                void* stream);
 #endif

@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -165,15 +166,21 @@ __device__ __forceinline__ void load_codes(GemmSmem& sm, int st, const Nvfp4Gemm
   }
 }
 
+// Split-K: block z of gridDim.z covers K tiles [z * kt_per_split, (z + 1) * kt_per_split) and,
+// when `partial` is given, stores its raw float32 sums to partial[z] (M, N) for
+// split_reduce_kernel instead of the epilogue.
 template <typename OutT>
-__global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const Nvfp4GemmParams p) {
+__global__ void __launch_bounds__(kThreads)
+    nvfp4_gemm_kernel(const Nvfp4GemmParams p, float* __restrict__ partial, int kt_per_split) {
   __shared__ GemmSmem sm;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int wm = (warp & 1) * 64, wn = (warp >> 1) * 64;
   const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
   const int64_t nblk = p.K / 16;
-  const int num_kt = static_cast<int>((p.K + kBK - 1) / kBK);
+  const int total_kt = static_cast<int>((p.K + kBK - 1) / kBK);
+  const int kt0 = static_cast<int>(blockIdx.z) * kt_per_split;
+  const int num_kt = max(0, min(total_kt - kt0, kt_per_split));  // K tiles of this split
 
   float acc[kMT][kNT][4];
 #pragma unroll
@@ -184,20 +191,20 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const Nvfp4GemmPar
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
   if (num_kt > 0) {
-    load_codes(sm, 0, p, m0, n0, 0, tid);
+    load_codes(sm, 0, p, m0, n0, kt0, tid);
     cp_async_commit();
-    sm.a_sf[0][tid] = load_sf_word(p.a_scales, p.M, m0 + tid, nblk, 0);
-    sm.b_sf[0][tid] = load_sf_word(p.b_scales, p.N, n0 + tid, nblk, 0);
+    sm.a_sf[0][tid] = load_sf_word(p.a_scales, p.M, m0 + tid, nblk, kt0);
+    sm.b_sf[0][tid] = load_sf_word(p.b_scales, p.N, n0 + tid, nblk, kt0);
   }
   for (int kt = 0; kt < num_kt; ++kt) {
     const int st = kt & 1;
     const bool more = kt + 1 < num_kt;
     uint32_t next_a_sf = 0, next_b_sf = 0;
     if (more) {  // stage st^1 was last read in iteration kt-1, before its closing barrier
-      load_codes(sm, st ^ 1, p, m0, n0, kt + 1, tid);
+      load_codes(sm, st ^ 1, p, m0, n0, kt0 + kt + 1, tid);
       cp_async_commit();
-      next_a_sf = load_sf_word(p.a_scales, p.M, m0 + tid, nblk, kt + 1);
-      next_b_sf = load_sf_word(p.b_scales, p.N, n0 + tid, nblk, kt + 1);
+      next_a_sf = load_sf_word(p.a_scales, p.M, m0 + tid, nblk, kt0 + kt + 1);
+      next_b_sf = load_sf_word(p.b_scales, p.N, n0 + tid, nblk, kt0 + kt + 1);
       cp_async_wait<1>();  // tile kt has landed (tile kt+1 may be in flight)
     } else {
       cp_async_wait<0>();
@@ -255,6 +262,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const Nvfp4GemmPar
   // Epilogue. Accumulator layout of m16n8: c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at row g+8.
   const float alpha = __ldg(p.a_global) * __ldg(p.b_global);
   OutT* out = static_cast<OutT*>(p.out);
+  float* part = partial ? partial + int64_t(blockIdx.z) * p.M * p.N : nullptr;
 #pragma unroll
   for (int i = 0; i < kMT; ++i)
 #pragma unroll
@@ -267,11 +275,27 @@ __global__ void __launch_bounds__(kThreads) nvfp4_gemm_kernel(const Nvfp4GemmPar
         for (int e = 0; e < 2; ++e) {
           const int64_t col = n0 + wn + 8 * n + 2 * t + e;
           if (col >= p.N) continue;
+          if (part) {
+            part[row * p.N + col] = acc[i][n][2 * h + e];
+            continue;
+          }
           float v = alpha * acc[i][n][2 * h + e];
           if (p.bias) v += __ldg(p.bias + col);
           out[row * p.N + col] = from_f<OutT>(v);
         }
       }
+}
+
+// out = alpha * sum_z partial[z] + bias, the splits summed in order (deterministic).
+template <typename OutT>
+__global__ void split_reduce_kernel(const Nvfp4GemmParams p, const float* __restrict__ partial, int splits) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, mn = p.M * p.N;
+  if (i >= mn) return;
+  float s = 0.f;
+  for (int z = 0; z < splits; ++z) s += partial[z * mn + i];
+  float v = __ldg(p.a_global) * __ldg(p.b_global) * s;
+  if (p.bias) v += __ldg(p.bias + i % p.N);
+  static_cast<OutT*>(p.out)[i] = from_f<OutT>(v);
 }
 
 // One byte of the swizzled scale layout per thread (padding written as 0).
@@ -300,14 +324,41 @@ __global__ void bias_convert_kernel(const float* __restrict__ acc, const float* 
 
 }  // namespace
 
-void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, void* stream) {
+int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p, int device_index) {
+  // Split K only when the output tiles fill less than half the GPU and every split keeps at
+  // least 4 K tiles (256 elements); at most 16 splits (the workspace is splits * M * N floats).
+  int sms = 0;
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_index));
+  const int64_t tiles = int64_t(ceil_div(p.M, kBM)) * ceil_div(p.N, kBN);
+  const int64_t total_kt = (p.K + kBK - 1) / kBK;
+  if (2 * tiles >= sms || total_kt < 8) return 1;
+  int64_t splits = std::min<int64_t>({(sms + tiles - 1) / tiles, total_kt / 4, 16});
+  const int64_t per = (total_kt + splits - 1) / splits;
+  return static_cast<int>((total_kt + per - 1) / per);  // no empty split
+}
+
+void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  const dim3 grid(ceil_div(p.N, kBN), ceil_div(p.M, kBM));
+  if (splits < 1 || (splits > 1 && workspace == nullptr)) {
+    throw std::runtime_error("nemokernels: nvfp4.gemm: internal: split-K needs a workspace");
+  }
+  const int total_kt = static_cast<int>((p.K + kBK - 1) / kBK);
+  const int per = splits > 1 ? (total_kt + splits - 1) / splits : std::max(total_kt, 1);
+  const dim3 grid(ceil_div(p.N, kBN), ceil_div(p.M, kBM), splits);
   if (grid.y > 65535u) throw std::runtime_error("nemokernels: nvfp4.gemm: M too large for the CUDA grid");
+  float* part = splits > 1 ? workspace : nullptr;
   switch (p.out_dtype) {
-    case DType::F32: nvfp4_gemm_kernel<float><<<grid, kThreads, 0, s>>>(p); break;
-    case DType::F16: nvfp4_gemm_kernel<__half><<<grid, kThreads, 0, s>>>(p); break;
-    case DType::BF16: nvfp4_gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(p); break;
+    case DType::F32: nvfp4_gemm_kernel<float><<<grid, kThreads, 0, s>>>(p, part, per); break;
+    case DType::F16: nvfp4_gemm_kernel<__half><<<grid, kThreads, 0, s>>>(p, part, per); break;
+    case DType::BF16: nvfp4_gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(p, part, per); break;
+  }
+  NK_CUDA_LAUNCH_CHECK();
+  if (splits == 1) return;
+  const int blocks = ceil_div(p.M * p.N, 256);
+  switch (p.out_dtype) {
+    case DType::F32: split_reduce_kernel<float><<<blocks, 256, 0, s>>>(p, workspace, splits); break;
+    case DType::F16: split_reduce_kernel<__half><<<blocks, 256, 0, s>>>(p, workspace, splits); break;
+    case DType::BF16: split_reduce_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p, workspace, splits); break;
   }
   NK_CUDA_LAUNCH_CHECK();
 }
