@@ -88,6 +88,10 @@ Tensor moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, std::option
 std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row,
                                            std::optional<Tensor> topk_weights, int64_t top_k,
                                            bool return_dweights);
+// nvfp4/gemm.cpp
+Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales,
+                  Tensor b_global, ScalarType out_dtype, std::optional<Tensor> bias);
+Tensor nvfp4_swizzle_scales(Tensor scales);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -188,6 +192,14 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   // dweights is (0, k) unless return_dweights.
   m.def("moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, "
         "int top_k, bool return_dweights) -> (Tensor dy, Tensor dweights)");
+  // ---- nvfp4: block-scaled GEMM ------------------------------------------------------------
+  // out (M, N) = (a_global * b_global) * dequant(a) @ dequant(b).T + bias; a: data (M, K/2)
+  // uint8, scales (M, K/16) float8_e4m3fn, global 0-dim float32 (read on the device); b alike
+  // with N rows. out_dtype float32/float16/bfloat16.
+  m.def("nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales, "
+        "Tensor b_global, ScalarType out_dtype, Tensor? bias) -> Tensor");
+  // Row-major (rows, K/16) scales -> flat uint8 in the sm_100 tensor-core (128x4 atom) layout.
+  m.def("nvfp4_swizzle_scales(Tensor scales) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -215,7 +227,9 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("moe_gather", TORCH_BOX(&nk::moe_gather));                            \
   m.impl("moe_gather_bwd", TORCH_BOX(&nk::moe_gather_bwd));                    \
   m.impl("moe_combine", TORCH_BOX(&nk::moe_combine));                          \
-  m.impl("moe_combine_bwd", TORCH_BOX(&nk::moe_combine_bwd));
+  m.impl("moe_combine_bwd", TORCH_BOX(&nk::moe_combine_bwd));                    \
+  m.impl("nvfp4_gemm", TORCH_BOX(&nk::nvfp4_gemm));                            \
+  m.impl("nvfp4_swizzle_scales", TORCH_BOX(&nk::nvfp4_swizzle_scales));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

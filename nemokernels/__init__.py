@@ -14,6 +14,7 @@ from .ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from .info import build_info
 from . import spec  # noqa: F401  (verification API: nemokernels.spec.*)
 from . import moe  # noqa: F401  (LatentMoE dispatch: nemokernels.moe.*)
+from . import nvfp4  # noqa: F401  (NVFP4 API: nemokernels.nvfp4.*; registers the fake kernels)
 
 __all__ = ["__version__", "RMSNormGated", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
            "commit_state", "mamba_chunk_scan_combined", "rmsnorm_fn", "selective_state_update",

@@ -32,6 +32,8 @@ OPS = {
     "moe_gather_bwd": "moe",
     "moe_combine": "moe",
     "moe_combine_bwd": "moe",
+    "nvfp4_gemm": "nvfp4",
+    "nvfp4_swizzle_scales": "nvfp4",
 }
 
 

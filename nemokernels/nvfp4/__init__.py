@@ -1,6 +1,6 @@
 """NVFP4 (DESIGN.md section 4.3): the tensor type, quantize/dequantize, the block-scaled GEMM,
 and NVFP4Linear with the pre-training recipe."""
 from .tensor import NVFP4Tensor
-from .gemm import gemm
+from .gemm import gemm, swizzle_scales
 
-__all__ = ["NVFP4Tensor", "gemm"]
+__all__ = ["NVFP4Tensor", "gemm", "swizzle_scales"]

@@ -1,30 +1,65 @@
-"""gemm(a, b, out_dtype, bias): a @ b.T for two NVFP4Tensors.
+"""gemm(a, b, out_dtype, bias): a @ b.T for two NVFP4Tensors (DESIGN.md section 4.3).
 
-This file holds the PyTorch stand-in (decode to float32, matmul); the custom op
-(CPU C++, sm_90 in-register dequantizing tensor-core GEMM, sm_100 CUTLASS block-scaled
-tcgen05 GEMM) replaces its body without changing the signature.
+a: NVFP4Tensor of shape (..., K), b: NVFP4Tensor of shape (N, K) (a weight), K % 16 == 0.
+Returns (..., N) in out_dtype (bfloat16, float16 or float32):
+    out = (a.global_scale * b.global_scale) * (A_hat @ B_hat.T) + bias,
+A_hat = e2m1(code) * e4m3(block scale), accumulated in float32, rounded once to out_dtype.
+The global scales are read on the device (no host sync): CUDA-graph and torch.compile safe.
+
+Paths (schema in csrc/torch_bindings.cpp, kernels in csrc/nvfp4/gemm_*): CPU -> C++ tiled
+kernel; sm_100 -> CUTLASS block-scaled tcgen05 GEMM (when K % 32 == 0 and N % 4 == 0);
+other GPUs -> a tensor-core kernel that dequantizes in registers (no dequantized copy in
+memory). Not differentiable (NVFP4Linear builds its backward from further gemm calls); the
+pure-PyTorch oracle is reference_gemm.gemm_reference.
 """
 from typing import Optional
 
 import torch
 
+from .reference_gemm import decode_reference
 from .tensor import NVFP4Tensor
 
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_ops = torch.ops.nemokernels
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _decode(t: NVFP4Tensor) -> torch.Tensor:
-    lut = torch.tensor(_E2M1, dtype=torch.float32, device=t.data.device)
-    codes = torch.stack([t.data & 0xF, t.data >> 4], dim=-1).flatten(-2).long()
-    vals = lut[codes]
-    s = t.scales.float().repeat_interleave(16, dim=-1)
-    return vals * s * t.global_scale.float()
+@torch.library.register_fake("nemokernels::nvfp4_gemm")
+def _gemm_fake(a_data, a_scales, a_global, b_data, b_scales, b_global, out_dtype, bias):
+    torch._check(a_data.dim() == 2 and b_data.dim() == 2, lambda: "nvfp4.gemm: data must be 2-D")
+    torch._check(a_data.shape[1] == b_data.shape[1], lambda: "nvfp4.gemm: a and b must have the same K")
+    return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("nemokernels::nvfp4_swizzle_scales")
+def _swizzle_fake(scales):
+    rows, cols = scales.shape
+    return scales.new_empty((((rows + 127) // 128) * 128 * ((cols + 3) // 4) * 4,), dtype=torch.uint8)
 
 
 def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16,
          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a (M, K) and b (N, K), both NVFP4Tensor; returns (M, N) in out_dtype (+ bias (N,))."""
-    out = _decode(a) @ _decode(b).T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
+    """a (..., K) and b (N, K), both NVFP4Tensor; returns (..., N) in out_dtype (+ bias (N,))."""
+    if not isinstance(a, NVFP4Tensor) or not isinstance(b, NVFP4Tensor):
+        raise TypeError(f"nvfp4.gemm: a and b must be NVFP4Tensor, got {type(a).__name__} and {type(b).__name__}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"nvfp4.gemm: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if a.data.dim() == 2:
+        return _ops.nvfp4_gemm(a.data, a.scales, a.global_scale, b.data, b.scales, b.global_scale,
+                               out_dtype, bias)
+    if a.data.dim() < 1 or a.scales.dim() != a.data.dim():
+        raise ValueError(f"nvfp4.gemm: a.data {tuple(a.data.shape)} and a.scales {tuple(a.scales.shape)} "
+                         "must have the same number of dims (>= 1)")
+    lead = a.data.shape[:-1]
+    out = _ops.nvfp4_gemm(a.data.reshape(-1, a.data.shape[-1]), a.scales.reshape(-1, a.scales.shape[-1]),
+                          a.global_scale, b.data, b.scales, b.global_scale, out_dtype, bias)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
+    """(rows, K/16) e4m3 scales -> flat uint8 in the sm_100 block-scaled layout (128x4 atoms)."""
+    return _ops.nvfp4_swizzle_scales(scales)
+
+
+def _decode(t: NVFP4Tensor) -> torch.Tensor:
+    """float32 decode of the stand-in this module replaced (kept for code that imported it)."""
+    return decode_reference(t, torch.float32)

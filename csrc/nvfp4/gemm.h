@@ -1,0 +1,71 @@
+// NVFP4 block-scaled GEMM: out = alpha * (A_hat @ B_hat^T) + bias, the GEMM of
+// nemokernels.nvfp4.gemm (DESIGN.md section 4.3). Parameter struct shared by the op entry
+// (gemm.cpp), the CPU kernel (gemm_cpu.cpp), the portable CUDA kernel (gemm_cuda.cu) and the
+// Blackwell CUTLASS kernel (gemm_sm100.cu). No torch types here.
+//
+// Operands, row-major with K the contiguous (last) dim:
+//   A: codes (M, K/2) uint8, element 2i in the low nibble of byte i; scales (M, K/16) e4m3
+//   B: codes (N, K/2) uint8;                                         scales (N, K/16) e4m3
+//   A_hat[m, k] = e2m1(code) * e4m3(scale[m, k/16])   (exact in float, fp16 and bf16)
+//   alpha = a_global * b_global (two float32 scalars read on the device: no host sync)
+//   out[m, n] = alpha * sum_k A_hat[m, k] B_hat[n, k] + bias[n]   (float32 accumulation)
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace nk {
+
+struct Nvfp4GemmParams {
+  int64_t M, N, K;            // K % 16 == 0
+  const uint8_t* a_data;      // (M, K/2), row stride a_ld bytes (contiguous rows)
+  const uint8_t* a_scales;    // (M, K/16), row stride K/16
+  const uint8_t* b_data;      // (N, K/2)
+  const uint8_t* b_scales;    // (N, K/16)
+  const float* a_global;      // 0-dim float32 on the operands' device
+  const float* b_global;
+  const float* bias;          // (N,) float32 contiguous, or null
+  void* out;                  // (M, N) contiguous, out_dtype
+  DType out_dtype;
+};
+
+// Block-scaled layout of the scale factors that sm_100 tensor cores read (CUTLASS
+// Sm1xxBlkScaledConfig, 16-element vectors): 128x4 atoms of (rows, scale columns). Rows are
+// padded to a multiple of 128, scale columns (K/16) to a multiple of 4. Within an atom the
+// byte offset of (row r, column c) is (r % 32) * 16 + ((r / 32) % 4) * 4 + c % 4, and atoms
+// are laid out column-major over (row tile, column tile): atom (rt, ct) starts at
+// (rt * num_col_tiles + ct) * 512. (CUTLASS docs: blackwell_functionality.md, "Scale Factor
+// Layouts"; checked on the CPU against a brute-force copy of that formula in the tests.)
+NK_HD int64_t nvfp4_sf_swizzled_offset(int64_t r, int64_t c, int64_t num_col_tiles) {
+  const int64_t atom = (r / 128) * num_col_tiles + (c / 4);
+  return atom * 512 + (r % 32) * 16 + ((r / 32) % 4) * 4 + (c % 4);
+}
+NK_HD int64_t nvfp4_sf_swizzled_size(int64_t rows, int64_t sf_cols) {
+  return ((rows + 127) / 128) * 128 * ((sf_cols + 3) / 4) * 4;
+}
+
+void nvfp4_gemm_cpu(const Nvfp4GemmParams& p);
+// Row-major (rows, sf_cols) e4m3 bytes -> the swizzled layout above (padding zero-filled).
+void nvfp4_swizzle_scales_cpu(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols);
+
+#ifdef NK_WITH_CUDA
+// Number of K splits the portable kernel uses on `device_index` (1: none). With splits > 1 it
+// needs a float32 workspace of splits * M * N (partial sums, reduced in split order).
+int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p, int device_index);
+void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, void* stream);
+void nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols,
+                               void* stream);
+#endif
+#ifdef NK_HAS_SM100
+// Whether the CUTLASS block-scaled kernel takes this problem (alignment, sizes).
+bool nvfp4_gemm_sm100_supported(const Nvfp4GemmParams& p);
+// Workspace bytes the CUTLASS kernel needs (allocated by the entry).
+int64_t nvfp4_gemm_sm100_workspace_size(const Nvfp4GemmParams& p);
+// a_sf / b_sf: swizzled scales; alpha: device float (a_global * b_global); out must be bf16
+// (M, N) contiguous; bias is added by a second pass when given.
+void nvfp4_gemm_sm100(const Nvfp4GemmParams& p, const uint8_t* a_sf, const uint8_t* b_sf,
+                      float* alpha, void* workspace, void* stream);
+#endif
+
+}  // namespace nk

@@ -1,0 +1,206 @@
+"""The portable NVFP4 GEMM CUDA kernel (csrc/nvfp4/gemm_cuda.cu) run on the CPU through the
+emulator in tools/cuda_emu (see its README and tests/test_cuda_emulation.py, whose build helpers
+this reuses). The kernel's PTX (cp.async, mma.sync m16n8k16, fp16x2 multiply) has C++ twins in
+the same file under the emulator: mma.sync is computed from the PTX fragment layout (which lane
+holds which element), so the kernel's lane/fragment indexing, the code/scale k permutation
+shared by A and B, the double-buffered pipeline's barriers (shared memory is poisoned per
+block), the M/N/K edge masking and the epilogue are all checked against the float64 product of
+the dequantized operands. Also the sm_100 helpers: the scale swizzle and the bias/convert pass.
+Outputs are NaN-poisoned before every emulated launch."""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cuda_emulation as _emu_base
+from helpers import TOL, assert_close
+from test_nvfp4_gemm import rand_nvfp4, rand_scales
+
+from nemokernels import nvfp4
+from nemokernels.nvfp4 import NVFP4Tensor
+from nemokernels.nvfp4.reference_gemm import gemm_reference
+
+ROOT = _emu_base.ROOT
+EMU = _emu_base.EMU
+CSRC = _emu_base.CSRC
+KERNEL = CSRC / "nvfp4" / "gemm_cuda.cu"
+DT_ENUM = _emu_base.DT_ENUM
+
+
+def build_library():
+    """Path of the emulated NVFP4 GEMM .so, cached by content hash like the SSD library."""
+    cid = _emu_base._compiler_id()
+    if cid is None or not sys.platform.startswith("linux"):
+        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
+    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+    base.mkdir(parents=True, exist_ok=True)
+    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
+    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
+    files = _emu_base._headers() + [EMU / "driver_nvfp4_gemm.cpp"]
+    files += sorted((CSRC / "nvfp4").glob("*.h")) + sorted((CSRC / "nvfp4").glob("*.cuh"))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(gen.encode())
+    lib = base / f"libnvfp4_gemm_emu_{h.hexdigest()[:20]}.so"
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build_nvfp4_gemm_", dir=base))
+    try:
+        (work / "gemm_cuda.emu.cpp").write_text(gen)
+        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
+        tmp = work / "lib.so"
+        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_nvfp4_gemm.cpp"),
+                            "-o", str(tmp)], capture_output=True, text=True)
+        assert r.returncode == 0, f"emulator build of nvfp4 gemm failed:\n{(r.stdout + r.stderr)[-8000:]}"
+        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+_I64, _P = ctypes.c_int64, ctypes.c_void_p
+_FIELDS = [("M", _I64), ("N", _I64), ("K", _I64), ("a_data", _P), ("a_scales", _P), ("b_data", _P),
+           ("b_scales", _P), ("a_global", _P), ("b_global", _P), ("bias", _P), ("out", _P), ("out_dtype", ctypes.c_int)]
+
+
+class Params(ctypes.Structure):
+    _fields_ = _FIELDS
+
+
+_LIB = []
+
+
+def lib():
+    if not _LIB:
+        L = ctypes.CDLL(str(build_library()))
+        for fn in ("emu_nvfp4_gemm_cuda", "emu_nvfp4_swizzle_scales_cuda", "emu_nvfp4_bias_convert_cuda"):
+            getattr(L, fn).restype = ctypes.c_int
+        L.emu_nvfp4_gemm_cuda.argtypes = [_P, ctypes.c_int, _P, ctypes.c_char_p, ctypes.c_int]
+        L.emu_nvfp4_gemm_cuda_splits.restype = ctypes.c_int
+        L.emu_nvfp4_gemm_cuda_splits.argtypes = [_P]
+        L.emu_nvfp4_swizzle_scales_cuda.argtypes = [_P, _P, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_char_p,
+                                                    ctypes.c_int]
+        L.emu_nvfp4_bias_convert_cuda.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                                  ctypes.c_char_p, ctypes.c_int]
+        for fn in ("emu_nvfp4_gemm_sizeof", "emu_nvfp4_gemm_offset", "emu_nvfp4_gemm_blocks_run"):
+            getattr(L, fn).restype = ctypes.c_longlong
+        L.emu_nvfp4_gemm_offset.argtypes = [ctypes.c_char_p]
+        _LIB.append(L)
+    return _LIB[0]
+
+
+def _check_rc(rc, err):
+    assert rc == 0, f"emulated launch failed: {err.value.decode()}"
+
+
+def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=None, expect_splits=None):
+    """The op entry's set-up (gemm.cpp: contiguous operands, float32 bias, split-K workspace of
+    the entry's split count unless `splits` forces one) and one emulated launch."""
+    ad, asc, bd, bsc = (t.contiguous() for t in (a.data, a.scales.view(torch.uint8), b.data, b.scales.view(torch.uint8)))
+    ag, bg = a.global_scale.float().reshape(()).contiguous(), b.global_scale.float().reshape(()).contiguous()
+    b32 = None if bias is None else bias.float().contiguous()
+    M, N, K = ad.shape[0], bd.shape[0], ad.shape[1] * 2
+    out = torch.full((M, N), float("nan"), dtype=out_dtype)
+    p = Params(M=M, N=N, K=K, a_data=ad.data_ptr(), a_scales=asc.data_ptr(), b_data=bd.data_ptr(),
+               b_scales=bsc.data_ptr(), a_global=ag.data_ptr(), b_global=bg.data_ptr(),
+               bias=None if b32 is None else b32.data_ptr(), out=out.data_ptr(), out_dtype=DT_ENUM[out_dtype])
+    if splits is None:
+        splits = lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p))
+    if expect_splits is not None:
+        assert splits == expect_splits
+    ws = torch.full((splits * M * N if splits > 1 else 1,), float("nan"))
+    err = ctypes.create_string_buffer(4096)
+    _check_rc(lib().emu_nvfp4_gemm_cuda(ctypes.byref(p), splits, ws.data_ptr() if splits > 1 else None, err,
+                                        len(err)), err)
+    return out
+
+
+def test_params_layout():
+    L = lib()
+    assert L.emu_nvfp4_gemm_sizeof() == ctypes.sizeof(Params)
+    for name, _ in _FIELDS:
+        assert L.emu_nvfp4_gemm_offset(name.encode()) == getattr(Params, name).offset, name
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 16), (17, 15, 48), (36, 129, 272), (129, 17, 32), (128, 128, 64),
+                                   (130, 136, 208)])
+def test_gemm_matches_reference(M, N, K):
+    a, b = rand_nvfp4(M, K, "cpu"), rand_nvfp4(N, K, "cpu")
+    out = run_emulated(a, b, torch.float32)
+    ref = gemm_reference(a, b, torch.float64)
+    assert_close(out, ref, torch.float32, what=f"emulated gemm M={M} N={N} K={K}")
+
+
+@pytest.mark.parametrize("M,N,K,splits,expect", [(17, 36, 1040, None, 4), (130, 9, 512, None, 2),
+                                                  (40, 129, 272, 3, None), (5, 8, 48, 2, None)])
+def test_split_k(M, N, K, splits, expect):
+    """Few output tiles and a long K: the entry's split count (or a forced one, including a split
+    with no K tile), partial sums reduced in split order, bias and alpha in the reduction."""
+    a, b = rand_nvfp4(M, K, "cpu"), rand_nvfp4(N, K, "cpu")
+    bias = torch.randn(N)
+    for dt in (torch.float32, torch.bfloat16):
+        out = run_emulated(a, b, dt, bias, splits=splits, expect_splits=expect)
+        assert_close(out, gemm_reference(a, b, torch.float64, bias), dt, what=f"split-K M={M} N={N} K={K}")
+
+
+def test_no_split_when_tiles_fill_the_gpu():
+    p = Params(M=4096, N=4096, K=4096)
+    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 1
+    p = Params(M=128, N=128, K=256)  # 4 K tiles: not worth splitting
+    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 1
+    p = Params(M=128, N=1024, K=4096)  # 8 tiles on 132 SMs, 64 K tiles: 16 splits
+    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 16
+
+
+def test_out_dtypes_bias_codes_and_special_scales():
+    M, N, K = 40, 24, 128
+    codes = torch.arange(256, dtype=torch.uint8)
+    a_data = codes.repeat(M * K // 2 // 256 + 1)[: M * K // 2].reshape(M, K // 2)
+    b_data = torch.flip(codes, [0]).repeat(N * K // 2 // 256 + 1)[: N * K // 2].reshape(N, K // 2)
+    special = torch.tensor([0x00, 0x7E, 0x01, 0x07, 0x08, 0x38, 0xB8, 0x06, 0x3F, 0xFE], dtype=torch.uint8)
+    a = NVFP4Tensor(a_data, special[torch.randint(0, 10, (M, K // 16))].view(torch.float8_e4m3fn),
+                    torch.tensor(2.0 ** -12))
+    b = NVFP4Tensor(b_data, special[torch.randint(0, 10, (N, K // 16))].view(torch.float8_e4m3fn),
+                    torch.tensor(2.0 ** -12))
+    bias = torch.randn(N)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for bi in (None, bias):
+            out = run_emulated(a, b, dt, bi)
+            assert_close(out, gemm_reference(a, b, torch.float64, bi), dt, what=f"emulated {dt} bias={bi is not None}")
+    # same random operands through the public CPU op: both within float32 accumulation of each other
+    a, b = rand_nvfp4(33, 96, "cpu"), rand_nvfp4(70, 96, "cpu")
+    assert_close(run_emulated(a, b, torch.float32, bias[:24].repeat(3)[:70]),
+                 nvfp4.gemm(a, b, torch.float32, bias[:24].repeat(3)[:70]).double(), torch.float32)
+
+
+def test_k_zero_writes_bias():
+    a, b = rand_nvfp4(5, 0, "cpu"), rand_nvfp4(9, 0, "cpu")
+    bias = torch.randn(9)
+    out = run_emulated(a, b, torch.float32, bias)
+    assert torch.equal(out, bias.expand(5, 9))
+
+
+def test_swizzle_and_bias_convert_helpers():
+    for rows, cols in [(1, 1), (129, 17), (300, 8)]:
+        s = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+        size = ((rows + 127) // 128) * 128 * ((cols + 3) // 4) * 4
+        dst = torch.full((size,), 0xAB, dtype=torch.uint8)
+        err = ctypes.create_string_buffer(4096)
+        _check_rc(lib().emu_nvfp4_swizzle_scales_cuda(s.data_ptr(), dst.data_ptr(), rows, cols, err, len(err)), err)
+        assert torch.equal(dst, nvfp4.swizzle_scales(s.view(torch.float8_e4m3fn)))  # the CPU twin
+    acc, bias = torch.randn(7, 13), torch.randn(13)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for bi in (None, bias):
+            out = torch.full((7, 13), float("nan"), dtype=dt)
+            err = ctypes.create_string_buffer(4096)
+            _check_rc(lib().emu_nvfp4_bias_convert_cuda(acc.data_ptr(), None if bi is None else bi.data_ptr(),
+                                                        out.data_ptr(), DT_ENUM[dt], 7, 13, err, len(err)), err)
+            assert torch.equal(out, (acc + (0 if bi is None else bi)).to(dt))

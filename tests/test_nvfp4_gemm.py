@@ -1,0 +1,297 @@
+"""nvfp4.gemm (a @ b.T of two NVFP4Tensors): against the float64 product of the dequantized
+operands (nemokernels/nvfp4/reference_gemm.py) at tile edges (M, N in 1..129, K in 16..272),
+every code, special scales (0, 448, subnormal e4m3, negative), bias, out dtypes, strided and
+batched inputs, poisoned outputs, bad input, opcheck, torch.compile, CUDA graphs, and the
+sm_100 scale-factor swizzle's index map against the CuTe layout formula."""
+import pytest
+import torch
+
+from nemokernels import nvfp4
+from nemokernels.nvfp4 import NVFP4Tensor
+from nemokernels.nvfp4.reference_gemm import decode_reference, gemm_reference
+
+from conftest import DEVICES, raises_in_kernel
+from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+
+ops = torch.ops.nemokernels
+EDGES = [1, 15, 16, 17, 36, 127, 128, 129]
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rand_scales(rows, nblk, device, lo=0x08, hi=0x58):
+    """Random e4m3 scales as bytes in [lo, hi) (0x08..0x57: 2^-6 .. 2^4 * 1.875, positive)."""
+    return torch.randint(lo, hi, (rows, nblk), dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+
+
+def rand_nvfp4(rows, K, device, scales=None, global_scale=None):
+    data = torch.randint(0, 256, (rows, K // 2), dtype=torch.uint8, device=device)
+    if scales is None:
+        scales = rand_scales(rows, K // 16, device)
+    if global_scale is None:
+        global_scale = torch.rand((), device=device) + 0.25
+    return NVFP4Tensor(data, scales, global_scale)
+
+
+def check(a, b, out_dtype=torch.float32, bias=None, what="", poison=True):
+    if poison:
+        poison_allocator(a.device)
+    out = nvfp4.gemm(a, b, out_dtype, bias)
+    ref = gemm_reference(a, b, torch.float64, bias)
+    assert out.dtype == out_dtype and out.shape == ref.shape
+    assert_close(out, ref, out_dtype, what=f"gemm {what}")
+    return out, ref
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [16, 32, 48, 272])
+def test_tile_edges(device, K):
+    # every M with every N on the GPU; on the CPU every M and every N, each with 3 partners
+    pairs = ([(M, N) for M in EDGES for N in EDGES] if device != "cpu" else
+             [(M, EDGES[(i + 3 * j) % len(EDGES)]) for i, M in enumerate(EDGES) for j in range(3)])
+    for M, N in pairs:
+        check(rand_nvfp4(M, K, device), rand_nvfp4(N, K, device), what=f"M={M} N={N} K={K}",
+              poison=(M == N or device != "cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+def test_out_dtypes_and_bias(device, out_dtype, bias_dtype):
+    for M, N, K in [(37, 129, 96), (128, 64, 256), (5, 300, 1024)]:
+        a, b = rand_nvfp4(M, K, device), rand_nvfp4(N, K, device)
+        bias = None if bias_dtype is None else (torch.randn(N, device=device) * 50).to(bias_dtype)
+        out, ref = check(a, b, out_dtype, bias, what=f"{out_dtype} bias={bias_dtype} M={M} N={N} K={K}")
+        if out_dtype != torch.float32:
+            # one rounding of the exact result (float32 accumulation is far finer than 16 bits)
+            assert (out.double() - ref).abs().max() <= (ref.abs() * 2.0 ** -7).max() + 1e-30
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_error_is_accumulation_only(device):
+    a, b = rand_nvfp4(64, 2048, device), rand_nvfp4(96, 2048, device)
+    out = nvfp4.gemm(a, b, torch.float32)
+    err = rel_err(out, gemm_reference(a, b, torch.float64))
+    assert err < 2e-6, f"float32 accumulation should give ~1e-7, got {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_code_and_special_scales(device):
+    K = 512
+    codes = torch.arange(256, dtype=torch.uint8, device=device)
+    a_data = codes.repeat(40 * K // 2 // 256 + 1)[: 40 * K // 2].reshape(40, K // 2)
+    b_data = torch.flip(codes, [0]).repeat(24 * K // 2 // 256 + 1)[: 24 * K // 2].reshape(24, K // 2)
+    special = torch.tensor([0x00, 0x7E, 0x01, 0x07, 0x08, 0x38, 0xB8, 0x06, 0x3F, 0xFE],
+                           dtype=torch.uint8, device=device)  # 0, 448, 2^-9, 7*2^-9, 2^-6, 1, -1, ...
+    if device == "cuda" and torch.cuda.get_device_capability()[0] == 10:
+        special = special[special < 0x80]  # sm_100 reads scales as ue4m3: no negative scales (known-issues.md)
+    a_sc = special[torch.randint(0, len(special), (40, K // 16), device=device)].view(torch.float8_e4m3fn)
+    b_sc = special[torch.randint(0, len(special), (24, K // 16), device=device)].view(torch.float8_e4m3fn)
+    # global scales 2^-12: the sums stay inside float16's range (6 * 448 squared times K overflows it)
+    a = NVFP4Tensor(a_data, a_sc, torch.tensor(2.0 ** -12, device=device))
+    b = NVFP4Tensor(b_data, b_sc, torch.tensor(2.0 ** -12, device=device))
+    for out_dtype in OUT_DTYPES:
+        check(a, b, out_dtype, what="codes/scales")
+    # all-zero scales: exact zeros, not NaN
+    z = NVFP4Tensor(a_data, torch.zeros_like(a_sc), a.global_scale)
+    out = nvfp4.gemm(z, b, torch.float32)
+    assert torch.equal(out, torch.zeros_like(out))
+    # the largest magnitudes: 6 * 448 per element, still finite in float32 and exact
+    big = torch.full_like(a_sc.view(torch.uint8), 0x7E).view(torch.float8_e4m3fn)
+    ones = torch.full_like(a_data, 0x77)  # code 7 (= 6) in both nibbles
+    t = NVFP4Tensor(ones, big, torch.tensor(1.0, device=device))
+    out = nvfp4.gemm(t, t, torch.float32)
+    assert torch.all(out == (6.0 * 448.0) ** 2 * K)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_batched_and_global_scales(device):
+    K = 160
+    big = torch.randint(0, 256, (33, K), dtype=torch.uint8, device=device)
+    a = NVFP4Tensor(big[:, 3:3 + K // 2], rand_scales(K // 16, 33, device).t(),
+                    torch.tensor(3.0, device=device))  # non-contiguous data (offset 3) and scales
+    b = rand_nvfp4(50, K, device, global_scale=torch.tensor([0.125], device=device))  # shape (1,) ok
+    assert not a.data.is_contiguous() and not a.scales.is_contiguous()
+    check(a, b, what="strided")
+    # leading dims of a are kept
+    a3 = rand_nvfp4(2 * 7, K, device)
+    a3 = NVFP4Tensor(a3.data.reshape(2, 7, K // 2), a3.scales.reshape(2, 7, K // 16), a3.global_scale)
+    out = nvfp4.gemm(a3, b, torch.float32)
+    assert out.shape == (2, 7, 50)
+    a2 = NVFP4Tensor(a3.data.reshape(14, K // 2), a3.scales.reshape(14, K // 16), a3.global_scale)
+    assert torch.equal(out.reshape(14, 50), nvfp4.gemm(a2, b, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_k_zero(device):
+    a, b = rand_nvfp4(0, 64, device), rand_nvfp4(9, 64, device)
+    assert nvfp4.gemm(a, b).shape == (0, 9)
+    assert nvfp4.gemm(b, a).shape == (9, 0)
+    a, b = rand_nvfp4(4, 0, device), rand_nvfp4(6, 0, device)
+    bias = torch.randn(6, device=device)
+    out = nvfp4.gemm(a, b, torch.float32, bias)
+    assert torch.equal(out, bias.expand(4, 6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    a, b = rand_nvfp4(130, 512, device), rand_nvfp4(70, 512, device)
+    assert torch.equal(nvfp4.gemm(a, b, torch.float32), nvfp4.gemm(a, b, torch.float32))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@raises_in_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    a, b = rand_nvfp4(8, 64, device), rand_nvfp4(4, 64, device)
+    g = a.global_scale
+
+    def call(ad=a.data, asc=a.scales, ag=g, bd=b.data, bsc=b.scales, bg=g, dt=torch.float32, bias=None):
+        return ops.nvfp4_gemm(ad, asc, ag, bd, bsc, bg, dt, bias)
+
+    with pytest.raises(RuntimeError, match="same K"):
+        call(bd=rand_nvfp4(4, 96, device).data, bsc=rand_nvfp4(4, 96, device).scales)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        call(ad=a.data[:, :4], bd=b.data[:, :4])
+    with pytest.raises(RuntimeError, match="a.data.*uint8"):
+        call(ad=a.data.to(torch.int8))
+    with pytest.raises(RuntimeError, match="b.scales.*float8_e4m3fn"):
+        call(bsc=b.scales.view(torch.uint8))
+    with pytest.raises(RuntimeError, match=r"a.scales must have shape \(8, 4\)"):
+        call(asc=a.scales[:, :3])
+    with pytest.raises(RuntimeError, match="b.global_scale must be a float32 scalar"):
+        call(bg=torch.ones(2, device=device))
+    with pytest.raises(RuntimeError, match="a.global_scale.*float32"):
+        call(ag=g.double())
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        call(dt=torch.int32)
+    with pytest.raises(RuntimeError, match="bias"):
+        call(bias=torch.ones(5, device=device))
+    with pytest.raises(RuntimeError, match="2-D"):
+        call(ad=a.data[None])
+    with pytest.raises(ValueError, match="out_dtype"):
+        nvfp4.gemm(a, b, torch.int8)
+    with pytest.raises(TypeError, match="NVFP4Tensor"):
+        nvfp4.gemm(a.data, b)
+
+
+@raises_in_kernel
+@pytest.mark.gpu
+def test_devices_differ():
+    a, b = rand_nvfp4(8, 64, "cuda"), rand_nvfp4(4, 64, "cuda")
+    with pytest.raises(RuntimeError, match="device"):
+        ops.nvfp4_gemm(a.data, a.scales, a.global_scale.cpu(), b.data, b.scales, b.global_scale,
+                       torch.float32, None)
+    with pytest.raises(RuntimeError, match="device"):
+        ops.nvfp4_gemm(a.data, a.scales, a.global_scale, b.data.cpu(), b.scales.cpu(), b.global_scale.cpu(),
+                       torch.float32, None)
+
+
+# ---------------------------------------------------------------- registration, compile, graphs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    a, b = rand_nvfp4(17, 48, device), rand_nvfp4(36, 48, device)
+    bias = torch.randn(36, device=device)
+    # test_schema is left out for the GEMM: its mutation check compares inputs with torch ops
+    # that have no float8_e4m3fn CPU kernel ("mul_cpu_reduced_float" not implemented); the schema
+    # declares no mutation and the swizzle op (uint8 input) runs the full set below.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    for dt, bi in ((torch.bfloat16, bias), (torch.float32, None)):
+        torch.library.opcheck(ops.nvfp4_gemm, (a.data, a.scales, a.global_scale, b.data, b.scales,
+                                               b.global_scale, dt, bi), test_utils=utils)
+    opcheck(ops.nvfp4_swizzle_scales, (a.scales.view(torch.uint8),))
+    torch.library.opcheck(ops.nvfp4_swizzle_scales, (a.scales,), test_utils=utils)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    a, b = rand_nvfp4(20, 64, device), rand_nvfp4(24, 64, device)
+    bias = torch.randn(24, device=device)
+
+    @torch.compile(fullgraph=True)
+    def f(ad, asc, ag, bd, bsc, bg, bias):
+        return nvfp4.gemm(NVFP4Tensor(ad, asc, ag), NVFP4Tensor(bd, bsc, bg), torch.bfloat16, bias) * 2
+
+    out = f(a.data, a.scales, a.global_scale, b.data, b.scales, b.global_scale, bias)
+    assert torch.equal(out, nvfp4.gemm(a, b, torch.bfloat16, bias) * 2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_new_inputs():
+    a, b = rand_nvfp4(100, 256, "cuda"), rand_nvfp4(72, 256, "cuda")
+    nvfp4.gemm(a, b, torch.float32)  # warm up
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = nvfp4.gemm(a, b, torch.float32)
+    a2, b2 = rand_nvfp4(100, 256, "cuda"), rand_nvfp4(72, 256, "cuda")
+    for t, t2 in ((a, a2), (b, b2)):
+        t.data.copy_(t2.data)
+        t.scales.copy_(t2.scales)
+        t.global_scale.copy_(t2.global_scale)  # alpha is read on the device at replay
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, nvfp4.gemm(a2, b2, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(128, 1024, 4096), (300, 200, 48), (256, 512, 1040)])
+def test_cuda_matches_cpu_kernel(M, N, K):
+    a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
+    bias = torch.randn(N, device="cuda")
+    for dt in OUT_DTYPES:
+        out = nvfp4.gemm(a, b, dt, bias)
+        ref = gemm_reference(a, b, torch.float64, bias)
+        assert_close(out, ref, dt, what=f"cuda {dt}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 10,
+                    reason="the CUTLASS block-scaled path runs on sm_100 only")
+def test_sm100_cutlass_path_shapes():
+    for M, N, K in [(1, 4, 32), (36, 128, 64), (129, 260, 288), (4096, 1024, 4096)]:
+        a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
+        for dt in OUT_DTYPES:
+            check(a, b, dt, what=f"sm100 M={M} N={N} K={K}")
+        check(a, b, torch.bfloat16, torch.randn(N, device="cuda"), what="sm100 bias")
+
+
+# ---------------------------------------------------------------- scale-factor swizzle
+
+
+def cute_sf_offsets(rows, sf_cols):
+    """Offsets of the CuTe layout Sm1xxBlkScaledConfig builds (brute force, element by element):
+    atom Shape<(32,4),(16,4)> : Stride<(16,4),(0,1)> over (row, k element), tiled to
+    (rows, K) with Step<_2,_1,_3> (the K tiles vary fastest)."""
+    K = sf_cols * 16
+    k_tiles = (K + 63) // 64
+    off = torch.empty(rows, sf_cols, dtype=torch.int64)
+    for r in range(rows):
+        for c in range(sf_cols):
+            k = c * 16
+            r0, r1, rt = r % 32, (r // 32) % 4, r // 128
+            k0, k1, kt = k % 16, (k // 16) % 4, k // 64
+            in_atom = r0 * 16 + r1 * 4 + k0 * 0 + k1 * 1
+            off[r, c] = (rt * k_tiles + kt) * 512 + in_atom
+    return off
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swizzle_scales_matches_cute_layout(device):
+    for rows, sf_cols in [(1, 1), (36, 3), (128, 4), (129, 17), (300, 8)]:
+        s = torch.randint(1, 256, (rows, sf_cols), dtype=torch.uint8, device=device)
+        out = nvfp4.swizzle_scales(s.view(torch.float8_e4m3fn)).cpu()
+        size = ((rows + 127) // 128) * 128 * ((sf_cols + 3) // 4) * 4
+        assert out.shape == (size,)
+        off = cute_sf_offsets(rows, sf_cols)
+        assert len(set(off.flatten().tolist())) == rows * sf_cols and int(off.max()) < size
+        assert torch.equal(out[off.flatten()], s.cpu().flatten())
+        pad = torch.ones(size, dtype=torch.bool)
+        pad[off.flatten()] = False
+        assert (out[pad] == 0).all(), "padding must be zero (zero scales)"
