@@ -127,8 +127,8 @@ def offsets_of(counts):
     return torch.tensor(o, dtype=torch.int32)
 
 
-def ref_segments(counts, extra, f):
-    """Rows of each expert through f(e, lo, hi); rows past the last segment stay zero."""
+def ref_segments(counts):
+    """(expert, lo, hi) of every segment; rows past the last segment belong to none."""
     offs = offsets_of(counts).tolist()
     return [(e, offs[e], offs[e + 1]) for e in range(len(counts))]
 
@@ -154,7 +154,7 @@ def test_fwd_dgrad_wgrad(dtype, cc):
         a = torch.randn(R, K).to(dtype)
         w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
         dout = torch.randn(R, N).to(dtype)
-        segs = ref_segments(counts, extra, None)
+        segs = ref_segments(counts)
         pre_ref = torch.zeros(R, N, dtype=torch.float64)
         for e, lo, hi in segs:
             pre_ref[lo:hi] = a[lo:hi].double() @ w[e].double().T
