@@ -29,20 +29,23 @@ KERNEL = CSRC / "moe" / "grouped_gemm_cuda.cu"
 DT_ENUM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def build_moe_library():
-    """Path of the emulated grouped GEMM .so, cached by content hash like the SSD library."""
+def build_moe_library(arch=False):
+    """Path of the emulated grouped GEMM .so, cached by content hash like the SSD library; with
+    `arch`, built with NK_HAS_SM90 and driver_moe_arch.cpp (the CUTLASS path with a mock GEMM)."""
+    driver = EMU / ("driver_moe_arch.cpp" if arch else "driver_moe.cpp")
+    flags = [*_emu_base.FLAGS, *(["-DNK_HAS_SM90=1"] if arch else [])]
     cid = _emu_base._compiler_id()
     if cid is None or not sys.platform.startswith("linux"):
         pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
     base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
     base.mkdir(parents=True, exist_ok=True)
     gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
-    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
-    for f in _emu_base._headers() + sorted((CSRC / "moe").glob("*.h")) + [EMU / "driver_moe.cpp"]:
+    h = hashlib.sha256((cid + " ".join(flags)).encode())
+    for f in _emu_base._headers() + sorted((CSRC / "moe").glob("*.h")) + [driver]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(gen.encode())
-    lib = base / f"libmoe_emu_{h.hexdigest()[:20]}.so"
+    lib = base / f"libmoe{'_arch' if arch else ''}_emu_{h.hexdigest()[:20]}.so"
     if lib.exists():
         return lib
     work = Path(tempfile.mkdtemp(prefix="build_moe_", dir=base))
@@ -50,7 +53,7 @@ def build_moe_library():
         (work / "grouped_gemm_cuda.emu.cpp").write_text(gen)
         inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
         tmp = work / "lib.so"
-        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_moe.cpp"), "-o", str(tmp)],
+        r = subprocess.run([_emu_base.CXX, *flags, *inc, "-shared", str(driver), "-o", str(tmp)],
                            capture_output=True, text=True)
         assert r.returncode == 0, f"emulator build of grouped_gemm failed:\n{(r.stdout + r.stderr)[-8000:]}"
         os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
@@ -124,8 +127,8 @@ def offsets_of(counts):
     return torch.tensor(o, dtype=torch.int32)
 
 
-def ref_segments(counts, extra, f):
-    """Rows of each expert through f(e, lo, hi); rows past the last segment stay zero."""
+def ref_segments(counts):
+    """(expert, lo, hi) of every segment; rows past the last segment belong to none."""
     offs = offsets_of(counts).tolist()
     return [(e, offs[e], offs[e + 1]) for e in range(len(counts))]
 
@@ -151,7 +154,7 @@ def test_fwd_dgrad_wgrad(dtype, cc):
         a = torch.randn(R, K).to(dtype)
         w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
         dout = torch.randn(R, N).to(dtype)
-        segs = ref_segments(counts, extra, None)
+        segs = ref_segments(counts)
         pre_ref = torch.zeros(R, N, dtype=torch.float64)
         for e, lo, hi in segs:
             pre_ref[lo:hi] = a[lo:hi].double() @ w[e].double().T
@@ -193,3 +196,103 @@ def test_misaligned_operands_take_the_element_path():
     for e in range(E):
         ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
     assert_close(out, ref, dtype)
+
+
+# ---------------------------------------------------------------- the arch (CUTLASS) path's passes
+
+_ARCH = []
+
+
+def arch_lib():
+    if not _ARCH:
+        L = ctypes.CDLL(str(build_moe_library(arch=True)))
+        for fn in ("emu_gga_fwd_cuda", "emu_gga_dgrad_cuda", "emu_gga_wgrad_cuda"):
+            getattr(L, fn).restype = ctypes.c_int
+            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        L.emu_gga_prepare.restype = ctypes.c_longlong
+        L.emu_gga_prepare.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        L.emu_gga_mock_calls.restype = ctypes.c_longlong
+        _ARCH.append(L)
+    return _ARCH[0]
+
+
+def run_arch(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, save_pre=False, dtype):
+    """As run(), through grouped_gemm_cuda_prepare: returns (out, pre_out, arch, workspace bytes)."""
+    L = arch_lib()
+    p = GgParams()
+    p.dtype, p.R, p.N, p.K, p.E = DT_ENUM[dtype], R, N, K, E
+    offs = offsets.contiguous()
+    p.offsets = offs.data_ptr()
+    shape = {"fwd": (R, N), "dgrad": (R, K), "wgrad": (E, N, K)}[op]
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    pre_out = torch.full((R, N), float("nan"), dtype=dtype) if save_pre else None
+    scratch = torch.full((E + 1,), -7, dtype=torch.int32)
+    p.a, p.w, p.dout, p.pre_in = _ptr(a), _ptr(w), _ptr(dout), _ptr(pre)
+    p.out, p.pre_out, p.act, p.tile_offsets = out.data_ptr(), _ptr(pre_out), act, scratch.data_ptr()
+    nbytes = L.emu_gga_prepare(ctypes.addressof(p), {"fwd": 0, "dgrad": 1, "wgrad": 2}[op])
+    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)  # NaN-ish garbage
+    if nbytes > 0:
+        p.workspace = ws.data_ptr()
+    err = ctypes.create_string_buffer(4096)
+    if getattr(L, f"emu_gga_{op}_cuda")(ctypes.addressof(p), err, len(err)) != 0:
+        raise RuntimeError(f"emu_gga_{op}_cuda: {err.value.decode(errors='replace')}")
+    return out, pre_out, p.arch, nbytes
+
+
+def test_arch_path_passes():
+    """bf16, N and K multiples of 8, aligned: prepare picks sm90 and the passes around the (mock)
+    grouped GEMM give the right fwd (relu2, preact), dgrad and wgrad (with the relu2 backward)."""
+    dtype = torch.bfloat16
+    counts, N, K = [5, 0, 19, 1], 24, 16
+    offsets = offsets_of(counts)
+    R, E = int(offsets[-1]) + 4, len(counts)
+    a = torch.randn(R, K).to(dtype)
+    w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
+    dout = torch.randn(R, N).to(dtype)
+    offs = offsets.tolist()
+    pre_ref = torch.zeros(R, N, dtype=torch.float64)
+    for e in range(E):
+        pre_ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
+    kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
+    calls0 = arch_lib().emu_gga_mock_calls()
+    out, pre, arch, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
+    assert arch == 90
+    assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 out")
+    assert_close(pre, pre_ref, dtype, what="fwd preact")
+    out, _, _, _ = run_arch("fwd", a=a, w=w, act=1, **kw)
+    assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 in place")
+    out, _, _, _ = run_arch("fwd", a=a, w=w, act=0, **kw)
+    assert_close(out, pre_ref, dtype, what="fwd none")
+    for use_pre in (False, True):
+        preact = pre if use_pre else None
+        g = (dout.double() * 2 * torch.relu(preact.double())).to(dtype).double() if use_pre else dout.double()
+        da_ref = torch.zeros(R, K, dtype=torch.float64)
+        dw_ref = torch.zeros(E, N, K, dtype=torch.float64)
+        for e in range(E):
+            lo, hi = offs[e], offs[e + 1]
+            da_ref[lo:hi] = g[lo:hi] @ w[e].double()
+            dw_ref[e] = g[lo:hi].T @ a[lo:hi].double()
+        da, _, arch, nbytes = run_arch("dgrad", dout=dout, w=w, pre=preact, **kw)
+        assert arch == 90 and (nbytes > 0) == use_pre
+        assert_close(da, da_ref, dtype, what=f"dgrad pre={use_pre}")
+        dw, _, arch, _ = run_arch("wgrad", dout=dout, a=a, pre=preact, **kw)
+        assert arch == 90
+        assert_close(dw, dw_ref, dtype, what=f"wgrad pre={use_pre}")
+    assert arch_lib().emu_gga_mock_calls() - calls0 == 7, "every call must reach the (mock) CUTLASS GEMM"
+
+
+def test_arch_path_not_taken():
+    """fp16, K not a multiple of 8, or a misaligned base: the portable kernels run instead."""
+    counts, N, K = [5, 3], 24, 16
+    offsets = offsets_of(counts)
+    R, E = 8, 2
+    kw = dict(offsets=offsets, N=N, E=E, R=R)
+    w16 = torch.randn(E, N, K).to(torch.float16)
+    _, _, arch, _ = run_arch("fwd", a=torch.randn(R, K).half(), w=w16, K=K, dtype=torch.float16, **kw)
+    assert arch == 0
+    w12 = torch.randn(E, N, 12).to(torch.bfloat16)
+    _, _, arch, _ = run_arch("fwd", a=torch.randn(R, 12).bfloat16(), w=w12, K=12, dtype=torch.bfloat16, **kw)
+    assert arch == 0
+    abuf = torch.randn(R * K + 1).bfloat16()
+    out, _, arch, _ = run_arch("fwd", a=abuf[1:].view(R, K), w=w16.bfloat16(), K=K, dtype=torch.bfloat16, **kw)
+    assert arch == 0 and torch.isfinite(out).all()

@@ -49,6 +49,7 @@ int64_t check_offsets(const char* op, const Tensor& offsets, const Tensor& ref, 
   NK_CHECK(offsets.size(0) >= 1, op, ": expert_offsets must have E + 1 >= 1 entries, got shape ",
            shape_str(offsets));
   const int64_t E = offsets.size(0) - 1;
+  NK_CHECK(!offsets.is_cuda() || E <= 65535, op, ": at most 65535 experts on CUDA (a grid dimension), got ", E);
   NK_CHECK(expect_e < 0 || E == expect_e, op, ": expert_offsets must have E + 1 = ", expect_e + 1,
            " entries (w has E = ", expect_e, " experts), got shape ", shape_str(offsets));
   if (offsets.is_cpu()) {

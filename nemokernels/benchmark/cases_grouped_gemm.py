@@ -1,7 +1,8 @@
 """Grouped GEMM over experts (nemokernels.moe.grouped_gemm), bf16, at the SHAPES.md MoE points:
 tokens 1, 64, 512, 4096, 16384 times top-k rows, Super (latent 1024, F 2688, 512 experts, top-22)
-and Nano (d 2688, F 1856, 128 experts, top-6), uniform and skewed routing, segments padded to
-128 rows per expert as the permutation does on CUDA.
+and Nano (d 2688, F 1856, 128 experts, top-6), uniform and skewed routing. Segments are padded
+to 128 rows per expert (the permutation's pad_to on CUDA) when experts average at least 128
+rows; below that padding would multiply the work (decode batches), so segments are unpadded.
 
 Cases per point: the up projection with relu^2 (a (R, l) x up (E, F, l)), the down projection
 ((R, F) x down (E, l, F)), and forward + backward of the up projection. FLOPs count the routed
@@ -97,16 +98,21 @@ def _maker(offs, N, K, E, device, backward):
 
 
 def cases(quick: bool, device) -> list:
-    points = ([("super", 4096, "uniform"), ("nano", 4096, "skewed")] if quick else
-              [(cfg, t, r) for cfg in CONFIGS for t in (1, 64, 512, 4096, 16384) for r in ("uniform", "skewed")])
+    # On a CPU only the small token counts (a 4096-token Super up projection is ~0.5 TFLOP).
+    cpu = torch.device(device).type == "cpu"
+    big = 64 if cpu else 4096
+    tokens_all = (1, 64) if cpu else (1, 64, 512, 4096, 16384)
+    points = ([("super", big, "uniform"), ("nano", big, "skewed")] if quick else
+              [(cfg, t, r) for cfg in CONFIGS for t in tokens_all for r in ("uniform", "skewed")])
     out = []
     for cfg, tokens, routing in points:
         l, F, E, k = CONFIGS[cfg]
         counts = expert_counts(tokens, E, k, routing)
-        offs = padded_offsets(counts)
         rows = tokens * k
+        pad = PAD if rows >= PAD * E else 1
+        offs = padded_offsets(counts, pad)
         for gemm, N, K, act in (("up_relu2", F, l, "relu2"), ("down", l, F, "none")):
-            name = f"{cfg} T{tokens} {routing} {gemm} R{offs[-1]} N{N} K{K} E{E}"
+            name = f"{cfg} T{tokens} {routing} pad{pad} {gemm} R{offs[-1]} N{N} K{K} E{E}"
             w_bytes = sum(1 for c in counts if c) * N * K * 2  # weights of experts with rows
             nbytes = offs[-1] * (K + N) * 2 + w_bytes
             flops = 2 * rows * N * K

@@ -48,7 +48,8 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidC
                    cudaErrorLaunchFailure = 719 };
 typedef struct emu_stream* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16,
-                      cudaDevAttrMaxSharedMemoryPerBlock = 8, cudaDevAttrComputeCapabilityMajor = 75 };
+                      cudaDevAttrMaxSharedMemoryPerBlock = 8, cudaDevAttrComputeCapabilityMajor = 75,
+                      cudaDevAttrComputeCapabilityMinor = 76 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
                       cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
@@ -86,6 +87,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = static_cast<int>(emu::kDefaultSmem); return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *v = emu::compute_capability_major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
   }
   return emu::set_error(cudaErrorInvalidValue, "emu: cudaDeviceGetAttribute: attribute not emulated");
 }

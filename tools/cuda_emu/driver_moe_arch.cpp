@@ -1,0 +1,75 @@
+// The grouped GEMM's arch (CUTLASS) path of csrc/moe/grouped_gemm_cuda.cu under the emulator,
+// built with NK_HAS_SM90: path selection (grouped_gemm_cuda_prepare), workspace carving, the
+// zero fills, the relu^2 pass and the relu^2-backward operand pass run for real; the CUTLASS
+// grouped GEMM itself is replaced by a naive loop with the documented operand contract of each
+// kind (csrc/moe/grouped_gemm_cutlass.cuh), so a wrong base pointer or buffer handed to it
+// shows. tests/test_cuda_emulation_moe.py drives it.
+#include "emu_api.h"
+#include "grouped_gemm_cuda.emu.cpp"
+
+#include <algorithm>
+
+namespace nk {
+namespace {
+float ldb(const void* p, int64_t i) { return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]); }
+void stb(void* p, int64_t i, float v) { static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); }
+void seg(const GroupedGemmParams& p, int64_t e, int64_t& lo, int64_t& hi) {
+  lo = std::clamp<int64_t>(p.offsets[e], 0, p.R);
+  hi = std::clamp<int64_t>(p.offsets[e + 1], lo, p.R);
+}
+}  // namespace
+long long emu_mock_calls = 0;
+int64_t grouped_gemm_sm90_workspace(int64_t, int) { return 0; }
+int64_t grouped_gemm_wgrad_sm90_workspace(int64_t) { return 0; }
+void grouped_gemm_sm90_run(const GroupedGemmParams& p, int kind, const void* A, const void* B, void* D, void*,
+                           void*) {
+  ++emu_mock_calls;
+  for (int64_t e = 0; e < p.E; ++e) {
+    int64_t lo, hi;
+    seg(p, e, lo, hi);
+    for (int64_t r = lo; r < hi; ++r) {
+      if (kind == kGgFwd) {
+        for (int64_t n = 0; n < p.N; ++n) {
+          float s = 0;
+          for (int64_t k = 0; k < p.K; ++k) s += ldb(A, r * p.K + k) * ldb(B, e * p.N * p.K + n * p.K + k);
+          stb(D, r * p.N + n, s);
+        }
+      } else {
+        for (int64_t c = 0; c < p.K; ++c) {
+          float s = 0;
+          for (int64_t n = 0; n < p.N; ++n) s += ldb(A, r * p.N + n) * ldb(B, e * p.N * p.K + n * p.K + c);
+          stb(D, r * p.K + c, s);
+        }
+      }
+    }
+  }
+}
+void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void*, void*) {
+  ++emu_mock_calls;
+  for (int64_t e = 0; e < p.E; ++e) {
+    int64_t lo, hi;
+    seg(p, e, lo, hi);
+    if (hi == lo) continue;  // M = 0: no tiles, dw[e] is left to the zero pass
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t c = 0; c < p.K; ++c) {
+        float s = 0;
+        for (int64_t r = lo; r < hi; ++r) s += ldb(G, r * p.N + n) * ldb(A, r * p.K + c);
+        stb(D, e * p.N * p.K + n * p.K + c, s);
+      }
+  }
+}
+}  // namespace nk
+
+EMU_EXPORT long long emu_gga_prepare(nk::GroupedGemmParams* p, int op) {
+  return (long long)nk::grouped_gemm_cuda_prepare(*p, static_cast<nk::GgOp>(op));
+}
+EMU_EXPORT int emu_gga_fwd_cuda(const nk::GroupedGemmParams* p, char* err, int errlen) {
+  return emu::guarded([&] { nk::grouped_gemm_fwd_cuda(*p, nullptr); }, err, errlen);
+}
+EMU_EXPORT int emu_gga_dgrad_cuda(const nk::GroupedGemmParams* p, char* err, int errlen) {
+  return emu::guarded([&] { nk::grouped_gemm_dgrad_cuda(*p, nullptr); }, err, errlen);
+}
+EMU_EXPORT int emu_gga_wgrad_cuda(const nk::GroupedGemmParams* p, char* err, int errlen) {
+  return emu::guarded([&] { nk::grouped_gemm_wgrad_cuda(*p, nullptr); }, err, errlen);
+}
+EMU_EXPORT long long emu_gga_mock_calls() { return nk::emu_mock_calls; }
