@@ -474,3 +474,16 @@ def test_loads_transformers_sharded_checkpoint(tmp_path):
     ids = torch.randint(0, V, (1, 9))
     with torch.no_grad():
         assert rel_err(ours(ids).logits, hf(ids).logits) < 2e-5
+
+
+def test_two_mtp_steps_layout_and_loss():
+    m = NemotronHForCausalLM(tiny("M*", mtp=2, mtp_pattern="*E-"))
+    assert len(m.mtp.layers) == 6
+    assert [hasattr(b, "eh_proj") for b in m.mtp.layers] == [True, False, False, True, False, False]
+    assert [hasattr(b, "final_layernorm") for b in m.mtp.layers] == [False, False, True, False, False, True]
+    ids = torch.randint(0, V, (2, 10))
+    out = m(ids, labels=ids)
+    out.mtp_loss.backward()
+    assert m.mtp.layers[3].eh_proj.weight.grad.abs().sum() > 0  # the second step is trained
+    # speculative generation drafts with step 0
+    assert m.generate(ids[:, :4], 5, num_speculative_tokens=2).sequences.shape == (2, 9)
