@@ -290,6 +290,21 @@ def test_bf16_autocast_training(device):
 GEN = tiny("M*EM-", latent=16, mtp=1, initializer_range=0.2)
 
 
+def assert_same_greedy(model, got: torch.Tensor, want: torch.Tensor):
+    """Token-for-token equality of two greedy outputs. The only excusable difference is an
+    argmax near-tie (the verify pass and a decode step round differently at ~1e-7): at the
+    first differing token both candidates must be within 1e-4 of each other in the logits of
+    the plain sequence; anything else fails."""
+    if torch.equal(got, want):
+        return
+    assert got.shape == want.shape
+    row, col = [int(v) for v in (got != want).nonzero()[0]]
+    with torch.no_grad():
+        lg = model(want[row:row + 1, :col]).logits[0, -1]
+    gap = (lg[want[row, col]] - lg[got[row, col]]).abs().item()
+    assert gap < 1e-4, f"outputs differ at row {row}, position {col} (logit gap {gap:.2e}: not a tie)"
+
+
 @pytest.fixture(scope="module")
 def gen_model():
     torch.manual_seed(1234)
@@ -314,7 +329,7 @@ def test_short_prompts(gen_model, prompt_len):
     full = gen_model(out.sequences).logits
     for i, lg in enumerate(out.step_logits):
         assert rel_err(lg, full[:, prompt_len - 1 + i]) < 1e-5, i
-    assert torch.equal(gen_model.generate(ids, 6, num_speculative_tokens=3).sequences, out.sequences)
+    assert_same_greedy(gen_model, gen_model.generate(ids, 6, num_speculative_tokens=3).sequences, out.sequences)
 
 
 @pytest.mark.parametrize("split", [1, 3, 8, 11])
@@ -336,10 +351,12 @@ def test_speculative_greedy_equals_plain_greedy(gen_model, batch, k):
     ids = torch.randint(0, V, (batch, 6))
     plain = gen_model.generate(ids, 14)
     specd = gen_model.generate(ids, 14, num_speculative_tokens=k)
-    assert torch.equal(specd.sequences, plain.sequences)
+    assert_same_greedy(gen_model, specd.sequences, plain.sequences)
     st = specd.stats
     assert st["new_tokens"] == 14 and st["tokens_per_s"] > 0 and 0.0 <= st["acceptance_rate"] <= 1.0
-    assert st["target_forwards"] <= 14
+    assert st["target_forwards"] <= 14 and st["kept"] <= st["accepted"] <= st["drafted"]
+    if batch == 1:
+        assert st["kept"] == st["accepted"]
 
 
 @pytest.mark.parametrize("k", [2, 5])
@@ -357,7 +374,7 @@ def test_speculative_rollback_with_long_accepted_prefixes(gen_model, k):
         return torch.where(wrong, (d + 1) % V, d)
 
     out = gen_model.generate(ids, 24, num_speculative_tokens=k, draft_fn=drafter)
-    assert torch.equal(out.sequences, ref)
+    assert_same_greedy(gen_model, out.sequences, ref)
     assert out.stats["accepted"] > 0 and out.stats["target_forwards"] < 24
 
 
@@ -386,7 +403,7 @@ def test_generate_on_device(device):
     ids = torch.randint(0, V, (2, 70), device=device)  # prefill over more than one chunk
     a = m.generate(ids, 6)
     b = m.generate(ids, 6, num_speculative_tokens=2)
-    assert torch.equal(a.sequences, b.sequences)
+    assert_same_greedy(m, b.sequences, a.sequences)
 
 
 # ---- transformers integration -----------------------------------------------------------------------
@@ -414,7 +431,7 @@ def test_transformers_patch_same_outputs_and_grads(tmp_path, pattern, latent):
     # generation with transformers' own cache still works (cache calls use its forward)
     hf.eval()
     with torch.no_grad():
-        seq = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+        seq = hf.generate(ids[:1, :5], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # no early eos
     assert seq.shape == (1, 9)
     assert unpatch(hf) == sum(counts.values())
 
@@ -428,7 +445,7 @@ def test_demo_smoke(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--batch", "2", "--seqlen", "32", "--new-tokens", "6", "--spec-k", "2",
                  "--checkpoint-dir", ck, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "3/3 loss" in out and "acceptance" in out and "identical to plain greedy" in out
+    assert "3/3 loss" in out and "acceptance" in out and "plain greedy" in out and "sampling:" in out
     assert os.path.isfile(os.path.join(ck, "model.safetensors"))
     # reload the saved checkpoint, no training
     assert main(["demo", "--steps", "0", "--new-tokens", "4", "--spec-k", "1", "--checkpoint-dir", ck,
@@ -459,3 +476,16 @@ def test_loads_transformers_sharded_checkpoint(tmp_path):
     ids = torch.randint(0, V, (1, 9))
     with torch.no_grad():
         assert rel_err(ours(ids).logits, hf(ids).logits) < 2e-5
+
+
+def test_two_mtp_steps_layout_and_loss():
+    m = NemotronHForCausalLM(tiny("M*", mtp=2, mtp_pattern="*E-"))
+    assert len(m.mtp.layers) == 6
+    assert [hasattr(b, "eh_proj") for b in m.mtp.layers] == [True, False, False, True, False, False]
+    assert [hasattr(b, "final_layernorm") for b in m.mtp.layers] == [False, False, True, False, False, True]
+    ids = torch.randint(0, V, (2, 10))
+    out = m(ids, labels=ids)
+    out.mtp_loss.backward()
+    assert m.mtp.layers[3].eh_proj.weight.grad.abs().sum() > 0  # the second step is trained
+    # speculative generation drafts with step 0
+    assert m.generate(ids[:, :4], 5, num_speculative_tokens=2).sequences.shape == (2, 9)

@@ -68,7 +68,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     model needs MTP layers of attention / MoE / MLP kinds) and verifies them in one target
     forward. ``eos_token_id``: stop once every row has produced it. Returns the sequences and
     ``stats``: new_tokens, seconds, tokens_per_s (all rows), target_forwards, and with
-    speculation drafted, accepted, acceptance_rate, mean_accepted_per_round.
+    speculation drafted, accepted (by the verifier), kept (drafts committed: the batch keeps the
+    shortest accepted prefix of each round), acceptance_rate (accepted / drafted),
+    mean_accepted_per_round.
     ``draft_fn(tokens (B, n), k) -> (B, k)`` replaces the MTP drafter (greedy only; tests use
     it to force long accepted prefixes through the cache rollback).
     """
@@ -149,12 +151,12 @@ def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k
     out = model(ids, caches=caches, logits_to_keep=1)   # hidden_states cover every position
     forwards = 1
     if n_new == 0:
-        return ids, {"target_forwards": forwards, "drafted": 0, "accepted": 0, "acceptance_rate": 0.0}
+        return ids, {"target_forwards": forwards, "drafted": 0, "accepted": 0, "kept": 0, "acceptance_rate": 0.0}
     last = _pick(out.logits[:, -1], temperature, top_k, top_p, generator)      # x_n (B,)
     toks = [last[:, None]]
     pend_tok = torch.cat([ids[:, 1:], last[:, None]], 1)                        # x_{t+1} for pending t
     pend_h = out.hidden_states                                                  # h_t for pending t
-    drafted = accepted = rounds = 0
+    drafted = accepted = kept = rounds = 0
     produced = 1
     while produced < n_new and not _done(toks, eos):
         k_eff = min(k, n_new - produced - 1)
@@ -203,6 +205,7 @@ def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k
         _commit(caches, torch.full_like(n_acc, m + 1), m + 1)
         drafted += k_eff * ids.shape[0]
         accepted += int(n_acc.sum())
+        kept += m * ids.shape[0]
         rounds += 1
         toks.append(new)
         produced += m + 1
@@ -210,7 +213,7 @@ def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k
         pend_h = out.hidden_states[:, : m + 1]
         last = new[:, -1]
     seq = torch.cat([ids] + toks, 1)[:, : ids.shape[1] + n_new]
-    stats = {"target_forwards": forwards, "drafted": drafted, "accepted": accepted,
+    stats = {"target_forwards": forwards, "drafted": drafted, "accepted": accepted, "kept": kept,
              "acceptance_rate": accepted / drafted if drafted else 0.0,
              "mean_accepted_per_round": accepted / (rounds * ids.shape[0]) if rounds else 0.0}
     return seq, stats
