@@ -2,6 +2,10 @@
 import os
 import random
 
+# Tests never reach the Hugging Face hub (transformers is used offline, for parity only).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import pytest
 import torch
 
