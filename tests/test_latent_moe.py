@@ -2,6 +2,8 @@
 NemotronHMoE (its state_dict loaded strictly; same forward and the same gradients for the hidden
 states and every parameter, with and without the latent projections, grouped routing, biases),
 the float64 reference for bf16, pad_to independence, a deep stack's backward in bf16."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,21 +13,23 @@ from nemokernels.moe import reference as R
 from conftest import DEVICES
 from helpers import TOL, assert_close, rel_err
 
-transformers = pytest.importorskip("transformers")
-from transformers import NemotronHConfig  # noqa: E402
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE  # noqa: E402
-
 
 def tiny_config(latent, n_group=1, topk_group=1, mlp_bias=False, norm=True, E=8, k=3):
-    cfg = NemotronHConfig(hidden_size=32, moe_latent_size=latent, n_routed_experts=E, num_experts_per_tok=k,
-                          moe_intermediate_size=20, moe_shared_expert_intermediate_size=24, n_group=n_group,
-                          topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=2.5, mlp_bias=mlp_bias)
-    cfg._experts_implementation = "eager"
-    return cfg
+    """The fields of transformers' NemotronHConfig that LatentMoE.from_config reads (a plain
+    namespace, so the GPU tests run where transformers is not installed)."""
+    return SimpleNamespace(hidden_size=32, moe_latent_size=latent, n_routed_experts=E, num_experts_per_tok=k,
+                           moe_intermediate_size=20, moe_shared_expert_intermediate_size=24, n_group=n_group,
+                           topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=2.5, mlp_bias=mlp_bias)
 
 
 def hf_moe(cfg):
-    hf = NemotronHMoE(cfg)
+    """transformers' NemotronHMoE for the same config, with random weights (skips without transformers)."""
+    pytest.importorskip("transformers")
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+    hf_cfg = NemotronHConfig(**vars(cfg))
+    hf_cfg._experts_implementation = "eager"
+    hf = NemotronHMoE(hf_cfg)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.normal_(std=0.3 if "gate" in name else 0.15)
@@ -157,7 +161,10 @@ def test_deep_stack_backward_bf16_is_finite(device):
 def test_cuda_layer_matches_cpu():
     cfg = tiny_config(12, 4, 2, True, E=16, k=4)
     cpu = LatentMoE.from_config(cfg)
-    cpu.load_state_dict(hf_moe(cfg).state_dict())
+    with torch.no_grad():
+        for name, p in cpu.named_parameters():
+            p.normal_(std=0.3 if "gate" in name else 0.15)
+        cpu.gate.e_score_correction_bias.normal_(std=0.05)
     gpu = LatentMoE.from_config(cfg, device="cuda")
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(37, 32)
