@@ -24,7 +24,8 @@ std::vector<std::string> cuda_ops() {
           "ssd_chunk_scan_fwd", "ssd_chunk_scan_bwd",     "selective_state_update",
           "selective_state_update_multi", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd",
           "verify_greedy", "rejection_sample", "verify_tree_greedy", "verify_tree_rejection",
-          "sampling_probs"};
+          "sampling_probs",
+          "nvfp4_quantize", "nvfp4_dequantize"};
 #else
   return {};
 #endif

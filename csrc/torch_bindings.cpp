@@ -67,6 +67,12 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_i
 Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, double temperature_value,
                            std::optional<Tensor> top_k, int64_t top_k_value, std::optional<Tensor> top_p,
                            double top_p_value, std::optional<Tensor> min_p, double min_p_value);
+
+// nvfp4/quantize.cpp
+std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool hadamard,
+                                                  bool stochastic_rounding, int64_t seed,
+                                                  std::optional<Tensor> global_amax);
+Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int64_t out_dtype);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -136,6 +142,15 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   // Per-request tensors (B,) override the scalar values; probs float32 shaped like logits.
   m.def("sampling_probs(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
         "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor");
+
+  // ---- nvfp4: quantize / dequantize (DESIGN.md 4.3, csrc/nvfp4/quantize.h) ----------------
+  // x (R, K) any strides (quantize_t passes x.T); K % 16 == 0. data (R, K/2) uint8, scales
+  // (R, K/16) uint8 (E4M3 bytes), global_scale () float32 = 1/s_enc. seed keys the stochastic
+  // rounding and the Hadamard signs; global_amax (1 element float32) replaces the computed amax.
+  m.def("nvfp4_quantize(Tensor x, bool block_2d, bool hadamard, bool stochastic_rounding, int seed, "
+        "Tensor? global_amax) -> (Tensor data, Tensor scales, Tensor global_scale)");
+  // out_dtype: 0 float32, 1 float16, 2 bfloat16. Returns (R, K).
+  m.def("nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int out_dtype) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -153,7 +168,9 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("rejection_sample", TORCH_BOX(&nk::spec_rejection_sample));            \
   m.impl("verify_tree_greedy", TORCH_BOX(&nk::spec_verify_tree_greedy));        \
   m.impl("verify_tree_rejection", TORCH_BOX(&nk::spec_verify_tree_rejection));  \
-  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));
+  m.impl("sampling_probs", TORCH_BOX(&nk::spec_sampling_probs));                \
+  m.impl("nvfp4_quantize", TORCH_BOX(&nk::nvfp4_quantize));                     \
+  m.impl("nvfp4_dequantize", TORCH_BOX(&nk::nvfp4_dequantize));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

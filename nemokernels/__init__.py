@@ -13,7 +13,9 @@ from .ops.state_update import commit_state, selective_state_update, selective_st
 from .ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from .info import build_info
 from . import spec  # noqa: F401  (verification API: nemokernels.spec.*)
+from . import nvfp4  # noqa: F401  (NVFP4 API: nemokernels.nvfp4.*)
 
 __all__ = ["__version__", "RMSNormGated", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
            "commit_state", "mamba_chunk_scan_combined", "rmsnorm_fn", "selective_state_update",
-           "selective_state_update_multi", "spec"]
+           "selective_state_update_multi", "spec",
+           "nvfp4"]

@@ -22,6 +22,8 @@ OPS = {
     "verify_tree_greedy": "spec",
     "verify_tree_rejection": "spec",
     "sampling_probs": "spec",
+    "nvfp4_quantize": "nvfp4",
+    "nvfp4_dequantize": "nvfp4",
 }
 
 

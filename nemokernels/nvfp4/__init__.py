@@ -2,5 +2,8 @@
 and NVFP4Linear with the pre-training recipe."""
 from .tensor import NVFP4Tensor
 from .gemm import gemm
+from .quantize import dequantize, quantize, quantize_t
+from .linear import NVFP4Linear, NVFP4Recipe, convert_to_nvfp4
 
-__all__ = ["NVFP4Tensor", "gemm"]
+__all__ = ["NVFP4Tensor", "gemm",
+           "dequantize", "quantize", "quantize_t", "NVFP4Linear", "NVFP4Recipe", "convert_to_nvfp4"]
