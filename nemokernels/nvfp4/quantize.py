@@ -11,6 +11,7 @@ Shapes and dtypes:
 
 Not differentiable (quantization has no useful gradient; NVFP4Linear defines its own).
 """
+import math
 from typing import Optional, Union
 
 import torch
@@ -88,7 +89,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
     """
     _check_x(x, "quantize")
     lead, K = x.shape[:-1], x.shape[-1]
-    data, scales, gs = _quantize2d(x.reshape(-1, K), block_2d, hadamard, stochastic_rounding, seed, global_amax)
+    data, scales, gs = _quantize2d(x.reshape(math.prod(lead), K), block_2d, hadamard, stochastic_rounding, seed, global_amax)
     return NVFP4Tensor(data.reshape(*lead, K // 2), scales.view(torch.float8_e4m3fn).reshape(*lead, K // 16), gs)
 
 
@@ -101,7 +102,7 @@ def quantize_t(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = Fals
     M. With ``block_2d`` the result is exactly the transpose of ``quantize(x, block_2d=True)``
     (same tiles, same scales, same codes)."""
     _check_x(x, "quantize_t")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     data, scales, gs = _quantize2d(x2.t(), block_2d, hadamard, stochastic_rounding, seed, global_amax)
     return NVFP4Tensor(data, scales.view(torch.float8_e4m3fn), gs)
 
@@ -115,6 +116,7 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Ten
         raise ValueError("nvfp4.dequantize: t.data must have at least one dim")
     lead, K2 = t.data.shape[:-1], t.data.shape[-1]
     scales = t.scales.view(torch.uint8) if t.scales.dtype == torch.float8_e4m3fn else t.scales
-    out = _ops.nvfp4_dequantize(t.data.reshape(-1, K2), scales.reshape(-1, scales.shape[-1]),
+    rows = math.prod(lead)
+    out = _ops.nvfp4_dequantize(t.data.reshape(rows, K2), scales.reshape(rows, scales.shape[-1]),
                                 t.global_scale, _DTYPE_CODE[dtype])
     return out.reshape(*lead, K2 * 2)
