@@ -1,10 +1,12 @@
 """Benchmark harness and cases. A new op family adds a `cases_<family>.py` module with a
 `cases(quick, device) -> list[Case]` function and registers it in ALL_CASE_MODULES."""
 from . import cases_rmsnorm, cases_spec, cases_ssd, cases_ssd_scan, cases_state_update
+from . import cases_nvfp4
 from .harness import Case, measure_peaks, run_cases, time_fn, write_results, format_table
 
 ALL_CASE_MODULES = {"ssd": cases_ssd, "ssd_scan": cases_ssd_scan, "ssd_state_update": cases_state_update,
-                    "ssd_rmsnorm": cases_rmsnorm, "spec": cases_spec}
+                    "ssd_rmsnorm": cases_rmsnorm, "spec": cases_spec,
+                    "nvfp4": cases_nvfp4}
 
 
 def all_cases(quick: bool, device, ops=None) -> list:
