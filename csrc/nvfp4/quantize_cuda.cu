@@ -35,6 +35,12 @@ using namespace nvfp4;
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
+// Upper bound of the grid (and of the amax partials); lowered by the host-emulation test so
+// small tensors take several grid-stride iterations.
+#ifndef NK_NVFP4_MAX_BLOCKS
+#define NK_NVFP4_MAX_BLOCKS kAmaxMaxPartials
+#endif
+static_assert(NK_NVFP4_MAX_BLOCKS <= kAmaxMaxPartials, "the partials workspace holds kAmaxMaxPartials");
 
 struct TileMap {
   int64_t rows, ntr, nblk;
@@ -207,7 +213,7 @@ int grid_limit() {
   int dev = 0, sms = 0;
   NK_CUDA_CHECK(cudaGetDevice(&dev));
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return std::min(kAmaxMaxPartials, sms * kBlocksPerSm);
+  return std::min<int>(NK_NVFP4_MAX_BLOCKS, sms * kBlocksPerSm);
 }
 
 template <typename F>
