@@ -1,13 +1,16 @@
 // CUDA kernels of NVFP4 quantize / dequantize (math in quantize.h; every scalar step is a
 // numerics.cuh helper shared with the CPU kernel, so codes and scales are bit-identical).
 //
-// Work unit: one (row r, 16-column block cb) = 16 elements, one thread. The 16 threads of a
-// half-warp take the 16 rows of one 16x16 tile, so the 2-D (16x16) tile amax is a 4-step
-// xor-shuffle inside the half-warp and no shared memory is needed. Tile order follows the
-// input layout: for a row-major view (a_sc == 1) the next half-warp takes the next column
-// block (a lane reads 16 contiguous elements, 32 bytes in bf16, with 16-byte vector loads when
-// aligned); for a transposed view (quantize_t: a_sr == 1) the next half-warp takes the next 16
-// rows, so for each of its 16 elements a warp reads 32 consecutive input elements.
+// Work unit: one (row r, 16-column block cb) = 16 elements, one thread. Unit order follows the
+// input layout and the variant:
+//  - 1x16 scales, row-major view (a_sc != 1 or a_sr != 1): consecutive lanes take consecutive
+//    blocks of a row, so a warp reads 32 x 16 contiguous elements (16-byte vector loads when
+//    aligned) and writes 256 contiguous bytes of codes.
+//  - 16x16 scales, or a transposed view (quantize_t: a_sr == 1): the 16 lanes of a half-warp
+//    take the 16 rows of one 16x16 tile, so the tile amax is a 4-step xor-shuffle inside the
+//    half-warp (no shared memory). For a transposed view the next half-warp takes the next 16
+//    rows, so for each of its 16 elements a warp reads 32 consecutive input elements; for a
+//    row-major view it takes the next column block.
 //
 // Two launches (amax then quantize), both grid-stride over the tiles with a grid of at most
 // kAmaxMaxPartials blocks:
@@ -44,9 +47,17 @@ static_assert(NK_NVFP4_MAX_BLOCKS <= kAmaxMaxPartials, "the partials workspace h
 
 struct TileMap {
   int64_t rows, ntr, nblk;
-  bool rows_fast;  // consecutive tiles go down the rows (transposed view)
+  bool linear;     // row-major unit order (1x16 scales, row-major view), else 16x16 tile order
+  bool rows_fast;  // tile order: consecutive tiles go down the rows (transposed view)
+  // Units: rows * nblk (linear), or ntr * nblk * 16 (tiles, the last row tile maybe partial).
+  NK_DEVICE int64_t total() const { return linear ? rows * nblk : ntr * nblk * kBlock; }
   // Unit u -> (row, column block); row may be >= rows in the last, partial row tile.
   NK_DEVICE void coords(int64_t u, int64_t& r, int64_t& cb) const {
+    if (linear) {
+      r = u / nblk;
+      cb = u - r * nblk;
+      return;
+    }
     const int64_t t = u >> 4, i = u & 15;
     int64_t tr;
     if (rows_fast) {
@@ -66,6 +77,7 @@ TileMap make_map(const Nvfp4QuantParams& p) {
   m.ntr = (p.rows + kBlock - 1) / kBlock;
   m.nblk = p.cols / kBlock;
   m.rows_fast = p.a_sr == 1 && p.a_sc != 1;
+  m.linear = !p.block_2d && !m.rows_fast;
   return m;
 }
 
@@ -111,7 +123,7 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(Nvfp4QuantParams p, TileMap map) {
   __shared__ float smem[kThreads / 32];
   const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(p.seed) : 0u;
-  const int64_t total = map.ntr * map.nblk * kBlock;
+  const int64_t total = map.total();
   float m = 0.0f;
   float v[kBlock];
   for (int64_t u = int64_t(blockIdx.x) * kThreads + threadIdx.x; u < total; u += int64_t(gridDim.x) * kThreads) {
@@ -139,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
   const float s_enc = nvfp4_encode_scale(amax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.global_scale = 1.0f / s_enc;
   const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(p.seed) : 0u;
-  const int64_t total = map.ntr * map.nblk * kBlock;
+  const int64_t total = map.total();
   const int64_t half_cols = p.cols / 2;
   float v[kBlock];
   // Loop bound on the warp's first unit so whole warps iterate together (the 2-D tile
@@ -230,7 +242,7 @@ void dispatch(DType dt, F&& f) {
 void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const TileMap map = make_map(p);
-  const int64_t total = map.ntr * map.nblk * kBlock;
+  const int64_t total = map.linear ? map.rows * map.nblk : map.ntr * map.nblk * kBlock;
   const int grid = static_cast<int>(std::min<int64_t>(grid_limit(), (total + kThreads - 1) / kThreads));
   const int esize = dtype_size(p.dtype);
   // 16-byte vector loads: unit column stride, 16-byte aligned base and row starts.
