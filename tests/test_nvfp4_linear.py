@@ -92,6 +92,8 @@ def test_module_seeds_reproducible_and_fresh():
 def test_nvfp4_linear_rejects_bad_features():
     with pytest.raises(ValueError, match="multiples of 16"):
         NVFP4Linear(24, 32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        NVFP4Linear.from_linear(torch.nn.Linear(32, 20))
     with pytest.raises(RuntimeError, match="multiple of 16"):
         nvfp4_linear(torch.randn(4, 24), torch.randn(32, 24))
 

@@ -140,6 +140,9 @@ class NVFP4Linear(torch.nn.Linear):
     @classmethod
     def from_linear(cls, lin: torch.nn.Linear, recipe: Optional[NVFP4Recipe] = None, layer_id: int = 0):
         """An NVFP4Linear sharing lin's weight and bias Parameters (no copy)."""
+        if lin.in_features % 16 or lin.out_features % 16:
+            raise ValueError(f"NVFP4Linear: in_features and out_features must be multiples of 16, got "
+                             f"({lin.in_features}, {lin.out_features})")
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
         new.in_features, new.out_features = lin.in_features, lin.out_features
