@@ -80,7 +80,7 @@ def test_strided_inputs(device, variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=vid)
 def test_quantize_t(device, variant):
     """quantize_t(x) is the quantization of x.T (SR bits follow the output index)."""
-    for M, K in [(16, 16), (48, 32), (64, 80), (128, 16)]:
+    for M, K in [(16, 16), (48, 32), (64, 80), (128, 16), (32, 20), (16, 1)]:  # any K for quantize_t
         x = torch.randn(M, K, device=device)
         q = quantize_t(x, seed=5, **variant)
         assert q.data.shape == (K, M // 2)
