@@ -168,7 +168,8 @@ VARIANTS = [
 def _layouts(dtype):
     """(name, 2-D view): contiguous (vector loads), padded rows (vector), sliced columns (base
     off alignment: scalar), column stride 2 (scalar), transposed (quantize_t's view), partial
-    16x16 tiles and more tiles than MAX_BLOCKS * 256 threads cover in one pass."""
+    16x16 tiles, more tiles than MAX_BLOCKS * 256 threads cover in one pass, and an odd number
+    of column blocks (the tile path's paired 16-byte store needs an even one)."""
     out = [
         ("contig", torch.randn(37, 64).to(dtype)),
         ("padded", torch.randn(20, 96 + 16).to(dtype)[:, :96]),
@@ -177,6 +178,7 @@ def _layouts(dtype):
         ("transposed", torch.randn(48, 32).to(dtype).t()),
         ("transposed_partial", torch.randn(32, 20).to(dtype).t()),  # 20 rows: a partial row tile
         ("many_tiles", torch.randn(80, 192).to(dtype)),  # 960 units > 3 blocks x 256 threads
+        ("odd_blocks", torch.randn(33, 80).to(dtype)),  # 5 column blocks: no paired 16-byte store
     ]
     return out
 

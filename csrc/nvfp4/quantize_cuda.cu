@@ -8,9 +8,11 @@
 //    aligned) and writes 256 contiguous bytes of codes.
 //  - 16x16 scales, or a transposed view (quantize_t: a_sr == 1): the 16 lanes of a half-warp
 //    take the 16 rows of one 16x16 tile, so the tile amax is a 4-step xor-shuffle inside the
-//    half-warp (no shared memory). For a transposed view the next half-warp takes the next 16
-//    rows, so for each of its 16 elements a warp reads 32 consecutive input elements; for a
-//    row-major view it takes the next column block.
+//    half-warp (no shared memory). The other half-warp takes the next column block of the same
+//    rows; with an even number of column blocks, lane l hands its 8 bytes of codes to lane
+//    l - 16 and one 16-byte store per row writes both. For a transposed view each half-warp
+//    reads, for each of its 16 elements, 16 consecutive input elements (a full 32-byte sector
+//    in bf16).
 //
 // Two launches (amax then quantize), both grid-stride over the tiles with a grid of at most
 // kAmaxMaxPartials blocks:
@@ -47,27 +49,22 @@ static_assert(NK_NVFP4_MAX_BLOCKS <= kAmaxMaxPartials, "the partials workspace h
 
 struct TileMap {
   int64_t rows, ntr, nblk;
-  bool linear;     // row-major unit order (1x16 scales, row-major view), else 16x16 tile order
-  bool rows_fast;  // tile order: consecutive tiles go down the rows (transposed view)
+  bool linear;      // row-major unit order (1x16 scales, row-major view), else 16x16 tile order
+  bool pair_store;  // tile order with nblk even: lanes l and l + 16 hold adjacent blocks of a row
   // Units: rows * nblk (linear), or ntr * nblk * 16 (tiles, the last row tile maybe partial).
   NK_DEVICE int64_t total() const { return linear ? rows * nblk : ntr * nblk * kBlock; }
-  // Unit u -> (row, column block); row may be >= rows in the last, partial row tile.
+  // Unit u -> (row, column block); row may be >= rows in the last, partial row tile. Tile order:
+  // tile t = u / 16 is (tr, cb) = (t / nblk, t % nblk), lane u % 16 its row.
   NK_DEVICE void coords(int64_t u, int64_t& r, int64_t& cb) const {
     if (linear) {
       r = u / nblk;
       cb = u - r * nblk;
       return;
     }
-    const int64_t t = u >> 4, i = u & 15;
-    int64_t tr;
-    if (rows_fast) {
-      tr = t % ntr;
-      cb = t / ntr;
-    } else {
-      tr = t / nblk;
-      cb = t % nblk;
-    }
-    r = tr * kBlock + i;
+    const int64_t t = u >> 4;
+    const int64_t tr = t / nblk;
+    cb = t - tr * nblk;
+    r = tr * kBlock + (u & 15);
   }
 };
 
@@ -76,8 +73,11 @@ TileMap make_map(const Nvfp4QuantParams& p) {
   m.rows = p.rows;
   m.ntr = (p.rows + kBlock - 1) / kBlock;
   m.nblk = p.cols / kBlock;
-  m.rows_fast = p.a_sr == 1 && p.a_sc != 1;
-  m.linear = !p.block_2d && !m.rows_fast;
+  const bool rows_fast = p.a_sr == 1 && p.a_sc != 1;  // a transposed view (quantize_t)
+  m.linear = !p.block_2d && !rows_fast;
+  // Warps start at even tiles (256 threads = 16 tiles a block), so with nblk even the two
+  // half-warps always hold tiles (tr, cb) and (tr, cb + 1), cb even: one 16-byte store per row.
+  m.pair_store = !m.linear && m.nblk % 2 == 0;
   return m;
 }
 
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
   const int64_t half_cols = p.cols / 2;
   float v[kBlock];
   // Loop bound on the warp's first unit so whole warps iterate together (the 2-D tile
-  // reduction shuffles across the half-warp); units past the end are inactive.
+  // reduction and the paired store shuffle across the warp); units past the end are inactive.
   const int64_t lane_off = threadIdx.x & 31;
   for (int64_t w0 = int64_t(blockIdx.x) * kThreads + (threadIdx.x & ~31); w0 < total;
        w0 += int64_t(gridDim.x) * kThreads) {
@@ -173,29 +173,40 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
 #pragma unroll
       for (int o = 1; o < kBlock; o <<= 1) amax_b = nan_max(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, o));
     }
-    if (!active) continue;
-    const uint8_t sb = nvfp4_block_scale(amax_b, s_enc);
-    const float inv = nvfp4_block_inv(sb, s_enc);
-    p.scales[r * map.nblk + cb] = sb;
     uint32_t packed[2] = {0u, 0u};
-    const uint64_t idx0 = static_cast<uint64_t>(r) * p.cols + cb * kBlock;
+    if (active) {
+      const uint8_t sb = nvfp4_block_scale(amax_b, s_enc);
+      const float inv = nvfp4_block_inv(sb, s_enc);
+      p.scales[r * map.nblk + cb] = sb;
+      const uint64_t idx0 = static_cast<uint64_t>(r) * p.cols + cb * kBlock;
 #pragma unroll
-    for (int q = 0; q < kBlock / 4; ++q) {
-      Philox4 bits{{0u, 0u, 0u, 0u}};
-      if (p.stochastic) {
-        const uint64_t c = (idx0 + 4 * q) >> 2;  // == nvfp4_sr_bits' counter of these 4 elements
-        bits = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, kTagStochastic, p.seed);
-      }
+      for (int q = 0; q < kBlock / 4; ++q) {
+        Philox4 bits{{0u, 0u, 0u, 0u}};
+        if (p.stochastic) {
+          const uint64_t c = (idx0 + 4 * q) >> 2;  // == nvfp4_sr_bits' counter of these 4 elements
+          bits = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, kTagStochastic, p.seed);
+        }
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int j = 4 * q + k;
-        const float y = v[j] * inv;
-        const uint8_t mag = p.stochastic ? e2m1_mag_sr(fabsf(y), philox_uniform(bits.v[k])) : e2m1_mag_rne(fabsf(y));
-        packed[j >> 3] |= static_cast<uint32_t>(e2m1_code(y, mag)) << (4 * (j & 7));
+        for (int k = 0; k < 4; ++k) {
+          const int j = 4 * q + k;
+          const float y = v[j] * inv;
+          const uint8_t mag = p.stochastic ? e2m1_mag_sr(fabsf(y), philox_uniform(bits.v[k])) : e2m1_mag_rne(fabsf(y));
+          packed[j >> 3] |= static_cast<uint32_t>(e2m1_code(y, mag)) << (4 * (j & 7));
+        }
       }
     }
-    // 8 bytes at byte offset r * C/2 + 8 cb: 8-byte aligned (C/2 is a multiple of 8).
-    *reinterpret_cast<uint2*>(p.data + r * half_cols + cb * (kBlock / 2)) = make_uint2(packed[0], packed[1]);
+    uint8_t* dst = p.data + r * half_cols + cb * (kBlock / 2);
+    if (map.pair_store) {
+      // Lane l < 16 stores its 8 bytes and those of lane l + 16 (same row, block cb + 1, which
+      // is active exactly when lane l is): 16 bytes at r * C/2 + 8 cb, 16-byte aligned (cb even,
+      // C/2 a multiple of 16 as nblk is even).
+      const uint32_t n0 = __shfl_down_sync(0xffffffffu, packed[0], 16);
+      const uint32_t n1 = __shfl_down_sync(0xffffffffu, packed[1], 16);
+      if (active && lane_off < 16) *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], n0, n1);
+    } else if (active) {
+      // 8 bytes at byte offset r * C/2 + 8 cb: 8-byte aligned (C/2 is a multiple of 8).
+      *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+    }
   }
 }
 
