@@ -71,7 +71,8 @@ Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, dou
 // nvfp4/quantize.cpp
 std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool hadamard,
                                                   bool stochastic_rounding, int64_t seed,
-                                                  std::optional<Tensor> global_amax);
+                                                  std::optional<Tensor> global_amax,
+                                                  std::optional<Tensor> seed_tensor);
 Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int64_t out_dtype);
 }  // namespace nk
 
@@ -146,9 +147,10 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   // ---- nvfp4: quantize / dequantize (DESIGN.md 4.3, csrc/nvfp4/quantize.h) ----------------
   // x (R, K) any strides (quantize_t passes x.T); K % 16 == 0. data (R, K/2) uint8, scales
   // (R, K/16) uint8 (E4M3 bytes), global_scale () float32 = 1/s_enc. seed keys the stochastic
-  // rounding and the Hadamard signs; global_amax (1 element float32) replaces the computed amax.
+  // rounding and the Hadamard signs (seed_tensor, 1 element int64 read on the device, overrides
+  // it); global_amax (1 element float32) replaces the computed amax.
   m.def("nvfp4_quantize(Tensor x, bool block_2d, bool hadamard, bool stochastic_rounding, int seed, "
-        "Tensor? global_amax) -> (Tensor data, Tensor scales, Tensor global_scale)");
+        "Tensor? global_amax, Tensor? seed_tensor) -> (Tensor data, Tensor scales, Tensor global_scale)");
   // out_dtype: 0 float32, 1 float16, 2 bfloat16. Returns (R, K).
   m.def("nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int out_dtype) -> Tensor");
 }

@@ -109,7 +109,8 @@ def nvfp4_api():
     return nv
 
 
-def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_rounding=False, seed=0, global_amax=None):
+def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_rounding=False, seed=0, global_amax=None,
+                      seed_in_memory=False):
     """The op entry's set-up (quantize.cpp) for a 2-D strided view and one emulated call."""
     E = emu()
     R, C = a2d.shape
@@ -122,7 +123,11 @@ def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_roundin
     p.a = a2d.data_ptr()
     p.a_sr, p.a_sc = a2d.stride(0), a2d.stride(1)
     p.block_2d, p.hadamard, p.stochastic = block_2d, hadamard, stochastic_rounding
-    p.seed = seed & (2**64 - 1)
+    seed_t = torch.tensor([seed if seed < 2**63 else seed - 2**64], dtype=torch.int64)
+    if seed_in_memory:  # the kernel reads the seed from memory (a tensor seed); p.seed is junk
+        p.seed, p.seed_ptr = 0xDEADBEEF, seed_t.data_ptr()
+    else:
+        p.seed = seed & (2**64 - 1)
     ga = None if global_amax is None else torch.tensor([float(global_amax)], dtype=torch.float32)
     p.global_amax = None if ga is None else ga.data_ptr()
     p.partials = None if ga is not None else partials.data_ptr()
@@ -195,6 +200,15 @@ def test_quantize_bit_identical_to_cpu(dtype, variant):
         assert torch.equal(data, want.data), f"{name}: codes differ at {(data != want.data).nonzero()[:4].tolist()}"
         assert torch.equal(scales, want.scales.view(torch.uint8)), f"{name}: scales"
         assert torch.equal(gs, want.global_scale), f"{name}: global scale {gs} != {want.global_scale}"
+
+
+def test_seed_from_memory():
+    nv = nvfp4_api()
+    a = torch.randn(48, 64)
+    for kw in ({"stochastic_rounding": True}, {"hadamard": True, "block_2d": True}):
+        data, scales, gs = quantize_emulated(a, seed=2**63 + 5, seed_in_memory=True, **kw)
+        want = nv.quantize(a, seed=2**63 + 5, **kw)
+        assert torch.equal(data, want.data) and torch.equal(scales, want.scales.view(torch.uint8))
 
 
 def test_given_amax_and_special_values():

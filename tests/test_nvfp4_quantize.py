@@ -191,6 +191,11 @@ def test_stochastic_rounding_seeds(device):
     # seed None draws a fresh one each call
     d, e = quantize(x, stochastic_rounding=True), quantize(x, stochastic_rounding=True)
     assert not torch.equal(d.data, e.data)
+    # a seed tensor (read on the device) is the same seed as the int; negative ints wrap to uint64
+    for s in (42, -5, 2**63 + 9):
+        st = torch.tensor([s if s < 2**63 else s - 2**64], device=device)
+        for kw in ({"stochastic_rounding": True}, {"hadamard": True}):
+            assert torch.equal(quantize(x, seed=st, **kw).data, quantize(x, seed=s, **kw).data)
 
 
 def test_philox_reference_matches_kernel_generator():
@@ -314,6 +319,8 @@ def test_bad_inputs():
             quantize(x, global_amax=torch.tensor([1.0]))
     with pytest.raises(RuntimeError, match="global_amax must hold exactly one element"):
         quantize(torch.randn(4, 32), global_amax=torch.ones(2))
+    with pytest.raises(RuntimeError, match="seed_tensor must hold exactly one element"):
+        quantize(torch.randn(4, 32), stochastic_rounding=True, seed=torch.tensor([1, 2]))
     with pytest.raises(RuntimeError, match="global_amax must be finite"):
         quantize(torch.randn(4, 32), global_amax=torch.tensor([float("nan")]))
     q = quantize(torch.randn(4, 32))
@@ -383,9 +390,10 @@ def test_cuda_graph_replay():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x = torch.randn(20, 32, device=device)
-    for args in [(x, False, False, False, 0, None), (x, True, True, True, 123, None),
-                 (x.t()[:, :16], False, True, False, 5, None),
-                 (x, False, False, True, 1, torch.tensor([4.0], device=device))]:
+    seed_t = torch.tensor([77], device=device)
+    for args in [(x, False, False, False, 0, None, None), (x, True, True, True, 123, None, None),
+                 (x.t()[:, :16], False, True, False, 5, None, None),
+                 (x, False, False, True, 1, torch.tensor([4.0], device=device), seed_t)]:
         opcheck(torch.ops.nemokernels.nvfp4_quantize.default, args)
     q = quantize(x)
     for code in (0, 1, 2):
@@ -395,14 +403,15 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    def f(x):
-        q = quantize(x, block_2d=True, hadamard=True, stochastic_rounding=True, seed=17)
+    def f(x, seed):
+        q = quantize(x, block_2d=True, hadamard=True, stochastic_rounding=True, seed=seed)
         qt = quantize_t(x, seed=3)
         return q.data, q.scales, q.global_scale, dequantize(q, torch.float32), qt.data
 
     x = torch.randn(32, 64, device=device, dtype=torch.bfloat16)
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    want = f(x)
+    seed = torch.tensor([17], device=device)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, seed)
+    want = f(x, seed)
     for g, w in zip(got, want):
         assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
                            w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)

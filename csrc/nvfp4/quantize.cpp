@@ -21,7 +21,8 @@ constexpr const char* kDequant = "nvfp4.dequantize";
 
 std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool hadamard,
                                                   bool stochastic_rounding, int64_t seed,
-                                                  std::optional<Tensor> global_amax) {
+                                                  std::optional<Tensor> global_amax,
+                                                  std::optional<Tensor> seed_tensor) {
   const char* op = kQuant;
   NK_CHECK(x.dim() == 2, op, ": x must be a 2-D (rows, K) view (the Python wrapper flattens the leading "
            "dims), got shape ", shape_str(x));
@@ -34,6 +35,12 @@ std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool 
              shape_str(*global_amax));
     check_dtype(op, "global_amax", *global_amax, {ScalarType::Float});
     check_same_device(op, "global_amax", *global_amax, x, "x");
+  }
+  if (seed_tensor) {
+    NK_CHECK(seed_tensor->numel() == 1, op, ": seed_tensor must hold exactly one element, got shape ",
+             shape_str(*seed_tensor));
+    check_dtype(op, "seed_tensor", *seed_tensor, {ScalarType::Long});
+    check_same_device(op, "seed_tensor", *seed_tensor, x, "x");
   }
   OptionalDeviceGuard guard(x);
   Tensor data = new_empty(x, {rows, cols / 2}, ScalarType::Byte);
@@ -58,6 +65,9 @@ std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool 
   p.a_sr = x.stride(0), p.a_sc = x.stride(1);
   p.block_2d = block_2d, p.hadamard = hadamard, p.stochastic = stochastic_rounding;
   p.seed = static_cast<uint64_t>(seed);
+  std::optional<Tensor> seed_c;
+  if (seed_tensor) seed_c.emplace(torch::stable::contiguous(*seed_tensor));
+  p.seed_ptr = seed_c ? static_cast<const int64_t*>(seed_c->data_ptr()) : nullptr;
   p.global_amax = gamax ? static_cast<const float*>(gamax->data_ptr()) : nullptr;
   p.data = static_cast<uint8_t*>(data.data_ptr());
   p.scales = static_cast<uint8_t*>(scales.data_ptr());

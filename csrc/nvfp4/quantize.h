@@ -42,6 +42,7 @@ struct Nvfp4QuantParams {
   int64_t a_sr, a_sc;
   bool block_2d, hadamard, stochastic;
   uint64_t seed;
+  const int64_t* seed_ptr;     // 1 element on a's device (read there: no host sync), or null: seed
   const float* global_amax;    // 1 element on a's device, or null: computed
   float* partials;             // amax workspace (CUDA; kAmaxMaxPartials floats), or null
   uint8_t* data;               // (R, C/2) contiguous

@@ -48,7 +48,8 @@ float load_block(const Nvfp4QuantParams& p, uint32_t signs, int64_t r, int64_t c
 bool nvfp4_quantize_cpu(const Nvfp4QuantParams& p) {
   const int64_t R = p.rows, nblk = p.cols / kBlock, ntr = (R + kBlock - 1) / kBlock;
   const int64_t ntiles = ntr * nblk, ntasks = (ntiles + kTilesPerTask - 1) / kTilesPerTask;
-  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(p.seed) : 0u;
+  const uint64_t seed = p.seed_ptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
+  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(seed) : 0u;
   bool finite = true;
   dispatch(p.dtype, [&]<typename T>() {
     // Pass 1: amax (max is exact and order-independent; per-task partials, then over tasks).
@@ -103,7 +104,7 @@ bool nvfp4_quantize_cpu(const Nvfp4QuantParams& p) {
               const float y = v[i][j] * inv;
               uint8_t mag;
               if (p.stochastic) {
-                mag = e2m1_mag_sr(std::fabs(y), philox_uniform(nvfp4_sr_bits(p.seed, idx0 + j)));
+                mag = e2m1_mag_sr(std::fabs(y), philox_uniform(nvfp4_sr_bits(seed, idx0 + j)));
               } else {
                 mag = e2m1_mag_rne(std::fabs(y));
               }

@@ -81,6 +81,11 @@ TileMap make_map(const Nvfp4QuantParams& p) {
   return m;
 }
 
+// The seed: from device memory when given as a tensor (changes between CUDA-graph replays).
+NK_DEVICE uint64_t kernel_seed(const Nvfp4QuantParams& p) {
+  return p.seed_ptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
+}
+
 // The 16 elements of (r, cb) as float32, Hadamard-transformed when asked; returns max |v|.
 template <typename T, bool kVec>
 NK_DEVICE float load_block(const Nvfp4QuantParams& p, uint32_t signs, int64_t r, int64_t cb,
@@ -122,7 +127,7 @@ NK_DEVICE float block_max(float m, float* smem) {
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(Nvfp4QuantParams p, TileMap map) {
   __shared__ float smem[kThreads / 32];
-  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(p.seed) : 0u;
+  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(kernel_seed(p)) : 0u;
   const int64_t total = map.total();
   float m = 0.0f;
   float v[kBlock];
@@ -150,7 +155,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
   }
   const float s_enc = nvfp4_encode_scale(amax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.global_scale = 1.0f / s_enc;
-  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(p.seed) : 0u;
+  const uint64_t seed = kernel_seed(p);
+  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(seed) : 0u;
   const int64_t total = map.total();
   const int64_t half_cols = p.cols / 2;
   float v[kBlock];
@@ -184,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
         Philox4 bits{{0u, 0u, 0u, 0u}};
         if (p.stochastic) {
           const uint64_t c = (idx0 + 4 * q) >> 2;  // == nvfp4_sr_bits' counter of these 4 elements
-          bits = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, kTagStochastic, p.seed);
+          bits = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, kTagStochastic, seed);
         }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {

@@ -14,13 +14,18 @@ spreads outliers across each block. Stochastic rounding (SR) only on gradients. 
 quantization uses the current tensor amax (no delayed scaling). Tokens are padded with zero
 rows to a multiple of 16 for the wgrad (zeros add nothing to dy.T @ x).
 
-Seeds: each call draws its own (SR must be fresh each step), from the recipe seed, the layer
-index and a per-module call counter (splitmix64), so a run is reproducible from the recipe.
+Seeds: each call needs fresh SR bits (and a fresh Hadamard sign vector). With recipe.seed None
+(the default) NVFP4Linear draws its two seeds as int64 tensors from torch's generator on the
+weight's device (torch.randint): reproducible under torch.manual_seed, no host sync, no
+recompilation under torch.compile, and new values on every CUDA-graph replay. With an int
+recipe.seed it derives Python-int seeds from (recipe seed, layer index, call counter) with
+splitmix64: bit-reproducible from the recipe alone, but torch.compile specialises on the ints
+and recompiles every step (use it in eager mode).
 """
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +57,9 @@ class NVFP4Recipe:
 
     - ``hadamard``: random Hadamard transform on both wgrad operands.
     - ``stochastic_rounding``: SR of the gradient (dy) in dgrad and wgrad.
-    - ``seed``: base of every per-call seed.
+    - ``seed``: None (default): per-call seeds drawn from torch's generator (compile- and
+      graph-friendly); an int: per-call seeds derived from it, the layer and a call counter
+      (bit-reproducible without torch's RNG state; eager mode).
     - ``keep_bf16``: fnmatch patterns of module names left as nn.Linear (kept in high
       precision). Defaults: the LM head, embeddings-adjacent projections and MTP heads.
     - ``bf16_first_layers`` / ``bf16_last_layers``: decoder blocks (module names containing
@@ -61,7 +68,7 @@ class NVFP4Recipe:
     """
     hadamard: bool = True
     stochastic_rounding: bool = True
-    seed: int = 0
+    seed: Optional[int] = None
     keep_bf16: Tuple[str, ...] = ("lm_head", "*lm_head", "*embed*", "mtp.*", "*.mtp.*")
     bf16_first_layers: int = 2
     bf16_last_layers: int = 8
@@ -76,15 +83,22 @@ class _NVFP4LinearFn(torch.autograd.Function):
         qx = quantize(x2)
         qw = quantize(weight, block_2d=True)
         y = gemm(qx, qw, out_dtype=x.dtype, bias=bias)
-        ctx.save_for_backward(x2, weight)
+        # Tensor seeds go through save_for_backward (the way torch.compile tracks tensors from
+        # the forward into the backward), int seeds stay on ctx.
+        seeds = (seed_dgrad, seed_wgrad)
+        ctx.seed_is_tensor = tuple(isinstance(s, torch.Tensor) for s in seeds)
+        ctx.save_for_backward(x2, weight, *[s for s in seeds if isinstance(s, torch.Tensor)])
+        ctx.int_seeds = tuple(None if isinstance(s, torch.Tensor) else int(s) for s in seeds)
         ctx.has_bias = bias is not None
-        ctx.cfg = (hadamard, sr, seed_dgrad, seed_wgrad, lead)
+        ctx.cfg = (hadamard, sr, lead)
         return y.reshape(*lead, out_f)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight = ctx.saved_tensors
-        hadamard, sr, seed_d, seed_w, lead = ctx.cfg
+        x2, weight, *tseeds = ctx.saved_tensors
+        hadamard, sr, lead = ctx.cfg
+        tseeds = iter(tseeds)
+        seed_d, seed_w = (next(tseeds) if is_t else v for is_t, v in zip(ctx.seed_is_tensor, ctx.int_seeds))
         out_f, in_f = weight.shape
         dy2 = dy.reshape(-1, out_f)
         dx = dw = db = None
@@ -106,13 +120,14 @@ class _NVFP4LinearFn(torch.autograd.Function):
 
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                 hadamard: bool = True, stochastic_rounding: bool = True, seed_dgrad: int = 0,
-                 seed_wgrad: int = 1) -> torch.Tensor:
+                 hadamard: bool = True, stochastic_rounding: bool = True,
+                 seed_dgrad: Union[int, torch.Tensor] = 0,
+                 seed_wgrad: Union[int, torch.Tensor] = 1) -> torch.Tensor:
     """Functional NVFP4 linear: x (..., in) @ weight (out, in).T (+ bias), with the recipe's
     backward. in_features and out_features must be multiples of 16. Output in x's dtype;
-    weight gradient in weight's dtype."""
-    return _NVFP4LinearFn.apply(x, weight, bias, bool(hadamard), bool(stochastic_rounding),
-                                int(seed_dgrad), int(seed_wgrad))
+    weight gradient in weight's dtype. Seeds: ints or 1-element int64 tensors on x's device."""
+    return _NVFP4LinearFn.apply(x, weight, bias, bool(hadamard), bool(stochastic_rounding), seed_dgrad,
+                                seed_wgrad)
 
 
 class NVFP4Linear(torch.nn.Linear):
@@ -129,11 +144,20 @@ class NVFP4Linear(torch.nn.Linear):
         self.layer_id = layer_id
         self._calls = 0
 
+    def _seeds(self):
+        r = self.recipe
+        if r.seed is None:
+            # (A device step counter mutated in place would be simpler, but AOT autograd may
+            # recompute a seed derived from it in the backward after the mutation.)
+            s = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=self.weight.device)
+            return s[0:1], s[1:2]
+        self._calls += 1
+        return (derive_seed(r.seed, self.layer_id, self._calls, 0),
+                derive_seed(r.seed, self.layer_id, self._calls, 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.recipe
-        sd = derive_seed(r.seed, self.layer_id, self._calls, 0)
-        sw = derive_seed(r.seed, self.layer_id, self._calls, 1)
-        self._calls += 1
+        sd, sw = self._seeds()
         return nvfp4_linear(x, self.weight, self.bias, hadamard=r.hadamard,
                             stochastic_rounding=r.stochastic_rounding, seed_dgrad=sd, seed_wgrad=sw)
 

@@ -23,7 +23,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @torch.library.register_fake("nemokernels::nvfp4_quantize")
-def _quantize_fake(x, block_2d, hadamard, stochastic_rounding, seed, global_amax):
+def _quantize_fake(x, block_2d, hadamard, stochastic_rounding, seed, global_amax, seed_tensor):
     r, k = x.shape
     return (x.new_empty((r, k // 2), dtype=torch.uint8), x.new_empty((r, k // 16), dtype=torch.uint8),
             x.new_empty((), dtype=torch.float32))
@@ -35,15 +35,19 @@ def _dequantize_fake(data, scales, global_scale, out_dtype):
     return data.new_empty((data.shape[0], data.shape[1] * 2), dtype=dt)
 
 
-def _seed(seed: Optional[int], needed: bool) -> int:
-    """The int64 the op takes. None: a fresh seed from torch's (CPU) generator when the
-    variant uses random bits (stochastic rounding, Hadamard signs), else 0."""
+def _seed_args(seed, needed: bool, x: torch.Tensor):
+    """(int seed, seed tensor or None) for the op. A tensor seed (1 element, int64, on x's
+    device) is read by the kernel on the device: no host sync, and a CUDA graph replays it with
+    whatever it holds then. None: a fresh seed drawn from torch's generator on x's device when
+    the variant uses random bits (stochastic rounding, Hadamard signs)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed.to(torch.int64)
     if seed is None:
         if not needed:
-            return 0
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+            return 0, None
+        return 0, torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     seed = int(seed) & (2**64 - 1)
-    return seed - 2**64 if seed >= 2**63 else seed
+    return (seed - 2**64 if seed >= 2**63 else seed), None
 
 
 def _amax_arg(global_amax, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -62,12 +66,13 @@ def _check_x(x: torch.Tensor, op: str):
 
 
 def _quantize2d(x2: torch.Tensor, block_2d, hadamard, stochastic_rounding, seed, global_amax):
-    return _ops.nvfp4_quantize(x2, bool(block_2d), bool(hadamard), bool(stochastic_rounding),
-                               _seed(seed, hadamard or stochastic_rounding), _amax_arg(global_amax, x2))
+    seed_int, seed_t = _seed_args(seed, hadamard or stochastic_rounding, x2)
+    return _ops.nvfp4_quantize(x2, bool(block_2d), bool(hadamard), bool(stochastic_rounding), seed_int,
+                               _amax_arg(global_amax, x2), seed_t)
 
 
 def quantize(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
-             stochastic_rounding: bool = False, seed: Optional[int] = None,
+             stochastic_rounding: bool = False, seed: Optional[Union[int, torch.Tensor]] = None,
              global_amax: Optional[Union[torch.Tensor, float]] = None) -> NVFP4Tensor:
     """Quantize x (..., K) to NVFP4 along the last dim (K % 16 == 0).
 
@@ -80,8 +85,10 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
     - ``stochastic_rounding``: E2M1 codes rounded up with probability equal to the fractional
       position between neighbours (unbiased), bits from Philox4x32-10 keyed by ``seed`` with
       the element's flat index as counter (same bits on CPU and GPU).
-    - ``seed``: int; None draws one from torch's generator (pass one explicitly for
-      reproducibility, for matching Hadamard signs, and under torch.compile).
+    - ``seed``: int, or a 1-element int64 tensor on x's device (read by the kernel: no host
+      sync, no recompilation under torch.compile, fresh values across CUDA-graph replays when
+      updated in place); None draws one from torch's generator on x's device. Pass the same
+      seed to both GEMM operands for matching Hadamard signs.
     - ``global_amax``: a 1-element float32 tensor (or float) used instead of max |x| (of the
       transformed values when ``hadamard``); values beyond it saturate. Read on the device.
 
@@ -94,7 +101,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
 
 
 def quantize_t(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
-               stochastic_rounding: bool = False, seed: Optional[int] = None,
+               stochastic_rounding: bool = False, seed: Optional[Union[int, torch.Tensor]] = None,
                global_amax: Optional[Union[torch.Tensor, float]] = None) -> NVFP4Tensor:
     """Quantization of x.T from x (M, K) (leading dims flattened into M), M % 16 == 0: the
     transposed operand the backward GEMMs need, in one pass over x (the kernel reads the
