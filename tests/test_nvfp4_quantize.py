@@ -384,6 +384,26 @@ def test_cuda_graph_replay():
     assert torch.equal(d, dequantize(want))
 
 
+@pytest.mark.gpu
+def test_cuda_graph_seed_tensor_replay():
+    """A tensor seed is read on the device: updating it in place changes the SR bits of the
+    next replay."""
+    x = torch.randn(64, 128, device="cuda")
+    seed = torch.tensor([5], device="cuda")
+    quantize(x, stochastic_rounding=True, seed=seed)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        q = quantize(x, stochastic_rounding=True, hadamard=True, seed=seed)
+    torch.cuda.current_stream().wait_stream(s)
+    for v in (11, 12):
+        seed.fill_(v)
+        g.replay()
+        torch.cuda.synchronize()
+        assert_same(q, quantize(x, stochastic_rounding=True, hadamard=True, seed=v), f"seed {v}")
+
+
 # ---------------------------------------------------------------- registration
 
 
