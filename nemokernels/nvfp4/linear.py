@@ -24,7 +24,7 @@ and recompiles every step (use it in eager mode).
 """
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
