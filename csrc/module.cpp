@@ -28,7 +28,8 @@ std::vector<std::string> cuda_ops() {
           "grouped_gemm_fwd", "grouped_gemm_dgrad", "grouped_gemm_wgrad",
           "moe_router", "moe_router_bwd", "moe_permute_plan", "moe_gather", "moe_gather_bwd",
           "moe_combine", "moe_combine_bwd",
-          "nvfp4_gemm", "nvfp4_swizzle_scales"};
+          "nvfp4_gemm", "nvfp4_swizzle_scales",
+          "nvfp4_quantize", "nvfp4_dequantize"};
 #else
   return {};
 #endif

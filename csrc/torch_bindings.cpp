@@ -92,6 +92,12 @@ std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_
 Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales,
                   Tensor b_global, ScalarType out_dtype, std::optional<Tensor> bias);
 Tensor nvfp4_swizzle_scales(Tensor scales);
+// nvfp4/quantize.cpp
+std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool hadamard,
+                                                  bool stochastic_rounding, int64_t seed,
+                                                  std::optional<Tensor> global_amax,
+                                                  std::optional<Tensor> seed_tensor);
+Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int64_t out_dtype);
 }  // namespace nk
 
 STABLE_TORCH_LIBRARY(nemokernels, m) {
@@ -200,6 +206,15 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
         "Tensor b_global, ScalarType out_dtype, Tensor? bias) -> Tensor");
   // Row-major (rows, K/16) scales -> flat uint8 in the sm_100 tensor-core (128x4 atom) layout.
   m.def("nvfp4_swizzle_scales(Tensor scales) -> Tensor");
+  // ---- nvfp4: quantize / dequantize (DESIGN.md 4.3, csrc/nvfp4/quantize.h) ----------------
+  // x (R, K) any strides (quantize_t passes x.T); K % 16 == 0. data (R, K/2) uint8, scales
+  // (R, K/16) uint8 (E4M3 bytes), global_scale () float32 = 1/s_enc. seed keys the stochastic
+  // rounding and the Hadamard signs (seed_tensor, 1 element int64 read on the device, overrides
+  // it); global_amax (1 element float32) replaces the computed amax.
+  m.def("nvfp4_quantize(Tensor x, bool block_2d, bool hadamard, bool stochastic_rounding, int seed, "
+        "Tensor? global_amax, Tensor? seed_tensor) -> (Tensor data, Tensor scales, Tensor global_scale)");
+  // out_dtype: 0 float32, 1 float16, 2 bfloat16. Returns (R, K).
+  m.def("nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int out_dtype) -> Tensor");
 }
 
 // Same entry for both keys: the entry routes by device.
@@ -229,7 +244,9 @@ STABLE_TORCH_LIBRARY(nemokernels, m) {
   m.impl("moe_combine", TORCH_BOX(&nk::moe_combine));                          \
   m.impl("moe_combine_bwd", TORCH_BOX(&nk::moe_combine_bwd));                    \
   m.impl("nvfp4_gemm", TORCH_BOX(&nk::nvfp4_gemm));                            \
-  m.impl("nvfp4_swizzle_scales", TORCH_BOX(&nk::nvfp4_swizzle_scales));
+  m.impl("nvfp4_swizzle_scales", TORCH_BOX(&nk::nvfp4_swizzle_scales));          \
+  m.impl("nvfp4_quantize", TORCH_BOX(&nk::nvfp4_quantize));                     \
+  m.impl("nvfp4_dequantize", TORCH_BOX(&nk::nvfp4_dequantize));
 
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { NK_IMPL_ALL(m) }
 STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { NK_IMPL_ALL(m) }

@@ -18,5 +18,5 @@ from . import nvfp4  # noqa: F401  (NVFP4 API: nemokernels.nvfp4.*; registers th
 
 __all__ = ["__version__", "RMSNormGated", "build_info", "causal_conv1d_fn", "causal_conv1d_update",
            "commit_state", "mamba_chunk_scan_combined", "rmsnorm_fn", "selective_state_update",
-           "selective_state_update_multi", "spec"]
+           "selective_state_update_multi", "spec", "moe", "nvfp4", "models"]
 from . import models  # noqa: E402,F401  (nemokernels.models: NemotronH on the kernels)

@@ -34,6 +34,8 @@ OPS = {
     "moe_combine_bwd": "moe",
     "nvfp4_gemm": "nvfp4",
     "nvfp4_swizzle_scales": "nvfp4",
+    "nvfp4_quantize": "nvfp4",
+    "nvfp4_dequantize": "nvfp4",
 }
 
 

@@ -4,9 +4,11 @@
 // Encoders (round-to-nearest-even, stochastic rounding) live beside these decoders.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "common/macros.h"
+#include "common/philox.h"
 
 namespace nk::nvfp4 {
 
@@ -35,5 +37,168 @@ NK_HD float e4m3_decode(uint8_t b) {
   }
   return (b & 0x80) ? -v : v;
 }
+
+// ------------------------------------------------------------------------------------------
+// Encoders. Every step below is an IEEE float32 operation with one correctly rounded result
+// (division, multiplication, addition, comparison) and no expression the compiler may contract
+// into an FMA, so the CPU (GCC/Clang) and CUDA (nvcc without fast-math) kernels, and the
+// PyTorch reference in nemokernels/nvfp4/reference.py, produce bit-identical codes and scales.
+//
+//   s_enc    = 2688 / amax                       (1 when amax == 0; FLT_MAX when it overflows)
+//   s_b      = e4m3_rne_sat((amax_b / 6) * s_enc)
+//   inv_b    = min(s_enc / float(s_b), FLT_MAX)  (0 when s_b == 0: the block's codes are 0)
+//   code     = e2m1_rne_sat(x * inv_b)           (or stochastic rounding)
+// x * inv_b (one division per block, one multiply per element) rather than x * s_enc / s_b (a
+// division per element): two roundings either way; this one is cheaper on the GPU and is what
+// TransformerEngine does, so codes agree with it for finite, non-extreme inputs.
+
+constexpr float kFloatMax = 3.402823466e38f;
+
+// Bits of a float (memcpy: defined behaviour on the host, a register move on the device).
+NK_HD uint32_t float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// Global encode scale from the tensor amax (of the values as quantized, i.e. after the
+// Hadamard transform when one is applied). NaN when amax is not finite (non-finite input).
+NK_HD float nvfp4_encode_scale(float amax) {
+  if (!(amax == amax) || amax > kFloatMax) return std::numeric_limits<float>::quiet_NaN();
+  if (amax == 0.0f) return 1.0f;
+  const float s = (kE4M3Max * kE2M1Max) / amax;
+  return s > kFloatMax ? kFloatMax : s;
+}
+
+// Float8 E4M3 (fn) byte of a non-negative float, round to nearest even, saturating at 448
+// (NaN -> 0x7f). Values below the smallest subnormal's half round to 0.
+NK_HD uint8_t e4m3_encode_rne_sat(float f) {
+  if (!(f == f)) return 0x7f;
+  if (f >= kE4M3Max) return 0x7e;
+  if (f < 0.015625f) {  // below 2^-6: subnormal grid of step 2^-9
+    const float q = f * 512.0f;  // exact (power of two), in [0, 8)
+    const int fl = static_cast<int>(q);
+    const float fr = q - static_cast<float>(fl);  // exact
+    const int r = fl + ((fr > 0.5f || (fr == 0.5f && (fl & 1))) ? 1 : 0);
+    return static_cast<uint8_t>(r);  // r == 8 is 0x08 = 2^-6, the smallest normal
+  }
+  uint32_t u = float_bits(f);
+  u += 0x7ffffu + ((u >> 20) & 1u);  // round the 23-bit mantissa to 3 bits, ties to even
+  const int e = static_cast<int>((u >> 23) & 0xff) - 127;
+  const uint32_t man = (u >> 20) & 7u;
+  if (e > 8 || (e == 8 && man > 6)) return 0x7e;  // rounded past 448: saturate
+  return static_cast<uint8_t>(((e + 7) << 3) | static_cast<int>(man));
+}
+
+// Block decode scale (E4M3 byte) from the block amax and the global encode scale.
+NK_HD uint8_t nvfp4_block_scale(float amax_b, float s_enc) {
+  const float sf = (amax_b / kE2M1Max) * s_enc;
+  return e4m3_encode_rne_sat(sf);
+}
+
+// Multiplier taking a block's values to the E2M1 grid; 0 when the block scale is 0.
+NK_HD float nvfp4_block_inv(uint8_t s_b, float s_enc) {
+  const float sb = e4m3_decode(s_b);
+  if (!(sb > 0.0f)) return sb == 0.0f ? 0.0f : sb;  // 0 -> 0; NaN stays NaN
+  const float inv = s_enc / sb;
+  return inv > kFloatMax ? kFloatMax : inv;
+}
+
+// E2M1 magnitude index (0..7) of |v|, round to nearest even, saturating at 6. Ties:
+// .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even index wins).
+NK_HD uint8_t e2m1_mag_rne(float m) {
+  if (m <= 0.25f) return 0;
+  if (m < 0.75f) return 1;
+  if (m <= 1.25f) return 2;
+  if (m < 1.75f) return 3;
+  if (m <= 2.5f) return 4;
+  if (m < 3.5f) return 5;
+  if (m <= 5.0f) return 6;
+  return 7;  // includes NaN (non-finite input is rejected on the CPU; see quantize.h)
+}
+
+// E2M1 grid point at or below m (index and value), and the step to the next grid point.
+NK_HD uint8_t e2m1_mag_floor(float m) {
+  if (m < 0.5f) return 0;
+  if (m < 1.0f) return 1;
+  if (m < 1.5f) return 2;
+  if (m < 2.0f) return 3;
+  if (m < 3.0f) return 4;
+  if (m < 4.0f) return 5;
+  if (m < 6.0f) return 6;
+  return 7;
+}
+
+// E2M1 magnitude with stochastic rounding: between neighbours lo <= m < hi, round up with
+// probability (m - lo) / (hi - lo), drawn from u in [0, 1) (24-bit Philox uniform). m - lo is
+// exact and hi - lo is a power of two, so the probability is exact: E[value] = m up to 2^-24
+// of a step. Saturates at 6.
+NK_HD uint8_t e2m1_mag_sr(float m, float u) {
+  if (!(m < 6.0f)) return 7;
+  const uint8_t i = e2m1_mag_floor(m);
+  const float lo = e2m1_decode(i);
+  const float inv_step = i < 4 ? 2.0f : (i < 6 ? 1.0f : 0.5f);
+  const float p = (m - lo) * inv_step;
+  return static_cast<uint8_t>(i + (u < p ? 1 : 0));
+}
+
+// Signed 4-bit code of v (already multiplied by the block's inv); zero is always code 0.
+NK_HD uint8_t e2m1_code(float v, uint8_t mag) {
+  return static_cast<uint8_t>(mag | ((v < 0.0f && mag != 0) ? 0x8 : 0x0));
+}
+
+// ------------------------------------------------------------------------------------------
+// Random bits. Philox4x32-10 keyed by the 64-bit seed; the fourth counter word is a purpose
+// tag so the rounding bits and the Hadamard signs of one seed are independent.
+constexpr uint32_t kTagStochastic = 0x4e564653u;  // "NVFS"
+constexpr uint32_t kTagHadamard = 0x4e564648u;    // "NVFH"
+
+// 32 random bits for the element with flat index idx = row * cols + col of the quantized
+// (output) matrix: one Philox call serves four consecutive elements.
+NK_HD uint32_t nvfp4_sr_bits(uint64_t seed, uint64_t idx) {
+  const uint64_t c = idx >> 2;
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u,
+                                  kTagStochastic, seed);
+  return r.v[idx & 3];
+}
+
+// The 16 Hadamard signs of a seed: bit j set -> d_j = -1.
+NK_HD uint32_t nvfp4_hadamard_signs(uint64_t seed) {
+  return philox4x32_10(0u, 0u, 0u, kTagHadamard, seed).v[0] & 0xffffu;
+}
+
+// In place on one 16-element block: v <- (1/4) H16 D v, D = diag(+-1 from `signs`), H16 the
+// Sylvester Hadamard matrix (H[i][j] = (-1)^popcount(i & j)). (1/4) H16 D is orthogonal, so
+// applying it to both GEMM operands along the reduction dim leaves a @ b^T unchanged. Fixed
+// butterfly order, sign flips and the final exact scaling by 1/4: the same float32 result on
+// the host, the device and in the PyTorch reference.
+NK_HD void hadamard16(float (&v)[kBlock], uint32_t signs) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kBlock; ++j) v[j] = ((signs >> j) & 1u) ? -v[j] : v[j];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int h = 1; h < kBlock; h <<= 1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int i = 0; i < kBlock; ++i) {
+      if ((i & h) == 0) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a + b;
+        v[i + h] = a - b;
+      }
+    }
+  }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kBlock; ++j) v[j] = v[j] * 0.25f;
+}
+
+// Max of |v| over a block; NaN-propagating (fmaxf would drop NaN and hide non-finite input).
+NK_HD float nan_max(float a, float b) { return (b > a || !(b == b)) ? b : a; }
 
 }  // namespace nk::nvfp4

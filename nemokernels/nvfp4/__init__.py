@@ -2,5 +2,8 @@
 and NVFP4Linear with the pre-training recipe."""
 from .tensor import NVFP4Tensor
 from .gemm import gemm, swizzle_scales
+from .quantize import dequantize, quantize, quantize_t
+from .linear import NVFP4Linear, NVFP4Recipe, convert_to_nvfp4
 
-__all__ = ["NVFP4Tensor", "gemm", "swizzle_scales"]
+__all__ = ["NVFP4Tensor", "gemm", "swizzle_scales",
+           "dequantize", "quantize", "quantize_t", "NVFP4Linear", "NVFP4Recipe", "convert_to_nvfp4"]

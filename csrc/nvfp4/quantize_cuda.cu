@@ -1,0 +1,291 @@
+// CUDA kernels of NVFP4 quantize / dequantize (math in quantize.h; every scalar step is a
+// numerics.cuh helper shared with the CPU kernel, so codes and scales are bit-identical).
+//
+// Work unit: one (row r, 16-column block cb) = 16 elements, one thread. Unit order follows the
+// input layout and the variant:
+//  - 1x16 scales, row-major view (a_sc != 1 or a_sr != 1): consecutive lanes take consecutive
+//    blocks of a row, so a warp reads 32 x 16 contiguous elements (16-byte vector loads when
+//    aligned) and writes 256 contiguous bytes of codes.
+//  - 16x16 scales, or a transposed view (quantize_t: a_sr == 1): the 16 lanes of a half-warp
+//    take the 16 rows of one 16x16 tile, so the tile amax is a 4-step xor-shuffle inside the
+//    half-warp (no shared memory). The other half-warp takes the next column block of the same
+//    rows; with an even number of column blocks, lane l hands its 8 bytes of codes to lane
+//    l - 16 and one 16-byte store per row writes both. For a transposed view each half-warp
+//    reads, for each of its 16 elements, 16 consecutive input elements (a full 32-byte sector
+//    in bf16).
+//
+// Two launches (amax then quantize), both grid-stride over the tiles with a grid of at most
+// kAmaxMaxPartials blocks:
+//   nvfp4_amax_kernel      max |H a| per block -> partials[blockIdx.x]   (skipped with global_amax)
+//   nvfp4_quantize_kernel  prologue: every block reduces the partials (<= 1024 floats, from L2)
+//                          to amax -> s_enc; then per unit: (H) transform, block or tile amax,
+//                          E4M3 scale, E2M1 codes (RNE or Philox stochastic rounding), 8 bytes
+//                          of packed codes and 1 scale byte written. Block 0 writes global_scale.
+// Max is exact and order-independent: deterministic with no atomics. No host sync.
+// Dequantize: one thread per 16-element block, 16-byte vector stores.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common/cuda_dtype.cuh"
+#include "common/cuda_utils.cuh"
+#include "nvfp4/numerics.cuh"
+#include "nvfp4/quantize.h"
+
+namespace nk {
+namespace {
+
+using namespace nvfp4;
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;
+// Upper bound of the grid (and of the amax partials); lowered by the host-emulation test so
+// small tensors take several grid-stride iterations.
+#ifndef NK_NVFP4_MAX_BLOCKS
+#define NK_NVFP4_MAX_BLOCKS kAmaxMaxPartials
+#endif
+static_assert(NK_NVFP4_MAX_BLOCKS <= kAmaxMaxPartials, "the partials workspace holds kAmaxMaxPartials");
+
+struct TileMap {
+  int64_t rows, ntr, nblk;
+  bool linear;      // row-major unit order (1x16 scales, row-major view), else 16x16 tile order
+  bool pair_store;  // tile order with nblk even: lanes l and l + 16 hold adjacent blocks of a row
+  // Units: rows * nblk (linear), or ntr * nblk * 16 (tiles, the last row tile maybe partial).
+  NK_DEVICE int64_t total() const { return linear ? rows * nblk : ntr * nblk * kBlock; }
+  // Unit u -> (row, column block); row may be >= rows in the last, partial row tile. Tile order:
+  // tile t = u / 16 is (tr, cb) = (t / nblk, t % nblk), lane u % 16 its row.
+  NK_DEVICE void coords(int64_t u, int64_t& r, int64_t& cb) const {
+    if (linear) {
+      r = u / nblk;
+      cb = u - r * nblk;
+      return;
+    }
+    const int64_t t = u >> 4;
+    const int64_t tr = t / nblk;
+    cb = t - tr * nblk;
+    r = tr * kBlock + (u & 15);
+  }
+};
+
+TileMap make_map(const Nvfp4QuantParams& p) {
+  TileMap m;
+  m.rows = p.rows;
+  m.ntr = (p.rows + kBlock - 1) / kBlock;
+  m.nblk = p.cols / kBlock;
+  const bool rows_fast = p.a_sr == 1 && p.a_sc != 1;  // a transposed view (quantize_t)
+  m.linear = !p.block_2d && !rows_fast;
+  // Warps start at even tiles (256 threads = 16 tiles a block), so with nblk even the two
+  // half-warps always hold tiles (tr, cb) and (tr, cb + 1), cb even: one 16-byte store per row.
+  m.pair_store = !m.linear && m.nblk % 2 == 0;
+  return m;
+}
+
+// The seed: from device memory when given as a tensor (changes between CUDA-graph replays).
+NK_DEVICE uint64_t kernel_seed(const Nvfp4QuantParams& p) {
+  return p.seed_ptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
+}
+
+// The 16 elements of (r, cb) as float32, Hadamard-transformed when asked; returns max |v|.
+template <typename T, bool kVec>
+NK_DEVICE float load_block(const Nvfp4QuantParams& p, uint32_t signs, int64_t r, int64_t cb,
+                           float (&v)[kBlock]) {
+  const T* a = static_cast<const T*>(p.a) + r * p.a_sr + cb * kBlock * p.a_sc;
+  if constexpr (kVec) {
+    constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte load
+#pragma unroll
+    for (int q = 0; q < kBlock / kPer; ++q) {
+      const uint4 raw = reinterpret_cast<const uint4*>(a)[q];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) v[q * kPer + j] = to_f<T>(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kBlock; ++j) v[j] = to_f<T>(a[j * p.a_sc]);
+  }
+  if (p.hadamard) hadamard16(v, signs);
+  float m = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kBlock; ++j) m = nan_max(m, fabsf(v[j]));
+  return m;
+}
+
+// NaN-propagating max over the block; the result is valid in every thread.
+NK_DEVICE float block_max(float m, float* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // smem may still be read from a previous call
+  if (lane == 0) smem[warp] = m;
+  __syncthreads();
+  m = 0.0f;
+  for (int w = 0; w < kThreads / 32; ++w) m = nan_max(m, smem[w]);
+  return m;
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(Nvfp4QuantParams p, TileMap map) {
+  __shared__ float smem[kThreads / 32];
+  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(kernel_seed(p)) : 0u;
+  const int64_t total = map.total();
+  float m = 0.0f;
+  float v[kBlock];
+  for (int64_t u = int64_t(blockIdx.x) * kThreads + threadIdx.x; u < total; u += int64_t(gridDim.x) * kThreads) {
+    int64_t r, cb;
+    map.coords(u, r, cb);
+    if (r < map.rows) m = nan_max(m, load_block<T, kVec>(p, signs, r, cb, v));
+  }
+  m = block_max(m, smem);
+  if (threadIdx.x == 0) p.partials[blockIdx.x] = m;
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantParams p, TileMap map,
+                                                                  int nparts) {
+  __shared__ float smem[kThreads / 32];
+  // Prologue: the tensor amax (from the partials of the amax kernel, or given).
+  float amax;
+  if (p.global_amax) {
+    amax = *p.global_amax;
+  } else {
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < nparts; i += kThreads) m = nan_max(m, p.partials[i]);
+    amax = block_max(m, smem);
+  }
+  const float s_enc = nvfp4_encode_scale(amax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.global_scale = 1.0f / s_enc;
+  const uint64_t seed = kernel_seed(p);
+  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(seed) : 0u;
+  const int64_t total = map.total();
+  const int64_t half_cols = p.cols / 2;
+  float v[kBlock];
+  // Loop bound on the warp's first unit so whole warps iterate together (the 2-D tile
+  // reduction and the paired store shuffle across the warp); units past the end are inactive.
+  const int64_t lane_off = threadIdx.x & 31;
+  for (int64_t w0 = int64_t(blockIdx.x) * kThreads + (threadIdx.x & ~31); w0 < total;
+       w0 += int64_t(gridDim.x) * kThreads) {
+    const int64_t u = w0 + lane_off;
+    int64_t r = 0, cb = 0;
+    bool active = u < total;
+    if (active) {
+      map.coords(u, r, cb);
+      active = r < map.rows;
+    }
+    float bmax = 0.0f;
+    if (active) bmax = load_block<T, kVec>(p, signs, r, cb, v);
+    float amax_b = bmax;
+    if (p.block_2d) {
+#pragma unroll
+      for (int o = 1; o < kBlock; o <<= 1) amax_b = nan_max(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, o));
+    }
+    uint32_t packed[2] = {0u, 0u};
+    if (active) {
+      const uint8_t sb = nvfp4_block_scale(amax_b, s_enc);
+      const float inv = nvfp4_block_inv(sb, s_enc);
+      p.scales[r * map.nblk + cb] = sb;
+      const uint64_t idx0 = static_cast<uint64_t>(r) * p.cols + cb * kBlock;
+#pragma unroll
+      for (int q = 0; q < kBlock / 4; ++q) {
+        Philox4 bits{{0u, 0u, 0u, 0u}};
+        if (p.stochastic) {
+          const uint64_t c = (idx0 + 4 * q) >> 2;  // == nvfp4_sr_bits' counter of these 4 elements
+          bits = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, kTagStochastic, seed);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int j = 4 * q + k;
+          const float y = v[j] * inv;
+          const uint8_t mag = p.stochastic ? e2m1_mag_sr(fabsf(y), philox_uniform(bits.v[k])) : e2m1_mag_rne(fabsf(y));
+          packed[j >> 3] |= static_cast<uint32_t>(e2m1_code(y, mag)) << (4 * (j & 7));
+        }
+      }
+    }
+    uint8_t* dst = p.data + r * half_cols + cb * (kBlock / 2);
+    if (map.pair_store) {
+      // Lane l < 16 stores its 8 bytes and those of lane l + 16 (same row, block cb + 1, which
+      // is active exactly when lane l is): 16 bytes at r * C/2 + 8 cb, 16-byte aligned (cb even,
+      // C/2 a multiple of 16 as nblk is even).
+      const uint32_t n0 = __shfl_down_sync(0xffffffffu, packed[0], 16);
+      const uint32_t n1 = __shfl_down_sync(0xffffffffu, packed[1], 16);
+      if (active && lane_off < 16) *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], n0, n1);
+    } else if (active) {
+      // 8 bytes at byte offset r * C/2 + 8 cb: 8-byte aligned (C/2 is a multiple of 8).
+      *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4DequantParams p) {
+  const int64_t nblk = p.cols / kBlock, total = p.rows * nblk;
+  const float g = *p.global_scale;
+  for (int64_t u = int64_t(blockIdx.x) * kThreads + threadIdx.x; u < total; u += int64_t(gridDim.x) * kThreads) {
+    const int64_t r = u / nblk, cb = u % nblk;
+    const float sb = e4m3_decode(p.scales[r * p.s_sr + cb]);
+    const uint8_t* in = p.data + r * p.d_sr + cb * (kBlock / 2);
+    alignas(16) T out[kBlock];
+#pragma unroll
+    for (int j = 0; j < kBlock / 2; ++j) {
+      const uint8_t b = in[j];
+      out[2 * j] = from_f<T>((e2m1_decode(b & 0xf) * sb) * g);
+      out[2 * j + 1] = from_f<T>((e2m1_decode(b >> 4) * sb) * g);
+    }
+    // Output rows are C * sizeof(T) bytes, a multiple of 32: 16-byte aligned vector stores.
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<T*>(p.out) + r * p.cols + cb * kBlock);
+#pragma unroll
+    for (int q = 0; q < int(kBlock * sizeof(T) / 16); ++q) dst[q] = reinterpret_cast<const uint4*>(out)[q];
+  }
+}
+
+int grid_limit() {
+  int dev = 0, sms = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return std::min<int>(NK_NVFP4_MAX_BLOCKS, sms * kBlocksPerSm);
+}
+
+template <typename F>
+void dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f.template operator()<float>(); break;
+    case DType::F16: f.template operator()<__half>(); break;
+    case DType::BF16: f.template operator()<__nv_bfloat16>(); break;
+  }
+}
+
+}  // namespace
+
+void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const TileMap map = make_map(p);
+  const int64_t total = map.linear ? map.rows * map.nblk : map.ntr * map.nblk * kBlock;
+  const int grid = static_cast<int>(std::min<int64_t>(grid_limit(), (total + kThreads - 1) / kThreads));
+  const int esize = dtype_size(p.dtype);
+  // 16-byte vector loads: unit column stride, 16-byte aligned base and row starts.
+  const bool vec = p.a_sc == 1 && reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && (p.a_sr * esize) % 16 == 0;
+  dispatch(p.dtype, [&]<typename T>() {
+    auto run = [&]<bool kVec>() {
+      if (!p.global_amax) {
+        nvfp4_amax_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, map);
+        NK_CUDA_LAUNCH_CHECK();
+      }
+      nvfp4_quantize_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, map, grid);
+      NK_CUDA_LAUNCH_CHECK();
+    };
+    if (vec) run.template operator()<true>();
+    else run.template operator()<false>();
+  });
+}
+
+void nvfp4_dequantize_cuda(const Nvfp4DequantParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t total = p.rows * (p.cols / kBlock);
+  const int grid = static_cast<int>(std::min<int64_t>(int64_t(grid_limit()) * 4, (total + kThreads - 1) / kThreads));
+  dispatch(p.dtype, [&]<typename T>() {
+    nvfp4_dequantize_kernel<T><<<grid, kThreads, 0, s>>>(p);
+    NK_CUDA_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace nk

@@ -1,0 +1,250 @@
+"""The NVFP4 quantize / dequantize CUDA kernels (csrc/nvfp4/quantize_cuda.cu) run on the CPU
+through the emulator in tools/cuda_emu (see tools/cuda_emu/README.md): the .cu file is rewritten
+by transform.py, compiled with g++ against the mock CUDA headers (with NK_NVFP4_MAX_BLOCKS=3, so
+small tensors take several grid-stride iterations and the quantize prologue reduces several amax
+partials) and driven through tools/cuda_emu/driver_nvfp4.cpp with the param structs the op entry
+(csrc/nvfp4/quantize.cpp) fills. Codes, scales, global scale and dequantized values must equal
+the CPU kernel's bit for bit (both run the numerics.cuh helpers), for every variant, dtype and
+layout (vector path, strided scalar path, transposed view, partial 16x16 tiles). Outputs and the
+unused part of the partials workspace are poisoned first.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_cuda_emulation as base  # build helpers: compiler id, flags, transform, params
+
+EMU = base.EMU
+CSRC = base.CSRC
+KERNEL = Path(os.environ.get("NK_CUDA_EMU_NVFP4_KERNEL", CSRC / "nvfp4" / "quantize_cuda.cu"))
+HEADER = CSRC / "nvfp4" / "quantize.h"
+STRUCTS = ("Nvfp4QuantParams", "Nvfp4DequantParams")
+DT_ENUM = base.DT_ENUM
+MAX_BLOCKS = 3
+DEFINES = [f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"]
+
+
+def build_library():
+    cid = base._compiler_id()
+    if cid is None or not sys.platform.startswith("linux"):
+        pytest.skip(f"CUDA emulation needs {base.CXX} on Linux (ucontext fibers)")
+    bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+    bdir.mkdir(parents=True, exist_ok=True)
+    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py",
+                                                     EMU / "driver_nvfp4.cpp"]
+    for d in (CSRC / "nvfp4", CSRC / "common"):
+        files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
+    gen = {
+        "nvfp4_params_layout.inc": base.emu_params.layout_table_cpp(HEADER.read_text(), STRUCTS),
+        "quantize_cuda.emu.cpp": base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0],
+    }
+    h = hashlib.sha256((cid + " ".join(base.FLAGS + DEFINES)).encode())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for name, text in gen.items():
+        h.update(name.encode())
+        h.update(text.encode())
+    lib = bdir / f"libnvfp4_emu_{h.hexdigest()[:20]}.so"
+    if lib.exists():
+        return lib
+    work = Path(tempfile.mkdtemp(prefix="build_nvfp4_", dir=bdir))
+    try:
+        for fname, text in gen.items():
+            (work / fname).write_text(text)
+        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
+        tmp = work / "lib.so"
+        r = subprocess.run([base.CXX, *base.FLAGS, *DEFINES, *inc, "-shared", str(EMU / "driver_nvfp4.cpp"),
+                            "-o", str(tmp)], capture_output=True, text=True)
+        assert r.returncode == 0, f"emulator build of quantize_cuda.cu failed:\n{(r.stdout + r.stderr)[-8000:]}"
+        os.replace(tmp, lib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+class Nvfp4Emu:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(str(path))
+        self.S, self.fields = base.emu_params.ctypes_structs(HEADER.read_text(), STRUCTS)
+        L = self.lib
+        for fn in ("emu_nvfp4_quantize_cuda", "emu_nvfp4_dequantize_cuda"):
+            getattr(L, fn).restype = ctypes.c_int
+            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        L.emu_params_offset.restype = ctypes.c_longlong
+        L.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        L.emu_params_sizeof.restype = ctypes.c_longlong
+        L.emu_params_sizeof.argtypes = [ctypes.c_char_p]
+        L.emu_nvfp4_blocks_run.restype = ctypes.c_longlong
+
+    def call(self, fn, params):
+        err = ctypes.create_string_buffer(4096)
+        if getattr(self.lib, fn)(ctypes.addressof(params), err, len(err)) != 0:
+            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
+
+
+_LIB = []
+
+
+def emu():
+    if not _LIB:
+        _LIB.append(Nvfp4Emu(build_library()))
+    return _LIB[0]
+
+
+def nvfp4_api():
+    try:
+        import nemokernels.nvfp4 as nv
+        nv.quantize  # noqa: B018
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"nemokernels extension not importable: {e}")
+    return nv
+
+
+def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_rounding=False, seed=0, global_amax=None,
+                      seed_in_memory=False):
+    """The op entry's set-up (quantize.cpp) for a 2-D strided view and one emulated call."""
+    E = emu()
+    R, C = a2d.shape
+    data = torch.full((R, C // 2), 0x5A, dtype=torch.uint8)
+    scales = torch.full((R, C // 16), 0xA5, dtype=torch.uint8)
+    gs = torch.full((1,), float("nan"))
+    partials = torch.full((1024,), float("nan"))  # entries past the grid must never be read
+    p = E.S["Nvfp4QuantParams"]()
+    p.rows, p.cols, p.dtype = R, C, DT_ENUM[a2d.dtype]
+    p.a = a2d.data_ptr()
+    p.a_sr, p.a_sc = a2d.stride(0), a2d.stride(1)
+    p.block_2d, p.hadamard, p.stochastic = block_2d, hadamard, stochastic_rounding
+    seed_t = torch.tensor([seed if seed < 2**63 else seed - 2**64], dtype=torch.int64)
+    if seed_in_memory:  # the kernel reads the seed from memory (a tensor seed); p.seed is junk
+        p.seed, p.seed_ptr = 0xDEADBEEF, seed_t.data_ptr()
+    else:
+        p.seed = seed & (2**64 - 1)
+    ga = None if global_amax is None else torch.tensor([float(global_amax)], dtype=torch.float32)
+    p.global_amax = None if ga is None else ga.data_ptr()
+    p.partials = None if ga is not None else partials.data_ptr()
+    p.data, p.scales, p.global_scale = data.data_ptr(), scales.data_ptr(), gs.data_ptr()
+    E.call("emu_nvfp4_quantize_cuda", p)
+    return data, scales, gs[0]
+
+
+def dequantize_emulated(data, scales, gs, dtype):
+    E = emu()
+    R, C = data.shape[0], data.shape[1] * 2
+    out = torch.full((R, C), float("nan"), dtype=dtype)
+    g = gs.reshape(1).float().contiguous()
+    p = E.S["Nvfp4DequantParams"]()
+    p.rows, p.cols = R, C
+    p.data, p.d_sr = data.data_ptr(), data.stride(0)
+    p.scales, p.s_sr = scales.data_ptr(), scales.stride(0)
+    p.global_scale = g.data_ptr()
+    p.dtype = DT_ENUM[dtype]
+    p.out = out.data_ptr()
+    E.call("emu_nvfp4_dequantize_cuda", p)
+    return out
+
+
+def test_params_layout():
+    E = emu()
+    for name in STRUCTS:
+        S = E.S[name]
+        assert E.lib.emu_params_sizeof(name.encode()) == ctypes.sizeof(S), name
+        for field, _ in E.fields[name]:
+            assert E.lib.emu_params_offset(name.encode(), field.encode()) == getattr(S, field).offset, (name, field)
+
+
+VARIANTS = [
+    {},
+    {"block_2d": True},
+    {"hadamard": True},
+    {"stochastic_rounding": True},
+    {"block_2d": True, "hadamard": True, "stochastic_rounding": True},
+]
+
+
+def _layouts(dtype):
+    """(name, 2-D view): contiguous (vector loads), padded rows (vector), sliced columns (base
+    off alignment: scalar), column stride 2 (scalar), transposed (quantize_t's view), partial
+    16x16 tiles, more tiles than MAX_BLOCKS * 256 threads cover in one pass, and an odd number
+    of column blocks (the tile path's paired 16-byte store needs an even one)."""
+    out = [
+        ("contig", torch.randn(37, 64).to(dtype)),
+        ("padded", torch.randn(20, 96 + 16).to(dtype)[:, :96]),
+        ("sliced", torch.randn(18, 64 + 3).to(dtype)[:, 1:65]),
+        ("stride2", torch.randn(16, 64).to(dtype)[:, ::2]),
+        ("transposed", torch.randn(48, 32).to(dtype).t()),
+        ("transposed_partial", torch.randn(32, 20).to(dtype).t()),  # 20 rows: a partial row tile
+        ("many_tiles", torch.randn(80, 192).to(dtype)),  # 960 units > 3 blocks x 256 threads
+        ("odd_blocks", torch.randn(33, 80).to(dtype)),  # 5 column blocks: no paired 16-byte store
+    ]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v) or "rne")
+def test_quantize_bit_identical_to_cpu(dtype, variant):
+    nv = nvfp4_api()
+    for name, a in _layouts(dtype):
+        a = a * 3
+        kw = dict(variant, seed=1234567 + len(name))
+        data, scales, gs = quantize_emulated(a, **kw)
+        want = nv.quantize_t(a.t(), **kw) if name.startswith("transposed") else nv.quantize(a, **kw)
+        assert torch.equal(data, want.data), f"{name}: codes differ at {(data != want.data).nonzero()[:4].tolist()}"
+        assert torch.equal(scales, want.scales.view(torch.uint8)), f"{name}: scales"
+        assert torch.equal(gs, want.global_scale), f"{name}: global scale {gs} != {want.global_scale}"
+
+
+def test_seed_from_memory():
+    nv = nvfp4_api()
+    a = torch.randn(48, 64)
+    for kw in ({"stochastic_rounding": True}, {"hadamard": True, "block_2d": True}):
+        data, scales, gs = quantize_emulated(a, seed=2**63 + 5, seed_in_memory=True, **kw)
+        want = nv.quantize(a, seed=2**63 + 5, **kw)
+        assert torch.equal(data, want.data) and torch.equal(scales, want.scales.view(torch.uint8))
+
+
+def test_given_amax_and_special_values():
+    nv = nvfp4_api()
+    a = torch.randn(40, 48)
+    for amax in (a.abs().max().item() * 2, 0.5):
+        data, scales, gs = quantize_emulated(a, global_amax=amax)
+        want = nv.quantize(a, global_amax=amax)
+        assert torch.equal(data, want.data) and torch.equal(scales, want.scales.view(torch.uint8))
+        assert torch.equal(gs, want.global_scale)
+    z = torch.zeros(16, 32)
+    data, scales, gs = quantize_emulated(z)
+    assert (data == 0).all() and (scales == 0).all() and gs.item() == 1.0
+    t = torch.randn(32, 32)
+    t[0] *= 1e6
+    t[1] *= 1e-6
+    data, scales, gs = quantize_emulated(t, block_2d=False)
+    want = nv.quantize(t)
+    assert torch.equal(data, want.data) and torch.equal(scales, want.scales.view(torch.uint8))
+    # non-finite input: no error on the GPU path, the global scale comes out NaN
+    t[5, 5] = float("inf")
+    assert torch.isnan(quantize_emulated(t)[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dequantize_bit_identical_to_cpu(dtype):
+    nv = nvfp4_api()
+    for R, C in [(37, 64), (5, 16), (70, 208)]:  # 70 x 13 blocks: several grid-stride passes
+        q = nv.quantize(torch.randn(R, C), block_2d=R % 2 == 0)
+        out = dequantize_emulated(q.data, q.scales.view(torch.uint8), q.global_scale, dtype)
+        assert torch.equal(out, nv.dequantize(q, dtype))
+    # strided data rows (a row slice of a wider buffer): the kernel takes a row stride
+    q = nv.quantize(torch.randn(16, 64))
+    wide = torch.zeros(16, 48, dtype=torch.uint8)
+    wide[:, :32] = q.data
+    s_wide = torch.zeros(16, 8, dtype=torch.uint8)
+    s_wide[:, :4] = q.scales.view(torch.uint8)
+    out = dequantize_emulated(wide[:, :32], s_wide[:, :4], q.global_scale, torch.float32)
+    assert torch.equal(out, nv.dequantize(q, torch.float32))

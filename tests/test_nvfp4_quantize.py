@@ -1,0 +1,437 @@
+"""nvfp4.quantize / quantize_t / dequantize against the float64 reference of the format
+(nemokernels/nvfp4/reference.py): bit-identical codes and scales for every variant (1x16,
+16x16, Hadamard, stochastic rounding, given amax), dtypes, odd and strided shapes; exact round
+trips; SR unbiased and reproducible; Hadamard orthogonal and GEMM-invariant; special values;
+bad inputs; opcheck and torch.compile."""
+import pytest
+import torch
+
+from nemokernels.nvfp4 import NVFP4Tensor, dequantize, gemm, quantize, quantize_t
+from nemokernels.nvfp4 import reference as ref
+
+from conftest import DEVICES
+from helpers import opcheck, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VARIANTS = [
+    {},
+    {"block_2d": True},
+    {"hadamard": True},
+    {"stochastic_rounding": True},
+    {"block_2d": True, "hadamard": True, "stochastic_rounding": True},
+]
+# (leading dims, K): one block, odd row counts (partial 16x16 tiles), 3-D, tile edges.
+SHAPES = [((1,), 16), ((5,), 48), ((37,), 64), ((3, 7), 32), ((129,), 48), ((17,), 16)]
+
+
+def vid(v):
+    return "-".join(k for k in v) or "rne"
+
+
+def codes_of(t: NVFP4Tensor) -> torch.Tensor:
+    return torch.stack([t.data & 0xF, t.data >> 4], -1).flatten(-2)
+
+
+def assert_same(q: NVFP4Tensor, r: NVFP4Tensor, what=""):
+    assert q.data.dtype == torch.uint8 and q.scales.dtype == torch.float8_e4m3fn
+    assert q.global_scale.dtype == torch.float32 and q.global_scale.dim() == 0
+    qd, rd = q.data.cpu().reshape(r.data.shape), r.data.cpu()
+    assert torch.equal(qd, rd), f"{what}: codes differ at {(qd != rd).nonzero()[:5].tolist()}"
+    qs, rs = q.scales.cpu().view(torch.uint8).reshape(r.scales.shape), r.scales.cpu().view(torch.uint8)
+    assert torch.equal(qs, rs), f"{what}: scales differ at {(qs != rs).nonzero()[:5].tolist()}"
+    assert torch.equal(q.global_scale.cpu(), r.global_scale.cpu()), f"{what}: global scale"
+
+
+def ref_of(x, **kw):
+    kw = dict(kw)
+    kw.setdefault("seed", 0)
+    return ref.quantize_ref(x.reshape(-1, x.shape[-1]).cpu(), **kw)
+
+
+# ---------------------------------------------------------------- bit-identical to the reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+def test_matches_reference(device, dtype, variant):
+    seed = int(torch.randint(0, 2**40, ()))
+    for lead, K in SHAPES:
+        x = (torch.randn(*lead, K) * torch.rand(*lead, 1) * 4).to(device, dtype)
+        kw = dict(variant, seed=seed)
+        q = quantize(x, **kw)
+        assert q.data.shape == (*lead, K // 2) and q.scales.shape == (*lead, K // 16)
+        assert q.shape == x.shape
+        assert_same(q, ref_of(x, **kw), f"{lead} {K}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+def test_strided_inputs(device, variant):
+    """Non-contiguous views are read in place and give the codes of their contiguous copy."""
+    base = torch.randn(40, 96, device=device, dtype=torch.bfloat16)
+    views = [base[:, ::2], base[3:35, 16:80], base.t()[:, :32], base.reshape(20, 2, 96)[:, 1]]
+    for v in views:
+        assert not v.is_contiguous()
+        assert_same(quantize(v, seed=11, **variant), ref_of(v.contiguous(), seed=11, **variant), str(v.shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+def test_quantize_t(device, variant):
+    """quantize_t(x) is the quantization of x.T (SR bits follow the output index)."""
+    for M, K in [(16, 16), (48, 32), (64, 80), (128, 16), (32, 20), (16, 1)]:  # any K for quantize_t
+        x = torch.randn(M, K, device=device)
+        q = quantize_t(x, seed=5, **variant)
+        assert q.data.shape == (K, M // 2)
+        assert_same(q, ref_of(x.t().contiguous(), seed=5, **variant), f"{M}x{K}")
+    # leading dims flatten into M
+    x = torch.randn(2, 8, 32, device=device)
+    assert_same(quantize_t(x, seed=1, **variant), ref_of(x.reshape(16, 32).t().contiguous(), seed=1, **variant))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_2d_transpose_is_exact(device):
+    """16x16 tiles: quantize_t(W) is exactly the transpose of quantize(W) (codes and scales),
+    so the forward and the dgrad use one quantized weight."""
+    w = torch.randn(48, 80, device=device, dtype=torch.bfloat16)
+    a, b = quantize(w, block_2d=True), quantize_t(w, block_2d=True)
+    assert torch.equal(codes_of(a).t().cpu(), codes_of(b).cpu())
+    sa = a.scales.float().repeat_interleave(16, 1)  # (48, 80)
+    sb = b.scales.float().repeat_interleave(16, 1)  # (80, 48)
+    assert torch.equal(sa.t().cpu(), sb.cpu())
+    assert torch.equal(dequantize(a, torch.float32).t().cpu(), dequantize(b, torch.float32).cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_2d_scales_constant_per_tile(device):
+    for R in (16, 37, 64):
+        x = torch.randn(R, 64, device=device) * torch.linspace(0.1, 10, R, device=device)[:, None]
+        s = quantize(x, block_2d=True).scales.float().cpu()
+        for tr in range(0, R, 16):
+            tile = s[tr:tr + 16]
+            assert (tile == tile[0:1]).all(), f"tile starting at row {tr} has several scales"
+        # the 1x16 scales differ between rows of a tile (rows have different magnitudes)
+        assert not (quantize(x).scales.float().cpu()[:16] == s[:16]).all()
+
+
+# ---------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_round_trip(device, dtype):
+    """Values e2m1 * s_b with a block holding 6 * 448 (so s_enc = 1) quantize exactly."""
+    R, K = 32, 64
+    nb = K // 16
+    codes = torch.randint(0, 16, (R, K))
+    codes[:, ::16] = 7  # every block holds +-6: its scale is its own s_b
+    e4m3 = ref._e4m3_values()
+    sidx = torch.randint(8, 0x7F, (R, nb))  # normal E4M3 scales 2^-6 .. 448
+    sidx[0, 0] = 0x7E  # 448: amax = 6 * 448 = 2688, s_enc = 1
+    x64 = ref.e2m1_decode(codes) * e4m3[sidx].repeat_interleave(16, 1)
+    x = x64.to(device, dtype)
+    assert torch.equal(x.double().cpu(), x64)
+    q = quantize(x)
+    assert q.global_scale.item() == 1.0
+    assert torch.equal(dequantize(q, dtype).cpu(), x.cpu())
+    assert torch.equal(q.scales.view(torch.uint8).long().cpu(), sidx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_matches_reference(device, dtype):
+    x = torch.randn(3, 19, 48, device=device)
+    for kw in [{}, {"block_2d": True}]:
+        q = quantize(x, **kw)
+        out = dequantize(q, dtype)
+        assert out.shape == x.shape and out.dtype == dtype
+        want = ref.dequantize_ref(ref_of(x, **kw)).float().to(dtype).reshape(x.shape)
+        assert torch.equal(out.cpu(), want), "dequantize is (code * s_b) * global_scale in float32, then dtype"
+        assert rel_err(out.float(), x) < 0.12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantization_error(device):
+    """Relative error of the round trip for Gaussian data: about 0.1 (E2M1 with block scales)."""
+    x = torch.randn(64, 256, device=device)
+    for kw in [{}, {"block_2d": True}, {"stochastic_rounding": True, "seed": 3}]:
+        e = rel_err(dequantize(quantize(x, **kw), torch.float32), x)
+        assert 0.02 < e < 0.2, (kw, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_unbiased(device):
+    """The mean over seeds converges to x (error of the mean << rounding error of RNE)."""
+    x = torch.randn(32, 64, device=device)
+    n = 100
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for s in range(n):
+        acc += dequantize(quantize(x, stochastic_rounding=True, seed=1000 + s), torch.float32).double()
+    mean = acc / n
+    e_rne = (dequantize(quantize(x), torch.float32).double() - x.double()).norm()
+    e_mean = (mean - x.double()).norm()
+    # SR error per element has rms <= step/2 (1/sqrt(6) step on average); the mean of n draws
+    # shrinks it by sqrt(n): expected ratio ~ 1.4/sqrt(n) = 0.14, bound 0.3 (> 10 sigma).
+    assert e_mean < 0.3 * e_rne, (e_mean.item(), e_rne.item())
+    # no systematic bias overall: the signed mean error is tiny compared to its spread
+    bias = (mean - x.double()).mean().abs()
+    assert bias < 5 * (mean - x.double()).std() / (x.numel() ** 0.5) + 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_seeds(device):
+    x = torch.randn(16, 128, device=device, dtype=torch.bfloat16)
+    a = quantize(x, stochastic_rounding=True, seed=42)
+    b = quantize(x, stochastic_rounding=True, seed=42)
+    c = quantize(x, stochastic_rounding=True, seed=43)
+    assert torch.equal(a.data, b.data)
+    assert not torch.equal(a.data, c.data)
+    assert torch.equal(a.scales.view(torch.uint8), c.scales.view(torch.uint8))  # scales are deterministic
+    # seed None draws a fresh one each call
+    d, e = quantize(x, stochastic_rounding=True), quantize(x, stochastic_rounding=True)
+    assert not torch.equal(d.data, e.data)
+    # a seed tensor (read on the device) is the same seed as the int; negative ints wrap to uint64
+    for s in (42, -5, 2**63 + 9):
+        st = torch.tensor([s if s < 2**63 else s - 2**64], device=device)
+        for kw in ({"stochastic_rounding": True}, {"hadamard": True}):
+            assert torch.equal(quantize(x, seed=st, **kw).data, quantize(x, seed=s, **kw).data)
+
+
+def test_philox_reference_matches_kernel_generator():
+    import nemokernels._C as C
+    for ctr, key in [([0, 0, 0, 0], [0, 0]), ([1, 2, 3, 4], [5, 6]), ([2**32 - 1] * 4, [2**32 - 1, 7])]:
+        t = [torch.tensor([c]) for c in ctr]
+        assert [int(w) for w in ref.philox4x32_10(*t, *key)] == C.philox4x32_10(ctr, key)
+
+
+def test_hadamard_orthogonal_and_gemm_invariant():
+    for seed in (0, 1, 123456789):
+        M = ref.hadamard_matrix(seed)
+        assert torch.allclose(M @ M.T, torch.eye(16, dtype=torch.float64), atol=1e-15)
+        # the float32 butterfly of the kernels is M v
+        v = torch.randn(5, 32)
+        got = ref.hadamard16_f32(v, seed).double()
+        want = (v.double().reshape(5, 2, 16) @ M.T).reshape(5, 32)
+        assert (got - want).abs().max() < 1e-5
+    assert not torch.equal(ref.hadamard_signs(0), ref.hadamard_signs(1))
+    # (a M^T)(b M^T)^T = a b^T blockwise along K
+    a, b = torch.randn(7, 48, dtype=torch.float64), torch.randn(5, 48, dtype=torch.float64)
+    M = ref.hadamard_matrix(9)
+    ah = (a.reshape(7, 3, 16) @ M.T).reshape(7, 48)
+    bh = (b.reshape(5, 3, 16) @ M.T).reshape(5, 48)
+    assert torch.allclose(ah @ bh.T, a @ b.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hadamard_gemm_within_quantization_error(device):
+    """gemm(q(a, H), q(b, H)) with one seed ~ a @ b.T within the NVFP4 error, and the
+    dequantized values are the transformed ones."""
+    a = torch.randn(32, 128, device=device)
+    b = torch.randn(48, 128, device=device)
+    exact = a.double() @ b.double().T
+    plain = rel_err(gemm(quantize(a), quantize(b), torch.float32), exact)
+    had = rel_err(gemm(quantize(a, hadamard=True, seed=77), quantize(b, hadamard=True, seed=77), torch.float32), exact)
+    # a GEMM of two NVFP4 operands: ~0.14 relative error for Gaussian data, with or without H
+    assert had < 0.2 and had < 1.4 * plain, (had, plain)
+    mism = rel_err(gemm(quantize(a, hadamard=True, seed=77), quantize(b, hadamard=True, seed=78), torch.float32), exact)
+    assert mism > 0.5, "different signs on the two operands must not cancel"
+    M = ref.hadamard_matrix(77).to(device)
+    ah = (a.double().reshape(32, 8, 16) @ M.T).reshape(32, 128)
+    assert rel_err(dequantize(quantize(a, hadamard=True, seed=77), torch.float32), ah) < 0.15
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_amax(device):
+    x = torch.randn(32, 64, device=device)
+    amax = x.abs().max()
+    for g in (2 * amax, 0.5 * amax, torch.tensor([3.0], device=device)):
+        ga = g.reshape(1).float()
+        q = quantize(x, global_amax=ga)
+        assert_same(q, ref_of(x, global_amax=ga.cpu()))
+        assert q.global_scale.item() == pytest.approx(ga.item() / 2688, rel=1e-6)
+    # a float is accepted too; an amax below the data saturates (|code| = 6) instead of failing
+    q = quantize(x, global_amax=float(amax) / 4)
+    assert (codes_of(q) & 7).max().item() == 7
+    # the given amax of a Hadamard-quantized tensor is that of the transformed values
+    hx = ref.hadamard16_f32(x.cpu(), 4)
+    q1 = quantize(x, hadamard=True, seed=4)
+    q2 = quantize(x, hadamard=True, seed=4, global_amax=hx.abs().max().reshape(1).to(device))
+    assert_same(q1, ref_of(x, hadamard=True, seed=4))
+    assert torch.equal(q1.data, q2.data) and torch.equal(q1.global_scale, q2.global_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_special_values(device):
+    z = quantize(torch.zeros(16, 32, device=device))
+    assert (z.data == 0).all() and (z.scales.float() == 0).all() and z.global_scale.item() == 1.0
+    for c in (1.0, -3.7, 1e-3):
+        x = torch.full((4, 32), c, device=device)
+        q = quantize(x)
+        assert_same(q, ref_of(x))
+        assert rel_err(dequantize(q, torch.float32), x) < 1e-3
+    for scale in (1e30, 1e-30, 1e-38, 3e38 / 16):
+        x = torch.randn(8, 64, device=device) * scale
+        x[0, 0] = scale  # amax known to be at least `scale`
+        q = quantize(x)
+        assert_same(q, ref_of(x), f"scale {scale}")
+        if 1e-37 < scale < 1e37:
+            assert rel_err(dequantize(q, torch.float32), x) < 0.15
+    # one huge block and one tiny block: the tiny block's scale underflows to 0 -> codes 0
+    x = torch.randn(2, 32, device=device)
+    x[0] *= 1e6
+    x[1] *= 1e-6
+    q = quantize(x)
+    assert_same(q, ref_of(x))
+    assert (q.scales.float()[1] == 0).all() and (codes_of(q)[1] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    q = quantize(torch.randn(0, 32, device=device))
+    assert q.data.shape == (0, 16) and q.scales.shape == (0, 2) and q.global_scale.item() == 1.0
+    q = quantize(torch.randn(3, 0, device=device))
+    assert q.data.shape == (3, 0)
+    assert dequantize(q).shape == (3, 0)
+    assert dequantize(quantize(torch.randn(2, 0, 16, device=device))).shape == (2, 0, 16)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs():
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        quantize(torch.randn(4, 24))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        quantize_t(torch.randn(24, 32))  # 24 tokens
+    with pytest.raises(RuntimeError, match="x must be one of"):
+        quantize(torch.randint(0, 5, (4, 32)))
+    with pytest.raises(RuntimeError, match="x must be one of"):
+        quantize(torch.randn(4, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least one dim"):
+        quantize(torch.tensor(1.0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(4, 32)
+        x[2, 7] = bad
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            quantize(x)
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            quantize(x, global_amax=torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match="global_amax must hold exactly one element"):
+        quantize(torch.randn(4, 32), global_amax=torch.ones(2))
+    with pytest.raises(RuntimeError, match="seed_tensor must hold exactly one element"):
+        quantize(torch.randn(4, 32), stochastic_rounding=True, seed=torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="global_amax must be finite"):
+        quantize(torch.randn(4, 32), global_amax=torch.tensor([float("nan")]))
+    q = quantize(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="dtype must be"):
+        dequantize(q, torch.int32)
+    with pytest.raises(RuntimeError, match="scales must have shape"):
+        dequantize(NVFP4Tensor(q.data, q.scales[:, :1], q.global_scale))
+
+
+@pytest.mark.gpu
+def test_wrong_device():
+    x = torch.randn(4, 32, device="cuda")
+    with pytest.raises(RuntimeError, match="global_amax is on cpu"):
+        quantize(x, global_amax=torch.tensor([1.0]))
+    q = quantize(x)
+    with pytest.raises(RuntimeError, match="scales is on"):
+        dequantize(NVFP4Tensor(q.data, q.scales.cpu(), q.global_scale))
+
+
+@pytest.mark.gpu
+def test_cuda_nonfinite_gives_nan_scale():
+    x = torch.randn(64, 64, device="cuda")
+    x[3, 3] = float("nan")
+    assert torch.isnan(quantize(x).global_scale).item()
+
+
+# ---------------------------------------------------------------- GPU-only: CPU == CUDA, big shapes, graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+def test_cuda_matches_cpu_large(variant, sanitizer):
+    """Bit-identical CPU and CUDA results on shapes that need many amax partials and grid-stride
+    iterations, row-major and transposed (smaller under compute-sanitizer)."""
+    shapes = [(64, 1024), (40, 2048)] if sanitizer else [(4096, 1024), (1000, 4096), (16, 65536)]
+    for shape in shapes:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 3
+        a, b = quantize(x, seed=9, **variant), quantize(x.cpu(), seed=9, **variant)
+        assert_same(a, b, str(shape))
+        if shape[0] % 16 == 0:
+            assert_same(quantize_t(x, seed=9, **variant), quantize_t(x.cpu(), seed=9, **variant), f"t {shape}")
+        assert torch.equal(dequantize(a).cpu(), dequantize(b))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay():
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    quantize(x, seed=1, stochastic_rounding=True)  # warm up
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        q = quantize(x, seed=1, stochastic_rounding=True)
+        d = dequantize(q)
+    torch.cuda.current_stream().wait_stream(s)
+    x.copy_(torch.randn_like(x) * 5)
+    g.replay()
+    torch.cuda.synchronize()
+    want = quantize(x, seed=1, stochastic_rounding=True)
+    assert_same(q, want)
+    assert torch.equal(d, dequantize(want))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_seed_tensor_replay():
+    """A tensor seed is read on the device: updating it in place changes the SR bits of the
+    next replay."""
+    x = torch.randn(64, 128, device="cuda")
+    seed = torch.tensor([5], device="cuda")
+    quantize(x, stochastic_rounding=True, seed=seed)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        q = quantize(x, stochastic_rounding=True, hadamard=True, seed=seed)
+    torch.cuda.current_stream().wait_stream(s)
+    for v in (11, 12):
+        seed.fill_(v)
+        g.replay()
+        torch.cuda.synchronize()
+        assert_same(q, quantize(x, stochastic_rounding=True, hadamard=True, seed=v), f"seed {v}")
+
+
+# ---------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(20, 32, device=device)
+    seed_t = torch.tensor([77], device=device)
+    for args in [(x, False, False, False, 0, None, None), (x, True, True, True, 123, None, None),
+                 (x.t()[:, :16], False, True, False, 5, None, None),
+                 (x, False, False, True, 1, torch.tensor([4.0], device=device), seed_t)]:
+        opcheck(torch.ops.nemokernels.nvfp4_quantize.default, args)
+    q = quantize(x)
+    for code in (0, 1, 2):
+        opcheck(torch.ops.nemokernels.nvfp4_dequantize.default,
+                (q.data, q.scales.view(torch.uint8), q.global_scale, code))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def f(x, seed):
+        q = quantize(x, block_2d=True, hadamard=True, stochastic_rounding=True, seed=seed)
+        qt = quantize_t(x, seed=3)
+        return q.data, q.scales, q.global_scale, dequantize(q, torch.float32), qt.data
+
+    x = torch.randn(32, 64, device=device, dtype=torch.bfloat16)
+    seed = torch.tensor([17], device=device)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, seed)
+    want = f(x, seed)
+    for g, w in zip(got, want):
+        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                           w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)
