@@ -453,17 +453,15 @@ def test_demo_smoke(tmp_path, capsys):
     assert "loading" in capsys.readouterr().out
 
 
-def test_demo_nvfp4_needs_the_converter():
-    import importlib.util
+def test_demo_nvfp4_trains(capsys):
+    """`nemokernels demo --nvfp4`: the middle blocks' linears run the NVFP4 recipe and train."""
+    from nemokernels.cli import main
 
-    from nemokernels.models.demo import apply_nvfp4
-
-    has = importlib.util.find_spec("nemokernels.nvfp4") is not None and hasattr(
-        importlib.import_module("nemokernels.nvfp4"), "convert_to_nvfp4")
-    if has:
-        pytest.skip("nemokernels.nvfp4.convert_to_nvfp4 exists in this build")
-    with pytest.raises(RuntimeError, match="--nvfp4 needs nemokernels.nvfp4.convert_to_nvfp4"):
-        apply_nvfp4(torch.nn.Linear(2, 2))
+    assert main(["demo", "--steps", "2", "--batch", "2", "--seqlen", "32", "--new-tokens", "2", "--spec-k", "1",
+                 "--device", "cpu", "--nvfp4"]) == 0
+    out = capsys.readouterr().out
+    n = int(out.split("nvfp4: ")[1].split()[0])
+    assert n > 0 and "2/2 loss" in out
 
 
 def test_loads_transformers_sharded_checkpoint(tmp_path):
