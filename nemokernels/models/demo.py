@@ -60,7 +60,7 @@ def _bar(frac: float, width: int = 24) -> str:
     return "#" * n + "." * (width - n)
 
 
-def apply_nvfp4(model, out=sys.stdout):
+def apply_nvfp4(model, out=None):
     """NVFP4 training recipe on the demo model. NVIDIA's default keeps the first 2 and last 8
     blocks in BF16, which is every block of a 6-layer demo model; here only the first and the
     last block stay in BF16 (plus the LM head, embeddings and MTP, as always)."""
@@ -68,7 +68,7 @@ def apply_nvfp4(model, out=sys.stdout):
 
     model = convert_to_nvfp4(model, NVFP4Recipe(bf16_first_layers=1, bf16_last_layers=1))
     n = sum(isinstance(m, NVFP4Linear) for m in model.modules())
-    out.write(f"  nvfp4: {n} linear layers in NVFP4 (first/last block, lm_head, embeddings, MTP in BF16)\n")
+    (out or sys.stdout).write(f"  nvfp4: {n} linear layers in NVFP4 (first/last block, lm_head, embeddings, MTP in BF16)\n")
     return model
 
 
