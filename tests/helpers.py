@@ -8,6 +8,9 @@ Tolerances (relative norm error ||out - ref|| / ||ref||, reference in float64):
                  propagated through the op
 Ops whose math amplifies rounding (long recurrences) scale these with documented factors.
 """
+import importlib.util
+
+import pytest
 import torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
@@ -52,3 +55,9 @@ def to64(*ts):
 def opcheck(op, args, kwargs=None):
     """torch.library.opcheck on every test utility (schema, fake, autograd registration, aot)."""
     torch.library.opcheck(op, args, kwargs or {})
+
+
+# Checkpoint I/O needs safetensors (a dependency; absent on the bare GPU machine, where tests run
+# without network installs).
+needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
+                                       reason="needs safetensors (checkpoint I/O)")

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import rel_err
+from helpers import needs_safetensors, rel_err
 
 from nemokernels.moe import LatentMoE
 
@@ -188,6 +188,7 @@ def test_fsdp2_expert_parallel_step_matches_single_process(fresh_seed):
     _spawn(_check_fsdp_step, 2, fresh_seed)
 
 
+@needs_safetensors
 def test_train_distributed_example_runs(tmp_path):
     """examples/train_distributed.py under torchrun (2 CPU ranks, gloo): trains two steps and
     writes a checkpoint that loads back into a single-process model."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from helpers import rel_err
+from helpers import needs_safetensors, rel_err
 from nemokernels.models import CheckpointError, NemotronHConfig, NemotronHForCausalLM
 
 V = 61
@@ -147,6 +147,7 @@ def test_parity_with_transformers(tmp_path, pattern, latent, n_group):
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
+@needs_safetensors
 def test_checkpoint_roundtrip_sharded_and_names(tmp_path):
     from safetensors.torch import load_file
 
@@ -175,6 +176,7 @@ def _save_raw(tmp_path, model, edit):
     save_file(sd, os.path.join(tmp_path, "model.safetensors"))
 
 
+@needs_safetensors
 def test_checkpoint_errors_name_the_key(tmp_path):
     m = NemotronHForCausalLM(tiny("M*E", mtp=1))
     _save_raw(tmp_path / "a", m, lambda sd: sd.pop("backbone.layers.0.mixer.A_log"))
@@ -203,6 +205,7 @@ def test_checkpoint_errors_name_the_key(tmp_path):
         NemotronHForCausalLM.from_pretrained(tmp_path / "nothing")
 
 
+@needs_safetensors
 def test_tied_embeddings(tmp_path):
     m = NemotronHForCausalLM(tiny("M-", tie_word_embeddings=True))
     assert m.lm_head.weight is m.model.embeddings.weight
@@ -438,6 +441,7 @@ def test_transformers_patch_same_outputs_and_grads(tmp_path, pattern, latent):
 
 # ---- demo -----------------------------------------------------------------------------------------------
 
+@needs_safetensors
 def test_demo_smoke(tmp_path, capsys):
     from nemokernels.cli import main
 
