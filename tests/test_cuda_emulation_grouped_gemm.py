@@ -8,13 +8,6 @@ launch and compared with float64 references at the dtype tolerances of tests/hel
 Shapes cover tile edges (row tiles of 128 / 64, k slices of 32 / 16), empty experts, unpadded
 segments, rows past offsets[E], and K/N not multiples of 8 (the element-load path)."""
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,36 +23,12 @@ DT_ENUM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def build_moe_library(arch=False):
-    """Path of the emulated grouped GEMM .so, cached by content hash like the SSD library; with
+    """Path of the emulated grouped GEMM library (cached by content hash, see build_emulated); with
     `arch`, built with NK_HAS_SM90 and driver_moe_arch.cpp (the CUTLASS path with a mock GEMM)."""
     driver = EMU / ("driver_moe_arch.cpp" if arch else "driver_moe.cpp")
-    flags = [*_emu_base.FLAGS, *(["-DNK_HAS_SM90=1"] if arch else [])]
-    cid = _emu_base._compiler_id()
-    if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
-    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    base.mkdir(parents=True, exist_ok=True)
-    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
-    h = hashlib.sha256((cid + " ".join(flags)).encode())
-    for f in _emu_base._headers() + sorted((CSRC / "moe").glob("*.h")) + [driver]:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    h.update(gen.encode())
-    lib = base / f"libmoe{'_arch' if arch else ''}_emu_{h.hexdigest()[:20]}.so"
-    if lib.exists():
-        return lib
-    work = Path(tempfile.mkdtemp(prefix="build_moe_", dir=base))
-    try:
-        (work / "grouped_gemm_cuda.emu.cpp").write_text(gen)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
-        tmp = work / "lib.so"
-        r = subprocess.run([_emu_base.CXX, *flags, *inc, "-shared", str(driver), "-o", str(tmp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of grouped_gemm failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return lib
+    return _emu_base.build_emulated("moe_arch" if arch else "moe", driver,
+                                    {"grouped_gemm_cuda.emu.cpp": _emu_base.transformed(KERNEL)},
+                                    families=("moe",), flags=["-DNK_HAS_SM90=1"] if arch else [])
 
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p

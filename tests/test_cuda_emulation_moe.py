@@ -8,13 +8,6 @@ gather backward bit for bit (same arithmetic, same order, same libm); the router
 bit; the combine backward's dweights (a different summation order) to float32 rounding.
 """
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,43 +24,12 @@ UNITS = {
 
 
 def build_library(unit):
-    cid = base._compiler_id()
-    if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {base.CXX} on Linux (ucontext fibers)")
+    """Path of the emulated router or permute library (cached by content hash, see base.build_emulated)."""
     kernel, header, structs = UNITS[unit]
-    bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    bdir.mkdir(parents=True, exist_ok=True)
-    driver = EMU / f"driver_moe_{unit}.cpp"
-    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py", driver]
-    for d in (CSRC / "moe", CSRC / "common"):
-        files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
-    gen = {
+    return base.build_emulated(f"moe_{unit}", EMU / f"driver_moe_{unit}.cpp", {
         f"moe_{unit}_layout.inc": base.emu_params.layout_table_cpp(header.read_text(), structs),
-        f"{kernel.stem}.emu.cpp": base.emu_transform.transform(kernel.read_text(), str(kernel))[0],
-    }
-    h = hashlib.sha256((cid + " ".join(base.FLAGS)).encode())
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    for name, text in gen.items():
-        h.update(name.encode())
-        h.update(text.encode())
-    lib = bdir / f"libmoe_{unit}_emu_{h.hexdigest()[:20]}.so"
-    if lib.exists():
-        return lib
-    work = Path(tempfile.mkdtemp(prefix=f"build_moe_{unit}_", dir=bdir))
-    try:
-        for fname, text in gen.items():
-            (work / fname).write_text(text)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
-        tmp = work / "lib.so"
-        r = subprocess.run([base.CXX, *base.FLAGS, *inc, "-shared", str(driver), "-o", str(tmp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of {kernel.name} failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return lib
+        f"{kernel.stem}.emu.cpp": base.transformed(kernel),
+    }, families=("moe",))
 
 
 class Emu:

@@ -9,12 +9,7 @@ layout (vector path, strided scalar path, transposed view, partial 16x16 tiles).
 unused part of the partials workspace are poisoned first.
 """
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,42 +28,11 @@ DEFINES = [f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"]
 
 
 def build_library():
-    cid = base._compiler_id()
-    if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {base.CXX} on Linux (ucontext fibers)")
-    bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    bdir.mkdir(parents=True, exist_ok=True)
-    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py",
-                                                     EMU / "driver_nvfp4.cpp"]
-    for d in (CSRC / "nvfp4", CSRC / "common"):
-        files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
-    gen = {
+    """Path of the emulated quantize library (cached by content hash, see base.build_emulated)."""
+    return base.build_emulated("nvfp4", EMU / "driver_nvfp4.cpp", {
         "nvfp4_params_layout.inc": base.emu_params.layout_table_cpp(HEADER.read_text(), STRUCTS),
-        "quantize_cuda.emu.cpp": base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0],
-    }
-    h = hashlib.sha256((cid + " ".join(base.FLAGS + DEFINES)).encode())
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    for name, text in gen.items():
-        h.update(name.encode())
-        h.update(text.encode())
-    lib = bdir / f"libnvfp4_emu_{h.hexdigest()[:20]}.so"
-    if lib.exists():
-        return lib
-    work = Path(tempfile.mkdtemp(prefix="build_nvfp4_", dir=bdir))
-    try:
-        for fname, text in gen.items():
-            (work / fname).write_text(text)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
-        tmp = work / "lib.so"
-        r = subprocess.run([base.CXX, *base.FLAGS, *DEFINES, *inc, "-shared", str(EMU / "driver_nvfp4.cpp"),
-                            "-o", str(tmp)], capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of quantize_cuda.cu failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return lib
+        "quantize_cuda.emu.cpp": base.transformed(KERNEL),
+    }, families=("nvfp4",), flags=DEFINES)
 
 
 class Nvfp4Emu:

@@ -8,20 +8,13 @@ block), the M/N/K edge masking and the epilogue are all checked against the floa
 the dequantized operands. Also the sm_100 helpers: the scale swizzle and the bias/convert pass.
 Outputs are NaN-poisoned before every emulated launch."""
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 import test_cuda_emulation as _emu_base
-from helpers import TOL, assert_close
-from test_nvfp4_gemm import rand_nvfp4, rand_scales
+from helpers import assert_close
+from test_nvfp4_gemm import rand_nvfp4
 
 from nemokernels import nvfp4
 from nemokernels.nvfp4 import NVFP4Tensor
@@ -35,35 +28,9 @@ DT_ENUM = _emu_base.DT_ENUM
 
 
 def build_library():
-    """Path of the emulated NVFP4 GEMM .so, cached by content hash like the SSD library."""
-    cid = _emu_base._compiler_id()
-    if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
-    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    base.mkdir(parents=True, exist_ok=True)
-    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
-    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
-    files = _emu_base._headers() + [EMU / "driver_nvfp4_gemm.cpp"]
-    files += sorted((CSRC / "nvfp4").glob("*.h")) + sorted((CSRC / "nvfp4").glob("*.cuh"))
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    h.update(gen.encode())
-    lib = base / f"libnvfp4_gemm_emu_{h.hexdigest()[:20]}.so"
-    if lib.exists():
-        return lib
-    work = Path(tempfile.mkdtemp(prefix="build_nvfp4_gemm_", dir=base))
-    try:
-        (work / "gemm_cuda.emu.cpp").write_text(gen)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
-        tmp = work / "lib.so"
-        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_nvfp4_gemm.cpp"),
-                            "-o", str(tmp)], capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of nvfp4 gemm failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return lib
+    """Path of the emulated NVFP4 GEMM library (cached by content hash, see build_emulated)."""
+    return _emu_base.build_emulated("nvfp4_gemm", EMU / "driver_nvfp4_gemm.cpp",
+                                    {"gemm_cuda.emu.cpp": _emu_base.transformed(KERNEL)}, families=("nvfp4",))
 
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p

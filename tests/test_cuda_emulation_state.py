@@ -5,13 +5,6 @@ kernel (state_update_cpu.cpp runs the same lane decomposition and summation orde
 public API on CPU tensors. Outputs and snapshots are NaN-poisoned before the emulated launch.
 """
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,33 +21,9 @@ DT_ENUM = _emu_base.DT_ENUM
 
 
 def build_state_library():
-    """Path of the emulated state-update .so, cached by content hash like the SSD library."""
-    cid = _emu_base._compiler_id()
-    if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {_emu_base.CXX} on Linux (ucontext fibers)")
-    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    base.mkdir(parents=True, exist_ok=True)
-    gen = _emu_base.emu_transform.transform(KERNEL.read_text(), str(KERNEL))[0]
-    h = hashlib.sha256((cid + " ".join(_emu_base.FLAGS)).encode())
-    for f in _emu_base._headers() + [EMU / "driver_state.cpp"]:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    h.update(gen.encode())
-    lib = base / f"libstate_emu_{h.hexdigest()[:20]}.so"
-    if lib.exists():
-        return lib
-    work = Path(tempfile.mkdtemp(prefix="build_state_", dir=base))
-    try:
-        (work / "state_update_cuda.emu.cpp").write_text(gen)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
-        tmp = work / "lib.so"
-        r = subprocess.run([_emu_base.CXX, *_emu_base.FLAGS, *inc, "-shared", str(EMU / "driver_state.cpp"), "-o", str(tmp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of state_update failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return lib
+    """Path of the emulated state-update library (cached by content hash, see build_emulated)."""
+    return _emu_base.build_emulated("state", EMU / "driver_state.cpp",
+                                    {"state_update_cuda.emu.cpp": _emu_base.transformed(KERNEL)}, families=("ssd",))
 
 
 class SsuArg(ctypes.Structure):
