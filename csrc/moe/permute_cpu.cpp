@@ -17,15 +17,6 @@
 namespace nk {
 namespace {
 
-template <typename F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f.template operator()<float>(); break;
-    case DType::F16: f.template operator()<c10::Half>(); break;
-    case DType::BF16: f.template operator()<c10::BFloat16>(); break;
-  }
-}
-
 // The maps come from moe_permute_plan, but a caller may pass its own: on the CPU a bad entry
 // is an error (the GPU, which cannot raise, drops the slot or zeroes the row).
 void check_map(const char* op, const char* arg, const int32_t* m, int64_t n, int64_t limit) {
@@ -83,7 +74,7 @@ void moe_permute_plan_cpu(const PermutePlanParams& p) {
 
 void moe_gather_cpu(const GatherParams& p) {
   check_map("moe_gather", "slot_of_row", p.slot_of_row, p.rows, p.tokens * p.top_k);
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, p.rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         T* dst = static_cast<T*>(p.out) + r * p.width;
@@ -101,7 +92,7 @@ void moe_gather_cpu(const GatherParams& p) {
 
 void moe_gather_bwd_cpu(const GatherBwdParams& p) {
   check_map("moe_gather (backward)", "row_of_slot", p.row_of_slot, p.tokens * p.top_k, p.rows);
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, p.tokens, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(p.width);
       for (int64_t t = begin; t < end; ++t) {
@@ -119,7 +110,7 @@ void moe_gather_bwd_cpu(const GatherBwdParams& p) {
 
 void moe_combine_cpu(const CombineParams& p) {
   check_map("moe_combine", "row_of_slot", p.row_of_slot, p.tokens * p.top_k, p.rows);
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, p.tokens, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(p.width);
       for (int64_t t = begin; t < end; ++t) {
@@ -141,7 +132,7 @@ void moe_combine_bwd_cpu(const CombineBwdParams& q) {
   const CombineParams& p = q.fwd;
   check_map("moe_combine (backward)", "row_of_slot", p.row_of_slot, p.tokens * p.top_k, p.rows);
   check_map("moe_combine (backward)", "slot_of_row", p.slot_of_row, p.rows, p.tokens * p.top_k);
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, p.rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int32_t s = p.slot_of_row[r];

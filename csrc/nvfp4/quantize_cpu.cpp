@@ -20,15 +20,6 @@ namespace {
 
 using namespace nvfp4;
 
-template <typename F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f.template operator()<float>(); break;
-    case DType::F16: f.template operator()<c10::Half>(); break;
-    case DType::BF16: f.template operator()<c10::BFloat16>(); break;
-  }
-}
-
 // Tiles per parallel task (and per amax partial).
 constexpr int64_t kTilesPerTask = 64;
 
@@ -51,7 +42,7 @@ bool nvfp4_quantize_cpu(const Nvfp4QuantParams& p) {
   const uint64_t seed = p.seed_ptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
   const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(seed) : 0u;
   bool finite = true;
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     // Pass 1: amax (max is exact and order-independent; per-task partials, then over tasks).
     float amax;
     if (p.global_amax) {
@@ -125,7 +116,7 @@ void nvfp4_dequantize_cpu(const Nvfp4DequantParams& p) {
   using nvfp4::kBlock;
   const int64_t nblk = p.cols / kBlock;
   const float g = *p.global_scale;
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / p.cols), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         for (int64_t cb = 0; cb < nblk; ++cb) {

@@ -19,15 +19,6 @@
 namespace nk {
 namespace {
 
-template <typename F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f.template operator()<float>(); break;
-    case DType::F16: f.template operator()<c10::Half>(); break;
-    case DType::BF16: f.template operator()<c10::BFloat16>(); break;
-  }
-}
-
 constexpr int kLanes = 32;
 
 // Adds a * b to lane i % 32.
@@ -47,7 +38,7 @@ void rmsnorm_gated_fwd_cpu(const RmsNormFwdParams& p) {
   const int64_t G = p.group_size, ngroups = p.dim / G;
   const bool gate_first = p.z != nullptr && !p.norm_before_gate;
   const bool gate_last = p.z != nullptr && p.norm_before_gate;
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     const int64_t grain = std::max<int64_t>(1, 4096 / G);
     torch::stable::parallel_for(0, p.rows * ngroups, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> u(G), gate(G);
@@ -81,7 +72,7 @@ void rmsnorm_gated_bwd_cpu(const RmsNormBwdParams& q) {
   NK_CHECK(q.num_partials == nchunks, "internal: rmsnorm_gated backward partials mismatch");
   const bool gate_first = p.z != nullptr && !p.norm_before_gate;
   const bool gate_last = p.z != nullptr && p.norm_before_gate;
-  dispatch(p.dtype, [&]<typename T>() {
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> xh(G), dxh(G), ca(G), cb(G);
       for (int64_t ch = begin; ch < end; ++ch) {

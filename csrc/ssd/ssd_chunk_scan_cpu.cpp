@@ -17,15 +17,6 @@
 namespace nk {
 namespace {
 
-template <typename F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f(float{}); break;
-    case DType::F16: f(c10::Half{}); break;
-    case DType::BF16: f(c10::BFloat16{}); break;
-  }
-}
-
 // Index helpers over the shapes of SsdParams. Chunk-major intermediates are contiguous.
 struct Geo {
   const SsdParams& p;
@@ -459,15 +450,14 @@ void reduce_partials(const Geo& g, const SsdBwdParams& q) {
 void ssd_states_cpu(const SsdParams& p) {
   Geo g(p);
   chunk_cumsum(g);
-  dispatch(p.dtype, [&](auto tag) { chunk_state<decltype(tag)>(g); });
+  dispatch_dtype(p.dtype, [&]<typename T>() { chunk_state<T>(g); });
   state_passing(g);
 }
 
 void ssd_fwd_cpu(const SsdParams& p) {
   ssd_states_cpu(p);
   Geo g(p);
-  dispatch(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_dtype(p.dtype, [&]<typename T>() {
     chunk_scan<T>(g);
     if (p.varlen_states && p.nseq > 0) varlen_states<T>(g);
   });
@@ -476,8 +466,7 @@ void ssd_fwd_cpu(const SsdParams& p) {
 void ssd_bwd_cpu(const SsdBwdParams& q) {
   ssd_states_cpu(q.fwd);
   Geo g(q.fwd);
-  dispatch(q.fwd.dtype, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_dtype(q.fwd.dtype, [&]<typename T>() {
     chunk_dstates<T>(g, q);
     state_passing_bwd(g, q);
     chunk_bwd<T>(g, q);
