@@ -72,8 +72,9 @@ def apply_nvfp4(model, out=None):
     return model
 
 
-def train(model, data: torch.Tensor, steps: int, batch: int, seqlen: int, lr: float, device, out=sys.stdout,
+def train(model, data: torch.Tensor, steps: int, batch: int, seqlen: int, lr: float, device, out=None,
           log_every: int = 10, generator: Optional[torch.Generator] = None):
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     n = data.numel() - seqlen - 1
     model.train()
