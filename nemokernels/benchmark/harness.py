@@ -67,13 +67,20 @@ def time_fn(fn, make_inputs, *, device, warmup=10, reps=100, rotate=1, max_secon
     """
     device = torch.device(device)
     sets = [make_inputs() for _ in range(rotate)]
-    for i in range(warmup):
+    t0 = time.perf_counter()
+    fn(*sets[0])  # first call: also tells how long one call takes
+    _sync(device)
+    first = time.perf_counter() - t0
+    # Slow calls (large shapes on a CPU) get fewer warm-up calls and at least 3 timed ones, so a
+    # case costs seconds, not minutes; fast ones get the full warm-up and at least 5.
+    for i in range(1, warmup if first * warmup <= max_seconds else 2):
         fn(*sets[i % rotate])
     _sync(device)
     t0 = time.perf_counter()
     fn(*sets[0])
     _sync(device)
-    reps = max(5, min(reps, int(max_seconds / max(time.perf_counter() - t0, 1e-9))))
+    one = time.perf_counter() - t0
+    reps = max(5 if one * 5 <= 4 * max_seconds else 3, min(reps, int(max_seconds / max(one, 1e-9))))
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         torch.cuda._sleep(int(reps * 4e5))  # ~200 us of GPU spin per call to be enqueued
