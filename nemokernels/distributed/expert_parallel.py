@@ -28,12 +28,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..moe.combine import moe_combine
 from ..moe.grouped_gemm import grouped_gemm
-from ..moe.layer import LatentMoE, MoEExperts, MoEGate, SharedMLP
+from ..moe.layer import LatentMoE
 from ..moe.permute import moe_gather, moe_permute_plan
 from ..moe.router import moe_router, router_logits
 
@@ -44,7 +42,7 @@ def _all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> to
     return funcol.wait_tensor(y)
 
 
-class ExpertParallelLatentMoE(nn.Module):
+class ExpertParallelLatentMoE(LatentMoE):
     """LatentMoE with its routed experts sharded over `group` (default: the world).
 
     Parameter names follow LatentMoE / the checkpoint (gate.weight, gate.e_score_correction_bias,
@@ -58,33 +56,21 @@ class ExpertParallelLatentMoE(nn.Module):
                  n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                  routed_scaling_factor: float = 1.0, mlp_bias: bool = False, dtype=None, device=None,
                  group: Optional[dist.ProcessGroup] = None):
-        super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelLatentMoE: torch.distributed is not initialised "
                                "(call torch.distributed.init_process_group first)")
-        self.group = group if group is not None else dist.group.WORLD
-        self.world = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
-        if n_routed_experts % self.world != 0:
+        group = group if group is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        if n_routed_experts % world != 0:
             raise ValueError(f"ExpertParallelLatentMoE: n_routed_experts ({n_routed_experts}) must be divisible by "
-                             f"the expert-parallel group size ({self.world})")
-        self.num_experts = n_routed_experts
-        self.local_experts = n_routed_experts // self.world
+                             f"the expert-parallel group size ({world})")
+        super().__init__(hidden_size, n_routed_experts, num_experts_per_tok, moe_intermediate_size,
+                         moe_shared_expert_intermediate_size, moe_latent_size, n_group, topk_group, norm_topk_prob,
+                         routed_scaling_factor, mlp_bias, dtype=dtype, device=device,
+                         num_local_experts=n_routed_experts // world)
+        self.group, self.world, self.rank = group, world, dist.get_rank(group)
+        self.local_experts = n_routed_experts // world
         self.first_expert = self.rank * self.local_experts
-        self.top_k = num_experts_per_tok
-        self.n_group, self.topk_group = n_group, topk_group
-        self.norm_topk_prob = norm_topk_prob
-        self.routed_scaling_factor = routed_scaling_factor
-        in_dim = moe_latent_size if moe_latent_size is not None else hidden_size
-        self.gate = MoEGate(n_routed_experts, hidden_size, device=device)
-        self.experts = MoEExperts(self.local_experts, in_dim, moe_intermediate_size, dtype=dtype, device=device)
-        self.shared_experts = (SharedMLP(hidden_size, moe_shared_expert_intermediate_size, mlp_bias, dtype, device)
-                               if moe_shared_expert_intermediate_size else None)
-        if moe_latent_size is not None:
-            self.fc1_latent_proj = nn.Linear(hidden_size, moe_latent_size, bias=mlp_bias, dtype=dtype, device=device)
-            self.fc2_latent_proj = nn.Linear(moe_latent_size, hidden_size, bias=mlp_bias, dtype=dtype, device=device)
-        else:
-            self.fc1_latent_proj = self.fc2_latent_proj = None
         self.last_bytes_sent = 0  # rows x width x itemsize of the last forward's dispatch (stats)
 
     @classmethod

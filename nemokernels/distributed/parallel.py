@@ -60,7 +60,7 @@ def parallelize(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
 
     expert_params = set()
     for blk in _blocks(model):
-        if isinstance(blk.mixer, LatentMoE):
+        if type(blk.mixer) is LatentMoE:  # not an ExpertParallelLatentMoE (a subclass) already
             blk.mixer = ExpertParallelLatentMoE.from_dense(blk.mixer, group=group)
         if isinstance(blk.mixer, ExpertParallelLatentMoE):
             for p in blk.mixer.experts.parameters():

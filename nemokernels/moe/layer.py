@@ -116,7 +116,9 @@ class LatentMoE(nn.Module):
                  moe_shared_expert_intermediate_size: Optional[int] = None, moe_latent_size: Optional[int] = None,
                  n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                  routed_scaling_factor: float = 1.0, mlp_bias: bool = False, dtype=None, device=None,
-                 pad_to: Optional[int] = None):
+                 pad_to: Optional[int] = None, num_local_experts: Optional[int] = None):
+        """num_local_experts: how many experts `experts.*` holds (default all n_routed_experts;
+        fewer when an expert-parallel subclass keeps only its shard)."""
         super().__init__()
         self.hidden_size = hidden_size
         self.num_experts = n_routed_experts
@@ -127,7 +129,8 @@ class LatentMoE(nn.Module):
         self.pad_to = pad_to
         in_dim = moe_latent_size if moe_latent_size is not None else hidden_size
         self.gate = MoEGate(n_routed_experts, hidden_size, device=device)
-        self.experts = MoEExperts(n_routed_experts, in_dim, moe_intermediate_size, dtype=dtype, device=device)
+        held = n_routed_experts if num_local_experts is None else num_local_experts
+        self.experts = MoEExperts(held, in_dim, moe_intermediate_size, dtype=dtype, device=device)
         self.shared_experts = (SharedMLP(hidden_size, moe_shared_expert_intermediate_size, mlp_bias, dtype, device)
                                if moe_shared_expert_intermediate_size else None)
         if moe_latent_size is not None:
