@@ -38,16 +38,6 @@ def fresh_seed(request):
     return seed
 
 
-# On the H100 machine (torch 2.11, extension built there with GCC 13) formatting an error
-# message with an ostringstream compiled into _C crashed the process instead of raising
-# (docs/known-issues.md). The messages no longer use iostreams, but that fix has not yet run
-# there: tests that provoke kernel errors stay skipped on torch < 2.12 unless
-# NK_TEST_KERNEL_EXCEPTIONS=1 (set it on the next GPU run, then drop this marker).
-_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-raises_in_kernel = pytest.mark.skipif(
-    _TORCH < (2, 12) and os.environ.get("NK_TEST_KERNEL_EXCEPTIONS") != "1",
-    reason="kernel error messages crashed torch 2.11 builds (docs/known-issues.md); NK_TEST_KERNEL_EXCEPTIONS=1 runs them")
-
 # Parametrise a test over devices: `@pytest.mark.parametrize("device", DEVICES)`.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
