@@ -7,7 +7,7 @@ import nemokernels as nk
 from nemokernels.ops.reference import (selective_state_update_multi_ref, selective_state_update_ref,
                                        ssd_scan_ref)
 
-from conftest import DEVICES, raises_in_kernel
+from conftest import DEVICES
 from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -319,7 +319,6 @@ def test_empty_inputs(device):
     assert torch.equal(state, inp["state"])
 
 
-@raises_in_kernel
 def test_index_out_of_range_and_duplicates_raise_on_cpu():
     inp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cpu", slots=3)
     before = inp["state"].clone()
@@ -346,7 +345,6 @@ def test_index_out_of_range_gives_nan_on_cuda():
     assert torch.isnan(out[1]).all() and torch.isnan(inter[1]).all() and torch.isfinite(inter[0]).all()
 
 
-@raises_in_kernel
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_raise_clear_errors(device):
     inp = make_inputs(2, 4, 8, 16, 2, F32, F32, device, slots=3)
@@ -431,6 +429,60 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(s1, s2), "the in-place updates must survive compilation"
 
 
+def _ulp(dtype):
+    """Largest gap between neighbouring values of `dtype`, relative to the value."""
+    return {BF16: 2.0**-7, F16: 2.0**-10}.get(dtype, 2.0**-22)
+
+
+def decode_runs_agree(out_a, out_b, states_a, states_b, C, z):
+    """Two runs of the same decode recurrence whose float32 arithmetic differs by ulps (CUDA's
+    expf against the CPU's, FMA contraction) agree as far as the arithmetic guarantees.
+    out (b, T, H, P) and states (b, T, H, P, N), the state after each token, from each run;
+    C (b, T, G, N) and z (b, T, H, P) as given to both.
+
+    A stored state is a rounding of dA * s + dt x B with 0 < dA <= 1: if the previous states
+    differ by d, the new ones differ by at most dA * d + one ulp of the stored type at the new
+    value. So after token t (from 1) states differ by at most t ulps of the largest magnitude
+    seen so far (elementwise), plus float32 noise (1e-6 of the RMS). The output is computed
+    from the stored state, (sum_n s[n] C[n] + D x) silu(z), so before its rounding it differs
+    by |silu(z)| sum_n |s_a[n] - s_b[n]| |C[n]| (the measured state differences) plus float32
+    noise (1e-6 of sum_n |s[n] C[n]|, 1e-5 of the output's RMS for D x); rounding adds one
+    ulp of the output type. A norm bound cannot say this: one flipped 16-bit rounding among
+    thousands of elements measured 1.9e-5 on an H200.
+    """
+    s_a, s_b = states_a.detach().cpu().double(), states_b.detach().cpu().double()
+    mag = torch.maximum(s_a.abs(), s_b.abs())
+    t = torch.arange(1, s_a.shape[1] + 1, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    if (s_a - s_b).abs().gt(t * _ulp(states_a.dtype) * mag.cummax(dim=1).values
+                            + 1e-6 * s_b.pow(2).mean().sqrt()).any():
+        return False
+    H = s_a.shape[2]
+    Ch = C.detach().cpu().double().repeat_interleave(H // C.shape[2], dim=2).abs()[:, :, :, None, :]
+    gate = torch.nn.functional.silu(z.detach().cpu().double()).abs()
+    y_a, y_b = out_a.detach().cpu().double(), out_b.detach().cpu().double()
+    dy = (gate * (((s_a - s_b).abs() + 1e-6 * mag) * Ch).sum(-1)
+          + _ulp(out_a.dtype) * torch.maximum(y_a.abs(), y_b.abs()) + 1e-5 * y_b.pow(2).mean().sqrt())
+    return not (y_a - y_b).abs().gt(dy).any()
+
+
+@pytest.mark.parametrize("state_dtype", [F32, BF16, F16])
+def test_decode_agreement_bound(state_dtype):
+    """decode_runs_agree accepts two runs that differ by an ulp of A (as CUDA's expf differs
+    from the CPU's), over many seeds, and rejects an output off by 1% or one state off."""
+    dtype = F32 if state_dtype == F32 else state_dtype
+    for seed in range(20):
+        torch.manual_seed(seed)
+        inp = make_inputs(3, 8, 64, 128, 2, state_dtype, dtype, "cpu", params="general", T=4)
+        nudged = dict(inp, A=inp["A"] * (1 + 2.0**-23))
+        out, inter = run_multi(inp, True)
+        out2, inter2 = run_multi(nudged, True)
+        assert decode_runs_agree(out, out2, inter, inter2, inp["C"], inp["z"])
+    assert not decode_runs_agree(out * 1.01, out2, inter, inter2, inp["C"], inp["z"])
+    bad = inter.clone()
+    bad[1, 2, 3, 4, 5] += 0.05 * inter.abs().max()
+    assert not decode_runs_agree(out, out2, bad, inter2, inp["C"], inp["z"])
+
+
 @pytest.mark.gpu
 @pytest.mark.racecheck
 def test_cuda_matches_cpu_kernel():
@@ -440,18 +492,17 @@ def test_cuda_matches_cpu_kernel():
             cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in inp.items()}
             out, inter = run_multi(inp, True)
             outc, interc = run_multi(cpu, True)
-            # Same decomposition and order; expf may differ by an ulp, which can flip the
-            # rounding of a few 16-bit state elements.
-            tol = 1e-6 if state_dtype == F32 else 2e-4
-            assert rel_err(out, outc) < tol and rel_err(inter, interc) < tol
+            # Same decomposition and order, but CUDA's expf and the CPU's may differ by an ulp:
+            # agreement to what that guarantees (decode_runs_agree says why).
+            assert decode_runs_agree(out, outc, inter, interc, cpu["C"], cpu["z"])
             one = {k: (v[:, 0] if k in ("x", "dt", "z", "B", "C") else v) for k, v in inp.items()}
             onec = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in one.items()}
             onec["state"] = one["state"].cpu()  # a copy: the CUDA state is updated in place too
             o, oc = run_single(one, True), run_single(onec, True)
-            assert rel_err(o, oc) < tol and rel_err(one["state"], onec["state"]) < tol
+            assert decode_runs_agree(o[:, None], oc[:, None], one["state"][:, None], onec["state"][:, None],
+                                     onec["C"][:, None], onec["z"][:, None])
 
 
-@raises_in_kernel
 @pytest.mark.gpu
 def test_dstate_limit_on_cuda():
     inp = make_inputs(1, 2, 4, 1024, 1, F32, F32, "cuda")
