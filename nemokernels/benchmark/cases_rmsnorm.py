@@ -1,13 +1,15 @@
 """Gated RMSNorm cases (the Mamba-2 mixer's norm before out_proj), bf16, z given, gate first
 (norm_before_gate=False), 8 groups, at the SHAPES.md points: rows = batch * seqlen in
 {2048, 8192, 32768}, D = d_inner = 8192 (Super: 128 heads x 64) and 4096 (Nano: 64 x 64).
-Baselines are mamba_ssm's PyTorch reference (float32 math), eager and compiled."""
+Baselines are mamba_ssm's PyTorch reference (float32 math), eager and compiled, and mamba_ssm's
+Triton `rmsnorm_fn` when importable (peers.py)."""
 import torch
 import torch.nn.functional as F
 
 import nemokernels as nk
 
 from .harness import Case, lazy_compile
+from .peers import mamba_ssm_triton
 
 DTYPE = torch.bfloat16
 NGROUPS = 8
@@ -36,6 +38,12 @@ def _ref(group_size):
     return run
 
 
+def _peer(fn, group_size):
+    def run(x, weight, z):
+        return fn(x, weight, None, z=z, eps=EPS, group_size=group_size, norm_before_gate=False)
+    return run
+
+
 def fwd_bwd(forward):
     """Forward then backward; autograd.grad returns fresh gradients (no .grad accumulation)."""
     def run(x, weight, z, dout):
@@ -58,6 +66,9 @@ def cases(quick: bool, device) -> list:
     esize = torch.empty((), dtype=DTYPE).element_size()
     points = ([("nano", 2048), ("super", 2048)] if quick else
               [(cfg, rows) for cfg in DIMS for rows in (2048, 8192, 32768)])
+    peer, peer_note = mamba_ssm_triton("layernorm_gated", "rmsnorm_fn")
+    if peer is None:
+        print(f"mamba_ssm Triton rmsnorm_fn baseline skipped: {peer_note}")
     out = []
     for cfg, rows in points:
         dim = DIMS[cfg]
@@ -69,11 +80,13 @@ def cases(quick: bool, device) -> list:
         out.append(Case(
             op="rmsnorm_fn", name=name, make_inputs=_maker(rows, dim, device, False), fn=_ours(gs),
             bytes=3 * n * esize + dim * esize + rstd_bytes, flops=8 * n,
-            baselines={"torch_eager": _ref(gs), "torch_compile": lazy_compile(_ref(gs))}))
+            baselines={"torch_eager": _ref(gs), "torch_compile": lazy_compile(_ref(gs)),
+                       **({"mamba_ssm_triton": _peer(peer, gs)} if peer is not None else {})}))
         # Forward, then x, z, dout (and rstd) read, dx, dz written; dweight written.
         out.append(Case(
             op="rmsnorm_fn.fwd_bwd", name=name, make_inputs=_maker(rows, dim, device, True),
             fn=fwd_bwd(_ours(gs)), bytes=8 * n * esize + 2 * dim * esize + 2 * rstd_bytes, flops=24 * n,
-            baselines={"torch_eager": fwd_bwd(_ref(gs)), "torch_compile": fwd_bwd(lazy_compile(_ref(gs)))},
+            baselines={"torch_eager": fwd_bwd(_ref(gs)), "torch_compile": fwd_bwd(lazy_compile(_ref(gs))),
+                       **({"mamba_ssm_triton": fwd_bwd(_peer(peer, gs))} if peer is not None else {})},
             backward=True))
     return out

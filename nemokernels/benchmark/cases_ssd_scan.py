@@ -2,16 +2,8 @@
 as the Mamba-2 mixer calls it (z, D per head, dt_bias, softplus).
 
 Baselines: the PyTorch chunked reference (ops/reference.py, float32 math), torch.compile of it,
-and mamba_ssm's Triton `mamba_chunk_scan_combined` when it can be imported: either installed,
-or from a source checkout named by NK_MAMBA_SSM_SRC (the repository root; its Triton path
-needs no build, only triton and einops), loaded without mamba_ssm/__init__.py (which would
-import the compiled selective-scan extension).
+and mamba_ssm's Triton `mamba_chunk_scan_combined` when it can be imported (peers.py).
 """
-import importlib
-import os
-import sys
-import types
-
 import torch
 
 import nemokernels as nk
@@ -19,34 +11,12 @@ from nemokernels.ops.reference import ssd_chunked_ref
 from nemokernels.ops.ssd_chunk_scan import ssd_chunk_scan_bytes_flops
 
 from .harness import Case, lazy_compile
+from .peers import mamba_ssm_triton
 
 DTYPE = torch.bfloat16
 CHUNK = 128
 # (nheads, headdim, ngroups, dstate) per SHAPES.md (Super's values marked (?) there).
 CONFIGS = {"nano": (64, 64, 8, 128), "super": (128, 64, 8, 128)}
-
-
-def load_mamba_ssm_triton():
-    """mamba_ssm's Triton mamba_chunk_scan_combined, or None with the reason."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn  # noqa: PLC0415
-        return fn, "installed"
-    except Exception as e:  # noqa: BLE001
-        installed_error = f"{type(e).__name__}: {e}"
-    src = os.environ.get("NK_MAMBA_SSM_SRC")
-    if not src:
-        return None, f"not importable ({installed_error}); set NK_MAMBA_SSM_SRC to a source checkout"
-    try:
-        for name, sub in [("mamba_ssm", "mamba_ssm"), ("mamba_ssm.ops", "mamba_ssm/ops"),
-                          ("mamba_ssm.ops.triton", "mamba_ssm/ops/triton")]:
-            if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
-                pkg = types.ModuleType(name)
-                pkg.__path__ = [os.path.join(src, sub)]  # namespace-like: skips the package __init__
-                sys.modules[name] = pkg
-        mod = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
-        return mod.mamba_chunk_scan_combined, f"source {src}"
-    except Exception as e:  # noqa: BLE001
-        return None, f"{type(e).__name__}: {e}"
 
 
 def _ref(x, dt, A, B, C, D, z, dt_bias):
@@ -94,7 +64,7 @@ def _maker(batch, seqlen, cfg, device, backward):
 def cases(quick: bool, device) -> list:
     points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
               [(cfg, b, L) for cfg in CONFIGS for b in (1, 4) for L in (2048, 8192, 32768)])
-    peer, peer_note = load_mamba_ssm_triton()
+    peer, peer_note = mamba_ssm_triton("ssd_combined", "mamba_chunk_scan_combined")
     out = []
     for cfg, batch, seqlen in points:
         H, P, G, N = CONFIGS[cfg]

@@ -4,13 +4,15 @@ multi-token update of speculative decoding (T = 4), at Nemotron-3 Nano (64 heads
 state, per-head dt / A / D / dt_bias expanded with stride 0 as Mamba-2 passes them.
 Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi).
 Baselines: the same math in plain PyTorch (float32, as mamba_ssm's reference), eager and
-compiled."""
+compiled, and mamba_ssm's Triton `selective_state_update` (single token) when importable
+(peers.py)."""
 import torch
 import torch.nn.functional as F
 
 import nemokernels as nk
 
 from .harness import Case, lazy_compile
+from .peers import mamba_ssm_triton
 
 CONFIGS = {"nano": 64, "super": 128}  # heads
 HEADDIM, DSTATE, NGROUPS, T_MULTI = 64, 128, 8, 4
@@ -53,6 +55,12 @@ def multi_ours(state, x, dt, A, B, C, D, z, dt_bias, inter):
                                            intermediate_states=inter)
 
 
+def _peer_update(fn):
+    def run(state, x, dt, A, B, C, D, z, dt_bias):
+        return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    return run
+
+
 def _maker(batch, heads, device, T=None):
     lead = (batch,) if T is None else (batch, T)
 
@@ -78,6 +86,9 @@ def cases(quick: bool, device) -> list:
     ssz, esz = torch.empty((), dtype=STATE_DTYPE).element_size(), torch.empty((), dtype=DTYPE).element_size()
     single = [("nano", 1), ("nano", 64), ("super", 256)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
     multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
+    peer, peer_note = mamba_ssm_triton("selective_state_update", "selective_state_update")
+    if peer is None:
+        print(f"mamba_ssm Triton selective_state_update baseline skipped: {peer_note}")
     out = []
     for cfg, batch in single:
         heads = CONFIGS[cfg]
@@ -87,7 +98,8 @@ def cases(quick: bool, device) -> list:
             op="selective_state_update", name=f"{cfg} b{batch} h{heads} p{HEADDIM} n{DSTATE}",
             make_inputs=_maker(batch, heads, device), fn=update_ours,
             bytes=2 * st * ssz + io * esz, flops=5 * st,
-            baselines={"torch_eager": update_torch, "torch_compile": lazy_compile(update_torch)}))
+            baselines={"torch_eager": update_torch, "torch_compile": lazy_compile(update_torch),
+                       **({"mamba_ssm_triton": _peer_update(peer)} if peer is not None else {})}))
     for cfg, batch in multi:
         heads = CONFIGS[cfg]
         st = batch * heads * HEADDIM * DSTATE

@@ -100,6 +100,35 @@ def time_fn(fn, make_inputs, *, device, warmup=10, reps=100, rotate=1, max_secon
     return {"median": float(p50), "p10": float(p10), "p90": float(p90), "min": min(times), "reps": reps}
 
 
+def gpu_and_wall_time(fn, make_inputs, *, device, rotate=1, calls=10) -> dict:
+    """Two more numbers per call on CUDA (seconds), beside `time_fn`'s event timing:
+    - gpu: the summed duration of every kernel (and memcpy/memset) the call launches, from
+      torch.profiler (CUPTI). What the call costs under CUDA-graph replay; host gaps excluded.
+    - wall: host clock over `calls` back-to-back calls, synchronised once at the end, divided
+      by `calls`: the rate an eager loop gets, host-side launch cost included.
+    Call after `time_fn` (warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    sets = [make_inputs() for _ in range(rotate)]
+    fn(*sets[0])
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(*sets[i % rotate])
+    torch.cuda.synchronize(device)
+    wall = (time.perf_counter() - t0) / calls
+    n_prof = max(2, min(calls, 5))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n_prof):
+            fn(*sets[i % rotate])
+        torch.cuda.synchronize(device)
+    total_us = 0.0
+    for e in prof.key_averages():
+        total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    return {"gpu": total_us / 1e6 / n_prof, "wall": wall}
+
+
 def choose_rotate(nbytes: int, device, max_rotate: int = 1024) -> int:
     """Input sets needed for one pass over them to touch > 2x the last-level cache, capped
     so that all sets fit in a quarter of the free memory."""
@@ -203,10 +232,28 @@ def run_case(case: Case, device, peaks: dict, *, quick: bool = False, baselines:
     )
     entry["roofline_fraction"] = max(entry["bw_fraction"], entry["compute_fraction"])
     entry["bound"] = "memory" if entry["bw_fraction"] >= entry["compute_fraction"] else "compute"
+    cuda = device.type == "cuda"
+
+    def gpu_wall(fn):
+        # On CUDA, also the summed kernel time (GPU time) and the eager wall time per call.
+        if not cuda:
+            return {}
+        try:
+            gw = gpu_and_wall_time(fn, case.make_inputs, device=device, rotate=rotate, calls=5 if quick else 10)
+            return {"gpu_us": gw["gpu"] * 1e6, "wall_us": gw["wall"] * 1e6}
+        except Exception as e:  # noqa: BLE001 (the profiler may be unavailable; the event time stands)
+            return {"gpu_wall_error": _error(e)}
+
+    entry.update(gpu_wall(case.fn))
     for name, base in (case.baselines.items() if baselines else ()):
         try:
             bt = timed(base)["median"]
-            entry["baselines"][name] = {"time_us": bt * 1e6, "ratio": bt / sec}
+            b = {"time_us": bt * 1e6, "ratio": bt / sec, **gpu_wall(base)}
+            # Peer over ours by each measure (> 1: we are faster).
+            for key in ("gpu_us", "wall_us"):
+                if key in b and entry.get(key):
+                    b["ratio_" + key[:-3]] = b[key] / entry[key]
+            entry["baselines"][name] = b
         except Exception as e:  # noqa: BLE001 (e.g. torch.compile unavailable here)
             entry["baselines"][name] = {"error": _error(e)}
     return entry
@@ -253,20 +300,30 @@ def _num(v: float) -> str:
 def table_rows(results: dict):
     """(header, rows) of strings shared by format_table and scripts/render_bench.py.
     '% peak' is the roofline fraction, tagged with the bound (mem / flop) that sets it;
-    'vs X' is X's time over ours (> 1: we are faster)."""
+    'vs X' is X's time over ours (> 1: we are faster); on CUDA it reads event/GPU/wall: by the
+    event-timed median, by summed kernel time (GPU time), and by eager wall time per call."""
     names = sorted({n for c in results["cases"] for n in c.get("baselines", {})})
-    header = ["op", "shape", "time us", "GB/s", "TFLOP/s", "% peak"] + [f"vs {n}" for n in names]
+    gpu = any("gpu_us" in c for c in results["cases"])
+    header = (["op", "shape", "time us"] + (["gpu us", "wall us"] if gpu else []) + ["GB/s", "TFLOP/s", "% peak"]
+              + [f"vs {n}" for n in names])
     rows = []
     for c in results["cases"]:
         if "error" in c:
             rows.append([c["op"], c["shape"], "error: " + c["error"]] + [""] * (len(header) - 3))
             continue
         bound = "mem" if c["bound"] == "memory" else "flop"
-        row = [c["op"], c["shape"], _num(c["time_us"]), _num(c["GBps"]), _num(c["TFLOPs"]),
-               f"{100 * c['roofline_fraction']:.1f} {bound}"]
+        row = [c["op"], c["shape"], _num(c["time_us"])]
+        if gpu:
+            row += [_num(c["gpu_us"]) if "gpu_us" in c else "", _num(c["wall_us"]) if "wall_us" in c else ""]
+        row += [_num(c["GBps"]), _num(c["TFLOPs"]), f"{100 * c['roofline_fraction']:.1f} {bound}"]
         for n in names:
             b = c["baselines"].get(n)
-            row.append("" if b is None else "error" if "error" in b else f"{b['ratio']:.2f}x")
+            if b is None or "error" in b:
+                row.append("" if b is None else "error")
+            elif "ratio_gpu" in b:  # event / GPU / wall ratios
+                row.append(f"{b['ratio']:.2f}/{b['ratio_gpu']:.2f}/{b.get('ratio_wall', float('nan')):.2f}x")
+            else:
+                row.append(f"{b['ratio']:.2f}x")
         rows.append(row)
     return header, rows
 

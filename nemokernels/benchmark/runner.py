@@ -16,18 +16,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="results JSON (default: bench/results/<device>-<date>.json)")
     parser.add_argument("--no-baselines", action="store_true", help="time only nemokernels' ops")
+    parser.add_argument("--fast-timing", action="store_true",
+                        help="every shape (as without --quick), timed with --quick's fewer repetitions")
+    parser.add_argument("--skip-baseline", action="append", default=[], metavar="NAME",
+                        help="skip baselines whose name contains NAME (repeatable; e.g. compile: "
+                             "torch.compile baselines cost minutes of compiling)")
 
 
 def run(args) -> int:
     """0 when every case ran; 1 when one of ours failed (the JSON is written either way)."""
     device = torch.device(args.device)
     cases = all_cases(args.quick, device, args.op)
+    for case in cases:
+        case.baselines = {n: f for n, f in case.baselines.items() if not any(s in n for s in args.skip_baseline)}
     if not cases:
         print(f"no case matches --op {args.op}")
         return 2
-    peaks = measure_peaks(device, quick=args.quick)
+    peaks = measure_peaks(device, quick=args.quick or args.fast_timing)
     print(f"device: {device_name(device)}\n{format_peaks(peaks)}\n{len(cases)} cases:")
-    results = run_cases(cases, device, peaks, quick=args.quick, baselines=not args.no_baselines)
+    results = run_cases(cases, device, peaks, quick=args.quick or args.fast_timing, baselines=not args.no_baselines)
     print("\n" + format_table(results))
     path = write_results(results, args.out)
     print(f"\nwrote {path}")
