@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (torch preinstalled, no network): build for the visible GPU,
-# run every test (gpu ones included), compute-sanitizer memcheck + racecheck over each op's GPU
-# tests, and `nemokernels bench --quick`. Every step runs even when an earlier one failed; the
-# exit status is non-zero if any failed. Output, in ${OUT:-gpu-check-out}/ (three files, since
-# only a few come back from a lent machine):
-#   gpu-check.log     every step's output, one after another
-#   summary.txt       each step's status and time
-#   bench-quick.json  the benchmark results
-# The whole run is kept under 10 minutes: each step has its own limit, further capped by
-# what is left of GPU_CHECK_BUDGET_S (default 570 s).
+# One prioritised command for a lent GPU machine (torch preinstalled, no network). Each step is
+# time-limited and runs even when an earlier one failed; the whole run stays under
+# GPU_CHECK_BUDGET_S (default 540 s). In order of value:
+#   1. environment; load the carried _C (built here for 90a, docs/gpu-round.md), else build it
+#   2. GPU tests with pytest-xdist (torch.compile tests apart, later)
+#   3. benchmarks of the ops the open issues target, every SHAPES point, against the peers
+#      (mamba_ssm's Triton kernels from .peers/mamba): event, GPU (summed kernels) and wall time
+#   4. torch.profiler per-kernel breakdown of the slowest ops, ours and the peer's
+#   5. compute-sanitizer memcheck + racecheck over the racecheck-marked GPU tests
+#   6. the torch.compile GPU tests
+#   7. Nsight Compute (ncu) sections for the SSD kernels and the memory-bound kernels
+#   8. the rest of the benchmarks (quick shapes)
+# Output in ${OUT:-gpu-check-out}/ (at most 8 files come back from a lent machine):
+#   summary.txt, gpu-check.log, bench-targets.json, bench-rest.json, profile.txt, ncu.txt
 set -u
 cd "$(dirname "$0")/.."
 
@@ -18,14 +22,16 @@ LOG="$OUT/gpu-check.log"
 SUMMARY="$OUT/summary.txt"
 : >"$LOG"
 : >"$SUMMARY"
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-570}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 FAILED=0
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+JOBS=${GPU_CHECK_JOBS:-8}
 
 # step NAME LIMIT_S CMD...: run CMD under `timeout`, log it, record its status and time.
 step() {
     local name=$1 limit=$2 left=$((DEADLINE - SECONDS)) t0=$SECONDS rc status
     shift 2
-    if [ "$left" -lt 10 ]; then
+    if [ "$left" -lt 15 ]; then
         status="SKIPPED (out of time)"
         rc=1
     else
@@ -45,51 +51,72 @@ step() {
     return 0
 }
 
-# (a) Wheels carried in .whl/ (e.g. nvidia-cutlass, which has no network to come from).
+# Wheels carried in .whl/ (none are needed on the H200 image: einops and triton are there).
 if compgen -G ".whl/*.whl" >/dev/null; then
     step "install .whl/*.whl" 60 python3 -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-
-# Peers' source trees carried in .peers/ (ignored by git; there is no network there):
-# mamba_ssm's Triton SSD runs from source (needs einops: carry its wheel in .whl/).
+# mamba_ssm's source (carried in .peers/, ignored by git): its Triton kernels are the peers.
 [ -d .peers/mamba/mamba_ssm ] && export NK_MAMBA_SSM_SRC="$PWD/.peers/mamba"
 
-# (b) What we are running on.
-step "environment" 30 bash -c 'nvidia-smi; python3 --version;
-    python3 -c "import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name())"'
-
-# (c) Build in place for the visible GPU (setup.py's default arch) with every core.
-step "build (CUDA, in place)" 300 env NEMOKERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
-    python3 setup.py build_ext --inplace
-
-# (d), (e) What got built, then the whole test suite.
+# 1. What we are running on; the carried _C, else a build for the visible GPU.
+step "environment" 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv;
+    python3 --version; python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda,
+    torch.cuda.get_device_name(), \"triton\", triton.__version__)"'
+if ! python3 -c "import nemokernels._C" >>"$LOG" 2>&1; then
+    step "build (CUDA, in place)" 300 env NEMOKERNELS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
+        python3 setup.py build_ext --inplace
+fi
 step "nemokernels info" 60 python3 -m nemokernels info
-step "tests (all)" 150 python3 -m pytest tests -q -rs -p no:cacheprovider
 
-# (f) compute-sanitizer over the GPU tests of each test file. PyTorch's caching allocator is
-# off so that an out-of-bounds access lands outside any allocation and memcheck sees it;
-# NEMOKERNELS_SANITIZER=1 lets tests shrink their sizes (instrumented kernels are slow).
+# 2. Every GPU test but the torch.compile ones, 8 processes.
+step "gpu tests (-n $JOBS, no compile)" 120 python3 -m pytest tests -q -rfEs -p no:cacheprovider \
+    -m gpu -k "not compile" -n "$JOBS"
+
+# 3. The targeted ops at every SHAPES point against the peers; no torch.compile baselines
+#    (minutes of compiling) and no eager SSD reference (seconds per call at L32768).
+step "bench targets" 150 python3 -m nemokernels bench --fast-timing \
+    --op mamba_chunk_scan_combined --op selective_state_update --op rmsnorm_fn \
+    --skip-baseline compile --skip-baseline torch_chunked --out "$OUT/bench-targets.json"
+
+# 4. Where the time goes.
+step "profile" 60 bash -c "python3 bench/profile_kernels.py --baseline mamba_ssm_triton --baseline torch_grouped_mm \
+    --case 'mamba_chunk_scan_combined.fwd_bwd:nano b1 L8192' --case 'mamba_chunk_scan_combined:nano b1 L8192' \
+    --case 'selective_state_update:nano b64' --case 'rmsnorm_fn:nano rows8192' \
+    --case 'nvfp4.quantize 1x16:' --case 'causal_conv1d_fn:' --case 'causal_conv1d_fn.fwd_bwd:' \
+    --case 'grouped_gemm.up_relu2:super T4096 uniform' > $OUT/profile.txt 2>&1"
+
+# 5. compute-sanitizer. The caching allocator is off so that an out-of-bounds access lands
+#    outside any allocation; NEMOKERNELS_SANITIZER=1 lets tests shrink their sizes. torch.compile
+#    and CUDA-graph tests are left out (with the caching allocator off, any allocation inside a
+#    capture is an illegal cudaMalloc: an artifact of the setting, not of the ops).
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-GPU_FILES=$(timeout 60 python3 -m pytest tests -q -m gpu --collect-only 2>>"$LOG" |
-    grep -o '^tests/test_[A-Za-z0-9_]*\.py' | sort -u)
-[ -n "$GPU_FILES" ] || step "find GPU tests" 10 bash -c 'echo "no gpu tests collected"; false'
-# memcheck skips torch.compile (slow under the tool) and CUDA-graph capture (with the caching
-# allocator off, any allocation inside a capture is an illegal cudaMalloc: an artifact of the
-# setting, not of the ops). racecheck is far slower than memcheck: it runs only the GPU tests
-# marked `racecheck` (those that cover every kernel with shared memory or block reductions).
-for f in $GPU_FILES; do
-    step "memcheck $(basename "$f" .py)" 90 env NEMOKERNELS_SANITIZER=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$SANITIZER" --tool memcheck --error-exitcode 1 python3 -m pytest "$f" -q -m gpu -k "not compile and not graph"
-    if grep -q "mark.racecheck" "$f"; then
-        step "racecheck $(basename "$f" .py)" 90 env NEMOKERNELS_SANITIZER=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            "$SANITIZER" --tool racecheck --error-exitcode 1 python3 -m pytest "$f" -q -m "gpu and racecheck"
-    fi
+for tool in memcheck racecheck; do
+    step "$tool (racecheck-marked)" 100 env NEMOKERNELS_SANITIZER=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$SANITIZER" --tool "$tool" --error-exitcode 1 python3 -m pytest tests -q -p no:cacheprovider \
+        -m "gpu and racecheck" -k "not compile and not graph"
 done
 
-# (g) Quick benchmark: peaks, ops and baselines, into the results JSON.
-step "bench --quick" 120 python3 -m nemokernels bench --quick --out "$OUT/bench-quick.json"
+# 6. The torch.compile GPU tests.
+step "gpu tests (compile)" 90 python3 -m pytest tests -q -rfEs -p no:cacheprovider -m gpu -k compile -n "$JOBS"
+
+# 7. Nsight Compute: speed of light, occupancy and launch statistics per kernel.
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+if [ -n "$NCU" ]; then
+    # Our kernels only (namespace nk::), the first 30 launches.
+    step "ncu" 120 bash -c "'$NCU' --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section MemoryWorkloadAnalysis --launch-count 30 \
+        --kernel-name-base demangled -k 'regex:nk::' \
+        python3 bench/profile_kernels.py --plain --calls 1 \
+        --case 'mamba_chunk_scan_combined.fwd_bwd:nano b1 L8192' --case 'selective_state_update:nano b64' \
+        --case 'rmsnorm_fn:nano rows8192' --case 'nvfp4.quantize 1x16:' > $OUT/ncu.txt 2>&1"
+fi
+
+# 8. The other families, quick shapes.
+step "bench rest (quick)" 120 python3 -m nemokernels bench --quick \
+    --op causal_conv1d --op nvfp4 --op NVFP4Linear --op grouped_gemm --op moe --op spec. \
+    --skip-baseline compile --out "$OUT/bench-rest.json"
 
 echo "total ${SECONDS}s; $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')" | tee -a "$SUMMARY"
 exit $FAILED
