@@ -23,4 +23,18 @@ namespace nk {
 
 inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
+// Multiprocessor count of the current device, cached per device (grids are sized from it).
+inline int sm_count() {
+  static int cached[64] = {};
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  int* slot = (dev >= 0 && dev < 64) ? &cached[dev] : nullptr;
+  if (slot && *slot > 0) return *slot;
+  int n = 0;
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  n = n > 0 ? n : 1;
+  if (slot) *slot = n;
+  return n;
+}
+
 }  // namespace nk
