@@ -259,8 +259,9 @@ def run_case(case: Case, device, peaks: dict, *, quick: bool = False, baselines:
     return entry
 
 
-def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=print) -> dict:
-    """All cases on `device`, as the JSON document `write_results` stores."""
+def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=print, path=None) -> dict:
+    """All cases on `device`, as the JSON document `write_results` stores. With `path`, the
+    document is rewritten after every case, so a run stopped part-way keeps what it measured."""
     results = {
         "device": device_name(device),
         "device_slug": device_slug(device),
@@ -274,8 +275,28 @@ def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=pr
     }
     for case in cases:
         log(f"  {case.op} {case.name} ...", flush=True)
-        results["cases"].append(run_case(case, device, peaks, quick=quick, baselines=baselines))
+        entry = run_case(case, device, peaks, quick=quick, baselines=baselines)
+        results["cases"].append(entry)
+        log(f"    {_summary(entry)}", flush=True)
+        if path is not None:
+            write_results(results, path)
     return results
+
+
+def _summary(entry: dict) -> str:
+    """One line per finished case, so a log shows results even if the run is stopped."""
+    if "error" in entry:
+        return "error: " + entry["error"]
+    parts = [f"{entry['time_us']:.1f} us"]
+    if "gpu_us" in entry:
+        parts.append(f"gpu {entry['gpu_us']:.1f} us, wall {entry['wall_us']:.1f} us")
+    parts.append(f"{100 * entry['roofline_fraction']:.1f}% of peak ({entry['bound']})")
+    for name, b in entry["baselines"].items():
+        if "error" in b:
+            parts.append(f"{name}: error")
+        else:
+            parts.append(f"{name} {b['time_us']:.1f} us" + (f" (gpu {b['gpu_us']:.1f})" if "gpu_us" in b else ""))
+    return "; ".join(parts)
 
 
 def default_results_path(results: dict) -> Path:

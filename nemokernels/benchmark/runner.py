@@ -1,10 +1,13 @@
 """`nemokernels bench`: measure the device's peaks, time every case, print a table, write JSON."""
 import argparse
+import datetime
+from pathlib import Path
 
 import torch
 
 from . import all_cases
-from .harness import device_name, format_peaks, format_table, measure_peaks, run_cases, write_results
+from .harness import (default_results_path, device_name, device_slug, format_peaks, format_table, measure_peaks,
+                      run_cases, write_results)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +37,11 @@ def run(args) -> int:
         return 2
     peaks = measure_peaks(device, quick=args.quick or args.fast_timing)
     print(f"device: {device_name(device)}\n{format_peaks(peaks)}\n{len(cases)} cases:")
-    results = run_cases(cases, device, peaks, quick=args.quick or args.fast_timing, baselines=not args.no_baselines)
+    path = Path(args.out) if args.out else default_results_path(
+        {"device_slug": device_slug(device), "date": datetime.date.today().isoformat()})
+    results = run_cases(cases, device, peaks, quick=args.quick or args.fast_timing, baselines=not args.no_baselines,
+                        path=path)
     print("\n" + format_table(results))
-    path = write_results(results, args.out)
+    write_results(results, path)
     print(f"\nwrote {path}")
     return 1 if any("error" in c for c in results["cases"]) else 0
