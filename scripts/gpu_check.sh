@@ -4,8 +4,8 @@
 # GPU_CHECK_BUDGET_S (default 540 s). In order of value:
 #   1. environment; load the carried _C (built here for 90a, docs/gpu-round.md), else build it
 #   2. GPU tests with pytest-xdist (torch.compile tests apart, later)
-#   3. benchmarks of the ops the open issues target, every SHAPES point, against the peers
-#      (mamba_ssm's Triton kernels from .peers/mamba): event, GPU (summed kernels) and wall time
+#   3. benchmarks of the ops the open issues target against the peers (mamba_ssm's Triton
+#      kernels from .peers/mamba): event, GPU (summed kernels) and wall time
 #   4. torch.profiler per-kernel breakdown of the slowest ops, ours and the peer's
 #   5. compute-sanitizer memcheck + racecheck over the racecheck-marked GPU tests
 #   6. the torch.compile GPU tests
@@ -74,15 +74,19 @@ step "nemokernels info" 60 python3 -m nemokernels info
 step "gpu tests (-n $JOBS, no compile)" 120 python3 -m pytest tests -q -rfEs -p no:cacheprovider \
     -m gpu -k "not compile" -n "$JOBS"
 
-# 3. The targeted ops at every SHAPES point against the peers; no torch.compile baselines
-#    (minutes of compiling) and no eager SSD reference (seconds per call at L32768).
-step "bench targets" 150 python3 -m nemokernels bench --fast-timing \
+# 3. The targeted ops against the peers at the quick points (all SHAPES points with
+#    --fast-timing took over 150 s on 2026-12-04: mamba_ssm autotunes at every new shape);
+#    no torch.compile baselines (minutes of compiling), no eager SSD reference.
+step "bench targets" 120 python3 -m nemokernels bench --quick \
     --op mamba_chunk_scan_combined --op selective_state_update --op rmsnorm_fn \
     --skip-baseline compile --skip-baseline torch_chunked --out "$OUT/bench-targets.json"
 
-# 4. Where the time goes.
-step "profile" 60 bash -c "python3 bench/profile_kernels.py --baseline mamba_ssm_triton --baseline torch_grouped_mm \
+# 4. Where the time goes, ours and the peer's, and the SSD at the SHAPES points by GPU time.
+step "profile" 100 bash -c "python3 bench/profile_kernels.py --baseline mamba_ssm_triton --baseline torch_grouped_mm \
     --case 'mamba_chunk_scan_combined.fwd_bwd:nano b1 L8192' --case 'mamba_chunk_scan_combined:nano b1 L8192' \
+    --case 'mamba_chunk_scan_combined:super b1 L8192' --case 'mamba_chunk_scan_combined.fwd_bwd:super b1 L8192' \
+    --case 'mamba_chunk_scan_combined:nano b4 L8192' --case 'mamba_chunk_scan_combined.fwd_bwd:nano b4 L8192' \
+    --case 'mamba_chunk_scan_combined:super b4 L32768' --case 'mamba_chunk_scan_combined.fwd_bwd:super b4 L32768' \
     --case 'selective_state_update:nano b64' --case 'rmsnorm_fn:nano rows8192' \
     --case 'nvfp4.quantize 1x16:' --case 'causal_conv1d_fn:' --case 'causal_conv1d_fn.fwd_bwd:' \
     --case 'grouped_gemm.up_relu2:super T4096 uniform' > $OUT/profile.txt 2>&1"
