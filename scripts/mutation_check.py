@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Mutation check: does the test suite catch realistic kernel bugs?
+
+Each mutant is one deliberate bug (an off-by-one at a chunk or tile edge, a missing barrier, a
+wrong group index, a dropped scale, a swapped stride, a skipped tail) in one family's CPU or
+CUDA kernel. For each, in a copy of the tracked sources: apply it, rebuild what it touches
+(CPU kernels: the extension, CPU-only; CUDA kernels run under the CPU emulation of CUDA, which
+compiles them from the copy's sources inside the tests), run the tests that should catch it,
+restore. A mutant is caught when those tests fail; the check fails if any mutant survives, if
+its text is no longer in the source (a stale mutant), or if its tests did not run.
+
+    python scripts/mutation_check.py            # every mutant
+    python scripts/mutation_check.py --list     # the mutants
+    python scripts/mutation_check.py -k ssd     # mutants whose name contains "ssd"
+
+CI runs it after the test suite (.ci/run). Progress and a table go to stdout.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    kind: str
+    path: str      # file under the repository root
+    find: str      # exact text, present exactly once
+    replace: str
+    tests: tuple   # pytest arguments selecting the tests that must catch it
+
+    @property
+    def cpu_build(self) -> bool:
+        """CPU kernel sources (and headers shared with them) are compiled into _C."""
+        return not self.path.endswith(".cu")
+
+
+MUTANTS = [
+    # ---- ssd ------------------------------------------------------------------------------
+    Mutant("ssd-cpu-chunk-state-group", "wrong group index", "csrc/ssd/ssd_chunk_scan_cpu.cpp",
+           "load_rows<T>(p.B, g.B_off(b, t0, h / g.hpg), p.B_sl, len, g.N, bs.data());",
+           "load_rows<T>(p.B, g.B_off(b, t0, h % g.G), p.B_sl, len, g.N, bs.data());",
+           ("tests/test_ssd_chunk_scan.py", "-k", "cpu and not bad_inputs")),
+    Mutant("ssd-cuda-fwd-missing-barrier", "missing barrier", "csrc/ssd/ssd_chunk_scan_fwd_cuda.cu",
+           "    __syncthreads();  // before the next step overwrites Bs / Xs (and before the epilogue)\n", "\n",
+           ("tests/test_cuda_emulation.py", "-k", "test_ssd_emulated and not slow")),
+    Mutant("ssd-cuda-bwd-missing-barrier", "missing barrier", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+           "  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);\n  __syncthreads();\n",
+           "  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);\n",
+           ("tests/test_cuda_emulation.py", "-k", "test_ssd_emulated and not slow")),
+    Mutant("ssd-cuda-state-update-swapped-stride", "swapped stride", "csrc/ssd/state_update_cuda.cu",
+           "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3])",
+           "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[3] + i * p.x.s[2])",
+           ("tests/test_cuda_emulation_state.py",)),
+    Mutant("ssd-cuda-state-update-skipped-tail", "skipped tail", "csrc/ssd/state_update_cuda.cu",
+           "          if (rin[r] && n < N) {", "          if (rin[r] && n < N - 1) {",
+           ("tests/test_cuda_emulation_state.py",)),
+    Mutant("ssd-cpu-conv1d-window-off-by-one", "off-by-one", "csrc/ssd/causal_conv1d_cpu.cpp",
+           "win[k] = x_at<T>(p, b, c, t - (W - 1) + k, sid);", "win[k] = x_at<T>(p, b, c, t - W + k, sid);",
+           ("tests/test_causal_conv1d.py", "-k", "cpu and not bad")),
+    Mutant("ssd-cpu-rmsnorm-group-size", "wrong group size", "csrc/ssd/rmsnorm_gated_cpu.cpp",
+           "rmsnorm_rstd(sumsq.total(), static_cast<float>(G), p.eps)",
+           "rmsnorm_rstd(sumsq.total(), static_cast<float>(p.dim), p.eps)",
+           ("tests/test_rmsnorm_gated.py", "-k", "cpu and not bad")),
+    # ---- moe ------------------------------------------------------------------------------
+    Mutant("moe-cpu-router-group-cut", "off-by-one", "csrc/moe/router_cpu.cpp",
+           "          if (gkeys[g] < cut)", "          if (gkeys[g] <= cut)",
+           ("tests/test_moe_router.py", "-k", "cpu and not bad")),
+    Mutant("moe-cuda-plan-scan-skipped-tail", "skipped tail", "csrc/moe/permute_cuda.cu",
+           "c1 = c0 + per < p.num_chunks ? c0 + per : p.num_chunks;",
+           "c1 = c0 + per < p.num_chunks ? c0 + per : p.num_chunks - 1;",
+           ("tests/test_cuda_emulation_moe.py", "-k", "plan")),
+    Mutant("moe-cuda-plan-scan-missing-barrier", "missing barrier", "csrc/moe/permute_cuda.cu",
+           "  part[threadIdx.y][threadIdx.x] = sum;\n  __syncthreads();\n",
+           "  part[threadIdx.y][threadIdx.x] = sum;\n",
+           ("tests/test_cuda_emulation_moe.py", "-k", "plan")),
+    Mutant("moe-cuda-grouped-gemm-tile-edge", "off-by-one", "csrc/moe/grouped_gemm_cuda.cu",
+           "  m_hi = hi;\n  return m0 < m_hi;", "  m_hi = hi - 1;\n  return m0 < m_hi;",
+           ("tests/test_cuda_emulation_grouped_gemm.py", "-k", "fwd_dgrad_wgrad")),
+    # ---- nvfp4 ----------------------------------------------------------------------------
+    Mutant("nvfp4-cuda-dequantize-dropped-scale", "dropped scale", "csrc/nvfp4/quantize_cuda.cu",
+           "out[2 * j] = from_f<T>((e2m1_decode(b & 0xf) * sb) * g);",
+           "out[2 * j] = from_f<T>(e2m1_decode(b & 0xf) * g);",
+           ("tests/test_cuda_emulation_nvfp4.py", "-k", "dequantize")),
+    Mutant("nvfp4-cuda-gemm-dropped-a-scale", "dropped scale", "csrc/nvfp4/gemm_cuda.cu",
+           "ha[i][h][j] = hmul2_u32(ha[i][h][j], a_scale[i][h]);", "ha[i][h][j] = ha[i][h][j];",
+           ("tests/test_cuda_emulation_nvfp4_gemm.py", "-k", "matches_reference")),
+    Mutant("nvfp4-cuda-gemm-skipped-k-tail", "skipped tail", "csrc/nvfp4/gemm_cuda.cu",
+           "  const int total_kt = static_cast<int>((p.K + kBK - 1) / kBK);\n  const int kt0 =",
+           "  const int total_kt = static_cast<int>(p.K / kBK);\n  const int kt0 =",
+           ("tests/test_cuda_emulation_nvfp4_gemm.py", "-k", "matches_reference")),
+    Mutant("nvfp4-cpu-quantize-dropped-block-scale", "dropped scale", "csrc/nvfp4/quantize_cpu.cpp",
+           "              const float y = v[i][j] * inv;", "              const float y = v[i][j];",
+           ("tests/test_nvfp4_quantize.py", "-k", "cpu and matches_reference")),
+    # ---- spec (verification) ----------------------------------------------------------------
+    Mutant("spec-cpu-argmax-chunk-edge", "off-by-one", "csrc/spec/verify_cpu.cpp",
+           "hi = std::min(a.vocab, lo + a.chunk);", "hi = std::min(a.vocab, lo + a.chunk - 1);",
+           ("tests/test_spec_verify.py", "-k", "cpu and greedy and not bad")),
+    Mutant("spec-cuda-block-sum-missing-barrier", "missing barrier", "csrc/spec/verify_cuda.cu",
+           "    if (t < s) red[t] += red[t + s];\n    __syncthreads();\n",
+           "    if (t < s) red[t] += red[t + s];\n",
+           ("tests/test_cuda_emulation_spec.py",)),
+]
+
+
+def tracked_files(root: Path):
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    return [f for f in out.decode().split("\0") if f]
+
+
+def copy_tree(root: Path, dest: Path) -> None:
+    for rel in tracked_files(root):
+        src = root / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    # The checkout's built extension serves the CUDA-kernel mutants (their tests compile the
+    # kernels from the copy's sources); CPU-kernel mutants rebuild _C in the copy.
+    for so in (root / "nemokernels").glob("_C*.so"):
+        shutil.copy2(so, dest / "nemokernels" / so.name)
+
+
+def build_cpu(dest: Path, log) -> float:
+    t0 = time.time()
+    env = dict(os.environ, NEMOKERNELS_BUILD_CUDA="0")
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        log((r.stdout + r.stderr)[-4000:])
+        raise RuntimeError("CPU build failed in the mutation copy")
+    return time.time() - t0
+
+
+def run_tests(dest: Path, tests) -> tuple:
+    """(pytest exit code, summary line)."""
+    env = dict(os.environ, PYTHONPATH=str(dest))
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    r = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
+    lines = [ln for ln in (r.stdout + r.stderr).strip().splitlines() if ln.strip()]
+    summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)),
+                   lines[-1] if lines else "")
+    return r.returncode, summary.strip("= ")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", dest="select", action="append", default=[], help="only mutants whose name contains this")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--keep", action="store_true", help="keep the working copy (printed)")
+    args = ap.parse_args()
+    mutants = [m for m in MUTANTS if not args.select or any(s in m.name for s in args.select)]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:42s} {m.kind:18s} {m.path}")
+        return 0
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    dest = Path(tempfile.mkdtemp(prefix="nk-mutation-"))
+    results = []
+    try:
+        copy_tree(ROOT, dest)
+        built = False
+        # CUDA-kernel mutants first: they use the checkout's _C, so no build until a CPU one.
+        for m in sorted(mutants, key=lambda m: m.cpu_build):
+            t0 = time.time()
+            f = dest / m.path
+            original = f.read_text()
+            count = original.count(m.find)
+            if count != 1:
+                results.append((m, "STALE", f"the mutant's text occurs {count} times in {m.path}", 0.0))
+                log(f"[{m.name}] STALE: its text occurs {count} times in {m.path}")
+                continue
+            try:
+                f.write_text(original.replace(m.find, m.replace))
+                if m.cpu_build:
+                    secs = build_cpu(dest, log)
+                    built = True
+                    log(f"[{m.name}] built in {secs:.0f} s")
+                rc, summary = run_tests(dest, m.tests)
+            finally:
+                f.write_text(original)
+            status = {1: "caught", 0: "SURVIVED"}.get(rc, f"ERROR (pytest exit {rc})")
+            if rc == 0 and " passed" not in summary:
+                status = "NOT RUN"  # everything skipped or deselected: nothing tested the mutant
+            results.append((m, status, summary, time.time() - t0))
+            log(f"[{m.name}] {status}: {summary} ({time.time() - t0:.0f} s)")
+        if built:  # leave no mutated _C behind in the copy (matters only with --keep)
+            build_cpu(dest, log)
+    finally:
+        if args.keep:
+            log(f"working copy kept: {dest}")
+        else:
+            shutil.rmtree(dest, ignore_errors=True)
+    log("\nmutant                                     kind               result     tests")
+    for m, status, summary, secs in results:
+        log(f"{m.name:42s} {m.kind:18s} {status:10s} {summary} ({secs:.0f} s)")
+    bad = [m.name for m, status, *_ in results if status != "caught"]
+    log(f"\n{len(results) - len(bad)} of {len(results)} mutants caught" + (f"; not caught: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
