@@ -57,6 +57,11 @@ void check_same_device(const char* op, const char* arg, const Tensor& t, const T
            device_str(ref), "; all tensors must be on one device");
 }
 
+void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const char* why,
+                 const char* how) {
+  NK_CHECK(value <= limit, op, ": ", what, " = ", value, " exceeds ", limit, ", ", why, "; ", how);
+}
+
 bool is_float_type(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
 }
