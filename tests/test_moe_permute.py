@@ -402,7 +402,7 @@ COMBINE_CASES = [
      COMBINE + r": y must be one of \{float32, float16, bfloat16\}, got float64", "all"),
     ("y_rank", lambda a: a.update(y=a["y"][None]), COMBINE + r": y must have 2 dimensions", "all"),
     ("ros_dtype", lambda a: a.update(ros=a["ros"].short()),
-     COMBINE + r": row_of_slot must be one of \{int32\}, got an unsupported dtype", "all"),
+     COMBINE + r": row_of_slot must be one of \{int32\}, got int16", "all"),
     ("ros_rank", lambda a: a.update(ros=a["ros"][None]), COMBINE + r": row_of_slot must have 1 dimensions", "all"),
     ("top_k_not_dividing", lambda a: a.update(k=3),
      COMBINE + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "all"),
