@@ -439,6 +439,8 @@ def _sm100_built_for_this_gpu():
     major, minor = torch.cuda.get_device_capability()
     archs = set(_compiled_archs())
     cc = major * 10 + minor
+    if major != 10:  # the sm_100 kernels are Blackwell datacenter (10.x) code only
+        return False
     return f"sm_{cc}a" in archs or f"sm_{cc}f" in archs or (cc in (100, 103) and "sm_100f" in archs)
 
 
