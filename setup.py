@@ -47,22 +47,43 @@ def want_cuda(nvcc):
     return nvcc is not None
 
 
+def parse_cuda_archs(env):
+    """The arch list of NEMOKERNELS_CUDA_ARCHS (separated by ';', ',' or spaces), checked.
+
+    Blackwell datacenter archs (10x) must carry the 'a' (arch-specific) or 'f' (family) suffix:
+    the tcgen05 / block-scaled MMA kernels (*_sm100.cu) need those features, and a bare '100'
+    compiles them without (CUTLASS turns them into stubs that trap at run time). A bare 10x is
+    refused, not mapped to 10xa, so the build never silently differs from what was asked.
+    ('90' is fine: the Hopper-only files are always compiled for 90a, see CMakeLists.txt.)
+    """
+    archs = [a.strip() for a in re.split(r"[;, ]+", env) if a.strip()]
+    for a in archs:
+        if not re.fullmatch(r"\d{2,3}[af]?", a):
+            raise RuntimeError(f"NEMOKERNELS_CUDA_ARCHS: bad arch {a!r} (expected e.g. 90a;100a)")
+        if re.fullmatch(r"10\d", a):
+            raise RuntimeError(
+                f"NEMOKERNELS_CUDA_ARCHS: {a!r} would compile the Blackwell (tcgen05, block-scaled MMA) kernels "
+                f"without the arch-specific features they need; use {a + 'a'!r} (that arch only) or "
+                f"{a + 'f'!r} (the sm_{a[:2]}x family)")
+    return archs
+
+
+def device_arch(major, minor):
+    """The arch to build for a visible GPU of compute capability (major, minor): arch-specific
+    features (wgmma on 9.0, tcgen05 on 10.x) need the 'a' variant."""
+    arch = f"{major}{minor}"
+    return arch + "a" if arch == "90" or major == 10 else arch
+
+
 def cuda_archs():
     env = os.environ.get("NEMOKERNELS_CUDA_ARCHS", "").strip()
     if env:
-        archs = [a.strip() for a in re.split(r"[;, ]+", env) if a.strip()]
-        for a in archs:
-            if not re.fullmatch(r"\d{2,3}[af]?", a):
-                raise RuntimeError(f"NEMOKERNELS_CUDA_ARCHS: bad arch {a!r} (expected e.g. 90a;100a)")
-        return archs
+        return parse_cuda_archs(env)
     try:
         import torch
 
         if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            arch = f"{major}{minor}"
-            # Arch-specific features (wgmma, tcgen05) need the 'a' variants.
-            return [arch + "a"] if arch in ("90", "100", "103") else [arch]
+            return [device_arch(*torch.cuda.get_device_capability())]
     except Exception:  # no torch CUDA runtime: fall through to the default pair
         pass
     return ["90a", "100a"]
@@ -140,8 +161,11 @@ class CMakeBuild(build_ext):
             shutil.copy2(built[0], out)
 
 
-setup(
-    version=VERSION,
-    ext_modules=[CMakeExtension("nemokernels._C")],
-    cmdclass={"build_ext": CMakeBuild},
-)
+# Guarded so tests can import this file for its arch parsing (pip's build backend and
+# `python setup.py ...` both run it as __main__).
+if __name__ == "__main__":
+    setup(
+        version=VERSION,
+        ext_modules=[CMakeExtension("nemokernels._C")],
+        cmdclass={"build_ext": CMakeBuild},
+    )

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "nvfp4/gemm.h"
 
 #ifndef NK_CUDA_ARCHS
 #define NK_CUDA_ARCHS ""
@@ -63,4 +64,19 @@ PYBIND11_MODULE(_C, m) {
         return std::vector<uint32_t>{r.v[0], r.v[1], r.v[2], r.v[3]};
       },
       "Philox4x32-10 of a 4-word counter and a 2-word key (csrc/common/philox.h)");
+  // The path nvfp4_gemm takes on a CUDA device for an (M, N, K) problem: the op's own routing
+  // function (csrc/nvfp4/gemm.h), so tests name the kernel they exercise.
+  m.def(
+      "nvfp4_gemm_path",
+      [](int device_index, int64_t M, int64_t N, int64_t K) -> std::string {
+#ifdef NK_WITH_CUDA
+        return nk::nvfp4_gemm_cuda_path(device_index, M, N, K) == nk::kNvfp4PathCutlassSm100 ? "cutlass_sm100"
+                                                                                           : "portable_cuda";
+#else
+        (void)device_index, (void)M, (void)N, (void)K;
+        return "unavailable";
+#endif
+      },
+      "nvfp4_gemm's CUDA path for an (M, N, K) problem on a device: cutlass_sm100, portable_cuda "
+      "(or unavailable in a CPU-only build)");
 }

@@ -1,4 +1,5 @@
 """The extension: stable-ABI only, build facts true, every registered op accounted for."""
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ import torch
 import nemokernels
 from nemokernels import _C
 from nemokernels.info import OPS, build_info
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _undefined_symbols():
@@ -47,7 +50,9 @@ def test_needed_libraries_are_torch_and_system_only():
 def test_registered_ops_match_info_list():
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("nemokernels::")}
     assert registered == set(OPS), f"info.OPS out of date: {registered ^ set(OPS)}"
-    assert set(_C.cuda_ops()) <= registered
+    # A CUDA build has a CUDA kernel for every op, a CPU-only build for none (never a subset by
+    # accident: an op whose CUDA kernel went missing would otherwise pass unnoticed).
+    assert set(_C.cuda_ops()) == (registered if _C.with_cuda else set())
 
 
 def test_build_info_is_true_here():
@@ -75,6 +80,56 @@ def test_info_cli_runs():
 
 @pytest.mark.gpu
 def test_every_cuda_op_takes_the_cuda_path_on_this_gpu():
+    """Every op, not every op that cuda_ops() lists: a CPU-only build (cuda_ops() empty) on a GPU
+    machine must fail here, not pass vacuously."""
+    assert _C.with_cuda, "a CPU-only build on a GPU machine: rebuild with nvcc (NEMOKERNELS_BUILD_CUDA=1)"
     info = build_info("cuda")
-    for op in _C.cuda_ops():
+    assert set(_C.cuda_ops()) == set(OPS)
+    for op in OPS:
         assert info["ops"][op]["path"] == "cuda", (op, info["ops"][op])
+
+
+# ---------------------------------------------------------------- setup.py's arch list
+
+
+def _setup_module():
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("nk_setup_under_test", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("env,archs", [("90a;100a", ["90a", "100a"]), ("90a, 100a", ["90a", "100a"]),
+                                       (" 100a ", ["100a"]), ("100f", ["100f"]), ("103a;90", ["103a", "90"]),
+                                       ("80 86 89", ["80", "86", "89"]), ("120", ["120"]), ("120a", ["120a"])])
+def test_setup_parses_cuda_archs(env, archs):
+    assert _setup_module().parse_cuda_archs(env) == archs
+
+
+@pytest.mark.parametrize("env,bad", [("100", "100"), ("90a;100", "100"), ("103", "103"), ("101", "101")])
+def test_setup_refuses_blackwell_archs_without_the_arch_suffix(env, bad):
+    """A bare 10x would compile the tcgen05 / block-scaled MMA files without the features they
+    need (CUTLASS stubs that trap at run time): refused with the fix in the message."""
+    with pytest.raises(RuntimeError, match=rf"NEMOKERNELS_CUDA_ARCHS: '{bad}' would compile the Blackwell \(tcgen05, "
+                                           rf"block-scaled MMA\) kernels without the arch-specific features they need; "
+                                           rf"use '{bad}a' \(that arch only\) or '{bad}f'"):
+        _setup_module().parse_cuda_archs(env)
+
+
+@pytest.mark.parametrize("env", ["sm_90a", "9", "1000a", "90b", "100a;x"])
+def test_setup_refuses_malformed_archs(env):
+    with pytest.raises(RuntimeError, match="NEMOKERNELS_CUDA_ARCHS: bad arch"):
+        _setup_module().parse_cuda_archs(env)
+
+
+def test_setup_env_and_default_arch(monkeypatch):
+    mod = _setup_module()
+    monkeypatch.setenv("NEMOKERNELS_CUDA_ARCHS", "100")
+    with pytest.raises(RuntimeError, match="use '100a'"):
+        mod.cuda_archs()
+    monkeypatch.setenv("NEMOKERNELS_CUDA_ARCHS", "90a;100a")
+    assert mod.cuda_archs() == ["90a", "100a"]
+    # a visible GPU's arch: the 'a' variant wherever arch-specific kernels exist
+    assert [mod.device_arch(*cc) for cc in ((9, 0), (10, 0), (10, 3), (8, 9), (12, 0))] == \
+        ["90a", "100a", "103a", "89", "120"]

@@ -180,9 +180,11 @@ def test_zero_sizes(device):
         assert out.shape == (R, N)
         assert torch.equal(out.detach().cpu(), torch.zeros(R, N))
         if out.numel():
+            # the output does not depend on a or w here (no reduction terms or no experts): both
+            # gradients are exactly zero, not merely finite
             da, dw = torch.autograd.grad(out, (a, w), torch.randn_like(out))
             assert da.shape == a.shape and dw.shape == w.shape
-            assert torch.isfinite(da).all() and torch.isfinite(dw).all()
+            assert torch.equal(da.cpu(), torch.zeros(a.shape)) and torch.equal(dw.cpu(), torch.zeros(w.shape))
 
 
 def test_gradcheck_float64():
@@ -352,3 +354,182 @@ def test_cuda_arch_path_matches_portable_path(monkeypatch, activation):
         assert_close(out, ref, dtype)
         assert_close(da, da_ref, dtype, factor=f, what="da")
         assert_close(dw, dw_ref, dtype, factor=f, what="dw")
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# (id, mutation of a valid call's arguments, regex, where). where: "all" (every device), "cpu"
+# (offsets values: reading them on CUDA would need a host sync, so the CUDA kernels clamp every
+# segment into [0, R] instead, see test_cuda_memory_safe_for_bad_offsets), "cuda" (device mix and
+# the CUDA grid limits). Messages name the op, the argument and expected vs got.
+
+
+def _bad_call(make, call, mutate, pattern, where, device):
+    if where != "all" and where != device:
+        pytest.skip(f"a {where}-only check")
+    a = make(device)
+    call(a)  # the unmutated call is valid
+    mutate(a)
+    with pytest.raises(RuntimeError, match=pattern):
+        call(a)
+
+
+def _gg_args(device):
+    a, w, offsets = make([3, 4], 6, 5, torch.float32, device)  # R = 7, N = 6, K = 5, E = 2
+    return dict(a=a, w=w, offsets=offsets, act=1, save=True, dout=torch.randn(7, 6, device=device),
+                pre=torch.randn(7, 6, device=device))
+
+
+def _offs(a, values):
+    a["offsets"] = torch.tensor(values, dtype=torch.int32, device=a["offsets"].device)
+
+
+def _expand_rows(t, rows):
+    return t[:1].expand(rows, *t.shape[1:])
+
+
+FWD = "grouped_gemm"
+FWD_CASES = [
+    ("a_dtype", lambda a: a.update(a=a["a"].int()), FWD + r": a must be one of \{float32, float16, bfloat16(, float64)?\}, "
+     "got int32", "all"),
+    ("a_rank", lambda a: a.update(a=a["a"][None]), FWD + r": a must have 2 dimensions, got shape \(1, 7, 5\)", "all"),
+    ("w_rank", lambda a: a.update(w=a["w"][0]), FWD + r": w must have 3 dimensions, got shape \(6, 5\)", "all"),
+    ("w_dtype", lambda a: a.update(w=a["w"].bfloat16()), FWD + r": w must have a's dtype float32, got bfloat16", "all"),
+    ("w_k", lambda a: a.update(w=a["w"][..., :4]),
+     FWD + r": w must be \(E, N, K\) with K = a.shape\[1\] = 5, got w shape \(2, 6, 4\)", "all"),
+    ("activation", lambda a: a.update(act=2), FWD + r": activation must be 0 \(none\) or 1 \(relu2\), got 2", "all"),
+    ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].long()),
+     FWD + r": expert_offsets must be one of \{int32\}, got int64", "all"),
+    ("offsets_rank", lambda a: a.update(offsets=a["offsets"][None]),
+     FWD + r": expert_offsets must have 1 dimensions, got shape \(1, 3\)", "all"),
+    ("offsets_experts", lambda a: a.update(offsets=a["offsets"][:2]),
+     FWD + r": expert_offsets must have E \+ 1 = 3 entries \(w has E = 2 experts\), got shape \(2,\)", "all"),
+    ("offsets_empty", lambda a: a.update(offsets=a["offsets"][:0]),
+     FWD + r": expert_offsets must have E \+ 1 >= 1 entries, got shape \(0,\)", "all"),
+    ("rows_past_int32", lambda a: a.update(a=_expand_rows(a["a"], 2**31)),
+     FWD + r": the number of rows R = 2147483648 exceeds 2147483647, the range of the int32 expert_offsets; "
+     r"split the rows into several calls", "all"),
+    ("offsets_decreasing", lambda a: _offs(a, [0, 5, 3]),
+     FWD + r": expert_offsets must be non-decreasing, got offsets\[1\] = 5 > offsets\[2\] = 3", "cpu"),
+    ("offsets_negative", lambda a: _offs(a, [-1, 3, 7]), FWD + r": expert_offsets\[0\] must be >= 0, got -1", "cpu"),
+    ("offsets_past_rows", lambda a: _offs(a, [0, 3, 8]),
+     FWD + r": expert_offsets\[E\] must be <= the number of rows 7, got 8", "cpu"),
+    ("a_float64_on_cuda", lambda a: a.update(a=a["a"].double(), w=a["w"].double()),
+     FWD + r": a must be one of \{float32, float16, bfloat16\}, got float64", "cuda"),
+    ("w_device", lambda a: a.update(w=a["w"].cpu()),
+     FWD + r": w is on cpu but a is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("offsets_device", lambda a: a.update(offsets=a["offsets"].cpu()),
+     FWD + r": expert_offsets is on cpu but a is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("n_past_grid", lambda a: a.update(w=a["w"][:, :1].expand(2, 65535 * 64 + 1, 5)),
+     FWD + r": N \(w.shape\[1\], the output columns\) = 4194241 exceeds 4194240, the most the CUDA kernels take "
+     r"\(grid dimension y = ceil\(cols / 64\) <= 65535\)", "cuda"),
+    ("experts_past_grid", lambda a: a.update(w=a["w"][:1].expand(65536, 6, 5),
+                                             offsets=torch.zeros(65537, dtype=torch.int32, device="cuda")),
+     FWD + r": at most 65535 experts on CUDA \(a grid dimension\), got 65536", "cuda"),
+]
+
+
+def _fwd_call(a):
+    return ops.grouped_gemm_fwd(a["a"], a["w"], a["offsets"], a["act"], a["save"])
+
+
+DGRAD = r"grouped_gemm \(dgrad\)"
+DGRAD_CASES = [
+    ("dout_dtype", lambda a: a.update(dout=a["dout"].long()), DGRAD + r": dout must be one of .*, got int64", "all"),
+    ("dout_rank", lambda a: a.update(dout=a["dout"].flatten()),
+     DGRAD + r": dout must have 2 dimensions, got shape \(42,\)", "all"),
+    ("w_rank", lambda a: a.update(w=a["w"].flatten(1)), DGRAD + r": w must have 3 dimensions, got shape \(2, 30\)",
+     "all"),
+    ("w_dtype", lambda a: a.update(w=a["w"].half()), DGRAD + r": w must have dout's dtype float32, got float16", "all"),
+    ("w_n", lambda a: a.update(w=a["w"][:, :5]),
+     DGRAD + r": w must be \(E, N, K\) with N = dout.shape\[1\] = 6, got w shape \(2, 5, 5\)", "all"),
+    ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].short()),
+     DGRAD + r": expert_offsets must be one of \{int32\}", "all"),
+    ("offsets_experts", lambda a: a.update(offsets=torch.tensor([0, 2, 4, 7], dtype=torch.int32,
+                                                                device=a["offsets"].device)),
+     DGRAD + r": expert_offsets must have E \+ 1 = 3 entries \(w has E = 2 experts\), got shape \(4,\)", "all"),
+    ("preact_shape", lambda a: a.update(pre=a["pre"][:, :5]),
+     DGRAD + r": preact must have dout's shape \(7, 6\), got \(7, 5\)", "all"),
+    ("preact_dtype", lambda a: a.update(pre=a["pre"].bfloat16()),
+     DGRAD + r": preact must have dout's dtype float32, got bfloat16", "all"),
+    ("preact_rank", lambda a: a.update(pre=a["pre"].flatten()), DGRAD + r": preact must have 2 dimensions", "all"),
+    ("offsets_decreasing", lambda a: _offs(a, [0, 7, 2]), DGRAD + r": expert_offsets must be non-decreasing", "cpu"),
+    ("offsets_past_rows", lambda a: _offs(a, [0, 3, 9]),
+     DGRAD + r": expert_offsets\[E\] must be <= the number of rows 7, got 9", "cpu"),
+    ("preact_device", lambda a: a.update(pre=a["pre"].cpu()),
+     DGRAD + r": preact is on cpu but dout is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("k_past_grid", lambda a: a.update(w=a["w"][..., :1].expand(2, 6, 65535 * 64 + 1)),
+     DGRAD + r": K \(w.shape\[2\], the output columns\) = 4194241 exceeds 4194240", "cuda"),
+]
+
+
+def _dgrad_call(a):
+    return ops.grouped_gemm_dgrad(a["dout"], a["w"], a["offsets"], a["pre"])
+
+
+WGRAD = r"grouped_gemm \(wgrad\)"
+WGRAD_CASES = [
+    ("dout_dtype", lambda a: a.update(dout=a["dout"].bool()), WGRAD + r": dout must be one of .*, got bool", "all"),
+    ("dout_rank", lambda a: a.update(dout=a["dout"][None]), WGRAD + r": dout must have 2 dimensions", "all"),
+    ("a_rank", lambda a: a.update(a=a["a"].flatten()), WGRAD + r": a must have 2 dimensions, got shape \(35,\)", "all"),
+    ("a_dtype", lambda a: a.update(a=a["a"].half()), WGRAD + r": a must have dout's dtype float32, got float16", "all"),
+    ("a_rows", lambda a: a.update(a=a["a"][:6]),
+     WGRAD + r": a must have dout's number of rows 7, got a shape \(6, 5\) and dout shape \(7, 6\)", "all"),
+    ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].float()),
+     WGRAD + r": expert_offsets must be one of \{int32\}, got float32", "all"),
+    ("offsets_rank", lambda a: a.update(offsets=a["offsets"].reshape(3, 1)),
+     WGRAD + r": expert_offsets must have 1 dimensions", "all"),
+    ("offsets_empty", lambda a: a.update(offsets=a["offsets"][:0]),
+     WGRAD + r": expert_offsets must have E \+ 1 >= 1 entries", "all"),
+    ("preact_shape", lambda a: a.update(pre=a["pre"][:6]), WGRAD + r": preact must have dout's shape \(7, 6\)", "all"),
+    ("preact_dtype", lambda a: a.update(pre=a["pre"].double()),
+     WGRAD + r": preact must have dout's dtype float32, got float64", "all"),
+    ("offsets_decreasing", lambda a: _offs(a, [0, 4, 1]), WGRAD + r": expert_offsets must be non-decreasing", "cpu"),
+    ("offsets_negative", lambda a: _offs(a, [-3, 4, 7]), WGRAD + r": expert_offsets\[0\] must be >= 0, got -3", "cpu"),
+    ("a_device", lambda a: a.update(a=a["a"].cpu()),
+     WGRAD + r": a is on cpu but dout is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("k_past_grid", lambda a: a.update(a=a["a"][:, :1].expand(7, 65535 * 64 + 1)),
+     WGRAD + r": K \(a.shape\[1\], the output columns\) = 4194241 exceeds 4194240", "cuda"),
+]
+
+
+def _wgrad_call(a):
+    return ops.grouped_gemm_wgrad(a["dout"], a["a"], a["offsets"], a["pre"])
+
+
+GG_TABLES = {"fwd": (_fwd_call, FWD_CASES), "dgrad": (_dgrad_call, DGRAD_CASES), "wgrad": (_wgrad_call, WGRAD_CASES)}
+GG_PARAMS = [pytest.param(op, *c[1:], id=f"{op}-{c[0]}") for op, (_, cases) in GG_TABLES.items() for c in cases]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,mutate,pattern,where", GG_PARAMS)
+def test_bad_input_table(device, op, mutate, pattern, where):
+    call, _ = GG_TABLES[op]
+    _bad_call(_gg_args, call, mutate, pattern, where, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_memory_safe_for_bad_offsets(dtype):
+    """On CUDA the offsets values are not checked (a host sync): every segment is clamped into
+    [0, R] (lo = clamp(off[e]), hi = clamp(off[e+1], lo, R)). Negative, past-the-end and
+    decreasing offsets give no fault and exactly the result of the clamped offsets when the
+    clamped segments do not overlap; overlapping ones (unspecified values) stay finite.
+    bf16 with N, K multiples of 8 also runs the CUTLASS path on sm_90 / sm_100."""
+    R, N, K = 40, 24, 16
+    a = torch.randn(R, K, device="cuda", dtype=dtype)
+    w = torch.randn(3, N, K, device="cuda", dtype=dtype) / 4
+    dout = torch.randn(R, N, device="cuda", dtype=dtype)
+
+    def run(offs):
+        o = torch.tensor(offs, dtype=torch.int32, device="cuda")
+        out, pre = ops.grouped_gemm_fwd(a, w, o, 1, True)
+        res = (out, pre, ops.grouped_gemm_dgrad(dout, w, o, None), ops.grouped_gemm_wgrad(dout, a, o, None))
+        torch.cuda.synchronize()
+        return res
+
+    for bad, clamped in (([-9, 12, 20, 1 << 30], [0, 12, 20, 40]), ([-9, 12, 50, 20], [0, 12, 40, 40]),
+                         ([0, 7, 3, 2], [0, 7, 7, 7])):
+        for g_, w_ in zip(run(bad), run(clamped)):
+            assert torch.equal(g_, w_), bad
+    for g_ in run([5, 30, 10, 1 << 30]):  # segments [5, 30) and [10, 40) overlap
+        assert torch.isfinite(g_).all()

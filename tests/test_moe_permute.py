@@ -251,3 +251,260 @@ def test_cuda_matches_cpu_and_graph_replay():
     plan2 = moe_permute_plan(new, E, 128)
     assert torch.equal(plan.row_of_slot, plan2.row_of_slot)
     assert torch.equal(xs, moe_gather(x, plan2))
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# (id, mutation of a valid call's arguments, regex of the message, where). where: "all" (every
+# device), "cpu" (value checks: they read the maps or ids, a host sync on CUDA; the CUDA
+# kernels bound-check every entry they use instead, see test_cuda_memory_safe_for_bad_maps),
+# "cuda" (device mix). Messages name the op, the argument, expected vs got.
+
+
+def _bad_call(make, call, mutate, pattern, where, device):
+    if where != "all" and where != device:
+        pytest.skip(f"a {where}-only check")
+    a = make(device)
+    call(a)  # the unmutated call is valid
+    mutate(a)
+    with pytest.raises(RuntimeError, match=pattern):
+        call(a)
+
+
+def _set(a, key, idx, value):
+    a[key] = a[key].clone()
+    a[key][idx] = value
+
+
+def _swap(a, key, i, j):
+    t = a[key].clone()
+    t[i], t[j] = a[key][j], a[key][i]
+    a[key] = t
+
+
+def _plan_args(device):
+    ids = torch.tensor([[0, 5], [1, 5], [7, 2], [5, 0]], dtype=torch.int32, device=device)
+    return dict(ids=ids, E=8, pad=4)
+
+
+def _plan_call(a):
+    return ops.moe_permute_plan(a["ids"], a["E"], a["pad"])
+
+
+PLAN = "moe_permute_plan"
+PLAN_CASES = [
+    ("ids_dtype", lambda a: a.update(ids=a["ids"].long()), PLAN + r": topk_ids must be one of \{int32\}, got int64",
+     "all"),
+    ("ids_rank1", lambda a: a.update(ids=a["ids"].flatten()),
+     PLAN + r": topk_ids must have 2 dimensions, got shape \(8,\)", "all"),
+    ("ids_rank3", lambda a: a.update(ids=a["ids"][None]),
+     PLAN + r": topk_ids must have 2 dimensions, got shape \(1, 4, 2\)", "all"),
+    ("no_experts", lambda a: a.update(E=0), PLAN + r": num_experts must be in \[1, 2048\], got 0", "all"),
+    ("too_many_experts", lambda a: a.update(E=2049), PLAN + r": num_experts must be in \[1, 2048\], got 2049", "all"),
+    ("pad_to_zero", lambda a: a.update(pad=0), PLAN + r": pad_to must be in \[1, 4096\], got 0", "all"),
+    ("pad_to_too_big", lambda a: a.update(pad=4097), PLAN + r": pad_to must be in \[1, 4096\], got 4097", "all"),
+    ("rows_past_int32", lambda a: a.update(ids=torch.zeros(1, 1, dtype=torch.int32, device=a["ids"].device)
+                                           .expand(2**31 - 8, 1)),
+     PLAN + r": 2147483640 slots \+ num_experts \* \(pad_to - 1\) = 2147483664 rows do not fit int32 row indices; "
+     r"plan fewer tokens", "all"),
+    ("id_past_experts", lambda a: _set(a, "ids", (2, 0), 8),
+     PLAN + r": topk_ids.flatten\(\)\[4\] = 8 is out of range for num_experts = 8", "cpu"),
+    ("id_negative", lambda a: _set(a, "ids", (3, 1), -1),
+     PLAN + r": topk_ids.flatten\(\)\[7\] = -1 is out of range for num_experts = 8", "cpu"),
+]
+
+
+def _maps_args(device, dtype=torch.float32):
+    """4 tokens, top_k 2, 8 experts, pad_to 2: x, the two maps, y, weights, dout."""
+    ids = torch.tensor([[0, 5], [1, 5], [7, 2], [5, 0]], dtype=torch.int32, device=device)
+    plan = moe_permute_plan(ids, 8, 2)
+    R = plan.num_rows
+    return dict(x=torch.randn(4, 16, device=device, dtype=dtype), sor=plan.slot_of_row, ros=plan.row_of_slot, k=2,
+                y=torch.randn(R, 16, device=device, dtype=dtype), w=torch.rand(4, 2, device=device),
+                dout=torch.randn(4, 16, device=device, dtype=dtype), dxs=torch.randn(R, 16, device=device, dtype=dtype))
+
+
+def _first_real_rows(a):
+    """Two rows that hold slots (for swapping map entries)."""
+    rows = (a["sor"] >= 0).nonzero().flatten().tolist()
+    return rows[0], rows[1]
+
+
+GATHER = "moe_gather"
+GATHER_CASES = [
+    ("x_dtype_int", lambda a: a.update(x=a["x"].long()),
+     GATHER + r": x must be one of \{float32, float16, bfloat16\}, got int64", "all"),
+    ("x_dtype_f64", lambda a: a.update(x=a["x"].double()),
+     GATHER + r": x must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+    ("x_rank", lambda a: a.update(x=a["x"][None]), GATHER + r": x must have 2 dimensions, got shape \(1, 4, 16\)",
+     "all"),
+    ("sor_dtype", lambda a: a.update(sor=a["sor"].long()), GATHER + r": slot_of_row must be one of \{int32\}, got int64",
+     "all"),
+    ("sor_rank", lambda a: a.update(sor=a["sor"][None]), GATHER + r": slot_of_row must have 1 dimensions", "all"),
+    ("ros_dtype", lambda a: a.update(ros=a["ros"].long()), GATHER + r": row_of_slot must be one of \{int32\}, got int64",
+     "all"),
+    ("ros_rank", lambda a: a.update(ros=a["ros"].reshape(4, 2)), GATHER + r": row_of_slot must have 1 dimensions",
+     "all"),
+    ("tokens_disagree", lambda a: a.update(x=torch.randn(5, 16, device=a["x"].device)),
+     GATHER + r": row_of_slot must have x.shape\[0\] \* top_k = 10 entries \(the plan of x's tokens\), got shape \(8,\)",
+     "all"),
+    ("top_k_zero", lambda a: a.update(k=0), GATHER + r": top_k must be >= 1, got 0", "all"),
+    ("top_k_overflow", lambda a: a.update(k=2**62),
+     GATHER + r": row_of_slot must have x.shape\[0\] \* top_k = 4 \* 4611686018427387904 entries", "all"),
+    ("sor_value_out_of_range", lambda a: _set(a, "sor", 0, 99),
+     GATHER + r": slot_of_row\[0\] = 99 is out of range \[-1, 8\)", "cpu"),
+    ("ros_value_out_of_range", lambda a: _set(a, "ros", 3, -2),
+     GATHER + r": row_of_slot\[3\] = -2 is out of range \[-1, \d+\)", "cpu"),
+    ("maps_not_inverse", lambda a: _swap(a, "sor", *_first_real_rows(a)),
+     GATHER + r": row_of_slot and slot_of_row are not inverse maps: row_of_slot\[\d+\] = \d+ but slot_of_row\[\d+\] = "
+     r"\d+ \(pass the two maps of one moe_permute_plan\)", "cpu"),
+    ("sor_device", lambda a: a.update(sor=a["sor"].cpu()),
+     GATHER + r": slot_of_row is on cpu but x is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _gather_call(a):
+    return ops.moe_gather(a["x"], a["sor"], a["ros"], a["k"])
+
+
+GBWD = r"moe_gather \(backward\)"
+GATHER_BWD_CASES = [
+    ("dxs_dtype", lambda a: a.update(dxs=a["dxs"].int()),
+     GBWD + r": dxs must be one of \{float32, float16, bfloat16\}, got int32", "all"),
+    ("dxs_rank", lambda a: a.update(dxs=a["dxs"].flatten()), GBWD + r": dxs must have 2 dimensions", "all"),
+    ("ros_dtype", lambda a: a.update(ros=a["ros"].long()), GBWD + r": row_of_slot must be one of \{int32\}, got int64",
+     "all"),
+    ("ros_rank", lambda a: a.update(ros=a["ros"].reshape(4, 2)),
+     GBWD + r": row_of_slot must have 1 dimensions, got shape \(4, 2\)", "all"),
+    ("top_k_zero", lambda a: a.update(k=0),
+     GBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 0", "all"),
+    ("top_k_not_dividing", lambda a: a.update(k=3),
+     GBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "all"),
+    ("slots_past_int32", lambda a: a.update(ros=torch.zeros(1, dtype=torch.int32, device=a["ros"].device)
+                                            .expand(2**31), k=1),
+     GBWD + r": row_of_slot.shape\[0\] \(slots, tokens \* top_k\) = 2147483648 exceeds 2147483647, slot indices are "
+     r"int32 \(slot_of_row\); dispatch the tokens in several calls", "all"),
+    ("ros_value_past_rows", lambda a: _set(a, "ros", 0, 99),
+     GBWD + r": row_of_slot\[0\] = 99 is out of range \[-1, \d+\)", "cpu"),
+    ("ros_value_negative", lambda a: _set(a, "ros", 5, -3),
+     GBWD + r": row_of_slot\[5\] = -3 is out of range \[-1, \d+\)", "cpu"),
+    ("ros_device", lambda a: a.update(ros=a["ros"].cpu()),
+     GBWD + r": row_of_slot is on cpu but dxs is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _gather_bwd_call(a):
+    return ops.moe_gather_bwd(a["dxs"], a["ros"], a["k"])
+
+
+COMBINE = "moe_combine"
+COMBINE_CASES = [
+    ("y_dtype", lambda a: a.update(y=a["y"].double()),
+     COMBINE + r": y must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+    ("y_rank", lambda a: a.update(y=a["y"][None]), COMBINE + r": y must have 2 dimensions", "all"),
+    ("ros_dtype", lambda a: a.update(ros=a["ros"].short()),
+     COMBINE + r": row_of_slot must be one of \{int32\}, got int16", "all"),
+    ("ros_rank", lambda a: a.update(ros=a["ros"][None]), COMBINE + r": row_of_slot must have 1 dimensions", "all"),
+    ("top_k_not_dividing", lambda a: a.update(k=3),
+     COMBINE + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "all"),
+    ("weights_shape", lambda a: a.update(w=a["w"][:, :1]),
+     COMBINE + r": topk_weights must have shape \(4, 2\) \(tokens, top_k\), got \(4, 1\)", "all"),
+    ("weights_dtype", lambda a: a.update(w=a["w"].bfloat16()),
+     COMBINE + r": topk_weights must be one of \{float32\}, got bfloat16", "all"),
+    ("weights_rank", lambda a: a.update(w=a["w"].flatten()),
+     COMBINE + r": topk_weights must have 2 dimensions, got shape \(8,\)", "all"),
+    ("sor_dtype", lambda a: a.update(sor=a["sor"].long()),
+     COMBINE + r": slot_of_row must be one of \{int32\}, got int64", "all"),
+    ("sor_rows_disagree", lambda a: a.update(y=a["y"][:-1]),
+     COMBINE + r": slot_of_row.shape\[0\] must be \d+, got shape \(\d+,\)", "all"),
+    ("ros_value_out_of_range", lambda a: _set(a, "ros", 2, 1000),
+     COMBINE + r": row_of_slot\[2\] = 1000 is out of range \[-1, \d+\)", "cpu"),
+    ("maps_not_inverse", lambda a: _swap(a, "ros", 0, 1),
+     COMBINE + r": row_of_slot and slot_of_row are not inverse maps: row_of_slot\[0\] = \d+ but slot_of_row\[\d+\] = 1",
+     "cpu"),
+    ("weights_device", lambda a: a.update(w=a["w"].cpu()),
+     COMBINE + r": topk_weights is on cpu but y is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _combine_call(a):
+    return ops.moe_combine(a["y"], a["ros"], a["sor"], a["w"], a["k"])
+
+
+CBWD = r"moe_combine \(backward\)"
+COMBINE_BWD_CASES = [
+    ("dout_rows", lambda a: a.update(dout=a["dout"][:3]), CBWD + r": dout must have shape \(4, 16\), got \(3, 16\)",
+     "all"),
+    ("dout_cols", lambda a: a.update(dout=a["dout"][:, :8]), CBWD + r": dout must have shape \(4, 16\), got \(4, 8\)",
+     "all"),
+    ("dout_dtype", lambda a: a.update(dout=a["dout"].half()),
+     CBWD + r": dout must have y's dtype float32, got float16", "all"),
+    ("dout_rank", lambda a: a.update(dout=a["dout"][None]), CBWD + r": dout must have 2 dimensions", "all"),
+    ("y_dtype", lambda a: a.update(y=a["y"].long()),
+     CBWD + r": y must be one of \{float32, float16, bfloat16\}, got int64", "all"),
+    ("sor_rows_disagree", lambda a: a.update(sor=a["sor"][:-1]),
+     CBWD + r": slot_of_row.shape\[0\] must be \d+, got shape", "all"),
+    ("weights_shape", lambda a: a.update(w=a["w"][:2]), CBWD + r": topk_weights must have shape \(4, 2\)", "all"),
+    ("top_k_zero", lambda a: a.update(k=0), CBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 0",
+     "all"),
+    ("ros_value_out_of_range", lambda a: _set(a, "ros", 7, 77),
+     CBWD + r": row_of_slot\[7\] = 77 is out of range", "cpu"),
+    ("sor_value_out_of_range", lambda a: _set(a, "sor", 1, 8),
+     CBWD + r": slot_of_row\[1\] = 8 is out of range \[-1, 8\)", "cpu"),
+    ("maps_not_inverse", lambda a: _swap(a, "sor", *_first_real_rows(a)),
+     CBWD + r": row_of_slot and slot_of_row are not inverse maps", "cpu"),
+    ("dout_device", lambda a: a.update(dout=a["dout"].cpu()),
+     CBWD + r": dout is on cpu but y is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _combine_bwd_call(a):
+    return ops.moe_combine_bwd(a["dout"], a["y"], a["ros"], a["sor"], a["w"], a["k"], True)
+
+
+TABLES = {
+    "plan": (_plan_args, _plan_call, PLAN_CASES),
+    "gather": (_maps_args, _gather_call, GATHER_CASES),
+    "gather_bwd": (_maps_args, _gather_bwd_call, GATHER_BWD_CASES),
+    "combine": (_maps_args, _combine_call, COMBINE_CASES),
+    "combine_bwd": (_maps_args, _combine_bwd_call, COMBINE_BWD_CASES),
+}
+TABLE_PARAMS = [pytest.param(op, *c[1:], id=f"{op}-{c[0]}") for op, (_, _, cases) in TABLES.items() for c in cases]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,mutate,pattern,where", TABLE_PARAMS)
+def test_bad_input_table(device, op, mutate, pattern, where):
+    make, call, _ = TABLES[op]
+    _bad_call(make, call, mutate, pattern, where, device)
+
+
+@pytest.mark.gpu
+def test_cuda_memory_safe_for_bad_maps():
+    """On CUDA the map values are not checked (a host sync). Every kernel bound-checks the entries
+    it uses: an out-of-range slot_of_row entry makes its row padding (zero), an out-of-range
+    row_of_slot entry drops its slot (adds nothing). No fault; the good rows are exact."""
+    a = _maps_args("cuda")
+    sor, ros = a["sor"].clone(), a["ros"].clone()
+    r0 = int((sor >= 0).nonzero()[0])
+    sor[r0] = 1 << 30
+    xs = ops.moe_gather(a["x"], sor, ros, 2)
+    ref = ops.moe_gather(a["x"], a["sor"], a["ros"], 2)
+    torch.cuda.synchronize()
+    assert (xs[r0] == 0).all()
+    keep = torch.ones(xs.shape[0], dtype=torch.bool, device="cuda")
+    keep[r0] = False
+    assert torch.equal(xs[keep], ref[keep])
+    ros[0], ros[3] = -5, 1 << 29
+    out = ops.moe_combine(a["y"], ros, a["sor"], a["w"], 2)
+    dx = ops.moe_gather_bwd(a["dxs"], ros, 2)
+    dy, dw = ops.moe_combine_bwd(a["dout"], a["y"], ros, sor, a["w"], 2, True)
+    torch.cuda.synchronize()
+    ref = ops.moe_combine(a["y"], a["ros"], a["sor"], a["w"], 2)
+    torch.testing.assert_close(out[2:], ref[2:])
+    torch.testing.assert_close(out[0], a["w"][0, 1] * a["y"][a["ros"][1].long()])  # slot 0 dropped
+    assert dw[0, 0] == 0 and dw[1, 1] == 0 and torch.isfinite(dw).all()
+    assert torch.isfinite(dx).all() and torch.isfinite(dy).all() and (dy[r0] == 0).all()
+    # out-of-range and negative expert ids in the plan: their slots get row -1
+    ids = torch.tensor([[0, 1 << 20], [-3, 2]], dtype=torch.int32, device="cuda")
+    plan = moe_permute_plan(ids, 4, 2)
+    assert plan.row_of_slot.tolist()[1:3] == [-1, -1] and plan.expert_counts.sum().item() == 2

@@ -129,7 +129,10 @@ def test_router_logits_and_empty(device):
     wt = torch.randn(8, 16, device=device)
     lg = router_logits(h, wt)
     assert lg.dtype == torch.float32 and lg.shape == (10, 8)
-    assert torch.equal(lg, torch.nn.functional.linear(h.reshape(10, 16).float(), wt))
+    # against an independent float64 product (bf16 hidden states are exact in float64): only the
+    # float32 accumulation of 16 terms separates them
+    ref = h.reshape(10, 16).cpu().double() @ wt.cpu().double().T
+    assert_close(lg, ref, torch.float32, what="router_logits")
     ids, w = moe_router(torch.empty(0, 8, device=device), None, 2)
     assert ids.shape == (0, 2) and w.shape == (0, 2)
     # strided logits (a column slice) work
@@ -231,3 +234,172 @@ def test_router_cuda_graph_replay():
     g.replay()
     ids2, w2 = moe_router(lg, bias, 6)
     assert torch.equal(ids, ids2) and torch.equal(w, w2)
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# One case per way a call can be wrong: (id, mutation of a valid call's arguments, regex of the
+# message, where). Every message names the op, the argument and what was expected vs what came.
+# where: "all" (checked on every device), "cpu" (a value check: it reads the data, which on
+# CUDA would need a host sync, so it runs on the CPU only and the CUDA kernels are memory-safe
+# for any value instead, see test_router_bwd_cuda_memory_safe_for_bad_ids), "cuda" (device mix,
+# CUDA grid limits).
+
+
+def _router_args(device):
+    return dict(logits=torch.randn(4, 16, device=device), bias=torch.zeros(16, device=device), top_k=2, n_group=4,
+                topk_group=2, norm=True, scale=1.0)
+
+
+def _router_call(a):
+    return ops.moe_router(a["logits"], a["bias"], a["top_k"], a["n_group"], a["topk_group"], a["norm"], a["scale"])
+
+
+ROUTER_CASES = [
+    ("logits_dtype", lambda a: a.update(logits=a["logits"].double()),
+     r"moe_router: logits must be one of \{float32\}, got float64", "all"),
+    ("logits_rank", lambda a: a.update(logits=a["logits"][None]),
+     r"moe_router: logits must have 2 dimensions, got shape \(1, 4, 16\)", "all"),
+    ("no_experts", lambda a: a.update(logits=a["logits"][:, :0], bias=None),
+     r"moe_router: logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\], got shape \(4, 0\)", "all"),
+    ("too_many_experts", lambda a: a.update(logits=torch.zeros(1, 4096, device=a["logits"].device), bias=None),
+     r"moe_router: logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\], got shape \(1, 4096\)", "all"),
+    ("bias_size", lambda a: a.update(bias=a["bias"][:15]),
+     r"moe_router: e_score_correction_bias.shape\[0\] must be 16, got shape \(15,\)", "all"),
+    ("bias_rank", lambda a: a.update(bias=a["bias"][None]),
+     r"moe_router: e_score_correction_bias must have 1 dimensions, got shape \(1, 16\)", "all"),
+    ("bias_dtype", lambda a: a.update(bias=a["bias"].half()),
+     r"moe_router: e_score_correction_bias must be one of \{float32\}, got float16", "all"),
+    ("top_k_zero", lambda a: a.update(top_k=0), r"moe_router: top_k must be in \[1, 32\], got 0", "all"),
+    ("top_k_above_experts", lambda a: a.update(top_k=17, n_group=1, topk_group=1),
+     r"moe_router: top_k must be at most the number of experts 16, got 17", "all"),
+    ("n_group_not_dividing", lambda a: a.update(n_group=3),
+     r"moe_router: n_group must be >= 1 and divide the number of experts 16, got 3", "all"),
+    ("n_group_zero", lambda a: a.update(n_group=0),
+     r"moe_router: n_group must be >= 1 and divide the number of experts 16, got 0", "all"),
+    ("topk_group_above_n_group", lambda a: a.update(topk_group=5),
+     r"moe_router: topk_group must be in \[1, n_group = 4\], got 5", "all"),
+    ("top_k_beyond_kept_groups", lambda a: a.update(top_k=5, topk_group=1),
+     r"moe_router: top_k = 5 exceeds the 4 experts of the topk_group = 1 kept groups \(4 experts each\)", "all"),
+    ("bias_device", lambda a: a.update(bias=a["bias"].cpu()),
+     r"moe_router: e_score_correction_bias is on cpu but logits is on cuda:\d+; all tensors must be on one device",
+     "cuda"),
+    ("tokens_past_grid", lambda a: a.update(logits=torch.zeros(1, 1, device="cuda").expand(4 * 2**31, 1), bias=None,
+                                            top_k=1, n_group=1, topk_group=1),
+     r"moe_router: logits.shape\[0\] \(tokens\) = 8589934592 exceeds 8589934588, the most the CUDA kernels take",
+     "cuda"),
+]
+
+
+def _router_bwd_args(device):
+    logits = torch.randn(4, 16, device=device)
+    return dict(dweights=torch.randn(4, 3, device=device), logits=logits,
+                ids=torch.tensor([[0, 5, 9], [1, 2, 3], [15, 14, 13], [7, 8, 6]], dtype=torch.int32, device=device))
+
+
+def _router_bwd_call(a):
+    return ops.moe_router_bwd(a["dweights"], a["logits"], a["ids"], True, 1.0)
+
+
+def _set(a, key, idx, value):
+    a[key] = a[key].clone()
+    a[key][idx] = value
+
+
+OP_BWD = r"moe_router \(backward\)"
+ROUTER_BWD_CASES = [
+    ("logits_dtype", lambda a: a.update(logits=a["logits"].half()),
+     OP_BWD + r": logits must be one of \{float32\}, got float16", "all"),
+    ("logits_rank", lambda a: a.update(logits=a["logits"][:, None]),
+     OP_BWD + r": logits must have 2 dimensions, got shape \(4, 1, 16\)", "all"),
+    ("no_experts", lambda a: a.update(logits=a["logits"][:, :0]),
+     OP_BWD + r": logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\]", "all"),
+    ("ids_dtype", lambda a: a.update(ids=a["ids"].long()), OP_BWD + r": topk_ids must be one of \{int32\}, got int64",
+     "all"),
+    ("ids_rank", lambda a: a.update(ids=a["ids"].flatten()),
+     OP_BWD + r": topk_ids must have 2 dimensions, got shape \(12,\)", "all"),
+    ("ids_tokens", lambda a: a.update(ids=a["ids"][:3]),
+     OP_BWD + r": topk_ids.shape\[0\] must be 4, got shape \(3, 3\)", "all"),
+    ("ids_k_zero", lambda a: a.update(ids=a["ids"][:, :0], dweights=a["dweights"][:, :0]),
+     OP_BWD + r": topk_ids.shape\[1\] must be in \[1, min\(32, experts\)\], got shape \(4, 0\)", "all"),
+    ("ids_k_above_experts", lambda a: a.update(logits=a["logits"][:, :2]),
+     OP_BWD + r": topk_ids.shape\[1\] must be in \[1, min\(32, experts\)\], got shape \(4, 3\)", "all"),
+    ("dweights_dtype", lambda a: a.update(dweights=a["dweights"].bfloat16()),
+     OP_BWD + r": dweights must be one of \{float32\}, got bfloat16", "all"),
+    ("dweights_rank", lambda a: a.update(dweights=a["dweights"].flatten()),
+     OP_BWD + r": dweights must have 2 dimensions, got shape \(12,\)", "all"),
+    ("dweights_shape", lambda a: a.update(dweights=a["dweights"][:, :2]),
+     OP_BWD + r": dweights must have topk_ids' shape \(4, 3\), got \(4, 2\)", "all"),
+    ("id_past_experts", lambda a: _set(a, "ids", (2, 1), 16),
+     OP_BWD + r": topk_ids\[2, 1\] = 16 is out of range for 16 experts", "cpu"),
+    ("id_negative", lambda a: _set(a, "ids", (0, 0), -1),
+     OP_BWD + r": topk_ids\[0, 0\] = -1 is out of range for 16 experts", "cpu"),
+    ("id_repeated", lambda a: _set(a, "ids", (1, 2), 1),
+     OP_BWD + r": topk_ids\[1, 2\] = 1 repeats topk_ids\[1, 0\]; each token's chosen experts must be distinct", "cpu"),
+    ("ids_device", lambda a: a.update(ids=a["ids"].cpu()),
+     OP_BWD + r": topk_ids is on cpu but logits is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("dweights_device", lambda a: a.update(dweights=a["dweights"].cpu()),
+     OP_BWD + r": dweights is on cpu but logits is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _bad_call(make, call, mutate, pattern, where, device):
+    if where != "all" and where != device:
+        pytest.skip(f"a {where}-only check")
+    a = make(device)
+    call(a)  # the unmutated call is valid
+    mutate(a)
+    with pytest.raises(RuntimeError, match=pattern):
+        call(a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in ROUTER_CASES], ids=[c[0] for c in ROUTER_CASES])
+def test_router_bad_input_table(device, mutate, pattern, where):
+    _bad_call(_router_args, _router_call, mutate, pattern, where, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in ROUTER_BWD_CASES],
+                         ids=[c[0] for c in ROUTER_BWD_CASES])
+def test_router_bwd_bad_input_table(device, mutate, pattern, where):
+    _bad_call(_router_bwd_args, _router_bwd_call, mutate, pattern, where, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_nan_and_inf_logits_rank_like_topk(device):
+    """The defined behaviour for non-finite logits: a NaN logit ranks above every number (as
+    torch.topk ranks NaN) and its token's normalised weights are NaN; +inf / -inf are ordinary
+    extremes (score 1 / 0). Other tokens are untouched."""
+    logits = torch.randn(3, 16, device=device)
+    logits[0, 5] = float("nan")
+    logits[1, 9] = float("inf")
+    logits[2, :] = float("-inf")
+    logits[2, 3] = 0.0
+    ids, w = moe_router(logits, None, 2)
+    assert ids[0, 0].item() == 5 and torch.isnan(w[0]).all()
+    assert ids[1, 0].item() == 9 and torch.isfinite(w[1]).all()
+    # row 2: expert 3 (score 0.5) first, then the lowest index among the -inf (score 0) ties
+    assert ids[2].tolist() == [3, 0]
+    torch.testing.assert_close(w[2].cpu(), torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.gpu
+def test_router_bwd_cuda_memory_safe_for_bad_ids():
+    """On CUDA the id values are not checked (a host sync): an out-of-range or negative id
+    contributes nothing and a repeated id writes one in-range entry. No fault, every other
+    entry of its row zero, the rows with valid ids equal to the CPU result."""
+    logits = torch.randn(4, 16)
+    ids = torch.tensor([[0, 5, 9], [1, 2, 3], [15, 14, 13], [7, 8, 6]], dtype=torch.int32)
+    bad = ids.clone()
+    bad[0, 1] = 1 << 20
+    bad[1, 0] = -7
+    bad[2, 2] = 15
+    g = torch.randn(4, 3)
+    dl = ops.moe_router_bwd(g.cuda(), logits.cuda(), bad.cuda(), True, 1.0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(dl).all()
+    ref = ops.moe_router_bwd(g, logits, ids, True, 1.0)
+    torch.testing.assert_close(dl[3].cpu(), ref[3], rtol=2e-6, atol=1e-7)
+    for row, allowed in ((0, {0, 9}), (1, {2, 3}), (2, {15, 14})):
+        nz = set(dl[row].nonzero().flatten().tolist())
+        assert nz <= allowed, (row, nz)

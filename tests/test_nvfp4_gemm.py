@@ -293,3 +293,241 @@ def test_swizzle_scales_matches_cute_layout(device):
         pad = torch.ones(size, dtype=torch.bool)
         pad[off.flatten()] = False
         assert (out[pad] == 0).all(), "padding must be zero (zero scales)"
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# (id, mutation of a valid call's arguments, regex, where). where: "all" (every device), "cuda"
+# (device mix, the portable CUDA kernel's size limits). nvfp4_gemm reads no values on the host
+# (the global scales stay on the device), so it has no CPU-only value checks; NaN / Inf scales
+# simply propagate. Messages name the op (nvfp4.gemm, its public name), the argument, expected
+# vs got.
+
+
+def _bad_call(make, call, mutate, pattern, where, device):
+    if where != "all" and where != device:
+        pytest.skip(f"a {where}-only check")
+    a = make(device)
+    call(a)  # the unmutated call is valid
+    mutate(a)
+    with pytest.raises(RuntimeError, match=pattern):
+        call(a)
+
+
+def _gemm_args(device):
+    a, b = rand_nvfp4(8, 64, device), rand_nvfp4(4, 64, device)
+    return dict(ad=a.data, asc=a.scales, ag=a.global_scale, bd=b.data, bsc=b.scales, bg=b.global_scale,
+                dt=torch.bfloat16, bias=torch.randn(4, device=device))
+
+
+def _gemm_call(a):
+    return ops.nvfp4_gemm(a["ad"], a["asc"], a["ag"], a["bd"], a["bsc"], a["bg"], a["dt"], a["bias"])
+
+
+G = r"nvfp4\.gemm"
+GEMM_CASES = [
+    ("a_rank", lambda a: a.update(ad=a["ad"][None]),
+     G + r": a.data and b.data must be 2-D \(rows, K/2\), got \(1, 8, 32\) and \(4, 32\)", "all"),
+    ("b_rank", lambda a: a.update(bd=a["bd"].flatten()),
+     G + r": a.data and b.data must be 2-D \(rows, K/2\), got \(8, 32\) and \(128,\)", "all"),
+    ("k_disagree", lambda a: a.update(bd=rand_nvfp4(4, 96, a["bd"].device).data),
+     G + r": a and b must have the same K \(a is \(8, 64\), b is \(4, 96\)\)", "all"),
+    ("k_not_multiple_of_16", lambda a: a.update(ad=a["ad"][:, :4], bd=a["bd"][:, :4]),
+     G + r": K must be a multiple of 16 \(one e4m3 scale per 16 elements\), got K = 8", "all"),
+    ("a_data_dtype", lambda a: a.update(ad=a["ad"].view(torch.int8)), G + r": a.data must be one of \{uint8\}, got int8",
+     "all"),
+    ("b_data_dtype", lambda a: a.update(bd=a["bd"].int()), G + r": b.data must be one of \{uint8\}, got int32", "all"),
+    ("a_scales_dtype", lambda a: a.update(asc=a["asc"].view(torch.uint8)),
+     G + r": a.scales must be one of \{float8_e4m3fn\}, got uint8", "all"),
+    ("b_scales_rank", lambda a: a.update(bsc=a["bsc"].flatten()),
+     G + r": b.scales must have 2 dimensions, got shape \(16,\)", "all"),
+    ("a_scales_rows", lambda a: a.update(asc=a["asc"][:7]),
+     G + r": a.scales must have shape \(8, 4\) \(one scale per 16 elements of K = 64\), got \(7, 4\)", "all"),
+    ("b_scales_cols", lambda a: a.update(bsc=a["bsc"][:, :3]),
+     G + r": b.scales must have shape \(4, 4\) \(one scale per 16 elements of K = 64\), got \(4, 3\)", "all"),
+    ("a_global_numel", lambda a: a.update(ag=torch.ones(2, device=a["ad"].device)),
+     G + r": a.global_scale must be a float32 scalar \(0-dim tensor\), got shape \(2,\)", "all"),
+    ("b_global_dtype", lambda a: a.update(bg=a["bg"].half()),
+     G + r": b.global_scale must be one of \{float32\}, got float16", "all"),
+    ("out_dtype_int", lambda a: a.update(dt=torch.int32),
+     G + r": out_dtype must be float32, float16 or bfloat16, got int32", "all"),
+    ("out_dtype_f64", lambda a: a.update(dt=torch.float64),
+     G + r": out_dtype must be float32, float16 or bfloat16, got float64", "all"),
+    ("bias_size", lambda a: a.update(bias=a["bias"][:3]), G + r": bias.shape\[0\] must be 4, got shape \(3,\)", "all"),
+    ("bias_rank", lambda a: a.update(bias=a["bias"][None]), G + r": bias must have 1 dimensions, got shape \(1, 4\)",
+     "all"),
+    ("bias_dtype", lambda a: a.update(bias=a["bias"].long()),
+     G + r": bias must be one of \{float32, float16, bfloat16\}, got int64", "all"),
+    ("b_data_device", lambda a: a.update(bd=a["bd"].cpu(), bsc=a["bsc"].cpu()),
+     G + r": b.global_scale is on cuda:\d+ but b.data is on cpu; all tensors must be on one device", "cuda"),
+    ("a_scales_device", lambda a: a.update(asc=a["asc"].cpu()),
+     G + r": a.scales is on cpu but a.data is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("bias_device", lambda a: a.update(bias=a["bias"].cpu()),
+     G + r": bias is on cpu but a.data is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in GEMM_CASES], ids=[c[0] for c in GEMM_CASES])
+def test_gemm_bad_input_table(device, mutate, pattern, where):
+    _bad_call(_gemm_args, _gemm_call, mutate, pattern, where, device)
+
+
+@pytest.mark.gpu
+def test_gemm_portable_path_refuses_m_past_its_grid():
+    """The portable kernel puts 128-row tiles on grid dimension y (<= 65535): M > 8388480 is
+    refused with the limit and the way out (the CUTLASS path has no such limit). A broadcast
+    view keeps the test free of memory: the check runs before any copy."""
+    M, N, K = 65535 * 128 + 1, 4, 48  # K % 32 != 0: the portable path on every device
+    assert nvfp4.gemm_path("cuda", M, N, K) == "portable_cuda"
+    a, b = rand_nvfp4(1, K, "cuda"), rand_nvfp4(N, K, "cuda")
+    with pytest.raises(RuntimeError, match=G + r": M \(a.data.shape\[0\]\) = 8388481 exceeds 8388480, the most the "
+                                            r"portable CUDA kernel takes .*; split a into row blocks"):
+        ops.nvfp4_gemm(a.data.expand(M, K // 2), a.scales.expand(M, K // 16), a.global_scale, b.data, b.scales,
+                       b.global_scale, torch.float32, None)
+
+
+def _swizzle_call(a):
+    return ops.nvfp4_swizzle_scales(a["s"])
+
+
+def _swizzle_args(device):
+    return dict(s=rand_scales(36, 3, device))
+
+
+SW = "nvfp4_swizzle_scales"
+SWIZZLE_CASES = [  # one tensor argument: its rank and dtype are all that can be wrong (empty is valid)
+    ("rank0", lambda a: a.update(s=a["s"][0, 0]), SW + r": scales must have 2 dimensions, got shape \(\)", "all"),
+    ("rank1", lambda a: a.update(s=a["s"][0]), SW + r": scales must have 2 dimensions, got shape \(3,\)", "all"),
+    ("rank3", lambda a: a.update(s=a["s"][None]), SW + r": scales must have 2 dimensions, got shape \(1, 36, 3\)", "all"),
+    ("dtype_float32", lambda a: a.update(s=a["s"].float()),
+     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got float32", "all"),
+    ("dtype_float16", lambda a: a.update(s=a["s"].half()),
+     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got float16", "all"),
+    ("dtype_int8", lambda a: a.update(s=a["s"].view(torch.int8)),
+     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got int8", "all"),
+    ("dtype_int32", lambda a: a.update(s=a["s"].view(torch.uint8).int()),
+     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got int32", "all"),
+    ("dtype_e5m2", lambda a: a.update(s=a["s"].view(torch.float8_e5m2)),
+     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got float8_e5m2", "all"),
+    ("dtype_bool", lambda a: a.update(s=a["s"].view(torch.uint8).bool()),
+     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got bool", "all"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in SWIZZLE_CASES], ids=[c[0] for c in SWIZZLE_CASES])
+def test_swizzle_bad_input_table(device, mutate, pattern, where):
+    _bad_call(_swizzle_args, _swizzle_call, mutate, pattern, where, device)
+
+
+# ---------------------------------------------------------------- which path a call takes
+
+
+def test_gemm_path_on_the_cpu():
+    assert nvfp4.gemm_path("cpu", 128, 128, 256) == "cpu"
+    if not torch.cuda.is_available():
+        from nemokernels import _C
+        # the op's own routing function answers for any device index (no GPU is touched in a
+        # CPU-only build; a CUDA build reports the path the device would take)
+        expect = ("unavailable",) if not _C.with_cuda else ("portable_cuda", "cutlass_sm100")
+        assert _C.nvfp4_gemm_path(0, 128, 128, 256) in expect
+
+
+def _sm100_built_for_this_gpu():
+    """Independent of the op: the build's arch list (nemokernels info) against the device."""
+    from nemokernels.info import _compiled_archs
+    major, minor = torch.cuda.get_device_capability()
+    archs = set(_compiled_archs())
+    cc = major * 10 + minor
+    if major != 10:  # the sm_100 kernels are Blackwell datacenter (10.x) code only
+        return False
+    return f"sm_{cc}a" in archs or f"sm_{cc}f" in archs or (cc in (100, 103) and "sm_100f" in archs)
+
+
+@pytest.mark.gpu
+def test_gemm_path_follows_the_build_and_the_shape():
+    """The CUTLASS path exactly where the build has the sm_100 kernels for this GPU's compute
+    capability (a B300 with a 100a-only build takes the portable kernel: arch-specific code is
+    not forward compatible), and only for shapes it takes (K % 32 == 0, N % 4 == 0)."""
+    cutlass = _sm100_built_for_this_gpu()
+    assert nvfp4.gemm_path("cuda", 256, 512, 1024) == ("cutlass_sm100" if cutlass else "portable_cuda")
+    for M, N, K in [(256, 512, 48), (256, 130, 1024), (0, 512, 1024), (17, 0, 64)]:
+        assert nvfp4.gemm_path("cuda", M, N, K) == "portable_cuda", (M, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(64, 96, 2048), (5, 30, 48), (37, 129, 96), (129, 260, 288)])
+def test_gemm_path_names_the_kernel_that_runs(M, N, K):
+    """The profiler shows the portable kernel exactly when gemm_path says portable_cuda, so a
+    test gated on gemm_path tests the kernel it names."""
+    path = nvfp4.gemm_path("cuda", M, N, K)
+    a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
+    nvfp4.gemm(a, b, torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        nvfp4.gemm(a, b, torch.float32)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names, "the profiler saw no kernel"
+    portable = any("nvfp4_gemm_kernel" in n for n in names)
+    assert portable == (path == "portable_cuda"), (path, names)
+
+
+# ---------------------------------------------------------------- the CUTLASS (sm_100) path's accuracy
+# No NVIDIA document states how tcgen05.mma.kind::mxf4nvf4 accumulates inside one MMA: the PTX ISA
+# gives the accumulator type (f32) but does not promise that the partial sums of the products are
+# rounded as IEEE float32 additions (FP8 MMAs on Hopper were measured to keep ~14 significant bits
+# there: DeepSeek-V3 technical report, section 3.3.2). So these tests ask only what holds for any
+# accumulation that keeps at least 12 significant bits relative to the largest partial sum of an
+# MMA block (64 elements of K), plus float32 accumulation across blocks and one rounding to the
+# output dtype: elementwise, |out - ref| <= (2^-12 + ceil(K/64) * 2^-23) * alpha * (|A| @ |B|^T)
+# + u_out * |ref| (+ the float32 bias add). The operands' magnitudes, not the result's, bound the
+# error, so cancellation in ref cannot make the bound fragile, and a kernel that accumulated
+# in bf16 or dropped a block would still fail it. (The portable kernel's float32 accumulation is
+# tested to 2e-6 above; that test assumes full float32 accumulation and so belongs to the portable path.)
+
+_U_OUT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def assert_within_mma_bound(out, a, b, bias=None, what=""):
+    ref = gemm_reference(a, b, torch.float64, bias).cpu()
+    A, B = decode_reference(a, torch.float64).cpu().abs(), decode_reference(b, torch.float64).cpu().abs()
+    K = A.shape[-1]
+    mag = A @ B.T
+    u_acc = 2.0 ** -12 + -(-K // 64) * 2.0 ** -23
+    bound = u_acc * mag + _U_OUT[out.dtype] * (ref.abs() + u_acc * mag)
+    if bias is not None:
+        bound = bound + 2.0 ** -24 * (ref.abs() + bias.double().cpu().abs())
+    err = (out.double().cpu() - ref).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: error exceeds the magnitude bound by {worst:.3e} (max err {err.max().item():.3e})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 4, 32), (36, 128, 64), (129, 260, 288), (256, 1024, 4096)])
+def test_cutlass_path_within_the_documented_mma_bound(M, N, K):
+    if nvfp4.gemm_path("cuda", M, N, K) != "cutlass_sm100":
+        pytest.skip(f"({M}, {N}, {K}) takes the {nvfp4.gemm_path('cuda', M, N, K)} path on this GPU and build")
+    a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
+    for dt in OUT_DTYPES:
+        assert_within_mma_bound(nvfp4.gemm(a, b, dt), a, b, what=f"cutlass {dt} M={M} N={N} K={K}")
+    bias = torch.randn(N, device="cuda") * 10
+    assert_within_mma_bound(nvfp4.gemm(a, b, torch.bfloat16, bias), a, b, bias, what="cutlass bias")
+
+
+@pytest.mark.gpu
+def test_cutlass_path_cancellation_and_special_scales():
+    """Rows that cancel exactly (b's second half the negation of its first) and the largest
+    scales: still inside the magnitude bound (how the hardware rounds is not documented, so
+    out[:, :N/2] == -out[:, N/2:] is not asked), and all-zero scales give exact zeros."""
+    M, N, K = 64, 128, 512
+    if nvfp4.gemm_path("cuda", M, N, K) != "cutlass_sm100":
+        pytest.skip("the portable path on this GPU and build")
+    a = rand_nvfp4(M, K, "cuda", scales=torch.full((M, K // 16), 0x7E, dtype=torch.uint8, device="cuda")
+                   .view(torch.float8_e4m3fn), global_scale=torch.tensor(2.0 ** -10, device="cuda"))
+    half = rand_nvfp4(N // 2, K, "cuda")
+    neg = half.data ^ 0x88  # flips the sign bit of both codes in each byte
+    b = NVFP4Tensor(torch.cat([half.data, neg]), torch.cat([half.scales, half.scales]), half.global_scale)
+    out = nvfp4.gemm(a, b, torch.float32)
+    assert_within_mma_bound(out, a, b, what="cancellation")
+    z = NVFP4Tensor(a.data, torch.zeros_like(a.scales), a.global_scale)
+    assert torch.equal(nvfp4.gemm(z, b, torch.float32), torch.zeros(M, N, device="cuda"))

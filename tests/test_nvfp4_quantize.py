@@ -435,3 +435,181 @@ def test_torch_compile_fullgraph(device):
     for g, w in zip(got, want):
         assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
                            w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# (id, mutation of a valid call's arguments, regex, where). where: "all" (every device), "cpu"
+# (value checks: non-finite x and global_amax are read on the CPU; on CUDA that would need a
+# host sync, so the kernels stay memory-safe and give global_scale = NaN instead, see
+# test_cuda_memory_safe_for_bad_values), "cuda" (device mix). The messages name the op
+# (nvfp4.quantize / nvfp4.dequantize, the public names; quantize_t runs nvfp4.quantize on x.T
+# and its message names the token dim of quantize_t), the argument, expected vs got.
+
+ops = torch.ops.nemokernels
+
+
+def _bad_call(make, call, mutate, pattern, where, device, exc=RuntimeError):
+    if where != "all" and where != device:
+        pytest.skip(f"a {where}-only check")
+    a = make(device)
+    call(a)  # the unmutated call is valid
+    mutate(a)
+    with pytest.raises(exc, match=pattern):
+        call(a)
+
+
+def _set(a, key, idx, value):
+    a[key] = a[key].clone()
+    a[key][idx] = value
+
+
+def _q_args(device):
+    return dict(x=torch.randn(4, 32, device=device), b2d=False, had=False, sr=True, seed=7,
+                amax=torch.tensor([3.0], device=device), seed_t=torch.tensor([11], device=device))
+
+
+def _q_call(a):
+    return ops.nvfp4_quantize(a["x"], a["b2d"], a["had"], a["sr"], a["seed"], a["amax"], a["seed_t"])
+
+
+Q = r"nvfp4\.quantize"
+QUANT_CASES = [
+    ("x_rank1", lambda a: a.update(x=a["x"][0]),
+     Q + r": x must be a 2-D \(rows, K\) view \(the Python wrapper flattens the leading dims\), got shape \(32,\)",
+     "all"),
+    ("x_rank3", lambda a: a.update(x=a["x"][None]), Q + r": x must be a 2-D \(rows, K\) view .*got shape \(1, 4, 32\)",
+     "all"),
+    ("x_dtype_f64", lambda a: a.update(x=a["x"].double()),
+     Q + r": x must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+    ("x_dtype_int", lambda a: a.update(x=a["x"].int()),
+     Q + r": x must be one of \{float32, float16, bfloat16\}, got int32", "all"),
+    ("k_not_multiple_of_16", lambda a: a.update(x=a["x"][:, :24]),
+     Q + r": the quantized dim \(K, the last dim; the token dim for quantize_t\) must be a multiple of 16 \(one E4M3 "
+     r"scale per 16 elements\), got shape \(4, 24\)", "all"),
+    ("amax_numel", lambda a: a.update(amax=torch.ones(2, device=a["x"].device)),
+     Q + r": global_amax must hold exactly one element, got shape \(2,\)", "all"),
+    ("amax_dtype", lambda a: a.update(amax=a["amax"].double()),
+     Q + r": global_amax must be one of \{float32\}, got float64", "all"),
+    ("seed_numel", lambda a: a.update(seed_t=torch.tensor([1, 2], device=a["x"].device)),
+     Q + r": seed_tensor must hold exactly one element, got shape \(2,\)", "all"),
+    ("seed_dtype", lambda a: a.update(seed_t=a["seed_t"].int()),
+     Q + r": seed_tensor must be one of \{int64\}, got int32", "all"),
+    ("amax_negative", lambda a: a.update(amax=-a["amax"]), Q + r": global_amax must be finite and >= 0, got -3", "cpu"),
+    ("amax_nan", lambda a: a.update(amax=a["amax"] * float("nan")),
+     Q + r": global_amax must be finite and >= 0, got nan", "cpu"),
+    ("amax_inf", lambda a: a.update(amax=a["amax"] * float("inf")),
+     Q + r": global_amax must be finite and >= 0, got inf", "cpu"),
+    ("x_nan", lambda a: _set(a, "x", (1, 3), float("nan")),
+     Q + r": x holds NaN or Inf; NVFP4 has no encoding for non-finite values \(on CUDA this is not checked: the "
+     r"global scale comes out NaN instead\)", "cpu"),
+    ("x_neg_inf_hadamard", lambda a: (_set(a, "x", (3, 31), -float("inf")), a.update(had=True, amax=None)),
+     Q + r": x holds NaN or Inf", "cpu"),
+    ("amax_device", lambda a: a.update(amax=a["amax"].cpu()),
+     Q + r": global_amax is on cpu but x is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("seed_device", lambda a: a.update(seed_t=a["seed_t"].cpu()),
+     Q + r": seed_tensor is on cpu but x is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _qt_args(device):
+    return dict(x=torch.randn(32, 24, device=device), kw=dict(stochastic_rounding=True, seed=3))
+
+
+def _qt_call(a):
+    return quantize_t(a["x"], **a["kw"])
+
+
+QT_CASES = [  # quantize_t: the public function (there is no separate op: it runs nvfp4_quantize on x.T)
+    ("tokens_not_multiple_of_16", lambda a: a.update(x=a["x"][:24]),
+     Q + r": the quantized dim \(K, the last dim; the token dim for quantize_t\) must be a multiple of 16 .*got shape "
+     r"\(24, 24\)", "all", RuntimeError),
+    ("x_dtype", lambda a: a.update(x=a["x"].long()), Q + r": x must be one of \{float32, float16, bfloat16\}, got int64",
+     "all", RuntimeError),
+    ("x_0d", lambda a: a.update(x=a["x"][0, 0]), r"nvfp4\.quantize_t: x must have at least one dim", "all", ValueError),
+    ("x_not_tensor", lambda a: a.update(x=a["x"].tolist()), r"nvfp4\.quantize_t: x must be a torch\.Tensor, got list",
+     "all", TypeError),
+    ("amax_numel", lambda a: a["kw"].update(global_amax=torch.ones(3, device=a["x"].device)),
+     Q + r": global_amax must hold exactly one element, got shape \(3,\)", "all", RuntimeError),
+    ("seed_numel", lambda a: a["kw"].update(seed=torch.tensor([1, 2], device=a["x"].device)),
+     Q + r": seed_tensor must hold exactly one element", "all", RuntimeError),
+    ("amax_negative", lambda a: a["kw"].update(global_amax=-1.0), Q + r": global_amax must be finite and >= 0, got -1",
+     "cpu", RuntimeError),
+    ("x_inf", lambda a: _set(a, "x", (17, 0), float("inf")), Q + r": x holds NaN or Inf", "cpu", RuntimeError),
+    ("amax_device", lambda a: a["kw"].update(global_amax=torch.tensor([1.0])),
+     Q + r": global_amax is on cpu but x is on cuda:\d+", "cuda", RuntimeError),
+]
+
+
+def _dq_args(device):
+    q = quantize(torch.randn(4, 32, device=device))
+    return dict(data=q.data, scales=q.scales.view(torch.uint8), gs=q.global_scale, code=2)
+
+
+def _dq_call(a):
+    return ops.nvfp4_dequantize(a["data"], a["scales"], a["gs"], a["code"])
+
+
+DQ = r"nvfp4\.dequantize"
+DEQUANT_CASES = [
+    ("data_rank", lambda a: a.update(data=a["data"].flatten()), DQ + r": data must have 2 dimensions, got shape \(64,\)",
+     "all"),
+    ("data_dtype", lambda a: a.update(data=a["data"].view(torch.int8)),
+     DQ + r": data must be one of \{uint8\}, got int8", "all"),
+    ("scales_rank", lambda a: a.update(scales=a["scales"][None]), DQ + r": scales must have 2 dimensions", "all"),
+    ("scales_dtype", lambda a: a.update(scales=a["scales"].float()), DQ + r": scales must be one of \{uint8\}, got float32",
+     "all"),
+    ("scales_rows", lambda a: a.update(scales=a["scales"][:3]),
+     DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(3, 2\)", "all"),
+    ("scales_cols", lambda a: a.update(scales=a["scales"][:, :1]),
+     DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(4, 1\)", "all"),
+    ("k_not_multiple_of_16", lambda a: a.update(data=a["data"][:, :3], scales=a["scales"][:, :0]),
+     DQ + r": data.shape\[-1\] \* 2 \(K\) must be a multiple of 16, got data shape \(4, 3\)", "all"),
+    ("global_numel", lambda a: a.update(gs=torch.ones(2, device=a["gs"].device)),
+     DQ + r": global_scale must hold exactly one element, got shape \(2,\)", "all"),
+    ("global_dtype", lambda a: a.update(gs=a["gs"].double()), DQ + r": global_scale must be one of \{float32\}, got float64",
+     "all"),
+    ("out_dtype_code", lambda a: a.update(code=3),
+     DQ + r": dtype must be float32, float16 or bfloat16 \(code 0..2\), got code 3", "all"),
+    ("out_dtype_negative", lambda a: a.update(code=-1), DQ + r": dtype must be .*got code -1", "all"),
+    ("scales_device", lambda a: a.update(scales=a["scales"].cpu()),
+     DQ + r": scales is on cpu but data is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("global_device", lambda a: a.update(gs=a["gs"].cpu()),
+     DQ + r": global_scale is on cpu but data is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in QUANT_CASES], ids=[c[0] for c in QUANT_CASES])
+def test_quantize_bad_input_table(device, mutate, pattern, where):
+    _bad_call(_q_args, _q_call, mutate, pattern, where, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where,exc", [c[1:] for c in QT_CASES], ids=[c[0] for c in QT_CASES])
+def test_quantize_t_bad_input_table(device, mutate, pattern, where, exc):
+    _bad_call(_qt_args, _qt_call, mutate, pattern, where, device, exc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in DEQUANT_CASES], ids=[c[0] for c in DEQUANT_CASES])
+def test_dequantize_bad_input_table(device, mutate, pattern, where):
+    _bad_call(_dq_args, _dq_call, mutate, pattern, where, device)
+
+
+@pytest.mark.gpu
+def test_cuda_memory_safe_for_bad_values():
+    """The value checks the CPU makes are skipped on CUDA (a host sync): non-finite x or a NaN /
+    Inf global_amax give global_scale = NaN (every dequantized value NaN), a negative global_amax
+    a negative global scale; never a fault, and the outputs have their shapes."""
+    x = torch.randn(64, 64, device="cuda")
+    for amax in (float("nan"), float("inf"), -2.0):  # s_enc = 2688 / amax: NaN, NaN (amax > float max), < 0
+        d, s, g = ops.nvfp4_quantize(x, False, False, False, 0, torch.tensor([amax], device="cuda"), None)
+        torch.cuda.synchronize()
+        assert d.shape == (64, 32) and s.shape == (64, 4)
+        assert torch.isnan(g).item() if amax != -2.0 else not g.item() > 0
+    xi = x.clone()
+    xi[5, 9] = -float("inf")
+    for kw in ({}, {"hadamard": True}, {"block_2d": True}):
+        q = quantize_t(xi, **kw)
+        torch.cuda.synchronize()
+        assert torch.isnan(q.global_scale).item() and torch.isnan(dequantize(q, torch.float32)).all()

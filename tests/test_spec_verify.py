@@ -202,31 +202,48 @@ def test_rejection_sample_crafted(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rejection_sample_matches_reference_cases(device):
-    """Deterministic outcomes agree with the reference: certain acceptances and rejections."""
-    B, k, V = 9, 4, 40
-    p = rand_dist(B, k + 1, V, device=device)
+@pytest.mark.parametrize("greedy_draft", [False, True])
+def test_rejection_sample_matches_reference_cases(device, greedy_draft):
+    """Every acceptance made certain (p = q at the position, so p(x) >= q(x)) or impossible
+    (p(x) = 0): the outcome up to the first rejection no longer depends on the random numbers,
+    so it must equal the reference's (nemokernels/spec/reference.py) token for token for every
+    request, ragged counts included; the emitted token at the stop must lie where the
+    reference's race can land (positive residual max(0, p_m - q_m), or p_n for the bonus)."""
+    B, k, V = 12, 4, 40
     q = rand_dist(B, k, V, device=device)
     drafts = _draw(q)
-    # make acceptance certain (p >= q at the draft) or impossible (p = 0) per position
+    p = rand_dist(B, k + 1, V, device=device)
     certain = torch.rand(B, k, device=device) < 0.7
-    px = p.gather(2, drafts[..., None])[..., 0]
-    qx = q.gather(2, drafts[..., None])[..., 0]
-    newp = torch.where(certain, torch.maximum(px, qx), torch.zeros_like(px))
-    p[:, :k].scatter_(2, drafts[..., None], newp[..., None])
-    p = p / p.sum(-1, keepdim=True)
-    px = p[:, :k].gather(2, drafts[..., None])[..., 0]
-    certain = px >= qx
-    impossible = px == 0
-    out, num = spec.rejection_sample(drafts, q, p, seed=99)
-    for b in range(B):
-        m = 0
-        while m < k and bool(certain[b, m]):
-            m += 1
-        if m == k or bool(impossible[b, m]):
-            assert int(num[b]) == m
-            assert out[b, :m].tolist() == drafts[b, :m].tolist()
-    check_padding(out, num, k + 1)
+    if greedy_draft:
+        # q one-hot at the draft: certain means p(x) = 1, impossible p(x) = 0
+        onehot = torch.nn.functional.one_hot(drafts, V).float()
+        zero_x = p[:, :k] * (1 - onehot)
+        p[:, :k] = torch.where(certain[..., None], onehot, zero_x / zero_x.sum(-1, keepdim=True))
+        qq = None
+    else:
+        zero_x = q * (1 - torch.nn.functional.one_hot(drafts, V).float())
+        p[:, :k] = torch.where(certain[..., None], q, zero_x / zero_x.sum(-1, keepdim=True))
+        qq = q
+    nd = torch.randint(0, k + 1, (B,), device=device)
+    for num_draft in (None, nd):
+        out, num = spec.rejection_sample(drafts, qq, p, num_draft_tokens=num_draft, seed=99)
+        # any uniforms give the same decisions here; the race draws are irrelevant to them
+        ref_out, ref_num = R.rejection_sample_ref(drafts.cpu(), None if qq is None else qq.cpu(), p.cpu(),
+                                                  None if num_draft is None else num_draft.cpu(),
+                                                  accept_u=torch.rand(B, k), race_e=None)
+        assert torch.equal(num.cpu(), ref_num), (num, ref_num)
+        check_padding(out, num, k + 1)
+        for b in range(B):
+            m = int(num[b])
+            assert out[b, :m].tolist() == ref_out[b, :m].tolist() == drafts[b, :m].tolist()
+            n = k if num_draft is None else int(num_draft[b])
+            if m < n:
+                qm = torch.nn.functional.one_hot(drafts[b, m], V).float() if qq is None else qq[b, m]
+                support = (p[b, m] - qm) > 0
+            else:
+                support = p[b, m] > 0
+            assert bool(support[out[b, m]]), (b, m, int(out[b, m]))
+            assert bool(support[ref_out[b, m].to(device)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -516,20 +533,50 @@ def test_bad_values_raise_on_cpu():
 
 @pytest.mark.gpu
 def test_cuda_is_memory_safe_for_bad_values():
-    """No value checks on CUDA (they would sync): out-of-range ids and counts are clamped."""
+    """No value checks on CUDA (they would sync): out-of-range ids and counts are clamped before
+    any indexing, a bad tree is walked only forward (children after their parent). Every
+    output is still a -1-padded prefix of at most k + 1 in-vocabulary tokens; tree outputs
+    name real nodes; the requests with good values equal the CPU result."""
+    V = 10
     d = torch.tensor([[1, 200, -5], [0, 9, 4]], device="cuda")
-    p = rand_dist(2, 4, 10, device="cuda")
-    q = rand_dist(2, 3, 10, device="cuda")
-    for out, num in (spec.verify_greedy(d, torch.randn(2, 4, 10, device="cuda"), torch.tensor([7, -2], device="cuda")),
-                     spec.rejection_sample(d, q, p, num_draft_tokens=torch.tensor([7, -2], device="cuda"), seed=0),
-                     spec.rejection_sample(d, None, p * -1, seed=0)):
+    p = rand_dist(2, 4, V, device="cuda")
+    q = rand_dist(2, 3, V, device="cuda")
+    lg = torch.randn(2, 4, V, device="cuda")
+    nd = torch.tensor([7, -2], device="cuda")
+    for out, num in (spec.verify_greedy(d, lg, nd), spec.rejection_sample(d, q, p, num_draft_tokens=nd, seed=0),
+                     spec.rejection_sample(d, None, p * -1, seed=0), spec.rejection_sample(d, q * float("nan"), p, seed=0)):
         torch.cuda.synchronize()
-        assert (num >= 0).all() and (num <= 3).all()
+        check_padding(out, num, 4)
+        assert ((out >= -1) & (out < V)).all() and (num <= 3).all()
+    # request 1 has good values (its count -2 clamps to 0): it must match the CPU on its own
+    out, num = spec.verify_greedy(d, lg, nd)
+    ref_out, ref_num = spec.verify_greedy(d[1:].cpu(), lg[1:].cpu(), torch.tensor([0]))
+    assert torch.equal(out[1:].cpu(), ref_out) and torch.equal(num[1:].cpu(), ref_num)
+    cand = torch.tensor([[3, 1 << 40, -7], [2, 5, 6]], device="cuda")
     par = torch.tensor([[5, 9, -3], [-1, 0, 0]], device="cuda")
-    spec.verify_tree_greedy(d, par, torch.randn(2, 3, 10, device="cuda"))
-    spec.verify_tree_rejection(d, par, q[:, :3].contiguous() if q.shape[1] >= 3 else rand_dist(2, 3, 10, device="cuda"),
-                               p[:, :3], seed=0)
+    for out, nodes, num in (spec.verify_tree_greedy(cand, par, lg[:, :3]),
+                            spec.verify_tree_rejection(cand, par, q, p[:, :3], seed=0),
+                            spec.verify_tree_rejection(cand, par, q * -1, p[:, :3] * float("inf"), seed=0)):
+        torch.cuda.synchronize()
+        check_padding(out, num, 3)
+        assert ((out >= -1) & (out < V)).all(), "accepted candidates are emitted as tested (clamped)"
+        assert torch.equal(nodes >= 0, out >= 0) and ((nodes >= -1) & (nodes < 3)).all()
+        assert (nodes[:, 0] == 0).all(), "the walk starts at the root"
+        # a bad tree never lets a node be its own ancestor: node indices strictly increase
+        for row in nodes.cpu().tolist():
+            path = [x for x in row if x >= 0]
+            assert path == sorted(set(path))
+    # the good request of the greedy tree equals the CPU
+    out, nodes, num = spec.verify_tree_greedy(cand, par, lg[:, :3])
+    ref = spec.verify_tree_greedy(cand[1:].cpu(), par[1:].cpu(), lg[1:, :3].cpu())
+    assert torch.equal(out[1:].cpu(), ref[0]) and torch.equal(nodes[1:].cpu(), ref[1])
+    # sampling parameters out of range per request (CPU-only checks): no fault, the shape holds
+    probs = spec.sampling_probs(lg[:, 0], temperature=torch.tensor([-1.0, float("nan")], device="cuda"),
+                                top_k=torch.tensor([-5, 1 << 40], device="cuda"),
+                                top_p=torch.tensor([0.0, 7.0], device="cuda"),
+                                min_p=torch.tensor([-1.0, 3.0], device="cuda"))
     torch.cuda.synchronize()
+    assert probs.shape == (2, V)
 
 
 # ---------------------------------------------------------------- GPU agrees with CPU
@@ -676,3 +723,277 @@ def test_cuda_graph_replay_with_new_inputs():
     xo, xn = ops.rejection_sample(d, q, p, None, seed_t, 0)
     assert torch.equal(ro, xo) and torch.equal(rn, xn)
     assert torch.equal(sp, spec.sampling_probs(lg, temperature=0.7, top_k=20))
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# (id, mutation of a valid call's arguments, regex, where). where: "all" (shape, dtype, scalar
+# checks: every device), "cpu" (value checks: ids inside the vocabulary, counts in [0, k],
+# probabilities forming distributions, parents forming a tree, per-request sampling parameters;
+# they read the data, a host sync on CUDA, so there the kernels clamp every id and count before
+# indexing instead: test_cuda_is_memory_safe_for_bad_values), "cuda" (device mix, grid limits).
+# NaN / Inf: target logits follow torch.argmax (test_verify_greedy_nan_and_inf_like_torch_argmax);
+# probabilities must be finite (CPU check); a NaN sampling parameter is refused.
+
+
+def _bad_call(make, call, mutate, pattern, where, device):
+    if where != "all" and where != device:
+        pytest.skip(f"a {where}-only check")
+    a = make(device)
+    call(a)  # the unmutated call is valid
+    mutate(a)
+    with pytest.raises(RuntimeError, match=pattern):
+        call(a)
+
+
+def _set(a, key, idx, value):
+    a[key] = a[key].clone()
+    a[key][idx] = value
+
+
+def _greedy_args(device):
+    return dict(d=torch.tensor([[1, 2, 3], [0, 9, 4]], device=device), lg=torch.randn(2, 4, 10, device=device),
+                nd=torch.tensor([3, 1], device=device))
+
+
+def _greedy_call(a):
+    return ops.verify_greedy(a["d"], a["lg"], a["nd"])
+
+
+VG = "verify_greedy"
+GREEDY_CASES = [
+    ("draft_dtype", lambda a: a.update(d=a["d"].int()), VG + r": draft_token_ids must be one of \{int64\}, got int32",
+     "all"),
+    ("draft_rank", lambda a: a.update(d=a["d"][0]), VG + r": draft_token_ids must have 2 dimensions, got shape \(3,\)",
+     "all"),
+    ("logits_rank", lambda a: a.update(lg=a["lg"][:, 0]), VG + r": target_logits must have 3 dimensions, got shape "
+     r"\(2, 10\)", "all"),
+    ("logits_batch", lambda a: a.update(lg=a["lg"][:1]), VG + r": target_logits.shape\[0\] must be 2, got shape "
+     r"\(1, 4, 10\)", "all"),
+    ("logits_positions", lambda a: a.update(lg=a["lg"][:, :3]),
+     VG + r": target_logits.shape\[1\] must be 4, got shape \(2, 3, 10\)", "all"),
+    ("logits_dtype", lambda a: a.update(lg=a["lg"].double()),
+     VG + r": target_logits must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+    ("empty_vocab", lambda a: a.update(lg=a["lg"][..., :0]),
+     VG + r": target_logits must have a vocabulary of at least 1, got shape \(2, 4, 0\)", "all"),
+    ("num_draft_dtype", lambda a: a.update(nd=a["nd"].int()), VG + r": num_draft_tokens must be one of \{int64\}, got "
+     "int32", "all"),
+    ("num_draft_rank", lambda a: a.update(nd=a["nd"][None]), VG + r": num_draft_tokens must have 1 dimensions", "all"),
+    ("num_draft_size", lambda a: a.update(nd=a["nd"][:1]),
+     VG + r": num_draft_tokens.shape\[0\] must be 2, got shape \(1,\)", "all"),
+    ("num_draft_above_k", lambda a: _set(a, "nd", 1, 4), VG + r": num_draft_tokens\[1\] must be in \[0, k=3\], got 4",
+     "cpu"),
+    ("num_draft_negative", lambda a: _set(a, "nd", 0, -1), VG + r": num_draft_tokens\[0\] must be in \[0, k=3\], got -1",
+     "cpu"),
+    ("draft_past_vocab", lambda a: _set(a, "d", (0, 2), 10),
+     VG + r": draft_token_ids\[0, 2\] = 10 is outside the vocabulary \[0, 10\)", "cpu"),
+    ("draft_negative", lambda a: _set(a, "d", (1, 0), -1),
+     VG + r": draft_token_ids\[1, 0\] = -1 is outside the vocabulary \[0, 10\)", "cpu"),
+    ("logits_device", lambda a: a.update(lg=a["lg"].cpu()),
+     VG + r": target_logits is on cpu but draft_token_ids is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("num_draft_device", lambda a: a.update(nd=a["nd"].cpu()),
+     VG + r": num_draft_tokens is on cpu but draft_token_ids is on cuda:\d+", "cuda"),
+    ("rows_past_grid", lambda a: a.update(d=torch.zeros(2**31, 0, dtype=torch.int64, device="cuda"),
+                                          lg=torch.zeros(1, 1, 1, device="cuda").expand(2**31, 1, 1), nd=None),
+     VG + r": batch \* \(k \+ 1\) \(rows of target_logits\) = 2147483648 exceeds 2147483647, the most the CUDA "
+     r"kernels take \(one block each, grid dimension x\); verify the batch in several calls", "cuda"),
+]
+
+
+def _rej_args(device):
+    return dict(d=torch.tensor([[1, 2, 3], [0, 9, 4]], device=device), q=rand_dist(2, 3, 10, device=device),
+                p=rand_dist(2, 4, 10, device=device), nd=torch.tensor([3, 2], device=device),
+                seed_t=torch.tensor([5], device=device))
+
+
+def _rej_call(a):
+    return ops.rejection_sample(a["d"], a["q"], a["p"], a["nd"], a["seed_t"], 0)
+
+
+RS = "rejection_sample"
+REJ_CASES = [
+    ("draft_dtype", lambda a: a.update(d=a["d"].float()), RS + r": draft_token_ids must be one of \{int64\}, got float32",
+     "all"),
+    ("draft_rank", lambda a: a.update(d=a["d"][None]), RS + r": draft_token_ids must have 2 dimensions", "all"),
+    ("target_rank", lambda a: a.update(p=a["p"][0]), RS + r": target_probs must have 3 dimensions, got shape \(4, 10\)",
+     "all"),
+    ("target_batch", lambda a: a.update(p=a["p"][:1]), RS + r": target_probs.shape\[0\] must be 2", "all"),
+    ("target_positions", lambda a: a.update(p=a["p"][:, :3]), RS + r": target_probs.shape\[1\] must be 4, got shape "
+     r"\(2, 3, 10\)", "all"),
+    ("target_dtype", lambda a: a.update(p=a["p"].half()), RS + r": target_probs must be one of \{float32\}, got float16",
+     "all"),
+    ("empty_vocab", lambda a: a.update(p=a["p"][..., :0], q=a["q"][..., :0]),
+     RS + r": target_probs must have a vocabulary of at least 1, got shape \(2, 4, 0\)", "all"),
+    ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), RS + r": draft_probs.shape\[2\] must be 10, got shape "
+     r"\(2, 3, 9\)", "all"),
+    ("draft_positions", lambda a: a.update(q=a["q"][:, :2]), RS + r": draft_probs.shape\[1\] must be 3", "all"),
+    ("draft_probs_dtype", lambda a: a.update(q=a["q"].double()), RS + r": draft_probs must be one of \{float32\}, got "
+     "float64", "all"),
+    ("num_draft_size", lambda a: a.update(nd=torch.zeros(3, dtype=torch.int64, device=a["d"].device)),
+     RS + r": num_draft_tokens.shape\[0\] must be 2, got shape \(3,\)", "all"),
+    ("seed_numel", lambda a: a.update(seed_t=torch.zeros(2, dtype=torch.int64, device=a["d"].device)),
+     RS + r": seed_tensor must hold exactly one element, got shape \(2,\)", "all"),
+    ("seed_dtype", lambda a: a.update(seed_t=a["seed_t"].int()), RS + r": seed_tensor must be one of \{int64\}, got int32",
+     "all"),
+    ("draft_past_vocab", lambda a: _set(a, "d", (1, 1), 10),
+     RS + r": draft_token_ids\[1, 1\] = 10 is outside the vocabulary \[0, 10\)", "cpu"),
+    ("num_draft_above_k", lambda a: _set(a, "nd", 0, 5), RS + r": num_draft_tokens\[0\] must be in \[0, k=3\], got 5",
+     "cpu"),
+    ("target_negative", lambda a: _set(a, "p", (0, 1, 4), -0.25),
+     RS + r": target_probs\[0, 1\] is not a probability distribution: entry 4 is -0.25\d* \(must be finite and >= 0\)",
+     "cpu"),
+    ("target_inf", lambda a: _set(a, "p", (1, 2, 0), float("inf")),
+     RS + r": target_probs\[1, 2\] is not a probability distribution: entry 0 is inf", "cpu"),
+    ("draft_nan", lambda a: _set(a, "q", (1, 0, 3), float("nan")),
+     RS + r": draft_probs\[1, 0\] is not a probability distribution: entry 3 is nan", "cpu"),
+    ("target_sum", lambda a: a.update(p=a["p"] * 1.01),
+     RS + r": target_probs\[0, 0\] is not a probability distribution: it sums to 1.01\d* \(must be 1 within 1e-3\)",
+     "cpu"),
+    ("target_device", lambda a: a.update(p=a["p"].cpu()),
+     RS + r": target_probs is on cpu but draft_token_ids is on cuda:\d+; all tensors must be on one device", "cuda"),
+    ("seed_device", lambda a: a.update(seed_t=a["seed_t"].cpu()),
+     RS + r": seed_tensor is on cpu but target_probs is on cuda:\d+", "cuda"),
+]
+
+
+def _tree_args(device):
+    # node 0 the root; 1 and 2 its children, 3 a child of 1
+    return dict(cand=torch.tensor([[0, 4, 5, 6], [0, 1, 2, 3]], device=device),
+                par=torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]], device=device),
+                lg=torch.randn(2, 4, 10, device=device), q=rand_dist(2, 4, 10, device=device),
+                p=rand_dist(2, 4, 10, device=device), depth=3, seed_t=torch.tensor([1], device=device))
+
+
+def _tree_greedy_call(a):
+    return ops.verify_tree_greedy(a["cand"], a["par"], a["lg"], a["depth"])
+
+
+TG = "verify_tree_greedy"
+TREE_GREEDY_CASES = [
+    ("cand_dtype", lambda a: a.update(cand=a["cand"].int()), TG + r": candidate_ids must be one of \{int64\}, got int32",
+     "all"),
+    ("cand_rank", lambda a: a.update(cand=a["cand"][0]), TG + r": candidate_ids must have 2 dimensions", "all"),
+    ("no_nodes", lambda a: a.update(cand=a["cand"][:, :0]),
+     TG + r": candidate_ids must hold at least the root node, got shape \(2, 0\)", "all"),
+    ("parents_dtype", lambda a: a.update(par=a["par"].int()), TG + r": parents must be one of \{int64\}, got int32",
+     "all"),
+    ("parents_nodes", lambda a: a.update(par=a["par"][:, :3]), TG + r": parents.shape\[1\] must be 4, got shape \(2, 3\)",
+     "all"),
+    ("parents_batch", lambda a: a.update(par=a["par"][:1]), TG + r": parents.shape\[0\] must be 2", "all"),
+    ("logits_nodes", lambda a: a.update(lg=a["lg"][:, :3]), TG + r": target_logits.shape\[1\] must be 4", "all"),
+    ("logits_dtype", lambda a: a.update(lg=a["lg"].long()), TG + r": target_logits must be one of \{float32, float16, "
+     r"bfloat16\}, got int64", "all"),
+    ("max_depth_too_deep", lambda a: a.update(depth=4), TG + r": max_depth must be in \[0, n_nodes - 1 = 3\], got 4",
+     "all"),
+    ("max_depth_negative", lambda a: a.update(depth=-1), TG + r": max_depth must be in \[0, n_nodes - 1 = 3\], got -1",
+     "all"),
+    ("root_has_parent", lambda a: _set(a, "par", (1, 0), 0),
+     TG + r": parents\[1, 0\] must be -1 \(node 0 is the root\), got 0", "cpu"),
+    ("parent_after_child", lambda a: _set(a, "par", (0, 2), 3),
+     TG + r": parents\[0, 2\] = 3 must be in \[0, 2\) \(parents precede their children\)", "cpu"),
+    ("parent_negative", lambda a: _set(a, "par", (0, 3), -1), TG + r": parents\[0, 3\] = -1 must be in \[0, 3\)", "cpu"),
+    ("cand_past_vocab", lambda a: _set(a, "cand", (1, 3), 10),
+     TG + r": candidate_ids\[1, 3\] = 10 is outside the vocabulary \[0, 10\)", "cpu"),
+    ("parents_device", lambda a: a.update(par=a["par"].cpu()),
+     TG + r": parents is on cpu but candidate_ids is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _tree_rej_call(a):
+    return ops.verify_tree_rejection(a["cand"], a["par"], a["q"], a["p"], a["depth"], a["seed_t"], 0)
+
+
+TR = "verify_tree_rejection"
+TREE_REJ_CASES = [
+    ("too_many_nodes", lambda a: a.update(cand=torch.zeros(2, 1025, dtype=torch.int64, device=a["cand"].device)),
+     TR + r": candidate_ids must have 1 to 1024 nodes \(root included\), got shape \(2, 1025\)", "all"),
+    ("no_nodes", lambda a: a.update(cand=a["cand"][:, :0]), TR + r": candidate_ids must have 1 to 1024 nodes", "all"),
+    ("parents_rank", lambda a: a.update(par=a["par"].flatten()), TR + r": parents must have 2 dimensions", "all"),
+    ("target_nodes", lambda a: a.update(p=a["p"][:, :3]), TR + r": target_probs.shape\[1\] must be 4", "all"),
+    ("target_dtype", lambda a: a.update(p=a["p"].bfloat16()), TR + r": target_probs must be one of \{float32\}, got "
+     "bfloat16", "all"),
+    ("empty_vocab", lambda a: a.update(p=a["p"][..., :0], q=a["q"][..., :0]),
+     TR + r": target_probs must have a vocabulary of at least 1", "all"),
+    ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), TR + r": draft_probs.shape\[2\] must be 10", "all"),
+    ("draft_dtype", lambda a: a.update(q=a["q"].half()), TR + r": draft_probs must be one of \{float32\}, got float16",
+     "all"),
+    ("max_depth_too_deep", lambda a: a.update(depth=7), TR + r": max_depth must be in \[0, n_nodes - 1 = 3\], got 7",
+     "all"),
+    ("seed_numel", lambda a: a.update(seed_t=a["seed_t"][:0]), TR + r": seed_tensor must hold exactly one element",
+     "all"),
+    ("parent_after_child", lambda a: _set(a, "par", (1, 1), 1), TR + r": parents\[1, 1\] = 1 must be in \[0, 1\)", "cpu"),
+    ("cand_negative", lambda a: _set(a, "cand", (0, 2), -4),
+     TR + r": candidate_ids\[0, 2\] = -4 is outside the vocabulary \[0, 10\)", "cpu"),
+    ("draft_not_distribution", lambda a: a.update(q=a["q"] * 0.5),
+     TR + r": draft_probs\[0, 1\] is not a probability distribution: it sums to 0.5", "cpu"),
+    ("target_nan", lambda a: _set(a, "p", (1, 0, 9), float("nan")),
+     TR + r": target_probs\[1, 0\] is not a probability distribution: entry 9 is nan", "cpu"),
+    ("draft_device", lambda a: a.update(q=a["q"].cpu()),
+     TR + r": draft_probs is on cpu but candidate_ids is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+
+def _samp_args(device):
+    return dict(lg=torch.randn(3, 2, 12, device=device), t=torch.tensor([0.5, 1.0, 0.0], device=device), tv=1.0,
+                k=torch.tensor([0, 3, 20], device=device), kv=0, p=torch.tensor([1.0, 0.9, 0.5], device=device), pv=1.0,
+                m=torch.tensor([0.0, 0.1, 0.9], device=device), mv=0.0)
+
+
+def _samp_call(a):
+    return ops.sampling_probs(a["lg"], a["t"], a["tv"], a["k"], a["kv"], a["p"], a["pv"], a["m"], a["mv"])
+
+
+SP = "sampling_probs"
+SAMPLING_CASES = [
+    ("logits_rank1", lambda a: a.update(lg=a["lg"][0, 0]),
+     SP + r": logits must be \(batch, vocab\) or \(batch, tokens, vocab\), got shape \(12,\)", "all"),
+    ("logits_rank4", lambda a: a.update(lg=a["lg"][None]), SP + r": logits must be \(batch, vocab\) or \(batch, tokens, "
+     r"vocab\), got shape \(1, 3, 2, 12\)", "all"),
+    ("logits_dtype", lambda a: a.update(lg=a["lg"].double()), SP + r": logits must be one of \{float32, float16, "
+     r"bfloat16\}, got float64", "all"),
+    ("empty_vocab", lambda a: a.update(lg=a["lg"][..., :0]),
+     SP + r": logits must have a vocabulary of at least 1, got shape \(3, 2, 0\)", "all"),
+    ("temperature_negative", lambda a: a.update(tv=-0.5), SP + r": temperature must be finite and >= 0 \(0 = greedy\), "
+     r"got -0.5", "all"),
+    ("temperature_nan", lambda a: a.update(tv=float("nan")), SP + r": temperature must be finite and >= 0 .*got nan",
+     "all"),
+    ("temperature_inf", lambda a: a.update(tv=float("inf")), SP + r": temperature must be finite and >= 0 .*got inf",
+     "all"),
+    ("top_k_negative", lambda a: a.update(kv=-1), SP + r": top_k must be >= 0 \(0 = no top-k\), got -1", "all"),
+    ("top_p_zero", lambda a: a.update(pv=0.0), SP + r": top_p must be in \(0, 1\], got 0", "all"),
+    ("top_p_above_one", lambda a: a.update(pv=1.5), SP + r": top_p must be in \(0, 1\], got 1.5", "all"),
+    ("top_p_nan", lambda a: a.update(pv=float("nan")), SP + r": top_p must be in \(0, 1\], got nan", "all"),
+    ("min_p_above_one", lambda a: a.update(mv=2.0), SP + r": min_p must be in \[0, 1\], got 2", "all"),
+    ("min_p_negative", lambda a: a.update(mv=-0.1), SP + r": min_p must be in \[0, 1\], got -0.1", "all"),
+    ("temperature_size", lambda a: a.update(t=a["t"][:2]), SP + r": temperature.shape\[0\] must be 3, got shape \(2,\)",
+     "all"),
+    ("temperature_dtype", lambda a: a.update(t=a["t"].double()), SP + r": temperature must be one of \{float32\}, got "
+     "float64", "all"),
+    ("top_k_dtype", lambda a: a.update(k=a["k"].float()), SP + r": top_k must be one of \{int64\}, got float32", "all"),
+    ("min_p_rank", lambda a: a.update(m=a["m"][None]), SP + r": min_p must have 1 dimensions, got shape \(1, 3\)",
+     "all"),
+    ("temperature_value_negative", lambda a: _set(a, "t", 1, -2.0),
+     SP + r": temperature\[1\] must be finite and >= 0, got -2", "cpu"),
+    ("temperature_value_nan", lambda a: _set(a, "t", 0, float("nan")),
+     SP + r": temperature\[0\] must be finite and >= 0, got nan", "cpu"),
+    ("top_k_value_negative", lambda a: _set(a, "k", 2, -3), SP + r": top_k\[2\] must be >= 0, got -3", "cpu"),
+    ("top_p_value_zero", lambda a: _set(a, "p", 0, 0.0), SP + r": top_p\[0\] must be in \(0, 1\], got 0", "cpu"),
+    ("min_p_value_above_one", lambda a: _set(a, "m", 1, 1.5), SP + r": min_p\[1\] must be in \[0, 1\], got 1.5", "cpu"),
+    ("temperature_device", lambda a: a.update(t=a["t"].cpu()),
+     SP + r": temperature is on cpu but logits is on cuda:\d+; all tensors must be on one device", "cuda"),
+]
+
+SPEC_TABLES = {
+    "verify_greedy": (_greedy_args, _greedy_call, GREEDY_CASES),
+    "rejection_sample": (_rej_args, _rej_call, REJ_CASES),
+    "verify_tree_greedy": (_tree_args, _tree_greedy_call, TREE_GREEDY_CASES),
+    "verify_tree_rejection": (_tree_args, _tree_rej_call, TREE_REJ_CASES),
+    "sampling_probs": (_samp_args, _samp_call, SAMPLING_CASES),
+}
+SPEC_PARAMS = [pytest.param(op, *c[1:], id=f"{op}-{c[0]}") for op, (_, _, cases) in SPEC_TABLES.items() for c in cases]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,mutate,pattern,where", SPEC_PARAMS)
+def test_bad_input_table(device, op, mutate, pattern, where):
+    make, call, _ = SPEC_TABLES[op]
+    _bad_call(make, call, mutate, pattern, where, device)

@@ -13,6 +13,11 @@ const char* dtype_name(ScalarType t) {
     case ScalarType::Byte: return "uint8";
     case ScalarType::Bool: return "bool";
     case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case ScalarType::Float8_e5m2: return "float8_e5m2";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Short: return "int16";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
     default: return "an unsupported dtype";
   }
 }
@@ -55,6 +60,11 @@ void check_same_device(const char* op, const char* arg, const Tensor& t, const T
               (!t.is_cuda() || t.get_device_index() == ref.get_device_index());
   NK_CHECK(same, op, ": ", arg, " is on ", device_str(t), " but ", ref_arg, " is on ",
            device_str(ref), "; all tensors must be on one device");
+}
+
+void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const char* why,
+                 const char* how) {
+  NK_CHECK(value <= limit, op, ": ", what, " = ", value, " exceeds ", limit, ", ", why, "; ", how);
 }
 
 bool is_float_type(ScalarType t) {

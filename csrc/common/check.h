@@ -61,4 +61,13 @@ void check_same_device(const char* op, const char* arg, const Tensor& t, const T
                        const char* ref_arg);
 bool is_float_type(ScalarType t);
 
+// Size limits of a kernel (int32 indices, CUDA grid dimensions): `what` = value must be at most
+// `limit`; `why` names the limit, `how` says how to stay under it. For example
+//   "grouped_gemm: N = 5000000 exceeds 4194240, the most the CUDA kernels take (grid dimension y
+//    = ceil(N / 64) <= 65535); split w along N into several calls"
+void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const char* why,
+                 const char* how);
+constexpr int64_t kInt32Max = 2147483647;      // int32 indices and CUDA grid dimension x
+constexpr int64_t kGridYZMax = 65535;          // CUDA grid dimensions y and z
+
 }  // namespace nk

@@ -40,6 +40,22 @@ void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Te
            dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
 }
 
+// Size limits. Every device: R rows are addressed by int32 expert_offsets. CUDA: the portable
+// kernels' grids put ceil(cols / 64) column tiles (64: the SIMT tile; the tensor-core tile is 128)
+// on grid dimension y, so the output columns (N for the forward, K for dgrad and wgrad) are at
+// most 65535 * 64; the CUTLASS kernels (problem shapes in int) are within that as well.
+constexpr int64_t kGgColTile = 64;
+
+void check_sizes(const char* op, const Tensor& t, int64_t R, const char* cols_name, int64_t cols) {
+  check_limit(op, "the number of rows R", R, kInt32Max, "the range of the int32 expert_offsets",
+              "split the rows into several calls");
+  if (t.is_cuda()) {
+    check_limit(op, cols_name, cols, kGridYZMax * kGgColTile,
+                "the most the CUDA kernels take (grid dimension y = ceil(cols / 64) <= 65535)",
+                "split the weights along that dim into several calls");
+  }
+}
+
 // expert_offsets (E + 1,) int32 on ref's device; on the CPU also its values. Returns E.
 int64_t check_offsets(const char* op, const Tensor& offsets, const Tensor& ref, const char* ref_arg,
                       int64_t R, int64_t expect_e) {
@@ -125,6 +141,7 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
            shape_str(w), " and a shape ", shape_str(a));
   NK_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (relu2), got ",
            activation);
+  check_sizes(op, a, R, "N (w.shape[1], the output columns)", N);
   check_offsets(op, expert_offsets, a, "a", R, E);
   const bool keep_pre = save_preact && activation == 1;
   OptionalDeviceGuard guard(a);
@@ -160,6 +177,7 @@ Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::opt
   const int64_t R = dout.size(0), N = dout.size(1), E = w.size(0), K = w.size(2);
   NK_CHECK(w.size(1) == N, op, ": w must be (E, N, K) with N = dout.shape[1] = ", N, ", got w shape ",
            shape_str(w), " and dout shape ", shape_str(dout));
+  check_sizes(op, dout, R, "K (w.shape[2], the output columns)", K);
   check_offsets(op, expert_offsets, dout, "dout", R, E);
   auto pre = check_pre(op, preact, dout);
   OptionalDeviceGuard guard(dout);
@@ -192,6 +210,7 @@ Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::opt
   const int64_t R = dout.size(0), N = dout.size(1), K = a.size(1);
   NK_CHECK(a.size(0) == R, op, ": a must have dout's number of rows ", R, ", got a shape ", shape_str(a),
            " and dout shape ", shape_str(dout));
+  check_sizes(op, dout, R, "K (a.shape[1], the output columns)", K);
   const int64_t E = check_offsets(op, expert_offsets, dout, "dout", R, -1);
   auto pre = check_pre(op, preact, dout);
   OptionalDeviceGuard guard(dout);

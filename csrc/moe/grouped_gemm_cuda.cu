@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "common/arch.h"
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "moe/grouped_gemm.h"
@@ -448,10 +449,14 @@ __global__ void zero_empty_experts_kernel(const int32_t* off, int64_t R, int64_t
   }
 }
 
-int elementwise_blocks(int64_t n) {
-  const int b = ceil_div(n, kThreads);
-  return b < 1 ? 1 : (b > 4096 ? 4096 : b);
+// Blocks of a grid-stride kernel over n elements: ceil(n / kThreads) clamped to [1, cap], computed
+// in int64 (n may exceed what an int holds once divided).
+int grid_stride_blocks(int64_t n, int64_t cap) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(b < 1 ? 1 : (b > cap ? cap : b));
 }
+
+int elementwise_blocks(int64_t n) { return grid_stride_blocks(n, 4096); }
 
 int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
@@ -474,10 +479,10 @@ void launch_gemm(const GroupedGemmParams& p, cudaStream_t s, bool tc) {
     tile_offsets_kernel<<<1, 1024, 0, s>>>(p.offsets, p.E, p.R, bm, p.tile_offsets);
     NK_CUDA_LAUNCH_CHECK();
     const int64_t cols = MODE == kFwd ? p.N : p.K;
-    const int zblocks = ceil_div(p.R * cols, kThreads);
-    zero_outside_kernel<T><<<zblocks < 1024 ? zblocks : 1024, kThreads, 0, s>>>(
+    zero_outside_kernel<T><<<grid_stride_blocks(p.R * cols, 1024), kThreads, 0, s>>>(
         p.offsets, p.E, p.R, cols, static_cast<T*>(p.out), static_cast<T*>(MODE == kFwd ? p.pre_out : nullptr));
     NK_CUDA_LAUNCH_CHECK();
+    // R < 2^31 and cols <= 65535 * 64 (the entry's limits), E <= 65535: both fit their grid dims.
     grid = dim3(static_cast<unsigned>(ceil_div(p.R, bm) + p.E), ceil_div(cols, bn), 1);
   }
   if constexpr (!std::is_same_v<T, float>) {
@@ -537,16 +542,14 @@ void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
   }
   if (MODE == kWgrad) {
     const int64_t NK = p.N * p.K;
-    zero_empty_experts_kernel<T><<<dim3(ceil_div(NK, 4 * kThreads) < 64 ? ceil_div(NK, 4 * kThreads) : 64,
-                                        static_cast<unsigned>(p.E)), kThreads, 0, s>>>(p.offsets, p.R, NK,
-                                                                                       static_cast<T*>(p.out));
+    zero_empty_experts_kernel<T><<<dim3(grid_stride_blocks((NK + 3) / 4, 64), static_cast<unsigned>(p.E)), kThreads,
+                                   0, s>>>(p.offsets, p.R, NK, static_cast<T*>(p.out));
     NK_CUDA_LAUNCH_CHECK();
     arch_gemm(p, MODE, G, p.a, p.out, ws, s);
     return;
   }
   const int64_t cols = MODE == kFwd ? p.N : p.K;
-  const int zblocks = elementwise_blocks(p.R * cols);
-  zero_outside_kernel<T><<<zblocks < 1024 ? zblocks : 1024, kThreads, 0, s>>>(
+  zero_outside_kernel<T><<<grid_stride_blocks(p.R * cols, 1024), kThreads, 0, s>>>(
       p.offsets, p.E, p.R, cols, static_cast<T*>(p.out), static_cast<T*>(MODE == kFwd ? p.pre_out : nullptr));
   NK_CUDA_LAUNCH_CHECK();
   if (MODE == kDgrad) {
@@ -587,6 +590,8 @@ void dispatch(const GroupedGemmParams& p, void* stream) {
 
 bool aligned16_host(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
+constexpr int64_t kCutlassIntMax = 2147483647;
+
 }  // namespace
 
 int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
@@ -602,6 +607,13 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
                           static_cast<const void*>(p.pre_out)}) {
     if (!aligned16_host(ptr)) return 0;
   }
+  // The CUTLASS problem shapes are int (M = an expert's rows <= R, N, K): larger problems take the
+  // portable kernels. (The entry's limits, R < 2^31 and output columns <= 65535 * 64, keep every
+  // shape below 2^31 today; the guard keeps the int casts in grouped_gemm_cutlass.cuh safe if
+  // those limits are ever lifted.)
+  const bool fits_int = p.R <= kCutlassIntMax && p.N <= kCutlassIntMax && p.K <= kCutlassIntMax &&
+                        p.E <= kCutlassIntMax;
+  if (!fits_int) return 0;
   int dev = 0, major = 0, minor = 0;
   NK_CUDA_CHECK(cudaGetDevice(&dev));
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -610,9 +622,8 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
 #ifdef NK_HAS_SM90
   if (major == 9 && minor == 0) arch = 90;
 #endif
-#ifdef NK_HAS_SM100
-  if (major == 10 && minor == 0) arch = 100;
-#endif
+  // The sm_100 kernels run on the compute capabilities they were compiled for (common/arch.h).
+  if (sm100_kernels_run_on(major * 10 + minor)) arch = 100;
   if (arch == 0) return 0;
   const bool fused_bwd = op != kGgFwd && p.pre_in != nullptr;
   const int64_t g_bytes = fused_bwd ? align256(p.R * p.N * 2) : 0;

@@ -28,6 +28,46 @@ void check_map(const char* op, const char* arg, const Tensor& m, const Tensor& r
   check_same_device(op, arg, m, ref, ref_arg);
 }
 
+// The maps hold int32 slot and row indices: N slots and R rows must fit them.
+void check_map_sizes(const char* op, int64_t slots, int64_t rows) {
+  check_limit(op, "row_of_slot.shape[0] (slots, tokens * top_k)", slots, kInt32Max,
+              "slot indices are int32 (slot_of_row)", "dispatch the tokens in several calls");
+  check_limit(op, "the number of permuted rows", rows, kInt32Max, "row indices are int32 (row_of_slot)",
+              "dispatch the tokens in several calls");
+}
+
+// `top_k` >= 1 divides the N entries of row_of_slot; returns the tokens N / top_k.
+int64_t tokens_of(const char* op, const Tensor& row_of_slot, int64_t top_k) {
+  NK_CHECK(top_k >= 1 && row_of_slot.size(0) % top_k == 0, op,
+           ": top_k must be >= 1 and divide row_of_slot.shape[0] = ", row_of_slot.size(0), ", got ", top_k);
+  return row_of_slot.size(0) / top_k;
+}
+
+// CPU only (it reads the maps; on CUDA that would need a host sync): both maps are in range and
+// are the two maps of one plan, inverse to each other: slot_of_row[row_of_slot[s]] == s for every
+// kept slot and row_of_slot[slot_of_row[r]] == r for every non-padding row. The CUDA kernels
+// read one map each and bound-check every entry they use, so bad maps there are memory-safe and
+// give unspecified values (an out-of-range entry counts as padding / a dropped slot).
+void check_maps_agree(const char* op, const Tensor& row_of_slot, const Tensor& slot_of_row) {
+  if (!row_of_slot.is_cpu()) return;
+  const Tensor ros = torch::stable::contiguous(row_of_slot), sor = torch::stable::contiguous(slot_of_row);
+  const int32_t* rs = static_cast<const int32_t*>(ros.data_ptr());
+  const int32_t* sr = static_cast<const int32_t*>(sor.data_ptr());
+  const int64_t N = ros.size(0), R = sor.size(0);
+  for (int64_t r = 0; r < R; ++r)
+    NK_CHECK(sr[r] >= -1 && sr[r] < N, op, ": slot_of_row[", r, "] = ", sr[r], " is out of range [-1, ", N, ")");
+  for (int64_t s = 0; s < N; ++s)
+    NK_CHECK(rs[s] >= -1 && rs[s] < R, op, ": row_of_slot[", s, "] = ", rs[s], " is out of range [-1, ", R, ")");
+  for (int64_t s = 0; s < N; ++s)
+    NK_CHECK(rs[s] < 0 || sr[rs[s]] == s, op, ": row_of_slot and slot_of_row are not inverse maps: row_of_slot[",
+             s, "] = ", rs[s], " but slot_of_row[", rs[s], "] = ", rs[s] >= 0 ? sr[rs[s]] : -1,
+             " (pass the two maps of one moe_permute_plan)");
+  for (int64_t r = 0; r < R; ++r)
+    NK_CHECK(sr[r] < 0 || rs[sr[r]] == r, op, ": row_of_slot and slot_of_row are not inverse maps: slot_of_row[",
+             r, "] = ", sr[r], " but row_of_slot[", sr[r], "] = ", sr[r] >= 0 ? rs[sr[r]] : -1,
+             " (pass the two maps of one moe_permute_plan)");
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_plan(Tensor topk_ids, int64_t num_experts, int64_t pad_to) {
@@ -40,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_plan(Tensor topk_ids, int
   const int64_t N = topk_ids.size(0) * topk_ids.size(1);
   const int64_t R = N + num_experts * (pad_to - 1);
   NK_CHECK(R < std::numeric_limits<int32_t>::max(), op, ": ", N, " slots + num_experts * (pad_to - 1) = ", R,
-           " rows do not fit int32 row indices");
+           " rows do not fit int32 row indices; plan fewer tokens per call (or a smaller pad_to)");
   OptionalDeviceGuard guard(topk_ids);
   Tensor counts = new_empty(topk_ids, {num_experts}, ScalarType::Int);
   Tensor offsets = new_empty(topk_ids, {num_experts + 1}, ScalarType::Int);
@@ -78,8 +118,13 @@ Tensor moe_gather(Tensor x, Tensor slot_of_row, Tensor row_of_slot, int64_t top_
   check_map(op, "row_of_slot", row_of_slot, x, "x");
   NK_CHECK(top_k >= 1, op, ": top_k must be >= 1, got ", top_k);
   const int64_t T = x.size(0), L = x.size(1), R = slot_of_row.size(0);
-  NK_CHECK(row_of_slot.size(0) == T * top_k, op, ": row_of_slot must have x.shape[0] * top_k = ", T * top_k,
-           " entries (the plan of x's tokens), got shape ", shape_str(row_of_slot));
+  int64_t slots = 0;  // T * top_k, which may overflow for an absurd top_k
+  const bool overflow = __builtin_mul_overflow(T, top_k, &slots);
+  NK_CHECK(!overflow && row_of_slot.size(0) == slots, op, ": row_of_slot must have x.shape[0] * top_k = ",
+           overflow ? str_cat(T, " * ", top_k) : str_cat(slots), " entries (the plan of x's tokens), got shape ",
+           shape_str(row_of_slot));
+  check_map_sizes(op, row_of_slot.size(0), R);
+  check_maps_agree(op, row_of_slot, slot_of_row);
   OptionalDeviceGuard guard(x);
   Tensor out = new_empty(x, {R, L}, x.scalar_type());
   if (R == 0 || L == 0) return out;
@@ -103,9 +148,8 @@ Tensor moe_gather_bwd(Tensor dxs, Tensor row_of_slot, int64_t top_k) {
   const char* op = "moe_gather (backward)";
   check_act(op, "dxs", dxs);
   check_map(op, "row_of_slot", row_of_slot, dxs, "dxs");
-  NK_CHECK(top_k >= 1 && row_of_slot.size(0) % top_k == 0, op, ": top_k must be >= 1 and divide row_of_slot.shape[0] = ",
-           row_of_slot.size(0), ", got ", top_k);
-  const int64_t T = row_of_slot.size(0) / top_k, R = dxs.size(0), L = dxs.size(1);
+  const int64_t T = tokens_of(op, row_of_slot, top_k), R = dxs.size(0), L = dxs.size(1);
+  check_map_sizes(op, row_of_slot.size(0), R);
   OptionalDeviceGuard guard(dxs);
   Tensor dx = new_empty(dxs, {T, L}, dxs.scalar_type());
   if (T == 0 || L == 0) return dx;
@@ -128,9 +172,8 @@ int64_t check_combine(const char* op, const Tensor& y, const Tensor& row_of_slot
                       const std::optional<Tensor>& topk_weights, int64_t top_k) {
   check_act(op, "y", y);
   check_map(op, "row_of_slot", row_of_slot, y, "y");
-  NK_CHECK(top_k >= 1 && row_of_slot.size(0) % top_k == 0, op, ": top_k must be >= 1 and divide row_of_slot.shape[0] = ",
-           row_of_slot.size(0), ", got ", top_k);
-  const int64_t T = row_of_slot.size(0) / top_k;
+  const int64_t T = tokens_of(op, row_of_slot, top_k);
+  check_map_sizes(op, row_of_slot.size(0), y.size(0));
   if (topk_weights) {
     const Tensor& w = *topk_weights;
     check_dim(op, "topk_weights", w, 2);
@@ -162,6 +205,7 @@ Tensor moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, std::option
   const int64_t T = check_combine(op, y, row_of_slot, topk_weights, top_k);
   check_map(op, "slot_of_row", slot_of_row, y, "y");
   check_size(op, "slot_of_row", slot_of_row, 0, y.size(0));
+  check_maps_agree(op, row_of_slot, slot_of_row);
   const int64_t L = y.size(1);
   OptionalDeviceGuard guard(y);
   Tensor out = new_empty(y, {T, L}, y.scalar_type());
@@ -183,6 +227,7 @@ std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_
   const int64_t R = y.size(0), L = y.size(1);
   check_map(op, "slot_of_row", slot_of_row, y, "y");
   check_size(op, "slot_of_row", slot_of_row, 0, R);
+  check_maps_agree(op, row_of_slot, slot_of_row);
   check_act(op, "dout", dout);
   NK_CHECK(dout.size(0) == T && dout.size(1) == L, op, ": dout must have shape (", T, ", ", L, "), got ",
            shape_str(dout));

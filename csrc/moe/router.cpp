@@ -25,6 +25,11 @@ void check_logits(const char* op, const Tensor& logits) {
   NK_CHECK(logits.size(1) >= 1 && logits.size(1) <= kRouterMaxExperts, op,
            ": logits.shape[1] (the number of experts) must be in [1, ", kRouterMaxExperts, "], got shape ",
            shape_str(logits));
+  if (logits.is_cuda()) {
+    check_limit(op, "logits.shape[0] (tokens)", logits.size(0), 4 * kInt32Max,
+                "the most the CUDA kernels take (one warp per token, 4 per block: grid dimension x = ceil(T / 4))",
+                "route the tokens in several calls");
+  }
 }
 
 }  // namespace

@@ -70,6 +70,11 @@ void moe_router_bwd_cpu(const RouterBwdParams& p) {
       for (int j = 0; j < K; ++j) {
         NK_CHECK(ids[j] >= 0 && ids[j] < E, "moe_router (backward): topk_ids[", t, ", ", j, "] = ", ids[j],
                  " is out of range for ", E, " experts");
+        // A repeated expert would get two gradients written to one dlogits entry (the last wins).
+        for (int i = 0; i < j; ++i)
+          NK_CHECK(ids[i] != ids[j], "moe_router (backward): topk_ids[", t, ", ", j, "] = ", ids[j],
+                   " repeats topk_ids[", t, ", ", i, "]; each token's chosen experts must be distinct "
+                   "(as moe_router returns them)");
         ps[j] = router_sigmoid(l[ids[j]]);
         psum += ps[j];
         gp = fmaf(g[j], ps[j], gp);

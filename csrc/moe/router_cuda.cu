@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_bwd_kernel(RouterB
   float pj = 0.f, g = 0.f;
   if (lane < K) {
     id = p.ids[t * K + lane];
-    // An out-of-range id (the host cannot check without a sync) contributes nothing.
+    // An out-of-range id (the host cannot check without a sync) contributes nothing; a repeated
+    // id (also a CPU-only check) makes two lanes write one in-range entry: unspecified, memory-safe.
     if (id >= 0 && id < E) pj = router_sigmoid(l[id]);
     g = p.dweights[t * p.dw_st + lane];
   }

@@ -1,12 +1,14 @@
 // Op entry of nvfp4_gemm (nemokernels.nvfp4.gemm): argument checks (the one place they live),
-// output allocation, and routing: CPU -> C++ kernel; sm_100 -> CUTLASS block-scaled tcgen05
-// GEMM when the problem meets its alignment (else the portable kernel); other GPUs -> the
-// portable in-register dequantizing tensor-core kernel. Registered in torch_bindings.cpp.
+// output allocation, and routing: CPU -> C++ kernel; a GPU this build has the sm_100 kernels for
+// (nvfp4_gemm_cuda_path) -> CUTLASS block-scaled tcgen05 GEMM when the problem meets its
+// alignment (else the portable kernel); other GPUs -> the portable in-register dequantizing
+// tensor-core kernel. Registered in torch_bindings.cpp.
 #include "nvfp4/gemm.h"
 
 #include <cstdint>
 #include <optional>
 
+#include "common/arch.h"
 #include "common/check.h"
 #include "common/device.h"
 #include "common/tensor_utils.h"
@@ -52,13 +54,31 @@ void check_operand(const char* which, const Tensor& data, const Tensor& scales, 
 #ifdef NK_WITH_CUDA
 // The portable kernel, with its split-K workspace when it splits (few output tiles, long K).
 void gemm_cuda_portable(const Tensor& like, const Nvfp4GemmParams& p, void* stream) {
-  const int splits = nvfp4_gemm_cuda_splits(p, like.get_device_index());
+  const int splits = nvfp4_gemm_cuda_splits(p);
   Tensor ws = new_empty(like, {splits > 1 ? splits * p.M * p.N : 0}, ScalarType::Float);
   nvfp4_gemm_cuda(p, splits, splits > 1 ? static_cast<float*>(ws.data_ptr()) : nullptr, stream);
 }
 #endif
 
 }  // namespace
+
+#ifdef NK_WITH_CUDA
+int nvfp4_gemm_cuda_path(int device_index, int64_t M, int64_t N, int64_t K) {
+#ifdef NK_HAS_SM100
+  if (M > 0 && N > 0 && sm100_kernels_run_on(nvfp4_device_sm(device_index))) {
+    // Shape checks only: a stand-in 16-byte aligned address (never dereferenced) for the operands,
+    // which the entry makes 16-byte aligned before the call.
+    Nvfp4GemmParams q{};
+    q.M = M, q.N = N, q.K = K;
+    q.a_data = q.b_data = reinterpret_cast<const uint8_t*>(uintptr_t{256});
+    if (nvfp4_gemm_sm100_supported(q)) return kNvfp4PathCutlassSm100;
+  }
+#else
+  (void)device_index, (void)M, (void)N, (void)K;
+#endif
+  return kNvfp4PathPortable;
+}
+#endif
 
 Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data, Tensor b_scales,
                   Tensor b_global, ScalarType out_dtype, std::optional<Tensor> bias) {
@@ -79,6 +99,16 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
     check_size(kOp, "bias", *bias, 0, N);
     check_same_device(kOp, "bias", *bias, a_data, "a.data");
   }
+#ifdef NK_WITH_CUDA
+  const int path = a_data.is_cuda() ? nvfp4_gemm_cuda_path(a_data.get_device_index(), M, N, K) : kNvfp4PathPortable;
+  if (a_data.is_cuda() && path == kNvfp4PathPortable) {
+    check_limit(kOp, "M (a.data.shape[0])", M, kNvfp4PortableMaxM,
+                "the most the portable CUDA kernel takes (128-row tiles on grid dimension y <= 65535)",
+                "split a into row blocks of at most 8388480 rows");
+    check_limit(kOp, "K", K, kNvfp4PortableMaxK, "the most the portable CUDA kernel counts (int K tiles of 64)",
+                "split the reduction into several calls and add the results");
+  }
+#endif
   OptionalDeviceGuard guard(a_data);
   Tensor out = new_empty(a_data, {M, N}, out_dtype);
   if (M == 0 || N == 0) return out;
@@ -100,8 +130,7 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
   p.out_dtype = to_dtype(out_dtype);
 
 #ifdef NK_HAS_SM100
-  if (a_data.is_cuda() && nvfp4_device_sm(a_data.get_device_index()) == 100 &&
-      nvfp4_gemm_sm100_supported(p)) {
+  if (a_data.is_cuda() && path == kNvfp4PathCutlassSm100) {
     void* stream = current_cuda_stream(a_data.get_device_index());
     // Scales in the tensor-core layout, alpha as one device float, and (unless the result is
     // float32 without bias) a float32 accumulator that one pass converts and adds bias to.

@@ -49,10 +49,22 @@ void nvfp4_gemm_cpu(const Nvfp4GemmParams& p);
 // Row-major (rows, sf_cols) e4m3 bytes -> the swizzled layout above (padding zero-filled).
 void nvfp4_swizzle_scales_cpu(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols);
 
+// The CUDA kernel nvfp4_gemm runs for an (M, N, K) problem on a device (16-byte aligned operands,
+// which the entry guarantees): kNvfp4PathCutlassSm100 when this build has the sm_100 CUTLASS
+// kernel for the device's compute capability (common/arch.h) and the kernel takes the shape,
+// else kNvfp4PathPortable. The op routes by nvfp4_gemm_cuda_path and the tests ask the same
+// function (nemokernels.nvfp4.gemm_path, through _C) which path they exercise: one predicate.
+constexpr int kNvfp4PathPortable = 0;
+constexpr int kNvfp4PathCutlassSm100 = 100;
+// Limits of the portable kernel: 128-row tiles on grid dimension y, K tiles of 64 counted in int.
+constexpr int64_t kNvfp4PortableMaxM = 65535LL * 128;
+constexpr int64_t kNvfp4PortableMaxK = 2147483647LL * 64;
+
 #ifdef NK_WITH_CUDA
-// Number of K splits the portable kernel uses on `device_index` (1: none). With splits > 1 it
+int nvfp4_gemm_cuda_path(int device_index, int64_t M, int64_t N, int64_t K);
+// Number of K splits the portable kernel uses on the current device (1: none). With splits > 1 it
 // needs a float32 workspace of splits * M * N (partial sums, reduced in split order).
-int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p, int device_index);
+int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p);
 void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, void* stream);
 void nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols,
                                void* stream);

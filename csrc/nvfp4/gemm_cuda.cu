@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
@@ -322,14 +324,26 @@ __global__ void bias_convert_kernel(const float* __restrict__ acc, const float* 
   out[i] = from_f<OutT>(v);
 }
 
+// Blocks of a one-element-per-thread grid over n elements (grid dimension x < 2^31). n is at
+// most the bytes of a tensor in memory, so the limit is out of reach; the check keeps the int
+// conversion honest.
+unsigned blocks_1d(int64_t n, int threads, const char* what, const char* op = "nvfp4.gemm") {
+  const int64_t b = (n + threads - 1) / threads;
+  if (b > 2147483647LL) {
+    throw std::runtime_error(std::string("nemokernels: ") + op + ": " + what + " = " + std::to_string(n) +
+                             " elements exceed the one-thread-per-element grid (2^31 - 1 blocks of " +
+                             std::to_string(threads) + "); split the problem into several calls");
+  }
+  return static_cast<unsigned>(b < 1 ? 1 : b);
+}
+
 }  // namespace
 
-int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p, int device_index) {
+int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p) {
   // Split K only when the output tiles fill less than half the GPU and every split keeps at
   // least 4 K tiles (256 elements); at most 16 splits (the workspace is splits * M * N floats).
-  int sms = 0;
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_index));
-  const int64_t tiles = int64_t(ceil_div(p.M, kBM)) * ceil_div(p.N, kBN);
+  const int sms = sm_count();
+  const int64_t tiles = ((p.M + kBM - 1) / kBM) * ((p.N + kBN - 1) / kBN);
   const int64_t total_kt = (p.K + kBK - 1) / kBK;
   if (2 * tiles >= sms || total_kt < 8) return 1;
   int64_t splits = std::min<int64_t>({(sms + tiles - 1) / tiles, total_kt / 4, 16});
@@ -342,10 +356,14 @@ void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, voi
   if (splits < 1 || (splits > 1 && workspace == nullptr)) {
     throw std::runtime_error("nemokernels: nvfp4.gemm: internal: split-K needs a workspace");
   }
+  // The entry keeps M <= kNvfp4PortableMaxM (grid y) and K <= kNvfp4PortableMaxK (int K tiles).
   const int total_kt = static_cast<int>((p.K + kBK - 1) / kBK);
   const int per = splits > 1 ? (total_kt + splits - 1) / splits : std::max(total_kt, 1);
-  const dim3 grid(ceil_div(p.N, kBN), ceil_div(p.M, kBM), splits);
-  if (grid.y > 65535u) throw std::runtime_error("nemokernels: nvfp4.gemm: M too large for the CUDA grid");
+  const dim3 grid(static_cast<unsigned>((p.N + kBN - 1) / kBN), static_cast<unsigned>((p.M + kBM - 1) / kBM), splits);
+  if (p.M > kNvfp4PortableMaxM || p.K > kNvfp4PortableMaxK) {
+    throw std::runtime_error("nemokernels: nvfp4.gemm: internal: the entry lets through a problem past the "
+                             "portable kernel's limits");
+  }
   float* part = splits > 1 ? workspace : nullptr;
   switch (p.out_dtype) {
     case DType::F32: nvfp4_gemm_kernel<float><<<grid, kThreads, 0, s>>>(p, part, per); break;
@@ -354,7 +372,7 @@ void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, voi
   }
   NK_CUDA_LAUNCH_CHECK();
   if (splits == 1) return;
-  const int blocks = ceil_div(p.M * p.N, 256);
+  const unsigned blocks = blocks_1d(p.M * p.N, 256, "M * N");
   switch (p.out_dtype) {
     case DType::F32: split_reduce_kernel<float><<<blocks, 256, 0, s>>>(p, workspace, splits); break;
     case DType::F16: split_reduce_kernel<__half><<<blocks, 256, 0, s>>>(p, workspace, splits); break;
@@ -366,8 +384,8 @@ void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, voi
 void nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols, void* stream) {
   const int64_t size = nvfp4_sf_swizzled_size(rows, sf_cols);
   if (size == 0) return;
-  swizzle_scales_kernel<<<ceil_div(size, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(src, dst, rows, sf_cols,
-                                                                                             size);
+  swizzle_scales_kernel<<<blocks_1d(size, 256, "the swizzled scale bytes", "nvfp4_swizzle_scales"), 256, 0,
+                          static_cast<cudaStream_t>(stream)>>>(src, dst, rows, sf_cols, size);
   NK_CUDA_LAUNCH_CHECK();
 }
 
@@ -379,7 +397,7 @@ void nvfp4_alpha_cuda(const float* a_global, const float* b_global, float* alpha
 void nvfp4_bias_convert_cuda(const float* acc, const float* bias, void* out, DType out_dtype, int64_t M, int64_t N,
                              void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  const int blocks = ceil_div(M * N, 256);
+  const unsigned blocks = blocks_1d(M * N, 256, "M * N");
   switch (out_dtype) {
     case DType::F32: bias_convert_kernel<float><<<blocks, 256, 0, s>>>(acc, bias, static_cast<float*>(out), M, N); break;
     case DType::F16: bias_convert_kernel<__half><<<blocks, 256, 0, s>>>(acc, bias, static_cast<__half*>(out), M, N); break;

@@ -238,12 +238,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4Dequant
   }
 }
 
-int grid_limit() {
-  int dev = 0, sms = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return std::min<int>(NK_NVFP4_MAX_BLOCKS, sms * kBlocksPerSm);
-}
+int grid_limit() { return std::min<int>(NK_NVFP4_MAX_BLOCKS, sm_count() * kBlocksPerSm); }
 
 template <typename F>
 void dispatch(DType dt, F&& f) {

@@ -150,6 +150,13 @@ void check_tree(const char* op, const Tensor& cand, const Tensor& parents, int64
   check_id_values(op, "candidate_ids", cand, std::nullopt, 1, vocab);
 }
 
+// CUDA: one block per row (or per request) on grid dimension x.
+void check_grid_rows(const char* op, const char* what, int64_t rows, const Tensor& t) {
+  if (!t.is_cuda()) return;
+  check_limit(op, what, rows, kInt32Max, "the most the CUDA kernels take (one block each, grid dimension x)",
+              "verify the batch in several calls");
+}
+
 int64_t num_splits(const Tensor& t, int64_t rows, int64_t vocab) {
 #ifdef NK_WITH_CUDA
   if (t.is_cuda()) return spec_cuda_num_splits(rows, vocab);
@@ -199,6 +206,7 @@ std::tuple<Tensor, Tensor> spec_verify_greedy(Tensor draft_token_ids, Tensor tar
   check_logits(op, target_logits, batch, k + 1, draft_token_ids, "draft_token_ids");
   check_num_draft(op, num_draft_tokens, batch, k, draft_token_ids);
   const int64_t vocab = target_logits.size(2);
+  check_grid_rows(op, "batch * (k + 1) (rows of target_logits)", batch * (k + 1), target_logits);
   check_id_values(op, "draft_token_ids", draft_token_ids, num_draft_tokens, 0, vocab);
   OptionalDeviceGuard guard(target_logits);
   Tensor out = new_empty(draft_token_ids, {batch, k + 1}, ScalarType::Long);
@@ -236,6 +244,7 @@ std::tuple<Tensor, Tensor> spec_rejection_sample(Tensor draft_token_ids, std::op
   }
   check_num_draft(op, num_draft_tokens, batch, k, draft_token_ids);
   check_seed(op, seed_tensor, target_probs);
+  check_grid_rows(op, "batch", batch, target_probs);
   check_id_values(op, "draft_token_ids", draft_token_ids, num_draft_tokens, 0, vocab);
   if (draft_probs) check_distributions(op, "draft_probs", *draft_probs, num_draft_tokens, 0, 0);
   check_distributions(op, "target_probs", target_probs, num_draft_tokens, 0, 1);
@@ -281,6 +290,7 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_greedy(Tensor candidate_ids,
   NK_CHECK(max_depth >= 0 && max_depth < n, op, ": max_depth must be in [0, n_nodes - 1 = ", n - 1, "], got ",
            max_depth);
   const int64_t vocab = target_logits.size(2);
+  check_grid_rows(op, "batch * n_nodes (rows of target_logits)", batch * n, target_logits);
   check_tree(op, candidate_ids, parents, vocab);
   OptionalDeviceGuard guard(target_logits);
   Tensor out = new_empty(candidate_ids, {batch, max_depth + 1}, ScalarType::Long);
@@ -321,6 +331,7 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_i
   NK_CHECK(max_depth >= 0 && max_depth < n, op, ": max_depth must be in [0, n_nodes - 1 = ", n - 1, "], got ",
            max_depth);
   check_seed(op, seed_tensor, target_probs);
+  check_grid_rows(op, "batch", batch, target_probs);
   check_tree(op, candidate_ids, parents, vocab);
   check_distributions(op, "draft_probs", draft_probs, std::nullopt, 1, 0);
   check_distributions(op, "target_probs", target_probs, std::nullopt, 0, 0);
@@ -372,6 +383,7 @@ Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, dou
   check_param("top_k", top_k, ScalarType::Long);
   check_param("top_p", top_p, ScalarType::Float);
   check_param("min_p", min_p, ScalarType::Float);
+  check_grid_rows(op, "the rows of logits (batch * tokens)", batch * per_req, logits);
   std::optional<Tensor> tc = contiguous_opt(temperature), kc = contiguous_opt(top_k), pc = contiguous_opt(top_p),
                         mc = contiguous_opt(min_p);
   if (logits.is_cpu()) {

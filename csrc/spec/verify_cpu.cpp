@@ -154,7 +154,7 @@ void spec_verify_tree_rejection_cpu(const SpecTreeRejectionParams& p) {
           }
         }
         if (accepted >= 0) {
-          out[depth] = p.cand[b * p.c_sb + accepted * p.c_sn];
+          out[depth] = clamp_id(p.cand[b * p.c_sb + accepted * p.c_sn], p.vocab);  // as tested
           cur = accepted;
           ++depth;
           continue;

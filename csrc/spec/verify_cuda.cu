@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kTreeThreads, 1) tree_rejection_kernel(SpecTre
       scan = c + 1;
     }
     if (accepted >= 0) {
-      if (tid == 0) out[depth] = p.cand[b * p.c_sb + accepted * p.c_sn];
+      if (tid == 0) out[depth] = clamp_id(p.cand[b * p.c_sb + accepted * p.c_sn], p.vocab);  // as tested
       cur = accepted;
       ++depth;
       continue;
@@ -394,25 +394,12 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
   for (int64_t i = tid; i < V; i += blockDim.x) out[i] = out[i] >= thr ? out[i] / z : 0.f;
 }
 
-int num_sms() {
-  static int cached[64] = {};
-  int dev = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) dev = 0;
-  if (cached[dev] == 0) {
-    int n = 0;
-    NK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    cached[dev] = n > 0 ? n : 1;
-  }
-  return cached[dev];
-}
-
 unsigned walk_blocks(int64_t batch) { return static_cast<unsigned>((batch + kWalkThreads - 1) / kWalkThreads); }
 
 }  // namespace
 
 int64_t spec_cuda_num_splits(int64_t rows, int64_t vocab) {
-  const int64_t target_blocks = 4LL * num_sms();  // a few resident 256-thread blocks per SM
+  const int64_t target_blocks = 4LL * sm_count();  // a few resident 256-thread blocks per SM
   int64_t nsplit = (target_blocks + rows - 1) / (rows > 0 ? rows : 1);
   const int64_t max_split = (vocab + kMinChunk - 1) / kMinChunk;
   if (nsplit > max_split) nsplit = max_split;

@@ -121,7 +121,8 @@ NK_HD void rejection_finalize(const SpecRejectionParams& p, int64_t b) {
   const int64_t tok = i1 >= 0 ? i1 : (i2 >= 0 ? i2 : 0);
   int64_t* out = p.out + b * (p.k + 1);
   for (int64_t j = 0; j <= p.k; ++j) out[j] = -1;
-  for (int64_t j = 0; j < m; ++j) out[j] = p.draft[b * p.d_sb + j * p.d_st];
+  // Accepted drafts as tested (clamped): in-vocabulary even for ids the GPU could not check.
+  for (int64_t j = 0; j < m; ++j) out[j] = clamp_id(p.draft[b * p.d_sb + j * p.d_st], p.vocab);
   out[m] = tok;
   p.num_accepted[b] = m;
 }

@@ -97,13 +97,21 @@ def experts_ref(h: torch.Tensor, up: torch.Tensor, down: torch.Tensor, topk_ids:
 
 def latent_moe_ref(hidden, gate_weight, e_score_correction_bias, up, down, fc1=None, fc2=None,
                    shared_up=None, shared_down=None, *, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
-                   routed_scaling_factor=1.0):
+                   routed_scaling_factor=1.0, select_logits=None):
     """The whole NemotronHMoE forward in plain PyTorch. fc1 / fc2 / shared_up / shared_down are
-    nn.Linear-like callables (or None: identity / no shared expert)."""
+    nn.Linear-like callables (or None: identity / no shared expert). `select_logits` (T, E), when
+    given, choose the experts instead of the logits computed here, in their own dtype (a float64
+    reference can then route exactly as a float32 layer did, and still differentiate the weights
+    in float64)."""
     shape = hidden.shape
     h = hidden.reshape(-1, shape[-1])
     logits = F.linear(h.to(gate_weight.dtype), gate_weight)
-    ids, _ = router_select_ref(logits.detach(), e_score_correction_bias, top_k, n_group, topk_group)
+    if select_logits is None:
+        ids, _ = router_select_ref(logits.detach(), e_score_correction_bias, top_k, n_group, topk_group)
+    else:
+        sel = select_logits.detach()
+        bias = None if e_score_correction_bias is None else e_score_correction_bias.to(sel.dtype)
+        ids, _ = router_select_ref(sel, bias, top_k, n_group, topk_group)
     w = router_weights_ref(logits, ids, norm_topk_prob, routed_scaling_factor)
     lat = fc1(h) if fc1 is not None else h
     y = experts_ref(lat, up, down, ids, w)

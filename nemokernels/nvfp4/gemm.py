@@ -7,15 +7,17 @@ A_hat = e2m1(code) * e4m3(block scale), accumulated in float32, rounded once to 
 The global scales are read on the device (no host sync): CUDA-graph and torch.compile safe.
 
 Paths (schema in csrc/torch_bindings.cpp, kernels in csrc/nvfp4/gemm_*): CPU -> C++ tiled
-kernel; sm_100 -> CUTLASS block-scaled tcgen05 GEMM (when K % 32 == 0 and N % 4 == 0);
+kernel; a GPU whose compute capability this build compiled the sm_100 kernels for (100a: 10.0;
+103a: 10.3; 100f: both) -> CUTLASS block-scaled tcgen05 GEMM (when K % 32 == 0 and N % 4 == 0);
 other GPUs -> a tensor-core kernel that dequantizes in registers (no dequantized copy in
-memory). Not differentiable (NVFP4Linear builds its backward from further gemm calls); the
+memory). ``gemm_path(device, M, N, K)`` says which one a call takes (the op's own routing). Not differentiable (NVFP4Linear builds its backward from further gemm calls); the
 pure-PyTorch oracle is reference_gemm.gemm_reference.
 """
 from typing import Optional
 
 import torch
 
+from .. import _C
 from .reference_gemm import decode_reference
 from .tensor import NVFP4Tensor
 
@@ -53,6 +55,21 @@ def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16
     out = _ops.nvfp4_gemm(a.data.reshape(-1, a.data.shape[-1]), a.scales.reshape(-1, a.scales.shape[-1]),
                           a.global_scale, b.data, b.scales, b.global_scale, out_dtype, bias)
     return out.reshape(*lead, out.shape[-1])
+
+
+def gemm_path(device, M: int, N: int, K: int) -> str:
+    """The kernel ``gemm`` runs for an (M, N, K) problem on ``device``: "cpu", "cutlass_sm100"
+    (the CUTLASS block-scaled tcgen05 GEMM), "portable_cuda" (the in-register dequantizing
+    kernel), or "unavailable" (a CUDA device with a CPU-only build). The answer comes from the
+    op's own routing function (csrc/nvfp4/gemm.h nvfp4_gemm_cuda_path), so a test that gates on
+    it tests the path it names."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        return "unavailable"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _C.nvfp4_gemm_path(index, int(M), int(N), int(K))
 
 
 def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ def _race(w: torch.Tensor, e: Optional[torch.Tensor]) -> int:
     torch.multinomial when no exponentials are given. -1 when w is all zero."""
     if not (w > 0).any():
         return -1
-    if e is None:
-        return int(torch.multinomial(w.double(), 1))
+    if e is None:  # negative entries (a residual p - q) weigh nothing, as in the race below
+        return int(torch.multinomial(w.clamp_min(0).double(), 1))
     keys = torch.where(w > 0, e / w, torch.full_like(w, float("inf")))
     return int(keys.argmin())
 

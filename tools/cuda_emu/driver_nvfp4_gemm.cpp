@@ -14,7 +14,7 @@ EMU_EXPORT int emu_nvfp4_gemm_cuda(const nk::Nvfp4GemmParams* p, int splits, flo
   return emu::guarded([&] { nk::nvfp4_gemm_cuda(*p, splits, workspace, nullptr); }, err, errlen);
 }
 // The split count the op entry would pick (the emulator reports 132 SMs).
-EMU_EXPORT int emu_nvfp4_gemm_cuda_splits(const nk::Nvfp4GemmParams* p) { return nk::nvfp4_gemm_cuda_splits(*p, 0); }
+EMU_EXPORT int emu_nvfp4_gemm_cuda_splits(const nk::Nvfp4GemmParams* p) { return nk::nvfp4_gemm_cuda_splits(*p); }
 EMU_EXPORT int emu_nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, long long rows, long long cols,
                                              char* err, int errlen) {
   return emu::guarded([&] { nk::nvfp4_swizzle_scales_cuda(src, dst, rows, cols, nullptr); }, err, errlen);
