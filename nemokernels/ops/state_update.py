@@ -61,9 +61,16 @@ def selective_state_update(
 
     ``state_batch_indices`` (b,) int32 (int64 is converted): the state row of each entry;
     a negative index is a padded slot (state untouched, out = 0). Non-negative indices must
-    be distinct. An index >= state.shape[0] raises on the CPU; on CUDA (no host sync) it
-    gives NaN outputs and leaves the state untouched. Without indices, entry b uses row b.
-    Not differentiable (a decode-time op).
+    be distinct. Without indices, entry b uses row b. Not differentiable (a decode-time op).
+
+    Refused on every device (host-side checks of pointers and strides, no sync): a ``state``
+    that is an expanded view (stride 0) or whose elements overlap, and a ``state`` that
+    shares memory with any other argument. CPU-only checks (they read the index values, which
+    on CUDA would need a host sync): an index >= state.shape[0] raises, and so does a row held
+    by two entries (padded entries may repeat). On CUDA the kernel stays memory-safe instead:
+    an out-of-range index gives NaN outputs and leaves the state untouched; entries sharing a
+    row stay in bounds but race on it (that row's result is unspecified). CUDA limit: dstate
+    <= 512 for a float32 state, 1024 for float16 / bfloat16.
     """
     return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                        _indices(state_batch_indices))
@@ -93,6 +100,13 @@ def selective_state_update_multi(
     `selective_state_update` would leave, bit for bit. Padded entries (negative index) get
     zero outputs and zero snapshots. Pass the snapshots and the number of accepted tokens
     to `commit_state` to advance the cache.
+
+    ``state`` is only read, so indices may repeat. ``intermediate_states`` is written: it is
+    refused (on every device) when it is an expanded view, when its elements overlap, or when
+    it shares memory with ``state`` or any input (views of one buffer that share no element,
+    e.g. ``buf[:, 0]`` as the state and ``buf[:, 1:]`` as the snapshots, are fine). An index
+    >= state.shape[0] raises on the CPU only; on CUDA that entry's outputs and snapshots are
+    NaN.
     """
     if intermediate_states is None:
         intermediate_states = state.new_empty((x.shape[0], x.shape[1]) + tuple(state.shape[1:]))
