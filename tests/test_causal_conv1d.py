@@ -509,7 +509,24 @@ def test_update_padded_indices_may_repeat_and_views_of_one_buffer_are_fine(devic
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_strided_indices(device):
+    """conv_state_indices given as a strided view are read by their strides (they were read as
+    if contiguous)."""
+    dim, width = 16, 4
+    x = torch.randn(3, dim, device=device)
+    w, b = make_params(dim, width, torch.float32, device)
+    state = torch.randn(5, dim, 3, device=device)
+    wide = torch.tensor([4, 99, -1, 99, 1, 99], dtype=torch.int32, device=device)
+    ref_out, ref_state = causal_conv1d_update_ref(x.double(), state.double(), w.double(), b.double(), "silu",
+                                                  wide[::2])
+    out = nemokernels.causal_conv1d_update(x, state, w, b, activation="silu", conv_state_indices=wide[::2])
+    assert_close(out, ref_out, torch.float32)
+    assert torch.equal(state.double(), ref_state)
+
+
 @pytest.mark.gpu
+@pytest.mark.racecheck
 def test_update_duplicate_and_out_of_range_indices_stay_in_bounds_on_cuda():
     """CUDA cannot refuse index values without a host sync: duplicate rows race (unspecified
     values) and out-of-range rows give NaN, but nothing outside conv_state is touched, rows no

@@ -553,6 +553,7 @@ def test_strided_indices(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.racecheck
 def test_duplicate_indices_stay_in_bounds_on_cuda():
     """CUDA cannot refuse duplicate rows without a host sync: entries naming one row race on
     it (unspecified values), but nothing outside the state is written, rows no entry names are
