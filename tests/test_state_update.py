@@ -526,6 +526,60 @@ def test_public_functions_bad_input(device):
         nk.commit_state(inp["state"], torch.zeros(2, 3, 4, 8, 15, **dev), torch.zeros(2, dtype=torch.long, **dev))
 
 
+COMMIT_CASES = [
+    ("num_accepted_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it, acc[:1], idx),
+     r"commit_state: num_accepted must have shape \(2,\), got \(1,\)"),
+    ("snapshots_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it[..., :8], acc, idx),
+     r"commit_state: intermediate_states must be \(batch, T\) \+ state.shape\[1:\] = \(2, 3\) \+ \(4, 8, 16\), "
+     r"got \(2, 3, 4, 8, 8\)"),
+    ("indices_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx[:1]),
+     r"commit_state: state_batch_indices must have shape \(2,\), got \(1,\)"),
+    ("rows_without_indices", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st[:1], it, acc),
+     r"commit_state: state.shape\[0\] must be at least batch = 2 when state_batch_indices is None, "
+     r"got \(1, 4, 8, 16\)"),
+    ("indices_out_of_range", "cpu", RuntimeError,
+     lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx.new_tensor([0, 3])),
+     r"commit_state: state_batch_indices must be < state.shape\[0\] = 3 \(negative = padded slot\), got a larger row"),
+    ("indices_duplicate", "cpu", RuntimeError,
+     lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx.new_tensor([1, 1])),
+     r"commit_state: state_batch_indices holds a row twice"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", COMMIT_CASES, ids=[c[0] for c in COMMIT_CASES])
+def test_commit_state_bad_input(device, case):
+    _, where, exc, call, message = case
+    if where == "cpu" and device != "cpu":
+        pytest.skip("a CPU-only check (it reads index values); see test_commit_state_bad_rows_on_cuda")
+    state = torch.randn(3, 4, 8, 16, device=device)
+    before = state.clone()
+    inter = torch.randn(2, 3, 4, 8, 16, device=device)
+    acc = torch.tensor([2, 1], device=device)
+    idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    with pytest.raises(exc, match=message):
+        call(state, inter, acc, idx)
+    assert torch.equal(state, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_commit_state_bad_rows_on_cuda():
+    """CUDA cannot refuse index values without a host sync: a row past the end is skipped like a
+    padded one (no device assert, nothing written out of bounds), the others are committed."""
+    state = torch.randn(3, 4, 8, 16, device="cuda")
+    before = state.clone()
+    inter = torch.randn(3, 2, 4, 8, 16, device="cuda")
+    idx = torch.tensor([2, 2**30, -1], dtype=torch.int32, device="cuda")
+    nk.commit_state(state, inter, torch.tensor([2, 1, 1], device="cuda"), idx)
+    torch.cuda.synchronize()
+    assert torch.equal(state[2], inter[0, 1]) and torch.equal(state[:2], before[:2])
+    idx = torch.tensor([2**30, -5, 7], dtype=torch.int32, device="cuda")  # nothing valid: nothing changes
+    nk.commit_state(state, inter, torch.tensor([1, 1, 1], device="cuda"), idx)
+    torch.cuda.synchronize()
+    assert torch.equal(state[:2], before[:2]) and torch.equal(state[2], inter[0, 1])
+
+
 # ---------------------------------------------------------------- in-place safety
 
 
