@@ -566,17 +566,19 @@ void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
 
 template <typename T, int Q>
 void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
+  // Every limit (grids, F4's shared memory) checked before the first launch.
   const SsdFwdGrids g = fwd_grids(p);
+  const ScanSmem L = scan_smem<T, Q>(round_up16(static_cast<int>(p.dstate)), round_up16(static_cast<int>(p.headdim)));
+  int dev = 0, max_smem = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (L.bytes > static_cast<size_t>(max_smem))
+    throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: the CUDA chunk scan needs " +
+                             std::to_string(L.bytes) + " bytes of shared memory per block, the device allows " +
+                             std::to_string(max_smem) + "; use float16 / bfloat16 activations or a smaller "
+                             "headdim or dstate (the CPU path has no such limit)");
   launch_states<T, Q>(p, vec, st);
   {  // F4
-    const ScanSmem L = scan_smem<T, Q>(round_up16(static_cast<int>(p.dstate)), round_up16(static_cast<int>(p.headdim)));
-    int dev = 0, max_smem = 0;
-    NK_CUDA_CHECK(cudaGetDevice(&dev));
-    NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (L.bytes > static_cast<size_t>(max_smem))
-      throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: the CUDA chunk scan needs " +
-                               std::to_string(L.bytes) + " bytes of shared memory per block, the device allows " +
-                               std::to_string(max_smem));
     NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_scan_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.bytes)));
     chunk_scan_kernel<T, Q><<<to_dim3(g.scan), ScanTraits::kThreads, L.bytes, st>>>(p, vec);

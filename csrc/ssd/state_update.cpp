@@ -98,7 +98,8 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   if (state.is_cuda())
     NK_CHECK(N <= ssu_cuda_max_dstate(to_dtype(state.scalar_type())), op, ": dstate = ", N,
              " is too large for the CUDA kernel (at most ", ssu_cuda_max_dstate(to_dtype(state.scalar_type())),
-             " for a ", dtype_name(state.scalar_type()), " state)");
+             " for a ", dtype_name(state.scalar_type()), " state, ", ssu_cuda_max_dstate(DType::BF16),
+             " for a float16 / bfloat16 one; the CPU path takes any)");
   // What the op writes (the state in place, or the snapshots) must have its own memory: no
   // element twice, and nothing shared with a tensor read meanwhile.
   auto check_written = [&](const char* arg, const Tensor& w) {
