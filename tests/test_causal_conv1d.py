@@ -1,4 +1,6 @@
 """causal_conv1d_fn / causal_conv1d_update against the float64 reference (ops/reference.py)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -268,40 +270,309 @@ def test_empty_inputs(device):
 
 
 # ---------------------------------------------------------------- bad input
+#
+# One table per op: (id, where, call, message). The call mutates one argument of a good call
+# of the raw op; the message names the op, the argument, and what was expected and what came.
+# where: "any" (every device), "cpu" (a check that reads index values, CPU only: the CUDA
+# behaviour has its own tests), "cuda" (a device mix, or a CUDA-only limit).
+
+ops = torch.ops.nemokernels
+
+
+def good_args(device):
+    d = dict(device=device)
+    return SimpleNamespace(
+        x=torch.randn(2, 8, 10, **d), w=torch.randn(8, 4, **d), b=torch.randn(8, **d),
+        seq=torch.zeros(2, 10, dtype=torch.int32, **d), init=torch.randn(2, 8, 3, **d),
+        dout=torch.randn(2, 8, 10, **d), dfin=torch.randn(2, 8, 3, **d),
+        xu=torch.randn(3, 8, **d), state=torch.randn(4, 8, 3, **d),
+        idx=torch.tensor([2, -1, 0], dtype=torch.int32, **d))
+
+
+def fwd(t, **kw):
+    a = dict(x=t.x, weight=t.w, bias=t.b, seq_idx=None, initial_states=None, return_final_states=False, silu=True)
+    a.update(kw)
+    return ops.causal_conv1d_fwd(*a.values())
+
+
+def bwd(t, **kw):
+    a = dict(x=t.x, weight=t.w, bias=t.b, dout=t.dout, seq_idx=None, initial_states=t.init, dfinal_states=t.dfin,
+             return_dinitial_states=True, silu=True)
+    a.update(kw)
+    return ops.causal_conv1d_bwd(*a.values())
+
+
+def upd(t, **kw):
+    a = dict(x=t.xu, conv_state=t.state, weight=t.w, bias=t.b, silu=True, conv_state_indices=t.idx)
+    a.update(kw)
+    return ops.causal_conv1d_update(*a.values())
+
+
+def shared_state_and_x(t):
+    """conv_state and x carved from one buffer, overlapping."""
+    buf = torch.randn(200, device=t.x.device)
+    return buf[:96].view(4, 8, 3), buf[:24].view(3, 8)
+
+
+F_ = r"causal_conv1d_fn: "
+B_ = r"causal_conv1d_fn \(backward\): "
+U_ = r"causal_conv1d_update: "
+DEVMIX = r" is on cpu but {} is on cuda:\d+; all tensors must be on one device"
+FLOATS = r"must be one of \{float32, float16, bfloat16\}, got "
+
+FWD_CASES = [
+    ("x_dtype", "any", lambda t: fwd(t, x=t.x.long()), F_ + "x " + FLOATS + "int64"),
+    ("x_rank", "any", lambda t: fwd(t, x=t.x[0]), F_ + r"x must have 3 dimensions, got shape \(8, 10\)"),
+    ("weight_rank", "any", lambda t: fwd(t, weight=t.w[0]), F_ + r"weight must have 2 dimensions, got shape \(4,\)"),
+    ("weight_dtype", "any", lambda t: fwd(t, weight=t.w.int()), F_ + "weight " + FLOATS + "int32"),
+    ("weight_dim", "any", lambda t: fwd(t, weight=t.w.new_zeros(9, 4)),
+     F_ + r"weight.shape\[0\] must be 8, got shape \(9, 4\)"),
+    ("width_5", "any", lambda t: fwd(t, weight=t.w.new_zeros(8, 5)),
+     F_ + r"weight.shape\[1\] \(the conv width\) must be 2, 3 or 4, got 5"),
+    ("width_empty", "any", lambda t: fwd(t, weight=t.w.new_zeros(8, 0)),
+     F_ + r"weight.shape\[1\] \(the conv width\) must be 2, 3 or 4, got 0"),
+    ("bias_size", "any", lambda t: fwd(t, bias=t.b[:7]), F_ + r"bias.shape\[0\] must be 8, got shape \(7,\)"),
+    ("bias_rank", "any", lambda t: fwd(t, bias=t.b[:, None]), F_ + r"bias must have 1 dimensions, got shape \(8, 1\)"),
+    ("seq_idx_dtype", "any", lambda t: fwd(t, seq_idx=t.seq.long()),
+     F_ + r"seq_idx must be one of \{int32\}, got int64"),
+    ("seq_idx_batch", "any", lambda t: fwd(t, seq_idx=t.seq[:1]),
+     F_ + r"seq_idx.shape\[0\] must be 2, got shape \(1, 10\)"),
+    ("seq_idx_len", "any", lambda t: fwd(t, seq_idx=t.seq[:, :9]),
+     F_ + r"seq_idx.shape\[1\] must be 10, got shape \(2, 9\)"),
+    ("seq_idx_with_init", "any", lambda t: fwd(t, seq_idx=t.seq, initial_states=t.init),
+     F_ + "initial_states must be None when seq_idx is given"),
+    ("seq_idx_with_final", "any", lambda t: fwd(t, seq_idx=t.seq, return_final_states=True),
+     F_ + "return_final_states is not supported with seq_idx"),
+    ("init_len", "any", lambda t: fwd(t, initial_states=t.init[..., :2]),
+     F_ + r"initial_states.shape\[2\] must be 3, got shape \(2, 8, 2\)"),
+    ("init_batch", "any", lambda t: fwd(t, initial_states=t.init[:1]),
+     F_ + r"initial_states.shape\[0\] must be 2, got shape \(1, 8, 3\)"),
+    ("init_dtype", "any", lambda t: fwd(t, initial_states=t.init.half()),
+     F_ + "initial_states must have x's dtype float32, got float16"),
+    ("weight_device", "cuda", lambda t: fwd(t, weight=t.w.cpu()), F_ + "weight" + DEVMIX.format("x")),
+    ("seq_idx_device", "cuda", lambda t: fwd(t, seq_idx=t.seq.cpu()), F_ + "seq_idx" + DEVMIX.format("x")),
+    ("init_device", "cuda", lambda t: fwd(t, initial_states=t.init.cpu()), F_ + "initial_states" + DEVMIX.format("x")),
+]
+
+BWD_CASES = [
+    ("x_dtype", "any", lambda t: bwd(t, x=t.x.long()), B_ + "x " + FLOATS + "int64"),
+    ("x_rank", "any", lambda t: bwd(t, x=t.x[0]), B_ + r"x must have 3 dimensions, got shape \(8, 10\)"),
+    ("weight_dim", "any", lambda t: bwd(t, weight=t.w[:7]), B_ + r"weight.shape\[0\] must be 8, got shape \(7, 4\)"),
+    ("width_5", "any", lambda t: bwd(t, weight=t.w.new_zeros(8, 5)),
+     B_ + r"weight.shape\[1\] \(the conv width\) must be 2, 3 or 4, got 5"),
+    ("bias_size", "any", lambda t: bwd(t, bias=t.b[:7]), B_ + r"bias.shape\[0\] must be 8, got shape \(7,\)"),
+    ("dout_rank", "any", lambda t: bwd(t, dout=t.dout[0]), B_ + r"dout must have 3 dimensions, got shape \(8, 10\)"),
+    ("dout_shape", "any", lambda t: bwd(t, dout=t.dout[..., :9]),
+     B_ + r"dout must have x's shape \(2, 8, 10\), got \(2, 8, 9\)"),
+    ("dout_dtype", "any", lambda t: bwd(t, dout=t.dout.half()), B_ + "dout must have x's dtype float32, got float16"),
+    ("dfinal_shape", "any", lambda t: bwd(t, dfinal_states=t.dfin[..., :2]),
+     B_ + r"dfinal_states must have shape \(2, 8, 3\), got \(2, 8, 2\)"),
+    ("dfinal_dtype", "any", lambda t: bwd(t, dfinal_states=t.dfin.bfloat16()),
+     B_ + "dfinal_states must have x's dtype float32, got bfloat16"),
+    ("dfinal_with_seq_idx", "any",
+     lambda t: bwd(t, seq_idx=t.seq, initial_states=None, return_dinitial_states=False),
+     B_ + "dfinal_states must be None when seq_idx is given"),
+    ("dinit_with_seq_idx", "any",
+     lambda t: bwd(t, seq_idx=t.seq, initial_states=None, dfinal_states=None),
+     B_ + "return_dinitial_states must be False when seq_idx is given"),
+    ("seq_idx_len", "any", lambda t: bwd(t, seq_idx=t.seq[:, :9], initial_states=None, dfinal_states=None,
+                                         return_dinitial_states=False),
+     B_ + r"seq_idx.shape\[1\] must be 10, got shape \(2, 9\)"),
+    ("init_len", "any", lambda t: bwd(t, initial_states=t.init[..., :2]),
+     B_ + r"initial_states.shape\[2\] must be 3, got shape \(2, 8, 2\)"),
+    ("dout_device", "cuda", lambda t: bwd(t, dout=t.dout.cpu()), B_ + "dout" + DEVMIX.format("x")),
+    ("dfinal_device", "cuda", lambda t: bwd(t, dfinal_states=t.dfin.cpu()), B_ + "dfinal_states" + DEVMIX.format("x")),
+]
+
+UPDATE_CASES = [
+    ("x_rank_1", "any", lambda t: upd(t, x=t.xu[0]),
+     U_ + r"x must be \(batch, dim\) or \(batch, dim, seqlen\), got shape \(8,\)"),
+    ("x_rank_4", "any", lambda t: upd(t, x=t.xu[:, :, None, None]),
+     U_ + r"x must be \(batch, dim\) or \(batch, dim, seqlen\), got shape \(3, 8, 1, 1\)"),
+    ("x_dtype", "any", lambda t: upd(t, x=t.xu.long()), U_ + "x " + FLOATS + "int64"),
+    ("weight_dim", "any", lambda t: upd(t, weight=t.w[:7]), U_ + r"weight.shape\[0\] must be 8, got shape \(7, 4\)"),
+    ("state_rank", "any", lambda t: upd(t, conv_state=t.state[0]),
+     U_ + r"conv_state must have 3 dimensions, got shape \(8, 3\)"),
+    ("state_dtype", "any", lambda t: upd(t, conv_state=t.state.half()),
+     U_ + "conv_state must have x's dtype float32, got float16"),
+    ("state_dim", "any", lambda t: upd(t, conv_state=t.state.new_zeros(4, 9, 3)),
+     U_ + r"conv_state.shape\[1\] must be 8, got shape \(4, 9, 3\)"),
+    ("state_len", "any", lambda t: upd(t, conv_state=t.state[..., :2].contiguous()),
+     U_ + r"conv_state.shape\[2\] must be at least width - 1 = 3, got shape \(4, 8, 2\)"),
+    ("state_rows", "any", lambda t: upd(t, conv_state=t.state[:2], conv_state_indices=None),
+     U_ + r"conv_state.shape\[0\] must be at least batch = 3 when conv_state_indices is None, got shape \(2, 8, 3\)"),
+    ("indices_dtype", "any", lambda t: upd(t, conv_state_indices=t.idx.long()),
+     U_ + r"conv_state_indices must be one of \{int32\}, got int64"),
+    ("indices_rank", "any", lambda t: upd(t, conv_state_indices=t.idx[:, None]),
+     U_ + r"conv_state_indices must have 1 dimensions, got shape \(3, 1\)"),
+    ("indices_size", "any", lambda t: upd(t, conv_state_indices=t.idx[:2]),
+     U_ + r"conv_state_indices.shape\[0\] must be 3, got shape \(2,\)"),
+    ("indices_out_of_range", "cpu", lambda t: upd(t, conv_state_indices=t.idx.new_tensor([2, 4, 0])),
+     U_ + r"conv_state_indices\[1\] = 4 is out of range for conv_state with 4 rows \(expected -1 for a padded "
+          r"slot or 0..3\)"),
+    ("indices_duplicate", "cpu", lambda t: upd(t, conv_state_indices=t.idx.new_tensor([2, -1, 2])),
+     U_ + r"conv_state_indices holds row 2 twice \(entries 0 and 2\); each conv_state row is updated in place"),
+    ("state_expanded", "any", lambda t: upd(t, conv_state=t.state[:1].expand(4, 8, 3)),
+     U_ + r"conv_state is written, so it must not be an expanded view \(stride 0 in dimension 0 of size 4\)"),
+    ("state_self_overlap", "any", lambda t: upd(t, conv_state=t.state.as_strided((4, 8, 3), (8, 1, 1))),
+     U_ + r"conv_state is written, so its elements must not overlap in memory; .* got shape \(4, 8, 3\)"),
+    ("state_shares_x", "any", lambda t: upd(t, **dict(zip(("conv_state", "x"), shared_state_and_x(t)))),
+     U_ + r"conv_state must not share memory with x \(conv_state is written while x is read\)"),
+    ("state_shares_weight", "any",
+     lambda t: upd(t, conv_state=(s := torch.randn(4, 8, 4, device=t.x.device)), weight=s[1]),
+     U_ + r"conv_state must not share memory with weight"),
+    ("state_device", "cuda", lambda t: upd(t, conv_state=t.state.cpu()), U_ + "conv_state" + DEVMIX.format("x")),
+    ("indices_device", "cuda", lambda t: upd(t, conv_state_indices=t.idx.cpu()),
+     U_ + "conv_state_indices" + DEVMIX.format("x")),
+]
+
+
+def run_bad_case(device, where, call, message):
+    if where == "cpu" and device != "cpu":
+        pytest.skip("a CPU-only check (it reads index values); the CUDA behaviour has its own test")
+    if where == "cuda" and device != "cuda":
+        pytest.skip("needs a CUDA tensor (a device mix)")
+    t = good_args(device)
+    with pytest.raises(RuntimeError, match=message):
+        call(t)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise_clear_errors(device):
-    x = torch.randn(2, 8, 10, device=device)
-    w, b = make_params(8, 4, torch.float32, device)
-    cases = [
-        (lambda: nemokernels.causal_conv1d_fn(x.long(), w, b), "x must be one of"),
-        (lambda: nemokernels.causal_conv1d_fn(x[0], w, b), "x must have 3 dimensions"),
-        (lambda: nemokernels.causal_conv1d_fn(x, torch.randn(8, 5, device=device), b), "width"),
-        (lambda: nemokernels.causal_conv1d_fn(x, torch.randn(9, 4, device=device), b), r"weight.shape\[0\] must be 8"),
-        (lambda: nemokernels.causal_conv1d_fn(x, w, torch.randn(7, device=device)), r"bias.shape\[0\] must be 8"),
-        (lambda: nemokernels.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 9, dtype=torch.int32, device=device)), r"seq_idx.shape\[1\]"),
-        (lambda: nemokernels.causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 10, dtype=torch.int32, device=device),
-                                              initial_states=torch.zeros(2, 8, 3, device=device)), "initial_states must be None"),
-        (lambda: nemokernels.causal_conv1d_fn(x, w, b, initial_states=torch.zeros(2, 8, 2, device=device)), r"initial_states.shape\[2\] must be 3"),
-        (lambda: nemokernels.causal_conv1d_fn(x, w, b, initial_states=torch.zeros(2, 8, 3, device=device, dtype=torch.float16)), "initial_states must have x's dtype"),
-        (lambda: nemokernels.causal_conv1d_update(x[..., 0], torch.zeros(2, 8, 2, device=device), w, b), "conv_state.shape"),
-        (lambda: nemokernels.causal_conv1d_update(x[..., 0], torch.zeros(2, 8, 3, device=device, dtype=torch.float16), w, b), "conv_state must have x's dtype"),
-        (lambda: nemokernels.causal_conv1d_update(x[..., 0], torch.zeros(1, 8, 3, device=device), w, b), "conv_state.shape\\[0\\] must be at least"),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
-    with pytest.raises(ValueError, match="activation"):
-        nemokernels.causal_conv1d_fn(x, w, b, activation="relu")
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_forward_bad_input(device, case):
+    run_bad_case(device, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_backward_bad_input(device, case):
+    run_bad_case(device, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=[c[0] for c in UPDATE_CASES])
+def test_update_bad_input(device, case):
+    run_bad_case(device, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_functions_bad_input(device):
+    t = good_args(device)
+    with pytest.raises(ValueError, match="causal_conv1d: activation must be None, 'silu' or 'swish', got 'relu'"):
+        nemokernels.causal_conv1d_fn(t.x, t.w, t.b, activation="relu")
+    with pytest.raises(ValueError, match="activation must be"):
+        nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, activation="gelu")
+    # The wrappers reach the same checks (int64 indices are converted first).
+    with pytest.raises(RuntimeError, match=F_ + r"weight.shape\[0\] must be 8"):
+        nemokernels.causal_conv1d_fn(t.x, t.w[:7], t.b)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=U_ + "conv_state_indices holds row 0 twice"):
+            nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, conv_state_indices=torch.tensor([0, 0, -1]))
+
+
+# ---------------------------------------------------------------- in-place safety of the update
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_refusals_leave_the_state_untouched(device):
+    """Every refused update (expanded, self-overlapping or shared state; on the CPU duplicate
+    or out-of-range rows) raises before anything is written."""
+    t = good_args(device)
+    before = t.state.clone()
+    bad = [dict(conv_state_indices=t.idx.new_tensor([1, 1, -1])), dict(conv_state_indices=t.idx.new_tensor([1, 9, 0]))]
+    if device == "cpu":
+        for kw in bad:
+            with pytest.raises(RuntimeError, match=U_ + "conv_state_indices"):
+                upd(t, **kw)
+    with pytest.raises(RuntimeError, match="must not share memory with x"):
+        upd(t, x=t.state[:3, :, 0])
+    assert torch.equal(t.state, before)
+    expanded = t.state[:1].expand(4, 8, 3)
+    with pytest.raises(RuntimeError, match="expanded view"):
+        upd(t, conv_state=expanded)
+    assert torch.equal(t.state, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_padded_indices_may_repeat_and_views_of_one_buffer_are_fine(device):
+    """Negative (padded) indices repeat freely; a state and an x that are interleaved views of
+    one buffer sharing no element are not an overlap."""
+    dim, width = 8, 4
+    buf = torch.randn(5, dim, width, device=device)
+    state, x = buf[..., :3], buf[:4, :, 3]  # x (4, dim) lives in the column next to the state
+    w, b = make_params(dim, width, torch.float32, device)
+    idx = torch.tensor([-1, 3, -1, 0], dtype=torch.int32, device=device)
+    ref_out, ref_state = causal_conv1d_update_ref(x.double(), state.double(), w.double(), b.double(), "silu", idx)
+    out = nemokernels.causal_conv1d_update(x, state, w, b, activation="silu", conv_state_indices=idx)
+    assert_close(out, ref_out, torch.float32)
+    assert torch.equal(state.double(), ref_state)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_strided_indices(device):
+    """conv_state_indices given as a strided view are read by their strides (they were read as
+    if contiguous)."""
+    dim, width = 16, 4
+    x = torch.randn(3, dim, device=device)
+    w, b = make_params(dim, width, torch.float32, device)
+    state = torch.randn(5, dim, 3, device=device)
+    wide = torch.tensor([4, 99, -1, 99, 1, 99], dtype=torch.int32, device=device)
+    ref_out, ref_state = causal_conv1d_update_ref(x.double(), state.double(), w.double(), b.double(), "silu",
+                                                  wide[::2])
+    out = nemokernels.causal_conv1d_update(x, state, w, b, activation="silu", conv_state_indices=wide[::2])
+    assert_close(out, ref_out, torch.float32)
+    assert torch.equal(state.double(), ref_state)
 
 
 @pytest.mark.gpu
-def test_mixed_devices_raise():
-    x = torch.randn(2, 8, 10, device="cuda")
-    w, b = make_params(8, 4, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
-        nemokernels.causal_conv1d_fn(x, w, None)
+@pytest.mark.racecheck
+def test_update_duplicate_and_out_of_range_indices_stay_in_bounds_on_cuda():
+    """CUDA cannot refuse index values without a host sync: duplicate rows race (unspecified
+    values) and out-of-range rows give NaN, but nothing outside conv_state is touched, rows no
+    valid entry names are untouched, and the other entries are exact."""
+    dim, width = 64, 4
+    buf = torch.full((8, dim, 3), float("nan"), device="cuda")
+    state = buf[1:7]  # guard rows 0 and 7 around the 6 rows of the state
+    state.copy_(torch.randn(6, dim, 3, device="cuda"))
+    before = state.clone()
+    w, b = make_params(dim, width, torch.float32, "cuda")
+    x = torch.randn(5, dim, device="cuda")
+    idx = torch.tensor([2, 4, 2, 2**30, -1], dtype=torch.int32, device="cuda")
+    out = nemokernels.causal_conv1d_update(x, state, w, b, activation="silu", conv_state_indices=idx)
+    torch.cuda.synchronize()
+    assert torch.isnan(buf[0]).all() and torch.isnan(buf[7]).all(), "memory around conv_state was written"
+    for r in (0, 1, 3, 5):
+        assert torch.equal(state[r], before[r]), f"row {r} (named by no valid entry) changed"
+    ref_out, ref_state = causal_conv1d_update_ref(x[1:2].double(), before[4:5].double(), w.double(), b.double(), "silu")
+    assert_close(out[1:2], ref_out, torch.float32)
+    assert torch.equal(state[4:5].double(), ref_state)
+    assert torch.isnan(out[3]).all() and torch.equal(out[4], torch.zeros_like(out[4]))
+    assert torch.isfinite(state[2]).all()
+
+
+# ---------------------------------------------------------------- launch limits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequence_past_one_cuda_grid_of_time_tiles(device):
+    """65535 x 64 + 100 time steps: past grid.y of the channel-last CUDA forward before its
+    time tiles were grid-strided (CUDA refused the launch above ~4.19M tokens). The CPU path has
+    no such limit. Forward and backward against float64 F.conv1d."""
+    L, dim, width = 65535 * 64 + 100, 4, 4
+    x = torch.randn(1, L, dim, device=device).transpose(1, 2).requires_grad_()  # channel-last
+    w, b = make_params(dim, width, torch.float32, device)
+    w.requires_grad_()
+    out = nemokernels.causal_conv1d_fn(x, w, b, activation="silu")
+    g = torch.randn(1, dim, L, device=device)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.silu(F.conv1d(x64, w64.unsqueeze(1), b.double(), padding=width - 1, groups=dim)[..., :L])
+    rdx, rdw = torch.autograd.grad(ref, (x64, w64), g.double())
+    assert_close(out, ref, torch.float32, what="out")
+    assert_close(out[..., -1000:], ref[..., -1000:], torch.float32, what="the last time tiles")
+    assert_close(dx, rdx, torch.float32, factor=10, what="dx")
+    assert_close(dw, rdw, torch.float32, factor=100, what="dweight (4.2M-term sums)")
 
 
 # ---------------------------------------------------------------- GPU agrees with CPU kernel
@@ -362,7 +633,8 @@ def test_torch_compile_fullgraph(device):
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-5)
     assert torch.equal(s1, s2), "the in-place state update must survive compilation"
     (gx,) = torch.autograd.grad(compiled, x)
-    assert torch.isfinite(gx).all()
+    (gx_eager,) = torch.autograd.grad(eager, x)
+    assert torch.allclose(gx, gx_eager, rtol=1e-5, atol=1e-6), "the compiled backward must match eager"
 
 
 @pytest.mark.gpu

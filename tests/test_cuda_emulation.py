@@ -545,3 +545,181 @@ def test_emulated_conversions_round_to_nearest_even():
     back = torch.empty(n)
     lib.emu_half2float(ctypes.c_void_p(h.data_ptr()), ctypes.c_void_p(back.data_ptr()), n)
     assert torch.equal(back, v.to(torch.float16).float())
+
+
+def test_transform_leaves_no_launch_syntax():
+    """Every <<<...>>> launch of the kernel files becomes an emulated launch."""
+    for cu in list(KERNELS.values()) + [CSRC / "ssd" / "state_update_cuda.cu"]:
+        src = cu.read_text()
+        out, stats = emu_transform.transform(src, str(cu))
+        assert stats["launches"] == src.count("<<<") and "<<<" not in out, (cu.name, stats)
+
+
+# ---- launch limits (csrc/ssd/launch_limits.h) --------------------------------------------------
+# The grids of the SSD family's CUDA kernels are computed in a plain C++ header, compiled here on
+# its own (no CUDA, no torch) behind a small extern "C" shim, and checked at and past CUDA's
+# limits (grid.x <= 2^31 - 1, grid.y and grid.z <= 65535) with sizes no GPU memory would hold.
+# The CPU kernels have none of these limits.
+
+LIMITS_SHIM = r"""
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include "ssd/launch_limits.h"
+
+namespace {
+int fail(const std::exception& e, char* msg, int n) {
+  std::strncpy(msg, e.what(), n - 1);
+  msg[n - 1] = 0;
+  return 1;
+}
+void put(const nk::LaunchGrid& g, int64_t* out) { out[0] = g.x; out[1] = g.y; out[2] = g.z; }
+}  // namespace
+
+#define NK_SHIM(body) try { body; return 0; } catch (const std::exception& e) { return fail(e, msg, n); }
+
+#pragma GCC visibility push(default)
+extern "C" {
+int lim_conv_fwd(int64_t b, int64_t d, int64_t l, int chlast, int vc, int64_t* o, char* msg, int n) {
+  NK_SHIM(put(nk::conv1d_fwd_grid(b, d, l, chlast != 0, vc), o))
+}
+int lim_conv_bwd(int64_t b, int64_t d, int64_t l, int chlast, int vc, int64_t target, int64_t* o, char* msg, int n) {
+  NK_SHIM(auto g = nk::conv1d_bwd_grid(b, d, l, chlast != 0, vc, target); put(g.grid, o); o[3] = g.time_blocks)
+}
+int lim_conv_update(int64_t b, int64_t d, int64_t* o, char* msg, int n) { NK_SHIM(put(nk::conv1d_update_grid(b, d), o)) }
+int lim_conv_final(int64_t b, int64_t d, int w, int64_t* o, char* msg, int n) {
+  NK_SHIM(put(nk::conv1d_final_states_grid(b, d, w), o))
+}
+int lim_ssd_fwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t q, int64_t nseq, int64_t* o, char* msg,
+                int n) {
+  NK_SHIM(auto g = nk::ssd_fwd_grids(b, nc, h, p, nn, q, nseq); put(g.cumsum, o); put(g.state, o + 3);
+          put(g.passing, o + 6); put(g.scan, o + 9); put(g.varlen, o + 12))
+}
+int lim_ssd_bwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t q, int64_t hs, int64_t* o, char* msg,
+                int n) {
+  NK_SHIM(auto g = nk::ssd_bwd_grids(b, nc, h, p, nn, q, hs); put(g.dstates, o); put(g.state_bwd, o + 3);
+          put(g.col, o + 6); put(g.row, o + 9); put(g.chunk_fin, o + 12))
+}
+int lim_grid(int64_t x, int64_t y, int64_t z, int64_t* o, char* msg, int n) {
+  NK_SHIM(put(nk::checked_grid("some_op", "some", {x, y, z}, "advice x", "advice y", "advice z"), o))
+}
+}
+#pragma GCC visibility pop
+"""
+
+_LIMITS = []
+
+
+def limits():
+    """ctypes handle of the launch-limit shim, built once per content hash (build_emulated)."""
+    if not _LIMITS:
+        bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
+        bdir.mkdir(parents=True, exist_ok=True)
+        src = bdir / f"launch_limits_shim_{hashlib.sha256(LIMITS_SHIM.encode()).hexdigest()[:16]}.cpp"
+        if not src.exists():
+            src.write_text(LIMITS_SHIM)
+        _LIMITS.append(ctypes.CDLL(str(build_emulated("launch_limits", src, {}, families=("ssd",)))))
+    return _LIMITS[0]
+
+
+def grid_of(fn, *args, n_out=3):
+    """(grid values, None) or (None, error message) of a shim function."""
+    out = (ctypes.c_int64 * 16)()
+    msg = ctypes.create_string_buffer(1024)
+    cargs = [ctypes.c_int64(a) if isinstance(a, int) and not isinstance(a, bool) else ctypes.c_int(int(a))
+             for a in args]
+    f = getattr(limits(), fn)
+    f.restype = ctypes.c_int
+    rc = f(*cargs, out, msg, len(msg))
+    return (list(out[:n_out]), None) if rc == 0 else (None, msg.value.decode())
+
+
+I32 = 2**31 - 1
+
+
+def test_grid_check_names_dimension_limit_and_advice():
+    assert grid_of("lim_grid", I32, 65535, 65535)[0] == [I32, 65535, 65535]
+    for dims, dim, val, lim, adv in [((I32 + 1, 1, 1), "x", I32 + 1, I32, "advice x"),
+                                     ((1, 65536, 1), "y", 65536, 65535, "advice y"),
+                                     ((1, 1, 65536), "z", 65536, 65535, "advice z"),
+                                     ((0, 1, 1), "x", 0, I32, "advice x")]:
+        _, msg = grid_of("lim_grid", *dims)
+        assert msg == (f"nemokernels: some_op: the CUDA some kernel needs grid.{dim} = {val} blocks, CUDA allows "
+                       f"1..{lim}; {adv}"), msg
+
+
+def test_conv1d_forward_grid_has_no_sequence_limit():
+    """The channel-last forward used grid.y = ceil(L / 64): 'invalid configuration' past 65535 x 64
+    = 4,194,240 tokens. Its time tiles are now grid-strided: grid.y is capped, any L fits."""
+    for L in (65535 * 64, 65535 * 64 + 1, 10**9, 2**40):
+        g, err = grid_of("lim_conv_fwd", 1, 4096, L, True, 8)
+        assert err is None and g == [4096 // 256, min(-(-L // 64), 65535), 1], (L, g, err)
+    g, err = grid_of("lim_conv_fwd", 1, 64, I32 * 512, False, 1)  # time-major: L on grid.x (2^31 - 1 blocks of 512)
+    assert err is None and g == [I32, 64, 1]
+    _, err = grid_of("lim_conv_fwd", 1, 64, (I32 + 1) * 512, False, 1)
+    assert "causal_conv1d_fn: the CUDA forward kernel needs grid.x = 2147483648 blocks" in err
+    assert "passing each piece's final states on as the next one's initial states" in err
+
+
+@pytest.mark.parametrize("fn,args", [("lim_conv_fwd", (True, 8)), ("lim_conv_fwd", (False, 1)),
+                                     ("lim_conv_bwd", (True, 4, 1056)), ("lim_conv_bwd", (False, 1, 1056))])
+def test_conv1d_batch_limit(fn, args):
+    assert grid_of(fn, 65535, 64, 100, *args)[1] is None
+    _, err = grid_of(fn, 65536, 64, 100, *args)
+    assert err.startswith("nemokernels: causal_conv1d_fn") and "grid.z = 65536 blocks, CUDA allows 1..65535" in err
+    assert "split the batch into calls of at most 65535 rows" in err
+
+
+def test_conv1d_backward_grid_folds_time():
+    """The backward's time blocks stay within grid.y (channel-last) whatever the length, and the
+    partial rows the entry allocates are batch x time_blocks."""
+    for L in (1, 100, 65535 * 64 + 1, 2**40):
+        g, err = grid_of("lim_conv_bwd", 2, 512, L, True, 4, 132 * 8, n_out=4)
+        assert err is None and 1 <= g[1] <= 65535 and g[3] == g[1] and g[2] == 2, (L, g)
+        g, err = grid_of("lim_conv_bwd", 2, 512, L, False, 1, 132 * 8, n_out=4)
+        assert err is None and g[3] == g[0] and g[1] == 512, (L, g)
+
+
+def test_conv1d_update_and_final_state_limits():
+    assert grid_of("lim_conv_update", 65535, 4096)[0] == [32, 65535, 1]
+    _, err = grid_of("lim_conv_update", 65536, 4096)
+    assert err.startswith("nemokernels: causal_conv1d_update: the CUDA update kernel needs grid.y = 65536 blocks")
+    assert grid_of("lim_conv_final", 65535, 8192, 4)[1] is None
+    _, err = grid_of("lim_conv_final", 65535, 2**22, 4)
+    assert "causal_conv1d_fn: the CUDA final-states kernel needs grid.x" in err
+
+
+def test_ssd_forward_grid_limits():
+    # At the limit: batch 2^31 - 1 with one chunk of 64, one head, P = N = 8: every grid is 2^31 - 1.
+    g, err = grid_of("lim_ssd_fwd", I32, 1, 1, 8, 8, 64, 0, n_out=15)
+    assert err is None and g[0] == I32 and g[3] == g[6] == g[9] == I32, g
+    _, err = grid_of("lim_ssd_fwd", I32 + 1, 1, 1, 8, 8, 64, 0)
+    assert err.startswith("nemokernels: mamba_chunk_scan_combined: the CUDA chunk_cumsum kernel needs grid.x = "
+                          "2147483648 blocks, CUDA allows 1..2147483647; split the batch, or the sequence")
+    _, err = grid_of("lim_ssd_fwd", I32, 1, 1, 8, 8, 128, 0)  # two row tiles per chunk
+    assert "the CUDA chunk_scan kernel needs grid.x = 4294967294" in err
+    assert grid_of("lim_ssd_fwd", 1, 1, 32 * 65535, 8, 8, 64, 0)[1] is None
+    _, err = grid_of("lim_ssd_fwd", 1, 1, 32 * 65535 + 1, 8, 8, 64, 0)
+    assert "chunk_cumsum kernel needs grid.y = 65536" in err and "at most 2097120 heads" in err
+    _, err = grid_of("lim_ssd_fwd", 1, 1, 2**16, 8, 8, 64, 2**15)
+    assert "the CUDA varlen_states kernel needs grid.x = 2147483648" in err and "fewer sequences" in err
+
+
+def test_ssd_backward_grid_limits():
+    """The backward cast its grid sizes to unsigned unchecked (2^32 blocks wrapped to 0, 2^31
+    made an invalid launch); every grid-sized kernel is now checked, by name."""
+    g, err = grid_of("lim_ssd_bwd", I32, 1, 1, 8, 8, 64, 1, n_out=15)
+    assert err is None and [g[0], g[3], g[6], g[9], g[12]] == [I32] * 5, g
+    cases = [((1, 2**15, 2**16, 8, 8, 64, 1), "dstates", 2**31),                # b nc H tiles
+             ((2**31, 1, 1, 8, 8, 64, 1), "dstates", 2**31),
+             ((1, 1, 2**31, 8, 8, 64, 1), "dstates", 2**31),
+             ((I32, 1, 1, 8, 8, 128, 1), "col", 2 * I32),                       # two position tiles
+             ((1, 2**20, 2**11, 8, 8, 64, 1), "dstates", 2**31)]
+    for args, kernel, blocks in cases:
+        _, err = grid_of("lim_ssd_bwd", *args)
+        assert err == (f"nemokernels: mamba_chunk_scan_combined (backward): the CUDA {kernel} kernel needs grid.x = "
+                       f"{blocks} blocks, CUDA allows 1..2147483647; split the batch, or the sequence (passing "
+                       f"final_states on as initial_states), into smaller calls"), (args, err)
+    # Large state tiles: state_bwd has P*N/1024 blocks per (b, h), dstates 2 x 4 tiles per chunk.
+    _, err = grid_of("lim_ssd_bwd", 2**24, 1, 16, 128, 256, 64, 16)
+    assert "the CUDA dstates kernel needs grid.x = 2147483648" in err

@@ -243,5 +243,34 @@ def test_out_of_range_index_gives_nan():
     out = run_emulated(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
                        idx, snaps, multi=True)
     assert torch.isnan(out[1]).all() and torch.isnan(snaps[1]).all()
-    assert not torch.isnan(out[0]).any() and not torch.isnan(snaps[0]).any()
     assert torch.equal(t["state"], state0)
+    # The valid entry is exactly what the CPU kernel gives it (entry 1 padded there: the CPU
+    # refuses an out-of-range index).
+    out_ref, snaps_ref = nemokernels.selective_state_update_multi(
+        t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+        dt_softplus=True, state_batch_indices=torch.tensor([1, -1], dtype=torch.int32))
+    _same(out[:1], out_ref[:1], "out of the valid entry")
+    _same(snaps[:1], snaps_ref[:1], "snapshots of the valid entry")
+
+
+def test_duplicate_and_out_of_range_rows_stay_in_bounds():
+    """The in-place step with index values the CUDA entry cannot check (no host sync): two
+    entries naming one row, one past the end, one padded. Nothing outside the state is written
+    (NaN guard rows around it stay NaN), rows no entry names are untouched, the out-of-range
+    entry gives NaN and the padded one zeros."""
+    H, P, N = 2, 4, 16
+    t = make_inputs(4, 1, H, P, 1, N, torch.float32, torch.float32, multi=False, head_decay=True,
+                    state_layout="contig", idx=None, seed=5)
+    buf = torch.full((7, H, P, N), float("nan"))
+    state = buf[1:6]  # 5 rows between guard rows 0 and 6
+    state.copy_(t["state"][:5])
+    before = state.clone()
+    idx = torch.tensor([3, 3, 2**30, -1], dtype=torch.int32)
+    out = run_emulated(state, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True, idx,
+                       None, multi=False)
+    assert torch.isnan(buf[0]).all() and torch.isnan(buf[6]).all(), "memory around the state was written"
+    for r in (0, 1, 2, 4):
+        assert torch.equal(state[r], before[r]), f"row {r} (named by no entry) changed"
+    assert torch.isnan(out[2]).all() and torch.equal(out[3], torch.zeros_like(out[3]))
+    # The entries naming row 3 race on it on a GPU (unspecified result), but stay finite.
+    assert torch.isfinite(state[3]).all() and torch.isfinite(out[:2]).all()

@@ -1,6 +1,8 @@
 """rmsnorm_fn / RMSNormGated (gated RMSNorm of the Mamba-2 mixer) against the float64 reference
 (ops/reference.py): forward, gradients of x, weight, bias and z, every option, odd shapes and
 strides, bad inputs, opcheck, torch.compile."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -222,15 +224,30 @@ def test_backward_deterministic(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_gradients_finite_in_a_stack(device):
-    """Several gated norms in a row (with the gate recomputed from the output), bf16."""
+    """Several gated norms in a row (with the gate recomputed from the output), bf16: the
+    gradients of x and of every weight are finite and match the float64 stack. Every layer's
+    output is rounded to bf16 on our side and the residual stream carries those roundings to
+    dx: measured 1.3-1.5x the bf16 tolerance over 15 seeds, hence 4x (dweight: 0.6x, 2x)."""
     dim = 256
     norms = [nemokernels.RMSNormGated(dim, group_size=64, device=device, dtype=torch.bfloat16) for _ in range(6)]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.copy_(1.0 + 0.3 * torch.randn(dim, device=device))
     x = torch.randn(4, 33, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     h = x
     for n in norms:
         h = n(h, z=h * 0.5) + h
     h.float().square().mean().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(n.weight.grad).all() for n in norms)
+    x64 = x.detach().double().requires_grad_()
+    w64 = [n.weight.detach().double().requires_grad_() for n in norms]
+    h64 = x64
+    for n, w in zip(norms, w64):
+        h64 = rmsnorm_gated_ref(h64, w, None, z=h64 * 0.5, eps=n.eps, group_size=64) + h64
+    h64.square().mean().backward()
+    assert_close(x.grad, x64.grad, torch.bfloat16, factor=4, what="dx through 6 norms")
+    for i, (n, w) in enumerate(zip(norms, w64)):
+        assert_close(n.weight.grad, w.grad, torch.bfloat16, factor=2, what=f"dweight of norm {i}")
 
 
 # ---------------------------------------------------------------- module
@@ -275,46 +292,114 @@ def test_empty_inputs(device):
 # ---------------------------------------------------------------- bad input
 
 
+# One table per op: (id, where, call, message). The call changes one argument of a good call of
+# the raw op; the message names the op, the argument, and what was expected and what came.
+# where: "any" (every device) or "cuda" (a device mix). Every check here is a shape, dtype,
+# device or scalar check: none reads tensor values, so none is CPU-only.
+
+ops = torch.ops.nemokernels
+
+
+def good_args(device):
+    d = dict(device=device)
+    x = torch.randn(2, 3, 64, **d)
+    return SimpleNamespace(x=x, z=torch.randn(2, 3, 64, **d), w=torch.randn(64, **d), b=torch.randn(64, **d),
+                           dout=torch.randn(2, 3, 64, **d), rstd=torch.rand(2, 3, 4, **d) + 0.5)
+
+
+def fwd(t, **kw):
+    a = dict(x=t.x, weight=t.w, bias=t.b, z=t.z, eps=1e-6, group_size=16, norm_before_gate=False)
+    a.update(kw)
+    return ops.rmsnorm_gated_fwd(*a.values())
+
+
+def bwd(t, **kw):
+    a = dict(dout=t.dout, x=t.x, weight=t.w, bias=t.b, z=t.z, rstd=t.rstd, group_size=16, norm_before_gate=False)
+    a.update(kw)
+    return ops.rmsnorm_gated_bwd(*a.values())
+
+
+R_ = r"rmsnorm_fn: "
+RB_ = r"rmsnorm_fn \(backward\): "
+FLOATS = r"must be one of \{float32, float16, bfloat16\}, got "
+DEVMIX = r" is on cpu but x is on cuda:\d+; all tensors must be on one device"
+
+FWD_CASES = [
+    ("x_scalar", "any", lambda t: fwd(t, x=t.x[0, 0, 0], z=None),
+     R_ + r"x must have at least 1 dimension \(..., D\), got a 0-d tensor"),
+    ("x_dtype", "any", lambda t: fwd(t, x=t.x.double(), z=None), R_ + "x " + FLOATS + "float64"),
+    ("weight_rank", "any", lambda t: fwd(t, weight=t.w[:, None]),
+     R_ + r"weight must have 1 dimensions, got shape \(64, 1\)"),
+    ("weight_size", "any", lambda t: fwd(t, weight=t.w[:63]),
+     R_ + r"weight must have shape \(D,\) = \(64,\) where D = x.shape\[-1\], got \(63,\)"),
+    ("weight_dtype", "any", lambda t: fwd(t, weight=t.w.long()), R_ + "weight " + FLOATS + "int64"),
+    ("bias_size", "any", lambda t: fwd(t, bias=t.b[:32]),
+     R_ + r"bias must have shape \(D,\) = \(64,\) where D = x.shape\[-1\], got \(32,\)"),
+    ("bias_dtype", "any", lambda t: fwd(t, bias=t.b.int()), R_ + "bias " + FLOATS + "int32"),
+    ("z_shape", "any", lambda t: fwd(t, z=t.z[:, :2]), R_ + r"z must have x's shape \(2, 3, 64\), got \(2, 2, 64\)"),
+    ("z_dtype", "any", lambda t: fwd(t, z=t.z.half()), R_ + "z must have x's dtype float32, got float16"),
+    ("group_size_zero", "any", lambda t: fwd(t, group_size=0), R_ + "group_size must be positive, got 0"),
+    ("group_size_negative", "any", lambda t: fwd(t, group_size=-16), R_ + "group_size must be positive, got -16"),
+    ("group_size_divides", "any", lambda t: fwd(t, group_size=48),
+     R_ + r"group_size \(48\) must divide D = x.shape\[-1\] \(64\)"),
+    ("eps_negative", "any", lambda t: fwd(t, eps=-1.0), R_ + r"eps must be finite and >= 0, got -1\.0*"),
+    ("eps_nan", "any", lambda t: fwd(t, eps=float("nan")), R_ + "eps must be finite and >= 0, got -?nan"),
+    ("eps_inf", "any", lambda t: fwd(t, eps=float("inf")), R_ + "eps must be finite and >= 0, got inf"),
+    ("weight_device", "cuda", lambda t: fwd(t, weight=t.w.cpu()), R_ + "weight" + DEVMIX),
+    ("z_device", "cuda", lambda t: fwd(t, z=t.z.cpu()), R_ + "z" + DEVMIX),
+]
+
+BWD_CASES = [
+    ("dout_shape", "any", lambda t: bwd(t, dout=t.dout[:1]),
+     RB_ + r"dout must have x's shape \(2, 3, 64\), got \(1, 3, 64\)"),
+    ("dout_dtype", "any", lambda t: bwd(t, dout=t.dout.bfloat16()),
+     RB_ + "dout must have x's dtype float32, got bfloat16"),
+    ("rstd_dtype", "any", lambda t: bwd(t, rstd=t.rstd.half()), RB_ + "rstd must be float32, got float16"),
+    ("rstd_groups", "any", lambda t: bwd(t, rstd=t.rstd[..., :0]),
+     RB_ + r"rstd must have shape x.shape\[:-1\] \+ \(D / group_size,\) = x.shape\[:-1\] \+ \(4,\), got \(2, 3, 0\)"),
+    ("rstd_rank", "any", lambda t: bwd(t, rstd=t.rstd[0]),
+     RB_ + r"rstd must have shape x.shape\[:-1\] \+ \(D / group_size,\) = x.shape\[:-1\] \+ \(4,\), got \(3, 4\)"),
+    ("z_shape", "any", lambda t: bwd(t, z=t.z[..., :32]),
+     RB_ + r"z must have x's shape \(2, 3, 64\), got \(2, 3, 32\)"),
+    ("weight_size", "any", lambda t: bwd(t, weight=t.w[:60]),
+     RB_ + r"weight must have shape \(D,\) = \(64,\) where D = x.shape\[-1\], got \(60,\)"),
+    ("bias_rank", "any", lambda t: bwd(t, bias=t.b[None]), RB_ + r"bias must have 1 dimensions, got shape \(1, 64\)"),
+    ("group_size_divides", "any", lambda t: bwd(t, group_size=24),
+     RB_ + r"group_size \(24\) must divide D = x.shape\[-1\] \(64\)"),
+    ("x_dtype", "any", lambda t: bwd(t, x=t.x.long()), RB_ + "x " + FLOATS + "int64"),
+    ("rstd_device", "cuda", lambda t: bwd(t, rstd=t.rstd.cpu()), RB_ + "rstd" + DEVMIX),
+    ("dout_device", "cuda", lambda t: bwd(t, dout=t.dout.cpu()), RB_ + "dout" + DEVMIX),
+]
+
+
+def run_bad_case(device, where, call, message):
+    if where == "cuda" and device != "cuda":
+        pytest.skip("needs a CUDA tensor (a device mix)")
+    t = good_args(device)
+    with pytest.raises(RuntimeError, match=message):
+        call(t)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise_clear_errors(device):
-    x = torch.randn(2, 3, 64, device=device)
-    z = torch.randn(2, 3, 64, device=device)
-    w = torch.randn(64, device=device)
-    f = nemokernels.rmsnorm_fn
-    cases = [
-        (lambda: f(x, w, z=z, group_size=48), r"group_size \(48\) must divide D = x.shape\[-1\] \(64\)"),
-        (lambda: f(x, w, z=z, group_size=0), "group_size must be positive"),
-        (lambda: f(x, torch.randn(63, device=device), z=z), r"weight must have shape \(D,\) = \(64,\)"),
-        (lambda: f(x, torch.randn(64, 1, device=device), z=z), "weight must have 1 dimensions"),
-        (lambda: f(x, w, torch.randn(32, device=device), z=z), r"bias must have shape \(D,\) = \(64,\)"),
-        (lambda: f(x, w, z=z[:, :2]), r"z must have x's shape \(2, 3, 64\), got \(2, 2, 64\)"),
-        (lambda: f(x, w, z=z.half()), "z must have x's dtype float32, got float16"),
-        (lambda: f(x.double(), w.double()), "x must be one of {float32, float16, bfloat16}, got float64"),
-        (lambda: f(x.long(), w), "x must be one of"),
-        (lambda: f(x, w.long()), "weight must be one of"),
-        (lambda: f(x, w, eps=-1.0), "eps must be finite and >= 0"),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
-    # The message names the public op.
-    with pytest.raises(RuntimeError, match="rmsnorm_fn: group_size"):
-        f(x, w, group_size=5)
-    ops = torch.ops.nemokernels
-    _, rstd = ops.rmsnorm_gated_fwd(x, w, None, z, 1e-6, 64, False)
-    with pytest.raises(RuntimeError, match=r"rmsnorm_fn \(backward\): rstd must have shape"):
-        ops.rmsnorm_gated_bwd(x, x, w, None, z, rstd[..., :0], 64, False)
-    with pytest.raises(RuntimeError, match=r"dout must have x's shape"):
-        ops.rmsnorm_gated_bwd(x[:1], x, w, None, z, rstd, 64, False)
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_forward_bad_input(device, case):
+    run_bad_case(device, *case[1:])
 
 
-@pytest.mark.gpu
-def test_mixed_devices_raise():
-    x = torch.randn(2, 64, device="cuda")
-    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
-        nemokernels.rmsnorm_fn(x, torch.randn(64))
-    with pytest.raises(RuntimeError, match="z is on cpu but x is on cuda"):
-        nemokernels.rmsnorm_fn(x, torch.randn(64, device="cuda"), z=torch.randn(2, 64))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_backward_bad_input(device, case):
+    run_bad_case(device, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_functions_bad_input(device):
+    """The public function and the module reach the same checks."""
+    t = good_args(device)
+    with pytest.raises(RuntimeError, match=R_ + r"group_size \(5\) must divide D = x.shape\[-1\] \(64\)"):
+        nemokernels.rmsnorm_fn(t.x, t.w, group_size=5)
+    with pytest.raises(RuntimeError, match=R_ + r"weight must have shape \(D,\) = \(64,\)"):
+        nemokernels.RMSNormGated(32, device=device)(t.x)
 
 
 # ---------------------------------------------------------------- GPU agrees with CPU kernel

@@ -1,5 +1,7 @@
 """mamba_chunk_scan_combined against the float64 recurrence (ssd_scan_ref), forward and
 backward, every option, packed sequences, state hand-over, bad input."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,17 +196,28 @@ def test_gradient_through_final_states_only(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_deep_stack_gradients_are_finite(device, dtype):
-    """mamba 352/445/672: NaN gradients in bf16 at the first step and in deeper stacks."""
+    """mamba 352/445/672: NaN gradients in bf16 at the first step and in deeper stacks. The
+    input gradient through 6 residual layers is finite and matches the float64 recurrence
+    through the same stack (bf16: every layer's output is rounded, so the bound is looser)."""
     Q = chunk_for(device, 16)
     b, L, H, P, G, N = 2, 3 * Q + 1, 4, 16, 2, 16
     h = torch.randn(b, L, H, P, device=device, dtype=dtype, requires_grad=True)
-    out = h
+    out, layers = h, []
     for _ in range(6):
         inp = make_inputs(b, L, H, P, G, N, dtype, device, D="head", z=True)
+        layers.append(inp)
         inp["x"] = out
         out = call(inp, Q, dt_softplus=True) + out
     out.float().square().mean().backward()
     assert torch.isfinite(h.grad).all()
+    h64 = h.detach().double().requires_grad_()
+    out64 = h64
+    for inp in layers:
+        d = {k: (v.detach().double() if torch.is_tensor(v) else v) for k, v in inp.items()}
+        out64 = ssd_scan_ref(out64, d["dt"], d["A"], d["B"], d["C"], D=d["D"], z=d["z"], dt_bias=d["dt_bias"],
+                             dt_softplus=True) + out64
+    out64.square().mean().backward()
+    assert_close(h.grad, h64.grad, dtype, factor=1 if dtype == torch.float32 else 2, what="dh through 6 layers")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -348,11 +361,18 @@ def test_every_cuda_kernel_small(dtype):
             v.requires_grad_(True)
         y, fin, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_final_states=True,
                            return_varlen_states=True)
-        (y.float().sum() + fin.sum()).backward()
-        _, (yr, fr, vr) = ref64(inp, seq_idx=varlen_from_cu_seqlens(cu, L), cu_seqlens=cu, dt_softplus=True,
+        gy = torch.randn_like(y)
+        ((y.float() * gy.float()).sum() + fin.sum()).backward()
+        d, (yr, fr, vr) = ref64(inp, seq_idx=varlen_from_cu_seqlens(cu, L), cu_seqlens=cu, dt_softplus=True,
                                 return_final_states=True, return_varlen_states=True)
         assert_close(y, yr, dtype, factor=2, what=f"y Q={Q}")
+        assert_close(fin, fr, dtype, factor=2, what=f"final Q={Q}")
         assert_close(var, vr, dtype, factor=2, what=f"varlen Q={Q}")
+        ((yr * gy.double()).sum() + fr.sum()).backward()
+        got, want = grads_of(inp), grads_of(d)
+        assert set(got) == set(want)
+        for k in want:
+            assert_close(got[k], want[k], dtype, factor=10 if dtype == torch.float32 else 2, what=f"grad {k} Q={Q}")
 
 
 @pytest.mark.gpu
@@ -373,41 +393,233 @@ def test_cuda_graph_replay_sees_new_inputs():
 
 
 # ---------------------------------------------------------------- bad input
+#
+# One table per op: (id, where, call, message). The call changes one argument of a good call of
+# the raw op; the message names the op, the argument, and what was expected and what came.
+# where: "any" (every device), "cpu" (a check that reads index values, CPU only: on CUDA any
+# values are memory-safe, see test_bad_index_values_stay_in_bounds_on_cuda), "cuda" (a device
+# mix, or a CUDA-only limit).
+
+ops = torch.ops.nemokernels
+INF = float("inf")
+
+
+def good_args(device):
+    Q = chunk_for(device, 8)
+    i = make_inputs(1, 20, 4, 8, 2, 8, torch.float32, device, init=True)
+    cu = torch.tensor([0, 5, 5, 12, 20], dtype=torch.int32, device=device)
+    return SimpleNamespace(Q=Q, cu=cu, sid=varlen_from_cu_seqlens(cu, 20), dout=torch.randn_like(i["x"]),
+                           y_pre=torch.randn_like(i["x"]), dfin=torch.randn_like(i["initial_states"]),
+                           **{k: v for k, v in i.items()})
+
+
+def fwd(t, **kw):
+    a = dict(x=t.x, dt=t.dt, A=t.A, B=t.B, C=t.C, chunk_size=t.Q, D=t.D, z=t.z, dt_bias=t.dt_bias,
+             initial_states=t.initial_states, seq_idx=None, cu_seqlens=None, dt_softplus=True, dt_min=0.0,
+             dt_max=INF, return_final_states=True, return_varlen_states=False, save_y_pre=False)
+    a.update(kw)
+    return ops.ssd_chunk_scan_fwd(*a.values())
+
+
+def varlen(t, **kw):
+    a = dict(seq_idx=t.sid, cu_seqlens=t.cu, return_varlen_states=True)
+    a.update(kw)
+    return fwd(t, **a)
+
+
+def bwd(t, **kw):
+    a = dict(dout=t.dout, x=t.x, dt=t.dt, A=t.A, B=t.B, C=t.C, chunk_size=t.Q, D=t.D, z=t.z, y_pre=t.y_pre,
+             dt_bias=t.dt_bias, initial_states=t.initial_states, seq_idx=None, dfinal_states=t.dfin,
+             dt_softplus=True, dt_min=0.0, dt_max=INF, return_dinitial_states=True)
+    a.update(kw)
+    return ops.ssd_chunk_scan_bwd(*a.values())
+
+
+def batch_two(t):
+    """The good arguments expanded to batch 2 (read-only inputs may be expanded views)."""
+    e = lambda v: v.expand(2, *v.shape[1:])  # noqa: E731
+    return dict(x=e(t.x), dt=e(t.dt), B=e(t.B), C=e(t.C), z=e(t.z), initial_states=e(t.initial_states),
+                seq_idx=e(t.sid))
+
+
+def _randn(t, *shape):
+    return torch.randn(*shape, device=t.x.device)
+
+
+X_ = r"mamba_chunk_scan_combined: "
+Y_ = r"mamba_chunk_scan_combined \(backward\): "
+FLOATS = r"must be one of \{float32, float16, bfloat16\}, got "
+DEVMIX = r" is on cpu but x is on cuda:\d+; all tensors must be on one device"
+CUDA_Q = (r"the CUDA kernels need chunk_size in \{64, 128, 256\}, headdim a multiple of 8 up to 128 and dstate a "
+          r"multiple of 8 up to 256; got chunk_size 32, headdim 8, dstate 8 \(the CPU path takes any\)")
+
+FWD_CASES = [
+    ("x_rank", "any", lambda t: fwd(t, x=t.x[0]),
+     X_ + r"x must be \(batch, seqlen, nheads, headdim\), got shape \(20, 4, 8\)"),
+    ("x_dtype", "any", lambda t: fwd(t, x=t.x.double()), X_ + "x must be float32, float16 or bfloat16, got float64"),
+    ("B_rank", "any", lambda t: fwd(t, B=t.B[0]),
+     X_ + r"B must be \(batch, seqlen, ngroups, dstate\), got shape \(20, 2, 8\)"),
+    ("ngroups", "any", lambda t: fwd(t, B=_randn(t, 1, 20, 3, 8), C=_randn(t, 1, 20, 3, 8)),
+     X_ + r"nheads \(4\) must be a multiple of ngroups \(3\), from x \(1, 20, 4, 8\) and B \(1, 20, 3, 8\)"),
+    ("dt_shape", "any", lambda t: fwd(t, dt=_randn(t, 1, 20, 5)),
+     X_ + r"dt must have shape \(1, 20, 4\), got \(1, 20, 5\)"),
+    ("dt_dtype", "any", lambda t: fwd(t, dt=t.dt.int()), X_ + "dt " + FLOATS + "int32"),
+    ("A_shape", "any", lambda t: fwd(t, A=_randn(t, 4, 8)), X_ + r"A must have shape \(4,\), got \(4, 8\)"),
+    ("B_dtype", "any", lambda t: fwd(t, B=t.B.bfloat16()), X_ + "B must have x's dtype float32, got bfloat16"),
+    ("C_seqlen", "any", lambda t: fwd(t, C=t.C[:, :19]),
+     X_ + r"C must have shape \(1, 20, 2, 8\), got \(1, 19, 2, 8\)"),
+    ("D_shape", "any", lambda t: fwd(t, D=_randn(t, 8)), X_ + r"D must have shape \(4,\) or \(4, 8\), got \(8,\)"),
+    ("z_shape", "any", lambda t: fwd(t, z=_randn(t, 1, 20, 4, 9)),
+     X_ + r"z must have shape \(1, 20, 4, 8\), got \(1, 20, 4, 9\)"),
+    ("z_dtype", "any", lambda t: fwd(t, z=t.z.half()), X_ + "z must have x's dtype float32, got float16"),
+    ("dt_bias_shape", "any", lambda t: fwd(t, dt_bias=_randn(t, 5)),
+     X_ + r"dt_bias must have shape \(4,\), got \(5,\)"),
+    ("init_shape", "any", lambda t: fwd(t, initial_states=_randn(t, 1, 4, 8, 9)),
+     X_ + r"initial_states must have shape \(1, 4, 8, 8\), got \(1, 4, 8, 9\)"),
+    ("chunk_zero", "any", lambda t: fwd(t, chunk_size=0), X_ + "chunk_size must be positive, got 0"),
+    ("dt_limit_order", "any", lambda t: fwd(t, dt_min=0.5, dt_max=0.1),
+     X_ + r"dt_limit must be \(min, max\) with min <= max, got \(0\.50*, 0\.10*\)"),
+    ("dt_limit_nan", "any", lambda t: fwd(t, dt_min=float("nan")),
+     X_ + r"dt_limit must be \(min, max\) with min <= max, got \(-?nan, inf\)"),
+    ("seq_idx_dtype", "any", lambda t: fwd(t, seq_idx=t.sid.long()),
+     X_ + r"seq_idx must be one of \{int32\}, got int64"),
+    ("seq_idx_shape", "any", lambda t: fwd(t, seq_idx=t.sid[:, :19]),
+     X_ + r"seq_idx must have shape \(1, 20\), got \(1, 19\)"),
+    ("seq_idx_decreasing", "cpu", lambda t: fwd(t, seq_idx=t.sid.new_tensor([[0] * 10 + [1] * 5 + [0] * 5])),
+     X_ + r"seq_idx must be non-negative and non-decreasing along each row; row 0 has 0 at position 15"),
+    ("seq_idx_negative", "cpu", lambda t: fwd(t, seq_idx=t.sid - 1),
+     X_ + r"seq_idx must be non-negative and non-decreasing along each row; row 0 has -1 at position 0"),
+    ("varlen_without_cu_seqlens", "any", lambda t: varlen(t, cu_seqlens=None),
+     X_ + "return_varlen_states needs cu_seqlens, got None"),
+    ("varlen_without_seq_idx", "any", lambda t: varlen(t, seq_idx=None),
+     X_ + r"return_varlen_states needs seq_idx \(the packed sequences' ids\), got None"),
+    ("varlen_batch_2", "any", lambda t: varlen(t, **batch_two(t)),
+     X_ + r"return_varlen_states needs batch 1 \(packed sequences\), got batch 2"),
+    ("cu_seqlens_dtype", "any", lambda t: varlen(t, cu_seqlens=t.cu.long()),
+     X_ + r"cu_seqlens must be one of \{int32\}, got int64"),
+    ("cu_seqlens_empty", "any", lambda t: varlen(t, cu_seqlens=t.cu[:0]),
+     X_ + r"cu_seqlens must be 1-D \(num_sequences \+ 1,\), got shape \(0,\)"),
+    ("cu_seqlens_rank", "any", lambda t: varlen(t, cu_seqlens=t.cu[None]),
+     X_ + r"cu_seqlens must be 1-D \(num_sequences \+ 1,\), got shape \(1, 5\)"),
+    ("cu_seqlens_start", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([2, 5, 5, 12, 20])),
+     X_ + r"cu_seqlens\[0\] must be 0, got 2"),
+    ("cu_seqlens_decreasing", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([0, 5, 3, 12, 20])),
+     X_ + r"cu_seqlens must be non-decreasing, got cu_seqlens\[2\] = 3 < cu_seqlens\[1\] = 5"),
+    ("cu_seqlens_end", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([0, 5, 5, 12, 18])),
+     X_ + r"cu_seqlens\[-1\] must be seqlen = 20 \(x.shape\[1\]\), got 18"),
+    ("cu_seqlens_past_end", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([0, 5, 5, 12, 25])),
+     X_ + r"cu_seqlens\[-1\] must be seqlen = 20 \(x.shape\[1\]\), got 25"),
+    ("seq_idx_misses_a_start", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([0, 5, 5, 10, 20])),
+     X_ + r"seq_idx disagrees with cu_seqlens: sequence 3 starts at position 10 \(cu_seqlens\[3\]\), so "
+          r"seq_idx\[0, 10\] must differ from seq_idx\[0, 9\], got 2 for both"),
+    ("seq_idx_changes_inside", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([0, 5, 5, 14, 20])),
+     X_ + r"seq_idx disagrees with cu_seqlens: sequence 2 spans positions 5..13 \(cu_seqlens\[2\], cu_seqlens\[3\]\), "
+          r"so seq_idx must be 2 there, got 3 at position 12"),
+    ("chunk_32", "cuda", lambda t: fwd(t, chunk_size=32), X_ + CUDA_Q),
+    ("B_device", "cuda", lambda t: fwd(t, B=t.B.cpu()), X_ + "B" + DEVMIX),
+    ("cu_seqlens_device", "cuda", lambda t: varlen(t, cu_seqlens=t.cu.cpu()), X_ + "cu_seqlens" + DEVMIX),
+]
+
+BWD_CASES = [
+    ("dout_shape", "any", lambda t: bwd(t, dout=_randn(t, 1, 20, 4, 7)),
+     Y_ + r"dout must have shape \(1, 20, 4, 8\), got \(1, 20, 4, 7\)"),
+    ("dout_dtype", "any", lambda t: bwd(t, dout=t.dout.bfloat16()),
+     Y_ + "dout must have x's dtype float32, got bfloat16"),
+    ("y_pre_missing", "any", lambda t: bwd(t, y_pre=None),
+     Y_ + r"y_pre \(the ungated output saved by the forward\) must be given with z, got None"),
+    ("y_pre_shape", "any", lambda t: bwd(t, y_pre=t.y_pre[:, :19]),
+     Y_ + r"y_pre must have shape \(1, 20, 4, 8\), got \(1, 19, 4, 8\)"),
+    ("y_pre_dtype", "any", lambda t: bwd(t, y_pre=t.y_pre.half()),
+     Y_ + "y_pre must have x's dtype float32, got float16"),
+    ("dfinal_shape", "any", lambda t: bwd(t, dfinal_states=t.dfin[..., :7]),
+     Y_ + r"dfinal_states must have shape \(1, 4, 8, 8\), got \(1, 4, 8, 7\)"),
+    ("dfinal_dtype", "any", lambda t: bwd(t, dfinal_states=t.dfin.long()), Y_ + "dfinal_states " + FLOATS + "int64"),
+    ("dinit_without_init", "any", lambda t: bwd(t, initial_states=None),
+     Y_ + "return_dinitial_states needs initial_states, got None"),
+    ("x_dtype", "any", lambda t: bwd(t, x=t.x.double()), Y_ + "x must be float32, float16 or bfloat16, got float64"),
+    ("dt_shape", "any", lambda t: bwd(t, dt=t.dt[:, :19]), Y_ + r"dt must have shape \(1, 20, 4\), got \(1, 19, 4\)"),
+    ("ngroups", "any", lambda t: bwd(t, B=_randn(t, 1, 20, 3, 8), C=_randn(t, 1, 20, 3, 8)),
+     Y_ + r"nheads \(4\) must be a multiple of ngroups \(3\)"),
+    ("chunk_negative", "any", lambda t: bwd(t, chunk_size=-1), Y_ + "chunk_size must be positive, got -1"),
+    ("dt_limit_nan", "any", lambda t: bwd(t, dt_max=float("nan")),
+     Y_ + r"dt_limit must be \(min, max\) with min <= max, got \(0\.0*, -?nan\)"),
+    ("seq_idx_decreasing", "cpu", lambda t: bwd(t, seq_idx=t.sid.flip(1).contiguous()),
+     Y_ + r"seq_idx must be non-negative and non-decreasing along each row; row 0 has 2 at position 8"),
+    ("chunk_32", "cuda", lambda t: bwd(t, chunk_size=32), Y_ + CUDA_Q),
+    ("dout_device", "cuda", lambda t: bwd(t, dout=t.dout.cpu()), Y_ + "dout" + DEVMIX),
+    ("y_pre_device", "cuda", lambda t: bwd(t, y_pre=t.y_pre.cpu()), Y_ + "y_pre" + DEVMIX),
+]
+
+
+def run_bad_case(device, where, call, message):
+    if where == "cpu" and device != "cpu":
+        pytest.skip("a CPU-only check (it reads index values); the CUDA behaviour has its own test")
+    if where == "cuda" and device != "cuda":
+        pytest.skip("needs a CUDA tensor (a device mix or a CUDA-only limit)")
+    t = good_args(device)
+    with pytest.raises(RuntimeError, match=message):
+        call(t)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise_clear_errors(device):
-    Q = chunk_for(device, 8)
-    good = make_inputs(1, 20, 4, 8, 2, 8, torch.float32, device)
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_forward_bad_input(device, case):
+    run_bad_case(device, *case[1:])
 
-    def bad(match, Qb=Q, **changes):
-        i = dict(good, **changes)
-        with pytest.raises((RuntimeError, ValueError), match=match):
-            call(i, Qb)
 
-    bad(r"nheads \(4\) must be a multiple of ngroups \(3\)", B=torch.randn(1, 20, 3, 8, device=device),
-        C=torch.randn(1, 20, 3, 8, device=device))
-    bad(r"dt must have shape \(1, 20, 4\)", dt=torch.randn(1, 20, 5, device=device))
-    bad(r"C must have shape", C=torch.randn(1, 20, 2, 7, device=device))
-    bad(r"A must have shape \(4,\)", A=torch.randn(4, 8, device=device))
-    bad(r"D must have shape \(4,\) or \(4, 8\)", D=torch.randn(8, device=device))
-    bad(r"z must have shape", z=torch.randn(1, 20, 4, 9, device=device))
-    bad(r"B must have x's dtype float32, got bfloat16", B=good["B"].bfloat16())
-    bad(r"x must be float32, float16 or bfloat16, got", x=good["x"].double())
-    bad(r"x must be \(batch, seqlen, nheads, headdim\)", x=good["x"][0])
-    bad(r"initial_states must have shape", initial_states=torch.randn(1, 4, 8, 9, device=device))
-    bad(r"chunk_size must be positive", Qb=0)
-    if device == "cpu":
-        with pytest.raises(RuntimeError, match="seq_idx must be non-negative and non-decreasing"):
-            call(good, Q, seq_idx=torch.tensor([[0] * 10 + [1] * 5 + [0] * 5], dtype=torch.int32))
-    else:
-        bad(r"chunk_size in \{64, 128, 256\}", Qb=32)
-        with pytest.raises(RuntimeError, match=r"B is on cpu but x is on cuda:\d+; all tensors must be on one device"):
-            call(dict(good, B=good["B"].cpu()), Q)
-    with pytest.raises(ValueError, match="return_varlen_states needs cu_seqlens"):
-        call(good, Q, return_varlen_states=True)
-    with pytest.raises((RuntimeError, ValueError), match="needs batch 1"):
-        two = make_inputs(2, 20, 4, 8, 2, 8, torch.float32, device)
-        call(two, Q, cu_seqlens=torch.tensor([0, 20], device=device), return_varlen_states=True)
-    with pytest.raises(ValueError, match="dt_limit must be a"):
-        call(good, Q, dt_limit=0.5)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_backward_bad_input(device, case):
+    run_bad_case(device, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_function_bad_input(device):
+    t = good_args(device)
+    good = {k: getattr(t, k) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")}
+    with pytest.raises(ValueError, match=r"mamba_chunk_scan_combined: dt_limit must be a \(min, max\) pair, got 0.5"):
+        call(good, t.Q, dt_limit=0.5)
+    with pytest.raises(ValueError, match="mamba_chunk_scan_combined: return_varlen_states needs cu_seqlens"):
+        call(good, t.Q, return_varlen_states=True)
+    with pytest.raises(ValueError, match=r"mamba_chunk_scan_combined: return_varlen_states needs batch 1 \(packed "
+                                         r"sequences\), got batch 2"):
+        call(dict(good, **{k: v for k, v in batch_two(t).items() if k != "seq_idx"}), t.Q, cu_seqlens=t.cu,
+             return_varlen_states=True)
+    if device == "cpu":  # the wrapper derives seq_idx from cu_seqlens; the op still checks cu_seqlens
+        with pytest.raises(RuntimeError, match=X_ + r"cu_seqlens\[-1\] must be seqlen = 20"):
+            call(good, t.Q, cu_seqlens=torch.tensor([0, 5, 19]), return_varlen_states=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_bad_index_values_stay_in_bounds_on_cuda(sanitizer):
+    """seq_idx and cu_seqlens are checked on the CPU only (reading them on CUDA needs a host
+    sync). On CUDA any values are memory-safe: cu_seqlens bounds are clamped to [0, L) (an
+    empty or inverted range gives a zero state) and seq_idx is only compared. Run under
+    compute-sanitizer memcheck by scripts/gpu_check.sh (racecheck marker)."""
+    Q = 64
+    L = Q + 5 if sanitizer else 3 * Q + 5
+    inp = make_inputs(1, L, 4, 16, 2, 16, torch.float32, "cuda", init=True)
+    cu = torch.tensor([0, 10, Q + 3, L], dtype=torch.int32, device="cuda")
+    sid = varlen_from_cu_seqlens(cu, L)
+    y_ref = call(inp, Q, seq_idx=sid, dt_softplus=True)
+    big = 2**31 - 1
+    for bad in ([0, -7, Q, L], [0, 10, big, L], [5, 3, 1, L + 100], [-big, big, 0, L], [0, L, L, 3 * L]):
+        cu_bad = torch.tensor(bad, dtype=torch.int32, device="cuda")
+        y, var = call(inp, Q, seq_idx=sid, cu_seqlens=cu_bad, dt_softplus=True, return_varlen_states=True)
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_ref), f"y must not depend on cu_seqlens {bad}"
+        assert torch.isfinite(var).all(), f"varlen states for cu_seqlens {bad}"
+        for i in range(len(bad) - 1):
+            if min(bad[i + 1] - 1, L - 1) < max(bad[i], 0):
+                assert torch.equal(var[i], torch.zeros_like(var[i])), f"empty range {i} of {bad} must give zeros"
+    for bad_sid in (sid.flip(1).contiguous(), torch.randint(-2**31, 2**31 - 1, (1, L), device="cuda",
+                                                            dtype=torch.int32)):
+        for v in inp.values():
+            if v is not None:
+                v.requires_grad_(True)
+        y, fin = call(inp, Q, seq_idx=bad_sid, dt_softplus=True, return_final_states=True)
+        (y.sum() + fin.sum()).backward()
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all() and torch.isfinite(fin).all()
+        assert all(torch.isfinite(g).all() for g in grads_of(inp).values())

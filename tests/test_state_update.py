@@ -229,6 +229,10 @@ def test_multi_without_snapshot_buffer_argument(device):
     out, inter = nk.selective_state_update_multi(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
                                                  inp["D"], inp["z"], inp["dt_bias"], True)
     assert inter.shape == (2, 3, 2, 8, 16) and inter.dtype == inp["state"].dtype
+    # The snapshots the wrapper allocates are those an explicit buffer receives.
+    buf = torch.full_like(inter, float("nan"))
+    out3, inter3 = run_multi(inp, True, None, buf)
+    assert inter3 is buf and torch.equal(out3, out) and torch.equal(inter, buf)
     # The raw op without a buffer computes the outputs only.
     out2 = torch.ops.nemokernels.selective_state_update_multi(
         inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"], True,
@@ -345,43 +349,288 @@ def test_index_out_of_range_gives_nan_on_cuda():
     assert torch.isnan(out[1]).all() and torch.isnan(inter[1]).all() and torch.isfinite(inter[0]).all()
 
 
+# One table per op: (id, where, call, message). The call changes one argument of a good call of
+# the raw op; the message names the op, the argument, and what was expected and what came.
+# where: "any" (every device), "cpu" (a check that reads index values, CPU only: the CUDA
+# behaviour has its own tests), "cuda" (a device mix).
+
+ops = torch.ops.nemokernels
+KEYS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def good_single(device):
+    t = make_inputs(2, 4, 8, 16, 2, F32, F32, device, slots=3)
+    t["idx"] = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    return t
+
+
+def good_multi(device):
+    t = make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=3, slots=3)
+    t["idx"] = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    t["inter"] = torch.empty(2, 3, 4, 8, 16, device=device)
+    return t
+
+
+def single(t, **kw):
+    a = {k: t[k] for k in KEYS}
+    a.update(dt_softplus=True, state_batch_indices=t["idx"])
+    a.update(kw)
+    return ops.selective_state_update(*a.values())
+
+
+def multi(t, **kw):
+    a = {k: t[k] for k in KEYS}
+    a.update(dt_softplus=True, state_batch_indices=t["idx"], intermediate_states=t["inter"])
+    a.update(kw)
+    return ops.selective_state_update_multi(*a.values())
+
+
+S_ = r"selective_state_update: "
+M_ = r"selective_state_update_multi: "
+FLOATS = r"must be one of \{float32, float16, bfloat16\}, got "
+DEVMIX = r" is on cpu but state is on cuda:\d+; all tensors must be on one device"
+
+
+def _randn(t, *shape):
+    return torch.randn(*shape, device=t["x"].device)
+
+
+SINGLE_CASES = [
+    ("state_rank", "any", lambda t: single(t, state=_randn(t, 2, 8)),
+     S_ + r"state must be \(slots, nheads, dim, dstate\) or \(slots, dim, dstate\), got shape \(2, 8\)"),
+    ("state_dtype", "any", lambda t: single(t, state=t["state"].long()), S_ + "state " + FLOATS + "int64"),
+    ("x_rank", "any", lambda t: single(t, x=t["x"][..., 0]),
+     S_ + r"x must have 3 dimensions \(batch, nheads, dim\) to match state \(3, 4, 8, 16\), got shape \(2, 4\)"),
+    ("x_shape", "any", lambda t: single(t, x=_randn(t, 2, 4, 9)),
+     S_ + r"x must have shape \(2, 4, 8\) \(from state and x.shape\[0\]\), got \(2, 4, 9\)"),
+    ("x_dtype", "any", lambda t: single(t, x=t["x"].long()), S_ + "x " + FLOATS + "int64"),
+    ("dt_shape", "any", lambda t: single(t, dt=_randn(t, 2, 4)),
+     S_ + r"dt must have shape \(2, 4, 8\) \(like x\), got \(2, 4\)"),
+    ("dt_dtype", "any", lambda t: single(t, dt=t["dt"].int()), S_ + "dt " + FLOATS + "int32"),
+    ("A_shape", "any", lambda t: single(t, A=_randn(t, 4, 8)),
+     S_ + r"A must have shape \(4, 8, 16\) \(nheads, dim, dstate\), any strides .*, got \(4, 8\)"),
+    ("B_rank", "any", lambda t: single(t, B=_randn(t, 2, 16)),
+     S_ + r"B must have 3 dimensions \(batch, ngroups, dstate\), got shape \(2, 16\)"),
+    ("ngroups", "any", lambda t: single(t, B=_randn(t, 2, 3, 16), C=_randn(t, 2, 3, 16)),
+     S_ + r"nheads \(4\) must be a multiple of ngroups \(B.shape\[1\] = 3\)"),
+    ("B_batch", "any", lambda t: single(t, B=_randn(t, 3, 2, 16)),
+     S_ + r"B must have shape \(2, 2, 16\) \(batch\[, tokens\]\[, ngroups\], dstate\), got \(3, 2, 16\)"),
+    ("C_dstate", "any", lambda t: single(t, C=_randn(t, 2, 2, 15)),
+     S_ + r"C must have shape \(2, 2, 16\) \(like B\), got \(2, 2, 15\)"),
+    ("D_shape", "any", lambda t: single(t, D=_randn(t, 4)),
+     S_ + r"D must have shape \(4, 8\) \(nheads, dim\), any strides, got \(4,\)"),
+    ("z_shape", "any", lambda t: single(t, z=_randn(t, 2, 4, 7)),
+     S_ + r"z must have shape \(2, 4, 8\) \(like x\), got \(2, 4, 7\)"),
+    ("dt_bias_shape", "any", lambda t: single(t, dt_bias=_randn(t, 3, 8)),
+     S_ + r"dt_bias must have shape \(4, 8\) \(nheads, dim\), any strides, got \(3, 8\)"),
+    ("indices_dtype", "any", lambda t: single(t, state_batch_indices=t["idx"].long()),
+     S_ + r"state_batch_indices must be one of \{int32\}, got int64"),
+    ("indices_size", "any", lambda t: single(t, state_batch_indices=t["idx"].new_tensor([0, 1, 2])),
+     S_ + r"state_batch_indices.shape\[0\] must be 2, got shape \(3,\)"),
+    ("indices_out_of_range", "cpu", lambda t: single(t, state_batch_indices=t["idx"].new_tensor([0, 3])),
+     S_ + r"state_batch_indices\[1\] = 3 is out of range for state with 3 rows \(expected -1 for a padded slot "
+          r"or 0..2\)"),
+    ("indices_duplicate", "cpu", lambda t: single(t, state_batch_indices=t["idx"].new_tensor([1, 1])),
+     S_ + r"state_batch_indices holds row 1 twice \(entries 0 and 1\); each state row is updated in place"),
+    ("state_rows", "any", lambda t: single(t, state=t["state"][:1], state_batch_indices=None),
+     S_ + r"state.shape\[0\] must be at least batch = 2 when state_batch_indices is None, got shape \(1, 4, 8, 16\)"),
+    ("state_expanded", "any", lambda t: single(t, state=t["state"][:1].expand(3, 4, 8, 16)),
+     S_ + r"state is written, so it must not be an expanded view \(stride 0 in dimension 0 of size 3\)"),
+    ("state_self_overlap", "any",
+     lambda t: single(t, state=t["state"].as_strided((3, 4, 8, 16), (16, 16, 16, 1))),
+     S_ + r"state is written, so its elements must not overlap in memory"),
+    ("state_shares_x", "any", lambda t: single(t, x=t["state"][:2, :, :, 0]),
+     S_ + r"state must not share memory with x \(state is written while x is read\)"),
+    ("state_shares_B", "any", lambda t: single(t, B=t["state"][:2, :2, 0, :]),
+     S_ + r"state must not share memory with B"),
+    ("state_shares_indices", "any",
+     lambda t: single(t, state_batch_indices=t["state"].view(-1)[:2].view(torch.int32)[:2]),
+     S_ + r"state must not share memory with state_batch_indices"),
+    ("x_device", "cuda", lambda t: single(t, x=t["x"].cpu()), S_ + "x" + DEVMIX),
+    ("indices_device", "cuda", lambda t: single(t, state_batch_indices=t["idx"].cpu()),
+     S_ + "state_batch_indices" + DEVMIX),
+]
+
+MULTI_CASES = [
+    ("x_rank", "any", lambda t: multi(t, x=t["x"][:, 0]),
+     M_ + r"x must have 4 dimensions \(batch, tokens, nheads, dim\) to match state \(3, 4, 8, 16\), "
+          r"got shape \(2, 4, 8\)"),
+    ("dt_tokens", "any", lambda t: multi(t, dt=_randn(t, 2, 2, 4, 8)),
+     M_ + r"dt must have shape \(2, 3, 4, 8\) \(like x\), got \(2, 2, 4, 8\)"),
+    ("B_tokens", "any", lambda t: multi(t, B=_randn(t, 2, 2, 2, 16)),
+     M_ + r"B must have shape \(2, 3, 2, 16\) \(batch\[, tokens\]\[, ngroups\], dstate\), got \(2, 2, 2, 16\)"),
+    ("z_dtype", "any", lambda t: multi(t, z=t["z"].long()), M_ + "z " + FLOATS + "int64"),
+    ("A_shape", "any", lambda t: multi(t, A=_randn(t, 4, 8, 15)),
+     M_ + r"A must have shape \(4, 8, 16\) .*, got \(4, 8, 15\)"),
+    ("state_rank", "any", lambda t: multi(t, state=_randn(t, 3, 4, 8, 16, 1)),
+     M_ + r"state must be \(slots, nheads, dim, dstate\) or \(slots, dim, dstate\), got shape \(3, 4, 8, 16, 1\)"),
+    ("snapshots_shape", "any", lambda t: multi(t, intermediate_states=t["inter"][:, :2]),
+     M_ + r"intermediate_states must have shape \(2, 3, 4, 8, 16\) \(batch, tokens, \[nheads,\] dim, dstate\), "
+          r"got \(2, 2, 4, 8, 16\)"),
+    ("snapshots_dtype", "any", lambda t: multi(t, intermediate_states=t["inter"].bfloat16()),
+     M_ + "intermediate_states must have state's dtype float32, got bfloat16"),
+    ("snapshots_expanded", "any", lambda t: multi(t, intermediate_states=t["inter"][:, :1].expand(2, 3, 4, 8, 16)),
+     M_ + r"intermediate_states is written, so it must not be an expanded view \(stride 0 in dimension 1 of size 3\)"),
+    ("snapshots_alias_state", "any",
+     lambda t: multi(t, state=(st := _randn(t, 6, 4, 8, 16)), intermediate_states=st.view(2, 3, 4, 8, 16)),
+     M_ + r"intermediate_states must not share memory with state \(intermediate_states is written while state "
+          r"is read\)"),
+    ("snapshots_alias_x", "any", lambda t: multi(t, x=t["inter"][..., 0]),
+     M_ + r"intermediate_states must not share memory with x"),
+    ("indices_out_of_range", "cpu", lambda t: multi(t, state_batch_indices=t["idx"].new_tensor([5, 0])),
+     M_ + r"state_batch_indices\[0\] = 5 is out of range for state with 3 rows"),
+    ("indices_size", "any", lambda t: multi(t, state_batch_indices=t["idx"][:1]),
+     M_ + r"state_batch_indices.shape\[0\] must be 2, got shape \(1,\)"),
+    ("snapshots_device", "cuda", lambda t: multi(t, intermediate_states=t["inter"].cpu()),
+     M_ + "intermediate_states" + DEVMIX),
+    ("B_device", "cuda", lambda t: multi(t, B=t["B"].cpu()), M_ + "B" + DEVMIX),
+]
+
+
+def run_bad_case(device, good, where, call, message):
+    if where == "cpu" and device != "cpu":
+        pytest.skip("a CPU-only check (it reads index values); the CUDA behaviour has its own test")
+    if where == "cuda" and device != "cuda":
+        pytest.skip("needs a CUDA tensor (a device mix)")
+    t = good(device)
+    state = t["state"].clone()
+    with pytest.raises(RuntimeError, match=message):
+        call(t)
+    assert torch.equal(t["state"], state), "a refused call must not touch the state"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise_clear_errors(device):
+@pytest.mark.parametrize("case", SINGLE_CASES, ids=[c[0] for c in SINGLE_CASES])
+def test_single_bad_input(device, case):
+    run_bad_case(device, good_single, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", MULTI_CASES, ids=[c[0] for c in MULTI_CASES])
+def test_multi_bad_input(device, case):
+    run_bad_case(device, good_multi, *case[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_functions_bad_input(device):
     inp = make_inputs(2, 4, 8, 16, 2, F32, F32, device, slots=3)
-    ops = torch.ops.nemokernels
-
-    def call(**kw):
-        a = dict(inp, **kw)
-        return run_single(a, True, a.pop("idx", None))
-
     dev = dict(device=device)
-    cases = [
-        (lambda: call(state=torch.randn(2, 8, **dev)), "state must be"),
-        (lambda: call(x=torch.randn(2, 4, 9, **dev)), r"x must have shape \(2, 4, 8\)"),
-        (lambda: call(x=torch.randn(2, 4, 8, **dev).long()), "x must be one of"),
-        (lambda: call(dt=torch.randn(2, 4, **dev)), "dt must have shape"),
-        (lambda: call(A=torch.randn(4, 8, **dev)), r"A must have shape \(4, 8, 16\)"),
-        (lambda: call(B=torch.randn(2, 3, 16, **dev), C=torch.randn(2, 3, 16, **dev)), r"nheads \(4\) must be a multiple of ngroups"),
-        (lambda: call(C=torch.randn(2, 2, 15, **dev)), "C must have shape"),
-        (lambda: call(D=torch.randn(4, **dev)), r"D must have shape \(4, 8\)"),
-        (lambda: call(z=torch.randn(2, 4, 7, **dev)), "z must have shape"),
-        (lambda: call(dt_bias=torch.randn(3, 8, **dev)), "dt_bias must have shape"),
-        (lambda: call(idx=torch.tensor([0, 1, 2], dtype=torch.int32, **dev)), r"state_batch_indices.shape\[0\] must be 2"),
-        (lambda: call(state=torch.randn(1, 4, 8, 16, **dev)), r"state.shape\[0\] must be at least batch = 2"),
-        (lambda: call(state=torch.randn(1, 4, 8, 1, **dev).expand(3, 4, 8, 16)), "expanded view"),
-        (lambda: ops.selective_state_update(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], None, None,
-                                            None, True, torch.tensor([0, 1], **dev)), "state_batch_indices must be one of"),
-        (lambda: run_multi(make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=2), True,
-                           inter=torch.empty(2, 2, 4, 8, 16, dtype=BF16, **dev)), "intermediate_states must have state's dtype"),
-        (lambda: run_multi(make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=2), True,
-                           inter=torch.empty(2, 3, 4, 8, 16, **dev)), "intermediate_states must have shape"),
-        (lambda: run_multi(inp, True), "x must have 4 dimensions"),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
-    with pytest.raises(ValueError, match="num_accepted must have shape"):
+    with pytest.raises(RuntimeError, match=M_ + "x must have 4 dimensions"):
+        run_multi(inp, True)
+    if device == "cpu":  # int64 indices are converted, then checked
+        with pytest.raises(RuntimeError, match=S_ + "state_batch_indices holds row 2 twice"):
+            run_single(inp, True, torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"commit_state: num_accepted must have shape \(2,\), got \(3,\)"):
         nk.commit_state(inp["state"], torch.zeros(2, 3, 4, 8, 16, **dev), torch.zeros(3, dtype=torch.long, **dev))
+    with pytest.raises(ValueError, match="commit_state: intermediate_states must be"):
+        nk.commit_state(inp["state"], torch.zeros(2, 3, 4, 8, 15, **dev), torch.zeros(2, dtype=torch.long, **dev))
+
+
+COMMIT_CASES = [
+    ("num_accepted_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it, acc[:1], idx),
+     r"commit_state: num_accepted must have shape \(2,\), got \(1,\)"),
+    ("snapshots_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it[..., :8], acc, idx),
+     r"commit_state: intermediate_states must be \(batch, T\) \+ state.shape\[1:\] = \(2, 3\) \+ \(4, 8, 16\), "
+     r"got \(2, 3, 4, 8, 8\)"),
+    ("indices_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx[:1]),
+     r"commit_state: state_batch_indices must have shape \(2,\), got \(1,\)"),
+    ("rows_without_indices", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st[:1], it, acc),
+     r"commit_state: state.shape\[0\] must be at least batch = 2 when state_batch_indices is None, "
+     r"got \(1, 4, 8, 16\)"),
+    ("indices_out_of_range", "cpu", RuntimeError,
+     lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx.new_tensor([0, 3])),
+     r"commit_state: state_batch_indices must be < state.shape\[0\] = 3 \(negative = padded slot\), got a larger row"),
+    ("indices_duplicate", "cpu", RuntimeError,
+     lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx.new_tensor([1, 1])),
+     r"commit_state: state_batch_indices holds a row twice"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", COMMIT_CASES, ids=[c[0] for c in COMMIT_CASES])
+def test_commit_state_bad_input(device, case):
+    _, where, exc, call, message = case
+    if where == "cpu" and device != "cpu":
+        pytest.skip("a CPU-only check (it reads index values); see test_commit_state_bad_rows_on_cuda")
+    state = torch.randn(3, 4, 8, 16, device=device)
+    before = state.clone()
+    inter = torch.randn(2, 3, 4, 8, 16, device=device)
+    acc = torch.tensor([2, 1], device=device)
+    idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    with pytest.raises(exc, match=message):
+        call(state, inter, acc, idx)
+    assert torch.equal(state, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_commit_state_bad_rows_on_cuda():
+    """CUDA cannot refuse index values without a host sync: a row past the end is skipped like a
+    padded one (no device assert, nothing written out of bounds), the others are committed."""
+    state = torch.randn(3, 4, 8, 16, device="cuda")
+    before = state.clone()
+    inter = torch.randn(3, 2, 4, 8, 16, device="cuda")
+    idx = torch.tensor([2, 2**30, -1], dtype=torch.int32, device="cuda")
+    nk.commit_state(state, inter, torch.tensor([2, 1, 1], device="cuda"), idx)
+    torch.cuda.synchronize()
+    assert torch.equal(state[2], inter[0, 1]) and torch.equal(state[:2], before[:2])
+    idx = torch.tensor([2**30, -5, 7], dtype=torch.int32, device="cuda")  # nothing valid: nothing changes
+    nk.commit_state(state, inter, torch.tensor([1, 1, 1], device="cuda"), idx)
+    torch.cuda.synchronize()
+    assert torch.equal(state[:2], before[:2]) and torch.equal(state[2], inter[0, 1])
+
+
+# ---------------------------------------------------------------- in-place safety
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snapshots_and_state_may_be_disjoint_views_of_one_buffer(device):
+    """A cache holding each slot's state and its T snapshots side by side: state = buf[:, 0],
+    snapshots = buf[:, 1:] share a buffer but no element, so they are not an overlap; the result
+    equals the run with separate tensors, and the state is not written."""
+    T = 3
+    inp = make_inputs(2, 4, 8, 16, 2, F32, BF16, device, T=T)
+    buf = torch.randn(2, T + 1, 4, 8, 16, device=device)
+    buf[:, 0] = inp["state"]
+    want_out, want_inter = run_multi(inp, True)
+    out, inter = run_multi(dict(inp, state=buf[:, 0]), True, None, buf[:, 1:])
+    assert torch.equal(out, want_out) and torch.equal(inter, want_inter)
+    assert torch.equal(buf[:, 0], inp["state"]), "the state slot must not be written"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_indices(device):
+    """state_batch_indices given as a strided view are read by their strides."""
+    inp = make_inputs(3, 2, 4, 16, 1, F32, F32, device, slots=5)
+    wide = torch.tensor([4, 99, -1, 99, 1, 99], dtype=torch.int32, device=device)
+    check_single(inp, True, wide[::2])
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_duplicate_indices_stay_in_bounds_on_cuda():
+    """CUDA cannot refuse duplicate rows without a host sync: entries naming one row race on
+    it (unspecified values), but nothing outside the state is written, rows no entry names are
+    untouched, and the other entries are exact."""
+    H, P, N = 4, 8, 16
+    buf = torch.full((7, H, P, N), float("nan"), device="cuda")
+    state = buf[1:6]  # guard rows 0 and 6
+    inp = make_inputs(3, H, P, N, 2, F32, F32, "cuda", slots=5)
+    state.copy_(inp["state"])
+    inp["state"] = state
+    before = state.clone()
+    idx = torch.tensor([1, 1, 3], dtype=torch.int32, device="cuda")
+    out = run_single(inp, True, idx)
+    torch.cuda.synchronize()
+    assert torch.isnan(buf[0]).all() and torch.isnan(buf[6]).all(), "memory around the state was written"
+    for r in (0, 2, 4):
+        assert torch.equal(state[r], before[r]), f"row {r} (named by no entry) changed"
+    one = {k: (v[2:] if k in ("x", "dt", "z", "B", "C") else v) for k, v in inp.items()}
+    one["state"] = before[3:4].clone()
+    ref_out, ref_state = ref_single(one, True)
+    assert_close(out[2:], ref_out, F32, factor=2)
+    assert_close(state[3:4], ref_state, F32)
+    assert torch.isfinite(state[1]).all() and torch.isfinite(out[:2]).all()
 
 
 # ---------------------------------------------------------------- opcheck, compile, graphs

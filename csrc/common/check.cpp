@@ -1,5 +1,10 @@
 #include "common/check.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 namespace nk {
 
 const char* dtype_name(ScalarType t) {
@@ -69,6 +74,137 @@ void check_limit(const char* op, const char* what, int64_t value, int64_t limit,
 
 bool is_float_type(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+namespace {
+
+int64_t elem_bytes(ScalarType t) {
+  switch (t) {
+    case ScalarType::Double:
+    case ScalarType::Long: return 8;
+    case ScalarType::Float:
+    case ScalarType::Int: return 4;
+    case ScalarType::Half:
+    case ScalarType::BFloat16: return 2;
+    default: return 1;
+  }
+}
+
+// A tensor's bytes as `runs`: an inner block of `inner` bytes (the dimensions whose strides
+// leave no gap, smallest stride first) repeated at the offsets spanned by the outer
+// dimensions (byte stride, size). Dimensions of size 1 or stride 0 add no bytes.
+struct Runs {
+  uintptr_t base = 0;
+  int64_t inner = 0;
+  std::vector<std::pair<int64_t, int64_t>> outer;
+  int64_t hull = 0;  // bytes from base to the end of the last element
+  int64_t count() const {
+    int64_t n = 1;
+    for (auto& d : outer) n = n > (int64_t{1} << 40) / d.second ? (int64_t{1} << 40) : n * d.second;
+    return n;
+  }
+};
+
+Runs runs_of(const Tensor& t) {
+  Runs r;
+  const int64_t es = elem_bytes(t.scalar_type());
+  r.base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) != 0) dims.push_back({t.stride(d) * es, t.size(d)});
+  std::sort(dims.begin(), dims.end());
+  r.inner = es;
+  size_t i = 0;
+  for (; i < dims.size() && dims[i].first <= r.inner; ++i) r.inner += dims[i].first * (dims[i].second - 1);
+  r.outer.assign(dims.begin() + i, dims.end());
+  r.hull = r.inner;
+  for (auto& d : r.outer) r.hull += d.first * (d.second - 1);
+  return r;
+}
+
+// Start offsets (from base) of every run, ascending.
+std::vector<int64_t> run_starts(const Runs& r) {
+  std::vector<int64_t> v{0};
+  for (auto& [stride, size] : r.outer) {
+    std::vector<int64_t> next;
+    next.reserve(v.size() * size);
+    for (int64_t k = 0; k < size; ++k)
+      for (int64_t o : v) next.push_back(o + k * stride);
+    v.swap(next);
+  }
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+}  // namespace
+
+void check_writable(const char* op, const char* arg, const Tensor& t) {
+  for (int64_t d = 0; d < t.dim(); ++d)
+    NK_CHECK(t.size(d) <= 1 || t.stride(d) != 0, op, ": ", arg, " is written, so it must not be an expanded "
+             "view (stride 0 in dimension ", d, " of size ", t.size(d), "); pass a tensor with its own memory "
+             "for every element (e.g. .clone())");
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.push_back({t.stride(d), t.size(d)});
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 1;  // elements spanned by the dimensions of smaller stride
+  for (auto& [stride, size] : dims) {
+    NK_CHECK(stride >= extent, op, ": ", arg, " is written, so its elements must not overlap in memory; its "
+             "strides must nest (each at least the extent of the smaller ones), got shape ", shape_str(t),
+             " with a stride of ", stride, " inside an extent of ", extent, " elements");
+    extent = stride * (size - 1) + extent;
+  }
+}
+
+bool may_overlap(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const Runs ra = runs_of(a), rb = runs_of(b);
+  const uintptr_t a_end = ra.base + ra.hull, b_end = rb.base + rb.hull;
+  if (a_end <= rb.base || b_end <= ra.base) return false;  // disjoint hulls: the common case
+  constexpr int64_t kMaxRuns = int64_t{1} << 22;
+  if (ra.count() + rb.count() > kMaxRuns) return true;
+  const std::vector<int64_t> sa = run_starts(ra), sb = run_starts(rb);
+  // Runs of one tensor have one length, so their ends ascend with their starts: one merge.
+  size_t i = 0, j = 0;
+  while (i < sa.size() && j < sb.size()) {
+    const uintptr_t a0 = ra.base + sa[i], a1 = a0 + ra.inner, b0 = rb.base + sb[j], b1 = b0 + rb.inner;
+    if (a1 <= b0) ++i;
+    else if (b1 <= a0) ++j;
+    else return true;
+  }
+  return false;
+}
+
+void check_no_overlap(const char* op, const char* written_arg, const Tensor& written, const char* read_arg,
+                      const Tensor& read) {
+  NK_CHECK(!may_overlap(written, read), op, ": ", written_arg, " must not share memory with ", read_arg,
+           " (", written_arg, " is written while ", read_arg, " is read), got overlapping views: ", written_arg,
+           " ", shape_str(written), " and ", read_arg, " ", shape_str(read), "; pass separate tensors (e.g. "
+           ".clone() one of them)");
+}
+
+}  // namespace nk
+
+namespace nk {
+
+void check_state_indices(const char* op, const char* arg, const Tensor& idx, const char* state_arg, int64_t rows,
+                         bool distinct) {
+  NK_CHECK(idx.is_cpu() && idx.is_contiguous() && idx.scalar_type() == ScalarType::Int && idx.dim() == 1,
+           "internal: check_state_indices needs a contiguous int32 CPU vector");
+  const int32_t* v = static_cast<const int32_t*>(idx.data_ptr());
+  const int64_t n = idx.size(0);
+  std::vector<std::pair<int32_t, int64_t>> seen;  // (row, entry)
+  for (int64_t b = 0; b < n; ++b) {
+    NK_CHECK(v[b] < rows, op, ": ", arg, "[", b, "] = ", v[b], " is out of range for ", state_arg, " with ", rows,
+             " rows (expected -1 for a padded slot or 0..", rows - 1, ")");
+    if (v[b] >= 0) seen.push_back({v[b], b});
+  }
+  if (!distinct) return;
+  std::sort(seen.begin(), seen.end());
+  for (size_t i = 1; i < seen.size(); ++i)
+    NK_CHECK(seen[i].first != seen[i - 1].first, op, ": ", arg, " holds row ", seen[i].first, " twice (entries ",
+             seen[i - 1].second, " and ", seen[i].second, "); each ", state_arg, " row is updated in place by at "
+             "most one batch entry (expected distinct rows, negative for padded slots)");
 }
 
 }  // namespace nk

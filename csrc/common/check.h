@@ -70,4 +70,27 @@ void check_limit(const char* op, const char* what, int64_t value, int64_t limit,
 constexpr int64_t kInt32Max = 2147483647;      // int32 indices and CUDA grid dimension x
 constexpr int64_t kGridYZMax = 65535;          // CUDA grid dimensions y and z
 
+// ---- In-place safety: checks of the tensors an op writes (host-side arithmetic on pointers and
+// strides only, so they cost no device sync and hold on every device).
+
+// Throws unless every element of `t` has its own address: no expanded (stride 0) dimension of
+// size > 1, and strides that nest (sorted by stride, each at least the extent of the smaller
+// ones; every layout torch's views produce except as_strided overlaps passes).
+void check_writable(const char* op, const char* arg, const Tensor& t);
+// Whether some byte of `a` may also be a byte of `b` (same device assumed). Exact at the
+// granularity of the tensors' contiguous runs (interleaved views of one buffer that share no
+// element do not overlap); conservative (true) only when both hulls overlap and the runs are
+// too many to enumerate (over ~4M).
+bool may_overlap(const Tensor& a, const Tensor& b);
+// Throws when `written` (the op's output argument `written_arg`) may share memory with
+// `read` (an input `read_arg` the op reads while it writes `written_arg`).
+void check_no_overlap(const char* op, const char* written_arg, const Tensor& written, const char* read_arg,
+                      const Tensor& read);
+// Slot indices of a state cache, read on the host (so CPU tensors only: on CUDA this would
+// need a device sync). `idx` is a contiguous int32 (n,) tensor; each entry must be < `rows`
+// (the row count of `state_arg`; negative = a padded slot, skipped) and, when `distinct`
+// (the state is updated in place), no row may appear twice (padded entries may repeat).
+void check_state_indices(const char* op, const char* arg, const Tensor& idx, const char* state_arg, int64_t rows,
+                         bool distinct = true);
+
 }  // namespace nk

@@ -133,16 +133,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   check_dim(op, "dout", dout, 3);
   NK_CHECK(dout.size(0) == batch && dout.size(1) == dim && dout.size(2) == seqlen, op,
            ": dout must have x's shape ", shape_str(x), ", got ", shape_str(dout));
-  NK_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have x's dtype");
+  NK_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have x's dtype ",
+           dtype_name(x.scalar_type()), ", got ", dtype_name(dout.scalar_type()));
   check_same_device(op, "dout", dout, x, "x");
   if (dfinal_states) {
+    NK_CHECK(!seq_idx, op, ": dfinal_states must be None when seq_idx is given (the forward returns no "
+             "final states with seq_idx)");
     NK_CHECK(dfinal_states->dim() == 3 && dfinal_states->size(0) == batch &&
                  dfinal_states->size(1) == dim && dfinal_states->size(2) == width - 1,
              op, ": dfinal_states must have shape (", batch, ", ", dim, ", ", width - 1, "), got ",
              shape_str(*dfinal_states));
-    NK_CHECK(dfinal_states->scalar_type() == x.scalar_type(), op, ": dfinal_states must have x's dtype");
+    NK_CHECK(dfinal_states->scalar_type() == x.scalar_type(), op, ": dfinal_states must have x's dtype ",
+             dtype_name(x.scalar_type()), ", got ", dtype_name(dfinal_states->scalar_type()));
     check_same_device(op, "dfinal_states", *dfinal_states, x, "x");
   }
+  NK_CHECK(!(seq_idx && return_dinitial_states), op, ": return_dinitial_states must be False when seq_idx "
+           "is given (packed sequences start from zero state, there is no initial state to differentiate)");
   OptionalDeviceGuard guard(x);
   Tensor w32 = contiguous_float(weight);
   auto b32 = float_opt(bias);
@@ -208,11 +214,22 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   check_size(op, "conv_state", conv_state, 1, dim);
   NK_CHECK(conv_state.size(2) >= width - 1, op, ": conv_state.shape[2] must be at least width - 1 = ",
            width - 1, ", got shape ", shape_str(conv_state));
+  // conv_state is updated in place: every element its own address, and no overlap with what
+  // is read meanwhile.
+  check_writable(op, "conv_state", conv_state);
+  check_no_overlap(op, "conv_state", conv_state, "x", x);
+  check_no_overlap(op, "conv_state", conv_state, "weight", weight);
+  if (bias) check_no_overlap(op, "conv_state", conv_state, "bias", *bias);
+  std::optional<Tensor> idx;
   if (conv_state_indices) {
     check_dim(op, "conv_state_indices", *conv_state_indices, 1);
     check_dtype(op, "conv_state_indices", *conv_state_indices, {ScalarType::Int});
     check_same_device(op, "conv_state_indices", *conv_state_indices, x, "x");
     check_size(op, "conv_state_indices", *conv_state_indices, 0, batch);
+    check_no_overlap(op, "conv_state", conv_state, "conv_state_indices", *conv_state_indices);
+    idx = torch::stable::contiguous(*conv_state_indices);
+    if (!x.is_cuda())
+      check_state_indices(op, "conv_state_indices", *idx, "conv_state", conv_state.size(0));
   } else {
     NK_CHECK(conv_state.size(0) >= batch, op, ": conv_state.shape[0] must be at least batch = ", batch,
              " when conv_state_indices is None, got shape ", shape_str(conv_state));
@@ -232,7 +249,7 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   p.conv_state = conv_state.data_ptr();
   p.st_sb = conv_state.stride(0), p.st_sc = conv_state.stride(1), p.st_sj = conv_state.stride(2);
   p.state_batch = conv_state.size(0);
-  p.state_indices = conv_state_indices ? static_cast<const int32_t*>(conv_state_indices->data_ptr()) : nullptr;
+  p.state_indices = idx ? static_cast<const int32_t*>(idx->data_ptr()) : nullptr;
   p.weight = static_cast<const float*>(w32.data_ptr());
   p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
   p.out = out.data_ptr();

@@ -19,16 +19,18 @@
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "ssd/causal_conv1d.h"
+#include "ssd/launch_limits.h"
 #include "ssd/numerics.cuh"
 
 namespace nk {
 namespace {
 
-constexpr int kChlastThreadsX = 32;  // channel groups per block
-constexpr int kChlastThreadsY = 4;   // time tiles per block
-constexpr int kChlastNT = 16;        // time steps per thread (channel-last)
-constexpr int kTmajorThreads = 128;
-constexpr int kTmajorNT = 4;         // time steps per thread (time-major)
+// Block shapes and steps per thread: ssd/launch_limits.h (the grids are computed there).
+constexpr int kChlastThreadsX = kConvChlastThreadsX;  // channel groups per block
+constexpr int kChlastThreadsY = kConvChlastThreadsY;  // time tiles per block
+constexpr int kChlastNT = kConvChlastNT;              // time steps per thread (channel-last)
+constexpr int kTmajorThreads = kConvTmajorThreads;
+constexpr int kTmajorNT = kConvTmajorNT;              // time steps per thread (time-major)
 // Channel-last channels per thread: 16-byte accesses in the forward; 4 channels in the
 // backward, whose per-thread state (windows of x and dy, dweight partials) is twice as
 // large, so that enough warps stay resident (8-byte accesses for 16-bit types).
@@ -269,8 +271,12 @@ __global__ void __launch_bounds__(kChlastThreadsX * kChlastThreadsY)
 fwd_chlast_kernel(Conv1dFwdParams p) {
   constexpr int VC = kFwdVecBytes / sizeof(T);
   const int64_t c0 = (int64_t(blockIdx.x) * kChlastThreadsX + threadIdx.x) * VC;
-  const int64_t t0 = (int64_t(blockIdx.y) * kChlastThreadsY + threadIdx.y) * kChlastNT;
-  if (c0 < p.dim && t0 < p.seqlen) fwd_tile<T, W, VC, kChlastNT, kVec>(p, blockIdx.z, c0, t0);
+  if (c0 >= p.dim) return;
+  // Grid-stride over time tiles: grid.y is capped at 65535 blocks (conv1d_fwd_grid), so any
+  // sequence length fits one launch.
+  const int64_t step = int64_t(gridDim.y) * kChlastThreadsY * kChlastNT;
+  for (int64_t t0 = (int64_t(blockIdx.y) * kChlastThreadsY + threadIdx.y) * kChlastNT; t0 < p.seqlen; t0 += step)
+    fwd_tile<T, W, VC, kChlastNT, kVec>(p, blockIdx.z, c0, t0);
 }
 
 template <typename T, int W>
@@ -427,20 +433,12 @@ bool vec_ok(int vc, int elem_bytes, int64_t dim,
   return true;
 }
 
-constexpr int kMaxGridYZ = 65535;
-
-int num_sms() {
-  static int sms = [] {
-    int dev = 0, n = 0;
-    NK_CUDA_CHECK(cudaGetDevice(&dev));
-    NK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-  }();
-  return sms;
+dim3 to_dim3(const LaunchGrid& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
-// Backward grid: enough blocks for ~8 per SM, with time tiles folded so that the partial
-// rows (batch x time blocks) stay few.
+// Backward grid (conv1d_bwd_grid): enough blocks for ~8 per SM of the current device, with
+// time tiles folded so that the partial rows (batch x time blocks) stay few.
 struct BwdGrid {
   dim3 grid, block;
   bool chlast;
@@ -449,50 +447,36 @@ struct BwdGrid {
 
 BwdGrid bwd_grid(const Conv1dBwdParams& q) {
   const auto& p = q.fwd;
-  const int vc = kBwdVC;
   const bool chlast = use_chlast(p.x_sc, q.dx_sc, p.dim) && q.dout_sc == 1;
-  const int64_t target = 8LL * num_sms();
-  if (chlast) {
-    const int64_t cblocks = ceil_div(p.dim, kChlastThreadsX * vc);
-    const int64_t tmax = ceil_div(p.seqlen, kChlastThreadsY * kChlastNT);
-    const int64_t tb = std::clamp<int64_t>(ceil_div(target, cblocks * p.batch), 1, std::min<int64_t>(tmax, kMaxGridYZ));
-    return {dim3(cblocks, tb, p.batch), dim3(kChlastThreadsX, kChlastThreadsY), true, tb};
-  }
-  const int64_t cy = std::min<int64_t>(p.dim, kMaxGridYZ);
-  const int64_t tmax = ceil_div(p.seqlen, kTmajorThreads * kTmajorNT);
-  const int64_t tb = std::clamp<int64_t>(ceil_div(target, cy * p.batch), 1, tmax);
-  return {dim3(tb, cy, p.batch), dim3(kTmajorThreads), false, tb};
-}
-
-void check_batch(int64_t batch) {
-  if (batch > kMaxGridYZ)
-    throw std::runtime_error("nemokernels: causal_conv1d: batch must be at most 65535 on CUDA");
+  const Conv1dBwdGrid g = conv1d_bwd_grid(p.batch, p.dim, p.seqlen, chlast, kBwdVC, 8LL * sm_count());
+  const dim3 block = chlast ? dim3(kChlastThreadsX, kChlastThreadsY) : dim3(kTmajorThreads);
+  return {to_dim3(g.grid), block, chlast, g.time_blocks};
 }
 
 }  // namespace
 
 void causal_conv1d_fwd_cuda(const Conv1dFwdParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  check_batch(p.batch);
   dispatch(p.dtype, p.width, [&]<typename T, int W>() {
+    // Every grid is computed (and checked against CUDA's limits) before the first launch.
+    constexpr int VC = kFwdVecBytes / sizeof(T);
+    const bool chlast = use_chlast(p.x_sc, p.out_sc, p.dim);
+    const dim3 grid = p.seqlen > 0 ? to_dim3(conv1d_fwd_grid(p.batch, p.dim, p.seqlen, chlast, VC)) : dim3(1);
+    const dim3 fgrid = p.final_states != nullptr ? to_dim3(conv1d_final_states_grid(p.batch, p.dim, W)) : dim3(1);
     if (p.seqlen > 0) {
-      constexpr int VC = kFwdVecBytes / sizeof(T);
-      if (use_chlast(p.x_sc, p.out_sc, p.dim)) {
-        dim3 grid(ceil_div(p.dim, kChlastThreadsX * VC), ceil_div(p.seqlen, kChlastThreadsY * kChlastNT), p.batch);
+      if (chlast) {
         dim3 block(kChlastThreadsX, kChlastThreadsY);
         if (vec_ok(VC, sizeof(T), p.dim, {{p.x, {p.x_sb, p.x_st}}, {p.out, {p.out_sb, p.out_st}}}))
           fwd_chlast_kernel<T, W, true><<<grid, block, 0, stream>>>(p);
         else
           fwd_chlast_kernel<T, W, false><<<grid, block, 0, stream>>>(p);
       } else {
-        dim3 grid(ceil_div(p.seqlen, kTmajorThreads * kTmajorNT), std::min<int64_t>(p.dim, kMaxGridYZ), p.batch);
         fwd_tmajor_kernel<T, W><<<grid, kTmajorThreads, 0, stream>>>(p);
       }
       NK_CUDA_LAUNCH_CHECK();
     }
     if (p.final_states != nullptr) {
-      const int64_t n = p.batch * p.dim * (W - 1);
-      final_states_kernel<T, W><<<ceil_div(n, 256), 256, 0, stream>>>(p);
+      final_states_kernel<T, W><<<fgrid, kConvSmallThreads, 0, stream>>>(p);
       NK_CUDA_LAUNCH_CHECK();
     }
   });
@@ -505,8 +489,8 @@ int64_t causal_conv1d_bwd_cuda_num_partials(const Conv1dBwdParams& q) {
 void causal_conv1d_bwd_cuda(const Conv1dBwdParams& q, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const auto& p = q.fwd;
-  check_batch(p.batch);
   const BwdGrid g = bwd_grid(q);
+  const dim3 rgrid = to_dim3(conv1d_bwd_reduce_grid(p.dim));
   if (q.num_partials != p.batch * g.time_blocks)
     throw std::runtime_error("nemokernels: internal: causal_conv1d backward partial rows mismatch");
   dispatch(p.dtype, p.width, [&]<typename T, int W>() {
@@ -520,17 +504,16 @@ void causal_conv1d_bwd_cuda(const Conv1dBwdParams& q, void* stream_ptr) {
       bwd_tmajor_kernel<T, W><<<g.grid, g.block, 0, stream>>>(q);
     }
     NK_CUDA_LAUNCH_CHECK();
-    reduce_partials_kernel<W><<<ceil_div(p.dim, 128), 128, 0, stream>>>(q);
+    reduce_partials_kernel<W><<<rgrid, kConvReduceThreads, 0, stream>>>(q);
     NK_CUDA_LAUNCH_CHECK();
   });
 }
 
 void causal_conv1d_update_cuda(const Conv1dUpdateParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  check_batch(p.batch);
+  const dim3 grid = to_dim3(conv1d_update_grid(p.batch, p.dim));
   dispatch(p.dtype, p.width, [&]<typename T, int W>() {
-    dim3 grid(ceil_div(p.dim, 128), p.batch);
-    update_kernel<T, W><<<grid, 128, 0, stream>>>(p);
+    update_kernel<T, W><<<grid, kConvUpdateThreads, 0, stream>>>(p);
     NK_CUDA_LAUNCH_CHECK();
   });
 }

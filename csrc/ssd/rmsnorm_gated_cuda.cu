@@ -31,6 +31,7 @@
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
+#include "ssd/launch_limits.h"
 #include "ssd/numerics.cuh"
 #include "ssd/rmsnorm_gated.h"
 
@@ -390,15 +391,10 @@ void dispatch(DType dt, F&& f) {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int num_sms() {
-  static int sms = [] {
-    int dev = 0, n = 0;
-    NK_CUDA_CHECK(cudaGetDevice(&dev));
-    NK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-  }();
-  return sms;
-}
+// Grid limits (launch_limits.h): grid.x counts units or groups or channel blocks; y is capped.
+constexpr const char* kRowsAdvice = "split the rows (the leading dims of x) into smaller calls";
+constexpr const char* kGroupsAdvice = "use a larger group_size (fewer groups per row) or split the channels";
+constexpr const char* kDimAdvice = "split the channels (D) into smaller calls";
 
 // 16-byte accesses are legal when V divides the group, every tensor's rows start on a
 // 16-byte boundary with unit channel stride, and the float32 weight and bias are 16-byte
@@ -494,24 +490,24 @@ BwdPlan bwd_plan(const RmsNormBwdParams& q) {
   BwdPlan b;
   b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxThreads, {1, 2});
   const int64_t ngroups = p.dim / p.group_size;
-  if (ngroups > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: too many groups for one CUDA grid");
   // One wave: as many blocks as are resident at once (the row loop balances the work, so a
   // second, partial wave would only idle SMs), and no more row blocks than needed, since each
   // row lane adds a partial row.
-  const int64_t resident = int64_t(num_sms()) * bwd_occupancy<T>(b.unit);
+  const int64_t resident = int64_t(sm_count()) * bwd_occupancy<T>(b.unit);
   const int64_t rblocks = std::clamp<int64_t>(resident / ngroups, 1,
-                                              std::min<int64_t>(cdiv(p.rows, b.unit.upb), 65535));
+                                              std::min<int64_t>(cdiv(p.rows, b.unit.upb), kCudaMaxGridYZ));
+  checked_grid("rmsnorm_fn (backward)", "backward", {ngroups, rblocks}, kGroupsAdvice);
   b.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
   b.block = dim3(b.unit.tpu, b.unit.upb);
   if (b.unit.NV > 0) {
     b.num_partials = rblocks * b.unit.upb;
   } else {
     const int64_t cblocks = cdiv(p.dim, kColThreads);
-    if (cblocks > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: D too large for one CUDA grid");
-    const int64_t target_cols = int64_t(num_sms()) * (2048 / kColThreads);
-    int64_t chunks = std::clamp<int64_t>(cdiv(target_cols, cblocks), 1, std::min<int64_t>(p.rows, 65535));
+    const int64_t target_cols = int64_t(sm_count()) * (2048 / kColThreads);
+    int64_t chunks = std::clamp<int64_t>(cdiv(target_cols, cblocks), 1, std::min<int64_t>(p.rows, kCudaMaxGridYZ));
     b.rows_per_chunk = cdiv(p.rows, chunks);
     chunks = cdiv(p.rows, b.rows_per_chunk);
+    checked_grid("rmsnorm_fn (backward)", "dweight column", {cblocks, chunks}, kDimAdvice);
     b.col_grid = dim3(static_cast<unsigned>(cblocks), static_cast<unsigned>(chunks));
     b.num_partials = chunks;
   }
@@ -526,8 +522,7 @@ void rmsnorm_gated_fwd_cuda(const RmsNormFwdParams& p, void* stream_ptr) {
     constexpr int VV = 16 / sizeof(T);
     const UnitPlan u = fwd_plan<T>(p);
     const int64_t nunits = p.rows * (p.dim / p.group_size);
-    const int64_t blocks = cdiv(nunits, u.upb);
-    if (blocks > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: too many rows for one CUDA grid");
+    const int64_t blocks = checked_grid("rmsnorm_fn", "forward", {cdiv(nunits, u.upb)}, kRowsAdvice).x;
     const dim3 grid(static_cast<unsigned>(blocks)), block(u.tpu, u.upb);
     auto launch = [&]<int V>() {
       switch (u.NV) {
@@ -554,6 +549,8 @@ void rmsnorm_gated_bwd_cuda(const RmsNormBwdParams& q, void* stream_ptr) {
   dispatch(q.fwd.dtype, [&]<typename T>() {
     constexpr int VV = 16 / sizeof(T);
     const BwdPlan b = bwd_plan<T>(q);
+    const int64_t rblocks = checked_grid("rmsnorm_fn (backward)", "dweight reduction", {cdiv(2 * q.fwd.dim, kRedCols)},
+                                         kDimAdvice).x;
     if (b.num_partials != q.num_partials)
       throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward partial rows mismatch");
     auto launch = [&]<int V>() {
@@ -571,8 +568,6 @@ void rmsnorm_gated_bwd_cuda(const RmsNormBwdParams& q, void* stream_ptr) {
       dwdb_columns_kernel<T><<<b.col_grid, kColThreads, 0, stream>>>(q, b.rows_per_chunk);
       NK_CUDA_LAUNCH_CHECK();
     }
-    const int64_t rblocks = cdiv(2 * q.fwd.dim, kRedCols);
-    if (rblocks > INT_MAX) throw std::runtime_error("nemokernels: rmsnorm_fn: D too large for one CUDA grid");
     reduce_partials_kernel<<<static_cast<unsigned>(rblocks), dim3(kRedCols, kRedSlices), 0, stream>>>(q);
     NK_CUDA_LAUNCH_CHECK();
   });

@@ -126,6 +126,32 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
   return d;
 }
 
+// cu_seqlens against the sequence length and seq_idx (CPU only: the values are read on the
+// host; on CUDA that would need a device sync, and the kernels clamp every bound instead).
+// cu and sid are contiguous int32; seq_idx is already known non-decreasing.
+void check_cu_seqlens(const char* op, const Tensor& cu, const Tensor& sid, int64_t L) {
+  const int32_t* c = static_cast<const int32_t*>(cu.data_ptr());
+  const int32_t* s = static_cast<const int32_t*>(sid.data_ptr());
+  const int64_t n = cu.size(0);
+  NK_CHECK(c[0] == 0, op, ": cu_seqlens[0] must be 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i)
+    NK_CHECK(c[i] >= c[i - 1], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", c[i],
+             " < cu_seqlens[", i - 1, "] = ", c[i - 1]);
+  NK_CHECK(c[n - 1] == L, op, ": cu_seqlens[-1] must be seqlen = ", L, " (x.shape[1]), got ", c[n - 1]);
+  // seq_idx must change exactly where a non-empty sequence starts.
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t start = c[i], end = c[i + 1];
+    if (start == end) continue;
+    NK_CHECK(start == 0 || s[start] != s[start - 1], op, ": seq_idx disagrees with cu_seqlens: sequence ", i,
+             " starts at position ", start, " (cu_seqlens[", i, "]), so seq_idx[0, ", start,
+             "] must differ from seq_idx[0, ", start - 1, "], got ", s[start], " for both");
+    for (int64_t t = start + 1; t < end; ++t)
+      NK_CHECK(s[t] == s[start], op, ": seq_idx disagrees with cu_seqlens: sequence ", i, " spans positions ",
+               start, "..", end - 1, " (cu_seqlens[", i, "], cu_seqlens[", i + 1, "]), so seq_idx must be ",
+               s[start], " there, got ", s[t], " at position ", t);
+  }
+}
+
 std::optional<Tensor> float_opt(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(contiguous_float(*t)) : std::nullopt;
 }
@@ -189,14 +215,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
   Dims d = check_args(kOp, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max);
   int64_t nseq = 0;
   if (return_varlen_states) {
-    NK_CHECK(cu_seqlens.has_value(), kOp, ": return_varlen_states needs cu_seqlens");
-    NK_CHECK(seq_idx.has_value(), kOp, ": return_varlen_states needs seq_idx (the packed sequences' ids)");
+    NK_CHECK(cu_seqlens.has_value(), kOp, ": return_varlen_states needs cu_seqlens, got None");
+    NK_CHECK(seq_idx.has_value(), kOp, ": return_varlen_states needs seq_idx (the packed sequences' ids), got None");
     NK_CHECK(d.b == 1, kOp, ": return_varlen_states needs batch 1 (packed sequences), got batch ", d.b);
     NK_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 1, kOp,
              ": cu_seqlens must be 1-D (num_sequences + 1,), got shape ", shape_str(*cu_seqlens));
     check_dtype(kOp, "cu_seqlens", *cu_seqlens, {ScalarType::Int});
     check_same_device(kOp, "cu_seqlens", *cu_seqlens, x, "x");
     nseq = cu_seqlens->size(0) - 1;
+    if (!x.is_cuda())
+      check_cu_seqlens(kOp, torch::stable::contiguous(*cu_seqlens), torch::stable::contiguous(*seq_idx), d.L);
   }
   OptionalDeviceGuard guard(x);
   SsdParams p{};
@@ -249,10 +277,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   NK_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have x's dtype ",
            dtype_name(x.scalar_type()), ", got ", dtype_name(dout.scalar_type()));
   if (z) {
-    NK_CHECK(y_pre.has_value() && y_pre->numel() == d.b * d.L * d.H * d.P, op,
-             ": y_pre (the ungated output saved by the forward) is needed with z");
+    NK_CHECK(y_pre.has_value(), op, ": y_pre (the ungated output saved by the forward) must be given with z, "
+             "got None");
     check_shape(op, "y_pre", *y_pre, {d.b, d.L, d.H, d.P});
-    NK_CHECK(y_pre->scalar_type() == x.scalar_type(), op, ": y_pre must have x's dtype");
+    NK_CHECK(y_pre->scalar_type() == x.scalar_type(), op, ": y_pre must have x's dtype ",
+             dtype_name(x.scalar_type()), ", got ", dtype_name(y_pre->scalar_type()));
     check_same_device(op, "y_pre", *y_pre, x, "x");
   }
   if (dfinal_states) {
@@ -260,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     check_float_param(op, "dfinal_states", *dfinal_states, x);
   }
   NK_CHECK(!return_dinitial_states || initial_states.has_value(), op,
-           ": return_dinitial_states needs initial_states");
+           ": return_dinitial_states needs initial_states, got None");
   OptionalDeviceGuard guard(x);
   SsdBwdParams q{};
   Prepared r = prepare(q.fwd, d, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,

@@ -60,6 +60,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "ssd/launch_limits.h"
 #include "ssd/numerics.cuh"
 #include "ssd/ssd_chunk_scan.h"
 #include "ssd/ssd_cuda_common.cuh"
@@ -959,9 +960,19 @@ __global__ void reduce_kernel(SsdBwdParams q) {
 
 // ---- launch ---------------------------------------------------------------------------------
 
+// Element-wise kernels: grid-strided, so their grids are capped (no limit to check).
 int grid_for(int64_t total, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 65536 * 8)));
 }
+
+// The grid-sized kernels' grids (launch_limits.h), checked against CUDA's limits.
+static_assert(kTile == kSsdTile && kSpChunk == kSsdSpChunk, "launch_limits.h computes the grids from these");
+
+SsdBwdGrids bwd_grids(const SsdParams& p) {
+  return ssd_bwd_grids(p.batch, p.nchunks, p.nheads, p.headdim, p.dstate, p.chunk_size, heads_per_block(p));
+}
+
+unsigned gx(const LaunchGrid& g) { return static_cast<unsigned>(g.x); }
 
 template <typename T, int Q>
 void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
@@ -969,29 +980,28 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   Scratch w{};
   scratch_layout(q, &w);
   const int64_t b = p.batch, H = p.nheads, nc = p.nchunks;
-  const int64_t npt = (p.headdim + kTile - 1) / kTile, nnt = (p.dstate + kTile - 1) / kTile;
-  constexpr int kNT = Q / kTile;
+  const SsdBwdGrids g = bwd_grids(p);
 
   if (p.z != nullptr) {
     dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim, 256), 256, 0, stream>>>(q, w.dy);
     NK_CUDA_LAUNCH_CHECK();
   }
-  dstates_kernel<T, Q><<<static_cast<unsigned>(b * nc * H * npt * nnt), kThreads, 0, stream>>>(q, w.dy);
+  dstates_kernel<T, Q><<<gx(g.dstates), kThreads, 0, stream>>>(q, w.dy);
   NK_CUDA_LAUNCH_CHECK();
-  state_bwd_kernel<<<static_cast<unsigned>(b * H * w.nslices), kThreads, 0, stream>>>(q, w.dot_part, w.nslices);
+  state_bwd_kernel<<<gx(g.state_bwd), kThreads, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
   dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
 
   const int col_smem = static_cast<int>(sizeof(ColSmem<T, Q>));
   NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
-  col_kernel<T, Q><<<static_cast<unsigned>(b * nc * (H / w.hs) * kNT), kThreads, col_smem, stream>>>(q, w);
+  col_kernel<T, Q><<<gx(g.col), kThreads, col_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
   const int row_smem = static_cast<int>(sizeof(RowSmem<T, Q>));
   NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
-  row_kernel<T, Q><<<static_cast<unsigned>(b * nc * (H / w.hs) * kNT), kThreads, row_smem, stream>>>(q, w);
+  row_kernel<T, Q><<<gx(g.row), kThreads, row_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
-  chunk_fin_kernel<T, Q><<<static_cast<unsigned>(b * nc * H), kThreads, 0, stream>>>(q, w);
+  chunk_fin_kernel<T, Q><<<gx(g.chunk_fin), kThreads, 0, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
 
   sum_bc_kernel<T><<<grid_for(b * p.seqlen * p.ngroups * p.dstate, 256), 256, 0, stream>>>(q, w);
@@ -1012,7 +1022,13 @@ void run_bwd_q(const SsdBwdParams& q, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t ssd_bwd_cuda_workspace_bytes(const SsdBwdParams& q) { return scratch_layout(q, nullptr) * 4; }
+int64_t ssd_bwd_cuda_workspace_bytes(const SsdBwdParams& q) {
+  // Called by the entry before the workspace is allocated: a problem over the grid limits
+  // fails here, not after the allocation.
+  const SsdParams& p = q.fwd;
+  if (p.batch > 0 && p.seqlen > 0 && p.nheads > 0) bwd_grids(p);
+  return scratch_layout(q, nullptr) * 4;
+}
 
 void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
   const SsdParams& p = q.fwd;
@@ -1024,6 +1040,7 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
   scratch_layout(q, &w);
   SsdParams fp = p;
   fp.workspace = w.fwd_ws;
+  bwd_grids(p);  // every grid checked before the first launch
   ssd_states_cuda(fp, stream);
   switch (p.dtype) {
     case DType::F32: return run_bwd_q<float>(q, s);

@@ -66,6 +66,7 @@
 #include <string>
 
 #include "common/cuda_utils.cuh"
+#include "ssd/launch_limits.h"
 #include "ssd/numerics.cuh"
 #include "ssd/ssd_chunk_scan.h"
 #include "ssd/ssd_cuda_common.cuh"
@@ -538,60 +539,53 @@ Vec make_vec(const SsdParams& p) {
   return v;
 }
 
-int grid_x(int64_t blocks, const char* what) {
-  if (blocks > INT_MAX)
-    throw std::runtime_error(std::string("nemokernels: mamba_chunk_scan_combined: too many blocks for the CUDA ") +
-                             what + " kernel (" + std::to_string(blocks) + ")");
-  return static_cast<int>(blocks);
+// Every kernel's grid, checked against CUDA's limits (launch_limits.h) before the first launch.
+static_assert(StateTraits::kBP == kSsdTile && StateTraits::kBN == kSsdTile && ScanTraits::kBM == kSsdTile &&
+                  CumsumTraits::kHeads == kSsdCumsumHeads && kPassThreads == kSsdPassThreads,
+              "launch_limits.h computes the grids from these tile sizes");
+
+SsdFwdGrids fwd_grids(const SsdParams& p) {
+  const bool varlen = p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0;
+  return ssd_fwd_grids(p.batch, p.nchunks, p.nheads, p.headdim, p.dstate, p.chunk_size, varlen ? p.nseq : 0);
+}
+
+dim3 to_dim3(const LaunchGrid& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
 template <typename T, int Q>
 void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
-  const int64_t B = p.batch, H = p.nheads, nc = p.nchunks;
-  {  // F1
-    const int64_t hy = (H + CumsumTraits::kHeads - 1) / CumsumTraits::kHeads;
-    if (hy > 65535) throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: nheads too large for CUDA");
-    dim3 grid(grid_x(B * nc, "chunk_cumsum"), static_cast<unsigned>(hy));
-    chunk_cumsum_kernel<Q><<<grid, CumsumTraits::kThreads, 0, st>>>(p);
-    NK_CUDA_LAUNCH_CHECK();
-  }
-  {  // F2
-    const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
-    const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
-    chunk_state_kernel<T, Q><<<grid_x(B * nc * H * npt * nnt, "chunk_state"), StateTraits::kThreads, 0, st>>>(p, vec);
-    NK_CUDA_LAUNCH_CHECK();
-  }
-  {  // F3
-    const int64_t PN = p.headdim * p.dstate;
-    const int64_t nsl = (PN + kPassThreads - 1) / kPassThreads;
-    state_passing_kernel<<<grid_x(B * H * nsl, "state_passing"), kPassThreads, 0, st>>>(p);
-    NK_CUDA_LAUNCH_CHECK();
-  }
+  const SsdFwdGrids g = fwd_grids(p);
+  chunk_cumsum_kernel<Q><<<to_dim3(g.cumsum), CumsumTraits::kThreads, 0, st>>>(p);  // F1
+  NK_CUDA_LAUNCH_CHECK();
+  chunk_state_kernel<T, Q><<<to_dim3(g.state), StateTraits::kThreads, 0, st>>>(p, vec);  // F2
+  NK_CUDA_LAUNCH_CHECK();
+  state_passing_kernel<<<to_dim3(g.passing), kPassThreads, 0, st>>>(p);  // F3
+  NK_CUDA_LAUNCH_CHECK();
 }
 
 template <typename T, int Q>
 void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
+  // Every limit (grids, F4's shared memory) checked before the first launch.
+  const SsdFwdGrids g = fwd_grids(p);
+  const ScanSmem L = scan_smem<T, Q>(round_up16(static_cast<int>(p.dstate)), round_up16(static_cast<int>(p.headdim)));
+  int dev = 0, max_smem = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (L.bytes > static_cast<size_t>(max_smem))
+    throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: the CUDA chunk scan needs " +
+                             std::to_string(L.bytes) + " bytes of shared memory per block, the device allows " +
+                             std::to_string(max_smem) + "; use float16 / bfloat16 activations or a smaller "
+                             "headdim or dstate (the CPU path has no such limit)");
   launch_states<T, Q>(p, vec, st);
   {  // F4
-    const ScanSmem L = scan_smem<T, Q>(round_up16(static_cast<int>(p.dstate)), round_up16(static_cast<int>(p.headdim)));
-    int dev = 0, max_smem = 0;
-    NK_CUDA_CHECK(cudaGetDevice(&dev));
-    NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (L.bytes > static_cast<size_t>(max_smem))
-      throw std::runtime_error("nemokernels: mamba_chunk_scan_combined: the CUDA chunk scan needs " +
-                               std::to_string(L.bytes) + " bytes of shared memory per block, the device allows " +
-                               std::to_string(max_smem));
     NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_scan_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.bytes)));
-    const int64_t blocks = p.batch * p.nchunks * p.nheads * (Q / ScanTraits::kBM);
-    chunk_scan_kernel<T, Q><<<grid_x(blocks, "chunk_scan"), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
+    chunk_scan_kernel<T, Q><<<to_dim3(g.scan), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }
   if (p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0) {  // F5
-    const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
-    const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
-    varlen_states_kernel<T, Q>
-        <<<grid_x(p.nseq * p.nheads * npt * nnt, "varlen_states"), StateTraits::kThreads, 0, st>>>(p, vec);
+    varlen_states_kernel<T, Q><<<to_dim3(g.varlen), StateTraits::kThreads, 0, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }
 }
@@ -624,7 +618,11 @@ void run(const SsdParams& p, void* stream, bool full) {
 
 }  // namespace
 
-int64_t ssd_fwd_cuda_workspace_bytes(const SsdParams&) { return 0; }
+int64_t ssd_fwd_cuda_workspace_bytes(const SsdParams& p) {
+  // Called by the entry before anything is allocated: a problem over the grid limits fails here.
+  if (p.batch > 0 && p.seqlen > 0 && p.nheads > 0) fwd_grids(p);
+  return 0;
+}
 
 void ssd_states_cuda(const SsdParams& p, void* stream) { run(p, stream, false); }
 

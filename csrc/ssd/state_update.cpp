@@ -35,13 +35,6 @@ void check_float(const char* op, const char* arg, const Tensor& t) {
   check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
 }
 
-// A tensor that is written must not have two elements at one address.
-void check_writable(const char* op, const char* arg, const Tensor& t) {
-  for (int64_t d = 0; d < t.dim(); ++d)
-    NK_CHECK(t.size(d) <= 1 || t.stride(d) != 0, op, ": ", arg, " is written, so it must not be an expanded "
-             "view (stride 0 in dimension ", d, " of size ", t.size(d), ")");
-}
-
 // The operand's strides in the kernel's dim order; -1 = a dim the tensor does not have.
 SsuArg make_arg(const Tensor& t, std::initializer_list<int> dims) {
   SsuArg a;
@@ -105,8 +98,21 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   if (state.is_cuda())
     NK_CHECK(N <= ssu_cuda_max_dstate(to_dtype(state.scalar_type())), op, ": dstate = ", N,
              " is too large for the CUDA kernel (at most ", ssu_cuda_max_dstate(to_dtype(state.scalar_type())),
-             " for a ", dtype_name(state.scalar_type()), " state)");
-  if (!multi) check_writable(op, "state", state);
+             " for a ", dtype_name(state.scalar_type()), " state, ", ssu_cuda_max_dstate(DType::BF16),
+             " for a float16 / bfloat16 one; the CPU path takes any)");
+  // What the op writes (the state in place, or the snapshots) must have its own memory: no
+  // element twice, and nothing shared with a tensor read meanwhile.
+  auto check_written = [&](const char* arg, const Tensor& w) {
+    check_writable(op, arg, w);
+    if (multi) check_no_overlap(op, arg, w, "state", state);
+    const std::pair<const char*, const Tensor*> reads[] = {{"x", &x}, {"dt", &dt}, {"A", &A}, {"B", &B}, {"C", &C}};
+    for (auto [name, t] : reads) check_no_overlap(op, arg, w, name, *t);
+    if (D) check_no_overlap(op, arg, w, "D", *D);
+    if (z) check_no_overlap(op, arg, w, "z", *z);
+    if (dt_bias) check_no_overlap(op, arg, w, "dt_bias", *dt_bias);
+    if (state_batch_indices) check_no_overlap(op, arg, w, "state_batch_indices", *state_batch_indices);
+  };
+  if (!multi) check_written("state", state);
   if (snapshots) {
     std::vector<int64_t> ss = {batch, T};
     if (hd) ss.push_back(H);
@@ -116,7 +122,6 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     NK_CHECK(snapshots->scalar_type() == state.scalar_type(), op, ": intermediate_states must have state's dtype ",
              dtype_name(state.scalar_type()), ", got ", dtype_name(snapshots->scalar_type()));
     check_same_device(op, "intermediate_states", *snapshots, state, "state");
-    check_writable(op, "intermediate_states", *snapshots);
   }
   std::optional<Tensor> idx;
   if (state_batch_indices) {
@@ -125,27 +130,16 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     check_same_device(op, "state_batch_indices", *state_batch_indices, state, "state");
     check_size(op, "state_batch_indices", *state_batch_indices, 0, batch);
     idx = torch::stable::contiguous(*state_batch_indices);
-    if (!state.is_cuda()) {
-      // On the CPU the indices can be checked without a device sync (on CUDA they cannot: an
-      // out-of-range row gives NaN outputs there, never an out-of-bounds access).
-      const int32_t* v = static_cast<const int32_t*>(idx->data_ptr());
-      std::vector<int32_t> seen;
-      for (int64_t b = 0; b < batch; ++b) {
-        NK_CHECK(v[b] < rows, op, ": state_batch_indices[", b, "] = ", v[b], " is out of range for state with ",
-                 rows, " rows (negative = padded slot)");
-        if (v[b] >= 0) seen.push_back(v[b]);
-      }
-      if (!multi) {
-        std::sort(seen.begin(), seen.end());
-        auto dup = std::adjacent_find(seen.begin(), seen.end());
-        NK_CHECK(dup == seen.end(), op, ": state_batch_indices holds row ", dup == seen.end() ? 0 : *dup,
-                 " twice; each state row is updated in place by at most one batch entry");
-      }
-    }
+    // On the CPU the indices are checked without a device sync (on CUDA they cannot be: an
+    // out-of-range row gives NaN outputs there, never an out-of-bounds access, and duplicate
+    // rows of the in-place update race but stay in bounds). The multi-token update only reads
+    // the state, so its rows may repeat.
+    if (!state.is_cuda()) check_state_indices(op, "state_batch_indices", *idx, "state", rows, !multi);
   } else {
     NK_CHECK(rows >= batch, op, ": state.shape[0] must be at least batch = ", batch,
              " when state_batch_indices is None, got shape ", shape_str(state));
   }
+  if (snapshots) check_written("intermediate_states", *snapshots);
 
   OptionalDeviceGuard guard(state);
   Tensor out = new_empty(x, xs, x.scalar_type());

@@ -25,6 +25,7 @@
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
+#include "ssd/launch_limits.h"
 #include "ssd/numerics.cuh"
 #include "ssd/state_update.h"
 
@@ -275,8 +276,8 @@ void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   const int64_t rows_per_block = int64_t(R) * (kThreads / ln);
   const int64_t tiles = (p.dim + rows_per_block - 1) / rows_per_block;
   const int64_t blocks = p.batch * p.nheads * tiles;
-  if (blocks > INT_MAX)
-    throw std::runtime_error("nemokernels: selective_state_update: batch * nheads * dim is too large for one launch");
+  checked_grid(p.in_place ? "selective_state_update" : "selective_state_update_multi", "state update",
+               {blocks}, "grid.x is batch * nheads * ceil(dim / rows per block): split the batch into smaller calls");
   const bool vs = vec_ok(p.state, VN, p.dstate, p.st_s, 3, p.st_s[3]);
   const bool vn = !p.in_place && vec_ok(p.snap, VN, p.dstate, p.snap_s, 4, p.snap_s[4]);
   const size_t smem = 2 * 2 * size_t(NC) * ln * VN * sizeof(float);

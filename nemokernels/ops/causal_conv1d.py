@@ -92,6 +92,11 @@ def causal_conv1d_fn(
     Returns ``out`` (batch, dim, seqlen) in x's dtype, and with ``return_final_states`` also
     the last ``width - 1`` input columns (batch, dim, width - 1), written into
     ``final_states_out`` when given. Differentiable in x, weight, bias and initial_states.
+
+    ``seq_idx`` may hold any int32 values (they are only compared for equality, on every
+    device). With ``seq_idx``, ``initial_states`` and ``return_final_states`` are refused (a
+    packed row starts from zero state and its final state mixes sequences). Limits: none on
+    the CPU; on CUDA batch <= 65535 (a grid dimension; split the batch), any sequence length.
     """
     silu = _silu_flag(activation)
     if seq_idx is not None and seq_idx.dtype != torch.int32:
@@ -121,6 +126,16 @@ def causal_conv1d_update(
     conv_state for each batch entry (negative: padded slot, state untouched, output zero).
     Returns the output, shaped like x. The state afterwards holds the last state_len inputs.
     A decode step: not differentiable (torch warns if a backward reaches it).
+
+    Refused on every device (host-side checks of pointers and strides, no sync): a
+    ``conv_state`` that is an expanded view (stride 0) or whose elements overlap, and a
+    ``conv_state`` that shares memory with x, weight, bias or conv_state_indices.
+    CPU-only checks (they read the index values, which on CUDA would need a host sync): an
+    index >= conv_state.shape[0] raises, and so does a row held by two entries (padded
+    entries, i.e. negative indices, may repeat). On CUDA the kernel stays memory-safe for any
+    values instead: an out-of-range index gives NaN outputs for that entry and touches no
+    state; entries sharing a row stay in bounds but race on it (the row's result is
+    unspecified), so keep non-negative indices distinct. CUDA limit: batch <= 65535.
     """
     silu = _silu_flag(activation)
     if conv_state_indices is not None and conv_state_indices.dtype != torch.int32:

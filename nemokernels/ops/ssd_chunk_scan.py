@@ -129,6 +129,17 @@ def mamba_chunk_scan_combined(
     (num_sequences, nheads, headdim, dstate) float32, zeros for an empty sequence.
     Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_states (and through
     final_states); varlen states are not differentiable.
+
+    Checks that read index values run on the CPU only (on CUDA they would need a host sync):
+    seq_idx must be non-negative and non-decreasing along each row, and with
+    return_varlen_states, cu_seqlens must start at 0, be non-decreasing, end at seqlen and
+    agree with seq_idx (seq_idx changes exactly where a non-empty sequence starts). On CUDA
+    any values are memory-safe instead: seq_idx values are only compared for equality, and
+    every cu_seqlens bound is clamped to [0, seqlen) (an empty or inverted range gives a zero
+    state), so inconsistent values give unspecified results, never out-of-bounds accesses.
+    CUDA limits (checked before any launch, with the limit in the message): every kernel's
+    grid (about batch * chunks * heads blocks) within CUDA's 2^31 - 1; split the batch or
+    the sequence (final_states -> initial_states) to stay under it.
     """
     if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
         raise ValueError(f"mamba_chunk_scan_combined: dt_limit must be a (min, max) pair, got {dt_limit!r}")

@@ -61,9 +61,16 @@ def selective_state_update(
 
     ``state_batch_indices`` (b,) int32 (int64 is converted): the state row of each entry;
     a negative index is a padded slot (state untouched, out = 0). Non-negative indices must
-    be distinct. An index >= state.shape[0] raises on the CPU; on CUDA (no host sync) it
-    gives NaN outputs and leaves the state untouched. Without indices, entry b uses row b.
-    Not differentiable (a decode-time op).
+    be distinct. Without indices, entry b uses row b. Not differentiable (a decode-time op).
+
+    Refused on every device (host-side checks of pointers and strides, no sync): a ``state``
+    that is an expanded view (stride 0) or whose elements overlap, and a ``state`` that
+    shares memory with any other argument. CPU-only checks (they read the index values, which
+    on CUDA would need a host sync): an index >= state.shape[0] raises, and so does a row held
+    by two entries (padded entries may repeat). On CUDA the kernel stays memory-safe instead:
+    an out-of-range index gives NaN outputs and leaves the state untouched; entries sharing a
+    row stay in bounds but race on it (that row's result is unspecified). CUDA limit: dstate
+    <= 512 for a float32 state, 1024 for float16 / bfloat16.
     """
     return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                        _indices(state_batch_indices))
@@ -93,6 +100,13 @@ def selective_state_update_multi(
     `selective_state_update` would leave, bit for bit. Padded entries (negative index) get
     zero outputs and zero snapshots. Pass the snapshots and the number of accepted tokens
     to `commit_state` to advance the cache.
+
+    ``state`` is only read, so indices may repeat. ``intermediate_states`` is written: it is
+    refused (on every device) when it is an expanded view, when its elements overlap, or when
+    it shares memory with ``state`` or any input (views of one buffer that share no element,
+    e.g. ``buf[:, 0]`` as the state and ``buf[:, 1:]`` as the snapshots, are fine). An index
+    >= state.shape[0] raises on the CPU only; on CUDA that entry's outputs and snapshots are
+    NaN.
     """
     if intermediate_states is None:
         intermediate_states = state.new_empty((x.shape[0], x.shape[1]) + tuple(state.shape[1:]))
@@ -113,31 +127,52 @@ def commit_state(
     k = num_accepted[b] (clamped to [0, T]): state[r] = intermediate_states[b, k - 1] when
     k > 0; k == 0 keeps the old state; padded entries (r < 0) are skipped. Pure PyTorch, no
     host sync and no data-dependent shapes, so it is safe under CUDA graphs and
-    torch.compile(fullgraph=True). Non-negative rows must be distinct. Returns ``state``.
+    torch.compile(fullgraph=True). Non-negative rows must be distinct and < state.shape[0]:
+    checked on the CPU (RuntimeError); on CUDA (no host sync) a row past the end is skipped like
+    a padded one, so nothing is written out of bounds, and rows named twice get one of the
+    entries' states. Returns ``state``.
     """
     batch, T = intermediate_states.shape[0], intermediate_states.shape[1]
+    n = state.shape[0]
     if num_accepted.shape != (batch,):
         raise ValueError(f"commit_state: num_accepted must have shape ({batch},), got {tuple(num_accepted.shape)}")
     if tuple(intermediate_states.shape[2:]) != tuple(state.shape[1:]):
         raise ValueError(f"commit_state: intermediate_states must be (batch, T) + state.shape[1:] = "
                          f"({batch}, {T}) + {tuple(state.shape[1:])}, got {tuple(intermediate_states.shape)}")
+    if state_batch_indices is None and n < batch:
+        raise ValueError(f"commit_state: state.shape[0] must be at least batch = {batch} when state_batch_indices "
+                         f"is None, got {tuple(state.shape)}")
+    if state_batch_indices is not None and state_batch_indices.shape != (batch,):
+        raise ValueError(f"commit_state: state_batch_indices must have shape ({batch},), got "
+                         f"{tuple(state_batch_indices.shape)}")
     if batch == 0 or T == 0:
         return state
     dev = state.device
     ar = torch.arange(batch, device=dev)
     rows = ar if state_batch_indices is None else state_batch_indices.to(device=dev, dtype=torch.long)
     acc = num_accepted.to(device=dev, dtype=torch.long)
-    # Every entry writes one row (index_copy_ needs a fixed count). A padded entry repeats the
-    # write of the first non-padded entry: the same row and the same value, so the duplicate
-    # is harmless. When all entries are padded, row 0 is rewritten with its own value.
-    is_pad = rows < 0
+    if dev.type == "cpu" and state_batch_indices is not None:
+        # Value checks: on the CPU only (on CUDA they would need a host sync, or a device assert
+        # that ends the process); compile-safe (no Python branch on the values).
+        torch._assert_async((rows < n).all(), f"commit_state: state_batch_indices must be < state.shape[0] = {n} "
+                                              "(negative = padded slot), got a larger row")
+        uniq = torch.where(rows >= 0, rows, -1 - ar).sort().values
+        torch._assert_async((uniq[1:] != uniq[:-1]).all(), "commit_state: state_batch_indices holds a row twice; "
+                                                           "each state row is committed by at most one batch entry")
+    # Every entry writes one row (index_copy_ needs a fixed count). A padded entry (a negative
+    # row, or one past the end) repeats the write of the first non-padded entry: the same row
+    # and the same value, so the duplicate is harmless. When all entries are padded, row 0 is
+    # rewritten with its own value (nothing at all when the state has no rows).
+    if n == 0:
+        return state
+    is_pad = (rows < 0) | (rows >= n)
     first = torch.argmax((~is_pad).to(torch.int32))
     src = torch.where(is_pad, first, ar)
-    src_rows = rows[src]
-    target = src_rows.clamp(min=0)
+    src_pad = is_pad[src]
+    target = torch.where(src_pad, 0, rows[src])
     k = acc[src]
     picked = intermediate_states[src, (k - 1).clamp(0, T - 1)].to(state.dtype)
-    take_new = ((k > 0) & (src_rows >= 0)).view((batch,) + (1,) * (state.dim() - 1))
+    take_new = ((k > 0) & ~src_pad).view((batch,) + (1,) * (state.dim() - 1))
     value = torch.where(take_new, picked, state[target])
     state.index_copy_(0, target, value)
     return state
