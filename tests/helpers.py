@@ -48,6 +48,16 @@ def assert_close_to_product(out, ref, abs_a, abs_b, tol, abs_c=None, atol=0.0, w
     meaningful where the reference cancels to zero and a relative norm would divide by ~0.
     atol covers the output dtype's subnormal spacing. Fails with the worst element: index,
     out, ref, error, bound, and error / bound."""
+    scale = abs_a.detach().double().cpu() @ abs_b.detach().double().cpu()
+    if abs_c is not None:
+        scale = scale + abs_c.detach().double().cpu()
+    assert_close_to_magnitude(out, ref, scale, tol, atol, what)
+
+
+def assert_close_to_magnitude(out, ref, scale, tol, atol=0.0, what="output"):
+    """Elementwise |out - ref| <= tol * scale + atol, in float64: `scale` is the magnitude the
+    op's rounding errors are proportional to (for a product, |A| @ |B|; see
+    assert_close_to_product), so the check stays meaningful where the reference is ~0."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     assert out64.shape == ref64.shape, f"{what}: shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
     if out64.numel() == 0:
@@ -56,10 +66,8 @@ def assert_close_to_product(out, ref, abs_a, abs_b, tol, abs_c=None, atol=0.0, w
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise AssertionError(f"{what}: {int(bad.sum())} non-finite outputs, first at {idx}: {out64[idx].item()}")
-    scale = abs_a.detach().double().cpu() @ abs_b.detach().double().cpu()
-    if abs_c is not None:
-        scale = scale + abs_c.detach().double().cpu()
-    bound = (tol * scale + atol).expand_as(out64)
+    scale = scale.detach().double().cpu().expand_as(out64)
+    bound = tol * scale + atol
     err = (out64 - ref64).abs()
     ratio = torch.where(bound > 0, err / bound, torch.where(err > 0, float("inf"), 0.0))
     worst = int(ratio.argmax())
@@ -67,9 +75,9 @@ def assert_close_to_product(out, ref, abs_a, abs_b, tol, abs_c=None, atol=0.0, w
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), out64.shape))
         n_bad = int((ratio > 1).sum())
         raise AssertionError(
-            f"{what}: |out - ref| exceeds tol * (|a| @ |b|) at {n_bad} of {out64.numel()} elements; worst at "
+            f"{what}: |out - ref| exceeds tol * magnitude at {n_bad} of {out64.numel()} elements; worst at "
             f"{idx}: out {out64[idx].item():.9g}, ref {ref64[idx].item():.9g}, error {err[idx].item():.3e} > "
-            f"bound {bound[idx].item():.3e} (tol {tol:.3e} x magnitude {scale.expand_as(out64)[idx].item():.3e}"
+            f"bound {bound[idx].item():.3e} (tol {tol:.3e} x magnitude {scale[idx].item():.3e}"
             f"{f' + atol {atol:.1e}' if atol else ''}), ratio {ratio[idx].item():.3g}")
 
 
