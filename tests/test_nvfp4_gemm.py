@@ -130,6 +130,10 @@ def test_out_dtypes_and_bias(device, out_dtype, bias_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_error_is_accumulation_only(device):
+    """Full float32 accumulation: a property of the CPU and portable kernels only (no document
+    promises it for tcgen05's block-scaled MMA; the sm_100 path has its own bound below)."""
+    if nvfp4.gemm_path(device, 64, 96, 2048) == "cutlass_sm100":
+        pytest.skip("the CUTLASS sm_100 path: its accuracy is bounded by test_cutlass_path_* instead")
     a, b = rand_nvfp4(64, 2048, device), rand_nvfp4(96, 2048, device)
     out = nvfp4.gemm(a, b, torch.float32)
     err = rel_err(out, gemm_reference(a, b, torch.float64))
@@ -144,7 +148,7 @@ def test_every_code_and_special_scales(device):
     b_data = torch.flip(codes, [0]).repeat(24 * K // 2 // 256 + 1)[: 24 * K // 2].reshape(24, K // 2)
     special = torch.tensor([0x00, 0x7E, 0x01, 0x07, 0x08, 0x38, 0xB8, 0x06, 0x3F, 0xFE],
                            dtype=torch.uint8, device=device)  # 0, 448, 2^-9, 7*2^-9, 2^-6, 1, -1, ...
-    if device == "cuda" and torch.cuda.get_device_capability()[0] == 10:
+    if nvfp4.gemm_path(device, 40, 24, K) == "cutlass_sm100":
         special = special[special < 0x80]  # sm_100 reads scales as ue4m3: no negative scales (known-issues.md)
     a_sc = special[torch.randint(0, len(special), (40, K // 16), device=device)].view(torch.float8_e4m3fn)
     b_sc = special[torch.randint(0, len(special), (24, K // 16), device=device)].view(torch.float8_e4m3fn)
@@ -306,17 +310,6 @@ def test_cuda_matches_cpu_kernel(M, N, K):
         out = nvfp4.gemm(a, b, dt, bias)
         ref = gemm_reference(a, b, torch.float64, bias)
         assert_close(out, ref, dt, what=f"cuda {dt}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 10,
-                    reason="the CUTLASS block-scaled path runs on sm_100 only")
-def test_sm100_cutlass_path_shapes():
-    for M, N, K in [(1, 4, 32), (36, 128, 64), (129, 260, 288), (4096, 1024, 4096)]:
-        a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
-        for dt in OUT_DTYPES:
-            check(a, b, dt, what=f"sm100 M={M} N={N} K={K}")
-        check(a, b, torch.bfloat16, torch.randn(N, device="cuda"), what="sm100 bias")
 
 
 # ---------------------------------------------------------------- scale-factor swizzle
