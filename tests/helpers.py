@@ -7,6 +7,11 @@ Tolerances (relative norm error ||out - ref|| / ||ref||, reference in float64):
   bfloat16 2e-2  one rounding to 8-bit mantissas (2^-8 ~ 4e-3 each), plus the input rounding
                  propagated through the op
 Ops whose math amplifies rounding (long recurrences) scale these with documented factors.
+
+A relative norm means nothing when the reference itself cancels to (near) zero, as a small
+product can (M = N = 1, K = 16: a sum of 16 signed terms). Products are therefore checked
+element by element against the operands' magnitudes: |out - ref| <= tol * (|A| @ |B|)
+(assert_close_to_product), the bound a floating-point dot product satisfies whatever the sum.
 """
 import importlib.util
 
@@ -31,6 +36,41 @@ def assert_close(out, ref, dtype, factor=1.0, what="output"):
     tol = TOL[dtype] * factor
     err = rel_err(out, ref)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def assert_close_to_product(out, ref, abs_a, abs_b, tol, abs_c=None, atol=0.0, what="output"):
+    """Elementwise |out - ref| <= tol * (abs_a @ abs_b + abs_c) + atol, in float64.
+
+    For out ~ A @ B (+ C): abs_a (..., M, K) and abs_b (K, N) are |A| and |B| as the kernel
+    scales them (dequantized, global scales applied), abs_c the magnitude of any added term (a
+    bias, broadcast like it). The bound holds for any summation order (float accumulation of
+    K terms errs by at most ~K*eps times the sum of the terms' magnitudes), so it stays
+    meaningful where the reference cancels to zero and a relative norm would divide by ~0.
+    atol covers the output dtype's subnormal spacing. Fails with the worst element: index,
+    out, ref, error, bound, and error / bound."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out64.shape == ref64.shape, f"{what}: shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
+    if out64.numel() == 0:
+        return
+    bad = ~torch.isfinite(out64)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} non-finite outputs, first at {idx}: {out64[idx].item()}")
+    scale = abs_a.detach().double().cpu() @ abs_b.detach().double().cpu()
+    if abs_c is not None:
+        scale = scale + abs_c.detach().double().cpu()
+    bound = (tol * scale + atol).expand_as(out64)
+    err = (out64 - ref64).abs()
+    ratio = torch.where(bound > 0, err / bound, torch.where(err > 0, float("inf"), 0.0))
+    worst = int(ratio.argmax())
+    if ratio.flatten()[worst] > 1:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), out64.shape))
+        n_bad = int((ratio > 1).sum())
+        raise AssertionError(
+            f"{what}: |out - ref| exceeds tol * (|a| @ |b|) at {n_bad} of {out64.numel()} elements; worst at "
+            f"{idx}: out {out64[idx].item():.9g}, ref {ref64[idx].item():.9g}, error {err[idx].item():.3e} > "
+            f"bound {bound[idx].item():.3e} (tol {tol:.3e} x magnitude {scale.expand_as(out64)[idx].item():.3e}"
+            f"{f' + atol {atol:.1e}' if atol else ''}), ratio {ratio[idx].item():.3g}")
 
 
 def poison_allocator(device):

@@ -11,7 +11,7 @@ from nemokernels.nvfp4 import NVFP4Tensor
 from nemokernels.nvfp4.reference_gemm import decode_reference, gemm_reference
 
 from conftest import DEVICES, raises_in_kernel
-from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+from helpers import TOL, assert_close, assert_close_to_product, opcheck, poison_allocator, rel_err
 
 ops = torch.ops.nemokernels
 EDGES = [1, 15, 16, 17, 36, 127, 128, 129]
@@ -32,13 +32,37 @@ def rand_nvfp4(rows, K, device, scales=None, global_scale=None):
     return NVFP4Tensor(data, scales, global_scale)
 
 
+# Unit roundoff of the one rounding to the output dtype (round to nearest).
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def gemm_tol(out_dtype, K):
+    """Error bound per unit of |A_hat| @ |B_hat|.T + |bias| (both operands with their global
+    scales), from the kernel's arithmetic: e2m1 * e4m3 products are exact in float32; their
+    float32 sum over K terms errs by at most K * 2^-24 in any order (2K * 2^-24 leaves room for
+    a truncating tensor-core accumulator); alpha = a_global * b_global, alpha * acc and + bias
+    round once each in float32; then one rounding to out_dtype."""
+    return (2 * K + 3) * 2.0 ** -24 + UNIT_ROUNDOFF[out_dtype]
+
+
+def assert_gemm_close(out, ref, a, b, out_dtype, bias=None, what=""):
+    """out vs the float64 reference element by element, bounded by the operands' magnitudes
+    (a relative norm fails a correct kernel when the reference cancels to ~0 at small M, N, K)."""
+    K = a.data.shape[-1] * 2
+    fi = torch.finfo(out_dtype)  # the output's subnormal spacing (tiny * eps), or float32's flush-to-zero range
+    atol = max(fi.tiny * fi.eps, torch.finfo(torch.float32).tiny)
+    assert_close_to_product(out, ref, decode_reference(a).abs(), decode_reference(b).abs().T,
+                            gemm_tol(out_dtype, K), abs_c=None if bias is None else bias.abs(), atol=atol,
+                            what=f"gemm {what} ({out_dtype})")
+
+
 def check(a, b, out_dtype=torch.float32, bias=None, what="", poison=True):
     if poison:
         poison_allocator(a.device)
     out = nvfp4.gemm(a, b, out_dtype, bias)
     ref = gemm_reference(a, b, torch.float64, bias)
     assert out.dtype == out_dtype and out.shape == ref.shape
-    assert_close(out, ref, out_dtype, what=f"gemm {what}")
+    assert_gemm_close(out, ref, a, b, out_dtype, bias, what)
     return out, ref
 
 
@@ -54,6 +78,41 @@ def test_tile_edges(device, K):
     for M, N in pairs:
         check(rand_nvfp4(M, K, device), rand_nvfp4(N, K, device), what=f"M={M} N={N} K={K}",
               poison=(M == N or device != "cpu"))
+
+
+def test_gemm_metric_catches_wrong_outputs():
+    """The elementwise bound accepts a cancelled 1x1 product with a rounding-sized error (the
+    relative norm called that an error of 1 or more) and still fails a 1% error, a wrong block
+    scale, a dropped K block, a missing global scale and NaN."""
+    # M = N = 1, K = 16: a = (1, -1, 1, -1, ...), b = (1, 1, ...) under one scale: the exact product is 0
+    s = rand_scales(1, 1, "cpu")
+    a1 = NVFP4Tensor(torch.full((1, 8), 0xA2, dtype=torch.uint8), s, torch.tensor(1.0))  # codes 2 (1.0), 10 (-1.0)
+    b1 = NVFP4Tensor(torch.full((1, 8), 0x22, dtype=torch.uint8), s, torch.tensor(1.0))
+    out1 = nvfp4.gemm(a1, b1, torch.float32)
+    assert out1.item() == 0.0
+    ref1 = gemm_reference(a1, b1, torch.float64) - 6.7e-16  # a float64 reference's own rounding (seed 1243897818)
+    assert rel_err(out1, ref1) == 1.0  # what the relative norm made of it
+    assert_gemm_close(out1, ref1, a1, b1, torch.float32, what="cancelled 1x1")
+    magnitude = 16 * float(s.float()) ** 2
+    assert_gemm_close(out1 + 1e-7 * magnitude, ref1, a1, b1, torch.float32, what="rounding-sized error")
+    with pytest.raises(AssertionError, match="exceeds tol"):
+        assert_gemm_close(out1 + 1e-3 * magnitude, ref1, a1, b1, torch.float32, what="1e-3 of the magnitude")
+
+    a, b = rand_nvfp4(36, 48, "cpu"), rand_nvfp4(17, 48, "cpu")
+    ref = gemm_reference(a, b, torch.float64)
+    out = nvfp4.gemm(a, b, torch.float32)
+    assert_gemm_close(out, ref, a, b, torch.float32)
+    scales = a.scales.view(torch.uint8).clone()
+    scales[:, 1] = torch.where(scales[:, 1] == 0x38, 0x40, 0x38).to(torch.uint8)  # one block's scale wrong
+    wrong_scale = gemm_reference(NVFP4Tensor(a.data, scales.view(torch.float8_e4m3fn), a.global_scale), b,
+                                 torch.float64)
+    dropped_block = ref - decode_reference(a)[:, 32:] @ decode_reference(b)[:, 32:].T
+    for wrong, name in ((out * 1.01, "1% off"), (wrong_scale, "wrong block scale"),
+                        (dropped_block, "dropped K block"), (out / a.global_scale, "no global scale")):
+        with pytest.raises(AssertionError, match="exceeds tol .* ratio"):
+            assert_gemm_close(wrong.float(), ref, a, b, torch.float32, what=name)
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_gemm_close(torch.full_like(out, float("nan")), ref, a, b, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
