@@ -9,7 +9,8 @@ Data: byte-level tokens from the Python standard library's source (as `nemokerne
 rank draws its own batches. The model is built from the same seed on every rank (or loaded with
 --checkpoint-dir), then `nemokernels.distributed.parallelize` shards it. Rank 0 prints the loss
 (averaged over ranks) and tokens/s summed over ranks, and saves an unsharded checkpoint with
---save-dir.
+--save-dir. Training runs inside train(), so that the model and optimizer (which hold the process
+group) are gone when `nemokernels.distributed.shutdown` destroys it at the end.
 """
 import argparse
 import math
@@ -19,7 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from nemokernels.distributed import full_state_dict, parallelize
+# Before init_process_group (see nemokernels/distributed/__init__.py).
+from nemokernels.distributed import full_state_dict, parallelize, shutdown
 from nemokernels.models import NemotronHForCausalLM
 from nemokernels.models.demo import SIZES, demo_config, stdlib_corpus
 
@@ -38,6 +40,19 @@ def main() -> int:
 
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        train(args, use_cuda)
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may never reach it
+        raise
+    # Every rank is past its last collective and holds no model, optimizer or graph: destroy the
+    # process group while the interpreter is alive (its backend threads are joined here, not
+    # left to interpreter shutdown, where they aborted the process now and then).
+    shutdown()
+    return 0
+
+
+def train(args, use_cuda: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -82,8 +97,6 @@ def main() -> int:
         plain.load_state_dict(state)
         plain.save_pretrained(args.save_dir)
         print(f"saved to {args.save_dir}")
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
