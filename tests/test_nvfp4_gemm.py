@@ -477,12 +477,18 @@ def test_swizzle_bad_input_table(device, mutate, pattern, where):
 
 def test_gemm_path_on_the_cpu():
     assert nvfp4.gemm_path("cpu", 128, 128, 256) == "cpu"
-    if not torch.cuda.is_available():
-        from nemokernels import _C
-        # the op's own routing function answers for any device index (no GPU is touched in a
-        # CPU-only build; a CUDA build reports the path the device would take)
-        expect = ("unavailable",) if not _C.with_cuda else ("portable_cuda", "cutlass_sm100")
-        assert _C.nvfp4_gemm_path(0, 128, 128, 256) in expect
+    from nemokernels import _C
+    if not _C.with_cuda:
+        # a CPU-only build has no CUDA path, whatever the device index
+        assert _C.nvfp4_gemm_path(0, 128, 128, 256) == "unavailable"
+        return
+    # a CUDA build names the path of a device that exists and refuses, clearly, one that does
+    # not (here a CUDA build on a machine without a GPU or driver, as on CI)
+    count = torch.cuda.device_count()
+    if count:
+        assert _C.nvfp4_gemm_path(0, 128, 128, 256) in ("portable_cuda", "cutlass_sm100")
+    with pytest.raises(RuntimeError, match="nvfp4_gemm_path: no CUDA device"):
+        _C.nvfp4_gemm_path(count, 128, 128, 256)
 
 
 def _sm100_built_for_this_gpu():

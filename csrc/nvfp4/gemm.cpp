@@ -64,8 +64,9 @@ void gemm_cuda_portable(const Tensor& like, const Nvfp4GemmParams& p, void* stre
 
 #ifdef NK_WITH_CUDA
 int nvfp4_gemm_cuda_path(int device_index, int64_t M, int64_t N, int64_t K) {
+  const int sm = nvfp4_device_sm(device_index);  // throws where there is no such device
 #ifdef NK_HAS_SM100
-  if (M > 0 && N > 0 && sm100_kernels_run_on(nvfp4_device_sm(device_index))) {
+  if (M > 0 && N > 0 && sm100_kernels_run_on(sm)) {
     // Shape checks only: a stand-in 16-byte aligned address (never dereferenced) for the operands,
     // which the entry makes 16-byte aligned before the call.
     Nvfp4GemmParams q{};
@@ -74,7 +75,7 @@ int nvfp4_gemm_cuda_path(int device_index, int64_t M, int64_t N, int64_t K) {
     if (nvfp4_gemm_sm100_supported(q)) return kNvfp4PathCutlassSm100;
   }
 #else
-  (void)device_index, (void)M, (void)N, (void)K;
+  (void)sm, (void)M, (void)N, (void)K;
 #endif
   return kNvfp4PathPortable;
 }

@@ -410,6 +410,18 @@ void nvfp4_bias_convert_cuda(const float* acc, const float* bias, void* out, DTy
 
 #ifndef NK_NVFP4_EMU
 int nvfp4_device_sm(int device_index) {
+  // A clear error where there is no such device (a CUDA build on a machine without a GPU or
+  // driver), rather than the runtime's message about driver versions.
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw std::runtime_error(std::string("nemokernels: nvfp4_gemm_path: no CUDA device is usable (") +
+                             cudaGetErrorString(err) + ")");
+  }
+  if (device_index < 0 || device_index >= count)
+    throw std::runtime_error("nemokernels: nvfp4_gemm_path: no CUDA device " + std::to_string(device_index) + " (" +
+                             std::to_string(count) + " visible)");
   int major = 0, minor = 0;
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_index));
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_index));
