@@ -1,7 +1,7 @@
 // The one list of nemokernels op schemas (namespace `nemokernels`) and their CPU/CUDA
 // kernels. Every op's entry function checks its inputs and picks the CPU or CUDA path by the
 // inputs' device, so the same function is registered for both dispatch keys. Fake (meta)
-// kernels and autograd formulas live on the Python side (nemokernels/ops/).
+// kernels and autograd formulas live on the Python side (nemokernels/ssd/).
 #include <torch/csrc/stable/library.h>
 
 #include <optional>

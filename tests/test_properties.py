@@ -12,14 +12,14 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import nemokernels as nk  # noqa: E402
-from nemokernels import moe, nvfp4, spec  # noqa: E402
+from nemokernels import moe, nvfp4, speculative  # noqa: E402
 from nemokernels.moe.reference import (combine_ref, gather_ref, permute_plan_ref, relu2,  # noqa: E402
                                        router_select_ref)
 from nemokernels.nvfp4.reference import quantize_ref  # noqa: E402
-from nemokernels.nvfp4.reference_gemm import gemm_reference  # noqa: E402
-from nemokernels.ops.reference import (causal_conv1d_ref, rmsnorm_gated_ref, selective_state_update_ref,  # noqa: E402
+from nemokernels.nvfp4.reference import gemm_reference  # noqa: E402
+from nemokernels.ssd.reference import (causal_conv1d_ref, rmsnorm_gated_ref, selective_state_update_ref,  # noqa: E402
                                        ssd_scan_ref)
-from nemokernels.spec.reference import verify_greedy_ref  # noqa: E402
+from nemokernels.speculative.reference import verify_greedy_ref  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
 
@@ -202,6 +202,6 @@ def test_verify_greedy(batch, k, vocab, ragged, seed):
     for b in range(batch):
         drafts[b, : int(agree[b])] = best[b, : int(agree[b])]
     nd = torch.randint(0, k + 1, (batch,), generator=g) if ragged else None
-    tokens, accepted = spec.verify_greedy(drafts, logits, nd)
+    tokens, accepted = speculative.verify_greedy(drafts, logits, nd)
     tokens_ref, accepted_ref = verify_greedy_ref(drafts, logits.double(), nd)
     assert torch.equal(tokens.long(), tokens_ref.long()) and torch.equal(accepted.long(), accepted_ref.long())

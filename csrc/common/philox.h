@@ -1,7 +1,7 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the
 // counter-based generator of Random123 / curand, as __host__ __device__ functions so the CPU
 // and CUDA kernels draw the same bits from the same (key, counter). Users: the speculative
-// verification kernels (csrc/spec) and NVFP4 stochastic rounding.
+// verification kernels (csrc/speculative) and NVFP4 stochastic rounding.
 //
 // A draw is a pure function of a 64-bit key (the seed) and a 128-bit counter; callers give
 // every random number its own counter built from its logical coordinates (row, position,

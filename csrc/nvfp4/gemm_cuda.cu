@@ -49,7 +49,7 @@ struct __align__(16) GemmSmem {
 };
 
 // The PTX pieces (cp.async, mma.sync, fp16x2 multiply), and C++ equivalents for the CPU
-// emulator (tools/cuda_emu; tests/test_cuda_emulation_nvfp4_gemm.py runs this file there).
+// emulator (tools/cuda_emu; tests/nvfp4/test_cuda_emulation_nvfp4_gemm.py runs this file there).
 #ifdef EMU_HAVE_INT_ATOMICS
 #define NK_NVFP4_EMU 1
 #endif

@@ -1,13 +1,14 @@
-"""Benchmark harness and cases. A new op family adds a `cases_<family>.py` module with a
-`cases(quick, device) -> list[Case]` function and registers it in ALL_CASE_MODULES."""
-from . import cases_rmsnorm, cases_spec, cases_ssd, cases_ssd_scan, cases_state_update
-from . import cases_grouped_gemm, cases_models, cases_moe, cases_nvfp4, cases_nvfp4_gemm
+"""Benchmark harness and cases. A family's cases live in `cases_<family>[_<op>].py`, each with a
+`cases(quick, device) -> list[Case]` function; every such module in this package is found by
+name (no list to keep)."""
+import importlib
+import pkgutil
+
 from .harness import Case, measure_peaks, run_cases, time_fn, write_results, format_table
 
-ALL_CASE_MODULES = {"ssd": cases_ssd, "ssd_scan": cases_ssd_scan, "ssd_state_update": cases_state_update,
-                    "ssd_rmsnorm": cases_rmsnorm, "spec": cases_spec,
-                    "moe_grouped_gemm": cases_grouped_gemm, "moe": cases_moe, "nvfp4": cases_nvfp4,
-                    "nvfp4_gemm": cases_nvfp4_gemm, "models": cases_models}
+ALL_CASE_MODULES = {m.name[len("cases_"):]: importlib.import_module(f"{__name__}.{m.name}")
+                    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+                    if m.name.startswith("cases_")}
 
 
 def all_cases(quick: bool, device, ops=None) -> list:

@@ -11,7 +11,7 @@ import torch
 
 from nemokernels import nvfp4
 from nemokernels.nvfp4 import NVFP4Tensor
-from nemokernels.nvfp4.reference_gemm import decode_reference, gemm_reference
+from nemokernels.nvfp4.reference import decode_reference, gemm_reference
 
 from .harness import Case
 

@@ -1,14 +1,14 @@
 """SSD chunk scan cases (mamba_chunk_scan_combined), bf16, chunk 128, at the SHAPES.md points,
 as the Mamba-2 mixer calls it (z, D per head, dt_bias, softplus).
 
-Baselines: the PyTorch chunked reference (ops/reference.py, float32 math), torch.compile of it,
+Baselines: the PyTorch chunked reference (ssd/reference.py, float32 math), torch.compile of it,
 and mamba_ssm's Triton `mamba_chunk_scan_combined` when it can be imported (peers.py).
 """
 import torch
 
 import nemokernels as nk
-from nemokernels.ops.reference import ssd_chunked_ref
-from nemokernels.ops.ssd_chunk_scan import ssd_chunk_scan_bytes_flops
+from nemokernels.ssd.reference import ssd_chunked_ref
+from nemokernels.ssd.ssd_chunk_scan import ssd_chunk_scan_bytes_flops
 
 from .harness import Case, lazy_compile
 from .peers import mamba_ssm_triton

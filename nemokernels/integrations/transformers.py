@@ -16,9 +16,9 @@ from typing import Dict
 
 import torch
 
-from ..ops.causal_conv1d import causal_conv1d_fn
-from ..ops.rmsnorm_gated import rmsnorm_fn
-from ..ops.ssd_chunk_scan import mamba_chunk_scan_combined
+from ..ssd.causal_conv1d import causal_conv1d_fn
+from ..ssd.rmsnorm_gated import rmsnorm_fn
+from ..ssd.ssd_chunk_scan import mamba_chunk_scan_combined
 
 __all__ = ["patch", "unpatch"]
 

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import spec
+from .. import speculative
 from .layers import AttentionCache, MambaCache
 
 __all__ = ["generate", "GenerateOutput"]
@@ -44,7 +44,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> 
     fused sampling transform."""
     if not temperature:
         return logits.argmax(-1)
-    probs = spec.sampling_probs(logits.float(), temperature, top_k, top_p)
+    probs = speculative.sampling_probs(logits.float(), temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -173,7 +173,7 @@ def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k
         for j in range(k_mtp):
             d_logits = lm_head(g[:, -1]).float()
             if sampling:
-                q = spec.sampling_probs(d_logits, temperature, top_k, top_p)
+                q = speculative.sampling_probs(d_logits, temperature, top_k, top_p)
                 d = torch.multinomial(q, 1, generator=generator).squeeze(-1)
                 qs.append(q)
             else:
@@ -195,10 +195,10 @@ def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k
         else:
             dr = torch.stack(drafts, 1)
             if sampling:
-                p = spec.sampling_probs(out.logits, temperature, top_k, top_p)
-                new, n_acc = spec.rejection_sample(dr, torch.stack(qs, 1), p, generator=generator)
+                p = speculative.sampling_probs(out.logits, temperature, top_k, top_p)
+                new, n_acc = speculative.rejection_sample(dr, torch.stack(qs, 1), p, generator=generator)
             else:
-                new, n_acc = spec.verify_greedy(dr, out.logits)
+                new, n_acc = speculative.verify_greedy(dr, out.logits)
         m = int(n_acc.min())
         new = new[:, : m + 1]
         # 4. roll every cache to the kept prefix (positions x_n, d_1..d_m).

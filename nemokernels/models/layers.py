@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from ..ops.rmsnorm_gated import RMSNormGated, rmsnorm_fn
-from ..ops.ssd_chunk_scan import mamba_chunk_scan_combined
-from ..ops.state_update import commit_state, selective_state_update, selective_state_update_multi
+from ..ssd.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ..ssd.rmsnorm_gated import RMSNormGated, rmsnorm_fn
+from ..ssd.ssd_chunk_scan import mamba_chunk_scan_combined
+from ..ssd.state_update import commit_state, selective_state_update, selective_state_update_multi
 
 from ..moe import LatentMoE
 

@@ -11,14 +11,14 @@ kernel; a GPU whose compute capability this build compiled the sm_100 kernels fo
 103a: 10.3; 100f: both) -> CUTLASS block-scaled tcgen05 GEMM (when K % 32 == 0 and N % 4 == 0);
 other GPUs -> a tensor-core kernel that dequantizes in registers (no dequantized copy in
 memory). ``gemm_path(device, M, N, K)`` says which one a call takes (the op's own routing). Not differentiable (NVFP4Linear builds its backward from further gemm calls); the
-pure-PyTorch oracle is reference_gemm.gemm_reference.
+pure-PyTorch oracle is reference.gemm_reference.
 """
 from typing import Optional
 
 import torch
 
 from .. import _C
-from .reference_gemm import decode_reference
+from .reference import decode_reference
 from .tensor import NVFP4Tensor
 
 _ops = torch.ops.nemokernels

@@ -1,6 +1,6 @@
 // C ABI of the emulated grouped GEMM kernels (csrc/moe/grouped_gemm_cuda.cu, rewritten by
 // transform.py into grouped_gemm_cuda.emu.cpp in the build directory), for
-// tests/test_cuda_emulation_grouped_gemm.py. The test mirrors nk::GroupedGemmParams in ctypes and checks
+// tests/moe/test_cuda_emulation_grouped_gemm.py. The test mirrors nk::GroupedGemmParams in ctypes and checks
 // every offset against emu_gg_offset / emu_gg_sizeof. emu_gg_set_cc_major picks the device's
 // compute capability (>= 8: wmma tensor-core kernel for fp16/bf16; < 8: the SIMT kernel).
 #include "emu_api.h"

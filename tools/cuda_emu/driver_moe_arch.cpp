@@ -3,7 +3,7 @@
 // zero fills, the relu^2 pass and the relu^2-backward operand pass run for real; the CUTLASS
 // grouped GEMM itself is replaced by a naive loop with the documented operand contract of each
 // kind (csrc/moe/grouped_gemm_cutlass.cuh), so a wrong base pointer or buffer handed to it
-// shows. tests/test_cuda_emulation_grouped_gemm.py drives it.
+// shows. tests/moe/test_cuda_emulation_grouped_gemm.py drives it.
 #include "emu_api.h"
 #include "grouped_gemm_cuda.emu.cpp"
 

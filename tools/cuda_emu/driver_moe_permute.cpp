@@ -1,5 +1,5 @@
 // C ABI of the emulated MoE permutation / gather / combine kernels (csrc/moe/permute_cuda.cu,
-// rewritten by transform.py into permute_cuda.emu.cpp), for tests/test_cuda_emulation_moe.py.
+// rewritten by transform.py into permute_cuda.emu.cpp), for tests/moe/test_cuda_emulation_moe.py.
 #include "emu_api.h"
 #include "permute_cuda.emu.cpp"
 

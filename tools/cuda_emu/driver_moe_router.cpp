@@ -1,5 +1,5 @@
 // C ABI of the emulated MoE router kernels (csrc/moe/router_cuda.cu, rewritten by transform.py
-// into router_cuda.emu.cpp in the build directory), for tests/test_cuda_emulation_moe.py.
+// into router_cuda.emu.cpp in the build directory), for tests/moe/test_cuda_emulation_moe.py.
 #include "emu_api.h"
 #include "router_cuda.emu.cpp"
 

@@ -1,6 +1,6 @@
 // C ABI of the emulated NVFP4 quantize / dequantize kernels (csrc/nvfp4/quantize_cuda.cu,
 // rewritten by transform.py into quantize_cuda.emu.cpp in the build directory), for
-// tests/test_cuda_emulation_nvfp4.py. The ctypes mirrors of the param structs are parsed from
+// tests/nvfp4/test_cuda_emulation_nvfp4.py. The ctypes mirrors of the param structs are parsed from
 // csrc/nvfp4/quantize.h and checked against the generated offsetof table.
 #include "emu_api.h"
 #include "quantize_cuda.emu.cpp"

@@ -1,7 +1,7 @@
 // C ABI of the emulated portable NVFP4 GEMM (csrc/nvfp4/gemm_cuda.cu, rewritten by transform.py
 // into gemm_cuda.emu.cpp in the build directory; its PTX pieces have C++ twins under
 // EMU_HAVE_INT_ATOMICS, mma.sync with the real fragment layout), for
-// tests/test_cuda_emulation_nvfp4_gemm.py. The test mirrors nk::Nvfp4GemmParams in ctypes and
+// tests/nvfp4/test_cuda_emulation_nvfp4_gemm.py. The test mirrors nk::Nvfp4GemmParams in ctypes and
 // checks every offset against emu_nvfp4_gemm_offset / emu_nvfp4_gemm_sizeof.
 #include "emu_api.h"
 #include "gemm_cuda.emu.cpp"

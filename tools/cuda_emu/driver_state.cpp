@@ -1,6 +1,6 @@
 // C ABI of the emulated decode state-update kernel (csrc/ssd/state_update_cuda.cu, rewritten by
 // transform.py into state_update_cuda.emu.cpp in the build directory), for
-// tests/test_cuda_emulation_state.py. The test mirrors nk::SsuParams in ctypes by hand and
+// tests/ssd/test_cuda_emulation_state.py. The test mirrors nk::SsuParams in ctypes by hand and
 // checks every offset against emu_ssu_offset / emu_ssu_sizeof.
 #include "emu_api.h"
 #include "state_update_cuda.emu.cpp"

@@ -1,4 +1,4 @@
-// Self-tests of the mocks (tests/test_cuda_emulation.py): each emu_selftest case is a tiny
+// Self-tests of the mocks (tests/ssd/test_cuda_emulation_ssd.py): each emu_selftest case is a tiny
 // kernel with a known defect, which the emulator must report; case 0 is a clean kernel.
 // Written in CUDA syntax and rewritten by transform.py like the real kernel files.
 #include <cuda_bf16.h>

@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA runtime/device features the nemokernels kernels use (tests only:
-// tools/cuda_emu, tests/test_cuda_emulation.py). A kernel launch runs the grid's blocks one
+// tools/cuda_emu, tests/ssd/test_cuda_emulation_ssd.py). A kernel launch runs the grid's blocks one
 // after another; inside a block every CUDA thread is a fiber (ucontext) with its own stack,
 // scheduled cooperatively: a thread runs until it reaches a barrier (__syncthreads,
 // __syncwarp, a warp shuffle) or returns, then the next thread runs. So threads of a block

@@ -1,5 +1,5 @@
 """Pure-PyTorch references of the verification ops (float64-capable, loops over requests):
-the oracles of tests/test_spec_verify.py and the `torch_eager` baselines of the benchmarks.
+the oracles of tests/speculative/test_speculative_verify.py and the `torch_eager` baselines of the benchmarks.
 
 The sampling references take the random numbers as arguments (`accept_u`, `race_e`), so a
 test can feed them the exact uniforms the kernels draw and compare token for token; without

@@ -1,10 +1,10 @@
-"""The speculative-verification CUDA kernels (csrc/spec/verify_cuda.cu) run on the CPU through
-the emulator in tools/cuda_emu (see tests/test_cuda_emulation.py and tools/cuda_emu/README.md):
+"""The speculative-verification CUDA kernels (csrc/speculative/verify_cuda.cu) run on the CPU through
+the emulator in tools/cuda_emu (see tests/cuda_emu.py and tools/cuda_emu/README.md):
 the .cu file is rewritten by transform.py, compiled with g++ against the mock CUDA headers and
-driven through tools/cuda_emu/driver_spec.cpp with the same parameter structs the op entries
-(csrc/spec/verify.cpp) fill, with the vocab split the CUDA path would use (several chunks per
+driven through tools/cuda_emu/driver_speculative.cpp with the same parameter structs the op entries
+(csrc/speculative/verify.cpp) fill, with the vocab split the CUDA path would use (several chunks per
 row). Every output and partial buffer is poisoned first. The emitted tokens must equal those of
-the CPU kernels through the public API (nemokernels.spec.*: both make the same decisions for a
+the CPU kernels through the public API (nemokernels.speculative.*: both make the same decisions for a
 seed, bit for bit); the sampling transform's probabilities are compared with the CPU kernel's
 (float32 tolerance; the kept sets must be identical).
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_cuda_emulation as base  # build helpers: compiler id, flags, transform, params
+import cuda_emu as base  # build helpers: compiler id, flags, transform, params
 
 ROOT = base.ROOT
 EMU = base.EMU
 CSRC = base.CSRC
 # NK_CUDA_EMU_SPEC_KERNEL: emulate another copy of the file (mutation checks of this test).
-KERNEL = Path(os.environ.get("NK_CUDA_EMU_SPEC_KERNEL", CSRC / "spec" / "verify_cuda.cu"))
-HEADER = CSRC / "spec" / "verify.h"
+KERNEL = Path(os.environ.get("NK_CUDA_EMU_SPEC_KERNEL", CSRC / "speculative" / "verify_cuda.cu"))
+HEADER = CSRC / "speculative" / "verify.h"
 STRUCTS = ("SpecArgmaxParams", "SpecGreedyParams", "SpecTreeGreedyParams", "SpecRejectionParams",
            "SpecTreeRejectionParams", "SpecSamplingParams")
 DT_ENUM = base.DT_ENUM
@@ -31,10 +31,10 @@ POISON_I = -777
 
 def build_library():
     """Path of the emulated spec library (cached by content hash, see base.build_emulated)."""
-    return base.build_emulated("spec", EMU / "driver_spec.cpp", {
+    return base.build_emulated("spec", EMU / "driver_speculative.cpp", {
         "spec_params_layout.inc": base.emu_params.layout_table_cpp(HEADER.read_text(), STRUCTS),
         "verify_cuda.emu.cpp": base.transformed(KERNEL),
-    }, families=("spec",))
+    }, families=("speculative",))
 
 
 class SpecEmu:
@@ -77,11 +77,11 @@ def emu():
 
 def spec_api():
     try:
-        import nemokernels.spec as spec
-        spec.verify_greedy  # noqa: B018
+        import nemokernels.speculative as speculative
+        speculative.verify_greedy  # noqa: B018
     except Exception as e:  # pragma: no cover
         pytest.skip(f"nemokernels extension not importable: {e}")
-    return spec
+    return speculative.verify
 
 
 def ptr(t):
@@ -135,7 +135,7 @@ def test_layouts_agree():
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "contig"), (torch.float16, "sliced"),
                                           (torch.bfloat16, "contig")])
 def test_verify_greedy(dtype, layout):
-    spec, e = spec_api(), emu()
+    speculative, e = spec_api(), emu()
     g = torch.Generator().manual_seed(1)
     B, k, V = 4, 3, 5000
     logits = torch.randn(B, k + 1, V, generator=g).to(dtype)
@@ -159,14 +159,14 @@ def test_verify_greedy(dtype, layout):
         p.k, p.draft, p.d_sb, p.d_st = k, draft.data_ptr(), draft.stride(0), draft.stride(1)
         p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
         e.call("emu_spec_verify_greedy_cuda", p)
-        ro, ra = spec.verify_greedy(draft, logits, num_draft)
+        ro, ra = speculative.verify_greedy(draft, logits, num_draft)
         assert torch.equal(out, ro) and torch.equal(acc, ra), (out, ro, acc, ra)
     assert out[1, 0].item() == 17 and acc.tolist() == [1, 3, 0, 1]
 
 
 @pytest.mark.parametrize("greedy_draft,seed_tensor", [(False, False), (True, True)])
 def test_rejection_sample(greedy_draft, seed_tensor):
-    spec, e = spec_api(), emu()
+    speculative, e = spec_api(), emu()
     g = torch.Generator().manual_seed(2)
     B, k, V = 8, 3, 3000
     pt = probs((B, k + 1, V), g)
@@ -209,7 +209,7 @@ def test_rejection_sample(greedy_draft, seed_tensor):
         p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
         e.call("emu_spec_rejection_sample_cuda", p)
         if st is None:
-            ro, ra = spec.rejection_sample(draft, q, pt, num_draft_tokens=nd, seed=seed)
+            ro, ra = speculative.rejection_sample(draft, q, pt, num_draft_tokens=nd, seed=seed)
         else:  # the op as the public API calls it with a generator
             ro, ra = torch.ops.nemokernels.rejection_sample(draft, q, pt, nd, st, 0)
         assert torch.equal(out, ro) and torch.equal(acc, ra), (out, ro, acc, ra)
@@ -226,7 +226,7 @@ def _tree(B, n, g):
 
 
 def test_verify_tree_greedy():
-    spec, e = spec_api(), emu()
+    speculative, e = spec_api(), emu()
     g = torch.Generator().manual_seed(3)
     B, n, V = 3, 7, 4100
     logits = torch.randn(B, n, V, generator=g).to(torch.bfloat16)
@@ -247,13 +247,13 @@ def test_verify_tree_greedy():
         out, nodes, acc = ipoison(B, max_depth + 1), ipoison(B, max_depth + 1), ipoison(B)
         p.out, p.nodes, p.num_accepted = out.data_ptr(), nodes.data_ptr(), acc.data_ptr()
         e.call("emu_spec_verify_tree_greedy_cuda", p)
-        ro, rn, ra = spec.verify_tree_greedy(cand, parents, logits, max_depth=max_depth)
+        ro, rn, ra = speculative.verify_tree_greedy(cand, parents, logits, max_depth=max_depth)
         assert torch.equal(out, ro) and torch.equal(nodes, rn) and torch.equal(acc, ra), (out, ro, nodes, rn)
         assert acc.max().item() >= 1
 
 
 def test_verify_tree_rejection():
-    spec, e = spec_api(), emu()
+    speculative, e = spec_api(), emu()
     g = torch.Generator().manual_seed(4)
     B, n, V = 4, 6, 700
     pt = probs((B, n, V), g, sharp=2.0)
@@ -282,7 +282,7 @@ def test_verify_tree_rejection():
             out, nodes, acc = ipoison(B, max_depth + 1), ipoison(B, max_depth + 1), ipoison(B)
             p.out, p.nodes, p.num_accepted = out.data_ptr(), nodes.data_ptr(), acc.data_ptr()
             e.call("emu_spec_verify_tree_rejection_cuda", p)
-            ro, rn, ra = spec.verify_tree_rejection(cand, parents, q, pt, max_depth=max_depth, seed=seed)
+            ro, rn, ra = speculative.verify_tree_rejection(cand, parents, q, pt, max_depth=max_depth, seed=seed)
             assert torch.equal(out, ro) and torch.equal(nodes, rn) and torch.equal(acc, ra), (out, ro, nodes, rn)
             total += acc.sum().item()
     assert total > 0
@@ -290,7 +290,7 @@ def test_verify_tree_rejection():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sampling_probs(dtype):
-    spec, e = spec_api(), emu()
+    speculative, e = spec_api(), emu()
     g = torch.Generator().manual_seed(5)
     B, T, V = 4, 2, 1500
     logits = (2.0 * torch.randn(B, T, V, generator=g)).to(dtype)
@@ -307,10 +307,10 @@ def test_sampling_probs(dtype):
             p.rows, p.per_req, p.vocab = B * T, T, V
             p.dtype = DT_ENUM[dtype]
             p.logits, p.l_sb, p.l_st = lg.data_ptr(), lg.stride(0), lg.stride(1)
-            t_t, t_v = spec._per_request(kw.get("temperature"), 1.0, torch.float32, float)
-            k_t, k_v = spec._per_request(kw.get("top_k"), 0, torch.int64, int)
-            p_t, p_v = spec._per_request(kw.get("top_p"), 1.0, torch.float32, float)
-            m_t, m_v = spec._per_request(kw.get("min_p"), 0.0, torch.float32, float)
+            t_t, t_v = speculative._per_request(kw.get("temperature"), 1.0, torch.float32, float)
+            k_t, k_v = speculative._per_request(kw.get("top_k"), 0, torch.int64, int)
+            p_t, p_v = speculative._per_request(kw.get("top_p"), 1.0, torch.float32, float)
+            m_t, m_v = speculative._per_request(kw.get("min_p"), 0.0, torch.float32, float)
             p.temperature, p.temperature_value = ptr(t_t), t_v
             p.top_k, p.top_k_value = ptr(k_t), k_v
             p.top_p, p.top_p_value = ptr(p_t), p_v
@@ -318,7 +318,7 @@ def test_sampling_probs(dtype):
             out = nan(B, T, V)
             p.out = out.data_ptr()
             e.call("emu_spec_sampling_probs_cuda", p)
-            ref = spec.sampling_probs(lg, **kw)
+            ref = speculative.sampling_probs(lg, **kw)
             assert not out.isnan().any()
             assert torch.equal(out > 0, ref > 0), "kept sets differ"
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)

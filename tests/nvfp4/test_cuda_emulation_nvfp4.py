@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_cuda_emulation as base  # build helpers: compiler id, flags, transform, params
+import cuda_emu as base  # build helpers: compiler id, flags, transform, params
 
 EMU = base.EMU
 CSRC = base.CSRC

@@ -1,10 +1,10 @@
 """selective_state_update / selective_state_update_multi / commit_state against the float64
-reference (ops/reference.py), the SSD scan, and each other."""
+reference (ssd/reference.py), the SSD scan, and each other."""
 import pytest
 import torch
 
 import nemokernels as nk
-from nemokernels.ops.reference import (selective_state_update_multi_ref, selective_state_update_ref,
+from nemokernels.ssd.reference import (selective_state_update_multi_ref, selective_state_update_ref,
                                        ssd_scan_ref)
 
 from conftest import DEVICES

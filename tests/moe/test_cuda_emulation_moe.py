@@ -1,5 +1,5 @@
 """The MoE CUDA kernels (csrc/moe/router_cuda.cu, csrc/moe/permute_cuda.cu) run on the CPU through
-the emulator in tools/cuda_emu (see tests/test_cuda_emulation.py and tools/cuda_emu/README.md):
+the emulator in tools/cuda_emu (see tests/cuda_emu.py and tools/cuda_emu/README.md):
 each .cu file is rewritten by transform.py, compiled with g++ against the mock CUDA headers and
 driven through tools/cuda_emu/driver_moe_{router,permute}.cpp with the same parameter structs the
 op entries fill. Every output is poisoned first. The emulated kernels must agree with the CPU
@@ -12,7 +12,7 @@ import ctypes
 import pytest
 import torch
 
-import test_cuda_emulation as base  # build helpers: compiler id, flags, transform, params
+import cuda_emu as base  # build helpers: compiler id, flags, transform, params
 
 EMU, CSRC = base.EMU, base.CSRC
 DT_ENUM = base.DT_ENUM

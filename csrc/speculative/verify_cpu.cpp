@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "common/check.h"
-#include "spec/numerics.cuh"
-#include "spec/verify.h"
-#include "spec/walk.cuh"
+#include "speculative/numerics.cuh"
+#include "speculative/verify.h"
+#include "speculative/walk.cuh"
 
 namespace nk {
 namespace {

@@ -25,9 +25,9 @@
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
-#include "spec/numerics.cuh"
-#include "spec/verify.h"
-#include "spec/walk.cuh"
+#include "speculative/numerics.cuh"
+#include "speculative/verify.h"
+#include "speculative/walk.cuh"
 
 namespace nk {
 namespace {

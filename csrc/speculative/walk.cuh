@@ -5,8 +5,8 @@
 
 #include <cstdint>
 
-#include "spec/numerics.cuh"
-#include "spec/verify.h"
+#include "speculative/numerics.cuh"
+#include "speculative/verify.h"
 
 namespace nk {
 namespace spec {

@@ -2,7 +2,7 @@
 // structs shared by the op entries (verify.cpp), the CPU kernels (verify_cpu.cpp) and the
 // CUDA kernels (verify_cuda.cu). No torch types here.
 //
-// Semantics (DESIGN.md 4.4, docs/spec.md), per request b with n = num_draft_tokens[b] <= k:
+// Semantics (DESIGN.md 4.4, docs/speculative.md), per request b with n = num_draft_tokens[b] <= k:
 //  greedy:    a_j = argmax target_logits[b, j] (torch.argmax order); accept drafts while
 //             draft[b, j] == a_j; m = number accepted; out[b] = draft[0..m), a_m, -1 ...
 //  rejection: accept draft x_j with probability min(1, p_j(x_j) / q_j(x_j)); at the first

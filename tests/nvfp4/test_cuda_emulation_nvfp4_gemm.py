@@ -1,5 +1,5 @@
 """The portable NVFP4 GEMM CUDA kernel (csrc/nvfp4/gemm_cuda.cu) run on the CPU through the
-emulator in tools/cuda_emu (see its README and tests/test_cuda_emulation.py, whose build helpers
+emulator in tools/cuda_emu (see its README and tests/cuda_emu.py, whose build helpers
 this reuses). The kernel's PTX (cp.async, mma.sync m16n8k16, fp16x2 multiply) has C++ twins in
 the same file under the emulator: mma.sync is computed from the PTX fragment layout (which lane
 holds which element), so the kernel's lane/fragment indexing, the code/scale k permutation
@@ -12,13 +12,13 @@ import ctypes
 import pytest
 import torch
 
-import test_cuda_emulation as _emu_base
+import cuda_emu as _emu_base
 from helpers import assert_close
 from test_nvfp4_gemm import rand_nvfp4
 
 from nemokernels import nvfp4
 from nemokernels.nvfp4 import NVFP4Tensor
-from nemokernels.nvfp4.reference_gemm import gemm_reference
+from nemokernels.nvfp4.reference import gemm_reference
 
 ROOT = _emu_base.ROOT
 EMU = _emu_base.EMU

@@ -1,4 +1,4 @@
-"""The two float64 SSD references (ops/reference.py) pinned against each other and a hand loop.
+"""The two float64 SSD references (ssd/reference.py) pinned against each other and a hand loop.
 
 ssd_scan_ref runs the recurrence one position at a time; ssd_chunked_ref runs the chunked
 decomposition the kernels will use. No op is tested here: these are the oracles for it.
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from nemokernels.ops.reference import ssd_chunked_ref, ssd_scan_ref, varlen_from_cu_seqlens
+from nemokernels.ssd.reference import ssd_chunked_ref, ssd_scan_ref, varlen_from_cu_seqlens
 
 from helpers import rel_err
 

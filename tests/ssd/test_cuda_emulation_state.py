@@ -1,6 +1,6 @@
 """The decode state-update CUDA kernel (csrc/ssd/state_update_cuda.cu: selective_state_update and
 the multi-token update) run on the CPU through the emulator in tools/cuda_emu (see its README and
-tests/test_cuda_emulation.py, whose build helpers this reuses), compared bit for bit with the CPU
+tests/cuda_emu.py, whose build helpers this reuses), compared bit for bit with the CPU
 kernel (state_update_cpu.cpp runs the same lane decomposition and summation order) through the
 public API on CPU tensors. Outputs and snapshots are NaN-poisoned before the emulated launch.
 """
@@ -9,7 +9,7 @@ import ctypes
 import pytest
 import torch
 
-import test_cuda_emulation as _emu_base
+import cuda_emu as _emu_base
 
 nemokernels = pytest.importorskip("nemokernels")
 

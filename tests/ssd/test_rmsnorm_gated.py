@@ -1,5 +1,5 @@
 """rmsnorm_fn / RMSNormGated (gated RMSNorm of the Mamba-2 mixer) against the float64 reference
-(ops/reference.py): forward, gradients of x, weight, bias and z, every option, odd shapes and
+(ssd/reference.py): forward, gradients of x, weight, bias and z, every option, odd shapes and
 strides, bad inputs, opcheck, torch.compile."""
 from types import SimpleNamespace
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nemokernels
-from nemokernels.ops.reference import rmsnorm_gated_ref
+from nemokernels.ssd.reference import rmsnorm_gated_ref
 
 from conftest import DEVICES
 from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err

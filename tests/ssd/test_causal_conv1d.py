@@ -1,4 +1,4 @@
-"""causal_conv1d_fn / causal_conv1d_update against the float64 reference (ops/reference.py)."""
+"""causal_conv1d_fn / causal_conv1d_update against the float64 reference (ssd/reference.py)."""
 from types import SimpleNamespace
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import nemokernels
-from nemokernels.ops.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from nemokernels.ssd.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 from conftest import DEVICES
 from helpers import TOL, assert_close, nan_like, opcheck, poison_allocator, rel_err

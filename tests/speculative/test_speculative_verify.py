@@ -1,12 +1,12 @@
-"""MTP verification (nemokernels.spec): greedy, rejection sampling, trees, the fused sampling
-transform. Exact cases against the PyTorch references (nemokernels/spec/reference.py),
+"""MTP verification (nemokernels.speculative): greedy, rejection sampling, trees, the fused sampling
+transform. Exact cases against the PyTorch references (nemokernels/speculative/reference.py),
 chi-square tests that emitted tokens follow the target at every position, acceptance rates,
 at most k + 1 tokens always, reproducibility, bad input, opcheck, compile, CUDA graphs."""
 import pytest
 import torch
 
-from nemokernels import _C, spec
-from nemokernels.spec import reference as R
+from nemokernels import _C, speculative
+from nemokernels.speculative import reference as R
 
 from conftest import DEVICES
 from helpers import TOL, opcheck, poison_allocator, rel_err
@@ -68,15 +68,15 @@ def test_verify_greedy_crafted(device):
     logits.scatter_(2, best[..., None], 5.0)
     logits[3, 0, 2] = 5.0  # a tie with index 9: argmax is the lower index 2
     drafts = torch.tensor([[1, 2, 3], [5, 0, 7], [2, 1, 1], [9, 0, 9]], device=device)
-    out, num = spec.verify_greedy(drafts, logits)
+    out, num = speculative.verify_greedy(drafts, logits)
     assert num.tolist() == [3, 1, 0, 0]
     assert out.tolist() == [[1, 2, 3, 4], [5, 6, -1, -1], [1, -1, -1, -1], [2, -1, -1, -1]]
     # ragged: row 0 drafts only 1 token, its bonus comes from position 1
-    out, num = spec.verify_greedy(drafts, logits, num_draft_tokens=torch.tensor([1, 3, 0, 3], device=device))
+    out, num = speculative.verify_greedy(drafts, logits, num_draft_tokens=torch.tensor([1, 3, 0, 3], device=device))
     assert num.tolist() == [1, 1, 0, 0]
     assert out.tolist() == [[1, 2, -1, -1], [5, 6, -1, -1], [1, -1, -1, -1], [2, -1, -1, -1]]
     # k = 0: only the bonus token
-    out, num = spec.verify_greedy(drafts[:, :0], logits[:, :1])
+    out, num = speculative.verify_greedy(drafts[:, :0], logits[:, :1])
     assert out[:, 0].tolist() == [1, 5, 1, 2] and num.tolist() == [0, 0, 0, 0]
 
 
@@ -98,7 +98,7 @@ def test_verify_greedy_matches_reference(device, dtype):
         nd = torch.randint(0, k + 1, (B,), device=device)
         for num_draft in (None, nd):
             poison_allocator(device)
-            out, num = spec.verify_greedy(drafts, logits, num_draft)
+            out, num = speculative.verify_greedy(drafts, logits, num_draft)
             ref_out, ref_num = R.verify_greedy_ref(drafts, logits.float(), num_draft)
             assert torch.equal(out, ref_out) and torch.equal(num, ref_num), (B, k, V, layout)
             check_padding(out, num, k + 1)
@@ -112,7 +112,7 @@ def test_verify_greedy_nan_and_inf_like_torch_argmax(device):
     logits[2, 0, 3] = float("inf")
     logits[2, 0, 40] = float("inf")
     am = logits.argmax(-1)
-    out, num = spec.verify_greedy(am[:, :1], logits)
+    out, num = speculative.verify_greedy(am[:, :1], logits)
     assert out[:, 0].tolist() == am[:, 0].tolist() == [7, 0, 3]
     assert num.tolist() == [1, 1, 1]
 
@@ -143,7 +143,7 @@ def test_rejection_sample_follows_target_at_every_position(device, greedy_draft)
         drafts = _draw(q.contiguous())
         acc_rate = float(torch.minimum(p1[0], q1[0]).sum())
     gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, ())))
-    out, num = spec.rejection_sample(drafts, q, p, generator=gen)
+    out, num = speculative.rejection_sample(drafts, q, p, generator=gen)
     check_padding(out, num, k + 1)
     assert torch.equal(out[num > 0][:, 0], drafts[num > 0][:, 0]), "accepted tokens are the drafts"
     for j in range(k + 1):
@@ -164,7 +164,7 @@ def test_rejection_sample_ragged_bonus_position(device):
     p = p1.expand(N, -1, -1)
     drafts = torch.full((N, k), -1, dtype=torch.int64, device=device)  # padded ids are ignored
     nd = torch.zeros(N, dtype=torch.int64, device=device)
-    out, num = spec.rejection_sample(drafts, None, p, num_draft_tokens=nd, seed=123)
+    out, num = speculative.rejection_sample(drafts, None, p, num_draft_tokens=nd, seed=123)
     assert (num == 0).all()
     assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), p1[0]) > 1e-5
     # n = 2 with drafts the target is certain about: always accepted, bonus from p_2
@@ -173,7 +173,7 @@ def test_rejection_sample_ragged_bonus_position(device):
     pc[1] = torch.nn.functional.one_hot(torch.tensor(3), V).float()
     drafts[:, 0], drafts[:, 1] = 1, 3
     nd.fill_(2)
-    out, num = spec.rejection_sample(drafts, None, pc.expand(N, -1, -1), num_draft_tokens=nd, seed=7)
+    out, num = speculative.rejection_sample(drafts, None, pc.expand(N, -1, -1), num_draft_tokens=nd, seed=7)
     assert (num == 2).all() and (out[:, 3] == -1).all()
     assert chi2_pvalue(torch.bincount(out[:, 2], minlength=V), pc[2]) > 1e-5
 
@@ -187,7 +187,7 @@ def test_rejection_sample_crafted(device):
     # p == q everywhere: every draft accepted, bonus from p_2
     pe = p.clone()
     pe[:, :2] = q
-    out, num = spec.rejection_sample(drafts, q, pe, seed=1)
+    out, num = speculative.rejection_sample(drafts, q, pe, seed=1)
     assert num.tolist() == [2, 2] and out[:, :2].tolist() == drafts.tolist()
     # p(x) = 0 < q(x) at position 0: always rejected, the residual excludes x
     pz = p.clone()
@@ -195,7 +195,7 @@ def test_rejection_sample_crafted(device):
     qz = q.clone()
     qz[:, 0] = torch.tensor([0.5, 0.1, 0.4, 0.0, 0.0, 0.0], device=device)
     for s in range(20):
-        out, num = spec.rejection_sample(drafts, qz, pz, seed=s)
+        out, num = speculative.rejection_sample(drafts, qz, pz, seed=s)
         assert num.tolist() == [0, 0]
         # residual max(0, p - q) = [0, .4, 0, .5, 0, 0]
         assert set(out[:, 0].tolist()) <= {1, 3} and (out[:, 1:] == -1).all()
@@ -206,7 +206,7 @@ def test_rejection_sample_crafted(device):
 def test_rejection_sample_matches_reference_cases(device, greedy_draft):
     """Every acceptance made certain (p = q at the position, so p(x) >= q(x)) or impossible
     (p(x) = 0): the outcome up to the first rejection no longer depends on the random numbers,
-    so it must equal the reference's (nemokernels/spec/reference.py) token for token for every
+    so it must equal the reference's (nemokernels/speculative/reference.py) token for token for every
     request, ragged counts included; the emitted token at the stop must lie where the
     reference's race can land (positive residual max(0, p_m - q_m), or p_n for the bonus)."""
     B, k, V = 12, 4, 40
@@ -226,7 +226,7 @@ def test_rejection_sample_matches_reference_cases(device, greedy_draft):
         qq = q
     nd = torch.randint(0, k + 1, (B,), device=device)
     for num_draft in (None, nd):
-        out, num = spec.rejection_sample(drafts, qq, p, num_draft_tokens=num_draft, seed=99)
+        out, num = speculative.rejection_sample(drafts, qq, p, num_draft_tokens=num_draft, seed=99)
         # any uniforms give the same decisions here; the race draws are irrelevant to them
         ref_out, ref_num = R.rejection_sample_ref(drafts.cpu(), None if qq is None else qq.cpu(), p.cpu(),
                                                   None if num_draft is None else num_draft.cpu(),
@@ -252,18 +252,18 @@ def test_rejection_sample_reproducible(device):
     p = rand_dist(B, k + 1, V, device=device, sharp=3)
     q = rand_dist(B, k, V, device=device, sharp=3)
     drafts = _draw(q)
-    a = spec.rejection_sample(drafts, q, p, seed=2024)
-    b = spec.rejection_sample(drafts, q, p, seed=2024)
+    a = speculative.rejection_sample(drafts, q, p, seed=2024)
+    b = speculative.rejection_sample(drafts, q, p, seed=2024)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     g1 = torch.Generator(device=device).manual_seed(5)
     g2 = torch.Generator(device=device).manual_seed(5)
-    c = spec.rejection_sample(drafts, q, p, generator=g1)
-    d = spec.rejection_sample(drafts, q, p, generator=g2)
+    c = speculative.rejection_sample(drafts, q, p, generator=g1)
+    d = speculative.rejection_sample(drafts, q, p, generator=g2)
     assert torch.equal(c[0], d[0])
     # a seed tensor and the same int seed key the same stream
     e = ops.rejection_sample(drafts, q, p, None, torch.tensor([2024], device=device), 0)
     assert torch.equal(e[0], a[0])
-    outs = {tuple(spec.rejection_sample(drafts, q, p, seed=s)[0].flatten().tolist()) for s in range(6)}
+    outs = {tuple(speculative.rejection_sample(drafts, q, p, seed=s)[0].flatten().tolist()) for s in range(6)}
     assert len(outs) > 1, "different seeds must give different samples"
 
 
@@ -285,9 +285,9 @@ def test_emitted_never_exceeds_k_plus_1_property(device):
         drafts = _draw(q) if k > 0 else torch.zeros(B, 0, dtype=torch.int64, device=device)
         nd = torch.randint(0, k + 1, (B,), device=device)
         for num_draft in (None, nd):
-            check_padding(*spec.verify_greedy(drafts, logits, num_draft), k + 1)
-            check_padding(*spec.rejection_sample(drafts, q, p, num_draft_tokens=num_draft), k + 1)
-            check_padding(*spec.rejection_sample(drafts, None, p, num_draft_tokens=num_draft), k + 1)
+            check_padding(*speculative.verify_greedy(drafts, logits, num_draft), k + 1)
+            check_padding(*speculative.rejection_sample(drafts, q, p, num_draft_tokens=num_draft), k + 1)
+            check_padding(*speculative.rejection_sample(drafts, None, p, num_draft_tokens=num_draft), k + 1)
 
 
 # ---------------------------------------------------------------- trees
@@ -324,16 +324,16 @@ def test_verify_tree_greedy_known_answer(device):
     logits = torch.zeros(1, 7, V, device=device)
     for node, best in {0: 6, 1: 2, 2: 7, 3: 0, 4: 0, 5: 1, 6: 4}.items():
         logits[0, node, best] = 1.0
-    out, nodes, num = spec.verify_tree_greedy(cand, parents, logits)
+    out, nodes, num = speculative.verify_tree_greedy(cand, parents, logits)
     # root argmax 6 -> children 2 and 3 carry it: the lower index 2; then 5 (7), then 6 (1), bonus 4
     assert num.tolist() == [3]
     assert out.tolist() == [[6, 7, 1, 4, -1, -1, -1]]
     assert nodes.tolist() == [[0, 2, 5, 6, -1, -1, -1]]
-    out, nodes, num = spec.verify_tree_greedy(cand, parents, logits, max_depth=2)
+    out, nodes, num = speculative.verify_tree_greedy(cand, parents, logits, max_depth=2)
     assert out.tolist() == [[6, 7, 1]] and nodes.tolist() == [[0, 2, 5]] and num.tolist() == [2]
     logits[0, 0] = 0
     logits[0, 0, 3] = 1.0  # no child carries 3: nothing accepted, emit 3
-    out, nodes, num = spec.verify_tree_greedy(cand, parents, logits, max_depth=3)
+    out, nodes, num = speculative.verify_tree_greedy(cand, parents, logits, max_depth=3)
     assert out.tolist() == [[3, -1, -1, -1]] and nodes.tolist() == [[0, -1, -1, -1]] and num.tolist() == [0]
 
 
@@ -348,7 +348,7 @@ def test_verify_tree_greedy_matches_reference(device, dtype):
     # make many children match their parent's argmax
     hit = torch.rand(B, n, device=device) < 0.6
     cand = torch.where(hit, am.gather(1, par.clamp_min(0)), cand)
-    out, nodes, num = spec.verify_tree_greedy(cand, par, logits)
+    out, nodes, num = speculative.verify_tree_greedy(cand, par, logits)
     r_out, r_nodes, r_num = R.verify_tree_greedy_ref(cand.cpu(), par.cpu(), logits.float().cpu())
     assert torch.equal(out.cpu(), r_out) and torch.equal(nodes.cpu(), r_nodes) and torch.equal(num.cpu(), r_num)
     check_padding(out, num, n)
@@ -365,7 +365,7 @@ def test_verify_tree_rejection_first_token_follows_target(device):
     q1 = rand_dist(n, V, device=device)
     cand = torch.multinomial(q1[1:], N, replacement=True).T  # (N, 4), children of root from q
     cand = torch.cat([torch.zeros(N, 1, dtype=torch.int64, device=device), cand], 1)
-    out, nodes, num = spec.verify_tree_rejection(cand, parents.expand(N, n), q1.expand(N, n, V),
+    out, nodes, num = speculative.verify_tree_rejection(cand, parents.expand(N, n), q1.expand(N, n, V),
                                                  p1.expand(N, n, V), seed=int(torch.randint(2**40, ())))
     check_padding(out, num, n)
     assert chi2_pvalue(torch.bincount(out[:, 0], minlength=V), p1[0]) > 1e-5
@@ -389,7 +389,7 @@ def test_verify_tree_rejection_reference_in_distribution(device):
     cand = torch.cat([torch.zeros(N, 1, dtype=torch.int64, device=device),
                       torch.multinomial(q1[1:], N, replacement=True).T], 1)
     args = (cand, parents.expand(N, 3), q1.expand(N, 3, V), p1.expand(N, 3, V))
-    out, _, num = spec.verify_tree_rejection(*args, seed=11)
+    out, _, num = speculative.verify_tree_rejection(*args, seed=11)
     r_out, _, r_num = R.verify_tree_rejection_ref(*[a.cpu() for a in args])
     c1 = torch.bincount(out[:, 0].cpu(), minlength=V).double()
     c2 = torch.bincount(r_out[:, 0], minlength=V).double()
@@ -415,12 +415,12 @@ def test_sampling_probs_matches_reference(device, dtype):
              dict(top_k=17, top_p=0.95, min_p=0.01), dict(temperature=0.0)]
     for kw in cases:
         poison_allocator(device)
-        out = spec.sampling_probs(logits, **kw)
+        out = speculative.sampling_probs(logits, **kw)
         ref = R.sampling_probs_ref(logits.float(), **kw)
         assert out.dtype == torch.float32 and out.shape == logits.shape
         assert rel_err(out, ref) < 1e-5, kw
         assert torch.equal(out > 0, ref > 0), f"kept sets differ for {kw}"
-    out2 = spec.sampling_probs(logits[:, 0], temperature=temp, top_k=top_k)
+    out2 = speculative.sampling_probs(logits[:, 0], temperature=temp, top_k=top_k)
     assert rel_err(out2, R.sampling_probs_ref(logits[:, 0].float(), temperature=temp, top_k=top_k)) < 1e-5
 
 
@@ -430,10 +430,10 @@ def test_sampling_probs_then_verify_pipeline(device):
     B, k, V = 4000, 2, 30
     tl = torch.randn(1, k + 1, V, device=device).expand(B, -1, -1)
     dl = torch.randn(1, k, V, device=device).expand(B, -1, -1)
-    p = spec.sampling_probs(tl, temperature=0.8, top_k=5)
-    q = spec.sampling_probs(dl, temperature=1.0)
+    p = speculative.sampling_probs(tl, temperature=0.8, top_k=5)
+    q = speculative.sampling_probs(dl, temperature=1.0)
     drafts = _draw(q.contiguous())
-    out, num = spec.rejection_sample(drafts, q, p, seed=3)
+    out, num = speculative.rejection_sample(drafts, q, p, seed=3)
     allowed = p[0] > 0
     for j in range(k + 1):
         toks = out[num >= j, j]
@@ -446,13 +446,13 @@ def test_sampling_probs_then_verify_pipeline(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    out, num = spec.verify_greedy(torch.zeros(0, 3, dtype=torch.int64, device=device), torch.randn(0, 4, 9, device=device))
+    out, num = speculative.verify_greedy(torch.zeros(0, 3, dtype=torch.int64, device=device), torch.randn(0, 4, 9, device=device))
     assert out.shape == (0, 4) and num.shape == (0,)
-    out, num = spec.rejection_sample(torch.zeros(0, 3, dtype=torch.int64, device=device), None,
+    out, num = speculative.rejection_sample(torch.zeros(0, 3, dtype=torch.int64, device=device), None,
                                      torch.rand(0, 4, 9, device=device), seed=0)
     assert out.shape == (0, 4)
-    assert spec.sampling_probs(torch.randn(0, 9, device=device)).shape == (0, 9)
-    o, nodes, n = spec.verify_tree_greedy(torch.zeros(0, 3, dtype=torch.int64, device=device),
+    assert speculative.sampling_probs(torch.randn(0, 9, device=device)).shape == (0, 9)
+    o, nodes, n = speculative.verify_tree_greedy(torch.zeros(0, 3, dtype=torch.int64, device=device),
                                           torch.zeros(0, 3, dtype=torch.int64, device=device), torch.randn(0, 3, 9, device=device))
     assert o.shape == (0, 3) and nodes.shape == (0, 3) and n.shape == (0,)
 
@@ -465,29 +465,29 @@ def test_bad_shapes_and_dtypes_raise(device):
     q = rand_dist(2, 3, 10, device=device)
     par = torch.tensor([[-1, 0, 1], [-1, 0, 0]], device=device)
     cases = [
-        (lambda: spec.verify_greedy(d, lg[:, :3]), r"target_logits.shape\[1\] must be 4"),
-        (lambda: spec.verify_greedy(d, lg[:1]), r"target_logits.shape\[0\] must be 2"),
-        (lambda: spec.verify_greedy(d[0], lg), "draft_token_ids must have 2 dimensions"),
-        (lambda: spec.verify_greedy(d, lg.long()), "target_logits must be one of"),
-        (lambda: spec.verify_greedy(d, lg, torch.zeros(3, device=device)), r"num_draft_tokens.shape\[0\] must be 2"),
-        (lambda: spec.rejection_sample(d, q[..., :9], p, seed=0), r"draft_probs.shape\[2\] must be 10"),
-        (lambda: spec.rejection_sample(d, q, p[:, :3], seed=0), r"target_probs.shape\[1\] must be 4"),
+        (lambda: speculative.verify_greedy(d, lg[:, :3]), r"target_logits.shape\[1\] must be 4"),
+        (lambda: speculative.verify_greedy(d, lg[:1]), r"target_logits.shape\[0\] must be 2"),
+        (lambda: speculative.verify_greedy(d[0], lg), "draft_token_ids must have 2 dimensions"),
+        (lambda: speculative.verify_greedy(d, lg.long()), "target_logits must be one of"),
+        (lambda: speculative.verify_greedy(d, lg, torch.zeros(3, device=device)), r"num_draft_tokens.shape\[0\] must be 2"),
+        (lambda: speculative.rejection_sample(d, q[..., :9], p, seed=0), r"draft_probs.shape\[2\] must be 10"),
+        (lambda: speculative.rejection_sample(d, q, p[:, :3], seed=0), r"target_probs.shape\[1\] must be 4"),
         (lambda: ops.rejection_sample(d, q, p, None, torch.zeros(2, dtype=torch.int64, device=device), 0),
          "seed_tensor must hold exactly one element"),
-        (lambda: spec.verify_tree_greedy(d, par[:, :2], lg[:, :3]), r"parents.shape\[1\] must be 3"),
-        (lambda: spec.verify_tree_greedy(d, par, lg[:, :3], max_depth=3), "max_depth must be in"),
-        (lambda: spec.verify_tree_rejection(d, par, q[:, :2], p[:, :3], seed=0), r"draft_probs.shape\[1\] must be 3"),
-        (lambda: spec.sampling_probs(lg[0, 0]), "logits must be"),
-        (lambda: spec.sampling_probs(lg, top_p=1.5), "top_p must be in"),
-        (lambda: spec.sampling_probs(lg, temperature=-1.0), "temperature must be finite"),
-        (lambda: spec.sampling_probs(lg, min_p=2.0), "min_p must be in"),
-        (lambda: spec.sampling_probs(lg, top_k=torch.zeros(3, device=device)), r"top_k.shape\[0\] must be 2"),
+        (lambda: speculative.verify_tree_greedy(d, par[:, :2], lg[:, :3]), r"parents.shape\[1\] must be 3"),
+        (lambda: speculative.verify_tree_greedy(d, par, lg[:, :3], max_depth=3), "max_depth must be in"),
+        (lambda: speculative.verify_tree_rejection(d, par, q[:, :2], p[:, :3], seed=0), r"draft_probs.shape\[1\] must be 3"),
+        (lambda: speculative.sampling_probs(lg[0, 0]), "logits must be"),
+        (lambda: speculative.sampling_probs(lg, top_p=1.5), "top_p must be in"),
+        (lambda: speculative.sampling_probs(lg, temperature=-1.0), "temperature must be finite"),
+        (lambda: speculative.sampling_probs(lg, min_p=2.0), "min_p must be in"),
+        (lambda: speculative.sampling_probs(lg, top_k=torch.zeros(3, device=device)), r"top_k.shape\[0\] must be 2"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
     with pytest.raises(ValueError, match="either seed or generator"):
-        spec.rejection_sample(d, q, p, seed=1, generator=torch.Generator(device=device))
+        speculative.rejection_sample(d, q, p, seed=1, generator=torch.Generator(device=device))
 
 
 def test_bad_values_raise_on_cpu():
@@ -504,22 +504,22 @@ def test_bad_values_raise_on_cpu():
     notone = p.clone()
     notone[1, 3] *= 1.01
     cases = [
-        (lambda: spec.verify_greedy(bad_id, lg), r"draft_token_ids\[1, 2\] = 10 is outside the vocabulary"),
-        (lambda: spec.verify_greedy(d - 3, lg), "outside the vocabulary"),
-        (lambda: spec.verify_greedy(d, lg, torch.tensor([1, 4])), r"num_draft_tokens\[1\] must be in \[0, k=3\]"),
-        (lambda: spec.rejection_sample(bad_id, q, p, seed=0), "outside the vocabulary"),
-        (lambda: spec.rejection_sample(d, q, neg, seed=0), r"target_probs\[0, 1\] is not a probability distribution"),
-        (lambda: spec.rejection_sample(d, nan, p, seed=0), r"draft_probs\[1, 0\] is not a probability distribution"),
-        (lambda: spec.rejection_sample(d, q, notone, seed=0), "sums to"),
-        (lambda: spec.verify_tree_greedy(d, torch.tensor([[-1, 0, 2], [-1, 0, 0]]), lg[:, :3]),
+        (lambda: speculative.verify_greedy(bad_id, lg), r"draft_token_ids\[1, 2\] = 10 is outside the vocabulary"),
+        (lambda: speculative.verify_greedy(d - 3, lg), "outside the vocabulary"),
+        (lambda: speculative.verify_greedy(d, lg, torch.tensor([1, 4])), r"num_draft_tokens\[1\] must be in \[0, k=3\]"),
+        (lambda: speculative.rejection_sample(bad_id, q, p, seed=0), "outside the vocabulary"),
+        (lambda: speculative.rejection_sample(d, q, neg, seed=0), r"target_probs\[0, 1\] is not a probability distribution"),
+        (lambda: speculative.rejection_sample(d, nan, p, seed=0), r"draft_probs\[1, 0\] is not a probability distribution"),
+        (lambda: speculative.rejection_sample(d, q, notone, seed=0), "sums to"),
+        (lambda: speculative.verify_tree_greedy(d, torch.tensor([[-1, 0, 2], [-1, 0, 0]]), lg[:, :3]),
          r"parents\[0, 2\] = 2 must be in \[0, 2\)"),
-        (lambda: spec.verify_tree_greedy(d, torch.tensor([[0, 0, 1], [-1, 0, 0]]), lg[:, :3]), "must be -1"),
-        (lambda: spec.verify_tree_greedy(bad_id, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), lg[:, :3]),
+        (lambda: speculative.verify_tree_greedy(d, torch.tensor([[0, 0, 1], [-1, 0, 0]]), lg[:, :3]), "must be -1"),
+        (lambda: speculative.verify_tree_greedy(bad_id, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), lg[:, :3]),
          "candidate_ids.*outside the vocabulary"),
-        (lambda: spec.verify_tree_rejection(d, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), neg[:, :3], p[:, :3], seed=0),
+        (lambda: speculative.verify_tree_rejection(d, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), neg[:, :3], p[:, :3], seed=0),
          "draft_probs.*not a probability distribution"),
-        (lambda: spec.sampling_probs(lg[:, 0], temperature=torch.tensor([1.0, -2.0])), r"temperature\[1\]"),
-        (lambda: spec.sampling_probs(lg[:, 0], top_p=torch.tensor([0.0, 0.5])), r"top_p\[0\]"),
+        (lambda: speculative.sampling_probs(lg[:, 0], temperature=torch.tensor([1.0, -2.0])), r"temperature\[1\]"),
+        (lambda: speculative.sampling_probs(lg[:, 0], top_p=torch.tensor([0.0, 0.5])), r"top_p\[0\]"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
@@ -527,8 +527,8 @@ def test_bad_values_raise_on_cpu():
     # padded draft ids beyond num_draft_tokens are ignored, not rejected
     pad = d.clone()
     pad[0, 2] = -1
-    spec.rejection_sample(pad, q, p, num_draft_tokens=torch.tensor([2, 3]), seed=0)
-    spec.verify_greedy(pad, lg, torch.tensor([2, 3]))
+    speculative.rejection_sample(pad, q, p, num_draft_tokens=torch.tensor([2, 3]), seed=0)
+    speculative.verify_greedy(pad, lg, torch.tensor([2, 3]))
 
 
 @pytest.mark.gpu
@@ -543,20 +543,20 @@ def test_cuda_is_memory_safe_for_bad_values():
     q = rand_dist(2, 3, V, device="cuda")
     lg = torch.randn(2, 4, V, device="cuda")
     nd = torch.tensor([7, -2], device="cuda")
-    for out, num in (spec.verify_greedy(d, lg, nd), spec.rejection_sample(d, q, p, num_draft_tokens=nd, seed=0),
-                     spec.rejection_sample(d, None, p * -1, seed=0), spec.rejection_sample(d, q * float("nan"), p, seed=0)):
+    for out, num in (speculative.verify_greedy(d, lg, nd), speculative.rejection_sample(d, q, p, num_draft_tokens=nd, seed=0),
+                     speculative.rejection_sample(d, None, p * -1, seed=0), speculative.rejection_sample(d, q * float("nan"), p, seed=0)):
         torch.cuda.synchronize()
         check_padding(out, num, 4)
         assert ((out >= -1) & (out < V)).all() and (num <= 3).all()
     # request 1 has good values (its count -2 clamps to 0): it must match the CPU on its own
-    out, num = spec.verify_greedy(d, lg, nd)
-    ref_out, ref_num = spec.verify_greedy(d[1:].cpu(), lg[1:].cpu(), torch.tensor([0]))
+    out, num = speculative.verify_greedy(d, lg, nd)
+    ref_out, ref_num = speculative.verify_greedy(d[1:].cpu(), lg[1:].cpu(), torch.tensor([0]))
     assert torch.equal(out[1:].cpu(), ref_out) and torch.equal(num[1:].cpu(), ref_num)
     cand = torch.tensor([[3, 1 << 40, -7], [2, 5, 6]], device="cuda")
     par = torch.tensor([[5, 9, -3], [-1, 0, 0]], device="cuda")
-    for out, nodes, num in (spec.verify_tree_greedy(cand, par, lg[:, :3]),
-                            spec.verify_tree_rejection(cand, par, q, p[:, :3], seed=0),
-                            spec.verify_tree_rejection(cand, par, q * -1, p[:, :3] * float("inf"), seed=0)):
+    for out, nodes, num in (speculative.verify_tree_greedy(cand, par, lg[:, :3]),
+                            speculative.verify_tree_rejection(cand, par, q, p[:, :3], seed=0),
+                            speculative.verify_tree_rejection(cand, par, q * -1, p[:, :3] * float("inf"), seed=0)):
         torch.cuda.synchronize()
         check_padding(out, num, 3)
         assert ((out >= -1) & (out < V)).all(), "accepted candidates are emitted as tested (clamped)"
@@ -567,11 +567,11 @@ def test_cuda_is_memory_safe_for_bad_values():
             path = [x for x in row if x >= 0]
             assert path == sorted(set(path))
     # the good request of the greedy tree equals the CPU
-    out, nodes, num = spec.verify_tree_greedy(cand, par, lg[:, :3])
-    ref = spec.verify_tree_greedy(cand[1:].cpu(), par[1:].cpu(), lg[1:, :3].cpu())
+    out, nodes, num = speculative.verify_tree_greedy(cand, par, lg[:, :3])
+    ref = speculative.verify_tree_greedy(cand[1:].cpu(), par[1:].cpu(), lg[1:, :3].cpu())
     assert torch.equal(out[1:].cpu(), ref[0]) and torch.equal(nodes[1:].cpu(), ref[1])
     # sampling parameters out of range per request (CPU-only checks): no fault, the shape holds
-    probs = spec.sampling_probs(lg[:, 0], temperature=torch.tensor([-1.0, float("nan")], device="cuda"),
+    probs = speculative.sampling_probs(lg[:, 0], temperature=torch.tensor([-1.0, float("nan")], device="cuda"),
                                 top_k=torch.tensor([-5, 1 << 40], device="cuda"),
                                 top_p=torch.tensor([0.0, 7.0], device="cuda"),
                                 min_p=torch.tensor([-1.0, 3.0], device="cuda"))
@@ -594,28 +594,28 @@ def test_cuda_matches_cpu_exactly():
     nd = torch.randint(0, k + 1, (B,), device="cuda")
     lg = torch.randn(B, k + 1, V, device="cuda", dtype=torch.bfloat16)
     for args in ((drafts, lg), (drafts, lg, nd)):
-        g = spec.verify_greedy(*args)
-        c = spec.verify_greedy(*[a.cpu() for a in args])
+        g = speculative.verify_greedy(*args)
+        c = speculative.verify_greedy(*[a.cpu() for a in args])
         assert torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
     for qq in (q, None):
-        g = spec.rejection_sample(drafts, qq, p, num_draft_tokens=nd, seed=77)
-        c = spec.rejection_sample(drafts.cpu(), None if qq is None else qq.cpu(), p.cpu(), num_draft_tokens=nd.cpu(), seed=77)
+        g = speculative.rejection_sample(drafts, qq, p, num_draft_tokens=nd, seed=77)
+        c = speculative.rejection_sample(drafts.cpu(), None if qq is None else qq.cpu(), p.cpu(), num_draft_tokens=nd.cpu(), seed=77)
         assert torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
     cand, par = _chain_tree(3, 3, 8, V, "cuda")
     n = cand.shape[1]
     tp = rand_dist(8, n, V, device="cuda", sharp=4)
     tq = rand_dist(8, n, V, device="cuda", sharp=4)
     cand = torch.cat([cand[:, :1], torch.multinomial(tq[:, 1:].reshape(-1, V), 1).reshape(8, n - 1)], 1)
-    g = spec.verify_tree_rejection(cand, par, tq, tp, seed=5)
-    c = spec.verify_tree_rejection(cand.cpu(), par.cpu(), tq.cpu(), tp.cpu(), seed=5)
+    g = speculative.verify_tree_rejection(cand, par, tq, tp, seed=5)
+    c = speculative.verify_tree_rejection(cand.cpu(), par.cpu(), tq.cpu(), tp.cpu(), seed=5)
     assert all(torch.equal(x.cpu(), y) for x, y in zip(g, c))
     tl = torch.randn(8, n, V, device="cuda")
-    g = spec.verify_tree_greedy(cand, par, tl)
-    c = spec.verify_tree_greedy(cand.cpu(), par.cpu(), tl.cpu())
+    g = speculative.verify_tree_greedy(cand, par, tl)
+    c = speculative.verify_tree_greedy(cand.cpu(), par.cpu(), tl.cpu())
     assert all(torch.equal(x.cpu(), y) for x, y in zip(g, c))
     lg2 = torch.randn(6, 2, V, device="cuda") * 3
     for kw in (dict(temperature=0.7, top_k=100, top_p=0.9, min_p=0.01), dict(temperature=0.0)):
-        assert rel_err(spec.sampling_probs(lg2, **kw), spec.sampling_probs(lg2.cpu(), **kw)) < 1e-5
+        assert rel_err(speculative.sampling_probs(lg2, **kw), speculative.sampling_probs(lg2.cpu(), **kw)) < 1e-5
 
 
 @pytest.mark.gpu
@@ -627,12 +627,12 @@ def test_cuda_large_vocab_distribution():
     support = torch.randperm(V, device="cuda")[:8]
     p1[support] = rand_dist(8, device="cuda")
     p = p1.expand(N, 1, V)
-    out, num = spec.rejection_sample(torch.zeros(N, 0, dtype=torch.int64, device="cuda"), None, p, seed=9)
+    out, num = speculative.rejection_sample(torch.zeros(N, 0, dtype=torch.int64, device="cuda"), None, p, seed=9)
     counts = torch.bincount(out[:, 0], minlength=V)
     assert chi2_pvalue(counts[support], p1[support]) > 1e-5 and counts.sum() == counts[support].sum()
     lg = torch.randn(64, 5, V, device="cuda", dtype=torch.bfloat16)
     am = lg.argmax(-1)
-    o, n = spec.verify_greedy(am[:, :4], lg)
+    o, n = speculative.verify_greedy(am[:, :4], lg)
     assert (n == 4).all() and torch.equal(o, am)
 
 
@@ -675,11 +675,11 @@ def test_torch_compile_fullgraph(device):
     par = torch.tensor([[-1, 0, 0, 1]] * B, device=device)
 
     def f(d, lg, par):
-        p = spec.sampling_probs(lg, temperature=0.9, top_k=10, top_p=0.95)
-        a = spec.verify_greedy(d, lg)
-        b = spec.rejection_sample(d, None, p, seed=3)
-        c = spec.verify_tree_greedy(d[:, :1].expand(B, 4).contiguous(), par, lg)
-        e = spec.verify_tree_rejection(d[:, :1].expand(B, 4).contiguous(), par, p, p, seed=3)
+        p = speculative.sampling_probs(lg, temperature=0.9, top_k=10, top_p=0.95)
+        a = speculative.verify_greedy(d, lg)
+        b = speculative.rejection_sample(d, None, p, seed=3)
+        c = speculative.verify_tree_greedy(d[:, :1].expand(B, 4).contiguous(), par, lg)
+        e = speculative.verify_tree_rejection(d[:, :1].expand(B, 4).contiguous(), par, p, p, seed=3)
         return p, a, b, c, e
 
     eager = f(d, lg, par)
@@ -704,25 +704,25 @@ def test_cuda_graph_replay_with_new_inputs():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        spec.verify_greedy(d, lg)
+        speculative.verify_greedy(d, lg)
         ops.rejection_sample(d, q, p, None, seed_t, 0)
-        spec.sampling_probs(lg, temperature=0.7, top_k=20)
+        speculative.sampling_probs(lg, temperature=0.7, top_k=20)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        go, gn = spec.verify_greedy(d, lg)
+        go, gn = speculative.verify_greedy(d, lg)
         ro, rn = ops.rejection_sample(d, q, p, None, seed_t, 0)
-        sp = spec.sampling_probs(lg, temperature=0.7, top_k=20)
+        sp = speculative.sampling_probs(lg, temperature=0.7, top_k=20)
     lg.copy_(torch.randn_like(lg))
     d.copy_(lg.argmax(-1)[:, :k])
     p.copy_(rand_dist(B, k + 1, V, device="cuda"))
     seed_t.fill_(99)
     g.replay()
-    eo, en = spec.verify_greedy(d, lg)
+    eo, en = speculative.verify_greedy(d, lg)
     assert torch.equal(go, eo) and torch.equal(gn, en) and (gn == k).all()
     xo, xn = ops.rejection_sample(d, q, p, None, seed_t, 0)
     assert torch.equal(ro, xo) and torch.equal(rn, xn)
-    assert torch.equal(sp, spec.sampling_probs(lg, temperature=0.7, top_k=20))
+    assert torch.equal(sp, speculative.sampling_probs(lg, temperature=0.7, top_k=20))
 
 
 # ---------------------------------------------------------------- bad input, table-driven

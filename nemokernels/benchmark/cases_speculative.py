@@ -1,4 +1,4 @@
-"""Speculative-verification cases (nemokernels.spec) at the issue-6 points: batch 1..256,
+"""Speculative-verification cases (nemokernels.speculative) at the issue-6 points: batch 1..256,
 k 1..8 drafts, vocab 131072 (Nemotron-H). Baselines: vectorised PyTorch (eager and compiled)
 and flashinfer's chain speculative sampling when importable.
 
@@ -9,7 +9,7 @@ logits and writes float32 probabilities once (its extra passes run from L2 and a
 """
 import torch
 
-from nemokernels import spec
+from nemokernels import speculative
 
 from .harness import Case, lazy_compile
 
@@ -106,25 +106,25 @@ def cases(quick: bool, device) -> list:
     out = []
     for b, k in greedy_pts:
         out.append(Case(
-            op="spec.verify_greedy", name=f"b{b} k{k} V{VOCAB}", make_inputs=_greedy_maker(b, k, device),
-            fn=spec.verify_greedy, bytes=b * (k + 1) * VOCAB * esize, flops=b * (k + 1) * VOCAB,
+            op="speculative.verify_greedy", name=f"b{b} k{k} V{VOCAB}", make_inputs=_greedy_maker(b, k, device),
+            fn=speculative.verify_greedy, bytes=b * (k + 1) * VOCAB * esize, flops=b * (k + 1) * VOCAB,
             baselines={"torch_eager": greedy_torch, "torch_compile": lazy_compile(greedy_torch)}))
     for b, k in reject_pts:
         base = {"torch_eager": rejection_torch, "torch_compile": lazy_compile(rejection_torch)}
         if fi is not None:
             base["flashinfer"] = fi
         out.append(Case(
-            op="spec.rejection_sample", name=f"b{b} k{k} V{VOCAB}", make_inputs=_rejection_maker(b, k, device),
-            fn=lambda d, q, p: spec.rejection_sample(d, q, p, seed=0), bytes=b * 2 * VOCAB * 4,
+            op="speculative.rejection_sample", name=f"b{b} k{k} V{VOCAB}", make_inputs=_rejection_maker(b, k, device),
+            fn=lambda d, q, p: speculative.rejection_sample(d, q, p, seed=0), bytes=b * 2 * VOCAB * 4,
             flops=b * 2 * VOCAB, baselines=base))
     for b in sample_pts:
         def ours(logits):
-            return spec.sampling_probs(logits, temperature=0.7, top_k=50, top_p=0.9)
+            return speculative.sampling_probs(logits, temperature=0.7, top_k=50, top_p=0.9)
 
         def ref(logits):
             return sampling_torch(logits, 0.7, 50, 0.9)
         out.append(Case(
-            op="spec.sampling_probs", name=f"b{b} V{VOCAB} T0.7 k50 p0.9", make_inputs=_sampling_maker(b, device),
+            op="speculative.sampling_probs", name=f"b{b} V{VOCAB} T0.7 k50 p0.9", make_inputs=_sampling_maker(b, device),
             fn=ours, bytes=b * VOCAB * (esize + 4), flops=5 * b * VOCAB,
             baselines={"torch_eager": ref, "torch_compile": lazy_compile(ref)}))
     return out

@@ -1,5 +1,5 @@
 """nvfp4.gemm (a @ b.T of two NVFP4Tensors): against the float64 product of the dequantized
-operands (nemokernels/nvfp4/reference_gemm.py) at tile edges (M, N in 1..129, K in 16..272),
+operands (nemokernels/nvfp4/reference.py) at tile edges (M, N in 1..129, K in 16..272),
 every code, special scales (0, 448, subnormal e4m3, negative), bias, out dtypes, strided and
 batched inputs, poisoned outputs, bad input, opcheck, torch.compile, CUDA graphs, and the
 sm_100 scale-factor swizzle's index map against the CuTe layout formula."""
@@ -8,7 +8,7 @@ import torch
 
 from nemokernels import nvfp4
 from nemokernels.nvfp4 import NVFP4Tensor
-from nemokernels.nvfp4.reference_gemm import decode_reference, gemm_reference
+from nemokernels.nvfp4.reference import decode_reference, gemm_reference
 
 from conftest import DEVICES
 from helpers import TOL, assert_close, assert_close_to_product, opcheck, poison_allocator, rel_err

@@ -1,5 +1,5 @@
 """The portable grouped GEMM CUDA kernels (csrc/moe/grouped_gemm_cuda.cu) run on the CPU through
-the emulator in tools/cuda_emu (see its README and tests/test_cuda_emulation.py, whose build
+the emulator in tools/cuda_emu (see its README and tests/cuda_emu.py, whose build
 helpers this reuses): the wmma tensor-core kernel (fp16/bf16 on sm_80+), the SIMT kernel (fp32,
 and fp16/bf16 when the emulated device reports compute capability 7), the tile-map scan and the
 zero fill, for fwd (none / relu2, with the pre-activation), dgrad and wgrad (with and without
@@ -12,7 +12,7 @@ import ctypes
 import pytest
 import torch
 
-import test_cuda_emulation as _emu_base
+import cuda_emu as _emu_base
 from helpers import assert_close
 
 ROOT = _emu_base.ROOT

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nemokernels
-from nemokernels.ops.reference import ssd_scan_ref, varlen_from_cu_seqlens
+from nemokernels.ssd.reference import ssd_scan_ref, varlen_from_cu_seqlens
 
 from conftest import DEVICES
 from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err

@@ -1,4 +1,4 @@
-// C ABI of the emulated speculative-verification kernels (csrc/spec/verify_cuda.cu, rewritten
+// C ABI of the emulated speculative-verification kernels (csrc/speculative/verify_cuda.cu, rewritten
 // by transform.py into verify_cuda.emu.cpp in the build directory).
 #include "emu_api.h"
 #include "verify_cuda.emu.cpp"

@@ -5,7 +5,7 @@
 // range) read the data, so they run on the CPU only: on CUDA they would need a host
 // synchronisation. The CUDA kernels are instead memory-safe for any values (ids and counts
 // are clamped before indexing) and then give unspecified, in-vocabulary tokens.
-#include "spec/verify.h"
+#include "speculative/verify.h"
 
 #include <cmath>
 #include <optional>
