@@ -119,7 +119,7 @@ fi
 
 # 8. The other families, quick shapes.
 step "bench rest (quick)" 120 python3 -m nemokernels bench --quick \
-    --op causal_conv1d --op nvfp4 --op NVFP4Linear --op grouped_gemm --op moe --op spec. \
+    --op causal_conv1d --op nvfp4 --op NVFP4Linear --op grouped_gemm --op moe --op speculative. \
     --skip-baseline compile --out "$OUT/bench-rest.json"
 
 echo "total ${SECONDS}s; $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')" | tee -a "$SUMMARY"
