@@ -1,12 +1,14 @@
 // The nemokernels._C Python module. Importing it registers every op (static initialisers in
-// torch_bindings.cpp); the functions here only report how the binary was built. pybind11
+// csrc/<family>/<family>_ops.cpp); the functions here only report how the binary was built. pybind11
 // links to Python, never to libtorch's C++ API.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
+#include "common/op_registry.h"
 #include "common/philox.h"
 #include "nvfp4/gemm.h"
 
@@ -15,28 +17,6 @@
 #endif
 
 namespace py = pybind11;
-
-namespace {
-
-// Ops that have a CUDA kernel in this build (kept true as ops land).
-std::vector<std::string> cuda_ops() {
-#ifdef NK_WITH_CUDA
-  return {"causal_conv1d_fwd",  "causal_conv1d_bwd",      "causal_conv1d_update",
-          "ssd_chunk_scan_fwd", "ssd_chunk_scan_bwd",     "selective_state_update",
-          "selective_state_update_multi", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd",
-          "verify_greedy", "rejection_sample", "verify_tree_greedy", "verify_tree_rejection",
-          "sampling_probs",
-          "grouped_gemm_fwd", "grouped_gemm_dgrad", "grouped_gemm_wgrad",
-          "moe_router", "moe_router_bwd", "moe_permute_plan", "moe_gather", "moe_gather_bwd",
-          "moe_combine", "moe_combine_bwd",
-          "nvfp4_gemm", "nvfp4_swizzle_scales",
-          "nvfp4_quantize", "nvfp4_dequantize"};
-#else
-  return {};
-#endif
-}
-
-}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nemokernels compiled ops (registered under torch.ops.nemokernels)";
@@ -54,7 +34,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.attr("torch_target_version") = static_cast<unsigned long long>(NK_TORCH_TARGET_VERSION);
   m.attr("built_with_torch") = std::string(TORCH_BUILD_VERSION);
-  m.def("cuda_ops", &cuda_ops, "ops with a CUDA kernel in this build");
+  // {op: family}, filed by each family's <family>_ops.cpp as it defines its schemas.
+  m.def(
+      "op_families",
+      [] {
+        std::map<std::string, std::string> d;
+        for (const auto& [op, family] : nk::op_families()) d[op] = family;
+        return d;
+      },
+      "{op: family} for every op this binary defines (csrc/<family>/<family>_ops.cpp)");
   // The Philox4x32-10 the kernels share (csrc/common/philox.h), for known-answer tests.
   m.def(
       "philox4x32_10",

@@ -6,37 +6,18 @@ import torch
 from . import _C
 from ._version import __version__
 
-# Every op in csrc/torch_bindings.cpp, by family (tests check this list against the registry).
-OPS = {
-    "causal_conv1d_fwd": "ssd",
-    "causal_conv1d_bwd": "ssd",
-    "causal_conv1d_update": "ssd",
-    "ssd_chunk_scan_fwd": "ssd",
-    "ssd_chunk_scan_bwd": "ssd",
-    "selective_state_update": "ssd",
-    "selective_state_update_multi": "ssd",
-    "rmsnorm_gated_fwd": "ssd",
-    "rmsnorm_gated_bwd": "ssd",
-    "verify_greedy": "speculative",
-    "rejection_sample": "speculative",
-    "verify_tree_greedy": "speculative",
-    "verify_tree_rejection": "speculative",
-    "sampling_probs": "speculative",
-    "grouped_gemm_fwd": "moe",
-    "grouped_gemm_dgrad": "moe",
-    "grouped_gemm_wgrad": "moe",
-    "moe_router": "moe",
-    "moe_router_bwd": "moe",
-    "moe_permute_plan": "moe",
-    "moe_gather": "moe",
-    "moe_gather_bwd": "moe",
-    "moe_combine": "moe",
-    "moe_combine_bwd": "moe",
-    "nvfp4_gemm": "nvfp4",
-    "nvfp4_swizzle_scales": "nvfp4",
-    "nvfp4_quantize": "nvfp4",
-    "nvfp4_dequantize": "nvfp4",
-}
+# {op: family}, as each family's csrc/<family>/<family>_ops.cpp filed its ops when _C loaded.
+OPS = dict(sorted(_C.op_families().items(), key=lambda kv: (kv[1], kv[0])))
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """Whether nemokernels::<op> has a CUDA kernel registered (only CUDA builds register one)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"nemokernels::{op}", "CUDA")
+
+
+def cuda_ops() -> list:
+    """The ops with a CUDA kernel in this build, asked of torch's dispatcher."""
+    return [op for op in OPS if has_cuda_kernel(op)]
 
 
 def _compiled_archs():
@@ -54,7 +35,7 @@ def op_path(op: str, device: torch.device) -> str:
         return "cpu"
     if device.type != "cuda":
         return f"unsupported device type {device.type}"
-    if op not in _C.cuda_ops():
+    if not has_cuda_kernel(op):
         return "unavailable: no CUDA kernel in this build"
     arch = _device_arch(device)
     nums = {int("".join(ch for ch in a[3:] if ch.isdigit())) for a in _compiled_archs()}
@@ -74,7 +55,7 @@ def build_info(device=None) -> dict:
         dev_name = f"{props.name} (sm_{_device_arch(device)}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
     else:
         dev_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    cuda_ops = set(_C.cuda_ops())
+    with_cuda = set(cuda_ops())
     return {
         "version": __version__,
         "torch": torch.__version__,
@@ -84,7 +65,7 @@ def build_info(device=None) -> dict:
         "nvcc": _C.cuda_version,
         "cuda_archs": _compiled_archs(),
         "device": dev_name,
-        "ops": {op: {"family": fam, "cuda_kernel": op in cuda_ops, "path": op_path(op, device)}
+        "ops": {op: {"family": fam, "cuda_kernel": op in with_cuda, "path": op_path(op, device)}
                 for op, fam in OPS.items()},
     }
 

@@ -11,7 +11,7 @@ import torch
 
 import nemokernels
 from nemokernels import _C
-from nemokernels.info import OPS, build_info
+from nemokernels.info import OPS, build_info, cuda_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +47,34 @@ def test_needed_libraries_are_torch_and_system_only():
     assert not re.search(r"R(UN)?PATH.*torch", out), "no RPATH to the build-time torch: resolve the loaded one"
 
 
+FAMILIES = ("ssd", "moe", "nvfp4", "speculative")
+
+
 def test_registered_ops_match_info_list():
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("nemokernels::")}
     assert registered == set(OPS), f"info.OPS out of date: {registered ^ set(OPS)}"
+    assert len(_C.op_families()) == len(OPS) == len(registered)
     # A CUDA build has a CUDA kernel for every op, a CPU-only build for none (never a subset by
     # accident: an op whose CUDA kernel went missing would otherwise pass unnoticed).
-    assert set(_C.cuda_ops()) == (registered if _C.with_cuda else set())
+    assert set(cuda_ops()) == (registered if _C.with_cuda else set())
+    for op in registered:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nemokernels::{op}", "CPU"), op
+
+
+def test_each_family_defines_its_ops_in_its_own_folder():
+    """The op list is derived from the families' own files: every op belongs to one of the four
+    families, and its schema is in csrc/<family>/<family>_ops.cpp and nowhere else."""
+    assert set(OPS.values()) == set(FAMILIES)
+    schema_files = {f: (ROOT / "csrc" / f / f"{f}_ops.cpp").read_text() for f in FAMILIES}
+    defined_in = {}
+    for path in (ROOT / "csrc").rglob("*.cpp"):
+        for op in re.findall(r'"(\w+)\(', path.read_text()):
+            if op in OPS:
+                defined_in.setdefault(op, set()).add(path.relative_to(ROOT / "csrc").as_posix())
+    for op, fam in OPS.items():
+        assert f'"{op}(' in schema_files[fam], (op, fam)
+        assert defined_in[op] == {f"{fam}/{fam}_ops.cpp"}, (op, defined_in[op])
+    assert not (ROOT / "csrc" / "torch_bindings.cpp").exists()
 
 
 def test_build_info_is_true_here():
@@ -65,7 +87,7 @@ def test_build_info_is_true_here():
         assert info["cuda_archs"] and all(a.startswith("sm_") for a in info["cuda_archs"])
         assert info["nvcc"]
     else:
-        assert info["cuda_archs"] == [] and not _C.cuda_ops()
+        assert info["cuda_archs"] == [] and not cuda_ops()
 
 
 def test_info_cli_runs():
@@ -84,7 +106,7 @@ def test_every_cuda_op_takes_the_cuda_path_on_this_gpu():
     machine must fail here, not pass vacuously."""
     assert _C.with_cuda, "a CPU-only build on a GPU machine: rebuild with nvcc (NEMOKERNELS_BUILD_CUDA=1)"
     info = build_info("cuda")
-    assert set(_C.cuda_ops()) == set(OPS)
+    assert set(cuda_ops()) == set(OPS)
     for op in OPS:
         assert info["ops"][op]["path"] == "cuda", (op, info["ops"][op])
 

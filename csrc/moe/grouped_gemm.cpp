@@ -8,6 +8,7 @@
 #include "moe/grouped_gemm.h"
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/check.h"
@@ -128,7 +129,7 @@ std::optional<Tensor> arch_workspace(const Tensor& like, GroupedGemmParams& p, G
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, int64_t activation,
+std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, const std::string& activation,
                                              bool save_preact) {
   const char* op = kFwd;
   check_dim(op, "a", a, 2);
@@ -139,11 +140,12 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
   const int64_t R = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
   NK_CHECK(w.size(2) == K, op, ": w must be (E, N, K) with K = a.shape[1] = ", K, ", got w shape ",
            shape_str(w), " and a shape ", shape_str(a));
-  NK_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 (none) or 1 (relu2), got ",
-           activation);
+  NK_CHECK(activation == "none" || activation == "relu2", op, ": activation must be \"none\" or \"relu2\", got \"",
+           activation, "\"");
+  const bool relu2 = activation == "relu2";
   check_sizes(op, a, R, "N (w.shape[1], the output columns)", N);
   check_offsets(op, expert_offsets, a, "a", R, E);
-  const bool keep_pre = save_preact && activation == 1;
+  const bool keep_pre = save_preact && relu2;
   OptionalDeviceGuard guard(a);
   Tensor ac = contig(a), wc = contig(w), oc = contig(expert_offsets);
   Tensor out = new_empty(a, {R, N}, a.scalar_type());
@@ -160,7 +162,7 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
   p.w = wc.data_ptr();
   p.out = out.data_ptr();
   p.pre_out = keep_pre ? pre.data_ptr() : nullptr;
-  p.act = activation == 1 ? GgAct::Relu2 : GgAct::None;
+  p.act = relu2 ? GgAct::Relu2 : GgAct::None;
   p.tile_offsets = a.is_cuda() ? static_cast<int32_t*>(scratch.data_ptr()) : nullptr;
   auto ws = arch_workspace(a, p, kGgFwd);
   NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_fwd_cpu(p), grouped_gemm_fwd_cuda(p, stream));

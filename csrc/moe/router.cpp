@@ -59,7 +59,7 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   OptionalDeviceGuard guard(logits);
   Tensor ids = new_empty(logits, {T, top_k}, ScalarType::Int);
   Tensor weights = new_empty(logits, {T, top_k}, ScalarType::Float);
-  if (T == 0) return {weights, ids};
+  if (T == 0) return {ids, weights};
   Tensor l = unit_cols(logits);
   std::optional<Tensor> bias;
   if (e_score_correction_bias) bias = torch::stable::contiguous(*e_score_correction_bias);
@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   p.ids = static_cast<int32_t*>(ids.data_ptr());
   p.weights = static_cast<float*>(weights.data_ptr());
   NK_ROUTE_BY_DEVICE(logits, op, moe_router_cpu(p), moe_router_cuda(p, stream));
-  return {weights, ids};
+  return {ids, weights};
 }
 
 Tensor moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob,

@@ -168,7 +168,7 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
 Tensor nvfp4_swizzle_scales(Tensor scales) {
   const char* op = "nvfp4_swizzle_scales";
   check_dim(op, "scales", scales, 2);
-  check_dtype(op, "scales", scales, {ScalarType::Float8_e4m3fn, ScalarType::Byte});
+  check_dtype(op, "scales", scales, {ScalarType::Float8_e4m3fn});
   const int64_t rows = scales.size(0), cols = scales.size(1);
   OptionalDeviceGuard guard(scales);
   Tensor out = new_empty(scales, {nvfp4_sf_swizzled_size(rows, cols)}, ScalarType::Byte);

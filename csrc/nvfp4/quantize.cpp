@@ -44,7 +44,7 @@ std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool 
   }
   OptionalDeviceGuard guard(x);
   Tensor data = new_empty(x, {rows, cols / 2}, ScalarType::Byte);
-  Tensor scales = new_empty(x, {rows, cols / 16}, ScalarType::Byte);
+  Tensor scales = new_empty(x, {rows, cols / 16}, ScalarType::Float8_e4m3fn);
   Tensor gscale = new_empty(x, {}, ScalarType::Float);
   if (rows * cols == 0) {
     // amax of nothing is 0: s_enc = 1 (a given global_amax is not read: no host sync).
@@ -84,12 +84,12 @@ std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool 
   return {data, scales, gscale};
 }
 
-Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int64_t out_dtype) {
+Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, ScalarType out_dtype) {
   const char* op = kDequant;
   check_dim(op, "data", data, 2);
   check_dtype(op, "data", data, {ScalarType::Byte});
   check_dim(op, "scales", scales, 2);
-  check_dtype(op, "scales", scales, {ScalarType::Byte});
+  check_dtype(op, "scales", scales, {ScalarType::Float8_e4m3fn});
   check_same_device(op, "scales", scales, data, "data");
   check_same_device(op, "global_scale", global_scale, data, "data");
   check_dtype(op, "global_scale", global_scale, {ScalarType::Float});
@@ -100,9 +100,9 @@ Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int64_t
            shape_str(data));
   NK_CHECK(scales.size(0) == rows && scales.size(1) == cols / 16, op, ": scales must have shape (", rows,
            ", ", cols / 16, ") for data of shape ", shape_str(data), ", got ", shape_str(scales));
-  NK_CHECK(out_dtype >= 0 && out_dtype <= 2, op, ": dtype must be float32, float16 or bfloat16 (code 0..2), "
-           "got code ", out_dtype);
-  const ScalarType odt = out_dtype == 0 ? ScalarType::Float : (out_dtype == 1 ? ScalarType::Half : ScalarType::BFloat16);
+  NK_CHECK(out_dtype == ScalarType::Float || out_dtype == ScalarType::Half || out_dtype == ScalarType::BFloat16,
+           op, ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
+  const ScalarType odt = out_dtype;
   OptionalDeviceGuard guard(data);
   Tensor out = new_empty(data, {rows, cols}, odt);
   if (rows * cols == 0) return out;

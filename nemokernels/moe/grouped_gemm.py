@@ -11,11 +11,11 @@
 - activation: "none" or "relu2" (relu(.)^2 fused into the epilogue).
 - returns (R, N) in a's dtype: out[r] = act(a[r] @ w[e(r)].T), accumulated in float32.
 
-Differentiable in a and w. The ops (schemas in csrc/torch_bindings.cpp, kernels in
+Differentiable in a and w. The ops (schemas in csrc/moe/moe_ops.cpp, kernels in
 csrc/moe/grouped_gemm_*):
 
 - ``grouped_gemm_fwd(a, w, expert_offsets, activation, save_preact) -> (out, preact)``:
-  activation 0 = none, 1 = relu2; ``preact`` (R, N) is the pre-activation, written only when
+  activation "none" or "relu2" (checked by the op); ``preact`` (R, N) is the pre-activation, written only when
   activation is relu2 and save_preact (the public function sets it when a gradient is needed),
   else an empty (0, N) tensor.
 - ``grouped_gemm_dgrad(dout, w, expert_offsets, preact) -> da`` (R, K) = g @ w[e]
@@ -29,13 +29,10 @@ import torch
 
 _ops = torch.ops.nemokernels
 
-_ACTIVATIONS = ("none", "relu2")
-
-
 @torch.library.register_fake("nemokernels::grouped_gemm_fwd")
 def _fwd_fake(a, w, expert_offsets, activation, save_preact):
     R, N = a.shape[0], w.shape[1]
-    keep = bool(save_preact) and activation == 1
+    keep = bool(save_preact) and activation == "relu2"
     return a.new_empty((R, N)), a.new_empty((R if keep else 0, N))
 
 
@@ -53,7 +50,7 @@ def _fwd_setup(ctx, inputs, output):
     a, w, expert_offsets, activation, save_preact = inputs
     _, pre = output
     ctx.mark_non_differentiable(pre)
-    ctx.relu2 = activation == 1
+    ctx.relu2 = activation == "relu2"
     ctx.save_for_backward(a, w, expert_offsets, pre if ctx.relu2 else None)
 
 
@@ -61,7 +58,7 @@ def _fwd_backward(ctx, dout, _dpre):
     a, w, offsets, pre = ctx.saved_tensors
     if ctx.relu2 and pre.shape[0] != a.shape[0]:
         # Called without save_preact (e.g. through the raw op): recompute the pre-activation.
-        _, pre = _ops.grouped_gemm_fwd(a, w, offsets, 1, True)
+        _, pre = _ops.grouped_gemm_fwd(a, w, offsets, "relu2", True)
     if not ctx.relu2:
         pre = None
     da = _ops.grouped_gemm_dgrad(dout, w, offsets, pre) if ctx.needs_input_grad[0] else None
@@ -76,9 +73,6 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                  activation: str = "none") -> torch.Tensor:
     """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r (module
     docstring for shapes); rows past expert_offsets[E] are zeros."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"grouped_gemm: activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    act = _ACTIVATIONS.index(activation)
-    save_preact = act == 1 and torch.is_grad_enabled() and (a.requires_grad or w.requires_grad)
-    out, _ = _ops.grouped_gemm_fwd(a, w, expert_offsets, act, save_preact)
+    save_preact = activation == "relu2" and torch.is_grad_enabled() and (a.requires_grad or w.requires_grad)
+    out, _ = _ops.grouped_gemm_fwd(a, w, expert_offsets, activation, save_preact)
     return out

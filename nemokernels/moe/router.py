@@ -22,7 +22,7 @@ _ops = torch.ops.nemokernels
 @torch.library.register_fake("nemokernels::moe_router")
 def _router_fake(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor):
     t = logits.shape[0]
-    return logits.new_empty((t, top_k), dtype=torch.float32), logits.new_empty((t, top_k), dtype=torch.int32)
+    return logits.new_empty((t, top_k), dtype=torch.int32), logits.new_empty((t, top_k), dtype=torch.float32)
 
 
 @torch.library.register_fake("nemokernels::moe_router_bwd")
@@ -32,11 +32,11 @@ def _router_bwd_fake(dweights, logits, topk_ids, norm_topk_prob, routed_scaling_
 
 def _router_setup(ctx, inputs, output):
     logits, _, _, _, _, norm, scale = inputs
-    ctx.save_for_backward(logits, output[1])
+    ctx.save_for_backward(logits, output[0])
     ctx.norm, ctx.scale = norm, scale
 
 
-def _router_backward(ctx, d_weights, d_ids):
+def _router_backward(ctx, d_ids, d_weights):
     logits, ids = ctx.saved_tensors
     dlogits = None
     if ctx.needs_input_grad[0] and d_weights is not None:
@@ -58,10 +58,8 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def moe_router(logits: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor] = None, top_k: int = 1,
                n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                routed_scaling_factor: float = 1.0):
-    """(topk_ids (T, k) int32, topk_weights (T, k) float32) from float32 logits (T, E).
-    (The op nemokernels::moe_router returns them the other way round, weights first.)"""
+    """(topk_ids (T, k) int32, topk_weights (T, k) float32) from float32 logits (T, E)."""
     if e_score_correction_bias is not None and e_score_correction_bias.dtype != torch.float32:
         e_score_correction_bias = e_score_correction_bias.float()  # e.g. a module cast with .to(bf16)
-    weights, ids = _ops.moe_router(logits, e_score_correction_bias, int(top_k), int(n_group), int(topk_group),
-                                   bool(norm_topk_prob), float(routed_scaling_factor))
-    return ids, weights
+    return _ops.moe_router(logits, e_score_correction_bias, int(top_k), int(n_group), int(topk_group),
+                           bool(norm_topk_prob), float(routed_scaling_factor))

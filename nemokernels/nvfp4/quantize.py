@@ -19,20 +19,18 @@ import torch
 from .tensor import NVFP4Tensor
 
 _ops = torch.ops.nemokernels
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @torch.library.register_fake("nemokernels::nvfp4_quantize")
 def _quantize_fake(x, block_2d, hadamard, stochastic_rounding, seed, global_amax, seed_tensor):
     r, k = x.shape
-    return (x.new_empty((r, k // 2), dtype=torch.uint8), x.new_empty((r, k // 16), dtype=torch.uint8),
+    return (x.new_empty((r, k // 2), dtype=torch.uint8), x.new_empty((r, k // 16), dtype=torch.float8_e4m3fn),
             x.new_empty((), dtype=torch.float32))
 
 
 @torch.library.register_fake("nemokernels::nvfp4_dequantize")
 def _dequantize_fake(data, scales, global_scale, out_dtype):
-    dt = {v: k for k, v in _DTYPE_CODE.items()}[out_dtype]
-    return data.new_empty((data.shape[0], data.shape[1] * 2), dtype=dt)
+    return data.new_empty((data.shape[0], data.shape[1] * 2), dtype=out_dtype)
 
 
 def _seed_args(seed, needed: bool, x: torch.Tensor):
@@ -97,7 +95,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
     _check_x(x, "quantize")
     lead, K = x.shape[:-1], x.shape[-1]
     data, scales, gs = _quantize2d(x.reshape(math.prod(lead), K), block_2d, hadamard, stochastic_rounding, seed, global_amax)
-    return NVFP4Tensor(data.reshape(*lead, K // 2), scales.view(torch.float8_e4m3fn).reshape(*lead, K // 16), gs)
+    return NVFP4Tensor(data.reshape(*lead, K // 2), scales.reshape(*lead, K // 16), gs)
 
 
 def quantize_t(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = False,
@@ -111,19 +109,17 @@ def quantize_t(x: torch.Tensor, *, block_2d: bool = False, hadamard: bool = Fals
     _check_x(x, "quantize_t")
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     data, scales, gs = _quantize2d(x2.t(), block_2d, hadamard, stochastic_rounding, seed, global_amax)
-    return NVFP4Tensor(data, scales.view(torch.float8_e4m3fn), gs)
+    return NVFP4Tensor(data, scales, gs)
 
 
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Values of an NVFP4Tensor, shape (..., K), in dtype (float32, float16 or bfloat16):
     (e2m1(code) * s_b) * global_scale computed in float32, then rounded to dtype."""
-    if dtype not in _DTYPE_CODE:
-        raise ValueError(f"nvfp4.dequantize: dtype must be float32, float16 or bfloat16, got {dtype}")
     if t.data.dim() < 1:
         raise ValueError("nvfp4.dequantize: t.data must have at least one dim")
     lead, K2 = t.data.shape[:-1], t.data.shape[-1]
-    scales = t.scales.view(torch.uint8) if t.scales.dtype == torch.float8_e4m3fn else t.scales
+    scales = t.scales
     rows = math.prod(lead)
     out = _ops.nvfp4_dequantize(t.data.reshape(rows, K2), scales.reshape(rows, scales.shape[-1]),
-                                t.global_scale, _DTYPE_CODE[dtype])
+                                t.global_scale, dtype)
     return out.reshape(*lead, K2 * 2)

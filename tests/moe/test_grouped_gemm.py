@@ -103,13 +103,13 @@ def test_forward_matches_reference(device, dtype, activation):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_preact_output(device, dtype):
     a, w, offsets = make([5, 0, 40, 19], 33, 24, dtype, device, extra_rows=3)
-    out, pre = ops.grouped_gemm_fwd(a, w, offsets, 1, True)
+    out, pre = ops.grouped_gemm_fwd(a, w, offsets, "relu2", True)
     assert pre.shape == out.shape
     assert_close(pre, ref_fwd(a, w, offsets), dtype, what="preact")
     assert_close(out, ref_fwd(a, w, offsets, "relu2"), dtype, what="out")
-    out2, pre2 = ops.grouped_gemm_fwd(a, w, offsets, 1, False)
+    out2, pre2 = ops.grouped_gemm_fwd(a, w, offsets, "relu2", False)
     assert pre2.shape == (0, 33) and torch.equal(out, out2)
-    _, pre3 = ops.grouped_gemm_fwd(a, w, offsets, 0, True)
+    _, pre3 = ops.grouped_gemm_fwd(a, w, offsets, "none", True)
     assert pre3.shape == (0, 33), "preact is only written for relu2"
 
 
@@ -239,9 +239,9 @@ def test_wgrad_deterministic(device):
 def test_opcheck(device):
     a, w, offsets = make([3, 0, 6], 7, 5, torch.float32, device, extra_rows=2)
     a.requires_grad_(), w.requires_grad_()
-    opcheck(ops.grouped_gemm_fwd, (a, w, offsets, 1, True))
-    opcheck(ops.grouped_gemm_fwd, (a, w, offsets, 0, False))
-    opcheck(ops.grouped_gemm_fwd, (a, w, offsets, 1, False))
+    opcheck(ops.grouped_gemm_fwd, (a, w, offsets, "relu2", True))
+    opcheck(ops.grouped_gemm_fwd, (a, w, offsets, "none", False))
+    opcheck(ops.grouped_gemm_fwd, (a, w, offsets, "relu2", False))
     dout = torch.randn(11, 7, device=device)
     pre = torch.randn(11, 7, device=device)
     opcheck(ops.grouped_gemm_dgrad, (dout, w.detach(), offsets, pre))
@@ -285,10 +285,10 @@ def test_bad_inputs_raise(device):
     for args, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             grouped_gemm(*args)
-    with pytest.raises(ValueError, match="activation"):
+    with pytest.raises(RuntimeError, match='grouped_gemm: activation must be "none" or "relu2", got "gelu"'):
         grouped_gemm(a, w, offsets, "gelu")
-    with pytest.raises(RuntimeError, match="activation must be 0 \\(none\\) or 1 \\(relu2\\)"):
-        ops.grouped_gemm_fwd(a, w, offsets, 2, False)
+    with pytest.raises(RuntimeError, match='activation must be "none" or "relu2", got "RELU2"'):
+        ops.grouped_gemm_fwd(a, w, offsets, "RELU2", False)
     with pytest.raises(RuntimeError, match="preact must have dout's shape"):
         ops.grouped_gemm_dgrad(torch.randn(7, 6, device=device), w, offsets, torch.randn(7, 5, device=device))
     with pytest.raises(RuntimeError, match="a must have dout's number of rows 7"):
@@ -402,7 +402,7 @@ def _bad_call(make, call, mutate, pattern, where, device):
 
 def _gg_args(device):
     a, w, offsets = make([3, 4], 6, 5, torch.float32, device)  # R = 7, N = 6, K = 5, E = 2
-    return dict(a=a, w=w, offsets=offsets, act=1, save=True, dout=torch.randn(7, 6, device=device),
+    return dict(a=a, w=w, offsets=offsets, act="relu2", save=True, dout=torch.randn(7, 6, device=device),
                 pre=torch.randn(7, 6, device=device))
 
 
@@ -423,7 +423,7 @@ FWD_CASES = [
     ("w_dtype", lambda a: a.update(w=a["w"].bfloat16()), FWD + r": w must have a's dtype float32, got bfloat16", "all"),
     ("w_k", lambda a: a.update(w=a["w"][..., :4]),
      FWD + r": w must be \(E, N, K\) with K = a.shape\[1\] = 5, got w shape \(2, 6, 4\)", "all"),
-    ("activation", lambda a: a.update(act=2), FWD + r": activation must be 0 \(none\) or 1 \(relu2\), got 2", "all"),
+    ("activation", lambda a: a.update(act="relu"), FWD + r': activation must be "none" or "relu2", got "relu"', "all"),
     ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].long()),
      FWD + r": expert_offsets must be one of \{int32\}, got int64", "all"),
     ("offsets_rank", lambda a: a.update(offsets=a["offsets"][None]),
@@ -549,7 +549,7 @@ def test_cuda_memory_safe_for_bad_offsets(dtype):
 
     def run(offs):
         o = torch.tensor(offs, dtype=torch.int32, device="cuda")
-        out, pre = ops.grouped_gemm_fwd(a, w, o, 1, True)
+        out, pre = ops.grouped_gemm_fwd(a, w, o, "relu2", True)
         res = (out, pre, ops.grouped_gemm_dgrad(dout, w, o, None), ops.grouped_gemm_wgrad(dout, a, o, None))
         torch.cuda.synchronize()
         return res

@@ -259,14 +259,13 @@ def test_devices_differ():
 def test_opcheck(device):
     a, b = rand_nvfp4(17, 48, device), rand_nvfp4(36, 48, device)
     bias = torch.randn(36, device=device)
-    # test_schema is left out for the GEMM: its mutation check compares inputs with torch ops
-    # that have no float8_e4m3fn CPU kernel ("mul_cpu_reduced_float" not implemented); the schema
-    # declares no mutation and the swizzle op (uint8 input) runs the full set below.
+    # test_schema is left out: its mutation check compares inputs with torch ops that have no
+    # float8_e4m3fn CPU kernel ("mul_cpu_reduced_float" not implemented); the schemas declare no
+    # mutation, and test_schema runs on nvfp4_quantize (float8 outputs only) in test_nvfp4_quantize.
     utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     for dt, bi in ((torch.bfloat16, bias), (torch.float32, None)):
         torch.library.opcheck(ops.nvfp4_gemm, (a.data, a.scales, a.global_scale, b.data, b.scales,
                                                b.global_scale, dt, bi), test_utils=utils)
-    opcheck(ops.nvfp4_swizzle_scales, (a.scales.view(torch.uint8),))
     torch.library.opcheck(ops.nvfp4_swizzle_scales, (a.scales,), test_utils=utils)
 
 
@@ -452,17 +451,19 @@ SWIZZLE_CASES = [  # one tensor argument: its rank and dtype are all that can be
     ("rank1", lambda a: a.update(s=a["s"][0]), SW + r": scales must have 2 dimensions, got shape \(3,\)", "all"),
     ("rank3", lambda a: a.update(s=a["s"][None]), SW + r": scales must have 2 dimensions, got shape \(1, 36, 3\)", "all"),
     ("dtype_float32", lambda a: a.update(s=a["s"].float()),
-     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got float32", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got float32", "all"),
     ("dtype_float16", lambda a: a.update(s=a["s"].half()),
-     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got float16", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got float16", "all"),
     ("dtype_int8", lambda a: a.update(s=a["s"].view(torch.int8)),
-     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got int8", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got int8", "all"),
     ("dtype_int32", lambda a: a.update(s=a["s"].view(torch.uint8).int()),
-     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got int32", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got int32", "all"),
     ("dtype_e5m2", lambda a: a.update(s=a["s"].view(torch.float8_e5m2)),
-     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got float8_e5m2", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got float8_e5m2", "all"),
     ("dtype_bool", lambda a: a.update(s=a["s"].view(torch.uint8).bool()),
-     SW + r": scales must be one of \{float8_e4m3fn, uint8\}, got bool", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got bool", "all"),
+    ("dtype_bytes", lambda a: a.update(s=a["s"].view(torch.uint8)),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got uint8", "all"),
 ]
 
 

@@ -324,7 +324,7 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="global_amax must be finite"):
         quantize(torch.randn(4, 32), global_amax=torch.tensor([float("nan")]))
     q = quantize(torch.randn(4, 32))
-    with pytest.raises(ValueError, match="dtype must be"):
+    with pytest.raises(RuntimeError, match="nvfp4.dequantize: out_dtype must be float32, float16 or bfloat16, got int32"):
         dequantize(q, torch.int32)
     with pytest.raises(RuntimeError, match="scales must have shape"):
         dequantize(NVFP4Tensor(q.data, q.scales[:, :1], q.global_scale))
@@ -416,9 +416,11 @@ def test_opcheck(device):
                  (x, False, False, True, 1, torch.tensor([4.0], device=device), seed_t)]:
         opcheck(torch.ops.nemokernels.nvfp4_quantize.default, args)
     q = quantize(x)
-    for code in (0, 1, 2):
-        opcheck(torch.ops.nemokernels.nvfp4_dequantize.default,
-                (q.data, q.scales.view(torch.uint8), q.global_scale, code))
+    # test_schema left out: its mutation check has no float8_e4m3fn CPU kernel to compare the
+    # scales input with (as for nvfp4_gemm in test_nvfp4_gemm.py).
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        torch.library.opcheck(torch.ops.nemokernels.nvfp4_dequantize.default, (q.data, q.scales, q.global_scale, dtype),
+                              test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -542,11 +544,11 @@ QT_CASES = [  # quantize_t: the public function (there is no separate op: it run
 
 def _dq_args(device):
     q = quantize(torch.randn(4, 32, device=device))
-    return dict(data=q.data, scales=q.scales.view(torch.uint8), gs=q.global_scale, code=2)
+    return dict(data=q.data, scales=q.scales, gs=q.global_scale, dtype=torch.bfloat16)
 
 
 def _dq_call(a):
-    return ops.nvfp4_dequantize(a["data"], a["scales"], a["gs"], a["code"])
+    return ops.nvfp4_dequantize(a["data"], a["scales"], a["gs"], a["dtype"])
 
 
 DQ = r"nvfp4\.dequantize"
@@ -556,8 +558,10 @@ DEQUANT_CASES = [
     ("data_dtype", lambda a: a.update(data=a["data"].view(torch.int8)),
      DQ + r": data must be one of \{uint8\}, got int8", "all"),
     ("scales_rank", lambda a: a.update(scales=a["scales"][None]), DQ + r": scales must have 2 dimensions", "all"),
-    ("scales_dtype", lambda a: a.update(scales=a["scales"].float()), DQ + r": scales must be one of \{uint8\}, got float32",
-     "all"),
+    ("scales_dtype", lambda a: a.update(scales=a["scales"].float()),
+     DQ + r": scales must be one of \{float8_e4m3fn\}, got float32", "all"),
+    ("scales_bytes", lambda a: a.update(scales=a["scales"].view(torch.uint8)),
+     DQ + r": scales must be one of \{float8_e4m3fn\}, got uint8", "all"),
     ("scales_rows", lambda a: a.update(scales=a["scales"][:3]),
      DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(3, 2\)", "all"),
     ("scales_cols", lambda a: a.update(scales=a["scales"][:, :1]),
@@ -568,9 +572,9 @@ DEQUANT_CASES = [
      DQ + r": global_scale must hold exactly one element, got shape \(2,\)", "all"),
     ("global_dtype", lambda a: a.update(gs=a["gs"].double()), DQ + r": global_scale must be one of \{float32\}, got float64",
      "all"),
-    ("out_dtype_code", lambda a: a.update(code=3),
-     DQ + r": dtype must be float32, float16 or bfloat16 \(code 0..2\), got code 3", "all"),
-    ("out_dtype_negative", lambda a: a.update(code=-1), DQ + r": dtype must be .*got code -1", "all"),
+    ("out_dtype_int", lambda a: a.update(dtype=torch.int32),
+     DQ + r": out_dtype must be float32, float16 or bfloat16, got int32", "all"),
+    ("out_dtype_double", lambda a: a.update(dtype=torch.float64), DQ + r": out_dtype must be .*got float64", "all"),
     ("scales_device", lambda a: a.update(scales=a["scales"].cpu()),
      DQ + r": scales is on cpu but data is on cuda:\d+; all tensors must be on one device", "cuda"),
     ("global_device", lambda a: a.update(gs=a["gs"].cpu()),
