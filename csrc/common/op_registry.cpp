@@ -1,8 +1,6 @@
-// The namespace `nemokernels` and the derived op list (op_registry.h). The schemas themselves
-// are defined by each family in csrc/<family>/<family>_ops.cpp (STABLE_TORCH_LIBRARY_FRAGMENT).
-#include "common/op_registry.h"
-
-#include <torch/csrc/stable/library.h>
+// The namespace `nemokernels`, the derived op list (op_registry.h) and the registration helpers
+// (family_ops.h). The schemas themselves are in each family's csrc/<family>/<family>_ops.cpp.
+#include "common/family_ops.h"
 
 #include <stdexcept>
 
@@ -15,12 +13,24 @@ std::vector<std::pair<std::string, std::string>>& registry() {
 }
 }  // namespace
 
-const char* family_op(const char* family, const char* schema) {
+std::string schema_op_name(const char* schema) {
   const std::string s(schema);
   const auto paren = s.find('(');
   if (paren == std::string::npos || paren == 0) throw std::logic_error("nemokernels: malformed schema: " + s);
-  registry().emplace_back(s.substr(0, paren), family);
-  return schema;
+  return s.substr(0, paren);
+}
+
+void file_op(const std::string& op, const char* family) { registry().emplace_back(op, family); }
+
+void define_ops(torch::stable::detail::StableLibrary& m, const char* family, const OpDef* ops, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    m.def(ops[i].schema);
+    file_op(schema_op_name(ops[i].schema), family);
+  }
+}
+
+void impl_ops(torch::stable::detail::StableLibrary& m, const OpDef* ops, size_t n) {
+  for (size_t i = 0; i < n; ++i) m.impl(schema_op_name(ops[i].schema).c_str(), ops[i].kernel);
 }
 
 const std::vector<std::pair<std::string, std::string>>& op_families() { return registry(); }

@@ -1,6 +1,6 @@
 // The op list, derived rather than kept by hand: each family's csrc/<family>/<family>_ops.cpp
-// defines its schemas through nk::family_op, which files the op under the family, and
-// _C.op_families() reads the list back. Torch-free, so csrc/module.cpp can include it.
+// defines its schemas through NK_REGISTER_FAMILY (family_ops.h), which files every op under its
+// family here, and _C.op_families() reads the list back. Torch-free, so csrc/module.cpp can use it.
 #pragma once
 
 #include <string>
@@ -9,21 +9,13 @@
 
 namespace nk {
 
-// Files the op named by `schema` ("name(args) -> ret") under `family` and returns `schema`,
-// for use as m.def(family_op("ssd", "causal_conv1d_fwd(...) -> ...")).
-const char* family_op(const char* family, const char* schema);
+// The op name of `schema` ("name(args) -> ret"); throws on a malformed schema.
+std::string schema_op_name(const char* schema);
+// Files `op` under `family`.
+void file_op(const std::string& op, const char* family);
 
 // (op, family) for every op defined so far (every op, once _C is loaded), in definition order.
 const std::vector<std::pair<std::string, std::string>>& op_families();
 
 }  // namespace nk
 
-// In <family>_ops.cpp: registers `impls(m)` (the family's m.impl calls) for the CPU key and, in
-// CUDA builds only, the CUDA key (every entry routes by its inputs' device).
-#ifdef NK_WITH_CUDA
-#define NK_FAMILY_KERNELS(impls)                                  \
-  STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { impls(m); }    \
-  STABLE_TORCH_LIBRARY_IMPL(nemokernels, CUDA, m) { impls(m); }
-#else
-#define NK_FAMILY_KERNELS(impls) STABLE_TORCH_LIBRARY_IMPL(nemokernels, CPU, m) { impls(m); }
-#endif

@@ -1,20 +1,13 @@
 // The moe family's ops: the LatentMoE router, the permutation plan, gather, combine and the
 // grouped GEMM over experts. Schemas and kernel registration; the entries (in this folder)
 // check inputs and route by device. Fakes and autograd: nemokernels/moe/.
-#include <torch/csrc/stable/library.h>
-
 #include <optional>
 #include <string>
 #include <tuple>
 
-#include "common/check.h"
-#include "common/op_registry.h"
+#include "common/family_ops.h"
 
 namespace nk {
-namespace {
-constexpr const char* kFamily = "moe";
-}  // namespace
-
 // Entries, defined in this folder.
 std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, const std::string& activation,
                                              bool save_preact);
@@ -34,55 +27,50 @@ std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_
                                            std::optional<Tensor> topk_weights, int64_t top_k,
                                            bool return_dweights);
 
-namespace {
-void register_kernels(torch::stable::detail::StableLibrary& m) {
-  m.impl("grouped_gemm_fwd", TORCH_BOX(&grouped_gemm_fwd));
-  m.impl("grouped_gemm_dgrad", TORCH_BOX(&grouped_gemm_dgrad));
-  m.impl("grouped_gemm_wgrad", TORCH_BOX(&grouped_gemm_wgrad));
-  m.impl("moe_router", TORCH_BOX(&moe_router));
-  m.impl("moe_router_bwd", TORCH_BOX(&moe_router_bwd));
-  m.impl("moe_permute_plan", TORCH_BOX(&moe_permute_plan));
-  m.impl("moe_gather", TORCH_BOX(&moe_gather));
-  m.impl("moe_gather_bwd", TORCH_BOX(&moe_gather_bwd));
-  m.impl("moe_combine", TORCH_BOX(&moe_combine));
-  m.impl("moe_combine_bwd", TORCH_BOX(&moe_combine_bwd));
-}
-}  // namespace
-}  // namespace nk
-
-STABLE_TORCH_LIBRARY_FRAGMENT(nemokernels, m) {
-  using nk::family_op;
-  using nk::kFamily;
+// Schemas (with what the shapes and dtypes mean) and the kernel of each.
+const OpDef kOps[] = {
   // ---- moe: grouped GEMM over experts ---------------------------------------------------
   // a (R, K), w (E, N, K), expert_offsets (E + 1,) int32 (rows [off[e], off[e+1]) use w[e]);
   // activation "none" or "relu2". out (R, N) = act(a @ w[e]^T); preact (R, N) is the
   // pre-activation when activation is relu2 and save_preact, else (0, N).
-  m.def(family_op(kFamily, "grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, str activation, bool save_preact) "
-        "-> (Tensor out, Tensor preact)"));
+  {"grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_offsets, str activation, bool save_preact) "
+   "-> (Tensor out, Tensor preact)",
+   TORCH_BOX(&grouped_gemm_fwd)},
   // da (R, K) = g @ w[e]; g = dout, or dout * 2 * relu(preact) (the relu2 backward) when given.
-  m.def(family_op(kFamily, "grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, Tensor? preact) -> Tensor"));
+  {"grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, Tensor? preact) -> Tensor",
+   TORCH_BOX(&grouped_gemm_dgrad)},
   // dw (E, N, K): dw[e] = g[seg_e]^T a[seg_e], zero for empty experts; E = len(offsets) - 1.
-  m.def(family_op(kFamily, "grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, Tensor? preact) -> Tensor"));
+  {"grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, Tensor? preact) -> Tensor",
+   TORCH_BOX(&grouped_gemm_wgrad)},
   // ---- moe: LatentMoE dispatch (router, permutation plan, gather, combine) ---------------
   // logits (T, E) float32 -> topk_ids (T, k) int32, topk_weights (T, k) float32 (descending
   // choice score, ties to the lower index), in the order nemokernels.moe.moe_router returns
   // them. dlogits is (T, E) float32.
-  m.def(family_op(kFamily, "moe_router(Tensor logits, Tensor? e_score_correction_bias, int top_k, int n_group, int topk_group, "
-        "bool norm_topk_prob, float routed_scaling_factor) -> (Tensor topk_ids, Tensor topk_weights)"));
-  m.def(family_op(kFamily, "moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob, "
-        "float routed_scaling_factor) -> Tensor"));
+  {"moe_router(Tensor logits, Tensor? e_score_correction_bias, int top_k, int n_group, int topk_group, "
+   "bool norm_topk_prob, float routed_scaling_factor) -> (Tensor topk_ids, Tensor topk_weights)",
+   TORCH_BOX(&moe_router)},
+  {"moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm_topk_prob, "
+   "float routed_scaling_factor) -> Tensor",
+   TORCH_BOX(&moe_router_bwd)},
   // Plan of topk_ids (T, k) int32: expert_counts (E,), expert_offsets (E+1,), row_of_slot (T*k,),
   // slot_of_row (R,) with the static R = T*k + E*(pad_to-1), all int32.
-  m.def(family_op(kFamily, "moe_permute_plan(Tensor topk_ids, int num_experts, int pad_to) "
-        "-> (Tensor expert_counts, Tensor expert_offsets, Tensor row_of_slot, Tensor slot_of_row)"));
+  {"moe_permute_plan(Tensor topk_ids, int num_experts, int pad_to) "
+   "-> (Tensor expert_counts, Tensor expert_offsets, Tensor row_of_slot, Tensor slot_of_row)",
+   TORCH_BOX(&moe_permute_plan)},
   // Both maps go in: gather reads slot_of_row, its backward row_of_slot (and the combine the
   // other way round), so each op's autograd has what its backward op needs.
-  m.def(family_op(kFamily, "moe_gather(Tensor x, Tensor slot_of_row, Tensor row_of_slot, int top_k) -> Tensor"));
-  m.def(family_op(kFamily, "moe_gather_bwd(Tensor dxs, Tensor row_of_slot, int top_k) -> Tensor"));
-  m.def(family_op(kFamily, "moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, int top_k) -> Tensor"));
+  {"moe_gather(Tensor x, Tensor slot_of_row, Tensor row_of_slot, int top_k) -> Tensor",
+   TORCH_BOX(&moe_gather)},
+  {"moe_gather_bwd(Tensor dxs, Tensor row_of_slot, int top_k) -> Tensor",
+   TORCH_BOX(&moe_gather_bwd)},
+  {"moe_combine(Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, int top_k) -> Tensor",
+   TORCH_BOX(&moe_combine)},
   // dweights is (0, k) unless return_dweights.
-  m.def(family_op(kFamily, "moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, "
-        "int top_k, bool return_dweights) -> (Tensor dy, Tensor dweights)"));
-}
+  {"moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_slot, Tensor slot_of_row, Tensor? topk_weights, "
+   "int top_k, bool return_dweights) -> (Tensor dy, Tensor dweights)",
+   TORCH_BOX(&moe_combine_bwd)},
+};
 
-NK_FAMILY_KERNELS(nk::register_kernels)
+}  // namespace nk
+
+NK_REGISTER_FAMILY("moe", nk::kOps)

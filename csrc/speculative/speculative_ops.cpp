@@ -1,19 +1,12 @@
 // The speculative family's ops: MTP verification (greedy, rejection sampling, trees) and the
 // fused sampling transform. Schemas and kernel registration; the entries (verify.cpp) check
 // inputs and route by device. Fakes: nemokernels/speculative/verify.py.
-#include <torch/csrc/stable/library.h>
-
 #include <optional>
 #include <tuple>
 
-#include "common/check.h"
-#include "common/op_registry.h"
+#include "common/family_ops.h"
 
 namespace nk {
-namespace {
-constexpr const char* kFamily = "speculative";
-}  // namespace
-
 // Entries, defined in this folder.
 std::tuple<Tensor, Tensor> spec_verify_greedy(Tensor draft_token_ids, Tensor target_logits,
                                               std::optional<Tensor> num_draft_tokens);
@@ -30,39 +23,33 @@ Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, dou
                            std::optional<Tensor> top_k, int64_t top_k_value, std::optional<Tensor> top_p,
                            double top_p_value, std::optional<Tensor> min_p, double min_p_value);
 
-namespace {
-void register_kernels(torch::stable::detail::StableLibrary& m) {
-  m.impl("verify_greedy", TORCH_BOX(&spec_verify_greedy));
-  m.impl("rejection_sample", TORCH_BOX(&spec_rejection_sample));
-  m.impl("verify_tree_greedy", TORCH_BOX(&spec_verify_tree_greedy));
-  m.impl("verify_tree_rejection", TORCH_BOX(&spec_verify_tree_rejection));
-  m.impl("sampling_probs", TORCH_BOX(&spec_sampling_probs));
-}
-}  // namespace
-}  // namespace nk
-
-STABLE_TORCH_LIBRARY_FRAGMENT(nemokernels, m) {
-  using nk::family_op;
-  using nk::kFamily;
+// Schemas (with what the shapes and dtypes mean) and the kernel of each.
+const OpDef kOps[] = {
   // ---- spec: MTP verification and the fused sampling transform ---------------------------
   // Outputs: output_token_ids (B, k+1) int64 padded with -1, num_accepted (B,) int64 (accepted
   // drafts; num_accepted + 1 tokens are emitted). Random numbers: Philox keyed by the int64 in
   // seed_tensor (read on the device, no host sync) or by `seed` when seed_tensor is None.
-  m.def(family_op(kFamily, "verify_greedy(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens) "
-        "-> (Tensor output_token_ids, Tensor num_accepted)"));
-  m.def(family_op(kFamily, "rejection_sample(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, "
-        "Tensor? num_draft_tokens, Tensor? seed_tensor, int seed) "
-        "-> (Tensor output_token_ids, Tensor num_accepted)"));
+  {"verify_greedy(Tensor draft_token_ids, Tensor target_logits, Tensor? num_draft_tokens) "
+   "-> (Tensor output_token_ids, Tensor num_accepted)",
+   TORCH_BOX(&spec_verify_greedy)},
+  {"rejection_sample(Tensor draft_token_ids, Tensor? draft_probs, Tensor target_probs, "
+   "Tensor? num_draft_tokens, Tensor? seed_tensor, int seed) "
+   "-> (Tensor output_token_ids, Tensor num_accepted)",
+   TORCH_BOX(&spec_rejection_sample)},
   // Trees: node 0 is the root; outputs (B, max_depth+1) padded with -1.
-  m.def(family_op(kFamily, "verify_tree_greedy(Tensor candidate_ids, Tensor parents, Tensor target_logits, int max_depth) "
-        "-> (Tensor output_token_ids, Tensor accepted_node_indices, Tensor num_accepted)"));
-  m.def(family_op(kFamily, "verify_tree_rejection(Tensor candidate_ids, Tensor parents, Tensor draft_probs, Tensor target_probs, "
-        "int max_depth, Tensor? seed_tensor, int seed) "
-        "-> (Tensor output_token_ids, Tensor accepted_node_indices, Tensor num_accepted)"));
+  {"verify_tree_greedy(Tensor candidate_ids, Tensor parents, Tensor target_logits, int max_depth) "
+   "-> (Tensor output_token_ids, Tensor accepted_node_indices, Tensor num_accepted)",
+   TORCH_BOX(&spec_verify_tree_greedy)},
+  {"verify_tree_rejection(Tensor candidate_ids, Tensor parents, Tensor draft_probs, Tensor target_probs, "
+   "int max_depth, Tensor? seed_tensor, int seed) "
+   "-> (Tensor output_token_ids, Tensor accepted_node_indices, Tensor num_accepted)",
+   TORCH_BOX(&spec_verify_tree_rejection)},
   // Per-request tensors (B,) override the scalar values; probs float32 shaped like logits.
-  m.def(family_op(kFamily, "sampling_probs(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
-        "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor"));
+  {"sampling_probs(Tensor logits, Tensor? temperature, float temperature_value, Tensor? top_k, "
+   "int top_k_value, Tensor? top_p, float top_p_value, Tensor? min_p, float min_p_value) -> Tensor",
+   TORCH_BOX(&spec_sampling_probs)},
+};
 
-}
+}  // namespace nk
 
-NK_FAMILY_KERNELS(nk::register_kernels)
+NK_REGISTER_FAMILY("speculative", nk::kOps)

@@ -1,19 +1,12 @@
 // The ssd family's ops: causal conv1d, the chunked selective scan (mamba_chunk_scan_combined),
 // the decode state updates and the gated RMSNorm. Schemas and kernel registration; the entries
 // (in this folder) check inputs and route by device. Fakes and autograd: nemokernels/ssd/.
-#include <torch/csrc/stable/library.h>
-
 #include <optional>
 #include <tuple>
 
-#include "common/check.h"
-#include "common/op_registry.h"
+#include "common/family_ops.h"
 
 namespace nk {
-namespace {
-constexpr const char* kFamily = "ssd";
-}  // namespace
-
 // Entries, defined in this folder.
 std::tuple<Tensor, Tensor> causal_conv1d_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
                                              std::optional<Tensor> seq_idx,
@@ -51,72 +44,66 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
     Tensor dout, Tensor x, Tensor weight, std::optional<Tensor> bias, std::optional<Tensor> z,
     Tensor rstd, int64_t group_size, bool norm_before_gate);
 
-namespace {
-void register_kernels(torch::stable::detail::StableLibrary& m) {
-  m.impl("causal_conv1d_fwd", TORCH_BOX(&causal_conv1d_fwd));
-  m.impl("causal_conv1d_bwd", TORCH_BOX(&causal_conv1d_bwd));
-  m.impl("causal_conv1d_update", TORCH_BOX(&causal_conv1d_update));
-  m.impl("ssd_chunk_scan_fwd", TORCH_BOX(&ssd_chunk_scan_fwd));
-  m.impl("ssd_chunk_scan_bwd", TORCH_BOX(&ssd_chunk_scan_bwd));
-  m.impl("selective_state_update", TORCH_BOX(&selective_state_update));
-  m.impl("selective_state_update_multi", TORCH_BOX(&selective_state_update_multi));
-  m.impl("rmsnorm_gated_fwd", TORCH_BOX(&rmsnorm_gated_fwd));
-  m.impl("rmsnorm_gated_bwd", TORCH_BOX(&rmsnorm_gated_bwd));
-}
-}  // namespace
-}  // namespace nk
-
-STABLE_TORCH_LIBRARY_FRAGMENT(nemokernels, m) {
-  using nk::family_op;
-  using nk::kFamily;
+// Schemas (with what the shapes and dtypes mean) and the kernel of each.
+const OpDef kOps[] = {
   // ---- ssd: causal conv1d --------------------------------------------------------------
   // final_states is (0, dim, width-1) unless return_final_states.
-  m.def(family_op(kFamily, "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, "
-        "Tensor? initial_states, bool return_final_states, bool silu) -> (Tensor out, Tensor final_states)"));
+  {"causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, "
+   "Tensor? initial_states, bool return_final_states, bool silu) -> (Tensor out, Tensor final_states)",
+   TORCH_BOX(&causal_conv1d_fwd)},
   // dbias is (0,) without bias; dinitial_states is (0, dim, width-1) unless asked for.
-  m.def(family_op(kFamily, "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor dout, Tensor? seq_idx, "
-        "Tensor? initial_states, Tensor? dfinal_states, bool return_dinitial_states, bool silu) "
-        "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)"));
-  m.def(family_op(kFamily, "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
-        "bool silu, Tensor? conv_state_indices) -> Tensor"));
+  {"causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor dout, Tensor? seq_idx, "
+   "Tensor? initial_states, Tensor? dfinal_states, bool return_dinitial_states, bool silu) "
+   "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)",
+   TORCH_BOX(&causal_conv1d_bwd)},
+  {"causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+   "bool silu, Tensor? conv_state_indices) -> Tensor",
+   TORCH_BOX(&causal_conv1d_update)},
 
   // ---- ssd: chunked selective scan (mamba_chunk_scan_combined) ----------------------------
   // y_pre (the output before the z gate, kept for the backward) is (0, L, H, P) unless z is
   // given and save_y_pre; final_states (b, H, P, N) / varlen_states (nseq, H, P, N) are
   // float32 and have a zero leading dim unless asked for.
-  m.def(family_op(kFamily, "ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
-        "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, "
-        "Tensor? cu_seqlens, bool dt_softplus, float dt_min, float dt_max, bool return_final_states, "
-        "bool return_varlen_states, bool save_y_pre) "
-        "-> (Tensor y, Tensor y_pre, Tensor final_states, Tensor varlen_states)"));
+  {"ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
+   "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, "
+   "Tensor? cu_seqlens, bool dt_softplus, float dt_min, float dt_max, bool return_final_states, "
+   "bool return_varlen_states, bool save_y_pre) "
+   "-> (Tensor y, Tensor y_pre, Tensor final_states, Tensor varlen_states)",
+   TORCH_BOX(&ssd_chunk_scan_fwd)},
   // Gradients in the dtypes of their inputs; dD/dz/ddt_bias/dinitial_states are empty when
   // the input is absent (or not asked for).
-  m.def(family_op(kFamily, "ssd_chunk_scan_bwd(Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-        "int chunk_size, Tensor? D, Tensor? z, Tensor? y_pre, Tensor? dt_bias, Tensor? initial_states, "
-        "Tensor? seq_idx, Tensor? dfinal_states, bool dt_softplus, float dt_min, float dt_max, "
-        "bool return_dinitial_states) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
-        "Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)"));
+  {"ssd_chunk_scan_bwd(Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+   "int chunk_size, Tensor? D, Tensor? z, Tensor? y_pre, Tensor? dt_bias, Tensor? initial_states, "
+   "Tensor? seq_idx, Tensor? dfinal_states, bool dt_softplus, float dt_min, float dt_max, "
+   "bool return_dinitial_states) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
+   "Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)",
+   TORCH_BOX(&ssd_chunk_scan_bwd)},
 
   // ---- ssd: decode state updates ---------------------------------------------------------
   // One token, state updated in place; returns out shaped like x.
-  m.def(family_op(kFamily, "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor"));
+  {"selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+   "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor",
+   TORCH_BOX(&selective_state_update)},
   // T tokens from state (not modified); the state after every token goes to
   // intermediate_states (b, T, ...) when given. Returns out (b, T, ...).
-  m.def(family_op(kFamily, "selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
-        "Tensor(a!)? intermediate_states) -> Tensor"));
+  {"selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+   "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
+   "Tensor(a!)? intermediate_states) -> Tensor",
+   TORCH_BOX(&selective_state_update_multi)},
 
   // ---- ssd: gated RMSNorm -----------------------------------------------------------------
   // x (..., D); group_size divides D; rstd (x.shape[:-1] + (D / group_size,)) float32 is saved
   // for the backward.
-  m.def(family_op(kFamily, "rmsnorm_gated_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, "
-        "int group_size, bool norm_before_gate) -> (Tensor out, Tensor rstd)"));
+  {"rmsnorm_gated_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, "
+   "int group_size, bool norm_before_gate) -> (Tensor out, Tensor rstd)",
+   TORCH_BOX(&rmsnorm_gated_fwd)},
   // dbias is (0,) float32 without bias; dz is (0,) without z.
-  m.def(family_op(kFamily, "rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, "
-        "Tensor rstd, int group_size, bool norm_before_gate) "
-        "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)"));
+  {"rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, "
+   "Tensor rstd, int group_size, bool norm_before_gate) "
+   "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)",
+   TORCH_BOX(&rmsnorm_gated_bwd)},
+};
 
-}
+}  // namespace nk
 
-NK_FAMILY_KERNELS(nk::register_kernels)
+NK_REGISTER_FAMILY("ssd", nk::kOps)
