@@ -90,8 +90,8 @@ struct GroupedGemm {
       typename KindLayouts<KIND>::B*, 8, float, typename Traits::Tile, typename Traits::Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename EpiOp::SharedStorage))>,
       typename Traits::KernelSchedule>::CollectiveOp;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<
-      cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>, MainOp, EpiOp>>;
+  using Problem = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<Problem, MainOp, EpiOp>>;
 };
 
 inline int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
