@@ -91,7 +91,8 @@ struct GroupedGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename EpiOp::SharedStorage))>,
       typename Traits::KernelSchedule>::CollectiveOp;
   using Problem = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<Problem, MainOp, EpiOp>>;
+  using Gemm =
+      cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<Problem, MainOp, EpiOp>>;
 };
 
 inline int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
