@@ -1,15 +1,12 @@
-// The CUTLASS 3.x pointer-array grouped GEMM runner shared by grouped_gemm_sm90.cu (wgmma/TMA)
-// and grouped_gemm_sm100.cu (tcgen05): per-expert problem shapes, operand pointers and strides
-// are built ON THE DEVICE by a tiny kernel from expert_offsets (host problem shapes are null),
-// the CUTLASS workspace and those arrays live in one torch-allocated buffer, and everything
-// runs on the caller's stream, so the call never waits on the host and can be graph-captured.
-//
-// One op = one GEMM kind (A/B/D layouts fixed per kind, see kinds below); per expert e with
-// segment rows [lo, hi) (clamped as in grouped_gemm.h) and m = hi - lo:
+// The CUTLASS 3.x pointer-array grouped GEMM shared by the per-arch units (*_sm90.cu: wgmma/TMA,
+// *_sm100.cu: tcgen05): one traits struct per arch (Sm90Traits / Sm100Traits) and one template
+// GroupedGemm<Traits, KIND>. Per-expert shapes, pointers and strides are built ON THE DEVICE from
+// expert_offsets (host problem shapes are null) in one torch-allocated workspace, all on the
+// caller's stream (no host wait, graph-capturable). Per expert e, rows [lo, hi), m = hi - lo:
 //   fwd   (TN): D[lo:hi] (m x N)  = A[lo:hi] (m x K, row-major) * w[e]^T (w[e] N x K row-major)
 //   dgrad (NN): D[lo:hi] (m x K)  = G[lo:hi] (m x N, row-major) * w[e]   (N x K row-major)
 //   wgrad (NT): D[e]     (N x K)  = G[lo:hi]^T (N x m: column-major A) * a[lo:hi] (m x K row-major)
-// A group with nothing to do gets M = 0 (no tiles). Strides are packed for every group.
+// A group with nothing to do gets M = 0 (no tiles). One heavy instantiation per unit (build memory).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,8 +18,11 @@
 #include "common/cuda_utils.cuh"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/kernel_hardware_info.h"
 #include "cutlass/util/packed_stride.hpp"
 #include "moe/grouped_gemm.h"
@@ -39,6 +39,61 @@ namespace nk {
 namespace gg_cutlass {
 
 enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
+
+// Per-arch choices (the pattern of CUTLASS example 75's MMA1SMConfig): bf16 in and out, float
+// accumulation, 128 x 128 x 64 tiles, a static 1x1x1 cluster on both archs.
+struct Sm90Traits {  // TMA warp-specialized cooperative wgmma
+  using Arch = cutlass::arch::Sm90;
+  using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+struct Sm100Traits {  // tcgen05 1-SM MMA, accumulators in tensor memory
+  using Arch = cutlass::arch::Sm100;
+  using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecialized1SmSm100;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecialized1Sm;
+};
+
+// A / B layouts of a kind (D is always row-major): fwd TN, dgrad NN, wgrad NT (A column-major).
+template <int KIND>
+struct KindLayouts {
+  using A = cutlass::layout::RowMajor;
+  using B = cutlass::layout::RowMajor;
+};
+template <>
+struct KindLayouts<kFwd> {
+  using A = cutlass::layout::RowMajor;
+  using B = cutlass::layout::ColumnMajor;
+};
+template <>
+struct KindLayouts<kWgrad> {
+  using A = cutlass::layout::ColumnMajor;
+  using B = cutlass::layout::RowMajor;
+};
+
+// The CUTLASS device GEMM of one arch and kind. The member names avoid CollectiveEpilogue /
+// CollectiveMainloop: GCC (the host pass) mis-resolves such an alias inside a class template
+// against CUTLASS's own templates of those names.
+template <class Traits, int KIND>
+struct GroupedGemm {
+  using Bf16 = cutlass::bfloat16_t;
+  using EpiOp = typename cutlass::epilogue::collective::CollectiveBuilder<
+      typename Traits::Arch, cutlass::arch::OpClassTensorOp, typename Traits::Tile, typename Traits::Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, 8, Bf16,
+      cutlass::layout::RowMajor*, 8, typename Traits::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Bf16, float, void, float>>::CollectiveOp;
+  using MainOp = typename cutlass::gemm::collective::CollectiveBuilder<
+      typename Traits::Arch, cutlass::arch::OpClassTensorOp, Bf16, typename KindLayouts<KIND>::A*, 8, Bf16,
+      typename KindLayouts<KIND>::B*, 8, float, typename Traits::Tile, typename Traits::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename EpiOp::SharedStorage))>,
+      typename Traits::KernelSchedule>::CollectiveOp;
+  using Problem = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+  using Gemm =
+      cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<Problem, MainOp, EpiOp>>;
+};
 
 inline int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
@@ -174,6 +229,28 @@ void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void
   st = gemm.run(stream);
   NK_CHECK_CUTLASS(st, "run");
   NK_CUDA_LAUNCH_CHECK();
+}
+
+// The entry points of the per-arch units: fwd / dgrad (kind picks) and wgrad, each its own unit.
+template <class Traits>
+int64_t fwd_dgrad_workspace(int64_t E, int kind) {
+  return kind == kFwd ? workspace_bytes<typename GroupedGemm<Traits, kFwd>::Gemm>(E)
+                      : workspace_bytes<typename GroupedGemm<Traits, kDgrad>::Gemm>(E);
+}
+template <class Traits>
+void fwd_dgrad_run(const GroupedGemmParams& p, int kind, const void* A, const void* B, void* D, void* workspace,
+                   void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  if (kind == kFwd) run<typename GroupedGemm<Traits, kFwd>::Gemm, kFwd>(p, A, B, D, workspace, s);
+  else run<typename GroupedGemm<Traits, kDgrad>::Gemm, kDgrad>(p, A, B, D, workspace, s);
+}
+template <class Traits>
+int64_t wgrad_workspace(int64_t E) {
+  return workspace_bytes<typename GroupedGemm<Traits, kWgrad>::Gemm>(E);
+}
+template <class Traits>
+void wgrad_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void* workspace, void* stream) {
+  run<typename GroupedGemm<Traits, kWgrad>::Gemm, kWgrad>(p, G, A, D, workspace, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace gg_cutlass
