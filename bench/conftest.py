@@ -14,7 +14,7 @@ from nemokernels.benchmark.harness import choose_rotate
 
 def pytest_addoption(parser):
     parser.addoption("--bench-full", action="store_true",
-                     help="all SHAPES.md points (default: the `nemokernels bench --quick` subset)")
+                     help="all the points of docs/design.md section 7 (default: the `nemokernels bench --quick` subset)")
 
 
 def pytest_collect_file(file_path, parent):

@@ -5,13 +5,7 @@ per CPU process with gloo.
     torchrun --nproc_per_node 8 examples/train_distributed.py --size small --steps 200
     torchrun --nproc_per_node 2 examples/train_distributed.py --device cpu --steps 20   # CPU, gloo
 
-Data: byte-level tokens from the Python standard library's source (as `nemokernels demo`); each
-rank draws its own batches. The model is built from the same seed on every rank (or loaded with
---checkpoint-dir), then `nemokernels.distributed.parallelize` shards it. Rank 0 prints the loss
-(averaged over ranks) and tokens/s summed over ranks, and saves an unsharded checkpoint with
---save-dir. Training runs inside train(), so that the model and optimizer (which hold the process
-group) are gone when `nemokernels.distributed.shutdown` destroys it at the end.
-"""
+Details: docs/distributed.md, section `examples/train_distributed.py`."""
 import argparse
 import math
 import os

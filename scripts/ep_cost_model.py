@@ -10,7 +10,7 @@ Model (per MoE layer, per GPU, one direction; the combine moves the same bytes b
 """
 from math import comb
 
-D, LATENT, F, E, K, SHARED_F = 4096, 1024, 2688, 512, 22, 5376   # SHAPES.md, Super
+D, LATENT, F, E, K, SHARED_F = 4096, 1024, 2688, 512, 22, 5376   # docs/design.md section 7, Super
 BYTES = 2                                                        # bf16 activations
 TOKENS = 4096                                                    # tokens per GPU per step
 LINKS = {"NVLink 4 (H100, 450 GB/s)": 450e9, "NVLink 5 (B200, 900 GB/s)": 900e9,

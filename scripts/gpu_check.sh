@@ -7,12 +7,7 @@
 #   3. benchmarks of the ops the open issues target against the peers (mamba_ssm's Triton
 #      kernels from .peers/mamba): event, GPU (summed kernels) and wall time
 #   4. torch.profiler per-kernel breakdown of the slowest ops, ours and the peer's
-#   5. compute-sanitizer memcheck + racecheck over the racecheck-marked GPU tests
-#   6. the torch.compile GPU tests
-#   7. Nsight Compute (ncu) sections for the SSD kernels and the memory-bound kernels
-#   8. the rest of the benchmarks (quick shapes)
-# Output in ${OUT:-gpu-check-out}/ (at most 8 files come back from a lent machine):
-#   summary.txt, gpu-check.log, bench-targets.json, bench-rest.json, profile.txt, ncu.txt
+# Details: docs/testing.md, section `scripts/gpu_check.sh`.
 set -u
 cd "$(dirname "$0")/.."
 

@@ -1,20 +1,7 @@
 #!/usr/bin/env python3
 """Mutation check: does the test suite catch realistic kernel bugs?
 
-Each mutant is one deliberate bug (an off-by-one at a chunk or tile edge, a missing barrier, a
-wrong group index, a dropped scale, a swapped stride, a skipped tail) in one family's CPU or
-CUDA kernel. For each, in a copy of the tracked sources: apply it, rebuild what it touches
-(CPU kernels: the extension, CPU-only; CUDA kernels run under the CPU emulation of CUDA, which
-compiles them from the copy's sources inside the tests), run the tests that should catch it,
-restore. A mutant is caught when those tests fail; the check fails if any mutant survives, if
-its text is no longer in the source (a stale mutant), or if its tests did not run.
-
-    python scripts/mutation_check.py            # every mutant
-    python scripts/mutation_check.py --list     # the mutants
-    python scripts/mutation_check.py -k ssd     # mutants whose name contains "ssd"
-
-CI runs it after the test suite (.ci/run). Progress and a table go to stdout.
-"""
+Details: docs/testing.md, section `scripts/mutation_check.py`."""
 import argparse
 import os
 import re

@@ -1,18 +1,7 @@
 """Numerical helpers for tests: relative norm error against a float64 reference, tolerances
 per dtype, output poisoning, and torch.library.opcheck.
 
-Tolerances (relative norm error ||out - ref|| / ||ref||, reference in float64):
-  float32  1e-5  fp32 accumulation over a handful to a few thousand terms
-  float16  3e-3  one rounding of inputs and outputs to 11-bit mantissas (2^-11 ~ 5e-4 each)
-  bfloat16 2e-2  one rounding to 8-bit mantissas (2^-8 ~ 4e-3 each), plus the input rounding
-                 propagated through the op
-Ops whose math amplifies rounding (long recurrences) scale these with documented factors.
-
-A relative norm means nothing when the reference itself cancels to (near) zero, as a small
-product can (M = N = 1, K = 16: a sum of 16 signed terms). Products are therefore checked
-element by element against the operands' magnitudes: |out - ref| <= tol * (|A| @ |B|)
-(assert_close_to_product), the bound a floating-point dot product satisfies whatever the sum.
-"""
+Details: docs/testing.md, section `tests/helpers.py`."""
 import importlib.util
 
 import pytest

@@ -274,7 +274,7 @@ def test_labels_ignore_index():
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_training(device):
     """bf16 autocast (the GPU training mode; CPU autocast runs the same bf16 kernels): loss
-    close to float32, every gradient finite (PEER-BUGS: NaN grads in bf16, deep stacks)."""
+    close to float32, every gradient finite (a bug the peer libraries shipped: NaN grads in bf16, deep stacks)."""
     # chunk_size 64: the CUDA SSD kernels take 64, 128 or 256
     m = perturb_(NemotronHForCausalLM(tiny("M*EMM-M", latent=16, mtp=1, chunk_size=64))).to(device)
     ids = torch.randint(0, V, (2, 80), device=device)  # two chunks

@@ -1,6 +1,6 @@
 // Op entry points of the grouped GEMM over experts: argument checks (the one place they
 // live), contiguous copies of strided inputs, output allocation, and dispatch to the CPU or
-// CUDA kernels. Registered in torch_bindings.cpp.
+// CUDA kernels. Registered in moe_ops.cpp.
 //
 // Offsets values (monotone, inside [0, R]) are checked on the CPU only: on CUDA that would
 // need a host synchronisation. The CUDA kernels clamp every segment into [0, R] instead, so

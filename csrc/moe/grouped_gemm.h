@@ -2,20 +2,7 @@
 // Parameter structs shared by the op entry (grouped_gemm.cpp), the CPU kernels
 // (grouped_gemm_cpu.cpp) and the CUDA kernels (grouped_gemm_cuda.cu, _sm90.cu, _sm100.cu).
 // No torch types here, so the CUDA translation units compile without torch headers.
-//
-// Rows of a (R, K) are expert-contiguous: rows [off[e], off[e+1]) belong to expert e, rows
-// outside [off[0], off[E]) to none. With w (E, N, K) (the checkpoint layout):
-//   fwd:   pre[r] = a[r] @ w[e(r)]^T (R, N);  out = pre, or relu(pre)^2 (activation relu2)
-//   dgrad: da[r]  = g[r] @ w[e(r)]     (R, K)   (NN)
-//   wgrad: dw[e]  = g[seg_e]^T a[seg_e] (E, N, K), zero for empty experts
-// where g = dout, or with the relu2 backward fused into the operand load,
-//   g = round_T(dout * 2 * relu(pre))   (pre: the saved pre-activation, in a's dtype).
-// Rows outside every segment come out zero (out, pre, da). All sums in float32 (float64 for
-// float64 inputs on the CPU).
-//
-// Offsets are read on the device. Segment bounds are clamped to [0, R] (lo = clamp(off[e]),
-// hi = clamp(off[e+1], lo, R)), so any offsets are memory-safe; non-monotone offsets give
-// unspecified values on CUDA (the CPU entry rejects them).
+// Details: docs/moe.md, section `csrc/moe/grouped_gemm.h`.
 #pragma once
 
 #include <cstdint>

@@ -5,26 +5,7 @@
 // shapes the arch kernels do not take. This file also picks the path of each call
 // (grouped_gemm_cuda_prepare) and runs the passes around the CUTLASS kernels of
 // grouped_gemm_*sm90.cu / *sm100.cu (zero fills, relu^2, the relu^2 backward operand).
-//
-// Schedule (fwd, dgrad): a tiny one-block kernel turns expert_offsets into per-expert row-tile
-// prefix sums tile_off (E + 1), read on the device, so nothing waits on the host. The grid is
-// static: ceil(R / BM) + E row tiles (an upper bound of sum_e ceil(count_e / BM)) times the
-// column tiles; a block finds its expert by binary search over tile_off and exits when its
-// tile index is past tile_off[E]. Rows outside every segment are zeroed by a grid-stride kernel.
-// wgrad: one block per (N tile, K tile, expert), reducing over the expert's rows in order
-// (no split, no atomics: deterministic); an empty expert's block writes zeros.
-//
-// Tensor-core kernel: 128 x 128 block tile, 32-deep k slices, 8 warps of 64 x 32, operands
-// staged in shared memory in their global order (k-major or m/n-major, picked per operand:
-// wmma row_major / col_major fragments), padded 8 elements per row; 16-byte vector loads
-// when the row stride is a multiple of 8 elements and the base is 16-byte aligned, element
-// loads (zero-filled past the edges) otherwise. The next slice is loaded to registers while
-// the current one is multiplied (two shared buffers, one barrier per slice).
-//
-// Operand roles per op (A is m x k, B is k x n, C is m x n; rows r of a segment):
-//   fwd:   A = a[r][k] (k-major),      B = w[e][n][k] (k-major), C = out[r][n]
-//   dgrad: A = g[r][n] (k-major),      B = w[e][n][k] (n-major), C = da[r][k]
-//   wgrad: A = g[r][n] (m-major, k=r), B = a[r][k]   (n-major), C = dw[e][n][k]
+// Details: docs/moe.md, section `csrc/moe/grouped_gemm_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

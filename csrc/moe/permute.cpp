@@ -1,6 +1,6 @@
 // Op entry points of the MoE permutation plan, gather and combine: argument checks (the one
 // place they live), output allocation, dispatch to the CPU or CUDA kernels. Registered in
-// torch_bindings.cpp. Math and algorithms: permute.h.
+// moe_ops.cpp. Math and algorithms: permute.h.
 #include "moe/permute.h"
 
 #include <limits>

@@ -2,25 +2,7 @@
 // to), the gather of tokens into expert-contiguous rows, and the combine back (un-permute plus
 // routing-weighted sum), with their backwards. Parameter structs shared by the op entries
 // (permute.cpp), the CPU kernels (permute_cpu.cpp) and the CUDA kernels (permute_cuda.cu).
-//
-// Plan, for topk_ids (T, k) with slot s = t*k + j, N = T*k slots, E experts, pad_to P:
-//   counts[e]     = #{s : ids[s] == e}
-//   offsets[e]    = sum_{e' < e} roundup(counts[e'], P),  offsets[E] = rows in use
-//   row_of_slot[s] = offsets[ids[s]] + #{s' < s : ids[s'] == ids[s]}   (stable: slot order)
-//   slot_of_row[r] = s for r = row_of_slot[s], -1 for padding rows;  R = N + E*(P-1) rows
-//                    (a static bound on offsets[E], so no size depends on the data)
-// Algorithm (CPU and CUDA alike, no order-dependent atomics): slots are cut into chunks of
-// kPermChunk; pass 1 counts experts per chunk; pass 2 scans the counts per expert over the
-// chunks (each chunk's base row per expert) and over the experts (offsets); pass 3 walks each
-// chunk in slot order and hands out rows from its bases.
-//
-// Gather: xs[r] = x[slot_of_row[r] / k] (zero row for padding). Its backward:
-//   dx[t] = sum_j dxs[row_of_slot[t*k + j]]   (float32, j order)
-// Combine: out[t] = sum_j w[t, j] * y[row_of_slot[t*k + j]]  (float32, j order; w = 1 without
-// weights). Its backward: dy[r] = w[s] * dout[s / k] (zero on padding rows),
-//   dw[t, j] = dot(dout[t], y[row_of_slot[t*k + j]]).
-// A slot whose row is negative (an out-of-range expert id met on the GPU, where the host cannot
-// raise) is dropped: it is gathered nowhere and adds nothing.
+// Details: docs/moe.md, section `csrc/moe/permute.h`.
 #pragma once
 
 #include <cstdint>

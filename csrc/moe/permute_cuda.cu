@@ -1,23 +1,5 @@
 // CUDA kernels of the MoE permutation plan, gather and combine (math in permute.h).
-//
-// Plan, N = T*k slots in chunks of kPermChunk, one warp per chunk (no order-dependent atomics):
-//   count_kernel   a warp walks its chunk 32 slots at a time; __match_any_sync groups lanes
-//                  with the same expert, the group's lowest lane adds the group size to a
-//                  per-warp histogram in shared memory; the histogram is written as the
-//                  chunk's row of chunk_counts (num_chunks, E).
-//   scan_kernel    per expert, exclusive scan of chunk_counts over chunks (32 experts x 32
-//                  chunk ranges per block) -> each chunk's base row per expert; counts[e].
-//   offsets_kernel one warp: exclusive scan of roundup(counts[e], pad_to) -> offsets.
-//   rank_kernel    a warp walks its chunk again in slot order; lane rank within its expert
-//                  group = popcount(peers below it), row = base + rank, then the group's
-//                  lowest lane advances the base. Stable: rows follow slot order per expert.
-//   slot_of_row is memset to -1 first (padding rows keep it).
-//   small_plan_kernel does all of it in one launch when the slots fit one chunk (decode).
-// Gather:  one warp per permuted row, 16-byte vector copies when rows are aligned.
-// Combine and the gather backward: one block per token, each thread owns a few columns and
-//   accumulates the token's k rows in float32 in j order.
-// Combine backward: dy one warp per row; dweights one warp per (token, j): lane partial dot
-//   products reduced by an xor butterfly (fixed order, deterministic).
+// Details: docs/moe.md, section `csrc/moe/permute_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,5 +1,5 @@
 // Op entry points of the fused MoE router: argument checks (the one place they live), output
-// allocation, dispatch to the CPU or CUDA kernels. Registered in torch_bindings.cpp.
+// allocation, dispatch to the CPU or CUDA kernels. Registered in moe_ops.cpp.
 #include "moe/router.h"
 
 #include <optional>

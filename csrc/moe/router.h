@@ -1,18 +1,7 @@
 // Fused MoE router of Nemotron-H (transformers' NemotronHTopkRouter) after the logits GEMM:
 // parameter structs shared by the op entry (router.cpp), the CPU kernels (router_cpu.cpp)
 // and the CUDA kernels (router_cuda.cu). No torch types here.
-//
-// Per token t, with logits l (E,) float32:
-//   p_e      = sigmoid(l_e)                          (the routing scores)
-//   c_e      = p_e + bias_e                          (choice scores; the bias only steers the choice)
-//   groups   : E experts in n_group consecutive groups of G = E / n_group;
-//              group score = sum of the top-2 c in the group (the top-1 when G == 1);
-//              the topk_group best groups are kept, experts of the others get c = -inf
-//   ids      = the top_k experts by c, in descending order of c, ties to the lower index
-//              (route_key in numerics.cuh: one total order shared by CPU and CUDA)
-//   weights  = route_weight(p_id_j, sum_i p_id_i, norm, scale)
-// Backward (ids are not differentiable): with g = dweights,
-//   dlogits[t, id_j] = route_logit_grad(g_j, p_j, sum p, sum g p), zero elsewhere.
+// Details: docs/moe.md, section `csrc/moe/router.h`.
 #pragma once
 
 #include <cstdint>

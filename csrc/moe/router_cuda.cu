@@ -1,19 +1,5 @@
 // CUDA kernels of the fused MoE router (math in router.h).
-//
-// One warp per token, four tokens per 128-thread block. Lane i owns experts i, i+32, ...:
-//  1. p = sigmoid(logit), c = p + bias into shared memory (coalesced reads of the logits row);
-//  2. n_group > 1: lane g computes group g's score (top-2 sum, scanning its group in shared
-//     memory); topk_group rounds of a warp max over the group keys leave a 32-bit kept mask;
-//  3. every lane keeps the best key (numerics.cuh route_key: choice score, then lower index) of
-//     its experts; top_k rounds of a warp max (xor butterfly, all lanes get the winner) pick the
-//     experts in descending order. Only the winner's lane rescans its experts, for the best
-//     key below the winner: every chosen key is the maximum of what remains, so "below the
-//     last winner" is exactly "not taken yet" and nothing is marked;
-//  4. lane j holds the j-th id; sum of the chosen scores in j order through shuffles (the CPU
-//     kernel's order), weights written by lanes j < top_k.
-// The backward is one warp per token as well: zero the dlogits row, then lane j writes the
-// gradient of its chosen logit. No atomics; the output is bitwise the CPU kernel's up to
-// the device's expf.
+// Details: docs/moe.md, section `csrc/moe/router_cuda.cu`.
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"

@@ -2,7 +2,7 @@
 // output allocation, and routing: CPU -> C++ kernel; a GPU this build has the sm_100 kernels for
 // (nvfp4_gemm_cuda_path) -> CUTLASS block-scaled tcgen05 GEMM when the problem meets its
 // alignment (else the portable kernel); other GPUs -> the portable in-register dequantizing
-// tensor-core kernel. Registered in torch_bindings.cpp.
+// tensor-core kernel. Registered in nvfp4_ops.cpp.
 #include "nvfp4/gemm.h"
 
 #include <cstdint>

@@ -1,14 +1,8 @@
 // NVFP4 block-scaled GEMM: out = alpha * (A_hat @ B_hat^T) + bias, the GEMM of
-// nemokernels.nvfp4.gemm (DESIGN.md section 4.3). Parameter struct shared by the op entry
+// nemokernels.nvfp4.gemm (docs/design.md section 4.3). Parameter struct shared by the op entry
 // (gemm.cpp), the CPU kernel (gemm_cpu.cpp), the portable CUDA kernel (gemm_cuda.cu) and the
 // Blackwell CUTLASS kernel (gemm_sm100.cu). No torch types here.
-//
-// Operands, row-major with K the contiguous (last) dim:
-//   A: codes (M, K/2) uint8, element 2i in the low nibble of byte i; scales (M, K/16) e4m3
-//   B: codes (N, K/2) uint8;                                         scales (N, K/16) e4m3
-//   A_hat[m, k] = e2m1(code) * e4m3(scale[m, k/16])   (exact in float, fp16 and bf16)
-//   alpha = a_global * b_global (two float32 scalars read on the device: no host sync)
-//   out[m, n] = alpha * sum_k A_hat[m, k] B_hat[n, k] + bias[n]   (float32 accumulation)
+// Details: docs/nvfp4.md, section `csrc/nvfp4/gemm.h`.
 #pragma once
 
 #include <cstdint>

@@ -1,21 +1,6 @@
 // Portable NVFP4 GEMM (every arch >= sm_80; the sm_90 path): out = alpha * A_hat @ B_hat^T
 // + bias with A_hat, B_hat dequantized in registers, never in memory.
-//
-// Tiles: a 128x128 output tile per block of 4 warps (2 x 2, 64x64 per warp), K in steps of
-// 64 elements (32 bytes of packed codes and 4 e4m3 scales per row). Packed codes of A and B
-// go global -> shared with cp.async (8-byte chunks, zero-filled past M/N/K), double-buffered;
-// scales are prefetched into registers one tile ahead and stored to shared memory (their rows
-// are K/16 bytes, too small and unaligned for cp.async), out-of-range scales set to 0.
-// Per tile, lane (g = lane/4, t = lane%4) of a warp owns scale block t (elements 16t..16t+15)
-// of each of its rows: it reads the 8 code bytes of that block (one 64-bit shared load per
-// row), decodes them with one byte permute per fp16x2 (gemm_common.cuh), multiplies by the
-// block scale (exact, fp16x2) and feeds mma.sync m16n8k16 (fp16 in, fp32 accumulate). Which
-// element lands in which MMA k slot is a permutation shared by A and B, so the k sum is the
-// same; see e2m1x8_to_half2x4. Epilogue: alpha = a_global * b_global read on the device,
-// out = alpha * acc + bias[n], one rounding to the output dtype, masked at the M/N edges.
-//
-// Also here: the sm_100 path's helpers (scale swizzle, alpha, bias + dtype conversion pass)
-// and the device's compute capability for the entry's routing.
+// Details: docs/nvfp4.md, section `csrc/nvfp4/gemm_cuda.cu`.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 

@@ -1,16 +1,6 @@
 // Blackwell (sm_100a) NVFP4 GEMM: CUTLASS block-scaled tcgen05 GEMM, D = alpha * A @ B^T, for
 // nv_float4_t<float_e2m1_t> operands with ue4m3 scale factors per 16 elements of K.
-//
-// A (M, K) row-major and B (N, K) "column-major" (K contiguous in both: the NVFP4Tensor data as
-// is), scale factors in the Sm1xxBlkScaledConfig layout (the entry swizzles the row-major
-// scales first: gemm.h, nvfp4_sf_swizzled_offset), alpha = a_global * b_global read from a
-// device pointer (alpha_ptr: no host sync). D is float32 (M, N) row-major: the entry writes it
-// straight into a float32 output without bias, else converts it and adds bias in one pass (a
-// single rounding, any out dtype, one instantiation in this translation unit). One SM per MMA
-// (128x128x256 tiles, 1x1 cluster), TMA loads with OOB zero fill, so any M and N, K % 32 == 0.
-// Requirements checked by nvfp4_gemm_sm100_supported: K % 32 == 0 (16-byte rows for TMA),
-// N % 4 == 0 (16-byte rows of D). Scales are read as ue4m3 (unsigned): the sign bit of a
-// negative e4m3 scale is not honoured here (NVFP4 quantization only produces scales >= 0).
+// Details: docs/nvfp4.md, section `csrc/nvfp4/gemm_sm100.cu`.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// NVFP4 scalar numerics shared by the CPU and CUDA kernels (DESIGN.md section 4.3).
+// NVFP4 scalar numerics shared by the CPU and CUDA kernels (docs/design.md section 4.3).
 // E2M1 codes: bit 3 sign, bits 2..0 index into {0, .5, 1, 1.5, 2, 3, 4, 6}. Element 2i of a row
 // sits in the low nibble of byte i. Block scales are float8 E4M3 (fn: no infinities, 0x7f/0xff NaN).
 // Encoders (round-to-nearest-even, stochastic rounding) live beside these decoders.

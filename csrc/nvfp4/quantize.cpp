@@ -1,6 +1,6 @@
 // Op entry points of the NVFP4 quantize / dequantize ops: argument checks (the one place they
 // live), output allocation, and dispatch to the CPU or CUDA kernels. Registered in
-// torch_bindings.cpp; the public wrappers are nemokernels/nvfp4/quantize.py.
+// nvfp4_ops.cpp; the public wrappers are nemokernels/nvfp4/quantize.py.
 #include "nvfp4/quantize.h"
 
 #include <cmath>

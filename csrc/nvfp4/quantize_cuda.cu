@@ -1,28 +1,6 @@
 // CUDA kernels of NVFP4 quantize / dequantize (math in quantize.h; every scalar step is a
 // numerics.cuh helper shared with the CPU kernel, so codes and scales are bit-identical).
-//
-// Work unit: one (row r, 16-column block cb) = 16 elements, one thread. Unit order follows the
-// input layout and the variant:
-//  - 1x16 scales, row-major view (a_sc != 1 or a_sr != 1): consecutive lanes take consecutive
-//    blocks of a row, so a warp reads 32 x 16 contiguous elements (16-byte vector loads when
-//    aligned) and writes 256 contiguous bytes of codes.
-//  - 16x16 scales, or a transposed view (quantize_t: a_sr == 1): the 16 lanes of a half-warp
-//    take the 16 rows of one 16x16 tile, so the tile amax is a 4-step xor-shuffle inside the
-//    half-warp (no shared memory). The other half-warp takes the next column block of the same
-//    rows; with an even number of column blocks, lane l hands its 8 bytes of codes to lane
-//    l - 16 and one 16-byte store per row writes both. For a transposed view each half-warp
-//    reads, for each of its 16 elements, 16 consecutive input elements (a full 32-byte sector
-//    in bf16).
-//
-// Two launches (amax then quantize), both grid-stride over the tiles with a grid of at most
-// kAmaxMaxPartials blocks:
-//   nvfp4_amax_kernel      max |H a| per block -> partials[blockIdx.x]   (skipped with global_amax)
-//   nvfp4_quantize_kernel  prologue: every block reduces the partials (<= 1024 floats, from L2)
-//                          to amax -> s_enc; then per unit: (H) transform, block or tile amax,
-//                          E4M3 scale, E2M1 codes (RNE or Philox stochastic rounding), 8 bytes
-//                          of packed codes and 1 scale byte written. Block 0 writes global_scale.
-// Max is exact and order-independent: deterministic with no atomics. No host sync.
-// Dequantize: one thread per 16-element block, 16-byte vector stores.
+// Details: docs/nvfp4.md, section `csrc/nvfp4/quantize_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,21 +1,7 @@
 // Speculative-decoding verification (MTP drafts) and the fused sampling transform: parameter
 // structs shared by the op entries (verify.cpp), the CPU kernels (verify_cpu.cpp) and the
 // CUDA kernels (verify_cuda.cu). No torch types here.
-//
-// Semantics (DESIGN.md 4.4, docs/speculative.md), per request b with n = num_draft_tokens[b] <= k:
-//  greedy:    a_j = argmax target_logits[b, j] (torch.argmax order); accept drafts while
-//             draft[b, j] == a_j; m = number accepted; out[b] = draft[0..m), a_m, -1 ...
-//  rejection: accept draft x_j with probability min(1, p_j(x_j) / q_j(x_j)); at the first
-//             rejection m < n emit a sample of max(0, p_m - q_m) (normalised; p_m when that is
-//             all zero); when all n are accepted emit a sample of p_n (the bonus token).
-//  tree:      walk from node 0 accepting the child whose token matches (greedy) or passes the
-//             multi-draft recursive rejection test (sampling); emit the path plus one token.
-// num_accepted = m (accepted drafts); m + 1 tokens are emitted, the rest is -1.
-//
-// Kernel shape: the vocab of each (request, position) row is split into `nsplit` chunks;
-// a first kernel writes one partial (argmax, or race winner) per chunk, a second reduces the
-// partials of each request in a fixed order and walks the drafts. Both orders are total
-// (ties -> lowest index), so the result does not depend on the split.
+// Details: docs/speculative.md, section `csrc/speculative/verify.h`.
 #pragma once
 
 #include <cstdint>

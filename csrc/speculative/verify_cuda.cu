@@ -1,23 +1,6 @@
 // CUDA kernels of speculative verification and the fused sampling transform (semantics in
 // spec/verify.h; the CPU kernels in verify_cpu.cpp make the same decisions).
-//
-//  - Row partials (greedy argmax, rejection race): grid (rows, nsplit), 256 threads; a block
-//    streams one vocab chunk of one row with 16-byte loads and reduces (value, index) with a
-//    total order (ties -> lowest index), so the winner does not depend on the split. The
-//    rejection block first recomputes its request's first rejected position m (k scalar
-//    loads, one Philox draw each), then races over the residual max(0, p_m - q_m) (or p_n for
-//    the bonus token): one Philox call gives the exponentials of 4 adjacent vocab entries,
-//    matching one float4 load of p and of q. Probabilities are read once: one pass.
-//  - Walks: one thread per request reduces its partials in split order and walks the drafts
-//    (spec/walk.cuh, the same code the CPU runs).
-//  - Tree rejection: one block per request walks the tree; the normaliser of each residual is
-//    a fixed-order block sum (the CPU kernel sums in the same order), the final race as above.
-//  - Sampling transform: one block per row: max (and argmax), exp written once into the
-//    output, radix select of the top-k threshold (4 passes, shared-memory integer
-//    histograms), bisection on the probability value for top-p (fixed-order block sums), then
-//    the normaliser and the write. The passes after the first re-read the row from the output
-//    each thread wrote itself (L2-resident), not the logits.
-// No host synchronisation anywhere (the seed is read on the device), no float atomics.
+// Details: docs/speculative.md, section `csrc/speculative/verify_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

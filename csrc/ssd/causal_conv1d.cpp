@@ -1,5 +1,5 @@
 // Op entry points of causal_conv1d: argument checks (the one place they live), output
-// allocation, and dispatch to the CPU or CUDA kernels. Registered in torch_bindings.cpp.
+// allocation, and dispatch to the CPU or CUDA kernels. Registered in ssd_ops.cpp.
 #include "ssd/causal_conv1d.h"
 
 #include <optional>

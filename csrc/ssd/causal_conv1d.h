@@ -2,16 +2,7 @@
 // decode-step update. Parameter structs shared by the op entry (causal_conv1d.cpp), the CPU
 // kernels (causal_conv1d_cpu.cpp) and the CUDA kernels (causal_conv1d_cuda.cu). No torch
 // types here, so the CUDA translation unit compiles without torch headers.
-//
-// Math, per batch b and channel c, with W = width and x extended to the left by the
-// W-1 initial-state columns (zeros when none are given):
-//   y[t]   = bias[c] + sum_{k<W} w[c,k] * x[t-(W-1)+k]      (terms from another sequence
-//            of seq_idx are dropped: seq_idx[t'] != seq_idx[t])
-//   out[t] = silu(y[t]) or y[t]
-//   final[j] = x[L-(W-1)+j], j < W-1                          (the next call's initial state)
-// Backward, with dy[t] = dout[t] * silu'(y[t]) (or dout[t]):
-//   dx[t]   = sum_k w[c,k] * dy[t+(W-1)-k]   (+ dfinal where x[t] is a final-state column)
-//   dw[c,k] = sum_{b,t} dy[t] * x[t-(W-1)+k],  dbias[c] = sum_{b,t} dy[t]
+// Details: docs/ssd.md, section `csrc/ssd/causal_conv1d.h`.
 #pragma once
 
 #include <cstdint>

@@ -1,16 +1,5 @@
 // CUDA kernels of the causal depthwise conv1d (math in causal_conv1d.h).
-//
-// Two thread layouts, picked by the activation's memory layout:
-//  - channel-last (x.stride(1) == 1, how Mamba-2 calls it): a thread owns VC = 16/sizeof(T)
-//    adjacent channels (one 16-byte load per time step) and NT consecutive time steps; a warp
-//    covers 32*VC contiguous channels, so every load is coalesced.
-//  - time-major (any other strides): a thread owns NT time steps of one channel, threads
-//    run along time.
-// Each thread slides a window of the last W inputs (and, in the backward, the last W
-// upstream gradients) through its steps, so every input is read once per tile plus a W-1
-// halo. The backward accumulates dweight/dbias per thread, reduces them in a fixed order
-// within the block, writes one partial row per (batch, block row), and a second kernel sums
-// the rows in a fixed order: deterministic, no float atomics.
+// Details: docs/ssd.md, section `csrc/ssd/causal_conv1d_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

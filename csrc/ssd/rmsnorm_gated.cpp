@@ -1,5 +1,5 @@
 // Op entry points of the gated RMSNorm: argument checks (the one place they live), output
-// allocation, and dispatch to the CPU or CUDA kernels. Registered in torch_bindings.cpp.
+// allocation, and dispatch to the CPU or CUDA kernels. Registered in ssd_ops.cpp.
 #include "ssd/rmsnorm_gated.h"
 
 #include <cmath>

@@ -1,25 +1,7 @@
 // Gated RMSNorm of the Mamba-2 mixer (mamba_ssm's layernorm_gated.rmsnorm_fn), forward and
 // backward. Parameter structs shared by the op entry (rmsnorm_gated.cpp), the CPU kernels
 // (rmsnorm_gated_cpu.cpp) and the CUDA kernels (rmsnorm_gated_cuda.cu). No torch types here.
-//
-// x is viewed as (rows, D); each row splits into ngroups = D / G groups of G = group_size
-// consecutive columns; a "unit" is one (row, group). All math in float32.
-// Forward, per unit (c runs over the group's columns):
-//   gate first (z given, norm_before_gate = false):  u[c] = x[c] * silu(z[c])
-//   otherwise:                                       u[c] = x[c]
-//   rstd    = 1 / sqrt(sum_c u[c]^2 / G + eps)       (saved, float32, (rows, ngroups))
-//   xhat[c] = u[c] * rstd
-//   y[c]    = xhat[c] * w[c] + b[c]                   (b = 0 without bias)
-//   out[c]  = y[c] * silu(z[c])  if norm_before_gate and z given, else y[c]
-// Backward, with g = dout:
-//   gate last (norm_before_gate and z): dy = g * silu(z), dz = g * y * silu'(z)
-//   otherwise:                          dy = g
-//   dw[c] += dy * xhat,  db[c] += dy                   (summed over rows)
-//   dxhat  = dy * w,  m = sum_c dxhat[c] * xhat[c] / G
-//   du     = rstd * (dxhat - xhat * m)
-//   gate first: dx = du * silu(z), dz = du * x * silu'(z); otherwise dx = du
-// dweight/dbias are deterministic: per-block partial sums over a fixed set of rows land in
-// `partials` (num_partials, 2, D) float32 (dw then db), summed in a fixed order afterwards.
+// Details: docs/ssd.md, section `csrc/ssd/rmsnorm_gated.h`.
 #pragma once
 
 #include <cstdint>

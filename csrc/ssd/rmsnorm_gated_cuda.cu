@@ -5,20 +5,7 @@
 // units. A thread owns the vectors j = threadIdx.x + k * tpu (k < NV) of V channels each:
 // V = 16 bytes / sizeof(T) (one 16-byte access) when every row start of every tensor is
 // 16-byte aligned, the channel stride is 1 and V divides G; otherwise V = 1 (any strides).
-//
-// Forward: pass 1 loads x (and z) into registers and reduces sum(u^2) over the unit (a
-// butterfly in each warp, then the warps' partials in index order: deterministic); pass 2
-// writes out from the registers.
-// Backward: grid (ngroups, row blocks); the (block row, threadIdx.y) "row lanes" walk rows
-// r = lane, lane + lanes, ... of the block's group. Per row: pass 1 loads x, z, dout,
-// keeps xhat, dxhat and the gate coefficients in registers and reduces sum(dxhat * xhat);
-// pass 2 writes dx (and dz). Each thread accumulates dweight/dbias of its channels over its
-// rows in registers; at the end every row lane writes one partial row, and a second kernel
-// sums the partial rows in a fixed order (no atomics).
-// Groups longer than the registers hold (more than NV x max threads vectors) take the
-// uncached variant (NV = 0): the same two passes re-read global memory (the unit is small
-// enough to stay in L1/L2), and in the backward dweight/dbias come from a column kernel
-// (one thread per channel over a chunk of rows) writing the same partial rows.
+// Details: docs/ssd.md, section `csrc/ssd/rmsnorm_gated_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,6 +1,6 @@
 // Op entry points of the SSD chunk scan (mamba_chunk_scan_combined): argument checks (the one
 // place they live), allocation of outputs, intermediates and CUDA workspace, and dispatch to
-// the CPU or CUDA kernels. Registered in torch_bindings.cpp.
+// the CPU or CUDA kernels. Registered in ssd_ops.cpp.
 #include "ssd/ssd_chunk_scan.h"
 
 #include <torch/csrc/stable/ops.h>

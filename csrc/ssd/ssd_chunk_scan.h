@@ -7,49 +7,7 @@
 // h / (H/G)), N dstate, Q chunk size, nc = ceil(L/Q) chunks (at least 1). Inside chunk c,
 // i and j are positions 0..Q-1 (global position c*Q+i); positions >= L are padding with
 // dt' = 0 (they change nothing) and the sequence id of position L-1.
-//
-// Forward stages (the CPU and CUDA paths run the same ones, in this order):
-//  F1 chunk_cumsum   dt'_t = clamp(softplus?(dt_t + dt_bias_h), dt_min, dt_max)   (0 on padding)
-//                    cs_i  = sum_{j<=i} dt'_j A_h              (inclusive, inside the chunk)
-//                    -> dtp, cs: (b, H, nc, Q) float32
-//  F2 chunk_state    S_c = sum_j exp(cs_last - cs_j) [sid_j == sid_last] dt'_j x_j B_j^T
-//                    -> states: (b, nc, H, P, N) float32 (each chunk alone, from zero)
-//  F3 state_passing  h_0 = initial_states (0 when none); for c = 0..nc-1:
-//                    in_c = h; h = carry_c h + S_c, carry_c = exp(cs_last) [sid_last == sid_prev]
-//                    -> states overwritten in place with in_c (the state entering chunk c);
-//                    final_states = h.   (b, H, P, N) float32
-//  F4 chunk_scan     y_i = sum_{j<=i, sid_j == sid_i} (C_i . B_j) exp(cs_i - cs_j) dt'_j x_j
-//                        + exp(cs_i) [sid_i == sid_prev] C_i in_c   + D x_i
-//                    y_pre = y_i (saved for the backward when z is given); y = y_pre silu(z)
-//  F5 varlen_states  (only with cu_seqlens) the state after the last position e of each
-//                    packed sequence s..e (batch 1): with c = chunk of e, i0 = first position
-//                    of the sequence in chunk c,
-//                    sum_{i0<=j<=e} exp(cs_e - cs_j) dt'_j x_j B_j^T
-//                    + [sid_prev == sid_e] exp(cs_e) in_c;  zeros for an empty sequence.
-// sid_t = seq_idx[t] (0 everywhere without seq_idx); sid_last = sid of chunk c's last
-// position (padding continues the last id); sid_prev = sid_last of chunk c-1, 0 for c = 0
-// (so initial_states continue the sequence with id 0, as in mamba_ssm).
-//
-// Backward (recomputes F1-F3 from the inputs, then):
-//  B0 dy_i = dout_i silu(z_i) (dout without z);  dz_i = dout_i y_pre_i silu'(z_i)
-//  B1 dstates: dIn_c = sum_i exp(cs_i) [sid_i == sid_prev] dy_i C_i^T      (b, nc, H, P, N)
-//  B2 state passing backward, c = nc-1..0, g = dfinal_states (0 when none):
-//       dS_c = g;  dcs_last_c = carry_c <g, in_c>;  g = dIn_c + carry_c g
-//     dinitial_states = g. dS overwrites dIn in place; dcs_last: (b, H, nc).
-//  B3 per chunk (grads of F4 and F2 through x, B, C, dt', cs, plus D):
-//       W_ij = (C_i . B_j) exp(cs_i - cs_j) dt'_j (dy_i . x_j)    (j <= i, same sid)
-//       U_j  = exp(cs_last - cs_j) [sid_j == sid_last] dt'_j (x_j^T dS_c B_j)
-//       V_i  = exp(cs_i) [sid_i == sid_prev] (dy_i^T in_c C_i)
-//       dx_j   = sum_{i>=j} (C_i.B_j) exp(cs_i-cs_j) dt'_j dy_i + exp(cs_last-cs_j)[..] dt'_j dS_c B_j + D dy_j
-//       dB_j   = sum_h [ sum_{i>=j} exp(cs_i-cs_j) dt'_j (dy_i.x_j) C_i + exp(cs_last-cs_j)[..] dt'_j dS_c^T x_j ]
-//       dC_i   = sum_h [ sum_{j<=i} exp(cs_i-cs_j) dt'_j (dy_i.x_j) B_j + exp(cs_i)[..] in_c^T dy_i ]
-//       ddt'_j = sum_{i>=j} (C_i.B_j) exp(cs_i-cs_j) (dy_i.x_j) + U_j / dt'_j (computed without dividing)
-//       dcs_i  = sum_j W_ij - sum_k W_ki + V_i - U_i + [i == Q-1] (sum_j U_j + dcs_last_c)
-//       ddA_j  = sum_{i>=j} dcs_i  (reverse cumsum);  ddt'_j += A ddA_j;  dA_h += sum_j dt'_j ddA_j
-//       ddt_j  = ddt'_j * [dt_min <= pre_j <= dt_max] * (softplus? sigmoid(dt_j + dt_bias) : 1)
-//       ddt_bias_h += ddt_j;   dD += dy x (per head, or per (head, p))
-//     The sums over the heads of a group (dB, dC) and over batch/chunks (dA, dD, ddt_bias)
-//     run in a fixed order (partials per (b, c) reduced afterwards): deterministic, no atomics.
+// Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan.h`.
 #pragma once
 
 #include <cstdint>

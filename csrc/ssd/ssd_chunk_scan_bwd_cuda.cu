@@ -1,57 +1,6 @@
 // CUDA backward of the SSD chunk scan (mamba_chunk_scan_combined); the math of every stage
 // (B0-B3) is written out in ssd_chunk_scan.h. Kernels, in launch order:
-//
-//  ssd_states_cuda   F1-F3 recomputed (forward file): dtp, cs, states = in_c.
-//  dy_dz_kernel      B0, only with z: dy = dout silu(z) into float32 scratch (read by every
-//                    later stage instead of recomputing silu), dz = dout y_pre silu'(z).
-//                    Grid-stride over (b, L, H, P) elements.
-//  dstates_kernel    B1: dIn_c = sum_i exp(cs_i)[sid_i == sid_prev] dy_i C_i^T, one 64x64
-//                    (P x N) output tile per block, k = the chunk's positions.
-//                    Grid x = b * nc * H * ceil(P/64) * ceil(N/64).
-//  state_bwd_kernel  B2: per (b, h, slice of kSpChunk state elements), walks the chunks
-//                    backwards with g in registers: dS_c = g (overwrites dIn), partial
-//                    <g, in_c> per slice into scratch, g = dIn_c + carry_c g; dinit = g.
-//                    Grid x = b * H * ceil(P*N / kSpChunk).
-//  dcs_last_kernel   dcs_last = carry_c * (sum of the slices' partial dots, in slice order).
-//  col_kernel        B3, per (b, c, split of hs heads of one group, 64-position tile of j):
-//                    everything indexed by the "input" position j. Per head: dx_j (final),
-//                    ddt'_j before the A ddA term, sum_i W_ij and U_j (scratch); over the
-//                    block's heads: dB_j summed in registers (dt'_j of each head folded into
-//                    its terms), written once to scratch. Loops over the i tiles >= the j
-//                    tile, recomputing CB = C B^T and DX = dy x^T tiles (64x64) and keeping
-//                    CB*mask and DX*mask*dt' in shared memory as the A operands of
-//                    dx += (CB m)^T dy and dB += (DX m dt')^T C.
-//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 77 KB float32 /
-//                    52 KB f16/bf16 (Q = 256).
-//  row_kernel        B3, per (b, c, split of hs heads, 64-position tile of i): per head
-//                    sum_j W_ij and V_i (scratch); dC_i summed over the block's heads in
-//                    registers, written once to scratch. Loops over the j tiles <= the i tile.
-//                    Grid x = b * nc * (H/hs) * Q/64. Dynamic smem 56 KB float32 /
-//                    39 KB f16/bf16 (Q = 256).
-//                    hs (heads_per_block) is the largest divisor of H/G that keeps at least
-//                    kTargetBlocks blocks; the dB/dC scratch is (b, nc, H/hs, Q, N) float32.
-//  chunk_fin_kernel  B3 per (b, c, h): dcs, its reverse cumsum, ddt (through ssd_dt_grad),
-//                    dA_part, dbias_part, dD_part. One thread per position.
-//  sum_bc_kernel     dB, dC = sum over the head splits of each group of the scratch, in
-//                    split order (deterministic), converted to the activation dtype.
-//  reduce_kernel     dA, ddt_bias, dD = sums of the per-(b, chunk) partials in (b, c[, p]) order.
-//
-// Tiles: every GEMM-shaped product runs as a 64x64 output tile on 256 threads = 8 warps, warp
-// w computing rows 16 (w / 2) and columns 32 (w % 2) with ssd_cuda_common.cuh's WarpTile<T, 2>:
-// tensor cores (wmma 16x16x16, float32 accumulators) for f16/bf16, exact float32 FMAs (no
-// TF32) for float32. Operands are staged in shared memory in T, k 32 at a time (leading
-// dimension 64 + 16 bytes); operands scaled by exp/dt' factors (fac dy in B1, CB m and
-// DX m dt' in B3) are scaled in float32 and rounded to T once when written to shared memory.
-// The float32 states dS / in_c are split into hi + lo halves in T for the f16/bf16 products,
-// both on the tensor cores (gemm_gg_split), so they keep ~16 / 22 bits. Each product goes
-// through a float32 shared tile into the kernels' per-thread 4x4 register tiles (rows
-// ty + 16a, cols tx + 16b), which hold every accumulation (float32) and the element-wise
-// epilogues; the W row/column sums use the float32 CB m and DX m dt' values, not their
-// rounded copies. Masked terms (j > i, other sequence) are selected to 0, never
-// multiplied by exp(-inf). Padding positions (>= L) are never read or written in global
-// memory: their tile rows are zero-filled, dt' = 0 and cs = the last real cs, so their terms
-// vanish; the [i == Q-1] term of dcs sits at index Q-1 even when that is padding, and the
-// reverse cumsum carries it to every real position. No float atomics anywhere.
+// Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_bwd_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,61 +1,6 @@
 // CUDA forward of the Mamba-2 SSD chunk scan (mamba_chunk_scan_combined): stages F1-F5 of
 // ssd_chunk_scan.h, which spells out the math and the layouts of every tensor.
-//
-// Kernels (launched in this order on the caller's stream; each reads what the one before
-// wrote, so no other synchronisation is needed):
-//  F1 chunk_cumsum_kernel<Q>   grid (b * nc, ceil(H / 32)), 256 threads. dt' of a
-//        (Q positions x 32 heads) tile via ssd_dt (numerics.cuh), staged in shared memory,
-//        then one thread per head runs the inclusive cumsum of dt' A sequentially (fmaf in
-//        position order: cs is exactly non-increasing when A <= 0, so every decay exponent
-//        used later is <= 0 in float arithmetic too, and the order is the CPU's).
-//  F2 chunk_state_kernel<T, Q> grid (b * nc * H * ceil(P/64) * ceil(N/64)), 128 threads.
-//        S[p, n] = sum_j (w_j x_j[p]) B_j[n] for a 64(P) x 64(N) tile: a GEMM over the chunk's
-//        positions in K-slabs of 64. w_j = exp(cs_last - cs_j) [sid_j == sid_last] dt'_j is
-//        applied to x in float32 and rounded to T once while the slab is staged in shared
-//        memory; 4 warps each own 16 rows of P (WarpTile: wmma for f16/bf16, fp32 SIMT FMAs
-//        for f32).
-//  F3 state_passing_kernel     grid (b * H * ceil(P*N/256)), 256 threads; one thread per
-//        state element, a sequential loop over chunks (in place: reads S_c, writes in_c),
-//        the next chunk's S prefetched before the store.
-//  F4 chunk_scan_kernel<T, Q>  grid (b * nc * H * Q/64), 128 threads, one block per 64 rows
-//        of one chunk and one head, all of P (<= 128) at once (CB is recomputed per head: the
-//        simpler per-(b, chunk, head) mapping the brief allows; B/C tiles are shared by the
-//        heads of a group through L2). Per block:
-//          Y  = C in_c^T         (64 x P, K = N in slabs of 64; skipped for chunk 0 without
-//                                 initial states; for f16/bf16 in_c is rounded to T for the
-//                                 tensor cores, as mamba_ssm does), then the rows are scaled in
-//                                 float32 by exp(cs_i) [sid_i == sid_prev] (select: masked rows
-//                                 are exactly 0)
-//          for each 64-column block j of the causal prefix (flash-attention style):
-//            CB = C B_j^T        (64 x 64, K = N)        -> float smem
-//            S  = CB exp(cs_i - cs_j) dt'_j, masked to j <= i and same sid (select), -> T
-//            Y += S X_j          (64 x P, K = 64)
-//          on the diagonal block a warp stops at its last row's column (the 16-column blocks
-//          past it are all masked). Epilogue (fused): + D x, y_pre = Y, y = Y silu(z),
-//          rounded to T, 16-byte stores.
-//        Shared memory (dynamic): C tile 64 x N, B tile 64 x N (reused for the state slabs),
-//        x tile 64 x P, a float tile, the score tile; about 70 KB for bf16 with N=128, P=64
-//        (3 blocks/SM), at most ~216 KB (f32, N=256, P=128; 1 block/SM).
-//  F5 varlen_states_kernel<T, Q> grid (nseq * H * ceil(P/64) * ceil(N/64)), 128 threads: the
-//        F2 tile restricted to positions i0..e of the sequence's last chunk, decayed to e,
-//        plus [sid_prev == sid_e] exp(cs_e) in_c. Empty sequences get zeros; out-of-range
-//        cu_seqlens entries are clamped to [0, L) (as on the CPU).
-//
-// Loads: activations have unit stride in the last dim and arbitrary int64 strides
-// elsewhere; 16-byte vector accesses are used only when the host finds the pointer and all
-// strides 16-byte aligned (Vec), else scalar loads of the same 8-element chunks. Positions
-// >= L are never read or written; shared tiles are zero-filled there. No atomics: every
-// output element is written by exactly one thread; all sums run in a fixed order.
-// ssd_fwd_cuda_workspace_bytes is 0 (every intermediate is a params tensor). Every exp is
-// expf (full precision); the arguments are <= 0 wherever the result is used.
-// Registers (sm_90a, -Xptxas -v): chunk_scan 160 (16-bit, bounded for 3 blocks/SM) / 208
-// (f32), chunk_state 80-96, varlen 80-94, cumsum 32-40, state_passing 28; no spills except
-// 8 bytes in the bf16 chunk_state/varlen kernels.
-//
-// Not done yet (speed): one block per (b, chunk, group) sharing CB across the group's heads;
-// 128-row blocks for Q >= 128 (in_c is read once per 64 rows now); cp.async/TMA double
-// buffering of the B/x tiles; deeper prefetch in state passing for very long sequences;
-// wgmma on sm_90a.
+// Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_fwd_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

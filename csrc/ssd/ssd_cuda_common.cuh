@@ -1,19 +1,7 @@
 // Device building blocks of the SSD chunk-scan CUDA kernels (math in ssd_chunk_scan.h).
 // Included by ssd_chunk_scan_fwd_cuda.cu and ssd_chunk_scan_bwd_cuda.cu only; the API below
 // is stable (add to it, do not change what exists). No torch headers.
-//
-//  - Elem<DType>, to_f / from_f: activation dtype <-> float32.
-//  - kSmemPad<T>: a 16-byte row pad for shared-memory tiles (keeps 16-byte stores aligned,
-//    wmma ldm legal, and rows of 64/128/256 elements off the same banks).
-//  - load8 / store8: 8 consecutive elements of one row (P and N are multiples of 8, so an
-//    8-chunk is either wholly inside the row or wholly outside); `vec` = 16-byte accesses,
-//    decided on the host from pointer alignment and strides.
-//  - load_tile: a (rows x cols) global tile -> shared memory in T, zero-filled outside the
-//    valid rows/cols, optionally scaled per row in float32 before the one rounding to T.
-//  - WarpTile<T, FN>: one warp's 16 x (16*FN) float32 accumulator of C += A B with A and B
-//    in shared memory. Tensor cores (nvcuda::wmma 16x16x16, float accumulators) for
-//    __half / __nv_bfloat16; exact float32 SIMT FMAs for float (no TF32), with the same
-//    interface so kernels are written once for all dtypes.
+// Details: docs/ssd.md, section `csrc/ssd/ssd_cuda_common.cuh`.
 #pragma once
 
 #include <cuda_bf16.h>

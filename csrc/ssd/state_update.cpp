@@ -1,5 +1,5 @@
 // Op entry points of the decode state updates: argument checks (the one place they live),
-// output allocation, and dispatch to the CPU or CUDA kernel. Registered in torch_bindings.cpp.
+// output allocation, and dispatch to the CPU or CUDA kernel. Registered in ssd_ops.cpp.
 #include "ssd/state_update.h"
 
 #include <algorithm>

@@ -4,32 +4,7 @@
 // written to a snapshot buffer so a rejected draft can be rolled back). Parameter structs
 // shared by the op entry (state_update.cpp), the CPU kernel (state_update_cpu.cpp) and the
 // CUDA kernel (state_update_cuda.cu). No torch types here.
-//
-// Shapes (b batch, T tokens, H heads, P head dim, N dstate, G groups, head h reads group
-// h / (H/G); the Mamba-1 form has no head dim and is run as H = G = 1):
-//   state (rows, H, P, N)   x, dt, z, out (b, T, H, P)   A (H, P, N)   B, C (b, T, G, N)
-//   D, dt_bias (H, P)       snapshots (b, T, H, P, N)
-// Every operand has arbitrary strides, 0 included: Mamba-2 passes dt (b, H), A (H,), D and
-// dt_bias (H,) expanded over P (and N) with stride 0.
-//
-// Math per (b, h, p), for t = 0..T-1, starting from s = state[row(b), h, p, :]:
-//   dt' = softplus?(dt + dt_bias)                       (no clamp, as in mamba_ssm's decode)
-//   s[n] = s[n] * exp(dt' A[h,p,n]) + B[g,n] * (dt' x[p])
-//   s    = round_to_state_dtype(s)                      (so T multi-token steps equal T
-//                                                        single steps bit for bit)
-//   out[t, p] = (sum_n s[n] C[g,n] + D x[p]) * silu(z[p])
-//   single step: state row = s;  multi-token: snapshots[b, t] = s.
-// row(b) = state_batch_indices[b] (b without indices). A negative index is a padded slot:
-// the state is untouched, out = 0 and (multi) the snapshots of b are 0. An index >= rows
-// (only possible on CUDA, where it cannot be checked without a host sync; the CPU entry
-// raises) never touches memory out of bounds: out (and snapshots) are NaN, state untouched.
-//
-// Decomposition (the CPU kernel runs the same one, so the CPU pins the GPU's arithmetic):
-// a row's N elements are split over `ln` lanes in vectors of `vn` elements (16 bytes of
-// state), `nc` vectors per lane: element n = (c * ln + lane) * vn + v. Each lane keeps its
-// elements in registers and sums s[n] C[n] over c (outer) then v (inner) with FMAs; the
-// lanes' partial sums are then combined by an xor butterfly (offsets ln/2, ..., 1), and
-// lane 0's value is the row's dot product.
+// Details: docs/ssd.md, section `csrc/ssd/state_update.h`.
 #pragma once
 
 #include <cstdint>
@@ -69,7 +44,7 @@ struct SsuParams {
   bool head_decay;
 };
 
-// Split of a row of N state elements over lanes (see the header comment).
+// Split of a row of N state elements over lanes (docs/ssd.md, file notes of csrc/ssd/state_update.h).
 struct SsuLayout {
   int vn;  // elements per vector (16 bytes of state)
   int ln;  // lanes per row (power of two, <= 32)

@@ -1,20 +1,5 @@
 // CUDA kernel of the decode state updates (math and lane decomposition in state_update.h).
-//
-// Memory bound: the state is read once and written once (single step), or read once and
-// written T times as snapshots (multi-token), so the kernel is organised around the state's
-// bytes. One block of 128 threads per (batch, head, tile of P rows). `ln` lanes share a row
-// (ln = 32 for N = 128 float32, 16 for a 16-bit state), each lane owning NC vectors of 16
-// bytes along N and R = 4 / NC rows, so a thread keeps 64 bytes of state in registers and
-// issues all its state loads before any math. A warp's loads cover whole contiguous rows
-// (coalesced 16-byte accesses when the state is contiguous along N and 16-byte aligned;
-// strided scalar accesses otherwise). The state stays in registers across the T tokens of the
-// multi-token update. B and C of the step (N values per group) are read by every warp
-// straight from global memory: one coalesced request per warp, L1 hits after the first.
-// Row dot products with C: per-lane FMAs, then an xor butterfly of warp shuffles (the order
-// the CPU kernel reproduces); no atomics.
-// Fast path (head_decay): when dt, dt_bias are constant over P and A over (P, N) (Mamba-2's
-// stride-0 expansions), dt' and exp(dt' A) are computed once per (token, head) per thread
-// instead of once per row / element.
+// Details: docs/ssd.md, section `csrc/ssd/state_update_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

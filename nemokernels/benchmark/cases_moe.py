@@ -1,16 +1,12 @@
-"""LatentMoE dispatch cases at the SHAPES.md MoE points: the fused router, permutation plan +
+"""LatentMoE dispatch cases at the MoE points of docs/design.md section 7: the fused router, permutation plan +
 gather, combine, the dispatch path alone (router + plan + gather + combine, no expert GEMMs: its
 time over the layer's is the router+permutation share), and the whole layer forward and
 forward+backward. Super: d 4096, latent 1024, F 2688, 512 experts, top-22, shared 5376; Nano:
-d 2688, no latent, F 1856, 128 experts, top-6, shared 3712 (SHAPES.md marks some Super values
+d 2688, no latent, F 1856, 128 experts, top-6, shared 3712 (docs/design.md section 7 marks some Super values
 (?)). Tokens 1..16384, uniform and skewed routing (skewed: correction bias favouring a few experts
 so that a handful take most tokens), bf16 activations.
 
-Baselines: PyTorch eager (argsort permutation, index_select, a loop over experts as
-transformers' NemotronHExperts), torch.compile of the small ops, torch._grouped_mm experts where
-available (sm90+), and vLLM's fused_moe when importable (relu2 without gating needs a vLLM that
-has activation="relu2_no_mul"; otherwise the error is recorded).
-"""
+Details: docs/moe.md, section `nemokernels/benchmark/cases_moe.py`."""
 import torch
 import torch.nn.functional as F
 

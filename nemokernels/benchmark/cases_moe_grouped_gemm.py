@@ -1,19 +1,10 @@
-"""Grouped GEMM over experts (nemokernels.moe.grouped_gemm), bf16, at the SHAPES.md MoE points:
+"""Grouped GEMM over experts (nemokernels.moe.grouped_gemm), bf16, at the MoE points of docs/design.md section 7:
 tokens 1, 64, 512, 4096, 16384 times top-k rows, Super (latent 1024, F 2688, 512 experts, top-22)
 and Nano (d 2688, F 1856, 128 experts, top-6), uniform and skewed routing. Segments are padded
 to 128 rows per expert (the permutation's pad_to on CUDA) when experts average at least 128
 rows; below that padding would multiply the work (decode batches), so segments are unpadded.
 
-Cases per point: the up projection with relu^2 (a (R, l) x up (E, F, l)), the down projection
-((R, F) x down (E, l, F)), and forward + backward of the up projection. FLOPs count the routed
-rows only (2 * rows * N * K per GEMM; 3x that with the backward), not the padding.
-
-Baselines: a loop over experts with torch.mm (host offsets, as a naive MoE does it),
-torch._grouped_mm (cumulative int32 ends, where this torch/GPU supports it), and a dense
-torch.mm with the same FLOPs (routed rows x K @ K x N): the realistic dense bf16 ceiling, so
-its ratio reads as the fraction of dense peak. Set NEMOKERNELS_GROUPED_GEMM_PORTABLE=1 to time
-the portable kernel instead of the arch (CUTLASS) one.
-"""
+Details: docs/moe.md, section `nemokernels/benchmark/cases_moe_grouped_gemm.py`."""
 import torch
 
 from nemokernels.moe import grouped_gemm
@@ -22,7 +13,7 @@ from .harness import Case
 
 DTYPE = torch.bfloat16
 PAD = 128
-# (hidden of the GEMM (latent l or d), F, experts, top-k) per SHAPES.md
+# (hidden of the GEMM (latent l or d), F, experts, top-k) per docs/design.md section 7
 CONFIGS = {"super": (1024, 2688, 512, 22), "nano": (2688, 1856, 128, 6)}
 
 

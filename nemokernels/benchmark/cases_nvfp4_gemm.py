@@ -1,4 +1,4 @@
-"""NVFP4 GEMM cases (nemokernels.nvfp4.gemm, bf16 out) at the SHAPES.md points: M in {128, 4096,
+"""NVFP4 GEMM cases (nemokernels.nvfp4.gemm, bf16 out) at the points of docs/design.md section 7: M in {128, 4096,
 16384} tokens against the Super projections K -> N (4096 -> 1024, 1024 -> 2688, 2688 -> 1024,
 4096 -> 4096, 4096 -> 131072). Operands: random codes, random e4m3 scales, a global scale.
 

@@ -1,6 +1,6 @@
 """NVFP4 cases: quantize variants and dequantize (memory-bound: GB/s of bytes read + written
 against the copy bandwidth measured in the same run), and NVFP4Linear forward + backward against
-nn.Linear in bf16 at the SHAPES.md NVFP4 points (M in {128, 4096, 16384} tokens against the
+nn.Linear in bf16 at the NVFP4 points of docs/design.md section 7 (M in {128, 4096, 16384} tokens against the
 Super projections). Until the block-scaled GEMM kernels land, nvfp4.gemm is a PyTorch stand-in
 (decode to float32, matmul), so the Linear numbers measure the quantization kernels plus that
 stand-in, not the final GEMM.
@@ -16,7 +16,7 @@ from nemokernels.nvfp4.linear import nvfp4_linear
 from .harness import Case, lazy_compile
 
 DTYPE = torch.bfloat16
-# Super projections (in -> out) from SHAPES.md.
+# Super projections (in -> out) from docs/design.md section 7.
 PROJECTIONS = [(4096, 1024), (1024, 2688), (2688, 1024), (4096, 4096), (4096, 131072)]
 TOKENS = (128, 4096, 16384)
 _THRESH = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)

@@ -1,5 +1,5 @@
 """SSD family cases: causal_conv1d (the Mamba-2 mixer's short depthwise conv), bf16, width 4,
-at the SHAPES.md points. Baselines are the plain PyTorch the op replaces, eager and compiled."""
+at the points of docs/design.md section 7. Baselines are the plain PyTorch the op replaces, eager and compiled."""
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +9,7 @@ from .harness import Case, lazy_compile
 
 WIDTH = 4
 DTYPE = torch.bfloat16
-# conv channels = d_inner + 2 * n_groups * d_state (SHAPES.md, Mamba-2 heads x head dim).
+# conv channels = d_inner + 2 * n_groups * d_state (docs/design.md section 7, Mamba-2 heads x head dim).
 DIMS = {"nano": 64 * 64 + 2 * 8 * 128, "super": 128 * 64 + 2 * 8 * 128}
 
 

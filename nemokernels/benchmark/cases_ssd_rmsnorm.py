@@ -1,5 +1,5 @@
 """Gated RMSNorm cases (the Mamba-2 mixer's norm before out_proj), bf16, z given, gate first
-(norm_before_gate=False), 8 groups, at the SHAPES.md points: rows = batch * seqlen in
+(norm_before_gate=False), 8 groups, at the points of docs/design.md section 7: rows = batch * seqlen in
 {2048, 8192, 32768}, D = d_inner = 8192 (Super: 128 heads x 64) and 4096 (Nano: 64 x 64).
 Baselines are mamba_ssm's PyTorch reference (float32 math), eager and compiled, and mamba_ssm's
 Triton `rmsnorm_fn` when importable (peers.py)."""

@@ -1,4 +1,4 @@
-"""SSD chunk scan cases (mamba_chunk_scan_combined), bf16, chunk 128, at the SHAPES.md points,
+"""SSD chunk scan cases (mamba_chunk_scan_combined), bf16, chunk 128, at the points of docs/design.md section 7,
 as the Mamba-2 mixer calls it (z, D per head, dt_bias, softplus).
 
 Baselines: the PyTorch chunked reference (ssd/reference.py, float32 math), torch.compile of it,
@@ -15,7 +15,7 @@ from .peers import mamba_ssm_triton
 
 DTYPE = torch.bfloat16
 CHUNK = 128
-# (nheads, headdim, ngroups, dstate) per SHAPES.md (Super's values marked (?) there).
+# (nheads, headdim, ngroups, dstate) per docs/design.md section 7 (Super's values marked (?) there).
 CONFIGS = {"nano": (64, 64, 8, 128), "super": (128, 64, 8, 128)}
 
 

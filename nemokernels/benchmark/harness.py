@@ -1,4 +1,4 @@
-"""Timing, peaks and reporting for `nemokernels bench` and bench/ (DESIGN.md section 6).
+"""Timing, peaks and reporting for `nemokernels bench` and bench/ (docs/design.md section 6).
 
 Every op is timed on fresh random inputs, rotated across several input sets so that caches
 do not flatter it, and reported against the device's peaks measured in the same run.

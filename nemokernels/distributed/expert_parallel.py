@@ -1,28 +1,6 @@
 """Expert parallelism for LatentMoE over torch.distributed (docs/distributed.md).
 
-The routed experts are sharded over an expert-parallel process group of W ranks: rank r owns
-experts [r*E/W, (r+1)*E/W). Everything else (router, latent projections, shared expert) is
-replicated and runs on the rank that holds the token. Per forward:
-
-    lat  = fc1_latent_proj(h); ids, w = router(h)              local
-    plan = moe_permute_plan(ids, E)                            pairs ordered by expert = by owner rank
-    xs   = moe_gather(lat, plan)                               (T*k, l) rows to send
-    counts (E,) -> all_to_all -> recv_counts (W, E/W)          small exchange, then one host copy
-    xr   = all_to_all(xs, splits)                              rows from every rank, by (source, expert)
-    x_l  = xr[order]                                           by (local expert, source): stable
-    y_l  = grouped_gemm(relu2) -> grouped_gemm                 local experts only
-    yb   = all_to_all(y_l[inverse order], reverse splits)      back to the token's rank, xs order
-    out  = fc2_latent_proj(moe_combine(yb, plan, w)) + shared_experts(h)
-
-Rows on the wire are latent-sized (l, not d): fc1_latent_proj runs before dispatch. The
-backward is autograd through the same ops and the two all-to-alls in reverse. The split sizes
-are host integers (one device-to-host copy of the counts per layer), so the layer is not
-CUDA-graph capturable; the single-device LatentMoE is.
-
-Gradients of the replicated parameters are this rank's contribution only (its own tokens):
-a data-parallel wrapper (FSDP2 / DDP over the same ranks) sums them, as for any replicated
-parameter. Expert gradients are complete on their owner rank.
-"""
+Details: docs/distributed.md, section `nemokernels/distributed/expert_parallel.py`."""
 from typing import Optional
 
 import torch

@@ -1,21 +1,6 @@
 """Data-parallel (FSDP2) plus expert-parallel training of the model package.
 
-`parallelize(model, mesh)` turns a NemotronHForCausalLM built identically on every rank into
-its distributed form, in place:
-
-- every LatentMoE mixer becomes an ExpertParallelLatentMoE over the mesh's process group: each
-  rank keeps E/W experts, tokens travel by all-to-all (docs/distributed.md);
-- each backbone block, then the whole model (embeddings, lm_head, MTP), is wrapped with FSDP2 `fully_shard` over the same mesh: the
-  dense parameters (embeddings, Mamba, attention, MLP, router, latent projections, shared
-  experts) are sharded, gathered for compute and their gradients reduce-scattered (averaged);
-- the expert shards are left out of FSDP (`ignored_params`): they already differ per rank. Their
-  gradients are summed over every rank's tokens by the all-to-all backward, so a hook divides
-  them by W to match FSDP's averaging: one step then equals the single-process step on the
-  concatenated batch (each rank's loss being the mean over its equal share).
-
-One mesh dimension (EP group = DP group) keeps this simple; larger runs would put EP on an
-inner mesh dimension.
-"""
+Details: docs/distributed.md, section `nemokernels/distributed/parallel.py`."""
 from typing import Optional
 
 import torch

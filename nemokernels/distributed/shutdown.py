@@ -1,15 +1,6 @@
 """Orderly end of a torch.distributed run (docs/distributed.md, "Shutting down").
 
-`dist.destroy_process_group()` unregisters the process groups, but a ProcessGroupGloo is only
-destroyed (its worker threads joined, its TCP connections closed) when the last reference to it
-goes. Whatever still holds one (a parallelized model, its optimizer, an ExpertParallelLatentMoE,
-FSDP2's mesh info, torch's DTensor caches, a default argument bound at import) keeps the
-backend's threads running into interpreter shutdown and C++ exit-time destruction, where they
-abort the process now and then ("terminate called without an active exception", SIGABRT),
-after all the work is done.
-
-`shutdown()` ends it while the interpreter is fully alive, and reports anything left running.
-"""
+Details: docs/distributed.md, section `nemokernels/distributed/shutdown.py`."""
 import gc
 import glob
 import importlib

@@ -3,15 +3,7 @@
     model = transformers.AutoModelForCausalLM.from_pretrained(...)   # NemotronHForCausalLM
     nemokernels.integrations.transformers.patch(model)
 
-`patch` rebinds ``forward`` of module instances (never the transformers classes):
-- every ``NemotronHMamba2Mixer``: the whole-sequence path (training, scoring, prefill without a
-  cache) runs causal_conv1d_fn -> mamba_chunk_scan_combined -> rmsnorm_fn; calls with a
-  generation cache go to transformers' own forward (its cache object owns the states);
-- every ``NemotronHRMSNorm`` (block norms, norm_f): the fused rmsnorm kernel;
-- every ``NemotronHMoE``, when ``nemokernels.moe.LatentMoE`` is importable: that module, sharing
-  the transformers parameters (same names: gate.weight, experts.up_proj ...).
-Gradients flow to the transformers parameters. `unpatch` restores the original forwards.
-"""
+Details: docs/models.md, section `nemokernels/integrations/transformers.py`."""
 from typing import Dict
 
 import torch

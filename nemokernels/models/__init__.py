@@ -1,5 +1,5 @@
 """NemotronH (hybrid Mamba-2 / attention / LatentMoE, with MTP) on the nemokernels ops
-(DESIGN.md section 5): config, layers, model, Hugging Face checkpoints, speculative generate."""
+(docs/design.md section 5): config, layers, model, Hugging Face checkpoints, speculative generate."""
 from .config import NemotronHConfig
 from .model import CausalLMOutput, CheckpointError, NemotronHForCausalLM, NemotronHModel
 

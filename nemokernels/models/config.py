@@ -1,19 +1,6 @@
 """NemotronHConfig: the model settings read from a Hugging Face ``config.json``.
 
-Every spelling found in released checkpoints and in transformers is accepted:
-
-- the layer pattern as ``hybrid_override_pattern`` (``M`` Mamba-2, ``*`` attention, ``E`` MoE,
-  ``-`` dense MLP) or as ``layers_block_type`` with the older names (``mamba``, ``attention``,
-  ``moe``, ``mlp``) or the newer ones transformers writes (``linear_attention``,
-  ``full_attention``, ``moe``, ``mlp``);
-- the MTP pattern as ``mtp_hybrid_override_pattern`` or ``mtp_layers_block_type`` (same names);
-- the ``mamba_*`` aliases of the Mamba settings (``mamba_n_groups``, ``mamba_d_conv``,
-  ``mamba_expand``, ``mamba_dt_min`` ...), ``mamba_d_state`` for ``ssm_state_size``.
-
-Internally layer kinds are the short names ``mamba``, ``attention``, ``moe``, ``mlp``.
-``to_dict`` writes the spelling transformers reads today (so a checkpoint saved here loads in
-transformers' NemotronHForCausalLM).
-"""
+Details: docs/models.md, section `nemokernels/models/config.py`."""
 import dataclasses
 import json
 import math

@@ -1,25 +1,7 @@
 """Generation for NemotronHForCausalLM: plain (prefill, then one token per forward) and
-speculative with the MTP head (DESIGN.md 4.4, 5).
+speculative with the MTP head (docs/design.md section 4.4, 5).
 
-Speculative round (k = num_speculative_tokens), with n tokens in the caches and the next
-token x_n already chosen:
-1. MTP catch-up + draft: the MTP step first consumes the committed positions it has not seen
-   (inputs embed(x_{t+1}), h_t), then drafts d_1..d_k autoregressively on its own hidden
-   state; its KV cache is truncated back to the committed positions afterwards.
-2. One target forward over [x_n, d_1..d_k] (k + 1 positions) in verify mode: Mamba layers run
-   `selective_state_update_multi` (a state per position) and keep their conv inputs; attention
-   appends to the KV cache.
-3. `verify_greedy` (temperature 0) or `rejection_sample` (fused `sampling_probs` on both draft
-   and target logits) accepts a prefix: a_b drafts for row b.
-4. All rows keep m = min_b a_b drafts plus one more token (for rows with a_b > m that token is
-   their accepted draft d_{m+1}, so every row's output stays exact): Mamba states commit
-   position m (`commit_state`), conv states are re-cut from the kept inputs, KV caches are
-   truncated.
-Greedy speculative output is token-for-token the plain greedy output.
-
-The loop itself synchronises with the host once per round (the accepted count decides the
-cache lengths and when to stop); the ops inside do not.
-"""
+Details: docs/models.md, section `nemokernels/models/generate.py`."""
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional

@@ -2,21 +2,7 @@
 dense relu^2 MLP, LatentMoE, and the pre-norm residual block. Parameter names are those of the
 Hugging Face checkpoints (transformers' NemotronH modules), so state dicts load unchanged.
 
-Mamba-2 mixer (per token): in_proj -> [gate z (I), xBC (I + 2 G N), dt (H)];
-xBC -> causal depthwise conv (width K) + SiLU (`causal_conv1d_fn`) -> [x (H, P), B (G, N), C (G, N)];
-y = SSD(x, dt, A = -exp(A_log), B, C, D, dt_bias, softplus, clamp >= time_step_min)
-(`mamba_chunk_scan_combined`); y = gated RMSNorm(y, z) over groups of I / G channels
-(`rmsnorm_fn`, norm_before_gate=False); out_proj(y).
-
-Three ways through the mixer, chosen by the cache argument:
-- no cache: the whole sequence (training);
-- a cache: the sequence continues from the cached conv/SSM states and leaves the new ones
-  (prefill and chunked prefill); one token takes the decode kernels
-  (`causal_conv1d_update`, `selective_state_update`);
-- ``verify=True``: T draft positions scored at once: the SSM runs
-  `selective_state_update_multi` (a state per position), the conv keeps its inputs, and
-  nothing is committed until `commit(num_kept)` rolls the caches to the accepted prefix.
-"""
+Details: docs/models.md, section `nemokernels/models/layers.py`."""
 import math
 from typing import Optional
 

@@ -3,14 +3,7 @@ Hugging Face safetensors checkpoints (parameter names as in the checkpoint and t
 ``model.embeddings``, ``model.layers.{i}.norm`` / ``.mixer.*``, ``model.norm_f``, ``lm_head``,
 plus ``mtp.layers.{i}.*``).
 
-MTP (DESIGN.md 5; layout as vLLM's NemotronH MTP reads the released checkpoints): step s is
-the blocks ``mtp.layers.{s*P} .. {s*P+P-1}`` of ``mtp_layers_block_type`` (P of them). At
-position t: x = eh_proj(cat[enorm(embed(token_{t+1+s})), hnorm(h_t)]), x = block(x) for each
-block of the step, g_t = final_layernorm(x); logits = lm_head(g_t) predict token_{t+2+s}.
-h_t is the main model's final hidden state (after norm_f) for step 0, the previous step's g_t
-after that. Embedding and lm_head are shared with the main model. Training adds
-``mtp_loss_weight`` * the mean MTP cross-entropy to the main loss.
-"""
+Details: docs/models.md, section `nemokernels/models/model.py`."""
 import json
 import os
 import re

@@ -5,7 +5,7 @@ routing weights (the routing weight is applied here, not in the down GEMM's epil
 out[t] = sum_j w[t, j] * y[row_of_slot[t*k + j]], accumulated in float32 in j order
 (deterministic, no atomics). Backward: dy (R, l) = w * dout[token of the row] (zero on padding
 rows), dweights (T, k) float32 = dot(dout[t], y[row]).
-Schemas: csrc/torch_bindings.cpp; kernels: csrc/moe/permute_*.
+Schemas: csrc/moe/moe_ops.cpp; kernels: csrc/moe/permute_*.
 """
 from typing import Optional
 

@@ -2,29 +2,7 @@
 
 ``grouped_gemm(a, w, expert_offsets, activation="none")``
 
-- a: (R, K) rows in expert-contiguous order (fp32, fp16 or bf16; float64 on the CPU).
-- w: (E, N, K) expert weights, the checkpoint's layout ((E, F, l) for up, (E, l, F) for down),
-  same dtype as a.
-- expert_offsets: (E + 1,) int32, non-decreasing, offsets[0] == 0, offsets[E] <= R. Rows
-  [offsets[e], offsets[e+1]) belong to expert e; rows from offsets[E] to R belong to no expert
-  and come out as zeros.
-- activation: "none" or "relu2" (relu(.)^2 fused into the epilogue).
-- returns (R, N) in a's dtype: out[r] = act(a[r] @ w[e(r)].T), accumulated in float32.
-
-Differentiable in a and w. The ops (schemas in csrc/moe/moe_ops.cpp, kernels in
-csrc/moe/grouped_gemm_*):
-
-- ``grouped_gemm_fwd(a, w, expert_offsets, activation, save_preact) -> (out, preact)``:
-  activation "none" or "relu2" (checked by the op); ``preact`` (R, N) is the pre-activation, written only when
-  activation is relu2 and save_preact (the public function sets it when a gradient is needed),
-  else an empty (0, N) tensor.
-- ``grouped_gemm_dgrad(dout, w, expert_offsets, preact) -> da`` (R, K) = g @ w[e]
-- ``grouped_gemm_wgrad(dout, a, expert_offsets, preact) -> dw`` (E, N, K) = g[seg]^T a[seg]
-
-where g = dout, or dout * 2 * relu(preact) (the relu^2 backward, fused into the operand load)
-when preact is given. Offsets are read on the device (no host sync); the CPU checks their
-values, CUDA clamps them (memory-safe, unspecified values for invalid offsets).
-"""
+Details: docs/moe.md, section `nemokernels/moe/grouped_gemm.py`."""
 import torch
 
 _ops = torch.ops.nemokernels
@@ -71,8 +49,9 @@ torch.library.register_autograd("nemokernels::grouped_gemm_fwd", _fwd_backward, 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                  activation: str = "none") -> torch.Tensor:
-    """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r (module
-    docstring for shapes); rows past expert_offsets[E] are zeros."""
+    """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r; rows past
+    expert_offsets[E] are zeros. a (R, K), w (E, N, K) in a's dtype, expert_offsets (E + 1,)
+    int32, activation "none" or "relu2"; shapes and the backward ops: docs/moe.md."""
     save_preact = activation == "relu2" and torch.is_grad_enabled() and (a.requires_grad or w.requires_grad)
     out, _ = _ops.grouped_gemm_fwd(a, w, expert_offsets, activation, save_preact)
     return out

@@ -1,23 +1,6 @@
 """The Nemotron-H LatentMoE layer (transformers' NemotronHMoE) on the nemokernels MoE ops.
 
-Forward (nemokernels/moe/__init__.py has the pipeline):
-    logits = router_logits(h, gate.weight)                      cuBLAS, float32
-    ids, w = moe_router(logits, gate.e_score_correction_bias)   fused router kernel
-    lat    = fc1_latent_proj(h)                                 d -> l (identity without latent)
-    plan   = moe_permute_plan(ids, E, pad_to)                   histogram, scan, stable ranks
-    xs     = moe_gather(lat, plan)                              (R, l) expert-contiguous rows
-    hs     = grouped_gemm(xs, experts.up_proj, offsets, "relu2")
-    ys     = grouped_gemm(hs, experts.down_proj, offsets)
-    y      = moe_combine(ys, plan, w)                           weighted un-permute, float32 sums
-    out    = fc2_latent_proj(y) + shared_experts(h)             relu^2 shared MLP
-Backward runs through each op's autograd: hidden states, the router weight (through the
-weights; the choice is not differentiable), latent projections, expert weights and the shared
-expert. The correction bias is a buffer, as in the checkpoint.
-
-pad_to (each expert's row segment rounded up to a multiple of it): PAD_TO[device type], 1 on the
-CPU (no padding work) and 128 on CUDA (the M tile of the grouped GEMM kernels, so no tile spans
-two experts). The plan's row count is static: T*k + E*(pad_to - 1).
-"""
+Details: docs/moe.md, section `nemokernels/moe/layer.py`."""
 from typing import Optional
 
 import torch

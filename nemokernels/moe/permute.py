@@ -1,15 +1,6 @@
 """MoE token permutation: the routing plan and the gather into expert-contiguous rows.
 
-``moe_permute_plan(topk_ids (T, k), num_experts, pad_to=1) -> MoEPlan`` with int32 tensors
-  expert_counts (E,), expert_offsets (E+1,) (each expert's segment rounded up to a multiple of
-  pad_to; offsets[E] = rows in use), row_of_slot (T*k,) (permuted row of pair (t, j), slot t*k+j)
-  and slot_of_row (R,) (inverse, -1 on padding rows), with the static R = T*k + E*(pad_to-1), so
-  no size depends on the data (no host sync; CUDA-graph and torch.compile safe). Within an
-  expert, rows follow slot order (stable, deterministic). Not differentiable.
-``moe_gather(x (T, l), plan) -> (R, l)``: row r = x[slot_of_row[r] // k], zero on padding rows.
-  Backward: dx[t] = sum over its k rows in j order (float32, no atomics).
-Schemas: csrc/torch_bindings.cpp; kernels: csrc/moe/permute_*.
-"""
+Details: docs/moe.md, section `nemokernels/moe/permute.py`."""
 from typing import NamedTuple
 
 import torch

@@ -6,11 +6,7 @@ cuBLAS (a fused GEMM + top-k saves one (T, E) float32 round trip, small next to 
 group-limited top-k (group score = sum of the top-2 in the group), weights = sigmoid scores of
 the chosen experts, normalised (+1e-20) when asked, times routed_scaling_factor.
 
-Shapes: logits (T, E) float32, E <= 2048; bias (E,) float32; top_k <= 32; n_group <= 32 divides E.
-Returns topk_ids (T, k) int32 in descending order of choice score (ties: lower expert index,
-the same on CPU and CUDA) and topk_weights (T, k) float32. Differentiable in the logits through
-the weights (the ids are not). Schemas: csrc/torch_bindings.cpp; kernels: csrc/moe/router_*.
-"""
+Details: docs/moe.md, section `nemokernels/moe/router.py`."""
 from typing import Optional
 
 import torch

@@ -1,4 +1,4 @@
-"""NVFP4 (DESIGN.md section 4.3): the tensor type, quantize/dequantize, the block-scaled GEMM,
+"""NVFP4 (docs/design.md section 4.3): the tensor type, quantize/dequantize, the block-scaled GEMM,
 and NVFP4Linear with the pre-training recipe."""
 from .tensor import NVFP4Tensor
 from .gemm import gemm, gemm_path, swizzle_scales

@@ -1,4 +1,4 @@
-"""gemm(a, b, out_dtype, bias): a @ b.T for two NVFP4Tensors (DESIGN.md section 4.3).
+"""gemm(a, b, out_dtype, bias): a @ b.T for two NVFP4Tensors (docs/design.md section 4.3).
 
 a: NVFP4Tensor of shape (..., K), b: NVFP4Tensor of shape (N, K) (a weight), K % 16 == 0.
 Returns (..., N) in out_dtype (bfloat16, float16 or float32):
@@ -6,13 +6,7 @@ Returns (..., N) in out_dtype (bfloat16, float16 or float32):
 A_hat = e2m1(code) * e4m3(block scale), accumulated in float32, rounded once to out_dtype.
 The global scales are read on the device (no host sync): CUDA-graph and torch.compile safe.
 
-Paths (schema in csrc/torch_bindings.cpp, kernels in csrc/nvfp4/gemm_*): CPU -> C++ tiled
-kernel; a GPU whose compute capability this build compiled the sm_100 kernels for (100a: 10.0;
-103a: 10.3; 100f: both) -> CUTLASS block-scaled tcgen05 GEMM (when K % 32 == 0 and N % 4 == 0);
-other GPUs -> a tensor-core kernel that dequantizes in registers (no dequantized copy in
-memory). ``gemm_path(device, M, N, K)`` says which one a call takes (the op's own routing). Not differentiable (NVFP4Linear builds its backward from further gemm calls); the
-pure-PyTorch oracle is reference.gemm_reference.
-"""
+Details: docs/nvfp4.md, section `nemokernels/nvfp4/gemm.py`."""
 from typing import Optional
 
 import torch

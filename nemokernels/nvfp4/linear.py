@@ -1,27 +1,11 @@
-"""NVFP4Linear and the NVFP4 pre-training recipe (DESIGN.md 4.3; NVIDIA, "Pretraining Large
+"""NVFP4Linear and the NVFP4 pre-training recipe (docs/design.md section 4.3; NVIDIA, "Pretraining Large
 Language Models with NVFP4", 2025):
 
 - forward  y  = gemm(Q(x) 1x16, Q(W) 16x16) (+ bias)
 - dgrad    dx = gemm(Q(dy, SR) 1x16, Q_t(W) 16x16)            K = out_features
 - wgrad    dW = gemm(Q_t(dy, RHT, SR), Q_t(x, RHT))            K = tokens (padded to 16)
 
-gemm(a, b) computes a @ b.T with K the last dim of both. Q_t quantizes the transpose (blocks
-along the tokens for wgrad). 16x16 weight tiles make Q_t(W) exactly the transpose of Q(W),
-so the forward and the dgrad see the same quantized weight. The random Hadamard transform
-(RHT: 16x16 Hadamard times seeded +-1 signs, orthogonal) is applied along the reduction
-(token) dim of both wgrad operands with the same seed, which leaves dy.T @ x unchanged and
-spreads outliers across each block. Stochastic rounding (SR) only on gradients. Every
-quantization uses the current tensor amax (no delayed scaling). Tokens are padded with zero
-rows to a multiple of 16 for the wgrad (zeros add nothing to dy.T @ x).
-
-Seeds: each call needs fresh SR bits (and a fresh Hadamard sign vector). With recipe.seed None
-(the default) NVFP4Linear draws its two seeds as int64 tensors from torch's generator on the
-weight's device (torch.randint): reproducible under torch.manual_seed, no host sync, no
-recompilation under torch.compile, and new values on every CUDA-graph replay. With an int
-recipe.seed it derives Python-int seeds from (recipe seed, layer index, call counter) with
-splitmix64: bit-reproducible from the recipe alone, but torch.compile specialises on the ints
-and recompiles every step (use it in eager mode).
-"""
+Details: docs/nvfp4.md, section `nemokernels/nvfp4/linear.py`."""
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -131,7 +115,7 @@ def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 class NVFP4Linear(torch.nn.Linear):
-    """nn.Linear whose forward and backward GEMMs run in NVFP4 (module docstring). The weight
+    """nn.Linear whose forward and backward GEMMs run in NVFP4 (the recipe: docs/nvfp4.md, file notes of nemokernels/nvfp4/linear.py). The weight
     stays in its own dtype (the master copy); it is quantized on every call."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,

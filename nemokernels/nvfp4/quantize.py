@@ -1,16 +1,8 @@
-"""NVFP4 quantize / dequantize (DESIGN.md 4.3): custom ops nemokernels::nvfp4_quantize and
-nvfp4_dequantize (schemas: csrc/torch_bindings.cpp, kernels: csrc/nvfp4/quantize_*), their fake
+"""NVFP4 quantize / dequantize (docs/design.md section 4.3): custom ops nemokernels::nvfp4_quantize and
+nvfp4_dequantize (schemas: csrc/nvfp4/nvfp4_ops.cpp, kernels: csrc/nvfp4/quantize_*), their fake
 kernels, and the public functions.
 
-Shapes and dtypes:
-- ``quantize(x)``: x (..., K) float32 / float16 / bfloat16, any strides, K % 16 == 0.
-  Returns NVFP4Tensor(data uint8 (..., K/2), scales float8_e4m3fn (..., K/16), global_scale ()).
-- ``quantize_t(x)``: x (M, K) (leading dims are flattened into M), M % 16 == 0. Returns the
-  quantization of x.T, shape (K, M), read in one pass straight from x (no transposed copy).
-- ``dequantize(t, dtype)``: (..., K) in dtype, values e2m1(code) * s_b * global_scale.
-
-Not differentiable (quantization has no useful gradient; NVFP4Linear defines its own).
-"""
+Details: docs/nvfp4.md, section `nemokernels/nvfp4/quantize.py`."""
 import math
 from typing import Optional, Union
 

@@ -1,17 +1,6 @@
-"""Pure-PyTorch reference of the NVFP4 format (DESIGN.md 4.3), the oracle of the tests.
+"""Pure-PyTorch reference of the NVFP4 format (docs/design.md section 4.3), the oracle of the tests.
 
-Written independently of the kernels: E2M1 and E4M3 rounding are nearest-value searches over
-the tables of representable values in float64 (ties to the even code), Philox4x32-10 is
-vectorised over int64 tensors, and the Hadamard transform is a butterfly on float32 tensors.
-The scale arithmetic follows the float32 steps the kernels take (csrc/nvfp4/numerics.cuh):
-
-    s_enc = 2688 / amax (float32 division; 1 when amax == 0; clamped to FLT_MAX)
-    s_b   = e4m3((amax_b / 6) * s_enc)        inv_b = min(s_enc / s_b, FLT_MAX), 0 if s_b == 0
-    code  = e2m1(x * inv_b)
-
-so that codes and scales are expected to be bit-identical to the kernels'; everything else
-(decoding, GEMMs) is float64.
-"""
+Details: docs/nvfp4.md, section `nemokernels/nvfp4/reference.py`."""
 from typing import Optional
 
 import torch

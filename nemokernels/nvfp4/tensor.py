@@ -1,4 +1,4 @@
-"""NVFP4Tensor: the packed format of DESIGN.md section 4.3.
+"""NVFP4Tensor: the packed format of docs/design.md section 4.3.
 
 - data: uint8 (..., K/2), two E2M1 codes per byte, element 2i in the low nibble.
 - scales: float8_e4m3fn (..., K/16), one decode scale per 16 consecutive elements of the last

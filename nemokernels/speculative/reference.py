@@ -11,7 +11,7 @@ import torch
 
 
 def verify_greedy_ref(draft_token_ids, target_logits, num_draft_tokens=None):
-    """(output_token_ids (B, k+1) padded with -1, num_accepted (B,)) by the DESIGN.md 4.4 rule."""
+    """(output_token_ids (B, k+1) padded with -1, num_accepted (B,)) by the docs/design.md section 4.4 rule."""
     b, k = draft_token_ids.shape
     argmax = target_logits.argmax(-1)  # (B, k+1), lowest index on ties
     out = torch.full((b, k + 1), -1, dtype=torch.int64, device=draft_token_ids.device)

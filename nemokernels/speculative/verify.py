@@ -1,29 +1,9 @@
-"""Speculative-decoding verification for MTP drafts (DESIGN.md 4.4; docs/speculative.md).
+"""Speculative-decoding verification for MTP drafts (docs/design.md section 4.4; docs/speculative.md).
 
 Every function runs in one or two kernel launches for the whole batch, never synchronises
 with the host and is safe under CUDA-graph capture and ``torch.compile(fullgraph=True)``.
 
-Conventions shared by all verifiers:
-
-- ``num_accepted[b]`` is the number of accepted draft tokens; ``num_accepted[b] + 1`` tokens
-  are emitted (the accepted drafts, then the target's correction or bonus token) and the rest
-  of ``output_token_ids[b]`` is ``-1``. Never more than ``k + 1`` tokens.
-- Ragged batches: ``num_draft_tokens`` (B,) gives each request's draft count n <= k; only the
-  first n drafts are used (ids beyond are ignored, may be -1), and the bonus token comes from
-  position n.
-- Randomness: Philox4x32-10 (csrc/common/philox.h) keyed by a 64-bit seed. With ``generator``
-  the seed is drawn from it as a one-element device tensor (``torch.randint`` on the
-  generator's device: no ``.item()``, graph-safe) and read by the kernel; ``seed=int`` keys it
-  directly (reproducible; under CUDA-graph replay that seed is frozen into the graph, so pass
-  a generator there); with neither, torch's default generator of the device provides it.
-  Every random number has a counter built from (request, position, vocab index), so results
-  do not depend on the launch configuration, and the CPU and CUDA kernels emit the same
-  tokens for the same seed.
-- Value checks (ids inside the vocabulary, probabilities forming distributions, parents
-  forming a tree, counts in range) run on CPU tensors only; on CUDA they would need a host
-  synchronisation. The CUDA kernels are memory-safe for any values (ids and counts are
-  clamped before indexing) but then return unspecified tokens.
-"""
+Details: docs/speculative.md, section `nemokernels/speculative/verify.py`."""
 from typing import Optional, Tuple, Union
 
 import torch

@@ -5,7 +5,7 @@ Shapes: x (batch, dim, seqlen), any strides (channel-last x, i.e. x.stride(1) ==
 channel-last output and takes the fastest CUDA path); weight (dim, width), width 2..4;
 bias (dim,); seq_idx (batch, seqlen) int32 (packed sequences: taps never cross a change of
 id); initial_states / final states (batch, dim, width - 1). float32 / float16 / bfloat16 inputs,
-float32 accumulation. Schemas: csrc/torch_bindings.cpp; kernels: csrc/ssd/causal_conv1d_*.
+float32 accumulation. Schemas: csrc/ssd/ssd_ops.cpp; kernels: csrc/ssd/causal_conv1d_*.
 """
 from typing import Optional
 

@@ -6,7 +6,7 @@ Shapes: x (..., D) with any leading dims and any strides (a last-dim stride of 1
 aligned rows take the vectorised CUDA path); weight (D,); bias (D,) or None; z like x (same
 shape and dtype) or None; group_size divides D (None: D, one group per row). x and z in
 float32 / float16 / bfloat16, weight and bias in any of those; math in float32, output in x's
-dtype. Schemas: csrc/torch_bindings.cpp; kernels: csrc/ssd/rmsnorm_gated_*.
+dtype. Schemas: csrc/ssd/ssd_ops.cpp; kernels: csrc/ssd/rmsnorm_gated_*.
 """
 from typing import Optional
 

@@ -1,16 +1,7 @@
 """mamba_chunk_scan_combined: drop-in for mamba_ssm's Mamba-2 SSD (chunked selective scan),
 forward and backward.
 
-Shapes: x (batch, seqlen, nheads, headdim); dt (batch, seqlen, nheads); A (nheads,);
-B, C (batch, seqlen, ngroups, dstate) with nheads % ngroups == 0 (head h reads group
-h // (nheads // ngroups)); D (nheads,) or (nheads, headdim); z like x; dt_bias (nheads,);
-initial_states (batch, nheads, headdim, dstate); seq_idx (batch, seqlen) int (packed
-sequences); cu_seqlens (num_sequences + 1,) int (batch 1). x, z, B, C share one dtype
-(float32, float16 or bfloat16); states and accumulation are float32.
-
-Schemas: csrc/torch_bindings.cpp; the stages and their math: csrc/ssd/ssd_chunk_scan.h;
-kernels: csrc/ssd/ssd_chunk_scan_{cpu.cpp,fwd_cuda.cu,bwd_cuda.cu}.
-"""
+Details: docs/ssd.md, section `nemokernels/ssd/ssd_chunk_scan.py`."""
 import math
 from typing import Optional, Tuple
 

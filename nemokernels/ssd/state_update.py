@@ -3,17 +3,7 @@
 keeps the state after every draft position, and `commit_state`, which rolls the cache
 forward to the accepted prefix.
 
-Shapes (b batch, T tokens, H heads, P head dim, N dstate, G groups with H % G == 0):
-  state (slots, H, P, N) float32 / float16 / bfloat16, or (slots, P, N) (Mamba-1 form)
-  x, dt, z (b, H, P) [multi: (b, T, H, P)], or without H
-  A (H, P, N), D and dt_bias (H, P), or without H
-  B, C (b, G, N) [multi: (b, T, G, N)], or (b, N) [multi: (b, T, N)]
-Every tensor may have any strides, 0 included: Mamba-2 passes dt as (b, H) expanded over P,
-and A, D, dt_bias as (H,) expanded (A to (H, P, N)); that case takes a fast path (one decay
-per head). Inputs may be float32, float16 or bfloat16 independently; the math runs in
-float32; out has x's dtype. Schemas: csrc/torch_bindings.cpp; math and kernels:
-csrc/ssd/state_update*.
-"""
+Details: docs/ssd.md, section `nemokernels/ssd/state_update.py`."""
 from typing import Optional
 
 import torch

@@ -145,7 +145,7 @@ def test_bf16_autocast_with_float32_weights(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_deep_stack_backward_bf16_is_finite(device):
-    """Five residual MoE layers in bf16 (PEER-BUGS: NaN gradients in deeper stacks): every
+    """Five residual MoE layers in bf16 (a bug the peer libraries shipped: NaN gradients in deeper stacks): every
     gradient finite, and close to the same stack in float32 (same bf16-valued parameters). A
     large correction bias on two experts per layer makes the expert choice the same in both
     precisions (the weights still come from the logits), so the comparison measures rounding,

@@ -18,7 +18,7 @@ def deq(x2d, **kw):
 
 
 def linear_ref(x, w, b, dy, hadamard, sr, sd, sw):
-    """float64 forward and gradients of the recipe (module docstring of nvfp4/linear.py)."""
+    """float64 forward and gradients of the recipe (docs/nvfp4.md, file notes of nemokernels/nvfp4/linear.py)."""
     out_f, in_f = w.shape
     x2, dy2 = x.reshape(-1, in_f), dy.reshape(-1, out_f)
     y = deq(x2) @ deq(w, block_2d=True).T

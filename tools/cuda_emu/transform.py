@@ -3,15 +3,7 @@
 
     python tools/cuda_emu/transform.py IN.cu OUT.cpp
 
-Rewrites, and nothing else (the kernels' own headers are included unchanged):
-  * `extern __shared__ [__align__(n)] T name[];`  ->  `T* name = (T*)emu::dyn_smem();`
-  * `__shared__ decl;` inside a function          ->  `static decl; emu::shared_decl(&name, sizeof(name));`
-    (one instance shared by the block's fibers, poisoned by the first thread of every block)
-  * `kernel<...><<<grid, block[, smem[, stream]]>>>(args);`
-        ->  `emu::launch(&kernel<...>, dim3(grid), dim3(block), smem, stream, [&] { kernel<...>(args); });`
-Fails loudly on any `__shared__` or `<<<` it cannot rewrite, so a kernel change that needs a
-new rule shows up as a transform error, not as a silently wrong emulation.
-"""
+Details: tools/cuda_emu/README.md, section `tools/cuda_emu/transform.py`."""
 import re
 import sys
 

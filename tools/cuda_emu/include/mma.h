@@ -1,14 +1,6 @@
 // Emulated nvcuda::wmma (tools/cuda_emu), 16x16x16 shapes with __half / __nv_bfloat16
 // operands and float accumulators (plus float operands for completeness).
-//
-// Fragment semantics: the element-to-lane layout of an accumulator is unspecified in CUDA; here
-// lane l owns the elements e = r * 16 + c with e % 32 == l (8 per lane). mma_sync computes only
-// the lane's own elements, store_matrix_sync writes only them, load_matrix_sync(accumulator)
-// reads only them, so a lane that reads a stored tile before __syncwarp() sees the other
-// lanes' elements missing (poison), as on the GPU. matrix_a / matrix_b fragments hold the
-// whole 16x16 operand in every lane. Checks (as the CUDA programming guide requires): the
-// pointer of every load/store 256-bit (32-byte) aligned, ldm a multiple of 8 elements for
-// 16-bit types and of 4 for float, and the layout argument of accumulator loads/stores.
+// Details: tools/cuda_emu/README.md, section `tools/cuda_emu/include/mma.h`.
 #pragma once
 
 #include <type_traits>
