@@ -27,10 +27,16 @@ const char* dtype_name(ScalarType t) {
   }
 }
 
-std::string shape_str(const Tensor& t) {
+std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s += str_cat(i ? ", " : "", t.size(i));
-  return s + (t.dim() == 1 ? ",)" : ")");
+  for (size_t i = 0; i < shape.size(); ++i) s += str_cat(i ? ", " : "", shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::string shape_str(const Tensor& t) {
+  std::vector<int64_t> shape;
+  for (int64_t i = 0; i < t.dim(); ++i) shape.push_back(t.size(i));
+  return shape_str(shape);
 }
 
 std::string device_str(const Tensor& t) {
@@ -65,6 +71,35 @@ void check_same_device(const char* op, const char* arg, const Tensor& t, const T
               (!t.is_cuda() || t.get_device_index() == ref.get_device_index());
   NK_CHECK(same, op, ": ", arg, " is on ", device_str(t), " but ", ref_arg, " is on ",
            device_str(ref), "; all tensors must be on one device");
+}
+
+void check_float(const char* op, const char* arg, const Tensor& t) {
+  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+}
+
+void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  NK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have ", ref_arg, "'s dtype ",
+           dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
+}
+
+void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& shape,
+                 const char* meaning) {
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = t.size(static_cast<int64_t>(i)) == shape[i];
+  NK_CHECK(ok, op, ": ", arg, " must have shape ", shape_str(shape), meaning ? " " : "", meaning ? meaning : "",
+           ", got ", shape_str(t));
+}
+
+void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  bool same = t.dim() == ref.dim();
+  for (int64_t i = 0; same && i < t.dim(); ++i) same = t.size(i) == ref.size(i);
+  NK_CHECK(same, op, ": ", arg, " must have ", ref_arg, "'s shape ", shape_str(ref), ", got ", shape_str(t));
+  check_same_dtype(op, arg, t, ref, ref_arg);
+  check_same_device(op, arg, t, ref, ref_arg);
+}
+
+void check_one_element(const char* op, const char* arg, const Tensor& t) {
+  NK_CHECK(t.numel() == 1, op, ": ", arg, " must hold exactly one element, got shape ", shape_str(t));
 }
 
 void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const char* why,

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -59,6 +60,18 @@ void check_dtype(const char* op, const char* arg, const Tensor& t,
                  std::initializer_list<ScalarType> allowed);
 void check_same_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref,
                        const char* ref_arg);
+// dtype float32, float16 or bfloat16.
+void check_float(const char* op, const char* arg, const Tensor& t);
+// t's dtype is ref's: "<arg> must have <ref_arg>'s dtype D, got E".
+void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
+// Exactly this shape: "<arg> must have shape (a, b)[ <meaning>], got (c, d)".
+void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& shape,
+                 const char* meaning = nullptr);
+// Same shape, dtype and device as ref (a gradient against its input, a gate against x).
+void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
+// numel() == 1 (a scalar passed as a tensor, read on the device).
+void check_one_element(const char* op, const char* arg, const Tensor& t);
+std::string shape_str(const std::vector<int64_t>& shape);
 bool is_float_type(ScalarType t);
 
 // Size limits of a kernel (int32 indices, CUDA grid dimensions): `what` = value must be at most

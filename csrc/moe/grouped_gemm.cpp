@@ -24,7 +24,7 @@ constexpr const char* kWgrad = "grouped_gemm (wgrad)";
 
 GgType gg_type(const char* op, const char* arg, const Tensor& t) {
   if (t.is_cuda()) {
-    check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+    check_float(op, arg, t);
   } else {
     check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16, ScalarType::Double});
   }
@@ -34,11 +34,6 @@ GgType gg_type(const char* op, const char* arg, const Tensor& t) {
     case ScalarType::Double: return GgType::F64;
     default: return GgType::F32;
   }
-}
-
-void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
-  NK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have ", ref_arg, "'s dtype ",
-           dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
 }
 
 // Size limits. Every device: R rows are addressed by int32 expert_offsets. CUDA: the portable

@@ -16,7 +16,7 @@ namespace {
 
 void check_act(const char* op, const char* arg, const Tensor& t) {
   check_dim(op, arg, t, 2);
-  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  check_float(op, arg, t);
 }
 
 // (rows, width) with unit column stride (a copy when the columns are strided).
@@ -231,8 +231,7 @@ std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_
   check_act(op, "dout", dout);
   NK_CHECK(dout.size(0) == T && dout.size(1) == L, op, ": dout must have shape (", T, ", ", L, "), got ",
            shape_str(dout));
-  NK_CHECK(dout.scalar_type() == y.scalar_type(), op, ": dout must have y's dtype ", dtype_name(y.scalar_type()),
-           ", got ", dtype_name(dout.scalar_type()));
+  check_same_dtype(op, "dout", dout, y, "y");
   check_same_device(op, "dout", dout, y, "y");
   OptionalDeviceGuard guard(y);
   Tensor dy = new_empty(y, {R, L}, y.scalar_type());

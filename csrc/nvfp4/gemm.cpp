@@ -96,7 +96,7 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
            kOp, ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
   if (bias) {
     check_dim(kOp, "bias", *bias, 1);
-    check_dtype(kOp, "bias", *bias, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+    check_float(kOp, "bias", *bias);
     check_size(kOp, "bias", *bias, 0, N);
     check_same_device(kOp, "bias", *bias, a_data, "a.data");
   }

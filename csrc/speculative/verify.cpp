@@ -127,8 +127,7 @@ void check_distributions(const char* op, const char* arg, const Tensor& t, const
 
 void check_seed(const char* op, const std::optional<Tensor>& seed_tensor, const Tensor& ref) {
   if (!seed_tensor) return;
-  NK_CHECK(seed_tensor->numel() == 1, op, ": seed_tensor must hold exactly one element, got shape ",
-           shape_str(*seed_tensor));
+  check_one_element(op, "seed_tensor", *seed_tensor);
   check_dtype(op, "seed_tensor", *seed_tensor, {ScalarType::Long});
   check_same_device(op, "seed_tensor", *seed_tensor, ref, "target_probs");
 }
@@ -190,7 +189,7 @@ void set_logits(SpecArgmaxParams& a, const Tensor& logits) {
 void check_logits(const char* op, const Tensor& logits, int64_t batch, int64_t rows, const Tensor& ref,
                   const char* ref_arg) {
   check_rows3(op, "target_logits", logits, batch, rows, -1, ref, ref_arg);
-  check_dtype(op, "target_logits", logits, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  check_float(op, "target_logits", logits);
   NK_CHECK(logits.size(2) >= 1, op, ": target_logits must have a vocabulary of at least 1, got shape ",
            shape_str(logits));
 }
@@ -363,7 +362,7 @@ Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, dou
   const char* op = kSampling;
   NK_CHECK(logits.dim() == 2 || logits.dim() == 3, op,
            ": logits must be (batch, vocab) or (batch, tokens, vocab), got shape ", shape_str(logits));
-  check_dtype(op, "logits", logits, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  check_float(op, "logits", logits);
   const int64_t batch = logits.size(0), per_req = logits.dim() == 3 ? logits.size(1) : 1;
   const int64_t vocab = logits.size(logits.dim() - 1);
   NK_CHECK(vocab >= 1, op, ": logits must have a vocabulary of at least 1, got shape ", shape_str(logits));

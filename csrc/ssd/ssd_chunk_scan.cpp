@@ -27,21 +27,8 @@ Tensor unit_last(const Tensor& t) {
   return t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1 ? t : torch::stable::contiguous(t);
 }
 
-void check_shape(const char* op, const char* arg, const Tensor& t, std::initializer_list<int64_t> shape) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  int64_t d = 0;
-  for (int64_t s : shape) ok = ok && t.size(d++) == s;
-  if (!ok) {
-    std::string want = "(";
-    int64_t k = 0;
-    for (int64_t s : shape) want += str_cat(k++ ? ", " : "", s);
-    want += shape.size() == 1 ? ",)" : ")";
-    NK_CHECK(false, op, ": ", arg, " must have shape ", want, ", got ", shape_str(t));
-  }
-}
-
 void check_float_param(const char* op, const char* arg, const Tensor& t, const Tensor& x) {
-  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  check_float(op, arg, t);
   check_same_device(op, arg, t, x, "x");
 }
 
@@ -75,14 +62,12 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
   check_float_param(op, "A", A, x);
   for (auto [arg, t] : {std::pair<const char*, const Tensor*>{"B", &B}, {"C", &C}}) {
     check_same_device(op, arg, *t, x, "x");
-    NK_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", arg, " must have x's dtype ",
-             dtype_name(x.scalar_type()), ", got ", dtype_name(t->scalar_type()));
+    check_same_dtype(op, arg, *t, x, "x");
   }
   if (z) {
     check_shape(op, "z", *z, {d.b, d.L, d.H, d.P});
     check_same_device(op, "z", *z, x, "x");
-    NK_CHECK(z->scalar_type() == x.scalar_type(), op, ": z must have x's dtype ",
-             dtype_name(x.scalar_type()), ", got ", dtype_name(z->scalar_type()));
+    check_same_dtype(op, "z", *z, x, "x");
   }
   if (D) {
     NK_CHECK((D->dim() == 1 && D->size(0) == d.H) || (D->dim() == 2 && D->size(0) == d.H && D->size(1) == d.P),
@@ -274,14 +259,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Dims d = check_args(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max);
   check_shape(op, "dout", dout, {d.b, d.L, d.H, d.P});
   check_same_device(op, "dout", dout, x, "x");
-  NK_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have x's dtype ",
-           dtype_name(x.scalar_type()), ", got ", dtype_name(dout.scalar_type()));
+  check_same_dtype(op, "dout", dout, x, "x");
   if (z) {
     NK_CHECK(y_pre.has_value(), op, ": y_pre (the ungated output saved by the forward) must be given with z, "
              "got None");
     check_shape(op, "y_pre", *y_pre, {d.b, d.L, d.H, d.P});
-    NK_CHECK(y_pre->scalar_type() == x.scalar_type(), op, ": y_pre must have x's dtype ",
-             dtype_name(x.scalar_type()), ", got ", dtype_name(y_pre->scalar_type()));
+    check_same_dtype(op, "y_pre", *y_pre, x, "x");
     check_same_device(op, "y_pre", *y_pre, x, "x");
   }
   if (dfinal_states) {

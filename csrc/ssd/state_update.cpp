@@ -18,23 +18,6 @@ namespace {
 constexpr const char* kSingle = "selective_state_update";
 constexpr const char* kMulti = "selective_state_update_multi";
 
-std::string shape_of(const std::vector<int64_t>& v) {
-  std::string s = "(";
-  for (size_t i = 0; i < v.size(); ++i) s += str_cat(i ? ", " : "", v[i]);
-  return s + (v.size() == 1 ? ",)" : ")");
-}
-
-void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& want,
-                 const char* meaning) {
-  bool ok = t.dim() == static_cast<int64_t>(want.size());
-  for (size_t i = 0; ok && i < want.size(); ++i) ok = t.size(i) == want[i];
-  NK_CHECK(ok, op, ": ", arg, " must have shape ", shape_of(want), " ", meaning, ", got ", shape_str(t));
-}
-
-void check_float(const char* op, const char* arg, const Tensor& t) {
-  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
-}
-
 // The operand's strides in the kernel's dim order; -1 = a dim the tensor does not have.
 SsuArg make_arg(const Tensor& t, std::initializer_list<int> dims) {
   SsuArg a;
@@ -119,8 +102,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     ss.push_back(P);
     ss.push_back(N);
     check_shape(op, "intermediate_states", *snapshots, ss, "(batch, tokens, [nheads,] dim, dstate)");
-    NK_CHECK(snapshots->scalar_type() == state.scalar_type(), op, ": intermediate_states must have state's dtype ",
-             dtype_name(state.scalar_type()), ", got ", dtype_name(snapshots->scalar_type()));
+    check_same_dtype(op, "intermediate_states", *snapshots, state, "state");
     check_same_device(op, "intermediate_states", *snapshots, state, "state");
   }
   std::optional<Tensor> idx;
