@@ -66,7 +66,8 @@ def transform(src, name="<cu>"):
     out, n_static = _STATIC.subn(_static_shared, out)
     out, n_launch = _LAUNCH.subn(_launch, out)
     code = _code_only(out)
-    for bad in ("__shared__", "<<<", ">>>"):
+    # ">>>" alone may close nested templates (pair<a, pair<b, c>>>); every launch opens with "<<<".
+    for bad in ("__shared__", "<<<"):
         if bad in code:
             line = next(l for l in code.splitlines() if bad in l)
             raise SystemExit(f"transform: {name}: '{bad}' left after the rewrite (add a rule): {line.strip()!r}")

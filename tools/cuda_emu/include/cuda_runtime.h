@@ -91,6 +91,14 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   }
   return emu::set_error(cudaErrorInvalidValue, "emu: cudaDeviceGetAttribute: attribute not emulated");
 }
+// A fixed, plausible answer (the kernels only use it to size their grids); 0 threads is an error.
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F*, int block_threads, size_t) {
+  if (block_threads <= 0 || block_threads > 1024)
+    return emu::set_error(cudaErrorInvalidValue, "emu: occupancy query with " + std::to_string(block_threads) + " threads");
+  *n = block_threads <= 256 ? 4 : 2;
+  return cudaSuccess;
+}
 template <class F>
 cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
   if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0 || static_cast<size_t>(v) > emu::kMaxOptinSmem)

@@ -1,72 +1,17 @@
-// Host emulation of the rmsnorm_gated CUDA kernels, for machines without a GPU: runs the
-// kernel code of csrc/ssd/rmsnorm_gated_cuda.cu (with its launch plans) on the CPU and checks
-// every output against a float64 reference, over shapes that take every kernel path. Every CUDA
-// thread is a std::thread; a block's threads share a std::barrier (__syncthreads) and a buffer
-// (__shfl_xor_sync). It checks indexing, coverage and reductions, not the GPU memory model or
-// launch limits. Slow (minutes): run scripts/emulate_rmsnorm_gated_cuda.sh.
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <barrier>
-#include <thread>
-#include <vector>
-#include <cstdio>
+// The gated RMSNorm CUDA kernels (csrc/ssd/rmsnorm_gated_cuda.cu, rewritten by transform.py into
+// rmsnorm_gated_cuda.emu.cpp) run by the emulator and checked here against a float64 reference,
+// forward and backward, over shapes and layouts that take every kernel path (54 cases), for
+// tests/ssd/test_cuda_emulation_rmsnorm.py.
+#include "emu_api.h"
+#include "rmsnorm_gated_cuda.emu.cpp"
+
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
-#include <functional>
+#include <vector>
 
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
-std::barrier<>* g_bar;
-float g_shfl[1024];
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-  int tid = threadIdx.x + threadIdx.y * blockDim.x;
-  g_shfl[tid] = v;
-  __syncthreads();
-  float r = g_shfl[tid ^ o];
-  __syncthreads();
-  return r;
-}
-#undef __global__
-#define __global__
-#undef __shared__
-#define __shared__ static
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, ...) (*(n) = 5, cudaSuccess)
-#define cudaGetDevice(d) (*(d) = 0, cudaSuccess)
-#define cudaDeviceGetAttribute(n, a, d) (*(n) = 132, cudaSuccess)
-#define cudaGetLastError() cudaSuccess
-#define cudaGetErrorString(e) "emu"
-
-template <typename F, typename... A>
-void emu_launch(F f, dim3 grid, dim3 block, A... args) {
-  blockDim = block; gridDim = grid;
-  const int nt = block.x * block.y * block.z;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> bar(nt);
-        g_bar = &bar;
-        std::vector<std::thread> ts;
-        for (unsigned tz = 0; tz < block.z; ++tz)
-          for (unsigned ty = 0; ty < block.y; ++ty)
-            for (unsigned tx = 0; tx < block.x; ++tx)
-              ts.emplace_back([&, tx, ty, tz, bx, by, bz] {
-                threadIdx = dim3(tx, ty, tz);
-                blockIdx = dim3(bx, by, bz);
-                f(args...);
-                bar.arrive_and_drop();
-              });
-        for (auto& t : ts) t.join();
-      }
-}
-
-#define NK_DEVICE inline
-#include "kern.inc"
-
-// ---------------------------------------------------------------- driver
+namespace {
 using namespace nk;
 static std::mt19937 rng(1234);
 static float randn() { static std::normal_distribution<float> d; return d(rng); }
@@ -85,7 +30,7 @@ struct Err { double num = 0, den = 0; void add(double a, double b) { num += (a -
   double rel() const { return den > 0 ? std::sqrt(num / den) : std::sqrt(num); } };
 
 template <typename T>
-int run_case(int64_t rows, int64_t D, int64_t G, int mode, bool bias, int layout) {
+int run_case(int64_t rows, int64_t D, int64_t G, int mode, bool bias, int layout, char* report, int report_len) {
   // layout 0: contiguous; 1: x channel stride 2; 2: rows padded (sr = D + 8); 3: dout expanded (stride 0)
   const int64_t xsc = layout == 1 ? 2 : 1, xsr = layout == 1 ? 2 * D : layout == 2 ? D + 8 : D;
   std::vector<T> x(rows * xsr + 16), z(rows * xsr + 16), g(rows * D + 16);
@@ -161,27 +106,33 @@ int run_case(int64_t rows, int64_t D, int64_t G, int mode, bool bias, int layout
   const double tol = sizeof(T) == 4 ? 1e-5 : 2e-2;
   double worst = std::max({eo.rel(), er.rel(), ex.rel(), ez.rel(), ew.rel(), eb.rel()});
   bool ok = worst < tol * 10 && std::isfinite(worst);
-  std::printf("%s %s rows=%ld D=%ld G=%ld mode=%d bias=%d layout=%d P=%ld: out %.1e rstd %.1e dx %.1e dz %.1e dw %.1e db %.1e\n",
+  std::snprintf(report, report_len, "%s %s rows=%ld D=%ld G=%ld mode=%d bias=%d layout=%d P=%ld: out %.1e rstd %.1e dx %.1e dz %.1e dw %.1e db %.1e",
               ok ? "ok  " : "FAIL", sizeof(T) == 4 ? "f32 " : "bf16", (long)rows, (long)D, (long)G, mode, bias, layout,
               (long)q.num_partials, eo.rel(), er.rel(), ex.rel(), ez.rel(), ew.rel(), eb.rel());
   return ok ? 0 : 1;
 }
 
-int main() {
-  setvbuf(stdout, nullptr, _IONBF, 0);
-  int fails = 0;
-  struct S { int64_t rows, D, G; };
-  S shapes[] = {{37, 1024, 128}, {33, 2048, 512}, {9, 1536, 1536}, {5, 4100, 1025}, {9, 4096, 4096},
-                {2, 8200, 8200}, {5, 7, 7}, {70, 96, 32}, {3, 24, 1}};
-  int si = 0;
-  for (auto s : shapes)
-    for (int mode = 0; mode < 3; ++mode) {
-      const int layout = (mode + si++) % 4;
-      {
-        fails += run_case<float>(s.rows, s.D, s.G, mode, layout % 2 == 0, layout);
-        fails += run_case<__nv_bfloat16>(s.rows, s.D, s.G, mode, layout % 2 == 1, layout);
-      }
-    }
-  std::printf("%d failures\n", fails);
-  return fails != 0;
+struct Shape { int64_t rows, D, G; };
+const Shape kShapes[] = {{37, 1024, 128}, {33, 2048, 512}, {9, 1536, 1536}, {5, 4100, 1025}, {9, 4096, 4096},
+                         {2, 8200, 8200}, {5, 7, 7}, {70, 96, 32}, {3, 24, 1}};
+constexpr int kModes = 3;
+}  // namespace
+
+EMU_EXPORT int emu_rmsnorm_num_cases() { return static_cast<int>(std::size(kShapes)) * kModes * 2; }
+
+// Case i: shape i / 6, mode (i / 2) % 3 (0 no z, 1 gate before the norm, 2 after), dtype i % 2
+// (float32, bfloat16); the layout cycles over contiguous / strided x / padded rows / expanded dout.
+// Returns 0 when every output is within tolerance, 1 when not, 2 on an emulator error; `report`
+// gets the errors.
+EMU_EXPORT int emu_rmsnorm_case(int i, char* report, int report_len) {
+  const int si = i / (2 * kModes), mode = (i / 2) % kModes, f32 = i % 2 == 0;
+  const Shape s = kShapes[si];
+  const int layout = (mode + si * kModes + mode) % 4;
+  rng.seed(1234 + i);
+  int result = 0;
+  const int rc = emu::guarded([&] {
+    result = f32 ? run_case<float>(s.rows, s.D, s.G, mode, layout % 2 == 0, layout, report, report_len)
+                 : run_case<__nv_bfloat16>(s.rows, s.D, s.G, mode, layout % 2 == 1, layout, report, report_len);
+  }, report, report_len);
+  return rc ? 2 : result;
 }
