@@ -11,21 +11,20 @@ std::vector<std::pair<std::string, std::string>>& registry() {
   static std::vector<std::pair<std::string, std::string>> ops;  // built at load, read-only after
   return ops;
 }
-}  // namespace
 
+// The op name of `schema` ("name(args) -> ret"); throws on a malformed schema.
 std::string schema_op_name(const char* schema) {
   const std::string s(schema);
   const auto paren = s.find('(');
   if (paren == std::string::npos || paren == 0) throw std::logic_error("nemokernels: malformed schema: " + s);
   return s.substr(0, paren);
 }
-
-void file_op(const std::string& op, const char* family) { registry().emplace_back(op, family); }
+}  // namespace
 
 void define_ops(torch::stable::detail::StableLibrary& m, const char* family, const OpDef* ops, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     m.def(ops[i].schema);
-    file_op(schema_op_name(ops[i].schema), family);
+    registry().emplace_back(schema_op_name(ops[i].schema), family);
   }
 }
 

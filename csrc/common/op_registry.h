@@ -9,11 +9,6 @@
 
 namespace nk {
 
-// The op name of `schema` ("name(args) -> ret"); throws on a malformed schema.
-std::string schema_op_name(const char* schema);
-// Files `op` under `family`.
-void file_op(const std::string& op, const char* family);
-
 // (op, family) for every op defined so far (every op, once _C is loaded), in definition order.
 const std::vector<std::pair<std::string, std::string>>& op_families();
 
