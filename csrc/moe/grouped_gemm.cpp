@@ -23,7 +23,7 @@ constexpr const char* kWgrad = "grouped_gemm (wgrad)";
 
 GgType gg_type(const char* op, const char* arg, const Tensor& t) {
   if (t.is_cuda()) {
-    check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+    check_float(op, arg, t);
   } else {
     check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16, ScalarType::Double});
   }
@@ -33,11 +33,6 @@ GgType gg_type(const char* op, const char* arg, const Tensor& t) {
     case ScalarType::Double: return GgType::F64;
     default: return GgType::F32;
   }
-}
-
-void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
-  NK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have ", ref_arg, "'s dtype ",
-           dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
 }
 
 // Size limits. Every device: R rows are addressed by int32 expert_offsets. CUDA: the portable
@@ -59,11 +54,8 @@ void check_sizes(const char* op, const Tensor& t, int64_t R, const char* cols_na
 // expert_offsets (E + 1,) int32 on ref's device; on the CPU also its values. Returns E.
 int64_t check_offsets(const char* op, const Tensor& offsets, const Tensor& ref, const char* ref_arg,
                       int64_t R, int64_t expect_e) {
-  check_dim(op, "expert_offsets", offsets, 1);
-  check_dtype(op, "expert_offsets", offsets, {ScalarType::Int});
-  check_same_device(op, "expert_offsets", offsets, ref, ref_arg);
-  NK_CHECK(offsets.size(0) >= 1, op, ": expert_offsets must have E + 1 >= 1 entries, got shape ",
-           shape_str(offsets));
+  check_tensor(op, "expert_offsets", offsets, {-1}, {ScalarType::Int}, ref, ref_arg);
+  check_size_at_least(op, "expert_offsets", offsets, 0, 1, "E + 1 entries");
   const int64_t E = offsets.size(0) - 1;
   NK_CHECK(!offsets.is_cuda() || E <= 65535, op, ": at most 65535 experts on CUDA (a grid dimension), got ", E);
   NK_CHECK(expect_e < 0 || E == expect_e, op, ": expert_offsets must have E + 1 = ", expect_e + 1,
@@ -87,10 +79,7 @@ std::optional<Tensor> check_pre(const char* op, const std::optional<Tensor>& pre
   std::optional<Tensor> r;
   if (!pre) return r;
   check_dim(op, "preact", *pre, 2);
-  NK_CHECK(pre->size(0) == dout.size(0) && pre->size(1) == dout.size(1), op,
-           ": preact must have dout's shape ", shape_str(dout), ", got ", shape_str(*pre));
-  check_same_dtype(op, "preact", *pre, dout, "dout");
-  check_same_device(op, "preact", *pre, dout, "dout");
+  check_like(op, "preact", *pre, dout, "dout");
   r.emplace(contig(*pre));
   return r;
 }

@@ -26,22 +26,12 @@ std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool 
   const char* op = kQuant;
   NK_CHECK(x.dim() == 2, op, ": x must be a 2-D (rows, K) view (the Python wrapper flattens the leading "
            "dims), got shape ", shape_str(x));
-  check_dtype(op, "x", x, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  check_float(op, "x", x);
   const int64_t rows = x.size(0), cols = x.size(1);
   NK_CHECK(cols % 16 == 0, op, ": the quantized dim (K, the last dim; the token dim for quantize_t) must "
            "be a multiple of 16 (one E4M3 scale per 16 elements), got shape ", shape_str(x));
-  if (global_amax) {
-    NK_CHECK(global_amax->numel() == 1, op, ": global_amax must hold exactly one element, got shape ",
-             shape_str(*global_amax));
-    check_dtype(op, "global_amax", *global_amax, {ScalarType::Float});
-    check_same_device(op, "global_amax", *global_amax, x, "x");
-  }
-  if (seed_tensor) {
-    NK_CHECK(seed_tensor->numel() == 1, op, ": seed_tensor must hold exactly one element, got shape ",
-             shape_str(*seed_tensor));
-    check_dtype(op, "seed_tensor", *seed_tensor, {ScalarType::Long});
-    check_same_device(op, "seed_tensor", *seed_tensor, x, "x");
-  }
+  if (global_amax) check_one_element(op, "global_amax", *global_amax, ScalarType::Float, x, "x");
+  if (seed_tensor) check_one_element(op, "seed_tensor", *seed_tensor, ScalarType::Long, x, "x");
   OptionalDeviceGuard guard(x);
   Tensor data = new_empty(x, {rows, cols / 2}, ScalarType::Byte);
   Tensor scales = new_empty(x, {rows, cols / 16}, ScalarType::Byte);
@@ -93,13 +83,11 @@ Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, int64_t
   check_same_device(op, "scales", scales, data, "data");
   check_same_device(op, "global_scale", global_scale, data, "data");
   check_dtype(op, "global_scale", global_scale, {ScalarType::Float});
-  NK_CHECK(global_scale.numel() == 1, op, ": global_scale must hold exactly one element, got shape ",
-           shape_str(global_scale));
+  check_one_element(op, "global_scale", global_scale);
   const int64_t rows = data.size(0), cols = data.size(1) * 2;
   NK_CHECK(cols % 16 == 0, op, ": data.shape[-1] * 2 (K) must be a multiple of 16, got data shape ",
            shape_str(data));
-  NK_CHECK(scales.size(0) == rows && scales.size(1) == cols / 16, op, ": scales must have shape (", rows,
-           ", ", cols / 16, ") for data of shape ", shape_str(data), ", got ", shape_str(scales));
+  check_shape(op, "scales", scales, {rows, cols / 16}, str_cat("for data of shape ", shape_str(data)));
   NK_CHECK(out_dtype >= 0 && out_dtype <= 2, op, ": dtype must be float32, float16 or bfloat16 (code 0..2), "
            "got code ", out_dtype);
   const ScalarType odt = out_dtype == 0 ? ScalarType::Float : (out_dtype == 1 ? ScalarType::Half : ScalarType::BFloat16);

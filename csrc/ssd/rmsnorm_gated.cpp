@@ -56,41 +56,22 @@ std::vector<int64_t> sizes_of(const Tensor& t) {
   return s;
 }
 
-void check_float_input(const char* op, const char* arg, const Tensor& t) {
-  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
-}
-
-// A tensor that must match x's shape, dtype and device (z, dout).
-void check_like_x(const char* op, const char* arg, const Tensor& t, const Tensor& x) {
-  NK_CHECK(t.dim() == x.dim() && sizes_of(t) == sizes_of(x), op, ": ", arg, " must have x's shape ",
-           shape_str(x), ", got ", shape_str(t));
-  NK_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", arg, " must have x's dtype ",
-           dtype_name(x.scalar_type()), ", got ", dtype_name(t.scalar_type()));
-  check_same_device(op, arg, t, x, "x");
-}
-
 // Checks shared by forward and backward; returns (rows, D).
 std::tuple<int64_t, int64_t> check_args(const char* op, const Tensor& x, const Tensor& weight,
                                         const std::optional<Tensor>& bias,
                                         const std::optional<Tensor>& z, int64_t group_size) {
   NK_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., D), got a 0-d tensor");
-  check_float_input(op, "x", x);
+  check_float(op, "x", x);
   const int64_t D = x.size(x.dim() - 1);
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
-  check_dim(op, "weight", weight, 1);
-  check_float_input(op, "weight", weight);
-  check_same_device(op, "weight", weight, x, "x");
-  NK_CHECK(weight.size(0) == D, op, ": weight must have shape (D,) = (", D,
-           ",) where D = x.shape[-1], got ", shape_str(weight));
-  if (bias) {
-    check_dim(op, "bias", *bias, 1);
-    check_float_input(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, x, "x");
-    NK_CHECK(bias->size(0) == D, op, ": bias must have shape (D,) = (", D,
-             ",) where D = x.shape[-1], got ", shape_str(*bias));
+  for (auto [arg, t] : {std::pair<const char*, const Tensor*>{"weight", &weight}, {"bias", bias ? &*bias : nullptr}}) {
+    if (!t) continue;
+    check_dim(op, arg, *t, 1);
+    check_float(op, arg, *t, x, "x");
+    check_shape(op, arg, *t, {D}, "= (D,) where D = x.shape[-1]");
   }
-  if (z) check_like_x(op, "z", *z, x);
+  if (z) check_like(op, "z", *z, x, "x");
   if (D > 0) {
     NK_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
     NK_CHECK(D % group_size == 0, op, ": group_size (", group_size,
@@ -155,14 +136,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
     Tensor rstd, int64_t group_size, bool norm_before_gate) {
   const char* op = kBwd;
   auto [rows, D] = check_args(op, x, weight, bias, z, group_size);
-  check_like_x(op, "dout", dout, x);
+  check_like(op, "dout", dout, x, "x");
   const int64_t ngroups = D > 0 ? D / group_size : 0;
-  NK_CHECK(rstd.scalar_type() == ScalarType::Float, op, ": rstd must be float32, got ",
-           dtype_name(rstd.scalar_type()));
+  check_dtype(op, "rstd", rstd, {ScalarType::Float});
   check_same_device(op, "rstd", rstd, x, "x");
-  NK_CHECK(rstd.dim() == x.dim() && sizes_of(rstd) == leading_then(x, ngroups), op,
-           ": rstd must have shape x.shape[:-1] + (D / group_size,) = x.shape[:-1] + (", ngroups,
-           ",), got ", shape_str(rstd));
+  check_shape(op, "rstd", rstd, leading_then(x, ngroups), "= x.shape[:-1] + (D / group_size,)");
   OptionalDeviceGuard guard(x);
   Tensor dx = new_empty(x, sizes_of(x), x.scalar_type());
   Tensor dz = z ? new_empty(x, sizes_of(x), x.scalar_type()) : new_empty(x, {0}, x.scalar_type());

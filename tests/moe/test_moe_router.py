@@ -162,7 +162,7 @@ def test_router_bad_input(device):
     with pytest.raises(RuntimeError, match=r"number of experts\) must be in \[1, 2048\]"):
         moe_router(torch.randn(1, 4096, device=device), None, 2)
     ids, _ = moe_router(lg, None, 2)
-    with pytest.raises(RuntimeError, match="dweights must have topk_ids' shape"):
+    with pytest.raises(RuntimeError, match="dweights must have topk_ids's shape"):
         ops.moe_router_bwd(torch.zeros(4, 3, device=device), lg, ids, True, 1.0)
 
 
@@ -328,7 +328,7 @@ ROUTER_BWD_CASES = [
     ("dweights_rank", lambda a: a.update(dweights=a["dweights"].flatten()),
      OP_BWD + r": dweights must have 2 dimensions, got shape \(12,\)", "all"),
     ("dweights_shape", lambda a: a.update(dweights=a["dweights"][:, :2]),
-     OP_BWD + r": dweights must have topk_ids' shape \(4, 3\), got \(4, 2\)", "all"),
+     OP_BWD + r": dweights must have topk_ids's shape \(4, 3\), got \(4, 2\)", "all"),
     ("id_past_experts", lambda a: _set(a, "ids", (2, 1), 16),
      OP_BWD + r": topk_ids\[2, 1\] = 16 is out of range for 16 experts", "cpu"),
     ("id_negative", lambda a: _set(a, "ids", (0, 0), -1),

@@ -774,7 +774,7 @@ GREEDY_CASES = [
     ("logits_dtype", lambda a: a.update(lg=a["lg"].double()),
      VG + r": target_logits must be one of \{float32, float16, bfloat16\}, got float64", "all"),
     ("empty_vocab", lambda a: a.update(lg=a["lg"][..., :0]),
-     VG + r": target_logits must have a vocabulary of at least 1, got shape \(2, 4, 0\)", "all"),
+     VG + r": target_logits.shape\[2\] must be at least 1 \(the vocabulary size\), got shape \(2, 4, 0\)", "all"),
     ("num_draft_dtype", lambda a: a.update(nd=a["nd"].int()), VG + r": num_draft_tokens must be one of \{int64\}, got "
      "int32", "all"),
     ("num_draft_rank", lambda a: a.update(nd=a["nd"][None]), VG + r": num_draft_tokens must have 1 dimensions", "all"),
@@ -822,7 +822,7 @@ REJ_CASES = [
     ("target_dtype", lambda a: a.update(p=a["p"].half()), RS + r": target_probs must be one of \{float32\}, got float16",
      "all"),
     ("empty_vocab", lambda a: a.update(p=a["p"][..., :0], q=a["q"][..., :0]),
-     RS + r": target_probs must have a vocabulary of at least 1, got shape \(2, 4, 0\)", "all"),
+     RS + r": target_probs.shape\[2\] must be at least 1 \(the vocabulary size\), got shape \(2, 4, 0\)", "all"),
     ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), RS + r": draft_probs.shape\[2\] must be 10, got shape "
      r"\(2, 3, 9\)", "all"),
     ("draft_positions", lambda a: a.update(q=a["q"][:, :2]), RS + r": draft_probs.shape\[1\] must be 3", "all"),
@@ -873,7 +873,7 @@ TREE_GREEDY_CASES = [
      "all"),
     ("cand_rank", lambda a: a.update(cand=a["cand"][0]), TG + r": candidate_ids must have 2 dimensions", "all"),
     ("no_nodes", lambda a: a.update(cand=a["cand"][:, :0]),
-     TG + r": candidate_ids must hold at least the root node, got shape \(2, 0\)", "all"),
+     TG + r": candidate_ids.shape\[1\] must be at least 1 \(the root node\), got shape \(2, 0\)", "all"),
     ("parents_dtype", lambda a: a.update(par=a["par"].int()), TG + r": parents must be one of \{int64\}, got int32",
      "all"),
     ("parents_nodes", lambda a: a.update(par=a["par"][:, :3]), TG + r": parents.shape\[1\] must be 4, got shape \(2, 3\)",
@@ -912,7 +912,7 @@ TREE_REJ_CASES = [
     ("target_dtype", lambda a: a.update(p=a["p"].bfloat16()), TR + r": target_probs must be one of \{float32\}, got "
      "bfloat16", "all"),
     ("empty_vocab", lambda a: a.update(p=a["p"][..., :0], q=a["q"][..., :0]),
-     TR + r": target_probs must have a vocabulary of at least 1", "all"),
+     TR + r": target_probs.shape\[2\] must be at least 1 \(the vocabulary size\)", "all"),
     ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), TR + r": draft_probs.shape\[2\] must be 10", "all"),
     ("draft_dtype", lambda a: a.update(q=a["q"].half()), TR + r": draft_probs must be one of \{float32\}, got float16",
      "all"),
@@ -951,7 +951,7 @@ SAMPLING_CASES = [
     ("logits_dtype", lambda a: a.update(lg=a["lg"].double()), SP + r": logits must be one of \{float32, float16, "
      r"bfloat16\}, got float64", "all"),
     ("empty_vocab", lambda a: a.update(lg=a["lg"][..., :0]),
-     SP + r": logits must have a vocabulary of at least 1, got shape \(3, 2, 0\)", "all"),
+     SP + r": logits.shape\[2\] must be at least 1 \(the vocabulary size\), got shape \(3, 2, 0\)", "all"),
     ("temperature_negative", lambda a: a.update(tv=-0.5), SP + r": temperature must be finite and >= 0 \(0 = greedy\), "
      r"got -0.5", "all"),
     ("temperature_nan", lambda a: a.update(tv=float("nan")), SP + r": temperature must be finite and >= 0 .*got nan",
