@@ -137,6 +137,10 @@ void check_one_element(const char* op, const char* arg, const Tensor& t, ScalarT
   check_same_device(op, arg, t, ref, ref_arg);
 }
 
+void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi) {
+  NK_CHECK(value >= lo && value <= hi, op, ": ", arg, " must be in [", lo, ", ", hi, "], got ", value);
+}
+
 void check_tensor(const char* op, const char* arg, const Tensor& t, std::initializer_list<int64_t> sizes,
                   std::initializer_list<ScalarType> dtypes, const Tensor& ref, const char* ref_arg) {
   check_dim(op, arg, t, static_cast<int64_t>(sizes.size()));

@@ -88,6 +88,8 @@ void check_one_element(const char* op, const char* arg, const Tensor& t);
 // The same, then its dtype and that it is on ref's device.
 void check_one_element(const char* op, const char* arg, const Tensor& t, ScalarType dtype, const Tensor& ref,
                        const char* ref_arg);
+// An integer argument inside [lo, hi]: "pad_to must be in [1, 4096], got 0".
+void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi);
 // The usual checks of one argument, in order: check_dim (the rank of `sizes`), check_dtype
 // (an empty `dtypes`: any dtype), check_same_device (against `ref`), then check_size for every
 // dim whose expected size is >= 0 (-1: any size).

@@ -72,9 +72,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_plan(Tensor topk_ids, int
   const char* op = "moe_permute_plan";
   check_dim(op, "topk_ids", topk_ids, 2);
   check_dtype(op, "topk_ids", topk_ids, {ScalarType::Int});
-  NK_CHECK(num_experts >= 1 && num_experts <= kPermMaxExperts, op, ": num_experts must be in [1, ", kPermMaxExperts,
-           "], got ", num_experts);
-  NK_CHECK(pad_to >= 1 && pad_to <= 4096, op, ": pad_to must be in [1, 4096], got ", pad_to);
+  check_in_range(op, "num_experts", num_experts, 1, kPermMaxExperts);
+  check_in_range(op, "pad_to", pad_to, 1, 4096);
   const int64_t N = topk_ids.size(0) * topk_ids.size(1);
   const int64_t R = N + num_experts * (pad_to - 1);
   NK_CHECK(R < std::numeric_limits<int32_t>::max(), op, ": ", N, " slots + num_experts * (pad_to - 1) = ", R,

@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   const char* op = kRouter;
   check_logits(op, logits);
   const int64_t T = logits.size(0), E = logits.size(1);
-  NK_CHECK(top_k >= 1 && top_k <= kRouterMaxTopK, op, ": top_k must be in [1, ", kRouterMaxTopK, "], got ", top_k);
+  check_in_range(op, "top_k", top_k, 1, kRouterMaxTopK);
   NK_CHECK(top_k <= E, op, ": top_k must be at most the number of experts ", E, ", got ", top_k);
   NK_CHECK(n_group >= 1 && E % n_group == 0, op, ": n_group must be >= 1 and divide the number of experts ", E,
            ", got ", n_group);

@@ -10,7 +10,7 @@ import nemokernels
 from nemokernels.ssd.reference import rmsnorm_gated_ref
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+from helpers import TOL, assert_close, bad_input_params, opcheck, poison_allocator, rel_err, run_bad_input
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # gate mode: no z / z with norm_before_gate=False (gate first, the default) / True (gate last)
@@ -292,10 +292,9 @@ def test_empty_inputs(device):
 # ---------------------------------------------------------------- bad input
 
 
-# One table per op: (id, where, call, message). The call changes one argument of a good call of
-# the raw op; the message names the op, the argument, and what was expected and what came.
-# where: "any" (every device) or "cuda" (a device mix). Every check here is a shape, dtype,
-# device or scalar check: none reads tensor values, so none is CPU-only.
+# One table per op, rows (id, where, call, message[, exc]) as in helpers.bad_input_params: the
+# call changes one argument of a good call of the raw op (or of a public function). Every check
+# here is a shape, dtype, device or scalar check: none reads tensor values, so none is CPU-only.
 
 ops = torch.ops.nemokernels
 
@@ -372,34 +371,19 @@ BWD_CASES = [
 ]
 
 
-def run_bad_case(device, where, call, message):
-    if where == "cuda" and device != "cuda":
-        pytest.skip("needs a CUDA tensor (a device mix)")
-    t = good_args(device)
-    with pytest.raises(RuntimeError, match=message):
-        call(t)
+PUBLIC_CASES = [  # the public function and the module reach the same checks
+    ("fn_group_size", "any", lambda t: nemokernels.rmsnorm_fn(t.x, t.w, group_size=5),
+     R_ + r"group_size \(5\) must divide D = x.shape\[-1\] \(64\)"),
+    ("module_weight_size", "any", lambda t: nemokernels.RMSNormGated(32, device=t.x.device)(t.x),
+     R_ + r"weight must have shape \(64,\) = \(D,\) where D = x.shape\[-1\]"),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
-def test_forward_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
-def test_backward_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_public_functions_bad_input(device):
-    """The public function and the module reach the same checks."""
-    t = good_args(device)
-    with pytest.raises(RuntimeError, match=R_ + r"group_size \(5\) must divide D = x.shape\[-1\] \(64\)"):
-        nemokernels.rmsnorm_fn(t.x, t.w, group_size=5)
-    with pytest.raises(RuntimeError, match=R_ + r"weight must have shape \(64,\) = \(D,\) where D = x.shape\[-1\]"):
-        nemokernels.RMSNormGated(32, device=device)(t.x)
+@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+    fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), public=(good_args, PUBLIC_CASES)))
+def test_bad_input(device, make, where, call, match, exc):
+    run_bad_input(device, make, where, call, match, exc)
 
 
 # ---------------------------------------------------------------- GPU agrees with CPU kernel

@@ -10,7 +10,7 @@ import nemokernels
 from nemokernels.ssd.reference import ssd_scan_ref, varlen_from_cu_seqlens
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+from helpers import TOL, assert_close, bad_input_params, opcheck, poison_allocator, rel_err, run_bad_input
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 scan = nemokernels.mamba_chunk_scan_combined
@@ -394,11 +394,9 @@ def test_cuda_graph_replay_sees_new_inputs():
 
 # ---------------------------------------------------------------- bad input
 #
-# One table per op: (id, where, call, message). The call changes one argument of a good call of
-# the raw op; the message names the op, the argument, and what was expected and what came.
-# where: "any" (every device), "cpu" (a check that reads index values, CPU only: on CUDA any
-# values are memory-safe, see test_bad_index_values_stay_in_bounds_on_cuda), "cuda" (a device
-# mix, or a CUDA-only limit).
+# One table per op, rows (id, where, call, message[, exc]) as in helpers.bad_input_params: the
+# call changes one argument of a good call of the raw op (or of the public function). On CUDA
+# bad index values are memory-safe instead, see test_bad_index_values_stay_in_bounds_on_cuda.
 
 ops = torch.ops.nemokernels
 INF = float("inf")
@@ -551,43 +549,33 @@ BWD_CASES = [
 ]
 
 
-def run_bad_case(device, where, call, message):
-    if where == "cpu" and device != "cpu":
-        pytest.skip("a CPU-only check (it reads index values); the CUDA behaviour has its own test")
-    if where == "cuda" and device != "cuda":
-        pytest.skip("needs a CUDA tensor (a device mix or a CUDA-only limit)")
-    t = good_args(device)
-    with pytest.raises(RuntimeError, match=message):
-        call(t)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
-def test_forward_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
-def test_backward_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_public_function_bad_input(device):
-    t = good_args(device)
+def public(t, **kw):
+    """The public function on the good arguments."""
     good = {k: getattr(t, k) for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")}
-    with pytest.raises(ValueError, match=r"mamba_chunk_scan_combined: dt_limit must be a \(min, max\) pair, got 0.5"):
-        call(good, t.Q, dt_limit=0.5)
-    with pytest.raises(ValueError, match="mamba_chunk_scan_combined: return_varlen_states needs cu_seqlens"):
-        call(good, t.Q, return_varlen_states=True)
-    with pytest.raises(ValueError, match=r"mamba_chunk_scan_combined: return_varlen_states needs batch 1 \(packed "
-                                         r"sequences\), got batch 2"):
-        call(dict(good, **{k: v for k, v in batch_two(t).items() if k != "seq_idx"}), t.Q, cu_seqlens=t.cu,
-             return_varlen_states=True)
-    if device == "cpu":  # the wrapper derives seq_idx from cu_seqlens; the op still checks cu_seqlens
-        with pytest.raises(RuntimeError, match=X_ + r"cu_seqlens\[-1\] must be seqlen = 20"):
-            call(good, t.Q, cu_seqlens=torch.tensor([0, 5, 19]), return_varlen_states=True)
+    return call(dict(good, **kw.pop("inputs", {})), t.Q, **kw)
+
+
+PUBLIC_CASES = [
+    ("dt_limit", "any", lambda t: public(t, dt_limit=0.5),
+     r"mamba_chunk_scan_combined: dt_limit must be a \(min, max\) pair, got 0.5", ValueError),
+    ("varlen_without_cu_seqlens", "any", lambda t: public(t, return_varlen_states=True),
+     "mamba_chunk_scan_combined: return_varlen_states needs cu_seqlens", ValueError),
+    ("varlen_batch_two", "any",
+     lambda t: public(t, inputs={k: v for k, v in batch_two(t).items() if k != "seq_idx"}, cu_seqlens=t.cu,
+                      return_varlen_states=True),
+     r"mamba_chunk_scan_combined: return_varlen_states needs batch 1 \(packed sequences\), got batch 2", ValueError),
+    # the wrapper derives seq_idx from cu_seqlens; the op still checks cu_seqlens
+    ("cu_seqlens_end", "cpu",
+     lambda t: public(t, cu_seqlens=torch.tensor([0, 5, 19]), return_varlen_states=True),
+     X_ + r"cu_seqlens\[-1\] must be seqlen = 20"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+    fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), public=(good_args, PUBLIC_CASES)))
+def test_bad_input(device, make, where, call, match, exc):
+    run_bad_input(device, make, where, call, match, exc)
 
 
 @pytest.mark.gpu
