@@ -438,7 +438,8 @@ SINGLE_CASES = [
     ("indices_duplicate", "cpu", lambda t: single(t, state_batch_indices=t["idx"].new_tensor([1, 1])),
      S_ + r"state_batch_indices holds row 1 twice \(entries 0 and 1\); each state row is updated in place"),
     ("state_rows", "any", lambda t: single(t, state=t["state"][:1], state_batch_indices=None),
-     S_ + r"state.shape\[0\] must be at least 2 \(batch, when state_batch_indices is None\), got shape \(1, 4, 8, 16\)"),
+     S_ + r"state.shape\[0\] must be at least 2 "
+          r"\(batch, when state_batch_indices is None\), got shape \(1, 4, 8, 16\)"),
     ("state_expanded", "any", lambda t: single(t, state=t["state"][:1].expand(3, 4, 8, 16)),
      S_ + r"state is written, so it must not be an expanded view \(stride 0 in dimension 0 of size 3\)"),
     ("state_self_overlap", "any",
