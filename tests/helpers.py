@@ -120,12 +120,9 @@ needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") i
 # the C++ entry's checks) is ValueError or TypeError for a check of a Python wrapper; `where` is
 # where the check runs: "any" (every device), "cpu" (a check that reads values on the host: on CUDA
 # it would need a sync, and the CUDA behaviour has its own test) or "cuda" (a device mix, a CUDA-only
-# limit). One `test_bad_input` per file runs them all:
+# limit). One `test_bad_input` per file runs them all on every device:
 #
-#   @pytest.mark.parametrize("device", DEVICES)
-#   @pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(fwd=(good_args, FWD_CASES)))
-#   def test_bad_input(device, make, where, call, match, exc):
-#       run_bad_input(device, make, where, call, match, exc)
+#   test_bad_input = bad_input_test(fwd=(good_args, FWD_CASES), bwd=mutation_table(...))
 
 
 def bad_call(fn, match, *args, exc=RuntimeError, **kw):
@@ -173,3 +170,19 @@ def mutation_table(make, call, rows):
         return run
 
     return make_valid, [(r[0], r[3], mutated(r[1]), r[2], *r[4:]) for r in rows]
+
+
+def bad_input_test(after=None, **tables):
+    """The `test_bad_input` of a test file: every row of its tables (name=(make, rows), as in
+    bad_input_params) on every device. `after(args)`, when given, runs after each refused call
+    (e.g. to check that the call wrote nothing)."""
+    from conftest import DEVICES
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(**tables))
+    def test_bad_input(device, make, where, call, match, exc):
+        args = run_bad_input(device, make, where, call, match, exc)
+        if after is not None:
+            after(args)
+
+    return test_bad_input

@@ -9,8 +9,8 @@ import torch
 from nemokernels.moe import grouped_gemm
 
 from conftest import DEVICES
-from helpers import (TOL, assert_close, assert_close_to_magnitude, bad_input_params, mutation_table, nan_like, opcheck,
-                     poison_allocator, rel_err, run_bad_input)
+from helpers import (TOL, assert_close, assert_close_to_magnitude, bad_input_test, mutation_table, nan_like, opcheck,
+                     poison_allocator, rel_err)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ops = torch.ops.nemokernels
@@ -517,12 +517,9 @@ PUBLIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     fwd=mutation_table(_gg_args, _fwd_call, FWD_CASES), dgrad=mutation_table(_gg_args, _dgrad_call, DGRAD_CASES),
-    wgrad=mutation_table(_gg_args, _wgrad_call, WGRAD_CASES), public=(_public_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    wgrad=mutation_table(_gg_args, _wgrad_call, WGRAD_CASES), public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ from nemokernels.moe import moe_combine, moe_gather, moe_permute_plan
 from nemokernels.moe import reference as R
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_params, mutation_table, opcheck, poison_allocator, run_bad_input
+from helpers import TOL, assert_close, bad_input_test, mutation_table, opcheck, poison_allocator
 
 ops = torch.ops.nemokernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -453,16 +453,13 @@ PUBLIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     plan=mutation_table(_plan_args, _plan_call, PLAN_CASES),
     gather=mutation_table(_maps_args, _gather_call, GATHER_CASES),
     gather_bwd=mutation_table(_maps_args, _gather_bwd_call, GATHER_BWD_CASES),
     combine=mutation_table(_maps_args, _combine_call, COMBINE_CASES),
     combine_bwd=mutation_table(_maps_args, _combine_bwd_call, COMBINE_BWD_CASES),
-    public=(_public_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from nemokernels.moe import moe_router, router_logits
 from nemokernels.moe import reference as R
 
 from conftest import DEVICES
-from helpers import assert_close, bad_input_params, mutation_table, opcheck, poison_allocator, run_bad_input
+from helpers import assert_close, bad_input_test, mutation_table, opcheck, poison_allocator
 
 ops = torch.ops.nemokernels
 
@@ -343,13 +343,10 @@ PUBLIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     router=mutation_table(_router_args, _router_call, ROUTER_CASES),
     router_bwd=mutation_table(_router_bwd_args, _router_bwd_call, ROUTER_BWD_CASES),
-    public=(_public_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,8 +13,8 @@ from nemokernels.nvfp4 import NVFP4Tensor
 from nemokernels.nvfp4.reference import decode_reference, gemm_reference
 
 from conftest import DEVICES
-from helpers import (TOL, assert_close, assert_close_to_product, bad_input_params, mutation_table, opcheck, poison_allocator,
-                     rel_err, run_bad_input)
+from helpers import (TOL, assert_close, assert_close_to_product, bad_input_test, mutation_table, opcheck,
+                     poison_allocator, rel_err)
 
 ops = torch.ops.nemokernels
 EDGES = [1, 15, 16, 17, 36, 127, 128, 129]
@@ -440,12 +440,9 @@ PUBLIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     gemm=mutation_table(_gemm_args, _gemm_call, GEMM_CASES),
-    swizzle=mutation_table(_swizzle_args, _swizzle_call, SWIZZLE_CASES), public=(_public_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    swizzle=mutation_table(_swizzle_args, _swizzle_call, SWIZZLE_CASES), public=(_public_args, PUBLIC_CASES))
 
 
 # ---------------------------------------------------------------- which path a call takes

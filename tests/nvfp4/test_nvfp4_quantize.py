@@ -12,7 +12,7 @@ from nemokernels.nvfp4 import NVFP4Tensor, dequantize, gemm, quantize, quantize_
 from nemokernels.nvfp4 import reference as ref
 
 from conftest import DEVICES
-from helpers import bad_input_params, mutation_table, opcheck, rel_err, run_bad_input
+from helpers import bad_input_test, mutation_table, opcheck, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = [
@@ -566,12 +566,9 @@ PUBLIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     quantize=mutation_table(_q_args, _q_call, QUANT_CASES), quantize_t=mutation_table(_qt_args, _qt_call, QT_CASES),
-    dequantize=mutation_table(_dq_args, _dq_call, DEQUANT_CASES), public=(_public_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    dequantize=mutation_table(_dq_args, _dq_call, DEQUANT_CASES), public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.gpu

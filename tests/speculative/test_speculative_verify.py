@@ -11,7 +11,7 @@ from nemokernels import _C, speculative
 from nemokernels.speculative import reference as R
 
 from conftest import DEVICES
-from helpers import TOL, bad_input_params, mutation_table, opcheck, poison_allocator, rel_err, run_bad_input
+from helpers import TOL, bad_input_test, mutation_table, opcheck, poison_allocator, rel_err
 
 ops = torch.ops.nemokernels
 LOGIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -994,13 +994,10 @@ SAMPLING_CASES = [
      SP + r": temperature is on cpu but logits is on cuda:\d+; all tensors must be on one device", "cuda"),
 ]
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     verify_greedy=mutation_table(_greedy_args, _greedy_call, GREEDY_CASES),
     rejection_sample=mutation_table(_rej_args, _rej_call, REJ_CASES),
     verify_tree_greedy=mutation_table(_tree_args, _tree_greedy_call, TREE_GREEDY_CASES),
     verify_tree_rejection=mutation_table(_tree_args, _tree_rej_call, TREE_REJ_CASES),
     sampling_probs=mutation_table(_samp_args, _samp_call, SAMPLING_CASES),
-    public=(_public_args, PUBLIC_CASES), public_values=(_values_args, VALUE_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    public=(_public_args, PUBLIC_CASES), public_values=(_values_args, VALUE_CASES))

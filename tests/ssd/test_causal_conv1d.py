@@ -9,7 +9,7 @@ import nemokernels
 from nemokernels.ssd.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_params, nan_like, opcheck, poison_allocator, rel_err, run_bad_input
+from helpers import TOL, assert_close, bad_input_test, nan_like, opcheck, poison_allocator, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -434,12 +434,9 @@ PUBLIC_CASES = [  # the public functions reach the same checks (int64 indices ar
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
+test_bad_input = bad_input_test(
     fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), update=(good_args, UPDATE_CASES),
-    public=(good_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+    public=(good_args, PUBLIC_CASES))
 
 
 # ---------------------------------------------------------------- in-place safety of the update

@@ -10,7 +10,7 @@ import nemokernels
 from nemokernels.ssd.reference import rmsnorm_gated_ref
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_params, opcheck, poison_allocator, rel_err, run_bad_input
+from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # gate mode: no z / z with norm_before_gate=False (gate first, the default) / True (gate last)
@@ -379,11 +379,8 @@ PUBLIC_CASES = [  # the public function and the module reach the same checks
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
-    fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), public=(good_args, PUBLIC_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    run_bad_input(device, make, where, call, match, exc)
+test_bad_input = bad_input_test(
+    fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), public=(good_args, PUBLIC_CASES))
 
 
 # ---------------------------------------------------------------- GPU agrees with CPU kernel

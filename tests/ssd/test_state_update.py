@@ -8,7 +8,7 @@ from nemokernels.ssd.reference import (selective_state_update_multi_ref, selecti
                                        ssd_scan_ref)
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_params, opcheck, poison_allocator, rel_err, run_bad_input
+from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator, rel_err
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (state dtype, input dtype): float32 states with every input dtype, and 16-bit states.
@@ -531,13 +531,14 @@ COMMIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(
-    single=(good_single, SINGLE_CASES), multi=(good_multi, MULTI_CASES), public=(good_single, PUBLIC_CASES),
-    public_multi=(good_multi, PUBLIC_MULTI_CASES), commit_state=(good_commit, COMMIT_CASES)))
-def test_bad_input(device, make, where, call, match, exc):
-    t = run_bad_input(device, make, where, call, match, exc)
+def _state_untouched(t):
     assert torch.equal(t["state"], t["before"]), "a refused call must not touch the state"
+
+
+test_bad_input = bad_input_test(
+    after=_state_untouched,
+    single=(good_single, SINGLE_CASES), multi=(good_multi, MULTI_CASES), public=(good_single, PUBLIC_CASES),
+    public_multi=(good_multi, PUBLIC_MULTI_CASES), commit_state=(good_commit, COMMIT_CASES))
 
 
 @pytest.mark.gpu
