@@ -454,12 +454,11 @@ PUBLIC_CASES = [
 
 
 test_bad_input = bad_input_test(
-    plan=mutation_table(_plan_args, _plan_call, PLAN_CASES),
+    plan=mutation_table(_plan_args, _plan_call, PLAN_CASES), public=(_public_args, PUBLIC_CASES),
     gather=mutation_table(_maps_args, _gather_call, GATHER_CASES),
     gather_bwd=mutation_table(_maps_args, _gather_bwd_call, GATHER_BWD_CASES),
     combine=mutation_table(_maps_args, _combine_call, COMBINE_CASES),
-    combine_bwd=mutation_table(_maps_args, _combine_bwd_call, COMBINE_BWD_CASES),
-    public=(_public_args, PUBLIC_CASES))
+    combine_bwd=mutation_table(_maps_args, _combine_bwd_call, COMBINE_BWD_CASES))
 
 
 @pytest.mark.gpu
