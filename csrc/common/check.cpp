@@ -87,10 +87,6 @@ void check_limit(const char* op, const char* what, int64_t value, int64_t limit,
   NK_CHECK(value <= limit, op, ": ", what, " = ", value, " exceeds ", limit, ", ", why, "; ", how);
 }
 
-bool is_float_type(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
-}
-
 void check_float(const char* op, const char* arg, const Tensor& t) { check_dtype(op, arg, t, kFloatTypes); }
 
 void check_float(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
@@ -120,10 +116,14 @@ void check_same_shape(const char* op, const char* arg, const Tensor& t, const Te
            ", got ", shape_str(t));
 }
 
-void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
-  check_same_shape(op, arg, t, ref, ref_arg);
+void check_dtype_and_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
   check_same_dtype(op, arg, t, ref, ref_arg);
   check_same_device(op, arg, t, ref, ref_arg);
+}
+
+void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  check_same_shape(op, arg, t, ref, ref_arg);
+  check_dtype_and_device(op, arg, t, ref, ref_arg);
 }
 
 void check_one_element(const char* op, const char* arg, const Tensor& t) {
@@ -137,8 +137,9 @@ void check_one_element(const char* op, const char* arg, const Tensor& t, ScalarT
   check_same_device(op, arg, t, ref, ref_arg);
 }
 
-void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi) {
-  NK_CHECK(value >= lo && value <= hi, op, ": ", arg, " must be in [", lo, ", ", hi, "], got ", value);
+void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi, const char* hi_what) {
+  NK_CHECK(value >= lo && value <= hi, op, ": ", arg, " must be in [", lo, ", ", hi_what ? hi_what : "",
+           hi_what ? " = " : "", hi, "], got ", value);
 }
 
 void check_tensor(const char* op, const char* arg, const Tensor& t, std::initializer_list<int64_t> sizes,

@@ -62,7 +62,6 @@ void check_dtype(const char* op, const char* arg, const Tensor& t,
 void check_dtype(const char* op, const char* arg, ScalarType t, std::initializer_list<ScalarType> allowed);
 void check_same_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref,
                        const char* ref_arg);
-bool is_float_type(ScalarType t);
 
 // The activation dtypes the kernels take: float32, float16, bfloat16.
 inline constexpr std::initializer_list<ScalarType> kFloatTypes = {ScalarType::Float, ScalarType::Half,
@@ -79,17 +78,21 @@ void check_shape(const char* op, const char* arg, const Tensor& t, const std::ve
 // t.shape[d] >= min; `what` says what min is ("batch, when state_batch_indices is None").
 void check_size_at_least(const char* op, const char* arg, const Tensor& t, int64_t d, int64_t min,
                          const char* what);
-// t has ref's dtype / ref's shape / both and ref's device (check_like: shape, dtype, device).
+// t has ref's dtype / ref's shape / ref's dtype and device / all three (check_like: shape, dtype,
+// device).
 void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
 void check_same_shape(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
+void check_dtype_and_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
 void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
 // t holds one element (any rank): a scalar passed as a tensor (a seed, a global scale).
 void check_one_element(const char* op, const char* arg, const Tensor& t);
 // The same, then its dtype and that it is on ref's device.
 void check_one_element(const char* op, const char* arg, const Tensor& t, ScalarType dtype, const Tensor& ref,
                        const char* ref_arg);
-// An integer argument inside [lo, hi]: "pad_to must be in [1, 4096], got 0".
-void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi);
+// An integer argument inside [lo, hi]: "pad_to must be in [1, 4096], got 0"; `hi_what` names
+// the upper bound ("topk_group must be in [1, n_group = 4], got 5").
+void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi,
+                    const char* hi_what = nullptr);
 // The usual checks of one argument, in order: check_dim (the rank of `sizes`), check_dtype
 // (an empty `dtypes`: any dtype), check_same_device (against `ref`), then check_size for every
 // dim whose expected size is >= 0 (-1: any size).

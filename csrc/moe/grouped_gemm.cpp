@@ -123,8 +123,7 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
   check_dim(op, "a", a, 2);
   const GgType dt = gg_type(op, "a", a);
   check_dim(op, "w", w, 3);
-  check_same_dtype(op, "w", w, a, "a");
-  check_same_device(op, "w", w, a, "a");
+  check_dtype_and_device(op, "w", w, a, "a");
   const int64_t R = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
   NK_CHECK(w.size(2) == K, op, ": w must be (E, N, K) with K = a.shape[1] = ", K, ", got w shape ",
            shape_str(w), " and a shape ", shape_str(a));
@@ -161,8 +160,7 @@ Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::opt
   check_dim(op, "dout", dout, 2);
   const GgType dt = gg_type(op, "dout", dout);
   check_dim(op, "w", w, 3);
-  check_same_dtype(op, "w", w, dout, "dout");
-  check_same_device(op, "w", w, dout, "dout");
+  check_dtype_and_device(op, "w", w, dout, "dout");
   const int64_t R = dout.size(0), N = dout.size(1), E = w.size(0), K = w.size(2);
   NK_CHECK(w.size(1) == N, op, ": w must be (E, N, K) with N = dout.shape[1] = ", N, ", got w shape ",
            shape_str(w), " and dout shape ", shape_str(dout));
@@ -194,8 +192,7 @@ Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::opt
   check_dim(op, "dout", dout, 2);
   const GgType dt = gg_type(op, "dout", dout);
   check_dim(op, "a", a, 2);
-  check_same_dtype(op, "a", a, dout, "dout");
-  check_same_device(op, "a", a, dout, "dout");
+  check_dtype_and_device(op, "a", a, dout, "dout");
   const int64_t R = dout.size(0), N = dout.size(1), K = a.size(1);
   NK_CHECK(a.size(0) == R, op, ": a must have dout's number of rows ", R, ", got a shape ", shape_str(a),
            " and dout shape ", shape_str(dout));

@@ -224,8 +224,7 @@ std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_
   check_maps_agree(op, row_of_slot, slot_of_row);
   check_act(op, "dout", dout);
   check_shape(op, "dout", dout, {T, L});
-  check_same_dtype(op, "dout", dout, y, "y");
-  check_same_device(op, "dout", dout, y, "y");
+  check_dtype_and_device(op, "dout", dout, y, "y");
   OptionalDeviceGuard guard(y);
   Tensor dy = new_empty(y, {R, L}, y.scalar_type());
   Tensor dw = new_empty(y, {return_dweights ? T : 0, top_k}, ScalarType::Float);

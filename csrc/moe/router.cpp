@@ -45,8 +45,7 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   NK_CHECK(n_group >= 1 && E % n_group == 0, op, ": n_group must be >= 1 and divide the number of experts ", E,
            ", got ", n_group);
   NK_CHECK(n_group <= kRouterMaxGroups, op, ": n_group must be at most ", kRouterMaxGroups, ", got ", n_group);
-  NK_CHECK(topk_group >= 1 && topk_group <= n_group, op, ": topk_group must be in [1, n_group = ", n_group,
-           "], got ", topk_group);
+  check_in_range(op, "topk_group", topk_group, 1, n_group, "n_group");
   NK_CHECK(top_k <= topk_group * (E / n_group), op, ": top_k = ", top_k, " exceeds the ", topk_group * (E / n_group),
            " experts of the topk_group = ", topk_group, " kept groups (", E / n_group, " experts each)");
   if (e_score_correction_bias) {

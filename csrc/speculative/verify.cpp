@@ -259,8 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_greedy(Tensor candidate_ids,
   check_size_at_least(op, "candidate_ids", candidate_ids, 1, 1, "the root node");
   check_tensor(op, "parents", parents, {batch, n}, {ScalarType::Long}, candidate_ids, "candidate_ids");
   check_logits(op, target_logits, batch, n, candidate_ids, "candidate_ids");
-  NK_CHECK(max_depth >= 0 && max_depth < n, op, ": max_depth must be in [0, n_nodes - 1 = ", n - 1, "], got ",
-           max_depth);
+  check_in_range(op, "max_depth", max_depth, 0, n - 1, "n_nodes - 1");
   const int64_t vocab = target_logits.size(2);
   check_grid_rows(op, "batch * n_nodes (rows of target_logits)", batch * n, target_logits);
   check_tree(op, candidate_ids, parents, vocab);
@@ -299,8 +298,7 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_i
   const int64_t vocab = target_probs.size(2);
   check_tensor(op, "draft_probs", draft_probs, {batch, n, vocab}, {ScalarType::Float}, candidate_ids,
                "candidate_ids");
-  NK_CHECK(max_depth >= 0 && max_depth < n, op, ": max_depth must be in [0, n_nodes - 1 = ", n - 1, "], got ",
-           max_depth);
+  check_in_range(op, "max_depth", max_depth, 0, n - 1, "n_nodes - 1");
   check_seed(op, seed_tensor, target_probs);
   check_grid_rows(op, "batch", batch, target_probs);
   check_tree(op, candidate_ids, parents, vocab);

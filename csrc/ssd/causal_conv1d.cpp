@@ -115,8 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     NK_CHECK(!seq_idx, op, ": dfinal_states must be None when seq_idx is given (the forward returns no "
              "final states with seq_idx)");
     check_shape(op, "dfinal_states", *dfinal_states, {batch, dim, width - 1});
-    check_same_dtype(op, "dfinal_states", *dfinal_states, x, "x");
-    check_same_device(op, "dfinal_states", *dfinal_states, x, "x");
+    check_dtype_and_device(op, "dfinal_states", *dfinal_states, x, "x");
   }
   NK_CHECK(!(seq_idx && return_dinitial_states), op, ": return_dinitial_states must be False when seq_idx "
            "is given (packed sequences start from zero state, there is no initial state to differentiate)");

@@ -50,10 +50,8 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
   check_shape(op, "C", C, {d.b, d.L, d.G, d.N});
   check_float(op, "dt", dt, x, "x");
   check_float(op, "A", A, x, "x");
-  for (auto [arg, t] : {std::pair<const char*, const Tensor*>{"B", &B}, {"C", &C}}) {
-    check_same_device(op, arg, *t, x, "x");
-    check_same_dtype(op, arg, *t, x, "x");
-  }
+  check_dtype_and_device(op, "B", B, x, "x");
+  check_dtype_and_device(op, "C", C, x, "x");
   if (z) check_like(op, "z", *z, x, "x");
   if (D) {
     NK_CHECK((D->dim() == 1 && D->size(0) == d.H) || (D->dim() == 2 && D->size(0) == d.H && D->size(1) == d.P),

@@ -100,8 +100,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     ss.push_back(P);
     ss.push_back(N);
     check_shape(op, "intermediate_states", *snapshots, ss, "(batch, tokens, [nheads,] dim, dstate)");
-    check_same_dtype(op, "intermediate_states", *snapshots, state, "state");
-    check_same_device(op, "intermediate_states", *snapshots, state, "state");
+    check_dtype_and_device(op, "intermediate_states", *snapshots, state, "state");
   }
   std::optional<Tensor> idx;
   if (state_batch_indices) {
