@@ -51,6 +51,7 @@ using ScalarType = torch::headeronly::ScalarType;
 
 const char* dtype_name(ScalarType t);
 std::string shape_str(const Tensor& t);
+std::string shape_str(const std::vector<int64_t>& shape);
 std::string device_str(const Tensor& t);
 
 // `op` is the public op name used as the message prefix, `arg` the argument name.
@@ -66,7 +67,6 @@ void check_same_device(const char* op, const char* arg, const Tensor& t, const T
 // The activation dtypes the kernels take: float32, float16, bfloat16.
 inline constexpr std::initializer_list<ScalarType> kFloatTypes = {ScalarType::Float, ScalarType::Half,
                                                                   ScalarType::BFloat16};
-std::string shape_str(const std::vector<int64_t>& shape);
 
 // t's dtype is one of kFloatTypes; with `ref`, t is also on ref's device.
 void check_float(const char* op, const char* arg, const Tensor& t);
