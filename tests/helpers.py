@@ -98,3 +98,80 @@ def opcheck(op, args, kwargs=None):
 # without network installs).
 needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
                                        reason="needs safetensors (checkpoint I/O)")
+
+
+# ---------------------------------------------------------------- bad-input tables
+#
+# Each op family file keeps its refused calls in tables of rows (id, where, call, match[, exc]):
+# `call(args)` makes one call with one argument wrong, where `args` are the table's valid arguments
+# (built per device by the table's `make`); `match` is the regex of the expected message, which
+# names the op, the argument, and what was expected and what came; `exc` (default RuntimeError,
+# the C++ entry's checks) is ValueError or TypeError for a check of a Python wrapper; `where` is
+# where the check runs: "any" (every device), "cpu" (a check that reads values on the host: on CUDA
+# it would need a sync, and the CUDA behaviour has its own test) or "cuda" (a device mix, a CUDA-only
+# limit). One `test_bad_input` per file runs them all on every device:
+#
+#   test_bad_input = bad_input_test(fwd=(good_args, FWD_CASES), bwd=mutation_table(...))
+
+
+def bad_call(fn, match, *args, exc=RuntimeError, **kw):
+    """Asserts that fn(*args, **kw) raises `exc` with a message matching the regex `match`."""
+    with pytest.raises(exc, match=match):
+        fn(*args, **kw)
+
+
+def bad_input_params(**tables):
+    """One pytest.param (make, where, call, match, exc) per row of every table, with the id
+    "<table>-<row id>"; tables are name=(make, rows)."""
+    params = []
+    for name, (make, rows) in tables.items():
+        for row in rows:
+            case_id, where, call, match, *exc = row
+            assert where in ("any", "cpu", "cuda"), f"{name}-{case_id}: where = {where!r}"
+            params.append(pytest.param(make, where, call, match, exc[0] if exc else RuntimeError,
+                                       id=f"{name}-{case_id}"))
+    return params
+
+
+def run_bad_input(device, make, where, call, match, exc=RuntimeError):
+    """Runs one row of a bad-input table on `device` (skipped where the check does not run there);
+    returns the arguments the call got (a test may check that a refused call wrote nothing)."""
+    if where != "any" and where != torch.device(device).type:
+        pytest.skip(f"a {where}-only check")
+    args = make(device)
+    bad_call(call, match, args, exc=exc)
+    return args
+
+
+def mutation_table(make, call, rows):
+    """A table of mutations, rows (id, mutate, match, where[, exc]): `mutate(args)` changes one
+    entry of the valid argument dict, then `call(args)` must raise. Returns (make, rows) for
+    bad_input_params; its make checks that the unmutated call is valid first."""
+    def make_valid(device):
+        args = make(device)
+        call(args)  # the unmutated call is valid
+        return args
+
+    def mutated(mutate):
+        def run(args):
+            mutate(args)
+            return call(args)
+        return run
+
+    return make_valid, [(r[0], r[3], mutated(r[1]), r[2], *r[4:]) for r in rows]
+
+
+def bad_input_test(after=None, **tables):
+    """The `test_bad_input` of a test file: every row of its tables (name=(make, rows), as in
+    bad_input_params) on every device. `after(args)`, when given, runs after each refused call
+    (e.g. to check that the call wrote nothing)."""
+    from conftest import DEVICES
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("make,where,call,match,exc", bad_input_params(**tables))
+    def test_bad_input(device, make, where, call, match, exc):
+        args = run_bad_input(device, make, where, call, match, exc)
+        if after is not None:
+            after(args)
+
+    return test_bad_input

@@ -27,17 +27,23 @@ const char* dtype_name(ScalarType t) {
   }
 }
 
+namespace {
+
+std::vector<int64_t> sizes_of(const Tensor& t) {
+  std::vector<int64_t> s;
+  for (int64_t i = 0; i < t.dim(); ++i) s.push_back(t.size(i));
+  return s;
+}
+
+}  // namespace
+
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) s += str_cat(i ? ", " : "", shape[i]);
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-std::string shape_str(const Tensor& t) {
-  std::vector<int64_t> shape;
-  for (int64_t i = 0; i < t.dim(); ++i) shape.push_back(t.size(i));
-  return shape_str(shape);
-}
+std::string shape_str(const Tensor& t) { return shape_str(sizes_of(t)); }
 
 std::string device_str(const Tensor& t) {
   if (t.is_cpu()) return "cpu";
@@ -55,14 +61,17 @@ void check_size(const char* op, const char* arg, const Tensor& t, int64_t d, int
            shape_str(t));
 }
 
-void check_dtype(const char* op, const char* arg, const Tensor& t,
-                 std::initializer_list<ScalarType> allowed) {
+void check_dtype(const char* op, const char* arg, ScalarType t, std::initializer_list<ScalarType> allowed) {
   for (auto a : allowed)
-    if (t.scalar_type() == a) return;
+    if (t == a) return;
   std::string names;
   for (auto a : allowed) names += str_cat(names.empty() ? "" : ", ", dtype_name(a));
-  NK_CHECK(false, op, ": ", arg, " must be one of {", names, "}, got ",
-           dtype_name(t.scalar_type()));
+  NK_CHECK(false, op, ": ", arg, " must be one of {", names, "}, got ", dtype_name(t));
+}
+
+void check_dtype(const char* op, const char* arg, const Tensor& t,
+                 std::initializer_list<ScalarType> allowed) {
+  check_dtype(op, arg, t.scalar_type(), allowed);
 }
 
 void check_same_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref,
@@ -73,8 +82,28 @@ void check_same_device(const char* op, const char* arg, const Tensor& t, const T
            device_str(ref), "; all tensors must be on one device");
 }
 
-void check_float(const char* op, const char* arg, const Tensor& t) {
-  check_dtype(op, arg, t, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const char* why,
+                 const char* how) {
+  NK_CHECK(value <= limit, op, ": ", what, " = ", value, " exceeds ", limit, ", ", why, "; ", how);
+}
+
+void check_float(const char* op, const char* arg, const Tensor& t) { check_dtype(op, arg, t, kFloatTypes); }
+
+void check_float(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  check_float(op, arg, t);
+  check_same_device(op, arg, t, ref, ref_arg);
+}
+
+void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& shape,
+                 const std::string& meaning) {
+  NK_CHECK(sizes_of(t) == shape, op, ": ", arg, " must have shape ", shape_str(shape), meaning.empty() ? "" : " ",
+           meaning, ", got ", shape_str(t));
+}
+
+void check_size_at_least(const char* op, const char* arg, const Tensor& t, int64_t d, int64_t min,
+                         const char* what) {
+  NK_CHECK(t.size(d) >= min, op, ": ", arg, ".shape[", d, "] must be at least ", min, " (", what, "), got shape ",
+           shape_str(t));
 }
 
 void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
@@ -82,33 +111,47 @@ void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Te
            dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
 }
 
-void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& shape,
-                 const char* meaning) {
-  bool ok = t.dim() == static_cast<int64_t>(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = t.size(static_cast<int64_t>(i)) == shape[i];
-  NK_CHECK(ok, op, ": ", arg, " must have shape ", shape_str(shape), meaning ? " " : "", meaning ? meaning : "",
+void check_same_shape(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  NK_CHECK(sizes_of(t) == sizes_of(ref), op, ": ", arg, " must have ", ref_arg, "'s shape ", shape_str(ref),
            ", got ", shape_str(t));
 }
 
-void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
-  bool same = t.dim() == ref.dim();
-  for (int64_t i = 0; same && i < t.dim(); ++i) same = t.size(i) == ref.size(i);
-  NK_CHECK(same, op, ": ", arg, " must have ", ref_arg, "'s shape ", shape_str(ref), ", got ", shape_str(t));
+void check_dtype_and_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
   check_same_dtype(op, arg, t, ref, ref_arg);
   check_same_device(op, arg, t, ref, ref_arg);
+}
+
+void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg) {
+  check_same_shape(op, arg, t, ref, ref_arg);
+  check_dtype_and_device(op, arg, t, ref, ref_arg);
 }
 
 void check_one_element(const char* op, const char* arg, const Tensor& t) {
   NK_CHECK(t.numel() == 1, op, ": ", arg, " must hold exactly one element, got shape ", shape_str(t));
 }
 
-void check_limit(const char* op, const char* what, int64_t value, int64_t limit, const char* why,
-                 const char* how) {
-  NK_CHECK(value <= limit, op, ": ", what, " = ", value, " exceeds ", limit, ", ", why, "; ", how);
+void check_one_element(const char* op, const char* arg, const Tensor& t, ScalarType dtype, const Tensor& ref,
+                       const char* ref_arg) {
+  check_one_element(op, arg, t);
+  check_dtype(op, arg, t, {dtype});
+  check_same_device(op, arg, t, ref, ref_arg);
 }
 
-bool is_float_type(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi, const char* hi_what) {
+  NK_CHECK(value >= lo && value <= hi, op, ": ", arg, " must be in [", lo, ", ", hi_what ? hi_what : "",
+           hi_what ? " = " : "", hi, "], got ", value);
+}
+
+void check_tensor(const char* op, const char* arg, const Tensor& t, std::initializer_list<int64_t> sizes,
+                  std::initializer_list<ScalarType> dtypes, const Tensor& ref, const char* ref_arg) {
+  check_dim(op, arg, t, static_cast<int64_t>(sizes.size()));
+  if (dtypes.size() > 0) check_dtype(op, arg, t, dtypes);
+  check_same_device(op, arg, t, ref, ref_arg);
+  int64_t d = 0;
+  for (int64_t s : sizes) {
+    if (s >= 0) check_size(op, arg, t, d, s);
+    ++d;
+  }
 }
 
 namespace {

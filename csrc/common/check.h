@@ -51,6 +51,7 @@ using ScalarType = torch::headeronly::ScalarType;
 
 const char* dtype_name(ScalarType t);
 std::string shape_str(const Tensor& t);
+std::string shape_str(const std::vector<int64_t>& shape);
 std::string device_str(const Tensor& t);
 
 // `op` is the public op name used as the message prefix, `arg` the argument name.
@@ -58,21 +59,45 @@ void check_dim(const char* op, const char* arg, const Tensor& t, int64_t dim);
 void check_size(const char* op, const char* arg, const Tensor& t, int64_t d, int64_t size);
 void check_dtype(const char* op, const char* arg, const Tensor& t,
                  std::initializer_list<ScalarType> allowed);
+// The same for a dtype argument (an op's out_dtype).
+void check_dtype(const char* op, const char* arg, ScalarType t, std::initializer_list<ScalarType> allowed);
 void check_same_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref,
                        const char* ref_arg);
-// dtype float32, float16 or bfloat16.
+
+// The activation dtypes the kernels take: float32, float16, bfloat16.
+inline constexpr std::initializer_list<ScalarType> kFloatTypes = {ScalarType::Float, ScalarType::Half,
+                                                                  ScalarType::BFloat16};
+
+// t's dtype is one of kFloatTypes; with `ref`, t is also on ref's device.
 void check_float(const char* op, const char* arg, const Tensor& t);
-// t's dtype is ref's: "<arg> must have <ref_arg>'s dtype D, got E".
-void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
-// Exactly this shape: "<arg> must have shape (a, b)[ <meaning>], got (c, d)".
+void check_float(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
+// t has exactly `shape` (rank and every size); `meaning` (optional) says where it comes from:
+//   "dt must have shape (2, 10, 4) (like x), got (2, 9, 4)"
 void check_shape(const char* op, const char* arg, const Tensor& t, const std::vector<int64_t>& shape,
-                 const char* meaning = nullptr);
-// Same shape, dtype and device as ref (a gradient against its input, a gate against x).
+                 const std::string& meaning = "");
+// t.shape[d] >= min; `what` says what min is ("batch, when state_batch_indices is None").
+void check_size_at_least(const char* op, const char* arg, const Tensor& t, int64_t d, int64_t min,
+                         const char* what);
+// t has ref's dtype / ref's shape / ref's dtype and device / all three (check_like: shape, dtype,
+// device).
+void check_same_dtype(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
+void check_same_shape(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
+void check_dtype_and_device(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
 void check_like(const char* op, const char* arg, const Tensor& t, const Tensor& ref, const char* ref_arg);
-// numel() == 1 (a scalar passed as a tensor, read on the device).
+// t holds one element (any rank): a scalar passed as a tensor (a seed, a global scale).
 void check_one_element(const char* op, const char* arg, const Tensor& t);
-std::string shape_str(const std::vector<int64_t>& shape);
-bool is_float_type(ScalarType t);
+// The same, then its dtype and that it is on ref's device.
+void check_one_element(const char* op, const char* arg, const Tensor& t, ScalarType dtype, const Tensor& ref,
+                       const char* ref_arg);
+// An integer argument inside [lo, hi]: "pad_to must be in [1, 4096], got 0"; `hi_what` names
+// the upper bound ("topk_group must be in [1, n_group = 4], got 5").
+void check_in_range(const char* op, const char* arg, int64_t value, int64_t lo, int64_t hi,
+                    const char* hi_what = nullptr);
+// The usual checks of one argument, in order: check_dim (the rank of `sizes`), check_dtype
+// (an empty `dtypes`: any dtype), check_same_device (against `ref`), then check_size for every
+// dim whose expected size is >= 0 (-1: any size).
+void check_tensor(const char* op, const char* arg, const Tensor& t, std::initializer_list<int64_t> sizes,
+                  std::initializer_list<ScalarType> dtypes, const Tensor& ref, const char* ref_arg);
 
 // Size limits of a kernel (int32 indices, CUDA grid dimensions): `what` = value must be at most
 // `limit`; `why` names the limit, `how` says how to stay under it. For example

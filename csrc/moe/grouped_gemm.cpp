@@ -55,11 +55,8 @@ void check_sizes(const char* op, const Tensor& t, int64_t R, const char* cols_na
 // expert_offsets (E + 1,) int32 on ref's device; on the CPU also its values. Returns E.
 int64_t check_offsets(const char* op, const Tensor& offsets, const Tensor& ref, const char* ref_arg,
                       int64_t R, int64_t expect_e) {
-  check_dim(op, "expert_offsets", offsets, 1);
-  check_dtype(op, "expert_offsets", offsets, {ScalarType::Int});
-  check_same_device(op, "expert_offsets", offsets, ref, ref_arg);
-  NK_CHECK(offsets.size(0) >= 1, op, ": expert_offsets must have E + 1 >= 1 entries, got shape ",
-           shape_str(offsets));
+  check_tensor(op, "expert_offsets", offsets, {-1}, {ScalarType::Int}, ref, ref_arg);
+  check_size_at_least(op, "expert_offsets", offsets, 0, 1, "E + 1 entries");
   const int64_t E = offsets.size(0) - 1;
   NK_CHECK(!offsets.is_cuda() || E <= 65535, op, ": at most 65535 experts on CUDA (a grid dimension), got ", E);
   NK_CHECK(expect_e < 0 || E == expect_e, op, ": expert_offsets must have E + 1 = ", expect_e + 1,
@@ -83,10 +80,7 @@ std::optional<Tensor> check_pre(const char* op, const std::optional<Tensor>& pre
   std::optional<Tensor> r;
   if (!pre) return r;
   check_dim(op, "preact", *pre, 2);
-  NK_CHECK(pre->size(0) == dout.size(0) && pre->size(1) == dout.size(1), op,
-           ": preact must have dout's shape ", shape_str(dout), ", got ", shape_str(*pre));
-  check_same_dtype(op, "preact", *pre, dout, "dout");
-  check_same_device(op, "preact", *pre, dout, "dout");
+  check_like(op, "preact", *pre, dout, "dout");
   r.emplace(contig(*pre));
   return r;
 }
@@ -130,8 +124,7 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
   check_dim(op, "a", a, 2);
   const GgType dt = gg_type(op, "a", a);
   check_dim(op, "w", w, 3);
-  check_same_dtype(op, "w", w, a, "a");
-  check_same_device(op, "w", w, a, "a");
+  check_dtype_and_device(op, "w", w, a, "a");
   const int64_t R = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
   NK_CHECK(w.size(2) == K, op, ": w must be (E, N, K) with K = a.shape[1] = ", K, ", got w shape ",
            shape_str(w), " and a shape ", shape_str(a));
@@ -169,8 +162,7 @@ Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::opt
   check_dim(op, "dout", dout, 2);
   const GgType dt = gg_type(op, "dout", dout);
   check_dim(op, "w", w, 3);
-  check_same_dtype(op, "w", w, dout, "dout");
-  check_same_device(op, "w", w, dout, "dout");
+  check_dtype_and_device(op, "w", w, dout, "dout");
   const int64_t R = dout.size(0), N = dout.size(1), E = w.size(0), K = w.size(2);
   NK_CHECK(w.size(1) == N, op, ": w must be (E, N, K) with N = dout.shape[1] = ", N, ", got w shape ",
            shape_str(w), " and dout shape ", shape_str(dout));
@@ -202,8 +194,7 @@ Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::opt
   check_dim(op, "dout", dout, 2);
   const GgType dt = gg_type(op, "dout", dout);
   check_dim(op, "a", a, 2);
-  check_same_dtype(op, "a", a, dout, "dout");
-  check_same_device(op, "a", a, dout, "dout");
+  check_dtype_and_device(op, "a", a, dout, "dout");
   const int64_t R = dout.size(0), N = dout.size(1), K = a.size(1);
   NK_CHECK(a.size(0) == R, op, ": a must have dout's number of rows ", R, ", got a shape ", shape_str(a),
            " and dout shape ", shape_str(dout));

@@ -23,9 +23,7 @@ void check_act(const char* op, const char* arg, const Tensor& t) {
 Tensor unit_cols(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : torch::stable::contiguous(t); }
 
 void check_map(const char* op, const char* arg, const Tensor& m, const Tensor& ref, const char* ref_arg) {
-  check_dim(op, arg, m, 1);
-  check_dtype(op, arg, m, {ScalarType::Int});
-  check_same_device(op, arg, m, ref, ref_arg);
+  check_tensor(op, arg, m, {-1}, {ScalarType::Int}, ref, ref_arg);
 }
 
 // The maps hold int32 slot and row indices: N slots and R rows must fit them.
@@ -74,9 +72,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_permute_plan(Tensor topk_ids, int
   const char* op = "moe_permute_plan";
   check_dim(op, "topk_ids", topk_ids, 2);
   check_dtype(op, "topk_ids", topk_ids, {ScalarType::Int});
-  NK_CHECK(num_experts >= 1 && num_experts <= kPermMaxExperts, op, ": num_experts must be in [1, ", kPermMaxExperts,
-           "], got ", num_experts);
-  NK_CHECK(pad_to >= 1 && pad_to <= 4096, op, ": pad_to must be in [1, 4096], got ", pad_to);
+  check_in_range(op, "num_experts", num_experts, 1, kPermMaxExperts);
+  check_in_range(op, "pad_to", pad_to, 1, 4096);
   const int64_t N = topk_ids.size(0) * topk_ids.size(1);
   const int64_t R = N + num_experts * (pad_to - 1);
   NK_CHECK(R < std::numeric_limits<int32_t>::max(), op, ": ", N, " slots + num_experts * (pad_to - 1) = ", R,
@@ -176,11 +173,8 @@ int64_t check_combine(const char* op, const Tensor& y, const Tensor& row_of_slot
   check_map_sizes(op, row_of_slot.size(0), y.size(0));
   if (topk_weights) {
     const Tensor& w = *topk_weights;
-    check_dim(op, "topk_weights", w, 2);
-    check_dtype(op, "topk_weights", w, {ScalarType::Float});
-    check_same_device(op, "topk_weights", w, y, "y");
-    NK_CHECK(w.size(0) == T && w.size(1) == top_k, op, ": topk_weights must have shape (", T, ", ", top_k,
-             ") (tokens, top_k), got ", shape_str(w));
+    check_tensor(op, "topk_weights", w, {-1, -1}, {ScalarType::Float}, y, "y");
+    check_shape(op, "topk_weights", w, {T, top_k}, "(tokens, top_k)");
   }
   return T;
 }
@@ -229,10 +223,8 @@ std::tuple<Tensor, Tensor> moe_combine_bwd(Tensor dout, Tensor y, Tensor row_of_
   check_size(op, "slot_of_row", slot_of_row, 0, R);
   check_maps_agree(op, row_of_slot, slot_of_row);
   check_act(op, "dout", dout);
-  NK_CHECK(dout.size(0) == T && dout.size(1) == L, op, ": dout must have shape (", T, ", ", L, "), got ",
-           shape_str(dout));
-  check_same_dtype(op, "dout", dout, y, "y");
-  check_same_device(op, "dout", dout, y, "y");
+  check_shape(op, "dout", dout, {T, L});
+  check_dtype_and_device(op, "dout", dout, y, "y");
   OptionalDeviceGuard guard(y);
   Tensor dy = new_empty(y, {R, L}, y.scalar_type());
   Tensor dw = new_empty(y, {return_dweights ? T : 0, top_k}, ScalarType::Float);

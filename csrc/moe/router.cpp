@@ -40,21 +40,17 @@ std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_sco
   const char* op = kRouter;
   check_logits(op, logits);
   const int64_t T = logits.size(0), E = logits.size(1);
-  NK_CHECK(top_k >= 1 && top_k <= kRouterMaxTopK, op, ": top_k must be in [1, ", kRouterMaxTopK, "], got ", top_k);
+  check_in_range(op, "top_k", top_k, 1, kRouterMaxTopK);
   NK_CHECK(top_k <= E, op, ": top_k must be at most the number of experts ", E, ", got ", top_k);
   NK_CHECK(n_group >= 1 && E % n_group == 0, op, ": n_group must be >= 1 and divide the number of experts ", E,
            ", got ", n_group);
   NK_CHECK(n_group <= kRouterMaxGroups, op, ": n_group must be at most ", kRouterMaxGroups, ", got ", n_group);
-  NK_CHECK(topk_group >= 1 && topk_group <= n_group, op, ": topk_group must be in [1, n_group = ", n_group,
-           "], got ", topk_group);
+  check_in_range(op, "topk_group", topk_group, 1, n_group, "n_group");
   NK_CHECK(top_k <= topk_group * (E / n_group), op, ": top_k = ", top_k, " exceeds the ", topk_group * (E / n_group),
            " experts of the topk_group = ", topk_group, " kept groups (", E / n_group, " experts each)");
   if (e_score_correction_bias) {
-    const Tensor& b = *e_score_correction_bias;
-    check_dim(op, "e_score_correction_bias", b, 1);
-    check_dtype(op, "e_score_correction_bias", b, {ScalarType::Float});
-    check_same_device(op, "e_score_correction_bias", b, logits, "logits");
-    check_size(op, "e_score_correction_bias", b, 0, E);
+    check_tensor(op, "e_score_correction_bias", *e_score_correction_bias, {E}, {ScalarType::Float}, logits,
+                 "logits");
   }
   OptionalDeviceGuard guard(logits);
   Tensor ids = new_empty(logits, {T, top_k}, ScalarType::Int);
@@ -85,18 +81,12 @@ Tensor moe_router_bwd(Tensor dweights, Tensor logits, Tensor topk_ids, bool norm
   const char* op = "moe_router (backward)";
   check_logits(op, logits);
   const int64_t T = logits.size(0), E = logits.size(1);
-  check_dim(op, "topk_ids", topk_ids, 2);
-  check_dtype(op, "topk_ids", topk_ids, {ScalarType::Int});
-  check_same_device(op, "topk_ids", topk_ids, logits, "logits");
-  check_size(op, "topk_ids", topk_ids, 0, T);
+  check_tensor(op, "topk_ids", topk_ids, {T, -1}, {ScalarType::Int}, logits, "logits");
   const int64_t K = topk_ids.size(1);
   NK_CHECK(K >= 1 && K <= kRouterMaxTopK && K <= E, op, ": topk_ids.shape[1] must be in [1, min(", kRouterMaxTopK,
            ", experts)], got shape ", shape_str(topk_ids));
-  check_dim(op, "dweights", dweights, 2);
-  check_dtype(op, "dweights", dweights, {ScalarType::Float});
-  check_same_device(op, "dweights", dweights, logits, "logits");
-  NK_CHECK(dweights.size(0) == T && dweights.size(1) == K, op, ": dweights must have topk_ids' shape ",
-           shape_str(topk_ids), ", got ", shape_str(dweights));
+  check_tensor(op, "dweights", dweights, {-1, -1}, {ScalarType::Float}, logits, "logits");
+  check_same_shape(op, "dweights", dweights, topk_ids, "topk_ids");
   OptionalDeviceGuard guard(logits);
   Tensor dlogits = new_empty(logits, {T, E}, ScalarType::Float);
   if (T == 0) return dlogits;

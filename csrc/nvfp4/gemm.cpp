@@ -41,9 +41,8 @@ void check_operand(const char* which, const Tensor& data, const Tensor& scales, 
   check_dtype(kOp, d.c_str(), data, {ScalarType::Byte});
   check_dim(kOp, s.c_str(), scales, 2);
   check_dtype(kOp, s.c_str(), scales, {ScalarType::Float8_e4m3fn});
-  NK_CHECK(scales.size(0) == data.size(0) && scales.size(1) == K / 16, kOp, ": ", s,
-           " must have shape (", data.size(0), ", ", K / 16, ") (one scale per 16 elements of K = ", K,
-           "), got ", shape_str(scales));
+  check_shape(kOp, s.c_str(), scales, {data.size(0), K / 16},
+              str_cat("(one scale per 16 elements of K = ", K, ")"));
   check_same_device(kOp, s.c_str(), scales, data, d.c_str());
   check_dtype(kOp, g.c_str(), global, {ScalarType::Float});
   NK_CHECK(global.numel() == 1 && global.dim() <= 1, kOp, ": ", g,
@@ -92,14 +91,8 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
   check_operand("a", a_data, a_scales, a_global, K);
   check_operand("b", b_data, b_scales, b_global, K);
   check_same_device(kOp, "b.data", b_data, a_data, "a.data");
-  NK_CHECK(out_dtype == ScalarType::Float || out_dtype == ScalarType::Half || out_dtype == ScalarType::BFloat16,
-           kOp, ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
-  if (bias) {
-    check_dim(kOp, "bias", *bias, 1);
-    check_float(kOp, "bias", *bias);
-    check_size(kOp, "bias", *bias, 0, N);
-    check_same_device(kOp, "bias", *bias, a_data, "a.data");
-  }
+  check_dtype(kOp, "out_dtype", out_dtype, kFloatTypes);
+  if (bias) check_tensor(kOp, "bias", *bias, {N}, kFloatTypes, a_data, "a.data");
 #ifdef NK_WITH_CUDA
   const int path = a_data.is_cuda() ? nvfp4_gemm_cuda_path(a_data.get_device_index(), M, N, K) : kNvfp4PathPortable;
   if (a_data.is_cuda() && path == kNvfp4PathPortable) {

@@ -30,16 +30,8 @@ std::tuple<Tensor, Tensor, Tensor> nvfp4_quantize(Tensor x, bool block_2d, bool 
   const int64_t rows = x.size(0), cols = x.size(1);
   NK_CHECK(cols % 16 == 0, op, ": the quantized dim (K, the last dim; the token dim for quantize_t) must "
            "be a multiple of 16 (one E4M3 scale per 16 elements), got shape ", shape_str(x));
-  if (global_amax) {
-    check_one_element(op, "global_amax", *global_amax);
-    check_dtype(op, "global_amax", *global_amax, {ScalarType::Float});
-    check_same_device(op, "global_amax", *global_amax, x, "x");
-  }
-  if (seed_tensor) {
-    check_one_element(op, "seed_tensor", *seed_tensor);
-    check_dtype(op, "seed_tensor", *seed_tensor, {ScalarType::Long});
-    check_same_device(op, "seed_tensor", *seed_tensor, x, "x");
-  }
+  if (global_amax) check_one_element(op, "global_amax", *global_amax, ScalarType::Float, x, "x");
+  if (seed_tensor) check_one_element(op, "seed_tensor", *seed_tensor, ScalarType::Long, x, "x");
   OptionalDeviceGuard guard(x);
   Tensor data = new_empty(x, {rows, cols / 2}, ScalarType::Byte);
   Tensor scales = new_empty(x, {rows, cols / 16}, ScalarType::Float8_e4m3fn);
@@ -95,10 +87,8 @@ Tensor nvfp4_dequantize(Tensor data, Tensor scales, Tensor global_scale, ScalarT
   const int64_t rows = data.size(0), cols = data.size(1) * 2;
   NK_CHECK(cols % 16 == 0, op, ": data.shape[-1] * 2 (K) must be a multiple of 16, got data shape ",
            shape_str(data));
-  NK_CHECK(scales.size(0) == rows && scales.size(1) == cols / 16, op, ": scales must have shape (", rows,
-           ", ", cols / 16, ") for data of shape ", shape_str(data), ", got ", shape_str(scales));
-  NK_CHECK(out_dtype == ScalarType::Float || out_dtype == ScalarType::Half || out_dtype == ScalarType::BFloat16,
-           op, ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
+  check_shape(op, "scales", scales, {rows, cols / 16}, str_cat("for data of shape ", shape_str(data)));
+  check_dtype(op, "out_dtype", out_dtype, kFloatTypes);
   const ScalarType odt = out_dtype;
   OptionalDeviceGuard guard(data);
   Tensor out = new_empty(data, {rows, cols}, odt);

@@ -51,31 +51,10 @@ const T* ptr(const Tensor& t) {
   return static_cast<const T*>(t.data_ptr());
 }
 
-void check_ids(const char* op, const char* arg, const Tensor& t, int64_t batch, int64_t len, const Tensor& ref,
-               const char* ref_arg) {
-  check_dim(op, arg, t, 2);
-  check_dtype(op, arg, t, {ScalarType::Long});
-  check_same_device(op, arg, t, ref, ref_arg);
-  check_size(op, arg, t, 0, batch);
-  check_size(op, arg, t, 1, len);
-}
-
-void check_rows3(const char* op, const char* arg, const Tensor& t, int64_t batch, int64_t rows, int64_t vocab,
-                 const Tensor& ref, const char* ref_arg) {
-  check_dim(op, arg, t, 3);
-  check_same_device(op, arg, t, ref, ref_arg);
-  check_size(op, arg, t, 0, batch);
-  check_size(op, arg, t, 1, rows);
-  if (vocab >= 0) check_size(op, arg, t, 2, vocab);
-}
-
 // num_draft_tokens (batch,) int64 with values in [0, k] (values checked on the CPU).
 void check_num_draft(const char* op, const std::optional<Tensor>& nd, int64_t batch, int64_t k, const Tensor& ref) {
   if (!nd) return;
-  check_dim(op, "num_draft_tokens", *nd, 1);
-  check_dtype(op, "num_draft_tokens", *nd, {ScalarType::Long});
-  check_same_device(op, "num_draft_tokens", *nd, ref, "draft_token_ids");
-  check_size(op, "num_draft_tokens", *nd, 0, batch);
+  check_tensor(op, "num_draft_tokens", *nd, {batch}, {ScalarType::Long}, ref, "draft_token_ids");
   if (!nd->is_cpu()) return;
   Tensor c = torch::stable::contiguous(*nd);
   for (int64_t b = 0; b < batch; ++b) {
@@ -126,10 +105,7 @@ void check_distributions(const char* op, const char* arg, const Tensor& t, const
 }
 
 void check_seed(const char* op, const std::optional<Tensor>& seed_tensor, const Tensor& ref) {
-  if (!seed_tensor) return;
-  check_one_element(op, "seed_tensor", *seed_tensor);
-  check_dtype(op, "seed_tensor", *seed_tensor, {ScalarType::Long});
-  check_same_device(op, "seed_tensor", *seed_tensor, ref, "target_probs");
+  if (seed_tensor) check_one_element(op, "seed_tensor", *seed_tensor, ScalarType::Long, ref, "target_probs");
 }
 
 void check_tree(const char* op, const Tensor& cand, const Tensor& parents, int64_t vocab) {
@@ -188,10 +164,8 @@ void set_logits(SpecArgmaxParams& a, const Tensor& logits) {
 
 void check_logits(const char* op, const Tensor& logits, int64_t batch, int64_t rows, const Tensor& ref,
                   const char* ref_arg) {
-  check_rows3(op, "target_logits", logits, batch, rows, -1, ref, ref_arg);
-  check_float(op, "target_logits", logits);
-  NK_CHECK(logits.size(2) >= 1, op, ": target_logits must have a vocabulary of at least 1, got shape ",
-           shape_str(logits));
+  check_tensor(op, "target_logits", logits, {batch, rows, -1}, kFloatTypes, ref, ref_arg);
+  check_size_at_least(op, "target_logits", logits, 2, 1, "the vocabulary size");
 }
 
 }  // namespace
@@ -233,14 +207,13 @@ std::tuple<Tensor, Tensor> spec_rejection_sample(Tensor draft_token_ids, std::op
   check_dim(op, "draft_token_ids", draft_token_ids, 2);
   check_dtype(op, "draft_token_ids", draft_token_ids, {ScalarType::Long});
   const int64_t batch = draft_token_ids.size(0), k = draft_token_ids.size(1);
-  check_rows3(op, "target_probs", target_probs, batch, k + 1, -1, draft_token_ids, "draft_token_ids");
-  check_dtype(op, "target_probs", target_probs, {ScalarType::Float});
+  check_tensor(op, "target_probs", target_probs, {batch, k + 1, -1}, {ScalarType::Float}, draft_token_ids,
+               "draft_token_ids");
+  check_size_at_least(op, "target_probs", target_probs, 2, 1, "the vocabulary size");
   const int64_t vocab = target_probs.size(2);
-  NK_CHECK(vocab >= 1, op, ": target_probs must have a vocabulary of at least 1, got shape ", shape_str(target_probs));
-  if (draft_probs) {
-    check_rows3(op, "draft_probs", *draft_probs, batch, k, vocab, draft_token_ids, "draft_token_ids");
-    check_dtype(op, "draft_probs", *draft_probs, {ScalarType::Float});
-  }
+  if (draft_probs)
+    check_tensor(op, "draft_probs", *draft_probs, {batch, k, vocab}, {ScalarType::Float}, draft_token_ids,
+                 "draft_token_ids");
   check_num_draft(op, num_draft_tokens, batch, k, draft_token_ids);
   check_seed(op, seed_tensor, target_probs);
   check_grid_rows(op, "batch", batch, target_probs);
@@ -283,11 +256,10 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_greedy(Tensor candidate_ids,
   check_dim(op, "candidate_ids", candidate_ids, 2);
   check_dtype(op, "candidate_ids", candidate_ids, {ScalarType::Long});
   const int64_t batch = candidate_ids.size(0), n = candidate_ids.size(1);
-  NK_CHECK(n >= 1, op, ": candidate_ids must hold at least the root node, got shape ", shape_str(candidate_ids));
-  check_ids(op, "parents", parents, batch, n, candidate_ids, "candidate_ids");
+  check_size_at_least(op, "candidate_ids", candidate_ids, 1, 1, "the root node");
+  check_tensor(op, "parents", parents, {batch, n}, {ScalarType::Long}, candidate_ids, "candidate_ids");
   check_logits(op, target_logits, batch, n, candidate_ids, "candidate_ids");
-  NK_CHECK(max_depth >= 0 && max_depth < n, op, ": max_depth must be in [0, n_nodes - 1 = ", n - 1, "], got ",
-           max_depth);
+  check_in_range(op, "max_depth", max_depth, 0, n - 1, "n_nodes - 1");
   const int64_t vocab = target_logits.size(2);
   check_grid_rows(op, "batch * n_nodes (rows of target_logits)", batch * n, target_logits);
   check_tree(op, candidate_ids, parents, vocab);
@@ -320,15 +292,13 @@ std::tuple<Tensor, Tensor, Tensor> spec_verify_tree_rejection(Tensor candidate_i
   const int64_t batch = candidate_ids.size(0), n = candidate_ids.size(1);
   NK_CHECK(n >= 1 && n <= kMaxTreeNodes, op, ": candidate_ids must have 1 to ", kMaxTreeNodes,
            " nodes (root included), got shape ", shape_str(candidate_ids));
-  check_ids(op, "parents", parents, batch, n, candidate_ids, "candidate_ids");
-  check_rows3(op, "target_probs", target_probs, batch, n, -1, candidate_ids, "candidate_ids");
-  check_dtype(op, "target_probs", target_probs, {ScalarType::Float});
+  check_tensor(op, "parents", parents, {batch, n}, {ScalarType::Long}, candidate_ids, "candidate_ids");
+  check_tensor(op, "target_probs", target_probs, {batch, n, -1}, {ScalarType::Float}, candidate_ids, "candidate_ids");
+  check_size_at_least(op, "target_probs", target_probs, 2, 1, "the vocabulary size");
   const int64_t vocab = target_probs.size(2);
-  NK_CHECK(vocab >= 1, op, ": target_probs must have a vocabulary of at least 1, got shape ", shape_str(target_probs));
-  check_rows3(op, "draft_probs", draft_probs, batch, n, vocab, candidate_ids, "candidate_ids");
-  check_dtype(op, "draft_probs", draft_probs, {ScalarType::Float});
-  NK_CHECK(max_depth >= 0 && max_depth < n, op, ": max_depth must be in [0, n_nodes - 1 = ", n - 1, "], got ",
-           max_depth);
+  check_tensor(op, "draft_probs", draft_probs, {batch, n, vocab}, {ScalarType::Float}, candidate_ids,
+               "candidate_ids");
+  check_in_range(op, "max_depth", max_depth, 0, n - 1, "n_nodes - 1");
   check_seed(op, seed_tensor, target_probs);
   check_grid_rows(op, "batch", batch, target_probs);
   check_tree(op, candidate_ids, parents, vocab);
@@ -365,18 +335,14 @@ Tensor spec_sampling_probs(Tensor logits, std::optional<Tensor> temperature, dou
   check_float(op, "logits", logits);
   const int64_t batch = logits.size(0), per_req = logits.dim() == 3 ? logits.size(1) : 1;
   const int64_t vocab = logits.size(logits.dim() - 1);
-  NK_CHECK(vocab >= 1, op, ": logits must have a vocabulary of at least 1, got shape ", shape_str(logits));
+  check_size_at_least(op, "logits", logits, logits.dim() - 1, 1, "the vocabulary size");
   NK_CHECK(std::isfinite(temperature_value) && temperature_value >= 0.0, op,
            ": temperature must be finite and >= 0 (0 = greedy), got ", temperature_value);
   NK_CHECK(top_k_value >= 0, op, ": top_k must be >= 0 (0 = no top-k), got ", top_k_value);
   NK_CHECK(top_p_value > 0.0 && top_p_value <= 1.0, op, ": top_p must be in (0, 1], got ", top_p_value);
   NK_CHECK(min_p_value >= 0.0 && min_p_value <= 1.0, op, ": min_p must be in [0, 1], got ", min_p_value);
   auto check_param = [&](const char* arg, const std::optional<Tensor>& t, ScalarType dt) {
-    if (!t) return;
-    check_dim(op, arg, *t, 1);
-    check_dtype(op, arg, *t, {dt});
-    check_same_device(op, arg, *t, logits, "logits");
-    check_size(op, arg, *t, 0, batch);
+    if (t) check_tensor(op, arg, *t, {batch}, {dt}, logits, "logits");
   };
   check_param("temperature", temperature, ScalarType::Float);
   check_param("top_k", top_k, ScalarType::Long);

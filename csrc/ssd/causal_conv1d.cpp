@@ -19,19 +19,11 @@ constexpr const char* kUpd = "causal_conv1d_update";
 int64_t check_weight_bias(const char* op, const Tensor& x, const Tensor& weight,
                           const std::optional<Tensor>& bias) {
   const int64_t dim = x.size(1);
-  check_dim(op, "weight", weight, 2);
-  check_float(op, "weight", weight);
-  check_same_device(op, "weight", weight, x, "x");
-  check_size(op, "weight", weight, 0, dim);
+  check_tensor(op, "weight", weight, {dim, -1}, kFloatTypes, x, "x");
   const int64_t width = weight.size(1);
   NK_CHECK(width >= 2 && width <= 4, op, ": weight.shape[1] (the conv width) must be 2, 3 or 4, got ",
            width);
-  if (bias) {
-    check_dim(op, "bias", *bias, 1);
-    check_float(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, x, "x");
-    check_size(op, "bias", *bias, 0, dim);
-  }
+  if (bias) check_tensor(op, "bias", *bias, {dim}, kFloatTypes, x, "x");
   return width;
 }
 
@@ -44,21 +36,13 @@ std::tuple<int64_t, int64_t, int64_t, int> check_conv_args(
   const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.size(2);
   const int64_t width = check_weight_bias(op, x, weight, bias);
   if (seq_idx) {
-    check_dim(op, "seq_idx", *seq_idx, 2);
-    check_dtype(op, "seq_idx", *seq_idx, {ScalarType::Int});
-    check_same_device(op, "seq_idx", *seq_idx, x, "x");
-    check_size(op, "seq_idx", *seq_idx, 0, batch);
-    check_size(op, "seq_idx", *seq_idx, 1, seqlen);
+    check_tensor(op, "seq_idx", *seq_idx, {batch, seqlen}, {ScalarType::Int}, x, "x");
     NK_CHECK(!init, op, ": initial_states must be None when seq_idx is given "
              "(as in causal-conv1d: packed sequences start from zero state)");
   }
   if (init) {
-    check_dim(op, "initial_states", *init, 3);
+    check_tensor(op, "initial_states", *init, {batch, dim, width - 1}, {}, x, "x");
     check_same_dtype(op, "initial_states", *init, x, "x");
-    check_same_device(op, "initial_states", *init, x, "x");
-    check_size(op, "initial_states", *init, 0, batch);
-    check_size(op, "initial_states", *init, 1, dim);
-    check_size(op, "initial_states", *init, 2, width - 1);
   }
   return {batch, dim, seqlen, static_cast<int>(width)};
 }
@@ -126,19 +110,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   const char* op = "causal_conv1d_fn (backward)";
   auto [batch, dim, seqlen, width] = check_conv_args(op, x, weight, bias, seq_idx, initial_states);
   check_dim(op, "dout", dout, 3);
-  NK_CHECK(dout.size(0) == batch && dout.size(1) == dim && dout.size(2) == seqlen, op,
-           ": dout must have x's shape ", shape_str(x), ", got ", shape_str(dout));
-  check_same_dtype(op, "dout", dout, x, "x");
-  check_same_device(op, "dout", dout, x, "x");
+  check_like(op, "dout", dout, x, "x");
   if (dfinal_states) {
     NK_CHECK(!seq_idx, op, ": dfinal_states must be None when seq_idx is given (the forward returns no "
              "final states with seq_idx)");
-    NK_CHECK(dfinal_states->dim() == 3 && dfinal_states->size(0) == batch &&
-                 dfinal_states->size(1) == dim && dfinal_states->size(2) == width - 1,
-             op, ": dfinal_states must have shape (", batch, ", ", dim, ", ", width - 1, "), got ",
-             shape_str(*dfinal_states));
-    check_same_dtype(op, "dfinal_states", *dfinal_states, x, "x");
-    check_same_device(op, "dfinal_states", *dfinal_states, x, "x");
+    check_shape(op, "dfinal_states", *dfinal_states, {batch, dim, width - 1});
+    check_dtype_and_device(op, "dfinal_states", *dfinal_states, x, "x");
   }
   NK_CHECK(!(seq_idx && return_dinitial_states), op, ": return_dinitial_states must be False when seq_idx "
            "is given (packed sequences start from zero state, there is no initial state to differentiate)");
@@ -200,12 +177,9 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   check_float(op, "x", x);
   const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.dim() == 3 ? x.size(2) : 1;
   const int64_t width = check_weight_bias(op, x, weight, bias);
-  check_dim(op, "conv_state", conv_state, 3);
+  check_tensor(op, "conv_state", conv_state, {-1, dim, -1}, {}, x, "x");
   check_same_dtype(op, "conv_state", conv_state, x, "x");
-  check_same_device(op, "conv_state", conv_state, x, "x");
-  check_size(op, "conv_state", conv_state, 1, dim);
-  NK_CHECK(conv_state.size(2) >= width - 1, op, ": conv_state.shape[2] must be at least width - 1 = ",
-           width - 1, ", got shape ", shape_str(conv_state));
+  check_size_at_least(op, "conv_state", conv_state, 2, width - 1, "width - 1");
   // conv_state is updated in place: every element its own address, and no overlap with what
   // is read meanwhile.
   check_writable(op, "conv_state", conv_state);
@@ -214,17 +188,13 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   if (bias) check_no_overlap(op, "conv_state", conv_state, "bias", *bias);
   std::optional<Tensor> idx;
   if (conv_state_indices) {
-    check_dim(op, "conv_state_indices", *conv_state_indices, 1);
-    check_dtype(op, "conv_state_indices", *conv_state_indices, {ScalarType::Int});
-    check_same_device(op, "conv_state_indices", *conv_state_indices, x, "x");
-    check_size(op, "conv_state_indices", *conv_state_indices, 0, batch);
+    check_tensor(op, "conv_state_indices", *conv_state_indices, {batch}, {ScalarType::Int}, x, "x");
     check_no_overlap(op, "conv_state", conv_state, "conv_state_indices", *conv_state_indices);
     idx = torch::stable::contiguous(*conv_state_indices);
     if (!x.is_cuda())
       check_state_indices(op, "conv_state_indices", *idx, "conv_state", conv_state.size(0));
   } else {
-    NK_CHECK(conv_state.size(0) >= batch, op, ": conv_state.shape[0] must be at least batch = ", batch,
-             " when conv_state_indices is None, got shape ", shape_str(conv_state));
+    check_size_at_least(op, "conv_state", conv_state, 0, batch, "batch, when conv_state_indices is None");
   }
   OptionalDeviceGuard guard(x);
   Tensor w32 = contiguous_float(weight);

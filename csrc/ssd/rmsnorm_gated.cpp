@@ -65,17 +65,11 @@ std::tuple<int64_t, int64_t> check_args(const char* op, const Tensor& x, const T
   const int64_t D = x.size(x.dim() - 1);
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
-  check_dim(op, "weight", weight, 1);
-  check_float(op, "weight", weight);
-  check_same_device(op, "weight", weight, x, "x");
-  NK_CHECK(weight.size(0) == D, op, ": weight must have shape (D,) = (", D,
-           ",) where D = x.shape[-1], got ", shape_str(weight));
-  if (bias) {
-    check_dim(op, "bias", *bias, 1);
-    check_float(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, x, "x");
-    NK_CHECK(bias->size(0) == D, op, ": bias must have shape (D,) = (", D,
-             ",) where D = x.shape[-1], got ", shape_str(*bias));
+  for (auto [arg, t] : {std::pair<const char*, const Tensor*>{"weight", &weight}, {"bias", bias ? &*bias : nullptr}}) {
+    if (!t) continue;
+    check_dim(op, arg, *t, 1);
+    check_float(op, arg, *t, x, "x");
+    check_shape(op, arg, *t, {D}, "= (D,) where D = x.shape[-1]");
   }
   if (z) check_like(op, "z", *z, x, "x");
   if (D > 0) {
@@ -144,12 +138,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
   auto [rows, D] = check_args(op, x, weight, bias, z, group_size);
   check_like(op, "dout", dout, x, "x");
   const int64_t ngroups = D > 0 ? D / group_size : 0;
-  NK_CHECK(rstd.scalar_type() == ScalarType::Float, op, ": rstd must be float32, got ",
-           dtype_name(rstd.scalar_type()));
+  check_dtype(op, "rstd", rstd, {ScalarType::Float});
   check_same_device(op, "rstd", rstd, x, "x");
-  NK_CHECK(rstd.dim() == x.dim() && sizes_of(rstd) == leading_then(x, ngroups), op,
-           ": rstd must have shape x.shape[:-1] + (D / group_size,) = x.shape[:-1] + (", ngroups,
-           ",), got ", shape_str(rstd));
+  check_shape(op, "rstd", rstd, leading_then(x, ngroups), "= x.shape[:-1] + (D / group_size,)");
   OptionalDeviceGuard guard(x);
   Tensor dx = new_empty(x, sizes_of(x), x.scalar_type());
   Tensor dz = z ? new_empty(x, sizes_of(x), x.scalar_type()) : new_empty(x, {0}, x.scalar_type());

@@ -18,18 +18,9 @@ namespace {
 
 constexpr const char* kOp = "mamba_chunk_scan_combined";
 
-bool is_act_type(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
-}
-
 // Last dim contiguous (what the kernels need); a copy only when it is not.
 Tensor unit_last(const Tensor& t) {
   return t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1 ? t : torch::stable::contiguous(t);
-}
-
-void check_float_param(const char* op, const char* arg, const Tensor& t, const Tensor& x) {
-  check_float(op, arg, t);
-  check_same_device(op, arg, t, x, "x");
 }
 
 struct Dims {
@@ -43,8 +34,7 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
                 const std::optional<Tensor>& init, const std::optional<Tensor>& seq_idx,
                 double dt_min, double dt_max) {
   NK_CHECK(x.dim() == 4, op, ": x must be (batch, seqlen, nheads, headdim), got shape ", shape_str(x));
-  NK_CHECK(is_act_type(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-           dtype_name(x.scalar_type()));
+  check_float(op, "x", x);
   Dims d{};
   d.b = x.size(0), d.L = x.size(1), d.H = x.size(2), d.P = x.size(3);
   NK_CHECK(B.dim() == 4, op, ": B must be (batch, seqlen, ngroups, dstate), got shape ", shape_str(B));
@@ -58,29 +48,23 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
   check_shape(op, "A", A, {d.H});
   check_shape(op, "B", B, {d.b, d.L, d.G, d.N});
   check_shape(op, "C", C, {d.b, d.L, d.G, d.N});
-  check_float_param(op, "dt", dt, x);
-  check_float_param(op, "A", A, x);
-  for (auto [arg, t] : {std::pair<const char*, const Tensor*>{"B", &B}, {"C", &C}}) {
-    check_same_device(op, arg, *t, x, "x");
-    check_same_dtype(op, arg, *t, x, "x");
-  }
-  if (z) {
-    check_shape(op, "z", *z, {d.b, d.L, d.H, d.P});
-    check_same_device(op, "z", *z, x, "x");
-    check_same_dtype(op, "z", *z, x, "x");
-  }
+  check_float(op, "dt", dt, x, "x");
+  check_float(op, "A", A, x, "x");
+  check_dtype_and_device(op, "B", B, x, "x");
+  check_dtype_and_device(op, "C", C, x, "x");
+  if (z) check_like(op, "z", *z, x, "x");
   if (D) {
     NK_CHECK((D->dim() == 1 && D->size(0) == d.H) || (D->dim() == 2 && D->size(0) == d.H && D->size(1) == d.P),
              op, ": D must have shape (", d.H, ",) or (", d.H, ", ", d.P, "), got ", shape_str(*D));
-    check_float_param(op, "D", *D, x);
+    check_float(op, "D", *D, x, "x");
   }
   if (dt_bias) {
     check_shape(op, "dt_bias", *dt_bias, {d.H});
-    check_float_param(op, "dt_bias", *dt_bias, x);
+    check_float(op, "dt_bias", *dt_bias, x, "x");
   }
   if (init) {
     check_shape(op, "initial_states", *init, {d.b, d.H, d.P, d.N});
-    check_float_param(op, "initial_states", *init, x);
+    check_float(op, "initial_states", *init, x, "x");
   }
   if (seq_idx) {
     check_shape(op, "seq_idx", *seq_idx, {d.b, d.L});
@@ -203,10 +187,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     NK_CHECK(cu_seqlens.has_value(), kOp, ": return_varlen_states needs cu_seqlens, got None");
     NK_CHECK(seq_idx.has_value(), kOp, ": return_varlen_states needs seq_idx (the packed sequences' ids), got None");
     NK_CHECK(d.b == 1, kOp, ": return_varlen_states needs batch 1 (packed sequences), got batch ", d.b);
-    NK_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 1, kOp,
-             ": cu_seqlens must be 1-D (num_sequences + 1,), got shape ", shape_str(*cu_seqlens));
-    check_dtype(kOp, "cu_seqlens", *cu_seqlens, {ScalarType::Int});
-    check_same_device(kOp, "cu_seqlens", *cu_seqlens, x, "x");
+    check_tensor(kOp, "cu_seqlens", *cu_seqlens, {-1}, {ScalarType::Int}, x, "x");
+    check_size_at_least(kOp, "cu_seqlens", *cu_seqlens, 0, 1, "num_sequences + 1");
     nseq = cu_seqlens->size(0) - 1;
     if (!x.is_cuda())
       check_cu_seqlens(kOp, torch::stable::contiguous(*cu_seqlens), torch::stable::contiguous(*seq_idx), d.L);
@@ -257,19 +239,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     bool return_dinitial_states) {
   const char* op = "mamba_chunk_scan_combined (backward)";
   Dims d = check_args(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max);
-  check_shape(op, "dout", dout, {d.b, d.L, d.H, d.P});
-  check_same_device(op, "dout", dout, x, "x");
-  check_same_dtype(op, "dout", dout, x, "x");
+  check_like(op, "dout", dout, x, "x");
   if (z) {
     NK_CHECK(y_pre.has_value(), op, ": y_pre (the ungated output saved by the forward) must be given with z, "
              "got None");
-    check_shape(op, "y_pre", *y_pre, {d.b, d.L, d.H, d.P});
-    check_same_dtype(op, "y_pre", *y_pre, x, "x");
-    check_same_device(op, "y_pre", *y_pre, x, "x");
+    check_like(op, "y_pre", *y_pre, x, "x");
   }
   if (dfinal_states) {
     check_shape(op, "dfinal_states", *dfinal_states, {d.b, d.H, d.P, d.N});
-    check_float_param(op, "dfinal_states", *dfinal_states, x);
+    check_float(op, "dfinal_states", *dfinal_states, x, "x");
   }
   NK_CHECK(!return_dinitial_states || initial_states.has_value(), op,
            ": return_dinitial_states needs initial_states, got None");

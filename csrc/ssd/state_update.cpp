@@ -43,8 +43,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   NK_CHECK(x.dim() == xdims, op, ": x must have ", xdims, " dimensions (",
            multi ? "batch, tokens, " : "batch, ", hd ? "nheads, dim" : "dim", ") to match state ",
            shape_str(state), ", got shape ", shape_str(x));
-  check_float(op, "x", x);
-  check_same_device(op, "x", x, state, "state");
+  check_float(op, "x", x, state, "state");
   const int64_t batch = x.size(0), T = multi ? x.size(1) : 1;
   std::vector<int64_t> xs = {batch};
   if (multi) xs.push_back(T);
@@ -53,8 +52,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   check_shape(op, "x", x, xs, "(from state and x.shape[0])");
   const char* like_x = "(like x)";
   auto check_input = [&](const char* arg, const Tensor& t, const std::vector<int64_t>& want, const char* meaning) {
-    check_float(op, arg, t);
-    check_same_device(op, arg, t, state, "state");
+    check_float(op, arg, t, state, "state");
     check_shape(op, arg, t, want, meaning);
   };
   check_input("dt", dt, xs, like_x);
@@ -102,15 +100,11 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     ss.push_back(P);
     ss.push_back(N);
     check_shape(op, "intermediate_states", *snapshots, ss, "(batch, tokens, [nheads,] dim, dstate)");
-    check_same_dtype(op, "intermediate_states", *snapshots, state, "state");
-    check_same_device(op, "intermediate_states", *snapshots, state, "state");
+    check_dtype_and_device(op, "intermediate_states", *snapshots, state, "state");
   }
   std::optional<Tensor> idx;
   if (state_batch_indices) {
-    check_dim(op, "state_batch_indices", *state_batch_indices, 1);
-    check_dtype(op, "state_batch_indices", *state_batch_indices, {ScalarType::Int});
-    check_same_device(op, "state_batch_indices", *state_batch_indices, state, "state");
-    check_size(op, "state_batch_indices", *state_batch_indices, 0, batch);
+    check_tensor(op, "state_batch_indices", *state_batch_indices, {batch}, {ScalarType::Int}, state, "state");
     idx = torch::stable::contiguous(*state_batch_indices);
     // On the CPU the indices are checked without a device sync (on CUDA they cannot be: an
     // out-of-range row gives NaN outputs there, never an out-of-bounds access, and duplicate
@@ -118,8 +112,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     // the state, so its rows may repeat.
     if (!state.is_cuda()) check_state_indices(op, "state_batch_indices", *idx, "state", rows, !multi);
   } else {
-    NK_CHECK(rows >= batch, op, ": state.shape[0] must be at least batch = ", batch,
-             " when state_batch_indices is None, got shape ", shape_str(state));
+    check_size_at_least(op, "state", state, 0, batch, "batch, when state_batch_indices is None");
   }
   if (snapshots) check_written("intermediate_states", *snapshots);
 

@@ -1,13 +1,16 @@
 """grouped_gemm (moe) against a float64 loop over experts: forward (none / relu2), dgrad, wgrad,
 autograd, offsets edge cases (empty experts, one expert holding every row, unpadded segments,
 rows past offsets[E]), tile edges, strided inputs, opcheck, torch.compile and bad inputs."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from nemokernels.moe import grouped_gemm
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, assert_close_to_magnitude, nan_like, opcheck, poison_allocator, rel_err
+from helpers import (TOL, assert_close, assert_close_to_magnitude, bad_input_test, mutation_table, nan_like, opcheck,
+                     poison_allocator, rel_err)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ops = torch.ops.nemokernels
@@ -270,48 +273,6 @@ def test_torch_compile_fullgraph(device):
         assert rel_err(y, x) < 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise(device):
-    a, w, offsets = make([3, 4], 6, 5, torch.float32, device)
-    cases = [
-        ((a, w, offsets.long()), "expert_offsets must be one of \\{int32\\}, got int64"),
-        ((a, w, offsets[:-1]), "expert_offsets must have E \\+ 1 = 3 entries"),
-        ((a, w[:, :, :4], offsets), "w must be \\(E, N, K\\) with K = a.shape\\[1\\] = 5"),
-        ((a, w.half(), offsets), "w must have a's dtype float32, got float16"),
-        ((a[0], w, offsets), "a must have 2 dimensions"),
-        ((a, w[0], offsets), "w must have 3 dimensions"),
-        ((a.int(), w, offsets), "a must be one of"),
-    ]
-    for args, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            grouped_gemm(*args)
-    with pytest.raises(RuntimeError, match='grouped_gemm: activation must be "none" or "relu2", got "gelu"'):
-        grouped_gemm(a, w, offsets, "gelu")
-    with pytest.raises(RuntimeError, match='activation must be "none" or "relu2", got "RELU2"'):
-        ops.grouped_gemm_fwd(a, w, offsets, "RELU2", False)
-    with pytest.raises(RuntimeError, match="preact must have dout's shape"):
-        ops.grouped_gemm_dgrad(torch.randn(7, 6, device=device), w, offsets, torch.randn(7, 5, device=device))
-    with pytest.raises(RuntimeError, match="a must have dout's number of rows 7"):
-        ops.grouped_gemm_wgrad(torch.randn(7, 6, device=device), torch.randn(8, 5, device=device), offsets, None)
-
-
-def test_bad_offsets_values_raise_on_cpu():
-    a, w, _ = make([3, 4], 6, 5, torch.float32, "cpu")
-    for offs, pattern in [([0, 5, 3], "non-decreasing"), ([0, 3, 8], "must be <= the number of rows 7"),
-                          ([-1, 3, 7], "expert_offsets\\[0\\] must be >= 0")]:
-        with pytest.raises(RuntimeError, match=pattern):
-            grouped_gemm(a, w, torch.tensor(offs, dtype=torch.int32))
-
-
-def test_float64_rejected_on_cuda_message():
-    # float64 is a CPU-only dtype (gradcheck); the CUDA entry names the allowed dtypes.
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    a, w, offsets = make([3, 4], 6, 5, torch.float64, "cuda")
-    with pytest.raises(RuntimeError, match="a must be one of \\{float32, float16, bfloat16\\}"):
-        grouped_gemm(a, w, offsets)
-
-
 # ---------------------------------------------------------------- GPU only
 
 
@@ -384,20 +345,10 @@ def test_cuda_arch_path_matches_portable_path(monkeypatch, activation):
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-# (id, mutation of a valid call's arguments, regex, where). where: "all" (every device), "cpu"
-# (offsets values: reading them on CUDA would need a host sync, so the CUDA kernels clamp every
-# segment into [0, R] instead, see test_cuda_memory_safe_for_bad_offsets), "cuda" (device mix and
-# the CUDA grid limits). Messages name the op, the argument and expected vs got.
-
-
-def _bad_call(make, call, mutate, pattern, where, device):
-    if where != "all" and where != device:
-        pytest.skip(f"a {where}-only check")
-    a = make(device)
-    call(a)  # the unmutated call is valid
-    mutate(a)
-    with pytest.raises(RuntimeError, match=pattern):
-        call(a)
+# Rows (id, mutation of a valid call's arguments, regex, where) as in helpers.mutation_table;
+# "cpu" rows check offsets values (reading them on CUDA would need a host sync, so the CUDA
+# kernels clamp every segment into [0, R] instead, see test_cuda_memory_safe_for_bad_offsets).
+# The public function's refusals are rows (id, where, call, regex[, exc]) over _public_args.
 
 
 def _gg_args(device):
@@ -417,24 +368,24 @@ def _expand_rows(t, rows):
 FWD = "grouped_gemm"
 FWD_CASES = [
     ("a_dtype", lambda a: a.update(a=a["a"].int()), FWD + r": a must be one of \{float32, float16, bfloat16(, float64)?\}, "
-     "got int32", "all"),
-    ("a_rank", lambda a: a.update(a=a["a"][None]), FWD + r": a must have 2 dimensions, got shape \(1, 7, 5\)", "all"),
-    ("w_rank", lambda a: a.update(w=a["w"][0]), FWD + r": w must have 3 dimensions, got shape \(6, 5\)", "all"),
-    ("w_dtype", lambda a: a.update(w=a["w"].bfloat16()), FWD + r": w must have a's dtype float32, got bfloat16", "all"),
+     "got int32", "any"),
+    ("a_rank", lambda a: a.update(a=a["a"][None]), FWD + r": a must have 2 dimensions, got shape \(1, 7, 5\)", "any"),
+    ("w_rank", lambda a: a.update(w=a["w"][0]), FWD + r": w must have 3 dimensions, got shape \(6, 5\)", "any"),
+    ("w_dtype", lambda a: a.update(w=a["w"].bfloat16()), FWD + r": w must have a's dtype float32, got bfloat16", "any"),
     ("w_k", lambda a: a.update(w=a["w"][..., :4]),
-     FWD + r": w must be \(E, N, K\) with K = a.shape\[1\] = 5, got w shape \(2, 6, 4\)", "all"),
-    ("activation", lambda a: a.update(act="relu"), FWD + r': activation must be "none" or "relu2", got "relu"', "all"),
+     FWD + r": w must be \(E, N, K\) with K = a.shape\[1\] = 5, got w shape \(2, 6, 4\)", "any"),
+    ("activation", lambda a: a.update(act="relu"), FWD + r': activation must be "none" or "relu2", got "relu"', "any"),
     ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].long()),
-     FWD + r": expert_offsets must be one of \{int32\}, got int64", "all"),
+     FWD + r": expert_offsets must be one of \{int32\}, got int64", "any"),
     ("offsets_rank", lambda a: a.update(offsets=a["offsets"][None]),
-     FWD + r": expert_offsets must have 1 dimensions, got shape \(1, 3\)", "all"),
+     FWD + r": expert_offsets must have 1 dimensions, got shape \(1, 3\)", "any"),
     ("offsets_experts", lambda a: a.update(offsets=a["offsets"][:2]),
-     FWD + r": expert_offsets must have E \+ 1 = 3 entries \(w has E = 2 experts\), got shape \(2,\)", "all"),
+     FWD + r": expert_offsets must have E \+ 1 = 3 entries \(w has E = 2 experts\), got shape \(2,\)", "any"),
     ("offsets_empty", lambda a: a.update(offsets=a["offsets"][:0]),
-     FWD + r": expert_offsets must have E \+ 1 >= 1 entries, got shape \(0,\)", "all"),
+     FWD + r": expert_offsets.shape\[0\] must be at least 1 \(E \+ 1 entries\), got shape \(0,\)", "any"),
     ("rows_past_int32", lambda a: a.update(a=_expand_rows(a["a"], 2**31)),
      FWD + r": the number of rows R = 2147483648 exceeds 2147483647, the range of the int32 expert_offsets; "
-     r"split the rows into several calls", "all"),
+     r"split the rows into several calls", "any"),
     ("offsets_decreasing", lambda a: _offs(a, [0, 5, 3]),
      FWD + r": expert_offsets must be non-decreasing, got offsets\[1\] = 5 > offsets\[2\] = 3", "cpu"),
     ("offsets_negative", lambda a: _offs(a, [-1, 3, 7]), FWD + r": expert_offsets\[0\] must be >= 0, got -1", "cpu"),
@@ -461,24 +412,24 @@ def _fwd_call(a):
 
 DGRAD = r"grouped_gemm \(dgrad\)"
 DGRAD_CASES = [
-    ("dout_dtype", lambda a: a.update(dout=a["dout"].long()), DGRAD + r": dout must be one of .*, got int64", "all"),
+    ("dout_dtype", lambda a: a.update(dout=a["dout"].long()), DGRAD + r": dout must be one of .*, got int64", "any"),
     ("dout_rank", lambda a: a.update(dout=a["dout"].flatten()),
-     DGRAD + r": dout must have 2 dimensions, got shape \(42,\)", "all"),
+     DGRAD + r": dout must have 2 dimensions, got shape \(42,\)", "any"),
     ("w_rank", lambda a: a.update(w=a["w"].flatten(1)), DGRAD + r": w must have 3 dimensions, got shape \(2, 30\)",
-     "all"),
-    ("w_dtype", lambda a: a.update(w=a["w"].half()), DGRAD + r": w must have dout's dtype float32, got float16", "all"),
+     "any"),
+    ("w_dtype", lambda a: a.update(w=a["w"].half()), DGRAD + r": w must have dout's dtype float32, got float16", "any"),
     ("w_n", lambda a: a.update(w=a["w"][:, :5]),
-     DGRAD + r": w must be \(E, N, K\) with N = dout.shape\[1\] = 6, got w shape \(2, 5, 5\)", "all"),
+     DGRAD + r": w must be \(E, N, K\) with N = dout.shape\[1\] = 6, got w shape \(2, 5, 5\)", "any"),
     ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].short()),
-     DGRAD + r": expert_offsets must be one of \{int32\}", "all"),
+     DGRAD + r": expert_offsets must be one of \{int32\}", "any"),
     ("offsets_experts", lambda a: a.update(offsets=torch.tensor([0, 2, 4, 7], dtype=torch.int32,
                                                                 device=a["offsets"].device)),
-     DGRAD + r": expert_offsets must have E \+ 1 = 3 entries \(w has E = 2 experts\), got shape \(4,\)", "all"),
+     DGRAD + r": expert_offsets must have E \+ 1 = 3 entries \(w has E = 2 experts\), got shape \(4,\)", "any"),
     ("preact_shape", lambda a: a.update(pre=a["pre"][:, :5]),
-     DGRAD + r": preact must have dout's shape \(7, 6\), got \(7, 5\)", "all"),
+     DGRAD + r": preact must have dout's shape \(7, 6\), got \(7, 5\)", "any"),
     ("preact_dtype", lambda a: a.update(pre=a["pre"].bfloat16()),
-     DGRAD + r": preact must have dout's dtype float32, got bfloat16", "all"),
-    ("preact_rank", lambda a: a.update(pre=a["pre"].flatten()), DGRAD + r": preact must have 2 dimensions", "all"),
+     DGRAD + r": preact must have dout's dtype float32, got bfloat16", "any"),
+    ("preact_rank", lambda a: a.update(pre=a["pre"].flatten()), DGRAD + r": preact must have 2 dimensions", "any"),
     ("offsets_decreasing", lambda a: _offs(a, [0, 7, 2]), DGRAD + r": expert_offsets must be non-decreasing", "cpu"),
     ("offsets_past_rows", lambda a: _offs(a, [0, 3, 9]),
      DGRAD + r": expert_offsets\[E\] must be <= the number of rows 7, got 9", "cpu"),
@@ -495,21 +446,21 @@ def _dgrad_call(a):
 
 WGRAD = r"grouped_gemm \(wgrad\)"
 WGRAD_CASES = [
-    ("dout_dtype", lambda a: a.update(dout=a["dout"].bool()), WGRAD + r": dout must be one of .*, got bool", "all"),
-    ("dout_rank", lambda a: a.update(dout=a["dout"][None]), WGRAD + r": dout must have 2 dimensions", "all"),
-    ("a_rank", lambda a: a.update(a=a["a"].flatten()), WGRAD + r": a must have 2 dimensions, got shape \(35,\)", "all"),
-    ("a_dtype", lambda a: a.update(a=a["a"].half()), WGRAD + r": a must have dout's dtype float32, got float16", "all"),
+    ("dout_dtype", lambda a: a.update(dout=a["dout"].bool()), WGRAD + r": dout must be one of .*, got bool", "any"),
+    ("dout_rank", lambda a: a.update(dout=a["dout"][None]), WGRAD + r": dout must have 2 dimensions", "any"),
+    ("a_rank", lambda a: a.update(a=a["a"].flatten()), WGRAD + r": a must have 2 dimensions, got shape \(35,\)", "any"),
+    ("a_dtype", lambda a: a.update(a=a["a"].half()), WGRAD + r": a must have dout's dtype float32, got float16", "any"),
     ("a_rows", lambda a: a.update(a=a["a"][:6]),
-     WGRAD + r": a must have dout's number of rows 7, got a shape \(6, 5\) and dout shape \(7, 6\)", "all"),
+     WGRAD + r": a must have dout's number of rows 7, got a shape \(6, 5\) and dout shape \(7, 6\)", "any"),
     ("offsets_dtype", lambda a: a.update(offsets=a["offsets"].float()),
-     WGRAD + r": expert_offsets must be one of \{int32\}, got float32", "all"),
+     WGRAD + r": expert_offsets must be one of \{int32\}, got float32", "any"),
     ("offsets_rank", lambda a: a.update(offsets=a["offsets"].reshape(3, 1)),
-     WGRAD + r": expert_offsets must have 1 dimensions", "all"),
+     WGRAD + r": expert_offsets must have 1 dimensions", "any"),
     ("offsets_empty", lambda a: a.update(offsets=a["offsets"][:0]),
-     WGRAD + r": expert_offsets must have E \+ 1 >= 1 entries", "all"),
-    ("preact_shape", lambda a: a.update(pre=a["pre"][:6]), WGRAD + r": preact must have dout's shape \(7, 6\)", "all"),
+     WGRAD + r": expert_offsets.shape\[0\] must be at least 1 \(E \+ 1 entries\)", "any"),
+    ("preact_shape", lambda a: a.update(pre=a["pre"][:6]), WGRAD + r": preact must have dout's shape \(7, 6\)", "any"),
     ("preact_dtype", lambda a: a.update(pre=a["pre"].double()),
-     WGRAD + r": preact must have dout's dtype float32, got float64", "all"),
+     WGRAD + r": preact must have dout's dtype float32, got float64", "any"),
     ("offsets_decreasing", lambda a: _offs(a, [0, 4, 1]), WGRAD + r": expert_offsets must be non-decreasing", "cpu"),
     ("offsets_negative", lambda a: _offs(a, [-3, 4, 7]), WGRAD + r": expert_offsets\[0\] must be >= 0, got -3", "cpu"),
     ("a_device", lambda a: a.update(a=a["a"].cpu()),
@@ -523,15 +474,53 @@ def _wgrad_call(a):
     return ops.grouped_gemm_wgrad(a["dout"], a["a"], a["offsets"], a["pre"])
 
 
-GG_TABLES = {"fwd": (_fwd_call, FWD_CASES), "dgrad": (_dgrad_call, DGRAD_CASES), "wgrad": (_wgrad_call, WGRAD_CASES)}
-GG_PARAMS = [pytest.param(op, *c[1:], id=f"{op}-{c[0]}") for op, (_, cases) in GG_TABLES.items() for c in cases]
+def _public_args(device):
+    a, w, offsets = make([3, 4], 6, 5, torch.float32, device)  # R = 7, N = 6, K = 5, E = 2
+    return SimpleNamespace(a=a, w=w, offsets=offsets)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,mutate,pattern,where", GG_PARAMS)
-def test_bad_input_table(device, op, mutate, pattern, where):
-    call, _ = GG_TABLES[op]
-    _bad_call(_gg_args, call, mutate, pattern, where, device)
+def _offsets(t, values):
+    return torch.tensor(values, dtype=torch.int32, device=t.a.device)
+
+
+PUBLIC_CASES = [
+    ("offsets_dtype", "any", lambda t: grouped_gemm(t.a, t.w, t.offsets.long()),
+     "expert_offsets must be one of \\{int32\\}, got int64"),
+    ("offsets_experts", "any", lambda t: grouped_gemm(t.a, t.w, t.offsets[:-1]),
+     "expert_offsets must have E \\+ 1 = 3 entries"),
+    ("w_k", "any", lambda t: grouped_gemm(t.a, t.w[:, :, :4], t.offsets),
+     "w must be \\(E, N, K\\) with K = a.shape\\[1\\] = 5"),
+    ("w_dtype", "any", lambda t: grouped_gemm(t.a, t.w.half(), t.offsets),
+     "w must have a's dtype float32, got float16"),
+    ("a_rank", "any", lambda t: grouped_gemm(t.a[0], t.w, t.offsets), "a must have 2 dimensions"),
+    ("w_rank", "any", lambda t: grouped_gemm(t.a, t.w[0], t.offsets), "w must have 3 dimensions"),
+    ("a_dtype", "any", lambda t: grouped_gemm(t.a.int(), t.w, t.offsets), "a must be one of"),
+    ("activation_name", "any", lambda t: grouped_gemm(t.a, t.w, t.offsets, "gelu"),
+     'grouped_gemm: activation must be "none" or "relu2", got "gelu"'),
+    ("activation_case", "any", lambda t: ops.grouped_gemm_fwd(t.a, t.w, t.offsets, "RELU2", False),
+     'activation must be "none" or "relu2", got "RELU2"'),
+    ("dgrad_preact_shape", "any",
+     lambda t: ops.grouped_gemm_dgrad(torch.randn(7, 6, device=t.a.device), t.w, t.offsets,
+                                      torch.randn(7, 5, device=t.a.device)),
+     "preact must have dout's shape"),
+    ("wgrad_a_rows", "any",
+     lambda t: ops.grouped_gemm_wgrad(torch.randn(7, 6, device=t.a.device), torch.randn(8, 5, device=t.a.device),
+                                      t.offsets, None),
+     "a must have dout's number of rows 7"),
+    ("offsets_decreasing", "cpu", lambda t: grouped_gemm(t.a, t.w, _offsets(t, [0, 5, 3])), "non-decreasing"),
+    ("offsets_past_rows", "cpu", lambda t: grouped_gemm(t.a, t.w, _offsets(t, [0, 3, 8])),
+     "must be <= the number of rows 7"),
+    ("offsets_negative", "cpu", lambda t: grouped_gemm(t.a, t.w, _offsets(t, [-1, 3, 7])),
+     "expert_offsets\\[0\\] must be >= 0"),
+    # float64 is a CPU-only dtype (gradcheck); the CUDA entry names the allowed dtypes.
+    ("float64_on_cuda", "cuda", lambda t: grouped_gemm(t.a.double(), t.w.double(), t.offsets),
+     "a must be one of \\{float32, float16, bfloat16\\}"),
+]
+
+
+test_bad_input = bad_input_test(
+    fwd=mutation_table(_gg_args, _fwd_call, FWD_CASES), dgrad=mutation_table(_gg_args, _dgrad_call, DGRAD_CASES),
+    wgrad=mutation_table(_gg_args, _wgrad_call, WGRAD_CASES), public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.gpu

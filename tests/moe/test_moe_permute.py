@@ -3,6 +3,8 @@ stable-sort reference (nemokernels/moe/reference.py) for pad_to 1/16/128, odd to
 several chunks, unbalanced routing (empty experts, one expert with every token); gather and
 combine against float64 references in every dtype, their gradients against autograd of the
 references with non-contiguous upstream gradients, opcheck, torch.compile, CUDA graphs, bad input."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from nemokernels.moe import moe_combine, moe_gather, moe_permute_plan
 from nemokernels.moe import reference as R
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, opcheck, poison_allocator
+from helpers import TOL, assert_close, bad_input_test, mutation_table, opcheck, poison_allocator
 
 ops = torch.ops.nemokernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -131,49 +133,6 @@ def test_empty_inputs(device):
     assert x.grad.shape == (0, 16)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_input(device):
-    ids = routed_ids(4, 8, 2, "uniform", device)
-    plan = moe_permute_plan(ids, 8, 1)
-    with pytest.raises(RuntimeError, match="moe_permute_plan: topk_ids must be one of {int32}"):
-        ops.moe_permute_plan(ids.long(), 8, 1)
-    with pytest.raises(RuntimeError, match="moe_permute_plan: topk_ids must have 2 dimensions"):
-        moe_permute_plan(ids.flatten(), 8, 1)
-    with pytest.raises(RuntimeError, match=r"pad_to must be in \[1, 4096\]"):
-        moe_permute_plan(ids, 8, 0)
-    with pytest.raises(RuntimeError, match=r"num_experts must be in \[1, 2048\], got 0"):
-        moe_permute_plan(ids, 0, 1)
-    with pytest.raises(RuntimeError, match=r"num_experts must be in \[1, 2048\], got 4096"):
-        moe_permute_plan(ids, 4096, 1)
-    x = torch.randn(4, 16, device=device)
-    with pytest.raises(RuntimeError, match="moe_gather: x must be one of"):
-        moe_gather(x.long(), plan)
-    with pytest.raises(RuntimeError, match=r"row_of_slot must have x.shape\[0\] \* top_k = 10"):
-        moe_gather(torch.randn(5, 16, device=device), plan)
-    y = torch.randn(plan.num_rows, 16, device=device)
-    with pytest.raises(RuntimeError, match=r"topk_weights must have shape \(4, 2\)"):
-        moe_combine(y, plan, torch.rand(4, 3, device=device))
-    with pytest.raises(RuntimeError, match="topk_weights must be one of {float32}"):
-        moe_combine(y, plan, torch.rand(4, 2, device=device).half())
-    with pytest.raises(RuntimeError, match=r"slot_of_row.shape\[0\] must be 7, got shape \(8,\)"):
-        moe_combine(y[:-1], plan)
-    with pytest.raises(RuntimeError, match="top_k must be >= 1 and divide row_of_slot.shape"):
-        ops.moe_combine(y, plan.row_of_slot, plan.slot_of_row, None, 3)
-
-
-def test_out_of_range_ids_raise_on_cpu():
-    ids = torch.tensor([[0, 8], [1, 2]], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"topk_ids.flatten\(\)\[1\] = 8 is out of range for num_experts = 8"):
-        moe_permute_plan(ids, 8, 1)
-    with pytest.raises(RuntimeError, match="out of range for num_experts"):
-        moe_permute_plan(-ids, 8, 1)
-    plan = moe_permute_plan(ids.clamp(max=7), 8, 1)
-    bad = plan.slot_of_row.clone()
-    bad[0] = 99
-    with pytest.raises(RuntimeError, match=r"moe_gather: slot_of_row\[0\] = 99 is out of range"):
-        ops.moe_gather(torch.randn(2, 4), bad, plan.row_of_slot, 2)
-
-
 @pytest.mark.gpu
 def test_out_of_range_ids_are_dropped_on_cuda():
     """The GPU cannot raise without a sync: a bad id's slot gets row -1 and adds nothing."""
@@ -254,20 +213,11 @@ def test_cuda_matches_cpu_and_graph_replay():
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-# (id, mutation of a valid call's arguments, regex of the message, where). where: "all" (every
-# device), "cpu" (value checks: they read the maps or ids, a host sync on CUDA; the CUDA
-# kernels bound-check every entry they use instead, see test_cuda_memory_safe_for_bad_maps),
-# "cuda" (device mix). Messages name the op, the argument, expected vs got.
-
-
-def _bad_call(make, call, mutate, pattern, where, device):
-    if where != "all" and where != device:
-        pytest.skip(f"a {where}-only check")
-    a = make(device)
-    call(a)  # the unmutated call is valid
-    mutate(a)
-    with pytest.raises(RuntimeError, match=pattern):
-        call(a)
+# Tables of mutations of a valid call's arguments, rows (id, mutate, regex of the message, where)
+# as in helpers.mutation_table; "cpu" rows are value checks (they read the maps or ids, a host
+# sync on CUDA; the CUDA kernels bound-check every entry they use instead, see
+# test_cuda_memory_safe_for_bad_maps). The public functions' refusals are rows (id, where, call,
+# regex) over _public_args.
 
 
 def _set(a, key, idx, value):
@@ -293,19 +243,19 @@ def _plan_call(a):
 PLAN = "moe_permute_plan"
 PLAN_CASES = [
     ("ids_dtype", lambda a: a.update(ids=a["ids"].long()), PLAN + r": topk_ids must be one of \{int32\}, got int64",
-     "all"),
+     "any"),
     ("ids_rank1", lambda a: a.update(ids=a["ids"].flatten()),
-     PLAN + r": topk_ids must have 2 dimensions, got shape \(8,\)", "all"),
+     PLAN + r": topk_ids must have 2 dimensions, got shape \(8,\)", "any"),
     ("ids_rank3", lambda a: a.update(ids=a["ids"][None]),
-     PLAN + r": topk_ids must have 2 dimensions, got shape \(1, 4, 2\)", "all"),
-    ("no_experts", lambda a: a.update(E=0), PLAN + r": num_experts must be in \[1, 2048\], got 0", "all"),
-    ("too_many_experts", lambda a: a.update(E=2049), PLAN + r": num_experts must be in \[1, 2048\], got 2049", "all"),
-    ("pad_to_zero", lambda a: a.update(pad=0), PLAN + r": pad_to must be in \[1, 4096\], got 0", "all"),
-    ("pad_to_too_big", lambda a: a.update(pad=4097), PLAN + r": pad_to must be in \[1, 4096\], got 4097", "all"),
+     PLAN + r": topk_ids must have 2 dimensions, got shape \(1, 4, 2\)", "any"),
+    ("no_experts", lambda a: a.update(E=0), PLAN + r": num_experts must be in \[1, 2048\], got 0", "any"),
+    ("too_many_experts", lambda a: a.update(E=2049), PLAN + r": num_experts must be in \[1, 2048\], got 2049", "any"),
+    ("pad_to_zero", lambda a: a.update(pad=0), PLAN + r": pad_to must be in \[1, 4096\], got 0", "any"),
+    ("pad_to_too_big", lambda a: a.update(pad=4097), PLAN + r": pad_to must be in \[1, 4096\], got 4097", "any"),
     ("rows_past_int32", lambda a: a.update(ids=torch.zeros(1, 1, dtype=torch.int32, device=a["ids"].device)
                                            .expand(2**31 - 8, 1)),
      PLAN + r": 2147483640 slots \+ num_experts \* \(pad_to - 1\) = 2147483664 rows do not fit int32 row indices; "
-     r"plan fewer tokens", "all"),
+     r"plan fewer tokens", "any"),
     ("id_past_experts", lambda a: _set(a, "ids", (2, 0), 8),
      PLAN + r": topk_ids.flatten\(\)\[4\] = 8 is out of range for num_experts = 8", "cpu"),
     ("id_negative", lambda a: _set(a, "ids", (3, 1), -1),
@@ -332,24 +282,24 @@ def _first_real_rows(a):
 GATHER = "moe_gather"
 GATHER_CASES = [
     ("x_dtype_int", lambda a: a.update(x=a["x"].long()),
-     GATHER + r": x must be one of \{float32, float16, bfloat16\}, got int64", "all"),
+     GATHER + r": x must be one of \{float32, float16, bfloat16\}, got int64", "any"),
     ("x_dtype_f64", lambda a: a.update(x=a["x"].double()),
-     GATHER + r": x must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+     GATHER + r": x must be one of \{float32, float16, bfloat16\}, got float64", "any"),
     ("x_rank", lambda a: a.update(x=a["x"][None]), GATHER + r": x must have 2 dimensions, got shape \(1, 4, 16\)",
-     "all"),
+     "any"),
     ("sor_dtype", lambda a: a.update(sor=a["sor"].long()), GATHER + r": slot_of_row must be one of \{int32\}, got int64",
-     "all"),
-    ("sor_rank", lambda a: a.update(sor=a["sor"][None]), GATHER + r": slot_of_row must have 1 dimensions", "all"),
+     "any"),
+    ("sor_rank", lambda a: a.update(sor=a["sor"][None]), GATHER + r": slot_of_row must have 1 dimensions", "any"),
     ("ros_dtype", lambda a: a.update(ros=a["ros"].long()), GATHER + r": row_of_slot must be one of \{int32\}, got int64",
-     "all"),
+     "any"),
     ("ros_rank", lambda a: a.update(ros=a["ros"].reshape(4, 2)), GATHER + r": row_of_slot must have 1 dimensions",
-     "all"),
+     "any"),
     ("tokens_disagree", lambda a: a.update(x=torch.randn(5, 16, device=a["x"].device)),
      GATHER + r": row_of_slot must have x.shape\[0\] \* top_k = 10 entries \(the plan of x's tokens\), got shape \(8,\)",
-     "all"),
-    ("top_k_zero", lambda a: a.update(k=0), GATHER + r": top_k must be >= 1, got 0", "all"),
+     "any"),
+    ("top_k_zero", lambda a: a.update(k=0), GATHER + r": top_k must be >= 1, got 0", "any"),
     ("top_k_overflow", lambda a: a.update(k=2**62),
-     GATHER + r": row_of_slot must have x.shape\[0\] \* top_k = 4 \* 4611686018427387904 entries", "all"),
+     GATHER + r": row_of_slot must have x.shape\[0\] \* top_k = 4 \* 4611686018427387904 entries", "any"),
     ("sor_value_out_of_range", lambda a: _set(a, "sor", 0, 99),
      GATHER + r": slot_of_row\[0\] = 99 is out of range \[-1, 8\)", "cpu"),
     ("ros_value_out_of_range", lambda a: _set(a, "ros", 3, -2),
@@ -369,20 +319,20 @@ def _gather_call(a):
 GBWD = r"moe_gather \(backward\)"
 GATHER_BWD_CASES = [
     ("dxs_dtype", lambda a: a.update(dxs=a["dxs"].int()),
-     GBWD + r": dxs must be one of \{float32, float16, bfloat16\}, got int32", "all"),
-    ("dxs_rank", lambda a: a.update(dxs=a["dxs"].flatten()), GBWD + r": dxs must have 2 dimensions", "all"),
+     GBWD + r": dxs must be one of \{float32, float16, bfloat16\}, got int32", "any"),
+    ("dxs_rank", lambda a: a.update(dxs=a["dxs"].flatten()), GBWD + r": dxs must have 2 dimensions", "any"),
     ("ros_dtype", lambda a: a.update(ros=a["ros"].long()), GBWD + r": row_of_slot must be one of \{int32\}, got int64",
-     "all"),
+     "any"),
     ("ros_rank", lambda a: a.update(ros=a["ros"].reshape(4, 2)),
-     GBWD + r": row_of_slot must have 1 dimensions, got shape \(4, 2\)", "all"),
+     GBWD + r": row_of_slot must have 1 dimensions, got shape \(4, 2\)", "any"),
     ("top_k_zero", lambda a: a.update(k=0),
-     GBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 0", "all"),
+     GBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 0", "any"),
     ("top_k_not_dividing", lambda a: a.update(k=3),
-     GBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "all"),
+     GBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "any"),
     ("slots_past_int32", lambda a: a.update(ros=torch.zeros(1, dtype=torch.int32, device=a["ros"].device)
                                             .expand(2**31), k=1),
      GBWD + r": row_of_slot.shape\[0\] \(slots, tokens \* top_k\) = 2147483648 exceeds 2147483647, slot indices are "
-     r"int32 \(slot_of_row\); dispatch the tokens in several calls", "all"),
+     r"int32 \(slot_of_row\); dispatch the tokens in several calls", "any"),
     ("ros_value_past_rows", lambda a: _set(a, "ros", 0, 99),
      GBWD + r": row_of_slot\[0\] = 99 is out of range \[-1, \d+\)", "cpu"),
     ("ros_value_negative", lambda a: _set(a, "ros", 5, -3),
@@ -399,23 +349,23 @@ def _gather_bwd_call(a):
 COMBINE = "moe_combine"
 COMBINE_CASES = [
     ("y_dtype", lambda a: a.update(y=a["y"].double()),
-     COMBINE + r": y must be one of \{float32, float16, bfloat16\}, got float64", "all"),
-    ("y_rank", lambda a: a.update(y=a["y"][None]), COMBINE + r": y must have 2 dimensions", "all"),
+     COMBINE + r": y must be one of \{float32, float16, bfloat16\}, got float64", "any"),
+    ("y_rank", lambda a: a.update(y=a["y"][None]), COMBINE + r": y must have 2 dimensions", "any"),
     ("ros_dtype", lambda a: a.update(ros=a["ros"].short()),
-     COMBINE + r": row_of_slot must be one of \{int32\}, got int16", "all"),
-    ("ros_rank", lambda a: a.update(ros=a["ros"][None]), COMBINE + r": row_of_slot must have 1 dimensions", "all"),
+     COMBINE + r": row_of_slot must be one of \{int32\}, got int16", "any"),
+    ("ros_rank", lambda a: a.update(ros=a["ros"][None]), COMBINE + r": row_of_slot must have 1 dimensions", "any"),
     ("top_k_not_dividing", lambda a: a.update(k=3),
-     COMBINE + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "all"),
+     COMBINE + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 3", "any"),
     ("weights_shape", lambda a: a.update(w=a["w"][:, :1]),
-     COMBINE + r": topk_weights must have shape \(4, 2\) \(tokens, top_k\), got \(4, 1\)", "all"),
+     COMBINE + r": topk_weights must have shape \(4, 2\) \(tokens, top_k\), got \(4, 1\)", "any"),
     ("weights_dtype", lambda a: a.update(w=a["w"].bfloat16()),
-     COMBINE + r": topk_weights must be one of \{float32\}, got bfloat16", "all"),
+     COMBINE + r": topk_weights must be one of \{float32\}, got bfloat16", "any"),
     ("weights_rank", lambda a: a.update(w=a["w"].flatten()),
-     COMBINE + r": topk_weights must have 2 dimensions, got shape \(8,\)", "all"),
+     COMBINE + r": topk_weights must have 2 dimensions, got shape \(8,\)", "any"),
     ("sor_dtype", lambda a: a.update(sor=a["sor"].long()),
-     COMBINE + r": slot_of_row must be one of \{int32\}, got int64", "all"),
+     COMBINE + r": slot_of_row must be one of \{int32\}, got int64", "any"),
     ("sor_rows_disagree", lambda a: a.update(y=a["y"][:-1]),
-     COMBINE + r": slot_of_row.shape\[0\] must be \d+, got shape \(\d+,\)", "all"),
+     COMBINE + r": slot_of_row.shape\[0\] must be \d+, got shape \(\d+,\)", "any"),
     ("ros_value_out_of_range", lambda a: _set(a, "ros", 2, 1000),
      COMBINE + r": row_of_slot\[2\] = 1000 is out of range \[-1, \d+\)", "cpu"),
     ("maps_not_inverse", lambda a: _swap(a, "ros", 0, 1),
@@ -433,19 +383,19 @@ def _combine_call(a):
 CBWD = r"moe_combine \(backward\)"
 COMBINE_BWD_CASES = [
     ("dout_rows", lambda a: a.update(dout=a["dout"][:3]), CBWD + r": dout must have shape \(4, 16\), got \(3, 16\)",
-     "all"),
+     "any"),
     ("dout_cols", lambda a: a.update(dout=a["dout"][:, :8]), CBWD + r": dout must have shape \(4, 16\), got \(4, 8\)",
-     "all"),
+     "any"),
     ("dout_dtype", lambda a: a.update(dout=a["dout"].half()),
-     CBWD + r": dout must have y's dtype float32, got float16", "all"),
-    ("dout_rank", lambda a: a.update(dout=a["dout"][None]), CBWD + r": dout must have 2 dimensions", "all"),
+     CBWD + r": dout must have y's dtype float32, got float16", "any"),
+    ("dout_rank", lambda a: a.update(dout=a["dout"][None]), CBWD + r": dout must have 2 dimensions", "any"),
     ("y_dtype", lambda a: a.update(y=a["y"].long()),
-     CBWD + r": y must be one of \{float32, float16, bfloat16\}, got int64", "all"),
+     CBWD + r": y must be one of \{float32, float16, bfloat16\}, got int64", "any"),
     ("sor_rows_disagree", lambda a: a.update(sor=a["sor"][:-1]),
-     CBWD + r": slot_of_row.shape\[0\] must be \d+, got shape", "all"),
-    ("weights_shape", lambda a: a.update(w=a["w"][:2]), CBWD + r": topk_weights must have shape \(4, 2\)", "all"),
+     CBWD + r": slot_of_row.shape\[0\] must be \d+, got shape", "any"),
+    ("weights_shape", lambda a: a.update(w=a["w"][:2]), CBWD + r": topk_weights must have shape \(4, 2\)", "any"),
     ("top_k_zero", lambda a: a.update(k=0), CBWD + r": top_k must be >= 1 and divide row_of_slot.shape\[0\] = 8, got 0",
-     "all"),
+     "any"),
     ("ros_value_out_of_range", lambda a: _set(a, "ros", 7, 77),
      CBWD + r": row_of_slot\[7\] = 77 is out of range", "cpu"),
     ("sor_value_out_of_range", lambda a: _set(a, "sor", 1, 8),
@@ -461,21 +411,54 @@ def _combine_bwd_call(a):
     return ops.moe_combine_bwd(a["dout"], a["y"], a["ros"], a["sor"], a["w"], a["k"], True)
 
 
-TABLES = {
-    "plan": (_plan_args, _plan_call, PLAN_CASES),
-    "gather": (_maps_args, _gather_call, GATHER_CASES),
-    "gather_bwd": (_maps_args, _gather_bwd_call, GATHER_BWD_CASES),
-    "combine": (_maps_args, _combine_call, COMBINE_CASES),
-    "combine_bwd": (_maps_args, _combine_bwd_call, COMBINE_BWD_CASES),
-}
-TABLE_PARAMS = [pytest.param(op, *c[1:], id=f"{op}-{c[0]}") for op, (_, _, cases) in TABLES.items() for c in cases]
+def _public_args(device):
+    ids = routed_ids(4, 8, 2, "uniform", device)
+    plan = moe_permute_plan(ids, 8, 1)
+    return SimpleNamespace(ids=ids, plan=plan, x=torch.randn(4, 16, device=device),
+                           y=torch.randn(plan.num_rows, 16, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,mutate,pattern,where", TABLE_PARAMS)
-def test_bad_input_table(device, op, mutate, pattern, where):
-    make, call, _ = TABLES[op]
-    _bad_call(make, call, mutate, pattern, where, device)
+def _cpu_plan(t):
+    return moe_permute_plan(torch.tensor([[0, 7], [1, 2]], dtype=torch.int32), 8, 1)
+
+
+PUBLIC_CASES = [
+    ("plan_ids_dtype", "any", lambda t: ops.moe_permute_plan(t.ids.long(), 8, 1),
+     "moe_permute_plan: topk_ids must be one of {int32}"),
+    ("plan_ids_rank", "any", lambda t: moe_permute_plan(t.ids.flatten(), 8, 1),
+     "moe_permute_plan: topk_ids must have 2 dimensions"),
+    ("plan_pad_to", "any", lambda t: moe_permute_plan(t.ids, 8, 0), r"pad_to must be in \[1, 4096\]"),
+    ("plan_no_experts", "any", lambda t: moe_permute_plan(t.ids, 0, 1), r"num_experts must be in \[1, 2048\], got 0"),
+    ("plan_too_many_experts", "any", lambda t: moe_permute_plan(t.ids, 4096, 1),
+     r"num_experts must be in \[1, 2048\], got 4096"),
+    ("gather_x_dtype", "any", lambda t: moe_gather(t.x.long(), t.plan), "moe_gather: x must be one of"),
+    ("gather_tokens", "any", lambda t: moe_gather(torch.randn(5, 16, device=t.x.device), t.plan),
+     r"row_of_slot must have x.shape\[0\] \* top_k = 10"),
+    ("combine_weights_shape", "any", lambda t: moe_combine(t.y, t.plan, torch.rand(4, 3, device=t.y.device)),
+     r"topk_weights must have shape \(4, 2\)"),
+    ("combine_weights_dtype", "any", lambda t: moe_combine(t.y, t.plan, torch.rand(4, 2, device=t.y.device).half()),
+     "topk_weights must be one of {float32}"),
+    ("combine_rows", "any", lambda t: moe_combine(t.y[:-1], t.plan),
+     r"slot_of_row.shape\[0\] must be 7, got shape \(8,\)"),
+    ("combine_top_k", "any", lambda t: ops.moe_combine(t.y, t.plan.row_of_slot, t.plan.slot_of_row, None, 3),
+     "top_k must be >= 1 and divide row_of_slot.shape"),
+    ("plan_id_out_of_range", "cpu", lambda t: moe_permute_plan(torch.tensor([[0, 8], [1, 2]], dtype=torch.int32), 8, 1),
+     r"topk_ids.flatten\(\)\[1\] = 8 is out of range for num_experts = 8"),
+    ("plan_id_negative", "cpu", lambda t: moe_permute_plan(torch.tensor([[0, -8], [-1, -2]], dtype=torch.int32), 8, 1),
+     "out of range for num_experts"),
+    ("gather_slot_out_of_range", "cpu",
+     lambda t: ops.moe_gather(torch.randn(2, 4), _cpu_plan(t).slot_of_row.index_fill(0, torch.tensor([0]), 99),
+                              _cpu_plan(t).row_of_slot, 2),
+     r"moe_gather: slot_of_row\[0\] = 99 is out of range"),
+]
+
+
+test_bad_input = bad_input_test(
+    plan=mutation_table(_plan_args, _plan_call, PLAN_CASES), public=(_public_args, PUBLIC_CASES),
+    gather=mutation_table(_maps_args, _gather_call, GATHER_CASES),
+    gather_bwd=mutation_table(_maps_args, _gather_bwd_call, GATHER_BWD_CASES),
+    combine=mutation_table(_maps_args, _combine_call, COMBINE_CASES),
+    combine_bwd=mutation_table(_maps_args, _combine_bwd_call, COMBINE_BWD_CASES))
 
 
 @pytest.mark.gpu

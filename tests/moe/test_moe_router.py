@@ -2,6 +2,8 @@
 error against the float64 reference (nemokernels/moe/reference.py), ties broken by the lower
 index, group-limited routing, top-k 1..32, odd token counts, gradients to the logits against
 autograd of the reference, opcheck, torch.compile, CUDA graphs, bad input."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from nemokernels.moe import moe_router, router_logits
 from nemokernels.moe import reference as R
 
 from conftest import DEVICES
-from helpers import assert_close, opcheck, poison_allocator
+from helpers import assert_close, bad_input_test, mutation_table, opcheck, poison_allocator
 
 ops = torch.ops.nemokernels
 
@@ -141,39 +143,6 @@ def test_router_logits_and_empty(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_router_bad_input(device):
-    lg = torch.randn(4, 16, device=device)
-    with pytest.raises(RuntimeError, match="moe_router: logits must be one of {float32}"):
-        moe_router(lg.half(), None, 2)
-    with pytest.raises(RuntimeError, match="top_k must be at most the number of experts 16"):
-        moe_router(lg, None, 17)
-    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 32\]"):
-        moe_router(torch.randn(4, 64, device=device), None, 33)
-    with pytest.raises(RuntimeError, match="n_group must be >= 1 and divide the number of experts 16"):
-        moe_router(lg, None, 2, n_group=3)
-    with pytest.raises(RuntimeError, match=r"topk_group must be in \[1, n_group = 4\]"):
-        moe_router(lg, None, 2, n_group=4, topk_group=5)
-    with pytest.raises(RuntimeError, match="exceeds the 4 experts of the topk_group = 1 kept groups"):
-        moe_router(lg, None, 5, n_group=4, topk_group=1)
-    with pytest.raises(RuntimeError, match=r"e_score_correction_bias.shape\[0\] must be 16"):
-        moe_router(lg, torch.zeros(15, device=device), 2)
-    with pytest.raises(RuntimeError, match="logits must have 2 dimensions"):
-        moe_router(lg[None], None, 2)
-    with pytest.raises(RuntimeError, match=r"number of experts\) must be in \[1, 2048\]"):
-        moe_router(torch.randn(1, 4096, device=device), None, 2)
-    ids, _ = moe_router(lg, None, 2)
-    with pytest.raises(RuntimeError, match="dweights must have topk_ids' shape"):
-        ops.moe_router_bwd(torch.zeros(4, 3, device=device), lg, ids, True, 1.0)
-
-
-def test_router_bwd_rejects_out_of_range_ids_on_cpu():
-    lg = torch.randn(2, 8)
-    ids = torch.tensor([[0, 9], [1, 2]], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"topk_ids\[0, 1\] = 9 is out of range for 8 experts"):
-        ops.moe_router_bwd(torch.ones(2, 2), lg, ids, True, 1.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_router_opcheck(device):
     lg = torch.randn(5, 32, device=device, requires_grad=True)
     bias = torch.randn(32, device=device)
@@ -243,12 +212,11 @@ def test_router_cuda_graph_replay():
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-# One case per way a call can be wrong: (id, mutation of a valid call's arguments, regex of the
-# message, where). Every message names the op, the argument and what was expected vs what came.
-# where: "all" (checked on every device), "cpu" (a value check: it reads the data, which on
-# CUDA would need a host sync, so it runs on the CPU only and the CUDA kernels are memory-safe
-# for any value instead, see test_router_bwd_cuda_memory_safe_for_bad_ids), "cuda" (device mix,
-# CUDA grid limits).
+# One case per way a call can be wrong: rows (id, mutation of a valid call's arguments, regex of
+# the message, where) as in helpers.mutation_table. "cpu" rows are value checks (they read the
+# data, which on CUDA would need a host sync; the CUDA kernels are memory-safe for any value
+# instead, see test_router_bwd_cuda_memory_safe_for_bad_ids). The public function's refusals are
+# rows (id, where, call, regex) over _public_args.
 
 
 def _router_args(device):
@@ -262,30 +230,30 @@ def _router_call(a):
 
 ROUTER_CASES = [
     ("logits_dtype", lambda a: a.update(logits=a["logits"].double()),
-     r"moe_router: logits must be one of \{float32\}, got float64", "all"),
+     r"moe_router: logits must be one of \{float32\}, got float64", "any"),
     ("logits_rank", lambda a: a.update(logits=a["logits"][None]),
-     r"moe_router: logits must have 2 dimensions, got shape \(1, 4, 16\)", "all"),
+     r"moe_router: logits must have 2 dimensions, got shape \(1, 4, 16\)", "any"),
     ("no_experts", lambda a: a.update(logits=a["logits"][:, :0], bias=None),
-     r"moe_router: logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\], got shape \(4, 0\)", "all"),
+     r"moe_router: logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\], got shape \(4, 0\)", "any"),
     ("too_many_experts", lambda a: a.update(logits=torch.zeros(1, 4096, device=a["logits"].device), bias=None),
-     r"moe_router: logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\], got shape \(1, 4096\)", "all"),
+     r"moe_router: logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\], got shape \(1, 4096\)", "any"),
     ("bias_size", lambda a: a.update(bias=a["bias"][:15]),
-     r"moe_router: e_score_correction_bias.shape\[0\] must be 16, got shape \(15,\)", "all"),
+     r"moe_router: e_score_correction_bias.shape\[0\] must be 16, got shape \(15,\)", "any"),
     ("bias_rank", lambda a: a.update(bias=a["bias"][None]),
-     r"moe_router: e_score_correction_bias must have 1 dimensions, got shape \(1, 16\)", "all"),
+     r"moe_router: e_score_correction_bias must have 1 dimensions, got shape \(1, 16\)", "any"),
     ("bias_dtype", lambda a: a.update(bias=a["bias"].half()),
-     r"moe_router: e_score_correction_bias must be one of \{float32\}, got float16", "all"),
-    ("top_k_zero", lambda a: a.update(top_k=0), r"moe_router: top_k must be in \[1, 32\], got 0", "all"),
+     r"moe_router: e_score_correction_bias must be one of \{float32\}, got float16", "any"),
+    ("top_k_zero", lambda a: a.update(top_k=0), r"moe_router: top_k must be in \[1, 32\], got 0", "any"),
     ("top_k_above_experts", lambda a: a.update(top_k=17, n_group=1, topk_group=1),
-     r"moe_router: top_k must be at most the number of experts 16, got 17", "all"),
+     r"moe_router: top_k must be at most the number of experts 16, got 17", "any"),
     ("n_group_not_dividing", lambda a: a.update(n_group=3),
-     r"moe_router: n_group must be >= 1 and divide the number of experts 16, got 3", "all"),
+     r"moe_router: n_group must be >= 1 and divide the number of experts 16, got 3", "any"),
     ("n_group_zero", lambda a: a.update(n_group=0),
-     r"moe_router: n_group must be >= 1 and divide the number of experts 16, got 0", "all"),
+     r"moe_router: n_group must be >= 1 and divide the number of experts 16, got 0", "any"),
     ("topk_group_above_n_group", lambda a: a.update(topk_group=5),
-     r"moe_router: topk_group must be in \[1, n_group = 4\], got 5", "all"),
+     r"moe_router: topk_group must be in \[1, n_group = 4\], got 5", "any"),
     ("top_k_beyond_kept_groups", lambda a: a.update(top_k=5, topk_group=1),
-     r"moe_router: top_k = 5 exceeds the 4 experts of the topk_group = 1 kept groups \(4 experts each\)", "all"),
+     r"moe_router: top_k = 5 exceeds the 4 experts of the topk_group = 1 kept groups \(4 experts each\)", "any"),
     ("bias_device", lambda a: a.update(bias=a["bias"].cpu()),
      r"moe_router: e_score_correction_bias is on cpu but logits is on cuda:\d+; all tensors must be on one device",
      "cuda"),
@@ -314,27 +282,27 @@ def _set(a, key, idx, value):
 OP_BWD = r"moe_router \(backward\)"
 ROUTER_BWD_CASES = [
     ("logits_dtype", lambda a: a.update(logits=a["logits"].half()),
-     OP_BWD + r": logits must be one of \{float32\}, got float16", "all"),
+     OP_BWD + r": logits must be one of \{float32\}, got float16", "any"),
     ("logits_rank", lambda a: a.update(logits=a["logits"][:, None]),
-     OP_BWD + r": logits must have 2 dimensions, got shape \(4, 1, 16\)", "all"),
+     OP_BWD + r": logits must have 2 dimensions, got shape \(4, 1, 16\)", "any"),
     ("no_experts", lambda a: a.update(logits=a["logits"][:, :0]),
-     OP_BWD + r": logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\]", "all"),
+     OP_BWD + r": logits.shape\[1\] \(the number of experts\) must be in \[1, 2048\]", "any"),
     ("ids_dtype", lambda a: a.update(ids=a["ids"].long()), OP_BWD + r": topk_ids must be one of \{int32\}, got int64",
-     "all"),
+     "any"),
     ("ids_rank", lambda a: a.update(ids=a["ids"].flatten()),
-     OP_BWD + r": topk_ids must have 2 dimensions, got shape \(12,\)", "all"),
+     OP_BWD + r": topk_ids must have 2 dimensions, got shape \(12,\)", "any"),
     ("ids_tokens", lambda a: a.update(ids=a["ids"][:3]),
-     OP_BWD + r": topk_ids.shape\[0\] must be 4, got shape \(3, 3\)", "all"),
+     OP_BWD + r": topk_ids.shape\[0\] must be 4, got shape \(3, 3\)", "any"),
     ("ids_k_zero", lambda a: a.update(ids=a["ids"][:, :0], dweights=a["dweights"][:, :0]),
-     OP_BWD + r": topk_ids.shape\[1\] must be in \[1, min\(32, experts\)\], got shape \(4, 0\)", "all"),
+     OP_BWD + r": topk_ids.shape\[1\] must be in \[1, min\(32, experts\)\], got shape \(4, 0\)", "any"),
     ("ids_k_above_experts", lambda a: a.update(logits=a["logits"][:, :2]),
-     OP_BWD + r": topk_ids.shape\[1\] must be in \[1, min\(32, experts\)\], got shape \(4, 3\)", "all"),
+     OP_BWD + r": topk_ids.shape\[1\] must be in \[1, min\(32, experts\)\], got shape \(4, 3\)", "any"),
     ("dweights_dtype", lambda a: a.update(dweights=a["dweights"].bfloat16()),
-     OP_BWD + r": dweights must be one of \{float32\}, got bfloat16", "all"),
+     OP_BWD + r": dweights must be one of \{float32\}, got bfloat16", "any"),
     ("dweights_rank", lambda a: a.update(dweights=a["dweights"].flatten()),
-     OP_BWD + r": dweights must have 2 dimensions, got shape \(12,\)", "all"),
+     OP_BWD + r": dweights must have 2 dimensions, got shape \(12,\)", "any"),
     ("dweights_shape", lambda a: a.update(dweights=a["dweights"][:, :2]),
-     OP_BWD + r": dweights must have topk_ids' shape \(4, 3\), got \(4, 2\)", "all"),
+     OP_BWD + r": dweights must have topk_ids's shape \(4, 3\), got \(4, 2\)", "any"),
     ("id_past_experts", lambda a: _set(a, "ids", (2, 1), 16),
      OP_BWD + r": topk_ids\[2, 1\] = 16 is out of range for 16 experts", "cpu"),
     ("id_negative", lambda a: _set(a, "ids", (0, 0), -1),
@@ -348,27 +316,43 @@ ROUTER_BWD_CASES = [
 ]
 
 
-def _bad_call(make, call, mutate, pattern, where, device):
-    if where != "all" and where != device:
-        pytest.skip(f"a {where}-only check")
-    a = make(device)
-    call(a)  # the unmutated call is valid
-    mutate(a)
-    with pytest.raises(RuntimeError, match=pattern):
-        call(a)
+def _public_args(device):
+    return SimpleNamespace(lg=torch.randn(4, 16, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in ROUTER_CASES], ids=[c[0] for c in ROUTER_CASES])
-def test_router_bad_input_table(device, mutate, pattern, where):
-    _bad_call(_router_args, _router_call, mutate, pattern, where, device)
+PUBLIC_CASES = [
+    ("logits_dtype", "any", lambda t: moe_router(t.lg.half(), None, 2), "moe_router: logits must be one of {float32}"),
+    ("top_k_above_experts", "any", lambda t: moe_router(t.lg, None, 17),
+     "top_k must be at most the number of experts 16"),
+    ("top_k_past_32", "any", lambda t: moe_router(torch.randn(4, 64, device=t.lg.device), None, 33),
+     r"top_k must be in \[1, 32\]"),
+    ("n_group", "any", lambda t: moe_router(t.lg, None, 2, n_group=3),
+     "n_group must be >= 1 and divide the number of experts 16"),
+    ("topk_group", "any", lambda t: moe_router(t.lg, None, 2, n_group=4, topk_group=5),
+     r"topk_group must be in \[1, n_group = 4\]"),
+    ("top_k_beyond_kept_groups", "any", lambda t: moe_router(t.lg, None, 5, n_group=4, topk_group=1),
+     "exceeds the 4 experts of the topk_group = 1 kept groups"),
+    ("bias_size", "any", lambda t: moe_router(t.lg, torch.zeros(15, device=t.lg.device), 2),
+     r"e_score_correction_bias.shape\[0\] must be 16"),
+    ("logits_rank", "any", lambda t: moe_router(t.lg[None], None, 2), "logits must have 2 dimensions"),
+    ("too_many_experts", "any", lambda t: moe_router(torch.randn(1, 4096, device=t.lg.device), None, 2),
+     r"number of experts\) must be in \[1, 2048\]"),
+    ("bwd_dweights_shape", "any",
+     lambda t: ops.moe_router_bwd(torch.zeros(4, 3, device=t.lg.device), t.lg,
+                                  torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]], dtype=torch.int32, device=t.lg.device),
+                                  True, 1.0),
+     "dweights must have topk_ids's shape"),
+    ("bwd_id_out_of_range", "cpu",
+     lambda t: ops.moe_router_bwd(torch.ones(2, 2), t.lg[:2, :8], torch.tensor([[0, 9], [1, 2]], dtype=torch.int32),
+                                  True, 1.0),
+     r"topk_ids\[0, 1\] = 9 is out of range for 8 experts"),
+]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in ROUTER_BWD_CASES],
-                         ids=[c[0] for c in ROUTER_BWD_CASES])
-def test_router_bwd_bad_input_table(device, mutate, pattern, where):
-    _bad_call(_router_bwd_args, _router_bwd_call, mutate, pattern, where, device)
+test_bad_input = bad_input_test(
+    router=mutation_table(_router_args, _router_call, ROUTER_CASES),
+    router_bwd=mutation_table(_router_bwd_args, _router_bwd_call, ROUTER_BWD_CASES),
+    public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,6 +3,8 @@ operands (nemokernels/nvfp4/reference.py) at tile edges (M, N in 1..129, K in 16
 every code, special scales (0, 448, subnormal e4m3, negative), bias, out dtypes, strided and
 batched inputs, poisoned outputs, bad input, opcheck, torch.compile, CUDA graphs, and the
 sm_100 scale-factor swizzle's index map against the CuTe layout formula."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from nemokernels.nvfp4 import NVFP4Tensor
 from nemokernels.nvfp4.reference import decode_reference, gemm_reference
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, assert_close_to_product, opcheck, poison_allocator, rel_err
+from helpers import (TOL, assert_close, assert_close_to_product, bad_input_test, mutation_table, opcheck,
+                     poison_allocator, rel_err)
 
 ops = torch.ops.nemokernels
 EDGES = [1, 15, 16, 17, 36, 127, 128, 129]
@@ -204,54 +207,6 @@ def test_deterministic(device):
     assert torch.equal(nvfp4.gemm(a, b, torch.float32), nvfp4.gemm(a, b, torch.float32))
 
 
-# ---------------------------------------------------------------- bad input
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_input(device):
-    a, b = rand_nvfp4(8, 64, device), rand_nvfp4(4, 64, device)
-    g = a.global_scale
-
-    def call(ad=a.data, asc=a.scales, ag=g, bd=b.data, bsc=b.scales, bg=g, dt=torch.float32, bias=None):
-        return ops.nvfp4_gemm(ad, asc, ag, bd, bsc, bg, dt, bias)
-
-    with pytest.raises(RuntimeError, match="same K"):
-        call(bd=rand_nvfp4(4, 96, device).data, bsc=rand_nvfp4(4, 96, device).scales)
-    with pytest.raises(RuntimeError, match="multiple of 16"):
-        call(ad=a.data[:, :4], bd=b.data[:, :4])
-    with pytest.raises(RuntimeError, match="a.data.*uint8"):
-        call(ad=a.data.to(torch.int8))
-    with pytest.raises(RuntimeError, match="b.scales.*float8_e4m3fn"):
-        call(bsc=b.scales.view(torch.uint8))
-    with pytest.raises(RuntimeError, match=r"a.scales must have shape \(8, 4\)"):
-        call(asc=a.scales[:, :3])
-    with pytest.raises(RuntimeError, match="b.global_scale must be a float32 scalar"):
-        call(bg=torch.ones(2, device=device))
-    with pytest.raises(RuntimeError, match="a.global_scale.*float32"):
-        call(ag=g.double())
-    with pytest.raises(RuntimeError, match="out_dtype"):
-        call(dt=torch.int32)
-    with pytest.raises(RuntimeError, match="bias"):
-        call(bias=torch.ones(5, device=device))
-    with pytest.raises(RuntimeError, match="2-D"):
-        call(ad=a.data[None])
-    with pytest.raises(ValueError, match="out_dtype"):
-        nvfp4.gemm(a, b, torch.int8)
-    with pytest.raises(TypeError, match="NVFP4Tensor"):
-        nvfp4.gemm(a.data, b)
-
-
-@pytest.mark.gpu
-def test_devices_differ():
-    a, b = rand_nvfp4(8, 64, "cuda"), rand_nvfp4(4, 64, "cuda")
-    with pytest.raises(RuntimeError, match="device"):
-        ops.nvfp4_gemm(a.data, a.scales, a.global_scale.cpu(), b.data, b.scales, b.global_scale,
-                       torch.float32, None)
-    with pytest.raises(RuntimeError, match="device"):
-        ops.nvfp4_gemm(a.data, a.scales, a.global_scale, b.data.cpu(), b.scales.cpu(), b.global_scale.cpu(),
-                       torch.float32, None)
-
-
 # ---------------------------------------------------------------- registration, compile, graphs
 
 
@@ -347,21 +302,11 @@ def test_swizzle_scales_matches_cute_layout(device):
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-# (id, mutation of a valid call's arguments, regex, where). where: "all" (every device), "cuda"
-# (device mix, the portable CUDA kernel's size limits). nvfp4_gemm reads no values on the host
-# (the global scales stay on the device), so it has no CPU-only value checks; NaN / Inf scales
-# simply propagate. Messages name the op (nvfp4.gemm, its public name), the argument, expected
-# vs got.
-
-
-def _bad_call(make, call, mutate, pattern, where, device):
-    if where != "all" and where != device:
-        pytest.skip(f"a {where}-only check")
-    a = make(device)
-    call(a)  # the unmutated call is valid
-    mutate(a)
-    with pytest.raises(RuntimeError, match=pattern):
-        call(a)
+# Rows (id, mutation of a valid call's arguments, regex, where) as in helpers.mutation_table.
+# nvfp4_gemm reads no values on the host (the global scales stay on the device), so it has no
+# CPU-only value checks; NaN / Inf scales simply propagate. Messages name the op (nvfp4.gemm, its
+# public name), the argument, expected vs got. The public function's refusals and the checks the
+# op reaches from it are rows (id, where, call, regex[, exc]) over _public_args.
 
 
 def _gemm_args(device):
@@ -377,37 +322,37 @@ def _gemm_call(a):
 G = r"nvfp4\.gemm"
 GEMM_CASES = [
     ("a_rank", lambda a: a.update(ad=a["ad"][None]),
-     G + r": a.data and b.data must be 2-D \(rows, K/2\), got \(1, 8, 32\) and \(4, 32\)", "all"),
+     G + r": a.data and b.data must be 2-D \(rows, K/2\), got \(1, 8, 32\) and \(4, 32\)", "any"),
     ("b_rank", lambda a: a.update(bd=a["bd"].flatten()),
-     G + r": a.data and b.data must be 2-D \(rows, K/2\), got \(8, 32\) and \(128,\)", "all"),
+     G + r": a.data and b.data must be 2-D \(rows, K/2\), got \(8, 32\) and \(128,\)", "any"),
     ("k_disagree", lambda a: a.update(bd=rand_nvfp4(4, 96, a["bd"].device).data),
-     G + r": a and b must have the same K \(a is \(8, 64\), b is \(4, 96\)\)", "all"),
+     G + r": a and b must have the same K \(a is \(8, 64\), b is \(4, 96\)\)", "any"),
     ("k_not_multiple_of_16", lambda a: a.update(ad=a["ad"][:, :4], bd=a["bd"][:, :4]),
-     G + r": K must be a multiple of 16 \(one e4m3 scale per 16 elements\), got K = 8", "all"),
+     G + r": K must be a multiple of 16 \(one e4m3 scale per 16 elements\), got K = 8", "any"),
     ("a_data_dtype", lambda a: a.update(ad=a["ad"].view(torch.int8)), G + r": a.data must be one of \{uint8\}, got int8",
-     "all"),
-    ("b_data_dtype", lambda a: a.update(bd=a["bd"].int()), G + r": b.data must be one of \{uint8\}, got int32", "all"),
+     "any"),
+    ("b_data_dtype", lambda a: a.update(bd=a["bd"].int()), G + r": b.data must be one of \{uint8\}, got int32", "any"),
     ("a_scales_dtype", lambda a: a.update(asc=a["asc"].view(torch.uint8)),
-     G + r": a.scales must be one of \{float8_e4m3fn\}, got uint8", "all"),
+     G + r": a.scales must be one of \{float8_e4m3fn\}, got uint8", "any"),
     ("b_scales_rank", lambda a: a.update(bsc=a["bsc"].flatten()),
-     G + r": b.scales must have 2 dimensions, got shape \(16,\)", "all"),
+     G + r": b.scales must have 2 dimensions, got shape \(16,\)", "any"),
     ("a_scales_rows", lambda a: a.update(asc=a["asc"][:7]),
-     G + r": a.scales must have shape \(8, 4\) \(one scale per 16 elements of K = 64\), got \(7, 4\)", "all"),
+     G + r": a.scales must have shape \(8, 4\) \(one scale per 16 elements of K = 64\), got \(7, 4\)", "any"),
     ("b_scales_cols", lambda a: a.update(bsc=a["bsc"][:, :3]),
-     G + r": b.scales must have shape \(4, 4\) \(one scale per 16 elements of K = 64\), got \(4, 3\)", "all"),
+     G + r": b.scales must have shape \(4, 4\) \(one scale per 16 elements of K = 64\), got \(4, 3\)", "any"),
     ("a_global_numel", lambda a: a.update(ag=torch.ones(2, device=a["ad"].device)),
-     G + r": a.global_scale must be a float32 scalar \(0-dim tensor\), got shape \(2,\)", "all"),
+     G + r": a.global_scale must be a float32 scalar \(0-dim tensor\), got shape \(2,\)", "any"),
     ("b_global_dtype", lambda a: a.update(bg=a["bg"].half()),
-     G + r": b.global_scale must be one of \{float32\}, got float16", "all"),
+     G + r": b.global_scale must be one of \{float32\}, got float16", "any"),
     ("out_dtype_int", lambda a: a.update(dt=torch.int32),
-     G + r": out_dtype must be float32, float16 or bfloat16, got int32", "all"),
+     G + r": out_dtype must be one of \{float32, float16, bfloat16\}, got int32", "any"),
     ("out_dtype_f64", lambda a: a.update(dt=torch.float64),
-     G + r": out_dtype must be float32, float16 or bfloat16, got float64", "all"),
-    ("bias_size", lambda a: a.update(bias=a["bias"][:3]), G + r": bias.shape\[0\] must be 4, got shape \(3,\)", "all"),
+     G + r": out_dtype must be one of \{float32, float16, bfloat16\}, got float64", "any"),
+    ("bias_size", lambda a: a.update(bias=a["bias"][:3]), G + r": bias.shape\[0\] must be 4, got shape \(3,\)", "any"),
     ("bias_rank", lambda a: a.update(bias=a["bias"][None]), G + r": bias must have 1 dimensions, got shape \(1, 4\)",
-     "all"),
+     "any"),
     ("bias_dtype", lambda a: a.update(bias=a["bias"].long()),
-     G + r": bias must be one of \{float32, float16, bfloat16\}, got int64", "all"),
+     G + r": bias must be one of \{float32, float16, bfloat16\}, got int64", "any"),
     ("b_data_device", lambda a: a.update(bd=a["bd"].cpu(), bsc=a["bsc"].cpu()),
      G + r": b.global_scale is on cuda:\d+ but b.data is on cpu; all tensors must be on one device", "cuda"),
     ("a_scales_device", lambda a: a.update(asc=a["asc"].cpu()),
@@ -415,12 +360,6 @@ GEMM_CASES = [
     ("bias_device", lambda a: a.update(bias=a["bias"].cpu()),
      G + r": bias is on cpu but a.data is on cuda:\d+; all tensors must be on one device", "cuda"),
 ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in GEMM_CASES], ids=[c[0] for c in GEMM_CASES])
-def test_gemm_bad_input_table(device, mutate, pattern, where):
-    _bad_call(_gemm_args, _gemm_call, mutate, pattern, where, device)
 
 
 @pytest.mark.gpu
@@ -447,30 +386,64 @@ def _swizzle_args(device):
 
 SW = "nvfp4_swizzle_scales"
 SWIZZLE_CASES = [  # one tensor argument: its rank and dtype are all that can be wrong (empty is valid)
-    ("rank0", lambda a: a.update(s=a["s"][0, 0]), SW + r": scales must have 2 dimensions, got shape \(\)", "all"),
-    ("rank1", lambda a: a.update(s=a["s"][0]), SW + r": scales must have 2 dimensions, got shape \(3,\)", "all"),
-    ("rank3", lambda a: a.update(s=a["s"][None]), SW + r": scales must have 2 dimensions, got shape \(1, 36, 3\)", "all"),
+    ("rank0", lambda a: a.update(s=a["s"][0, 0]), SW + r": scales must have 2 dimensions, got shape \(\)", "any"),
+    ("rank1", lambda a: a.update(s=a["s"][0]), SW + r": scales must have 2 dimensions, got shape \(3,\)", "any"),
+    ("rank3", lambda a: a.update(s=a["s"][None]), SW + r": scales must have 2 dimensions, got shape \(1, 36, 3\)", "any"),
     ("dtype_float32", lambda a: a.update(s=a["s"].float()),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got float32", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got float32", "any"),
     ("dtype_float16", lambda a: a.update(s=a["s"].half()),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got float16", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got float16", "any"),
     ("dtype_int8", lambda a: a.update(s=a["s"].view(torch.int8)),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got int8", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got int8", "any"),
     ("dtype_int32", lambda a: a.update(s=a["s"].view(torch.uint8).int()),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got int32", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got int32", "any"),
     ("dtype_e5m2", lambda a: a.update(s=a["s"].view(torch.float8_e5m2)),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got float8_e5m2", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got float8_e5m2", "any"),
     ("dtype_bool", lambda a: a.update(s=a["s"].view(torch.uint8).bool()),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got bool", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got bool", "any"),
     ("dtype_bytes", lambda a: a.update(s=a["s"].view(torch.uint8)),
-     SW + r": scales must be one of \{float8_e4m3fn\}, got uint8", "all"),
+     SW + r": scales must be one of \{float8_e4m3fn\}, got uint8", "any"),
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in SWIZZLE_CASES], ids=[c[0] for c in SWIZZLE_CASES])
-def test_swizzle_bad_input_table(device, mutate, pattern, where):
-    _bad_call(_swizzle_args, _swizzle_call, mutate, pattern, where, device)
+def _public_args(device):
+    return SimpleNamespace(a=rand_nvfp4(8, 64, device), b=rand_nvfp4(4, 64, device))
+
+
+def _raw(t, ad=None, asc=None, ag=None, bd=None, bsc=None, bg=None, dt=torch.float32, bias=None):
+    """The op on the public arguments with some replaced (both global scales default to a's)."""
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    return ops.nvfp4_gemm(pick(ad, t.a.data), pick(asc, t.a.scales), pick(ag, t.a.global_scale), pick(bd, t.b.data),
+                          pick(bsc, t.b.scales), pick(bg, t.a.global_scale), dt, bias)
+
+
+def _k96(t):
+    return rand_nvfp4(4, 96, t.a.data.device)
+
+
+PUBLIC_CASES = [
+    ("k_disagree", "any", lambda t: _raw(t, bd=_k96(t).data, bsc=_k96(t).scales), "same K"),
+    ("k_not_multiple_of_16", "any", lambda t: _raw(t, ad=t.a.data[:, :4], bd=t.b.data[:, :4]), "multiple of 16"),
+    ("a_data_dtype", "any", lambda t: _raw(t, ad=t.a.data.to(torch.int8)), "a.data.*uint8"),
+    ("b_scales_dtype", "any", lambda t: _raw(t, bsc=t.b.scales.view(torch.uint8)), "b.scales.*float8_e4m3fn"),
+    ("a_scales_cols", "any", lambda t: _raw(t, asc=t.a.scales[:, :3]), r"a.scales must have shape \(8, 4\)"),
+    ("b_global_numel", "any", lambda t: _raw(t, bg=torch.ones(2, device=t.a.data.device)),
+     "b.global_scale must be a float32 scalar"),
+    ("a_global_dtype", "any", lambda t: _raw(t, ag=t.a.global_scale.double()), "a.global_scale.*float32"),
+    ("out_dtype", "any", lambda t: _raw(t, dt=torch.int32), "out_dtype"),
+    ("bias", "any", lambda t: _raw(t, bias=torch.ones(5, device=t.a.data.device)), "bias"),
+    ("a_rank", "any", lambda t: _raw(t, ad=t.a.data[None]), "2-D"),
+    ("public_out_dtype", "any", lambda t: nvfp4.gemm(t.a, t.b, torch.int8), "out_dtype", ValueError),
+    ("public_not_nvfp4", "any", lambda t: nvfp4.gemm(t.a.data, t.b), "NVFP4Tensor", TypeError),
+    ("a_global_device", "cuda", lambda t: _raw(t, ag=t.a.global_scale.cpu(), bg=t.b.global_scale), "device"),
+    ("b_device", "cuda",
+     lambda t: _raw(t, bd=t.b.data.cpu(), bsc=t.b.scales.cpu(), bg=t.b.global_scale.cpu()), "device"),
+]
+
+
+test_bad_input = bad_input_test(
+    gemm=mutation_table(_gemm_args, _gemm_call, GEMM_CASES),
+    swizzle=mutation_table(_swizzle_args, _swizzle_call, SWIZZLE_CASES), public=(_public_args, PUBLIC_CASES))
 
 
 # ---------------------------------------------------------------- which path a call takes

@@ -3,6 +3,8 @@
 16x16, Hadamard, stochastic rounding, given amax), dtypes, odd and strided shapes; exact round
 trips; SR unbiased and reproducible; Hadamard orthogonal and GEMM-invariant; special values;
 bad inputs; opcheck and torch.compile."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from nemokernels.nvfp4 import NVFP4Tensor, dequantize, gemm, quantize, quantize_
 from nemokernels.nvfp4 import reference as ref
 
 from conftest import DEVICES
-from helpers import opcheck, rel_err
+from helpers import bad_input_test, mutation_table, opcheck, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = [
@@ -296,50 +298,6 @@ def test_empty(device):
     assert dequantize(quantize(torch.randn(2, 0, 16, device=device))).shape == (2, 0, 16)
 
 
-# ---------------------------------------------------------------- bad inputs
-
-
-def test_bad_inputs():
-    with pytest.raises(RuntimeError, match="multiple of 16"):
-        quantize(torch.randn(4, 24))
-    with pytest.raises(RuntimeError, match="multiple of 16"):
-        quantize_t(torch.randn(24, 32))  # 24 tokens
-    with pytest.raises(RuntimeError, match="x must be one of"):
-        quantize(torch.randint(0, 5, (4, 32)))
-    with pytest.raises(RuntimeError, match="x must be one of"):
-        quantize(torch.randn(4, 32, dtype=torch.float64))
-    with pytest.raises(ValueError, match="at least one dim"):
-        quantize(torch.tensor(1.0))
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        x = torch.randn(4, 32)
-        x[2, 7] = bad
-        with pytest.raises(RuntimeError, match="NaN or Inf"):
-            quantize(x)
-        with pytest.raises(RuntimeError, match="NaN or Inf"):
-            quantize(x, global_amax=torch.tensor([1.0]))
-    with pytest.raises(RuntimeError, match="global_amax must hold exactly one element"):
-        quantize(torch.randn(4, 32), global_amax=torch.ones(2))
-    with pytest.raises(RuntimeError, match="seed_tensor must hold exactly one element"):
-        quantize(torch.randn(4, 32), stochastic_rounding=True, seed=torch.tensor([1, 2]))
-    with pytest.raises(RuntimeError, match="global_amax must be finite"):
-        quantize(torch.randn(4, 32), global_amax=torch.tensor([float("nan")]))
-    q = quantize(torch.randn(4, 32))
-    with pytest.raises(RuntimeError, match="nvfp4.dequantize: out_dtype must be float32, float16 or bfloat16, got int32"):
-        dequantize(q, torch.int32)
-    with pytest.raises(RuntimeError, match="scales must have shape"):
-        dequantize(NVFP4Tensor(q.data, q.scales[:, :1], q.global_scale))
-
-
-@pytest.mark.gpu
-def test_wrong_device():
-    x = torch.randn(4, 32, device="cuda")
-    with pytest.raises(RuntimeError, match="global_amax is on cpu"):
-        quantize(x, global_amax=torch.tensor([1.0]))
-    q = quantize(x)
-    with pytest.raises(RuntimeError, match="scales is on"):
-        dequantize(NVFP4Tensor(q.data, q.scales.cpu(), q.global_scale))
-
-
 @pytest.mark.gpu
 def test_cuda_nonfinite_gives_nan_scale():
     x = torch.randn(64, 64, device="cuda")
@@ -440,24 +398,15 @@ def test_torch_compile_fullgraph(device):
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-# (id, mutation of a valid call's arguments, regex, where). where: "all" (every device), "cpu"
-# (value checks: non-finite x and global_amax are read on the CPU; on CUDA that would need a
-# host sync, so the kernels stay memory-safe and give global_scale = NaN instead, see
-# test_cuda_memory_safe_for_bad_values), "cuda" (device mix). The messages name the op
-# (nvfp4.quantize / nvfp4.dequantize, the public names; quantize_t runs nvfp4.quantize on x.T
-# and its message names the token dim of quantize_t), the argument, expected vs got.
+# Rows (id, mutation of a valid call's arguments, regex, where[, exc]) as in helpers.mutation_table;
+# "cpu" rows are value checks (non-finite x and global_amax are read on the CPU; on CUDA that
+# would need a host sync, so the kernels stay memory-safe and give global_scale = NaN instead, see
+# test_cuda_memory_safe_for_bad_values). The messages name the op (nvfp4.quantize /
+# nvfp4.dequantize, the public names; quantize_t runs nvfp4.quantize on x.T and its message names
+# the token dim of quantize_t), the argument, expected vs got. The public functions' refusals are
+# rows (id, where, call, regex[, exc]) over _public_args.
 
 ops = torch.ops.nemokernels
-
-
-def _bad_call(make, call, mutate, pattern, where, device, exc=RuntimeError):
-    if where != "all" and where != device:
-        pytest.skip(f"a {where}-only check")
-    a = make(device)
-    call(a)  # the unmutated call is valid
-    mutate(a)
-    with pytest.raises(exc, match=pattern):
-        call(a)
 
 
 def _set(a, key, idx, value):
@@ -478,24 +427,24 @@ Q = r"nvfp4\.quantize"
 QUANT_CASES = [
     ("x_rank1", lambda a: a.update(x=a["x"][0]),
      Q + r": x must be a 2-D \(rows, K\) view \(the Python wrapper flattens the leading dims\), got shape \(32,\)",
-     "all"),
+     "any"),
     ("x_rank3", lambda a: a.update(x=a["x"][None]), Q + r": x must be a 2-D \(rows, K\) view .*got shape \(1, 4, 32\)",
-     "all"),
+     "any"),
     ("x_dtype_f64", lambda a: a.update(x=a["x"].double()),
-     Q + r": x must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+     Q + r": x must be one of \{float32, float16, bfloat16\}, got float64", "any"),
     ("x_dtype_int", lambda a: a.update(x=a["x"].int()),
-     Q + r": x must be one of \{float32, float16, bfloat16\}, got int32", "all"),
+     Q + r": x must be one of \{float32, float16, bfloat16\}, got int32", "any"),
     ("k_not_multiple_of_16", lambda a: a.update(x=a["x"][:, :24]),
      Q + r": the quantized dim \(K, the last dim; the token dim for quantize_t\) must be a multiple of 16 \(one E4M3 "
-     r"scale per 16 elements\), got shape \(4, 24\)", "all"),
+     r"scale per 16 elements\), got shape \(4, 24\)", "any"),
     ("amax_numel", lambda a: a.update(amax=torch.ones(2, device=a["x"].device)),
-     Q + r": global_amax must hold exactly one element, got shape \(2,\)", "all"),
+     Q + r": global_amax must hold exactly one element, got shape \(2,\)", "any"),
     ("amax_dtype", lambda a: a.update(amax=a["amax"].double()),
-     Q + r": global_amax must be one of \{float32\}, got float64", "all"),
+     Q + r": global_amax must be one of \{float32\}, got float64", "any"),
     ("seed_numel", lambda a: a.update(seed_t=torch.tensor([1, 2], device=a["x"].device)),
-     Q + r": seed_tensor must hold exactly one element, got shape \(2,\)", "all"),
+     Q + r": seed_tensor must hold exactly one element, got shape \(2,\)", "any"),
     ("seed_dtype", lambda a: a.update(seed_t=a["seed_t"].int()),
-     Q + r": seed_tensor must be one of \{int64\}, got int32", "all"),
+     Q + r": seed_tensor must be one of \{int64\}, got int32", "any"),
     ("amax_negative", lambda a: a.update(amax=-a["amax"]), Q + r": global_amax must be finite and >= 0, got -3", "cpu"),
     ("amax_nan", lambda a: a.update(amax=a["amax"] * float("nan")),
      Q + r": global_amax must be finite and >= 0, got nan", "cpu"),
@@ -524,16 +473,16 @@ def _qt_call(a):
 QT_CASES = [  # quantize_t: the public function (there is no separate op: it runs nvfp4_quantize on x.T)
     ("tokens_not_multiple_of_16", lambda a: a.update(x=a["x"][:24]),
      Q + r": the quantized dim \(K, the last dim; the token dim for quantize_t\) must be a multiple of 16 .*got shape "
-     r"\(24, 24\)", "all", RuntimeError),
+     r"\(24, 24\)", "any", RuntimeError),
     ("x_dtype", lambda a: a.update(x=a["x"].long()), Q + r": x must be one of \{float32, float16, bfloat16\}, got int64",
-     "all", RuntimeError),
-    ("x_0d", lambda a: a.update(x=a["x"][0, 0]), r"nvfp4\.quantize_t: x must have at least one dim", "all", ValueError),
+     "any", RuntimeError),
+    ("x_0d", lambda a: a.update(x=a["x"][0, 0]), r"nvfp4\.quantize_t: x must have at least one dim", "any", ValueError),
     ("x_not_tensor", lambda a: a.update(x=a["x"].tolist()), r"nvfp4\.quantize_t: x must be a torch\.Tensor, got list",
-     "all", TypeError),
+     "any", TypeError),
     ("amax_numel", lambda a: a["kw"].update(global_amax=torch.ones(3, device=a["x"].device)),
-     Q + r": global_amax must hold exactly one element, got shape \(3,\)", "all", RuntimeError),
+     Q + r": global_amax must hold exactly one element, got shape \(3,\)", "any", RuntimeError),
     ("seed_numel", lambda a: a["kw"].update(seed=torch.tensor([1, 2], device=a["x"].device)),
-     Q + r": seed_tensor must hold exactly one element", "all", RuntimeError),
+     Q + r": seed_tensor must hold exactly one element", "any", RuntimeError),
     ("amax_negative", lambda a: a["kw"].update(global_amax=-1.0), Q + r": global_amax must be finite and >= 0, got -1",
      "cpu", RuntimeError),
     ("x_inf", lambda a: _set(a, "x", (17, 0), float("inf")), Q + r": x holds NaN or Inf", "cpu", RuntimeError),
@@ -554,27 +503,27 @@ def _dq_call(a):
 DQ = r"nvfp4\.dequantize"
 DEQUANT_CASES = [
     ("data_rank", lambda a: a.update(data=a["data"].flatten()), DQ + r": data must have 2 dimensions, got shape \(64,\)",
-     "all"),
+     "any"),
     ("data_dtype", lambda a: a.update(data=a["data"].view(torch.int8)),
-     DQ + r": data must be one of \{uint8\}, got int8", "all"),
-    ("scales_rank", lambda a: a.update(scales=a["scales"][None]), DQ + r": scales must have 2 dimensions", "all"),
+     DQ + r": data must be one of \{uint8\}, got int8", "any"),
+    ("scales_rank", lambda a: a.update(scales=a["scales"][None]), DQ + r": scales must have 2 dimensions", "any"),
     ("scales_dtype", lambda a: a.update(scales=a["scales"].float()),
-     DQ + r": scales must be one of \{float8_e4m3fn\}, got float32", "all"),
+     DQ + r": scales must be one of \{float8_e4m3fn\}, got float32", "any"),
     ("scales_bytes", lambda a: a.update(scales=a["scales"].view(torch.uint8)),
-     DQ + r": scales must be one of \{float8_e4m3fn\}, got uint8", "all"),
+     DQ + r": scales must be one of \{float8_e4m3fn\}, got uint8", "any"),
     ("scales_rows", lambda a: a.update(scales=a["scales"][:3]),
-     DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(3, 2\)", "all"),
+     DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(3, 2\)", "any"),
     ("scales_cols", lambda a: a.update(scales=a["scales"][:, :1]),
-     DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(4, 1\)", "all"),
+     DQ + r": scales must have shape \(4, 2\) for data of shape \(4, 16\), got \(4, 1\)", "any"),
     ("k_not_multiple_of_16", lambda a: a.update(data=a["data"][:, :3], scales=a["scales"][:, :0]),
-     DQ + r": data.shape\[-1\] \* 2 \(K\) must be a multiple of 16, got data shape \(4, 3\)", "all"),
+     DQ + r": data.shape\[-1\] \* 2 \(K\) must be a multiple of 16, got data shape \(4, 3\)", "any"),
     ("global_numel", lambda a: a.update(gs=torch.ones(2, device=a["gs"].device)),
-     DQ + r": global_scale must hold exactly one element, got shape \(2,\)", "all"),
+     DQ + r": global_scale must hold exactly one element, got shape \(2,\)", "any"),
     ("global_dtype", lambda a: a.update(gs=a["gs"].double()), DQ + r": global_scale must be one of \{float32\}, got float64",
-     "all"),
+     "any"),
     ("out_dtype_int", lambda a: a.update(dtype=torch.int32),
-     DQ + r": out_dtype must be float32, float16 or bfloat16, got int32", "all"),
-    ("out_dtype_double", lambda a: a.update(dtype=torch.float64), DQ + r": out_dtype must be .*got float64", "all"),
+     DQ + r": out_dtype must be one of \{float32, float16, bfloat16\}, got int32", "any"),
+    ("out_dtype_double", lambda a: a.update(dtype=torch.float64), DQ + r": out_dtype must be .*got float64", "any"),
     ("scales_device", lambda a: a.update(scales=a["scales"].cpu()),
      DQ + r": scales is on cpu but data is on cuda:\d+; all tensors must be on one device", "cuda"),
     ("global_device", lambda a: a.update(gs=a["gs"].cpu()),
@@ -582,22 +531,49 @@ DEQUANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in QUANT_CASES], ids=[c[0] for c in QUANT_CASES])
-def test_quantize_bad_input_table(device, mutate, pattern, where):
-    _bad_call(_q_args, _q_call, mutate, pattern, where, device)
+def _public_args(device):
+    return SimpleNamespace(x=torch.randn(4, 32, device=device), q=quantize(torch.randn(4, 32, device=device)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where,exc", [c[1:] for c in QT_CASES], ids=[c[0] for c in QT_CASES])
-def test_quantize_t_bad_input_table(device, mutate, pattern, where, exc):
-    _bad_call(_qt_args, _qt_call, mutate, pattern, where, device, exc)
+def _with(x, idx, value):
+    x = x.clone()
+    x[idx] = value
+    return x
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mutate,pattern,where", [c[1:] for c in DEQUANT_CASES], ids=[c[0] for c in DEQUANT_CASES])
-def test_dequantize_bad_input_table(device, mutate, pattern, where):
-    _bad_call(_dq_args, _dq_call, mutate, pattern, where, device)
+PUBLIC_CASES = [
+    ("k_not_multiple_of_16", "any", lambda t: quantize(t.x[:, :24]), "multiple of 16"),
+    ("tokens_not_multiple_of_16", "any", lambda t: quantize_t(torch.randn(24, 32, device=t.x.device)),
+     "multiple of 16"),  # 24 tokens
+    ("x_dtype_int", "any", lambda t: quantize(torch.randint(0, 5, (4, 32), device=t.x.device)), "x must be one of"),
+    ("x_dtype_f64", "any", lambda t: quantize(t.x.double()), "x must be one of"),
+    ("x_0d", "any", lambda t: quantize(torch.tensor(1.0, device=t.x.device)), "at least one dim", ValueError),
+    *[(f"x_{name}{amax}", "cpu",
+       lambda t, bad=bad, amax=amax: quantize(_with(t.x, (2, 7), bad),
+                                              global_amax=torch.tensor([1.0]) if amax else None),
+       "NaN or Inf")
+      for name, bad in (("nan", float("nan")), ("inf", float("inf")), ("neg_inf", -float("inf")))
+      for amax in ("", "_with_amax")],
+    ("amax_numel", "any", lambda t: quantize(t.x, global_amax=torch.ones(2, device=t.x.device)),
+     "global_amax must hold exactly one element"),
+    ("seed_numel", "any",
+     lambda t: quantize(t.x, stochastic_rounding=True, seed=torch.tensor([1, 2], device=t.x.device)),
+     "seed_tensor must hold exactly one element"),
+    ("amax_nan", "cpu", lambda t: quantize(t.x, global_amax=torch.tensor([float("nan")])),
+     "global_amax must be finite"),
+    ("dequantize_dtype", "any", lambda t: dequantize(t.q, torch.int32),
+     "nvfp4.dequantize: out_dtype must be one of \\{float32, float16, bfloat16\\}, got int32"),
+    ("dequantize_scales_shape", "any",
+     lambda t: dequantize(NVFP4Tensor(t.q.data, t.q.scales[:, :1], t.q.global_scale)), "scales must have shape"),
+    ("amax_device", "cuda", lambda t: quantize(t.x, global_amax=torch.tensor([1.0])), "global_amax is on cpu"),
+    ("dequantize_scales_device", "cuda",
+     lambda t: dequantize(NVFP4Tensor(t.q.data, t.q.scales.cpu(), t.q.global_scale)), "scales is on"),
+]
+
+
+test_bad_input = bad_input_test(
+    quantize=mutation_table(_q_args, _q_call, QUANT_CASES), quantize_t=mutation_table(_qt_args, _qt_call, QT_CASES),
+    dequantize=mutation_table(_dq_args, _dq_call, DEQUANT_CASES), public=(_public_args, PUBLIC_CASES))
 
 
 @pytest.mark.gpu

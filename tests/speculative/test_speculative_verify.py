@@ -2,6 +2,8 @@
 transform. Exact cases against the PyTorch references (nemokernels/speculative/reference.py),
 chi-square tests that emitted tokens follow the target at every position, acceptance rates,
 at most k + 1 tokens always, reproducibility, bad input, opcheck, compile, CUDA graphs."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from nemokernels import _C, speculative
 from nemokernels.speculative import reference as R
 
 from conftest import DEVICES
-from helpers import TOL, opcheck, poison_allocator, rel_err
+from helpers import TOL, bad_input_test, mutation_table, opcheck, poison_allocator, rel_err
 
 ops = torch.ops.nemokernels
 LOGIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -457,78 +459,97 @@ def test_empty_batch(device):
     assert o.shape == (0, 3) and nodes.shape == (0, 3) and n.shape == (0,)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_shapes_and_dtypes_raise(device):
-    d = torch.zeros(2, 3, dtype=torch.int64, device=device)
-    lg = torch.randn(2, 4, 10, device=device)
-    p = rand_dist(2, 4, 10, device=device)
-    q = rand_dist(2, 3, 10, device=device)
-    par = torch.tensor([[-1, 0, 1], [-1, 0, 0]], device=device)
-    cases = [
-        (lambda: speculative.verify_greedy(d, lg[:, :3]), r"target_logits.shape\[1\] must be 4"),
-        (lambda: speculative.verify_greedy(d, lg[:1]), r"target_logits.shape\[0\] must be 2"),
-        (lambda: speculative.verify_greedy(d[0], lg), "draft_token_ids must have 2 dimensions"),
-        (lambda: speculative.verify_greedy(d, lg.long()), "target_logits must be one of"),
-        (lambda: speculative.verify_greedy(d, lg, torch.zeros(3, device=device)), r"num_draft_tokens.shape\[0\] must be 2"),
-        (lambda: speculative.rejection_sample(d, q[..., :9], p, seed=0), r"draft_probs.shape\[2\] must be 10"),
-        (lambda: speculative.rejection_sample(d, q, p[:, :3], seed=0), r"target_probs.shape\[1\] must be 4"),
-        (lambda: ops.rejection_sample(d, q, p, None, torch.zeros(2, dtype=torch.int64, device=device), 0),
-         "seed_tensor must hold exactly one element"),
-        (lambda: speculative.verify_tree_greedy(d, par[:, :2], lg[:, :3]), r"parents.shape\[1\] must be 3"),
-        (lambda: speculative.verify_tree_greedy(d, par, lg[:, :3], max_depth=3), "max_depth must be in"),
-        (lambda: speculative.verify_tree_rejection(d, par, q[:, :2], p[:, :3], seed=0), r"draft_probs.shape\[1\] must be 3"),
-        (lambda: speculative.sampling_probs(lg[0, 0]), "logits must be"),
-        (lambda: speculative.sampling_probs(lg, top_p=1.5), "top_p must be in"),
-        (lambda: speculative.sampling_probs(lg, temperature=-1.0), "temperature must be finite"),
-        (lambda: speculative.sampling_probs(lg, min_p=2.0), "min_p must be in"),
-        (lambda: speculative.sampling_probs(lg, top_k=torch.zeros(3, device=device)), r"top_k.shape\[0\] must be 2"),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
-    with pytest.raises(ValueError, match="either seed or generator"):
-        speculative.rejection_sample(d, q, p, seed=1, generator=torch.Generator(device=device))
+def _public_args(device):
+    return SimpleNamespace(d=torch.zeros(2, 3, dtype=torch.int64, device=device),
+                           lg=torch.randn(2, 4, 10, device=device), p=rand_dist(2, 4, 10, device=device),
+                           q=rand_dist(2, 3, 10, device=device),
+                           par=torch.tensor([[-1, 0, 1], [-1, 0, 0]], device=device))
 
 
-def test_bad_values_raise_on_cpu():
-    d = torch.tensor([[1, 2, 3], [0, 9, 4]])
-    lg = torch.randn(2, 4, 10)
-    p = rand_dist(2, 4, 10)
-    q = rand_dist(2, 3, 10)
-    bad_id = d.clone()
-    bad_id[1, 2] = 10
-    neg = p.clone()
-    neg[0, 1, 0] = -0.1
-    nan = q.clone()
-    nan[1, 0, 3] = float("nan")
-    notone = p.clone()
-    notone[1, 3] *= 1.01
-    cases = [
-        (lambda: speculative.verify_greedy(bad_id, lg), r"draft_token_ids\[1, 2\] = 10 is outside the vocabulary"),
-        (lambda: speculative.verify_greedy(d - 3, lg), "outside the vocabulary"),
-        (lambda: speculative.verify_greedy(d, lg, torch.tensor([1, 4])), r"num_draft_tokens\[1\] must be in \[0, k=3\]"),
-        (lambda: speculative.rejection_sample(bad_id, q, p, seed=0), "outside the vocabulary"),
-        (lambda: speculative.rejection_sample(d, q, neg, seed=0), r"target_probs\[0, 1\] is not a probability distribution"),
-        (lambda: speculative.rejection_sample(d, nan, p, seed=0), r"draft_probs\[1, 0\] is not a probability distribution"),
-        (lambda: speculative.rejection_sample(d, q, notone, seed=0), "sums to"),
-        (lambda: speculative.verify_tree_greedy(d, torch.tensor([[-1, 0, 2], [-1, 0, 0]]), lg[:, :3]),
-         r"parents\[0, 2\] = 2 must be in \[0, 2\)"),
-        (lambda: speculative.verify_tree_greedy(d, torch.tensor([[0, 0, 1], [-1, 0, 0]]), lg[:, :3]), "must be -1"),
-        (lambda: speculative.verify_tree_greedy(bad_id, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), lg[:, :3]),
-         "candidate_ids.*outside the vocabulary"),
-        (lambda: speculative.verify_tree_rejection(d, torch.tensor([[-1, 0, 1], [-1, 0, 0]]), neg[:, :3], p[:, :3], seed=0),
-         "draft_probs.*not a probability distribution"),
-        (lambda: speculative.sampling_probs(lg[:, 0], temperature=torch.tensor([1.0, -2.0])), r"temperature\[1\]"),
-        (lambda: speculative.sampling_probs(lg[:, 0], top_p=torch.tensor([0.0, 0.5])), r"top_p\[0\]"),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
-    # padded draft ids beyond num_draft_tokens are ignored, not rejected
-    pad = d.clone()
+PUBLIC_CASES = [
+    ("greedy_rows", "any", lambda t: speculative.verify_greedy(t.d, t.lg[:, :3]), r"target_logits.shape\[1\] must be 4"),
+    ("greedy_batch", "any", lambda t: speculative.verify_greedy(t.d, t.lg[:1]), r"target_logits.shape\[0\] must be 2"),
+    ("greedy_draft_rank", "any", lambda t: speculative.verify_greedy(t.d[0], t.lg),
+     "draft_token_ids must have 2 dimensions"),
+    ("greedy_logits_dtype", "any", lambda t: speculative.verify_greedy(t.d, t.lg.long()), "target_logits must be one of"),
+    ("greedy_num_draft_size", "any", lambda t: speculative.verify_greedy(t.d, t.lg, torch.zeros(3, device=t.d.device)),
+     r"num_draft_tokens.shape\[0\] must be 2"),
+    ("rejection_vocab", "any", lambda t: speculative.rejection_sample(t.d, t.q[..., :9], t.p, seed=0),
+     r"draft_probs.shape\[2\] must be 10"),
+    ("rejection_rows", "any", lambda t: speculative.rejection_sample(t.d, t.q, t.p[:, :3], seed=0),
+     r"target_probs.shape\[1\] must be 4"),
+    ("rejection_seed_numel", "any",
+     lambda t: ops.rejection_sample(t.d, t.q, t.p, None, torch.zeros(2, dtype=torch.int64, device=t.d.device), 0),
+     "seed_tensor must hold exactly one element"),
+    ("rejection_seed_and_generator", "any",
+     lambda t: speculative.rejection_sample(t.d, t.q, t.p, seed=1, generator=torch.Generator(device=t.d.device)),
+     "either seed or generator", ValueError),
+    ("tree_greedy_parents", "any", lambda t: speculative.verify_tree_greedy(t.d, t.par[:, :2], t.lg[:, :3]),
+     r"parents.shape\[1\] must be 3"),
+    ("tree_greedy_max_depth", "any", lambda t: speculative.verify_tree_greedy(t.d, t.par, t.lg[:, :3], max_depth=3),
+     "max_depth must be in"),
+    ("tree_rejection_nodes", "any",
+     lambda t: speculative.verify_tree_rejection(t.d, t.par, t.q[:, :2], t.p[:, :3], seed=0),
+     r"draft_probs.shape\[1\] must be 3"),
+    ("sampling_logits_rank", "any", lambda t: speculative.sampling_probs(t.lg[0, 0]), "logits must be"),
+    ("sampling_top_p", "any", lambda t: speculative.sampling_probs(t.lg, top_p=1.5), "top_p must be in"),
+    ("sampling_temperature", "any", lambda t: speculative.sampling_probs(t.lg, temperature=-1.0),
+     "temperature must be finite"),
+    ("sampling_min_p", "any", lambda t: speculative.sampling_probs(t.lg, min_p=2.0), "min_p must be in"),
+    ("sampling_top_k_size", "any",
+     lambda t: speculative.sampling_probs(t.lg, top_k=torch.zeros(3, device=t.d.device)), r"top_k.shape\[0\] must be 2"),
+]
+
+
+def _values_args(device):
+    """Good shapes with bad values: the checks that read them run on the CPU only."""
+    t = SimpleNamespace(d=torch.tensor([[1, 2, 3], [0, 9, 4]], device=device), lg=torch.randn(2, 4, 10, device=device),
+                        p=rand_dist(2, 4, 10, device=device), q=rand_dist(2, 3, 10, device=device),
+                        tree=torch.tensor([[-1, 0, 1], [-1, 0, 0]], device=device))
+    t.bad_id, t.neg, t.nan, t.notone = t.d.clone(), t.p.clone(), t.q.clone(), t.p.clone()
+    t.bad_id[1, 2] = 10
+    t.neg[0, 1, 0] = -0.1
+    t.nan[1, 0, 3] = float("nan")
+    t.notone[1, 3] *= 1.01
+    return t
+
+
+VALUE_CASES = [
+    ("greedy_id_past_vocab", "cpu", lambda t: speculative.verify_greedy(t.bad_id, t.lg),
+     r"draft_token_ids\[1, 2\] = 10 is outside the vocabulary"),
+    ("greedy_id_negative", "cpu", lambda t: speculative.verify_greedy(t.d - 3, t.lg), "outside the vocabulary"),
+    ("greedy_num_draft", "cpu", lambda t: speculative.verify_greedy(t.d, t.lg, torch.tensor([1, 4])),
+     r"num_draft_tokens\[1\] must be in \[0, k=3\]"),
+    ("rejection_id", "cpu", lambda t: speculative.rejection_sample(t.bad_id, t.q, t.p, seed=0), "outside the vocabulary"),
+    ("rejection_target_negative", "cpu", lambda t: speculative.rejection_sample(t.d, t.q, t.neg, seed=0),
+     r"target_probs\[0, 1\] is not a probability distribution"),
+    ("rejection_draft_nan", "cpu", lambda t: speculative.rejection_sample(t.d, t.nan, t.p, seed=0),
+     r"draft_probs\[1, 0\] is not a probability distribution"),
+    ("rejection_target_sum", "cpu", lambda t: speculative.rejection_sample(t.d, t.q, t.notone, seed=0), "sums to"),
+    ("tree_greedy_parent_after_child", "cpu",
+     lambda t: speculative.verify_tree_greedy(t.d, torch.tensor([[-1, 0, 2], [-1, 0, 0]]), t.lg[:, :3]),
+     r"parents\[0, 2\] = 2 must be in \[0, 2\)"),
+    ("tree_greedy_root", "cpu",
+     lambda t: speculative.verify_tree_greedy(t.d, torch.tensor([[0, 0, 1], [-1, 0, 0]]), t.lg[:, :3]), "must be -1"),
+    ("tree_greedy_candidate_id", "cpu", lambda t: speculative.verify_tree_greedy(t.bad_id, t.tree, t.lg[:, :3]),
+     "candidate_ids.*outside the vocabulary"),
+    ("tree_rejection_draft_negative", "cpu",
+     lambda t: speculative.verify_tree_rejection(t.d, t.tree, t.neg[:, :3], t.p[:, :3], seed=0),
+     "draft_probs.*not a probability distribution"),
+    ("sampling_temperature_value", "cpu",
+     lambda t: speculative.sampling_probs(t.lg[:, 0], temperature=torch.tensor([1.0, -2.0])), r"temperature\[1\]"),
+    ("sampling_top_p_value", "cpu", lambda t: speculative.sampling_probs(t.lg[:, 0], top_p=torch.tensor([0.0, 0.5])),
+     r"top_p\[0\]"),
+]
+
+
+def test_padded_draft_ids_are_ignored_on_cpu():
+    """Draft ids beyond num_draft_tokens are padding: not checked against the vocabulary."""
+    t = _values_args("cpu")
+    pad = t.d.clone()
     pad[0, 2] = -1
-    speculative.rejection_sample(pad, q, p, num_draft_tokens=torch.tensor([2, 3]), seed=0)
-    speculative.verify_greedy(pad, lg, torch.tensor([2, 3]))
+    speculative.rejection_sample(pad, t.q, t.p, num_draft_tokens=torch.tensor([2, 3]), seed=0)
+    speculative.verify_greedy(pad, t.lg, torch.tensor([2, 3]))
 
 
 @pytest.mark.gpu
@@ -726,23 +747,14 @@ def test_cuda_graph_replay_with_new_inputs():
 
 
 # ---------------------------------------------------------------- bad input, table-driven
-# (id, mutation of a valid call's arguments, regex, where). where: "all" (shape, dtype, scalar
-# checks: every device), "cpu" (value checks: ids inside the vocabulary, counts in [0, k],
+# Rows (id, mutation of a valid call's arguments, regex, where) as in helpers.mutation_table;
+# where: "any" (shape, dtype, scalar checks: every device), "cpu" (value checks: ids inside the vocabulary, counts in [0, k],
 # probabilities forming distributions, parents forming a tree, per-request sampling parameters;
 # they read the data, a host sync on CUDA, so there the kernels clamp every id and count before
 # indexing instead: test_cuda_is_memory_safe_for_bad_values), "cuda" (device mix, grid limits).
 # NaN / Inf: target logits follow torch.argmax (test_verify_greedy_nan_and_inf_like_torch_argmax);
-# probabilities must be finite (CPU check); a NaN sampling parameter is refused.
-
-
-def _bad_call(make, call, mutate, pattern, where, device):
-    if where != "all" and where != device:
-        pytest.skip(f"a {where}-only check")
-    a = make(device)
-    call(a)  # the unmutated call is valid
-    mutate(a)
-    with pytest.raises(RuntimeError, match=pattern):
-        call(a)
+# probabilities must be finite (CPU check); a NaN sampling parameter is refused. The public
+# functions' refusals are rows (id, where, call, regex[, exc]): PUBLIC_CASES, VALUE_CASES.
 
 
 def _set(a, key, idx, value):
@@ -762,24 +774,24 @@ def _greedy_call(a):
 VG = "verify_greedy"
 GREEDY_CASES = [
     ("draft_dtype", lambda a: a.update(d=a["d"].int()), VG + r": draft_token_ids must be one of \{int64\}, got int32",
-     "all"),
+     "any"),
     ("draft_rank", lambda a: a.update(d=a["d"][0]), VG + r": draft_token_ids must have 2 dimensions, got shape \(3,\)",
-     "all"),
+     "any"),
     ("logits_rank", lambda a: a.update(lg=a["lg"][:, 0]), VG + r": target_logits must have 3 dimensions, got shape "
-     r"\(2, 10\)", "all"),
+     r"\(2, 10\)", "any"),
     ("logits_batch", lambda a: a.update(lg=a["lg"][:1]), VG + r": target_logits.shape\[0\] must be 2, got shape "
-     r"\(1, 4, 10\)", "all"),
+     r"\(1, 4, 10\)", "any"),
     ("logits_positions", lambda a: a.update(lg=a["lg"][:, :3]),
-     VG + r": target_logits.shape\[1\] must be 4, got shape \(2, 3, 10\)", "all"),
+     VG + r": target_logits.shape\[1\] must be 4, got shape \(2, 3, 10\)", "any"),
     ("logits_dtype", lambda a: a.update(lg=a["lg"].double()),
-     VG + r": target_logits must be one of \{float32, float16, bfloat16\}, got float64", "all"),
+     VG + r": target_logits must be one of \{float32, float16, bfloat16\}, got float64", "any"),
     ("empty_vocab", lambda a: a.update(lg=a["lg"][..., :0]),
-     VG + r": target_logits must have a vocabulary of at least 1, got shape \(2, 4, 0\)", "all"),
+     VG + r": target_logits.shape\[2\] must be at least 1 \(the vocabulary size\), got shape \(2, 4, 0\)", "any"),
     ("num_draft_dtype", lambda a: a.update(nd=a["nd"].int()), VG + r": num_draft_tokens must be one of \{int64\}, got "
-     "int32", "all"),
-    ("num_draft_rank", lambda a: a.update(nd=a["nd"][None]), VG + r": num_draft_tokens must have 1 dimensions", "all"),
+     "int32", "any"),
+    ("num_draft_rank", lambda a: a.update(nd=a["nd"][None]), VG + r": num_draft_tokens must have 1 dimensions", "any"),
     ("num_draft_size", lambda a: a.update(nd=a["nd"][:1]),
-     VG + r": num_draft_tokens.shape\[0\] must be 2, got shape \(1,\)", "all"),
+     VG + r": num_draft_tokens.shape\[0\] must be 2, got shape \(1,\)", "any"),
     ("num_draft_above_k", lambda a: _set(a, "nd", 1, 4), VG + r": num_draft_tokens\[1\] must be in \[0, k=3\], got 4",
      "cpu"),
     ("num_draft_negative", lambda a: _set(a, "nd", 0, -1), VG + r": num_draft_tokens\[0\] must be in \[0, k=3\], got -1",
@@ -812,28 +824,28 @@ def _rej_call(a):
 RS = "rejection_sample"
 REJ_CASES = [
     ("draft_dtype", lambda a: a.update(d=a["d"].float()), RS + r": draft_token_ids must be one of \{int64\}, got float32",
-     "all"),
-    ("draft_rank", lambda a: a.update(d=a["d"][None]), RS + r": draft_token_ids must have 2 dimensions", "all"),
+     "any"),
+    ("draft_rank", lambda a: a.update(d=a["d"][None]), RS + r": draft_token_ids must have 2 dimensions", "any"),
     ("target_rank", lambda a: a.update(p=a["p"][0]), RS + r": target_probs must have 3 dimensions, got shape \(4, 10\)",
-     "all"),
-    ("target_batch", lambda a: a.update(p=a["p"][:1]), RS + r": target_probs.shape\[0\] must be 2", "all"),
+     "any"),
+    ("target_batch", lambda a: a.update(p=a["p"][:1]), RS + r": target_probs.shape\[0\] must be 2", "any"),
     ("target_positions", lambda a: a.update(p=a["p"][:, :3]), RS + r": target_probs.shape\[1\] must be 4, got shape "
-     r"\(2, 3, 10\)", "all"),
+     r"\(2, 3, 10\)", "any"),
     ("target_dtype", lambda a: a.update(p=a["p"].half()), RS + r": target_probs must be one of \{float32\}, got float16",
-     "all"),
+     "any"),
     ("empty_vocab", lambda a: a.update(p=a["p"][..., :0], q=a["q"][..., :0]),
-     RS + r": target_probs must have a vocabulary of at least 1, got shape \(2, 4, 0\)", "all"),
+     RS + r": target_probs.shape\[2\] must be at least 1 \(the vocabulary size\), got shape \(2, 4, 0\)", "any"),
     ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), RS + r": draft_probs.shape\[2\] must be 10, got shape "
-     r"\(2, 3, 9\)", "all"),
-    ("draft_positions", lambda a: a.update(q=a["q"][:, :2]), RS + r": draft_probs.shape\[1\] must be 3", "all"),
+     r"\(2, 3, 9\)", "any"),
+    ("draft_positions", lambda a: a.update(q=a["q"][:, :2]), RS + r": draft_probs.shape\[1\] must be 3", "any"),
     ("draft_probs_dtype", lambda a: a.update(q=a["q"].double()), RS + r": draft_probs must be one of \{float32\}, got "
-     "float64", "all"),
+     "float64", "any"),
     ("num_draft_size", lambda a: a.update(nd=torch.zeros(3, dtype=torch.int64, device=a["d"].device)),
-     RS + r": num_draft_tokens.shape\[0\] must be 2, got shape \(3,\)", "all"),
+     RS + r": num_draft_tokens.shape\[0\] must be 2, got shape \(3,\)", "any"),
     ("seed_numel", lambda a: a.update(seed_t=torch.zeros(2, dtype=torch.int64, device=a["d"].device)),
-     RS + r": seed_tensor must hold exactly one element, got shape \(2,\)", "all"),
+     RS + r": seed_tensor must hold exactly one element, got shape \(2,\)", "any"),
     ("seed_dtype", lambda a: a.update(seed_t=a["seed_t"].int()), RS + r": seed_tensor must be one of \{int64\}, got int32",
-     "all"),
+     "any"),
     ("draft_past_vocab", lambda a: _set(a, "d", (1, 1), 10),
      RS + r": draft_token_ids\[1, 1\] = 10 is outside the vocabulary \[0, 10\)", "cpu"),
     ("num_draft_above_k", lambda a: _set(a, "nd", 0, 5), RS + r": num_draft_tokens\[0\] must be in \[0, k=3\], got 5",
@@ -870,22 +882,22 @@ def _tree_greedy_call(a):
 TG = "verify_tree_greedy"
 TREE_GREEDY_CASES = [
     ("cand_dtype", lambda a: a.update(cand=a["cand"].int()), TG + r": candidate_ids must be one of \{int64\}, got int32",
-     "all"),
-    ("cand_rank", lambda a: a.update(cand=a["cand"][0]), TG + r": candidate_ids must have 2 dimensions", "all"),
+     "any"),
+    ("cand_rank", lambda a: a.update(cand=a["cand"][0]), TG + r": candidate_ids must have 2 dimensions", "any"),
     ("no_nodes", lambda a: a.update(cand=a["cand"][:, :0]),
-     TG + r": candidate_ids must hold at least the root node, got shape \(2, 0\)", "all"),
+     TG + r": candidate_ids.shape\[1\] must be at least 1 \(the root node\), got shape \(2, 0\)", "any"),
     ("parents_dtype", lambda a: a.update(par=a["par"].int()), TG + r": parents must be one of \{int64\}, got int32",
-     "all"),
+     "any"),
     ("parents_nodes", lambda a: a.update(par=a["par"][:, :3]), TG + r": parents.shape\[1\] must be 4, got shape \(2, 3\)",
-     "all"),
-    ("parents_batch", lambda a: a.update(par=a["par"][:1]), TG + r": parents.shape\[0\] must be 2", "all"),
-    ("logits_nodes", lambda a: a.update(lg=a["lg"][:, :3]), TG + r": target_logits.shape\[1\] must be 4", "all"),
+     "any"),
+    ("parents_batch", lambda a: a.update(par=a["par"][:1]), TG + r": parents.shape\[0\] must be 2", "any"),
+    ("logits_nodes", lambda a: a.update(lg=a["lg"][:, :3]), TG + r": target_logits.shape\[1\] must be 4", "any"),
     ("logits_dtype", lambda a: a.update(lg=a["lg"].long()), TG + r": target_logits must be one of \{float32, float16, "
-     r"bfloat16\}, got int64", "all"),
+     r"bfloat16\}, got int64", "any"),
     ("max_depth_too_deep", lambda a: a.update(depth=4), TG + r": max_depth must be in \[0, n_nodes - 1 = 3\], got 4",
-     "all"),
+     "any"),
     ("max_depth_negative", lambda a: a.update(depth=-1), TG + r": max_depth must be in \[0, n_nodes - 1 = 3\], got -1",
-     "all"),
+     "any"),
     ("root_has_parent", lambda a: _set(a, "par", (1, 0), 0),
      TG + r": parents\[1, 0\] must be -1 \(node 0 is the root\), got 0", "cpu"),
     ("parent_after_child", lambda a: _set(a, "par", (0, 2), 3),
@@ -905,21 +917,21 @@ def _tree_rej_call(a):
 TR = "verify_tree_rejection"
 TREE_REJ_CASES = [
     ("too_many_nodes", lambda a: a.update(cand=torch.zeros(2, 1025, dtype=torch.int64, device=a["cand"].device)),
-     TR + r": candidate_ids must have 1 to 1024 nodes \(root included\), got shape \(2, 1025\)", "all"),
-    ("no_nodes", lambda a: a.update(cand=a["cand"][:, :0]), TR + r": candidate_ids must have 1 to 1024 nodes", "all"),
-    ("parents_rank", lambda a: a.update(par=a["par"].flatten()), TR + r": parents must have 2 dimensions", "all"),
-    ("target_nodes", lambda a: a.update(p=a["p"][:, :3]), TR + r": target_probs.shape\[1\] must be 4", "all"),
+     TR + r": candidate_ids must have 1 to 1024 nodes \(root included\), got shape \(2, 1025\)", "any"),
+    ("no_nodes", lambda a: a.update(cand=a["cand"][:, :0]), TR + r": candidate_ids must have 1 to 1024 nodes", "any"),
+    ("parents_rank", lambda a: a.update(par=a["par"].flatten()), TR + r": parents must have 2 dimensions", "any"),
+    ("target_nodes", lambda a: a.update(p=a["p"][:, :3]), TR + r": target_probs.shape\[1\] must be 4", "any"),
     ("target_dtype", lambda a: a.update(p=a["p"].bfloat16()), TR + r": target_probs must be one of \{float32\}, got "
-     "bfloat16", "all"),
+     "bfloat16", "any"),
     ("empty_vocab", lambda a: a.update(p=a["p"][..., :0], q=a["q"][..., :0]),
-     TR + r": target_probs must have a vocabulary of at least 1", "all"),
-    ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), TR + r": draft_probs.shape\[2\] must be 10", "all"),
+     TR + r": target_probs.shape\[2\] must be at least 1 \(the vocabulary size\)", "any"),
+    ("draft_vocab", lambda a: a.update(q=a["q"][..., :9]), TR + r": draft_probs.shape\[2\] must be 10", "any"),
     ("draft_dtype", lambda a: a.update(q=a["q"].half()), TR + r": draft_probs must be one of \{float32\}, got float16",
-     "all"),
+     "any"),
     ("max_depth_too_deep", lambda a: a.update(depth=7), TR + r": max_depth must be in \[0, n_nodes - 1 = 3\], got 7",
-     "all"),
+     "any"),
     ("seed_numel", lambda a: a.update(seed_t=a["seed_t"][:0]), TR + r": seed_tensor must hold exactly one element",
-     "all"),
+     "any"),
     ("parent_after_child", lambda a: _set(a, "par", (1, 1), 1), TR + r": parents\[1, 1\] = 1 must be in \[0, 1\)", "cpu"),
     ("cand_negative", lambda a: _set(a, "cand", (0, 2), -4),
      TR + r": candidate_ids\[0, 2\] = -4 is outside the vocabulary \[0, 10\)", "cpu"),
@@ -945,32 +957,32 @@ def _samp_call(a):
 SP = "sampling_probs"
 SAMPLING_CASES = [
     ("logits_rank1", lambda a: a.update(lg=a["lg"][0, 0]),
-     SP + r": logits must be \(batch, vocab\) or \(batch, tokens, vocab\), got shape \(12,\)", "all"),
+     SP + r": logits must be \(batch, vocab\) or \(batch, tokens, vocab\), got shape \(12,\)", "any"),
     ("logits_rank4", lambda a: a.update(lg=a["lg"][None]), SP + r": logits must be \(batch, vocab\) or \(batch, tokens, "
-     r"vocab\), got shape \(1, 3, 2, 12\)", "all"),
+     r"vocab\), got shape \(1, 3, 2, 12\)", "any"),
     ("logits_dtype", lambda a: a.update(lg=a["lg"].double()), SP + r": logits must be one of \{float32, float16, "
-     r"bfloat16\}, got float64", "all"),
+     r"bfloat16\}, got float64", "any"),
     ("empty_vocab", lambda a: a.update(lg=a["lg"][..., :0]),
-     SP + r": logits must have a vocabulary of at least 1, got shape \(3, 2, 0\)", "all"),
+     SP + r": logits.shape\[2\] must be at least 1 \(the vocabulary size\), got shape \(3, 2, 0\)", "any"),
     ("temperature_negative", lambda a: a.update(tv=-0.5), SP + r": temperature must be finite and >= 0 \(0 = greedy\), "
-     r"got -0.5", "all"),
+     r"got -0.5", "any"),
     ("temperature_nan", lambda a: a.update(tv=float("nan")), SP + r": temperature must be finite and >= 0 .*got nan",
-     "all"),
+     "any"),
     ("temperature_inf", lambda a: a.update(tv=float("inf")), SP + r": temperature must be finite and >= 0 .*got inf",
-     "all"),
-    ("top_k_negative", lambda a: a.update(kv=-1), SP + r": top_k must be >= 0 \(0 = no top-k\), got -1", "all"),
-    ("top_p_zero", lambda a: a.update(pv=0.0), SP + r": top_p must be in \(0, 1\], got 0", "all"),
-    ("top_p_above_one", lambda a: a.update(pv=1.5), SP + r": top_p must be in \(0, 1\], got 1.5", "all"),
-    ("top_p_nan", lambda a: a.update(pv=float("nan")), SP + r": top_p must be in \(0, 1\], got nan", "all"),
-    ("min_p_above_one", lambda a: a.update(mv=2.0), SP + r": min_p must be in \[0, 1\], got 2", "all"),
-    ("min_p_negative", lambda a: a.update(mv=-0.1), SP + r": min_p must be in \[0, 1\], got -0.1", "all"),
+     "any"),
+    ("top_k_negative", lambda a: a.update(kv=-1), SP + r": top_k must be >= 0 \(0 = no top-k\), got -1", "any"),
+    ("top_p_zero", lambda a: a.update(pv=0.0), SP + r": top_p must be in \(0, 1\], got 0", "any"),
+    ("top_p_above_one", lambda a: a.update(pv=1.5), SP + r": top_p must be in \(0, 1\], got 1.5", "any"),
+    ("top_p_nan", lambda a: a.update(pv=float("nan")), SP + r": top_p must be in \(0, 1\], got nan", "any"),
+    ("min_p_above_one", lambda a: a.update(mv=2.0), SP + r": min_p must be in \[0, 1\], got 2", "any"),
+    ("min_p_negative", lambda a: a.update(mv=-0.1), SP + r": min_p must be in \[0, 1\], got -0.1", "any"),
     ("temperature_size", lambda a: a.update(t=a["t"][:2]), SP + r": temperature.shape\[0\] must be 3, got shape \(2,\)",
-     "all"),
+     "any"),
     ("temperature_dtype", lambda a: a.update(t=a["t"].double()), SP + r": temperature must be one of \{float32\}, got "
-     "float64", "all"),
-    ("top_k_dtype", lambda a: a.update(k=a["k"].float()), SP + r": top_k must be one of \{int64\}, got float32", "all"),
+     "float64", "any"),
+    ("top_k_dtype", lambda a: a.update(k=a["k"].float()), SP + r": top_k must be one of \{int64\}, got float32", "any"),
     ("min_p_rank", lambda a: a.update(m=a["m"][None]), SP + r": min_p must have 1 dimensions, got shape \(1, 3\)",
-     "all"),
+     "any"),
     ("temperature_value_negative", lambda a: _set(a, "t", 1, -2.0),
      SP + r": temperature\[1\] must be finite and >= 0, got -2", "cpu"),
     ("temperature_value_nan", lambda a: _set(a, "t", 0, float("nan")),
@@ -982,18 +994,10 @@ SAMPLING_CASES = [
      SP + r": temperature is on cpu but logits is on cuda:\d+; all tensors must be on one device", "cuda"),
 ]
 
-SPEC_TABLES = {
-    "verify_greedy": (_greedy_args, _greedy_call, GREEDY_CASES),
-    "rejection_sample": (_rej_args, _rej_call, REJ_CASES),
-    "verify_tree_greedy": (_tree_args, _tree_greedy_call, TREE_GREEDY_CASES),
-    "verify_tree_rejection": (_tree_args, _tree_rej_call, TREE_REJ_CASES),
-    "sampling_probs": (_samp_args, _samp_call, SAMPLING_CASES),
-}
-SPEC_PARAMS = [pytest.param(op, *c[1:], id=f"{op}-{c[0]}") for op, (_, _, cases) in SPEC_TABLES.items() for c in cases]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,mutate,pattern,where", SPEC_PARAMS)
-def test_bad_input_table(device, op, mutate, pattern, where):
-    make, call, _ = SPEC_TABLES[op]
-    _bad_call(make, call, mutate, pattern, where, device)
+test_bad_input = bad_input_test(
+    verify_greedy=mutation_table(_greedy_args, _greedy_call, GREEDY_CASES),
+    rejection_sample=mutation_table(_rej_args, _rej_call, REJ_CASES),
+    verify_tree_greedy=mutation_table(_tree_args, _tree_greedy_call, TREE_GREEDY_CASES),
+    verify_tree_rejection=mutation_table(_tree_args, _tree_rej_call, TREE_REJ_CASES),
+    sampling_probs=mutation_table(_samp_args, _samp_call, SAMPLING_CASES),
+    public=(_public_args, PUBLIC_CASES), public_values=(_values_args, VALUE_CASES))

@@ -9,7 +9,7 @@ import nemokernels
 from nemokernels.ssd.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, nan_like, opcheck, poison_allocator, rel_err
+from helpers import TOL, assert_close, bad_input_test, nan_like, opcheck, poison_allocator, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -230,14 +230,6 @@ def test_update_indices_padding_and_long_state(device, dtype):
     assert torch.equal(state.double(), ref_state), "state rows: updated where indexed, untouched elsewhere"
 
 
-def test_update_index_out_of_range_raises_on_cpu():
-    x = torch.randn(2, 8)
-    w, b = make_params(8, 4, torch.float32, "cpu")
-    state = torch.zeros(2, 8, 3)
-    with pytest.raises(RuntimeError, match="conv_state_indices"):
-        nemokernels.causal_conv1d_update(x, state, w, b, conv_state_indices=torch.tensor([0, 2], dtype=torch.int32))
-
-
 @pytest.mark.gpu
 def test_update_index_out_of_range_gives_nan_on_cuda():
     x = torch.randn(2, 8, device="cuda")
@@ -271,10 +263,8 @@ def test_empty_inputs(device):
 
 # ---------------------------------------------------------------- bad input
 #
-# One table per op: (id, where, call, message). The call mutates one argument of a good call
-# of the raw op; the message names the op, the argument, and what was expected and what came.
-# where: "any" (every device), "cpu" (a check that reads index values, CPU only: the CUDA
-# behaviour has its own tests), "cuda" (a device mix, or a CUDA-only limit).
+# One table per op, rows (id, where, call, message[, exc]) as in helpers.bad_input_params: the
+# call changes one argument of a good call of the raw op (or of a public function).
 
 ops = torch.ops.nemokernels
 
@@ -398,9 +388,10 @@ UPDATE_CASES = [
     ("state_dim", "any", lambda t: upd(t, conv_state=t.state.new_zeros(4, 9, 3)),
      U_ + r"conv_state.shape\[1\] must be 8, got shape \(4, 9, 3\)"),
     ("state_len", "any", lambda t: upd(t, conv_state=t.state[..., :2].contiguous()),
-     U_ + r"conv_state.shape\[2\] must be at least width - 1 = 3, got shape \(4, 8, 2\)"),
+     U_ + r"conv_state.shape\[2\] must be at least 3 \(width - 1\), got shape \(4, 8, 2\)"),
     ("state_rows", "any", lambda t: upd(t, conv_state=t.state[:2], conv_state_indices=None),
-     U_ + r"conv_state.shape\[0\] must be at least batch = 3 when conv_state_indices is None, got shape \(2, 8, 3\)"),
+     U_ + r"conv_state.shape\[0\] must be at least 3 "
+          r"\(batch, when conv_state_indices is None\), got shape \(2, 8, 3\)"),
     ("indices_dtype", "any", lambda t: upd(t, conv_state_indices=t.idx.long()),
      U_ + r"conv_state_indices must be one of \{int32\}, got int64"),
     ("indices_rank", "any", lambda t: upd(t, conv_state_indices=t.idx[:, None]),
@@ -427,47 +418,25 @@ UPDATE_CASES = [
 ]
 
 
-def run_bad_case(device, where, call, message):
-    if where == "cpu" and device != "cpu":
-        pytest.skip("a CPU-only check (it reads index values); the CUDA behaviour has its own test")
-    if where == "cuda" and device != "cuda":
-        pytest.skip("needs a CUDA tensor (a device mix)")
-    t = good_args(device)
-    with pytest.raises(RuntimeError, match=message):
-        call(t)
+PUBLIC_CASES = [  # the public functions reach the same checks (int64 indices are converted first)
+    ("fn_activation", "any", lambda t: nemokernels.causal_conv1d_fn(t.x, t.w, t.b, activation="relu"),
+     "causal_conv1d: activation must be None, 'silu' or 'swish', got 'relu'", ValueError),
+    ("update_activation", "any", lambda t: nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, activation="gelu"),
+     "activation must be", ValueError),
+    ("fn_weight_dim", "any", lambda t: nemokernels.causal_conv1d_fn(t.x, t.w[:7], t.b),
+     F_ + r"weight.shape\[0\] must be 8"),
+    ("update_indices_duplicate", "cpu",
+     lambda t: nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, conv_state_indices=torch.tensor([0, 0, -1])),
+     U_ + "conv_state_indices holds row 0 twice"),
+    ("update_indices_out_of_range", "cpu",
+     lambda t: nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, conv_state_indices=torch.tensor([0, 4, -1])),
+     U_ + r"conv_state_indices\[1\] = 4 is out of range"),
+]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
-def test_forward_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", BWD_CASES, ids=[c[0] for c in BWD_CASES])
-def test_backward_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", UPDATE_CASES, ids=[c[0] for c in UPDATE_CASES])
-def test_update_bad_input(device, case):
-    run_bad_case(device, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_public_functions_bad_input(device):
-    t = good_args(device)
-    with pytest.raises(ValueError, match="causal_conv1d: activation must be None, 'silu' or 'swish', got 'relu'"):
-        nemokernels.causal_conv1d_fn(t.x, t.w, t.b, activation="relu")
-    with pytest.raises(ValueError, match="activation must be"):
-        nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, activation="gelu")
-    # The wrappers reach the same checks (int64 indices are converted first).
-    with pytest.raises(RuntimeError, match=F_ + r"weight.shape\[0\] must be 8"):
-        nemokernels.causal_conv1d_fn(t.x, t.w[:7], t.b)
-    if device == "cpu":
-        with pytest.raises(RuntimeError, match=U_ + "conv_state_indices holds row 0 twice"):
-            nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, conv_state_indices=torch.tensor([0, 0, -1]))
+test_bad_input = bad_input_test(
+    fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), update=(good_args, UPDATE_CASES),
+    public=(good_args, PUBLIC_CASES))
 
 
 # ---------------------------------------------------------------- in-place safety of the update

@@ -8,7 +8,7 @@ from nemokernels.ssd.reference import (selective_state_update_multi_ref, selecti
                                        ssd_scan_ref)
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator, rel_err
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (state dtype, input dtype): float32 states with every input dtype, and 16-bit states.
@@ -323,18 +323,10 @@ def test_empty_inputs(device):
     assert torch.equal(state, inp["state"])
 
 
-def test_index_out_of_range_and_duplicates_raise_on_cpu():
-    inp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cpu", slots=3)
-    before = inp["state"].clone()
-    with pytest.raises(RuntimeError, match=r"state_batch_indices\[1\] = 3 is out of range for state with 3 rows"):
-        run_single(inp, True, torch.tensor([0, 3], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="holds row 1 twice"):
-        run_single(inp, True, torch.tensor([1, 1], dtype=torch.int32))
-    assert torch.equal(inp["state"], before)
+def test_multi_indices_may_repeat_on_cpu():
+    """The multi-token update only reads the state: rows may repeat (the refusals are in test_bad_input)."""
     minp = make_inputs(2, 2, 4, 16, 1, F32, F32, "cpu", slots=3, T=2)
-    with pytest.raises(RuntimeError, match="out of range"):
-        run_multi(minp, True, torch.tensor([5, 0], dtype=torch.int32))
-    run_multi(minp, True, torch.tensor([1, 1], dtype=torch.int32))  # read-only state: duplicates are fine
+    run_multi(minp, True, torch.tensor([1, 1], dtype=torch.int32))
 
 
 @pytest.mark.gpu
@@ -349,10 +341,9 @@ def test_index_out_of_range_gives_nan_on_cuda():
     assert torch.isnan(out[1]).all() and torch.isnan(inter[1]).all() and torch.isfinite(inter[0]).all()
 
 
-# One table per op: (id, where, call, message). The call changes one argument of a good call of
-# the raw op; the message names the op, the argument, and what was expected and what came.
-# where: "any" (every device), "cpu" (a check that reads index values, CPU only: the CUDA
-# behaviour has its own tests), "cuda" (a device mix).
+# One table per op, rows (id, where, call, message[, exc]) as in helpers.bad_input_params: the
+# call changes one argument of a good call of the raw op (or of a public function). Every refused
+# call must leave the state untouched (test_bad_input checks it).
 
 ops = torch.ops.nemokernels
 KEYS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
@@ -361,6 +352,7 @@ KEYS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 def good_single(device):
     t = make_inputs(2, 4, 8, 16, 2, F32, F32, device, slots=3)
     t["idx"] = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    t["before"] = t["state"].clone()
     return t
 
 
@@ -368,7 +360,20 @@ def good_multi(device):
     t = make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=3, slots=3)
     t["idx"] = torch.tensor([2, 0], dtype=torch.int32, device=device)
     t["inter"] = torch.empty(2, 3, 4, 8, 16, device=device)
+    t["before"] = t["state"].clone()
     return t
+
+
+def good_commit(device):
+    state = torch.randn(3, 4, 8, 16, device=device)
+    return dict(state=state, before=state.clone(), inter=torch.randn(2, 3, 4, 8, 16, device=device),
+                acc=torch.tensor([2, 1], device=device), idx=torch.tensor([2, 0], dtype=torch.int32, device=device))
+
+
+def commit(t, **kw):
+    a = dict(state=t["state"], intermediate_states=t["inter"], num_accepted=t["acc"], state_batch_indices=t["idx"])
+    a.update(kw)
+    return nk.commit_state(**a)
 
 
 def single(t, **kw):
@@ -433,7 +438,8 @@ SINGLE_CASES = [
     ("indices_duplicate", "cpu", lambda t: single(t, state_batch_indices=t["idx"].new_tensor([1, 1])),
      S_ + r"state_batch_indices holds row 1 twice \(entries 0 and 1\); each state row is updated in place"),
     ("state_rows", "any", lambda t: single(t, state=t["state"][:1], state_batch_indices=None),
-     S_ + r"state.shape\[0\] must be at least batch = 2 when state_batch_indices is None, got shape \(1, 4, 8, 16\)"),
+     S_ + r"state.shape\[0\] must be at least 2 "
+          r"\(batch, when state_batch_indices is None\), got shape \(1, 4, 8, 16\)"),
     ("state_expanded", "any", lambda t: single(t, state=t["state"][:1].expand(3, 4, 8, 16)),
      S_ + r"state is written, so it must not be an expanded view \(stride 0 in dimension 0 of size 3\)"),
     ("state_self_overlap", "any",
@@ -487,79 +493,52 @@ MULTI_CASES = [
 ]
 
 
-def run_bad_case(device, good, where, call, message):
-    if where == "cpu" and device != "cpu":
-        pytest.skip("a CPU-only check (it reads index values); the CUDA behaviour has its own test")
-    if where == "cuda" and device != "cuda":
-        pytest.skip("needs a CUDA tensor (a device mix)")
-    t = good(device)
-    state = t["state"].clone()
-    with pytest.raises(RuntimeError, match=message):
-        call(t)
-    assert torch.equal(t["state"], state), "a refused call must not touch the state"
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", SINGLE_CASES, ids=[c[0] for c in SINGLE_CASES])
-def test_single_bad_input(device, case):
-    run_bad_case(device, good_single, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", MULTI_CASES, ids=[c[0] for c in MULTI_CASES])
-def test_multi_bad_input(device, case):
-    run_bad_case(device, good_multi, *case[1:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_public_functions_bad_input(device):
-    inp = make_inputs(2, 4, 8, 16, 2, F32, F32, device, slots=3)
-    dev = dict(device=device)
-    with pytest.raises(RuntimeError, match=M_ + "x must have 4 dimensions"):
-        run_multi(inp, True)
-    if device == "cpu":  # int64 indices are converted, then checked
-        with pytest.raises(RuntimeError, match=S_ + "state_batch_indices holds row 2 twice"):
-            run_single(inp, True, torch.tensor([2, 2]))
-    with pytest.raises(ValueError, match=r"commit_state: num_accepted must have shape \(2,\), got \(3,\)"):
-        nk.commit_state(inp["state"], torch.zeros(2, 3, 4, 8, 16, **dev), torch.zeros(3, dtype=torch.long, **dev))
-    with pytest.raises(ValueError, match="commit_state: intermediate_states must be"):
-        nk.commit_state(inp["state"], torch.zeros(2, 3, 4, 8, 15, **dev), torch.zeros(2, dtype=torch.long, **dev))
-
+PUBLIC_CASES = [  # the public functions reach the same checks (int64 indices are converted, then checked)
+    ("multi_x_rank", "any", lambda t: run_multi(t, True), M_ + "x must have 4 dimensions"),
+    ("single_indices_out_of_range", "cpu", lambda t: run_single(t, True, torch.tensor([0, 3], dtype=torch.int32)),
+     S_ + r"state_batch_indices\[1\] = 3 is out of range for state with 3 rows"),
+    ("single_indices_duplicate", "cpu", lambda t: run_single(t, True, torch.tensor([1, 1], dtype=torch.int32)),
+     S_ + "state_batch_indices holds row 1 twice"),
+    ("single_indices_duplicate_int64", "cpu", lambda t: run_single(t, True, torch.tensor([2, 2])),
+     S_ + "state_batch_indices holds row 2 twice"),
+]
+PUBLIC_MULTI_CASES = [
+    ("indices_out_of_range", "cpu", lambda t: run_multi(t, True, torch.tensor([5, 0], dtype=torch.int32)),
+     M_ + r"state_batch_indices\[0\] = 5 is out of range"),
+]
 
 COMMIT_CASES = [
-    ("num_accepted_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it, acc[:1], idx),
-     r"commit_state: num_accepted must have shape \(2,\), got \(1,\)"),
-    ("snapshots_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it[..., :8], acc, idx),
+    ("num_accepted_shape", "any", lambda t: commit(t, num_accepted=t["acc"][:1]),
+     r"commit_state: num_accepted must have shape \(2,\), got \(1,\)", ValueError),
+    ("num_accepted_batch", "any",
+     lambda t: commit(t, intermediate_states=t["inter"].new_zeros(2, 3, 4, 8, 16), num_accepted=t["acc"].new_zeros(3),
+                      state_batch_indices=None),
+     r"commit_state: num_accepted must have shape \(2,\), got \(3,\)", ValueError),
+    ("snapshots_shape", "any", lambda t: commit(t, intermediate_states=t["inter"][..., :8]),
      r"commit_state: intermediate_states must be \(batch, T\) \+ state.shape\[1:\] = \(2, 3\) \+ \(4, 8, 16\), "
-     r"got \(2, 3, 4, 8, 8\)"),
-    ("indices_shape", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx[:1]),
-     r"commit_state: state_batch_indices must have shape \(2,\), got \(1,\)"),
-    ("rows_without_indices", "any", ValueError, lambda st, it, acc, idx: nk.commit_state(st[:1], it, acc),
+     r"got \(2, 3, 4, 8, 8\)", ValueError),
+    ("snapshots_dstate", "any", lambda t: commit(t, intermediate_states=t["inter"][..., :15], state_batch_indices=None),
+     "commit_state: intermediate_states must be", ValueError),
+    ("indices_shape", "any", lambda t: commit(t, state_batch_indices=t["idx"][:1]),
+     r"commit_state: state_batch_indices must have shape \(2,\), got \(1,\)", ValueError),
+    ("rows_without_indices", "any", lambda t: commit(t, state=t["state"][:1], state_batch_indices=None),
      r"commit_state: state.shape\[0\] must be at least batch = 2 when state_batch_indices is None, "
-     r"got \(1, 4, 8, 16\)"),
-    ("indices_out_of_range", "cpu", RuntimeError,
-     lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx.new_tensor([0, 3])),
+     r"got \(1, 4, 8, 16\)", ValueError),
+    ("indices_out_of_range", "cpu", lambda t: commit(t, state_batch_indices=t["idx"].new_tensor([0, 3])),
      r"commit_state: state_batch_indices must be < state.shape\[0\] = 3 \(negative = padded slot\), got a larger row"),
-    ("indices_duplicate", "cpu", RuntimeError,
-     lambda st, it, acc, idx: nk.commit_state(st, it, acc, idx.new_tensor([1, 1])),
+    ("indices_duplicate", "cpu", lambda t: commit(t, state_batch_indices=t["idx"].new_tensor([1, 1])),
      r"commit_state: state_batch_indices holds a row twice"),
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", COMMIT_CASES, ids=[c[0] for c in COMMIT_CASES])
-def test_commit_state_bad_input(device, case):
-    _, where, exc, call, message = case
-    if where == "cpu" and device != "cpu":
-        pytest.skip("a CPU-only check (it reads index values); see test_commit_state_bad_rows_on_cuda")
-    state = torch.randn(3, 4, 8, 16, device=device)
-    before = state.clone()
-    inter = torch.randn(2, 3, 4, 8, 16, device=device)
-    acc = torch.tensor([2, 1], device=device)
-    idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
-    with pytest.raises(exc, match=message):
-        call(state, inter, acc, idx)
-    assert torch.equal(state, before)
+def _state_untouched(t):
+    assert torch.equal(t["state"], t["before"]), "a refused call must not touch the state"
+
+
+test_bad_input = bad_input_test(
+    after=_state_untouched,
+    single=(good_single, SINGLE_CASES), multi=(good_multi, MULTI_CASES), public=(good_single, PUBLIC_CASES),
+    public_multi=(good_multi, PUBLIC_MULTI_CASES), commit_state=(good_commit, COMMIT_CASES))
 
 
 @pytest.mark.gpu
