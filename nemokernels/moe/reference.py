@@ -35,11 +35,6 @@ def router_weights_ref(logits: torch.Tensor, ids: torch.Tensor, norm_topk_prob: 
     return w * routed_scaling_factor
 
 
-def router_ref(logits, bias=None, top_k=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0):
-    ids, _ = router_select_ref(logits, bias, top_k, n_group, topk_group)
-    return ids, router_weights_ref(logits, ids, norm_topk_prob, routed_scaling_factor)
-
-
 def permute_plan_ref(topk_ids: torch.Tensor, num_experts: int, pad_to: int = 1):
     """(counts, offsets, row_of_slot, slot_of_row) as int64, by a stable sort of the flat ids."""
     flat = topk_ids.reshape(-1).long().cpu()

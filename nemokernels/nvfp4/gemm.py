@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 from .. import _C
-from .reference import decode_reference
 from .tensor import NVFP4Tensor
 
 _ops = torch.ops.nemokernels
@@ -75,8 +74,3 @@ def gemm_path(device, M: int, N: int, K: int) -> str:
 def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
     """(rows, K/16) e4m3 scales -> flat uint8 in the sm_100 block-scaled layout (128x4 atoms)."""
     return _ops.nvfp4_swizzle_scales(scales)
-
-
-def _decode(t: NVFP4Tensor) -> torch.Tensor:
-    """float32 decode of the stand-in this module replaced (kept for code that imported it)."""
-    return decode_reference(t, torch.float32)

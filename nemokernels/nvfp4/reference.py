@@ -190,11 +190,6 @@ def dequantize_ref(t: NVFP4Tensor) -> torch.Tensor:
     return e2m1_decode(codes) * s * t.global_scale.double()
 
 
-def fake_quantize_ref(x: torch.Tensor, **kw) -> torch.Tensor:
-    """dequantize_ref(quantize_ref(x, **kw)) in float64 (x 2-D)."""
-    return dequantize_ref(quantize_ref(x, **kw))
-
-
 # ---- the GEMM oracle (nvfp4.gemm): decode in float64 (or compute_dtype), multiply, scale, add bias
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 

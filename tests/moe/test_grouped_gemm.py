@@ -7,7 +7,7 @@ import torch
 from nemokernels.moe import grouped_gemm
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, assert_close_to_magnitude, nan_like, opcheck, poison_allocator, rel_err
+from helpers import assert_close, assert_close_to_magnitude, opcheck, poison_allocator, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ops = torch.ops.nemokernels

@@ -4,13 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import nemokernels
 from nemokernels.ssd.reference import ssd_scan_ref, varlen_from_cu_seqlens
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, opcheck, poison_allocator, rel_err
+from helpers import assert_close, opcheck, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 scan = nemokernels.mamba_chunk_scan_combined
