@@ -2,6 +2,7 @@
 a .cu file is rewritten by tools/cuda_emu/transform.py, compiled with g++ against the mock CUDA
 headers in tools/cuda_emu/include and loaded with ctypes (tools/cuda_emu/README.md says what the
 emulation checks and what it cannot)."""
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -85,3 +86,53 @@ def build_emulated(name, driver, generated, families, flags=()):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return lib
+
+
+class EmuLibrary:
+    """An emulator library loaded with ctypes. Its kernel entries have the C signature
+    `int fn(const Params*, ..., char* err, int errlen)` (EMU_ENTRY in emu_api.h): `call` raises
+    the error text. Given a header and struct names, `S` holds the ctypes mirrors of the
+    parameter structs parsed from the header (params.py) and `check_layouts` proves them equal
+    to the library's generated offsetof table (params_layout.inc)."""
+
+    def __init__(self, path, header=None, structs=()):
+        self.lib = ctypes.CDLL(str(path))
+        self.S, self.fields = emu_params.ctypes_structs(header.read_text(), structs) if structs else ({}, {})
+
+    @classmethod
+    def build(cls, name, driver, kernels, families, *, header=None, structs=(), flags=()):
+        """build_emulated(name, driver, ...) with each kernel in `kernels` rewritten into
+        <stem>.emu.cpp and, for `structs`, the offsetof table params_layout.inc, then loaded."""
+        generated = {f"{Path(k).stem}.emu.cpp": transformed(Path(k)) for k in kernels}
+        if structs:
+            generated["params_layout.inc"] = emu_params.layout_table_cpp(header.read_text(), structs)
+        return cls(build_emulated(name, driver, generated, families, flags), header, structs)
+
+    def call(self, fn, *args):
+        """Runs entry `fn` with args (a ctypes Structure goes by pointer; other arguments as
+        ctypes objects) and the error buffer; raises RuntimeError with the emulator's message."""
+        f = getattr(self.lib, fn)
+        f.restype = ctypes.c_int
+        err = ctypes.create_string_buffer(4096)
+        if f(*[ctypes.byref(a) if isinstance(a, ctypes.Structure) else a for a in args], err, len(err)) != 0:
+            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
+
+    def value(self, fn, *args):
+        """A `long long fn(args...)` query of the library (structs by pointer)."""
+        f = getattr(self.lib, fn)
+        f.restype = ctypes.c_longlong
+        return f(*[ctypes.byref(a) if isinstance(a, ctypes.Structure) else a for a in args])
+
+    def blocks_run(self):
+        return self.value("emu_blocks_run")
+
+    def check_layouts(self):
+        """Every parsed struct has the size and member offsets the compiled library reports."""
+        self.lib.emu_params_offset.restype = self.lib.emu_params_sizeof.restype = ctypes.c_longlong
+        self.lib.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        self.lib.emu_params_sizeof.argtypes = [ctypes.c_char_p]
+        for name, st in self.S.items():
+            assert self.lib.emu_params_sizeof(name.encode()) == ctypes.sizeof(st), name
+            for field, _ in self.fields[name]:
+                assert self.lib.emu_params_offset(name.encode(), field.encode()) == getattr(st, field).offset, \
+                    f"{name}.{field}"
