@@ -52,16 +52,16 @@ def build_emulated(name, driver, generated, families, flags=()):
     """Path of lib<name>_emu_<hash>.so built from `driver` (a tools/cuda_emu driver that includes
     the generated sources), reused when its content hash matches. `generated` maps file names to
     generated text (transformed kernels, parameter layout tables) written beside the build; the
-    hash covers the compiler, the flags, the emulator, the driver, the headers of csrc/<family>
-    for each family and csrc/common, and the generated text. Used by every emulation test file."""
+    hash covers the compiler, the flags, the emulator (every file of tools/cuda_emu: drivers may
+    include each other), the driver, the headers of csrc/<family> for each family and
+    csrc/common, and the generated text. Used by every emulation test file."""
     cid = _compiler_id()
     if cid is None or not sys.platform.startswith("linux"):
         pytest.skip(f"CUDA emulation needs {CXX} on Linux (ucontext fibers)")
     bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
     bdir.mkdir(parents=True, exist_ok=True)
     flags = [*FLAGS, *flags]
-    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py",
-                                                     driver]
+    files = sorted((EMU / "include").glob("*.h")) + sorted(p for p in EMU.iterdir() if p.is_file()) + [driver]
     for d in [CSRC / f for f in families] + [CSRC / "common"]:
         files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
     h = hashlib.sha256((cid + " ".join(flags)).encode())
