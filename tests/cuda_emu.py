@@ -48,30 +48,45 @@ def transformed(kernel: Path) -> str:
     return emu_transform.transform(kernel.read_text(), str(kernel))[0]
 
 
-def build_emulated(name, driver, generated, families, flags=()):
+def build_emulated(name, driver, generated, families, flags=(), units=None):
     """Path of lib<name>_emu_<hash>.so built from `driver` (a tools/cuda_emu driver that includes
     the generated sources), reused when its content hash matches. `generated` maps file names to
     generated text (transformed kernels, parameter layout tables) written beside the build; the
     hash covers the compiler, the flags, the emulator (every file of tools/cuda_emu: drivers may
     include each other), the driver, the headers of csrc/<family> for each family and
-    csrc/common, and the generated text. Used by every emulation test file."""
+    csrc/common, and the generated text. Used by every emulation test file.
+
+    `units` ({unit: (source, generated files it includes, extra flags)}, biggest first; source
+    None compiles the first generated file itself) splits the library into objects, each cached
+    by its own hash and compiled NK_CUDA_EMU_JOBS (2) at a time: a change to one kernel file
+    recompiles only its unit. Without it, `driver` is the one unit."""
     cid = _compiler_id()
     if cid is None or not sys.platform.startswith("linux"):
         pytest.skip(f"CUDA emulation needs {CXX} on Linux (ucontext fibers)")
     bdir = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
     bdir.mkdir(parents=True, exist_ok=True)
     flags = [*FLAGS, *flags]
-    files = sorted((EMU / "include").glob("*.h")) + sorted(p for p in EMU.iterdir() if p.is_file()) + [driver]
+    units = units or {"main": (driver, list(generated), [])}
+    files = sorted((EMU / "include").glob("*.h")) + sorted(p for p in EMU.iterdir() if p.is_file())
     for d in [CSRC / f for f in families] + [CSRC / "common"]:
         files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
-    h = hashlib.sha256((cid + " ".join(flags)).encode())
+    common = hashlib.sha256((cid + " ".join(flags)).encode())
     for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    for fname, text in generated.items():
-        h.update(fname.encode())
-        h.update(text.encode())
-    lib = bdir / f"lib{name}_emu_{h.hexdigest()[:20]}.so"
+        common.update(f.name.encode())
+        common.update(f.read_bytes())
+    objs, todo = {}, []
+    for unit, (src, deps, extra) in units.items():
+        h = common.copy()
+        h.update(" ".join(extra).encode())
+        if src is not None:
+            h.update(src.read_bytes())
+        for d in deps:
+            h.update(d.encode())
+            h.update(generated[d].encode())
+        objs[unit] = bdir / f"{name}_{unit}_{h.hexdigest()[:20]}.o"
+        if not objs[unit].exists():
+            todo.append((unit, src, deps, extra))
+    lib = bdir / f"lib{name}_emu_{hashlib.sha256(''.join(o.name for o in objs.values()).encode()).hexdigest()[:20]}.so"
     if lib.exists():
         return lib
     work = Path(tempfile.mkdtemp(prefix=f"build_{name}_", dir=bdir))
@@ -79,10 +94,27 @@ def build_emulated(name, driver, generated, families, flags=()):
         for fname, text in generated.items():
             (work / fname).write_text(text)
         inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
+        jobs, running = max(1, int(os.environ.get("NK_CUDA_EMU_JOBS", "2"))), []
+
+        def finish(unit, proc, tmp_obj):
+            out, _ = proc.communicate()
+            assert proc.returncode == 0, f"emulator build of {name} ({unit}) failed:\n{out[-8000:]}"
+            os.replace(tmp_obj, objs[unit])  # atomic: concurrent builders race harmlessly
+
+        for unit, src, deps, extra in todo:
+            if len(running) >= jobs:
+                finish(*running.pop(0))
+            tmp_obj = work / f"{unit}.o"
+            cmd = [CXX, *flags, *extra, *inc, "-c", str(src if src is not None else work / deps[0]), "-o", str(tmp_obj)]
+            running.append((unit, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                            tmp_obj))
+        while running:
+            finish(*running.pop(0))
         tmp = work / "lib.so"
-        r = subprocess.run([CXX, *flags, *inc, "-shared", str(driver), "-o", str(tmp)], capture_output=True, text=True)
-        assert r.returncode == 0, f"emulator build of {name} failed:\n{(r.stdout + r.stderr)[-8000:]}"
-        os.replace(tmp, lib)  # atomic: concurrent builders race harmlessly
+        r = subprocess.run([CXX, "-shared", "-pthread", *(str(o) for o in objs.values()), "-o", str(tmp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"emulator link of {name} failed:\n{r.stderr[-4000:]}"
+        os.replace(tmp, lib)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return lib
