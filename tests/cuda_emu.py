@@ -155,8 +155,9 @@ class EmuLibrary:
         f.restype = ctypes.c_longlong
         return f(*[ctypes.byref(a) if isinstance(a, ctypes.Structure) else a for a in args])
 
-    def blocks_run(self):
-        return self.value("emu_blocks_run")
+    def launches(self):
+        """Kernel launches so far (EMU_COUNTERS)."""
+        return self.value("emu_launches")
 
     def check_layouts(self):
         """Every parsed struct has the size and member offsets the compiled library reports."""

@@ -19,7 +19,7 @@ nemokernels = pytest.importorskip("nemokernels")
 from nemokernels.ssd.reference import rmsnorm_gated_ref  # noqa: E402
 
 HEADER = base.CSRC / "ssd" / "rmsnorm_gated.h"
-DTYPES = {torch.float32: 0, torch.bfloat16: 2}  # nk::DType
+DTYPES = [torch.float32, torch.bfloat16]
 
 
 @functools.cache
@@ -83,30 +83,34 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def _nan(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
 def run_emulated(e, x, z, w, b, dout, G, eps, norm_before_gate):
     """The op entry's parameter set-up (csrc/ssd/rmsnorm_gated.cpp) and the emulated forward and
     backward launches: ((out, rstd, dx, dz, dweight, dbias), the backward's partial-row count),
     every output NaN-poisoned first."""
     rows, D = x.shape
-    nan = lambda *s, dtype=torch.float32: torch.full(s, float("nan"), dtype=dtype)  # noqa: E731
-    out, rstd = nan(rows, D, dtype=x.dtype), nan(rows, D // G)
+    out, rstd = _nan(rows, D, dtype=x.dtype), _nan(rows, D // G)
     p = e.S["RmsNormFwdParams"]()
-    p.rows, p.dim, p.group_size, p.dtype, p.eps, p.norm_before_gate = rows, D, G, DTYPES[x.dtype], eps, norm_before_gate
+    p.rows, p.dim, p.group_size, p.eps, p.norm_before_gate = rows, D, G, eps, norm_before_gate
+    p.dtype = base.DT_ENUM[x.dtype]
     p.x, p.x_sr, p.x_sc = x.data_ptr(), x.stride(0), x.stride(1)
     if z is not None:
         p.z, p.z_sr, p.z_sc = z.data_ptr(), z.stride(0), z.stride(1)
     p.weight, p.bias, p.out, p.rstd = w.data_ptr(), _ptr(b), out.data_ptr(), rstd.data_ptr()
     e.call("emu_rmsnorm_fwd_cuda", p)
 
-    dx, dz = nan(rows, D, dtype=x.dtype), (nan(rows, D, dtype=x.dtype) if z is not None else None)
-    dw, db = nan(D), (nan(D) if b is not None else None)
+    dx, dz = _nan(rows, D, dtype=x.dtype), (_nan(rows, D, dtype=x.dtype) if z is not None else None)
+    dw, db = _nan(D), (_nan(D) if b is not None else None)
     q = e.S["RmsNormBwdParams"]()
     q.fwd = p
     q.fwd.out = None
     q.dout, q.dout_sr, q.dout_sc = dout.data_ptr(), dout.stride(0), dout.stride(1)
     q.dx, q.dz, q.dweight, q.dbias = dx.data_ptr(), _ptr(dz), dw.data_ptr(), _ptr(db)
     q.num_partials = e.value("emu_rmsnorm_bwd_num_partials", q)
-    partials = nan(q.num_partials, 2, D)
+    partials = _nan(q.num_partials, 2, D)
     q.partials = partials.data_ptr()
     e.call("emu_rmsnorm_bwd_cuda", q)
     return (out, rstd, dx, dz, dw, db), q.num_partials
@@ -152,8 +156,7 @@ def check(got, want, dtype, what):
 def _run_case(e, rows, D, G, mode, layout, bias, dtype, misaligned=None):
     """Emulated CUDA and CPU kernel against float64; returns the CUDA backward's partial rows."""
     x, z, w, b, dout = make_inputs(rows, D, dtype, mode, layout, bias, seed=rows * 7 + D, misaligned=misaligned)
-    eps = 1e-5
-    nbg = mode == "last"
+    eps, nbg = 1e-5, mode == "last"
     want = reference(x, z, w, b, dout, G, eps, nbg)
     got, num_partials = run_emulated(e, x, z, w, b, dout, G, eps, nbg)
     check(got, want, dtype, "emulated CUDA")
@@ -178,9 +181,20 @@ def test_rmsnorm_emulated_two_sms(rows, D, G, mode, layout, bias, dtype):
 
 
 @pytest.mark.parametrize("misaligned", ["x", "z", "dout"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rmsnorm_emulated_misaligned(misaligned, dtype):
     """One activation starts one element off a 16-byte boundary (row stride still a multiple of
     16 bytes): the launch plans must fall back to scalar accesses (a vector access there throws
     under the emulator, as it faults on the GPU)."""
     _run_case(emu(), 37, 1024, 128, "first", "contiguous", True, dtype, misaligned=misaligned)
+
+
+@pytest.mark.parametrize("rows,D,G,launches", [(37, 1024, 128, 2), (9, 4096, 4096, 3)])
+def test_backward_paths_taken(rows, D, G, launches):
+    """The shapes reach both backward variants: cached (the row kernel writes the dweight/dbias
+    partial rows, then the reduction: 2 launches) and uncached (+ the column kernel: 3)."""
+    e = emu()
+    x, z, w, b, dout = make_inputs(rows, D, torch.float32, "first", "contiguous", True, seed=0)
+    before = e.launches()
+    run_emulated(e, x, z, w, b, dout, G, 1e-5, False)
+    assert e.launches() - before == 1 + launches  # the forward, then the backward's
