@@ -31,19 +31,23 @@ class Mutant:
         return not self.path.endswith(".cu")
 
 
+def missing_barrier(name, path, before, barrier, tests) -> Mutant:
+    """The barrier line `barrier` (with its indent and newline) deleted where it follows `before`."""
+    return Mutant(name, "missing barrier", path, before + barrier, before, tests)
+
+
 MUTANTS = [
     # ---- ssd ------------------------------------------------------------------------------
     Mutant("ssd-cpu-chunk-state-group", "wrong group index", "csrc/ssd/ssd_chunk_scan_cpu.cpp",
            "load_rows<T>(p.B, g.B_off(b, t0, h / g.hpg), p.B_sl, len, g.N, bs.data());",
            "load_rows<T>(p.B, g.B_off(b, t0, h % g.G), p.B_sl, len, g.N, bs.data());",
            ("tests/ssd/test_ssd_chunk_scan.py", "-k", "cpu and not bad_inputs")),
-    Mutant("ssd-cuda-fwd-missing-barrier", "missing barrier", "csrc/ssd/ssd_chunk_scan_fwd_cuda.cu",
-           "    __syncthreads();  // before the next step overwrites Bs / Xs (and before the epilogue)\n", "\n",
-           ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
-    Mutant("ssd-cuda-bwd-missing-barrier", "missing barrier", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
-           "  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);\n  __syncthreads();\n",
-           "  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);\n",
-           ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
+    missing_barrier("ssd-cuda-fwd-missing-barrier", "csrc/ssd/ssd_chunk_scan_fwd_cuda.cu", "",
+                    "    __syncthreads();  // before the next step overwrites Bs / Xs (and before the epilogue)\n",
+                    ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
+    missing_barrier("ssd-cuda-bwd-missing-barrier", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+                    "  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);\n", "  __syncthreads();\n",
+                    ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
     Mutant("ssd-cuda-state-update-swapped-stride", "swapped stride", "csrc/ssd/state_update_cuda.cu",
            "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3])",
            "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[3] + i * p.x.s[2])",
@@ -54,10 +58,9 @@ MUTANTS = [
     Mutant("ssd-cpu-conv1d-window-off-by-one", "off-by-one", "csrc/ssd/causal_conv1d_cpu.cpp",
            "win[k] = x_at<T>(p, b, c, t - (W - 1) + k, sid);", "win[k] = x_at<T>(p, b, c, t - W + k, sid);",
            ("tests/ssd/test_causal_conv1d.py", "-k", "cpu and not bad")),
-    Mutant("ssd-cuda-rmsnorm-reduce-missing-barrier", "missing barrier", "csrc/ssd/rmsnorm_gated_cuda.cu",
-           "  if ((threadIdx.x & 31) == 0) mine[threadIdx.x >> 5] = v;\n  __syncthreads();\n",
-           "  if ((threadIdx.x & 31) == 0) mine[threadIdx.x >> 5] = v;\n",
-           ("tests/ssd/test_cuda_emulation_rmsnorm.py",)),
+    missing_barrier("ssd-cuda-rmsnorm-missing-barrier", "csrc/ssd/rmsnorm_gated_cuda.cu",
+                    "  if ((threadIdx.x & 31) == 0) mine[threadIdx.x >> 5] = v;\n", "  __syncthreads();\n",
+                    ("tests/ssd/test_cuda_emulation_rmsnorm.py",)),
     Mutant("ssd-cpu-rmsnorm-group-size", "wrong group size", "csrc/ssd/rmsnorm_gated_cpu.cpp",
            "rmsnorm_rstd(sumsq.total(), static_cast<float>(G), p.eps)",
            "rmsnorm_rstd(sumsq.total(), static_cast<float>(p.dim), p.eps)",
@@ -70,10 +73,9 @@ MUTANTS = [
            "c1 = c0 + per < p.num_chunks ? c0 + per : p.num_chunks;",
            "c1 = c0 + per < p.num_chunks ? c0 + per : p.num_chunks - 1;",
            ("tests/moe/test_cuda_emulation_moe.py", "-k", "plan")),
-    Mutant("moe-cuda-plan-scan-missing-barrier", "missing barrier", "csrc/moe/permute_cuda.cu",
-           "  part[threadIdx.y][threadIdx.x] = sum;\n  __syncthreads();\n",
-           "  part[threadIdx.y][threadIdx.x] = sum;\n",
-           ("tests/moe/test_cuda_emulation_moe.py", "-k", "plan")),
+    missing_barrier("moe-cuda-plan-scan-missing-barrier", "csrc/moe/permute_cuda.cu",
+                    "  part[threadIdx.y][threadIdx.x] = sum;\n", "  __syncthreads();\n",
+                    ("tests/moe/test_cuda_emulation_moe.py", "-k", "plan")),
     Mutant("moe-cuda-grouped-gemm-tile-edge", "off-by-one", "csrc/moe/grouped_gemm_cuda.cu",
            "  m_hi = hi;\n  return m0 < m_hi;", "  m_hi = hi - 1;\n  return m0 < m_hi;",
            ("tests/moe/test_cuda_emulation_grouped_gemm.py", "-k", "fwd_dgrad_wgrad")),
@@ -96,10 +98,9 @@ MUTANTS = [
     Mutant("spec-cpu-argmax-chunk-edge", "off-by-one", "csrc/speculative/verify_cpu.cpp",
            "hi = std::min(a.vocab, lo + a.chunk);", "hi = std::min(a.vocab, lo + a.chunk - 1);",
            ("tests/speculative/test_speculative_verify.py", "-k", "cpu and greedy and not bad")),
-    Mutant("spec-cuda-block-sum-missing-barrier", "missing barrier", "csrc/speculative/verify_cuda.cu",
-           "    if (t < s) red[t] += red[t + s];\n    __syncthreads();\n",
-           "    if (t < s) red[t] += red[t + s];\n",
-           ("tests/speculative/test_cuda_emulation_speculative.py",)),
+    missing_barrier("spec-cuda-block-sum-missing-barrier", "csrc/speculative/verify_cuda.cu",
+                    "    if (t < s) red[t] += red[t + s];\n", "    __syncthreads();\n",
+                    ("tests/speculative/test_cuda_emulation_speculative.py",)),
 ]
 
 

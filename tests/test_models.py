@@ -2,7 +2,6 @@
 (logits and every parameter gradient), checkpoints, training (MTP loss, gradient
 checkpointing), cached and speculative generation."""
 import json
-import importlib
 import os
 
 import pytest

@@ -11,7 +11,7 @@ from nemokernels.ssd.reference import ssd_chunked_ref
 from nemokernels.ssd.ssd_chunk_scan import ssd_chunk_scan_bytes_flops
 
 from .harness import Case, lazy_compile
-from .peers import mamba_ssm_triton
+from .peers import mamba_ssm_peer
 
 DTYPE = torch.bfloat16
 CHUNK = 128
@@ -64,7 +64,7 @@ def _maker(batch, seqlen, cfg, device, backward):
 def cases(quick: bool, device) -> list:
     points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
               [(cfg, b, L) for cfg in CONFIGS for b in (1, 4) for L in (2048, 8192, 32768)])
-    peer, peer_note = mamba_ssm_triton("ssd_combined", "mamba_chunk_scan_combined")
+    peer = mamba_ssm_peer("ssd_combined", "mamba_chunk_scan_combined")
     out = []
     for cfg, batch, seqlen in points:
         H, P, G, N = CONFIGS[cfg]
@@ -83,6 +83,4 @@ def cases(quick: bool, device) -> list:
                         make_inputs=_maker(batch, seqlen, cfg, device, True),
                         fn=fwd_bwd(_ours), bytes=int(act * 3.2), flops=int(flops * 3.5),
                         baselines={k: fwd_bwd(v) for k, v in base.items()}, backward=True))
-    if peer is None:
-        print(f"mamba_ssm Triton baseline skipped: {peer_note}")
     return out

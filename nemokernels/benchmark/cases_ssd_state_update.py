@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import nemokernels as nk
 
 from .harness import Case, lazy_compile
-from .peers import mamba_ssm_triton
+from .peers import mamba_ssm_peer
 
 CONFIGS = {"nano": 64, "super": 128}  # heads
 HEADDIM, DSTATE, NGROUPS, T_MULTI = 64, 128, 8, 4
@@ -86,9 +86,7 @@ def cases(quick: bool, device) -> list:
     ssz, esz = torch.empty((), dtype=STATE_DTYPE).element_size(), torch.empty((), dtype=DTYPE).element_size()
     single = [("nano", 1), ("nano", 64), ("super", 256)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
     multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
-    peer, peer_note = mamba_ssm_triton("selective_state_update", "selective_state_update")
-    if peer is None:
-        print(f"mamba_ssm Triton selective_state_update baseline skipped: {peer_note}")
+    peer = mamba_ssm_peer("selective_state_update", "selective_state_update")
     out = []
     for cfg, batch in single:
         heads = CONFIGS[cfg]

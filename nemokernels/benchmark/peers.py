@@ -33,3 +33,11 @@ def mamba_ssm_triton(module: str, attr: str):
         return getattr(importlib.import_module(f"mamba_ssm.ops.triton.{module}"), attr), f"source {src}"
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {e}"
+
+
+def mamba_ssm_peer(module: str, attr: str):
+    """mamba_ssm.ops.triton.<module>.<attr> for a baseline, or None after printing why not."""
+    fn, note = mamba_ssm_triton(module, attr)
+    if fn is None:
+        print(f"mamba_ssm Triton {attr} baseline skipped: {note}")
+    return fn

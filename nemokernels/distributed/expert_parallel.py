@@ -7,11 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from ..moe.combine import moe_combine
-from ..moe.grouped_gemm import grouped_gemm
-from ..moe.layer import LatentMoE
-from ..moe.permute import moe_gather, moe_permute_plan
-from ..moe.router import moe_router, router_logits
+from ..moe.layer import LatentMoE, expert_mlp
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
@@ -45,7 +41,7 @@ class ExpertParallelLatentMoE(LatentMoE):
         super().__init__(hidden_size, n_routed_experts, num_experts_per_tok, moe_intermediate_size,
                          moe_shared_expert_intermediate_size, moe_latent_size, n_group, topk_group, norm_topk_prob,
                          routed_scaling_factor, mlp_bias, dtype=dtype, device=device,
-                         num_local_experts=n_routed_experts // world)
+                         pad_to=1, num_local_experts=n_routed_experts // world)
         self.group, self.world, self.rank = group, world, dist.get_rank(group)
         self.local_experts = n_routed_experts // world
         self.first_expert = self.rank * self.local_experts
@@ -69,18 +65,11 @@ class ExpertParallelLatentMoE(LatentMoE):
         ep.load_state_dict(state, strict=True)
         return ep
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        h = hidden_states.reshape(-1, shape[-1])
+    def routed_experts(self, xs: torch.Tensor, plan, up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+        """LatentMoE's forward runs with this as its experts: the gathered rows (pad_to=1: exactly
+        the T*k pairs, ordered by expert, hence by owner rank) go to their experts' ranks, this
+        rank's experts run on what it receives, and the outputs come back in xs's order."""
         W, El = self.world, self.local_experts
-        logits = router_logits(h, self.gate.weight)
-        ids, weights = moe_router(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
-                                  self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
-        lat = self.fc1_latent_proj(h) if self.fc1_latent_proj is not None else h
-        # pad_to=1: the rows to send are exactly the T*k pairs, ordered by expert, hence by owner rank.
-        plan = moe_permute_plan(ids, self.num_experts, 1)
-        xs = moe_gather(lat, plan)
-
         # Counts first: recv_counts[s, e] = rows rank s sends to my local expert e.
         send_counts = plan.expert_counts.view(W, El)
         recv_counts = funcol.wait_tensor(funcol.all_to_all_single(send_counts.contiguous(), None, None, self.group))
@@ -99,14 +88,5 @@ class ExpertParallelLatentMoE(LatentMoE):
         offsets = torch.zeros(El + 1, dtype=torch.int32, device=xr.device)
         offsets[1:] = torch.cumsum(recv_counts.sum(0), 0)
 
-        x_local = xr.index_select(0, order)
-        hs = grouped_gemm(x_local, self.experts.up_proj, offsets, "relu2")
-        ys = grouped_gemm(hs, self.experts.down_proj, offsets)
-        yb = _all_to_all(ys.index_select(0, inverse), send_splits, recv_splits, self.group)
-
-        y = moe_combine(yb, plan, weights)
-        out = self.fc2_latent_proj(y) if self.fc2_latent_proj is not None else y
-        out = out.reshape(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states)
-        return out
+        ys = expert_mlp(xr.index_select(0, order), up_proj, down_proj, offsets)
+        return _all_to_all(ys.index_select(0, inverse), send_splits, recv_splits, self.group)

@@ -1,7 +1,7 @@
 """The Nemotron-H LatentMoE layer (transformers' NemotronHMoE) on the nemokernels MoE ops.
 
 Details: docs/moe.md, section `nemokernels/moe/layer.py`."""
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,16 @@ def _relu2(x):
     return torch.relu(x).square()
 
 
+def expert_mlp(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """down_e(relu(up_e(x))^2) for each expert e's row segment [offsets[e], offsets[e+1]) of x:
+    the two grouped GEMMs, relu^2 fused into the first."""
+    return grouped_gemm(grouped_gemm(x, up_proj, offsets, "relu2"), down_proj, offsets)
+
+
+def _local_experts(xs, plan, up_proj, down_proj):
+    return expert_mlp(xs, up_proj, down_proj, plan.expert_offsets)
+
+
 def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor],
                up_proj: torch.Tensor, down_proj: torch.Tensor, *, top_k: int, n_group: int = 1,
                topk_group: int = 1, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
@@ -26,10 +36,13 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
                fc2_weight: Optional[torch.Tensor] = None, fc2_bias: Optional[torch.Tensor] = None,
                shared_up_weight: Optional[torch.Tensor] = None, shared_up_bias: Optional[torch.Tensor] = None,
                shared_down_weight: Optional[torch.Tensor] = None, shared_down_bias: Optional[torch.Tensor] = None,
-               pad_to: Optional[int] = None) -> torch.Tensor:
+               pad_to: Optional[int] = None, experts: Optional[Callable] = None) -> torch.Tensor:
     """One LatentMoE layer, functional form. hidden (..., d); gate_weight (E, d) float32; up_proj
     (E, F, l) and down_proj (E, l, F) in hidden's dtype (l = d without latent projections);
     fc1 (l, d) / fc2 (d, l) latent projections or None; shared expert weights or None.
+    experts(xs, plan, up_proj, down_proj) -> ys runs the routed experts on the gathered rows and
+    returns their outputs in the same row order (default: expert_mlp over plan.expert_offsets;
+    expert parallelism passes its dispatch, distributed/expert_parallel.py).
     Returns (..., d) in hidden's dtype."""
     shape = hidden.shape
     h = hidden.reshape(-1, shape[-1])
@@ -44,8 +57,7 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
         up_proj, down_proj = up_proj.to(lat.dtype), down_proj.to(lat.dtype)
     plan = moe_permute_plan(ids, num_experts, pad_to)
     xs = moe_gather(lat, plan)
-    hs = grouped_gemm(xs, up_proj, plan.expert_offsets, "relu2")
-    ys = grouped_gemm(hs, down_proj, plan.expert_offsets)
+    ys = (experts or _local_experts)(xs, plan, up_proj, down_proj)
     y = moe_combine(ys, plan, weights)
     out = F.linear(y, fc2_weight, fc2_bias) if fc2_weight is not None else y
     out = out.reshape(shape)
@@ -134,6 +146,11 @@ class LatentMoE(nn.Module):
                    routed_scaling_factor=getattr(config, "routed_scaling_factor", 1.0),
                    mlp_bias=getattr(config, "mlp_bias", False), dtype=dtype, device=device, pad_to=pad_to)
 
+    def routed_experts(self, xs: torch.Tensor, plan, up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+        """The routed experts on the gathered rows (latent_moe's `experts`): local grouped GEMMs
+        here; ExpertParallelLatentMoE sends the rows to the experts' ranks."""
+        return _local_experts(xs, plan, up_proj, down_proj)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         fc1, fc2, sh = self.fc1_latent_proj, self.fc2_latent_proj, self.shared_experts
         return latent_moe(
@@ -145,4 +162,5 @@ class LatentMoE(nn.Module):
             shared_up_weight=sh.up_proj.weight if sh is not None else None,
             shared_up_bias=sh.up_proj.bias if sh is not None else None,
             shared_down_weight=sh.down_proj.weight if sh is not None else None,
-            shared_down_bias=sh.down_proj.bias if sh is not None else None, pad_to=self.pad_to)
+            shared_down_bias=sh.down_proj.bias if sh is not None else None, pad_to=self.pad_to,
+            experts=self.routed_experts)

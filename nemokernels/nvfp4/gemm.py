@@ -68,4 +68,3 @@ def gemm_path(device, M: int, N: int, K: int) -> str:
 def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
     """(rows, K/16) e4m3 scales -> flat uint8 in the sm_100 block-scaled layout (128x4 atoms)."""
     return _ops.nvfp4_swizzle_scales(scales)
-

@@ -79,14 +79,20 @@ def rejection_sample_ref(draft_token_ids, draft_probs, target_probs, num_draft_t
     return out, num
 
 
-def verify_tree_greedy_ref(candidate_ids, parents, target_logits, max_depth=None):
-    """Greedy walk of a candidate tree: (output_token_ids, accepted_node_indices, num_accepted)."""
+def _tree_walk_outputs(candidate_ids, max_depth):
+    """(b, n, max_depth, output_token_ids, accepted_node_indices, num_accepted) of a tree walk:
+    max_depth defaults to n - 1; the outputs start as -1 padding and zero counts."""
     b, n = candidate_ids.shape
     max_depth = n - 1 if max_depth is None else max_depth
-    argmax = target_logits.argmax(-1)
     out = torch.full((b, max_depth + 1), -1, dtype=torch.int64)
     nodes = torch.full((b, max_depth + 1), -1, dtype=torch.int64)
-    num = torch.zeros(b, dtype=torch.int64)
+    return b, n, max_depth, out, nodes, torch.zeros(b, dtype=torch.int64)
+
+
+def verify_tree_greedy_ref(candidate_ids, parents, target_logits, max_depth=None):
+    """Greedy walk of a candidate tree: (output_token_ids, accepted_node_indices, num_accepted)."""
+    b, n, max_depth, out, nodes, num = _tree_walk_outputs(candidate_ids, max_depth)
+    argmax = target_logits.argmax(-1)
     for r in range(b):
         cur, depth = 0, 0
         while True:
@@ -107,11 +113,7 @@ def verify_tree_rejection_ref(candidate_ids, parents, draft_probs, target_probs,
     children in index order, accept child token x with probability min(1, p(x) / q(x)), on
     rejection p <- normalise(max(0, p - q)); sample the final residual when all are rejected
     (or at a leaf / at max_depth). Random numbers from torch's generator (equal in distribution)."""
-    b, n = candidate_ids.shape
-    max_depth = n - 1 if max_depth is None else max_depth
-    out = torch.full((b, max_depth + 1), -1, dtype=torch.int64)
-    nodes = torch.full((b, max_depth + 1), -1, dtype=torch.int64)
-    num = torch.zeros(b, dtype=torch.int64)
+    b, n, max_depth, out, nodes, num = _tree_walk_outputs(candidate_ids, max_depth)
     for r in range(b):
         cur, depth = 0, 0
         while True:

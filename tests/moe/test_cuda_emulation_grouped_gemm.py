@@ -8,6 +8,7 @@ launch and compared with float64 references at the dtype tolerances of tests/hel
 Shapes cover tile edges (row tiles of 128 / 64, k slices of 32 / 16), empty experts, unpadded
 segments, rows past offsets[E], and K/N not multiples of 8 (the element-load path)."""
 import ctypes
+import functools
 
 import pytest
 import torch
@@ -15,63 +16,38 @@ import torch
 import cuda_emu as _emu_base
 from helpers import assert_close
 
-ROOT = _emu_base.ROOT
-EMU = _emu_base.EMU
 CSRC = _emu_base.CSRC
 KERNEL = CSRC / "moe" / "grouped_gemm_cuda.cu"
 DT_ENUM = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+OP_CODE = {"fwd": 0, "dgrad": 1, "wgrad": 2}  # nk::GgOp
 
 
-def build_moe_library(arch=False):
-    """Path of the emulated grouped GEMM library (cached by content hash, see build_emulated); with
+@functools.cache
+def emu(arch=False):
+    """The emulated grouped GEMM library (cached by content hash, see build_emulated); with
     `arch`, built with NK_HAS_SM90 and driver_moe_arch.cpp (the CUTLASS path with a mock GEMM)."""
-    driver = EMU / ("driver_moe_arch.cpp" if arch else "driver_moe.cpp")
-    return _emu_base.build_emulated("moe_arch" if arch else "moe", driver,
-                                    {"grouped_gemm_cuda.emu.cpp": _emu_base.transformed(KERNEL)},
-                                    families=("moe",), flags=["-DNK_HAS_SM90=1"] if arch else [])
+    return _emu_base.EmuLibrary.build("moe_arch" if arch else "moe",
+                                      _emu_base.EMU / ("driver_moe_arch.cpp" if arch else "driver_moe.cpp"), [KERNEL],
+                                      ("moe",), header=CSRC / "moe" / "grouped_gemm.h",
+                                      structs=("GroupedGemmParams",), flags=["-DNK_HAS_SM90=1"] if arch else [])
 
 
-_I64, _P = ctypes.c_int64, ctypes.c_void_p
-_FIELDS = [("dtype", ctypes.c_int), ("R", _I64), ("N", _I64), ("K", _I64), ("E", _I64), ("offsets", _P),
-           ("a", _P), ("w", _P), ("dout", _P), ("pre_in", _P), ("out", _P), ("pre_out", _P), ("act", ctypes.c_int),
-           ("tile_offsets", _P), ("arch", ctypes.c_int), ("workspace", _P)]
-
-
-class GgParams(ctypes.Structure):
-    _fields_ = _FIELDS
-
-
-_LIB = []
-
-
-def lib():
-    if not _LIB:
-        L = ctypes.CDLL(str(build_moe_library()))
-        for fn in ("emu_gg_fwd_cuda", "emu_gg_dgrad_cuda", "emu_gg_wgrad_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        for fn in ("emu_gg_sizeof", "emu_gg_offset", "emu_gg_blocks_run"):
-            getattr(L, fn).restype = ctypes.c_longlong
-        L.emu_gg_offset.argtypes = [ctypes.c_char_p]
-        L.emu_gg_set_cc_major.argtypes = [ctypes.c_int]
-        _LIB.append(L)
-    return _LIB[0]
-
-
-def test_params_layout():
-    L = lib()
-    assert L.emu_gg_sizeof() == ctypes.sizeof(GgParams)
-    for name, _ in _FIELDS:
-        assert L.emu_gg_offset(name.encode()) == getattr(GgParams, name).offset, name
+@pytest.mark.parametrize("arch", [False, True])
+def test_params_layout(arch):
+    emu(arch).check_layouts()
 
 
 def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def run(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, save_pre=False, dtype, cc=9):
-    """One emulated call of fwd / dgrad / wgrad as the op entry sets it up; outputs NaN-poisoned."""
-    p = GgParams()
+def run(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, save_pre=False, dtype, cc=9,
+        arch=False):
+    """One emulated call of fwd / dgrad / wgrad as the op entry sets it up; outputs NaN-poisoned.
+    Returns (out, pre_out); with `arch`, on the NK_HAS_SM90 library through
+    grouped_gemm_cuda_prepare: (out, pre_out, the path it chose, workspace bytes)."""
+    e = emu(arch)
+    p = e.S["GroupedGemmParams"]()
     p.dtype, p.R, p.N, p.K, p.E = DT_ENUM[dtype], R, N, K, E
     offs = offsets.contiguous()
     p.offsets = offs.data_ptr()
@@ -81,12 +57,16 @@ def run(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, 
     scratch = torch.full((E + 1,), -7, dtype=torch.int32)  # garbage: the scan must write all of it
     p.a, p.w, p.dout, p.pre_in = _ptr(a), _ptr(w), _ptr(dout), _ptr(pre)
     p.out, p.pre_out, p.act, p.tile_offsets = out.data_ptr(), _ptr(pre_out), act, scratch.data_ptr()
-    L = lib()
-    L.emu_gg_set_cc_major(cc)
-    err = ctypes.create_string_buffer(4096)
-    if getattr(L, f"emu_gg_{op}_cuda")(ctypes.addressof(p), err, len(err)) != 0:
-        raise RuntimeError(f"emu_gg_{op}_cuda: {err.value.decode(errors='replace')}")
-    return out, pre_out
+    if not arch:
+        e.lib.emu_gg_set_cc_major(ctypes.c_int(cc))
+        e.call(f"emu_gg_{op}_cuda", p)
+        return out, pre_out
+    nbytes = e.value("emu_gg_prepare", p, ctypes.c_int(OP_CODE[op]))
+    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)  # NaN-ish garbage
+    if nbytes > 0:
+        p.workspace = ws.data_ptr()
+    e.call(f"emu_gg_{op}_cuda", p)
+    return out, pre_out, p.arch, nbytes
 
 
 def offsets_of(counts):
@@ -169,43 +149,8 @@ def test_misaligned_operands_take_the_element_path():
 
 # ---------------------------------------------------------------- the arch (CUTLASS) path's passes
 
-_ARCH = []
-
-
-def arch_lib():
-    if not _ARCH:
-        L = ctypes.CDLL(str(build_moe_library(arch=True)))
-        for fn in ("emu_gga_fwd_cuda", "emu_gga_dgrad_cuda", "emu_gga_wgrad_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        L.emu_gga_prepare.restype = ctypes.c_longlong
-        L.emu_gga_prepare.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        L.emu_gga_mock_calls.restype = ctypes.c_longlong
-        _ARCH.append(L)
-    return _ARCH[0]
-
-
-def run_arch(op, *, a=None, w=None, dout=None, pre=None, offsets, N, K, E, R, act=0, save_pre=False, dtype):
-    """As run(), through grouped_gemm_cuda_prepare: returns (out, pre_out, arch, workspace bytes)."""
-    L = arch_lib()
-    p = GgParams()
-    p.dtype, p.R, p.N, p.K, p.E = DT_ENUM[dtype], R, N, K, E
-    offs = offsets.contiguous()
-    p.offsets = offs.data_ptr()
-    shape = {"fwd": (R, N), "dgrad": (R, K), "wgrad": (E, N, K)}[op]
-    out = torch.full(shape, float("nan"), dtype=dtype)
-    pre_out = torch.full((R, N), float("nan"), dtype=dtype) if save_pre else None
-    scratch = torch.full((E + 1,), -7, dtype=torch.int32)
-    p.a, p.w, p.dout, p.pre_in = _ptr(a), _ptr(w), _ptr(dout), _ptr(pre)
-    p.out, p.pre_out, p.act, p.tile_offsets = out.data_ptr(), _ptr(pre_out), act, scratch.data_ptr()
-    nbytes = L.emu_gga_prepare(ctypes.addressof(p), {"fwd": 0, "dgrad": 1, "wgrad": 2}[op])
-    ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)  # NaN-ish garbage
-    if nbytes > 0:
-        p.workspace = ws.data_ptr()
-    err = ctypes.create_string_buffer(4096)
-    if getattr(L, f"emu_gga_{op}_cuda")(ctypes.addressof(p), err, len(err)) != 0:
-        raise RuntimeError(f"emu_gga_{op}_cuda: {err.value.decode(errors='replace')}")
-    return out, pre_out, p.arch, nbytes
+def run_arch(op, **kw):
+    return run(op, arch=True, **kw)
 
 
 def test_arch_path_passes():
@@ -223,7 +168,7 @@ def test_arch_path_passes():
     for e in range(E):
         pre_ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
     kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
-    calls0 = arch_lib().emu_gga_mock_calls()
+    calls0 = emu(True).value("emu_gg_mock_calls")
     out, pre, arch, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
     assert arch == 90
     assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 out")
@@ -247,7 +192,7 @@ def test_arch_path_passes():
         dw, _, arch, _ = run_arch("wgrad", dout=dout, a=a, pre=preact, **kw)
         assert arch == 90
         assert_close(dw, dw_ref, dtype, what=f"wgrad pre={use_pre}")
-    assert arch_lib().emu_gga_mock_calls() - calls0 == 7, "every call must reach the (mock) CUTLASS GEMM"
+    assert emu(True).value("emu_gg_mock_calls") - calls0 == 7, "every call must reach the (mock) CUTLASS GEMM"
 
 
 def test_arch_path_not_taken():

@@ -7,7 +7,7 @@ kernels through the public API: router ids (order included), plans, gathers, com
 gather backward bit for bit (same arithmetic, same order, same libm); the router backward bit for
 bit; the combine backward's dweights (a different summation order) to float32 rounding.
 """
-import ctypes
+import functools
 
 import pytest
 import torch
@@ -23,42 +23,12 @@ UNITS = {
 }
 
 
-def build_library(unit):
-    """Path of the emulated router or permute library (cached by content hash, see base.build_emulated)."""
-    kernel, header, structs = UNITS[unit]
-    return base.build_emulated(f"moe_{unit}", EMU / f"driver_moe_{unit}.cpp", {
-        f"moe_{unit}_layout.inc": base.emu_params.layout_table_cpp(header.read_text(), structs),
-        f"{kernel.stem}.emu.cpp": base.transformed(kernel),
-    }, families=("moe",))
-
-
-class Emu:
-    def __init__(self, unit):
-        self.lib = ctypes.CDLL(str(build_library(unit)))
-        _, header, structs = UNITS[unit]
-        self.S, self.fields = base.emu_params.ctypes_structs(header.read_text(), structs)
-        self.structs = structs
-        self.lib.emu_params_offset.restype = ctypes.c_longlong
-        self.lib.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        self.lib.emu_params_sizeof.restype = ctypes.c_longlong
-        self.lib.emu_params_sizeof.argtypes = [ctypes.c_char_p]
-
-    def call(self, fn, params):
-        f = getattr(self.lib, fn)
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        err = ctypes.create_string_buffer(4096)
-        if f(ctypes.addressof(params), err, len(err)) != 0:
-            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
-
-
-_LIBS = {}
-
-
+@functools.cache
 def emu(unit):
-    if unit not in _LIBS:
-        _LIBS[unit] = Emu(unit)
-    return _LIBS[unit]
+    """The emulated router or permute library (cached by content hash, see base.build_emulated)."""
+    kernel, header, structs = UNITS[unit]
+    return base.EmuLibrary.build(f"moe_{unit}", EMU / f"driver_moe_{unit}.cpp", [kernel], ("moe",), header=header,
+                                 structs=structs)
 
 
 def moe_api():
@@ -79,12 +49,7 @@ def ipoison(*shape):
 
 @pytest.mark.parametrize("unit", list(UNITS))
 def test_layouts_agree(unit):
-    e = emu(unit)
-    for name in e.structs:
-        st = e.S[name]
-        assert ctypes.sizeof(st) == e.lib.emu_params_sizeof(name.encode()), name
-        for n, _ in e.fields[name]:
-            assert getattr(st, n).offset == e.lib.emu_params_offset(name.encode(), n.encode()), (name, n)
+    emu(unit).check_layouts()
 
 
 def run_router(logits, bias, k, n_group, topk_group, norm, scale):

@@ -9,7 +9,7 @@ import torch
 from nemokernels.moe import grouped_gemm
 
 from conftest import DEVICES
-from helpers import (TOL, assert_close, assert_close_to_magnitude, bad_input_test, mutation_table, nan_like, opcheck,
+from helpers import (assert_close, assert_close_to_magnitude, bad_input_test, mutation_table, opcheck,
                      poison_allocator, rel_err)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

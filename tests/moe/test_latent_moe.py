@@ -12,7 +12,7 @@ from nemokernels.moe import LatentMoE, latent_moe
 from nemokernels.moe import reference as R
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, rel_err
+from helpers import assert_close, rel_err
 
 
 def tiny_config(latent, n_group=1, topk_group=1, mlp_bias=False, norm=True, E=8, k=3):

@@ -12,7 +12,7 @@ from nemokernels.moe import moe_combine, moe_gather, moe_permute_plan
 from nemokernels.moe import reference as R
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_test, mutation_table, opcheck, poison_allocator
+from helpers import assert_close, bad_input_test, mutation_table, opcheck, poison_allocator
 
 ops = torch.ops.nemokernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

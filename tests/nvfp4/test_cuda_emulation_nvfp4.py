@@ -8,60 +8,25 @@ the CPU kernel's bit for bit (both run the numerics.cuh helpers), for every vari
 layout (vector path, strided scalar path, transposed view, partial 16x16 tiles). Outputs and the
 unused part of the partials workspace are poisoned first.
 """
-import ctypes
-import os
-from pathlib import Path
+import functools
 
 import pytest
 import torch
 
 import cuda_emu as base  # build helpers: compiler id, flags, transform, params
 
-EMU = base.EMU
 CSRC = base.CSRC
-KERNEL = Path(os.environ.get("NK_CUDA_EMU_NVFP4_KERNEL", CSRC / "nvfp4" / "quantize_cuda.cu"))
-HEADER = CSRC / "nvfp4" / "quantize.h"
-STRUCTS = ("Nvfp4QuantParams", "Nvfp4DequantParams")
 DT_ENUM = base.DT_ENUM
 MAX_BLOCKS = 3
-DEFINES = [f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"]
 
 
-def build_library():
-    """Path of the emulated quantize library (cached by content hash, see base.build_emulated)."""
-    return base.build_emulated("nvfp4", EMU / "driver_nvfp4.cpp", {
-        "nvfp4_params_layout.inc": base.emu_params.layout_table_cpp(HEADER.read_text(), STRUCTS),
-        "quantize_cuda.emu.cpp": base.transformed(KERNEL),
-    }, families=("nvfp4",), flags=DEFINES)
-
-
-class Nvfp4Emu:
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(str(path))
-        self.S, self.fields = base.emu_params.ctypes_structs(HEADER.read_text(), STRUCTS)
-        L = self.lib
-        for fn in ("emu_nvfp4_quantize_cuda", "emu_nvfp4_dequantize_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        L.emu_params_offset.restype = ctypes.c_longlong
-        L.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        L.emu_params_sizeof.restype = ctypes.c_longlong
-        L.emu_params_sizeof.argtypes = [ctypes.c_char_p]
-        L.emu_nvfp4_blocks_run.restype = ctypes.c_longlong
-
-    def call(self, fn, params):
-        err = ctypes.create_string_buffer(4096)
-        if getattr(self.lib, fn)(ctypes.addressof(params), err, len(err)) != 0:
-            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
-
-
-_LIB = []
-
-
+@functools.cache
 def emu():
-    if not _LIB:
-        _LIB.append(Nvfp4Emu(build_library()))
-    return _LIB[0]
+    """The emulated quantize library (cached by content hash, see base.build_emulated)."""
+    return base.EmuLibrary.build("nvfp4", base.EMU / "driver_nvfp4.cpp", [CSRC / "nvfp4" / "quantize_cuda.cu"],
+                                 ("nvfp4",), header=CSRC / "nvfp4" / "quantize.h",
+                                 structs=("Nvfp4QuantParams", "Nvfp4DequantParams"),
+                                 flags=[f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"])
 
 
 def nvfp4_api():
@@ -117,12 +82,7 @@ def dequantize_emulated(data, scales, gs, dtype):
 
 
 def test_params_layout():
-    E = emu()
-    for name in STRUCTS:
-        S = E.S[name]
-        assert E.lib.emu_params_sizeof(name.encode()) == ctypes.sizeof(S), name
-        for field, _ in E.fields[name]:
-            assert E.lib.emu_params_offset(name.encode(), field.encode()) == getattr(S, field).offset, (name, field)
+    emu().check_layouts()
 
 
 VARIANTS = [

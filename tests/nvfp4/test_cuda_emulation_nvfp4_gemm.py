@@ -8,6 +8,7 @@ block), the M/N/K edge masking and the epilogue are all checked against the floa
 the dequantized operands. Also the sm_100 helpers: the scale swizzle and the bias/convert pass.
 Outputs are NaN-poisoned before every emulated launch."""
 import ctypes
+import functools
 
 import pytest
 import torch
@@ -20,52 +21,25 @@ from nemokernels import nvfp4
 from nemokernels.nvfp4 import NVFP4Tensor
 from nemokernels.nvfp4.reference import gemm_reference
 
-ROOT = _emu_base.ROOT
-EMU = _emu_base.EMU
 CSRC = _emu_base.CSRC
-KERNEL = CSRC / "nvfp4" / "gemm_cuda.cu"
 DT_ENUM = _emu_base.DT_ENUM
 
 
-def build_library():
-    """Path of the emulated NVFP4 GEMM library (cached by content hash, see build_emulated)."""
-    return _emu_base.build_emulated("nvfp4_gemm", EMU / "driver_nvfp4_gemm.cpp",
-                                    {"gemm_cuda.emu.cpp": _emu_base.transformed(KERNEL)}, families=("nvfp4",))
+@functools.cache
+def emu():
+    """The emulated NVFP4 GEMM library (cached by content hash, see build_emulated)."""
+    return _emu_base.EmuLibrary.build("nvfp4_gemm", _emu_base.EMU / "driver_nvfp4_gemm.cpp",
+                                      [CSRC / "nvfp4" / "gemm_cuda.cu"], ("nvfp4",), header=CSRC / "nvfp4" / "gemm.h",
+                                      structs=("Nvfp4GemmParams",))
 
 
-_I64, _P = ctypes.c_int64, ctypes.c_void_p
-_FIELDS = [("M", _I64), ("N", _I64), ("K", _I64), ("a_data", _P), ("a_scales", _P), ("b_data", _P),
-           ("b_scales", _P), ("a_global", _P), ("b_global", _P), ("bias", _P), ("out", _P), ("out_dtype", ctypes.c_int)]
+def Params(**fields):
+    return emu().S["Nvfp4GemmParams"](**fields)
 
 
-class Params(ctypes.Structure):
-    _fields_ = _FIELDS
-
-
-_LIB = []
-
-
-def lib():
-    if not _LIB:
-        L = ctypes.CDLL(str(build_library()))
-        for fn in ("emu_nvfp4_gemm_cuda", "emu_nvfp4_swizzle_scales_cuda", "emu_nvfp4_bias_convert_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-        L.emu_nvfp4_gemm_cuda.argtypes = [_P, ctypes.c_int, _P, ctypes.c_char_p, ctypes.c_int]
-        L.emu_nvfp4_gemm_cuda_splits.restype = ctypes.c_int
-        L.emu_nvfp4_gemm_cuda_splits.argtypes = [_P]
-        L.emu_nvfp4_swizzle_scales_cuda.argtypes = [_P, _P, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_char_p,
-                                                    ctypes.c_int]
-        L.emu_nvfp4_bias_convert_cuda.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
-                                                  ctypes.c_char_p, ctypes.c_int]
-        for fn in ("emu_nvfp4_gemm_sizeof", "emu_nvfp4_gemm_offset", "emu_nvfp4_gemm_blocks_run"):
-            getattr(L, fn).restype = ctypes.c_longlong
-        L.emu_nvfp4_gemm_offset.argtypes = [ctypes.c_char_p]
-        _LIB.append(L)
-    return _LIB[0]
-
-
-def _check_rc(rc, err):
-    assert rc == 0, f"emulated launch failed: {err.value.decode()}"
+def splits_of(p):
+    """The split count the op entry would pick (the emulator reports 132 SMs)."""
+    return emu().value("emu_nvfp4_gemm_cuda_splits", p)
 
 
 def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=None, expect_splits=None):
@@ -80,21 +54,16 @@ def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=No
                b_scales=bsc.data_ptr(), a_global=ag.data_ptr(), b_global=bg.data_ptr(),
                bias=None if b32 is None else b32.data_ptr(), out=out.data_ptr(), out_dtype=DT_ENUM[out_dtype])
     if splits is None:
-        splits = lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p))
+        splits = splits_of(p)
     if expect_splits is not None:
         assert splits == expect_splits
     ws = torch.full((splits * M * N if splits > 1 else 1,), float("nan"))
-    err = ctypes.create_string_buffer(4096)
-    _check_rc(lib().emu_nvfp4_gemm_cuda(ctypes.byref(p), splits, ws.data_ptr() if splits > 1 else None, err,
-                                        len(err)), err)
+    emu().call("emu_nvfp4_gemm_cuda", p, ctypes.c_int(splits), ctypes.c_void_p(ws.data_ptr() if splits > 1 else None))
     return out
 
 
 def test_params_layout():
-    L = lib()
-    assert L.emu_nvfp4_gemm_sizeof() == ctypes.sizeof(Params)
-    for name, _ in _FIELDS:
-        assert L.emu_nvfp4_gemm_offset(name.encode()) == getattr(Params, name).offset, name
+    emu().check_layouts()
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 1, 16), (17, 15, 48), (36, 129, 272), (129, 17, 32), (128, 128, 64),
@@ -120,11 +89,11 @@ def test_split_k(M, N, K, splits, expect):
 
 def test_no_split_when_tiles_fill_the_gpu():
     p = Params(M=4096, N=4096, K=4096)
-    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 1
+    assert splits_of(p) == 1
     p = Params(M=128, N=128, K=256)  # 4 K tiles: not worth splitting
-    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 1
+    assert splits_of(p) == 1
     p = Params(M=128, N=1024, K=4096)  # 8 tiles on 132 SMs, 64 K tiles: 16 splits
-    assert lib().emu_nvfp4_gemm_cuda_splits(ctypes.byref(p)) == 16
+    assert splits_of(p) == 16
 
 
 def test_out_dtypes_bias_codes_and_special_scales():
@@ -160,14 +129,14 @@ def test_swizzle_and_bias_convert_helpers():
         s = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
         size = ((rows + 127) // 128) * 128 * ((cols + 3) // 4) * 4
         dst = torch.full((size,), 0xAB, dtype=torch.uint8)
-        err = ctypes.create_string_buffer(4096)
-        _check_rc(lib().emu_nvfp4_swizzle_scales_cuda(s.data_ptr(), dst.data_ptr(), rows, cols, err, len(err)), err)
+        emu().call("emu_nvfp4_swizzle_scales_cuda", ctypes.c_void_p(s.data_ptr()), ctypes.c_void_p(dst.data_ptr()),
+                   ctypes.c_longlong(rows), ctypes.c_longlong(cols))
         assert torch.equal(dst, nvfp4.swizzle_scales(s.view(torch.float8_e4m3fn)))  # the CPU twin
     acc, bias = torch.randn(7, 13), torch.randn(13)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for bi in (None, bias):
             out = torch.full((7, 13), float("nan"), dtype=dt)
-            err = ctypes.create_string_buffer(4096)
-            _check_rc(lib().emu_nvfp4_bias_convert_cuda(acc.data_ptr(), None if bi is None else bi.data_ptr(),
-                                                        out.data_ptr(), DT_ENUM[dt], 7, 13, err, len(err)), err)
+            emu().call("emu_nvfp4_bias_convert_cuda", ctypes.c_void_p(acc.data_ptr()),
+                       ctypes.c_void_p(None if bi is None else bi.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                       ctypes.c_int(DT_ENUM[dt]), ctypes.c_longlong(7), ctypes.c_longlong(13))
             assert torch.equal(out, (acc + (0 if bi is None else bi)).to(dt))

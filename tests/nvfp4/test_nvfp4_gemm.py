@@ -13,8 +13,7 @@ from nemokernels.nvfp4 import NVFP4Tensor
 from nemokernels.nvfp4.reference import decode_reference, gemm_reference
 
 from conftest import DEVICES
-from helpers import (TOL, assert_close, assert_close_to_product, bad_input_test, mutation_table, opcheck,
-                     poison_allocator, rel_err)
+from helpers import assert_close, assert_close_to_product, bad_input_test, mutation_table, poison_allocator, rel_err
 
 ops = torch.ops.nemokernels
 EDGES = [1, 15, 16, 17, 36, 127, 128, 129]

@@ -9,70 +9,32 @@ seed, bit for bit); the sampling transform's probabilities are compared with the
 (float32 tolerance; the kept sets must be identical).
 """
 import ctypes
-import os
-from pathlib import Path
+import functools
 
 import pytest
 import torch
 
 import cuda_emu as base  # build helpers: compiler id, flags, transform, params
 
-ROOT = base.ROOT
-EMU = base.EMU
-CSRC = base.CSRC
-# NK_CUDA_EMU_SPEC_KERNEL: emulate another copy of the file (mutation checks of this test).
-KERNEL = Path(os.environ.get("NK_CUDA_EMU_SPEC_KERNEL", CSRC / "speculative" / "verify_cuda.cu"))
-HEADER = CSRC / "speculative" / "verify.h"
-STRUCTS = ("SpecArgmaxParams", "SpecGreedyParams", "SpecTreeGreedyParams", "SpecRejectionParams",
-           "SpecTreeRejectionParams", "SpecSamplingParams")
 DT_ENUM = base.DT_ENUM
 POISON_I = -777
 
 
-def build_library():
-    """Path of the emulated spec library (cached by content hash, see base.build_emulated)."""
-    return base.build_emulated("spec", EMU / "driver_speculative.cpp", {
-        "spec_params_layout.inc": base.emu_params.layout_table_cpp(HEADER.read_text(), STRUCTS),
-        "verify_cuda.emu.cpp": base.transformed(KERNEL),
-    }, families=("speculative",))
-
-
-class SpecEmu:
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(str(path))
-        self.S, self.fields = base.emu_params.ctypes_structs(HEADER.read_text(), STRUCTS)
-        L = self.lib
-        for fn in ("emu_spec_verify_greedy_cuda", "emu_spec_verify_tree_greedy_cuda", "emu_spec_rejection_sample_cuda",
-                   "emu_spec_verify_tree_rejection_cuda", "emu_spec_sampling_probs_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        for fn in ("emu_spec_cuda_num_splits", "emu_spec_chunk_len"):
-            getattr(L, fn).restype = ctypes.c_longlong
-            getattr(L, fn).argtypes = [ctypes.c_longlong, ctypes.c_longlong]
-        L.emu_params_offset.restype = ctypes.c_longlong
-        L.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        L.emu_params_sizeof.restype = ctypes.c_longlong
-        L.emu_params_sizeof.argtypes = [ctypes.c_char_p]
-
-    def call(self, fn, params):
-        err = ctypes.create_string_buffer(4096)
-        rc = getattr(self.lib, fn)(ctypes.addressof(params), err, len(err))
-        if rc != 0:
-            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
-
+class SpecEmu(base.EmuLibrary):
     def split(self, rows, vocab):
         """(nsplit, chunk) as the op entry computes them for a CUDA tensor."""
-        chunk = self.lib.emu_spec_chunk_len(vocab, self.lib.emu_spec_cuda_num_splits(rows, vocab))
+        nsplit = self.value("emu_spec_cuda_num_splits", ctypes.c_longlong(rows), ctypes.c_longlong(vocab))
+        chunk = self.value("emu_spec_chunk_len", ctypes.c_longlong(vocab), ctypes.c_longlong(nsplit))
         return (vocab + chunk - 1) // chunk, chunk
 
 
-_LIB = []
-
-
+@functools.cache
 def emu():
-    if not _LIB:
-        _LIB.append(SpecEmu(build_library()))
-    return _LIB[0]
+    """The emulated verification library (cached by content hash, see base.build_emulated)."""
+    return SpecEmu.build("spec", base.EMU / "driver_speculative.cpp", [base.CSRC / "speculative" / "verify_cuda.cu"],
+                         ("speculative",), header=base.CSRC / "speculative" / "verify.h",
+                         structs=("SpecArgmaxParams", "SpecGreedyParams", "SpecTreeGreedyParams", "SpecRejectionParams",
+                                  "SpecTreeRejectionParams", "SpecSamplingParams"))
 
 
 def spec_api():
@@ -124,12 +86,7 @@ def set_argmax(e, a, logits, num_draft, keep):
 # ---- tests ------------------------------------------------------------------------------------
 
 def test_layouts_agree():
-    e = emu()
-    for name in STRUCTS:
-        st = e.S[name]
-        assert ctypes.sizeof(st) == e.lib.emu_params_sizeof(name.encode()), name
-        for n, _ in e.fields[name]:
-            assert getattr(st, n).offset == e.lib.emu_params_offset(name.encode(), n.encode()), (name, n)
+    emu().check_layouts()
 
 
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "contig"), (torch.float16, "sliced"),

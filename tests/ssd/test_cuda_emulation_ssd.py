@@ -9,11 +9,9 @@ The library is built once per content hash of its sources into $NK_CUDA_EMU_BUIL
 <tmp>/nk_cuda_emu); later runs reuse it. Cases marked `slow` are skipped unless NK_CUDA_EMU_SLOW=1.
 """
 import ctypes
+import functools
 import hashlib
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,8 +20,8 @@ import torch
 
 from helpers import TOL, rel_err
 
-from cuda_emu import (CSRC, CXX, DT_ENUM, EMU, FLAGS, ROOT, _compiler_id, _load, build_emulated,  # noqa: F401
-                      emu_params, emu_transform, slow)
+from cuda_emu import (CSRC, DT_ENUM, EMU, ROOT, EmuLibrary, _load, build_emulated, emu_params, emu_transform, slow,
+                      transformed)
 
 KERNELS = {"fwd": CSRC / "ssd" / "ssd_chunk_scan_fwd_cuda.cu", "bwd": CSRC / "ssd" / "ssd_chunk_scan_bwd_cuda.cu"}
 # nemokernels/ssd/reference.py by path (it needs torch only): this test needs neither the
@@ -31,113 +29,8 @@ KERNELS = {"fwd": CSRC / "ssd" / "ssd_chunk_scan_fwd_cuda.cu", "bwd": CSRC / "ss
 ssd_scan_ref = _load("_nk_reference", ROOT / "nemokernels" / "ssd" / "reference.py").ssd_scan_ref
 
 
-def _headers():
-    files = sorted((EMU / "include").glob("*.h")) + [EMU / "emu_api.h", EMU / "params.py", EMU / "transform.py"]
-    for d in (CSRC / "ssd", CSRC / "common"):
-        files += sorted(d.glob("*.h")) + sorted(d.glob("*.cuh"))
-    return files
-
-
-def build_library(target_blocks=None):
-    """Path of the emulator .so (fwd + bwd + mock self-tests); target_blocks sets
-    NK_SSD_BWD_TARGET_BLOCKS. Objects and the library are cached by content hash."""
-    cid = _compiler_id()
-    if cid is None or not sys.platform.startswith("linux"):
-        pytest.skip(f"CUDA emulation needs {CXX} on Linux (ucontext fibers)")
-    base = Path(os.environ.get("NK_CUDA_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "nk_cuda_emu"))
-    base.mkdir(parents=True, exist_ok=True)
-    common = hashlib.sha256((cid + " ".join(FLAGS)).encode())
-    for f in _headers():
-        common.update(f.name.encode())
-        common.update(f.read_bytes())
-    header = (CSRC / "ssd" / "ssd_chunk_scan.h").read_text()
-    gen = {  # generated sources of each unit: name -> text
-        "params_layout.inc": emu_params.layout_table_cpp(header),
-        "ssd_chunk_scan_fwd_cuda.emu.cpp": emu_transform.transform(KERNELS["fwd"].read_text(), str(KERNELS["fwd"]))[0],
-        "ssd_chunk_scan_bwd_cuda.emu.cpp": emu_transform.transform(KERNELS["bwd"].read_text(), str(KERNELS["bwd"]))[0],
-        "selftest.emu.cpp": emu_transform.transform((EMU / "selftest.cpp").read_text(), str(EMU / "selftest.cpp"))[0],
-    }
-    defines_bwd = [] if target_blocks is None else [f"-DNK_SSD_BWD_TARGET_BLOCKS={int(target_blocks)}"]
-    units = {  # object: (main source, generated files it includes, extra flags); biggest first
-        "bwd": (EMU / "driver_bwd.cpp", ["ssd_chunk_scan_bwd_cuda.emu.cpp"], defines_bwd),
-        "fwd": (EMU / "driver_fwd.cpp", ["ssd_chunk_scan_fwd_cuda.emu.cpp", "params_layout.inc"], []),
-        "selftest": (None, ["selftest.emu.cpp"], []),
-    }
-    objs, todo = {}, []
-    for name, (main, deps, extra) in units.items():
-        h = common.copy()
-        h.update(" ".join(extra).encode())
-        if main is not None:
-            h.update(main.read_bytes())
-        for d in deps:
-            h.update(gen[d].encode())
-        obj = base / f"{name}_{h.hexdigest()[:20]}.o"
-        objs[name] = obj
-        if not obj.exists():
-            todo.append((name, main, deps, extra, obj))
-    lib = base / ("libssd_emu_" + hashlib.sha256("".join(o.name for o in objs.values()).encode()).hexdigest()[:20] + ".so")
-    if lib.exists():
-        return lib
-    work = Path(tempfile.mkdtemp(prefix="build_", dir=base))
-    try:
-        for fname, text in gen.items():
-            (work / fname).write_text(text)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{CSRC}", f"-I{work}"]
-        jobs = max(1, int(os.environ.get("NK_CUDA_EMU_JOBS", "2")))
-        running = []
-
-        def finish(entry):
-            name, p, tmp_obj, obj = entry
-            out, _ = p.communicate()
-            assert p.returncode == 0, f"emulator build of {name} failed:\n{out[-8000:]}"
-            os.replace(tmp_obj, obj)  # atomic: concurrent builders race harmlessly
-
-        for name, main, deps, extra, obj in todo:  # at most `jobs` compilers at once
-            if len(running) >= jobs:
-                finish(running.pop(0))
-            src = main if main is not None else work / deps[0]
-            tmp_obj = work / f"{name}.o"
-            cmd = [CXX, *FLAGS, *extra, *inc, "-c", str(src), "-o", str(tmp_obj)]
-            running.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), tmp_obj, obj))
-        while running:
-            finish(running.pop(0))
-        tmp = work / "lib.so"
-        r = subprocess.run([CXX, "-shared", "-pthread", *(str(o) for o in objs.values()), "-o", str(tmp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        os.replace(tmp, lib)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return lib
-
-
-class Emu:
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(str(path))
-        header = (CSRC / "ssd" / "ssd_chunk_scan.h").read_text()
-        self.structs, self.fields = emu_params.ctypes_structs(header)
-        L = self.lib
-        for fn in ("emu_ssd_fwd_cuda", "emu_ssd_states_cuda", "emu_ssd_bwd_cuda"):
-            getattr(L, fn).restype = ctypes.c_int
-            getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        for fn in ("emu_ssd_bwd_cuda_workspace_bytes", "emu_ssd_fwd_cuda_workspace_bytes", "emu_blocks_run",
-                   "emu_ssd_bwd_target_blocks"):
-            getattr(L, fn).restype = ctypes.c_longlong
-        L.emu_ssd_bwd_cuda_workspace_bytes.argtypes = [ctypes.c_void_p]
-        L.emu_ssd_fwd_cuda_workspace_bytes.argtypes = [ctypes.c_void_p]
-        L.emu_params_offset.restype = ctypes.c_longlong
-        L.emu_params_offset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-        L.emu_params_sizeof.restype = ctypes.c_longlong
-        L.emu_params_sizeof.argtypes = [ctypes.c_char_p]
-
-    def call(self, fn, params):
-        err = ctypes.create_string_buffer(4096)
-        rc = getattr(self.lib, fn)(ctypes.addressof(params), err, len(err))
-        if rc != 0:
-            raise RuntimeError(f"{fn}: {err.value.decode(errors='replace')}")
-
-
-_LIBS = {}
+STRUCTS = ("SsdParams", "SsdBwdParams")
+HEADER = CSRC / "ssd" / "ssd_chunk_scan.h"
 # The backward's B3 blocks take hs heads of a group, hs the largest divisor of H/G that keeps
 # NK_SSD_BWD_TARGET_BLOCKS blocks (1024 in production: hs = 1 for every shape small enough to
 # emulate). Target 1 gives hs = H/G, so cases with H > G cover hs > 1 and cases with H == G
@@ -145,10 +38,23 @@ _LIBS = {}
 DEFAULT_TARGET_BLOCKS = 1
 
 
+@functools.cache
 def emu(target_blocks=DEFAULT_TARGET_BLOCKS):
-    if target_blocks not in _LIBS:
-        _LIBS[target_blocks] = Emu(build_library(target_blocks))
-    return _LIBS[target_blocks]
+    """The emulator library (fwd + bwd + mock self-tests, one object each, cached by content
+    hash); target_blocks sets NK_SSD_BWD_TARGET_BLOCKS (None: the kernel file's own)."""
+    gen = {  # generated sources of each unit: name -> text
+        "params_layout.inc": emu_params.layout_table_cpp(HEADER.read_text(), STRUCTS),
+        "ssd_chunk_scan_fwd_cuda.emu.cpp": transformed(KERNELS["fwd"]),
+        "ssd_chunk_scan_bwd_cuda.emu.cpp": transformed(KERNELS["bwd"]),
+        "selftest.emu.cpp": transformed(EMU / "selftest.cpp"),
+    }
+    defines_bwd = [] if target_blocks is None else [f"-DNK_SSD_BWD_TARGET_BLOCKS={int(target_blocks)}"]
+    units = {  # object: (main source, generated files it includes, extra flags); biggest first
+        "bwd": (EMU / "driver_bwd.cpp", ["ssd_chunk_scan_bwd_cuda.emu.cpp"], defines_bwd),
+        "fwd": (EMU / "driver_fwd.cpp", ["ssd_chunk_scan_fwd_cuda.emu.cpp", "params_layout.inc"], []),
+        "selftest": (None, ["selftest.emu.cpp"], []),
+    }
+    return EmuLibrary(build_emulated("ssd", None, gen, ("ssd",), units=units), HEADER, STRUCTS)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -282,7 +188,7 @@ def run_case(t, lib=None, backward=True):
     ref = reference(t, backward)
     f32 = dtype == torch.float32
     # ---- forward (F1-F5)
-    p, inter = fill_params(e.structs["SsdParams"], t, keep)
+    p, inter = fill_params(e.S["SsdParams"], t, keep)
     y = nan(b, L, H, P, dtype=dtype)
     y_pre = nan(b, L, H, P, dtype=dtype) if t["z"] is not None else None
     fin = nan(b, H, P, N)
@@ -293,7 +199,7 @@ def run_case(t, lib=None, backward=True):
         var = nan(nseq, H, P, N)
         keep.append(var)
         p.cu_seqlens, p.nseq, p.varlen_states = t["cu"].data_ptr(), nseq, var.data_ptr()
-    assert e.lib.emu_ssd_fwd_cuda_workspace_bytes(ctypes.addressof(p)) == 0  # the forward takes no workspace
+    assert e.value("emu_ssd_fwd_cuda_workspace_bytes", p) == 0  # the forward takes no workspace
     e.call("emu_ssd_fwd_cuda", p)
     fwd_factor = 5 if f32 else 2
     check(y, ref["y"], dtype, fwd_factor, "y")
@@ -315,9 +221,9 @@ def run_case(t, lib=None, backward=True):
     if not backward:
         return
     # ---- backward (F1-F3 recomputed, B0-B3, reductions)
-    Sb = e.structs["SsdBwdParams"]
+    Sb = e.S["SsdBwdParams"]
     q = Sb()
-    pf, inter = fill_params(e.structs["SsdParams"], t, keep)  # fresh NaN intermediates
+    pf, inter = fill_params(e.S["SsdParams"], t, keep)  # fresh NaN intermediates
     pf.y_pre = ptr(y_pre)
     q.fwd = pf
     dout = t["dout"]
@@ -334,7 +240,7 @@ def run_case(t, lib=None, backward=True):
     bufs["dinit"] = None if t["init"] is None else nan(b, H, P, N)
     for k, v in bufs.items():
         setattr(q, k, ptr(v))
-    ws_bytes = e.lib.emu_ssd_bwd_cuda_workspace_bytes(ctypes.addressof(q))
+    ws_bytes = e.value("emu_ssd_bwd_cuda_workspace_bytes", q)
     ws = torch.full((max(1, ws_bytes) // 4 + 1,), float("nan"))
     q.workspace = ws.data_ptr()
     keep += [dfin, ws, dout] + [v for v in bufs.values() if v is not None]
@@ -352,11 +258,7 @@ def run_case(t, lib=None, backward=True):
 
 def test_params_layout_matches_ctypes():
     """The ctypes mirrors parsed from ssd_chunk_scan.h have the compiler's offsets and sizes."""
-    e = emu()
-    for sname, S in e.structs.items():
-        assert e.lib.emu_params_sizeof(sname.encode()) == ctypes.sizeof(S), sname
-        for fname, _ in e.fields[sname]:
-            assert e.lib.emu_params_offset(sname.encode(), fname.encode()) == getattr(S, fname).offset, f"{sname}.{fname}"
+    emu().check_layouts()
 
 
 def test_transform_rewrites_everything():
@@ -407,14 +309,14 @@ def test_ssd_emulated_slow(name):
 
 
 def test_bwd_head_split_build():
-    assert emu().lib.emu_ssd_bwd_target_blocks() == DEFAULT_TARGET_BLOCKS
+    assert emu().value("emu_ssd_bwd_target_blocks") == DEFAULT_TARGET_BLOCKS
 
 
 @slow
 def test_ssd_emulated_production_target_blocks():
     """The kernel file's own NK_SSD_BWD_TARGET_BLOCKS (hs = 1 at these sizes)."""
     lib = emu(target_blocks=None)
-    assert lib.lib.emu_ssd_bwd_target_blocks() == 1024
+    assert lib.value("emu_ssd_bwd_target_blocks") == 1024
     run_case(make_case(1, 100, 4, 16, 2, 16, 64, torch.bfloat16, seed=9), lib=lib)
 
 

@@ -4,7 +4,7 @@ tests/cuda_emu.py, whose build helpers this reuses), compared bit for bit with t
 kernel (state_update_cpu.cpp runs the same lane decomposition and summation order) through the
 public API on CPU tensors. Outputs and snapshots are NaN-poisoned before the emulated launch.
 """
-import ctypes
+import functools
 
 import pytest
 import torch
@@ -13,64 +13,24 @@ import cuda_emu as _emu_base
 
 nemokernels = pytest.importorskip("nemokernels")
 
-ROOT = _emu_base.ROOT
-EMU = _emu_base.EMU
-CSRC = _emu_base.CSRC
-KERNEL = CSRC / "ssd" / "state_update_cuda.cu"
+KERNEL = _emu_base.CSRC / "ssd" / "state_update_cuda.cu"
 DT_ENUM = _emu_base.DT_ENUM
 
 
-def build_state_library():
-    """Path of the emulated state-update library (cached by content hash, see build_emulated)."""
-    return _emu_base.build_emulated("state", EMU / "driver_state.cpp",
-                                    {"state_update_cuda.emu.cpp": _emu_base.transformed(KERNEL)}, families=("ssd",))
-
-
-class SsuArg(ctypes.Structure):
-    _fields_ = [("ptr", ctypes.c_void_p), ("dtype", ctypes.c_int), ("s", ctypes.c_int64 * 5)]
-
-
-_I64 = ctypes.c_int64
-_FIELDS = [
-    ("batch", _I64), ("seqlen", _I64), ("nheads", _I64), ("dim", _I64), ("dstate", _I64),
-    ("heads_per_group", _I64), ("state_rows", _I64), ("dt_softplus", ctypes.c_bool), ("state_dtype", ctypes.c_int),
-    ("state", ctypes.c_void_p), ("st_s", _I64 * 4),
-    ("x", SsuArg), ("dt", SsuArg), ("z", SsuArg), ("B", SsuArg), ("C", SsuArg), ("A", SsuArg), ("D", SsuArg),
-    ("dt_bias", SsuArg), ("state_indices", ctypes.c_void_p), ("in_place", ctypes.c_bool), ("snap", ctypes.c_void_p),
-    ("snap_s", _I64 * 5), ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int), ("out_s", _I64 * 4),
-    ("head_decay", ctypes.c_bool),
-]
-
-
-class SsuParams(ctypes.Structure):
-    _fields_ = _FIELDS
-
-
-_LIB = []
-
-
-def lib():
-    if not _LIB:
-        L = ctypes.CDLL(str(build_state_library()))
-        L.emu_ssu_cuda.restype = ctypes.c_int
-        L.emu_ssu_cuda.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        for fn in ("emu_ssu_sizeof", "emu_ssu_arg_sizeof", "emu_ssu_offset", "emu_ssu_blocks_run"):
-            getattr(L, fn).restype = ctypes.c_longlong
-        L.emu_ssu_offset.argtypes = [ctypes.c_char_p]
-        _LIB.append(L)
-    return _LIB[0]
+@functools.cache
+def emu():
+    """The emulated state-update library (cached by content hash, see build_emulated)."""
+    return _emu_base.EmuLibrary.build("state", _emu_base.EMU / "driver_state.cpp", [KERNEL], ("ssd",),
+                                      header=_emu_base.CSRC / "ssd" / "state_update.h",
+                                      structs=("SsuArg", "SsuParams"))
 
 
 def test_params_layout():
-    L = lib()
-    assert L.emu_ssu_sizeof() == ctypes.sizeof(SsuParams)
-    assert L.emu_ssu_arg_sizeof() == ctypes.sizeof(SsuArg)
-    for name, _ in _FIELDS:
-        assert L.emu_ssu_offset(name.encode()) == getattr(SsuParams, name).offset, name
+    emu().check_layouts()
 
 
 def _arg(t, dims):
-    a = SsuArg()
+    a = emu().S["SsuArg"]()
     a.ptr = t.data_ptr()
     a.dtype = DT_ENUM[t.dtype]
     for k, d in enumerate(dims):
@@ -89,7 +49,7 @@ def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, mul
     T = x.shape[1] if multi else 1
     G = B.shape[-2]
     out = torch.full(x.shape, float("nan"), dtype=x.dtype)
-    p = SsuParams()
+    p = emu().S["SsuParams"]()
     p.batch, p.seqlen, p.nheads, p.dim, p.dstate = b, T, H, P, N
     p.heads_per_group, p.state_rows, p.dt_softplus = H // G, state.shape[0], softplus
     p.state_dtype = DT_ENUM[state.dtype]
@@ -121,9 +81,7 @@ def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, mul
         p.out_s[k] = a.s[k]
     p.head_decay = (_const_over(dt, x.dim() - 1) and (dt_bias is None or _const_over(dt_bias, 1))
                     and _const_over(A, 1) and _const_over(A, 2))
-    err = ctypes.create_string_buffer(4096)
-    if lib().emu_ssu_cuda(ctypes.addressof(p), err, len(err)) != 0:
-        raise RuntimeError(f"emu_ssu_cuda: {err.value.decode(errors='replace')}")
+    emu().call("emu_ssu_cuda", p)
     return out
 
 

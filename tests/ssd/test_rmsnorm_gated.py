@@ -10,7 +10,7 @@ import nemokernels
 from nemokernels.ssd.reference import rmsnorm_gated_ref
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator, rel_err
+from helpers import assert_close, bad_input_test, opcheck, poison_allocator, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # gate mode: no z / z with norm_before_gate=False (gate first, the default) / True (gate last)

@@ -4,13 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import nemokernels
 from nemokernels.ssd.reference import ssd_scan_ref, varlen_from_cu_seqlens
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator, rel_err
+from helpers import assert_close, bad_input_test, opcheck, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 scan = nemokernels.mamba_chunk_scan_combined
@@ -61,6 +60,14 @@ def call(inp, Q, **kw):
 
 def grads_of(inp):
     return {k: v.grad for k, v in inp.items() if torch.is_tensor(v) and v.requires_grad}
+
+
+def requires_grad(inp):
+    """Every input make_inputs gave records its gradient (in place; returns inp)."""
+    for v in inp.values():
+        if v is not None:
+            v.requires_grad_(True)
+    return inp
 
 
 # ---------------------------------------------------------------- forward
@@ -135,10 +142,7 @@ def test_empty_inputs(device):
 
 
 def check_backward(device, dtype, b, L, H, P, G, N, Q, opts, factor, seq_idx=None, **kw):
-    inp = make_inputs(b, L, H, P, G, N, dtype, device, **opts)
-    for k, v in inp.items():
-        if v is not None:
-            v.requires_grad_(True)
+    inp = requires_grad(make_inputs(b, L, H, P, G, N, dtype, device, **opts))
     poison_allocator(device)
     y, fin = call(inp, Q, seq_idx=seq_idx, return_final_states=True, **kw)
     gy = torch.randn_like(y)[..., :].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous dout
@@ -177,10 +181,7 @@ def test_backward_packed_sequences(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradient_through_final_states_only(device):
     Q = chunk_for(device, 8)
-    inp = make_inputs(1, 2 * Q + 1, 2, 8, 1, 8, torch.float32, device, init=True)
-    for v in inp.values():
-        if v is not None:
-            v.requires_grad_(True)
+    inp = requires_grad(make_inputs(1, 2 * Q + 1, 2, 8, 1, 8, torch.float32, device, init=True))
     _, fin = call(inp, Q, dt_softplus=True, return_final_states=True)
     fin.sum().backward()
     d, (_, fr) = ref64(inp, dt_softplus=True, return_final_states=True)
@@ -223,10 +224,7 @@ def test_deep_stack_gradients_are_finite(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_deterministic(device):
     Q = chunk_for(device, 16)
-    inp = make_inputs(2, 3 * Q + 2, 8, 16, 2, 16, torch.bfloat16, device, init=True)
-    for v in inp.values():
-        if v is not None:
-            v.requires_grad_(True)
+    inp = requires_grad(make_inputs(2, 3 * Q + 2, 8, 16, 2, 16, torch.bfloat16, device, init=True))
     dout = torch.randn(2, 3 * Q + 2, 8, 16, device=device, dtype=torch.bfloat16)
     runs = []
     for _ in range(2):
@@ -356,9 +354,7 @@ def test_every_cuda_kernel_small(dtype):
     for Q in (64, 128, 256):
         L = Q + 3
         cu = torch.tensor([0, 2, Q + 1, L], dtype=torch.int32, device="cuda")
-        inp = make_inputs(1, L, 4, 16, 2, 24, dtype, "cuda", D="headdim", init=True)
-        for v in inp.values():
-            v.requires_grad_(True)
+        inp = requires_grad(make_inputs(1, L, 4, 16, 2, 24, dtype, "cuda", D="headdim", init=True))
         y, fin, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_final_states=True,
                            return_varlen_states=True)
         gy = torch.randn_like(y)

@@ -8,7 +8,7 @@ from nemokernels.ssd.reference import (selective_state_update_multi_ref, selecti
                                        ssd_scan_ref)
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator, rel_err
+from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (state dtype, input dtype): float32 states with every input dtype, and 16-bit states.

@@ -5,9 +5,7 @@
 #include "emu_api.h"
 #include "ssd_chunk_scan_bwd_cuda.emu.cpp"
 
-EMU_EXPORT int emu_ssd_bwd_cuda(const nk::SsdBwdParams* q, char* err, int errlen) {
-  return emu::guarded([&] { nk::ssd_bwd_cuda(*q, nullptr); }, err, errlen);
-}
+EMU_ENTRY(emu_ssd_bwd_cuda, SsdBwdParams, ssd_bwd_cuda)
 EMU_EXPORT long long emu_ssd_bwd_cuda_workspace_bytes(const nk::SsdBwdParams* q) { return nk::ssd_bwd_cuda_workspace_bytes(*q); }
 #ifdef NK_SSD_BWD_TARGET_BLOCKS
 EMU_EXPORT long long emu_ssd_bwd_target_blocks() { return NK_SSD_BWD_TARGET_BLOCKS; }

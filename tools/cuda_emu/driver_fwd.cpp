@@ -5,12 +5,7 @@
 
 #include "params_layout.inc"  // offsetof table of SsdParams / SsdBwdParams (generated)
 
-EMU_EXPORT int emu_ssd_fwd_cuda(const nk::SsdParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::ssd_fwd_cuda(*p, nullptr); }, err, errlen);
-}
-EMU_EXPORT int emu_ssd_states_cuda(const nk::SsdParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::ssd_states_cuda(*p, nullptr); }, err, errlen);
-}
+EMU_ENTRY(emu_ssd_fwd_cuda, SsdParams, ssd_fwd_cuda)
+EMU_ENTRY(emu_ssd_states_cuda, SsdParams, ssd_states_cuda)
 EMU_EXPORT long long emu_ssd_fwd_cuda_workspace_bytes(const nk::SsdParams* p) { return nk::ssd_fwd_cuda_workspace_bytes(*p); }
-EMU_EXPORT long long emu_blocks_run() { return emu::blocks_run; }
-EMU_EXPORT long long emu_launches() { return emu::launches; }
+EMU_COUNTERS

@@ -3,20 +3,10 @@
 #include "emu_api.h"
 #include "permute_cuda.emu.cpp"
 
-#include "moe_permute_layout.inc"  // offsetof table of the permute.h parameter structs (generated)
+#include "params_layout.inc"  // offsetof table of the permute.h parameter structs (generated)
 
-EMU_EXPORT int emu_moe_permute_plan_cuda(const nk::PermutePlanParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_permute_plan_cuda(*p, nullptr); }, err, errlen);
-}
-EMU_EXPORT int emu_moe_gather_cuda(const nk::GatherParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_gather_cuda(*p, nullptr); }, err, errlen);
-}
-EMU_EXPORT int emu_moe_gather_bwd_cuda(const nk::GatherBwdParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_gather_bwd_cuda(*p, nullptr); }, err, errlen);
-}
-EMU_EXPORT int emu_moe_combine_cuda(const nk::CombineParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_combine_cuda(*p, nullptr); }, err, errlen);
-}
-EMU_EXPORT int emu_moe_combine_bwd_cuda(const nk::CombineBwdParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_combine_bwd_cuda(*p, nullptr); }, err, errlen);
-}
+EMU_ENTRY(emu_moe_permute_plan_cuda, PermutePlanParams, moe_permute_plan_cuda)
+EMU_ENTRY(emu_moe_gather_cuda, GatherParams, moe_gather_cuda)
+EMU_ENTRY(emu_moe_gather_bwd_cuda, GatherBwdParams, moe_gather_bwd_cuda)
+EMU_ENTRY(emu_moe_combine_cuda, CombineParams, moe_combine_cuda)
+EMU_ENTRY(emu_moe_combine_bwd_cuda, CombineBwdParams, moe_combine_bwd_cuda)

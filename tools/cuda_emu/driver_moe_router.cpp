@@ -3,11 +3,7 @@
 #include "emu_api.h"
 #include "router_cuda.emu.cpp"
 
-#include "moe_router_layout.inc"  // offsetof table of the Router*Params structs (generated)
+#include "params_layout.inc"  // offsetof table of the Router*Params structs (generated)
 
-EMU_EXPORT int emu_moe_router_cuda(const nk::RouterParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_router_cuda(*p, nullptr); }, err, errlen);
-}
-EMU_EXPORT int emu_moe_router_bwd_cuda(const nk::RouterBwdParams* p, char* err, int errlen) {
-  return emu::guarded([&] { nk::moe_router_bwd_cuda(*p, nullptr); }, err, errlen);
-}
+EMU_ENTRY(emu_moe_router_cuda, RouterParams, moe_router_cuda)
+EMU_ENTRY(emu_moe_router_bwd_cuda, RouterBwdParams, moe_router_bwd_cuda)

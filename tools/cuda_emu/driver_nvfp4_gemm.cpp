@@ -1,20 +1,18 @@
 // C ABI of the emulated portable NVFP4 GEMM (csrc/nvfp4/gemm_cuda.cu, rewritten by transform.py
 // into gemm_cuda.emu.cpp in the build directory; its PTX pieces have C++ twins under
 // EMU_HAVE_INT_ATOMICS, mma.sync with the real fragment layout), for
-// tests/nvfp4/test_cuda_emulation_nvfp4_gemm.py. The test mirrors nk::Nvfp4GemmParams in ctypes and
-// checks every offset against emu_nvfp4_gemm_offset / emu_nvfp4_gemm_sizeof.
+// tests/nvfp4/test_cuda_emulation_nvfp4_gemm.py.
 #include "emu_api.h"
 #include "gemm_cuda.emu.cpp"
 
-#include <cstddef>
-#include <cstring>
+#include "params_layout.inc"  // offsetof table of Nvfp4GemmParams (generated)
 
 EMU_EXPORT int emu_nvfp4_gemm_cuda(const nk::Nvfp4GemmParams* p, int splits, float* workspace, char* err,
                                    int errlen) {
   return emu::guarded([&] { nk::nvfp4_gemm_cuda(*p, splits, workspace, nullptr); }, err, errlen);
 }
 // The split count the op entry would pick (the emulator reports 132 SMs).
-EMU_EXPORT int emu_nvfp4_gemm_cuda_splits(const nk::Nvfp4GemmParams* p) { return nk::nvfp4_gemm_cuda_splits(*p); }
+EMU_EXPORT long long emu_nvfp4_gemm_cuda_splits(const nk::Nvfp4GemmParams* p) { return nk::nvfp4_gemm_cuda_splits(*p); }
 EMU_EXPORT int emu_nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, long long rows, long long cols,
                                              char* err, int errlen) {
   return emu::guarded([&] { nk::nvfp4_swizzle_scales_cuda(src, dst, rows, cols, nullptr); }, err, errlen);
@@ -25,12 +23,4 @@ EMU_EXPORT int emu_nvfp4_bias_convert_cuda(const float* acc, const float* bias, 
       [&] { nk::nvfp4_bias_convert_cuda(acc, bias, out, static_cast<nk::DType>(out_dtype), M, N, nullptr); }, err,
       errlen);
 }
-EMU_EXPORT long long emu_nvfp4_gemm_sizeof() { return (long long)sizeof(nk::Nvfp4GemmParams); }
-EMU_EXPORT long long emu_nvfp4_gemm_offset(const char* f) {
-#define EMU_F(name) if (!std::strcmp(f, #name)) return (long long)offsetof(nk::Nvfp4GemmParams, name);
-  EMU_F(M) EMU_F(N) EMU_F(K) EMU_F(a_data) EMU_F(a_scales) EMU_F(b_data) EMU_F(b_scales) EMU_F(a_global)
-  EMU_F(b_global) EMU_F(bias) EMU_F(out) EMU_F(out_dtype)
-#undef EMU_F
-  return -1;
-}
-EMU_EXPORT long long emu_nvfp4_gemm_blocks_run() { return emu::blocks_run; }
+EMU_COUNTERS

@@ -29,3 +29,15 @@ int guarded(F&& f, char* err, int errlen) {
   return 1;
 }
 }  // namespace emu
+
+// `int NAME(const nk::PARAMS* p, char* err, int errlen)`: the kernel entry nk::FN(*p, nullptr
+// stream) run under emu::guarded (0, or 1 with the error text).
+#define EMU_ENTRY(NAME, PARAMS, FN)                                     \
+  EMU_EXPORT int NAME(const nk::PARAMS* p, char* err, int errlen) {     \
+    return emu::guarded([&] { nk::FN(*p, nullptr); }, err, errlen);     \
+  }
+
+// The scheduler's counters; one translation unit of each library states them.
+#define EMU_COUNTERS                                                    \
+  EMU_EXPORT long long emu_blocks_run() { return emu::blocks_run; }     \
+  EMU_EXPORT long long emu_launches() { return emu::launches; }

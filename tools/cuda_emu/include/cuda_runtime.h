@@ -61,6 +61,11 @@ inline cudaError_t last_error = cudaSuccess;
 inline std::string last_error_msg;
 inline long long blocks_run = 0, launches = 0;
 inline int compute_capability_major = 9;  // what cudaDevAttrComputeCapabilityMajor reports (drivers may change it)
+#ifndef EMU_SM_COUNT
+#define EMU_SM_COUNT 132  // an H100/H200; a library built with fewer makes grids sized per SM loop more
+#endif
+constexpr int kSmCount = EMU_SM_COUNT;
+constexpr int kMaxThreadsPerSm = 2048, kMaxBlocksPerSm = 32;  // sm_90 / sm_100
 inline std::vector<std::pair<const void*, int>> func_max_smem;  // cudaFuncSetAttribute records
 inline cudaError_t set_error(cudaError_t e, std::string msg) {
   if (last_error == cudaSuccess) { last_error = e; last_error_msg = std::move(msg); }
@@ -85,19 +90,11 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   switch (a) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = static_cast<int>(emu::kMaxOptinSmem); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = static_cast<int>(emu::kDefaultSmem); return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *v = emu::kSmCount; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *v = emu::compute_capability_major; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
   }
   return emu::set_error(cudaErrorInvalidValue, "emu: cudaDeviceGetAttribute: attribute not emulated");
-}
-// A fixed, plausible answer (the kernels only use it to size their grids); 0 threads is an error.
-template <class F>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F*, int block_threads, size_t) {
-  if (block_threads <= 0 || block_threads > 1024)
-    return emu::set_error(cudaErrorInvalidValue, "emu: occupancy query with " + std::to_string(block_threads) + " threads");
-  *n = block_threads <= 256 ? 4 : 2;
-  return cudaSuccess;
 }
 template <class F>
 cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
@@ -107,6 +104,15 @@ cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
   for (auto& e : emu::func_max_smem)
     if (e.first == reinterpret_cast<const void*>(f)) { e.second = v; return cudaSuccess; }
   emu::func_max_smem.emplace_back(reinterpret_cast<const void*>(f), v);
+  return cudaSuccess;
+}
+// Resident blocks per SM by the thread and block limits only (registers and shared memory are
+// not modelled): what a kernel under its __launch_bounds__ gets at most.
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F*, int block_threads, size_t) {
+  if (block_threads <= 0 || block_threads > 1024)
+    return emu::set_error(cudaErrorInvalidValue, "emu: occupancy query for " + std::to_string(block_threads) + " threads");
+  *n = std::min(emu::kMaxBlocksPerSm, emu::kMaxThreadsPerSm / block_threads);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) { std::memset(p, v, n); return cudaSuccess; }
