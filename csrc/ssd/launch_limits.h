@@ -122,16 +122,14 @@ inline LaunchGrid conv1d_update_grid(int64_t batch, int64_t dim) {
 
 // ---- mamba_chunk_scan_combined (ssd_chunk_scan_{fwd,bwd}_cuda.cu) -----------------------------
 
-constexpr int kSsdTile = 64;          // P, N, positions per block tile (F2, F4, F5, B1, B3)
-constexpr int kSsdCumsumHeads = 32;   // F1 heads per block
-constexpr int kSsdPassThreads = 256;  // F3 state elements per block
+constexpr int kSsdTile = 64;          // P, N, positions per block tile (H1, F4, F5, B1, B3)
 constexpr int kSsdSpChunk = 1024;     // B2 state elements per block
 constexpr const char* kSsdAdvice =
     "split the batch, or the sequence (passing final_states on as initial_states), into smaller calls";
 
-// Blocks of every forward kernel (F1-F5). Throws when one exceeds CUDA's grid limits.
+// Blocks of every forward kernel (H1 = F1-F3, F4, F5). Throws when one exceeds CUDA's grid limits.
 struct SsdFwdGrids {
-  LaunchGrid cumsum, state, passing, scan, varlen;
+  LaunchGrid chain, scan, varlen;
 };
 
 inline SsdFwdGrids ssd_fwd_grids(int64_t batch, int64_t nchunks, int64_t nheads, int64_t headdim, int64_t dstate,
@@ -139,11 +137,7 @@ inline SsdFwdGrids ssd_fwd_grids(int64_t batch, int64_t nchunks, int64_t nheads,
   const char* op = "mamba_chunk_scan_combined";
   const int64_t tiles = ceil_div64(headdim, kSsdTile) * ceil_div64(dstate, kSsdTile);
   SsdFwdGrids g;
-  g.cumsum = checked_grid(op, "chunk_cumsum", {batch * nchunks, ceil_div64(nheads, kSsdCumsumHeads)}, kSsdAdvice,
-                          "nheads is grid.y / 32: use at most 2097120 heads per call");
-  g.state = checked_grid(op, "chunk_state", {batch * nchunks * nheads * tiles}, kSsdAdvice);
-  g.passing = checked_grid(op, "state_passing", {batch * nheads * ceil_div64(headdim * dstate, kSsdPassThreads)},
-                           kSsdAdvice);
+  g.chain = checked_grid(op, "state_chain", {batch * nchunks * nheads * tiles}, kSsdAdvice);
   g.scan = checked_grid(op, "chunk_scan", {batch * nchunks * nheads * (chunk_size / kSsdTile)}, kSsdAdvice);
   g.varlen = checked_grid(op, "varlen_states", {std::max<int64_t>(nseq, 1) * nheads * tiles},
                           "split the packed sequences into calls of fewer sequences");

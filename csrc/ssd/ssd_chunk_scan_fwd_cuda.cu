@@ -1,5 +1,5 @@
 // CUDA forward of the Mamba-2 SSD chunk scan (mamba_chunk_scan_combined): stages F1-F5 of
-// ssd_chunk_scan.h, which spells out the math and the layouts of every tensor.
+// ssd_chunk_scan.h (math and layouts), F1-F3 fused into one chained kernel (H1), then F4, F5.
 // Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_fwd_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,11 +34,7 @@ struct Vec {
 };
 
 // Compile-time tile choices.
-struct CumsumTraits {
-  static constexpr int kThreads = 256;
-  static constexpr int kHeads = 32;  // heads per block (one scanning thread each)
-};
-struct StateTraits {  // F2 / F5
+struct StateTraits {  // H1 / F5
   static constexpr int kThreads = 128;
   static constexpr int kBP = 64;  // P rows per block (4 warps x 16)
   static constexpr int kBN = 64;  // N columns per block (4 wmma column blocks per warp)
@@ -74,52 +70,7 @@ NK_DEVICE int32_t sid_prev_of(const SsdParams& p, int64_t b, int64_t c, int Q) {
   return c > 0 ? sid_at(p, b, c * Q - 1) : 0;
 }
 
-// ------------------------------------------------------------------ F1 chunk_cumsum
-template <int Q>
-__global__ void __launch_bounds__(CumsumTraits::kThreads) chunk_cumsum_kernel(const SsdParams p) {
-  constexpr int kT = CumsumTraits::kThreads, kH = CumsumTraits::kHeads;
-  __shared__ float v_s[kH][Q + 1];  // +1: the per-head scan reads column i of 32 rows
-  const int64_t nc = p.nchunks, H = p.nheads;
-  const int64_t b = blockIdx.x / nc, c = blockIdx.x % nc;
-  const int64_t h0 = static_cast<int64_t>(blockIdx.y) * kH;
-  const int tid = threadIdx.x;
-
-  // heads fastest: consecutive threads read consecutive dt entries of one position
-  for (int e = tid; e < Q * kH; e += kT) {
-    const int i = e / kH, hh = e % kH;
-    const int64_t h = h0 + hh, t = c * Q + i;
-    float v = 0.f;  // padding: dt' = 0
-    if (h < H && t < p.seqlen) {
-      const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
-      v = ssd_dt(p.dt[(b * p.seqlen + t) * H + h], bias, p.dt_softplus, p.dt_min, p.dt_max);
-    }
-    v_s[hh][i] = v;
-  }
-  __syncthreads();
-  for (int e = tid; e < kH * Q; e += kT) {
-    const int hh = e / Q, i = e % Q;
-    const int64_t h = h0 + hh;
-    if (h < H) p.dtp[((b * H + h) * nc + c) * Q + i] = v_s[hh][i];
-  }
-  __syncthreads();
-  if (tid < kH && h0 + tid < H) {
-    const float a = p.A[h0 + tid];
-    float acc = 0.f;
-#pragma unroll 16
-    for (int i = 0; i < Q; ++i) {
-      acc = fmaf(v_s[tid][i], a, acc);
-      v_s[tid][i] = acc;
-    }
-  }
-  __syncthreads();
-  for (int e = tid; e < kH * Q; e += kT) {
-    const int hh = e / Q, i = e % Q;
-    const int64_t h = h0 + hh;
-    if (h < H) p.cs[((b * H + h) * nc + c) * Q + i] = v_s[hh][i];
-  }
-}
-
-// ------------------------------------------------------------------ F2 / F5 state tile
+// ------------------------------------------------------------------ H1 / F5 state tile
 template <typename T>
 struct StateSmem {
   static constexpr int kLdX = StateTraits::kBP + kSmemPad<T>;  // XW[j][p]
@@ -134,12 +85,13 @@ struct StateSmem {
 
 // acc[p][n] = sum_{jlo <= j <= jhi} w_j x_j[p0 + p] B_j[n0 + n] over the positions j of chunk
 // c (head h, batch row b), w_j = exp(cs_jhi - cs_j) dt'_j, times [sid_j == sid_jhi] when
-// use_sid. Returns the float result tile in shared memory (ld StateTraits::kLdF), complete
+// use_sid; cs and dtp are the chunk's Q values (shared or global memory). Returns the float result tile in shared memory (ld StateTraits::kLdF), complete
 // for rows < min(64, P - p0) and columns < min(64, N - n0) once every thread is back (the
 // function ends with __syncthreads). All threads of the block must call it.
 template <typename T, int Q>
 NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b, int64_t c, int64_t h, int jlo,
-                                  int jhi, bool use_sid, int p0, int n0, unsigned char* smem) {
+                                  int jhi, bool use_sid, int p0, int n0, const float* cs, const float* dtp,
+                                  unsigned char* smem) {
   using S = StateSmem<T>;
   constexpr int kT = StateTraits::kThreads, kBJ = StateTraits::kBJ;
   float* w_s = reinterpret_cast<float*>(smem);
@@ -149,15 +101,14 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
-  const int64_t H = p.nheads, nc = p.nchunks;
+  const int64_t H = p.nheads;
   const int64_t g = h / (H / p.ngroups);
   const int64_t t0 = c * Q;
   const int valid = static_cast<int>(p.seqlen - t0 < Q ? p.seqlen - t0 : Q);
   const int pv = P - p0 < StateTraits::kBP ? P - p0 : StateTraits::kBP;
   const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
   const int pv16 = round_up16(pv), nv16 = round_up16(nv);
-  const int64_t ci = ((b * H + h) * nc + c) * Q;
-  const float cs_last = p.cs[ci + jhi];
+  const float cs_last = cs[jhi];
   const int32_t sid_last = use_sid ? sid_at(p, b, t0 + jhi) : 0;
 
   WarpTile<T, StateTraits::kBN / 16> acc;
@@ -168,7 +119,7 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
       const int j = j0 + tid;
       float w = 0.f;
       if (j >= jlo && j <= jhi && j < valid && (!use_sid || sid_at(p, b, t0 + j) == sid_last))
-        w = expf(cs_last - p.cs[ci + j]) * p.dtp[ci + j];
+        w = expf(cs_last - cs[j]) * dtp[j];
       w_s[tid] = w;
     }
     __syncthreads();
@@ -187,59 +138,104 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
   return Fs;
 }
 
-template <typename T, int Q>
-__global__ void __launch_bounds__(StateTraits::kThreads) chunk_state_kernel(const SsdParams p, const Vec vec) {
-  __shared__ __align__(128) unsigned char smem[StateSmem<T>::kBytes];
-  const int64_t npt = (p.headdim + StateTraits::kBP - 1) / StateTraits::kBP;
-  const int64_t nnt = (p.dstate + StateTraits::kBN - 1) / StateTraits::kBN;
-  int64_t bid = blockIdx.x;
-  const int nt = static_cast<int>(bid % nnt); bid /= nnt;
-  const int pt = static_cast<int>(bid % npt); bid /= npt;
-  const int64_t h = bid % p.nheads; bid /= p.nheads;
-  const int64_t c = bid % p.nchunks;
-  const int64_t b = bid / p.nchunks;
-  const int p0 = pt * StateTraits::kBP, n0 = nt * StateTraits::kBN;
-
-  const float* Fs = chunk_state_tile<T, Q>(p, vec, b, c, h, 0, Q - 1, true, p0, n0, smem);
-
-  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
-  const int pv = P - p0 < StateTraits::kBP ? P - p0 : StateTraits::kBP;
-  const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
-  float* out = p.states + ((b * p.nchunks + c) * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
-  for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
-    const int r = e / StateTraits::kBN, k = e % StateTraits::kBN;
-    if (r < pv && k < nv) out[static_cast<int64_t>(r) * N + k] = Fs[r * StateTraits::kLdF + k];
-  }
+// ------------------------------------------------------------------ H1 state_chain (F1-F3)
+// p.workspace: a ticket counter, then one progress counter per chain (b, h, P tile, N tile);
+// zeroed before each launch.
+NK_HD int64_t chain_count(const SsdParams& p) {
+  return p.batch * p.nheads * ((p.headdim + StateTraits::kBP - 1) / StateTraits::kBP) *
+         ((p.dstate + StateTraits::kBN - 1) / StateTraits::kBN);
 }
+int64_t chain_workspace_bytes(const SsdParams& p) { return (1 + chain_count(p)) * int64_t{sizeof(unsigned)}; }
 
-// ------------------------------------------------------------------ F3 state_passing
-constexpr int kPassThreads = 256;
+// One block per (chunk c, b, h, 64x64 state tile), in ticket order (chunk slowest): F1 for its
+// chunk and head, its F2 tile S_c, then the F3 step of its chain once block c-1 of the chain
+// has published in_c: in_(c+1) = carry_c in_c + S_c (fmaf, the CPU's order). A block only
+// waits on a lower ticket, i.e. a block already running: no deadlock whatever the hardware's
+// block order. The chain's tiles pass through L2 (in_c is read back with __ldcg).
+template <typename T, int Q>
+__global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(const SsdParams p, const Vec vec) {
+  constexpr int kT = StateTraits::kThreads, kBP = StateTraits::kBP, kBN = StateTraits::kBN;
+  __shared__ __align__(128) unsigned char smem[StateSmem<T>::kBytes];
+  __shared__ float cs_s[Q], dtp_s[Q];
+  __shared__ unsigned ticket_s;
+  unsigned* const ticket_counter = static_cast<unsigned*>(p.workspace);
+  unsigned* const chain_done = ticket_counter + 1;
+  const int tid = threadIdx.x;
+  if (tid == 0) ticket_s = atomicAdd(ticket_counter, 1u);
+  __syncthreads();
 
-__global__ void __launch_bounds__(kPassThreads) state_passing_kernel(const SsdParams p) {
-  const int64_t PN = p.headdim * p.dstate, H = p.nheads, nc = p.nchunks;
-  const int Q = static_cast<int>(p.chunk_size);
-  const int64_t nsl = (PN + kPassThreads - 1) / kPassThreads;
-  const int64_t sl = blockIdx.x % nsl, bh = blockIdx.x / nsl;
-  const int64_t h = bh % H, b = bh / H;
-  const int64_t e = sl * kPassThreads + threadIdx.x;
-  if (e >= PN) return;  // no barriers below
+  const int64_t npt = (p.headdim + kBP - 1) / kBP, nnt = (p.dstate + kBN - 1) / kBN;
+  const int64_t H = p.nheads, nc = p.nchunks, chains = chain_count(p);
+  const int64_t ticket = ticket_s, c = ticket / chains, chain = ticket % chains;
+  int64_t rest = chain;
+  const int nt = static_cast<int>(rest % nnt); rest /= nnt;
+  const int pt = static_cast<int>(rest % npt); rest /= npt;
+  const int64_t h = rest % H, b = rest / H;
+  const int p0 = pt * kBP, n0 = nt * kBN;
+  const int64_t t0 = c * Q;
 
-  float hv = p.init != nullptr ? p.init[(b * H + h) * PN + e] : 0.f;
-  const int64_t cstride = H * PN;
-  float* sp = p.states + (b * nc * H + h) * PN + e;
-  const float* csp = p.cs + (b * H + h) * nc * Q + (Q - 1);
-  int32_t sid_prev = 0;
-  float s_next = sp[0];
-  for (int64_t c = 0; c < nc; ++c) {
-    const float s = s_next;
-    if (c + 1 < nc) s_next = sp[(c + 1) * cstride];  // in flight during this step's math
-    const int32_t sid_last = sid_at(p, b, (c + 1) * Q - 1);
-    const float carry = sid_last == sid_prev ? expf(csp[c * Q]) : 0.f;
-    sp[c * cstride] = hv;  // in_c: the state entering chunk c
-    hv = fmaf(carry, hv, s);
-    sid_prev = sid_last;
+  // ---- F1: dt' and its cumsum for (b, c, h), one thread scanning in position order (as the CPU)
+  const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
+  for (int i = tid; i < Q; i += kT) {
+    const int64_t t = t0 + i;
+    dtp_s[i] = t < p.seqlen ? ssd_dt(p.dt[(b * p.seqlen + t) * H + h], bias, p.dt_softplus, p.dt_min, p.dt_max)
+                            : 0.f;  // padding: dt' = 0
   }
-  if (p.final_states != nullptr) p.final_states[(b * H + h) * PN + e] = hv;
+  __syncthreads();
+  if (tid == 0) {
+    const float a = p.A[h];
+    float acc = 0.f;
+#pragma unroll 16
+    for (int i = 0; i < Q; ++i) {
+      acc = fmaf(dtp_s[i], a, acc);
+      cs_s[i] = acc;
+    }
+  }
+  __syncthreads();
+  if (pt == 0 && nt == 0) {  // one block of the (b, c, h) writes them for F4, F5 and the backward
+    const int64_t ci = ((b * H + h) * nc + c) * Q;
+    for (int i = tid; i < Q; i += kT) {
+      p.dtp[ci + i] = dtp_s[i];
+      p.cs[ci + i] = cs_s[i];
+    }
+  }
+
+  // ---- F2: the chunk's own state tile S_c (float, shared memory)
+  const float* Fs = chunk_state_tile<T, Q>(p, vec, b, c, h, 0, Q - 1, true, p0, n0, cs_s, dtp_s, smem);
+
+  // ---- F3 step: wait for in_c, then publish in_(c+1) (or the final state)
+  const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  const int pv = P - p0 < kBP ? P - p0 : kBP;
+  const int nv = N - n0 < kBN ? N - n0 : kBN;
+  const int64_t PN = static_cast<int64_t>(P) * N, tile = static_cast<int64_t>(p0) * N + n0;
+  const float carry = sid_at(p, b, t0 + Q - 1) == sid_prev_of(p, b, c, Q) ? expf(cs_s[Q - 1]) : 0.f;
+  if (c > 0) {
+    if (tid == 0) ssd::wait_at_least(chain_done + chain, static_cast<unsigned>(c));
+    __syncthreads();
+  }
+  float* const in_c = p.states + ((b * nc + c) * H + h) * PN + tile;
+  float* const out = c + 1 < nc ? in_c + H * PN
+                     : p.final_states != nullptr ? p.final_states + (b * H + h) * PN + tile : nullptr;
+  const float* const init = p.init != nullptr ? p.init + (b * H + h) * PN + tile : nullptr;
+  for (int e = tid; e < kBP * kBN; e += kT) {
+    const int r = e / kBN, k = e % kBN;
+    if (r >= pv || k >= nv) continue;
+    const int64_t o = static_cast<int64_t>(r) * N + k;
+    float prev;
+    if (c == 0) {
+      prev = init != nullptr ? init[o] : 0.f;
+      in_c[o] = prev;
+    } else {
+      prev = __ldcg(in_c + o);  // written by another block: bypass L1
+    }
+    const float next = fmaf(carry, prev, Fs[r * StateTraits::kLdF + k]);
+    if (out != nullptr) out[o] = next;
+  }
+  if (c + 1 < nc) {  // publish: every thread's stores, then the counter
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) atomicAdd(chain_done + chain, 1u);
+  }
 }
 
 // ------------------------------------------------------------------ F4 chunk_scan
@@ -445,11 +441,13 @@ __global__ void __launch_bounds__(StateTraits::kThreads) varlen_states_kernel(co
   const int ie = static_cast<int>(last - c * Q);
   const int i0 = start > c * Q ? static_cast<int>(start - c * Q) : 0;
 
-  const float* Fs = chunk_state_tile<T, Q>(p, vec, 0, c, h, i0, ie, false, p0, n0, smem);
+  const float* cs = p.cs + (h * p.nchunks + c) * Q;
+  const float* Fs = chunk_state_tile<T, Q>(p, vec, 0, c, h, i0, ie, false, p0, n0, cs, p.dtp + (h * p.nchunks + c) * Q,
+                                           smem);
 
   // + [sid_prev == sid_e] exp(cs_e) in_c
   const bool carry = sid_prev_of(p, 0, c, Q) == sid_at(p, 0, last);
-  const float decay = expf(p.cs[(h * p.nchunks + c) * Q + ie]);
+  const float decay = expf(cs[ie]);
   const float* in = p.states + (c * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
   for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
     const int r = e / StateTraits::kBN, k = e % StateTraits::kBN;
@@ -485,8 +483,7 @@ Vec make_vec(const SsdParams& p) {
 }
 
 // Every kernel's grid, checked against CUDA's limits (launch_limits.h) before the first launch.
-static_assert(StateTraits::kBP == kSsdTile && StateTraits::kBN == kSsdTile && ScanTraits::kBM == kSsdTile &&
-                  CumsumTraits::kHeads == kSsdCumsumHeads && kPassThreads == kSsdPassThreads,
+static_assert(StateTraits::kBP == kSsdTile && StateTraits::kBN == kSsdTile && ScanTraits::kBM == kSsdTile,
               "launch_limits.h computes the grids from these tile sizes");
 
 SsdFwdGrids fwd_grids(const SsdParams& p) {
@@ -501,11 +498,9 @@ dim3 to_dim3(const LaunchGrid& g) {
 template <typename T, int Q>
 void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
   const SsdFwdGrids g = fwd_grids(p);
-  chunk_cumsum_kernel<Q><<<to_dim3(g.cumsum), CumsumTraits::kThreads, 0, st>>>(p);  // F1
-  NK_CUDA_LAUNCH_CHECK();
-  chunk_state_kernel<T, Q><<<to_dim3(g.state), StateTraits::kThreads, 0, st>>>(p, vec);  // F2
-  NK_CUDA_LAUNCH_CHECK();
-  state_passing_kernel<<<to_dim3(g.passing), kPassThreads, 0, st>>>(p);  // F3
+  if (p.workspace == nullptr) throw std::runtime_error("nemokernels: internal: mamba_chunk_scan_combined needs its workspace");
+  NK_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(chain_workspace_bytes(p)), st));
+  state_chain_kernel<T, Q><<<to_dim3(g.chain), StateTraits::kThreads, 0, st>>>(p, vec);  // H1 = F1-F3
   NK_CUDA_LAUNCH_CHECK();
 }
 
@@ -565,8 +560,9 @@ void run(const SsdParams& p, void* stream, bool full) {
 
 int64_t ssd_fwd_cuda_workspace_bytes(const SsdParams& p) {
   // Called by the entry before anything is allocated: a problem over the grid limits fails here.
-  if (p.batch > 0 && p.seqlen > 0 && p.nheads > 0) fwd_grids(p);
-  return 0;
+  if (p.batch <= 0 || p.seqlen <= 0 || p.nheads <= 0 || p.headdim <= 0 || p.dstate <= 0) return 0;
+  fwd_grids(p);
+  return chain_workspace_bytes(p);  // H1's ticket and chain counters
 }
 
 void ssd_states_cuda(const SsdParams& p, void* stream) { run(p, stream, false); }

@@ -9,6 +9,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "common/cuda_dtype.cuh"
@@ -214,6 +215,23 @@ struct WarpTile<float, FN> {
           for (int e = 0; e < 4; ++e) acc[r][f][e] = in[(ty + 8 * r) * ldi + f * 16 + tx * 4 + e];
   }
 };
+
+// Called by one thread: spins until *counter >= target (another block raises it after a
+// __threadfence), then fences, so that block's earlier stores are visible (read them with
+// __ldcg; the caller's __syncthreads passes this on to its block). Under tools/cuda_emu blocks
+// run in order, so the counter must already be there: waiting on a later block is an error.
+NK_DEVICE void wait_at_least(const unsigned* counter, unsigned target) {
+#ifdef NK_CUDA_EMULATOR
+  if (*counter < target) throw std::runtime_error("emu: a block waits for a block that runs after it");
+#else
+  while (*reinterpret_cast<const volatile unsigned*>(counter) < target) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    __nanosleep(32);
+#endif
+  }
+#endif
+  __threadfence();
+}
 
 }  // namespace ssd
 }  // namespace nk

@@ -181,6 +181,18 @@ def check(got, want, dtype, factor, what):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
 
 
+def fwd_workspace(e, p, keep):
+    """The forward's workspace (H1's ticket and per-chain counters: 1 + b*H*tiles of 4 bytes),
+    filled with garbage: the launcher must zero it."""
+    tiles = -(-p.headdim // 64) * -(-p.dstate // 64)
+    nbytes = e.value("emu_ssd_fwd_cuda_workspace_bytes", p)
+    assert nbytes == 4 * (1 + p.batch * p.nheads * tiles), nbytes
+    ws = torch.full((nbytes // 4,), -1, dtype=torch.int32)
+    keep.append(ws)
+    p.workspace = ws.data_ptr()
+    return ws
+
+
 def run_case(t, lib=None, backward=True):
     e = lib or emu()
     keep = []
@@ -199,8 +211,10 @@ def run_case(t, lib=None, backward=True):
         var = nan(nseq, H, P, N)
         keep.append(var)
         p.cu_seqlens, p.nseq, p.varlen_states = t["cu"].data_ptr(), nseq, var.data_ptr()
-    assert e.value("emu_ssd_fwd_cuda_workspace_bytes", p) == 0  # the forward takes no workspace
+    ws = fwd_workspace(e, p, keep)
     e.call("emu_ssd_fwd_cuda", p)
+    assert ws[0].item() == (ws.numel() - 1) * p.nchunks  # one ticket per block of H1
+    assert (ws[1:] == p.nchunks - 1).all()  # every chain published its nc - 1 steps
     fwd_factor = 5 if f32 else 2
     check(y, ref["y"], dtype, fwd_factor, "y")
     check(fin, ref["final"], torch.float32 if f32 else dtype, fwd_factor, "final_states")
@@ -264,7 +278,7 @@ def test_params_layout_matches_ctypes():
 def test_transform_rewrites_everything():
     for cu in KERNELS.values():
         out, stats = emu_transform.transform(cu.read_text(), str(cu))
-        assert stats["launches"] >= 5, stats
+        assert stats["launches"] >= 3, stats  # the forward: H1, F4, F5
 
 
 # name: (b, L, H, P, G, N, Q, dtype, options)
@@ -282,6 +296,10 @@ CASES = {
     "q128_f32_varlen": (1, 150, 2, 16, 1, 32, 128, torch.float32, dict(varlen=True, seed=3)),
     # L < Q, groups of one head each
     "q128_bf16_short": (2, 40, 2, 8, 2, 8, 128, torch.bfloat16, dict(D="headdim", dfinal=False, seed=4)),
+    # H1's chain over 8 chunks (two seq_idx cuts per row reset it), with initial states
+    "q64_f32_chain": (2, 457, 2, 8, 1, 8, 64, torch.float32, dict(seed=11)),
+    # 6 chunks, 2 x 2 state tiles per head (four chains per (b, h)), partial P and N tiles
+    "q64_bf16_chain_tiles": (1, 330, 2, 80, 1, 72, 64, torch.bfloat16, dict(seq=False, seed=12)),
 }
 SLOW_CASES = {
     "q256_f32": (1, 300, 2, 32, 1, 32, 256, torch.float32, dict(seed=5)),
@@ -424,8 +442,8 @@ int lim_conv_final(int64_t b, int64_t d, int w, int64_t* o, char* msg, int n) {
 }
 int lim_ssd_fwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t q, int64_t nseq, int64_t* o, char* msg,
                 int n) {
-  NK_SHIM(auto g = nk::ssd_fwd_grids(b, nc, h, p, nn, q, nseq); put(g.cumsum, o); put(g.state, o + 3);
-          put(g.passing, o + 6); put(g.scan, o + 9); put(g.varlen, o + 12))
+  NK_SHIM(auto g = nk::ssd_fwd_grids(b, nc, h, p, nn, q, nseq); put(g.chain, o); put(g.scan, o + 3);
+          put(g.varlen, o + 6))
 }
 int lim_ssd_bwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t q, int64_t hs, int64_t* o, char* msg,
                 int n) {
@@ -523,16 +541,19 @@ def test_conv1d_update_and_final_state_limits():
 
 def test_ssd_forward_grid_limits():
     # At the limit: batch 2^31 - 1 with one chunk of 64, one head, P = N = 8: every grid is 2^31 - 1.
-    g, err = grid_of("lim_ssd_fwd", I32, 1, 1, 8, 8, 64, 0, n_out=15)
-    assert err is None and g[0] == I32 and g[3] == g[6] == g[9] == I32, g
+    g, err = grid_of("lim_ssd_fwd", I32, 1, 1, 8, 8, 64, 0, n_out=9)
+    assert err is None and g[0] == g[3] == I32, g  # H1 and F4 (F5 has one block per sequence)
     _, err = grid_of("lim_ssd_fwd", I32 + 1, 1, 1, 8, 8, 64, 0)
-    assert err.startswith("nemokernels: mamba_chunk_scan_combined: the CUDA chunk_cumsum kernel needs grid.x = "
+    assert err.startswith("nemokernels: mamba_chunk_scan_combined: the CUDA state_chain kernel needs grid.x = "
                           "2147483648 blocks, CUDA allows 1..2147483647; split the batch, or the sequence")
     _, err = grid_of("lim_ssd_fwd", I32, 1, 1, 8, 8, 128, 0)  # two row tiles per chunk
     assert "the CUDA chunk_scan kernel needs grid.x = 4294967294" in err
-    assert grid_of("lim_ssd_fwd", 1, 1, 32 * 65535, 8, 8, 64, 0)[1] is None
-    _, err = grid_of("lim_ssd_fwd", 1, 1, 32 * 65535 + 1, 8, 8, 64, 0)
-    assert "chunk_cumsum kernel needs grid.y = 65536" in err and "at most 2097120 heads" in err
+    g, err = grid_of("lim_ssd_fwd", 1, 1, 2**16, 128, 256, 64, 0)  # 2 x 4 state tiles per head
+    assert err is None and g[0] == 2**16 * 8, (g, err)
+    g, err = grid_of("lim_ssd_fwd", 1, 2**15, 2**13, 128, 128, 64, 0)  # 2^15 chunks x 2^13 heads x 4 tiles
+    assert err is None and g[0] == 2**30, (g, err)
+    _, err = grid_of("lim_ssd_fwd", 1, 2**16, 2**13, 128, 128, 64, 0)
+    assert "the CUDA state_chain kernel needs grid.x = 2147483648" in err
     _, err = grid_of("lim_ssd_fwd", 1, 1, 2**16, 8, 8, 64, 2**15)
     assert "the CUDA varlen_states kernel needs grid.x = 2147483648" in err and "fewer sequences" in err
 

@@ -34,6 +34,7 @@
 #define __align__(n) __attribute__((aligned(n)))
 #ifndef __CUDACC__
 #define __CUDACC__ 1
+#define NK_CUDA_EMULATOR 1  // kernels may replace what cannot run here (a spin-wait on another block)
 #endif
 
 struct dim3 {
@@ -435,6 +436,11 @@ inline int atomicAdd(int* a, int v) { const int old = *a; *a = old + v; return o
 inline unsigned atomicAdd(unsigned* a, unsigned v) { const unsigned old = *a; *a = old + v; return old; }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) { const auto old = *a; *a = old + v; return old; }
 #endif
+
+// ---- ordering between blocks: blocks run one after another here, so a fence orders nothing
+// that is not already ordered, and __ldcg (load through L2, skipping L1) is a plain load. -----
+inline void __threadfence() {}
+template <class V> V __ldcg(const V* p) { return *p; }
 
 // ---- warp vote / match and bit intrinsics (the MoE router and permutation kernels) -----------
 // Lanes that have exited take no part (as on the GPU: they are not in the returned masks).
