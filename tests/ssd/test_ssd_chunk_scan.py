@@ -372,6 +372,29 @@ def test_every_cuda_kernel_small(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("Q", [128, 256])
+def test_production_shape_outputs_and_gradients(Q):
+    """Nemotron-H's head shape (P 64, N 128, bf16, 4 heads per group) over 5 chunks: y, the
+    final states (the end of H1's chain of in_c tiles, two per head) and every gradient against
+    the float64 recurrence, with initial states and a seq_idx reset inside a chunk."""
+    b, L, H, P, G, N = 2, 4 * Q + 37, 8, 64, 2, 128
+    inp = requires_grad(make_inputs(b, L, H, P, G, N, torch.bfloat16, "cuda", init=True))
+    seq_idx = torch.zeros(b, L, dtype=torch.int32, device="cuda")
+    seq_idx[1, Q + 5:] = 1
+    y, fin = call(inp, Q, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
+    gy, gf = torch.randn_like(y), torch.randn_like(fin)
+    ((y.float() * gy.float()).sum() + (fin * gf).sum()).backward()
+    d, (yr, fr) = ref64(inp, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
+    assert_close(y, yr, torch.bfloat16, factor=2, what=f"y Q={Q}")
+    assert_close(fin, fr, torch.bfloat16, factor=2, what=f"final states Q={Q}")
+    ((yr * gy.double()).sum() + (fr * gf.double()).sum()).backward()
+    got, want = grads_of(inp), grads_of(d)
+    assert set(got) == set(want) and "initial_states" in got
+    for k in want:
+        assert_close(got[k], want[k], torch.bfloat16, factor=2, what=f"grad {k} Q={Q}")
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_sees_new_inputs():
     inp = make_inputs(1, 200, 4, 64, 1, 64, torch.bfloat16, "cuda", init=True)
     static = {k: (v.clone() if v is not None else None) for k, v in inp.items()}
