@@ -2,7 +2,9 @@
 
 Knobs (environment variables, all optional):
   NEMOKERNELS_BUILD_CUDA   1: CUDA kernels, fail without nvcc; 0: CPU-only; unset: CUDA when nvcc is found
-  NEMOKERNELS_CUDA_ARCHS   e.g. "90a;100a"; default: the visible GPU's arch, else "90a;100a"
+  NEMOKERNELS_CUDA_ARCHS   e.g. "90a;100a" ("120+PTX" adds PTX); default: the visible GPU's arch, else "90a;100a"
+  NEMOKERNELS_BUILD_DIR    CMake build tree; default build/cmake-<cuda|cpu> in the checkout, kept between
+                           builds (so `pip wheel` then `pip install -e` compiles once)
   MAX_JOBS                 parallel compile jobs; default: capped by cores and by free memory
   CUTLASS_DIR              CUTLASS root (include/, tools/util/include/); default: the nvidia-cutlass wheel
   CUDA_HOME                CUDA toolkit root; then /usr/local/cuda, then nvcc on PATH
@@ -57,9 +59,13 @@ def parse_cuda_archs(env):
     ('90' is fine: the Hopper-only files are always compiled for 90a, see CMakeLists.txt.)
     """
     archs = [a.strip() for a in re.split(r"[;, ]+", env) if a.strip()]
-    for a in archs:
+    for entry in archs:
+        a = entry.removesuffix("+PTX")
         if not re.fullmatch(r"\d{2,3}[af]?", a):
-            raise RuntimeError(f"NEMOKERNELS_CUDA_ARCHS: bad arch {a!r} (expected e.g. 90a;100a)")
+            raise RuntimeError(f"NEMOKERNELS_CUDA_ARCHS: bad arch {entry!r} (expected e.g. 90a;100a or 120+PTX)")
+        if entry.endswith("+PTX") and not a.isdigit():
+            raise RuntimeError(f"NEMOKERNELS_CUDA_ARCHS: {entry!r}: PTX only for a plain arch (e.g. "
+                               f"{re.sub('[af]$', '', a) + '+PTX'!r}); arch-specific PTX runs on no other GPU")
         if re.fullmatch(r"10\d", a):
             raise RuntimeError(
                 f"NEMOKERNELS_CUDA_ARCHS: {a!r} would compile the Blackwell (tcgen05, block-scaled MMA) kernels "
@@ -116,23 +122,28 @@ def max_jobs():
 
 class CMakeExtension(Extension):
     def __init__(self, name):
-        super().__init__(name, sources=[])
+        # py_limited_api: the module is built against Python's limited API (csrc/module.cpp), so
+        # setuptools names it _C.abi3.so and the wheel is tagged cp310-abi3.
+        super().__init__(name, sources=[], py_limited_api=True)
+
+
+def build_dir_for(cuda):
+    env = os.environ.get("NEMOKERNELS_BUILD_DIR")
+    return Path(env).resolve() if env else ROOT / "build" / f"cmake-{'cuda' if cuda else 'cpu'}"
 
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        import pybind11
         import torch
 
         nvcc = find_nvcc()
         cuda = want_cuda(nvcc)
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir = build_dir_for(cuda)
         build_dir.mkdir(parents=True, exist_ok=True)
         torch_root = Path(torch.__file__).parent
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DNK_TORCH_INCLUDE={torch_root / 'include'}",
             f"-DNK_TORCH_LIB={torch_root / 'lib'}",
             f"-DNK_VERSION={VERSION}",
@@ -150,15 +161,22 @@ class CMakeBuild(build_ext):
             if cdir is not None:
                 args.append(f"-DNK_CUTLASS_DIR={cdir}")
         jobs = max_jobs()
-        print(f"nemokernels: CUDA={'yes (' + ';'.join(cuda_archs()) + ')' if cuda else 'no'}, jobs={jobs}", flush=True)
+        print(f"nemokernels: CUDA={'yes (' + ';'.join(cuda_archs()) + ')' if cuda else 'no'}, jobs={jobs}, "
+              f"build tree {build_dir}", flush=True)
         t0 = time.time()
-        subprocess.check_call(["cmake", str(ROOT)] + args, cwd=build_dir)
-        subprocess.check_call(["cmake", "--build", ".", "-j", str(jobs)], cwd=build_dir)
+        subprocess.check_call(["cmake", str(ROOT), "--log-level=WARNING"] + args, cwd=build_dir)
+        # One line per translation unit as it finishes: [done/total elapsed-seconds] what.
+        env = dict(os.environ, NINJA_STATUS="nemokernels: [%f/%t %es] ")
+        subprocess.check_call(["cmake", "--build", ".", "-j", str(jobs)], cwd=build_dir, env=env)
         print(f"nemokernels: _C built in {time.time() - t0:.0f} s", flush=True)
-        # CMake names the module with Python's extension suffix; setuptools expects it at `out`.
-        built = [p for p in out.parent.glob("_C*.so") if p != out]
-        if not out.exists() and built:
-            shutil.copy2(built[0], out)
+        # CMake names the module _C.abi3.so, as setuptools expects at `out`. A module of an older
+        # build (_C.cpython-3XY-*.so) would be imported before it: remove those.
+        for folder in {out.parent, ROOT / "nemokernels"}:  # the build's, and the checkout's (in-place builds)
+            for stale in folder.glob("_C*.so"):
+                if stale.name != out.name:
+                    stale.unlink()
+        if not out.exists():
+            raise RuntimeError(f"nemokernels: CMake did not produce {out}")
 
 
 # Guarded so tests can import this file for its arch parsing (pip's build backend and
@@ -168,4 +186,5 @@ if __name__ == "__main__":
         version=VERSION,
         ext_modules=[CMakeExtension("nemokernels._C")],
         cmdclass={"build_ext": CMakeBuild},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

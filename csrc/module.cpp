@@ -1,12 +1,13 @@
 // The nemokernels._C Python module. Importing it registers every op (static initialisers in
-// csrc/<family>/<family>_ops.cpp); the functions here only report how the binary was built. pybind11
-// links to Python, never to libtorch's C++ API.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+// csrc/<family>/<family>_ops.cpp); the functions here only report how the binary was built.
+// Written against Python's limited C API (3.10): the one binary (_C.abi3.so) loads under every
+// CPython >= 3.10, as the ops' stable-ABI code loads under every torch >= 2.11.
+#define Py_LIMITED_API 0x030A0000
+#include <Python.h>
 
-#include <map>
+#include <cstdint>
+#include <exception>
 #include <string>
-#include <vector>
 
 #include "common/op_registry.h"
 #include "common/philox.h"
@@ -16,55 +17,140 @@
 #define NK_CUDA_ARCHS ""
 #endif
 
-namespace py = pybind11;
+namespace {
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "nemokernels compiled ops (registered under torch.ops.nemokernels)";
-  m.attr("__version__") = NK_VERSION;
+// A Python exception from a C++ one (no C++ exception may cross into the interpreter).
+PyObject* raise(const std::exception& e) {
+  PyErr_SetString(PyExc_RuntimeError, e.what());
+  return nullptr;
+}
+
+// {op: family}, filed by each family's <family>_ops.cpp as it defines its schemas.
+PyObject* op_families(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  try {
+    for (const auto& [op, family] : nk::op_families()) {
+      PyObject* v = PyUnicode_FromString(family.c_str());
+      if (v == nullptr || PyDict_SetItemString(d, op.c_str(), v) != 0) {
+        Py_XDECREF(v);
+        Py_DECREF(d);
+        return nullptr;
+      }
+      Py_DECREF(v);
+    }
+  } catch (const std::exception& e) {
+    Py_DECREF(d);
+    return raise(e);
+  }
+  return d;
+}
+
+// n unsigned 32-bit words from a list or tuple of ints; false (with a Python error) otherwise.
+bool words(PyObject* seq, Py_ssize_t n, const char* what, uint32_t* out) {
+  const std::string type_error = std::string("philox4x32_10: ") + what + " must be a list of ints";
+  PyObject* fast = PySequence_Fast(seq, type_error.c_str());
+  if (fast == nullptr) return false;
+  bool ok = PySequence_Size(fast) == n;
+  if (!ok) PyErr_Format(PyExc_ValueError, "philox4x32_10: %s must have %zd words", what, n);
+  for (Py_ssize_t i = 0; ok && i < n; ++i) {
+    PyObject* item = PySequence_GetItem(fast, i);  // new reference (the limited API has no borrowed form)
+    const unsigned long v = item != nullptr ? PyLong_AsUnsignedLong(item) : 0;
+    Py_XDECREF(item);
+    ok = item != nullptr && !PyErr_Occurred() && v <= 0xFFFFFFFFul;
+    if (item != nullptr && !PyErr_Occurred() && !ok)
+      PyErr_Format(PyExc_ValueError, "philox4x32_10: %s words must fit 32 bits", what);
+    out[i] = static_cast<uint32_t>(v);
+  }
+  Py_DECREF(fast);
+  return ok;
+}
+
+// The Philox4x32-10 the kernels share (csrc/common/philox.h), for known-answer tests.
+PyObject* philox4x32_10(PyObject*, PyObject* args) {
+  PyObject *ctr_obj, *key_obj;
+  if (!PyArg_ParseTuple(args, "OO:philox4x32_10", &ctr_obj, &key_obj)) return nullptr;
+  uint32_t ctr[4], key[2];
+  if (!words(ctr_obj, 4, "counter", ctr) || !words(key_obj, 2, "key", key)) return nullptr;
+  const nk::Philox4 r = nk::philox4x32_10(ctr[0], ctr[1], ctr[2], ctr[3], key[0], key[1]);
+  return Py_BuildValue("[kkkk]", static_cast<unsigned long>(r.v[0]), static_cast<unsigned long>(r.v[1]),
+                       static_cast<unsigned long>(r.v[2]), static_cast<unsigned long>(r.v[3]));
+}
+
+// The path nvfp4_gemm takes on a CUDA device for an (M, N, K) problem: the op's own routing
+// function (csrc/nvfp4/gemm.h), so tests name the kernel they exercise.
+PyObject* nvfp4_gemm_path(PyObject*, PyObject* args) {
+  int device_index;
+  long long M, N, K;
+  if (!PyArg_ParseTuple(args, "iLLL:nvfp4_gemm_path", &device_index, &M, &N, &K)) return nullptr;
 #ifdef NK_WITH_CUDA
-  m.attr("with_cuda") = true;
+  try {
+    return PyUnicode_FromString(nk::nvfp4_gemm_cuda_path(device_index, M, N, K) == nk::kNvfp4PathCutlassSm100
+                                    ? "cutlass_sm100"
+                                    : "portable_cuda");
+  } catch (const std::exception& e) {
+    return raise(e);
+  }
 #else
-  m.attr("with_cuda") = false;
+  (void)device_index, (void)M, (void)N, (void)K;
+  return PyUnicode_FromString("unavailable");
 #endif
-  m.attr("cuda_archs") = std::string(NK_CUDA_ARCHS);
+}
+
+PyMethodDef kMethods[] = {
+    {"op_families", op_families, METH_NOARGS,
+     "{op: family} for every op this binary defines (csrc/<family>/<family>_ops.cpp)"},
+    {"philox4x32_10", philox4x32_10, METH_VARARGS,
+     "Philox4x32-10 of a 4-word counter and a 2-word key (csrc/common/philox.h)"},
+    {"nvfp4_gemm_path", nvfp4_gemm_path, METH_VARARGS,
+     "nvfp4_gemm's CUDA path for an (M, N, K) problem on a device: cutlass_sm100, portable_cuda "
+     "(or unavailable in a CPU-only build)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "nemokernels compiled ops (registered under torch.ops.nemokernels)", -1, kMethods,
+                       nullptr, nullptr, nullptr, nullptr};
+
+// Adds an attribute, stealing `value`; false on error.
+bool add(PyObject* m, const char* name, PyObject* value) {
+  if (value == nullptr) return false;
+  if (PyModule_AddObject(m, name, value) != 0) {
+    Py_DECREF(value);
+    return false;
+  }
+  return true;
+}
+
+PyObject* none() {
+  Py_INCREF(Py_None);
+  return Py_None;
+}
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* m = PyModule_Create(&kModule);
+  if (m == nullptr) return nullptr;
+#ifdef NK_WITH_CUDA
+  const bool with_cuda = true;
+#else
+  const bool with_cuda = false;
+#endif
 #ifdef NK_CUDA_VERSION
-  m.attr("cuda_version") = std::string(NK_CUDA_VERSION);
+  PyObject* cuda_version = PyUnicode_FromString(NK_CUDA_VERSION);
 #else
-  m.attr("cuda_version") = py::none();
+  PyObject* cuda_version = none();
 #endif
-  m.attr("torch_target_version") = static_cast<unsigned long long>(NK_TORCH_TARGET_VERSION);
-  m.attr("built_with_torch") = std::string(TORCH_BUILD_VERSION);
-  // {op: family}, filed by each family's <family>_ops.cpp as it defines its schemas.
-  m.def(
-      "op_families",
-      [] {
-        std::map<std::string, std::string> d;
-        for (const auto& [op, family] : nk::op_families()) d[op] = family;
-        return d;
-      },
-      "{op: family} for every op this binary defines (csrc/<family>/<family>_ops.cpp)");
-  // The Philox4x32-10 the kernels share (csrc/common/philox.h), for known-answer tests.
-  m.def(
-      "philox4x32_10",
-      [](std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
-        if (ctr.size() != 4 || key.size() != 2) throw std::invalid_argument("philox4x32_10: counter has 4 words, key 2");
-        nk::Philox4 r = nk::philox4x32_10(ctr[0], ctr[1], ctr[2], ctr[3], key[0], key[1]);
-        return std::vector<uint32_t>{r.v[0], r.v[1], r.v[2], r.v[3]};
-      },
-      "Philox4x32-10 of a 4-word counter and a 2-word key (csrc/common/philox.h)");
-  // The path nvfp4_gemm takes on a CUDA device for an (M, N, K) problem: the op's own routing
-  // function (csrc/nvfp4/gemm.h), so tests name the kernel they exercise.
-  m.def(
-      "nvfp4_gemm_path",
-      [](int device_index, int64_t M, int64_t N, int64_t K) -> std::string {
-#ifdef NK_WITH_CUDA
-        return nk::nvfp4_gemm_cuda_path(device_index, M, N, K) == nk::kNvfp4PathCutlassSm100 ? "cutlass_sm100"
-                                                                                           : "portable_cuda";
-#else
-        (void)device_index, (void)M, (void)N, (void)K;
-        return "unavailable";
-#endif
-      },
-      "nvfp4_gemm's CUDA path for an (M, N, K) problem on a device: cutlass_sm100, portable_cuda "
-      "(or unavailable in a CPU-only build)");
+  const bool ok = add(m, "__version__", PyUnicode_FromString(NK_VERSION)) &&
+                  add(m, "with_cuda", PyBool_FromLong(with_cuda)) &&
+                  add(m, "cuda_archs", PyUnicode_FromString(NK_CUDA_ARCHS)) &&
+                  add(m, "cuda_version", cuda_version) &&
+                  add(m, "torch_target_version",
+                      PyLong_FromUnsignedLongLong(static_cast<unsigned long long>(NK_TORCH_TARGET_VERSION))) &&
+                  add(m, "built_with_torch", PyUnicode_FromString(TORCH_BUILD_VERSION));
+  if (!ok) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
