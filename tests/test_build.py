@@ -124,7 +124,8 @@ def _setup_module():
 
 @pytest.mark.parametrize("env,archs", [("90a;100a", ["90a", "100a"]), ("90a, 100a", ["90a", "100a"]),
                                        (" 100a ", ["100a"]), ("100f", ["100f"]), ("103a;90", ["103a", "90"]),
-                                       ("80 86 89", ["80", "86", "89"]), ("120", ["120"]), ("120a", ["120a"])])
+                                       ("80 86 89", ["80", "86", "89"]), ("120", ["120"]), ("120a", ["120a"]),
+                                       ("80;90a;100a;120+PTX", ["80", "90a", "100a", "120+PTX"])])
 def test_setup_parses_cuda_archs(env, archs):
     assert _setup_module().parse_cuda_archs(env) == archs
 
@@ -139,7 +140,22 @@ def test_setup_refuses_blackwell_archs_without_the_arch_suffix(env, bad):
         _setup_module().parse_cuda_archs(env)
 
 
-@pytest.mark.parametrize("env", ["sm_90a", "9", "1000a", "90b", "100a;x"])
+@pytest.mark.parametrize("env,bad", [("90a+PTX", "90a+PTX"), ("120;100f+PTX", "100f+PTX")])
+def test_setup_refuses_ptx_of_arch_specific_targets(env, bad):
+    """compute_90a / compute_100f PTX runs on no other GPU: only plain archs take +PTX."""
+    with pytest.raises(RuntimeError, match=rf"NEMOKERNELS_CUDA_ARCHS: '{re.escape(bad)}': PTX only for a plain arch"):
+        _setup_module().parse_cuda_archs(env)
+
+
+def test_extension_is_one_abi3_module():
+    """_C is built on Python's limited API: one file, _C.abi3.so, for every CPython >= 3.10 (an
+    interpreter-specific _C.cpython-3XY-*.so beside it would be imported first)."""
+    import nemokernels._C as C
+    assert Path(C.__file__).name == "_C.abi3.so", C.__file__
+    assert [p.name for p in Path(C.__file__).parent.glob("_C*.so")] == ["_C.abi3.so"]
+
+
+@pytest.mark.parametrize("env", ["sm_90a", "9", "1000a", "90b", "100a;x", "120+ptx", "+PTX"])
 def test_setup_refuses_malformed_archs(env):
     with pytest.raises(RuntimeError, match="NEMOKERNELS_CUDA_ARCHS: bad arch"):
         _setup_module().parse_cuda_archs(env)
