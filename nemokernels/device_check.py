@@ -22,9 +22,9 @@ class NemokernelsWarning(UserWarning):
 
 
 # How to get CUDA kernels (README, "Set up" and "Build knobs").
-CUDA_BUILD_FIX = ("reinstall with the CUDA toolkit visible: CUDA_HOME=/usr/local/cuda NEMOKERNELS_BUILD_CUDA=1 "
-                  "pip install --no-build-isolation -e . (NEMOKERNELS_BUILD_CUDA=1 stops with an error when nvcc "
-                  "is missing instead of building for the CPU only), or install a nemokernels wheel built with CUDA")
+CUDA_BUILD_FIX = ("reinstall with nvcc visible: CUDA_HOME=/usr/local/cuda NEMOKERNELS_BUILD_CUDA=1 pip install "
+                  "--no-build-isolation -e . (with NEMOKERNELS_BUILD_CUDA=1 a missing nvcc is an error, not a "
+                  "CPU-only build), or install a nemokernels wheel built with CUDA")
 
 _ARCH = re.compile(r"sm_(\d{2,3})([af]?)")
 
