@@ -110,12 +110,15 @@ def check_cuda_devices(indices: Iterable[int]) -> None:
 
 
 def _at_cuda_init() -> None:
-    # Runs inside torch.cuda's lazy initialisation, which fails for good on any exception from a
-    # queued call: a warning the filters turn into an error (-W error) is printed instead.
+    # Runs inside torch.cuda's lazy initialisation (or `import nemokernels`, when CUDA is up
+    # already), which an exception here would break for good: a warning the filters turn into an
+    # error (-W error) is printed instead, and so is a failed device query (the check only advises).
     try:
         check_cuda_devices(range(torch.cuda.device_count()))
     except Warning as w:
         print(f"nemokernels: {w}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        print(f"nemokernels: could not check the GPUs against this build's archs: {e!r}", file=sys.stderr)
 
 
 def _no_cuda_kernel(op: str):
@@ -140,7 +143,7 @@ def install() -> None:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"nemokernels::{op}", "CUDA"):
             _library.impl(op, _no_cuda_kernel(op), "CUDA")
             GUARDED.add(op)
-    if compiled_archs():
+    if compiled_archs() and hasattr(torch.cuda, "_lazy_call"):
         # Runs at once when CUDA is already initialised.
         torch.cuda._lazy_call(_at_cuda_init)
 

@@ -103,6 +103,11 @@ def test_the_check_at_cuda_init_judges_every_visible_device(fake_gpus, monkeypat
         warnings.simplefilter("error", NemokernelsWarning)
         device_check._at_cuda_init()
     assert "cuda:1 (sm_120)" in capsys.readouterr().err
+    # nor may a failing device query: the check only advises
+    monkeypatch.setattr(device_check, "_checked", set())
+    monkeypatch.setattr(device_check, "_capability", lambda i: (_ for _ in ()).throw(RuntimeError("query failed")))
+    device_check._at_cuda_init()
+    assert "could not check the GPUs" in capsys.readouterr().err
 
 
 def test_a_cuda_build_queues_the_check_at_cuda_init(fake_gpus, monkeypatch):
@@ -134,5 +139,10 @@ def test_cpu_only_build_raises_the_fix_for_cuda_tensors():
     msg = str(err.value)
     assert "nemokernels::moe_permute_plan got CUDA tensors" in msg and "no CUDA kernels" in msg
     assert "NEMOKERNELS_BUILD_CUDA=1" in msg and "CUDA_HOME" in msg and "wheel built with CUDA" in msg
+    # through the autograd formula (Python, register_autograd) too
+    x, w = torch.randn(1, 4, 8, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    autograd_cuda = cuda | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCUDA)
+    with pytest.raises(RuntimeError, match="causal_conv1d_fwd got CUDA tensors.*NEMOKERNELS_BUILD_CUDA=1"):
+        torch.ops.nemokernels.causal_conv1d_fwd.default.redispatch(autograd_cuda, x, w, None, None, None, False, True)
     # the CPU kernel is untouched
     assert torch.ops.nemokernels.moe_permute_plan(ids, 4, 1)[0].tolist() == [8, 0, 0, 0]
