@@ -1,10 +1,11 @@
 """Whether this build can run on the GPUs at hand, told once and clearly (issue 22).
 
 A CPU-only build registers, for every op, a CUDA kernel that raises a RuntimeError naming the fix.
-A CUDA build judges every visible GPU once per process, when torch initialises CUDA (before any
-op can meet a CUDA tensor), and warns (NemokernelsWarning) about each GPU its compiled archs cannot
-run on. The rule is build_runs_on, table-tested in tests/test_cuda_availability.py; README, "When a
-GPU has no kernels", says why the check sits where it does.
+A CUDA build judges every visible GPU once per process, when torch initialises CUDA (so before any
+op meets a CUDA tensor), and warns (NemokernelsWarning) about each GPU its archs cannot run on.
+Not in the ops: a Python shim on every op's CUDA kernel would cost every call, and one removed
+after the first call could be freed while another thread is entering it. build_runs_on is the
+rule, table-tested in tests/test_cuda_availability.py.
 """
 import re
 import sys
