@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from ._version import __version__
 from . import _C  # noqa: F401  (registers the ops)
+from .device_check import NemokernelsWarning  # noqa: F401  (also installs the CUDA device check)
 from . import ssd, moe, nvfp4, speculative  # noqa: F401  (each registers its fake kernels)
 from .ssd import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, commit_state, mamba_chunk_scan_combined,
                   rmsnorm_fn, selective_state_update, selective_state_update_multi)
