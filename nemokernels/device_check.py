@@ -28,6 +28,7 @@ CUDA_BUILD_FIX = ("reinstall with nvcc visible: CUDA_HOME=/usr/local/cuda NEMOKE
                   "CPU-only build), or install a nemokernels wheel built with CUDA")
 
 _ARCH = re.compile(r"sm_(\d{2,3})([af]?)")
+_PTX = re.compile(r"compute_(\d{2,3})")
 
 
 def compiled_archs() -> List[str]:
@@ -41,9 +42,12 @@ def arch_runs_on(arch: str, capability: Tuple[int, int]) -> Optional[bool]:
     capability (major, minor); None for an entry this rule does not know (then it claims nothing).
 
     sm_XYa (arch-specific) runs only on X.Y; sm_XYf (family) and plain sm_XY run on X.Z for Z >= Y,
-    same major only. The build embeds no PTX (CMakeLists.txt: code=sm_* only), so no just-in-time
-    path to a newer major exists, and none is assumed.
+    same major only. compute_XY is PTX (NEMOKERNELS_CUDA_ARCHS "XY+PTX"): the driver compiles it
+    for any device of capability >= X.Y.
     """
+    p = _PTX.fullmatch(arch)
+    if p is not None:
+        return tuple(capability) >= divmod(int(p.group(1)), 10)
     m = _ARCH.fullmatch(arch)
     if m is None:
         return None
@@ -77,7 +81,8 @@ def no_cuda_message(op: str) -> str:
 
 def mismatch_message(archs: Sequence[str], devices: Sequence[Tuple[int, Tuple[int, int]]]) -> str:
     """The warning for `devices` ([(index, capability)]) that no arch of `archs` runs on."""
-    wanted = [a[len("sm_"):] for a in archs]
+    wanted = [a[len("sm_"):] if a.startswith("sm_") else a[len("compute_"):] + "+PTX" for a in archs
+              if not (a.startswith("sm_") and f"compute_{a[len('sm_'):]}" in archs)]
     wanted += sorted({arch_to_build(cap) for _, cap in devices} - set(wanted))
     names = ", ".join(f"cuda:{i} (sm_{cap[0]}{cap[1]})" for i, cap in devices)
     return (f"this nemokernels build has CUDA code for {', '.join(archs)} only, and none of it runs on {names}: "

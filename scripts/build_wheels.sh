@@ -2,14 +2,14 @@
 # Builds the nemokernels wheel: one cp310-abi3 wheel per platform, good for every CPython >= 3.10
 # (Python's limited API) and every torch >= 2.11 (torch's stable ABI), libtorch left out (it
 # comes from the user's torch). Needs nvcc (CUDA_HOME) and the build requirements installed.
-# Env: NEMOKERNELS_CUDA_ARCHS (default "80;90a;100a;120+PTX"), OUT (default dist), PLAT (auditwheel
+# Env: NEMOKERNELS_CUDA_ARCHS (default "80;90a;100f;120+PTX"), OUT (default dist), PLAT (auditwheel
 # platform tag, default: the most compatible this host allows; run inside quay.io/pypa/manylinux_2_28
 # for manylinux_2_28, torch's own tag), MAX_JOBS. Details: docs/install.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 out=${OUT:-dist}
-export NEMOKERNELS_BUILD_CUDA=1 NEMOKERNELS_CUDA_ARCHS=${NEMOKERNELS_CUDA_ARCHS:-"80;90a;100a;120+PTX"}
+export NEMOKERNELS_BUILD_CUDA=1 NEMOKERNELS_CUDA_ARCHS=${NEMOKERNELS_CUDA_ARCHS:-"80;90a;100f;120+PTX"}
 rm -rf "$out/raw"
 mkdir -p "$out/raw"
 log="$out/build.log"

@@ -32,9 +32,18 @@ H100, B200, B300, A100, RTX4090, RTX5090, GB10 = (9, 0), (10, 0), (10, 3), (8, 0
     (["sm_120"], GB10, True),
     (["sm_89"], RTX4090, True),
     ([], H100, False),                       # CPU-only build
-    (["compute_90"], H100, None),            # an entry the rule does not know: no claim
-    (["compute_90", "sm_90a"], H100, True),
-    (["compute_90", "sm_100a"], H100, None),
+    (["compute_120"], GB10, True),           # PTX ("120+PTX"): JIT for any capability >= its own
+    (["compute_120"], (13, 0), True),
+    (["compute_120"], RTX5090, True),
+    (["compute_120"], B200, False),
+    (["sm_80", "sm_90a", "sm_100f", "sm_120", "compute_120"], (13, 0), True),  # the release wheel
+    (["sm_80", "sm_90a", "sm_100f", "sm_120", "compute_120"], B300, True),     # (scripts/build_wheels.sh)
+    (["sm_80", "sm_90a", "sm_100a", "sm_120", "compute_120"], B300, False),    # 100a would miss the B300
+    (["sm_120", "compute_120"], A100, False),
+    (["sm_89", "sm_120"], (13, 0), False),   # no PTX: no newer major
+    (["compute_x"], H100, None),             # an entry the rule does not know: no claim
+    (["compute_x", "sm_90a"], H100, True),
+    (["compute_x", "sm_100a"], H100, None),
 ])
 def test_build_runs_on(archs, capability, runs):
     assert device_check.build_runs_on(archs, capability) is runs
@@ -87,7 +96,7 @@ def test_one_warning_names_every_device_without_code(fake_gpus):
 
 
 def test_no_warning_when_the_rule_cannot_decide(fake_gpus, monkeypatch):
-    monkeypatch.setattr(device_check, "compiled_archs", lambda: ["compute_90"])
+    monkeypatch.setattr(device_check, "compiled_archs", lambda: ["compute_x"])
     fake_gpus[0] = H100
     assert _warnings_of(device_check.check_cuda_devices, [0]) == []
 
