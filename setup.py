@@ -2,7 +2,7 @@
 
 Knobs (environment variables, all optional):
   NEMOKERNELS_BUILD_CUDA   1: CUDA kernels, fail without nvcc; 0: CPU-only; unset: CUDA when nvcc is found
-  NEMOKERNELS_CUDA_ARCHS   e.g. "90a;100a" ("120+PTX" adds PTX); default: the visible GPU's arch, else "90a;100a"
+  NEMOKERNELS_CUDA_ARCHS   e.g. "90a;100a" ("120+PTX" adds PTX); default: the visible GPU's arch, else "90a"
   NEMOKERNELS_BUILD_DIR    CMake build tree; default build/cmake-<cuda|cpu> in the checkout, kept between
                            builds (so `pip wheel` then `pip install -e` compiles once)
   MAX_JOBS                 parallel compile jobs; default: capped by cores and by free memory
@@ -90,9 +90,12 @@ def cuda_archs():
 
         if torch.cuda.is_available():
             return [device_arch(*torch.cuda.get_device_capability())]
-    except Exception:  # no torch CUDA runtime: fall through to the default pair
+    except Exception:  # no torch CUDA runtime: fall through to the default
         pass
-    return ["90a", "100a"]
+    # No GPU to ask: Hopper, the main target, alone (a Blackwell build doubles the compile time).
+    print('nemokernels: no GPU visible: building for 90a (H100/H200) only; set NEMOKERNELS_CUDA_ARCHS, e.g. '
+          '"90a;100a" (+ B200) or "80;90a;100f;120+PTX" (what the wheel holds), for others', flush=True)
+    return ["90a"]
 
 
 def cutlass_dir():
@@ -161,7 +164,7 @@ class CMakeBuild(build_ext):
             if cdir is not None:
                 args.append(f"-DNK_CUTLASS_DIR={cdir}")
         jobs = max_jobs()
-        print(f"nemokernels: CUDA={'yes (' + ';'.join(cuda_archs()) + ')' if cuda else 'no'}, jobs={jobs}, "
+        print(f"nemokernels: CUDA={'yes (' + ';'.join(archs) + ')' if cuda else 'no'}, jobs={jobs}, "
               f"build tree {build_dir}", flush=True)
         t0 = time.time()
         subprocess.check_call(["cmake", str(ROOT), "--log-level=WARNING"] + args, cwd=build_dir)

@@ -168,6 +168,10 @@ def test_setup_env_and_default_arch(monkeypatch):
         mod.cuda_archs()
     monkeypatch.setenv("NEMOKERNELS_CUDA_ARCHS", "90a;100a")
     assert mod.cuda_archs() == ["90a", "100a"]
+    # no arch asked for, no GPU to ask: Hopper alone (the quick first build), said on the console
+    monkeypatch.delenv("NEMOKERNELS_CUDA_ARCHS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mod.cuda_archs() == ["90a"]
     # a visible GPU's arch: the 'a' variant wherever arch-specific kernels exist
     assert [mod.device_arch(*cc) for cc in ((9, 0), (10, 0), (10, 3), (8, 9), (12, 0))] == \
         ["90a", "100a", "103a", "89", "120"]
