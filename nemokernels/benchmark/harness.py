@@ -6,6 +6,7 @@ do not flatter it, and reported against the device's peaks measured in the same 
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import time
@@ -261,7 +262,9 @@ def run_case(case: Case, device, peaks: dict, *, quick: bool = False, baselines:
 
 def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=print, path=None) -> dict:
     """All cases on `device`, as the JSON document `write_results` stores. With `path`, the
-    document is rewritten after every case, so a run stopped part-way keeps what it measured."""
+    document is rewritten after every case, so a run stopped part-way keeps what it measured.
+    Progress goes to `log`, flushed: `[i/n] op shape ...` as a case starts, then its summary
+    with the seconds it took and the seconds since the first case started."""
     results = {
         "device": device_name(device),
         "device_slug": device_slug(device),
@@ -273,11 +276,14 @@ def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=pr
         "quick": quick,
         "cases": [],
     }
-    for case in cases:
-        log(f"  {case.op} {case.name} ...", flush=True)
+    start = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        log(f"[{i}/{len(cases)}] {case.op} {case.name} ...", flush=True)
+        t0 = time.perf_counter()
         entry = run_case(case, device, peaks, quick=quick, baselines=baselines)
         results["cases"].append(entry)
-        log(f"    {_summary(entry)}", flush=True)
+        now = time.perf_counter()
+        log(f"    {_summary(entry)} ({now - t0:.1f} s, elapsed {now - start:.0f} s)", flush=True)
         if path is not None:
             write_results(results, path)
     return results
@@ -299,8 +305,22 @@ def _summary(entry: dict) -> str:
     return "; ".join(parts)
 
 
+RESULTS_DIR_ENV = "NEMOKERNELS_BENCH_DIR"
+
+
+def default_results_dir() -> Path:
+    """Where `nemokernels bench` writes without --out: $NEMOKERNELS_BENCH_DIR, else
+    $XDG_CACHE_HOME/nemokernels/bench, else ~/.cache/nemokernels/bench (never the checkout)."""
+    if os.environ.get(RESULTS_DIR_ENV):
+        return Path(os.environ[RESULTS_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "nemokernels" / "bench"
+
+
 def default_results_path(results: dict) -> Path:
-    return Path("bench") / "results" / f"{results['device_slug']}-{results['date']}.json"
+    """<default_results_dir()>/<device>-<date>[-quick].json"""
+    tag = "-quick" if results.get("quick") else ""
+    return default_results_dir() / f"{results['device_slug']}-{results['date']}{tag}.json"
 
 
 def write_results(results: dict, path=None) -> Path:
