@@ -39,13 +39,19 @@ def skipped_baselines(args) -> list:
     return args.skip_baseline + ([COMPILE_TAG] if args.quick and not args.compile_baselines else [])
 
 
-def run(args) -> int:
-    """0 when every case ran; 1 when one of ours failed (the JSON is written either way)."""
-    device = torch.device(args.device)
+def select_cases(args, device) -> list:
+    """The cases `args` asks for, each with only the baselines this run times."""
     cases = all_cases(args.quick, device, args.op)
     skip = skipped_baselines(args)
     for case in cases:
         case.baselines = {n: f for n, f in case.baselines.items() if not any(s in n for s in skip)}
+    return cases
+
+
+def run(args) -> int:
+    """0 when every case ran; 1 when one of ours failed (the JSON is written either way)."""
+    device = torch.device(args.device)
+    cases = select_cases(args, device)
     if not cases:
         print(f"no case matches --op {args.op}")
         return 2
