@@ -37,6 +37,17 @@ def test_time_fn_reports_ordered_percentiles():
     assert len(calls) >= 2 + t["reps"]
 
 
+def test_time_fn_makes_only_the_input_sets_it_uses():
+    made, used = [], set()
+
+    def make():
+        made.append(torch.randn(4))
+        return (made[-1],)
+
+    t = time_fn(lambda x: used.add(id(x)), make, device="cpu", warmup=3, reps=7, rotate=1000)
+    assert len(made) == len(used) == max(3, t["reps"])  # each set used, every timed call on a fresh one
+
+
 def test_run_cases_writes_json_after_every_case(tmp_path):
     path = tmp_path / "r.json"
     seen = []

@@ -67,7 +67,10 @@ def time_fn(fn, make_inputs, *, device, warmup=10, reps=100, rotate=1, max_secon
     take longer than `max_seconds` in all.
     """
     device = torch.device(device)
-    sets = [make_inputs() for _ in range(rotate)]
+    # The calls below use sets 0 .. max(warmup, reps, 5) - 1 only: more would be made for nothing
+    # (on a CPU, making a set can cost more than timing the op).
+    sets = [make_inputs() for _ in range(max(1, min(rotate, max(warmup, reps, 5))))]
+    rotate = len(sets)
     t0 = time.perf_counter()
     fn(*sets[0])  # first call: also tells how long one call takes
     _sync(device)
