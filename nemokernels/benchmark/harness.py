@@ -177,13 +177,14 @@ def measure_peaks(device, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, bytes read + written) and dense matmul TFLOP/s on `device`.
 
     CUDA: 1 GiB device-to-device copy and a bf16 8192^3 matmul. CPU: a 256 MiB float32 copy
-    and a float32 2048^3 matmul (labelled as CPU figures: not comparable to GPU peaks).
+    and a float32 2048^3 matmul, 64 MiB and 1024^3 when quick (labelled as CPU figures: not
+    comparable to GPU peaks).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     reps = 5 if quick else 20
-    copy_dtype, copy_bytes = (torch.bfloat16, 1 << 30) if cuda else (torch.float32, 256 << 20)
-    mm_dtype, n = (torch.bfloat16, 8192) if cuda else (torch.float32, 2048)
+    copy_dtype, copy_bytes = (torch.bfloat16, 1 << 30) if cuda else (torch.float32, (64 if quick else 256) << 20)
+    mm_dtype, n = (torch.bfloat16, 8192) if cuda else (torch.float32, 1024 if quick else 2048)
     numel = copy_bytes // torch.empty((), dtype=copy_dtype).element_size()
 
     # copy_ into a preallocated buffer: clone() would also time page faults of a fresh allocation.
