@@ -15,7 +15,7 @@ import torch
 import nemokernels
 from nemokernels.benchmark import Case, all_cases, run_cases
 from nemokernels.benchmark.harness import default_results_path, format_table, table_rows, time_fn
-from nemokernels.benchmark.runner import add_arguments, select_cases
+from nemokernels.benchmark.runner import add_arguments, cpu_threads, select_cases
 
 PEAKS = {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0, "copy": "test", "matmul": "test", "cpu_figures": True}
 
@@ -111,6 +111,13 @@ def test_quick_run_drops_compile_baselines_unless_asked():
     assert "torch_compile" not in names("--skip-baseline", "compile")
 
 
+def test_quick_cpu_run_takes_one_thread_unless_told():
+    assert cpu_threads(_args("--quick"), {}) == 1
+    assert cpu_threads(_args("--quick", "--threads", "4"), {}) == 4
+    assert cpu_threads(_args("--quick"), {"OMP_NUM_THREADS": "8"}) is None  # torch already took it
+    assert cpu_threads(_args(), {}) is None and cpu_threads(_args("--threads", "2"), {}) == 2
+
+
 def test_default_results_dir_honours_env(monkeypatch, tmp_path):
     doc = {"device_slug": "cpu", "date": "2026-12-05", "quick": True}
     monkeypatch.setenv("NEMOKERNELS_BENCH_DIR", str(tmp_path / "mine"))
@@ -130,6 +137,7 @@ def test_cli_writes_to_the_env_dir_with_progress(tmp_path):
     work.mkdir()
     env = {**os.environ, "NEMOKERNELS_BENCH_DIR": str(results),
            "PYTHONPATH": os.pathsep.join([str(Path(nemokernels.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)
     cmd = [sys.executable, "-m", "nemokernels", "bench", "--device", "cpu", "--quick", "--op", "selective_state_update",
            "--no-baselines"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work, env=env)
@@ -137,6 +145,7 @@ def test_cli_writes_to_the_env_dir_with_progress(tmp_path):
     written = list(results.iterdir())
     assert len(written) == 1 and written[0].name.startswith("cpu-") and written[0].name.endswith("-quick.json")
     assert f"wrote {written[0]}" in proc.stdout and list(work.iterdir()) == []
+    assert ", 1 threads)" in proc.stdout  # a quick CPU run's default
     n = len(json.loads(written[0].read_text())["cases"])
     starts = re.findall(r"^\[(\d+)/(\d+)\] selective_state_update", proc.stdout, re.M)
     assert n >= 2 and starts == [(str(i), str(n)) for i in range(1, n + 1)], proc.stdout

@@ -1,6 +1,7 @@
 """`nemokernels bench`: measure the device's peaks, time every case, print a table, write JSON."""
 import argparse
 import datetime
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-baselines", action="store_true",
                         help="keep the torch.compile baselines in a --quick run (they cost minutes of compiling; "
                              "runs without --quick always have them unless --skip-baseline compile)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for the ops (default: 1 in a --quick CPU run unless OMP_NUM_THREADS is "
+                             "set, since threads spin-waiting for a busy core cost more than they gain; "
+                             "else torch's default)")
     parser.add_argument("--skip-baseline", action="append", default=[], metavar="NAME",
                         help="skip baselines whose name contains NAME (repeatable; e.g. compile: "
                              "torch.compile baselines cost minutes of compiling)")
@@ -37,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def skipped_baselines(args) -> list:
     """Name fragments of the baselines this run leaves out."""
     return args.skip_baseline + ([COMPILE_TAG] if args.quick and not args.compile_baselines else [])
+
+
+def cpu_threads(args, environ=os.environ):
+    """The thread count a CPU run sets, or None to keep torch's (see --threads)."""
+    if args.threads is not None:
+        return args.threads
+    return 1 if args.quick and "OMP_NUM_THREADS" not in environ else None
 
 
 def select_cases(args, device) -> list:
@@ -51,6 +63,8 @@ def select_cases(args, device) -> list:
 def run(args) -> int:
     """0 when every case ran; 1 when one of ours failed (the JSON is written either way)."""
     device = torch.device(args.device)
+    if device.type == "cpu" and cpu_threads(args) is not None:
+        torch.set_num_threads(cpu_threads(args))
     cases = select_cases(args, device)
     if not cases:
         print(f"no case matches --op {args.op}")
