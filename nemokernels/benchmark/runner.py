@@ -13,6 +13,12 @@ from .harness import (RESULTS_DIR_ENV, default_results_path, device_name, device
 COMPILE_TAG = "compile"  # every torch.compile baseline has it in its name (torch_compile, torch_chunked_compile)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of threads (e.g. --threads 4)")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op", action="append", metavar="NAME",
                         help="only ops whose name contains NAME (repeatable)")
@@ -30,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-baselines", action="store_true",
                         help="keep the torch.compile baselines in a --quick run (they cost minutes of compiling; "
                              "runs without --quick always have them unless --skip-baseline compile)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="CPU threads for the ops (default: 1 in a --quick CPU run unless OMP_NUM_THREADS is "
                              "set, since threads spin-waiting for a busy core cost more than they gain; "
                              "else torch's default)")
