@@ -1,14 +1,21 @@
 """The benchmark harness (nemokernels.benchmark): timing results, the JSON written as cases
-finish, the table's ratio columns, and the CLI's baseline filter. Speed itself is measured in
-bench/, never here."""
+finish, progress lines, the table's ratio columns, the CLI's baseline filter, where results go
+by default, and the size of a quick CPU run's points. Speed itself is measured in bench/, never
+here."""
+import argparse
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from nemokernels.benchmark import Case, run_cases
-from nemokernels.benchmark.harness import format_table, table_rows, time_fn
+import nemokernels
+from nemokernels.benchmark import Case, all_cases, run_cases
+from nemokernels.benchmark.harness import default_results_path, format_table, table_rows, time_fn
+from nemokernels.benchmark.runner import add_arguments, cpu_threads, select_cases
 
 PEAKS = {"copy_GBps": 10.0, "matmul_TFLOPs": 1.0, "copy": "test", "matmul": "test", "cpu_figures": True}
 
@@ -30,13 +37,25 @@ def test_time_fn_reports_ordered_percentiles():
     assert len(calls) >= 2 + t["reps"]
 
 
+def test_time_fn_makes_only_the_input_sets_it_uses():
+    made, used = [], set()
+
+    def make():
+        made.append(torch.randn(4))
+        return (made[-1],)
+
+    t = time_fn(lambda x: used.add(id(x)), make, device="cpu", warmup=3, reps=7, rotate=1000)
+    assert len(made) == len(used) == max(3, t["reps"])  # each set used, every timed call on a fresh one
+
+
 def test_run_cases_writes_json_after_every_case(tmp_path):
     path = tmp_path / "r.json"
     seen = []
 
     def log(msg, flush=False):
+        assert flush  # progress must show while the run goes on
         seen.append(msg)
-        if msg.strip().startswith("double b"):  # second case starting: the first is on disk
+        if msg.startswith("[2/2] double b ..."):  # second case starting: the first is on disk
             assert [c["shape"] for c in json.loads(path.read_text())["cases"]] == ["a"]
 
     res = run_cases([_case("a"), _case("b", fail=True)], "cpu", PEAKS, quick=True, log=log, path=path)
@@ -47,6 +66,10 @@ def test_run_cases_writes_json_after_every_case(tmp_path):
     assert "gpu_us" not in a  # GPU and wall time only on CUDA
     assert b["error"].startswith("ValueError: broken kernel")
     assert any("error: ValueError" in m for m in seen)
+    # A start line with i/n per case, then its summary with its seconds and the elapsed seconds.
+    assert [m for m in seen if m.startswith("[")] == ["[1/2] double a ...", "[2/2] double b ..."]
+    ends = [m for m in seen if not m.startswith("[")]
+    assert len(ends) == 2 and all(re.search(r"\(\d+\.\d s, elapsed \d+ s\)$", m) for m in ends), ends
 
 
 def test_table_shows_event_gpu_wall_ratios():
@@ -62,9 +85,93 @@ def test_table_shows_event_gpu_wall_ratios():
 
 def test_cli_skip_baseline_and_results_file(tmp_path):
     out = tmp_path / "cli.json"
+    # --compile-baselines keeps them in a quick run; --skip-baseline compile still drops them.
     cmd = [sys.executable, "-m", "nemokernels", "bench", "--device", "cpu", "--quick", "--op", "rmsnorm_fn",
-           "--skip-baseline", "compile", "--out", str(out)]
+           "--compile-baselines", "--skip-baseline", "compile", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cases = json.loads(out.read_text())["cases"]
     assert cases and all("torch_compile" not in c["baselines"] and "torch_eager" in c["baselines"] for c in cases)
+    assert f"wrote {out}" in proc.stdout
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_quick_run_drops_compile_baselines_unless_asked():
+    def names(*argv):
+        return {n for c in select_cases(_args("--op", "rmsnorm_fn", *argv), torch.device("cpu")) for n in c.baselines}
+
+    assert "torch_eager" in names("--quick") and not any("compile" in n for n in names("--quick"))
+    assert "torch_compile" in names("--quick", "--compile-baselines")
+    assert "torch_compile" in names()  # a full run keeps them
+    assert "torch_compile" not in names("--skip-baseline", "compile")
+
+
+def test_quick_cpu_run_takes_one_thread_unless_told():
+    assert cpu_threads(_args("--quick"), {}) == 1
+    assert cpu_threads(_args("--quick", "--threads", "4"), {}) == 4
+    assert cpu_threads(_args("--quick"), {"OMP_NUM_THREADS": "8"}) is None  # torch already took it
+    assert cpu_threads(_args(), {}) is None and cpu_threads(_args("--threads", "2"), {}) == 2
+
+
+def test_default_results_dir_honours_env(monkeypatch, tmp_path):
+    doc = {"device_slug": "cpu", "date": "2026-12-05", "quick": True}
+    monkeypatch.setenv("NEMOKERNELS_BENCH_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_results_path(doc) == tmp_path / "mine" / "cpu-2026-12-05-quick.json"
+    monkeypatch.delenv("NEMOKERNELS_BENCH_DIR")
+    assert default_results_path({**doc, "quick": False}) == tmp_path / "xdg" / "nemokernels" / "bench" / "cpu-2026-12-05.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_results_path(doc) == tmp_path / "home" / ".cache" / "nemokernels" / "bench" / "cpu-2026-12-05-quick.json"
+
+
+def test_cli_writes_to_the_env_dir_with_progress(tmp_path):
+    """Without --out: the JSON goes to $NEMOKERNELS_BENCH_DIR (not the working directory nor the
+    package), the run says where, and each case gets an [i/n] line."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    env = {**os.environ, "NEMOKERNELS_BENCH_DIR": str(results),
+           "PYTHONPATH": os.pathsep.join([str(Path(nemokernels.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [sys.executable, "-m", "nemokernels", "bench", "--device", "cpu", "--quick", "--op", "selective_state_update",
+           "--no-baselines"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = list(results.iterdir())
+    assert len(written) == 1 and written[0].name.startswith("cpu-") and written[0].name.endswith("-quick.json")
+    assert f"wrote {written[0]}" in proc.stdout and list(work.iterdir()) == []
+    assert ", 1 threads)" in proc.stdout  # a quick CPU run's default
+    n = len(json.loads(written[0].read_text())["cases"])
+    starts = re.findall(r"^\[(\d+)/(\d+)\] selective_state_update", proc.stdout, re.M)
+    assert n >= 2 and starts == [(str(i), str(n)) for i in range(1, n + 1)], proc.stdout
+
+
+def _input_bytes(obj) -> int:
+    """Bytes of the tensors in a case's inputs: tensors, modules' parameters and buffers, and the
+    tensor fields of containers and objects (NVFP4Tensor, permutation plans)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, torch.nn.Module):
+        return sum(_input_bytes(t) for t in [*obj.parameters(), *obj.buffers()])
+    if isinstance(obj, (list, tuple)):
+        return sum(_input_bytes(o) for o in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(_input_bytes(o) for o in vars(obj).values())
+    return 0
+
+
+def test_quick_cpu_run_is_cpu_sized():
+    """A quick CPU run (the first command of the README) has few cases, each with inputs of at
+    most 64 MiB and at most 4 GFLOP of declared work, so it finishes in well under a minute."""
+    cases = all_cases(True, torch.device("cpu"))
+    assert 10 <= len(cases) <= 32, [f"{c.op} {c.name}" for c in cases]
+    assert {c.op.split(".")[0] for c in cases} >= {"model", "moe_router", "grouped_gemm", "nvfp4",
+                                                   "mamba_chunk_scan_combined", "selective_state_update"}
+    for c in cases:
+        assert c.bytes <= 64 << 20 and c.flops <= 4e9, (c.op, c.name, c.bytes, c.flops)
+        assert _input_bytes(c.make_inputs()) <= 64 << 20, (c.op, c.name)

@@ -5,7 +5,8 @@ and weights, and greedy generation with and without MTP speculation.
 Config "1b" (CUDA, full run): d 2048, 16 blocks `MEMEM*EMEMEM*EME` (Mamba-2 32x64 heads, 8
 groups, d_state 128, chunk 128; GQA 16/2 heads of 128; LatentMoE 64 experts top-6, F 1024,
 latent 512, shared 2048), vocab 131072: about 1.1B parameters, 0.45B active per token. bf16
-autocast, batch 4 x 1024 tokens. "tiny" (CPU or --quick): the demo's small model.
+autocast, batch 4 x 1024 tokens. "tiny" (CPU or --quick): the demo's small model, 2 x 256 tokens
+(1 x 64 in a quick CPU run).
 FLOPs counted as 6 x active parameters x tokens (a training step's matmul work).
 """
 import tempfile
@@ -73,7 +74,7 @@ def cases(quick: bool, device) -> list:
     cuda = torch.device(device).type == "cuda"
     name = "1b" if cuda and not quick else "tiny"
     cfg = CONFIGS[name]
-    b, L = (4, 1024) if name == "1b" else (2, 256)
+    b, L = (4, 1024) if name == "1b" else (2, 256) if cuda or not quick else (1, 64)
     state = {}
 
     def make():

@@ -91,7 +91,7 @@ def cases(quick: bool, device) -> list:
     out = []
     # Activations (tokens x hidden) and weights (out x in).
     cpu = torch.device(device).type == "cpu"
-    qshapes = [(1024, 1024) if cpu else (4096, 4096)] if quick else [(m, k) for m in TOKENS for k in (1024, 2688, 4096)] + \
+    qshapes = [(256, 1024) if cpu else (4096, 4096)] if quick else [(m, k) for m in TOKENS for k in (1024, 2688, 4096)] + \
         [(n, k) for k, n in PROJECTIONS]
     for rows, cols in qshapes:
         name = f"{rows}x{cols} bf16"
@@ -114,7 +114,7 @@ def cases(quick: bool, device) -> list:
         out.append(Case(op="nvfp4.dequantize", name=name, make_inputs=_dq_maker(rows, cols, device), fn=_dq,
                         bytes=quant_bytes(rows, cols), flops=0))
     # NVFP4Linear forward + backward (3 GEMMs) vs the bf16 Linear.
-    lpoints = [(256, 1024, 1024) if cpu else (4096, 4096, 4096)] if quick else [(m, k, n) for m in TOKENS for k, n in PROJECTIONS]
+    lpoints = [(128, 1024, 1024) if cpu else (4096, 4096, 4096)] if quick else [(m, k, n) for m in TOKENS for k, n in PROJECTIONS]
     for m, k, n in lpoints:
         # bf16 traffic of the Linear: x, W, dy read, y, dx, dW written (twice for reuse ignored).
         nbytes = 2 * (2 * m * k + 2 * n * k + 2 * m * n)

@@ -66,6 +66,8 @@ def cases(quick: bool, device) -> list:
     esize = torch.empty((), dtype=DTYPE).element_size()
     points = ([("nano", 2048), ("super", 2048)] if quick else
               [(cfg, rows) for cfg in DIMS for rows in (2048, 8192, 32768)])
+    if quick and torch.device(device).type != "cuda":  # CPU-sized
+        points = [("nano", 512)]
     peer = mamba_ssm_peer("layernorm_gated", "rmsnorm_fn")
     out = []
     for cfg, rows in points:

@@ -6,6 +6,7 @@ do not flatter it, and reported against the device's peaks measured in the same 
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import time
@@ -66,7 +67,10 @@ def time_fn(fn, make_inputs, *, device, warmup=10, reps=100, rotate=1, max_secon
     take longer than `max_seconds` in all.
     """
     device = torch.device(device)
-    sets = [make_inputs() for _ in range(rotate)]
+    # The calls below use sets 0 .. max(warmup, reps, 5) - 1 only: more would be made for nothing
+    # (on a CPU, making a set can cost more than timing the op).
+    sets = [make_inputs() for _ in range(max(1, min(rotate, max(warmup, reps, 5))))]
+    rotate = len(sets)
     t0 = time.perf_counter()
     fn(*sets[0])  # first call: also tells how long one call takes
     _sync(device)
@@ -173,13 +177,14 @@ def measure_peaks(device, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, bytes read + written) and dense matmul TFLOP/s on `device`.
 
     CUDA: 1 GiB device-to-device copy and a bf16 8192^3 matmul. CPU: a 256 MiB float32 copy
-    and a float32 2048^3 matmul (labelled as CPU figures: not comparable to GPU peaks).
+    and a float32 2048^3 matmul, 64 MiB and 1024^3 when quick (labelled as CPU figures: not
+    comparable to GPU peaks).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     reps = 5 if quick else 20
-    copy_dtype, copy_bytes = (torch.bfloat16, 1 << 30) if cuda else (torch.float32, 256 << 20)
-    mm_dtype, n = (torch.bfloat16, 8192) if cuda else (torch.float32, 2048)
+    copy_dtype, copy_bytes = (torch.bfloat16, 1 << 30) if cuda else (torch.float32, (64 if quick else 256) << 20)
+    mm_dtype, n = (torch.bfloat16, 8192) if cuda else (torch.float32, 1024 if quick else 2048)
     numel = copy_bytes // torch.empty((), dtype=copy_dtype).element_size()
 
     # copy_ into a preallocated buffer: clone() would also time page faults of a fresh allocation.
@@ -261,7 +266,9 @@ def run_case(case: Case, device, peaks: dict, *, quick: bool = False, baselines:
 
 def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=print, path=None) -> dict:
     """All cases on `device`, as the JSON document `write_results` stores. With `path`, the
-    document is rewritten after every case, so a run stopped part-way keeps what it measured."""
+    document is rewritten after every case, so a run stopped part-way keeps what it measured.
+    Progress goes to `log`, flushed: `[i/n] op shape ...` as a case starts, then its summary
+    with the seconds it took and the seconds since the first case started."""
     results = {
         "device": device_name(device),
         "device_slug": device_slug(device),
@@ -273,11 +280,14 @@ def run_cases(cases, device, peaks: dict, *, quick=False, baselines=True, log=pr
         "quick": quick,
         "cases": [],
     }
-    for case in cases:
-        log(f"  {case.op} {case.name} ...", flush=True)
+    start = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        log(f"[{i}/{len(cases)}] {case.op} {case.name} ...", flush=True)
+        t0 = time.perf_counter()
         entry = run_case(case, device, peaks, quick=quick, baselines=baselines)
         results["cases"].append(entry)
-        log(f"    {_summary(entry)}", flush=True)
+        now = time.perf_counter()
+        log(f"    {_summary(entry)} ({now - t0:.1f} s, elapsed {now - start:.0f} s)", flush=True)
         if path is not None:
             write_results(results, path)
     return results
@@ -299,8 +309,22 @@ def _summary(entry: dict) -> str:
     return "; ".join(parts)
 
 
+RESULTS_DIR_ENV = "NEMOKERNELS_BENCH_DIR"
+
+
+def default_results_dir() -> Path:
+    """Where `nemokernels bench` writes without --out: $NEMOKERNELS_BENCH_DIR, else
+    $XDG_CACHE_HOME/nemokernels/bench, else ~/.cache/nemokernels/bench (never the checkout)."""
+    if os.environ.get(RESULTS_DIR_ENV):
+        return Path(os.environ[RESULTS_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "nemokernels" / "bench"
+
+
 def default_results_path(results: dict) -> Path:
-    return Path("bench") / "results" / f"{results['device_slug']}-{results['date']}.json"
+    """<default_results_dir()>/<device>-<date>[-quick].json"""
+    tag = "-quick" if results.get("quick") else ""
+    return default_results_dir() / f"{results['device_slug']}-{results['date']}{tag}.json"
 
 
 def write_results(results: dict, path=None) -> Path:
