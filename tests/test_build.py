@@ -155,6 +155,28 @@ def test_extension_is_one_abi3_module():
     assert [p.name for p in Path(C.__file__).parent.glob("_C*.so")] == ["_C.abi3.so"]
 
 
+def test_cmake_configures_the_release_archs(tmp_path):
+    """CMakeLists.txt for the wheel's archs (configure only, no compile): +PTX adds the PTX
+    target, the sm100 files get the family target, and the capabilities they run on travel as a
+    bit mask (100f: 100 and 103; a comma list would be split by nvcc's -D parsing)."""
+    nvcc = _setup_module().find_nvcc()
+    if nvcc is None or shutil.which("cmake") is None or shutil.which("ninja") is None:
+        pytest.skip("needs nvcc, cmake and ninja")
+    torch_root = Path(torch.__file__).parent
+    r = subprocess.run(["cmake", str(ROOT), "-GNinja", "--log-level=WARNING", f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-DNK_TORCH_INCLUDE={torch_root / 'include'}", f"-DNK_TORCH_LIB={torch_root / 'lib'}",
+                        "-DNK_BUILD_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DNK_CUDA_ARCHS=80;90a;100f;120+PTX"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ninja = (tmp_path / "build.ninja").read_text()
+    assert set(re.findall(r"NK_SM100_CC_MASK=(\d+)", ninja)) == {str((1 << 0) | (1 << 3))}
+    assert "-gencode=arch=compute_120,code=[sm_120,compute_120]" in ninja
+    assert "-gencode=arch=compute_100f,code=sm_100f" in ninja and "-gencode=arch=compute_80,code=sm_80" in ninja
+    assert "NK_SM100_CCS" not in ninja
+    r = subprocess.run(["cmake", str(ROOT), "-DNK_CUDA_ARCHS=90a+PTX"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and "PTX only for a plain arch" in r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("env", ["sm_90a", "9", "1000a", "90b", "100a;x", "120+ptx", "+PTX"])
 def test_setup_refuses_malformed_archs(env):
     with pytest.raises(RuntimeError, match="NEMOKERNELS_CUDA_ARCHS: bad arch"):
