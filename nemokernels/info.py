@@ -23,9 +23,6 @@ def cuda_ops() -> list:
     return [op for op in OPS if has_cuda_kernel(op)]
 
 
-_compiled_archs = compiled_archs  # the name tests/nvfp4/test_nvfp4_gemm.py imports
-
-
 def _capability(device: torch.device):
     return device_check._capability(torch.cuda.current_device() if device.index is None else device.index)
 

@@ -466,9 +466,9 @@ def test_gemm_path_on_the_cpu():
 
 def _sm100_built_for_this_gpu():
     """Independent of the op: the build's arch list (nemokernels info) against the device."""
-    from nemokernels.info import _compiled_archs
+    from nemokernels.device_check import compiled_archs
     major, minor = torch.cuda.get_device_capability()
-    archs = set(_compiled_archs())
+    archs = set(compiled_archs())
     cc = major * 10 + minor
     if major != 10:  # the sm_100 kernels are Blackwell datacenter (10.x) code only
         return False
