@@ -1,11 +1,13 @@
 """The gated RMSNorm CUDA kernels (csrc/ssd/rmsnorm_gated_cuda.cu, forward and backward with its
 launch plans) run on the CPU through the emulator in tools/cuda_emu (tests/cuda_emu.py,
 tools/cuda_emu/README.md), over shapes that take every kernel path (16-byte vectors or scalar
-accesses; 1, 2 or 4 cached vectors per thread; uncached long groups and the column kernel).
+accesses; 1, 2 or 4 cached vectors per thread, one warp or several per unit, several units per
+block; uncached long groups, vectorised or scalar, and the column kernel).
 out, rstd, dx, dz, dweight and dbias are NaN-poisoned before the launch and compared with the
 float64 reference (autograd of nemokernels.ssd.reference.rmsnorm_gated_ref), as the CPU kernel's
 are through the public op, with the tolerances of tests/ssd/test_rmsnorm_gated.py. A second
-library reports 2 SMs: fewer resident blocks, so the backward's row lanes walk several rows.
+library reports 2 SMs: fewer resident blocks, so the row lanes of both persistent kernels walk
+several rows and the backward's blocks sum several rows into their partial rows.
 """
 import functools
 
@@ -31,11 +33,14 @@ def emu(sm_count=None):
                                  flags=flags)
 
 
-# (rows, D, G): vectorised groups of 128 / 512 channels, one group per row, G not a multiple of
-# the vector (4100 / 1025), long groups past the cached sizes (uncached path, column kernel),
-# tiny D, several units per block, G = 1.
+# (rows, D, G) and the plans they take (forward / backward; V = 4 float32, 8 bfloat16):
+# 128: one warp, 1 vector, 8 units per block; 512: float32 forward 4 vectors in one warp,
+# backward 2 in two warps, bfloat16 2 / 1; 1536: 3 and 6 warps; 4100/1025: scalar (G not a
+# multiple of the vector), 4 vectors over 9 warps; 4096: 8 and 16 warps (the 512-thread limit);
+# 8200: scalar uncached (column kernel); 16384: vectorised uncached forward and backward; tiny D,
+# several units per block, G = 1.
 SHAPES = [(37, 1024, 128), (33, 2048, 512), (9, 1536, 1536), (5, 4100, 1025), (9, 4096, 4096), (2, 8200, 8200),
-          (5, 7, 7), (70, 96, 32), (3, 24, 1)]
+          (2, 16384, 16384), (5, 7, 7), (70, 96, 32), (3, 24, 1)]
 MODES = ["none", "first", "last"]  # no z / gate before the norm / gate after it (norm_before_gate)
 # contiguous; x and z with channel stride 2; rows padded (row stride D + 8); dout expanded (strides 0)
 LAYOUTS = ["contiguous", "strided", "row_padded", "dout_expanded"]
@@ -189,10 +194,11 @@ def test_rmsnorm_emulated_misaligned(misaligned, dtype):
     _run_case(emu(), 37, 1024, 128, "first", "contiguous", True, dtype, misaligned=misaligned)
 
 
-@pytest.mark.parametrize("rows,D,G,launches", [(37, 1024, 128, 2), (9, 4096, 4096, 3)])
+@pytest.mark.parametrize("rows,D,G,launches", [(37, 1024, 128, 2), (9, 4096, 4096, 2), (2, 16384, 16384, 3)])
 def test_backward_paths_taken(rows, D, G, launches):
-    """The shapes reach both backward variants: cached (the row kernel writes the dweight/dbias
-    partial rows, then the reduction: 2 launches) and uncached (+ the column kernel: 3)."""
+    """The shapes reach both backward variants: cached (the row kernel writes one dweight/dbias
+    partial row per block, then the reduction: 2 launches; 4096 channels still fit 512 threads
+    of 2 float32 vectors) and uncached (+ the column kernel: 3)."""
     e = emu()
     x, z, w, b, dout = make_inputs(rows, D, torch.float32, "first", "contiguous", True, seed=0)
     before = e.launches()
