@@ -91,20 +91,22 @@ NK_DEVICE void store_v(void* base, int64_t off, const float (&v)[V]) {
   }
 }
 
-// V float32 parameters (weight or bias) of channels c..c+V-1: 16-byte loads when V > 1 (the
-// launcher checks that the parameter is 16-byte aligned; c is a multiple of V >= 4), else one.
-template <int V>
-NK_DEVICE void load_param(const float* base, int64_t c, float (&v)[V]) {
-  if constexpr (V == 1) {
-    v[0] = base[c];
-  } else {
-    static_assert(V % 4 == 0, "parameter vectors are whole float4s");
-#pragma unroll
-    for (int i = 0; i < V; i += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(base + c + i);
-      v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
-    }
+// Parameter (weight or bias, in its own dtype) of channel c as float32.
+NK_DEVICE float param_at(const void* base, DType dt, int64_t c) {
+  switch (dt) {
+    case DType::F16: return to_f<__half>(static_cast<const __half*>(base)[c]);
+    case DType::BF16: return to_f<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(base)[c]);
+    default: return static_cast<const float*>(base)[c];
   }
+}
+
+// V parameters of channels c..c+V-1, element by element: once per block for the cached weight;
+// per row only for the bias (an option Nemotron's norm does not use) and the uncached path,
+// both L1 hits after the first row.
+template <int V>
+NK_DEVICE void load_param(const void* base, DType dt, int64_t c, float (&v)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) v[i] = param_at(base, dt, c + i);
 }
 
 // Sum of v over the blockDim.x threads of this unit (same threadIdx.y). Every thread of the
@@ -160,7 +162,7 @@ NK_DEVICE void fwd_store(const RmsNormFwdParams& p, int64_t r, int64_t c, const 
                          const float (&gate)[V], float rstd, const float (&w)[V]) {
   float o[V], b[V];
   if (p.bias != nullptr) {
-    load_param<V>(p.bias, c, b);
+    load_param<V>(p.bias, p.bias_dtype, c, b);
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) b[i] = 0.f;
@@ -173,11 +175,11 @@ NK_DEVICE void fwd_store(const RmsNormFwdParams& p, int64_t r, int64_t c, const 
 // The weight of a thread's cached vectors (channels c0 + (tx + k * tpu) * V + [0, V)), read
 // once per block.
 template <int V, int NV>
-NK_DEVICE void load_weights(const float* weight, int64_t c0, int64_t nvec, float (&w)[NV][V]) {
+NK_DEVICE void load_weights(const RmsNormFwdParams& p, int64_t c0, int64_t nvec, float (&w)[NV][V]) {
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
-    if (j < nvec) load_param<V>(weight, c0 + j * V, w[k]);
+    if (j < nvec) load_param<V>(p.weight, p.weight_dtype, c0 + j * V, w[k]);
   }
 }
 
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kMaxThreads) fwd_kernel(RmsNormFwdParams p) {
   const int64_t G = p.group_size, ngroups = p.dim / G, nvec = G / V;
   const int64_t g = blockIdx.x, c0 = g * G;
   float w[NV > 0 ? NV : 1][V];
-  if constexpr (NV > 0) load_weights<V, NV>(p.weight, c0, nvec, w);
+  if constexpr (NV > 0) load_weights<V, NV>(p, c0, nvec, w);
   for_block_rows(p.rows, [&](int64_t r, bool active) {
     float acc = 0.f;
     if constexpr (NV > 0) {
@@ -234,7 +236,7 @@ __global__ void __launch_bounds__(kMaxThreads) fwd_kernel(RmsNormFwdParams p) {
       for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
         float u[V], gate[V], wv[V];
         fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
-        load_param<V>(p.weight, c0 + j * V, wv);
+        load_param<V>(p.weight, p.weight_dtype, c0 + j * V, wv);
         fwd_store<T, V>(p, r, c0 + j * V, u, gate, rstd, wv);
       }
     }
@@ -262,7 +264,7 @@ NK_DEVICE float bwd_pass1(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_
   load_v<T, V>(q.dout, r * q.dout_sr + c * q.dout_sc, gv);
   float b[V];
   if (gt.last && p.bias != nullptr) {  // the bias enters the gradient only through a last gate
-    load_param<V>(p.bias, c, b);
+    load_param<V>(p.bias, p.bias_dtype, c, b);
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) b[i] = 0.f;
@@ -344,7 +346,7 @@ __global__ void __launch_bounds__(kMaxThreads) bwd_kernel(RmsNormBwdParams q) {
   for (int k = 0; k < NA; ++k)
 #pragma unroll
     for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
-  if constexpr (NV > 0) load_weights<V, NV>(p.weight, c0, nvec, w);
+  if constexpr (NV > 0) load_weights<V, NV>(p, c0, nvec, w);
   for_block_rows(p.rows, [&](int64_t r, bool active) {
     const float rstd = active ? p.rstd[r * ngroups + g] : 0.f;
     if constexpr (NV > 0) {
@@ -373,14 +375,14 @@ __global__ void __launch_bounds__(kMaxThreads) bwd_kernel(RmsNormBwdParams q) {
       float dot = 0.f;
       for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
         float wv[V], xh[V], dxh[V], ca[V], cb[V], dy[V];
-        load_param<V>(p.weight, c0 + j * V, wv);
+        load_param<V>(p.weight, p.weight_dtype, c0 + j * V, wv);
         dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, wv, xh, dxh, ca, cb, dy);
       }
       const float m = unit_sum(dot, red) / static_cast<float>(G);
       for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
         // Re-reads the inputs; dz of a last gate is rewritten with the same value.
         float wv[V], xh[V], dxh[V], ca[V], cb[V], dy[V];
-        load_param<V>(p.weight, c0 + j * V, wv);
+        load_param<V>(p.weight, p.weight_dtype, c0 + j * V, wv);
         bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, wv, xh, dxh, ca, cb, dy);
         bwd_pass2<T, V>(q, gt, r, c0 + j * V, rstd, m, xh, dxh, ca, cb);
       }
@@ -400,7 +402,8 @@ __global__ void __launch_bounds__(kColThreads) dwdb_columns_kernel(RmsNormBwdPar
   const int64_t ngroups = p.dim / p.group_size, g = c / p.group_size;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < p.rows ? r0 + rows_per_chunk : p.rows;
-  const float w = p.weight[c], b = (gt.last && p.bias != nullptr) ? p.bias[c] : 0.f;
+  const float w = param_at(p.weight, p.weight_dtype, c);
+  const float b = (gt.last && p.bias != nullptr) ? param_at(p.bias, p.bias_dtype, c) : 0.f;
   float dw = 0.f, db = 0.f;
   for (int64_t r = r0; r < r1; ++r) {
     float xv[1], zv[1] = {0.f}, gv[1];
@@ -413,6 +416,15 @@ __global__ void __launch_bounds__(kColThreads) dwdb_columns_kernel(RmsNormBwdPar
   }
   q.partials[int64_t(blockIdx.y) * 2 * p.dim + c] = dw;
   q.partials[int64_t(blockIdx.y) * 2 * p.dim + p.dim + c] = db;
+}
+
+// One float32 gradient of a parameter, rounded once to its dtype.
+NK_DEVICE void store_param(void* base, DType dt, int64_t c, float v) {
+  switch (dt) {
+    case DType::F16: static_cast<__half*>(base)[c] = from_f<__half>(v); break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(base)[c] = from_f<__nv_bfloat16>(v); break;
+    default: static_cast<float*>(base)[c] = v;
+  }
 }
 
 // dweight/dbias = sums of the partial rows over (2 * dim) columns: block (32 columns, 8
@@ -430,8 +442,8 @@ __global__ void __launch_bounds__(kRedCols * kRedSlices) reduce_partials_kernel(
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < kRedSlices; ++i) s += red[i][threadIdx.x];
-    if (col < D) q.dweight[col] = s;
-    else if (q.dbias != nullptr) q.dbias[col - D] = s;
+    if (col < D) store_param(q.dweight, q.fwd.weight_dtype, col, s);
+    else if (q.dbias != nullptr) store_param(q.dbias, q.fwd.bias_dtype, col - D, s);
   }
 }
 
@@ -452,14 +464,12 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr const char* kGroupsAdvice = "use a larger group_size (fewer groups per row) or split the channels";
 constexpr const char* kDimAdvice = "split the channels (D) into smaller calls";
 
-// 16-byte accesses are legal when V divides the group, every tensor's rows start on a
-// 16-byte boundary with unit channel stride, and the float32 weight and bias are 16-byte
-// aligned (the entry aligns them). Entries with a null pointer are skipped.
-bool vec_ok(int V, int esize, int64_t G, const float* weight, const float* bias,
+// 16-byte accesses are legal when V divides the group and every tensor's rows start on a
+// 16-byte boundary with unit channel stride (the parameters are read element by element).
+// Entries with a null pointer are skipped.
+bool vec_ok(int V, int esize, int64_t G,
             std::initializer_list<std::pair<const void*, std::pair<int64_t, int64_t>>> ts) {
   if (G % V != 0) return false;
-  for (const float* w : {weight, bias})
-    if (w != nullptr && reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
   for (const auto& [ptr, st] : ts) {
     if (ptr == nullptr) continue;
     if (reinterpret_cast<uintptr_t>(ptr) % (V * esize) != 0 || st.second != 1 || st.first % V != 0) return false;
@@ -543,7 +553,7 @@ struct Plan {
 template <typename T>
 Plan fwd_plan(const RmsNormFwdParams& p) {
   constexpr int VV = 16 / sizeof(T);
-  const bool vec = vec_ok(VV, sizeof(T), p.group_size, p.weight, p.bias,
+  const bool vec = vec_ok(VV, sizeof(T), p.group_size,
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {p.out, {p.dim, 1}}});
   Plan f;
   f.unit = unit_plan(p.group_size, vec ? VV : 1, kFwdMaxElems);
@@ -563,7 +573,7 @@ template <typename T>
 Plan bwd_plan(const RmsNormBwdParams& q) {
   const RmsNormFwdParams& p = q.fwd;
   constexpr int VV = 16 / sizeof(T);
-  const bool vec = vec_ok(VV, sizeof(T), p.group_size, p.weight, p.bias,
+  const bool vec = vec_ok(VV, sizeof(T), p.group_size,
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {q.dout, {q.dout_sr, q.dout_sc}},
                            {q.dx, {p.dim, 1}}, {q.dz, {p.dim, 1}}});
   Plan b;

@@ -105,10 +105,12 @@ def run_emulated(e, x, z, w, b, dout, G, eps, norm_before_gate):
     if z is not None:
         p.z, p.z_sr, p.z_sc = z.data_ptr(), z.stride(0), z.stride(1)
     p.weight, p.bias, p.out, p.rstd = w.data_ptr(), _ptr(b), out.data_ptr(), rstd.data_ptr()
+    p.weight_dtype = base.DT_ENUM[w.dtype]
+    p.bias_dtype = base.DT_ENUM[b.dtype if b is not None else torch.float32]
     e.call("emu_rmsnorm_fwd_cuda", p)
 
     dx, dz = _nan(rows, D, dtype=x.dtype), (_nan(rows, D, dtype=x.dtype) if z is not None else None)
-    dw, db = _nan(D), (_nan(D) if b is not None else None)
+    dw, db = _nan(D, dtype=w.dtype), (_nan(D, dtype=b.dtype) if b is not None else None)
     q = e.S["RmsNormBwdParams"]()
     q.fwd = p
     q.fwd.out = None
@@ -147,20 +149,21 @@ def reference(x, z, w, b, dout, G, eps, norm_before_gate):
 
 def check(got, want, dtype, what):
     """Tolerances of tests/ssd/test_rmsnorm_gated.py: outputs at the dtype's, gradients at 10x
-    (float32) / 2x (16-bit), rstd and the float32 dweight/dbias at float32's."""
+    (float32) / 2x (16-bit), rstd at float32's, dweight/dbias at their own dtype's."""
     for name, a, r in zip(("out", "rstd", "dx", "dz", "dweight", "dbias"), got, want):
         if a is None:
             assert r is None or name == "rstd", name  # the public API does not return rstd
             continue
         grad = name not in ("out", "rstd")
-        dt = dtype if name in ("out", "dx", "dz") else torch.float32
+        dt = dtype if name in ("out", "dx", "dz") else a.dtype
         assert_close(a, r, dt, factor=(10.0 if dtype == torch.float32 else 2.0) if grad else 1.0,
                      what=f"{what}: {name}")
 
 
-def _run_case(e, rows, D, G, mode, layout, bias, dtype, misaligned=None):
+def _run_case(e, rows, D, G, mode, layout, bias, dtype, misaligned=None, param_dtype=torch.float32):
     """Emulated CUDA and CPU kernel against float64; returns the CUDA backward's partial rows."""
     x, z, w, b, dout = make_inputs(rows, D, dtype, mode, layout, bias, seed=rows * 7 + D, misaligned=misaligned)
+    w, b = w.to(param_dtype), (None if b is None else b.to(param_dtype))
     eps, nbg = 1e-5, mode == "last"
     want = reference(x, z, w, b, dout, G, eps, nbg)
     got, num_partials = run_emulated(e, x, z, w, b, dout, G, eps, nbg)
@@ -192,6 +195,15 @@ def test_rmsnorm_emulated_misaligned(misaligned, dtype):
     16 bytes): the launch plans must fall back to scalar accesses (a vector access there throws
     under the emulator, as it faults on the GPU)."""
     _run_case(emu(), 37, 1024, 128, "first", "contiguous", True, dtype, misaligned=misaligned)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_rmsnorm_emulated_param_dtypes(mode, param_dtype):
+    """16-bit weight and bias are read in their own dtype (cached weight, per-row bias, uncached
+    path) and dweight/dbias come back in it: no float32 copy before or cast after the kernels."""
+    for rows, D, G in [(37, 1024, 128), (2, 8200, 8200)]:
+        _run_case(emu(), rows, D, G, mode, "contiguous", True, torch.bfloat16, param_dtype=param_dtype)
 
 
 @pytest.mark.parametrize("rows,D,G,launches", [(37, 1024, 128, 2), (9, 4096, 4096, 2), (2, 16384, 16384, 3)])
