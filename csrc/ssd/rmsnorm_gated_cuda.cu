@@ -28,10 +28,11 @@ namespace nk {
 namespace {
 
 constexpr int kMaxThreads = 512;      // per unit and per block
-// Block size aimed at when units are small (upb > 1): the forward's 128 lets 5 blocks of its
-// widest cached variant (83 registers) share an SM, 20 warps; the backward's 256 halves its
-// partial rows (one per block) at 2 blocks of 96 registers, 16 warps.
-constexpr int kFwdBlockThreads = 128, kBwdBlockThreads = 256;
+// Block size aimed at when units are small (upb > 1). 128 lets 5 blocks of the bf16 Nano
+// variants (forward 83, backward 96 registers) share an SM: 20 warps, ~30 KB of loads in
+// flight, and a block barrier of the backward's 2-warp units waits for 2 units, not 4. Its
+// price: twice the backward's partial rows of 256 (one per block; docs/ssd.md, issue 18).
+constexpr int kBlockThreads = 128;
 // Channels per thread that the cached paths hold in registers: the forward keeps u, the gate
 // and the weight per channel (3 floats), the backward xhat, dxhat, ca, cb, weight, dw, db (7).
 constexpr int kFwdMaxElems = 16, kBwdMaxElems = 8;
@@ -490,7 +491,7 @@ struct UnitPlan {
 // The fewest threads per unit (one warp where the group fits: its sums need no block barrier)
 // with at most max_elems cached channels per thread; uncached when kMaxThreads threads cannot
 // hold the group.
-UnitPlan unit_plan(int64_t G, int V, int max_elems, int block_threads) {
+UnitPlan unit_plan(int64_t G, int V, int max_elems) {
   const int64_t nvec = G / V;
   UnitPlan u{V, 0, kMaxThreads, 1};
   for (int nv : {1, 2, 4}) {
@@ -500,7 +501,7 @@ UnitPlan unit_plan(int64_t G, int V, int max_elems, int block_threads) {
       u.tpu = static_cast<int>(t);
     }
   }
-  u.upb = std::max(1, block_threads / u.tpu);
+  u.upb = std::max(1, kBlockThreads / u.tpu);
   return u;
 }
 
@@ -559,7 +560,7 @@ Plan fwd_plan(const RmsNormFwdParams& p) {
   const bool vec = vec_ok(VV, sizeof(T), p.group_size,
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {p.out, {p.dim, 1}}});
   Plan f;
-  f.unit = unit_plan(p.group_size, vec ? VV : 1, kFwdMaxElems, kFwdBlockThreads);
+  f.unit = unit_plan(p.group_size, vec ? VV : 1, kFwdMaxElems);
   const int64_t ngroups = p.dim / p.group_size;
   int per_sm = 1;
   with_plan<T, kFwdMaxElems>(f.unit, [&]<int V, int NV>() {
@@ -580,7 +581,7 @@ Plan bwd_plan(const RmsNormBwdParams& q) {
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {q.dout, {q.dout_sr, q.dout_sc}},
                            {q.dx, {p.dim, 1}}, {q.dz, {p.dim, 1}}});
   Plan b;
-  b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxElems, kBwdBlockThreads);
+  b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxElems);
   const int64_t ngroups = p.dim / p.group_size;
   int per_sm = 1;
   with_plan<T, kBwdMaxElems>(b.unit, [&]<int V, int NV>() {
