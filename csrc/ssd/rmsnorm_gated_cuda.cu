@@ -554,45 +554,45 @@ struct Plan {
   int64_t num_partials = 0;
 };
 
+// The unit plan and persistent grid of a row kernel; per_sm(unit) gives the kernel's resident
+// blocks per SM under that plan.
+template <typename T, int max_elems, typename PerSm>
+Plan row_plan(const char* op, const char* kernel, int64_t rows, int64_t dim, int64_t G, bool vec, PerSm&& per_sm) {
+  Plan pl;
+  pl.unit = unit_plan(G, vec ? 16 / static_cast<int>(sizeof(T)) : 1, max_elems);
+  const int64_t ngroups = dim / G;
+  const int64_t rblocks = row_blocks(rows, ngroups, pl.unit, per_sm(pl.unit));
+  checked_grid(op, kernel, {ngroups, rblocks}, kGroupsAdvice);
+  pl.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
+  pl.block = dim3(pl.unit.tpu, pl.unit.upb);
+  return pl;
+}
+
 template <typename T>
 Plan fwd_plan(const RmsNormFwdParams& p) {
-  constexpr int VV = 16 / sizeof(T);
-  const bool vec = vec_ok(VV, sizeof(T), p.group_size,
+  const bool vec = vec_ok(16 / sizeof(T), sizeof(T), p.group_size,
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {p.out, {p.dim, 1}}});
-  Plan f;
-  f.unit = unit_plan(p.group_size, vec ? VV : 1, kFwdMaxElems);
-  const int64_t ngroups = p.dim / p.group_size;
-  int per_sm = 1;
-  with_plan<T, kFwdMaxElems>(f.unit, [&]<int V, int NV>() {
-    per_sm = blocks_per_sm<fwd_kernel<T, V, NV>>(f.unit.tpu * f.unit.upb);
+  return row_plan<T, kFwdMaxElems>("rmsnorm_fn", "forward", p.rows, p.dim, p.group_size, vec, [](const UnitPlan& u) {
+    int n = 1;
+    with_plan<T, kFwdMaxElems>(u, [&]<int V, int NV>() { n = blocks_per_sm<fwd_kernel<T, V, NV>>(u.tpu * u.upb); });
+    return n;
   });
-  const int64_t rblocks = row_blocks(p.rows, ngroups, f.unit, per_sm);
-  checked_grid("rmsnorm_fn", "forward", {ngroups, rblocks}, kGroupsAdvice);
-  f.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
-  f.block = dim3(f.unit.tpu, f.unit.upb);
-  return f;
 }
 
 template <typename T>
 Plan bwd_plan(const RmsNormBwdParams& q) {
   const RmsNormFwdParams& p = q.fwd;
-  constexpr int VV = 16 / sizeof(T);
-  const bool vec = vec_ok(VV, sizeof(T), p.group_size,
+  const bool vec = vec_ok(16 / sizeof(T), sizeof(T), p.group_size,
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {q.dout, {q.dout_sr, q.dout_sc}},
                            {q.dx, {p.dim, 1}}, {q.dz, {p.dim, 1}}});
-  Plan b;
-  b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxElems);
-  const int64_t ngroups = p.dim / p.group_size;
-  int per_sm = 1;
-  with_plan<T, kBwdMaxElems>(b.unit, [&]<int V, int NV>() {
-    per_sm = blocks_per_sm<bwd_kernel<T, V, NV>>(b.unit.tpu * b.unit.upb);
+  Plan b = row_plan<T, kBwdMaxElems>("rmsnorm_fn (backward)", "backward", p.rows, p.dim, p.group_size, vec,
+                                     [](const UnitPlan& u) {
+    int n = 1;
+    with_plan<T, kBwdMaxElems>(u, [&]<int V, int NV>() { n = blocks_per_sm<bwd_kernel<T, V, NV>>(u.tpu * u.upb); });
+    return n;
   });
-  const int64_t rblocks = row_blocks(p.rows, ngroups, b.unit, per_sm);
-  checked_grid("rmsnorm_fn (backward)", "backward", {ngroups, rblocks}, kGroupsAdvice);
-  b.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
-  b.block = dim3(b.unit.tpu, b.unit.upb);
   if (b.unit.NV > 0) {
-    b.num_partials = rblocks;
+    b.num_partials = b.grid.y;
   } else {
     const int64_t cblocks = cdiv(p.dim, kColThreads);
     const int64_t target_cols = int64_t(sm_count()) * (2048 / kColThreads);
