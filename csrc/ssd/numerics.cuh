@@ -47,13 +47,19 @@ NK_HD float ssd_dt_grad(float dt, float bias, bool use_softplus, float lo, float
 }
 
 // ---- gated RMSNorm (rmsnorm_gated.h) ----------------------------------------------------
-// One exponential per element: the gate's silu(z) and silu'(z) share s = sigmoid(z).
+// One exponential per element: the gate's silu(z) and silu'(z) share s = sigmoid(z). On the GPU
+// with the fast exp2 and reciprocal (MUFU.EX2 / MUFU.RCP, a few ulp: the IEEE expf and
+// division made the memory-bound norm ALU-bound, docs/ssd.md issue 18 section).
 
 struct SiluPair {
   float f, df;  // silu(z) = z s, silu'(z) = s (1 + z (1 - s))
 };
 NK_HD SiluPair silu_pair(float z) {
+#ifdef __CUDA_ARCH__
+  const float s = __fdividef(1.0f, 1.0f + __expf(-z));
+#else
   const float s = 1.0f / (1.0f + expf(-z));
+#endif
   return {z * s, s * (1.0f + z * (1.0f - s))};
 }
 

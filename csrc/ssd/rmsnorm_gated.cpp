@@ -80,17 +80,6 @@ std::tuple<int64_t, int64_t> check_args(const char* op, const Tensor& x, const T
   return {rows, D};
 }
 
-// Contiguous float32 parameter on a 16-byte boundary (the CUDA kernels load it in float4s).
-Tensor param_float(const Tensor& t) {
-  Tensor f = contiguous_float(t);
-  if (reinterpret_cast<uintptr_t>(f.data_ptr()) % 16 != 0) f = torch::stable::clone(f);
-  return f;
-}
-
-std::optional<Tensor> param_float_opt(const std::optional<Tensor>& t) {
-  return t ? std::optional<Tensor>(param_float(*t)) : std::nullopt;
-}
-
 // Leading dims of x followed by `last`.
 std::vector<int64_t> leading_then(const Tensor& x, int64_t last) {
   std::vector<int64_t> s = sizes_of(x);
@@ -110,8 +99,8 @@ std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optio
   Tensor out = new_empty(x, sizes_of(x), x.scalar_type());
   Tensor rstd = new_empty(x, leading_then(x, ngroups), ScalarType::Float);
   if (rows * D == 0) return {out, rstd};
-  Tensor w32 = param_float(weight);
-  auto b32 = param_float_opt(bias);
+  Tensor wc = torch::stable::contiguous(weight);  // a view when already contiguous: no copy
+  auto bc = bias ? std::optional<Tensor>(torch::stable::contiguous(*bias)) : std::nullopt;
   RmsNormFwdParams p{};
   p.rows = rows, p.dim = D, p.group_size = group_size;
   p.dtype = to_dtype(x.scalar_type());
@@ -123,8 +112,8 @@ std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optio
     RowView zv = row_view(*z);
     p.z = z->data_ptr(), p.z_sr = zv.sr, p.z_sc = zv.sc;
   }
-  p.weight = static_cast<const float*>(w32.data_ptr());
-  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  p.weight = wc.data_ptr(), p.weight_dtype = to_dtype(wc.scalar_type());
+  p.bias = bc ? bc->data_ptr() : nullptr, p.bias_dtype = bc ? to_dtype(bc->scalar_type()) : DType::F32;
   p.out = out.data_ptr();
   p.rstd = static_cast<float*>(rstd.data_ptr());
   NK_ROUTE_BY_DEVICE(x, kFwd, rmsnorm_gated_fwd_cpu(p), rmsnorm_gated_fwd_cuda(p, stream));
@@ -144,20 +133,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
   OptionalDeviceGuard guard(x);
   Tensor dx = new_empty(x, sizes_of(x), x.scalar_type());
   Tensor dz = z ? new_empty(x, sizes_of(x), x.scalar_type()) : new_empty(x, {0}, x.scalar_type());
-  Tensor dw32 = new_empty(x, {D}, ScalarType::Float);
-  Tensor db32 = new_empty(x, {bias ? D : 0}, ScalarType::Float);
-  auto finish = [&]() -> std::tuple<Tensor, Tensor, Tensor, Tensor> {
-    Tensor dweight = weight.scalar_type() == ScalarType::Float ? dw32 : torch::stable::to(dw32, weight.scalar_type());
-    Tensor dbias = (!bias || bias->scalar_type() == ScalarType::Float) ? db32 : torch::stable::to(db32, bias->scalar_type());
-    return {dx, dweight, dbias, dz};
-  };
+  // The kernels write dweight / dbias in the parameters' dtypes (no cast afterwards).
+  Tensor dweight = new_empty(x, {D}, weight.scalar_type());
+  Tensor dbias = new_empty(x, {bias ? D : 0}, bias ? bias->scalar_type() : ScalarType::Float);
   if (rows * D == 0) {
-    torch::stable::zero_(dw32);  // no rows: nothing to sum
-    torch::stable::zero_(db32);
-    return finish();
+    torch::stable::zero_(dweight);  // no rows: nothing to sum
+    torch::stable::zero_(dbias);
+    return {dx, dweight, dbias, dz};
   }
-  Tensor w32 = param_float(weight);
-  auto b32 = param_float_opt(bias);
+  Tensor wc = torch::stable::contiguous(weight);
+  auto bc = bias ? std::optional<Tensor>(torch::stable::contiguous(*bias)) : std::nullopt;
   Tensor rstd_c = torch::stable::contiguous(rstd);
   RmsNormBwdParams q{};
   RmsNormFwdParams& p = q.fwd;
@@ -170,15 +155,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
     RowView zv = row_view(*z);
     p.z = z->data_ptr(), p.z_sr = zv.sr, p.z_sc = zv.sc;
   }
-  p.weight = static_cast<const float*>(w32.data_ptr());
-  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  p.weight = wc.data_ptr(), p.weight_dtype = to_dtype(wc.scalar_type());
+  p.bias = bc ? bc->data_ptr() : nullptr, p.bias_dtype = bc ? to_dtype(bc->scalar_type()) : DType::F32;
   p.rstd = static_cast<float*>(rstd_c.data_ptr());
   RowView gv = row_view(dout);
   q.dout = dout.data_ptr(), q.dout_sr = gv.sr, q.dout_sc = gv.sc;
   q.dx = dx.data_ptr();
   q.dz = z ? dz.data_ptr() : nullptr;
-  q.dweight = static_cast<float*>(dw32.data_ptr());
-  q.dbias = bias ? static_cast<float*>(db32.data_ptr()) : nullptr;
+  q.dweight = dweight.data_ptr();
+  q.dbias = bias ? dbias.data_ptr() : nullptr;
   // Partial-sum rows of dweight/dbias: one per chunk of rows on the CPU; the CUDA launcher
   // picks its own count from its grid.
   q.num_partials = (rows + kRmsNormCpuRowChunk - 1) / kRmsNormCpuRowChunk;
@@ -188,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rmsnorm_gated_bwd(
   Tensor partials = new_empty(x, {q.num_partials, 2, D}, ScalarType::Float);
   q.partials = static_cast<float*>(partials.data_ptr());
   NK_ROUTE_BY_DEVICE(x, op, rmsnorm_gated_bwd_cpu(q), rmsnorm_gated_bwd_cuda(q, stream));
-  return finish();
+  return {dx, dweight, dbias, dz};
 }
 
 }  // namespace nk

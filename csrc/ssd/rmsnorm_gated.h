@@ -22,8 +22,9 @@ struct RmsNormFwdParams {
   int64_t x_sr, x_sc;
   const void* z;                   // like x, or null
   int64_t z_sr, z_sc;
-  const float* weight;             // (dim,) contiguous float32, 16-byte aligned
-  const float* bias;               // (dim,) contiguous float32, 16-byte aligned, or null
+  const void* weight;              // (dim,) contiguous, weight_dtype (read as float32)
+  const void* bias;                // (dim,) contiguous, bias_dtype, or null
+  DType weight_dtype, bias_dtype;  // their own dtypes: no float32 copy per call
   void* out;                       // (rows, dim) contiguous
   float* rstd;                     // (rows, ngroups) contiguous float32
 };
@@ -36,8 +37,8 @@ struct RmsNormBwdParams {
   void* dz;                        // (rows, dim) contiguous, x's dtype, or null (no z)
   float* partials;                 // (num_partials, 2, dim) float32
   int64_t num_partials;
-  float* dweight;                  // (dim,) float32
-  float* dbias;                    // (dim,) float32, or null
+  void* dweight;                   // (dim,) weight_dtype (summed in float32, rounded once)
+  void* dbias;                     // (dim,) bias_dtype, or null
 };
 
 void rmsnorm_gated_fwd_cpu(const RmsNormFwdParams& p);

@@ -32,12 +32,23 @@ struct LaneSum {
   }
 };
 
+// A (dim,) parameter in its own dtype as float32 (empty for a null one).
+std::vector<float> param_floats(const void* base, DType dt, int64_t n) {
+  std::vector<float> v(base ? n : 0);
+  dispatch_dtype(dt, [&]<typename T>() {
+    for (size_t c = 0; c < v.size(); ++c) v[c] = ld<T>(base, static_cast<int64_t>(c));
+  });
+  return v;
+}
+
 }  // namespace
 
 void rmsnorm_gated_fwd_cpu(const RmsNormFwdParams& p) {
   const int64_t G = p.group_size, ngroups = p.dim / G;
   const bool gate_first = p.z != nullptr && !p.norm_before_gate;
   const bool gate_last = p.z != nullptr && p.norm_before_gate;
+  const std::vector<float> wt = param_floats(p.weight, p.weight_dtype, p.dim);
+  const std::vector<float> bs = param_floats(p.bias, p.bias_dtype, p.dim);
   dispatch_dtype(p.dtype, [&]<typename T>() {
     const int64_t grain = std::max<int64_t>(1, 4096 / G);
     torch::stable::parallel_for(0, p.rows * ngroups, grain, [&](int64_t begin, int64_t end) {
@@ -57,8 +68,8 @@ void rmsnorm_gated_fwd_cpu(const RmsNormFwdParams& p) {
         p.rstd[unit] = rstd;
         for (int64_t i = 0; i < G; ++i) {
           const int64_t c = c0 + i;
-          const float b = p.bias ? p.bias[c] : 0.f;
-          st<T>(p.out, r * p.dim + c, rmsnorm_output(u[i], rstd, p.weight[c], b, gate[i]));
+          const float b = p.bias ? bs[c] : 0.f;
+          st<T>(p.out, r * p.dim + c, rmsnorm_output(u[i], rstd, wt[c], b, gate[i]));
         }
       }
     });
@@ -72,6 +83,8 @@ void rmsnorm_gated_bwd_cpu(const RmsNormBwdParams& q) {
   NK_CHECK(q.num_partials == nchunks, "internal: rmsnorm_gated backward partials mismatch");
   const bool gate_first = p.z != nullptr && !p.norm_before_gate;
   const bool gate_last = p.z != nullptr && p.norm_before_gate;
+  const std::vector<float> wt = param_floats(p.weight, p.weight_dtype, p.dim);
+  const std::vector<float> bs = param_floats(p.bias, p.bias_dtype, p.dim);
   dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> xh(G), dxh(G), ca(G), cb(G);
@@ -90,7 +103,7 @@ void rmsnorm_gated_bwd_cpu(const RmsNormBwdParams& q) {
               const float x = ld<T>(p.x, r * p.x_sr + c * p.x_sc);
               const float z = p.z ? ld<T>(p.z, r * p.z_sr + c * p.z_sc) : 0.f;
               const float gr = ld<T>(q.dout, r * q.dout_sr + c * q.dout_sc);
-              const float w = p.weight[c], b = p.bias ? p.bias[c] : 0.f;
+              const float w = wt[c], b = p.bias ? bs[c] : 0.f;
               const RmsNormBwdElem e = rmsnorm_bwd_elem(x, z, gr, rstd, w, b, gate_first, gate_last);
               pw[c] = fmaf(e.dy, e.xhat, pw[c]);
               pb[c] += e.dy;
@@ -112,17 +125,21 @@ void rmsnorm_gated_bwd_cpu(const RmsNormBwdParams& q) {
         }
       }
     });
-    // Fixed-order reduction over the chunks' partial rows.
-    torch::stable::parallel_for(0, D, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        float dw = 0.f, db = 0.f;
-        for (int64_t ch = 0; ch < nchunks; ++ch) {
-          dw += q.partials[ch * 2 * D + c];
-          db += q.partials[ch * 2 * D + D + c];
+  });
+  // Fixed-order reduction over the chunks' partial rows, written in the parameters' dtypes.
+  dispatch_dtype(p.weight_dtype, [&]<typename W>() {
+    dispatch_dtype(p.bias_dtype, [&]<typename B>() {
+      torch::stable::parallel_for(0, D, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          float dw = 0.f, db = 0.f;
+          for (int64_t ch = 0; ch < nchunks; ++ch) {
+            dw += q.partials[ch * 2 * D + c];
+            db += q.partials[ch * 2 * D + D + c];
+          }
+          st<W>(q.dweight, c, dw);
+          if (q.dbias) st<B>(q.dbias, c, db);
         }
-        q.dweight[c] = dw;
-        if (q.dbias) q.dbias[c] = db;
-      }
+      });
     });
   });
 }

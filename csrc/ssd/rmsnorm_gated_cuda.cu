@@ -1,17 +1,19 @@
-// CUDA kernels of the gated RMSNorm (math in rmsnorm_gated.h).
-//
-// A unit is one (row, group of G channels). `tpu` threads (a multiple of 32) work on a unit,
-// and a block holds `upb` units side by side: blockDim = (tpu, upb), so no warp spans two
-// units. A thread owns the vectors j = threadIdx.x + k * tpu (k < NV) of V channels each:
-// V = 16 bytes / sizeof(T) (one 16-byte access) when every row start of every tensor is
-// 16-byte aligned, the channel stride is 1 and V divides G; otherwise V = 1 (any strides).
-// Details: docs/ssd.md, section `csrc/ssd/rmsnorm_gated_cuda.cu`.
+// CUDA kernels of the gated RMSNorm (math in rmsnorm_gated.h), persistent: grid (ngroups, row
+// blocks) sized from the SM count, block (tpu, upb). Block (g, y) owns group g; its upb "row
+// lanes" (tpu threads each, a multiple of 32) walk rows y * upb + ty, += gridDim.y * upb. A
+// thread owns vectors j = tx + k * tpu (k < NV) of V channels: V = 16 bytes / sizeof(T) when
+// every row start is 16-byte aligned, the channel stride is 1 and V divides G, else V = 1. The
+// weight of its channels is read once into registers; the backward keeps dweight/dbias in
+// registers over its rows and writes one partial row per block, summed by one more launch.
+// Cost model and details: docs/ssd.md (issue 18 section; file note `rmsnorm_gated_cuda.cu`).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <stdexcept>
 #include <utility>
@@ -25,9 +27,15 @@
 namespace nk {
 namespace {
 
-constexpr int kFwdMaxThreads = 512;   // per block; the forward keeps 2 floats per element cached
-constexpr int kBwdMaxThreads = 256;   // the backward keeps 4 floats per element and dw/db sums
-constexpr int kBlockThreads = 128;    // block size aimed at when units are small (upb > 1)
+constexpr int kMaxThreads = 512;      // per unit and per block
+// Block size aimed at when units are small (upb > 1). 128 lets 5 blocks of the bf16 Nano
+// variants (forward 83, backward 96 registers) share an SM: 20 warps, ~30 KB of loads in
+// flight, and a block barrier of the backward's 2-warp units waits for 2 units, not 4. Its
+// price: twice the backward's partial rows of 256 (one per block; docs/ssd.md, issue 18).
+constexpr int kBlockThreads = 128;
+// Channels per thread that the cached paths hold in registers: the forward keeps u, the gate
+// and the weight per channel (3 floats), the backward xhat, dxhat, ca, cb, weight, dw, db (7).
+constexpr int kFwdMaxElems = 16, kBwdMaxElems = 8;
 constexpr int kColThreads = 128;      // column kernel (uncached backward's dweight/dbias)
 constexpr int kRedCols = 32, kRedSlices = 8;  // final partial-row reduction
 
@@ -47,34 +55,62 @@ NK_DEVICE void load_v(const void* base, int64_t off, float (&v)[V]) {
   }
 }
 
+// The bits of one element, zero-extended.
+template <typename T>
+NK_DEVICE uint32_t bits_of(T v) {
+  if constexpr (sizeof(T) == 4) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  } else {
+    uint16_t u;
+    memcpy(&u, &v, 2);
+    return u;
+  }
+}
+
 template <typename T, int V>
 NK_DEVICE void store_v(void* base, int64_t off, const float (&v)[V]) {
   T* ptr = static_cast<T*>(base) + off;
   if constexpr (V == 1) {
     *ptr = from_f<T>(v[0]);
   } else {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
+    // Four packed 32-bit words in one st.global.v4: a plain uint4 store came out of NVVM as
+    // four 32-bit stores (SASS STG.E, not STG.E.128).
+    constexpr int per = 4 / static_cast<int>(sizeof(T));
+    uint32_t wd[4];
 #pragma unroll
-    for (int i = 0; i < V; ++i) e[i] = from_f<T>(v[i]);
-    *reinterpret_cast<uint4*>(ptr) = raw;
+    for (int k = 0; k < 4; ++k) {
+      wd[k] = 0;
+#pragma unroll
+      for (int e = 0; e < per; ++e) wd[k] |= bits_of(from_f<T>(v[k * per + e])) << (16 * e);
+    }
+#ifdef __CUDA_ARCH__
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(wd[0]), "r"(wd[1]), "r"(wd[2]),
+                 "r"(wd[3])
+                 : "memory");
+#else
+    *reinterpret_cast<uint4*>(ptr) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+#endif
   }
 }
 
-// V float32 parameters (weight or bias) of channels c..c+V-1: 16-byte loads when V > 1 (the
-// launcher checks that the parameter is 16-byte aligned; c is a multiple of V >= 4), else one.
-template <int V>
-NK_DEVICE void load_param(const float* base, int64_t c, float (&v)[V]) {
-  if constexpr (V == 1) {
-    v[0] = base[c];
-  } else {
-    static_assert(V % 4 == 0, "parameter vectors are whole float4s");
-#pragma unroll
-    for (int i = 0; i < V; i += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(base + c + i);
-      v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
-    }
+// Parameter (weight or bias, in its own dtype) of channel c as float32.
+NK_DEVICE float param_at(const void* base, DType dt, int64_t c) {
+  switch (dt) {
+    case DType::F16: return to_f<__half>(static_cast<const __half*>(base)[c]);
+    case DType::BF16: return to_f<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(base)[c]);
+    default: return static_cast<const float*>(base)[c];
   }
+}
+
+// V parameters of channels c..c+V-1, element by element: once per block for the cached weight;
+// per row only for the bias (an option Nemotron's norm does not use) and the uncached path,
+// both L1 hits after the first row.
+template <int V>
+NK_DEVICE void load_param(const void* base, DType dt, int64_t c, float (&v)[V]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) v[i] = param_at(base, dt, c + i);
 }
 
 // Sum of v over the blockDim.x threads of this unit (same threadIdx.y). Every thread of the
@@ -123,13 +159,14 @@ NK_DEVICE void fwd_load(const RmsNormFwdParams& p, Gates gt, int64_t r, int64_t 
   }
 }
 
+// Pass 2 of one vector; w: the weight of its channels (registers). The bias, an option that
+// Nemotron's norm does not use, is read here (an L1 hit after the block's first row).
 template <typename T, int V>
 NK_DEVICE void fwd_store(const RmsNormFwdParams& p, int64_t r, int64_t c, const float (&u)[V],
-                         const float (&gate)[V], float rstd) {
-  float o[V], w[V], b[V];
-  load_param<V>(p.weight, c, w);
+                         const float (&gate)[V], float rstd, const float (&w)[V]) {
+  float o[V], b[V];
   if (p.bias != nullptr) {
-    load_param<V>(p.bias, c, b);
+    load_param<V>(p.bias, p.bias_dtype, c, b);
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) b[i] = 0.f;
@@ -139,52 +176,75 @@ NK_DEVICE void fwd_store(const RmsNormFwdParams& p, int64_t r, int64_t c, const 
   store_v<T, V>(p.out, r * p.dim + c, o);
 }
 
-// NV > 0: the unit's vectors are cached in registers (NV per thread); NV == 0: re-read.
+// The weight of a thread's cached vectors (channels c0 + (tx + k * tpu) * V + [0, V)), read
+// once per block.
+template <int V, int NV>
+NK_DEVICE void load_weights(const RmsNormFwdParams& p, int64_t c0, int64_t nvec, float (&w)[NV][V]) {
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+    if (j < nvec) load_param<V>(p.weight, p.weight_dtype, c0 + j * V, w[k]);
+  }
+}
+
+// The row loop of a persistent block: f(r, active) for r = row lane, += row lanes of the grid.
+// The trip count depends on the block only (f may synchronise the block through unit_sum).
+template <typename F>
+NK_DEVICE void for_block_rows(int64_t rows, F&& f) {
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y; r0 < rows; r0 += step) f(r0 + threadIdx.y, r0 + threadIdx.y < rows);
+}
+
+// grid (ngroups, row blocks), block (tpu, upb). NV > 0: a row's vectors (x and z read once, as
+// u and the output gate) and the weight stay in registers; NV == 0 (groups longer than the
+// registers hold): pass 2 re-reads x, z and the weight (the unit is still in L1/L2).
 template <typename T, int V, int NV>
-__global__ void __launch_bounds__(kFwdMaxThreads) fwd_kernel(RmsNormFwdParams p, int64_t nunits) {
-  __shared__ float red[kFwdMaxThreads / 32];
+__global__ void __launch_bounds__(kMaxThreads) fwd_kernel(RmsNormFwdParams p) {
+  __shared__ float red[kMaxThreads / 32];
   const Gates gt = gates_of(p);
   const int64_t G = p.group_size, ngroups = p.dim / G, nvec = G / V;
-  const int64_t unit = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool active = unit < nunits;
-  const int64_t r = active ? unit / ngroups : 0;
-  const int64_t c0 = active ? (unit % ngroups) * G : 0;
-  float acc = 0.f;
-  if constexpr (NV > 0) {
-    float u[NV][V], gate[NV][V];
+  const int64_t g = blockIdx.x, c0 = g * G;
+  float w[NV > 0 ? NV : 1][V];
+  if constexpr (NV > 0) load_weights<V, NV>(p, c0, nvec, w);
+  for_block_rows(p.rows, [&](int64_t r, bool active) {
+    float acc = 0.f;
+    if constexpr (NV > 0) {
+      float u[NV][V], gate[NV][V];
 #pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
-      if (active && j < nvec) {
-        fwd_load<T, V>(p, gt, r, c0 + j * V, u[k], gate[k]);
+      for (int k = 0; k < NV; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+        if (active && j < nvec) {
+          fwd_load<T, V>(p, gt, r, c0 + j * V, u[k], gate[k]);
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc = fmaf(u[k][i], u[k][i], acc);
+          for (int i = 0; i < V; ++i) acc = fmaf(u[k][i], u[k][i], acc);
+        }
+      }
+      const float rstd = rmsnorm_rstd(unit_sum(acc, red), static_cast<float>(G), p.eps);
+      if (!active) return;  // after the row's last block-wide synchronisation
+      if (threadIdx.x == 0) p.rstd[r * ngroups + g] = rstd;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+        if (j < nvec) fwd_store<T, V>(p, r, c0 + j * V, u[k], gate[k], rstd, w[k]);
+      }
+    } else {
+      for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
+        float u[V], gate[V];
+        fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc = fmaf(u[i], u[i], acc);
+      }
+      const float rstd = rmsnorm_rstd(unit_sum(acc, red), static_cast<float>(G), p.eps);
+      if (!active) return;
+      if (threadIdx.x == 0) p.rstd[r * ngroups + g] = rstd;
+      for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+        float u[V], gate[V], wv[V];
+        fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
+        load_param<V>(p.weight, p.weight_dtype, c0 + j * V, wv);
+        fwd_store<T, V>(p, r, c0 + j * V, u, gate, rstd, wv);
       }
     }
-    const float rstd = rmsnorm_rstd(unit_sum(acc, red), static_cast<float>(G), p.eps);
-    if (!active) return;  // after the last block-wide synchronisation
-    if (threadIdx.x == 0) p.rstd[unit] = rstd;
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
-      if (j < nvec) fwd_store<T, V>(p, r, c0 + j * V, u[k], gate[k], rstd);
-    }
-  } else {
-    for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
-      float u[V], gate[V];
-      fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
-#pragma unroll
-      for (int i = 0; i < V; ++i) acc = fmaf(u[i], u[i], acc);
-    }
-    const float rstd = rmsnorm_rstd(unit_sum(acc, red), static_cast<float>(G), p.eps);
-    if (!active) return;
-    if (threadIdx.x == 0) p.rstd[unit] = rstd;
-    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
-      float u[V], gate[V];
-      fwd_load<T, V>(p, gt, r, c0 + j * V, u, gate);
-      fwd_store<T, V>(p, r, c0 + j * V, u, gate, rstd);
-    }
-  }
+  });
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -192,8 +252,9 @@ __global__ void __launch_bounds__(kFwdMaxThreads) fwd_kernel(RmsNormFwdParams p,
 // Pass 1 of one vector (channels c..c+V-1 of row r): per channel xhat, dxhat, the pass-2
 // coefficients ca, cb and dy (for dweight/dbias); writes dz when the gate comes last. Returns
 // this vector's part of sum(dxhat * xhat).
+// w: the weight of the vector's channels (registers).
 template <typename T, int V>
-NK_DEVICE float bwd_pass1(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_t c, float rstd,
+NK_DEVICE float bwd_pass1(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_t c, float rstd, const float (&w)[V],
                           float (&xh)[V], float (&dxh)[V], float (&ca)[V], float (&cb)[V], float (&dy)[V]) {
   const RmsNormFwdParams& p = q.fwd;
   float xv[V], zv[V], gv[V], dz[V];
@@ -205,10 +266,9 @@ NK_DEVICE float bwd_pass1(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_
     for (int i = 0; i < V; ++i) zv[i] = 0.f;
   }
   load_v<T, V>(q.dout, r * q.dout_sr + c * q.dout_sc, gv);
-  float w[V], b[V];
-  load_param<V>(p.weight, c, w);
+  float b[V];
   if (gt.last && p.bias != nullptr) {  // the bias enters the gradient only through a last gate
-    load_param<V>(p.bias, c, b);
+    load_param<V>(p.bias, p.bias_dtype, c, b);
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) b[i] = 0.f;
@@ -243,26 +303,55 @@ NK_DEVICE void bwd_pass2(const RmsNormBwdParams& q, Gates gt, int64_t r, int64_t
   if (gt.first) store_v<T, V>(q.dz, r * q.fwd.dim + c, dz);
 }
 
-// grid (ngroups, row blocks), block (tpu, upb). NV > 0: cached, with fused dweight/dbias
-// partial rows (one per row lane); NV == 0: re-read, dweight/dbias left to the column kernel.
+// The block's dweight/dbias: its row lanes' register sums added in lane order through shared
+// memory (buf: blockDim.x * blockDim.y * V floats, element i of thread t at i * threads + t),
+// written as partial row blockIdx.y (this group's channels only).
+template <int V, int NV>
+NK_DEVICE void write_partials(const RmsNormBwdParams& q, int64_t c0, int64_t nvec, const float (&dw)[NV][V],
+                              const float (&db)[NV][V], float* buf) {
+  const int64_t D = q.fwd.dim;
+  float* prow = q.partials + int64_t(blockIdx.y) * 2 * D;
+  const int threads = blockDim.x * blockDim.y, tid = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      __syncthreads();  // the previous round's readers are done with buf
+#pragma unroll
+      for (int i = 0; i < V; ++i) buf[i * threads + tid] = h == 0 ? dw[k][i] : db[k][i];
+      __syncthreads();
+      if (threadIdx.y == 0 && j < nvec) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          float s = 0.f;
+          for (int l = 0; l < static_cast<int>(blockDim.y); ++l) s += buf[i * threads + l * blockDim.x + threadIdx.x];
+          prow[h * D + c0 + j * V + i] = s;
+        }
+      }
+    }
+  }
+}
+
+// grid (ngroups, row blocks), block (tpu, upb). NV > 0: a row's xhat, dxhat and gate
+// coefficients, the weight, and dweight/dbias over the block's rows stay in registers; one
+// partial row per block. NV == 0: re-read, dweight/dbias left to the column kernel.
 template <typename T, int V, int NV>
-__global__ void __launch_bounds__(kBwdMaxThreads) bwd_kernel(RmsNormBwdParams q) {
-  __shared__ float red[kBwdMaxThreads / 32];
+__global__ void __launch_bounds__(kMaxThreads) bwd_kernel(RmsNormBwdParams q) {
+  __shared__ float red[kMaxThreads / 32];
+  __shared__ float buf[NV > 0 ? kMaxThreads * V : 1];
   const RmsNormFwdParams& p = q.fwd;
   const Gates gt = gates_of(p);
-  const int64_t G = p.group_size, ngroups = p.dim / G, nvec = G / V, D = p.dim;
+  const int64_t G = p.group_size, ngroups = p.dim / G, nvec = G / V;
   const int64_t g = blockIdx.x, c0 = g * G;
-  const int64_t step = int64_t(gridDim.y) * blockDim.y;
   constexpr int NA = NV > 0 ? NV : 1;
-  float dw[NA][V], db[NA][V];
+  float w[NA][V], dw[NA][V], db[NA][V];
 #pragma unroll
   for (int k = 0; k < NA; ++k)
 #pragma unroll
     for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
-  // The trip count depends on the block only: unit_sum synchronises the whole block.
-  for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y; r0 < p.rows; r0 += step) {
-    const int64_t r = r0 + threadIdx.y;
-    const bool active = r < p.rows;
+  if constexpr (NV > 0) load_weights<V, NV>(p, c0, nvec, w);
+  for_block_rows(p.rows, [&](int64_t r, bool active) {
     const float rstd = active ? p.rstd[r * ngroups + g] : 0.f;
     if constexpr (NV > 0) {
       float xh[NV][V], dxh[NV][V], ca[NV][V], cb[NV][V], dot = 0.f;
@@ -271,7 +360,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) bwd_kernel(RmsNormBwdParams q)
         const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
         if (active && j < nvec) {
           float dy[V];
-          dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, xh[k], dxh[k], ca[k], cb[k], dy);
+          dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, w[k], xh[k], dxh[k], ca[k], cb[k], dy);
 #pragma unroll
           for (int i = 0; i < V; ++i) {
             dw[k][i] = fmaf(dy[i], xh[k][i], dw[k][i]);
@@ -280,43 +369,30 @@ __global__ void __launch_bounds__(kBwdMaxThreads) bwd_kernel(RmsNormBwdParams q)
         }
       }
       const float m = unit_sum(dot, red) / static_cast<float>(G);
-      if (active) {
+      if (!active) return;
 #pragma unroll
-        for (int k = 0; k < NV; ++k) {
-          const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
-          if (j < nvec) bwd_pass2<T, V>(q, gt, r, c0 + j * V, rstd, m, xh[k], dxh[k], ca[k], cb[k]);
-        }
+      for (int k = 0; k < NV; ++k) {
+        const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
+        if (j < nvec) bwd_pass2<T, V>(q, gt, r, c0 + j * V, rstd, m, xh[k], dxh[k], ca[k], cb[k]);
       }
     } else {
       float dot = 0.f;
       for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
-        float xh[V], dxh[V], ca[V], cb[V], dy[V];
-        dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, xh, dxh, ca, cb, dy);
+        float wv[V], xh[V], dxh[V], ca[V], cb[V], dy[V];
+        load_param<V>(p.weight, p.weight_dtype, c0 + j * V, wv);
+        dot += bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, wv, xh, dxh, ca, cb, dy);
       }
       const float m = unit_sum(dot, red) / static_cast<float>(G);
       for (int64_t j = threadIdx.x; active && j < nvec; j += blockDim.x) {
         // Re-reads the inputs; dz of a last gate is rewritten with the same value.
-        float xh[V], dxh[V], ca[V], cb[V], dy[V];
-        bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, xh, dxh, ca, cb, dy);
+        float wv[V], xh[V], dxh[V], ca[V], cb[V], dy[V];
+        load_param<V>(p.weight, p.weight_dtype, c0 + j * V, wv);
+        bwd_pass1<T, V>(q, gt, r, c0 + j * V, rstd, wv, xh, dxh, ca, cb, dy);
         bwd_pass2<T, V>(q, gt, r, c0 + j * V, rstd, m, xh, dxh, ca, cb);
       }
     }
-  }
-  if constexpr (NV > 0) {
-    // This row lane's partial row, over every channel of the group.
-    float* prow = q.partials + (int64_t(blockIdx.y) * blockDim.y + threadIdx.y) * 2 * D;
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t j = threadIdx.x + int64_t(k) * blockDim.x;
-      if (j < nvec) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          prow[c0 + j * V + i] = dw[k][i];
-          prow[D + c0 + j * V + i] = db[k][i];
-        }
-      }
-    }
-  }
+  });
+  if constexpr (NV > 0) write_partials<V, NV>(q, c0, nvec, dw, db, buf);
 }
 
 // Uncached backward's dweight/dbias: a thread per channel walks rows [r0, r0 + rows_per_chunk)
@@ -330,7 +406,8 @@ __global__ void __launch_bounds__(kColThreads) dwdb_columns_kernel(RmsNormBwdPar
   const int64_t ngroups = p.dim / p.group_size, g = c / p.group_size;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < p.rows ? r0 + rows_per_chunk : p.rows;
-  const float w = p.weight[c], b = (gt.last && p.bias != nullptr) ? p.bias[c] : 0.f;
+  const float w = param_at(p.weight, p.weight_dtype, c);
+  const float b = (gt.last && p.bias != nullptr) ? param_at(p.bias, p.bias_dtype, c) : 0.f;
   float dw = 0.f, db = 0.f;
   for (int64_t r = r0; r < r1; ++r) {
     float xv[1], zv[1] = {0.f}, gv[1];
@@ -343,6 +420,15 @@ __global__ void __launch_bounds__(kColThreads) dwdb_columns_kernel(RmsNormBwdPar
   }
   q.partials[int64_t(blockIdx.y) * 2 * p.dim + c] = dw;
   q.partials[int64_t(blockIdx.y) * 2 * p.dim + p.dim + c] = db;
+}
+
+// One float32 gradient of a parameter, rounded once to its dtype.
+NK_DEVICE void store_param(void* base, DType dt, int64_t c, float v) {
+  switch (dt) {
+    case DType::F16: static_cast<__half*>(base)[c] = from_f<__half>(v); break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(base)[c] = from_f<__nv_bfloat16>(v); break;
+    default: static_cast<float*>(base)[c] = v;
+  }
 }
 
 // dweight/dbias = sums of the partial rows over (2 * dim) columns: block (32 columns, 8
@@ -360,8 +446,8 @@ __global__ void __launch_bounds__(kRedCols * kRedSlices) reduce_partials_kernel(
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < kRedSlices; ++i) s += red[i][threadIdx.x];
-    if (col < D) q.dweight[col] = s;
-    else if (q.dbias != nullptr) q.dbias[col - D] = s;
+    if (col < D) store_param(q.dweight, q.fwd.weight_dtype, col, s);
+    else if (q.dbias != nullptr) store_param(q.dbias, q.fwd.bias_dtype, col - D, s);
   }
 }
 
@@ -379,18 +465,15 @@ void dispatch(DType dt, F&& f) {
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid limits (launch_limits.h): grid.x counts units or groups or channel blocks; y is capped.
-constexpr const char* kRowsAdvice = "split the rows (the leading dims of x) into smaller calls";
 constexpr const char* kGroupsAdvice = "use a larger group_size (fewer groups per row) or split the channels";
 constexpr const char* kDimAdvice = "split the channels (D) into smaller calls";
 
-// 16-byte accesses are legal when V divides the group, every tensor's rows start on a
-// 16-byte boundary with unit channel stride, and the float32 weight and bias are 16-byte
-// aligned (the entry aligns them). Entries with a null pointer are skipped.
-bool vec_ok(int V, int esize, int64_t G, const float* weight, const float* bias,
+// 16-byte accesses are legal when V divides the group and every tensor's rows start on a
+// 16-byte boundary with unit channel stride (the parameters are read element by element).
+// Entries with a null pointer are skipped.
+bool vec_ok(int V, int esize, int64_t G,
             std::initializer_list<std::pair<const void*, std::pair<int64_t, int64_t>>> ts) {
   if (G % V != 0) return false;
-  for (const float* w : {weight, bias})
-    if (w != nullptr && reinterpret_cast<uintptr_t>(w) % 16 != 0) return false;
   for (const auto& [ptr, st] : ts) {
     if (ptr == nullptr) continue;
     if (reinterpret_cast<uintptr_t>(ptr) % (V * esize) != 0 || st.second != 1 || st.first % V != 0) return false;
@@ -401,93 +484,115 @@ bool vec_ok(int V, int esize, int64_t G, const float* weight, const float* bias,
 // How a unit maps onto threads.
 struct UnitPlan {
   int V;         // channels per access
-  int NV;        // cached vectors per thread; 0: uncached
-  int tpu, upb;  // threads per unit (multiple of 32), units per block
+  int NV;        // cached vectors per thread (1, 2 or 4); 0: uncached
+  int tpu, upb;  // threads per unit (a multiple of 32), units (row lanes) per block
 };
 
-UnitPlan unit_plan(int64_t G, int V, int max_threads, std::initializer_list<int> nvs) {
+// The fewest threads per unit (one warp where the group fits: its sums need no block barrier)
+// with at most max_elems cached channels per thread; uncached when kMaxThreads threads cannot
+// hold the group.
+UnitPlan unit_plan(int64_t G, int V, int max_elems) {
   const int64_t nvec = G / V;
-  UnitPlan u{V, 0, max_threads, 1};
-  for (int nv : nvs) {
+  UnitPlan u{V, 0, kMaxThreads, 1};
+  for (int nv : {1, 2, 4}) {
     const int64_t t = cdiv(cdiv(nvec, nv), 32) * 32;
-    if (t <= max_threads) {
+    if (nv * V <= max_elems && t <= kMaxThreads && (u.NV == 0 || t < u.tpu)) {
       u.NV = nv;
       u.tpu = static_cast<int>(t);
-      break;
     }
   }
   u.upb = std::max(1, kBlockThreads / u.tpu);
   return u;
 }
 
-template <typename T>
-UnitPlan fwd_plan(const RmsNormFwdParams& p) {
+// Calls f.template operator()<V, NV>() for the plan's vector width and cached-vector count;
+// only the counts a plan under max_elems can pick are instantiated.
+template <typename T, int max_elems, typename F>
+void with_plan(const UnitPlan& u, F&& f) {
+  auto by_v = [&]<int V>() {
+    switch (u.NV) {
+      case 0: return f.template operator()<V, 0>();
+      case 1: return f.template operator()<V, 1>();
+      case 2: if constexpr (2 * V <= max_elems) return f.template operator()<V, 2>(); break;
+      case 4: if constexpr (4 * V <= max_elems) return f.template operator()<V, 4>(); break;
+    }
+    throw std::runtime_error("nemokernels: internal: rmsnorm_fn launch plan");
+  };
   constexpr int VV = 16 / sizeof(T);
-  const bool vec = vec_ok(VV, sizeof(T), p.group_size, p.weight, p.bias,
-                          {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {p.out, {p.dim, 1}}});
-  return unit_plan(p.group_size, vec ? VV : 1, kFwdMaxThreads, {1, 4});
+  if (u.V == VV) by_v.template operator()<VV>();
+  else by_v.template operator()<1>();
 }
 
-// Resident blocks per SM of bwd_kernel<T, V, NV> at `threads` threads per block (registers
-// bound it), asked of the runtime once per instantiation and block size.
-template <typename T, int V, int NV>
-int bwd_blocks_per_sm(int threads) {
-  static std::atomic<int> cache[kBwdMaxThreads / 32 + 1];
+// Resident blocks per SM of kernel K at `threads` threads per block (its registers and shared
+// memory bound it), asked of the runtime once per kernel and block size.
+template <auto K>
+int blocks_per_sm(int threads) {
+  static std::atomic<int> cache[kMaxThreads / 32 + 1];
   std::atomic<int>& slot = cache[threads / 32];
   int n = slot.load(std::memory_order_relaxed);
   if (n == 0) {
-    NK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, bwd_kernel<T, V, NV>, threads, 0));
+    NK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, K, threads, 0));
     n = std::max(n, 1);
     slot.store(n, std::memory_order_relaxed);
   }
   return n;
 }
 
-template <typename T>
-int bwd_occupancy(const UnitPlan& u) {
-  constexpr int VV = 16 / sizeof(T);
-  const int threads = u.tpu * u.upb;
-  auto by_v = [&]<int V>() {
-    switch (u.NV) {
-      case 0: return bwd_blocks_per_sm<T, V, 0>(threads);
-      case 1: return bwd_blocks_per_sm<T, V, 1>(threads);
-      case 2: return bwd_blocks_per_sm<T, V, 2>(threads);
-      default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward plan");
-    }
-  };
-  return u.V == VV ? by_v.template operator()<VV>() : by_v.template operator()<1>();
+// Row blocks per group: one wave of resident blocks over all groups (the row loop spreads the
+// rows; a second, partial wave would idle SMs), and no more than the rows need.
+int64_t row_blocks(int64_t rows, int64_t ngroups, const UnitPlan& u, int per_sm) {
+  const int64_t resident = int64_t(sm_count()) * per_sm;
+  return std::clamp<int64_t>(resident / ngroups, 1, std::min<int64_t>(cdiv(rows, u.upb), kCudaMaxGridYZ));
 }
 
-struct BwdPlan {
+struct Plan {
   UnitPlan unit;
   dim3 grid, block;
-  // Column kernel (uncached only).
+  // Backward: column kernel (uncached only) and the partial rows the reduction sums.
   dim3 col_grid;
   int64_t rows_per_chunk = 0;
   int64_t num_partials = 0;
 };
 
+// The unit plan and persistent grid of a row kernel; per_sm(unit) gives the kernel's resident
+// blocks per SM under that plan.
+template <typename T, int max_elems, typename PerSm>
+Plan row_plan(const char* op, const char* kernel, int64_t rows, int64_t dim, int64_t G, bool vec, PerSm&& per_sm) {
+  Plan pl;
+  pl.unit = unit_plan(G, vec ? 16 / static_cast<int>(sizeof(T)) : 1, max_elems);
+  const int64_t ngroups = dim / G;
+  const int64_t rblocks = row_blocks(rows, ngroups, pl.unit, per_sm(pl.unit));
+  checked_grid(op, kernel, {ngroups, rblocks}, kGroupsAdvice);
+  pl.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
+  pl.block = dim3(pl.unit.tpu, pl.unit.upb);
+  return pl;
+}
+
 template <typename T>
-BwdPlan bwd_plan(const RmsNormBwdParams& q) {
+Plan fwd_plan(const RmsNormFwdParams& p) {
+  const bool vec = vec_ok(16 / sizeof(T), sizeof(T), p.group_size,
+                          {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {p.out, {p.dim, 1}}});
+  return row_plan<T, kFwdMaxElems>("rmsnorm_fn", "forward", p.rows, p.dim, p.group_size, vec, [](const UnitPlan& u) {
+    int n = 1;
+    with_plan<T, kFwdMaxElems>(u, [&]<int V, int NV>() { n = blocks_per_sm<fwd_kernel<T, V, NV>>(u.tpu * u.upb); });
+    return n;
+  });
+}
+
+template <typename T>
+Plan bwd_plan(const RmsNormBwdParams& q) {
   const RmsNormFwdParams& p = q.fwd;
-  constexpr int VV = 16 / sizeof(T);
-  const bool vec = vec_ok(VV, sizeof(T), p.group_size, p.weight, p.bias,
+  const bool vec = vec_ok(16 / sizeof(T), sizeof(T), p.group_size,
                           {{p.x, {p.x_sr, p.x_sc}}, {p.z, {p.z_sr, p.z_sc}}, {q.dout, {q.dout_sr, q.dout_sc}},
                            {q.dx, {p.dim, 1}}, {q.dz, {p.dim, 1}}});
-  BwdPlan b;
-  b.unit = unit_plan(p.group_size, vec ? VV : 1, kBwdMaxThreads, {1, 2});
-  const int64_t ngroups = p.dim / p.group_size;
-  // One wave: as many blocks as are resident at once (the row loop balances the work, so a
-  // second, partial wave would only idle SMs), and no more row blocks than needed, since each
-  // row lane adds a partial row.
-  const int64_t resident = int64_t(sm_count()) * bwd_occupancy<T>(b.unit);
-  const int64_t rblocks = std::clamp<int64_t>(resident / ngroups, 1,
-                                              std::min<int64_t>(cdiv(p.rows, b.unit.upb), kCudaMaxGridYZ));
-  checked_grid("rmsnorm_fn (backward)", "backward", {ngroups, rblocks}, kGroupsAdvice);
-  b.grid = dim3(static_cast<unsigned>(ngroups), static_cast<unsigned>(rblocks));
-  b.block = dim3(b.unit.tpu, b.unit.upb);
+  Plan b = row_plan<T, kBwdMaxElems>("rmsnorm_fn (backward)", "backward", p.rows, p.dim, p.group_size, vec,
+                                     [](const UnitPlan& u) {
+    int n = 1;
+    with_plan<T, kBwdMaxElems>(u, [&]<int V, int NV>() { n = blocks_per_sm<bwd_kernel<T, V, NV>>(u.tpu * u.upb); });
+    return n;
+  });
   if (b.unit.NV > 0) {
-    b.num_partials = rblocks * b.unit.upb;
+    b.num_partials = b.grid.y;
   } else {
     const int64_t cblocks = cdiv(p.dim, kColThreads);
     const int64_t target_cols = int64_t(sm_count()) * (2048 / kColThreads);
@@ -506,21 +611,8 @@ BwdPlan bwd_plan(const RmsNormBwdParams& q) {
 void rmsnorm_gated_fwd_cuda(const RmsNormFwdParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch(p.dtype, [&]<typename T>() {
-    constexpr int VV = 16 / sizeof(T);
-    const UnitPlan u = fwd_plan<T>(p);
-    const int64_t nunits = p.rows * (p.dim / p.group_size);
-    const int64_t blocks = checked_grid("rmsnorm_fn", "forward", {cdiv(nunits, u.upb)}, kRowsAdvice).x;
-    const dim3 grid(static_cast<unsigned>(blocks)), block(u.tpu, u.upb);
-    auto launch = [&]<int V>() {
-      switch (u.NV) {
-        case 0: fwd_kernel<T, V, 0><<<grid, block, 0, stream>>>(p, nunits); break;
-        case 1: fwd_kernel<T, V, 1><<<grid, block, 0, stream>>>(p, nunits); break;
-        case 4: fwd_kernel<T, V, 4><<<grid, block, 0, stream>>>(p, nunits); break;
-        default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn forward plan");
-      }
-    };
-    if (u.V == VV) launch.template operator()<VV>();
-    else launch.template operator()<1>();
+    const Plan f = fwd_plan<T>(p);
+    with_plan<T, kFwdMaxElems>(f.unit, [&]<int V, int NV>() { fwd_kernel<T, V, NV><<<f.grid, f.block, 0, stream>>>(p); });
     NK_CUDA_LAUNCH_CHECK();
   });
 }
@@ -534,22 +626,12 @@ int64_t rmsnorm_gated_bwd_cuda_num_partials(const RmsNormBwdParams& q) {
 void rmsnorm_gated_bwd_cuda(const RmsNormBwdParams& q, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch(q.fwd.dtype, [&]<typename T>() {
-    constexpr int VV = 16 / sizeof(T);
-    const BwdPlan b = bwd_plan<T>(q);
+    const Plan b = bwd_plan<T>(q);
     const int64_t rblocks = checked_grid("rmsnorm_fn (backward)", "dweight reduction", {cdiv(2 * q.fwd.dim, kRedCols)},
                                          kDimAdvice).x;
     if (b.num_partials != q.num_partials)
       throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward partial rows mismatch");
-    auto launch = [&]<int V>() {
-      switch (b.unit.NV) {
-        case 0: bwd_kernel<T, V, 0><<<b.grid, b.block, 0, stream>>>(q); break;
-        case 1: bwd_kernel<T, V, 1><<<b.grid, b.block, 0, stream>>>(q); break;
-        case 2: bwd_kernel<T, V, 2><<<b.grid, b.block, 0, stream>>>(q); break;
-        default: throw std::runtime_error("nemokernels: internal: rmsnorm_fn backward plan");
-      }
-    };
-    if (b.unit.V == VV) launch.template operator()<VV>();
-    else launch.template operator()<1>();
+    with_plan<T, kBwdMaxElems>(b.unit, [&]<int V, int NV>() { bwd_kernel<T, V, NV><<<b.grid, b.block, 0, stream>>>(q); });
     NK_CUDA_LAUNCH_CHECK();
     if (b.unit.NV == 0) {
       dwdb_columns_kernel<T><<<b.col_grid, kColThreads, 0, stream>>>(q, b.rows_per_chunk);

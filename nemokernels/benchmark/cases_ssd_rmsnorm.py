@@ -1,6 +1,8 @@
 """Gated RMSNorm cases (the Mamba-2 mixer's norm before out_proj), bf16, z given, gate first
 (norm_before_gate=False), 8 groups, at the points of docs/design.md section 7: rows = batch * seqlen in
-{2048, 8192, 32768}, D = d_inner = 8192 (Super: 128 heads x 64) and 4096 (Nano: 64 x 64).
+{2048, 8192, 32768}, D = d_inner = 8192 (Super: 128 heads x 64) and 4096 (Nano: 64 x 64), plus Nano rows
+16384 (issue 18's 16384 x 4096 point). Bytes: what must move (x, z, dout in, out, dx, dz out, rstd, the
+weight and dweight); the backward's partial rows are our overhead, left out (cost model: docs/ssd.md).
 Baselines are mamba_ssm's PyTorch reference (float32 math), eager and compiled, and mamba_ssm's
 Triton `rmsnorm_fn` when importable (peers.py)."""
 import torch
@@ -65,7 +67,7 @@ def _maker(rows, dim, device, backward):
 def cases(quick: bool, device) -> list:
     esize = torch.empty((), dtype=DTYPE).element_size()
     points = ([("nano", 2048), ("super", 2048)] if quick else
-              [(cfg, rows) for cfg in DIMS for rows in (2048, 8192, 32768)])
+              [(cfg, rows) for cfg in DIMS for rows in (2048, 8192, 32768)] + [("nano", 16384)])
     if quick and torch.device(device).type != "cuda":  # CPU-sized
         points = [("nano", 512)]
     peer = mamba_ssm_peer("layernorm_gated", "rmsnorm_fn")

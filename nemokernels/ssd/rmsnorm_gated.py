@@ -75,9 +75,10 @@ def rmsnorm_fn(
     x: (..., D); weight, bias: (D,); z: like x; group_size: divides D (None: D).
     Returns ``out`` shaped like x in x's dtype. Differentiable in x, weight, bias and z.
     eps must be finite and >= 0. Every check is a shape / dtype / device check, the same on
-    every device. CUDA limit (checked before the launch, with the limit in the message): at
-    most 2^31 - 1 blocks of (row, group) units, reachable only with tiny groups over tens of
-    GB; split the rows to stay under it. The CPU path has no limit.
+    every device. weight and bias are read in their own dtypes (no float32 copy) and their
+    gradients come back in them. The CUDA grid is (groups, row blocks) with the row blocks
+    capped by the SM count: only more than 2^31 - 1 groups per row could reach a launch limit
+    (checked before the launch, with the limit in the message). The CPU path has no limit.
     """
     dim = x.shape[-1]
     gs = dim if group_size is None else group_size

@@ -1,11 +1,13 @@
 """The gated RMSNorm CUDA kernels (csrc/ssd/rmsnorm_gated_cuda.cu, forward and backward with its
 launch plans) run on the CPU through the emulator in tools/cuda_emu (tests/cuda_emu.py,
 tools/cuda_emu/README.md), over shapes that take every kernel path (16-byte vectors or scalar
-accesses; 1, 2 or 4 cached vectors per thread; uncached long groups and the column kernel).
+accesses; 1, 2 or 4 cached vectors per thread, one warp or several per unit, several units per
+block; uncached long groups, vectorised or scalar, and the column kernel).
 out, rstd, dx, dz, dweight and dbias are NaN-poisoned before the launch and compared with the
 float64 reference (autograd of nemokernels.ssd.reference.rmsnorm_gated_ref), as the CPU kernel's
 are through the public op, with the tolerances of tests/ssd/test_rmsnorm_gated.py. A second
-library reports 2 SMs: fewer resident blocks, so the backward's row lanes walk several rows.
+library reports 2 SMs: fewer resident blocks, so the row lanes of both persistent kernels walk
+several rows and the backward's blocks sum several rows into their partial rows.
 """
 import functools
 
@@ -31,11 +33,14 @@ def emu(sm_count=None):
                                  flags=flags)
 
 
-# (rows, D, G): vectorised groups of 128 / 512 channels, one group per row, G not a multiple of
-# the vector (4100 / 1025), long groups past the cached sizes (uncached path, column kernel),
-# tiny D, several units per block, G = 1.
+# (rows, D, G) and the plans they take (forward / backward; V = 4 float32, 8 bfloat16):
+# 128: one warp, 1 vector, 8 units per block; 512: float32 forward 4 vectors in one warp,
+# backward 2 in two warps, bfloat16 2 / 1; 1536: 3 and 6 warps; 4100/1025: scalar (G not a
+# multiple of the vector), 4 vectors over 9 warps; 4096: 8 and 16 warps (the 512-thread limit);
+# 8200: scalar uncached (column kernel); 16384: vectorised uncached forward and backward; tiny D,
+# several units per block, G = 1.
 SHAPES = [(37, 1024, 128), (33, 2048, 512), (9, 1536, 1536), (5, 4100, 1025), (9, 4096, 4096), (2, 8200, 8200),
-          (5, 7, 7), (70, 96, 32), (3, 24, 1)]
+          (2, 16384, 16384), (5, 7, 7), (70, 96, 32), (3, 24, 1)]
 MODES = ["none", "first", "last"]  # no z / gate before the norm / gate after it (norm_before_gate)
 # contiguous; x and z with channel stride 2; rows padded (row stride D + 8); dout expanded (strides 0)
 LAYOUTS = ["contiguous", "strided", "row_padded", "dout_expanded"]
@@ -100,10 +105,12 @@ def run_emulated(e, x, z, w, b, dout, G, eps, norm_before_gate):
     if z is not None:
         p.z, p.z_sr, p.z_sc = z.data_ptr(), z.stride(0), z.stride(1)
     p.weight, p.bias, p.out, p.rstd = w.data_ptr(), _ptr(b), out.data_ptr(), rstd.data_ptr()
+    p.weight_dtype = base.DT_ENUM[w.dtype]
+    p.bias_dtype = base.DT_ENUM[b.dtype if b is not None else torch.float32]
     e.call("emu_rmsnorm_fwd_cuda", p)
 
     dx, dz = _nan(rows, D, dtype=x.dtype), (_nan(rows, D, dtype=x.dtype) if z is not None else None)
-    dw, db = _nan(D), (_nan(D) if b is not None else None)
+    dw, db = _nan(D, dtype=w.dtype), (_nan(D, dtype=b.dtype) if b is not None else None)
     q = e.S["RmsNormBwdParams"]()
     q.fwd = p
     q.fwd.out = None
@@ -142,20 +149,21 @@ def reference(x, z, w, b, dout, G, eps, norm_before_gate):
 
 def check(got, want, dtype, what):
     """Tolerances of tests/ssd/test_rmsnorm_gated.py: outputs at the dtype's, gradients at 10x
-    (float32) / 2x (16-bit), rstd and the float32 dweight/dbias at float32's."""
+    (float32) / 2x (16-bit), rstd at float32's, dweight/dbias at their own dtype's."""
     for name, a, r in zip(("out", "rstd", "dx", "dz", "dweight", "dbias"), got, want):
         if a is None:
             assert r is None or name == "rstd", name  # the public API does not return rstd
             continue
         grad = name not in ("out", "rstd")
-        dt = dtype if name in ("out", "dx", "dz") else torch.float32
+        dt = dtype if name in ("out", "dx", "dz") else a.dtype
         assert_close(a, r, dt, factor=(10.0 if dtype == torch.float32 else 2.0) if grad else 1.0,
                      what=f"{what}: {name}")
 
 
-def _run_case(e, rows, D, G, mode, layout, bias, dtype, misaligned=None):
+def _run_case(e, rows, D, G, mode, layout, bias, dtype, misaligned=None, param_dtype=torch.float32):
     """Emulated CUDA and CPU kernel against float64; returns the CUDA backward's partial rows."""
     x, z, w, b, dout = make_inputs(rows, D, dtype, mode, layout, bias, seed=rows * 7 + D, misaligned=misaligned)
+    w, b = w.to(param_dtype), (None if b is None else b.to(param_dtype))
     eps, nbg = 1e-5, mode == "last"
     want = reference(x, z, w, b, dout, G, eps, nbg)
     got, num_partials = run_emulated(e, x, z, w, b, dout, G, eps, nbg)
@@ -189,10 +197,20 @@ def test_rmsnorm_emulated_misaligned(misaligned, dtype):
     _run_case(emu(), 37, 1024, 128, "first", "contiguous", True, dtype, misaligned=misaligned)
 
 
-@pytest.mark.parametrize("rows,D,G,launches", [(37, 1024, 128, 2), (9, 4096, 4096, 3)])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_rmsnorm_emulated_param_dtypes(mode, param_dtype):
+    """16-bit weight and bias are read in their own dtype (cached weight, per-row bias, uncached
+    path) and dweight/dbias come back in it: no float32 copy before or cast after the kernels."""
+    for rows, D, G in [(37, 1024, 128), (2, 8200, 8200)]:
+        _run_case(emu(), rows, D, G, mode, "contiguous", True, torch.bfloat16, param_dtype=param_dtype)
+
+
+@pytest.mark.parametrize("rows,D,G,launches", [(37, 1024, 128, 2), (9, 4096, 4096, 2), (2, 16384, 16384, 3)])
 def test_backward_paths_taken(rows, D, G, launches):
-    """The shapes reach both backward variants: cached (the row kernel writes the dweight/dbias
-    partial rows, then the reduction: 2 launches) and uncached (+ the column kernel: 3)."""
+    """The shapes reach both backward variants: cached (the row kernel writes one dweight/dbias
+    partial row per block, then the reduction: 2 launches; 4096 channels still fit 512 threads
+    of 2 float32 vectors) and uncached (+ the column kernel: 3)."""
     e = emu()
     x, z, w, b, dout = make_inputs(rows, D, torch.float32, "first", "contiguous", True, seed=0)
     before = e.launches()

@@ -390,12 +390,12 @@ test_bad_input = bad_input_test(
 @pytest.mark.racecheck
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lead,dim,gs", [
-    ((37,), 1024, 128),     # one warp per unit, 4 units per block
-    ((33,), 2048, 512),     # 4 warps per unit (cached forward and backward)
-    ((9,), 1536, None),     # backward with 2 cached vectors per thread
-    ((5, 7), 4100, 1025),   # scalar accesses; forward 4 cached vectors, backward uncached
-    ((9,), 4096, None),     # forward 4 cached vectors per thread, backward uncached
-    ((3,), 40000, None),    # uncached forward and backward
+    ((37,), 1024, 128),     # one warp per unit, 8 units per block
+    ((33,), 2048, 512),     # forward one warp of 4 vectors per unit, backward two warps of 2
+    ((9,), 1536, None),     # forward 3 warps, backward 6 warps per unit
+    ((5, 7), 4100, 1025),   # scalar accesses, 4 cached vectors per thread, 9 warps per unit
+    ((9,), 4096, None),     # forward 8 warps of 4 vectors, backward 16 warps of 2 (512 threads)
+    ((3,), 40000, None),    # uncached forward and backward (column kernel)
 ])
 def test_cuda_matches_cpu_kernel(mode, lead, dim, gs):
     x, z, w, b = make_case(lead, dim, torch.float32, "cuda", mode, True, "contiguous")
