@@ -1,5 +1,6 @@
 // CUDA kernel of the decode state updates (math and lane decomposition in state_update.h).
-// Details: docs/ssd.md, section `csrc/ssd/state_update_cuda.cu`.
+// Details and cost model: docs/ssd.md, sections `csrc/ssd/state_update_cuda.cu` and
+// `Decode state updates at the bandwidth limit (issue 18)`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,6 +19,10 @@ namespace nk {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kVecsPerThread = 4;  // 16-byte state vectors a thread owns: R rows x NC vectors
+// Resident blocks per SM the register budget is sized for: 8 x 128 threads, at most 64
+// registers a thread (docs/ssd.md, issue 18 section: bytes in flight per SM).
+constexpr int kMinBlocks = 4;
 
 // Loads and stores of the runtime-typed small operands (x, dt, z, B, C, A, D, dt_bias, out).
 // The dtype is uniform across the grid, so the switch never diverges.
@@ -37,48 +42,53 @@ NK_DEVICE void st_any(void* base, DType dt, int64_t off, float v) {
   }
 }
 
-// VN consecutive state elements at `ptr` (element stride sn): one 16-byte access when kVec is
-// set (then sn == 1, ptr 16-byte aligned and all VN in range); else masked scalar accesses.
-template <typename ST, int VN>
-NK_DEVICE void load_vec(const ST* ptr, bool vec, int64_t sn, int64_t n0, int64_t N, float (&v)[VN]) {
-  if (vec) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
-    const ST* e = reinterpret_cast<const ST*>(&raw);
+// K values at base + off + i * step (i < K), 0 where n0 + i >= N: one dtype switch per group.
+template <typename T, int K>
+NK_DEVICE void ld_group(const void* base, int64_t off, int64_t step, int n0, int N, float (&v)[K]) {
+  const T* q = static_cast<const T*>(base) + off;
 #pragma unroll
-    for (int i = 0; i < VN; ++i) v[i] = to_f<ST>(e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VN; ++i) v[i] = n0 + i < N ? to_f<ST>(ptr[i * sn]) : 0.f;
+  for (int i = 0; i < K; ++i) v[i] = n0 + i < N ? to_f<T>(q[i * step]) : 0.f;
+}
+
+template <int K>
+NK_DEVICE void ld_group_any(const SsuArg& a, int64_t off, int64_t step, int n0, int N, float (&v)[K]) {
+  switch (a.dtype) {
+    case DType::F32: ld_group<float, K>(a.ptr, off, step, n0, N, v); break;
+    case DType::F16: ld_group<__half, K>(a.ptr, off, step, n0, N, v); break;
+    default: ld_group<__nv_bfloat16, K>(a.ptr, off, step, n0, N, v); break;
   }
 }
 
-template <typename ST, int VN>
-NK_DEVICE void store_vec(ST* ptr, bool vec, int64_t sn, int64_t n0, int64_t N, const float (&v)[VN]) {
-  if (vec) {
-    uint4 raw;
-    ST* e = reinterpret_cast<ST*>(&raw);
-#pragma unroll
-    for (int i = 0; i < VN; ++i) e[i] = from_f<ST>(v[i]);
-    *reinterpret_cast<uint4*>(ptr) = raw;
-  } else {
-#pragma unroll
-    for (int i = 0; i < VN; ++i)
-      if (n0 + i < N) ptr[i * sn] = from_f<ST>(v[i]);
-  }
-}
+// One 16-byte state vector kept in its storage type: VN elements of ST in a uint4. The state
+// is rounded to ST after every step anyway, so holding it packed loses nothing and costs 4
+// registers per vector whatever the dtype.
+template <typename ST>
+NK_DEVICE ST* elems(uint4& raw) { return reinterpret_cast<ST*>(&raw); }
 
-// The value itself, hidden from the optimiser: per-row addresses derived from it inside the
-// token loop are recomputed each token instead of being hoisted out of the loop and kept
-// live for all tokens (which doubled the register count).
-NK_DEVICE int64_t opaque(int64_t v) {
-  asm volatile("" : "+l"(v));
-  return v;
+// VN consecutive state elements at `ptr` (element stride sn): one 16-byte access when `vec`
+// (then sn == 1, ptr 16-byte aligned, N % VN == 0); else masked scalar accesses (0 past N).
+template <typename ST>
+NK_DEVICE uint4 load_state(const ST* ptr, bool vec, int64_t sn, int n0, int N) {
+  constexpr int VN = 16 / sizeof(ST);
+  if (vec) return *reinterpret_cast<const uint4*>(ptr);
+  uint4 raw;
+  ST* e = elems<ST>(raw);
+#pragma unroll
+  for (int i = 0; i < VN; ++i) e[i] = n0 + i < N ? ptr[i * sn] : from_f<ST>(0.f);
+  return raw;
 }
 
 template <typename ST>
-NK_DEVICE float round_to(float v) {
-  if constexpr (std::is_same_v<ST, float>) return v;
-  else return to_f<ST>(from_f<ST>(v));
+NK_DEVICE void store_state(ST* ptr, bool vec, int64_t sn, int n0, int N, uint4 raw) {
+  constexpr int VN = 16 / sizeof(ST);
+  if (vec) {
+    *reinterpret_cast<uint4*>(ptr) = raw;
+    return;
+  }
+  const ST* e = elems<ST>(raw);
+#pragma unroll
+  for (int i = 0; i < VN; ++i)
+    if (n0 + i < N) ptr[i * sn] = e[i];
 }
 
 // A whole padded / out-of-range entry: `fill` into its outputs (and its snapshots unless the
@@ -99,148 +109,182 @@ NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, 
   }
 }
 
-// Rows per thread: 4 / NC for the single step (64 bytes of state per thread); the
-// multi-token kernel keeps its state live across the tokens and uses half as many.
-template <int NC, bool kSingle>
-constexpr int rows_per_thread() {
-  return (kSingle ? 4 : 2) / NC > 0 ? (kSingle ? 4 : 2) / NC : 1;
+// The small operands of one token for one thread: B and C at its NC x VN state columns, x
+// and z (and dt unless it is per head) at its R rows. All issued together, so a token costs
+// one memory round trip; the next token's are issued before this token's stores.
+template <int R, int NC, int VN, bool kHead>
+struct TokenIn {
+  float B[NC][VN], C[NC][VN];
+  float x[R], z[R], dt[kHead ? 1 : R];
+};
+
+// Where a thread sits: batch entry b, head h, group g, its rows pr[r] (rin[r]: pr[r] < P) and
+// its first column (lane * VN; vector c starts at (c * ln + lane) * VN).
+template <int R>
+struct Place {
+  int64_t b, h, g, pr[R];
+  bool rin[R];
+  int lane, ln;
+};
+
+template <int R, int NC, int VN, bool kHead>
+NK_DEVICE void load_token(const SsuParams& p, const Place<R>& w, int64_t t, TokenIn<R, NC, VN, kHead>& in) {
+  const int N = static_cast<int>(p.dstate);
+  const int64_t b = w.b, h = w.h;
+  const int64_t bo = b * p.B.s[0] + t * p.B.s[1] + w.g * p.B.s[2];
+  const int64_t co = b * p.C.s[0] + t * p.C.s[1] + w.g * p.C.s[2];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int n0 = (c * w.ln + w.lane) * VN;
+    ld_group_any<VN>(p.B, bo + n0 * p.B.s[3], p.B.s[3], n0, N, in.B[c]);
+    ld_group_any<VN>(p.C, co + n0 * p.C.s[3], p.C.s[3], n0, N, in.C[c]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = w.rin[r] ? w.pr[r] : 0;
+    in.x[r] = ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]);
+    in.z[r] = p.z.ptr != nullptr ? ld_any(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
+    if (!kHead || r == 0)
+      in.dt[r] = ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]);
+  }
 }
 
-template <typename ST, int NC, bool kHeadDecay, bool kSingle>
-__global__ void __launch_bounds__(kThreads)
-ssu_kernel(SsuParams p, int ln, int64_t tiles, bool vec_state, bool vec_snap) {
+template <typename ST, int NC, bool kHead, bool kSingle>
+NK_DEVICE void ssu_entry(const SsuParams& p, Place<kVecsPerThread / NC>& w, bool vec_state, bool vec_snap) {
   constexpr int VN = 16 / sizeof(ST);
-  constexpr int R = rows_per_thread<NC, kSingle>();
-  // B and C of the current token as float32, double-buffered by token parity (one barrier
-  // per token): [buffer][B | C][np], np = NC * ln * VN >= N, zero past N.
-  extern __shared__ float4 smem_raw[];
-  float* const sm = reinterpret_cast<float*>(smem_raw);
-  const int np = NC * ln * VN;
-  const int64_t N = p.dstate, P = p.dim;
-  const int rows_per_pass = kThreads / ln;
-  const int64_t rows_per_block = int64_t(R) * rows_per_pass;
-  const int64_t tile = blockIdx.x % tiles, bh = blockIdx.x / tiles;
-  const int64_t h = bh % p.nheads, b = bh / p.nheads, g = h / p.heads_per_group;
-  const int lane = threadIdx.x % ln, slot = threadIdx.x / ln;
-  const int64_t p_first = tile * rows_per_block;
+  constexpr int R = kVecsPerThread / NC;
+  const int N = static_cast<int>(p.dstate);
+  const int64_t b = w.b, h = w.h;
+  const int lane = w.lane, ln = w.ln;
+  const bool (&rin)[R] = w.rin;
+
+  // Token 0's inputs go out first: they do not depend on the state row, so their latency
+  // overlaps the index load and the state loads.
+  TokenIn<R, NC, VN, kHead> in;
+  load_token<R, NC, VN, kHead>(p, w, 0, in);
 
   const int64_t row = p.state_indices != nullptr ? p.state_indices[b] : b;
-  if (row < 0 || row >= p.state_rows) {  // uniform over the block: no barrier is left waiting
-    const int64_t p_end = p_first + rows_per_block < P ? p_first + rows_per_block : P;
-    fill_entry<ST>(p, b, h, p_first, p_end, row < 0 ? 0.f : __int_as_float(0x7fc00000));
+  if (row < 0 || row >= p.state_rows) {  // uniform over the block
+    const int64_t rows_per_block = int64_t(R) * (kThreads / ln);
+    const int64_t p0 = w.pr[0] - threadIdx.x / ln;
+    const int64_t p1 = p0 + rows_per_block < p.dim ? p0 + rows_per_block : p.dim;
+    fill_entry<ST>(p, b, h, p0, p1, row < 0 ? 0.f : __int_as_float(0x7fc00000));
     return;
   }
 
-  int64_t pr[R];
-  bool rin[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    pr[r] = p_first + int64_t(r) * rows_per_pass + slot;
-    rin[r] = pr[r] < P;
-  }
-
-  // The state: every load issued before any math.
-  ST* const sbase = static_cast<ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1];
-  float s[R][NC][VN];
+  // The state: R x NC independent 16-byte loads per thread, all issued before any math.
+  const ST* const sbase = static_cast<const ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1];
+  uint4 s[R][NC];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      const int64_t n0 = (int64_t(c) * ln + lane) * VN;
-      if (rin[r] && n0 < N) {
-        load_vec<ST, VN>(sbase + pr[r] * p.st_s[2] + n0 * p.st_s[3], vec_state, p.st_s[3], n0, N, s[r][c]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VN; ++v) s[r][c][v] = 0.f;
-      }
+      const int n0 = (c * ln + lane) * VN;
+      s[r][c] = make_uint4(0u, 0u, 0u, 0u);
+      if (w.rin[r] && n0 < N) s[r][c] = load_state<ST>(sbase + w.pr[r] * p.st_s[2] + n0 * p.st_s[3], vec_state, p.st_s[3], n0, N);
     }
 
   // Per-row parameters, constant over the tokens.
   float bias[R], dv[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int64_t i = rin[r] ? pr[r] : 0;
+    const int64_t i = w.rin[r] ? w.pr[r] : 0;
     bias[r] = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
     dv[r] = p.D.ptr != nullptr ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + i * p.D.s[1]) : 0.f;
   }
+  const float a_head = kHead ? ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]) : 0.f;
+
+  // Where the state after each token goes: the state row itself (single step) or snapshot t.
+  ST* dst = p.in_place ? const_cast<ST*>(sbase)
+                       : (p.snap != nullptr ? static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] : nullptr);
+  const int64_t dsp = p.in_place ? p.st_s[2] : p.snap_s[3];
+  const int64_t dsn = p.in_place ? p.st_s[3] : p.snap_s[4];
+  const int64_t dst_t = p.in_place ? 0 : p.snap_s[1];
   const bool vst = p.in_place ? vec_state : vec_snap;
 
   const int64_t T = kSingle ? 1 : p.seqlen;
 #pragma unroll 1
   for (int64_t t = 0; t < T; ++t) {
-    float* const smB = sm + (t & 1) * 2 * np;
-    float* const smC = smB + np;
-    {
-      const int64_t bo = b * p.B.s[0] + t * p.B.s[1] + g * p.B.s[2];
-      const int64_t co = b * p.C.s[0] + t * p.C.s[1] + g * p.C.s[2];
-      for (int e = threadIdx.x; e < np; e += kThreads) {
-        const bool in = e < N;
-        smB[e] = in ? ld_any(p.B.ptr, p.B.dtype, bo + e * p.B.s[3]) : 0.f;
-        smC[e] = in ? ld_any(p.C.ptr, p.C.dtype, co + e * p.C.s[3]) : 0.f;
-      }
+    float dtp[R], dA_head = 0.f;
+    if constexpr (kHead) {
+      dtp[0] = ssu_dt(in.dt[0], bias[0], p.dt_softplus);
+      dA_head = ssu_decay(dtp[0], a_head);
+#pragma unroll
+      for (int r = 1; r < R; ++r) dtp[r] = dtp[0];
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) dtp[r] = ssu_dt(in.dt[r], bias[r], p.dt_softplus);
     }
-    float dtp_head = 0.f, dA_head = 0.f;
-    if constexpr (kHeadDecay) {
-      const float dtv = ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2]);
-      dtp_head = ssu_dt(dtv, bias[0], p.dt_softplus);
-      dA_head = ssu_decay(dtp_head, ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]));
-    }
-    __syncthreads();
-    ST* const dst = p.in_place ? sbase
-                               : static_cast<ST*>(p.snap) + b * p.snap_s[0] + t * p.snap_s[1] + h * p.snap_s[2];
-    const int64_t dsp = p.in_place ? p.st_s[2] : p.snap_s[3];
-    const int64_t dsn = p.in_place ? p.st_s[3] : p.snap_s[4];
+    float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int64_t i = opaque(rin[r] ? pr[r] : 0);
-      const float xv = rin[r] ? ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]) : 0.f;
-      float dtp;
-      if constexpr (kHeadDecay) {
-        dtp = dtp_head;
-      } else {
-        const float dtv = rin[r] ? ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]) : 0.f;
-        dtp = ssu_dt(dtv, bias[r], p.dt_softplus);
-      }
-      const float dtx = dtp * xv;
-      float acc = 0.f;
+      [[maybe_unused]] const int64_t i = rin[r] ? w.pr[r] : 0;
+      const float dtx = dtp[r] * in.x[r];
+      acc[r] = 0.f;
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
-        const int e0 = (c * ln + lane) * VN;
-        float Bv[VN], Cv[VN];
-#pragma unroll
-        for (int k = 0; k < VN / 4; ++k) {
-          const float4 bq = reinterpret_cast<const float4*>(smB + e0)[k];
-          const float4 cq = reinterpret_cast<const float4*>(smC + e0)[k];
-          Bv[4 * k] = bq.x, Bv[4 * k + 1] = bq.y, Bv[4 * k + 2] = bq.z, Bv[4 * k + 3] = bq.w;
-          Cv[4 * k] = cq.x, Cv[4 * k + 1] = cq.y, Cv[4 * k + 2] = cq.z, Cv[4 * k + 3] = cq.w;
-        }
+        ST* e = elems<ST>(s[r][c]);
 #pragma unroll
         for (int v = 0; v < VN; ++v) {
-          const int64_t n = e0 + v;
+          const int n = (c * ln + lane) * VN + v;
           if (rin[r] && n < N) {
             float dA;
-            if constexpr (kHeadDecay) dA = dA_head;
-            else dA = ssu_decay(dtp, ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]));
-            s[r][c][v] = round_to<ST>(ssu_state(s[r][c][v], dA, Bv[v], dtx));
-            acc = fmaf(s[r][c][v], Cv[v], acc);
+            if constexpr (kHead) dA = dA_head;
+            else dA = ssu_decay(dtp[r], ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]));
+            e[v] = from_f<ST>(ssu_state(to_f<ST>(e[v]), dA, in.B[c][v], dtx));
+            acc[r] = fmaf(to_f<ST>(e[v]), in.C[c][v], acc[r]);
           }
         }
       }
-      // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group.
-      for (int off = ln / 2; off >= 1; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (rin[r] && lane == 0) {
-        const float zv = p.z.ptr != nullptr ? ld_any(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
-        st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
-               ssu_out(acc, p.D.ptr != nullptr, dv[r], xv, p.z.ptr != nullptr, zv));
-      }
-      if (p.snap != nullptr) {
+    }
+    // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group. The R
+    // rows' butterflies interleave (independent shuffles in flight).
+    for (int off = ln / 2; off >= 1; off >>= 1)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+    float o[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) o[r] = ssu_out(acc[r], p.D.ptr != nullptr, dv[r], in.x[r], p.z.ptr != nullptr, in.z[r]);
+    if (!kSingle && t + 1 < T) load_token<R, NC, VN, kHead>(p, w, t + 1, in);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (!w.rin[r]) continue;
+      const int64_t i = w.pr[r];
+      if (lane == 0) st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3], o[r]);
+      if (dst != nullptr) {
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
-          const int64_t n0 = (int64_t(c) * ln + lane) * VN;
-          if (rin[r] && n0 < N) store_vec<ST, VN>(dst + i * dsp + n0 * dsn, vst, dsn, n0, N, s[r][c]);
+          const int n0 = (c * ln + lane) * VN;
+          if (n0 < N) store_state<ST>(dst + i * dsp + n0 * dsn, vst, dsn, n0, N, s[r][c]);
         }
       }
     }
+    if (dst != nullptr) dst += dst_t;
+  }
+}
+
+// One block: R * (128 / ln) consecutive rows of one head, for the batch entries
+// blockIdx.y, blockIdx.y + gridDim.y, ... (grid.y is at most 65535).
+template <typename ST, int NC, bool kHead, bool kSingle>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+ssu_kernel(SsuParams p, int ln, unsigned tiles, bool vec_state, bool vec_snap) {
+  constexpr int R = kVecsPerThread / NC;
+  Place<R> w;
+  const unsigned hh = blockIdx.x / tiles, tile = blockIdx.x - hh * tiles;
+  w.h = hh;
+  w.g = hh / static_cast<unsigned>(p.heads_per_group);
+  w.ln = ln;
+  w.lane = threadIdx.x & (ln - 1);
+  const int rows_per_pass = kThreads / ln;
+  const int64_t p_first = int64_t(tile) * (R * rows_per_pass) + threadIdx.x / ln;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    w.pr[r] = p_first + r * rows_per_pass;
+    w.rin[r] = w.pr[r] < p.dim;
+  }
+  for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
+    w.b = b;
+    ssu_entry<ST, NC, kHead, kSingle>(p, w, vec_state, vec_snap);
   }
 }
 
@@ -257,16 +301,16 @@ bool vec_ok(const void* ptr, int vn, int64_t N, const int64_t* strides, int nstr
 template <typename ST, int NC, bool kHead, bool kSingle>
 void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   constexpr int VN = 16 / sizeof(ST);
-  constexpr int R = rows_per_thread<NC, kSingle>();
+  constexpr int R = kVecsPerThread / NC;
   const int64_t rows_per_block = int64_t(R) * (kThreads / ln);
   const int64_t tiles = (p.dim + rows_per_block - 1) / rows_per_block;
-  const int64_t blocks = p.batch * p.nheads * tiles;
-  checked_grid(p.in_place ? "selective_state_update" : "selective_state_update_multi", "state update",
-               {blocks}, "grid.x is batch * nheads * ceil(dim / rows per block): split the batch into smaller calls");
+  const char* op = p.in_place ? "selective_state_update" : "selective_state_update_multi";
+  const LaunchGrid grid = checked_grid(op, "state update", {tiles * p.nheads, p.batch < kCudaMaxGridYZ ? p.batch : kCudaMaxGridYZ},
+                                       "grid.x is nheads * ceil(dim / rows per block): split the heads into smaller calls");
   const bool vs = vec_ok(p.state, VN, p.dstate, p.st_s, 3, p.st_s[3]);
   const bool vn = !p.in_place && vec_ok(p.snap, VN, p.dstate, p.snap_s, 4, p.snap_s[4]);
-  const size_t smem = 2 * 2 * size_t(NC) * ln * VN * sizeof(float);
-  ssu_kernel<ST, NC, kHead, kSingle><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, ln, tiles, vs, vn);
+  ssu_kernel<ST, NC, kHead, kSingle><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), kThreads, 0, stream>>>(
+      p, ln, static_cast<unsigned>(tiles), vs, vn);
   NK_CUDA_LAUNCH_CHECK();
 }
 
