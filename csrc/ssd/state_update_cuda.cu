@@ -20,9 +20,11 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kVecsPerThread = 4;  // 16-byte state vectors a thread owns: R rows x NC vectors
-// Resident blocks per SM the register budget is sized for: 8 x 128 threads, at most 64
-// registers a thread (docs/ssd.md, issue 18 section: bytes in flight per SM).
-constexpr int kMinBlocks = 4;
+// Resident blocks per SM the register budget is sized for (docs/ssd.md, issue 18 section:
+// bytes in flight per SM): 6 x 128 threads (<= 80 registers, no spills) on the head-decay
+// path, 5 (<= 96) on the general path, whose per-element decay needs more.
+template <bool kHead>
+constexpr int min_blocks() { return kHead ? 6 : 5; }
 
 // Loads and stores of the runtime-typed small operands (x, dt, z, B, C, A, D, dt_bias, out).
 // The dtype is uniform across the grid, so the switch never diverges.
@@ -39,23 +41,6 @@ NK_DEVICE void st_any(void* base, DType dt, int64_t off, float v) {
     case DType::F32: static_cast<float*>(base)[off] = v; break;
     case DType::F16: static_cast<__half*>(base)[off] = __float2half_rn(v); break;
     default: static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v); break;
-  }
-}
-
-// K values at base + off + i * step (i < K), 0 where n0 + i >= N: one dtype switch per group.
-template <typename T, int K>
-NK_DEVICE void ld_group(const void* base, int64_t off, int64_t step, int n0, int N, float (&v)[K]) {
-  const T* q = static_cast<const T*>(base) + off;
-#pragma unroll
-  for (int i = 0; i < K; ++i) v[i] = n0 + i < N ? to_f<T>(q[i * step]) : 0.f;
-}
-
-template <int K>
-NK_DEVICE void ld_group_any(const SsuArg& a, int64_t off, int64_t step, int n0, int N, float (&v)[K]) {
-  switch (a.dtype) {
-    case DType::F32: ld_group<float, K>(a.ptr, off, step, n0, N, v); break;
-    case DType::F16: ld_group<__half, K>(a.ptr, off, step, n0, N, v); break;
-    default: ld_group<__nv_bfloat16, K>(a.ptr, off, step, n0, N, v); break;
   }
 }
 
@@ -92,7 +77,7 @@ NK_DEVICE void store_state(ST* ptr, bool vec, int64_t sn, int n0, int N, uint4 r
 }
 
 // A whole padded / out-of-range entry: `fill` into its outputs (and its snapshots unless the
-// state is updated in place). Rows and elements are strided over the block's threads.
+// state is updated in place), rows p0..p1-1. No divisions: rows outer, elements over threads.
 template <typename ST>
 NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, int64_t p1, float fill) {
   for (int64_t t = 0; t < p.seqlen; ++t) {
@@ -100,80 +85,96 @@ NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, 
       st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3], fill);
     if (p.snap != nullptr && !p.in_place) {
       ST* base = static_cast<ST*>(p.snap) + b * p.snap_s[0] + t * p.snap_s[1] + h * p.snap_s[2];
-      const int64_t cnt = (p1 - p0) * p.dstate;
-      for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) {
-        const int64_t i = p0 + e / p.dstate, n = e % p.dstate;
-        base[i * p.snap_s[3] + n * p.snap_s[4]] = from_f<ST>(fill);
-      }
+      for (int64_t i = p0; i < p1; ++i)
+        for (int64_t n = threadIdx.x; n < p.dstate; n += blockDim.x) base[i * p.snap_s[3] + n * p.snap_s[4]] = from_f<ST>(fill);
     }
   }
 }
 
-// The small operands of one token for one thread: B and C at its NC x VN state columns, x
-// and z (and dt unless it is per head) at its R rows. All issued together, so a token costs
-// one memory round trip; the next token's are issued before this token's stores.
-template <int R, int NC, int VN, bool kHead>
-struct TokenIn {
-  float B[NC][VN], C[NC][VN];
-  float x[R], z[R], dt[kHead ? 1 : R];
+// Shared-memory layout of a block (floats). The block's small operands are staged once, as
+// float32, by all its threads (a few coalesced loads each), so that the per-thread state
+// loop holds only the state in registers. np = NC * ln * VN >= N columns (zero past N), rb
+// rows. General path only: A rows [rb][np] first. Then per staged token (tok floats each, a
+// multiple of 4 so every B / C row is 16-byte aligned): B[np], C[np], x[rb], z[rb], dt'[rb]
+// (general path: per row; head path: [0] is dt' and [1] exp(dt' A) of the head).
+struct SsuSmem {
+  int np, rb, a_floats, tok, tc;  // tc: tokens staged at once
+  NK_HD int B(int t) const { return a_floats + t * tok; }
+  NK_HD int C(int t) const { return B(t) + np; }
+  NK_HD int x(int t) const { return B(t) + 2 * np; }
+  NK_HD int z(int t) const { return x(t) + rb; }
+  NK_HD int d(int t) const { return x(t) + 2 * rb; }
 };
 
-// Where a thread sits: batch entry b, head h, group g, its rows pr[r] (rin[r]: pr[r] < P) and
-// its first column (lane * VN; vector c starts at (c * ln + lane) * VN).
-template <int R>
-struct Place {
-  int64_t b, h, g, pr[R];
-  bool rin[R];
-  int lane, ln;
-};
+constexpr int kSmemBudgetFloats = 8192;  // 32 KB
 
-template <int R, int NC, int VN, bool kHead>
-NK_DEVICE void load_token(const SsuParams& p, const Place<R>& w, int64_t t, TokenIn<R, NC, VN, kHead>& in) {
+NK_HD SsuSmem ssu_smem(int np, int rb, bool head, int64_t T) {
+  SsuSmem m;
+  m.np = np, m.rb = rb;
+  m.a_floats = head ? 0 : rb * np;
+  m.tok = (2 * np + 3 * rb + 3) / 4 * 4;
+  const int64_t fit = (kSmemBudgetFloats - m.a_floats) / m.tok;
+  m.tc = static_cast<int>(fit < 1 ? 1 : (fit < T ? fit : T));
+  return m;
+}
+
+// Stages tokens t0 .. t0 + tc - 1 (tc <= m.tc) of entry b, head h, rows p_first .. + rb.
+template <bool kHead>
+NK_DEVICE void stage_tokens(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
+                            int64_t p_first, int64_t t0, int tc, float a_head, float bias_head) {
   const int N = static_cast<int>(p.dstate);
-  const int64_t b = w.b, h = w.h;
-  const int64_t bo = b * p.B.s[0] + t * p.B.s[1] + w.g * p.B.s[2];
-  const int64_t co = b * p.C.s[0] + t * p.C.s[1] + w.g * p.C.s[2];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    const int n0 = (c * w.ln + w.lane) * VN;
-    ld_group_any<VN>(p.B, bo + n0 * p.B.s[3], p.B.s[3], n0, N, in.B[c]);
-    ld_group_any<VN>(p.C, co + n0 * p.C.s[3], p.C.s[3], n0, N, in.C[c]);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = w.rin[r] ? w.pr[r] : 0;
-    in.x[r] = ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]);
-    in.z[r] = p.z.ptr != nullptr ? ld_any(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
-    if (!kHead || r == 0)
-      in.dt[r] = ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]);
+  const int64_t P = p.dim;
+  for (int k = 0; k < tc; ++k) {
+    const int64_t t = t0 + k;
+    const int64_t bo = b * p.B.s[0] + t * p.B.s[1] + g * p.B.s[2];
+    const int64_t co = b * p.C.s[0] + t * p.C.s[1] + g * p.C.s[2];
+    for (int n = threadIdx.x; n < m.np; n += kThreads) {
+      sm[m.B(k) + n] = n < N ? ld_any(p.B.ptr, p.B.dtype, bo + n * p.B.s[3]) : 0.f;
+      sm[m.C(k) + n] = n < N ? ld_any(p.C.ptr, p.C.dtype, co + n * p.C.s[3]) : 0.f;
+    }
+    for (int j = threadIdx.x; j < m.rb; j += kThreads) {
+      const int64_t i = p_first + j < P ? p_first + j : 0;
+      sm[m.x(k) + j] = ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]);
+      sm[m.z(k) + j] = p.z.ptr != nullptr ? ld_any(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
+      if (!kHead) {
+        const float bias = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
+        sm[m.d(k) + j] = ssu_dt(ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]), bias, p.dt_softplus);
+      }
+    }
+    if (kHead && threadIdx.x == 0) {  // one dt' and one decay per (token, head)
+      const float dtp = ssu_dt(ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2]), bias_head, p.dt_softplus);
+      sm[m.d(k)] = dtp;
+      sm[m.d(k) + 1] = ssu_decay(dtp, a_head);
+    }
   }
 }
 
+// One batch entry of a block: rows w.pr[r] of head w.h (R rows x NC vectors per thread).
 template <typename ST, int NC, bool kHead, bool kSingle>
-NK_DEVICE void ssu_entry(const SsuParams& p, Place<kVecsPerThread / NC>& w, bool vec_state, bool vec_snap) {
+NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
+                         int64_t p_first, int ln, bool vec_state, bool vec_snap) {
   constexpr int VN = 16 / sizeof(ST);
   constexpr int R = kVecsPerThread / NC;
   const int N = static_cast<int>(p.dstate);
-  const int64_t b = w.b, h = w.h;
-  const int lane = w.lane, ln = w.ln;
-  const bool (&rin)[R] = w.rin;
-
-  // Token 0's inputs go out first: they do not depend on the state row, so their latency
-  // overlaps the index load and the state loads.
-  TokenIn<R, NC, VN, kHead> in;
-  load_token<R, NC, VN, kHead>(p, w, 0, in);
+  const int lane = threadIdx.x & (ln - 1), slot = threadIdx.x / ln;
+  const int rows_per_pass = kThreads / ln;
+  int64_t pr[R];
+  bool rin[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    pr[r] = p_first + r * rows_per_pass + slot;
+    rin[r] = pr[r] < p.dim;
+  }
 
   const int64_t row = p.state_indices != nullptr ? p.state_indices[b] : b;
-  if (row < 0 || row >= p.state_rows) {  // uniform over the block
-    const int64_t rows_per_block = int64_t(R) * (kThreads / ln);
-    const int64_t p0 = w.pr[0] - threadIdx.x / ln;
-    const int64_t p1 = p0 + rows_per_block < p.dim ? p0 + rows_per_block : p.dim;
-    fill_entry<ST>(p, b, h, p0, p1, row < 0 ? 0.f : __int_as_float(0x7fc00000));
+  if (row < 0 || row >= p.state_rows) {  // uniform over the block: no barrier is left waiting
+    const int64_t p1 = p_first + m.rb < p.dim ? p_first + m.rb : p.dim;
+    fill_entry<ST>(p, b, h, p_first, p1, row < 0 ? 0.f : __int_as_float(0x7fc00000));
     return;
   }
 
-  // The state: R x NC independent 16-byte loads per thread, all issued before any math.
-  const ST* const sbase = static_cast<const ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1];
+  // The state: R x NC independent 16-byte loads per thread, all issued before anything waits.
+  ST* const sbase = static_cast<ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1];
   uint4 s[R][NC];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -181,111 +182,112 @@ NK_DEVICE void ssu_entry(const SsuParams& p, Place<kVecsPerThread / NC>& w, bool
     for (int c = 0; c < NC; ++c) {
       const int n0 = (c * ln + lane) * VN;
       s[r][c] = make_uint4(0u, 0u, 0u, 0u);
-      if (w.rin[r] && n0 < N) s[r][c] = load_state<ST>(sbase + w.pr[r] * p.st_s[2] + n0 * p.st_s[3], vec_state, p.st_s[3], n0, N);
+      if (rin[r] && n0 < N) s[r][c] = load_state<ST>(sbase + pr[r] * p.st_s[2] + n0 * p.st_s[3], vec_state, p.st_s[3], n0, N);
     }
 
-  // Per-row parameters, constant over the tokens.
-  float bias[R], dv[R];
+  float dv[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = w.rin[r] ? w.pr[r] : 0;
-    bias[r] = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
-    dv[r] = p.D.ptr != nullptr ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + i * p.D.s[1]) : 0.f;
+  for (int r = 0; r < R; ++r)
+    dv[r] = p.D.ptr != nullptr ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + (rin[r] ? pr[r] : 0) * p.D.s[1]) : 0.f;
+
+  // Staged while the state loads are in flight.
+  float a_head = 0.f, bias_head = 0.f;
+  if (kHead) {
+    a_head = ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]);
+    bias_head = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0]) : 0.f;
+  } else {
+    for (int e = threadIdx.x; e < m.rb * m.np; e += kThreads) {
+      const int j = e / m.np, n = e - j * m.np;  // 32-bit, once per block
+      const int64_t i = p_first + j < p.dim ? p_first + j : 0;
+      sm[e] = n < N ? ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]) : 0.f;
+    }
   }
-  const float a_head = kHead ? ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]) : 0.f;
 
   // Where the state after each token goes: the state row itself (single step) or snapshot t.
-  ST* dst = p.in_place ? const_cast<ST*>(sbase)
-                       : (p.snap != nullptr ? static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] : nullptr);
-  const int64_t dsp = p.in_place ? p.st_s[2] : p.snap_s[3];
-  const int64_t dsn = p.in_place ? p.st_s[3] : p.snap_s[4];
-  const int64_t dst_t = p.in_place ? 0 : p.snap_s[1];
-  const bool vst = p.in_place ? vec_state : vec_snap;
+  ST* dst = kSingle ? sbase : (p.snap != nullptr ? static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] : nullptr);
+  const int64_t dsp = kSingle ? p.st_s[2] : p.snap_s[3];
+  const int64_t dsn = kSingle ? p.st_s[3] : p.snap_s[4];
+  const bool vst = kSingle ? vec_state : vec_snap;
 
   const int64_t T = kSingle ? 1 : p.seqlen;
 #pragma unroll 1
-  for (int64_t t = 0; t < T; ++t) {
-    float dtp[R], dA_head = 0.f;
-    if constexpr (kHead) {
-      dtp[0] = ssu_dt(in.dt[0], bias[0], p.dt_softplus);
-      dA_head = ssu_decay(dtp[0], a_head);
+  for (int64_t t0 = 0; t0 < T; t0 += m.tc) {
+    const int tc = static_cast<int>(T - t0 < m.tc ? T - t0 : m.tc);
+    if (t0 > 0) __syncthreads();  // the previous chunk's values are read no more
+    stage_tokens<kHead>(p, m, sm, b, h, g, p_first, t0, tc, a_head, bias_head);
+    __syncthreads();
+#pragma unroll 1
+    for (int k = 0; k < tc; ++k) {
+      const int64_t t = t0 + k;
+      const float* Bs = sm + m.B(k);
+      const float* Cs = sm + m.C(k);
+      float acc[R];
 #pragma unroll
-      for (int r = 1; r < R; ++r) dtp[r] = dtp[0];
-    } else {
+      for (int r = 0; r < R; ++r) {
+        const int j = r * rows_per_pass + slot;  // the row within the block
+        const float dtp = kHead ? sm[m.d(k)] : sm[m.d(k) + j];
+        const float dA_head = kHead ? sm[m.d(k) + 1] : 0.f;
+        const float dtx = dtp * sm[m.x(k) + j];
+        acc[r] = 0.f;
 #pragma unroll
-      for (int r = 0; r < R; ++r) dtp[r] = ssu_dt(in.dt[r], bias[r], p.dt_softplus);
-    }
-    float acc[R];
+        for (int c = 0; c < NC; ++c) {
+          const int e0 = (c * ln + lane) * VN;
+          ST* e = elems<ST>(s[r][c]);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      [[maybe_unused]] const int64_t i = rin[r] ? w.pr[r] : 0;
-      const float dtx = dtp[r] * in.x[r];
-      acc[r] = 0.f;
+          for (int q = 0; q < VN / 4; ++q) {
+            const float4 bq = reinterpret_cast<const float4*>(Bs + e0)[q];
+            const float4 cq = reinterpret_cast<const float4*>(Cs + e0)[q];
+            const float Bv[4] = {bq.x, bq.y, bq.z, bq.w}, Cv[4] = {cq.x, cq.y, cq.z, cq.w};
 #pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        ST* e = elems<ST>(s[r][c]);
+            for (int u = 0; u < 4; ++u) {
+              const int v = 4 * q + u, n = e0 + v;
+              if (rin[r] && n < N) {
+                const float dA = kHead ? dA_head : ssu_decay(dtp, sm[j * m.np + n]);
+                e[v] = from_f<ST>(ssu_state(to_f<ST>(e[v]), dA, Bv[u], dtx));
+                acc[r] = fmaf(to_f<ST>(e[v]), Cv[u], acc[r]);
+              }
+            }
+          }
+        }
+      }
+      // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group. The R
+      // rows' butterflies interleave (independent shuffles in flight).
+      for (int off = ln / 2; off >= 1; off >>= 1)
 #pragma unroll
-        for (int v = 0; v < VN; ++v) {
-          const int n = (c * ln + lane) * VN + v;
-          if (rin[r] && n < N) {
-            float dA;
-            if constexpr (kHead) dA = dA_head;
-            else dA = ssu_decay(dtp[r], ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]));
-            e[v] = from_f<ST>(ssu_state(to_f<ST>(e[v]), dA, in.B[c][v], dtx));
-            acc[r] = fmaf(to_f<ST>(e[v]), in.C[c][v], acc[r]);
+        for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (!rin[r]) continue;
+        const int j = r * rows_per_pass + slot;
+        const int64_t i = pr[r];
+        if (lane == 0)
+          st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
+                 ssu_out(acc[r], p.D.ptr != nullptr, dv[r], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
+        if (dst != nullptr) {
+#pragma unroll
+          for (int c = 0; c < NC; ++c) {
+            const int n0 = (c * ln + lane) * VN;
+            if (n0 < N) store_state<ST>(dst + t * (kSingle ? 0 : p.snap_s[1]) + i * dsp + n0 * dsn, vst, dsn, n0, N, s[r][c]);
           }
         }
       }
     }
-    // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group. The R
-    // rows' butterflies interleave (independent shuffles in flight).
-    for (int off = ln / 2; off >= 1; off >>= 1)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-    float o[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) o[r] = ssu_out(acc[r], p.D.ptr != nullptr, dv[r], in.x[r], p.z.ptr != nullptr, in.z[r]);
-    if (!kSingle && t + 1 < T) load_token<R, NC, VN, kHead>(p, w, t + 1, in);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (!w.rin[r]) continue;
-      const int64_t i = w.pr[r];
-      if (lane == 0) st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3], o[r]);
-      if (dst != nullptr) {
-#pragma unroll
-        for (int c = 0; c < NC; ++c) {
-          const int n0 = (c * ln + lane) * VN;
-          if (n0 < N) store_state<ST>(dst + i * dsp + n0 * dsn, vst, dsn, n0, N, s[r][c]);
-        }
-      }
-    }
-    if (dst != nullptr) dst += dst_t;
   }
 }
 
-// One block: R * (128 / ln) consecutive rows of one head, for the batch entries
-// blockIdx.y, blockIdx.y + gridDim.y, ... (grid.y is at most 65535).
+// One block: rb = R * (128 / ln) consecutive rows of one head of batch entry
+// blockIdx.y + 65535 * blockIdx.z. No loop over entries: a loop let the compiler hoist every
+// per-row address out of it and keep them all live (spilled at 64 registers).
 template <typename ST, int NC, bool kHead, bool kSingle>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-ssu_kernel(SsuParams p, int ln, unsigned tiles, bool vec_state, bool vec_snap) {
-  constexpr int R = kVecsPerThread / NC;
-  Place<R> w;
-  const unsigned hh = blockIdx.x / tiles, tile = blockIdx.x - hh * tiles;
-  w.h = hh;
-  w.g = hh / static_cast<unsigned>(p.heads_per_group);
-  w.ln = ln;
-  w.lane = threadIdx.x & (ln - 1);
-  const int rows_per_pass = kThreads / ln;
-  const int64_t p_first = int64_t(tile) * (R * rows_per_pass) + threadIdx.x / ln;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    w.pr[r] = p_first + r * rows_per_pass;
-    w.rin[r] = w.pr[r] < p.dim;
-  }
-  for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
-    w.b = b;
-    ssu_entry<ST, NC, kHead, kSingle>(p, w, vec_state, vec_snap);
-  }
+__global__ void __launch_bounds__(kThreads, min_blocks<kHead>())
+ssu_kernel(SsuParams p, int ln, unsigned tiles, SsuSmem m, bool vec_state, bool vec_snap) {
+  extern __shared__ float4 smem_raw[];
+  float* const sm = reinterpret_cast<float*>(smem_raw);
+  const unsigned h = blockIdx.x / tiles, tile = blockIdx.x - h * tiles;
+  const unsigned g = h / static_cast<unsigned>(p.heads_per_group);
+  const int64_t b = blockIdx.y + int64_t(kCudaMaxGridYZ) * blockIdx.z;
+  if (b >= p.batch) return;  // the last z slice is partial
+  ssu_entry<ST, NC, kHead, kSingle>(p, m, sm, b, h, g, int64_t(tile) * m.rb, ln, vec_state, vec_snap);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -302,15 +304,20 @@ template <typename ST, int NC, bool kHead, bool kSingle>
 void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   constexpr int VN = 16 / sizeof(ST);
   constexpr int R = kVecsPerThread / NC;
-  const int64_t rows_per_block = int64_t(R) * (kThreads / ln);
-  const int64_t tiles = (p.dim + rows_per_block - 1) / rows_per_block;
+  const int rb = R * (kThreads / ln);
+  const SsuSmem m = ssu_smem(NC * ln * VN, rb, kHead, kSingle ? 1 : p.seqlen);
+  const int64_t tiles = (p.dim + rb - 1) / rb;
   const char* op = p.in_place ? "selective_state_update" : "selective_state_update_multi";
-  const LaunchGrid grid = checked_grid(op, "state update", {tiles * p.nheads, p.batch < kCudaMaxGridYZ ? p.batch : kCudaMaxGridYZ},
-                                       "grid.x is nheads * ceil(dim / rows per block): split the heads into smaller calls");
+  const LaunchGrid grid =
+      checked_grid(op, "state update",
+                   {tiles * p.nheads, p.batch < kCudaMaxGridYZ ? p.batch : kCudaMaxGridYZ, ceil_div64(p.batch, kCudaMaxGridYZ)},
+                   "grid.x is nheads * ceil(dim / rows per block): split the heads into smaller calls", "",
+                   "grid.z is ceil(batch / 65535): split the batch into calls of fewer entries");
   const bool vs = vec_ok(p.state, VN, p.dstate, p.st_s, 3, p.st_s[3]);
   const bool vn = !p.in_place && vec_ok(p.snap, VN, p.dstate, p.snap_s, 4, p.snap_s[4]);
-  ssu_kernel<ST, NC, kHead, kSingle><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), kThreads, 0, stream>>>(
-      p, ln, static_cast<unsigned>(tiles), vs, vn);
+  const size_t smem = size_t(m.a_floats + m.tc * m.tok) * sizeof(float);
+  ssu_kernel<ST, NC, kHead, kSingle><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)), kThreads, smem,
+                                       stream>>>(p, ln, static_cast<unsigned>(tiles), m, vs, vn);
   NK_CUDA_LAUNCH_CHECK();
 }
 
