@@ -161,6 +161,7 @@ MULTI = [
     (1, 4, 2, 33, 1, 64, torch.bfloat16, torch.bfloat16, False, "padded", None),   # 16-bit state, multi rows
     (2, 2, 2, 7, 2, 200, torch.float32, torch.float16, False, "sliced", None),     # NC = 2, scalar path
     (2, 2, 2, 5, 1, 32, torch.bfloat16, torch.float32, True, "offset", "perm"),    # misaligned base only
+    (1, 3, 1, 5, 1, 1024, torch.bfloat16, torch.bfloat16, False, "contig", None),  # NC = 4: one token staged at a time
 ]
 
 
