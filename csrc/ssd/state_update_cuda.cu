@@ -152,12 +152,12 @@ NK_DEVICE void stage_tokens(const SsuParams& p, const SsuSmem& m, float* sm, int
 // One batch entry of a block: rows w.pr[r] of head w.h (R rows x NC vectors per thread).
 template <typename ST, int NC, bool kHead, bool kSingle>
 NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
-                         int64_t p_first, int ln, bool vec_state, bool vec_snap) {
+                         int64_t p_first, int lnl, bool vec_state, bool vec_snap) {
   constexpr int VN = 16 / sizeof(ST);
   constexpr int R = kVecsPerThread / NC;
   const int N = static_cast<int>(p.dstate);
-  const int lane = threadIdx.x & (ln - 1), slot = threadIdx.x / ln;
-  const int rows_per_pass = kThreads / ln;
+  const int ln = 1 << lnl, lane = threadIdx.x & (ln - 1), slot = threadIdx.x >> lnl;
+  const int rows_per_pass = kThreads >> lnl;
   int64_t pr[R];
   bool rin[R];
 #pragma unroll
@@ -174,7 +174,10 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
   }
 
   // The state: R x NC independent 16-byte loads per thread, all issued before anything waits.
-  ST* const sbase = static_cast<ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1];
+  // One 64-bit address per thread; rows and vectors are uniform steps from it.
+  ST* const s0 = static_cast<ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1] + pr[0] * p.st_s[2] +
+                 int64_t(lane * VN) * p.st_s[3];
+  const int64_t s_row = rows_per_pass * p.st_s[2], s_vec = int64_t(ln * VN) * p.st_s[3];
   uint4 s[R][NC];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -182,13 +185,13 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
     for (int c = 0; c < NC; ++c) {
       const int n0 = (c * ln + lane) * VN;
       s[r][c] = make_uint4(0u, 0u, 0u, 0u);
-      if (rin[r] && n0 < N) s[r][c] = load_state<ST>(sbase + pr[r] * p.st_s[2] + n0 * p.st_s[3], vec_state, p.st_s[3], n0, N);
+      if (rin[r] && n0 < N) s[r][c] = load_state<ST>(s0 + r * s_row + c * s_vec, vec_state, p.st_s[3], n0, N);
     }
 
   float dv[R];
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    dv[r] = p.D.ptr != nullptr ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + (rin[r] ? pr[r] : 0) * p.D.s[1]) : 0.f;
+    dv[r] = p.D.ptr != nullptr && rin[r] ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + pr[r] * p.D.s[1]) : 0.f;
 
   // Staged while the state loads are in flight.
   float a_head = 0.f, bias_head = 0.f;
@@ -203,10 +206,17 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
     }
   }
 
-  // Where the state after each token goes: the state row itself (single step) or snapshot t.
-  ST* dst = kSingle ? sbase : (p.snap != nullptr ? static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] : nullptr);
-  const int64_t dsp = kSingle ? p.st_s[2] : p.snap_s[3];
-  const int64_t dsn = kSingle ? p.st_s[3] : p.snap_s[4];
+  // Where the state after each token goes: the state row itself (single step) or snapshot t,
+  // addressed like the loads: one pointer per thread, uniform steps per row / vector / token.
+  ST* dst = s0;
+  int64_t d_row = s_row, d_vec = s_vec, d_tok = 0, dsn = p.st_s[3];
+  if (!kSingle) {
+    dst = p.snap == nullptr ? nullptr
+                            : static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] + pr[0] * p.snap_s[3] +
+                                  int64_t(lane * VN) * p.snap_s[4];
+    d_row = rows_per_pass * p.snap_s[3], d_vec = int64_t(ln * VN) * p.snap_s[4], d_tok = p.snap_s[1];
+    dsn = p.snap_s[4];
+  }
   const bool vst = kSingle ? vec_state : vec_snap;
 
   const int64_t T = kSingle ? 1 : p.seqlen;
@@ -267,10 +277,11 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
 #pragma unroll
           for (int c = 0; c < NC; ++c) {
             const int n0 = (c * ln + lane) * VN;
-            if (n0 < N) store_state<ST>(dst + t * (kSingle ? 0 : p.snap_s[1]) + i * dsp + n0 * dsn, vst, dsn, n0, N, s[r][c]);
+            if (n0 < N) store_state<ST>(dst + r * d_row + c * d_vec, vst, dsn, n0, N, s[r][c]);
           }
         }
       }
+      if (dst != nullptr) dst += d_tok;
     }
   }
 }
@@ -280,14 +291,14 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
 // per-row address out of it and keep them all live (spilled at 64 registers).
 template <typename ST, int NC, bool kHead, bool kSingle>
 __global__ void __launch_bounds__(kThreads, min_blocks<kHead>())
-ssu_kernel(SsuParams p, int ln, unsigned tiles, SsuSmem m, bool vec_state, bool vec_snap) {
+ssu_kernel(SsuParams p, int lnl, unsigned tiles, SsuSmem m, bool vec_state, bool vec_snap) {
   extern __shared__ float4 smem_raw[];
   float* const sm = reinterpret_cast<float*>(smem_raw);
   const unsigned h = blockIdx.x / tiles, tile = blockIdx.x - h * tiles;
   const unsigned g = h / static_cast<unsigned>(p.heads_per_group);
   const int64_t b = blockIdx.y + int64_t(kCudaMaxGridYZ) * blockIdx.z;
   if (b >= p.batch) return;  // the last z slice is partial
-  ssu_entry<ST, NC, kHead, kSingle>(p, m, sm, b, h, g, int64_t(tile) * m.rb, ln, vec_state, vec_snap);
+  ssu_entry<ST, NC, kHead, kSingle>(p, m, sm, b, h, g, int64_t(tile) * m.rb, lnl, vec_state, vec_snap);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -305,6 +316,8 @@ void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   constexpr int VN = 16 / sizeof(ST);
   constexpr int R = kVecsPerThread / NC;
   const int rb = R * (kThreads / ln);
+  int lnl = 0;
+  while ((1 << lnl) < ln) ++lnl;  // ln is a power of two
   const SsuSmem m = ssu_smem(NC * ln * VN, rb, kHead, kSingle ? 1 : p.seqlen);
   const int64_t tiles = (p.dim + rb - 1) / rb;
   const char* op = p.in_place ? "selective_state_update" : "selective_state_update_multi";
@@ -317,7 +330,7 @@ void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   const bool vn = !p.in_place && vec_ok(p.snap, VN, p.dstate, p.snap_s, 4, p.snap_s[4]);
   const size_t smem = size_t(m.a_floats + m.tc * m.tok) * sizeof(float);
   ssu_kernel<ST, NC, kHead, kSingle><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)), kThreads, smem,
-                                       stream>>>(p, ln, static_cast<unsigned>(tiles), m, vs, vn);
+                                       stream>>>(p, lnl, static_cast<unsigned>(tiles), m, vs, vn);
   NK_CUDA_LAUNCH_CHECK();
 }
 
