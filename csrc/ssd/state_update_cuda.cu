@@ -266,14 +266,31 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
       for (int off = ln / 2; off >= 1; off >>= 1)
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+      // After the butterfly every lane of a row group holds the row's sum (bit-identical: each
+      // step adds the same two values), so lane q < R finishes row q's output: the gate's
+      // exp and division run once per R rows instead of once per row.
+      if (ln >= R) {
+        float a = acc[0], d = dv[0];
+#pragma unroll
+        for (int r = 1; r < R; ++r)
+          if (lane == r) a = acc[r], d = dv[r];
+        const int j = lane * rows_per_pass + slot;
+        const int64_t i = p_first + j;
+        if (lane < R && i < p.dim)
+          st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
+                 ssu_out(a, p.D.ptr != nullptr, d, sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int j = r * rows_per_pass + slot;
+          if (rin[r] && lane == 0)
+            st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + pr[r] * p.out_s[3],
+                   ssu_out(acc[r], p.D.ptr != nullptr, dv[r], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
+        }
+      }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (!rin[r]) continue;
-        const int j = r * rows_per_pass + slot;
-        const int64_t i = pr[r];
-        if (lane == 0)
-          st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
-                 ssu_out(acc[r], p.D.ptr != nullptr, dv[r], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
         if (dst != nullptr) {
 #pragma unroll
           for (int c = 0; c < NC; ++c) {
