@@ -95,11 +95,13 @@ NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, 
 // Shared-memory layout of a block (floats). The block's small operands are staged once, as
 // float32, by all its threads (a few coalesced loads each), so that the per-thread state
 // loop holds only the state in registers. np = NC * ln * VN >= N columns (zero past N), rb
-// rows. General path only: A rows [rb][np] first. Then per staged token (tok floats each, a
+// rows. First D[rb] (0 without D) and, general path only, A rows [rb][np] (a_floats in all, a
+// multiple of 4). Then per staged token (tok floats each, a
 // multiple of 4 so every B / C row is 16-byte aligned): B[np], C[np], x[rb], z[rb], dt'[rb]
 // (general path: per row; head path: [0] is dt' and [1] exp(dt' A) of the head).
 struct SsuSmem {
   int np, rb, a_floats, tok, tc;  // tc: tokens staged at once
+  NK_HD int A(int j) const { return ((rb + 3) / 4 * 4) + j * np; }
   NK_HD int B(int t) const { return a_floats + t * tok; }
   NK_HD int C(int t) const { return B(t) + np; }
   NK_HD int x(int t) const { return B(t) + 2 * np; }
@@ -112,7 +114,7 @@ constexpr int kSmemBudgetFloats = 8192;  // 32 KB
 NK_HD SsuSmem ssu_smem(int np, int rb, bool head, int64_t T) {
   SsuSmem m;
   m.np = np, m.rb = rb;
-  m.a_floats = head ? 0 : rb * np;
+  m.a_floats = (rb + 3) / 4 * 4 + (head ? 0 : rb * np);
   m.tok = (2 * np + 3 * rb + 3) / 4 * 4;
   const int64_t fit = (kSmemBudgetFloats - m.a_floats) / m.tok;
   m.tc = static_cast<int>(fit < 1 ? 1 : (fit < T ? fit : T));
@@ -189,12 +191,9 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
       if (rin[r] && n0 < N) s[r][c] = load_state<ST>(s0 + r * s_row + c * s_vec, vec_state, p.st_s[3], n0, N);
     }
 
-  float dv[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-    dv[r] = p.D.ptr != nullptr && rin[r] ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + pr[r] * p.D.s[1]) : 0.f;
-
   // Staged while the state loads are in flight.
+  for (int j = threadIdx.x; j < m.rb; j += kThreads)
+    sm[j] = p.D.ptr != nullptr && p_first + j < p.dim ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + (p_first + j) * p.D.s[1]) : 0.f;
   float a_head = 0.f, bias_head = 0.f;
   if (kHead) {
     a_head = ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]);
@@ -203,7 +202,7 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
     for (int e = threadIdx.x; e < m.rb * m.np; e += kThreads) {
       const int j = e / m.np, n = e - j * m.np;  // 32-bit, once per block
       const int64_t i = p_first + j < p.dim ? p_first + j : 0;
-      sm[e] = n < N ? ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]) : 0.f;
+      sm[m.A(0) + e] = n < N ? ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]) : 0.f;
     }
   }
 
@@ -253,7 +252,7 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
             for (int u = 0; u < 4; ++u) {
               const int v = 4 * q + u, n = e0 + v;
               if (rin[r] && n < N) {
-                const float dA = kHead ? dA_head : ssu_decay(dtp, sm[j * m.np + n]);
+                const float dA = kHead ? dA_head : ssu_decay(dtp, sm[m.A(j) + n]);
                 e[v] = from_f<ST>(ssu_state(to_f<ST>(e[v]), dA, Bv[u], dtx));
                 acc[r] = fmaf(to_f<ST>(e[v]), Cv[u], acc[r]);
               }
@@ -270,22 +269,22 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
       // step adds the same two values), so lane q < R finishes row q's output: the gate's
       // exp and division run once per R rows instead of once per row.
       if (ln >= R) {
-        float a = acc[0], d = dv[0];
+        float a = acc[0];
 #pragma unroll
         for (int r = 1; r < R; ++r)
-          if (lane == r) a = acc[r], d = dv[r];
+          if (lane == r) a = acc[r];
         const int j = lane * rows_per_pass + slot;
         const int64_t i = p_first + j;
         if (lane < R && i < p.dim)
           st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
-                 ssu_out(a, p.D.ptr != nullptr, d, sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
+                 ssu_out(a, p.D.ptr != nullptr, sm[j], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
       } else {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const int j = r * rows_per_pass + slot;
           if (rin[r] && lane == 0)
             st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + pr[r] * p.out_s[3],
-                   ssu_out(acc[r], p.D.ptr != nullptr, dv[r], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
+                   ssu_out(acc[r], p.D.ptr != nullptr, sm[j], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
         }
       }
 #pragma unroll
