@@ -1,5 +1,6 @@
 // CUDA kernel of the decode state updates (math and lane decomposition in state_update.h).
-// Details: docs/ssd.md, section `csrc/ssd/state_update_cuda.cu`.
+// Details and cost model: docs/ssd.md, sections `csrc/ssd/state_update_cuda.cu` and
+// `Decode state updates at the bandwidth limit (issue 18)`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,6 +19,13 @@ namespace nk {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kVecsPerThread = 4;  // 16-byte state vectors a thread owns: R rows x NC vectors
+// Resident blocks per SM the register budget is sized for (docs/ssd.md, issue 18 section:
+// bytes in flight per SM), the most that ptxas fits without spills: 7 x 128 threads (<= 72
+// registers) for the head-decay single step, 6 (<= 80) for its multi-token loop, 5 (<= 96) on
+// the general path, whose per-element decay needs more.
+template <bool kHead, bool kSingle>
+constexpr int min_blocks() { return kHead ? (kSingle ? 7 : 6) : 5; }
 
 // Loads and stores of the runtime-typed small operands (x, dt, z, B, C, A, D, dt_bias, out).
 // The dtype is uniform across the grid, so the switch never diverges.
@@ -37,52 +45,40 @@ NK_DEVICE void st_any(void* base, DType dt, int64_t off, float v) {
   }
 }
 
-// VN consecutive state elements at `ptr` (element stride sn): one 16-byte access when kVec is
-// set (then sn == 1, ptr 16-byte aligned and all VN in range); else masked scalar accesses.
-template <typename ST, int VN>
-NK_DEVICE void load_vec(const ST* ptr, bool vec, int64_t sn, int64_t n0, int64_t N, float (&v)[VN]) {
-  if (vec) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
-    const ST* e = reinterpret_cast<const ST*>(&raw);
-#pragma unroll
-    for (int i = 0; i < VN; ++i) v[i] = to_f<ST>(e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VN; ++i) v[i] = n0 + i < N ? to_f<ST>(ptr[i * sn]) : 0.f;
-  }
-}
+// One 16-byte state vector kept in its storage type: VN elements of ST in a uint4. The state
+// is rounded to ST after every step anyway, so holding it packed loses nothing and costs 4
+// registers per vector whatever the dtype.
+template <typename ST>
+NK_DEVICE ST* elems(uint4& raw) { return reinterpret_cast<ST*>(&raw); }
 
-template <typename ST, int VN>
-NK_DEVICE void store_vec(ST* ptr, bool vec, int64_t sn, int64_t n0, int64_t N, const float (&v)[VN]) {
-  if (vec) {
-    uint4 raw;
-    ST* e = reinterpret_cast<ST*>(&raw);
+// VN consecutive state elements at `ptr` (element stride sn): one 16-byte access when `vec`
+// (then sn == 1, ptr 16-byte aligned, N % VN == 0); else masked scalar accesses (0 past N).
+template <typename ST>
+NK_DEVICE uint4 load_state(const ST* ptr, bool vec, int64_t sn, int n0, int N) {
+  constexpr int VN = 16 / sizeof(ST);
+  if (vec) return *reinterpret_cast<const uint4*>(ptr);
+  uint4 raw;
+  ST* e = elems<ST>(raw);
 #pragma unroll
-    for (int i = 0; i < VN; ++i) e[i] = from_f<ST>(v[i]);
-    *reinterpret_cast<uint4*>(ptr) = raw;
-  } else {
-#pragma unroll
-    for (int i = 0; i < VN; ++i)
-      if (n0 + i < N) ptr[i * sn] = from_f<ST>(v[i]);
-  }
-}
-
-// The value itself, hidden from the optimiser: per-row addresses derived from it inside the
-// token loop are recomputed each token instead of being hoisted out of the loop and kept
-// live for all tokens (which doubled the register count).
-NK_DEVICE int64_t opaque(int64_t v) {
-  asm volatile("" : "+l"(v));
-  return v;
+  for (int i = 0; i < VN; ++i) e[i] = n0 + i < N ? ptr[i * sn] : from_f<ST>(0.f);
+  return raw;
 }
 
 template <typename ST>
-NK_DEVICE float round_to(float v) {
-  if constexpr (std::is_same_v<ST, float>) return v;
-  else return to_f<ST>(from_f<ST>(v));
+NK_DEVICE void store_state(ST* ptr, bool vec, int64_t sn, int n0, int N, uint4 raw) {
+  constexpr int VN = 16 / sizeof(ST);
+  if (vec) {
+    *reinterpret_cast<uint4*>(ptr) = raw;
+    return;
+  }
+  const ST* e = elems<ST>(raw);
+#pragma unroll
+  for (int i = 0; i < VN; ++i)
+    if (n0 + i < N) ptr[i * sn] = e[i];
 }
 
 // A whole padded / out-of-range entry: `fill` into its outputs (and its snapshots unless the
-// state is updated in place). Rows and elements are strided over the block's threads.
+// state is updated in place), rows p0..p1-1. No divisions: rows outer, elements over threads.
 template <typename ST>
 NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, int64_t p1, float fill) {
   for (int64_t t = 0; t < p.seqlen; ++t) {
@@ -90,158 +86,236 @@ NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, 
       st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3], fill);
     if (p.snap != nullptr && !p.in_place) {
       ST* base = static_cast<ST*>(p.snap) + b * p.snap_s[0] + t * p.snap_s[1] + h * p.snap_s[2];
-      const int64_t cnt = (p1 - p0) * p.dstate;
-      for (int64_t e = threadIdx.x; e < cnt; e += blockDim.x) {
-        const int64_t i = p0 + e / p.dstate, n = e % p.dstate;
-        base[i * p.snap_s[3] + n * p.snap_s[4]] = from_f<ST>(fill);
-      }
+      for (int64_t i = p0; i < p1; ++i)
+        for (int64_t n = threadIdx.x; n < p.dstate; n += blockDim.x) base[i * p.snap_s[3] + n * p.snap_s[4]] = from_f<ST>(fill);
     }
   }
 }
 
-// Rows per thread: 4 / NC for the single step (64 bytes of state per thread); the
-// multi-token kernel keeps its state live across the tokens and uses half as many.
-template <int NC, bool kSingle>
-constexpr int rows_per_thread() {
-  return (kSingle ? 4 : 2) / NC > 0 ? (kSingle ? 4 : 2) / NC : 1;
+// Shared-memory layout of a block (floats). The block's small operands are staged once, as
+// float32, by all its threads (a few coalesced loads each), so that the per-thread state
+// loop holds only the state in registers. np = NC * ln * VN >= N columns (zero past N), rb
+// rows. First D[rb] (0 without D) and, general path only, A rows [rb][np] (a_floats in all, a
+// multiple of 4). Then per staged token (tok floats each, a
+// multiple of 4 so every B / C row is 16-byte aligned): B[np], C[np], x[rb], z[rb], dt'[rb]
+// (general path: per row; head path: [0] is dt' and [1] exp(dt' A) of the head).
+struct SsuSmem {
+  int np, rb, a_floats, tok, tc;  // tc: tokens staged at once
+  NK_HD int A(int j) const { return ((rb + 3) / 4 * 4) + j * np; }
+  NK_HD int B(int t) const { return a_floats + t * tok; }
+  NK_HD int C(int t) const { return B(t) + np; }
+  NK_HD int x(int t) const { return B(t) + 2 * np; }
+  NK_HD int z(int t) const { return x(t) + rb; }
+  NK_HD int d(int t) const { return x(t) + 2 * rb; }
+};
+
+constexpr int kSmemBudgetFloats = 8192;  // 32 KB
+
+NK_HD SsuSmem ssu_smem(int np, int rb, bool head, int64_t T) {
+  SsuSmem m;
+  m.np = np, m.rb = rb;
+  m.a_floats = (rb + 3) / 4 * 4 + (head ? 0 : rb * np);
+  m.tok = (2 * np + 3 * rb + 3) / 4 * 4;
+  const int64_t fit = (kSmemBudgetFloats - m.a_floats) / m.tok;
+  m.tc = static_cast<int>(fit < 1 ? 1 : (fit < T ? fit : T));
+  return m;
 }
 
-template <typename ST, int NC, bool kHeadDecay, bool kSingle>
-__global__ void __launch_bounds__(kThreads)
-ssu_kernel(SsuParams p, int ln, int64_t tiles, bool vec_state, bool vec_snap) {
-  constexpr int VN = 16 / sizeof(ST);
-  constexpr int R = rows_per_thread<NC, kSingle>();
-  // B and C of the current token as float32, double-buffered by token parity (one barrier
-  // per token): [buffer][B | C][np], np = NC * ln * VN >= N, zero past N.
-  extern __shared__ float4 smem_raw[];
-  float* const sm = reinterpret_cast<float*>(smem_raw);
-  const int np = NC * ln * VN;
-  const int64_t N = p.dstate, P = p.dim;
-  const int rows_per_pass = kThreads / ln;
-  const int64_t rows_per_block = int64_t(R) * rows_per_pass;
-  const int64_t tile = blockIdx.x % tiles, bh = blockIdx.x / tiles;
-  const int64_t h = bh % p.nheads, b = bh / p.nheads, g = h / p.heads_per_group;
-  const int lane = threadIdx.x % ln, slot = threadIdx.x / ln;
-  const int64_t p_first = tile * rows_per_block;
-
-  const int64_t row = p.state_indices != nullptr ? p.state_indices[b] : b;
-  if (row < 0 || row >= p.state_rows) {  // uniform over the block: no barrier is left waiting
-    const int64_t p_end = p_first + rows_per_block < P ? p_first + rows_per_block : P;
-    fill_entry<ST>(p, b, h, p_first, p_end, row < 0 ? 0.f : __int_as_float(0x7fc00000));
-    return;
+// Stages tokens t0 .. t0 + tc - 1 (tc <= m.tc) of entry b, head h, rows p_first .. + rb.
+template <bool kHead>
+NK_DEVICE void stage_tokens(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
+                            int64_t p_first, int64_t t0, int tc, float a_head, float bias_head) {
+  const int N = static_cast<int>(p.dstate);
+  const int64_t P = p.dim;
+  for (int k = 0; k < tc; ++k) {
+    const int64_t t = t0 + k;
+    const int64_t bo = b * p.B.s[0] + t * p.B.s[1] + g * p.B.s[2];
+    const int64_t co = b * p.C.s[0] + t * p.C.s[1] + g * p.C.s[2];
+    for (int n = threadIdx.x; n < m.np; n += kThreads) {
+      sm[m.B(k) + n] = n < N ? ld_any(p.B.ptr, p.B.dtype, bo + n * p.B.s[3]) : 0.f;
+      sm[m.C(k) + n] = n < N ? ld_any(p.C.ptr, p.C.dtype, co + n * p.C.s[3]) : 0.f;
+    }
+    for (int j = threadIdx.x; j < m.rb; j += kThreads) {
+      const int64_t i = p_first + j < P ? p_first + j : 0;
+      sm[m.x(k) + j] = ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]);
+      sm[m.z(k) + j] = p.z.ptr != nullptr ? ld_any(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
+      if (!kHead) {
+        const float bias = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
+        sm[m.d(k) + j] = ssu_dt(ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]), bias, p.dt_softplus);
+      }
+    }
+    if (kHead && threadIdx.x == 0) {  // one dt' and one decay per (token, head)
+      const float dtp = ssu_dt(ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2]), bias_head, p.dt_softplus);
+      sm[m.d(k)] = dtp;
+      sm[m.d(k) + 1] = ssu_decay(dtp, a_head);
+    }
   }
+}
 
+// One batch entry of a block: rows w.pr[r] of head w.h (R rows x NC vectors per thread).
+template <typename ST, int NC, bool kHead, bool kSingle>
+NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
+                         int64_t p_first, int lnl, bool vec_state, bool vec_snap) {
+  constexpr int VN = 16 / sizeof(ST);
+  constexpr int R = kVecsPerThread / NC;
+  const int N = static_cast<int>(p.dstate);
+  const int ln = 1 << lnl, lane = threadIdx.x & (ln - 1), slot = threadIdx.x >> lnl;
+  const int rows_per_pass = kThreads >> lnl;
   int64_t pr[R];
   bool rin[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    pr[r] = p_first + int64_t(r) * rows_per_pass + slot;
-    rin[r] = pr[r] < P;
+    pr[r] = p_first + r * rows_per_pass + slot;
+    rin[r] = pr[r] < p.dim;
   }
 
-  // The state: every load issued before any math.
-  ST* const sbase = static_cast<ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1];
-  float s[R][NC][VN];
+  const int64_t row = p.state_indices != nullptr ? p.state_indices[b] : b;
+  if (row < 0 || row >= p.state_rows) {  // uniform over the block: no barrier is left waiting
+    const int64_t p1 = p_first + m.rb < p.dim ? p_first + m.rb : p.dim;
+    fill_entry<ST>(p, b, h, p_first, p1, row < 0 ? 0.f : __int_as_float(0x7fc00000));
+    return;
+  }
+
+  // The state: R x NC independent 16-byte loads per thread, all issued before anything waits.
+  // One 64-bit address per thread; rows and vectors are uniform steps from it.
+  ST* const s0 = static_cast<ST*>(p.state) + row * p.st_s[0] + h * p.st_s[1] + pr[0] * p.st_s[2] +
+                 int64_t(lane * VN) * p.st_s[3];
+  const int64_t s_row = rows_per_pass * p.st_s[2], s_vec = int64_t(ln * VN) * p.st_s[3];
+  uint4 s[R][NC];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      const int64_t n0 = (int64_t(c) * ln + lane) * VN;
-      if (rin[r] && n0 < N) {
-        load_vec<ST, VN>(sbase + pr[r] * p.st_s[2] + n0 * p.st_s[3], vec_state, p.st_s[3], n0, N, s[r][c]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VN; ++v) s[r][c][v] = 0.f;
-      }
+      const int n0 = (c * ln + lane) * VN;
+      s[r][c] = make_uint4(0u, 0u, 0u, 0u);
+      if (rin[r] && n0 < N) s[r][c] = load_state<ST>(s0 + r * s_row + c * s_vec, vec_state, p.st_s[3], n0, N);
     }
 
-  // Per-row parameters, constant over the tokens.
-  float bias[R], dv[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = rin[r] ? pr[r] : 0;
-    bias[r] = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
-    dv[r] = p.D.ptr != nullptr ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + i * p.D.s[1]) : 0.f;
+  // Staged while the state loads are in flight.
+  for (int j = threadIdx.x; j < m.rb; j += kThreads)
+    sm[j] = p.D.ptr != nullptr && p_first + j < p.dim ? ld_any(p.D.ptr, p.D.dtype, h * p.D.s[0] + (p_first + j) * p.D.s[1]) : 0.f;
+  float a_head = 0.f, bias_head = 0.f;
+  if (kHead) {
+    a_head = ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]);
+    bias_head = p.dt_bias.ptr != nullptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0]) : 0.f;
+  } else {
+    for (int e = threadIdx.x; e < m.rb * m.np; e += kThreads) {
+      const int j = e / m.np, n = e - j * m.np;  // 32-bit, once per block
+      const int64_t i = p_first + j < p.dim ? p_first + j : 0;
+      sm[m.A(0) + e] = n < N ? ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]) : 0.f;
+    }
   }
-  const bool vst = p.in_place ? vec_state : vec_snap;
+
+  // Where the state after each token goes: the state row itself (single step) or snapshot t,
+  // addressed like the loads: one pointer per thread, uniform steps per row / vector / token.
+  ST* dst = s0;
+  int64_t d_row = s_row, d_vec = s_vec, d_tok = 0, dsn = p.st_s[3];
+  if (!kSingle) {
+    dst = p.snap == nullptr ? nullptr
+                            : static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] + pr[0] * p.snap_s[3] +
+                                  int64_t(lane * VN) * p.snap_s[4];
+    d_row = rows_per_pass * p.snap_s[3], d_vec = int64_t(ln * VN) * p.snap_s[4], d_tok = p.snap_s[1];
+    dsn = p.snap_s[4];
+  }
+  const bool vst = kSingle ? vec_state : vec_snap;
 
   const int64_t T = kSingle ? 1 : p.seqlen;
 #pragma unroll 1
-  for (int64_t t = 0; t < T; ++t) {
-    float* const smB = sm + (t & 1) * 2 * np;
-    float* const smC = smB + np;
-    {
-      const int64_t bo = b * p.B.s[0] + t * p.B.s[1] + g * p.B.s[2];
-      const int64_t co = b * p.C.s[0] + t * p.C.s[1] + g * p.C.s[2];
-      for (int e = threadIdx.x; e < np; e += kThreads) {
-        const bool in = e < N;
-        smB[e] = in ? ld_any(p.B.ptr, p.B.dtype, bo + e * p.B.s[3]) : 0.f;
-        smC[e] = in ? ld_any(p.C.ptr, p.C.dtype, co + e * p.C.s[3]) : 0.f;
-      }
-    }
-    float dtp_head = 0.f, dA_head = 0.f;
-    if constexpr (kHeadDecay) {
-      const float dtv = ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2]);
-      dtp_head = ssu_dt(dtv, bias[0], p.dt_softplus);
-      dA_head = ssu_decay(dtp_head, ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0]));
-    }
+  for (int64_t t0 = 0; t0 < T; t0 += m.tc) {
+    const int tc = static_cast<int>(T - t0 < m.tc ? T - t0 : m.tc);
+    if (t0 > 0) __syncthreads();  // the previous chunk's values are read no more
+    stage_tokens<kHead>(p, m, sm, b, h, g, p_first, t0, tc, a_head, bias_head);
     __syncthreads();
-    ST* const dst = p.in_place ? sbase
-                               : static_cast<ST*>(p.snap) + b * p.snap_s[0] + t * p.snap_s[1] + h * p.snap_s[2];
-    const int64_t dsp = p.in_place ? p.st_s[2] : p.snap_s[3];
-    const int64_t dsn = p.in_place ? p.st_s[3] : p.snap_s[4];
+#pragma unroll 1
+    for (int k = 0; k < tc; ++k) {
+      const int64_t t = t0 + k;
+      const float* Bs = sm + m.B(k);
+      const float* Cs = sm + m.C(k);
+      float acc[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = opaque(rin[r] ? pr[r] : 0);
-      const float xv = rin[r] ? ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]) : 0.f;
-      float dtp;
-      if constexpr (kHeadDecay) {
-        dtp = dtp_head;
-      } else {
-        const float dtv = rin[r] ? ld_any(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]) : 0.f;
-        dtp = ssu_dt(dtv, bias[r], p.dt_softplus);
-      }
-      const float dtx = dtp * xv;
-      float acc = 0.f;
+      for (int r = 0; r < R; ++r) {
+        const int j = r * rows_per_pass + slot;  // the row within the block
+        const float dtp = kHead ? sm[m.d(k)] : sm[m.d(k) + j];
+        const float dA_head = kHead ? sm[m.d(k) + 1] : 0.f;
+        const float dtx = dtp * sm[m.x(k) + j];
+        acc[r] = 0.f;
 #pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        const int e0 = (c * ln + lane) * VN;
-        float Bv[VN], Cv[VN];
+        for (int c = 0; c < NC; ++c) {
+          const int e0 = (c * ln + lane) * VN;
+          ST* e = elems<ST>(s[r][c]);
 #pragma unroll
-        for (int k = 0; k < VN / 4; ++k) {
-          const float4 bq = reinterpret_cast<const float4*>(smB + e0)[k];
-          const float4 cq = reinterpret_cast<const float4*>(smC + e0)[k];
-          Bv[4 * k] = bq.x, Bv[4 * k + 1] = bq.y, Bv[4 * k + 2] = bq.z, Bv[4 * k + 3] = bq.w;
-          Cv[4 * k] = cq.x, Cv[4 * k + 1] = cq.y, Cv[4 * k + 2] = cq.z, Cv[4 * k + 3] = cq.w;
-        }
+          for (int q = 0; q < VN / 4; ++q) {
+            const float4 bq = reinterpret_cast<const float4*>(Bs + e0)[q];
+            const float4 cq = reinterpret_cast<const float4*>(Cs + e0)[q];
+            const float Bv[4] = {bq.x, bq.y, bq.z, bq.w}, Cv[4] = {cq.x, cq.y, cq.z, cq.w};
 #pragma unroll
-        for (int v = 0; v < VN; ++v) {
-          const int64_t n = e0 + v;
-          if (rin[r] && n < N) {
-            float dA;
-            if constexpr (kHeadDecay) dA = dA_head;
-            else dA = ssu_decay(dtp, ld_any(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]));
-            s[r][c][v] = round_to<ST>(ssu_state(s[r][c][v], dA, Bv[v], dtx));
-            acc = fmaf(s[r][c][v], Cv[v], acc);
+            for (int u = 0; u < 4; ++u) {
+              const int v = 4 * q + u, n = e0 + v;
+              if (rin[r] && n < N) {
+                const float dA = kHead ? dA_head : ssu_decay(dtp, sm[m.A(j) + n]);
+                e[v] = from_f<ST>(ssu_state(to_f<ST>(e[v]), dA, Bv[u], dtx));
+                acc[r] = fmaf(to_f<ST>(e[v]), Cv[u], acc[r]);
+              }
+            }
           }
         }
       }
-      // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group.
-      for (int off = ln / 2; off >= 1; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (rin[r] && lane == 0) {
-        const float zv = p.z.ptr != nullptr ? ld_any(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
-        st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
-               ssu_out(acc, p.D.ptr != nullptr, dv[r], xv, p.z.ptr != nullptr, zv));
-      }
-      if (p.snap != nullptr) {
+      // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group. The R
+      // rows' butterflies interleave (independent shuffles in flight).
+      for (int off = ln / 2; off >= 1; off >>= 1)
 #pragma unroll
-        for (int c = 0; c < NC; ++c) {
-          const int64_t n0 = (int64_t(c) * ln + lane) * VN;
-          if (rin[r] && n0 < N) store_vec<ST, VN>(dst + i * dsp + n0 * dsn, vst, dsn, n0, N, s[r][c]);
+        for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+      // After the butterfly every lane of a row group holds the row's sum (bit-identical: each
+      // step adds the same two values), so lane q < R finishes row q's output: the gate's
+      // exp and division run once per R rows instead of once per row.
+      if (ln >= R) {
+        float a = acc[0];
+#pragma unroll
+        for (int r = 1; r < R; ++r)
+          if (lane == r) a = acc[r];
+        const int j = lane * rows_per_pass + slot;
+        const int64_t i = p_first + j;
+        if (lane < R && i < p.dim)
+          st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
+                 ssu_out(a, p.D.ptr != nullptr, sm[j], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int j = r * rows_per_pass + slot;
+          if (rin[r] && lane == 0)
+            st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + pr[r] * p.out_s[3],
+                   ssu_out(acc[r], p.D.ptr != nullptr, sm[j], sm[m.x(k) + j], p.z.ptr != nullptr, sm[m.z(k) + j]));
         }
       }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (!rin[r]) continue;
+        if (dst != nullptr) {
+#pragma unroll
+          for (int c = 0; c < NC; ++c) {
+            const int n0 = (c * ln + lane) * VN;
+            if (n0 < N) store_state<ST>(dst + r * d_row + c * d_vec, vst, dsn, n0, N, s[r][c]);
+          }
+        }
+      }
+      if (dst != nullptr) dst += d_tok;
     }
   }
+}
+
+// One block: rb = R * (128 / ln) consecutive rows of one head of batch entry
+// blockIdx.y + 65535 * blockIdx.z. No loop over entries: a loop let the compiler hoist every
+// per-row address out of it and keep them all live (spilled at 64 registers).
+template <typename ST, int NC, bool kHead, bool kSingle>
+__global__ void __launch_bounds__(kThreads, min_blocks<kHead, kSingle>())
+ssu_kernel(SsuParams p, int lnl, unsigned tiles, SsuSmem m, bool vec_state, bool vec_snap) {
+  extern __shared__ float4 smem_raw[];
+  float* const sm = reinterpret_cast<float*>(smem_raw);
+  const unsigned h = blockIdx.x / tiles, tile = blockIdx.x - h * tiles;
+  const unsigned g = h / static_cast<unsigned>(p.heads_per_group);
+  const int64_t b = blockIdx.y + int64_t(kCudaMaxGridYZ) * blockIdx.z;
+  if (b >= p.batch) return;  // the last z slice is partial
+  ssu_entry<ST, NC, kHead, kSingle>(p, m, sm, b, h, g, int64_t(tile) * m.rb, lnl, vec_state, vec_snap);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -257,16 +331,23 @@ bool vec_ok(const void* ptr, int vn, int64_t N, const int64_t* strides, int nstr
 template <typename ST, int NC, bool kHead, bool kSingle>
 void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   constexpr int VN = 16 / sizeof(ST);
-  constexpr int R = rows_per_thread<NC, kSingle>();
-  const int64_t rows_per_block = int64_t(R) * (kThreads / ln);
-  const int64_t tiles = (p.dim + rows_per_block - 1) / rows_per_block;
-  const int64_t blocks = p.batch * p.nheads * tiles;
-  checked_grid(p.in_place ? "selective_state_update" : "selective_state_update_multi", "state update",
-               {blocks}, "grid.x is batch * nheads * ceil(dim / rows per block): split the batch into smaller calls");
+  constexpr int R = kVecsPerThread / NC;
+  const int rb = R * (kThreads / ln);
+  int lnl = 0;
+  while ((1 << lnl) < ln) ++lnl;  // ln is a power of two
+  const SsuSmem m = ssu_smem(NC * ln * VN, rb, kHead, kSingle ? 1 : p.seqlen);
+  const int64_t tiles = (p.dim + rb - 1) / rb;
+  const char* op = p.in_place ? "selective_state_update" : "selective_state_update_multi";
+  const LaunchGrid grid =
+      checked_grid(op, "state update",
+                   {tiles * p.nheads, p.batch < kCudaMaxGridYZ ? p.batch : kCudaMaxGridYZ, ceil_div64(p.batch, kCudaMaxGridYZ)},
+                   "grid.x is nheads * ceil(dim / rows per block): split the heads into smaller calls", "",
+                   "grid.z is ceil(batch / 65535): split the batch into calls of fewer entries");
   const bool vs = vec_ok(p.state, VN, p.dstate, p.st_s, 3, p.st_s[3]);
   const bool vn = !p.in_place && vec_ok(p.snap, VN, p.dstate, p.snap_s, 4, p.snap_s[4]);
-  const size_t smem = 2 * 2 * size_t(NC) * ln * VN * sizeof(float);
-  ssu_kernel<ST, NC, kHead, kSingle><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, ln, tiles, vs, vn);
+  const size_t smem = size_t(m.a_floats + m.tc * m.tok) * sizeof(float);
+  ssu_kernel<ST, NC, kHead, kSingle><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)), kThreads, smem,
+                                       stream>>>(p, lnl, static_cast<unsigned>(tiles), m, vs, vn);
   NK_CUDA_LAUNCH_CHECK();
 }
 

@@ -2,7 +2,8 @@
 multi-token update of speculative decoding (T = 4), at Nemotron-3 Nano (64 heads) and Super
 (128 heads) Mamba-2 shapes: head dim 64, dstate 128, 8 groups; bf16 activations, float32
 state, per-head dt / A / D / dt_bias expanded with stride 0 as Mamba-2 passes them.
-Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi).
+Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi);
+cost model in docs/ssd.md (issue 18). Single-step points with a bf16 state end in "state bf16".
 Baselines: the same math in plain PyTorch (float32, as mamba_ssm's reference), eager and
 compiled, and mamba_ssm's Triton `selective_state_update` (single token) when importable
 (peers.py)."""
@@ -61,12 +62,12 @@ def _peer_update(fn):
     return run
 
 
-def _maker(batch, heads, device, T=None):
+def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE):
     lead = (batch,) if T is None else (batch, T)
 
     def make():
         d = dict(device=device)
-        state = torch.randn(batch, heads, HEADDIM, DSTATE, dtype=STATE_DTYPE, **d) * 0.1
+        state = (torch.randn(batch, heads, HEADDIM, DSTATE, **d) * 0.1).to(state_dtype)
         x = torch.randn(*lead, heads, HEADDIM, dtype=DTYPE, **d)
         z = torch.randn(*lead, heads, HEADDIM, dtype=DTYPE, **d)
         dt = torch.randn(*lead, heads, dtype=DTYPE, **d)[..., None].expand(*lead, heads, HEADDIM)
@@ -77,27 +78,31 @@ def _maker(batch, heads, device, T=None):
         dt_bias = torch.randn(heads, **d)[:, None].expand(heads, HEADDIM)
         args = (state, x, dt, A, B, C, D, z, dt_bias)
         if T is not None:
-            args += (torch.empty((batch, T, heads, HEADDIM, DSTATE), dtype=STATE_DTYPE, **d),)
+            args += (torch.empty((batch, T, heads, HEADDIM, DSTATE), dtype=state_dtype, **d),)
         return args
     return make
 
 
 def cases(quick: bool, device) -> list:
     ssz, esz = torch.empty((), dtype=STATE_DTYPE).element_size(), torch.empty((), dtype=DTYPE).element_size()
-    single = [("nano", 1), ("nano", 64), ("super", 256)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
+    f32, bf16 = STATE_DTYPE, torch.bfloat16
+    single = ([("nano", 1, f32), ("nano", 64, f32), ("nano", 256, bf16), ("super", 256, f32)] if quick
+              else [(c, b, f32) for c in CONFIGS for b in (1, 8, 64, 256)] + [(c, 256, bf16) for c in CONFIGS])
     multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
     if quick and torch.device(device).type != "cuda":  # CPU-sized
-        single, multi = [("nano", 1), ("nano", 8)], [("nano", 4)]
+        single, multi = [("nano", 1, f32), ("nano", 8, f32)], [("nano", 4)]
     peer = mamba_ssm_peer("selective_state_update", "selective_state_update")
     out = []
-    for cfg, batch in single:
+    for cfg, batch, sdt in single:
         heads = CONFIGS[cfg]
         st = batch * heads * HEADDIM * DSTATE
+        sz = torch.empty((), dtype=sdt).element_size()
+        tag = "" if sdt == f32 else " state bf16"
         io = batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE  # x, z, out, dt, B, C
         out.append(Case(
-            op="selective_state_update", name=f"{cfg} b{batch} h{heads} p{HEADDIM} n{DSTATE}",
-            make_inputs=_maker(batch, heads, device), fn=update_ours,
-            bytes=2 * st * ssz + io * esz, flops=5 * st,
+            op="selective_state_update", name=f"{cfg} b{batch} h{heads} p{HEADDIM} n{DSTATE}{tag}",
+            make_inputs=_maker(batch, heads, device, state_dtype=sdt), fn=update_ours,
+            bytes=2 * st * sz + io * esz, flops=5 * st,
             baselines={"torch_eager": update_torch, "torch_compile": lazy_compile(update_torch),
                        **({"mamba_ssm_triton": _peer_update(peer)} if peer is not None else {})}))
     for cfg, batch in multi:

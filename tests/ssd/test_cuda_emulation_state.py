@@ -138,6 +138,7 @@ CASES = [
     (2, 1, 2, 9, 2, 36, torch.float16, torch.float16, True, "sliced", "perm"),     # partial vectors, scalar path
     (1, 1, 2, 3, 1, 520, torch.bfloat16, torch.float32, False, "contig", None),    # NC = 4 (16-bit state)
     (2, 1, 2, 8, 1, 32, torch.float32, torch.float32, True, "offset", None),       # misaligned base only
+    (2, 1, 2, 9, 1, 7, torch.float32, torch.float32, False, "contig", "perm"),     # ln = 2 < 4 rows: lane 0 outputs
 ]
 
 
@@ -161,6 +162,8 @@ MULTI = [
     (1, 4, 2, 33, 1, 64, torch.bfloat16, torch.bfloat16, False, "padded", None),   # 16-bit state, multi rows
     (2, 2, 2, 7, 2, 200, torch.float32, torch.float16, False, "sliced", None),     # NC = 2, scalar path
     (2, 2, 2, 5, 1, 32, torch.bfloat16, torch.float32, True, "offset", "perm"),    # misaligned base only
+    (1, 3, 1, 5, 1, 1024, torch.bfloat16, torch.bfloat16, False, "contig", None),  # NC = 4: one token staged at a time
+    (2, 2, 2, 6, 2, 8, torch.bfloat16, torch.float32, True, "padded", None),       # ln = 1: one vector per row
 ]
 
 
