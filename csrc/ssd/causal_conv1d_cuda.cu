@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
@@ -27,7 +28,7 @@ constexpr int kSeg = TL / kSegs;    // time steps a thread walks per tile
 static_assert(NTH % TC == 0 && TL % kSegs == 0 && kSeg >= 4, "tile shape");
 // Resident backward blocks per SM the grid is sized for: 8 with 16-bit data (about 20 KB of
 // shared memory and <= 64 registers per thread each); 5 with float32 (about 38 KB each).
-constexpr int kBwdBlocksPerSm16 = 8;
+constexpr int kBwdBlocksPerSm16 = 6;
 constexpr int kBwdBlocksPerSm32 = 5;
 
 // silu / silu' with the fast exponential and division (MUFU.EX2 + MUFU.RCP): the precise
@@ -88,17 +89,34 @@ NK_DEVICE void load_tile(T (*tile)[TC], const TAcc& a, const Conv1dFwdParams& p,
   constexpr int VC = 16 / sizeof(T);
   const T* base = static_cast<const T*>(a.ptr) + b * a.sb;
   const int64_t L = p.seqlen;
+  // The vector paths issue every load of the thread (NIT of them) before the first shared
+  // memory store: NIT x 16 bytes in flight per thread instead of one.
   if (a.mode == kVecC) {
     constexpr int VPR = TC / VC;  // vectors per row
-    for (int i = threadIdx.x; i < R * VPR; i += NTH) {
-      const int r = i / VPR, v = i % VPR;
-      const int64_t t = t_first + r, c = c0 + v * VC;
-      if (t >= 0 && t < L && c < p.dim) {
-        *reinterpret_cast<uint4*>(&tile[r][v * VC]) = *reinterpret_cast<const uint4*>(base + c + t * a.st);
-      } else {
+    constexpr int NV = R * VPR, NIT = (NV + NTH - 1) / NTH;
+    auto inside = [&](int i, int64_t& off) {  // vector i whole inside the tensor; its offset
+      const int64_t t = t_first + i / VPR, c = c0 + (i % VPR) * VC;
+      off = c + t * a.st;
+      return i < NV && t >= 0 && t < L && c < p.dim;
+    };
+    uint4 v[NIT];
 #pragma unroll
-        for (int e = 0; e < VC; ++e) tile[r][v * VC + e] = from_f<T>(tile_edge<T>(p, init, b, c + e, t));
-      }
+    for (int j = 0; j < NIT; ++j) {
+      int64_t off;
+      if (inside(threadIdx.x + j * NTH, off)) v[j] = *reinterpret_cast<const uint4*>(base + off);
+    }
+#pragma unroll
+    for (int j = 0; j < NIT; ++j) {
+      const int i = threadIdx.x + j * NTH;
+      int64_t off;
+      if (inside(i, off)) *reinterpret_cast<uint4*>(&tile[i / VPR][(i % VPR) * VC]) = v[j];
+    }
+    for (int i = threadIdx.x; i < NV; i += NTH) {  // vectors outside: zeros or initial states
+      int64_t off;
+      if (inside(i, off)) continue;
+      const int r = i / VPR, cc = (i % VPR) * VC;
+#pragma unroll
+      for (int e = 0; e < VC; ++e) tile[r][cc + e] = from_f<T>(tile_edge<T>(p, init, b, c0 + cc + e, t_first + r));
     }
   } else if (a.mode == kVecT) {
     // Chunks of VC time steps aligned to absolute time (the rows are 16-byte aligned there);
@@ -287,8 +305,10 @@ __global__ void __launch_bounds__(NTH, kBwdBlocksPerSm16) bwd_kernel(Conv1dBwdPa
       if constexpr (kSeq) sw[k] = sids[a + k];
     }
     __syncthreads();
-    // Step i: position u = ta + i (x row a+i+W-1, dout row a+i), dout value g.
-    auto step = [&](int i, float g) {
+    // Step i: position u = ta + i (x row a+i+W-1, dout row a+i, dout value g): dy[u], and with
+    // kOwn (u is one of this thread's outputs) its dweight/dbias terms; returns dx at
+    // t = u-(W-1), sum_k w[k] dy[t+W-1-k] over the same sequence as t.
+    auto step = [&](int i, float g, auto own) -> float {
       const int64_t u = ta + i;
       xw[W - 1] = to_f<T>(xs[a + i + W - 1][c]);
       if constexpr (kSeq) sw[W - 1] = sids[a + i + W - 1];
@@ -302,7 +322,7 @@ __global__ void __launch_bounds__(NTH, kBwdBlocksPerSm16) bwd_kernel(Conv1dBwdPa
           dy *= silu_grad_fast(y);
         }
       }
-      if (i < kSeg) {  // this thread's own output u: dweight/dbias terms (dy is 0 past the end)
+      if constexpr (decltype(own)::value) {  // dy is 0 past the end
 #pragma unroll
         for (int k = 0; k < W; ++k) dw[k] = fmaf(dy, (!kSeq || sw[k] == sw[W - 1]) ? xw[k] : 0.f, dw[k]);
         db += dy;
@@ -310,29 +330,39 @@ __global__ void __launch_bounds__(NTH, kBwdBlocksPerSm16) bwd_kernel(Conv1dBwdPa
 #pragma unroll
       for (int k = 0; k < W - 1; ++k) dyw[k] = dyw[k + 1];
       dyw[W - 1] = dy;
-      // dx at t = u-(W-1): sum_k w[k] dy[t+W-1-k] over the same sequence as t
-      const int64_t t = u - (W - 1);
-      if (i >= W - 1 || (t0 == 0 && seg == 0 && q.dinit != nullptr)) {
-        float gx = 0.f;
+      float gx = 0.f;
 #pragma unroll
-        for (int k = 0; k < W; ++k) gx = fmaf(w[k], (!kSeq || sw[W - 1 - k] == sw[0]) ? dyw[W - 1 - k] : 0.f, gx);
-        if (q.dfinal != nullptr && t >= L - (W - 1) && t < L && ch < p.dim)
-          gx += ld_dt(p.dtype, q.dfinal, b * q.dfin_sb + ch * q.dfin_sc + (t - (L - (W - 1))) * q.dfin_sj);
-        if (i >= W - 1)
-          ds[a + i - (W - 1)][c] = from_f<T>(gx);  // dout's row of t, read at step i-(W-1)
-        else if (ch < p.dim)  // t < 0: the initial-state column t + W - 1
-          st_dt(p.dtype, q.dinit, b * q.dinit_sb + ch * q.dinit_sc + (t + W - 1) * q.dinit_sj, gx);
-      }
+      for (int k = 0; k < W; ++k) gx = fmaf(w[k], (!kSeq || sw[W - 1 - k] == sw[0]) ? dyw[W - 1 - k] : 0.f, gx);
 #pragma unroll
       for (int k = 0; k < W - 1; ++k) {
         xw[k] = xw[k + 1];
         sw[k] = sw[k + 1];
       }
+      return gx;
     };
-#pragma unroll 4
-    for (int i = 0; i < kSeg; ++i) step(i, to_f<T>(ds[a + i][c]));
+    // dx[t] of the last W-1 positions also takes the final-state gradient.
+    auto with_dfinal = [&](int64_t t, float gx) {
+      if (q.dfinal != nullptr && t >= L - (W - 1) && t < L && ch < p.dim)
+        gx += ld_dt(p.dtype, q.dfinal, b * q.dfin_sb + ch * q.dfin_sc + (t - (L - (W - 1))) * q.dfin_sj);
+      return gx;
+    };
+    using Own = std::true_type;
+    using NotOwn = std::false_type;
+    // The first W-1 steps emit dx before this segment: the initial-state gradient (t < 0)
+    // in the first segment of the first tile, nothing elsewhere (the previous segment's rows).
 #pragma unroll
-    for (int j = 0; j < W - 1; ++j) step(kSeg + j, dtail[j]);
+    for (int i = 0; i < W - 1; ++i) {
+      const float gx = step(i, to_f<T>(ds[a + i][c]), Own{});
+      const int64_t t = ta + i - (W - 1);
+      if (t < 0 && q.dinit != nullptr && ch < p.dim)
+        st_dt(p.dtype, q.dinit, b * q.dinit_sb + ch * q.dinit_sc + (t + W - 1) * q.dinit_sj, with_dfinal(t, gx));
+    }
+#pragma unroll 4
+    for (int i = W - 1; i < kSeg; ++i)  // dx over dout's row of t, read W-1 steps ago
+      ds[a + i - (W - 1)][c] = from_f<T>(with_dfinal(ta + i - (W - 1), step(i, to_f<T>(ds[a + i][c]), Own{})));
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j)
+      ds[a + kSeg + j - (W - 1)][c] = from_f<T>(with_dfinal(ta + kSeg + j - (W - 1), step(kSeg + j, dtail[j], NotOwn{})));
     __syncthreads();
     store_tile<T>(ga, ds, 0, b, c0, t0, L, p.dim);
     __syncthreads();
