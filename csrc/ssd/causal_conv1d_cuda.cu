@@ -26,10 +26,10 @@ constexpr int NTH = kConvThreads;   // threads per block
 constexpr int kSegs = NTH / TC;     // time segments per tile, one thread each per channel
 constexpr int kSeg = TL / kSegs;    // time steps a thread walks per tile
 static_assert(NTH % TC == 0 && TL % kSegs == 0 && kSeg >= 4, "tile shape");
-// Resident backward blocks per SM the grid is sized for: 8 with 16-bit data (about 20 KB of
-// shared memory and <= 64 registers per thread each); 5 with float32 (about 38 KB each).
-constexpr int kBwdBlocksPerSm16 = 6;
-constexpr int kBwdBlocksPerSm32 = 5;
+// Resident backward blocks per SM (the grid is sized for them): __launch_bounds__ caps the
+// registers at 65536 / (4 x 128) = 128 per thread; shared memory is ~20 KB (16-bit data) or
+// ~38 KB (float32) per block.
+constexpr int kBwdBlocksPerSm = 4;
 
 // silu / silu' with the fast exponential and division (MUFU.EX2 + MUFU.RCP): the precise
 // forms cost ~20 instructions per element, which at the copy bandwidth would use most of the
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(NTH) fwd_kernel(Conv1dFwdParams p, TAcc xa, TA
 // earlier). Its dweight/dbias sums end as partial row s (segments summed in order).
 
 template <typename T, int W, bool kSeq>
-__global__ void __launch_bounds__(NTH, kBwdBlocksPerSm16) bwd_kernel(Conv1dBwdParams q, TAcc xa, TAcc da, TAcc ga,
+__global__ void __launch_bounds__(NTH, kBwdBlocksPerSm) bwd_kernel(Conv1dBwdParams q, TAcc xa, TAcc da, TAcc ga,
                                                                      int64_t cblocks, int64_t tblocks, int64_t splits) {
   const Conv1dFwdParams& p = q.fwd;
   constexpr int RX = TL + 2 * (W - 1), RD = TL + W - 1;
@@ -490,8 +490,7 @@ void causal_conv1d_fwd_cuda(const Conv1dFwdParams& p, void* stream_ptr) {
 namespace {
 Conv1dBwdGrid bwd_grid(const Conv1dBwdParams& q) {
   const auto& p = q.fwd;
-  const int per_sm = dtype_size(p.dtype) == 4 ? kBwdBlocksPerSm32 : kBwdBlocksPerSm16;
-  return conv1d_bwd_grid(p.batch, p.dim, p.seqlen, int64_t{per_sm} * sm_count());
+  return conv1d_bwd_grid(p.batch, p.dim, p.seqlen, int64_t{kBwdBlocksPerSm} * sm_count());
 }
 }  // namespace
 
