@@ -70,8 +70,9 @@ inline LaunchGrid conv1d_fwd_grid(int64_t batch, int64_t dim, int64_t seqlen, in
 // Backward: blocks = channel blocks x time_splits; the block of (channel block cb, split s)
 // walks the (batch, time tile) items s, s + time_splits, ... of its channels and writes its
 // dweight/dbias sums as partial row s, so the partial rows are time_splits and the reduction
-// order is fixed. About `target_blocks` blocks (the resident blocks of the device), split so
-// that every block gets the same number of items (+-1).
+// order is fixed. At most `target_blocks` blocks (the resident blocks of the device: a second
+// partial wave would double the time) unless the channel blocks alone are more, split so that
+// every block gets the same number of items (+-1).
 struct Conv1dBwdGrid {
   LaunchGrid grid;
   int64_t time_splits;  // partial rows
@@ -80,7 +81,7 @@ struct Conv1dBwdGrid {
 inline Conv1dBwdGrid conv1d_bwd_grid(int64_t batch, int64_t dim, int64_t seqlen, int64_t target_blocks) {
   const int64_t cblocks = ceil_div64(dim, kConvTileC);
   const int64_t items = batch * std::max<int64_t>(1, ceil_div64(seqlen, kConvTileL));
-  const int64_t want = std::clamp<int64_t>(ceil_div64(target_blocks, std::max<int64_t>(cblocks, 1)), 1, items);
+  const int64_t want = std::clamp<int64_t>(target_blocks / std::max<int64_t>(cblocks, 1), 1, items);
   const int64_t splits = ceil_div64(items, ceil_div64(items, want));  // balanced: items per block differ by <= 1
   Conv1dBwdGrid r;
   r.grid = checked_grid("causal_conv1d_fn (backward)", "backward", {cblocks * splits}, kConvDimAdvice);

@@ -208,7 +208,7 @@ def test_conv1d_emulated_weight_dtypes_and_strides():
 @pytest.mark.parametrize("layout", ["channel_last", "contiguous"])
 def test_conv1d_emulated_one_sm(layout):
     """1 SM: the forward grid (8 waves of 16 blocks) is smaller than the 150 tiles, so blocks
-    stride over tiles; the backward's 4 blocks walk 3 (batch, time tile) items each and its
+    stride over tiles; the backward's 4 blocks walk 37-38 (batch, time tile) items each and its
     dweight partial rows are 4 (not one per tile)."""
     torch.manual_seed(5)
     x = make_x(3, 64, 64 * 50, torch.bfloat16, layout)
