@@ -11,7 +11,8 @@
 
 namespace nk {
 
-// Time steps each CPU task / CUDA thread tile covers in the backward partial sums.
+// Time steps per partial-sum row of the CPU backward (the CUDA backward has one row per time
+// split of its grid, csrc/ssd/launch_limits.h).
 constexpr int kConvBwdChunk = 64;
 
 struct Conv1dFwdParams {
