@@ -47,20 +47,33 @@ std::tuple<int64_t, int64_t, int64_t, int> check_conv_args(
   return {batch, dim, seqlen, static_cast<int>(width)};
 }
 
-Conv1dFwdParams make_fwd_params(const Tensor& x, const Tensor& w32, const std::optional<Tensor>& b32,
+// weight (dim, width) / bias (dim,) as they lie: their dtype and strides go to the kernels,
+// which convert on load (no per-call float32 copies, no extra launches).
+template <typename P>
+void set_weight_bias(P& p, const Tensor& weight, const std::optional<Tensor>& bias) {
+  p.weight = weight.data_ptr();
+  p.w_dtype = to_dtype(weight.scalar_type());
+  p.w_sc = weight.stride(0), p.w_sk = weight.stride(1);
+  if (bias) {
+    p.bias = bias->data_ptr();
+    p.b_dtype = to_dtype(bias->scalar_type());
+    p.b_s = bias->stride(0);
+  }
+}
+
+Conv1dFwdParams make_fwd_params(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                 const std::optional<Tensor>& seq_idx,
                                 const std::optional<Tensor>& init, bool silu) {
   Conv1dFwdParams p{};
   p.batch = x.size(0);
   p.dim = x.size(1);
   p.seqlen = x.size(2);
-  p.width = static_cast<int>(w32.size(1));
+  p.width = static_cast<int>(weight.size(1));
   p.dtype = to_dtype(x.scalar_type());
   p.silu = silu;
   p.x = x.data_ptr();
   p.x_sb = x.stride(0), p.x_sc = x.stride(1), p.x_st = x.stride(2);
-  p.weight = static_cast<const float*>(w32.data_ptr());
-  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  set_weight_bias(p, weight, bias);
   if (seq_idx) {
     p.seq_idx = static_cast<const int32_t*>(seq_idx->data_ptr());
     p.seq_sb = seq_idx->stride(0), p.seq_st = seq_idx->stride(1);
@@ -70,10 +83,6 @@ Conv1dFwdParams make_fwd_params(const Tensor& x, const Tensor& w32, const std::o
     p.init_sb = init->stride(0), p.init_sc = init->stride(1), p.init_sj = init->stride(2);
   }
   return p;
-}
-
-std::optional<Tensor> float_opt(const std::optional<Tensor>& t) {
-  return t ? std::optional<Tensor>(contiguous_float(*t)) : std::nullopt;
 }
 
 }  // namespace
@@ -87,9 +96,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(Tensor x, Tensor weight, std::optio
            ": return_final_states is not supported with seq_idx (the final state of a packed "
            "row mixes sequences)");
   OptionalDeviceGuard guard(x);
-  Tensor w32 = contiguous_float(weight);
-  auto b32 = float_opt(bias);
-  Conv1dFwdParams p = make_fwd_params(x, w32, b32, seq_idx, initial_states, silu);
+  Conv1dFwdParams p = make_fwd_params(x, weight, bias, seq_idx, initial_states, silu);
   Tensor out = empty_bcl(x, batch, dim, seqlen, x.scalar_type());
   p.out = out.data_ptr();
   p.out_sb = out.stride(0), p.out_sc = out.stride(1), p.out_st = out.stride(2);
@@ -120,10 +127,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   NK_CHECK(!(seq_idx && return_dinitial_states), op, ": return_dinitial_states must be False when seq_idx "
            "is given (packed sequences start from zero state, there is no initial state to differentiate)");
   OptionalDeviceGuard guard(x);
-  Tensor w32 = contiguous_float(weight);
-  auto b32 = float_opt(bias);
   Conv1dBwdParams q{};
-  q.fwd = make_fwd_params(x, w32, b32, seq_idx, initial_states, silu);
+  q.fwd = make_fwd_params(x, weight, bias, seq_idx, initial_states, silu);
   q.dout = dout.data_ptr();
   q.dout_sb = dout.stride(0), q.dout_sc = dout.stride(1), q.dout_st = dout.stride(2);
   if (dfinal_states) {
@@ -139,21 +144,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     q.dinit = dinit.data_ptr();
     q.dinit_sb = dinit.stride(0), q.dinit_sc = dinit.stride(1), q.dinit_sj = dinit.stride(2);
   }
-  Tensor dw32 = new_empty(x, {dim, width}, ScalarType::Float);
-  Tensor db32 = new_empty(x, {bias ? dim : 0}, ScalarType::Float);
-  q.dweight = static_cast<float*>(dw32.data_ptr());
-  q.dbias = bias ? static_cast<float*>(db32.data_ptr()) : nullptr;
+  // dweight / dbias in the dtypes of weight / bias, written by the kernels' final reduction.
+  Tensor dweight = new_empty(x, {dim, width}, weight.scalar_type());
+  Tensor dbias = new_empty(x, {bias ? dim : 0}, bias ? bias->scalar_type() : ScalarType::Float);
+  q.dweight = dweight.data_ptr();
+  q.dbias = bias ? dbias.data_ptr() : nullptr;
   if (batch * dim == 0 || seqlen == 0) {
     // Nothing to convolve: no weight/bias gradient; the state gradient passes straight
     // through (with no new input the final states are the initial states).
-    torch::stable::zero_(dw32);
-    torch::stable::zero_(db32);
+    torch::stable::zero_(dweight);
+    torch::stable::zero_(dbias);
     if (return_dinitial_states) {
       if (dfinal_states) torch::stable::copy_(dinit, *dfinal_states);
       else torch::stable::zero_(dinit);
     }
-    return {dx, torch::stable::to(dw32, weight.scalar_type()),
-            bias ? torch::stable::to(db32, bias->scalar_type()) : db32, dinit};
+    return {dx, dweight, dbias, dinit};
   }
   // Partial-sum rows of dweight/dbias: one per (batch, time chunk) on the CPU; the CUDA
   // launcher picks its own count from its grid.
@@ -164,8 +169,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   Tensor partials = new_empty(x, {q.num_partials, dim, width + 1}, ScalarType::Float);
   q.partials = static_cast<float*>(partials.data_ptr());
   NK_ROUTE_BY_DEVICE(x, op, causal_conv1d_bwd_cpu(q), causal_conv1d_bwd_cuda(q, stream));
-  Tensor dweight = weight.scalar_type() == ScalarType::Float ? dw32 : torch::stable::to(dw32, weight.scalar_type());
-  Tensor dbias = (!bias || bias->scalar_type() == ScalarType::Float) ? db32 : torch::stable::to(db32, bias->scalar_type());
   return {dx, dweight, dbias, dinit};
 }
 
@@ -197,8 +200,6 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
     check_size_at_least(op, "conv_state", conv_state, 0, batch, "batch, when conv_state_indices is None");
   }
   OptionalDeviceGuard guard(x);
-  Tensor w32 = contiguous_float(weight);
-  auto b32 = float_opt(bias);
   Tensor out = new_empty(x, x.dim() == 3 ? std::vector<int64_t>{batch, dim, seqlen}
                                          : std::vector<int64_t>{batch, dim}, x.scalar_type());
   Conv1dUpdateParams p{};
@@ -212,8 +213,7 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   p.st_sb = conv_state.stride(0), p.st_sc = conv_state.stride(1), p.st_sj = conv_state.stride(2);
   p.state_batch = conv_state.size(0);
   p.state_indices = idx ? static_cast<const int32_t*>(idx->data_ptr()) : nullptr;
-  p.weight = static_cast<const float*>(w32.data_ptr());
-  p.bias = b32 ? static_cast<const float*>(b32->data_ptr()) : nullptr;
+  set_weight_bias(p, weight, bias);
   p.out = out.data_ptr();
   p.out_sb = out.stride(0), p.out_sc = out.stride(1), p.out_st = x.dim() == 3 ? out.stride(2) : 0;
   if (out.numel() == 0) return out;

@@ -11,7 +11,8 @@
 
 namespace nk {
 
-// Time steps each CPU task / CUDA thread tile covers in the backward partial sums.
+// Time steps per partial-sum row of the CPU backward (the CUDA backward has one row per time
+// split of its grid, csrc/ssd/launch_limits.h).
 constexpr int kConvBwdChunk = 64;
 
 struct Conv1dFwdParams {
@@ -21,8 +22,14 @@ struct Conv1dFwdParams {
   bool silu;
   const void* x;         // (batch, dim, seqlen), any strides
   int64_t x_sb, x_sc, x_st;
-  const float* weight;   // (dim, width) contiguous float32
-  const float* bias;     // (dim,) float32, or null
+  // weight (dim, width) and bias (dim,) in their own float dtype and strides, read where they
+  // lie (no per-call float32 copy).
+  const void* weight;
+  DType w_dtype;
+  int64_t w_sc, w_sk;
+  const void* bias;      // or null
+  DType b_dtype;
+  int64_t b_s;
   const int32_t* seq_idx;  // (batch, seqlen), or null
   int64_t seq_sb, seq_st;
   const void* init;      // (batch, dim, width-1), or null
@@ -47,8 +54,8 @@ struct Conv1dBwdParams {
   // `partials` (num_partials, dim, width+1) float32, then are summed in a fixed order.
   float* partials;
   int64_t num_partials;
-  float* dweight;        // (dim, width) float32
-  float* dbias;          // (dim,) float32, or null
+  void* dweight;         // (dim, width) contiguous, in the weight's dtype
+  void* dbias;           // (dim,) in the bias's dtype, or null
 };
 
 struct Conv1dUpdateParams {
@@ -62,8 +69,12 @@ struct Conv1dUpdateParams {
   int64_t st_sb, st_sc, st_sj;
   int64_t state_batch;
   const int32_t* state_indices;  // (batch,), or null; negative = padded slot (skipped)
-  const float* weight;
-  const float* bias;
+  const void* weight;    // as in Conv1dFwdParams
+  DType w_dtype;
+  int64_t w_sc, w_sk;
+  const void* bias;
+  DType b_dtype;
+  int64_t b_s;
   void* out;             // (batch, dim, seqlen)
   int64_t out_sb, out_sc, out_st;
 };

@@ -57,10 +57,21 @@ inline float pre_activation(const Conv1dFwdParams& p, int64_t b, int64_t c, int6
   return conv_window<W>(w, win, bias);
 }
 
-template <int W>
-inline void load_weights(const Conv1dFwdParams& p, int64_t c, float (&w)[W], float& bias) {
-  for (int k = 0; k < W; ++k) w[k] = p.weight[c * W + k];
-  bias = p.bias ? p.bias[c] : 0.f;
+// One element of a tensor of runtime dtype dt, as float32 / stored rounded to dt.
+inline float ld_dt(DType dt, const void* base, int64_t off) {
+  float v = 0.f;
+  dispatch_dtype(dt, [&]<typename T>() { v = ld<T>(base, off); });
+  return v;
+}
+inline void st_dt(DType dt, void* base, int64_t off, float v) {
+  dispatch_dtype(dt, [&]<typename T>() { st<T>(base, off, v); });
+}
+
+// The taps and bias of channel c (weight and bias in their own dtype and strides).
+template <int W, typename P>
+inline void load_weights(const P& p, int64_t c, float (&w)[W], float& bias) {
+  for (int k = 0; k < W; ++k) w[k] = ld_dt(p.w_dtype, p.weight, c * p.w_sc + k * p.w_sk);
+  bias = p.bias ? ld_dt(p.b_dtype, p.bias, c * p.b_s) : 0.f;
 }
 
 }  // namespace
@@ -159,8 +170,8 @@ void causal_conv1d_bwd_cpu(const Conv1dBwdParams& q) {
           for (int k = 0; k < W; ++k) dw[k] += row[k];
           db += row[W];
         }
-        for (int k = 0; k < W; ++k) q.dweight[c * W + k] = dw[k];
-        if (q.dbias) q.dbias[c] = db;
+        for (int k = 0; k < W; ++k) st_dt(p.w_dtype, q.dweight, c * W + k, dw[k]);
+        if (q.dbias) st_dt(p.b_dtype, q.dbias, c, db);
       }
     });
   });
@@ -185,9 +196,8 @@ void causal_conv1d_update_cpu(const Conv1dUpdateParams& p) {
         for (int64_t j = 0; j < p.state_len; ++j) buf[j] = ld<T>(p.conv_state, soff + j * p.st_sj);
         for (int64_t t = 0; t < p.seqlen; ++t)
           buf[p.state_len + t] = ld<T>(p.x, b * p.x_sb + c * p.x_sc + t * p.x_st);
-        float w[W];
-        for (int k = 0; k < W; ++k) w[k] = p.weight[c * W + k];
-        const float bias = p.bias ? p.bias[c] : 0.f;
+        float w[W], bias;
+        load_weights<W>(p, c, w, bias);
         for (int64_t t = 0; t < p.seqlen; ++t) {
           float win[W];
           for (int k = 0; k < W; ++k) win[k] = buf[p.state_len + t - (W - 1) + k];

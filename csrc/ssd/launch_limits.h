@@ -40,72 +40,52 @@ inline LaunchGrid checked_grid(const char* op, const char* kernel, LaunchGrid g,
 
 // ---- causal_conv1d (causal_conv1d_cuda.cu) ----------------------------------------------------
 
-constexpr int kConvChlastThreadsX = 32;  // channel groups per block (channel-last)
-constexpr int kConvChlastThreadsY = 4;   // time tiles per block (channel-last)
-constexpr int kConvChlastNT = 16;        // time steps per thread (channel-last)
-constexpr int kConvTmajorThreads = 128;  // threads per block along time (time-major)
-constexpr int kConvTmajorNT = 4;         // time steps per thread (time-major)
+// Forward and backward work on tiles of kConvTileL time steps x kConvTileC channels (one
+// shared-memory tile per block of kConvThreads threads), flattened into a 1-D tile index, so
+// neither the batch nor the sequence length meets a grid.y/z limit.
+constexpr int kConvTileC = 64;           // channels per tile
+constexpr int kConvTileL = 64;           // time steps per tile
+constexpr int kConvThreads = 128;        // threads per tile block (forward and backward)
+constexpr int kConvFwdBlocksPerSm = 16;  // resident forward blocks per SM (thread limit 2048)
 constexpr int kConvUpdateThreads = 128;  // channels per block of the decode update
-constexpr int kConvSmallThreads = 256;   // final-states kernel
 constexpr int kConvReduceThreads = 128;  // dweight/dbias reduction
 constexpr const char* kConvBatchAdvice =
-    "batch is grid.z (grid.y in the update): split the batch into calls of at most 65535 rows";
-constexpr const char* kConvSeqAdvice =
-    "split the sequence into pieces, passing each piece's final states on as the next one's initial states";
+    "split the batch into calls of at most 65535 sequences (CUDA's grid.y limit)";
 constexpr const char* kConvDimAdvice = "split the channels into calls of fewer channels";
 
-// Forward: channel-last (x channel stride 1) blocks of kConvChlastThreadsX x kConvChlastThreadsY
-// threads, each thread `vc` channels by kConvChlastNT steps; time-major blocks of
-// kConvTmajorThreads threads along time. Time (channel-last) and channels (time-major) are
-// grid-strided past 65535 blocks, so only the batch is bounded (grid.z <= 65535).
-inline LaunchGrid conv1d_fwd_grid(int64_t batch, int64_t dim, int64_t seqlen, bool chlast, int vc) {
-  const char* op = "causal_conv1d_fn";
-  LaunchGrid g;
-  if (chlast) {
-    g.x = ceil_div64(dim, int64_t{kConvChlastThreadsX} * vc);
-    g.y = std::min(ceil_div64(seqlen, int64_t{kConvChlastThreadsY} * kConvChlastNT), kCudaMaxGridYZ);
-  } else {
-    g.x = ceil_div64(seqlen, int64_t{kConvTmajorThreads} * kConvTmajorNT);
-    g.y = std::min(dim, kCudaMaxGridYZ);
-  }
-  g.z = batch;
-  return checked_grid(op, "forward", g, chlast ? kConvDimAdvice : kConvSeqAdvice, "", kConvBatchAdvice);
+inline int64_t conv1d_tiles(int64_t batch, int64_t dim, int64_t seqlen) {
+  return batch * ceil_div64(dim, kConvTileC) * std::max<int64_t>(1, ceil_div64(seqlen, kConvTileL));
 }
 
-// One thread per final-state element (batch x dim x (width - 1)).
-inline LaunchGrid conv1d_final_states_grid(int64_t batch, int64_t dim, int width) {
-  return checked_grid("causal_conv1d_fn", "final-states", {ceil_div64(batch * dim * (width - 1), kConvSmallThreads)},
-                      "split the batch into smaller calls");
+// Forward: one block per tile while the tiles number at most 8 waves of resident blocks
+// (kConvFwdBlocksPerSm x sm_count each), the hardware scheduler balancing them; above that
+// the grid stays at 8 waves and each block strides over the tiles (the tail is then at most
+// 1/8 of the work). seqlen 0 keeps one time tile (it writes the final states).
+inline LaunchGrid conv1d_fwd_grid(int64_t batch, int64_t dim, int64_t seqlen, int64_t sm_count) {
+  const int64_t cap = 8 * int64_t{kConvFwdBlocksPerSm} * std::max<int64_t>(sm_count, 1);
+  return checked_grid("causal_conv1d_fn", "forward", {std::min(conv1d_tiles(batch, dim, seqlen), cap)},
+                      kConvDimAdvice);
 }
 
-// Backward: about `target_blocks` blocks (8 per SM), time tiles folded (grid-stride) so that
-// the dweight/dbias partial rows (batch x time blocks) stay few.
+// Backward: blocks = channel blocks x time_splits; the block of (channel block cb, split s)
+// walks the (batch, time tile) items s, s + time_splits, ... of its channels and writes its
+// dweight/dbias sums as partial row s, so the partial rows are time_splits and the reduction
+// order is fixed. At most `target_blocks` blocks (the resident blocks of the device: a second
+// partial wave would double the time) unless the channel blocks alone are more, split so that
+// every block gets the same number of items (+-1).
 struct Conv1dBwdGrid {
   LaunchGrid grid;
-  int64_t time_blocks;  // partial rows per batch entry
+  int64_t time_splits;  // partial rows
 };
 
-inline Conv1dBwdGrid conv1d_bwd_grid(int64_t batch, int64_t dim, int64_t seqlen, bool chlast, int vc,
-                                     int64_t target_blocks) {
-  const char* op = "causal_conv1d_fn (backward)";
+inline Conv1dBwdGrid conv1d_bwd_grid(int64_t batch, int64_t dim, int64_t seqlen, int64_t target_blocks) {
+  const int64_t cblocks = ceil_div64(dim, kConvTileC);
+  const int64_t items = batch * std::max<int64_t>(1, ceil_div64(seqlen, kConvTileL));
+  const int64_t want = std::clamp<int64_t>(target_blocks / std::max<int64_t>(cblocks, 1), 1, items);
+  const int64_t splits = ceil_div64(items, ceil_div64(items, want));  // balanced: items per block differ by <= 1
   Conv1dBwdGrid r;
-  if (chlast) {
-    const int64_t cblocks = ceil_div64(dim, int64_t{kConvChlastThreadsX} * vc);
-    const int64_t tmax = ceil_div64(seqlen, int64_t{kConvChlastThreadsY} * kConvChlastNT);
-    const int64_t tb = std::clamp<int64_t>(ceil_div64(target_blocks, std::max<int64_t>(cblocks * batch, 1)), 1,
-                                           std::max<int64_t>(1, std::min(tmax, kCudaMaxGridYZ)));
-    r.grid = {cblocks, tb, batch};
-    r.time_blocks = tb;
-    checked_grid(op, "backward", r.grid, kConvDimAdvice, "", kConvBatchAdvice);
-  } else {
-    const int64_t cy = std::min(dim, kCudaMaxGridYZ);
-    const int64_t tmax = ceil_div64(seqlen, int64_t{kConvTmajorThreads} * kConvTmajorNT);
-    const int64_t tb = std::clamp<int64_t>(ceil_div64(target_blocks, std::max<int64_t>(cy * batch, 1)), 1,
-                                           std::max<int64_t>(1, tmax));
-    r.grid = {tb, cy, batch};
-    r.time_blocks = tb;
-    checked_grid(op, "backward", r.grid, kConvSeqAdvice, "", kConvBatchAdvice);
-  }
+  r.grid = checked_grid("causal_conv1d_fn (backward)", "backward", {cblocks * splits}, kConvDimAdvice);
+  r.time_splits = splits;
   return r;
 }
 

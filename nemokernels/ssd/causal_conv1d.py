@@ -96,7 +96,7 @@ def causal_conv1d_fn(
     ``seq_idx`` may hold any int32 values (they are only compared for equality, on every
     device). With ``seq_idx``, ``initial_states`` and ``return_final_states`` are refused (a
     packed row starts from zero state and its final state mixes sequences). Limits: none on
-    the CPU; on CUDA batch <= 65535 (a grid dimension; split the batch), any sequence length.
+    the CPU or on CUDA (the CUDA grid is a flat index over 64x64 tiles), any batch and length.
     """
     silu = _silu_flag(activation)
     if seq_idx is not None and seq_idx.dtype != torch.int32:

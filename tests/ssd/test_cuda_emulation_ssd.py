@@ -430,16 +430,13 @@ void put(const nk::LaunchGrid& g, int64_t* out) { out[0] = g.x; out[1] = g.y; ou
 
 #pragma GCC visibility push(default)
 extern "C" {
-int lim_conv_fwd(int64_t b, int64_t d, int64_t l, int chlast, int vc, int64_t* o, char* msg, int n) {
-  NK_SHIM(put(nk::conv1d_fwd_grid(b, d, l, chlast != 0, vc), o))
+int lim_conv_fwd(int64_t b, int64_t d, int64_t l, int64_t sms, int64_t* o, char* msg, int n) {
+  NK_SHIM(put(nk::conv1d_fwd_grid(b, d, l, sms), o))
 }
-int lim_conv_bwd(int64_t b, int64_t d, int64_t l, int chlast, int vc, int64_t target, int64_t* o, char* msg, int n) {
-  NK_SHIM(auto g = nk::conv1d_bwd_grid(b, d, l, chlast != 0, vc, target); put(g.grid, o); o[3] = g.time_blocks)
+int lim_conv_bwd(int64_t b, int64_t d, int64_t l, int64_t target, int64_t* o, char* msg, int n) {
+  NK_SHIM(auto g = nk::conv1d_bwd_grid(b, d, l, target); put(g.grid, o); o[3] = g.time_splits)
 }
 int lim_conv_update(int64_t b, int64_t d, int64_t* o, char* msg, int n) { NK_SHIM(put(nk::conv1d_update_grid(b, d), o)) }
-int lim_conv_final(int64_t b, int64_t d, int w, int64_t* o, char* msg, int n) {
-  NK_SHIM(put(nk::conv1d_final_states_grid(b, d, w), o))
-}
 int lim_ssd_fwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t q, int64_t nseq, int64_t* o, char* msg,
                 int n) {
   NK_SHIM(auto g = nk::ssd_fwd_grids(b, nc, h, p, nn, q, nseq); put(g.chain, o); put(g.scan, o + 3);
@@ -498,45 +495,41 @@ def test_grid_check_names_dimension_limit_and_advice():
                        f"1..{lim}; {adv}"), msg
 
 
-def test_conv1d_forward_grid_has_no_sequence_limit():
-    """The channel-last forward used grid.y = ceil(L / 64): 'invalid configuration' past 65535 x 64
-    = 4,194,240 tokens. Its time tiles are now grid-strided: grid.y is capped, any L fits."""
-    for L in (65535 * 64, 65535 * 64 + 1, 10**9, 2**40):
-        g, err = grid_of("lim_conv_fwd", 1, 4096, L, True, 8)
-        assert err is None and g == [4096 // 256, min(-(-L // 64), 65535), 1], (L, g, err)
-    g, err = grid_of("lim_conv_fwd", 1, 64, I32 * 512, False, 1)  # time-major: L on grid.x (2^31 - 1 blocks of 512)
-    assert err is None and g == [I32, 64, 1]
-    _, err = grid_of("lim_conv_fwd", 1, 64, (I32 + 1) * 512, False, 1)
-    assert "causal_conv1d_fn: the CUDA forward kernel needs grid.x = 2147483648 blocks" in err
-    assert "passing each piece's final states on as the next one's initial states" in err
+def test_conv1d_forward_grid_has_no_sequence_or_batch_limit():
+    """The forward's tiles (64 time steps x 64 channels) are one flat grid.x index: one block per
+    tile up to 8 waves of 16 resident blocks per SM, then blocks stride over the tiles. The old
+    grids failed past 65535 x 64 tokens (grid.y) or 65535 sequences (grid.z)."""
+    for b, L in [(1, 65535 * 64 + 1), (1, 10**9), (1, 2**40), (65536, 100), (10**6, 2048), (3, 0)]:
+        tiles = b * (4096 // 64) * max(1, -(-L // 64))
+        g, err = grid_of("lim_conv_fwd", b, 4096, L, 132)
+        assert err is None and g == [min(tiles, 8 * 16 * 132), 1, 1], (b, L, g, err)
+    assert grid_of("lim_conv_fwd", 1, 6144, 2048, 132)[0] == [96 * 32, 1, 1]  # Nano L2048: one block per tile
+    assert grid_of("lim_conv_fwd", 1, 6144, 2048, 1)[0] == [128, 1, 1]  # 1 SM: 8 waves of 16 blocks
 
 
-@pytest.mark.parametrize("fn,args", [("lim_conv_fwd", (True, 8)), ("lim_conv_fwd", (False, 1)),
-                                     ("lim_conv_bwd", (True, 4, 1056)), ("lim_conv_bwd", (False, 1, 1056))])
-def test_conv1d_batch_limit(fn, args):
-    assert grid_of(fn, 65535, 64, 100, *args)[1] is None
-    _, err = grid_of(fn, 65536, 64, 100, *args)
-    assert err.startswith("nemokernels: causal_conv1d_fn") and "grid.z = 65536 blocks, CUDA allows 1..65535" in err
-    assert "split the batch into calls of at most 65535 rows" in err
+def test_conv1d_backward_grid_splits_time_evenly():
+    """Backward blocks = channel blocks x time splits, at most `target` blocks (one wave of
+    resident blocks) unless the channel blocks alone are more; each split walks
+    ceil or floor of items / splits (batch x time tiles) items; the partial rows the entry
+    allocates are the splits, whatever the batch and length."""
+    for b, L in [(1, 1), (2, 100), (1, 2048), (2, 65535 * 64 + 1), (65536, 100), (1, 2**40)]:
+        items = b * max(1, -(-L // 64))
+        g, err = grid_of("lim_conv_bwd", b, 512, L, 528, n_out=4)
+        splits = g[3]
+        assert err is None and g[:3] == [8 * splits, 1, 1], (b, L, g, err)
+        assert 1 <= splits <= min(items, 528 // 8), (b, L, splits)
+        per_block = -(-items // splits)
+        assert (splits - 1) * per_block < items <= splits * per_block, (b, L, splits)
+        assert g[0] <= 528, (b, L, g)
+    assert grid_of("lim_conv_bwd", 1, 6144, 2048, 528, n_out=4)[0] == [96 * 5, 1, 1, 5]  # Nano L2048 on 132 SMs
+    assert grid_of("lim_conv_bwd", 1, 2**20, 100, 528, n_out=4)[0] == [2**14, 1, 1, 1]  # channel blocks > target
 
 
-def test_conv1d_backward_grid_folds_time():
-    """The backward's time blocks stay within grid.y (channel-last) whatever the length, and the
-    partial rows the entry allocates are batch x time_blocks."""
-    for L in (1, 100, 65535 * 64 + 1, 2**40):
-        g, err = grid_of("lim_conv_bwd", 2, 512, L, True, 4, 132 * 8, n_out=4)
-        assert err is None and 1 <= g[1] <= 65535 and g[3] == g[1] and g[2] == 2, (L, g)
-        g, err = grid_of("lim_conv_bwd", 2, 512, L, False, 1, 132 * 8, n_out=4)
-        assert err is None and g[3] == g[0] and g[1] == 512, (L, g)
-
-
-def test_conv1d_update_and_final_state_limits():
+def test_conv1d_update_limits():
     assert grid_of("lim_conv_update", 65535, 4096)[0] == [32, 65535, 1]
     _, err = grid_of("lim_conv_update", 65536, 4096)
     assert err.startswith("nemokernels: causal_conv1d_update: the CUDA update kernel needs grid.y = 65536 blocks")
-    assert grid_of("lim_conv_final", 65535, 8192, 4)[1] is None
-    _, err = grid_of("lim_conv_final", 65535, 2**22, 4)
-    assert "causal_conv1d_fn: the CUDA final-states kernel needs grid.x" in err
+    assert "split the batch into calls of at most 65535 sequences" in err
 
 
 def test_ssd_forward_grid_limits():
