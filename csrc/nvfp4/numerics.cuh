@@ -104,9 +104,26 @@ NK_HD float nvfp4_block_inv(uint8_t s_b, float s_enc) {
   return inv > kFloatMax ? kFloatMax : inv;
 }
 
-// E2M1 magnitude index (0..7) of |v|, round to nearest even, saturating at 6. Ties:
-// .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even index wins).
+// E2M1 magnitude index (0..7) of m = |v| (m >= 0 or NaN), round to nearest even, saturating
+// at 6. Ties: .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even index
+// wins); NaN -> 7. Branch-free (docs/nvfp4.md, issue 18): c = min(m, 6) (NaN -> 6) is added to
+// M = 2^(e + 22), e = max(floor(log2 c), 0), whose float32 ulp 2^(e - 1) is the E2M1 step of
+// c's binade (0.5 below 2, 1 in [2, 4), 2 in [4, 8)), so the IEEE add rounds c to the grid with
+// ties to even, and bits(c + M) - bits(M) = round(c / step); adding 2e gives the index. Checked
+// equal to the threshold chain (e2m1_mag_rne_ref) for every float32 bit pattern >= 0 and every
+// NaN (docs/nvfp4.md); tests/nvfp4/test_nvfp4_quantize.py::test_rne_ties_exact hits each tie.
 NK_HD uint8_t e2m1_mag_rne(float m) {
+  const float c = m < 6.0f ? m : 6.0f;                          // NaN -> 6 (code 7)
+  const uint32_t e = float_bits(c > 1.0f ? c : 1.0f) & 0x7f800000u;  // (e + 127) << 23
+  const uint32_t mb = e + (22u << 23);                          // bits of M
+  float M;
+  memcpy(&M, &mb, sizeof(M));
+  const float s = c + M;  // one IEEE add: round to the binade's step, ties to even
+  return static_cast<uint8_t>(float_bits(s) - mb + (e >> 22) - 254u);
+}
+
+// The definition e2m1_mag_rne implements: the thresholds between neighbouring grid points.
+NK_HD uint8_t e2m1_mag_rne_ref(float m) {
   if (m <= 0.25f) return 0;
   if (m < 0.75f) return 1;
   if (m <= 1.25f) return 2;
@@ -199,6 +216,16 @@ NK_HD void hadamard16(float (&v)[kBlock], uint32_t signs) {
 }
 
 // Max of |v| over a block; NaN-propagating (fmaxf would drop NaN and hide non-finite input).
-NK_HD float nan_max(float a, float b) { return (b > a || !(b == b)) ? b : a; }
+// On the device one max.NaN instruction (sm_80+; a NaN result is the canonical NaN there, and
+// every consumer only asks whether it is NaN).
+NK_HD float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (b > a || !(b == b)) ? b : a;
+#endif
+}
 
 }  // namespace nk::nvfp4

@@ -64,9 +64,9 @@ NK_DEVICE uint64_t kernel_seed(const Nvfp4QuantParams& p) {
   return p.seed_ptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed;
 }
 
-// The 16 elements of (r, cb) as float32, Hadamard-transformed when asked; returns max |v|.
+// The 16 elements of (r, cb) as float32, Hadamard-transformed when `had`; returns max |v|.
 template <typename T, bool kVec>
-NK_DEVICE float load_block(const Nvfp4QuantParams& p, uint32_t signs, int64_t r, int64_t cb,
+NK_DEVICE float load_block(const Nvfp4QuantParams& p, bool had, uint32_t signs, int64_t r, int64_t cb,
                            float (&v)[kBlock]) {
   const T* a = static_cast<const T*>(p.a) + r * p.a_sr + cb * kBlock * p.a_sc;
   if constexpr (kVec) {
@@ -82,7 +82,7 @@ NK_DEVICE float load_block(const Nvfp4QuantParams& p, uint32_t signs, int64_t r,
 #pragma unroll
     for (int j = 0; j < kBlock; ++j) v[j] = to_f<T>(a[j * p.a_sc]);
   }
-  if (p.hadamard) hadamard16(v, signs);
+  if (had) hadamard16(v, signs);
   float m = 0.0f;
 #pragma unroll
   for (int j = 0; j < kBlock; ++j) m = nan_max(m, fabsf(v[j]));
@@ -112,15 +112,86 @@ __global__ void __launch_bounds__(kThreads) nvfp4_amax_kernel(Nvfp4QuantParams p
   for (int64_t u = int64_t(blockIdx.x) * kThreads + threadIdx.x; u < total; u += int64_t(gridDim.x) * kThreads) {
     int64_t r, cb;
     map.coords(u, r, cb);
-    if (r < map.rows) m = nan_max(m, load_block<T, kVec>(p, signs, r, cb, v));
+    if (r < map.rows) m = nan_max(m, load_block<T, kVec>(p, p.hadamard, signs, r, cb, v));
   }
   m = block_max(m, smem);
   if (threadIdx.x == 0) p.partials[blockIdx.x] = m;
 }
 
-template <typename T, bool kVec>
+// max |x| of a dense, 16-byte aligned tensor without the Hadamard transform: the amax does not
+// depend on the tile order, so x is read as one flat array, kFlatUnroll independent 16-byte
+// loads per thread in flight (kFlatUnroll * 16 B * resident threads per SM: docs/nvfp4.md).
+constexpr int kFlatUnroll = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nvfp4_amax_flat_kernel(Nvfp4QuantParams p, int64_t n) {
+  __shared__ float smem[kThreads / 32];
+  constexpr int kPer = 16 / sizeof(T);
+  const uint4* a = static_cast<const uint4*>(p.a);
+  const int64_t nvec = n / kPer;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  float m = 0.0f;
+  int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  for (; i + (kFlatUnroll - 1) * stride < nvec; i += kFlatUnroll * stride) {
+    uint4 raw[kFlatUnroll];
+#pragma unroll
+    for (int k = 0; k < kFlatUnroll; ++k) raw[k] = a[i + k * stride];  // all loads issued first
+#pragma unroll
+    for (int k = 0; k < kFlatUnroll; ++k) {
+      const T* e = reinterpret_cast<const T*>(&raw[k]);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) m = nan_max(m, fabsf(to_f<T>(e[j])));
+    }
+  }
+  for (; i < nvec; i += stride) {
+    const uint4 raw = a[i];
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) m = nan_max(m, fabsf(to_f<T>(e[j])));
+  }
+  // n % kPer trailing elements (n is a multiple of 16, so none for bf16/fp16/fp32; kept for safety)
+  for (int64_t t = nvec * kPer + int64_t(blockIdx.x) * kThreads + threadIdx.x; t < n; t += stride)
+    m = nan_max(m, fabsf(to_f<T>(static_cast<const T*>(p.a)[t])));
+  m = block_max(m, smem);
+  if (threadIdx.x == 0) p.partials[blockIdx.x] = m;
+}
+
+// 8 packed codes of v[0..7] * inv, round to nearest even. The sign bit of y goes to bit 3 of
+// every nibble (a shift and a mask: the device's NaN results are the canonical, positive NaN,
+// so this is y < 0 except for -0) and is cleared afterwards, 8 nibbles at once, where the
+// magnitude is 0 (e2m1_code: zero is always code 0): magnitude + 7 carries into bit 3 exactly
+// when it is nonzero.
+NK_DEVICE uint32_t pack8_rne(const float* v, float inv) {
+  uint32_t w = 0u;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float y = v[k] * inv;
+    const uint32_t code = e2m1_mag_rne(fabsf(y)) | ((float_bits(y) >> 28) & 8u);
+    w |= code << (4 * k);
+  }
+  const uint32_t nz = ((w & 0x77777777u) + 0x77777777u) & 0x88888888u;
+  return w & (nz | 0x77777777u);
+}
+
+// Same with stochastic rounding: bits[k] are the Philox words of elements k (nvfp4_sr_bits).
+NK_DEVICE uint32_t pack8_sr(const float* v, float inv, const uint32_t* bits) {
+  uint32_t w = 0u;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float y = v[k] * inv;
+    w |= static_cast<uint32_t>(e2m1_code(y, e2m1_mag_sr(fabsf(y), philox_uniform(bits[k])))) << (4 * k);
+  }
+  return w;
+}
+
+// The variant flags that change the per-element work are template arguments (kHad: Hadamard
+// transform, kSr: stochastic rounding), so each instantiation holds only its own code; the
+// 16x16 tile reduction (4 shuffles per unit) stays a runtime branch. kReverse walks the units
+// from the last to the first: after the amax pass, whose last reads are the end of x, the
+// first units read are the ones most likely still in L2.
+template <typename T, bool kVec, bool kHad, bool kSr>
 __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantParams p, TileMap map,
-                                                                  int nparts) {
+                                                                  int nparts, bool reverse) {
   __shared__ float smem[kThreads / 32];
   // Prologue: the tensor amax (from the partials of the amax kernel, or given).
   float amax;
@@ -134,16 +205,18 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
   const float s_enc = nvfp4_encode_scale(amax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.global_scale = 1.0f / s_enc;
   const uint64_t seed = kernel_seed(p);
-  const uint32_t signs = p.hadamard ? nvfp4_hadamard_signs(seed) : 0u;
+  const uint32_t signs = kHad ? nvfp4_hadamard_signs(seed) : 0u;
   const int64_t total = map.total();
+  const int64_t nwarps = (total + 31) / 32;
   const int64_t half_cols = p.cols / 2;
   float v[kBlock];
-  // Loop bound on the warp's first unit so whole warps iterate together (the 2-D tile
-  // reduction and the paired store shuffle across the warp); units past the end are inactive.
+  // Whole warps iterate together (the 2-D tile reduction and the paired store shuffle across
+  // the warp); warp w covers units 32 w .. 32 w + 31 (two 16x16 tiles in tile order, so the
+  // paired store's pairing holds in either direction); units past the end are inactive.
   const int64_t lane_off = threadIdx.x & 31;
-  for (int64_t w0 = int64_t(blockIdx.x) * kThreads + (threadIdx.x & ~31); w0 < total;
-       w0 += int64_t(gridDim.x) * kThreads) {
-    const int64_t u = w0 + lane_off;
+  for (int64_t w = int64_t(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); w < nwarps;
+       w += int64_t(gridDim.x) * (kThreads / 32)) {
+    const int64_t u = (reverse ? nwarps - 1 - w : w) * 32 + lane_off;
     int64_t r = 0, cb = 0;
     bool active = u < total;
     if (active) {
@@ -151,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
       active = r < map.rows;
     }
     float bmax = 0.0f;
-    if (active) bmax = load_block<T, kVec>(p, signs, r, cb, v);
+    if (active) bmax = load_block<T, kVec>(p, kHad, signs, r, cb, v);
     float amax_b = bmax;
     if (p.block_2d) {
 #pragma unroll
@@ -162,21 +235,22 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
       const uint8_t sb = nvfp4_block_scale(amax_b, s_enc);
       const float inv = nvfp4_block_inv(sb, s_enc);
       p.scales[r * map.nblk + cb] = sb;
-      const uint64_t idx0 = static_cast<uint64_t>(r) * p.cols + cb * kBlock;
+      if constexpr (kSr) {
+        const uint64_t idx0 = static_cast<uint64_t>(r) * p.cols + cb * kBlock;
+        uint32_t bits[kBlock];
 #pragma unroll
-      for (int q = 0; q < kBlock / 4; ++q) {
-        Philox4 bits{{0u, 0u, 0u, 0u}};
-        if (p.stochastic) {
+        for (int q = 0; q < kBlock / 4; ++q) {
           const uint64_t c = (idx0 + 4 * q) >> 2;  // == nvfp4_sr_bits' counter of these 4 elements
-          bits = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, kTagStochastic, seed);
-        }
+          const Philox4 b = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u,
+                                          kTagStochastic, seed);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int j = 4 * q + k;
-          const float y = v[j] * inv;
-          const uint8_t mag = p.stochastic ? e2m1_mag_sr(fabsf(y), philox_uniform(bits.v[k])) : e2m1_mag_rne(fabsf(y));
-          packed[j >> 3] |= static_cast<uint32_t>(e2m1_code(y, mag)) << (4 * (j & 7));
+          for (int k = 0; k < 4; ++k) bits[4 * q + k] = b.v[k];
         }
+        packed[0] = pack8_sr(v, inv, bits);
+        packed[1] = pack8_sr(v + 8, inv, bits + 8);
+      } else {
+        packed[0] = pack8_rne(v, inv);
+        packed[1] = pack8_rne(v + 8, inv);
       }
     }
     uint8_t* dst = p.data + r * half_cols + cb * (kBlock / 2);
@@ -235,19 +309,38 @@ void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
   const int64_t total = map.linear ? map.rows * map.nblk : map.ntr * map.nblk * kBlock;
   const int grid = static_cast<int>(std::min<int64_t>(grid_limit(), (total + kThreads - 1) / kThreads));
   const int esize = dtype_size(p.dtype);
+  const bool aligned = reinterpret_cast<uintptr_t>(p.a) % 16 == 0;
   // 16-byte vector loads: unit column stride, 16-byte aligned base and row starts.
-  const bool vec = p.a_sc == 1 && reinterpret_cast<uintptr_t>(p.a) % 16 == 0 && (p.a_sr * esize) % 16 == 0;
+  const bool vec = p.a_sc == 1 && aligned && (p.a_sr * esize) % 16 == 0;
+  // Dense (row-major or its transposed view, no gaps): the amax pass reads x as a flat array.
+  const int64_t n = p.rows * p.cols;
+  const bool dense = (p.a_sc == 1 && p.a_sr == p.cols) || (p.a_sr == 1 && p.a_sc == p.rows);
+  const bool flat = !p.hadamard && dense && aligned;
+  const int flat_grid = static_cast<int>(std::min<int64_t>(
+      grid_limit(), std::max<int64_t>(1, (n * esize / 16 + kThreads * kFlatUnroll - 1) / (kThreads * kFlatUnroll))));
+  const int nparts = p.global_amax ? 0 : (flat ? flat_grid : grid);
   dispatch(p.dtype, [&]<typename T>() {
-    auto run = [&]<bool kVec>() {
+    auto run = [&]<bool kVec, bool kHad, bool kSr>() {
       if (!p.global_amax) {
-        nvfp4_amax_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, map);
+        if (flat) nvfp4_amax_flat_kernel<T><<<flat_grid, kThreads, 0, s>>>(p, n);
+        else nvfp4_amax_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, map);
         NK_CUDA_LAUNCH_CHECK();
       }
-      nvfp4_quantize_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, map, grid);
+      // Walk backwards after an amax pass (L2 reuse of its last reads), forwards otherwise.
+      nvfp4_quantize_kernel<T, kVec, kHad, kSr><<<grid, kThreads, 0, s>>>(p, map, nparts, !p.global_amax);
       NK_CUDA_LAUNCH_CHECK();
     };
-    if (vec) run.template operator()<true>();
-    else run.template operator()<false>();
+    auto by_variant = [&]<bool kVec>() {
+      if (p.hadamard) {
+        if (p.stochastic) run.template operator()<kVec, true, true>();
+        else run.template operator()<kVec, true, false>();
+      } else {
+        if (p.stochastic) run.template operator()<kVec, false, true>();
+        else run.template operator()<kVec, false, false>();
+      }
+    };
+    if (vec) by_variant.template operator()<true>();
+    else by_variant.template operator()<false>();
   });
 }
 
