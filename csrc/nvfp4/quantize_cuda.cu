@@ -268,25 +268,72 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
   }
 }
 
+// Dequantize: one unit = 16 outputs of a row (8 code bytes, 1 scale byte in; 16 T out). A thread
+// takes kDqUnroll units per step, units k * stride apart (each load and store instruction of a
+// warp stays contiguous), and issues every load before the first decode: kDqUnroll * 9 bytes
+// in flight per thread. kVec: rows of codes 8-byte aligned (one 8-byte load per unit).
+constexpr int kDqUnroll = 4;
+
+// (e2m1(code) * sb) * g for the 8 codes of w (code k in bits 4k..4k+3), rounded to T, stored
+// at dst (16-byte aligned). e2m1 magnitudes from their bits: index i >= 2 is
+// 2^((i >> 1) - 1) * (1 + (i & 1) / 2) = float with bits (i << 22) + (126 << 23); 0 and 1 are
+// i / 2. Bit-identical to e2m1_decode (every product is exact; one rounding to T).
 template <typename T>
+NK_DEVICE void decode8(uint32_t w, float sb, float g, T* out) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const uint32_t c = (w >> (4 * k)) & 0xfu, i = c & 7u;
+    const uint32_t vb = i >= 2u ? (i << 22) + (126u << 23) : (i == 1u ? 0x3f000000u : 0u);
+    float val;
+    memcpy(&val, &vb, sizeof(val));
+    out[k] = from_f<T>((((c & 8u) ? -val : val) * sb) * g);
+  }
+}
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4DequantParams p) {
   const int64_t nblk = p.cols / kBlock, total = p.rows * nblk;
   const float g = *p.global_scale;
-  for (int64_t u = int64_t(blockIdx.x) * kThreads + threadIdx.x; u < total; u += int64_t(gridDim.x) * kThreads) {
-    const int64_t r = u / nblk, cb = u % nblk;
-    const float sb = e4m3_decode(p.scales[r * p.s_sr + cb]);
-    const uint8_t* in = p.data + r * p.d_sr + cb * (kBlock / 2);
-    alignas(16) T out[kBlock];
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  for (int64_t u0 = int64_t(blockIdx.x) * kThreads + threadIdx.x; u0 < total; u0 += kDqUnroll * stride) {
+    uint2 codes[kDqUnroll];
+    uint8_t sbyte[kDqUnroll];
 #pragma unroll
-    for (int j = 0; j < kBlock / 2; ++j) {
-      const uint8_t b = in[j];
-      out[2 * j] = from_f<T>((e2m1_decode(b & 0xf) * sb) * g);
-      out[2 * j + 1] = from_f<T>((e2m1_decode(b >> 4) * sb) * g);
+    for (int k = 0; k < kDqUnroll; ++k) {  // loads first
+      const int64_t u = u0 + k * stride;
+      codes[k] = make_uint2(0u, 0u);
+      sbyte[k] = 0;
+      if (u < total) {
+        const int64_t r = u / nblk, cb = u - r * nblk;
+        const uint8_t* in = p.data + r * p.d_sr + cb * (kBlock / 2);
+        sbyte[k] = p.scales[r * p.s_sr + cb];
+        if constexpr (kVec) {
+          codes[k] = *reinterpret_cast<const uint2*>(in);
+        } else {
+          uint32_t lo = 0u, hi = 0u;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            lo |= uint32_t(in[j]) << (8 * j);
+            hi |= uint32_t(in[4 + j]) << (8 * j);
+          }
+          codes[k] = make_uint2(lo, hi);
+        }
+      }
     }
-    // Output rows are C * sizeof(T) bytes, a multiple of 32: 16-byte aligned vector stores.
-    uint4* dst = reinterpret_cast<uint4*>(static_cast<T*>(p.out) + r * p.cols + cb * kBlock);
 #pragma unroll
-    for (int q = 0; q < int(kBlock * sizeof(T) / 16); ++q) dst[q] = reinterpret_cast<const uint4*>(out)[q];
+    for (int k = 0; k < kDqUnroll; ++k) {
+      const int64_t u = u0 + k * stride;
+      if (u >= total) break;
+      const int64_t r = u / nblk, cb = u - r * nblk;
+      const float sb = e4m3_decode(sbyte[k]);
+      alignas(16) T out[kBlock];
+      decode8<T>(codes[k].x, sb, g, out);
+      decode8<T>(codes[k].y, sb, g, out + 8);
+      // Output rows are C * sizeof(T) bytes, a multiple of 32: 16-byte aligned vector stores.
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<T*>(p.out) + r * p.cols + cb * kBlock);
+#pragma unroll
+      for (int q = 0; q < int(kBlock * sizeof(T) / 16); ++q) dst[q] = reinterpret_cast<const uint4*>(out)[q];
+    }
   }
 }
 
@@ -347,9 +394,12 @@ void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
 void nvfp4_dequantize_cuda(const Nvfp4DequantParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t total = p.rows * (p.cols / kBlock);
-  const int grid = static_cast<int>(std::min<int64_t>(int64_t(grid_limit()) * 4, (total + kThreads - 1) / kThreads));
+  const int64_t per_block = int64_t(kThreads) * kDqUnroll;
+  const int grid = static_cast<int>(std::min<int64_t>(int64_t(grid_limit()) * 4, (total + per_block - 1) / per_block));
+  const bool vec = reinterpret_cast<uintptr_t>(p.data) % 8 == 0 && p.d_sr % 8 == 0;
   dispatch(p.dtype, [&]<typename T>() {
-    nvfp4_dequantize_kernel<T><<<grid, kThreads, 0, s>>>(p);
+    if (vec) nvfp4_dequantize_kernel<T, true><<<grid, kThreads, 0, s>>>(p);
+    else nvfp4_dequantize_kernel<T, false><<<grid, kThreads, 0, s>>>(p);
     NK_CUDA_LAUNCH_CHECK();
   });
 }

@@ -172,3 +172,8 @@ def test_dequantize_bit_identical_to_cpu(dtype):
     s_wide[:, :4] = q.scales.view(torch.uint8)
     out = dequantize_emulated(wide[:, :32], s_wide[:, :4], q.global_scale, torch.float32)
     assert torch.equal(out, nv.dequantize(q, torch.float32))
+    # a row stride that is not a multiple of 8 bytes: the byte-load path (no 8-byte code loads)
+    odd = torch.zeros(16, 37, dtype=torch.uint8)
+    odd[:, :32] = q.data
+    out = dequantize_emulated(odd[:, :32], q.scales.view(torch.uint8), q.global_scale, torch.bfloat16)
+    assert torch.equal(out, nv.dequantize(q, torch.bfloat16))
