@@ -24,16 +24,50 @@ constexpr int kBlocksPerSm = 8;
 #define NK_NVFP4_MAX_BLOCKS kAmaxMaxPartials
 #endif
 static_assert(NK_NVFP4_MAX_BLOCKS <= kAmaxMaxPartials, "the partials workspace holds kAmaxMaxPartials");
+// Unit counts below this take the 32-bit unit -> (row, block) path; the host-emulation test
+// also builds with 0 so the 64-bit path runs.
+#ifndef NK_NVFP4_FAST_DIV_LIMIT
+#define NK_NVFP4_FAST_DIV_LIMIT (int64_t(1) << 31)
+#endif
+
+// n / d for n < 2^31 without a division: q = (mulhi(n, mul) + n) >> shift, shift = ceil(log2 d),
+// mul = 2^32 (2^shift - d) / d + 1 (Granlund-Montgomery; n + mulhi < 2^32 as n < 2^31). Checked
+// against n / d for d < 5000 and 4e5 random d < 2^31 at n in {0..2000, 2^31 - 2000 .. 2^31 - 1,
+// random} (docs/nvfp4.md).
+struct FastDiv {
+  uint32_t mul = 1;
+  int shift = 0;
+  static FastDiv of(uint32_t d) {
+    FastDiv f;
+    while ((uint64_t(1) << f.shift) < d) ++f.shift;
+    f.mul = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << f.shift) - d)) / d + 1);
+    return f;
+  }
+  NK_HD uint32_t div(uint32_t n) const {
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
+    return (t + n) >> shift;
+  }
+};
 
 struct TileMap {
   int64_t rows, ntr, nblk;
   bool linear;      // row-major unit order (1x16 scales, row-major view), else 16x16 tile order
   bool pair_store;  // tile order with nblk even: lanes l and l + 16 hold adjacent blocks of a row
+  bool fast;        // every unit index < 2^31: 32-bit unit -> (row, block) through fdiv
+  FastDiv fdiv;     // division by nblk
   // Units: rows * nblk (linear), or ntr * nblk * 16 (tiles, the last row tile maybe partial).
   NK_DEVICE int64_t total() const { return linear ? rows * nblk : ntr * nblk * kBlock; }
   // Unit u -> (row, column block); row may be >= rows in the last, partial row tile. Tile order:
   // tile t = u / 16 is (tr, cb) = (t / nblk, t % nblk), lane u % 16 its row.
   NK_DEVICE void coords(int64_t u, int64_t& r, int64_t& cb) const {
+    if (fast) {
+      const uint32_t u32 = static_cast<uint32_t>(u);
+      const uint32_t t = linear ? u32 : u32 >> 4;
+      const uint32_t q = fdiv.div(t);
+      cb = static_cast<int64_t>(t - q * static_cast<uint32_t>(nblk));
+      r = linear ? int64_t(q) : int64_t(q) * kBlock + (u32 & 15u);
+      return;
+    }
     if (linear) {
       r = u / nblk;
       cb = u - r * nblk;
@@ -56,6 +90,10 @@ TileMap make_map(const Nvfp4QuantParams& p) {
   // Warps start at even tiles (256 threads = 16 tiles a block), so with nblk even the two
   // half-warps always hold tiles (tr, cb) and (tr, cb + 1), cb even: one 16-byte store per row.
   m.pair_store = !m.linear && m.nblk % 2 == 0;
+  // + 32: the warp-rounded unit count of the quantize loop stays below 2^31 too.
+  const int64_t units = m.linear ? m.rows * m.nblk : m.ntr * m.nblk * kBlock;
+  m.fast = units + 32 < NK_NVFP4_FAST_DIV_LIMIT;
+  if (m.fast) m.fdiv = FastDiv::of(static_cast<uint32_t>(m.nblk));
   return m;
 }
 

@@ -21,12 +21,14 @@ MAX_BLOCKS = 3
 
 
 @functools.cache
-def emu():
-    """The emulated quantize library (cached by content hash, see base.build_emulated)."""
-    return base.EmuLibrary.build("nvfp4", base.EMU / "driver_nvfp4.cpp", [CSRC / "nvfp4" / "quantize_cuda.cu"],
-                                 ("nvfp4",), header=CSRC / "nvfp4" / "quantize.h",
-                                 structs=("Nvfp4QuantParams", "Nvfp4DequantParams"),
-                                 flags=[f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"])
+def emu(slow_div=False):
+    """The emulated quantize library (cached by content hash, see base.build_emulated);
+    slow_div: built with NK_NVFP4_FAST_DIV_LIMIT=0, so units map to (row, block) through the
+    64-bit division that only tensors of 2^31 units take on a GPU."""
+    flags = [f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"] + (["-DNK_NVFP4_FAST_DIV_LIMIT=0"] if slow_div else [])
+    return base.EmuLibrary.build("nvfp4_slowdiv" if slow_div else "nvfp4", base.EMU / "driver_nvfp4.cpp",
+                                 [CSRC / "nvfp4" / "quantize_cuda.cu"], ("nvfp4",), header=CSRC / "nvfp4" / "quantize.h",
+                                 structs=("Nvfp4QuantParams", "Nvfp4DequantParams"), flags=flags)
 
 
 def nvfp4_api():
@@ -39,9 +41,9 @@ def nvfp4_api():
 
 
 def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_rounding=False, seed=0, global_amax=None,
-                      seed_in_memory=False):
+                      seed_in_memory=False, slow_div=False):
     """The op entry's set-up (quantize.cpp) for a 2-D strided view and one emulated call."""
-    E = emu()
+    E = emu(slow_div)
     R, C = a2d.shape
     data = torch.full((R, C // 2), 0x5A, dtype=torch.uint8)
     scales = torch.full((R, C // 16), 0xA5, dtype=torch.uint8)
@@ -124,6 +126,20 @@ def test_quantize_bit_identical_to_cpu(dtype, variant):
         assert torch.equal(data, want.data), f"{name}: codes differ at {(data != want.data).nonzero()[:4].tolist()}"
         assert torch.equal(scales, want.scales.view(torch.uint8)), f"{name}: scales"
         assert torch.equal(gs, want.global_scale), f"{name}: global scale {gs} != {want.global_scale}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v) or "rne")
+def test_quantize_64bit_unit_map(variant):
+    """The 64-bit unit -> (row, block) path (tensors of 2^31 units and more) gives the same codes."""
+    nv = nvfp4_api()
+    for name, a in _layouts(torch.bfloat16):
+        if name not in ("contig", "transposed_partial", "many_tiles", "odd_blocks"):
+            continue
+        kw = dict(variant, seed=99)
+        data, scales, gs = quantize_emulated(a, slow_div=True, **kw)
+        want = nv.quantize_t(a.t(), **kw) if name.startswith("transposed") else nv.quantize(a, **kw)
+        assert torch.equal(data, want.data) and torch.equal(scales, want.scales.view(torch.uint8)), name
+        assert torch.equal(gs, want.global_scale), name
 
 
 def test_seed_from_memory():
