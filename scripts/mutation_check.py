@@ -93,7 +93,7 @@ MUTANTS = [
            "  return w & (nz | 0x77777777u);", "  return w;",
            ("tests/nvfp4/test_cuda_emulation_nvfp4.py", "-k", "quantize_bit_identical")),
     Mutant("nvfp4-rne-wrong-binade-step", "off-by-one", "csrc/nvfp4/numerics.cuh",
-           "  const uint32_t mb = e + (22u << 23);", "  const uint32_t mb = e + (23u << 23);",
+           "  n.mb = n.e + (22u << 23);", "  n.mb = n.e + (23u << 23);",
            ("tests/nvfp4/test_nvfp4_quantize.py", "-k", "cpu and (matches_reference or ties)")),
     Mutant("nvfp4-cuda-gemm-dropped-a-scale", "dropped scale", "csrc/nvfp4/gemm_cuda.cu",
            "ha[i][h][j] = hmul2_u32(ha[i][h][j], a_scale[i][h]);", "ha[i][h][j] = ha[i][h][j];",

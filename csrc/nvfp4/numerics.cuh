@@ -104,6 +104,24 @@ NK_HD float nvfp4_block_inv(uint8_t s_b, float s_enc) {
   return inv > kFloatMax ? kFloatMax : inv;
 }
 
+// The add both encoders share: c = min(m, 6), e = exponent bits of max(c, 1), M = 2^(E + 22)
+// (bits mb), s = c + M rounded to c's grid; index of s: bits(s) - mb + 2 E.
+struct E2m1Near {
+  float c, M, s;
+  uint32_t e, mb;
+  NK_HD uint32_t index() const { return float_bits(s) - mb + (e >> 22) - 254u; }
+};
+
+NK_HD E2m1Near e2m1_near(float m) {
+  E2m1Near n;
+  n.c = m < 6.0f ? m : 6.0f;                                    // NaN -> 6 (code 7)
+  n.e = float_bits(n.c > 1.0f ? n.c : 1.0f) & 0x7f800000u;     // (E + 127) << 23
+  n.mb = n.e + (22u << 23);
+  memcpy(&n.M, &n.mb, sizeof(n.M));
+  n.s = n.c + n.M;  // one IEEE add: round to the binade's step, ties to even
+  return n;
+}
+
 // E2M1 magnitude index (0..7) of m = |v| (m >= 0 or NaN), round to nearest even, saturating
 // at 6. Ties: .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even index
 // wins); NaN -> 7. Branch-free (docs/nvfp4.md, issue 18): c = min(m, 6) (NaN -> 6) is added to
@@ -111,16 +129,9 @@ NK_HD float nvfp4_block_inv(uint8_t s_b, float s_enc) {
 // c's binade (0.5 below 2, 1 in [2, 4), 2 in [4, 8)), so the IEEE add rounds c to the grid with
 // ties to even, and bits(c + M) - bits(M) = round(c / step); adding 2e gives the index. Checked
 // equal to the threshold chain (e2m1_mag_rne_ref) for every float32 bit pattern >= 0 and every
-// NaN (docs/nvfp4.md); tests/nvfp4/test_nvfp4_quantize.py::test_rne_ties_exact hits each tie.
-NK_HD uint8_t e2m1_mag_rne(float m) {
-  const float c = m < 6.0f ? m : 6.0f;                          // NaN -> 6 (code 7)
-  const uint32_t e = float_bits(c > 1.0f ? c : 1.0f) & 0x7f800000u;  // (e + 127) << 23
-  const uint32_t mb = e + (22u << 23);                          // bits of M
-  float M;
-  memcpy(&M, &mb, sizeof(M));
-  const float s = c + M;  // one IEEE add: round to the binade's step, ties to even
-  return static_cast<uint8_t>(float_bits(s) - mb + (e >> 22) - 254u);
-}
+// NaN (docs/nvfp4.md; test_cuda_emulation_nvfp4.py::test_encoders_equal_their_definitions);
+// tests/nvfp4/test_nvfp4_quantize.py::test_rne_ties_exact hits each tie through the kernels.
+NK_HD uint8_t e2m1_mag_rne(float m) { return static_cast<uint8_t>(e2m1_near(m).index()); }
 
 // The definition e2m1_mag_rne implements: the thresholds between neighbouring grid points.
 NK_HD uint8_t e2m1_mag_rne_ref(float m) {
@@ -149,8 +160,30 @@ NK_HD uint8_t e2m1_mag_floor(float m) {
 // E2M1 magnitude with stochastic rounding: between neighbours lo <= m < hi, round up with
 // probability (m - lo) / (hi - lo), drawn from u in [0, 1) (24-bit Philox uniform). m - lo is
 // exact and hi - lo is a power of two, so the probability is exact: E[value] = m up to 2^-24
-// of a step. Saturates at 6.
+// of a step. Saturates at 6 (m >= 6 and NaN -> 7).
+// Branch-free (issue 18): the grid point r nearest to c = min(m, 6) comes from the same add as
+// e2m1_mag_rne; the floor is r, or the point below when r > c; step and 1 / step are powers of
+// two built from c's exponent bits. The floor index i and p = (c - lo) / step equal, bit for
+// bit, those of the threshold chain (e2m1_mag_floor, e2m1_decode; e2m1_mag_sr_ref) for every
+// float32 m >= 0 and every NaN, so the result i + (u < p) is the same for every u
+// (exhaustive g++ check, docs/nvfp4.md; tests/nvfp4/test_cuda_emulation_nvfp4.py::
+// test_encoders_equal_their_definitions over 8 binades).
 NK_HD uint8_t e2m1_mag_sr(float m, float u) {
+  const E2m1Near n = e2m1_near(m);
+  const uint32_t step_b = n.e - (1u << 23);             // 2^(E - 1)
+  const uint32_t inv_b = (255u - (n.e >> 23)) << 23;    // 2^(1 - E)
+  float step, inv_step;
+  memcpy(&step, &step_b, sizeof(step));
+  memcpy(&inv_step, &inv_b, sizeof(inv_step));
+  const float r = n.s - n.M;  // the grid point nearest to c (exact)
+  const bool above = r > n.c;
+  const float lo = above ? r - step : r;
+  const float p = (n.c - lo) * inv_step;
+  return static_cast<uint8_t>(n.index() - (above ? 1u : 0u) + (u < p ? 1u : 0u));
+}
+
+// The definition e2m1_mag_sr implements.
+NK_HD uint8_t e2m1_mag_sr_ref(float m, float u) {
   if (!(m < 6.0f)) return 7;
   const uint8_t i = e2m1_mag_floor(m);
   const float lo = e2m1_decode(i);

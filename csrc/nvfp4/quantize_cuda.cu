@@ -194,32 +194,23 @@ __global__ void __launch_bounds__(kThreads) nvfp4_amax_flat_kernel(Nvfp4QuantPar
   if (threadIdx.x == 0) p.partials[blockIdx.x] = m;
 }
 
-// 8 packed codes of v[0..7] * inv, round to nearest even. The sign bit of y goes to bit 3 of
+// 8 packed codes of v[0..7] * inv: round to nearest even, or (kSr) stochastic rounding with
+// bits[k] the Philox word of element k (nvfp4_sr_bits). The sign bit of y goes to bit 3 of
 // every nibble (a shift and a mask: the device's NaN results are the canonical, positive NaN,
 // so this is y < 0 except for -0) and is cleared afterwards, 8 nibbles at once, where the
 // magnitude is 0 (e2m1_code: zero is always code 0): magnitude + 7 carries into bit 3 exactly
 // when it is nonzero.
-NK_DEVICE uint32_t pack8_rne(const float* v, float inv) {
+template <bool kSr>
+NK_DEVICE uint32_t pack8(const float* v, float inv, const uint32_t* bits) {
   uint32_t w = 0u;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     const float y = v[k] * inv;
-    const uint32_t code = e2m1_mag_rne(fabsf(y)) | ((float_bits(y) >> 28) & 8u);
-    w |= code << (4 * k);
+    const uint32_t mag = kSr ? e2m1_mag_sr(fabsf(y), philox_uniform(bits[k])) : e2m1_mag_rne(fabsf(y));
+    w |= (mag | ((float_bits(y) >> 28) & 8u)) << (4 * k);
   }
   const uint32_t nz = ((w & 0x77777777u) + 0x77777777u) & 0x88888888u;
   return w & (nz | 0x77777777u);
-}
-
-// Same with stochastic rounding: bits[k] are the Philox words of elements k (nvfp4_sr_bits).
-NK_DEVICE uint32_t pack8_sr(const float* v, float inv, const uint32_t* bits) {
-  uint32_t w = 0u;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float y = v[k] * inv;
-    w |= static_cast<uint32_t>(e2m1_code(y, e2m1_mag_sr(fabsf(y), philox_uniform(bits[k])))) << (4 * k);
-  }
-  return w;
 }
 
 // The variant flags that change the per-element work are template arguments (kHad: Hadamard
@@ -284,11 +275,11 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
 #pragma unroll
           for (int k = 0; k < 4; ++k) bits[4 * q + k] = b.v[k];
         }
-        packed[0] = pack8_sr(v, inv, bits);
-        packed[1] = pack8_sr(v + 8, inv, bits + 8);
+        packed[0] = pack8<true>(v, inv, bits);
+        packed[1] = pack8<true>(v + 8, inv, bits + 8);
       } else {
-        packed[0] = pack8_rne(v, inv);
-        packed[1] = pack8_rne(v + 8, inv);
+        packed[0] = pack8<false>(v, inv, nullptr);
+        packed[1] = pack8<false>(v + 8, inv, nullptr);
       }
     }
     uint8_t* dst = p.data + r * half_cols + cb * (kBlock / 2);

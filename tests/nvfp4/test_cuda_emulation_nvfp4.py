@@ -9,6 +9,7 @@ layout (vector path, strided scalar path, transposed view, partial 16x16 tiles).
 unused part of the partials workspace are poisoned first.
 """
 import functools
+import subprocess
 
 import pytest
 import torch
@@ -85,6 +86,55 @@ def dequantize_emulated(data, scales, gs, dtype):
 
 def test_params_layout():
     emu().check_layouts()
+
+
+ENCODER_CHECK = r"""
+#include <cstdio>
+#include "nvfp4/numerics.cuh"
+using namespace nk::nvfp4;
+static float of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static long bad = 0;
+static void check(float m) {
+  if (e2m1_mag_rne(m) != e2m1_mag_rne_ref(m)) { if (bad++ < 5) printf("rne %a\n", m); }
+  // SR: u = k 2^-24 at the ends and around the step of the definition's threshold p
+  uint32_t k0 = 0;
+  if (m < 6.0f) {
+    const uint8_t i = e2m1_mag_floor(m);
+    const float p = (m - e2m1_decode(i)) * (i < 4 ? 2.0f : (i < 6 ? 1.0f : 0.5f));
+    k0 = static_cast<uint32_t>(p * 16777216.0f);
+  }
+  const uint32_t ks[] = {0u, k0 ? k0 - 1 : 0u, k0, k0 + 1, 16777215u};
+  for (uint32_t k : ks) {
+    const float u = static_cast<float>(k > 16777215u ? 16777215u : k) * (1.0f / 16777216.0f);
+    if (e2m1_mag_sr(m, u) != e2m1_mag_sr_ref(m, u)) { if (bad++ < 5) printf("sr %a %a\n", m, u); }
+  }
+}
+int main() {
+  for (uint32_t b = 0x3d800000u; b < 0x41800000u; ++b) check(of_bits(b));  // every float in [2^-4, 16)
+  for (uint32_t b = 0; b < 0x3d800000u; b += 4099u) check(of_bits(b));     // 0, subnormals, small
+  for (uint32_t b = 0x41800000u; b <= 0x7fffffffu; b += 4099u) check(of_bits(b));  // large, inf, NaN
+  check(of_bits(0x7f800000u));
+  check(of_bits(0xffc00000u));
+  printf("mismatches %ld\n", bad);
+  return bad != 0;
+}
+"""
+
+
+def test_encoders_equal_their_definitions(tmp_path):
+    """The branch-free E2M1 encoders (numerics.cuh e2m1_mag_rne, e2m1_mag_sr, used by the CPU and
+    CUDA kernels) against the threshold chains that define them (e2m1_mag_rne_ref,
+    e2m1_mag_sr_ref): every float32 in [2^-4, 16) (all ties and grid points), a sweep of the rest
+    with inf and NaN, and for SR the uniforms at both ends and around each threshold."""
+    if base._compiler_id() is None:
+        pytest.skip(f"needs {base.CXX}")
+    src = tmp_path / "encoders.cpp"
+    src.write_text(ENCODER_CHECK)
+    exe = tmp_path / "encoders"
+    subprocess.run([base.CXX, "-std=c++20", "-O2", f"-I{CSRC}", str(src), "-o", str(exe)], check=True,
+                   capture_output=True, text=True)
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
 
 
 VARIANTS = [
