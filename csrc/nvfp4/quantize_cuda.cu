@@ -206,8 +206,9 @@ NK_DEVICE uint32_t pack8(const float* v, float inv, const uint32_t* bits) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     const float y = v[k] * inv;
-    const uint32_t mag = kSr ? e2m1_mag_sr(fabsf(y), philox_uniform(bits[k])) : e2m1_mag_rne(fabsf(y));
-    w |= (mag | ((float_bits(y) >> 28) & 8u)) << (4 * k);
+    // magnitude in bits 0..2 (raw(): bits above are junk), sign in bit 3: one 3-input LOP3
+    const uint32_t mag = kSr ? e2m1_mag_sr(fabsf(y), philox_uniform(bits[k])) : e2m1_near(fabsf(y)).raw();
+    w |= ((mag & 7u) | ((float_bits(y) >> 28) & ~7u)) << (4 * k);
   }
   const uint32_t nz = ((w & 0x77777777u) + 0x77777777u) & 0x88888888u;
   return w & (nz | 0x77777777u);
