@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
@@ -112,9 +114,20 @@ NK_DEVICE float load_block(const Nvfp4QuantParams& p, bool had, uint32_t signs, 
 #pragma unroll
     for (int q = 0; q < kBlock / kPer; ++q) {
       const uint4 raw = reinterpret_cast<const uint4*>(a)[q];
-      const T* e = reinterpret_cast<const T*>(&raw);
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        // bf16 -> f32 is the bits shifted up: one shift or one mask per element
+        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) v[q * kPer + j] = to_f<T>(e[j]);
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t lo = w[j] << 16, hi = w[j] & 0xffff0000u;
+          memcpy(&v[q * kPer + 2 * j], &lo, sizeof(float));
+          memcpy(&v[q * kPer + 2 * j + 1], &hi, sizeof(float));
+        }
+      } else {
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) v[q * kPer + j] = to_f<T>(e[j]);
+      }
     }
   } else {
 #pragma unroll
