@@ -86,8 +86,8 @@ MUTANTS = [
            ("tests/moe/test_cuda_emulation_grouped_gemm.py", "-k", "fwd_dgrad_wgrad")),
     # ---- nvfp4 ----------------------------------------------------------------------------
     Mutant("nvfp4-cuda-dequantize-dropped-scale", "dropped scale", "csrc/nvfp4/quantize_cuda.cu",
-           "out[k] = from_f<T>((((c & 8u) ? -val : val) * sb) * g);",
-           "out[k] = from_f<T>(((c & 8u) ? -val : val) * g);",
+           "out[4 * h + 2 * q] = from_f<T>((v0 * sb) * g);",
+           "out[4 * h + 2 * q] = from_f<T>(v0 * g);",
            ("tests/nvfp4/test_cuda_emulation_nvfp4.py", "-k", "dequantize")),
     # the -0 mask of the packed codes (CUDA), and the encoders' binade step (shared with the CPU)
     *(Mutant(name, kind, f"csrc/nvfp4/{f}", orig, mut, test) for name, kind, f, orig, mut, test in (

@@ -317,24 +317,64 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(Nvfp4QuantPara
 // in flight per thread. kVec: rows of codes 8-byte aligned (one 8-byte load per unit).
 constexpr int kDqUnroll = 4;
 
-// (e2m1(code) * sb) * g for the 8 codes of w (code k in bits 4k..4k+3), rounded to T, stored
-// at dst (16-byte aligned). e2m1 magnitudes from their bits: index i >= 2 is
-// 2^((i >> 1) - 1) * (1 + (i & 1) / 2) = float with bits (i << 22) + (126 << 23); 0 and 1 are
-// i / 2. Bit-identical to e2m1_decode (every product is exact; one rounding to T).
+// PRMT: byte i of the result is byte (s >> 4i) & 7 of {a (bytes 0..3), b (bytes 4..7)}; bit 3 of
+// each selector nibble is never set here. The host twin keeps the emulator on the same bytes.
+NK_DEVICE uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, s);
+#else
+  const uint64_t ab = (uint64_t(b) << 32) | a;
+  uint32_t r = 0u;
+  for (int i = 0; i < 4; ++i) r |= uint32_t((ab >> (8 * ((s >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return r;
+#endif
+}
+
+// (e2m1(code) * sb) * g for the 8 codes of w (code k in bits 4k..4k+3), rounded to T, stored at
+// out. The magnitudes come from two 8-entry byte tables (the high and low bytes of their bf16
+// encodings: 0 .5 1 1.5 2 3 4 6 are exact in bf16) looked up by PRMT, 4 codes per lookup;
+// two more PRMTs interleave them into bf16 pairs and one PRMT + one LOP3 per pair adds the
+// sign bits (code bit 3 -> bit 15 / 31). A pair widens to float32 by a shift and a mask.
+// Every product e2m1 * sb is exact, so this is bit-identical to e2m1_decode (code 8 is -0).
 template <typename T>
 NK_DEVICE void decode8(uint32_t w, float sb, float g, T* out) {
+  constexpr uint32_t kHiA = 0x3f3f3f00u, kHiB = 0x40404040u;  // high bytes of bf16(e2m1(0..7))
+  constexpr uint32_t kLoA = 0xc0800000u, kLoB = 0xc0804000u;  // low bytes
+  const uint32_t w4 = w << 4;  // byte j of w4 has code 2j's sign at bit 7; byte j of w, code 2j + 1's
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const uint32_t c = (w >> (4 * k)) & 0xfu, i = c & 7u;
-    const uint32_t vb = i >= 2u ? (i << 22) + (126u << 23) : (i == 1u ? 0x3f000000u : 0u);
-    float val;
-    memcpy(&val, &vb, sizeof(val));
-    out[k] = from_f<T>((((c & 8u) ? -val : val) * sb) * g);
+  for (int h = 0; h < 2; ++h) {  // codes 4h .. 4h + 3
+    const uint32_t sel = (w >> (16 * h)) & 0x7777u;
+    const uint32_t hi = byte_perm(kHiA, kHiB, sel), lo = byte_perm(kLoA, kLoB, sel);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {  // codes 4h + 2q, 4h + 2q + 1
+      const uint32_t pair = byte_perm(lo, hi, q ? 0x7362u : 0x5140u);
+      const uint32_t j = 2 * h + q;  // byte of w holding the two codes
+      const uint32_t sgn = byte_perm(w4, w, ((4u + j) << 12) | (j << 4));
+      const uint32_t b = pair | (sgn & 0x80008000u);
+      const uint32_t b0 = b << 16, b1 = b & 0xffff0000u;
+      float v0, v1;
+      memcpy(&v0, &b0, sizeof(v0));
+      memcpy(&v1, &b1, sizeof(v1));
+      out[4 * h + 2 * q] = from_f<T>((v0 * sb) * g);
+      out[4 * h + 2 * q + 1] = from_f<T>((v1 * sb) * g);
+    }
+  }
+}
+
+// Unit u -> (row, block): the 32-bit multiply-shift division when `fast` (units < 2^31).
+NK_DEVICE void dq_coords(int64_t u, int64_t nblk, bool fast, FastDiv fdiv, int64_t& r, int64_t& cb) {
+  if (fast) {
+    const uint32_t q = fdiv.div(static_cast<uint32_t>(u));
+    r = q;
+    cb = static_cast<int64_t>(static_cast<uint32_t>(u) - q * static_cast<uint32_t>(nblk));
+  } else {
+    r = u / nblk;
+    cb = u - r * nblk;
   }
 }
 
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4DequantParams p) {
+__global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4DequantParams p, bool fast, FastDiv fdiv) {
   const int64_t nblk = p.cols / kBlock, total = p.rows * nblk;
   const float g = *p.global_scale;
   const int64_t stride = int64_t(gridDim.x) * kThreads;
@@ -347,7 +387,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4Dequant
       codes[k] = make_uint2(0u, 0u);
       sbyte[k] = 0;
       if (u < total) {
-        const int64_t r = u / nblk, cb = u - r * nblk;
+        int64_t r, cb;
+        dq_coords(u, nblk, fast, fdiv, r, cb);
         const uint8_t* in = p.data + r * p.d_sr + cb * (kBlock / 2);
         sbyte[k] = p.scales[r * p.s_sr + cb];
         if constexpr (kVec) {
@@ -367,7 +408,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4Dequant
     for (int k = 0; k < kDqUnroll; ++k) {
       const int64_t u = u0 + k * stride;
       if (u >= total) break;
-      const int64_t r = u / nblk, cb = u - r * nblk;
+      int64_t r, cb;
+      dq_coords(u, nblk, fast, fdiv, r, cb);
       const float sb = e4m3_decode(sbyte[k]);
       alignas(16) T out[kBlock];
       decode8<T>(codes[k].x, sb, g, out);
@@ -440,9 +482,12 @@ void nvfp4_dequantize_cuda(const Nvfp4DequantParams& p, void* stream) {
   const int64_t per_block = int64_t(kThreads) * kDqUnroll;
   const int grid = static_cast<int>(std::min<int64_t>(int64_t(grid_limit()) * 4, (total + per_block - 1) / per_block));
   const bool vec = reinterpret_cast<uintptr_t>(p.data) % 8 == 0 && p.d_sr % 8 == 0;
+  // + stride: the unrolled loop's largest unit index stays below 2^31 too
+  const bool fast = total + int64_t(grid) * kThreads * kDqUnroll < NK_NVFP4_FAST_DIV_LIMIT;
+  const FastDiv fdiv = fast ? FastDiv::of(static_cast<uint32_t>(p.cols / kBlock)) : FastDiv{};
   dispatch(p.dtype, [&]<typename T>() {
-    if (vec) nvfp4_dequantize_kernel<T, true><<<grid, kThreads, 0, s>>>(p);
-    else nvfp4_dequantize_kernel<T, false><<<grid, kThreads, 0, s>>>(p);
+    if (vec) nvfp4_dequantize_kernel<T, true><<<grid, kThreads, 0, s>>>(p, fast, fdiv);
+    else nvfp4_dequantize_kernel<T, false><<<grid, kThreads, 0, s>>>(p, fast, fdiv);
     NK_CUDA_LAUNCH_CHECK();
   });
 }

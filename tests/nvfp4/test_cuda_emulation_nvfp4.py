@@ -68,8 +68,8 @@ def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_roundin
     return data, scales, gs[0]
 
 
-def dequantize_emulated(data, scales, gs, dtype):
-    E = emu()
+def dequantize_emulated(data, scales, gs, dtype, slow_div=False):
+    E = emu(slow_div)
     R, C = data.shape[0], data.shape[1] * 2
     out = torch.full((R, C), float("nan"), dtype=dtype)
     g = gs.reshape(1).float().contiguous()
@@ -230,6 +230,13 @@ def test_dequantize_bit_identical_to_cpu(dtype):
         q = nv.quantize(torch.randn(R, C), block_2d=R % 2 == 0)
         out = dequantize_emulated(q.data, q.scales.view(torch.uint8), q.global_scale, dtype)
         assert torch.equal(out, nv.dequantize(q, dtype))
+    # every code byte (both signs of every magnitude, -0 included) under random scales, bit for bit
+    codes = torch.arange(256, dtype=torch.uint8).reshape(16, 16).repeat(1, 2)
+    sc = torch.randint(0, 0x7F, (16, 4), dtype=torch.uint8)
+    q = nv.NVFP4Tensor(codes, sc.view(torch.float8_e4m3fn), torch.tensor(0.37))
+    out = dequantize_emulated(codes, sc, q.global_scale, dtype)
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(out.view(bits), nv.dequantize(q, dtype).view(bits))
     # strided data rows (a row slice of a wider buffer): the kernel takes a row stride
     q = nv.quantize(torch.randn(16, 64))
     wide = torch.zeros(16, 48, dtype=torch.uint8)
@@ -242,4 +249,7 @@ def test_dequantize_bit_identical_to_cpu(dtype):
     odd = torch.zeros(16, 37, dtype=torch.uint8)
     odd[:, :32] = q.data
     out = dequantize_emulated(odd[:, :32], q.scales.view(torch.uint8), q.global_scale, torch.bfloat16)
+    assert torch.equal(out, nv.dequantize(q, torch.bfloat16))
+    # the 64-bit unit -> (row, block) path
+    out = dequantize_emulated(odd[:, :32], q.scales.view(torch.uint8), q.global_scale, torch.bfloat16, slow_div=True)
     assert torch.equal(out, nv.dequantize(q, torch.bfloat16))
