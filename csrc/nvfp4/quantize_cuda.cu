@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -19,7 +20,6 @@ namespace {
 using namespace nvfp4;
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
 // Upper bound of the grid (and of the amax partials); lowered by the host-emulation test so
 // small tensors take several grid-stride iterations.
 #ifndef NK_NVFP4_MAX_BLOCKS
@@ -422,7 +422,19 @@ __global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4Dequant
   }
 }
 
-int grid_limit() { return std::min<int>(NK_NVFP4_MAX_BLOCKS, sm_count() * kBlocksPerSm); }
+// One wave of `Kernel`: the blocks that are resident at once (registers bound it; asked of the
+// runtime once per instantiation), so a grid-stride loop has no partial second wave.
+template <auto Kernel>
+int resident_grid() {
+  static std::atomic<int> cache{0};
+  int n = cache.load(std::memory_order_relaxed);
+  if (n == 0) {
+    NK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, 0));
+    n = std::max(n, 1);
+    cache.store(n, std::memory_order_relaxed);
+  }
+  return std::min<int>(NK_NVFP4_MAX_BLOCKS, sm_count() * n);
+}
 
 template <typename F>
 void dispatch(DType dt, F&& f) {
@@ -439,7 +451,7 @@ void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const TileMap map = make_map(p);
   const int64_t total = map.linear ? map.rows * map.nblk : map.ntr * map.nblk * kBlock;
-  const int grid = static_cast<int>(std::min<int64_t>(grid_limit(), (total + kThreads - 1) / kThreads));
+  const int64_t want = (total + kThreads - 1) / kThreads;  // blocks with one unit per thread
   const int esize = dtype_size(p.dtype);
   const bool aligned = reinterpret_cast<uintptr_t>(p.a) % 16 == 0;
   // 16-byte vector loads: unit column stride, 16-byte aligned base and row starts.
@@ -448,16 +460,21 @@ void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
   const int64_t n = p.rows * p.cols;
   const bool dense = (p.a_sc == 1 && p.a_sr == p.cols) || (p.a_sr == 1 && p.a_sc == p.rows);
   const bool flat = !p.hadamard && dense && aligned;
-  const int flat_grid = static_cast<int>(std::min<int64_t>(
-      grid_limit(), std::max<int64_t>(1, (n * esize / 16 + kThreads * kFlatUnroll - 1) / (kThreads * kFlatUnroll))));
-  const int nparts = p.global_amax ? 0 : (flat ? flat_grid : grid);
+  const int64_t flat_want = std::max<int64_t>(1, (n * esize / 16 + kThreads * kFlatUnroll - 1) / (kThreads * kFlatUnroll));
   dispatch(p.dtype, [&]<typename T>() {
     auto run = [&]<bool kVec, bool kHad, bool kSr>() {
+      int nparts = 0;
       if (!p.global_amax) {
-        if (flat) nvfp4_amax_flat_kernel<T><<<flat_grid, kThreads, 0, s>>>(p, n);
-        else nvfp4_amax_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, map);
+        if (flat) {
+          nparts = static_cast<int>(std::min<int64_t>(resident_grid<nvfp4_amax_flat_kernel<T>>(), flat_want));
+          nvfp4_amax_flat_kernel<T><<<nparts, kThreads, 0, s>>>(p, n);
+        } else {
+          nparts = static_cast<int>(std::min<int64_t>(resident_grid<nvfp4_amax_kernel<T, kVec>>(), want));
+          nvfp4_amax_kernel<T, kVec><<<nparts, kThreads, 0, s>>>(p, map);
+        }
         NK_CUDA_LAUNCH_CHECK();
       }
+      const int grid = static_cast<int>(std::min<int64_t>(resident_grid<nvfp4_quantize_kernel<T, kVec, kHad, kSr>>(), want));
       // Walk backwards after an amax pass (L2 reuse of its last reads), forwards otherwise.
       nvfp4_quantize_kernel<T, kVec, kHad, kSr><<<grid, kThreads, 0, s>>>(p, map, nparts, !p.global_amax);
       NK_CUDA_LAUNCH_CHECK();
@@ -479,16 +496,19 @@ void nvfp4_quantize_cuda(const Nvfp4QuantParams& p, void* stream) {
 void nvfp4_dequantize_cuda(const Nvfp4DequantParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t total = p.rows * (p.cols / kBlock);
-  const int64_t per_block = int64_t(kThreads) * kDqUnroll;
-  const int grid = static_cast<int>(std::min<int64_t>(int64_t(grid_limit()) * 4, (total + per_block - 1) / per_block));
+  const int64_t want = (total + int64_t(kThreads) * kDqUnroll - 1) / (int64_t(kThreads) * kDqUnroll);
   const bool vec = reinterpret_cast<uintptr_t>(p.data) % 8 == 0 && p.d_sr % 8 == 0;
-  // + stride: the unrolled loop's largest unit index stays below 2^31 too
-  const bool fast = total + int64_t(grid) * kThreads * kDqUnroll < NK_NVFP4_FAST_DIV_LIMIT;
-  const FastDiv fdiv = fast ? FastDiv::of(static_cast<uint32_t>(p.cols / kBlock)) : FastDiv{};
   dispatch(p.dtype, [&]<typename T>() {
-    if (vec) nvfp4_dequantize_kernel<T, true><<<grid, kThreads, 0, s>>>(p, fast, fdiv);
-    else nvfp4_dequantize_kernel<T, false><<<grid, kThreads, 0, s>>>(p, fast, fdiv);
-    NK_CUDA_LAUNCH_CHECK();
+    auto run = [&]<bool kVec>() {
+      const int grid = static_cast<int>(std::min<int64_t>(resident_grid<nvfp4_dequantize_kernel<T, kVec>>(), want));
+      // + one step of the unrolled loop: its largest unit index stays below 2^31 too
+      const bool fast = total + int64_t(grid) * kThreads * kDqUnroll < NK_NVFP4_FAST_DIV_LIMIT;
+      const FastDiv fdiv = fast ? FastDiv::of(static_cast<uint32_t>(p.cols / kBlock)) : FastDiv{};
+      nvfp4_dequantize_kernel<T, kVec><<<grid, kThreads, 0, s>>>(p, fast, fdiv);
+      NK_CUDA_LAUNCH_CHECK();
+    };
+    if (vec) run.template operator()<true>();
+    else run.template operator()<false>();
   });
 }
 
