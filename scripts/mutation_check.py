@@ -99,9 +99,17 @@ MUTANTS = [
            ("tests/moe/test_cuda_emulation_grouped_gemm.py", "-k", "fwd_dgrad_wgrad")),
     # ---- nvfp4 ----------------------------------------------------------------------------
     Mutant("nvfp4-cuda-dequantize-dropped-scale", "dropped scale", "csrc/nvfp4/quantize_cuda.cu",
-           "out[2 * j] = from_f<T>((e2m1_decode(b & 0xf) * sb) * g);",
-           "out[2 * j] = from_f<T>(e2m1_decode(b & 0xf) * g);",
+           "out[4 * h + 2 * q] = from_f<T>((v0 * sb) * g);",
+           "out[4 * h + 2 * q] = from_f<T>(v0 * g);",
            ("tests/nvfp4/test_cuda_emulation_nvfp4.py", "-k", "dequantize")),
+    # the -0 mask of the packed codes (CUDA), and the encoders' binade step (shared with the CPU)
+    *(Mutant(name, kind, f"csrc/nvfp4/{f}", orig, mut, test) for name, kind, f, orig, mut, test in (
+        ("nvfp4-cuda-quantize-negative-zero-code", "dropped mask", "quantize_cuda.cu",
+         "  return w & (nz | 0x77777777u);", "  return w;",
+         ("tests/nvfp4/test_cuda_emulation_nvfp4.py", "-k", "quantize_bit_identical")),
+        ("nvfp4-encoder-wrong-binade-step", "off-by-one", "numerics.cuh",
+         "  n.M = pe * 4194305.0f;", "  n.M = pe * 8388609.0f;",
+         ("tests/nvfp4/test_nvfp4_quantize.py", "-k", "cpu and (matches_reference or ties)")))),
     Mutant("nvfp4-cuda-gemm-dropped-a-scale", "dropped scale", "csrc/nvfp4/gemm_cuda.cu",
            "ha[i][h][j] = hmul2_u32(ha[i][h][j], a_scale[i][h]);", "ha[i][h][j] = ha[i][h][j];",
            ("tests/nvfp4/test_cuda_emulation_nvfp4_gemm.py", "-k", "matches_reference")),

@@ -104,9 +104,45 @@ NK_HD float nvfp4_block_inv(uint8_t s_b, float s_enc) {
   return inv > kFloatMax ? kFloatMax : inv;
 }
 
-// E2M1 magnitude index (0..7) of |v|, round to nearest even, saturating at 6. Ties:
-// .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even index wins).
-NK_HD uint8_t e2m1_mag_rne(float m) {
+// The add both encoders share: c = min(m, 6), e = exponent bits of max(c, 1) (2^E), and
+// M = 2^(E + 22) + 2^E, whose ulp 2^(E - 1) is the grid step of c's binade (M is 2^(E + 22)
+// plus two steps: a multiple of the step, so the grid is the same). s = c + M rounds c to the
+// grid, ties to even, and its bits are bits(2^(E + 22)) + 2 + round(c / step); the low three
+// bits of bits(s) + 2 E + 254 are the index (every other term is a multiple of 8), so
+// raw() & 7 is the E2M1 index and the bits above it are junk for the caller to mask.
+struct E2m1Near {
+  float c, M, s;
+  uint32_t e;
+  NK_HD uint32_t raw() const { return float_bits(s) + (e >> 22); }
+  NK_HD uint32_t index() const { return raw() & 7u; }
+};
+
+NK_HD E2m1Near e2m1_near(float m) {
+  E2m1Near n;
+  n.c = m < 6.0f ? m : 6.0f;                                    // NaN -> 6 (code 7)
+  n.e = float_bits(n.c > 1.0f ? n.c : 1.0f) & 0x7f800000u;     // (E + 127) << 23
+  float pe;
+  memcpy(&pe, &n.e, sizeof(pe));
+  n.M = pe * 4194305.0f;  // 2^E (2^22 + 1), exact
+  // One IEEE add: round to the binade's step, ties to even. The compilers may fuse the line
+  // above into it (an FMA); M is exact, so the fused and the separate forms round alike.
+  n.s = n.c + n.M;
+  return n;
+}
+
+// E2M1 magnitude index (0..7) of m = |v| (m >= 0 or NaN), round to nearest even, saturating
+// at 6. Ties: .25 -> 0, .75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4 (even index
+// wins); NaN -> 7. Branch-free (docs/nvfp4.md, issue 18): c = min(m, 6) (NaN -> 6) is added to
+// M ~ 2^(e + 22), e = max(floor(log2 c), 0), whose float32 ulp 2^(e - 1) is the E2M1 step of
+// c's binade (0.5 below 2, 1 in [2, 4), 2 in [4, 8)), so the IEEE add rounds c to the grid with
+// ties to even, and the bits of c + M give round(c / step) + 2e (E2m1Near). Checked
+// equal to the threshold chain (e2m1_mag_rne_ref) for every float32 bit pattern >= 0 and every
+// NaN (docs/nvfp4.md; test_cuda_emulation_nvfp4.py::test_encoders_equal_their_definitions);
+// tests/nvfp4/test_nvfp4_quantize.py::test_rne_ties_exact hits each tie through the kernels.
+NK_HD uint8_t e2m1_mag_rne(float m) { return static_cast<uint8_t>(e2m1_near(m).index()); }
+
+// The definition e2m1_mag_rne implements: the thresholds between neighbouring grid points.
+NK_HD uint8_t e2m1_mag_rne_ref(float m) {
   if (m <= 0.25f) return 0;
   if (m < 0.75f) return 1;
   if (m <= 1.25f) return 2;
@@ -132,8 +168,30 @@ NK_HD uint8_t e2m1_mag_floor(float m) {
 // E2M1 magnitude with stochastic rounding: between neighbours lo <= m < hi, round up with
 // probability (m - lo) / (hi - lo), drawn from u in [0, 1) (24-bit Philox uniform). m - lo is
 // exact and hi - lo is a power of two, so the probability is exact: E[value] = m up to 2^-24
-// of a step. Saturates at 6.
+// of a step. Saturates at 6 (m >= 6 and NaN -> 7).
+// Branch-free (issue 18): the grid point r nearest to c = min(m, 6) comes from the same add as
+// e2m1_mag_rne; the floor is r, or the point below when r > c; step and 1 / step are powers of
+// two built from c's exponent bits. The floor index i and p = (c - lo) / step equal, bit for
+// bit, those of the threshold chain (e2m1_mag_floor, e2m1_decode; e2m1_mag_sr_ref) for every
+// float32 m >= 0 and every NaN, so the result i + (u < p) is the same for every u
+// (exhaustive g++ check, docs/nvfp4.md; tests/nvfp4/test_cuda_emulation_nvfp4.py::
+// test_encoders_equal_their_definitions over 8 binades).
 NK_HD uint8_t e2m1_mag_sr(float m, float u) {
+  const E2m1Near n = e2m1_near(m);
+  const uint32_t step_b = n.e - (1u << 23);             // 2^(E - 1)
+  const uint32_t inv_b = (255u << 23) - n.e;           // 2^(1 - E)
+  float step, inv_step;
+  memcpy(&step, &step_b, sizeof(step));
+  memcpy(&inv_step, &inv_b, sizeof(inv_step));
+  const float r = n.s - n.M;  // the grid point nearest to c (exact)
+  const bool above = r > n.c;
+  const float lo = above ? r - step : r;
+  const float p = (n.c - lo) * inv_step;
+  return static_cast<uint8_t>(n.index() - (above ? 1u : 0u) + (u < p ? 1u : 0u));  // stays in 0..7
+}
+
+// The definition e2m1_mag_sr implements.
+NK_HD uint8_t e2m1_mag_sr_ref(float m, float u) {
   if (!(m < 6.0f)) return 7;
   const uint8_t i = e2m1_mag_floor(m);
   const float lo = e2m1_decode(i);
@@ -199,6 +257,16 @@ NK_HD void hadamard16(float (&v)[kBlock], uint32_t signs) {
 }
 
 // Max of |v| over a block; NaN-propagating (fmaxf would drop NaN and hide non-finite input).
-NK_HD float nan_max(float a, float b) { return (b > a || !(b == b)) ? b : a; }
+// On the device one max.NaN instruction (sm_80+; a NaN result is the canonical NaN there, and
+// every consumer only asks whether it is NaN).
+NK_HD float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (b > a || !(b == b)) ? b : a;
+#endif
+}
 
 }  // namespace nk::nvfp4

@@ -9,6 +9,7 @@ layout (vector path, strided scalar path, transposed view, partial 16x16 tiles).
 unused part of the partials workspace are poisoned first.
 """
 import functools
+import subprocess
 
 import pytest
 import torch
@@ -21,12 +22,14 @@ MAX_BLOCKS = 3
 
 
 @functools.cache
-def emu():
-    """The emulated quantize library (cached by content hash, see base.build_emulated)."""
-    return base.EmuLibrary.build("nvfp4", base.EMU / "driver_nvfp4.cpp", [CSRC / "nvfp4" / "quantize_cuda.cu"],
-                                 ("nvfp4",), header=CSRC / "nvfp4" / "quantize.h",
-                                 structs=("Nvfp4QuantParams", "Nvfp4DequantParams"),
-                                 flags=[f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"])
+def emu(slow_div=False):
+    """The emulated quantize library (cached by content hash, see base.build_emulated);
+    slow_div: built with NK_NVFP4_FAST_DIV_LIMIT=0, so units map to (row, block) through the
+    64-bit division that only tensors of 2^31 units take on a GPU."""
+    flags = [f"-DNK_NVFP4_MAX_BLOCKS={MAX_BLOCKS}"] + (["-DNK_NVFP4_FAST_DIV_LIMIT=0"] if slow_div else [])
+    return base.EmuLibrary.build("nvfp4_slowdiv" if slow_div else "nvfp4", base.EMU / "driver_nvfp4.cpp",
+                                 [CSRC / "nvfp4" / "quantize_cuda.cu"], ("nvfp4",), header=CSRC / "nvfp4" / "quantize.h",
+                                 structs=("Nvfp4QuantParams", "Nvfp4DequantParams"), flags=flags)
 
 
 def nvfp4_api():
@@ -39,9 +42,9 @@ def nvfp4_api():
 
 
 def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_rounding=False, seed=0, global_amax=None,
-                      seed_in_memory=False):
+                      seed_in_memory=False, slow_div=False):
     """The op entry's set-up (quantize.cpp) for a 2-D strided view and one emulated call."""
-    E = emu()
+    E = emu(slow_div)
     R, C = a2d.shape
     data = torch.full((R, C // 2), 0x5A, dtype=torch.uint8)
     scales = torch.full((R, C // 16), 0xA5, dtype=torch.uint8)
@@ -65,8 +68,8 @@ def quantize_emulated(a2d, *, block_2d=False, hadamard=False, stochastic_roundin
     return data, scales, gs[0]
 
 
-def dequantize_emulated(data, scales, gs, dtype):
-    E = emu()
+def dequantize_emulated(data, scales, gs, dtype, slow_div=False):
+    E = emu(slow_div)
     R, C = data.shape[0], data.shape[1] * 2
     out = torch.full((R, C), float("nan"), dtype=dtype)
     g = gs.reshape(1).float().contiguous()
@@ -83,6 +86,55 @@ def dequantize_emulated(data, scales, gs, dtype):
 
 def test_params_layout():
     emu().check_layouts()
+
+
+ENCODER_CHECK = r"""
+#include <cstdio>
+#include "nvfp4/numerics.cuh"
+using namespace nk::nvfp4;
+static float of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static long bad = 0;
+static void check(float m) {
+  if (e2m1_mag_rne(m) != e2m1_mag_rne_ref(m)) { if (bad++ < 5) printf("rne %a\n", m); }
+  // SR: u = k 2^-24 at the ends and around the step of the definition's threshold p
+  uint32_t k0 = 0;
+  if (m < 6.0f) {
+    const uint8_t i = e2m1_mag_floor(m);
+    const float p = (m - e2m1_decode(i)) * (i < 4 ? 2.0f : (i < 6 ? 1.0f : 0.5f));
+    k0 = static_cast<uint32_t>(p * 16777216.0f);
+  }
+  const uint32_t ks[] = {0u, k0 ? k0 - 1 : 0u, k0, k0 + 1, 16777215u};
+  for (uint32_t k : ks) {
+    const float u = static_cast<float>(k > 16777215u ? 16777215u : k) * (1.0f / 16777216.0f);
+    if (e2m1_mag_sr(m, u) != e2m1_mag_sr_ref(m, u)) { if (bad++ < 5) printf("sr %a %a\n", m, u); }
+  }
+}
+int main() {
+  for (uint32_t b = 0x3d800000u; b < 0x41800000u; ++b) check(of_bits(b));  // every float in [2^-4, 16)
+  for (uint32_t b = 0; b < 0x3d800000u; b += 4099u) check(of_bits(b));     // 0, subnormals, small
+  for (uint32_t b = 0x41800000u; b <= 0x7fffffffu; b += 4099u) check(of_bits(b));  // large, inf, NaN
+  check(of_bits(0x7f800000u));
+  check(of_bits(0xffc00000u));
+  printf("mismatches %ld\n", bad);
+  return bad != 0;
+}
+"""
+
+
+def test_encoders_equal_their_definitions(tmp_path):
+    """The branch-free E2M1 encoders (numerics.cuh e2m1_mag_rne, e2m1_mag_sr, used by the CPU and
+    CUDA kernels) against the threshold chains that define them (e2m1_mag_rne_ref,
+    e2m1_mag_sr_ref): every float32 in [2^-4, 16) (all ties and grid points), a sweep of the rest
+    with inf and NaN, and for SR the uniforms at both ends and around each threshold."""
+    if base._compiler_id() is None:
+        pytest.skip(f"needs {base.CXX}")
+    src = tmp_path / "encoders.cpp"
+    src.write_text(ENCODER_CHECK)
+    exe = tmp_path / "encoders"
+    subprocess.run([base.CXX, "-std=c++20", "-O2", f"-I{CSRC}", str(src), "-o", str(exe)], check=True,
+                   capture_output=True, text=True)
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
 
 
 VARIANTS = [
@@ -126,6 +178,20 @@ def test_quantize_bit_identical_to_cpu(dtype, variant):
         assert torch.equal(gs, want.global_scale), f"{name}: global scale {gs} != {want.global_scale}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v) or "rne")
+def test_quantize_64bit_unit_map(variant):
+    """The 64-bit unit -> (row, block) path (tensors of 2^31 units and more) gives the same codes."""
+    nv = nvfp4_api()
+    for name, a in _layouts(torch.bfloat16):
+        if name not in ("contig", "transposed_partial", "many_tiles", "odd_blocks"):
+            continue
+        kw = dict(variant, seed=99)
+        data, scales, gs = quantize_emulated(a, slow_div=True, **kw)
+        want = nv.quantize_t(a.t(), **kw) if name.startswith("transposed") else nv.quantize(a, **kw)
+        assert torch.equal(data, want.data) and torch.equal(scales, want.scales.view(torch.uint8)), name
+        assert torch.equal(gs, want.global_scale), name
+
+
 def test_seed_from_memory():
     nv = nvfp4_api()
     a = torch.randn(48, 64)
@@ -164,6 +230,13 @@ def test_dequantize_bit_identical_to_cpu(dtype):
         q = nv.quantize(torch.randn(R, C), block_2d=R % 2 == 0)
         out = dequantize_emulated(q.data, q.scales.view(torch.uint8), q.global_scale, dtype)
         assert torch.equal(out, nv.dequantize(q, dtype))
+    # every code byte (both signs of every magnitude, -0 included) under random scales, bit for bit
+    codes = torch.arange(256, dtype=torch.uint8).reshape(16, 16).repeat(1, 2)
+    sc = torch.randint(0, 0x7F, (16, 4), dtype=torch.uint8)
+    q = nv.NVFP4Tensor(codes, sc.view(torch.float8_e4m3fn), torch.tensor(0.37))
+    out = dequantize_emulated(codes, sc, q.global_scale, dtype)
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(out.view(bits), nv.dequantize(q, dtype).view(bits))
     # strided data rows (a row slice of a wider buffer): the kernel takes a row stride
     q = nv.quantize(torch.randn(16, 64))
     wide = torch.zeros(16, 48, dtype=torch.uint8)
@@ -172,3 +245,11 @@ def test_dequantize_bit_identical_to_cpu(dtype):
     s_wide[:, :4] = q.scales.view(torch.uint8)
     out = dequantize_emulated(wide[:, :32], s_wide[:, :4], q.global_scale, torch.float32)
     assert torch.equal(out, nv.dequantize(q, torch.float32))
+    # a row stride that is not a multiple of 8 bytes: the byte-load path (no 8-byte code loads)
+    odd = torch.zeros(16, 37, dtype=torch.uint8)
+    odd[:, :32] = q.data
+    out = dequantize_emulated(odd[:, :32], q.scales.view(torch.uint8), q.global_scale, torch.bfloat16)
+    assert torch.equal(out, nv.dequantize(q, torch.bfloat16))
+    # the 64-bit unit -> (row, block) path
+    out = dequantize_emulated(odd[:, :32], q.scales.view(torch.uint8), q.global_scale, torch.bfloat16, slow_div=True)
+    assert torch.equal(out, nv.dequantize(q, torch.bfloat16))

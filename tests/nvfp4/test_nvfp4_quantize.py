@@ -141,6 +141,28 @@ def test_exact_round_trip(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rne_ties_exact(device):
+    """Every E2M1 rounding tie (.25 .75 1.25 1.75 2.5 3.5 5), its float32 neighbours, the grid
+    points, 6 and values past it reach the encoder unscaled (global_amax 2688 -> s_enc 1; each
+    block holds 6 -> s_b 1, inv 1) and round exactly as the reference's nearest-value search:
+    the branch-free encoder (numerics.cuh e2m1_mag_rne) in the CPU and CUDA kernels."""
+    pts = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 5.9999995, 6.0]
+    vals = []
+    for t in pts:
+        t32 = torch.tensor(t, dtype=torch.float32)
+        vals += [t32, torch.nextafter(t32, torch.tensor(-1.0)), torch.nextafter(t32, torch.tensor(9.0))]
+    v = torch.stack(vals).abs()
+    v = torch.cat([v, -v, torch.tensor([1e-30, 2.0**-149, 0.2499999])])
+    n = (v.numel() + 14) // 15 * 15
+    body = torch.cat([v, torch.full((n - v.numel(),), 0.3)]).reshape(-1, 15)
+    x = torch.cat([torch.full((body.shape[0], 1), 6.0), body], 1).to(device)  # (rows, 16): 6 first
+    for kw in ({}, {"block_2d": True}):
+        q = quantize(x, global_amax=2688.0, **kw)
+        assert (q.scales.float() == 1.0).all()
+        assert_same(q, ref_of(x, global_amax=torch.tensor([2688.0]), **kw), f"ties {kw}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_matches_reference(device, dtype):
     x = torch.randn(3, 19, 48, device=device)
