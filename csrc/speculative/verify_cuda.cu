@@ -18,9 +18,17 @@ namespace {
 using namespace spec;
 
 constexpr int kRowThreads = 256;       // row-partial kernels
-constexpr int kWalkThreads = 128;      // one thread per request
+constexpr int kMergeThreads = 128;     // merges and walks: 4 warps
 constexpr int kSampleThreads = 512;    // sampling transform, one block per row
 constexpr int64_t kMinChunk = 2048;    // smallest vocab chunk worth a block
+// Largest chunk: one tile per thread for 16-bit logits (256 threads x 4 x 8 elements), two
+// for float32; keeps blocks short, so the tail of the last wave is short.
+constexpr int64_t kMaxChunk = 8192;
+constexpr int kArgmaxUnroll = 4;       // 16-byte loads in flight per thread (argmax)
+constexpr int kRejectUnroll = 2;       // float4 pairs (p, q) in flight per thread (rejection)
+
+template <typename T>
+constexpr int kVecOf = 16 / sizeof(T);  // elements per 16-byte vector
 
 template <bool kArgmax>
 NK_DEVICE bool better(float v1, int64_t i1, float v2, int64_t i2) {
@@ -72,6 +80,24 @@ __device__ float block_sum(float v, float* red) {
 
 // ---- greedy / tree greedy: partial argmax per (row, chunk) --------------------------------
 
+// Exact scan of one 16-byte vector (elements i0, i0 + 1, ...) into the running best.
+template <typename T>
+NK_DEVICE void argmax_vec(const uint4& raw, int64_t i0, float& bv, int64_t& bi) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int u = 0; u < kVecOf<T>; ++u) {
+    const float x = to_f<T>(e[u]);
+    if (argmax_better(x, i0 + u, bv, bi)) bv = x, bi = i0 + u;
+  }
+}
+
+// Each thread loads kArgmaxUnroll vectors (v = base + tid + u * blockDim, increasing in u, so
+// its elements come in index order) and screens them: the NaN-ignoring max m and the sum s (NaN
+// when an element is NaN, or on inf - inf: a false alarm only costs the exact scan). A tile
+// can change the running best (bv, bi) only when there is none yet, or bv is not NaN and
+// (m > bv or a NaN is present): equal values come later and lose. Only then the exact
+// per-element scan runs (on random logits: a few tiles per thread). Screen: 3 instructions per
+// element (convert, max, add) instead of the ~10 of the exact comparison with its int64 index.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmaxParams a) {
   const int64_t r = blockIdx.x, s = blockIdx.y;
@@ -85,19 +111,37 @@ __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmax
   const int64_t lo = s * a.chunk, hi = lo + a.chunk < a.vocab ? lo + a.chunk : a.vocab;
   float bv = 0.f;
   int64_t bi = -1;
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = kVecOf<T>;
   int64_t scalar_from = lo;
   if ((reinterpret_cast<uintptr_t>(row + lo) & 15) == 0) {
     const int64_t nvec = (hi - lo) / kVec;
     const uint4* vrow = reinterpret_cast<const uint4*>(row + lo);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const uint4 raw = vrow[v];
-      const T* e = reinterpret_cast<const T*>(&raw);
+    for (int64_t base = 0; base < nvec; base += kArgmaxUnroll * blockDim.x) {
+      uint4 raw[kArgmaxUnroll];
 #pragma unroll
-      for (int u = 0; u < kVec; ++u) {
-        const int64_t i = lo + v * kVec + u;
-        const float x = to_f<T>(e[u]);
-        if (argmax_better(x, i, bv, bi)) bv = x, bi = i;
+      for (int u = 0; u < kArgmaxUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        raw[u] = v < nvec ? vrow[v] : make_uint4(0u, 0u, 0u, 0u);
+      }
+      float m = -INFINITY, sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < kArgmaxUnroll; ++u) {
+        if (base + threadIdx.x + u * blockDim.x < nvec) {
+          const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) {
+            const float x = to_f<T>(e[q]);
+            m = fmaxf(m, x);
+            sum += x;
+          }
+        }
+      }
+      if (bi < 0 || (bv == bv && (m > bv || sum != sum))) {
+#pragma unroll
+        for (int u = 0; u < kArgmaxUnroll; ++u) {
+          const int64_t v = base + threadIdx.x + u * blockDim.x;
+          if (v < nvec) argmax_vec<T>(raw[u], lo + v * kVec, bv, bi);
+        }
       }
     }
     scalar_from = lo + nvec * kVec;
@@ -120,24 +164,74 @@ void launch_argmax_partials(const SpecArgmaxParams& a, cudaStream_t st) {
   NK_CUDA_LAUNCH_CHECK();
 }
 
-__global__ void greedy_walk_kernel(SpecGreedyParams p) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < p.am.batch) greedy_walk(p, b);
+// Rows [0, nrows) of request b: warp w reduces rows w, w + warps, ...; its lanes load the
+// partials in parallel (coalesced) and combine them with the total order, so the winner is
+// reduce_argmax's. Ends with a barrier: the row argmaxes (global) are then visible to thread 0.
+NK_DEVICE void merge_rows(const SpecArgmaxParams& a, int64_t b, int64_t nrows) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int64_t j = warp; j < nrows; j += nwarps) {
+    const int64_t r = b * a.npos + j;
+    float bv = 0.f;
+    int64_t bi = -1;
+    for (int64_t s = lane; s < a.nsplit; s += 32) {
+      const float v = a.part_val[r * a.nsplit + s];
+      const int64_t i = a.part_idx[r * a.nsplit + s];
+      if (argmax_better(v, i, bv, bi)) bv = v, bi = i;
+    }
+    warp_reduce_best<true>(bv, bi);
+    if (lane == 0) a.row_arg[r] = bi < 0 ? 0 : bi;
+  }
+  __syncthreads();
 }
 
-__global__ void tree_greedy_walk_kernel(SpecTreeGreedyParams p) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < p.am.batch) tree_greedy_walk(p, b);
+// One block per request: merge the rows it reads, then thread 0 walks (spec/walk.cuh).
+__global__ void __launch_bounds__(kMergeThreads) greedy_walk_kernel(SpecGreedyParams p) {
+  const int64_t b = blockIdx.x;
+  merge_rows(p.am, b, num_drafts_of(p.am.num_draft, b, p.k) + 1);
+  if (threadIdx.x == 0) greedy_walk(p, b);
+}
+
+__global__ void __launch_bounds__(kMergeThreads) tree_greedy_walk_kernel(SpecTreeGreedyParams p) {
+  const int64_t b = blockIdx.x;
+  merge_rows(p.am, b, p.n_nodes);
+  if (threadIdx.x == 0) tree_greedy_walk(p, b);
 }
 
 // ---- rejection sampling -------------------------------------------------------------------
 
+// First rejected draft of request b, computed by one warp: lane l tests draft base + l (the
+// tests are independent), the lowest failing lane is first_rejection's answer. Two dependent
+// loads of latency instead of 2n. Every lane of the warp must call it.
+NK_DEVICE int64_t warp_first_rejection(const SpecRejectionParams& p, int64_t b, int64_t n, uint64_t seed) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t base = 0; base < n; base += 32) {
+    const int64_t j = base + lane;
+    const unsigned rej = __ballot_sync(0xffffffffu, j < n && draft_rejected(p, b, j, seed));
+    if (rej != 0u) return base + __ffs(static_cast<int>(rej)) - 1;
+  }
+  return n;
+}
+
+// One entry of one race with the screen in front: det_log and the division run only when the
+// entry may beat the thread's best (race_may_win); the winner is the unscreened race's.
+NK_DEVICE void screened_race(int64_t i, float w, float u, float& k, int64_t& ki) {
+  if (!(w > 0.f) || !race_may_win(u, w, k, ki)) return;
+  float key;
+  if (race_key(race_expo(u), w, key) && race_better(key, i, k, ki)) k = key, ki = i;
+}
+
+// Grid (batch, nsplit). Warp 0 finds the sampled position m; every thread then races over
+// kRejectUnroll float4 groups of p (and q) per step, loads first (2 x 16 B x kRejectUnroll in
+// flight per thread), then one Philox call per group and the screened races.
 __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRejectionParams p) {
   const int64_t b = blockIdx.x, s = blockIdx.y;
   const uint64_t seed = seed_of(p.seed_ptr, p.seed);
   __shared__ long long s_m;
   const int64_t n = num_drafts_of(p.num_draft, b, p.k);
-  if (threadIdx.x == 0) s_m = first_rejection(p, b, n, seed);
+  if (threadIdx.x < 32) {
+    const int64_t m = warp_first_rejection(p, b, n, seed);
+    if (threadIdx.x == 0) s_m = m;
+  }
   __syncthreads();
   const int64_t m = s_m;
   const bool residual = m < n;
@@ -150,6 +244,10 @@ __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRej
   int64_t i1 = -1, i2 = -1;
   // q of entry i: the draft distribution, or one-hot at the drafted token (greedy draft).
   auto q_at = [&](int64_t i, float qv) { return !residual ? 0.f : (qrow ? qv : (i == x ? 1.f : 0.f)); };
+  auto entry = [&](int64_t i, float pi, float qi, float u) {
+    screened_race(i, residual ? pi - qi : pi, u, k1, i1);
+    if (fallback) screened_race(i, pi, u, k2, i2);
+  };
   int64_t scalar_from = lo;
   const bool aligned = (reinterpret_cast<uintptr_t>(prow + lo) & 15) == 0 &&
                        (qrow == nullptr || (reinterpret_cast<uintptr_t>(qrow + lo) & 15) == 0);
@@ -157,25 +255,33 @@ __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRej
     const int64_t nvec = (hi - lo) / 4;
     const float4* pv = reinterpret_cast<const float4*>(prow + lo);
     const float4* qv = qrow ? reinterpret_cast<const float4*>(qrow + lo) : nullptr;
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const float4 pp = pv[v];
-      const float4 qq = qv ? qv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
-      const int64_t g = lo / 4 + v;
-      float e[4];
-      race_exponentials(seed, kTagResidual, b, m, g, e);
-      const float pa[4] = {pp.x, pp.y, pp.z, pp.w}, qa[4] = {qq.x, qq.y, qq.z, qq.w};
+    for (int64_t base = 0; base < nvec; base += kRejectUnroll * blockDim.x) {
+      float4 pp[kRejectUnroll], qq[kRejectUnroll];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int64_t i = g * 4 + u;
-        rejection_race_entry(i, pa[u], q_at(i, qa[u]), residual, fallback, e[u], k1, i1, k2, i2);
+      for (int u = 0; u < kRejectUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        const bool ok = v < nvec;
+        pp[u] = ok ? pv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
+        qq[u] = ok && qv ? qv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kRejectUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        if (v >= nvec) continue;
+        const int64_t g = lo / 4 + v;
+        float uu[4];
+        race_uniforms(seed, kTagResidual, b, m, g, uu);
+        const float pa[4] = {pp[u].x, pp[u].y, pp[u].z, pp[u].w}, qa[4] = {qq[u].x, qq[u].y, qq[u].z, qq[u].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) entry(g * 4 + e, pa[e], q_at(g * 4 + e, qa[e]), uu[e]);
       }
     }
     scalar_from = lo + nvec * 4;
   }
   for (int64_t i = scalar_from + threadIdx.x; i < hi; i += blockDim.x) {
-    float e[4];
-    race_exponentials(seed, kTagResidual, b, m, i / 4, e);
-    rejection_race_entry(i, prow[i], q_at(i, qrow ? qrow[i] : 0.f), residual, fallback, e[i % 4], k1, i1, k2, i2);
+    float uu[4];
+    race_uniforms(seed, kTagResidual, b, m, i / 4, uu);
+    entry(i, prow[i], q_at(i, qrow ? qrow[i] : 0.f), uu[i % 4]);
   }
   block_reduce_best<false>(k1, i1);
   block_reduce_best<false>(k2, i2);
@@ -185,9 +291,24 @@ __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRej
   }
 }
 
-__global__ void rejection_finalize_kernel(SpecRejectionParams p) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < p.batch) rejection_finalize(p, b);
+// One warp per request: m again (warp-parallel), both races' partials loaded by the lanes in
+// parallel and combined with the total order (rejection_finalize's winners), lane 0 writes.
+__global__ void __launch_bounds__(kMergeThreads) rejection_finalize_kernel(SpecRejectionParams p) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
+  if (b >= p.batch) return;  // whole warps leave together
+  const int lane = threadIdx.x & 31;
+  const uint64_t seed = seed_of(p.seed_ptr, p.seed);
+  const int64_t m = warp_first_rejection(p, b, num_drafts_of(p.num_draft, b, p.k), seed);
+  float k1 = 0.f, k2 = 0.f;
+  int64_t i1 = -1, i2 = -1;
+  for (int64_t s = lane; s < p.nsplit; s += 32) {
+    const int64_t o = b * p.nsplit + s;
+    if (race_better(p.part_key[o], p.part_idx[o], k1, i1)) k1 = p.part_key[o], i1 = p.part_idx[o];
+    if (race_better(p.part_key2[o], p.part_idx2[o], k2, i2)) k2 = p.part_key2[o], i2 = p.part_idx2[o];
+  }
+  warp_reduce_best<false>(k1, i1);
+  warp_reduce_best<false>(k2, i2);
+  if (lane == 0) rejection_write(p, b, m, race_token(i1, i2));
 }
 
 // ---- tree rejection -----------------------------------------------------------------------
@@ -377,29 +498,36 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
   for (int64_t i = tid; i < V; i += blockDim.x) out[i] = out[i] >= thr ? out[i] / z : 0.f;
 }
 
-unsigned walk_blocks(int64_t batch) { return static_cast<unsigned>((batch + kWalkThreads - 1) / kWalkThreads); }
+unsigned warp_blocks(int64_t batch) {
+  constexpr int kWarps = kMergeThreads / 32;
+  return static_cast<unsigned>((batch + kWarps - 1) / kWarps);
+}
 
 }  // namespace
 
+// Chunks per row: at least ceil(vocab / kMaxChunk) (short blocks), and up to
+// ceil(vocab / kMinChunk) when the rows alone do not give 4 blocks per SM (batch 1).
 int64_t spec_cuda_num_splits(int64_t rows, int64_t vocab) {
-  const int64_t target_blocks = 4LL * sm_count();  // a few resident 256-thread blocks per SM
+  const int64_t target_blocks = 4LL * sm_count();
   int64_t nsplit = (target_blocks + rows - 1) / (rows > 0 ? rows : 1);
   const int64_t max_split = (vocab + kMinChunk - 1) / kMinChunk;
+  const int64_t min_split = (vocab + kMaxChunk - 1) / kMaxChunk;
   if (nsplit > max_split) nsplit = max_split;
+  if (nsplit < min_split) nsplit = min_split;
   return nsplit < 1 ? 1 : nsplit;
 }
 
 void spec_verify_greedy_cuda(const SpecGreedyParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   launch_argmax_partials(p.am, st);
-  greedy_walk_kernel<<<walk_blocks(p.am.batch), kWalkThreads, 0, st>>>(p);
+  greedy_walk_kernel<<<static_cast<unsigned>(p.am.batch), kMergeThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 
 void spec_verify_tree_greedy_cuda(const SpecTreeGreedyParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   launch_argmax_partials(p.am, st);
-  tree_greedy_walk_kernel<<<walk_blocks(p.am.batch), kWalkThreads, 0, st>>>(p);
+  tree_greedy_walk_kernel<<<static_cast<unsigned>(p.am.batch), kMergeThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 
@@ -408,7 +536,7 @@ void spec_rejection_sample_cuda(const SpecRejectionParams& p, void* stream) {
   const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(p.nsplit));
   rejection_partials_kernel<<<grid, kRowThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
-  rejection_finalize_kernel<<<walk_blocks(p.batch), kWalkThreads, 0, st>>>(p);
+  rejection_finalize_kernel<<<warp_blocks(p.batch), kMergeThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 

@@ -77,9 +77,9 @@ def set_argmax(e, a, logits, num_draft, keep):
     a.l_sb, a.l_st = logits.stride(0), logits.stride(1)
     a.num_draft = ptr(num_draft)
     a.nsplit, a.chunk = e.split(B * npos, V)
-    pv, pi = nan(B * npos, a.nsplit), ipoison(B * npos, a.nsplit)
-    keep += [pv, pi]
-    a.part_val, a.part_idx = pv.data_ptr(), pi.data_ptr()
+    pv, pi, ra = nan(B * npos, a.nsplit), ipoison(B * npos, a.nsplit), ipoison(B * npos)
+    keep += [pv, pi, ra]
+    a.part_val, a.part_idx, a.row_arg = pv.data_ptr(), pi.data_ptr(), ra.data_ptr()
     return a.nsplit
 
 
