@@ -174,6 +174,76 @@ def test_rejection_sample(greedy_draft, seed_tensor):
         assert out[5:, 0].tolist() == [V - 1, chunk + 5, 6] and (acc[3].item() < k or out[3, k].item() == chunk - 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_greedy_long_chunks(dtype):
+    """Two chunks of 10000 (several tiles per thread): the screen (max and sum of a tile) decides
+    which tiles get the exact scan. Winners in later tiles, NaN after a finite maximum, ties
+    across one thread's tiles, +-0, +-inf (an inf - inf sum) and all -inf must still give
+    torch.argmax's index (NaN largest, ties to the lowest index)."""
+    speculative, e = spec_api(), emu()
+    g = torch.Generator().manual_seed(11)
+    B, k, V = 3, 2, 20000
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    logits = torch.randn(B, k + 1, V, generator=g).to(dtype)
+    rows = logits.view(-1, V)
+    rows[1, 9000] = rows[1, 12000] = float("nan")  # tile 1 of its thread, then chunk 1
+    rows[2, 5 * vec] = rows[2, (5 + 1024) * vec] = 10.0  # one thread, tiles 0 and 1: tie
+    rows[3] = 0.0
+    rows[3, 0] = -0.0
+    rows[4, 7000] = rows[4, 13000] = float("inf")
+    rows[4, 100] = float("-inf")
+    rows[5] = float("-inf")
+    rows[6, V - 1] = 20.0
+    rows[7, 7 * vec] = 30.0  # thread 7: best of tile 0 ...
+    rows[7, (7 + 1024) * vec + 3] = 30.25  # ... beaten by a little in its tile 1
+    am = logits.float().argmax(-1)
+    assert am.view(-1)[:8].tolist() == [am.view(-1)[0].item(), 9000, 5 * vec, 0, 7000, 0, V - 1, 1031 * vec + 3]
+    draft = am[:, :k].clone()  # all accepted: the walk reads every row's argmax
+    keep = []
+    p = e.S["SpecGreedyParams"]()
+    set_argmax(e, p.am, logits, None, keep)
+    p.am.chunk = 10000
+    p.am.nsplit = 2
+    pv, pi, ra = nan(B * (k + 1), 2), ipoison(B * (k + 1), 2), ipoison(B * (k + 1))
+    p.am.part_val, p.am.part_idx, p.am.row_arg = pv.data_ptr(), pi.data_ptr(), ra.data_ptr()
+    out, acc = ipoison(B, k + 1), ipoison(B)
+    p.k, p.draft, p.d_sb, p.d_st = k, draft.data_ptr(), draft.stride(0), draft.stride(1)
+    p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
+    e.call("emu_spec_verify_greedy_cuda", p)
+    assert torch.equal(ra, am.view(-1)), (ra, am)
+    ro, rac = speculative.verify_greedy(draft, logits)
+    assert torch.equal(out, ro) and torch.equal(acc, rac) and acc.tolist() == [k] * B
+
+
+@pytest.mark.parametrize("greedy_draft", [False, True])
+def test_rejection_sample_long_chunks(greedy_draft):
+    """Two chunks of 10000 (several float4 steps per thread): the screened races skip det_log
+    for most entries; the tokens must still be the CPU kernel's for every seed."""
+    speculative, e = spec_api(), emu()
+    g = torch.Generator().manual_seed(12)
+    B, k, V = 4, 3, 20000
+    pt = probs((B, k + 1, V), g, sharp=1.0)
+    q = None if greedy_draft else probs((B, k, V), g, sharp=1.0)
+    draft = torch.multinomial(pt[:, :k].reshape(-1, V), 1, generator=g).view(B, k)
+    for seed in range(6):
+        p = e.S["SpecRejectionParams"]()
+        p.batch, p.k, p.vocab = B, k, V
+        p.draft, p.d_sb, p.d_st = draft.data_ptr(), draft.stride(0), draft.stride(1)
+        if q is not None:
+            p.q, p.q_sb, p.q_st = q.data_ptr(), q.stride(0), q.stride(1)
+        p.p, p.p_sb, p.p_st = pt.data_ptr(), pt.stride(0), pt.stride(1)
+        p.seed_ptr, p.seed = None, seed
+        p.nsplit, p.chunk = 2, 10000
+        keys, idxs = nan(2, B, 2), ipoison(2, B, 2)
+        p.part_key, p.part_key2 = keys.data_ptr(), keys[1].data_ptr()
+        p.part_idx, p.part_idx2 = idxs.data_ptr(), idxs[1].data_ptr()
+        out, acc = ipoison(B, k + 1), ipoison(B)
+        p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
+        e.call("emu_spec_rejection_sample_cuda", p)
+        ro, ra = speculative.rejection_sample(draft, q, pt, seed=seed)
+        assert torch.equal(out, ro) and torch.equal(acc, ra), (seed, out, ro, acc, ra)
+
+
 def _tree(B, n, g):
     parents = torch.full((B, n), -1, dtype=torch.int64)
     for b in range(B):
