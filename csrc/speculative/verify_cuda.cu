@@ -20,6 +20,8 @@ using namespace spec;
 constexpr int kRowThreads = 256;       // row-partial kernels
 constexpr int kMergeThreads = 128;     // merges and walks: 4 warps
 constexpr int kSampleThreads = 512;    // sampling transform, one block per row
+constexpr int kSampleBins = 1024;      // top 12 bits of e in [0, 1] (sign 0, exponent <= 127)
+constexpr int kSampleCands = 2048;     // candidates of the bounded top-k path (shared memory)
 constexpr int64_t kMinChunk = 2048;    // smallest vocab chunk worth a block
 // Largest chunk: one tile per thread for 16-bit logits (256 threads x 4 x 8 elements), two
 // for float32; keeps blocks short, so the tail of the last wave is short.
@@ -223,7 +225,7 @@ NK_DEVICE void screened_race(int64_t i, float w, float u, float& k, int64_t& ki)
 // Grid (batch, nsplit). Warp 0 finds the sampled position m; every thread then races over
 // kRejectUnroll float4 groups of p (and q) per step, loads first (2 x 16 B x kRejectUnroll in
 // flight per thread), then one Philox call per group and the screened races.
-__global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRejectionParams p) {
+__global__ void __launch_bounds__(kRowThreads, 4) rejection_partials_kernel(SpecRejectionParams p) {
   const int64_t b = blockIdx.x, s = blockIdx.y;
   const uint64_t seed = seed_of(p.seed_ptr, p.seed);
   __shared__ long long s_m;
@@ -414,14 +416,100 @@ __global__ void __launch_bounds__(kTreeThreads, 1) tree_rejection_kernel(SpecTre
 
 // ---- sampling transform -------------------------------------------------------------------
 
+// Calls f(i, x) for every logit x = l[i] of a row: 16-byte loads, two in flight per thread,
+// when the row is aligned; scalar loads otherwise. Any order per thread (callers only count,
+// gather or reduce with a total order).
+template <typename T, typename F>
+NK_DEVICE void for_row(const T* l, int64_t V, F&& f) {
+  constexpr int kVec = kVecOf<T>;
+  int64_t from = 0;
+  if ((reinterpret_cast<uintptr_t>(l) & 15) == 0) {
+    const int64_t nvec = V / kVec;
+    const uint4* vl = reinterpret_cast<const uint4*>(l);
+    for (int64_t base = 0; base < nvec; base += 2 * blockDim.x) {
+      uint4 raw[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        if (v >= nvec) continue;
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) f(v * kVec + q, to_f<T>(e[q]));
+      }
+    }
+    from = nvec * kVec;
+  }
+  for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) f(i, to_f<T>(l[i]));
+}
+
+// Candidate order of the bounded top-k path: larger value first, ties by lower index.
+NK_DEVICE bool cand_before(float v1, int i1, float v2, int i2) { return v1 > v2 || (v1 == v2 && i1 < i2); }
+
+// Bitonic sort of s_v/s_i[0, n) (n a power of two) into cand_before order.
+NK_DEVICE void bitonic_sort(float* s_v, int* s_i, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+        const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
+        const bool first_half = (lo & size) == 0;  // this run sorts in cand_before order
+        const bool swap = first_half ? cand_before(s_v[hi], s_i[hi], s_v[lo], s_i[lo])
+                                     : cand_before(s_v[lo], s_i[lo], s_v[hi], s_i[hi]);
+        if (swap) {
+          const float v = s_v[lo];
+          const int i = s_i[lo];
+          s_v[lo] = s_v[hi], s_i[lo] = s_i[hi];
+          s_v[hi] = v, s_i[hi] = i;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Thresholds from the sorted candidates s_v[0, c) (every e >= the k-th largest is among them):
+// the top-k cut (ties kept), top-p over the kept mass (the largest candidate value whose mass
+// at or above it reaches top_p of it: what the bisection finds), min-p, and the normaliser.
+// Sums run in the sorted order (deterministic). One thread.
+NK_DEVICE void bounded_thresholds(const float* s_v, int c, int64_t top_k, float top_p, float min_p, float& thr,
+                                  float& z) {
+  thr = s_v[top_k - 1];
+  int nk = static_cast<int>(top_k);
+  while (nk < c && s_v[nk] == thr) ++nk;
+  if (top_p < 1.f) {
+    float mass = 0.f;
+    for (int j = 0; j < nk; ++j) mass += s_v[j];
+    const float target = top_p * mass;
+    float cum = 0.f;
+    for (int j = 0; j < nk; ++j) {
+      cum += s_v[j];
+      if ((j + 1 == nk || s_v[j + 1] != s_v[j]) && cum >= target) {
+        thr = s_v[j];
+        break;
+      }
+    }
+  }
+  if (min_p > 0.f) thr = fmaxf(thr, min_p);
+  z = 0.f;
+  for (int j = 0; j < nk && s_v[j] >= thr; ++j) z += s_v[j];
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplingParams p) {
   __shared__ float s_red[kSampleThreads];
   __shared__ int s_hist[256];
-  __shared__ float s_mx;
+  __shared__ int s_bins[kSampleBins];
+  __shared__ float s_cv[kSampleCands];
+  __shared__ int s_ci[kSampleCands];
+  __shared__ float s_mx, s_thr, s_z;
   __shared__ long long s_am;
   __shared__ unsigned s_prefix;
   __shared__ long long s_kk;
+  __shared__ int s_b1, s_c, s_cnt;
   const int tid = threadIdx.x;
   const int64_t r = blockIdx.x, req = r / p.per_req, t = r % p.per_req;
   const int64_t V = p.vocab;
@@ -434,10 +522,9 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
 
   float mx = 0.f;
   int64_t am = -1;
-  for (int64_t i = tid; i < V; i += blockDim.x) {
-    const float v = to_f<T>(l[i]);
+  for_row<T>(l, V, [&](int64_t i, float v) {
     if (argmax_better(v, i, mx, am)) mx = v, am = i;
-  }
+  });
   block_reduce_best<true>(mx, am);
   if (tid == 0) s_mx = mx, s_am = am;
   __syncthreads();
@@ -447,9 +534,56 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
     for (int64_t i = tid; i < V; i += blockDim.x) out[i] = i == am ? 1.f : 0.f;
     return;
   }
-  // Each thread touches the entries tid, tid + T, ... in every pass below: it re-reads only
-  // what it wrote itself, so no barrier is needed between the passes over `out`.
-  for (int64_t i = tid; i < V; i += blockDim.x) out[i] = expf((to_f<T>(l[i]) - mx) / temp);
+  auto expo = [&](float x) { return expf((x - mx) / temp); };
+  // Bounded path (top-k set, k <= kSampleCands, finite max): e = expo(x) lies in [0, 1], so
+  // float_bits(e) >> 20 < kSampleBins. Pass 2 counts e per bin (top 12 bits), the bin of the
+  // k-th largest and the count c of entries at or above it follow; if c fits, pass 3 gathers
+  // those entries, the block sorts them and finds every threshold in shared memory, and pass
+  // 4 writes the row. Four reads of the logits (three from L2), one write: no re-reads of the
+  // output, no bisection. Otherwise (k large, or a bin holding too many ties) the general path
+  // below runs.
+  if (top_k > 0 && top_k < V && top_k <= kSampleCands && mx - mx == 0.f) {
+    for (int j = tid; j < kSampleBins; j += blockDim.x) s_bins[j] = 0;
+    __syncthreads();
+    for_row<T>(l, V, [&](int64_t, float x) { atomicAdd(&s_bins[float_bits(expo(x)) >> 20], 1); });
+    __syncthreads();
+    if (tid == 0) {
+      int cum = 0, bin = kSampleBins - 1;
+      while (cum + s_bins[bin] < top_k) cum += s_bins[bin--];  // top_k < V: stops at a bin >= 0
+      s_b1 = bin, s_c = cum + s_bins[bin], s_cnt = 0;
+    }
+    __syncthreads();
+    const int b1 = s_b1, c = s_c;
+    if (c <= kSampleCands) {
+      for_row<T>(l, V, [&](int64_t i, float x) {
+        const float e = expo(x);
+        if (static_cast<int>(float_bits(e) >> 20) >= b1) {
+          const int slot = atomicAdd(&s_cnt, 1);
+          s_cv[slot] = e, s_ci[slot] = static_cast<int>(i);
+        }
+      });
+      int n = 1;
+      while (n < c) n <<= 1;
+      for (int j = c + tid; j < n; j += blockDim.x) s_cv[j] = -1.f, s_ci[j] = 0x7fffffff;  // sort last
+      __syncthreads();
+      bitonic_sort(s_cv, s_ci, n);
+      if (tid == 0) {
+        float thr, z;
+        bounded_thresholds(s_cv, c, top_k, top_p, min_p, thr, z);
+        s_thr = thr, s_z = z;
+      }
+      __syncthreads();
+      const float thr = s_thr, z = s_z;
+      for_row<T>(l, V, [&](int64_t i, float x) {
+        const float e = expo(x);
+        out[i] = e >= thr ? e / z : 0.f;
+      });
+      return;
+    }
+  }
+  // General path: each thread touches the entries tid, tid + T, ... in every pass below: it
+  // re-reads only what it wrote itself, so no barrier is needed between the passes over `out`.
+  for (int64_t i = tid; i < V; i += blockDim.x) out[i] = expo(to_f<T>(l[i]));
   float thr = 0.f;
   if (top_k > 0 && top_k < V) {
     if (tid == 0) s_prefix = 0u, s_kk = top_k;

@@ -352,3 +352,38 @@ def test_sampling_probs(dtype):
             if kw is cases[0]:  # request 1: temperature 0 -> one-hot argmax; others: top-k sizes bound
                 assert torch.equal(out[1], torch.nn.functional.one_hot(logits[1].float().argmax(-1), V).float())
                 assert ((out[2] > 0).sum(-1) <= 40).all() and ((out[3] > 0).sum(-1) <= 300).all()
+
+
+def test_sampling_probs_ties_and_overflow():
+    """The bounded top-k path (gather, sort, thresholds in shared memory) with many exact ties at
+    the top-k and top-p cuts (logits on a 0.5 grid), and with more tied candidates than it holds
+    (a constant row: the general path). Kept sets equal the CPU kernel's (ties all kept)."""
+    speculative, e = spec_api(), emu()
+    g = torch.Generator().manual_seed(13)
+    B, V = 4, 3000
+    logits = (torch.randn(B, V, generator=g) * 4).round() / 2
+    logits[3] = 0.25  # 3000 ties > the 2048 candidates of the bounded path
+    for kw in (dict(top_k=torch.tensor([3, 10, 50, 5])), dict(top_k=torch.tensor([7, 40, 2, 100]), top_p=0.7),
+               dict(top_k=20, top_p=0.5, min_p=0.3)):
+        p = e.S["SpecSamplingParams"]()
+        p.rows, p.per_req, p.vocab = B, 1, V
+        p.dtype = DT_ENUM[torch.float32]
+        p.logits, p.l_sb, p.l_st = logits.data_ptr(), logits.stride(0), 0
+        k_t, k_v = speculative._per_request(kw.get("top_k"), 0, torch.int64, int)
+        p_t, p_v = speculative._per_request(kw.get("top_p"), 1.0, torch.float32, float)
+        m_t, m_v = speculative._per_request(kw.get("min_p"), 0.0, torch.float32, float)
+        p.temperature, p.temperature_value = None, 0.8
+        p.top_k, p.top_k_value = ptr(k_t), k_v
+        p.top_p, p.top_p_value = ptr(p_t), p_v
+        p.min_p, p.min_p_value = ptr(m_t), m_v
+        out = nan(B, V)
+        p.out = out.data_ptr()
+        e.call("emu_spec_sampling_probs_cuda", p)
+        ref = speculative.sampling_probs(logits, temperature=0.8, **kw)
+        assert torch.equal(out > 0, ref > 0), "kept sets differ"
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+        kept = (out > 0).sum(-1)
+        k_req = k_t if k_t is not None else torch.full((B,), k_v)
+        assert kept[3].item() == V
+        if "top_p" not in kw:  # top-k alone: at least k kept, more where ties straddle the cut
+            assert (kept >= k_req).all() and (kept[:3] > k_req[:3]).any(), (kept, k_req)
