@@ -485,9 +485,9 @@ NK_DEVICE void bounded_thresholds(const float* s_v, int c, int64_t top_k, float 
     for (int j = 0; j < nk; ++j) mass += s_v[j];
     const float target = top_p * mass;
     float cum = 0.f;
-    for (int j = 0; j < nk; ++j) {
+    for (int j = 0; j < nk; ++j) {  // the first j reaching the target: ties of s_v[j] are kept by value
       cum += s_v[j];
-      if ((j + 1 == nk || s_v[j + 1] != s_v[j]) && cum >= target) {
+      if (cum >= target) {
         thr = s_v[j];
         break;
       }
