@@ -106,6 +106,18 @@ MUTANTS = [
     missing_barrier("spec-cuda-block-sum-missing-barrier", "csrc/speculative/verify_cuda.cu",
                     "    if (t < s) red[t] += red[t + s];\n", "    __syncthreads();\n",
                     ("tests/speculative/test_cuda_emulation_speculative.py",)),
+    Mutant("spec-cuda-argmax-screen-misses-nan", "weakened screen", "csrc/speculative/verify_cuda.cu",
+           "(bv == bv && (m > bv || sum != sum))", "(bv == bv && (m > bv))",
+           ("tests/speculative/test_cuda_emulation_speculative.py", "-k", "greedy_long_chunks")),
+    Mutant("spec-race-screen-margin", "weakened screen", "csrc/speculative/numerics.cuh",
+           "return !(1.0f - u > (k * w) * 1.0001f);", "return !(1.0f - u > (k * w) * 0.01f);",
+           ("tests/speculative/test_cuda_emulation_speculative.py", "-k", "rejection_sample_long_chunks")),
+    Mutant("spec-cuda-sampling-topk-drops-ties", "dropped ties", "csrc/speculative/verify_cuda.cu",
+           "  while (nk < c && s_v[nk] == thr) ++nk;", "  (void)c;",
+           ("tests/speculative/test_cuda_emulation_speculative.py", "-k", "ties_and_overflow")),
+    Mutant("moe-cuda-router-key-max-low-word", "wrong reduction", "csrc/moe/router_cuda.cu",
+           "hi == mhi ? static_cast<unsigned>(v) : 0u", "static_cast<unsigned>(v)",
+           ("tests/moe/test_cuda_emulation_moe.py", "-k", "router")),
 ]
 
 
