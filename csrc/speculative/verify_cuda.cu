@@ -95,11 +95,12 @@ NK_DEVICE void argmax_vec(const uint4& raw, int64_t i0, float& bv, int64_t& bi) 
 
 // Each thread loads kArgmaxUnroll vectors (v = base + tid + u * blockDim, increasing in u, so
 // its elements come in index order) and screens them: the NaN-ignoring max m and the sum s (NaN
-// when an element is NaN, or on inf - inf: a false alarm only costs the exact scan). A tile
-// can change the running best (bv, bi) only when there is none yet, or bv is not NaN and
-// (m > bv or a NaN is present): equal values come later and lose. Only then the exact
-// per-element scan runs (on random logits: a few tiles per thread). Screen: 3 instructions per
-// element (convert, max, add) instead of the ~10 of the exact comparison with its int64 index.
+// when an element is NaN, or on inf - inf: a false alarm only costs the exact scan). Without a
+// NaN the running best (bv, bi) can only become (m, the first index of m in the tile), and only
+// when there is none yet or m > bv (equal values come later and lose); the first index comes
+// from a reverse compare-select pass. With a NaN the exact per-element scan runs. Cost per
+// element: convert, max, add (+ compare, select when the tile improves the best) instead of
+// the ~10 instructions of the exact comparison with its int64 index.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmaxParams a) {
   const int64_t r = blockIdx.x, s = blockIdx.y;
@@ -118,7 +119,8 @@ __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmax
   if ((reinterpret_cast<uintptr_t>(row + lo) & 15) == 0) {
     const int64_t nvec = (hi - lo) / kVec;
     const uint4* vrow = reinterpret_cast<const uint4*>(row + lo);
-    for (int64_t base = 0; base < nvec; base += kArgmaxUnroll * blockDim.x) {
+    // A thread's valid vectors in a tile are a prefix in u: none once u = 0 is out of range.
+    for (int64_t base = 0; base + threadIdx.x < nvec; base += kArgmaxUnroll * blockDim.x) {
       uint4 raw[kArgmaxUnroll];
 #pragma unroll
       for (int u = 0; u < kArgmaxUnroll; ++u) {
@@ -138,7 +140,22 @@ __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmax
           }
         }
       }
-      if (bi < 0 || (bv == bv && (m > bv || sum != sum))) {
+      if (bi >= 0 && bv != bv) continue;  // a NaN best is never beaten (later indices)
+      if (sum == sum) {
+        // No NaN in the tile: the best changes only to (m, first index of m in the tile).
+        if (bi < 0 || m > bv) {
+          int64_t first = -1;
+#pragma unroll
+          for (int u = kArgmaxUnroll - 1; u >= 0; --u) {
+            const int64_t v = base + threadIdx.x + u * blockDim.x;
+            const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+            for (int q = kVec - 1; q >= 0; --q)
+              if (v < nvec && to_f<T>(e[q]) == m) first = lo + v * kVec + q;
+          }
+          bv = m, bi = first;
+        }
+      } else {  // a NaN (or an inf - inf sum): the exact scan
 #pragma unroll
         for (int u = 0; u < kArgmaxUnroll; ++u) {
           const int64_t v = base + threadIdx.x + u * blockDim.x;
