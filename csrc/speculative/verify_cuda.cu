@@ -464,6 +464,29 @@ NK_DEVICE void for_row(const T* l, int64_t V, F&& f) {
   for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) f(i, to_f<T>(l[i]));
 }
 
+// out[i] = f(l[i]) over a row: 16-byte loads and 16-byte stores (kVec / 4 float4 per vector)
+// when both rows are aligned, scalar otherwise.
+template <typename T, typename F>
+NK_DEVICE void map_row(const T* l, float* out, int64_t V, F&& f) {
+  constexpr int kVec = kVecOf<T>;
+  int64_t from = 0;
+  if ((reinterpret_cast<uintptr_t>(l) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+    const int64_t nvec = V / kVec;
+    const uint4* vl = reinterpret_cast<const uint4*>(l);
+    float4* vo = reinterpret_cast<float4*>(out);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const uint4 raw = vl[v];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < kVec; q += 4)
+        vo[(v * kVec + q) / 4] = make_float4(f(to_f<T>(e[q])), f(to_f<T>(e[q + 1])), f(to_f<T>(e[q + 2])),
+                                             f(to_f<T>(e[q + 3])));
+    }
+    from = nvec * kVec;
+  }
+  for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) out[i] = f(to_f<T>(l[i]));
+}
+
 // Candidate order of the bounded top-k path: larger value first, ties by lower index.
 NK_DEVICE bool cand_before(float v1, int i1, float v2, int i2) { return v1 > v2 || (v1 == v2 && i1 < i2); }
 
@@ -591,9 +614,9 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
       }
       __syncthreads();
       const float thr = s_thr, z = s_z;
-      for_row<T>(l, V, [&](int64_t i, float x) {
+      map_row<T>(l, out, V, [&](float x) {
         const float e = expo(x);
-        out[i] = e >= thr ? e / z : 0.f;
+        return e >= thr ? e / z : 0.f;
       });
       return;
     }
