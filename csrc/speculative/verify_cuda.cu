@@ -22,6 +22,7 @@ constexpr int kMergeThreads = 128;     // merges and walks: 4 warps
 constexpr int kSampleThreads = 512;    // sampling transform, one block per row
 constexpr int kSampleBins = 1024;      // top 12 bits of e in [0, 1] (sign 0, exponent <= 127)
 constexpr int kSampleCands = 2048;     // candidates of the bounded top-k path (shared memory)
+constexpr int kSampleUnroll = 4;       // 16-byte loads in flight per thread (sampling passes)
 constexpr int64_t kMinChunk = 2048;    // smallest vocab chunk worth a block
 // Largest chunk: one tile per thread for 16-bit logits (256 threads x 4 x 8 elements), two
 // for float32; keeps blocks short, so the tail of the last wave is short.
@@ -433,9 +434,9 @@ __global__ void __launch_bounds__(kTreeThreads, 1) tree_rejection_kernel(SpecTre
 
 // ---- sampling transform -------------------------------------------------------------------
 
-// Calls f(i, x) for every logit x = l[i] of a row: 16-byte loads, two in flight per thread,
-// when the row is aligned; scalar loads otherwise. Any order per thread (callers only count,
-// gather or reduce with a total order).
+// Calls f(i, x) for every logit x = l[i] of a row: 16-byte loads, kSampleUnroll in flight per
+// thread, when the row is aligned; scalar loads otherwise. Any order per thread (callers only
+// count, gather or reduce with a total order).
 template <typename T, typename F>
 NK_DEVICE void for_row(const T* l, int64_t V, F&& f) {
   constexpr int kVec = kVecOf<T>;
@@ -443,15 +444,15 @@ NK_DEVICE void for_row(const T* l, int64_t V, F&& f) {
   if ((reinterpret_cast<uintptr_t>(l) & 15) == 0) {
     const int64_t nvec = V / kVec;
     const uint4* vl = reinterpret_cast<const uint4*>(l);
-    for (int64_t base = 0; base < nvec; base += 2 * blockDim.x) {
-      uint4 raw[2];
+    for (int64_t base = 0; base < nvec; base += kSampleUnroll * blockDim.x) {
+      uint4 raw[kSampleUnroll];
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
+      for (int u = 0; u < kSampleUnroll; ++u) {
         const int64_t v = base + threadIdx.x + u * blockDim.x;
         raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
+      for (int u = 0; u < kSampleUnroll; ++u) {
         const int64_t v = base + threadIdx.x + u * blockDim.x;
         if (v >= nvec) continue;
         const T* e = reinterpret_cast<const T*>(&raw[u]);
@@ -474,13 +475,23 @@ NK_DEVICE void map_row(const T* l, float* out, int64_t V, F&& f) {
     const int64_t nvec = V / kVec;
     const uint4* vl = reinterpret_cast<const uint4*>(l);
     float4* vo = reinterpret_cast<float4*>(out);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const uint4 raw = vl[v];
-      const T* e = reinterpret_cast<const T*>(&raw);
+    for (int64_t base = 0; base < nvec; base += kSampleUnroll * blockDim.x) {
+      uint4 raw[kSampleUnroll];  // loads first: the stores below may alias them for the compiler
 #pragma unroll
-      for (int q = 0; q < kVec; q += 4)
-        vo[(v * kVec + q) / 4] = make_float4(f(to_f<T>(e[q])), f(to_f<T>(e[q + 1])), f(to_f<T>(e[q + 2])),
-                                             f(to_f<T>(e[q + 3])));
+      for (int u = 0; u < kSampleUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < kSampleUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        if (v >= nvec) continue;
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int q = 0; q < kVec; q += 4)
+          vo[(v * kVec + q) / 4] = make_float4(f(to_f<T>(e[q])), f(to_f<T>(e[q + 1])), f(to_f<T>(e[q + 2])),
+                                               f(to_f<T>(e[q + 3])));
+      }
     }
     from = nvec * kVec;
   }
