@@ -106,19 +106,24 @@ MUTANTS = [
     missing_barrier("spec-cuda-block-sum-missing-barrier", "csrc/speculative/verify_cuda.cu",
                     "    if (t < s) red[t] += red[t + s];\n", "    __syncthreads();\n",
                     ("tests/speculative/test_cuda_emulation_speculative.py",)),
-    Mutant("spec-cuda-argmax-screen-misses-nan", "weakened screen", "csrc/speculative/verify_cuda.cu",
-           "      if (sum == sum) {", "      if (true) {",
-           ("tests/speculative/test_cuda_emulation_speculative.py", "-k", "greedy_long_chunks")),
-    Mutant("spec-race-screen-margin", "weakened screen", "csrc/speculative/numerics.cuh",
-           "return !(1.0f - u > (k * w) * 1.0001f);", "return !(1.0f - u > (k * w) * 0.01f);",
-           ("tests/speculative/test_cuda_emulation_speculative.py", "-k", "rejection_sample_long_chunks")),
-    Mutant("spec-cuda-sampling-topk-drops-ties", "dropped ties", "csrc/speculative/verify_cuda.cu",
-           "  while (nk < c && s_v[nk] == thr) ++nk;", "  (void)c;",
-           ("tests/speculative/test_cuda_emulation_speculative.py", "-k", "ties_and_overflow")),
-    Mutant("moe-cuda-router-key-max-low-word", "wrong reduction", "csrc/moe/router_cuda.cu",
-           "hi == mhi ? static_cast<unsigned>(v) : 0u", "static_cast<unsigned>(v)",
-           ("tests/moe/test_cuda_emulation_moe.py", "-k", "router")),
 ]
+
+
+# Issue-18 rewrites (screens, bounded top-k, router key reduction), each caught by an emulation
+# test: (name, kind, file, find, replace, test file, -k selection).
+_SPEC_EMU, _MOE_EMU = "tests/speculative/test_cuda_emulation_speculative.py", "tests/moe/test_cuda_emulation_moe.py"
+_SPEC_CU = "csrc/speculative/verify_cuda.cu"
+MUTANTS += [Mutant(name, kind, path, find, repl, (tests, "-k", sel)) for name, kind, path, find, repl, tests, sel in (
+    ("spec-cuda-argmax-screen-misses-nan", "weakened screen", _SPEC_CU, "      if (sum == sum) {",
+     "      if (true) {", _SPEC_EMU, "greedy_long_chunks"),
+    ("spec-race-screen-margin", "weakened screen", "csrc/speculative/numerics.cuh",
+     "return !(1.0f - u > (k * w) * 1.0001f);", "return !(1.0f - u > (k * w) * 0.01f);", _SPEC_EMU,
+     "rejection_sample_long_chunks"),
+    ("spec-cuda-sampling-topk-drops-ties", "dropped ties", _SPEC_CU, "  while (nk < c && s_v[nk] == thr) ++nk;",
+     "  (void)c;", _SPEC_EMU, "ties_and_overflow"),
+    ("moe-cuda-router-key-max-low-word", "wrong reduction", "csrc/moe/router_cuda.cu",
+     "hi == mhi ? static_cast<unsigned>(v) : 0u", "static_cast<unsigned>(v)", _MOE_EMU, "router"),
+)]
 
 
 def tracked_files(root: Path):

@@ -13,6 +13,12 @@ constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxRegSlots = 8;  // experts per lane kept in registers: E <= 256
 
+// The token of this warp (one warp per token, kWarpsPerBlock per block), -1 past the end.
+NK_DEVICE int64_t token_of_warp(const RouterParams& p) {
+  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  return t < p.tokens ? t : -1;
+}
+
 // Warp max of a 64-bit key from two 32-bit redux.sync (one instruction each on sm_80+): the
 // largest high word, then the largest low word among the lanes holding it. Exact: the
 // max of (hi, lo) pairs in lexicographic order is the max of the 64-bit keys.
@@ -69,10 +75,10 @@ template <int kSlots>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_reg_kernel(RouterParams p) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
-  if (t >= p.tokens) return;  // whole warps leave together
-  const int E = p.experts, K = p.top_k;
+  const int64_t t = token_of_warp(p);
+  if (t < 0) return;  // whole warps leave together
   const float* l = p.logits + t * p.logits_st;
+  const int E = p.experts, K = p.top_k;
   const bool vec = E % 128 == 0 && (reinterpret_cast<uintptr_t>(l) & 15) == 0;
   int ex[kSlots];
   float c[kSlots];
@@ -148,8 +154,8 @@ NK_DEVICE uint64_t lane_best(const float* ch, int E, int G, uint32_t kept, int l
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_kernel(RouterParams p) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
-  if (t >= p.tokens) return;  // whole warps leave together
+  const int64_t t = token_of_warp(p);
+  if (t < 0) return;  // whole warps leave together
   const int E = p.experts, K = p.top_k;
   float* ch = smem + warp * E;
   const float* l = p.logits + t * p.logits_st;

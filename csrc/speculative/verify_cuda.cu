@@ -434,33 +434,41 @@ __global__ void __launch_bounds__(kTreeThreads, 1) tree_rejection_kernel(SpecTre
 
 // ---- sampling transform -------------------------------------------------------------------
 
-// Calls f(i, x) for every logit x = l[i] of a row: 16-byte loads, kSampleUnroll in flight per
-// thread, when the row is aligned; scalar loads otherwise. Any order per thread (callers only
-// count, gather or reduce with a total order).
+// Streams the 16-byte vectors of an aligned row, kSampleUnroll in flight per thread (all loads
+// of a tile before any use), calling on_vec(v, raw) for each; returns where the scalar tail
+// starts.
+template <typename T, typename F>
+NK_DEVICE int64_t stream_vectors(const T* l, int64_t V, F&& on_vec) {
+  const int64_t nvec = V / kVecOf<T>;
+  const uint4* vl = reinterpret_cast<const uint4*>(l);
+  for (int64_t base = 0; base < nvec; base += kSampleUnroll * blockDim.x) {
+    uint4 raw[kSampleUnroll];
+#pragma unroll
+    for (int u = 0; u < kSampleUnroll; ++u) {
+      const int64_t v = base + threadIdx.x + u * blockDim.x;
+      raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kSampleUnroll; ++u) {
+      const int64_t v = base + threadIdx.x + u * blockDim.x;
+      if (v < nvec) on_vec(v, raw[u]);
+    }
+  }
+  return nvec * kVecOf<T>;
+}
+
+// Calls f(i, x) for every logit x = l[i] of a row (16-byte loads when aligned). Any order per
+// thread (callers only count, gather or reduce with a total order).
 template <typename T, typename F>
 NK_DEVICE void for_row(const T* l, int64_t V, F&& f) {
   constexpr int kVec = kVecOf<T>;
   int64_t from = 0;
   if ((reinterpret_cast<uintptr_t>(l) & 15) == 0) {
-    const int64_t nvec = V / kVec;
-    const uint4* vl = reinterpret_cast<const uint4*>(l);
-    for (int64_t base = 0; base < nvec; base += kSampleUnroll * blockDim.x) {
-      uint4 raw[kSampleUnroll];
+    from = stream_vectors<T>(l, V, [&](int64_t v, const uint4& raw) {
+      const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int u = 0; u < kSampleUnroll; ++u) {
-        const int64_t v = base + threadIdx.x + u * blockDim.x;
-        raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int u = 0; u < kSampleUnroll; ++u) {
-        const int64_t v = base + threadIdx.x + u * blockDim.x;
-        if (v >= nvec) continue;
-        const T* e = reinterpret_cast<const T*>(&raw[u]);
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) f(v * kVec + q, to_f<T>(e[q]));
-      }
-    }
-    from = nvec * kVec;
+      for (int q = 0; q < kVec; ++q) f(v * kVec + q, to_f<T>(e[q]));
+    });
   }
   for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) f(i, to_f<T>(l[i]));
 }
@@ -472,28 +480,14 @@ NK_DEVICE void map_row(const T* l, float* out, int64_t V, F&& f) {
   constexpr int kVec = kVecOf<T>;
   int64_t from = 0;
   if ((reinterpret_cast<uintptr_t>(l) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
-    const int64_t nvec = V / kVec;
-    const uint4* vl = reinterpret_cast<const uint4*>(l);
     float4* vo = reinterpret_cast<float4*>(out);
-    for (int64_t base = 0; base < nvec; base += kSampleUnroll * blockDim.x) {
-      uint4 raw[kSampleUnroll];  // loads first: the stores below may alias them for the compiler
+    from = stream_vectors<T>(l, V, [&](int64_t v, const uint4& raw) {
+      const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int u = 0; u < kSampleUnroll; ++u) {
-        const int64_t v = base + threadIdx.x + u * blockDim.x;
-        raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int u = 0; u < kSampleUnroll; ++u) {
-        const int64_t v = base + threadIdx.x + u * blockDim.x;
-        if (v >= nvec) continue;
-        const T* e = reinterpret_cast<const T*>(&raw[u]);
-#pragma unroll
-        for (int q = 0; q < kVec; q += 4)
-          vo[(v * kVec + q) / 4] = make_float4(f(to_f<T>(e[q])), f(to_f<T>(e[q + 1])), f(to_f<T>(e[q + 2])),
-                                               f(to_f<T>(e[q + 3])));
-      }
-    }
-    from = nvec * kVec;
+      for (int q = 0; q < kVec; q += 4)
+        vo[(v * kVec + q) / 4] = make_float4(f(to_f<T>(e[q])), f(to_f<T>(e[q + 1])), f(to_f<T>(e[q + 2])),
+                                             f(to_f<T>(e[q + 3])));
+    });
   }
   for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) out[i] = f(to_f<T>(l[i]));
 }

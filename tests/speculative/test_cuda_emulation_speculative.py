@@ -83,6 +83,28 @@ def set_argmax(e, a, logits, num_draft, keep):
     return a.nsplit
 
 
+def run_rejection(e, draft, q, pt, nd, seed_tensor, seed, split):
+    """The emulated rejection_sample with the vocab split `split` = (nsplit, chunk): (out, acc)."""
+    B, k = draft.shape
+    V = pt.shape[-1]
+    p = e.S["SpecRejectionParams"]()
+    p.batch, p.k, p.vocab = B, k, V
+    p.draft, p.d_sb, p.d_st = draft.data_ptr(), draft.stride(0), draft.stride(1)
+    if q is not None:
+        p.q, p.q_sb, p.q_st = q.data_ptr(), q.stride(0), q.stride(1)
+    p.p, p.p_sb, p.p_st = pt.data_ptr(), pt.stride(0), pt.stride(1)
+    p.num_draft = ptr(nd)
+    p.seed_ptr, p.seed = ptr(seed_tensor), seed
+    p.nsplit, p.chunk = split
+    keys, idxs = nan(2, B, p.nsplit), ipoison(2, B, p.nsplit)
+    p.part_key, p.part_key2 = keys.data_ptr(), keys[1].data_ptr()
+    p.part_idx, p.part_idx2 = idxs.data_ptr(), idxs[1].data_ptr()
+    out, acc = ipoison(B, k + 1), ipoison(B)
+    p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
+    e.call("emu_spec_rejection_sample_cuda", p)
+    return out, acc
+
+
 # ---- tests ------------------------------------------------------------------------------------
 
 def test_layouts_agree():
@@ -149,22 +171,9 @@ def test_rejection_sample(greedy_draft, seed_tensor):
     nd = torch.tensor([3, 2, 3, 3, 3, 0, 0, 0])
     for seed in (7, 123456789, 5):
         st = torch.tensor([seed * 31 + 5]) if seed_tensor else None  # the seed read from a tensor
-        p = e.S["SpecRejectionParams"]()
-        p.batch, p.k, p.vocab = B, k, V
-        p.draft, p.d_sb, p.d_st = draft.data_ptr(), draft.stride(0), draft.stride(1)
-        if q is not None:
-            p.q, p.q_sb, p.q_st = q.data_ptr(), q.stride(0), q.stride(1)
-        p.p, p.p_sb, p.p_st = pt.data_ptr(), pt.stride(0), pt.stride(1)
-        p.num_draft = nd.data_ptr()
-        p.seed_ptr, p.seed = ptr(st), (0 if seed_tensor else seed)
-        p.nsplit, p.chunk = e.split(B, V)
-        assert p.nsplit > 1
-        keys, idxs = nan(2, B, p.nsplit), ipoison(2, B, p.nsplit)
-        p.part_key, p.part_key2 = keys.data_ptr(), keys[1].data_ptr()
-        p.part_idx, p.part_idx2 = idxs.data_ptr(), idxs[1].data_ptr()
-        out, acc = ipoison(B, k + 1), ipoison(B)
-        p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
-        e.call("emu_spec_rejection_sample_cuda", p)
+        split = e.split(B, V)
+        assert split[0] > 1
+        out, acc = run_rejection(e, draft, q, pt, nd, st, 0 if seed_tensor else seed, split)
         if st is None:
             ro, ra = speculative.rejection_sample(draft, q, pt, num_draft_tokens=nd, seed=seed)
         else:  # the op as the public API calls it with a generator
@@ -226,20 +235,7 @@ def test_rejection_sample_long_chunks(greedy_draft):
     q = None if greedy_draft else probs((B, k, V), g, sharp=1.0)
     draft = torch.multinomial(pt[:, :k].reshape(-1, V), 1, generator=g).view(B, k)
     for seed in range(6):
-        p = e.S["SpecRejectionParams"]()
-        p.batch, p.k, p.vocab = B, k, V
-        p.draft, p.d_sb, p.d_st = draft.data_ptr(), draft.stride(0), draft.stride(1)
-        if q is not None:
-            p.q, p.q_sb, p.q_st = q.data_ptr(), q.stride(0), q.stride(1)
-        p.p, p.p_sb, p.p_st = pt.data_ptr(), pt.stride(0), pt.stride(1)
-        p.seed_ptr, p.seed = None, seed
-        p.nsplit, p.chunk = 2, 10000
-        keys, idxs = nan(2, B, 2), ipoison(2, B, 2)
-        p.part_key, p.part_key2 = keys.data_ptr(), keys[1].data_ptr()
-        p.part_idx, p.part_idx2 = idxs.data_ptr(), idxs[1].data_ptr()
-        out, acc = ipoison(B, k + 1), ipoison(B)
-        p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
-        e.call("emu_spec_rejection_sample_cuda", p)
+        out, acc = run_rejection(e, draft, q, pt, None, None, seed, (2, 10000))
         ro, ra = speculative.rejection_sample(draft, q, pt, seed=seed)
         assert torch.equal(out, ro) and torch.equal(acc, ra), (seed, out, ro, acc, ra)
 
