@@ -130,6 +130,23 @@ MUTANTS = [
 ]
 
 
+# Issue-18 rewrites (screens, bounded top-k, router key reduction), each caught by an emulation
+# test: (name, kind, file, find, replace, test file, -k selection).
+_SPEC_EMU, _MOE_EMU = "tests/speculative/test_cuda_emulation_speculative.py", "tests/moe/test_cuda_emulation_moe.py"
+_SPEC_CU = "csrc/speculative/verify_cuda.cu"
+MUTANTS += [Mutant(name, kind, path, find, repl, (tests, "-k", sel)) for name, kind, path, find, repl, tests, sel in (
+    ("spec-cuda-argmax-screen-misses-nan", "weakened screen", _SPEC_CU, "      if (sum == sum) {",
+     "      if (true) {", _SPEC_EMU, "greedy_long_chunks"),
+    ("spec-race-screen-margin", "weakened screen", "csrc/speculative/numerics.cuh",
+     "return !(1.0f - u > (k * w) * 1.0001f);", "return !(1.0f - u > (k * w) * 0.01f);", _SPEC_EMU,
+     "rejection_sample_long_chunks"),
+    ("spec-cuda-sampling-topk-drops-ties", "dropped ties", _SPEC_CU, "  while (nk < c && s_v[nk] == thr) ++nk;",
+     "  (void)c;", _SPEC_EMU, "ties_and_overflow"),
+    ("moe-cuda-router-key-max-low-word", "wrong reduction", "csrc/moe/router_cuda.cu",
+     "hi == mhi ? static_cast<unsigned>(v) : 0u", "static_cast<unsigned>(v)", _MOE_EMU, "router"),
+)]
+
+
 def tracked_files(root: Path):
     out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
     return [f for f in out.decode().split("\0") if f]

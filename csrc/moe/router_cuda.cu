@@ -11,14 +11,132 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxRegSlots = 8;  // experts per lane kept in registers: E <= 256
 
-NK_DEVICE uint64_t warp_max_u64(uint64_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const uint64_t w = __shfl_xor_sync(kFull, v, o);
-    v = w > v ? w : v;
+// The token of this warp (one warp per token, kWarpsPerBlock per block), -1 past the end.
+NK_DEVICE int64_t token_of_warp(const RouterParams& p) {
+  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  return t < p.tokens ? t : -1;
+}
+
+// Warp max of a 64-bit key from two 32-bit redux.sync (one instruction each on sm_80+): the
+// largest high word, then the largest low word among the lanes holding it. Exact: the
+// max of (hi, lo) pairs in lexicographic order is the max of the 64-bit keys.
+NK_DEVICE uint64_t warp_max_key(uint64_t v) {
+  const unsigned hi = static_cast<unsigned>(v >> 32);
+  const unsigned mhi = __reduce_max_sync(kFull, hi);
+  const unsigned mlo = __reduce_max_sync(kFull, hi == mhi ? static_cast<unsigned>(v) : 0u);
+  return (static_cast<uint64_t>(mhi) << 32) | mlo;
+}
+
+// Kept groups of a token as a bit mask (bit g: group g) from the choice scores in `ch`
+// (shared memory): lane g < n_group sums its group's best two, the warp keeps the topk_group
+// best group keys. n_group == 1 keeps the single group.
+NK_DEVICE uint32_t kept_groups(const float* ch, int E, int n_group, int topk_group, int lane) {
+  if (n_group <= 1) return 1u;
+  const int G = E / n_group;
+  uint64_t gk = kTakenKey;
+  if (lane < n_group) {
+    uint64_t k1 = kTakenKey, k2 = kTakenKey;
+    for (int e = lane * G; e < (lane + 1) * G; ++e) {
+      const uint64_t k = route_key(ch[e], static_cast<uint32_t>(e));
+      if (k > k1) { k2 = k1; k1 = k; } else if (k > k2) { k2 = k; }
+    }
+    float gs = ch[route_key_index(k1)];
+    if (G > 1) gs = gs + ch[route_key_index(k2)];
+    gk = route_key(gs, static_cast<uint32_t>(lane));
   }
-  return v;
+  bool keep = false;
+  for (int r = 0; r < topk_group; ++r) {
+    const uint64_t w = warp_max_key(gk);
+    if (gk == w && w != kTakenKey) { keep = true; gk = kTakenKey; }
+  }
+  return __ballot_sync(kFull, keep);
+}
+
+// Writes the K chosen ids (lane j holds the j-th) and their weights.
+NK_DEVICE void write_choice(const RouterParams& p, int64_t t, const float* l, int32_t my_id, int lane) {
+  const int K = p.top_k;
+  const float my_p = lane < K ? router_sigmoid(l[my_id]) : 0.f;
+  float psum = 0.f;
+  for (int j = 0; j < K; ++j) psum += __shfl_sync(kFull, my_p, j);
+  if (lane < K) {
+    p.ids[t * K + lane] = my_id;
+    p.weights[t * K + lane] = route_weight(my_p, psum, p.norm, p.scale);
+  }
+}
+
+// E <= 32 * kSlots: one warp per token, each lane's choice keys in registers. Expert of slot
+// s: 128 * (s / 4) + 4 * lane + s % 4 with float4 loads (E a multiple of 128, aligned row),
+// else lane + 32 * s. K rounds of: warp max (two redux), the winning lane drops that key and
+// rescans its kSlots registers. Keys are a total order, so the ids and their order are the
+// CPU kernel's. Shared memory (the choice scores) only for the group scores (n_group > 1).
+template <int kSlots>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) router_reg_kernel(RouterParams p) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = token_of_warp(p);
+  if (t < 0) return;  // whole warps leave together
+  const float* l = p.logits + t * p.logits_st;
+  const int E = p.experts, K = p.top_k;
+  const bool vec = E % 128 == 0 && (reinterpret_cast<uintptr_t>(l) & 15) == 0;
+  int ex[kSlots];
+  float c[kSlots];
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) ex[s] = vec ? 128 * (s / 4) + 4 * lane + s % 4 : lane + 32 * s;
+  if (vec) {
+#pragma unroll
+    for (int s = 0; s < kSlots; s += 4) {
+      if (ex[s] < E) {
+        const float4 v = *reinterpret_cast<const float4*>(l + ex[s]);
+        c[s] = v.x, c[s + 1] = v.y, c[s + 2] = v.z, c[s + 3] = v.w;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s)
+      if (ex[s] < E) c[s] = l[ex[s]];
+  }
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    if (ex[s] < E) {
+      const float sc = router_sigmoid(c[s]);
+      c[s] = p.bias != nullptr ? sc + p.bias[ex[s]] : sc;
+    }
+  }
+  uint32_t kept = 1u;
+  int G = E;
+  if (p.n_group > 1) {
+    float* ch = smem + warp * E;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s)
+      if (ex[s] < E) ch[ex[s]] = c[s];
+    __syncwarp();
+    kept = kept_groups(ch, E, p.n_group, p.topk_group, lane);
+    G = E / p.n_group;
+  }
+  uint64_t key[kSlots];
+  uint64_t best = kTakenKey;
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+    key[s] = ex[s] < E ? route_key((kept >> (ex[s] / G)) & 1u ? c[s] : -INFINITY, static_cast<uint32_t>(ex[s]))
+                       : kTakenKey;
+    best = key[s] > best ? key[s] : best;
+  }
+  int32_t my_id = 0;
+  for (int j = 0; j < K; ++j) {
+    const uint64_t w = warp_max_key(best);
+    if (lane == j) my_id = static_cast<int32_t>(route_key_index(w));
+    if (best == w) {  // one lane: keys are unique
+      best = kTakenKey;
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        if (key[s] == w) key[s] = kTakenKey;
+        best = key[s] > best ? key[s] : best;
+      }
+    }
+  }
+  write_choice(p, t, l, my_id, lane);
 }
 
 // Best key among this lane's experts that is strictly below `below`; kTakenKey if none.
@@ -32,11 +150,12 @@ NK_DEVICE uint64_t lane_best(const float* ch, int E, int G, uint32_t kept, int l
   return best;
 }
 
+// E > 256: the choice scores in shared memory, each round rescans the lane's experts.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_kernel(RouterParams p) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
-  if (t >= p.tokens) return;  // whole warps leave together
+  const int64_t t = token_of_warp(p);
+  if (t < 0) return;  // whole warps leave together
   const int E = p.experts, K = p.top_k;
   float* ch = smem + warp * E;
   const float* l = p.logits + t * p.logits_st;
@@ -45,43 +164,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_kernel(RouterParam
     ch[e] = p.bias != nullptr ? s + p.bias[e] : s;
   }
   __syncwarp();
-  // Kept groups as a bit mask (bit g: group g); n_group == 1 keeps the single group.
-  int G = E;
-  uint32_t kept = 1u;
-  if (p.n_group > 1) {
-    G = E / p.n_group;
-    uint64_t gk = kTakenKey;
-    if (lane < p.n_group) {
-      uint64_t k1 = kTakenKey, k2 = kTakenKey;
-      for (int e = lane * G; e < (lane + 1) * G; ++e) {
-        const uint64_t k = route_key(ch[e], static_cast<uint32_t>(e));
-        if (k > k1) { k2 = k1; k1 = k; } else if (k > k2) { k2 = k; }
-      }
-      float gs = ch[route_key_index(k1)];
-      if (G > 1) gs = gs + ch[route_key_index(k2)];
-      gk = route_key(gs, static_cast<uint32_t>(lane));
-    }
-    bool keep = false;
-    for (int r = 0; r < p.topk_group; ++r) {
-      const uint64_t w = warp_max_u64(gk);
-      if (gk == w && w != kTakenKey) { keep = true; gk = kTakenKey; }
-    }
-    kept = __ballot_sync(kFull, keep);
-  }
+  const uint32_t kept = kept_groups(ch, E, p.n_group, p.topk_group, lane);
+  const int G = p.n_group > 1 ? E / p.n_group : E;
   uint64_t best = lane_best(ch, E, G, kept, lane, ~uint64_t(0));
   int32_t my_id = 0;
   for (int j = 0; j < K; ++j) {
-    const uint64_t w = warp_max_u64(best);
+    const uint64_t w = warp_max_key(best);
     if (lane == j) my_id = static_cast<int32_t>(route_key_index(w));
     if (best == w) best = lane_best(ch, E, G, kept, lane, w);  // one lane: keys are unique
   }
-  const float my_p = lane < K ? router_sigmoid(l[my_id]) : 0.f;
-  float psum = 0.f;
-  for (int j = 0; j < K; ++j) psum += __shfl_sync(kFull, my_p, j);
-  if (lane < K) {
-    p.ids[t * K + lane] = my_id;
-    p.weights[t * K + lane] = route_weight(my_p, psum, p.norm, p.scale);
-  }
+  write_choice(p, t, l, my_id, lane);
 }
 
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_bwd_kernel(RouterBwdParams p) {
@@ -114,9 +206,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_bwd_kernel(RouterB
 }  // namespace
 
 void moe_router_cuda(const RouterParams& p, void* stream) {
-  const size_t smem = size_t(kWarpsPerBlock) * p.experts * sizeof(float);  // <= 32 KB (kRouterMaxExperts)
-  const int64_t blocks = (p.tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  router_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  auto st = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = static_cast<unsigned>((p.tokens + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const int slots = (p.experts + 31) / 32;
+  // Shared memory: the choice scores of each warp, needed by the register path only for groups.
+  const size_t smem = slots > kMaxRegSlots || p.n_group > 1 ? size_t(kWarpsPerBlock) * p.experts * sizeof(float)
+                                                            : 0;  // <= 32 KB (kRouterMaxExperts)
+  if (slots <= 1) router_reg_kernel<1><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
+  else if (slots <= 2) router_reg_kernel<2><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
+  else if (slots <= 4) router_reg_kernel<4><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
+  else if (slots <= kMaxRegSlots) router_reg_kernel<kMaxRegSlots><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
+  else router_kernel<<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 

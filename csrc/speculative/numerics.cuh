@@ -79,14 +79,27 @@ NK_HD float accept_uniform(uint64_t seed, uint32_t tag, int64_t row, int64_t slo
 // p >= q (so p == q accepts even when u * q rounds up to q). q == 0 < p accepts; p == 0 rejects.
 NK_HD bool accept_draft(float u, float p, float q) { return p >= q || u * q < p; }
 
-// Exponential-race keys of four consecutive vocab entries 4*g .. 4*g+3 of (row, slot).
-NK_HD void race_exponentials(uint64_t seed, uint32_t tag, int64_t row, int64_t slot, int64_t g, float (&e)[4]) {
+// Race uniforms u in (0, 1] of four consecutive vocab entries 4*g .. 4*g+3 of (row, slot).
+NK_HD void race_uniforms(uint64_t seed, uint32_t tag, int64_t row, int64_t slot, int64_t g, float (&u)[4]) {
   Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(slot), static_cast<uint32_t>(row),
                             tag ^ static_cast<uint32_t>(static_cast<uint64_t>(g) >> 32), seed);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int j = 0; j < 4; ++j) e[j] = -det_log(philox_uniform_pos(r.v[j]));
+  for (int j = 0; j < 4; ++j) u[j] = philox_uniform_pos(r.v[j]);
+}
+
+// The exponential E = -log(u) of a race uniform.
+NK_HD float race_expo(float u) { return -det_log(u); }
+
+// Exponential-race keys of four consecutive vocab entries 4*g .. 4*g+3 of (row, slot).
+NK_HD void race_exponentials(uint64_t seed, uint32_t tag, int64_t row, int64_t slot, int64_t g, float (&e)[4]) {
+  float u[4];
+  race_uniforms(seed, tag, row, slot, g, u);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < 4; ++j) e[j] = race_expo(u[j]);
 }
 
 // The race key of one entry: smaller wins; weights <= 0 (or NaN) never enter.
@@ -94,6 +107,17 @@ NK_HD bool race_key(float expo, float w, float& key) {
   if (!(w > 0.0f)) return false;
   key = expo / w;
   return true;
+}
+
+// Screen of an entry with weight w > 0 and uniform u against a thread's best (k, ki): false
+// only when its key fl(race_expo(u) / w) is surely above k, so it cannot win (equal keys go
+// to the lower index, which the running best has). Proof: -log u >= 1 - u; race_expo is
+// within 1e-6 relative of -log u; with 1 - u > 1.0001 * fl(k * w) the key exceeds k by more
+// than its roundings (1 - u is 0 or >= 2^-24, so a denormal k * w changes nothing). Lets the
+// GPU skip det_log and the division for all but a few entries; the winner is unchanged.
+NK_HD bool race_may_win(float u, float w, float k, int64_t ki) {
+  if (ki < 0) return true;
+  return !(1.0f - u > (k * w) * 1.0001f);
 }
 
 // ---- total orders for the reductions (associative, so any reduction order gives the same

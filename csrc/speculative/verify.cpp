@@ -140,15 +140,17 @@ int64_t num_splits(const Tensor& t, int64_t rows, int64_t vocab) {
   return (vocab + kCpuChunk - 1) / kCpuChunk;
 }
 
-// Fills nsplit/chunk and allocates the partial buffers of an argmax over (rows, vocab).
+// Fills nsplit/chunk and allocates the partial buffers of an argmax over (rows, vocab): one
+// int64 tensor holds the partial indices (rows * nsplit) and the row argmaxes (rows).
 std::tuple<Tensor, Tensor> argmax_workspace(SpecArgmaxParams& a, const Tensor& logits) {
   const int64_t rows = a.batch * a.npos;
   a.chunk = spec_chunk_len(a.vocab, num_splits(logits, rows, a.vocab));
   a.nsplit = (a.vocab + a.chunk - 1) / a.chunk;
   Tensor val = new_empty(logits, {rows, a.nsplit}, ScalarType::Float);
-  Tensor idx = new_empty(logits, {rows, a.nsplit}, ScalarType::Long);
+  Tensor idx = new_empty(logits, {rows * (a.nsplit + 1)}, ScalarType::Long);
   a.part_val = static_cast<float*>(val.data_ptr());
   a.part_idx = static_cast<int64_t*>(idx.data_ptr());
+  a.row_arg = a.part_idx + rows * a.nsplit;
   return {val, idx};
 }
 

@@ -20,6 +20,7 @@ struct SpecArgmaxParams {
   int64_t nsplit, chunk;     // chunks per row and their length (a multiple of 8)
   float* part_val;           // (batch * npos, nsplit)
   int64_t* part_idx;         // (batch * npos, nsplit)
+  int64_t* row_arg;          // (batch * npos,): the argmax of each row, reduced from the partials
 };
 
 struct SpecGreedyParams {

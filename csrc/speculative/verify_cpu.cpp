@@ -54,6 +54,7 @@ void argmax_partials(const SpecArgmaxParams& a) {
       }
     });
   });
+  for (int64_t r = 0; r < a.batch * a.npos; ++r) a.row_arg[r] = reduce_argmax(a, r);
 }
 
 // Sum of f(i) over i < vocab in the CUDA block's order: thread t of kTreeThreads adds

@@ -18,9 +18,20 @@ namespace {
 using namespace spec;
 
 constexpr int kRowThreads = 256;       // row-partial kernels
-constexpr int kWalkThreads = 128;      // one thread per request
+constexpr int kMergeThreads = 128;     // merges and walks: 4 warps
 constexpr int kSampleThreads = 512;    // sampling transform, one block per row
+constexpr int kSampleBins = 1024;      // top 12 bits of e in [0, 1] (sign 0, exponent <= 127)
+constexpr int kSampleCands = 2048;     // candidates of the bounded top-k path (shared memory)
+constexpr int kSampleUnroll = 4;       // 16-byte loads in flight per thread (sampling passes)
 constexpr int64_t kMinChunk = 2048;    // smallest vocab chunk worth a block
+// Largest chunk: one tile per thread for 16-bit logits (256 threads x 4 x 8 elements), two
+// for float32; keeps blocks short, so the tail of the last wave is short.
+constexpr int64_t kMaxChunk = 8192;
+constexpr int kArgmaxUnroll = 4;       // 16-byte loads in flight per thread (argmax)
+constexpr int kRejectUnroll = 2;       // float4 pairs (p, q) in flight per thread (rejection)
+
+template <typename T>
+constexpr int kVecOf = 16 / sizeof(T);  // elements per 16-byte vector
 
 template <bool kArgmax>
 NK_DEVICE bool better(float v1, int64_t i1, float v2, int64_t i2) {
@@ -72,6 +83,25 @@ __device__ float block_sum(float v, float* red) {
 
 // ---- greedy / tree greedy: partial argmax per (row, chunk) --------------------------------
 
+// Exact scan of one 16-byte vector (elements i0, i0 + 1, ...) into the running best.
+template <typename T>
+NK_DEVICE void argmax_vec(const uint4& raw, int64_t i0, float& bv, int64_t& bi) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int u = 0; u < kVecOf<T>; ++u) {
+    const float x = to_f<T>(e[u]);
+    if (argmax_better(x, i0 + u, bv, bi)) bv = x, bi = i0 + u;
+  }
+}
+
+// Each thread loads kArgmaxUnroll vectors (v = base + tid + u * blockDim, increasing in u, so
+// its elements come in index order) and screens them: the NaN-ignoring max m and the sum s (NaN
+// when an element is NaN, or on inf - inf: a false alarm only costs the exact scan). Without a
+// NaN the running best (bv, bi) can only become (m, the first index of m in the tile), and only
+// when there is none yet or m > bv (equal values come later and lose); the first index comes
+// from a reverse compare-select pass. With a NaN the exact per-element scan runs. Cost per
+// element: convert, max, add (+ compare, select when the tile improves the best) instead of
+// the ~10 instructions of the exact comparison with its int64 index.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmaxParams a) {
   const int64_t r = blockIdx.x, s = blockIdx.y;
@@ -85,19 +115,53 @@ __global__ void __launch_bounds__(kRowThreads) argmax_partials_kernel(SpecArgmax
   const int64_t lo = s * a.chunk, hi = lo + a.chunk < a.vocab ? lo + a.chunk : a.vocab;
   float bv = 0.f;
   int64_t bi = -1;
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = kVecOf<T>;
   int64_t scalar_from = lo;
   if ((reinterpret_cast<uintptr_t>(row + lo) & 15) == 0) {
     const int64_t nvec = (hi - lo) / kVec;
     const uint4* vrow = reinterpret_cast<const uint4*>(row + lo);
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const uint4 raw = vrow[v];
-      const T* e = reinterpret_cast<const T*>(&raw);
+    // A thread's valid vectors in a tile are a prefix in u: none once u = 0 is out of range.
+    for (int64_t base = 0; base + threadIdx.x < nvec; base += kArgmaxUnroll * blockDim.x) {
+      uint4 raw[kArgmaxUnroll];
 #pragma unroll
-      for (int u = 0; u < kVec; ++u) {
-        const int64_t i = lo + v * kVec + u;
-        const float x = to_f<T>(e[u]);
-        if (argmax_better(x, i, bv, bi)) bv = x, bi = i;
+      for (int u = 0; u < kArgmaxUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        raw[u] = v < nvec ? vrow[v] : make_uint4(0u, 0u, 0u, 0u);
+      }
+      float m = -INFINITY, sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < kArgmaxUnroll; ++u) {
+        if (base + threadIdx.x + u * blockDim.x < nvec) {
+          const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) {
+            const float x = to_f<T>(e[q]);
+            m = fmaxf(m, x);
+            sum += x;
+          }
+        }
+      }
+      if (bi >= 0 && bv != bv) continue;  // a NaN best is never beaten (later indices)
+      if (sum == sum) {
+        // No NaN in the tile: the best changes only to (m, first index of m in the tile).
+        if (bi < 0 || m > bv) {
+          int64_t first = -1;
+#pragma unroll
+          for (int u = kArgmaxUnroll - 1; u >= 0; --u) {
+            const int64_t v = base + threadIdx.x + u * blockDim.x;
+            const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+            for (int q = kVec - 1; q >= 0; --q)
+              if (v < nvec && to_f<T>(e[q]) == m) first = lo + v * kVec + q;
+          }
+          bv = m, bi = first;
+        }
+      } else {  // a NaN (or an inf - inf sum): the exact scan
+#pragma unroll
+        for (int u = 0; u < kArgmaxUnroll; ++u) {
+          const int64_t v = base + threadIdx.x + u * blockDim.x;
+          if (v < nvec) argmax_vec<T>(raw[u], lo + v * kVec, bv, bi);
+        }
       }
     }
     scalar_from = lo + nvec * kVec;
@@ -120,24 +184,74 @@ void launch_argmax_partials(const SpecArgmaxParams& a, cudaStream_t st) {
   NK_CUDA_LAUNCH_CHECK();
 }
 
-__global__ void greedy_walk_kernel(SpecGreedyParams p) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < p.am.batch) greedy_walk(p, b);
+// Rows [0, nrows) of request b: warp w reduces rows w, w + warps, ...; its lanes load the
+// partials in parallel (coalesced) and combine them with the total order, so the winner is
+// reduce_argmax's. Ends with a barrier: the row argmaxes (global) are then visible to thread 0.
+NK_DEVICE void merge_rows(const SpecArgmaxParams& a, int64_t b, int64_t nrows) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int64_t j = warp; j < nrows; j += nwarps) {
+    const int64_t r = b * a.npos + j;
+    float bv = 0.f;
+    int64_t bi = -1;
+    for (int64_t s = lane; s < a.nsplit; s += 32) {
+      const float v = a.part_val[r * a.nsplit + s];
+      const int64_t i = a.part_idx[r * a.nsplit + s];
+      if (argmax_better(v, i, bv, bi)) bv = v, bi = i;
+    }
+    warp_reduce_best<true>(bv, bi);
+    if (lane == 0) a.row_arg[r] = bi < 0 ? 0 : bi;
+  }
+  __syncthreads();
 }
 
-__global__ void tree_greedy_walk_kernel(SpecTreeGreedyParams p) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < p.am.batch) tree_greedy_walk(p, b);
+// One block per request: merge the rows it reads, then thread 0 walks (spec/walk.cuh).
+__global__ void __launch_bounds__(kMergeThreads) greedy_walk_kernel(SpecGreedyParams p) {
+  const int64_t b = blockIdx.x;
+  merge_rows(p.am, b, num_drafts_of(p.am.num_draft, b, p.k) + 1);
+  if (threadIdx.x == 0) greedy_walk(p, b);
+}
+
+__global__ void __launch_bounds__(kMergeThreads) tree_greedy_walk_kernel(SpecTreeGreedyParams p) {
+  const int64_t b = blockIdx.x;
+  merge_rows(p.am, b, p.n_nodes);
+  if (threadIdx.x == 0) tree_greedy_walk(p, b);
 }
 
 // ---- rejection sampling -------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRejectionParams p) {
+// First rejected draft of request b, computed by one warp: lane l tests draft base + l (the
+// tests are independent), the lowest failing lane is first_rejection's answer. Two dependent
+// loads of latency instead of 2n. Every lane of the warp must call it.
+NK_DEVICE int64_t warp_first_rejection(const SpecRejectionParams& p, int64_t b, int64_t n, uint64_t seed) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t base = 0; base < n; base += 32) {
+    const int64_t j = base + lane;
+    const unsigned rej = __ballot_sync(0xffffffffu, j < n && draft_rejected(p, b, j, seed));
+    if (rej != 0u) return base + __ffs(static_cast<int>(rej)) - 1;
+  }
+  return n;
+}
+
+// One entry of one race with the screen in front: det_log and the division run only when the
+// entry may beat the thread's best (race_may_win); the winner is the unscreened race's.
+NK_DEVICE void screened_race(int64_t i, float w, float u, float& k, int64_t& ki) {
+  if (!(w > 0.f) || !race_may_win(u, w, k, ki)) return;
+  float key;
+  if (race_key(race_expo(u), w, key) && race_better(key, i, k, ki)) k = key, ki = i;
+}
+
+// Grid (batch, nsplit). Warp 0 finds the sampled position m; every thread then races over
+// kRejectUnroll float4 groups of p (and q) per step, loads first (2 x 16 B x kRejectUnroll in
+// flight per thread), then one Philox call per group and the screened races.
+__global__ void __launch_bounds__(kRowThreads, 4) rejection_partials_kernel(SpecRejectionParams p) {
   const int64_t b = blockIdx.x, s = blockIdx.y;
   const uint64_t seed = seed_of(p.seed_ptr, p.seed);
   __shared__ long long s_m;
   const int64_t n = num_drafts_of(p.num_draft, b, p.k);
-  if (threadIdx.x == 0) s_m = first_rejection(p, b, n, seed);
+  if (threadIdx.x < 32) {
+    const int64_t m = warp_first_rejection(p, b, n, seed);
+    if (threadIdx.x == 0) s_m = m;
+  }
   __syncthreads();
   const int64_t m = s_m;
   const bool residual = m < n;
@@ -150,6 +264,10 @@ __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRej
   int64_t i1 = -1, i2 = -1;
   // q of entry i: the draft distribution, or one-hot at the drafted token (greedy draft).
   auto q_at = [&](int64_t i, float qv) { return !residual ? 0.f : (qrow ? qv : (i == x ? 1.f : 0.f)); };
+  auto entry = [&](int64_t i, float pi, float qi, float u) {
+    screened_race(i, residual ? pi - qi : pi, u, k1, i1);
+    if (fallback) screened_race(i, pi, u, k2, i2);
+  };
   int64_t scalar_from = lo;
   const bool aligned = (reinterpret_cast<uintptr_t>(prow + lo) & 15) == 0 &&
                        (qrow == nullptr || (reinterpret_cast<uintptr_t>(qrow + lo) & 15) == 0);
@@ -157,25 +275,33 @@ __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRej
     const int64_t nvec = (hi - lo) / 4;
     const float4* pv = reinterpret_cast<const float4*>(prow + lo);
     const float4* qv = qrow ? reinterpret_cast<const float4*>(qrow + lo) : nullptr;
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const float4 pp = pv[v];
-      const float4 qq = qv ? qv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
-      const int64_t g = lo / 4 + v;
-      float e[4];
-      race_exponentials(seed, kTagResidual, b, m, g, e);
-      const float pa[4] = {pp.x, pp.y, pp.z, pp.w}, qa[4] = {qq.x, qq.y, qq.z, qq.w};
+    for (int64_t base = 0; base < nvec; base += kRejectUnroll * blockDim.x) {
+      float4 pp[kRejectUnroll], qq[kRejectUnroll];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int64_t i = g * 4 + u;
-        rejection_race_entry(i, pa[u], q_at(i, qa[u]), residual, fallback, e[u], k1, i1, k2, i2);
+      for (int u = 0; u < kRejectUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        const bool ok = v < nvec;
+        pp[u] = ok ? pv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
+        qq[u] = ok && qv ? qv[v] : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kRejectUnroll; ++u) {
+        const int64_t v = base + threadIdx.x + u * blockDim.x;
+        if (v >= nvec) continue;
+        const int64_t g = lo / 4 + v;
+        float uu[4];
+        race_uniforms(seed, kTagResidual, b, m, g, uu);
+        const float pa[4] = {pp[u].x, pp[u].y, pp[u].z, pp[u].w}, qa[4] = {qq[u].x, qq[u].y, qq[u].z, qq[u].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) entry(g * 4 + e, pa[e], q_at(g * 4 + e, qa[e]), uu[e]);
       }
     }
     scalar_from = lo + nvec * 4;
   }
   for (int64_t i = scalar_from + threadIdx.x; i < hi; i += blockDim.x) {
-    float e[4];
-    race_exponentials(seed, kTagResidual, b, m, i / 4, e);
-    rejection_race_entry(i, prow[i], q_at(i, qrow ? qrow[i] : 0.f), residual, fallback, e[i % 4], k1, i1, k2, i2);
+    float uu[4];
+    race_uniforms(seed, kTagResidual, b, m, i / 4, uu);
+    entry(i, prow[i], q_at(i, qrow ? qrow[i] : 0.f), uu[i % 4]);
   }
   block_reduce_best<false>(k1, i1);
   block_reduce_best<false>(k2, i2);
@@ -185,9 +311,24 @@ __global__ void __launch_bounds__(kRowThreads) rejection_partials_kernel(SpecRej
   }
 }
 
-__global__ void rejection_finalize_kernel(SpecRejectionParams p) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < p.batch) rejection_finalize(p, b);
+// One warp per request: m again (warp-parallel), both races' partials loaded by the lanes in
+// parallel and combined with the total order (rejection_finalize's winners), lane 0 writes.
+__global__ void __launch_bounds__(kMergeThreads) rejection_finalize_kernel(SpecRejectionParams p) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
+  if (b >= p.batch) return;  // whole warps leave together
+  const int lane = threadIdx.x & 31;
+  const uint64_t seed = seed_of(p.seed_ptr, p.seed);
+  const int64_t m = warp_first_rejection(p, b, num_drafts_of(p.num_draft, b, p.k), seed);
+  float k1 = 0.f, k2 = 0.f;
+  int64_t i1 = -1, i2 = -1;
+  for (int64_t s = lane; s < p.nsplit; s += 32) {
+    const int64_t o = b * p.nsplit + s;
+    if (race_better(p.part_key[o], p.part_idx[o], k1, i1)) k1 = p.part_key[o], i1 = p.part_idx[o];
+    if (race_better(p.part_key2[o], p.part_idx2[o], k2, i2)) k2 = p.part_key2[o], i2 = p.part_idx2[o];
+  }
+  warp_reduce_best<false>(k1, i1);
+  warp_reduce_best<false>(k2, i2);
+  if (lane == 0) rejection_write(p, b, m, race_token(i1, i2));
 }
 
 // ---- tree rejection -----------------------------------------------------------------------
@@ -293,14 +434,127 @@ __global__ void __launch_bounds__(kTreeThreads, 1) tree_rejection_kernel(SpecTre
 
 // ---- sampling transform -------------------------------------------------------------------
 
+// Streams the 16-byte vectors of an aligned row, kSampleUnroll in flight per thread (all loads
+// of a tile before any use), calling on_vec(v, raw) for each; returns where the scalar tail
+// starts.
+template <typename T, typename F>
+NK_DEVICE int64_t stream_vectors(const T* l, int64_t V, F&& on_vec) {
+  const int64_t nvec = V / kVecOf<T>;
+  const uint4* vl = reinterpret_cast<const uint4*>(l);
+  for (int64_t base = 0; base < nvec; base += kSampleUnroll * blockDim.x) {
+    uint4 raw[kSampleUnroll];
+#pragma unroll
+    for (int u = 0; u < kSampleUnroll; ++u) {
+      const int64_t v = base + threadIdx.x + u * blockDim.x;
+      raw[u] = v < nvec ? vl[v] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kSampleUnroll; ++u) {
+      const int64_t v = base + threadIdx.x + u * blockDim.x;
+      if (v < nvec) on_vec(v, raw[u]);
+    }
+  }
+  return nvec * kVecOf<T>;
+}
+
+// Calls f(i, x) for every logit x = l[i] of a row (16-byte loads when aligned). Any order per
+// thread (callers only count, gather or reduce with a total order).
+template <typename T, typename F>
+NK_DEVICE void for_row(const T* l, int64_t V, F&& f) {
+  constexpr int kVec = kVecOf<T>;
+  int64_t from = 0;
+  if ((reinterpret_cast<uintptr_t>(l) & 15) == 0) {
+    from = stream_vectors<T>(l, V, [&](int64_t v, const uint4& raw) {
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) f(v * kVec + q, to_f<T>(e[q]));
+    });
+  }
+  for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) f(i, to_f<T>(l[i]));
+}
+
+// out[i] = f(l[i]) over a row: 16-byte loads and 16-byte stores (kVec / 4 float4 per vector)
+// when both rows are aligned, scalar otherwise.
+template <typename T, typename F>
+NK_DEVICE void map_row(const T* l, float* out, int64_t V, F&& f) {
+  constexpr int kVec = kVecOf<T>;
+  int64_t from = 0;
+  if ((reinterpret_cast<uintptr_t>(l) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+    float4* vo = reinterpret_cast<float4*>(out);
+    from = stream_vectors<T>(l, V, [&](int64_t v, const uint4& raw) {
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int q = 0; q < kVec; q += 4)
+        vo[(v * kVec + q) / 4] = make_float4(f(to_f<T>(e[q])), f(to_f<T>(e[q + 1])), f(to_f<T>(e[q + 2])),
+                                             f(to_f<T>(e[q + 3])));
+    });
+  }
+  for (int64_t i = from + threadIdx.x; i < V; i += blockDim.x) out[i] = f(to_f<T>(l[i]));
+}
+
+// Candidate order of the bounded top-k path: larger value first, ties by lower index.
+NK_DEVICE bool cand_before(float v1, int i1, float v2, int i2) { return v1 > v2 || (v1 == v2 && i1 < i2); }
+
+// Bitonic sort of s_v/s_i[0, n) (n a power of two) into cand_before order.
+NK_DEVICE void bitonic_sort(float* s_v, int* s_i, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+        const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
+        const bool first_half = (lo & size) == 0;  // this run sorts in cand_before order
+        const bool swap = first_half ? cand_before(s_v[hi], s_i[hi], s_v[lo], s_i[lo])
+                                     : cand_before(s_v[lo], s_i[lo], s_v[hi], s_i[hi]);
+        if (swap) {
+          const float v = s_v[lo];
+          const int i = s_i[lo];
+          s_v[lo] = s_v[hi], s_i[lo] = s_i[hi];
+          s_v[hi] = v, s_i[hi] = i;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Thresholds from the sorted candidates s_v[0, c) (every e >= the k-th largest is among them):
+// the top-k cut (ties kept), top-p over the kept mass (the largest candidate value whose mass
+// at or above it reaches top_p of it: what the bisection finds), min-p, and the normaliser.
+// Sums run in the sorted order (deterministic). One thread.
+NK_DEVICE void bounded_thresholds(const float* s_v, int c, int64_t top_k, float top_p, float min_p, float& thr,
+                                  float& z) {
+  thr = s_v[top_k - 1];
+  int nk = static_cast<int>(top_k);
+  while (nk < c && s_v[nk] == thr) ++nk;
+  if (top_p < 1.f) {
+    float mass = 0.f;
+    for (int j = 0; j < nk; ++j) mass += s_v[j];
+    const float target = top_p * mass;
+    float cum = 0.f;
+    for (int j = 0; j < nk; ++j) {  // the first j reaching the target: ties of s_v[j] are kept by value
+      cum += s_v[j];
+      if (cum >= target) {
+        thr = s_v[j];
+        break;
+      }
+    }
+  }
+  if (min_p > 0.f) thr = fmaxf(thr, min_p);
+  z = 0.f;
+  for (int j = 0; j < nk && s_v[j] >= thr; ++j) z += s_v[j];
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplingParams p) {
   __shared__ float s_red[kSampleThreads];
   __shared__ int s_hist[256];
-  __shared__ float s_mx;
+  __shared__ int s_bins[kSampleBins];
+  __shared__ float s_cv[kSampleCands];
+  __shared__ int s_ci[kSampleCands];
+  __shared__ float s_mx, s_thr, s_z;
   __shared__ long long s_am;
   __shared__ unsigned s_prefix;
   __shared__ long long s_kk;
+  __shared__ int s_b1, s_c, s_cnt;
   const int tid = threadIdx.x;
   const int64_t r = blockIdx.x, req = r / p.per_req, t = r % p.per_req;
   const int64_t V = p.vocab;
@@ -313,10 +567,9 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
 
   float mx = 0.f;
   int64_t am = -1;
-  for (int64_t i = tid; i < V; i += blockDim.x) {
-    const float v = to_f<T>(l[i]);
+  for_row<T>(l, V, [&](int64_t i, float v) {
     if (argmax_better(v, i, mx, am)) mx = v, am = i;
-  }
+  });
   block_reduce_best<true>(mx, am);
   if (tid == 0) s_mx = mx, s_am = am;
   __syncthreads();
@@ -326,9 +579,56 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
     for (int64_t i = tid; i < V; i += blockDim.x) out[i] = i == am ? 1.f : 0.f;
     return;
   }
-  // Each thread touches the entries tid, tid + T, ... in every pass below: it re-reads only
-  // what it wrote itself, so no barrier is needed between the passes over `out`.
-  for (int64_t i = tid; i < V; i += blockDim.x) out[i] = expf((to_f<T>(l[i]) - mx) / temp);
+  auto expo = [&](float x) { return expf((x - mx) / temp); };
+  // Bounded path (top-k set, k <= kSampleCands, finite max): e = expo(x) lies in [0, 1], so
+  // float_bits(e) >> 20 < kSampleBins. Pass 2 counts e per bin (top 12 bits), the bin of the
+  // k-th largest and the count c of entries at or above it follow; if c fits, pass 3 gathers
+  // those entries, the block sorts them and finds every threshold in shared memory, and pass
+  // 4 writes the row. Four reads of the logits (three from L2), one write: no re-reads of the
+  // output, no bisection. Otherwise (k large, or a bin holding too many ties) the general path
+  // below runs.
+  if (top_k > 0 && top_k < V && top_k <= kSampleCands && mx - mx == 0.f) {
+    for (int j = tid; j < kSampleBins; j += blockDim.x) s_bins[j] = 0;
+    __syncthreads();
+    for_row<T>(l, V, [&](int64_t, float x) { atomicAdd(&s_bins[float_bits(expo(x)) >> 20], 1); });
+    __syncthreads();
+    if (tid == 0) {
+      int cum = 0, bin = kSampleBins - 1;
+      while (cum + s_bins[bin] < top_k) cum += s_bins[bin--];  // top_k < V: stops at a bin >= 0
+      s_b1 = bin, s_c = cum + s_bins[bin], s_cnt = 0;
+    }
+    __syncthreads();
+    const int b1 = s_b1, c = s_c;
+    if (c <= kSampleCands) {
+      for_row<T>(l, V, [&](int64_t i, float x) {
+        const float e = expo(x);
+        if (static_cast<int>(float_bits(e) >> 20) >= b1) {
+          const int slot = atomicAdd(&s_cnt, 1);
+          s_cv[slot] = e, s_ci[slot] = static_cast<int>(i);
+        }
+      });
+      int n = 1;
+      while (n < c) n <<= 1;
+      for (int j = c + tid; j < n; j += blockDim.x) s_cv[j] = -1.f, s_ci[j] = 0x7fffffff;  // sort last
+      __syncthreads();
+      bitonic_sort(s_cv, s_ci, n);
+      if (tid == 0) {
+        float thr, z;
+        bounded_thresholds(s_cv, c, top_k, top_p, min_p, thr, z);
+        s_thr = thr, s_z = z;
+      }
+      __syncthreads();
+      const float thr = s_thr, z = s_z;
+      map_row<T>(l, out, V, [&](float x) {
+        const float e = expo(x);
+        return e >= thr ? e / z : 0.f;
+      });
+      return;
+    }
+  }
+  // General path: each thread touches the entries tid, tid + T, ... in every pass below: it
+  // re-reads only what it wrote itself, so no barrier is needed between the passes over `out`.
+  for (int64_t i = tid; i < V; i += blockDim.x) out[i] = expo(to_f<T>(l[i]));
   float thr = 0.f;
   if (top_k > 0 && top_k < V) {
     if (tid == 0) s_prefix = 0u, s_kk = top_k;
@@ -377,29 +677,36 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sampling_kernel(SpecSamplin
   for (int64_t i = tid; i < V; i += blockDim.x) out[i] = out[i] >= thr ? out[i] / z : 0.f;
 }
 
-unsigned walk_blocks(int64_t batch) { return static_cast<unsigned>((batch + kWalkThreads - 1) / kWalkThreads); }
+unsigned warp_blocks(int64_t batch) {
+  constexpr int kWarps = kMergeThreads / 32;
+  return static_cast<unsigned>((batch + kWarps - 1) / kWarps);
+}
 
 }  // namespace
 
+// Chunks per row: at least ceil(vocab / kMaxChunk) (short blocks), and up to
+// ceil(vocab / kMinChunk) when the rows alone do not give 4 blocks per SM (batch 1).
 int64_t spec_cuda_num_splits(int64_t rows, int64_t vocab) {
-  const int64_t target_blocks = 4LL * sm_count();  // a few resident 256-thread blocks per SM
+  const int64_t target_blocks = 4LL * sm_count();
   int64_t nsplit = (target_blocks + rows - 1) / (rows > 0 ? rows : 1);
   const int64_t max_split = (vocab + kMinChunk - 1) / kMinChunk;
+  const int64_t min_split = (vocab + kMaxChunk - 1) / kMaxChunk;
   if (nsplit > max_split) nsplit = max_split;
+  if (nsplit < min_split) nsplit = min_split;
   return nsplit < 1 ? 1 : nsplit;
 }
 
 void spec_verify_greedy_cuda(const SpecGreedyParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   launch_argmax_partials(p.am, st);
-  greedy_walk_kernel<<<walk_blocks(p.am.batch), kWalkThreads, 0, st>>>(p);
+  greedy_walk_kernel<<<static_cast<unsigned>(p.am.batch), kMergeThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 
 void spec_verify_tree_greedy_cuda(const SpecTreeGreedyParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   launch_argmax_partials(p.am, st);
-  tree_greedy_walk_kernel<<<walk_blocks(p.am.batch), kWalkThreads, 0, st>>>(p);
+  tree_greedy_walk_kernel<<<static_cast<unsigned>(p.am.batch), kMergeThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 
@@ -408,7 +715,7 @@ void spec_rejection_sample_cuda(const SpecRejectionParams& p, void* stream) {
   const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(p.nsplit));
   rejection_partials_kernel<<<grid, kRowThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
-  rejection_finalize_kernel<<<walk_blocks(p.batch), kWalkThreads, 0, st>>>(p);
+  rejection_finalize_kernel<<<warp_blocks(p.batch), kMergeThreads, 0, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();
 }
 

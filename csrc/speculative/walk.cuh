@@ -29,13 +29,15 @@ NK_HD int64_t reduce_argmax(const SpecArgmaxParams& a, int64_t r) {
   return bi < 0 ? 0 : bi;
 }
 
+// The walks read each row's argmax from a.row_arg, filled from the partials first (the CPU
+// by reduce_argmax, the GPU by one warp per row: same winner, the order is total).
 NK_HD void greedy_walk(const SpecGreedyParams& p, int64_t b) {
   const int64_t n = num_drafts_of(p.am.num_draft, b, p.k);
   int64_t* out = p.out + b * (p.k + 1);
   for (int64_t j = 0; j <= p.k; ++j) out[j] = -1;
   int64_t m = n;
   for (int64_t j = 0; j <= n; ++j) {
-    const int64_t a = reduce_argmax(p.am, b * p.am.npos + j);
+    const int64_t a = p.am.row_arg[b * p.am.npos + j];
     out[j] = a;
     if (j == n || p.draft[b * p.d_sb + j * p.d_st] != a) {
       m = j;
@@ -52,7 +54,7 @@ NK_HD void tree_greedy_walk(const SpecTreeGreedyParams& p, int64_t b) {
   for (int64_t j = 0; j < w; ++j) out[j] = -1, nodes[j] = -1;
   int64_t cur = 0, depth = 0;
   while (true) {
-    const int64_t a = reduce_argmax(p.am, b * p.am.npos + cur);
+    const int64_t a = p.am.row_arg[b * p.am.npos + cur];
     nodes[depth] = cur;
     out[depth] = a;
     if (depth == p.max_depth) break;
@@ -74,14 +76,18 @@ NK_HD uint64_t seed_of(const int64_t* seed_ptr, uint64_t seed) {
   return seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
 }
 
+// Whether draft j of request b is rejected (its acceptance test fails).
+NK_HD bool draft_rejected(const SpecRejectionParams& p, int64_t b, int64_t j, uint64_t seed) {
+  const int64_t x = clamp_id(p.draft[b * p.d_sb + j * p.d_st], p.vocab);
+  const float px = p.p[b * p.p_sb + j * p.p_st + x];
+  const float qx = p.q ? p.q[b * p.q_sb + j * p.q_st + x] : 1.0f;
+  return !accept_draft(accept_uniform(seed, kTagAccept, b, j), px, qx);
+}
+
 // Index of the first rejected draft of request b (n when all n are accepted).
 NK_HD int64_t first_rejection(const SpecRejectionParams& p, int64_t b, int64_t n, uint64_t seed) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t x = clamp_id(p.draft[b * p.d_sb + j * p.d_st], p.vocab);
-    const float px = p.p[b * p.p_sb + j * p.p_st + x];
-    const float qx = p.q ? p.q[b * p.q_sb + j * p.q_st + x] : 1.0f;
-    if (!accept_draft(accept_uniform(seed, kTagAccept, b, j), px, qx)) return j;
-  }
+  for (int64_t j = 0; j < n; ++j)
+    if (draft_rejected(p, b, j, seed)) return j;
   return n;
 }
 
@@ -105,6 +111,19 @@ NK_HD void tree_race_entry(int64_t i, float w, float pi, bool fallback, float ex
   if (fallback && race_key(expo, pi, key) && race_better(key, i, k2, i2)) k2 = key, i2 = i;
 }
 
+// The outputs of request b: the m accepted drafts (clamped, as tested: in-vocabulary even for
+// ids the GPU could not check), then `tok`, then -1.
+NK_HD void rejection_write(const SpecRejectionParams& p, int64_t b, int64_t m, int64_t tok) {
+  int64_t* out = p.out + b * (p.k + 1);
+  for (int64_t j = 0; j <= p.k; ++j) out[j] = j < m ? clamp_id(p.draft[b * p.d_sb + j * p.d_st], p.vocab) : -1;
+  out[m] = tok;
+  p.num_accepted[b] = m;
+}
+
+// The token from the two race winners: an all-zero residual falls back to p_m; an all-zero
+// distribution (invalid input, only reachable on the GPU where values are not checked) gives 0.
+NK_HD int64_t race_token(int64_t i1, int64_t i2) { return i1 >= 0 ? i1 : (i2 >= 0 ? i2 : 0); }
+
 NK_HD void rejection_finalize(const SpecRejectionParams& p, int64_t b) {
   const uint64_t seed = seed_of(p.seed_ptr, p.seed);
   const int64_t n = num_drafts_of(p.num_draft, b, p.k);
@@ -116,15 +135,7 @@ NK_HD void rejection_finalize(const SpecRejectionParams& p, int64_t b) {
     if (race_better(p.part_key[o], p.part_idx[o], k1, i1)) k1 = p.part_key[o], i1 = p.part_idx[o];
     if (race_better(p.part_key2[o], p.part_idx2[o], k2, i2)) k2 = p.part_key2[o], i2 = p.part_idx2[o];
   }
-  // An all-zero residual falls back to p_m; an all-zero distribution (invalid input, only
-  // reachable on the GPU where values are not checked) gives token 0.
-  const int64_t tok = i1 >= 0 ? i1 : (i2 >= 0 ? i2 : 0);
-  int64_t* out = p.out + b * (p.k + 1);
-  for (int64_t j = 0; j <= p.k; ++j) out[j] = -1;
-  // Accepted drafts as tested (clamped): in-vocabulary even for ids the GPU could not check.
-  for (int64_t j = 0; j < m; ++j) out[j] = clamp_id(p.draft[b * p.d_sb + j * p.d_st], p.vocab);
-  out[m] = tok;
-  p.num_accepted[b] = m;
+  rejection_write(p, b, m, race_token(i1, i2));
 }
 
 }  // namespace spec

@@ -124,8 +124,10 @@ def sampling_probs(logits: torch.Tensor, temperature: Union[float, torch.Tensor]
     restricted to the top_k largest (None/0: off), then to the smallest set of largest
     probabilities whose mass reaches top_p of the remaining mass (None/1: off), then to those
     >= min_p * max prob (None/0: off), renormalised. Ties at a threshold are all kept.
-    temperature 0 gives the one-hot argmax (greedy). Thresholds come from a radix select
-    (top-k) and a bisection on the probability value (top-p) over the row, not a sort.
+    temperature 0 gives the one-hot argmax (greedy). No sort of the row: with top_k <= 2048
+    the GPU gathers the candidates at or above the k-th largest's histogram bin and finds
+    every threshold among them; otherwise a radix select (top-k) and a bisection on the
+    probability value (top-p) over the row.
     """
     t_t, t_v = _per_request(temperature, 1.0, torch.float32, float)
     k_t, k_v = _per_request(top_k, 0, torch.int64, int)

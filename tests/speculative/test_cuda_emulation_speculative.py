@@ -77,10 +77,32 @@ def set_argmax(e, a, logits, num_draft, keep):
     a.l_sb, a.l_st = logits.stride(0), logits.stride(1)
     a.num_draft = ptr(num_draft)
     a.nsplit, a.chunk = e.split(B * npos, V)
-    pv, pi = nan(B * npos, a.nsplit), ipoison(B * npos, a.nsplit)
-    keep += [pv, pi]
-    a.part_val, a.part_idx = pv.data_ptr(), pi.data_ptr()
+    pv, pi, ra = nan(B * npos, a.nsplit), ipoison(B * npos, a.nsplit), ipoison(B * npos)
+    keep += [pv, pi, ra]
+    a.part_val, a.part_idx, a.row_arg = pv.data_ptr(), pi.data_ptr(), ra.data_ptr()
     return a.nsplit
+
+
+def run_rejection(e, draft, q, pt, nd, seed_tensor, seed, split):
+    """The emulated rejection_sample with the vocab split `split` = (nsplit, chunk): (out, acc)."""
+    B, k = draft.shape
+    V = pt.shape[-1]
+    p = e.S["SpecRejectionParams"]()
+    p.batch, p.k, p.vocab = B, k, V
+    p.draft, p.d_sb, p.d_st = draft.data_ptr(), draft.stride(0), draft.stride(1)
+    if q is not None:
+        p.q, p.q_sb, p.q_st = q.data_ptr(), q.stride(0), q.stride(1)
+    p.p, p.p_sb, p.p_st = pt.data_ptr(), pt.stride(0), pt.stride(1)
+    p.num_draft = ptr(nd)
+    p.seed_ptr, p.seed = ptr(seed_tensor), seed
+    p.nsplit, p.chunk = split
+    keys, idxs = nan(2, B, p.nsplit), ipoison(2, B, p.nsplit)
+    p.part_key, p.part_key2 = keys.data_ptr(), keys[1].data_ptr()
+    p.part_idx, p.part_idx2 = idxs.data_ptr(), idxs[1].data_ptr()
+    out, acc = ipoison(B, k + 1), ipoison(B)
+    p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
+    e.call("emu_spec_rejection_sample_cuda", p)
+    return out, acc
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -149,22 +171,9 @@ def test_rejection_sample(greedy_draft, seed_tensor):
     nd = torch.tensor([3, 2, 3, 3, 3, 0, 0, 0])
     for seed in (7, 123456789, 5):
         st = torch.tensor([seed * 31 + 5]) if seed_tensor else None  # the seed read from a tensor
-        p = e.S["SpecRejectionParams"]()
-        p.batch, p.k, p.vocab = B, k, V
-        p.draft, p.d_sb, p.d_st = draft.data_ptr(), draft.stride(0), draft.stride(1)
-        if q is not None:
-            p.q, p.q_sb, p.q_st = q.data_ptr(), q.stride(0), q.stride(1)
-        p.p, p.p_sb, p.p_st = pt.data_ptr(), pt.stride(0), pt.stride(1)
-        p.num_draft = nd.data_ptr()
-        p.seed_ptr, p.seed = ptr(st), (0 if seed_tensor else seed)
-        p.nsplit, p.chunk = e.split(B, V)
-        assert p.nsplit > 1
-        keys, idxs = nan(2, B, p.nsplit), ipoison(2, B, p.nsplit)
-        p.part_key, p.part_key2 = keys.data_ptr(), keys[1].data_ptr()
-        p.part_idx, p.part_idx2 = idxs.data_ptr(), idxs[1].data_ptr()
-        out, acc = ipoison(B, k + 1), ipoison(B)
-        p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
-        e.call("emu_spec_rejection_sample_cuda", p)
+        split = e.split(B, V)
+        assert split[0] > 1
+        out, acc = run_rejection(e, draft, q, pt, nd, st, 0 if seed_tensor else seed, split)
         if st is None:
             ro, ra = speculative.rejection_sample(draft, q, pt, num_draft_tokens=nd, seed=seed)
         else:  # the op as the public API calls it with a generator
@@ -172,6 +181,63 @@ def test_rejection_sample(greedy_draft, seed_tensor):
         assert torch.equal(out, ro) and torch.equal(acc, ra), (out, ro, acc, ra)
         assert (out[torch.arange(k + 1)[None] <= acc[:, None]] >= 0).all()
         assert out[5:, 0].tolist() == [V - 1, chunk + 5, 6] and (acc[3].item() < k or out[3, k].item() == chunk - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_greedy_long_chunks(dtype):
+    """Two chunks of 10000 (several tiles per thread): the screen (max and sum of a tile) decides
+    which tiles get the exact scan. Winners in later tiles, NaN after a finite maximum, ties
+    across one thread's tiles, +-0, +-inf (an inf - inf sum) and all -inf must still give
+    torch.argmax's index (NaN largest, ties to the lowest index)."""
+    speculative, e = spec_api(), emu()
+    g = torch.Generator().manual_seed(11)
+    B, k, V = 3, 2, 20000
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    logits = torch.randn(B, k + 1, V, generator=g).to(dtype)
+    rows = logits.view(-1, V)
+    rows[1, 9000] = rows[1, 12000] = float("nan")  # tile 1 of its thread, then chunk 1
+    rows[2, 5 * vec] = rows[2, (5 + 1024) * vec] = 10.0  # one thread, tiles 0 and 1: tie
+    rows[3] = 0.0
+    rows[3, 0] = -0.0
+    rows[4, 7000] = rows[4, 13000] = float("inf")
+    rows[4, 100] = float("-inf")
+    rows[5] = float("-inf")
+    rows[6, V - 1] = 20.0
+    rows[7, 7 * vec] = 30.0  # thread 7: best of tile 0 ...
+    rows[7, (7 + 1024) * vec + 3] = 30.25  # ... beaten by a little in its tile 1
+    am = logits.float().argmax(-1)
+    assert am.view(-1)[:8].tolist() == [am.view(-1)[0].item(), 9000, 5 * vec, 0, 7000, 0, V - 1, 1031 * vec + 3]
+    draft = am[:, :k].clone()  # all accepted: the walk reads every row's argmax
+    keep = []
+    p = e.S["SpecGreedyParams"]()
+    set_argmax(e, p.am, logits, None, keep)
+    p.am.chunk = 10000
+    p.am.nsplit = 2
+    pv, pi, ra = nan(B * (k + 1), 2), ipoison(B * (k + 1), 2), ipoison(B * (k + 1))
+    p.am.part_val, p.am.part_idx, p.am.row_arg = pv.data_ptr(), pi.data_ptr(), ra.data_ptr()
+    out, acc = ipoison(B, k + 1), ipoison(B)
+    p.k, p.draft, p.d_sb, p.d_st = k, draft.data_ptr(), draft.stride(0), draft.stride(1)
+    p.out, p.num_accepted = out.data_ptr(), acc.data_ptr()
+    e.call("emu_spec_verify_greedy_cuda", p)
+    assert torch.equal(ra, am.view(-1)), (ra, am)
+    ro, rac = speculative.verify_greedy(draft, logits)
+    assert torch.equal(out, ro) and torch.equal(acc, rac) and acc.tolist() == [k] * B
+
+
+@pytest.mark.parametrize("greedy_draft", [False, True])
+def test_rejection_sample_long_chunks(greedy_draft):
+    """Two chunks of 10000 (several float4 steps per thread): the screened races skip det_log
+    for most entries; the tokens must still be the CPU kernel's for every seed."""
+    speculative, e = spec_api(), emu()
+    g = torch.Generator().manual_seed(12)
+    B, k, V = 4, 3, 20000
+    pt = probs((B, k + 1, V), g, sharp=1.0)
+    q = None if greedy_draft else probs((B, k, V), g, sharp=1.0)
+    draft = torch.multinomial(pt[:, :k].reshape(-1, V), 1, generator=g).view(B, k)
+    for seed in range(6):
+        out, acc = run_rejection(e, draft, q, pt, None, None, seed, (2, 10000))
+        ro, ra = speculative.rejection_sample(draft, q, pt, seed=seed)
+        assert torch.equal(out, ro) and torch.equal(acc, ra), (seed, out, ro, acc, ra)
 
 
 def _tree(B, n, g):
@@ -282,3 +348,38 @@ def test_sampling_probs(dtype):
             if kw is cases[0]:  # request 1: temperature 0 -> one-hot argmax; others: top-k sizes bound
                 assert torch.equal(out[1], torch.nn.functional.one_hot(logits[1].float().argmax(-1), V).float())
                 assert ((out[2] > 0).sum(-1) <= 40).all() and ((out[3] > 0).sum(-1) <= 300).all()
+
+
+def test_sampling_probs_ties_and_overflow():
+    """The bounded top-k path (gather, sort, thresholds in shared memory) with many exact ties at
+    the top-k and top-p cuts (logits on a 0.5 grid), and with more tied candidates than it holds
+    (a constant row: the general path). Kept sets equal the CPU kernel's (ties all kept)."""
+    speculative, e = spec_api(), emu()
+    g = torch.Generator().manual_seed(13)
+    B, V = 4, 3000
+    logits = (torch.randn(B, V, generator=g) * 4).round() / 2
+    logits[3] = 0.25  # 3000 ties > the 2048 candidates of the bounded path
+    for kw in (dict(top_k=torch.tensor([3, 10, 50, 5])), dict(top_k=torch.tensor([7, 40, 2, 100]), top_p=0.7),
+               dict(top_k=20, top_p=0.5, min_p=0.3)):
+        p = e.S["SpecSamplingParams"]()
+        p.rows, p.per_req, p.vocab = B, 1, V
+        p.dtype = DT_ENUM[torch.float32]
+        p.logits, p.l_sb, p.l_st = logits.data_ptr(), logits.stride(0), 0
+        k_t, k_v = speculative._per_request(kw.get("top_k"), 0, torch.int64, int)
+        p_t, p_v = speculative._per_request(kw.get("top_p"), 1.0, torch.float32, float)
+        m_t, m_v = speculative._per_request(kw.get("min_p"), 0.0, torch.float32, float)
+        p.temperature, p.temperature_value = None, 0.8
+        p.top_k, p.top_k_value = ptr(k_t), k_v
+        p.top_p, p.top_p_value = ptr(p_t), p_v
+        p.min_p, p.min_p_value = ptr(m_t), m_v
+        out = nan(B, V)
+        p.out = out.data_ptr()
+        e.call("emu_spec_sampling_probs_cuda", p)
+        ref = speculative.sampling_probs(logits, temperature=0.8, **kw)
+        assert torch.equal(out > 0, ref > 0), "kept sets differ"
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+        kept = (out > 0).sum(-1)
+        k_req = k_t if k_t is not None else torch.full((B,), k_v)
+        assert kept[3].item() == V
+        if "top_p" not in kw:  # top-k alone: at least k kept, more where ties straddle the cut
+            assert (kept >= k_req).all() and (kept[:3] > k_req[:3]).any(), (kept, k_req)

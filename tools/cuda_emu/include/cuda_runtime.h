@@ -468,6 +468,16 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return r;
   });
 }
+// redux.sync.max.u32 (sm_80+): the largest value over the live lanes of the warp.
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+  if (mask != 0xffffffffu) throw std::runtime_error("emu: partial-mask __reduce_max_sync not emulated");
+  return emu::warp_collect(static_cast<unsigned long long>(v), [](unsigned live, int base) {
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l)
+      if ((live >> l & 1u) && static_cast<unsigned>(emu::blk->shfl[base + l]) > r) r = static_cast<unsigned>(emu::blk->shfl[base + l]);
+    return r;
+  });
+}
 template <class V>
 unsigned __match_any_sync(unsigned mask, V v) {
   static_assert(sizeof(V) <= 8, "emu: match of a wide type");
