@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
@@ -954,6 +955,29 @@ SsdBwdGrids bwd_grids(const SsdParams& p) {
 
 unsigned gx(const LaunchGrid& g) { return static_cast<unsigned>(g.x); }
 
+// Dynamic shared memory of col_kernel (the larger of the two B3 kernels): its fixed struct plus
+// ceil(P/64) + ceil(N/64) float32 accumulator tiles.
+template <typename T, int Q>
+int col_smem_bytes(const SsdParams& p) {
+  return smem_with_tiles<ColSmem<T, Q>>(static_cast<int>((p.headdim + kTile - 1) / kTile + (p.dstate + kTile - 1) / kTile));
+}
+template <typename T>
+int col_smem_bytes_q(const SsdParams& p) {
+  return p.chunk_size == 64 ? col_smem_bytes<T, 64>(p) : p.chunk_size == 128 ? col_smem_bytes<T, 128>(p) : col_smem_bytes<T, 256>(p);
+}
+// Checked before the first launch, as the forward checks F4's (the same remedy applies).
+void check_b3_smem(const SsdParams& p) {
+  const int need = p.dtype == DType::F32 ? col_smem_bytes_q<float>(p) : col_smem_bytes_q<__half>(p);
+  int dev = 0, max_smem = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (need > max_smem)
+    throw std::runtime_error("nemokernels: mamba_chunk_scan_combined (backward): the CUDA backward needs " +
+                             std::to_string(need) + " bytes of shared memory per block, the device allows " +
+                             std::to_string(max_smem) + "; use float16 / bfloat16 activations or a smaller "
+                             "headdim or dstate (the CPU path has no such limit)");
+}
+
 template <typename T, int Q>
 void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   const SsdParams& p = q.fwd;
@@ -973,8 +997,8 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
 
-  const int npt = static_cast<int>((p.headdim + kTile - 1) / kTile), nnt = static_cast<int>((p.dstate + kTile - 1) / kTile);
-  const int col_smem = smem_with_tiles<ColSmem<T, Q>>(npt + nnt);
+  const int nnt = static_cast<int>((p.dstate + kTile - 1) / kTile);
+  const int col_smem = col_smem_bytes<T, Q>(p);
   NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
   col_kernel<T, Q><<<gx(g.col), kThreads, col_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
@@ -1021,7 +1045,8 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
   scratch_layout(q, &w);
   SsdParams fp = p;
   fp.workspace = w.fwd_ws;
-  bwd_grids(p);  // every grid checked before the first launch
+  bwd_grids(p);  // every grid and the shared memory checked before the first launch
+  check_b3_smem(p);
   ssd_states_cuda(fp, stream);
   switch (p.dtype) {
     case DType::F32: return run_bwd_q<float>(q, s);
