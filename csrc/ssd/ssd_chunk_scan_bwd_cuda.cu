@@ -1058,14 +1058,9 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
 }  // namespace nk
 
 // Speed ideas not done yet (correctness first; the layout above already allows them):
-//  - Keep the persistent accumulators (dx, dB, dC) in WarpTile fragments instead of the
-//    per-thread 4x4 register tiles: every product now makes a float32 round trip through
-//    shared memory (store, barrier, add) to reach them, which costs bandwidth and barriers.
-//    The element-wise scalings applied to them (decay_j on R, wj on x dS) can be folded
-//    into the staged operands' row scales.
-//  - col_kernel holds dx (64 x P) and dB (64 x N) accumulators for the maximum P = 128 and
-//    N = 256 (~200-250 registers, 1 block/SM); templating the tile counts on the actual P and
-//    N (e.g. P = 64, N = 128) would halve that and double occupancy.
+//  - The element-wise scalings applied to the state terms (wj on x dS, fac_i on dy in) could
+//    be folded into the staged operands' row scales, so that those products too go straight
+//    into the shared accumulators (gemm_sg_acc) without the trip through `out`.
 //  - CB and DX tiles are computed twice (column and row kernels); one kernel per (i, j) tile
 //    pair with float32 partials of the row quantities would compute them once.
 //  - Double-buffered (cp.async) staging and 16-byte loads (ssd_cuda_common.cuh's load8 /
