@@ -51,8 +51,15 @@ MUTANTS = [
     Mutant("ssd-cuda-chain-carry-off-by-one", "off-by-one", "csrc/ssd/ssd_chunk_scan_fwd_cuda.cu",
            "expf(cs_s[Q - 1])", "expf(cs_s[Q - 2])", ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "chain")),
     missing_barrier("ssd-cuda-bwd-missing-barrier", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
-                    "  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);\n", "  __syncthreads();\n",
+                    "NK_DEVICE void add_product(Acc& acc, const WarpTile<T, kWarpFN>& wt, float* out) {\n"
+                    "  wt.store(warp_share(out), kLdo, 16 * kWarpFN);\n", "  __syncthreads();\n",
                     ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
+    # B3's products read element-wise from `out` (product_to_out) and its shared accumulators
+    missing_barrier("ssd-cuda-bwd-product-out-missing-barrier", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+                    "    gemm_gg<kFastKA, kFastKB>(wt, K, As, Bs, fa, fb);\n  wt.store(warp_share(out), kLdo, 16 * kWarpFN);\n",
+                    "  __syncthreads();\n", ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
+    Mutant("ssd-cuda-bwd-acc-not-zeroed", "uninitialised accumulator", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+           "  zero_tiles(accb, nnt);", "", ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
     Mutant("ssd-cuda-state-update-swapped-stride", "swapped stride", "csrc/ssd/state_update_cuda.cu",
            "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3])",
            "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[3] + i * p.x.s[2])",

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
@@ -20,8 +21,6 @@ namespace {
 constexpr int kThreads = 256;        // every kernel below except the element-wise ones
 constexpr int kTile = 64;            // rows and columns of a block's output tile
 constexpr int kKC = 32;              // k staged in shared memory per step
-constexpr int kMaxPT = 2;            // P <= 128: at most 2 column tiles of 64
-constexpr int kMaxNT = 4;            // N <= 256: at most 4 column tiles of 64
 constexpr int kSpPerThread = 4;      // state elements per thread in the state passing
 constexpr int kSpChunk = kThreads * kSpPerThread;
 // Operand tiles in shared memory hold T (the activation dtype): leading dimension
@@ -128,6 +127,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
 // bounds-checks and zero-fills (and applies any float32 scale before the rounding).
 template <bool kFastK, typename T, class F>
 NK_DEVICE void stage(T* S, int k0, const F& f) {
+#pragma unroll 1
   for (int e = threadIdx.x; e < kKC * kTile; e += kThreads) {
     const int k = kFastK ? e % kKC : e / kTile;
     const int m = kFastK ? e / kKC : e % kTile;
@@ -144,12 +144,17 @@ NK_DEVICE void warp_mma(WarpTile<T, kWarpFN>& wt, const T* As, const T* Bs, int 
   wt.template mma<true, false>(As + 16 * (w / 2), kLdT<T>, Bs + 32 * (w % 2), kLdT<T>, kn, 16 * kWarpFN);
 }
 
+// This warp's 16x32 share of a 64 x kLdo float32 tile (the layout warp_mma computes).
+NK_DEVICE float* warp_share(float* tile) {
+  const int w = threadIdx.x / 32;
+  return tile + 16 * (w / 2) * kLdo + 32 * (w % 2);
+}
+
 // acc (the thread's 4x4 register tile: rows ty + 16r, cols tx + 16c) += the block's product,
 // moved through the float32 tile `out`. Starts and ends with every thread past a barrier.
 template <typename T>
 NK_DEVICE void add_product(Acc& acc, const WarpTile<T, kWarpFN>& wt, float* out) {
-  const int w = threadIdx.x / 32;
-  wt.store(out + 16 * (w / 2) * kLdo + 32 * (w % 2), kLdo, 16 * kWarpFN);
+  wt.store(warp_share(out), kLdo, 16 * kWarpFN);
   __syncthreads();
   const int ty = tile_ty(), tx = tile_tx();
 #pragma unroll
@@ -159,11 +164,10 @@ NK_DEVICE void add_product(Acc& acc, const WarpTile<T, kWarpFN>& wt, float* out)
   __syncthreads();  // out is rewritten by the next product
 }
 
-// acc += A B, both operands from global: A(m, k) = fa(k, m), B(k, n) = fb(k, n), k < K.
+// wt += A B, both operands from global: A(m, k) = fa(k, m), B(k, n) = fb(k, n), k < K. Ends
+// with every thread past a barrier.
 template <bool kFastKA, bool kFastKB, typename T, class FA, class FB>
-NK_DEVICE void gemm_gg(Acc& acc, int K, T* As, T* Bs, float* out, const FA& fa, const FB& fb) {
-  WarpTile<T, kWarpFN> wt;
-  wt.zero();
+NK_DEVICE void gemm_gg(WarpTile<T, kWarpFN>& wt, int K, T* As, T* Bs, const FA& fa, const FB& fb) {
   for (int k0 = 0; k0 < K; k0 += kKC) {
     stage<kFastKA>(As, k0, fa);
     stage<kFastKB>(Bs, k0, fb);
@@ -171,23 +175,31 @@ NK_DEVICE void gemm_gg(Acc& acc, int K, T* As, T* Bs, float* out, const FA& fa, 
     warp_mma(wt, As, Bs, kKC);
     __syncthreads();
   }
+}
+
+// acc = A B (acc zeroed first) through `out`, for the products the kernels need element-wise.
+template <bool kFastKA, bool kFastKB, typename T, class FA, class FB>
+NK_DEVICE void product_gg(Acc& acc, int K, T* As, T* Bs, float* out, const FA& fa, const FB& fb) {
+  WarpTile<T, kWarpFN> wt;
+  wt.zero();
+  gemm_gg<kFastKA, kFastKB>(wt, K, As, Bs, fa, fb);
+  zero_acc(acc);
   add_product(acc, wt, out);
 }
 
-// acc += A B like gemm_gg, B being float32 data (a state, dS or in_c): for f16/bf16 it is
+// wt += A B like gemm_gg, B being float32 data (a state, dS or in_c): for f16/bf16 it is
 // staged as hi = T(B) in Bs and lo = T(B - hi) in Blo and both halves run on the tensor cores,
 // so B keeps ~16 (bf16) / 22 (f16) significant bits instead of 8 / 11 (the per-position
 // U and V terms feed dcs, whose reverse cumsum into dA cancels strongly). Blo: a T buffer of
 // at least kStageElems<T> that is free during the call. float32: plain gemm_gg.
 template <bool kFastKA, bool kFastKB, typename T, class FA, class FB>
-NK_DEVICE void gemm_gg_split(Acc& acc, int K, T* As, T* Bs, T* Blo, float* out, const FA& fa, const FB& fb) {
+NK_DEVICE void gemm_gg_split(WarpTile<T, kWarpFN>& wt, int K, T* As, T* Bs, T* Blo, const FA& fa, const FB& fb) {
   if constexpr (std::is_same_v<T, float>) {
-    gemm_gg<kFastKA, kFastKB>(acc, K, As, Bs, out, fa, fb);
+    gemm_gg<kFastKA, kFastKB>(wt, K, As, Bs, fa, fb);
   } else {
-    WarpTile<T, kWarpFN> wt;
-    wt.zero();
     for (int k0 = 0; k0 < K; k0 += kKC) {
       stage<kFastKA>(As, k0, fa);
+#pragma unroll 1
       for (int e = threadIdx.x; e < kKC * kTile; e += kThreads) {
         const int k = kFastKB ? e % kKC : e / kTile;
         const int m = kFastKB ? e / kKC : e % kTile;
@@ -201,22 +213,42 @@ NK_DEVICE void gemm_gg_split(Acc& acc, int K, T* As, T* Bs, T* Blo, float* out, 
       warp_mma(wt, As, Blo, kKC);
       __syncthreads();
     }
-    add_product(acc, wt, out);
   }
 }
 
-// acc += A B with A resident in shared memory as Ares[k][m] (k < kTile, T), B from global.
-template <bool kFastKB, typename T, class FB>
-NK_DEVICE void gemm_sg(Acc& acc, const T* Ares, T* Bs, float* out, const FB& fb) {
+// out (the 64 x kLdo float32 tile) = A B, for a product read element-wise straight from
+// there instead of a register copy (which would stay live across the barrier: the register
+// budget). kSplit: B is float32 data (gemm_gg_split, Blo its scratch). Ends past a barrier;
+// the caller syncs again before out is rewritten.
+template <bool kSplit, bool kFastKA, bool kFastKB, typename T, class FA, class FB>
+NK_DEVICE void product_to_out(int K, T* As, T* Bs, T* Blo, float* out, const FA& fa, const FB& fb) {
   WarpTile<T, kWarpFN> wt;
   wt.zero();
+  if constexpr (kSplit)
+    gemm_gg_split<kFastKA, kFastKB>(wt, K, As, Bs, Blo, fa, fb);
+  else
+    gemm_gg<kFastKA, kFastKB>(wt, K, As, Bs, fa, fb);
+  wt.store(warp_share(out), kLdo, 16 * kWarpFN);
+  __syncthreads();
+}
+
+// tile (a 64 x kLdo float32 accumulator in shared memory) += A B with A resident in shared
+// memory as Ares[k][m] (k < kTile, T), B from global. Each warp loads its own share of the
+// tile into its fragments after the first staging barrier (so element-wise writes made before
+// the call by any thread are seen), runs the MMAs and stores the share back; the caller
+// syncs before reading the tile element-wise. The accumulator stays out of registers between
+// products (the register budget), and no barrier is spent on it.
+template <bool kFastKB, typename T, class FB>
+NK_DEVICE void gemm_sg_acc(float* tile, const T* Ares, T* Bs, const FB& fb) {
+  WarpTile<T, kWarpFN> wt;
   for (int k0 = 0; k0 < kTile; k0 += kKC) {
     stage<kFastKB>(Bs, k0, fb);
     __syncthreads();
+    if (k0 == 0) wt.load(warp_share(tile), kLdo, 16 * kWarpFN);
     warp_mma(wt, Ares + k0 * kLdT<T>, Bs, kKC);
     __syncthreads();
   }
-  add_product(acc, wt, out);
+  wt.store(warp_share(tile), kLdo, 16 * kWarpFN);
 }
 
 // Sum over the 16 threads of a tile row (tx = 0..15, same warp half), fixed butterfly.
@@ -380,10 +412,9 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const
   __syncthreads();
   const int p0 = pt * kTile, n0 = nt * kTile;
   Acc acc;
-  zero_acc(acc);
   // dIn[p][n] = sum_i (fac_i dy[i][p]) C[i][n]: A(m = p, k = i), B(k = i, n); fac_i dy is
   // scaled in float32 and rounded to T once at staging.
-  gemm_gg<false, false>(
+  product_gg<false, false>(
       acc, v.nvalid, As, Bs, out_t, [&](int k, int m) { return k < Q ? s_fac[k] * v.dy(k, p0 + m) : 0.f; },
       [&](int k, int n) { return v.Cv(k, n0 + n); });
   float* out = q.dstates + v.state_base();
@@ -445,6 +476,28 @@ __global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part, int64_t S
   q.dcs_last[t] = chunk_carry(p, b, h, c) * acc;
 }
 
+// ---- B3: accumulators in shared memory ----------------------------------------------------
+
+// The B3 kernels keep their long-lived float32 sums (dx of a head, dB / dC over the block's
+// heads) in 64 x kLdo shared tiles placed after the kernel's fixed struct, one per 64-wide
+// column tile of P or N: products are added there by gemm_sg_acc (each warp its own share,
+// through its wmma fragments) and element-wise terms by the threads' (ty, tx) layout. Holding
+// them in registers took 96 floats a thread (P 128, N 256) and pushed col_kernel to 255
+// registers (docs/ssd.md, Progress).
+template <class Smem>
+NK_DEVICE float* acc_tiles(unsigned char* smem_raw) {
+  return reinterpret_cast<float*>(smem_raw + sizeof(Smem));
+}
+template <class Smem>
+int smem_with_tiles(int ntiles) {
+  return static_cast<int>(sizeof(Smem) + sizeof(float) * size_t(ntiles) * kOutFloats);
+}
+NK_DEVICE void zero_tiles(float* t, int ntiles) {
+  for (int e = threadIdx.x; e < ntiles * kOutFloats; e += kThreads) t[e] = 0.f;
+}
+// Offset of the thread's element (row ty + 16r, column tx + 16c) in a 64 x kLdo tile.
+NK_DEVICE int acc_at(int r, int c) { return (tile_ty() + 16 * r) * kLdo + tile_tx() + 16 * c; }
+
 // ---- B3: column (j) kernel ----------------------------------------------------------------
 
 template <typename T, int Q>
@@ -453,15 +506,16 @@ struct ColSmem {
   alignas(32) T Bs[kStageElems<T>];
   alignas(32) T A1[kTileElems<T>];  // [i][j] CB_ij m_ij (rounded to T)
   alignas(32) T A2[kTileElems<T>];  // [i][j] DX_ij m_ij dt'_j (rounded to T)
-  alignas(32) float out[kOutFloats];  // products on their way to the register tiles
-  float colred[16 * kTile];
+  alignas(32) float out[kOutFloats];  // products on their way to registers; then the column sums' partials
   float cs[Q], dtp[Q];
   int32_t sid[Q];
   float rx[kTile];
+  // followed by npt + nnt accumulator tiles (acc_tiles)
 };
+static_assert(16 * kTile <= kOutFloats, "the column sums' 16 x 64 partials fit in out");
 
 template <typename T, int Q>
-__global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratch w) {
+__global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratch w) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   ColSmem<T, Q>& sm = *reinterpret_cast<ColSmem<T, Q>*>(smem_raw);
   const SsdParams& p = q.fwd;
@@ -480,73 +534,65 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
   const int npt = ceil_div_d(P), nnt = ceil_div_d(N);
   const int ty = tile_ty(), tx = tile_tx();
   T* dx = static_cast<T*>(q.dx);
+  float* accx = acc_tiles<ColSmem<T, Q>>(smem_raw);  // npt tiles: dx_j of the current head
+  float* accb = accx + npt * kOutFloats;  // nnt tiles: dB_j over the block's heads, dt'_j folded in
+  zero_tiles(accb, nnt);  // seen after the first head's load_chunk_scalars barrier
 
-  // dB_j summed over this block's heads (all of one group), dt'_j of each head folded in.
-  Acc accb[kMaxNT];
-#pragma unroll
-  for (int t = 0; t < kMaxNT; ++t) zero_acc(accb[t]);
-
-  for (int64_t hh = 0; hh < w.hs; ++hh) {
-    const int64_t h = sp * w.hs + hh;
+  for (int hh = 0; hh < static_cast<int>(w.hs); ++hh) {
+    const int64_t h = int64_t(blockIdx.x / kNT % nsplit) * w.hs + hh;  // sp * hs + hh, recomputed (register budget)
     ChunkView<T> v(q, w.dy, b, c, h);
-    __syncthreads();  // the previous head's epilogue still reads the chunk scalars and rx
+    __syncthreads();  // the previous head's epilogue still reads the chunk scalars, rx and accx
     load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
     const float cs_last = sm.cs[Q - 1];
     const int32_t sid_last = sm.sid[Q - 1];
     const float* dS = q.dstates + v.state_base();
 
-    Acc accx[kMaxPT];
-#pragma unroll
-    for (int t = 0; t < kMaxPT; ++t) zero_acc(accx[t]);
-    // State terms: R = B_j dS^T (j x P) for dx, and (x_j dS) decay_j dt'_j (j x N) for dB.
-#pragma unroll
-    for (int pt = 0; pt < kMaxPT; ++pt) {
-      if (pt >= npt) break;
-      gemm_gg_split<true, true>(
-          accx[pt], N, sm.As, sm.Bs, sm.A1, sm.out, [&](int k, int m) { return v.Bv(j0 + m, k); },
-          [&](int k, int n) {
-            const int pp = pt * kTile + n;
-            return (pp < P && k < N) ? dS[pp * N + k] : 0.f;
-          });
+    // State terms: R = B_j dS^T (j x P) for dx, written over accx (this head's first term),
+    // and (x_j dS) decay_j dt'_j (j x N) added to dB.
+    for (int pt = 0; pt < npt; ++pt) {
+      WarpTile<T, kWarpFN> wt;
+      wt.zero();
+      gemm_gg_split<true, true>(wt, N, sm.As, sm.Bs, sm.A1, [&](int k, int m) { return v.Bv(j0 + m, k); },
+                                [&](int k, int n) {
+                                  const int pp = pt * kTile + n;
+                                  return (pp < P && k < N) ? dS[pp * N + k] : 0.f;
+                                });
+      wt.store(warp_share(accx + pt * kOutFloats), kLdo, 16 * kWarpFN);
     }
-#pragma unroll
-    for (int nt = 0; nt < kMaxNT; ++nt) {
-      if (nt >= nnt) break;
-      Acc t;
-      zero_acc(t);
-      gemm_gg_split<true, false>(
-          t, P, sm.As, sm.Bs, sm.A1, sm.out, [&](int k, int m) { return v.x(j0 + m, k); },
-          [&](int k, int n) {
-            const int nn = nt * kTile + n;
-            return (k < P && nn < N) ? dS[k * N + nn] : 0.f;
-          });
+    for (int nt = 0; nt < nnt; ++nt) {
+      product_to_out<true, true, false>(P, sm.As, sm.Bs, sm.A1, sm.out, [&](int k, int m) { return v.x(j0 + m, k); },
+                                        [&](int k, int n) {
+                                          const int nn = nt * kTile + n;
+                                          return (k < P && nn < N) ? dS[k * N + nn] : 0.f;
+                                        });
+      float* tb = accb + nt * kOutFloats;
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int j = j0 + ty + 16 * r;
         const float wj = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) * sm.dtp[j] : 0.f;
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) accb[nt][r][cc] = fmaf(wj, t[r][cc], accb[nt][r][cc]);
+        for (int cc = 0; cc < 4; ++cc) tb[acc_at(r, cc)] = fmaf(wj, sm.out[acc_at(r, cc)], tb[acc_at(r, cc)]);
       }
     }
+    __syncthreads();  // R in accx, stored by the warps, is read element-wise below
     // Rx_j = x_j . R_j (for ddt' and U), then R scaled by decay_j.
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int jl = ty + 16 * r;
       float part = 0.f;
+      for (int pt = 0; pt < npt; ++pt) {
 #pragma unroll
-      for (int pt = 0; pt < kMaxPT; ++pt) {
-        if (pt >= npt) break;
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) part = fmaf(v.x(j0 + jl, pt * kTile + tx + 16 * cc), accx[pt][r][cc], part);
+        for (int cc = 0; cc < 4; ++cc)
+          part = fmaf(v.x(j0 + jl, pt * kTile + tx + 16 * cc), accx[pt * kOutFloats + acc_at(r, cc)], part);
       }
       part = row_sum16(part);
       if (tx == 0) sm.rx[jl] = part;
       const int j = j0 + jl;
       const float decay = sm.sid[j] == sid_last ? expf(cs_last - sm.cs[j]) : 0.f;
+      for (int pt = 0; pt < npt; ++pt) {
 #pragma unroll
-      for (int pt = 0; pt < kMaxPT; ++pt)
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) accx[pt][r][cc] *= decay;
+        for (int cc = 0; cc < 4; ++cc) accx[pt * kOutFloats + acc_at(r, cc)] *= decay;
+      }
     }
 
     // Intra-chunk terms, i tiles from the diagonal down.
@@ -554,56 +600,52 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
     for (int it = jt; it < kNT; ++it) {
       const int i0 = it * kTile;
       if (i0 >= nvalid) break;  // rows of padding only: every term is zero
-      // cbm = CB m in float32 (kept for the W column sums); A1 = its one rounding to T.
-      Acc cbm;
-      zero_acc(cbm);
-      gemm_gg<true, true>(
-          cbm, N, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.Cv(i0 + m, k); },
-          [&](int k, int n) { return v.Bv(j0 + n, k); });
+      // dxs = DX in float32 (kept for the W column sums); A2 = DX m dt' rounded to T once.
+      Acc dxs;
+      product_gg<true, true>(
+          dxs, P, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
+          [&](int k, int n) { return v.x(j0 + n, k); });
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
           const int il = ty + 16 * r, jl = tx + 16 * cc;
-          cbm[r][cc] *= seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);
-          sm.A1[il * kLdT<T> + jl] = from_f<T>(cbm[r][cc]);
+          const float sdx = dxs[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);  // DX m
+          sm.A2[il * kLdT<T> + jl] = from_f<T>(sdx * sm.dtp[j0 + jl]);
         }
-      Acc s;
-      zero_acc(s);
-      gemm_gg<true, true>(
-          s, P, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
-          [&](int k, int n) { return v.x(j0 + n, k); });
+      // CB read from out element by element (dxs holds the registers of a second tile).
+      product_to_out<false, true, true>(
+          N, sm.As, sm.Bs, sm.Bs, sm.out, [&](int k, int m) { return v.Cv(i0 + m, k); },
+          [&](int k, int n) { return v.Bv(j0 + n, k); });
       float cpart[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
           const int il = ty + 16 * r, jl = tx + 16 * cc;
-          const float sdx = s[r][cc] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);  // DX m
-          sm.A2[il * kLdT<T> + jl] = from_f<T>(sdx * sm.dtp[j0 + jl]);
-          cpart[cc] = fmaf(cbm[r][cc], s[r][cc], cpart[cc]);  // CB m DX (own element)
+          const float cbm = sm.out[acc_at(r, cc)] * seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid);  // CB m
+          sm.A1[il * kLdT<T> + jl] = from_f<T>(cbm);
+          cpart[cc] = fmaf(cbm, dxs[r][cc], cpart[cc]);  // CB m DX (own element)
         }
+      __syncthreads();  // every thread has read CB from out
+      float* colred = sm.out;
 #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) sm.colred[ty * kTile + tx + 16 * cc] = cpart[cc];
+      for (int cc = 0; cc < 4; ++cc) colred[ty * kTile + tx + 16 * cc] = cpart[cc];
       __syncthreads();
       if (threadIdx.x < kTile) {
         float t = 0.f;
-        for (int y = 0; y < 16; ++y) t += sm.colred[y * kTile + threadIdx.x];
+        for (int y = 0; y < 16; ++y) t += colred[y * kTile + threadIdx.x];
         colsum += t;
       }
       // dx_j += sum_i A1[i][j] dy_i;  dB_j += sum_i A2[i][j] C_i
-#pragma unroll
-      for (int pt = 0; pt < kMaxPT; ++pt) {
-        if (pt >= npt) break;
-        gemm_sg<false>(accx[pt], sm.A1, sm.Bs, sm.out, [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
-      }
-#pragma unroll
-      for (int nt = 0; nt < kMaxNT; ++nt) {
-        if (nt >= nnt) break;
-        gemm_sg<false>(accb[nt], sm.A2, sm.Bs, sm.out, [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
-      }
+      for (int pt = 0; pt < npt; ++pt)
+        gemm_sg_acc<false>(accx + pt * kOutFloats, sm.A1, sm.Bs,
+                           [&](int k, int n) { return v.dy(i0 + k, pt * kTile + n); });
+      for (int nt = 0; nt < nnt; ++nt)
+        gemm_sg_acc<false>(accb + nt * kOutFloats, sm.A2, sm.Bs,
+                           [&](int k, int n) { return v.Cv(i0 + k, nt * kTile + n); });
     }
-    __syncthreads();  // sm.rx
+    __syncthreads();  // sm.rx and the warps' last stores to accx
 
     // Epilogue of head h: dx (final) and the per-position scalars.
 #pragma unroll
@@ -612,13 +654,11 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
       if (j >= nvalid) continue;
       const float dtj = sm.dtp[j];
       const int64_t row = (b * p.seqlen + v.l0 + j) * p.nheads + h;
-#pragma unroll
-      for (int pt = 0; pt < kMaxPT; ++pt) {
-        if (pt >= npt) break;
+      for (int pt = 0; pt < npt; ++pt) {
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
           const int pp = pt * kTile + tx + 16 * cc;
-          if (pp < P) dx[row * P + pp] = from_f<T>(fmaf(dtj, accx[pt][r][cc], v.Dv(pp) * v.dy(j, pp)));
+          if (pp < P) dx[row * P + pp] = from_f<T>(fmaf(dtj, accx[pt * kOutFloats + acc_at(r, cc)], v.Dv(pp) * v.dy(j, pp)));
         }
       }
     }
@@ -636,18 +676,18 @@ __global__ void __launch_bounds__(kThreads, 1) col_kernel(SsdBwdParams q, Scratc
   }
 
   // dB of this block's heads into the (b, nc, H/hs, Q, N) scratch.
-  float* dBs = w.dBs + ((b * p.nchunks + c) * nsplit + sp) * Q * N;
+  __syncthreads();  // the warps' last stores to accb
+  // (b * nc + c) * nsplit + sp is blockIdx.x / kNT (recomputed: nothing kept live for it)
+  float* dBs = w.dBs + int64_t(blockIdx.x / kNT) * Q * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int j = j0 + ty + 16 * r;
     if (j >= nvalid) continue;
-#pragma unroll
-    for (int nt = 0; nt < kMaxNT; ++nt) {
-      if (nt >= nnt) break;
+    for (int nt = 0; nt < nnt; ++nt) {
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dBs[int64_t(j) * N + n] = accb[nt][r][cc];
+        if (n < N) dBs[int64_t(j) * N + n] = accb[nt * kOutFloats + acc_at(r, cc)];
       }
     }
   }
@@ -664,10 +704,11 @@ struct RowSmem {
   float cs[Q], dtp[Q];
   int32_t sid[Q];
   float v[kTile], wrow[kTile];
+  // followed by nnt accumulator tiles (acc_tiles)
 };
 
 template <typename T, int Q>
-__global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratch w) {
+__global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratch w) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   RowSmem<T, Q>& sm = *reinterpret_cast<RowSmem<T, Q>*>(smem_raw);
   const SsdParams& p = q.fwd;
@@ -686,13 +727,10 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
   const int nnt = ceil_div_d(N);
   const int ty = tile_ty(), tx = tile_tx();
   const int32_t sid_prev = chunk_sid_prev(p, b, c);
+  float* accc = acc_tiles<RowSmem<T, Q>>(smem_raw);  // nnt tiles: dC_i over the block's heads
+  zero_tiles(accc, nnt);  // seen after the first head's load_chunk_scalars barrier
 
-  // dC_i summed over this block's heads (all of one group).
-  Acc accc[kMaxNT];
-#pragma unroll
-  for (int t = 0; t < kMaxNT; ++t) zero_acc(accc[t]);
-
-  for (int64_t hh = 0; hh < w.hs; ++hh) {
+  for (int hh = 0; hh < static_cast<int>(w.hs); ++hh) {
     const int64_t h = sp * w.hs + hh;
     ChunkView<T> v(q, w.dy, b, c, h);
     __syncthreads();  // the previous head's epilogue still reads v/wrow
@@ -702,25 +740,23 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
     // State term Z = dy_i in (i x N), one n tile at a time: V_i = fac_i C_i . Z_i and
     // dC_i += fac_i Z_i.
     float vpart[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < kMaxNT; ++nt) {
-      if (nt >= nnt) break;
-      Acc t;
-      zero_acc(t);
-      gemm_gg_split<true, false>(
-          t, P, sm.As, sm.Bs, sm.A3t, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
+    for (int nt = 0; nt < nnt; ++nt) {
+      product_to_out<true, true, false>(
+          P, sm.As, sm.Bs, sm.A3t, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
           [&](int k, int n) {
             const int nn = nt * kTile + n;
             return (k < P && nn < N) ? in[k * N + nn] : 0.f;
           });
+      float* tc = accc + nt * kOutFloats;
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int i = i0 + ty + 16 * r;
         const float fac = sm.sid[i] == sid_prev ? expf(sm.cs[i]) : 0.f;
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
-          vpart[r] = fmaf(v.Cv(i, nt * kTile + tx + 16 * cc), t[r][cc], vpart[r]);
-          accc[nt][r][cc] = fmaf(fac, t[r][cc], accc[nt][r][cc]);
+          const float t = sm.out[acc_at(r, cc)];
+          vpart[r] = fmaf(v.Cv(i, nt * kTile + tx + 16 * cc), t, vpart[r]);
+          tc[acc_at(r, cc)] = fmaf(fac, t, tc[acc_at(r, cc)]);
         }
       }
     }
@@ -737,8 +773,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
       const int j0 = jt * kTile;
       // a3 = m dt' DX in float32 (kept for the W row sums); A3t = its one rounding to T.
       Acc a3;
-      zero_acc(a3);
-      gemm_gg<true, true>(
+      product_gg<true, true>(
           a3, P, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.dy(i0 + m, k); },
           [&](int k, int n) { return v.x(j0 + n, k); });
 #pragma unroll
@@ -749,21 +784,19 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
           a3[r][cc] *= seg_decay(i0 + il, j0 + jl, sm.cs, sm.sid) * sm.dtp[j0 + jl];
           sm.A3t[jl * kLdT<T> + il] = from_f<T>(a3[r][cc]);
         }
-      Acc s;
-      zero_acc(s);
-      gemm_gg<true, true>(
-          s, N, sm.As, sm.Bs, sm.out, [&](int k, int m) { return v.Cv(i0 + m, k); },
+      // CB read from out element by element (a3 holds the registers of a second tile); out
+      // is next written after gemm_sg_acc's barriers.
+      product_to_out<false, true, true>(
+          N, sm.As, sm.Bs, sm.Bs, sm.out, [&](int k, int m) { return v.Cv(i0 + m, k); },
           [&](int k, int n) { return v.Bv(j0 + n, k); });
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) wpart[r] = fmaf(s[r][cc], a3[r][cc], wpart[r]);  // own element
+        for (int cc = 0; cc < 4; ++cc) wpart[r] = fmaf(sm.out[acc_at(r, cc)], a3[r][cc], wpart[r]);  // own element
       // dC_i += sum_j A3[i][j] B_j  (A3t is the A operand stored k-major: [j][i])
-#pragma unroll
-      for (int nt = 0; nt < kMaxNT; ++nt) {
-        if (nt >= nnt) break;
-        gemm_sg<false>(accc[nt], sm.A3t, sm.Bs, sm.out, [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
-      }
+      for (int nt = 0; nt < nnt; ++nt)
+        gemm_sg_acc<false>(accc + nt * kOutFloats, sm.A3t, sm.Bs,
+                           [&](int k, int n) { return v.Bv(j0 + k, nt * kTile + n); });
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -781,18 +814,17 @@ __global__ void __launch_bounds__(kThreads, 1) row_kernel(SsdBwdParams q, Scratc
     }
   }
 
-  float* dCs = w.dCs + ((b * p.nchunks + c) * nsplit + sp) * Q * N;
+  __syncthreads();  // the warps' last stores to accc
+  float* dCs = w.dCs + int64_t(blockIdx.x / kNT) * Q * N;  // (b * nc + c) * nsplit + sp
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = i0 + ty + 16 * r;
     if (i >= nvalid) continue;
-#pragma unroll
-    for (int nt = 0; nt < kMaxNT; ++nt) {
-      if (nt >= nnt) break;
+    for (int nt = 0; nt < nnt; ++nt) {
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dCs[int64_t(i) * N + n] = accc[nt][r][cc];
+        if (n < N) dCs[int64_t(i) * N + n] = accc[nt * kOutFloats + acc_at(r, cc)];
       }
     }
   }
@@ -923,6 +955,29 @@ SsdBwdGrids bwd_grids(const SsdParams& p) {
 
 unsigned gx(const LaunchGrid& g) { return static_cast<unsigned>(g.x); }
 
+// Dynamic shared memory of col_kernel (the larger of the two B3 kernels): its fixed struct plus
+// ceil(P/64) + ceil(N/64) float32 accumulator tiles.
+template <typename T, int Q>
+int col_smem_bytes(const SsdParams& p) {
+  return smem_with_tiles<ColSmem<T, Q>>(static_cast<int>((p.headdim + kTile - 1) / kTile + (p.dstate + kTile - 1) / kTile));
+}
+template <typename T>
+int col_smem_bytes_q(const SsdParams& p) {
+  return p.chunk_size == 64 ? col_smem_bytes<T, 64>(p) : p.chunk_size == 128 ? col_smem_bytes<T, 128>(p) : col_smem_bytes<T, 256>(p);
+}
+// Checked before the first launch, as the forward checks F4's (the same remedy applies).
+void check_b3_smem(const SsdParams& p) {
+  const int need = p.dtype == DType::F32 ? col_smem_bytes_q<float>(p) : col_smem_bytes_q<__half>(p);
+  int dev = 0, max_smem = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (need > max_smem)
+    throw std::runtime_error("nemokernels: mamba_chunk_scan_combined (backward): the CUDA backward needs " +
+                             std::to_string(need) + " bytes of shared memory per block, the device allows " +
+                             std::to_string(max_smem) + "; use float16 / bfloat16 activations or a smaller "
+                             "headdim or dstate (the CPU path has no such limit)");
+}
+
 template <typename T, int Q>
 void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   const SsdParams& p = q.fwd;
@@ -942,11 +997,12 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
 
-  const int col_smem = static_cast<int>(sizeof(ColSmem<T, Q>));
+  const int nnt = static_cast<int>((p.dstate + kTile - 1) / kTile);
+  const int col_smem = col_smem_bytes<T, Q>(p);
   NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
   col_kernel<T, Q><<<gx(g.col), kThreads, col_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
-  const int row_smem = static_cast<int>(sizeof(RowSmem<T, Q>));
+  const int row_smem = smem_with_tiles<RowSmem<T, Q>>(nnt);
   NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
   row_kernel<T, Q><<<gx(g.row), kThreads, row_smem, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
@@ -989,7 +1045,8 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
   scratch_layout(q, &w);
   SsdParams fp = p;
   fp.workspace = w.fwd_ws;
-  bwd_grids(p);  // every grid checked before the first launch
+  bwd_grids(p);  // every grid and the shared memory checked before the first launch
+  check_b3_smem(p);
   ssd_states_cuda(fp, stream);
   switch (p.dtype) {
     case DType::F32: return run_bwd_q<float>(q, s);
@@ -1001,14 +1058,9 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
 }  // namespace nk
 
 // Speed ideas not done yet (correctness first; the layout above already allows them):
-//  - Keep the persistent accumulators (dx, dB, dC) in WarpTile fragments instead of the
-//    per-thread 4x4 register tiles: every product now makes a float32 round trip through
-//    shared memory (store, barrier, add) to reach them, which costs bandwidth and barriers.
-//    The element-wise scalings applied to them (decay_j on R, wj on x dS) can be folded
-//    into the staged operands' row scales.
-//  - col_kernel holds dx (64 x P) and dB (64 x N) accumulators for the maximum P = 128 and
-//    N = 256 (~200-250 registers, 1 block/SM); templating the tile counts on the actual P and
-//    N (e.g. P = 64, N = 128) would halve that and double occupancy.
+//  - The element-wise scalings applied to the state terms (wj on x dS, fac_i on dy in) could
+//    be folded into the staged operands' row scales, so that those products too go straight
+//    into the shared accumulators (gemm_sg_acc) without the trip through `out`.
 //  - CB and DX tiles are computed twice (column and row kernels); one kernel per (i, j) tile
 //    pair with float32 partials of the row quantities would compute them once.
 //  - Double-buffered (cp.async) staging and 16-byte loads (ssd_cuda_common.cuh's load8 /
