@@ -84,7 +84,11 @@ step "profile" 100 bash -c "python3 bench/profile_kernels.py --baseline mamba_ss
     --case 'mamba_chunk_scan_combined:super b4 L32768' --case 'mamba_chunk_scan_combined.fwd_bwd:super b4 L32768' \
     --case 'selective_state_update:nano b64' --case 'rmsnorm_fn:nano rows8192' \
     --case 'nvfp4.quantize 1x16:' --case 'causal_conv1d_fn:' --case 'causal_conv1d_fn.fwd_bwd:' \
-    --case 'grouped_gemm.up_relu2:super T4096 uniform' > $OUT/profile.txt 2>&1"
+    --case 'grouped_gemm.up_relu2:super T4096 uniform' --case 'selective_state_update_multi:' \
+    --case 'causal_conv1d_update:' --case 'rmsnorm_fn.fwd_bwd:' --case 'nvfp4.quantize 1x16 given amax:' \
+    --case 'nvfp4.dequantize:' --case 'speculative.verify_greedy:b1' --case 'speculative.verify_greedy:b64' \
+    --case 'speculative.rejection_sample:b64' --case 'speculative.sampling_probs:b64' \
+    --case 'moe_router:' > $OUT/profile.txt 2>&1"
 
 # 5. compute-sanitizer. The caching allocator is off so that an out-of-bounds access lands
 #    outside any allocation; NEMOKERNELS_SANITIZER=1 lets tests shrink their sizes. torch.compile
