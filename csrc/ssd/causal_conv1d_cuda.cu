@@ -31,14 +31,11 @@ static_assert(NTH % TC == 0 && TL % kSegs == 0 && kSeg >= 4, "tile shape");
 // ~38 KB (float32) per block.
 constexpr int kBwdBlocksPerSm = 4;
 
-// silu / silu' with the fast exponential and division (MUFU.EX2 + MUFU.RCP): the precise
-// forms cost ~20 instructions per element, which at the copy bandwidth would use most of the
-// SM's issue slots. Relative error ~1e-7 (the CPU kernel uses expf and true division).
+// silu with the fast exponential and division (MUFU.EX2 + MUFU.RCP): the precise form costs
+// ~20 instructions per element, which at the copy bandwidth would use most of the SM's issue
+// slots. Relative error ~1e-7 (the CPU kernel uses expf and true division). silu' is
+// silu_pair(v).df (numerics.cuh), the same fast form.
 NK_DEVICE float silu_fast(float v) { return __fdividef(v, 1.0f + __expf(-v)); }
-NK_DEVICE float silu_grad_fast(float v) {
-  const float s = __fdividef(1.0f, 1.0f + __expf(-v));
-  return s * (1.0f + v * (1.0f - s));
-}
 
 // One element of a tensor of runtime dtype dt (the weight and bias keep their own dtype).
 NK_DEVICE float ld_dt(DType dt, const void* base, int64_t off) {
@@ -319,7 +316,7 @@ __global__ void __launch_bounds__(NTH, kBwdBlocksPerSm) bwd_kernel(Conv1dBwdPara
           float y = bias;
 #pragma unroll
           for (int k = 0; k < W; ++k) y = fmaf(w[k], (!kSeq || sw[k] == sw[W - 1]) ? xw[k] : 0.f, y);
-          dy *= silu_grad_fast(y);
+          dy *= silu_pair(y).df;
         }
       }
       if constexpr (decltype(own)::value) {  // dy is 0 past the end
