@@ -73,6 +73,10 @@ void grouped_gemm_sm90_run(const GroupedGemmParams& p, int kind, const void* A, 
 int64_t grouped_gemm_wgrad_sm90_workspace(int64_t E);
 void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void* workspace,
                                  void* stream);
+// Forward with relu^2 in the epilogue (no pre-activation saved): grouped_gemm_relu2_sm90.cu.
+int64_t grouped_gemm_relu2_sm90_workspace(int64_t E);
+void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace,
+                                 void* stream);
 #endif
 #ifdef NK_HAS_SM100
 int64_t grouped_gemm_sm100_workspace(int64_t E, int kind);

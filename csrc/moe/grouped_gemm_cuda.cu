@@ -4,7 +4,8 @@
 // a SIMT kernel. This is the path for GPUs without an arch-specific kernel and the fallback for
 // shapes the arch kernels do not take. This file also picks the path of each call
 // (grouped_gemm_cuda_prepare) and runs the passes around the CUTLASS kernels of
-// grouped_gemm_*sm90.cu / *sm100.cu (zero fills, relu^2, the relu^2 backward operand).
+// grouped_gemm_*sm90.cu / *sm100.cu (zero fills, relu^2, the relu^2 backward operand; on sm_90
+// a forward that saves no pre-activation has relu^2 in the CUTLASS epilogue instead).
 // Details: docs/moe.md, section `csrc/moe/grouped_gemm_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -478,6 +479,11 @@ void launch_gemm(const GroupedGemmParams& p, cudaStream_t s, bool tc) {
 }
 
 #if defined(NK_HAS_SM90) || defined(NK_HAS_SM100)
+// The Hopper forward fuses relu^2 into the CUTLASS epilogue when no pre-activation is saved.
+inline bool fused_relu2(const GroupedGemmParams& p, int mode) {
+  return p.arch == 90 && mode == kFwd && p.act == GgAct::Relu2 && p.pre_out == nullptr;
+}
+
 int64_t arch_workspace(int arch, int64_t E, int mode) {
 #ifdef NK_HAS_SM90
   if (arch == 90) return mode == kWgrad ? grouped_gemm_wgrad_sm90_workspace(E) : grouped_gemm_sm90_workspace(E, mode);
@@ -537,6 +543,12 @@ void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
     arch_gemm(p, MODE, G, p.w, p.out, ws, s);
     return;
   }
+#ifdef NK_HAS_SM90
+  if (fused_relu2(p, MODE)) {  // relu^2 in the epilogue: no pre-activation, no pass
+    grouped_gemm_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);
+    return;
+  }
+#endif
   void* D = p.pre_out != nullptr ? p.pre_out : p.out;
   arch_gemm(p, MODE, p.a, p.w, D, ws, s);
   if (p.act == GgAct::Relu2) {
@@ -609,6 +621,9 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
   const bool fused_bwd = op != kGgFwd && p.pre_in != nullptr;
   const int64_t g_bytes = fused_bwd ? align256(p.R * p.N * 2) : 0;
   p.arch = arch;
+#ifdef NK_HAS_SM90
+  if (fused_relu2(p, op)) return grouped_gemm_relu2_sm90_workspace(p.E);
+#endif
   return g_bytes + arch_workspace(arch, p.E, op);
 #else
   (void)op;

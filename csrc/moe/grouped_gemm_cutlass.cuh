@@ -1,6 +1,6 @@
 // The CUTLASS 3.x pointer-array grouped GEMM shared by the per-arch units (*_sm90.cu: wgmma/TMA,
 // *_sm100.cu: tcgen05): one traits struct per arch (Sm90Traits / Sm100Traits) and one template
-// GroupedGemm<Traits, KIND>. Per-expert shapes, pointers and strides are built ON THE DEVICE from
+// GroupedGemm<Traits, KIND, EPI> (EPI: plain D = acc, or relu(acc)^2). Per-expert shapes, pointers and strides are built ON THE DEVICE from
 // expert_offsets (host problem shapes are null) in one torch-allocated workspace, all on the
 // caller's stream (no host wait, graph-capturable). Per expert e, rows [lo, hi), m = hi - lo:
 //   fwd   (TN): D[lo:hi] (m x N)  = A[lo:hi] (m x K, row-major) * w[e]^T (w[e] N x K row-major)
@@ -19,6 +19,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/group_array_problem_shape.hpp"
@@ -39,6 +40,36 @@ namespace nk {
 namespace gg_cutlass {
 
 enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
+
+// The epilogue's activation: relu(v)^2 of the float32 accumulator, rounded to bf16 once (the CPU
+// and portable kernels' order). Applied by CUTLASS to a fragment (Array) or to one value.
+template <class T>
+struct ReluSquare {
+  static const bool kIsHeavy = false;
+  CUTLASS_HOST_DEVICE T operator()(T const& v) const { return v > T(0) ? v * v : T(0); }
+};
+template <class T, int N>
+struct ReluSquare<cutlass::Array<T, N>> {
+  static const bool kIsHeavy = false;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& frag) const {
+    cutlass::Array<T, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = frag[i] > T(0) ? frag[i] * frag[i] : T(0);
+    return out;
+  }
+};
+
+// The epilogue of a GEMM: D = acc (kPlain) or D = relu(acc)^2 (kRelu2, the forward without a
+// saved pre-activation: the separate relu^2 pass disappears).
+enum Epi : int { kPlain = 0, kRelu2 = 1 };
+template <int EPI>
+struct EpiFusion {
+  using Op = cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float, void, float>;
+};
+template <>
+struct EpiFusion<kRelu2> {
+  using Op = cutlass::epilogue::fusion::LinCombEltAct<ReluSquare, cutlass::bfloat16_t, float, void, float>;
+};
 
 // Per-arch choices (the pattern of CUTLASS example 75's MMA1SMConfig): bf16 in and out, float
 // accumulation, 128 x 128 x 64 tiles, a static 1x1x1 cluster on both archs.
@@ -77,14 +108,14 @@ struct KindLayouts<kWgrad> {
 // The CUTLASS device GEMM of one arch and kind. The member names avoid CollectiveEpilogue /
 // CollectiveMainloop: GCC (the host pass) mis-resolves such an alias inside a class template
 // against CUTLASS's own templates of those names.
-template <class Traits, int KIND>
+template <class Traits, int KIND, int EPI = kPlain>
 struct GroupedGemm {
   using Bf16 = cutlass::bfloat16_t;
   using EpiOp = typename cutlass::epilogue::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, typename Traits::Tile, typename Traits::Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, 8, Bf16,
       cutlass::layout::RowMajor*, 8, typename Traits::EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Bf16, float, void, float>>::CollectiveOp;
+      typename EpiFusion<EPI>::Op>::CollectiveOp;
   using MainOp = typename cutlass::gemm::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, Bf16, typename KindLayouts<KIND>::A*, 8, Bf16,
       typename KindLayouts<KIND>::B*, 8, float, typename Traits::Tile, typename Traits::Cluster,
@@ -243,6 +274,14 @@ void fwd_dgrad_run(const GroupedGemmParams& p, int kind, const void* A, const vo
   auto s = static_cast<cudaStream_t>(stream);
   if (kind == kFwd) run<typename GroupedGemm<Traits, kFwd>::Gemm, kFwd>(p, A, B, D, workspace, s);
   else run<typename GroupedGemm<Traits, kDgrad>::Gemm, kDgrad>(p, A, B, D, workspace, s);
+}
+template <class Traits>
+int64_t fwd_relu2_workspace(int64_t E) {
+  return workspace_bytes<typename GroupedGemm<Traits, kFwd, kRelu2>::Gemm>(E);
+}
+template <class Traits>
+void fwd_relu2_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, void* stream) {
+  run<typename GroupedGemm<Traits, kFwd, kRelu2>::Gemm, kFwd>(p, A, B, D, workspace, static_cast<cudaStream_t>(stream));
 }
 template <class Traits>
 int64_t wgrad_workspace(int64_t E) {

@@ -169,12 +169,16 @@ def test_arch_path_passes():
         pre_ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
     kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
     calls0 = emu(True).value("emu_gg_mock_calls")
+    fused0 = emu(True).value("emu_gg_mock_relu2_calls")
     out, pre, arch, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
     assert arch == 90
     assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 out")
     assert_close(pre, pre_ref, dtype, what="fwd preact")
+    assert emu(True).value("emu_gg_mock_relu2_calls") == fused0, "a saved preact takes the GEMM + relu2 pass"
+    # No preact to save: relu^2 in the GEMM's epilogue (grouped_gemm_relu2_sm90.cu), no pass.
     out, _, _, _ = run_arch("fwd", a=a, w=w, act=1, **kw)
-    assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 in place")
+    assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 fused")
+    assert emu(True).value("emu_gg_mock_relu2_calls") - fused0 == 1, "relu2 without preact must take the fused GEMM"
     out, _, _, _ = run_arch("fwd", a=a, w=w, act=0, **kw)
     assert_close(out, pre_ref, dtype, what="fwd none")
     for use_pre in (False, True):
@@ -192,7 +196,7 @@ def test_arch_path_passes():
         dw, _, arch, _ = run_arch("wgrad", dout=dout, a=a, pre=preact, **kw)
         assert arch == 90
         assert_close(dw, dw_ref, dtype, what=f"wgrad pre={use_pre}")
-    assert emu(True).value("emu_gg_mock_calls") - calls0 == 7, "every call must reach the (mock) CUTLASS GEMM"
+    assert emu(True).value("emu_gg_mock_calls") - calls0 == 6, "every other call must reach the (mock) CUTLASS GEMM"
 
 
 def test_arch_path_not_taken():

@@ -344,6 +344,29 @@ def test_cuda_arch_path_matches_portable_path(monkeypatch, activation):
         assert_close(dw, dw_ref, dtype, factor=f, what="dw")
 
 
+@pytest.mark.gpu
+def test_cuda_arch_relu2_fused_epilogue():
+    """Without a gradient no pre-activation is saved, and on sm_90 relu^2 runs in the CUTLASS
+    epilogue (grouped_gemm_relu2_sm90.cu) instead of a separate pass: out against float64 and the
+    portable kernels, rows past offsets[E] zero, on a poisoned allocator."""
+    dtype = torch.bfloat16
+    counts, N, K = [128, 0, 256, 1, 300, 0, 77], 264, 136
+    a, w, offsets = make(counts, N, K, dtype, "cuda", extra_rows=9)
+    ref = ref_fwd(a.cpu().double(), w.cpu().double(), offsets.cpu(), "relu2")
+    R0 = int(offsets[-1])
+    outs = []
+    for portable in ("0", "1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE", portable)
+            poison_allocator("cuda")
+            with torch.no_grad():
+                out = grouped_gemm(a, w, offsets, "relu2")
+        assert_forward_close(out, ref, a, w, offsets, dtype, "relu2", what=f"relu2 out portable={portable}")
+        assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), "rows past offsets[E] must be 0"
+        outs.append(out)
+    assert_close(outs[0], outs[1].double(), dtype, what="fused epilogue vs portable kernels")
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 # Rows (id, mutation of a valid call's arguments, regex, where) as in helpers.mutation_table;
 # "cpu" rows check offsets values (reading them on CUDA would need a host sync, so the CUDA

@@ -43,6 +43,22 @@ void grouped_gemm_sm90_run(const GroupedGemmParams& p, int kind, const void* A, 
     }
   }
 }
+// The fused relu^2 forward: relu(sum)^2 of the float32 sum, one bf16 rounding, into D.
+long long emu_mock_relu2_calls = 0;
+int64_t grouped_gemm_relu2_sm90_workspace(int64_t) { return 0; }
+void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void*, void*) {
+  ++emu_mock_relu2_calls;
+  for (int64_t e = 0; e < p.E; ++e) {
+    int64_t lo, hi;
+    seg(p, e, lo, hi);
+    for (int64_t r = lo; r < hi; ++r)
+      for (int64_t n = 0; n < p.N; ++n) {
+        float s = 0;
+        for (int64_t k = 0; k < p.K; ++k) s += ldb(A, r * p.K + k) * ldb(B, e * p.N * p.K + n * p.K + k);
+        stb(D, r * p.N + n, s > 0.f ? s * s : 0.f);
+      }
+  }
+}
 void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void*, void*) {
   ++emu_mock_calls;
   for (int64_t e = 0; e < p.E; ++e) {
@@ -63,3 +79,4 @@ EMU_EXPORT long long emu_gg_prepare(nk::GroupedGemmParams* p, int op) {
   return (long long)nk::grouped_gemm_cuda_prepare(*p, static_cast<nk::GgOp>(op));
 }
 EMU_EXPORT long long emu_gg_mock_calls() { return nk::emu_mock_calls; }
+EMU_EXPORT long long emu_gg_mock_relu2_calls() { return nk::emu_mock_relu2_calls; }
