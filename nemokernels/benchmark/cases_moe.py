@@ -10,7 +10,7 @@ Details: docs/moe.md, section `nemokernels/benchmark/cases_moe.py`."""
 import torch
 import torch.nn.functional as F
 
-from nemokernels.moe import LatentMoE, moe_combine, moe_gather, moe_permute_plan, moe_router
+from nemokernels.moe import PAD_TO, LatentMoE, moe_combine, moe_gather, moe_permute_plan, moe_router
 from nemokernels.moe import reference as R
 
 from .harness import Case, lazy_compile
@@ -166,7 +166,7 @@ def _dispatch_only(m, x):
     h = x.reshape(-1, x.shape[-1])
     ids, w = moe_router(F.linear(h.float(), m.gate.weight), m.gate.e_score_correction_bias, m.top_k)
     lat = m.fc1_latent_proj(h) if m.fc1_latent_proj is not None else h
-    plan = moe_permute_plan(ids, m.num_experts, m.pad_to or (128 if x.is_cuda else 1))
+    plan = moe_permute_plan(ids, m.num_experts, m.pad_to or PAD_TO.get(x.device.type, 1))
     xs = moe_gather(lat, plan)
     return moe_combine(xs, plan, w)
 
@@ -218,7 +218,7 @@ def _layer_cases(cfg, T, routing, device):
 
 def cases(quick: bool, device) -> list:
     cuda = torch.device(device).type == "cuda"
-    pad_to = 128 if cuda else 1
+    pad_to = PAD_TO.get(torch.device(device).type, 1)  # what the layer uses
     out = []
     tokens = TOKENS_QUICK if quick else TOKENS_FULL
     # The CPU path is for correctness; keep CPU runs short (a quick one: one point).

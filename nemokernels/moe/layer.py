@@ -12,7 +12,10 @@ from .grouped_gemm import grouped_gemm
 from .permute import moe_gather, moe_permute_plan
 from .router import moe_router, router_logits
 
-PAD_TO = {"cpu": 1, "cuda": 128}
+# Rows per expert are padded to a multiple of this (moe_permute_plan's pad_to). 1 everywhere: every
+# grouped GEMM path tiles each expert's segment on its own (a partial last tile, no tile across
+# two experts), so padding adds gather, zero-fill and relu^2 bytes and no speed (docs/decisions.md).
+PAD_TO = {"cpu": 1, "cuda": 1}
 
 
 def _relu2(x):
