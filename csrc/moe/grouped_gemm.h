@@ -77,6 +77,14 @@ void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, cons
 int64_t grouped_gemm_relu2_sm90_workspace(int64_t E);
 void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace,
                                  void* stream);
+// Forward on 64-row tiles, plain and relu^2 (opt-in, NEMOKERNELS_GROUPED_GEMM_TILE=64):
+// grouped_gemm_m64_{plain,relu2}_sm90.cu.
+int64_t grouped_gemm_m64_plain_sm90_workspace(int64_t E);
+void grouped_gemm_m64_plain_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D,
+                                     void* workspace, void* stream);
+int64_t grouped_gemm_m64_relu2_sm90_workspace(int64_t E);
+void grouped_gemm_m64_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D,
+                                     void* workspace, void* stream);
 #endif
 #ifdef NK_HAS_SM100
 int64_t grouped_gemm_sm100_workspace(int64_t E, int kind);

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/arch.h"
@@ -484,6 +485,14 @@ inline bool fused_relu2(const GroupedGemmParams& p, int mode) {
   return p.arch == 90 && mode == kFwd && p.act == GgAct::Relu2 && p.pre_out == nullptr;
 }
 
+// NEMOKERNELS_GROUPED_GEMM_TILE=64: the Hopper forward on 64-row tiles (pingpong), opt-in until
+// measured (docs/moe.md, issue 19). Read on the host at prepare and at run.
+inline bool m64_tiles(const GroupedGemmParams& p, int mode) {
+  if (p.arch != 90 || mode != kFwd) return false;
+  const char* t = std::getenv("NEMOKERNELS_GROUPED_GEMM_TILE");
+  return t != nullptr && std::strcmp(t, "64") == 0;
+}
+
 int64_t arch_workspace(int arch, int64_t E, int mode) {
 #ifdef NK_HAS_SM90
   if (arch == 90) return mode == kWgrad ? grouped_gemm_wgrad_sm90_workspace(E) : grouped_gemm_sm90_workspace(E, mode);
@@ -543,14 +552,18 @@ void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
     arch_gemm(p, MODE, G, p.w, p.out, ws, s);
     return;
   }
+  void* D = p.pre_out != nullptr ? p.pre_out : p.out;
 #ifdef NK_HAS_SM90
   if (fused_relu2(p, MODE)) {  // relu^2 in the epilogue: no pre-activation, no pass
-    grouped_gemm_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);
+    if (m64_tiles(p, MODE)) grouped_gemm_m64_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);
+    else grouped_gemm_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);
     return;
   }
-#endif
-  void* D = p.pre_out != nullptr ? p.pre_out : p.out;
+  if (m64_tiles(p, MODE)) grouped_gemm_m64_plain_sm90_run(p, p.a, p.w, D, ws, s);
+  else arch_gemm(p, MODE, p.a, p.w, D, ws, s);
+#else
   arch_gemm(p, MODE, p.a, p.w, D, ws, s);
+#endif
   if (p.act == GgAct::Relu2) {
     relu2_kernel<T><<<elementwise_blocks(RN), kThreads, 0, s>>>(static_cast<const T*>(D), static_cast<T*>(p.out), RN);
     NK_CUDA_LAUNCH_CHECK();
@@ -622,7 +635,10 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
   const int64_t g_bytes = fused_bwd ? align256(p.R * p.N * 2) : 0;
   p.arch = arch;
 #ifdef NK_HAS_SM90
-  if (fused_relu2(p, op)) return grouped_gemm_relu2_sm90_workspace(p.E);
+  if (fused_relu2(p, op)) {
+    return m64_tiles(p, op) ? grouped_gemm_m64_relu2_sm90_workspace(p.E) : grouped_gemm_relu2_sm90_workspace(p.E);
+  }
+  if (m64_tiles(p, op)) return grouped_gemm_m64_plain_sm90_workspace(p.E);
 #endif
   return g_bytes + arch_workspace(arch, p.E, op);
 #else

@@ -80,6 +80,16 @@ struct Sm90Traits {  // TMA warp-specialized cooperative wgmma
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
+// 64-row tiles for experts with few rows (NEMOKERNELS_GROUPED_GEMM_TILE=64, forward only): one
+// consumer warpgroup per 64 x 128 tile, the two warpgroups alternating (one's epilogue under the
+// other's mainloop). An expert with 176 rows runs 3 tiles (192 rows) instead of 2 (256).
+struct Sm90M64Traits {
+  using Arch = cutlass::arch::Sm90;
+  using Tile = cute::Shape<cute::_64, cute::_128, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
 struct Sm100Traits {  // tcgen05 1-SM MMA, accumulators in tensor memory
   using Arch = cutlass::arch::Sm100;
   using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
@@ -274,6 +284,14 @@ void fwd_dgrad_run(const GroupedGemmParams& p, int kind, const void* A, const vo
   auto s = static_cast<cudaStream_t>(stream);
   if (kind == kFwd) run<typename GroupedGemm<Traits, kFwd>::Gemm, kFwd>(p, A, B, D, workspace, s);
   else run<typename GroupedGemm<Traits, kDgrad>::Gemm, kDgrad>(p, A, B, D, workspace, s);
+}
+template <class Traits, int EPI>
+int64_t fwd_epi_workspace(int64_t E) {
+  return workspace_bytes<typename GroupedGemm<Traits, kFwd, EPI>::Gemm>(E);
+}
+template <class Traits, int EPI>
+void fwd_epi_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, void* stream) {
+  run<typename GroupedGemm<Traits, kFwd, EPI>::Gemm, kFwd>(p, A, B, D, workspace, static_cast<cudaStream_t>(stream));
 }
 template <class Traits>
 int64_t fwd_relu2_workspace(int64_t E) {

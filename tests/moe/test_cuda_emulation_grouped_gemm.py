@@ -199,6 +199,37 @@ def test_arch_path_passes():
     assert emu(True).value("emu_gg_mock_calls") - calls0 == 6, "every other call must reach the (mock) CUTLASS GEMM"
 
 
+def test_arch_path_m64_tiles_opt_in(monkeypatch):
+    """NEMOKERNELS_GROUPED_GEMM_TILE=64 sends the forward (plain, preact-saving and fused relu2)
+    to the 64-row-tile kernels; dgrad and wgrad keep the 128-row ones."""
+    dtype = torch.bfloat16
+    counts, N, K = [5, 0, 19, 1], 24, 16
+    offsets = offsets_of(counts)
+    R, E = int(offsets[-1]) + 4, len(counts)
+    a = torch.randn(R, K).to(dtype)
+    w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
+    offs = offsets.tolist()
+    pre_ref = torch.zeros(R, N, dtype=torch.float64)
+    for e in range(E):
+        pre_ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
+    kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
+    lib = emu(True)
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_TILE", "64")
+    m0, c0, f0 = (lib.value(f) for f in ("emu_gg_mock_m64_calls", "emu_gg_mock_calls", "emu_gg_mock_relu2_calls"))
+    out, _, arch, _ = run_arch("fwd", a=a, w=w, act=0, **kw)
+    assert arch == 90
+    assert_close(out, pre_ref, dtype, what="m64 fwd none")
+    out, pre, _, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
+    assert_close(out, torch.relu(pre_ref).square(), dtype, what="m64 fwd relu2 with preact")
+    assert_close(pre, pre_ref, dtype, what="m64 fwd preact")
+    out, _, _, _ = run_arch("fwd", a=a, w=w, act=1, **kw)
+    assert_close(out, torch.relu(pre_ref).square(), dtype, what="m64 fwd relu2 fused")
+    run_arch("dgrad", dout=torch.randn(R, N).to(dtype), w=w, **kw)
+    assert lib.value("emu_gg_mock_m64_calls") - m0 == 3, "every forward must take the 64-row tiles"
+    assert lib.value("emu_gg_mock_calls") - c0 == 1, "only dgrad keeps the 128-row kernel"
+    assert lib.value("emu_gg_mock_relu2_calls") == f0
+
+
 def test_arch_path_not_taken():
     """fp16, K not a multiple of 8, or a misaligned base: the portable kernels run instead."""
     counts, N, K = [5, 3], 24, 16

@@ -367,6 +367,35 @@ def test_cuda_arch_relu2_fused_epilogue():
     assert_close(outs[0], outs[1].double(), dtype, what="fused epilogue vs portable kernels")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+def test_cuda_arch_m64_tiles_opt_in(monkeypatch, activation):
+    """NEMOKERNELS_GROUPED_GEMM_TILE=64 (sm_90: the forward on 64-row pingpong tiles): the
+    forward with and without a saved pre-activation, and the gradients through it, against
+    float64; rows past offsets[E] zero."""
+    dtype = torch.bfloat16
+    counts, N, K = [128, 0, 256, 1, 300, 0, 77, 63, 65], 264, 136
+    a, w, offsets = make(counts, N, K, dtype, "cuda", extra_rows=9)
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_TILE", "64")
+    a64, w64 = a.detach().cpu().double().requires_grad_(), w.detach().cpu().double().requires_grad_()
+    ref = ref_fwd(a64, w64, offsets.cpu(), activation)
+    poison_allocator("cuda")
+    with torch.no_grad():
+        out = grouped_gemm(a, w, offsets, activation)
+    assert_forward_close(out, ref.detach(), a, w, offsets, dtype, activation, what="m64 inference")
+    R0 = int(offsets[-1])
+    assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), "rows past offsets[E] must be 0"
+    a_, w_ = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = grouped_gemm(a_, w_, offsets, activation)
+    assert_forward_close(out.detach(), ref.detach(), a, w, offsets, dtype, activation, what="m64 training")
+    g = torch.randn(a.shape[0], N, device="cuda", dtype=dtype)
+    da, dw = torch.autograd.grad(out, (a_, w_), g)
+    da_ref, dw_ref = torch.autograd.grad(ref, (a64, w64), g.cpu().double())
+    f = 2.0 if activation == "relu2" else 1.0
+    assert_close(da, da_ref, dtype, factor=f, what="da")
+    assert_close(dw, dw_ref, dtype, factor=f, what="dw")
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 # Rows (id, mutation of a valid call's arguments, regex, where) as in helpers.mutation_table;
 # "cpu" rows check offsets values (reading them on CUDA would need a host sync, so the CUDA

@@ -59,6 +59,22 @@ void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, cons
       }
   }
 }
+// The opt-in 64-row-tile forward (NEMOKERNELS_GROUPED_GEMM_TILE=64): the same contracts.
+long long emu_mock_m64_calls = 0;
+int64_t grouped_gemm_m64_plain_sm90_workspace(int64_t) { return 0; }
+int64_t grouped_gemm_m64_relu2_sm90_workspace(int64_t) { return 0; }
+void grouped_gemm_m64_plain_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* ws,
+                                     void* s) {
+  ++emu_mock_m64_calls;
+  grouped_gemm_sm90_run(p, kGgFwd, A, B, D, ws, s);
+  --emu_mock_calls;
+}
+void grouped_gemm_m64_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* ws,
+                                     void* s) {
+  ++emu_mock_m64_calls;
+  grouped_gemm_relu2_sm90_run(p, A, B, D, ws, s);
+  --emu_mock_relu2_calls;
+}
 void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void*, void*) {
   ++emu_mock_calls;
   for (int64_t e = 0; e < p.E; ++e) {
@@ -80,3 +96,4 @@ EMU_EXPORT long long emu_gg_prepare(nk::GroupedGemmParams* p, int op) {
 }
 EMU_EXPORT long long emu_gg_mock_calls() { return nk::emu_mock_calls; }
 EMU_EXPORT long long emu_gg_mock_relu2_calls() { return nk::emu_mock_relu2_calls; }
+EMU_EXPORT long long emu_gg_mock_m64_calls() { return nk::emu_mock_m64_calls; }
