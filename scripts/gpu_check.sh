@@ -121,5 +121,10 @@ step "bench rest (quick)" 120 python3 -m nemokernels bench --quick \
     --op causal_conv1d --op nvfp4 --op NVFP4Linear --op grouped_gemm --op moe --op speculative. \
     --skip-baseline compile --out "$OUT/bench-rest.json"
 
+# 9. Issue 19's A/B: the grouped GEMM forward on 64-row pingpong tiles (opt-in) against the
+#    bench-rest numbers above (128-row tiles; relu^2 fused in the epilogue when no gradient).
+step "bench grouped_gemm, 64-row tiles" 90 env NEMOKERNELS_GROUPED_GEMM_TILE=64 python3 -m nemokernels bench \
+    --quick --op grouped_gemm --skip-baseline compile --out "$OUT/bench-gg-m64.json"
+
 echo "total ${SECONDS}s; $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')" | tee -a "$SUMMARY"
 exit $FAILED
