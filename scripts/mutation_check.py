@@ -104,6 +104,10 @@ MUTANTS = [
     Mutant("moe-cuda-grouped-gemm-tile-edge", "off-by-one", "csrc/moe/grouped_gemm_cuda.cu",
            "  m_hi = hi;\n  return m0 < m_hi;", "  m_hi = hi - 1;\n  return m0 < m_hi;",
            ("tests/moe/test_cuda_emulation_grouped_gemm.py", "-k", "fwd_dgrad_wgrad")),
+    Mutant("moe-cuda-arch-relu2-fused-drops-activation", "dropped epilogue", "csrc/moe/grouped_gemm_cuda.cu",
+           "    else grouped_gemm_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);",
+           "    else arch_gemm(p, MODE, p.a, p.w, p.out, ws, s);",
+           ("tests/moe/test_cuda_emulation_grouped_gemm.py", "-k", "arch_path_passes")),
     # ---- nvfp4 ----------------------------------------------------------------------------
     Mutant("nvfp4-cuda-dequantize-dropped-scale", "dropped scale", "csrc/nvfp4/quantize_cuda.cu",
            "out[4 * h + 2 * q] = from_f<T>((v0 * sb) * g);",
