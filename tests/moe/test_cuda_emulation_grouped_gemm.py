@@ -153,9 +153,9 @@ def run_arch(op, **kw):
     return run(op, arch=True, **kw)
 
 
-def test_arch_path_passes():
-    """bf16, N and K multiples of 8, aligned: prepare picks sm90 and the passes around the (mock)
-    grouped GEMM give the right fwd (relu2, preact), dgrad and wgrad (with the relu2 backward)."""
+def arch_case():
+    """A bf16 case the arch path takes (N, K multiples of 8, an empty and a one-row expert, 4
+    padding rows): a, w, dout, the float64 pre-activation and run()'s keywords."""
     dtype = torch.bfloat16
     counts, N, K = [5, 0, 19, 1], 24, 16
     offsets = offsets_of(counts)
@@ -167,7 +167,14 @@ def test_arch_path_passes():
     pre_ref = torch.zeros(R, N, dtype=torch.float64)
     for e in range(E):
         pre_ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
-    kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
+    return a, w, dout, pre_ref, dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
+
+
+def test_arch_path_passes():
+    """bf16, N and K multiples of 8, aligned: prepare picks sm90 and the passes around the (mock)
+    grouped GEMM give the right fwd (relu2, preact), dgrad and wgrad (with the relu2 backward)."""
+    a, w, dout, pre_ref, kw = arch_case()
+    dtype, offs, R, N, K, E = kw["dtype"], kw["offsets"].tolist(), kw["R"], kw["N"], kw["K"], kw["E"]
     calls0 = emu(True).value("emu_gg_mock_calls")
     fused0 = emu(True).value("emu_gg_mock_relu2_calls")
     out, pre, arch, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
@@ -202,17 +209,8 @@ def test_arch_path_passes():
 def test_arch_path_m64_tiles_opt_in(monkeypatch):
     """NEMOKERNELS_GROUPED_GEMM_TILE=64 sends the forward (plain, preact-saving and fused relu2)
     to the 64-row-tile kernels; dgrad and wgrad keep the 128-row ones."""
-    dtype = torch.bfloat16
-    counts, N, K = [5, 0, 19, 1], 24, 16
-    offsets = offsets_of(counts)
-    R, E = int(offsets[-1]) + 4, len(counts)
-    a = torch.randn(R, K).to(dtype)
-    w = (torch.randn(E, N, K) / K ** 0.5).to(dtype)
-    offs = offsets.tolist()
-    pre_ref = torch.zeros(R, N, dtype=torch.float64)
-    for e in range(E):
-        pre_ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].double() @ w[e].double().T
-    kw = dict(offsets=offsets, N=N, K=K, E=E, R=R, dtype=dtype)
+    a, w, dout, pre_ref, kw = arch_case()
+    dtype = kw["dtype"]
     lib = emu(True)
     monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_TILE", "64")
     m0, c0, f0 = (lib.value(f) for f in ("emu_gg_mock_m64_calls", "emu_gg_mock_calls", "emu_gg_mock_relu2_calls"))
@@ -224,7 +222,7 @@ def test_arch_path_m64_tiles_opt_in(monkeypatch):
     assert_close(pre, pre_ref, dtype, what="m64 fwd preact")
     out, _, _, _ = run_arch("fwd", a=a, w=w, act=1, **kw)
     assert_close(out, torch.relu(pre_ref).square(), dtype, what="m64 fwd relu2 fused")
-    run_arch("dgrad", dout=torch.randn(R, N).to(dtype), w=w, **kw)
+    run_arch("dgrad", dout=dout, w=w, **kw)
     assert lib.value("emu_gg_mock_m64_calls") - m0 == 3, "every forward must take the 64-row tiles"
     assert lib.value("emu_gg_mock_calls") - c0 == 1, "only dgrad keeps the 128-row kernel"
     assert lib.value("emu_gg_mock_relu2_calls") == f0
