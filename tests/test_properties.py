@@ -21,7 +21,7 @@ from nemokernels.ssd.reference import (causal_conv1d_ref, rmsnorm_gated_ref, sel
                                        ssd_scan_ref)
 from nemokernels.speculative.reference import verify_greedy_ref  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
+from helpers import assert_close_to_magnitude, rel_err  # noqa: E402
 
 EXAMPLES = int(os.environ.get("NK_HYPOTHESIS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, print_blob=True,
@@ -104,8 +104,18 @@ def test_selective_state_update(batch, ngroups, heads_per_group, headdim, dstate
     ref_out = ref[0] if isinstance(ref, tuple) else ref
     st_ = strided(state, layout)
     out = nk.selective_state_update(st_, strided(x, layout), dt, A, B, C, D, z, bias, dt_softplus=True)
-    assert rel_err(out, ref_out) < 1e-5
-    assert rel_err(st_, ref[1] if isinstance(ref, tuple) else ref_state) < 1e-5
+    # Elementwise against the magnitude of the terms: the same update on |state|, |x|, |B|, |C|,
+    # |D| (dt' and exp(dt' A) are positive), times |silu(z)|. Sums that cancel leave an output near
+    # 0 whose float32 rounding is relative to the terms (a relative norm failed a correct kernel
+    # at headdim 1, dstate 4, seed 1: 0.0008 off by 1.6e-5 relative).
+    mag_out, mag_state = selective_state_update_ref(
+        state.double().abs(), x.double().abs(), dt.double(), A.double(), B.double().abs(), C.double().abs(),
+        None if D is None else D.double().abs(), None, bias.double(), dt_softplus=True)
+    if z is not None:
+        mag_out = mag_out * torch.nn.functional.silu(z.double()).abs()
+    assert_close_to_magnitude(out, ref_out, mag_out, 1e-5, what="selective_state_update out")
+    assert_close_to_magnitude(st_, ref[1] if isinstance(ref, tuple) else ref_state, mag_state, 1e-5,
+                              what="selective_state_update state")
 
 
 @SETTINGS
@@ -122,7 +132,17 @@ def test_rmsnorm_gated(rows, ngroups, group_size, has_z, before, bias, layout, s
     ref = rmsnorm_gated_ref(x.double(), w.double(), None if b is None else b.double(),
                             z=None if z is None else z.double(), eps=1e-5, group_size=group_size,
                             norm_before_gate=before)
-    assert rel_err(out, ref) < 1e-5
+    # Elementwise against the magnitude of the terms (|x rstd w| + |b|, times |silu(z)| when the
+    # gate comes last): a bias that cancels the normed term leaves an output near 0 whose float32
+    # rounding is relative to the terms, not to the output (a relative norm failed a correct kernel
+    # at rows 1, group_size 1, seed 875: -0.0013 off by 1.8e-5 relative, 2.3e-8 absolute).
+    x64, z64 = x.double(), None if z is None else z.double()
+    u = x64 if z64 is None or before else x64 * torch.nn.functional.silu(z64)
+    mag = rmsnorm_gated_ref(u.abs(), w.double().abs(), None if b is None else b.double().abs(), eps=1e-5,
+                            group_size=group_size)
+    if z64 is not None and before:
+        mag = mag * torch.nn.functional.silu(z64).abs()
+    assert_close_to_magnitude(out, ref, mag, 1e-5, what="rmsnorm_fn")
 
 
 @SETTINGS
