@@ -55,7 +55,10 @@ def test_causal_conv1d(batch, dim, seqlen, width, bias, act, layout, seed):
     b = torch.randn(dim, generator=g) if bias else None
     out = nk.causal_conv1d_fn(strided(x, layout), w, b, activation=act)
     ref = causal_conv1d_ref(x.double(), w.double(), None if b is None else b.double(), activation=act)
-    assert rel_err(out, ref) < 1e-5
+    # Elementwise against |w| * |x| + |b| (silu' <= 1.1): a single output whose terms cancel is
+    # rounded relative to the terms, not to itself (the class of the rmsnorm/state-update bounds).
+    mag = causal_conv1d_ref(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    assert_close_to_magnitude(out, ref, mag, 1e-5, what="causal_conv1d_fn")
 
 
 @SETTINGS
@@ -169,7 +172,9 @@ def test_moe_router_plan_gather_combine(tokens, n_group, per_group, data, seed):
     assert rel_err(xs, gather_ref(x.double(), plan.slot_of_row, k)) < 1e-6
     y = torch.randn(xs.shape, generator=g)
     out = moe.moe_combine(y, plan, weights)
-    assert rel_err(out, combine_ref(y.double(), plan.row_of_slot, weights.double(), k)) < 1e-5
+    mag = combine_ref(y.double().abs(), plan.row_of_slot, weights.double().abs(), k)  # |w| |y|: cancellation-proof
+    assert_close_to_magnitude(out, combine_ref(y.double(), plan.row_of_slot, weights.double(), k), mag, 1e-5,
+                              what="moe_combine")
 
 
 @SETTINGS
