@@ -85,9 +85,10 @@ PyObject* nvfp4_gemm_path(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "iLLL:nvfp4_gemm_path", &device_index, &M, &N, &K)) return nullptr;
 #ifdef NK_WITH_CUDA
   try {
-    return PyUnicode_FromString(nk::nvfp4_gemm_cuda_path(device_index, M, N, K) == nk::kNvfp4PathCutlassSm100
-                                    ? "cutlass_sm100"
-                                    : "portable_cuda");
+    const int path = nk::nvfp4_gemm_cuda_path(device_index, M, N, K);
+    return PyUnicode_FromString(path == nk::kNvfp4PathCutlassSm100  ? "cutlass_sm100"
+                                : path == nk::kNvfp4PathCutlassSm90 ? "cutlass_sm90"
+                                                                    : "portable_cuda");
   } catch (const std::exception& e) {
     return raise(e);
   }

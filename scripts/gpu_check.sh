@@ -126,5 +126,10 @@ step "bench rest (quick)" 120 python3 -m nemokernels bench --quick \
 step "bench grouped_gemm, 64-row tiles" 90 env NEMOKERNELS_GROUPED_GEMM_TILE=64 python3 -m nemokernels bench \
     --quick --op grouped_gemm --skip-baseline compile --out "$OUT/bench-gg-m64.json"
 
+# 10. Issue 19's A/B: nvfp4.gemm and NVFP4Linear on the portable kernel (the 2026-12-04 path)
+#     against bench-rest above (on an H100/H200: bf16 decode + the CUTLASS wgmma GEMM).
+step "bench nvfp4, portable kernel" 90 env NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 python3 -m nemokernels bench \
+    --quick --op nvfp4.gemm --op NVFP4Linear --skip-baseline compile --out "$OUT/bench-nvfp4-portable.json"
+
 echo "total ${SECONDS}s; $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')" | tee -a "$SUMMARY"
 exit $FAILED

@@ -44,6 +44,10 @@ struct GroupedGemmParams {
   // kernels of grouped_gemm_*sm90.cu / *sm100.cu, which use `workspace` (torch-allocated).
   int arch;
   void* workspace;
+  // The CUTLASS forward's epilogue scale, D = alpha * acc (one device float), or null for 1. Only
+  // nvfp4.gemm's sm_90 path sets it (the global scales); the MoE op entries leave it null, and
+  // the CPU and portable kernels do not read it.
+  const float* alpha;
 };
 
 void grouped_gemm_fwd_cpu(const GroupedGemmParams& p);

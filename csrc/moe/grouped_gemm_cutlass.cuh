@@ -59,16 +59,17 @@ struct ReluSquare<cutlass::Array<T, N>> {
   }
 };
 
-// The epilogue of a GEMM: D = acc (kPlain) or D = relu(acc)^2 (kRelu2, the forward without a
-// saved pre-activation: the separate relu^2 pass disappears).
+// The epilogue of a GEMM: D = alpha * acc (kPlain) or D = relu(alpha * acc)^2 (kRelu2, the forward
+// without a saved pre-activation: the separate relu^2 pass disappears), rounded once to ElementD.
+// alpha is 1 unless GroupedGemmParams::alpha points at a device float (nvfp4.gemm's global scales).
 enum Epi : int { kPlain = 0, kRelu2 = 1 };
-template <int EPI>
+template <int EPI, class ElementD>
 struct EpiFusion {
-  using Op = cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float, void, float>;
+  using Op = cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>;
 };
-template <>
-struct EpiFusion<kRelu2> {
-  using Op = cutlass::epilogue::fusion::LinCombEltAct<ReluSquare, cutlass::bfloat16_t, float, void, float>;
+template <class ElementD>
+struct EpiFusion<kRelu2, ElementD> {
+  using Op = cutlass::epilogue::fusion::LinCombEltAct<ReluSquare, ElementD, float, void, float>;
 };
 
 // Per-arch choices (the pattern of CUTLASS example 75's MMA1SMConfig): bf16 in and out, float
@@ -118,14 +119,17 @@ struct KindLayouts<kWgrad> {
 // The CUTLASS device GEMM of one arch and kind. The member names avoid CollectiveEpilogue /
 // CollectiveMainloop: GCC (the host pass) mis-resolves such an alias inside a class template
 // against CUTLASS's own templates of those names.
-template <class Traits, int KIND, int EPI = kPlain>
+// ElementD: bf16 (every MoE GEMM) or float (nvfp4.gemm's sm_90 path when a bias or a non-bf16
+// output follows); D rows are 16-byte aligned either way (TMA).
+template <class Traits, int KIND, int EPI = kPlain, class ElementD = cutlass::bfloat16_t>
 struct GroupedGemm {
   using Bf16 = cutlass::bfloat16_t;
+  static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
   using EpiOp = typename cutlass::epilogue::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, typename Traits::Tile, typename Traits::Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, 8, Bf16,
-      cutlass::layout::RowMajor*, 8, typename Traits::EpilogueSchedule,
-      typename EpiFusion<EPI>::Op>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlignD,
+      ElementD, cutlass::layout::RowMajor*, kAlignD, typename Traits::EpilogueSchedule,
+      typename EpiFusion<EPI, ElementD>::Op>::CollectiveOp;
   using MainOp = typename cutlass::gemm::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, Bf16, typename KindLayouts<KIND>::A*, 8, Bf16,
       typename KindLayouts<KIND>::B*, 8, float, typename Traits::Tile, typename Traits::Cluster,
@@ -228,7 +232,7 @@ inline int sm_count(int device) {
 }
 
 template <class Gemm>
-typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E) {
+typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E, const float* alpha = nullptr) {
   int device = 0;
   NK_CUDA_CHECK(cudaGetDevice(&device));
   cutlass::KernelHardwareInfo hw;
@@ -241,6 +245,7 @@ typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E) {
       {{}, nullptr, arr.stride_d, arr.ptr_d, arr.stride_d},  // no C (beta = 0): ElementC is void
       hw};
   args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.alpha_ptr = alpha;  // one device float for every group (stride 0), or null: 1
   args.epilogue.thread.beta = 0.f;
   return args;
 }
@@ -261,7 +266,7 @@ void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void
   setup_groups_kernel<Gemm, KIND><<<ceil_div(p.E, 128), 128, 0, stream>>>(arr, p.offsets, p.E, p.R, p.N, p.K, A,
                                                                              B, D);
   NK_CUDA_LAUNCH_CHECK();
-  typename Gemm::Arguments args = make_args<Gemm>(arr, p.E);
+  typename Gemm::Arguments args = make_args<Gemm>(arr, p.E, p.alpha);
   Gemm gemm;
   cutlass::Status st = gemm.can_implement(args);
   NK_CHECK_CUTLASS(st, "can_implement");

@@ -1,11 +1,13 @@
 // Op entry of nvfp4_gemm (nemokernels.nvfp4.gemm): argument checks (the one place they live),
 // output allocation, and routing: CPU -> C++ kernel; a GPU this build has the sm_100 kernels for
 // (nvfp4_gemm_cuda_path) -> CUTLASS block-scaled tcgen05 GEMM when the problem meets its
-// alignment (else the portable kernel); other GPUs -> the portable in-register dequantizing
+// alignment (else the portable kernel); sm_90 -> decode to bf16, then the CUTLASS wgmma GEMM
+// (N % 8 == 0, else the portable kernel); other GPUs -> the portable in-register dequantizing
 // tensor-core kernel. Registered in nvfp4_ops.cpp.
 #include "nvfp4/gemm.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 
 #include "common/arch.h"
@@ -25,6 +27,7 @@ void nvfp4_bias_convert_cuda(const float* acc, const float* bias, void* out, DTy
 namespace {
 
 constexpr const char* kOp = "nvfp4.gemm";
+constexpr int64_t kIntMax = 2147483647LL;  // CUTLASS problem shapes are int
 
 // Contiguous, and 16-byte aligned (the CUDA kernels load 8/16-byte chunks): a copy otherwise.
 Tensor contiguous_aligned(const Tensor& t) {
@@ -73,9 +76,18 @@ int nvfp4_gemm_cuda_path(int device_index, int64_t M, int64_t N, int64_t K) {
     q.a_data = q.b_data = reinterpret_cast<const uint8_t*>(uintptr_t{256});
     if (nvfp4_gemm_sm100_supported(q)) return kNvfp4PathCutlassSm100;
   }
-#else
-  (void)sm, (void)M, (void)N, (void)K;
 #endif
+#ifdef NK_HAS_SM90
+  // NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 forces the portable kernel (benchmarks, A/B tests). The
+  // bf16 rows of A and B (K % 16 == 0) and of D (N % 8) must be 16-byte aligned for TMA; the
+  // CUTLASS problem shape is int.
+  const char* force = std::getenv("NEMOKERNELS_NVFP4_GEMM_PORTABLE");
+  const bool forced = force != nullptr && force[0] == '1';
+  if (!forced && sm == 90 && M > 0 && N > 0 && K > 0 && N % 8 == 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax) {
+    return kNvfp4PathCutlassSm90;
+  }
+#endif
+  (void)sm, (void)M, (void)N, (void)K;
   return kNvfp4PathPortable;
 }
 #endif
@@ -149,6 +161,13 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
       nvfp4_bias_convert_cuda(static_cast<const float*>(acc.data_ptr()), p.bias, out.data_ptr(), p.out_dtype,
                               M, N, stream);
     }
+    return out;
+  }
+#endif
+#ifdef NK_HAS_SM90
+  if (a_data.is_cuda() && path == kNvfp4PathCutlassSm90) {
+    Tensor scratch = new_empty(a_data, {nvfp4_gemm_sm90_scratch_bytes(p)}, ScalarType::Byte);
+    nvfp4_gemm_sm90(p, scratch.data_ptr(), current_cuda_stream(a_data.get_device_index()));
     return out;
   }
 #endif

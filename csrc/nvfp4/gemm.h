@@ -45,10 +45,13 @@ void nvfp4_swizzle_scales_cpu(const uint8_t* src, uint8_t* dst, int64_t rows, in
 
 // The CUDA kernel nvfp4_gemm runs for an (M, N, K) problem on a device (16-byte aligned operands,
 // which the entry guarantees): kNvfp4PathCutlassSm100 when this build has the sm_100 CUTLASS
-// kernel for the device's compute capability (common/arch.h) and the kernel takes the shape,
-// else kNvfp4PathPortable. The op routes by nvfp4_gemm_cuda_path and the tests ask the same
-// function (nemokernels.nvfp4.gemm_path, through _C) which path they exercise: one predicate.
+// kernel for the device's compute capability (common/arch.h) and the kernel takes the shape;
+// kNvfp4PathCutlassSm90 on an sm_90 device when this build has the sm_90a units, N % 8 == 0 and
+// M, N, K fit int (NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 turns it off); else kNvfp4PathPortable.
+// The op routes by nvfp4_gemm_cuda_path and the tests ask the same function
+// (nemokernels.nvfp4.gemm_path, through _C) which path they exercise: one predicate.
 constexpr int kNvfp4PathPortable = 0;
+constexpr int kNvfp4PathCutlassSm90 = 90;
 constexpr int kNvfp4PathCutlassSm100 = 100;
 // Limits of the portable kernel: 128-row tiles on grid dimension y, K tiles of 64 counted in int.
 constexpr int64_t kNvfp4PortableMaxM = 65535LL * 128;
@@ -62,6 +65,21 @@ int nvfp4_gemm_cuda_splits(const Nvfp4GemmParams& p);
 void nvfp4_gemm_cuda(const Nvfp4GemmParams& p, int splits, float* workspace, void* stream);
 void nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t sf_cols,
                                void* stream);
+#endif
+#ifdef NK_HAS_SM90
+// The sm_90 path (Hopper has no FP4 tensor cores): A and B decoded to bf16 in scratch (exact:
+// e2m1 x e4m3 fits bf16; nvfp4_dequantize_cuda with no global scale), then the MoE grouped
+// GEMM's CUTLASS wgmma kernel as one group with D = alpha * acc in its epilogue (alpha = a_global
+// * b_global read on the device). D is the output itself for bf16 without bias, else a float32
+// accumulator that nvfp4_bias_convert_cuda rounds once after adding the bias. Composed in
+// gemm_cuda.cu (under the emulator with a mock GEMM), the GEMM in gemm_sm90.cu.
+int64_t nvfp4_gemm_sm90_scratch_bytes(const Nvfp4GemmParams& p);
+void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, void* scratch, void* stream);
+// The CUTLASS GEMM of that path: d (M, N) = alpha * a16 (M, K) @ b16 (N, K)^T, bf16 operands,
+// d bf16 or float32 (f32_out); offsets: (2,) int32 {0, M} on the device.
+int64_t nvfp4_gemm_sm90_workspace(bool f32_out);
+void nvfp4_gemm_sm90_run(int64_t M, int64_t N, int64_t K, const void* a16, const void* b16, const float* alpha,
+                         const int32_t* offsets, void* d, bool f32_out, void* workspace, void* stream);
 #endif
 #ifdef NK_HAS_SM100
 // Whether the CUTLASS block-scaled kernel takes this problem (alignment, sizes).

@@ -15,6 +15,7 @@
 #include "nvfp4/gemm.h"
 #include "nvfp4/gemm_common.cuh"
 #include "nvfp4/numerics.cuh"
+#include "nvfp4/quantize.h"
 
 namespace nk {
 namespace {
@@ -392,6 +393,64 @@ void nvfp4_bias_convert_cuda(const float* acc, const float* bias, void* out, DTy
   }
   NK_CUDA_LAUNCH_CHECK();
 }
+
+#ifdef NK_HAS_SM90
+// The sm_90 path (gemm.h): scratch = [A bf16 | B bf16 | float32 accumulator unless D is the output
+// | alpha, offsets | CUTLASS workspace], each part 256-byte aligned.
+namespace {
+int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+// D is the output itself when no bias follows and the output is bf16 or float32.
+bool sm90_direct(const Nvfp4GemmParams& p) { return p.bias == nullptr && p.out_dtype != DType::F16; }
+bool sm90_f32_d(const Nvfp4GemmParams& p) { return !(sm90_direct(p) && p.out_dtype == DType::BF16); }
+// alpha = a_global * b_global, and the one group's row offsets {0, M}.
+__global__ void sm90_setup_kernel(const float* a_global, const float* b_global, float* alpha, int32_t* offsets,
+                                  int32_t M) {
+  *alpha = *a_global * *b_global;
+  offsets[0] = 0;
+  offsets[1] = M;
+}
+}  // namespace
+
+int64_t nvfp4_gemm_sm90_scratch_bytes(const Nvfp4GemmParams& p) {
+  const int64_t acc = sm90_direct(p) ? 0 : align256(p.M * p.N * 4);
+  return align256(p.M * p.K * 2) + align256(p.N * p.K * 2) + acc + 256 + nvfp4_gemm_sm90_workspace(sm90_f32_d(p));
+}
+
+void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, void* scratch, void* stream) {
+  char* ws = static_cast<char*>(scratch);
+  void* a16 = ws;
+  ws += align256(p.M * p.K * 2);
+  void* b16 = ws;
+  ws += align256(p.N * p.K * 2);
+  const bool direct = sm90_direct(p);
+  void* d = direct ? p.out : ws;
+  if (!direct) ws += align256(p.M * p.N * 4);
+  float* alpha = reinterpret_cast<float*>(ws);
+  int32_t* offsets = reinterpret_cast<int32_t*>(ws + 16);
+  ws += 256;
+  // Exact decode: no global scale (it is alpha in the epilogue), codes rows contiguous.
+  for (const bool is_a : {true, false}) {
+    Nvfp4DequantParams q{};
+    q.rows = is_a ? p.M : p.N;
+    q.cols = p.K;
+    q.data = is_a ? p.a_data : p.b_data;
+    q.d_sr = p.K / 2;
+    q.scales = is_a ? p.a_scales : p.b_scales;
+    q.s_sr = p.K / 16;
+    q.global_scale = nullptr;
+    q.dtype = DType::BF16;
+    q.out = is_a ? a16 : b16;
+    nvfp4_dequantize_cuda(q, stream);
+  }
+  sm90_setup_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(p.a_global, p.b_global, alpha, offsets,
+                                                                    static_cast<int32_t>(p.M));
+  NK_CUDA_LAUNCH_CHECK();
+  nvfp4_gemm_sm90_run(p.M, p.N, p.K, a16, b16, alpha, offsets, d, sm90_f32_d(p), ws, stream);
+  if (!direct) {  // alpha is in the accumulator already: bias, then one rounding
+    nvfp4_bias_convert_cuda(static_cast<const float*>(d), p.bias, p.out, p.out_dtype, p.M, p.N, stream);
+  }
+}
+#endif
 
 #ifndef NK_NVFP4_EMU
 int nvfp4_device_sm(int device_index) {

@@ -38,7 +38,7 @@ struct Nvfp4DequantParams {
   int64_t d_sr;
   const uint8_t* scales;       // (R, C/16), row stride s_sr, contiguous within a row
   int64_t s_sr;
-  const float* global_scale;   // 1 element
+  const float* global_scale;   // 1 element, or null: 1 (out = e2m1 x e4m3 exactly)
   DType dtype;                 // of out
   void* out;                   // (R, C) contiguous
 };

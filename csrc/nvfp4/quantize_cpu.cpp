@@ -115,7 +115,7 @@ bool nvfp4_quantize_cpu(const Nvfp4QuantParams& p) {
 void nvfp4_dequantize_cpu(const Nvfp4DequantParams& p) {
   using nvfp4::kBlock;
   const int64_t nblk = p.cols / kBlock;
-  const float g = *p.global_scale;
+  const float g = p.global_scale != nullptr ? *p.global_scale : 1.0f;  // null: the bare e2m1 x e4m3
   dispatch_dtype(p.dtype, [&]<typename T>() {
     torch::stable::parallel_for(0, p.rows, std::max<int64_t>(1, 16384 / p.cols), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {

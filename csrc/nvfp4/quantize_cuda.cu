@@ -376,7 +376,7 @@ NK_DEVICE void dq_coords(int64_t u, int64_t nblk, bool fast, FastDiv fdiv, int64
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) nvfp4_dequantize_kernel(Nvfp4DequantParams p, bool fast, FastDiv fdiv) {
   const int64_t nblk = p.cols / kBlock, total = p.rows * nblk;
-  const float g = *p.global_scale;
+  const float g = p.global_scale != nullptr ? *p.global_scale : 1.0f;  // null: the bare e2m1 x e4m3
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t u0 = int64_t(blockIdx.x) * kThreads + threadIdx.x; u0 < total; u0 += kDqUnroll * stride) {
     uint2 codes[kDqUnroll];

@@ -56,7 +56,7 @@ def cases(quick: bool, device) -> list:
     if device.type != "cuda":
         points = [(64, 1024, 1024)] if quick else [(128, N, K) for K, N in PROJECTIONS if N <= 4096]
     elif quick:
-        points = [(128, 4096, 4096), (4096, 4096, 4096), (16384, 1024, 4096)]
+        points = [(128, 4096, 4096), (128, 2688, 1024), (4096, 4096, 4096), (16384, 1024, 4096)]
     else:
         points = [(M, N, K) for M in TOKENS for K, N in PROJECTIONS]
     out = []

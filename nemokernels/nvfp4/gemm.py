@@ -52,8 +52,9 @@ def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16
 
 def gemm_path(device, M: int, N: int, K: int) -> str:
     """The kernel ``gemm`` runs for an (M, N, K) problem on ``device``: "cpu", "cutlass_sm100"
-    (the CUTLASS block-scaled tcgen05 GEMM), "portable_cuda" (the in-register dequantizing
-    kernel), or "unavailable" (a CUDA device with a CPU-only build). The answer comes from the
+    (the CUTLASS block-scaled tcgen05 GEMM), "cutlass_sm90" (A and B decoded to bf16, then the
+    CUTLASS wgmma GEMM; NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 turns it off), "portable_cuda" (the
+    in-register dequantizing kernel), or "unavailable" (a CUDA device with a CPU-only build). The answer comes from the
     op's own routing function (csrc/nvfp4/gemm.h nvfp4_gemm_cuda_path), so a test that gates on
     it tests the path it names."""
     device = torch.device(device)

@@ -6,7 +6,9 @@ holds which element), so the kernel's lane/fragment indexing, the code/scale k p
 shared by A and B, the double-buffered pipeline's barriers (shared memory is poisoned per
 block), the M/N/K edge masking and the epilogue are all checked against the float64 product of
 the dequantized operands. Also the sm_100 helpers: the scale swizzle and the bias/convert pass.
-Outputs are NaN-poisoned before every emulated launch."""
+The sm_90 path's composition (nvfp4_gemm_sm90, built with NK_HAS_SM90: exact bf16 decode, the
+alpha/offsets set-up, the CUTLASS GEMM replaced by a mock with its contract, the bias/convert
+pass) on a second library. Outputs are NaN-poisoned before every emulated launch."""
 import ctypes
 import functools
 
@@ -33,6 +35,21 @@ def emu():
                                       structs=("Nvfp4GemmParams",))
 
 
+@functools.cache
+def emu_sm90():
+    """gemm_cuda.cu built with NK_HAS_SM90 and driver_nvfp4_gemm_arch.cpp (the mock CUTLASS GEMM),
+    linked with quantize_cuda.cu (the decode) as a second object."""
+    gen = {"gemm_cuda.emu.cpp": _emu_base.transformed(CSRC / "nvfp4" / "gemm_cuda.cu"),
+           "quantize_cuda.emu.cpp": _emu_base.transformed(CSRC / "nvfp4" / "quantize_cuda.cu"),
+           "params_layout.inc": _emu_base.emu_params.layout_table_cpp((CSRC / "nvfp4" / "gemm.h").read_text(),
+                                                                      ("Nvfp4GemmParams",))}
+    units = {"gemm": (_emu_base.EMU / "driver_nvfp4_gemm_arch.cpp", ["gemm_cuda.emu.cpp", "params_layout.inc"],
+                      ["-DNK_HAS_SM90=1"]),
+             "quantize": (None, ["quantize_cuda.emu.cpp"], [])}
+    return _emu_base.EmuLibrary(_emu_base.build_emulated("nvfp4_gemm_sm90", None, gen, ("nvfp4",), units=units),
+                                CSRC / "nvfp4" / "gemm.h", ("Nvfp4GemmParams",))
+
+
 def Params(**fields):
     return emu().S["Nvfp4GemmParams"](**fields)
 
@@ -42,9 +59,11 @@ def splits_of(p):
     return emu().value("emu_nvfp4_gemm_cuda_splits", p)
 
 
-def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=None, expect_splits=None):
+def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=None, expect_splits=None,
+                 sm90=False):
     """The op entry's set-up (gemm.cpp: contiguous operands, float32 bias, split-K workspace of
-    the entry's split count unless `splits` forces one) and one emulated launch."""
+    the entry's split count unless `splits` forces one) and one emulated launch; with `sm90`,
+    the sm_90 path instead (its scratch garbage-filled: 0xFF bytes are NaN in bf16 and float32)."""
     ad, asc, bd, bsc = (t.contiguous() for t in (a.data, a.scales.view(torch.uint8), b.data, b.scales.view(torch.uint8)))
     ag, bg = a.global_scale.float().reshape(()).contiguous(), b.global_scale.float().reshape(()).contiguous()
     b32 = None if bias is None else bias.float().contiguous()
@@ -53,6 +72,11 @@ def run_emulated(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype, bias=None, splits=No
     p = Params(M=M, N=N, K=K, a_data=ad.data_ptr(), a_scales=asc.data_ptr(), b_data=bd.data_ptr(),
                b_scales=bsc.data_ptr(), a_global=ag.data_ptr(), b_global=bg.data_ptr(),
                bias=None if b32 is None else b32.data_ptr(), out=out.data_ptr(), out_dtype=DT_ENUM[out_dtype])
+    if sm90:
+        q = emu_sm90().S["Nvfp4GemmParams"](**{f: getattr(p, f) for f, _ in p._fields_})
+        scratch = torch.full((emu_sm90().value("emu_nvfp4_gemm_sm90_scratch_bytes", q),), 0xFF, dtype=torch.uint8)
+        emu_sm90().call("emu_nvfp4_gemm_sm90", q, ctypes.c_void_p(scratch.data_ptr()))
+        return out
     if splits is None:
         splits = splits_of(p)
     if expect_splits is not None:
@@ -140,3 +164,51 @@ def test_swizzle_and_bias_convert_helpers():
                        ctypes.c_void_p(None if bi is None else bi.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                        ctypes.c_int(DT_ENUM[dt]), ctypes.c_longlong(7), ctypes.c_longlong(13))
             assert torch.equal(out, (acc + (0 if bi is None else bi)).to(dt))
+
+
+# ---------------------------------------------------------------- the sm_90 path's composition
+
+
+def test_sm90_params_layout():
+    emu_sm90().check_layouts()
+
+
+def _sm90_mock_calls():
+    return emu_sm90().value("emu_nvfp4_sm90_mock_calls"), emu_sm90().value("emu_nvfp4_sm90_mock_f32_calls")
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 8, 16), (37, 136, 96), (130, 64, 272)])
+def test_sm90_path_matches_reference(M, N, K):
+    """Every output dtype with and without bias, global scales other than 1 on both sides: the
+    decode, alpha, the D the GEMM writes (the output for bf16 without bias or float32 without
+    bias, else the float32 accumulator) and the bias/convert pass, against float64."""
+    a = rand_nvfp4(M, K, "cpu", global_scale=torch.tensor(3.0))
+    b = rand_nvfp4(N, K, "cpu", global_scale=torch.tensor(2.0 ** -5))
+    bias = torch.randn(N) * 4
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for bi in (None, bias):
+            calls, f32_calls = _sm90_mock_calls()
+            out = run_emulated(a, b, dt, bi, sm90=True)
+            assert_close(out, gemm_reference(a, b, torch.float64, bi), dt, what=f"sm90 {dt} bias={bi is not None}")
+            f32_d = not (bi is None and dt == torch.bfloat16)
+            assert _sm90_mock_calls() == (calls + 1, f32_calls + f32_d), (dt, bi is not None)
+
+
+def test_sm90_path_exact_where_float32_sums_are():
+    """Every code against scales 0, +-1, +-1.875, 0.5, K = 32: the decoded values are multiples of
+    2^-4 below 12, so every float32 partial sum (multiples of 2^-8 below 2^12) is exact and the
+    output is the float64 result rounded once to the output dtype, bit for bit (a decode that
+    rounded, or alpha applied after a rounding, is not)."""
+    M, N, K = 40, 24, 32
+    codes = torch.arange(256, dtype=torch.uint8)
+    a_data = codes.repeat(M * K // 2 // 256 + 1)[: M * K // 2].reshape(M, K // 2)
+    b_data = torch.flip(codes, [0]).repeat(N * K // 2 // 256 + 1)[: N * K // 2].reshape(N, K // 2)
+    special = torch.tensor([0x00, 0x38, 0xB8, 0x3F, 0xBF, 0x30], dtype=torch.uint8)
+    a = NVFP4Tensor(a_data, special[torch.randint(0, 6, (M, K // 16))].view(torch.float8_e4m3fn),
+                    torch.tensor(2.0 ** -3))
+    b = NVFP4Tensor(b_data, special[torch.randint(0, 6, (N, K // 16))].view(torch.float8_e4m3fn),
+                    torch.tensor(2.0 ** -4))
+    ref = gemm_reference(a, b, torch.float64)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        out = run_emulated(a, b, dt, sm90=True)
+        assert torch.equal(out, ref.to(dt)), dt

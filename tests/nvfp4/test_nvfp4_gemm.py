@@ -34,6 +34,8 @@ def rand_nvfp4(rows, K, device, scales=None, global_scale=None):
     return NVFP4Tensor(data, scales, global_scale)
 
 
+CUTLASS_PATHS = ("cutlass_sm100", "cutlass_sm90")
+
 # Unit roundoff of the one rounding to the output dtype (round to nearest).
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -133,9 +135,10 @@ def test_out_dtypes_and_bias(device, out_dtype, bias_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_error_is_accumulation_only(device):
     """Full float32 accumulation: a property of the CPU and portable kernels only (no document
-    promises it for tcgen05's block-scaled MMA; the sm_100 path has its own bound below)."""
-    if nvfp4.gemm_path(device, 64, 96, 2048) == "cutlass_sm100":
-        pytest.skip("the CUTLASS sm_100 path: its accuracy is bounded by test_cutlass_path_* instead")
+    promises it for tcgen05's block-scaled MMA or for wgmma; the CUTLASS paths have their own
+    bound below)."""
+    if nvfp4.gemm_path(device, 64, 96, 2048) in CUTLASS_PATHS:
+        pytest.skip("a CUTLASS path: its accuracy is bounded by test_cutlass_path_* instead")
     a, b = rand_nvfp4(64, 2048, device), rand_nvfp4(96, 2048, device)
     out = nvfp4.gemm(a, b, torch.float32)
     err = rel_err(out, gemm_reference(a, b, torch.float64))
@@ -459,7 +462,7 @@ def test_gemm_path_on_the_cpu():
     # not (here a CUDA build on a machine without a GPU or driver, as on CI)
     count = torch.cuda.device_count()
     if count:
-        assert _C.nvfp4_gemm_path(0, 128, 128, 256) in ("portable_cuda", "cutlass_sm100")
+        assert _C.nvfp4_gemm_path(0, 128, 128, 256) in ("portable_cuda", *CUTLASS_PATHS)
     with pytest.raises(RuntimeError, match="nvfp4_gemm_path: no CUDA device"):
         _C.nvfp4_gemm_path(count, 128, 128, 256)
 
@@ -475,15 +478,27 @@ def _sm100_built_for_this_gpu():
     return f"sm_{cc}a" in archs or f"sm_{cc}f" in archs or (cc in (100, 103) and "sm_100f" in archs)
 
 
+def _sm90_built_for_this_gpu():
+    """Independent of the op: an sm_90 device and a build with sm_90a code."""
+    from nemokernels.device_check import compiled_archs
+    return torch.cuda.get_device_capability() == (9, 0) and "sm_90a" in set(compiled_archs())
+
+
 @pytest.mark.gpu
-def test_gemm_path_follows_the_build_and_the_shape():
-    """The CUTLASS path exactly where the build has the sm_100 kernels for this GPU's compute
-    capability (a B300 with a 100a-only build takes the portable kernel: arch-specific code is
-    not forward compatible), and only for shapes it takes (K % 32 == 0, N % 4 == 0)."""
-    cutlass = _sm100_built_for_this_gpu()
-    assert nvfp4.gemm_path("cuda", 256, 512, 1024) == ("cutlass_sm100" if cutlass else "portable_cuda")
-    for M, N, K in [(256, 512, 48), (256, 130, 1024), (0, 512, 1024), (17, 0, 64)]:
+def test_gemm_path_follows_the_build_and_the_shape(monkeypatch):
+    """The sm_100 CUTLASS path exactly where the build has the sm_100 kernels for this GPU's
+    compute capability (a B300 with a 100a-only build takes the portable kernel: arch-specific
+    code is not forward compatible), and only for shapes it takes (K % 32 == 0, N % 4 == 0); the
+    sm_90 path on an H100/H200 with an sm_90a build for N % 8 == 0, unless
+    NEMOKERNELS_NVFP4_GEMM_PORTABLE=1."""
+    sm100, sm90 = _sm100_built_for_this_gpu(), _sm90_built_for_this_gpu()
+    fast = "cutlass_sm100" if sm100 else "cutlass_sm90" if sm90 else "portable_cuda"
+    assert nvfp4.gemm_path("cuda", 256, 512, 1024) == fast
+    assert nvfp4.gemm_path("cuda", 256, 512, 48) == ("cutlass_sm90" if sm90 else "portable_cuda")
+    for M, N, K in [(256, 130, 1024), (0, 512, 1024), (17, 0, 64)]:
         assert nvfp4.gemm_path("cuda", M, N, K) == "portable_cuda", (M, N, K)
+    monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_PORTABLE", "1")
+    assert nvfp4.gemm_path("cuda", 256, 512, 1024) == ("cutlass_sm100" if sm100 else "portable_cuda")
 
 
 @pytest.mark.gpu
@@ -503,7 +518,28 @@ def test_gemm_path_names_the_kernel_that_runs(M, N, K):
     assert portable == (path == "portable_cuda"), (path, names)
 
 
-# ---------------------------------------------------------------- the CUTLASS (sm_100) path's accuracy
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 8, 16), (257, 392, 1024), (4096, 2688, 1024)])
+def test_sm90_path_and_the_portable_kernel(monkeypatch, M, N, K):
+    """On an H100/H200 with an sm_90a build: the sm_90 path (exact bf16 decode, wgmma, alpha in
+    the epilogue, bias/convert pass) and the portable kernel (NEMOKERNELS_NVFP4_GEMM_PORTABLE=1)
+    on the same operands, every output dtype with and without bias, each within the
+    float32-accumulation bound of the float64 reference, over a poisoned allocator."""
+    if nvfp4.gemm_path("cuda", M, N, K) != "cutlass_sm90":
+        pytest.skip(f"({M}, {N}, {K}) takes the {nvfp4.gemm_path('cuda', M, N, K)} path on this GPU and build")
+    a = rand_nvfp4(M, K, "cuda", global_scale=torch.tensor(3.0, device="cuda"))
+    b = rand_nvfp4(N, K, "cuda")
+    bias = torch.randn(N, device="cuda") * 10
+    for dt in OUT_DTYPES:
+        for bi in (None, bias):
+            check(a, b, dt, bi, what=f"sm90 M={M} N={N} K={K} bias={bi is not None}")
+            monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_PORTABLE", "1")
+            assert nvfp4.gemm_path("cuda", M, N, K) == "portable_cuda"
+            check(a, b, dt, bi, what=f"portable M={M} N={N} K={K} bias={bi is not None}")
+            monkeypatch.delenv("NEMOKERNELS_NVFP4_GEMM_PORTABLE")
+
+
+# ---------------------------------------------------------------- the CUTLASS paths' accuracy
 # No NVIDIA document states how tcgen05.mma.kind::mxf4nvf4 accumulates inside one MMA: the PTX ISA
 # gives the accumulator type (f32) but does not promise that the partial sums of the products are
 # rounded as IEEE float32 additions (FP8 MMAs on Hopper were measured to keep ~14 significant bits
@@ -534,9 +570,9 @@ def assert_within_mma_bound(out, a, b, bias=None, what=""):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(1, 4, 32), (36, 128, 64), (129, 260, 288), (256, 1024, 4096)])
+@pytest.mark.parametrize("M,N,K", [(1, 8, 32), (36, 128, 64), (129, 264, 288), (256, 1024, 4096), (300, 136, 1040)])
 def test_cutlass_path_within_the_documented_mma_bound(M, N, K):
-    if nvfp4.gemm_path("cuda", M, N, K) != "cutlass_sm100":
+    if nvfp4.gemm_path("cuda", M, N, K) not in CUTLASS_PATHS:
         pytest.skip(f"({M}, {N}, {K}) takes the {nvfp4.gemm_path('cuda', M, N, K)} path on this GPU and build")
     a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
     for dt in OUT_DTYPES:
@@ -551,7 +587,7 @@ def test_cutlass_path_cancellation_and_special_scales():
     scales: still inside the magnitude bound (how the hardware rounds is not documented, so
     out[:, :N/2] == -out[:, N/2:] is not asked), and all-zero scales give exact zeros."""
     M, N, K = 64, 128, 512
-    if nvfp4.gemm_path("cuda", M, N, K) != "cutlass_sm100":
+    if nvfp4.gemm_path("cuda", M, N, K) not in CUTLASS_PATHS:
         pytest.skip("the portable path on this GPU and build")
     a = rand_nvfp4(M, K, "cuda", scales=torch.full((M, K // 16), 0x7E, dtype=torch.uint8, device="cuda")
                    .view(torch.float8_e4m3fn), global_scale=torch.tensor(2.0 ** -10, device="cuda"))
