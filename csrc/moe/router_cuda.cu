@@ -11,7 +11,7 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kMaxRegSlots = 8;  // experts per lane kept in registers: E <= 256
+constexpr int kMaxRegSlots = 16;  // experts per lane kept in registers: E <= 512 (Super's E 512)
 
 // The token of this warp (one warp per token, kWarpsPerBlock per block), -1 past the end.
 NK_DEVICE int64_t token_of_warp(const RouterParams& p) {
@@ -150,7 +150,7 @@ NK_DEVICE uint64_t lane_best(const float* ch, int E, int G, uint32_t kept, int l
   return best;
 }
 
-// E > 256: the choice scores in shared memory, each round rescans the lane's experts.
+// E > 512: the choice scores in shared memory, each round rescans the lane's experts.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_kernel(RouterParams p) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -215,6 +215,7 @@ void moe_router_cuda(const RouterParams& p, void* stream) {
   if (slots <= 1) router_reg_kernel<1><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
   else if (slots <= 2) router_reg_kernel<2><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
   else if (slots <= 4) router_reg_kernel<4><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
+  else if (slots <= 8) router_reg_kernel<8><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
   else if (slots <= kMaxRegSlots) router_reg_kernel<kMaxRegSlots><<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
   else router_kernel<<<blocks, kWarpsPerBlock * 32, smem, st>>>(p);
   NK_CUDA_LAUNCH_CHECK();

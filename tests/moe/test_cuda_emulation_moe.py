@@ -67,7 +67,8 @@ def run_router(logits, bias, k, n_group, topk_group, norm, scale):
 
 @pytest.mark.parametrize("T,E,k,n_group,topk_group", [(5, 512, 22, 1, 1), (9, 128, 6, 1, 1), (6, 64, 8, 8, 3),
                                                       (3, 96, 32, 32, 24), (7, 40, 1, 4, 2), (1, 8, 8, 1, 1),
-                                                      (2, 2048, 32, 32, 8)])
+                                                      (2, 2048, 32, 32, 8), (3, 300, 10, 1, 1), (4, 512, 22, 8, 4),
+                                                      (2, 520, 7, 1, 1)])
 def test_router(T, E, k, n_group, topk_group):
     moe = moe_api()
     g = torch.Generator().manual_seed(T * 1000 + E)
