@@ -36,7 +36,7 @@ Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A,
                                     std::optional<Tensor> D, std::optional<Tensor> z,
                                     std::optional<Tensor> dt_bias, bool dt_softplus,
                                     std::optional<Tensor> state_batch_indices,
-                                    std::optional<Tensor> intermediate_states);
+                                    std::optional<Tensor> intermediate_states, std::optional<Tensor> parents);
 std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
                                              std::optional<Tensor> z, double eps, int64_t group_size,
                                              bool norm_before_gate);
@@ -85,10 +85,11 @@ const OpDef kOps[] = {
    "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor",
    TORCH_BOX(&selective_state_update)},
   // T tokens from state (not modified); the state after every token goes to
-  // intermediate_states (b, T, ...) when given. Returns out (b, T, ...).
+  // intermediate_states (b, T, ...) when given. parents (b, T) int32: tree drafts (token t
+  // continues from token parents[b, t], -1 the state row). Returns out (b, T, ...).
   {"selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
    "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
-   "Tensor(a!)? intermediate_states) -> Tensor",
+   "Tensor(a!)? intermediate_states, Tensor? parents=None) -> Tensor",
    TORCH_BOX(&selective_state_update_multi)},
 
   // ---- ssd: gated RMSNorm -----------------------------------------------------------------

@@ -32,7 +32,8 @@ bool const_over(const Tensor& t, int d) { return t.size(d) <= 1 || t.stride(d) =
 
 Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
            std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias, bool dt_softplus,
-           std::optional<Tensor> state_batch_indices, std::optional<Tensor> snapshots) {
+           std::optional<Tensor> state_batch_indices, std::optional<Tensor> snapshots,
+           std::optional<Tensor> parents = std::nullopt) {
   NK_CHECK(state.dim() == 4 || state.dim() == 3, op, ": state must be (slots, nheads, dim, dstate) or "
            "(slots, dim, dstate), got shape ", shape_str(state));
   check_float(op, "state", state);
@@ -115,6 +116,23 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     check_size_at_least(op, "state", state, 0, batch, "batch, when state_batch_indices is None");
   }
   if (snapshots) check_written("intermediate_states", *snapshots);
+  std::optional<Tensor> par;
+  if (parents) {
+    NK_CHECK(snapshots.has_value(), op, ": parents (tree drafts) needs intermediate_states: a token continues "
+             "from its parent's state, which is read back from there");
+    check_tensor(op, "parents", *parents, {batch, T}, {ScalarType::Int}, state, "state");
+    check_no_overlap(op, "intermediate_states", *snapshots, "parents", *parents);
+    par = torch::stable::contiguous(*parents);
+    // On the CPU each parent must precede its child (on CUDA an invalid node is NaN, see state_update.h).
+    if (!state.is_cuda()) {
+      const int32_t* v = static_cast<const int32_t*>(par->data_ptr());
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          NK_CHECK(v[b * T + t] >= -1 && v[b * T + t] < t, op, ": parents[", b, ", ", t, "] = ", v[b * T + t],
+                   " must be in [-1, ", t, "): -1 continues from the state row, otherwise an earlier token "
+                   "(parents precede their children)");
+    }
+  }
 
   OptionalDeviceGuard guard(state);
   Tensor out = new_empty(x, xs, x.scalar_type());
@@ -143,6 +161,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   if (D) p.D = hd ? make_arg(*D, {0, 1}) : make_arg(*D, {-1, 0});
   if (dt_bias) p.dt_bias = hd ? make_arg(*dt_bias, {0, 1}) : make_arg(*dt_bias, {-1, 0});
   p.state_indices = idx ? static_cast<const int32_t*>(idx->data_ptr()) : nullptr;
+  p.parents = par ? static_cast<const int32_t*>(par->data_ptr()) : nullptr;
   if (!multi) {
     p.in_place = true;
     p.snap = state.data_ptr();
@@ -177,9 +196,9 @@ Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A,
                                     std::optional<Tensor> D, std::optional<Tensor> z,
                                     std::optional<Tensor> dt_bias, bool dt_softplus,
                                     std::optional<Tensor> state_batch_indices,
-                                    std::optional<Tensor> intermediate_states) {
+                                    std::optional<Tensor> intermediate_states, std::optional<Tensor> parents) {
   return run(kMulti, true, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-             intermediate_states);
+             intermediate_states, parents);
 }
 
 }  // namespace nk

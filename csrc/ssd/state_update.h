@@ -1,7 +1,7 @@
 // Mamba decode-time state updates: `selective_state_update` (one token, state updated in
 // place, mamba_ssm semantics) and `selective_state_update_multi` (T draft tokens for
-// speculative decoding: the state is read, never written; the state after every position is
-// written to a snapshot buffer so a rejected draft can be rolled back). Parameter structs
+// speculative decoding, a chain or a tree: the state is read, never written; the state after
+// every position is written to a snapshot buffer so a rejected draft can be rolled back). Parameter structs
 // shared by the op entry (state_update.cpp), the CPU kernel (state_update_cpu.cpp) and the
 // CUDA kernel (state_update_cuda.cu). No torch types here.
 // Details: docs/ssd.md, section `csrc/ssd/state_update.h`.
@@ -36,6 +36,11 @@ struct SsuParams {
   bool in_place;
   void* snap;
   int64_t snap_s[5];
+  // Tree drafts (multi-token, snapshots required): (batch, T) contiguous int32; token t
+  // continues from the state after token parents[b, t] (-1: from the state row), which must
+  // precede it (-1 <= parents[b, t] < t; the CPU entry checks, the CUDA kernel gives an invalid
+  // node and its descendants NaN). Null: a chain (token t continues from token t - 1).
+  const int32_t* parents;
   void* out;                // (b, T, H, P) contiguous in x's dtype
   DType out_dtype;
   int64_t out_s[4];

@@ -80,6 +80,16 @@ void selective_state_update_cpu(const SsuParams& p) {
         const float bias = p.dt_bias.ptr ? ld(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
         const float d = p.D.ptr ? ld(p.D.ptr, p.D.dtype, h * p.D.s[0] + i * p.D.s[1]) : 0.f;
         for (int64_t t = 0; t < T; ++t) {
+          if (p.parents != nullptr && t > 0) {  // a tree: start from the parent's state
+            const int64_t q = p.parents[b * T + t];
+            if (q < 0) {
+              for (int64_t n = 0; n < N; ++n) s[n] = ld(p.state, p.state_dtype, soff + i * p.st_s[2] + n * p.st_s[3]);
+            } else if (q != t - 1) {
+              for (int64_t n = 0; n < N; ++n)
+                s[n] = ld(p.snap, p.state_dtype,
+                          b * p.snap_s[0] + q * p.snap_s[1] + h * p.snap_s[2] + i * p.snap_s[3] + n * p.snap_s[4]);
+            }
+          }
           const float xv = ld(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3]);
           const float dtv = ld(p.dt.ptr, p.dt.dtype, b * p.dt.s[0] + t * p.dt.s[1] + h * p.dt.s[2] + i * p.dt.s[3]);
           const float dtp = ssu_dt(dtv, bias, p.dt_softplus);

@@ -152,6 +152,37 @@ NK_DEVICE void stage_tokens(const SsuParams& p, const SsuSmem& m, float* sm, int
   }
 }
 
+// Tree drafts: before token t, the registers take the state token t continues from when that
+// is not token t - 1's: the state row (parent -1) or the thread's own snapshot of the parent
+// (written earlier by this thread, same elements: no other thread is involved). The parent is
+// uniform over the block. An invalid parent (not in [-1, t)) or a missing snapshot buffer makes
+// the node NaN (memory-safe; the CPU entry raises instead).
+template <typename ST, int NC, int R = kVecsPerThread / NC>
+NK_DEVICE void tree_step(const SsuParams& p, uint4 (&s)[R][NC], int64_t b, int64_t t, const ST* s0, int64_t s_row,
+                         int64_t s_vec, const ST* snap0, int64_t d_row, int64_t d_vec, int64_t d_tok, int64_t dsn,
+                         bool vec_state, bool vec_snap, const bool (&rin)[R], int lane, int ln, int N) {
+  constexpr int VN = 16 / sizeof(ST);
+  const int64_t q = p.parents[b * p.seqlen + t];
+  if (q == t - 1) return;  // a chain step (t == 0: the state row, already in the registers)
+  const bool bad = q < -1 || q >= t || (q >= 0 && snap0 == nullptr);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      const int n0 = (c * ln + lane) * VN;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (bad) {
+        ST* e = elems<ST>(v);
+#pragma unroll
+        for (int i = 0; i < VN; ++i) e[i] = from_f<ST>(__int_as_float(0x7fc00000));
+      } else if (rin[r] && n0 < N) {
+        v = q < 0 ? load_state<ST>(s0 + r * s_row + c * s_vec, vec_state, p.st_s[3], n0, N)
+                  : load_state<ST>(snap0 + q * d_tok + r * d_row + c * d_vec, vec_snap, dsn, n0, N);
+      }
+      s[r][c] = v;
+    }
+}
+
 // One batch entry of a block: rows w.pr[r] of head w.h (R rows x NC vectors per thread).
 template <typename ST, int NC, bool kHead, bool kSingle>
 NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
@@ -218,6 +249,7 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
     dsn = p.snap_s[4];
   }
   const bool vst = kSingle ? vec_state : vec_snap;
+  ST* const snap0 = dst;  // snapshot 0 of this thread's elements (multi-token)
 
   const int64_t T = kSingle ? 1 : p.seqlen;
 #pragma unroll 1
@@ -229,6 +261,8 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
 #pragma unroll 1
     for (int k = 0; k < tc; ++k) {
       const int64_t t = t0 + k;
+      if (!kSingle && p.parents != nullptr) tree_step<ST, NC>(p, s, b, t, s0, s_row, s_vec, snap0, d_row, d_vec, d_tok,
+                                                             dsn, vec_state, vst, rin, lane, ln, N);
       const float* Bs = sm + m.B(k);
       const float* Cs = sm + m.C(k);
       float acc[R];

@@ -4,6 +4,9 @@ multi-token update of speculative decoding (T = 4), at Nemotron-3 Nano (64 heads
 state, per-head dt / A / D / dt_bias expanded with stride 0 as Mamba-2 passes them.
 Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi);
 cost model in docs/ssd.md (issue 18). Single-step points with a bf16 state end in "state bf16".
+Tree points ("tree8"): 8 draft nodes in a binary tree of depth 3 (TREE_PARENTS); 6 of the 8
+nodes reload their parent's state (a snapshot this block wrote a few tokens earlier, taken to
+hit L2), so the DRAM bytes are those of the T = 8 chain.
 Baselines: the same math in plain PyTorch (float32, as mamba_ssm's reference), eager and
 compiled, and mamba_ssm's Triton `selective_state_update` (single token) when importable
 (peers.py)."""
@@ -18,6 +21,7 @@ from .peers import mamba_ssm_peer
 CONFIGS = {"nano": 64, "super": 128}  # heads
 HEADDIM, DSTATE, NGROUPS, T_MULTI = 64, 128, 8, 4
 DTYPE, STATE_DTYPE = torch.bfloat16, torch.float32
+TREE_PARENTS = [-1, 0, 0, 1, 1, 2, 2, 3]
 
 
 def _step_torch(state, x, dt, A, B, C, D, z, dt_bias):
@@ -47,6 +51,21 @@ def multi_torch(state, x, dt, A, B, C, D, z, dt_bias, inter):
     return torch.stack(outs, 1), inter
 
 
+def tree_torch(state, x, dt, A, B, C, D, z, dt_bias, inter, parents):
+    outs = []
+    for t, q in enumerate(TREE_PARENTS):
+        cur = state if q < 0 else inter[:, q]
+        o, new = _step_torch(cur, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, z[:, t], dt_bias)
+        inter[:, t] = new
+        outs.append(o)
+    return torch.stack(outs, 1), inter
+
+
+def tree_ours(state, x, dt, A, B, C, D, z, dt_bias, inter, parents):
+    return nk.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True,
+                                           intermediate_states=inter, parents=parents)
+
+
 def update_ours(state, x, dt, A, B, C, D, z, dt_bias):
     return nk.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
 
@@ -62,7 +81,7 @@ def _peer_update(fn):
     return run
 
 
-def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE):
+def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE, tree=False):
     lead = (batch,) if T is None else (batch, T)
 
     def make():
@@ -79,6 +98,8 @@ def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE):
         args = (state, x, dt, A, B, C, D, z, dt_bias)
         if T is not None:
             args += (torch.empty((batch, T, heads, HEADDIM, DSTATE), dtype=state_dtype, **d),)
+        if tree:
+            args += (torch.tensor(TREE_PARENTS, dtype=torch.int32, **d).expand(batch, T).contiguous(),)
         return args
     return make
 
@@ -89,8 +110,9 @@ def cases(quick: bool, device) -> list:
     single = ([("nano", 1, f32), ("nano", 64, f32), ("nano", 256, bf16), ("super", 256, f32)] if quick
               else [(c, b, f32) for c in CONFIGS for b in (1, 8, 64, 256)] + [(c, 256, bf16) for c in CONFIGS])
     multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
+    tree = [("nano", 64)] if quick else [(c, b) for c in CONFIGS for b in (8, 64)]
     if quick and torch.device(device).type != "cuda":  # CPU-sized
-        single, multi = [("nano", 1, f32), ("nano", 8, f32)], [("nano", 4)]
+        single, multi, tree = [("nano", 1, f32), ("nano", 8, f32)], [("nano", 4)], [("nano", 2)]
     peer = mamba_ssm_peer("selective_state_update", "selective_state_update")
     out = []
     for cfg, batch, sdt in single:
@@ -114,4 +136,13 @@ def cases(quick: bool, device) -> list:
             make_inputs=_maker(batch, heads, device, T_MULTI), fn=multi_ours,
             bytes=(1 + T_MULTI) * st * ssz + io * esz, flops=5 * T_MULTI * st,
             baselines={"torch_eager": multi_torch, "torch_compile": lazy_compile(multi_torch)}))
+    for cfg, batch in tree:
+        heads, T = CONFIGS[cfg], len(TREE_PARENTS)
+        st = batch * heads * HEADDIM * DSTATE
+        io = T * (batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE)
+        out.append(Case(
+            op="selective_state_update_multi", name=f"{cfg} b{batch} tree{T} h{heads} p{HEADDIM} n{DSTATE}",
+            make_inputs=_maker(batch, heads, device, T, tree=True), fn=tree_ours,
+            bytes=(1 + T) * st * ssz + io * esz + batch * T * 4, flops=5 * T * st,
+            baselines={"torch_eager": tree_torch, "torch_compile": lazy_compile(tree_torch)}))
     return out

@@ -17,7 +17,8 @@ def _single_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_
 
 
 @torch.library.register_fake("nemokernels::selective_state_update_multi")
-def _multi_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states):
+def _multi_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states,
+                parents=None):
     return x.new_empty(x.shape)
 
 
@@ -79,8 +80,9 @@ def selective_state_update_multi(
     dt_softplus: bool = False,
     state_batch_indices: Optional[torch.Tensor] = None,
     intermediate_states: Optional[torch.Tensor] = None,
+    parents: Optional[torch.Tensor] = None,
 ):
-    """T decode steps for speculative decoding, without modifying ``state``.
+    """T decode steps for speculative decoding, a chain or a tree, without modifying ``state``.
 
     x, dt, z: (b, T, H, P); B, C: (b, T, G, N); the rest as in `selective_state_update`.
     Runs the T positions from ``state[row(b)]`` and returns ``(out, intermediate_states)``:
@@ -90,6 +92,14 @@ def selective_state_update_multi(
     `selective_state_update` would leave, bit for bit. Padded entries (negative index) get
     zero outputs and zero snapshots. Pass the snapshots and the number of accepted tokens
     to `commit_state` to advance the cache.
+
+    Tree drafts: ``parents`` (b, T) int (the ``parents`` of `verify_tree_greedy` /
+    `verify_tree_rejection`): token t continues from the state after token ``parents[b, t]``,
+    -1 from ``state[row(b)]``, and a parent precedes its children (-1 <= parents[b, t] < t).
+    ``intermediate_states[:, t]`` is then the state after the root-to-t path, bit for bit the
+    chain update along that path, and ``commit_state(..., accepted_node=...)`` advances the cache
+    to the last accepted node. A parent out of range raises on the CPU; on CUDA (no host sync)
+    that node and its descendants get NaN outputs and snapshots.
 
     ``state`` is only read, so indices may repeat. ``intermediate_states`` is written: it is
     refused (on every device) when it is an expanded view, when its elements overlap, or when
@@ -101,21 +111,27 @@ def selective_state_update_multi(
     if intermediate_states is None:
         intermediate_states = state.new_empty((x.shape[0], x.shape[1]) + tuple(state.shape[1:]))
     out = _ops.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                            _indices(state_batch_indices), intermediate_states)
+                                            _indices(state_batch_indices), intermediate_states, _indices(parents))
     return out, intermediate_states
 
 
 def commit_state(
     state: torch.Tensor,
     intermediate_states: torch.Tensor,
-    num_accepted: torch.Tensor,
+    num_accepted: Optional[torch.Tensor] = None,
     state_batch_indices: Optional[torch.Tensor] = None,
+    *,
+    accepted_node: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Advances ``state`` in place to the accepted prefix of a multi-token update.
 
     For each batch entry b with row r = state_batch_indices[b] (or b) and
     k = num_accepted[b] (clamped to [0, T]): state[r] = intermediate_states[b, k - 1] when
-    k > 0; k == 0 keeps the old state; padded entries (r < 0) are skipped. Pure PyTorch, no
+    k > 0; k == 0 keeps the old state; padded entries (r < 0) are skipped. For tree drafts
+    pass ``accepted_node`` (b,) instead, the last accepted node of each entry (e.g.
+    ``accepted_node_indices[b, num_accepted[b]]`` of `verify_tree_greedy`): state[r] =
+    intermediate_states[b, accepted_node[b]], and a negative node keeps the old state (it is
+    num_accepted = accepted_node + 1). Give exactly one of the two. Pure PyTorch, no
     host sync and no data-dependent shapes, so it is safe under CUDA graphs and
     torch.compile(fullgraph=True). Non-negative rows must be distinct and < state.shape[0]:
     checked on the CPU (RuntimeError); on CUDA (no host sync) a row past the end is skipped like
@@ -124,6 +140,12 @@ def commit_state(
     """
     batch, T = intermediate_states.shape[0], intermediate_states.shape[1]
     n = state.shape[0]
+    if (num_accepted is None) == (accepted_node is None):
+        raise ValueError("commit_state: give exactly one of num_accepted (a chain) and accepted_node (a tree)")
+    if accepted_node is not None:
+        if accepted_node.shape != (batch,):
+            raise ValueError(f"commit_state: accepted_node must have shape ({batch},), got {tuple(accepted_node.shape)}")
+        num_accepted = accepted_node.to(torch.long).clamp(min=-1) + 1
     if num_accepted.shape != (batch,):
         raise ValueError(f"commit_state: num_accepted must have shape ({batch},), got {tuple(num_accepted.shape)}")
     if tuple(intermediate_states.shape[2:]) != tuple(state.shape[1:]):

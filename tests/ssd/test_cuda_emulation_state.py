@@ -42,7 +42,7 @@ def _const_over(t, d):
     return t.shape[d] <= 1 or t.stride(d) == 0
 
 
-def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi):
+def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi, parents=None):
     """The op entry's parameter set-up (state_update.cpp, Mamba-2 form with a head dim) and one
     emulated launch. Mutates state (single step) / snaps; returns out (NaN-poisoned first)."""
     b, H, P, N = x.shape[0], state.shape[1], state.shape[2], state.shape[3]
@@ -67,6 +67,8 @@ def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, mul
         p.dt_bias = _arg(dt_bias, (0, 1))
     idx_c = None if idx is None else idx.to(torch.int32).contiguous()
     p.state_indices = None if idx_c is None else idx_c.data_ptr()
+    par_c = None if parents is None else parents.to(torch.int32).contiguous()
+    p.parents = None if par_c is None else par_c.data_ptr()
     if not multi:
         p.in_place = True
         p.snap = state.data_ptr()
@@ -235,3 +237,62 @@ def test_duplicate_and_out_of_range_rows_stay_in_bounds():
     assert torch.isnan(out[2]).all() and torch.equal(out[3], torch.zeros_like(out[3]))
     # The entries naming row 3 race on it on a GPU (unspecified result), but stay finite.
     assert torch.isfinite(state[3]).all() and torch.isfinite(out[:2]).all()
+
+
+# Tree drafts (parents): per entry of b = 2, T = 5 / 3. Node 1 continues from token 0, node 2
+# from the root's snapshot 0 again, node 3 from the state row, node 4 from node 2.
+TREES = {5: [[-1, 0, 0, -1, 2], [-1, 0, 1, 1, 3]], 3: [[-1, -1, 0], [-1, 0, 0]]}
+
+
+@pytest.mark.parametrize("b,T,H,P,G,N,sd,dt_,hdec,lay,idx", [
+    (2, 5, 4, 6, 2, 16, torch.float32, torch.float32, True, "contig", "perm"),
+    (2, 5, 2, 33, 1, 64, torch.bfloat16, torch.bfloat16, False, "padded", None),   # 16-bit state, multi rows
+    (2, 3, 2, 7, 2, 200, torch.float32, torch.float16, False, "sliced", None),     # NC = 2, scalar path
+    (2, 5, 1, 5, 1, 1024, torch.bfloat16, torch.bfloat16, False, "contig", None),  # NC = 4: tokens staged one at a time
+])
+@pytest.mark.parametrize("snap_layout", ["contig", "strided"])
+def test_tree_bit_exact(b, T, H, P, G, N, sd, dt_, hdec, lay, idx, snap_layout):
+    """The CUDA kernel's tree path (a node reloads its parent's snapshot or the state row)
+    against the CPU kernel's, bit for bit."""
+    t = make_inputs(b, T, H, P, G, N, sd, dt_, multi=True, head_decay=hdec, state_layout=lay, idx=idx, seed=T * N)
+    parents = torch.tensor(TREES[T], dtype=torch.int32)
+    state0 = t["state"].clone()
+    if snap_layout == "contig":
+        snaps_emu = torch.full((b, T, H, P, N), float("nan")).to(sd)
+    else:
+        snaps_emu = torch.full((b, T, H, P, N + 1), float("nan")).to(sd)[..., 1:]
+    out_ref, snaps_ref = nemokernels.selective_state_update_multi(
+        t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+        dt_softplus=True, state_batch_indices=t["idx"], parents=parents)
+    out_chain, _ = nemokernels.selective_state_update_multi(
+        t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+        dt_softplus=True, state_batch_indices=t["idx"])
+    assert not torch.equal(out_ref, out_chain), "the tree must differ from the chain"
+    out_emu = run_emulated(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True,
+                           t["idx"], snaps_emu, multi=True, parents=parents)
+    _same(out_emu, out_ref, "out")
+    _same(snaps_emu.contiguous(), snaps_ref, "intermediate_states")
+    assert torch.equal(t["state"], state0)  # read only
+
+
+def test_invalid_parent_gives_nan():
+    """A parent the CUDA entry cannot check (no host sync) that is not in [-1, t): that node and
+    its descendants are NaN, nothing is read out of bounds, the other nodes are exact."""
+    t = make_inputs(2, 5, 2, 4, 1, 16, torch.float32, torch.float32, multi=True, head_decay=True,
+                    state_layout="contig", idx=None, seed=11)
+    good = torch.tensor([[-1, 0, 1, 1, 3], [-1, 0, 0, 2, 0]], dtype=torch.int32)
+    bad = good.clone()
+    bad[0, 3] = 4  # not earlier: nodes 3, 4
+    bad[1, 2] = 2**30  # far out of range: nodes 2, 3
+    snaps_g, snaps_b = torch.zeros(2, 5, 2, 4, 16), torch.zeros(2, 5, 2, 4, 16)
+    args = (t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True, None)
+    out_g = run_emulated(*args, snaps_g, multi=True, parents=good)
+    out_b = run_emulated(*args, snaps_b, multi=True, parents=bad)
+    nan_nodes = {(0, 3), (0, 4), (1, 2), (1, 3)}
+    for bb in range(2):
+        for tt in range(5):
+            if (bb, tt) in nan_nodes:
+                assert out_b[bb, tt].isnan().all() and snaps_b[bb, tt].isnan().all(), f"node ({bb}, {tt})"
+            else:
+                _same(out_b[bb, tt], out_g[bb, tt], f"out of node ({bb}, {tt})")
+                _same(snaps_b[bb, tt], snaps_g[bb, tt], f"snapshot of node ({bb}, {tt})")

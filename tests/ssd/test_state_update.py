@@ -271,6 +271,137 @@ def test_commit_state_every_accepted_length(device, state_dtype):
     assert torch.equal(state[0], inp2["state"][0]) and torch.equal(state[1], inter2[1, 2])
 
 
+# ---------------------------------------------------------------- tree drafts
+
+TOKEN_KEYS = ("x", "dt", "z", "B", "C")
+# Per batch entry: a branching tree with a second root, a chain, and a tree whose nodes
+# continue from the previous token, from a sibling's subtree and from the state row.
+TREE_PARENTS = [[-1, 0, 0, 1, 2, -1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, -1, 1, 0, 3, 1, 5]]
+
+
+def tree_path(parents, t):
+    """The nodes from the root to t (t last)."""
+    path = [t]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+def on_path(inp, path):
+    """The inputs of the chain that runs the tokens of `path` in order."""
+    return {k: (v[:, path] if k in TOKEN_KEYS and v is not None else v) for k, v in inp.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,dtype", DTYPE_PAIRS)
+def test_tree_equals_chain_along_every_path(device, state_dtype, dtype):
+    """Tree drafts: node t's output and snapshot are bit for bit those of the chain update run
+    on the tokens of the root-to-t path, for every node of every entry, and within the
+    tolerance of the float64 reference on that path; the state is not modified."""
+    T, slots = len(TREE_PARENTS[0]), 5
+    parents = torch.tensor(TREE_PARENTS, device=device)
+    for params in ("expanded", "general"):
+        inp = make_inputs(3, 4, 10, 48, 2, state_dtype, dtype, device, params=params, T=T, slots=slots)
+        idx = torch.tensor([3, 0, -1], dtype=torch.int32, device=device)
+        before = inp["state"].clone()
+        inter = torch.full((3, T, 4, 10, 48), float("nan"), dtype=state_dtype, device=device)
+        poison_allocator(device)
+        out, _ = nk.selective_state_update_multi(*(inp[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z",
+                                                                     "dt_bias")), True, idx, inter, parents=parents)
+        assert torch.equal(inp["state"], before), "a tree step must not modify state"
+        ref_out, ref_inter = torch.zeros_like(out, dtype=torch.float64), torch.zeros_like(inter, dtype=torch.float64)
+        for b in range(2):  # entry 2 is padded
+            for t in range(T):
+                path = tree_path(TREE_PARENTS[b], t)
+                sub = on_path(inp, path)
+                o, s = run_multi(sub, True, idx)
+                assert torch.equal(out[b, t], o[b, -1]), f"entry {b} node {t}: out differs from the chain {path}"
+                assert torch.equal(inter[b, t], s[b, -1]), f"entry {b} node {t}: snapshot differs from the chain {path}"
+                r_out, r_inter = selective_state_update_multi_ref(
+                    *(d64(sub[k]) for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")), True, idx)
+                ref_out[b, t], ref_inter[b, t] = r_out[b, -1], r_inter[b, -1]
+        assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.equal(inter[2], torch.zeros_like(inter[2]))
+        assert_close(out, ref_out, worst(state_dtype, dtype), factor=2)
+        assert_close(inter, ref_inter, worst(state_dtype, dtype), factor=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chain_parents_equal_no_parents(device):
+    """parents = [-1, 0, 1, ...] is the chain: bit for bit the update without parents."""
+    inp = make_inputs(2, 2, 8, 32, 1, BF16, BF16, device, T=5)
+    inter_a, inter_b = (torch.full((2, 5, 2, 8, 32), float("nan"), dtype=BF16, device=device) for _ in range(2))
+    out_a, _ = run_multi(inp, True, None, inter_a)
+    chain = torch.arange(-1, 4, device=device).expand(2, 5)
+    out_b, _ = nk.selective_state_update_multi(*(inp[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z",
+                                                                   "dt_bias")), True, None, inter_b, parents=chain)
+    assert torch.equal(out_a, out_b) and torch.equal(inter_a, inter_b)
+
+
+@pytest.mark.gpu
+def test_invalid_parent_gives_nan_on_cuda():
+    """CUDA cannot refuse parent values without a host sync: a node whose parent is not in
+    [-1, t) gets NaN outputs and snapshots, and so do its descendants; other nodes are exact."""
+    T = 6
+    inp = make_inputs(2, 2, 8, 16, 1, F32, F32, "cuda", T=T)
+    good = torch.tensor([[-1, 0, 1, 1, 3, 0], [-1, 0, 0, 2, 3, 4]], device="cuda")
+    bad = good.clone()
+    bad[0, 3] = 5  # not an earlier token: node 3 and its child 4 are NaN
+    bad[1, 2] = -7  # out of range: nodes 2..5 descend from it
+    keys = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    out_g, inter_g = nk.selective_state_update_multi(*(inp[k] for k in keys), True, parents=good)
+    out_b, inter_b = nk.selective_state_update_multi(*(inp[k] for k in keys), True, parents=bad)
+    torch.cuda.synchronize()
+    nan_nodes = {(0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (1, 5)}
+    for b in range(2):
+        for t in range(T):
+            if (b, t) in nan_nodes:
+                assert out_b[b, t].isnan().all() and inter_b[b, t].isnan().all(), f"node ({b}, {t}) must be NaN"
+            else:
+                assert torch.equal(out_b[b, t], out_g[b, t]) and torch.equal(inter_b[b, t], inter_g[b, t])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_commit_accepted_node_after_tree_verification(device):
+    """A tree step, verify_tree_greedy on its logits, and commit_state(accepted_node=...): each
+    state row becomes the state after the accepted path, i.e. the single steps along it."""
+    trees = [[-1, 0, 0, 1, 2, 1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, 0, 1, 0, 3, 1, 5]]  # one root each
+    T, V = len(trees[0]), 3
+    torch.manual_seed(7)
+    inp = make_inputs(3, 4, 8, 16, 2, F32, BF16, device, T=T, slots=4)
+    idx = torch.tensor([2, 0, 3], dtype=torch.int32, device=device)
+    parents = torch.tensor(trees, device=device)
+    keys = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    _, inter = nk.selective_state_update_multi(*(inp[k] for k in keys), True, idx, parents=parents)
+    seen = set()
+    for trial in range(12):  # random drafts and logits: accepted paths of several depths
+        cand = torch.randint(0, V, (3, T), device=device)
+        logits = torch.randn(3, T, V, device=device)
+        _, nodes, num = nk.speculative.verify_tree_greedy(cand, parents, logits)
+        last = nodes.gather(1, num.long().clamp(min=0)[:, None])[:, 0]
+        state = inp["state"].clone()
+        nk.commit_state(state, inter, state_batch_indices=idx, accepted_node=last)
+        want = inp["state"].clone()
+        for b, r in enumerate(idx.tolist()):
+            path = tree_path(trees[b], int(last[b]))
+            seen.add(len(path))
+            st = inp["state"].clone()
+            for t in path:
+                step = {k: (v[:, t] if k in TOKEN_KEYS else v) for k, v in inp.items()}
+                step["state"] = st
+                run_single(step, True, idx)
+            want[r] = st[r]
+            # the same commit through num_accepted
+            alt = inp["state"].clone()
+            nk.commit_state(alt, inter, last.long() + 1, idx)
+            assert torch.equal(alt, state)
+        assert torch.equal(state, want), f"commit after the tree step differs (accepted nodes {last.tolist()})"
+    assert len(seen) >= 2, "the trials should accept paths of several lengths"
+    # a negative node keeps the old state
+    state = inp["state"].clone()
+    nk.commit_state(state, inter, state_batch_indices=idx, accepted_node=torch.full((3,), -1, device=device))
+    assert torch.equal(state, inp["state"])
+
+
 # ---------------------------------------------------------------- the decode step is the scan
 
 
@@ -360,6 +491,7 @@ def good_multi(device):
     t = make_inputs(2, 4, 8, 16, 2, F32, F32, device, T=3, slots=3)
     t["idx"] = torch.tensor([2, 0], dtype=torch.int32, device=device)
     t["inter"] = torch.empty(2, 3, 4, 8, 16, device=device)
+    t["par"] = torch.tensor([[-1, 0, 0], [-1, -1, 1]], dtype=torch.int32, device=device)
     t["before"] = t["state"].clone()
     return t
 
@@ -490,6 +622,18 @@ MULTI_CASES = [
     ("snapshots_device", "cuda", lambda t: multi(t, intermediate_states=t["inter"].cpu()),
      M_ + "intermediate_states" + DEVMIX),
     ("B_device", "cuda", lambda t: multi(t, B=t["B"].cpu()), M_ + "B" + DEVMIX),
+    ("parents_without_snapshots", "any", lambda t: multi(t, intermediate_states=None, parents=t["par"]),
+     M_ + r"parents \(tree drafts\) needs intermediate_states"),
+    ("parents_shape", "any", lambda t: multi(t, parents=t["par"][:, :2]),
+     M_ + r"parents.shape\[1\] must be 3, got shape \(2, 2\)"),
+    ("parents_dtype", "any", lambda t: multi(t, parents=t["par"].long()), M_ + r"parents must be one of \{int32\}, got int64"),
+    ("parents_not_earlier", "cpu", lambda t: multi(t, parents=t["par"].new_tensor([[-1, 1, 0], [-1, 0, 0]])),
+     M_ + r"parents\[0, 1\] = 1 must be in \[-1, 1\): -1 continues from the state row, otherwise an earlier token"),
+    ("parents_below_minus_one", "cpu", lambda t: multi(t, parents=t["par"].new_tensor([[-1, 0, 1], [-1, 0, -2]])),
+     M_ + r"parents\[1, 2\] = -2 must be in \[-1, 2\)"),
+    ("parents_alias_snapshots", "any", lambda t: multi(t, parents=t["inter"].view(-1)[:6].view(torch.int32).view(2, 3)),
+     M_ + r"intermediate_states must not share memory with parents"),
+    ("parents_device", "cuda", lambda t: multi(t, parents=t["par"].cpu()), M_ + "parents" + DEVMIX),
 ]
 
 
@@ -505,6 +649,9 @@ PUBLIC_CASES = [  # the public functions reach the same checks (int64 indices ar
 PUBLIC_MULTI_CASES = [
     ("indices_out_of_range", "cpu", lambda t: run_multi(t, True, torch.tensor([5, 0], dtype=torch.int32)),
      M_ + r"state_batch_indices\[0\] = 5 is out of range"),
+    ("parents_int64_not_earlier", "cpu",
+     lambda t: nk.selective_state_update_multi(*(t[k] for k in KEYS), True, parents=torch.tensor([[-1, 0, 2], [-1, 0, 0]])),
+     M_ + r"parents\[0, 2\] = 2 must be in \[-1, 2\)"),
 ]
 
 COMMIT_CASES = [
@@ -528,6 +675,12 @@ COMMIT_CASES = [
      r"commit_state: state_batch_indices must be < state.shape\[0\] = 3 \(negative = padded slot\), got a larger row"),
     ("indices_duplicate", "cpu", lambda t: commit(t, state_batch_indices=t["idx"].new_tensor([1, 1])),
      r"commit_state: state_batch_indices holds a row twice"),
+    ("both_counts", "any", lambda t: commit(t, accepted_node=t["acc"]),
+     r"commit_state: give exactly one of num_accepted \(a chain\) and accepted_node \(a tree\)", ValueError),
+    ("no_count", "any", lambda t: commit(t, num_accepted=None),
+     r"commit_state: give exactly one of num_accepted", ValueError),
+    ("accepted_node_shape", "any", lambda t: commit(t, num_accepted=None, accepted_node=t["acc"][:, None]),
+     r"commit_state: accepted_node must have shape \(2,\), got \(2, 1\)", ValueError),
 ]
 
 
@@ -629,6 +782,8 @@ def test_opcheck(device, params):
         opcheck(ops.selective_state_update_multi, margs + (True, idx, torch.empty(2, 3, 4, 8, 16, device=device)))
     else:
         opcheck(ops.selective_state_update_multi, margs + (False, None, None))
+    tree = torch.tensor([[-1, 0, 0], [-1, -1, 1]], dtype=torch.int32, device=device)
+    opcheck(ops.selective_state_update_multi, margs + (True, idx, torch.empty(2, 3, 4, 8, 16, device=device), tree))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -655,6 +810,28 @@ def test_torch_compile_fullgraph(device):
     y2, o2 = torch.compile(f, fullgraph=True, backend=backend)(s2, one, multi, idx, acc)
     assert torch.equal(y1, y2) and torch.equal(o1, o2)
     assert torch.equal(s1, s2), "the in-place updates must survive compilation"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tree_step_torch_compile_fullgraph(device):
+    """A tree step and the commit of the accepted node, in one compiled graph."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    inp = make_inputs(3, 4, 8, 16, 2, F32, BF16, device, T=len(TREE_PARENTS[0]), slots=4)
+    idx = torch.tensor([3, -1, 1], dtype=torch.int32, device=device)
+    parents = torch.tensor(TREE_PARENTS, device=device)
+    node = torch.tensor([4, 2, 6], device=device)
+
+    def f(state, t, idx, parents, node):
+        out, inter = nk.selective_state_update_multi(state, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                                     t["dt_bias"], True, idx, parents=parents)
+        nk.commit_state(state, inter, state_batch_indices=idx, accepted_node=node)
+        return out
+
+    s1, s2 = inp["state"].clone(), inp["state"].clone()
+    o1 = f(s1, inp, idx, parents, node)
+    o2 = torch.compile(f, fullgraph=True, backend=backend)(s2, inp, idx, parents, node)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    assert not torch.equal(s1, inp["state"])
 
 
 def _ulp(dtype):
