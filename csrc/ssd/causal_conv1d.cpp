@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
 }
 
 Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::optional<Tensor> bias,
-                            bool silu, std::optional<Tensor> conv_state_indices) {
+                            bool silu, std::optional<Tensor> conv_state_indices, std::optional<Tensor> parents) {
   const char* op = kUpd;
   NK_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be (batch, dim) or (batch, dim, seqlen), got shape ",
            shape_str(x));
@@ -199,6 +199,20 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   } else {
     check_size_at_least(op, "conv_state", conv_state, 0, batch, "batch, when conv_state_indices is None");
   }
+  std::optional<Tensor> par;
+  if (parents) {
+    NK_CHECK(x.dim() == 3, op, ": parents (tree drafts) needs x as (batch, dim, seqlen), got shape ", shape_str(x));
+    check_tensor(op, "parents", *parents, {batch, seqlen}, {ScalarType::Int}, x, "x");
+    par = torch::stable::contiguous(*parents);
+    if (!x.is_cuda()) {  // on CUDA (no host sync) a window that meets a bad parent is NaN
+      const int32_t* v = static_cast<const int32_t*>(par->data_ptr());
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t t = 0; t < seqlen; ++t)
+          NK_CHECK(v[b * seqlen + t] >= -1 && v[b * seqlen + t] < t, op, ": parents[", b, ", ", t, "] = ",
+                   v[b * seqlen + t], " must be in [-1, ", t, "): -1 continues from conv_state, otherwise an "
+                   "earlier token (parents precede their children)");
+    }
+  }
   OptionalDeviceGuard guard(x);
   Tensor out = new_empty(x, x.dim() == 3 ? std::vector<int64_t>{batch, dim, seqlen}
                                          : std::vector<int64_t>{batch, dim}, x.scalar_type());
@@ -213,6 +227,7 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
   p.st_sb = conv_state.stride(0), p.st_sc = conv_state.stride(1), p.st_sj = conv_state.stride(2);
   p.state_batch = conv_state.size(0);
   p.state_indices = idx ? static_cast<const int32_t*>(idx->data_ptr()) : nullptr;
+  p.parents = par ? static_cast<const int32_t*>(par->data_ptr()) : nullptr;
   set_weight_bias(p, weight, bias);
   p.out = out.data_ptr();
   p.out_sb = out.stride(0), p.out_sc = out.stride(1), p.out_st = x.dim() == 3 ? out.stride(2) : 0;

@@ -77,7 +77,23 @@ struct Conv1dUpdateParams {
   int64_t b_s;
   void* out;             // (batch, dim, seqlen)
   int64_t out_sb, out_sc, out_st;
+  // Tree drafts: (batch, seqlen) contiguous int32, or null (a chain). Token t's window is its
+  // own input after those of its width - 1 nearest ancestors (conv_tree_next); conv_state is
+  // then only read (the caller commits the accepted path, nemokernels.commit_conv_state).
+  const int32_t* parents;
 };
+
+// One step up a draft tree of the conv update. Positions: a node t >= 0 is x[t]; -m (m >= 1)
+// is conv_state[state_len - m], the m-th input before the tree. From a node the walk goes to
+// its parent (-1: the last state input), above the tree one input further back. Returns
+// kConvTreeBad when node `cur` names a parent that does not precede it (the CPU entry
+// refuses such trees; the CUDA kernel writes NaN for a window that meets one).
+constexpr int64_t kConvTreeBad = INT64_MIN;
+NK_HD int64_t conv_tree_next(const int32_t* parents_row, int64_t cur) {
+  if (cur < 0) return cur - 1;
+  const int64_t q = parents_row[cur];
+  return q >= -1 && q < cur ? q : kConvTreeBad;
+}
 
 void causal_conv1d_fwd_cpu(const Conv1dFwdParams& p);
 void causal_conv1d_bwd_cpu(const Conv1dBwdParams& p);

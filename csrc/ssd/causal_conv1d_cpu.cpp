@@ -198,15 +198,25 @@ void causal_conv1d_update_cpu(const Conv1dUpdateParams& p) {
           buf[p.state_len + t] = ld<T>(p.x, b * p.x_sb + c * p.x_sc + t * p.x_st);
         float w[W], bias;
         load_weights<W>(p, c, w, bias);
+        const int32_t* par = p.parents ? p.parents + b * p.seqlen : nullptr;
         for (int64_t t = 0; t < p.seqlen; ++t) {
           float win[W];
-          for (int k = 0; k < W; ++k) win[k] = buf[p.state_len + t - (W - 1) + k];
+          if (par == nullptr) {
+            for (int k = 0; k < W; ++k) win[k] = buf[p.state_len + t - (W - 1) + k];
+          } else {  // the path to t, backwards (the entry checked the tree: no kConvTreeBad)
+            int64_t cur = t;
+            for (int k = W - 1; k >= 0; --k) {
+              win[k] = buf[p.state_len + cur];
+              if (k > 0) cur = conv_tree_next(par, cur);
+            }
+          }
           float y = conv_window<W>(w, win, bias);
           st<T>(p.out, b * p.out_sb + c * p.out_sc + t * p.out_st, p.silu ? silu(y) : y);
         }
-        // The state keeps the last state_len inputs.
-        for (int64_t j = 0; j < p.state_len; ++j)
-          st<T>(p.conv_state, soff + j * p.st_sj, buf[p.seqlen + j]);
+        // The state keeps the last state_len inputs (a tree leaves it alone).
+        if (par == nullptr)
+          for (int64_t j = 0; j < p.state_len; ++j)
+            st<T>(p.conv_state, soff + j * p.st_sj, buf[p.seqlen + j]);
       }
     });
   });

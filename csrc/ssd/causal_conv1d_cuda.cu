@@ -414,6 +414,25 @@ __global__ void __launch_bounds__(kConvUpdateThreads) update_kernel(Conv1dUpdate
   }
   T* state = static_cast<T*>(p.conv_state) + sb * p.st_sb + c * p.st_sc;
   float xw[W];
+  if (p.parents != nullptr) {  // a draft tree: each node's window along its path; state only read
+    const int32_t* par = p.parents + b * p.seqlen;  // uniform over the block: broadcast loads
+    for (int64_t t = 0; t < p.seqlen; ++t) {
+      int64_t cur = t;
+      bool bad = false;
+#pragma unroll
+      for (int k = W - 1; k >= 0; --k) {
+        xw[k] = 0.f;
+        if (!bad) xw[k] = to_f<T>(cur >= 0 ? x[cur * p.x_st] : state[(p.state_len + cur) * p.st_sj]);
+        if (k > 0 && !bad) {
+          cur = conv_tree_next(par, cur);
+          bad = cur == kConvTreeBad;
+        }
+      }
+      const float y = conv_window<W>(w, xw, bias);
+      out[t * p.out_st] = from_f<T>(bad ? __int_as_float(0x7fc00000) : p.silu ? silu_fast(y) : y);
+    }
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < W - 1; ++k) xw[k] = to_f<T>(state[(p.state_len - (W - 1) + k) * p.st_sj]);
   for (int64_t t = 0; t < p.seqlen; ++t) {

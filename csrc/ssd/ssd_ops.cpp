@@ -17,7 +17,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     std::optional<Tensor> seq_idx, std::optional<Tensor> initial_states,
     std::optional<Tensor> dfinal_states, bool return_dinitial_states, bool silu);
 Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::optional<Tensor> bias,
-                            bool silu, std::optional<Tensor> conv_state_indices);
+                            bool silu, std::optional<Tensor> conv_state_indices, std::optional<Tensor> parents);
 std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size, std::optional<Tensor> D,
     std::optional<Tensor> z, std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states,
@@ -56,8 +56,10 @@ const OpDef kOps[] = {
    "Tensor? initial_states, Tensor? dfinal_states, bool return_dinitial_states, bool silu) "
    "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)",
    TORCH_BOX(&causal_conv1d_bwd)},
+  // parents (batch, seqlen) int32: tree drafts (token t's window follows its ancestors; -1 the
+  // state); conv_state is then only read.
   {"causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
-   "bool silu, Tensor? conv_state_indices) -> Tensor",
+   "bool silu, Tensor? conv_state_indices, Tensor? parents=None) -> Tensor",
    TORCH_BOX(&causal_conv1d_update)},
 
   // ---- ssd: chunked selective scan (mamba_chunk_scan_combined) ----------------------------

@@ -1,5 +1,7 @@
 """SSD family cases: causal_conv1d (the Mamba-2 mixer's short depthwise conv), bf16, width 4,
-at the points of docs/design.md section 7. Baselines are the plain PyTorch the op replaces, eager and compiled."""
+at the points of docs/design.md section 7. Baselines are the plain PyTorch the op replaces, eager and compiled.
+The "tree8" update points run 8 draft nodes of a binary tree of depth 3 (TREE_PARENTS, as in
+cases_ssd_state_update.py); the baseline gathers each node's window with a precomputed index."""
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,19 @@ WIDTH = 4
 DTYPE = torch.bfloat16
 # conv channels = d_inner + 2 * n_groups * d_state (docs/design.md section 7, Mamba-2 heads x head dim).
 DIMS = {"nano": 64 * 64 + 2 * 8 * 128, "super": 128 * 64 + 2 * 8 * 128}
+TREE_PARENTS = [-1, 0, 0, 1, 1, 2, 2, 3]
+
+
+def _tree_windows(parents, width):
+    """(T, width) positions in cat(state (width - 1 columns), x): node t's window, oldest first."""
+    rows = []
+    for t in range(len(parents)):
+        pos, cur = [], t
+        for _ in range(width):
+            pos.append(cur + width - 1)
+            cur = parents[cur] if cur >= 0 else cur - 1
+        rows.append(pos[::-1])
+    return rows
 
 
 def conv_ref(x, weight, bias):
@@ -25,6 +40,17 @@ def update_ref(x, conv_state, weight, bias):
     window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (batch, dim, width)
     conv_state.copy_(window[..., 1:])
     return F.silu((window * weight).sum(-1) + bias)
+
+
+def tree_update_ref(x, conv_state, weight, bias, parents, windows):
+    """A tree update in eager PyTorch: each node's window gathered from cat(state, x)."""
+    cat = torch.cat([conv_state, x], dim=-1)                          # (batch, dim, width - 1 + T)
+    win = cat[:, :, windows]                                          # (batch, dim, T, width)
+    return F.silu((win * weight[:, None, :]).sum(-1) + bias[:, None])
+
+
+def ours_tree_update(x, conv_state, weight, bias, parents, windows):
+    return nk.causal_conv1d_update(x, conv_state, weight, bias, activation="silu", parents=parents)
 
 
 def ours_fwd(x, weight, bias):
@@ -67,14 +93,26 @@ def _update_maker(batch, dim, device):
     return make
 
 
+def _tree_update_maker(batch, dim, device):
+    def make():
+        T = len(TREE_PARENTS)
+        x = torch.randn(batch, dim, T, device=device, dtype=DTYPE)
+        state = torch.randn(batch, dim, WIDTH - 1, device=device, dtype=DTYPE)
+        parents = torch.tensor(TREE_PARENTS, dtype=torch.int32, device=device).expand(batch, T).contiguous()
+        windows = torch.tensor(_tree_windows(TREE_PARENTS, WIDTH), device=device)
+        return (x, state) + _weights(dim, device, False) + (parents, windows)
+    return make
+
+
 def cases(quick: bool, device) -> list:
     esize = torch.empty((), dtype=DTYPE).element_size()
     seq_points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
                   [(cfg, b, L) for cfg in DIMS for b in (1, 4) for L in (2048, 8192, 32768)])
     update_points = ([("nano", 1), ("super", 64)] if quick else
                      [(cfg, b) for cfg in DIMS for b in (1, 8, 64, 256)])
+    tree_points = [("nano", 64)] if quick else [(cfg, b) for cfg in DIMS for b in (8, 64)]
     if quick and torch.device(device).type != "cuda":  # CPU-sized
-        seq_points, update_points = [("nano", 1, 512)], [("nano", 1)]
+        seq_points, update_points, tree_points = [("nano", 1, 512)], [("nano", 1)], [("nano", 1)]
     out = []
     for cfg, batch, seqlen in seq_points:
         dim = DIMS[cfg]
@@ -99,4 +137,13 @@ def cases(quick: bool, device) -> list:
             op="causal_conv1d_update", name=f"{cfg} b{batch} d{dim}", make_inputs=_update_maker(batch, dim, device),
             fn=ours_update, bytes=(2 * n + 2 * n * (WIDTH - 1) + dim * (WIDTH + 1)) * esize, flops=2 * WIDTH * n,
             baselines={"torch_eager": update_ref, "torch_compile": lazy_compile(update_ref)}))
+    for cfg, batch in tree_points:
+        dim, T = DIMS[cfg], len(TREE_PARENTS)
+        n = batch * dim
+        # x read and out written per node, the state read once (the tree leaves it alone).
+        out.append(Case(
+            op="causal_conv1d_update", name=f"{cfg} b{batch} tree{T} d{dim}",
+            make_inputs=_tree_update_maker(batch, dim, device), fn=ours_tree_update,
+            bytes=(2 * n * T + n * (WIDTH - 1) + dim * (WIDTH + 1)) * esize + batch * T * 4, flops=2 * WIDTH * n * T,
+            baselines={"torch_eager": tree_update_ref, "torch_compile": lazy_compile(tree_update_ref)}))
     return out

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .state_update import _commit_rows
+
 _ops = torch.ops.nemokernels
 
 
@@ -42,7 +44,7 @@ def _bwd_fake(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, ret
 
 
 @torch.library.register_fake("nemokernels::causal_conv1d_update")
-def _update_fake(x, conv_state, weight, bias, silu, conv_state_indices):
+def _update_fake(x, conv_state, weight, bias, silu, conv_state_indices, parents=None):
     return x.new_empty(x.shape)
 
 
@@ -118,6 +120,7 @@ def causal_conv1d_update(
     bias: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
     conv_state_indices: Optional[torch.Tensor] = None,
+    parents: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One decode step (or a few tokens) of the causal conv, updating ``conv_state`` in place.
 
@@ -136,8 +139,75 @@ def causal_conv1d_update(
     values instead: an out-of-range index gives NaN outputs for that entry and touches no
     state; entries sharing a row stay in bounds but race on it (the row's result is
     unspecified), so keep non-negative indices distinct. CUDA limit: batch <= 65535.
+
+    Tree drafts: ``parents`` (batch, seqlen) int (the ``parents`` of `verify_tree_greedy`, as
+    for `selective_state_update_multi`): token t's window is its input after those of its
+    width - 1 nearest ancestors, continuing into ``conv_state`` above a node whose parent is -1;
+    a parent precedes its children. ``conv_state`` is then only read (a tree has no single last
+    input): after verification, `commit_conv_state` moves it to the accepted node. A parent out
+    of range raises on the CPU; on CUDA (no host sync) every window that meets one is NaN.
     """
     silu = _silu_flag(activation)
     if conv_state_indices is not None and conv_state_indices.dtype != torch.int32:
         conv_state_indices = conv_state_indices.to(torch.int32)
-    return _ops.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices)
+    if parents is not None and parents.dtype != torch.int32:
+        parents = parents.to(torch.int32)
+    return _ops.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices, parents)
+
+
+def commit_conv_state(
+    conv_state: torch.Tensor,
+    x: torch.Tensor,
+    accepted_node: torch.Tensor,
+    parents: Optional[torch.Tensor] = None,
+    conv_state_indices: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Advances ``conv_state`` in place to the last accepted node of a draft step.
+
+    x (batch, dim, T): the inputs of that step's `causal_conv1d_update(..., parents=parents)`
+    (which left ``conv_state`` as it was); parents (batch, T), or None for a chain (token t
+    follows t - 1); accepted_node (batch,): the last accepted node of each entry (-1: none, the
+    row is kept). Row r = conv_state_indices[b] (or b) becomes the last state_len inputs of
+    cat(conv_state[r], x[b, :, root-to-node path]), i.e. what in-place updates along the
+    accepted path would have left. Pure PyTorch, no host sync, fixed shapes (CUDA-graph and
+    torch.compile safe). Rows as in `commit_state` (negative: padded, skipped). On the CPU a
+    node outside [-1, T) or a parent outside [-1, t) raises; on CUDA both are clamped into range
+    (memory-safe, the result for such an entry is unspecified). Returns ``conv_state``.
+    """
+    op = "commit_conv_state"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (batch, dim, T), got {tuple(x.shape)}")
+    batch, dim, T = x.shape
+    if conv_state.dim() != 3 or conv_state.shape[1] != dim:
+        raise ValueError(f"{op}: conv_state must be (rows, dim = {dim}, state_len), got {tuple(conv_state.shape)}")
+    if accepted_node.shape != (batch,):
+        raise ValueError(f"{op}: accepted_node must have shape ({batch},), got {tuple(accepted_node.shape)}")
+    if parents is not None and parents.shape != (batch, T):
+        raise ValueError(f"{op}: parents must have shape ({batch}, {T}), got {tuple(parents.shape)}")
+    L = conv_state.shape[2]
+    dev = conv_state.device
+    steps = torch.arange(T, device=dev)
+    par = (steps - 1).expand(batch, T) if parents is None else parents.to(device=dev, dtype=torch.long)
+    node = accepted_node.to(device=dev, dtype=torch.long)
+    if dev.type == "cpu":
+        torch._assert_async(((node >= -1) & (node < T)).all(), f"{op}: accepted_node must be in [-1, T = {T})")
+        torch._assert_async(((par >= -1) & (par < steps)).all(),
+                            f"{op}: parents[b, t] must be in [-1, t) (parents precede their children)")
+    node = node.clamp(-1, T - 1)
+    par = torch.minimum(par.clamp(min=-1), steps - 1)
+    if T == 0 or L == 0:
+        node = torch.full_like(node, -1)
+
+    def new_rows(src, target):
+        # positions in cat(old row, x): node t >= 0 at L + t, -m (the m-th input before the
+        # tree) at L - m; the path walks up the parents, then back through the old row.
+        cat = torch.cat([conv_state[target], x[src].to(conv_state.dtype)], dim=2)
+        cur, p_src, pos = node[src], par[src], []
+        for _ in range(L):
+            pos.append(cur + L)
+            up = p_src.gather(1, cur.clamp(min=0)[:, None])[:, 0] if T > 0 else cur
+            cur = torch.where(cur >= 0, up, cur - 1)
+        idx = torch.stack(pos[::-1], dim=1) if L > 0 else cur.new_zeros(batch, 0)
+        return torch.ones_like(cur, dtype=torch.bool), cat.gather(2, idx[:, None, :].expand(batch, dim, L))
+
+    return _commit_rows(op, "conv_state", conv_state, batch, conv_state_indices, new_rows)

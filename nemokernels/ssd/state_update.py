@@ -139,7 +139,6 @@ def commit_state(
     entries' states. Returns ``state``.
     """
     batch, T = intermediate_states.shape[0], intermediate_states.shape[1]
-    n = state.shape[0]
     if (num_accepted is None) == (accepted_node is None):
         raise ValueError("commit_state: give exactly one of num_accepted (a chain) and accepted_node (a tree)")
     if accepted_node is not None:
@@ -151,26 +150,54 @@ def commit_state(
     if tuple(intermediate_states.shape[2:]) != tuple(state.shape[1:]):
         raise ValueError(f"commit_state: intermediate_states must be (batch, T) + state.shape[1:] = "
                          f"({batch}, {T}) + {tuple(state.shape[1:])}, got {tuple(intermediate_states.shape)}")
-    if state_batch_indices is None and n < batch:
-        raise ValueError(f"commit_state: state.shape[0] must be at least batch = {batch} when state_batch_indices "
+    if T == 0:
+        _check_rows("commit_state", "state", state, batch, state_batch_indices)
+        return state
+    acc = num_accepted.to(device=state.device, dtype=torch.long)
+
+    def new_rows(src, target):
+        k = acc[src]
+        return k > 0, intermediate_states[src, (k - 1).clamp(0, T - 1)].to(state.dtype)
+
+    return _commit_rows("commit_state", "state", state, batch, state_batch_indices, new_rows)
+
+
+def _check_rows(op, name, state, batch, indices):
+    n = state.shape[0]
+    if indices is None and n < batch:
+        raise ValueError(f"{op}: {name}.shape[0] must be at least batch = {batch} when {_idx_name(name)} "
                          f"is None, got {tuple(state.shape)}")
-    if state_batch_indices is not None and state_batch_indices.shape != (batch,):
-        raise ValueError(f"commit_state: state_batch_indices must have shape ({batch},), got "
-                         f"{tuple(state_batch_indices.shape)}")
-    if batch == 0 or T == 0:
+    if indices is not None and indices.shape != (batch,):
+        raise ValueError(f"{op}: {_idx_name(name)} must have shape ({batch},), got {tuple(indices.shape)}")
+
+
+def _idx_name(name):
+    return "state_batch_indices" if name == "state" else f"{name}_indices"
+
+
+def _commit_rows(op, name, state, batch, indices, new_rows):
+    """Writes state[row(b)] for every batch entry b (row(b) = indices[b], or b) in place, with
+    no host sync and fixed shapes: ``new_rows(src, target)`` gets, per entry, the entry whose
+    value it writes and that entry's row, and returns (take (batch,) bool, values (batch, ...));
+    where take is False the row keeps its value. Negative rows are padded entries (skipped);
+    non-negative rows must be distinct and < state.shape[0], checked on the CPU, while on CUDA a
+    row past the end is skipped. Shared by commit_state and commit_conv_state."""
+    _check_rows(op, name, state, batch, indices)
+    n = state.shape[0]
+    if batch == 0:
         return state
     dev = state.device
     ar = torch.arange(batch, device=dev)
-    rows = ar if state_batch_indices is None else state_batch_indices.to(device=dev, dtype=torch.long)
-    acc = num_accepted.to(device=dev, dtype=torch.long)
-    if dev.type == "cpu" and state_batch_indices is not None:
+    rows = ar if indices is None else indices.to(device=dev, dtype=torch.long)
+    if dev.type == "cpu" and indices is not None:
         # Value checks: on the CPU only (on CUDA they would need a host sync, or a device assert
         # that ends the process); compile-safe (no Python branch on the values).
-        torch._assert_async((rows < n).all(), f"commit_state: state_batch_indices must be < state.shape[0] = {n} "
+        idx = _idx_name(name)
+        torch._assert_async((rows < n).all(), f"{op}: {idx} must be < {name}.shape[0] = {n} "
                                               "(negative = padded slot), got a larger row")
         uniq = torch.where(rows >= 0, rows, -1 - ar).sort().values
-        torch._assert_async((uniq[1:] != uniq[:-1]).all(), "commit_state: state_batch_indices holds a row twice; "
-                                                           "each state row is committed by at most one batch entry")
+        torch._assert_async((uniq[1:] != uniq[:-1]).all(), f"{op}: {idx} holds a row twice; "
+                                                           f"each {name} row is committed by at most one batch entry")
     # Every entry writes one row (index_copy_ needs a fixed count). A padded entry (a negative
     # row, or one past the end) repeats the write of the first non-padded entry: the same row
     # and the same value, so the duplicate is harmless. When all entries are padded, row 0 is
@@ -182,9 +209,8 @@ def commit_state(
     src = torch.where(is_pad, first, ar)
     src_pad = is_pad[src]
     target = torch.where(src_pad, 0, rows[src])
-    k = acc[src]
-    picked = intermediate_states[src, (k - 1).clamp(0, T - 1)].to(state.dtype)
-    take_new = ((k > 0) & ~src_pad).view((batch,) + (1,) * (state.dim() - 1))
+    take, picked = new_rows(src, target)
+    take_new = (take & ~src_pad).view((batch,) + (1,) * (state.dim() - 1))
     value = torch.where(take_new, picked, state[target])
     state.index_copy_(0, target, value)
     return state

@@ -241,6 +241,100 @@ def test_update_index_out_of_range_gives_nan_on_cuda():
     assert torch.equal(state[1], before[1])
 
 
+# ---------------------------------------------------------------- update over a draft tree
+
+# Per batch entry: a branching tree with a second root, a chain, and nodes that continue from
+# the previous token, from a sibling's subtree and from the state (as in test_state_update.py).
+TREE_PARENTS = [[-1, 0, 0, 1, 2, -1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, -1, 1, 0, 3, 1, 5]]
+
+
+def tree_path(parents, t):
+    path = [t]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_update_tree_equals_chain_along_every_path(device, dtype, width):
+    """Tree drafts: node t's output is bit for bit the chain update's on the tokens of its
+    root-to-t path (and within tolerance of the float64 reference), conv_state is only read,
+    and commit_conv_state(accepted_node=t) leaves the state that chain leaves."""
+    batch, dim, T, state_len = 3, 24, len(TREE_PARENTS[0]), width + 1
+    x = torch.randn(batch, dim, T, device=device, dtype=dtype)
+    w, b = make_params(dim, width, dtype, device)
+    state = torch.randn(5, dim, state_len, device=device, dtype=dtype)
+    idx = torch.tensor([3, 0, -1], dtype=torch.int32, device=device)
+    parents = torch.tensor(TREE_PARENTS, device=device)
+    before = state.clone()
+    poison_allocator(device)
+    out = nemokernels.causal_conv1d_update(x, state, w, b, activation="silu", conv_state_indices=idx, parents=parents)
+    assert torch.equal(state, before), "a tree update must not modify conv_state"
+    assert torch.equal(out[2], torch.zeros_like(out[2])), "padded slot must output zeros"
+    ref = torch.zeros(batch, dim, T, dtype=torch.float64, device=device)
+    for e in range(2):
+        for t in range(T):
+            path = tree_path(TREE_PARENTS[e], t)
+            chain_state = before.clone()
+            chain = nemokernels.causal_conv1d_update(x[:, :, path], chain_state, w, b, activation="silu",
+                                                     conv_state_indices=idx)
+            assert torch.equal(out[e, :, t], chain[e, :, -1]), f"entry {e} node {t}: differs from the chain {path}"
+            r_out, _ = causal_conv1d_update_ref(x[:, :, path].double(), before.double(), w.double(), b.double(),
+                                                "silu", idx)
+            ref[e, :, t] = r_out[e, :, -1]
+            committed = before.clone()
+            node = torch.tensor([t, t, t], device=device)
+            nemokernels.commit_conv_state(committed, x, node, parents, conv_state_indices=idx)
+            row = int(idx[e])
+            assert torch.equal(committed[row], chain_state[row]), f"entry {e} node {t}: committed state differs"
+    assert_close(out[:2], ref[:2], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_commit_conv_state_chain_and_no_acceptance(device):
+    """Without parents the draft is a chain: committing node k equals in-place updates with the
+    first k + 1 tokens; node -1 keeps the state; a state longer than the draft keeps old inputs."""
+    batch, dim, T, state_len = 2, 8, 3, 5
+    x = torch.randn(batch, dim, T, device=device)
+    state = torch.randn(batch, dim, state_len, device=device)
+    w, b = make_params(dim, 4, torch.float32, device)
+    for k in (-1, 0, 1, 2):
+        got = state.clone()
+        nemokernels.commit_conv_state(got, x, torch.tensor([k, T - 1], device=device))
+        want = state.clone()
+        if k >= 0:
+            nemokernels.causal_conv1d_update(x[:, :, :k + 1], want, w, b)
+        assert torch.equal(got[0], want[0]), f"node {k}"
+        assert torch.equal(got[1, :, :state_len - T], state[1, :, T:]) and torch.equal(got[1, :, state_len - T:], x[1])
+
+
+@pytest.mark.gpu
+def test_update_tree_invalid_parent_gives_nan_on_cuda():
+    """CUDA cannot refuse parent values without a host sync: every window that meets an invalid
+    parent is NaN, the others are exact; conv_state is untouched."""
+    x = torch.randn(2, 8, 5, device="cuda")
+    w, b = make_params(8, 3, torch.float32, "cuda")
+    state = torch.randn(2, 8, 2, device="cuda")
+    before = state.clone()
+    good = torch.tensor([[-1, 0, 1, 1, 3], [-1, 0, 0, 2, 3]], device="cuda")
+    bad = good.clone()
+    bad[0, 3] = 4   # node 3's window meets it, and node 4's (width 3: two ancestors)
+    bad[1, 2] = 99  # nodes 2 and 3
+    out_g = nemokernels.causal_conv1d_update(x, state, w, b, parents=good)
+    out_b = nemokernels.causal_conv1d_update(x, state, w, b, parents=bad)
+    torch.cuda.synchronize()
+    nan_nodes = {(0, 3), (0, 4), (1, 2), (1, 3)}
+    for e in range(2):
+        for t in range(5):
+            if (e, t) in nan_nodes:
+                assert out_b[e, :, t].isnan().all(), f"node ({e}, {t}) must be NaN"
+            else:
+                assert torch.equal(out_b[e, :, t], out_g[e, :, t])
+    assert torch.equal(state, before)
+
+
 # ---------------------------------------------------------------- empty inputs
 
 
@@ -276,7 +370,9 @@ def good_args(device):
         seq=torch.zeros(2, 10, dtype=torch.int32, **d), init=torch.randn(2, 8, 3, **d),
         dout=torch.randn(2, 8, 10, **d), dfin=torch.randn(2, 8, 3, **d),
         xu=torch.randn(3, 8, **d), state=torch.randn(4, 8, 3, **d),
-        idx=torch.tensor([2, -1, 0], dtype=torch.int32, **d))
+        idx=torch.tensor([2, -1, 0], dtype=torch.int32, **d),
+        xt=torch.randn(3, 8, 4, **d), par=torch.tensor([[-1, 0, 0, 1]] * 3, dtype=torch.int32, **d),
+        node=torch.tensor([3, 0, -1], **d))
 
 
 def fwd(t, **kw):
@@ -296,6 +392,16 @@ def upd(t, **kw):
     a = dict(x=t.xu, conv_state=t.state, weight=t.w, bias=t.b, silu=True, conv_state_indices=t.idx)
     a.update(kw)
     return ops.causal_conv1d_update(*a.values())
+
+
+def upd_tree(t, **kw):  # 3 entries of 4 draft tokens
+    return upd(t, **{"x": t.xt, "parents": t.par, **kw})
+
+
+def commit_conv(t, **kw):
+    a = dict(conv_state=t.state, x=t.xt, accepted_node=t.node, parents=t.par, conv_state_indices=t.idx)
+    a.update(kw)
+    return nemokernels.commit_conv_state(**a)
 
 
 def shared_state_and_x(t):
@@ -415,6 +521,40 @@ UPDATE_CASES = [
     ("state_device", "cuda", lambda t: upd(t, conv_state=t.state.cpu()), U_ + "conv_state" + DEVMIX.format("x")),
     ("indices_device", "cuda", lambda t: upd(t, conv_state_indices=t.idx.cpu()),
      U_ + "conv_state_indices" + DEVMIX.format("x")),
+    ("parents_2d_x", "any", lambda t: upd(t, parents=t.par[:, :1]),
+     U_ + r"parents \(tree drafts\) needs x as \(batch, dim, seqlen\), got shape \(3, 8\)"),
+    ("parents_shape", "any", lambda t: upd_tree(t, parents=t.par[:, :3]),
+     U_ + r"parents.shape\[1\] must be 4, got shape \(3, 3\)"),
+    ("parents_dtype", "any", lambda t: upd_tree(t, parents=t.par.long()),
+     U_ + r"parents must be one of \{int32\}, got int64"),
+    ("parents_not_earlier", "cpu", lambda t: upd_tree(t, parents=t.par.new_tensor([[-1, 0, 0, 1]] * 2 + [[-1, 2, 0, 1]])),
+     U_ + r"parents\[2, 1\] = 2 must be in \[-1, 1\): -1 continues from conv_state, otherwise an earlier token"),
+    ("parents_below_minus_one", "cpu", lambda t: upd_tree(t, parents=t.par.new_tensor([[-1, 0, -3, 1]] * 3)),
+     U_ + r"parents\[0, 2\] = -3 must be in \[-1, 2\)"),
+    ("parents_device", "cuda", lambda t: upd_tree(t, parents=t.par.cpu()), U_ + "parents" + DEVMIX.format("x")),
+]
+
+C_ = "commit_conv_state: "
+COMMIT_CASES = [
+    ("x_rank", "any", lambda t: commit_conv(t, x=t.xu), C_ + r"x must be \(batch, dim, T\), got \(3, 8\)", ValueError),
+    ("state_dim", "any", lambda t: commit_conv(t, conv_state=t.state[:, :7]),
+     C_ + r"conv_state must be \(rows, dim = 8, state_len\), got \(4, 7, 3\)", ValueError),
+    ("node_shape", "any", lambda t: commit_conv(t, accepted_node=t.node[:2]),
+     C_ + r"accepted_node must have shape \(3,\), got \(2,\)", ValueError),
+    ("parents_shape", "any", lambda t: commit_conv(t, parents=t.par[:, :3]),
+     C_ + r"parents must have shape \(3, 4\), got \(3, 3\)", ValueError),
+    ("indices_shape", "any", lambda t: commit_conv(t, conv_state_indices=t.idx[:2]),
+     C_ + r"conv_state_indices must have shape \(3,\), got \(2,\)", ValueError),
+    ("rows_without_indices", "any", lambda t: commit_conv(t, conv_state=t.state[:2], conv_state_indices=None),
+     C_ + r"conv_state.shape\[0\] must be at least batch = 3 when conv_state_indices is None", ValueError),
+    ("node_out_of_range", "cpu", lambda t: commit_conv(t, accepted_node=t.node.new_tensor([4, 0, 0])),
+     C_ + r"accepted_node must be in \[-1, T = 4\)"),
+    ("parents_not_earlier", "cpu", lambda t: commit_conv(t, parents=t.par.new_tensor([[-1, 0, 2, 1]] * 3)),
+     C_ + r"parents\[b, t\] must be in \[-1, t\)"),
+    ("indices_duplicate", "cpu", lambda t: commit_conv(t, conv_state_indices=t.idx.new_tensor([1, 1, -1])),
+     C_ + r"conv_state_indices holds a row twice"),
+    ("indices_out_of_range", "cpu", lambda t: commit_conv(t, conv_state_indices=t.idx.new_tensor([1, 4, -1])),
+     C_ + r"conv_state_indices must be < conv_state.shape\[0\] = 4"),
 ]
 
 
@@ -431,12 +571,15 @@ PUBLIC_CASES = [  # the public functions reach the same checks (int64 indices ar
     ("update_indices_out_of_range", "cpu",
      lambda t: nemokernels.causal_conv1d_update(t.xu, t.state, t.w, t.b, conv_state_indices=torch.tensor([0, 4, -1])),
      U_ + r"conv_state_indices\[1\] = 4 is out of range"),
+    ("update_parents_int64_not_earlier", "cpu",
+     lambda t: nemokernels.causal_conv1d_update(t.xt, t.state, t.w, t.b, parents=torch.tensor([[-1, 0, 3, 1]] * 3)),
+     U_ + r"parents\[0, 2\] = 3 must be in \[-1, 2\)"),
 ]
 
 
 test_bad_input = bad_input_test(
     fwd=(good_args, FWD_CASES), bwd=(good_args, BWD_CASES), update=(good_args, UPDATE_CASES),
-    public=(good_args, PUBLIC_CASES))
+    public=(good_args, PUBLIC_CASES), commit_conv_state=(good_args, COMMIT_CASES))
 
 
 # ---------------------------------------------------------------- in-place safety of the update
@@ -582,6 +725,31 @@ def test_opcheck(device):
     state = torch.randn(3, 16, 3, device=device)
     opcheck(ops.causal_conv1d_update, (torch.randn(2, 16, device=device), state, w.detach(), b.detach(), True,
                                        torch.tensor([2, 0], dtype=torch.int32, device=device)))
+    tree = torch.tensor([[-1, 0, 0, 1], [-1, -1, 1, 2]], dtype=torch.int32, device=device)
+    opcheck(ops.causal_conv1d_update, (torch.randn(2, 16, 4, device=device), state, w.detach(), b.detach(), True,
+                                       torch.tensor([2, 0], dtype=torch.int32, device=device), tree))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tree_update_and_commit_torch_compile_fullgraph(device):
+    """A tree update of the conv and the commit of the accepted node, in one compiled graph."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    x = torch.randn(3, 16, len(TREE_PARENTS[0]), device=device)
+    w, b = make_params(16, 4, torch.float32, device)
+    idx = torch.tensor([3, -1, 1], dtype=torch.int32, device=device)
+    parents = torch.tensor(TREE_PARENTS, device=device)
+    node = torch.tensor([4, 2, 6], device=device)
+
+    def f(x, state, idx, parents, node):
+        y = nemokernels.causal_conv1d_update(x, state, w, b, activation="silu", conv_state_indices=idx, parents=parents)
+        nemokernels.commit_conv_state(state, x, node, parents, conv_state_indices=idx)
+        return y
+
+    s1 = torch.randn(5, 16, 3, device=device)
+    s2 = s1.clone()
+    y1 = f(x, s1, idx, parents, node)
+    y2 = torch.compile(f, fullgraph=True, backend=backend)(x, s2, idx, parents, node)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

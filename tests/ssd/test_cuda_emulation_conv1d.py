@@ -254,3 +254,51 @@ def test_conv1d_update_emulated(dtype):
     p.out, (p.out_sb, p.out_sc, p.out_st) = out.data_ptr(), out.stride()
     e.call("emu_conv1d_update_cuda", p)
     assert torch.equal(out, out_cpu) and torch.equal(state, state_cpu)
+
+
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 4), (torch.bfloat16, 3), (torch.float16, 2)])
+def test_conv1d_update_tree_emulated(dtype, width):
+    """The update over a draft tree (each window follows the node's ancestors into the state)
+    against the CPU kernel, bit for bit; conv_state is only read. A second launch with invalid
+    parents: NaN exactly where a window meets one."""
+    torch.manual_seed(7)
+    batch, dim, state_len, T = 3, 72, 5, 6
+    x = torch.randn(batch, dim, T).to(dtype)
+    w, b = torch.randn(dim, width), torch.randn(dim).to(dtype)
+    state = torch.randn(4, dim, state_len).to(dtype)
+    idx = torch.tensor([2, -1, 0], dtype=torch.int32)
+    parents = torch.tensor([[-1, 0, 0, -1, 2, 4], [-1, 0, 1, 2, 3, 4], [-1, -1, 1, 0, 3, 1]], dtype=torch.int32)
+    before = state.clone()
+    out_cpu = nemokernels.causal_conv1d_update(x, state.clone(), w, b, activation="silu", conv_state_indices=idx,
+                                               parents=parents)
+    e = emu()
+
+    def launch(par):
+        p = e.S["Conv1dUpdateParams"]()
+        p.batch, p.dim, p.seqlen, p.state_len, p.width = batch, dim, T, state_len, width
+        p.dtype, p.silu = base.DT_ENUM[dtype], True
+        p.x, (p.x_sb, p.x_sc, p.x_st) = x.data_ptr(), x.stride()
+        p.conv_state, (p.st_sb, p.st_sc, p.st_sj), p.state_batch = state.data_ptr(), state.stride(), state.shape[0]
+        p.state_indices = idx.data_ptr()
+        p.parents = par.data_ptr()
+        p.weight, p.w_dtype, (p.w_sc, p.w_sk) = w.data_ptr(), base.DT_ENUM[w.dtype], w.stride()
+        p.bias, p.b_dtype, p.b_s = b.data_ptr(), base.DT_ENUM[b.dtype], b.stride(0)
+        out = _nan(batch, dim, T, dtype=dtype)
+        p.out, (p.out_sb, p.out_sc, p.out_st) = out.data_ptr(), out.stride()
+        e.call("emu_conv1d_update_cuda", p)
+        return out
+
+    out = launch(parents)
+    assert torch.equal(out, out_cpu) and torch.equal(state, before)
+    bad = parents.clone()
+    bad[0, 4] = 4  # not earlier: node 4, and node 5 (its child) when the width reaches back 2 nodes
+    bad[2, 3] = 2**30
+    out_bad = launch(bad)
+    nan_nodes = {(0, 4), (2, 3)} | ({(0, 5)} if width >= 3 else set()) | ({(2, 4)} if width >= 3 else set())
+    for bb in (0, 2):
+        for t in range(T):
+            if (bb, t) in nan_nodes:
+                assert out_bad[bb, :, t].isnan().all(), f"node ({bb}, {t}) must be NaN"
+            else:
+                assert torch.equal(out_bad[bb, :, t], out_cpu[bb, :, t]), f"node ({bb}, {t})"
+    assert torch.equal(state, before)

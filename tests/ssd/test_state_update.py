@@ -402,6 +402,54 @@ def test_commit_accepted_node_after_tree_verification(device):
     assert torch.equal(state, inp["state"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba_mixer_tree_step_equals_decoding_the_accepted_path(device):
+    """A Mamba-2 mixer's decode over a draft tree with no host sync: the conv and the SSM over
+    the tree, greedy tree verification, then commit_conv_state and commit_state for the last
+    accepted node. Outputs along the accepted path and both caches afterwards equal decoding that
+    path one token at a time (single-token conv and SSM updates), bit for bit."""
+    torch.manual_seed(3)
+    trees = [[-1, 0, 0, 1, 2, 1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, 0, 1, 0, 3, 1, 5]]
+    batch, T, H, P, N, G, W, V = 3, 7, 2, 4, 8, 1, 4, 3
+    conv_dim = H * P + 2 * G * N
+    d = dict(device=device)
+    xbc = torch.randn(batch, conv_dim, T, **d)
+    w, bconv = torch.randn(conv_dim, W, **d) / 2, torch.randn(conv_dim, **d)
+    conv0, ssm0 = torch.randn(batch, conv_dim, W - 1, **d), torch.randn(batch, H, P, N, **d)
+    dt = (torch.randn(batch, T, H, **d) * 0.5 - 1)[..., None].expand(batch, T, H, P)
+    A = (-torch.rand(H, **d) - 0.5)[:, None, None].expand(H, P, N)
+    D, dt_bias = torch.randn(H, **d)[:, None].expand(H, P), torch.randn(H, **d)[:, None].expand(H, P)
+
+    def split(xc):  # (b, conv_dim, T') -> x (b, T', H, P), B, C (b, T', G, N)
+        xc = xc.transpose(1, 2)
+        b_, t_ = xc.shape[:2]
+        x, B, C = xc.split([H * P, G * N, G * N], dim=-1)
+        return x.reshape(b_, t_, H, P), B.reshape(b_, t_, G, N), C.reshape(b_, t_, G, N)
+
+    parents = torch.tensor(trees, **d)
+    conv, ssm = conv0.clone(), ssm0.clone()
+    x, B, C = split(nk.causal_conv1d_update(xbc, conv, w, bconv, activation="silu", parents=parents))
+    y, inter = nk.selective_state_update_multi(ssm, x, dt, A, B, C, D, None, dt_bias, True, parents=parents)
+    seen = set()
+    for trial in range(8):
+        cand = torch.randint(0, V, (batch, T), **d)
+        _, nodes, num = nk.speculative.verify_tree_greedy(cand, parents, torch.randn(batch, T, V, **d))
+        last = nodes.gather(1, num.long()[:, None])[:, 0]
+        conv_c, ssm_c = conv.clone(), ssm.clone()
+        nk.commit_conv_state(conv_c, xbc, last, parents)
+        nk.commit_state(ssm_c, inter, accepted_node=last)
+        for e in range(batch):
+            path = tree_path(trees[e], int(last[e]))
+            seen.add(len(path))
+            cs, ss = conv0.clone(), ssm0.clone()
+            for t in path:
+                xt, Bt, Ct = split(nk.causal_conv1d_update(xbc[:, :, t], cs, w, bconv, activation="silu")[:, :, None])
+                yt = nk.selective_state_update(ss, xt[:, 0], dt[:, t], A, Bt[:, 0], Ct[:, 0], D, None, dt_bias, True)
+                assert torch.equal(y[e, t], yt[e]), f"entry {e}: output of node {t} differs"
+            assert torch.equal(conv_c[e], cs[e]) and torch.equal(ssm_c[e], ss[e]), f"entry {e}: caches differ"
+    assert len(seen) >= 2
+
+
 # ---------------------------------------------------------------- the decode step is the scan
 
 
