@@ -3,8 +3,11 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "common/macros.h"
+#include "common/philox.h"
 
 namespace nk {
 
@@ -128,6 +131,59 @@ NK_HD float ssu_state(float s, float dA, float b, float dtx) { return fmaf(s, dA
 NK_HD float ssu_out(float acc, bool has_d, float d, float x, bool has_z, float z) {
   float y = has_d ? fmaf(d, x, acc) : acc;
   return has_z ? y * silu(z) : y;
+}
+
+// ---- stochastic rounding of a 16-bit state (issue 20) ------------------------------------
+// A float32 value v lies between two neighbours lo <= |v| < hi of the 16-bit format; the
+// result is hi with probability (|v| - lo) / (hi - lo), from 32 random bits r, so E[result] = v
+// and tiny updates survive in expectation instead of being rounded away at every step.
+// Both functions return a float exactly representable in the target format (the conversion
+// after them is exact). NaN and infinities pass through.
+
+NK_HD uint32_t ssu_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+NK_HD float ssu_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// bfloat16 keeps the top 16 bits of the float32 pattern: adding r's low 16 bits to the
+// dropped half carries into the kept part with probability (dropped bits) / 2^16, which is
+// exactly (|v| - lo) / (hi - lo) (the pattern is linear in |v| between neighbours, also
+// across a binade and into subnormals). Above bf16's largest finite value it may round to inf,
+// as round-to-nearest does from halfway.
+NK_HD float sr_bf16(float v, uint32_t r) {
+  const uint32_t u = ssu_bits(v);
+  if ((u & 0x7f800000u) == 0x7f800000u) return v;  // inf, NaN
+  return ssu_float((u + (r & 0xffffu)) & 0xffff0000u);
+}
+
+// float16: in its normal range (2^-14 <= |v| <= 65504) the same carry trick on the 13 bits
+// float32 has beyond float16's 10; below 2^-14 the step is 2^-24 and the probability comes
+// from the 24-bit uniform of r (exact when |v| * 2^24 has at most 24 significant bits below
+// its integer part, i.e. |v| >= 2^-48). Above 65504, round to nearest (the conversion's).
+NK_HD float sr_f16(float v, uint32_t r) {
+  const float a = fabsf(v);
+  if (!(a <= 65504.0f)) return v;  // NaN, inf, out of range: the conversion rounds
+  if (a >= 6.103515625e-05f) return ssu_float((ssu_bits(v) + (r & 0x1fffu)) & 0xffffe000u);
+  const float f = a * 16777216.0f;  // in steps of 2^-24 (exact)
+  const float fl = floorf(f);
+  const float u = static_cast<float>(r >> 8) * (1.0f / 16777216.0f);
+  return copysignf((fl + (u < f - fl ? 1.0f : 0.0f)) * 5.9604644775390625e-08f, v);
+}
+
+// Random bits of the state rounding: Philox4x32-10 keyed by the seed, one call per four
+// consecutive state elements of one row, the counter the element's logical coordinates: state
+// row (slot), i = h * P + p, n / 4, token t (multi-token position or tree node; 0 for the
+// single step). So bits do not depend on the batch order or the launch configuration.
+constexpr uint32_t kTagStateRound = 0x53535552u;  // "SSUR"
+NK_HD Philox4 ssu_sr_group(uint64_t seed, int64_t row, int64_t i, int64_t n4, int64_t t) {
+  return philox4x32_10(static_cast<uint32_t>(i), static_cast<uint32_t>(n4) | (static_cast<uint32_t>(t) << 16),
+                       static_cast<uint32_t>(row), kTagStateRound, seed);
 }
 
 }  // namespace nk

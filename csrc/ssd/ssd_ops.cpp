@@ -31,12 +31,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     bool return_dinitial_states);
 Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
                               std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias,
-                              bool dt_softplus, std::optional<Tensor> state_batch_indices);
+                              bool dt_softplus, std::optional<Tensor> state_batch_indices,
+                              std::optional<Tensor> rounding_seed);
 Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
                                     std::optional<Tensor> D, std::optional<Tensor> z,
                                     std::optional<Tensor> dt_bias, bool dt_softplus,
                                     std::optional<Tensor> state_batch_indices,
-                                    std::optional<Tensor> intermediate_states, std::optional<Tensor> parents);
+                                    std::optional<Tensor> intermediate_states, std::optional<Tensor> parents,
+                                    std::optional<Tensor> rounding_seed);
 std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
                                              std::optional<Tensor> z, double eps, int64_t group_size,
                                              bool norm_before_gate);
@@ -82,16 +84,19 @@ const OpDef kOps[] = {
    TORCH_BOX(&ssd_chunk_scan_bwd)},
 
   // ---- ssd: decode state updates ---------------------------------------------------------
-  // One token, state updated in place; returns out shaped like x.
+  // One token, state updated in place; returns out shaped like x. rounding_seed (1 element,
+  // int64, read on the device): stochastic rounding of a 16-bit state, else round to nearest.
   {"selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-   "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor",
+   "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
+   "Tensor? rounding_seed=None) -> Tensor",
    TORCH_BOX(&selective_state_update)},
   // T tokens from state (not modified); the state after every token goes to
   // intermediate_states (b, T, ...) when given. parents (b, T) int32: tree drafts (token t
-  // continues from token parents[b, t], -1 the state row). Returns out (b, T, ...).
+  // continues from token parents[b, t], -1 the state row); rounding_seed as above, for the
+  // snapshots. Returns out (b, T, ...).
   {"selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
    "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
-   "Tensor(a!)? intermediate_states, Tensor? parents=None) -> Tensor",
+   "Tensor(a!)? intermediate_states, Tensor? parents=None, Tensor? rounding_seed=None) -> Tensor",
    TORCH_BOX(&selective_state_update_multi)},
 
   // ---- ssd: gated RMSNorm -----------------------------------------------------------------

@@ -33,7 +33,7 @@ bool const_over(const Tensor& t, int d) { return t.size(d) <= 1 || t.stride(d) =
 Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
            std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias, bool dt_softplus,
            std::optional<Tensor> state_batch_indices, std::optional<Tensor> snapshots,
-           std::optional<Tensor> parents = std::nullopt) {
+           std::optional<Tensor> parents, std::optional<Tensor> rounding_seed) {
   NK_CHECK(state.dim() == 4 || state.dim() == 3, op, ": state must be (slots, nheads, dim, dstate) or "
            "(slots, dim, dstate), got shape ", shape_str(state));
   check_float(op, "state", state);
@@ -134,6 +134,14 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     }
   }
 
+  std::optional<Tensor> seed;
+  if (rounding_seed) {
+    NK_CHECK(state.scalar_type() != ScalarType::Float, op, ": stochastic rounding (rounding_seed) applies to a "
+             "float16 / bfloat16 state; a float32 state is stored unrounded");
+    check_one_element(op, "rounding_seed", *rounding_seed, ScalarType::Long, state, "state");
+    seed = torch::stable::contiguous(*rounding_seed);
+  }
+
   OptionalDeviceGuard guard(state);
   Tensor out = new_empty(x, xs, x.scalar_type());
   SsuParams p{};
@@ -162,6 +170,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   if (dt_bias) p.dt_bias = hd ? make_arg(*dt_bias, {0, 1}) : make_arg(*dt_bias, {-1, 0});
   p.state_indices = idx ? static_cast<const int32_t*>(idx->data_ptr()) : nullptr;
   p.parents = par ? static_cast<const int32_t*>(par->data_ptr()) : nullptr;
+  p.sr_seed = seed ? static_cast<const int64_t*>(seed->data_ptr()) : nullptr;
   if (!multi) {
     p.in_place = true;
     p.snap = state.data_ptr();
@@ -188,17 +197,20 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
 
 Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
                               std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias,
-                              bool dt_softplus, std::optional<Tensor> state_batch_indices) {
-  return run(kSingle, false, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, std::nullopt);
+                              bool dt_softplus, std::optional<Tensor> state_batch_indices,
+                              std::optional<Tensor> rounding_seed) {
+  return run(kSingle, false, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, std::nullopt,
+             std::nullopt, rounding_seed);
 }
 
 Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
                                     std::optional<Tensor> D, std::optional<Tensor> z,
                                     std::optional<Tensor> dt_bias, bool dt_softplus,
                                     std::optional<Tensor> state_batch_indices,
-                                    std::optional<Tensor> intermediate_states, std::optional<Tensor> parents) {
+                                    std::optional<Tensor> intermediate_states, std::optional<Tensor> parents,
+                                    std::optional<Tensor> rounding_seed) {
   return run(kMulti, true, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-             intermediate_states, parents);
+             intermediate_states, parents, rounding_seed);
 }
 
 }  // namespace nk

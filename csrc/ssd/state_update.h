@@ -41,6 +41,10 @@ struct SsuParams {
   // precede it (-1 <= parents[b, t] < t; the CPU entry checks, the CUDA kernel gives an invalid
   // node and its descendants NaN). Null: a chain (token t continues from token t - 1).
   const int32_t* parents;
+  // Stochastic rounding of a float16 / bfloat16 state (sr_bf16 / sr_f16 in numerics.cuh, bits
+  // from ssu_sr_group): a 1-element seed in the state's memory, read by the kernel (no host
+  // sync); null: round to nearest even. The entry refuses it for a float32 state.
+  const int64_t* sr_seed;
   void* out;                // (b, T, H, P) contiguous in x's dtype
   DType out_dtype;
   int64_t out_s[4];

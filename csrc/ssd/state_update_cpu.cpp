@@ -44,6 +44,11 @@ inline float round_to(DType dt, float v) {
   return v;
 }
 
+// The value the 16-bit state dtype stores for v under stochastic rounding with bits r.
+inline float round_sr(DType dt, float v, uint32_t r) {
+  return dt == DType::BF16 ? sr_bf16(v, r) : dt == DType::F16 ? sr_f16(v, r) : v;
+}
+
 }  // namespace
 
 void selective_state_update_cpu(const SsuParams& p) {
@@ -106,7 +111,11 @@ void selective_state_update_cpu(const SsuParams& p) {
                 const float dA = p.head_decay
                                      ? dA_head
                                      : ssu_decay(dtp, ld(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]));
-                s[n] = round_to(p.state_dtype, ssu_state(s[n], dA, Bt[n], dtx));
+                const float val = ssu_state(s[n], dA, Bt[n], dtx);
+                s[n] = p.sr_seed == nullptr
+                           ? round_to(p.state_dtype, val)
+                           : round_sr(p.state_dtype, val,
+                                      ssu_sr_group(*p.sr_seed, row, h * p.dim + i, n >> 2, t).v[n & 3]);
                 acc = fmaf(s[n], Ct[n], acc);
               }
             part[l] = acc;

@@ -64,6 +64,14 @@ NK_DEVICE uint4 load_state(const ST* ptr, bool vec, int64_t sn, int n0, int N) {
   return raw;
 }
 
+// The stochastically rounded value of v in a 16-bit state type (exact after from_f).
+template <typename ST>
+NK_DEVICE float sr_round(float v, uint32_t r) {
+  if constexpr (std::is_same_v<ST, __nv_bfloat16>) return sr_bf16(v, r);
+  else if constexpr (std::is_same_v<ST, __half>) return sr_f16(v, r);
+  else return v;
+}
+
 template <typename ST>
 NK_DEVICE void store_state(ST* ptr, bool vec, int64_t sn, int n0, int N, uint4 raw) {
   constexpr int VN = 16 / sizeof(ST);
@@ -184,7 +192,9 @@ NK_DEVICE void tree_step(const SsuParams& p, uint4 (&s)[R][NC], int64_t b, int64
 }
 
 // One batch entry of a block: rows w.pr[r] of head w.h (R rows x NC vectors per thread).
-template <typename ST, int NC, bool kHead, bool kSingle>
+// kSr: stochastic rounding of a 16-bit state (its own instantiation, so the Philox state costs
+// the round-to-nearest kernels no registers).
+template <typename ST, int NC, bool kHead, bool kSingle, bool kSr>
 NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_t b, int64_t h, int64_t g,
                          int64_t p_first, int lnl, bool vec_state, bool vec_snap) {
   constexpr int VN = 16 / sizeof(ST);
@@ -250,6 +260,10 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
   }
   const bool vst = kSingle ? vec_state : vec_snap;
   ST* const snap0 = dst;  // snapshot 0 of this thread's elements (multi-token)
+  // Stochastic rounding (16-bit states only; the entry refuses it for float32): one Philox
+  // call per 4 elements and token.
+  static_assert(!kSr || !std::is_same_v<ST, float>, "a float32 state is not rounded");
+  const uint64_t seed = kSr ? static_cast<uint64_t>(*p.sr_seed) : 0u;
 
   const int64_t T = kSingle ? 1 : p.seqlen;
 #pragma unroll 1
@@ -282,12 +296,15 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
             const float4 bq = reinterpret_cast<const float4*>(Bs + e0)[q];
             const float4 cq = reinterpret_cast<const float4*>(Cs + e0)[q];
             const float Bv[4] = {bq.x, bq.y, bq.z, bq.w}, Cv[4] = {cq.x, cq.y, cq.z, cq.w};
+            Philox4 rq{};
+            if constexpr (kSr) rq = ssu_sr_group(seed, row, h * p.dim + pr[r], (e0 >> 2) + q, t);
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
               const int v = 4 * q + u, n = e0 + v;
               if (rin[r] && n < N) {
                 const float dA = kHead ? dA_head : ssu_decay(dtp, sm[m.A(j) + n]);
-                e[v] = from_f<ST>(ssu_state(to_f<ST>(e[v]), dA, Bv[u], dtx));
+                const float val = ssu_state(to_f<ST>(e[v]), dA, Bv[u], dtx);
+                e[v] = from_f<ST>(kSr ? sr_round<ST>(val, rq.v[u]) : val);
                 acc[r] = fmaf(to_f<ST>(e[v]), Cv[u], acc[r]);
               }
             }
@@ -340,7 +357,7 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
 // One block: rb = R * (128 / ln) consecutive rows of one head of batch entry
 // blockIdx.y + 65535 * blockIdx.z. No loop over entries: a loop let the compiler hoist every
 // per-row address out of it and keep them all live (spilled at 64 registers).
-template <typename ST, int NC, bool kHead, bool kSingle>
+template <typename ST, int NC, bool kHead, bool kSingle, bool kSr>
 __global__ void __launch_bounds__(kThreads, min_blocks<kHead, kSingle>())
 ssu_kernel(SsuParams p, int lnl, unsigned tiles, SsuSmem m, bool vec_state, bool vec_snap) {
   extern __shared__ float4 smem_raw[];
@@ -349,7 +366,7 @@ ssu_kernel(SsuParams p, int lnl, unsigned tiles, SsuSmem m, bool vec_state, bool
   const unsigned g = h / static_cast<unsigned>(p.heads_per_group);
   const int64_t b = blockIdx.y + int64_t(kCudaMaxGridYZ) * blockIdx.z;
   if (b >= p.batch) return;  // the last z slice is partial
-  ssu_entry<ST, NC, kHead, kSingle>(p, m, sm, b, h, g, int64_t(tile) * m.rb, lnl, vec_state, vec_snap);
+  ssu_entry<ST, NC, kHead, kSingle, kSr>(p, m, sm, b, h, g, int64_t(tile) * m.rb, lnl, vec_state, vec_snap);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -362,7 +379,7 @@ bool vec_ok(const void* ptr, int vn, int64_t N, const int64_t* strides, int nstr
   return true;
 }
 
-template <typename ST, int NC, bool kHead, bool kSingle>
+template <typename ST, int NC, bool kHead, bool kSingle, bool kSr>
 void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   constexpr int VN = 16 / sizeof(ST);
   constexpr int R = kVecsPerThread / NC;
@@ -380,21 +397,21 @@ void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   const bool vs = vec_ok(p.state, VN, p.dstate, p.st_s, 3, p.st_s[3]);
   const bool vn = !p.in_place && vec_ok(p.snap, VN, p.dstate, p.snap_s, 4, p.snap_s[4]);
   const size_t smem = size_t(m.a_floats + m.tc * m.tok) * sizeof(float);
-  ssu_kernel<ST, NC, kHead, kSingle><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)), kThreads, smem,
+  ssu_kernel<ST, NC, kHead, kSingle, kSr><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)), kThreads, smem,
                                        stream>>>(p, lnl, static_cast<unsigned>(tiles), m, vs, vn);
   NK_CUDA_LAUNCH_CHECK();
 }
 
-template <typename ST>
+template <typename ST, bool kSr>
 void dispatch_nc(const SsuParams& p, const SsuLayout& l, cudaStream_t stream) {
   auto go = [&]<int NC>() {
     const bool single = p.in_place;  // the one-token op (seqlen == 1)
     if (p.head_decay) {
-      if (single) launch<ST, NC, true, true>(p, l.ln, stream);
-      else launch<ST, NC, true, false>(p, l.ln, stream);
+      if (single) launch<ST, NC, true, true, kSr>(p, l.ln, stream);
+      else launch<ST, NC, true, false, kSr>(p, l.ln, stream);
     } else {
-      if (single) launch<ST, NC, false, true>(p, l.ln, stream);
-      else launch<ST, NC, false, false>(p, l.ln, stream);
+      if (single) launch<ST, NC, false, true, kSr>(p, l.ln, stream);
+      else launch<ST, NC, false, false, kSr>(p, l.ln, stream);
     }
   };
   if (l.nc <= 1) go.template operator()<1>();
@@ -403,15 +420,22 @@ void dispatch_nc(const SsuParams& p, const SsuLayout& l, cudaStream_t stream) {
   else throw std::runtime_error("nemokernels: selective_state_update: dstate too large for the CUDA kernel");
 }
 
+// Stochastic rounding only exists for the 16-bit states (the entry refuses a float32 one).
+template <typename ST>
+void dispatch_sr(const SsuParams& p, const SsuLayout& l, cudaStream_t stream) {
+  if (p.sr_seed != nullptr) dispatch_nc<ST, true>(p, l, stream);
+  else dispatch_nc<ST, false>(p, l, stream);
+}
+
 }  // namespace
 
 void selective_state_update_cuda(const SsuParams& p, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const SsuLayout l = ssu_layout(p.dstate, p.state_dtype);
   switch (p.state_dtype) {
-    case DType::F32: dispatch_nc<float>(p, l, stream); break;
-    case DType::F16: dispatch_nc<__half>(p, l, stream); break;
-    case DType::BF16: dispatch_nc<__nv_bfloat16>(p, l, stream); break;
+    case DType::F32: dispatch_nc<float, false>(p, l, stream); break;
+    case DType::F16: dispatch_sr<__half>(p, l, stream); break;
+    case DType::BF16: dispatch_sr<__nv_bfloat16>(p, l, stream); break;
   }
 }
 

@@ -3,7 +3,8 @@ multi-token update of speculative decoding (T = 4), at Nemotron-3 Nano (64 heads
 (128 heads) Mamba-2 shapes: head dim 64, dstate 128, 8 groups; bf16 activations, float32
 state, per-head dt / A / D / dt_bias expanded with stride 0 as Mamba-2 passes them.
 Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi);
-cost model in docs/ssd.md (issue 18). Single-step points with a bf16 state end in "state bf16".
+cost model in docs/ssd.md (issue 18). Single-step points with a bf16 state end in "state bf16";
+"state bf16 sr" adds stochastic rounding (a device seed, one Philox call per 4 elements).
 Tree points ("tree8"): 8 draft nodes in a binary tree of depth 3 (TREE_PARENTS); 6 of the 8
 nodes reload their parent's state (a snapshot this block wrote a few tokens earlier, taken to
 hit L2), so the DRAM bytes are those of the T = 8 chain.
@@ -70,6 +71,13 @@ def update_ours(state, x, dt, A, B, C, D, z, dt_bias):
     return nk.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
 
 
+def _update_ours_sr(seed):
+    def run(state, x, dt, A, B, C, D, z, dt_bias):
+        return nk.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True,
+                                         stochastic_rounding=True, seed=seed)
+    return run
+
+
 def multi_ours(state, x, dt, A, B, C, D, z, dt_bias, inter):
     return nk.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True,
                                            intermediate_states=inter)
@@ -107,23 +115,26 @@ def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE, tree=False):
 def cases(quick: bool, device) -> list:
     ssz, esz = torch.empty((), dtype=STATE_DTYPE).element_size(), torch.empty((), dtype=DTYPE).element_size()
     f32, bf16 = STATE_DTYPE, torch.bfloat16
-    single = ([("nano", 1, f32), ("nano", 64, f32), ("nano", 256, bf16), ("super", 256, f32)] if quick
-              else [(c, b, f32) for c in CONFIGS for b in (1, 8, 64, 256)] + [(c, 256, bf16) for c in CONFIGS])
+    single = ([("nano", 1, f32), ("nano", 64, f32), ("nano", 256, bf16), ("nano", 256, "sr"), ("super", 256, f32)]
+              if quick else [(c, b, f32) for c in CONFIGS for b in (1, 8, 64, 256)]
+              + [(c, 256, t) for c in CONFIGS for t in (bf16, "sr")])
     multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
     tree = [("nano", 64)] if quick else [(c, b) for c in CONFIGS for b in (8, 64)]
     if quick and torch.device(device).type != "cuda":  # CPU-sized
         single, multi, tree = [("nano", 1, f32), ("nano", 8, f32)], [("nano", 4)], [("nano", 2)]
     peer = mamba_ssm_peer("selective_state_update", "selective_state_update")
     out = []
-    for cfg, batch, sdt in single:
+    for cfg, batch, kind in single:
         heads = CONFIGS[cfg]
         st = batch * heads * HEADDIM * DSTATE
+        sdt = bf16 if kind == "sr" else kind
         sz = torch.empty((), dtype=sdt).element_size()
-        tag = "" if sdt == f32 else " state bf16"
+        tag = "" if sdt == f32 else " state bf16" + (" sr" if kind == "sr" else "")
+        fn = update_ours if kind != "sr" else _update_ours_sr(torch.tensor([1], device=device))
         io = batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE  # x, z, out, dt, B, C
         out.append(Case(
             op="selective_state_update", name=f"{cfg} b{batch} h{heads} p{HEADDIM} n{DSTATE}{tag}",
-            make_inputs=_maker(batch, heads, device, state_dtype=sdt), fn=update_ours,
+            make_inputs=_maker(batch, heads, device, state_dtype=sdt), fn=fn,
             bytes=2 * st * sz + io * esz, flops=5 * st,
             baselines={"torch_eager": update_torch, "torch_compile": lazy_compile(update_torch),
                        **({"mamba_ssm_triton": _peer_update(peer)} if peer is not None else {})}))

@@ -4,7 +4,7 @@ keeps the state after every draft position, and `commit_state`, which rolls the 
 forward to the accepted prefix.
 
 Details: docs/ssd.md, section `nemokernels/ssd/state_update.py`."""
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -12,14 +12,31 @@ _ops = torch.ops.nemokernels
 
 
 @torch.library.register_fake("nemokernels::selective_state_update")
-def _single_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+def _single_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, rounding_seed=None):
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("nemokernels::selective_state_update_multi")
 def _multi_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, intermediate_states,
-                parents=None):
+                parents=None, rounding_seed=None):
     return x.new_empty(x.shape)
+
+
+def _rounding_seed(stochastic_rounding: bool, seed, state: torch.Tensor) -> Optional[torch.Tensor]:
+    """The op's rounding_seed: None (round to nearest) unless stochastic_rounding. A tensor seed
+    (1 element, int64, on the state's device) is read by the kernel: no host sync, and a CUDA
+    graph replays whatever it holds. An int is copied to the device. None: a fresh seed from
+    torch's generator on the state's device, so every call draws new bits."""
+    if not stochastic_rounding:
+        if seed is not None:
+            raise ValueError("selective_state_update: seed is given but stochastic_rounding is False")
+        return None
+    if isinstance(seed, torch.Tensor):
+        return seed.to(torch.int64)
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=state.device)
+    seed = int(seed) & (2**64 - 1)
+    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=state.device)
 
 
 def _indices(state_batch_indices: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -40,6 +57,9 @@ def selective_state_update(
     dt_bias: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
     state_batch_indices: Optional[torch.Tensor] = None,
+    *,
+    stochastic_rounding: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """One Mamba decode step; updates ``state`` in place and returns ``out`` shaped like x.
 
@@ -62,9 +82,18 @@ def selective_state_update(
     an out-of-range index gives NaN outputs and leaves the state untouched; entries sharing a
     row stay in bounds but race on it (that row's result is unspecified). CUDA limit: dstate
     <= 512 for a float32 state, 1024 for float16 / bfloat16.
+
+    ``stochastic_rounding`` (a float16 / bfloat16 state only): the new state is rounded up or
+    down at random with probability by distance (unbiased) instead of to nearest, so a 16-bit
+    state pool does not drift over long generations (decays and updates below half a unit in
+    the last place are not lost). ``seed``: int, a 1-element int64 tensor on the state's device
+    (read by the kernel; advance it between steps, e.g. ``seed += 1`` on the device, or every
+    step repeats the same bits), or None (a fresh seed per call from torch's generator). Bits
+    are a function of (seed, state row, head, row, dstate index, token), not of the batch order.
     """
     return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                       _indices(state_batch_indices))
+                                       _indices(state_batch_indices),
+                                       _rounding_seed(stochastic_rounding, seed, state))
 
 
 def selective_state_update_multi(
@@ -81,6 +110,9 @@ def selective_state_update_multi(
     state_batch_indices: Optional[torch.Tensor] = None,
     intermediate_states: Optional[torch.Tensor] = None,
     parents: Optional[torch.Tensor] = None,
+    *,
+    stochastic_rounding: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
 ):
     """T decode steps for speculative decoding, a chain or a tree, without modifying ``state``.
 
@@ -92,6 +124,9 @@ def selective_state_update_multi(
     `selective_state_update` would leave, bit for bit. Padded entries (negative index) get
     zero outputs and zero snapshots. Pass the snapshots and the number of accepted tokens
     to `commit_state` to advance the cache.
+
+    ``stochastic_rounding`` / ``seed`` as in `selective_state_update`, for the snapshots
+    (token t draws the bits of position t; a single step draws those of position 0).
 
     Tree drafts: ``parents`` (b, T) int (the ``parents`` of `verify_tree_greedy` /
     `verify_tree_rejection`): token t continues from the state after token ``parents[b, t]``,
@@ -111,7 +146,8 @@ def selective_state_update_multi(
     if intermediate_states is None:
         intermediate_states = state.new_empty((x.shape[0], x.shape[1]) + tuple(state.shape[1:]))
     out = _ops.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                            _indices(state_batch_indices), intermediate_states, _indices(parents))
+                                            _indices(state_batch_indices), intermediate_states, _indices(parents),
+                                            _rounding_seed(stochastic_rounding, seed, state))
     return out, intermediate_states
 
 

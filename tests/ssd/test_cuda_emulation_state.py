@@ -42,7 +42,7 @@ def _const_over(t, d):
     return t.shape[d] <= 1 or t.stride(d) == 0
 
 
-def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi, parents=None):
+def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi, parents=None, seed=None):
     """The op entry's parameter set-up (state_update.cpp, Mamba-2 form with a head dim) and one
     emulated launch. Mutates state (single step) / snaps; returns out (NaN-poisoned first)."""
     b, H, P, N = x.shape[0], state.shape[1], state.shape[2], state.shape[3]
@@ -69,6 +69,8 @@ def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, mul
     p.state_indices = None if idx_c is None else idx_c.data_ptr()
     par_c = None if parents is None else parents.to(torch.int32).contiguous()
     p.parents = None if par_c is None else par_c.data_ptr()
+    seed_t = None if seed is None else torch.tensor([seed], dtype=torch.int64)
+    p.sr_seed = None if seed_t is None else seed_t.data_ptr()
     if not multi:
         p.in_place = True
         p.snap = state.data_ptr()
@@ -296,3 +298,38 @@ def test_invalid_parent_gives_nan():
             else:
                 _same(out_b[bb, tt], out_g[bb, tt], f"out of node ({bb}, {tt})")
                 _same(snaps_b[bb, tt], snaps_g[bb, tt], f"snapshot of node ({bb}, {tt})")
+
+
+@pytest.mark.parametrize("b,T,H,P,G,N,sd,dt_,hdec,lay,idx", [
+    (3, 1, 2, 40, 1, 128, torch.bfloat16, torch.bfloat16, False, "padded", "perm"),
+    (2, 1, 2, 9, 2, 36, torch.float16, torch.float16, True, "sliced", "perm"),      # partial vectors
+    (1, 3, 1, 5, 1, 1024, torch.bfloat16, torch.bfloat16, False, "contig", None),  # multi, NC = 4
+    (2, 5, 2, 33, 1, 64, torch.float16, torch.float32, True, "padded", None),      # multi + tree
+])
+def test_stochastic_rounding_bit_exact(b, T, H, P, G, N, sd, dt_, hdec, lay, idx):
+    """Stochastic rounding of a 16-bit state (Philox bits per 4 elements, sr_bf16 / sr_f16)
+    against the CPU kernel, bit for bit: the single step in place, or the snapshots."""
+    multi = T > 1
+    t = make_inputs(b, T, H, P, G, N, sd, dt_, multi=multi, head_decay=hdec, state_layout=lay, idx=idx, seed=N + T)
+    if sd == torch.float16:  # reach float16's subnormal range too
+        t["state"].mul_(1e-6)
+    parents = torch.tensor(TREES[T][:b], dtype=torch.int32) if T in TREES else None
+    keys = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    if not multi:
+        ref_state, emu_state = t["state"].clone(), t["state"].clone()
+        out_ref = nemokernels.selective_state_update(ref_state, *(t[k] for k in keys), True, t["idx"],
+                                                     stochastic_rounding=True, seed=123)
+        out_emu = run_emulated(emu_state, *(t[k] for k in keys), True, t["idx"], None, multi=False, seed=123)
+        _same(out_emu, out_ref, "out")
+        _same(emu_state, ref_state, "state")
+        rtn = t["state"].clone()
+        nemokernels.selective_state_update(rtn, *(t[k] for k in keys), True, t["idx"])
+        assert not torch.equal(rtn, ref_state), "stochastic rounding changed nothing"
+    else:
+        snaps_emu = torch.full((b, T, H, P, N), float("nan")).to(sd)
+        out_ref, snaps_ref = nemokernels.selective_state_update_multi(
+            t["state"], *(t[k] for k in keys), True, t["idx"], parents=parents, stochastic_rounding=True, seed=-5)
+        out_emu = run_emulated(t["state"], *(t[k] for k in keys), True, t["idx"], snaps_emu, multi=True,
+                               parents=parents, seed=-5)
+        _same(out_emu, out_ref, "out")
+        _same(snaps_emu, snaps_ref, "intermediate_states")

@@ -450,6 +450,99 @@ def test_mamba_mixer_tree_step_equals_decoding_the_accepted_path(device):
     assert len(seen) >= 2
 
 
+# ---------------------------------------------------------------- stochastic rounding of 16-bit states
+
+
+def _spacing(v, dtype):
+    """The gap between the 16-bit neighbours around float32 values v (away from 0)."""
+    mant = 7 if dtype == BF16 else 10
+    e = torch.frexp(v.float()).exponent - 1  # floor(log2 |v|)
+    if dtype == F16:
+        e = e.clamp(min=-14)
+    return torch.ldexp(torch.ones_like(v, dtype=torch.float32), e - mant)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,scale", [(BF16, 1.0), (F16, 1.0), (F16, 1e-6)])
+def test_stochastic_rounding_is_unbiased(device, state_dtype, scale):
+    """Every stochastically rounded state is one of the two 16-bit neighbours of the unrounded
+    float32 state (the same step run on a float32 copy), and over many seeds its mean is that
+    value: per element within a few standard errors, where round to nearest is off by up to half
+    a step. scale 1e-6: float16's subnormal range."""
+    inp = make_inputs(2, 4, 8, 16, 2, state_dtype, F32, device)
+    for k in ("state", "x", "B"):
+        inp[k] = (inp[k].float() * scale**0.5 if k != "state" else inp[k].float() * scale).to(inp[k].dtype)
+    exact_state = inp["state"].float()
+    run_single({**inp, "state": exact_state}, True)
+    gap = _spacing(exact_state, state_dtype)
+    seeds, total = 256, torch.zeros_like(exact_state, dtype=torch.float64)
+    for k in range(seeds):
+        st = inp["state"].clone()
+        nk.selective_state_update(st, *(inp[k2] for k2 in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")), True,
+                                  stochastic_rounding=True, seed=1000 + k)
+        err = (st.float() - exact_state) / gap
+        assert (err.abs() < 1).all(), "a stochastically rounded value is not a neighbour of the exact one"
+        total += err.double()
+    bias = (total / seeds).abs()
+    rtn = inp["state"].clone()
+    run_single({**inp, "state": rtn}, True)
+    rtn_bias = ((rtn.float() - exact_state) / gap).abs()
+    # SR: |mean| ~ |N(0, <= 0.5 / 16)| per element, mean over elements ~ 0.02; nearest ~ 0.25.
+    assert bias.mean() < 0.05 and bias.max() < 0.25, (bias.mean(), bias.max())
+    assert rtn_bias.double().mean() > 0.15  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_keeps_slow_decays(device):
+    """A bfloat16 state decaying by 0.999 per step with no input: round to nearest rounds every
+    step back to 1.0 (the decay is below half a step), stochastic rounding follows 0.999^t in
+    expectation."""
+    steps, H, P, N = 200, 2, 16, 32
+    state = torch.ones(1, H, P, N, dtype=BF16, device=device)
+    x = torch.zeros(1, H, P, device=device)
+    dt = torch.full((1, H, P), 1e-3, device=device)
+    A = -torch.ones(H, P, N, device=device)
+    B = C = torch.zeros(1, 1, N, device=device)
+    rtn, sr = state.clone(), state.clone()
+    seed = torch.tensor([7], device=device)
+    for _ in range(steps):
+        nk.selective_state_update(rtn, x, dt, A, B, C)
+        nk.selective_state_update(sr, x, dt, A, B, C, stochastic_rounding=True, seed=seed)
+        seed += 1
+    want = torch.exp(torch.tensor(-1e-3 * steps, dtype=torch.float64)).item()
+    assert torch.equal(rtn, state), "round to nearest was expected to stall at 1.0"
+    assert abs(sr.double().mean().item() - want) < 0.01 * want, (sr.double().mean().item(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_bits_follow_seed_and_row(device):
+    """One seed gives bit-identical states, another seed differs; the bits follow the state row,
+    not the batch position; a 1-token multi update draws the single step's bits; a float32
+    state is refused."""
+    inp = make_inputs(3, 4, 8, 32, 2, BF16, F32, device, slots=3)
+    keys = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+    def single(state, idx=None, seed=5, perm=None):
+        args = [inp[k] if perm is None or k not in ("x", "dt", "B", "C", "z") else inp[k][perm] for k in keys]
+        return nk.selective_state_update(state, *args, True, idx, stochastic_rounding=True, seed=seed)
+
+    a, b, c = (inp["state"].clone() for _ in range(3))
+    single(a), single(b), single(c, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    perm = torch.tensor([2, 0, 1], device=device)
+    d = inp["state"].clone()
+    single(d, idx=perm.to(torch.int32), perm=perm)
+    assert torch.equal(d, a), "entry order changed the rounding bits"
+    one = {k: (v[:, None] if k in ("x", "dt", "B", "C", "z") else v) for k, v in inp.items()}
+    _, snap = nk.selective_state_update_multi(inp["state"], *(one[k] for k in keys), True, stochastic_rounding=True,
+                                              seed=5)
+    assert torch.equal(snap[:, 0], a)
+    with pytest.raises(RuntimeError, match="stochastic rounding \\(rounding_seed\\) applies to a float16 / bfloat16"):
+        nk.selective_state_update(inp["state"].float(), *(inp[k] for k in keys), True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="seed is given but stochastic_rounding is False"):
+        nk.selective_state_update(inp["state"].clone(), *(inp[k] for k in keys), True, seed=3)
+
+
 # ---------------------------------------------------------------- the decode step is the scan
 
 
@@ -632,6 +725,18 @@ SINGLE_CASES = [
     ("state_shares_indices", "any",
      lambda t: single(t, state_batch_indices=t["state"].view(-1)[:2].view(torch.int32)[:2]),
      S_ + r"state must not share memory with state_batch_indices"),
+    ("rounding_seed_dtype", "any",
+     lambda t: single(t, state=t["state"].bfloat16(), rounding_seed=torch.zeros(1, dtype=torch.int32, device=t["x"].device)),
+     S_ + r"rounding_seed must"),
+    ("rounding_seed_size", "any",
+     lambda t: single(t, state=t["state"].bfloat16(), rounding_seed=torch.zeros(2, dtype=torch.long, device=t["x"].device)),
+     S_ + r"rounding_seed must"),
+    ("rounding_seed_float32_state", "any",
+     lambda t: single(t, rounding_seed=torch.zeros(1, dtype=torch.long, device=t["x"].device)),
+     S_ + r"stochastic rounding \(rounding_seed\) applies to a float16 / bfloat16 state"),
+    ("rounding_seed_device", "cuda",
+     lambda t: single(t, state=t["state"].bfloat16(), rounding_seed=torch.zeros(1, dtype=torch.long)),
+     S_ + "rounding_seed" + DEVMIX),
     ("x_device", "cuda", lambda t: single(t, x=t["x"].cpu()), S_ + "x" + DEVMIX),
     ("indices_device", "cuda", lambda t: single(t, state_batch_indices=t["idx"].cpu()),
      S_ + "state_batch_indices" + DEVMIX),
@@ -830,7 +935,12 @@ def test_opcheck(device, params):
         opcheck(ops.selective_state_update_multi, margs + (True, idx, torch.empty(2, 3, 4, 8, 16, device=device)))
     else:
         opcheck(ops.selective_state_update_multi, margs + (False, None, None))
+    bstate = inp["state"].bfloat16()
+    seed = torch.tensor([11], device=device)
+    opcheck(ops.selective_state_update, (bstate,) + tuple(inp[k] for k in keys[1:]) + (True, idx, seed))
     tree = torch.tensor([[-1, 0, 0], [-1, -1, 1]], dtype=torch.int32, device=device)
+    opcheck(ops.selective_state_update_multi, (minp["state"].bfloat16(),) + margs[1:] +
+            (True, idx, torch.empty(2, 3, 4, 8, 16, device=device, dtype=BF16), tree, seed))
     opcheck(ops.selective_state_update_multi, margs + (True, idx, torch.empty(2, 3, 4, 8, 16, device=device), tree))
 
 
@@ -880,6 +990,24 @@ def test_tree_step_torch_compile_fullgraph(device):
     o2 = torch.compile(f, fullgraph=True, backend=backend)(s2, inp, idx, parents, node)
     assert torch.equal(o1, o2) and torch.equal(s1, s2)
     assert not torch.equal(s1, inp["state"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_torch_compile_fullgraph(device):
+    """A decode step with stochastic rounding from a device seed that the graph advances."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    inp = make_inputs(3, 4, 8, 16, 2, BF16, BF16, device, slots=4)
+    keys = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+    def f(state, seed, t):
+        y = nk.selective_state_update(state, *(t[k] for k in keys), True, stochastic_rounding=True, seed=seed)
+        seed.add_(1)
+        return y
+
+    s1, s2 = inp["state"].clone(), inp["state"].clone()
+    k1, k2 = torch.tensor([3], device=device), torch.tensor([3], device=device)
+    y1, y2 = f(s1, k1, inp), torch.compile(f, fullgraph=True, backend=backend)(s2, k2, inp)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2) and int(k2) == 4
 
 
 def _ulp(dtype):
