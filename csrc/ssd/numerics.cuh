@@ -133,6 +133,19 @@ NK_HD float ssu_out(float acc, bool has_d, float d, float x, bool has_z, float z
   return has_z ? y * silu(z) : y;
 }
 
+// Whether token t lies on the path from the root to node `last` of a draft tree whose
+// parents precede their children. A parent that does not precede its child ends the walk
+// (t is then off the path): memory-safe for any values.
+NK_HD bool ssu_on_path(const int32_t* parents, int64_t last, int64_t t) {
+  int64_t cur = last;
+  while (cur > t) {
+    const int64_t q = parents[cur];
+    if (q >= cur) return false;
+    cur = q;
+  }
+  return cur == t;
+}
+
 // ---- stochastic rounding of a 16-bit state (issue 20) ------------------------------------
 // A float32 value v lies between two neighbours lo <= |v| < hi of the 16-bit format; the
 // result is hi with probability (|v| - lo) / (hi - lo), from 32 random bits r, so E[result] = v

@@ -39,6 +39,10 @@ Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A,
                                     std::optional<Tensor> state_batch_indices,
                                     std::optional<Tensor> intermediate_states, std::optional<Tensor> parents,
                                     std::optional<Tensor> rounding_seed);
+void selective_state_update_replay(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
+                                   std::optional<Tensor> dt_bias, bool dt_softplus,
+                                   std::optional<Tensor> state_batch_indices, Tensor replay_to,
+                                   std::optional<Tensor> parents, std::optional<Tensor> rounding_seed);
 std::tuple<Tensor, Tensor> rmsnorm_gated_fwd(Tensor x, Tensor weight, std::optional<Tensor> bias,
                                              std::optional<Tensor> z, double eps, int64_t group_size,
                                              bool norm_before_gate);
@@ -98,6 +102,12 @@ const OpDef kOps[] = {
    "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, "
    "Tensor(a!)? intermediate_states, Tensor? parents=None, Tensor? rounding_seed=None) -> Tensor",
    TORCH_BOX(&selective_state_update_multi)},
+  // Replay commit: state (in place) advanced by entry b's tokens up to replay_to[b] (b,) int32
+  // (clamped to [-1, T - 1]; with parents the root-to-node path), from x, dt, B, C (b, T, ...).
+  {"selective_state_update_replay(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+   "Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, Tensor replay_to, Tensor? parents=None, "
+   "Tensor? rounding_seed=None) -> ()",
+   TORCH_BOX(&selective_state_update_replay)},
 
   // ---- ssd: gated RMSNorm -----------------------------------------------------------------
   // x (..., D); group_size divides D; rstd (x.shape[:-1] + (D / group_size,)) float32 is saved

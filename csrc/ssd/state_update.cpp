@@ -17,6 +17,7 @@ namespace {
 
 constexpr const char* kSingle = "selective_state_update";
 constexpr const char* kMulti = "selective_state_update_multi";
+constexpr const char* kReplay = "selective_state_update_replay";
 
 // The operand's strides in the kernel's dim order; -1 = a dim the tensor does not have.
 SsuArg make_arg(const Tensor& t, std::initializer_list<int> dims) {
@@ -33,7 +34,9 @@ bool const_over(const Tensor& t, int d) { return t.size(d) <= 1 || t.stride(d) =
 Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
            std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias, bool dt_softplus,
            std::optional<Tensor> state_batch_indices, std::optional<Tensor> snapshots,
-           std::optional<Tensor> parents, std::optional<Tensor> rounding_seed) {
+           std::optional<Tensor> parents, std::optional<Tensor> rounding_seed,
+           std::optional<Tensor> replay_to = std::nullopt) {
+  const bool replay = replay_to.has_value();  // multi-token shapes, the state written in place
   NK_CHECK(state.dim() == 4 || state.dim() == 3, op, ": state must be (slots, nheads, dim, dstate) or "
            "(slots, dim, dstate), got shape ", shape_str(state));
   check_float(op, "state", state);
@@ -86,15 +89,17 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   // element twice, and nothing shared with a tensor read meanwhile.
   auto check_written = [&](const char* arg, const Tensor& w) {
     check_writable(op, arg, w);
-    if (multi) check_no_overlap(op, arg, w, "state", state);
+    if (multi && !replay) check_no_overlap(op, arg, w, "state", state);
     const std::pair<const char*, const Tensor*> reads[] = {{"x", &x}, {"dt", &dt}, {"A", &A}, {"B", &B}, {"C", &C}};
     for (auto [name, t] : reads) check_no_overlap(op, arg, w, name, *t);
     if (D) check_no_overlap(op, arg, w, "D", *D);
     if (z) check_no_overlap(op, arg, w, "z", *z);
     if (dt_bias) check_no_overlap(op, arg, w, "dt_bias", *dt_bias);
     if (state_batch_indices) check_no_overlap(op, arg, w, "state_batch_indices", *state_batch_indices);
+    if (parents) check_no_overlap(op, arg, w, "parents", *parents);
+    if (replay_to) check_no_overlap(op, arg, w, "replay_to", *replay_to);
   };
-  if (!multi) check_written("state", state);
+  if (!multi || replay) check_written("state", state);
   if (snapshots) {
     std::vector<int64_t> ss = {batch, T};
     if (hd) ss.push_back(H);
@@ -111,17 +116,17 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     // out-of-range row gives NaN outputs there, never an out-of-bounds access, and duplicate
     // rows of the in-place update race but stay in bounds). The multi-token update only reads
     // the state, so its rows may repeat.
-    if (!state.is_cuda()) check_state_indices(op, "state_batch_indices", *idx, "state", rows, !multi);
+    if (!state.is_cuda()) check_state_indices(op, "state_batch_indices", *idx, "state", rows, !multi || replay);
   } else {
     check_size_at_least(op, "state", state, 0, batch, "batch, when state_batch_indices is None");
   }
   if (snapshots) check_written("intermediate_states", *snapshots);
   std::optional<Tensor> par;
   if (parents) {
-    NK_CHECK(snapshots.has_value(), op, ": parents (tree drafts) needs intermediate_states: a token continues "
-             "from its parent's state, which is read back from there");
+    NK_CHECK(snapshots.has_value() || replay, op, ": parents (tree drafts) needs intermediate_states: a token "
+             "continues from its parent's state, which is read back from there");
     check_tensor(op, "parents", *parents, {batch, T}, {ScalarType::Int}, state, "state");
-    check_no_overlap(op, "intermediate_states", *snapshots, "parents", *parents);
+    if (snapshots) check_no_overlap(op, "intermediate_states", *snapshots, "parents", *parents);
     par = torch::stable::contiguous(*parents);
     // On the CPU each parent must precede its child (on CUDA an invalid node is NaN, see state_update.h).
     if (!state.is_cuda()) {
@@ -134,6 +139,11 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     }
   }
 
+  std::optional<Tensor> upto;
+  if (replay) {  // values are clamped to [-1, T - 1] by the kernels: nothing to check on the host
+    check_tensor(op, "replay_to", *replay_to, {batch}, {ScalarType::Int}, state, "state");
+    upto = torch::stable::contiguous(*replay_to);
+  }
   std::optional<Tensor> seed;
   if (rounding_seed) {
     NK_CHECK(state.scalar_type() != ScalarType::Float, op, ": stochastic rounding (rounding_seed) applies to a "
@@ -143,7 +153,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   }
 
   OptionalDeviceGuard guard(state);
-  Tensor out = new_empty(x, xs, x.scalar_type());
+  Tensor out = new_empty(x, replay ? std::vector<int64_t>{0} : xs, x.scalar_type());  // a replay has none
   SsuParams p{};
   p.batch = batch, p.seqlen = T, p.nheads = H, p.dim = P, p.dstate = N;
   p.heads_per_group = H / G;
@@ -171,17 +181,18 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
   p.state_indices = idx ? static_cast<const int32_t*>(idx->data_ptr()) : nullptr;
   p.parents = par ? static_cast<const int32_t*>(par->data_ptr()) : nullptr;
   p.sr_seed = seed ? static_cast<const int64_t*>(seed->data_ptr()) : nullptr;
-  if (!multi) {
+  p.replay_to = upto ? static_cast<const int32_t*>(upto->data_ptr()) : nullptr;
+  if (!multi || replay) {
     p.in_place = true;
-    p.snap = state.data_ptr();
+    p.snap = replay ? nullptr : state.data_ptr();
   } else if (snapshots) {
     p.snap = snapshots->data_ptr();
     const SsuArg a = hd ? make_arg(*snapshots, {0, 1, 2, 3, 4}) : make_arg(*snapshots, {0, 1, -1, 2, 3});
     for (int k = 0; k < 5; ++k) p.snap_s[k] = a.s[k];
   }
-  p.out = out.data_ptr();
   p.out_dtype = to_dtype(out.scalar_type());
-  {
+  if (!replay) {
+    p.out = out.data_ptr();
     const SsuArg a = bthp(out);
     for (int k = 0; k < 4; ++k) p.out_s[k] = a.s[k];
   }
@@ -211,6 +222,14 @@ Tensor selective_state_update_multi(Tensor state, Tensor x, Tensor dt, Tensor A,
                                     std::optional<Tensor> rounding_seed) {
   return run(kMulti, true, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
              intermediate_states, parents, rounding_seed);
+}
+
+void selective_state_update_replay(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
+                                   std::optional<Tensor> dt_bias, bool dt_softplus,
+                                   std::optional<Tensor> state_batch_indices, Tensor replay_to,
+                                   std::optional<Tensor> parents, std::optional<Tensor> rounding_seed) {
+  run(kReplay, true, state, x, dt, A, B, C, std::nullopt, std::nullopt, dt_bias, dt_softplus, state_batch_indices,
+      std::nullopt, parents, rounding_seed, replay_to);
 }
 
 }  // namespace nk

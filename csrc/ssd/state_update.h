@@ -45,6 +45,11 @@ struct SsuParams {
   // from ssu_sr_group): a 1-element seed in the state's memory, read by the kernel (no host
   // sync); null: round to nearest even. The entry refuses it for a float32 state.
   const int64_t* sr_seed;
+  // Replay (commit_state_replay; multi-token shapes, in_place, no snapshots, out null): entry b
+  // applies its tokens up to replay_to[b] (clamped to [-1, T - 1]; -1 keeps the state) to the
+  // state row in place: tokens 0..replay_to[b], or with parents the path from the root to node
+  // replay_to[b] (ssu_on_path). Null: not a replay.
+  const int32_t* replay_to;
   void* out;                // (b, T, H, P) contiguous in x's dtype
   DType out_dtype;
   int64_t out_s[4];

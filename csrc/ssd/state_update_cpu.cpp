@@ -6,6 +6,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -61,10 +62,13 @@ void selective_state_update_cpu(const SsuParams& p) {
       const int64_t b = bh / p.nheads, h = bh % p.nheads, g = h / p.heads_per_group;
       const int64_t row = p.state_indices ? p.state_indices[b] : b;
       const bool pad = row < 0, bad = row >= p.state_rows;
+      // A replay applies the tokens up to `last` in place; otherwise every token runs.
+      const bool replay = p.replay_to != nullptr;
+      const int64_t last = replay ? std::clamp<int64_t>(p.replay_to[b], -1, T - 1) : T - 1;
       if (pad || bad) {
         // Padded slot: zeros; out-of-range slot: NaN. The state is never touched.
         const float fill = pad ? 0.f : kNaN;
-        for (int64_t t = 0; t < T; ++t)
+        for (int64_t t = 0; t < T && p.out != nullptr; ++t)
           for (int64_t i = 0; i < p.dim; ++i) {
             st(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3], fill);
             if (p.snap && !p.in_place)
@@ -84,8 +88,9 @@ void selective_state_update_cpu(const SsuParams& p) {
         for (int64_t n = 0; n < N; ++n) s[n] = ld(p.state, p.state_dtype, soff + i * p.st_s[2] + n * p.st_s[3]);
         const float bias = p.dt_bias.ptr ? ld(p.dt_bias.ptr, p.dt_bias.dtype, h * p.dt_bias.s[0] + i * p.dt_bias.s[1]) : 0.f;
         const float d = p.D.ptr ? ld(p.D.ptr, p.D.dtype, h * p.D.s[0] + i * p.D.s[1]) : 0.f;
-        for (int64_t t = 0; t < T; ++t) {
-          if (p.parents != nullptr && t > 0) {  // a tree: start from the parent's state
+        for (int64_t t = 0; t <= last; ++t) {
+          if (replay && p.parents != nullptr && !ssu_on_path(p.parents + b * T, last, t)) continue;
+          if (!replay && p.parents != nullptr && t > 0) {  // a tree: start from the parent's state
             const int64_t q = p.parents[b * T + t];
             if (q < 0) {
               for (int64_t n = 0; n < N; ++n) s[n] = ld(p.state, p.state_dtype, soff + i * p.st_s[2] + n * p.st_s[3]);
@@ -125,14 +130,15 @@ void selective_state_update_cpu(const SsuParams& p) {
             part.swap(tmp);
           }
           const float zv = p.z.ptr ? ld(p.z.ptr, p.z.dtype, b * p.z.s[0] + t * p.z.s[1] + h * p.z.s[2] + i * p.z.s[3]) : 0.f;
-          st(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
-             ssu_out(part[0], p.D.ptr != nullptr, d, xv, p.z.ptr != nullptr, zv));
+          if (p.out != nullptr)
+            st(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3],
+               ssu_out(part[0], p.D.ptr != nullptr, d, xv, p.z.ptr != nullptr, zv));
           if (p.snap && !p.in_place)
             for (int64_t n = 0; n < N; ++n)
               st(p.snap, p.state_dtype,
                  b * p.snap_s[0] + t * p.snap_s[1] + h * p.snap_s[2] + i * p.snap_s[3] + n * p.snap_s[4], s[n]);
         }
-        if (p.in_place)
+        if (p.in_place && last >= 0)
           for (int64_t n = 0; n < N; ++n) st(p.state, p.state_dtype, soff + i * p.st_s[2] + n * p.st_s[3], s[n]);
       }
     }

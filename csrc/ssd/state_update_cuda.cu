@@ -90,7 +90,7 @@ NK_DEVICE void store_state(ST* ptr, bool vec, int64_t sn, int n0, int N, uint4 r
 template <typename ST>
 NK_DEVICE void fill_entry(const SsuParams& p, int64_t b, int64_t h, int64_t p0, int64_t p1, float fill) {
   for (int64_t t = 0; t < p.seqlen; ++t) {
-    for (int64_t i = p0 + threadIdx.x; i < p1; i += blockDim.x)
+    for (int64_t i = p0 + threadIdx.x; i < p1 && p.out != nullptr; i += blockDim.x)
       st_any(p.out, p.out_dtype, b * p.out_s[0] + t * p.out_s[1] + h * p.out_s[2] + i * p.out_s[3], fill);
     if (p.snap != nullptr && !p.in_place) {
       ST* base = static_cast<ST*>(p.snap) + b * p.snap_s[0] + t * p.snap_s[1] + h * p.snap_s[2];
@@ -251,8 +251,16 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
   // addressed like the loads: one pointer per thread, uniform steps per row / vector / token.
   ST* dst = s0;
   int64_t d_row = s_row, d_vec = s_vec, d_tok = 0, dsn = p.st_s[3];
+  // A replay (multi-token shapes, in place): no snapshots, the tokens up to `last` (on the
+  // path to it, with parents), then one store of the state row.
+  const bool replay = !kSingle && p.replay_to != nullptr;
+  int64_t last = kSingle ? 0 : p.seqlen - 1;
+  if (replay) {
+    const int64_t v = p.replay_to[b];
+    last = v < -1 ? -1 : (v > p.seqlen - 1 ? p.seqlen - 1 : v);
+  }
   if (!kSingle) {
-    dst = p.snap == nullptr ? nullptr
+    dst = p.snap == nullptr || replay ? nullptr
                             : static_cast<ST*>(p.snap) + b * p.snap_s[0] + h * p.snap_s[2] + pr[0] * p.snap_s[3] +
                                   int64_t(lane * VN) * p.snap_s[4];
     d_row = rows_per_pass * p.snap_s[3], d_vec = int64_t(ln * VN) * p.snap_s[4], d_tok = p.snap_s[1];
@@ -265,7 +273,7 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
   static_assert(!kSr || !std::is_same_v<ST, float>, "a float32 state is not rounded");
   const uint64_t seed = kSr ? static_cast<uint64_t>(*p.sr_seed) : 0u;
 
-  const int64_t T = kSingle ? 1 : p.seqlen;
+  const int64_t T = last + 1;  // tokens run (all but a replay's tail)
 #pragma unroll 1
   for (int64_t t0 = 0; t0 < T; t0 += m.tc) {
     const int tc = static_cast<int>(T - t0 < m.tc ? T - t0 : m.tc);
@@ -275,7 +283,8 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
 #pragma unroll 1
     for (int k = 0; k < tc; ++k) {
       const int64_t t = t0 + k;
-      if (!kSingle && p.parents != nullptr) tree_step<ST, NC>(p, s, b, t, s0, s_row, s_vec, snap0, d_row, d_vec, d_tok,
+      if (replay && p.parents != nullptr && !ssu_on_path(p.parents + b * p.seqlen, last, t)) continue;
+      if (!kSingle && !replay && p.parents != nullptr) tree_step<ST, NC>(p, s, b, t, s0, s_row, s_vec, snap0, d_row, d_vec, d_tok,
                                                              dsn, vec_state, vst, rin, lane, ln, N);
       const float* Bs = sm + m.B(k);
       const float* Cs = sm + m.C(k);
@@ -312,7 +321,9 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
         }
       }
       // Lanes ln apart never mix: xor offsets < ln stay inside the row's lane group. The R
-      // rows' butterflies interleave (independent shuffles in flight).
+      // rows' butterflies interleave (independent shuffles in flight). A replay has no outputs
+      // (uniform over the block: the shuffles' warps stay whole).
+      if (replay) continue;
       for (int off = ln / 2; off >= 1; off >>= 1)
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
@@ -352,6 +363,15 @@ NK_DEVICE void ssu_entry(const SsuParams& p, const SsuSmem& m, float* sm, int64_
       if (dst != nullptr) dst += d_tok;
     }
   }
+  if (replay && last >= 0) {  // the state after the last replayed token, in place
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const int n0 = (c * ln + lane) * VN;
+        if (rin[r] && n0 < N) store_state<ST>(s0 + r * s_row + c * s_vec, vec_state, p.st_s[3], n0, N, s[r][c]);
+      }
+  }
 }
 
 // One block: rb = R * (128 / ln) consecutive rows of one head of batch entry
@@ -388,7 +408,9 @@ void launch(const SsuParams& p, int ln, cudaStream_t stream) {
   while ((1 << lnl) < ln) ++lnl;  // ln is a power of two
   const SsuSmem m = ssu_smem(NC * ln * VN, rb, kHead, kSingle ? 1 : p.seqlen);
   const int64_t tiles = (p.dim + rb - 1) / rb;
-  const char* op = p.in_place ? "selective_state_update" : "selective_state_update_multi";
+  const char* op = p.replay_to != nullptr ? "selective_state_update_replay"
+                   : p.in_place           ? "selective_state_update"
+                                          : "selective_state_update_multi";
   const LaunchGrid grid =
       checked_grid(op, "state update",
                    {tiles * p.nheads, p.batch < kCudaMaxGridYZ ? p.batch : kCudaMaxGridYZ, ceil_div64(p.batch, kCudaMaxGridYZ)},
@@ -405,7 +427,7 @@ void launch(const SsuParams& p, int ln, cudaStream_t stream) {
 template <typename ST, bool kSr>
 void dispatch_nc(const SsuParams& p, const SsuLayout& l, cudaStream_t stream) {
   auto go = [&]<int NC>() {
-    const bool single = p.in_place;  // the one-token op (seqlen == 1)
+    const bool single = p.in_place && p.replay_to == nullptr;  // the one-token op (seqlen == 1)
     if (p.head_decay) {
       if (single) launch<ST, NC, true, true, kSr>(p, l.ln, stream);
       else launch<ST, NC, true, false, kSr>(p, l.ln, stream);

@@ -5,6 +5,8 @@ state, per-head dt / A / D / dt_bias expanded with stride 0 as Mamba-2 passes th
 Bytes are dominated by the state: read + write (single), read + T snapshot writes (multi);
 cost model in docs/ssd.md (issue 18). Single-step points with a bf16 state end in "state bf16";
 "state bf16 sr" adds stochastic rounding (a device seed, one Philox call per 4 elements).
+"commit" points: a T4 verify step then the commit of 2 accepted tokens, by replay
+(commit_state_replay: 3 state volumes) against snapshots + commit_state (T + 2 = 6 volumes).
 Tree points ("tree8"): 8 draft nodes in a binary tree of depth 3 (TREE_PARENTS); 6 of the 8
 nodes reload their parent's state (a snapshot this block wrote a few tokens earlier, taken to
 hit L2), so the DRAM bytes are those of the T = 8 chain.
@@ -67,6 +69,22 @@ def tree_ours(state, x, dt, A, B, C, D, z, dt_bias, inter, parents):
                                            intermediate_states=inter, parents=parents)
 
 
+def verify_commit_snapshots(state, x, dt, A, B, C, D, z, dt_bias, inter, acc):
+    """A speculative verify step and its commit through snapshots (T + 2 state volumes)."""
+    out, inter = nk.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True,
+                                                 intermediate_states=inter)
+    nk.commit_state(state, inter, acc)
+    return out
+
+
+def verify_commit_replay(state, x, dt, A, B, C, D, z, dt_bias, inter, acc):
+    """The same step committed by replay: outputs only, then the accepted tokens re-run in place
+    (3 state volumes)."""
+    out = torch.ops.nemokernels.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, True, None, None)
+    nk.commit_state_replay(state, x, dt, A, B, C, dt_bias, True, num_accepted=acc)
+    return out
+
+
 def update_ours(state, x, dt, A, B, C, D, z, dt_bias):
     return nk.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
 
@@ -89,7 +107,7 @@ def _peer_update(fn):
     return run
 
 
-def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE, tree=False):
+def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE, tree=False, accepted=None):
     lead = (batch,) if T is None else (batch, T)
 
     def make():
@@ -108,6 +126,8 @@ def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE, tree=False):
             args += (torch.empty((batch, T, heads, HEADDIM, DSTATE), dtype=state_dtype, **d),)
         if tree:
             args += (torch.tensor(TREE_PARENTS, dtype=torch.int32, **d).expand(batch, T).contiguous(),)
+        if accepted is not None:
+            args += (torch.full((batch,), accepted, dtype=torch.long, **d),)
         return args
     return make
 
@@ -120,8 +140,9 @@ def cases(quick: bool, device) -> list:
               + [(c, 256, t) for c in CONFIGS for t in (bf16, "sr")])
     multi = [("nano", 8), ("super", 64)] if quick else [(c, b) for c in CONFIGS for b in (1, 8, 64, 256)]
     tree = [("nano", 64)] if quick else [(c, b) for c in CONFIGS for b in (8, 64)]
+    commit = [("nano", 64)] if quick else [(c, b) for c in CONFIGS for b in (8, 64, 256)]
     if quick and torch.device(device).type != "cuda":  # CPU-sized
-        single, multi, tree = [("nano", 1, f32), ("nano", 8, f32)], [("nano", 4)], [("nano", 2)]
+        single, multi, tree, commit = [("nano", 1, f32), ("nano", 8, f32)], [("nano", 4)], [("nano", 2)], []
     peer = mamba_ssm_peer("selective_state_update", "selective_state_update")
     out = []
     for cfg, batch, kind in single:
@@ -156,4 +177,15 @@ def cases(quick: bool, device) -> list:
             make_inputs=_maker(batch, heads, device, T, tree=True), fn=tree_ours,
             bytes=(1 + T) * st * ssz + io * esz + batch * T * 4, flops=5 * T * st,
             baselines={"torch_eager": tree_torch, "torch_compile": lazy_compile(tree_torch)}))
+    for cfg, batch in commit:
+        # A verify step of T4 drafts with 2 accepted, committed by replay; the baseline commits
+        # through snapshots. Bytes: the replay's (state read by the verify, then read + written).
+        heads = CONFIGS[cfg]
+        st = batch * heads * HEADDIM * DSTATE
+        io = T_MULTI * (batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE)
+        out.append(Case(
+            op="selective_state_update_multi.commit", name=f"{cfg} b{batch} T{T_MULTI} h{heads} replay",
+            make_inputs=_maker(batch, heads, device, T_MULTI, accepted=2), fn=verify_commit_replay,
+            bytes=3 * st * ssz + 2 * io * esz, flops=5 * (T_MULTI + 2) * st,
+            baselines={"snapshots": verify_commit_snapshots}))
     return out

@@ -22,6 +22,12 @@ def _multi_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_i
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("nemokernels::selective_state_update_replay")
+def _replay_fake(state, x, dt, A, B, C, dt_bias, dt_softplus, state_batch_indices, replay_to, parents=None,
+                 rounding_seed=None):
+    return None
+
+
 def _rounding_seed(stochastic_rounding: bool, seed, state: torch.Tensor) -> Optional[torch.Tensor]:
     """The op's rounding_seed: None (round to nearest) unless stochastic_rounding. A tensor seed
     (1 element, int64, on the state's device) is read by the kernel: no host sync, and a CUDA
@@ -196,6 +202,56 @@ def commit_state(
         return k > 0, intermediate_states[src, (k - 1).clamp(0, T - 1)].to(state.dtype)
 
     return _commit_rows("commit_state", "state", state, batch, state_batch_indices, new_rows)
+
+
+def commit_state_replay(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[torch.Tensor] = None,
+    *,
+    num_accepted: Optional[torch.Tensor] = None,
+    accepted_node: Optional[torch.Tensor] = None,
+    parents: Optional[torch.Tensor] = None,
+    stochastic_rounding: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Advances ``state`` in place to the accepted prefix of a draft by replaying its tokens.
+
+    The replay alternative to `selective_state_update_multi(..., intermediate_states)` +
+    `commit_state` (the ReplaySSM idea): verify with `selective_state_update_multi` without a
+    snapshot buffer (``intermediate_states=None`` on the raw op, outputs only), keep the draft's
+    x, dt, B, C (b, T, ...), and after verification rebuild the accepted state from the old one.
+    Entry b applies tokens 0..num_accepted[b] - 1 (clamped to [0, T]), or, for a tree with
+    ``parents``, the path from the root to ``accepted_node[b]`` (-1: none); give exactly one of
+    the two. The result is bit for bit the snapshot `commit_state` would copy (same kernel, same
+    arithmetic; with stochastic rounding, the same seed gives the same bits), while the state
+    moves 2x (read + write) instead of (T + 2)x. D and z only shape outputs, so they are not
+    taken. Rows as in `selective_state_update` (in place: distinct, checked on the CPU; negative
+    = padded, skipped); parents as in `selective_state_update_multi` (on CUDA an invalid parent
+    ends the walk: memory-safe, that entry's result unspecified). No host sync, fixed shapes.
+    Returns ``state``.
+    """
+    batch = x.shape[0]
+    if (num_accepted is None) == (accepted_node is None):
+        raise ValueError("commit_state_replay: give exactly one of num_accepted (a chain) and accepted_node (a tree)")
+    count = num_accepted if num_accepted is not None else accepted_node
+    name = "num_accepted" if num_accepted is not None else "accepted_node"
+    if count.shape != (batch,):
+        raise ValueError(f"commit_state_replay: {name} must have shape ({batch},), got {tuple(count.shape)}")
+    last = count.to(device=state.device, dtype=torch.long)
+    if num_accepted is not None:
+        last = last - 1
+    replay_to = last.clamp(-1, max(x.shape[1] - 1, -1)).to(torch.int32)
+    _ops.selective_state_update_replay(state, x, dt, A, B, C, dt_bias, dt_softplus, _indices(state_batch_indices),
+                                       replay_to, _indices(parents),
+                                       _rounding_seed(stochastic_rounding, seed, state))
+    return state
 
 
 def _check_rows(op, name, state, batch, indices):

@@ -42,7 +42,8 @@ def _const_over(t, d):
     return t.shape[d] <= 1 or t.stride(d) == 0
 
 
-def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi, parents=None, seed=None):
+def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, multi, parents=None, seed=None,
+                 replay_to=None):
     """The op entry's parameter set-up (state_update.cpp, Mamba-2 form with a head dim) and one
     emulated launch. Mutates state (single step) / snaps; returns out (NaN-poisoned first)."""
     b, H, P, N = x.shape[0], state.shape[1], state.shape[2], state.shape[3]
@@ -83,6 +84,9 @@ def run_emulated(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx, snaps, mul
     a = bthp(out)
     for k in range(4):
         p.out_s[k] = a.s[k]
+    upto = None if replay_to is None else replay_to.to(torch.int32).contiguous()
+    if upto is not None:  # the replay: in place on the state, no snapshots, no outputs
+        p.replay_to, p.in_place, p.snap, p.out = upto.data_ptr(), True, None, None
     p.head_decay = (_const_over(dt, x.dim() - 1) and (dt_bias is None or _const_over(dt_bias, 1))
                     and _const_over(A, 1) and _const_over(A, 2))
     emu().call("emu_ssu_cuda", p)
@@ -333,3 +337,31 @@ def test_stochastic_rounding_bit_exact(b, T, H, P, G, N, sd, dt_, hdec, lay, idx
                                parents=parents, seed=-5)
         _same(out_emu, out_ref, "out")
         _same(snaps_emu, snaps_ref, "intermediate_states")
+
+
+@pytest.mark.parametrize("b,T,H,P,G,N,sd,dt_,hdec,lay,idx", [
+    (3, 4, 4, 6, 2, 16, torch.float32, torch.float32, True, "contig", "perm"),
+    (2, 5, 2, 33, 1, 64, torch.bfloat16, torch.bfloat16, False, "padded", None),    # 16-bit state, multi rows
+    (2, 3, 2, 7, 2, 200, torch.float32, torch.float16, False, "sliced", "perm"),    # NC = 2, scalar path
+    (1, 3, 1, 5, 1, 1024, torch.bfloat16, torch.bfloat16, True, "contig", None),   # NC = 4, one token staged
+])
+@pytest.mark.parametrize("mode", ["chain", "tree", "sr"])
+def test_replay_bit_exact(b, T, H, P, G, N, sd, dt_, hdec, lay, idx, mode):
+    """The replay commit (in place, tokens up to replay_to[b] or the path to that node) against
+    the CPU kernel, bit for bit, at every accepted count."""
+    if mode == "sr" and sd == torch.float32:
+        pytest.skip("stochastic rounding is for 16-bit states")
+    t = make_inputs(b, T, H, P, G, N, sd, dt_, multi=True, head_decay=hdec, state_layout=lay, idx=idx, seed=3 * T + N)
+    trees = TREES.get(T, [[-1, 0, 0, 1], [-1, -1, 1, 0], [-1, 0, 1, 1]])
+    parents = torch.tensor(trees[:b], dtype=torch.int32) if mode == "tree" else None
+    seed = 77 if mode == "sr" else None
+    keys = ("x", "dt", "A", "B", "C")
+    for last in range(-1, T + 1):
+        upto = torch.tensor([(last + e) % (T + 1) - 1 for e in range(b)], dtype=torch.int32)
+        ref, emu_state = t["state"].clone(), t["state"].clone()
+        kw = dict(accepted_node=upto, parents=parents) if mode == "tree" else dict(num_accepted=upto + 1)
+        nemokernels.commit_state_replay(ref, *(t[k] for k in keys), t["dt_bias"], True, t["idx"],
+                                        stochastic_rounding=seed is not None, seed=seed, **kw)
+        run_emulated(emu_state, *(t[k] for k in keys), None, None, t["dt_bias"], True, t["idx"], None, multi=True,
+                     parents=parents, seed=seed, replay_to=upto)
+        _same(emu_state, ref, f"state after replaying to {upto.tolist()}")

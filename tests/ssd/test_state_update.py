@@ -450,6 +450,64 @@ def test_mamba_mixer_tree_step_equals_decoding_the_accepted_path(device):
     assert len(seen) >= 2
 
 
+# ---------------------------------------------------------------- commit by replay
+
+
+def replay(inp, idx=None, **kw):
+    return nk.commit_state_replay(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["dt_bias"],
+                                  True, idx, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype,dtype", [(F32, BF16), (BF16, BF16), (F16, F32)])
+def test_replay_equals_snapshot_commit(device, state_dtype, dtype):
+    """commit_state_replay leaves bit for bit the state commit_state copies from the snapshots:
+    chains at every accepted length (clamped, padded rows, permuted rows), trees at every node,
+    and stochastically rounded 16-bit states with the same seed."""
+    T, slots, keys = 4, 6, ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    inp = make_inputs(4, 4, 8, 32, 2, state_dtype, dtype, device, T=T, slots=slots)
+    idx = torch.tensor([5, -1, 0, 2], dtype=torch.int32, device=device)
+    _, inter = run_multi(inp, True, idx)
+    for acc in [[k] * 4 for k in range(T + 1)] + [[2, 3, 0, 4], [7, 2, -1, 1]]:
+        acc = torch.tensor(acc, device=device)
+        want, got = inp["state"].clone(), inp["state"].clone()
+        nk.commit_state(want, inter, acc, idx)
+        replay({**inp, "state": got}, idx, num_accepted=acc)
+        assert torch.equal(got, want), f"replay differs from the snapshot commit for num_accepted={acc.tolist()}"
+    tree_inp = make_inputs(3, 4, 8, 32, 2, state_dtype, dtype, device, T=len(TREE_PARENTS[0]), slots=4)
+    parents = torch.tensor(TREE_PARENTS, device=device)
+    tidx = torch.tensor([3, 0, 1], dtype=torch.int32, device=device)
+    _, tinter = nk.selective_state_update_multi(*(tree_inp[k] for k in keys), True, tidx, parents=parents)
+    for node in range(-1, len(TREE_PARENTS[0])):
+        nodes = torch.tensor([node, (node + 2) % 7, 6 - max(node, 0)], device=device)
+        want, got = tree_inp["state"].clone(), tree_inp["state"].clone()
+        nk.commit_state(want, tinter, state_batch_indices=tidx, accepted_node=nodes)
+        replay({**tree_inp, "state": got}, tidx, accepted_node=nodes, parents=parents)
+        assert torch.equal(got, want), f"tree replay differs at nodes {nodes.tolist()}"
+    if state_dtype != F32:
+        _, sinter = nk.selective_state_update_multi(*(tree_inp[k] for k in keys), True, tidx, parents=parents,
+                                                    stochastic_rounding=True, seed=9)
+        nodes = torch.tensor([4, 6, 5], device=device)
+        want, got = tree_inp["state"].clone(), tree_inp["state"].clone()
+        nk.commit_state(want, sinter, state_batch_indices=tidx, accepted_node=nodes)
+        replay({**tree_inp, "state": got}, tidx, accepted_node=nodes, parents=parents, stochastic_rounding=True,
+               seed=9)
+        assert torch.equal(got, want), "stochastically rounded replay differs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replay_touches_only_the_accepted_rows(device):
+    """Rows no entry names, padded entries and entries with nothing accepted keep their bits;
+    the raw op returns nothing and writes nothing else."""
+    inp = make_inputs(3, 2, 4, 16, 1, F32, F32, device, T=3, slots=5)
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32, device=device)
+    before = inp["state"].clone()
+    replay(inp, idx, num_accepted=torch.tensor([0, 3, 2], device=device))
+    for r in (0, 2, 3, 4):
+        assert torch.equal(inp["state"][r], before[r]), f"row {r} changed"
+    assert not torch.equal(inp["state"][1], before[1])
+
+
 # ---------------------------------------------------------------- stochastic rounding of 16-bit states
 
 
@@ -790,6 +848,51 @@ MULTI_CASES = [
 ]
 
 
+R_ = r"selective_state_update_replay: "
+
+
+def good_replay(device):
+    t = good_multi(device)
+    t["upto"] = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    return t
+
+
+def rep(t, **kw):
+    a = {k: t[k] for k in ("state", "x", "dt", "A", "B", "C", "dt_bias")}
+    a.update(dt_softplus=True, state_batch_indices=t["idx"], replay_to=t["upto"])
+    a.update(kw)
+    return ops.selective_state_update_replay(*a.values())
+
+
+REPLAY_CASES = [
+    ("replay_to_dtype", "any", lambda t: rep(t, replay_to=t["upto"].long()),
+     R_ + r"replay_to must be one of \{int32\}, got int64"),
+    ("replay_to_shape", "any", lambda t: rep(t, replay_to=t["upto"][:1]),
+     R_ + r"replay_to.shape\[0\] must be 2, got shape \(1,\)"),
+    ("x_rank", "any", lambda t: rep(t, x=t["x"][:, 0]), R_ + r"x must have 4 dimensions"),
+    ("state_shares_x", "any", lambda t: rep(t, x=t["state"][:2, None, :, :, 0].expand(2, 3, 4, 8)),
+     R_ + r"state must not share memory with x"),
+    ("state_shares_replay_to", "any",
+     lambda t: rep(t, replay_to=t["state"].view(-1)[:2].view(torch.int32)[:2]),
+     R_ + r"state must not share memory with replay_to"),
+    ("indices_duplicate", "cpu", lambda t: rep(t, state_batch_indices=t["idx"].new_tensor([1, 1])),
+     R_ + r"state_batch_indices holds row 1 twice"),
+    ("parents_not_earlier", "cpu", lambda t: rep(t, parents=t["par"].new_tensor([[-1, 0, 2], [-1, 0, 0]])),
+     R_ + r"parents\[0, 2\] = 2 must be in \[-1, 2\)"),
+    ("rounding_seed_float32_state", "any",
+     lambda t: rep(t, parents=None, rounding_seed=torch.zeros(1, dtype=torch.long, device=t["x"].device)),
+     R_ + r"stochastic rounding \(rounding_seed\) applies to a float16 / bfloat16 state"),
+    ("replay_to_device", "cuda", lambda t: rep(t, replay_to=t["upto"].cpu()), R_ + "replay_to" + DEVMIX),
+]
+
+PUBLIC_REPLAY_CASES = [
+    ("both_counts", "any", lambda t: replay(t, num_accepted=t["upto"], accepted_node=t["upto"]),
+     r"commit_state_replay: give exactly one of num_accepted \(a chain\) and accepted_node \(a tree\)", ValueError),
+    ("no_count", "any", lambda t: replay(t), r"commit_state_replay: give exactly one", ValueError),
+    ("count_shape", "any", lambda t: replay(t, num_accepted=t["upto"][:1]),
+     r"commit_state_replay: num_accepted must have shape \(2,\), got \(1,\)", ValueError),
+]
+
 PUBLIC_CASES = [  # the public functions reach the same checks (int64 indices are converted, then checked)
     ("multi_x_rank", "any", lambda t: run_multi(t, True), M_ + "x must have 4 dimensions"),
     ("single_indices_out_of_range", "cpu", lambda t: run_single(t, True, torch.tensor([0, 3], dtype=torch.int32)),
@@ -844,7 +947,8 @@ def _state_untouched(t):
 test_bad_input = bad_input_test(
     after=_state_untouched,
     single=(good_single, SINGLE_CASES), multi=(good_multi, MULTI_CASES), public=(good_single, PUBLIC_CASES),
-    public_multi=(good_multi, PUBLIC_MULTI_CASES), commit_state=(good_commit, COMMIT_CASES))
+    public_multi=(good_multi, PUBLIC_MULTI_CASES), commit_state=(good_commit, COMMIT_CASES),
+    replay=(good_replay, REPLAY_CASES), public_replay=(good_replay, PUBLIC_REPLAY_CASES))
 
 
 @pytest.mark.gpu
@@ -941,6 +1045,10 @@ def test_opcheck(device, params):
     tree = torch.tensor([[-1, 0, 0], [-1, -1, 1]], dtype=torch.int32, device=device)
     opcheck(ops.selective_state_update_multi, (minp["state"].bfloat16(),) + margs[1:] +
             (True, idx, torch.empty(2, 3, 4, 8, 16, device=device, dtype=BF16), tree, seed))
+    upto = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    opcheck(ops.selective_state_update_replay, (minp["state"].clone(),) + margs[1:6] + (minp["dt_bias"], True, idx, upto))
+    opcheck(ops.selective_state_update_replay, (minp["state"].bfloat16(),) + margs[1:6] +
+            (minp["dt_bias"], True, idx, upto, tree, seed))
     opcheck(ops.selective_state_update_multi, margs + (True, idx, torch.empty(2, 3, 4, 8, 16, device=device), tree))
 
 
@@ -1008,6 +1116,27 @@ def test_stochastic_rounding_torch_compile_fullgraph(device):
     k1, k2 = torch.tensor([3], device=device), torch.tensor([3], device=device)
     y1, y2 = f(s1, k1, inp), torch.compile(f, fullgraph=True, backend=backend)(s2, k2, inp)
     assert torch.equal(y1, y2) and torch.equal(s1, s2) and int(k2) == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replay_verify_step_torch_compile_fullgraph(device):
+    """Verify without snapshots, then commit by replay, in one compiled graph."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    inp = make_inputs(3, 4, 8, 16, 2, F32, BF16, device, T=3, slots=4)
+    idx = torch.tensor([3, -1, 1], dtype=torch.int32, device=device)
+    acc = torch.tensor([2, 1, 3], device=device)
+    keys = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+    def f(state, t, idx, acc):
+        out = torch.ops.nemokernels.selective_state_update_multi(state, *(t[k] for k in keys), True, idx, None)
+        nk.commit_state_replay(state, t["x"], t["dt"], t["A"], t["B"], t["C"], t["dt_bias"], True, idx,
+                               num_accepted=acc)
+        return out
+
+    s1, s2 = inp["state"].clone(), inp["state"].clone()
+    o1 = f(s1, inp, idx, acc)
+    o2 = torch.compile(f, fullgraph=True, backend=backend)(s2, inp, idx, acc)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2) and not torch.equal(s1, inp["state"])
 
 
 def _ulp(dtype):
