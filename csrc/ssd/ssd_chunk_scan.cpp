@@ -176,11 +176,12 @@ Tensor workspace_tensor(const Tensor& like, int64_t bytes) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size, std::optional<Tensor> D,
     std::optional<Tensor> z, std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states,
     std::optional<Tensor> seq_idx, std::optional<Tensor> cu_seqlens, bool dt_softplus, double dt_min,
-    double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre) {
+    double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre,
+    bool return_chunk_states) {
   Dims d = check_args(kOp, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max);
   int64_t nseq = 0;
   if (return_varlen_states) {
@@ -218,7 +219,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
       else torch::stable::zero_(fin);
     }
     torch::stable::zero_(var);
-    return {y, y_pre, fin, var};
+    // (No elements either way: no positions, or no batch entries / heads.)
+    return {y, y_pre, fin, var,
+            new_empty(x, {return_chunk_states ? d.b : 0, d.L > 0 ? d.nc : 0, d.H, d.P, d.N}, ScalarType::Float)};
   }
   std::optional<Tensor> ws;
 #ifdef NK_WITH_CUDA
@@ -228,7 +231,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
   }
 #endif
   NK_ROUTE_BY_DEVICE(x, kOp, ssd_fwd_cpu(p), ssd_fwd_cuda(p, stream));
-  return {y, y_pre, fin, var};
+  // The state entering each chunk (F3's output, which F4 read): a buffer of this call, handed
+  // out instead of freed when asked for (prefix caching).
+  Tensor entering = return_chunk_states ? r.states : new_empty(x, {0, d.nc, d.H, d.P, d.N}, ScalarType::Float);
+  return {y, y_pre, fin, var, entering};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_bwd(

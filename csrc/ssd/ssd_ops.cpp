@@ -18,11 +18,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     std::optional<Tensor> dfinal_states, bool return_dinitial_states, bool silu);
 Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::optional<Tensor> bias,
                             bool silu, std::optional<Tensor> conv_state_indices, std::optional<Tensor> parents);
-std::tuple<Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size, std::optional<Tensor> D,
     std::optional<Tensor> z, std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states,
     std::optional<Tensor> seq_idx, std::optional<Tensor> cu_seqlens, bool dt_softplus, double dt_min,
-    double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre);
+    double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre,
+    bool return_chunk_states);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_bwd(
     Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size,
     std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> y_pre,
@@ -75,8 +76,8 @@ const OpDef kOps[] = {
   {"ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
    "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, "
    "Tensor? cu_seqlens, bool dt_softplus, float dt_min, float dt_max, bool return_final_states, "
-   "bool return_varlen_states, bool save_y_pre) "
-   "-> (Tensor y, Tensor y_pre, Tensor final_states, Tensor varlen_states)",
+   "bool return_varlen_states, bool save_y_pre, bool return_chunk_states=False) "
+   "-> (Tensor y, Tensor y_pre, Tensor final_states, Tensor varlen_states, Tensor entering_states)",
    TORCH_BOX(&ssd_chunk_scan_fwd)},
   // Gradients in the dtypes of their inputs; dD/dz/ddt_bias/dinitial_states are empty when
   // the input is absent (or not asked for).

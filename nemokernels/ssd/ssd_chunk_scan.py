@@ -12,7 +12,8 @@ _ops = torch.ops.nemokernels
 
 @torch.library.register_fake("nemokernels::ssd_chunk_scan_fwd")
 def _fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-              dt_softplus, dt_min, dt_max, return_final_states, return_varlen_states, save_y_pre):
+              dt_softplus, dt_min, dt_max, return_final_states, return_varlen_states, save_y_pre,
+              return_chunk_states=False):
     b, L, H, P = x.shape
     N = B.shape[-1]
     keep_pre = z is not None and save_y_pre
@@ -20,7 +21,9 @@ def _fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     f32 = torch.float32
     return (x.new_empty((b, L, H, P)), x.new_empty((b if keep_pre else 0, L, H, P)),
             x.new_empty((b if return_final_states else 0, H, P, N), dtype=f32),
-            x.new_empty((nseq, H, P, N), dtype=f32))
+            x.new_empty((nseq, H, P, N), dtype=f32),
+            x.new_empty((b if return_chunk_states else 0, max(1, -(-L // chunk_size)) if L > 0 else 0, H, P, N),
+                        dtype=f32))
 
 
 @torch.library.register_fake("nemokernels::ssd_chunk_scan_bwd")
@@ -42,13 +45,13 @@ def _bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, y_pre, dt_bias, initial_st
 
 _IN = ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "initial_states", "seq_idx",
        "cu_seqlens", "dt_softplus", "dt_min", "dt_max", "return_final_states", "return_varlen_states",
-       "save_y_pre")
+       "save_y_pre", "return_chunk_states")
 
 
 def _fwd_setup(ctx, inputs, output):
     a = dict(zip(_IN, inputs))
-    y, y_pre, final_states, varlen_states = output
-    ctx.mark_non_differentiable(y_pre, varlen_states)
+    y, y_pre, final_states, varlen_states, entering_states = output
+    ctx.mark_non_differentiable(y_pre, varlen_states, entering_states)
     ctx.save_for_backward(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], y_pre, a["dt_bias"],
                           a["initial_states"], a["seq_idx"])
     ctx.chunk_size = a["chunk_size"]
@@ -59,7 +62,7 @@ def _fwd_setup(ctx, inputs, output):
     ctx.saved_pre = a["save_y_pre"]
 
 
-def _fwd_backward(ctx, dy, dy_pre, dfinal, dvarlen):
+def _fwd_backward(ctx, dy, dy_pre, dfinal, dvarlen, dentering):
     x, dt, A, B, C, D, z, y_pre, dt_bias, init, seq_idx = ctx.saved_tensors
     if ctx.has_z and not ctx.saved_pre:
         raise RuntimeError("mamba_chunk_scan_combined: the forward ran with save_y_pre=False, so the "
@@ -73,7 +76,7 @@ def _fwd_backward(ctx, dy, dy_pre, dfinal, dvarlen):
         dfinal, softplus, dt_min, dt_max, want_dinit)
     return (dx, ddt, dA, dB, dC, None, dD if D is not None else None, dz if ctx.has_z else None,
             ddt_bias if dt_bias is not None else None, dinit if want_dinit else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("nemokernels::ssd_chunk_scan_fwd", _fwd_backward, setup_context=_fwd_setup)
@@ -103,6 +106,7 @@ def mamba_chunk_scan_combined(
     dt_limit: Tuple[float, float] = (0.0, float("inf")),
     return_final_states: bool = False,
     return_varlen_states: bool = False,
+    return_chunk_states: bool = False,
 ):
     """Mamba-2 SSD, chunked: same signature, semantics and returns as mamba_ssm's function.
 
@@ -120,6 +124,16 @@ def mamba_chunk_scan_combined(
     (num_sequences, nheads, headdim, dstate) float32, zeros for an empty sequence.
     Differentiable in x, dt, A, B, C, D, z, dt_bias, initial_states (and through
     final_states); varlen states are not differentiable.
+
+    ``return_chunk_states`` (ours, for prefix caching) appends ``(chunk_states, chunk_ends)``:
+    chunk_states (batch, nchunks, nheads, headdim, dstate) float32, the state after token
+    chunk_ends[c] = min((c + 1) * chunk_size, seqlen) - 1 (nchunks = ceil(seqlen / chunk_size),
+    the last one the final state), so an engine can keep the states of whole cache blocks
+    without recomputing them. They are the states the forward computes anyway (F3's), handed
+    out instead of freed: no extra work. With seq_idx / cu_seqlens (packed sequences) each is the
+    state of the sequence that token belongs to, at a global chunk boundary; a sequence's own
+    block boundaries coincide with these only where it starts at a multiple of chunk_size. Not
+    differentiable.
 
     Checks that read index values run on the CPU only (on CUDA they would need a host sync):
     seq_idx must be non-negative and non-decreasing along each row, and with
@@ -147,13 +161,23 @@ def mamba_chunk_scan_combined(
         seq_idx = seq_idx.to(torch.int32)
     save_y_pre = z is not None and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
-    y, _, final_states, varlen_states = _ops.ssd_chunk_scan_fwd(
+    y, _, final_states, varlen_states, entering = _ops.ssd_chunk_scan_fwd(
         x, dt, A, B, C, int(chunk_size), D, z, dt_bias, initial_states, seq_idx,
         cu_seqlens if return_varlen_states else None, bool(dt_softplus), float(dt_limit[0]),
-        float(dt_limit[1]), bool(return_final_states), bool(return_varlen_states), save_y_pre)
-    if not return_varlen_states:
-        return y if not return_final_states else (y, final_states)
-    return (y, varlen_states) if not return_final_states else (y, final_states, varlen_states)
+        float(dt_limit[1]), bool(return_final_states or return_chunk_states), bool(return_varlen_states), save_y_pre,
+        bool(return_chunk_states))
+    out = [y]
+    if return_final_states:
+        out.append(final_states)
+    if return_varlen_states:
+        out.append(varlen_states)
+    if return_chunk_states:
+        L, Q = x.shape[1], int(chunk_size)
+        # After chunk c = entering chunk c + 1; after the last chunk = the final state.
+        chunk_states = torch.cat([entering[:, 1:], final_states.detach()[:, None]], dim=1) if L > 0 else entering
+        ends = (torch.arange(1, chunk_states.shape[1] + 1, device=x.device) * Q).clamp(max=L) - 1
+        out += [chunk_states, ends]
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def ssd_chunk_scan_bytes_flops(batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int,

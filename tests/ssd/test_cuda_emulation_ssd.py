@@ -163,6 +163,14 @@ def reference(t, want_grads):
     y_pre, fin = ssd_scan_ref(*args, **kw, return_final_states=True)
     y = y_pre if t["z"] is None else y_pre * torch.nn.functional.silu(leaves["z"])
     out = dict(y=y.detach(), y_pre=y_pre.detach(), final=fin.detach())
+    with torch.no_grad():  # the state entering each chunk (F3, returned by return_chunk_states)
+        Q, L, nc = t["Q"], t["L"], max(1, -(-t["L"] // t["Q"]))
+        ent = [leaves["init"].detach() if leaves["init"] is not None else torch.zeros_like(fin)]
+        for c in range(1, nc):
+            cut = lambda v: None if v is None else v[:, :c * Q]  # noqa: E731
+            ent.append(ssd_scan_ref(*(cut(a) for a in args[:2]), args[2], *(cut(a) for a in args[3:]),
+                                    **dict(kw, seq_idx=cut(t["seq"])), return_final_states=True)[1])
+        out["entering"] = torch.stack(ent, 1)
     if t["cu"] is not None:
         with torch.no_grad():
             out["varlen"] = ssd_scan_ref(*args, **kw, cu_seqlens=t["cu"], return_varlen_states=True)[-1]
@@ -232,6 +240,7 @@ def run_case(t, lib=None, backward=True):
     check(inter["dtp"], dtpad, torch.float32, 2, "dtp")
     check(inter["cs"], torch.cumsum(dtpad * t["A"].double()[None, :, None, None], -1), torch.float32, 5, "cs")
     assert torch.isfinite(inter["states"]).all(), "states (F3 output) not fully written"
+    check(inter["states"], ref["entering"], torch.float32 if f32 else dtype, fwd_factor, "entering states (F3)")
     if not backward:
         return
     # ---- backward (F1-F3 recomputed, B0-B3, reductions)

@@ -295,6 +295,38 @@ def test_states_out_of_a_split_equal_states_in(device):
         assert_close(fb, f_full, torch.float32, factor=5, what=f"final cut={cut}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunk_states_match_the_recurrence(device, packed):
+    """return_chunk_states: the state after token chunk_ends[c] equals the float64 recurrence
+    run up to that token (with initial states, or packed sequences whose state restarts), for
+    seqlen a multiple of the chunk, not one, and shorter than one; the other outputs are those of
+    a call without it; the states are not differentiable."""
+    Q = chunk_for(device, 8)
+    for L in (3 * Q, 2 * Q + 3, Q - 3):
+        inp = make_inputs(1 if packed else 2, L, 4, 8, 2, 8, torch.float32, device, init=not packed)
+        kw = dict(dt_softplus=True)
+        if packed:
+            kw["seq_idx"] = torch.tensor([[0] * (L // 3) + [1] * (L // 3 + 1) + [2] * (L - 2 * (L // 3) - 1)],
+                                         dtype=torch.int32, device=device)
+        inp["x"].requires_grad_(True)
+        y0, f0 = call(inp, Q, return_final_states=True, **kw)
+        y, f, states, ends = call(inp, Q, return_final_states=True, return_chunk_states=True, **kw)
+        assert y.requires_grad and not states.requires_grad
+        nc = -(-L // Q)
+        assert states.shape == (inp["x"].shape[0], nc, 4, 8, 8) and states.dtype == torch.float32
+        assert ends.tolist() == [min((c + 1) * Q, L) - 1 for c in range(nc)]
+        assert torch.equal(y, y0) and torch.equal(f, f0) and torch.equal(states[:, -1], f)
+        for c, e in enumerate(ends.tolist()):
+            sub = {k: (v[:, :e + 1] if torch.is_tensor(v) and v.dim() >= 3 and k != "initial_states" else v)
+                   for k, v in inp.items()}
+            skw = dict(kw, seq_idx=kw["seq_idx"][:, :e + 1]) if packed else kw
+            _, (_, want) = ref64(sub, return_final_states=True, **skw)
+            assert_close(states[:, c], want, torch.float32, factor=5, what=f"state after token {e} (L={L})")
+    y, states, ends = call(make_inputs(2, 0, 4, 8, 2, 8, torch.float32, device), Q, return_chunk_states=True)
+    assert states.shape == (2, 0, 4, 8, 8) and ends.numel() == 0
+
+
 # ---------------------------------------------------------------- registration, compile, graphs
 
 
@@ -314,8 +346,11 @@ def test_opcheck(device):
         opcheck(torch.ops.nemokernels.ssd_chunk_scan_fwd,
                 (i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], i["dt_bias"], i["initial_states"],
                  None, None, True, 0.0, float("inf"), True, False, with_grad))
+        opcheck(torch.ops.nemokernels.ssd_chunk_scan_fwd,
+                (i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], i["dt_bias"], i["initial_states"],
+                 None, None, True, 0.0, float("inf"), True, False, with_grad, True))
     i = op_args(device, False)
-    y, y_pre, _, _ = torch.ops.nemokernels.ssd_chunk_scan_fwd(
+    y, y_pre, _, _, _ = torch.ops.nemokernels.ssd_chunk_scan_fwd(
         i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], i["dt_bias"], i["initial_states"],
         None, None, True, 0.0, float("inf"), False, False, True)
     opcheck(torch.ops.nemokernels.ssd_chunk_scan_bwd,
