@@ -1,5 +1,6 @@
 """causal_conv1d: drop-ins for the causal-conv1d package's `causal_conv1d_fn` and
-`causal_conv1d_update` (the Mamba-2 mixer's short depthwise convolution).
+`causal_conv1d_update` (the Mamba-2 mixer's short depthwise convolution), the update also over
+a tree of draft tokens, and `commit_conv_state` for the accepted node of such a draft.
 
 Shapes: x (batch, dim, seqlen), any strides (channel-last x, i.e. x.stride(1) == 1, gives a
 channel-last output and takes the fastest CUDA path); weight (dim, width), width 2..4;

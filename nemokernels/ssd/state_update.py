@@ -1,7 +1,8 @@
 """Mamba decode-time state updates: a drop-in for mamba_ssm's `selective_state_update`
-(one token, state updated in place), a multi-token update for speculative decoding that
-keeps the state after every draft position, and `commit_state`, which rolls the cache
-forward to the accepted prefix.
+(one token, state updated in place, optionally stochastically rounded), a multi-token update
+for speculative decoding that keeps the state after every draft position (a chain or a tree),
+`commit_state`, which rolls the cache forward to the accepted prefix, and
+`commit_state_replay`, which does the same by re-running the accepted tokens.
 
 Details: docs/ssd.md, section `nemokernels/ssd/state_update.py`."""
 from typing import Optional, Union
