@@ -380,6 +380,32 @@ def test_speculative_rollback_with_long_accepted_prefixes(gen_model, k):
     assert out.stats["accepted"] > 0 and out.stats["target_forwards"] < 24
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_speculative_replay_commit_equals_snapshot_commit(gen_model, k):
+    """ssm_commit="replay" (no snapshots; the kept tokens re-run at commit) generates exactly
+    what the snapshot commit does, and the plain greedy tokens, through rounds that keep 0..k
+    drafts."""
+    ids = torch.randint(0, V, (2, 5))
+    ref = gen_model.generate(ids, 20).sequences
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    state = g.get_state()
+
+    def drafter(tokens, kk):
+        n = tokens.shape[1]
+        d = torch.cat([ref[:, n:n + kk], torch.zeros(2, kk, dtype=torch.long)], 1)[:, :kk]
+        wrong = torch.rand(d.shape, generator=g) < 0.25
+        return torch.where(wrong, (d + 1) % V, d)
+
+    snap = gen_model.generate(ids, 20, num_speculative_tokens=k, draft_fn=drafter)
+    g.set_state(state)
+    rep = gen_model.generate(ids, 20, num_speculative_tokens=k, draft_fn=drafter, ssm_commit="replay")
+    assert torch.equal(rep.sequences, snap.sequences)
+    assert_same_greedy(gen_model, rep.sequences, ref)
+    assert rep.stats["accepted"] == snap.stats["accepted"] > 0
+    with pytest.raises(ValueError, match="ssm_commit must be 'snapshots' or 'replay'"):
+        gen_model.generate(ids, 2, ssm_commit="copy")
+
+
 def test_speculative_sampling_runs(gen_model):
     ids = torch.randint(0, V, (2, 4))
     g = torch.Generator().manual_seed(0)

@@ -42,7 +42,7 @@ def _commit(caches, num_kept: torch.Tensor, m_plus_1: int) -> None:
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, num_speculative_tokens: int = 0,
              eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             return_logits: bool = False, draft_fn=None) -> GenerateOutput:
+             return_logits: bool = False, draft_fn=None, ssm_commit: str = "snapshots") -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens after ``input_ids`` (B, L) (every row the same length).
 
     temperature 0: greedy; otherwise samples softmax(logits / temperature) restricted by top_k /
@@ -55,7 +55,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     mean_accepted_per_round.
     ``draft_fn(tokens (B, n), k) -> (B, k)`` replaces the MTP drafter (greedy only; tests use
     it to force long accepted prefixes through the cache rollback).
+    ``ssm_commit``: how a verify pass rolls the Mamba states forward: "snapshots" (the state
+    after every draft position is written, the kept one copied: commit_state) or "replay" (no
+    snapshots; the kept tokens are re-run from the old state: commit_state_replay). Both give
+    the same states bit for bit; replay moves 3 state volumes per round instead of k + 4.
     """
+    if ssm_commit not in ("snapshots", "replay"):
+        raise ValueError(f"generate: ssm_commit must be 'snapshots' or 'replay', got {ssm_commit!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"generate: input_ids must be (batch, seqlen) with seqlen >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -81,7 +87,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
                                         generator, return_logits)
         else:
             seq, stats = _speculative(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                      generator, k, draft_fn)
+                                      generator, k, draft_fn, ssm_commit == "replay")
             logits = None
         if input_ids.is_cuda:
             torch.cuda.synchronize(input_ids.device)
@@ -123,8 +129,11 @@ def _plain(model, ids, n_new, temperature, top_k, top_p, eos, generator, return_
     return seq, {"target_forwards": forwards}, all_logits
 
 
-def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k, draft_fn):
+def _speculative(model, ids, n_new, temperature, top_k, top_p, eos, generator, k, draft_fn, replay=False):
     caches = _new_caches(model.model.layers)
+    for c in caches:
+        if isinstance(c, MambaCache):
+            c.replay = replay
     mtp_caches = _new_caches(model.mtp.step_blocks(0)) if draft_fn is None else []
     embed = model.model.embeddings
     lm_head = model.lm_head

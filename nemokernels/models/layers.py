@@ -13,7 +13,7 @@ from torch import nn
 from ..ssd.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..ssd.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from ..ssd.ssd_chunk_scan import mamba_chunk_scan_combined
-from ..ssd.state_update import commit_state, selective_state_update, selective_state_update_multi
+from ..ssd.state_update import commit_state, commit_state_replay, selective_state_update, selective_state_update_multi
 
 from ..moe import LatentMoE
 
@@ -41,22 +41,29 @@ class MambaCache:
     """Per-layer decode state: conv_state (B, conv_dim, K - 1) in the activations' dtype (the last
     K - 1 conv inputs), ssm_state (B, H, P, N) float32. ``pending`` holds what a verify pass
     needs to roll back: the conv inputs (B, conv_dim, K - 1 + T) and the per-position SSM
-    states (B, T, H, P, N)."""
+    states (B, T, H, P, N), or with ``replay`` the SSM inputs of the T tokens (the commit
+    re-runs the kept ones: commit_state_replay, no snapshots written)."""
 
-    def __init__(self):
+    def __init__(self, replay: bool = False):
         self.conv_state: Optional[torch.Tensor] = None
         self.ssm_state: Optional[torch.Tensor] = None
         self.pending = None
+        self.replay = replay
 
     def commit(self, num_kept: torch.Tensor) -> None:
         """Keep the first num_kept[b] (>= 1) positions of the last verify pass."""
-        xcat, inter = self.pending
+        xcat, ssm = self.pending
         self.pending = None
-        km1 = xcat.shape[-1] - inter.shape[1]
+        T = ssm[1].shape[1] if isinstance(ssm, tuple) else ssm.shape[1]
+        km1 = xcat.shape[-1] - T
         idx = (torch.arange(km1, device=xcat.device)[None, :] + num_kept.to(xcat.device)[:, None])
         idx = idx[:, None, :].expand(xcat.shape[0], xcat.shape[1], km1)
         self.conv_state = torch.gather(xcat, 2, idx).contiguous()
-        commit_state(self.ssm_state, inter, num_kept)
+        if isinstance(ssm, tuple):  # ("replay", x, dt', A, B, C)
+            _, x, dte, Ae, B, C = ssm
+            commit_state_replay(self.ssm_state, x, dte, Ae, B, C, num_accepted=num_kept.to(x.device))
+        else:
+            commit_state(self.ssm_state, ssm, num_kept)
 
     def select(self, rows: torch.Tensor) -> None:
         self.conv_state = self.conv_state.index_select(0, rows)
@@ -206,7 +213,11 @@ class MambaMixer(nn.Module):
         dte = self._dt_eff(dt)[..., None].expand(b, T, H, P)           # (b, T, H, P) float32
         Ae = A[:, None, None].expand(H, P, N)
         De = self.D.float()[:, None].expand(H, P)
-        if verify:
+        if verify and cache.replay:  # outputs only; the commit re-runs the kept tokens
+            y = torch.ops.nemokernels.selective_state_update_multi(cache.ssm_state, x, dte, Ae, B, C, De, None, None,
+                                                                   False, None, None)
+            cache.pending = (xcat, ("replay", x, dte, Ae, B, C))
+        elif verify:
             y, inter = selective_state_update_multi(cache.ssm_state, x, dte, Ae, B, C, De)
             cache.pending = (xcat, inter)
         else:
