@@ -70,6 +70,19 @@ def assert_close_to_magnitude(out, ref, scale, tol, atol=0.0, what="output"):
             f"{f' + atol {atol:.1e}' if atol else ''}), ratio {ratio[idx].item():.3g}")
 
 
+# Draft trees of decode tests, per batch entry: a branching tree with a second root, a chain,
+# and nodes that continue from the previous token, from a sibling's subtree and from the state.
+TREE_PARENTS = [[-1, 0, 0, 1, 2, -1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, -1, 1, 0, 3, 1, 5]]
+
+
+def tree_path(parents, t):
+    """The nodes of a draft tree from its root to node t (t last); parents[t] = -1 at a root."""
+    path = [t]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
 def poison_allocator(device):
     """Fill freed allocator memory with NaN so a kernel that leaves output unwritten is caught."""
     sizes = (32 << 20,) if torch.device(device).type == "cuda" else (1 << 10, 1 << 14, 1 << 18, 1 << 22)

@@ -361,6 +361,17 @@ def test_speculative_greedy_equals_plain_greedy(gen_model, batch, k):
         assert st["kept"] == st["accepted"]
 
 
+def noisy_drafter(ref, p_wrong, g):
+    """A draft_fn that proposes the reference continuation ref, each token wrong (+1) with
+    probability p_wrong (drawn from generator g): rounds keep 0..k drafts."""
+    def drafter(tokens, kk):
+        n = tokens.shape[1]
+        d = torch.cat([ref[:, n:n + kk], torch.zeros(ref.shape[0], kk, dtype=torch.long)], 1)[:, :kk]
+        wrong = torch.rand(d.shape, generator=g) < p_wrong
+        return torch.where(wrong, (d + 1) % V, d)
+    return drafter
+
+
 @pytest.mark.parametrize("k", [2, 5])
 def test_speculative_rollback_with_long_accepted_prefixes(gen_model, k):
     """A drafter that is right most of the time: rounds accept 0..k drafts, so every cache
@@ -368,14 +379,7 @@ def test_speculative_rollback_with_long_accepted_prefixes(gen_model, k):
     ids = torch.randint(0, V, (2, 5))
     ref = gen_model.generate(ids, 24).sequences
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-
-    def drafter(tokens, kk):
-        n = tokens.shape[1]
-        d = torch.cat([ref[:, n:n + kk], torch.zeros(2, kk, dtype=torch.long)], 1)[:, :kk]
-        wrong = torch.rand(d.shape, generator=g) < 0.2
-        return torch.where(wrong, (d + 1) % V, d)
-
-    out = gen_model.generate(ids, 24, num_speculative_tokens=k, draft_fn=drafter)
+    out = gen_model.generate(ids, 24, num_speculative_tokens=k, draft_fn=noisy_drafter(ref, 0.2, g))
     assert_same_greedy(gen_model, out.sequences, ref)
     assert out.stats["accepted"] > 0 and out.stats["target_forwards"] < 24
 
@@ -387,18 +391,11 @@ def test_speculative_replay_commit_equals_snapshot_commit(gen_model, k):
     drafts."""
     ids = torch.randint(0, V, (2, 5))
     ref = gen_model.generate(ids, 20).sequences
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-    state = g.get_state()
-
-    def drafter(tokens, kk):
-        n = tokens.shape[1]
-        d = torch.cat([ref[:, n:n + kk], torch.zeros(2, kk, dtype=torch.long)], 1)[:, :kk]
-        wrong = torch.rand(d.shape, generator=g) < 0.25
-        return torch.where(wrong, (d + 1) % V, d)
-
-    snap = gen_model.generate(ids, 20, num_speculative_tokens=k, draft_fn=drafter)
-    g.set_state(state)
-    rep = gen_model.generate(ids, 20, num_speculative_tokens=k, draft_fn=drafter, ssm_commit="replay")
+    seed = int(torch.randint(0, 2**31, (1,)))
+    snap = gen_model.generate(ids, 20, num_speculative_tokens=k,
+                              draft_fn=noisy_drafter(ref, 0.25, torch.Generator().manual_seed(seed)))
+    rep = gen_model.generate(ids, 20, num_speculative_tokens=k, ssm_commit="replay",
+                             draft_fn=noisy_drafter(ref, 0.25, torch.Generator().manual_seed(seed)))
     assert torch.equal(rep.sequences, snap.sequences)
     assert_same_greedy(gen_model, rep.sequences, ref)
     assert rep.stats["accepted"] == snap.stats["accepted"] > 0

@@ -9,7 +9,8 @@ import nemokernels
 from nemokernels.ssd.reference import causal_conv1d_ref, causal_conv1d_update_ref
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_test, nan_like, opcheck, poison_allocator, rel_err
+from helpers import (TOL, TREE_PARENTS, assert_close, bad_input_test, nan_like, opcheck, poison_allocator,
+                     rel_err, tree_path)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -242,18 +243,6 @@ def test_update_index_out_of_range_gives_nan_on_cuda():
 
 
 # ---------------------------------------------------------------- update over a draft tree
-
-# Per batch entry: a branching tree with a second root, a chain, and nodes that continue from
-# the previous token, from a sibling's subtree and from the state (as in test_state_update.py).
-TREE_PARENTS = [[-1, 0, 0, 1, 2, -1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, -1, 1, 0, 3, 1, 5]]
-
-
-def tree_path(parents, t):
-    path = [t]
-    while parents[path[-1]] >= 0:
-        path.append(parents[path[-1]])
-    return path[::-1]
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -241,19 +241,28 @@ def test_conv1d_update_emulated(dtype):
     idx = torch.tensor([2, -1, 0], dtype=torch.int32)
     state_cpu = state.clone()
     out_cpu = nemokernels.causal_conv1d_update(x, state_cpu, w, b, activation="silu", conv_state_indices=idx)
+    out = _update_emulated(x, state, w, b, idx)
+    assert torch.equal(out, out_cpu) and torch.equal(state, state_cpu)
+
+
+def _update_emulated(x, state, w, b, idx, parents=None):
+    """One emulated launch of the decode update (silu), as the op entry sets it up; returns the
+    output (NaN-poisoned first). Mutates state unless parents (a tree) is given."""
     e = emu()
+    batch, dim, T = x.shape
     p = e.S["Conv1dUpdateParams"]()
-    p.batch, p.dim, p.seqlen, p.state_len, p.width = batch, dim, T, state_len, width
-    p.dtype, p.silu = base.DT_ENUM[dtype], True
+    p.batch, p.dim, p.seqlen, p.state_len, p.width = batch, dim, T, state.shape[2], w.shape[1]
+    p.dtype, p.silu = base.DT_ENUM[x.dtype], True
     p.x, (p.x_sb, p.x_sc, p.x_st) = x.data_ptr(), x.stride()
     p.conv_state, (p.st_sb, p.st_sc, p.st_sj), p.state_batch = state.data_ptr(), state.stride(), state.shape[0]
     p.state_indices = idx.data_ptr()
+    p.parents = None if parents is None else parents.data_ptr()
     p.weight, p.w_dtype, (p.w_sc, p.w_sk) = w.data_ptr(), base.DT_ENUM[w.dtype], w.stride()
     p.bias, p.b_dtype, p.b_s = b.data_ptr(), base.DT_ENUM[b.dtype], b.stride(0)
-    out = _nan(batch, dim, T, dtype=dtype)
+    out = _nan(batch, dim, T, dtype=x.dtype)
     p.out, (p.out_sb, p.out_sc, p.out_st) = out.data_ptr(), out.stride()
     e.call("emu_conv1d_update_cuda", p)
-    assert torch.equal(out, out_cpu) and torch.equal(state, state_cpu)
+    return out
 
 
 @pytest.mark.parametrize("dtype,width", [(torch.float32, 4), (torch.bfloat16, 3), (torch.float16, 2)])
@@ -271,29 +280,12 @@ def test_conv1d_update_tree_emulated(dtype, width):
     before = state.clone()
     out_cpu = nemokernels.causal_conv1d_update(x, state.clone(), w, b, activation="silu", conv_state_indices=idx,
                                                parents=parents)
-    e = emu()
-
-    def launch(par):
-        p = e.S["Conv1dUpdateParams"]()
-        p.batch, p.dim, p.seqlen, p.state_len, p.width = batch, dim, T, state_len, width
-        p.dtype, p.silu = base.DT_ENUM[dtype], True
-        p.x, (p.x_sb, p.x_sc, p.x_st) = x.data_ptr(), x.stride()
-        p.conv_state, (p.st_sb, p.st_sc, p.st_sj), p.state_batch = state.data_ptr(), state.stride(), state.shape[0]
-        p.state_indices = idx.data_ptr()
-        p.parents = par.data_ptr()
-        p.weight, p.w_dtype, (p.w_sc, p.w_sk) = w.data_ptr(), base.DT_ENUM[w.dtype], w.stride()
-        p.bias, p.b_dtype, p.b_s = b.data_ptr(), base.DT_ENUM[b.dtype], b.stride(0)
-        out = _nan(batch, dim, T, dtype=dtype)
-        p.out, (p.out_sb, p.out_sc, p.out_st) = out.data_ptr(), out.stride()
-        e.call("emu_conv1d_update_cuda", p)
-        return out
-
-    out = launch(parents)
+    out = _update_emulated(x, state, w, b, idx, parents)
     assert torch.equal(out, out_cpu) and torch.equal(state, before)
     bad = parents.clone()
     bad[0, 4] = 4  # not earlier: node 4, and node 5 (its child) when the width reaches back 2 nodes
     bad[2, 3] = 2**30
-    out_bad = launch(bad)
+    out_bad = _update_emulated(x, state, w, b, idx, bad)
     nan_nodes = {(0, 4), (2, 3)} | ({(0, 5)} if width >= 3 else set()) | ({(2, 4)} if width >= 3 else set())
     for bb in (0, 2):
         for t in range(T):

@@ -8,7 +8,7 @@ from nemokernels.ssd.reference import (selective_state_update_multi_ref, selecti
                                        ssd_scan_ref)
 
 from conftest import DEVICES
-from helpers import TOL, assert_close, bad_input_test, opcheck, poison_allocator
+from helpers import TOL, TREE_PARENTS, assert_close, bad_input_test, opcheck, poison_allocator, tree_path
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (state dtype, input dtype): float32 states with every input dtype, and 16-bit states.
@@ -274,17 +274,6 @@ def test_commit_state_every_accepted_length(device, state_dtype):
 # ---------------------------------------------------------------- tree drafts
 
 TOKEN_KEYS = ("x", "dt", "z", "B", "C")
-# Per batch entry: a branching tree with a second root, a chain, and a tree whose nodes
-# continue from the previous token, from a sibling's subtree and from the state row.
-TREE_PARENTS = [[-1, 0, 0, 1, 2, -1, 3], [-1, 0, 1, 2, 3, 4, 5], [-1, -1, 1, 0, 3, 1, 5]]
-
-
-def tree_path(parents, t):
-    """The nodes from the root to t (t last)."""
-    path = [t]
-    while parents[path[-1]] >= 0:
-        path.append(parents[path[-1]])
-    return path[::-1]
 
 
 def on_path(inp, path):
