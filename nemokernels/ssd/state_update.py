@@ -29,14 +29,15 @@ def _replay_fake(state, x, dt, A, B, C, dt_bias, dt_softplus, state_batch_indice
     return None
 
 
-def _rounding_seed(stochastic_rounding: bool, seed, state: torch.Tensor) -> Optional[torch.Tensor]:
+def _rounding_seed(stochastic_rounding: bool, seed, state: torch.Tensor,
+                   op: str = "selective_state_update") -> Optional[torch.Tensor]:
     """The op's rounding_seed: None (round to nearest) unless stochastic_rounding. A tensor seed
     (1 element, int64, on the state's device) is read by the kernel: no host sync, and a CUDA
     graph replays whatever it holds. An int is copied to the device. None: a fresh seed from
     torch's generator on the state's device, so every call draws new bits."""
     if not stochastic_rounding:
         if seed is not None:
-            raise ValueError("selective_state_update: seed is given but stochastic_rounding is False")
+            raise ValueError(f"{op}: seed is given but stochastic_rounding is False")
         return None
     if isinstance(seed, torch.Tensor):
         return seed.to(torch.int64)
@@ -154,7 +155,8 @@ def selective_state_update_multi(
         intermediate_states = state.new_empty((x.shape[0], x.shape[1]) + tuple(state.shape[1:]))
     out = _ops.selective_state_update_multi(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                             _indices(state_batch_indices), intermediate_states, _indices(parents),
-                                            _rounding_seed(stochastic_rounding, seed, state))
+                                            _rounding_seed(stochastic_rounding, seed, state,
+                                                           "selective_state_update_multi"))
     return out, intermediate_states
 
 
@@ -251,7 +253,7 @@ def commit_state_replay(
     replay_to = last.clamp(-1, max(x.shape[1] - 1, -1)).to(torch.int32)
     _ops.selective_state_update_replay(state, x, dt, A, B, C, dt_bias, dt_softplus, _indices(state_batch_indices),
                                        replay_to, _indices(parents),
-                                       _rounding_seed(stochastic_rounding, seed, state))
+                                       _rounding_seed(stochastic_rounding, seed, state, "commit_state_replay"))
     return state
 
 
