@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .ssd_chunk_scan import seq_idx_from_cu_seqlens
 from .state_update import _commit_rows
 
 _ops = torch.ops.nemokernels
@@ -85,6 +86,7 @@ def causal_conv1d_fn(
     return_final_states: bool = False,
     final_states_out: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Causal depthwise conv1d, optionally followed by SiLU.
 
@@ -100,8 +102,22 @@ def causal_conv1d_fn(
     device). With ``seq_idx``, ``initial_states`` and ``return_final_states`` are refused (a
     packed row starts from zero state and its final state mixes sequences). Limits: none on
     the CPU or on CUDA (the CUDA grid is a flat index over 64x64 tiles), any batch and length.
+
+    Packed sequences with a state each (serving prefill; ours): ``cu_seqlens`` (S + 1,) int with
+    x (1, dim, L): sequence s is positions cu_seqlens[s]..cu_seqlens[s+1]-1 and its taps before
+    its start read ``initial_states[s]`` (S, dim, width - 1) (zeros when None);
+    ``return_final_states`` gives (S, dim, width - 1), the last width - 1 inputs of each
+    sequence (reaching into its initial state when it is shorter). Differentiable in every row
+    of initial_states. The packed conv runs in the kernel; the initial-state taps and the final
+    states are fixed-shape PyTorch gathers around it (no host sync), so with initial_states the
+    SiLU is applied after them (16-bit outputs then round twice more than the fused path).
+    cu_seqlens must start at 0, not decrease and end at L (checked on the CPU; on CUDA bounds
+    are clamped, memory-safe).
     """
     silu = _silu_flag(activation)
+    if cu_seqlens is not None:
+        return _packed_with_states(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out,
+                                   silu, cu_seqlens)
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         seq_idx = seq_idx.to(torch.int32)
     out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
@@ -112,6 +128,62 @@ def causal_conv1d_fn(
         final_states_out.copy_(final_states)
         final_states = final_states_out
     return out, final_states
+
+
+def _packed_with_states(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, silu,
+                        cu_seqlens):
+    """causal_conv1d_fn with cu_seqlens: the kernel's packed conv (zero state at every sequence
+    start), plus each sequence's initial-state taps, plus per-sequence final states."""
+    op = "causal_conv1d_fn"
+    if x.dim() != 3 or x.shape[0] != 1:
+        raise ValueError(f"{op}: cu_seqlens needs x of batch 1 (packed sequences), got {tuple(x.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be (num_sequences + 1,), got {tuple(cu_seqlens.shape)}")
+    dim, L = x.shape[1], x.shape[2]
+    W, S = weight.shape[-1], cu_seqlens.numel() - 1
+    if initial_states is not None and tuple(initial_states.shape) != (S, dim, W - 1):
+        raise ValueError(f"{op}: with cu_seqlens, initial_states must be (num_sequences, dim, width - 1) = "
+                         f"({S}, {dim}, {W - 1}), got {tuple(initial_states.shape)}")
+    cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+    if x.device.type == "cpu":
+        torch._assert_async((cu[0] == 0) & (cu[-1] == L) & (cu[1:] >= cu[:-1]).all(),
+                            f"{op}: cu_seqlens must start at 0, not decrease and end at seqlen = {L}")
+    cu = cu.clamp(0, L)
+    if seq_idx is None:
+        seq_idx = seq_idx_from_cu_seqlens(cu.to(torch.int32), L)
+    seq_idx = seq_idx.to(torch.int32)
+    fused = initial_states is None and silu
+    out, _ = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, None, False, fused)
+    j = torch.arange(W - 1, device=x.device)
+    start, length = cu[:-1], cu[1:] - cu[:-1]
+    if initial_states is not None and L > 0 and S > 0:
+        # Output start + j of a sequence misses the taps k < W - 1 - j, which read init[:, :, j + k].
+        init = initial_states.to(out.dtype)
+        w = weight.to(out.dtype)
+        corr = torch.stack([sum(w[:, k] * init[:, :, jj + k] for k in range(W - 1 - jj)) for jj in range(W - 1)], -1)
+        valid = (j[None, :] < length[:, None])                                    # (S, W - 1)
+        pos = (start[:, None] + j[None, :]).clamp(max=L - 1)
+        src = (corr * valid[:, None, :]).permute(1, 0, 2).reshape(dim, -1)
+        out = out[0].index_add(1, pos.reshape(-1), src)[None]
+    if initial_states is not None and silu:
+        out = torch.nn.functional.silu(out)
+    if not return_final_states:
+        return out
+    # Input end - (W - 1) + m of each sequence: x when inside it, else its initial state.
+    pos = cu[1:, None] - (W - 1) + j[None, :]                                     # (S, W - 1)
+    from_x = pos >= start[:, None]
+    fin = x[0][:, pos.clamp(0, max(L - 1, 0)).reshape(-1)].reshape(dim, S, W - 1).permute(1, 0, 2) if L > 0 \
+        else x.new_zeros((S, dim, W - 1))
+    if initial_states is not None:
+        col = (pos - start[:, None] + (W - 1)).clamp(0, W - 2)
+        prior = initial_states.to(x.dtype).gather(2, col[:, None, :].expand(S, dim, W - 1))
+    else:
+        prior = torch.zeros_like(fin)
+    fin = torch.where(from_x[:, None, :], fin, prior)
+    if final_states_out is not None:
+        final_states_out.copy_(fin)
+        fin = final_states_out
+    return out, fin
 
 
 def causal_conv1d_update(

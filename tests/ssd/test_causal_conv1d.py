@@ -194,6 +194,83 @@ def test_backward_deterministic(device):
     assert torch.equal(grads[0], grads[1]), "dweight must be bitwise reproducible"
 
 
+# ---------------------------------------------------------------- packed sequences with a state each
+
+
+def _separate(x, w, b, init, cu, act):
+    """Each packed sequence run on its own from its initial state: (outputs, finals)."""
+    outs, fins = [], []
+    for s in range(cu.numel() - 1):
+        a, e = int(cu[s]), int(cu[s + 1])
+        o, f = nemokernels.causal_conv1d_fn(x[:, :, a:e], w, b, initial_states=None if init is None else init[s:s + 1],
+                                            return_final_states=True, activation=act)
+        outs.append(o)
+        fins.append(f)
+    return torch.cat(outs, 2), torch.cat(fins, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_packed_sequences_with_a_state_each(device, dtype, width):
+    """cu_seqlens + initial_states (S, dim, width - 1): outputs, final states and gradients (x,
+    weight, bias, every row of initial_states) equal running each sequence alone from its own
+    state, at any packing: empty and one-token sequences, sequences shorter than the window."""
+    dim = 40
+    cu = torch.tensor([0, 5, 5, 6, 8, 8 + 2 * width, 37], device=device)
+    L, S = int(cu[-1]), cu.numel() - 1
+    x = make_x(1, dim, L, dtype, device, "channel_last").requires_grad_()
+    w, b = make_params(dim, width, dtype, device)
+    w.requires_grad_(), b.requires_grad_()
+    init = torch.randn(S, dim, width - 1, device=device, dtype=dtype, requires_grad=True)
+    for with_init in (True, False):
+        i = init if with_init else None
+        out, fin = nemokernels.causal_conv1d_fn(x, w, b, initial_states=i, return_final_states=True, activation="silu",
+                                                cu_seqlens=cu)
+        ref_out, ref_fin = _separate(x, w, b, i, cu, "silu")
+        assert out.shape == (1, dim, L) and fin.shape == (S, dim, width - 1)
+        assert_close(out, ref_out, dtype, factor=2, what="out")
+        assert torch.equal(fin, ref_fin), "final states are copies of inputs"
+        g_out, g_fin = torch.randn_like(out), torch.randn_like(fin)
+        leaves = [x, w, b] + ([init] if with_init else [])
+        got = torch.autograd.grad((out * g_out).sum() + (fin * g_fin).sum(), leaves)
+        want = torch.autograd.grad((ref_out * g_out).sum() + (ref_fin * g_fin).sum(), leaves)
+        for name, gg, ww in zip(("x", "weight", "bias", "initial_states"), got, want):
+            assert_close(gg, ww, dtype, factor=4, what=f"d{name}")
+    # without an activation, and against the float64 reference of one sequence
+    out = nemokernels.causal_conv1d_fn(x, w, b, initial_states=init, cu_seqlens=cu)
+    a, e = int(cu[4]), int(cu[5])
+    ref = ref64(x[:, :, a:e], w, b, initial_states=init[4:5])
+    assert_close(out[:, :, a:e], ref, dtype, factor=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_sequences_with_states_torch_compile_fullgraph(device):
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    x, (w, b) = torch.randn(1, 16, 20, device=device), make_params(16, 4, torch.float32, device)
+    init, cu = torch.randn(3, 16, 3, device=device), torch.tensor([0, 5, 12, 20], device=device)
+
+    def f(x, init, cu):
+        return nemokernels.causal_conv1d_fn(x, w, b, initial_states=init, return_final_states=True,
+                                            activation="silu", cu_seqlens=cu)
+
+    eager, compiled = f(x, init, cu), torch.compile(f, fullgraph=True, backend=backend)(x, init, cu)
+    assert all(torch.allclose(u, v, rtol=1e-5, atol=1e-6) for u, v in zip(eager, compiled))
+
+
+def test_packed_sequences_with_states_bad_inputs():
+    x, (w, b) = torch.randn(1, 8, 10), make_params(8, 4, torch.float32, "cpu")
+    cu = torch.tensor([0, 4, 10])
+    with pytest.raises(ValueError, match=r"causal_conv1d_fn: cu_seqlens needs x of batch 1 \(packed sequences\), got \(2, 8, 10\)"):
+        nemokernels.causal_conv1d_fn(torch.randn(2, 8, 10), w, b, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"initial_states must be \(num_sequences, dim, width - 1\) = \(2, 8, 3\), got \(1, 8, 3\)"):
+        nemokernels.causal_conv1d_fn(x, w, b, initial_states=torch.randn(1, 8, 3), cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, not decrease and end at seqlen = 10"):
+        nemokernels.causal_conv1d_fn(x, w, b, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
+        nemokernels.causal_conv1d_fn(x, w, b, cu_seqlens=torch.tensor([0, 6, 4, 10]))
+
+
 # ---------------------------------------------------------------- update (decode)
 
 
