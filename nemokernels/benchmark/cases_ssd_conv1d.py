@@ -104,6 +104,21 @@ def _tree_update_maker(batch, dim, device):
     return make
 
 
+def _packed_states_maker(lengths, dim, device, with_states):
+    def make():
+        total = sum(lengths)
+        x = torch.randn(1, total, dim, device=device, dtype=DTYPE).transpose(1, 2)
+        cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+        init = torch.randn(len(lengths), dim, WIDTH - 1, device=device, dtype=DTYPE) if with_states else None
+        return (x,) + _weights(dim, device, False) + (cu, init)
+    return make
+
+
+def packed_ours(x, weight, bias, cu, init):
+    return nk.causal_conv1d_fn(x, weight, bias, initial_states=init, return_final_states=True, activation="silu",
+                               cu_seqlens=cu)
+
+
 def cases(quick: bool, device) -> list:
     esize = torch.empty((), dtype=DTYPE).element_size()
     seq_points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
@@ -146,4 +161,15 @@ def cases(quick: bool, device) -> list:
             make_inputs=_tree_update_maker(batch, dim, device), fn=ours_tree_update,
             bytes=(2 * n * T + n * (WIDTH - 1) + dim * (WIDTH + 1)) * esize + batch * T * 4, flops=2 * WIDTH * n * T,
             baselines={"torch_eager": tree_update_ref, "torch_compile": lazy_compile(tree_update_ref)}))
+    # Packed prefill with a state per sequence (issue 20's serving shape, GPU only): the
+    # composition around the packed kernel against the same call without initial states.
+    from .cases_ssd_scan import serving_lengths
+    for cfg in ([] if torch.device(device).type != "cuda" else (["nano"] if quick else list(DIMS))):
+        dim, lengths = DIMS[cfg], serving_lengths()
+        n = sum(lengths) * dim
+        out.append(Case(
+            op="causal_conv1d_fn.packed_states", name=f"{cfg} S{len(lengths)} L{sum(lengths)} d{dim}",
+            make_inputs=_packed_states_maker(lengths, dim, device, True), fn=packed_ours,
+            bytes=(2 * n + 2 * len(lengths) * dim * (WIDTH - 1)) * esize, flops=2 * WIDTH * n,
+            baselines={"no_states": lambda x, w, b, cu, init: packed_ours(x, w, b, cu, None)}))
     return out

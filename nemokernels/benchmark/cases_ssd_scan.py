@@ -1,6 +1,8 @@
 """SSD chunk scan cases (mamba_chunk_scan_combined), bf16, chunk 128, at the points of docs/design.md section 7,
 as the Mamba-2 mixer calls it (z, D per head, dt_bias, softplus).
 
+Packed points (".packed"): issue 20's serving shape, 64 prompts of 50-500 tokens in one row
+with a final state per sequence; GPU only.
 Baselines: the PyTorch chunked reference (ssd/reference.py, float32 math), torch.compile of it,
 and mamba_ssm's Triton `mamba_chunk_scan_combined` when it can be imported (peers.py).
 """
@@ -61,6 +63,35 @@ def _maker(batch, seqlen, cfg, device, backward):
     return make
 
 
+def serving_lengths(n: int = 64, lo: int = 50, hi: int = 500, seed: int = 0) -> list:
+    """The serving shape of issue 20: n prompts of lo..hi tokens (fixed by the seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+
+
+def _packed_maker(lengths, cfg, device):
+    total = sum(lengths)
+    base = _maker(1, total, cfg, device, False)
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+
+    def make():
+        return base() + (cu,)
+    return make
+
+
+def _ours_packed(x, dt, A, B, C, D, z, dt_bias, cu):
+    return nk.mamba_chunk_scan_combined(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                        cu_seqlens=cu, return_varlen_states=True)
+
+
+def _peer_packed(fn):
+    def run(x, dt, A, B, C, D, z, dt_bias, cu):
+        seq_idx = nk.ssd.ssd_chunk_scan.seq_idx_from_cu_seqlens(cu, x.shape[1])
+        return fn(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, seq_idx=seq_idx, cu_seqlens=cu,
+                  dt_softplus=True, return_varlen_states=True)
+    return run
+
+
 def cases(quick: bool, device) -> list:
     points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
               [(cfg, b, L) for cfg in CONFIGS for b in (1, 4) for L in (2048, 8192, 32768)])
@@ -85,4 +116,16 @@ def cases(quick: bool, device) -> list:
                         make_inputs=_maker(batch, seqlen, cfg, device, True),
                         fn=fwd_bwd(_ours), bytes=int(act * 3.2), flops=int(flops * 3.5),
                         baselines={k: fwd_bwd(v) for k, v in base.items()}, backward=True))
+    # Packed prefill, the serving shape: 64 sequences of 50-500 tokens in one row, a final
+    # state per sequence (cu_seqlens + return_varlen_states). GPU only (too large for a CPU run).
+    packed = [] if torch.device(device).type != "cuda" else (["nano"] if quick else list(CONFIGS))
+    for cfg in packed:
+        H, P, G, N = CONFIGS[cfg]
+        lengths = serving_lengths()
+        total = sum(lengths)
+        act, flops = ssd_chunk_scan_bytes_flops(1, total, H, P, G, N, CHUNK)
+        act += len(lengths) * H * P * N * 4  # the varlen states
+        out.append(Case(op="mamba_chunk_scan_combined.packed", name=f"{cfg} S{len(lengths)} L{total} H{H}",
+                        make_inputs=_packed_maker(lengths, cfg, device), fn=_ours_packed, bytes=act, flops=flops,
+                        baselines={"mamba_ssm_triton": _peer_packed(peer)} if peer is not None else {}))
     return out
