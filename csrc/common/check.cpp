@@ -285,4 +285,17 @@ void check_state_indices(const char* op, const char* arg, const Tensor& idx, con
              "most one batch entry (expected distinct rows, negative for padded slots)");
 }
 
+void check_parents(const char* op, const Tensor& parents, const char* root) {
+  NK_CHECK(parents.is_cpu() && parents.is_contiguous() && parents.scalar_type() == ScalarType::Int &&
+               parents.dim() == 2,
+           "internal: check_parents needs a contiguous int32 CPU (batch, T) tensor");
+  const int32_t* v = static_cast<const int32_t*>(parents.data_ptr());
+  const int64_t batch = parents.size(0), T = parents.size(1);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      NK_CHECK(v[b * T + t] >= -1 && v[b * T + t] < t, op, ": parents[", b, ", ", t, "] = ", v[b * T + t],
+               " must be in [-1, ", t, "): -1 continues from ", root, ", otherwise an earlier token (parents "
+               "precede their children)");
+}
+
 }  // namespace nk

@@ -130,5 +130,9 @@ void check_no_overlap(const char* op, const char* written_arg, const Tensor& wri
 // (the state is updated in place), no row may appear twice (padded entries may repeat).
 void check_state_indices(const char* op, const char* arg, const Tensor& idx, const char* state_arg, int64_t rows,
                          bool distinct = true);
+// The parents of draft trees, read on the host (CPU tensors only, as above). `parents` is a
+// contiguous int32 (batch, T) tensor; each parents[b, t] must be in [-1, t): a root (-1, which
+// continues from `root`, e.g. "the state row") or an earlier token.
+void check_parents(const char* op, const Tensor& parents, const char* root);
 
 }  // namespace nk

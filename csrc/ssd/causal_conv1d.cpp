@@ -204,14 +204,7 @@ Tensor causal_conv1d_update(Tensor x, Tensor conv_state, Tensor weight, std::opt
     NK_CHECK(x.dim() == 3, op, ": parents (tree drafts) needs x as (batch, dim, seqlen), got shape ", shape_str(x));
     check_tensor(op, "parents", *parents, {batch, seqlen}, {ScalarType::Int}, x, "x");
     par = torch::stable::contiguous(*parents);
-    if (!x.is_cuda()) {  // on CUDA (no host sync) a window that meets a bad parent is NaN
-      const int32_t* v = static_cast<const int32_t*>(par->data_ptr());
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t t = 0; t < seqlen; ++t)
-          NK_CHECK(v[b * seqlen + t] >= -1 && v[b * seqlen + t] < t, op, ": parents[", b, ", ", t, "] = ",
-                   v[b * seqlen + t], " must be in [-1, ", t, "): -1 continues from conv_state, otherwise an "
-                   "earlier token (parents precede their children)");
-    }
+    if (!x.is_cuda()) check_parents(op, *par, "conv_state");  // on CUDA a window meeting a bad parent is NaN
   }
   OptionalDeviceGuard guard(x);
   Tensor out = new_empty(x, x.dim() == 3 ? std::vector<int64_t>{batch, dim, seqlen}

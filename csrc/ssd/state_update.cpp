@@ -129,14 +129,7 @@ Tensor run(const char* op, bool multi, Tensor state, Tensor x, Tensor dt, Tensor
     if (snapshots) check_no_overlap(op, "intermediate_states", *snapshots, "parents", *parents);
     par = torch::stable::contiguous(*parents);
     // On the CPU each parent must precede its child (on CUDA an invalid node is NaN, see state_update.h).
-    if (!state.is_cuda()) {
-      const int32_t* v = static_cast<const int32_t*>(par->data_ptr());
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t t = 0; t < T; ++t)
-          NK_CHECK(v[b * T + t] >= -1 && v[b * T + t] < t, op, ": parents[", b, ", ", t, "] = ", v[b * T + t],
-                   " must be in [-1, ", t, "): -1 continues from the state row, otherwise an earlier token "
-                   "(parents precede their children)");
-    }
+    if (!state.is_cuda()) check_parents(op, *par, "the state row");
   }
 
   std::optional<Tensor> upto;
