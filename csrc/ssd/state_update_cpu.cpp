@@ -109,6 +109,7 @@ void selective_state_update_cpu(const SsuParams& p) {
           const float* Ct = &Cf[t * N];
           for (int l = 0; l < lay.ln; ++l) {
             float acc = 0.f;
+            Philox4 rq{};  // stochastic rounding bits of the current 4 elements (vn is a multiple of 4)
             for (int c = 0; c < lay.nc; ++c)
               for (int v = 0; v < lay.vn; ++v) {
                 const int64_t n = (int64_t(c) * lay.ln + l) * lay.vn + v;
@@ -117,10 +118,9 @@ void selective_state_update_cpu(const SsuParams& p) {
                                      ? dA_head
                                      : ssu_decay(dtp, ld(p.A.ptr, p.A.dtype, h * p.A.s[0] + i * p.A.s[1] + n * p.A.s[2]));
                 const float val = ssu_state(s[n], dA, Bt[n], dtx);
-                s[n] = p.sr_seed == nullptr
-                           ? round_to(p.state_dtype, val)
-                           : round_sr(p.state_dtype, val,
-                                      ssu_sr_group(*p.sr_seed, row, h * p.dim + i, n >> 2, t).v[n & 3]);
+                if (p.sr_seed != nullptr && (n & 3) == 0)  // one Philox call per 4 elements, as on CUDA
+                  rq = ssu_sr_group(*p.sr_seed, row, h * p.dim + i, n >> 2, t);
+                s[n] = p.sr_seed == nullptr ? round_to(p.state_dtype, val) : round_sr(p.state_dtype, val, rq.v[n & 3]);
                 acc = fmaf(s[n], Ct[n], acc);
               }
             part[l] = acc;
