@@ -132,6 +132,12 @@ def _maker(batch, heads, device, T=None, state_dtype=STATE_DTYPE, tree=False, ac
     return make
 
 
+def _sizes(batch: int, heads: int, tokens: int = 1):
+    """(state elements, activation elements of `tokens` tokens: x, z, out, dt, B, C)."""
+    token = batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE
+    return batch * heads * HEADDIM * DSTATE, tokens * token
+
+
 def cases(quick: bool, device) -> list:
     ssz, esz = torch.empty((), dtype=STATE_DTYPE).element_size(), torch.empty((), dtype=DTYPE).element_size()
     f32, bf16 = STATE_DTYPE, torch.bfloat16
@@ -161,8 +167,7 @@ def cases(quick: bool, device) -> list:
                        **({"mamba_ssm_triton": _peer_update(peer)} if peer is not None else {})}))
     for cfg, batch in multi:
         heads = CONFIGS[cfg]
-        st = batch * heads * HEADDIM * DSTATE
-        io = T_MULTI * (batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE)
+        st, io = _sizes(batch, heads, T_MULTI)
         out.append(Case(
             op="selective_state_update_multi", name=f"{cfg} b{batch} T{T_MULTI} h{heads} p{HEADDIM} n{DSTATE}",
             make_inputs=_maker(batch, heads, device, T_MULTI), fn=multi_ours,
@@ -170,8 +175,7 @@ def cases(quick: bool, device) -> list:
             baselines={"torch_eager": multi_torch, "torch_compile": lazy_compile(multi_torch)}))
     for cfg, batch in tree:
         heads, T = CONFIGS[cfg], len(TREE_PARENTS)
-        st = batch * heads * HEADDIM * DSTATE
-        io = T * (batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE)
+        st, io = _sizes(batch, heads, T)
         out.append(Case(
             op="selective_state_update_multi", name=f"{cfg} b{batch} tree{T} h{heads} p{HEADDIM} n{DSTATE}",
             make_inputs=_maker(batch, heads, device, T, tree=True), fn=tree_ours,
@@ -181,8 +185,7 @@ def cases(quick: bool, device) -> list:
         # A verify step of T4 drafts with 2 accepted, committed by replay; the baseline commits
         # through snapshots. Bytes: the replay's (state read by the verify, then read + written).
         heads = CONFIGS[cfg]
-        st = batch * heads * HEADDIM * DSTATE
-        io = T_MULTI * (batch * heads * HEADDIM * 3 + batch * heads + 2 * batch * NGROUPS * DSTATE)
+        st, io = _sizes(batch, heads, T_MULTI)
         out.append(Case(
             op="selective_state_update_multi.commit", name=f"{cfg} b{batch} T{T_MULTI} h{heads} replay",
             make_inputs=_maker(batch, heads, device, T_MULTI, accepted=2), fn=verify_commit_replay,
