@@ -32,11 +32,12 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
                 const Tensor& C, int64_t chunk_size, const std::optional<Tensor>& D,
                 const std::optional<Tensor>& z, const std::optional<Tensor>& dt_bias,
                 const std::optional<Tensor>& init, const std::optional<Tensor>& seq_idx,
-                double dt_min, double dt_max) {
+                double dt_min, double dt_max, int64_t plan_nseq = -1) {
   NK_CHECK(x.dim() == 4, op, ": x must be (batch, seqlen, nheads, headdim), got shape ", shape_str(x));
   check_float(op, "x", x);
   Dims d{};
   d.b = x.size(0), d.L = x.size(1), d.H = x.size(2), d.P = x.size(3);
+  NK_CHECK(plan_nseq < 0 || d.b == 1, op, ": chunk_plan needs batch 1 (packed sequences), got batch ", d.b);
   NK_CHECK(B.dim() == 4, op, ": B must be (batch, seqlen, ngroups, dstate), got shape ", shape_str(B));
   d.G = B.size(2), d.N = B.size(3);
   NK_CHECK(d.G >= 1 && d.H % d.G == 0, op, ": nheads (", d.H, ") must be a multiple of ngroups (", d.G,
@@ -63,7 +64,15 @@ Dims check_args(const char* op, const Tensor& x, const Tensor& dt, const Tensor&
     check_float(op, "dt_bias", *dt_bias, x, "x");
   }
   if (init) {
-    check_shape(op, "initial_states", *init, {d.b, d.H, d.P, d.N});
+    if (plan_nseq >= 0) {  // packed sequences: one row per sequence, or one for the first (mamba_ssm)
+      NK_CHECK(init->dim() == 4 && (init->size(0) == plan_nseq || init->size(0) == 1) && init->size(1) == d.H &&
+                   init->size(2) == d.P && init->size(3) == d.N,
+               op, ": with cu_seqlens, initial_states must be (num_sequences, nheads, headdim, dstate) = (",
+               plan_nseq, ", ", d.H, ", ", d.P, ", ", d.N, ") or (1, ", d.H, ", ", d.P, ", ", d.N,
+               ") (the first sequence only), got ", shape_str(*init));
+    } else {
+      check_shape(op, "initial_states", *init, {d.b, d.H, d.P, d.N});
+    }
     check_float(op, "initial_states", *init, x, "x");
   }
   if (seq_idx) {
@@ -121,6 +130,46 @@ void check_cu_seqlens(const char* op, const Tensor& cu, const Tensor& sid, int64
   }
 }
 
+// The chunk plan of packed sequences (chunks aligned to each sequence's start): shape and
+// dtype everywhere, and on the CPU its values against cu_seqlens (sequence s's chunks start at
+// cu[s], cu[s] + Q, ... below cu[s + 1]; then empty chunks at L). Returns the chunk count.
+// On CUDA the values are used as given: the kernels clamp every one (ssd_chunk_* helpers).
+int64_t check_chunk_plan(const char* op, const Tensor& plan, const std::optional<Tensor>& cu_seqlens,
+                         const std::optional<Tensor>& seq_idx, const Tensor& x, int64_t Q) {
+  NK_CHECK(cu_seqlens.has_value(), op, ": chunk_plan needs cu_seqlens, got None");
+  NK_CHECK(!seq_idx.has_value(), op, ": chunk_plan replaces seq_idx (each chunk holds one sequence); got both");
+  NK_CHECK(x.size(0) == 1, op, ": chunk_plan needs batch 1 (packed sequences), got batch ", x.size(0));
+  check_tensor(op, "cu_seqlens", *cu_seqlens, {-1}, {ScalarType::Int}, x, "x");
+  check_size_at_least(op, "cu_seqlens", *cu_seqlens, 0, 1, "num_sequences + 1");
+  check_tensor(op, "chunk_plan", plan, {2, -1}, {ScalarType::Int}, x, "x");
+  check_size_at_least(op, "chunk_plan", plan, 1, 2, "num_chunks + 1");
+  const int64_t nc = plan.size(1) - 1, L = x.size(1), S = cu_seqlens->size(0) - 1;
+  if (!x.is_cuda()) {
+    Tensor cc = torch::stable::contiguous(*cu_seqlens), pc = torch::stable::contiguous(plan);
+    const int32_t* cu = static_cast<const int32_t*>(cc.data_ptr());
+    const int32_t* st = static_cast<const int32_t*>(pc.data_ptr());
+    const int32_t* sq = st + nc + 1;
+    NK_CHECK(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+    NK_CHECK(cu[S] == L, op, ": cu_seqlens[-1] must be seqlen = ", L, " (x.shape[1]), got ", cu[S]);
+    int64_t k = 0;
+    auto expect = [&](int64_t start, int64_t seq) {
+      NK_CHECK(k < nc && st[k] == start && sq[k] == seq, op, ": chunk_plan does not match cu_seqlens at chunk ",
+               k, " (expected start ", start, ", sequence ", seq, "); build it with "
+               "nemokernels.ssd.ssd_chunk_scan.chunk_plan");
+      ++k;
+    };
+    for (int64_t s = 0; s < S; ++s) {
+      NK_CHECK(cu[s + 1] >= cu[s], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", s + 1, "] = ",
+               cu[s + 1], " < cu_seqlens[", s, "] = ", cu[s]);
+      for (int64_t t = cu[s]; t < cu[s + 1]; t += Q) expect(t, s);
+    }
+    while (k < nc) expect(L, S);
+    NK_CHECK(st[nc] == L && sq[nc] == S, op, ": chunk_plan must end with (", L, ", ", S, "), got (", st[nc],
+             ", ", sq[nc], ")");
+  }
+  return nc;
+}
+
 std::optional<Tensor> float_opt(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(contiguous_float(*t)) : std::nullopt;
 }
@@ -132,7 +181,7 @@ const float* fptr(const std::optional<Tensor>& t) {
 // Tensors the params point into; kept alive for the call.
 struct Prepared {
   Tensor x, B, C, dt32, A32;
-  std::optional<Tensor> z, D32, bias32, init32, seq;
+  std::optional<Tensor> z, D32, bias32, init32, seq, plan, cu;
   Tensor dtp, cs, states;
 };
 
@@ -140,7 +189,8 @@ Prepared prepare(SsdParams& p, const Dims& d, const Tensor& x, const Tensor& dt,
                  const Tensor& B, const Tensor& C, const std::optional<Tensor>& D,
                  const std::optional<Tensor>& z, const std::optional<Tensor>& dt_bias,
                  const std::optional<Tensor>& init, const std::optional<Tensor>& seq_idx,
-                 bool dt_softplus, double dt_min, double dt_max) {
+                 bool dt_softplus, double dt_min, double dt_max, const std::optional<Tensor>& plan,
+                 const std::optional<Tensor>& cu_seqlens) {
   Prepared r{unit_last(x), unit_last(B), unit_last(C), contiguous_float(dt), contiguous_float(A)};
   r.z = z ? std::optional<Tensor>(unit_last(*z)) : std::nullopt;
   r.D32 = float_opt(D), r.bias32 = float_opt(dt_bias), r.init32 = float_opt(init);
@@ -161,9 +211,17 @@ Prepared prepare(SsdParams& p, const Dims& d, const Tensor& x, const Tensor& dt,
   p.dt_min = static_cast<float>(dt_min), p.dt_max = static_cast<float>(dt_max);
   p.seq_idx = r.seq ? static_cast<const int32_t*>(r.seq->data_ptr()) : nullptr;
   p.init = fptr(r.init32);
+  p.init_rows = init ? init->size(0) : 0;
   r.dtp = new_empty(x, {d.b, d.H, d.nc, d.Q}, ScalarType::Float);
   r.cs = new_empty(x, {d.b, d.H, d.nc, d.Q}, ScalarType::Float);
   r.states = new_empty(x, {d.b, d.nc, d.H, d.P, d.N}, ScalarType::Float);
+  if (plan) {  // packed sequences, chunks aligned to their starts (check_chunk_plan ran)
+    r.plan = torch::stable::contiguous(*plan);
+    r.cu = torch::stable::contiguous(*cu_seqlens);
+    p.chunk_plan = static_cast<const int32_t*>(r.plan->data_ptr());
+    p.cu_seqlens = static_cast<const int32_t*>(r.cu->data_ptr());
+    p.nseq = cu_seqlens->size(0) - 1;
+  }
   p.dtp = static_cast<float*>(r.dtp.data_ptr());
   p.cs = static_cast<float*>(r.cs.data_ptr());
   p.states = static_cast<float*>(r.states.data_ptr());
@@ -181,22 +239,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     std::optional<Tensor> z, std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states,
     std::optional<Tensor> seq_idx, std::optional<Tensor> cu_seqlens, bool dt_softplus, double dt_min,
     double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre,
-    bool return_chunk_states) {
-  Dims d = check_args(kOp, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max);
+    bool return_chunk_states, std::optional<Tensor> chunk_plan) {
+  const int64_t plan_nseq = chunk_plan && cu_seqlens ? cu_seqlens->size(0) - 1 : -1;
+  Dims d = check_args(kOp, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max,
+                      plan_nseq);
+  if (chunk_plan) d.nc = check_chunk_plan(kOp, *chunk_plan, cu_seqlens, seq_idx, x, d.Q);
   int64_t nseq = 0;
   if (return_varlen_states) {
     NK_CHECK(cu_seqlens.has_value(), kOp, ": return_varlen_states needs cu_seqlens, got None");
-    NK_CHECK(seq_idx.has_value(), kOp, ": return_varlen_states needs seq_idx (the packed sequences' ids), got None");
+    NK_CHECK(chunk_plan || seq_idx.has_value(), kOp,
+             ": return_varlen_states needs seq_idx (the packed sequences' ids) or chunk_plan, got neither");
     NK_CHECK(d.b == 1, kOp, ": return_varlen_states needs batch 1 (packed sequences), got batch ", d.b);
     check_tensor(kOp, "cu_seqlens", *cu_seqlens, {-1}, {ScalarType::Int}, x, "x");
     check_size_at_least(kOp, "cu_seqlens", *cu_seqlens, 0, 1, "num_sequences + 1");
     nseq = cu_seqlens->size(0) - 1;
-    if (!x.is_cuda())
+    if (!x.is_cuda() && !chunk_plan)
       check_cu_seqlens(kOp, torch::stable::contiguous(*cu_seqlens), torch::stable::contiguous(*seq_idx), d.L);
   }
   OptionalDeviceGuard guard(x);
   SsdParams p{};
-  Prepared r = prepare(p, d, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max);
+  Prepared r = prepare(p, d, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max,
+                       chunk_plan, cu_seqlens);
   Tensor y = new_empty(x, {d.b, d.L, d.H, d.P}, x.scalar_type());
   const bool keep_pre = z.has_value() && save_y_pre;
   Tensor y_pre = new_empty(x, {keep_pre ? d.b : 0, d.L, d.H, d.P}, x.scalar_type());
@@ -213,12 +276,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     p.varlen_states = static_cast<float*>(var.data_ptr());
   }
   if (d.b * d.H == 0 || d.L == 0) {
-    // No positions: the final (and every varlen) state is the initial state (or zero).
+    // No positions: the final (and every varlen) state is the initial state (or zero). With
+    // a plan no sequence holds position L - 1: final_states are zeros, and each (empty)
+    // sequence keeps its own initial state.
     if (return_final_states) {
-      if (r.init32) torch::stable::copy_(fin, *r.init32);
+      if (r.init32 && !chunk_plan) torch::stable::copy_(fin, *r.init32);
       else torch::stable::zero_(fin);
     }
     torch::stable::zero_(var);
+    if (chunk_plan && r.init32 && nseq > 0 && d.H > 0) {
+      const int64_t rows = r.init32->size(0);
+      Tensor head = torch::stable::narrow(var, 0, 0, rows);
+      torch::stable::copy_(head, *r.init32);
+    }
     // (No elements either way: no positions, or no batch entries / heads.)
     return {y, y_pre, fin, var,
             new_empty(x, {return_chunk_states ? d.b : 0, d.L > 0 ? d.nc : 0, d.H, d.P, d.N}, ScalarType::Float)};
@@ -242,9 +312,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> y_pre,
     std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states, std::optional<Tensor> seq_idx,
     std::optional<Tensor> dfinal_states, bool dt_softplus, double dt_min, double dt_max,
-    bool return_dinitial_states) {
+    bool return_dinitial_states, std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_plan) {
   const char* op = "mamba_chunk_scan_combined (backward)";
-  Dims d = check_args(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max);
+  const int64_t plan_nseq = chunk_plan && cu_seqlens ? cu_seqlens->size(0) - 1 : -1;
+  Dims d = check_args(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_min, dt_max,
+                      plan_nseq);
+  if (chunk_plan) d.nc = check_chunk_plan(op, *chunk_plan, cu_seqlens, seq_idx, x, d.Q);
   check_like(op, "dout", dout, x, "x");
   if (z) {
     NK_CHECK(y_pre.has_value(), op, ": y_pre (the ungated output saved by the forward) must be given with z, "
@@ -260,7 +333,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   OptionalDeviceGuard guard(x);
   SsdBwdParams q{};
   Prepared r = prepare(q.fwd, d, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
-                       dt_min, dt_max);
+                       dt_min, dt_max, chunk_plan, cu_seqlens);
   Tensor dout_u = unit_last(dout);
   std::optional<Tensor> ypre_c, dfin32;
   if (z) {
@@ -283,7 +356,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                             ScalarType::Float)
                 : new_empty(x, {0}, ScalarType::Float);
   Tensor dbias = new_empty(x, {dt_bias ? d.H : 0}, ScalarType::Float);
-  Tensor dinit = new_empty(x, {return_dinitial_states ? d.b : 0, d.H, d.P, d.N}, ScalarType::Float);
+  const int64_t init_rows = initial_states ? initial_states->size(0) : d.b;
+  Tensor dinit = new_empty(x, {return_dinitial_states ? init_rows : 0, d.H, d.P, d.N}, ScalarType::Float);
+  // With a plan only the rows of sequences that have positions are written by the kernels.
+  if (chunk_plan && return_dinitial_states) torch::stable::zero_(dinit);
   q.dx = dx.data_ptr();
   q.dz = z ? dz.data_ptr() : nullptr;
   q.dB = dB.data_ptr(), q.dC = dC.data_ptr();
@@ -306,8 +382,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     torch::stable::zero_(dD);
     torch::stable::zero_(dbias);
     if (return_dinitial_states) {
-      if (dfin32) torch::stable::copy_(dinit, *dfin32);
-      else torch::stable::zero_(dinit);
+      if (dfin32 && !chunk_plan) torch::stable::copy_(dinit, *dfin32);
+      else torch::stable::zero_(dinit);  // with a plan final_states do not depend on them here
     }
     if (d.L == 0 || d.b == 0) return finish();
     // b * H == 0 with positions: nothing else to fill.

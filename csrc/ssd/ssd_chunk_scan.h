@@ -36,8 +36,15 @@ struct SsdParams {
   const float* dt_bias;         // (H,), or null
   bool dt_softplus;
   float dt_min, dt_max;         // the clamp (dt_limit); dt_max may be +inf
-  const int32_t* seq_idx;       // (b, L) contiguous, or null
-  const float* init;            // (b, H, P, N) contiguous, or null
+  const int32_t* seq_idx;       // (b, L) contiguous, or null (always null with chunk_plan)
+  const float* init;            // (init_rows, H, P, N) contiguous, or null
+  int64_t init_rows;            // batch; with chunk_plan 1 or nseq (row r starts sequence r)
+  // Packed sequences with chunks aligned to each sequence's start (batch 1; null: chunk c is
+  // positions c*Q.. of every row). (2, nc + 1) contiguous int32: row 0 the first position of
+  // each chunk (then L), row 1 its sequence (then nseq); chunks past the last real one are
+  // empty (start L, sequence nseq). Read through the ssd_chunk_* helpers below, which clamp
+  // every value (memory-safe whatever the device holds).
+  const int32_t* chunk_plan;
   // Intermediates: contiguous float32, written by F1-F3.
   float* dtp;                   // (b, H, nc, Q) dt'
   float* cs;                    // (b, H, nc, Q) dA_cumsum
@@ -46,10 +53,11 @@ struct SsdParams {
   // Outputs of F4 (forward only): contiguous (b, L, H, P) in `dtype`.
   void* y;
   void* y_pre;                  // or null (only kept when z is given and a backward may follow)
-  // F5 (forward only): cu_seqlens (nseq + 1,) contiguous int32, batch == 1, seq_idx given.
+  // F5 (forward only): cu_seqlens (nseq + 1,) contiguous int32, batch == 1, seq_idx given
+  // (without chunk_plan); with chunk_plan F3 writes the varlen states itself.
   const int32_t* cu_seqlens;    // or null
-  int64_t nseq;
-  float* varlen_states;         // (nseq, H, P, N)
+  int64_t nseq;                 // also set with chunk_plan
+  float* varlen_states;         // (nseq, H, P, N), or null
   // CUDA-only scratch of ssd_fwd_cuda_workspace_bytes(p) bytes (null on the CPU path).
   void* workspace;
 };
@@ -75,10 +83,62 @@ struct SsdBwdParams {
   float* dA;                    // (H,)
   float* dD;                    // (H,) or (H, P), or null (no D)
   float* ddt_bias;              // (H,), or null (no dt_bias)
-  float* dinit;                 // (b, H, P, N), or null (not wanted)
+  float* dinit;                 // like init, or null (not wanted); zeroed by the entry with chunk_plan
   // CUDA-only scratch of ssd_bwd_cuda_workspace_bytes(p) bytes (null on the CPU path).
   void* workspace;
 };
+
+// ---- chunks (both paths read them only through these) ------------------------------------
+// First position and length (<= Q) of chunk c; 0 length for the empty chunks of a plan.
+NK_HD int64_t ssd_chunk_t0(const SsdParams& p, int64_t c) {
+  if (p.chunk_plan == nullptr) return c * p.chunk_size;
+  const int64_t t = p.chunk_plan[c];
+  return t < 0 ? 0 : (t > p.seqlen ? p.seqlen : t);
+}
+NK_HD int ssd_chunk_len(const SsdParams& p, int64_t c) {
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  int64_t e = p.chunk_plan == nullptr ? t0 + p.chunk_size : int64_t{p.chunk_plan[c + 1]};
+  if (e > t0 + p.chunk_size) e = t0 + p.chunk_size;
+  if (e > p.seqlen) e = p.seqlen;
+  return e > t0 ? static_cast<int>(e - t0) : 0;
+}
+// Sequence of chunk c under a plan, in [0, nseq] (nseq: an empty chunk past the last); 0 without.
+NK_HD int64_t ssd_chunk_seq(const SsdParams& p, int64_t c) {
+  if (p.chunk_plan == nullptr) return 0;
+  const int64_t s = p.chunk_plan[p.nchunks + 1 + c];
+  return s < 0 ? 0 : (s > p.nseq ? p.nseq : s);
+}
+// Chunk c starts its sequence (its entering state is the initial state, not the carry).
+NK_HD bool ssd_chunk_first(const SsdParams& p, int64_t c) {
+  return c == 0 || (p.chunk_plan != nullptr && ssd_chunk_seq(p, c) != ssd_chunk_seq(p, c - 1));
+}
+// Chunk c ends its sequence (its end state is not handed to chunk c + 1).
+NK_HD bool ssd_chunk_last(const SsdParams& p, int64_t c) {
+  return c == p.nchunks - 1 || (p.chunk_plan != nullptr && ssd_chunk_seq(p, c) != ssd_chunk_seq(p, c + 1));
+}
+// Chunk c's end state is final_states: the chunk holding position L - 1.
+NK_HD bool ssd_chunk_holds_end(const SsdParams& p, int64_t c) {
+  if (p.chunk_plan == nullptr) return c == p.nchunks - 1;
+  const int len = ssd_chunk_len(p, c);
+  return len > 0 && ssd_chunk_t0(p, c) + len == p.seqlen;
+}
+// Row of init / dinit for the sequence chunk c starts (batch row b without a plan), or -1
+// when that sequence has none (it starts from zero).
+NK_HD int64_t ssd_chunk_init_row(const SsdParams& p, int64_t b, int64_t c) {
+  const int64_t r = p.chunk_plan == nullptr ? b : ssd_chunk_seq(p, c);
+  return (p.init != nullptr && r < p.init_rows) ? r : -1;
+}
+
+// Sequences with no positions (plan only) whose varlen state the block of chunk c writes (the
+// initial state or zeros): s in [lo, end) with s != ssd_chunk_seq(p, c). Every empty sequence
+// falls in exactly one chunk's range (the gaps between consecutive chunks' sequences, and
+// after the last chunk's).
+NK_HD void ssd_chunk_empty_seqs(const SsdParams& p, int64_t c, int64_t* lo, int64_t* end) {
+  *lo = c == 0 ? 0 : ssd_chunk_seq(p, c - 1) + 1;
+  *end = p.chunk_plan == nullptr || p.varlen_states == nullptr ? *lo
+         : c == p.nchunks - 1                                 ? p.nseq
+                                                              : ssd_chunk_seq(p, c);
+}
 
 // CUDA kernels' limits (the CPU path takes any chunk size, headdim and dstate); the entry
 // checks them and names the limit in its error.

@@ -56,8 +56,8 @@ NK_DEVICE int tile_tx() { return threadIdx.x % 16; }
 struct Scratch {
   float* fwd_ws;    // ssd_fwd_cuda_workspace_bytes(fwd) bytes for ssd_states_cuda, or null
   float* dy;        // (b, L, H, P) dout silu(z), only with z
-  float* dBs;       // (b, nc, H/hs, Q, N) dB summed over each split's hs heads (valid rows)
-  float* dCs;       // (b, nc, H/hs, Q, N) dC likewise
+  float* dBs;       // (b, L, H/hs, N) dB summed over each split's hs heads, by position
+  float* dCs;       // (b, L, H/hs, N) dC likewise
   float* dot_part;  // (b, H, nc, S) partial <g, in_c> per state slice
   float* ddtp;      // (b, H, nc, Q) ddt' without the A ddA term
   float* wcol;      // (b, H, nc, Q) sum_i W_ij
@@ -94,7 +94,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   const int64_t hs = heads_per_block(p);
   // Region 0: the forward's own scratch for ssd_states_cuda (the entry sizes only ours).
   const int64_t sizes[10] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
-                             p.z != nullptr ? b * L * H * P : 0, b * nc * (H / hs) * Q * N, b * nc * (H / hs) * Q * N,
+                             p.z != nullptr ? b * L * H * P : 0, b * L * (H / hs) * N, b * L * (H / hs) * N,
                              b * H * nc * S, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
                              b * H * nc * Q, b * H * nc * Q};
   int64_t off[10], total = 0;
@@ -274,12 +274,13 @@ NK_DEVICE float block_sum(float v, float* red) {
 
 // ---- per-chunk view of the inputs --------------------------------------------------------
 
-// carry_c = exp(cs_last) [sid_last == sid_prev] (cs_last read at the last real position).
+// carry_c = exp(cs_last) [sid_last == sid_prev]. cs_last is read at index Q - 1: padding has
+// dt' = 0, so it repeats the last real cs (and an empty chunk of a plan has cs = 0).
 NK_DEVICE float chunk_carry(const SsdParams& p, int64_t b, int64_t h, int64_t c) {
   const int64_t Q = p.chunk_size, L = p.seqlen;
+  const float cs_last = p.cs[((b * p.nheads + h) * p.nchunks + c) * Q + Q - 1];
+  if (p.seq_idx == nullptr) return expf(cs_last);  // always so with a plan
   const int64_t nvalid = std::min<int64_t>(Q, L - c * Q);
-  const float cs_last = p.cs[((b * p.nheads + h) * p.nchunks + c) * Q + nvalid - 1];
-  if (p.seq_idx == nullptr) return expf(cs_last);
   const int32_t* s = p.seq_idx + b * L;
   const int32_t last = s[c * Q + nvalid - 1];
   const int32_t prev = c == 0 ? 0 : s[c * Q - 1];
@@ -303,8 +304,8 @@ struct ChunkView {
       : q(q_), b(b_), c(c_), h(h_) {
     const SsdParams& p = q.fwd;
     g = h / (p.nheads / p.ngroups);
-    l0 = c * p.chunk_size;
-    nvalid = static_cast<int>(std::min<int64_t>(p.chunk_size, p.seqlen - l0));
+    l0 = ssd_chunk_t0(p, c);
+    nvalid = ssd_chunk_len(p, c);
     xb = static_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh;
     Bb = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg;
     Cb = static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg;
@@ -345,7 +346,7 @@ template <int Q, typename T>
 NK_DEVICE void load_chunk_scalars(const ChunkView<T>& v, float* s_cs, float* s_dtp, int32_t* s_sid) {
   const SsdParams& p = v.q.fwd;
   const int64_t base = v.pos_base();
-  const float cs_end = p.cs[base + v.nvalid - 1];
+  const float cs_end = p.cs[base + Q - 1];  // = the last real cs (padding has dt' = 0)
   for (int i = threadIdx.x; i < Q; i += kThreads) {
     const bool real = i < v.nvalid;
     s_cs[i] = real ? p.cs[base + i] : cs_end;
@@ -438,11 +439,13 @@ __global__ void __launch_bounds__(kThreads) state_bwd_kernel(SsdBwdParams q, flo
   float g[kSpPerThread];
   int64_t e[kSpPerThread];
 #pragma unroll
-  for (int k = 0; k < kSpPerThread; ++k) {
-    e[k] = s * kSpChunk + k * kThreads + threadIdx.x;
-    g[k] = (q.dfinal != nullptr && e[k] < PN) ? q.dfinal[bh * PN + e[k]] : 0.f;
-  }
+  for (int k = 0; k < kSpPerThread; ++k) e[k] = s * kSpChunk + k * kThreads + threadIdx.x;
   for (int64_t c = nc - 1; c >= 0; --c) {
+    if (ssd_chunk_last(p, c)) {  // the end state's gradient restarts: dfinal or zero
+      const bool fin = q.dfinal != nullptr && ssd_chunk_holds_end(p, c);
+#pragma unroll
+      for (int k = 0; k < kSpPerThread; ++k) g[k] = (fin && e[k] < PN) ? q.dfinal[bh * PN + e[k]] : 0.f;
+    }
     const float carry = chunk_carry(p, b, h, c);
     const int64_t base = ((b * nc + c) * p.nheads + h) * PN;
     float dot = 0.f;
@@ -458,11 +461,12 @@ __global__ void __launch_bounds__(kThreads) state_bwd_kernel(SsdBwdParams q, flo
     }
     dot = block_sum(dot, red);
     if (threadIdx.x == 0) dot_part[(bh * nc + c) * S + s] = dot;
-  }
-  if (q.dinit != nullptr) {
+    const int64_t row = ssd_chunk_init_row(p, b, c);
+    if (q.dinit != nullptr && row >= 0 && ssd_chunk_first(p, c)) {  // the initial state's gradient
 #pragma unroll
-    for (int k = 0; k < kSpPerThread; ++k)
-      if (e[k] < PN) q.dinit[bh * PN + e[k]] = g[k];
+      for (int k = 0; k < kSpPerThread; ++k)
+        if (e[k] < PN) q.dinit[(row * p.nheads + h) * PN + e[k]] = g[k];
+    }
   }
 }
 
@@ -524,11 +528,10 @@ __global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratc
   int64_t bid = blockIdx.x;
   const int jt = bid % kNT;
   bid /= kNT;
-  const int64_t sp = bid % nsplit;
-  bid /= nsplit;
+  bid /= nsplit;  // the head split: recomputed where it is used (register budget)
   const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
   const int j0 = jt * kTile;
-  const int nvalid = static_cast<int>(std::min<int64_t>(Q, p.seqlen - c * Q));
+  const int nvalid = ssd_chunk_len(p, c);
   if (j0 >= nvalid) return;  // all padding: nothing to write (uniform over the block)
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
   const int npt = ceil_div_d(P), nnt = ceil_div_d(N);
@@ -675,10 +678,10 @@ __global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratc
     }
   }
 
-  // dB of this block's heads into the (b, nc, H/hs, Q, N) scratch.
+  // dB of this block's heads into the (b, L, H/hs, N) scratch (recomputed: nothing kept live for it).
   __syncthreads();  // the warps' last stores to accb
-  // (b * nc + c) * nsplit + sp is blockIdx.x / kNT (recomputed: nothing kept live for it)
-  float* dBs = w.dBs + int64_t(blockIdx.x / kNT) * Q * N;
+  const int64_t stride_j = nsplit * N;
+  float* dBs = w.dBs + ((b * p.seqlen + ssd_chunk_t0(p, c)) * nsplit + int64_t(blockIdx.x / kNT % nsplit)) * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int j = j0 + ty + 16 * r;
@@ -687,7 +690,7 @@ __global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratc
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dBs[int64_t(j) * N + n] = accb[nt * kOutFloats + acc_at(r, cc)];
+        if (n < N) dBs[int64_t(j) * stride_j + n] = accb[nt * kOutFloats + acc_at(r, cc)];
       }
     }
   }
@@ -721,7 +724,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
   bid /= nsplit;
   const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
   const int i0 = it * kTile;
-  const int nvalid = static_cast<int>(std::min<int64_t>(Q, p.seqlen - c * Q));
+  const int nvalid = ssd_chunk_len(p, c);
   if (i0 >= nvalid) return;
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
   const int nnt = ceil_div_d(N);
@@ -815,7 +818,8 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
   }
 
   __syncthreads();  // the warps' last stores to accc
-  float* dCs = w.dCs + int64_t(blockIdx.x / kNT) * Q * N;  // (b * nc + c) * nsplit + sp
+  const int64_t stride_i = nsplit * N;  // (b, L, H/hs, N) scratch
+  float* dCs = w.dCs + ((b * p.seqlen + ssd_chunk_t0(p, c)) * nsplit + sp) * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = i0 + ty + 16 * r;
@@ -824,7 +828,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dCs[int64_t(i) * N + n] = accc[nt * kOutFloats + acc_at(r, cc)];
+        if (n < N) dCs[int64_t(i) * stride_i + n] = accc[nt * kOutFloats + acc_at(r, cc)];
       }
     }
   }
@@ -892,16 +896,15 @@ __global__ void __launch_bounds__(kThreads) chunk_fin_kernel(SsdBwdParams q, Scr
 template <typename T>
 __global__ void sum_bc_kernel(SsdBwdParams q, Scratch w) {
   const SsdParams& p = q.fwd;
-  const int64_t N = p.dstate, G = p.ngroups, L = p.seqlen, Q = p.chunk_size, H = p.nheads;
+  const int64_t N = p.dstate, G = p.ngroups, L = p.seqlen, H = p.nheads;
   const int64_t hpg = H / G, total = p.batch * L * G * N;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = e % N, g = (e / N) % G, l = (e / (N * G)) % L, b = e / (N * G * L);
-    const int64_t c = l / Q, i = l % Q;
+    const int64_t n = e % N, g = (e / N) % G, bl = e / (N * G);  // bl = b * L + l
     // The group's head splits are consecutive (hs divides H / G): sum them in order.
     const int64_t nsplit = H / w.hs, spg = hpg / w.hs;
     float sb = 0.f, sc = 0.f;
     for (int64_t k = 0; k < spg; ++k) {
-      const int64_t idx = (((b * p.nchunks + c) * nsplit + g * spg + k) * Q + i) * N + n;
+      const int64_t idx = (bl * nsplit + g * spg + k) * N + n;
       sb += w.dBs[idx];
       sc += w.dCs[idx];
     }

@@ -6,6 +6,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -40,11 +41,9 @@ struct Geo {
     if (t >= p.seqlen) t = p.seqlen - 1;
     return p.seq_idx[b * p.seqlen + t];
   }
-  int64_t len(int64_t c) const {  // real positions in chunk c
-    int64_t n = p.seqlen - c * Q;
-    return n < 0 ? 0 : (n > Q ? Q : n);
-  }
-  int32_t sid_last(int64_t b, int64_t c) const { return sid(b, c * Q + Q - 1); }
+  int64_t len(int64_t c) const { return ssd_chunk_len(p, c); }  // real positions in chunk c
+  int64_t t0(int64_t c) const { return ssd_chunk_t0(p, c); }      // its first position
+  int32_t sid_last(int64_t b, int64_t c) const { return sid(b, t0(c) + Q - 1); }
   int32_t sid_prev(int64_t b, int64_t c) const { return c == 0 ? 0 : sid_last(b, c - 1); }
 };
 
@@ -66,10 +65,11 @@ void chunk_cumsum(const Geo& g) {
       for (int64_t c = 0; c < g.nc; ++c) {
         float* dtp = p.dtp + g.bhc(b, h, c);
         float* cs = p.cs + g.bhc(b, h, c);
+        const int64_t t0 = g.t0(c), len = g.len(c);
         float acc = 0.f;
         for (int64_t i = 0; i < g.Q; ++i) {
-          const int64_t t = c * g.Q + i;
-          const float d = t < p.seqlen ? ssd_dt(p.dt[(b * p.seqlen + t) * g.H + h], bias, p.dt_softplus,
+          const int64_t t = t0 + i;
+          const float d = i < len ? ssd_dt(p.dt[(b * p.seqlen + t) * g.H + h], bias, p.dt_softplus,
                                                 p.dt_min, p.dt_max)
                                        : 0.f;
           dtp[i] = d;
@@ -89,7 +89,7 @@ void chunk_state(const Geo& g) {
     std::vector<float> xs(g.Q * g.P), bs(g.Q * g.N);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t h = idx % g.H, c = (idx / g.H) % g.nc, b = idx / (g.H * g.nc);
-      const int64_t len = g.len(c), t0 = c * g.Q;
+      const int64_t len = g.len(c), t0 = g.t0(c);
       const float* dtp = p.dtp + g.bhc(b, h, c);
       const float* cs = p.cs + g.bhc(b, h, c);
       const int32_t last = g.sid_last(b, c);
@@ -115,7 +115,10 @@ float chunk_carry(const Geo& g, int64_t b, int64_t h, int64_t c) {
   return expf(g.p.cs[g.bhc(b, h, c) + g.Q - 1]);
 }
 
-// ---- F3: state passing, in place (states[c] becomes the state entering chunk c).
+// ---- F3: state passing, in place (states[c] becomes the state entering chunk c). A chunk that
+// starts its sequence enters from its initial-state row (or zero); the end state of a chunk
+// that ends its sequence goes to varlen_states (with a plan) and, for the chunk holding
+// position L - 1, to final_states.
 void state_passing(const Geo& g) {
   const SsdParams& p = g.p;
   const int64_t PN = g.P * g.N;
@@ -123,8 +126,11 @@ void state_passing(const Geo& g) {
     std::vector<float> h(PN);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.H, hh = bh % g.H;
-      for (int64_t k = 0; k < PN; ++k) h[k] = p.init ? p.init[(b * g.H + hh) * PN + k] : 0.f;
       for (int64_t c = 0; c < g.nc; ++c) {
+        if (ssd_chunk_first(p, c)) {
+          const int64_t row = ssd_chunk_init_row(p, b, c);
+          for (int64_t k = 0; k < PN; ++k) h[k] = row >= 0 ? p.init[(row * g.H + hh) * PN + k] : 0.f;
+        }
         float* S = p.states + g.state(b, c, hh);
         const float carry = chunk_carry(g, b, hh, c);
         for (int64_t k = 0; k < PN; ++k) {
@@ -132,9 +138,19 @@ void state_passing(const Geo& g) {
           S[k] = h[k];
           h[k] = carry * h[k] + local;
         }
+        const int64_t seq = ssd_chunk_seq(p, c);
+        if (ssd_chunk_last(p, c) && p.chunk_plan && p.varlen_states && seq < p.nseq)
+          std::copy(h.begin(), h.end(), p.varlen_states + (seq * g.H + hh) * PN);
+        if (ssd_chunk_holds_end(p, c) && p.final_states)
+          std::copy(h.begin(), h.end(), p.final_states + (b * g.H + hh) * PN);
+        int64_t lo, stop;  // empty sequences: their initial state (or zeros)
+        ssd_chunk_empty_seqs(p, c, &lo, &stop);
+        for (int64_t s = lo; s < stop; ++s) {
+          if (s == seq) continue;
+          float* out = p.varlen_states + (s * g.H + hh) * PN;
+          for (int64_t k = 0; k < PN; ++k) out[k] = p.init && s < p.init_rows ? p.init[(s * g.H + hh) * PN + k] : 0.f;
+        }
       }
-      if (p.final_states)
-        for (int64_t k = 0; k < PN; ++k) p.final_states[(b * g.H + hh) * PN + k] = h[k];
     }
   });
 }
@@ -162,7 +178,7 @@ void chunk_scan(const Geo& g) {
     std::vector<float> cr(g.Q * g.N), br(g.Q * g.N), cb(g.Q * g.Q), xs(g.Q * g.P), y(g.P);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t gg = idx % g.G, c = (idx / g.G) % g.nc, b = idx / (g.G * g.nc);
-      const int64_t len = g.len(c), t0 = c * g.Q;
+      const int64_t len = g.len(c), t0 = g.t0(c);
       const int32_t prev = g.sid_prev(b, c);
       load_rows<T>(p.C, g.C_off(b, t0, gg), p.C_sl, len, g.N, cr.data());
       load_rows<T>(p.B, g.B_off(b, t0, gg), p.B_sl, len, g.N, br.data());
@@ -239,7 +255,7 @@ void chunk_dstates(const Geo& g, const SsdBwdParams& q) {
     std::vector<float> dy(g.P);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t h = idx % g.H, c = (idx / g.H) % g.nc, b = idx / (g.H * g.nc);
-      const int64_t len = g.len(c), t0 = c * g.Q;
+      const int64_t len = g.len(c), t0 = g.t0(c);
       const float* cs = p.cs + g.bhc(b, h, c);
       const int32_t prev = g.sid_prev(b, c);
       float* dIn = q.dstates + g.state(b, c, h);
@@ -260,7 +276,10 @@ void chunk_dstates(const Geo& g, const SsdBwdParams& q) {
   });
 }
 
-// ---- B2: state passing backward, in place (dstates[c]: dIn_c -> dS_c).
+// ---- B2: state passing backward, in place (dstates[c]: dIn_c -> dS_c). The gradient of a
+// chunk's end state restarts at the end of each sequence (dfinal_states at the chunk holding
+// L - 1, zero elsewhere: varlen states are not differentiable); at the chunk that starts a
+// sequence it is the initial state's gradient.
 void state_passing_bwd(const Geo& g, const SsdBwdParams& q) {
   const SsdParams& p = g.p;
   const int64_t PN = g.P * g.N;
@@ -268,8 +287,11 @@ void state_passing_bwd(const Geo& g, const SsdBwdParams& q) {
     std::vector<float> gr(PN);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.H, h = bh % g.H;
-      for (int64_t k = 0; k < PN; ++k) gr[k] = q.dfinal ? q.dfinal[(b * g.H + h) * PN + k] : 0.f;
       for (int64_t c = g.nc - 1; c >= 0; --c) {
+        if (ssd_chunk_last(p, c)) {
+          const bool fin = q.dfinal && ssd_chunk_holds_end(p, c);
+          for (int64_t k = 0; k < PN; ++k) gr[k] = fin ? q.dfinal[(b * g.H + h) * PN + k] : 0.f;
+        }
         float* d = q.dstates + g.state(b, c, h);
         const float* in = p.states + g.state(b, c, h);
         const float carry = chunk_carry(g, b, h, c);
@@ -281,9 +303,10 @@ void state_passing_bwd(const Geo& g, const SsdBwdParams& q) {
           d[k] = gr[k];
           gr[k] = din + carry * gr[k];
         }
+        const int64_t row = ssd_chunk_init_row(p, b, c);
+        if (q.dinit && ssd_chunk_first(p, c) && row >= 0)
+          std::copy(gr.begin(), gr.end(), q.dinit + (row * g.H + h) * PN);
       }
-      if (q.dinit)
-        for (int64_t k = 0; k < PN; ++k) q.dinit[(b * g.H + h) * PN + k] = gr[k];
     }
   });
 }
@@ -298,7 +321,7 @@ void chunk_bwd(const Geo& g, const SsdBwdParams& q) {
     std::vector<float> dB(Q * N), dC(Q * N), ddtp(Q), dcs(Q), tmp(P > N ? P : N), tmpn(N);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t gg = idx % g.G, c = (idx / g.G) % g.nc, b = idx / (g.G * g.nc);
-      const int64_t len = g.len(c), t0 = c * Q;
+      const int64_t len = g.len(c), t0 = g.t0(c);
       const int32_t prev = g.sid_prev(b, c), last = g.sid_last(b, c);
       load_rows<T>(p.C, g.C_off(b, t0, gg), p.C_sl, len, N, cr.data());
       load_rows<T>(p.B, g.B_off(b, t0, gg), p.B_sl, len, N, br.data());
@@ -459,7 +482,7 @@ void ssd_fwd_cpu(const SsdParams& p) {
   Geo g(p);
   dispatch_dtype(p.dtype, [&]<typename T>() {
     chunk_scan<T>(g);
-    if (p.varlen_states && p.nseq > 0) varlen_states<T>(g);
+    if (p.varlen_states && p.nseq > 0 && !p.chunk_plan) varlen_states<T>(g);  // with a plan: F3's
   });
 }
 

@@ -103,8 +103,8 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
   const int64_t H = p.nheads;
   const int64_t g = h / (H / p.ngroups);
-  const int64_t t0 = c * Q;
-  const int valid = static_cast<int>(p.seqlen - t0 < Q ? p.seqlen - t0 : Q);
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  const int valid = ssd_chunk_len(p, c);
   const int pv = P - p0 < StateTraits::kBP ? P - p0 : StateTraits::kBP;
   const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
   const int pv16 = round_up16(pv), nv16 = round_up16(nv);
@@ -172,13 +172,14 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
   const int pt = static_cast<int>(rest % npt); rest /= npt;
   const int64_t h = rest % H, b = rest / H;
   const int p0 = pt * kBP, n0 = nt * kBN;
-  const int64_t t0 = c * Q;
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  const int len = ssd_chunk_len(p, c);
 
   // ---- F1: dt' and its cumsum for (b, c, h), one thread scanning in position order (as the CPU)
   const float bias = p.dt_bias != nullptr ? p.dt_bias[h] : 0.f;
   for (int i = tid; i < Q; i += kT) {
     const int64_t t = t0 + i;
-    dtp_s[i] = t < p.seqlen ? ssd_dt(p.dt[(b * p.seqlen + t) * H + h], bias, p.dt_softplus, p.dt_min, p.dt_max)
+    dtp_s[i] = i < len ? ssd_dt(p.dt[(b * p.seqlen + t) * H + h], bias, p.dt_softplus, p.dt_min, p.dt_max)
                             : 0.f;  // padding: dt' = 0
   }
   __syncthreads();
@@ -203,7 +204,10 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
   // ---- F2: the chunk's own state tile S_c (float, shared memory)
   const float* Fs = chunk_state_tile<T, Q>(p, vec, b, c, h, 0, Q - 1, true, p0, n0, cs_s, dtp_s, smem);
 
-  // ---- F3 step: wait for in_c, then publish in_(c+1) (or the final state)
+  // ---- F3 step: wait for in_c, then publish in_(c+1), or, where the chunk ends its sequence,
+  // its varlen state (with a plan) and the final state (the chunk holding L - 1). A chunk
+  // that starts its sequence enters from its initial-state row (or zero) instead of in_c,
+  // and still waits, so that the chain's counter only ever counts up in chunk order.
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
   const int pv = P - p0 < kBP ? P - p0 : kBP;
   const int nv = N - n0 < kBN ? N - n0 : kBN;
@@ -213,23 +217,41 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
     if (tid == 0) ssd::wait_at_least(chain_done + chain, static_cast<unsigned>(c));
     __syncthreads();
   }
+  const bool first = ssd_chunk_first(p, c), last = ssd_chunk_last(p, c);
+  const int64_t seq = ssd_chunk_seq(p, c), init_row = ssd_chunk_init_row(p, b, c);
   float* const in_c = p.states + ((b * nc + c) * H + h) * PN + tile;
-  float* const out = c + 1 < nc ? in_c + H * PN
-                     : p.final_states != nullptr ? p.final_states + (b * H + h) * PN + tile : nullptr;
-  const float* const init = p.init != nullptr ? p.init + (b * H + h) * PN + tile : nullptr;
+  float* const next_in = last ? nullptr : in_c + H * PN;
+  float* const var = last && p.chunk_plan != nullptr && p.varlen_states != nullptr && seq < p.nseq
+                         ? p.varlen_states + (seq * H + h) * PN + tile : nullptr;
+  float* const fin = p.final_states != nullptr && ssd_chunk_holds_end(p, c)
+                         ? p.final_states + (b * H + h) * PN + tile : nullptr;
+  const float* const init = init_row >= 0 ? p.init + (init_row * H + h) * PN + tile : nullptr;
   for (int e = tid; e < kBP * kBN; e += kT) {
     const int r = e / kBN, k = e % kBN;
     if (r >= pv || k >= nv) continue;
     const int64_t o = static_cast<int64_t>(r) * N + k;
     float prev;
-    if (c == 0) {
+    if (first) {
       prev = init != nullptr ? init[o] : 0.f;
       in_c[o] = prev;
     } else {
       prev = __ldcg(in_c + o);  // written by another block: bypass L1
     }
     const float next = fmaf(carry, prev, Fs[r * StateTraits::kLdF + k]);
-    if (out != nullptr) out[o] = next;
+    if (next_in != nullptr) next_in[o] = next;
+    if (var != nullptr) var[o] = next;
+    if (fin != nullptr) fin[o] = next;
+  }
+  int64_t lo, stop;  // sequences with no positions: their initial state (or zeros)
+  ssd_chunk_empty_seqs(p, c, &lo, &stop);
+  for (int64_t s = lo; s < stop; ++s) {
+    if (s == seq) continue;
+    float* out = p.varlen_states + (s * H + h) * PN + tile;
+    const float* src = p.init != nullptr && s < p.init_rows ? p.init + (s * H + h) * PN + tile : nullptr;
+    for (int e = tid; e < kBP * kBN; e += kT) {
+      const int r = e / kBN, k = e % kBN;
+      if (r < pv && k < nv) out[static_cast<int64_t>(r) * N + k] = src != nullptr ? src[static_cast<int64_t>(r) * N + k] : 0.f;
+    }
   }
   if (c + 1 < nc) {  // publish: every thread's stores, then the counter
     __threadfence();
@@ -284,8 +306,8 @@ __global__ void __launch_bounds__(ScanTraits::kThreads, ScanTraits::min_blocks<T
   const int64_t h = bid % p.nheads; bid /= p.nheads;
   const int64_t c = bid % p.nchunks;
   const int64_t b = bid / p.nchunks;
-  const int64_t t0 = c * Q;
-  const int valid = static_cast<int>(p.seqlen - t0 < Q ? p.seqlen - t0 : Q);
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  const int valid = ssd_chunk_len(p, c);
   const int i0 = it * kBM;
   if (i0 >= valid) return;  // row block wholly in the padding (uniform, before any barrier)
 
@@ -322,7 +344,7 @@ __global__ void __launch_bounds__(ScanTraits::kThreads, ScanTraits::min_blocks<T
   acc.zero();
 
   // ---- incoming state: Y = diag(exp(cs_i) [sid_i == sid_prev]) C in_c^T
-  if (c > 0 || p.init != nullptr) {
+  if (!ssd_chunk_first(p, c) || ssd_chunk_init_row(p, b, c) >= 0) {  // else in_c is zero
     const float* st = p.states + ((b * nc + c) * H + h) * static_cast<int64_t>(P) * N;
     for (int n0 = 0; n0 < Np; n0 += ScanTraits::kNSlab) {
       const int nsl = Np - n0 < ScanTraits::kNSlab ? Np - n0 : ScanTraits::kNSlab;
@@ -487,7 +509,7 @@ static_assert(StateTraits::kBP == kSsdTile && StateTraits::kBN == kSsdTile && Sc
               "launch_limits.h computes the grids from these tile sizes");
 
 SsdFwdGrids fwd_grids(const SsdParams& p) {
-  const bool varlen = p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0;
+  const bool varlen = p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0 && p.chunk_plan == nullptr;
   return ssd_fwd_grids(p.batch, p.nchunks, p.nheads, p.headdim, p.dstate, p.chunk_size, varlen ? p.nseq : 0);
 }
 
@@ -524,7 +546,7 @@ void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
     chunk_scan_kernel<T, Q><<<to_dim3(g.scan), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }
-  if (p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0) {  // F5
+  if (p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0 && p.chunk_plan == nullptr) {  // F5
     varlen_states_kernel<T, Q><<<to_dim3(g.varlen), StateTraits::kThreads, 0, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }

@@ -23,13 +23,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     std::optional<Tensor> z, std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states,
     std::optional<Tensor> seq_idx, std::optional<Tensor> cu_seqlens, bool dt_softplus, double dt_min,
     double dt_max, bool return_final_states, bool return_varlen_states, bool save_y_pre,
-    bool return_chunk_states);
+    bool return_chunk_states, std::optional<Tensor> chunk_plan);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_bwd(
     Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int64_t chunk_size,
     std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> y_pre,
     std::optional<Tensor> dt_bias, std::optional<Tensor> initial_states, std::optional<Tensor> seq_idx,
     std::optional<Tensor> dfinal_states, bool dt_softplus, double dt_min, double dt_max,
-    bool return_dinitial_states);
+    bool return_dinitial_states, std::optional<Tensor> cu_seqlens, std::optional<Tensor> chunk_plan);
 Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
                               std::optional<Tensor> D, std::optional<Tensor> z, std::optional<Tensor> dt_bias,
                               bool dt_softplus, std::optional<Tensor> state_batch_indices,
@@ -72,11 +72,14 @@ const OpDef kOps[] = {
   // ---- ssd: chunked selective scan (mamba_chunk_scan_combined) ----------------------------
   // y_pre (the output before the z gate, kept for the backward) is (0, L, H, P) unless z is
   // given and save_y_pre; final_states (b, H, P, N) / varlen_states (nseq, H, P, N) are
-  // float32 and have a zero leading dim unless asked for.
+  // float32 and have a zero leading dim unless asked for. chunk_plan (2, nc + 1) int32, with
+  // cu_seqlens and batch 1: packed sequences with chunks aligned to each sequence's start
+  // (nemokernels.ssd.ssd_chunk_scan.chunk_plan builds it); initial_states then have one row per
+  // sequence (or one, for the first).
   {"ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, "
    "Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, "
    "Tensor? cu_seqlens, bool dt_softplus, float dt_min, float dt_max, bool return_final_states, "
-   "bool return_varlen_states, bool save_y_pre, bool return_chunk_states=False) "
+   "bool return_varlen_states, bool save_y_pre, bool return_chunk_states=False, Tensor? chunk_plan=None) "
    "-> (Tensor y, Tensor y_pre, Tensor final_states, Tensor varlen_states, Tensor entering_states)",
    TORCH_BOX(&ssd_chunk_scan_fwd)},
   // Gradients in the dtypes of their inputs; dD/dz/ddt_bias/dinitial_states are empty when
@@ -84,7 +87,7 @@ const OpDef kOps[] = {
   {"ssd_chunk_scan_bwd(Tensor dout, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
    "int chunk_size, Tensor? D, Tensor? z, Tensor? y_pre, Tensor? dt_bias, Tensor? initial_states, "
    "Tensor? seq_idx, Tensor? dfinal_states, bool dt_softplus, float dt_min, float dt_max, "
-   "bool return_dinitial_states) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
+   "bool return_dinitial_states, Tensor? cu_seqlens=None, Tensor? chunk_plan=None) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
    "Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)",
    TORCH_BOX(&ssd_chunk_scan_bwd)},
 

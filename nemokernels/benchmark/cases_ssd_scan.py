@@ -2,7 +2,9 @@
 as the Mamba-2 mixer calls it (z, D per head, dt_bias, softplus).
 
 Packed points (".packed"): issue 20's serving shape, 64 prompts of 50-500 tokens in one row
-with a final state per sequence; GPU only.
+with a final state per sequence; ".packed_states" the same with each prompt continuing its own
+cached state (initial_states (64, ...)), against one call per prompt (ours and mamba_ssm's,
+which cannot continue more than the first packed sequence); GPU only.
 Baselines: the PyTorch chunked reference (ssd/reference.py, float32 math), torch.compile of it,
 and mamba_ssm's Triton `mamba_chunk_scan_combined` when it can be imported (peers.py).
 """
@@ -92,6 +94,36 @@ def _peer_packed(fn):
     return run
 
 
+def _packed_states_maker(lengths, cfg, device):
+    make = _packed_maker(lengths, cfg, device)
+    H, P, G, N = CONFIGS[cfg]
+    init = torch.randn(len(lengths), H, P, N, device=device)
+
+    def run():
+        return make() + (init,)
+    return run
+
+
+def _ours_packed_states(x, dt, A, B, C, D, z, dt_bias, cu, init):
+    return nk.mamba_chunk_scan_combined(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                        cu_seqlens=cu, initial_states=init, return_varlen_states=True)
+
+
+def _per_sequence(fn, lengths):
+    """One call per sequence, each from its own initial state (what a user without per-sequence
+    states in packed prefill runs); the bounds are host values, so no sync is timed."""
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+
+    def run(x, dt, A, B, C, D, z, dt_bias, cu, init):
+        outs = []
+        for i in range(len(lengths)):
+            s, e = bounds[i], bounds[i + 1]
+            outs.append(fn(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], CHUNK, D=D, z=z[:, s:e], dt_bias=dt_bias,
+                           initial_states=init[i:i + 1], dt_softplus=True, return_final_states=True))
+        return outs
+    return run
+
+
 def cases(quick: bool, device) -> list:
     points = ([("nano", 1, 2048), ("super", 1, 2048)] if quick else
               [(cfg, b, L) for cfg in CONFIGS for b in (1, 4) for L in (2048, 8192, 32768)])
@@ -128,4 +160,11 @@ def cases(quick: bool, device) -> list:
         out.append(Case(op="mamba_chunk_scan_combined.packed", name=f"{cfg} S{len(lengths)} L{total} H{H}",
                         make_inputs=_packed_maker(lengths, cfg, device), fn=_ours_packed, bytes=act, flops=flops,
                         baselines={"mamba_ssm_triton": _peer_packed(peer)} if peer is not None else {}))
+        # Each prompt continuing its own cached state: the initial states are read once more.
+        per_seq = {"ours_per_sequence": _per_sequence(nk.mamba_chunk_scan_combined, lengths)}
+        if peer is not None:
+            per_seq["mamba_ssm_triton_per_sequence"] = _per_sequence(peer, lengths)
+        out.append(Case(op="mamba_chunk_scan_combined.packed_states", name=f"{cfg} S{len(lengths)} L{total} H{H}",
+                        make_inputs=_packed_states_maker(lengths, cfg, device), fn=_ours_packed_states,
+                        bytes=act + len(lengths) * H * P * N * 4, flops=flops, baselines=per_seq))
     return out

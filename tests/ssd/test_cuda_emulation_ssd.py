@@ -124,7 +124,7 @@ def make_case(b, L, H, P, G, N, Q, dtype, *, z=True, D="head", bias=True, softpl
 def fill_params(S, t, keep):
     """SsdParams from the case's CPU tensors; keep holds every buffer alive."""
     b, L, H, P, G, N, Q = (t[k] for k in "b L H P G N Q".split())
-    nc = max(1, -(-L // Q))
+    nc = max(1, -(-L // Q)) if t.get("plan") is None else t["plan"].shape[1] - 1
     p = S()
     p.batch, p.seqlen, p.nheads, p.headdim, p.ngroups, p.dstate, p.chunk_size, p.nchunks = b, L, H, P, G, N, Q, nc
     p.dtype = DT_ENUM[t["dtype"]]
@@ -142,10 +142,13 @@ def fill_params(S, t, keep):
                  init=None if t["init"] is None else t["init"].float().contiguous())
     keep.extend(v for v in small.values() if v is not None)
     p.dt, p.A, p.D, p.dt_bias, p.init = (ptr(small[k]) for k in ("dt", "A", "D", "dt_bias", "init"))
+    p.init_rows = 0 if t["init"] is None else t["init"].shape[0]
     p.D_per_p = t["D"] is not None and t["D"].dim() == 2
     p.dt_softplus = t["softplus"]
     p.dt_min, p.dt_max = t["limit"]
     p.seq_idx = ptr(t["seq"])
+    if t.get("plan") is not None:
+        p.chunk_plan, p.cu_seqlens, p.nseq = t["plan"].data_ptr(), t["cu"].data_ptr(), t["cu"].numel() - 1
     inter = dict(dtp=nan(b, H, nc, Q), cs=nan(b, H, nc, Q), states=nan(b, nc, H, P, N))
     keep.extend(inter.values())
     p.dtp, p.cs, p.states = (ptr(inter[k]) for k in ("dtp", "cs", "states"))
@@ -275,6 +278,120 @@ def run_case(t, lib=None, backward=True):
                dt_bias=bufs["ddt_bias"], init=bufs["dinit"])
     for k, want in gref.items():
         check(got[k], want, act_tol, bwd_factor, f"grad {k}")
+
+
+def packed_plan(lens, Q):
+    """The chunk plan of packed sequences, written independently of the package's chunk_plan:
+    each sequence's chunks at its start, +Q, ...; then empty chunks (L, S) up to the bound."""
+    L, S = sum(lens), len(lens)
+    starts, seqs, t = [], [], 0
+    for s, n in enumerate(lens):
+        starts += list(range(t, t + n, Q))
+        seqs += [s] * len(range(t, t + n, Q))
+        t += n
+    nc = max(1, min(L, (L + S * (Q - 1)) // Q))
+    assert len(starts) <= nc
+    starts += [L] * (nc + 1 - len(starts))
+    seqs += [S] * (nc + 1 - len(seqs))
+    return torch.tensor([starts, seqs], dtype=torch.int32)
+
+
+def run_packed_case(lens, H, P, G, N, Q, dtype, *, init_rows, seed):
+    """Packed sequences with chunks aligned to their starts (chunk_plan), a state each: y, the
+    varlen and final states and every gradient (initial_states' rows included) against the
+    float64 recurrence run on each sequence alone."""
+    e = emu()
+    keep = []
+    L, S = sum(lens), len(lens)
+    t = make_case(1, L, H, P, G, N, Q, dtype, seq=False, init=False, seed=seed)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    R = {"all": S, 1: 1, 0: 0}[init_rows]
+    t["init"] = torch.randn(R, H, P, N) if R else None
+    t["cu"], t["plan"] = cu, packed_plan(lens, Q)
+    dd = torch.float64
+    leaves = {k: (None if t[k] is None else t[k].detach().to(dd).requires_grad_(True))
+              for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "init")}
+    ys, var_ref, fin_ref, loss = [], [], None, 0
+    last = max(i for i, n in enumerate(lens) if n > 0)
+    for i, n in enumerate(lens):
+        s0 = int(cu[i])
+        sl = lambda v: None if v is None else v[:, s0:s0 + n]  # noqa: E731
+        init = leaves["init"][i:i + 1] if R > i else None
+        if n == 0:
+            var_ref.append(init[0].detach() if init is not None else torch.zeros(H, P, N, dtype=dd))
+            continue
+        y_pre, fs = ssd_scan_ref(sl(leaves["x"]), sl(leaves["dt"]), leaves["A"], sl(leaves["B"]), sl(leaves["C"]),
+                                 D=leaves["D"], dt_bias=leaves["dt_bias"], initial_states=init,
+                                 dt_softplus=t["softplus"], dt_limit=t["limit"], return_final_states=True)
+        y = y_pre * torch.nn.functional.silu(sl(leaves["z"]))
+        ys.append(y)
+        var_ref.append(fs[0].detach())
+        loss = loss + (y * sl(t["dout"]).to(dd)).sum()
+        if i == last:
+            fin_ref = fs.detach()
+            loss = loss + (fs * t["dfinal"].to(dd)).sum()
+    y_ref = torch.cat(ys, 1).detach()
+    names = [k for k, v in leaves.items() if v is not None]
+    gref = dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+    f32 = dtype == torch.float32
+    fwd_factor, bwd_factor = (5, 10) if f32 else (2, 2)
+    st_dtype = torch.float32 if f32 else dtype
+
+    p, inter = fill_params(e.S["SsdParams"], t, keep)
+    nc = p.nchunks
+    y, y_pre, fin, var = nan(1, L, H, P, dtype=dtype), nan(1, L, H, P, dtype=dtype), nan(1, H, P, N), nan(S, H, P, N)
+    keep += [y, y_pre, fin, var]
+    p.y, p.y_pre, p.final_states, p.varlen_states = y.data_ptr(), y_pre.data_ptr(), fin.data_ptr(), var.data_ptr()
+    ws = fwd_workspace(e, p, keep)
+    e.call("emu_ssd_fwd_cuda", p)
+    assert ws[0].item() == (ws.numel() - 1) * nc and (ws[1:] == nc - 1).all()
+    check(y, y_ref, dtype, fwd_factor, "y")
+    check(fin, fin_ref, st_dtype, fwd_factor, "final_states")
+    check(var, torch.stack(var_ref), st_dtype, fwd_factor, "varlen_states")
+    for i, n in enumerate(lens):
+        if n == 0:  # an empty sequence keeps its initial state exactly
+            assert torch.equal(var[i], t["init"][i] if R > i else torch.zeros(H, P, N)), i
+
+    q = e.S["SsdBwdParams"]()
+    pf, _ = fill_params(e.S["SsdParams"], t, keep)
+    pf.y_pre = y_pre.data_ptr()
+    q.fwd = pf
+    dout = t["dout"]
+    q.dout, q.dout_sb, q.dout_sl, q.dout_sh = dout.data_ptr(), dout.stride(0), dout.stride(1), dout.stride(2)
+    dfin = t["dfinal"].float().contiguous()
+    q.dfinal = dfin.data_ptr()
+    bufs = dict(dstates=nan(1, nc, H, P, N), dcs_last=nan(1, H, nc), dA_part=nan(1, nc, H), dbias_part=nan(1, nc, H),
+                dD_part=nan(1, nc, H, P), dx=nan(1, L, H, P, dtype=dtype), dB=nan(1, L, G, N, dtype=dtype),
+                dC=nan(1, L, G, N, dtype=dtype), ddt=nan(1, L, H), dA=nan(H), dz=nan(1, L, H, P, dtype=dtype),
+                dD=nan(*t["D"].shape), ddt_bias=nan(H), dinit=torch.zeros(R, H, P, N) if R else None)  # the entry zeroes dinit
+    for k, v in bufs.items():
+        setattr(q, k, ptr(v))
+    ws_bytes = e.value("emu_ssd_bwd_cuda_workspace_bytes", q)
+    wsb = torch.full((max(1, ws_bytes) // 4 + 1,), float("nan"))
+    q.workspace = wsb.data_ptr()
+    keep += [dfin, wsb, dout] + [v for v in bufs.values() if v is not None]
+    e.call("emu_ssd_bwd_cuda", q)
+    got = dict(x=bufs["dx"], B=bufs["dB"], C=bufs["dC"], z=bufs["dz"], dt=bufs["ddt"], A=bufs["dA"], D=bufs["dD"],
+               dt_bias=bufs["ddt_bias"], init=bufs["dinit"])
+    for k, want in gref.items():
+        check(got[k], want, dtype, bwd_factor, f"grad {k}")
+
+
+# name: (lengths, H, P, G, N, Q, dtype, init rows)
+PACKED_CASES = {
+    # one-token, exactly one chunk, empty, a split inside a chunk, the 3-chunk chain
+    "q64_f32_mixed": ([1, 64, 0, 150, 9], 2, 16, 1, 16, 64, torch.float32, "all"),
+    # empty first and last sequences, bf16, two heads per group
+    "q64_bf16_empty_ends": ([0, 70, 33, 0], 4, 8, 2, 16, 64, torch.bfloat16, "all"),
+    # mamba_ssm's single initial state (the first sequence only)
+    "q128_f32_first_only": ([40, 130, 3], 2, 8, 1, 8, 128, torch.float32, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+def test_ssd_emulated_packed_initial_states(name):
+    lens, H, P, G, N, Q, dtype, rows = PACKED_CASES[name]
+    run_packed_case(lens, H, P, G, N, Q, dtype, init_rows=rows, seed=sum(lens))
 
 
 # ---- the tests -------------------------------------------------------------------------------

@@ -327,6 +327,164 @@ def test_chunk_states_match_the_recurrence(device, packed):
     assert states.shape == (2, 0, 4, 8, 8) and ends.numel() == 0
 
 
+# ---------------------------------------------------------------- packed sequences, a state each
+
+
+def packed_case(device, dtype, lens, Q, *, H=4, P=8, G=2, N=16, init_rows="all", seed=0):
+    """Inputs of packed sequences of the given lengths (batch 1) with per-sequence initial states
+    (init_rows "all": one per sequence, 1: the first only, 0: none) and their cu_seqlens."""
+    torch.manual_seed(seed)
+    L = sum(lens)
+    inp = make_inputs(1, L, H, P, G, N, dtype, device)
+    rows = {"all": len(lens), 1: 1, 0: 0}[init_rows]
+    inp["initial_states"] = torch.randn(rows, H, P, N, device=device) if rows else None
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return inp, cu
+
+
+def piece(inp, cu, i):
+    """Sequence i of a packed case as its own batch-1 input, starting from its initial state."""
+    s, e = int(cu[i]), int(cu[i + 1])
+    out = {k: (v[:, s:e] if torch.is_tensor(v) and v.dim() >= 3 and k != "initial_states" else v)
+           for k, v in inp.items()}
+    init = inp["initial_states"]
+    out["initial_states"] = init[i:i + 1] if init is not None and i < init.shape[0] else None
+    return out
+
+
+PACKINGS = [
+    [1, 8, 0, 19, 7, 3],          # one-token, one chunk exactly, empty, splits inside chunks
+    [0, 0, 5],                    # empty first sequences
+    [23],                         # a single sequence
+    [4, 4, 4, 4, 0],              # several per chunk of the unaligned layout, empty last
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", range(len(PACKINGS)))
+def test_packed_initial_states_equal_separate_calls(device, dtype, k):
+    """Sequence s continues initial_states[s]: its y, varlen state (and the final state of the
+    sequence holding the last position) equal, bit for bit, a call on that sequence alone (the
+    chunks are aligned to each start, so the arithmetic is the same), and match the float64
+    recurrence. An empty sequence's varlen state is its initial state."""
+    Q = chunk_for(device, 8)
+    lens = [n * Q // 8 for n in PACKINGS[k]] if device != "cpu" else PACKINGS[k]
+    inp, cu = packed_case(device, dtype, lens, Q, seed=k)
+    poison_allocator(device)
+    y, fin, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_final_states=True,
+                       return_varlen_states=True)
+    assert var.shape == (len(lens), 4, 8, 16) and fin.shape == (1, 4, 8, 16)
+    last = max(i for i, n in enumerate(lens) if n > 0)
+    for i, n in enumerate(lens):
+        s = int(cu[i])
+        if n == 0:
+            assert torch.equal(var[i], inp["initial_states"][i]), f"empty sequence {i} keeps its state"
+            continue
+        part = piece(inp, cu, i)
+        ys, fs = call(part, Q, dt_softplus=True, return_final_states=True)
+        assert torch.equal(y[:, s:s + n], ys), f"y of sequence {i} differs from its own call"
+        assert torch.equal(var[i], fs[0]), f"varlen state {i} differs from its own call"
+        if i == last:
+            assert torch.equal(fin, fs)
+        _, (yr, fr) = ref64(part, dt_softplus=True, return_final_states=True)
+        assert_close(ys, yr, dtype, what=f"y of sequence {i}")
+        assert_close(fs, fr, torch.float32 if dtype == torch.float32 else dtype, what=f"state of sequence {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_initial_states_gradients(device):
+    """Gradients of a packed call (y and the final state) equal the autograd of the float64
+    recurrence run on each sequence alone, in every input and every row of initial_states
+    (an empty sequence's row gets zero)."""
+    Q = chunk_for(device, 8)
+    lens = [1, 2 * Q + 3, 0, Q, 5]
+    inp, cu = packed_case(device, torch.float32, lens, Q, seed=3)
+    requires_grad(inp)
+    y, fin = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_final_states=True)
+    dy = torch.randn_like(y)
+    dfin = torch.randn_like(fin)
+    ((y * dy).sum() + (fin * dfin).sum()).backward()
+    got = grads_of(inp)
+    d = {k: (v.detach().double().requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
+         for k, v in inp.items()}
+    loss = 0
+    last = max(i for i, n in enumerate(lens) if n > 0)
+    for i, n in enumerate(lens):
+        if n == 0:
+            continue
+        p = piece(d, cu, i)
+        s = int(cu[i])
+        yr, fr = ssd_scan_ref(p["x"], p["dt"], p["A"], p["B"], p["C"], D=p["D"], z=p["z"], dt_bias=p["dt_bias"],
+                              initial_states=p["initial_states"], dt_softplus=True, return_final_states=True)
+        loss = loss + (yr * dy[:, s:s + n].double()).sum()
+        if i == last:
+            loss = loss + (fr * dfin.double()).sum()
+    names = list(got)
+    want = torch.autograd.grad(loss, [d[k] for k in names])
+    for k, w in zip(names, want):
+        assert_close(got[k], w, torch.float32, factor=10, what=f"grad {k}")
+    assert torch.equal(got["initial_states"][2], torch.zeros_like(got["initial_states"][2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_single_initial_state_is_the_first_sequences(device):
+    """initial_states (1, ...) with several sequences: mamba_ssm's meaning (it continues the first
+    sequence, the others start from zero), as the float64 recurrence with seq_idx has it."""
+    Q = chunk_for(device, 8)
+    inp, cu = packed_case(device, torch.float32, [Q + 3, 6, 2 * Q], Q, init_rows=1, seed=4)
+    sid = varlen_from_cu_seqlens(cu.cpu(), int(cu[-1])).to(device)
+    y, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
+    _, (yr, vr) = ref64(inp, seq_idx=sid, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
+    assert_close(y, yr, torch.float32, factor=5, what="y")
+    assert_close(var, vr, torch.float32, factor=5, what="varlen states")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_chunk_states_for_prefix_caching(device):
+    """return_chunk_states with cu_seqlens: the state of each sequence after every multiple of
+    chunk_size inside it and after its last token, in plan order, each equal to the float64
+    recurrence run on that prefix of the sequence from its initial state; -1 marks the unused
+    tail."""
+    Q = chunk_for(device, 8)
+    lens = [Q // 2 + 1, 0, 2 * Q, 1, Q + 3]
+    inp, cu = packed_case(device, torch.float32, lens, Q, seed=5)
+    y0 = call(inp, Q, cu_seqlens=cu, dt_softplus=True)
+    y, states, ends = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_chunk_states=True)
+    assert torch.equal(y, y0) and ends.dtype == torch.int64
+    want_ends = [int(cu[i]) + min(k + Q, n) - 1 for i, n in enumerate(lens) for k in range(0, n, Q)]
+    nc = ends.numel()
+    assert ends.tolist() == want_ends + [-1] * (nc - len(want_ends)) and states.shape == (1, nc, 4, 8, 16)
+    owner = [i for i, n in enumerate(lens) for _ in range(0, n, Q)]
+    for c, (e, i) in enumerate(zip(want_ends, owner)):
+        p = piece(inp, cu, i)
+        cut = e + 1 - int(cu[i])
+        sub = {k: (v[:, :cut] if torch.is_tensor(v) and v.dim() >= 3 and k != "initial_states" else v)
+               for k, v in p.items()}
+        _, (_, fr) = ref64(sub, dt_softplus=True, return_final_states=True)
+        assert_close(states[:, c], fr, torch.float32, factor=5, what=f"state after token {e}")
+    assert torch.equal(states[0, len(want_ends):], torch.zeros_like(states[0, len(want_ends):]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunk_plan_layout(device):
+    """chunk_plan: sequence s's chunks start at cu[s], cu[s] + Q, ... in order, empty sequences
+    get none, and the tail is (seqlen, num_sequences) up to the bound that any packing fits."""
+    from nemokernels.ssd.ssd_chunk_scan import chunk_plan
+    cu = torch.tensor([0, 3, 3, 20, 28, 29], dtype=torch.int32, device=device)
+    plan = chunk_plan(cu, 29, 8)
+    starts, seqs = plan[0].tolist(), plan[1].tolist()
+    real = [(0, 0), (3, 2), (11, 2), (19, 2), (20, 3), (28, 4)]
+    nc = min(29, (29 + 5 * 7) // 8)
+    assert plan.dtype == torch.int32 and plan.shape == (2, nc + 1)
+    assert list(zip(starts, seqs))[:len(real)] == real
+    assert all(s == 29 and q == 5 for s, q in zip(starts[len(real):], seqs[len(real):]))
+    worst = torch.tensor([0] + [1 + 8 * k for k in range(1, 5)], dtype=torch.int32)  # lengths 9, 8, 8, 8
+    lens = (worst[1:] - worst[:-1]).tolist()
+    need = sum(-(-n // 8) for n in lens)
+    assert chunk_plan(worst, int(worst[-1]), 8).shape[1] - 1 >= need
+
+
 # ---------------------------------------------------------------- registration, compile, graphs
 
 
@@ -356,6 +514,54 @@ def test_opcheck(device):
     opcheck(torch.ops.nemokernels.ssd_chunk_scan_bwd,
             (torch.randn_like(y), i["x"], i["dt"], i["A"], i["B"], i["C"], Q, i["D"], i["z"], y_pre, i["dt_bias"],
              i["initial_states"], None, torch.randn_like(i["initial_states"]), True, 0.0, float("inf"), True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_packed_initial_states(device):
+    """The ops with a chunk plan, a state per sequence and varlen states (autograd included)."""
+    from nemokernels.ssd.ssd_chunk_scan import chunk_plan
+    Q = chunk_for(device, 8)
+    inp, cu = packed_case(device, torch.float32, [3, 0, 12, 6], Q, seed=7)
+    plan = chunk_plan(cu, 21, Q)
+    for with_grad in (False, True):
+        for k in ("x", "dt", "B", "C", "z", "initial_states"):
+            inp[k].requires_grad_(with_grad)
+        opcheck(torch.ops.nemokernels.ssd_chunk_scan_fwd,
+                (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, inp["D"], inp["z"], inp["dt_bias"],
+                 inp["initial_states"], None, cu, True, 0.0, float("inf"), True, True, with_grad, True, plan))
+    d = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in inp.items()}
+    y, y_pre, _, _, _ = torch.ops.nemokernels.ssd_chunk_scan_fwd(
+        d["x"], d["dt"], d["A"], d["B"], d["C"], Q, d["D"], d["z"], d["dt_bias"], d["initial_states"],
+        None, cu, True, 0.0, float("inf"), False, False, True, False, plan)
+    opcheck(torch.ops.nemokernels.ssd_chunk_scan_bwd,
+            (torch.randn_like(y), d["x"], d["dt"], d["A"], d["B"], d["C"], Q, d["D"], d["z"], y_pre, d["dt_bias"],
+             d["initial_states"], None, torch.randn(1, 4, 8, 16, device=device), True, 0.0, float("inf"), True,
+             cu, plan))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_packed_initial_states(device):
+    """The public function with cu_seqlens and per-sequence states under torch.compile: the plan
+    is built with device ops (no graph break), results and gradients equal eager mode's."""
+    Q = chunk_for(device, 8)
+    inp, cu = packed_case(device, torch.float32, [5, 0, 11, 9], Q, seed=8)
+    requires_grad(inp)
+
+    def f(x, dt, B, C, z, h0, cu):
+        y, var = scan(x, dt, inp["A"], B, C, Q, D=inp["D"], z=z, dt_bias=inp["dt_bias"], initial_states=h0,
+                      cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
+        return y.sum(), var
+
+    args = [inp[k] for k in ("x", "dt", "B", "C", "z", "initial_states")]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    out, var = compiled(*args, cu)
+    g = torch.autograd.grad(out, args)
+    ref, ref_var = f(*args, cu)
+    gr = torch.autograd.grad(ref, args)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(var, ref_var)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -460,7 +666,9 @@ def good_args(device):
     Q = chunk_for(device, 8)
     i = make_inputs(1, 20, 4, 8, 2, 8, torch.float32, device, init=True)
     cu = torch.tensor([0, 5, 5, 12, 20], dtype=torch.int32, device=device)
+    from nemokernels.ssd.ssd_chunk_scan import chunk_plan
     return SimpleNamespace(Q=Q, cu=cu, sid=varlen_from_cu_seqlens(cu, 20), dout=torch.randn_like(i["x"]),
+                           plan=chunk_plan(cu, 20, Q),
                            y_pre=torch.randn_like(i["x"]), dfin=torch.randn_like(i["initial_states"]),
                            **{k: v for k, v in i.items()})
 
@@ -468,7 +676,8 @@ def good_args(device):
 def fwd(t, **kw):
     a = dict(x=t.x, dt=t.dt, A=t.A, B=t.B, C=t.C, chunk_size=t.Q, D=t.D, z=t.z, dt_bias=t.dt_bias,
              initial_states=t.initial_states, seq_idx=None, cu_seqlens=None, dt_softplus=True, dt_min=0.0,
-             dt_max=INF, return_final_states=True, return_varlen_states=False, save_y_pre=False)
+             dt_max=INF, return_final_states=True, return_varlen_states=False, save_y_pre=False,
+             return_chunk_states=False, chunk_plan=None)
     a.update(kw)
     return ops.ssd_chunk_scan_fwd(*a.values())
 
@@ -482,9 +691,17 @@ def varlen(t, **kw):
 def bwd(t, **kw):
     a = dict(dout=t.dout, x=t.x, dt=t.dt, A=t.A, B=t.B, C=t.C, chunk_size=t.Q, D=t.D, z=t.z, y_pre=t.y_pre,
              dt_bias=t.dt_bias, initial_states=t.initial_states, seq_idx=None, dfinal_states=t.dfin,
-             dt_softplus=True, dt_min=0.0, dt_max=INF, return_dinitial_states=True)
+             dt_softplus=True, dt_min=0.0, dt_max=INF, return_dinitial_states=True, cu_seqlens=None, chunk_plan=None)
     a.update(kw)
     return ops.ssd_chunk_scan_bwd(*a.values())
+
+
+def planned(t, **kw):
+    """The forward (or, with op=bwd, the backward) with packed sequences and a chunk plan."""
+    op = kw.pop("op", fwd)
+    a = dict(cu_seqlens=t.cu, chunk_plan=t.plan)
+    a.update(kw)
+    return op(t, **a)
 
 
 def batch_two(t):
@@ -544,7 +761,7 @@ FWD_CASES = [
     ("varlen_without_cu_seqlens", "any", lambda t: varlen(t, cu_seqlens=None),
      X_ + "return_varlen_states needs cu_seqlens, got None"),
     ("varlen_without_seq_idx", "any", lambda t: varlen(t, seq_idx=None),
-     X_ + r"return_varlen_states needs seq_idx \(the packed sequences' ids\), got None"),
+     X_ + r"return_varlen_states needs seq_idx \(the packed sequences. ids\) or chunk_plan, got neither"),
     ("varlen_batch_2", "any", lambda t: varlen(t, **batch_two(t)),
      X_ + r"return_varlen_states needs batch 1 \(packed sequences\), got batch 2"),
     ("cu_seqlens_dtype", "any", lambda t: varlen(t, cu_seqlens=t.cu.long()),
@@ -567,6 +784,20 @@ FWD_CASES = [
     ("seq_idx_changes_inside", "cpu", lambda t: varlen(t, cu_seqlens=t.cu.new_tensor([0, 5, 5, 14, 20])),
      X_ + r"seq_idx disagrees with cu_seqlens: sequence 2 spans positions 5..13 \(cu_seqlens\[2\], cu_seqlens\[3\]\), "
           r"so seq_idx must be 2 there, got 3 at position 12"),
+    ("plan_init_rows", "any", lambda t: planned(t, initial_states=_randn(t, 2, 4, 8, 8)),
+     X_ + r"with cu_seqlens, initial_states must be \(num_sequences, nheads, headdim, dstate\) = \(4, 4, 8, 8\) "
+          r"or \(1, 4, 8, 8\) \(the first sequence only\), got \(2, 4, 8, 8\)"),
+    ("plan_with_seq_idx", "any", lambda t: planned(t, seq_idx=t.sid),
+     X_ + r"chunk_plan replaces seq_idx \(each chunk holds one sequence\); got both"),
+    ("plan_without_cu_seqlens", "any", lambda t: planned(t, cu_seqlens=None), X_ + "chunk_plan needs cu_seqlens, got None"),
+    ("plan_batch_2", "any", lambda t: planned(t, **{k: v for k, v in batch_two(t).items() if k != "seq_idx"}),
+     X_ + r"chunk_plan needs batch 1 \(packed sequences\), got batch 2"),
+    ("plan_dtype", "any", lambda t: planned(t, chunk_plan=t.plan.long()), X_ + r"chunk_plan must be one of \{int32\}, got int64"),
+    ("plan_rank", "any", lambda t: planned(t, chunk_plan=t.plan[0]), X_ + r"chunk_plan must have 2 dimensions, got shape"),
+    ("plan_mismatch", "cpu", lambda t: planned(t, chunk_plan=t.plan.roll(1, 1)),
+     X_ + r"chunk_plan does not match cu_seqlens at chunk 0 \(expected start 0, sequence 0\)"),
+    ("plan_tail", "cpu", lambda t: planned(t, chunk_plan=torch.cat([t.plan[:, :-1], t.plan[:, -1:] - 1], 1)),
+     X_ + r"chunk_plan must end with \(20, 4\), got \(19, 3\)"),
     ("chunk_32", "cuda", lambda t: fwd(t, chunk_size=32), X_ + CUDA_Q),
     ("B_device", "cuda", lambda t: fwd(t, B=t.B.cpu()), X_ + "B" + DEVMIX),
     ("cu_seqlens_device", "cuda", lambda t: varlen(t, cu_seqlens=t.cu.cpu()), X_ + "cu_seqlens" + DEVMIX),
@@ -597,6 +828,10 @@ BWD_CASES = [
      Y_ + r"dt_limit must be \(min, max\) with min <= max, got \(0\.0*, -?nan\)"),
     ("seq_idx_decreasing", "cpu", lambda t: bwd(t, seq_idx=t.sid.flip(1).contiguous()),
      Y_ + r"seq_idx must be non-negative and non-decreasing along each row; row 0 has 2 at position 8"),
+    ("plan_init_rows", "any", lambda t: planned(t, op=bwd, initial_states=_randn(t, 3, 4, 8, 8)),
+     Y_ + r"with cu_seqlens, initial_states must be \(num_sequences, nheads, headdim, dstate\) = \(4, 4, 8, 8\)"),
+    ("plan_mismatch", "cpu", lambda t: planned(t, op=bwd, chunk_plan=t.plan.flip(1).contiguous()),
+     Y_ + r"chunk_plan does not match cu_seqlens at chunk 0"),
     ("chunk_32", "cuda", lambda t: bwd(t, chunk_size=32), Y_ + CUDA_Q),
     ("dout_device", "cuda", lambda t: bwd(t, dout=t.dout.cpu()), Y_ + "dout" + DEVMIX),
     ("y_pre_device", "cuda", lambda t: bwd(t, y_pre=t.y_pre.cpu()), Y_ + "y_pre" + DEVMIX),
@@ -618,6 +853,13 @@ PUBLIC_CASES = [
      lambda t: public(t, inputs={k: v for k, v in batch_two(t).items() if k != "seq_idx"}, cu_seqlens=t.cu,
                       return_varlen_states=True),
      r"mamba_chunk_scan_combined: return_varlen_states needs batch 1 \(packed sequences\), got batch 2", ValueError),
+    ("packed_init_rows", "any",
+     lambda t: public(t, inputs=dict(initial_states=_randn(t, 3, 4, 8, 8)), cu_seqlens=t.cu),
+     X_ + r"with cu_seqlens, initial_states must be \(num_sequences, nheads, headdim, dstate\) = \(4, 4, 8, 8\)"),
+    ("packed_seq_idx_disagrees", "cpu",
+     lambda t: public(t, seq_idx=t.sid.new_tensor([[0] * 10 + [1] * 10]), cu_seqlens=t.cu),
+     r"mamba_chunk_scan_combined: seq_idx disagrees with cu_seqlens \(its id must change exactly where a "
+     r"non-empty sequence starts\)", ValueError),
     # the wrapper derives seq_idx from cu_seqlens; the op still checks cu_seqlens
     ("cu_seqlens_end", "cpu",
      lambda t: public(t, cu_seqlens=torch.tensor([0, 5, 19]), return_varlen_states=True),
@@ -643,9 +885,12 @@ def test_bad_index_values_stay_in_bounds_on_cuda(sanitizer):
     sid = varlen_from_cu_seqlens(cu, L)
     y_ref = call(inp, Q, seq_idx=sid, dt_softplus=True)
     big = 2**31 - 1
-    for bad in ([0, -7, Q, L], [0, 10, big, L], [5, 3, 1, L + 100], [-big, big, 0, L], [0, L, L, 3 * L]):
+    bads = ([0, -7, Q, L], [0, 10, big, L], [5, 3, 1, L + 100], [-big, big, 0, L], [0, L, L, 3 * L])
+    for bad in bads:  # the raw op's mamba_ssm layout (seq_idx, F5); the public function plans chunks
         cu_bad = torch.tensor(bad, dtype=torch.int32, device="cuda")
-        y, var = call(inp, Q, seq_idx=sid, cu_seqlens=cu_bad, dt_softplus=True, return_varlen_states=True)
+        y, _, _, var, _ = ops.ssd_chunk_scan_fwd(
+            inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, inp["D"], inp["z"], inp["dt_bias"],
+            inp["initial_states"], sid, cu_bad, True, 0.0, INF, False, True, False)
         torch.cuda.synchronize()
         assert torch.equal(y, y_ref), f"y must not depend on cu_seqlens {bad}"
         assert torch.isfinite(var).all(), f"varlen states for cu_seqlens {bad}"
@@ -662,3 +907,20 @@ def test_bad_index_values_stay_in_bounds_on_cuda(sanitizer):
         torch.cuda.synchronize()
         assert torch.isfinite(y).all() and torch.isfinite(fin).all()
         assert all(torch.isfinite(g).all() for g in grads_of(inp).values())
+    # Packed sequences with a chunk plan: plans built from bad cu_seqlens, and random plans,
+    # through the forward and the backward with a state per sequence: memory-safe (the kernels
+    # clamp every plan value), results unspecified.
+    from nemokernels.ssd.ssd_chunk_scan import chunk_plan
+    h0 = torch.randn(3, 4, 16, 16, device="cuda", requires_grad=True)
+    plans = [chunk_plan(torch.tensor(bad, dtype=torch.int32, device="cuda"), L, Q) for bad in bads]
+    nc = plans[0].shape[1] - 1
+    plans += [torch.randint(-big, big, (2, nc + 1), device="cuda", dtype=torch.int32),
+              torch.randint(-3, L + 3, (2, nc + 1), device="cuda", dtype=torch.int32)]
+    for bad, plan in zip(bads + ("random", "random small"), plans):
+        cu_bad = torch.tensor(bad if isinstance(bad, list) else [0, 10, Q + 3, L], dtype=torch.int32, device="cuda")
+        d = {k: (v.detach().requires_grad_(True) if v is not None else None) for k, v in inp.items()}
+        y, _, fin, var, _ = ops.ssd_chunk_scan_fwd(
+            d["x"], d["dt"], d["A"], d["B"], d["C"], Q, d["D"], d["z"], d["dt_bias"], h0, None, cu_bad, True, 0.0,
+            INF, True, True, True, False, plan)
+        (y.sum() + fin.sum()).backward()
+        torch.cuda.synchronize()  # values unspecified (rows may go unwritten); memcheck sees every access
