@@ -204,6 +204,29 @@ def fwd_workspace(e, p, keep):
     return ws
 
 
+def emu_backward(e, q, t, dinit, keep):
+    """Runs the emulated backward on q (SsdBwdParams with fwd, dout and dfinal set) into
+    NaN-poisoned gradient buffers (dinit as given) and a NaN workspace; returns the gradients by
+    input name."""
+    b, L, H, P, G, N, dtype = (t[k] for k in "b L H P G N dtype".split())
+    nc = q.fwd.nchunks
+    bufs = dict(dstates=nan(b, nc, H, P, N), dcs_last=nan(b, H, nc), dA_part=nan(b, nc, H), dbias_part=nan(b, nc, H),
+                dD_part=nan(b, nc, H, P), dx=nan(b, L, H, P, dtype=dtype), dB=nan(b, L, G, N, dtype=dtype),
+                dC=nan(b, L, G, N, dtype=dtype), ddt=nan(b, L, H), dA=nan(H),
+                dz=nan(b, L, H, P, dtype=dtype) if t["z"] is not None else None,
+                dD=None if t["D"] is None else nan(*t["D"].shape),
+                ddt_bias=None if t["dt_bias"] is None else nan(H), dinit=dinit)
+    for k, v in bufs.items():
+        setattr(q, k, ptr(v))
+    ws_bytes = e.value("emu_ssd_bwd_cuda_workspace_bytes", q)
+    ws = torch.full((max(1, ws_bytes) // 4 + 1,), float("nan"))
+    q.workspace = ws.data_ptr()
+    keep += [ws] + [v for v in bufs.values() if v is not None]
+    e.call("emu_ssd_bwd_cuda", q)
+    return dict(x=bufs["dx"], B=bufs["dB"], C=bufs["dC"], z=bufs["dz"], dt=bufs["ddt"], A=bufs["dA"], D=bufs["dD"],
+                dt_bias=bufs["ddt_bias"], init=bufs["dinit"])
+
+
 def run_case(t, lib=None, backward=True):
     e = lib or emu()
     keep = []
@@ -256,26 +279,12 @@ def run_case(t, lib=None, backward=True):
     q.dout, q.dout_sb, q.dout_sl, q.dout_sh = dout.data_ptr(), dout.stride(0), dout.stride(1), dout.stride(2)
     dfin = None if t["dfinal"] is None else t["dfinal"].float().contiguous()
     q.dfinal = ptr(dfin)
-    nc = pf.nchunks
-    bufs = dict(dstates=nan(b, nc, H, P, N), dcs_last=nan(b, H, nc), dA_part=nan(b, nc, H), dbias_part=nan(b, nc, H),
-                dD_part=nan(b, nc, H, P), dx=nan(b, L, H, P, dtype=dtype), dB=nan(b, L, G, N, dtype=dtype),
-                dC=nan(b, L, G, N, dtype=dtype), ddt=nan(b, L, H), dA=nan(H))
-    bufs["dz"] = nan(b, L, H, P, dtype=dtype) if t["z"] is not None else None
-    bufs["dD"] = None if t["D"] is None else nan(*t["D"].shape)
-    bufs["ddt_bias"] = None if t["dt_bias"] is None else nan(H)
-    bufs["dinit"] = None if t["init"] is None else nan(b, H, P, N)
-    for k, v in bufs.items():
-        setattr(q, k, ptr(v))
-    ws_bytes = e.value("emu_ssd_bwd_cuda_workspace_bytes", q)
-    ws = torch.full((max(1, ws_bytes) // 4 + 1,), float("nan"))
-    q.workspace = ws.data_ptr()
-    keep += [dfin, ws, dout] + [v for v in bufs.values() if v is not None]
-    e.call("emu_ssd_bwd_cuda", q)
+    keep += [dfin, dout]
+    dinit = None if t["init"] is None else nan(b, H, P, N)
+    got = emu_backward(e, q, t, dinit, keep)
     gref = ref["grads"]
     bwd_factor = 10 if f32 else 2
     act_tol = dtype
-    got = dict(x=bufs["dx"], B=bufs["dB"], C=bufs["dC"], z=bufs["dz"], dt=bufs["ddt"], A=bufs["dA"], D=bufs["dD"],
-               dt_bias=bufs["ddt_bias"], init=bufs["dinit"])
     for k, want in gref.items():
         check(got[k], want, act_tol, bwd_factor, f"grad {k}")
 
@@ -360,19 +369,8 @@ def run_packed_case(lens, H, P, G, N, Q, dtype, *, init_rows, seed):
     q.dout, q.dout_sb, q.dout_sl, q.dout_sh = dout.data_ptr(), dout.stride(0), dout.stride(1), dout.stride(2)
     dfin = t["dfinal"].float().contiguous()
     q.dfinal = dfin.data_ptr()
-    bufs = dict(dstates=nan(1, nc, H, P, N), dcs_last=nan(1, H, nc), dA_part=nan(1, nc, H), dbias_part=nan(1, nc, H),
-                dD_part=nan(1, nc, H, P), dx=nan(1, L, H, P, dtype=dtype), dB=nan(1, L, G, N, dtype=dtype),
-                dC=nan(1, L, G, N, dtype=dtype), ddt=nan(1, L, H), dA=nan(H), dz=nan(1, L, H, P, dtype=dtype),
-                dD=nan(*t["D"].shape), ddt_bias=nan(H), dinit=torch.zeros(R, H, P, N) if R else None)  # the entry zeroes dinit
-    for k, v in bufs.items():
-        setattr(q, k, ptr(v))
-    ws_bytes = e.value("emu_ssd_bwd_cuda_workspace_bytes", q)
-    wsb = torch.full((max(1, ws_bytes) // 4 + 1,), float("nan"))
-    q.workspace = wsb.data_ptr()
-    keep += [dfin, wsb, dout] + [v for v in bufs.values() if v is not None]
-    e.call("emu_ssd_bwd_cuda", q)
-    got = dict(x=bufs["dx"], B=bufs["dB"], C=bufs["dC"], z=bufs["dz"], dt=bufs["ddt"], A=bufs["dA"], D=bufs["dD"],
-               dt_bias=bufs["ddt_bias"], init=bufs["dinit"])
+    keep += [dfin, dout]
+    got = emu_backward(e, q, t, torch.zeros(R, H, P, N) if R else None, keep)  # the entry zeroes dinit with a plan
     for k, want in gref.items():
         check(got[k], want, dtype, bwd_factor, f"grad {k}")
 
