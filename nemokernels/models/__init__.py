@@ -2,5 +2,7 @@
 (docs/design.md section 5): config, layers, model, Hugging Face checkpoints, speculative generate."""
 from .config import NemotronHConfig
 from .model import CausalLMOutput, CheckpointError, NemotronHForCausalLM, NemotronHModel
+from .serving import decode_greedy, prefill_packed
 
-__all__ = ["NemotronHConfig", "NemotronHForCausalLM", "NemotronHModel", "CausalLMOutput", "CheckpointError"]
+__all__ = ["NemotronHConfig", "NemotronHForCausalLM", "NemotronHModel", "CausalLMOutput", "CheckpointError",
+           "prefill_packed", "decode_greedy"]

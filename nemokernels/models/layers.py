@@ -195,6 +195,34 @@ class MambaMixer(nn.Module):
         y = self.norm(y, gate)
         return self.out_proj(y.to(hidden.dtype))
 
+    def forward_packed(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, conv_states: Optional[torch.Tensor] = None,
+                       ssm_states: Optional[torch.Tensor] = None):
+        """Prefill of S packed sequences (serving): hidden (1, T, D), sequence s at positions
+        cu_seqlens[s]..cu_seqlens[s+1]-1, starting from conv_states[s] (S, conv_dim, K - 1) and
+        ssm_states[s] (S, H, P, N) float32 (zeros where None). Same math as forward's prefill.
+        Returns out (1, T, D), conv_final (S, conv_dim, K - 1) in the activations' dtype and
+        ssm_final (S, H, P, N) float32: each sequence's state after its last token."""
+        if hidden.dim() != 3 or hidden.shape[0] != 1:
+            raise ValueError(f"MambaMixer.forward_packed: hidden must be (1, T, D), got {tuple(hidden.shape)}")
+        T = hidden.shape[1]
+        cu = cu_seqlens.to(device=hidden.device, dtype=torch.int32)
+        proj = self.in_proj(hidden)
+        gate, xbc, dt = torch.split(proj, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        xt = xbc.transpose(1, 2)
+        w = self.conv1d.weight.squeeze(1).to(xt.dtype)
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xt.dtype)
+        init_conv = None if conv_states is None else conv_states.to(xt.dtype)
+        xc, conv_final = causal_conv1d_fn(xt, w, bias, cu_seqlens=cu, initial_states=init_conv,
+                                          return_final_states=True, activation="silu")
+        x, B, C = self._split_xbc(xc.transpose(1, 2))
+        init_ssm = None if ssm_states is None else ssm_states.float()
+        y, ssm_final = mamba_chunk_scan_combined(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                                                 initial_states=init_ssm, cu_seqlens=cu, dt_softplus=True,
+                                                 dt_limit=self.dt_limit, return_varlen_states=True)
+        y = self.norm(y.reshape(1, T, self.intermediate_size), gate)
+        return self.out_proj(y.to(hidden.dtype)), conv_final.contiguous(), ssm_final
+
     @torch.no_grad()
     def _step(self, xbc, dt, A, w, bias, cache: MambaCache, verify: bool):
         b, T, _ = xbc.shape
