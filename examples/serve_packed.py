@@ -1,15 +1,21 @@
 """Packed prefill for serving: three requests, each with a cache from an earlier prefix, have
 their continuations prefilled in one packed forward (prefill_packed), then decode greedily
-from their own caches; the tokens are checked against each full prompt generated alone.
+from their own caches, token by token and with draft trees verified in one forward each
+(decode_tree_greedy); the tokens are checked against each full prompt generated alone.
+
+The draft trees here come from a stand-in drafter: random trees in which one random path
+carries the true continuation to a random depth (taken from the token-by-token run), so that
+both acceptance and rejection happen. A real server drafts with the MTP head or a draft model.
 
     python examples/serve_packed.py                 # a random tiny demo model, a few seconds on CPU
     python examples/serve_packed.py --device cuda"""
 import argparse
+import copy
 import time
 
 import torch
 
-from nemokernels.models import NemotronHForCausalLM, decode_greedy, prefill_packed
+from nemokernels.models import NemotronHForCausalLM, decode_greedy, decode_tree_greedy, prefill_packed
 from nemokernels.models.demo import demo_config
 
 
@@ -41,10 +47,36 @@ def main() -> int:
 
     t0 = time.perf_counter()
     logits, caches = prefill_packed(model, conts, caches)
-    tokens = decode_greedy(model, caches, logits.argmax(-1), args.new_tokens)
+    first = logits.argmax(-1)
+    tree_caches = copy.deepcopy(caches)
+    tokens = decode_greedy(model, caches, first, args.new_tokens)
     dt = time.perf_counter() - t0
     print(f"packed prefill of {sum(cont_lens)} tokens ({len(conts)} requests) + {args.new_tokens} greedy tokens "
           f"each: {dt * 1e3:.1f} ms")
+
+    # the same decode with draft trees (root, 2 children, then 3 grandchildren, 2 leaves below)
+    tree = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 5], device=dev)
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+
+    def draft(r, emitted):
+        cand = torch.randint(0, V, (tree.numel(),), generator=g).to(dev)
+        node, path = [4, 6, 7][int(torch.randint(0, 3, (1,), generator=g))], []
+        while node > 0:
+            path.append(node)
+            node = int(tree[node])
+        depth = int(torch.randint(0, 4, (1,), generator=g))
+        truth = tokens[r, emitted.numel():]
+        for d, nd in enumerate(reversed(path)):
+            if d < min(depth, truth.numel()):
+                cand[nd] = truth[d]
+        return cand, tree
+
+    stats = {}
+    tree_tokens = decode_tree_greedy(model, tree_caches, first, args.new_tokens, draft, stats=stats)
+    print(f"tree decode: {stats['forwards']} target forwards for {len(conts) * (args.new_tokens - 1)} tokens "
+          f"({stats['accepted']} drafted tokens accepted); same tokens as token by token: "
+          f"{torch.equal(tree_tokens, tokens)}")
+    assert torch.equal(tree_tokens, tokens), "tree decode differs from token-by-token decode"
 
     ok = True
     for s, (pre, cont) in enumerate(zip(prefixes, conts)):

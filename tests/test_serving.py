@@ -1,10 +1,15 @@
 """nemokernels.models.serving: MambaMixer.forward_packed against forward per sequence, packed
-prefill + greedy decode against each request alone, input errors."""
+prefill + greedy decode against each request alone, draft-tree verification through the model
+against chain runs along each path, tree decode against greedy decode, input errors."""
+import copy
+
 import pytest
 import torch
 
-from nemokernels.models import NemotronHForCausalLM, decode_greedy, prefill_packed
-from nemokernels.models.layers import MambaCache
+from nemokernels.models import NemotronHForCausalLM, decode_greedy, decode_tree_greedy, prefill_packed
+from nemokernels.models.layers import AttentionCache, MambaCache
+
+from helpers import tree_path
 from test_models import V, assert_same_greedy, one_thread, perturb_, tiny  # noqa: F401 (one_thread: autouse)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -115,3 +120,88 @@ def test_serve_packed_example_runs():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert sum(l.endswith(" same") for l in res.stdout.splitlines()) == 3 and "ok: every request" in res.stdout
+
+
+# root 0; 1, 2 under it; 3, 4 under 1; 5 under 2; 6 under 3; 7 under 5
+TREE = [-1, 0, 0, 1, 1, 2, 3, 5]
+
+
+def _prefilled(model, n):
+    c = [b.new_cache() for b in model.model.layers]
+    model(torch.randint(0, V, (1, n)), caches=c)
+    return c
+
+
+@torch.no_grad()
+def test_tree_verify_equals_chain_along_every_path(model):
+    """One verify pass over a draft tree (pattern M*EM-): node t's logits equal a chain forward of
+    its root-to-t path from the same caches, and committing to node t leaves every cache (conv,
+    SSM, KV) as that chain run does."""
+    caches = _prefilled(model, 11)
+    cand = torch.randint(0, V, (1, len(TREE)))
+    parents = torch.tensor([TREE])
+    tree_caches = copy.deepcopy(caches)
+    logits = model(cand, caches=tree_caches, parents=parents).logits
+    assert logits.shape == (1, len(TREE), V)
+    for t in range(len(TREE)):
+        path = tree_path(TREE, t)
+        chain = copy.deepcopy(caches)
+        want = model(cand[:, path], caches=chain).logits[0, -1]
+        torch.testing.assert_close(logits[0, t], want, **TOL, msg=f"logits of node {t} (path {path})")
+        committed = copy.deepcopy(tree_caches)
+        for lc in committed:
+            if isinstance(lc, MambaCache):
+                lc.commit_tree(torch.tensor([t]))
+            elif isinstance(lc, AttentionCache):
+                lc.commit_tree(torch.tensor([path]))
+        for i, (a, b) in enumerate(zip(committed, chain)):
+            if isinstance(a, MambaCache):
+                torch.testing.assert_close(a.conv_state, b.conv_state, **TOL, msg=f"layer {i} conv, node {t}")
+                torch.testing.assert_close(a.ssm_state, b.ssm_state, **TOL, msg=f"layer {i} ssm, node {t}")
+            elif isinstance(a, AttentionCache):
+                torch.testing.assert_close(a.k, b.k, **TOL, msg=f"layer {i} k, node {t}")
+                torch.testing.assert_close(a.v, b.v, **TOL, msg=f"layer {i} v, node {t}")
+
+
+def oracle_drafter(truth, seed=0):
+    """Trees of shape TREE whose nodes are random tokens, except that a random root-to-leaf path
+    carries the true continuation to a random depth (0-3): acceptance and rejection both happen."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draft(r, emitted):
+        cand = torch.randint(0, V, (len(TREE),), generator=g)
+        leaf = [4, 6, 7][int(torch.randint(0, 3, (1,), generator=g))]
+        depth = int(torch.randint(0, 4, (1,), generator=g))
+        nxt = truth[r][emitted.numel():]
+        for d, node in enumerate(tree_path(TREE, leaf)[1:depth + 1]):
+            if d < nxt.numel():
+                cand[node] = nxt[d]
+        return cand, torch.tensor(TREE)
+    return draft
+
+
+@torch.no_grad()
+def test_packed_prefill_then_tree_decode_equals_greedy(model):
+    """Issue 20's end to end: three requests (two continuing cached states) prefilled packed, then
+    decoded with draft trees; the tokens equal greedy decoding from the same caches (itself equal
+    to each request alone, test above) with fewer target forwards."""
+    prefixes = [7, 0, 3]
+    conts = [torch.randint(0, V, (n,)) for n in (5, 12, 1)]
+    caches = [(_prefilled(model, p) if p else None) for p in prefixes]
+    logits, caches = prefill_packed(model, conts, caches)
+    n = 12
+    truth = decode_greedy(model, copy.deepcopy(caches), logits.argmax(-1), n)
+    stats = {}
+    got = decode_tree_greedy(model, caches, logits.argmax(-1), n, oracle_drafter(truth), stats=stats)
+    assert torch.equal(got, truth)
+    assert stats["accepted"] > 0, stats
+    assert stats["forwards"] == 3 * (n - 1) - stats["accepted"], stats  # each forward emits 1 + its kept drafts
+
+
+def test_tree_decode_errors(model):
+    caches = [_prefilled(model, 3)]
+    bad_root = lambda r, e: (torch.zeros(3, dtype=torch.long), torch.tensor([-1, -1, 0]))  # noqa: E731
+    with pytest.raises(ValueError, match="node 0 as its only root"):
+        decode_tree_greedy(model, caches, torch.tensor([1]), 4, bad_root)
+    with pytest.raises(ValueError, match="needs caches"):
+        model(torch.tensor([[1, 2]]), parents=torch.tensor([[-1, 0]]))

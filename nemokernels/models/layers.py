@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ssd.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ..ssd.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, commit_conv_state
 from ..ssd.rmsnorm_gated import RMSNormGated, rmsnorm_fn
 from ..ssd.ssd_chunk_scan import mamba_chunk_scan_combined
 from ..ssd.state_update import commit_state, commit_state_replay, selective_state_update, selective_state_update_multi
 
 from ..moe import LatentMoE
 
-__all__ = ["RMSNorm", "MambaMixer", "Attention", "MLP", "LatentMoE", "Block", "MambaCache", "AttentionCache"]
+__all__ = ["RMSNorm", "MambaMixer", "Attention", "MLP", "LatentMoE", "Block", "MambaCache", "AttentionCache",
+           "tree_ancestors"]
 
 
 class RMSNorm(nn.Module):
@@ -65,6 +66,14 @@ class MambaCache:
         else:
             commit_state(self.ssm_state, ssm, num_kept)
 
+    def commit_tree(self, accepted_node: torch.Tensor) -> None:
+        """Advance to node accepted_node[b] of the last tree verify pass (its root-to-node path)."""
+        _, xt, parents, inter = self.pending
+        self.pending = None
+        node = accepted_node.to(xt.device)
+        commit_conv_state(self.conv_state, xt, node, parents)
+        commit_state(self.ssm_state, inter, accepted_node=node)
+
     def select(self, rows: torch.Tensor) -> None:
         self.conv_state = self.conv_state.index_select(0, rows)
         self.ssm_state = self.ssm_state.index_select(0, rows)
@@ -99,6 +108,15 @@ class AttentionCache:
         """Keep the first num_kept positions of the last verify pass (same for every row)."""
         start, self.pending_len = self.pending_len, None
         self.truncate(start + int(num_kept))
+
+    def commit_tree(self, path: torch.Tensor) -> None:
+        """Keep, after the cached prefix, the entries of the tree nodes path (B, m) of the last
+        verify pass (each row its own nodes, in order)."""
+        start, self.pending_len = self.pending_len, None
+        idx = (start + path.to(self.k.device).long())[:, None, :, None]
+        idx = idx.expand(self.k.shape[0], self.k.shape[1], path.shape[1], self.k.shape[3])
+        self.k = torch.cat([self.k[:, :, :start], torch.gather(self.k, 2, idx)], 2)
+        self.v = torch.cat([self.v[:, :, :start], torch.gather(self.v, 2, idx)], 2)
 
     def select(self, rows: torch.Tensor) -> None:
         if self.k is not None:
@@ -160,15 +178,17 @@ class MambaMixer(nn.Module):
         precomputed so they apply the same clamp as the chunked scan)."""
         return F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_limit[0], max=self.dt_limit[1])
 
-    def forward(self, hidden: torch.Tensor, cache: Optional[MambaCache] = None, verify: bool = False) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: Optional[MambaCache] = None, verify: bool = False,
+                parents: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, L, _ = hidden.shape
+        verify = verify or parents is not None
         proj = self.in_proj(hidden)
         gate, xbc, dt = torch.split(proj, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         A = -torch.exp(self.A_log.float())
         w = self.conv1d.weight.squeeze(1)
         bias = self.conv1d.bias
         if cache is not None and (verify or (L == 1 and cache.conv_state is not None)):
-            y = self._step(xbc, dt, A, w, bias, cache, verify)
+            y = self._step(xbc, dt, A, w, bias, cache, verify, parents)
         else:
             init_conv = cache.conv_state if cache is not None else None
             init_ssm = cache.ssm_state if cache is not None else None
@@ -224,14 +244,19 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.to(hidden.dtype)), conv_final.contiguous(), ssm_final
 
     @torch.no_grad()
-    def _step(self, xbc, dt, A, w, bias, cache: MambaCache, verify: bool):
+    def _step(self, xbc, dt, A, w, bias, cache: MambaCache, verify: bool, parents: Optional[torch.Tensor] = None):
         b, T, _ = xbc.shape
         H, P, N = self.num_heads, self.head_dim, self.ssm_state_size
         xt = xbc.transpose(1, 2)
         wd = w.to(xt.dtype)
         bd = None if bias is None else bias.to(xt.dtype)
         conv_state = cache.conv_state.to(xt.dtype)
-        if verify:
+        if parents is not None:  # a draft tree: the conv state is only read (commit_conv_state advances it)
+            if cache.replay:
+                raise ValueError("MambaMixer: tree verification needs ssm_commit='snapshots' (replay takes chains)")
+            xt = xt.contiguous()
+            xc = causal_conv1d_update(xt, conv_state, wd, bd, activation="silu", parents=parents)
+        elif verify:
             xcat = torch.cat([conv_state, xt], dim=-1)
             xc = causal_conv1d_update(xt.contiguous(), conv_state.clone(), wd, bd, activation="silu")
         else:
@@ -241,7 +266,10 @@ class MambaMixer(nn.Module):
         dte = self._dt_eff(dt)[..., None].expand(b, T, H, P)           # (b, T, H, P) float32
         Ae = A[:, None, None].expand(H, P, N)
         De = self.D.float()[:, None].expand(H, P)
-        if verify and cache.replay:  # outputs only; the commit re-runs the kept tokens
+        if parents is not None:  # node t continues from its parent's state (-1: the cached one)
+            y, inter = selective_state_update_multi(cache.ssm_state, x, dte, Ae, B, C, De, parents=parents)
+            cache.pending = ("tree", xt, parents, inter)
+        elif verify and cache.replay:  # outputs only; the commit re-runs the kept tokens
             y = torch.ops.nemokernels.selective_state_update_multi(cache.ssm_state, x, dte, Ae, B, C, De, None, None,
                                                                    False, None, None)
             cache.pending = (xcat, ("replay", x, dte, Ae, B, C))
@@ -252,6 +280,19 @@ class MambaMixer(nn.Module):
             y = selective_state_update(cache.ssm_state, x[:, 0], dte[:, 0], Ae, B[:, 0], C[:, 0], De)
             y = y[:, None]
         return y.reshape(b, T, self.intermediate_size)
+
+
+def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: [b, t, u] when node u is on the root-to-t path of the draft tree parents
+    (B, T) (u == t included; parents precede their children, -1 at a root)."""
+    B, T = parents.shape
+    anc = torch.eye(T, dtype=torch.bool, device=parents.device).expand(B, T, T).clone()
+    for t in range(1, T):
+        p = parents[:, t].long()
+        has = p >= 0
+        row = anc[torch.arange(B, device=parents.device), p.clamp(min=0)] & has[:, None]
+        anc[:, t] |= row
+    return anc
 
 
 class Attention(nn.Module):
@@ -269,8 +310,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, hidden: torch.Tensor, cache: Optional[AttentionCache] = None, verify: bool = False):
+    def forward(self, hidden: torch.Tensor, cache: Optional[AttentionCache] = None, verify: bool = False,
+                parents: Optional[torch.Tensor] = None):
         b, L, _ = hidden.shape
+        verify = verify or parents is not None
         q = self.q_proj(hidden).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -280,7 +323,10 @@ class Attention(nn.Module):
             if verify:
                 cache.pending_len = past
             k, v = cache.append(k, v)
-        if past == 0:
+        if parents is not None:  # a draft tree: node t sees the cache and its own root-to-t path
+            mask = torch.cat([torch.ones(b, L, past, dtype=torch.bool, device=q.device), tree_ancestors(parents)], 2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif L == 1:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -333,10 +379,10 @@ class Block(nn.Module):
             return AttentionCache()
         return None
 
-    def forward(self, x: torch.Tensor, cache=None, verify: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, verify: bool = False, parents=None) -> torch.Tensor:
         h = self.norm(x)
         if self.kind in ("mamba", "attention"):
-            h = self.mixer(h, cache=cache, verify=verify)
+            h = self.mixer(h, cache=cache, verify=verify, parents=parents)
         else:
             h = self.mixer(h)
         return x + h

@@ -64,13 +64,14 @@ class NemotronHModel(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, caches: Optional[List] = None, verify: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, caches: Optional[List] = None, verify: bool = False,
+                parents: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.embeddings(input_ids)
         for i, blk in enumerate(self.layers):
             if caches is None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
-                x = blk(x, cache=None if caches is None else caches[i], verify=verify)
+                x = blk(x, cache=None if caches is None else caches[i], verify=verify, parents=parents)
         return self.norm_f(x)
 
 
@@ -170,12 +171,16 @@ class NemotronHForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 mtp_loss_weight: Optional[float] = None, caches=None, verify: bool = False,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, parents: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits (b, L, V) float32 and, with labels (b, L) (-100 = ignore), the loss: the
         next-token cross-entropy (``lm_loss``) plus ``mtp_loss_weight`` (default: the config's)
         times the MTP loss when the model has MTP layers (``mtp_loss``: mean over steps of the
-        cross-entropy of step s against token t+2+s)."""
-        h = self.model(input_ids, caches=caches, verify=verify)
+        cross-entropy of step s against token t+2+s). ``parents`` (b, L) with ``caches``: the
+        tokens are a draft tree (verify pass; node t follows parents[t], -1: the cached prefix),
+        committed afterwards with MambaCache.commit_tree / AttentionCache.commit_tree."""
+        if parents is not None and caches is None:
+            raise ValueError("NemotronHForCausalLM: parents (a draft tree) needs caches")
+        h = self.model(input_ids, caches=caches, verify=verify, parents=parents)
         hk = h if not logits_to_keep else h[:, -logits_to_keep:]
         logits = self.lm_head(hk).float()
         out = CausalLMOutput(logits=logits, hidden_states=h)

@@ -1,13 +1,14 @@
 """Serving for NemotronHForCausalLM: packed prefill of several requests in one row, each from its
 own cache (Mamba blocks through the packed conv and scan, attention per request), then greedy
-decode per request from its cache (docs/design.md section 5)."""
+decode per request from its cache, token by token or verifying draft trees (docs/models.md)."""
 from typing import List, Optional, Sequence
 
 import torch
 
+from .. import speculative
 from .layers import AttentionCache, MambaCache
 
-__all__ = ["prefill_packed", "decode_greedy"]
+__all__ = ["prefill_packed", "decode_greedy", "decode_tree_greedy"]
 
 
 def _check_caches(model, caches: Sequence[Optional[list]]) -> List[list]:
@@ -109,3 +110,48 @@ def decode_greedy(model, caches: Sequence[list], first_tokens: torch.Tensor, n: 
             toks.append(model(toks[-1], caches=c).logits[:, -1].argmax(-1, keepdim=True))
         out.append(torch.cat(toks, 1))
     return torch.cat(out, 0)
+
+
+@torch.no_grad()
+def decode_tree_greedy(model, caches: Sequence[list], first_tokens: torch.Tensor, n: int, draft_tree_fn,
+                       stats: Optional[dict] = None) -> torch.Tensor:
+    """decode_greedy with draft trees: the same (S, n) tokens, fewer target forwards when drafts
+    are accepted. Per request and round, ``draft_tree_fn(s, tokens (m,)) -> (candidates (T,),
+    parents (T,))`` proposes a tree whose node 0 is the root (its token is replaced by the last
+    emitted one; parents -1 there, parents precede children). One target forward verifies every
+    node (Mamba blocks follow the tree through selective_state_update_multi and
+    causal_conv1d_update with parents, attention sees each node's own path),
+    verify_tree_greedy picks the longest matching path, and every cache commits to its last node
+    (commit_state / commit_conv_state with accepted_node, the path's KV entries). ``stats``, if
+    given, receives forwards and accepted (draft tokens kept), summed over requests."""
+    if len(caches) != first_tokens.numel():
+        raise ValueError(f"decode_tree_greedy: {len(caches)} caches but {first_tokens.numel()} first tokens")
+    if n < 1:
+        raise ValueError(f"decode_tree_greedy: n must be >= 1, got {n}")
+    forwards = accepted = 0
+    out = []
+    for r, (c, tok) in enumerate(zip(caches, first_tokens.reshape(-1))):
+        toks = [tok.reshape(1)]
+        while sum(t.numel() for t in toks) < n:
+            emitted = torch.cat(toks)
+            cand, parents = draft_tree_fn(r, emitted)
+            cand = cand.reshape(1, -1).clone()
+            parents = parents.reshape(1, -1).to(cand.device)
+            if parents[0, 0] != -1 or bool((parents[0, 1:] < 0).any()):
+                raise ValueError("decode_tree_greedy: the draft tree needs node 0 as its only root")
+            cand[0, 0] = emitted[-1]
+            logits = model(cand, caches=c, parents=parents).logits
+            forwards += 1
+            out_tok, nodes, n_acc = speculative.verify_tree_greedy(cand, parents, logits)
+            m = min(int(n_acc[0]), n - emitted.numel() - 1)   # keep within the budget
+            for lc in c:
+                if isinstance(lc, MambaCache):
+                    lc.commit_tree(nodes[:, m])
+                elif isinstance(lc, AttentionCache):
+                    lc.commit_tree(nodes[:, : m + 1])
+            accepted += m
+            toks.append(out_tok[0, : m + 1])
+        out.append(torch.cat(toks)[:n])
+    if stats is not None:
+        stats.update(forwards=forwards, accepted=accepted)
+    return torch.stack(out, 0)
