@@ -27,8 +27,9 @@ class Mutant:
 
     @property
     def cpu_build(self) -> bool:
-        """CPU kernel sources (and headers shared with them) are compiled into _C."""
-        return not self.path.endswith(".cu")
+        """CPU kernel sources (and headers shared with them) are compiled into _C; Python files
+        and .cu files (compiled by their emulator tests) need no rebuild."""
+        return not self.path.endswith((".cu", ".py"))
 
 
 def missing_barrier(name, path, before, barrier, tests) -> Mutant:
@@ -74,6 +75,9 @@ MUTANTS = [
            "h[k] = row >= 0 ? p.init[(row * g.H + hh) * PN + k] : 0.f;",
            "h[k] = row >= 0 ? p.init[(b * g.H + hh) * PN + k] : 0.f;",
            ("tests/ssd/test_ssd_chunk_scan.py", "-k", "packed and cpu")),
+    Mutant("models-tree-attention-sees-siblings", "missing mask", "nemokernels/models/layers.py",
+           "        anc[:, t] |= row", "        anc[:, t] |= True",
+           ("tests/test_serving.py", "-k", "tree")),
     Mutant("ssd-cuda-state-update-swapped-stride", "swapped stride", "csrc/ssd/state_update_cuda.cu",
            "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[2] + i * p.x.s[3])",
            "ld_any(p.x.ptr, p.x.dtype, b * p.x.s[0] + t * p.x.s[1] + h * p.x.s[3] + i * p.x.s[2])",
