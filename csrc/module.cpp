@@ -12,6 +12,7 @@
 #include "common/op_registry.h"
 #include "common/philox.h"
 #include "nvfp4/gemm.h"
+#include "ssd/ssd_chunk_scan.h"
 
 #ifndef NK_CUDA_ARCHS
 #define NK_CUDA_ARCHS ""
@@ -98,6 +99,34 @@ PyObject* nvfp4_gemm_path(PyObject*, PyObject* args) {
 #endif
 }
 
+// The kernel mamba_chunk_scan_combined's forward runs its chunk output (F4) on for contiguous
+// (b, L, H, P) inputs of a 16-bit (or float32) dtype on a device: the forward's own predicate.
+PyObject* ssd_chunk_scan_path(PyObject*, PyObject* args) {
+  int device_index, is16;
+  long long H, P, G, N, Q;
+  if (!PyArg_ParseTuple(args, "ipLLLLL:ssd_chunk_scan_path", &device_index, &is16, &H, &P, &G, &N, &Q)) return nullptr;
+#ifdef NK_WITH_CUDA
+  try {
+    nk::SsdParams p{};
+    p.batch = 1, p.seqlen = Q, p.nheads = H, p.headdim = P, p.ngroups = G, p.dstate = N, p.chunk_size = Q;
+    p.nchunks = 1;
+    p.dtype = is16 ? nk::DType::BF16 : nk::DType::F32;
+    // contiguous activations at 256-byte aligned addresses, as torch allocates them
+    static float aligned[64] __attribute__((aligned(256)));
+    p.x = p.B = p.C = aligned;
+    p.states = p.cs = p.dtp = aligned;
+    p.x_sb = Q * H * P, p.x_sl = H * P, p.x_sh = P;
+    p.B_sb = p.C_sb = Q * G * N, p.B_sl = p.C_sl = G * N, p.B_sg = p.C_sg = N;
+    return PyUnicode_FromString(nk::ssd_fwd_cuda_output_sm90_on(device_index, p) ? "wgmma_sm90" : "portable_cuda");
+  } catch (const std::exception& e) {
+    return raise(e);
+  }
+#else
+  (void)device_index, (void)is16, (void)H, (void)P, (void)G, (void)N, (void)Q;
+  return PyUnicode_FromString("unavailable");
+#endif
+}
+
 PyMethodDef kMethods[] = {
     {"op_families", op_families, METH_NOARGS,
      "{op: family} for every op this binary defines (csrc/<family>/<family>_ops.cpp)"},
@@ -106,6 +135,10 @@ PyMethodDef kMethods[] = {
     {"nvfp4_gemm_path", nvfp4_gemm_path, METH_VARARGS,
      "nvfp4_gemm's CUDA path for an (M, N, K) problem on a device: cutlass_sm100, portable_cuda "
      "(or unavailable in a CPU-only build)"},
+    {"ssd_chunk_scan_path", ssd_chunk_scan_path, METH_VARARGS,
+     "ssd_chunk_scan_path(device_index, is_16bit, nheads, headdim, ngroups, dstate, chunk_size): the "
+     "kernel mamba_chunk_scan_combined's forward computes its output with on that device: wgmma_sm90 "
+     "(NEMOKERNELS_SSD_SM90=1, sm_90), portable_cuda (or unavailable in a CPU-only build)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

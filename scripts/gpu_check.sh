@@ -12,7 +12,7 @@ set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-gpu-check-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$OUT/ab"
 LOG="$OUT/gpu-check.log"
 SUMMARY="$OUT/summary.txt"
 : >"$LOG"
@@ -76,6 +76,13 @@ step "bench targets" 120 python3 -m nemokernels bench --quick \
     --op mamba_chunk_scan_combined --op selective_state_update --op rmsnorm_fn \
     --skip-baseline compile --skip-baseline torch_chunked --out "$OUT/bench-targets.json"
 
+# 3b. Issue 17's A/B: the SSD forward with its chunk output on the sm_90a wgmma kernel (opt-in,
+#     never run before) against bench-targets above (the portable chunk output). Run its GPU
+#     tests first (-k sm90 in step 2): if they fail, these numbers mean nothing.
+step "bench mamba_chunk, sm90 chunk output" 90 env NEMOKERNELS_SSD_SM90=1 python3 -m nemokernels bench --quick \
+    --op mamba_chunk_scan_combined --skip-baseline compile --skip-baseline torch_chunked \
+    --out "$OUT/ab/bench-ssd-sm90.json"
+
 # 4. Where the time goes, ours and the peer's, and the SSD at the SHAPES points by GPU time.
 step "profile" 100 bash -c "python3 bench/profile_kernels.py --baseline mamba_ssm_triton --baseline torch_grouped_mm \
     --case 'mamba_chunk_scan_combined.fwd_bwd:nano b1 L8192' --case 'mamba_chunk_scan_combined:nano b1 L8192' \
@@ -124,12 +131,15 @@ step "bench rest (quick)" 120 python3 -m nemokernels bench --quick \
 # 9. Issue 19's A/B: the grouped GEMM forward on 64-row pingpong tiles (opt-in) against the
 #    bench-rest numbers above (128-row tiles; relu^2 fused in the epilogue when no gradient).
 step "bench grouped_gemm, 64-row tiles" 90 env NEMOKERNELS_GROUPED_GEMM_TILE=64 python3 -m nemokernels bench \
-    --quick --op grouped_gemm --skip-baseline compile --out "$OUT/bench-gg-m64.json"
+    --quick --op grouped_gemm --skip-baseline compile --out "$OUT/ab/bench-gg-m64.json"
 
 # 10. Issue 19's A/B: nvfp4.gemm and NVFP4Linear on the portable kernel (the 2026-12-04 path)
 #     against bench-rest above (on an H100/H200: bf16 decode + the CUTLASS wgmma GEMM).
 step "bench nvfp4, portable kernel" 90 env NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 python3 -m nemokernels bench \
-    --quick --op nvfp4.gemm --op NVFP4Linear --skip-baseline compile --out "$OUT/bench-nvfp4-portable.json"
+    --quick --op nvfp4.gemm --op NVFP4Linear --skip-baseline compile --out "$OUT/ab/bench-nvfp4-portable.json"
+
+# The A/B JSONs travel as one file (at most 8 files come back from a lent machine).
+if [ -d "$OUT/ab" ]; then tar -cf "$OUT/bench-ab.tar" -C "$OUT/ab" . && rm -rf "$OUT/ab"; fi
 
 echo "total ${SECONDS}s; $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')" | tee -a "$SUMMARY"
 exit $FAILED

@@ -24,11 +24,14 @@ class Mutant:
     find: str      # exact text, present exactly once
     replace: str
     tests: tuple   # pytest arguments selecting the tests that must catch it
+    rebuild: bool = None  # None: decided by the file's kind (cpu_build)
 
     @property
     def cpu_build(self) -> bool:
         """CPU kernel sources (and headers shared with them) are compiled into _C; Python files
         and .cu files (compiled by their emulator tests) need no rebuild."""
+        if self.rebuild is not None:
+            return self.rebuild
         return not self.path.endswith((".cu", ".py"))
 
 
@@ -75,6 +78,9 @@ MUTANTS = [
            "h[k] = row >= 0 ? p.init[(row * g.H + hh) * PN + k] : 0.f;",
            "h[k] = row >= 0 ? p.init[(b * g.H + hh) * PN + k] : 0.f;",
            ("tests/ssd/test_ssd_chunk_scan.py", "-k", "packed and cpu")),
+    Mutant("ssd-sm90-fragment-column-map", "wrong fragment layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",
+           "8 * (v / 4) + 2 * (lane % 4) + (v & 1)", "8 * (v / 4) + 2 * (lane / 8) + (v & 1)",
+           ("tests/ssd/test_ssd_sm90_layout.py",), rebuild=False),  # the test compiles the header itself
     Mutant("models-tree-attention-sees-siblings", "missing mask", "nemokernels/models/layers.py",
            "        anc[:, t] |= row", "        anc[:, t] |= True",
            ("tests/test_serving.py", "-k", "tree")),

@@ -161,6 +161,10 @@ int64_t ssd_bwd_cuda_workspace_bytes(const SsdBwdParams& p);  // ssd_chunk_scan_
 void ssd_states_cuda(const SsdParams& p, void* stream);   // ssd_chunk_scan_fwd_cuda.cu
 void ssd_fwd_cuda(const SsdParams& p, void* stream);      // ssd_chunk_scan_fwd_cuda.cu
 void ssd_bwd_cuda(const SsdBwdParams& p, void* stream);   // ssd_chunk_scan_bwd_cuda.cu
+// The forward's F4 runs on the sm_90a wgmma kernel (ssd_chunk_output_sm90.cu) for p: a build with
+// sm_90a, a compute capability 9.0 device, NEMOKERNELS_SSD_SM90=1 and a shape it takes.
+bool ssd_fwd_cuda_output_sm90(const SsdParams& p);        // ssd_chunk_scan_fwd_cuda.cu
+bool ssd_fwd_cuda_output_sm90_on(int device_index, const SsdParams& p);  // the same on a given device
 #endif
 
 }  // namespace nk

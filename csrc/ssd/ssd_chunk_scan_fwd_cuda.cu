@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
@@ -12,6 +14,9 @@
 
 #include "common/cuda_utils.cuh"
 #include "ssd/launch_limits.h"
+#ifdef NK_HAS_SM90
+#include "ssd/ssd_chunk_output_sm90.h"
+#endif
 #include "ssd/numerics.cuh"
 #include "ssd/ssd_chunk_scan.h"
 #include "ssd/ssd_cuda_common.cuh"
@@ -540,7 +545,11 @@ void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
                              std::to_string(max_smem) + "; use float16 / bfloat16 activations or a smaller "
                              "headdim or dstate (the CPU path has no such limit)");
   launch_states<T, Q>(p, vec, st);
-  {  // F4
+  if (ssd_fwd_cuda_output_sm90(p)) {  // F4 on wgmma (opt-in until a GPU run checks it)
+#ifdef NK_HAS_SM90
+    ssd_chunk_output_sm90(p, st);
+#endif
+  } else {  // F4
     NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_scan_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(L.bytes)));
     chunk_scan_kernel<T, Q><<<to_dim3(g.scan), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
@@ -579,6 +588,26 @@ void run(const SsdParams& p, void* stream, bool full) {
 }
 
 }  // namespace
+
+bool ssd_fwd_cuda_output_sm90(const SsdParams& p) {
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  return ssd_fwd_cuda_output_sm90_on(dev, p);
+}
+
+bool ssd_fwd_cuda_output_sm90_on(int dev, const SsdParams& p) {
+#ifdef NK_HAS_SM90
+  const char* opt = std::getenv("NEMOKERNELS_SSD_SM90");
+  if (opt == nullptr || std::strcmp(opt, "1") != 0 || !ssd_chunk_output_sm90_supports(p)) return false;
+  int major = 0, minor = 0;
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
+#else
+  (void)dev, (void)p;
+  return false;
+#endif
+}
 
 int64_t ssd_fwd_cuda_workspace_bytes(const SsdParams& p) {
   // Called by the entry before anything is allocated: a problem over the grid limits fails here.

@@ -635,6 +635,92 @@ def test_production_shape_outputs_and_gradients(Q):
         assert_close(got[k], want[k], torch.bfloat16, factor=2, what=f"grad {k} Q={Q}")
 
 
+# ---------------------------------------------------------------- sm_90a chunk output (opt-in)
+
+
+def sm90_or_skip(monkeypatch, H, G):
+    """NEMOKERNELS_SSD_SM90=1, and a skip unless the forward then takes the wgmma chunk output
+    (csrc/ssd/ssd_chunk_output_sm90.cu: a 90a build on a compute capability 9.0 device)."""
+    from nemokernels import _C
+    monkeypatch.setenv("NEMOKERNELS_SSD_SM90", "1")
+    if _C.ssd_chunk_scan_path(torch.cuda.current_device(), True, H, 64, G, 128, 128) != "wgmma_sm90":
+        pytest.skip("the sm_90a chunk output runs on compute capability 9.0 with a 90a build")
+
+
+def portable_call(monkeypatch, *args, **kw):
+    """The same call on the portable chunk output (the env var is read at each call)."""
+    monkeypatch.delenv("NEMOKERNELS_SSD_SM90")
+    try:
+        return call(*args, **kw)
+    finally:
+        monkeypatch.setenv("NEMOKERNELS_SSD_SM90", "1")
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", ["head", "headdim"])
+def test_sm90_chunk_output_small(monkeypatch, dtype, D):
+    """The wgmma chunk output at Nemotron-H's head shape (P 64, N 128, chunk 128) on a small grid
+    (a CTA per head: the slices split each group's 8 heads): y, the final states and every
+    gradient (the backward reads the y_pre it wrote) against the float64 recurrence, and y
+    against the portable chunk output; a partial last chunk, z, D, initial states, and a
+    seq_idx reset inside a chunk (row 1). For compute-sanitizer memcheck and racecheck too."""
+    b, L, H, P, G, N, Q = 2, 3 * 128 + 37, 16, 64, 2, 128, 128
+    sm90_or_skip(monkeypatch, H, G)
+    inp = requires_grad(make_inputs(b, L, H, P, G, N, dtype, "cuda", D=D, init=True))
+    seq_idx = torch.zeros(b, L, dtype=torch.int32, device="cuda")
+    seq_idx[1, Q + 5:] = 1
+    poison_allocator("cuda")
+    y, fin = call(inp, Q, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
+    y_port = portable_call(monkeypatch, inp, Q, seq_idx=seq_idx, dt_softplus=True)
+    assert_close(y, y_port.double(), dtype, what="y against the portable chunk output")
+    gy, gf = torch.randn_like(y), torch.randn_like(fin)
+    ((y.float() * gy.float()).sum() + (fin * gf).sum()).backward()
+    d, (yr, fr) = ref64(inp, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
+    assert_close(y, yr, dtype, factor=2, what="y")
+    assert_close(fin, fr, dtype, factor=2, what="final states")
+    ((yr * gy.double()).sum() + (fr * gf.double()).sum()).backward()
+    got, want = grads_of(inp), grads_of(d)
+    for k in want:
+        assert_close(got[k], want[k], dtype, factor=2, what=f"grad {k}")
+
+
+@pytest.mark.gpu
+def test_sm90_chunk_output_whole_groups_and_no_state(monkeypatch):
+    """A grid large enough that each CTA covers a group's 8 heads (CB shared, x and in_c double
+    buffered across heads), without z, D or initial states (chunk 0 has no incoming state): y
+    equals the portable chunk output to bf16 rounding and matches the float64 recurrence."""
+    b, L, H, P, G, N, Q = 4, 40 * 128, 16, 64, 2, 128, 128
+    sm90_or_skip(monkeypatch, H, G)
+    inp = make_inputs(b, L, H, P, G, N, torch.bfloat16, "cuda", D=None, z=False, dt_bias=False)
+    y = call(inp, Q, dt_softplus=True)
+    y_port = portable_call(monkeypatch, inp, Q, dt_softplus=True)
+    assert_close(y, y_port.double(), torch.bfloat16, what="y against the portable chunk output")
+    _, yr = ref64({k: (v[:1, :1024] if torch.is_tensor(v) and v.dim() >= 3 else v) for k, v in inp.items()},
+                  dt_softplus=True)
+    assert_close(y[:1, :1024], yr, torch.bfloat16, factor=2, what="y (first 1024 positions of row 0)")
+
+
+@pytest.mark.gpu
+def test_sm90_chunk_output_packed_states(monkeypatch):
+    """Packed sequences with a state each (chunk plan): each sequence's y equals its own call on
+    the wgmma path, bit for bit (the chunks are aligned to each start), and its varlen state the
+    portable path's."""
+    H, G, Q = 16, 2, 128
+    sm90_or_skip(monkeypatch, H, G)
+    lens = [1, 128, 0, 300, 77]
+    inp, cu = packed_case("cuda", torch.bfloat16, lens, Q, H=H, P=64, G=G, N=128)
+    y, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
+    y_port, var_port = portable_call(monkeypatch, inp, Q, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
+    assert_close(y, y_port.double(), torch.bfloat16, what="packed y against the portable chunk output")
+    torch.testing.assert_close(var, var_port)  # the states come from H1 on both paths
+    for i, n in enumerate(lens):
+        if n:
+            s = int(cu[i])
+            assert torch.equal(y[:, s:s + n], call(piece(inp, cu, i), Q, dt_softplus=True)), f"sequence {i}"
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_sees_new_inputs():
     inp = make_inputs(1, 200, 4, 64, 1, 64, torch.bfloat16, "cuda", init=True)

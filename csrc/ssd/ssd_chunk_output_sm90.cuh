@@ -1,0 +1,45 @@
+// CuTe side of the sm_90a SSD chunk output (ssd_chunk_output_sm90.cu): the shared-memory
+// layouts, the tiled wgmma MMAs and where each accumulator value sits. Host-compilable, so that
+// tests/ssd/sm90_layout_check.cu checks the fragment map against CuTe's layouts without a GPU.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "common/macros.h"
+#include "ssd/ssd_chunk_output_sm90.h"
+
+namespace nk {
+namespace ssd_sm90 {
+
+using namespace cute;
+
+constexpr int kThreads = 256;  // two consumer warpgroups, 64 rows i each
+
+// Shared-memory layouts (GMMA 128-byte swizzle) and the three tiled MMAs; two warpgroups along M.
+template <typename E>
+struct Cfg {
+  static constexpr int Q = kSsdSm90Q, P = kSsdSm90P, N = kSsdSm90N;
+  using SmemQN = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<Q>, Int<N>>{}));   // C[i][n], B[j][n]
+  using SmemPN = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<P>, Int<N>>{}));   // in_c[p][n]
+  using SmemPQ = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<P>, Int<Q>>{}));  // x as (p, j)
+  using AtomLayout = Layout<Shape<_2, _1, _1>>;
+  // CB = C Bᵀ: (Q x Q), K = N
+  using MmaCB = decltype(make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<_64, Int<Q>, _16>>(), AtomLayout{}));
+  // Y_state = C in_cᵀ: (Q x P), K = N
+  using MmaYs = decltype(make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<_64, Int<P>, _16>>(), AtomLayout{}));
+  // Y += S X: (Q x P), K = Q, S from registers, X MN-major (p contiguous)
+  using MmaYx = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<E, E, float, Shape<_64, Int<P>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
+};
+
+// Where wgmma's float32 accumulator value v of thread tid sits in a (rows, cols) tile computed by
+// two warpgroups along M (PTX ISA, "wgmma .m64nNk16 register fragments"): warp w of warpgroup g
+// holds rows 64 g + 16 w + lane / 4 (values v with v & 2 == 0) and 8 rows below (v & 2 == 2);
+// value v's column is 8 (v / 4) + 2 (lane % 4) + (v & 1). The same layout is the A operand's of
+// the next product: its k-block k is values 8 k .. 8 k + 7. The host test
+// tests/ssd/test_ssd_sm90_layout.py (tests/ssd/sm90_layout_check.cu) checks both against CuTe's layouts for every thread.
+NK_HD constexpr int frag_row(int tid, int v) { return 64 * (tid / 128) + 16 * (tid % 128 / 32) + tid % 32 / 4 + ((v & 2) ? 8 : 0); }
+NK_HD constexpr int frag_col(int v, int lane) { return 8 * (v / 4) + 2 * (lane % 4) + (v & 1); }
+
+}  // namespace ssd_sm90
+}  // namespace nk
