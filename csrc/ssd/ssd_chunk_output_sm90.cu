@@ -339,7 +339,9 @@ int64_t ssd_chunk_output_sm90_heads_per_cta(const SsdParams& p, int num_sms) {
 }
 
 size_t ssd_chunk_output_sm90_smem_bytes(DType dtype) {
-  // one Smem layout per 16-bit type, same size; + 1 KB of slack for the 1024-byte alignment check
+  // one Smem layout per 16-bit type, same size. The kernel needs the dynamic shared memory base
+  // 1024-byte aligned (it has no static shared memory, so the base is the window's start) and
+  // traps if it is not.
   (void)dtype;
   return sizeof(Smem<cute::bfloat16_t>);
 }

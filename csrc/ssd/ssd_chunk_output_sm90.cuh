@@ -32,6 +32,18 @@ struct Cfg {
       GMMA::rs_op_selector<E, E, float, Shape<_64, Int<P>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
 };
 
+// The state chain's chunk-state tile on sm_90a (state_chain_kernel's wgmma variant in
+// ssd_chunk_scan_fwd_cuda.cu): S[p][n] = sum_j XW[j][p] B[j][n] for a 64 x 64 tile over the
+// chunk's 128 positions, one warpgroup. XW and B are stored j-major ([j][p], [j][n]), i.e. as
+// MN-major operands (p and n contiguous).
+template <typename E>
+struct StateCfg {
+  static constexpr int kJ = 128, kTile = 64;
+  using SmemTJ = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<kTile>, Int<kJ>>{}));  // (p or n, j)
+  using Mma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<E, E, float, Shape<Int<kTile>, Int<kTile>, _16>, GMMA::Major::MN, GMMA::Major::MN>()));
+};
+
 // Where wgmma's float32 accumulator value v of thread tid sits in a (rows, cols) tile computed by
 // two warpgroups along M (PTX ISA, "wgmma .m64nNk16 register fragments"): warp w of warpgroup g
 // holds rows 64 g + 16 w + lane / 4 (values v with v & 2 == 0) and 8 rows below (v & 2 == 2);

@@ -15,6 +15,9 @@
 #include "common/cuda_utils.cuh"
 #include "ssd/launch_limits.h"
 #ifdef NK_HAS_SM90
+#include <cutlass/arch/barrier.h>
+
+#include "ssd/ssd_chunk_output_sm90.cuh"
 #include "ssd/ssd_chunk_output_sm90.h"
 #endif
 #include "ssd/numerics.cuh"
@@ -143,6 +146,103 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
   return Fs;
 }
 
+#ifdef NK_HAS_SM90
+// chunk_state_tile on sm_90a for the state chain (Q = 128, full 64 x 64 tiles, 16-bit T, 16-byte
+// aligned x and B): the same XW = round_T(w_j x_j) and B tiles, multiplied by one warpgroup's
+// wgmma (m64n64k16 x 8) instead of the wmma slabs, and returned as the same float tile Fs (ld
+// StateTraits::kLdF; complete once every thread is back). Only the float32 accumulation order
+// differs from chunk_state_tile. All 128 threads call it. Opt-in with the chunk output
+// (NEMOKERNELS_SSD_SM90=1): launch_states picks the instantiation.
+struct StateWgSmem {
+  static constexpr size_t kOffW = 0;                 // w_j, 128 floats
+  static constexpr size_t kOffX = 1024;              // XW as (p, j), 16 KB, 1024-byte aligned
+  static constexpr size_t kOffB = kOffX + 16384;     // B as (n, j), 16 KB
+  static constexpr size_t kBytes = kOffB + 16384;    // the float result tile (17 KB) aliases XW / B
+};
+
+template <typename T, int Q>
+NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c, int64_t h, int p0, int n0,
+                                        const float* cs, const float* dtp, unsigned char* smem) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(Q == 128 && sizeof(T) == 2, "the wgmma state tile is built for Q 128 and 16-bit inputs");
+  using namespace cute;
+  using E = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
+  using Sc = ssd_sm90::StateCfg<E>;
+  constexpr int kT = StateTraits::kThreads;
+  float* w_s = reinterpret_cast<float*>(smem + StateWgSmem::kOffW);
+  Tensor sX = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + StateWgSmem::kOffX)), typename Sc::SmemTJ{});
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<E*>(smem + StateWgSmem::kOffB)), typename Sc::SmemTJ{});
+  float* Fs = reinterpret_cast<float*>(smem + StateWgSmem::kOffX);
+  const int tid = threadIdx.x;
+  const int64_t g = h / (p.nheads / p.ngroups);
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  const int valid = ssd_chunk_len(p, c);
+  const T* xb = static_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh + p0;
+  const T* bb = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg + n0;
+
+  // w_j = exp(cs_last - cs_j) [sid_j == sid_last] dt'_j over the whole chunk (as chunk_state_tile
+  // with jlo = 0, jhi = Q - 1, use_sid)
+  const float cs_last = cs[Q - 1];
+  const int32_t sid_last = sid_at(p, b, t0 + Q - 1);
+  for (int j = tid; j < Q; j += kT)
+    w_s[j] = j < valid && sid_at(p, b, t0 + j) == sid_last ? expf(cs_last - cs[j]) * dtp[j] : 0.f;
+  // B rows by cp.async (zero-filled past the chunk)
+  for (int e = tid; e < Q * 8; e += kT) {
+    const int j = e / 8, k = (e % 8) * 8;
+    const bool ok = j < valid;
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(&sB(k, j)));
+    const T* src = ok ? bb + (t0 + j) * p.B_sl + k : bb;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+  }
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  __syncthreads();  // w_s
+  // XW rows: x scaled by w_j in float32, rounded to T once (load_tile's row_scale)
+  for (int e = tid; e < Q * 8; e += kT) {
+    const int j = e / 8, k = (e % 8) * 8;
+    float v[8];
+    const float s = w_s[j];
+    if (j < valid) {
+      load8<T>(xb + (t0 + j) * p.x_sl + k, true, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = s != 0.f ? v[i] * s : 0.f;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    }
+    store8<T>(reinterpret_cast<T*>(&sX(k, j)), true, v);
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  cutlass::arch::fence_view_async_shared();  // st.shared and cp.async writes -> wgmma
+  __syncthreads();
+
+  typename Sc::Mma mma;
+  mma.accumulate_ = GMMA::ScaleOut::One;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor tA = thr.make_fragment_A(thr.partition_A(sX));
+  Tensor tB = thr.make_fragment_B(thr.partition_B(sB));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<Sc::kTile>, Int<Sc::kTile>>{});
+  clear(acc);
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tA); ++k) gemm(mma, tA(_, _, k), tB(_, _, k), acc);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  __syncthreads();  // every warp's wgmma has read XW / B before Fs overwrites them
+  CUTE_UNROLL
+  for (int v = 0; v < size(acc); ++v)
+    Fs[ssd_sm90::frag_row(tid, v) * StateTraits::kLdF + ssd_sm90::frag_col(v, tid % 32)] = acc(v);
+  __syncthreads();
+  return Fs;
+#else
+  (void)p, (void)b, (void)c, (void)h, (void)p0, (void)n0, (void)cs, (void)dtp, (void)smem;
+  __trap();  // launched only on sm_90 from a 90a build
+  return nullptr;
+#endif
+}
+#endif  // NK_HAS_SM90
+
 // ------------------------------------------------------------------ H1 state_chain (F1-F3)
 // p.workspace: a ticket counter, then one progress counter per chain (b, h, P tile, N tile);
 // zeroed before each launch.
@@ -157,10 +257,17 @@ int64_t chain_workspace_bytes(const SsdParams& p) { return (1 + chain_count(p)) 
 // has published in_c: in_(c+1) = carry_c in_c + S_c (fmaf, the CPU's order). A block only
 // waits on a lower ticket, i.e. a block already running: no deadlock whatever the hardware's
 // block order. The chain's tiles pass through L2 (in_c is read back with __ldcg).
-template <typename T, int Q>
+// kWgmma: the chunk-state tile on sm_90a wgmma (chunk_state_tile_wgmma), else the portable one.
+template <typename T, int Q, bool kWgmma = false>
 __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(const SsdParams p, const Vec vec) {
   constexpr int kT = StateTraits::kThreads, kBP = StateTraits::kBP, kBN = StateTraits::kBN;
-  __shared__ __align__(128) unsigned char smem[StateSmem<T>::kBytes];
+#ifdef NK_HAS_SM90
+  constexpr size_t kSmem = kWgmma ? StateWgSmem::kBytes : StateSmem<T>::kBytes;
+#else
+  static_assert(!kWgmma, "the wgmma state tile needs an sm_90a build");
+  constexpr size_t kSmem = StateSmem<T>::kBytes;
+#endif
+  __shared__ __align__(1024) unsigned char smem[kSmem];
   __shared__ float cs_s[Q], dtp_s[Q];
   __shared__ unsigned ticket_s;
   unsigned* const ticket_counter = static_cast<unsigned*>(p.workspace);
@@ -207,7 +314,12 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
   }
 
   // ---- F2: the chunk's own state tile S_c (float, shared memory)
-  const float* Fs = chunk_state_tile<T, Q>(p, vec, b, c, h, 0, Q - 1, true, p0, n0, cs_s, dtp_s, smem);
+  const float* Fs;
+#ifdef NK_HAS_SM90
+  if constexpr (kWgmma) Fs = chunk_state_tile_wgmma<T, Q>(p, b, c, h, p0, n0, cs_s, dtp_s, smem);
+  else
+#endif
+    Fs = chunk_state_tile<T, Q>(p, vec, b, c, h, 0, Q - 1, true, p0, n0, cs_s, dtp_s, smem);
 
   // ---- F3 step: wait for in_c, then publish in_(c+1), or, where the chunk ends its sequence,
   // its varlen state (with a plan) and the final state (the chunk holding L - 1). A chunk
@@ -495,6 +607,23 @@ bool vec_ok(const void* ptr, int esz, std::initializer_list<int64_t> strides) {
   return true;
 }
 
+#ifdef NK_HAS_SM90
+// NEMOKERNELS_SSD_SM90=1 and device dev has compute capability 9.0 (the sm_90a kernels run there).
+bool ssd_sm90_opted_in(int dev) {
+  const char* opt = std::getenv("NEMOKERNELS_SSD_SM90");
+  if (opt == nullptr || std::strcmp(opt, "1") != 0) return false;
+  int major = 0, minor = 0;
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
+}
+bool ssd_sm90_opted_in_here() {
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  return ssd_sm90_opted_in(dev);
+}
+#endif
+
 Vec make_vec(const SsdParams& p) {
   const int es = dtype_size(p.dtype);
   const int64_t rowP = p.headdim, rowN = p.dstate;  // the unit-stride rows are P or N long
@@ -522,11 +651,30 @@ dim3 to_dim3(const LaunchGrid& g) {
   return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
+#ifdef NK_HAS_SM90
+// The state chain takes the wgmma tile with NEMOKERNELS_SSD_SM90=1 on a compute capability 9.0
+// device for full 64 x 64 tiles (headdim and dstate multiples of 64) and 16-byte x / B rows.
+bool state_chain_wgmma(const SsdParams& p, const Vec& vec) {
+  if (!vec.x || !vec.B || p.headdim % StateTraits::kBP != 0 || p.dstate % StateTraits::kBN != 0) return false;
+  if (p.chunk_size != 128 || (p.dtype != DType::BF16 && p.dtype != DType::F16)) return false;
+  return ssd_sm90_opted_in_here();
+}
+#endif
+
 template <typename T, int Q>
 void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
   const SsdFwdGrids g = fwd_grids(p);
   if (p.workspace == nullptr) throw std::runtime_error("nemokernels: internal: mamba_chunk_scan_combined needs its workspace");
   NK_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(chain_workspace_bytes(p)), st));
+#ifdef NK_HAS_SM90
+  if constexpr (sizeof(T) == 2 && Q == 128) {
+    if (state_chain_wgmma(p, vec)) {  // H1 with the wgmma state tile (opt-in, as the chunk output)
+      state_chain_kernel<T, Q, true><<<to_dim3(g.chain), StateTraits::kThreads, 0, st>>>(p, vec);
+      NK_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
+#endif
   state_chain_kernel<T, Q><<<to_dim3(g.chain), StateTraits::kThreads, 0, st>>>(p, vec);  // H1 = F1-F3
   NK_CUDA_LAUNCH_CHECK();
 }
@@ -597,12 +745,7 @@ bool ssd_fwd_cuda_output_sm90(const SsdParams& p) {
 
 bool ssd_fwd_cuda_output_sm90_on(int dev, const SsdParams& p) {
 #ifdef NK_HAS_SM90
-  const char* opt = std::getenv("NEMOKERNELS_SSD_SM90");
-  if (opt == nullptr || std::strcmp(opt, "1") != 0 || !ssd_chunk_output_sm90_supports(p)) return false;
-  int major = 0, minor = 0;
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
+  return ssd_chunk_output_sm90_supports(p) && ssd_sm90_opted_in(dev);
 #else
   (void)dev, (void)p;
   return false;

@@ -1,7 +1,7 @@
 // Host check of the sm_90a SSD chunk output's fragment map (csrc/ssd/ssd_chunk_output_sm90.cuh):
 // for every thread of the CTA, the (row, column) CuTe's layouts give each accumulator value of
-// the CB and Y products, and each value of the S register operand, must be the ones frag_row /
-// frag_col name, which the kernel uses for its mask, its decays and its stores. Built and run by
+// the CB and Y products, each value of the S register operand, and each accumulator value of the
+// state chain's tile, must be the ones frag_row / frag_col name, which the kernel uses for its mask, its decays and its stores. Built and run by
 // tests/ssd/test_ssd_sm90_layout.py with nvcc (no GPU needed). Prints "ok" or the first mismatch.
 #include <cstdio>
 
@@ -62,8 +62,37 @@ int check(const char* name) {
   return 0;
 }
 
+// The state chain's single-warpgroup 64 x 64 tile (StateCfg): accumulator value v of thread tid
+// (< 128) at (frag_row(tid, v), frag_col(v, lane)).
+template <typename E>
+int check_state(const char* name) {
+  using Sc = nk::ssd_sm90::StateCfg<E>;
+  typename Sc::Mma mma;
+  if (size(mma) != 128) {
+    std::printf("%s: the state tile's MMA does not take 128 threads\n", name);
+    return 1;
+  }
+  for (int tid = 0; tid < 128; ++tid) {
+    auto ij = mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<Sc::kTile>, Int<Sc::kTile>>{}));
+    if (size(ij) != 32) {
+      std::printf("%s: state tile fragment size %d, not 32\n", name, int(size(ij)));
+      return 1;
+    }
+    for (int v = 0; v < 32; ++v) {
+      const int r = frag_row(tid, v), c = frag_col(v, tid % 32);
+      if (get<0>(ij(v)) != r || get<1>(ij(v)) != c) {
+        std::printf("%s: state tile tid %d value %d is (%d, %d), frag map says (%d, %d)\n", name, tid, v,
+                    int(get<0>(ij(v))), int(get<1>(ij(v))), r, c);
+        return 1;
+      }
+    }
+  }
+  return 0;
+}
+
 int main() {
   if (check<cute::bfloat16_t>("bf16") != 0 || check<cute::half_t>("f16") != 0) return 1;
+  if (check_state<cute::bfloat16_t>("bf16") != 0 || check_state<cute::half_t>("f16") != 0) return 1;
   std::printf("ok\n");
   return 0;
 }

@@ -661,7 +661,8 @@ def portable_call(monkeypatch, *args, **kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", ["head", "headdim"])
 def test_sm90_chunk_output_small(monkeypatch, dtype, D):
-    """The wgmma chunk output at Nemotron-H's head shape (P 64, N 128, chunk 128) on a small grid
+    """The sm_90a forward (the state chain's wgmma tile and the wgmma chunk output) at
+    Nemotron-H's head shape (P 64, N 128, chunk 128) on a small grid
     (a CTA per head: the slices split each group's 8 heads): y, the final states and every
     gradient (the backward reads the y_pre it wrote) against the float64 recurrence, and y
     against the portable chunk output; a partial last chunk, z, D, initial states, and a
@@ -705,8 +706,8 @@ def test_sm90_chunk_output_whole_groups_and_no_state(monkeypatch):
 @pytest.mark.gpu
 def test_sm90_chunk_output_packed_states(monkeypatch):
     """Packed sequences with a state each (chunk plan): each sequence's y equals its own call on
-    the wgmma path, bit for bit (the chunks are aligned to each start), and its varlen state the
-    portable path's."""
+    the wgmma path, bit for bit (the chunks are aligned to each start), and y and the varlen
+    states match the portable path's."""
     H, G, Q = 16, 2, 128
     sm90_or_skip(monkeypatch, H, G)
     lens = [1, 128, 0, 300, 77]
@@ -714,7 +715,8 @@ def test_sm90_chunk_output_packed_states(monkeypatch):
     y, var = call(inp, Q, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
     y_port, var_port = portable_call(monkeypatch, inp, Q, cu_seqlens=cu, dt_softplus=True, return_varlen_states=True)
     assert_close(y, y_port.double(), torch.bfloat16, what="packed y against the portable chunk output")
-    torch.testing.assert_close(var, var_port)  # the states come from H1 on both paths
+    # the states: H1's wgmma tile against its wmma tile (float32 sums in another order)
+    assert_close(var, var_port.double(), torch.float32, factor=10, what="packed varlen states")
     for i, n in enumerate(lens):
         if n:
             s = int(cu[i])
