@@ -78,6 +78,12 @@ MUTANTS = [
            "h[k] = row >= 0 ? p.init[(row * g.H + hh) * PN + k] : 0.f;",
            "h[k] = row >= 0 ? p.init[(b * g.H + hh) * PN + k] : 0.f;",
            ("tests/ssd/test_ssd_chunk_scan.py", "-k", "packed and cpu")),
+    Mutant("ssd-cuda-bwd-state-walk-stale-prefetch", "wrong index", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+           "load_state_pair(q, base_of(c - 1), e, PN, in_n, din_n);", "load_state_pair(q, base_of(c), e, PN, in_n, din_n);",
+           ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
+    Mutant("ssd-cuda-bwd-reduce-skipped-tail", "skipped tail", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+           "for (int64_t m = lane; m < rows * P; m += 32)", "for (int64_t m = lane; m < rows * P - 1; m += 32)",
+           ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
     Mutant("ssd-sm90-fragment-column-map", "wrong fragment layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",
            "8 * (v / 4) + 2 * (lane % 4) + (v & 1)", "8 * (v / 4) + 2 * (lane / 8) + (v & 1)",
            ("tests/ssd/test_ssd_sm90_layout.py",), rebuild=False),  # the test compiles the header itself

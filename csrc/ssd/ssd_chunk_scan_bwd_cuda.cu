@@ -23,6 +23,7 @@ constexpr int kTile = 64;            // rows and columns of a block's output til
 constexpr int kKC = 32;              // k staged in shared memory per step
 constexpr int kSpPerThread = 4;      // state elements per thread in the state passing
 constexpr int kSpChunk = kThreads * kSpPerThread;
+constexpr int kWarps = kThreads / 32;  // partial sums per state slice in the state passing
 // Operand tiles in shared memory hold T (the activation dtype): leading dimension
 // kTile + 16 bytes (kSmemPad), a multiple of 8 elements for 16-bit types and of 4 for float,
 // as WarpTile (wmma) needs. Products land in a float32 tile with leading dimension kLdo.
@@ -58,7 +59,7 @@ struct Scratch {
   float* dy;        // (b, L, H, P) dout silu(z), only with z
   float* dBs;       // (b, L, H/hs, N) dB summed over each split's hs heads, by position
   float* dCs;       // (b, L, H/hs, N) dC likewise
-  float* dot_part;  // (b, H, nc, S) partial <g, in_c> per state slice
+  float* dot_part;  // (b, H, nc, S, kWarps) partial <g, in_c> per state slice and warp
   float* ddtp;      // (b, H, nc, Q) ddt' without the A ddA term
   float* wcol;      // (b, H, nc, Q) sum_i W_ij
   float* u;         // (b, H, nc, Q) U_j
@@ -95,7 +96,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   // Region 0: the forward's own scratch for ssd_states_cuda (the entry sizes only ours).
   const int64_t sizes[10] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
                              p.z != nullptr ? b * L * H * P : 0, b * L * (H / hs) * N, b * L * (H / hs) * N,
-                             b * H * nc * S, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
+                             b * H * nc * S * kWarps, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
                              b * H * nc * Q, b * H * nc * Q};
   int64_t off[10], total = 0;
   for (int k = 0; k < 10; ++k) {
@@ -431,36 +432,60 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const
 
 // ---- B2 -----------------------------------------------------------------------------------
 
+// The state elements e[k] of one thread for chunk c: in_c and dIn_c (zeros past P * N).
+NK_DEVICE void load_state_pair(const SsdBwdParams& q, int64_t base, const int64_t* e, int64_t PN, float* in,
+                               float* din) {
+#pragma unroll
+  for (int k = 0; k < kSpPerThread; ++k) {
+    in[k] = e[k] < PN ? q.fwd.states[base + e[k]] : 0.f;
+    din[k] = e[k] < PN ? q.dstates[base + e[k]] : 0.f;
+  }
+}
+
+// Walks the chunks backwards with g in registers. No block barrier in the loop: the partial
+// <g, in_c> of each warp goes to dot_part (summed by dcs_last_kernel in a fixed order), and the
+// next chunk's in_c, dIn_c and carry are loaded one step ahead, so the walk runs at the memory
+// system's pace instead of one round trip plus two barriers per chunk (2026-12-06; 1.01 ms at
+// Nano b1 L8192 on 2026-12-04, docs/ssd.md).
 __global__ void __launch_bounds__(kThreads) state_bwd_kernel(SsdBwdParams q, float* dot_part, int64_t S) {
-  __shared__ float red[kThreads / 32];
   const SsdParams& p = q.fwd;
   const int64_t PN = p.headdim * p.dstate, nc = p.nchunks;
   const int64_t s = blockIdx.x % S, bh = blockIdx.x / S, h = bh % p.nheads, b = bh / p.nheads;
-  float g[kSpPerThread];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float g[kSpPerThread], in_n[kSpPerThread], din_n[kSpPerThread];
   int64_t e[kSpPerThread];
 #pragma unroll
   for (int k = 0; k < kSpPerThread; ++k) e[k] = s * kSpChunk + k * kThreads + threadIdx.x;
+  auto base_of = [&](int64_t c) { return ((b * nc + c) * p.nheads + h) * PN; };
+  load_state_pair(q, base_of(nc - 1), e, PN, in_n, din_n);
+  float carry_n = chunk_carry(p, b, h, nc - 1);
   for (int64_t c = nc - 1; c >= 0; --c) {
+    float in[kSpPerThread], din[kSpPerThread];
+#pragma unroll
+    for (int k = 0; k < kSpPerThread; ++k) in[k] = in_n[k], din[k] = din_n[k];
+    const float carry = carry_n;
+    if (c > 0) {  // chunk c - 1's operands, in flight while chunk c is done
+      load_state_pair(q, base_of(c - 1), e, PN, in_n, din_n);
+      carry_n = chunk_carry(p, b, h, c - 1);
+    }
     if (ssd_chunk_last(p, c)) {  // the end state's gradient restarts: dfinal or zero
       const bool fin = q.dfinal != nullptr && ssd_chunk_holds_end(p, c);
 #pragma unroll
       for (int k = 0; k < kSpPerThread; ++k) g[k] = (fin && e[k] < PN) ? q.dfinal[bh * PN + e[k]] : 0.f;
     }
-    const float carry = chunk_carry(p, b, h, c);
-    const int64_t base = ((b * nc + c) * p.nheads + h) * PN;
+    const int64_t base = base_of(c);
     float dot = 0.f;
 #pragma unroll
     for (int k = 0; k < kSpPerThread; ++k) {
       if (e[k] < PN) {
-        const float in = p.states[base + e[k]];
-        const float din = q.dstates[base + e[k]];
         q.dstates[base + e[k]] = g[k];  // dS_c
-        dot = fmaf(g[k], in, dot);
-        g[k] = fmaf(carry, g[k], din);
+        dot = fmaf(g[k], in[k], dot);
+        g[k] = fmaf(carry, g[k], din[k]);
       }
     }
-    dot = block_sum(dot, red);
-    if (threadIdx.x == 0) dot_part[(bh * nc + c) * S + s] = dot;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) dot_part[((bh * nc + c) * S + s) * kWarps + warp] = dot;
     const int64_t row = ssd_chunk_init_row(p, b, c);
     if (q.dinit != nullptr && row >= 0 && ssd_chunk_first(p, c)) {  // the initial state's gradient
 #pragma unroll
@@ -476,7 +501,7 @@ __global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part, int64_t S
   if (t >= p.batch * p.nheads * p.nchunks) return;
   const int64_t c = t % p.nchunks, bh = t / p.nchunks, h = bh % p.nheads, b = bh / p.nheads;
   float acc = 0.f;
-  for (int64_t s = 0; s < S; ++s) acc += dot_part[t * S + s];
+  for (int64_t s = 0; s < S * kWarps; ++s) acc += dot_part[t * S * kWarps + s];  // slice, then warp order
   q.dcs_last[t] = chunk_carry(p, b, h, c) * acc;
 }
 
@@ -913,33 +938,44 @@ __global__ void sum_bc_kernel(SsdBwdParams q, Scratch w) {
   }
 }
 
+// One warp per output (dA[h], ddt_bias[h], dD[h] or dD[h, p]): lane l sums terms l, l + 32, ...
+// in order, then the warp's butterfly: a fixed order (deterministic), and every output's terms
+// read by 32 lanes at once (2026-12-06; one thread per output walked all b * nc [* P] terms
+// before: 0.30 ms at Nano b1 L8192 on 2026-12-04).
+NK_HD int64_t reduce_jobs(const SsdBwdParams& q) {
+  const SsdParams& p = q.fwd;
+  const int64_t nD = q.dD != nullptr && p.D != nullptr ? (p.D_per_p ? p.nheads * p.headdim : p.nheads) : 0;
+  return 2 * p.nheads + nD;
+}
+
 __global__ void reduce_kernel(SsdBwdParams q) {
   const SsdParams& p = q.fwd;
   const int64_t H = p.nheads, P = p.headdim, rows = p.batch * p.nchunks;
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < H) {
-    float a = 0.f, bb = 0.f;
-    for (int64_t r = 0; r < rows; ++r) {
-      a += q.dA_part[r * H + t];
-      if (q.ddt_bias != nullptr) bb += q.dbias_part[r * H + t];
-    }
-    if (q.dA != nullptr) q.dA[t] = a;
-    if (q.ddt_bias != nullptr) q.ddt_bias[t] = bb;
+  const int64_t job = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (job >= reduce_jobs(q)) return;  // whole warps (blockDim is a multiple of 32)
+  float acc = 0.f;
+  float* out = nullptr;
+  if (job < H) {  // dA
+    for (int64_t r = lane; r < rows; r += 32) acc += q.dA_part[r * H + job];
+    out = q.dA != nullptr ? q.dA + job : nullptr;
+  } else if (job < 2 * H) {  // ddt_bias
+    const int64_t t = job - H;
+    if (q.ddt_bias != nullptr)
+      for (int64_t r = lane; r < rows; r += 32) acc += q.dbias_part[r * H + t];
+    out = q.ddt_bias != nullptr ? q.ddt_bias + t : nullptr;
+  } else if (p.D_per_p) {  // dD (H, P)
+    const int64_t t = job - 2 * H;
+    for (int64_t r = lane; r < rows; r += 32) acc += q.dD_part[r * H * P + t];
+    out = q.dD + t;
+  } else {  // dD (H,): the terms (r, p) of head t
+    const int64_t t = job - 2 * H;
+    for (int64_t m = lane; m < rows * P; m += 32) acc += q.dD_part[((m / P) * H + t) * P + m % P];
+    out = q.dD + t;
   }
-  if (q.dD != nullptr && p.D != nullptr) {
-    if (p.D_per_p) {
-      if (t < H * P) {
-        float d = 0.f;
-        for (int64_t r = 0; r < rows; ++r) d += q.dD_part[r * H * P + t];
-        q.dD[t] = d;
-      }
-    } else if (t < H) {
-      float d = 0.f;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t pp = 0; pp < P; ++pp) d += q.dD_part[(r * H + t) * P + pp];
-      q.dD[t] = d;
-    }
-  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0 && out != nullptr) *out = acc;
 }
 
 // ---- launch ---------------------------------------------------------------------------------
@@ -1014,7 +1050,7 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
 
   sum_bc_kernel<T><<<grid_for(b * p.seqlen * p.ngroups * p.dstate, 256), 256, 0, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
-  reduce_kernel<<<grid_for(H * p.headdim, 256), 256, 0, stream>>>(q);
+  reduce_kernel<<<grid_for(reduce_jobs(q) * 32, 256), 256, 0, stream>>>(q);
   NK_CUDA_LAUNCH_CHECK();
 }
 
