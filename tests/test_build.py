@@ -158,7 +158,8 @@ def test_extension_is_one_abi3_module():
 def test_cmake_configures_the_release_archs(tmp_path):
     """CMakeLists.txt for the wheel's archs (configure only, no compile): +PTX adds the PTX
     target, the sm100 files get the family target, and the capabilities they run on travel as a
-    bit mask (100f: 100 and 103; a comma list would be split by nvcc's -D parsing)."""
+    bit mask (100f: 100 and 103; a comma list would be split by nvcc's -D parsing); the portable
+    files' wgmma paths are on only with a 90a pass of their own (a plain 90 build keeps wmma)."""
     nvcc = _setup_module().find_nvcc()
     cmake = shutil.which("cmake")
     version = re.search(r"(\d+)\.(\d+)", subprocess.run([cmake, "--version"], capture_output=True,
@@ -176,6 +177,12 @@ def test_cmake_configures_the_release_archs(tmp_path):
     assert "-gencode=arch=compute_120,code=[sm_120,compute_120]" in ninja
     assert "-gencode=arch=compute_100f,code=sm_100f" in ninja and "-gencode=arch=compute_80,code=sm_80" in ninja
     assert "NK_SM100_CCS" not in ninja
+    # the portable files' wgmma paths (SSD state chain, B1) exist only with their own sm_90a pass
+    assert "NK_PORTABLE_SM90A=1" in ninja
+    r = subprocess.run([cmake, str(ROOT), "-DNK_CUDA_ARCHS=80;90"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ninja = (tmp_path / "build.ninja").read_text()
+    assert "NK_HAS_SM90=1" in ninja and "NK_PORTABLE_SM90A" not in ninja
     r = subprocess.run([cmake, str(ROOT), "-DNK_CUDA_ARCHS=90a+PTX"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and "PTX only for a plain arch" in r.stdout + r.stderr
 

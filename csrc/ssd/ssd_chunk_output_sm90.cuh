@@ -53,5 +53,39 @@ struct StateCfg {
 NK_HD constexpr int frag_row(int tid, int v) { return 64 * (tid / 128) + 16 * (tid % 128 / 32) + tid % 32 / 4 + ((v & 2) ? 8 : 0); }
 NK_HD constexpr int frag_col(int v, int lane) { return 8 * (v / 4) + 2 * (lane % 4) + (v & 1); }
 
+// acc = A Bᵀ summed over the 128 positions j, A and B two (64, 128) StateCfg::SmemTJ tiles in
+// shared memory (a[.][j], b[.][j]), by the calling warpgroup (all 128 threads, after a barrier
+// and fence.proxy.async that make the tiles visible to wgmma); out[v] is the value at
+// (frag_row(tid, v), frag_col(v, lane)). The tiles may be overwritten once every thread is past
+// a barrier after the call. Used by the state chain (forward) and B1 (backward) on sm_90a.
+template <typename E>
+CUTE_DEVICE void state_tile_mma(E* a, E* b, float (&out)[32]) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Sc = StateCfg<E>;
+  Tensor sA = make_tensor(make_smem_ptr(a), typename Sc::SmemTJ{});
+  Tensor sB = make_tensor(make_smem_ptr(b), typename Sc::SmemTJ{});
+  typename Sc::Mma mma;
+  mma.accumulate_ = GMMA::ScaleOut::One;
+  const int tid = threadIdx.x % 128;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor tA = thr.make_fragment_A(thr.partition_A(sA));
+  Tensor tB = thr.make_fragment_B(thr.partition_B(sB));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<Sc::kTile>, Int<Sc::kTile>>{});
+  clear(acc);
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tA); ++k) gemm(mma, tA(_, _, k), tB(_, _, k), acc);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+  static_assert(decltype(size(acc))::value == 32, "fragment size");
+  CUTE_UNROLL
+  for (int v = 0; v < 32; ++v) out[v] = acc(v);
+#else
+  (void)a, (void)b, (void)out;
+#endif
+}
+
 }  // namespace ssd_sm90
 }  // namespace nk

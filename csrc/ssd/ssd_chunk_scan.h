@@ -165,6 +165,9 @@ void ssd_bwd_cuda(const SsdBwdParams& p, void* stream);   // ssd_chunk_scan_bwd_
 // sm_90a, a compute capability 9.0 device, NEMOKERNELS_SSD_SM90=1 and a shape it takes.
 bool ssd_fwd_cuda_output_sm90(const SsdParams& p);        // ssd_chunk_scan_fwd_cuda.cu
 bool ssd_fwd_cuda_output_sm90_on(int device_index, const SsdParams& p);  // the same on a given device
+// NEMOKERNELS_SSD_SM90=1 with a compute capability 9.0 current device and an sm_90a build: the
+// switch of every sm_90a SSD chunk-scan kernel (chunk output, state chain tile, B1 tile).
+bool ssd_cuda_sm90_opted_in();                             // ssd_chunk_scan_fwd_cuda.cu
 #endif
 
 }  // namespace nk

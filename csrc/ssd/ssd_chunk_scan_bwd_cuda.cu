@@ -15,6 +15,15 @@
 #include "ssd/ssd_chunk_scan.h"
 #include "ssd/ssd_cuda_common.cuh"
 
+// B1's wgmma tile is in this portable file: it exists only when the file's own passes include
+// sm_90a (NK_PORTABLE_SM90A, CMakeLists.txt), as the forward's state chain tile.
+#if defined(NK_HAS_SM90) && defined(NK_PORTABLE_SM90A)
+#define NK_SSD_WGMMA_HERE 1
+#include <cutlass/arch/barrier.h>
+
+#include "ssd/ssd_chunk_output_sm90.cuh"
+#endif
+
 namespace nk {
 namespace {
 
@@ -387,6 +396,39 @@ __global__ void dy_dz_kernel(SsdBwdParams q, float* dy32) {
 
 // ---- B1 -----------------------------------------------------------------------------------
 
+// B1's block: (b, c, h) and the 64 x 64 (P x N) tile from blockIdx.x (N tile fastest), and
+// s_fac[i] = exp(cs_i) [i real, sid_i == sid_prev] for the chunk; ends with a barrier. Every
+// thread of the block calls it (any block size).
+struct B1Tile {
+  int64_t b, c, h;
+  int p0, n0;
+};
+template <int Q>
+NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, float* s_fac) {
+  const SsdParams& p = q.fwd;
+  const int npt = ceil_div_d(p.headdim), nnt = ceil_div_d(p.dstate);
+  int64_t bid = blockIdx.x;
+  B1Tile t;
+  t.n0 = static_cast<int>(bid % nnt) * kTile;
+  bid /= nnt;
+  t.p0 = static_cast<int>(bid % npt) * kTile;
+  bid /= npt;
+  t.h = bid % p.nheads;
+  bid /= p.nheads;
+  t.c = bid % p.nchunks;
+  t.b = bid / p.nchunks;
+  const int64_t l0 = ssd_chunk_t0(p, t.c);
+  const int nvalid = ssd_chunk_len(p, t.c);
+  const int32_t sid_prev = chunk_sid_prev(p, t.b, t.c);
+  const int64_t pb = ((t.b * p.nheads + t.h) * p.nchunks + t.c) * Q;
+  for (int i = threadIdx.x; i < Q; i += blockDim.x) {
+    const bool keep = i < nvalid && (p.seq_idx == nullptr || p.seq_idx[t.b * p.seqlen + l0 + i] == sid_prev);
+    s_fac[i] = keep ? expf(p.cs[pb + i]) : 0.f;
+  }
+  __syncthreads();
+  return t;
+}
+
 template <typename T, int Q>
 __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const float* dy32) {
   __shared__ __align__(32) T As[kStageElems<T>];
@@ -394,25 +436,9 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const
   __shared__ __align__(32) float out_t[kOutFloats];
   __shared__ float s_fac[Q];
   const SsdParams& p = q.fwd;
-  const int npt = ceil_div_d(p.headdim), nnt = ceil_div_d(p.dstate);
-  int64_t bid = blockIdx.x;
-  const int nt = bid % nnt;
-  bid /= nnt;
-  const int pt = bid % npt;
-  bid /= npt;
-  const int64_t h = bid % p.nheads;
-  bid /= p.nheads;
-  const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
-  ChunkView<T> v(q, dy32, b, c, h);
-  const int32_t sid_prev = chunk_sid_prev(p, b, c);
-  const int64_t pb = v.pos_base();
-  for (int i = threadIdx.x; i < Q; i += kThreads) {
-    const bool keep = i < v.nvalid &&
-                      (p.seq_idx == nullptr || p.seq_idx[b * p.seqlen + v.l0 + i] == sid_prev);
-    s_fac[i] = keep ? expf(p.cs[pb + i]) : 0.f;
-  }
-  __syncthreads();
-  const int p0 = pt * kTile, n0 = nt * kTile;
+  const B1Tile t = b1_tile<Q>(q, s_fac);
+  ChunkView<T> v(q, dy32, t.b, t.c, t.h);
+  const int p0 = t.p0, n0 = t.n0;
   Acc acc;
   // dIn[p][n] = sum_i (fac_i dy[i][p]) C[i][n]: A(m = p, k = i), B(k = i, n); fac_i dy is
   // scaled in float32 and rounded to T once at staging.
@@ -429,6 +455,66 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const
       if (pp < p.headdim && n < p.dstate) out[pp * p.dstate + n] = acc[r][cc];
     }
 }
+
+#ifdef NK_SSD_WGMMA_HERE
+// B1 on sm_90a (Q 128, full 64 x 64 tiles, 16-bit T), 128 threads: the tile dstates_kernel
+// computes, dIn[p][n] = sum_i round_T(fac_i dy_i[p]) C_i[n], with all 128 positions staged at
+// once (16-byte loads where aligned) and the product on one warpgroup's wgmma
+// (ssd_sm90::state_tile_mma); only the float32 summation order differs. Opt-in with the
+// forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1).
+template <typename T>
+__global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, const float* dy32, bool vec_dout,
+                                                            bool vec_C) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int Q = 128;
+  using namespace cute;
+  using E = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
+  using Sc = ssd_sm90::StateCfg<E>;
+  __shared__ __align__(1024) unsigned char smem[1024 + 2 * 16384];
+  float* s_fac = reinterpret_cast<float*>(smem);
+  E* a_tile = reinterpret_cast<E*>(smem + 1024);
+  E* b_tile = reinterpret_cast<E*>(smem + 1024 + 16384);
+  Tensor sA = make_tensor(make_smem_ptr(a_tile), typename Sc::SmemTJ{});  // (p, i)
+  Tensor sB = make_tensor(make_smem_ptr(b_tile), typename Sc::SmemTJ{});  // (n, i)
+  const SsdParams& p = q.fwd;
+  const int tid = threadIdx.x;
+  const B1Tile t = b1_tile<Q>(q, s_fac);
+  ChunkView<T> v(q, dy32, t.b, t.c, t.h);
+  const int p0 = t.p0, n0 = t.n0;
+  const int64_t HP = p.nheads * p.headdim;
+  for (int e = tid; e < Q * 8; e += 128) {
+    const int i = e / 8, k = (e % 8) * 8;
+    float a[8], c8[8];
+    if (i < v.nvalid) {
+      if (v.dy32b != nullptr) ssd::load8<float>(v.dy32b + (v.l0 + i) * HP + p0 + k, true, a);
+      else ssd::load8<T>(v.doutb + (v.l0 + i) * q.dout_sl + p0 + k, vec_dout, a);
+      const float f = s_fac[i];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) a[t] = f * a[t];  // as dstates_kernel: scaled in float32, rounded once
+      ssd::load8<T>(v.Cb + (v.l0 + i) * p.C_sl + n0 + k, vec_C, c8);
+    } else {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) a[t] = 0.f, c8[t] = 0.f;
+    }
+    ssd::store8<T>(reinterpret_cast<T*>(&sA(k, i)), true, a);
+    ssd::store8<T>(reinterpret_cast<T*>(&sB(k, i)), true, c8);
+  }
+  cutlass::arch::fence_view_async_shared();  // st.shared -> wgmma
+  __syncthreads();
+  float acc[32];
+  ssd_sm90::state_tile_mma(a_tile, b_tile, acc);
+  float* out = q.dstates + v.state_base();
+#pragma unroll
+  for (int k = 0; k < 32; k += 2) {
+    const int r = ssd_sm90::frag_row(tid, k), col = ssd_sm90::frag_col(k, tid % 32);
+    *reinterpret_cast<float2*>(out + (p0 + r) * p.dstate + n0 + col) = make_float2(acc[k], acc[k + 1]);
+  }
+#else
+  (void)q, (void)dy32, (void)vec_dout, (void)vec_C;
+  __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
+#endif
+}
+#endif  // NK_SSD_WGMMA_HERE
 
 // ---- B2 -----------------------------------------------------------------------------------
 
@@ -1029,7 +1115,20 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
     dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim, 256), 256, 0, stream>>>(q, w.dy);
     NK_CUDA_LAUNCH_CHECK();
   }
-  dstates_kernel<T, Q><<<gx(g.dstates), kThreads, 0, stream>>>(q, w.dy);
+  bool b1_wgmma = false;
+#ifdef NK_SSD_WGMMA_HERE
+  if constexpr (sizeof(T) == 2 && Q == 128) {
+    // B1 on wgmma with the forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1), full tiles
+    if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && ssd_cuda_sm90_opted_in()) {
+      auto a16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+      const bool vec_dout = a16(q.dout) && q.dout_sb % 8 == 0 && q.dout_sl % 8 == 0 && q.dout_sh % 8 == 0;
+      const bool vec_C = a16(p.C) && p.C_sb % 8 == 0 && p.C_sl % 8 == 0 && p.C_sg % 8 == 0;
+      dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, w.dy, vec_dout, vec_C);
+      b1_wgmma = true;
+    }
+  }
+#endif
+  if (!b1_wgmma) dstates_kernel<T, Q><<<gx(g.dstates), kThreads, 0, stream>>>(q, w.dy);
   NK_CUDA_LAUNCH_CHECK();
   state_bwd_kernel<<<gx(g.state_bwd), kThreads, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();

@@ -14,6 +14,12 @@
 
 #include "common/cuda_utils.cuh"
 #include "ssd/launch_limits.h"
+// The state chain's wgmma tile is in this portable file, so it exists only when this file's own
+// passes include sm_90a (NK_PORTABLE_SM90A, CMakeLists.txt); a plain "90" build compiles this
+// file for sm_90, which has no wgmma, and keeps the wmma tile there.
+#if defined(NK_HAS_SM90) && defined(NK_PORTABLE_SM90A)
+#define NK_SSD_WGMMA_HERE 1
+#endif
 #ifdef NK_HAS_SM90
 #include <cutlass/arch/barrier.h>
 
@@ -146,7 +152,7 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
   return Fs;
 }
 
-#ifdef NK_HAS_SM90
+#ifdef NK_SSD_WGMMA_HERE
 // chunk_state_tile on sm_90a for the state chain (Q = 128, full 64 x 64 tiles, 16-bit T, 16-byte
 // aligned x and B): the same XW = round_T(w_j x_j) and B tiles, multiplied by one warpgroup's
 // wgmma (m64n64k16 x 8) instead of the wmma slabs, and returned as the same float tile Fs (ld
@@ -215,24 +221,12 @@ NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c
   cutlass::arch::fence_view_async_shared();  // st.shared and cp.async writes -> wgmma
   __syncthreads();
 
-  typename Sc::Mma mma;
-  mma.accumulate_ = GMMA::ScaleOut::One;
-  auto thr = mma.get_thread_slice(tid);
-  Tensor tA = thr.make_fragment_A(thr.partition_A(sX));
-  Tensor tB = thr.make_fragment_B(thr.partition_B(sB));
-  Tensor acc = partition_fragment_C(mma, Shape<Int<Sc::kTile>, Int<Sc::kTile>>{});
-  clear(acc);
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(tA); ++k) gemm(mma, tA(_, _, k), tB(_, _, k), acc);
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
-  __syncthreads();  // every warp's wgmma has read XW / B before Fs overwrites them
-  CUTE_UNROLL
-  for (int v = 0; v < size(acc); ++v)
-    Fs[ssd_sm90::frag_row(tid, v) * StateTraits::kLdF + ssd_sm90::frag_col(v, tid % 32)] = acc(v);
+  // the products first, then (every warp's wgmma done reading XW / B) the float tile over them
+  float acc[32];
+  ssd_sm90::state_tile_mma(&sX(0, 0), &sB(0, 0), acc);
+  __syncthreads();
+#pragma unroll
+  for (int v = 0; v < 32; ++v) Fs[ssd_sm90::frag_row(tid, v) * StateTraits::kLdF + ssd_sm90::frag_col(v, tid % 32)] = acc[v];
   __syncthreads();
   return Fs;
 #else
@@ -241,7 +235,7 @@ NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c
   return nullptr;
 #endif
 }
-#endif  // NK_HAS_SM90
+#endif  // NK_SSD_WGMMA_HERE
 
 // ------------------------------------------------------------------ H1 state_chain (F1-F3)
 // p.workspace: a ticket counter, then one progress counter per chain (b, h, P tile, N tile);
@@ -261,13 +255,14 @@ int64_t chain_workspace_bytes(const SsdParams& p) { return (1 + chain_count(p)) 
 template <typename T, int Q, bool kWgmma = false>
 __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(const SsdParams p, const Vec vec) {
   constexpr int kT = StateTraits::kThreads, kBP = StateTraits::kBP, kBN = StateTraits::kBN;
-#ifdef NK_HAS_SM90
+#ifdef NK_SSD_WGMMA_HERE
   constexpr size_t kSmem = kWgmma ? StateWgSmem::kBytes : StateSmem<T>::kBytes;
 #else
-  static_assert(!kWgmma, "the wgmma state tile needs an sm_90a build");
+  static_assert(!kWgmma, "the wgmma state tile needs this file built for sm_90a");
   constexpr size_t kSmem = StateSmem<T>::kBytes;
 #endif
-  __shared__ __align__(1024) unsigned char smem[kSmem];
+  constexpr size_t kAlign = kWgmma ? 1024 : 128;  // the wgmma tiles' 128-byte swizzle needs 1024
+  __shared__ __align__(kAlign) unsigned char smem[kSmem];
   __shared__ float cs_s[Q], dtp_s[Q];
   __shared__ unsigned ticket_s;
   unsigned* const ticket_counter = static_cast<unsigned*>(p.workspace);
@@ -315,7 +310,7 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
 
   // ---- F2: the chunk's own state tile S_c (float, shared memory)
   const float* Fs;
-#ifdef NK_HAS_SM90
+#ifdef NK_SSD_WGMMA_HERE
   if constexpr (kWgmma) Fs = chunk_state_tile_wgmma<T, Q>(p, b, c, h, p0, n0, cs_s, dtp_s, smem);
   else
 #endif
@@ -617,11 +612,6 @@ bool ssd_sm90_opted_in(int dev) {
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   return major == 9 && minor == 0;
 }
-bool ssd_sm90_opted_in_here() {
-  int dev = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
-  return ssd_sm90_opted_in(dev);
-}
 #endif
 
 Vec make_vec(const SsdParams& p) {
@@ -651,13 +641,13 @@ dim3 to_dim3(const LaunchGrid& g) {
   return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
 }
 
-#ifdef NK_HAS_SM90
+#ifdef NK_SSD_WGMMA_HERE
 // The state chain takes the wgmma tile with NEMOKERNELS_SSD_SM90=1 on a compute capability 9.0
 // device for full 64 x 64 tiles (headdim and dstate multiples of 64) and 16-byte x / B rows.
 bool state_chain_wgmma(const SsdParams& p, const Vec& vec) {
   if (!vec.x || !vec.B || p.headdim % StateTraits::kBP != 0 || p.dstate % StateTraits::kBN != 0) return false;
   if (p.chunk_size != 128 || (p.dtype != DType::BF16 && p.dtype != DType::F16)) return false;
-  return ssd_sm90_opted_in_here();
+  return ssd_cuda_sm90_opted_in();
 }
 #endif
 
@@ -666,7 +656,7 @@ void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
   const SsdFwdGrids g = fwd_grids(p);
   if (p.workspace == nullptr) throw std::runtime_error("nemokernels: internal: mamba_chunk_scan_combined needs its workspace");
   NK_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(chain_workspace_bytes(p)), st));
-#ifdef NK_HAS_SM90
+#ifdef NK_SSD_WGMMA_HERE
   if constexpr (sizeof(T) == 2 && Q == 128) {
     if (state_chain_wgmma(p, vec)) {  // H1 with the wgmma state tile (opt-in, as the chunk output)
       state_chain_kernel<T, Q, true><<<to_dim3(g.chain), StateTraits::kThreads, 0, st>>>(p, vec);
@@ -736,6 +726,16 @@ void run(const SsdParams& p, void* stream, bool full) {
 }
 
 }  // namespace
+
+bool ssd_cuda_sm90_opted_in() {
+#ifdef NK_HAS_SM90
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  return ssd_sm90_opted_in(dev);
+#else
+  return false;
+#endif
+}
 
 bool ssd_fwd_cuda_output_sm90(const SsdParams& p) {
   int dev = 0;

@@ -661,7 +661,7 @@ def portable_call(monkeypatch, *args, **kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", ["head", "headdim"])
 def test_sm90_chunk_output_small(monkeypatch, dtype, D):
-    """The sm_90a forward (the state chain's wgmma tile and the wgmma chunk output) at
+    """The sm_90a kernels (the state chain's and B1's wgmma tiles, the wgmma chunk output) at
     Nemotron-H's head shape (P 64, N 128, chunk 128) on a small grid
     (a CTA per head: the slices split each group's 8 heads): y, the final states and every
     gradient (the backward reads the y_pre it wrote) against the float64 recurrence, and y
@@ -701,6 +701,36 @@ def test_sm90_chunk_output_whole_groups_and_no_state(monkeypatch):
     _, yr = ref64({k: (v[:1, :1024] if torch.is_tensor(v) and v.dim() >= 3 else v) for k, v in inp.items()},
                   dt_softplus=True)
     assert_close(y[:1, :1024], yr, torch.bfloat16, factor=2, what="y (first 1024 positions of row 0)")
+
+
+@pytest.mark.gpu
+@pytest.mark.racecheck
+def test_sm90_state_tiles_wide_heads(monkeypatch):
+    """headdim 128 and dstate 256 under NEMOKERNELS_SSD_SM90=1: the chunk output stays portable
+    (its wgmma kernel takes P 64, N 128 only), while the state chain's and B1's wgmma tiles run
+    with 2 x 4 tiles per head (p0, n0 > 0). y, the final states and every gradient against the
+    portable path and the float64 recurrence."""
+    b, L, H, P, G, N, Q = 1, 2 * 128 + 45, 4, 128, 1, 256, 128
+    sm90_or_skip(monkeypatch, H, G)
+    inp = requires_grad(make_inputs(b, L, H, P, G, N, torch.bfloat16, "cuda", init=True))
+    y, fin = call(inp, Q, dt_softplus=True, return_final_states=True)
+    gy, gf = torch.randn_like(y), torch.randn_like(fin)
+    ((y.float() * gy.float()).sum() + (fin * gf).sum()).backward()
+    got = {k: g.clone() for k, g in grads_of(inp).items()}
+    for t in inp.values():
+        if torch.is_tensor(t) and t.grad is not None:
+            t.grad = None
+    y_port, fin_port = portable_call(monkeypatch, inp, Q, dt_softplus=True, return_final_states=True)
+    assert_close(y, y_port.double(), torch.bfloat16, what="y against the portable path")
+    assert_close(fin, fin_port.double(), torch.float32, factor=10, what="final states against the portable path")
+    d, (yr, fr) = ref64(inp, dt_softplus=True, return_final_states=True)
+    assert_close(y, yr, torch.bfloat16, factor=2, what="y")
+    assert_close(fin, fr, torch.bfloat16, factor=2, what="final states")
+    ((yr * gy.double()).sum() + (fr * gf.double()).sum()).backward()
+    want = grads_of(d)
+    assert set(got) == set(want)
+    for k in want:
+        assert_close(got[k], want[k], torch.bfloat16, factor=2, what=f"grad {k}")
 
 
 @pytest.mark.gpu
