@@ -377,19 +377,31 @@ NK_DEVICE float seg_decay(int i, int j, const float* s_cs, const int32_t* s_sid)
 
 // ---- B0 -----------------------------------------------------------------------------------
 
+// Eight consecutive p of one (b, l, h) per step (headdim % 8 == 0 on the CUDA path): 16-byte
+// loads of dout and z where the host found them aligned (vec_dout, vec_z), of y_pre and the
+// stores of dy and dz where their bases are (contiguous (b, L, H, P)); the same per-element
+// arithmetic as one element per thread (2026-12-06; 346 us at Nano b1 L8192 on 2026-12-04).
 template <typename T>
-__global__ void dy_dz_kernel(SsdBwdParams q, float* dy32) {
+__global__ void dy_dz_kernel(SsdBwdParams q, float* dy32, bool vec_dout, bool vec_z, bool vec_out) {
   const SsdParams& p = q.fwd;
-  const int64_t P = p.headdim, H = p.nheads, L = p.seqlen;
-  const int64_t total = p.batch * L * H * P;
+  const int64_t P8 = p.headdim / 8, H = p.nheads, L = p.seqlen;
+  const int64_t total = p.batch * L * H * P8;
+  const bool dz = q.dz != nullptr && p.y_pre != nullptr;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t pp = e % P, h = (e / P) % H, l = (e / (P * H)) % L, b = e / (P * H * L);
-    const float d = to_f<T>(static_cast<const T*>(q.dout)[b * q.dout_sb + l * q.dout_sl + h * q.dout_sh + pp]);
-    const float zv = to_f<T>(static_cast<const T*>(p.z)[b * p.z_sb + l * p.z_sl + h * p.z_sh + pp]);
-    dy32[e] = d * silu(zv);
-    if (q.dz != nullptr && p.y_pre != nullptr) {
-      const float yp = to_f<T>(static_cast<const T*>(p.y_pre)[e]);
-      static_cast<T*>(q.dz)[e] = from_f<T>(d * yp * silu_grad(zv));
+    const int64_t pp = (e % P8) * 8, h = (e / P8) % H, l = (e / (P8 * H)) % L, b = e / (P8 * H * L);
+    const int64_t o = e * 8;  // (b, l, h, pp) in the contiguous (b, L, H, P) arrays
+    float d[8], zv[8], out[8];
+    ssd::load8<T>(static_cast<const T*>(q.dout) + b * q.dout_sb + l * q.dout_sl + h * q.dout_sh + pp, vec_dout, d);
+    ssd::load8<T>(static_cast<const T*>(p.z) + b * p.z_sb + l * p.z_sl + h * p.z_sh + pp, vec_z, zv);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = d[k] * silu(zv[k]);
+    ssd::store8<float>(dy32 + o, true, out);  // scratch: 256-byte aligned, P % 8 == 0
+    if (dz) {
+      float yp[8];
+      ssd::load8<T>(static_cast<const T*>(p.y_pre) + o, vec_out, yp);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) out[k] = d[k] * yp[k] * silu_grad(zv[k]);
+      ssd::store8<T>(static_cast<T*>(q.dz) + o, vec_out, out);
     }
   }
 }
@@ -1066,6 +1078,12 @@ __global__ void reduce_kernel(SsdBwdParams q) {
 
 // ---- launch ---------------------------------------------------------------------------------
 
+// 16-bit rows of 8-element groups reachable by 16-byte accesses: the base 16-byte aligned and
+// every stride (in elements) a multiple of 8 (the unit-stride dim's length is, on the CUDA path).
+bool rows16(const void* ptr, int64_t s0, int64_t s1, int64_t s2) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
+}
+
 // Element-wise kernels: grid-strided, so their grids are capped (no limit to check).
 int grid_for(int64_t total, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 65536 * 8)));
@@ -1112,7 +1130,11 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   const SsdBwdGrids g = bwd_grids(p);
 
   if (p.z != nullptr) {
-    dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim, 256), 256, 0, stream>>>(q, w.dy);
+    const bool vec_dout = rows16(q.dout, q.dout_sb, q.dout_sl, q.dout_sh);
+    const bool vec_z = rows16(p.z, p.z_sb, p.z_sl, p.z_sh);
+    const bool vec_out = rows16(p.y_pre, 0, 0, 0) && rows16(q.dz, 0, 0, 0);
+    dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim / 8, 256), 256, 0, stream>>>(q, w.dy, vec_dout, vec_z,
+                                                                                          vec_out);
     NK_CUDA_LAUNCH_CHECK();
   }
   bool b1_wgmma = false;
@@ -1120,9 +1142,8 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2 && Q == 128) {
     // B1 on wgmma with the forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1), full tiles
     if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && ssd_cuda_sm90_opted_in()) {
-      auto a16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
-      const bool vec_dout = a16(q.dout) && q.dout_sb % 8 == 0 && q.dout_sl % 8 == 0 && q.dout_sh % 8 == 0;
-      const bool vec_C = a16(p.C) && p.C_sb % 8 == 0 && p.C_sl % 8 == 0 && p.C_sg % 8 == 0;
+      const bool vec_dout = rows16(q.dout, q.dout_sb, q.dout_sl, q.dout_sh);
+      const bool vec_C = rows16(p.C, p.C_sb, p.C_sg, p.C_sl);
       dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, w.dy, vec_dout, vec_C);
       b1_wgmma = true;
     }
