@@ -82,6 +82,9 @@ step "bench targets" 120 python3 -m nemokernels bench --quick \
 step "bench mamba_chunk, sm90 chunk output" 90 env NEMOKERNELS_SSD_SM90=1 python3 -m nemokernels bench --quick \
     --op mamba_chunk_scan_combined --skip-baseline compile --skip-baseline torch_chunked \
     --out "$OUT/ab/bench-ssd-sm90.json"
+step "profile mamba_chunk, sm90 kernels" 60 bash -c "NEMOKERNELS_SSD_SM90=1 python3 bench/profile_kernels.py \
+    --case 'mamba_chunk_scan_combined.fwd_bwd:nano b1 L8192' --case 'mamba_chunk_scan_combined:super b1 L8192' \
+    > $OUT/ab/profile-ssd-sm90.txt 2>&1"
 
 # 4. Where the time goes, ours and the peer's, and the SSD at the SHAPES points by GPU time.
 step "profile" 100 bash -c "python3 bench/profile_kernels.py --baseline mamba_ssm_triton --baseline torch_grouped_mm \
