@@ -183,6 +183,9 @@ def test_cmake_configures_the_release_archs(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ninja = (tmp_path / "build.ninja").read_text()
     assert "NK_HAS_SM90=1" in ninja and "NK_PORTABLE_SM90A" not in ninja
+    r = subprocess.run([cmake, str(ROOT), "-DNK_CUDA_ARCHS=90;90a"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "NK_PORTABLE_SM90A" not in (tmp_path / "build.ninja").read_text()  # sm_90 beside sm_90a: off
     r = subprocess.run([cmake, str(ROOT), "-DNK_CUDA_ARCHS=90a+PTX"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and "PTX only for a plain arch" in r.stdout + r.stderr
 

@@ -502,11 +502,11 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, cons
       else ssd::load8<T>(v.doutb + (v.l0 + i) * q.dout_sl + p0 + k, vec_dout, a);
       const float f = s_fac[i];
 #pragma unroll
-      for (int t = 0; t < 8; ++t) a[t] = f * a[t];  // as dstates_kernel: scaled in float32, rounded once
+      for (int u = 0; u < 8; ++u) a[u] = f * a[u];  // as dstates_kernel: scaled in float32, rounded once
       ssd::load8<T>(v.Cb + (v.l0 + i) * p.C_sl + n0 + k, vec_C, c8);
     } else {
 #pragma unroll
-      for (int t = 0; t < 8; ++t) a[t] = 0.f, c8[t] = 0.f;
+      for (int u = 0; u < 8; ++u) a[u] = 0.f, c8[u] = 0.f;
     }
     ssd::store8<T>(reinterpret_cast<T*>(&sA(k, i)), true, a);
     ssd::store8<T>(reinterpret_cast<T*>(&sB(k, i)), true, c8);
@@ -1062,38 +1062,42 @@ NK_HD int64_t reduce_jobs(const SsdBwdParams& q) {
 
 __global__ void reduce_kernel(SsdBwdParams q) {
   const SsdParams& p = q.fwd;
-  const int64_t H = p.nheads, P = p.headdim, rows = p.batch * p.nchunks;
-  const int64_t job = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t H = p.nheads, P = p.headdim, rows = p.batch * p.nchunks, jobs = reduce_jobs(q);
   const int lane = threadIdx.x % 32;
-  if (job >= reduce_jobs(q)) return;  // whole warps (blockDim is a multiple of 32)
-  float acc = 0.f;
-  float* out = nullptr;
-  if (job < H) {  // dA
-    for (int64_t r = lane; r < rows; r += 32) acc += q.dA_part[r * H + job];
-    out = q.dA != nullptr ? q.dA + job : nullptr;
-  } else if (job < 2 * H) {  // ddt_bias
-    const int64_t t = job - H;
-    if (q.ddt_bias != nullptr)
-      for (int64_t r = lane; r < rows; r += 32) acc += q.dbias_part[r * H + t];
-    out = q.ddt_bias != nullptr ? q.ddt_bias + t : nullptr;
-  } else if (p.D_per_p) {  // dD (H, P)
-    const int64_t t = job - 2 * H;
-    for (int64_t r = lane; r < rows; r += 32) acc += q.dD_part[r * H * P + t];
-    out = q.dD + t;
-  } else {  // dD (H,): the terms (r, p) of head t
-    const int64_t t = job - 2 * H;
-    for (int64_t m = lane; m < rows * P; m += 32) acc += q.dD_part[((m / P) * H + t) * P + m % P];
-    out = q.dD + t;
-  }
+  // warp-strided over the jobs (grid_for caps the grid): the bound is warp-uniform, so every
+  // lane of a warp reaches the butterfly together
+  for (int64_t job = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; job < jobs;
+       job += int64_t(gridDim.x) * blockDim.x / 32) {
+    float acc = 0.f;
+    float* out = nullptr;
+    if (job < H) {  // dA
+      for (int64_t r = lane; r < rows; r += 32) acc += q.dA_part[r * H + job];
+      out = q.dA != nullptr ? q.dA + job : nullptr;
+    } else if (job < 2 * H) {  // ddt_bias
+      const int64_t t = job - H;
+      if (q.ddt_bias != nullptr)
+        for (int64_t r = lane; r < rows; r += 32) acc += q.dbias_part[r * H + t];
+      out = q.ddt_bias != nullptr ? q.ddt_bias + t : nullptr;
+    } else if (p.D_per_p) {  // dD (H, P)
+      const int64_t t = job - 2 * H;
+      for (int64_t r = lane; r < rows; r += 32) acc += q.dD_part[r * H * P + t];
+      out = q.dD + t;
+    } else {  // dD (H,): the terms (r, p) of head t
+      const int64_t t = job - 2 * H;
+      for (int64_t m = lane; m < rows * P; m += 32) acc += q.dD_part[((m / P) * H + t) * P + m % P];
+      out = q.dD + t;
+    }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0 && out != nullptr) *out = acc;
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0 && out != nullptr) *out = acc;
+  }
 }
 
 // ---- launch ---------------------------------------------------------------------------------
 
-// 16-bit rows of 8-element groups reachable by 16-byte accesses: the base 16-byte aligned and
-// every stride (in elements) a multiple of 8 (the unit-stride dim's length is, on the CUDA path).
+// Rows of 8-element groups reachable by 16-byte accesses (two for float32): the base 16-byte
+// aligned and every stride (in elements) a multiple of 8 (the unit-stride dim's length is, on
+// the CUDA path).
 bool rows16(const void* ptr, int64_t s0, int64_t s1, int64_t s2) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
 }
