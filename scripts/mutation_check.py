@@ -90,6 +90,9 @@ MUTANTS = [
     Mutant("ssd-cuda-bwd-dD-run-dropped", "skipped tail", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
            "for (int r = 0; r < per; ++r) sum += red_d[r * P + i];", "for (int r = 0; r + 1 < per; ++r) sum += red_d[r * P + i];",
            ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
+    Mutant("ssd-cuda-bwd-sum-bc-group-offset", "wrong index", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
+           "const int64_t n = (e % N8) * 8,", "const int64_t n = (e % N8),",
+           ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
     Mutant("ssd-sm90-fragment-column-map", "wrong fragment layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",
            "8 * (v / 4) + 2 * (lane % 4) + (v & 1)", "8 * (v / 4) + 2 * (lane / 8) + (v & 1)",
            ("tests/ssd/test_ssd_sm90_layout.py",), rebuild=False),  # the test compiles the header itself
