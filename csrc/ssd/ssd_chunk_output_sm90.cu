@@ -1,6 +1,7 @@
 // sm_90a chunk output of the SSD forward (stage F4 of ssd_chunk_scan.h, the H2 of docs/ssd.md's
 // Hopper redesign) on wgmma: one CTA per (b, chunk, group, slice of the group's heads), C·Bᵀ
-// computed once and kept in registers for every head of the slice. Opt-in
+// computed once for every head of the slice (parked in shared memory), the scores handed to the
+// next product in registers. Opt-in
 // (NEMOKERNELS_SSD_SM90=1) until a GPU run checks and measures it; compiled and reviewed only.
 // Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_output_sm90.cu`.
 #include <cuda_bf16.h>
