@@ -30,6 +30,9 @@ template <> struct CuteElem<__nv_bfloat16> { using type = cute::bfloat16_t; };
 template <> struct CuteElem<__half> { using type = cute::half_t; };
 
 using ssd_sm90::Cfg;
+using ssd_sm90::cp_async16;
+using ssd_sm90::cp_async_commit;
+using ssd_sm90::cp_async_wait_all;
 using ssd_sm90::frag_col;
 using ssd_sm90::frag_row;
 using ssd_sm90::kThreads;
@@ -63,22 +66,6 @@ NK_DEVICE void unpack2(uint32_t w, float& a, float& b) {
 }
 
 static_assert(sizeof(Smem<cute::bfloat16_t>) <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
-
-// 16-byte cp.async, zero-filled when !pred (src is then not read).
-NK_DEVICE void cp_async16(void* dst, const void* src, bool pred) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  const int n = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
-}
-NK_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-NK_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// sid of position t0 + i of row b (padding continues the last id), as F4 reads it.
-NK_DEVICE int32_t sid_of(const SsdParams& p, int64_t b, int64_t t) {
-  if (p.seq_idx == nullptr) return 0;
-  if (t > p.seqlen - 1) t = p.seqlen - 1;
-  return p.seq_idx[b * p.seqlen + t];
-}
 
 // The per-head inputs of head h into buffer buf: x (rows >= valid zero-filled), the chunk's cs and
 // dt', and (has_state) the float32 in_c into the staging tile. All threads; one commit group.
@@ -129,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_output_sm90_kernel(const Ss
   const int valid = ssd_chunk_len(p, c);
   if (valid <= 0 || h_beg >= h_end) return;  // uniform: an empty chunk of a plan writes nothing
   const bool has_state = !ssd_chunk_first(p, c) || ssd_chunk_init_row(p, b, c) >= 0;
-  const int32_t sid_prev = (c > 0 && p.seq_idx != nullptr) ? sid_of(p, b, c * Q - 1) : 0;
+  const int32_t sid_prev = ssd_sid_prev(p, b, c, Q);
 
   Tensor sC = make_tensor(make_smem_ptr(S.Cm), typename Cf::SmemQN{});
   Tensor sB = make_tensor(make_smem_ptr(S.Bm), typename Cf::SmemQN{});
@@ -145,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_output_sm90_kernel(const Ss
       cp_async16(&sC(i, k), ok ? cb + (t0 + i) * p.C_sl + k : cb, ok);
       cp_async16(&sB(i, k), ok ? bb + (t0 + i) * p.B_sl + k : bb, ok);
     }
-    for (int i = tid; i < Q; i += kThreads) S.sid[i] = sid_of(p, b, t0 + i);
+    for (int i = tid; i < Q; i += kThreads) S.sid[i] = ssd_sid_at(p, b, t0 + i);
     issue_head_loads<T>(p, S, 0, b, c, h_beg, t0, valid, has_state);
   }
 
@@ -320,11 +307,11 @@ bool ssd_chunk_output_sm90_supports(const SsdParams& p) {
   if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
   if (p.chunk_size != kSsdSm90Q || p.headdim != kSsdSm90P || p.dstate != kSsdSm90N) return false;
   if (p.ngroups <= 0 || p.nheads % p.ngroups != 0) return false;
-  auto al16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
-  // 16-byte cp.async of x, B, C rows: base and every stride a multiple of 8 elements
-  for (int64_t s : {p.x_sb, p.x_sl, p.x_sh, p.B_sb, p.B_sl, p.B_sg, p.C_sb, p.C_sl, p.C_sg})
-    if (s % 8 != 0) return false;
-  if (!al16(p.x) || !al16(p.B) || !al16(p.C) || !al16(p.states) || !al16(p.cs) || !al16(p.dtp)) return false;
+  // 16-byte cp.async of x, B, C rows (16-bit elements) and of the float32 states, cs, dt'
+  if (!ssd::vec_ok(p.x, 2, {p.x_sb, p.x_sl, p.x_sh}) || !ssd::vec_ok(p.B, 2, {p.B_sb, p.B_sl, p.B_sg}) ||
+      !ssd::vec_ok(p.C, 2, {p.C_sb, p.C_sl, p.C_sg}))
+    return false;
+  if (!ssd::aligned16(p.states) || !ssd::aligned16(p.cs) || !ssd::aligned16(p.dtp)) return false;
   // y / y_pre (contiguous, P even) are stored as 4-byte pairs; z pairs are checked per load
   auto al4 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 3) == 0; };
   return al4(p.y) && al4(p.y_pre);

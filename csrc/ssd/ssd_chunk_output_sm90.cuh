@@ -53,6 +53,26 @@ struct StateCfg {
 NK_HD constexpr int frag_row(int tid, int v) { return 64 * (tid / 128) + 16 * (tid % 128 / 32) + tid % 32 / 4 + ((v & 2) ? 8 : 0); }
 NK_HD constexpr int frag_col(int v, int lane) { return 8 * (v / 4) + 2 * (lane % 4) + (v & 1); }
 
+// 16-byte cp.async, zero-filled when !pred (src is then not read); its group commit and wait.
+CUTE_DEVICE void cp_async16(void* dst, const void* src, bool pred) {
+#if defined(__CUDA_ARCH__)
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 16 : 0) : "memory");
+#else
+  (void)dst, (void)src, (void)pred;
+#endif
+}
+CUTE_DEVICE void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+CUTE_DEVICE void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 // acc = A Bᵀ summed over the 128 positions j, A and B two (64, 128) StateCfg::SmemTJ tiles in
 // shared memory (a[.][j], b[.][j]), by the calling warpgroup (all 128 threads, after a barrier
 // and fence.proxy.async that make the tiles visible to wgmma); out[v] is the value at

@@ -108,6 +108,17 @@ NK_HD int64_t ssd_chunk_seq(const SsdParams& p, int64_t c) {
   const int64_t s = p.chunk_plan[p.nchunks + 1 + c];
   return s < 0 ? 0 : (s > p.nseq ? p.nseq : s);
 }
+// Sequence id of global position t of row b (seq_idx; 0 without it); padding (t >= L) continues
+// the id of position L - 1. The CUDA kernels' reading (the CPU kernel has its own, same rule).
+NK_HD int32_t ssd_sid_at(const SsdParams& p, int64_t b, int64_t t) {
+  if (p.seq_idx == nullptr) return 0;
+  if (t > p.seqlen - 1) t = p.seqlen - 1;
+  return p.seq_idx[b * p.seqlen + t];
+}
+// sid_prev of chunk c (chunk size Q): the last id of chunk c - 1, 0 before chunk 0 (mamba_ssm).
+NK_HD int32_t ssd_sid_prev(const SsdParams& p, int64_t b, int64_t c, int64_t Q) {
+  return c > 0 ? ssd_sid_at(p, b, c * Q - 1) : 0;
+}
 // Chunk c starts its sequence (its entering state is the initial state, not the carry).
 NK_HD bool ssd_chunk_first(const SsdParams& p, int64_t c) {
   return c == 0 || (p.chunk_plan != nullptr && ssd_chunk_seq(p, c) != ssd_chunk_seq(p, c - 1));

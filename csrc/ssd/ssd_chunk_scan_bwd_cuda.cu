@@ -1101,13 +1101,6 @@ __global__ void reduce_kernel(SsdBwdParams q) {
 
 // ---- launch ---------------------------------------------------------------------------------
 
-// Rows of 8-element groups reachable by 16-byte accesses (two for float32): the base 16-byte
-// aligned and every stride (in elements) a multiple of 8 (the unit-stride dim's length is, on
-// the CUDA path).
-bool rows16(const void* ptr, int64_t s0, int64_t s1, int64_t s2) {
-  return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
-}
-
 // Element-wise kernels: grid-strided, so their grids are capped (no limit to check).
 int grid_for(int64_t total, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 65536 * 8)));
@@ -1154,9 +1147,9 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   const SsdBwdGrids g = bwd_grids(p);
 
   if (p.z != nullptr) {
-    const bool vec_dout = rows16(q.dout, q.dout_sb, q.dout_sl, q.dout_sh);
-    const bool vec_z = rows16(p.z, p.z_sb, p.z_sl, p.z_sh);
-    const bool vec_out = rows16(p.y_pre, 0, 0, 0) && rows16(q.dz, 0, 0, 0);
+    const bool vec_dout = ssd::vec_ok(q.dout, sizeof(T), {q.dout_sb, q.dout_sl, q.dout_sh});
+    const bool vec_z = ssd::vec_ok(p.z, sizeof(T), {p.z_sb, p.z_sl, p.z_sh});
+    const bool vec_out = ssd::aligned16(p.y_pre) && ssd::aligned16(q.dz);
     dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim / 8, 256), 256, 0, stream>>>(q, w.dy, vec_dout, vec_z,
                                                                                           vec_out);
     NK_CUDA_LAUNCH_CHECK();
@@ -1166,8 +1159,8 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2 && Q == 128) {
     // B1 on wgmma with the forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1), full tiles
     if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && ssd_cuda_sm90_opted_in()) {
-      const bool vec_dout = rows16(q.dout, q.dout_sb, q.dout_sl, q.dout_sh);
-      const bool vec_C = rows16(p.C, p.C_sb, p.C_sg, p.C_sl);
+      const bool vec_dout = ssd::vec_ok(q.dout, sizeof(T), {q.dout_sb, q.dout_sl, q.dout_sh});
+      const bool vec_C = ssd::vec_ok(p.C, sizeof(T), {p.C_sb, p.C_sl, p.C_sg});
       dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, w.dy, vec_dout, vec_C);
       b1_wgmma = true;
     }

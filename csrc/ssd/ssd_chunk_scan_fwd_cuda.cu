@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -33,12 +32,14 @@
 namespace nk {
 namespace {
 
+using ssd::aligned16;
 using ssd::kSmemPad;
 using ssd::load8;
 using ssd::load_tile;
 using ssd::round_up16;
 using ssd::store8;
 using ssd::to_f;
+using ssd::vec_ok;
 using ssd::from_f;
 using ssd::WarpTile;
 
@@ -72,17 +73,6 @@ static_assert(ScanTraits::kBM == ScanTraits::kBJ, "the diagonal j-block must be 
 
 __host__ __device__ constexpr size_t align128(size_t v) { return (v + 127) / 128 * 128; }
 
-// sid of global position t of row b; padding (t >= L) continues the id of position L-1.
-NK_DEVICE int32_t sid_at(const SsdParams& p, int64_t b, int64_t t) {
-  if (p.seq_idx == nullptr) return 0;
-  if (t > p.seqlen - 1) t = p.seqlen - 1;
-  return p.seq_idx[b * p.seqlen + t];
-}
-
-// sid_prev of chunk c: the last id of chunk c-1, 0 before chunk 0 (mamba_ssm).
-NK_DEVICE int32_t sid_prev_of(const SsdParams& p, int64_t b, int64_t c, int Q) {
-  return c > 0 ? sid_at(p, b, c * Q - 1) : 0;
-}
 
 // ------------------------------------------------------------------ H1 / F5 state tile
 template <typename T>
@@ -123,7 +113,7 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
   const int nv = N - n0 < StateTraits::kBN ? N - n0 : StateTraits::kBN;
   const int pv16 = round_up16(pv), nv16 = round_up16(nv);
   const float cs_last = cs[jhi];
-  const int32_t sid_last = use_sid ? sid_at(p, b, t0 + jhi) : 0;
+  const int32_t sid_last = use_sid ? ssd_sid_at(p, b, t0 + jhi) : 0;
 
   WarpTile<T, StateTraits::kBN / 16> acc;
   acc.zero();
@@ -132,7 +122,7 @@ NK_DEVICE float* chunk_state_tile(const SsdParams& p, const Vec& vec, int64_t b,
     if (tid < kBJ) {
       const int j = j0 + tid;
       float w = 0.f;
-      if (j >= jlo && j <= jhi && j < valid && (!use_sid || sid_at(p, b, t0 + j) == sid_last))
+      if (j >= jlo && j <= jhi && j < valid && (!use_sid || ssd_sid_at(p, b, t0 + j) == sid_last))
         w = expf(cs_last - cs[j]) * dtp[j];
       w_s[tid] = w;
     }
@@ -189,18 +179,16 @@ NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c
   // w_j = exp(cs_last - cs_j) [sid_j == sid_last] dt'_j over the whole chunk (as chunk_state_tile
   // with jlo = 0, jhi = Q - 1, use_sid)
   const float cs_last = cs[Q - 1];
-  const int32_t sid_last = sid_at(p, b, t0 + Q - 1);
+  const int32_t sid_last = ssd_sid_at(p, b, t0 + Q - 1);
   for (int j = tid; j < Q; j += kT)
-    w_s[j] = j < valid && sid_at(p, b, t0 + j) == sid_last ? expf(cs_last - cs[j]) * dtp[j] : 0.f;
+    w_s[j] = j < valid && ssd_sid_at(p, b, t0 + j) == sid_last ? expf(cs_last - cs[j]) * dtp[j] : 0.f;
   // B rows by cp.async (zero-filled past the chunk)
   for (int e = tid; e < Q * 8; e += kT) {
     const int j = e / 8, k = (e % 8) * 8;
     const bool ok = j < valid;
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(&sB(k, j)));
-    const T* src = ok ? bb + (t0 + j) * p.B_sl + k : bb;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+    ssd_sm90::cp_async16(&sB(k, j), ok ? bb + (t0 + j) * p.B_sl + k : bb, ok);
   }
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  ssd_sm90::cp_async_commit();
   __syncthreads();  // w_s
   // XW rows: x scaled by w_j in float32, rounded to T once (load_tile's row_scale)
   for (int e = tid; e < Q * 8; e += kT) {
@@ -217,7 +205,7 @@ NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c
     }
     store8<T>(reinterpret_cast<T*>(&sX(k, j)), true, v);
   }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  ssd_sm90::cp_async_wait_all();
   cutlass::arch::fence_view_async_shared();  // st.shared and cp.async writes -> wgmma
   __syncthreads();
 
@@ -324,7 +312,7 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
   const int pv = P - p0 < kBP ? P - p0 : kBP;
   const int nv = N - n0 < kBN ? N - n0 : kBN;
   const int64_t PN = static_cast<int64_t>(P) * N, tile = static_cast<int64_t>(p0) * N + n0;
-  const float carry = sid_at(p, b, t0 + Q - 1) == sid_prev_of(p, b, c, Q) ? expf(cs_s[Q - 1]) : 0.f;
+  const float carry = ssd_sid_at(p, b, t0 + Q - 1) == ssd_sid_prev(p, b, c, Q) ? expf(cs_s[Q - 1]) : 0.f;
   if (c > 0) {
     if (tid == 0) ssd::wait_at_least(chain_done + chain, static_cast<unsigned>(c));
     __syncthreads();
@@ -445,9 +433,9 @@ __global__ void __launch_bounds__(ScanTraits::kThreads, ScanTraits::min_blocks<T
   for (int i = tid; i < Q; i += kT) {
     cs_s[i] = p.cs[ci + i];
     dtp_s[i] = p.dtp[ci + i];
-    sid_s[i] = sid_at(p, b, t0 + i);
+    sid_s[i] = ssd_sid_at(p, b, t0 + i);
   }
-  const int32_t sid_prev = sid_prev_of(p, b, c, Q);
+  const int32_t sid_prev = ssd_sid_prev(p, b, c, Q);
   const T* csrc = static_cast<const T*>(p.C) + b * p.C_sb + (t0 + i0) * p.C_sl + g * p.C_sg;
   load_tile<kT>(Cs, L.ldC, csrc, p.C_sl, valid - i0, kBM, N, Np, vec.C);
   __syncthreads();
@@ -580,7 +568,7 @@ __global__ void __launch_bounds__(StateTraits::kThreads) varlen_states_kernel(co
                                            smem);
 
   // + [sid_prev == sid_e] exp(cs_e) in_c
-  const bool carry = sid_prev_of(p, 0, c, Q) == sid_at(p, 0, last);
+  const bool carry = ssd_sid_prev(p, 0, c, Q) == ssd_sid_at(p, 0, last);
   const float decay = expf(cs[ie]);
   const float* in = p.states + (c * p.nheads + h) * P * N + static_cast<int64_t>(p0) * N + n0;
   for (int e = threadIdx.x; e < StateTraits::kBP * StateTraits::kBN; e += StateTraits::kThreads) {
@@ -593,15 +581,6 @@ __global__ void __launch_bounds__(StateTraits::kThreads) varlen_states_kernel(co
 }
 
 // ------------------------------------------------------------------ host side
-bool aligned16(const void* ptr) { return ptr != nullptr && (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
-bool vec_ok(const void* ptr, int esz, std::initializer_list<int64_t> strides) {
-  if (!aligned16(ptr)) return false;
-  for (int64_t s : strides)
-    if ((s * esz) % 16 != 0) return false;
-  return true;
-}
-
 #ifdef NK_HAS_SM90
 // NEMOKERNELS_SSD_SM90=1 and device dev has compute capability 9.0 (the sm_90a kernels run there).
 bool ssd_sm90_opted_in(int dev) {

@@ -9,6 +9,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
 
@@ -17,6 +18,18 @@
 
 namespace nk {
 namespace ssd {
+
+// Host: a 16-byte aligned, non-null base.
+inline bool aligned16(const void* ptr) { return ptr != nullptr && (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+// Host: rows of esz-byte elements reachable by 16-byte accesses: aligned16(ptr) and every
+// stride (in elements; pass the unit-stride dim's length too where it is not a multiple of 8)
+// a multiple of 16 bytes.
+inline bool vec_ok(const void* ptr, int esz, std::initializer_list<int64_t> strides) {
+  if (!aligned16(ptr)) return false;
+  for (int64_t s : strides)
+    if ((s * esz) % 16 != 0) return false;
+  return true;
+}
 
 template <DType D> struct Elem;
 template <> struct Elem<DType::F32> { using type = float; };
