@@ -76,9 +76,10 @@ step "bench targets" 120 python3 -m nemokernels bench --quick \
     --op mamba_chunk_scan_combined --op selective_state_update --op rmsnorm_fn \
     --skip-baseline compile --skip-baseline torch_chunked --out "$OUT/bench-targets.json"
 
-# 3b. Issue 17's A/B: the SSD forward with its chunk output on the sm_90a wgmma kernel (opt-in,
-#     never run before) against bench-targets above (the portable chunk output). Run its GPU
-#     tests first (-k sm90 in step 2): if they fail, these numbers mean nothing.
+# 3b. Issue 17's A/B: the SSD with its sm_90a wgmma kernels (opt-in, never run before: the
+#     forward's state chain tile and chunk output, the backward's B1 and B3 column and row
+#     kernels) against bench-targets above (the portable kernels). Run their GPU tests first
+#     (-k sm90 in step 2): if they fail, these numbers mean nothing.
 step "bench mamba_chunk, sm90 chunk output" 90 env NEMOKERNELS_SSD_SM90=1 python3 -m nemokernels bench --quick \
     --op mamba_chunk_scan_combined --skip-baseline compile --skip-baseline torch_chunked \
     --out "$OUT/ab/bench-ssd-sm90.json"

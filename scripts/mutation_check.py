@@ -96,6 +96,9 @@ MUTANTS = [
     Mutant("ssd-sm90-fragment-column-map", "wrong fragment layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",
            "8 * (v / 4) + 2 * (lane % 4) + (v & 1)", "8 * (v / 4) + 2 * (lane / 8) + (v & 1)",
            ("tests/ssd/test_ssd_sm90_layout.py",), rebuild=False),  # the test compiles the header itself
+    Mutant("ssd-sm90-b3-halves-atom-order", "wrong shared layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",
+           "Shape<Int<kHalf>, Int<N>>{}, Step<_2, _1>{}));", "Shape<Int<kHalf>, Int<N>>{}));",
+           ("tests/ssd/test_ssd_sm90_layout.py",), rebuild=False),
     Mutant("models-tree-attention-sees-siblings", "missing mask", "nemokernels/models/layers.py",
            "        anc[:, t] |= row", "        anc[:, t] |= True",
            ("tests/test_serving.py", "-k", "tree")),

@@ -1,6 +1,7 @@
-// CuTe side of the sm_90a SSD chunk output (ssd_chunk_output_sm90.cu): the shared-memory
-// layouts, the tiled wgmma MMAs and where each accumulator value sits. Host-compilable, so that
-// tests/ssd/sm90_layout_check.cu checks the fragment map against CuTe's layouts without a GPU.
+// CuTe side of the sm_90a SSD kernels (the chunk output in ssd_chunk_output_sm90.cu; the state
+// chain tile, B1 and B3 in the portable fwd/bwd files' sm_90a pass): the shared-memory layouts,
+// the tiled wgmma MMAs and where each accumulator value sits. Host-compilable, so that
+// tests/ssd/sm90_layout_check.cu checks the fragment map and layouts without a GPU.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -42,6 +43,61 @@ struct StateCfg {
   using SmemTJ = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<kTile>, Int<kJ>>{}));  // (p or n, j)
   using Mma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<E, E, float, Shape<Int<kTile>, Int<kTile>, _16>, GMMA::Major::MN, GMMA::Major::MN>()));
+};
+
+// Backward B3's row kernel on sm_90a (row_sm90_kernel, ssd_chunk_scan_bwd_cuda.cu): rows i over
+// two warpgroups as in Cfg, the chunk's columns j in two halves of 64. B is stored once, as two
+// j-halves of B[j][n] whose swizzle atoms run along n first: that one layout is the K-major
+// (j, n) operand of CB = C Bᵀ and the MN-major (n, j) operand of dC += A3 B (the host test checks
+// SmemJN(j, n) == SmemNJ(n, j) for every element).
+template <typename E>
+struct RowCfg {
+  static constexpr int Q = kSsdSm90Q, P = kSsdSm90P, N = kSsdSm90N, kHalf = Q / 2;
+  using SmemQN = typename Cfg<E>::SmemQN;  // C[i][n]
+  using SmemJN = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kHalf>, Int<N>>{}, Step<_2, _1>{}));
+  using SmemNJ = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<N>, Int<kHalf>>{}));
+  using SmemQP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<Q>, Int<P>>{}));      // dy[i][p], x[j][p]
+  using SmemHP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kHalf>, Int<P>>{}));  // x, one j-half
+  using SmemHNP = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<N / 2>, Int<P>>{}));  // in_c[p][n] as (n, p), one n-half
+  using AtomLayout = Layout<Shape<_2, _1, _1>>;
+  // SmemQN's offset of C[i][n] written out (8-row, 64-column 128-byte swizzle atoms, i-atoms
+  // first, 16-byte chunks XOR-ed with i % 8), for element reads whose addresses the kernel keeps
+  // cheap; the host test checks it against the layout for every (i, n).
+  static NK_HD constexpr int qn_offset(int i, int n) {
+    return (i / 8) * 512 + (n / 64) * (Q * 64) + (i % 8) * 64 + (((n % 64) / 8) ^ (i % 8)) * 8 + n % 8;
+  }
+  // one n-half of Z = dY in_cᵀ: (Q x N / 2), K = P, in_c MN-major (halves keep the registers in budget)
+  using MmaZ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<E, E, float, Shape<_64, Int<N / 2>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
+  // one j-half of CB = C Bᵀ (K = N) and of M = dY Xᵀ (K = P): (Q x kHalf)
+  using MmaHalf = decltype(make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<_64, Int<kHalf>, _16>>(), AtomLayout{}));
+  // dC += A3 B over one j-half: (Q x N), K = kHalf, A3 from registers, B MN-major
+  using MmaDC = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<E, E, float, Shape<_64, Int<N>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
+};
+
+// Backward B3's column kernel on sm_90a (col_sm90_kernel): rows j over two warpgroups, the
+// chunk's rows i in two halves. The roles of B and C swap against RowCfg (B the A operand [j][n],
+// C stored by i-halves read as (i, n) K-major and (n, i) MN-major), and two more tiles are read
+// both ways: a half of dy (i, p) K-major for Mᵀ = x dyᵀ and (p, i) MN-major for dx += A1 dy; a
+// half of dS (n, p) MN-major for x dS and (p, n) K-major for B dSᵀ (host-checked: same bytes).
+template <typename E>
+struct ColCfg {
+  using Rc = RowCfg<E>;
+  static constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kHalf = Rc::kHalf;
+  using SmemPH = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<P>, Int<kHalf>>{}));  // dy half (p, i)
+  using SmemPHN = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<P>, Int<N / 2>>{}));  // dS half (p, n)
+  using AtomLayout = Layout<Shape<_2, _1, _1>>;
+  // R = B dSᵀ: (Q x P), K = N by n-halves; CBᵀ = B Cᵀ and Mᵀ = x dyᵀ by i-halves: Rc::MmaHalf
+  // x dS: (Q x N / 2) per n-half, K = P: Rc::MmaZ; dB += A2 C: Rc::MmaDC
+  // dx += A1 dy over one i-half: (Q x P), K = kHalf, A1 from registers, dy MN-major
+  using MmaDX = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<E, E, float, Shape<_64, Int<P>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
+  // SmemQP's offset of x[j][p] written out (P = 64: one 128-byte swizzle atom per 8 rows)
+  static NK_HD constexpr int qp_offset(int j, int p) {
+    return (j / 8) * 512 + (j % 8) * 64 + (((p % 64) / 8) ^ (j % 8)) * 8 + p % 8;
+  }
+  static_assert(P == 64 && N / 2 == 64, "the offsets and the half views assume P 64, N 128");
 };
 
 // Where wgmma's float32 accumulator value v of thread tid sits in a (rows, cols) tile computed by

@@ -957,6 +957,595 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
   }
 }
 
+#ifdef NK_SSD_WGMMA_HERE
+// ---- B3 on sm_90a: row and column kernels ---------------------------------------------------
+
+// What row_kernel and col_kernel compute, for Q 128, P 64, N 128 and 16-bit T: one CTA per (b,
+// chunk, split of hs heads) with both 64-position halves of the chunk on two warpgroups' wgmma
+// (docs/ssd.md, "B3 on sm_90a"). The split and the (b, L, H/hs, N) dB / dC scratch are the
+// portable kernels', so everything after them is unchanged. The next head's x (other buffer),
+// dy and float32 state (staging) and cs, dt' load by cp.async during this head. Opt-in with the
+// forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1); compiled and host-checked, never run yet.
+
+// Shared memory of both kernels, one layout: `qn` is the chunk's operand read as the A operand
+// (rows, n) (C for the rows, B for the columns; RowCfg::SmemQN), `halves` the other one by
+// 64-row halves (B for the rows, C for the columns; RowCfg::SmemJN = SmemNJ), `st_hi` / `st_lo`
+// the head's float32 state split in T (in_c for the rows, dS for the columns) by n-halves
+// (RowCfg::SmemHNP = ColCfg::SmemPHN).
+template <typename E>
+struct alignas(1024) B3Sm90Smem {
+  using Rc = ssd_sm90::RowCfg<E>;
+  static constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N;
+  alignas(1024) E qn[Q * N];
+  alignas(1024) E halves[Q * N];
+  alignas(1024) E X[2][Q * P];          // x[j][p] (Rc::SmemQP), one buffer per head parity
+  alignas(1024) E Dy[Q * P];            // dy[i][p] rounded to T (Rc::SmemQP)
+  alignas(1024) E st_hi[2][N / 2 * P];  // T(state)
+  alignas(1024) E st_lo[2][N / 2 * P];  // T(state - hi)
+  alignas(16) float dy_stage[Q * P];    // the next head's dy: float32, or T in the first half
+  alignas(16) float st_stage[P * N];    // the next head's state
+  alignas(16) float cs[2][Q];
+  alignas(16) float dtp[2][Q];
+  int32_t sid[Q];
+};
+static_assert(sizeof(B3Sm90Smem<cute::bfloat16_t>) <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
+
+template <typename T>
+using CuteOf = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
+
+// Head h's x (rows >= valid zero-filled) into buffer buf, its dy (dy32 with z, else dout) and
+// state (`states`: in_c or dS, (b, nc, H, P, N)) into the staging tiles, cs and dt' into buffer
+// buf. All threads; one commit group.
+template <typename T, typename E>
+NK_DEVICE void b3_sm90_issue_head(const SsdBwdParams& q, const float* dy32, const float* states, B3Sm90Smem<E>& S,
+                                  int buf, int64_t b, int64_t c, int64_t h, int64_t t0, int valid) {
+  using Rc = ssd_sm90::RowCfg<E>;
+  constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N;
+  const SsdParams& p = q.fwd;
+  const int tid = threadIdx.x;
+  auto sX = cute::make_tensor(cute::make_smem_ptr(S.X[buf]), typename Rc::SmemQP{});
+  const T* xb = static_cast<const T*>(p.x) + b * p.x_sb + h * p.x_sh;
+  for (int e = tid; e < Q * (P / 8); e += kThreads) {
+    const int j = e / (P / 8), k = (e % (P / 8)) * 8;
+    const bool ok = j < valid;
+    ssd_sm90::cp_async16(&sX(j, k), ok ? xb + (t0 + j) * p.x_sl + k : xb, ok);
+  }
+  if (dy32 != nullptr) {
+    const float* db = dy32 + (b * p.seqlen * p.nheads + h) * P;
+    for (int e = tid; e < Q * (P / 4); e += kThreads) {
+      const int i = e / (P / 4), k = (e % (P / 4)) * 4;
+      const bool ok = i < valid;
+      ssd_sm90::cp_async16(&S.dy_stage[i * P + k], ok ? db + (t0 + i) * p.nheads * P + k : db, ok);
+    }
+  } else {
+    const T* db = static_cast<const T*>(q.dout) + b * q.dout_sb + h * q.dout_sh;
+    T* st = reinterpret_cast<T*>(S.dy_stage);
+    for (int e = tid; e < Q * (P / 8); e += kThreads) {
+      const int i = e / (P / 8), k = (e % (P / 8)) * 8;
+      const bool ok = i < valid;
+      ssd_sm90::cp_async16(st + i * P + k, ok ? db + (t0 + i) * q.dout_sl + k : db, ok);
+    }
+  }
+  const float* sb = states + ((b * p.nchunks + c) * p.nheads + h) * int64_t{P * N};
+  for (int e = tid; e < P * N / 4; e += kThreads) ssd_sm90::cp_async16(&S.st_stage[e * 4], sb + e * 4, true);
+  const int64_t ci = ((b * p.nheads + h) * p.nchunks + c) * Q;
+  if (tid < Q / 4) ssd_sm90::cp_async16(&S.cs[buf][tid * 4], p.cs + ci + tid * 4, true);
+  else if (tid < Q / 2) ssd_sm90::cp_async16(&S.dtp[buf][(tid - Q / 4) * 4], p.dtp + ci + (tid - Q / 4) * 4, true);
+  ssd_sm90::cp_async_commit();
+}
+
+// The chunk's operands (rows >= valid zero-filled): qn_src rows into `qn`, half_src rows into
+// `halves`; its sids; then head h0's inputs (b3_sm90_issue_head). One commit group in all.
+template <typename T, typename E>
+NK_DEVICE void b3_sm90_load_chunk(const SsdBwdParams& q, const float* dy32, const float* states, B3Sm90Smem<E>& S,
+                                  const T* qn_src, int64_t qn_sl, const T* half_src, int64_t half_sl, int64_t b,
+                                  int64_t c, int64_t h0, int64_t t0, int valid) {
+  using Rc = ssd_sm90::RowCfg<E>;
+  constexpr int Q = Rc::Q, N = Rc::N, kH = Rc::kHalf;
+  const int tid = threadIdx.x;
+  auto sQ = cute::make_tensor(cute::make_smem_ptr(S.qn), typename Rc::SmemQN{});
+  for (int e = tid; e < Q * (N / 8); e += kThreads) {
+    const int i = e / (N / 8), k = (e % (N / 8)) * 8;
+    const bool ok = i < valid;
+    auto sH = cute::make_tensor(cute::make_smem_ptr(S.halves + (i / kH) * (kH * N)), typename Rc::SmemJN{});
+    ssd_sm90::cp_async16(&sQ(i, k), ok ? qn_src + (t0 + i) * qn_sl + k : qn_src, ok);
+    ssd_sm90::cp_async16(&sH(i % kH, k), ok ? half_src + (t0 + i) * half_sl + k : half_src, ok);
+  }
+  for (int i = tid; i < Q; i += kThreads) S.sid[i] = ssd_sid_at(q.fwd, b, t0 + i);
+  b3_sm90_issue_head<T>(q, dy32, states, S, 0, b, c, h0, t0, valid);
+}
+
+// A head's staged dy -> T into Dy (i, p); its state -> hi + lo by n-halves as (n, p): 16 bytes
+// of T per step. Ends with the writes fenced for wgmma and a barrier.
+template <typename T, typename E>
+NK_DEVICE void b3_sm90_convert_head(B3Sm90Smem<E>& S, bool dy_f32) {
+  using Rc = ssd_sm90::RowCfg<E>;
+  constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N;
+  const int tid = threadIdx.x;
+  auto sDy = cute::make_tensor(cute::make_smem_ptr(S.Dy), typename Rc::SmemQP{});
+  for (int e = tid; e < Q * (P / 8); e += kThreads) {
+    const int i = e / (P / 8), k = (e % (P / 8)) * 8;
+    float a[8];
+    if (dy_f32) ssd::load8<float>(&S.dy_stage[i * P + k], true, a);
+    else ssd::load8<T>(reinterpret_cast<const T*>(S.dy_stage) + i * P + k, true, a);
+    ssd::store8<T>(reinterpret_cast<T*>(&sDy(i, k)), true, a);
+  }
+  for (int e = tid; e < P * (N / 8); e += kThreads) {
+    const int pp = e / (N / 8), n = (e % (N / 8)) * 8, nh = n / (N / 2);
+    auto sHi = cute::make_tensor(cute::make_smem_ptr(S.st_hi[nh]), typename Rc::SmemHNP{});
+    auto sLo = cute::make_tensor(cute::make_smem_ptr(S.st_lo[nh]), typename Rc::SmemHNP{});
+    float hi[8], lo[8];
+    ssd::load8<float>(&S.st_stage[pp * N + n], true, hi);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const float v = hi[u];
+      hi[u] = to_f<T>(from_f<T>(v));
+      lo[u] = v - hi[u];
+    }
+    ssd::store8<T>(reinterpret_cast<T*>(&sHi(n % (N / 2), pp)), true, hi);
+    ssd::store8<T>(reinterpret_cast<T*>(&sLo(n % (N / 2), pp)), true, lo);
+  }
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes and cp.async -> wgmma
+  __syncthreads();
+}
+
+// The same pointer, opaque to the optimizer: descriptors built from it where a product is issued
+// are not hoisted out of the head loop (kept live across it, they spilled: 255 registers).
+template <class Ptr>
+NK_DEVICE Ptr* opaque(Ptr* ptr) {
+  asm volatile("" : "+l"(ptr));
+  return ptr;
+}
+
+// Sum over the 4 lanes of a quad (the threads holding one accumulator row), fixed order.
+NK_DEVICE float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Rows i. Per head: Z = dy in_cᵀ (in_c hi + lo) by n-halves gives V_i and dC_i += fac_i Z_i; then
+// for each half of the columns j, CB = C Bᵀ and M = dy xᵀ, the masked A3 = M decay dt'_j in
+// registers gives the W row sums against CB and, rounded to T, is the register A operand of
+// dC += A3 B. dC stays in the accumulators over the split's heads.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, Scratch w) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using E = CuteOf<T>;
+  using Rc = ssd_sm90::RowCfg<E>;
+  using ssd_sm90::frag_col;
+  using ssd_sm90::frag_row;
+  constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kH = Rc::kHalf;
+  extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
+  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();  // the swizzled tiles need it
+  B3Sm90Smem<E>& S = *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
+  const SsdParams& p = q.fwd;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int64_t H = p.nheads, nc = p.nchunks, nsplit = H / w.hs;
+  int64_t bid = blockIdx.x;
+  const int64_t sp = bid % nsplit;
+  bid /= nsplit;
+  const int64_t c = bid % nc, b = bid / nc;
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  const int valid = ssd_chunk_len(p, c);
+  if (valid <= 0) return;  // uniform: an empty chunk of a plan writes nothing (as row_kernel)
+  const int64_t h_beg = sp * w.hs, h_end = h_beg + w.hs, g = h_beg / (H / p.ngroups);
+  const int32_t sid_prev = ssd_sid_prev(p, b, c, Q);
+  const float* dy32 = w.dy;
+  b3_sm90_load_chunk<T>(q, dy32, p.states, S, static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl,
+                        static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl, b, c, h_beg, t0, valid);
+
+  typename Rc::MmaZ mma_z;
+  typename Rc::MmaHalf mma_h;
+  typename Rc::MmaDC mma_dc;
+  mma_z.accumulate_ = GMMA::ScaleOut::One;
+  mma_h.accumulate_ = GMMA::ScaleOut::One;
+  mma_dc.accumulate_ = GMMA::ScaleOut::One;
+  auto thr_z = mma_z.get_thread_slice(tid);
+  auto thr_h = mma_h.get_thread_slice(tid);
+  auto thr_dc = mma_dc.get_thread_slice(tid);
+
+  // dC over the split's heads (value v at (frag_row(tid, v), frag_col(v, lane)), as every
+  // accumulator below)
+  Tensor dC = partition_fragment_C(mma_dc, Shape<Int<Q>, Int<N>>{});
+  static_assert(decltype(size(dC))::value == 64, "fragment size");
+  clear(dC);
+  const int i_lo = frag_row(tid, 0), i_hi = frag_row(tid, 2);
+
+  for (int64_t h = h_beg; h < h_end; ++h) {
+    const int buf = static_cast<int>((h - h_beg) & 1);
+    ssd_sm90::cp_async_wait_all();
+    __syncthreads();  // (A) head h's staging, x, cs, dt' landed; every wgmma of head h - 1 is done
+    b3_sm90_convert_head<T>(S, dy32 != nullptr);  // ends with (B): the staging tiles are free
+    if (h + 1 < h_end) b3_sm90_issue_head<T>(q, dy32, p.states, S, buf ^ 1, b, c, h + 1, t0, valid);
+    const float* cs = S.cs[buf];
+    const float* dtp = S.dtp[buf];
+    const float cs_lo = cs[i_lo], cs_hi = cs[i_hi];
+    const int32_t sid_lo = S.sid[i_lo], sid_hi = S.sid[i_hi];
+    const int64_t pos = ((b * H + h) * nc + c) * Q;  // (b, H, nc, Q) per-position outputs
+
+    {  // Z = dy in_cᵀ (hi, then lo) by n-halves; V_i = fac_i C_i . Z_i, dC_i += fac_i Z_i
+      const float fac_lo = sid_lo == sid_prev ? expf(cs_lo) : 0.f, fac_hi = sid_hi == sid_prev ? expf(cs_hi) : 0.f;
+      float v_lo = 0.f, v_hi = 0.f;
+      const E* cm = opaque(S.qn);  // C's element addresses, recomputed per head (hoisted, they spilled)
+      CUTE_UNROLL
+      for (int nh = 0; nh < 2; ++nh) {  // unrolled: half nh is dC's values 32 nh .. 32 nh + 31
+        Tensor tZa = thr_z.make_fragment_A(thr_z.partition_A(make_tensor(make_smem_ptr(opaque(S.Dy)), typename Rc::SmemQP{})));
+        Tensor tZhi = thr_z.make_fragment_B(thr_z.partition_B(make_tensor(make_smem_ptr(opaque(S.st_hi[nh])), typename Rc::SmemHNP{})));
+        Tensor tZlo = thr_z.make_fragment_B(thr_z.partition_B(make_tensor(make_smem_ptr(opaque(S.st_lo[nh])), typename Rc::SmemHNP{})));
+        Tensor z = partition_fragment_C(mma_z, Shape<Int<Q>, Int<N / 2>>{});
+        static_assert(decltype(size(z))::value == 32, "fragment size");
+        clear(z);
+        warpgroup_fence_operand(z);
+        warpgroup_arrive();
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(tZa); ++k) gemm(mma_z, tZa(_, _, k), tZhi(_, _, k), z);
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(tZa); ++k) gemm(mma_z, tZa(_, _, k), tZlo(_, _, k), z);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(z);
+        warpgroup_fence_operand(dC);
+        CUTE_UNROLL
+        for (int v = 0; v < 32; ++v) {
+          const bool lo = (v & 2) == 0;
+          const float cv = static_cast<float>(cm[Rc::qn_offset(lo ? i_lo : i_hi, nh * (N / 2) + frag_col(v, lane))]);
+          if (lo) v_lo = fmaf(cv, z(v), v_lo);
+          else v_hi = fmaf(cv, z(v), v_hi);
+          dC(32 * nh + v) = fmaf(lo ? fac_lo : fac_hi, z(v), dC(32 * nh + v));
+        }
+        warpgroup_fence_operand(dC);
+      }
+      v_lo = quad_sum(v_lo);
+      v_hi = quad_sum(v_hi);
+      if (lane % 4 == 0) {
+        if (i_lo < valid) w.v[pos + i_lo] = fac_lo * v_lo;
+        if (i_hi < valid) w.v[pos + i_hi] = fac_hi * v_hi;
+      }
+    }
+
+    // The chunk's columns j in two halves: CB and M, A3 = M decay dt'_j (j <= i, same sid), the W
+    // row sums, dC += A3 B. Warpgroup 0's rows (i < 64) keep no j of the second half: its A3 there
+    // is zeros, multiplied anyway (a branch around a wgmma would serialize them).
+    float w_lo = 0.f, w_hi = 0.f;
+#pragma unroll 1
+    for (int jh = 0; jh < 2; ++jh) {
+      Tensor tCBa = thr_h.make_fragment_A(thr_h.partition_A(make_tensor(make_smem_ptr(opaque(S.qn)), typename Rc::SmemQN{})));
+      Tensor tMa = thr_h.make_fragment_A(thr_h.partition_A(make_tensor(make_smem_ptr(opaque(S.Dy)), typename Rc::SmemQP{})));
+      Tensor tCBb = thr_h.make_fragment_B(
+          thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.halves + jh * (kH * N))), typename Rc::SmemJN{})));
+      Tensor tMb = thr_h.make_fragment_B(
+          thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.X[buf] + jh * (kH * P))), typename Rc::SmemHP{})));
+      Tensor cb = partition_fragment_C(mma_h, Shape<Int<Q>, Int<kH>>{});
+      Tensor m = partition_fragment_C(mma_h, Shape<Int<Q>, Int<kH>>{});
+      clear(cb);
+      clear(m);
+      warpgroup_fence_operand(cb);
+      warpgroup_fence_operand(m);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tCBa); ++k) gemm(mma_h, tCBa(_, _, k), tCBb(_, _, k), cb);
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tMa); ++k) gemm(mma_h, tMa(_, _, k), tMb(_, _, k), m);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(cb);
+      warpgroup_fence_operand(m);
+      // A3 as dC's register A operand: element (v % 8, 0, v / 8) is value v of the half
+      Tensor a3 = make_tensor<E>(shape(thr_dc.partition_A(make_identity_tensor(Shape<Int<Q>, Int<kH>>{}))));
+      static_assert(decltype(size(a3))::value == 32, "fragment size");
+      CUTE_UNROLL
+      for (int v = 0; v < 32; ++v) {
+        const bool lo = (v & 2) == 0;
+        const int i = lo ? i_lo : i_hi, j = jh * kH + frag_col(v, lane);
+        float a = 0.f;
+        if (j <= i && S.sid[j] == (lo ? sid_lo : sid_hi)) a = m(v) * (expf((lo ? cs_lo : cs_hi) - cs[j]) * dtp[j]);
+        if (lo) w_lo = fmaf(cb(v), a, w_lo);
+        else w_hi = fmaf(cb(v), a, w_hi);
+        a3(v % 8, 0, v / 8) = E(a);
+      }
+      Tensor tDCb = thr_dc.make_fragment_B(
+          thr_dc.partition_B(make_tensor(make_smem_ptr(opaque(S.halves + jh * (kH * N))), typename Rc::SmemNJ{})));
+      Tensor a3_regs = recast<uint32_t>(a3);
+      warpgroup_fence_operand(a3_regs);
+      warpgroup_fence_operand(dC);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(a3); ++k) gemm(mma_dc, a3(_, _, k), tDCb(_, _, k), dC);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(dC);
+      warpgroup_fence_operand(a3_regs);
+    }
+    w_lo = quad_sum(w_lo);
+    w_hi = quad_sum(w_hi);
+    if (lane % 4 == 0) {
+      if (i_lo < valid) w.wrow[pos + i_lo] = w_lo;
+      if (i_hi < valid) w.wrow[pos + i_hi] = w_hi;
+    }
+  }
+
+  // dC of the split's heads into the (b, L, H/hs, N) scratch, pairs of n per store
+  float* dCs = w.dCs + ((b * p.seqlen + t0) * nsplit + sp) * N;
+  CUTE_UNROLL
+  for (int v = 0; v < 64; v += 2) {
+    const int i = (v & 2) == 0 ? i_lo : i_hi;
+    if (i < valid) *reinterpret_cast<float2*>(dCs + int64_t(i) * nsplit * N + frag_col(v, lane)) = make_float2(dC(v), dC(v + 1));
+  }
+#else
+  (void)q, (void)w;
+  __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
+#endif
+}
+
+// Columns j. Per head: dx = R = B dSᵀ (dS hi + lo), Rx_j = x_j . R_j, then dx *= decay_j; dB_j +=
+// w_j (x_j dS) by n-halves (w_j = decay_j dt'_j); then for each half of the rows i, CBᵀ = B Cᵀ
+// and Mᵀ = x dyᵀ masked (i >= j, same sid) and decayed give the column sums of CB m DX in
+// float32, A1 = CBᵀ m and A2 = Mᵀ m dt'_j rounded to T as the register A operands of
+// dx += A1 dy and dB += A2 C. dx is finished per head (dt'_j dx + D dy), dB stays in the
+// accumulators over the split's heads. decay_j = exp(cs_last - cs_j) when sid_j == sid_last.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, Scratch w) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace cute;
+  using E = CuteOf<T>;
+  using Rc = ssd_sm90::RowCfg<E>;
+  using Cc = ssd_sm90::ColCfg<E>;
+  using ssd_sm90::frag_col;
+  using ssd_sm90::frag_row;
+  constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kH = Rc::kHalf;
+  extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
+  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();  // the swizzled tiles need it
+  B3Sm90Smem<E>& S = *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
+  const SsdParams& p = q.fwd;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int64_t H = p.nheads, nc = p.nchunks, nsplit = H / w.hs;
+  int64_t bid = blockIdx.x;
+  const int64_t sp = bid % nsplit;
+  bid /= nsplit;
+  const int64_t c = bid % nc, b = bid / nc;
+  const int64_t t0 = ssd_chunk_t0(p, c);
+  const int valid = ssd_chunk_len(p, c);
+  if (valid <= 0) return;  // uniform: an empty chunk of a plan writes nothing (as col_kernel)
+  const int64_t h_beg = sp * w.hs, h_end = h_beg + w.hs, g = h_beg / (H / p.ngroups);
+  const float* dy32 = w.dy;
+  b3_sm90_load_chunk<T>(q, dy32, q.dstates, S, static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl,
+                        static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl, b, c, h_beg, t0, valid);
+
+  typename Rc::MmaHalf mma_h;    // R (j x p), CBᵀ and Mᵀ halves (j x i)
+  typename Rc::MmaZ mma_xs;      // x dS, one n-half (j x n)
+  typename Cc::MmaDX mma_dx;     // dx += A1 dy
+  typename Rc::MmaDC mma_db;     // dB += A2 C
+  mma_h.accumulate_ = GMMA::ScaleOut::One;
+  mma_xs.accumulate_ = GMMA::ScaleOut::One;
+  mma_dx.accumulate_ = GMMA::ScaleOut::One;
+  mma_db.accumulate_ = GMMA::ScaleOut::One;
+  auto thr_h = mma_h.get_thread_slice(tid);
+  auto thr_xs = mma_xs.get_thread_slice(tid);
+  auto thr_dx = mma_dx.get_thread_slice(tid);
+  auto thr_db = mma_db.get_thread_slice(tid);
+
+  Tensor dB = partition_fragment_C(mma_db, Shape<Int<Q>, Int<N>>{});  // over the split's heads
+  static_assert(decltype(size(dB))::value == 64, "fragment size");
+  clear(dB);
+  const int j_lo = frag_row(tid, 0), j_hi = frag_row(tid, 2);
+
+  for (int64_t h = h_beg; h < h_end; ++h) {
+    const int buf = static_cast<int>((h - h_beg) & 1);
+    ssd_sm90::cp_async_wait_all();
+    __syncthreads();  // (A) head h's staging, x, cs, dt' landed; every wgmma of head h - 1 is done
+    b3_sm90_convert_head<T>(S, dy32 != nullptr);  // ends with (B): the staging tiles are free
+    if (h + 1 < h_end) b3_sm90_issue_head<T>(q, dy32, q.dstates, S, buf ^ 1, b, c, h + 1, t0, valid);
+    const float* cs = S.cs[buf];
+    const float* dtp = S.dtp[buf];
+    const float cs_last = cs[Q - 1];  // padding repeats the last real cs (dt' = 0 there)
+    const int32_t sid_end = S.sid[Q - 1];
+    const float cs_lo = cs[j_lo], cs_hi = cs[j_hi], dt_lo = dtp[j_lo], dt_hi = dtp[j_hi];
+    const int32_t sid_lo = S.sid[j_lo], sid_hi = S.sid[j_hi];
+    const float dec_lo = sid_lo == sid_end ? expf(cs_last - cs_lo) : 0.f;
+    const float dec_hi = sid_hi == sid_end ? expf(cs_last - cs_hi) : 0.f;
+    const int64_t pos = ((b * H + h) * nc + c) * Q;
+
+    // dx = R = B dSᵀ (hi, then lo; K = n by halves); Rx_j = x_j . R_j; dx *= decay_j
+    Tensor dx = partition_fragment_C(mma_h, Shape<Int<Q>, Int<P>>{});
+    static_assert(decltype(size(dx))::value == 32, "fragment size");
+    float rx_lo = 0.f, rx_hi = 0.f;
+    {
+      Tensor tRa = thr_h.make_fragment_A(thr_h.partition_A(make_tensor(make_smem_ptr(opaque(S.qn)), typename Rc::SmemQN{})));
+      Tensor tRhi0 = thr_h.make_fragment_B(thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.st_hi[0])), typename Cc::SmemPHN{})));
+      Tensor tRlo0 = thr_h.make_fragment_B(thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.st_lo[0])), typename Cc::SmemPHN{})));
+      Tensor tRhi1 = thr_h.make_fragment_B(thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.st_hi[1])), typename Cc::SmemPHN{})));
+      Tensor tRlo1 = thr_h.make_fragment_B(thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.st_lo[1])), typename Cc::SmemPHN{})));
+      constexpr int kK = decltype(size<2>(tRhi0))::value;  // k-blocks per n-half
+      static_assert(kK * 2 == decltype(size<2>(tRa))::value, "A's k-blocks cover both n-halves");
+      clear(dx);
+      warpgroup_fence_operand(dx);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < kK; ++k) gemm(mma_h, tRa(_, _, k), tRhi0(_, _, k), dx);
+      CUTE_UNROLL
+      for (int k = 0; k < kK; ++k) gemm(mma_h, tRa(_, _, k), tRlo0(_, _, k), dx);
+      CUTE_UNROLL
+      for (int k = 0; k < kK; ++k) gemm(mma_h, tRa(_, _, kK + k), tRhi1(_, _, k), dx);
+      CUTE_UNROLL
+      for (int k = 0; k < kK; ++k) gemm(mma_h, tRa(_, _, kK + k), tRlo1(_, _, k), dx);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(dx);
+      const E* xm = opaque(S.X[buf]);
+      CUTE_UNROLL
+      for (int v = 0; v < 32; ++v) {
+        const bool lo = (v & 2) == 0;
+        const float xv = static_cast<float>(xm[Cc::qp_offset(lo ? j_lo : j_hi, frag_col(v, lane))]);
+        if (lo) rx_lo = fmaf(xv, dx(v), rx_lo);
+        else rx_hi = fmaf(xv, dx(v), rx_hi);
+        dx(v) *= lo ? dec_lo : dec_hi;
+      }
+      rx_lo = quad_sum(rx_lo);
+      rx_hi = quad_sum(rx_hi);
+    }
+
+    // dB_j += w_j (x_j dS) by n-halves, w_j = decay_j dt'_j
+    CUTE_UNROLL
+    for (int nh = 0; nh < 2; ++nh) {  // unrolled: half nh is dB's values 32 nh .. 32 nh + 31
+      Tensor tXa = thr_xs.make_fragment_A(thr_xs.partition_A(make_tensor(make_smem_ptr(opaque(S.X[buf])), typename Rc::SmemQP{})));
+      Tensor tShi = thr_xs.make_fragment_B(thr_xs.partition_B(make_tensor(make_smem_ptr(opaque(S.st_hi[nh])), typename Rc::SmemHNP{})));
+      Tensor tSlo = thr_xs.make_fragment_B(thr_xs.partition_B(make_tensor(make_smem_ptr(opaque(S.st_lo[nh])), typename Rc::SmemHNP{})));
+      Tensor xs = partition_fragment_C(mma_xs, Shape<Int<Q>, Int<N / 2>>{});
+      static_assert(decltype(size(xs))::value == 32, "fragment size");
+      clear(xs);
+      warpgroup_fence_operand(xs);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tXa); ++k) gemm(mma_xs, tXa(_, _, k), tShi(_, _, k), xs);
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tXa); ++k) gemm(mma_xs, tXa(_, _, k), tSlo(_, _, k), xs);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(xs);
+      warpgroup_fence_operand(dB);
+      const float wj_lo = dec_lo * dt_lo, wj_hi = dec_hi * dt_hi;
+      CUTE_UNROLL
+      for (int v = 0; v < 32; ++v) dB(32 * nh + v) = fmaf((v & 2) == 0 ? wj_lo : wj_hi, xs(v), dB(32 * nh + v));
+      warpgroup_fence_operand(dB);
+    }
+
+    // The chunk's rows i in two halves. Warpgroup 1's rows (j >= 64) keep no i of the first half:
+    // its A1, A2 there are zeros, multiplied anyway (a branch around a wgmma would serialize them).
+    float col_lo = 0.f, col_hi = 0.f;  // sum_i CB_ij m_ij DX_ij
+#pragma unroll 1
+    for (int ih = 0; ih < 2; ++ih) {
+      Tensor tCBa = thr_h.make_fragment_A(thr_h.partition_A(make_tensor(make_smem_ptr(opaque(S.qn)), typename Rc::SmemQN{})));
+      Tensor tCBb = thr_h.make_fragment_B(
+          thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.halves + ih * (kH * N))), typename Rc::SmemJN{})));
+      Tensor tMa = thr_h.make_fragment_A(thr_h.partition_A(make_tensor(make_smem_ptr(opaque(S.X[buf])), typename Rc::SmemQP{})));
+      Tensor tMb = thr_h.make_fragment_B(
+          thr_h.partition_B(make_tensor(make_smem_ptr(opaque(S.Dy + ih * (kH * P))), typename Rc::SmemHP{})));
+      Tensor cb = partition_fragment_C(mma_h, Shape<Int<Q>, Int<kH>>{});
+      Tensor m = partition_fragment_C(mma_h, Shape<Int<Q>, Int<kH>>{});
+      clear(cb);
+      clear(m);
+      warpgroup_fence_operand(cb);
+      warpgroup_fence_operand(m);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tCBa); ++k) gemm(mma_h, tCBa(_, _, k), tCBb(_, _, k), cb);
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tMa); ++k) gemm(mma_h, tMa(_, _, k), tMb(_, _, k), m);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(cb);
+      warpgroup_fence_operand(m);
+      // A1, A2 as the register A operands: element (v % 8, 0, v / 8) is value v of the half
+      Tensor a1 = make_tensor<E>(shape(thr_dx.partition_A(make_identity_tensor(Shape<Int<Q>, Int<kH>>{}))));
+      Tensor a2 = make_tensor<E>(shape(thr_db.partition_A(make_identity_tensor(Shape<Int<Q>, Int<kH>>{}))));
+      static_assert(decltype(size(a1))::value == 32 && decltype(size(a2))::value == 32, "fragment size");
+      CUTE_UNROLL
+      for (int v = 0; v < 32; ++v) {
+        const bool lo = (v & 2) == 0;
+        const int j = lo ? j_lo : j_hi, i = ih * kH + frag_col(v, lane);
+        float dec = 0.f;
+        if (i >= j && S.sid[i] == (lo ? sid_lo : sid_hi)) dec = expf(cs[i] - (lo ? cs_lo : cs_hi));
+        const float cbm = cb(v) * dec;
+        if (lo) col_lo = fmaf(cbm, m(v), col_lo);
+        else col_hi = fmaf(cbm, m(v), col_hi);
+        a1(v % 8, 0, v / 8) = E(cbm);
+        a2(v % 8, 0, v / 8) = E(m(v) * dec * (lo ? dt_lo : dt_hi));
+      }
+      Tensor tDXb = thr_dx.make_fragment_B(
+          thr_dx.partition_B(make_tensor(make_smem_ptr(opaque(S.Dy + ih * (kH * P))), typename Cc::SmemPH{})));
+      Tensor tDBb = thr_db.make_fragment_B(
+          thr_db.partition_B(make_tensor(make_smem_ptr(opaque(S.halves + ih * (kH * N))), typename Rc::SmemNJ{})));
+      Tensor a1_regs = recast<uint32_t>(a1);
+      Tensor a2_regs = recast<uint32_t>(a2);
+      warpgroup_fence_operand(a1_regs);
+      warpgroup_fence_operand(a2_regs);
+      warpgroup_fence_operand(dx);
+      warpgroup_fence_operand(dB);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(a1); ++k) gemm(mma_dx, a1(_, _, k), tDXb(_, _, k), dx);
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(a2); ++k) gemm(mma_db, a2(_, _, k), tDBb(_, _, k), dB);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(dx);
+      warpgroup_fence_operand(dB);
+      warpgroup_fence_operand(a1_regs);
+      warpgroup_fence_operand(a2_regs);
+    }
+    col_lo = quad_sum(col_lo);
+    col_hi = quad_sum(col_hi);
+
+    // Epilogue of head h: dx_j = dt'_j dx_j + D dy_j (dy as the portable kernel reads it: float32
+    // with z, else dout), pairs of p per store; the per-position scalars by one lane per row.
+    T* dxo = static_cast<T*>(q.dx);
+    CUTE_UNROLL
+    for (int v = 0; v < 32; v += 2) {
+      const bool lo = (v & 2) == 0;
+      const int j = lo ? j_lo : j_hi, pc = frag_col(v, lane);
+      if (j >= valid) continue;
+      const int64_t t = t0 + j;
+      float o[2] = {(lo ? dt_lo : dt_hi) * dx(v), (lo ? dt_lo : dt_hi) * dx(v + 1)};
+      if (p.D != nullptr) {
+        float dy2[2];
+        if (dy32 != nullptr) {
+          const float2 d2 = *reinterpret_cast<const float2*>(dy32 + ((b * p.seqlen + t) * H + h) * P + pc);
+          dy2[0] = d2.x, dy2[1] = d2.y;
+        } else {
+          const T* dp = static_cast<const T*>(q.dout) + b * q.dout_sb + t * q.dout_sl + h * q.dout_sh + pc;
+          dy2[0] = to_f<T>(dp[0]), dy2[1] = to_f<T>(dp[1]);
+        }
+        CUTE_UNROLL
+        for (int u = 0; u < 2; ++u) o[u] = fmaf(p.D_per_p ? p.D[h * P + pc + u] : p.D[h], dy2[u], o[u]);
+      }
+      const int64_t xo = ((b * p.seqlen + t) * H + h) * P + pc;  // even: 4-byte aligned pairs
+      const T lo16 = from_f<T>(o[0]), hi16 = from_f<T>(o[1]);
+      *reinterpret_cast<uint32_t*>(dxo + xo) =
+          uint32_t{reinterpret_cast<const uint16_t&>(lo16)} | (uint32_t{reinterpret_cast<const uint16_t&>(hi16)} << 16);
+    }
+    if (lane % 4 == 0) {
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int j = r == 0 ? j_lo : j_hi;
+        if (j >= valid) continue;
+        const float col = r == 0 ? col_lo : col_hi, rxd = (r == 0 ? dec_lo * rx_lo : dec_hi * rx_hi);
+        const float dtj = r == 0 ? dt_lo : dt_hi;
+        w.ddtp[pos + j] = col + rxd;
+        w.wcol[pos + j] = dtj * col;
+        w.u[pos + j] = dtj * rxd;
+      }
+    }
+  }
+
+  // dB of the split's heads into the (b, L, H/hs, N) scratch, pairs of n per store
+  float* dBs = w.dBs + ((b * p.seqlen + t0) * nsplit + sp) * N;
+  CUTE_UNROLL
+  for (int v = 0; v < 64; v += 2) {
+    const int j = (v & 2) == 0 ? j_lo : j_hi;
+    if (j < valid) *reinterpret_cast<float2*>(dBs + int64_t(j) * nsplit * N + frag_col(v, lane)) = make_float2(dB(v), dB(v + 1));
+  }
+#else
+  (void)q, (void)w;
+  __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
+#endif
+}
+
+// Shapes and alignment the sm_90a B3 kernels take (Q 128 and 16-bit T are the caller's template
+// checks): 16-byte cp.async of x, B, C (and dout without z), of the float32 states, dS, cs, dt';
+// dx stored as 4-byte pairs.
+bool b3_sm90_supports(const SsdBwdParams& q) {
+  const SsdParams& p = q.fwd;
+  if (p.headdim != kSsdSm90P || p.dstate != kSsdSm90N) return false;
+  if (!ssd::vec_ok(p.x, 2, {p.x_sb, p.x_sl, p.x_sh}) || !ssd::vec_ok(p.B, 2, {p.B_sb, p.B_sl, p.B_sg}) ||
+      !ssd::vec_ok(p.C, 2, {p.C_sb, p.C_sl, p.C_sg}))
+    return false;
+  if (p.z == nullptr && !ssd::vec_ok(q.dout, 2, {q.dout_sb, q.dout_sl, q.dout_sh})) return false;
+  if ((reinterpret_cast<uintptr_t>(q.dx) & 3) != 0) return false;
+  return ssd::aligned16(p.states) && ssd::aligned16(q.dstates) && ssd::aligned16(p.cs) && ssd::aligned16(p.dtp);
+}
+#endif  // NK_SSD_WGMMA_HERE
+
 // ---- B3: per-chunk scalars ----------------------------------------------------------------
 
 template <typename T, int Q>
@@ -1173,15 +1762,34 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
 
-  const int nnt = static_cast<int>((p.dstate + kTile - 1) / kTile);
-  const int col_smem = col_smem_bytes<T, Q>(p);
-  NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
-  col_kernel<T, Q><<<gx(g.col), kThreads, col_smem, stream>>>(q, w);
-  NK_CUDA_LAUNCH_CHECK();
-  const int row_smem = smem_with_tiles<RowSmem<T, Q>>(nnt);
-  NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
-  row_kernel<T, Q><<<gx(g.row), kThreads, row_smem, stream>>>(q, w);
-  NK_CUDA_LAUNCH_CHECK();
+  bool b3_wgmma = false;
+#ifdef NK_SSD_WGMMA_HERE
+  if constexpr (sizeof(T) == 2 && Q == 128) {
+    // B3 on wgmma (NEMOKERNELS_SSD_SM90=1): a CTA per (b, chunk, split of hs heads) for each
+    if (b3_sm90_supports(q) && ssd_cuda_sm90_opted_in()) {
+      const int bytes = static_cast<int>(sizeof(B3Sm90Smem<CuteOf<T>>));
+      const unsigned grid = static_cast<unsigned>(b * nc * (H / w.hs));  // <= the portable grids (checked)
+      NK_CUDA_CHECK(cudaFuncSetAttribute(col_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      col_sm90_kernel<T><<<grid, kThreads, bytes, stream>>>(q, w);
+      NK_CUDA_LAUNCH_CHECK();
+      NK_CUDA_CHECK(cudaFuncSetAttribute(row_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      row_sm90_kernel<T><<<grid, kThreads, bytes, stream>>>(q, w);
+      NK_CUDA_LAUNCH_CHECK();
+      b3_wgmma = true;
+    }
+  }
+#endif
+  if (!b3_wgmma) {
+    const int nnt = static_cast<int>((p.dstate + kTile - 1) / kTile);
+    const int col_smem = col_smem_bytes<T, Q>(p);
+    NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
+    col_kernel<T, Q><<<gx(g.col), kThreads, col_smem, stream>>>(q, w);
+    NK_CUDA_LAUNCH_CHECK();
+    const int row_smem = smem_with_tiles<RowSmem<T, Q>>(nnt);
+    NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
+    row_kernel<T, Q><<<gx(g.row), kThreads, row_smem, stream>>>(q, w);
+    NK_CUDA_LAUNCH_CHECK();
+  }
   chunk_fin_kernel<T, Q><<<gx(g.chunk_fin), kThreads, 0, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
 

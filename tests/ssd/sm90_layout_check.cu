@@ -1,7 +1,9 @@
-// Host check of the sm_90a SSD chunk output's fragment map (csrc/ssd/ssd_chunk_output_sm90.cuh):
-// for every thread of the CTA, the (row, column) CuTe's layouts give each accumulator value of
-// the CB and Y products, each value of the S register operand, and each accumulator value of the
-// state chain's tile, must be the ones frag_row / frag_col name, which the kernel uses for its mask, its decays and its stores. Built and run by
+// Host check of the sm_90a SSD kernels' fragment map (csrc/ssd/ssd_chunk_output_sm90.cuh): for
+// every thread of the CTA, the (row, column) CuTe's layouts give each accumulator value of the
+// chunk output's CB and Y products, each value of its S register operand, each accumulator value
+// of the state chain's tile and of the backward B3 products (and their register A operands),
+// must be the ones frag_row / frag_col name, which the kernels use for their masks, decays and
+// stores; and the shared tiles read in two ways (or by written-out offsets) must agree. Built and run by
 // tests/ssd/test_ssd_sm90_layout.py with nvcc (no GPU needed). Prints "ok" or the first mismatch.
 #include <cstdio>
 
@@ -90,9 +92,155 @@ int check_state(const char* name) {
   return 0;
 }
 
+// Backward B3's row kernel (RowCfg): the accumulators of dC (Q x N), of each n-half of Z and of each j-half of CB and
+// M (Q x 64) at (frag_row, frag_col); A3 as dC's register A operand in the half's accumulator
+// order; B's one layout read as (j, n) K-major and as (n, j) MN-major; C's offsets as qn_offset
+// writes them; x's j-half at its offset.
+template <typename E>
+int check_row(const char* name) {
+  using Rc = nk::ssd_sm90::RowCfg<E>;
+  constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, H = Rc::kHalf;
+  typename Rc::MmaZ mma_z;
+  typename Rc::MmaHalf mma_h;
+  typename Rc::MmaDC mma_dc;
+  if (size(mma_z) != kThreads || size(mma_h) != kThreads || size(mma_dc) != kThreads) {
+    std::printf("%s: a row MMA does not take %d threads\n", name, kThreads);
+    return 1;
+  }
+  for (int tid = 0; tid < kThreads; ++tid) {
+    const int lane = tid % 32;
+    auto z_in = mma_z.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<Q>, Int<N / 2>>{}));
+    auto dc_in = mma_dc.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<Q>, Int<N>>{}));
+    auto h_ij = mma_h.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<Q>, Int<H>>{}));
+    auto a_ij = mma_dc.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<Int<Q>, Int<H>>{}));
+    if (size(z_in) != 32 || size(dc_in) != 64 || size(h_ij) != 32 || size(a_ij) != 32 || size<2>(a_ij) != 4 ||
+        size<1>(a_ij) != 1) {
+      std::printf("%s: row fragment sizes differ from the kernel's\n", name);
+      return 1;
+    }
+    for (int v = 0; v < 64; ++v) {
+      const int r = frag_row(tid, v), c = frag_col(v, lane);
+      // Z's n-half nh holds dC's values 32 nh .. 32 nh + 31: value v of the half is at column 64 nh + frag_col(v)
+      auto zt = z_in(v % 32);
+      const int zc = get<1>(zt) + (N / 2) * (v / 32);
+      if (get<0>(dc_in(v)) != r || get<1>(dc_in(v)) != c || get<0>(zt) != r || zc != c) {
+        std::printf("%s: Z/dC tid %d value %d: dC (%d, %d), Z (%d, %d), frag map says (%d, %d)\n", name, tid, v,
+                    int(get<0>(dc_in(v))), int(get<1>(dc_in(v))), int(get<0>(zt)), zc, r, c);
+        return 1;
+      }
+      if (v < 32) {
+        auto a = a_ij(v % 8, 0, v / 8);
+        if (get<0>(h_ij(v)) != r || get<1>(h_ij(v)) != c || get<0>(a) != r || get<1>(a) != c) {
+          std::printf("%s: half tile / A3 operand tid %d value %d differ from the frag map (%d, %d)\n", name, tid, v, r, c);
+          return 1;
+        }
+      }
+    }
+  }
+  // Element offsets as the kernel's stores and loads see them: through a 1024-byte aligned
+  // shared-memory pointer, where the 128-byte swizzle acts on the address bits.
+  alignas(1024) static E buf[Q * N];
+  auto at = [&](auto const& layout, auto... coord) {
+    auto t = make_tensor(make_smem_ptr(buf), layout);
+    return int(&t(coord...) - &buf[0]);
+  };
+  typename Rc::SmemJN jn;
+  typename Rc::SmemNJ nj;
+  if (cosize(jn) != H * N || cosize(nj) != H * N) {
+    std::printf("%s: a B half is not %d elements\n", name, H * N);
+    return 1;
+  }
+  for (int j = 0; j < H; ++j)
+    for (int n = 0; n < N; ++n)
+      if (at(jn, j, n) != at(nj, n, j)) {
+        std::printf("%s: B (j %d, n %d) is at %d as K-major, %d as MN-major\n", name, j, n, at(jn, j, n), at(nj, n, j));
+        return 1;
+      }
+  typename Rc::SmemQN qn;
+  for (int i = 0; i < Q; ++i)
+    for (int n = 0; n < N; ++n)
+      if (at(qn, i, n) != Rc::qn_offset(i, n)) {
+        std::printf("%s: C (i %d, n %d) is at %d, qn_offset says %d\n", name, i, n, at(qn, i, n), Rc::qn_offset(i, n));
+        return 1;
+      }
+  typename Rc::SmemQP qp;
+  typename Rc::SmemHP hp;
+  for (int j = 0; j < Q; ++j)
+    for (int k = 0; k < P; ++k) {
+      const int want = j < H ? at(hp, j, k) : H * P + at(hp, j - H, k);
+      if (at(qp, j, k) != want) {
+        std::printf("%s: x (j %d, p %d) is at %d, its half view says %d\n", name, j, k, at(qp, j, k), want);
+        return 1;
+      }
+    }
+  return 0;
+}
+
+// Backward B3's column kernel (ColCfg): dx's accumulator (Q x P) and A1 as its register A
+// operand; dy's i-half read as (i, p) K-major and (p, i) MN-major, dS's n-half as (n, p) MN-major
+// and (p, n) K-major, at the same bytes; x's offsets as qp_offset writes them.
+template <typename E>
+int check_col(const char* name) {
+  using Rc = nk::ssd_sm90::RowCfg<E>;
+  using Cc = nk::ssd_sm90::ColCfg<E>;
+  constexpr int Q = Cc::Q, P = Cc::P, N = Cc::N, H = Cc::kHalf;
+  typename Cc::MmaDX mma_dx;
+  if (size(mma_dx) != kThreads) {
+    std::printf("%s: the dx MMA does not take %d threads\n", name, kThreads);
+    return 1;
+  }
+  for (int tid = 0; tid < kThreads; ++tid) {
+    const int lane = tid % 32;
+    auto dx_jp = mma_dx.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<Q>, Int<P>>{}));
+    auto a_ji = mma_dx.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<Int<Q>, Int<H>>{}));
+    if (size(dx_jp) != 32 || size(a_ji) != 32 || size<2>(a_ji) != 4 || size<1>(a_ji) != 1) {
+      std::printf("%s: column fragment sizes differ from the kernel's\n", name);
+      return 1;
+    }
+    for (int v = 0; v < 32; ++v) {
+      const int r = frag_row(tid, v), c = frag_col(v, lane);
+      auto a = a_ji(v % 8, 0, v / 8);
+      if (get<0>(dx_jp(v)) != r || get<1>(dx_jp(v)) != c || get<0>(a) != r || get<1>(a) != c) {
+        std::printf("%s: dx / A1 operand tid %d value %d differ from the frag map (%d, %d)\n", name, tid, v, r, c);
+        return 1;
+      }
+    }
+  }
+  alignas(1024) static E buf[Q * N];
+  auto at = [&](auto const& layout, auto... coord) {
+    auto t = make_tensor(make_smem_ptr(buf), layout);
+    return int(&t(coord...) - &buf[0]);
+  };
+  typename Rc::SmemHP hp;
+  typename Cc::SmemPH ph;
+  typename Rc::SmemHNP hnp;
+  typename Cc::SmemPHN phn;
+  typename Rc::SmemQP qp;
+  for (int i = 0; i < H; ++i)
+    for (int k = 0; k < P; ++k) {
+      if (at(hp, i, k) != at(ph, k, i)) {
+        std::printf("%s: dy (i %d, p %d) is at %d as K-major, %d as MN-major\n", name, i, k, at(hp, i, k), at(ph, k, i));
+        return 1;
+      }
+      if (at(hnp, i, k) != at(phn, k, i)) {
+        std::printf("%s: dS (n %d, p %d) is at %d as MN-major, %d as K-major\n", name, i, k, at(hnp, i, k), at(phn, k, i));
+        return 1;
+      }
+    }
+  for (int j = 0; j < Q; ++j)
+    for (int k = 0; k < P; ++k)
+      if (at(qp, j, k) != Cc::qp_offset(j, k)) {
+        std::printf("%s: x (j %d, p %d) is at %d, qp_offset says %d\n", name, j, k, at(qp, j, k), Cc::qp_offset(j, k));
+        return 1;
+      }
+  return 0;
+}
+
 int main() {
   if (check<cute::bfloat16_t>("bf16") != 0 || check<cute::half_t>("f16") != 0) return 1;
   if (check_state<cute::bfloat16_t>("bf16") != 0 || check_state<cute::half_t>("f16") != 0) return 1;
+  if (check_row<cute::bfloat16_t>("bf16") != 0 || check_row<cute::half_t>("f16") != 0) return 1;
+  if (check_col<cute::bfloat16_t>("bf16") != 0 || check_col<cute::half_t>("f16") != 0) return 1;
   std::printf("ok\n");
   return 0;
 }

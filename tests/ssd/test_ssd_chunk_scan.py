@@ -766,6 +766,35 @@ def test_sm90_state_tiles_wide_heads(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("z", [True, False])
+def test_sm90_backward_b3_heads_per_cta(monkeypatch, z):
+    """B3 on wgmma (col_sm90_kernel, row_sm90_kernel) with several heads per CTA (hs 4 here:
+    the next head's x, dy and state loaded during this one, dB and dC summed over the heads in
+    the accumulators), with z (dy from the float32 scratch) and without (dy = dout in bf16):
+    every gradient against the portable backward of the same call (dx is the column kernel's
+    per head, dB its sum, dC the row kernel's; dA, ddt and dinitial_states take their row and
+    column sums). A seq_idx reset inside a chunk, a partial last chunk and initial states."""
+    b, L, H, P, G, N, Q = 4, 40 * 128 - 50, 16, 64, 2, 128, 128
+    sm90_or_skip(monkeypatch, H, G)
+    inp = requires_grad(make_inputs(b, L, H, P, G, N, torch.bfloat16, "cuda", z=z, init=True))
+    seq_idx = torch.zeros(b, L, dtype=torch.int32, device="cuda")
+    seq_idx[2, 7 * Q + 40:] = 1
+    y = call(inp, Q, seq_idx=seq_idx, dt_softplus=True)
+    gy = torch.randn_like(y)
+    (y.float() * gy.float()).sum().backward()
+    got = {k: g.clone() for k, g in grads_of(inp).items()}
+    for t in inp.values():
+        if torch.is_tensor(t) and t.grad is not None:
+            t.grad = None
+    y_port = portable_call(monkeypatch, inp, Q, seq_idx=seq_idx, dt_softplus=True)
+    (y_port.float() * gy.float()).sum().backward()
+    want = grads_of(inp)
+    assert set(got) == set(want)
+    for k in want:
+        assert_close(got[k], want[k].double(), torch.bfloat16, factor=2, what=f"grad {k} against the portable backward")
+
+
+@pytest.mark.gpu
 def test_sm90_chunk_output_packed_states(monkeypatch):
     """Packed sequences with a state each (chunk plan): each sequence's y equals its own call on
     the wgmma path, bit for bit (the chunks are aligned to each start), and y and the varlen
