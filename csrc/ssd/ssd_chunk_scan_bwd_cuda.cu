@@ -1097,6 +1097,23 @@ NK_DEVICE Ptr* opaque(Ptr* ptr) {
   return ptr;
 }
 
+// The shared-window address of ptr, opaque to the optimizer as above (element reads from it are
+// computed per head, not hoisted), and two consecutive T read there as floats (ld.shared).
+template <class Ptr>
+NK_DEVICE uint32_t opaque_smem(Ptr* ptr) {
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  asm volatile("" : "+r"(a));
+  return a;
+}
+template <typename T>
+NK_DEVICE void lds_pair(uint32_t addr, float& a, float& b) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  const uint16_t lo = static_cast<uint16_t>(v & 0xFFFFu), hi = static_cast<uint16_t>(v >> 16);
+  a = to_f<T>(reinterpret_cast<const T&>(lo));
+  b = to_f<T>(reinterpret_cast<const T&>(hi));
+}
+
 // Sum over the 4 lanes of a quad (the threads holding one accumulator row), fixed order.
 NK_DEVICE float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -1116,8 +1133,10 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
   using ssd_sm90::frag_col;
   using ssd_sm90::frag_row;
   constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kH = Rc::kHalf;
+  // The swizzled tiles need a 1024-byte aligned base: the dynamic window starts there as long as
+  // the kernel declares no static __shared__ (keep it so; the check traps otherwise).
   extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
-  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();  // the swizzled tiles need it
+  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();
   B3Sm90Smem<E>& S = *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
   const SsdParams& p = q.fwd;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -1167,7 +1186,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
     {  // Z = dy in_cᵀ (hi, then lo) by n-halves; V_i = fac_i C_i . Z_i, dC_i += fac_i Z_i
       const float fac_lo = sid_lo == sid_prev ? expf(cs_lo) : 0.f, fac_hi = sid_hi == sid_prev ? expf(cs_hi) : 0.f;
       float v_lo = 0.f, v_hi = 0.f;
-      const E* cm = opaque(S.qn);  // C's element addresses, recomputed per head (hoisted, they spilled)
+      const uint32_t cm = opaque_smem(S.qn);  // C's element addresses, per head (hoisted, they spilled)
       CUTE_UNROLL
       for (int nh = 0; nh < 2; ++nh) {  // unrolled: half nh is dC's values 32 nh .. 32 nh + 31
         Tensor tZa = thr_z.make_fragment_A(thr_z.partition_A(make_tensor(make_smem_ptr(opaque(S.Dy)), typename Rc::SmemQP{})));
@@ -1187,12 +1206,15 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
         warpgroup_fence_operand(z);
         warpgroup_fence_operand(dC);
         CUTE_UNROLL
-        for (int v = 0; v < 32; ++v) {
+        for (int v = 0; v < 32; v += 2) {  // values v, v + 1: adjacent n of one row
           const bool lo = (v & 2) == 0;
-          const float cv = static_cast<float>(cm[Rc::qn_offset(lo ? i_lo : i_hi, nh * (N / 2) + frag_col(v, lane))]);
-          if (lo) v_lo = fmaf(cv, z(v), v_lo);
-          else v_hi = fmaf(cv, z(v), v_hi);
+          float c0, c1;
+          lds_pair<T>(cm + 2u * Rc::qn_offset(lo ? i_lo : i_hi, nh * (N / 2) + frag_col(v, lane)), c0, c1);
+          float& vs = lo ? v_lo : v_hi;
+          vs = fmaf(c0, z(v), vs);
+          vs = fmaf(c1, z(v + 1), vs);
           dC(32 * nh + v) = fmaf(lo ? fac_lo : fac_hi, z(v), dC(32 * nh + v));
+          dC(32 * nh + v + 1) = fmaf(lo ? fac_lo : fac_hi, z(v + 1), dC(32 * nh + v + 1));
         }
         warpgroup_fence_operand(dC);
       }
@@ -1294,8 +1316,10 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
   using ssd_sm90::frag_col;
   using ssd_sm90::frag_row;
   constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kH = Rc::kHalf;
+  // The swizzled tiles need a 1024-byte aligned base: the dynamic window starts there as long as
+  // the kernel declares no static __shared__ (keep it so; the check traps otherwise).
   extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
-  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();  // the swizzled tiles need it
+  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();
   B3Sm90Smem<E>& S = *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
   const SsdParams& p = q.fwd;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -1372,14 +1396,17 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
       warpgroup_commit_batch();
       warpgroup_wait<0>();
       warpgroup_fence_operand(dx);
-      const E* xm = opaque(S.X[buf]);
+      const uint32_t xm = opaque_smem(S.X[buf]);
       CUTE_UNROLL
-      for (int v = 0; v < 32; ++v) {
+      for (int v = 0; v < 32; v += 2) {  // values v, v + 1: adjacent p of one row
         const bool lo = (v & 2) == 0;
-        const float xv = static_cast<float>(xm[Cc::qp_offset(lo ? j_lo : j_hi, frag_col(v, lane))]);
-        if (lo) rx_lo = fmaf(xv, dx(v), rx_lo);
-        else rx_hi = fmaf(xv, dx(v), rx_hi);
+        float x0, x1;
+        lds_pair<T>(xm + 2u * Cc::qp_offset(lo ? j_lo : j_hi, frag_col(v, lane)), x0, x1);
+        float& rs = lo ? rx_lo : rx_hi;
+        rs = fmaf(x0, dx(v), rs);
+        rs = fmaf(x1, dx(v + 1), rs);
         dx(v) *= lo ? dec_lo : dec_hi;
+        dx(v + 1) *= lo ? dec_lo : dec_hi;
       }
       rx_lo = quad_sum(rx_lo);
       rx_hi = quad_sum(rx_hi);
@@ -1486,8 +1513,9 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
       const int j = lo ? j_lo : j_hi, pc = frag_col(v, lane);
       if (j >= valid) continue;
       const int64_t t = t0 + j;
-      float o[2] = {(lo ? dt_lo : dt_hi) * dx(v), (lo ? dt_lo : dt_hi) * dx(v + 1)};
-      if (p.D != nullptr) {
+      const float dtj = lo ? dt_lo : dt_hi;
+      float o[2] = {dtj * dx(v), dtj * dx(v + 1)};
+      if (p.D != nullptr) {  // as col_kernel: fmaf(dt'_j, dx, D dy)
         float dy2[2];
         if (dy32 != nullptr) {
           const float2 d2 = *reinterpret_cast<const float2*>(dy32 + ((b * p.seqlen + t) * H + h) * P + pc);
@@ -1497,7 +1525,7 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
           dy2[0] = to_f<T>(dp[0]), dy2[1] = to_f<T>(dp[1]);
         }
         CUTE_UNROLL
-        for (int u = 0; u < 2; ++u) o[u] = fmaf(p.D_per_p ? p.D[h * P + pc + u] : p.D[h], dy2[u], o[u]);
+        for (int u = 0; u < 2; ++u) o[u] = fmaf(dtj, dx(v + u), (p.D_per_p ? p.D[h * P + pc + u] : p.D[h]) * dy2[u]);
       }
       const int64_t xo = ((b * p.seqlen + t) * H + h) * P + pc;  // even: 4-byte aligned pairs
       const T lo16 = from_f<T>(o[0]), hi16 = from_f<T>(o[1]);
@@ -1531,17 +1559,19 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
 #endif
 }
 
-// Shapes and alignment the sm_90a B3 kernels take (Q 128 and 16-bit T are the caller's template
-// checks): 16-byte cp.async of x, B, C (and dout without z), of the float32 states, dS, cs, dt';
+// Dtype, shapes and alignment the sm_90a B3 kernels take: 16-byte cp.async of x, B, C (and dout without z), of the float32 states, dS, cs, dt';
 // dx stored as 4-byte pairs.
 bool b3_sm90_supports(const SsdBwdParams& q) {
   const SsdParams& p = q.fwd;
-  if (p.headdim != kSsdSm90P || p.dstate != kSsdSm90N) return false;
+  if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
+  if (p.chunk_size != kSsdSm90Q || p.headdim != kSsdSm90P || p.dstate != kSsdSm90N) return false;
   if (!ssd::vec_ok(p.x, 2, {p.x_sb, p.x_sl, p.x_sh}) || !ssd::vec_ok(p.B, 2, {p.B_sb, p.B_sl, p.B_sg}) ||
       !ssd::vec_ok(p.C, 2, {p.C_sb, p.C_sl, p.C_sg}))
     return false;
   if (p.z == nullptr && !ssd::vec_ok(q.dout, 2, {q.dout_sb, q.dout_sl, q.dout_sh})) return false;
   if ((reinterpret_cast<uintptr_t>(q.dx) & 3) != 0) return false;
+  // the scratch: 16-byte cp.async of dy (with z), 8-byte stores into dB / dC
+  if (!ssd::aligned16(q.workspace)) return false;
   return ssd::aligned16(p.states) && ssd::aligned16(q.dstates) && ssd::aligned16(p.cs) && ssd::aligned16(p.dtp);
 }
 #endif  // NK_SSD_WGMMA_HERE

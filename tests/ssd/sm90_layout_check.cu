@@ -177,7 +177,7 @@ int check_row(const char* name) {
 }
 
 // Backward B3's column kernel (ColCfg): dx's accumulator (Q x P) and A1 as its register A
-// operand; dy's i-half read as (i, p) K-major and (p, i) MN-major, dS's n-half as (n, p) MN-major
+// operand; R's k-block pairing across the n-halves; dy's i-half read as (i, p) K-major and (p, i) MN-major, dS's n-half as (n, p) MN-major
 // and (p, n) K-major, at the same bytes; x's offsets as qp_offset writes them.
 template <typename E>
 int check_col(const char* name) {
@@ -205,6 +205,30 @@ int check_col(const char* name) {
         return 1;
       }
     }
+  }
+  // R = B dSᵀ pairs A's k-block 4 + k (n over the whole N) with the second n-half's k-block k:
+  // A's k-block kb must hold columns 16 kb .. 16 kb + 15, the half's k-block k columns 16 k ..
+  typename Rc::MmaHalf mma_h;
+  for (int tid = 0; tid < kThreads; ++tid) {
+    auto a_in = mma_h.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<Int<Q>, Int<N>>{}));
+    auto b_pn = mma_h.get_thread_slice(tid).partition_B(make_identity_tensor(Shape<Int<P>, Int<N / 2>>{}));
+    if (size<2>(a_in) != 8 || size<2>(b_pn) != 4) {
+      std::printf("%s: R's k-blocks are not 8 (A) and 4 per n-half (B)\n", name);
+      return 1;
+    }
+    for (int kb = 0; kb < 8; ++kb)
+      for (int e = 0; e < size<0>(a_in); ++e)
+        if (get<1>(a_in(e, 0, kb)) / 16 != kb) {
+          std::printf("%s: R's A k-block %d holds column %d\n", name, kb, int(get<1>(a_in(e, 0, kb))));
+          return 1;
+        }
+    for (int kb = 0; kb < 4; ++kb)
+      for (int e = 0; e < size<0>(b_pn); ++e)
+        for (int nn = 0; nn < size<1>(b_pn); ++nn)
+          if (get<1>(b_pn(e, nn, kb)) / 16 != kb) {
+            std::printf("%s: R's B k-block %d holds column %d\n", name, kb, int(get<1>(b_pn(e, nn, kb))));
+            return 1;
+          }
   }
   alignas(1024) static E buf[Q * N];
   auto at = [&](auto const& layout, auto... coord) {

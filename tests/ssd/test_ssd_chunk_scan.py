@@ -1,5 +1,6 @@
 """mamba_chunk_scan_combined against the float64 recurrence (ssd_scan_ref), forward and
 backward, every option, packed sequences, state hand-over, bad input."""
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -679,13 +680,21 @@ def assert_close_sm90(y, ref, dtype, factor=1.0, what="y"):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}; {where_y_differs(y, ref)}"
 
 
-def portable_call(monkeypatch, *args, **kw):
-    """The same call on the portable chunk output (the env var is read at each call)."""
+@contextlib.contextmanager
+def portable_kernels(monkeypatch):
+    """NEMOKERNELS_SSD_SM90 unset inside (it is read at each forward and each backward call)."""
     monkeypatch.delenv("NEMOKERNELS_SSD_SM90")
     try:
-        return call(*args, **kw)
+        yield
     finally:
         monkeypatch.setenv("NEMOKERNELS_SSD_SM90", "1")
+
+
+def portable_call(monkeypatch, *args, **kw):
+    """The same call on the portable chunk output (a backward of its result runs on whatever
+    the variable says then)."""
+    with portable_kernels(monkeypatch):
+        return call(*args, **kw)
 
 
 @pytest.mark.gpu
@@ -786,12 +795,44 @@ def test_sm90_backward_b3_heads_per_cta(monkeypatch, z):
     for t in inp.values():
         if torch.is_tensor(t) and t.grad is not None:
             t.grad = None
-    y_port = portable_call(monkeypatch, inp, Q, seq_idx=seq_idx, dt_softplus=True)
-    (y_port.float() * gy.float()).sum().backward()
+    with portable_kernels(monkeypatch):
+        y_port = call(inp, Q, seq_idx=seq_idx, dt_softplus=True)
+        (y_port.float() * gy.float()).sum().backward()
     want = grads_of(inp)
     assert set(got) == set(want)
     for k in want:
         assert_close(got[k], want[k].double(), torch.bfloat16, factor=2, what=f"grad {k} against the portable backward")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm90_backward_packed_states(monkeypatch, dtype):
+    """The sm_90a backward on packed sequences with a state each (chunk plan: chunks start at
+    each sequence's start, t0 not a multiple of the chunk, an empty sequence, one-token and
+    partial chunks) and two heads per CTA: every gradient, initial_states' rows included,
+    against the portable backward of the same call."""
+    H, G, Q = 16, 2, 128
+    sm90_or_skip(monkeypatch, H, G)
+    lens = [1, 128, 0, 3000, 77, 5000]  # 67 aligned chunks: hs 2 (heads_per_block)
+    inp, cu = packed_case("cuda", dtype, lens, Q, H=H, P=64, G=G, N=128, seed=5)
+    requires_grad(inp)
+
+    def grads(run):
+        for t in inp.values():
+            if torch.is_tensor(t) and t.grad is not None:
+                t.grad = None
+        y, fin = run(inp, Q, cu_seqlens=cu, dt_softplus=True, return_final_states=True)
+        torch.manual_seed(7)
+        gy, gf = torch.randn_like(y), torch.randn_like(fin)
+        ((y.float() * gy.float()).sum() + (fin * gf).sum()).backward()
+        return {k: g.clone() for k, g in grads_of(inp).items()}
+
+    got = grads(call)
+    with portable_kernels(monkeypatch):
+        want = grads(call)
+    assert set(got) == set(want)
+    for k in want:
+        assert_close(got[k], want[k].double(), dtype, factor=2, what=f"packed grad {k} against the portable backward")
 
 
 @pytest.mark.gpu
