@@ -1120,6 +1120,64 @@ NK_DEVICE float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// This CTA's (b, chunk, split of hs heads) and the chunk's start and length.
+struct B3Sm90Cta {
+  int64_t b, c, sp, nsplit, t0, h_beg, h_end, g;
+  int valid;
+};
+NK_DEVICE B3Sm90Cta b3_sm90_cta(const SsdParams& p, const Scratch& w) {
+  B3Sm90Cta t;
+  t.nsplit = p.nheads / w.hs;
+  int64_t bid = blockIdx.x;
+  t.sp = bid % t.nsplit;
+  bid /= t.nsplit;
+  t.c = bid % p.nchunks;
+  t.b = bid / p.nchunks;
+  t.t0 = ssd_chunk_t0(p, t.c);
+  t.valid = ssd_chunk_len(p, t.c);
+  t.h_beg = t.sp * w.hs;
+  t.h_end = t.h_beg + w.hs;
+  t.g = t.h_beg / (p.nheads / p.ngroups);
+  return t;
+}
+
+// The kernels' shared memory. The swizzled tiles need a 1024-byte aligned base: the dynamic
+// window starts there as long as the kernel declares no static __shared__ (keep it so; this
+// traps otherwise).
+template <typename E>
+NK_DEVICE B3Sm90Smem<E>& b3_sm90_smem() {
+  extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
+  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();
+  return *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
+}
+
+// Head h's start (buffer buf): its loads landed and converted for wgmma (barriers (A), (B)),
+// then the next head's loads issued into the other buffers.
+template <typename T, typename E>
+NK_DEVICE void b3_sm90_begin_head(const SsdBwdParams& q, const float* dy32, const float* states, B3Sm90Smem<E>& S,
+                                  const B3Sm90Cta& t, int64_t h, int buf) {
+  ssd_sm90::cp_async_wait_all();
+  __syncthreads();  // (A) head h's staging, x, cs, dt' landed; every wgmma of head h - 1 is done
+  b3_sm90_convert_head<T>(S, dy32 != nullptr);  // ends with (B): the staging tiles are free
+  if (h + 1 < t.h_end) b3_sm90_issue_head<T>(q, dy32, states, S, buf ^ 1, t.b, t.c, h + 1, t.t0, t.valid);
+}
+
+// A sum over the split's heads (dB or dC: 64 accumulator values a thread over (Q, N)) into its
+// (b, L, H/hs, N) scratch, rows < valid, pairs of n per 8-byte store.
+template <class Acc>
+NK_DEVICE void b3_sm90_store_sum(float* scratch, const SsdParams& p, const B3Sm90Cta& t, const Acc& acc) {
+  constexpr int N = kSsdSm90N;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int r_lo = ssd_sm90::frag_row(tid, 0), r_hi = ssd_sm90::frag_row(tid, 2);
+  float* dst = scratch + ((t.b * p.seqlen + t.t0) * t.nsplit + t.sp) * N;
+#pragma unroll
+  for (int v = 0; v < 64; v += 2) {
+    const int r = (v & 2) == 0 ? r_lo : r_hi;
+    if (r < t.valid)
+      *reinterpret_cast<float2*>(dst + int64_t(r) * t.nsplit * N + ssd_sm90::frag_col(v, lane)) = make_float2(acc(v), acc(v + 1));
+  }
+}
+
 // Rows i. Per head: Z = dy in_cᵀ (in_c hi + lo) by n-halves gives V_i and dC_i += fac_i Z_i; then
 // for each half of the columns j, CB = C Bᵀ and M = dy xᵀ, the masked A3 = M decay dt'_j in
 // registers gives the W row sums against CB and, rounded to T, is the register A operand of
@@ -1133,26 +1191,18 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
   using ssd_sm90::frag_col;
   using ssd_sm90::frag_row;
   constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kH = Rc::kHalf;
-  // The swizzled tiles need a 1024-byte aligned base: the dynamic window starts there as long as
-  // the kernel declares no static __shared__ (keep it so; the check traps otherwise).
-  extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
-  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();
-  B3Sm90Smem<E>& S = *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
+  B3Sm90Smem<E>& S = b3_sm90_smem<E>();
   const SsdParams& p = q.fwd;
   const int tid = threadIdx.x, lane = tid % 32;
-  const int64_t H = p.nheads, nc = p.nchunks, nsplit = H / w.hs;
-  int64_t bid = blockIdx.x;
-  const int64_t sp = bid % nsplit;
-  bid /= nsplit;
-  const int64_t c = bid % nc, b = bid / nc;
-  const int64_t t0 = ssd_chunk_t0(p, c);
-  const int valid = ssd_chunk_len(p, c);
+  const int64_t H = p.nheads, nc = p.nchunks;
+  const B3Sm90Cta t = b3_sm90_cta(p, w);
+  const int64_t b = t.b, c = t.c, t0 = t.t0, g = t.g;
+  const int valid = t.valid;
   if (valid <= 0) return;  // uniform: an empty chunk of a plan writes nothing (as row_kernel)
-  const int64_t h_beg = sp * w.hs, h_end = h_beg + w.hs, g = h_beg / (H / p.ngroups);
   const int32_t sid_prev = ssd_sid_prev(p, b, c, Q);
   const float* dy32 = w.dy;
   b3_sm90_load_chunk<T>(q, dy32, p.states, S, static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl,
-                        static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl, b, c, h_beg, t0, valid);
+                        static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl, b, c, t.h_beg, t0, valid);
 
   typename Rc::MmaZ mma_z;
   typename Rc::MmaHalf mma_h;
@@ -1171,12 +1221,9 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
   clear(dC);
   const int i_lo = frag_row(tid, 0), i_hi = frag_row(tid, 2);
 
-  for (int64_t h = h_beg; h < h_end; ++h) {
-    const int buf = static_cast<int>((h - h_beg) & 1);
-    ssd_sm90::cp_async_wait_all();
-    __syncthreads();  // (A) head h's staging, x, cs, dt' landed; every wgmma of head h - 1 is done
-    b3_sm90_convert_head<T>(S, dy32 != nullptr);  // ends with (B): the staging tiles are free
-    if (h + 1 < h_end) b3_sm90_issue_head<T>(q, dy32, p.states, S, buf ^ 1, b, c, h + 1, t0, valid);
+  for (int64_t h = t.h_beg; h < t.h_end; ++h) {
+    const int buf = static_cast<int>((h - t.h_beg) & 1);
+    b3_sm90_begin_head<T>(q, dy32, p.states, S, t, h, buf);
     const float* cs = S.cs[buf];
     const float* dtp = S.dtp[buf];
     const float cs_lo = cs[i_lo], cs_hi = cs[i_hi];
@@ -1287,13 +1334,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
     }
   }
 
-  // dC of the split's heads into the (b, L, H/hs, N) scratch, pairs of n per store
-  float* dCs = w.dCs + ((b * p.seqlen + t0) * nsplit + sp) * N;
-  CUTE_UNROLL
-  for (int v = 0; v < 64; v += 2) {
-    const int i = (v & 2) == 0 ? i_lo : i_hi;
-    if (i < valid) *reinterpret_cast<float2*>(dCs + int64_t(i) * nsplit * N + frag_col(v, lane)) = make_float2(dC(v), dC(v + 1));
-  }
+  b3_sm90_store_sum(w.dCs, p, t, dC);  // dC of the split's heads
 #else
   (void)q, (void)w;
   __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
@@ -1316,25 +1357,17 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
   using ssd_sm90::frag_col;
   using ssd_sm90::frag_row;
   constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N, kH = Rc::kHalf;
-  // The swizzled tiles need a 1024-byte aligned base: the dynamic window starts there as long as
-  // the kernel declares no static __shared__ (keep it so; the check traps otherwise).
-  extern __shared__ __align__(1024) unsigned char smem_b3_sm90[];
-  if ((__cvta_generic_to_shared(smem_b3_sm90) & 1023) != 0) __trap();
-  B3Sm90Smem<E>& S = *reinterpret_cast<B3Sm90Smem<E>*>(smem_b3_sm90);
+  B3Sm90Smem<E>& S = b3_sm90_smem<E>();
   const SsdParams& p = q.fwd;
   const int tid = threadIdx.x, lane = tid % 32;
-  const int64_t H = p.nheads, nc = p.nchunks, nsplit = H / w.hs;
-  int64_t bid = blockIdx.x;
-  const int64_t sp = bid % nsplit;
-  bid /= nsplit;
-  const int64_t c = bid % nc, b = bid / nc;
-  const int64_t t0 = ssd_chunk_t0(p, c);
-  const int valid = ssd_chunk_len(p, c);
+  const int64_t H = p.nheads, nc = p.nchunks;
+  const B3Sm90Cta t = b3_sm90_cta(p, w);
+  const int64_t b = t.b, c = t.c, t0 = t.t0, g = t.g;
+  const int valid = t.valid;
   if (valid <= 0) return;  // uniform: an empty chunk of a plan writes nothing (as col_kernel)
-  const int64_t h_beg = sp * w.hs, h_end = h_beg + w.hs, g = h_beg / (H / p.ngroups);
   const float* dy32 = w.dy;
   b3_sm90_load_chunk<T>(q, dy32, q.dstates, S, static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl,
-                        static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl, b, c, h_beg, t0, valid);
+                        static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl, b, c, t.h_beg, t0, valid);
 
   typename Rc::MmaHalf mma_h;    // R (j x p), CBᵀ and Mᵀ halves (j x i)
   typename Rc::MmaZ mma_xs;      // x dS, one n-half (j x n)
@@ -1354,12 +1387,9 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
   clear(dB);
   const int j_lo = frag_row(tid, 0), j_hi = frag_row(tid, 2);
 
-  for (int64_t h = h_beg; h < h_end; ++h) {
-    const int buf = static_cast<int>((h - h_beg) & 1);
-    ssd_sm90::cp_async_wait_all();
-    __syncthreads();  // (A) head h's staging, x, cs, dt' landed; every wgmma of head h - 1 is done
-    b3_sm90_convert_head<T>(S, dy32 != nullptr);  // ends with (B): the staging tiles are free
-    if (h + 1 < h_end) b3_sm90_issue_head<T>(q, dy32, q.dstates, S, buf ^ 1, b, c, h + 1, t0, valid);
+  for (int64_t h = t.h_beg; h < t.h_end; ++h) {
+    const int buf = static_cast<int>((h - t.h_beg) & 1);
+    b3_sm90_begin_head<T>(q, dy32, q.dstates, S, t, h, buf);
     const float* cs = S.cs[buf];
     const float* dtp = S.dtp[buf];
     const float cs_last = cs[Q - 1];  // padding repeats the last real cs (dt' = 0 there)
@@ -1546,13 +1576,7 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
     }
   }
 
-  // dB of the split's heads into the (b, L, H/hs, N) scratch, pairs of n per store
-  float* dBs = w.dBs + ((b * p.seqlen + t0) * nsplit + sp) * N;
-  CUTE_UNROLL
-  for (int v = 0; v < 64; v += 2) {
-    const int j = (v & 2) == 0 ? j_lo : j_hi;
-    if (j < valid) *reinterpret_cast<float2*>(dBs + int64_t(j) * nsplit * N + frag_col(v, lane)) = make_float2(dB(v), dB(v + 1));
-  }
+  b3_sm90_store_sum(w.dBs, p, t, dB);  // dB of the split's heads
 #else
   (void)q, (void)w;
   __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
