@@ -1,6 +1,7 @@
 """mamba_chunk_scan_combined against the float64 recurrence (ssd_scan_ref), forward and
 backward, every option, packed sequences, state hand-over, bad input."""
 import contextlib
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -772,6 +773,46 @@ def test_sm90_state_tiles_wide_heads(monkeypatch):
     assert set(got) == set(want)
     for k in want:
         assert_close(got[k], want[k], torch.bfloat16, factor=2, what=f"grad {k}")
+
+
+def kernels_of(fn):
+    """Names of the CUDA kernels fn() launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names, "the profiler saw no kernel"
+    return names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("z", [True, False])
+def test_sm90_kernels_run_where_the_switch_says(monkeypatch, z):
+    """With NEMOKERNELS_SSD_SM90=1 a forward + backward at the wgmma shape runs the wgmma
+    kernels and none of the portable ones they replace; without it, the reverse. The sm90 tests
+    compare against the portable path, so this is what keeps them from comparing a path with
+    itself."""
+    H, G = 16, 2
+    sm90_or_skip(monkeypatch, H, G)
+    inp = requires_grad(make_inputs(2, 300, H, 64, G, 128, torch.bfloat16, "cuda", z=z, init=True))
+
+    def run():
+        y = call(inp, 128, dt_softplus=True)
+        y.float().sum().backward()
+
+    run()  # warm-up: first-call work out of the profile
+    sm90 = ("chunk_output_sm90_kernel", "dstates_wgmma_kernel", "col_sm90_kernel", "row_sm90_kernel")
+    portable = ("chunk_scan_kernel", "dstates_kernel", "col_kernel", "row_kernel")
+    on = kernels_of(run)
+    with portable_kernels(monkeypatch):
+        off = kernels_of(run)
+
+    def seen(names, k):  # k as a whole name part: "col_kernel" is not "col_sm90_kernel"
+        return any(re.search(rf"\b{k}\b", n) for n in names)
+    for k in sm90:
+        assert seen(on, k) and not seen(off, k), (k, "switch on" if not seen(on, k) else "switch off")
+    for k in portable:
+        assert seen(off, k) and not seen(on, k), (k, "switch off" if not seen(off, k) else "switch on")
 
 
 @pytest.mark.gpu
