@@ -287,14 +287,11 @@ NK_DEVICE float block_sum(float v, float* red) {
 // carry_c = exp(cs_last) [sid_last == sid_prev]. cs_last is read at index Q - 1: padding has
 // dt' = 0, so it repeats the last real cs (and an empty chunk of a plan has cs = 0).
 NK_DEVICE float chunk_carry(const SsdParams& p, int64_t b, int64_t h, int64_t c) {
-  const int64_t Q = p.chunk_size, L = p.seqlen;
+  const int64_t Q = p.chunk_size;
   const float cs_last = p.cs[((b * p.nheads + h) * p.nchunks + c) * Q + Q - 1];
-  if (p.seq_idx == nullptr) return expf(cs_last);  // always so with a plan
-  const int64_t nvalid = std::min<int64_t>(Q, L - c * Q);
-  const int32_t* s = p.seq_idx + b * L;
-  const int32_t last = s[c * Q + nvalid - 1];
-  const int32_t prev = c == 0 ? 0 : s[c * Q - 1];
-  return last == prev ? expf(cs_last) : 0.f;
+  // the chunk's last id (ssd_sid_at continues it into the padding) against the one before it,
+  // as the forward's state chain tests it; both 0 without seq_idx (always so with a plan)
+  return ssd_sid_at(p, b, c * Q + Q - 1) == ssd_sid_prev(p, b, c, Q) ? expf(cs_last) : 0.f;
 }
 
 // Accessors of one (b, chunk c, head h) with chunk-local positions i (0 outside [0, nvalid)
@@ -361,13 +358,9 @@ NK_DEVICE void load_chunk_scalars(const ChunkView<T>& v, float* s_cs, float* s_d
     const bool real = i < v.nvalid;
     s_cs[i] = real ? p.cs[base + i] : cs_end;
     s_dtp[i] = real ? p.dtp[base + i] : 0.f;
-    s_sid[i] = p.seq_idx != nullptr ? p.seq_idx[v.b * p.seqlen + v.l0 + (real ? i : v.nvalid - 1)] : 0;
+    s_sid[i] = ssd_sid_at(p, v.b, v.l0 + (real ? i : v.nvalid - 1));
   }
   __syncthreads();
-}
-
-NK_DEVICE int32_t chunk_sid_prev(const SsdParams& p, int64_t b, int64_t c) {
-  return (p.seq_idx == nullptr || c == 0) ? 0 : p.seq_idx[b * p.seqlen + c * p.chunk_size - 1];
 }
 
 // exp(cs_i - cs_j) for j <= i in the same sequence, else exactly 0.
@@ -431,10 +424,10 @@ NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, float* s_fac) {
   t.b = bid / p.nchunks;
   const int64_t l0 = ssd_chunk_t0(p, t.c);
   const int nvalid = ssd_chunk_len(p, t.c);
-  const int32_t sid_prev = chunk_sid_prev(p, t.b, t.c);
+  const int32_t sid_prev = ssd_sid_prev(p, t.b, t.c, Q);
   const int64_t pb = ((t.b * p.nheads + t.h) * p.nchunks + t.c) * Q;
   for (int i = threadIdx.x; i < Q; i += blockDim.x) {
-    const bool keep = i < nvalid && (p.seq_idx == nullptr || p.seq_idx[t.b * p.seqlen + l0 + i] == sid_prev);
+    const bool keep = i < nvalid && ssd_sid_at(p, t.b, l0 + i) == sid_prev;
     s_fac[i] = keep ? expf(p.cs[pb + i]) : 0.f;
   }
   __syncthreads();
@@ -852,7 +845,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
   const int P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
   const int nnt = ceil_div_d(N);
   const int ty = tile_ty(), tx = tile_tx();
-  const int32_t sid_prev = chunk_sid_prev(p, b, c);
+  const int32_t sid_prev = ssd_sid_prev(p, b, c, Q);
   float* accc = acc_tiles<RowSmem<T, Q>>(smem_raw);  // nnt tiles: dC_i over the block's heads
   zero_tiles(accc, nnt);  // seen after the first head's load_chunk_scalars barrier
 
