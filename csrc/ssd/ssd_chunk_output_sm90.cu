@@ -25,10 +25,6 @@ namespace {
 
 using namespace cute;
 
-template <typename T> struct CuteElem;
-template <> struct CuteElem<__nv_bfloat16> { using type = cute::bfloat16_t; };
-template <> struct CuteElem<__half> { using type = cute::half_t; };
-
 using ssd_sm90::Cfg;
 using ssd_sm90::cp_async16;
 using ssd_sm90::cp_async_commit;
@@ -95,7 +91,7 @@ NK_DEVICE void issue_head_loads(const SsdParams& p, Smem<E>& S, int buf, int64_t
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) chunk_output_sm90_kernel(const SsdParams p, const int heads_per_cta) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using E = typename CuteElem<T>::type;
+  using E = ssd_sm90::cute_elem_t<T>;
   using Cf = Cfg<E>;
   constexpr int Q = Cf::Q, P = Cf::P, N = Cf::N;
   extern __shared__ __align__(1024) unsigned char smem_raw[];

@@ -4,6 +4,11 @@
 // tests/ssd/sm90_layout_check.cu checks the fragment map and layouts without a GPU.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 
 #include "common/macros.h"
@@ -15,6 +20,19 @@ namespace ssd_sm90 {
 using namespace cute;
 
 constexpr int kThreads = 256;  // two consumer warpgroups, 64 rows i each
+
+// CuTe's element type for the kernels' 16-bit T (__half or __nv_bfloat16).
+template <typename T>
+using cute_elem_t = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
+
+// Offset (elements) of (r, c) in a K-major 128-byte-swizzled tile of kRows rows of 16-bit values
+// (GMMA::Layout_K_SW128_Atom tiled rows first: 8-row, 64-column atoms, 16-byte chunks XOR-ed with
+// r % 8), written out for element reads whose addresses the kernels keep cheap. The host test
+// checks it against Cfg::SmemQN and RowCfg::SmemQP for every element.
+template <int kRows>
+NK_HD constexpr int k_sw128_offset(int r, int c) {
+  return (r / 8) * 512 + (c / 64) * (kRows * 64) + (r % 8) * 64 + (((c % 64) / 8) ^ (r % 8)) * 8 + c % 8;
+}
 
 // Shared-memory layouts (GMMA 128-byte swizzle) and the three tiled MMAs; two warpgroups along M.
 template <typename E>
@@ -60,12 +78,6 @@ struct RowCfg {
   using SmemHP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kHalf>, Int<P>>{}));  // x, one j-half
   using SmemHNP = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<N / 2>, Int<P>>{}));  // in_c[p][n] as (n, p), one n-half
   using AtomLayout = Layout<Shape<_2, _1, _1>>;
-  // SmemQN's offset of C[i][n] written out (8-row, 64-column 128-byte swizzle atoms, i-atoms
-  // first, 16-byte chunks XOR-ed with i % 8), for element reads whose addresses the kernel keeps
-  // cheap; the host test checks it against the layout for every (i, n).
-  static NK_HD constexpr int qn_offset(int i, int n) {
-    return (i / 8) * 512 + (n / 64) * (Q * 64) + (i % 8) * 64 + (((n % 64) / 8) ^ (i % 8)) * 8 + n % 8;
-  }
   // one n-half of Z = dY in_cᵀ: (Q x N / 2), K = P, in_c MN-major (halves keep the registers in budget)
   using MmaZ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<E, E, float, Shape<_64, Int<N / 2>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
@@ -93,11 +105,7 @@ struct ColCfg {
   // dx += A1 dy over one i-half: (Q x P), K = kHalf, A1 from registers, dy MN-major
   using MmaDX = decltype(make_tiled_mma(
       GMMA::rs_op_selector<E, E, float, Shape<_64, Int<P>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
-  // SmemQP's offset of x[j][p] written out (P = 64: one 128-byte swizzle atom per 8 rows)
-  static NK_HD constexpr int qp_offset(int j, int p) {
-    return (j / 8) * 512 + (j % 8) * 64 + (((p % 64) / 8) ^ (j % 8)) * 8 + p % 8;
-  }
-  static_assert(P == 64 && N / 2 == 64, "the offsets and the half views assume P 64, N 128");
+  static_assert(P == 64 && N / 2 == 64, "the half views assume P 64, N 128");
 };
 
 // Where wgmma's float32 accumulator value v of thread tid sits in a (rows, cols) tile computed by

@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, cons
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int Q = 128;
   using namespace cute;
-  using E = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
+  using E = ssd_sm90::cute_elem_t<T>;
   using Sc = ssd_sm90::StateCfg<E>;
   __shared__ __align__(1024) unsigned char smem[1024 + 2 * 16384];
   float* s_fac = reinterpret_cast<float*>(smem);
@@ -983,9 +983,6 @@ struct alignas(1024) B3Sm90Smem {
 };
 static_assert(sizeof(B3Sm90Smem<cute::bfloat16_t>) <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 
-template <typename T>
-using CuteOf = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
-
 // Head h's x (rows >= valid zero-filled) into buffer buf, its dy (dy32 with z, else dout) and
 // state (`states`: in_c or dS, (b, nc, H, P, N)) into the staging tiles, cs and dt' into buffer
 // buf. All threads; one commit group.
@@ -1179,7 +1176,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, Scratch w) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
-  using E = CuteOf<T>;
+  using E = ssd_sm90::cute_elem_t<T>;
   using Rc = ssd_sm90::RowCfg<E>;
   using ssd_sm90::frag_col;
   using ssd_sm90::frag_row;
@@ -1249,7 +1246,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
         for (int v = 0; v < 32; v += 2) {  // values v, v + 1: adjacent n of one row
           const bool lo = (v & 2) == 0;
           float c0, c1;
-          lds_pair<T>(cm + 2u * Rc::qn_offset(lo ? i_lo : i_hi, nh * (N / 2) + frag_col(v, lane)), c0, c1);
+          lds_pair<T>(cm + 2u * ssd_sm90::k_sw128_offset<Q>(lo ? i_lo : i_hi, nh * (N / 2) + frag_col(v, lane)), c0, c1);
           float& vs = lo ? v_lo : v_hi;
           vs = fmaf(c0, z(v), vs);
           vs = fmaf(c1, z(v + 1), vs);
@@ -1344,7 +1341,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, Scratch w) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace cute;
-  using E = CuteOf<T>;
+  using E = ssd_sm90::cute_elem_t<T>;
   using Rc = ssd_sm90::RowCfg<E>;
   using Cc = ssd_sm90::ColCfg<E>;
   using ssd_sm90::frag_col;
@@ -1424,7 +1421,7 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
       for (int v = 0; v < 32; v += 2) {  // values v, v + 1: adjacent p of one row
         const bool lo = (v & 2) == 0;
         float x0, x1;
-        lds_pair<T>(xm + 2u * Cc::qp_offset(lo ? j_lo : j_hi, frag_col(v, lane)), x0, x1);
+        lds_pair<T>(xm + 2u * ssd_sm90::k_sw128_offset<Q>(lo ? j_lo : j_hi, frag_col(v, lane)), x0, x1);
         float& rs = lo ? rx_lo : rx_hi;
         rs = fmaf(x0, dx(v), rs);
         rs = fmaf(x1, dx(v + 1), rs);
@@ -1792,9 +1789,11 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   }
   bool b1_wgmma = false;
 #ifdef NK_SSD_WGMMA_HERE
+  // NEMOKERNELS_SSD_SM90=1 on a compute capability 9.0 device: B1 and B3 on wgmma where they fit
+  [[maybe_unused]] const bool sm90 = sizeof(T) == 2 && Q == 128 && ssd_cuda_sm90_opted_in();
   if constexpr (sizeof(T) == 2 && Q == 128) {
-    // B1 on wgmma with the forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1), full tiles
-    if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && ssd_cuda_sm90_opted_in()) {
+    // B1 on wgmma with the forward's sm_90a kernels, full tiles
+    if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && sm90) {
       const bool vec_dout = ssd::vec_ok(q.dout, sizeof(T), {q.dout_sb, q.dout_sl, q.dout_sh});
       const bool vec_C = ssd::vec_ok(p.C, sizeof(T), {p.C_sb, p.C_sl, p.C_sg});
       dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, w.dy, vec_dout, vec_C);
@@ -1813,8 +1812,8 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
 #ifdef NK_SSD_WGMMA_HERE
   if constexpr (sizeof(T) == 2 && Q == 128) {
     // B3 on wgmma (NEMOKERNELS_SSD_SM90=1): a CTA per (b, chunk, split of hs heads) for each
-    if (b3_sm90_supports(q) && ssd_cuda_sm90_opted_in()) {
-      const int bytes = static_cast<int>(sizeof(B3Sm90Smem<CuteOf<T>>));
+    if (sm90 && b3_sm90_supports(q)) {
+      const int bytes = static_cast<int>(sizeof(B3Sm90Smem<ssd_sm90::cute_elem_t<T>>));
       const unsigned grid = static_cast<unsigned>(b * nc * (H / w.hs));  // <= the portable grids (checked)
       NK_CUDA_CHECK(cudaFuncSetAttribute(col_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       col_sm90_kernel<T><<<grid, kThreads, bytes, stream>>>(q, w);

@@ -162,7 +162,7 @@ NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(Q == 128 && sizeof(T) == 2, "the wgmma state tile is built for Q 128 and 16-bit inputs");
   using namespace cute;
-  using E = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
+  using E = ssd_sm90::cute_elem_t<T>;
   using Sc = ssd_sm90::StateCfg<E>;
   constexpr int kT = StateTraits::kThreads;
   float* w_s = reinterpret_cast<float*>(smem + StateWgSmem::kOffW);

@@ -94,7 +94,7 @@ int check_state(const char* name) {
 
 // Backward B3's row kernel (RowCfg): the accumulators of dC (Q x N), of each n-half of Z and of each j-half of CB and
 // M (Q x 64) at (frag_row, frag_col); A3 as dC's register A operand in the half's accumulator
-// order; B's one layout read as (j, n) K-major and as (n, j) MN-major; C's offsets as qn_offset
+// order; B's one layout read as (j, n) K-major and as (n, j) MN-major; C's offsets as k_sw128_offset
 // writes them; x's j-half at its offset.
 template <typename E>
 int check_row(const char* name) {
@@ -159,8 +159,9 @@ int check_row(const char* name) {
   typename Rc::SmemQN qn;
   for (int i = 0; i < Q; ++i)
     for (int n = 0; n < N; ++n)
-      if (at(qn, i, n) != Rc::qn_offset(i, n)) {
-        std::printf("%s: C (i %d, n %d) is at %d, qn_offset says %d\n", name, i, n, at(qn, i, n), Rc::qn_offset(i, n));
+      if (at(qn, i, n) != nk::ssd_sm90::k_sw128_offset<Q>(i, n)) {
+        std::printf("%s: C (i %d, n %d) is at %d, k_sw128_offset says %d\n", name, i, n, at(qn, i, n),
+                    nk::ssd_sm90::k_sw128_offset<Q>(i, n));
         return 1;
       }
   typename Rc::SmemQP qp;
@@ -178,7 +179,7 @@ int check_row(const char* name) {
 
 // Backward B3's column kernel (ColCfg): dx's accumulator (Q x P) and A1 as its register A
 // operand; R's k-block pairing across the n-halves; dy's i-half read as (i, p) K-major and (p, i) MN-major, dS's n-half as (n, p) MN-major
-// and (p, n) K-major, at the same bytes; x's offsets as qp_offset writes them.
+// and (p, n) K-major, at the same bytes; x's offsets as k_sw128_offset writes them.
 template <typename E>
 int check_col(const char* name) {
   using Rc = nk::ssd_sm90::RowCfg<E>;
@@ -253,8 +254,9 @@ int check_col(const char* name) {
     }
   for (int j = 0; j < Q; ++j)
     for (int k = 0; k < P; ++k)
-      if (at(qp, j, k) != Cc::qp_offset(j, k)) {
-        std::printf("%s: x (j %d, p %d) is at %d, qp_offset says %d\n", name, j, k, at(qp, j, k), Cc::qp_offset(j, k));
+      if (at(qp, j, k) != nk::ssd_sm90::k_sw128_offset<Q>(j, k)) {
+        std::printf("%s: x (j %d, p %d) is at %d, k_sw128_offset says %d\n", name, j, k, at(qp, j, k),
+                    nk::ssd_sm90::k_sw128_offset<Q>(j, k));
         return 1;
       }
   return 0;
