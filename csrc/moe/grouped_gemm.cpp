@@ -219,4 +219,35 @@ Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::opt
   return dw;
 }
 
+// Both gradients of one forward. The CUTLASS path has no operand transform, so dgrad and wgrad
+// would each write g = round(dout * 2 * relu(pre)) (R x N) into their workspace: here it is
+// written once and both take it as their dout. Elsewhere (CPU, the portable kernels, which fuse
+// g into their operand loads) this is dgrad then wgrad as they are.
+std::tuple<Tensor, Tensor> grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Tensor expert_offsets,
+                                            std::optional<Tensor> preact) {
+#ifdef NK_WITH_CUDA
+  if (preact && dout.is_cuda()) {
+    const char* op = "grouped_gemm (backward)";
+    check_dim(op, "dout", dout, 2);
+    const GgType dt = gg_type(op, "dout", dout);
+    check_dim(op, "a", a, 2);
+    check_dim(op, "w", w, 3);
+    check_dtype_and_device(op, "a", a, dout, "dout");
+    check_dtype_and_device(op, "w", w, dout, "dout");
+    auto pre = check_pre(op, preact, dout);
+    OptionalDeviceGuard guard(dout);
+    Tensor dc = contig(dout), ac = contig(a), wc = contig(w);
+    GroupedGemmParams p = base_params(dt, dout.size(0), dout.size(1), a.size(1), w.size(0), expert_offsets);
+    p.dout = dc.data_ptr(), p.pre_in = pre->data_ptr(), p.a = ac.data_ptr(), p.w = wc.data_ptr();
+    if (grouped_gemm_cuda_shared_operand(p)) {
+      Tensor g = new_empty(dout, {p.R, p.N}, dout.scalar_type());
+      grouped_gemm_relu2_operand_cuda(p, g.data_ptr(), current_cuda_stream(dout.get_device_index()));
+      return {grouped_gemm_dgrad(g, wc, expert_offsets, std::nullopt),
+              grouped_gemm_wgrad(g, ac, expert_offsets, std::nullopt)};
+    }
+  }
+#endif
+  return {grouped_gemm_dgrad(dout, w, expert_offsets, preact), grouped_gemm_wgrad(dout, a, expert_offsets, preact)};
+}
+
 }  // namespace nk

@@ -66,6 +66,11 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op);
 void grouped_gemm_fwd_cuda(const GroupedGemmParams& p, void* stream);
 void grouped_gemm_dgrad_cuda(const GroupedGemmParams& p, void* stream);
 void grouped_gemm_wgrad_cuda(const GroupedGemmParams& p, void* stream);
+// grouped_gemm_bwd: whether dgrad and wgrad of p (dout, pre_in, a, w set) both take the arch
+// kernels, which materialise the relu^2 backward operand; and that operand, g (R x N) =
+// round(dout * 2 * relu(pre_in)), written once for both.
+bool grouped_gemm_cuda_shared_operand(const GroupedGemmParams& p);
+void grouped_gemm_relu2_operand_cuda(const GroupedGemmParams& p, void* g, void* stream);
 #endif
 
 // CUTLASS pointer-array grouped GEMMs, bf16 only; A / B / D are the operand bases of each kind
@@ -81,6 +86,11 @@ void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, cons
 int64_t grouped_gemm_relu2_sm90_workspace(int64_t E);
 void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace,
                                  void* stream);
+// Forward with relu^2 in the epilogue that also stores the pre-activation (training):
+// grouped_gemm_relu2_pre_sm90.cu.
+int64_t grouped_gemm_relu2_pre_sm90_workspace(int64_t E);
+void grouped_gemm_relu2_pre_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* pre,
+                                     void* workspace, void* stream);
 // Forward on 64-row tiles, plain and relu^2 (opt-in, NEMOKERNELS_GROUPED_GEMM_TILE=64):
 // grouped_gemm_m64_{plain,relu2}_sm90.cu.
 int64_t grouped_gemm_m64_plain_sm90_workspace(int64_t E);

@@ -5,7 +5,7 @@
 // shapes the arch kernels do not take. This file also picks the path of each call
 // (grouped_gemm_cuda_prepare) and runs the passes around the CUTLASS kernels of
 // grouped_gemm_*sm90.cu / *sm100.cu (zero fills, relu^2, the relu^2 backward operand; on sm_90
-// a forward that saves no pre-activation has relu^2 in the CUTLASS epilogue instead).
+// the forward has relu^2 in the CUTLASS epilogue instead, with the pre-activation beside it when saved).
 // Details: docs/moe.md, section `csrc/moe/grouped_gemm_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -399,23 +399,43 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_simt_kernel(GroupedGemm
 
 // ---------------------------------------------------------------- passes of the arch (CUTLASS) path
 
+// The arch path's elementwise passes: 8 elements per step through 16-byte accesses (the arch
+// path takes only 16-byte aligned bases and N % 8 == 0, so n % 8 == 0 there; the scalar tail
+// keeps any n correct). Same arithmetic per element as the scalar form.
+
 // out[i] = relu(pre[i])^2 (pre may alias out).
 template <typename T>
 __global__ void relu2_kernel(const T* pre, T* out, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = to_f(pre[i]);
-    out[i] = from_f<T>(v > 0.f ? v * v : 0.f);
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  auto relu2 = [](T x) {
+    const float v = to_f(x);
+    return from_f<T>(v > 0.f ? v * v : 0.f);
+  };
+  for (int64_t i = t0; i < n / 8; i += stride) {
+    Vec8<T> v;
+    *reinterpret_cast<uint4*>(&v) = reinterpret_cast<const uint4*>(pre)[i];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v.v[j] = relu2(v.v[j]);
+    reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(&v);
   }
+  for (int64_t i = n / 8 * 8 + t0; i < n; i += stride) out[i] = relu2(pre[i]);
 }
 
 // g[i] = round_T(dout[i] * 2 * relu(pre[i])), the operand of dgrad and wgrad.
 template <typename T>
 __global__ void act_bwd_kernel(const T* dout, const T* pre, T* g, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    g[i] = act_bwd<T>(dout[i], pre[i]);
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = t0; i < n / 8; i += stride) {
+    Vec8<T> d, pv;
+    *reinterpret_cast<uint4*>(&d) = reinterpret_cast<const uint4*>(dout)[i];
+    *reinterpret_cast<uint4*>(&pv) = reinterpret_cast<const uint4*>(pre)[i];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) d.v[j] = act_bwd<T>(d.v[j], pv.v[j]);
+    reinterpret_cast<uint4*>(g)[i] = *reinterpret_cast<const uint4*>(&d);
   }
+  for (int64_t i = n / 8 * 8 + t0; i < n; i += stride) g[i] = act_bwd<T>(dout[i], pre[i]);
 }
 
 // dw[e] = 0 for experts without rows (the grouped GEMM gives them no tiles). Grid (x, E).
@@ -480,17 +500,24 @@ void launch_gemm(const GroupedGemmParams& p, cudaStream_t s, bool tc) {
 }
 
 #if defined(NK_HAS_SM90) || defined(NK_HAS_SM100)
-// The Hopper forward fuses relu^2 into the CUTLASS epilogue when no pre-activation is saved.
-inline bool fused_relu2(const GroupedGemmParams& p, int mode) {
-  return p.arch == 90 && mode == kFwd && p.act == GgAct::Relu2 && p.pre_out == nullptr;
-}
-
 // NEMOKERNELS_GROUPED_GEMM_TILE=64: the Hopper forward on 64-row tiles (pingpong), opt-in until
 // measured (docs/moe.md, issue 19). Read on the host at prepare and at run.
 inline bool m64_tiles(const GroupedGemmParams& p, int mode) {
   if (p.arch != 90 || mode != kFwd) return false;
   const char* t = std::getenv("NEMOKERNELS_GROUPED_GEMM_TILE");
   return t != nullptr && std::strcmp(t, "64") == 0;
+}
+
+// The Hopper forward's own instantiations; kArchDefault: the fwd / dgrad / wgrad units, with the
+// relu^2 pass after the forward when the activation is relu^2 (sm_100; 64-row tiles with a
+// saved pre-activation).
+enum Sm90Fwd : int { kArchDefault = 0, kRelu2Epi, kRelu2PreEpi, kM64Relu2Epi, kM64Plain };
+inline Sm90Fwd sm90_fwd(const GroupedGemmParams& p, int mode) {
+  if (p.arch != 90 || mode != kFwd) return kArchDefault;
+  const bool m64 = m64_tiles(p, mode), relu2 = p.act == GgAct::Relu2;
+  if (!relu2) return m64 ? kM64Plain : kArchDefault;
+  if (p.pre_out == nullptr) return m64 ? kM64Relu2Epi : kRelu2Epi;
+  return m64 ? kM64Plain : kRelu2PreEpi;  // pre and out from one epilogue (128-row tiles only)
 }
 
 int64_t arch_workspace(int arch, int64_t E, int mode) {
@@ -530,7 +557,7 @@ void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
   const void* G = p.dout;
   if (MODE != kFwd && p.pre_in != nullptr) {
     T* g = reinterpret_cast<T*>(ws);
-    act_bwd_kernel<T><<<elementwise_blocks(RN), kThreads, 0, s>>>(static_cast<const T*>(p.dout),
+    act_bwd_kernel<T><<<elementwise_blocks(RN / 8 + 1), kThreads, 0, s>>>(static_cast<const T*>(p.dout),
                                                                    static_cast<const T*>(p.pre_in), g, RN);
     NK_CUDA_LAUNCH_CHECK();
     ws += align256(RN * static_cast<int64_t>(sizeof(T)));
@@ -553,19 +580,18 @@ void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
     return;
   }
   void* D = p.pre_out != nullptr ? p.pre_out : p.out;
+  switch (sm90_fwd(p, MODE)) {
 #ifdef NK_HAS_SM90
-  if (fused_relu2(p, MODE)) {  // relu^2 in the epilogue: no pre-activation, no pass
-    if (m64_tiles(p, MODE)) grouped_gemm_m64_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);
-    else grouped_gemm_relu2_sm90_run(p, p.a, p.w, p.out, ws, s);
-    return;
-  }
-  if (m64_tiles(p, MODE)) grouped_gemm_m64_plain_sm90_run(p, p.a, p.w, D, ws, s);
-  else arch_gemm(p, MODE, p.a, p.w, D, ws, s);
-#else
-  arch_gemm(p, MODE, p.a, p.w, D, ws, s);
+    // relu^2 in the epilogue (and the pre-activation beside it when saved): no pass
+    case kRelu2Epi: grouped_gemm_relu2_sm90_run(p, p.a, p.w, p.out, ws, s); return;
+    case kRelu2PreEpi: grouped_gemm_relu2_pre_sm90_run(p, p.a, p.w, p.out, p.pre_out, ws, s); return;
+    case kM64Relu2Epi: grouped_gemm_m64_relu2_sm90_run(p, p.a, p.w, p.out, ws, s); return;
+    case kM64Plain: grouped_gemm_m64_plain_sm90_run(p, p.a, p.w, D, ws, s); break;
 #endif
+    default: arch_gemm(p, MODE, p.a, p.w, D, ws, s); break;
+  }
   if (p.act == GgAct::Relu2) {
-    relu2_kernel<T><<<elementwise_blocks(RN), kThreads, 0, s>>>(static_cast<const T*>(D), static_cast<T*>(p.out), RN);
+    relu2_kernel<T><<<elementwise_blocks(RN / 8 + 1), kThreads, 0, s>>>(static_cast<const T*>(D), static_cast<T*>(p.out), RN);
     NK_CUDA_LAUNCH_CHECK();
   }
 }
@@ -634,17 +660,35 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
   const bool fused_bwd = op != kGgFwd && p.pre_in != nullptr;
   const int64_t g_bytes = fused_bwd ? align256(p.R * p.N * 2) : 0;
   p.arch = arch;
+  switch (sm90_fwd(p, op)) {
 #ifdef NK_HAS_SM90
-  if (fused_relu2(p, op)) {
-    return m64_tiles(p, op) ? grouped_gemm_m64_relu2_sm90_workspace(p.E) : grouped_gemm_relu2_sm90_workspace(p.E);
-  }
-  if (m64_tiles(p, op)) return grouped_gemm_m64_plain_sm90_workspace(p.E);
+    case kRelu2Epi: return grouped_gemm_relu2_sm90_workspace(p.E);
+    case kRelu2PreEpi: return grouped_gemm_relu2_pre_sm90_workspace(p.E);
+    case kM64Relu2Epi: return grouped_gemm_m64_relu2_sm90_workspace(p.E);
+    case kM64Plain: return grouped_gemm_m64_plain_sm90_workspace(p.E);
 #endif
-  return g_bytes + arch_workspace(arch, p.E, op);
+    default: return g_bytes + arch_workspace(arch, p.E, op);
+  }
 #else
   (void)op;
   return 0;
 #endif
+}
+
+bool grouped_gemm_cuda_shared_operand(const GroupedGemmParams& p) {
+  GroupedGemmParams d = p, w = p;  // prepare sets arch and workspace: copies, nothing allocated
+  grouped_gemm_cuda_prepare(d, kGgDgrad);
+  grouped_gemm_cuda_prepare(w, kGgWgrad);
+  return p.pre_in != nullptr && d.arch != 0 && w.arch != 0;
+}
+
+void grouped_gemm_relu2_operand_cuda(const GroupedGemmParams& p, void* g, void* stream) {
+  using T = __nv_bfloat16;  // the arch kernels' only dtype (grouped_gemm_cuda_shared_operand)
+  const int64_t RN = p.R * p.N;
+  if (RN == 0) return;
+  act_bwd_kernel<T><<<elementwise_blocks(RN / 8 + 1), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const T*>(p.dout), static_cast<const T*>(p.pre_in), static_cast<T*>(g), RN);
+  NK_CUDA_LAUNCH_CHECK();
 }
 
 void grouped_gemm_fwd_cuda(const GroupedGemmParams& p, void* stream) { dispatch<kFwd>(p, stream); }

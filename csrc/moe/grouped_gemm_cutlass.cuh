@@ -1,6 +1,6 @@
 // The CUTLASS 3.x pointer-array grouped GEMM shared by the per-arch units (*_sm90.cu: wgmma/TMA,
 // *_sm100.cu: tcgen05): one traits struct per arch (Sm90Traits / Sm100Traits) and one template
-// GroupedGemm<Traits, KIND, EPI> (EPI: plain D = acc, or relu(acc)^2). Per-expert shapes, pointers and strides are built ON THE DEVICE from
+// GroupedGemm<Traits, KIND, EPI> (EPI: plain D = acc, relu(acc)^2, or relu(acc)^2 with acc stored beside it). Per-expert shapes, pointers and strides are built ON THE DEVICE from
 // expert_offsets (host problem shapes are null) in one torch-allocated workspace, all on the
 // caller's stream (no host wait, graph-capturable). Per expert e, rows [lo, hi), m = hi - lo:
 //   fwd   (TN): D[lo:hi] (m x N)  = A[lo:hi] (m x K, row-major) * w[e]^T (w[e] N x K row-major)
@@ -59,10 +59,112 @@ struct ReluSquare<cutlass::Array<T, N>> {
   }
 };
 
-// The epilogue of a GEMM: D = alpha * acc (kPlain) or D = relu(alpha * acc)^2 (kRelu2, the forward
-// without a saved pre-activation: the separate relu^2 pass disappears), rounded once to ElementD.
-// alpha is 1 unless GroupedGemmParams::alpha points at a device float (nvfp4.gemm's global scales).
-enum Epi : int { kPlain = 0, kRelu2 = 1 };
+// The pre-activation stored beside D by the training forward's epilogue: CUTLASS's register-store
+// auxiliary visitor (Sm90AuxStore with 0 stages: predicated stores from the accumulator
+// fragments, no shared memory, no TMA descriptor) with one base pointer per group. CUTLASS's own
+// takes one pointer and an L stride, which a grouped GEMM with per-expert row offsets cannot use.
+// The tile's group is the l of its coordinate; inside the group the tile is (m, n) of an M x N
+// row-major matrix with row stride ld, so rows past the group's M are never written.
+template <class Element>
+struct AuxStoreRowsPtrArray {
+  using ElementAux = Element;
+  struct SharedStorage {};
+  struct Arguments {
+    Element* const* ptr_aux = nullptr;  // (groups,) device array of row-major bases
+    int64_t ld = 0;                     // row stride in elements
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.ptr_aux != nullptr && args.ld % (16 / static_cast<int64_t>(sizeof(Element))) == 0;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE AuxStoreRowsPtrArray() {}
+  CUTLASS_HOST_DEVICE AuxStoreRowsPtrArray(Params const& params, SharedStorage const&) : params_ptr(&params) {}
+  Params const* params_ptr = nullptr;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class GTensor, class RTensor, class CTensor, class ShapeMN>
+  struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::detail::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE ConsumerStoreCallbacks(GTensor&& g, RTensor&& r, CTensor&& c, ShapeMN shape_mn)
+        : tC_gAux(cute::forward<GTensor>(g)), tC_rAux(cute::forward<RTensor>(r)),
+          tC_cAux(cute::forward<CTensor>(c)), shape_mn(shape_mn) {}
+    GTensor tC_gAux;  // (CPY,CPY_M,CPY_N,EPI_M,EPI_N) of the group's matrix
+    RTensor tC_rAux;  // (CPY,CPY_M,CPY_N) of one epilogue subtile
+    CTensor tC_cAux;  // coordinates of tC_gAux, for the row / column predicate
+    ShapeMN shape_mn;
+
+    // Keeps the child's value (the float32 accumulator) rounded to Element; passes it on unchanged.
+    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    CUTLASS_DEVICE auto visit(cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int, int,
+                              cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
+      using Convert = cutlass::NumericArrayConverter<Element, ElementInput, FragmentSize,
+                                                     cutlass::FloatRoundStyle::round_to_nearest>;
+      cute::Tensor frg = cute::recast<cutlass::Array<Element, FragmentSize>>(cute::coalesce(tC_rAux));
+      frg(epi_v) = Convert{}(frg_input);
+      return frg_input;
+    }
+
+    // After each epilogue subtile: the subtile's values to global memory, inside the group only.
+    CUTLASS_DEVICE void end_loop(int epi_m, int epi_n) {
+      using namespace cute;
+      constexpr auto MCL = decltype(max_common_layout(tC_gAux(_, _, _, _0{}, _0{}), tC_rAux)){};
+      constexpr int V = cute::min(16 / static_cast<int>(sizeof(Element)), size(MCL));
+      Tensor g_vec = recast<cutlass::Array<Element, V>>(coalesce(tC_gAux(_, _, _, epi_m, epi_n)));
+      Tensor r_vec = recast<cutlass::Array<Element, V>>(coalesce(tC_rAux));
+      Tensor c_vec = tensor<1>(zipped_divide(coalesce(tC_cAux(_, _, _, epi_m, epi_n)), MCL.compose(Int<V>{})));
+      Tensor p_vec = cute::lazy::transform(c_vec, [&](auto const& c) { return elem_less(c, shape_mn); });
+      copy_if(p_vec, r_vec, g_vec);
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(
+      cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    using namespace cute;
+    auto [M, N, K, L] = args.problem_shape_mnkl;  // the group's shape (L = 1)
+    auto [m, n, k, l] = args.tile_coord_mnkl;     // l: the group
+    auto shape_mn = make_shape(M, N);
+    Tensor mAux = make_tensor(make_gmem_ptr(params_ptr->ptr_aux[l]), shape_mn, make_stride(params_ptr->ld, _1{}));
+    auto tile_mn = take<0, 2>(args.tile_shape_mnk);
+    Tensor tC_gAux = cutlass::epilogue::fusion::sm90_partition_for_epilogue<ReferenceSrc>(
+        local_tile(mAux, tile_mn, make_coord(m, n)), args.epi_tile, args.tiled_copy, args.thread_idx);
+    Tensor tC_rAux = make_tensor<Element>(take<0, 3>(shape(tC_gAux)));
+    Tensor tC_cAux = cutlass::epilogue::fusion::sm90_partition_for_epilogue<ReferenceSrc>(
+        local_tile(make_identity_tensor(shape_mn), tile_mn, make_coord(m, n)), args.epi_tile, args.tiled_copy,
+        args.thread_idx);
+    return ConsumerStoreCallbacks<decltype(tC_gAux), decltype(tC_rAux), decltype(tC_cAux), decltype(shape_mn)>(
+        cute::move(tC_gAux), cute::move(tC_rAux), cute::move(tC_cAux), shape_mn);
+  }
+};
+
+// The epilogue of a GEMM, rounded once to ElementD:
+// - kPlain: D = alpha * acc; alpha is 1 unless GroupedGemmParams::alpha points at a device float
+//   (nvfp4.gemm's global scales);
+// - kRelu2: D = relu(acc)^2 (the forward without a saved pre-activation: no relu^2 pass);
+// - kRelu2Pre: D = relu(acc)^2 and the pre-activation acc stored beside it (the training forward:
+//   one epilogue writes both; no relu^2 pass reading the pre-activation back).
+enum Epi : int { kPlain = 0, kRelu2 = 1, kRelu2Pre = 2 };
 template <int EPI, class ElementD>
 struct EpiFusion {
   using Op = cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>;
@@ -70,6 +172,12 @@ struct EpiFusion {
 template <class ElementD>
 struct EpiFusion<kRelu2, ElementD> {
   using Op = cutlass::epilogue::fusion::LinCombEltAct<ReluSquare, ElementD, float, void, float>;
+};
+template <class ElementD>
+struct EpiFusion<kRelu2Pre, ElementD> {  // an EVT tree, passed to the builder as the callbacks
+  using Op = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<ReluSquare, ElementD, float, cutlass::FloatRoundStyle::round_to_nearest>,
+      cutlass::epilogue::fusion::Sm90EVT<AuxStoreRowsPtrArray<ElementD>, cutlass::epilogue::fusion::Sm90AccFetch>>;
 };
 
 // Per-arch choices (the pattern of CUTLASS example 75's MMA1SMConfig): bf16 in and out, float
@@ -158,12 +266,13 @@ struct Arrays {
   const EA** ptr_a;
   const EB** ptr_b;
   ED** ptr_d;
+  ED** ptr_aux;  // the pre-activation's base per group (kRelu2Pre), else unused
   StrideA* stride_a;
   StrideB* stride_b;
   StrideD* stride_d;
 
   static int64_t bytes(int64_t E) {
-    return align256(E * sizeof(Shape3)) + 3 * align256(E * sizeof(void*)) + align256(E * sizeof(StrideA)) +
+    return align256(E * sizeof(Shape3)) + 4 * align256(E * sizeof(void*)) + align256(E * sizeof(StrideA)) +
            align256(E * sizeof(StrideB)) + align256(E * sizeof(StrideD));
   }
   static Arrays carve(char* ws, int64_t E) {
@@ -176,6 +285,8 @@ struct Arrays {
     ws += align256(E * sizeof(void*));
     r.ptr_d = reinterpret_cast<ED**>(ws);
     ws += align256(E * sizeof(void*));
+    r.ptr_aux = reinterpret_cast<ED**>(ws);
+    ws += align256(E * sizeof(void*));
     r.stride_a = reinterpret_cast<StrideA*>(ws);
     ws += align256(E * sizeof(StrideA));
     r.stride_b = reinterpret_cast<StrideB*>(ws);
@@ -186,10 +297,11 @@ struct Arrays {
 };
 
 // One thread per expert: shape, pointers and strides of its GEMM. A / B / D are the operand
-// bases of the kind (see the file comment); offsets are clamped like the portable kernels'.
+// bases of the kind (see the file comment); Aux, when not null, is a forward's second (R x N)
+// output at D's offsets. Offsets are clamped like the portable kernels'.
 template <class Gemm, int KIND>
 __global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_t E, int64_t R, int64_t N,
-                                    int64_t K, const void* A, const void* B, void* D) {
+                                    int64_t K, const void* A, const void* B, void* D, void* Aux) {
   using AR = Arrays<Gemm>;
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (e >= E) return;
@@ -205,6 +317,7 @@ __global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_
     arr.ptr_a[e] = a + lo * K;
     arr.ptr_b[e] = b + e * N * K;
     arr.ptr_d[e] = d + lo * N;
+    if (Aux != nullptr) arr.ptr_aux[e] = static_cast<typename AR::ED*>(Aux) + lo * N;
   } else if (KIND == kDgrad) {
     gm = m, gn = static_cast<int>(K), gk = static_cast<int>(N);
     arr.ptr_a[e] = a + lo * N;
@@ -231,8 +344,8 @@ inline int sm_count(int device) {
   return cached[device];
 }
 
-template <class Gemm>
-typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E, const float* alpha = nullptr) {
+template <class Gemm, int EPI = kPlain>
+typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E, int64_t N = 0, const float* alpha = nullptr) {
   int device = 0;
   NK_CUDA_CHECK(cudaGetDevice(&device));
   cutlass::KernelHardwareInfo hw;
@@ -244,29 +357,37 @@ typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E, const flo
       {arr.ptr_a, arr.stride_a, arr.ptr_b, arr.stride_b},
       {{}, nullptr, arr.stride_d, arr.ptr_d, arr.stride_d},  // no C (beta = 0): ElementC is void
       hw};
-  args.epilogue.thread.alpha = 1.f;
-  args.epilogue.thread.alpha_ptr = alpha;  // one device float for every group (stride 0), or null: 1
-  args.epilogue.thread.beta = 0.f;
+  if constexpr (EPI == kRelu2Pre) {
+    // The EVT tree's arguments, children first: {{acc fetch, aux store}, relu^2}.
+    args.epilogue.thread = {{{}, {arr.ptr_aux, N}}, {}};
+    (void)alpha;
+  } else {
+    args.epilogue.thread.alpha = 1.f;
+    args.epilogue.thread.alpha_ptr = alpha;  // one device float for every group (stride 0), or null: 1
+    args.epilogue.thread.beta = 0.f;
+  }
   return args;
 }
 
 // Workspace bytes of one call: the per-group arrays plus CUTLASS's own workspace.
-template <class Gemm>
+template <class Gemm, int EPI = kPlain>
 int64_t workspace_bytes(int64_t E) {
   Arrays<Gemm> arr{};
-  typename Gemm::Arguments args = make_args<Gemm>(arr, E);
+  typename Gemm::Arguments args = make_args<Gemm, EPI>(arr, E);
   return Arrays<Gemm>::bytes(E) + align256(static_cast<int64_t>(Gemm::get_workspace_size(args)));
 }
 
-// Builds the groups on the device and runs the grouped GEMM on `stream`.
-template <class Gemm, int KIND>
-void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, cudaStream_t stream) {
+// Builds the groups on the device and runs the grouped GEMM on `stream` (Aux: kRelu2Pre's second
+// output, else null).
+template <class Gemm, int KIND, int EPI = kPlain>
+void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, cudaStream_t stream,
+         void* Aux = nullptr) {
   char* ws = static_cast<char*>(workspace);
   Arrays<Gemm> arr = Arrays<Gemm>::carve(ws, p.E);
   setup_groups_kernel<Gemm, KIND><<<ceil_div(p.E, 128), 128, 0, stream>>>(arr, p.offsets, p.E, p.R, p.N, p.K, A,
-                                                                             B, D);
+                                                                             B, D, Aux);
   NK_CUDA_LAUNCH_CHECK();
-  typename Gemm::Arguments args = make_args<Gemm>(arr, p.E, p.alpha);
+  typename Gemm::Arguments args = make_args<Gemm, EPI>(arr, p.E, p.N, p.alpha);
   Gemm gemm;
   cutlass::Status st = gemm.can_implement(args);
   NK_CHECK_CUTLASS(st, "can_implement");
@@ -292,19 +413,14 @@ void fwd_dgrad_run(const GroupedGemmParams& p, int kind, const void* A, const vo
 }
 template <class Traits, int EPI>
 int64_t fwd_epi_workspace(int64_t E) {
-  return workspace_bytes<typename GroupedGemm<Traits, kFwd, EPI>::Gemm>(E);
+  return workspace_bytes<typename GroupedGemm<Traits, kFwd, EPI>::Gemm, EPI>(E);
 }
+// Aux: the pre-activation (R x N) for kRelu2Pre, else null.
 template <class Traits, int EPI>
-void fwd_epi_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, void* stream) {
-  run<typename GroupedGemm<Traits, kFwd, EPI>::Gemm, kFwd>(p, A, B, D, workspace, static_cast<cudaStream_t>(stream));
-}
-template <class Traits>
-int64_t fwd_relu2_workspace(int64_t E) {
-  return workspace_bytes<typename GroupedGemm<Traits, kFwd, kRelu2>::Gemm>(E);
-}
-template <class Traits>
-void fwd_relu2_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, void* stream) {
-  run<typename GroupedGemm<Traits, kFwd, kRelu2>::Gemm, kFwd>(p, A, B, D, workspace, static_cast<cudaStream_t>(stream));
+void fwd_epi_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, void* stream,
+                 void* Aux = nullptr) {
+  run<typename GroupedGemm<Traits, kFwd, EPI>::Gemm, kFwd, EPI>(p, A, B, D, workspace,
+                                                                static_cast<cudaStream_t>(stream), Aux);
 }
 template <class Traits>
 int64_t wgrad_workspace(int64_t E) {

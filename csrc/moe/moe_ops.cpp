@@ -13,6 +13,8 @@ std::tuple<Tensor, Tensor> grouped_gemm_fwd(Tensor a, Tensor w, Tensor expert_of
                                              bool save_preact);
 Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::optional<Tensor> preact);
 Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::optional<Tensor> preact);
+std::tuple<Tensor, Tensor> grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Tensor expert_offsets,
+                                            std::optional<Tensor> preact);
 std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_score_correction_bias,
                                       int64_t top_k, int64_t n_group, int64_t topk_group,
                                       bool norm_topk_prob, double routed_scaling_factor);
@@ -42,6 +44,11 @@ const OpDef kOps[] = {
   // dw (E, N, K): dw[e] = g[seg_e]^T a[seg_e], zero for empty experts; E = len(offsets) - 1.
   {"grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, Tensor? preact) -> Tensor",
    TORCH_BOX(&grouped_gemm_wgrad)},
+  // (da, dw) = (grouped_gemm_dgrad(...), grouped_gemm_wgrad(...)) with the same g, made once
+  // where the kernels would each make it (the CUTLASS path).
+  {"grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Tensor expert_offsets, Tensor? preact) "
+   "-> (Tensor da, Tensor dw)",
+   TORCH_BOX(&grouped_gemm_bwd)},
   // ---- moe: LatentMoE dispatch (router, permutation plan, gather, combine) ---------------
   // logits (T, E) float32 -> topk_ids (T, k) int32, topk_weights (T, k) float32 (descending
   // choice score, ties to the lower index), in the order nemokernels.moe.moe_router returns

@@ -24,6 +24,11 @@ def _wgrad_fake(dout, a, expert_offsets, preact):
     return dout.new_empty((expert_offsets.shape[0] - 1, dout.shape[1], a.shape[1]))
 
 
+@torch.library.register_fake("nemokernels::grouped_gemm_bwd")
+def _bwd_fake(dout, a, w, expert_offsets, preact):
+    return dout.new_empty((dout.shape[0], w.shape[2])), dout.new_empty(w.shape)
+
+
 def _fwd_setup(ctx, inputs, output):
     a, w, expert_offsets, activation, save_preact = inputs
     _, pre = output
@@ -39,6 +44,9 @@ def _fwd_backward(ctx, dout, _dpre):
         _, pre = _ops.grouped_gemm_fwd(a, w, offsets, "relu2", True)
     if not ctx.relu2:
         pre = None
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        da, dw = _ops.grouped_gemm_bwd(dout, a, w, offsets, pre)  # relu^2's g made once for both
+        return da, dw, None, None, None
     da = _ops.grouped_gemm_dgrad(dout, w, offsets, pre) if ctx.needs_input_grad[0] else None
     dw = _ops.grouped_gemm_wgrad(dout, a, offsets, pre) if ctx.needs_input_grad[1] else None
     return da, dw, None, None, None

@@ -175,17 +175,21 @@ def test_arch_path_passes():
     grouped GEMM give the right fwd (relu2, preact), dgrad and wgrad (with the relu2 backward)."""
     a, w, dout, pre_ref, kw = arch_case()
     dtype, offs, R, N, K, E = kw["dtype"], kw["offsets"].tolist(), kw["R"], kw["N"], kw["K"], kw["E"]
-    calls0 = emu(True).value("emu_gg_mock_calls")
-    fused0 = emu(True).value("emu_gg_mock_relu2_calls")
-    out, pre, arch, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
+    lib = emu(True)
+    calls0 = lib.value("emu_gg_mock_calls")
+    fused0, pre0 = lib.value("emu_gg_mock_relu2_calls"), lib.value("emu_gg_mock_relu2_pre_calls")
+    # A saved preact: out and pre from one epilogue (grouped_gemm_relu2_pre_sm90.cu), no pass.
+    out_train, pre, arch, _ = run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
     assert arch == 90
-    assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 out")
+    assert_close(out_train, torch.relu(pre_ref).square(), dtype, what="fwd relu2 out")
     assert_close(pre, pre_ref, dtype, what="fwd preact")
-    assert emu(True).value("emu_gg_mock_relu2_calls") == fused0, "a saved preact takes the GEMM + relu2 pass"
+    assert lib.value("emu_gg_mock_relu2_pre_calls") - pre0 == 1, "a saved preact must take the pre-storing epilogue"
+    assert lib.value("emu_gg_mock_relu2_calls") == fused0
     # No preact to save: relu^2 in the GEMM's epilogue (grouped_gemm_relu2_sm90.cu), no pass.
     out, _, _, _ = run_arch("fwd", a=a, w=w, act=1, **kw)
     assert_close(out, torch.relu(pre_ref).square(), dtype, what="fwd relu2 fused")
-    assert emu(True).value("emu_gg_mock_relu2_calls") - fused0 == 1, "relu2 without preact must take the fused GEMM"
+    assert lib.value("emu_gg_mock_relu2_calls") - fused0 == 1, "relu2 without preact must take the fused GEMM"
+    assert torch.equal(out, out_train), "training and inference forwards must give the same out"
     out, _, _, _ = run_arch("fwd", a=a, w=w, act=0, **kw)
     assert_close(out, pre_ref, dtype, what="fwd none")
     for use_pre in (False, True):
@@ -203,7 +207,43 @@ def test_arch_path_passes():
         dw, _, arch, _ = run_arch("wgrad", dout=dout, a=a, pre=preact, **kw)
         assert arch == 90
         assert_close(dw, dw_ref, dtype, what=f"wgrad pre={use_pre}")
-    assert emu(True).value("emu_gg_mock_calls") - calls0 == 6, "every other call must reach the (mock) CUTLASS GEMM"
+    assert lib.value("emu_gg_mock_calls") - calls0 == 5, "every other call must reach the (mock) CUTLASS GEMM"
+
+
+def test_arch_path_shared_backward_operand():
+    """grouped_gemm_bwd on the arch path: g = round(dout * 2 * relu(pre)) written once (for dgrad
+    and wgrad both) against float64 over NaN-poisoned memory; taken only where both backward GEMMs
+    take the arch kernels and a pre-activation is given."""
+    a, w, dout, pre_ref, kw = arch_case()
+    dtype, R, N = kw["dtype"], kw["R"], kw["N"]
+    pre = pre_ref.to(dtype)
+    lib = emu(True)
+
+    def params(dout_, pre_, dt=dtype):
+        p = lib.S["GroupedGemmParams"]()
+        p.dtype, p.R, p.N, p.K, p.E = DT_ENUM[dt], R, N, kw["K"], kw["E"]
+        p.offsets = kw["offsets"].data_ptr()
+        p.a, p.w, p.dout, p.pre_in = _ptr(a), _ptr(w), _ptr(dout_), _ptr(pre_)
+        return p
+
+    p = params(dout, pre)
+    assert lib.value("emu_gg_shared_operand", p) == 1
+    g = torch.full((R, N), float("nan"), dtype=dtype)
+    lib.value("emu_gg_relu2_operand", p, ctypes.c_void_p(g.data_ptr()))
+    ref = dout.double() * 2 * torch.relu(pre.double())
+    assert torch.equal(g, ref.to(dtype)), "g must be dout * 2 * relu(pre) rounded once"
+    # The pass itself over a length that is no multiple of 8 (16-byte steps, then the tail).
+    p.N = N - 3
+    n = R * (N - 3)
+    g = torch.full((R, N), float("nan"), dtype=dtype)
+    lib.value("emu_gg_relu2_operand", p, ctypes.c_void_p(g.data_ptr()))
+    assert n % 8 != 0 and torch.equal(g.flatten()[:n], ref.to(dtype).flatten()[:n])
+    assert g.flatten()[n:].isnan().all(), "the pass must stop at R * N"
+    assert lib.value("emu_gg_shared_operand", params(dout, None)) == 0, "no pre-activation: nothing to share"
+    odd = torch.empty(R * N + 1, dtype=dtype)[1:].view(R, N).copy_(dout)  # 2-byte aligned base
+    assert lib.value("emu_gg_shared_operand", params(odd, pre)) == 0, "a misaligned dout takes the portable kernels"
+    h = dout.half()
+    assert lib.value("emu_gg_shared_operand", params(h, pre.half(), torch.float16)) == 0, "fp16: portable kernels"
 
 
 def test_arch_path_m64_tiles_opt_in(monkeypatch):

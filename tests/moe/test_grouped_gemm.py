@@ -235,6 +235,24 @@ def test_wgrad_deterministic(device):
     assert torch.equal(r1, r2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bwd_op_is_dgrad_and_wgrad(device, dtype):
+    """grouped_gemm_bwd (both gradients, relu^2's operand made once where the kernels would each
+    make it) gives dgrad's and wgrad's results bit for bit, with and without a pre-activation; on
+    CUDA bf16 with N, K multiples of 8 this is the shared-operand path, over a poisoned allocator."""
+    a, w, offsets = make([37, 0, 130, 1, 64], 40, 24, dtype, device, extra_rows=5)
+    dout = torch.randn(a.shape[0], 40, device=device, dtype=dtype)
+    pre = torch.randn(a.shape[0], 40, device=device, dtype=dtype)
+    for preact in (pre, None):
+        poison_allocator(device)
+        da, dw = ops.grouped_gemm_bwd(dout, a, w, offsets, preact)
+        assert torch.equal(da, ops.grouped_gemm_dgrad(dout, w, offsets, preact))
+        assert torch.equal(dw, ops.grouped_gemm_wgrad(dout, a, offsets, preact))
+    with pytest.raises(RuntimeError, match="preact"):
+        ops.grouped_gemm_bwd(dout, a, w, offsets, pre[:, :8])
+
+
 # ---------------------------------------------------------------- opcheck, compile, errors
 
 
@@ -251,6 +269,8 @@ def test_opcheck(device):
     opcheck(ops.grouped_gemm_dgrad, (dout, w.detach(), offsets, None))
     opcheck(ops.grouped_gemm_wgrad, (dout, a.detach(), offsets, pre))
     opcheck(ops.grouped_gemm_wgrad, (dout, a.detach(), offsets, None))
+    opcheck(ops.grouped_gemm_bwd, (dout, a.detach(), w.detach(), offsets, pre))
+    opcheck(ops.grouped_gemm_bwd, (dout, a.detach(), w.detach(), offsets, None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -365,6 +385,31 @@ def test_cuda_arch_relu2_fused_epilogue():
         assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), "rows past offsets[E] must be 0"
         outs.append(out)
     assert_close(outs[0], outs[1].double(), dtype, what="fused epilogue vs portable kernels")
+
+
+@pytest.mark.gpu
+def test_cuda_arch_relu2_training_forward():
+    """With a gradient the pre-activation is saved; on sm_90 one CUTLASS epilogue writes out and
+    pre (grouped_gemm_relu2_pre_sm90.cu, pre through a per-group register-store visitor). out must
+    equal the inference forward's bit for bit, pre the plain forward's bit for bit (same tiles,
+    same accumulation), both against float64, rows past offsets[E] zero, on a poisoned allocator."""
+    dtype = torch.bfloat16
+    counts, N, K = [128, 0, 256, 1, 300, 0, 77, 129], 264, 136
+    a, w, offsets = make(counts, N, K, dtype, "cuda", extra_rows=9)
+    R0 = int(offsets[-1])
+    poison_allocator("cuda")
+    out, pre = ops.grouped_gemm_fwd(a, w, offsets, "relu2", True)
+    with torch.no_grad():
+        out_inf = grouped_gemm(a, w, offsets, "relu2")
+        plain = grouped_gemm(a, w, offsets, "none")
+    assert_forward_close(pre, ref_fwd(a.cpu().double(), w.cpu().double(), offsets.cpu()), a, w, offsets, dtype,
+                         "none", what="preact")
+    assert_forward_close(out, ref_fwd(a.cpu().double(), w.cpu().double(), offsets.cpu(), "relu2"), a, w, offsets,
+                         dtype, "relu2", what="out")
+    for t, name in ((out, "out"), (pre, "preact")):
+        assert torch.equal(t[R0:].cpu(), torch.zeros_like(t[R0:]).cpu()), f"{name}: rows past offsets[E] must be 0"
+    assert torch.equal(out, out_inf), "the training forward's out must equal the inference forward's"
+    assert torch.equal(pre, plain), "the saved pre-activation must equal the plain forward"
 
 
 @pytest.mark.gpu

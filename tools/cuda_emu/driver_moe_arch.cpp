@@ -43,11 +43,9 @@ void grouped_gemm_sm90_run(const GroupedGemmParams& p, int kind, const void* A, 
     }
   }
 }
-// The fused relu^2 forward: relu(sum)^2 of the float32 sum, one bf16 rounding, into D.
-long long emu_mock_relu2_calls = 0;
-int64_t grouped_gemm_relu2_sm90_workspace(int64_t) { return 0; }
-void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void*, void*) {
-  ++emu_mock_relu2_calls;
+// The fused relu^2 forwards: relu(sum)^2 of the float32 sum, one bf16 rounding, into D; the
+// training one also writes the sum rounded once into pre.
+void mock_relu2(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* pre) {
   for (int64_t e = 0; e < p.E; ++e) {
     int64_t lo, hi;
     seg(p, e, lo, hi);
@@ -56,8 +54,22 @@ void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, cons
         float s = 0;
         for (int64_t k = 0; k < p.K; ++k) s += ldb(A, r * p.K + k) * ldb(B, e * p.N * p.K + n * p.K + k);
         stb(D, r * p.N + n, s > 0.f ? s * s : 0.f);
+        if (pre != nullptr) stb(pre, r * p.N + n, s);
       }
   }
+}
+long long emu_mock_relu2_calls = 0;
+int64_t grouped_gemm_relu2_sm90_workspace(int64_t) { return 0; }
+void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void*, void*) {
+  ++emu_mock_relu2_calls;
+  mock_relu2(p, A, B, D, nullptr);
+}
+long long emu_mock_relu2_pre_calls = 0;
+int64_t grouped_gemm_relu2_pre_sm90_workspace(int64_t) { return 0; }
+void grouped_gemm_relu2_pre_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* pre,
+                                     void*, void*) {
+  ++emu_mock_relu2_pre_calls;
+  mock_relu2(p, A, B, D, pre);
 }
 // The opt-in 64-row-tile forward (NEMOKERNELS_GROUPED_GEMM_TILE=64): the same contracts.
 long long emu_mock_m64_calls = 0;
@@ -94,6 +106,15 @@ void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, cons
 EMU_EXPORT long long emu_gg_prepare(nk::GroupedGemmParams* p, int op) {
   return (long long)nk::grouped_gemm_cuda_prepare(*p, static_cast<nk::GgOp>(op));
 }
+// grouped_gemm_bwd's shared operand: whether it is taken, and g written once.
+EMU_EXPORT long long emu_gg_shared_operand(nk::GroupedGemmParams* p) {
+  return nk::grouped_gemm_cuda_shared_operand(*p) ? 1 : 0;
+}
+EMU_EXPORT long long emu_gg_relu2_operand(nk::GroupedGemmParams* p, void* g) {
+  nk::grouped_gemm_relu2_operand_cuda(*p, g, nullptr);
+  return 0;
+}
 EMU_EXPORT long long emu_gg_mock_calls() { return nk::emu_mock_calls; }
 EMU_EXPORT long long emu_gg_mock_relu2_calls() { return nk::emu_mock_relu2_calls; }
+EMU_EXPORT long long emu_gg_mock_relu2_pre_calls() { return nk::emu_mock_relu2_pre_calls; }
 EMU_EXPORT long long emu_gg_mock_m64_calls() { return nk::emu_mock_m64_calls; }
