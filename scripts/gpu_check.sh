@@ -137,6 +137,15 @@ step "bench rest (quick)" 120 python3 -m nemokernels bench --quick \
 step "bench grouped_gemm, 64-row tiles" 90 env NEMOKERNELS_GROUPED_GEMM_TILE=64 python3 -m nemokernels bench \
     --quick --op grouped_gemm --skip-baseline compile --out "$OUT/ab/bench-gg-m64.json"
 
+# 9b. Issue 19's A/B at decode sizes: the grouped GEMM and the LatentMoE layer at T64 and T512
+#     with the forward's operands swapped (opt-in: weight rows x 32 tokens per tile) and without.
+for swap in 0 1; do
+    step "bench grouped_gemm and latent_moe T64/T512, swap_ab=$swap" 75 env NEMOKERNELS_GROUPED_GEMM_SWAP_AB=$swap \
+        python3 -m nemokernels bench --fast-timing --op grouped_gemm --op latent_moe --shape "T64 " --shape "T512 " \
+        --skip-baseline compile --skip-baseline torch_mm_loop --skip-baseline torch_loop \
+        --out "$OUT/ab/bench-small-swap$swap.json"
+done
+
 # 10. Issue 19's A/B: nvfp4.gemm and NVFP4Linear on the portable kernel (the 2026-12-04 path)
 #     against bench-rest above (on an H100/H200: bf16 decode + the CUTLASS wgmma GEMM).
 step "bench nvfp4, portable kernel" 90 env NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 python3 -m nemokernels bench \

@@ -184,3 +184,21 @@ def bad_input_test(after=None, **tables):
             after(args)
 
     return test_bad_input
+
+
+def nvcc_and_cutlass():
+    """(nvcc, the CUTLASS source directory) as setup.py finds them, or a skip: the host checks of
+    the CUTLASS and CuTe code (tests/*/_check.cu) need only those."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("nk_setup_for_host_checks", root / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    nvcc = setup.find_nvcc()
+    try:
+        cutlass = setup.cutlass_dir()
+    except Exception:  # noqa: BLE001 - any failure to find it means: not installed here
+        cutlass = None
+    if nvcc is None or cutlass is None or not (Path(cutlass) / "include" / "cute").exists():
+        pytest.skip("needs nvcc and the CUTLASS headers (requirements-build.txt)")
+    return nvcc, cutlass

@@ -111,6 +111,13 @@ def test_quick_run_drops_compile_baselines_unless_asked():
     assert "torch_compile" not in names("--skip-baseline", "compile")
 
 
+def test_shape_filter_keeps_only_matching_cases():
+    every = select_cases(_args("--op", "grouped_gemm"), torch.device("cpu"))
+    some = select_cases(_args("--op", "grouped_gemm", "--shape", "T64 "), torch.device("cpu"))
+    assert some and len(some) < len(every) and all("T64 " in c.name for c in some)
+    assert not select_cases(_args("--op", "grouped_gemm", "--shape", "no such shape"), torch.device("cpu"))
+
+
 def test_quick_cpu_run_takes_one_thread_unless_told():
     assert cpu_threads(_args("--quick"), {}) == 1
     assert cpu_threads(_args("--quick", "--threads", "4"), {}) == 4

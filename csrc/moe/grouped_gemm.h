@@ -91,6 +91,14 @@ void grouped_gemm_relu2_sm90_run(const GroupedGemmParams& p, const void* A, cons
 int64_t grouped_gemm_relu2_pre_sm90_workspace(int64_t E);
 void grouped_gemm_relu2_pre_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* pre,
                                      void* workspace, void* stream);
+// Forward with swapped operands (weight rows x 32 tokens per tile), plain and relu^2 (opt-in,
+// NEMOKERNELS_GROUPED_GEMM_SWAP_AB=1, few rows per expert): grouped_gemm_swap_{plain,relu2}_sm90.cu.
+int64_t grouped_gemm_swap_plain_sm90_workspace(int64_t E);
+void grouped_gemm_swap_plain_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D,
+                                      void* workspace, void* stream);
+int64_t grouped_gemm_swap_relu2_sm90_workspace(int64_t E);
+void grouped_gemm_swap_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D,
+                                      void* workspace, void* stream);
 // Forward on 64-row tiles, plain and relu^2 (opt-in, NEMOKERNELS_GROUPED_GEMM_TILE=64):
 // grouped_gemm_m64_{plain,relu2}_sm90.cu.
 int64_t grouped_gemm_m64_plain_sm90_workspace(int64_t E);

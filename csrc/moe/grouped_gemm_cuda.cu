@@ -508,13 +508,24 @@ inline bool m64_tiles(const GroupedGemmParams& p, int mode) {
   return t != nullptr && std::strcmp(t, "64") == 0;
 }
 
+// NEMOKERNELS_GROUPED_GEMM_SWAP_AB=1: the Hopper forward with swapped operands (128 weight rows x
+// 32 tokens per tile) when the experts average at most kSwapRowsPerExpert rows and no
+// pre-activation is saved; opt-in until measured (docs/moe.md, issue 19).
+constexpr int64_t kSwapRowsPerExpert = 32;
+inline bool swap_ab(const GroupedGemmParams& p, int mode) {
+  if (p.arch != 90 || mode != kFwd || p.pre_out != nullptr || p.R > kSwapRowsPerExpert * p.E) return false;
+  const char* t = std::getenv("NEMOKERNELS_GROUPED_GEMM_SWAP_AB");
+  return t != nullptr && t[0] == '1';
+}
+
 // The Hopper forward's own instantiations; kArchDefault: the fwd / dgrad / wgrad units, with the
 // relu^2 pass after the forward when the activation is relu^2 (sm_100; 64-row tiles with a
 // saved pre-activation).
-enum Sm90Fwd : int { kArchDefault = 0, kRelu2Epi, kRelu2PreEpi, kM64Relu2Epi, kM64Plain };
+enum Sm90Fwd : int { kArchDefault = 0, kRelu2Epi, kRelu2PreEpi, kM64Relu2Epi, kM64Plain, kSwapRelu2Epi, kSwapPlain };
 inline Sm90Fwd sm90_fwd(const GroupedGemmParams& p, int mode) {
   if (p.arch != 90 || mode != kFwd) return kArchDefault;
   const bool m64 = m64_tiles(p, mode), relu2 = p.act == GgAct::Relu2;
+  if (swap_ab(p, mode)) return relu2 ? kSwapRelu2Epi : kSwapPlain;
   if (!relu2) return m64 ? kM64Plain : kArchDefault;
   if (p.pre_out == nullptr) return m64 ? kM64Relu2Epi : kRelu2Epi;
   return m64 ? kM64Plain : kRelu2PreEpi;  // pre and out from one epilogue (128-row tiles only)
@@ -587,6 +598,8 @@ void run_arch(const GroupedGemmParams& p, cudaStream_t s) {
     case kRelu2PreEpi: grouped_gemm_relu2_pre_sm90_run(p, p.a, p.w, p.out, p.pre_out, ws, s); return;
     case kM64Relu2Epi: grouped_gemm_m64_relu2_sm90_run(p, p.a, p.w, p.out, ws, s); return;
     case kM64Plain: grouped_gemm_m64_plain_sm90_run(p, p.a, p.w, D, ws, s); break;
+    case kSwapRelu2Epi: grouped_gemm_swap_relu2_sm90_run(p, p.a, p.w, p.out, ws, s); return;
+    case kSwapPlain: grouped_gemm_swap_plain_sm90_run(p, p.a, p.w, p.out, ws, s); return;
 #endif
     default: arch_gemm(p, MODE, p.a, p.w, D, ws, s); break;
   }
@@ -666,6 +679,8 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
     case kRelu2PreEpi: return grouped_gemm_relu2_pre_sm90_workspace(p.E);
     case kM64Relu2Epi: return grouped_gemm_m64_relu2_sm90_workspace(p.E);
     case kM64Plain: return grouped_gemm_m64_plain_sm90_workspace(p.E);
+    case kSwapRelu2Epi: return grouped_gemm_swap_relu2_sm90_workspace(p.E);
+    case kSwapPlain: return grouped_gemm_swap_plain_sm90_workspace(p.E);
 #endif
     default: return g_bytes + arch_workspace(arch, p.E, op);
   }

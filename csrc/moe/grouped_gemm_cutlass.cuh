@@ -6,6 +6,8 @@
 //   fwd   (TN): D[lo:hi] (m x N)  = A[lo:hi] (m x K, row-major) * w[e]^T (w[e] N x K row-major)
 //   dgrad (NN): D[lo:hi] (m x K)  = G[lo:hi] (m x N, row-major) * w[e]   (N x K row-major)
 //   wgrad (NT): D[e]     (N x K)  = G[lo:hi]^T (N x m: column-major A) * a[lo:hi] (m x K row-major)
+//   fwd swapped (kFwdSwap, few rows per expert): D[lo:hi]^T (N x m, column-major D, ld N)
+//               = w[e] (N x K row-major, the M side) * A[lo:hi]^T (tokens: the narrow N side)
 // A group with nothing to do gets M = 0 (no tiles). One heavy instantiation per unit (build memory).
 #pragma once
 
@@ -39,7 +41,7 @@
 namespace nk {
 namespace gg_cutlass {
 
-enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
+enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2, kFwdSwap = 3 };
 
 // The epilogue's activation: relu(v)^2 of the float32 accumulator, rounded to bf16 once (the CPU
 // and portable kernels' order). Applied by CUTLASS to a fragment (Array) or to one value.
@@ -79,9 +81,11 @@ struct AuxStoreRowsPtrArray {
   static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
     return args;
   }
+  // Not called for this GEMM: the collective checks its fusion only with host problem shapes,
+  // which the device-built groups do not have. run() checks the base on the host instead.
   template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.ptr_aux != nullptr && args.ld % (16 / static_cast<int64_t>(sizeof(Element))) == 0;
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -199,6 +203,17 @@ struct Sm90M64Traits {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 };
+// Swapped operands for experts with few rows (NEMOKERNELS_GROUPED_GEMM_SWAP_AB=1, forward only):
+// the expert's weight rows are the 128-row M side and its tokens the 32-wide N side, so an
+// expert with 3 rows runs 128 x 32 tiles instead of 128 x 128 (a quarter of the MMA work for
+// the same weight bytes: at decode sizes the GEMM is a weight read).
+struct Sm90SwapTraits {
+  using Arch = cutlass::arch::Sm90;
+  using Tile = cute::Shape<cute::_128, cute::_32, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
 struct Sm100Traits {  // tcgen05 1-SM MMA, accumulators in tensor memory
   using Arch = cutlass::arch::Sm100;
   using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
@@ -207,21 +222,31 @@ struct Sm100Traits {  // tcgen05 1-SM MMA, accumulators in tensor memory
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecialized1Sm;
 };
 
-// A / B layouts of a kind (D is always row-major): fwd TN, dgrad NN, wgrad NT (A column-major).
+// A / B / D layouts of a kind: fwd TN, dgrad NN, wgrad NT (A column-major), D row-major; the
+// swapped forward is TN with a column-major D (D^T of the row-major output).
 template <int KIND>
 struct KindLayouts {
   using A = cutlass::layout::RowMajor;
   using B = cutlass::layout::RowMajor;
+  using D = cutlass::layout::RowMajor;
 };
 template <>
 struct KindLayouts<kFwd> {
   using A = cutlass::layout::RowMajor;
   using B = cutlass::layout::ColumnMajor;
+  using D = cutlass::layout::RowMajor;
 };
 template <>
 struct KindLayouts<kWgrad> {
   using A = cutlass::layout::ColumnMajor;
   using B = cutlass::layout::RowMajor;
+  using D = cutlass::layout::RowMajor;
+};
+template <>
+struct KindLayouts<kFwdSwap> {
+  using A = cutlass::layout::RowMajor;
+  using B = cutlass::layout::ColumnMajor;
+  using D = cutlass::layout::ColumnMajor;
 };
 
 // The CUTLASS device GEMM of one arch and kind. The member names avoid CollectiveEpilogue /
@@ -235,8 +260,8 @@ struct GroupedGemm {
   static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
   using EpiOp = typename cutlass::epilogue::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, typename Traits::Tile, typename Traits::Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlignD,
-      ElementD, cutlass::layout::RowMajor*, kAlignD, typename Traits::EpilogueSchedule,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, typename KindLayouts<KIND>::D*, kAlignD,
+      ElementD, typename KindLayouts<KIND>::D*, kAlignD, typename Traits::EpilogueSchedule,
       typename EpiFusion<EPI, ElementD>::Op>::CollectiveOp;
   using MainOp = typename cutlass::gemm::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, Bf16, typename KindLayouts<KIND>::A*, 8, Bf16,
@@ -299,14 +324,15 @@ struct Arrays {
 // One thread per expert: shape, pointers and strides of its GEMM. A / B / D are the operand
 // bases of the kind (see the file comment); Aux, when not null, is a forward's second (R x N)
 // output at D's offsets. Offsets are clamped like the portable kernels'.
+// One expert's entries (host and device: tests/moe/grouped_gemm_setup_check.cu runs it on the
+// host and evaluates the GEMMs these shapes, pointers and strides describe).
 template <class Gemm, int KIND>
-__global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_t E, int64_t R, int64_t N,
-                                    int64_t K, const void* A, const void* B, void* D, void* Aux) {
+CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off, int64_t e, int64_t R, int64_t N,
+                                     int64_t K, const void* A, const void* B, void* D, void* Aux) {
   using AR = Arrays<Gemm>;
-  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (e >= E) return;
-  const int64_t lo = min(max(static_cast<int64_t>(off[e]), int64_t(0)), R);
-  const int64_t hi = min(max(static_cast<int64_t>(off[e + 1]), lo), R);
+  const int64_t o0 = off[e], o1 = off[e + 1];
+  const int64_t lo = o0 < 0 ? 0 : (o0 > R ? R : o0);
+  const int64_t hi = o1 < lo ? lo : (o1 > R ? R : o1);
   const int m = static_cast<int>(hi - lo);
   const auto* a = static_cast<const typename AR::EA*>(A);
   const auto* b = static_cast<const typename AR::EB*>(B);
@@ -318,6 +344,11 @@ __global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_
     arr.ptr_b[e] = b + e * N * K;
     arr.ptr_d[e] = d + lo * N;
     if (Aux != nullptr) arr.ptr_aux[e] = static_cast<typename AR::ED*>(Aux) + lo * N;
+  } else if (KIND == kFwdSwap) {
+    gm = m > 0 ? static_cast<int>(N) : 0, gn = m, gk = static_cast<int>(K);  // empty: no tiles
+    arr.ptr_a[e] = reinterpret_cast<const typename AR::EA*>(b) + e * N * K;
+    arr.ptr_b[e] = reinterpret_cast<const typename AR::EB*>(a) + lo * K;
+    arr.ptr_d[e] = d + lo * N;
   } else if (KIND == kDgrad) {
     gm = m, gn = static_cast<int>(K), gk = static_cast<int>(N);
     arr.ptr_a[e] = a + lo * N;
@@ -330,11 +361,19 @@ __global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_
     arr.ptr_d[e] = d + e * N * K;
   }
   arr.shapes[e] = cute::make_shape(gm, gn, gk);
-  // Strides from the full extents (an empty wgrad group has gm = 0, its strides stay sane).
-  const int sm = KIND == kWgrad ? static_cast<int>(N) : gm;
+  // Strides from the full extents (an empty wgrad or swapped group has gm = 0; its strides stay
+  // those of the full operands).
+  const int sm = KIND == kWgrad || KIND == kFwdSwap ? static_cast<int>(N) : gm;
   arr.stride_a[e] = cutlass::make_cute_packed_stride(typename AR::StrideA{}, cute::make_shape(sm, gk, 1));
   arr.stride_b[e] = cutlass::make_cute_packed_stride(typename AR::StrideB{}, cute::make_shape(gn, gk, 1));
   arr.stride_d[e] = cutlass::make_cute_packed_stride(typename AR::StrideD{}, cute::make_shape(sm, gn, 1));
+}
+
+template <class Gemm, int KIND>
+__global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_t E, int64_t R, int64_t N,
+                                    int64_t K, const void* A, const void* B, void* D, void* Aux) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e < E) setup_group<Gemm, KIND>(arr, off, e, R, N, K, A, B, D, Aux);
 }
 
 inline int sm_count(int device) {
@@ -382,6 +421,12 @@ int64_t workspace_bytes(int64_t E) {
 template <class Gemm, int KIND, int EPI = kPlain>
 void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, cudaStream_t stream,
          void* Aux = nullptr) {
+  if constexpr (EPI == kRelu2Pre) {  // the stores go through ptr_aux, which Aux fills; no alpha
+    if (Aux == nullptr || p.alpha != nullptr) {
+      throw std::runtime_error("nemokernels: grouped_gemm: the pre-storing epilogue needs a pre-activation "
+                               "output and takes no alpha");
+    }
+  }
   char* ws = static_cast<char*>(workspace);
   Arrays<Gemm> arr = Arrays<Gemm>::carve(ws, p.E);
   setup_groups_kernel<Gemm, KIND><<<ceil_div(p.E, 128), 128, 0, stream>>>(arr, p.offsets, p.E, p.R, p.N, p.K, A,
@@ -411,15 +456,16 @@ void fwd_dgrad_run(const GroupedGemmParams& p, int kind, const void* A, const vo
   if (kind == kFwd) run<typename GroupedGemm<Traits, kFwd>::Gemm, kFwd>(p, A, B, D, workspace, s);
   else run<typename GroupedGemm<Traits, kDgrad>::Gemm, kDgrad>(p, A, B, D, workspace, s);
 }
-template <class Traits, int EPI>
+// A forward with an epilogue of EPI; KIND kFwd or kFwdSwap (same operands, swapped roles).
+template <class Traits, int EPI, int KIND = kFwd>
 int64_t fwd_epi_workspace(int64_t E) {
-  return workspace_bytes<typename GroupedGemm<Traits, kFwd, EPI>::Gemm, EPI>(E);
+  return workspace_bytes<typename GroupedGemm<Traits, KIND, EPI>::Gemm, EPI>(E);
 }
 // Aux: the pre-activation (R x N) for kRelu2Pre, else null.
-template <class Traits, int EPI>
+template <class Traits, int EPI, int KIND = kFwd>
 void fwd_epi_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* workspace, void* stream,
                  void* Aux = nullptr) {
-  run<typename GroupedGemm<Traits, kFwd, EPI>::Gemm, kFwd, EPI>(p, A, B, D, workspace,
+  run<typename GroupedGemm<Traits, KIND, EPI>::Gemm, KIND, EPI>(p, A, B, D, workspace,
                                                                 static_cast<cudaStream_t>(stream), Aux);
 }
 template <class Traits>

@@ -22,6 +22,8 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op", action="append", metavar="NAME",
                         help="only ops whose name contains NAME (repeatable)")
+    parser.add_argument("--shape", action="append", metavar="NAME",
+                        help="only cases whose shape name contains NAME (repeatable; e.g. \"T64 \")")
     parser.add_argument("--quick", action="store_true",
                         help="a few small shapes (CPU-sized on a CPU), fewer repetitions, no torch.compile baselines")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -60,6 +62,8 @@ def cpu_threads(args, environ=os.environ):
 def select_cases(args, device) -> list:
     """The cases `args` asks for, each with only the baselines this run times."""
     cases = all_cases(args.quick, device, args.op)
+    if args.shape:
+        cases = [c for c in cases if any(s in c.name for s in args.shape)]
     skip = skipped_baselines(args)
     for case in cases:
         case.baselines = {n: f for n, f in case.baselines.items() if not any(s in n for s in skip)}
@@ -73,7 +77,7 @@ def run(args) -> int:
         torch.set_num_threads(cpu_threads(args))
     cases = select_cases(args, device)
     if not cases:
-        print(f"no case matches --op {args.op}")
+        print(f"no case matches --op {args.op} --shape {args.shape}")
         return 2
     quick = args.quick or args.fast_timing
     path = Path(args.out) if args.out else default_results_path(

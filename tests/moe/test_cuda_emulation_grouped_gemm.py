@@ -268,6 +268,42 @@ def test_arch_path_m64_tiles_opt_in(monkeypatch):
     assert lib.value("emu_gg_mock_relu2_calls") == f0
 
 
+def test_arch_path_swap_ab_opt_in(monkeypatch):
+    """NEMOKERNELS_GROUPED_GEMM_SWAP_AB=1 sends the forward (plain and fused relu2, no preact) to
+    the swapped-operand kernels when the experts average at most 32 rows; a saved preact, more
+    rows per expert, dgrad and the switch unset keep the other kernels."""
+    a, w, dout, pre_ref, kw = arch_case()  # R 29, E 4: 7.25 rows per expert
+    dtype = kw["dtype"]
+    lib = emu(True)
+    names = ("emu_gg_mock_swap_calls", "emu_gg_mock_calls", "emu_gg_mock_relu2_calls", "emu_gg_mock_relu2_pre_calls")
+
+    def counts():
+        return [lib.value(n) for n in names]
+
+    c0 = counts()
+    run_arch("fwd", a=a, w=w, act=0, **kw)
+    assert [x - y for x, y in zip(counts(), c0)] == [0, 1, 0, 0], "unset: the 128-row forward"
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_SWAP_AB", "1")
+    c0 = counts()
+    out, _, arch, _ = run_arch("fwd", a=a, w=w, act=0, **kw)
+    assert arch == 90
+    assert_close(out, pre_ref, dtype, what="swap fwd none")
+    out, _, _, _ = run_arch("fwd", a=a, w=w, act=1, **kw)
+    assert_close(out, torch.relu(pre_ref).square(), dtype, what="swap fwd relu2")
+    R0 = int(kw["offsets"][-1])
+    assert torch.equal(out[R0:], torch.zeros_like(out[R0:])), "rows past offsets[E] must be 0"
+    assert [x - y for x, y in zip(counts(), c0)] == [2, 0, 0, 0], "both forwards must take the swapped kernels"
+    c0 = counts()
+    run_arch("fwd", a=a, w=w, act=1, save_pre=True, **kw)
+    run_arch("dgrad", dout=dout, w=w, **kw)
+    assert [x - y for x, y in zip(counts(), c0)] == [0, 1, 0, 1], "a saved preact and dgrad are not swapped"
+    # More than 32 rows per expert on average: the 128-row kernels.
+    many = dict(kw, E=1, offsets=torch.tensor([0, 25], dtype=torch.int32), R=40)
+    c0 = counts()
+    run_arch("fwd", a=torch.cat([a, a])[:40], w=w[:1], act=0, **many)
+    assert [x - y for x, y in zip(counts(), c0)] == [0, 1, 0, 0], "40 rows for 1 expert: not swapped"
+
+
 def test_arch_path_not_taken():
     """fp16, K not a multiple of 8, or a misaligned base: the portable kernels run instead."""
     counts, N, K = [5, 3], 24, 16

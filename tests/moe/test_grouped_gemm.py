@@ -441,6 +441,39 @@ def test_cuda_arch_m64_tiles_opt_in(monkeypatch, activation):
     assert_close(dw, dw_ref, dtype, factor=f, what="dw")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+def test_cuda_arch_swap_ab_opt_in(monkeypatch, activation):
+    """NEMOKERNELS_GROUPED_GEMM_SWAP_AB=1 (sm_90: the forward with the experts' weight rows as the
+    M side and their few tokens as a 32-wide N side, D^T stored column-major) at decode sizes:
+    inference forward against float64 and bit for bit against itself across calls, rows past
+    offsets[E] zero, on a poisoned allocator; the training forward and the gradients (which keep
+    the 128-row kernels) against float64."""
+    dtype = torch.bfloat16
+    counts, N, K = [3, 0, 1, 33, 7, 0, 2, 40], 264, 136  # 86 rows, 8 experts: 10.75 per expert
+    a, w, offsets = make(counts, N, K, dtype, "cuda", extra_rows=5)
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_SWAP_AB", "1")
+    a64, w64 = a.detach().cpu().double().requires_grad_(), w.detach().cpu().double().requires_grad_()
+    ref = ref_fwd(a64, w64, offsets.cpu(), activation)
+    poison_allocator("cuda")
+    with torch.no_grad():
+        out = grouped_gemm(a, w, offsets, activation)
+        again = grouped_gemm(a, w, offsets, activation)
+    assert_forward_close(out, ref.detach(), a, w, offsets, dtype, activation, what="swapped inference")
+    assert torch.equal(out, again)
+    R0 = int(offsets[-1])
+    assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), "rows past offsets[E] must be 0"
+    a_, w_ = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = grouped_gemm(a_, w_, offsets, activation)
+    assert_forward_close(out.detach(), ref.detach(), a, w, offsets, dtype, activation, what="training")
+    g = torch.randn(a.shape[0], N, device="cuda", dtype=dtype)
+    da, dw = torch.autograd.grad(out, (a_, w_), g)
+    da_ref, dw_ref = torch.autograd.grad(ref, (a64, w64), g.cpu().double())
+    f = 2.0 if activation == "relu2" else 1.0
+    assert_close(da, da_ref, dtype, factor=f, what="da")
+    assert_close(dw, dw_ref, dtype, factor=f, what="dw")
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 # Rows (id, mutation of a valid call's arguments, regex, where) as in helpers.mutation_table;
 # "cpu" rows check offsets values (reading them on CUDA would need a host sync, so the CUDA

@@ -3,39 +3,20 @@ kernel (csrc/ssd/ssd_chunk_output_sm90.cu) masks, decays and stores each wgmma a
 by the (row, column) frag_row / frag_col give it, and hands CB's values to the next product as
 its register A operand in the same order. A wrong map there is silently wrong output on a GPU;
 this check needs only nvcc and the CUTLASS headers (sm90_layout_check.cu)."""
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from helpers import nvcc_and_cutlass
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("nk_setup_for_layout", ROOT / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _nvcc_and_cutlass():
-    """nvcc and the CUTLASS source directory, or a skip."""
-    setup = _setup_module()
-    nvcc = setup.find_nvcc()
-    try:
-        cutlass = setup.cutlass_dir()
-    except Exception:  # noqa: BLE001 - any failure to find it means: not installed here
-        cutlass = None
-    if nvcc is None or cutlass is None or not (Path(cutlass) / "include" / "cute").exists():
-        pytest.skip("needs nvcc and the CUTLASS headers (requirements-build.txt)")
-    return nvcc, cutlass
 
 
 def test_sm90_chunk_output_fragment_map_matches_cute(tmp_path):
     if not (ROOT / "csrc" / "ssd" / "ssd_chunk_output_sm90.cuh").exists():
         pytest.skip("needs the source tree (csrc/)")
-    nvcc, cutlass = _nvcc_and_cutlass()
+    nvcc, cutlass = nvcc_and_cutlass()
     exe = tmp_path / "sm90_layout_check"
     build = subprocess.run([str(nvcc), "-std=c++20", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"),
                             "-I", str(Path(cutlass) / "include"), str(Path(__file__).with_name("sm90_layout_check.cu")),
@@ -56,7 +37,7 @@ SPILL_BUDGET = {"chunk_output_sm90_kernel": 0, "dstates_wgmma_kernel": 0, "row_s
 def test_sm90_kernels_stay_within_their_spill_budget(tmp_path):
     if not (ROOT / "csrc" / "ssd" / "ssd_chunk_scan_bwd_cuda.cu").exists():
         pytest.skip("needs the source tree (csrc/)")
-    nvcc, cutlass = _nvcc_and_cutlass()
+    nvcc, cutlass = nvcc_and_cutlass()
     found = {}
     for src in ("ssd_chunk_scan_bwd_cuda.cu", "ssd_chunk_output_sm90.cu"):
         run = subprocess.run([str(nvcc), "-c", str(ROOT / "csrc" / "ssd" / src), "-o", str(tmp_path / "k.o"),

@@ -87,6 +87,22 @@ void grouped_gemm_m64_relu2_sm90_run(const GroupedGemmParams& p, const void* A, 
   grouped_gemm_relu2_sm90_run(p, A, B, D, ws, s);
   --emu_mock_relu2_calls;
 }
+// The opt-in swapped forward (NEMOKERNELS_GROUPED_GEMM_SWAP_AB=1): the forward's contract (A the
+// tokens, B the weights, D the row-major output); the operand swap is inside its setup.
+long long emu_mock_swap_calls = 0;
+int64_t grouped_gemm_swap_plain_sm90_workspace(int64_t) { return 0; }
+int64_t grouped_gemm_swap_relu2_sm90_workspace(int64_t) { return 0; }
+void grouped_gemm_swap_plain_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void* ws,
+                                      void* s) {
+  ++emu_mock_swap_calls;
+  grouped_gemm_sm90_run(p, kGgFwd, A, B, D, ws, s);
+  --emu_mock_calls;
+}
+void grouped_gemm_swap_relu2_sm90_run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void*,
+                                      void*) {
+  ++emu_mock_swap_calls;
+  mock_relu2(p, A, B, D, nullptr);
+}
 void grouped_gemm_wgrad_sm90_run(const GroupedGemmParams& p, const void* G, const void* A, void* D, void*, void*) {
   ++emu_mock_calls;
   for (int64_t e = 0; e < p.E; ++e) {
@@ -117,4 +133,5 @@ EMU_EXPORT long long emu_gg_relu2_operand(nk::GroupedGemmParams* p, void* g) {
 EMU_EXPORT long long emu_gg_mock_calls() { return nk::emu_mock_calls; }
 EMU_EXPORT long long emu_gg_mock_relu2_calls() { return nk::emu_mock_relu2_calls; }
 EMU_EXPORT long long emu_gg_mock_relu2_pre_calls() { return nk::emu_mock_relu2_pre_calls; }
+EMU_EXPORT long long emu_gg_mock_swap_calls() { return nk::emu_mock_swap_calls; }
 EMU_EXPORT long long emu_gg_mock_m64_calls() { return nk::emu_mock_m64_calls; }
