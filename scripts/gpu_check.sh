@@ -151,6 +151,11 @@ done
 step "bench nvfp4, portable kernel" 90 env NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 python3 -m nemokernels bench \
     --quick --op nvfp4.gemm --op NVFP4Linear --skip-baseline compile --out "$OUT/ab/bench-nvfp4-portable.json"
 
+# 10b. Issue 19's A/B: nvfp4.gemm with B decoded inside the mainloop (opt-in, K % 64 == 0 shapes)
+#      against bench-rest above (bf16 decode + the CUTLASS wgmma GEMM) and step 10.
+step "bench nvfp4, decode in the mainloop" 90 env NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1 python3 -m nemokernels bench \
+    --quick --op nvfp4.gemm --op NVFP4Linear --skip-baseline compile --out "$OUT/ab/bench-nvfp4-decode-mma.json"
+
 # The A/B JSONs travel as one file (at most 8 files come back from a lent machine).
 if [ -d "$OUT/ab" ]; then tar -cf "$OUT/bench-ab.tar" -C "$OUT/ab" . && rm -rf "$OUT/ab"; fi
 

@@ -202,3 +202,19 @@ def nvcc_and_cutlass():
     if nvcc is None or cutlass is None or not (Path(cutlass) / "include" / "cute").exists():
         pytest.skip("needs nvcc and the CUTLASS headers (requirements-build.txt)")
     return nvcc, cutlass
+
+
+def run_host_check(source, tmp_path, *flags):
+    """Compiles a host check program (tests/*/..._check.cu: CUTLASS/CuTe code run on the host)
+    with nvcc against csrc/ and the CUTLASS headers, runs it, and asserts it printed "ok"."""
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    nvcc, cutlass = nvcc_and_cutlass()
+    exe = tmp_path / Path(source).stem
+    build = subprocess.run([str(nvcc), "-std=c++20", "--expt-relaxed-constexpr", *flags, "-I", str(root / "csrc"),
+                            "-I", str(Path(cutlass) / "include"), "-I", str(Path(cutlass) / "tools" / "util" / "include"),
+                            str(source), "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr

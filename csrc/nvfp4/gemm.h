@@ -1,7 +1,8 @@
 // NVFP4 block-scaled GEMM: out = alpha * (A_hat @ B_hat^T) + bias, the GEMM of
 // nemokernels.nvfp4.gemm (docs/design.md section 4.3). Parameter struct shared by the op entry
-// (gemm.cpp), the CPU kernel (gemm_cpu.cpp), the portable CUDA kernel (gemm_cuda.cu) and the
-// Blackwell CUTLASS kernel (gemm_sm100.cu). No torch types here.
+// (gemm.cpp), the CPU kernel (gemm_cpu.cpp), the portable CUDA kernel (gemm_cuda.cu), the Hopper
+// kernels (gemm_sm90.cu, gemm_decode_mma_sm90.cu) and the Blackwell CUTLASS kernel
+// (gemm_sm100.cu). No torch types here.
 // Details: docs/nvfp4.md, section `csrc/nvfp4/gemm.h`.
 #pragma once
 
@@ -80,6 +81,15 @@ void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, void* scratch, void* stream);
 int64_t nvfp4_gemm_sm90_workspace(bool f32_out);
 void nvfp4_gemm_sm90_run(int64_t M, int64_t N, int64_t K, const void* a16, const void* b16, const float* alpha,
                          const int32_t* offsets, void* d, bool f32_out, void* workspace, void* stream);
+// The same path with B decoded inside the mainloop (gemm_decode_mma_sm90.cu; opt-in,
+// NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1): A decoded to fp16 in scratch (exact, as for bf16), B's
+// codes and scales streamed and decoded in registers into wgmma's A operand (D^T = B A^T),
+// out = alpha * acc (+ bias) rounded once by its epilogue. Takes K % 64 == 0 (whole 64-deep
+// steps), N % 8 == 0 (16-byte output stores) and at most 65535 token tiles of 128.
+NK_HD bool nvfp4_gemm_decode_mma_sm90_takes(int64_t M, int64_t N, int64_t K) {
+  return M > 0 && N > 0 && K > 0 && K % 64 == 0 && N % 8 == 0 && (M + 127) / 128 <= 65535;
+}
+void nvfp4_gemm_decode_mma_sm90(const Nvfp4GemmParams& p, const void* a16, const float* alpha, void* stream);
 #endif
 #ifdef NK_HAS_SM100
 // Whether the CUTLASS block-scaled kernel takes this problem (alignment, sizes).

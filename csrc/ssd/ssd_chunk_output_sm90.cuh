@@ -12,27 +12,25 @@
 #include <cute/tensor.hpp>
 
 #include "common/macros.h"
+#include "common/wgmma_sm90.cuh"
 #include "ssd/ssd_chunk_output_sm90.h"
 
 namespace nk {
 namespace ssd_sm90 {
 
 using namespace cute;
+using sm90::cp_async16;
+using sm90::cp_async_commit;
+using sm90::cp_async_wait_all;
+using sm90::frag_col;
+using sm90::frag_row;
+using sm90::k_sw128_offset;
 
 constexpr int kThreads = 256;  // two consumer warpgroups, 64 rows i each
 
 // CuTe's element type for the kernels' 16-bit T (__half or __nv_bfloat16).
 template <typename T>
 using cute_elem_t = std::conditional_t<std::is_same_v<T, __half>, cute::half_t, cute::bfloat16_t>;
-
-// Offset (elements) of (r, c) in a K-major 128-byte-swizzled tile of kRows rows of 16-bit values
-// (GMMA::Layout_K_SW128_Atom tiled rows first: 8-row, 64-column atoms, 16-byte chunks XOR-ed with
-// r % 8), written out for element reads whose addresses the kernels keep cheap. The host test
-// checks it against Cfg::SmemQN and RowCfg::SmemQP for every element.
-template <int kRows>
-NK_HD constexpr int k_sw128_offset(int r, int c) {
-  return (r / 8) * 512 + (c / 64) * (kRows * 64) + (r % 8) * 64 + (((c % 64) / 8) ^ (r % 8)) * 8 + c % 8;
-}
 
 // Shared-memory layouts (GMMA 128-byte swizzle) and the three tiled MMAs; two warpgroups along M.
 template <typename E>
@@ -107,35 +105,6 @@ struct ColCfg {
       GMMA::rs_op_selector<E, E, float, Shape<_64, Int<P>, _16>, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
   static_assert(P == 64 && N / 2 == 64, "the half views assume P 64, N 128");
 };
-
-// Where wgmma's float32 accumulator value v of thread tid sits in a (rows, cols) tile computed by
-// two warpgroups along M (PTX ISA, "wgmma .m64nNk16 register fragments"): warp w of warpgroup g
-// holds rows 64 g + 16 w + lane / 4 (values v with v & 2 == 0) and 8 rows below (v & 2 == 2);
-// value v's column is 8 (v / 4) + 2 (lane % 4) + (v & 1). The same layout is the A operand's of
-// the next product: its k-block k is values 8 k .. 8 k + 7. The host test
-// tests/ssd/test_ssd_sm90_layout.py (tests/ssd/sm90_layout_check.cu) checks both against CuTe's layouts for every thread.
-NK_HD constexpr int frag_row(int tid, int v) { return 64 * (tid / 128) + 16 * (tid % 128 / 32) + tid % 32 / 4 + ((v & 2) ? 8 : 0); }
-NK_HD constexpr int frag_col(int v, int lane) { return 8 * (v / 4) + 2 * (lane % 4) + (v & 1); }
-
-// 16-byte cp.async, zero-filled when !pred (src is then not read); its group commit and wait.
-CUTE_DEVICE void cp_async16(void* dst, const void* src, bool pred) {
-#if defined(__CUDA_ARCH__)
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 16 : 0) : "memory");
-#else
-  (void)dst, (void)src, (void)pred;
-#endif
-}
-CUTE_DEVICE void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-CUTE_DEVICE void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
 
 // acc = A Bᵀ summed over the 128 positions j, A and B two (64, 128) StateCfg::SmemTJ tiles in
 // shared memory (a[.][j], b[.][j]), by the calling warpgroup (all 128 threads, after a barrier

@@ -194,6 +194,29 @@ def test_sm90_path_matches_reference(M, N, K):
             assert _sm90_mock_calls() == (calls + 1, f32_calls + f32_d), (dt, bi is not None)
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 8, 64), (37, 136, 128), (130, 64, 192)])
+def test_sm90_decode_mma_path_matches_reference(monkeypatch, M, N, K):
+    """NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1 (B decoded inside the mainloop): A decoded to fp16 in
+    scratch, alpha, and the kernel's contract (mock) give every output dtype, with and without
+    bias, against float64; K not a multiple of 64 keeps the bf16 decode + CUTLASS GEMM."""
+    monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_DECODE_MMA", "1")
+    a = rand_nvfp4(M, K, "cpu", global_scale=torch.tensor(3.0))
+    b = rand_nvfp4(N, K, "cpu", global_scale=torch.tensor(2.0 ** -5))
+    bias = torch.randn(N) * 4
+    lib = emu_sm90()
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for bi in (None, bias):
+            calls, gemm_calls = lib.value("emu_nvfp4_decode_mma_mock_calls"), _sm90_mock_calls()
+            out = run_emulated(a, b, dt, bi, sm90=True)
+            assert_close(out, gemm_reference(a, b, torch.float64, bi), dt, what=f"decode_mma {dt} bias={bi is not None}")
+            assert lib.value("emu_nvfp4_decode_mma_mock_calls") == calls + 1 and _sm90_mock_calls() == gemm_calls
+    a = rand_nvfp4(M, 96, "cpu", global_scale=torch.tensor(3.0))
+    b = rand_nvfp4(N, 96, "cpu", global_scale=torch.tensor(2.0 ** -5))
+    calls, gemm_calls = lib.value("emu_nvfp4_decode_mma_mock_calls"), _sm90_mock_calls()
+    run_emulated(a, b, torch.bfloat16, sm90=True)
+    assert lib.value("emu_nvfp4_decode_mma_mock_calls") == calls and _sm90_mock_calls()[0] == gemm_calls[0] + 1
+
+
 def test_sm90_path_exact_where_float32_sums_are():
     """Every code against scales 0, +-1, +-1.875, 0.5, K = 32: the decoded values are multiples of
     2^-4 below 12, so every float32 partial sum (multiples of 2^-8 below 2^12) is exact and the

@@ -569,9 +569,18 @@ def assert_within_mma_bound(out, a, b, bias=None, what=""):
     assert worst <= 0, f"{what}: error exceeds the magnitude bound by {worst:.3e} (max err {err.max().item():.3e})"
 
 
+# NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1 on sm_90: B decoded inside the mainloop where K % 64 == 0
+# (gemm_decode_mma_sm90.cu; the other shapes keep the bf16 decode + CUTLASS GEMM). The CUTLASS-path
+# tests below run with it off and on.
+DECODE_MMA = pytest.mark.parametrize("decode_mma", ["0", "1"])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(1, 8, 32), (36, 128, 64), (129, 264, 288), (256, 1024, 4096), (300, 136, 1040)])
-def test_cutlass_path_within_the_documented_mma_bound(M, N, K):
+@DECODE_MMA
+@pytest.mark.parametrize("M,N,K", [(1, 8, 32), (36, 128, 64), (129, 264, 288), (256, 1024, 4096), (300, 136, 1040),
+                                   (200, 392, 1024)])
+def test_cutlass_path_within_the_documented_mma_bound(monkeypatch, decode_mma, M, N, K):
+    monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_DECODE_MMA", decode_mma)
     if nvfp4.gemm_path("cuda", M, N, K) not in CUTLASS_PATHS:
         pytest.skip(f"({M}, {N}, {K}) takes the {nvfp4.gemm_path('cuda', M, N, K)} path on this GPU and build")
     a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda")
@@ -582,11 +591,13 @@ def test_cutlass_path_within_the_documented_mma_bound(M, N, K):
 
 
 @pytest.mark.gpu
-def test_cutlass_path_cancellation_and_special_scales():
+@DECODE_MMA
+def test_cutlass_path_cancellation_and_special_scales(monkeypatch, decode_mma):
     """Rows that cancel exactly (b's second half the negation of its first) and the largest
     scales: still inside the magnitude bound (how the hardware rounds is not documented, so
     out[:, :N/2] == -out[:, N/2:] is not asked), and all-zero scales give exact zeros."""
     M, N, K = 64, 128, 512
+    monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_DECODE_MMA", decode_mma)
     if nvfp4.gemm_path("cuda", M, N, K) not in CUTLASS_PATHS:
         pytest.skip("the portable path on this GPU and build")
     a = rand_nvfp4(M, K, "cuda", scales=torch.full((M, K // 16), 0x7E, dtype=torch.uint8, device="cuda")
@@ -598,3 +609,27 @@ def test_cutlass_path_cancellation_and_special_scales():
     assert_within_mma_bound(out, a, b, what="cancellation")
     z = NVFP4Tensor(a.data, torch.zeros_like(a.scales), a.global_scale)
     assert torch.equal(nvfp4.gemm(z, b, torch.float32), torch.zeros(M, N, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(130, 264, 1024), (3, 2688, 1024), (260, 136, 96)])
+def test_sm90_decode_mma_runs_where_the_switch_says(monkeypatch, M, N, K):
+    """With NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1 on sm_90, K % 64 == 0 runs decode_mma_kernel and
+    no CUTLASS GEMM (else the tests above would compare a path with itself); K % 64 != 0 keeps
+    the CUTLASS GEMM. Results bit for bit equal across two calls (no atomics, fixed order), and
+    against float64 within the MMA bound, with a bias, over a poisoned allocator."""
+    if nvfp4.gemm_path("cuda", M, N, K) != "cutlass_sm90":
+        pytest.skip("needs the sm_90 path (an H100/H200 with an sm_90a build)")
+    monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_DECODE_MMA", "1")
+    a, b = rand_nvfp4(M, K, "cuda"), rand_nvfp4(N, K, "cuda", global_scale=torch.tensor(0.75, device="cuda"))
+    bias = torch.randn(N, device="cuda")
+    poison_allocator("cuda")
+    out = nvfp4.gemm(a, b, torch.bfloat16, bias)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        again = nvfp4.gemm(a, b, torch.bfloat16, bias)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    fused = any("decode_mma_kernel" in n for n in names)
+    assert fused == (K % 64 == 0), names
+    assert torch.equal(out, again)
+    assert_within_mma_bound(out, a, b, bias, what=f"decode_mma M={M} N={N} K={K}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import nvcc_and_cutlass
+from helpers import nvcc_and_cutlass, run_host_check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,14 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_sm90_chunk_output_fragment_map_matches_cute(tmp_path):
     if not (ROOT / "csrc" / "ssd" / "ssd_chunk_output_sm90.cuh").exists():
         pytest.skip("needs the source tree (csrc/)")
-    nvcc, cutlass = nvcc_and_cutlass()
-    exe = tmp_path / "sm90_layout_check"
-    build = subprocess.run([str(nvcc), "-std=c++20", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"),
-                            "-I", str(Path(cutlass) / "include"), str(Path(__file__).with_name("sm90_layout_check.cu")),
-                            "-o", str(exe)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    run_host_check(Path(__file__).with_name("sm90_layout_check.cu"), tmp_path)
 
 
 # Spill stores ptxas may report per sm_90a kernel (bytes, -Xptxas -v, both 16-bit types). The

@@ -28,8 +28,34 @@ void nvfp4_gemm_sm90_run(int64_t M, int64_t N, int64_t K, const void* a16, const
       else static_cast<__nv_bfloat16*>(d)[m * N + n] = __float2bfloat16_rn(v);
     }
 }
+// The decode-in-the-mainloop kernel (gemm_decode_mma_sm90.cu, NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1)
+// by its contract: out = alpha * a16 (fp16, M x K) @ decode(B)^T (+ bias), rounded once.
+long long emu_decode_mma_calls = 0;
+void nvfp4_gemm_decode_mma_sm90(const Nvfp4GemmParams& p, const void* a16, const float* alpha, void*) {
+  ++emu_decode_mma_calls;
+  if (!nvfp4_gemm_decode_mma_sm90_takes(p.M, p.N, p.K)) throw std::runtime_error("mock decode_mma: shape not taken");
+  const auto* a = static_cast<const __half*>(a16);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t n = 0; n < p.N; ++n) {
+      float s = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) {
+        const uint8_t byte = p.b_data[n * (p.K / 2) + k / 2];
+        const float b = nvfp4::e2m1_decode((k % 2) ? byte >> 4 : byte & 0xf) *
+                        nvfp4::e4m3_decode(p.b_scales[n * (p.K / 16) + k / 16]);
+        s += __half2float(a[m * p.K + k]) * b;
+      }
+      float v = *alpha * s;
+      if (p.bias != nullptr) v += p.bias[n];
+      switch (p.out_dtype) {
+        case DType::F32: static_cast<float*>(p.out)[m * p.N + n] = v; break;
+        case DType::F16: static_cast<__half*>(p.out)[m * p.N + n] = __float2half_rn(v); break;
+        case DType::BF16: static_cast<__nv_bfloat16*>(p.out)[m * p.N + n] = __float2bfloat16_rn(v); break;
+      }
+    }
+}
 }  // namespace nk
 
+EMU_EXPORT long long emu_nvfp4_decode_mma_mock_calls() { return nk::emu_decode_mma_calls; }
 EMU_EXPORT long long emu_nvfp4_gemm_sm90_scratch_bytes(const nk::Nvfp4GemmParams* p) {
   return nk::nvfp4_gemm_sm90_scratch_bytes(*p);
 }
