@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -35,6 +36,20 @@ inline int sm_count() {
   n = n > 0 ? n : 1;
   if (slot) *slot = n;
   return n;
+}
+
+// cudaFuncSetAttribute(kKernel, MaxDynamicSharedMemorySize, bytes) when this kernel has not yet
+// been allowed that many bytes on the current device: the driver call costs host time (wall time
+// per op call) when repeated on every launch. One record per kernel (the template argument) and
+// device; a race between threads only repeats the call.
+template <auto kKernel>
+inline void allow_dynamic_smem(int bytes) {
+  static std::atomic<int> allowed[64] = {};
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < 64 && allowed[dev].load(std::memory_order_relaxed) >= bytes) return;
+  NK_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (dev >= 0 && dev < 64) allowed[dev].store(bytes, std::memory_order_relaxed);
 }
 
 }  // namespace nk

@@ -166,8 +166,9 @@ Tensor nvfp4_gemm(Tensor a_data, Tensor a_scales, Tensor a_global, Tensor b_data
 #endif
 #ifdef NK_HAS_SM90
   if (a_data.is_cuda() && path == kNvfp4PathCutlassSm90) {
-    Tensor scratch = new_empty(a_data, {nvfp4_gemm_sm90_scratch_bytes(p)}, ScalarType::Byte);
-    nvfp4_gemm_sm90(p, scratch.data_ptr(), current_cuda_stream(a_data.get_device_index()));
+    const bool decode_mma = nvfp4_gemm_sm90_decode_mma(p);  // read once: sizing and call agree
+    Tensor scratch = new_empty(a_data, {nvfp4_gemm_sm90_scratch_bytes(p, decode_mma)}, ScalarType::Byte);
+    nvfp4_gemm_sm90(p, decode_mma, scratch.data_ptr(), current_cuda_stream(a_data.get_device_index()));
     return out;
   }
 #endif

@@ -74,8 +74,9 @@ void nvfp4_swizzle_scales_cuda(const uint8_t* src, uint8_t* dst, int64_t rows, i
 // * b_global read on the device). D is the output itself for bf16 without bias, else a float32
 // accumulator that nvfp4_bias_convert_cuda rounds once after adding the bias. Composed in
 // gemm_cuda.cu (under the emulator with a mock GEMM), the GEMM in gemm_sm90.cu.
-int64_t nvfp4_gemm_sm90_scratch_bytes(const Nvfp4GemmParams& p);
-void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, void* scratch, void* stream);
+// decode_mma: nvfp4_gemm_sm90_decode_mma(p), decided once per call for both.
+int64_t nvfp4_gemm_sm90_scratch_bytes(const Nvfp4GemmParams& p, bool decode_mma);
+void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, bool decode_mma, void* scratch, void* stream);
 // The CUTLASS GEMM of that path: d (M, N) = alpha * a16 (M, K) @ b16 (N, K)^T, bf16 operands,
 // d bf16 or float32 (f32_out); offsets: (2,) int32 {0, M} on the device.
 int64_t nvfp4_gemm_sm90_workspace(bool f32_out);
@@ -90,6 +91,8 @@ NK_HD bool nvfp4_gemm_decode_mma_sm90_takes(int64_t M, int64_t N, int64_t K) {
   return M > 0 && N > 0 && K > 0 && K % 64 == 0 && N % 8 == 0 && (M + 127) / 128 <= 65535;
 }
 void nvfp4_gemm_decode_mma_sm90(const Nvfp4GemmParams& p, const void* a16, const float* alpha, void* stream);
+// Whether this call takes it: the switch (read here) and the shape rule.
+bool nvfp4_gemm_sm90_decode_mma(const Nvfp4GemmParams& p);
 #endif
 #ifdef NK_HAS_SM100
 // Whether the CUTLASS block-scaled kernel takes this problem (alignment, sizes).

@@ -411,23 +411,22 @@ __global__ void sm90_setup_kernel(const float* a_global, const float* b_global, 
   offsets[1] = M;
 }
 
-// NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1: B decoded inside the mainloop (opt-in until measured;
-// docs/nvfp4.md). Read on the host at sizing and at the call.
-bool sm90_decode_mma(const Nvfp4GemmParams& p) {
+}  // namespace
+
+bool nvfp4_gemm_sm90_decode_mma(const Nvfp4GemmParams& p) {
   const char* v = std::getenv("NEMOKERNELS_NVFP4_GEMM_DECODE_MMA");
   return v != nullptr && v[0] == '1' && nvfp4_gemm_decode_mma_sm90_takes(p.M, p.N, p.K);
 }
-}  // namespace
 
-int64_t nvfp4_gemm_sm90_scratch_bytes(const Nvfp4GemmParams& p) {
-  if (sm90_decode_mma(p)) return align256(p.M * p.K * 2) + 256;  // [A fp16 | alpha]
+int64_t nvfp4_gemm_sm90_scratch_bytes(const Nvfp4GemmParams& p, bool decode_mma) {
+  if (decode_mma) return align256(p.M * p.K * 2) + 256;  // [A fp16 | alpha]
   const int64_t acc = sm90_direct(p) ? 0 : align256(p.M * p.N * 4);
   return align256(p.M * p.K * 2) + align256(p.N * p.K * 2) + acc + 256 + nvfp4_gemm_sm90_workspace(sm90_f32_d(p));
 }
 
-void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, void* scratch, void* stream) {
+void nvfp4_gemm_sm90(const Nvfp4GemmParams& p, bool decode_mma, void* scratch, void* stream) {
   char* ws = static_cast<char*>(scratch);
-  if (sm90_decode_mma(p)) {  // A to fp16 (exact), alpha; B is decoded by the GEMM itself
+  if (decode_mma) {  // A to fp16 (exact), alpha; B is decoded by the GEMM itself
     Nvfp4DequantParams q{};
     q.rows = p.M, q.cols = p.K, q.data = p.a_data, q.d_sr = p.K / 2, q.scales = p.a_scales, q.s_sr = p.K / 16;
     q.global_scale = nullptr, q.dtype = DType::F16, q.out = ws;

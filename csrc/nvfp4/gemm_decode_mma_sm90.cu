@@ -27,8 +27,8 @@ struct Stages {
   alignas(16) uint32_t codes[kStages][kRows * kK / 8];  // 8 words (32 bytes) per weight row
   alignas(16) uint32_t scales[kStages][kRows];          // 4 bytes per weight row
 };
-constexpr int kLd = kRows + 4;
-constexpr int64_t kWideTokensFrom = 1024;  // M from which the 256-token tiles run  // epilogue tile row stride (floats): conflict-free scatter
+constexpr int kLd = kRows + 4;             // epilogue tile row stride (floats): conflict-free scatter
+constexpr int64_t kWideTokensFrom = 1024;  // M from which the 256-token tiles run
 template <int kTok>
 constexpr int smem_bytes() {
   return static_cast<int>(sizeof(Stages<kTok>) > kTok * kLd * 4 ? sizeof(Stages<kTok>) : kTok * kLd * 4) + 1024;
@@ -211,10 +211,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_mma_kernel(Args q) {
 
 template <typename OutT, int kTok>
 void launch_tok(const Args& q, cudaStream_t s) {
-  auto kernel = decode_mma_kernel<OutT, kTok>;
-  NK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kTok>()));
+  allow_dynamic_smem<decode_mma_kernel<OutT, kTok>>(smem_bytes<kTok>());
   const dim3 grid(static_cast<unsigned>((q.N + kRows - 1) / kRows), static_cast<unsigned>((q.M + kTok - 1) / kTok));
-  kernel<<<grid, kThreads, smem_bytes<kTok>(), s>>>(q);
+  decode_mma_kernel<OutT, kTok><<<grid, kThreads, smem_bytes<kTok>(), s>>>(q);
   NK_CUDA_LAUNCH_CHECK();
 }
 // 256 tokens per CTA halves the decode per MMA where M fills such tiles; 128 keeps more CTAs

@@ -341,12 +341,10 @@ void ssd_chunk_output_sm90(const SsdParams& p, void* stream) {
   const size_t bytes = ssd_chunk_output_sm90_smem_bytes(p.dtype);
   auto st = static_cast<cudaStream_t>(stream);
   if (p.dtype == DType::BF16) {
-    NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_output_sm90_kernel<__nv_bfloat16>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    allow_dynamic_smem<chunk_output_sm90_kernel<__nv_bfloat16>>(static_cast<int>(bytes));
     chunk_output_sm90_kernel<__nv_bfloat16><<<static_cast<unsigned>(grid), kThreads, bytes, st>>>(p, static_cast<int>(hpc));
   } else {
-    NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_output_sm90_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(bytes)));
+    allow_dynamic_smem<chunk_output_sm90_kernel<__half>>(static_cast<int>(bytes));
     chunk_output_sm90_kernel<__half><<<static_cast<unsigned>(grid), kThreads, bytes, st>>>(p, static_cast<int>(hpc));
   }
   NK_CUDA_LAUNCH_CHECK();

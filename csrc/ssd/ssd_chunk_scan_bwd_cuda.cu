@@ -1815,10 +1815,10 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
     if (sm90 && b3_sm90_supports(q)) {
       const int bytes = static_cast<int>(sizeof(B3Sm90Smem<ssd_sm90::cute_elem_t<T>>));
       const unsigned grid = static_cast<unsigned>(b * nc * (H / w.hs));  // <= the portable grids (checked)
-      NK_CUDA_CHECK(cudaFuncSetAttribute(col_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      allow_dynamic_smem<col_sm90_kernel<T>>(bytes);
       col_sm90_kernel<T><<<grid, kThreads, bytes, stream>>>(q, w);
       NK_CUDA_LAUNCH_CHECK();
-      NK_CUDA_CHECK(cudaFuncSetAttribute(row_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      allow_dynamic_smem<row_sm90_kernel<T>>(bytes);
       row_sm90_kernel<T><<<grid, kThreads, bytes, stream>>>(q, w);
       NK_CUDA_LAUNCH_CHECK();
       b3_wgmma = true;
@@ -1828,11 +1828,11 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   if (!b3_wgmma) {
     const int nnt = static_cast<int>((p.dstate + kTile - 1) / kTile);
     const int col_smem = col_smem_bytes<T, Q>(p);
-    NK_CUDA_CHECK(cudaFuncSetAttribute(col_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, col_smem));
+    allow_dynamic_smem<col_kernel<T, Q>>(col_smem);
     col_kernel<T, Q><<<gx(g.col), kThreads, col_smem, stream>>>(q, w);
     NK_CUDA_LAUNCH_CHECK();
     const int row_smem = smem_with_tiles<RowSmem<T, Q>>(nnt);
-    NK_CUDA_CHECK(cudaFuncSetAttribute(row_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
+    allow_dynamic_smem<row_kernel<T, Q>>(row_smem);
     row_kernel<T, Q><<<gx(g.row), kThreads, row_smem, stream>>>(q, w);
     NK_CUDA_LAUNCH_CHECK();
   }

@@ -667,8 +667,7 @@ void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
     ssd_chunk_output_sm90(p, st);
 #endif
   } else {  // F4
-    NK_CUDA_CHECK(cudaFuncSetAttribute(chunk_scan_kernel<T, Q>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(L.bytes)));
+    allow_dynamic_smem<chunk_scan_kernel<T, Q>>(static_cast<int>(L.bytes));
     chunk_scan_kernel<T, Q><<<to_dim3(g.scan), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }

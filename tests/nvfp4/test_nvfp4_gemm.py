@@ -578,7 +578,7 @@ DECODE_MMA = pytest.mark.parametrize("decode_mma", ["0", "1"])
 @pytest.mark.gpu
 @DECODE_MMA
 @pytest.mark.parametrize("M,N,K", [(1, 8, 32), (36, 128, 64), (129, 264, 288), (256, 1024, 4096), (300, 136, 1040),
-                                   (200, 392, 1024)])
+                                   (200, 392, 1024), (1030, 392, 1024), (130, 264, 192)])
 def test_cutlass_path_within_the_documented_mma_bound(monkeypatch, decode_mma, M, N, K):
     monkeypatch.setenv("NEMOKERNELS_NVFP4_GEMM_DECODE_MMA", decode_mma)
     if nvfp4.gemm_path("cuda", M, N, K) not in CUTLASS_PATHS:
@@ -612,9 +612,10 @@ def test_cutlass_path_cancellation_and_special_scales(monkeypatch, decode_mma):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,K", [(130, 264, 1024), (3, 2688, 1024), (260, 136, 96)])
+@pytest.mark.parametrize("M,N,K", [(130, 264, 1024), (3, 2688, 1024), (260, 136, 96), (1030, 392, 192)])
 def test_sm90_decode_mma_runs_where_the_switch_says(monkeypatch, M, N, K):
-    """With NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1 on sm_90, K % 64 == 0 runs decode_mma_kernel and
+    """With NEMOKERNELS_NVFP4_GEMM_DECODE_MMA=1 on sm_90, K % 64 == 0 runs decode_mma_kernel (256-token
+    tiles from M 1024, 128 below; an odd number of K steps in the last case) and
     no CUTLASS GEMM (else the tests above would compare a path with itself); K % 64 != 0 keeps
     the CUTLASS GEMM. Results bit for bit equal across two calls (no atomics, fixed order), and
     against float64 within the MMA bound, with a bias, over a poisoned allocator."""

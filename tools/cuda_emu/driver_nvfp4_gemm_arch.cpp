@@ -57,10 +57,11 @@ void nvfp4_gemm_decode_mma_sm90(const Nvfp4GemmParams& p, const void* a16, const
 
 EMU_EXPORT long long emu_nvfp4_decode_mma_mock_calls() { return nk::emu_decode_mma_calls; }
 EMU_EXPORT long long emu_nvfp4_gemm_sm90_scratch_bytes(const nk::Nvfp4GemmParams* p) {
-  return nk::nvfp4_gemm_sm90_scratch_bytes(*p);
+  return nk::nvfp4_gemm_sm90_scratch_bytes(*p, nk::nvfp4_gemm_sm90_decode_mma(*p));
 }
 EMU_EXPORT int emu_nvfp4_gemm_sm90(const nk::Nvfp4GemmParams* p, void* scratch, char* err, int errlen) {
-  return emu::guarded([&] { nk::nvfp4_gemm_sm90(*p, scratch, nullptr); }, err, errlen);
+  return emu::guarded([&] { nk::nvfp4_gemm_sm90(*p, nk::nvfp4_gemm_sm90_decode_mma(*p), scratch, nullptr); }, err,
+                      errlen);
 }
 EMU_EXPORT long long emu_nvfp4_sm90_mock_calls() { return nk::emu_sm90_calls; }
 EMU_EXPORT long long emu_nvfp4_sm90_mock_f32_calls() { return nk::emu_sm90_f32_calls; }
