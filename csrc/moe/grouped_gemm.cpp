@@ -219,6 +219,54 @@ Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::opt
   return dw;
 }
 
+// grouped_gemm with NVFP4 expert weights (forward only): the checks, then the CPU kernel or the
+// CUDA path grouped_gemm_nvfp4w_cuda_path picks (the sm_90a wgmma kernel or the portable one).
+Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_global, Tensor expert_offsets,
+                           const std::string& activation) {
+  const char* op = "grouped_gemm (NVFP4 weights)";
+  check_dim(op, "a", a, 2);
+  check_dtype(op, "a", a, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  const GgType dt = gg_type(op, "a", a);
+  const int64_t R = a.size(0), K = a.size(1);
+  NK_CHECK(K % 16 == 0, op, ": K = a.shape[1] must be a multiple of 16 (one NVFP4 scale per 16 values), got ", K);
+  check_tensor(op, "w.data", w_data, {-1, -1, K / 2}, {ScalarType::Byte}, a, "a");
+  const int64_t E = w_data.size(0), N = w_data.size(1);
+  check_tensor(op, "w.scales", w_scales, {E, N, K / 16}, {ScalarType::Float8_e4m3fn}, a, "a");
+  check_dtype(op, "w.global_scale", w_global, {ScalarType::Float});
+  check_same_device(op, "w.global_scale", w_global, a, "a");
+  NK_CHECK(w_global.dim() <= 1 && (w_global.numel() == 1 || w_global.numel() == E), op,
+           ": w.global_scale must hold one float32 per expert (E = ", E, ") or one for all, got shape ",
+           shape_str(w_global));
+  NK_CHECK(activation == "none" || activation == "relu2", op, ": activation must be \"none\" or \"relu2\", got \"",
+           activation, "\"");
+  check_sizes(op, a, R, "N (w.data.shape[1], the output columns)", N);
+  check_offsets(op, expert_offsets, a, "a", R, E);
+  OptionalDeviceGuard guard(a);
+  Tensor ac = contig(a), dc = contig(w_data), sc = contig(w_scales), gc = contig(w_global), oc = contig(expert_offsets);
+  Tensor out = new_empty(a, {R, N}, a.scalar_type());
+  if (out.numel() == 0) return out;
+  if (K == 0 || E == 0) {  // empty sums: act(0) = 0 everywhere
+    torch::stable::zero_(out);
+    return out;
+  }
+  GroupedGemmNvfp4wParams p{};
+  p.dtype = dt;
+  p.R = R, p.N = N, p.K = K, p.E = E;
+  p.offsets = static_cast<const int32_t*>(oc.data_ptr());
+  p.a = ac.data_ptr();
+  p.codes = static_cast<const uint8_t*>(dc.data_ptr());
+  p.scales = static_cast<const uint8_t*>(sc.data_ptr());
+  p.global_scale = static_cast<const float*>(gc.data_ptr());
+  p.global_stride = gc.numel() == E && E > 1 ? 1 : 0;
+  p.act = activation == "relu2" ? GgAct::Relu2 : GgAct::None;
+  p.out = out.data_ptr();
+#ifdef NK_WITH_CUDA
+  if (a.is_cuda()) p.arch = grouped_gemm_nvfp4w_cuda_path(p);
+#endif
+  NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_nvfp4w_cpu(p), grouped_gemm_nvfp4w_cuda(p, stream));
+  return out;
+}
+
 // Both gradients of one forward. The CUTLASS path has no operand transform, so dgrad and wgrad
 // would each write g = round(dout * 2 * relu(pre)) (R x N) into their workspace: here it is
 // written once and both take it as their dout. Elsewhere (CPU, the portable kernels, which fuse

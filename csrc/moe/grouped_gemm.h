@@ -50,6 +50,33 @@ struct GroupedGemmParams {
   const float* alpha;
 };
 
+// grouped_gemm with NVFP4 expert weights and 16-bit or float32 tokens (W4A16 on the GPU):
+// out[r] = act(g[e] * a[r] @ What[e]^T) for r in expert e's rows, What[e] = e2m1(code) x
+// e4m3(scale) (exact), float32 accumulation, one rounding to a's dtype; rows outside every
+// segment are zeros. Forward only (nemokernels.moe.grouped_gemm with an NVFP4Tensor weight).
+struct GroupedGemmNvfp4wParams {
+  GgType dtype;             // of a and out: F32, F16 or BF16
+  int64_t R, N, K, E;       // K % 16 == 0
+  const int32_t* offsets;   // (E + 1,) on the tensors' device
+  const void* a;            // (R, K)
+  const uint8_t* codes;     // (E, N, K / 2), element 2i in the low nibble of byte i
+  const uint8_t* scales;    // (E, N, K / 16) E4M3
+  const float* global_scale;  // g[e * global_stride]
+  int64_t global_stride;    // 1: one per expert, 0: shared
+  GgAct act;
+  void* out;                // (R, N)
+  int arch;                 // CUDA: 90 when the sm_90a kernel runs it, else 0 (set by the entry)
+};
+void grouped_gemm_nvfp4w_cpu(const GroupedGemmNvfp4wParams& p);
+#ifdef NK_WITH_CUDA
+// The CUDA path of one call: 90 (the decode-in-the-mainloop wgmma kernel,
+// csrc/nvfp4/gemm_decode_mma_sm90.cu) for 16-bit tokens with K % 64 == 0, N % 8 == 0 and
+// 16-byte aligned operands on an sm_90 device of an sm_90a build, unless
+// NEMOKERNELS_GROUPED_GEMM_PORTABLE=1; else 0 (the portable SIMT kernel).
+int grouped_gemm_nvfp4w_cuda_path(const GroupedGemmNvfp4wParams& p);
+void grouped_gemm_nvfp4w_cuda(const GroupedGemmNvfp4wParams& p, void* stream);
+#endif
+
 void grouped_gemm_fwd_cpu(const GroupedGemmParams& p);
 void grouped_gemm_dgrad_cpu(const GroupedGemmParams& p);
 void grouped_gemm_wgrad_cpu(const GroupedGemmParams& p);

@@ -15,6 +15,8 @@ Tensor grouped_gemm_dgrad(Tensor dout, Tensor w, Tensor expert_offsets, std::opt
 Tensor grouped_gemm_wgrad(Tensor dout, Tensor a, Tensor expert_offsets, std::optional<Tensor> preact);
 std::tuple<Tensor, Tensor> grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Tensor expert_offsets,
                                             std::optional<Tensor> preact);
+Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_global, Tensor expert_offsets,
+                           const std::string& activation);
 std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_score_correction_bias,
                                       int64_t top_k, int64_t n_group, int64_t topk_group,
                                       bool norm_topk_prob, double routed_scaling_factor);
@@ -49,6 +51,11 @@ const OpDef kOps[] = {
   {"grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Tensor expert_offsets, Tensor? preact) "
    "-> (Tensor da, Tensor dw)",
    TORCH_BOX(&grouped_gemm_bwd)},
+  // NVFP4 expert weights (forward only): w_data (E, N, K/2) uint8, w_scales (E, N, K/16)
+  // float8_e4m3fn, w_global (E,) or one float32. out (R, N) in a's dtype = act(g[e] a @ What[e]^T).
+  {"grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_global, Tensor expert_offsets, "
+   "str activation) -> Tensor",
+   TORCH_BOX(&grouped_gemm_nvfp4w)},
   // ---- moe: LatentMoE dispatch (router, permutation plan, gather, combine) ---------------
   // logits (T, E) float32 -> topk_ids (T, k) int32, topk_weights (T, k) float32 (descending
   // choice score, ties to the lower index), in the order nemokernels.moe.moe_router returns

@@ -93,6 +93,23 @@ NK_HD bool nvfp4_gemm_decode_mma_sm90_takes(int64_t M, int64_t N, int64_t K) {
 void nvfp4_gemm_decode_mma_sm90(const Nvfp4GemmParams& p, const void* a16, const float* alpha, void* stream);
 // Whether this call takes it: the switch (read here) and the shape rule.
 bool nvfp4_gemm_sm90_decode_mma(const Nvfp4GemmParams& p);
+// The same kernel over expert segments: the MoE experts' GEMM with NVFP4 weights and bf16 or fp16
+// tokens (nemokernels.moe.grouped_gemm with an NVFP4Tensor weight; entry in
+// csrc/moe/grouped_gemm_nvfp4w.cpp). out[r] = act(alpha[e] * a[r] @ What[e]^T) for r in expert
+// e's rows, What = e2m1 x e4m3 decoded in registers; rows outside every segment are not written.
+struct Nvfp4GroupedArgs {
+  int64_t R, N, K, experts;  // K % 64 == 0, N % 8 == 0
+  bool bf16;                 // tokens and out bf16, else fp16
+  const void* a;             // (R, K)
+  const uint8_t* codes;      // (experts, N, K / 2)
+  const uint8_t* scales;     // (experts, N, K / 16) E4M3
+  const float* alpha;        // alpha[e * alpha_stride] (device)
+  int64_t alpha_stride;      // 1: one per expert, 0: shared
+  const int32_t* offsets;    // (experts + 1,) on the device
+  bool relu2;
+  void* out;                 // (R, N)
+};
+void nvfp4_grouped_decode_mma_sm90(const Nvfp4GroupedArgs& g, void* stream);
 #endif
 #ifdef NK_HAS_SM100
 // Whether the CUTLASS block-scaled kernel takes this problem (alignment, sizes).

@@ -4,6 +4,9 @@ and Nano (d 2688, F 1856, 128 experts, top-6), uniform and skewed routing. Segme
 to 128 rows per expert (the permutation's pad_to on CUDA) when experts average at least 128
 rows; below that padding would multiply the work (decode batches), so segments are unpadded.
 
+The grouped_gemm.nvfp4w.* cases (CUDA) run the same points with NVFP4 expert weights against
+our bf16 path and torch._grouped_mm on the same weights decoded to bf16.
+
 Details: docs/moe.md, section `nemokernels/benchmark/cases_moe_grouped_gemm.py`."""
 import torch
 
@@ -90,6 +93,39 @@ def _maker(offs, N, K, E, device, backward):
     return make
 
 
+def _nvfp4_maker(offs, N, K, E, device):
+    """bf16 tokens and NVFP4 expert weights (random codes, scales 2^-3..2^2, a global scale per
+    expert), plus the same weights decoded to bf16 for the bf16 baselines."""
+    from ..nvfp4 import NVFP4Tensor
+    from ..nvfp4.reference import decode_reference
+    R = offs[-1]
+
+    def make():
+        a = torch.randn(R, K, device=device, dtype=DTYPE)
+        data = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, device=device)
+        scales = torch.randint(0x20, 0x48, (E, N, K // 16), dtype=torch.uint8, device=device)
+        glob = torch.full((E,), 1.0 / K**0.5, device=device)
+        w = NVFP4Tensor(data, scales.view(torch.float8_e4m3fn), glob)
+        w16 = torch.stack([decode_reference(NVFP4Tensor(data[e], w.scales[e], glob[e]), torch.float32).to(DTYPE)
+                           for e in range(E)])
+        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        return a, (w, w16), offsets, offs
+    return make
+
+
+def _nvfp4_ours(act):
+    def run(a, ws, offsets, offs_host):
+        with torch.no_grad():
+            return grouped_gemm(a, ws[0], offsets, act)
+    return run
+
+
+def _on_bf16(fn):
+    def run(a, ws, offsets, offs_host):
+        return fn(a, ws[1], offsets, offs_host)
+    return run
+
+
 def cases(quick: bool, device) -> list:
     # On a CPU only the small token counts (a 4096-token Super up projection is ~0.5 TFLOP).
     cpu = torch.device(device).type == "cpu"
@@ -115,6 +151,13 @@ def cases(quick: bool, device) -> list:
                     "dense_mm_same_flops": _dense_same_flops(rows)}
             out.append(Case(op=f"grouped_gemm.{gemm}", name=name, make_inputs=_maker(offs, N, K, E, device, False),
                             fn=_ours(act), bytes=nbytes, flops=flops, baselines=base))
+            if not cpu:  # NVFP4 expert weights (W4A16 on sm_90): the weights' bytes at 4.5 bits
+                w4_bytes = sum(1 for c in counts if c) * N * K * 9 // 16
+                out.append(Case(op=f"grouped_gemm.nvfp4w.{gemm}", name=name,
+                                make_inputs=_nvfp4_maker(offs, N, K, E, device), fn=_nvfp4_ours(act),
+                                bytes=offs[-1] * (K + N) * 2 + w4_bytes, flops=flops,
+                                baselines={"ours_bf16_weights": _on_bf16(_ours(act)),
+                                           "torch_grouped_mm_bf16_weights": _on_bf16(_torch_grouped_mm(act))}))
             if gemm == "up_relu2" and not (cpu and quick):
                 out.append(Case(op=f"grouped_gemm.{gemm}.fwd_bwd", name=name,
                                 make_inputs=_maker(offs, N, K, E, device, True), fn=_fwd_bwd(_ours(act)),

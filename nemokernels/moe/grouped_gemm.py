@@ -1,9 +1,12 @@
 """Grouped GEMM over experts: the interface the rest of the MoE pipeline calls.
 
-``grouped_gemm(a, w, expert_offsets, activation="none")``
+``grouped_gemm(a, w, expert_offsets, activation="none")``; w may be an NVFP4Tensor (NVFP4 expert
+weights, forward only).
 
 Details: docs/moe.md, section `nemokernels/moe/grouped_gemm.py`."""
 import torch
+
+from ..nvfp4.tensor import NVFP4Tensor
 
 _ops = torch.ops.nemokernels
 
@@ -27,6 +30,11 @@ def _wgrad_fake(dout, a, expert_offsets, preact):
 @torch.library.register_fake("nemokernels::grouped_gemm_bwd")
 def _bwd_fake(dout, a, w, expert_offsets, preact):
     return dout.new_empty((dout.shape[0], w.shape[2])), dout.new_empty(w.shape)
+
+
+@torch.library.register_fake("nemokernels::grouped_gemm_nvfp4w")
+def _nvfp4w_fake(a, w_data, w_scales, w_global, expert_offsets, activation):
+    return a.new_empty((a.shape[0], w_data.shape[1]))
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -58,8 +66,16 @@ torch.library.register_autograd("nemokernels::grouped_gemm_fwd", _fwd_backward, 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
                  activation: str = "none") -> torch.Tensor:
     """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r; rows past
-    expert_offsets[E] are zeros. a (R, K), w (E, N, K) in a's dtype, expert_offsets (E + 1,)
-    int32, activation "none" or "relu2"; shapes and the backward ops: docs/moe.md."""
+    expert_offsets[E] are zeros. a (R, K), w (E, N, K) in a's dtype or an NVFP4Tensor of
+    (E, N, K) (forward only), expert_offsets (E + 1,) int32, activation "none" or "relu2";
+    shapes and the backward ops: docs/moe.md."""
+    if isinstance(w, NVFP4Tensor):
+        # NVFP4 expert weights: data (E, N, K/2) uint8, scales (E, N, K/16) float8_e4m3fn,
+        # global_scale (E,) or 0-dim float32; out = act(global[e] * a @ What[e]^T), float32 sums.
+        if torch.is_grad_enabled() and a.requires_grad:
+            raise NotImplementedError("grouped_gemm: no gradient through NVFP4 expert weights (forward only); "
+                                      "call it under torch.no_grad() or with an a that needs no gradient")
+        return _ops.grouped_gemm_nvfp4w(a, w.data, w.scales, w.global_scale, expert_offsets, activation)
     save_preact = activation == "relu2" and torch.is_grad_enabled() and (a.requires_grad or w.requires_grad)
     out, _ = _ops.grouped_gemm_fwd(a, w, expert_offsets, activation, save_preact)
     return out

@@ -16,26 +16,33 @@ using nk::sm90::frag_col;
 using nk::sm90::frag_row;
 
 namespace {
-uint32_t half_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
-bool same_half(uint32_t got, float want) {
-  const uint32_t w = half_bits(want);
-  const bool got_nan = (got & 0x7c00u) == 0x7c00u && (got & 0x3ffu) != 0;
-  return std::isnan(want) ? got_nan : got == w;
+// The 16-bit pattern of want in E (round to nearest); NaN matches any NaN.
+template <class E>
+bool same_bits(uint32_t got, float want) {
+  if constexpr (ns::kIsHalf<E>) {
+    if (std::isnan(want)) return (got & 0x7c00u) == 0x7c00u && (got & 0x3ffu) != 0;
+    return got == __half_as_ushort(__float2half_rn(want));
+  } else {
+    if (std::isnan(want)) return (got & 0x7f80u) == 0x7f80u && (got & 0x7fu) != 0;
+    return got == __bfloat16_as_ushort(__float2bfloat16_rn(want));
+  }
 }
 
+template <class E>
 int check_decoder() {
   for (uint32_t s = 0; s < 256; ++s) {
     const float sv = nk::nvfp4::e4m3_decode(static_cast<uint8_t>(s));
-    const uint32_t sh = ns::e4m3x2_to_half2(s | (s << 8));
+    const uint32_t sh = ns::e4m3x2_to_x2<E>(s | (s << 8));
     for (uint32_t x = 0; x < 65536; ++x) {
       uint32_t h0, h1;
-      ns::e2m1x4_to_half2x2(x | 0xabcd0000u, h0, h1);  // bits above 15 must not matter
-      h0 = ns::hmul2_bits(h0, sh), h1 = ns::hmul2_bits(h1, sh);
+      ns::e2m1x4_to_x2<E>(x | 0xabcd0000u, h0, h1);  // bits above 15 must not matter
+      h0 = ns::mul2_bits<E>(h0, sh), h1 = ns::mul2_bits<E>(h1, sh);
       const uint32_t got[4] = {h0 & 0xffffu, h0 >> 16, h1 & 0xffffu, h1 >> 16};
       for (int i = 0; i < 4; ++i) {
         const float want = nk::nvfp4::e2m1_decode(static_cast<uint8_t>((x >> (4 * i)) & 0xfu)) * sv;
-        if (!same_half(got[i], want)) {
-          std::printf("decoder: codes 0x%04x scale 0x%02x element %d: 0x%04x, want %g\n", x, s, i, got[i], want);
+        if (!same_bits<E>(got[i], want)) {
+          std::printf("decoder (%s): codes 0x%04x scale 0x%02x element %d: 0x%04x, want %g\n",
+                      ns::kIsHalf<E> ? "fp16" : "bf16", x, s, i, got[i], want);
           return 1;
         }
       }
@@ -44,6 +51,7 @@ int check_decoder() {
   return 0;
 }
 
+template <class E>
 int check_decode_row() {
   uint32_t seed = 12345;
   auto rnd = [&]() { return seed = seed * 1664525u + 1013904223u; };
@@ -53,7 +61,7 @@ int check_decode_row() {
     const uint32_t scales = rnd();
     for (int t = 0; t < 4; ++t) {
       uint32_t out[4][2];
-      ns::decode_row(w, scales, t, out);
+      ns::decode_row<E>(w, scales, t, out);
       for (int kb = 0; kb < 4; ++kb) {
         const float sv = nk::nvfp4::e4m3_decode(static_cast<uint8_t>(scales >> (8 * kb)));
         for (int j = 0; j < 2; ++j)
@@ -62,7 +70,7 @@ int check_decode_row() {
             const uint32_t code = (w[col / 8] >> (4 * (col % 8))) & 0xfu;
             const float want = nk::nvfp4::e2m1_decode(static_cast<uint8_t>(code)) * sv;
             const uint32_t got = h ? out[kb][j] >> 16 : out[kb][j] & 0xffffu;
-            if (!same_half(got, want)) {
+            if (!same_bits<E>(got, want)) {
               std::printf("decode_row: t %d block %d column %d: 0x%04x, want %g\n", t, kb, col, got, want);
               return 1;
             }
@@ -73,9 +81,45 @@ int check_decode_row() {
   return 0;
 }
 
-template <int kTok>
+// The table decoder: every entry, and decode_row_lut equal to decode_row on random rows.
+template <class E>
+int check_lut() {
+  static uint32_t lut[ns::kLutWords];
+  for (uint32_t b = 0; b < 256; ++b)
+    for (int l = 0; l < 32; ++l) lut[32 * b + l] = ns::lut_entry<E>(b);
+  for (uint32_t b = 0; b < 256; ++b) {
+    const uint32_t e = lut[32 * b + 5];
+    const float lo = nk::nvfp4::e2m1_decode(static_cast<uint8_t>(b & 0xf)),
+                hi = nk::nvfp4::e2m1_decode(static_cast<uint8_t>(b >> 4));
+    if (!same_bits<E>(e & 0xffffu, lo) || !same_bits<E>(e >> 16, hi)) {
+      std::printf("lut entry 0x%02x: 0x%08x, want (%g, %g)\n", b, e, lo, hi);
+      return 1;
+    }
+  }
+  uint32_t seed = 777;
+  auto rnd = [&]() { return seed = seed * 1664525u + 1013904223u; };
+  for (int trial = 0; trial < 2000; ++trial) {
+    uint32_t w[8];
+    for (auto& v : w) v = rnd();
+    const uint32_t scales = rnd();
+    for (int lane = 0; lane < 32; ++lane) {
+      uint32_t a[4][2], b[4][2];
+      ns::decode_row<E>(w, scales, lane % 4, a);
+      ns::decode_row_lut<E>(w, scales, lane, lut, b);
+      for (int kb = 0; kb < 4; ++kb)
+        for (int j = 0; j < 2; ++j)
+          if (a[kb][j] != b[kb][j] && !(std::isnan(nk::nvfp4::e4m3_decode(static_cast<uint8_t>(scales >> (8 * kb)))))) {
+            std::printf("decode_row_lut lane %d block %d: 0x%08x, decode_row 0x%08x\n", lane, kb, b[kb][j], a[kb][j]);
+            return 1;
+          }
+    }
+  }
+  return 0;
+}
+
+template <class E, int kTok>
 int check_fragments() {
-  typename ns::Cfg<kTok>::Mma mma;
+  typename ns::Cfg<E, kTok>::Mma mma;
   if (size(mma) != ns::kThreads) {
     std::printf("the tiled MMA does not take %d threads\n", ns::kThreads);
     return 1;
@@ -109,10 +153,10 @@ int check_fragments() {
   return 0;
 }
 
-template <int kTok>
+template <class E, int kTok>
 int check_tile() {
-  alignas(1024) static ns::E buf[kTok * ns::kK];
-  Tensor t = make_tensor(make_smem_ptr(buf), typename ns::Cfg<kTok>::SmemX{});
+  alignas(1024) static E buf[kTok * ns::kK];
+  Tensor t = make_tensor(make_smem_ptr(buf), typename ns::Cfg<E, kTok>::SmemX{});
   for (int r = 0; r < kTok; ++r)
     for (int c = 0; c < ns::kK; ++c) {
       const int got = static_cast<int>(&t(r, c) - buf), want = nk::sm90::k_sw128_offset<kTok>(r, c);
@@ -126,8 +170,13 @@ int check_tile() {
 }  // namespace
 
 int main() {
-  if (check_decoder() || check_decode_row() || check_fragments<128>() || check_fragments<256>() ||
-      check_tile<128>() || check_tile<256>())
+  using H = cute::half_t;
+  using B = cute::bfloat16_t;
+  if (check_decoder<H>() || check_decoder<B>() || check_decode_row<H>() || check_decode_row<B>() ||
+      check_lut<H>() || check_lut<B>() ||
+      check_fragments<H, 128>() || check_fragments<H, 256>() || check_fragments<B, 64>() ||
+      check_fragments<B, 128>() || check_tile<H, 128>() || check_tile<H, 256>() || check_tile<B, 64>() ||
+      check_tile<B, 128>())
     return 1;
   std::printf("ok\n");
   return 0;
