@@ -93,7 +93,7 @@ MUTANTS = [
     Mutant("ssd-cuda-bwd-sum-bc-group-offset", "wrong index", "csrc/ssd/ssd_chunk_scan_bwd_cuda.cu",
            "const int64_t n = (e % N8) * 8,", "const int64_t n = (e % N8),",
            ("tests/ssd/test_cuda_emulation_ssd.py", "-k", "test_ssd_emulated and not slow")),
-    Mutant("ssd-sm90-fragment-column-map", "wrong fragment layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",
+    Mutant("ssd-sm90-fragment-column-map", "wrong fragment layout", "csrc/common/wgmma_sm90.cuh",
            "8 * (v / 4) + 2 * (lane % 4) + (v & 1)", "8 * (v / 4) + 2 * (lane / 8) + (v & 1)",
            ("tests/ssd/test_ssd_sm90_layout.py",), rebuild=False),  # the test compiles the header itself
     Mutant("ssd-sm90-b3-halves-atom-order", "wrong shared layout", "csrc/ssd/ssd_chunk_output_sm90.cuh",

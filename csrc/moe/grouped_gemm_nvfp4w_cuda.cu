@@ -25,14 +25,15 @@ constexpr int kNvThreads = 128;  // weight rows per block
 constexpr int kNvRows = 4;       // token rows per pass
 
 // Rows before offsets[0] or from offsets[E] on (clamped into [0, R]) belong to no expert: zeros.
+// Only those rows are visited: [0, first) then [last, R), as one range of (first + R - last) N.
 template <typename T>
 __global__ void nvfp4w_zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t N, T* out) {
   const int64_t first = min(max(static_cast<int64_t>(off[0]), int64_t(0)), R);
   const int64_t last = min(max(static_cast<int64_t>(off[E]), first), R);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < R * N;
+  const int64_t head = first * N, n = head + (R - last) * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / N;
-    if (r < first || r >= last) out[i] = from_f<T>(0.f);
+    out[i < head ? i : last * N + (i - head)] = from_f<T>(0.f);
   }
 }
 

@@ -94,8 +94,8 @@ void nvfp4_gemm_decode_mma_sm90(const Nvfp4GemmParams& p, const void* a16, const
 // Whether this call takes it: the switch (read here) and the shape rule.
 bool nvfp4_gemm_sm90_decode_mma(const Nvfp4GemmParams& p);
 // The same kernel over expert segments: the MoE experts' GEMM with NVFP4 weights and bf16 or fp16
-// tokens (nemokernels.moe.grouped_gemm with an NVFP4Tensor weight; entry in
-// csrc/moe/grouped_gemm_nvfp4w.cpp). out[r] = act(alpha[e] * a[r] @ What[e]^T) for r in expert
+// tokens (nemokernels.moe.grouped_gemm with an NVFP4Tensor weight; entry grouped_gemm_nvfp4w in
+// csrc/moe/grouped_gemm.cpp). out[r] = act(alpha[e] * a[r] @ What[e]^T) for r in expert
 // e's rows, What = e2m1 x e4m3 decoded in registers; rows outside every segment are not written.
 struct Nvfp4GroupedArgs {
   int64_t R, N, K, experts;  // K % 64 == 0, N % 8 == 0

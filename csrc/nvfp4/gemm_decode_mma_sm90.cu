@@ -68,7 +68,7 @@ NK_DEVICE uint32_t pack16(T v) {
   return *reinterpret_cast<const uint16_t*>(&v);
 }
 
-// Two CTAs per SM for 64-token tiles (<= 128 registers, ~52 KB of shared memory each): one's
+// Two CTAs per SM for 64-token tiles (<= 128 registers, ~84 KB of shared memory each): one's
 // barrier and decode under the other's wgmma at decode sizes.
 template <class E, typename OutT, int kTok>
 __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kernel(Args q) {
@@ -80,14 +80,6 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
   uint8_t* base = smem_raw + ((1024u - static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) % 1024u) % 1024u);
   Stages<E, kTok>& S = *reinterpret_cast<Stages<E, kTok>*>(base);
   const int tid = threadIdx.x, lane = tid % 32;
-  // The decode table (read after the prologue's barrier below).
-  uint32_t* lut = reinterpret_cast<uint32_t*>(base + lut_offset<E, kTok>());
-  {
-    static_assert(kThreads == 256, "one table entry per thread");
-    const uint32_t v = lut_entry<E>(static_cast<uint32_t>(tid));
-    CUTE_UNROLL
-    for (int l = 0; l < 32; ++l) lut[32 * tid + l] = v;
-  }
   const int64_t n0 = int64_t(blockIdx.x) * kRows;
   const int KT = static_cast<int>(q.K / kK);
   const int64_t code_ld = q.K / 2, scale_ld = q.K / 16;
@@ -104,6 +96,16 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
     codes += e * q.N * code_ld;
     scales += e * q.N * scale_ld;
     alpha = q.alpha[e * q.alpha_stride];
+  }
+  if (m_first >= m_end) return;  // an expert without rows (uniform over the CTA)
+  // The decode table (read after the prologue's barrier below): warp w writes entries 32 w ..
+  // 32 w + 31, one entry's 32 copies per store (lane l to copy l: bank l, no conflicts).
+  uint32_t* lut = reinterpret_cast<uint32_t*>(base + lut_offset<E, kTok>());
+  {
+    static_assert(kThreads == 256, "one table entry per thread");
+    const uint32_t v = lut_entry<E>(static_cast<uint32_t>(tid));
+    CUTE_UNROLL
+    for (int i = 0; i < 32; ++i) lut[32 * (32 * (tid / 32) + i) + lane] = __shfl_sync(0xffffffffu, v, i);
   }
   const E* x = static_cast<const E*>(q.x);
   OutT* out = static_cast<OutT*>(q.out);

@@ -72,7 +72,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
     if isinstance(w, NVFP4Tensor):
         # NVFP4 expert weights: data (E, N, K/2) uint8, scales (E, N, K/16) float8_e4m3fn,
         # global_scale (E,) or 0-dim float32; out = act(global[e] * a @ What[e]^T), float32 sums.
-        if torch.is_grad_enabled() and a.requires_grad:
+        if torch.is_grad_enabled() and (a.requires_grad or w.global_scale.requires_grad):
             raise NotImplementedError("grouped_gemm: no gradient through NVFP4 expert weights (forward only); "
                                       "call it under torch.no_grad() or with an a that needs no gradient")
         return _ops.grouped_gemm_nvfp4w(a, w.data, w.scales, w.global_scale, expert_offsets, activation)

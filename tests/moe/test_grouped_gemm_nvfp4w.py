@@ -44,8 +44,9 @@ def reference(a, w, offsets, activation):
     return out
 
 
-def case(counts, N, K, dtype, device, extra_rows=3, per_expert=True, seed=0):
-    offsets = offsets_from_counts(counts, device)
+def case(counts, N, K, dtype, device, extra_rows=3, per_expert=True, seed=0, lead_rows=0):
+    """lead_rows: rows before offsets[0] (which belong to no expert, as rows past offsets[E])."""
+    offsets = offsets_from_counts(counts, device) + lead_rows
     R = int(offsets[-1]) + extra_rows
     a = torch.randn(R, K, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(device)
     return a, rand_experts(len(counts), N, K, device, per_expert, seed), offsets
@@ -55,8 +56,9 @@ def check(out, a, w, offsets, activation, dtype, what):
     ref = reference(a, w, offsets, activation)
     assert out.shape == ref.shape and out.dtype == dtype, what
     assert_close(out.cpu(), ref, dtype, factor=2.0 if activation == "relu2" else 1.0, what=what)
-    R0 = int(offsets[-1])
-    assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), f"{what}: rows past offsets[E] must be 0"
+    R0, R1 = int(offsets[0]), int(offsets[-1])
+    assert torch.equal(out[R1:].cpu(), torch.zeros_like(out[R1:]).cpu()), f"{what}: rows past offsets[E] must be 0"
+    assert torch.equal(out[:R0].cpu(), torch.zeros_like(out[:R0]).cpu()), f"{what}: rows before offsets[0] must be 0"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -64,8 +66,8 @@ def check(out, a, w, offsets, activation, dtype, what):
 @pytest.mark.parametrize("activation", ["none", "relu2"])
 @pytest.mark.parametrize("per_expert", [True, False])
 def test_matches_float64(device, dtype, activation, per_expert):
-    for counts, N, K in (([5, 0, 40, 1, 19], 24, 64), ([3, 7], 20, 48), ([130, 2, 0], 136, 128)):
-        a, w, offsets = case(counts, N, K, dtype, device, per_expert=per_expert)
+    for counts, N, K, lead in (([5, 0, 40, 1, 19], 24, 64, 0), ([3, 7], 20, 48, 2), ([130, 2, 0], 136, 128, 1)):
+        a, w, offsets = case(counts, N, K, dtype, device, per_expert=per_expert, lead_rows=lead)
         poison_allocator(device)
         with torch.no_grad():
             out = grouped_gemm(a, w, offsets, activation)
@@ -137,7 +139,7 @@ def test_emulated_params_layout():
 def test_emulated_portable_kernel(dtype, activation):
     """The zero fill and the SIMT kernel (4 token rows per pass: segments of 5, 1 and 7 rows test
     the partial pass) over NaN-poisoned outputs, against float64."""
-    a, w, offsets = case([5, 0, 1, 7], 24, 48, dtype, "cpu", per_expert=(activation == "none"))
+    a, w, offsets = case([5, 0, 1, 7], 24, 48, dtype, "cpu", per_expert=(activation == "none"), lead_rows=2)
     out = torch.full((a.shape[0], 24), float("nan"), dtype=dtype)
     lib = emu()
     p = lib.S["GroupedGemmNvfp4wParams"]()
@@ -164,7 +166,7 @@ def test_sm90_kernel_and_the_portable_one(monkeypatch, dtype, activation, counts
     decodes the weights in its mainloop (the profiler shows it), the portable kernel
     (NEMOKERNELS_GROUPED_GEMM_PORTABLE=1) agrees within float32-accumulation noise, both match
     float64, the kernel is bit for bit repeatable, rows past offsets[E] are zeros."""
-    a, w, offsets = case(counts, N, K, dtype, "cuda", extra_rows=5)
+    a, w, offsets = case(counts, N, K, dtype, "cuda", extra_rows=5, lead_rows=3)
     poison_allocator("cuda")
     with torch.no_grad():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

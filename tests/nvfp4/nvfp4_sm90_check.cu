@@ -174,9 +174,9 @@ int main() {
   using B = cute::bfloat16_t;
   if (check_decoder<H>() || check_decoder<B>() || check_decode_row<H>() || check_decode_row<B>() ||
       check_lut<H>() || check_lut<B>() ||
-      check_fragments<H, 128>() || check_fragments<H, 256>() || check_fragments<B, 64>() ||
-      check_fragments<B, 128>() || check_tile<H, 128>() || check_tile<H, 256>() || check_tile<B, 64>() ||
-      check_tile<B, 128>())
+      check_fragments<H, 64>() || check_fragments<H, 128>() || check_fragments<H, 256>() ||
+      check_fragments<B, 64>() || check_fragments<B, 128>() || check_tile<H, 64>() || check_tile<H, 128>() ||
+      check_tile<H, 256>() || check_tile<B, 64>() || check_tile<B, 128>())
     return 1;
   std::printf("ok\n");
   return 0;
