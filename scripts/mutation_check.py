@@ -211,7 +211,7 @@ MUTANTS = [
            "kE2M1Bf16LoHi = 0xC0804000u;", "kE2M1Bf16LoHi = 0xC0800000u;",
            ("tests/nvfp4/test_nvfp4_sm90_check.py", "-k", "decoder")),
     Mutant("nvfp4-sm90-decode-row-wrong-word", "wrong index", "csrc/nvfp4/gemm_decode_mma_sm90.cuh",
-           "(static_cast<uint32_t>(t + 4) << 4);", "(static_cast<uint32_t>(t + 5) << 4);",
+           "mine[32 * nvfp4::byte_perm(w[2 * kb + 1], 0u, sel)]", "mine[32 * nvfp4::byte_perm(w[2 * kb], 0u, sel)]",
            ("tests/nvfp4/test_nvfp4_sm90_check.py", "-k", "decoder")),
     Mutant("nvfp4-sm90-decode-mma-shape-rule-ignored", "dropped condition", "csrc/nvfp4/gemm_cuda.cu",
            "v[0] == '1' && nvfp4_gemm_decode_mma_sm90_takes(p.M, p.N, p.K);", "v[0] == '1';",

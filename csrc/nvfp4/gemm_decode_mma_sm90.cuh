@@ -123,28 +123,11 @@ NK_HD uint32_t mul2_bits(uint32_t x, uint32_t s) {
 #endif
 }
 
-// One weight row's part of the A fragment for one stage: the row's 32 code bytes w[0..7] (64
-// elements) and its 4 scale bytes (one per k16 block); t = lane % 4. For k16 block kb the thread
-// needs elements 16 kb + 2t, +1 (byte t of word 2 kb) and 16 kb + 8 + 2t, +1 (byte t of word
-// 2 kb + 1); out[kb][0], out[kb][1] are their E x2 pairs, scaled.
-template <class E>
-NK_HD void decode_row(const uint32_t (&w)[8], uint32_t scales, int t, uint32_t (&out)[4][2]) {
-  const uint32_t sel = static_cast<uint32_t>(t) | (static_cast<uint32_t>(t + 4) << 4);
-  const uint32_t sh[2] = {e4m3x2_to_x2<E>(scales), e4m3x2_to_x2<E>(scales >> 16)};  // blocks 0, 1 | 2, 3
-  for (int kb = 0; kb < 4; ++kb) {
-    uint32_t h0, h1;
-    e2m1x4_to_x2<E>(nvfp4::byte_perm(w[2 * kb], w[2 * kb + 1], sel), h0, h1);
-    // block kb's scale in both halves: bytes (0, 1) or (2, 3) of its x2 word, twice
-    const uint32_t s = nvfp4::byte_perm(sh[kb / 2], 0u, (kb % 2) ? 0x3232u : 0x1010u);
-    out[kb][0] = mul2_bits<E>(h0, s);
-    out[kb][1] = mul2_bits<E>(h1, s);
-  }
-}
-
-// The same through a table in shared memory: entry b of the 256 is the E x2 pair of code byte b
-// (low nibble in the low half), replicated 32 times so that lane l reads copy l (word
-// 32 b + l, bank l: no conflicts whatever the codes). A pair costs a byte extract, an address,
-// one LDS and the scale multiply, against two or three permutes and the sign merges above.
+// Decoding through a table in shared memory: entry b of the 256 is the E x2 pair of code byte b
+// (low nibble in the low half), built by e2m1x4_to_x2 and replicated 32 times so that lane l
+// reads copy l (word 32 b + l, bank l: no conflicts whatever the codes). A pair costs a byte
+// extract, an address, one LDS and the scale multiply, against one to three permutes and the
+// sign merges of e2m1x4_to_x2.
 constexpr int kLutWords = 256 * 32;
 template <class E>
 NK_HD uint32_t lut_entry(uint32_t byte) {
@@ -152,13 +135,18 @@ NK_HD uint32_t lut_entry(uint32_t byte) {
   e2m1x4_to_x2<E>(byte & 0xffu, h0, h1);
   return h0;
 }
+// One weight row's part of the A fragment for one stage: the row's 32 code bytes w[0..7] (64
+// elements) and its 4 scale bytes (one per k16 block); t = lane % 4. For k16 block kb the thread
+// needs elements 16 kb + 2t, +1 (byte t of word 2 kb) and 16 kb + 8 + 2t, +1 (byte t of word
+// 2 kb + 1); out[kb][0], out[kb][1] are their E x2 pairs, scaled.
 template <class E>
 NK_HD void decode_row_lut(const uint32_t (&w)[8], uint32_t scales, int lane, const uint32_t* lut,
                           uint32_t (&out)[4][2]) {
   const uint32_t sel = static_cast<uint32_t>(lane % 4) | 0x4440u;  // byte t, then zeros
   const uint32_t* mine = lut + lane;
-  const uint32_t sh[2] = {e4m3x2_to_x2<E>(scales), e4m3x2_to_x2<E>(scales >> 16)};
+  const uint32_t sh[2] = {e4m3x2_to_x2<E>(scales), e4m3x2_to_x2<E>(scales >> 16)};  // blocks 0, 1 | 2, 3
   for (int kb = 0; kb < 4; ++kb) {
+    // block kb's scale in both halves: bytes (0, 1) or (2, 3) of its x2 word, twice
     const uint32_t s = nvfp4::byte_perm(sh[kb / 2], 0u, (kb % 2) ? 0x3232u : 0x1010u);
     out[kb][0] = mul2_bits<E>(mine[32 * nvfp4::byte_perm(w[2 * kb], 0u, sel)], s);
     out[kb][1] = mul2_bits<E>(mine[32 * nvfp4::byte_perm(w[2 * kb + 1], 0u, sel)], s);

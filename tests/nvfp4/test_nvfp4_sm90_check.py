@@ -1,5 +1,5 @@
 """The NVFP4 decode-in-the-mainloop GEMM's pieces on the host (nvfp4_sm90_check.cu): its fp16x2
-decoder against e2m1 x e4m3 for every code input and scale byte, where decode_row puts each
+decoder against e2m1 x e4m3 for every code input and scale byte, where decode_row_lut puts each
 element, the wgmma fragment map against CuTe's layouts for every thread, and the token tile's
 offsets. The kernel (csrc/nvfp4/gemm_decode_mma_sm90.cu) needs a GPU; a wrong map or decode
 there is silently wrong output, and this finds it with nvcc and CUTLASS alone. Also: the kernel
