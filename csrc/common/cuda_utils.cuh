@@ -4,8 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "common/macros.h"
 
 #define NK_CUDA_CHECK(expr)                                                              \
   do {                                                                                   \
@@ -37,6 +40,18 @@ inline int sm_count() {
   if (slot) *slot = n;
   return n;
 }
+
+// Compute capability of the current device as major * 10 + minor (90: sm_90).
+inline int current_device_cc() {
+  int dev = 0, major = 0, minor = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major * 10 + minor;
+}
+
+// A base TMA, cp.async and 16-byte vector accesses can take (host and device).
+NK_HD bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 // cudaFuncSetAttribute(kKernel, MaxDynamicSharedMemorySize, bytes) when this kernel has not yet
 // been allowed that many bytes on the current device: the driver call costs host time (wall time

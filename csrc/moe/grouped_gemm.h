@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/macros.h"
 
@@ -69,6 +70,12 @@ struct GroupedGemmNvfp4wParams {
 };
 void grouped_gemm_nvfp4w_cpu(const GroupedGemmNvfp4wParams& p);
 #ifdef NK_WITH_CUDA
+// NEMOKERNELS_GROUPED_GEMM_PORTABLE=1: the portable kernels for every grouped GEMM (benchmarks,
+// A/B tests). Read per call.
+inline bool grouped_gemm_portable_forced() {
+  const char* v = std::getenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE");
+  return v != nullptr && v[0] == '1';
+}
 // The CUDA path of one call: 90 (the decode-in-the-mainloop wgmma kernel,
 // csrc/nvfp4/gemm_decode_mma_sm90.cu) for 16-bit tokens with K % 64 == 0, N % 8 == 0 and
 // 16-byte aligned operands on an sm_90 device of an sm_90a build, unless

@@ -221,8 +221,6 @@ struct TileLoader {
   }
 };
 
-NK_DEVICE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 template <typename T, int MODE, bool DACT>
 __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(GroupedGemmParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -633,7 +631,6 @@ void dispatch(const GroupedGemmParams& p, void* stream) {
   }
 }
 
-bool aligned16_host(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 constexpr int64_t kCutlassIntMax = 2147483647;
 
@@ -643,14 +640,12 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
   p.arch = 0;
   p.workspace = nullptr;
 #if defined(NK_HAS_SM90) || defined(NK_HAS_SM100)
-  // NEMOKERNELS_GROUPED_GEMM_PORTABLE=1 forces the portable kernels (benchmarks, A/B tests).
-  const char* force = std::getenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE");
-  if (force != nullptr && force[0] == '1') return 0;
+  if (grouped_gemm_portable_forced()) return 0;
   // TMA needs 16-byte aligned bases and row strides: bf16 with N, K multiples of 8.
   if (p.dtype != GgType::BF16 || p.N % 8 != 0 || p.K % 8 != 0) return 0;
   for (const void* ptr : {p.a, p.w, p.dout, p.pre_in, static_cast<const void*>(p.out),
                           static_cast<const void*>(p.pre_out)}) {
-    if (!aligned16_host(ptr)) return 0;
+    if (!aligned16(ptr)) return 0;
   }
   // The CUTLASS problem shapes are int (M = an expert's rows <= R, N, K): larger problems take the
   // portable kernels. (The entry's limits, R < 2^31 and output columns <= 65535 * 64, keep every
@@ -659,16 +654,13 @@ int64_t grouped_gemm_cuda_prepare(GroupedGemmParams& p, GgOp op) {
   const bool fits_int = p.R <= kCutlassIntMax && p.N <= kCutlassIntMax && p.K <= kCutlassIntMax &&
                         p.E <= kCutlassIntMax;
   if (!fits_int) return 0;
-  int dev = 0, major = 0, minor = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  const int cc = current_device_cc();
   int arch = 0;
 #ifdef NK_HAS_SM90
-  if (major == 9 && minor == 0) arch = 90;
+  if (cc == 90) arch = 90;
 #endif
   // The sm_100 kernels run on the compute capabilities they were compiled for (common/arch.h).
-  if (sm100_kernels_run_on(major * 10 + minor)) arch = 100;
+  if (sm100_kernels_run_on(cc)) arch = 100;
   if (arch == 0) return 0;
   const bool fused_bwd = op != kGgFwd && p.pre_in != nullptr;
   const int64_t g_bytes = fused_bwd ? align256(p.R * p.N * 2) : 0;

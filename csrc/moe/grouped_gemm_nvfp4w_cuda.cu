@@ -80,22 +80,15 @@ void run_portable(const GroupedGemmNvfp4wParams& p, cudaStream_t s) {
   NK_CUDA_LAUNCH_CHECK();
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 }  // namespace
 
 int grouped_gemm_nvfp4w_cuda_path(const GroupedGemmNvfp4wParams& p) {
 #ifdef NK_HAS_SM90
-  const char* force = std::getenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE");
-  if (force != nullptr && force[0] == '1') return 0;
+  if (grouped_gemm_portable_forced()) return 0;
   if (p.dtype != GgType::BF16 && p.dtype != GgType::F16) return 0;
   if (p.K % 64 != 0 || p.N % 8 != 0 || p.E > 65535 || p.R <= 0) return 0;
   if (!aligned16(p.a) || !aligned16(p.codes) || !aligned16(p.scales) || !aligned16(p.out)) return 0;
-  int dev = 0, major = 0, minor = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0 ? 90 : 0;
+  return current_device_cc() == 90 ? 90 : 0;
 #else
   (void)p;
   return 0;

@@ -343,8 +343,6 @@ __global__ void __launch_bounds__(kRowThreads) combine_bwd_dw_kernel(CombineBwdP
 
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // 16-byte accesses are legal when every row start is 16-byte aligned.
 bool vec_ok(int elem_bytes, int64_t width, std::initializer_list<std::pair<const void*, int64_t>> rows) {
   if ((width * elem_bytes) % 16) return false;

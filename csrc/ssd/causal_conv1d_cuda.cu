@@ -470,8 +470,6 @@ void dispatch(DType dt, int width, F&& f) {
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // The access mode of a (batch, dim, seqlen) tensor: 16-byte vectors along the unit-stride
 // dimension when every vector the tiles touch is whole and aligned, else element by element.
 TAcc make_acc(const void* ptr, int64_t sb, int64_t sc, int64_t st, int64_t dim, int elem_bytes) {

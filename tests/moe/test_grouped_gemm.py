@@ -412,6 +412,21 @@ def test_cuda_arch_relu2_training_forward():
     assert torch.equal(pre, plain), "the saved pre-activation must equal the plain forward"
 
 
+def check_training_forward_and_grads(a, w, offsets, activation, ref, a64, w64, what):
+    """The forward with a gradient (a, w requiring grad) against the float64 reference ref of
+    (a64, w64), then da and dw against autograd of that reference, for one random upstream grad."""
+    dtype, N = a.dtype, w.shape[1]
+    a_, w_ = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = grouped_gemm(a_, w_, offsets, activation)
+    assert_forward_close(out.detach(), ref.detach(), a, w, offsets, dtype, activation, what=what)
+    g = torch.randn(a.shape[0], N, device=a.device, dtype=dtype)
+    da, dw = torch.autograd.grad(out, (a_, w_), g)
+    da_ref, dw_ref = torch.autograd.grad(ref, (a64, w64), g.cpu().double())
+    f = 2.0 if activation == "relu2" else 1.0
+    assert_close(da, da_ref, dtype, factor=f, what="da")
+    assert_close(dw, dw_ref, dtype, factor=f, what="dw")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["none", "relu2"])
 def test_cuda_arch_m64_tiles_opt_in(monkeypatch, activation):
@@ -430,15 +445,7 @@ def test_cuda_arch_m64_tiles_opt_in(monkeypatch, activation):
     assert_forward_close(out, ref.detach(), a, w, offsets, dtype, activation, what="m64 inference")
     R0 = int(offsets[-1])
     assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), "rows past offsets[E] must be 0"
-    a_, w_ = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    out = grouped_gemm(a_, w_, offsets, activation)
-    assert_forward_close(out.detach(), ref.detach(), a, w, offsets, dtype, activation, what="m64 training")
-    g = torch.randn(a.shape[0], N, device="cuda", dtype=dtype)
-    da, dw = torch.autograd.grad(out, (a_, w_), g)
-    da_ref, dw_ref = torch.autograd.grad(ref, (a64, w64), g.cpu().double())
-    f = 2.0 if activation == "relu2" else 1.0
-    assert_close(da, da_ref, dtype, factor=f, what="da")
-    assert_close(dw, dw_ref, dtype, factor=f, what="dw")
+    check_training_forward_and_grads(a, w, offsets, activation, ref, a64, w64, what="m64 training")
 
 
 @pytest.mark.gpu
@@ -463,15 +470,7 @@ def test_cuda_arch_swap_ab_opt_in(monkeypatch, activation):
     assert torch.equal(out, again)
     R0 = int(offsets[-1])
     assert torch.equal(out[R0:].cpu(), torch.zeros_like(out[R0:]).cpu()), "rows past offsets[E] must be 0"
-    a_, w_ = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    out = grouped_gemm(a_, w_, offsets, activation)
-    assert_forward_close(out.detach(), ref.detach(), a, w, offsets, dtype, activation, what="training")
-    g = torch.randn(a.shape[0], N, device="cuda", dtype=dtype)
-    da, dw = torch.autograd.grad(out, (a_, w_), g)
-    da_ref, dw_ref = torch.autograd.grad(ref, (a64, w64), g.cpu().double())
-    f = 2.0 if activation == "relu2" else 1.0
-    assert_close(da, da_ref, dtype, factor=f, what="da")
-    assert_close(dw, dw_ref, dtype, factor=f, what="dw")
+    check_training_forward_and_grads(a, w, offsets, activation, ref, a64, w64, what="training")
 
 
 # ---------------------------------------------------------------- bad input, table-driven
