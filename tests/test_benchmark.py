@@ -182,3 +182,29 @@ def test_quick_cpu_run_is_cpu_sized():
     for c in cases:
         assert c.bytes <= 64 << 20 and c.flops <= 4e9, (c.op, c.name, c.bytes, c.flops)
         assert _input_bytes(c.make_inputs()) <= 64 << 20, (c.op, c.name)
+
+
+def test_low_precision_expert_cases_run_at_a_cpu_size():
+    """The CUDA-only FP8 / NVFP4 expert cases' inputs and functions, at a tiny CPU size, before a
+    GPU round spends time on them: the FP8 GEMM on rows quantized beforehand equals the call that
+    quantizes them itself, and the quantized layers stay near the bf16 layer (weights quantized to
+    FP8 / NVFP4: errors of a few percent, far below the layer's own scale)."""
+    from nemokernels.benchmark import cases_moe as cm
+    from nemokernels.benchmark import cases_moe_grouped_gemm as cg
+    from nemokernels.moe import LatentMoE
+
+    offs = [0, 5, 5, 12]
+    a, ws, offsets, offs_host = cg._fp8_maker(offs, 32, 48, 3, "cpu")()
+    for act in ("none", "relu2"):
+        pre = cg._fp8_ours(act, False)(a, ws, offsets, offs_host)
+        assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
+        bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
+        assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
+    torch.manual_seed(0)
+    m = LatentMoE(64, 8, 2, 32, 48, 32, dtype=torch.bfloat16)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = m(x).float()
+        for fmt in ("fp8", "nvfp4"):
+            out = cm._quantized_layer(fmt)(m, x).float()
+            assert torch.linalg.norm(out - ref) <= 0.15 * torch.linalg.norm(ref), fmt

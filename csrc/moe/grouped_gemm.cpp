@@ -267,6 +267,109 @@ Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_gl
   return out;
 }
 
+// grouped_gemm with FP8 rows and FP8 expert weights (forward only): the checks, then the CPU
+// kernel or the CUDA path grouped_gemm_fp8_cuda_prepare picks (CUTLASS on sm_90a, else portable).
+Tensor grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
+                        const std::string& activation, ScalarType out_dtype) {
+  const char* op = "grouped_gemm (FP8)";
+  check_dim(op, "a", a, 2);
+  check_dtype(op, "a", a, {ScalarType::Float8_e4m3fn});
+  const int64_t R = a.size(0), K = a.size(1);
+  check_tensor(op, "a_scale", a_scale, {R}, {ScalarType::Float}, a, "a");
+  check_tensor(op, "w", w, {-1, -1, K}, {ScalarType::Float8_e4m3fn}, a, "a");
+  const int64_t E = w.size(0), N = w.size(1);
+  check_dtype(op, "w_scale", w_scale, {ScalarType::Float});
+  check_same_device(op, "w_scale", w_scale, a, "a");
+  NK_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == 1 || w_scale.numel() == E), op,
+           ": w_scale must hold one float32 per expert (E = ", E, ") or one for all, got shape ", shape_str(w_scale));
+  NK_CHECK(activation == "none" || activation == "relu2", op, ": activation must be \"none\" or \"relu2\", got \"",
+           activation, "\"");
+  NK_CHECK(out_dtype == ScalarType::BFloat16 || out_dtype == ScalarType::Half || out_dtype == ScalarType::Float, op,
+           ": out_dtype must be bfloat16, float16 or float32");
+  check_sizes(op, a, R, "N (w.shape[1], the output columns)", N);
+  check_offsets(op, expert_offsets, a, "a", R, E);
+  OptionalDeviceGuard guard(a);
+  Tensor ac = contig(a), sc = contig(a_scale), wc = contig(w), wsc = contig(w_scale), oc = contig(expert_offsets);
+  Tensor out = new_empty(a, {R, N}, out_dtype);
+  if (out.numel() == 0) return out;
+  if (K == 0 || E == 0) {  // empty sums: act(0) = 0 everywhere
+    torch::stable::zero_(out);
+    return out;
+  }
+  GroupedGemmFp8Params p{};
+  p.dtype = out_dtype == ScalarType::BFloat16 ? GgType::BF16 : out_dtype == ScalarType::Half ? GgType::F16 : GgType::F32;
+  p.R = R, p.N = N, p.K = K, p.E = E;
+  p.offsets = static_cast<const int32_t*>(oc.data_ptr());
+  p.a = static_cast<const uint8_t*>(ac.data_ptr());
+  p.a_scale = static_cast<const float*>(sc.data_ptr());
+  p.w = static_cast<const uint8_t*>(wc.data_ptr());
+  p.w_scale = static_cast<const float*>(wsc.data_ptr());
+  p.w_scale_stride = wsc.numel() == E && E > 1 ? 1 : 0;
+  p.act = activation == "relu2" ? GgAct::Relu2 : GgAct::None;
+  p.out = out.data_ptr();
+  std::optional<Tensor> ws;
+#ifdef NK_WITH_CUDA
+  if (a.is_cuda()) {
+    const int64_t bytes = grouped_gemm_fp8_cuda_prepare(p);
+    if (bytes > 0) {
+      ws.emplace(new_empty(a, {bytes}, ScalarType::Byte));
+      p.workspace = ws->data_ptr();
+    }
+  }
+#endif
+  NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_fp8_cpu(p), grouped_gemm_fp8_cuda(p, stream));
+  return out;
+}
+
+// Rows of x to e4m3 with a float32 scale each, gathered by slot_of_row when it is not empty.
+std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_t top_k, Tensor static_scale) {
+  const char* op = "moe_quantize_fp8";
+  check_dim(op, "x", x, 2);
+  check_dtype(op, "x", x, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  const int64_t T = x.size(0), K = x.size(1);
+  const bool gather = slot_of_row.numel() > 0;
+  if (gather) {
+    check_tensor(op, "slot_of_row", slot_of_row, {-1}, {ScalarType::Int}, x, "x");
+    NK_CHECK(top_k >= 1, op, ": top_k must be >= 1, got ", top_k);
+    NK_CHECK(T <= kInt32Max / top_k, op, ": T * top_k must fit in int32");
+  }
+  const int64_t R = gather ? slot_of_row.size(0) : T;
+  const bool fixed = static_scale.numel() > 0;
+  if (fixed) {
+    check_dtype(op, "static_scale", static_scale, {ScalarType::Float});
+    check_same_device(op, "static_scale", static_scale, x, "x");
+    NK_CHECK(static_scale.numel() == 1, op, ": static_scale must be one float32 (or empty for per-row scales), got ",
+             "shape ", shape_str(static_scale));
+    if (static_scale.is_cpu()) {
+      const float v = *static_cast<const float*>(torch::stable::contiguous(static_scale).data_ptr());
+      NK_CHECK(v > 0.0f && v <= 3.402823466e38f, op, ": static_scale must be positive and finite, got ", v);
+    }
+  }
+  OptionalDeviceGuard guard(x);
+  Tensor xc = contig(x), sr = contig(slot_of_row), ss = contig(static_scale);
+  if (gather && x.is_cpu()) {
+    const int32_t* s = static_cast<const int32_t*>(sr.data_ptr());
+    for (int64_t r = 0; r < R; ++r) {
+      NK_CHECK(s[r] >= -1 && s[r] < T * top_k, op, ": slot_of_row[", r, "] = ", s[r], " is outside [-1, T * top_k = ",
+               T * top_k, ")");
+    }
+  }
+  Tensor q = new_empty(x, {R, K}, ScalarType::Float8_e4m3fn);
+  Tensor scale = new_empty(x, {R}, ScalarType::Float);
+  if (R == 0) return {q, scale};
+  QuantizeFp8Params p{};
+  p.dtype = gg_type(op, "x", x);
+  p.T = T, p.R = R, p.K = K;
+  p.x = xc.data_ptr();
+  p.slot_of_row = gather ? static_cast<const int32_t*>(sr.data_ptr()) : nullptr;
+  p.top_k = gather ? top_k : 1;
+  p.static_scale = fixed ? static_cast<const float*>(ss.data_ptr()) : nullptr;
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.scale = static_cast<float*>(scale.data_ptr());
+  NK_ROUTE_BY_DEVICE(x, op, moe_quantize_fp8_cpu(p), moe_quantize_fp8_cuda(p, stream));
+  return {q, scale};
+}
+
 // Both gradients of one forward. The CUTLASS path has no operand transform, so dgrad and wgrad
 // would each write g = round(dout * 2 * relu(pre)) (R x N) into their workspace: here it is
 // written once and both take it as their dout. Elsewhere (CPU, the portable kernels, which fuse

@@ -84,6 +84,56 @@ int grouped_gemm_nvfp4w_cuda_path(const GroupedGemmNvfp4wParams& p);
 void grouped_gemm_nvfp4w_cuda(const GroupedGemmNvfp4wParams& p, void* stream);
 #endif
 
+// grouped_gemm with FP8 (e4m3) operands, Model Optimizer's scheme: token rows quantized with one
+// float32 scale each (QuantizeFp8Params), weights with one per expert (or one for all):
+// out[r] = act((acc * a_scale[r]) * w_scale[e]) for r in expert e's rows, acc = sum over k of
+// e4m3(a[r, k]) * e4m3(w[e, n, k]) in float32 (every product exact), one rounding to out's
+// dtype; rows outside every segment are zeros. Forward only.
+struct GroupedGemmFp8Params {
+  GgType dtype;             // of out: F32, F16 or BF16
+  int64_t R, N, K, E;
+  const int32_t* offsets;   // (E + 1,) on the tensors' device
+  const uint8_t* a;         // (R, K) e4m3
+  const float* a_scale;     // (R,)
+  const uint8_t* w;         // (E, N, K) e4m3
+  const float* w_scale;     // w_scale[e * w_scale_stride]
+  int64_t w_scale_stride;   // 1: one per expert, 0: shared
+  GgAct act;
+  void* out;                // (R, N)
+  int arch;                 // CUDA: 90 when the sm_90a CUTLASS kernel runs it, else 0 (set by the entry)
+  void* workspace;          // the sm_90a path's (grouped_gemm_fp8_sm90_workspace bytes), torch-allocated
+};
+void grouped_gemm_fp8_cpu(const GroupedGemmFp8Params& p);
+
+// Rows to e4m3 with one float32 scale each, the FP8 grouped GEMM's A operand (moe_quantize_fp8),
+// gathered on the way when slot_of_row is given (row r = x[slot_of_row[r] / top_k]; -1: a zero
+// row of scale 1): scale = amax(|row|) / 448 (fp8_row_scale), or the one static scale;
+// q = fp8_encode(x / scale) (moe/numerics.cuh: the CPU and CUDA kernels agree bit for bit).
+struct QuantizeFp8Params {
+  GgType dtype;                // of x: F32, F16 or BF16
+  int64_t T, R, K;             // x (T, K) contiguous; R output rows (T without slot_of_row)
+  const void* x;
+  const int32_t* slot_of_row;  // (R,) or null
+  int64_t top_k;
+  const float* static_scale;   // one float32, or null: the dynamic per-row scale
+  uint8_t* q;                  // (R, K) e4m3
+  float* scale;                // (R,)
+};
+void moe_quantize_fp8_cpu(const QuantizeFp8Params& p);
+#ifdef NK_WITH_CUDA
+void moe_quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream);
+// The CUDA path of one FP8 call: 90 (the CUTLASS kernel, grouped_gemm_fp8_sm90.cu) for bf16
+// output with K % 16 == 0, N % 8 == 0 and 16-byte aligned operands on an sm_90 device of an sm_90a
+// build, unless NEMOKERNELS_GROUPED_GEMM_PORTABLE=1; else 0 (the portable SIMT kernel). Returns the
+// workspace bytes that path needs (0: portable); allocate them and set p.workspace.
+int64_t grouped_gemm_fp8_cuda_prepare(GroupedGemmFp8Params& p);
+void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream);
+#endif
+#ifdef NK_HAS_SM90
+int64_t grouped_gemm_fp8_sm90_workspace(int64_t E);
+void grouped_gemm_fp8_sm90_run(const GroupedGemmFp8Params& p, void* stream);
+#endif
+
 void grouped_gemm_fwd_cpu(const GroupedGemmParams& p);
 void grouped_gemm_dgrad_cpu(const GroupedGemmParams& p);
 void grouped_gemm_wgrad_cpu(const GroupedGemmParams& p);

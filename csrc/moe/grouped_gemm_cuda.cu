@@ -21,6 +21,7 @@
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "moe/grouped_gemm.h"
+#include "moe/segments.cuh"
 
 namespace nk {
 namespace {
@@ -30,11 +31,6 @@ enum Mode : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
 constexpr int kThreads = 256;
 
 // ---------------------------------------------------------------- schedule helpers
-
-NK_DEVICE void segment(const int32_t* off, int64_t e, int64_t R, int64_t& lo, int64_t& hi) {
-  lo = min(max(static_cast<int64_t>(off[e]), int64_t(0)), R);
-  hi = min(max(static_cast<int64_t>(off[e + 1]), lo), R);
-}
 
 // tile_off[0] = 0, tile_off[e + 1] = tile_off[e] + ceil(count_e / bm). One block of 1024 threads:
 // each thread sums a run of experts, a shared-memory scan combines the runs.
@@ -65,23 +61,6 @@ __global__ void __launch_bounds__(1024) tile_offsets_kernel(const int32_t* off, 
     segment(off, e, R, lo, hi);
     run += static_cast<int32_t>((hi - lo + bm - 1) / bm);
     tile_off[e + 1] = run;
-  }
-}
-
-// Zeroes rows [0, lo(0)) and [hi(E-1), R) of out (and out2 when given), both (R, cols).
-template <typename T>
-__global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t cols, T* out, T* out2) {
-  int64_t lo0, hi0, loE, hiE;
-  segment(off, 0, R, lo0, hi0);
-  segment(off, E - 1, R, loE, hiE);
-  hiE = max(hiE, lo0);
-  const int64_t n_before = lo0 * cols, total = n_before + (R - hiE) * cols;
-  const T zero = from_f<T>(0.f);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t idx = i < n_before ? i : hiE * cols + (i - n_before);
-    out[idx] = zero;
-    if (out2 != nullptr) out2[idx] = zero;
   }
 }
 

@@ -292,12 +292,14 @@ struct Arrays {
   const EB** ptr_b;
   ED** ptr_d;
   ED** ptr_aux;  // the pre-activation's base per group (kRelu2Pre), else unused
+  const float** ptr_row_scale;    // FP8: the group's first row scale (a_scale + lo), else unused
+  const float** ptr_group_scale;  // FP8: the group's weight scale, else unused
   StrideA* stride_a;
   StrideB* stride_b;
   StrideD* stride_d;
 
   static int64_t bytes(int64_t E) {
-    return align256(E * sizeof(Shape3)) + 4 * align256(E * sizeof(void*)) + align256(E * sizeof(StrideA)) +
+    return align256(E * sizeof(Shape3)) + 6 * align256(E * sizeof(void*)) + align256(E * sizeof(StrideA)) +
            align256(E * sizeof(StrideB)) + align256(E * sizeof(StrideD));
   }
   static Arrays carve(char* ws, int64_t E) {
@@ -312,6 +314,10 @@ struct Arrays {
     ws += align256(E * sizeof(void*));
     r.ptr_aux = reinterpret_cast<ED**>(ws);
     ws += align256(E * sizeof(void*));
+    r.ptr_row_scale = reinterpret_cast<const float**>(ws);
+    ws += align256(E * sizeof(void*));
+    r.ptr_group_scale = reinterpret_cast<const float**>(ws);
+    ws += align256(E * sizeof(void*));
     r.stride_a = reinterpret_cast<StrideA*>(ws);
     ws += align256(E * sizeof(StrideA));
     r.stride_b = reinterpret_cast<StrideB*>(ws);
@@ -321,14 +327,24 @@ struct Arrays {
   }
 };
 
+// The FP8 forward's scales: row[r] per A row (the group's base is row + lo) and group[e * stride]
+// per expert; null for the 16-bit GEMMs.
+struct GroupScales {
+  const float* row = nullptr;
+  const float* group = nullptr;
+  int64_t group_stride = 0;
+};
+
 // One thread per expert: shape, pointers and strides of its GEMM. A / B / D are the operand
 // bases of the kind (see the file comment); Aux, when not null, is a forward's second (R x N)
-// output at D's offsets. Offsets are clamped like the portable kernels'.
+// output at D's offsets; sc, for the FP8 forward, the scales. Offsets are clamped like the
+// portable kernels'.
 // One expert's entries (host and device: tests/moe/grouped_gemm_setup_check.cu runs it on the
 // host and evaluates the GEMMs these shapes, pointers and strides describe).
 template <class Gemm, int KIND>
 CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off, int64_t e, int64_t R, int64_t N,
-                                     int64_t K, const void* A, const void* B, void* D, void* Aux) {
+                                     int64_t K, const void* A, const void* B, void* D, void* Aux,
+                                     GroupScales sc = {}) {
   using AR = Arrays<Gemm>;
   const int64_t o0 = off[e], o1 = off[e + 1];
   const int64_t lo = o0 < 0 ? 0 : (o0 > R ? R : o0);
@@ -344,6 +360,8 @@ CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off
     arr.ptr_b[e] = b + e * N * K;
     arr.ptr_d[e] = d + lo * N;
     if (Aux != nullptr) arr.ptr_aux[e] = static_cast<typename AR::ED*>(Aux) + lo * N;
+    if (sc.row != nullptr) arr.ptr_row_scale[e] = sc.row + lo;
+    if (sc.group != nullptr) arr.ptr_group_scale[e] = sc.group + e * sc.group_stride;
   } else if (KIND == kFwdSwap) {
     gm = m > 0 ? static_cast<int>(N) : 0, gn = m, gk = static_cast<int>(K);  // empty: no tiles
     arr.ptr_a[e] = reinterpret_cast<const typename AR::EA*>(b) + e * N * K;
@@ -371,9 +389,10 @@ CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off
 
 template <class Gemm, int KIND>
 __global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_t E, int64_t R, int64_t N,
-                                    int64_t K, const void* A, const void* B, void* D, void* Aux) {
+                                    int64_t K, const void* A, const void* B, void* D, void* Aux,
+                                    GroupScales sc = {}) {
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (e < E) setup_group<Gemm, KIND>(arr, off, e, R, N, K, A, B, D, Aux);
+  if (e < E) setup_group<Gemm, KIND>(arr, off, e, R, N, K, A, B, D, Aux, sc);
 }
 
 inline int sm_count(int device) {
@@ -383,19 +402,42 @@ inline int sm_count(int device) {
   return cached[device];
 }
 
-template <class Gemm, int EPI = kPlain>
-typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E, int64_t N = 0, const float* alpha = nullptr) {
+inline cutlass::KernelHardwareInfo hw_info() {
   int device = 0;
   NK_CUDA_CHECK(cudaGetDevice(&device));
   cutlass::KernelHardwareInfo hw;
   hw.device_id = device;
   hw.sm_count = sm_count(device);
-  typename Gemm::Arguments args{
-      cutlass::gemm::GemmUniversalMode::kGrouped,
-      {static_cast<int>(E), arr.shapes, nullptr},
-      {arr.ptr_a, arr.stride_a, arr.ptr_b, arr.stride_b},
-      {{}, nullptr, arr.stride_d, arr.ptr_d, arr.stride_d},  // no C (beta = 0): ElementC is void
-      hw};
+  return hw;
+}
+
+// The grouped GEMM's arguments over the device-built arrays (no C: beta = 0, ElementC void); the
+// caller sets the epilogue's own (thread) arguments.
+template <class Gemm>
+typename Gemm::Arguments grouped_args(const Arrays<Gemm>& arr, int64_t E) {
+  return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                  {static_cast<int>(E), arr.shapes, nullptr},
+                                  {arr.ptr_a, arr.stride_a, arr.ptr_b, arr.stride_b},
+                                  {{}, nullptr, arr.stride_d, arr.ptr_d, arr.stride_d},
+                                  hw_info()};
+}
+
+// can_implement, initialize (CUTLASS's workspace at ws) and run on stream.
+template <class Gemm>
+void launch(typename Gemm::Arguments const& args, char* ws, cudaStream_t stream) {
+  Gemm gemm;
+  cutlass::Status st = gemm.can_implement(args);
+  NK_CHECK_CUTLASS(st, "can_implement");
+  st = gemm.initialize(args, ws, stream);
+  NK_CHECK_CUTLASS(st, "initialize");
+  st = gemm.run(stream);
+  NK_CHECK_CUTLASS(st, "run");
+  NK_CUDA_LAUNCH_CHECK();
+}
+
+template <class Gemm, int EPI = kPlain>
+typename Gemm::Arguments make_args(const Arrays<Gemm>& arr, int64_t E, int64_t N = 0, const float* alpha = nullptr) {
+  typename Gemm::Arguments args = grouped_args<Gemm>(arr, E);
   if constexpr (EPI == kRelu2Pre) {
     // The EVT tree's arguments, children first: {{acc fetch, aux store}, relu^2}.
     args.epilogue.thread = {{{}, {arr.ptr_aux, N}}, {}};
@@ -432,15 +474,7 @@ void run(const GroupedGemmParams& p, const void* A, const void* B, void* D, void
   setup_groups_kernel<Gemm, KIND><<<ceil_div(p.E, 128), 128, 0, stream>>>(arr, p.offsets, p.E, p.R, p.N, p.K, A,
                                                                              B, D, Aux);
   NK_CUDA_LAUNCH_CHECK();
-  typename Gemm::Arguments args = make_args<Gemm, EPI>(arr, p.E, p.N, p.alpha);
-  Gemm gemm;
-  cutlass::Status st = gemm.can_implement(args);
-  NK_CHECK_CUTLASS(st, "can_implement");
-  st = gemm.initialize(args, ws + Arrays<Gemm>::bytes(p.E), stream);
-  NK_CHECK_CUTLASS(st, "initialize");
-  st = gemm.run(stream);
-  NK_CHECK_CUTLASS(st, "run");
-  NK_CUDA_LAUNCH_CHECK();
+  launch<Gemm>(make_args<Gemm, EPI>(arr, p.E, p.N, p.alpha), ws + Arrays<Gemm>::bytes(p.E), stream);
 }
 
 // The entry points of the per-arch units: fwd / dgrad (kind picks) and wgrad, each its own unit.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "moe/grouped_gemm.h"
+#include "moe/segments.cuh"
 #include "nvfp4/numerics.cuh"
 
 namespace nk {
@@ -22,16 +23,8 @@ void run(const GroupedGemmNvfp4wParams& p) {
   const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
   const int64_t R = p.R, N = p.N, K = p.K;
-  std::vector<int64_t> lo(p.E), hi(p.E);
-  for (int64_t e = 0; e < p.E; ++e) {
-    lo[e] = std::clamp<int64_t>(p.offsets[e], 0, R);
-    hi[e] = std::clamp<int64_t>(p.offsets[e + 1], lo[e], R);
-  }
-  // Rows outside every segment: zeros (segments may overlap only for invalid offsets).
-  std::vector<char> covered(R, 0);
-  for (int64_t e = 0; e < p.E; ++e) std::fill(covered.begin() + lo[e], covered.begin() + hi[e], 1);
-  for (int64_t r = 0; r < R; ++r)
-    if (!covered[r]) std::fill(out + r * N, out + (r + 1) * N, static_cast<T>(0.f));
+  std::vector<int64_t> lo, hi;
+  segments_and_zero_outside(p.offsets, p.E, R, N * static_cast<int64_t>(sizeof(T)), out, lo, hi);
   torch::stable::parallel_for(0, p.E * N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> w(K);
     for (int64_t t = begin; t < end; ++t) {

@@ -15,6 +15,7 @@
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "moe/grouped_gemm.h"
+#include "moe/segments.cuh"
 #include "nvfp4/gemm.h"
 #include "nvfp4/numerics.cuh"
 
@@ -24,25 +25,12 @@ namespace {
 constexpr int kNvThreads = 128;  // weight rows per block
 constexpr int kNvRows = 4;       // token rows per pass
 
-// Rows before offsets[0] or from offsets[E] on (clamped into [0, R]) belong to no expert: zeros.
-// Only those rows are visited: [0, first) then [last, R), as one range of (first + R - last) N.
-template <typename T>
-__global__ void nvfp4w_zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t N, T* out) {
-  const int64_t first = min(max(static_cast<int64_t>(off[0]), int64_t(0)), R);
-  const int64_t last = min(max(static_cast<int64_t>(off[E]), first), R);
-  const int64_t head = first * N, n = head + (R - last) * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i < head ? i : last * N + (i - head)] = from_f<T>(0.f);
-  }
-}
-
 // Grid (ceil(N / 128), E): thread n of expert blockIdx.y.
 template <typename T>
 __global__ void nvfp4w_portable_kernel(GroupedGemmNvfp4wParams p) {
   const int64_t e = blockIdx.y, n = int64_t(blockIdx.x) * kNvThreads + threadIdx.x;
-  const int64_t lo = min(max(static_cast<int64_t>(p.offsets[e]), int64_t(0)), p.R);
-  const int64_t hi = min(max(static_cast<int64_t>(p.offsets[e + 1]), lo), p.R);
+  int64_t lo, hi;
+  segment(p.offsets, e, p.R, lo, hi);
   if (n >= p.N || hi == lo) return;
   const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
@@ -100,9 +88,8 @@ void grouped_gemm_nvfp4w_cuda(const GroupedGemmNvfp4wParams& p, void* stream) {
   if (p.R == 0 || p.N == 0) return;
   auto zero = [&](auto tag) {
     using T = decltype(tag);
-    const int64_t n = p.R * p.N;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-    nvfp4w_zero_outside_kernel<T><<<blocks, 256, 0, s>>>(p.offsets, p.E, p.R, p.N, static_cast<T*>(p.out));
+    zero_outside_kernel<T><<<static_cast<unsigned>(std::min<int64_t>((p.R * p.N + 255) / 256, 4096)), 256, 0, s>>>(
+        p.offsets, p.E, p.R, p.N, static_cast<T*>(p.out), nullptr);
     NK_CUDA_LAUNCH_CHECK();
   };
   switch (p.dtype) {

@@ -5,8 +5,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common/macros.h"
+#include "nvfp4/numerics.cuh"
 
 namespace nk {
 
@@ -56,6 +58,22 @@ NK_HD float route_logit_grad(float g, float p, float psum, float gp, bool norm, 
     dp = scale * g;
   }
   return dp * p * (1.0f - p);
+}
+
+// FP8 rows (moe_quantize_fp8, the A operand of grouped_gemm with FP8 weights). A row's dynamic
+// scale from its amax: amax / 448, 1 for a zero row, NaN when amax is NaN or infinite (the row's
+// outputs come out NaN, not silently finite).
+constexpr float kFp8Max = 448.0f;
+NK_HD float fp8_row_scale(float amax) {
+  if (!(amax <= 3.402823466e38f)) return std::numeric_limits<float>::quiet_NaN();
+  return amax == 0.0f ? 1.0f : amax / kFp8Max;
+}
+// The e4m3 (fn) byte of x / scale: one IEEE division, round to nearest even, saturating at +-448,
+// the sign kept (-0 included); NaN gives a NaN byte.
+NK_HD uint8_t fp8_encode(float x, float scale) {
+  const float q = x / scale;
+  const uint8_t sign = (float_bits(q) >> 31) != 0u ? 0x80 : 0x00;
+  return static_cast<uint8_t>(nvfp4::e4m3_encode_rne_sat(fabsf(q)) | sign);
 }
 
 }  // namespace nk

@@ -10,7 +10,9 @@ Details: docs/moe.md, section `nemokernels/benchmark/cases_moe.py`."""
 import torch
 import torch.nn.functional as F
 
-from nemokernels.moe import PAD_TO, LatentMoE, moe_combine, moe_gather, moe_permute_plan, moe_router
+from nemokernels.moe import (PAD_TO, FP8Tensor, LatentMoE, latent_moe, moe_combine, moe_gather, moe_permute_plan,
+                              moe_router)
+from nemokernels.nvfp4 import NVFP4Tensor, quantize as nvfp4_quantize
 from nemokernels.moe import reference as R
 
 from .harness import Case, lazy_compile
@@ -171,6 +173,42 @@ def _dispatch_only(m, x):
     return moe_combine(xs, plan, w)
 
 
+_QUANT = {}
+
+
+def _quantized_experts(m, fmt):
+    """The layer's bf16 expert weights quantized once: NVFP4 (a global scale per expert) or FP8 (a
+    scale per expert, amax / 448; dynamic per-row activation scales)."""
+    key = (id(m), fmt)
+    if key not in _QUANT:
+        _QUANT.clear()
+        out = []
+        for w in (m.experts.up_proj.detach(), m.experts.down_proj.detach()):
+            if fmt == "nvfp4":
+                parts = [nvfp4_quantize(w[e]) for e in range(w.shape[0])]
+                out.append(NVFP4Tensor(torch.stack([p.data for p in parts]), torch.stack([p.scales for p in parts]),
+                                       torch.stack([p.global_scale.reshape(()) for p in parts])))
+            else:
+                scale = w.float().abs().amax(dim=(1, 2)) / 448
+                data = torch.stack([(w[e].float() / scale[e]).to(torch.float8_e4m3fn) for e in range(w.shape[0])])
+                out.append(FP8Tensor(data, scale))
+        _QUANT[key] = tuple(out)
+    return _QUANT[key]
+
+
+def _quantized_layer(fmt):
+    """The layer with its routed experts in NVFP4 (W4A16) or FP8 (W8A8), forward only; router,
+    latent projections and shared expert as in the bf16 layer."""
+    def run(m, x):
+        up, down = _quantized_experts(m, fmt)
+        fc1, fc2, sh = m.fc1_latent_proj, m.fc2_latent_proj, m.shared_experts
+        with torch.no_grad():
+            return latent_moe(x, m.gate.weight, m.gate.e_score_correction_bias, up, down, top_k=m.top_k,
+                              routed_scaling_factor=m.routed_scaling_factor, fc1=fc1, fc2=fc2, shared=sh,
+                              pad_to=m.pad_to)
+    return run
+
+
 def _fwd_bwd(fn):
     def run(m, x, dout):
         out = fn(m, x)
@@ -210,6 +248,13 @@ def _layer_cases(cfg, T, routing, device):
              bytes=act_bytes, flops=0),
         Case(op="latent_moe", name=name, make_inputs=make(False), fn=ours, bytes=w_bytes + act_bytes, flops=flops,
              baselines=base),
+        # Routed experts quantized: NVFP4 weights (4.5 bits a value) and FP8 weights and rows.
+        Case(op="latent_moe.nvfp4_experts", name=name, make_inputs=make(False), fn=_quantized_layer("nvfp4"),
+             bytes=w_bytes - experts_hit * 2 * Fi * width * 2 * 23 // 32 + act_bytes, flops=flops,
+             baselines={"ours_bf16_experts": ours, **{n: f for n, f in base.items() if n == "torch_grouped_mm"}}),
+        Case(op="latent_moe.fp8_experts", name=name, make_inputs=make(False), fn=_quantized_layer("fp8"),
+             bytes=w_bytes - experts_hit * 2 * Fi * width + act_bytes, flops=flops,
+             baselines={"ours_bf16_experts": ours, **{n: f for n, f in base.items() if n == "torch_grouped_mm"}}),
         Case(op="latent_moe.fwd_bwd", name=name, make_inputs=make(True), fn=_fwd_bwd(ours),
              bytes=3 * (w_bytes + act_bytes), flops=3 * flops,
              baselines={n: _fwd_bwd(f) for n, f in base.items() if n != "vllm_fused_moe"}, backward=True),

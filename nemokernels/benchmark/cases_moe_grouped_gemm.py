@@ -5,7 +5,11 @@ to 128 rows per expert (the permutation's pad_to on CUDA) when experts average a
 rows; below that padding would multiply the work (decode batches), so segments are unpadded.
 
 The grouped_gemm.nvfp4w.* cases (CUDA) run the same points with NVFP4 expert weights against
-our bf16 path and torch._grouped_mm on the same weights decoded to bf16.
+our bf16 path and torch._grouped_mm on the same weights decoded to bf16. The grouped_gemm.fp8.*
+cases (CUDA) time the FP8 GEMM on rows quantized beforehand (TFLOP/s as a fraction of the e4m3
+matmul peak measured in the same run) against: the same call quantizing its bf16 rows itself,
+our bf16 path and torch._grouped_mm on the dequantized weights, and torch._scaled_grouped_mm on
+the same e4m3 operands and scales where the torch at hand has it.
 
 Details: docs/moe.md, section `nemokernels/benchmark/cases_moe_grouped_gemm.py`."""
 import torch
@@ -126,6 +130,53 @@ def _on_bf16(fn):
     return run
 
 
+def _fp8_maker(offs, N, K, E, device):
+    """bf16 tokens and their FP8 rows (quantized once: the GEMM alone is timed), FP8 expert weights
+    with a scale per expert (amax / 448 of random bf16 weights), and those weights dequantized to
+    bf16 for the bf16 baselines."""
+    from ..moe import FP8Tensor, quantize_rows_fp8
+    R = offs[-1]
+
+    def make():
+        a = torch.randn(R, K, device=device, dtype=DTYPE)
+        wq = torch.empty(E, N, K, device=device, dtype=torch.float8_e4m3fn)
+        w16 = torch.empty(E, N, K, device=device, dtype=DTYPE)
+        scale = torch.empty(E, device=device)
+        for e in range(E):  # one expert at a time: float32 copies of all of Super's are 5.6 GB
+            w = torch.randn(N, K, device=device) / K**0.5
+            scale[e] = w.abs().amax() / 448
+            wq[e] = (w / scale[e]).to(torch.float8_e4m3fn)
+            w16[e] = (wq[e].float() * scale[e]).to(DTYPE)
+        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        return (a, quantize_rows_fp8(a)), (FP8Tensor(wq, scale), w16), offsets, offs
+    return make
+
+
+def _fp8_ours(act, quantize):
+    def run(a, ws, offsets, offs_host):
+        with torch.no_grad():
+            return grouped_gemm(a[0] if quantize else a[1], ws[0], offsets, act)
+    return run
+
+
+def _fp8_on_bf16(fn):
+    def run(a, ws, offsets, offs_host):
+        return fn(a[0], ws[1], offsets, offs_host)
+    return run
+
+
+def _torch_scaled_grouped_mm(act):
+    """torch._scaled_grouped_mm on the same e4m3 rows (row scales) and weights (a scale per expert
+    and output column), bf16 out; relu^2 as a separate op (it has no epilogue for it)."""
+    def run(a, ws, offsets, offs_host):
+        rows, w = a[1], ws[0]
+        col_scale = w.scale[:, None].expand(w.data.shape[0], w.data.shape[1]).contiguous()
+        y = torch._scaled_grouped_mm(rows.data, w.data.transpose(1, 2), rows.scale, col_scale, offs=offsets[1:],
+                                     out_dtype=torch.bfloat16)
+        return torch.relu(y).square() if act == "relu2" else y
+    return run
+
+
 def cases(quick: bool, device) -> list:
     # On a CPU only the small token counts (a 4096-token Super up projection is ~0.5 TFLOP).
     cpu = torch.device(device).type == "cpu"
@@ -158,6 +209,15 @@ def cases(quick: bool, device) -> list:
                                 bytes=offs[-1] * (K + N) * 2 + w4_bytes, flops=flops,
                                 baselines={"ours_bf16_weights": _on_bf16(_ours(act)),
                                            "torch_grouped_mm_bf16_weights": _on_bf16(_torch_grouped_mm(act))}))
+            if not cpu:  # FP8 rows and expert weights (e4m3, W8A8): fraction of the e4m3 peak
+                w8_bytes = sum(1 for c in counts if c) * N * K
+                out.append(Case(op=f"grouped_gemm.fp8.{gemm}", name=name, make_inputs=_fp8_maker(offs, N, K, E, device),
+                                fn=_fp8_ours(act, False), bytes=offs[-1] * (K + 2 * N + 4) + w8_bytes, flops=flops,
+                                peak="fp8",
+                                baselines={"ours_fp8_quantizing_rows": _fp8_ours(act, True),
+                                           "ours_bf16_weights": _fp8_on_bf16(_ours(act)),
+                                           "torch_grouped_mm_bf16_weights": _fp8_on_bf16(_torch_grouped_mm(act)),
+                                           "torch_scaled_grouped_mm": _torch_scaled_grouped_mm(act)}))
             if gemm == "up_relu2" and not (cpu and quick):
                 out.append(Case(op=f"grouped_gemm.{gemm}.fwd_bwd", name=name,
                                 make_inputs=_maker(offs, N, K, E, device, True), fn=_fwd_bwd(_ours(act)),

@@ -32,6 +32,9 @@ class Case:
     flops: int
     baselines: Dict[str, Callable] = field(default_factory=dict)
     backward: bool = False
+    # The compute peak the case's TFLOP/s are a fraction of: "bf16" (the bf16 matmul) or "fp8" (the
+    # e4m3 matmul, measured on CUDA devices that have one; the bf16 peak where they do not).
+    peak: str = "bf16"
 
 
 def lazy_compile(fn: Callable) -> Callable:
@@ -197,18 +200,38 @@ def measure_peaks(device, quick: bool = False) -> dict:
     t_copy = time_fn(lambda src, dst: dst.copy_(src), copy_inputs, device=device, warmup=2, reps=reps)["median"]
     t_mm = time_fn(torch.matmul, mm_inputs, device=device, warmup=2, reps=reps)["median"]
     dt = str(mm_dtype).replace("torch.", "")
-    return {
+    peaks = {
         "copy_GBps": 2 * copy_bytes / t_copy / 1e9,
         "matmul_TFLOPs": 2 * n**3 / t_mm / 1e12,
         "copy": f"{copy_bytes >> 20} MiB {str(copy_dtype).replace('torch.', '')} copy, read + write",
         "matmul": f"{dt} {n}x{n}x{n}",
         "cpu_figures": not cuda,
     }
+    if cuda:  # the e4m3 tensor-core peak (sm_89+): torch._scaled_mm, per-tensor scales, bf16 out
+        def fp8_inputs():
+            a, b = (torch.randn(n, n, device=device).to(torch.float8_e4m3fn) for _ in range(2))
+            one = torch.ones((), device=device)
+            return a, b.t(), one, one  # b column-major, as _scaled_mm wants it
+
+        def fp8_mm(a, b, sa, sb):
+            return torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16)
+        try:
+            t_fp8 = time_fn(fp8_mm, fp8_inputs, device=device, warmup=2, reps=reps)["median"]
+            peaks.update(matmul_fp8_TFLOPs=2 * n**3 / t_fp8 / 1e12, matmul_fp8=f"float8_e4m3fn {n}x{n}x{n} _scaled_mm")
+        except Exception as e:  # noqa: BLE001 (no FP8 tensor cores: the fp8 cases use the bf16 peak)
+            peaks.update(matmul_fp8_TFLOPs=None, matmul_fp8=f"unavailable: {_error(e)}")
+    return peaks
 
 
 def _error(e: Exception) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def _compute_peak(case: Case, peaks: dict) -> float:
+    """TFLOP/s of the peak the case is measured against: its own (fp8) where measured, else bf16."""
+    own = peaks.get(f"matmul_{case.peak}_TFLOPs") if case.peak != "bf16" else None
+    return own or peaks["matmul_TFLOPs"]
 
 
 def run_case(case: Case, device, peaks: dict, *, quick: bool = False, baselines: bool = True) -> dict:
@@ -233,8 +256,10 @@ def run_case(case: Case, device, peaks: dict, *, quick: bool = False, baselines:
     entry.update(
         time_us=sec * 1e6, p10_us=t["p10"] * 1e6, p90_us=t["p90"] * 1e6, reps=t["reps"],
         GBps=bw, TFLOPs=tf,
-        bw_fraction=bw / peaks["copy_GBps"], compute_fraction=tf / peaks["matmul_TFLOPs"],
+        bw_fraction=bw / peaks["copy_GBps"], compute_fraction=tf / _compute_peak(case, peaks),
     )
+    if case.peak != "bf16":
+        entry["compute_peak"] = case.peak if peaks.get(f"matmul_{case.peak}_TFLOPs") else "bf16"
     entry["roofline_fraction"] = max(entry["bw_fraction"], entry["compute_fraction"])
     entry["bound"] = "memory" if entry["bw_fraction"] >= entry["compute_fraction"] else "compute"
     cuda = device.type == "cuda"
@@ -375,8 +400,10 @@ def table_rows(results: dict):
 
 def format_peaks(p: dict) -> str:
     tag = " (CPU figures)" if p["cpu_figures"] else ""
+    fp8 = (f", fp8 matmul {p['matmul_fp8_TFLOPs']:.2f} TFLOP/s ({p['matmul_fp8']})" if p.get("matmul_fp8_TFLOPs")
+           else "")
     return (f"peaks{tag}: copy {p['copy_GBps']:.1f} GB/s ({p['copy']}), "
-            f"matmul {p['matmul_TFLOPs']:.2f} TFLOP/s ({p['matmul']})")
+            f"matmul {p['matmul_TFLOPs']:.2f} TFLOP/s ({p['matmul']}){fp8}")
 
 
 def format_table(results: dict) -> str:

@@ -65,10 +65,15 @@ class ExpertParallelLatentMoE(LatentMoE):
         ep.load_state_dict(state, strict=True)
         return ep
 
-    def routed_experts(self, xs: torch.Tensor, plan, up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    def routed_experts(self, xs: torch.Tensor, plan, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                       out_dtype=None) -> torch.Tensor:
         """LatentMoE's forward runs with this as its experts: the gathered rows (pad_to=1: exactly
         the T*k pairs, ordered by expert, hence by owner rank) go to their experts' ranks, this
-        rank's experts run on what it receives, and the outputs come back in xs's order."""
+        rank's experts run on what it receives, and the outputs come back in xs's order. 16-bit
+        or float32 experts only (out_dtype, for FP8 rows, is refused)."""
+        if out_dtype is not None or not isinstance(xs, torch.Tensor) or not isinstance(up_proj, torch.Tensor):
+            raise NotImplementedError("ExpertParallelLatentMoE: quantized (NVFP4 / FP8) experts are not supported "
+                                      "with expert parallelism; load the checkpoint on one rank")
         W, El = self.world, self.local_experts
         # Counts first: recv_counts[s, e] = rows rank s sends to my local expert e.
         send_counts = plan.expert_counts.view(W, El)

@@ -105,40 +105,65 @@ class MTP(nn.Module):
 
 
 _STACKED = re.compile(r"^(.*\.experts)\.(up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+# per-expert tensors: the 16-bit weight, or a quantized checkpoint's weight and scales (Model Optimizer)
+_QSUFFIX = r"(weight|weight_scale|weight_scale_2|input_scale)"
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\." + _QSUFFIX + "$")
+_STACKED_Q = re.compile(r"^(.*\.experts)\.(up_proj|down_proj)\." + _QSUFFIX + "$")
+# one-value scales, stored as () or (1,) in the checkpoints; held as () per matrix
+_SCALAR_SUFFIXES = (".weight_scale_2", ".input_scale", ".weight_scale")
+_QUANT_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 
 
 def _checkpoint_name(k: str) -> str:
     return "backbone." + k[len("model."):] if k.startswith("model.") else k
 
 
+def _scalar(k: str, v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(()) if k.endswith(_SCALAR_SUFFIXES) and v.dim() == 1 and v.shape[0] == 1 else v
+
+
 def _from_checkpoint_names(tensors: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
-                           source: str) -> Dict[str, torch.Tensor]:
-    """backbone.* -> model.*; experts.{j}.up_proj.weight (j = 0..E-1) stacked into experts.up_proj."""
+                           source: str, origin: Optional[Dict[str, str]] = None) -> Dict[str, torch.Tensor]:
+    """backbone.* -> model.*; experts.{j}.up_proj.weight (j = 0..E-1) stacked into experts.up_proj
+    (16-bit) or experts.up_proj.weight (quantized; likewise weight_scale, weight_scale_2,
+    input_scale). ``origin`` (filled when given): stacked key -> the checkpoint name of its expert 0,
+    so errors name a key the checkpoint has."""
     out: Dict[str, torch.Tensor] = {}
     per_expert: Dict[str, Dict[int, torch.Tensor]] = {}
+    names: Dict[str, tuple] = {}
     for k, v in tensors.items():
         if k.startswith("backbone."):
             k = "model." + k[len("backbone."):]
         m = _PER_EXPERT.match(k)
         if m:
-            per_expert.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = v
+            base, j, proj, suffix = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            dst = f"{base}.{proj}" if suffix == "weight" and f"{base}.{proj}" in expected else f"{base}.{proj}.{suffix}"
+            per_expert.setdefault(dst, {})[j] = _scalar(k, v)
+            names[dst] = (base, proj, suffix)
         else:
-            out[k] = v
+            out[k] = _scalar(k, v)
     for k, parts in per_expert.items():
+        base, proj, suffix = names[k]
+
+        def pname(j):
+            return _checkpoint_name(f"{base}.{j}.{proj}.{suffix}")
+
+        if origin is not None:
+            origin[k] = pname(min(parts))
         n = expected[k].shape[0] if k in expected else max(parts) + 1
         absent = [j for j in range(n) if j not in parts]
         if absent:
-            base, proj = k.rsplit(".", 1)
-            raise CheckpointError(f"NemotronHForCausalLM: {source} is missing tensor "
-                                  f"{_checkpoint_name(f'{base}.{absent[0]}.{proj}.weight')!r} ({len(absent)} of "
-                                  f"{n} experts absent)")
+            raise CheckpointError(f"NemotronHForCausalLM: {source} is missing tensor {pname(absent[0])!r} "
+                                  f"({len(absent)} of {n} experts absent)")
         extra = sorted(j for j in parts if j >= n)
         if extra:
-            base, proj = k.rsplit(".", 1)
-            raise CheckpointError(f"NemotronHForCausalLM: {source} has unexpected tensor "
-                                  f"{_checkpoint_name(f'{base}.{extra[0]}.{proj}.weight')!r} (the config has "
-                                  f"{n} routed experts)")
+            raise CheckpointError(f"NemotronHForCausalLM: {source} has unexpected tensor {pname(extra[0])!r} (the "
+                                  f"config has {n} routed experts)")
+        want = tuple(expected[k].shape[1:]) if k in expected else tuple(parts[0].shape)
+        for j in range(n):
+            if tuple(parts[j].shape) != want:
+                raise CheckpointError(f"NemotronHForCausalLM: {source} tensor {pname(j)!r} has shape "
+                                      f"{tuple(parts[j].shape)}, the model expects {want}")
         out[k] = torch.stack([parts[j] for j in range(n)])
     return out
 
@@ -227,7 +252,23 @@ class NemotronHForCausalLM(nn.Module):
         stacked (``experts.up_proj``). ``mtp.*`` tensors are ignored when the config has no MTP
         layers (transformers does the same)."""
         expected = self.expected_keys()
-        renamed = _from_checkpoint_names(tensors, expected, source)
+        spec = getattr(self, "quant_spec", None)
+        if spec is not None and spec.kv_cache_quant_algo:
+            # KV-cache scales (k_proj.k_scale, v_proj.v_scale): read and dropped (no quantized KV cache)
+            from .quantized import KV_SCALE_SUFFIXES
+
+            tensors = dict(tensors)
+            for k in [k for k in tensors if k.endswith(KV_SCALE_SUFFIXES)]:
+                if tensors[k].numel() != 1:
+                    raise CheckpointError(f"NemotronHForCausalLM: {source} tensor {k!r} has shape "
+                                          f"{tuple(tensors[k].shape)}, a KV-cache scale holds one value")
+                del tensors[k]
+        origin: Dict[str, str] = {}
+        renamed = _from_checkpoint_names(tensors, expected, source, origin)
+
+        def cname(k):
+            return origin.get(k) or _checkpoint_name(k)
+
         unexpected = []
         for k in renamed:
             if k in expected:
@@ -245,14 +286,20 @@ class NemotronHForCausalLM(nn.Module):
                                   f"{[_checkpoint_name(k) for k in missing[:5]]}{hint}; nothing is initialised "
                                   "at random")
         if unexpected:
+            quant = " (the quantization config does not quantize this module; see exclude_modules / " \
+                "quantized_layers)" if spec is not None and any(cname(k).endswith(("_scale", "_scale_2"))
+                                                                for k in unexpected[:5]) else ""
             raise CheckpointError(f"NemotronHForCausalLM: {source} has {len(unexpected)} unexpected tensor(s), "
-                                  f"e.g. {[_checkpoint_name(k) for k in unexpected[:5]]} (does config.json match "
-                                  "the weights?)")
+                                  f"e.g. {[cname(k) for k in unexpected[:5]]} (does config.json match "
+                                  f"the weights?){quant}")
         for k, dst in expected.items():
             src = renamed[k]
             if tuple(src.shape) != tuple(dst.shape):
-                raise CheckpointError(f"NemotronHForCausalLM: {source} tensor {_checkpoint_name(k)!r} has shape "
+                raise CheckpointError(f"NemotronHForCausalLM: {source} tensor {cname(k)!r} has shape "
                                       f"{tuple(src.shape)}, the model expects {tuple(dst.shape)}")
+            if (dst.dtype in _QUANT_DTYPES or src.dtype in _QUANT_DTYPES) and src.dtype != dst.dtype:
+                raise CheckpointError(f"NemotronHForCausalLM: {source} tensor {cname(k)!r} has dtype {src.dtype}, "
+                                      f"the model expects {dst.dtype} (quantization config and weights disagree)")
         with torch.no_grad():
             for k, dst in expected.items():
                 dst.copy_(renamed[k].to(dst.dtype))
@@ -264,18 +311,32 @@ class NemotronHForCausalLM(nn.Module):
         for k, v in self.expected_keys().items():
             v = v.detach()
             m = _STACKED.match(k)
+            mq = _STACKED_Q.match(k) if m is None else None
             if m:
                 for j in range(v.shape[0]):
                     out[_checkpoint_name(f"{m.group(1)}.{j}.{m.group(2)}.weight")] = v[j]
+            elif mq:  # quantized experts: per-expert weight and scales, as Model Optimizer writes them
+                for j in range(v.shape[0]):
+                    out[_checkpoint_name(f"{mq.group(1)}.{j}.{mq.group(2)}.{mq.group(3)}")] = v[j]
             else:
                 out[_checkpoint_name(k)] = v
         return out
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], dtype: torch.dtype = torch.float32,
-                        device: Union[str, torch.device] = "cpu") -> "NemotronHForCausalLM":
+                        device: Union[str, torch.device] = "cpu",
+                        fp8_input_scale: str = "static") -> "NemotronHForCausalLM":
         """Loads config.json and model.safetensors (or the shards of model.safetensors.index.json).
-        Router weights and the correction bias stay float32, as in transformers."""
+        Router weights and the correction bias stay float32, as in transformers.
+
+        Model Optimizer quantized checkpoints (config.json's quantization_config with quant_method
+        "modelopt", and/or hf_quant_config.json; quant_algo FP8, NVFP4, W4A16_NVFP4 or
+        MIXED_PRECISION): the quantized Linear layers become QuantizedLinear and the quantized
+        experts QuantizedExperts, holding the checkpoint's tensors (not dequantized copies);
+        excluded modules stay 16-bit (``dtype``). Such a model is forward only (parameters need no
+        gradient). fp8_input_scale: "static" uses the checkpoint's FP8 input_scale for the
+        activations, "dynamic" quantizes each row with amax / 448. docs/models.md, "Quantized
+        checkpoints (Model Optimizer)"."""
         from safetensors.torch import load_file
 
         path = os.fspath(path)
@@ -294,9 +355,17 @@ class NemotronHForCausalLM(nn.Module):
         tensors: Dict[str, torch.Tensor] = {}
         for fn in files:
             tensors.update(load_file(os.path.join(path, fn)))
+        from .quantized import quantize_modules, read_quant_config
+
+        spec = read_quant_config(path, config)
         model = cls(config)
+        if spec is not None:
+            quantize_modules(model, spec, fp8_input_scale=fp8_input_scale)
+            model.quant_spec = spec
         model.load_checkpoint_state(tensors, source=path)
         model.to_dtype(dtype)
+        if spec is not None:
+            model.requires_grad_(False)
         return model.to(device)
 
     def to_dtype(self, dtype: torch.dtype) -> "NemotronHForCausalLM":
@@ -314,6 +383,10 @@ class NemotronHForCausalLM(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         self.config.save_pretrained(path)
+        spec = getattr(self, "quant_spec", None)
+        if spec is not None:
+            with open(os.path.join(path, "hf_quant_config.json"), "w") as f:
+                json.dump(spec.to_hf_quant_config(), f, indent=2, sort_keys=True)
         sd = {k: v.contiguous().cpu().clone() for k, v in self.checkpoint_state().items()}
         total = sum(v.numel() * v.element_size() for v in sd.values())
         meta = {"format": "pt"}

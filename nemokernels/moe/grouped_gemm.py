@@ -1,12 +1,15 @@
 """Grouped GEMM over experts: the interface the rest of the MoE pipeline calls.
 
 ``grouped_gemm(a, w, expert_offsets, activation="none")``; w may be an NVFP4Tensor (NVFP4 expert
-weights, forward only).
+weights) or an FP8Tensor (FP8 rows and weights), both forward only.
 
 Details: docs/moe.md, section `nemokernels/moe/grouped_gemm.py`."""
+from typing import Optional
+
 import torch
 
 from ..nvfp4.tensor import NVFP4Tensor
+from .fp8 import FP8Rows, FP8Tensor, quantize_rows_fp8
 
 _ops = torch.ops.nemokernels
 
@@ -37,6 +40,11 @@ def _nvfp4w_fake(a, w_data, w_scales, w_global, expert_offsets, activation):
     return a.new_empty((a.shape[0], w_data.shape[1]))
 
 
+@torch.library.register_fake("nemokernels::grouped_gemm_fp8")
+def _fp8_fake(a, a_scale, w, w_scale, expert_offsets, activation, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[1]), dtype=out_dtype)
+
+
 def _fwd_setup(ctx, inputs, output):
     a, w, expert_offsets, activation, save_preact = inputs
     _, pre = output
@@ -63,12 +71,27 @@ def _fwd_backward(ctx, dout, _dpre):
 torch.library.register_autograd("nemokernels::grouped_gemm_fwd", _fwd_backward, setup_context=_fwd_setup)
 
 
-def grouped_gemm(a: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
-                 activation: str = "none") -> torch.Tensor:
+def grouped_gemm(a, w, expert_offsets: torch.Tensor, activation: str = "none", *,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r; rows past
-    expert_offsets[E] are zeros. a (R, K), w (E, N, K) in a's dtype or an NVFP4Tensor of
-    (E, N, K) (forward only), expert_offsets (E + 1,) int32, activation "none" or "relu2";
-    shapes and the backward ops: docs/moe.md."""
+    expert_offsets[E] are zeros. a (R, K), w (E, N, K) in a's dtype, an NVFP4Tensor of (E, N, K)
+    or an FP8Tensor of (E, N, K) (both forward only), expert_offsets (E + 1,) int32, activation
+    "none" or "relu2". With an FP8Tensor, a is quantized per row (FP8Tensor.input_scale or the
+    row's amax / 448) unless it is already an FP8Rows; out_dtype (FP8 only) defaults to a's dtype,
+    bf16 for FP8Rows. Shapes and the backward ops: docs/moe.md."""
+    if isinstance(w, FP8Tensor):
+        if torch.is_grad_enabled() and isinstance(a, torch.Tensor) and a.requires_grad:
+            raise NotImplementedError("grouped_gemm: no gradient through FP8 expert weights (forward only); "
+                                      "call it under torch.no_grad() or with an a that needs no gradient")
+        if isinstance(a, FP8Rows):
+            rows, dtype = a, out_dtype or torch.bfloat16
+        else:
+            rows, dtype = quantize_rows_fp8(a, w.input_scale), out_dtype or a.dtype
+        data = w.data if w.data.dim() == 3 else w.data.unsqueeze(0)
+        return _ops.grouped_gemm_fp8(rows.data, rows.scale, data, w.scale, expert_offsets, activation, dtype)
+    if out_dtype is not None and out_dtype != a.dtype:
+        raise ValueError(f"grouped_gemm: out_dtype {out_dtype} is for FP8 weights only; the output here is in "
+                         f"a's dtype {a.dtype}")
     if isinstance(w, NVFP4Tensor):
         # NVFP4 expert weights: data (E, N, K/2) uint8, scales (E, N, K/16) float8_e4m3fn,
         # global_scale (E,) or 0-dim float32; out = act(global[e] * a @ What[e]^T), float32 sums.

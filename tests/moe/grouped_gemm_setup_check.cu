@@ -4,7 +4,8 @@
 // problem, each operand addressed by its CuTe stride). The result must equal the op's contract
 // (fwd, swapped fwd, dgrad, wgrad) on every row of every segment, leave every other output
 // element untouched, and write each element at most once. Small integers keep every sum exact
-// in bf16. Prints "ok" or the first mismatch. Driven by tests/moe/test_grouped_gemm_setup.py.
+// in bf16. The FP8 forward's per-group scale pointers (row scales from the group's first row, the
+// expert's weight scale) are checked with the kFwd cases. Prints "ok" or the first mismatch. Driven by tests/moe/test_grouped_gemm_setup.py.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -47,7 +48,25 @@ void check(const std::vector<int32_t>& off, int64_t R, int64_t N, int64_t K, boo
   std::vector<int> writes(d_size, 0);
   const void* A = fwd ? static_cast<const void*>(a.data()) : static_cast<const void*>(g.data());
   const void* B = KIND == nk::gg_cutlass::kWgrad ? static_cast<const void*>(a.data()) : w.data();
-  for (int64_t e = 0; e < E; ++e) nk::gg_cutlass::setup_group<Gemm, KIND>(arr, off.data(), e, R, N, K, A, B, d.data(), nullptr);
+  // The FP8 forward's scales (kFwd): row scale r at index r, expert scale 100 + e (or one shared).
+  std::vector<float> row_scale(R), group_scale(E);
+  for (int64_t r = 0; r < R; ++r) row_scale[r] = static_cast<float>(r);
+  for (int64_t e = 0; e < E; ++e) group_scale[e] = 100.f + static_cast<float>(e);
+  const int64_t group_stride = off.size() % 2;  // per expert or shared, by case
+  nk::gg_cutlass::GroupScales sc{};
+  if (KIND == nk::gg_cutlass::kFwd) sc = {row_scale.data(), group_scale.data(), group_stride};
+  for (int64_t e = 0; e < E; ++e)
+    nk::gg_cutlass::setup_group<Gemm, KIND>(arr, off.data(), e, R, N, K, A, B, d.data(), nullptr, sc);
+  // The scales each group's epilogue reads: row i of the group's tile is row lo + i.
+  for (int64_t e = 0; KIND == nk::gg_cutlass::kFwd && values_too && e < E; ++e) {
+    const int64_t lo = std::min<int64_t>(std::max<int64_t>(off[e], 0), R);
+    for (int i = 0; i < cute::get<0>(arr.shapes[e]); ++i) {
+      const float got = arr.ptr_row_scale[e][i];
+      if (got != static_cast<float>(lo + i)) fail("row scale", KIND, e, i, 0, got, static_cast<float>(lo + i));
+    }
+    const float want_g = 100.f + static_cast<float>(e * group_stride);
+    if (*arr.ptr_group_scale[e] != want_g) fail("expert scale", KIND, e, 0, 0, *arr.ptr_group_scale[e], want_g);
+  }
   // Evaluate what the arrays describe.
   for (int64_t e = 0; e < E; ++e) {
     const int gm = cute::get<0>(arr.shapes[e]), gn = cute::get<1>(arr.shapes[e]), gk = cute::get<2>(arr.shapes[e]);

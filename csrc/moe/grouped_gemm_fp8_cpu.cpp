@@ -1,0 +1,101 @@
+// CPU kernels of the FP8 experts (grouped_gemm.h): the row quantizer (QuantizeFp8Params: amax,
+// scale and codes per row through moe/numerics.cuh, as the CUDA kernel) and the grouped GEMM
+// (GroupedGemmFp8Params): one task per (expert, weight row n) decodes the row once and runs every
+// row of the expert's segment against it, float32 sums in K order (the products of two e4m3
+// values are exact), then the row scale, the expert scale, relu^2, one rounding. Rows outside
+// every segment are zeros. Deterministic and independent of the thread count.
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "moe/grouped_gemm.h"
+#include "moe/segments.cuh"
+#include "moe/numerics.cuh"
+
+namespace nk {
+namespace {
+
+template <typename T>
+void quantize_rows(const QuantizeFp8Params& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t K = p.K;
+  torch::stable::parallel_for(0, p.R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      uint8_t* q = p.q + r * K;
+      int64_t src = r;
+      if (p.slot_of_row != nullptr) {
+        const int32_t slot = p.slot_of_row[r];
+        src = slot < 0 ? -1 : slot / p.top_k;
+      }
+      if (src < 0) {  // a padding row
+        std::fill(q, q + K, uint8_t(0));
+        p.scale[r] = 1.0f;
+        continue;
+      }
+      const T* row = x + src * K;
+      float s;
+      if (p.static_scale != nullptr) {
+        s = *p.static_scale;
+      } else {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) amax = nvfp4::nan_max(amax, std::fabs(static_cast<float>(row[k])));
+        s = fp8_row_scale(amax);
+      }
+      for (int64_t k = 0; k < K; ++k) q[k] = fp8_encode(static_cast<float>(row[k]), s);
+      p.scale[r] = s;
+    }
+  });
+}
+
+template <typename T>
+void gemm(const GroupedGemmFp8Params& p) {
+  T* out = static_cast<T*>(p.out);
+  const int64_t R = p.R, N = p.N, K = p.K;
+  std::vector<int64_t> lo, hi;
+  segments_and_zero_outside(p.offsets, p.E, R, N * static_cast<int64_t>(sizeof(T)), out, lo, hi);
+  // The e4m3 values of A, decoded once (256-entry table).
+  float lut[256];
+  for (int b = 0; b < 256; ++b) lut[b] = nvfp4::e4m3_decode(static_cast<uint8_t>(b));
+  torch::stable::parallel_for(0, p.E * N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(K);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = t / N, n = t % N;
+      if (hi[e] == lo[e]) continue;
+      const uint8_t* wr = p.w + (e * N + n) * K;
+      for (int64_t k = 0; k < K; ++k) w[k] = lut[wr[k]];
+      const float ws = p.w_scale[e * p.w_scale_stride];
+      for (int64_t r = lo[e]; r < hi[e]; ++r) {
+        const uint8_t* ar = p.a + r * K;
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += lut[ar[k]] * w[k];
+        float v = (acc * p.a_scale[r]) * ws;
+        if (p.act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+        out[r * N + n] = static_cast<T>(v);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void moe_quantize_fp8_cpu(const QuantizeFp8Params& p) {
+  switch (p.dtype) {
+    case GgType::F16: quantize_rows<c10::Half>(p); break;
+    case GgType::BF16: quantize_rows<c10::BFloat16>(p); break;
+    default: quantize_rows<float>(p); break;
+  }
+}
+
+void grouped_gemm_fp8_cpu(const GroupedGemmFp8Params& p) {
+  switch (p.dtype) {
+    case GgType::F16: gemm<c10::Half>(p); break;
+    case GgType::BF16: gemm<c10::BFloat16>(p); break;
+    default: gemm<float>(p); break;
+  }
+}
+
+}  // namespace nk

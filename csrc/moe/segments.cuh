@@ -1,0 +1,57 @@
+// Expert segments of the grouped GEMMs: rows [offsets[e], offsets[e + 1]) clamped into [0, R] as
+// every kernel clamps them (bad offsets on CUDA are memory-safe), and the zero fill of the rows
+// that belong to no expert (before the first segment, from the last one's end), shared by the
+// 16-bit, NVFP4-weight and FP8 kernels on the CPU and on CUDA.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/macros.h"
+
+namespace nk {
+
+NK_HD void segment(const int32_t* off, int64_t e, int64_t R, int64_t& lo, int64_t& hi) {
+  const int64_t o0 = off[e], o1 = off[e + 1];
+  lo = o0 < 0 ? 0 : (o0 > R ? R : o0);
+  hi = o1 < lo ? lo : (o1 > R ? R : o1);
+}
+
+#if defined(__CUDACC__)
+}  // namespace nk
+#include "common/cuda_dtype.cuh"
+namespace nk {
+// Zeroes rows [0, lo(0)) and [hi(E-1), R) of out (and out2 when given), both (R, cols).
+template <typename T>
+__global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t cols, T* out, T* out2) {
+  int64_t lo0, hi0, loE, hiE;
+  segment(off, 0, R, lo0, hi0);
+  segment(off, E - 1, R, loE, hiE);
+  hiE = max(hiE, lo0);
+  const int64_t n_before = lo0 * cols, total = n_before + (R - hiE) * cols;
+  const T zero = from_f<T>(0.f);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t idx = i < n_before ? i : hiE * cols + (i - n_before);
+    out[idx] = zero;
+    if (out2 != nullptr) out2[idx] = zero;
+  }
+}
+#else
+// CPU: the clamped segments of every expert, and zero bytes in every row outside all of them
+// (row_bytes each; 0 bits are 0.0 in every float type).
+inline void segments_and_zero_outside(const int32_t* off, int64_t E, int64_t R, int64_t row_bytes, void* out,
+                                      std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
+  lo.resize(E), hi.resize(E);
+  for (int64_t e = 0; e < E; ++e) segment(off, e, R, lo[e], hi[e]);
+  std::vector<char> covered(R, 0);
+  for (int64_t e = 0; e < E; ++e) std::fill(covered.begin() + lo[e], covered.begin() + hi[e], 1);
+  char* o = static_cast<char*>(out);
+  for (int64_t r = 0; r < R; ++r)
+    if (!covered[r]) std::memset(o + r * row_bytes, 0, static_cast<size_t>(row_bytes));
+}
+#endif
+
+}  // namespace nk

@@ -1,0 +1,337 @@
+"""FP8 experts (issue 23 item 1, forward): moe_quantize_fp8 (rows to e4m3 with one float32 scale
+each, dynamic amax / 448 or static, gathered on the way) against torch's own float8 cast, and
+grouped_gemm with an FP8Tensor (grouped_gemm_fp8) against float64 of the same quantized operands:
+out[r] = act(a_scale[r] * w_scale[e] * (a_q[r] @ w_q[e]^T)). CPU kernels, the portable CUDA
+kernels under the emulator, and on a GPU the sm_90a CUTLASS kernel against the portable one;
+empty experts, rows outside every segment, padding rows, NaN rows, poisoned outputs, bad inputs,
+opcheck and the refusal of a gradient."""
+import functools
+
+import pytest
+import torch
+
+import cuda_emu as _emu_base
+from conftest import DEVICES
+from helpers import assert_close, poison_allocator
+from nemokernels.moe import FP8Rows, FP8Tensor, grouped_gemm, moe_permute_plan, quantize_rows_fp8
+from test_grouped_gemm import offsets_from_counts
+
+ops = torch.ops.nemokernels
+E4M3 = torch.float8_e4m3fn
+
+
+# ---------------------------------------------------------------- independent references
+
+def quantize_ref(x, static_scale=None):
+    """Per-row e4m3 codes and scales by torch: scale = amax / 448 in float32 (1 for a zero row),
+    codes = torch's float8 cast (round to nearest even) of x / scale clamped to +-448."""
+    xf = x.float().cpu()
+    if static_scale is None:
+        amax = xf.abs().amax(dim=1) if xf.shape[1] else torch.zeros(xf.shape[0])
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
+    else:
+        scale = torch.full((xf.shape[0],), float(static_scale))
+    q = (xf / scale[:, None]).clamp(-448.0, 448.0).to(E4M3)
+    return q, scale
+
+
+def gemm_ref(aq, a_scale, wq, w_scale, offsets, activation):
+    E, N = wq.shape[0], wq.shape[1]
+    ws = w_scale.double().cpu().reshape(-1).expand(E)
+    out = torch.zeros(aq.shape[0], N, dtype=torch.float64)
+    offs = offsets.cpu().tolist()
+    for e in range(E):
+        lo, hi = offs[e], offs[e + 1]
+        y = (aq[lo:hi].cpu().double() @ wq[e].cpu().double().T) * a_scale[lo:hi].cpu().double()[:, None] * ws[e]
+        out[lo:hi] = torch.relu(y).square() if activation == "relu2" else y
+    return out
+
+
+def rand_fp8(shape, gen):
+    """e4m3 bytes over the whole finite range (NaN bytes 0x7f / 0xff avoided)."""
+    b = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    b = torch.where((b & 0x7f) == 0x7f, b - 1, b)
+    return b.view(E4M3)
+
+
+def gemm_case(counts, N, K, device, lead_rows=0, extra_rows=3, per_expert=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_counts(counts, device) + lead_rows
+    R = int(offsets[-1]) + extra_rows
+    aq = rand_fp8((R, K), g)
+    a_scale = (torch.rand(R, generator=g) + 0.5) / 64
+    wq = rand_fp8((len(counts), N, K), g)
+    w_scale = (torch.rand(len(counts), generator=g) + 0.5) / (8 * K ** 0.5) if per_expert else torch.tensor(0.01)
+    return aq.to(device), a_scale.to(device), wq.to(device), w_scale.float().to(device), offsets
+
+
+def check_gemm(out, aq, a_scale, wq, w_scale, offsets, activation, dtype, what):
+    ref = gemm_ref(aq, a_scale, wq, w_scale, offsets, activation)
+    assert out.shape == ref.shape and out.dtype == dtype, what
+    assert_close(out.cpu(), ref, dtype, factor=2.0 if activation == "relu2" else 1.0, what=what)
+    R0, R1 = int(offsets[0]), int(offsets[-1])
+    assert torch.equal(out[R1:].cpu().float(), torch.zeros(out.shape[0] - R1, out.shape[1])), f"{what}: rows past offsets[E]"
+    assert torch.equal(out[:R0].cpu().float(), torch.zeros(R0, out.shape[1])), f"{what}: rows before offsets[0]"
+
+
+# ---------------------------------------------------------------- the row quantizer
+
+def assert_codes_equal(q, ref, what):
+    qb, rb = q.cpu().view(torch.uint8), ref.view(torch.uint8)
+    nan_q, nan_r = (qb & 0x7f) == 0x7f, (rb & 0x7f) == 0x7f
+    assert torch.equal(nan_q, nan_r), f"{what}: NaN codes differ"
+    bad = (qb != rb) & ~nan_q
+    assert not bad.any(), f"{what}: {int(bad.sum())} codes differ, first at {bad.nonzero()[0].tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_rows_matches_torch(device, dtype, static):
+    g = torch.Generator().manual_seed(3)
+    for T, K in ((7, 64), (5, 40), (3, 1000)):  # K % 8 == 0 (vector path) and not
+        x = (torch.randn(T, K, generator=g) * torch.logspace(-6, 3, T)[:, None]).to(dtype)
+        x[1] = 0  # a zero row: scale 1, codes 0
+        x[2, :3] = torch.tensor([3e-9, -2.5e-7, 1e4])  # subnormal codes and (static) saturation
+        s = torch.tensor(0.05) if static else None
+        rows = quantize_rows_fp8(x.to(device), s)
+        ref_q, ref_s = quantize_ref(x, s)
+        assert rows.data.dtype == E4M3 and rows.scale.dtype == torch.float32
+        assert torch.equal(rows.scale.cpu(), ref_s), f"{device} {dtype} scales"
+        assert_codes_equal(rows.data, ref_q, f"{device} {dtype} T={T} K={K}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_gathers_like_moe_gather(device):
+    """With a plan, row r is x[slot_of_row[r] // top_k] (padding rows: zero codes, scale 1): the
+    same rows as moe_gather then quantize."""
+    g = torch.Generator().manual_seed(5)
+    T, K, E, k = 9, 48, 4, 2
+    x = torch.randn(T, K, generator=g).to(torch.bfloat16).to(device)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int().to(device)
+    plan = moe_permute_plan(ids, E, pad_to=4)  # padding rows
+    rows = quantize_rows_fp8(x, None, plan)
+    slot = plan.slot_of_row.cpu().long()
+    src = torch.where(slot >= 0, slot // k, 0)
+    ref_q, ref_s = quantize_ref(x.cpu()[src])
+    pad = slot < 0
+    assert pad.any()
+    ref_q[pad] = torch.zeros(K, dtype=E4M3)
+    ref_s[pad] = 1.0
+    assert torch.equal(rows.scale.cpu(), ref_s)
+    assert_codes_equal(rows.data, ref_q, f"{device} gathered")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_non_finite_rows_are_nan(device):
+    x = torch.randn(4, 32)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    rows = quantize_rows_fp8(x.to(device))
+    s = rows.scale.cpu()
+    assert torch.isnan(s[1]) and torch.isnan(s[2]) and torch.isfinite(s[[0, 3]]).all()
+    w = FP8Tensor(rand_fp8((1, 8, 32), torch.Generator().manual_seed(0)).to(device), torch.tensor(0.1, device=device))
+    with torch.no_grad():
+        out = grouped_gemm(rows, w, offsets_from_counts([4], device), out_dtype=torch.float32).cpu()
+    assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all() and torch.isfinite(out[[0, 3]]).all()
+
+
+# ---------------------------------------------------------------- the grouped GEMM
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_gemm_matches_float64(device, dtype, activation, per_expert):
+    for counts, N, K, lead in (([5, 0, 40, 1, 19], 24, 64, 0), ([3, 7], 20, 48, 2), ([130, 2, 0], 136, 128, 1)):
+        aq, a_s, wq, w_s, offsets = gemm_case(counts, N, K, device, lead_rows=lead, per_expert=per_expert)
+        poison_allocator(device)
+        out = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, dtype)
+        check_gemm(out, aq, a_s, wq, w_s, offsets, activation, dtype, f"{device} {dtype} {activation} N={N} K={K}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("static", [False, True])
+def test_public_api_quantizes_then_multiplies(device, static):
+    """grouped_gemm(a, FP8Tensor) = quantize a's rows (dynamic, or w.input_scale; a per-expert input
+    scale is reduced to its max), then the FP8 GEMM; the output keeps a's dtype."""
+    g = torch.Generator().manual_seed(11)
+    counts, N, K = [6, 0, 9], 32, 64
+    offsets = offsets_from_counts(counts, device)
+    a = torch.randn(15, K, generator=g).to(torch.bfloat16).to(device)
+    wq = rand_fp8((3, N, K), g).to(device)
+    w = FP8Tensor(wq, torch.tensor([0.02, 0.03, 0.01], device=device),
+                  torch.tensor([0.01, 0.02, 0.015], device=device) if static else None)
+    with torch.no_grad():
+        out = grouped_gemm(a, w, offsets, "relu2")
+    aq, a_s = quantize_ref(a, 0.02 if static else None)
+    assert out.dtype == torch.bfloat16
+    check_gemm(out, aq, a_s, wq.cpu(), w.scale.cpu(), offsets, "relu2", torch.bfloat16, f"{device} public")
+    # One weight matrix (N, K) is one expert (the dense FP8 layers of a checkpoint).
+    with torch.no_grad():
+        dense = grouped_gemm(a, FP8Tensor(wq[0], w.scale[0], w.input_scale), offsets_from_counts([15], device))
+    check_gemm(dense, aq, a_s, wq[:1].cpu(), w.scale[:1].cpu(), offsets_from_counts([15], "cpu"), "none",
+               torch.bfloat16, f"{device} dense")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_empty_and_no_gradient(device):
+    aq, a_s, wq, w_s, offsets = gemm_case([9, 0, 33], 24, 64, device)
+    a1 = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16)
+    assert torch.equal(a1, ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16))
+    none = offsets_from_counts([0, 0, 0], device)
+    z = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, none, "none", torch.bfloat16)
+    assert torch.equal(z.cpu().float(), torch.zeros(aq.shape[0], 24))
+    assert ops.grouped_gemm_fp8(aq[:0], a_s[:0], wq, w_s, none, "none", torch.bfloat16).shape == (0, 24)
+    a = torch.randn(4, 64, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="no gradient"):
+        grouped_gemm(a, FP8Tensor(wq, w_s), offsets_from_counts([1, 1, 2], device))
+    with pytest.raises(ValueError, match="out_dtype"):
+        grouped_gemm(a.detach(), torch.randn(3, 8, 64, device=device), offsets_from_counts([1, 1, 2], device),
+                     out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    aq, a_s, wq, w_s, offsets = gemm_case([4, 0, 6], 16, 32, device)
+    # test_schema is left out as for the NVFP4 ops: its mutation check runs torch ops that have no
+    # float8_e4m3fn CPU kernel; the schemas declare no mutation.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(ops.grouped_gemm_fp8, (aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16), test_utils=utils)
+    x = torch.randn(6, 32, device=device)
+    empty_i = torch.empty(0, dtype=torch.int32, device=device)
+    torch.library.opcheck(ops.moe_quantize_fp8, (x, empty_i, 1, torch.empty(0, device=device)), test_utils=utils)
+    slot = torch.tensor([0, 3, -1, 5, 2], dtype=torch.int32, device=device)
+    torch.library.opcheck(ops.moe_quantize_fp8, (x, slot, 2, torch.tensor(0.1, device=device)), test_utils=utils)
+
+
+GEMM_BAD = [
+    ("a not fp8", lambda a, s, w, ws, o: (a.float(), s, w, ws, o), "a"),
+    ("a_scale length", lambda a, s, w, ws, o: (a, s[:-1], w, ws, o), "a_scale"),
+    ("a_scale dtype", lambda a, s, w, ws, o: (a, s.double(), w, ws, o), "a_scale"),
+    ("w not fp8", lambda a, s, w, ws, o: (a, s, w.view(torch.uint8), ws, o), "w"),
+    ("w K mismatch", lambda a, s, w, ws, o: (a, s, w[:, :, :16], ws, o), "w"),
+    ("w_scale count", lambda a, s, w, ws, o: (a, s, w, torch.ones(2, device=a.device), o), "w_scale"),
+    ("offsets length", lambda a, s, w, ws, o: (a, s, w, ws, o[:-1]), "expert_offsets"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,args,match", GEMM_BAD, ids=[b[0] for b in GEMM_BAD])
+def test_gemm_bad_inputs_raise(device, name, args, match):
+    aq, a_s, wq, w_s, offsets = gemm_case([4, 2, 6], 16, 32, device)
+    with pytest.raises(RuntimeError, match=match):
+        ops.grouped_gemm_fp8(*args(aq, a_s, wq, w_s, offsets), "none", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="activation"):
+        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "gelu", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "none", torch.int32)
+
+
+def test_quantize_bad_inputs_raise():
+    x = torch.randn(4, 16)
+    e = torch.empty(0)
+    ei = torch.empty(0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="x"):
+        ops.moe_quantize_fp8(x.double(), ei, 1, e)
+    with pytest.raises(RuntimeError, match="static_scale"):
+        ops.moe_quantize_fp8(x, ei, 1, torch.tensor([0.1, 0.2]))
+    with pytest.raises(RuntimeError, match="positive and finite"):
+        ops.moe_quantize_fp8(x, ei, 1, torch.tensor(0.0))
+    with pytest.raises(RuntimeError, match="slot_of_row"):
+        ops.moe_quantize_fp8(x, torch.tensor([0, 8], dtype=torch.int32), 2, e)  # 8 >= T * top_k
+    with pytest.raises(RuntimeError, match="top_k"):
+        ops.moe_quantize_fp8(x, torch.tensor([0], dtype=torch.int32), 0, e)
+
+
+# ---------------------------------------------------------------- the portable CUDA kernels, emulated
+
+@functools.cache
+def emu():
+    return _emu_base.EmuLibrary.build("moe_fp8", _emu_base.EMU / "driver_moe_fp8.cpp",
+                                      [_emu_base.CSRC / "moe" / "grouped_gemm_fp8_cuda.cu"], ("moe", "nvfp4"),
+                                      header=_emu_base.CSRC / "moe" / "grouped_gemm.h",
+                                      structs=("GroupedGemmFp8Params", "QuantizeFp8Params"))
+
+
+def test_emulated_params_layout():
+    emu().check_layouts()
+
+
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+def test_emulated_portable_gemm(dtype, activation):
+    """The zero fill and the SIMT kernel (4 token rows per pass: segments of 5, 1 and 7 rows test
+    the partial pass) over NaN-poisoned outputs, against float64."""
+    aq, a_s, wq, w_s, offsets = gemm_case([5, 0, 1, 7], 24, 48, "cpu", lead_rows=2, per_expert=(activation == "none"))
+    out = torch.full((aq.shape[0], 24), float("nan"), dtype=dtype)
+    lib = emu()
+    p = lib.S["GroupedGemmFp8Params"]()
+    p.dtype, p.R, p.N, p.K, p.E = DT[dtype], aq.shape[0], 24, 48, 4
+    p.offsets, p.a, p.a_scale, p.w = offsets.data_ptr(), aq.data_ptr(), a_s.data_ptr(), wq.data_ptr()
+    p.w_scale, p.w_scale_stride = w_s.data_ptr(), 1 if w_s.numel() > 1 else 0
+    p.act, p.out, p.arch = (1 if activation == "relu2" else 0), out.data_ptr(), 0
+    lib.call("emu_fp8_gemm_cuda", p)
+    check_gemm(out, aq, a_s, wq, w_s, offsets, activation, dtype, f"emulated {dtype} {activation}")
+    cpu = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, dtype)
+    assert torch.equal(out.view(torch.uint8) if dtype != torch.float32 else out, cpu.view(torch.uint8)
+                       if dtype != torch.float32 else cpu), "the portable kernel and the CPU kernel sum in the same order"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("K", [64, 40])  # vector path (16-byte loads, 8-byte code stores) and element path
+@pytest.mark.parametrize("gather,static", [(False, False), (True, False), (True, True)])
+def test_emulated_quantize(dtype, K, gather, static):
+    """Codes and scales bit-identical to the CPU kernel (which matches torch above), over poisoned
+    outputs; gathered rows with padding, and more rows than one block's warps."""
+    g = torch.Generator().manual_seed(9)
+    T, k = 13, 2
+    x = (torch.randn(T, K, generator=g) * 3).to(dtype)
+    x[4] = 0
+    slot = torch.randperm(T * k, generator=g)[:20].int()
+    slot[3] = slot[11] = -1
+    static_t = torch.tensor(0.02)
+    ref_q, ref_s = ops.moe_quantize_fp8(x, slot if gather else torch.empty(0, dtype=torch.int32), k,
+                                        static_t if static else torch.empty(0))
+    R = slot.shape[0] if gather else T
+    q = torch.full((R, K), 0x7f, dtype=torch.uint8)
+    s = torch.full((R,), float("nan"))
+    lib = emu()
+    p = lib.S["QuantizeFp8Params"]()
+    p.dtype, p.T, p.R, p.K = DT[dtype], T, R, K
+    p.x, p.slot_of_row, p.top_k = x.data_ptr(), (slot.data_ptr() if gather else 0), k if gather else 1
+    p.static_scale = static_t.data_ptr() if static else 0
+    p.q, p.scale = q.data_ptr(), s.data_ptr()
+    lib.call("emu_fp8_quantize_cuda", p)
+    assert torch.equal(q, ref_q.view(torch.uint8)), "codes"
+    assert torch.equal(s, ref_s), "scales"
+
+
+# ---------------------------------------------------------------- the sm_90a kernel on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+@pytest.mark.parametrize("counts,N,K", [([3, 0, 1, 70, 7, 0, 2, 300], 264, 1024),  # partial tiles, empty experts
+                                        ([300, 1, 0, 129], 136, 144),             # K not a multiple of 128
+                                        ([2] * 64, 2688, 1024)])                  # decode-sized: 64 experts
+def test_sm90_kernel_and_the_portable_one(monkeypatch, activation, counts, N, K):
+    """On an H100/H200 (sm_90a build) bf16 outputs take the CUTLASS FP8 kernel (the profiler shows
+    its FP8 mainloop), which matches float64 of the quantized operands and the portable kernel
+    within float32-accumulation noise, is bit for bit repeatable, and leaves rows outside every
+    segment zero."""
+    aq, a_s, wq, w_s, offsets = gemm_case(counts, N, K, "cuda", lead_rows=3, extra_rows=5)
+    poison_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
+        torch.cuda.synchronize()
+    again = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE", "1")
+    portable = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("MainloopSm90ArrayTmaGmmaWarpSpecializedFP8" in n for n in names), names
+    assert torch.equal(out, again)
+    check_gemm(out, aq, a_s, wq, w_s, offsets, activation, torch.bfloat16, f"sm90 {activation}")
+    check_gemm(portable, aq, a_s, wq, w_s, offsets, activation, torch.bfloat16, f"portable {activation}")
