@@ -146,6 +146,13 @@ for swap in 0 1; do
         --out "$OUT/ab/bench-small-swap$swap.json"
 done
 
+# 9c. Issue 23: the FP8 grouped GEMM (e4m3 peak measured in the same run; against bf16,
+#     torch._grouped_mm and torch._scaled_grouped_mm) and the LatentMoE layer with FP8 / NVFP4
+#     experts against its bf16 experts, at T64 and T4096.
+step "bench FP8 / NVFP4 experts" 90 python3 -m nemokernels bench --fast-timing \
+    --op grouped_gemm.fp8 --op latent_moe.fp8_experts --op latent_moe.nvfp4_experts --shape "T64 " --shape "T4096 " \
+    --skip-baseline compile --out "$OUT/ab/bench-lowp-experts.json"
+
 # 10. Issue 19's A/B: nvfp4.gemm and NVFP4Linear on the portable kernel (the 2026-12-04 path)
 #     against bench-rest above (on an H100/H200: bf16 decode + the CUTLASS wgmma GEMM).
 step "bench nvfp4, portable kernel" 90 env NEMOKERNELS_NVFP4_GEMM_PORTABLE=1 python3 -m nemokernels bench \

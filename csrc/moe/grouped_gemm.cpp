@@ -7,6 +7,8 @@
 // bad offsets there are memory-safe but give unspecified values (docs/known-issues.md).
 #include "moe/grouped_gemm.h"
 
+#include <algorithm>
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -14,6 +16,7 @@
 #include "common/check.h"
 #include "common/device.h"
 #include "common/tensor_utils.h"
+#include "moe/segments.cuh"
 
 namespace nk {
 namespace {
@@ -269,8 +272,8 @@ Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_gl
 
 // grouped_gemm with FP8 rows and FP8 expert weights (forward only): the checks, then the CPU
 // kernel or the CUDA path grouped_gemm_fp8_cuda_prepare picks (CUTLASS on sm_90a, else portable).
-Tensor grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
-                        const std::string& activation, ScalarType out_dtype) {
+std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
+                                            const std::string& activation, ScalarType out_dtype, bool save_preact) {
   const char* op = "grouped_gemm (FP8)";
   check_dim(op, "a", a, 2);
   check_dtype(op, "a", a, {ScalarType::Float8_e4m3fn});
@@ -290,11 +293,14 @@ Tensor grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tens
   check_offsets(op, expert_offsets, a, "a", R, E);
   OptionalDeviceGuard guard(a);
   Tensor ac = contig(a), sc = contig(a_scale), wc = contig(w), wsc = contig(w_scale), oc = contig(expert_offsets);
+  const bool keep_pre = save_preact && activation == "relu2";
   Tensor out = new_empty(a, {R, N}, out_dtype);
-  if (out.numel() == 0) return out;
+  Tensor pre = new_empty(a, {keep_pre ? R : 0, N}, out_dtype);
+  if (out.numel() == 0) return {out, pre};
   if (K == 0 || E == 0) {  // empty sums: act(0) = 0 everywhere
     torch::stable::zero_(out);
-    return out;
+    if (keep_pre) torch::stable::zero_(pre);
+    return {out, pre};
   }
   GroupedGemmFp8Params p{};
   p.dtype = out_dtype == ScalarType::BFloat16 ? GgType::BF16 : out_dtype == ScalarType::Half ? GgType::F16 : GgType::F32;
@@ -307,6 +313,7 @@ Tensor grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tens
   p.w_scale_stride = wsc.numel() == E && E > 1 ? 1 : 0;
   p.act = activation == "relu2" ? GgAct::Relu2 : GgAct::None;
   p.out = out.data_ptr();
+  p.pre = keep_pre ? pre.data_ptr() : nullptr;
   std::optional<Tensor> ws;
 #ifdef NK_WITH_CUDA
   if (a.is_cuda()) {
@@ -318,7 +325,7 @@ Tensor grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tens
   }
 #endif
   NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_fp8_cpu(p), grouped_gemm_fp8_cuda(p, stream));
-  return out;
+  return {out, pre};
 }
 
 // Rows of x to e4m3 with a float32 scale each, gathered by slot_of_row when it is not empty.
@@ -335,14 +342,21 @@ std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_
   }
   const int64_t R = gather ? slot_of_row.size(0) : T;
   const bool fixed = static_scale.numel() > 0;
+  NK_CHECK(!fixed || static_scale.numel() == 1 || (!gather && R % static_scale.numel() == 0), op,
+           ": static_scale holds ", static_scale.numel(), " values; more than one is for blocks of rows ",
+           "(row r takes scale r / (rows / scales)), which must divide the ", R, " rows, and not with slot_of_row ",
+           "(a gathered row's expert is not its block: reduce a per-expert input_scale to one value)");
   if (fixed) {
     check_dtype(op, "static_scale", static_scale, {ScalarType::Float});
     check_same_device(op, "static_scale", static_scale, x, "x");
-    NK_CHECK(static_scale.numel() == 1, op, ": static_scale must be one float32 (or empty for per-row scales), got ",
-             "shape ", shape_str(static_scale));
+    NK_CHECK(static_scale.dim() <= 1, op, ": static_scale must be 0-dim or 1-dim, got shape ", shape_str(static_scale));
     if (static_scale.is_cpu()) {
-      const float v = *static_cast<const float*>(torch::stable::contiguous(static_scale).data_ptr());
-      NK_CHECK(v > 0.0f && v <= 3.402823466e38f, op, ": static_scale must be positive and finite, got ", v);
+      Tensor sc = torch::stable::contiguous(static_scale);
+      const float* v = static_cast<const float*>(sc.data_ptr());
+      for (int64_t i = 0; i < sc.numel(); ++i) {
+        NK_CHECK(v[i] > 0.0f && v[i] <= 3.402823466e38f, op, ": static_scale must be positive and finite, got ", v[i],
+                 " at ", i);
+      }
     }
   }
   OptionalDeviceGuard guard(x);
@@ -364,10 +378,87 @@ std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_
   p.slot_of_row = gather ? static_cast<const int32_t*>(sr.data_ptr()) : nullptr;
   p.top_k = gather ? top_k : 1;
   p.static_scale = fixed ? static_cast<const float*>(ss.data_ptr()) : nullptr;
+  p.rows_per_scale = fixed ? R / static_scale.numel() : 1;
   p.q = static_cast<uint8_t*>(q.data_ptr());
   p.scale = static_cast<float*>(scale.data_ptr());
   NK_ROUTE_BY_DEVICE(x, op, moe_quantize_fp8_cpu(p), moe_quantize_fp8_cuda(p, stream));
   return {q, scale};
+}
+
+// The FP8 wgrad's operands: x (R, C) transposed to (C, padded16_width(R, E)), column scales.
+std::tuple<Tensor, Tensor> moe_quantize_fp8_t(Tensor x, Tensor expert_offsets) {
+  const char* op = "moe_quantize_fp8_t";
+  check_dim(op, "x", x, 2);
+  check_dtype(op, "x", x, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
+  const int64_t R = x.size(0), C = x.size(1);
+  const int64_t E = check_offsets(op, expert_offsets, x, "x", R, -1);
+  const int64_t W = padded16_width(R, E);
+  OptionalDeviceGuard guard(x);
+  Tensor xc = contig(x), oc = contig(expert_offsets);
+  Tensor qT = new_empty(x, {C, W}, ScalarType::Float8_e4m3fn);
+  Tensor scale = new_empty(x, {C}, ScalarType::Float);
+  if (C == 0) return {qT, scale};
+  QuantizeFp8TParams p{};
+  p.dtype = gg_type(op, "x", x);
+  p.R = R, p.C = C, p.E = E, p.W = W;
+  p.offsets = static_cast<const int32_t*>(oc.data_ptr());
+  p.x = xc.data_ptr();
+  p.qT = static_cast<uint8_t*>(qT.data_ptr());
+  p.scale = static_cast<float*>(scale.data_ptr());
+  std::optional<Tensor> partial;
+  if (x.is_cuda()) {
+    partial.emplace(new_empty(x, {std::max<int64_t>((R + kFp8TRowChunk - 1) / kFp8TRowChunk, 1), C}, ScalarType::Float));
+    p.partial = static_cast<float*>(partial->data_ptr());
+  }
+  NK_ROUTE_BY_DEVICE(x, op, moe_quantize_fp8_t_cpu(p), moe_quantize_fp8_t_cuda(p, stream));
+  return {qT, scale};
+}
+
+// dw (E, N, K) of the FP8 experts from the transposed operands of moe_quantize_fp8_t.
+Tensor grouped_gemm_fp8_wgrad(Tensor gT, Tensor g_scale, Tensor aT, Tensor a_scale, Tensor expert_offsets,
+                              ScalarType out_dtype) {
+  const char* op = "grouped_gemm (FP8 wgrad)";
+  check_dim(op, "gT", gT, 2);
+  check_dtype(op, "gT", gT, {ScalarType::Float8_e4m3fn});
+  const int64_t N = gT.size(0), W = gT.size(1);
+  check_tensor(op, "g_scale", g_scale, {N}, {ScalarType::Float}, gT, "gT");
+  check_tensor(op, "aT", aT, {-1, W}, {ScalarType::Float8_e4m3fn}, gT, "gT");
+  const int64_t K = aT.size(0);
+  check_tensor(op, "a_scale", a_scale, {K}, {ScalarType::Float}, gT, "gT");
+  check_tensor(op, "expert_offsets", expert_offsets, {-1}, {ScalarType::Int}, gT, "gT");
+  check_size_at_least(op, "expert_offsets", expert_offsets, 0, 1, "E + 1 entries");
+  const int64_t E = expert_offsets.size(0) - 1;
+  NK_CHECK(W % 16 == 0 && W >= 16 * E, op, ": gT / aT must be (., padded16_width(R, E)) as moe_quantize_fp8_t makes "
+           "them (a multiple of 16, at least 16 E), got width ", W, " with E = ", E);
+  const int64_t R = W - 16 * E;  // >= the rows the operands came from: offsets clamp into it
+  check_offsets(op, expert_offsets, gT, "gT", R, E);
+  NK_CHECK(out_dtype == ScalarType::BFloat16 || out_dtype == ScalarType::Float, op,
+           ": out_dtype must be bfloat16 or float32");
+  OptionalDeviceGuard guard(gT);
+  Tensor gc = contig(gT), gsc = contig(g_scale), ac = contig(aT), asc = contig(a_scale), oc = contig(expert_offsets);
+  Tensor dw = new_empty(gT, {E, N, K}, out_dtype);
+  if (dw.numel() == 0) return dw;
+  GroupedGemmFp8WgradParams p{};
+  p.dtype = out_dtype == ScalarType::BFloat16 ? GgType::BF16 : GgType::F32;
+  p.R = R, p.N = N, p.K = K, p.E = E, p.W = W;
+  p.offsets = static_cast<const int32_t*>(oc.data_ptr());
+  p.gT = static_cast<const uint8_t*>(gc.data_ptr());
+  p.g_scale = static_cast<const float*>(gsc.data_ptr());
+  p.aT = static_cast<const uint8_t*>(ac.data_ptr());
+  p.a_scale = static_cast<const float*>(asc.data_ptr());
+  p.dw = dw.data_ptr();
+  std::optional<Tensor> ws;
+#ifdef NK_WITH_CUDA
+  if (gT.is_cuda()) {
+    const int64_t bytes = grouped_gemm_fp8_wgrad_cuda_prepare(p);
+    if (bytes > 0) {
+      ws.emplace(new_empty(gT, {bytes}, ScalarType::Byte));
+      p.workspace = ws->data_ptr();
+    }
+  }
+#endif
+  NK_ROUTE_BY_DEVICE(gT, op, grouped_gemm_fp8_wgrad_cpu(p), grouped_gemm_fp8_wgrad_cuda(p, stream));
+  return dw;
 }
 
 // Both gradients of one forward. The CUTLASS path has no operand transform, so dgrad and wgrad

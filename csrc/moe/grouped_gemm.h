@@ -100,6 +100,7 @@ struct GroupedGemmFp8Params {
   int64_t w_scale_stride;   // 1: one per expert, 0: shared
   GgAct act;
   void* out;                // (R, N)
+  void* pre;                // (R, N) in out's dtype: the scaled accumulator before relu^2 (training), or null
   int arch;                 // CUDA: 90 when the sm_90a CUTLASS kernel runs it, else 0 (set by the entry)
   void* workspace;          // the sm_90a path's (grouped_gemm_fp8_sm90_workspace bytes), torch-allocated
 };
@@ -115,13 +116,50 @@ struct QuantizeFp8Params {
   const void* x;
   const int32_t* slot_of_row;  // (R,) or null
   int64_t top_k;
-  const float* static_scale;   // one float32, or null: the dynamic per-row scale
+  const float* static_scale;   // null: the dynamic per-row scale; else row r takes
+  int64_t rows_per_scale;      // static_scale[r / rows_per_scale] (R / the number of scales)
   uint8_t* q;                  // (R, K) e4m3
   float* scale;                // (R,)
 };
 void moe_quantize_fp8_cpu(const QuantizeFp8Params& p);
+
+// The FP8 wgrad's operands (moe_quantize_fp8_t): x (R, C) transposed to qT (C, W), W =
+// padded16_width(R, E), expert e's rows at columns [start16(lo_e, e), + count_e) (segments.cuh),
+// every other column zero; one float32 scale per column c over the rows inside the segments:
+// fp8_row_scale(amax), codes fp8_encode(x / scale[c]).
+struct QuantizeFp8TParams {
+  GgType dtype;             // of x: F32, F16 or BF16
+  int64_t R, C, E, W;
+  const int32_t* offsets;   // (E + 1,)
+  const void* x;            // (R, C) contiguous
+  uint8_t* qT;              // (C, W) e4m3
+  float* scale;             // (C,)
+  float* partial;           // CUDA scratch: (ceil(R / kFp8TRowChunk), C) float32 partial amaxes
+};
+constexpr int kFp8TRowChunk = 1024;  // rows per partial amax of the CUDA kernel
+void moe_quantize_fp8_t_cpu(const QuantizeFp8TParams& p);
+
+// The FP8 wgrad: dw[e] (N x K) = (acc * g_scale[n]) * a_scale[k], acc = sum over the
+// expert's rows i of gT[n, s + i] * aT[k, s + i] (s = start16(lo_e, e)), float32 sums of exact
+// products, one rounding; zero for experts without rows.
+struct GroupedGemmFp8WgradParams {
+  GgType dtype;             // of dw: F32 or BF16
+  int64_t R, N, K, E, W;    // W = padded16_width(R, E)
+  const int32_t* offsets;
+  const uint8_t* gT;        // (N, W) e4m3
+  const float* g_scale;     // (N,)
+  const uint8_t* aT;        // (K, W) e4m3
+  const float* a_scale;     // (K,)
+  void* dw;                 // (E, N, K)
+  int arch;                 // CUDA: 90 for the CUTLASS kernel, else 0
+  void* workspace;
+};
+void grouped_gemm_fp8_wgrad_cpu(const GroupedGemmFp8WgradParams& p);
 #ifdef NK_WITH_CUDA
 void moe_quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream);
+void moe_quantize_fp8_t_cuda(const QuantizeFp8TParams& p, void* stream);
+int64_t grouped_gemm_fp8_wgrad_cuda_prepare(GroupedGemmFp8WgradParams& p);
+void grouped_gemm_fp8_wgrad_cuda(const GroupedGemmFp8WgradParams& p, void* stream);
 // The CUDA path of one FP8 call: 90 (the CUTLASS kernel, grouped_gemm_fp8_sm90.cu) for bf16
 // output with K % 16 == 0, N % 8 == 0 and 16-byte aligned operands on an sm_90 device of an sm_90a
 // build, unless NEMOKERNELS_GROUPED_GEMM_PORTABLE=1; else 0 (the portable SIMT kernel). Returns the
@@ -132,6 +170,8 @@ void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream);
 #ifdef NK_HAS_SM90
 int64_t grouped_gemm_fp8_sm90_workspace(int64_t E);
 void grouped_gemm_fp8_sm90_run(const GroupedGemmFp8Params& p, void* stream);
+int64_t grouped_gemm_fp8_wgrad_sm90_workspace(int64_t E);
+void grouped_gemm_fp8_wgrad_sm90_run(const GroupedGemmFp8WgradParams& p, void* stream);
 #endif
 
 void grouped_gemm_fwd_cpu(const GroupedGemmParams& p);

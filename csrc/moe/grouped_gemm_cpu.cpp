@@ -17,6 +17,7 @@
 
 #include "common/check.h"
 #include "moe/grouped_gemm.h"
+#include "moe/numerics.cuh"
 
 namespace nk {
 namespace {
@@ -114,7 +115,7 @@ inline AccT<T> load_g(const GroupedGemmParams& p, int64_t off) {
   const AccT<T> d = ldv<T>(p.dout, off);
   if (p.pre_in == nullptr) return d;
   const AccT<T> pre = ldv<T>(p.pre_in, off);
-  return round_t<T>(pre > 0 ? d * 2 * pre : AccT<T>(0));
+  return round_t<T>(relu2_grad(d, pre));
 }
 
 }  // namespace
@@ -145,7 +146,7 @@ void grouped_gemm_fwd_cpu(const GroupedGemmParams& p) {
             const Acc pre = acc[m][n];
             const int64_t off = (m0 + m) * p.N + n0 + n;
             if (p.pre_out) stv<T>(p.pre_out, off, pre);
-            stv<T>(p.out, off, p.act == GgAct::Relu2 ? (pre > 0 ? pre * pre : Acc(0)) : pre);
+            stv<T>(p.out, off, p.act == GgAct::Relu2 ? relu2(pre) : pre);
           }
         }
       }

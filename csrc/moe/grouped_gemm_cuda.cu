@@ -21,6 +21,7 @@
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "moe/grouped_gemm.h"
+#include "moe/numerics.cuh"
 #include "moe/segments.cuh"
 
 namespace nk {
@@ -85,8 +86,7 @@ NK_DEVICE bool resolve_row_tile(const int32_t* off, const int32_t* tile_off, int
 // The dgrad/wgrad operand g = dout, or round_T(dout * 2 * relu(pre)).
 template <typename T>
 NK_DEVICE T act_bwd(T d, T pre) {
-  const float p = to_f(pre);
-  return from_f<T>(p > 0.f ? to_f(d) * 2.f * p : 0.f);
+  return from_f<T>(relu2_grad(to_f(d), to_f(pre)));
 }
 
 // Everything a block needs to find its operands (one op, one block).
@@ -138,7 +138,7 @@ NK_DEVICE void store_out(const Problem& q, GgAct act, int64_t m, int64_t n, floa
   const int64_t idx = m * q.ldc + n;
   if (MODE == kFwd) {
     if (q.C_pre != nullptr) static_cast<T*>(q.C_pre)[idx] = from_f<T>(v);
-    if (act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+    if (act == GgAct::Relu2) v = relu2(v);
   }
   static_cast<T*>(q.C)[idx] = from_f<T>(v);
 }
@@ -385,18 +385,15 @@ template <typename T>
 __global__ void relu2_kernel(const T* pre, T* out, int64_t n) {
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  auto relu2 = [](T x) {
-    const float v = to_f(x);
-    return from_f<T>(v > 0.f ? v * v : 0.f);
-  };
+  auto relu2_of = [](T x) { return from_f<T>(relu2(to_f(x))); };
   for (int64_t i = t0; i < n / 8; i += stride) {
     Vec8<T> v;
     *reinterpret_cast<uint4*>(&v) = reinterpret_cast<const uint4*>(pre)[i];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v.v[j] = relu2(v.v[j]);
+    for (int j = 0; j < 8; ++j) v.v[j] = relu2_of(v.v[j]);
     reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(&v);
   }
-  for (int64_t i = n / 8 * 8 + t0; i < n; i += stride) out[i] = relu2(pre[i]);
+  for (int64_t i = n / 8 * 8 + t0; i < n; i += stride) out[i] = relu2_of(pre[i]);
 }
 
 // g[i] = round_T(dout[i] * 2 * relu(pre[i])), the operand of dgrad and wgrad.

@@ -8,6 +8,8 @@
 //   wgrad (NT): D[e]     (N x K)  = G[lo:hi]^T (N x m: column-major A) * a[lo:hi] (m x K row-major)
 //   fwd swapped (kFwdSwap, few rows per expert): D[lo:hi]^T (N x m, column-major D, ld N)
 //               = w[e] (N x K row-major, the M side) * A[lo:hi]^T (tokens: the narrow N side)
+//   FP8 wgrad (kWgradT, TN): D[e] (N x K) = gT[:, s:s+m] (N x m, ld W) * aT[:, s:s+m]^T (K x m, ld W),
+//               s = start16(lo, e): the transposed operands of moe_quantize_fp8_t
 // A group with nothing to do gets M = 0 (no tiles). One heavy instantiation per unit (build memory).
 #pragma once
 
@@ -29,6 +31,7 @@
 #include "cutlass/kernel_hardware_info.h"
 #include "cutlass/util/packed_stride.hpp"
 #include "moe/grouped_gemm.h"
+#include "moe/segments.cuh"
 
 #define NK_CHECK_CUTLASS(status, what)                                                            \
   do {                                                                                            \
@@ -41,14 +44,14 @@
 namespace nk {
 namespace gg_cutlass {
 
-enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2, kFwdSwap = 3 };
+enum Kind : int { kFwd = 0, kDgrad = 1, kWgrad = 2, kFwdSwap = 3, kWgradT = 4 };
 
 // The epilogue's activation: relu(v)^2 of the float32 accumulator, rounded to bf16 once (the CPU
 // and portable kernels' order). Applied by CUTLASS to a fragment (Array) or to one value.
 template <class T>
 struct ReluSquare {
   static const bool kIsHeavy = false;
-  CUTLASS_HOST_DEVICE T operator()(T const& v) const { return v > T(0) ? v * v : T(0); }
+  CUTLASS_HOST_DEVICE T operator()(T const& v) const { return (v > T(0) || v != v) ? v * v : T(0); }
 };
 template <class T, int N>
 struct ReluSquare<cutlass::Array<T, N>> {
@@ -56,7 +59,7 @@ struct ReluSquare<cutlass::Array<T, N>> {
   CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& frag) const {
     cutlass::Array<T, N> out;
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = frag[i] > T(0) ? frag[i] * frag[i] : T(0);
+    for (int i = 0; i < N; ++i) out[i] = (frag[i] > T(0) || frag[i] != frag[i]) ? frag[i] * frag[i] : T(0);
     return out;
   }
 };
@@ -237,6 +240,12 @@ struct KindLayouts<kFwd> {
   using D = cutlass::layout::RowMajor;
 };
 template <>
+struct KindLayouts<kWgradT> {  // both operands K-major (FP8 wgmma takes TN only)
+  using A = cutlass::layout::RowMajor;
+  using B = cutlass::layout::ColumnMajor;
+  using D = cutlass::layout::RowMajor;
+};
+template <>
 struct KindLayouts<kWgrad> {
   using A = cutlass::layout::ColumnMajor;
   using B = cutlass::layout::RowMajor;
@@ -266,6 +275,37 @@ struct GroupedGemm {
   using MainOp = typename cutlass::gemm::collective::CollectiveBuilder<
       typename Traits::Arch, cutlass::arch::OpClassTensorOp, Bf16, typename KindLayouts<KIND>::A*, 8, Bf16,
       typename KindLayouts<KIND>::B*, 8, float, typename Traits::Tile, typename Traits::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename EpiOp::SharedStorage))>,
+      typename Traits::KernelSchedule>::CollectiveOp;
+  using Problem = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+  using Gemm =
+      cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<Problem, MainOp, EpiOp>>;
+};
+
+// FP8 (e4m3) operands, both K-major (FP8 wgmma takes TN only), float accumulation in CUTLASS's
+// accurate FP8 mainloop (promoted every 4 k-blocks; not FastAccum), 128 x 128 x 128 tiles, the
+// epilogue an EVT (EpiOp) writing ElementD: the FP8 forward (grouped_gemm_fp8_sm90.cu) and wgrad
+// (grouped_gemm_fp8_wgrad_sm90.cu).
+struct Sm90Fp8Traits {
+  using Arch = cutlass::arch::Sm90;
+  using Tile = cute::Shape<cute::_128, cute::_128, cute::_128>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+template <class EpiFusionOp, class ElementD = cutlass::bfloat16_t, class Traits = Sm90Fp8Traits>
+struct Fp8GemmOf {
+  using E4m3 = cutlass::float_e4m3_t;
+  using Row = cutlass::layout::RowMajor;
+  using Col = cutlass::layout::ColumnMajor;
+  static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
+  using EpiOp = typename cutlass::epilogue::collective::CollectiveBuilder<
+      typename Traits::Arch, cutlass::arch::OpClassTensorOp, typename Traits::Tile, typename Traits::Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, Row*, kAlignD, ElementD, Row*, kAlignD,
+      typename Traits::EpilogueSchedule, EpiFusionOp>::CollectiveOp;
+  using MainOp = typename cutlass::gemm::collective::CollectiveBuilder<
+      typename Traits::Arch, cutlass::arch::OpClassTensorOp, E4m3, Row*, 16, E4m3, Col*, 16, float,
+      typename Traits::Tile, typename Traits::Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename EpiOp::SharedStorage))>,
       typename Traits::KernelSchedule>::CollectiveOp;
   using Problem = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
@@ -327,12 +367,14 @@ struct Arrays {
   }
 };
 
-// The FP8 forward's scales: row[r] per A row (the group's base is row + lo) and group[e * stride]
-// per expert; null for the 16-bit GEMMs.
-struct GroupScales {
+// What the FP8 kinds add: the forward's scales, row[r] per A row (the group's base is row + lo)
+// and group[e * stride] per expert (null for the 16-bit GEMMs); kWgradT's operand width W
+// (moe_quantize_fp8_t's padded16_width).
+struct Fp8Extras {
   const float* row = nullptr;
   const float* group = nullptr;
   int64_t group_stride = 0;
+  int64_t width = 0;
 };
 
 // One thread per expert: shape, pointers and strides of its GEMM. A / B / D are the operand
@@ -344,7 +386,7 @@ struct GroupScales {
 template <class Gemm, int KIND>
 CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off, int64_t e, int64_t R, int64_t N,
                                      int64_t K, const void* A, const void* B, void* D, void* Aux,
-                                     GroupScales sc = {}) {
+                                     Fp8Extras sc = {}) {
   using AR = Arrays<Gemm>;
   const int64_t o0 = off[e], o1 = off[e + 1];
   const int64_t lo = o0 < 0 ? 0 : (o0 > R ? R : o0);
@@ -372,6 +414,12 @@ CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off
     arr.ptr_a[e] = a + lo * N;
     arr.ptr_b[e] = b + e * N * K;
     arr.ptr_d[e] = d + lo * K;
+  } else if (KIND == kWgradT) {  // A = gT (N x W), B = aT (K x W), the expert's columns from start16
+    gm = m > 0 ? static_cast<int>(N) : 0, gn = static_cast<int>(K), gk = m;  // empty: no tiles
+    const int64_t s = start16(lo, e);
+    arr.ptr_a[e] = a + s;
+    arr.ptr_b[e] = b + s;
+    arr.ptr_d[e] = d + e * N * K;
   } else {
     gm = m > 0 ? static_cast<int>(N) : 0, gn = static_cast<int>(K), gk = m;  // empty: no tiles
     arr.ptr_a[e] = a + lo * N;
@@ -379,6 +427,14 @@ CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off
     arr.ptr_d[e] = d + e * N * K;
   }
   arr.shapes[e] = cute::make_shape(gm, gn, gk);
+  if (KIND == kWgradT) {  // row-major operands of width W
+    const int w = static_cast<int>(sc.width);
+    arr.stride_a[e] = cutlass::make_cute_packed_stride(typename AR::StrideA{}, cute::make_shape(static_cast<int>(N), w, 1));
+    arr.stride_b[e] = cutlass::make_cute_packed_stride(typename AR::StrideB{}, cute::make_shape(static_cast<int>(K), w, 1));
+    arr.stride_d[e] = cutlass::make_cute_packed_stride(typename AR::StrideD{},
+                                                       cute::make_shape(static_cast<int>(N), static_cast<int>(K), 1));
+    return;
+  }
   // Strides from the full extents (an empty wgrad or swapped group has gm = 0; its strides stay
   // those of the full operands).
   const int sm = KIND == kWgrad || KIND == kFwdSwap ? static_cast<int>(N) : gm;
@@ -390,7 +446,7 @@ CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off
 template <class Gemm, int KIND>
 __global__ void setup_groups_kernel(Arrays<Gemm> arr, const int32_t* off, int64_t E, int64_t R, int64_t N,
                                     int64_t K, const void* A, const void* B, void* D, void* Aux,
-                                    GroupScales sc = {}) {
+                                    Fp8Extras sc = {}) {
   const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (e < E) setup_group<Gemm, KIND>(arr, off, e, R, N, K, A, B, D, Aux, sc);
 }

@@ -1,8 +1,8 @@
-// CPU kernels of the FP8 experts (grouped_gemm.h): the row quantizer (QuantizeFp8Params: amax,
-// scale and codes per row through moe/numerics.cuh, as the CUDA kernel) and the grouped GEMM
-// (GroupedGemmFp8Params): one task per (expert, weight row n) decodes the row once and runs every
-// row of the expert's segment against it, float32 sums in K order (the products of two e4m3
-// values are exact), then the row scale, the expert scale, relu^2, one rounding. Rows outside
+// CPU kernels of the FP8 experts (grouped_gemm.h), the arithmetic of moe/numerics.cuh as the CUDA
+// kernels: the row quantizer, the wgrad's transposed column-scaled quantizer and the wgrad (float32
+// sums in row order), and the grouped GEMM: one task per (expert, weight row n) decodes the row
+// once and runs the expert's rows against it, float32 sums in K order (products of two e4m3
+// values are exact), then the row scale, the expert scale, relu^2, one rounding; rows outside
 // every segment are zeros. Deterministic and independent of the thread count.
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/BFloat16.h>
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "moe/grouped_gemm.h"
@@ -39,7 +40,7 @@ void quantize_rows(const QuantizeFp8Params& p) {
       const T* row = x + src * K;
       float s;
       if (p.static_scale != nullptr) {
-        s = *p.static_scale;
+        s = fp8_static_scale(p.static_scale[r / p.rows_per_scale]);
       } else {
         float amax = 0.0f;
         for (int64_t k = 0; k < K; ++k) amax = nvfp4::nan_max(amax, std::fabs(static_cast<float>(row[k])));
@@ -54,9 +55,11 @@ void quantize_rows(const QuantizeFp8Params& p) {
 template <typename T>
 void gemm(const GroupedGemmFp8Params& p) {
   T* out = static_cast<T*>(p.out);
+  T* pre = static_cast<T*>(p.pre);
   const int64_t R = p.R, N = p.N, K = p.K;
   std::vector<int64_t> lo, hi;
   segments_and_zero_outside(p.offsets, p.E, R, N * static_cast<int64_t>(sizeof(T)), out, lo, hi);
+  if (pre != nullptr) segments_and_zero_outside(p.offsets, p.E, R, N * static_cast<int64_t>(sizeof(T)), pre, lo, hi);
   // The e4m3 values of A, decoded once (256-entry table).
   float lut[256];
   for (int b = 0; b < 256; ++b) lut[b] = nvfp4::e4m3_decode(static_cast<uint8_t>(b));
@@ -73,14 +76,83 @@ void gemm(const GroupedGemmFp8Params& p) {
         float acc = 0.f;
         for (int64_t k = 0; k < K; ++k) acc += lut[ar[k]] * w[k];
         float v = (acc * p.a_scale[r]) * ws;
-        if (p.act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+        if (pre != nullptr) pre[r * N + n] = static_cast<T>(v);
+        if (p.act == GgAct::Relu2) v = relu2(v);
         out[r * N + n] = static_cast<T>(v);
       }
     }
   });
 }
 
+template <typename T>
+void quantize_t(const QuantizeFp8TParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t R = p.R, C = p.C, W = p.W;
+  std::vector<int64_t> lo(p.E), hi(p.E);
+  for (int64_t e = 0; e < p.E; ++e) segment(p.offsets, e, R, lo[e], hi[e]);
+  // Column amaxes over the rows inside the segments (in row order; max is order-free).
+  std::vector<float> amax(C, 0.0f);
+  for (int64_t e = 0; e < p.E; ++e)
+    for (int64_t r = lo[e]; r < hi[e]; ++r)
+      for (int64_t c = 0; c < C; ++c) amax[c] = nvfp4::nan_max(amax[c], std::fabs(static_cast<float>(x[r * C + c])));
+  for (int64_t c = 0; c < C; ++c) p.scale[c] = fp8_row_scale(amax[c]);
+  std::memset(p.qT, 0, static_cast<size_t>(C * W));
+  torch::stable::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      uint8_t* q = p.qT + c * W;
+      const float s = p.scale[c];
+      for (int64_t e = 0; e < p.E; ++e) {
+        const int64_t at = start16(lo[e], e) - lo[e];
+        for (int64_t r = lo[e]; r < hi[e]; ++r) q[at + r] = fp8_encode(static_cast<float>(x[r * C + c]), s);
+      }
+    }
+  });
+}
+
+template <typename T>
+void wgrad(const GroupedGemmFp8WgradParams& p) {
+  T* dw = static_cast<T*>(p.dw);
+  const int64_t N = p.N, K = p.K, W = p.W;
+  float lut[256];
+  for (int b = 0; b < 256; ++b) lut[b] = nvfp4::e4m3_decode(static_cast<uint8_t>(b));
+  torch::stable::parallel_for(0, p.E * N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> g;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = t / N, n = t % N;
+      int64_t lo, hi;
+      segment(p.offsets, e, p.R, lo, hi);
+      T* row = dw + (e * N + n) * K;
+      if (hi == lo) {
+        std::fill(row, row + K, static_cast<T>(0.f));
+        continue;
+      }
+      const int64_t s = start16(lo, e), m = hi - lo;
+      g.resize(m);
+      for (int64_t i = 0; i < m; ++i) g[i] = lut[p.gT[n * W + s + i]];
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t* a = p.aT + k * W + s;
+        float acc = 0.f;
+        for (int64_t i = 0; i < m; ++i) acc += g[i] * lut[a[i]];
+        row[k] = static_cast<T>((acc * p.g_scale[n]) * p.a_scale[k]);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void moe_quantize_fp8_t_cpu(const QuantizeFp8TParams& p) {
+  switch (p.dtype) {
+    case GgType::F16: quantize_t<c10::Half>(p); break;
+    case GgType::BF16: quantize_t<c10::BFloat16>(p); break;
+    default: quantize_t<float>(p); break;
+  }
+}
+
+void grouped_gemm_fp8_wgrad_cpu(const GroupedGemmFp8WgradParams& p) {
+  if (p.dtype == GgType::BF16) wgrad<c10::BFloat16>(p);
+  else wgrad<float>(p);
+}
 
 void moe_quantize_fp8_cpu(const QuantizeFp8Params& p) {
   switch (p.dtype) {

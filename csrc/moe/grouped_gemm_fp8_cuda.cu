@@ -1,9 +1,10 @@
-// CUDA kernels of the FP8 experts (grouped_gemm.h): the row quantizer (a warp per row: amax by
-// shuffles, then the codes, 8 per lane and step as one 8-byte store where the row allows; the
-// arithmetic of moe/numerics.cuh, bit-identical to the CPU kernel), the path choice of the grouped
-// GEMM, the zero fill of rows outside every segment and the portable SIMT GEMM (a thread per
-// weight row, 4 token rows per pass, float32 sums in K order as the CPU kernel). On sm_90 the
-// CUTLASS kernel of grouped_gemm_fp8_sm90.cu runs bf16 outputs instead.
+// CUDA kernels of the FP8 experts (grouped_gemm.h), the arithmetic of moe/numerics.cuh (codes and
+// scales bit-identical to the CPU kernels): the row quantizer (a warp per row: amax by shuffles,
+// then the codes, 8 per lane as one 8-byte store where the row allows); the wgrad's transposed
+// quantizer (column amaxes in row chunks, then 64 x 64 tiles transposed through shared memory);
+// the path choices, zero fills and portable SIMT GEMMs (float32 sums in the CPU kernels' order).
+// On sm_90 the CUTLASS kernels of grouped_gemm_fp8_sm90.cu / grouped_gemm_fp8_wgrad_sm90.cu run
+// bf16 (and the wgrad's float32) outputs instead.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,8 +50,8 @@ __global__ void quantize_fp8_kernel(QuantizeFp8Params p) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(kQRowsPerBlock) + (threadIdx.x >> 5); r < p.R; r += warps) {
     int64_t src = r;
     if (p.slot_of_row != nullptr) {
-      const int32_t slot = p.slot_of_row[r];
-      src = slot < 0 ? -1 : slot / p.top_k;
+      const int32_t slot = p.slot_of_row[r];  // out of range: a padding row, as moe_gather's
+      src = (slot < 0 || slot >= p.T * p.top_k) ? -1 : slot / p.top_k;
     }
     uint8_t* q = p.q + r * K;
     if (src < 0) {  // a padding row: zero codes, scale 1
@@ -61,7 +62,7 @@ __global__ void quantize_fp8_kernel(QuantizeFp8Params p) {
     const T* row = x + src * K;
     float s;
     if (p.static_scale != nullptr) {
-      s = *p.static_scale;
+      s = fp8_static_scale(p.static_scale[r / p.rows_per_scale]);
     } else {
       float amax = 0.0f;
       if constexpr (kVec) {
@@ -133,7 +134,8 @@ __global__ void fp8_portable_kernel(GroupedGemmFp8Params p) {
     for (int i = 0; i < kFp8Rows; ++i) {
       if (r0 + i >= hi) break;
       float v = (acc[i] * p.a_scale[r0 + i]) * ws;
-      if (p.act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+      if (p.pre != nullptr) static_cast<T*>(p.pre)[(r0 + i) * p.N + n] = from_f<T>(v);
+      if (p.act == GgAct::Relu2) v = relu2(v);
       out[(r0 + i) * p.N + n] = from_f<T>(v);
     }
   }
@@ -146,7 +148,169 @@ void run_portable(const GroupedGemmFp8Params& p, cudaStream_t s) {
   NK_CUDA_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------- the wgrad's operands and the wgrad
+
+constexpr int kTTile = 64;      // rows x columns of a transpose tile
+constexpr int kTThreads = 256;
+
+// partial[chunk][c] = amax of column c over the chunk's rows that lie in [first, last) (the rows
+// of every segment). Grid (ceil(C / 256), chunks), a thread per column: coalesced row reads.
+template <typename T>
+__global__ void column_amax_kernel(QuantizeFp8TParams p) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kTThreads) + threadIdx.x;
+  if (c >= p.C) return;
+  int64_t first, h0, le, last;
+  segment(p.offsets, 0, p.R, first, h0);
+  segment(p.offsets, p.E - 1, p.R, le, last);
+  last = max(last, first);
+  const int64_t r0 = max(static_cast<int64_t>(blockIdx.y) * kFp8TRowChunk, first);
+  const int64_t r1 = min(static_cast<int64_t>(blockIdx.y + 1) * kFp8TRowChunk, last);
+  const T* x = static_cast<const T*>(p.x);
+  float amax = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) amax = nvfp4::nan_max(amax, fabsf(to_f(x[r * p.C + c])));
+  p.partial[blockIdx.y * p.C + c] = amax;
+}
+
+// scale[c] from the chunks' partial amaxes.
+__global__ void column_scale_kernel(QuantizeFp8TParams p, int64_t chunks) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kTThreads) + threadIdx.x;
+  if (c >= p.C) return;
+  float amax = 0.0f;
+  for (int64_t i = 0; i < chunks; ++i) amax = nvfp4::nan_max(amax, p.partial[i * p.C + c]);
+  p.scale[c] = fp8_row_scale(amax);
+}
+
+// One 64 x 64 tile of x: codes through shared memory, written transposed at each row's column
+// r + start16(lo_e, e) - lo_e. Grid (ceil(R / 64), ceil(C / 64)); qT is zero beforehand.
+template <typename T>
+__global__ void __launch_bounds__(kTThreads) transpose_quantize_kernel(QuantizeFp8TParams p) {
+  __shared__ uint8_t tile[kTTile][kTTile + 4];  // [column][row]
+  __shared__ int64_t shift[kTTile];             // output column - row, or -1: a row of no segment
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTTile, c0 = static_cast<int64_t>(blockIdx.y) * kTTile;
+  const int tid = threadIdx.x;
+  if (tid < kTTile) {  // the row's expert: the last e with lo_e <= r (binary search), if r < hi_e
+    const int64_t r = r0 + tid;
+    int64_t lo_e = 0, hi_e = 0, e = -1;
+    int64_t a = 0, b = p.E - 1;
+    while (a <= b) {
+      const int64_t mid = (a + b) / 2;
+      int64_t l, h;
+      segment(p.offsets, mid, p.R, l, h);
+      if (l <= r) {
+        e = mid, lo_e = l, hi_e = h;
+        a = mid + 1;
+      } else {
+        b = mid - 1;
+      }
+    }
+    shift[tid] = (e >= 0 && r < hi_e) ? start16(lo_e, e) - lo_e : -1;
+  }
+  const T* x = static_cast<const T*>(p.x);
+  for (int i = tid; i < kTTile * kTTile; i += kTThreads) {  // coalesced along the columns
+    const int rr = i / kTTile, cc = i % kTTile;
+    const int64_t r = r0 + rr, c = c0 + cc;
+    if (r < p.R && c < p.C) tile[cc][rr] = fp8_encode(to_f(x[r * p.C + c]), p.scale[c]);
+  }
+  __syncthreads();
+  for (int i = tid; i < kTTile * kTTile; i += kTThreads) {  // coalesced along the output rows
+    const int cc = i / kTTile, rr = i % kTTile;
+    const int64_t r = r0 + rr, c = c0 + cc;
+    if (r < p.R && c < p.C && shift[rr] >= 0) p.qT[c * p.W + r + shift[rr]] = tile[cc][rr];
+  }
+}
+
+// Grid (N * ceil(K / 128), E): thread k of weight row n of expert e (portable; slow, exact order).
+template <typename T>
+__global__ void fp8_wgrad_portable_kernel(GroupedGemmFp8WgradParams p) {
+  const int64_t kblocks = (p.K + kFp8Threads - 1) / kFp8Threads;
+  const int64_t n = blockIdx.x / kblocks, k = (blockIdx.x % kblocks) * kFp8Threads + threadIdx.x, e = blockIdx.y;
+  if (k >= p.K) return;
+  int64_t lo, hi;
+  segment(p.offsets, e, p.R, lo, hi);
+  const int64_t s = start16(lo, e);
+  float acc = 0.f;
+  for (int64_t i = 0; i < hi - lo; ++i) {
+    acc = fmaf(nvfp4::e4m3_decode(p.gT[n * p.W + s + i]), nvfp4::e4m3_decode(p.aT[k * p.W + s + i]), acc);
+  }
+  const float v = hi == lo ? 0.f : (acc * p.g_scale[n]) * p.a_scale[k];
+  static_cast<T*>(p.dw)[(e * p.N + n) * p.K + k] = from_f<T>(v);
+}
+
+// dw[e] = 0 for the experts without rows (the CUTLASS wgrad runs no tile for them). Grid (E, blocks).
+template <typename T>
+__global__ void fp8_wgrad_zero_empty_kernel(GroupedGemmFp8WgradParams p) {
+  int64_t lo, hi;
+  segment(p.offsets, blockIdx.x, p.R, lo, hi);
+  if (hi > lo) return;
+  T* d = static_cast<T*>(p.dw) + static_cast<int64_t>(blockIdx.x) * p.N * p.K;
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kTThreads + threadIdx.x; i < p.N * p.K;
+       i += static_cast<int64_t>(gridDim.y) * kTThreads) {
+    d[i] = from_f<T>(0.f);
+  }
+}
+
 }  // namespace
+
+void moe_quantize_fp8_t_cuda(const QuantizeFp8TParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  NK_CUDA_CHECK(cudaMemsetAsync(p.qT, 0, static_cast<size_t>(p.C * p.W), s));
+  const int64_t chunks = std::max<int64_t>((p.R + kFp8TRowChunk - 1) / kFp8TRowChunk, 1);
+  const unsigned col_blocks = static_cast<unsigned>((p.C + kTThreads - 1) / kTThreads);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    if (p.E > 0 && p.R > 0) {
+      column_amax_kernel<T><<<dim3(col_blocks, static_cast<unsigned>(chunks)), kTThreads, 0, s>>>(p);
+      NK_CUDA_LAUNCH_CHECK();
+    }
+    column_scale_kernel<<<col_blocks, kTThreads, 0, s>>>(p, p.E > 0 && p.R > 0 ? chunks : 0);
+    NK_CUDA_LAUNCH_CHECK();
+    if (p.E > 0 && p.R > 0) {
+      const dim3 grid(static_cast<unsigned>((p.R + kTTile - 1) / kTTile), static_cast<unsigned>((p.C + kTTile - 1) / kTTile));
+      transpose_quantize_kernel<T><<<grid, kTThreads, 0, s>>>(p);
+      NK_CUDA_LAUNCH_CHECK();
+    }
+  };
+  switch (p.dtype) {
+    case GgType::F16: run(__half{}); break;
+    case GgType::BF16: run(__nv_bfloat16{}); break;
+    default: run(float{}); break;
+  }
+}
+
+int64_t grouped_gemm_fp8_wgrad_cuda_prepare(GroupedGemmFp8WgradParams& p) {
+  p.arch = 0;
+#ifdef NK_HAS_SM90
+  if (grouped_gemm_portable_forced()) return 0;
+  if (p.K % 8 != 0 || p.N % 8 != 0 || p.W % 16 != 0) return 0;
+  if (!aligned16(p.gT) || !aligned16(p.aT) || !aligned16(p.dw) || !aligned16(p.a_scale)) return 0;
+  if (current_device_cc() != 90) return 0;
+  p.arch = 90;
+  return grouped_gemm_fp8_wgrad_sm90_workspace(p.E);
+#else
+  return 0;
+#endif
+}
+
+void grouped_gemm_fp8_wgrad_cuda(const GroupedGemmFp8WgradParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+#ifdef NK_HAS_SM90
+    if (p.arch == 90) {
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((p.N * p.K + kTThreads - 1) / kTThreads, 64));
+      fp8_wgrad_zero_empty_kernel<T><<<dim3(static_cast<unsigned>(p.E), blocks), kTThreads, 0, s>>>(p);
+      NK_CUDA_LAUNCH_CHECK();
+      grouped_gemm_fp8_wgrad_sm90_run(p, stream);
+      return;
+    }
+#endif
+    const dim3 grid(static_cast<unsigned>(p.N * ((p.K + kFp8Threads - 1) / kFp8Threads)), static_cast<unsigned>(p.E));
+    fp8_wgrad_portable_kernel<T><<<grid, kFp8Threads, 0, s>>>(p);
+    NK_CUDA_LAUNCH_CHECK();
+  };
+  if (p.dtype == GgType::BF16) run(__nv_bfloat16{});
+  else run(float{});
+}
 
 void moe_quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
@@ -163,7 +327,7 @@ int64_t grouped_gemm_fp8_cuda_prepare(GroupedGemmFp8Params& p) {
 #ifdef NK_HAS_SM90
   if (grouped_gemm_portable_forced() || p.dtype != GgType::BF16) return 0;
   if (p.K % 16 != 0 || p.N % 8 != 0 || p.R <= 0 || p.E > 65535) return 0;
-  if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out)) return 0;
+  if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) || (p.pre != nullptr && !aligned16(p.pre))) return 0;
   if (current_device_cc() != 90) return 0;
   p.arch = 90;
   return grouped_gemm_fp8_sm90_workspace(p.E);
@@ -178,7 +342,7 @@ void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream) {
   auto zero = [&](auto tag) {
     using T = decltype(tag);
     zero_outside_kernel<T><<<static_cast<unsigned>(std::min<int64_t>((p.R * p.N + 255) / 256, 4096)), 256, 0, s>>>(
-        p.offsets, p.E, p.R, p.N, static_cast<T*>(p.out), nullptr);
+        p.offsets, p.E, p.R, p.N, static_cast<T*>(p.out), static_cast<T*>(p.pre));
     NK_CUDA_LAUNCH_CHECK();
   };
   switch (p.dtype) {

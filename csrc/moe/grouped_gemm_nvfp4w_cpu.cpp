@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "moe/grouped_gemm.h"
+#include "moe/numerics.cuh"
 #include "moe/segments.cuh"
 #include "nvfp4/numerics.cuh"
 
@@ -41,7 +42,7 @@ void run(const GroupedGemmNvfp4wParams& p) {
         float acc = 0.f;
         for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(a[r * K + k]) * w[k];
         float v = g * acc;
-        if (p.act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+        if (p.act == GgAct::Relu2) v = relu2(v);
         out[r * N + n] = static_cast<T>(v);
       }
     }

@@ -15,6 +15,7 @@
 #include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
 #include "moe/grouped_gemm.h"
+#include "moe/numerics.cuh"
 #include "moe/segments.cuh"
 #include "nvfp4/gemm.h"
 #include "nvfp4/numerics.cuh"
@@ -55,7 +56,7 @@ __global__ void nvfp4w_portable_kernel(GroupedGemmNvfp4wParams p) {
     for (int i = 0; i < kNvRows; ++i) {
       if (r0 + i >= hi) break;
       float v = g * acc[i];
-      if (p.act == GgAct::Relu2) v = v > 0.f ? v * v : 0.f;
+      if (p.act == GgAct::Relu2) v = relu2(v);
       out[(r0 + i) * p.N + n] = from_f<T>(v);
     }
   }

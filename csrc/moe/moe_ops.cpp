@@ -17,9 +17,12 @@ std::tuple<Tensor, Tensor> grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Ten
                                             std::optional<Tensor> preact);
 Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_global, Tensor expert_offsets,
                            const std::string& activation);
-Tensor grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
-                        const std::string& activation, ScalarType out_dtype);
+std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
+                                            const std::string& activation, ScalarType out_dtype, bool save_preact);
 std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_t top_k, Tensor static_scale);
+std::tuple<Tensor, Tensor> moe_quantize_fp8_t(Tensor x, Tensor expert_offsets);
+Tensor grouped_gemm_fp8_wgrad(Tensor gT, Tensor g_scale, Tensor aT, Tensor a_scale, Tensor expert_offsets,
+                              ScalarType out_dtype);
 std::tuple<Tensor, Tensor> moe_router(Tensor logits, std::optional<Tensor> e_score_correction_bias,
                                       int64_t top_k, int64_t n_group, int64_t topk_group,
                                       bool norm_topk_prob, double routed_scaling_factor);
@@ -61,14 +64,24 @@ const OpDef kOps[] = {
    TORCH_BOX(&grouped_gemm_nvfp4w)},
   // FP8 rows and expert weights (forward only): a (R, K) float8_e4m3fn with a_scale (R,) float32,
   // w (E, N, K) float8_e4m3fn with w_scale (E,) or one float32. out (R, N) in out_dtype =
-  // act((a @ w[e]^T) * a_scale[r] * w_scale[e]), float32 sums.
+  // act((a @ w[e]^T) * a_scale[r] * w_scale[e]), float32 sums; preact (R, N) the value before
+  // relu^2 when activation is relu2 and save_preact (training), else (0, N).
   {"grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets, str activation, "
-   "ScalarType out_dtype) -> Tensor",
+   "ScalarType out_dtype, bool save_preact) -> (Tensor out, Tensor preact)",
    TORCH_BOX(&grouped_gemm_fp8)},
-  // Rows of x (T, K) to e4m3 (R, K) with one float32 scale each (amax / 448, or static_scale when
-  // it holds one value), gathered as moe_gather when slot_of_row is not empty (else R = T).
+  // Rows of x (T, K) to e4m3 (R, K) with one float32 scale each (amax / 448, or static_scale:
+  // one value, or S values for blocks of R / S rows), gathered as moe_gather when slot_of_row is
+  // not empty (else R = T).
   {"moe_quantize_fp8(Tensor x, Tensor slot_of_row, int top_k, Tensor static_scale) -> (Tensor q, Tensor scale)",
    TORCH_BOX(&moe_quantize_fp8)},
+  // The FP8 wgrad's operands: x (R, C) -> qT (C, W) e4m3 (W = 16 ceil(R / 16) + 16 E, expert e's
+  // rows from column 16 ceil(offsets[e] / 16) + 16 e, the rest zero), scale (C,) per column.
+  {"moe_quantize_fp8_t(Tensor x, Tensor expert_offsets) -> (Tensor qT, Tensor scale)",
+   TORCH_BOX(&moe_quantize_fp8_t)},
+  // dw (E, N, K) = g_scale[n] a_scale[k] (gT @ aT^T over expert e's columns), out_dtype bf16 or float32.
+  {"grouped_gemm_fp8_wgrad(Tensor gT, Tensor g_scale, Tensor aT, Tensor a_scale, Tensor expert_offsets, "
+   "ScalarType out_dtype) -> Tensor",
+   TORCH_BOX(&grouped_gemm_fp8_wgrad)},
   // ---- moe: LatentMoE dispatch (router, permutation plan, gather, combine) ---------------
   // logits (T, E) float32 -> topk_ids (T, k) int32, topk_weights (T, k) float32 (descending
   // choice score, ties to the lower index), in the order nemokernels.moe.moe_router returns

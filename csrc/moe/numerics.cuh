@@ -60,18 +60,41 @@ NK_HD float route_logit_grad(float g, float p, float psum, float gp, bool norm, 
   return dp * p * (1.0f - p);
 }
 
+// relu(v)^2 of the experts' up projection, NaN kept (torch.relu(NaN)^2 is NaN: a non-finite
+// activation must not come out as a silent zero).
+template <class T>
+NK_HD T relu2(T v) {
+  return (v > T(0) || v != v) ? v * v : T(0);
+}
+// Its backward operand dout * 2 * relu(pre), NaN kept as torch keeps it.
+template <class T>
+NK_HD T relu2_grad(T dout, T pre) {
+  return (pre > T(0) || pre != pre) ? dout * T(2) * pre : T(0);
+}
+
 // FP8 rows (moe_quantize_fp8, the A operand of grouped_gemm with FP8 weights). A row's dynamic
 // scale from its amax: amax / 448, 1 for a zero row, NaN when amax is NaN or infinite (the row's
 // outputs come out NaN, not silently finite).
 constexpr float kFp8Max = 448.0f;
+// The scale is at least the smallest normal float: a row of tiny float32 values keeps nonzero
+// codes' denominators (no 0 / 0) and no denormal scale meets a flush-to-zero.
+constexpr float kFp8MinScale = 1.17549435e-38f;
 NK_HD float fp8_row_scale(float amax) {
   if (!(amax <= 3.402823466e38f)) return std::numeric_limits<float>::quiet_NaN();
-  return amax == 0.0f ? 1.0f : amax / kFp8Max;
+  if (amax == 0.0f) return 1.0f;
+  const float s = amax / kFp8Max;
+  return s < kFp8MinScale ? kFp8MinScale : s;
+}
+// A static scale as the kernels take it: positive and finite, else NaN (the rows' outputs are NaN;
+// the CPU entry raises on such a scale before any kernel runs).
+NK_HD float fp8_static_scale(float s) {
+  return (s > 0.0f && s <= 3.402823466e38f) ? s : std::numeric_limits<float>::quiet_NaN();
 }
 // The e4m3 (fn) byte of x / scale: one IEEE division, round to nearest even, saturating at +-448,
-// the sign kept (-0 included); NaN gives a NaN byte.
+// the sign kept (-0 included); NaN gives 0x7f.
 NK_HD uint8_t fp8_encode(float x, float scale) {
   const float q = x / scale;
+  if (q != q) return 0x7f;  // one NaN byte on every device (the sign of a NaN is not portable)
   const uint8_t sign = (float_bits(q) >> 31) != 0u ? 0x80 : 0x00;
   return static_cast<uint8_t>(nvfp4::e4m3_encode_rne_sat(fabsf(q)) | sign);
 }

@@ -19,13 +19,30 @@ NK_HD void segment(const int32_t* off, int64_t e, int64_t R, int64_t& lo, int64_
   hi = o1 < lo ? lo : (o1 > R ? R : o1);
 }
 
+// The transposed FP8 operands of the wgrad (moe_quantize_fp8_t) put expert e's rows at columns
+// [start16(lo, e), + count): lo rounded up to 16 plus 16 e. Every start is a multiple of 16 (the
+// TMA base alignment of e4m3 rows) and the segments do not overlap (start16(lo_e, e) + count_e <=
+// lo_{e+1} + 15 + 16 e < start16(lo_{e+1}, e + 1)); the width is padded16_width(R, E).
+NK_HD int64_t start16(int64_t lo, int64_t e) { return (lo + 15) / 16 * 16 + 16 * e; }
+NK_HD int64_t padded16_width(int64_t R, int64_t E) { return (R + 15) / 16 * 16 + 16 * E; }
+
 #if defined(__CUDACC__)
 }  // namespace nk
 #include "common/cuda_dtype.cuh"
 namespace nk {
-// Zeroes rows [0, lo(0)) and [hi(E-1), R) of out (and out2 when given), both (R, cols).
+namespace {  // each unit its own instantiation (their gencode flags may differ)
+// Zeroes rows [0, lo(0)) and [hi(E-1), R) of out (and out2 when given), both (R, cols); with no
+// experts, every row.
 template <typename T>
 __global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t cols, T* out, T* out2) {
+  if (E <= 0) {
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < R * cols;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      out[i] = from_f<T>(0.f);
+      if (out2 != nullptr) out2[i] = from_f<T>(0.f);
+    }
+    return;
+  }
   int64_t lo0, hi0, loE, hiE;
   segment(off, 0, R, lo0, hi0);
   segment(off, E - 1, R, loE, hiE);
@@ -39,6 +56,7 @@ __global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, in
     if (out2 != nullptr) out2[idx] = zero;
   }
 }
+}  // namespace
 #else
 // CPU: the clamped segments of every expert, and zero bytes in every row outside all of them
 // (row_bytes each; 0 bits are 0.0 in every float type).

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -89,15 +90,18 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
   const uint8_t* codes = q.codes;
   const uint8_t* scales = q.scales;
   float alpha = *q.alpha;
-  if (q.offsets != nullptr) {
+  int64_t m_step = m_end;  // dense: one token tile per CTA
+  if (q.offsets != nullptr) {  // grouped: the expert's token tiles z, z + Z, z + 2 Z, ... (Z = gridDim.z)
     const int64_t e = blockIdx.y, o0 = q.offsets[e], o1 = q.offsets[e + 1];
-    m_first = o0 < 0 ? 0 : (o0 > q.M ? q.M : o0);
-    m_end = o1 < m_first ? m_first : (o1 > q.M ? q.M : o1);
+    const int64_t lo = o0 < 0 ? 0 : (o0 > q.M ? q.M : o0);
+    m_end = o1 < lo ? lo : (o1 > q.M ? q.M : o1);
+    m_first = lo + int64_t(blockIdx.z) * kTok;
+    m_step = int64_t(gridDim.z) * kTok;
     codes += e * q.N * code_ld;
     scales += e * q.N * scale_ld;
     alpha = q.alpha[e * q.alpha_stride];
   }
-  if (m_first >= m_end) return;  // an expert without rows (uniform over the CTA)
+  if (m_first >= m_end) return;  // no token tile here (an expert without rows, or a spare split)
   // The decode table (read after the prologue's barrier below): warp w writes entries 32 w ..
   // 32 w + 31, one entry's 32 copies per store (lane l to copy l: bank l, no conflicts).
   uint32_t* lut = reinterpret_cast<uint32_t*>(base + lut_offset<E, kTok>());
@@ -115,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
 
   // Token tiles of the rows (one for the dense GEMM: its grid has a CTA per tile). The weights
   // stream again for each tile; decode-sized batches have one.
-  for (int64_t m0 = m_first; m0 < m_end; m0 += (q.offsets != nullptr ? kTok : m_end)) {
+  for (int64_t m0 = m_first; m0 < m_end; m0 += m_step) {
 
     // Loads of K step kt into stage kt % kStages; rows past M or N are zero-filled (not read). Each
     // thread's chunks are fixed: x rows tid / 8 + 32 i (16-byte chunk tid % 8 of the row's 128
@@ -233,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
       }
       if (q.relu2) {
         CUTE_UNROLL
-        for (int i = 0; i < 8; ++i) y[i] = y[i] > 0.f ? __fmul_rn(y[i], y[i]) : 0.f;
+        for (int i = 0; i < 8; ++i) y[i] = (y[i] > 0.f || y[i] != y[i]) ? __fmul_rn(y[i], y[i]) : 0.f;  // NaN kept
       }
       OutT* dst = out + m * q.N + n;
       if constexpr (sizeof(OutT) == 2) {
@@ -257,9 +261,9 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
 }
 
 template <class E, typename OutT, int kTok>
-void launch_tok(const Args& q, unsigned grid_y, cudaStream_t s) {
+void launch_tok(const Args& q, unsigned grid_y, cudaStream_t s, unsigned splits = 1) {
   allow_dynamic_smem<decode_mma_kernel<E, OutT, kTok>>(smem_bytes<E, kTok>());
-  const dim3 grid(static_cast<unsigned>((q.N + kRows - 1) / kRows), grid_y);
+  const dim3 grid(static_cast<unsigned>((q.N + kRows - 1) / kRows), grid_y, splits);
   decode_mma_kernel<E, OutT, kTok><<<grid, kThreads, smem_bytes<E, kTok>(), s>>>(q);
   NK_CUDA_LAUNCH_CHECK();
 }
@@ -270,13 +274,26 @@ void launch_dense(const Args& q, cudaStream_t s) {
   if (q.M >= kWideTokensFrom) launch_tok<half_t, OutT, 256>(q, static_cast<unsigned>((q.M + 255) / 256), s);
   else launch_tok<half_t, OutT, 128>(q, static_cast<unsigned>((q.M + 127) / 128), s);
 }
+// Token-tile splits of the grouped grid (gridDim.z). The offsets stay on the device, so the host
+// knows only R: one split while the experts average at most one tile (decode sizes); above, twice
+// the average tiles (a hot expert's tiles spread over that many CTAs instead of running one after
+// another in one), at most the tiles of R and 16. Splits without a tile exit at once.
+inline unsigned grouped_splits(int64_t R, int64_t experts, int tok) {
+  const int64_t tiles = (R + tok - 1) / tok;
+  if (tiles <= experts) return 1;
+  const int64_t avg = (tiles + experts - 1) / experts;
+  return static_cast<unsigned>(std::min<int64_t>({tiles, 2 * avg, 16}));
+}
 // Grouped (a CTA row per expert): 64-token tiles while the experts average at most 64 rows (decode
 // sizes: one tile, a quarter of 256's MMA padding), else 128.
 template <class E>
 void launch_grouped(const Args& q, int64_t experts, cudaStream_t s) {
   using OutT = std::conditional_t<kIsHalf<E>, __half, __nv_bfloat16>;
-  if (q.M <= 64 * experts) launch_tok<E, OutT, 64>(q, static_cast<unsigned>(experts), s);
-  else launch_tok<E, OutT, 128>(q, static_cast<unsigned>(experts), s);
+  if (q.M <= 64 * experts) {
+    launch_tok<E, OutT, 64>(q, static_cast<unsigned>(experts), s, grouped_splits(q.M, experts, 64));
+  } else {
+    launch_tok<E, OutT, 128>(q, static_cast<unsigned>(experts), s, grouped_splits(q.M, experts, 128));
+  }
 }
 
 }  // namespace

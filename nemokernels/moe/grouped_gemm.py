@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..nvfp4.tensor import NVFP4Tensor
-from .fp8 import FP8Rows, FP8Tensor, quantize_rows_fp8
+from .fp8 import FP8Rows, FP8Tensor, FP8Training, grouped_gemm_fp8_training, quantize_rows_fp8
 
 _ops = torch.ops.nemokernels
 
@@ -41,8 +41,10 @@ def _nvfp4w_fake(a, w_data, w_scales, w_global, expert_offsets, activation):
 
 
 @torch.library.register_fake("nemokernels::grouped_gemm_fp8")
-def _fp8_fake(a, a_scale, w, w_scale, expert_offsets, activation, out_dtype):
-    return a.new_empty((a.shape[0], w.shape[1]), dtype=out_dtype)
+def _fp8_fake(a, a_scale, w, w_scale, expert_offsets, activation, out_dtype, save_preact):
+    R, N = a.shape[0], w.shape[1]
+    keep = bool(save_preact) and activation == "relu2"
+    return a.new_empty((R, N), dtype=out_dtype), a.new_empty((R if keep else 0, N), dtype=out_dtype)
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -75,10 +77,17 @@ def grouped_gemm(a, w, expert_offsets: torch.Tensor, activation: str = "none", *
                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """out[r] = act(a[r] @ w[e(r)].T) for the expert e(r) whose segment holds row r; rows past
     expert_offsets[E] are zeros. a (R, K), w (E, N, K) in a's dtype, an NVFP4Tensor of (E, N, K)
-    or an FP8Tensor of (E, N, K) (both forward only), expert_offsets (E + 1,) int32, activation
+    or an FP8Tensor of (E, N, K) (both forward only), or FP8Training(master weights) (FP8
+    training: grouped_gemm_fp8_training), expert_offsets (E + 1,) int32, activation
     "none" or "relu2". With an FP8Tensor, a is quantized per row (FP8Tensor.input_scale or the
     row's amax / 448) unless it is already an FP8Rows; out_dtype (FP8 only) defaults to a's dtype,
     bf16 for FP8Rows. Shapes and the backward ops: docs/moe.md."""
+    if isinstance(a, FP8Rows) and not isinstance(w, FP8Tensor):
+        raise TypeError(f"grouped_gemm: FP8Rows (rows already in e4m3) need FP8Tensor weights, got {type(w).__name__}")
+    if isinstance(w, FP8Training):  # FP8 training: master weights, FP8 forward and backward
+        if out_dtype is not None and out_dtype != a.dtype:
+            raise ValueError(f"grouped_gemm: FP8 training outputs a's dtype {a.dtype}, not out_dtype {out_dtype}")
+        return grouped_gemm_fp8_training(a, w.master, expert_offsets, activation, w.fp8)
     if isinstance(w, FP8Tensor):
         if torch.is_grad_enabled() and isinstance(a, torch.Tensor) and a.requires_grad:
             raise NotImplementedError("grouped_gemm: no gradient through FP8 expert weights (forward only); "
@@ -88,7 +97,7 @@ def grouped_gemm(a, w, expert_offsets: torch.Tensor, activation: str = "none", *
         else:
             rows, dtype = quantize_rows_fp8(a, w.input_scale), out_dtype or a.dtype
         data = w.data if w.data.dim() == 3 else w.data.unsqueeze(0)
-        return _ops.grouped_gemm_fp8(rows.data, rows.scale, data, w.scale, expert_offsets, activation, dtype)
+        return _ops.grouped_gemm_fp8(rows.data, rows.scale, data, w.scale, expert_offsets, activation, dtype, False)[0]
     if out_dtype is not None and out_dtype != a.dtype:
         raise ValueError(f"grouped_gemm: out_dtype {out_dtype} is for FP8 weights only; the output here is in "
                          f"a's dtype {a.dtype}")

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .combine import moe_combine
-from .fp8 import FP8Rows, FP8Tensor, quantize_rows_fp8
+from .fp8 import FP8Rows, FP8Tensor, FP8Training, quantize_rows_fp8
 from .grouped_gemm import grouped_gemm
 from .permute import moe_gather, moe_permute_plan
 from .router import moe_router, router_logits
@@ -56,7 +56,7 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
                shared_down_weight: Optional[torch.Tensor] = None, shared_down_bias: Optional[torch.Tensor] = None,
                pad_to: Optional[int] = None, experts: Optional[Callable] = None,
                fc1: Optional[Callable] = None, fc2: Optional[Callable] = None,
-               shared: Optional[Callable] = None) -> torch.Tensor:
+               shared: Optional[Callable] = None, fp8_training: bool = False) -> torch.Tensor:
     """One LatentMoE layer, functional form. hidden (..., d); gate_weight (E, d) float32; up_proj
     (E, F, l) and down_proj (E, l, F) in hidden's dtype (l = d without latent projections), or
     quantized: NVFP4Tensor / FP8Tensor of those shapes (forward only; no dtype autocast; an FP8
@@ -64,6 +64,9 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
     input_scale); fc1 (l, d) / fc2 (d, l) latent projections or None; shared expert weights or
     None. fc1 / fc2 / shared: callables used instead of those weight tensors (quantized dense
     layers: nemokernels.models.quantized.QuantizedLinear; shared(hidden) -> (..., d)).
+    fp8_training: the routed experts' GEMMs (forward, dgrad, wgrad) on e4m3 operands, gradients
+    to the master weights up_proj / down_proj (grouped_gemm_fp8_training; weights quantized on
+    every call).
     experts(xs, plan, up_proj, down_proj) -> ys runs the routed experts on the gathered rows and
     returns their outputs in the same row order (default: expert_mlp over plan.expert_offsets;
     expert parallelism passes its dispatch, distributed/expert_parallel.py).
@@ -80,11 +83,20 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
         lat = fc1(h)
     else:
         lat = F.linear(h, fc1_weight, fc1_bias) if fc1_weight is not None else h
-    if is_quantized_weight(up_proj) or is_quantized_weight(down_proj):
+    if fp8_training:  # routed experts trained through FP8 GEMMs (grouped_gemm_fp8_training)
+        if is_quantized_weight(up_proj) or is_quantized_weight(down_proj):
+            raise ValueError("latent_moe: fp8_training takes the master (float) expert weights, not quantized ones")
+        up_proj, down_proj = FP8Training(up_proj), FP8Training(down_proj)
+    elif is_quantized_weight(up_proj) or is_quantized_weight(down_proj):
         if torch.is_grad_enabled() and lat.requires_grad:
             raise NotImplementedError("latent_moe: no gradient through quantized (NVFP4 / FP8) expert weights "
                                       "(forward only); run under torch.no_grad() or with inputs that need no "
                                       "gradient")
+        # one projection quantized, the other not: the other follows the activations' dtype
+        if isinstance(up_proj, torch.Tensor) and up_proj.dtype != lat.dtype:
+            up_proj = up_proj.to(lat.dtype)
+        if isinstance(down_proj, torch.Tensor) and down_proj.dtype != lat.dtype:
+            down_proj = down_proj.to(lat.dtype)
     elif up_proj.dtype != lat.dtype:  # autocast (bf16 activations, float32 master weights), as F.linear
         up_proj, down_proj = up_proj.to(lat.dtype), down_proj.to(lat.dtype)
     plan = moe_permute_plan(ids, num_experts, pad_to)
@@ -244,6 +256,7 @@ class LatentMoE(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
         self.pad_to = pad_to
+        self.fp8_training = False  # set True to train the routed experts through FP8 GEMMs
         in_dim = moe_latent_size if moe_latent_size is not None else hidden_size
         self.gate = MoEGate(n_routed_experts, hidden_size, device=device)
         held = n_routed_experts if num_local_experts is None else num_local_experts
@@ -280,7 +293,7 @@ class LatentMoE(nn.Module):
         up, down = _weights(self.experts.up_proj), _weights(self.experts.down_proj)
         common = dict(top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
                       norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
-                      pad_to=self.pad_to, experts=self.routed_experts)
+                      pad_to=self.pad_to, experts=self.routed_experts, fp8_training=self.fp8_training)
         if not all(m is None or isinstance(m, nn.Linear) for m in dense):
             # quantized dense layers (QuantizedLinear) are called as modules
             return latent_moe(hidden_states, self.gate.weight, self.gate.e_score_correction_bias, up, down,

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from nemokernels.nvfp4 import NVFP4Tensor
+
 from nemokernels.moe import grouped_gemm
 
 from conftest import DEVICES
@@ -195,6 +197,31 @@ def test_one_giant_expert_and_all_empty(device):
     assert torch.equal(out.detach().cpu(), torch.zeros(300, 40, dtype=dtype))
     da, dw = torch.autograd.grad(out, (a, w), torch.randn_like(out))
     assert torch.equal(da.cpu(), torch.zeros_like(da).cpu()) and torch.equal(dw.cpu(), torch.zeros_like(dw).cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_relu2_keeps_nan(device, dtype):
+    """relu^2 of a NaN is NaN, as torch.relu(x).square(): a non-finite token row must not come out
+    as zeros, on the 16-bit weights and on NVFP4 weights, nor its gradient as zeros."""
+    from nemokernels.nvfp4 import quantize as nvfp4_quantize
+
+    a, w, offsets = make([3, 5], 16, 32, dtype, device)
+    a[1, 4] = float("nan")
+    a[6, 0] = float("nan")
+    with torch.no_grad():
+        outs = [grouped_gemm(a, w, offsets, "relu2")]
+        q = [nvfp4_quantize(w[e].float().cpu()) for e in range(2)]
+        w4 = NVFP4Tensor(torch.stack([t.data for t in q]).to(device), torch.stack([t.scales for t in q]).to(device),
+                         torch.stack([t.global_scale.reshape(()) for t in q]).to(device))
+        outs.append(grouped_gemm(a, w4, offsets, "relu2"))
+    for out in outs:
+        bad = ~torch.isfinite(out.float().cpu())
+        assert bad[1].all() and bad[6].all() and not bad[[0, 2, 3, 4, 5, 7]].any()
+    # and its backward: a NaN pre-activation gives a NaN gradient (torch's relu(x).square() does)
+    a.requires_grad_()
+    da = torch.autograd.grad(grouped_gemm(a, w, offsets, "relu2"), a, torch.ones(8, 16, dtype=dtype, device=device))[0]
+    assert torch.isnan(da[1].float()).all() and torch.isfinite(da[[0, 2, 3, 4, 5, 7]].float()).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,8 +12,9 @@ import torch
 
 import cuda_emu as _emu_base
 from conftest import DEVICES
-from helpers import assert_close, poison_allocator
-from nemokernels.moe import FP8Rows, FP8Tensor, grouped_gemm, moe_permute_plan, quantize_rows_fp8
+from helpers import assert_close, assert_close_to_magnitude, poison_allocator
+from nemokernels.moe import (FP8Rows, FP8Tensor, fp8_weights, grouped_gemm, grouped_gemm_fp8_training, moe_permute_plan,
+                             quantize_rows_fp8)
 from test_grouped_gemm import offsets_from_counts
 
 ops = torch.ops.nemokernels
@@ -45,6 +46,11 @@ def gemm_ref(aq, a_scale, wq, w_scale, offsets, activation):
         y = (aq[lo:hi].cpu().double() @ wq[e].cpu().double().T) * a_scale[lo:hi].cpu().double()[:, None] * ws[e]
         out[lo:hi] = torch.relu(y).square() if activation == "relu2" else y
     return out
+
+
+def fp8_op(aq, a_scale, wq, w_scale, offsets, activation, dtype):
+    """grouped_gemm_fp8's output (no pre-activation kept)."""
+    return ops.grouped_gemm_fp8(aq, a_scale, wq, w_scale, offsets, activation, dtype, False)[0]
 
 
 def rand_fp8(shape, gen):
@@ -131,9 +137,20 @@ def test_quantize_non_finite_rows_are_nan(device):
     s = rows.scale.cpu()
     assert torch.isnan(s[1]) and torch.isnan(s[2]) and torch.isfinite(s[[0, 3]]).all()
     w = FP8Tensor(rand_fp8((1, 8, 32), torch.Generator().manual_seed(0)).to(device), torch.tensor(0.1, device=device))
-    with torch.no_grad():
-        out = grouped_gemm(rows, w, offsets_from_counts([4], device), out_dtype=torch.float32).cpu()
-    assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all() and torch.isfinite(out[[0, 3]]).all()
+    for act in ("none", "relu2"):  # relu^2 keeps NaN (as torch.relu(x).square())
+        with torch.no_grad():
+            out = grouped_gemm(rows, w, offsets_from_counts([4], device), act, out_dtype=torch.float32).cpu()
+        assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all() and torch.isfinite(out[[0, 3]]).all(), act
+    assert torch.equal(rows.data.cpu().view(torch.uint8)[1, 5], torch.tensor(0x7f, dtype=torch.uint8)), "one NaN byte"
+    # A zero or non-finite static scale: the CPU entry refuses it, CUDA kernels make the rows NaN.
+    bad = torch.tensor(0.0, device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="positive and finite"):
+            quantize_rows_fp8(x, bad)
+    else:
+        assert torch.isnan(quantize_rows_fp8(x.to(device), bad).scale).all()
+    with pytest.raises(TypeError, match="FP8Tensor"):
+        grouped_gemm(rows, torch.randn(1, 8, 32, device=device), offsets_from_counts([4], device))
 
 
 # ---------------------------------------------------------------- the grouped GEMM
@@ -146,7 +163,7 @@ def test_gemm_matches_float64(device, dtype, activation, per_expert):
     for counts, N, K, lead in (([5, 0, 40, 1, 19], 24, 64, 0), ([3, 7], 20, 48, 2), ([130, 2, 0], 136, 128, 1)):
         aq, a_s, wq, w_s, offsets = gemm_case(counts, N, K, device, lead_rows=lead, per_expert=per_expert)
         poison_allocator(device)
-        out = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, dtype)
+        out = fp8_op(aq, a_s, wq, w_s, offsets, activation, dtype)
         check_gemm(out, aq, a_s, wq, w_s, offsets, activation, dtype, f"{device} {dtype} {activation} N={N} K={K}")
 
 
@@ -177,12 +194,12 @@ def test_public_api_quantizes_then_multiplies(device, static):
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_empty_and_no_gradient(device):
     aq, a_s, wq, w_s, offsets = gemm_case([9, 0, 33], 24, 64, device)
-    a1 = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16)
-    assert torch.equal(a1, ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16))
+    a1 = fp8_op(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16)
+    assert torch.equal(a1, fp8_op(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16))
     none = offsets_from_counts([0, 0, 0], device)
-    z = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, none, "none", torch.bfloat16)
+    z = fp8_op(aq, a_s, wq, w_s, none, "none", torch.bfloat16)
     assert torch.equal(z.cpu().float(), torch.zeros(aq.shape[0], 24))
-    assert ops.grouped_gemm_fp8(aq[:0], a_s[:0], wq, w_s, none, "none", torch.bfloat16).shape == (0, 24)
+    assert fp8_op(aq[:0], a_s[:0], wq, w_s, none, "none", torch.bfloat16).shape == (0, 24)
     a = torch.randn(4, 64, device=device, requires_grad=True)
     with pytest.raises(NotImplementedError, match="no gradient"):
         grouped_gemm(a, FP8Tensor(wq, w_s), offsets_from_counts([1, 1, 2], device))
@@ -197,7 +214,8 @@ def test_opcheck(device):
     # test_schema is left out as for the NVFP4 ops: its mutation check runs torch ops that have no
     # float8_e4m3fn CPU kernel; the schemas declare no mutation.
     utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(ops.grouped_gemm_fp8, (aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16), test_utils=utils)
+    torch.library.opcheck(ops.grouped_gemm_fp8, (aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16, True),
+                          test_utils=utils)
     x = torch.randn(6, 32, device=device)
     empty_i = torch.empty(0, dtype=torch.int32, device=device)
     torch.library.opcheck(ops.moe_quantize_fp8, (x, empty_i, 1, torch.empty(0, device=device)), test_utils=utils)
@@ -221,11 +239,11 @@ GEMM_BAD = [
 def test_gemm_bad_inputs_raise(device, name, args, match):
     aq, a_s, wq, w_s, offsets = gemm_case([4, 2, 6], 16, 32, device)
     with pytest.raises(RuntimeError, match=match):
-        ops.grouped_gemm_fp8(*args(aq, a_s, wq, w_s, offsets), "none", torch.bfloat16)
+        fp8_op(*args(aq, a_s, wq, w_s, offsets), "none", torch.bfloat16)
     with pytest.raises(RuntimeError, match="activation"):
-        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "gelu", torch.bfloat16)
+        fp8_op(aq, a_s, wq, w_s, offsets, "gelu", torch.bfloat16)
     with pytest.raises(RuntimeError, match="out_dtype"):
-        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "none", torch.int32)
+        fp8_op(aq, a_s, wq, w_s, offsets, "none", torch.int32)
 
 
 def test_quantize_bad_inputs_raise():
@@ -234,14 +252,217 @@ def test_quantize_bad_inputs_raise():
     ei = torch.empty(0, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="x"):
         ops.moe_quantize_fp8(x.double(), ei, 1, e)
+    with pytest.raises(RuntimeError, match="divide"):
+        ops.moe_quantize_fp8(x, ei, 1, torch.tensor([0.1, 0.2, 0.3]))
+    with pytest.raises(RuntimeError, match="slot_of_row"):  # a gathered row's expert is not its block
+        ops.moe_quantize_fp8(x, torch.tensor([0, 1, 2, 3], dtype=torch.int32), 1, torch.tensor([0.1, 0.2]))
     with pytest.raises(RuntimeError, match="static_scale"):
-        ops.moe_quantize_fp8(x, ei, 1, torch.tensor([0.1, 0.2]))
+        ops.moe_quantize_fp8(x, ei, 1, torch.full((2, 2), 0.1))
     with pytest.raises(RuntimeError, match="positive and finite"):
         ops.moe_quantize_fp8(x, ei, 1, torch.tensor(0.0))
     with pytest.raises(RuntimeError, match="slot_of_row"):
         ops.moe_quantize_fp8(x, torch.tensor([0, 8], dtype=torch.int32), 2, e)  # 8 >= T * top_k
     with pytest.raises(RuntimeError, match="top_k"):
         ops.moe_quantize_fp8(x, torch.tensor([0], dtype=torch.int32), 0, e)
+
+
+# ---------------------------------------------------------------- FP8 training: operands, wgrad, autograd
+
+def start16(lo, e):
+    return (lo + 15) // 16 * 16 + 16 * e
+
+
+def quantize_t_ref(x, offsets):
+    """moe_quantize_fp8_t by torch: per column c, scale = amax over the rows of every segment / 448
+    (1 for zeros); codes of expert e's rows at columns start16(lo_e, e) + i; zeros elsewhere."""
+    xf, offs = x.float().cpu(), offsets.cpu().tolist()
+    R, C, E = xf.shape[0], xf.shape[1], len(offs) - 1
+    inside = torch.zeros(R, dtype=torch.bool)
+    for e in range(E):
+        inside[offs[e]:offs[e + 1]] = True
+    amax = xf[inside].abs().amax(dim=0) if inside.any() else torch.zeros(C)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
+    W = (R + 15) // 16 * 16 + 16 * E
+    qT = torch.zeros(C, W, dtype=torch.uint8)
+    for e in range(E):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            codes = (xf[lo:hi] / scale).clamp(-448, 448).to(E4M3).view(torch.uint8)
+            qT[:, start16(lo, e): start16(lo, e) + hi - lo] = codes.T
+    return qT.view(E4M3), scale
+
+
+def wgrad_ref(gT, g_scale, aT, a_scale, offsets):
+    offs = offsets.cpu().tolist()
+    E, N, K = len(offs) - 1, gT.shape[0], aT.shape[0]
+    dw = torch.zeros(E, N, K, dtype=torch.float64)
+    g, a = gT.cpu().double() * g_scale.cpu().double()[:, None], aT.cpu().double() * a_scale.cpu().double()[:, None]
+    for e in range(E):
+        s, m = start16(offs[e], e), offs[e + 1] - offs[e]
+        dw[e] = g[:, s:s + m] @ a[:, s:s + m].T
+    return dw
+
+
+def test_transposed_layout_segments_are_aligned_disjoint_and_inside():
+    """start16 / padded16_width, as a property of the formula (the kernels and the references all
+    use it): for random monotone offsets every segment starts on a multiple of 16, none overlaps
+    the next, and all fit in the width."""
+    g = torch.Generator().manual_seed(24)
+    for _ in range(500):
+        E = int(torch.randint(1, 40, (1,), generator=g))
+        counts = torch.randint(0, 50, (E,), generator=g) * torch.randint(0, 2, (E,), generator=g)
+        offs = [int(torch.randint(0, 20, (1,), generator=g))]
+        for c in counts.tolist():
+            offs.append(offs[-1] + c)
+        R = offs[-1] + int(torch.randint(0, 20, (1,), generator=g))
+        W = (R + 15) // 16 * 16 + 16 * E
+        end = 0
+        for e in range(E):
+            s, m = start16(offs[e], e), offs[e + 1] - offs[e]
+            assert s % 16 == 0 and s >= end and s + m <= W, (offs, e)
+            end = s + m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_t_matches_torch(device, dtype):
+    g = torch.Generator().manual_seed(21)
+    for counts, lead, extra, C in (([5, 0, 17, 1], 3, 2, 24), ([40, 33], 0, 0, 70), ([0, 0], 1, 1, 8)):
+        offsets = offsets_from_counts(counts, device) + lead
+        R = int(offsets[-1]) + extra
+        x = (torch.randn(R, C, generator=g) * torch.logspace(-3, 2, C)).to(dtype)
+        x[:lead] = 1e6  # rows of no segment take no part in the scales
+        x[R - extra:] = -1e6
+        poison_allocator(device)
+        qT, scale = ops.moe_quantize_fp8_t(x.to(device), offsets)
+        ref_q, ref_s = quantize_t_ref(x, offsets)
+        assert qT.shape == ref_q.shape and qT.dtype == E4M3
+        assert torch.equal(scale.cpu(), ref_s), f"{device} {dtype} {counts}: scales"
+        assert torch.equal(qT.cpu().view(torch.uint8), ref_q.view(torch.uint8)), f"{device} {dtype} {counts}: codes"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_rows_block_static_scales(device):
+    """static_scale with S values: row r takes static_scale[r // (R / S)] (fp8_weights' per-expert
+    scales over (E * N, K) rows)."""
+    x = torch.randn(12, 32)
+    s = torch.tensor([0.01, 0.02, 0.004])
+    rows = ops.moe_quantize_fp8(x.to(device), torch.empty(0, dtype=torch.int32, device=device), 1, s.to(device))
+    ref = torch.cat([quantize_ref(x[4 * i: 4 * i + 4], float(s[i]))[0].view(torch.uint8) for i in range(3)])
+    assert torch.equal(rows[0].cpu().view(torch.uint8), ref)
+    assert torch.equal(rows[1].cpu(), s.repeat_interleave(4))
+    with pytest.raises(RuntimeError, match="divide"):
+        ops.moe_quantize_fp8(x, torch.empty(0, dtype=torch.int32), 1, torch.ones(5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_wgrad_matches_float64(device, out_dtype):
+    g = torch.Generator().manual_seed(22)
+    counts, N, K = [7, 0, 33, 1, 18], 24, 40
+    offsets = offsets_from_counts(counts, device) + 2
+    R = int(offsets[-1]) + 3
+    gT, g_s = ops.moe_quantize_fp8_t(torch.randn(R, N, generator=g).to(device), offsets)
+    aT, a_s = ops.moe_quantize_fp8_t(torch.randn(R, K, generator=g).to(device), offsets)
+    poison_allocator(device)
+    dw = ops.grouped_gemm_fp8_wgrad(gT, g_s, aT, a_s, offsets, out_dtype)
+    ref = wgrad_ref(gT, g_s, aT, a_s, offsets)
+    assert dw.shape == (5, N, K) and dw.dtype == out_dtype
+    assert_close(dw.cpu(), ref, out_dtype, what=f"{device} wgrad")
+    assert torch.equal(dw[1].cpu().float(), torch.zeros(N, K)), "an expert without rows has dw = 0"
+    with pytest.raises(RuntimeError, match="padded16_width"):
+        ops.grouped_gemm_fp8_wgrad(gT[:, :-1], g_s, aT[:, :-1], a_s, offsets, out_dtype)
+    with pytest.raises(RuntimeError, match="aT"):
+        ops.grouped_gemm_fp8_wgrad(gT, g_s, aT[:, :-16], a_s, offsets, out_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_keeps_the_pre_activation(device):
+    aq, a_s, wq, w_s, offsets = gemm_case([5, 0, 9], 24, 64, device, lead_rows=1)
+    out, pre = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16, True)
+    assert torch.equal(out, fp8_op(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16))
+    assert torch.equal(pre, fp8_op(aq, a_s, wq, w_s, offsets, "none", torch.bfloat16)), "pre = the unactivated output"
+    assert ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "none", torch.bfloat16, True)[1].shape == (0, 24)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_weights(device):
+    w = torch.randn(3, 16, 32, dtype=torch.bfloat16) * torch.tensor([1.0, 1e-3, 0.0])[:, None, None].bfloat16()
+    f = fp8_weights(w.to(device))
+    amax = w.float().abs().amax(dim=(1, 2))
+    assert torch.equal(f.scale.cpu(), torch.where(amax == 0, torch.ones(3), amax / 448))
+    for e in range(3):
+        assert torch.equal(f.data[e].cpu().view(torch.uint8),
+                           quantize_ref(w[e], float(f.scale[e]))[0].view(torch.uint8))
+    assert torch.equal(f.data_t.cpu().view(torch.uint8), f.data.cpu().view(torch.uint8).transpose(1, 2))
+    tiny = fp8_weights(torch.full((1, 16, 16), 1e-42).to(device), transpose=False)
+    assert tiny.data_t is None and float(tiny.scale) == torch.finfo(torch.float32).tiny, "at least the smallest normal"
+    assert torch.isfinite(tiny.data.float()).all()
+    bad = w.clone()
+    bad[1, 2, 3] = float("inf")
+    if device == "cpu":
+        with pytest.raises(ValueError, match="expert 1 has non-finite"):
+            fp8_weights(bad)
+    else:
+        f = fp8_weights(bad.to(device))
+        assert torch.isnan(f.scale[1]) and torch.isfinite(f.scale[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+def test_training_forward_and_backward(device, activation):
+    """grouped_gemm_fp8_training against float64 of the same quantized operands: the forward
+    (rows per-row scaled, weights per expert), dgrad (g's rows per-row scaled, w's codes), wgrad
+    (g and a column-scaled over the segments' rows); and near the exact bf16 gradients (FP8
+    rounding: a few percent)."""
+    g = torch.Generator().manual_seed(23)
+    counts, N, K = [6, 0, 21, 3], 32, 48
+    offsets = offsets_from_counts(counts, device) + 1
+    R = int(offsets[-1]) + 2
+    a = torch.randn(R, K, generator=g).bfloat16().to(device).requires_grad_()
+    w = (torch.randn(4, N, K, generator=g) / K ** 0.5).to(device).requires_grad_()  # float32 master weights
+    dout = torch.randn(R, N, generator=g).bfloat16().to(device)
+    out = grouped_gemm_fp8_training(a, w, offsets, activation)
+    da, dw = torch.autograd.grad(out, (a, w), dout)
+    # float64 of the quantized operands
+    fw = fp8_weights(w)
+    aq, a_s = quantize_ref(a.detach())
+    fwd = gemm_ref(aq, a_s, fw.data.cpu(), fw.scale.cpu(), offsets, activation)
+    assert_close(out.cpu(), fwd, torch.bfloat16, factor=2.0, what="forward")
+    pre = gemm_ref(aq, a_s, fw.data.cpu(), fw.scale.cpu(), offsets, "none").bfloat16()
+    gg = (dout.float().cpu() * 2 * torch.relu(pre.float())).bfloat16() if activation == "relu2" else dout.cpu()
+    inside = torch.zeros(R, 1)
+    inside[int(offsets[0]):int(offsets[-1])] = 1
+    gq, g_s = quantize_ref(gg)
+    da_ref = gemm_ref(gq, g_s, fw.data_t.cpu(), fw.scale.cpu(), offsets, "none")
+    assert_close(da.cpu(), da_ref, torch.bfloat16, what="dgrad")
+    gT, gts = quantize_t_ref(gg, offsets)
+    aT, ats = quantize_t_ref(a.detach(), offsets)
+    assert_close(dw.cpu(), wgrad_ref(gT, gts, aT, ats, offsets), torch.float32, what="wgrad")
+    assert dw.dtype == torch.float32 and da.dtype == torch.bfloat16
+    # near the unquantized gradients
+    a64, w64 = a.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    offs = offsets.cpu().tolist()
+    ys = []
+    for e in range(4):
+        y = a64[offs[e]:offs[e + 1]] @ w64[e].T
+        ys.append(torch.relu(y).square() if activation == "relu2" else y)
+    full = torch.zeros(R, N, dtype=torch.float64)
+    full[offs[0]:offs[-1]] = torch.cat(ys)
+    ea, ew = torch.autograd.grad(full, (a64, w64), dout.double().cpu())
+    for got, want, name in ((da, ea, "da"), (dw, ew, "dw")):
+        err = torch.linalg.norm(got.double().cpu() - want) / torch.linalg.norm(want)
+        assert err < 0.08, f"{name}: FP8 gradient {err:.3f} from the exact one"
+    # Without a gradient to compute: the forward alone, the same output.
+    with torch.no_grad():
+        assert torch.equal(grouped_gemm_fp8_training(a, w, offsets, activation), out.detach())
+    # Only one of the gradients asked for.
+    a_only = grouped_gemm_fp8_training(a, w.detach(), offsets, activation)
+    assert torch.equal(torch.autograd.grad(a_only, a, dout)[0], da)
+    w_only = grouped_gemm_fp8_training(a.detach(), w, offsets, activation)
+    assert torch.equal(torch.autograd.grad(w_only, w, dout)[0], dw)
+    with pytest.raises(ValueError, match="E, N, K"):
+        grouped_gemm_fp8_training(a, w[0], offsets[:2], activation)
 
 
 # ---------------------------------------------------------------- the portable CUDA kernels, emulated
@@ -251,7 +472,8 @@ def emu():
     return _emu_base.EmuLibrary.build("moe_fp8", _emu_base.EMU / "driver_moe_fp8.cpp",
                                       [_emu_base.CSRC / "moe" / "grouped_gemm_fp8_cuda.cu"], ("moe", "nvfp4"),
                                       header=_emu_base.CSRC / "moe" / "grouped_gemm.h",
-                                      structs=("GroupedGemmFp8Params", "QuantizeFp8Params"))
+                                      structs=("GroupedGemmFp8Params", "QuantizeFp8Params", "QuantizeFp8TParams",
+                                               "GroupedGemmFp8WgradParams"))
 
 
 def test_emulated_params_layout():
@@ -273,12 +495,16 @@ def test_emulated_portable_gemm(dtype, activation):
     p.dtype, p.R, p.N, p.K, p.E = DT[dtype], aq.shape[0], 24, 48, 4
     p.offsets, p.a, p.a_scale, p.w = offsets.data_ptr(), aq.data_ptr(), a_s.data_ptr(), wq.data_ptr()
     p.w_scale, p.w_scale_stride = w_s.data_ptr(), 1 if w_s.numel() > 1 else 0
+    pre = torch.full((aq.shape[0], 24), float("nan"), dtype=dtype)
     p.act, p.out, p.arch = (1 if activation == "relu2" else 0), out.data_ptr(), 0
+    p.pre = pre.data_ptr() if activation == "relu2" else 0
     lib.call("emu_fp8_gemm_cuda", p)
     check_gemm(out, aq, a_s, wq, w_s, offsets, activation, dtype, f"emulated {dtype} {activation}")
-    cpu = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, dtype)
-    assert torch.equal(out.view(torch.uint8) if dtype != torch.float32 else out, cpu.view(torch.uint8)
-                       if dtype != torch.float32 else cpu), "the portable kernel and the CPU kernel sum in the same order"
+    cpu, cpu_pre = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, dtype, True)
+    # the portable kernel and the CPU kernel sum in the same order: bit-identical
+    assert torch.equal(out.view(torch.uint8), cpu.view(torch.uint8))
+    if activation == "relu2":
+        assert torch.equal(pre.view(torch.uint8), cpu_pre.view(torch.uint8)), "pre-activation"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -303,11 +529,55 @@ def test_emulated_quantize(dtype, K, gather, static):
     p = lib.S["QuantizeFp8Params"]()
     p.dtype, p.T, p.R, p.K = DT[dtype], T, R, K
     p.x, p.slot_of_row, p.top_k = x.data_ptr(), (slot.data_ptr() if gather else 0), k if gather else 1
-    p.static_scale = static_t.data_ptr() if static else 0
+    p.static_scale, p.rows_per_scale = (static_t.data_ptr() if static else 0), R
     p.q, p.scale = q.data_ptr(), s.data_ptr()
     lib.call("emu_fp8_quantize_cuda", p)
     assert torch.equal(q, ref_q.view(torch.uint8)), "codes"
     assert torch.equal(s, ref_s), "scales"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_quantize_t(dtype):
+    """The column amax (three row chunks, the largest value in the last), the scales and the 64 x 64
+    transpose tiles (rows of several experts in one tile, rows of no expert, a partial last tile)
+    bit-identical to the CPU kernel, over a poisoned output."""
+    g = torch.Generator().manual_seed(31)
+    offsets = offsets_from_counts([30, 0, 1300, 1, 1150], "cpu") + 5  # rows in three 1024-row amax chunks
+    R, C = int(offsets[-1]) + 9, 70
+    x = (torch.randn(R, C, generator=g) * 4).to(dtype)
+    x[2200, 3] = 1e3  # a column's amax in the last chunk
+    ref_q, ref_s = ops.moe_quantize_fp8_t(x, offsets)
+    W = ref_q.shape[1]
+    qT = torch.full((C, W), 0x7f, dtype=torch.uint8)
+    scale = torch.full((C,), float("nan"))
+    partial = torch.full(((R + 1023) // 1024, C), float("nan"))
+    lib = emu()
+    p = lib.S["QuantizeFp8TParams"]()
+    p.dtype, p.R, p.C, p.E, p.W = DT[dtype], R, C, 5, W
+    p.offsets, p.x, p.qT, p.scale, p.partial = offsets.data_ptr(), x.data_ptr(), qT.data_ptr(), scale.data_ptr(), \
+        partial.data_ptr()
+    lib.call("emu_fp8_quantize_t_cuda", p)
+    assert torch.equal(scale, ref_s), "scales"
+    assert torch.equal(qT, ref_q.view(torch.uint8)), "codes"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_portable_wgrad(dtype):
+    g = torch.Generator().manual_seed(32)
+    offsets = offsets_from_counts([7, 0, 19, 2], "cpu") + 3
+    R, N, K = int(offsets[-1]) + 1, 12, 136
+    gT, g_s = ops.moe_quantize_fp8_t(torch.randn(R, N, generator=g), offsets)
+    aT, a_s = ops.moe_quantize_fp8_t(torch.randn(R, K, generator=g), offsets)
+    ref = ops.grouped_gemm_fp8_wgrad(gT, g_s, aT, a_s, offsets, dtype)
+    dw = torch.full((4, N, K), float("nan"), dtype=dtype)
+    lib = emu()
+    p = lib.S["GroupedGemmFp8WgradParams"]()
+    p.dtype, p.R, p.N, p.K, p.E, p.W = DT[dtype], gT.shape[1] - 64, N, K, 4, gT.shape[1]
+    p.offsets, p.gT, p.g_scale, p.aT, p.a_scale = offsets.data_ptr(), gT.data_ptr(), g_s.data_ptr(), aT.data_ptr(), \
+        a_s.data_ptr()
+    p.dw, p.arch = dw.data_ptr(), 0
+    lib.call("emu_fp8_wgrad_cuda", p)
+    assert torch.equal(dw.view(torch.uint8), ref.view(torch.uint8)), "bit-identical to the CPU kernel"
 
 
 # ---------------------------------------------------------------- the sm_90a kernel on a GPU
@@ -325,13 +595,65 @@ def test_sm90_kernel_and_the_portable_one(monkeypatch, activation, counts, N, K)
     aq, a_s, wq, w_s, offsets = gemm_case(counts, N, K, "cuda", lead_rows=3, extra_rows=5)
     poison_allocator("cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
+        out = fp8_op(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
         torch.cuda.synchronize()
-    again = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
+    again = fp8_op(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
     monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE", "1")
-    portable = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
+    portable = fp8_op(aq, a_s, wq, w_s, offsets, activation, torch.bfloat16)
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("MainloopSm90ArrayTmaGmmaWarpSpecializedFP8" in n for n in names), names
     assert torch.equal(out, again)
     check_gemm(out, aq, a_s, wq, w_s, offsets, activation, torch.bfloat16, f"sm90 {activation}")
     check_gemm(portable, aq, a_s, wq, w_s, offsets, activation, torch.bfloat16, f"portable {activation}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("counts,N,K", [([3, 0, 1, 70, 7, 0, 2, 300], 264, 1024),  # segments not 16-aligned
+                                        ([2] * 64, 1024, 2688)])                  # decode-sized: 64 experts
+def test_sm90_wgrad_and_the_portable_one(monkeypatch, out_dtype, counts, N, K):
+    """The CUTLASS FP8 wgrad (kWgradT on the padded transposed operands; the profiler shows the FP8
+    mainloop) matches float64 and the portable kernel, zeroes empty experts, is bit-repeatable."""
+    g = torch.Generator().manual_seed(41)
+    offsets = offsets_from_counts(counts, "cuda") + 5
+    R = int(offsets[-1]) + 3
+    gT, g_s = ops.moe_quantize_fp8_t(torch.randn(R, N, generator=g).cuda(), offsets)
+    aT, a_s = ops.moe_quantize_fp8_t(torch.randn(R, K, generator=g).cuda(), offsets)
+    poison_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        dw = ops.grouped_gemm_fp8_wgrad(gT, g_s, aT, a_s, offsets, out_dtype)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("MainloopSm90ArrayTmaGmmaWarpSpecializedFP8" in n for n in names), names
+    assert torch.equal(dw, ops.grouped_gemm_fp8_wgrad(gT, g_s, aT, a_s, offsets, out_dtype))
+    ref = wgrad_ref(gT, g_s, aT, a_s, offsets)
+    # Hopper's FP8 wgmma keeps ~14 mantissa bits inside a 128-deep promotion interval: bound the
+    # error by the magnitudes it sums (|g| |a|^T), not by float32 rounding.
+    mag = wgrad_ref(gT.float().abs().to(E4M3), g_s.abs(), aT.float().abs().to(E4M3), a_s.abs(), offsets)
+    tol = 2.0 ** -11 + (2.0 ** -8 if out_dtype == torch.bfloat16 else 0.0)
+    assert_close_to_magnitude(dw.cpu(), ref, mag, tol, what="sm90 wgrad")
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE", "1")
+    assert_close(ops.grouped_gemm_fp8_wgrad(gT, g_s, aT, a_s, offsets, out_dtype).cpu(), ref, out_dtype,
+                 what="portable wgrad")
+
+
+@pytest.mark.gpu
+def test_sm90_training_matches_the_cpu():
+    """grouped_gemm_fp8_training on CUDA (sm_90a: the forward with pre, dgrad on w's transposed
+    codes, the wgrad) against the CPU kernels on the same inputs: quantized operands bit-identical,
+    outputs and gradients within float32-accumulation noise."""
+    g = torch.Generator().manual_seed(42)
+    counts, N, K = [40, 0, 130, 7], 256, 512
+    offsets = offsets_from_counts(counts, "cpu")
+    R = int(offsets[-1])
+    a = torch.randn(R, K, generator=g).bfloat16()
+    w = torch.randn(4, N, K, generator=g) / K ** 0.5
+    dout = torch.randn(R, N, generator=g).bfloat16()
+    res = {}
+    for dev in ("cpu", "cuda"):
+        ad, wd = a.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+        out = grouped_gemm_fp8_training(ad, wd, offsets.to(dev), "relu2")
+        res[dev] = (out, *torch.autograd.grad(out, (ad, wd), dout.to(dev)))
+    for name, c, d in zip(("out", "da", "dw"), res["cpu"], res["cuda"]):
+        # bf16-level: the FP8 wgmma accumulates with ~14 mantissa bits between promotions
+        assert_close(d.cpu(), c.double(), torch.bfloat16, factor=2.0, what=f"cuda {name}")

@@ -160,7 +160,8 @@ def test_emulated_portable_kernel(dtype, activation):
 @pytest.mark.parametrize("activation", ["none", "relu2"])
 @pytest.mark.parametrize("counts,N,K", [([3, 0, 1, 70, 7, 0, 2, 40], 264, 1024),  # 64-token tiles, one or two
                                         ([300, 1, 0, 129], 136, 192),             # 128-token tiles, odd K steps
-                                        ([2] * 64, 2688, 1024)])                  # decode-sized: 64 experts
+                                        ([2] * 64, 2688, 1024),                   # decode-sized: 64 experts
+                                        ([1000, 3, 0, 40], 136, 128)])            # a hot expert: split token tiles
 def test_sm90_kernel_and_the_portable_one(monkeypatch, dtype, activation, counts, N, K):
     """On an H100/H200 (sm_90a build) 16-bit tokens with K % 64 == 0 take the wgmma kernel that
     decodes the weights in its mainloop (the profiler shows it), the portable kernel

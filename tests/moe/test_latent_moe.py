@@ -144,6 +144,37 @@ def test_bf16_autocast_with_float32_weights(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp8_training_of_the_routed_experts(device):
+    """LatentMoE.fp8_training: the routed experts' forward, dgrad and wgrad on e4m3 operands,
+    gradients to the float32 master weights (straight-through). Output and every gradient stay
+    near the bf16 layer's (FP8 rounding: a few percent), the expert weights get float32
+    gradients, the rest of the layer is unchanged, and an optimizer step runs."""
+    torch.manual_seed(0)
+    m = LatentMoE(64, 8, 2, 48, 32, 32, dtype=torch.bfloat16, device=device)
+    m8 = copy.deepcopy(m)
+    m8.experts.float()  # float32 master weights for the FP8 experts
+    m8.fp8_training = True
+    x = torch.randn(2, 11, 64, device=device, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = m(xa), m8(xb)
+    assert rel_err(yb.float(), ya.detach().float()) < 0.06
+    ya.backward(dy)
+    yb.backward(dy)
+    assert rel_err(xb.grad.float(), xa.grad.float()) < 0.08
+    for (n, pa), (_, pb) in zip(m.named_parameters(), m8.named_parameters()):
+        assert pb.grad is not None and torch.isfinite(pb.grad).all(), n
+        assert rel_err(pb.grad.float(), pa.grad.float()) < 0.1, n
+        if n.startswith("experts."):
+            assert pb.grad.dtype == torch.float32, n
+    torch.optim.SGD(m8.parameters(), lr=0.1).step()
+    with pytest.raises(ValueError, match="master"):
+        from nemokernels.moe import fp8_weights
+        latent_moe(x, m8.gate.weight, None, fp8_weights(m8.experts.up_proj), m8.experts.down_proj, top_k=2,
+                   fp8_training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_deep_stack_backward_bf16_is_finite(device):
     """Five residual MoE layers in bf16 (a bug the peer libraries shipped: NaN gradients in deeper stacks): every
     gradient finite, and close to the same stack in float32 (same bf16-valued parameters). A
