@@ -273,22 +273,50 @@ Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_gl
 // grouped_gemm with FP8 rows and FP8 expert weights (forward only): the checks, then the CPU
 // kernel or the CUDA path grouped_gemm_fp8_cuda_prepare picks (CUTLASS on sm_90a, else portable).
 std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
-                                            const std::string& activation, ScalarType out_dtype, bool save_preact) {
+                                            const std::string& activation, ScalarType out_dtype, bool save_preact,
+                                            std::optional<Tensor> out_scale) {
   const char* op = "grouped_gemm (FP8)";
   check_dim(op, "a", a, 2);
   check_dtype(op, "a", a, {ScalarType::Float8_e4m3fn});
   const int64_t R = a.size(0), K = a.size(1);
-  check_tensor(op, "a_scale", a_scale, {R}, {ScalarType::Float}, a, "a");
   check_tensor(op, "w", w, {-1, -1, K}, {ScalarType::Float8_e4m3fn}, a, "a");
   const int64_t E = w.size(0), N = w.size(1);
-  check_dtype(op, "w_scale", w_scale, {ScalarType::Float});
-  check_same_device(op, "w_scale", w_scale, a, "a");
-  NK_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == 1 || w_scale.numel() == E), op,
-           ": w_scale must hold one float32 per expert (E = ", E, ") or one for all, got shape ", shape_str(w_scale));
+  // Per-block scales (a_scale 2-D): a_scale (R, K / 128), w_scale (E, ceil(N / 128), K / 128).
+  const int64_t block = a_scale.dim() == 2 ? 128 : 0;
+  if (block > 0) {
+    NK_CHECK(K % block == 0, op, ": per-block scales need K % 128 == 0, got K = ", K);
+    check_tensor(op, "a_scale", a_scale, {R, K / block}, {ScalarType::Float}, a, "a");
+    check_tensor(op, "w_scale", w_scale, {E, (N + block - 1) / block, K / block}, {ScalarType::Float}, a, "a");
+    NK_CHECK(out_dtype != ScalarType::Float8_e4m3fn && !save_preact, op,
+             ": per-block scales take 16- or 32-bit outputs and keep no pre-activation");
+  } else {
+    check_tensor(op, "a_scale", a_scale, {R}, {ScalarType::Float}, a, "a");
+    check_dtype(op, "w_scale", w_scale, {ScalarType::Float});
+    check_same_device(op, "w_scale", w_scale, a, "a");
+    NK_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == 1 || w_scale.numel() == E), op,
+             ": w_scale must hold one float32 per expert (E = ", E, ") or one for all (or, with a 2-D a_scale, one ",
+             "per 128 x 128 block), got shape ", shape_str(w_scale));
+  }
   NK_CHECK(activation == "none" || activation == "relu2", op, ": activation must be \"none\" or \"relu2\", got \"",
            activation, "\"");
-  NK_CHECK(out_dtype == ScalarType::BFloat16 || out_dtype == ScalarType::Half || out_dtype == ScalarType::Float, op,
-           ": out_dtype must be bfloat16, float16 or float32");
+  const bool e4m3_out = out_dtype == ScalarType::Float8_e4m3fn;
+  NK_CHECK(out_dtype == ScalarType::BFloat16 || out_dtype == ScalarType::Half || out_dtype == ScalarType::Float ||
+               e4m3_out,
+           op, ": out_dtype must be bfloat16, float16, float32 or float8_e4m3fn");
+  NK_CHECK(e4m3_out == out_scale.has_value(), op, ": out_scale (the static scale of e4m3 output codes) goes with ",
+           "out_dtype float8_e4m3fn, and only with it");
+  std::optional<Tensor> osc;
+  if (e4m3_out) {
+    check_dtype(op, "out_scale", *out_scale, {ScalarType::Float});
+    check_same_device(op, "out_scale", *out_scale, a, "a");
+    NK_CHECK(out_scale->numel() == 1, op, ": out_scale must be one float32, got shape ", shape_str(*out_scale));
+    NK_CHECK(!save_preact, op, ": no pre-activation with e4m3 output (training keeps 16-bit outputs)");
+    osc.emplace(contig(*out_scale));
+    if (osc->is_cpu()) {
+      const float v = *static_cast<const float*>(osc->data_ptr());
+      NK_CHECK(v > 0.0f && v <= 3.402823466e38f, op, ": out_scale must be positive and finite, got ", v);
+    }
+  }
   check_sizes(op, a, R, "N (w.shape[1], the output columns)", N);
   check_offsets(op, expert_offsets, a, "a", R, E);
   OptionalDeviceGuard guard(a);
@@ -303,7 +331,11 @@ std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, 
     return {out, pre};
   }
   GroupedGemmFp8Params p{};
-  p.dtype = out_dtype == ScalarType::BFloat16 ? GgType::BF16 : out_dtype == ScalarType::Half ? GgType::F16 : GgType::F32;
+  p.dtype = e4m3_out                        ? GgType::E4M3
+            : out_dtype == ScalarType::BFloat16 ? GgType::BF16
+            : out_dtype == ScalarType::Half     ? GgType::F16
+                                                : GgType::F32;
+  p.out_scale = e4m3_out ? static_cast<const float*>(osc->data_ptr()) : nullptr;
   p.R = R, p.N = N, p.K = K, p.E = E;
   p.offsets = static_cast<const int32_t*>(oc.data_ptr());
   p.a = static_cast<const uint8_t*>(ac.data_ptr());
@@ -311,6 +343,7 @@ std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, 
   p.w = static_cast<const uint8_t*>(wc.data_ptr());
   p.w_scale = static_cast<const float*>(wsc.data_ptr());
   p.w_scale_stride = wsc.numel() == E && E > 1 ? 1 : 0;
+  p.block = block;
   p.act = activation == "relu2" ? GgAct::Relu2 : GgAct::None;
   p.out = out.data_ptr();
   p.pre = keep_pre ? pre.data_ptr() : nullptr;
@@ -329,8 +362,10 @@ std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, 
 }
 
 // Rows of x to e4m3 with a float32 scale each, gathered by slot_of_row when it is not empty.
-std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_t top_k, Tensor static_scale) {
+std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_t top_k, Tensor static_scale,
+                                            int64_t block) {
   const char* op = "moe_quantize_fp8";
+  NK_CHECK(block == 0 || block == 128, op, ": block must be 0 (a scale per row) or 128, got ", block);
   check_dim(op, "x", x, 2);
   check_dtype(op, "x", x, {ScalarType::Float, ScalarType::Half, ScalarType::BFloat16});
   const int64_t T = x.size(0), K = x.size(1);
@@ -342,6 +377,8 @@ std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_
   }
   const int64_t R = gather ? slot_of_row.size(0) : T;
   const bool fixed = static_scale.numel() > 0;
+  NK_CHECK(block == 0 || (!fixed && K % block == 0), op, ": per-block scales are dynamic and need K % ", block,
+           " == 0, got K = ", K, fixed ? " and a static scale" : "");
   NK_CHECK(!fixed || static_scale.numel() == 1 || (!gather && R % static_scale.numel() == 0), op,
            ": static_scale holds ", static_scale.numel(), " values; more than one is for blocks of rows ",
            "(row r takes scale r / (rows / scales)), which must divide the ", R, " rows, and not with slot_of_row ",
@@ -369,9 +406,10 @@ std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_
     }
   }
   Tensor q = new_empty(x, {R, K}, ScalarType::Float8_e4m3fn);
-  Tensor scale = new_empty(x, {R}, ScalarType::Float);
+  Tensor scale = block > 0 ? new_empty(x, {R, K / block}, ScalarType::Float) : new_empty(x, {R}, ScalarType::Float);
   if (R == 0) return {q, scale};
   QuantizeFp8Params p{};
+  p.block = block;
   p.dtype = gg_type(op, "x", x);
   p.T = T, p.R = R, p.K = K;
   p.x = xc.data_ptr();

@@ -12,8 +12,9 @@
 
 namespace nk {
 
-// Element type of the grouped GEMM operands. F64 exists on the CPU only (gradcheck).
-enum class GgType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+// Element type of the grouped GEMM operands. F64 exists on the CPU only (gradcheck); E4M3 only as
+// the FP8 GEMM's output (codes of a static scale: GroupedGemmFp8Params::out_scale).
+enum class GgType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, E4M3 = 4 };
 
 enum class GgAct : int { None = 0, Relu2 = 1 };
 
@@ -90,7 +91,7 @@ void grouped_gemm_nvfp4w_cuda(const GroupedGemmNvfp4wParams& p, void* stream);
 // e4m3(a[r, k]) * e4m3(w[e, n, k]) in float32 (every product exact), one rounding to out's
 // dtype; rows outside every segment are zeros. Forward only.
 struct GroupedGemmFp8Params {
-  GgType dtype;             // of out: F32, F16 or BF16
+  GgType dtype;             // of out: F32, F16, BF16, or E4M3: out = fp8_encode(act(v), *out_scale)
   int64_t R, N, K, E;
   const int32_t* offsets;   // (E + 1,) on the tensors' device
   const uint8_t* a;         // (R, K) e4m3
@@ -101,6 +102,12 @@ struct GroupedGemmFp8Params {
   GgAct act;
   void* out;                // (R, N)
   void* pre;                // (R, N) in out's dtype: the scaled accumulator before relu^2 (training), or null
+  const float* out_scale;   // E4M3 output: the static scale of the codes (the next GEMM's input scale)
+  // 128: per-block scales (DeepSeek-style FP8): a_scale (R, K / 128) per row and 128-column block,
+  // w_scale (E, ceil(N / 128), K / 128) per 128 x 128 weight block; out = act(sum over k blocks of
+  // fmaf(partial, a_scale[r, kb] * w_scale[e, n / 128, kb], acc)), partial the block's float32 sum.
+  // 0: the per-row / per-expert scales above.
+  int64_t block;
   int arch;                 // CUDA: 90 when the sm_90a CUTLASS kernel runs it, else 0 (set by the entry)
   void* workspace;          // the sm_90a path's (grouped_gemm_fp8_sm90_workspace bytes), torch-allocated
 };
@@ -118,8 +125,9 @@ struct QuantizeFp8Params {
   int64_t top_k;
   const float* static_scale;   // null: the dynamic per-row scale; else row r takes
   int64_t rows_per_scale;      // static_scale[r / rows_per_scale] (R / the number of scales)
+  int64_t block;               // 128: a dynamic scale per row and 128-column block, scale (R, K / 128)
   uint8_t* q;                  // (R, K) e4m3
-  float* scale;                // (R,)
+  float* scale;                // (R,), or (R, K / block)
 };
 void moe_quantize_fp8_cpu(const QuantizeFp8Params& p);
 
@@ -161,15 +169,20 @@ void moe_quantize_fp8_t_cuda(const QuantizeFp8TParams& p, void* stream);
 int64_t grouped_gemm_fp8_wgrad_cuda_prepare(GroupedGemmFp8WgradParams& p);
 void grouped_gemm_fp8_wgrad_cuda(const GroupedGemmFp8WgradParams& p, void* stream);
 // The CUDA path of one FP8 call: 90 (the CUTLASS kernel, grouped_gemm_fp8_sm90.cu) for bf16
-// output with K % 16 == 0, N % 8 == 0 and 16-byte aligned operands on an sm_90 device of an sm_90a
-// build, unless NEMOKERNELS_GROUPED_GEMM_PORTABLE=1; else 0 (the portable SIMT kernel). Returns the
-// workspace bytes that path needs (0: portable); allocate them and set p.workspace.
+// output (or E4M3 after relu^2, N % 16 == 0) with K % 16 == 0, N % 8 == 0 and 16-byte aligned
+// operands on an sm_90 device of an sm_90a build, unless NEMOKERNELS_GROUPED_GEMM_PORTABLE=1; else
+// 0 (the portable SIMT kernel). Returns the workspace bytes that path needs (0: portable); allocate
+// them and set p.workspace.
 int64_t grouped_gemm_fp8_cuda_prepare(GroupedGemmFp8Params& p);
 void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream);
 #endif
 #ifdef NK_HAS_SM90
 int64_t grouped_gemm_fp8_sm90_workspace(int64_t E);
 void grouped_gemm_fp8_sm90_run(const GroupedGemmFp8Params& p, void* stream);
+// Per-block scales (p.block 128): grouped_gemm_fp8_blockwise_sm90.cu; the workspace holds the scales
+// re-laid for CUTLASS (a_scale per group M-major, w_scale per expert N-major) and the group arrays.
+int64_t grouped_gemm_fp8_blockwise_sm90_workspace(int64_t R, int64_t N, int64_t K, int64_t E);
+void grouped_gemm_fp8_blockwise_sm90_run(const GroupedGemmFp8Params& p, void* stream);
 int64_t grouped_gemm_fp8_wgrad_sm90_workspace(int64_t E);
 void grouped_gemm_fp8_wgrad_sm90_run(const GroupedGemmFp8WgradParams& p, void* stream);
 #endif

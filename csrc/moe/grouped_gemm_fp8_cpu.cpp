@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "moe/grouped_gemm.h"
@@ -34,10 +35,22 @@ void quantize_rows(const QuantizeFp8Params& p) {
       }
       if (src < 0) {  // a padding row
         std::fill(q, q + K, uint8_t(0));
-        p.scale[r] = 1.0f;
+        const int64_t ns = p.block > 0 ? K / p.block : 1;
+        std::fill(p.scale + r * ns, p.scale + (r + 1) * ns, 1.0f);
         continue;
       }
       const T* row = x + src * K;
+      if (p.block > 0) {  // a dynamic scale per 128-column block
+        for (int64_t b = 0; b < K / p.block; ++b) {
+          const T* blk = row + b * p.block;
+          float amax = 0.0f;
+          for (int64_t k = 0; k < p.block; ++k) amax = nvfp4::nan_max(amax, std::fabs(static_cast<float>(blk[k])));
+          const float sb = fp8_row_scale(amax);
+          for (int64_t k = 0; k < p.block; ++k) q[b * p.block + k] = fp8_encode(static_cast<float>(blk[k]), sb);
+          p.scale[r * (K / p.block) + b] = sb;
+        }
+        continue;
+      }
       float s;
       if (p.static_scale != nullptr) {
         s = fp8_static_scale(p.static_scale[r / p.rows_per_scale]);
@@ -70,15 +83,30 @@ void gemm(const GroupedGemmFp8Params& p) {
       if (hi[e] == lo[e]) continue;
       const uint8_t* wr = p.w + (e * N + n) * K;
       for (int64_t k = 0; k < K; ++k) w[k] = lut[wr[k]];
-      const float ws = p.w_scale[e * p.w_scale_stride];
+      const float ws = p.block > 0 ? 0.f : p.w_scale[e * p.w_scale_stride];
+      const int64_t KB = p.block > 0 ? K / p.block : 0, NB = p.block > 0 ? (N + p.block - 1) / p.block : 0;
       for (int64_t r = lo[e]; r < hi[e]; ++r) {
         const uint8_t* ar = p.a + r * K;
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += lut[ar[k]] * w[k];
-        float v = (acc * p.a_scale[r]) * ws;
-        if (pre != nullptr) pre[r * N + n] = static_cast<T>(v);
-        if (p.act == GgAct::Relu2) v = relu2(v);
-        out[r * N + n] = static_cast<T>(v);
+        float v;
+        if (p.block > 0) {  // per-block scales: each block's float32 sum, scaled, into the total
+          float acc = 0.f;
+          for (int64_t kb = 0; kb < KB; ++kb) {
+            float part = 0.f;
+            for (int64_t k = kb * p.block; k < (kb + 1) * p.block; ++k) part += lut[ar[k]] * w[k];
+            acc = std::fma(part, p.a_scale[r * KB + kb] * p.w_scale[(e * NB + n / p.block) * KB + kb], acc);
+          }
+          v = acc;
+        } else {
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += lut[ar[k]] * w[k];
+          v = (acc * p.a_scale[r]) * ws;
+        }
+        if (p.act == GgAct::Relu2) {
+          if (pre != nullptr) pre[r * N + n] = static_cast<T>(v);
+          v = relu2(v);
+        }
+        if constexpr (std::is_same_v<T, uint8_t>) out[r * N + n] = fp8_encode(v, *p.out_scale);
+        else out[r * N + n] = static_cast<T>(v);
       }
     }
   });
@@ -164,6 +192,7 @@ void moe_quantize_fp8_cpu(const QuantizeFp8Params& p) {
 
 void grouped_gemm_fp8_cpu(const GroupedGemmFp8Params& p) {
   switch (p.dtype) {
+    case GgType::E4M3: gemm<uint8_t>(p); break;
     case GgType::F16: gemm<c10::Half>(p); break;
     case GgType::BF16: gemm<c10::BFloat16>(p); break;
     default: gemm<float>(p); break;

@@ -56,10 +56,31 @@ __global__ void quantize_fp8_kernel(QuantizeFp8Params p) {
     uint8_t* q = p.q + r * K;
     if (src < 0) {  // a padding row: zero codes, scale 1
       for (int64_t k = lane; k < K; k += 32) q[k] = 0;
-      if (lane == 0) p.scale[r] = 1.0f;
+      const int64_t ns = p.block > 0 ? K / p.block : 1;
+      for (int64_t b = lane; b < ns; b += 32) p.scale[r * ns + b] = 1.0f;
       continue;
     }
     const T* row = x + src * K;
+    if (p.block > 0) {  // a scale per 128-column block: lane l takes 4 values of each block
+      const int64_t KB = K / p.block;
+      for (int64_t b = 0; b < KB; ++b) {
+        const T* blk = row + b * p.block;
+        float v[4];
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          v[j] = to_f(blk[4 * lane + j]);
+          amax = nvfp4::nan_max(amax, fabsf(v[j]));
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = nvfp4::nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float sb = fp8_row_scale(amax);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q[b * p.block + 4 * lane + j] = fp8_encode(v[j], sb);
+        if (lane == 0) p.scale[r * KB + b] = sb;
+      }
+      continue;
+    }
     float s;
     if (p.static_scale != nullptr) {
       s = fp8_static_scale(p.static_scale[r / p.rows_per_scale]);
@@ -120,23 +141,40 @@ __global__ void fp8_portable_kernel(GroupedGemmFp8Params p) {
   if (n >= p.N || hi == lo) return;
   T* out = static_cast<T*>(p.out);
   const uint8_t* w = p.w + (e * p.N + n) * p.K;
-  const float ws = p.w_scale[e * p.w_scale_stride];
+  const float ws = p.block > 0 ? 0.f : p.w_scale[e * p.w_scale_stride];
+  const int64_t KB = p.block > 0 ? p.K / p.block : 1, NB = p.block > 0 ? (p.N + p.block - 1) / p.block : 1;
+  const int64_t kb_len = p.block > 0 ? p.block : p.K;
   for (int64_t r0 = lo; r0 < hi; r0 += kFp8Rows) {
     float acc[kFp8Rows] = {};
-    for (int64_t k = 0; k < p.K; ++k) {
-      const float wk = nvfp4::e4m3_decode(w[k]);
+    for (int64_t kb = 0; kb < KB; ++kb) {  // one pass over K unless per-block scales
+      float part[kFp8Rows] = {};
+      for (int64_t k = kb * kb_len; k < (kb + 1) * kb_len; ++k) {
+        const float wk = nvfp4::e4m3_decode(w[k]);
+#pragma unroll
+        for (int i = 0; i < kFp8Rows; ++i) {
+          if (r0 + i < hi) part[i] = fmaf(nvfp4::e4m3_decode(p.a[(r0 + i) * p.K + k]), wk, part[i]);  // exact product
+        }
+      }
 #pragma unroll
       for (int i = 0; i < kFp8Rows; ++i) {
-        if (r0 + i < hi) acc[i] = fmaf(nvfp4::e4m3_decode(p.a[(r0 + i) * p.K + k]), wk, acc[i]);  // exact product
+        if (r0 + i >= hi) break;
+        acc[i] = p.block > 0
+                     ? fmaf(part[i], p.a_scale[(r0 + i) * KB + kb] * p.w_scale[(e * NB + n / p.block) * KB + kb], acc[i])
+                     : part[i];
       }
     }
 #pragma unroll
     for (int i = 0; i < kFp8Rows; ++i) {
       if (r0 + i >= hi) break;
-      float v = (acc[i] * p.a_scale[r0 + i]) * ws;
-      if (p.pre != nullptr) static_cast<T*>(p.pre)[(r0 + i) * p.N + n] = from_f<T>(v);
-      if (p.act == GgAct::Relu2) v = relu2(v);
-      out[(r0 + i) * p.N + n] = from_f<T>(v);
+      float v = p.block > 0 ? acc[i] : (acc[i] * p.a_scale[r0 + i]) * ws;
+      if (p.act == GgAct::Relu2) {
+        if constexpr (sizeof(T) > 1) {
+          if (p.pre != nullptr) static_cast<T*>(p.pre)[(r0 + i) * p.N + n] = from_f<T>(v);
+        }
+        v = relu2(v);
+      }
+      if constexpr (sizeof(T) == 1) out[(r0 + i) * p.N + n] = fp8_encode(v, *p.out_scale);
+      else out[(r0 + i) * p.N + n] = from_f<T>(v);
     }
   }
 }
@@ -325,7 +363,15 @@ void moe_quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
 int64_t grouped_gemm_fp8_cuda_prepare(GroupedGemmFp8Params& p) {
   p.arch = 0;
 #ifdef NK_HAS_SM90
-  if (grouped_gemm_portable_forced() || p.dtype != GgType::BF16) return 0;
+  if (grouped_gemm_portable_forced()) return 0;
+  if (p.block > 0) {  // per-block scales: the CUTLASS blockwise kernel, bf16 out
+    if (p.dtype != GgType::BF16 || p.block != 128 || p.K % 128 != 0 || p.N % 8 != 0 || p.R <= 0) return 0;
+    if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) || current_device_cc() != 90) return 0;
+    p.arch = 90;
+    return grouped_gemm_fp8_blockwise_sm90_workspace(p.R, p.N, p.K, p.E);
+  }
+  const bool e4m3_out = p.dtype == GgType::E4M3 && p.act == GgAct::Relu2 && p.N % 16 == 0;
+  if (p.dtype != GgType::BF16 && !e4m3_out) return 0;
   if (p.K % 16 != 0 || p.N % 8 != 0 || p.R <= 0 || p.E > 65535) return 0;
   if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) || (p.pre != nullptr && !aligned16(p.pre))) return 0;
   if (current_device_cc() != 90) return 0;
@@ -346,17 +392,20 @@ void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream) {
     NK_CUDA_LAUNCH_CHECK();
   };
   switch (p.dtype) {
+    case GgType::E4M3: zero(uint8_t{}); break;
     case GgType::F16: zero(__half{}); break;
     case GgType::BF16: zero(__nv_bfloat16{}); break;
     default: zero(float{}); break;
   }
 #ifdef NK_HAS_SM90
   if (p.arch == 90) {
-    grouped_gemm_fp8_sm90_run(p, stream);
+    if (p.block > 0) grouped_gemm_fp8_blockwise_sm90_run(p, stream);
+    else grouped_gemm_fp8_sm90_run(p, stream);
     return;
   }
 #endif
   switch (p.dtype) {
+    case GgType::E4M3: run_portable<uint8_t>(p, s); break;
     case GgType::F16: run_portable<__half>(p, s); break;
     case GgType::BF16: run_portable<__nv_bfloat16>(p, s); break;
     default: run_portable<float>(p, s); break;

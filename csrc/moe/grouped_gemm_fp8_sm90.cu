@@ -6,7 +6,8 @@
 // row; rows past the group's M predicated off) and the weight scale through
 // Sm90ScalarBroadcastPtrArray (a pointer per group); the training forward also stores the scaled
 // accumulator (pre-activation) through AuxStoreRowsPtrArray. Groups are built on the device by
-// setup_group (grouped_gemm_cutlass.cuh). Three instantiations (plain, relu^2, relu^2 + pre).
+// setup_group (grouped_gemm_cutlass.cuh). Four instantiations: plain, relu^2, relu^2 + pre, and
+// relu^2 to e4m3 codes of a static scale (the down projection's input, no quantize pass).
 #include "moe/grouped_gemm_cutlass.cuh"
 
 namespace nk {
@@ -38,19 +39,38 @@ struct Fp8EpilogueOf<Act, true, Tile> {  // act(scaled) -> bf16, and scaled stor
       cutlass::epilogue::fusion::Sm90EVT<AuxStoreRowsPtrArray<cutlass::bfloat16_t>, Fp8Scaled<Tile>>>;
 };
 
+// relu(scaled)^2 / out_scale -> e4m3 (saturating, round to nearest even): the next FP8 GEMM's rows
+// at a static scale, straight from this epilogue.
+template <class Tile>
+using Fp8E4m3Out = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<cutlass::divides, cutlass::float_e4m3_t, float,
+                                           cutlass::FloatRoundStyle::round_to_nearest>,
+    cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<ReluSquare, float, float, cutlass::FloatRoundStyle::round_to_nearest>,
+        Fp8Scaled<Tile>>,
+    cutlass::epilogue::fusion::Sm90ScalarBroadcast<float>>;
+
 template <template <class> class Act, bool kPre = false>
 struct Fp8GroupedGemm {
-  static constexpr bool kStoresPre = kPre;
+  static constexpr bool kStoresPre = kPre, kE4m3Out = false;
   using Gemm = typename Fp8GemmOf<typename Fp8EpilogueOf<Act, kPre, Sm90Fp8Traits::Tile>::Op>::Gemm;
 };
+struct Fp8Relu2E4m3 {
+  static constexpr bool kStoresPre = false, kE4m3Out = true;
+  using Gemm = typename Fp8GemmOf<Fp8E4m3Out<Sm90Fp8Traits::Tile>, cutlass::float_e4m3_t>::Gemm;
+};
 
-template <class Gemm, bool kPre>
-typename Gemm::Arguments fp8_args(const Arrays<Gemm>& arr, int64_t E, int64_t N) {
+template <class Gemm, bool kPre, bool kE4m3Out = false>
+typename Gemm::Arguments fp8_args(const Arrays<Gemm>& arr, int64_t E, int64_t N, const float* out_scale = nullptr) {
   typename Gemm::Arguments args = grouped_args<Gemm>(arr, E);
-  // The EVT arguments, children before their node: {{{acc, row, mul}, group, mul}, act}, or
-  // with the stored pre-activation {{{{acc, row, mul}, group, mul}, aux}, act}.
+  // The EVT arguments, children before their node: {{{acc, row, mul}, group, mul}, act}; with the
+  // stored pre-activation {{{{acc, row, mul}, group, mul}, aux}, act}; with e4m3 output
+  // {{{{acc, row, mul}, group, mul}, relu^2}, out_scale, div}.
   auto& scaled = [&]() -> auto& {
-    if constexpr (kPre) {
+    if constexpr (kE4m3Out) {
+      args.epilogue.thread.op_1.scalar_ptrs[0] = out_scale;
+      return args.epilogue.thread.op_0.op_0;
+    } else if constexpr (kPre) {
       args.epilogue.thread.op_0.op_1 = {arr.ptr_aux, N};
       return args.epilogue.thread.op_0.op_0;
     } else {
@@ -67,7 +87,7 @@ template <class G>
 int64_t fp8_workspace(int64_t E) {
   using Gemm = typename G::Gemm;
   Arrays<Gemm> arr{};
-  typename Gemm::Arguments args = fp8_args<Gemm, G::kStoresPre>(arr, E, 0);
+  typename Gemm::Arguments args = fp8_args<Gemm, G::kStoresPre, G::kE4m3Out>(arr, E, 0);
   return Arrays<Gemm>::bytes(E) + align256(static_cast<int64_t>(Gemm::get_workspace_size(args)));
 }
 
@@ -80,7 +100,8 @@ void fp8_run(const GroupedGemmFp8Params& p, cudaStream_t stream) {
   setup_groups_kernel<Gemm, kFwd><<<ceil_div(p.E, 128), 128, 0, stream>>>(arr, p.offsets, p.E, p.R, p.N, p.K, p.a,
                                                                             p.w, p.out, p.pre, sc);
   NK_CUDA_LAUNCH_CHECK();
-  launch<Gemm>(fp8_args<Gemm, G::kStoresPre>(arr, p.E, p.N), ws + Arrays<Gemm>::bytes(p.E), stream);
+  launch<Gemm>(fp8_args<Gemm, G::kStoresPre, G::kE4m3Out>(arr, p.E, p.N, p.out_scale), ws + Arrays<Gemm>::bytes(p.E),
+               stream);
 }
 
 using Fp8Plain = Fp8GroupedGemm<cutlass::epilogue::thread::Identity>;
@@ -92,13 +113,15 @@ using Fp8Relu2Pre = Fp8GroupedGemm<ReluSquare, true>;
 
 int64_t grouped_gemm_fp8_sm90_workspace(int64_t E) {
   using namespace gg_cutlass;
-  return std::max({fp8_workspace<Fp8Plain>(E), fp8_workspace<Fp8Relu2>(E), fp8_workspace<Fp8Relu2Pre>(E)});
+  return std::max({fp8_workspace<Fp8Plain>(E), fp8_workspace<Fp8Relu2>(E), fp8_workspace<Fp8Relu2Pre>(E),
+                   fp8_workspace<Fp8Relu2E4m3>(E)});
 }
 
 void grouped_gemm_fp8_sm90_run(const GroupedGemmFp8Params& p, void* stream) {
   using namespace gg_cutlass;
   auto s = static_cast<cudaStream_t>(stream);
-  if (p.act == GgAct::Relu2 && p.pre != nullptr) fp8_run<Fp8Relu2Pre>(p, s);
+  if (p.dtype == GgType::E4M3) fp8_run<Fp8Relu2E4m3>(p, s);  // relu^2 only (the path choice)
+  else if (p.act == GgAct::Relu2 && p.pre != nullptr) fp8_run<Fp8Relu2Pre>(p, s);
   else if (p.act == GgAct::Relu2) fp8_run<Fp8Relu2>(p, s);
   else fp8_run<Fp8Plain>(p, s);
 }

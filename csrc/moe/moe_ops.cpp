@@ -18,8 +18,10 @@ std::tuple<Tensor, Tensor> grouped_gemm_bwd(Tensor dout, Tensor a, Tensor w, Ten
 Tensor grouped_gemm_nvfp4w(Tensor a, Tensor w_data, Tensor w_scales, Tensor w_global, Tensor expert_offsets,
                            const std::string& activation);
 std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
-                                            const std::string& activation, ScalarType out_dtype, bool save_preact);
-std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_t top_k, Tensor static_scale);
+                                            const std::string& activation, ScalarType out_dtype, bool save_preact,
+                                            std::optional<Tensor> out_scale);
+std::tuple<Tensor, Tensor> moe_quantize_fp8(Tensor x, Tensor slot_of_row, int64_t top_k, Tensor static_scale,
+                                            int64_t block);
 std::tuple<Tensor, Tensor> moe_quantize_fp8_t(Tensor x, Tensor expert_offsets);
 Tensor grouped_gemm_fp8_wgrad(Tensor gT, Tensor g_scale, Tensor aT, Tensor a_scale, Tensor expert_offsets,
                               ScalarType out_dtype);
@@ -63,16 +65,20 @@ const OpDef kOps[] = {
    "str activation) -> Tensor",
    TORCH_BOX(&grouped_gemm_nvfp4w)},
   // FP8 rows and expert weights (forward only): a (R, K) float8_e4m3fn with a_scale (R,) float32,
-  // w (E, N, K) float8_e4m3fn with w_scale (E,) or one float32. out (R, N) in out_dtype =
+  // w (E, N, K) float8_e4m3fn with w_scale (E,) or one float32 (or per-block scales: a_scale
+  // (R, K / 128), w_scale (E, ceil(N / 128), K / 128)). out (R, N) in out_dtype =
   // act((a @ w[e]^T) * a_scale[r] * w_scale[e]), float32 sums; preact (R, N) the value before
-  // relu^2 when activation is relu2 and save_preact (training), else (0, N).
+  // relu^2 when activation is relu2 and save_preact (training), else (0, N). out_dtype
+  // float8_e4m3fn with out_scale (one float32): out = e4m3(act(...) / out_scale), the next
+  // FP8 GEMM's rows at a static scale, written by this epilogue (no quantize pass).
   {"grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets, str activation, "
-   "ScalarType out_dtype, bool save_preact) -> (Tensor out, Tensor preact)",
+   "ScalarType out_dtype, bool save_preact, Tensor? out_scale=None) -> (Tensor out, Tensor preact)",
    TORCH_BOX(&grouped_gemm_fp8)},
   // Rows of x (T, K) to e4m3 (R, K) with one float32 scale each (amax / 448, or static_scale:
   // one value, or S values for blocks of R / S rows), gathered as moe_gather when slot_of_row is
-  // not empty (else R = T).
-  {"moe_quantize_fp8(Tensor x, Tensor slot_of_row, int top_k, Tensor static_scale) -> (Tensor q, Tensor scale)",
+  // not empty (else R = T). block 128: a dynamic scale per row and 128-column block, scale (R, K / 128).
+  {"moe_quantize_fp8(Tensor x, Tensor slot_of_row, int top_k, Tensor static_scale, int block=0) "
+   "-> (Tensor q, Tensor scale)",
    TORCH_BOX(&moe_quantize_fp8)},
   // The FP8 wgrad's operands: x (R, C) -> qT (C, W) e4m3 (W = 16 ceil(R / 16) + 16 E, expert e's
   // rows from column 16 ceil(offsets[e] / 16) + 16 e, the rest zero), scale (C,) per column.

@@ -35,11 +35,14 @@ namespace {  // each unit its own instantiation (their gencode flags may differ)
 // experts, every row.
 template <typename T>
 __global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, int64_t cols, T* out, T* out2) {
+  T zero;
+  if constexpr (sizeof(T) == 1) zero = T(0);  // an e4m3 code
+  else zero = from_f<T>(0.f);
   if (E <= 0) {
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < R * cols;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      out[i] = from_f<T>(0.f);
-      if (out2 != nullptr) out2[i] = from_f<T>(0.f);
+      out[i] = zero;
+      if (out2 != nullptr) out2[i] = zero;
     }
     return;
   }
@@ -48,7 +51,6 @@ __global__ void zero_outside_kernel(const int32_t* off, int64_t E, int64_t R, in
   segment(off, E - 1, R, loE, hiE);
   hiE = max(hiE, lo0);
   const int64_t n_before = lo0 * cols, total = n_before + (R - hiE) * cols;
-  const T zero = from_f<T>(0.f);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t idx = i < n_before ? i : hiE * cols + (i - n_before);

@@ -23,7 +23,10 @@ class FP8Tensor:
       per-expert (E,) one is reduced to its max, the one scale that saturates no expert's
       calibrated range);
     - data_t: the codes transposed, (E, K, N), or None: the FP8 training backward's dgrad operand
-      (fp8_weights makes it)."""
+      (fp8_weights makes it).
+    Per-block scales (DeepSeek-style checkpoints' ``weight_scale_inv``): scale (E, ceil(N / 128),
+    K / 128), one per 128 x 128 block (fp8_block_weights makes them); the activations then get a
+    dynamic scale per row and 128-column block (input_scale must be None)."""
     data: torch.Tensor
     scale: torch.Tensor
     input_scale: Optional[torch.Tensor] = None
@@ -37,9 +40,18 @@ class FP8Tensor:
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def blockwise(self) -> bool:
+        """Per-block (128 x 128) scales rather than one per expert."""
+        return self.scale.dim() == self.data.dim() and self.scale.dim() >= 2
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s = self.scale.to(torch.float32)
-        s = s.reshape(-1, *([1] * (self.data.dim() - 1))) if s.dim() == 1 else s
+        if self.blockwise:
+            N, K = self.data.shape[-2:]
+            s = s.repeat_interleave(128, dim=-2)[..., :N, :].repeat_interleave(128, dim=-1)[..., :K]
+        elif s.dim() == 1:
+            s = s.reshape(-1, *([1] * (self.data.dim() - 1)))
         return (self.data.to(torch.float32) * s).to(dtype)
 
 
@@ -63,9 +75,10 @@ def _wgrad_fake(gT, g_scale, aT, a_scale, expert_offsets, out_dtype):
 
 
 @torch.library.register_fake("nemokernels::moe_quantize_fp8")
-def _quantize_fake(x, slot_of_row, top_k, input_scale):
+def _quantize_fake(x, slot_of_row, top_k, input_scale, block=0):
     R = slot_of_row.shape[0] if slot_of_row.numel() > 0 else x.shape[0]
-    return (x.new_empty((R, x.shape[1]), dtype=torch.float8_e4m3fn), x.new_empty((R,), dtype=torch.float32))
+    scale_shape = (R, x.shape[1] // block) if block else (R,)
+    return (x.new_empty((R, x.shape[1]), dtype=torch.float8_e4m3fn), x.new_empty(scale_shape, dtype=torch.float32))
 
 
 def static_input_scale(input_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -76,18 +89,21 @@ def static_input_scale(input_scale: Optional[torch.Tensor]) -> Optional[torch.Te
     return input_scale.detach().to(torch.float32).reshape(-1).amax()
 
 
-def quantize_rows_fp8(x: torch.Tensor, input_scale: Optional[torch.Tensor] = None, plan=None) -> FP8Rows:
+def quantize_rows_fp8(x: torch.Tensor, input_scale: Optional[torch.Tensor] = None, plan=None,
+                      block: int = 0) -> FP8Rows:
     """Rows of x (T, K) (fp32/fp16/bf16) to e4m3 with one float32 scale per row:
     scale = amax(|x[r]|) / 448 (1 for a zero row), or the static input_scale (0-dim float32) when
     given; data = e4m3(x / scale), round to nearest even, saturating at +-448 (NaN stays NaN).
     With a MoEPlan ``plan`` the rows are gathered first, in one pass (moe_gather's rows:
-    xs[r] = x[slot_of_row[r] // top_k], padding rows zeros with scale 1). Not differentiable."""
+    xs[r] = x[slot_of_row[r] // top_k], padding rows zeros with scale 1). block 128: a dynamic
+    scale per row and 128-column block instead, scale (R, K / 128) (per-block FP8 weights take
+    these). Not differentiable."""
     if plan is not None:
         slot_of_row, top_k = plan.slot_of_row, plan.top_k
     else:
         slot_of_row, top_k = x.new_empty((0,), dtype=torch.int32), 1
     s = x.new_empty((0,), dtype=torch.float32) if input_scale is None else static_input_scale(input_scale).to(x.device)
-    data, scale = _ops.moe_quantize_fp8(x, slot_of_row, int(top_k), s)
+    data, scale = _ops.moe_quantize_fp8(x, slot_of_row, int(top_k), s, int(block))
     return FP8Rows(data, scale)
 
 
@@ -110,6 +126,25 @@ def fp8_weights(w: torch.Tensor, transpose: bool = True) -> FP8Tensor:
     data, _ = _ops.moe_quantize_fp8(w3.reshape(E * N, K), empty_i, 1, scale)
     data = data.view(E, N, K)
     return FP8Tensor(data, scale, None, data.transpose(1, 2).contiguous() if transpose else None)
+
+
+def fp8_block_weights(w: torch.Tensor) -> FP8Tensor:
+    """Weights (E, N, K) (or (N, K)), K % 128 == 0, to an FP8Tensor with a scale per 128 x 128 block
+    (amax / 448 as fp8_row_scale, 1 for a zero block): DeepSeek-style per-block FP8. Works in
+    float32 on a copy of w (for checkpoints and tests, not per step)."""
+    w3 = (w.detach() if w.dim() == 3 else w.detach().unsqueeze(0)).to(torch.float32)
+    E, N, K = w3.shape
+    if K % 128:
+        raise ValueError(f"fp8_block_weights: K must be a multiple of 128, got {K}")
+    NB, KB = (N + 127) // 128, K // 128
+    padded = torch.nn.functional.pad(w3, (0, 0, 0, NB * 128 - N))
+    amax = padded.abs().view(E, NB, 128, KB, 128).amax(dim=(2, 4))
+    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / E4M3_MAX).clamp_min(1.17549435e-38))
+    full = scale.repeat_interleave(128, dim=1)[:, :N].repeat_interleave(128, dim=2)
+    data = (w3 / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    if w.dim() == 2:
+        return FP8Tensor(data[0], scale[0])
+    return FP8Tensor(data, scale)
 
 
 @dataclass

@@ -34,9 +34,14 @@ def expert_mlp(x, up_proj, down_proj, offsets: torch.Tensor, out_dtype: Optional
     the two grouped GEMMs, relu^2 fused into the first. up_proj / down_proj: tensors in x's dtype,
     NVFP4Tensor or FP8Tensor (forward only). x may be FP8Rows (rows already quantized to e4m3,
     FP8 up_proj): then out_dtype (16-bit or float32) is the dtype of the hidden and output rows."""
+    if isinstance(x, FP8Rows) and out_dtype is None:
+        raise ValueError("expert_mlp: FP8Rows input needs out_dtype (the dtype of the expert outputs)")
+    if isinstance(up_proj, FP8Tensor) and isinstance(down_proj, FP8Tensor) and down_proj.input_scale is not None:
+        # FP8 up and down with a static input scale: the up GEMM's epilogue writes the down GEMM's
+        # e4m3 rows itself (no bf16 intermediate, no quantize pass).
+        h = grouped_gemm(x, up_proj, offsets, "relu2", out_dtype=torch.float8_e4m3fn, out_scale=down_proj.input_scale)
+        return grouped_gemm(h, down_proj, offsets, out_dtype=out_dtype or x.dtype)
     if isinstance(x, FP8Rows):
-        if out_dtype is None:
-            raise ValueError("expert_mlp: FP8Rows input needs out_dtype (the dtype of the expert outputs)")
         h = grouped_gemm(x, up_proj, offsets, "relu2", out_dtype=out_dtype)
     else:
         h = grouped_gemm(x, up_proj, offsets, "relu2")

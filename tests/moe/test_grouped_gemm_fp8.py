@@ -13,8 +13,8 @@ import torch
 import cuda_emu as _emu_base
 from conftest import DEVICES
 from helpers import assert_close, assert_close_to_magnitude, poison_allocator
-from nemokernels.moe import (FP8Rows, FP8Tensor, fp8_weights, grouped_gemm, grouped_gemm_fp8_training, moe_permute_plan,
-                             quantize_rows_fp8)
+from nemokernels.moe import (FP8Rows, FP8Tensor, fp8_block_weights, fp8_weights, grouped_gemm, grouped_gemm_fp8_training,
+                             moe_permute_plan, quantize_rows_fp8)
 from test_grouped_gemm import offsets_from_counts
 
 ops = torch.ops.nemokernels
@@ -264,6 +264,130 @@ def test_quantize_bad_inputs_raise():
         ops.moe_quantize_fp8(x, torch.tensor([0, 8], dtype=torch.int32), 2, e)  # 8 >= T * top_k
     with pytest.raises(RuntimeError, match="top_k"):
         ops.moe_quantize_fp8(x, torch.tensor([0], dtype=torch.int32), 0, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_e4m3_output_at_a_static_scale(device):
+    """out_dtype float8_e4m3fn with out_scale: codes = e4m3(relu2(v) / s), v the scaled float32 sum
+    (one rounding). Dequantized, within an e4m3 half-step (2^-4 relative, saturating at 448 s) plus
+    float32 accumulation of float64; rows outside every segment are 0 codes; bad combinations raise."""
+    aq, a_s, wq, w_s, offsets = gemm_case([5, 0, 40, 1, 19], 32, 64, device, lead_rows=2)
+    ref64 = gemm_ref(aq, a_s, wq, w_s, offsets, "relu2")
+    scale = float(ref64.max()) / 448 / 2  # the largest values saturate, most do not
+    s = torch.tensor(scale, device=device)
+    codes, _ = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, False, s)
+    assert codes.dtype == E4M3 and codes.shape == (aq.shape[0], 32)
+    ref = ref64 / float(s)
+    got = codes.cpu().double()
+    clipped = ref.clamp(max=448.0)
+    assert ((got - clipped).abs() <= clipped.abs() * 2.0 ** -4 + 2.0 ** -10 + 1e-5 * ref.abs()).all()
+    assert (ref > 448).any() and (got[ref > 448] == 448).all(), "saturates"
+    assert (got[:2] == 0).all() and (got[int(offsets[-1]):] == 0).all()
+    # the public API: FP8Rows at that scale, fed to the next FP8 GEMM
+    w = FP8Tensor(wq, w_s)
+    rows = grouped_gemm(FP8Rows(aq, a_s), w, offsets, "relu2", out_dtype=E4M3, out_scale=s)
+    assert isinstance(rows, FP8Rows) and torch.equal(rows.data.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(rows.scale.cpu(), torch.full((aq.shape[0],), float(s)))
+    with pytest.raises(RuntimeError, match="out_scale"):
+        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, False)
+    with pytest.raises(RuntimeError, match="out_scale"):
+        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", torch.bfloat16, False, s)
+    with pytest.raises(RuntimeError, match="pre-activation"):
+        ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, True, s)
+    with pytest.raises(ValueError, match="out_scale"):
+        grouped_gemm(FP8Rows(aq, a_s), w, offsets, "relu2", out_dtype=E4M3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_mlp_fuses_the_down_input_quantization(device):
+    """FP8 up and down with a static down input_scale: expert_mlp has the up GEMM write e4m3 rows
+    (no bf16 intermediate). Its result equals the two GEMMs called that way, and stays near the
+    unfused path (bf16 intermediate, then quantized: one more rounding)."""
+    from nemokernels.moe.layer import expert_mlp
+
+    g = torch.Generator().manual_seed(13)
+    offsets = offsets_from_counts([7, 0, 12], device)
+    x = torch.randn(19, 64, generator=g).bfloat16().to(device)
+    up = fp8_weights(torch.randn(3, 48, 64, generator=g).to(device) / 8, transpose=False)
+    down = fp8_weights(torch.randn(3, 64, 48, generator=g).to(device) / 7, transpose=False)
+    down.input_scale = torch.tensor(0.01, device=device)
+    with torch.no_grad():
+        fused = expert_mlp(x, up, down, offsets)
+        h = grouped_gemm(x, up, offsets, "relu2", out_dtype=E4M3, out_scale=down.input_scale)
+        assert torch.equal(fused, grouped_gemm(h, down, offsets, out_dtype=torch.bfloat16))
+        unfused = grouped_gemm(grouped_gemm(x, up, offsets, "relu2"), down, offsets)
+    assert fused.dtype == torch.bfloat16
+    assert torch.linalg.norm((fused - unfused).float()) <= 0.05 * torch.linalg.norm(unfused.float())
+
+
+# ---------------------------------------------------------------- per-block (128 x 128) scales
+
+def block_quantize_ref(x):
+    """A dynamic scale per row and 128-column block: scale = amax / 448 (1 for zeros), codes by
+    torch's float8 cast of the clamped quotient."""
+    xf = x.float().cpu()
+    R, K = xf.shape
+    blocks = xf.view(R, K // 128, 128)
+    amax = blocks.abs().amax(dim=2)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
+    q = (blocks / scale[:, :, None]).clamp(-448, 448).to(E4M3).view(R, K)
+    return q, scale
+
+
+def block_gemm_ref(aq, a_scale, w, offsets, activation):
+    """float64 of the per-block operands: a_hat[r, k] = aq * a_scale[r, k // 128], w dequantized."""
+    a = aq.cpu().double() * a_scale.cpu().double().repeat_interleave(128, dim=1)
+    wd = w.dequantize().double().cpu()
+    out = torch.zeros(aq.shape[0], w.data.shape[1], dtype=torch.float64)
+    offs = offsets.cpu().tolist()
+    for e in range(w.data.shape[0]):
+        y = a[offs[e]:offs[e + 1]] @ wd[e].T
+        out[offs[e]:offs[e + 1]] = torch.relu(y).square() if activation == "relu2" else y
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_quantize_rows_matches_torch(device, dtype):
+    g = torch.Generator().manual_seed(51)
+    x = (torch.randn(9, 384, generator=g) * torch.logspace(-3, 3, 384)).to(dtype)
+    x[2, 128:256] = 0  # a zero block: scale 1
+    rows = quantize_rows_fp8(x.to(device), block=128)
+    ref_q, ref_s = block_quantize_ref(x)
+    assert rows.scale.shape == (9, 3)
+    assert torch.equal(rows.scale.cpu(), ref_s)
+    assert_codes_equal(rows.data, ref_q, f"{device} {dtype} per-block")
+    with pytest.raises(RuntimeError, match="K % 128"):
+        quantize_rows_fp8(x[:, :200].to(device), block=128)
+    with pytest.raises(RuntimeError, match="dynamic"):
+        quantize_rows_fp8(x.to(device), torch.tensor(0.1), block=128)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+def test_block_scaled_gemm_matches_float64(device, activation):
+    """Per-block weights (a scale per 128 x 128 block, N not a multiple of 128) and per-block rows:
+    against float64 of the same quantized operands; the public API quantizes the rows per block."""
+    g = torch.Generator().manual_seed(52)
+    counts, N, K = [5, 0, 40, 1, 19], 200, 256
+    offsets = offsets_from_counts(counts, device) + 2
+    R = int(offsets[-1]) + 3
+    x = torch.randn(R, K, generator=g).bfloat16()
+    w = fp8_block_weights((torch.randn(5, N, K, generator=g) * torch.linspace(0.01, 1, K)).to(device))
+    assert w.blockwise and w.scale.shape == (5, 2, 2)
+    poison_allocator(device)
+    with torch.no_grad():
+        out = grouped_gemm(x.to(device), w, offsets, activation)
+    aq, a_s = block_quantize_ref(x)
+    ref = block_gemm_ref(aq, a_s, w, offsets, activation)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.cpu(), ref, torch.bfloat16, factor=2.0 if activation == "relu2" else 1.0, what=f"{device} block")
+    assert torch.equal(out[:2].cpu().float(), torch.zeros(2, N)) and torch.equal(out[-3:].cpu().float(), torch.zeros(3, N))
+    with pytest.raises(RuntimeError, match="a_scale"):
+        rows = quantize_rows_fp8(x.to(device), block=128)
+        ops.grouped_gemm_fp8(rows.data, rows.scale[:, :1], w.data, w.scale, offsets, activation, torch.bfloat16, False)
+    with pytest.raises(ValueError, match="per-block"):
+        grouped_gemm(quantize_rows_fp8(x.to(device)), w, offsets, activation)
 
 
 # ---------------------------------------------------------------- FP8 training: operands, wgrad, autograd
@@ -536,6 +660,48 @@ def test_emulated_quantize(dtype, K, gather, static):
     assert torch.equal(s, ref_s), "scales"
 
 
+def test_emulated_portable_block_scaled():
+    """The per-block row quantizer and the per-block portable GEMM bit-identical to the CPU kernels."""
+    g = torch.Generator().manual_seed(53)
+    offsets = offsets_from_counts([5, 0, 7, 2], "cpu") + 1
+    R, N, K = int(offsets[-1]) + 2, 136, 256
+    x = torch.randn(R, K, generator=g).bfloat16()
+    ref_q, ref_s = ops.moe_quantize_fp8(x, torch.empty(0, dtype=torch.int32), 1, torch.empty(0), 128)
+    q = torch.full((R, K), 0x7f, dtype=torch.uint8)
+    sc = torch.full((R, 2), float("nan"))
+    lib = emu()
+    qp = lib.S["QuantizeFp8Params"]()
+    qp.dtype, qp.T, qp.R, qp.K, qp.x, qp.top_k, qp.block = 2, R, R, K, x.data_ptr(), 1, 128
+    qp.q, qp.scale = q.data_ptr(), sc.data_ptr()
+    lib.call("emu_fp8_quantize_cuda", qp)
+    assert torch.equal(q, ref_q.view(torch.uint8)) and torch.equal(sc, ref_s)
+    w = fp8_block_weights(torch.randn(4, N, K, generator=g))
+    ref = ops.grouped_gemm_fp8(ref_q, ref_s, w.data, w.scale, offsets, "relu2", torch.bfloat16, False)[0]
+    out = torch.full((R, N), float("nan"), dtype=torch.bfloat16)
+    p = lib.S["GroupedGemmFp8Params"]()
+    p.dtype, p.R, p.N, p.K, p.E, p.block = 2, R, N, K, 4, 128
+    p.offsets, p.a, p.a_scale, p.w, p.w_scale = offsets.data_ptr(), ref_q.data_ptr(), ref_s.data_ptr(), \
+        w.data.data_ptr(), w.scale.data_ptr()
+    p.act, p.out, p.arch = 1, out.data_ptr(), 0
+    lib.call("emu_fp8_gemm_cuda", p)
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), "bit-identical to the CPU kernel"
+
+
+def test_emulated_portable_gemm_e4m3_output():
+    aq, a_s, wq, w_s, offsets = gemm_case([5, 0, 1, 7], 32, 48, "cpu", lead_rows=2)
+    s = torch.tensor(0.002)
+    ref, _ = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, False, s)
+    out = torch.full((aq.shape[0], 32), 0x7f, dtype=torch.uint8)
+    lib = emu()
+    p = lib.S["GroupedGemmFp8Params"]()
+    p.dtype, p.R, p.N, p.K, p.E = 4, aq.shape[0], 32, 48, 4
+    p.offsets, p.a, p.a_scale, p.w = offsets.data_ptr(), aq.data_ptr(), a_s.data_ptr(), wq.data_ptr()
+    p.w_scale, p.w_scale_stride = w_s.data_ptr(), 1
+    p.act, p.out, p.pre, p.out_scale, p.arch = 1, out.data_ptr(), 0, s.data_ptr(), 0
+    lib.call("emu_fp8_gemm_cuda", p)
+    assert torch.equal(out, ref.view(torch.uint8)), "bit-identical to the CPU kernel"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_emulated_quantize_t(dtype):
     """The column amax (three row chunks, the largest value in the last), the scales and the 64 x 64
@@ -657,3 +823,55 @@ def test_sm90_training_matches_the_cpu():
     for name, c, d in zip(("out", "da", "dw"), res["cpu"], res["cuda"]):
         # bf16-level: the FP8 wgmma accumulates with ~14 mantissa bits between promotions
         assert_close(d.cpu(), c.double(), torch.bfloat16, factor=2.0, what=f"cuda {name}")
+
+
+@pytest.mark.gpu
+def test_sm90_e4m3_output_and_the_portable_one(monkeypatch):
+    """The CUTLASS epilogue that writes e4m3 codes of a static scale (relu^2 / s, saturating) agrees
+    with the portable kernel to within one code step (float32 sums in another order) and with
+    float64, is bit-repeatable, and zeroes rows outside every segment."""
+    aq, a_s, wq, w_s, offsets = gemm_case([3, 0, 1, 70, 7, 0, 2, 300], 256, 1024, "cuda", lead_rows=3, extra_rows=5)
+    ref64 = gemm_ref(aq, a_s, wq, w_s, offsets, "relu2")
+    s = torch.tensor(float(ref64.max()) / 448 / 2, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        codes = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, False, s)[0]
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("MainloopSm90ArrayTmaGmmaWarpSpecializedFP8" in n for n in names), names
+    assert torch.equal(codes.view(torch.uint8), ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, False,
+                                                                      s)[0].view(torch.uint8))
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE", "1")
+    portable = ops.grouped_gemm_fp8(aq, a_s, wq, w_s, offsets, "relu2", E4M3, False, s)[0]
+    got, port = codes.cpu().double(), portable.cpu().double()
+    clipped = (ref64 / float(s)).clamp(max=448.0)
+    for x in (got, port):
+        assert ((x - clipped).abs() <= clipped * 2.0 ** -3 + 2.0 ** -9).all()
+    assert (got[:3] == 0).all() and (got[int(offsets[-1]):] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["none", "relu2"])
+def test_sm90_block_scaled_kernel_and_the_portable_one(monkeypatch, activation):
+    """The CUTLASS blockwise FP8 kernel (per-block rows and weights; scales re-laid M-major per group
+    and N-major per expert in its workspace) matches float64 and the portable kernel, is
+    bit-repeatable and zeroes rows outside every segment; segments not multiples of 128 rows."""
+    g = torch.Generator().manual_seed(54)
+    counts, N, K = [3, 0, 1, 170, 7, 0, 2, 300], 264, 1024
+    offsets = offsets_from_counts(counts, "cuda") + 3
+    R = int(offsets[-1]) + 5
+    x = torch.randn(R, K, generator=g).bfloat16().cuda()
+    w = fp8_block_weights(torch.randn(8, N, K, generator=g).cuda() / K ** 0.5)
+    rows = quantize_rows_fp8(x, block=128)
+    poison_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = grouped_gemm(rows, w, offsets, activation, out_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("Blockwise" in n for n in names), names
+    assert torch.equal(out, grouped_gemm(rows, w, offsets, activation, out_dtype=torch.bfloat16))
+    ref = block_gemm_ref(rows.data, rows.scale, w, offsets, activation)
+    assert_close(out.cpu(), ref, torch.bfloat16, factor=2.0, what="sm90 blockwise")
+    monkeypatch.setenv("NEMOKERNELS_GROUPED_GEMM_PORTABLE", "1")
+    assert_close(grouped_gemm(rows, w, offsets, activation, out_dtype=torch.bfloat16).cpu(), ref, torch.bfloat16,
+                 factor=2.0, what="portable blockwise")
+    assert (out[:3] == 0).all() and (out[-5:] == 0).all()
