@@ -200,6 +200,13 @@ def test_low_precision_expert_cases_run_at_a_cpu_size():
         assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
         bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
         assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
+    offs = [0, 3, 3, 9]
+    a, ws, offsets, offs_host = cg._fp8_block_maker(offs, 24, 256, 3, "cpu")()
+    for act in ("none", "relu2"):
+        pre = cg._fp8_ours(act, False)(a, ws, offsets, offs_host)
+        assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
+        bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
+        assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
     torch.manual_seed(0)
     m = LatentMoE(64, 8, 2, 32, 48, 32, dtype=torch.bfloat16)
     x = torch.randn(6, 64, dtype=torch.bfloat16)

@@ -132,6 +132,11 @@ void run_quantize(const QuantizeFp8Params& p, cudaStream_t s) {
   NK_CUDA_LAUNCH_CHECK();
 }
 
+constexpr int64_t kScaleSlot = 256;  // workspace bytes before the CUTLASS arrays (e4m3 output)
+
+// *out = fp8_static_scale(*in): the e4m3 epilogue's scale, NaN when not positive and finite.
+__global__ void sanitise_scale_kernel(const float* in, float* out) { *out = fp8_static_scale(*in); }
+
 // Grid (ceil(N / 128), E): thread n of expert blockIdx.y.
 template <typename T>
 __global__ void fp8_portable_kernel(GroupedGemmFp8Params p) {
@@ -173,7 +178,7 @@ __global__ void fp8_portable_kernel(GroupedGemmFp8Params p) {
         }
         v = relu2(v);
       }
-      if constexpr (sizeof(T) == 1) out[(r0 + i) * p.N + n] = fp8_encode(v, *p.out_scale);
+      if constexpr (sizeof(T) == 1) out[(r0 + i) * p.N + n] = fp8_encode(v, fp8_static_scale(*p.out_scale));
       else out[(r0 + i) * p.N + n] = from_f<T>(v);
     }
   }
@@ -376,7 +381,8 @@ int64_t grouped_gemm_fp8_cuda_prepare(GroupedGemmFp8Params& p) {
   if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) || (p.pre != nullptr && !aligned16(p.pre))) return 0;
   if (current_device_cc() != 90) return 0;
   p.arch = 90;
-  return grouped_gemm_fp8_sm90_workspace(p.E);
+  // e4m3 output: the first 256 bytes hold the sanitised out_scale (fp8_static_scale) the epilogue reads
+  return grouped_gemm_fp8_sm90_workspace(p.E) + (p.dtype == GgType::E4M3 ? kScaleSlot : 0);
 #else
   return 0;
 #endif
@@ -399,8 +405,19 @@ void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream) {
   }
 #ifdef NK_HAS_SM90
   if (p.arch == 90) {
-    if (p.block > 0) grouped_gemm_fp8_blockwise_sm90_run(p, stream);
-    else grouped_gemm_fp8_sm90_run(p, stream);
+    if (p.block > 0) {
+      grouped_gemm_fp8_blockwise_sm90_run(p, stream);
+    } else if (p.dtype == GgType::E4M3) {  // a bad scale makes NaN codes, as the portable kernel's
+      GroupedGemmFp8Params q = p;
+      float* safe = static_cast<float*>(p.workspace);
+      sanitise_scale_kernel<<<1, 1, 0, s>>>(p.out_scale, safe);
+      NK_CUDA_LAUNCH_CHECK();
+      q.out_scale = safe;
+      q.workspace = static_cast<char*>(p.workspace) + kScaleSlot;
+      grouped_gemm_fp8_sm90_run(q, stream);
+    } else {
+      grouped_gemm_fp8_sm90_run(p, stream);
+    }
     return;
   }
 #endif

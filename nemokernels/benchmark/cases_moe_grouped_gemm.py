@@ -9,7 +9,8 @@ our bf16 path and torch._grouped_mm on the same weights decoded to bf16. The gro
 cases (CUDA) time the FP8 GEMM on rows quantized beforehand (TFLOP/s as a fraction of the e4m3
 matmul peak measured in the same run) against: the same call quantizing its bf16 rows itself,
 our bf16 path and torch._grouped_mm on the dequantized weights, and torch._scaled_grouped_mm on
-the same e4m3 operands and scales where the torch at hand has it.
+the same e4m3 operands and scales where the torch at hand has it. grouped_gemm.fp8_block.* (CUDA, K
+% 128 == 0) does the same with per-block (128 x 128) weight scales and per-row-and-block rows.
 
 Details: docs/moe.md, section `nemokernels/benchmark/cases_moe_grouped_gemm.py`."""
 import torch
@@ -152,6 +153,22 @@ def _fp8_maker(offs, N, K, E, device):
     return make
 
 
+def _fp8_block_maker(offs, N, K, E, device):
+    """bf16 tokens and their per-block FP8 rows (a scale per row and 128 columns), FP8 weights with a
+    scale per 128 x 128 block, and those weights dequantized to bf16 for the bf16 baseline."""
+    from ..moe import FP8Tensor, fp8_block_weights, quantize_rows_fp8
+    R = offs[-1]
+
+    def make():
+        a = torch.randn(R, K, device=device, dtype=DTYPE)
+        parts = [fp8_block_weights(torch.randn(N, K, device=device) / K**0.5) for _ in range(E)]
+        w = FP8Tensor(torch.stack([p.data for p in parts]), torch.stack([p.scale for p in parts]))
+        w16 = torch.stack([p.dequantize(DTYPE) for p in parts])
+        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        return (a, quantize_rows_fp8(a, block=128)), (w, w16), offsets, offs
+    return make
+
+
 def _fp8_ours(act, quantize):
     def run(a, ws, offsets, offs_host):
         with torch.no_grad():
@@ -218,6 +235,12 @@ def cases(quick: bool, device) -> list:
                                            "ours_bf16_weights": _fp8_on_bf16(_ours(act)),
                                            "torch_grouped_mm_bf16_weights": _fp8_on_bf16(_torch_grouped_mm(act)),
                                            "torch_scaled_grouped_mm": _torch_scaled_grouped_mm(act)}))
+            if not cpu and K % 128 == 0:  # per-block (128 x 128) FP8 scales, DeepSeek-style
+                out.append(Case(op=f"grouped_gemm.fp8_block.{gemm}", name=name,
+                                make_inputs=_fp8_block_maker(offs, N, K, E, device), fn=_fp8_ours(act, False),
+                                bytes=offs[-1] * (K + 2 * N + 4 * K // 128) + w8_bytes, flops=flops, peak="fp8",
+                                baselines={"ours_fp8_block_quantizing_rows": _fp8_ours(act, True),
+                                           "ours_bf16_weights": _fp8_on_bf16(_ours(act))}))
             if gemm == "up_relu2" and not (cpu and quick):
                 out.append(Case(op=f"grouped_gemm.{gemm}.fwd_bwd", name=name,
                                 make_inputs=_maker(offs, N, K, E, device, True), fn=_fwd_bwd(_ours(act)),

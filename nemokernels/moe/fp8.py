@@ -140,6 +140,7 @@ def fp8_block_weights(w: torch.Tensor) -> FP8Tensor:
     padded = torch.nn.functional.pad(w3, (0, 0, 0, NB * 128 - N))
     amax = padded.abs().view(E, NB, 128, KB, 128).amax(dim=(2, 4))
     scale = torch.where(amax == 0, torch.ones_like(amax), (amax / E4M3_MAX).clamp_min(1.17549435e-38))
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))  # as fp8_row_scale
     full = scale.repeat_interleave(128, dim=1)[:, :N].repeat_interleave(128, dim=2)
     data = (w3 / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     if w.dim() == 2:

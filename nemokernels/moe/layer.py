@@ -36,7 +36,8 @@ def expert_mlp(x, up_proj, down_proj, offsets: torch.Tensor, out_dtype: Optional
     FP8 up_proj): then out_dtype (16-bit or float32) is the dtype of the hidden and output rows."""
     if isinstance(x, FP8Rows) and out_dtype is None:
         raise ValueError("expert_mlp: FP8Rows input needs out_dtype (the dtype of the expert outputs)")
-    if isinstance(up_proj, FP8Tensor) and isinstance(down_proj, FP8Tensor) and down_proj.input_scale is not None:
+    if (isinstance(up_proj, FP8Tensor) and isinstance(down_proj, FP8Tensor) and down_proj.input_scale is not None
+            and not up_proj.blockwise):
         # FP8 up and down with a static input scale: the up GEMM's epilogue writes the down GEMM's
         # e4m3 rows itself (no bf16 intermediate, no quantize pass).
         h = grouped_gemm(x, up_proj, offsets, "relu2", out_dtype=torch.float8_e4m3fn, out_scale=down_proj.input_scale)
@@ -107,7 +108,7 @@ def latent_moe(hidden: torch.Tensor, gate_weight: torch.Tensor, e_score_correcti
     plan = moe_permute_plan(ids, num_experts, pad_to)
     run = experts or _local_experts
     if isinstance(up_proj, FP8Tensor):  # the gather and the e4m3 quantization in one pass
-        xs = quantize_rows_fp8(lat, up_proj.input_scale, plan)
+        xs = quantize_rows_fp8(lat, up_proj.input_scale, plan, block=128 if up_proj.blockwise else 0)
         ys = run(xs, plan, up_proj, down_proj, out_dtype=lat.dtype)
     else:
         xs = moe_gather(lat, plan)

@@ -283,6 +283,11 @@ def test_e4m3_output_at_a_static_scale(device):
     assert ((got - clipped).abs() <= clipped.abs() * 2.0 ** -4 + 2.0 ** -10 + 1e-5 * ref.abs()).all()
     assert (ref > 448).any() and (got[ref > 448] == 448).all(), "saturates"
     assert (got[:2] == 0).all() and (got[int(offsets[-1]):] == 0).all()
+    # a NaN row gives NaN codes (0x7f) after relu^2
+    a_nan = a_s.clone()
+    a_nan[3] = float("nan")
+    codes_nan = ops.grouped_gemm_fp8(aq, a_nan, wq, w_s, offsets, "relu2", E4M3, False, s)[0].cpu().view(torch.uint8)
+    assert (codes_nan[3] == 0x7f).all() and torch.equal(codes_nan[4], codes.cpu().view(torch.uint8)[4])
     # the public API: FP8Rows at that scale, fed to the next FP8 GEMM
     w = FP8Tensor(wq, w_s)
     rows = grouped_gemm(FP8Rows(aq, a_s), w, offsets, "relu2", out_dtype=E4M3, out_scale=s)
@@ -369,12 +374,16 @@ def test_block_scaled_gemm_matches_float64(device, activation):
     """Per-block weights (a scale per 128 x 128 block, N not a multiple of 128) and per-block rows:
     against float64 of the same quantized operands; the public API quantizes the rows per block."""
     g = torch.Generator().manual_seed(52)
-    counts, N, K = [5, 0, 40, 1, 19], 200, 256
+    counts, N, K = [5, 0, 40, 1, 19], 300, 384
     offsets = offsets_from_counts(counts, device) + 2
     R = int(offsets[-1]) + 3
-    x = torch.randn(R, K, generator=g).bfloat16()
-    w = fp8_block_weights((torch.randn(5, N, K, generator=g) * torch.linspace(0.01, 1, K)).to(device))
-    assert w.blockwise and w.scale.shape == (5, 2, 2)
+    # block scales spread over 2^-6 .. 2^6 (a transposed or misplaced scale is far off, not 5% off)
+    x = (torch.randn(R, K, generator=g) * 2.0 ** torch.randint(-6, 7, (R, 3), generator=g).repeat_interleave(128, 1))
+    x = x.bfloat16()
+    wb = 2.0 ** torch.randint(-6, 7, (5, 3, 3), generator=g).float()
+    w = fp8_block_weights((torch.randn(5, N, K, generator=g) * wb.repeat_interleave(128, 1)[:, :N].repeat_interleave(
+        128, 2)).to(device))
+    assert w.blockwise and w.scale.shape == (5, 3, 3)
     poison_allocator(device)
     with torch.no_grad():
         out = grouped_gemm(x.to(device), w, offsets, activation)
@@ -388,6 +397,48 @@ def test_block_scaled_gemm_matches_float64(device, activation):
         ops.grouped_gemm_fp8(rows.data, rows.scale[:, :1], w.data, w.scale, offsets, activation, torch.bfloat16, False)
     with pytest.raises(ValueError, match="per-block"):
         grouped_gemm(quantize_rows_fp8(x.to(device)), w, offsets, activation)
+
+
+def test_fp8_block_weights_round_trip():
+    g = torch.Generator().manual_seed(55)
+    w = torch.randn(2, 200, 256, generator=g)
+    w[0, :128, :128] = 0  # a zero block: scale 1
+    w[1, 128:, 128:] *= 1e-3  # the partial last N block with its own small scale
+    f = fp8_block_weights(w)
+    assert float(f.scale[0, 0, 0]) == 1.0 and float(f.scale[1, 1, 1]) < 1e-4
+    back = f.dequantize()
+    full = f.scale.repeat_interleave(128, 1)[:, :200].repeat_interleave(128, 2)
+    # e4m3: half a step, 2^-4 relative in the normal range, 2^-10 of the block scale below it
+    assert ((back - w).abs() <= w.abs() * 2.0 ** -4 + full * 2.0 ** -10).all()
+    bad = w.clone()
+    bad[1, 5, 5] = float("inf")
+    assert torch.isnan(fp8_block_weights(bad).scale[1, 0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_with_block_scaled_and_mixed_fp8_experts(device):
+    """latent_moe with per-block FP8 experts (the gather quantizes per block), and expert_mlp with a
+    per-block up projection next to a per-tensor down projection that has a static input scale
+    (no e4m3 epilogue there: per-block GEMMs write 16-bit rows): both near the bf16 result."""
+    from nemokernels.moe import latent_moe
+    from nemokernels.moe.layer import expert_mlp
+
+    g = torch.Generator().manual_seed(56)
+    T, d, F, E, k = 7, 128, 256, 4, 2
+    x = torch.randn(T, d, generator=g).bfloat16().to(device)
+    gate = torch.randn(E, d, generator=g).to(device)
+    up16 = (torch.randn(E, F, d, generator=g) / d ** 0.5).to(device)
+    down16 = (torch.randn(E, d, F, generator=g) / F ** 0.5).to(device)
+    with torch.no_grad():
+        ref = latent_moe(x, gate, None, up16.bfloat16(), down16.bfloat16(), top_k=k).float()
+        out = latent_moe(x, gate, None, fp8_block_weights(up16), fp8_block_weights(down16), top_k=k).float()
+        assert torch.linalg.norm(out - ref) <= 0.1 * torch.linalg.norm(ref)
+        offsets = offsets_from_counts([3, 0, 4], device)
+        down = fp8_weights(down16[:3], transpose=False)
+        down.input_scale = torch.tensor(0.02, device=device)
+        mixed = expert_mlp(x, fp8_block_weights(up16[:3]), down, offsets).float()
+        want = expert_mlp(x, up16[:3].bfloat16(), down16[:3].bfloat16(), offsets).float()
+        assert torch.linalg.norm(mixed - want) <= 0.1 * torch.linalg.norm(want)
 
 
 # ---------------------------------------------------------------- FP8 training: operands, wgrad, autograd
