@@ -423,3 +423,23 @@ def test_quantized_checkpoint_roundtrip(tmp_path):
     ids = torch.randint(0, V, (1, 7))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, q(ids).logits)
+
+
+@needs_safetensors
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nvfp4", "mixed", "fp8"])
+def test_cuda_bf16_matches_the_cpu(tmp_path, name):
+    """The same checkpoint on a GPU in bf16 (the sm_90a NVFP4 and FP8 kernels where the shapes
+    allow, the portable ones elsewhere): logits near the CPU float32 load (bf16 activations), and
+    greedy generate runs there."""
+    build(tmp_path, name)
+    cpu = NemotronHForCausalLM.from_pretrained(tmp_path / "ck")
+    gpu = NemotronHForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        ref = cpu(ids).logits
+        out = gpu(ids.cuda()).logits.float().cpu()
+    err = rel_err(out, ref)
+    assert err < 5e-2, f"{name}: CUDA bf16 logits {err:.2e} from the CPU float32 ones"
+    seq = gpu.generate(ids.cuda(), max_new_tokens=4).sequences
+    assert seq.shape == (2, 15) and torch.equal(seq[:, :11].cpu(), ids)
