@@ -207,6 +207,11 @@ def test_low_precision_expert_cases_run_at_a_cpu_size():
         assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
         bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
         assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
+    a, ws, offsets, offs_host, dout = cg._fp8_train_maker([0, 5, 5, 12], 32, 48, 3, "cpu")()
+    fp8 = cg._fp8_train("relu2")(a, ws, offsets, offs_host, dout)
+    bf16 = cg._bf16_train("relu2")(a, ws, offsets, offs_host, dout)
+    for got, want in zip(fp8, bf16):  # FP8 training's gradients near the bf16 ones
+        assert torch.linalg.norm((got - want).float()) <= 0.1 * torch.linalg.norm(want.float())
     torch.manual_seed(0)
     m = LatentMoE(64, 8, 2, 32, 48, 32, dtype=torch.bfloat16)
     x = torch.randn(6, 64, dtype=torch.bfloat16)

@@ -11,6 +11,8 @@ matmul peak measured in the same run) against: the same call quantizing its bf16
 our bf16 path and torch._grouped_mm on the dequantized weights, and torch._scaled_grouped_mm on
 the same e4m3 operands and scales where the torch at hand has it. grouped_gemm.fp8_block.* (CUDA, K
 % 128 == 0) does the same with per-block (128 x 128) weight scales and per-row-and-block rows.
+grouped_gemm.fp8_train.up_relu2.fwd_bwd (CUDA) times FP8 training's forward + backward against our
+bf16 forward + backward.
 
 Details: docs/moe.md, section `nemokernels/benchmark/cases_moe_grouped_gemm.py`."""
 import torch
@@ -169,6 +171,40 @@ def _fp8_block_maker(offs, N, K, E, device):
     return make
 
 
+def _fp8_train_maker(offs, N, K, E, device):
+    """bf16 rows and float32 master weights needing gradients, the step's FP8 weights made once
+    (fp8_weights: per-expert scales and the transposed codes), and dout. The bf16 baseline runs on
+    the weights cast to bf16."""
+    from ..moe import fp8_weights
+    R = offs[-1]
+
+    def make():
+        a = torch.randn(R, K, device=device, dtype=DTYPE).requires_grad_()
+        w = (torch.randn(E, N, K, device=device) / K**0.5).requires_grad_()
+        w16 = w.detach().to(DTYPE).requires_grad_()
+        offsets = torch.tensor(offs, dtype=torch.int32, device=device)
+        return a, (w, fp8_weights(w), w16), offsets, offs, torch.randn(R, N, device=device, dtype=DTYPE)
+    return make
+
+
+def _bf16_train(act):
+    """Our bf16 forward + backward on the same weights in bf16 (the FP8 training case's baseline)."""
+    def run(a, ws, offsets, offs_host, dout):
+        return torch.autograd.grad(grouped_gemm(a, ws[2], offsets, act), (a, ws[2]), dout)
+    return run
+
+
+def _fp8_train(act):
+    """grouped_gemm_fp8_training forward + backward (the weights' quantization made beforehand, as
+    once per optimizer step)."""
+    from ..moe import grouped_gemm_fp8_training
+
+    def run(a, ws, offsets, offs_host, dout):
+        out = grouped_gemm_fp8_training(a, ws[0], offsets, act, ws[1])
+        return torch.autograd.grad(out, (a, ws[0]), dout)
+    return run
+
+
 def _fp8_ours(act, quantize):
     def run(a, ws, offsets, offs_host):
         with torch.no_grad():
@@ -241,6 +277,11 @@ def cases(quick: bool, device) -> list:
                                 bytes=offs[-1] * (K + 2 * N + 4 * K // 128) + w8_bytes, flops=flops, peak="fp8",
                                 baselines={"ours_fp8_block_quantizing_rows": _fp8_ours(act, True),
                                            "ours_bf16_weights": _fp8_on_bf16(_ours(act))}))
+            if gemm == "up_relu2" and not cpu:  # FP8 training: e4m3 forward, dgrad and wgrad
+                out.append(Case(op=f"grouped_gemm.fp8_train.{gemm}.fwd_bwd", name=name,
+                                make_inputs=_fp8_train_maker(offs, N, K, E, device), fn=_fp8_train(act),
+                                bytes=3 * nbytes, flops=3 * flops, peak="fp8",
+                                baselines={"ours_bf16": _bf16_train(act)}, backward=True))
             if gemm == "up_relu2" and not (cpu and quick):
                 out.append(Case(op=f"grouped_gemm.{gemm}.fwd_bwd", name=name,
                                 make_inputs=_maker(offs, N, K, E, device, True), fn=_fwd_bwd(_ours(act)),
