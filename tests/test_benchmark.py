@@ -193,20 +193,14 @@ def test_low_precision_expert_cases_run_at_a_cpu_size():
     from nemokernels.benchmark import cases_moe_grouped_gemm as cg
     from nemokernels.moe import LatentMoE
 
-    offs = [0, 5, 5, 12]
-    a, ws, offsets, offs_host = cg._fp8_maker(offs, 32, 48, 3, "cpu")()
-    for act in ("none", "relu2"):
-        pre = cg._fp8_ours(act, False)(a, ws, offsets, offs_host)
-        assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
-        bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
-        assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
-    offs = [0, 3, 3, 9]
-    a, ws, offsets, offs_host = cg._fp8_block_maker(offs, 24, 256, 3, "cpu")()
-    for act in ("none", "relu2"):
-        pre = cg._fp8_ours(act, False)(a, ws, offsets, offs_host)
-        assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
-        bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
-        assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
+    # per-expert scales, then per-block (128 x 128) scales
+    for make in (cg._fp8_maker([0, 5, 5, 12], 32, 48, 3, "cpu"), cg._fp8_block_maker([0, 3, 3, 9], 24, 256, 3, "cpu")):
+        a, ws, offsets, offs_host = make()
+        for act in ("none", "relu2"):
+            pre = cg._fp8_ours(act, False)(a, ws, offsets, offs_host)
+            assert torch.equal(pre, cg._fp8_ours(act, True)(a, ws, offsets, offs_host))
+            bf16 = cg._fp8_on_bf16(cg._ours(act))(a, ws, offsets, offs_host)
+            assert torch.linalg.norm((pre - bf16).float()) <= 0.1 * torch.linalg.norm(bf16.float())
     a, ws, offsets, offs_host, dout = cg._fp8_train_maker([0, 5, 5, 12], 32, 48, 3, "cpu")()
     fp8 = cg._fp8_train("relu2")(a, ws, offsets, offs_host, dout)
     bf16 = cg._bf16_train("relu2")(a, ws, offsets, offs_host, dout)

@@ -101,22 +101,29 @@ Tensor tile_scratch(const Tensor& like, int64_t E) {
   return new_empty(like, {like.is_cuda() ? E + 1 : 0}, ScalarType::Int);
 }
 
-// On CUDA: picks the kernel path of the call and allocates the workspace it needs (through
-// torch's caching allocator, so graph capture and streams work as for any tensor).
-std::optional<Tensor> arch_workspace(const Tensor& like, GroupedGemmParams& p, GgOp op) {
+// On CUDA: prepare(p) picks the kernel path of the call (sets p.arch) and returns the workspace
+// bytes it needs; they are allocated through torch's caching allocator (graph capture and streams
+// work as for any tensor) and set as p.workspace.
+template <class P, class Prepare>
+std::optional<Tensor> workspace_for(const Tensor& like, P& p, Prepare prepare) {
   std::optional<Tensor> ws;
-#ifdef NK_WITH_CUDA
   if (like.is_cuda()) {
-    const int64_t bytes = grouped_gemm_cuda_prepare(p, op);
+    const int64_t bytes = prepare(p);
     if (bytes > 0) {
       ws.emplace(new_empty(like, {bytes}, ScalarType::Byte));
       p.workspace = ws->data_ptr();
     }
   }
+  return ws;
+}
+
+std::optional<Tensor> arch_workspace(const Tensor& like, GroupedGemmParams& p, GgOp op) {
+#ifdef NK_WITH_CUDA
+  return workspace_for(like, p, [op](GroupedGemmParams& q) { return grouped_gemm_cuda_prepare(q, op); });
 #else
   (void)like, (void)p, (void)op;
+  return std::nullopt;
 #endif
-  return ws;
 }
 
 }  // namespace
@@ -347,15 +354,8 @@ std::tuple<Tensor, Tensor> grouped_gemm_fp8(Tensor a, Tensor a_scale, Tensor w, 
   p.act = activation == "relu2" ? GgAct::Relu2 : GgAct::None;
   p.out = out.data_ptr();
   p.pre = keep_pre ? pre.data_ptr() : nullptr;
-  std::optional<Tensor> ws;
 #ifdef NK_WITH_CUDA
-  if (a.is_cuda()) {
-    const int64_t bytes = grouped_gemm_fp8_cuda_prepare(p);
-    if (bytes > 0) {
-      ws.emplace(new_empty(a, {bytes}, ScalarType::Byte));
-      p.workspace = ws->data_ptr();
-    }
-  }
+  auto ws = workspace_for(a, p, grouped_gemm_fp8_cuda_prepare);
 #endif
   NK_ROUTE_BY_DEVICE(a, op, grouped_gemm_fp8_cpu(p), grouped_gemm_fp8_cuda(p, stream));
   return {out, pre};
@@ -485,15 +485,8 @@ Tensor grouped_gemm_fp8_wgrad(Tensor gT, Tensor g_scale, Tensor aT, Tensor a_sca
   p.aT = static_cast<const uint8_t*>(ac.data_ptr());
   p.a_scale = static_cast<const float*>(asc.data_ptr());
   p.dw = dw.data_ptr();
-  std::optional<Tensor> ws;
 #ifdef NK_WITH_CUDA
-  if (gT.is_cuda()) {
-    const int64_t bytes = grouped_gemm_fp8_wgrad_cuda_prepare(p);
-    if (bytes > 0) {
-      ws.emplace(new_empty(gT, {bytes}, ScalarType::Byte));
-      p.workspace = ws->data_ptr();
-    }
-  }
+  auto ws = workspace_for(gT, p, grouped_gemm_fp8_wgrad_cuda_prepare);
 #endif
   NK_ROUTE_BY_DEVICE(gT, op, grouped_gemm_fp8_wgrad_cpu(p), grouped_gemm_fp8_wgrad_cuda(p, stream));
   return dw;

@@ -388,9 +388,8 @@ CUTLASS_HOST_DEVICE void setup_group(const Arrays<Gemm>& arr, const int32_t* off
                                      int64_t K, const void* A, const void* B, void* D, void* Aux,
                                      Fp8Extras sc = {}) {
   using AR = Arrays<Gemm>;
-  const int64_t o0 = off[e], o1 = off[e + 1];
-  const int64_t lo = o0 < 0 ? 0 : (o0 > R ? R : o0);
-  const int64_t hi = o1 < lo ? lo : (o1 > R ? R : o1);
+  int64_t lo, hi;
+  segment(off, e, R, lo, hi);
   const int m = static_cast<int>(hi - lo);
   const auto* a = static_cast<const typename AR::EA*>(A);
   const auto* b = static_cast<const typename AR::EB*>(B);

@@ -92,19 +92,8 @@ __global__ void relayout_sfa_kernel(GroupedGemmFp8Params p, float* sfa) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= p.R * KB) return;
   const int64_t r = i / KB, kb = i % KB;
-  int64_t a = 0, b = p.E - 1, lo = 0, hi = 0;
-  while (a <= b) {  // the last expert whose segment starts at or before r
-    const int64_t mid = (a + b) / 2;
-    int64_t l, h;
-    segment(p.offsets, mid, p.R, l, h);
-    if (l <= r) {
-      lo = l, hi = h;
-      a = mid + 1;
-    } else {
-      b = mid - 1;
-    }
-  }
-  if (r < lo || r >= hi) return;
+  int64_t lo, hi;
+  if (expert_of_row(p.offsets, p.E, p.R, r, lo, hi) < 0) return;
   sfa[lo * KB + kb * (hi - lo) + (r - lo)] = p.a_scale[i];
 }
 

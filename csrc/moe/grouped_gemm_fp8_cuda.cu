@@ -231,22 +231,10 @@ __global__ void __launch_bounds__(kTThreads) transpose_quantize_kernel(QuantizeF
   __shared__ int64_t shift[kTTile];             // output column - row, or -1: a row of no segment
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTTile, c0 = static_cast<int64_t>(blockIdx.y) * kTTile;
   const int tid = threadIdx.x;
-  if (tid < kTTile) {  // the row's expert: the last e with lo_e <= r (binary search), if r < hi_e
-    const int64_t r = r0 + tid;
-    int64_t lo_e = 0, hi_e = 0, e = -1;
-    int64_t a = 0, b = p.E - 1;
-    while (a <= b) {
-      const int64_t mid = (a + b) / 2;
-      int64_t l, h;
-      segment(p.offsets, mid, p.R, l, h);
-      if (l <= r) {
-        e = mid, lo_e = l, hi_e = h;
-        a = mid + 1;
-      } else {
-        b = mid - 1;
-      }
-    }
-    shift[tid] = (e >= 0 && r < hi_e) ? start16(lo_e, e) - lo_e : -1;
+  if (tid < kTTile) {  // the row's expert
+    int64_t lo_e, hi_e;
+    const int64_t e = expert_of_row(p.offsets, p.E, p.R, r0 + tid, lo_e, hi_e);
+    shift[tid] = e >= 0 ? start16(lo_e, e) - lo_e : -1;
   }
   const T* x = static_cast<const T*>(p.x);
   for (int i = tid; i < kTTile * kTTile; i += kTThreads) {  // coalesced along the columns

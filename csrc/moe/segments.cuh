@@ -19,6 +19,26 @@ NK_HD void segment(const int32_t* off, int64_t e, int64_t R, int64_t& lo, int64_
   hi = o1 < lo ? lo : (o1 > R ? R : o1);
 }
 
+// The expert whose segment holds row r, with that segment (clamped), or -1 when r is in none.
+// For non-decreasing offsets: the last expert whose segment starts at or before r (binary search);
+// for bad offsets some expert or -1, and [lo, hi) stays inside [0, R].
+NK_HD int64_t expert_of_row(const int32_t* off, int64_t E, int64_t R, int64_t r, int64_t& lo, int64_t& hi) {
+  int64_t a = 0, b = E - 1, e = -1;
+  lo = hi = 0;
+  while (a <= b) {
+    const int64_t mid = (a + b) / 2;
+    int64_t l, h;
+    segment(off, mid, R, l, h);
+    if (l <= r) {
+      e = mid, lo = l, hi = h;
+      a = mid + 1;
+    } else {
+      b = mid - 1;
+    }
+  }
+  return (e >= 0 && r >= lo && r < hi) ? e : -1;
+}
+
 // The transposed FP8 operands of the wgrad (moe_quantize_fp8_t) put expert e's rows at columns
 // [start16(lo, e), + count): lo rounded up to 16 plus 16 e. Every start is a multiple of 16 (the
 // TMA base alignment of e4m3 rows) and the segments do not overlap (start16(lo_e, e) + count_e <=

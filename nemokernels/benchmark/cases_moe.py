@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nemokernels.moe import (PAD_TO, FP8Tensor, LatentMoE, latent_moe, moe_combine, moe_gather, moe_permute_plan,
-                              moe_router)
+                              moe_router, quantize_rows_fp8)
 from nemokernels.nvfp4 import NVFP4Tensor, quantize as nvfp4_quantize
 from nemokernels.moe import reference as R
 
@@ -103,7 +103,35 @@ def _perm_cases(cfg, T, routing, device, pad_to):
     combine = Case(op="moe_combine", name=f"{cfg} T{T} E{E} k{k} l{width} {routing}", make_inputs=make_c, fn=ours_c,
                    bytes=nbytes_c, flops=2 * T * k * width,
                    baselines={"torch_eager": torch_c, "torch_compile": lazy_compile(torch_c)})
-    return [gather, combine]
+    def ours_q(ids, x, E):
+        return quantize_rows_fp8(x, None, moe_permute_plan(ids, E, pad_to))
+
+    def gather_then_torch_q(ids, x, E):
+        xs = moe_gather(x, moe_permute_plan(ids, E, pad_to)).float()
+        s = (xs.abs().amax(dim=1, keepdim=True) / 448).clamp_min(1.17549435e-38)
+        return (xs / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
+    # e4m3 rows with a scale each, gathered in the same pass (the FP8 experts' A operand)
+    gather_q = Case(op="moe_permute+gather_fp8", name=f"{cfg} T{T} E{E} k{k} l{width} pad{pad_to} {routing}",
+                    make_inputs=make, fn=ours_q, bytes=T * k * 4 * 3 + rows * 4 + T * k * width * 2 + rows * (width + 4),
+                    flops=0, baselines={"ours_bf16_gather": ours, "gather_then_torch_quantize": gather_then_torch_q})
+
+    def make_t():
+        ids, w = _ids(T, E, k, routing, device)
+        plan = moe_permute_plan(ids, E, pad_to)
+        return torch.randn(plan.num_rows, width, device=device, dtype=DTYPE), plan.expert_offsets
+
+    def ours_t(xs, offsets):
+        return torch.ops.nemokernels.moe_quantize_fp8_t(xs, offsets)
+
+    def torch_t(xs, offsets):
+        s = (xs.float().abs().amax(dim=0) / 448).clamp_min(1.17549435e-38)
+        return (xs.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).t().contiguous(), s
+
+    # the FP8 wgrad's operand: column scales, transposed (the training backward's quantizer)
+    quant_t = Case(op="moe_quantize_fp8_t", name=f"{cfg} T{T} E{E} k{k} l{width} {routing}", make_inputs=make_t,
+                   fn=ours_t, bytes=T * k * width * (2 + 2 + 1), flops=0, baselines={"torch_eager": torch_t})
+    return [gather, combine, gather_q, quant_t]
 
 
 # ---- layer ---------------------------------------------------------------------------------

@@ -107,6 +107,13 @@ def quantize_rows_fp8(x: torch.Tensor, input_scale: Optional[torch.Tensor] = Non
     return FP8Rows(data, scale)
 
 
+def _scale_of_amax(amax: torch.Tensor) -> torch.Tensor:
+    """csrc/moe/numerics.cuh's fp8_row_scale on a tensor of amaxes: amax / 448, at least the smallest
+    normal float, 1 for 0, NaN for a non-finite amax."""
+    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / E4M3_MAX).clamp_min(1.17549435e-38))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+
+
 def fp8_weights(w: torch.Tensor, transpose: bool = True) -> FP8Tensor:
     """Weights (E, N, K) (or (N, K): one expert) in 16 or 32 bits to an FP8Tensor with one scale
     per expert, as fp8_row_scale: amax / 448 (at least the smallest normal float; 1 for zeros),
@@ -120,8 +127,7 @@ def fp8_weights(w: torch.Tensor, transpose: bool = True) -> FP8Tensor:
     if amax.device.type == "cpu" and not torch.isfinite(amax).all():
         bad = int((~torch.isfinite(amax)).nonzero()[0])
         raise ValueError(f"fp8_weights: expert {bad} has non-finite weights (amax {float(amax[bad])})")
-    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / E4M3_MAX).clamp_min(1.17549435e-38))
-    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+    scale = _scale_of_amax(amax)
     empty_i = torch.empty(0, dtype=torch.int32, device=w.device)
     data, _ = _ops.moe_quantize_fp8(w3.reshape(E * N, K), empty_i, 1, scale)
     data = data.view(E, N, K)
@@ -139,8 +145,7 @@ def fp8_block_weights(w: torch.Tensor) -> FP8Tensor:
     NB, KB = (N + 127) // 128, K // 128
     padded = torch.nn.functional.pad(w3, (0, 0, 0, NB * 128 - N))
     amax = padded.abs().view(E, NB, 128, KB, 128).amax(dim=(2, 4))
-    scale = torch.where(amax == 0, torch.ones_like(amax), (amax / E4M3_MAX).clamp_min(1.17549435e-38))
-    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))  # as fp8_row_scale
+    scale = _scale_of_amax(amax)
     full = scale.repeat_interleave(128, dim=1)[:, :N].repeat_interleave(128, dim=2)
     data = (w3 / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     if w.dim() == 2:

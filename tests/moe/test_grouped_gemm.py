@@ -18,6 +18,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ops = torch.ops.nemokernels
 
 
+def assert_rows_outside_zero(out, offsets, what):
+    """Rows before offsets[0] and from offsets[E] on belong to no expert: exact zeros."""
+    out, R0, R1 = out.cpu().float(), int(offsets[0]), int(offsets[-1])
+    assert torch.equal(out[R1:], torch.zeros_like(out[R1:])), f"{what}: rows past offsets[E] must be 0"
+    assert torch.equal(out[:R0], torch.zeros_like(out[:R0])), f"{what}: rows before offsets[0] must be 0"
+
+
 def offsets_from_counts(counts, device):
     o = [0]
     for c in counts:

@@ -15,7 +15,7 @@ from conftest import DEVICES
 from helpers import assert_close, assert_close_to_magnitude, poison_allocator
 from nemokernels.moe import (FP8Rows, FP8Tensor, fp8_block_weights, fp8_weights, grouped_gemm, grouped_gemm_fp8_training,
                              moe_permute_plan, quantize_rows_fp8)
-from test_grouped_gemm import offsets_from_counts
+from test_grouped_gemm import assert_rows_outside_zero, offsets_from_counts
 
 ops = torch.ops.nemokernels
 E4M3 = torch.float8_e4m3fn
@@ -75,9 +75,7 @@ def check_gemm(out, aq, a_scale, wq, w_scale, offsets, activation, dtype, what):
     ref = gemm_ref(aq, a_scale, wq, w_scale, offsets, activation)
     assert out.shape == ref.shape and out.dtype == dtype, what
     assert_close(out.cpu(), ref, dtype, factor=2.0 if activation == "relu2" else 1.0, what=what)
-    R0, R1 = int(offsets[0]), int(offsets[-1])
-    assert torch.equal(out[R1:].cpu().float(), torch.zeros(out.shape[0] - R1, out.shape[1])), f"{what}: rows past offsets[E]"
-    assert torch.equal(out[:R0].cpu().float(), torch.zeros(R0, out.shape[1])), f"{what}: rows before offsets[0]"
+    assert_rows_outside_zero(out, offsets, what)
 
 
 # ---------------------------------------------------------------- the row quantizer
@@ -221,6 +219,30 @@ def test_opcheck(device):
     torch.library.opcheck(ops.moe_quantize_fp8, (x, empty_i, 1, torch.empty(0, device=device)), test_utils=utils)
     slot = torch.tensor([0, 3, -1, 5, 2], dtype=torch.int32, device=device)
     torch.library.opcheck(ops.moe_quantize_fp8, (x, slot, 2, torch.tensor(0.1, device=device)), test_utils=utils)
+    torch.library.opcheck(ops.moe_quantize_fp8, (x.repeat(1, 4), empty_i, 1, torch.empty(0, device=device), 128),
+                          test_utils=utils)
+    torch.library.opcheck(ops.grouped_gemm_fp8, (aq, a_s, wq, w_s, offsets, "relu2", E4M3, False,
+                                                 torch.tensor(0.5, device=device)), test_utils=utils)
+    seg = offsets_from_counts([2, 0, 3], device)
+    gT, g_s = ops.moe_quantize_fp8_t(x[:5], seg)
+    aT, at_s = ops.moe_quantize_fp8_t(torch.randn(5, 24, device=device), seg)
+    torch.library.opcheck(ops.moe_quantize_fp8_t, (x[:5], seg), test_utils=utils)
+    torch.library.opcheck(ops.grouped_gemm_fp8_wgrad, (gT, g_s, aT, at_s, seg, torch.float32), test_utils=utils)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_t_bad_inputs_raise(device):
+    x = torch.randn(6, 16, device=device)
+    seg = offsets_from_counts([2, 4], device)
+    with pytest.raises(RuntimeError, match="x"):
+        ops.moe_quantize_fp8_t(x.double(), seg)
+    with pytest.raises(RuntimeError, match="x"):
+        ops.moe_quantize_fp8_t(x[0], seg)
+    with pytest.raises(RuntimeError, match="expert_offsets"):
+        ops.moe_quantize_fp8_t(x, seg.long())
+    if device == "cpu":  # offsets values are checked on the CPU (no host sync on CUDA)
+        with pytest.raises(RuntimeError, match="expert_offsets"):
+            ops.moe_quantize_fp8_t(x, torch.tensor([0, 4, 2], dtype=torch.int32))
 
 
 GEMM_BAD = [
