@@ -1,6 +1,6 @@
-// CUDA backward of the SSD chunk scan (mamba_chunk_scan_combined); the math of every stage
-// (B0-B3) is written out in ssd_chunk_scan.h. Kernels, in launch order:
-// Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_bwd_cuda.cu`.
+// CUDA backward of the SSD chunk scan (mamba_chunk_scan_combined): B0 (dy, dz, dD with z), B1
+// (dIn), B2 (the reverse state walk), B3 (per-chunk gradients: portable and sm_90a), the final
+// sums. Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_bwd_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -65,9 +65,9 @@ NK_DEVICE int tile_tx() { return threadIdx.x % 16; }
 // ---- scratch layout (float32, each region 256-byte aligned) ------------------------------
 struct Scratch {
   float* fwd_ws;    // ssd_fwd_cuda_workspace_bytes(fwd) bytes for ssd_states_cuda, or null
-  float* dy;        // (b, L, H, P) dout silu(z), only with z
+  void* dy;         // (b, L, H, P) dout silu(z) rounded to T, only with z (read as dout after B0)
   float* dBs;       // (b, L, H/hs, N) dB summed over each split's hs heads, by position
-  float* dCs;       // (b, L, H/hs, N) dC likewise
+  float* dCs;       // (b, L, H/hs, N) dC likewise (both null when bc_direct)
   float* dot_part;  // (b, H, nc, S, kWarps) partial <g, in_c> per state slice and warp
   float* ddtp;      // (b, H, nc, Q) ddt' without the A ddA term
   float* wcol;      // (b, H, nc, Q) sum_i W_ij
@@ -76,6 +76,7 @@ struct Scratch {
   float* v;         // (b, H, nc, Q) V_i
   int64_t nslices;  // S
   int64_t hs;       // heads per B3 block (divides H / G)
+  bool bc_direct;   // hs == H / G: a split is a group, the B3 kernels store dB, dC themselves
 };
 
 int64_t round_up(int64_t v) { return (v + 63) / 64 * 64; }
@@ -102,9 +103,12 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   const int64_t nc = p.nchunks, Q = p.chunk_size;
   const int64_t S = (P * N + kSpChunk - 1) / kSpChunk;
   const int64_t hs = heads_per_block(p);
+  const bool bc_direct = hs == H / p.ngroups;
+  const int64_t bc_floats = bc_direct ? 0 : b * L * (H / hs) * N;
   // Region 0: the forward's own scratch for ssd_states_cuda (the entry sizes only ours).
   const int64_t sizes[10] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
-                             p.z != nullptr ? b * L * H * P : 0, b * L * (H / hs) * N, b * L * (H / hs) * N,
+                             p.z != nullptr ? (b * L * H * P * (p.dtype == DType::F32 ? 4 : 2) + 3) / 4 : 0,
+                             bc_floats, bc_floats,
                              b * H * nc * S * kWarps, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
                              b * H * nc * Q, b * H * nc * Q};
   int64_t off[10], total = 0;
@@ -115,9 +119,9 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   if (s != nullptr) {
     float* base = static_cast<float*>(q.workspace);
     s->fwd_ws = sizes[0] > 0 ? base + off[0] : nullptr;
-    s->dy = p.z != nullptr ? base + off[1] : nullptr;
-    s->dBs = base + off[2];
-    s->dCs = base + off[3];
+    s->dy = p.z != nullptr ? static_cast<void*>(base + off[1]) : nullptr;
+    s->dBs = bc_direct ? nullptr : base + off[2];
+    s->dCs = bc_direct ? nullptr : base + off[3];
     s->dot_part = base + off[4];
     s->ddtp = base + off[5];
     s->wcol = base + off[6];
@@ -126,6 +130,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
     s->v = base + off[9];
     s->nslices = S;
     s->hs = hs;
+    s->bc_direct = bc_direct;
   }
   return total;
 }
@@ -304,10 +309,9 @@ struct ChunkView {
   const T* xb;
   const T* Bb;
   const T* Cb;
-  const T* doutb;
-  const float* dy32b;  // null without z
+  const T* doutb;  // dy: dout, or after B0 with z the T scratch of dout silu(z) (run_bwd)
 
-  NK_DEVICE ChunkView(const SsdBwdParams& q_, const float* dy32, int64_t b_, int64_t c_, int64_t h_)
+  NK_DEVICE ChunkView(const SsdBwdParams& q_, int64_t b_, int64_t c_, int64_t h_)
       : q(q_), b(b_), c(c_), h(h_) {
     const SsdParams& p = q.fwd;
     g = h / (p.nheads / p.ngroups);
@@ -317,7 +321,6 @@ struct ChunkView {
     Bb = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg;
     Cb = static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg;
     doutb = static_cast<const T*>(q.dout) + b * q.dout_sb + h * q.dout_sh;
-    dy32b = dy32 != nullptr ? dy32 + (b * p.seqlen * p.nheads + h) * p.headdim : nullptr;
   }
   NK_DEVICE bool in(int i, int k, int64_t K) const { return i >= 0 && i < nvalid && k >= 0 && k < K; }
   NK_DEVICE float x(int i, int pp) const {
@@ -331,7 +334,6 @@ struct ChunkView {
   }
   NK_DEVICE float dy(int i, int pp) const {
     if (!in(i, pp, q.fwd.headdim)) return 0.f;
-    if (dy32b != nullptr) return dy32b[(l0 + i) * q.fwd.nheads * q.fwd.headdim + pp];
     return to_f<T>(doutb[(l0 + i) * q.dout_sl + pp]);
   }
   NK_DEVICE float Dv(int pp) const {
@@ -370,32 +372,64 @@ NK_DEVICE float seg_decay(int i, int j, const float* s_cs, const int32_t* s_sid)
 
 // ---- B0 -----------------------------------------------------------------------------------
 
-// Eight consecutive p of one (b, l, h) per step (headdim % 8 == 0 on the CUDA path): 16-byte
-// loads of dout and z where the host found them aligned (vec_dout, vec_z), of y_pre and the
-// stores of dy and dz where their bases are (contiguous (b, L, H, P)); the same per-element
-// arithmetic as one element per thread (2026-12-06; 346 us at Nano b1 L8192 on 2026-12-04).
+// One block per (b, chunk c, head h). dy = dout silu(z) goes to the scratch rounded to T (what
+// mamba_ssm's _chunk_scan_bwd_dz keeps; half the bytes of float32 for B1, B3 and chunk_fin,
+// which read it where they read dout without z), dz = dout y_pre silu'(z), and with D the
+// chunk's dD partial sum_i dy_i[p] x_i[p] from the unrounded float32 dy (so dD stays as exact
+// as before; chunk_fin takes it only without z). Eight consecutive p per thread and step:
+// thread t takes p-group t % P8 at positions t / P8, + rows, ... (rows = kThreads / P8; P <= 128
+// on the CUDA path); the partials are summed over the rows in order (deterministic). 16-byte
+// loads where the host found the operands aligned; the scratch and dz, y_pre bases are
+// contiguous (b, L, H, P).
 template <typename T>
-__global__ void dy_dz_kernel(SsdBwdParams q, float* dy32, bool vec_dout, bool vec_z, bool vec_out) {
+__global__ void __launch_bounds__(kThreads) dy_dz_kernel(SsdBwdParams q, T* dy, bool vec_dout, bool vec_z,
+                                                         bool vec_out, bool vec_x) {
+  __shared__ float red[8 * kThreads];  // [k][thread]: the dD partials of p = 8 (t % P8) + k
   const SsdParams& p = q.fwd;
-  const int64_t P8 = p.headdim / 8, H = p.nheads, L = p.seqlen;
-  const int64_t total = p.batch * L * H * P8;
-  const bool dz = q.dz != nullptr && p.y_pre != nullptr;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t pp = (e % P8) * 8, h = (e / P8) % H, l = (e / (P8 * H)) % L, b = e / (P8 * H * L);
-    const int64_t o = e * 8;  // (b, l, h, pp) in the contiguous (b, L, H, P) arrays
+  const int64_t P = p.headdim, H = p.nheads, L = p.seqlen;
+  const int P8 = static_cast<int>(P / 8), rows = kThreads / P8, t = threadIdx.x;
+  int64_t bid = blockIdx.x;
+  const int64_t h = bid % H;
+  bid /= H;
+  const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
+  const int64_t l0 = ssd_chunk_t0(p, c);
+  const int nvalid = ssd_chunk_len(p, c);
+  const bool want_dz = q.dz != nullptr && p.y_pre != nullptr;
+  const bool want_dD = p.D != nullptr && q.dD_part != nullptr;
+  const int64_t pp = (t % P8) * 8;
+  float acc[8] = {};
+  for (int i = t / P8; i < nvalid && t < rows * P8; i += rows) {
+    const int64_t l = l0 + i;
+    const int64_t o = ((b * L + l) * H + h) * P + pp;  // (b, l, h, pp) in the contiguous arrays
     float d[8], zv[8], out[8];
     ssd::load8<T>(static_cast<const T*>(q.dout) + b * q.dout_sb + l * q.dout_sl + h * q.dout_sh + pp, vec_dout, d);
     ssd::load8<T>(static_cast<const T*>(p.z) + b * p.z_sb + l * p.z_sl + h * p.z_sh + pp, vec_z, zv);
 #pragma unroll
     for (int k = 0; k < 8; ++k) out[k] = d[k] * silu(zv[k]);
-    ssd::store8<float>(dy32 + o, true, out);  // scratch: 256-byte aligned, P % 8 == 0
-    if (dz) {
+    ssd::store8<T>(dy + o, true, out);  // scratch: 256-byte aligned, P % 8 == 0
+    if (want_dD) {
+      float xv[8];
+      ssd::load8<T>(static_cast<const T*>(p.x) + b * p.x_sb + l * p.x_sl + h * p.x_sh + pp, vec_x, xv);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = fmaf(out[k], xv[k], acc[k]);
+    }
+    if (want_dz) {
       float yp[8];
       ssd::load8<T>(static_cast<const T*>(p.y_pre) + o, vec_out, yp);
 #pragma unroll
       for (int k = 0; k < 8; ++k) out[k] = d[k] * yp[k] * silu_grad(zv[k]);
       ssd::store8<T>(static_cast<T*>(q.dz) + o, vec_out, out);
     }
+  }
+  if (!want_dD) return;  // block-uniform
+#pragma unroll
+  for (int k = 0; k < 8; ++k) red[k * kThreads + t] = acc[k];
+  __syncthreads();
+  for (int e = t; e < P; e += kThreads) {  // e = p
+    const int g = e / 8, k = e % 8;
+    float sum = 0.f;
+    for (int r = 0; r < rows; ++r) sum += red[k * kThreads + r * P8 + g];
+    q.dD_part[((b * p.nchunks + c) * H + h) * P + e] = sum;
   }
 }
 
@@ -435,14 +469,14 @@ NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, float* s_fac) {
 }
 
 template <typename T, int Q>
-__global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const float* dy32) {
+__global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q) {
   __shared__ __align__(32) T As[kStageElems<T>];
   __shared__ __align__(32) T Bs[kStageElems<T>];
   __shared__ __align__(32) float out_t[kOutFloats];
   __shared__ float s_fac[Q];
   const SsdParams& p = q.fwd;
   const B1Tile t = b1_tile<Q>(q, s_fac);
-  ChunkView<T> v(q, dy32, t.b, t.c, t.h);
+  ChunkView<T> v(q, t.b, t.c, t.h);
   const int p0 = t.p0, n0 = t.n0;
   Acc acc;
   // dIn[p][n] = sum_i (fac_i dy[i][p]) C[i][n]: A(m = p, k = i), B(k = i, n); fac_i dy is
@@ -468,8 +502,7 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q, const
 // (ssd_sm90::state_tile_mma); only the float32 summation order differs. Opt-in with the
 // forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1).
 template <typename T>
-__global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, const float* dy32, bool vec_dout,
-                                                            bool vec_C) {
+__global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, bool vec_dout, bool vec_C) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int Q = 128;
   using namespace cute;
@@ -484,15 +517,13 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, cons
   const SsdParams& p = q.fwd;
   const int tid = threadIdx.x;
   const B1Tile t = b1_tile<Q>(q, s_fac);
-  ChunkView<T> v(q, dy32, t.b, t.c, t.h);
+  ChunkView<T> v(q, t.b, t.c, t.h);
   const int p0 = t.p0, n0 = t.n0;
-  const int64_t HP = p.nheads * p.headdim;
   for (int e = tid; e < Q * 8; e += 128) {
     const int i = e / 8, k = (e % 8) * 8;
     float a[8], c8[8];
     if (i < v.nvalid) {
-      if (v.dy32b != nullptr) ssd::load8<float>(v.dy32b + (v.l0 + i) * HP + p0 + k, true, a);
-      else ssd::load8<T>(v.doutb + (v.l0 + i) * q.dout_sl + p0 + k, vec_dout, a);
+      ssd::load8<T>(v.doutb + (v.l0 + i) * q.dout_sl + p0 + k, vec_dout, a);
       const float f = s_fac[i];
 #pragma unroll
       for (int u = 0; u < 8; ++u) a[u] = f * a[u];  // as dstates_kernel: scaled in float32, rounded once
@@ -515,7 +546,7 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, cons
     *reinterpret_cast<float2*>(out + (p0 + r) * p.dstate + n0 + col) = make_float2(acc[k], acc[k + 1]);
   }
 #else
-  (void)q, (void)dy32, (void)vec_dout, (void)vec_C;
+  (void)q, (void)vec_dout, (void)vec_C;
   __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
 #endif
 }
@@ -618,6 +649,34 @@ NK_DEVICE void zero_tiles(float* t, int ntiles) {
 // Offset of the thread's element (row ty + 16r, column tx + 16c) in a 64 x kLdo tile.
 NK_DEVICE int acc_at(int r, int c) { return (tile_ty() + 16 * r) * kLdo + tile_tx() + 16 * c; }
 
+// Where a B3 block's dB or dC (summed over its split's heads) goes, element o of the (b, L,
+// H/hs, N) layout: with one split per group (w.bc_direct) that is the (b, L, G, N) output
+// itself, rounded to T once as sum_bc_kernel would (which is then not launched); else the
+// float32 scratch that sum_bc_kernel sums over the group's splits.
+template <typename T>
+struct SplitSum {
+  float* scratch;
+  T* out;
+  NK_DEVICE SplitSum(float* scratch_, void* out_, bool direct)
+      : scratch(direct ? nullptr : scratch_), out(direct ? static_cast<T*>(out_) : nullptr) {}
+  NK_DEVICE void put(int64_t o, float v) const {
+    if (out != nullptr) out[o] = from_f<T>(v);
+    else scratch[o] = v;
+  }
+  NK_DEVICE void put2(int64_t o, float v0, float v1) const {  // o even
+    if (out != nullptr) {
+      const T a = from_f<T>(v0), c = from_f<T>(v1);
+      if constexpr (sizeof(T) == 2)
+        *reinterpret_cast<uint32_t*>(out + o) =
+            uint32_t{reinterpret_cast<const uint16_t&>(a)} | (uint32_t{reinterpret_cast<const uint16_t&>(c)} << 16);
+      else
+        out[o] = a, out[o + 1] = c;
+    } else {
+      *reinterpret_cast<float2*>(scratch + o) = make_float2(v0, v1);
+    }
+  }
+};
+
 // ---- B3: column (j) kernel ----------------------------------------------------------------
 
 template <typename T, int Q>
@@ -659,7 +718,7 @@ __global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratc
 
   for (int hh = 0; hh < static_cast<int>(w.hs); ++hh) {
     const int64_t h = int64_t(blockIdx.x / kNT % nsplit) * w.hs + hh;  // sp * hs + hh, recomputed (register budget)
-    ChunkView<T> v(q, w.dy, b, c, h);
+    ChunkView<T> v(q, b, c, h);
     __syncthreads();  // the previous head's epilogue still reads the chunk scalars, rx and accx
     load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
     const float cs_last = sm.cs[Q - 1];
@@ -797,7 +856,8 @@ __global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratc
   // dB of this block's heads into the (b, L, H/hs, N) scratch (recomputed: nothing kept live for it).
   __syncthreads();  // the warps' last stores to accb
   const int64_t stride_j = nsplit * N;
-  float* dBs = w.dBs + ((b * p.seqlen + ssd_chunk_t0(p, c)) * nsplit + int64_t(blockIdx.x / kNT % nsplit)) * N;
+  const SplitSum<T> dBs(w.dBs, q.dB, w.bc_direct);
+  const int64_t base_j = ((b * p.seqlen + ssd_chunk_t0(p, c)) * nsplit + int64_t(blockIdx.x / kNT % nsplit)) * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int j = j0 + ty + 16 * r;
@@ -806,7 +866,7 @@ __global__ void __launch_bounds__(kThreads, 2) col_kernel(SsdBwdParams q, Scratc
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dBs[int64_t(j) * stride_j + n] = accb[nt * kOutFloats + acc_at(r, cc)];
+        if (n < N) dBs.put(base_j + int64_t(j) * stride_j + n, accb[nt * kOutFloats + acc_at(r, cc)]);
       }
     }
   }
@@ -851,7 +911,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
 
   for (int hh = 0; hh < static_cast<int>(w.hs); ++hh) {
     const int64_t h = sp * w.hs + hh;
-    ChunkView<T> v(q, w.dy, b, c, h);
+    ChunkView<T> v(q, b, c, h);
     __syncthreads();  // the previous head's epilogue still reads v/wrow
     load_chunk_scalars<Q>(v, sm.cs, sm.dtp, sm.sid);
     const float* in = p.states + v.state_base();
@@ -934,8 +994,9 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
   }
 
   __syncthreads();  // the warps' last stores to accc
-  const int64_t stride_i = nsplit * N;  // (b, L, H/hs, N) scratch
-  float* dCs = w.dCs + ((b * p.seqlen + ssd_chunk_t0(p, c)) * nsplit + sp) * N;
+  const int64_t stride_i = nsplit * N;  // (b, L, H/hs, N)
+  const SplitSum<T> dCs(w.dCs, q.dC, w.bc_direct);
+  const int64_t base_i = ((b * p.seqlen + ssd_chunk_t0(p, c)) * nsplit + sp) * N;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = i0 + ty + 16 * r;
@@ -944,7 +1005,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
 #pragma unroll
       for (int cc = 0; cc < 4; ++cc) {
         const int n = nt * kTile + tx + 16 * cc;
-        if (n < N) dCs[int64_t(i) * stride_i + n] = accc[nt * kOutFloats + acc_at(r, cc)];
+        if (n < N) dCs.put(base_i + int64_t(i) * stride_i + n, accc[nt * kOutFloats + acc_at(r, cc)]);
       }
     }
   }
@@ -957,7 +1018,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_kernel(SsdBwdParams q, Scratc
 // chunk, split of hs heads) with both 64-position halves of the chunk on two warpgroups' wgmma
 // (docs/ssd.md, "B3 on sm_90a"). The split and the (b, L, H/hs, N) dB / dC scratch are the
 // portable kernels', so everything after them is unchanged. The next head's x (other buffer),
-// dy and float32 state (staging) and cs, dt' load by cp.async during this head. Opt-in with the
+// dy (T) and float32 state (staging) and cs, dt' load by cp.async during this head. Opt-in with the
 // forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1); compiled and host-checked, never run yet.
 
 // Shared memory of both kernels, one layout: `qn` is the chunk's operand read as the A operand
@@ -975,7 +1036,7 @@ struct alignas(1024) B3Sm90Smem {
   alignas(1024) E Dy[Q * P];            // dy[i][p] rounded to T (Rc::SmemQP)
   alignas(1024) E st_hi[2][N / 2 * P];  // T(state)
   alignas(1024) E st_lo[2][N / 2 * P];  // T(state - hi)
-  alignas(16) float dy_stage[Q * P];    // the next head's dy: float32, or T in the first half
+  alignas(16) E dy_stage[Q * P];        // the next head's dy (T)
   alignas(16) float st_stage[P * N];    // the next head's state
   alignas(16) float cs[2][Q];
   alignas(16) float dtp[2][Q];
@@ -983,11 +1044,11 @@ struct alignas(1024) B3Sm90Smem {
 };
 static_assert(sizeof(B3Sm90Smem<cute::bfloat16_t>) <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 
-// Head h's x (rows >= valid zero-filled) into buffer buf, its dy (dy32 with z, else dout) and
+// Head h's x (rows >= valid zero-filled) into buffer buf, its dy (q.dout: run_bwd's) and
 // state (`states`: in_c or dS, (b, nc, H, P, N)) into the staging tiles, cs and dt' into buffer
 // buf. All threads; one commit group.
 template <typename T, typename E>
-NK_DEVICE void b3_sm90_issue_head(const SsdBwdParams& q, const float* dy32, const float* states, B3Sm90Smem<E>& S,
+NK_DEVICE void b3_sm90_issue_head(const SsdBwdParams& q, const float* states, B3Sm90Smem<E>& S,
                                   int buf, int64_t b, int64_t c, int64_t h, int64_t t0, int valid) {
   using Rc = ssd_sm90::RowCfg<E>;
   constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N;
@@ -1000,21 +1061,12 @@ NK_DEVICE void b3_sm90_issue_head(const SsdBwdParams& q, const float* dy32, cons
     const bool ok = j < valid;
     ssd_sm90::cp_async16(&sX(j, k), ok ? xb + (t0 + j) * p.x_sl + k : xb, ok);
   }
-  if (dy32 != nullptr) {
-    const float* db = dy32 + (b * p.seqlen * p.nheads + h) * P;
-    for (int e = tid; e < Q * (P / 4); e += kThreads) {
-      const int i = e / (P / 4), k = (e % (P / 4)) * 4;
-      const bool ok = i < valid;
-      ssd_sm90::cp_async16(&S.dy_stage[i * P + k], ok ? db + (t0 + i) * p.nheads * P + k : db, ok);
-    }
-  } else {
-    const T* db = static_cast<const T*>(q.dout) + b * q.dout_sb + h * q.dout_sh;
-    T* st = reinterpret_cast<T*>(S.dy_stage);
-    for (int e = tid; e < Q * (P / 8); e += kThreads) {
-      const int i = e / (P / 8), k = (e % (P / 8)) * 8;
-      const bool ok = i < valid;
-      ssd_sm90::cp_async16(st + i * P + k, ok ? db + (t0 + i) * q.dout_sl + k : db, ok);
-    }
+  const T* db = static_cast<const T*>(q.dout) + b * q.dout_sb + h * q.dout_sh;
+  T* st = reinterpret_cast<T*>(S.dy_stage);
+  for (int e = tid; e < Q * (P / 8); e += kThreads) {
+    const int i = e / (P / 8), k = (e % (P / 8)) * 8;
+    const bool ok = i < valid;
+    ssd_sm90::cp_async16(st + i * P + k, ok ? db + (t0 + i) * q.dout_sl + k : db, ok);
   }
   const float* sb = states + ((b * p.nchunks + c) * p.nheads + h) * int64_t{P * N};
   for (int e = tid; e < P * N / 4; e += kThreads) ssd_sm90::cp_async16(&S.st_stage[e * 4], sb + e * 4, true);
@@ -1027,7 +1079,7 @@ NK_DEVICE void b3_sm90_issue_head(const SsdBwdParams& q, const float* dy32, cons
 // The chunk's operands (rows >= valid zero-filled): qn_src rows into `qn`, half_src rows into
 // `halves`; its sids; then head h0's inputs (b3_sm90_issue_head). One commit group in all.
 template <typename T, typename E>
-NK_DEVICE void b3_sm90_load_chunk(const SsdBwdParams& q, const float* dy32, const float* states, B3Sm90Smem<E>& S,
+NK_DEVICE void b3_sm90_load_chunk(const SsdBwdParams& q, const float* states, B3Sm90Smem<E>& S,
                                   const T* qn_src, int64_t qn_sl, const T* half_src, int64_t half_sl, int64_t b,
                                   int64_t c, int64_t h0, int64_t t0, int valid) {
   using Rc = ssd_sm90::RowCfg<E>;
@@ -1042,23 +1094,20 @@ NK_DEVICE void b3_sm90_load_chunk(const SsdBwdParams& q, const float* dy32, cons
     ssd_sm90::cp_async16(&sH(i % kH, k), ok ? half_src + (t0 + i) * half_sl + k : half_src, ok);
   }
   for (int i = tid; i < Q; i += kThreads) S.sid[i] = ssd_sid_at(q.fwd, b, t0 + i);
-  b3_sm90_issue_head<T>(q, dy32, states, S, 0, b, c, h0, t0, valid);
+  b3_sm90_issue_head<T>(q, states, S, 0, b, c, h0, t0, valid);
 }
 
 // A head's staged dy -> T into Dy (i, p); its state -> hi + lo by n-halves as (n, p): 16 bytes
 // of T per step. Ends with the writes fenced for wgmma and a barrier.
 template <typename T, typename E>
-NK_DEVICE void b3_sm90_convert_head(B3Sm90Smem<E>& S, bool dy_f32) {
+NK_DEVICE void b3_sm90_convert_head(B3Sm90Smem<E>& S) {
   using Rc = ssd_sm90::RowCfg<E>;
   constexpr int Q = Rc::Q, P = Rc::P, N = Rc::N;
   const int tid = threadIdx.x;
   auto sDy = cute::make_tensor(cute::make_smem_ptr(S.Dy), typename Rc::SmemQP{});
   for (int e = tid; e < Q * (P / 8); e += kThreads) {
     const int i = e / (P / 8), k = (e % (P / 8)) * 8;
-    float a[8];
-    if (dy_f32) ssd::load8<float>(&S.dy_stage[i * P + k], true, a);
-    else ssd::load8<T>(reinterpret_cast<const T*>(S.dy_stage) + i * P + k, true, a);
-    ssd::store8<T>(reinterpret_cast<T*>(&sDy(i, k)), true, a);
+    *reinterpret_cast<uint4*>(&sDy(i, k)) = *reinterpret_cast<const uint4*>(&S.dy_stage[i * P + k]);
   }
   for (int e = tid; e < P * (N / 8); e += kThreads) {
     const int pp = e / (N / 8), n = (e % (N / 8)) * 8, nh = n / (N / 2);
@@ -1144,27 +1193,26 @@ NK_DEVICE B3Sm90Smem<E>& b3_sm90_smem() {
 // Head h's start (buffer buf): its loads landed and converted for wgmma (barriers (A), (B)),
 // then the next head's loads issued into the other buffers.
 template <typename T, typename E>
-NK_DEVICE void b3_sm90_begin_head(const SsdBwdParams& q, const float* dy32, const float* states, B3Sm90Smem<E>& S,
+NK_DEVICE void b3_sm90_begin_head(const SsdBwdParams& q, const float* states, B3Sm90Smem<E>& S,
                                   const B3Sm90Cta& t, int64_t h, int buf) {
   ssd_sm90::cp_async_wait_all();
   __syncthreads();  // (A) head h's staging, x, cs, dt' landed; every wgmma of head h - 1 is done
-  b3_sm90_convert_head<T>(S, dy32 != nullptr);  // ends with (B): the staging tiles are free
-  if (h + 1 < t.h_end) b3_sm90_issue_head<T>(q, dy32, states, S, buf ^ 1, t.b, t.c, h + 1, t.t0, t.valid);
+  b3_sm90_convert_head<T>(S);  // ends with (B): the staging tiles are free
+  if (h + 1 < t.h_end) b3_sm90_issue_head<T>(q, states, S, buf ^ 1, t.b, t.c, h + 1, t.t0, t.valid);
 }
 
 // A sum over the split's heads (dB or dC: 64 accumulator values a thread over (Q, N)) into its
-// (b, L, H/hs, N) scratch, rows < valid, pairs of n per 8-byte store.
-template <class Acc>
-NK_DEVICE void b3_sm90_store_sum(float* scratch, const SsdParams& p, const B3Sm90Cta& t, const Acc& acc) {
+// (b, L, H/hs, N) place (SplitSum: the output or the scratch), rows < valid, pairs of n per store.
+template <typename T, class Acc>
+NK_DEVICE void b3_sm90_store_sum(const SplitSum<T>& dst, const SsdParams& p, const B3Sm90Cta& t, const Acc& acc) {
   constexpr int N = kSsdSm90N;
   const int tid = threadIdx.x, lane = tid % 32;
   const int r_lo = ssd_sm90::frag_row(tid, 0), r_hi = ssd_sm90::frag_row(tid, 2);
-  float* dst = scratch + ((t.b * p.seqlen + t.t0) * t.nsplit + t.sp) * N;
+  const int64_t base = ((t.b * p.seqlen + t.t0) * t.nsplit + t.sp) * N;
 #pragma unroll
   for (int v = 0; v < 64; v += 2) {
     const int r = (v & 2) == 0 ? r_lo : r_hi;
-    if (r < t.valid)
-      *reinterpret_cast<float2*>(dst + int64_t(r) * t.nsplit * N + ssd_sm90::frag_col(v, lane)) = make_float2(acc(v), acc(v + 1));
+    if (r < t.valid) dst.put2(base + int64_t(r) * t.nsplit * N + ssd_sm90::frag_col(v, lane), acc(v), acc(v + 1));
   }
 }
 
@@ -1190,8 +1238,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
   const int valid = t.valid;
   if (valid <= 0) return;  // uniform: an empty chunk of a plan writes nothing (as row_kernel)
   const int32_t sid_prev = ssd_sid_prev(p, b, c, Q);
-  const float* dy32 = w.dy;
-  b3_sm90_load_chunk<T>(q, dy32, p.states, S, static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl,
+  b3_sm90_load_chunk<T>(q, p.states, S, static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl,
                         static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl, b, c, t.h_beg, t0, valid);
 
   typename Rc::MmaZ mma_z;
@@ -1213,7 +1260,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
 
   for (int64_t h = t.h_beg; h < t.h_end; ++h) {
     const int buf = static_cast<int>((h - t.h_beg) & 1);
-    b3_sm90_begin_head<T>(q, dy32, p.states, S, t, h, buf);
+    b3_sm90_begin_head<T>(q, p.states, S, t, h, buf);
     const float* cs = S.cs[buf];
     const float* dtp = S.dtp[buf];
     const float cs_lo = cs[i_lo], cs_hi = cs[i_hi];
@@ -1324,7 +1371,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_sm90_kernel(SsdBwdParams q, S
     }
   }
 
-  b3_sm90_store_sum(w.dCs, p, t, dC);  // dC of the split's heads
+  b3_sm90_store_sum(SplitSum<T>(w.dCs, q.dC, w.bc_direct), p, t, dC);  // dC of the split's heads
 #else
   (void)q, (void)w;
   __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
@@ -1355,8 +1402,7 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
   const int64_t b = t.b, c = t.c, t0 = t.t0, g = t.g;
   const int valid = t.valid;
   if (valid <= 0) return;  // uniform: an empty chunk of a plan writes nothing (as col_kernel)
-  const float* dy32 = w.dy;
-  b3_sm90_load_chunk<T>(q, dy32, q.dstates, S, static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl,
+  b3_sm90_load_chunk<T>(q, q.dstates, S, static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg, p.B_sl,
                         static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg, p.C_sl, b, c, t.h_beg, t0, valid);
 
   typename Rc::MmaHalf mma_h;    // R (j x p), CBᵀ and Mᵀ halves (j x i)
@@ -1379,7 +1425,7 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
 
   for (int64_t h = t.h_beg; h < t.h_end; ++h) {
     const int buf = static_cast<int>((h - t.h_beg) & 1);
-    b3_sm90_begin_head<T>(q, dy32, q.dstates, S, t, h, buf);
+    b3_sm90_begin_head<T>(q, q.dstates, S, t, h, buf);
     const float* cs = S.cs[buf];
     const float* dtp = S.dtp[buf];
     const float cs_last = cs[Q - 1];  // padding repeats the last real cs (dt' = 0 there)
@@ -1524,8 +1570,8 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
     col_lo = quad_sum(col_lo);
     col_hi = quad_sum(col_hi);
 
-    // Epilogue of head h: dx_j = dt'_j dx_j + D dy_j (dy as the portable kernel reads it: float32
-    // with z, else dout), pairs of p per store; the per-position scalars by one lane per row.
+    // Epilogue of head h: dx_j = dt'_j dx_j + D dy_j (dy read as the portable kernel reads it,
+    // q.dout), pairs of p per store; the per-position scalars by one lane per row.
     T* dxo = static_cast<T*>(q.dx);
     CUTE_UNROLL
     for (int v = 0; v < 32; v += 2) {
@@ -1536,14 +1582,8 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
       const float dtj = lo ? dt_lo : dt_hi;
       float o[2] = {dtj * dx(v), dtj * dx(v + 1)};
       if (p.D != nullptr) {  // as col_kernel: fmaf(dt'_j, dx, D dy)
-        float dy2[2];
-        if (dy32 != nullptr) {
-          const float2 d2 = *reinterpret_cast<const float2*>(dy32 + ((b * p.seqlen + t) * H + h) * P + pc);
-          dy2[0] = d2.x, dy2[1] = d2.y;
-        } else {
-          const T* dp = static_cast<const T*>(q.dout) + b * q.dout_sb + t * q.dout_sl + h * q.dout_sh + pc;
-          dy2[0] = to_f<T>(dp[0]), dy2[1] = to_f<T>(dp[1]);
-        }
+        const T* dp = static_cast<const T*>(q.dout) + b * q.dout_sb + t * q.dout_sl + h * q.dout_sh + pc;
+        const float dy2[2] = {to_f<T>(dp[0]), to_f<T>(dp[1])};
         CUTE_UNROLL
         for (int u = 0; u < 2; ++u) o[u] = fmaf(dtj, dx(v + u), (p.D_per_p ? p.D[h * P + pc + u] : p.D[h]) * dy2[u]);
       }
@@ -1566,15 +1606,15 @@ __global__ void __launch_bounds__(kThreads, 1) col_sm90_kernel(SsdBwdParams q, S
     }
   }
 
-  b3_sm90_store_sum(w.dBs, p, t, dB);  // dB of the split's heads
+  b3_sm90_store_sum(SplitSum<T>(w.dBs, q.dB, w.bc_direct), p, t, dB);  // dB of the split's heads
 #else
   (void)q, (void)w;
   __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
 #endif
 }
 
-// Dtype, shapes and alignment the sm_90a B3 kernels take: 16-byte cp.async of x, B, C (and dout without z), of the float32 states, dS, cs, dt';
-// dx stored as 4-byte pairs.
+// Dtype, shapes and alignment the sm_90a B3 kernels take: 16-byte cp.async of x, B, C, of dy
+// (dout, or with z B0's scratch), of the float32 states, dS, cs, dt'; dx stored as 4-byte pairs.
 bool b3_sm90_supports(const SsdBwdParams& q) {
   const SsdParams& p = q.fwd;
   if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
@@ -1582,10 +1622,11 @@ bool b3_sm90_supports(const SsdBwdParams& q) {
   if (!ssd::vec_ok(p.x, 2, {p.x_sb, p.x_sl, p.x_sh}) || !ssd::vec_ok(p.B, 2, {p.B_sb, p.B_sl, p.B_sg}) ||
       !ssd::vec_ok(p.C, 2, {p.C_sb, p.C_sl, p.C_sg}))
     return false;
-  if (p.z == nullptr && !ssd::vec_ok(q.dout, 2, {q.dout_sb, q.dout_sl, q.dout_sh})) return false;
+  if (!ssd::vec_ok(q.dout, 2, {q.dout_sb, q.dout_sl, q.dout_sh})) return false;  // dout or B0's dy
   if ((reinterpret_cast<uintptr_t>(q.dx) & 3) != 0) return false;
-  // the scratch: 16-byte cp.async of dy (with z), 8-byte stores into dB / dC
-  if (!ssd::aligned16(q.workspace)) return false;
+  // dB / dC pairs: 8-byte stores into the scratch, or 4-byte stores into the outputs (bc_direct)
+  if (!ssd::aligned16(q.workspace) || ((reinterpret_cast<uintptr_t>(q.dB) | reinterpret_cast<uintptr_t>(q.dC)) & 3) != 0)
+    return false;
   return ssd::aligned16(p.states) && ssd::aligned16(q.dstates) && ssd::aligned16(p.cs) && ssd::aligned16(p.dtp);
 }
 #endif  // NK_SSD_WGMMA_HERE
@@ -1603,7 +1644,7 @@ __global__ void __launch_bounds__(kThreads) chunk_fin_kernel(SsdBwdParams q, Scr
   const int64_t h = bid % p.nheads;
   bid /= p.nheads;
   const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
-  ChunkView<T> v(q, w.dy, b, c, h);
+  ChunkView<T> v(q, b, c, h);
   const int i = threadIdx.x;
   const bool real = i < v.nvalid;  // false for i >= Q too (nvalid <= Q)
   const int64_t o = v.pos_base() + i;
@@ -1639,7 +1680,8 @@ __global__ void __launch_bounds__(kThreads) chunk_fin_kernel(SsdBwdParams q, Scr
     q.dA_part[part] = da;
     if (q.dbias_part != nullptr) q.dbias_part[part] = db;
   }
-  if (p.D != nullptr && q.dD_part != nullptr) {
+  if (p.D != nullptr && q.dD_part != nullptr && p.z == nullptr) {
+    // (with z, dy_dz_kernel wrote dD_part from the float32 dy)
     // dD_part[p] = sum_k dy[k][p] x[k][p]: kThreads / P threads per p (P <= 128: at least 2),
     // each over its own run of positions, the runs' sums added in order (deterministic). One
     // thread walked all the chunk's positions for its p before 2026-12-06, 3 of 4 threads idle.
@@ -1772,20 +1814,27 @@ void check_b3_smem(const SsdParams& p) {
 }
 
 template <typename T, int Q>
-void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
-  const SsdParams& p = q.fwd;
+void run_bwd(const SsdBwdParams& q_in, cudaStream_t stream) {
+  const SsdParams& p = q_in.fwd;
   Scratch w{};
-  scratch_layout(q, &w);
+  scratch_layout(q_in, &w);
   const int64_t b = p.batch, H = p.nheads, nc = p.nchunks;
   const SsdBwdGrids g = bwd_grids(p);
 
+  // Every kernel after B0 reads dy where it reads dout: with z, q's dout is B0's T scratch.
+  SsdBwdParams q = q_in;
   if (p.z != nullptr) {
-    const bool vec_dout = ssd::vec_ok(q.dout, sizeof(T), {q.dout_sb, q.dout_sl, q.dout_sh});
+    const bool vec_dout = ssd::vec_ok(q_in.dout, sizeof(T), {q_in.dout_sb, q_in.dout_sl, q_in.dout_sh});
     const bool vec_z = ssd::vec_ok(p.z, sizeof(T), {p.z_sb, p.z_sl, p.z_sh});
-    const bool vec_out = ssd::aligned16(p.y_pre) && ssd::aligned16(q.dz);
-    dy_dz_kernel<T><<<grid_for(b * p.seqlen * H * p.headdim / 8, 256), 256, 0, stream>>>(q, w.dy, vec_dout, vec_z,
-                                                                                          vec_out);
+    const bool vec_out = ssd::aligned16(p.y_pre) && ssd::aligned16(q_in.dz);
+    const bool vec_x = ssd::vec_ok(p.x, sizeof(T), {p.x_sb, p.x_sl, p.x_sh});
+    T* dy = static_cast<T*>(w.dy);
+    dy_dz_kernel<T><<<gx(g.chunk_fin), kThreads, 0, stream>>>(q_in, dy, vec_dout, vec_z, vec_out, vec_x);
     NK_CUDA_LAUNCH_CHECK();
+    q.dout = dy;
+    q.dout_sh = p.headdim;
+    q.dout_sl = H * p.headdim;
+    q.dout_sb = p.seqlen * H * p.headdim;
   }
   bool b1_wgmma = false;
 #ifdef NK_SSD_WGMMA_HERE
@@ -1796,12 +1845,12 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
     if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && sm90) {
       const bool vec_dout = ssd::vec_ok(q.dout, sizeof(T), {q.dout_sb, q.dout_sl, q.dout_sh});
       const bool vec_C = ssd::vec_ok(p.C, sizeof(T), {p.C_sb, p.C_sl, p.C_sg});
-      dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, w.dy, vec_dout, vec_C);
+      dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, vec_dout, vec_C);
       b1_wgmma = true;
     }
   }
 #endif
-  if (!b1_wgmma) dstates_kernel<T, Q><<<gx(g.dstates), kThreads, 0, stream>>>(q, w.dy);
+  if (!b1_wgmma) dstates_kernel<T, Q><<<gx(g.dstates), kThreads, 0, stream>>>(q);
   NK_CUDA_LAUNCH_CHECK();
   state_bwd_kernel<<<gx(g.state_bwd), kThreads, 0, stream>>>(q, w.dot_part, w.nslices);
   NK_CUDA_LAUNCH_CHECK();
@@ -1839,8 +1888,10 @@ void run_bwd(const SsdBwdParams& q, cudaStream_t stream) {
   chunk_fin_kernel<T, Q><<<gx(g.chunk_fin), kThreads, 0, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
 
-  sum_bc_kernel<T><<<grid_for(b * p.seqlen * p.ngroups * p.dstate / 8, 256), 256, 0, stream>>>(q, w);
-  NK_CUDA_LAUNCH_CHECK();
+  if (!w.bc_direct) {  // else the B3 kernels stored dB and dC
+    sum_bc_kernel<T><<<grid_for(b * p.seqlen * p.ngroups * p.dstate / 8, 256), 256, 0, stream>>>(q, w);
+    NK_CUDA_LAUNCH_CHECK();
+  }
   reduce_kernel<<<grid_for(reduce_jobs(q) * 32, 256), 256, 0, stream>>>(q);
   NK_CUDA_LAUNCH_CHECK();
 }
@@ -1895,4 +1946,3 @@ void ssd_bwd_cuda(const SsdBwdParams& q, void* stream) {
 //    pair with float32 partials of the row quantities would compute them once.
 //  - Double-buffered (cp.async) staging and 16-byte loads (ssd_cuda_common.cuh's load8 /
 //    load_tile) where strides allow; today staging is element-wise through the accessors.
-//  - dy (with z) could be kept in T instead of float32 scratch to halve its traffic.

@@ -33,9 +33,11 @@ STRUCTS = ("SsdParams", "SsdBwdParams")
 HEADER = CSRC / "ssd" / "ssd_chunk_scan.h"
 # The backward's B3 blocks take hs heads of a group, hs the largest divisor of H/G that keeps
 # NK_SSD_BWD_TARGET_BLOCKS blocks (1024 in production: hs = 1 for every shape small enough to
-# emulate). Target 1 gives hs = H/G, so cases with H > G cover hs > 1 and cases with H == G
-# cover hs = 1, in one build; the production value is built in the slow tier.
-DEFAULT_TARGET_BLOCKS = 1
+# emulate). Target 4 gives hs = H/G (one split per group: the B3 kernels store dB, dC
+# themselves) in most cases with H > G (hs > 1), hs = 1 where H == G, and in
+# q64_bf16_headdim_padded hs 2 of H/G = 4 (two splits per group, summed by sum_bc_kernel), in
+# one build; the production value is built in the slow tier.
+DEFAULT_TARGET_BLOCKS = 4
 
 
 @functools.cache
@@ -424,6 +426,8 @@ CASES = {
     "q64_f32_chain": (2, 457, 2, 8, 1, 8, 64, torch.float32, dict(seed=11)),
     # 6 chunks, 2 x 2 state tiles per head (four chains per (b, h)), partial P and N tiles
     "q64_bf16_chain_tiles": (1, 330, 2, 80, 1, 72, 64, torch.bfloat16, dict(seq=False, seed=12)),
+    # D without z: dD from dout in chunk_fin (with z, B0 sums it from the float32 dy)
+    "q64_bf16_D_no_z": (2, 150, 4, 16, 2, 16, 64, torch.bfloat16, dict(z=False, D="headdim", seed=13)),
 }
 SLOW_CASES = {
     "q256_f32": (1, 300, 2, 32, 1, 32, 256, torch.float32, dict(seed=5)),
