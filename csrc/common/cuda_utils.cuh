@@ -41,13 +41,17 @@ inline int sm_count() {
   return n;
 }
 
-// Compute capability of the current device as major * 10 + minor (90: sm_90).
-inline int current_device_cc() {
-  int dev = 0, major = 0, minor = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
+// Compute capability of device dev, or of the current device, as major * 10 + minor (90: sm_90).
+inline int device_cc(int dev) {
+  int major = 0, minor = 0;
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   return major * 10 + minor;
+}
+inline int current_device_cc() {
+  int dev = 0;
+  NK_CUDA_CHECK(cudaGetDevice(&dev));
+  return device_cc(dev);
 }
 
 // A base TMA, cp.async and 16-byte vector accesses can take (host and device).

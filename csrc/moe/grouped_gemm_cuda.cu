@@ -439,12 +439,7 @@ int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
 // ---------------------------------------------------------------- launchers
 
-bool device_has_sm80() {
-  int dev = 0, major = 0;
-  NK_CUDA_CHECK(cudaGetDevice(&dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return major >= 8;
-}
+bool device_has_sm80() { return current_device_cc() >= 80; }
 
 template <typename T, int MODE, bool DACT>
 void launch_gemm(const GroupedGemmParams& p, cudaStream_t s, bool tc) {

@@ -486,10 +486,7 @@ int nvfp4_device_sm(int device_index) {
   if (device_index < 0 || device_index >= count)
     throw std::runtime_error("nemokernels: nvfp4_gemm_path: no CUDA device " + std::to_string(device_index) + " (" +
                              std::to_string(count) + " visible)");
-  int major = 0, minor = 0;
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_index));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_index));
-  return major * 10 + minor;
+  return device_cc(device_index);
 }
 
 #endif

@@ -14,6 +14,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "cutlass/arch/barrier.h"
+#include "moe/segments.cuh"
 #include "nvfp4/gemm.h"
 #include "nvfp4/gemm_decode_mma_sm90.cuh"
 
@@ -92,9 +93,9 @@ __global__ void __launch_bounds__(kThreads, kTok <= 64 ? 2 : 1) decode_mma_kerne
   float alpha = *q.alpha;
   int64_t m_step = m_end;  // dense: one token tile per CTA
   if (q.offsets != nullptr) {  // grouped: the expert's token tiles z, z + Z, z + 2 Z, ... (Z = gridDim.z)
-    const int64_t e = blockIdx.y, o0 = q.offsets[e], o1 = q.offsets[e + 1];
-    const int64_t lo = o0 < 0 ? 0 : (o0 > q.M ? q.M : o0);
-    m_end = o1 < lo ? lo : (o1 > q.M ? q.M : o1);
+    const int64_t e = blockIdx.y;
+    int64_t lo;
+    segment(q.offsets, e, q.M, lo, m_end);  // clamped to [0, M] (moe/segments.cuh)
     m_first = lo + int64_t(blockIdx.z) * kTok;
     m_step = int64_t(gridDim.z) * kTok;
     codes += e * q.N * code_ld;

@@ -102,8 +102,7 @@ inline LaunchGrid conv1d_update_grid(int64_t batch, int64_t dim) {
 
 // ---- mamba_chunk_scan_combined (ssd_chunk_scan_{fwd,bwd}_cuda.cu) -----------------------------
 
-constexpr int kSsdTile = 64;          // P, N, positions per block tile (H1, F4, F5, B1, B3)
-constexpr int kSsdSpChunk = 1024;     // B2 state elements per block
+constexpr int kSsdTile = 64;          // P, N, positions per block tile (H1, F4, F5, B1-B2, B3)
 constexpr const char* kSsdAdvice =
     "split the batch, or the sequence (passing final_states on as initial_states), into smaller calls";
 
@@ -127,7 +126,7 @@ inline SsdFwdGrids ssd_fwd_grids(int64_t batch, int64_t nchunks, int64_t nheads,
 // Blocks of the backward's grid-sized kernels (the element-wise ones are grid-strided);
 // `hs` heads per B3 block.
 struct SsdBwdGrids {
-  LaunchGrid dstates, state_bwd, col, row, chunk_fin;
+  LaunchGrid dstate_chain, col, row, chunk_fin;
 };
 
 inline SsdBwdGrids ssd_bwd_grids(int64_t batch, int64_t nchunks, int64_t nheads, int64_t headdim, int64_t dstate,
@@ -136,8 +135,7 @@ inline SsdBwdGrids ssd_bwd_grids(int64_t batch, int64_t nchunks, int64_t nheads,
   const int64_t tiles = ceil_div64(headdim, kSsdTile) * ceil_div64(dstate, kSsdTile);
   const int64_t b3 = batch * nchunks * (nheads / std::max<int64_t>(hs, 1)) * (chunk_size / kSsdTile);
   SsdBwdGrids g;
-  g.dstates = checked_grid(op, "dstates", {batch * nchunks * nheads * tiles}, kSsdAdvice);
-  g.state_bwd = checked_grid(op, "state_bwd", {batch * nheads * ceil_div64(headdim * dstate, kSsdSpChunk)}, kSsdAdvice);
+  g.dstate_chain = checked_grid(op, "dstate_chain", {batch * nchunks * nheads * tiles}, kSsdAdvice);
   g.col = checked_grid(op, "col", {b3}, kSsdAdvice);
   g.row = checked_grid(op, "row", {b3}, kSsdAdvice);
   g.chunk_fin = checked_grid(op, "chunk_fin", {batch * nchunks * nheads}, kSsdAdvice);

@@ -68,7 +68,7 @@ struct SsdBwdParams {
   int64_t dout_sb, dout_sl, dout_sh;
   const float* dfinal;          // (b, H, P, N) contiguous float32, or null
   // Scratch (contiguous float32)
-  float* dstates;               // (b, nc, H, P, N): B1 writes dIn, B2 turns it into dS
+  float* dstates;               // (b, nc, H, P, N): dS (the CPU's B1 writes dIn there, its B2 turns it into dS)
   float* dcs_last;              // (b, H, nc)
   // Per-(b, chunk) partial sums, reduced in a fixed order by the caller's kernels:
   float* dA_part;               // (b, nc, H)

@@ -1,6 +1,6 @@
-// CUDA backward of the SSD chunk scan (mamba_chunk_scan_combined): B0 (dy, dz, dD with z), B1
-// (dIn), B2 (the reverse state walk), B3 (per-chunk gradients: portable and sm_90a), the final
-// sums. Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_bwd_cuda.cu`.
+// CUDA backward of the SSD chunk scan (mamba_chunk_scan_combined): B0 (dy, dz, dD with z), B1 + B2
+// (dIn and the reverse state chain in one ticketed kernel), B3 (per-chunk gradients: portable
+// and sm_90a), the final sums. Details: docs/ssd.md, section `csrc/ssd/ssd_chunk_scan_bwd_cuda.cu`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,9 +30,6 @@ namespace {
 constexpr int kThreads = 256;        // every kernel below except the element-wise ones
 constexpr int kTile = 64;            // rows and columns of a block's output tile
 constexpr int kKC = 32;              // k staged in shared memory per step
-constexpr int kSpPerThread = 4;      // state elements per thread in the state passing
-constexpr int kSpChunk = kThreads * kSpPerThread;
-constexpr int kWarps = kThreads / 32;  // partial sums per state slice in the state passing
 // Operand tiles in shared memory hold T (the activation dtype): leading dimension
 // kTile + 16 bytes (kSmemPad), a multiple of 8 elements for 16-bit types and of 4 for float,
 // as WarpTile (wmma) needs. Products land in a float32 tile with leading dimension kLdo.
@@ -68,13 +65,13 @@ struct Scratch {
   void* dy;         // (b, L, H, P) dout silu(z) rounded to T, only with z (read as dout after B0)
   float* dBs;       // (b, L, H/hs, N) dB summed over each split's hs heads, by position
   float* dCs;       // (b, L, H/hs, N) dC likewise (both null when bc_direct)
-  float* dot_part;  // (b, H, nc, S, kWarps) partial <g, in_c> per state slice and warp
+  float* dot_part;  // (b, H, nc, tiles) <dS_c, in_c> per 64 x 64 state tile
   float* ddtp;      // (b, H, nc, Q) ddt' without the A ddA term
   float* wcol;      // (b, H, nc, Q) sum_i W_ij
   float* u;         // (b, H, nc, Q) U_j
   float* wrow;      // (b, H, nc, Q) sum_j W_ij
   float* v;         // (b, H, nc, Q) V_i
-  int64_t nslices;  // S
+  unsigned* chain;  // B1-B2's ticket counter, then one published-chunk counter per chain (zeroed)
   int64_t hs;       // heads per B3 block (divides H / G)
   bool bc_direct;   // hs == H / G: a split is a group, the B3 kernels store dB, dC themselves
 };
@@ -101,18 +98,18 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   const SsdParams& p = q.fwd;
   const int64_t b = p.batch, L = p.seqlen, H = p.nheads, P = p.headdim, N = p.dstate;
   const int64_t nc = p.nchunks, Q = p.chunk_size;
-  const int64_t S = (P * N + kSpChunk - 1) / kSpChunk;
+  const int64_t tiles = ((P + kTile - 1) / kTile) * ((N + kTile - 1) / kTile);
   const int64_t hs = heads_per_block(p);
   const bool bc_direct = hs == H / p.ngroups;
   const int64_t bc_floats = bc_direct ? 0 : b * L * (H / hs) * N;
   // Region 0: the forward's own scratch for ssd_states_cuda (the entry sizes only ours).
-  const int64_t sizes[10] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
-                             p.z != nullptr ? (b * L * H * P * (p.dtype == DType::F32 ? 4 : 2) + 3) / 4 : 0,
+  const int64_t sizes[11] = {(ssd_fwd_cuda_workspace_bytes(p) + 3) / 4,
+                             p.z != nullptr ? (b * L * H * P * dtype_size(p.dtype) + 3) / 4 : 0,
                              bc_floats, bc_floats,
-                             b * H * nc * S * kWarps, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
-                             b * H * nc * Q, b * H * nc * Q};
-  int64_t off[10], total = 0;
-  for (int k = 0; k < 10; ++k) {
+                             b * H * nc * tiles, b * H * nc * Q, b * H * nc * Q, b * H * nc * Q,
+                             b * H * nc * Q, b * H * nc * Q, 1 + b * H * tiles};
+  int64_t off[11], total = 0;
+  for (int k = 0; k < 11; ++k) {
     off[k] = total;
     total += round_up(sizes[k]);
   }
@@ -128,7 +125,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
     s->u = base + off[7];
     s->wrow = base + off[8];
     s->v = base + off[9];
-    s->nslices = S;
+    s->chain = reinterpret_cast<unsigned*>(base + off[10]);
     s->hs = hs;
     s->bc_direct = bc_direct;
   }
@@ -275,6 +272,7 @@ NK_DEVICE float row_sum16(float v) {
 
 // Block-wide sum in a fixed order (warp butterfly, then the warps in order); every thread
 // gets the same value. red: kThreads/32 floats of shared memory.
+template <int kBlock = kThreads>
 NK_DEVICE float block_sum(float v, float* red) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -283,7 +281,7 @@ NK_DEVICE float block_sum(float v, float* red) {
   __syncthreads();
   float t = 0.f;
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+  for (int w = 0; w < kBlock / 32; ++w) t += red[w];
   return t;
 }
 
@@ -433,29 +431,40 @@ __global__ void __launch_bounds__(kThreads) dy_dz_kernel(SsdBwdParams q, T* dy, 
   }
 }
 
-// ---- B1 -----------------------------------------------------------------------------------
+// ---- B1 + B2: the reverse state chain ------------------------------------------------------
 
-// B1's block: (b, c, h) and the 64 x 64 (P x N) tile from blockIdx.x (N tile fastest), and
-// s_fac[i] = exp(cs_i) [i real, sid_i == sid_prev] for the chunk; ends with a barrier. Every
-// thread of the block calls it (any block size).
+// One block per (chunk c, b, h, 64 x 64 (P x N) state tile), chunks taken in descending order by
+// a ticket (as the forward's state chain takes them ascending): B1's tile
+// dIn_c = sum_i round_T(fac_i dy_i) C_i^T, then B2's step of the tile's chain (b, h, tile):
+// dS_c arrives from block c + 1 (or is dfinal / zero where c ends its sequence), the block
+// adds its <dS_c, in_c> partial, and publishes dS_(c-1) = carry_c dS_c + dIn_c (fmaf, the
+// order of the CPU's walk), or, where c starts its sequence, writes it to dinit instead. dIn
+// never reaches memory (2026-12-07; B1 wrote it and state_bwd_kernel walked it before). A
+// block only waits on a lower ticket, a block already running: no deadlock whatever order
+// the hardware starts blocks in. dS passes through L2 (read back with __ldcg).
+
+// The block's chunk and tile from its ticket (chunk slowest, descending; then b, h, P tile, N
+// tile), and s_fac[i] = exp(cs_i) [i real, sid_i == sid_prev] for the chunk; ends with a
+// barrier. Every thread of the block calls it (any block size).
 struct B1Tile {
-  int64_t b, c, h;
+  int64_t b, c, h, chain, tile;
   int p0, n0;
 };
 template <int Q>
-NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, float* s_fac) {
+NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, const Scratch& w, float* s_fac, unsigned* ticket_s) {
   const SsdParams& p = q.fwd;
   const int npt = ceil_div_d(p.headdim), nnt = ceil_div_d(p.dstate);
-  int64_t bid = blockIdx.x;
+  if (threadIdx.x == 0) *ticket_s = atomicAdd(w.chain, 1u);
+  __syncthreads();
+  const int64_t tiles = int64_t{npt} * nnt, chains = p.batch * p.nheads * tiles, ticket = *ticket_s;
   B1Tile t;
-  t.n0 = static_cast<int>(bid % nnt) * kTile;
-  bid /= nnt;
-  t.p0 = static_cast<int>(bid % npt) * kTile;
-  bid /= npt;
-  t.h = bid % p.nheads;
-  bid /= p.nheads;
-  t.c = bid % p.nchunks;
-  t.b = bid / p.nchunks;
+  t.c = p.nchunks - 1 - ticket / chains;
+  t.chain = ticket % chains;
+  t.tile = t.chain % tiles;
+  t.n0 = static_cast<int>(t.tile % nnt) * kTile;
+  t.p0 = static_cast<int>(t.tile / nnt) * kTile;
+  t.h = (t.chain / tiles) % p.nheads;
+  t.b = t.chain / tiles / p.nheads;
   const int64_t l0 = ssd_chunk_t0(p, t.c);
   const int nvalid = ssd_chunk_len(p, t.c);
   const int32_t sid_prev = ssd_sid_prev(p, t.b, t.c, Q);
@@ -468,14 +477,76 @@ NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, float* s_fac) {
   return t;
 }
 
+// B2's step for block t on the thread's K tile elements: off(k) is element k's offset
+// pp * N + n in a (P, N) state, or -1 outside the state (computed where used: an array of them
+// took 32 more registers); din[k] its dIn_c. red: kBlock / 32 floats of shared memory.
+template <int kBlock, int K, class Off>
+NK_DEVICE void chain_step(const SsdBwdParams& q, const Scratch& w, const B1Tile& t, const Off& off,
+                          const float (&din)[K], float* red) {
+  const SsdParams& p = q.fwd;
+  const int64_t H = p.nheads, nc = p.nchunks, PN = p.headdim * p.dstate;
+  const int64_t tiles = int64_t{ceil_div_d(p.headdim)} * ceil_div_d(p.dstate);
+  const int64_t base = ((t.b * nc + t.c) * H + t.h) * PN;  // (b, c, h) in the state arrays
+  unsigned* const done = w.chain + 1 + t.chain;            // chunks of the chain published so far
+  // Every block but the last chunk's waits for block c + 1, also where chunk c ends its sequence
+  // and reads nothing of c + 1: the counter must only count up in chunk order (as the forward's
+  // chain), else such a block's publication could stand in for block c + 1's and block c - 1
+  // would read dS before it is written (found by review, 2026-12-07; the emulator runs blocks
+  // in ticket order and cannot see it).
+  if (t.c < nc - 1) {
+    if (threadIdx.x == 0) ssd::wait_at_least(done, static_cast<unsigned>(nc - 1 - t.c));
+    __syncthreads();
+  }
+  float g[K];
+  if (ssd_chunk_last(p, t.c)) {  // the end state's gradient restarts: dfinal or zero
+    const bool fin = q.dfinal != nullptr && ssd_chunk_holds_end(p, t.c);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      g[k] = (fin && off(k) >= 0) ? q.dfinal[(t.b * H + t.h) * PN + off(k)] : 0.f;
+      if (off(k) >= 0) q.dstates[base + off(k)] = g[k];  // dS_c
+    }
+  } else {  // dS_c, written by block c + 1
+#pragma unroll
+    for (int k = 0; k < K; ++k) g[k] = off(k) >= 0 ? __ldcg(q.dstates + base + off(k)) : 0.f;
+  }
+  float dot = 0.f;  // <dS_c, in_c> over the tile: the thread's elements in order, then the block's
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (off(k) >= 0) dot = fmaf(g[k], p.states[base + off(k)], dot);
+  dot = block_sum<kBlock>(dot, red);
+  if (threadIdx.x == 0) w.dot_part[((t.b * H + t.h) * nc + t.c) * tiles + t.tile] = dot;
+  const float carry = chunk_carry(p, t.b, t.h, t.c);
+#pragma unroll
+  for (int k = 0; k < K; ++k) g[k] = fmaf(carry, g[k], din[k]);
+  if (ssd_chunk_first(p, t.c)) {  // g is the initial state's gradient (chunk c - 1 restarts)
+    const int64_t row = ssd_chunk_init_row(p, t.b, t.c);
+    if (q.dinit != nullptr && row >= 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (off(k) >= 0) q.dinit[(row * H + t.h) * PN + off(k)] = g[k];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (off(k) >= 0) q.dstates[base - H * PN + off(k)] = g[k];  // dS_(c-1)
+  }
+  if (t.c > 0) {  // publish: every thread's stores, then the counter (also where nothing was stored)
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(done, 1u);
+  }
+}
+
 template <typename T, int Q>
-__global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q) {
+__global__ void __launch_bounds__(kThreads) dstate_chain_kernel(SsdBwdParams q, Scratch w) {
   __shared__ __align__(32) T As[kStageElems<T>];
   __shared__ __align__(32) T Bs[kStageElems<T>];
   __shared__ __align__(32) float out_t[kOutFloats];
   __shared__ float s_fac[Q];
+  __shared__ float red[kThreads / 32];
+  __shared__ unsigned ticket_s;
   const SsdParams& p = q.fwd;
-  const B1Tile t = b1_tile<Q>(q, s_fac);
+  const B1Tile t = b1_tile<Q>(q, w, s_fac, &ticket_s);
   ChunkView<T> v(q, t.b, t.c, t.h);
   const int p0 = t.p0, n0 = t.n0;
   Acc acc;
@@ -484,31 +555,34 @@ __global__ void __launch_bounds__(kThreads) dstates_kernel(SsdBwdParams q) {
   product_gg<false, false>(
       acc, v.nvalid, As, Bs, out_t, [&](int k, int m) { return k < Q ? s_fac[k] * v.dy(k, p0 + m) : 0.f; },
       [&](int k, int n) { return v.Cv(k, n0 + n); });
-  float* out = q.dstates + v.state_base();
-  const int ty = tile_ty(), tx = tile_tx();
+  float din[16];
 #pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int cc = 0; cc < 4; ++cc) {
-      const int pp = p0 + ty + 16 * r, n = n0 + tx + 16 * cc;
-      if (pp < p.headdim && n < p.dstate) out[pp * p.dstate + n] = acc[r][cc];
-    }
+  for (int k = 0; k < 16; ++k) din[k] = acc[k / 4][k % 4];
+  const int pb = p0 + tile_ty(), nb = n0 + tile_tx(), P = static_cast<int>(p.headdim), N = static_cast<int>(p.dstate);
+  auto off = [=](int k) {  // element (r, cc) = (k / 4, k % 4): (pb + 16 r, nb + 16 cc)
+    const int pp = pb + 16 * (k / 4), n = nb + 16 * (k % 4);
+    return pp < P && n < N ? pp * N + n : -1;
+  };
+  chain_step<kThreads>(q, w, t, off, din, red);
 }
 
 #ifdef NK_SSD_WGMMA_HERE
-// B1 on sm_90a (Q 128, full 64 x 64 tiles, 16-bit T), 128 threads: the tile dstates_kernel
-// computes, dIn[p][n] = sum_i round_T(fac_i dy_i[p]) C_i[n], with all 128 positions staged at
-// once (16-byte loads where aligned) and the product on one warpgroup's wgmma
-// (ssd_sm90::state_tile_mma); only the float32 summation order differs. Opt-in with the
-// forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1).
+// The chain on sm_90a (Q 128, full 64 x 64 tiles, 16-bit T), 128 threads: the tile
+// dstate_chain_kernel computes, dIn[p][n] = sum_i round_T(fac_i dy_i[p]) C_i[n], with all 128
+// positions staged at once (16-byte loads where aligned) and the product on one warpgroup's
+// wgmma (ssd_sm90::state_tile_mma; only the float32 summation order differs), then the same
+// chain step. Opt-in with the forward's sm_90a kernels (NEMOKERNELS_SSD_SM90=1).
 template <typename T>
-__global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, bool vec_dout, bool vec_C) {
+__global__ void __launch_bounds__(128) dstate_chain_wgmma_kernel(SsdBwdParams q, Scratch w, bool vec_dout,
+                                                                 bool vec_C) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int Q = 128;
   using namespace cute;
   using E = ssd_sm90::cute_elem_t<T>;
   using Sc = ssd_sm90::StateCfg<E>;
   __shared__ __align__(1024) unsigned char smem[1024 + 2 * 16384];
+  __shared__ float red[128 / 32];
+  __shared__ unsigned ticket_s;
   float* s_fac = reinterpret_cast<float*>(smem);
   E* a_tile = reinterpret_cast<E*>(smem + 1024);
   E* b_tile = reinterpret_cast<E*>(smem + 1024 + 16384);
@@ -516,7 +590,7 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, bool
   Tensor sB = make_tensor(make_smem_ptr(b_tile), typename Sc::SmemTJ{});  // (n, i)
   const SsdParams& p = q.fwd;
   const int tid = threadIdx.x;
-  const B1Tile t = b1_tile<Q>(q, s_fac);
+  const B1Tile t = b1_tile<Q>(q, w, s_fac, &ticket_s);
   ChunkView<T> v(q, t.b, t.c, t.h);
   const int p0 = t.p0, n0 = t.n0;
   for (int e = tid; e < Q * 8; e += 128) {
@@ -526,7 +600,7 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, bool
       ssd::load8<T>(v.doutb + (v.l0 + i) * q.dout_sl + p0 + k, vec_dout, a);
       const float f = s_fac[i];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) a[u] = f * a[u];  // as dstates_kernel: scaled in float32, rounded once
+      for (int u = 0; u < 8; ++u) a[u] = f * a[u];  // as the portable tile: scaled in float32, rounded once
       ssd::load8<T>(v.Cb + (v.l0 + i) * p.C_sl + n0 + k, vec_C, c8);
     } else {
 #pragma unroll
@@ -539,91 +613,27 @@ __global__ void __launch_bounds__(128) dstates_wgmma_kernel(SsdBwdParams q, bool
   __syncthreads();
   float acc[32];
   ssd_sm90::state_tile_mma(a_tile, b_tile, acc);
-  float* out = q.dstates + v.state_base();
-#pragma unroll
-  for (int k = 0; k < 32; k += 2) {
-    const int r = ssd_sm90::frag_row(tid, k), col = ssd_sm90::frag_col(k, tid % 32);
-    *reinterpret_cast<float2*>(out + (p0 + r) * p.dstate + n0 + col) = make_float2(acc[k], acc[k + 1]);
-  }
+  const int N = static_cast<int>(p.dstate);
+  auto off = [=](int k) { return (p0 + ssd_sm90::frag_row(tid, k)) * N + n0 + ssd_sm90::frag_col(k, tid % 32); };
+  chain_step<128>(q, w, t, off, acc, red);
 #else
-  (void)q, (void)vec_dout, (void)vec_C;
+  (void)q, (void)w, (void)vec_dout, (void)vec_C;
   __trap();  // launched only on sm_90 from a build with this file's sm_90a pass
 #endif
 }
 #endif  // NK_SSD_WGMMA_HERE
 
-// ---- B2 -----------------------------------------------------------------------------------
+// ---- B2's reduction --------------------------------------------------------------------------
 
-// The state elements e[k] of one thread for chunk c: in_c and dIn_c (zeros past P * N).
-NK_DEVICE void load_state_pair(const SsdBwdParams& q, int64_t base, const int64_t* e, int64_t PN, float* in,
-                               float* din) {
-#pragma unroll
-  for (int k = 0; k < kSpPerThread; ++k) {
-    in[k] = e[k] < PN ? q.fwd.states[base + e[k]] : 0.f;
-    din[k] = e[k] < PN ? q.dstates[base + e[k]] : 0.f;
-  }
-}
-
-// Walks the chunks backwards with g in registers. No block barrier in the loop: the partial
-// <g, in_c> of each warp goes to dot_part (summed by dcs_last_kernel in a fixed order), and the
-// next chunk's in_c, dIn_c and carry are loaded one step ahead, so the walk runs at the memory
-// system's pace instead of one round trip plus two barriers per chunk (2026-12-06; 1.01 ms at
-// Nano b1 L8192 on 2026-12-04, docs/ssd.md).
-__global__ void __launch_bounds__(kThreads) state_bwd_kernel(SsdBwdParams q, float* dot_part, int64_t S) {
-  const SsdParams& p = q.fwd;
-  const int64_t PN = p.headdim * p.dstate, nc = p.nchunks;
-  const int64_t s = blockIdx.x % S, bh = blockIdx.x / S, h = bh % p.nheads, b = bh / p.nheads;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float g[kSpPerThread], in_n[kSpPerThread], din_n[kSpPerThread];
-  int64_t e[kSpPerThread];
-#pragma unroll
-  for (int k = 0; k < kSpPerThread; ++k) e[k] = s * kSpChunk + k * kThreads + threadIdx.x;
-  auto base_of = [&](int64_t c) { return ((b * nc + c) * p.nheads + h) * PN; };
-  load_state_pair(q, base_of(nc - 1), e, PN, in_n, din_n);
-  float carry_n = chunk_carry(p, b, h, nc - 1);
-  for (int64_t c = nc - 1; c >= 0; --c) {
-    float in[kSpPerThread], din[kSpPerThread];
-#pragma unroll
-    for (int k = 0; k < kSpPerThread; ++k) in[k] = in_n[k], din[k] = din_n[k];
-    const float carry = carry_n;
-    if (c > 0) {  // chunk c - 1's operands, in flight while chunk c is done
-      load_state_pair(q, base_of(c - 1), e, PN, in_n, din_n);
-      carry_n = chunk_carry(p, b, h, c - 1);
-    }
-    if (ssd_chunk_last(p, c)) {  // the end state's gradient restarts: dfinal or zero
-      const bool fin = q.dfinal != nullptr && ssd_chunk_holds_end(p, c);
-#pragma unroll
-      for (int k = 0; k < kSpPerThread; ++k) g[k] = (fin && e[k] < PN) ? q.dfinal[bh * PN + e[k]] : 0.f;
-    }
-    const int64_t base = base_of(c);
-    float dot = 0.f;
-#pragma unroll
-    for (int k = 0; k < kSpPerThread; ++k) {
-      if (e[k] < PN) {
-        q.dstates[base + e[k]] = g[k];  // dS_c
-        dot = fmaf(g[k], in[k], dot);
-        g[k] = fmaf(carry, g[k], din[k]);
-      }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    if (lane == 0) dot_part[((bh * nc + c) * S + s) * kWarps + warp] = dot;
-    const int64_t row = ssd_chunk_init_row(p, b, c);
-    if (q.dinit != nullptr && row >= 0 && ssd_chunk_first(p, c)) {  // the initial state's gradient
-#pragma unroll
-      for (int k = 0; k < kSpPerThread; ++k)
-        if (e[k] < PN) q.dinit[(row * p.nheads + h) * PN + e[k]] = g[k];
-    }
-  }
-}
-
-__global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part, int64_t S) {
+// dcs_last = carry_c <dS_c, in_c>: the chain's per-tile partials summed in tile order.
+__global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part) {
   const SsdParams& p = q.fwd;
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over (b, h, c)
   if (t >= p.batch * p.nheads * p.nchunks) return;
   const int64_t c = t % p.nchunks, bh = t / p.nchunks, h = bh % p.nheads, b = bh / p.nheads;
+  const int64_t tiles = int64_t{ceil_div_d(p.headdim)} * ceil_div_d(p.dstate);
   float acc = 0.f;
-  for (int64_t s = 0; s < S * kWarps; ++s) acc += dot_part[t * S * kWarps + s];  // slice, then warp order
+  for (int64_t k = 0; k < tiles; ++k) acc += dot_part[t * tiles + k];
   q.dcs_last[t] = chunk_carry(p, b, h, c) * acc;
 }
 
@@ -1782,7 +1792,7 @@ int grid_for(int64_t total, int threads) {
 }
 
 // The grid-sized kernels' grids (launch_limits.h), checked against CUDA's limits.
-static_assert(kTile == kSsdTile && kSpChunk == kSsdSpChunk, "launch_limits.h computes the grids from these");
+static_assert(kTile == kSsdTile, "launch_limits.h computes the grids from it");
 
 SsdBwdGrids bwd_grids(const SsdParams& p) {
   return ssd_bwd_grids(p.batch, p.nchunks, p.nheads, p.headdim, p.dstate, p.chunk_size, heads_per_block(p));
@@ -1836,25 +1846,26 @@ void run_bwd(const SsdBwdParams& q_in, cudaStream_t stream) {
     q.dout_sl = H * p.headdim;
     q.dout_sb = p.seqlen * H * p.headdim;
   }
+  // B1 + B2: the reverse state chain (its ticket and chain counters start at zero)
+  const int64_t chains = b * H * ceil_div64(p.headdim, kTile) * ceil_div64(p.dstate, kTile);
+  NK_CUDA_CHECK(cudaMemsetAsync(w.chain, 0, static_cast<size_t>(1 + chains) * sizeof(unsigned), stream));
   bool b1_wgmma = false;
 #ifdef NK_SSD_WGMMA_HERE
   // NEMOKERNELS_SSD_SM90=1 on a compute capability 9.0 device: B1 and B3 on wgmma where they fit
   [[maybe_unused]] const bool sm90 = sizeof(T) == 2 && Q == 128 && ssd_cuda_sm90_opted_in();
   if constexpr (sizeof(T) == 2 && Q == 128) {
-    // B1 on wgmma with the forward's sm_90a kernels, full tiles
+    // the chain's dIn tile on wgmma with the forward's sm_90a kernels, full tiles
     if (p.headdim % kTile == 0 && p.dstate % kTile == 0 && sm90) {
       const bool vec_dout = ssd::vec_ok(q.dout, sizeof(T), {q.dout_sb, q.dout_sl, q.dout_sh});
       const bool vec_C = ssd::vec_ok(p.C, sizeof(T), {p.C_sb, p.C_sl, p.C_sg});
-      dstates_wgmma_kernel<T><<<gx(g.dstates), 128, 0, stream>>>(q, vec_dout, vec_C);
+      dstate_chain_wgmma_kernel<T><<<gx(g.dstate_chain), 128, 0, stream>>>(q, w, vec_dout, vec_C);
       b1_wgmma = true;
     }
   }
 #endif
-  if (!b1_wgmma) dstates_kernel<T, Q><<<gx(g.dstates), kThreads, 0, stream>>>(q);
+  if (!b1_wgmma) dstate_chain_kernel<T, Q><<<gx(g.dstate_chain), kThreads, 0, stream>>>(q, w);
   NK_CUDA_LAUNCH_CHECK();
-  state_bwd_kernel<<<gx(g.state_bwd), kThreads, 0, stream>>>(q, w.dot_part, w.nslices);
-  NK_CUDA_LAUNCH_CHECK();
-  dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part, w.nslices);
+  dcs_last_kernel<<<grid_for(b * H * nc, 256), 256, 0, stream>>>(q, w.dot_part);
   NK_CUDA_LAUNCH_CHECK();
 
   bool b3_wgmma = false;

@@ -586,10 +586,7 @@ __global__ void __launch_bounds__(StateTraits::kThreads) varlen_states_kernel(co
 bool ssd_sm90_opted_in(int dev) {
   const char* opt = std::getenv("NEMOKERNELS_SSD_SM90");
   if (opt == nullptr || std::strcmp(opt, "1") != 0) return false;
-  int major = 0, minor = 0;
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  NK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
+  return device_cc(dev) == 90;
 }
 #endif
 

@@ -34,9 +34,9 @@ HEADER = CSRC / "ssd" / "ssd_chunk_scan.h"
 # The backward's B3 blocks take hs heads of a group, hs the largest divisor of H/G that keeps
 # NK_SSD_BWD_TARGET_BLOCKS blocks (1024 in production: hs = 1 for every shape small enough to
 # emulate). Target 4 gives hs = H/G (one split per group: the B3 kernels store dB, dC
-# themselves) in most cases with H > G (hs > 1), hs = 1 where H == G, and in
-# q64_bf16_headdim_padded hs 2 of H/G = 4 (two splits per group, summed by sum_bc_kernel), in
-# one build; the production value is built in the slow tier.
+# themselves) in most cases with H > G (hs > 1), hs = 1 where H == G, and two splits per group
+# (summed by sum_bc_kernel) in q64_bf16_headdim_padded (hs 2 of 4) and q64_bf16_hs4 (hs 4 of
+# 8), in one build; the production value is built in the slow tier.
 DEFAULT_TARGET_BLOCKS = 4
 
 
@@ -428,6 +428,12 @@ CASES = {
     "q64_bf16_chain_tiles": (1, 330, 2, 80, 1, 72, 64, torch.bfloat16, dict(seq=False, seed=12)),
     # D without z: dD from dout in chunk_fin (with z, B0 sums it from the float32 dy)
     "q64_bf16_D_no_z": (2, 150, 4, 16, 2, 16, 64, torch.bfloat16, dict(z=False, D="headdim", seed=13)),
+    # B0's scalar loads (sliced), headdim 24 (P/8 = 3 does not divide the block: idle threads)
+    "q64_bf16_z_D_sliced": (1, 130, 4, 24, 2, 16, 64, torch.bfloat16, dict(D="headdim", layout="sliced", seed=21)),
+    # chunk_fin's dD without z at headdim 80 (256 / 80 runs, idle threads)
+    "q64_bf16_no_z_p80": (1, 150, 2, 80, 1, 24, 64, torch.bfloat16, dict(z=False, seed=22)),
+    # 8 heads per group: hs 4 (two splits per group)
+    "q64_bf16_hs4": (1, 130, 8, 16, 1, 16, 64, torch.bfloat16, dict(seed=23)),
 }
 SLOW_CASES = {
     "q256_f32": (1, 300, 2, 32, 1, 32, 256, torch.float32, dict(seed=5)),
@@ -572,8 +578,8 @@ int lim_ssd_fwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t
 }
 int lim_ssd_bwd(int64_t b, int64_t nc, int64_t h, int64_t p, int64_t nn, int64_t q, int64_t hs, int64_t* o, char* msg,
                 int n) {
-  NK_SHIM(auto g = nk::ssd_bwd_grids(b, nc, h, p, nn, q, hs); put(g.dstates, o); put(g.state_bwd, o + 3);
-          put(g.col, o + 6); put(g.row, o + 9); put(g.chunk_fin, o + 12))
+  NK_SHIM(auto g = nk::ssd_bwd_grids(b, nc, h, p, nn, q, hs); put(g.dstate_chain, o); put(g.col, o + 3);
+          put(g.row, o + 6); put(g.chunk_fin, o + 9))
 }
 int lim_grid(int64_t x, int64_t y, int64_t z, int64_t* o, char* msg, int n) {
   NK_SHIM(put(nk::checked_grid("some_op", "some", {x, y, z}, "advice x", "advice y", "advice z"), o))
@@ -682,18 +688,18 @@ def test_ssd_forward_grid_limits():
 def test_ssd_backward_grid_limits():
     """The backward cast its grid sizes to unsigned unchecked (2^32 blocks wrapped to 0, 2^31
     made an invalid launch); every grid-sized kernel is now checked, by name."""
-    g, err = grid_of("lim_ssd_bwd", I32, 1, 1, 8, 8, 64, 1, n_out=15)
-    assert err is None and [g[0], g[3], g[6], g[9], g[12]] == [I32] * 5, g
-    cases = [((1, 2**15, 2**16, 8, 8, 64, 1), "dstates", 2**31),                # b nc H tiles
-             ((2**31, 1, 1, 8, 8, 64, 1), "dstates", 2**31),
-             ((1, 1, 2**31, 8, 8, 64, 1), "dstates", 2**31),
+    g, err = grid_of("lim_ssd_bwd", I32, 1, 1, 8, 8, 64, 1, n_out=12)
+    assert err is None and [g[0], g[3], g[6], g[9]] == [I32] * 4, g
+    cases = [((1, 2**15, 2**16, 8, 8, 64, 1), "dstate_chain", 2**31),           # b nc H tiles
+             ((2**31, 1, 1, 8, 8, 64, 1), "dstate_chain", 2**31),
+             ((1, 1, 2**31, 8, 8, 64, 1), "dstate_chain", 2**31),
              ((I32, 1, 1, 8, 8, 128, 1), "col", 2 * I32),                       # two position tiles
-             ((1, 2**20, 2**11, 8, 8, 64, 1), "dstates", 2**31)]
+             ((1, 2**20, 2**11, 8, 8, 64, 1), "dstate_chain", 2**31)]
     for args, kernel, blocks in cases:
         _, err = grid_of("lim_ssd_bwd", *args)
         assert err == (f"nemokernels: mamba_chunk_scan_combined (backward): the CUDA {kernel} kernel needs grid.x = "
                        f"{blocks} blocks, CUDA allows 1..2147483647; split the batch, or the sequence (passing "
                        f"final_states on as initial_states), into smaller calls"), (args, err)
-    # Large state tiles: state_bwd has P*N/1024 blocks per (b, h), dstates 2 x 4 tiles per chunk.
+    # Large state tiles: dstate_chain has 2 x 4 tiles per (b, chunk, h).
     _, err = grid_of("lim_ssd_bwd", 2**24, 1, 16, 128, 256, 64, 16)
-    assert "the CUDA dstates kernel needs grid.x = 2147483648" in err
+    assert "the CUDA dstate_chain kernel needs grid.x = 2147483648" in err

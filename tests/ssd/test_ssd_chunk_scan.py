@@ -813,8 +813,8 @@ def test_sm90_kernels_run_where_the_switch_says(monkeypatch, z):
         y.float().sum().backward()
 
     run()  # warm-up: first-call work out of the profile
-    sm90 = ("chunk_output_sm90_kernel", "dstates_wgmma_kernel", "col_sm90_kernel", "row_sm90_kernel")
-    portable = ("chunk_scan_kernel", "dstates_kernel", "col_kernel", "row_kernel")
+    sm90 = ("chunk_output_sm90_kernel", "dstate_chain_wgmma_kernel", "col_sm90_kernel", "row_sm90_kernel")
+    portable = ("chunk_scan_kernel", "dstate_chain_kernel", "col_kernel", "row_kernel")
     on = kernels_of(run)
     with portable_kernels(monkeypatch):
         off = kernels_of(run)

@@ -23,7 +23,7 @@ def test_sm90_chunk_output_fragment_map_matches_cute(tmp_path):
 # wgmma kernels sit at 231-255 registers with one CTA per SM: a spill there is local-memory
 # traffic inside the products, so a change that adds one fails here, on a CPU. col_sm90_kernel's
 # 44-52 bytes are loop-invariant scalars reloaded once per head (docs/ssd.md, "B3 on sm_90a").
-SPILL_BUDGET = {"chunk_output_sm90_kernel": 0, "dstates_wgmma_kernel": 0, "row_sm90_kernel": 0,
+SPILL_BUDGET = {"chunk_output_sm90_kernel": 0, "dstate_chain_wgmma_kernel": 0, "row_sm90_kernel": 0,
                 "col_sm90_kernel": 64}
 
 
