@@ -41,7 +41,7 @@ struct alignas(1024) Smem {
   alignas(1024) E Bm[cosize_v<typename C::SmemQN>];
   alignas(1024) E X[2][cosize_v<typename C::SmemPQ>];
   alignas(1024) E Inc[cosize_v<typename C::SmemPN>];
-  alignas(16) float inc_f32[C::P * C::N];  // cp.async staging of the next head's float32 in_c
+  alignas(16) E inc_lp[C::P * C::N];       // cp.async staging of the next head's in_c (states_lp)
   alignas(16) float4 cb[16][kThreads];      // CB in accumulator order: values 4 v .. 4 v + 3 of each thread
   alignas(16) float cs[2][C::Q];
   alignas(16) float dtp[2][C::Q];
@@ -64,7 +64,8 @@ NK_DEVICE void unpack2(uint32_t w, float& a, float& b) {
 static_assert(sizeof(Smem<cute::bfloat16_t>) <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
 
 // The per-head inputs of head h into buffer buf: x (rows >= valid zero-filled), the chunk's cs and
-// dt', and (has_state) the float32 in_c into the staging tile. All threads; one commit group.
+// dt', and (has_state) in_c, already rounded to T by the state chain (states_lp), into the staging
+// tile. All threads; one commit group.
 template <typename T, typename E>
 NK_DEVICE void issue_head_loads(const SsdParams& p, Smem<E>& S, int buf, int64_t b, int64_t c, int64_t h,
                                 int64_t t0, int valid, bool has_state) {
@@ -82,8 +83,8 @@ NK_DEVICE void issue_head_loads(const SsdParams& p, Smem<E>& S, int buf, int64_t
   if (tid < Q / 4) cp_async16(&S.cs[buf][tid * 4], p.cs + ci + tid * 4, true);
   else if (tid < Q / 2) cp_async16(&S.dtp[buf][(tid - Q / 4) * 4], p.dtp + ci + (tid - Q / 4) * 4, true);
   if (has_state) {
-    const float* st = p.states + ((b * p.nchunks + c) * p.nheads + h) * int64_t{P * N};
-    for (int e = tid; e < P * N / 4; e += kThreads) cp_async16(&S.inc_f32[e * 4], st + e * 4, true);
+    const T* st = static_cast<const T*>(p.states_lp) + ((b * p.nchunks + c) * p.nheads + h) * int64_t{P * N};
+    for (int e = tid; e < P * N / 8; e += kThreads) cp_async16(&S.inc_lp[e * 8], st + e * 8, true);
   }
   cp_async_commit();
 }
@@ -193,17 +194,12 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_output_sm90_kernel(const Ss
     const int buf = static_cast<int>((h - h_beg) & 1);
     cp_async_wait_all();
     __syncthreads();  // (A) x, cs, dt' and the in_c staging of head h landed for every thread
-    // in_c float32 -> E, 8 values (16 bytes) per step into the swizzled tile; zeros when the
-    // chunk has no incoming state (its product is then 0, and no branch guards the wgmma)
+    // in_c (T) into the swizzled tile, 8 values (16 bytes) per step; zeros when the chunk has no
+    // incoming state (its product is then 0, and no branch guards the wgmma)
     for (int e = tid; e < P * N / 8; e += kThreads) {
       const int pp = e / (N / 8), k = (e % (N / 8)) * 8;
-      float4 a = make_float4(0.f, 0.f, 0.f, 0.f), bq = a;
-      if (has_state) {
-        a = *reinterpret_cast<const float4*>(&S.inc_f32[pp * N + k]);
-        bq = *reinterpret_cast<const float4*>(&S.inc_f32[pp * N + k + 4]);
-      }
-      alignas(16) E v[8] = {E(a.x), E(a.y), E(a.z), E(a.w), E(bq.x), E(bq.y), E(bq.z), E(bq.w)};
-      *reinterpret_cast<uint4*>(&sInc(pp, k)) = *reinterpret_cast<const uint4*>(v);
+      const uint4 v = has_state ? *reinterpret_cast<const uint4*>(&S.inc_lp[pp * N + k]) : make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(&sInc(pp, k)) = v;
     }
     cutlass::arch::fence_view_async_shared();  // generic-proxy writes (and cp.async) -> wgmma
     __syncthreads();  // (B) in_c tile complete; the staging tile and the other x buffer are free
@@ -303,11 +299,12 @@ bool ssd_chunk_output_sm90_supports(const SsdParams& p) {
   if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
   if (p.chunk_size != kSsdSm90Q || p.headdim != kSsdSm90P || p.dstate != kSsdSm90N) return false;
   if (p.ngroups <= 0 || p.nheads % p.ngroups != 0) return false;
-  // 16-byte cp.async of x, B, C rows (16-bit elements) and of the float32 states, cs, dt'
+  // 16-byte cp.async of x, B, C rows (16-bit elements) and of cs, dt' (and of states_lp, which
+  // the entry allocates for this kernel: ssd_chunk_output_sm90 checks it)
   if (!ssd::vec_ok(p.x, 2, {p.x_sb, p.x_sl, p.x_sh}) || !ssd::vec_ok(p.B, 2, {p.B_sb, p.B_sl, p.B_sg}) ||
       !ssd::vec_ok(p.C, 2, {p.C_sb, p.C_sl, p.C_sg}))
     return false;
-  if (!ssd::aligned16(p.states) || !ssd::aligned16(p.cs) || !ssd::aligned16(p.dtp)) return false;
+  if (!ssd::aligned16(p.cs) || !ssd::aligned16(p.dtp)) return false;
   // y / y_pre (contiguous, P even) are stored as 4-byte pairs; z pairs are checked per load
   auto al4 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 3) == 0; };
   return al4(p.y) && al4(p.y_pre);
@@ -331,6 +328,8 @@ size_t ssd_chunk_output_sm90_smem_bytes(DType dtype) {
 }
 
 void ssd_chunk_output_sm90(const SsdParams& p, void* stream) {
+  if (p.states_lp == nullptr || !ssd::aligned16(p.states_lp))
+    throw std::runtime_error("nemokernels: internal: the sm_90 chunk output needs 16-byte aligned states_lp");
   int dev = 0, sms = 0;
   NK_CUDA_CHECK(cudaGetDevice(&dev));
   NK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));

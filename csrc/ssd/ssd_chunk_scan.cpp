@@ -293,9 +293,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ssd_chunk_scan_fwd(
     return {y, y_pre, fin, var,
             new_empty(x, {return_chunk_states ? d.b : 0, d.L > 0 ? d.nc : 0, d.H, d.P, d.N}, ScalarType::Float)};
   }
-  std::optional<Tensor> ws;
+  std::optional<Tensor> ws, states_lp;
 #ifdef NK_WITH_CUDA
   if (x.is_cuda()) {
+    if (ssd_fwd_cuda_output_sm90(p)) {
+      // The sm_90a chunk output reads the entering states in the activation dtype, written by the
+      // state chain; the float32 ones only exist where something else reads them (the returned
+      // chunk states, F5's varlen states): else the chain passes its tiles through the workspace.
+      const bool f5 = return_varlen_states && !chunk_plan;
+      if (!return_chunk_states && !f5) {  // freed before the activation-dtype copy is allocated
+        r.states = new_empty(x, {0}, ScalarType::Float);
+        p.states = nullptr;
+      }
+      states_lp = new_empty(x, {d.b, d.nc, d.H, d.P, d.N}, x.scalar_type());
+      p.states_lp = states_lp->data_ptr();
+    }
     ws = workspace_tensor(x, ssd_fwd_cuda_workspace_bytes(p));
     p.workspace = ws->data_ptr();
   }

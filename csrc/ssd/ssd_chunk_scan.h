@@ -48,7 +48,11 @@ struct SsdParams {
   // Intermediates: contiguous float32, written by F1-F3.
   float* dtp;                   // (b, H, nc, Q) dt'
   float* cs;                    // (b, H, nc, Q) dA_cumsum
-  float* states;                // (b, nc, H, P, N) F2: chunk states; after F3: state entering each chunk
+  // The state entering each chunk (F3), (b, nc, H, P, N). Null on the CUDA forward when nothing
+  // reads it in float32 (the sm_90a chunk output reads states_lp; no return_chunk_states, no F5):
+  // the state chain then carries its state in one tile per chain in the workspace instead.
+  float* states;
+  void* states_lp;              // the same rounded to `dtype` for the sm_90a chunk output, or null
   float* final_states;          // (b, H, P, N), or null (not wanted)
   // Outputs of F4 (forward only): contiguous (b, L, H, P) in `dtype`.
   void* y;
@@ -173,7 +177,8 @@ void ssd_states_cuda(const SsdParams& p, void* stream);   // ssd_chunk_scan_fwd_
 void ssd_fwd_cuda(const SsdParams& p, void* stream);      // ssd_chunk_scan_fwd_cuda.cu
 void ssd_bwd_cuda(const SsdBwdParams& p, void* stream);   // ssd_chunk_scan_bwd_cuda.cu
 // The forward's F4 runs on the sm_90a wgmma kernel (ssd_chunk_output_sm90.cu) for p: a build with
-// sm_90a, a compute capability 9.0 device, NEMOKERNELS_SSD_SM90=1 and a shape it takes.
+// sm_90a, a compute capability 9.0 device, NEMOKERNELS_SSD_SM90=1 and a shape it takes; the entry
+// then gives it p.states_lp (and drops the float32 states when nothing else reads them).
 bool ssd_fwd_cuda_output_sm90(const SsdParams& p);        // ssd_chunk_scan_fwd_cuda.cu
 bool ssd_fwd_cuda_output_sm90_on(int device_index, const SsdParams& p);  // the same on a given device
 // NEMOKERNELS_SSD_SM90=1 with a compute capability 9.0 current device and an sm_90a build: the

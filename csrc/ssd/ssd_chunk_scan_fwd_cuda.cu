@@ -226,13 +226,22 @@ NK_DEVICE float* chunk_state_tile_wgmma(const SsdParams& p, int64_t b, int64_t c
 #endif  // NK_SSD_WGMMA_HERE
 
 // ------------------------------------------------------------------ H1 state_chain (F1-F3)
-// p.workspace: a ticket counter, then one progress counter per chain (b, h, P tile, N tile);
-// zeroed before each launch.
+// p.workspace: a ticket counter, then one progress counter per chain (b, h, P tile, N tile),
+// zeroed before each launch; without p.states (and nc > 1), at byte chain_ring_offset(p), one
+// 64 x 64 float32 tile per chain that carries the chain's state from block to block: block c
+// reads in_c there and writes in_(c+1) over it, each thread its own elements, and only after
+// block c - 1 published and before block c + 1 may read (the counter orders every access).
 NK_HD int64_t chain_count(const SsdParams& p) {
   return p.batch * p.nheads * ((p.headdim + StateTraits::kBP - 1) / StateTraits::kBP) *
          ((p.dstate + StateTraits::kBN - 1) / StateTraits::kBN);
 }
-int64_t chain_workspace_bytes(const SsdParams& p) { return (1 + chain_count(p)) * int64_t{sizeof(unsigned)}; }
+constexpr int64_t kRingTile = int64_t{StateTraits::kBP} * StateTraits::kBN;  // floats per chain
+NK_HD int64_t chain_ring_offset(const SsdParams& p) { return ((1 + chain_count(p)) * 4 + 255) / 256 * 256; }
+int64_t chain_counter_bytes(const SsdParams& p) { return (1 + chain_count(p)) * int64_t{sizeof(unsigned)}; }
+int64_t chain_workspace_bytes(const SsdParams& p) {
+  if (p.states != nullptr || p.nchunks <= 1) return chain_counter_bytes(p);  // no ring (one chunk: no hand-over)
+  return chain_ring_offset(p) + chain_count(p) * kRingTile * 4;
+}
 
 // One block per (chunk c, b, h, 64x64 state tile), in ticket order (chunk slowest): F1 for its
 // chunk and head, its F2 tile S_c, then the F3 step of its chain once block c-1 of the chain
@@ -319,8 +328,16 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
   }
   const bool first = ssd_chunk_first(p, c), last = ssd_chunk_last(p, c);
   const int64_t seq = ssd_chunk_seq(p, c), init_row = ssd_chunk_init_row(p, b, c);
-  float* const in_c = p.states + ((b * nc + c) * H + h) * PN + tile;
-  float* const next_in = last ? nullptr : in_c + H * PN;
+  // in_c and in_(c+1): in the states (row stride N), or both in the chain's ring tile (row
+  // stride kBN; read, then overwritten, by the same thread)
+  const bool ring = p.states == nullptr;
+  float* const ring_tile =
+      ring ? reinterpret_cast<float*>(static_cast<unsigned char*>(p.workspace) + chain_ring_offset(p)) + chain * kRingTile
+           : nullptr;
+  float* const in_c = ring ? ring_tile : p.states + ((b * nc + c) * H + h) * PN + tile;
+  float* const next_in = last ? nullptr : ring ? ring_tile : in_c + H * PN;
+  const int64_t ld = ring ? kBN : N;
+  T* const lp = p.states_lp != nullptr ? static_cast<T*>(p.states_lp) + ((b * nc + c) * H + h) * PN + tile : nullptr;
   float* const var = last && p.chunk_plan != nullptr && p.varlen_states != nullptr && seq < p.nseq
                          ? p.varlen_states + (seq * H + h) * PN + tile : nullptr;
   float* const fin = p.final_states != nullptr && ssd_chunk_holds_end(p, c)
@@ -329,16 +346,17 @@ __global__ void __launch_bounds__(StateTraits::kThreads) state_chain_kernel(cons
   for (int e = tid; e < kBP * kBN; e += kT) {
     const int r = e / kBN, k = e % kBN;
     if (r >= pv || k >= nv) continue;
-    const int64_t o = static_cast<int64_t>(r) * N + k;
+    const int64_t o = static_cast<int64_t>(r) * N + k, oc = static_cast<int64_t>(r) * ld + k;
     float prev;
     if (first) {
       prev = init != nullptr ? init[o] : 0.f;
-      in_c[o] = prev;
+      if (!ring) in_c[oc] = prev;
     } else {
-      prev = __ldcg(in_c + o);  // written by another block: bypass L1
+      prev = __ldcg(in_c + oc);  // written by another block: bypass L1
     }
+    if (lp != nullptr) lp[o] = ssd::from_f<T>(prev);
     const float next = fmaf(carry, prev, Fs[r * StateTraits::kLdF + k]);
-    if (next_in != nullptr) next_in[o] = next;
+    if (next_in != nullptr) next_in[oc] = next;
     if (var != nullptr) var[o] = next;
     if (fin != nullptr) fin[o] = next;
   }
@@ -631,7 +649,7 @@ template <typename T, int Q>
 void launch_states(const SsdParams& p, const Vec& vec, cudaStream_t st) {
   const SsdFwdGrids g = fwd_grids(p);
   if (p.workspace == nullptr) throw std::runtime_error("nemokernels: internal: mamba_chunk_scan_combined needs its workspace");
-  NK_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(chain_workspace_bytes(p)), st));
+  NK_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(chain_counter_bytes(p)), st));
 #ifdef NK_SSD_WGMMA_HERE
   if constexpr (sizeof(T) == 2 && Q == 128) {
     if (state_chain_wgmma(p, vec)) {  // H1 with the wgmma state tile (opt-in, as the chunk output)
@@ -658,8 +676,13 @@ void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
                              std::to_string(L.bytes) + " bytes of shared memory per block, the device allows " +
                              std::to_string(max_smem) + "; use float16 / bfloat16 activations or a smaller "
                              "headdim or dstate (the CPU path has no such limit)");
+  const bool f5 = p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0 && p.chunk_plan == nullptr;
+  const bool sm90_output = p.states_lp != nullptr && ssd_fwd_cuda_output_sm90(p);
+  if (p.states == nullptr && (!sm90_output || f5))
+    throw std::runtime_error("nemokernels: internal: mamba_chunk_scan_combined's portable chunk scan and F5 need the "
+                             "float32 states");
   launch_states<T, Q>(p, vec, st);
-  if (ssd_fwd_cuda_output_sm90(p)) {  // F4 on wgmma (opt-in until a GPU run checks it)
+  if (sm90_output) {  // F4 on wgmma (opt-in until a GPU run checks it), reading states_lp
 #ifdef NK_HAS_SM90
     ssd_chunk_output_sm90(p, st);
 #endif
@@ -668,7 +691,7 @@ void launch_fwd(const SsdParams& p, const Vec& vec, cudaStream_t st) {
     chunk_scan_kernel<T, Q><<<to_dim3(g.scan), ScanTraits::kThreads, L.bytes, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }
-  if (p.cu_seqlens != nullptr && p.varlen_states != nullptr && p.nseq > 0 && p.chunk_plan == nullptr) {  // F5
+  if (f5) {  // F5
     varlen_states_kernel<T, Q><<<to_dim3(g.varlen), StateTraits::kThreads, 0, st>>>(p, vec);
     NK_CUDA_LAUNCH_CHECK();
   }

@@ -448,6 +448,72 @@ def test_ssd_emulated(name):
     run_case(make_case(b, L, H, P, G, N, Q, dtype, **opts))
 
 
+def states_two_ways(t, keep):
+    """The state chain (ssd_states_cuda) run twice on case t: with float32 states, and without
+    (the sm_90a forward's mode: one tile per chain in the workspace carries the state), each also
+    writing states_lp (the entering states in the activation dtype) and final_states into
+    poisoned buffers. Returns (states, lp with states, lp without, final with, final without)."""
+    e = emu()
+    b, H, P, N, dtype = (t[k] for k in "b H P N dtype".split())
+    out = []
+    for with_states in (True, False):
+        p, inter = fill_params(e.S["SsdParams"], t, keep)
+        nc = p.nchunks
+        lp, fin = nan(b, nc, H, P, N, dtype=dtype), nan(b, H, P, N)
+        keep += [lp, fin]
+        p.states_lp, p.final_states = lp.data_ptr(), fin.data_ptr()
+        if not with_states:
+            p.states = None
+        nbytes = e.value("emu_ssd_fwd_cuda_workspace_bytes", p)
+        ws = torch.full((max(nbytes, 4) // 4,), -1, dtype=torch.int32)  # garbage: counters zeroed by the launcher
+        keep.append(ws)
+        p.workspace = ws.data_ptr()
+        e.call("emu_ssd_states_cuda", p)
+        out.append((inter["states"], lp, fin))
+    (states, lp_full, fin_full), (_, lp_ring, fin_ring) = out
+    return states, lp_full, lp_ring, fin_full, fin_ring
+
+
+@pytest.mark.parametrize("name", ["q64_f32_chain", "q64_bf16_chain_tiles", "q128_bf16_short", "packed"])
+def test_state_chain_without_float32_states(name):
+    """Without float32 states the chain carries its state in one tile per chain in the workspace
+    and still writes the entering states rounded to the activation dtype (what the
+    sm_90a chunk output reads) and the final states: bit for bit those of the float32 chain."""
+    keep = []
+    if name == "packed":  # sequences starting mid-chain, an empty one, empty chunks at the end
+        lens, Q = [70, 0, 150, 20], 64
+        t = make_case(1, sum(lens), 2, 16, 1, 16, Q, torch.bfloat16, seq=False, seed=31)
+        t["cu"] = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        t["plan"] = packed_plan(lens, Q)
+        t["init"] = torch.randn(len(lens), 2, 16, 16)
+    else:
+        b, L, H, P, G, N, Q, dtype, opts = CASES[name]
+        t = make_case(b, L, H, P, G, N, Q, dtype, **opts)
+    states, lp_full, lp_ring, fin_full, fin_ring = states_two_ways(t, keep)
+    assert torch.isfinite(states).all() and torch.isfinite(lp_full.float()).all()
+    assert torch.equal(lp_full, states.to(lp_full.dtype)), "states_lp is not the float32 states rounded"
+    assert torch.equal(lp_ring, lp_full), "the ring's entering states differ from the float32 chain's"
+    assert torch.equal(fin_ring, fin_full) and torch.isfinite(fin_full).all()
+
+
+def test_forward_without_float32_states_needs_the_sm90_output():
+    """Only the sm_90a chunk output reads states_lp: a forward without float32 states that would
+    run the portable chunk scan (as under the emulator) is refused, not run on a null pointer."""
+    e, keep = emu(), []
+    b, L, H, P, G, N, Q, dtype, opts = CASES["q64_bf16_chain_tiles"]
+    t = make_case(b, L, H, P, G, N, Q, dtype, **opts)
+    p, _ = fill_params(e.S["SsdParams"], t, keep)
+    lp, y = nan(b, p.nchunks, H, P, N, dtype=dtype), nan(b, L, H, P, dtype=dtype)
+    keep += [lp, y]
+    p.states, p.states_lp, p.y = None, lp.data_ptr(), y.data_ptr()
+    ws = torch.zeros(max(e.value("emu_ssd_fwd_cuda_workspace_bytes", p), 4) // 4, dtype=torch.int32)
+    keep.append(ws)
+    p.workspace = ws.data_ptr()
+    with pytest.raises(RuntimeError, match="portable chunk scan and F5 need the float32 states"):
+        e.call("emu_ssd_fwd_cuda", p)
+    assert torch.isnan(y.float()).all()  # nothing ran
+
+
 def test_ssd_emulated_q256():
     """Q = 256 once (4 row tiles per chunk), small shapes."""
     run_case(make_case(1, 70, 2, 8, 1, 8, 256, torch.float32, seed=8))
