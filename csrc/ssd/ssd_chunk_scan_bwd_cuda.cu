@@ -56,6 +56,10 @@ NK_DEVICE void zero_acc(Acc& a) {
 }
 // Number of 64-wide tiles covering a feature dimension (P or N).
 NK_DEVICE int ceil_div_d(int64_t v) { return static_cast<int>((v + kTile - 1) / kTile); }
+// 64 x 64 tiles of a (P, N) state: the B1-B2 chain's blocks per (b, c, h) and dot partials.
+NK_HD int64_t state_tiles(const SsdParams& p) {
+  return ((p.headdim + kTile - 1) / kTile) * ((p.dstate + kTile - 1) / kTile);
+}
 NK_DEVICE int tile_ty() { return threadIdx.x / 16; }
 NK_DEVICE int tile_tx() { return threadIdx.x % 16; }
 
@@ -98,7 +102,7 @@ int64_t scratch_layout(const SsdBwdParams& q, Scratch* s) {
   const SsdParams& p = q.fwd;
   const int64_t b = p.batch, L = p.seqlen, H = p.nheads, P = p.headdim, N = p.dstate;
   const int64_t nc = p.nchunks, Q = p.chunk_size;
-  const int64_t tiles = ((P + kTile - 1) / kTile) * ((N + kTile - 1) / kTile);
+  const int64_t tiles = state_tiles(p);
   const int64_t hs = heads_per_block(p);
   const bool bc_direct = hs == H / p.ngroups;
   const int64_t bc_floats = bc_direct ? 0 : b * L * (H / hs) * N;
@@ -370,11 +374,11 @@ NK_DEVICE float seg_decay(int i, int j, const float* s_cs, const int32_t* s_sid)
 
 // ---- B0 -----------------------------------------------------------------------------------
 
-// One block per (b, chunk c, head h). dy = dout silu(z) goes to the scratch rounded to T (what
-// mamba_ssm's _chunk_scan_bwd_dz keeps; half the bytes of float32 for B1, B3 and chunk_fin,
-// which read it where they read dout without z), dz = dout y_pre silu'(z), and with D the
-// chunk's dD partial sum_i dy_i[p] x_i[p] from the unrounded float32 dy (so dD stays as exact
-// as before; chunk_fin takes it only without z). Eight consecutive p per thread and step:
+// One block per (b, chunk c, head h), run with z or D. With z: dy = dout silu(z) goes to the
+// scratch rounded to T (what mamba_ssm's _chunk_scan_bwd_dz keeps; half the bytes of float32
+// for B1 and B3, which read it where they read dout without z), dz = dout y_pre silu'(z).
+// With D: the chunk's dD partial sum_i dy_i[p] x_i[p], dy unrounded (float32 with z, dout
+// without). Eight consecutive p per thread and step:
 // thread t takes p-group t % P8 at positions t / P8, + rows, ... (rows = kThreads / P8; P <= 128
 // on the CUDA path); the partials are summed over the rows in order (deterministic). 16-byte
 // loads where the host found the operands aligned; the scratch and dz, y_pre bases are
@@ -392,7 +396,7 @@ __global__ void __launch_bounds__(kThreads) dy_dz_kernel(SsdBwdParams q, T* dy, 
   const int64_t c = bid % p.nchunks, b = bid / p.nchunks;
   const int64_t l0 = ssd_chunk_t0(p, c);
   const int nvalid = ssd_chunk_len(p, c);
-  const bool want_dz = q.dz != nullptr && p.y_pre != nullptr;
+  const bool has_z = p.z != nullptr, want_dz = has_z && q.dz != nullptr && p.y_pre != nullptr;
   const bool want_dD = p.D != nullptr && q.dD_part != nullptr;
   const int64_t pp = (t % P8) * 8;
   float acc[8] = {};
@@ -401,10 +405,15 @@ __global__ void __launch_bounds__(kThreads) dy_dz_kernel(SsdBwdParams q, T* dy, 
     const int64_t o = ((b * L + l) * H + h) * P + pp;  // (b, l, h, pp) in the contiguous arrays
     float d[8], zv[8], out[8];
     ssd::load8<T>(static_cast<const T*>(q.dout) + b * q.dout_sb + l * q.dout_sl + h * q.dout_sh + pp, vec_dout, d);
-    ssd::load8<T>(static_cast<const T*>(p.z) + b * p.z_sb + l * p.z_sl + h * p.z_sh + pp, vec_z, zv);
+    if (has_z) {
+      ssd::load8<T>(static_cast<const T*>(p.z) + b * p.z_sb + l * p.z_sl + h * p.z_sh + pp, vec_z, zv);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) out[k] = d[k] * silu(zv[k]);
-    ssd::store8<T>(dy + o, true, out);  // scratch: 256-byte aligned, P % 8 == 0
+      for (int k = 0; k < 8; ++k) out[k] = d[k] * silu(zv[k]);
+      ssd::store8<T>(dy + o, true, out);  // scratch: 256-byte aligned, P % 8 == 0
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) out[k] = d[k];
+    }
     if (want_dD) {
       float xv[8];
       ssd::load8<T>(static_cast<const T*>(p.x) + b * p.x_sb + l * p.x_sl + h * p.x_sh + pp, vec_x, xv);
@@ -453,10 +462,10 @@ struct B1Tile {
 template <int Q>
 NK_DEVICE B1Tile b1_tile(const SsdBwdParams& q, const Scratch& w, float* s_fac, unsigned* ticket_s) {
   const SsdParams& p = q.fwd;
-  const int npt = ceil_div_d(p.headdim), nnt = ceil_div_d(p.dstate);
+  const int nnt = ceil_div_d(p.dstate);
   if (threadIdx.x == 0) *ticket_s = atomicAdd(w.chain, 1u);
   __syncthreads();
-  const int64_t tiles = int64_t{npt} * nnt, chains = p.batch * p.nheads * tiles, ticket = *ticket_s;
+  const int64_t tiles = state_tiles(p), chains = p.batch * p.nheads * tiles, ticket = *ticket_s;
   B1Tile t;
   t.c = p.nchunks - 1 - ticket / chains;
   t.chain = ticket % chains;
@@ -484,8 +493,7 @@ template <int kBlock, int K, class Off>
 NK_DEVICE void chain_step(const SsdBwdParams& q, const Scratch& w, const B1Tile& t, const Off& off,
                           const float (&din)[K], float* red) {
   const SsdParams& p = q.fwd;
-  const int64_t H = p.nheads, nc = p.nchunks, PN = p.headdim * p.dstate;
-  const int64_t tiles = int64_t{ceil_div_d(p.headdim)} * ceil_div_d(p.dstate);
+  const int64_t H = p.nheads, nc = p.nchunks, PN = p.headdim * p.dstate, tiles = state_tiles(p);
   const int64_t base = ((t.b * nc + t.c) * H + t.h) * PN;  // (b, c, h) in the state arrays
   unsigned* const done = w.chain + 1 + t.chain;            // chunks of the chain published so far
   // Every block but the last chunk's waits for block c + 1, also where chunk c ends its sequence
@@ -631,7 +639,7 @@ __global__ void dcs_last_kernel(SsdBwdParams q, const float* dot_part) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over (b, h, c)
   if (t >= p.batch * p.nheads * p.nchunks) return;
   const int64_t c = t % p.nchunks, bh = t / p.nchunks, h = bh % p.nheads, b = bh / p.nheads;
-  const int64_t tiles = int64_t{ceil_div_d(p.headdim)} * ceil_div_d(p.dstate);
+  const int64_t tiles = state_tiles(p);
   float acc = 0.f;
   for (int64_t k = 0; k < tiles; ++k) acc += dot_part[t * tiles + k];
   q.dcs_last[t] = chunk_carry(p, b, h, c) * acc;
@@ -1648,7 +1656,6 @@ __global__ void __launch_bounds__(kThreads) chunk_fin_kernel(SsdBwdParams q, Scr
   static_assert(Q <= kThreads, "one thread per position");
   __shared__ float scan[Q];
   __shared__ float red[kThreads / 32];
-  __shared__ float red_d[kThreads];  // the dD runs' partial sums
   const SsdParams& p = q.fwd;
   int64_t bid = blockIdx.x;
   const int64_t h = bid % p.nheads;
@@ -1689,27 +1696,6 @@ __global__ void __launch_bounds__(kThreads) chunk_fin_kernel(SsdBwdParams q, Scr
   if (i == 0) {
     q.dA_part[part] = da;
     if (q.dbias_part != nullptr) q.dbias_part[part] = db;
-  }
-  if (p.D != nullptr && q.dD_part != nullptr && p.z == nullptr) {
-    // (with z, dy_dz_kernel wrote dD_part from the float32 dy)
-    // dD_part[p] = sum_k dy[k][p] x[k][p]: kThreads / P threads per p (P <= 128: at least 2),
-    // each over its own run of positions, the runs' sums added in order (deterministic). One
-    // thread walked all the chunk's positions for its p before 2026-12-06, 3 of 4 threads idle.
-    const int P = static_cast<int>(p.headdim), per = kThreads / P;
-    const int len = (v.nvalid + per - 1) / per;
-    float acc = 0.f;
-    if (i < per * P) {
-      const int pp = i % P, k0 = (i / P) * len;
-      const int k1 = k0 + len < v.nvalid ? k0 + len : v.nvalid;
-      for (int k = k0; k < k1; ++k) acc = fmaf(v.dy(k, pp), v.x(k, pp), acc);
-    }
-    red_d[i] = acc;
-    __syncthreads();
-    if (i < P) {
-      float sum = 0.f;
-      for (int r = 0; r < per; ++r) sum += red_d[r * P + i];
-      q.dD_part[part * p.headdim + i] = sum;
-    }
   }
 }
 
@@ -1833,21 +1819,24 @@ void run_bwd(const SsdBwdParams& q_in, cudaStream_t stream) {
 
   // Every kernel after B0 reads dy where it reads dout: with z, q's dout is B0's T scratch.
   SsdBwdParams q = q_in;
-  if (p.z != nullptr) {
+  if (p.z != nullptr || (p.D != nullptr && q_in.dD_part != nullptr)) {  // B0: dy, dz and dD's partials
     const bool vec_dout = ssd::vec_ok(q_in.dout, sizeof(T), {q_in.dout_sb, q_in.dout_sl, q_in.dout_sh});
-    const bool vec_z = ssd::vec_ok(p.z, sizeof(T), {p.z_sb, p.z_sl, p.z_sh});
+    const bool vec_z = p.z != nullptr && ssd::vec_ok(p.z, sizeof(T), {p.z_sb, p.z_sl, p.z_sh});
     const bool vec_out = ssd::aligned16(p.y_pre) && ssd::aligned16(q_in.dz);
     const bool vec_x = ssd::vec_ok(p.x, sizeof(T), {p.x_sb, p.x_sl, p.x_sh});
-    T* dy = static_cast<T*>(w.dy);
-    dy_dz_kernel<T><<<gx(g.chunk_fin), kThreads, 0, stream>>>(q_in, dy, vec_dout, vec_z, vec_out, vec_x);
+    dy_dz_kernel<T><<<gx(g.chunk_fin), kThreads, 0, stream>>>(q_in, static_cast<T*>(w.dy), vec_dout, vec_z,
+                                                             vec_out, vec_x);
     NK_CUDA_LAUNCH_CHECK();
+  }
+  if (p.z != nullptr) {
+    T* dy = static_cast<T*>(w.dy);
     q.dout = dy;
     q.dout_sh = p.headdim;
     q.dout_sl = H * p.headdim;
     q.dout_sb = p.seqlen * H * p.headdim;
   }
   // B1 + B2: the reverse state chain (its ticket and chain counters start at zero)
-  const int64_t chains = b * H * ceil_div64(p.headdim, kTile) * ceil_div64(p.dstate, kTile);
+  const int64_t chains = b * H * state_tiles(p);
   NK_CUDA_CHECK(cudaMemsetAsync(w.chain, 0, static_cast<size_t>(1 + chains) * sizeof(unsigned), stream));
   bool b1_wgmma = false;
 #ifdef NK_SSD_WGMMA_HERE

@@ -426,11 +426,11 @@ CASES = {
     "q64_f32_chain": (2, 457, 2, 8, 1, 8, 64, torch.float32, dict(seed=11)),
     # 6 chunks, 2 x 2 state tiles per head (four chains per (b, h)), partial P and N tiles
     "q64_bf16_chain_tiles": (1, 330, 2, 80, 1, 72, 64, torch.bfloat16, dict(seq=False, seed=12)),
-    # D without z: dD from dout in chunk_fin (with z, B0 sums it from the float32 dy)
+    # D without z: B0 runs for dD alone (from dout; with z it sums it from the float32 dy)
     "q64_bf16_D_no_z": (2, 150, 4, 16, 2, 16, 64, torch.bfloat16, dict(z=False, D="headdim", seed=13)),
     # B0's scalar loads (sliced), headdim 24 (P/8 = 3 does not divide the block: idle threads)
     "q64_bf16_z_D_sliced": (1, 130, 4, 24, 2, 16, 64, torch.bfloat16, dict(D="headdim", layout="sliced", seed=21)),
-    # chunk_fin's dD without z at headdim 80 (256 / 80 runs, idle threads)
+    # B0's dD without z at headdim 80 (P/8 = 10 does not divide the block: idle threads)
     "q64_bf16_no_z_p80": (1, 150, 2, 80, 1, 24, 64, torch.bfloat16, dict(z=False, seed=22)),
     # 8 heads per group: hs 4 (two splits per group)
     "q64_bf16_hs4": (1, 130, 8, 16, 1, 16, 64, torch.bfloat16, dict(seed=23)),
